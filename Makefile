@@ -1,0 +1,26 @@
+# Two entry points that work on a fresh machine with Python 3.11+ and no GPU:
+#   make demo   - create .venv, install declump, generate a sample and separate it
+#   make test   - create .venv, install declump with test extras, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test bench clean
+
+$(BIN)/declump: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(BIN)/declump
+	$(BIN)/declump demo --out demo_output
+
+test: $(BIN)/declump
+	$(BIN)/python -m pytest -q -ra
+
+bench: $(BIN)/declump
+	$(BIN)/python -m bench.compare_methods
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache

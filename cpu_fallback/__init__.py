@@ -1,0 +1,21 @@
+"""The CPU fallback: the same stages as the GPU pipeline on NumPy, SciPy, scikit-image, edt and scikit-learn.
+
+``cpu_fallback.separate`` has the GPU pipeline's signature and contract and
+returns NumPy labels; the primitives that differ per backend are in
+:mod:`cpu_fallback.ops`.
+"""
+from __future__ import annotations
+
+from gpu_pipeline._backend import to_host
+
+
+def separate(image, *, mask=None, **kwargs):
+    """Split touching particles on the CPU; same parameters as :func:`gpu_pipeline.pipeline.separate`."""
+    from gpu_pipeline import pipeline
+
+    image = None if image is None else to_host(image)
+    mask = None if mask is None else to_host(mask)
+    return pipeline.separate(image, mask=mask, **kwargs)
+
+
+__all__ = ["separate"]

@@ -1,0 +1,46 @@
+"""declump: split touching particles into separate objects, on the GPU (CuPy/cuCIM) or the CPU.
+
+``separate`` is the whole pipeline; the stages live in :mod:`gpu_pipeline.stages`,
+the CPU primitives in :mod:`cpu_fallback.ops` and their CUDA twins in
+:mod:`gpu_pipeline.ops_cuda`.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from gpu_pipeline._backend import DeclumpError, gpu_available, resolve_device, to_host  # noqa: E402
+from gpu_pipeline import pipeline as _pipeline  # noqa: E402
+from gpu_pipeline.metrics import evaluate  # noqa: E402
+from gpu_pipeline.measure import particle_table  # noqa: E402
+from gpu_pipeline.pipeline import NoParticlesError, SeparationDetails  # noqa: E402
+from gpu_pipeline.synthetic import make_touching_particles  # noqa: E402
+
+
+def separate(image, *, device="auto", mask=None, **kwargs):
+    """Split touching particles on ``device`` ('auto', 'gpu' or 'cpu'); see :func:`gpu_pipeline.pipeline.separate`.
+
+    NumPy input gives NumPy output (moved to the GPU and back when the device
+    is the GPU); CuPy input stays on the GPU.
+    """
+    from gpu_pipeline._backend import is_cupy_array
+
+    device = resolve_device(device)
+    on_gpu_already = image is not None and is_cupy_array(image)
+    if device == "gpu":
+        import cupy as cp
+
+        image = None if image is None else cp.asarray(image)
+        mask = None if mask is None else cp.asarray(mask)
+    else:
+        image = None if image is None else to_host(image)
+        mask = None if mask is None else to_host(mask)
+    result = _pipeline.separate(image, mask=mask, **kwargs)
+    if device == "gpu" and not on_gpu_already:
+        if isinstance(result, tuple):
+            return (to_host(result[0]),) + tuple(result[1:])
+        return to_host(result)
+    return result
+
+
+__all__ = ["separate", "evaluate", "particle_table", "make_touching_particles", "DeclumpError",
+           "NoParticlesError", "SeparationDetails", "gpu_available", "__version__"]

@@ -1,0 +1,5 @@
+import sys
+
+from gpu_pipeline.cli import main
+
+sys.exit(main())

@@ -1,0 +1,233 @@
+"""The `declump` command: run, demo, evaluate."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from gpu_pipeline import __version__
+from gpu_pipeline._backend import DeclumpError, resolve_device, to_host
+
+PARAMETER_HELP = {
+    "spacing": "voxel size per axis, plane/row/column order, physical units (e.g. nm): 'Z,Y,X' or 'Y,X' or one "
+               "number; default: from OME-Zarr metadata, else 1 (all sizes below are then in voxels)",
+    "sigma": "Gaussian smoothing sigma before thresholding, physical units; 0 disables (default %(default)s)",
+    "threshold": "'otsu' (global, from the histogram) or a number in the image's intensity units (default %(default)s)",
+    "polarity": "particles brighter ('bright') or darker ('dark') than the background; 'auto' decides from the "
+                "image border (default %(default)s)",
+    "min_distance": "smallest distance between particle centres, physical units; about the smallest particle "
+                    "radius (default %(default)s)",
+    "min_size": "remove objects smaller than this area (2D) or volume (3D), physical units (default: a ball of "
+                "diameter --min-distance)",
+    "max_hole_size": "fill holes smaller than this area/volume, physical units (default: a ball of diameter "
+                     "2 x --min-distance)",
+}
+
+
+def _spacing(text):
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"spacing must be comma-separated numbers, got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def _threshold(text):
+    if text == "otsu":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"threshold must be 'otsu' or a number, got {text!r}")
+
+
+def add_separation_options(parser):
+    group = parser.add_argument_group("separation")
+    group.add_argument("--spacing", type=_spacing, default=None, help=PARAMETER_HELP["spacing"])
+    group.add_argument("--sigma", type=float, default=1.0, help=PARAMETER_HELP["sigma"])
+    group.add_argument("--threshold", type=_threshold, default="otsu", help=PARAMETER_HELP["threshold"])
+    group.add_argument("--polarity", choices=("auto", "bright", "dark"), default="auto", help=PARAMETER_HELP["polarity"])
+    group.add_argument("--min-distance", type=float, default=4.0, help=PARAMETER_HELP["min_distance"])
+    group.add_argument("--min-size", type=float, default=None, help=PARAMETER_HELP["min_size"])
+    group.add_argument("--max-hole-size", type=float, default=None, help=PARAMETER_HELP["max_hole_size"])
+    group.add_argument("--method", choices=("kmeans", "watershed"), default="kmeans",
+                       help="kmeans: k-means per region from the peaks (default); watershed: the classical "
+                            "watershed of the distance map from the same peaks, for comparison")
+    group.add_argument("--assignment", choices=("power", "euclidean"), default="power",
+                       help="k-means distance: size-aware power distance |x-c|^2 - r^2 (default) or plain Euclidean")
+    group.add_argument("--max-iter", type=int, default=0,
+                       help="Lloyd iterations of the k-means after the assignment to the peaks (default %(default)s)")
+    group.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
+                       help="auto: the GPU when CuPy sees one and cuCIM is installed, else the CPU (default)")
+
+
+def separation_kwargs(args):
+    return dict(spacing=args.spacing, sigma=args.sigma, threshold=args.threshold, polarity=args.polarity,
+                min_distance=args.min_distance, min_size=args.min_size, max_hole_size=args.max_hole_size,
+                method=args.method, assignment=args.assignment, max_iter=args.max_iter)
+
+
+def output_paths(output):
+    """The label image path and its companions: table CSV, summary JSON, overlay PNG."""
+    output = Path(output)
+    stem = output.with_suffix("")
+    return {"labels": output, "table": Path(f"{stem}_particles.csv"), "summary": Path(f"{stem}_summary.json"),
+            "overlay": Path(f"{stem}_overlay.png")}
+
+
+def run_and_write(image, output, *, device, spacing, mask=None, **params):
+    """Separate ``image`` and write labels, table, overlay, then the summary (last: it marks completion)."""
+    from gpu_pipeline import separate
+    from gpu_pipeline.io import write_json, write_labels
+    from gpu_pipeline.measure import particle_table, summary, write_csv
+    from gpu_pipeline.overlay import write_overlay
+    from gpu_pipeline.pipeline import validate_spacing
+
+    paths = output_paths(output)
+    if paths["labels"].suffix.lower() not in (".tif", ".tiff", ".npy", ".zarr"):
+        raise DeclumpError(f"unsupported output format {paths['labels'].suffix or '(no suffix)'}; "
+                           "accepted: .tif, .tiff, .npy, .zarr")
+    paths["summary"].unlink(missing_ok=True)
+    spacing = validate_spacing(spacing, image.ndim)
+    labels, details = separate(image, spacing=spacing, mask=mask, device=device, return_details=True, **params)
+    labels = to_host(labels)
+    table = particle_table(labels, image, spacing)
+    from gpu_pipeline.io import atomic_path
+
+    write_labels(paths["labels"], labels, spacing)
+    with atomic_path(paths["table"]) as tmp:
+        write_csv(table, tmp)
+    write_overlay(paths["overlay"], image, labels)
+    info = summary(table, image.ndim, spacing, details)
+    info.update(device=device, input_shape=list(image.shape), outputs={k: str(v) for k, v in paths.items()},
+                parameters={k: v for k, v in params.items()})
+    write_json(paths["summary"], info)
+    return labels, info
+
+
+def cmd_run(args):
+    from gpu_pipeline.io import read_image
+
+    device = resolve_device(args.device)
+    image, file_spacing = read_image(args.input, channel=args.channel, timepoint=args.timepoint)
+    mask = None
+    if args.mask is not None:
+        mask, _ = read_image(args.mask, channel=args.channel, timepoint=args.timepoint)
+    spacing = args.spacing if args.spacing is not None else file_spacing
+    kwargs = separation_kwargs(args)
+    kwargs.pop("spacing")
+    _, info = run_and_write(image, args.output, device=device, spacing=spacing, mask=mask, **kwargs)
+    print(f"{info['n_particles']} particles; labels -> {info['outputs']['labels']}, table -> "
+          f"{info['outputs']['table']}, overlay -> {info['outputs']['overlay']}, summary -> {info['outputs']['summary']}")
+
+
+def cmd_demo(args):
+    from gpu_pipeline.io import write_json
+    from gpu_pipeline.metrics import evaluate
+    from gpu_pipeline.synthetic import make_touching_particles
+    import tifffile
+
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.three_d:
+        shape, n, spacing = (64, 128, 128), 120, (2.0, 1.0, 1.0)
+    else:
+        shape, n, spacing = (384, 384), 160, (1.0, 1.0)
+    image, truth = make_touching_particles(shape, n, radius_range=(5, 12), spacing=spacing, seed=args.seed)
+    tifffile.imwrite(out / "sample.tif", image)
+    tifffile.imwrite(out / "sample_truth.tif", truth, compression="zlib")
+    kwargs = separation_kwargs(args)
+    kwargs.pop("spacing")
+    labels, info = run_and_write(image, out / "sample_labels.tif", device=device, spacing=spacing, **kwargs)
+    scores = evaluate(labels, truth)
+    write_json(out / "sample_scores.json", scores)
+    print(f"demo: {info['n_particles']} particles found, {scores['n_gt']} in the ground truth; "
+          f"F1@0.5 {scores['f1_50']:.3f}, mean F1 {scores['mean_f1']:.3f}, DSB AP@0.5 {scores['ap_50']:.3f}; "
+          f"outputs in {out}/ (overlay: {info['outputs']['overlay']})")
+
+
+def cmd_evaluate(args):
+    from gpu_pipeline.io import read_image
+    from gpu_pipeline.metrics import evaluate
+
+    pred, _ = read_image(args.prediction)
+    truth, _ = read_image(args.ground_truth)
+    for name, arr in (("prediction", pred), ("ground truth", truth)):
+        if np.dtype(arr.dtype).kind not in "ui":
+            raise DeclumpError(f"{name} has dtype {arr.dtype}; label images must be integer")
+    scores = evaluate(pred, truth)
+    if args.json:
+        print(json.dumps(scores, indent=2))
+        return
+    print(f"objects: predicted {scores['n_pred']}, ground truth {scores['n_gt']}")
+    print("IoU   precision recall  F1     AP(DSB)")
+    for t, p, r, f, a in zip(scores["iou_thresholds"], scores["precision"], scores["recall"], scores["f1"],
+                             scores["ap"]):
+        print(f"{t:.2f}  {p:.3f}     {r:.3f}   {f:.3f}  {a:.3f}")
+    print(f"mean F1 {scores['mean_f1']:.3f}, mean AP {scores['mean_ap']:.3f}, foreground Dice {scores['dice']:.3f}, "
+          f"splits {scores['splits']}, merges {scores['merges']}")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="declump", description="Split touching particles in 2D images and 3D "
+                                     "volumes into separate objects (GPU with CuPy/cuCIM, or CPU).")
+    parser.add_argument("--version", action="version", version=f"declump {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="separate particles in an image file",
+                         description="Write OUTPUT (labels: .tif/.npy/.zarr), OUTPUT_particles.csv (per-particle "
+                                     "table), OUTPUT_overlay.png and OUTPUT_summary.json (written last).")
+    run.add_argument("input", help="image: .tif/.tiff, .png, .npy, .zarr (array or OME-Zarr), 2D or 3D")
+    run.add_argument("output", help="label image to write: .tif/.tiff, .npy or .zarr")
+    run.add_argument("--mask", help="foreground mask or probability map (same shape; > 0.5 is foreground), "
+                                    "used instead of the threshold")
+    run.add_argument("--channel", type=int, help="channel index for inputs with a 'c' axis")
+    run.add_argument("--timepoint", type=int, help="time index for inputs with a 't' axis")
+    add_separation_options(run)
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="generate touching particles with ground truth, separate and score them")
+    demo.add_argument("--out", default="demo_output", help="output folder (default %(default)s)")
+    demo.add_argument("--3d", dest="three_d", action="store_true", help="a 3D anisotropic volume instead of 2D")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    add_separation_options(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("evaluate", help="score predicted labels against ground-truth labels")
+    ev.add_argument("prediction", help="predicted label image")
+    ev.add_argument("ground_truth", help="ground-truth label image")
+    ev.add_argument("--json", action="store_true", help="print all scores as JSON")
+    ev.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except DeclumpError as exc:
+        if args.debug:
+            raise
+        print(f"declump: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("declump: interrupted; no output was marked complete", file=sys.stderr)
+        return 130
+    except MemoryError:
+        if args.debug:
+            raise
+        print("declump: error: out of memory; use a smaller input or a machine with more memory", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

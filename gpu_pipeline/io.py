@@ -1,0 +1,166 @@
+"""Reading images (TIFF, PNG, NPY, Zarr/OME-Zarr) and writing results atomically.
+
+Every output is written under a temporary name in its destination folder
+and renamed into place only when complete, so an interrupted or failed run
+never leaves a file that looks finished.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from gpu_pipeline._backend import DeclumpError
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".npy", ".zarr")
+LABEL_SUFFIXES = (".tif", ".tiff", ".npy", ".zarr")
+
+
+def _suffix(path: Path) -> str:
+    return path.suffix.lower()
+
+
+def read_image(path, *, channel=None, timepoint=None):
+    """Read a 2D/3D image; returns ``(array, spacing or None)``.
+
+    TIFF (tifffile), PNG (Pillow; RGB with equal channels becomes grey),
+    NPY, and Zarr arrays or OME-Zarr multiscale groups (level 0, spacing
+    from ``coordinateTransformations``; ``channel``/``timepoint`` pick from
+    ``c``/``t`` axes).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DeclumpError(f"input {path} does not exist; accepted inputs: {', '.join(IMAGE_SUFFIXES)} files")
+    suffix = _suffix(path)
+    spacing = None
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            array = tifffile.imread(path)
+        elif suffix == ".png":
+            from PIL import Image
+
+            with Image.open(path) as img:
+                array = np.asarray(img)
+            if array.ndim == 3 and array.shape[-1] in (3, 4):
+                rgb = array[..., :3]
+                if (rgb == rgb[..., :1]).all():
+                    array = rgb[..., 0]
+                else:
+                    array = (rgb @ np.array([0.2125, 0.7154, 0.0721])).astype(np.float32)
+        elif suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+        elif suffix == ".zarr" or (path / ".zattrs").exists() or (path / "zarr.json").exists():
+            array, spacing = _read_zarr(path, channel=channel, timepoint=timepoint)
+        else:
+            raise DeclumpError(f"unsupported input format {suffix or '(no suffix)'} for {path}; accepted: "
+                               f"{', '.join(IMAGE_SUFFIXES)}")
+    except DeclumpError:
+        raise
+    except Exception as exc:
+        raise DeclumpError(f"could not read {path} as {suffix or 'an image'}: {type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    array = np.asarray(array)
+    if array.ndim > 3:
+        squeezed = np.squeeze(array)
+        if squeezed.ndim <= 3:
+            array = squeezed
+        else:
+            raise DeclumpError(f"{path} has shape {array.shape} ({array.ndim}D); declump accepts 2D or 3D images; "
+                               "pick a channel/time point first (OME-Zarr: --channel/--timepoint)")
+    return array, spacing
+
+
+def _read_zarr(path, *, channel=None, timepoint=None):
+    import zarr
+
+    node = zarr.open(str(path), mode="r")
+    spacing = None
+    if isinstance(node, zarr.Array):
+        return node[...], None
+    attrs = dict(node.attrs)
+    multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+    if not multiscales:
+        raise DeclumpError(f"{path} is a Zarr group without OME-Zarr 'multiscales' metadata; pass an array path")
+    ms = multiscales[0]
+    dataset = ms["datasets"][0]
+    axes = [a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])]
+    array = node[dataset["path"]]
+    for transform in dataset.get("coordinateTransformations", []):
+        if transform.get("type") == "scale":
+            spacing = list(transform["scale"])
+    if not axes:
+        axes = list("tczyx"[-array.ndim:])
+    unknown = [a for a in axes if a not in "tczyx"]
+    if unknown:
+        raise DeclumpError(f"{path} has axes {axes}; declump understands t, c, z, y, x")
+    index = []
+    for name, size in zip(axes, array.shape):
+        if name == "t":
+            index.append(timepoint if timepoint is not None else _only(size, "time points", "--timepoint", path))
+        elif name == "c":
+            index.append(channel if channel is not None else _only(size, "channels", "--channel", path))
+        else:
+            index.append(slice(None))
+    data = array[tuple(index)]
+    if spacing is not None:
+        spacing = [s for s, a in zip(spacing, axes) if a in "zyx"]
+    return data, spacing
+
+
+def _only(size, what, option, path):
+    if size == 1:
+        return 0
+    raise DeclumpError(f"{path} has {size} {what}; pick one with {option}")
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary sibling path; on success rename it to ``path`` (replacing it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)) / path.name
+    try:
+        yield tmp
+        if path.is_dir():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def write_labels(path, labels, spacing=None):
+    """Write a label image as TIFF (zlib), NPY or Zarr, chosen by ``path``'s suffix."""
+    path = Path(path)
+    suffix = _suffix(path)
+    if suffix not in LABEL_SUFFIXES:
+        raise DeclumpError(f"unsupported output format {suffix or '(no suffix)'} for {path}; accepted: "
+                           f"{', '.join(LABEL_SUFFIXES)}")
+    labels = np.asarray(labels)
+    with atomic_path(path) as tmp:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            tifffile.imwrite(tmp, labels, compression="zlib")
+        elif suffix == ".npy":
+            with open(tmp, "wb") as handle:
+                np.save(handle, labels)
+        else:
+            import zarr
+
+            out = zarr.create_array(str(tmp), shape=labels.shape, dtype=labels.dtype,
+                                    chunks=tuple(min(s, 256) for s in labels.shape))
+            out[...] = labels
+            if spacing is not None:
+                out.attrs["spacing"] = list(spacing)
+
+
+def write_json(path, data):
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,218 @@
+"""`separate`: the whole pipeline on one in-memory image, on whichever device holds the array."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for
+from gpu_pipeline.stages.cleanup import clean_mask
+from gpu_pipeline.stages.peaks import find_peaks, quantize_distance, window_half_widths
+from gpu_pipeline.stages.split import finish_labels, split_regions_kmeans, split_regions_watershed
+from gpu_pipeline.stages.threshold import choose_polarity, foreground, otsu_threshold
+
+
+class NoParticlesError(DeclumpError):
+    """The foreground is empty after thresholding and cleanup."""
+
+
+@dataclass
+class SeparationDetails:
+    """What a run decided and measured: threshold, polarity, counts, per-stage seconds."""
+
+    threshold: float | None = None
+    polarity: str | None = None
+    n_regions: int = 0
+    n_peaks: int = 0
+    n_particles: int = 0
+    n_iter: int = 0
+    timings: dict = field(default_factory=dict)
+
+
+def validate_spacing(spacing, ndim):
+    """Voxel size per axis as a tuple of positive floats (default: all 1)."""
+    if spacing is None:
+        return (1.0,) * ndim
+    if np.isscalar(spacing):
+        spacing = (spacing,) * ndim
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != ndim or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise DeclumpError(f"spacing must be {ndim} positive numbers (one per axis, plane/row/column order), "
+                           f"got {spacing}")
+    return spacing
+
+
+def validate_image(image, name="image"):
+    """Refuse what the pipeline cannot use, with one line saying what is accepted."""
+    xp = get_array_module(image)
+    if image.ndim not in (2, 3):
+        raise DeclumpError(f"{name} has {image.ndim} dimensions {tuple(image.shape)}; declump accepts 2D (rows, "
+                           "columns) or 3D (planes, rows, columns) arrays; pick a channel/time point first")
+    if image.size == 0:
+        raise DeclumpError(f"{name} is empty (shape {tuple(image.shape)}); pass a non-empty 2D or 3D array")
+    kind = np.dtype(image.dtype).kind
+    if kind not in "uif":
+        raise DeclumpError(f"{name} has dtype {image.dtype}; declump accepts integer or floating-point intensities "
+                           "(bool masks go to mask=)")
+    if kind == "f" and not bool(xp.isfinite(image).all()):
+        raise DeclumpError(f"{name} holds NaN or inf values; declump accepts finite intensities only")
+
+
+def _mask_from(mask, shape):
+    xp = get_array_module(mask)
+    if tuple(mask.shape) != tuple(shape):
+        raise DeclumpError(f"mask shape {tuple(mask.shape)} differs from image shape {tuple(shape)}")
+    kind = np.dtype(mask.dtype).kind
+    if kind == "b":
+        return mask
+    if kind not in "uif":
+        raise DeclumpError(f"mask has dtype {mask.dtype}; accepted: bool, 0/1 integers or a probability map in [0, 1]")
+    if kind == "f" and not bool(xp.isfinite(mask).all()):
+        raise DeclumpError("mask holds NaN or inf values; accepted: bool, 0/1 integers or probabilities in [0, 1]")
+    low, high = float(mask.min()), float(mask.max())
+    if low < 0 or high > 1:
+        raise DeclumpError(f"mask values span [{low:g}, {high:g}]; accepted: bool, 0/1 integers or probabilities "
+                           "in [0, 1] (foreground where > 0.5)")
+    return mask > 0.5
+
+
+def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,
+             min_distance=4.0, min_size=None, max_hole_size=None, method="kmeans", assignment="power",
+             kmeans_engine="batched", max_iter=10, return_details=False):
+    """Split touching particles: an instance label image with one id per particle.
+
+    Runs on the device that holds ``image`` (NumPy: CPU fallback; CuPy: GPU).
+
+    Parameters
+    ----------
+    image : ndarray, 2D (rows, columns) or 3D (planes, rows, columns)
+        Intensities (integer or float). May be None when ``mask`` is given.
+    spacing : float or sequence of float, optional
+        Voxel size per axis, in physical units (e.g. nm); default 1 (voxels).
+        Every size and distance below is in these units.
+    sigma : float
+        Gaussian smoothing before thresholding, physical units; 0 disables it.
+    threshold : "otsu" or float
+        Global threshold; "otsu" computes it from the histogram of the
+        (smoothed) image.
+    polarity : "auto", "bright" or "dark"
+        Whether particles are brighter or darker than the background; see
+        :func:`gpu_pipeline.stages.threshold.choose_polarity` for ``auto``.
+    mask : ndarray, optional
+        A foreground mask (bool or 0/1) or probability map in [0, 1] (e.g. from
+        a neural network), used instead of the threshold; foreground is > 0.5.
+    min_distance : float
+        Minimum separation of particle centres, physical units: peaks closer
+        than this per axis (a box) are merged. Roughly the smallest particle radius.
+    min_size : float, optional
+        Objects smaller than this area (2D) or volume (3D), physical units, are
+        removed. Default: a ball of diameter ``min_distance``.
+    max_hole_size : float, optional
+        Holes smaller than this are filled. Default: a ball of diameter
+        ``2 * min_distance``.
+    method : "kmeans" or "watershed"
+        ``kmeans``: k-means per region started at the peaks (default);
+        ``watershed``: scikit-image watershed of the distance map from the
+        same peaks, for comparison (runs on the host even on the GPU).
+    assignment : "power" or "euclidean"
+        k-means distance: size-aware power distance (default) or plain Euclidean.
+    kmeans_engine : "batched", "sklearn" or "cuml"
+        ``batched``: all regions in one batch (default); ``sklearn``/``cuml``:
+        one ``KMeans`` per region (Euclidean only), the reference.
+    max_iter : int
+        Maximum Lloyd iterations.
+    return_details : bool
+        Also return a :class:`SeparationDetails`.
+
+    Returns
+    -------
+    labels : ndarray of int32, same shape and device as ``image``
+        0 is background; particles are 1..n in C order of their first voxel.
+
+    Raises
+    ------
+    DeclumpError
+        On unusable input (wrong dimensions or dtype, NaN, constant image,
+        bad spacing or options); :class:`NoParticlesError` when nothing is left.
+    """
+    reference = image if image is not None else mask
+    if reference is None:
+        raise DeclumpError("separate needs an image, a mask, or both")
+    xp = get_array_module(reference)
+    ops = ops_for(reference)
+    details = SeparationDetails()
+    clock = _StageClock(ops, details.timings)
+    if image is not None:
+        validate_image(image)
+    ndim = reference.ndim
+    if ndim not in (2, 3):
+        validate_image(reference, "mask")
+    spacing = validate_spacing(spacing, ndim)
+    if method not in ("kmeans", "watershed"):
+        raise DeclumpError(f"method must be 'kmeans' or 'watershed', got {method!r}")
+    if not (min_distance > 0):
+        raise DeclumpError(f"min_distance must be a positive physical distance, got {min_distance}")
+    ball = (lambda d: math.pi * d * d / 4) if ndim == 2 else (lambda d: math.pi * d ** 3 / 6)
+    min_size = ball(min_distance) if min_size is None else float(min_size)
+    max_hole_size = ball(2 * min_distance) if max_hole_size is None else float(max_hole_size)
+
+    if mask is not None:
+        fg = _mask_from(mask, reference.shape)
+        clock.lap("threshold")
+    else:
+        smoothed = image
+        if sigma and sigma > 0:
+            smoothed = ops.gaussian(image, tuple(float(sigma) / s for s in spacing))
+        clock.lap("smoothing")
+        if isinstance(threshold, str):
+            if threshold != "otsu":
+                raise DeclumpError(f"threshold must be 'otsu' or a number, got {threshold!r}")
+            details.threshold = otsu_threshold(smoothed)
+        else:
+            details.threshold = float(threshold)
+        details.polarity = choose_polarity(smoothed, details.threshold, polarity)
+        fg = foreground(smoothed, details.threshold, details.polarity)
+        clock.lap("threshold")
+    fg = clean_mask(fg, spacing=spacing, min_size=min_size, max_hole_size=max_hole_size)
+    clock.lap("cleanup")
+    if not bool(fg.any()):
+        raise NoParticlesError("no particles found: the foreground is empty after thresholding and removing objects "
+                               f"smaller than {min_size:g} (physical units); check polarity, threshold or min_size")
+    distance = ops.distance_transform(fg, spacing)
+    clock.lap("distance_transform")
+    distance_q, quantum = quantize_distance(distance, spacing)
+    peaks = find_peaks(distance_q, half_widths=window_half_widths(min_distance, spacing))
+    details.n_peaks = int(peaks.shape[0])
+    clock.lap("peaks")
+    regions, details.n_regions = ops.label(fg)
+    clock.lap("regions")
+    if method == "kmeans":
+        radii = distance_q[tuple(peaks.T)].astype(xp.float64) * quantum
+        labels, details.n_iter = split_regions_kmeans(regions, details.n_regions, peaks, radii, spacing=spacing,
+                                                      assignment=assignment, engine=kmeans_engine,
+                                                      max_iter=max_iter)
+        clock.lap("kmeans")
+    else:
+        labels = split_regions_watershed(fg, regions, details.n_regions, peaks, distance_q)
+        clock.lap("watershed")
+    labels = finish_labels(labels)
+    details.n_particles = int(labels.max())
+    clock.lap("finish")
+    return (labels, details) if return_details else labels
+
+
+class _StageClock:
+    """Per-stage wall time; waits for the device so GPU times are real."""
+
+    def __init__(self, ops, timings):
+        self.ops, self.timings = ops, timings
+        self.ops.synchronize()
+        self.last = time.perf_counter()
+
+    def lap(self, stage):
+        self.ops.synchronize()
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
+        self.last = now

@@ -1,0 +1,173 @@
+"""Batched k-means over many regions at once, started from the peaks.
+
+All regions of an image run together: each Lloyd iteration is a handful of
+array operations per bucket of regions with similar k (k padded to the next
+power of two), never a Python loop over regions. Centroid sums are
+accumulated from integer voxel coordinates, which float64 adds exactly, so
+the result does not depend on summation order (or on how a volume was
+chunked).
+
+Two assignment rules:
+
+``euclidean``
+    plain k-means: nearest centroid. Cuts touching particles of different
+    sizes by the perpendicular bisector, i.e. through the bigger one.
+``power``
+    size-aware: nearest in power distance ``|x - c|^2 - r^2``, with ``r`` the
+    distance-map height of the region's peak (the inscribed radius). For two
+    overlapping spheres the boundary is then their radical plane, the
+    physical neck.
+"""
+from __future__ import annotations
+
+from gpu_pipeline._backend import DeclumpError, get_array_module
+
+#: Elements (voxels x candidate centroids) processed per block; bounds memory.
+BLOCK_ELEMENTS = 1 << 22
+
+
+def _bucket_plan(k_per_group, xp):
+    """Padded width per group: k rounded up to the next power of two (1, 2, 4, ...)."""
+    width = xp.ones_like(k_per_group)
+    while True:
+        short = width < k_per_group
+        if not bool(short.any()):
+            return width
+        width = xp.where(short, width * 2, width)
+
+
+def batched_kmeans(coords, groups, candidate_offsets, candidate_ids, centres, *, spacing, radii=None,
+                   max_iter=10):
+    """k-means of grouped voxels, each group choosing among its own list of centroids.
+
+    A group is typically a connected region, or a region's share of one
+    block of a fixed grid (then its list holds only the region's centroids
+    near that block, which bounds the work per voxel).
+
+    Parameters
+    ----------
+    coords : (N, ndim) int64
+        Voxel coordinates (index units).
+    groups : (N,) int64
+        Group of each voxel, in ``[0, G)``.
+    candidate_offsets : (G + 1,) int64
+        CSR offsets: group ``g`` may use ``candidate_ids[offsets[g]:offsets[g+1]]``
+        (ascending, at least one).
+    candidate_ids : (M,) int64
+        Indices into ``centres``.
+    centres : (K, ndim) float64
+        Initial centroids (index units).
+    spacing : sequence of float
+        Voxel size per axis; distances are physical.
+    radii : (K,) float64, optional
+        Physical radii for the power distance; ``None`` gives plain Euclidean k-means.
+    max_iter : int
+        Maximum Lloyd updates; 0 assigns each voxel to the initial centroids.
+
+    Returns
+    -------
+    assignment : (N,) int64
+        Index of each voxel's centroid in ``centres`` (ties: the lower index).
+    centres : (K, ndim) float64
+        Final centroids (index units).
+    n_iter : int
+        Lloyd updates run (stops early when no voxel changes centroid).
+    """
+    xp = get_array_module(coords)
+    n_voxels, ndim = coords.shape
+    n_centres = centres.shape[0]
+    if n_voxels == 0:
+        return xp.zeros(0, dtype=xp.int64), centres, 0
+    scale = xp.asarray([float(s) for s in spacing], dtype=xp.float64)
+    k = xp.diff(candidate_offsets)
+    if bool((k[xp.unique(groups)] == 0).any()):
+        raise DeclumpError("internal: a group without candidate centroids reached k-means")
+    width = _bucket_plan(k, xp)
+    power = xp.zeros(n_centres, dtype=xp.float64) if radii is None else radii.astype(xp.float64) ** 2
+
+    physical = coords.astype(xp.float64) * scale
+    voxel_width = width[groups]
+    plans = []
+    for bucket in [int(b) for b in to_list(xp.unique(voxel_width))]:
+        members = xp.flatnonzero(voxel_width == bucket)
+        rows = max(1, BLOCK_ELEMENTS // bucket)
+        for start in range(0, int(members.size), rows):
+            idx = members[start:start + rows]
+            g = groups[idx]
+            offset = xp.arange(bucket, dtype=xp.int64)[None, :]
+            valid = offset < k[g][:, None]
+            candidates = candidate_ids[candidate_offsets[g][:, None] + xp.where(valid, offset, 0)]
+            plans.append((idx, physical[idx], candidates, valid))
+
+    assignment = xp.full(n_voxels, -1, dtype=xp.int64)
+    coord_float = coords.astype(xp.float64)
+    n_updates = 0
+    while True:
+        centre_phys = centres * scale
+        new = xp.empty_like(assignment)
+        for idx, voxel_phys, candidates, valid in plans:
+            if candidates.shape[1] == 1:
+                new[idx] = candidates[:, 0]
+                continue
+            d = -power[candidates]
+            for axis in range(ndim):
+                diff = voxel_phys[:, axis][:, None] - centre_phys[candidates, axis]
+                d = d + diff * diff
+            d = xp.where(valid, d, xp.inf)
+            new[idx] = xp.take_along_axis(candidates, xp.argmin(d, axis=1)[:, None], axis=1)[:, 0]
+        changed = bool((new != assignment).any())
+        assignment = new
+        if not changed or n_updates >= max_iter:
+            break
+        counts = xp.bincount(assignment, minlength=n_centres)
+        sums = xp.stack([xp.bincount(assignment, weights=coord_float[:, a], minlength=n_centres)
+                         for a in range(ndim)], axis=1)
+        filled = counts > 0
+        centres = xp.where(filled[:, None], sums / xp.maximum(counts, 1)[:, None], centres)
+        n_updates += 1
+    return assignment, centres, n_updates
+
+
+def to_list(array):
+    """A small device array as a Python list."""
+    return array.tolist() if hasattr(array, "tolist") else list(array)
+
+
+def per_region_kmeans(coords, groups, centres, centre_groups, *, spacing, max_iter=10, engine="sklearn"):
+    """Reference: one scikit-learn (or cuML) ``KMeans`` per region, Euclidean, started at the peaks.
+
+    The naive form of the method, kept as the reference the batched version is
+    tested against and as a baseline in the bench. Loops over regions in Python.
+    """
+    xp = get_array_module(coords)
+    if engine == "sklearn":
+        from sklearn.cluster import KMeans
+    elif engine == "cuml":
+        try:
+            from cuml.cluster import KMeans
+        except Exception as exc:  # pragma: no cover - needs cuML
+            raise DeclumpError("kmeans_engine='cuml' needs cuML; install the GPU extra or conda environment.yml "
+                               "(cuml), or use kmeans_engine='batched'") from exc
+    else:
+        raise DeclumpError(f"kmeans engine must be 'batched', 'sklearn' or 'cuml', got {engine!r}")
+    scale = xp.asarray([float(s) for s in spacing], dtype=xp.float64)
+    physical = coords.astype(xp.float64) * scale
+    assignment = xp.zeros(coords.shape[0], dtype=xp.int64)
+    order = xp.argsort(groups, kind="stable")
+    bounds = xp.searchsorted(groups[order], xp.arange(int(centre_groups.max()) + 2))
+    centre_bounds = xp.searchsorted(centre_groups, xp.arange(int(centre_groups.max()) + 2))
+    for g in range(int(centre_groups.max()) + 1):
+        members = order[int(bounds[g]):int(bounds[g + 1])]
+        c0, c1 = int(centre_bounds[g]), int(centre_bounds[g + 1])
+        if c1 - c0 == 1:
+            assignment[members] = c0
+            continue
+        init = centres[c0:c1] * scale
+        model = KMeans(n_clusters=c1 - c0, init=init, n_init=1, max_iter=max_iter, tol=0.0)
+        if engine == "sklearn":
+            model.fit(physical[members] if xp.__name__ == "numpy" else physical[members].get())
+            assignment[members] = c0 + xp.asarray(model.labels_)
+        else:  # pragma: no cover - needs cuML
+            model.fit(physical[members])
+            assignment[members] = c0 + xp.asarray(model.labels_, dtype=xp.int64)
+    return assignment
