@@ -98,14 +98,17 @@ def enforce_one_piece(labels, max_rounds=10):
         ops.scatter_max(best, piece_label[1:], key[1:])
         stray = key != best[piece_label]
         stray[0] = False
-        # Faces between a stray piece and any other label, counted per (piece, neighbour label).
+        # Faces between a stray piece and any other label, counted per (piece, neighbour label);
+        # only faces next to a stray voxel are looked at.
+        stray_voxel = stray[pieces]
         a_list, b_list = [], []
         for axis in range(labels.ndim):
             lo = [slice(None)] * labels.ndim
             hi = [slice(None)] * labels.ndim
             lo[axis] = slice(None, -1)
             hi[axis] = slice(1, None)
-            pa, pb = pieces[tuple(lo)].ravel(), pieces[tuple(hi)].ravel()
+            near = stray_voxel[tuple(lo)] | stray_voxel[tuple(hi)]
+            pa, pb = pieces[tuple(lo)][near], pieces[tuple(hi)][near]
             touch = (pa != 0) & (pb != 0) & (piece_label[pa] != piece_label[pb])
             pa, pb = pa[touch], pb[touch]
             a_list += [pa, pb]

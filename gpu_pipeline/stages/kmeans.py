@@ -87,33 +87,40 @@ def batched_kmeans(coords, groups, candidate_offsets, candidate_ids, centres, *,
 
     physical = coords.astype(xp.float64) * scale
     voxel_width = width[groups]
+    # Per bucket, a (groups x width) table of candidates padded with the
+    # sentinel centroid n_centres, whose power is -inf (distance +inf).
+    sentinel = n_centres
+    index_dtype = xp.int32 if n_centres < 2**31 - 1 else xp.int64
     plans = []
     for bucket in [int(b) for b in to_list(xp.unique(voxel_width))]:
         members = xp.flatnonzero(voxel_width == bucket)
+        bucket_groups = xp.flatnonzero(width == bucket)
+        offset = xp.arange(bucket, dtype=xp.int64)[None, :]
+        valid = offset < k[bucket_groups][:, None]
+        table = xp.where(valid, candidate_ids[xp.minimum(candidate_offsets[bucket_groups][:, None] + offset,
+                                                         candidate_ids.size - 1)], sentinel).astype(index_dtype)
+        row_of_group = xp.zeros(width.size, dtype=xp.int64)
+        row_of_group[bucket_groups] = xp.arange(bucket_groups.size)
         rows = max(1, BLOCK_ELEMENTS // bucket)
         for start in range(0, int(members.size), rows):
             idx = members[start:start + rows]
-            g = groups[idx]
-            offset = xp.arange(bucket, dtype=xp.int64)[None, :]
-            valid = offset < k[g][:, None]
-            candidates = candidate_ids[candidate_offsets[g][:, None] + xp.where(valid, offset, 0)]
-            plans.append((idx, physical[idx], candidates, valid))
+            plans.append((idx, physical[idx], table[row_of_group[groups[idx]]]))
 
     assignment = xp.full(n_voxels, -1, dtype=xp.int64)
     coord_float = coords.astype(xp.float64)
     n_updates = 0
     while True:
-        centre_phys = centres * scale
+        centre_phys = xp.concatenate([centres * scale, xp.zeros((1, ndim))], axis=0)
+        neg_power = xp.concatenate([-power, xp.asarray([xp.inf])])
         new = xp.empty_like(assignment)
-        for idx, voxel_phys, candidates, valid in plans:
+        for idx, voxel_phys, candidates in plans:
             if candidates.shape[1] == 1:
                 new[idx] = candidates[:, 0]
                 continue
-            d = -power[candidates]
+            d = neg_power[candidates]
             for axis in range(ndim):
                 diff = voxel_phys[:, axis][:, None] - centre_phys[candidates, axis]
-                d = d + diff * diff
-            d = xp.where(valid, d, xp.inf)
+                d += diff * diff
             new[idx] = xp.take_along_axis(candidates, xp.argmin(d, axis=1)[:, None], axis=1)[:, 0]
         changed = bool((new != assignment).any())
         assignment = new

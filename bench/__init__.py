@@ -1,0 +1,1 @@
+"""Benchmarks: speed and accuracy of declump against peers (see README, Performance)."""
