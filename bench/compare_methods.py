@@ -96,7 +96,7 @@ def dataset_dsb():
     if not folder.exists():
         return None, f"{folder} absent"
     return ([("img2d", tifffile.imread(folder / "img2d.tif"), tifffile.imread(folder / "mask2d.tif"))],
-            dict(sigma=1.0, min_distance=4, min_size=20, polarity="bright", spacing=(1.0, 1.0)))
+            dict(sigma=1.0, min_distance=6, min_size=20, polarity="bright", spacing=(1.0, 1.0)))
 
 
 def dataset_emps(limit=None):
@@ -108,7 +108,7 @@ def dataset_emps(limit=None):
     names = sorted(p.stem for p in (folder / "images").glob("*.png"))[:limit]
     items = [(n, read_image(folder / "images" / f"{n}.png")[0], read_image(folder / "segmaps" / f"{n}.png")[0])
              for n in names]
-    return items, dict(sigma=1.0, min_distance=4, min_size=20, polarity="auto", spacing=(1.0, 1.0))
+    return items, dict(sigma=2.0, min_distance=20, min_size=400, polarity="auto", spacing=(1.0, 1.0))
 
 
 def run_dataset(name, items, params, methods, repeats):

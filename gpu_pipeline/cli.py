@@ -22,8 +22,8 @@ PARAMETER_HELP = {
                     "radius (default %(default)s)",
     "min_size": "remove objects smaller than this area (2D) or volume (3D), physical units (default: a ball of "
                 "diameter --min-distance)",
-    "max_hole_size": "fill holes smaller than this area/volume, physical units (default: a ball of diameter "
-                     "2 x --min-distance)",
+    "max_hole_size": "fill holes smaller than this area/volume, physical units (default 0: off, since pockets "
+                     "enclosed between touching particles look like holes)",
 }
 
 
@@ -54,7 +54,7 @@ def add_separation_options(parser):
     group.add_argument("--polarity", choices=("auto", "bright", "dark"), default="auto", help=PARAMETER_HELP["polarity"])
     group.add_argument("--min-distance", type=float, default=4.0, help=PARAMETER_HELP["min_distance"])
     group.add_argument("--min-size", type=float, default=None, help=PARAMETER_HELP["min_size"])
-    group.add_argument("--max-hole-size", type=float, default=None, help=PARAMETER_HELP["max_hole_size"])
+    group.add_argument("--max-hole-size", type=float, default=0.0, help=PARAMETER_HELP["max_hole_size"])
     group.add_argument("--method", choices=("kmeans", "watershed"), default="kmeans",
                        help="kmeans: k-means per region from the peaks (default); watershed: the classical "
                             "watershed of the distance map from the same peaks, for comparison")

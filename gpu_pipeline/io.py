@@ -40,8 +40,12 @@ def read_image(path, *, channel=None, timepoint=None):
     spacing = None
     try:
         if suffix in (".tif", ".tiff"):
+            import logging
+
             import tifffile
 
+            # tifffile logs and returns an empty array for a broken file; we report it ourselves.
+            logging.getLogger("tifffile").setLevel(logging.CRITICAL)
             array = tifffile.imread(path)
         elif suffix == ".png":
             from PIL import Image
@@ -67,6 +71,9 @@ def read_image(path, *, channel=None, timepoint=None):
         raise DeclumpError(f"could not read {path} as {suffix or 'an image'}: {type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
     array = np.asarray(array)
+    if array.size == 0 or array.ndim < 2:
+        raise DeclumpError(f"could not read {path}: it is empty or corrupt (array shape {array.shape}); "
+                           "accepted: non-empty 2D or 3D images")
     if array.ndim > 3:
         squeezed = np.squeeze(array)
         if squeezed.ndim <= 3:

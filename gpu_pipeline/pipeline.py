@@ -79,7 +79,7 @@ def _mask_from(mask, shape):
 
 
 def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,
-             min_distance=4.0, min_size=None, max_hole_size=None, method="kmeans", assignment="power",
+             min_distance=4.0, min_size=None, max_hole_size=0.0, method="kmeans", assignment="power",
              kmeans_engine="batched", max_iter=0, return_details=False):
     """Split touching particles: an instance label image with one id per particle.
 
@@ -109,9 +109,11 @@ def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto
     min_size : float, optional
         Objects smaller than this area (2D) or volume (3D), physical units, are
         removed. Default: a ball of diameter ``min_distance``.
-    max_hole_size : float, optional
-        Holes smaller than this are filled. Default: a ball of diameter
-        ``2 * min_distance``.
+    max_hole_size : float
+        Holes smaller than this area/volume (physical) are filled. Default 0
+        (off): the background pockets enclosed between touching particles look
+        like holes, and filling them fuses the particles and erases the
+        distance-map peaks that separate them.
     method : "kmeans" or "watershed"
         ``kmeans``: k-means per region started at the peaks (default);
         ``watershed``: scikit-image watershed of the distance map from the
@@ -160,7 +162,7 @@ def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto
         raise DeclumpError(f"min_distance must be a positive physical distance, got {min_distance}")
     ball = (lambda d: math.pi * d * d / 4) if ndim == 2 else (lambda d: math.pi * d ** 3 / 6)
     min_size = ball(min_distance) if min_size is None else float(min_size)
-    max_hole_size = ball(2 * min_distance) if max_hole_size is None else float(max_hole_size)
+    max_hole_size = float(max_hole_size or 0.0)
 
     if mask is not None:
         fg = _mask_from(mask, reference.shape)

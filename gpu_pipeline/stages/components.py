@@ -80,7 +80,9 @@ def enforce_one_piece(labels, max_rounds=10):
     A label's largest piece keeps the label; every other piece joins the
     neighbouring label it shares most faces with (ties: the smaller label).
     Pieces that touch nothing else keep a new id of their own. Repeats until
-    no label has two pieces (a piece may border only other stray pieces).
+    no label has two pieces (a piece may border only other stray pieces);
+    after ``max_rounds`` any piece still stray gets an id of its own, so the
+    result always has one piece per label.
     """
     xp = get_array_module(labels)
     ops = ops_for(labels)
@@ -132,4 +134,4 @@ def enforce_one_piece(labels, max_rounds=10):
             ids = xp.flatnonzero(isolated)
             new_label[ids] = int(piece_label.max()) + 1 + xp.arange(ids.size)
         labels = new_label[pieces].astype(labels.dtype, copy=False)
-    return labels
+    return ops.label_by_value(labels).astype(labels.dtype, copy=False)

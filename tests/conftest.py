@@ -1,0 +1,22 @@
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def rng(request):
+    """Random data per test: seeded from the test's id, varied with DECLUMP_TEST_SEED=<int>."""
+    seed = zlib.crc32(request.node.nodeid.encode()) + int(os.environ.get("DECLUMP_TEST_SEED", "0"))
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def shared_data():
+    if not SHARED_DATA.exists():
+        pytest.skip(f"real test data not found at {SHARED_DATA} (the shared/data folder beside the checkout)")
+    return SHARED_DATA

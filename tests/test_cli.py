@@ -1,0 +1,135 @@
+"""The declump command end to end on real files, and its one-line errors on bad input."""
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from gpu_pipeline.cli import main
+from gpu_pipeline.synthetic import make_touching_particles
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "gpu_pipeline", *map(str, args)], capture_output=True, text=True)
+
+
+def test_help_explains_options_with_units():
+    out = run_cli("run", "--help").stdout
+    for option in ("--spacing", "--sigma", "--min-distance", "--min-size", "--polarity", "--device", "--method"):
+        assert option in out
+    assert "physical units" in out
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".png", ".npy", ".zarr"])
+def test_run_writes_labels_table_overlay_and_summary(tmp_path, rng, suffix):
+    image, truth = make_touching_particles((96, 96), 12, seed=int(rng.integers(1e6)))
+    src = tmp_path / f"in{suffix}"
+    if suffix == ".tif":
+        tifffile.imwrite(src, image)
+    elif suffix == ".png":
+        Image.fromarray(np.stack([image] * 3, axis=-1)).save(src)
+    elif suffix == ".npy":
+        np.save(src, image)
+    else:
+        import zarr
+
+        zarr.create_array(str(src), shape=image.shape, dtype=image.dtype, chunks=(32, 32))[...] = image
+    out = tmp_path / "out" / "labels.tif"
+    assert main(["run", str(src), str(out), "--min-distance", "4", "--device", "cpu"]) == 0
+    labels = tifffile.imread(out)
+    summary = json.loads((tmp_path / "out" / "labels_summary.json").read_text())
+    with open(tmp_path / "out" / "labels_particles.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert labels.shape == image.shape and labels.max() == summary["n_particles"] == len(rows)
+    assert {"label", "voxel_count", "area", "equivalent_diameter", "centroid_y", "bbox_min_x", "mean_intensity"} <= set(rows[0])
+    assert Image.open(tmp_path / "out" / "labels_overlay.png").size == (96, 96)
+
+
+def test_3d_npy_to_zarr_with_spacing(tmp_path, rng):
+    image, _ = make_touching_particles((24, 48, 48), 10, spacing=(2, 1, 1), seed=int(rng.integers(1e6)))
+    np.save(tmp_path / "vol.npy", image)
+    assert main(["run", str(tmp_path / "vol.npy"), str(tmp_path / "vol_labels.zarr"), "--spacing", "2,1,1",
+                 "--device", "cpu"]) == 0
+    import zarr
+
+    labels = zarr.open(str(tmp_path / "vol_labels.zarr"), mode="r")
+    assert labels.shape == image.shape and labels.attrs["spacing"] == [2.0, 1.0, 1.0]
+
+
+def test_evaluate_prints_scores(tmp_path, rng):
+    _, truth = make_touching_particles((64, 64), 8, seed=int(rng.integers(1e6)))
+    tifffile.imwrite(tmp_path / "gt.tif", truth)
+    result = run_cli("evaluate", tmp_path / "gt.tif", tmp_path / "gt.tif", "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["mean_f1"] == 1.0
+
+
+def _bad_inputs(tmp_path):
+    np.save(tmp_path / "bool.npy", np.ones((20, 20), bool))
+    np.save(tmp_path / "complex.npy", np.ones((20, 20), complex))
+    np.save(tmp_path / "four_d.npy", np.ones((2, 3, 20, 20), np.uint8))
+    nan = np.ones((20, 20), np.float32)
+    nan[3, 3] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    np.save(tmp_path / "constant.npy", np.full((20, 20), 9, np.uint8))
+    np.save(tmp_path / "empty.npy", np.zeros((0, 20), np.uint8))
+    (tmp_path / "corrupt.tif").write_bytes(b"II*\x00garbage")
+    (tmp_path / "image.jpg").write_bytes(b"\xff\xd8\xff")
+    background = np.zeros((40, 40), np.uint8)
+    background[0, 0] = 255  # one speck: removed by the size filter, nothing left
+    np.save(tmp_path / "speck.npy", background)
+    return {
+        "missing.tif": "does not exist",
+        "bool.npy": "dtype bool",
+        "complex.npy": "dtype complex",
+        "four_d.npy": "4D",
+        "nan.npy": "NaN",
+        "constant.npy": "constant",
+        "empty.npy": "empty",
+        "corrupt.tif": "could not read",
+        "image.jpg": "unsupported input format",
+        "speck.npy": "no particles found",
+    }
+
+
+def test_bad_input_gives_one_line_error_and_no_output(tmp_path):
+    for name, message in _bad_inputs(tmp_path).items():
+        out = tmp_path / f"out_{name}.tif"
+        result = run_cli("run", tmp_path / name, out, "--device", "cpu", "--polarity", "bright")
+        assert result.returncode == 2, (name, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("declump: error:") and message in lines[0], (name, lines)
+        assert "Traceback" not in result.stderr
+        assert not any(p.name.startswith(f"out_{name}") for p in tmp_path.iterdir()), name
+
+
+def test_gpu_request_without_gpu_is_a_clear_error(tmp_path):
+    from gpu_pipeline._backend import gpu_available
+
+    if gpu_available():
+        pytest.skip("a GPU is present")
+    np.save(tmp_path / "img.npy", make_touching_particles((64, 64), 5)[0])
+    result = run_cli("run", tmp_path / "img.npy", tmp_path / "out.tif", "--device", "gpu")
+    assert result.returncode == 2 and "--device gpu" in result.stderr and "gpu-cu1" in result.stderr
+    assert not (tmp_path / "out.tif").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run_cli("--debug", "run", tmp_path / "missing.tif", tmp_path / "o.tif")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_unsupported_output_suffix_is_refused_before_work(tmp_path):
+    np.save(tmp_path / "img.npy", make_touching_particles((64, 64), 5)[0])
+    result = run_cli("run", tmp_path / "img.npy", tmp_path / "out.jpg", "--device", "cpu")
+    assert result.returncode == 2 and "unsupported output format" in result.stderr
+
+
+def test_demo_runs_and_scores(tmp_path):
+    result = run_cli("demo", "--out", tmp_path / "demo", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    scores = json.loads((tmp_path / "demo" / "sample_scores.json").read_text())
+    assert scores["f1_50"] > 0.6

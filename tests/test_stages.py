@@ -1,0 +1,117 @@
+"""Each stage against an independent reference (scikit-image, SciPy) on fresh random data."""
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from skimage.feature import peak_local_max
+from skimage.filters import threshold_otsu
+from skimage.measure import label as sk_label
+from skimage.morphology import remove_small_holes, remove_small_objects
+
+from cpu_fallback import ops
+from gpu_pipeline._backend import DeclumpError
+from gpu_pipeline.stages.cleanup import fill_small_holes, remove_small_objects as our_remove
+from gpu_pipeline.stages.components import enforce_one_piece, label_by_value_propagation, relabel_by_first_voxel
+from gpu_pipeline.stages.peaks import find_peaks
+from gpu_pipeline.stages.threshold import (choose_polarity, histogram_bins, intensity_histogram, otsu_from_histogram,
+                                           otsu_threshold)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16])
+def test_otsu_equals_skimage_on_integer_images(rng, dtype):
+    info = np.iinfo(dtype)
+    low = max(info.min, -1000)
+    image = np.concatenate([rng.normal(0.3, 0.05, 3000), rng.normal(0.7, 0.08, 2000)])
+    image = (low + np.clip(image, 0, 1) * (min(info.max, 3000) - low)).astype(dtype).reshape(50, 100)
+    assert otsu_threshold(image) == threshold_otsu(image)
+
+
+def test_otsu_on_float_images_within_one_bin_of_skimage(rng):
+    image = np.concatenate([rng.normal(-2, 1, 5000), rng.normal(3, 1.5, 3000)]).reshape(80, 100)
+    bins = histogram_bins(image.min(), image.max(), image.dtype)
+    width = (bins.high - bins.low) / bins.nbins
+    # The only difference allowed: a value on a bin edge may fall in the neighbouring bin (np.histogram's rule).
+    assert abs(otsu_threshold(image) - threshold_otsu(image)) <= width + 1e-12
+
+
+def test_histograms_of_parts_add_up_to_the_whole(rng):
+    image = rng.gamma(2.0, 30.0, (60, 70)).astype(np.float32)
+    bins = histogram_bins(image.min(), image.max(), image.dtype)
+    whole, _ = intensity_histogram(image, bins)
+    parts = sum(intensity_histogram(part, bins)[0] for part in np.array_split(image, 7, axis=0))
+    np.testing.assert_array_equal(parts, whole)
+    assert otsu_from_histogram(parts, bins) == otsu_from_histogram(whole, bins)
+
+
+def test_constant_image_and_nan_are_refused():
+    with pytest.raises(DeclumpError, match="constant"):
+        otsu_threshold(np.full((10, 10), 7, np.uint8))
+    with pytest.raises(DeclumpError, match="NaN"):
+        histogram_bins(0.0, np.nan, np.float32)
+
+
+def test_auto_polarity_finds_dark_particles_on_bright_background(rng):
+    from gpu_pipeline.synthetic import make_touching_particles
+
+    for polarity in ("bright", "dark"):
+        image, _ = make_touching_particles((128, 128), 15, polarity=polarity, seed=int(rng.integers(1000)))
+        assert choose_polarity(image, otsu_threshold(image), "auto") == polarity
+
+
+@pytest.mark.parametrize("shape,h", [((80, 90), 3), ((24, 30, 28), 2)])
+def test_peaks_equal_skimage_peak_local_max_without_ties(rng, shape, h):
+    values = rng.random(shape)
+    ours = find_peaks(values, half_widths=(h,) * len(shape), min_value=0.5)
+    ref = peak_local_max(values, min_distance=h, threshold_abs=0.5, exclude_border=False)
+    ref = ref[np.lexsort(ref.T[::-1])]
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_a_plateau_gives_one_peak_the_first_in_c_order():
+    values = np.zeros((20, 20), np.int32)
+    values[5:8, 6:12] = 9  # a flat-topped ridge
+    values[15, 15] = 4
+    peaks = find_peaks(values, half_widths=(2, 2))
+    np.testing.assert_array_equal(peaks, [[5, 6], [15, 15]])
+
+
+def test_face_label_and_equal_value_label_match_references(rng):
+    mask = rng.random((40, 50)) > 0.5
+    labels, n = ops.label(mask)
+    ref, n_ref = ndi.label(mask)
+    assert n == n_ref and np.array_equal(labels, ref)
+    values = rng.integers(0, 4, (30, 40, 20)).astype(np.int32)
+    np.testing.assert_array_equal(label_by_value_propagation(values), sk_label(values, background=0, connectivity=1))
+
+
+def test_relabel_orders_ids_by_first_voxel(rng):
+    labels = rng.choice([0, 7, 3, 12], size=(10, 12)).astype(np.int32)
+    out = relabel_by_first_voxel(labels)
+    firsts = [np.flatnonzero(out.ravel() == i)[0] for i in range(1, out.max() + 1)]
+    assert firsts == sorted(firsts)
+    # Same partition: a one-to-one map between old and new ids.
+    pairs = set(zip(labels.ravel(), out.ravel()))
+    assert len(pairs) == len(set(labels.ravel())) == out.max() + 1
+
+
+def test_enforce_one_piece_leaves_every_label_connected(rng):
+    labels = rng.integers(1, 4, (40, 40)).astype(np.int32)
+    out = enforce_one_piece(labels)
+    for value in np.unique(out[out > 0]):
+        _, pieces = ndi.label(out == value)
+        assert pieces == 1
+    # Voxels never leave the foreground and large pieces keep their label.
+    assert np.array_equal(out > 0, labels > 0)
+
+
+def test_cleanup_matches_skimage(rng):
+    mask = ndi.binary_opening(rng.random((60, 60)) > 0.45)
+    np.testing.assert_array_equal(our_remove(mask, 12), remove_small_objects(mask, max_size=11))
+    np.testing.assert_array_equal(fill_small_holes(mask, 9), remove_small_holes(mask, max_size=8))
+
+
+def test_distance_transform_equals_scipy_with_anisotropic_spacing(rng):
+    mask = ndi.binary_dilation(rng.random((20, 30, 25)) > 0.97, iterations=3)
+    spacing = (2.5, 1.0, 0.7)
+    ours = ops.distance_transform(mask, spacing)
+    ref = ndi.distance_transform_edt(mask, sampling=spacing)
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-5)
