@@ -66,12 +66,23 @@ def test_peaks_equal_skimage_peak_local_max_without_ties(rng, shape, h):
     np.testing.assert_array_equal(ours, ref)
 
 
-def test_a_plateau_gives_one_peak_the_first_in_c_order():
-    values = np.zeros((20, 20), np.int32)
-    values[5:8, 6:12] = 9  # a flat-topped ridge
-    values[15, 15] = 4
-    peaks = find_peaks(values, half_widths=(2, 2))
-    np.testing.assert_array_equal(peaks, [[5, 6], [15, 15]])
+def test_a_plateau_within_min_distance_gives_one_peak_the_first_in_c_order():
+    values = np.zeros((30, 30), np.int32)
+    values[5:8, 6:9] = 9  # a 3x3 flat top, within min_distance 4
+    values[20, 5:25] = 6  # a 20-voxel ridge: one peak every min_distance along it
+    peaks = find_peaks(values, half_widths=(4, 4))
+    np.testing.assert_array_equal(peaks, [[5, 6]] + [[20, x] for x in range(5, 25, 4)])
+
+
+@pytest.mark.parametrize("h", [1, 2, 4])
+def test_ties_follow_skimage_greedy_spacing(rng, h):
+    # Few distinct levels: many equal maxima, ridges and chains of ties.
+    values = rng.integers(0, 4, (50, 60)).astype(np.int32)
+    values = np.maximum(values, np.roll(values, 1, axis=1))
+    ours = find_peaks(values, half_widths=(h, h), min_value=0)
+    ref = peak_local_max(values, min_distance=h, threshold_abs=0, exclude_border=False)
+    ref = ref[np.lexsort(ref.T[::-1])]
+    np.testing.assert_array_equal(ours, ref)
 
 
 def test_face_label_and_equal_value_label_match_references(rng):

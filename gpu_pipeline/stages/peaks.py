@@ -31,10 +31,14 @@ def find_peaks(values, *, half_widths, min_value=0):
 
     A voxel is a peak when it equals the maximum of the box of ``2*h+1``
     voxels around it and exceeds ``min_value``. Among equal maxima within one
-    box (a plateau), only the first in C order is kept, so a plateau yields one
-    peak and the choice is deterministic. For data without ties this equals
-    ``skimage.feature.peak_local_max(values, min_distance=h, exclude_border=False)``
-    with its default Chebyshev distance.
+    box, the first in C order is kept and the others closer than ``h`` to it
+    are dropped; a dropped one suppresses nothing, so along a ridge of equal
+    values peaks are kept every ``h`` voxels. This is the greedy spacing of
+    ``skimage.feature.peak_local_max(values, min_distance=h,
+    exclude_border=False)`` (Chebyshev distance), ties included, computed in
+    parallel rounds instead of a host KD-tree: each round keeps the live
+    candidates that come first in their box and removes the candidates in the
+    boxes of those kept.
 
     Parameters
     ----------
@@ -56,10 +60,22 @@ def find_peaks(values, *, half_widths, min_value=0):
     flat = xp.flatnonzero(is_max.ravel())
     if flat.size == 0:
         return xp.zeros((0, values.ndim), dtype=xp.int64)
-    # Tie-break: keep the candidate with the smallest flat index in its window.
+    # Spacing as scikit-image's ensure_spaced: candidates closer than h (Chebyshev) to a
+    # kept one are dropped; those exactly h away stay.
+    spacing_box = tuple(max(1, 2 * h - 1) for h in half_widths)
     index_dtype = xp.int32 if values.size < 2**31 - 1 else xp.int64
-    key = xp.full(values.shape, -values.size - 1, dtype=index_dtype)
-    key.ravel()[flat] = -flat.astype(index_dtype)
-    winner = ops.maximum_filter(key, size).ravel()[flat] == key.ravel()[flat]
-    flat = flat[winner]
+    key = xp.full(values.shape, -1, dtype=index_dtype)
+    kept_mark = xp.zeros(values.shape, dtype=xp.uint8)
+    alive, kept = flat, []
+    while alive.size:
+        key.fill(-1)
+        key.ravel()[alive] = (values.size - 1 - alive).astype(index_dtype)
+        first = ops.maximum_filter(key, spacing_box).ravel()[alive] == key.ravel()[alive]
+        winners = alive[first]
+        kept.append(winners)
+        kept_mark.fill(0)
+        kept_mark.ravel()[winners] = 1
+        covered = ops.maximum_filter(kept_mark, spacing_box).ravel()[alive] > 0
+        alive = alive[~covered]
+    flat = xp.sort(xp.concatenate(kept))
     return xp.stack(xp.unravel_index(flat, values.shape), axis=1).astype(xp.int64)
