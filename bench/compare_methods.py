@@ -1,143 +1,301 @@
-"""Side-by-side accuracy and CPU speed: declump vs the scikit-image watershed pipeline vs naive k-means.
+"""Suites 2 and 3: declump end to end against peers, on generated and real data, same parameters.
 
-    python -m bench.compare_methods [--size 256] [--repeats 3] [--quick]
+    python -m bench.compare_methods [--size 256] [--repeats 3] [--emps-limit N]
 
-Datasets: a generated 3D volume of touching spheres (radius 5-12 voxels),
-and the real 2D DSB-2018 nuclei and EMPS particles in ../shared/data (skipped
-with a note when absent). Methods run on the same data with the same
-smoothing, min_distance and min_size. Writes bench/results/compare_<date>.json
-and .md. Times are medians of --repeats runs after a warm-up run.
+Suite 2, a generated 3D volume of touching spheres (radius 5-12 voxels):
+each method runs in a fresh process (spawned, so its peak resident memory is
+its own), timed as the median of --repeats runs after a warm-up; accuracy
+against the ground truth. Also dask-image's chunked ``label`` against
+SciPy's on the same mask (the connected-components step).
+
+Suite 3, real 2D/3D data in ../shared/data (DSB-2018 nuclei, EMPS particles,
+3D embryo nuclei; skipped with a note where absent): scores pooled over
+images, plus an image grid (input, ground truth, each method) of a few crops.
+
+Writes bench/results/compare_<date>.json, .md and compare_<date>_grid.png.
 """
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
-import statistics
+import multiprocessing as mp
+import resource
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.peers import skimage_watershed
-from cpu_fallback import separate as cpu_separate
-from gpu_pipeline.metrics import evaluate, overlap_table
+from bench.common import RESULTS, SHARED, machine_info, spread, timed
+from gpu_pipeline.metrics import evaluate
 from gpu_pipeline.synthetic import make_touching_particles
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-RESULTS = Path(__file__).resolve().parent / "results"
-
-# (name, callable(image, params) -> labels); params hold sigma, min_distance, min_size, polarity, spacing.
 DECLUMP_VARIANTS = {
-    "declump power (default)": dict(assignment="power", max_iter=0),
+    "declump (default: power, 0 Lloyd)": dict(assignment="power", max_iter=0),
     "declump power + 3 Lloyd": dict(assignment="power", max_iter=3),
     "declump power + 10 Lloyd": dict(assignment="power", max_iter=10),
     "declump euclidean batched + 10 Lloyd": dict(assignment="euclidean", max_iter=10),
 }
+NAIVE = "naive sklearn KMeans per region"
+WATERSHED = "skimage watershed"
+CLESPERANTO = "pyclesperanto voronoi_otsu_labeling"
+#: Methods timed once without a warm-up (minutes per run; nothing to warm up).
+SINGLE_RUN = {NAIVE}
 
 
-def method_table(include_naive=True):
-    methods = {}
-    for name, extra in DECLUMP_VARIANTS.items():
-        methods[name] = (lambda extra: lambda img, p: cpu_separate(
-            img, spacing=p["spacing"], sigma=p["sigma"], min_distance=p["min_distance"], min_size=p["min_size"],
-            max_hole_size=0, polarity=p["polarity"], **extra))(extra)
-    if include_naive:
-        methods["naive sklearn KMeans per region"] = lambda img, p: cpu_separate(
-            img, spacing=p["spacing"], sigma=p["sigma"], min_distance=p["min_distance"], min_size=p["min_size"],
-            max_hole_size=0, polarity=p["polarity"], assignment="euclidean", kmeans_engine="sklearn", max_iter=300)
-    methods["skimage watershed"] = lambda img, p: skimage_watershed(
-        img, sigma=p["sigma"], min_distance=p["min_distance"], polarity=p["polarity"], spacing=p["spacing"],
-        min_size=p["min_size"])
-    return methods
+def run_method(name, image, p):
+    """Labels of ``image`` by method ``name`` with parameters ``p``."""
+    from bench.peers import pyclesperanto_voronoi_otsu, skimage_watershed
+    from cpu_fallback import separate
+
+    common = dict(spacing=p["spacing"], sigma=p["sigma"], min_distance=p["min_distance"], min_size=p["min_size"],
+                  polarity=p["polarity"])
+    if name in DECLUMP_VARIANTS:
+        return separate(image, **common, **DECLUMP_VARIANTS[name])
+    if name == NAIVE:
+        return separate(image, **common, assignment="euclidean", kmeans_engine="sklearn", max_iter=300)
+    if name == WATERSHED:
+        return skimage_watershed(image, **common)
+    if name == CLESPERANTO:
+        data = image if p["polarity"] == "bright" else image.max() - image
+        return pyclesperanto_voronoi_otsu(data, spot_sigma=p["spot_sigma"], outline_sigma=p["sigma"])
+    raise KeyError(name)
 
 
-def pooled_scores(pairs):
-    """Scores pooled over images: TP/FP/FN summed per IoU threshold, then F1 and AP."""
+def peak_rss_gib():
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited across fork+exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _isolated(name, image_path, p, repeats, out_path, queue):
+    image = np.load(image_path)
+    base = peak_rss_gib()
+    try:
+        labels, times = timed(lambda: run_method(name, image, p), 1 if name in SINGLE_RUN else repeats,
+                              warm_up=name not in SINGLE_RUN)
+        np.save(out_path, labels)
+        queue.put({"times": times, "peak_rss_gib": peak_rss_gib(), "rss_after_loading_input_gib": base})
+    except Exception as exc:  # a peer that cannot run here is reported, not fatal
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def run_isolated(name, image_path, p, repeats):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    out = Path(image_path).with_name(f"labels_{abs(hash(name))}.npy")
+    proc = ctx.Process(target=_isolated, args=(name, str(image_path), p, repeats, str(out), queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    if "error" in result:
+        return result, None
+    return result, np.load(out)
+
+
+def scores_row(pairs):
+    """Scores pooled over images: TP summed per IoU threshold, then F1 and AP."""
     per = [evaluate(pred, gt) for pred, gt in pairs]
-    thresholds = per[0]["iou_thresholds"]
-    tp = np.zeros(len(thresholds))
-    n_pred = n_gt = splits = merges = 0
-    for s in per:
-        tp += np.asarray(s["f1"]) * (s["n_pred"] + s["n_gt"]) / 2
-        n_pred += s["n_pred"]
-        n_gt += s["n_gt"]
-        splits += s["splits"]
-        merges += s["merges"]
+    tp = sum(np.asarray(s["f1"]) * (s["n_pred"] + s["n_gt"]) / 2 for s in per)
+    n_pred = sum(s["n_pred"] for s in per)
+    n_gt = sum(s["n_gt"] for s in per)
     f1 = 2 * tp / max(n_pred + n_gt, 1)
     ap = tp / np.maximum(n_pred + n_gt - tp, 1)
     return {"f1_50": float(f1[0]), "mean_f1": float(f1.mean()), "ap_50": float(ap[0]), "mean_ap": float(ap.mean()),
-            "n_pred": n_pred, "n_gt": n_gt, "splits": splits, "merges": merges, "images": len(per)}
+            "n_pred": n_pred, "n_gt": n_gt, "splits": sum(s["splits"] for s in per),
+            "merges": sum(s["merges"] for s in per), "images": len(per)}
 
 
-def time_call(fn, repeats):
-    fn()  # warm-up
-    times = []
-    out = None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return out, times
+pooled_scores = scores_row  # name used by the tests
 
 
-def dataset_synthetic(size, n):
+def suite_synthetic(size, n, repeats, methods):
     image, truth = make_touching_particles((size,) * 3, n, radius_range=(5, 12), overlap=0.15, seed=2026)
-    return [("synthetic", image, truth)], dict(sigma=1.0, min_distance=4, min_size=65, polarity="bright",
-                                               spacing=(1.0, 1.0, 1.0))
+    p = dict(sigma=1.0, min_distance=4, min_size=65, polarity="bright", spacing=(1.0, 1.0, 1.0), spot_sigma=3.0)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "image.npy"
+        np.save(path, image)
+        for name in methods:
+            info, labels = run_isolated(name, path, p, repeats)
+            if labels is None:
+                rows[name] = info
+                print(f"synthetic {name}: {info['error']}", flush=True)
+                continue
+            row = {**scores_row([(labels, truth)]), "seconds": spread(info["times"]),
+                   "peak_rss_gib": info["peak_rss_gib"], "rss_after_loading_input_gib": info["rss_after_loading_input_gib"]}
+            row["voxels_per_second"] = image.size / row["seconds"]["median"]
+            rows[name] = row
+            print(f"synthetic {name:40s} F1@0.5 {row['f1_50']:.3f} meanF1 {row['mean_f1']:.3f} "
+                  f"time {row['seconds']['median']:.2f}s peak RSS {row['peak_rss_gib']:.2f} GiB", flush=True)
+    return {"name": f"generated {size}^3, {int(truth.max())} spheres r5-12, overlap 0.15", "params": p,
+            "methods": rows}, image, truth
 
 
-def dataset_dsb():
+def suite_connected_components(image, repeats):
+    """SciPy's label vs dask-image's chunked label on the same mask (declump's regions step)."""
+    from scipy import ndimage as ndi
+
+    from bench.peers import dask_image_label
+
+    mask = image > 127
+    out = {}
+    (ref, n_ref), t_scipy = timed(lambda: ndi.label(mask, ndi.generate_binary_structure(3, 1)), repeats)
+    out["scipy.ndimage.label"] = {"seconds": spread(t_scipy), "regions": int(n_ref)}
+    for chunk in (64, 128):
+        (labels, n), t = timed(lambda: dask_image_label(mask, (chunk,) * 3), repeats)
+        same = n == n_ref and len(set(zip(labels[mask].tolist(), ref[mask].tolist()))) == n_ref
+        out[f"dask_image.ndmeasure.label chunks {chunk}^3"] = {"seconds": spread(t), "regions": n,
+                                                               "same_partition_as_scipy": bool(same)}
+    for k, v in out.items():
+        print(f"connected components {k}: {v['seconds']['median']:.2f}s regions {v['regions']}", flush=True)
+    return out
+
+
+def real_datasets(emps_limit):
     import tifffile
 
-    folder = SHARED / "dsb2018_stardist_sample"
-    if not folder.exists():
-        return None, f"{folder} absent"
-    return ([("img2d", tifffile.imread(folder / "img2d.tif"), tifffile.imread(folder / "mask2d.tif"))],
-            dict(sigma=1.0, min_distance=6, min_size=20, polarity="bright", spacing=(1.0, 1.0)))
-
-
-def dataset_emps(limit=None):
     from gpu_pipeline.io import read_image
 
-    folder = SHARED / "emps_subset"
-    if not folder.exists():
-        return None, f"{folder} absent"
-    names = sorted(p.stem for p in (folder / "images").glob("*.png"))[:limit]
-    items = [(n, read_image(folder / "images" / f"{n}.png")[0], read_image(folder / "segmaps" / f"{n}.png")[0])
-             for n in names]
-    return items, dict(sigma=2.0, min_distance=20, min_size=400, polarity="auto", spacing=(1.0, 1.0))
+    sets = {}
+    dsb = SHARED / "dsb2018_stardist_sample"
+    if dsb.exists():
+        sets["DSB-2018 nuclei"] = ([("img2d", tifffile.imread(dsb / "img2d.tif"), tifffile.imread(dsb / "mask2d.tif"))],
+                                   dict(sigma=1.0, min_distance=6, min_size=20, polarity="bright", spacing=(1.0, 1.0),
+                                        spot_sigma=4.0))
+    emps = SHARED / "emps_subset"
+    if emps.exists():
+        names = sorted(p.stem for p in (emps / "images").glob("*.png"))[:emps_limit]
+        sets["EMPS particles"] = ([(n, read_image(emps / "images" / f"{n}.png")[0],
+                                    read_image(emps / "segmaps" / f"{n}.png")[0]) for n in names],
+                                  dict(sigma=2.0, min_distance=20, min_size=400, polarity="auto", spacing=(1.0, 1.0),
+                                       spot_sigma=8.0))
+    embryo = SHARED / "qcanet_embryo3d"
+    if embryo.exists():
+        sets["embryo 3D nuclei"] = ([(s, tifffile.imread(embryo / "images_raw" / f"{s}.tif"),
+                                      tifffile.imread(embryo / "labels" / f"{s}_labels.tif"))
+                                     for s in ("8_cell_stage", "16_cell_stage")],
+                                    dict(sigma=2.0, min_distance=6, min_size=200, polarity="bright",
+                                         spacing=(1.0, 1.0, 1.0), spot_sigma=4.0))
+    return sets
 
 
-def run_dataset(name, items, params, methods, repeats):
-    from gpu_pipeline.stages.threshold import choose_polarity, otsu_threshold
+def suite_real(methods, emps_limit):
     from cpu_fallback.ops import gaussian
+    from gpu_pipeline.stages.threshold import choose_polarity, otsu_threshold
 
-    rows = {}
-    for method, fn in methods.items():
-        pairs, seconds = [], []
-        for item, image, truth in items:
-            p = dict(params)
-            if p["polarity"] == "auto":  # the same decision for every method: declump's auto rule
-                smoothed = gaussian(image, (p["sigma"],) * image.ndim)
-                p["polarity"] = choose_polarity(smoothed, otsu_threshold(smoothed), "auto")
-            labels, times = time_call(lambda: fn(image, p), repeats if len(items) == 1 else 1)
-            pairs.append((labels, truth))
-            seconds.append(statistics.median(times))
-            if len(items) == 1:
-                spread = (min(times), max(times))
-        scores = pooled_scores(pairs)
-        scores["seconds"] = float(sum(seconds))
-        if len(items) == 1:
-            scores["seconds_min_max"] = list(spread)
-            scores["voxels_per_second"] = float(items[0][1].size / scores["seconds"])
-        rows[method] = scores
-        print(f"{name:10s} {method:38s} F1@0.5 {scores['f1_50']:.3f} meanF1 {scores['mean_f1']:.3f} "
-              f"AP@0.5 {scores['ap_50']:.3f} splits {scores['splits']:4d} merges {scores['merges']:4d} "
-              f"time {scores['seconds']:.2f}s", flush=True)
-    return rows
+    results, examples = {}, {}
+    for dataset, (items, params) in real_datasets(emps_limit).items():
+        rows = {}
+        for name in methods:
+            pairs, seconds = [], 0.0
+            try:
+                for item, image, truth in items:
+                    p = dict(params)
+                    if p["polarity"] == "auto":  # one decision for every method: declump's auto rule
+                        smoothed = gaussian(image, (p["sigma"],) * image.ndim)
+                        p["polarity"] = choose_polarity(smoothed, otsu_threshold(smoothed), "auto")
+                    t0 = time.perf_counter()
+                    labels = run_method(name, image, p)
+                    seconds += time.perf_counter() - t0
+                    pairs.append((labels, truth))
+                    examples.setdefault(dataset, {}).setdefault(item, {"image": image, "truth": truth})[name] = labels
+            except Exception as exc:
+                rows[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                print(f"{dataset} {name}: {rows[name]['error']}", flush=True)
+                continue
+            rows[name] = {**scores_row(pairs), "seconds_total": seconds}
+            r = rows[name]
+            print(f"{dataset:18s} {name:40s} F1@0.5 {r['f1_50']:.3f} meanF1 {r['mean_f1']:.3f} "
+                  f"splits {r['splits']} merges {r['merges']} time {seconds:.1f}s", flush=True)
+        results[dataset] = {"params": params, "images": len(items), "methods": rows}
+    return results, examples
+
+
+def image_grid(examples, methods, path, picks=(("DSB-2018 nuclei", "img2d"), ("EMPS particles", None),
+                                                ("embryo 3D nuclei", "8_cell_stage"))):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gpu_pipeline.overlay import overlay_rgb
+
+    chosen = []
+    for dataset, item in picks:
+        if dataset not in examples:
+            continue
+        items = examples[dataset]
+        if item is None:  # the EMPS image with the most ground-truth particles
+            item = max(items, key=lambda k: int(items[k]["truth"].max()))
+        chosen.append((dataset, item, items[item]))
+    if not chosen:
+        return False
+    cols = ["input", "ground truth"] + [m for m in methods if m in chosen[0][2]]
+    fig, axes = plt.subplots(len(chosen), len(cols), figsize=(2.4 * len(cols), 2.5 * len(chosen)), squeeze=False)
+    for row, (dataset, item, ex) in enumerate(chosen):
+        for col, name in enumerate(cols):
+            ax = axes[row, col]
+            image = ex["image"]
+            labels = ex["truth"] if name == "ground truth" else ex.get(name)
+            if name == "input":
+                pic = overlay_rgb(image, np.zeros_like(ex["truth"]))
+            elif labels is None:
+                ax.axis("off")
+                continue
+            else:
+                pic = overlay_rgb(image, labels)
+            crop = tuple(slice(0, min(s, 256)) for s in pic.shape[:2])
+            ax.imshow(pic[crop])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name.replace(" (default: power, 0 Lloyd)", "").replace("pyclesperanto ", "cle "), fontsize=7)
+            if col == 0:
+                ax.set_ylabel(f"{dataset}\n{item}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def markdown(result):
+    m = result["machine"]
+    lines = [f"# declump vs peers, CPU: {m['cpu']} ({m['cpu_count']} cores, {m['memory_gib']} GiB), {m['date']}", ""]
+    syn = result["synthetic"]
+    lines += [f"## {syn['name']}", "", f"Parameters: `{syn['params']}`. Each method in its own process; time: median "
+              f"of {result['repeats']} runs after a warm-up (naive scikit-learn: one run), min-max in brackets.", "",
+              "| method | F1@0.5 | mean F1 | AP@0.5 | splits | merges | seconds | Mvox/s | peak RSS GiB |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in syn["methods"].items():
+        if "error" in r:
+            lines.append(f"| {name} | not run: {r['error']} |||||||| ")
+            continue
+        s = r["seconds"]
+        lines.append(f"| {name} | {r['f1_50']:.3f} | {r['mean_f1']:.3f} | {r['ap_50']:.3f} | {r['splits']} | "
+                     f"{r['merges']} | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) | "
+                     f"{r['voxels_per_second'] / 1e6:.2f} | {r['peak_rss_gib']:.2f} |")
+    lines += ["", "Connected components of the same mask (threshold 127):", "",
+              "| implementation | seconds (min-max) | regions | same partition as SciPy |", "|---|---|---|---|"]
+    for name, r in result["connected_components"].items():
+        s = r["seconds"]
+        lines.append(f"| {name} | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) | {r['regions']} | "
+                     f"{r.get('same_partition_as_scipy', '-')} |")
+    for dataset, block in result["real"].items():
+        lines += ["", f"## {dataset} ({block['images']} images)", "", f"Parameters: `{block['params']}`; scores "
+                  "pooled over images; time: one run per image, summed.", "",
+                  "| method | F1@0.5 | mean F1 | AP@0.5 | splits | merges | seconds |", "|---|---|---|---|---|---|---|"]
+        for name, r in block["methods"].items():
+            if "error" in r:
+                lines.append(f"| {name} | not run: {r['error']} ||||||")
+                continue
+            lines.append(f"| {name} | {r['f1_50']:.3f} | {r['mean_f1']:.3f} | {r['ap_50']:.3f} | {r['splits']} | "
+                         f"{r['merges']} | {r['seconds_total']:.1f} |")
+    for label, why in result.get("skipped", {}).items():
+        lines.append(f"- skipped {label}: {why}")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
@@ -150,56 +308,20 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="result file stem (default compare_<date>)")
     args = parser.parse_args(argv)
 
-    methods = method_table(include_naive=not args.no_naive)
-    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "machine": platform.node(), "cpu": platform.processor() or platform.machine(),
-              "cpu_count": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-              "versions": _versions(), "repeats": args.repeats, "datasets": {}, "skipped": {}}
-    items, params = dataset_synthetic(args.size, args.particles)
-    result["datasets"][f"synthetic {args.size}^3, {int(items[0][2].max())} spheres r5-12"] = {
-        "params": params, "methods": run_dataset("synthetic", items, params, methods, args.repeats)}
-    for label, (items, params) in (("DSB-2018 nuclei (1 image)", dataset_dsb()),
-                                   ("EMPS particles", dataset_emps(args.emps_limit))):
-        if items is None:
-            result["skipped"][label] = params
-            print(f"skipped {label}: {params}")
-            continue
-        result["datasets"][f"{label}, {len(items)} images" if len(items) > 1 else label] = {
-            "params": params, "methods": run_dataset(label.split()[0], items, params, methods, args.repeats)}
+    methods = list(DECLUMP_VARIANTS) + ([] if args.no_naive else [NAIVE]) + [WATERSHED, CLESPERANTO]
+    result = {"machine": machine_info(), "repeats": args.repeats}
+    result["synthetic"], image, _ = suite_synthetic(args.size, args.particles, args.repeats, methods)
+    result["connected_components"] = suite_connected_components(image, args.repeats)
+    result["real"], examples = suite_real(methods, args.emps_limit)
+    if not SHARED.exists():
+        result["skipped"] = {"real data": f"{SHARED} absent"}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = args.out or f"compare_{dt.date.today().isoformat()}"
+    stem = args.out or f"compare_{result['machine']['date'][:10]}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(markdown(result))
-    print(f"wrote {RESULTS / stem}.json and .md")
-
-
-def _versions():
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("numpy", "scipy", "scikit-image", "scikit-learn", "edt"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def markdown(result):
-    lines = [f"# declump vs peers, CPU ({result['cpu_count']} cores, {result['machine']}, {result['date']})", "",
-             f"Times: median of {result['repeats']} runs after a warm-up (single-image datasets); multi-image "
-             "datasets: one run per image, summed. Scores pooled over images.", ""]
-    for dataset, block in result["datasets"].items():
-        lines += [f"## {dataset}", "", f"Parameters: `{block['params']}`", "",
-                  "| method | F1@0.5 | mean F1 | AP@0.5 | splits | merges | seconds |", "|---|---|---|---|---|---|---|"]
-        for method, s in block["methods"].items():
-            spread = f" ({s['seconds_min_max'][0]:.2f}-{s['seconds_min_max'][1]:.2f})" if "seconds_min_max" in s else ""
-            lines.append(f"| {method} | {s['f1_50']:.3f} | {s['mean_f1']:.3f} | {s['ap_50']:.3f} | {s['splits']} | "
-                         f"{s['merges']} | {s['seconds']:.2f}{spread} |")
-        lines.append("")
-    for label, why in result["skipped"].items():
-        lines.append(f"- skipped {label}: {why}")
-    return "\n".join(lines) + "\n"
+    image_grid(examples, methods, RESULTS / f"{stem}_grid.png")
+    print(f"wrote {RESULTS / stem}.json, .md, _grid.png")
+    return result
 
 
 if __name__ == "__main__":

@@ -26,3 +26,49 @@ def skimage_watershed(image, *, sigma, min_distance, polarity, spacing=None, min
     markers = np.zeros(image.shape, dtype=np.int32)
     markers[tuple(coords.T)] = np.arange(1, len(coords) + 1)
     return watershed(-distance, markers, mask=fg)
+
+
+def _pocl_icd_dir():
+    """An OpenCL vendor folder pointing at the pocl library that pocl-binary-distribution installs."""
+    import importlib.util
+    import tempfile
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("pyopencl")
+    if spec is None:
+        return None
+    # pocl-binary-distribution may install pyopencl/.libs alone (a namespace package, no origin).
+    roots = [Path(spec.origin).parent] if spec.origin else [Path(p) for p in spec.submodule_search_locations or []]
+    libs = sorted(lib for root in roots for lib in (root / ".libs").glob("libpocl*.so*"))
+    if not libs:
+        return None
+    folder = Path(tempfile.gettempdir()) / "declump-bench-icd"
+    folder.mkdir(exist_ok=True)
+    (folder / "pocl.icd").write_text(str(libs[0]) + "\n")
+    return str(folder)
+
+
+def pyclesperanto_voronoi_otsu(image, *, spot_sigma, outline_sigma):
+    """pyclesperanto's voronoi_otsu_labeling (OpenCL; on a CPU through pocl)."""
+    import os
+
+    if "OCL_ICD_VENDORS" not in os.environ:
+        folder = _pocl_icd_dir()
+        if folder:
+            os.environ["OCL_ICD_VENDORS"] = folder
+    import pyclesperanto as cle
+
+    if not hasattr(cle, "voronoi_otsu_labeling"):
+        raise RuntimeError("pyclesperanto has no usable OpenCL device (install pyclesperanto-opencl and "
+                           "pocl-binary-distribution)")
+    labels = cle.voronoi_otsu_labeling(image.astype(np.float32), spot_sigma=spot_sigma, outline_sigma=outline_sigma)
+    return np.asarray(cle.pull(labels)).astype(np.int32)
+
+
+def dask_image_label(mask, chunks):
+    """dask-image's chunked connected components of a mask (face connectivity), computed with threads."""
+    import dask.array as da
+    from dask_image.ndmeasure import label
+
+    labels, count = label(da.from_array(mask, chunks=chunks), structure=ndi.generate_binary_structure(mask.ndim, 1))
+    return labels.compute(scheduler="threads"), int(count.compute())
