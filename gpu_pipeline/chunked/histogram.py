@@ -1,0 +1,32 @@
+"""Global Otsu threshold of a chunked volume: one histogram reduced over all chunks.
+
+The bins come from the global min and max (a first pass for float data), so
+every chunk uses the same layout and the sum equals the whole volume's
+histogram: the threshold is the in-memory one exactly.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from gpu_pipeline._backend import to_host
+from gpu_pipeline.stages.threshold import histogram_bins, intensity_histogram, otsu_from_histogram
+
+
+def _block_histogram(block, bins):
+    counts, _ = intensity_histogram(block, bins)
+    return counts[None, :]
+
+
+def otsu_threshold_chunked(image):
+    """Otsu's threshold of a Dask array, equal to ``otsu_threshold`` of the computed array."""
+    import dask
+    import dask.array as da
+
+    low, high = dask.compute(image.min(), image.max())
+    bins = histogram_bins(to_host(np.asarray(low)) if not np.isscalar(low) else low,
+                          to_host(np.asarray(high)) if not np.isscalar(high) else high, image.dtype)
+    flat = image.reshape(-1) if image.ndim > 1 else image
+    per_chunk = flat.map_blocks(_block_histogram, bins, dtype=np.int64, chunks=((1,) * flat.numblocks[0], (bins.nbins,)),
+                                new_axis=1)
+    counts = to_host(da.sum(per_chunk, axis=0).compute())
+    return otsu_from_histogram(counts, bins)

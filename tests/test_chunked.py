@@ -1,0 +1,51 @@
+"""Chunked building blocks equal the in-memory result for any chunking, on a real Dask cluster."""
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+da = pytest.importorskip("dask.array")
+
+from gpu_pipeline.chunked import label_chunked, otsu_threshold_chunked  # noqa: E402
+from gpu_pipeline.stages.threshold import otsu_threshold  # noqa: E402
+from gpu_pipeline.synthetic import make_touching_particles  # noqa: E402
+
+CHUNKINGS = {
+    2: [(64, 64), (37, 50), (9, 13)],            # divides; does not divide; smaller than a particle
+    3: [(32, 32, 32), (17, 40, 23), (6, 7, 9)],
+}
+
+
+@pytest.fixture(scope="module")
+def cluster_client():
+    distributed = pytest.importorskip("distributed")
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    client = distributed.Client(cluster)
+    yield client
+    client.close()
+    cluster.close()
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_labels_do_not_depend_on_chunking(cluster_client, rng, ndim):
+    shape = (150, 170) if ndim == 2 else (48, 70, 61)
+    _, truth = make_touching_particles(shape, 60 if ndim == 2 else 40, seed=int(rng.integers(1e6)))
+    mask = (truth > 0) & (rng.random(shape) > 0.05)  # holes and ragged edges
+    reference, n_ref = ndi.label(mask, ndi.generate_binary_structure(ndim, 1))
+    for chunks in CHUNKINGS[ndim]:
+        labels, n = label_chunked(da.from_array(mask, chunks=chunks))
+        out = labels.compute()
+        assert n == n_ref
+        assert out.dtype == np.int32 and out.tobytes() == reference.astype(np.int32).tobytes(), chunks
+
+
+def test_otsu_of_chunks_equals_in_memory(cluster_client, rng):
+    for image in (rng.integers(0, 4000, (60, 70, 50)).astype(np.uint16),
+                  rng.gamma(2.0, 3.0, (60, 70, 50)).astype(np.float32)):
+        expected = otsu_threshold(image)
+        for chunks in CHUNKINGS[3]:
+            assert otsu_threshold_chunked(da.from_array(image, chunks=chunks)) == expected
+
+
+def test_empty_mask_gives_no_labels(rng):
+    labels, n = label_chunked(da.zeros((40, 40), dtype=bool, chunks=(16, 16)))
+    assert n == 0 and not labels.compute().any()
