@@ -20,7 +20,8 @@ test: $(BIN)/declump
 	$(BIN)/python -m pytest -q -ra
 
 bench: $(BIN)/declump
-	$(BIN)/python -m bench.compare_methods
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

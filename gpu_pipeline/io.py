@@ -84,13 +84,22 @@ def read_image(path, *, channel=None, timepoint=None):
     return array, spacing
 
 
-def _read_zarr(path, *, channel=None, timepoint=None):
+def open_zarr(path, *, channel=None, timepoint=None):
+    """Open a Zarr array or OME-Zarr image without reading it.
+
+    Returns ``(array, index, spacing)``: the zarr array (OME-Zarr: level 0),
+    the index that picks the 2D/3D volume (``t``/``c`` resolved), and the
+    spacing from the level's ``coordinateTransformations`` (None if absent).
+    """
     import zarr
 
-    node = zarr.open(str(path), mode="r")
-    spacing = None
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as exc:
+        raise DeclumpError(f"{path} is not a Zarr store ({type(exc).__name__}); accepted: a Zarr v2/v3 array "
+                           "or an OME-Zarr image group") from exc
     if isinstance(node, zarr.Array):
-        return node[...], None
+        return node, (slice(None),) * node.ndim, None
     attrs = dict(node.attrs)
     multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
     if not multiscales:
@@ -99,14 +108,15 @@ def _read_zarr(path, *, channel=None, timepoint=None):
     dataset = ms["datasets"][0]
     axes = [a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])]
     array = node[dataset["path"]]
+    spacing = None
     for transform in dataset.get("coordinateTransformations", []):
         if transform.get("type") == "scale":
             spacing = list(transform["scale"])
     if not axes:
         axes = list("tczyx"[-array.ndim:])
-    unknown = [a for a in axes if a not in "tczyx"]
-    if unknown:
-        raise DeclumpError(f"{path} has axes {axes}; declump understands t, c, z, y, x")
+    unknown = [a for a in axes if a not in ("t", "c", "z", "y", "x")]
+    if unknown or len(axes) != array.ndim:
+        raise DeclumpError(f"{path} has axes {axes} for a {array.ndim}D array; declump understands t, c, z, y, x")
     index = []
     for name, size in zip(axes, array.shape):
         if name == "t":
@@ -115,10 +125,14 @@ def _read_zarr(path, *, channel=None, timepoint=None):
             index.append(channel if channel is not None else _only(size, "channels", "--channel", path))
         else:
             index.append(slice(None))
-    data = array[tuple(index)]
     if spacing is not None:
-        spacing = [s for s, a in zip(spacing, axes) if a in "zyx"]
-    return data, spacing
+        spacing = [s for s, a in zip(spacing, axes) if a in ("z", "y", "x")]
+    return array, tuple(index), spacing
+
+
+def _read_zarr(path, *, channel=None, timepoint=None):
+    array, index, spacing = open_zarr(path, channel=channel, timepoint=timepoint)
+    return array[index], spacing
 
 
 def _only(size, what, option, path):

@@ -5,7 +5,9 @@ runs without CUDA.
 """
 from __future__ import annotations
 
-import numpy as np
+import sys
+
+from scipy import ndimage as ndi
 
 from gpu_pipeline._backend import require_gpu
 from gpu_pipeline.stages.components import label_by_value_propagation
@@ -16,6 +18,11 @@ from cupyx.scipy import ndimage as cndi  # noqa: E402
 
 xp = cp
 
+try:  # the user's stack: cuCIM's PBA+ distance transform (cupyx carries the same algorithm)
+    from cucim.core.operations.morphology import distance_transform_edt as _edt
+except ImportError:  # pragma: no cover - depends on the installed cuCIM
+    _edt = cndi.distance_transform_edt
+
 
 def gaussian(image, sigma_voxels):
     """Gaussian smoothing, float32, reflecting borders (sigma per axis, voxels)."""
@@ -23,22 +30,21 @@ def gaussian(image, sigma_voxels):
 
 
 def distance_transform(mask, spacing):
-    """Exact Euclidean distance to the background, physical units, float32 (cupyx PBA+ algorithm)."""
-    dist = cndi.distance_transform_edt(mask.astype(bool, copy=False), sampling=tuple(float(s) for s in spacing),
-                                       float64_distances=False)
+    """Exact Euclidean distance to the background, physical units, float32 (cuCIM's PBA+ algorithm)."""
+    dist = _edt(mask.astype(bool, copy=False), sampling=tuple(float(s) for s in spacing), float64_distances=False)
     return dist.astype(cp.float32, copy=False)
 
 
 def label(mask):
     """Face-connected components of a binary mask: (int32 labels, count)."""
-    structure = np.asarray(__import__("scipy.ndimage", fromlist=["x"]).generate_binary_structure(mask.ndim, 1))
-    labels, count = cndi.label(mask, structure=cp.asarray(structure))
+    structure = cp.asarray(ndi.generate_binary_structure(mask.ndim, 1))
+    labels, count = cndi.label(mask, structure=structure)
     return labels.astype(cp.int32, copy=False), int(count)
 
 
 def label_by_value(labels):
     """Face-connected components of equal non-zero value, on the device (min-label propagation)."""
-    return label_by_value_propagation(labels, ops=__import__(__name__, fromlist=["x"]))
+    return label_by_value_propagation(labels, ops=sys.modules[__name__])
 
 
 def maximum_filter(array, size):

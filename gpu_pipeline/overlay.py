@@ -34,14 +34,14 @@ def overlay_rgb(image, labels, alpha=0.45):
     colours = label_colours(int(labels.max()))
     inside = labels > 0
     rgb[inside] = (1 - alpha) * rgb[inside] + alpha * colours[labels[inside]]
+    from gpu_pipeline.stages.components import neighbour_slices
+
     edge = np.zeros(labels.shape, dtype=bool)
     for axis in range(2):
-        differ = np.diff(labels, axis=axis) != 0
-        lo = [slice(None)] * 2
-        hi = [slice(None)] * 2
-        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
-        edge[tuple(lo)] |= differ
-        edge[tuple(hi)] |= differ
+        lo, hi = neighbour_slices(2, axis)
+        differ = labels[lo] != labels[hi]
+        edge[lo] |= differ
+        edge[hi] |= differ
     edge &= inside
     rgb[edge] = colours[labels[edge]]
     return (rgb * 255).round().astype(np.uint8)

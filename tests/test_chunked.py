@@ -49,3 +49,42 @@ def test_otsu_of_chunks_equals_in_memory(cluster_client, rng):
 def test_empty_mask_gives_no_labels(rng):
     labels, n = label_chunked(da.zeros((40, 40), dtype=bool, chunks=(16, 16)))
     assert n == 0 and not labels.compute().any()
+
+
+def _ome_zarr(path, data, scale, chunks):
+    import zarr
+
+    group = zarr.open_group(str(path), mode="w")
+    array = group.create_array("0", shape=data.shape, dtype=data.dtype, chunks=chunks)
+    array[...] = data
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{
+        "axes": [{"name": n} for n in "tczyx"],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": list(scale)}]}]}]}
+    return array
+
+
+def test_ome_zarr_volume_opens_lazily_with_spacing_and_channel(tmp_path, rng):
+    from gpu_pipeline._backend import DeclumpError
+    from gpu_pipeline.chunked.source import open_volume
+
+    data = rng.integers(0, 255, (1, 2, 20, 30, 40)).astype(np.uint8)
+    _ome_zarr(tmp_path / "img.zarr", data, (1, 1, 2.0, 0.5, 0.5), (1, 1, 8, 16, 16))
+    volume, spacing = open_volume(tmp_path / "img.zarr", channel=1, chunks=(7, 11, 40))
+    assert spacing == [2.0, 0.5, 0.5] and volume.chunks[0] == (7, 7, 6)
+    np.testing.assert_array_equal(volume.compute(), data[0, 1])
+    with pytest.raises(DeclumpError, match="2 channels; pick one with --channel"):
+        open_volume(tmp_path / "img.zarr")
+    with pytest.raises(DeclumpError, match="not a Zarr store"):
+        open_volume(tmp_path / "nothing.zarr")
+
+
+def test_corrupt_chunk_is_named(tmp_path, rng):
+    from gpu_pipeline._backend import DeclumpError
+    from gpu_pipeline.chunked.source import open_volume
+
+    data = rng.integers(0, 255, (1, 1, 16, 32, 32)).astype(np.uint8)
+    _ome_zarr(tmp_path / "img.zarr", data, (1, 1, 1, 1, 1), (1, 1, 8, 16, 16))
+    (tmp_path / "img.zarr" / "0" / "c" / "0" / "0" / "1" / "0" / "1").write_bytes(b"not zstd")
+    volume, _ = open_volume(tmp_path / "img.zarr")
+    with pytest.raises(DeclumpError, match=r"chunk \(0, 0, 1, 0, 1\) of .* could not be read"):
+        volume.compute(scheduler="threads")

@@ -15,6 +15,16 @@ def cp():
     return cupy
 
 
+def test_histogram_otsu_equals_cucim_threshold_otsu(cp, rng):
+    from cucim.skimage.filters import threshold_otsu
+
+    from gpu_pipeline.stages.threshold import otsu_threshold
+
+    image = cp.asarray(np.concatenate([rng.normal(60, 10, 4000), rng.normal(170, 20, 3000)]).clip(0, 255)
+                       .astype(np.uint8).reshape(70, 100))
+    assert otsu_threshold(image) == float(threshold_otsu(image))
+
+
 def test_primitives_match_the_cpu(cp, rng):
     from scipy import ndimage as ndi
 

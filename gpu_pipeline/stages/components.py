@@ -7,18 +7,23 @@ from __future__ import annotations
 from gpu_pipeline._backend import get_array_module, ops_for
 
 
+def neighbour_slices(ndim, axis):
+    """Index tuples (low, high) selecting every voxel and its face neighbour one step along ``axis``."""
+    low = [slice(None)] * ndim
+    high = [slice(None)] * ndim
+    low[axis], high[axis] = slice(None, -1), slice(1, None)
+    return tuple(low), tuple(high)
+
+
 def _face_pairs(labels, xp):
     """Flat index pairs (u, v) of face neighbours that carry the same non-zero value."""
     flat_index = xp.arange(labels.size, dtype=xp.int64).reshape(labels.shape)
     us, vs = [], []
     for axis in range(labels.ndim):
-        lo = [slice(None)] * labels.ndim
-        hi = [slice(None)] * labels.ndim
-        lo[axis] = slice(None, -1)
-        hi[axis] = slice(1, None)
-        same = (labels[tuple(lo)] == labels[tuple(hi)]) & (labels[tuple(lo)] != 0)
-        us.append(flat_index[tuple(lo)][same])
-        vs.append(flat_index[tuple(hi)][same])
+        lo, hi = neighbour_slices(labels.ndim, axis)
+        same = (labels[lo] == labels[hi]) & (labels[lo] != 0)
+        us.append(flat_index[lo][same])
+        vs.append(flat_index[hi][same])
     return xp.concatenate(us), xp.concatenate(vs)
 
 
@@ -105,12 +110,9 @@ def enforce_one_piece(labels, max_rounds=10):
         stray_voxel = stray[pieces]
         a_list, b_list = [], []
         for axis in range(labels.ndim):
-            lo = [slice(None)] * labels.ndim
-            hi = [slice(None)] * labels.ndim
-            lo[axis] = slice(None, -1)
-            hi[axis] = slice(1, None)
-            near = stray_voxel[tuple(lo)] | stray_voxel[tuple(hi)]
-            pa, pb = pieces[tuple(lo)][near], pieces[tuple(hi)][near]
+            lo, hi = neighbour_slices(labels.ndim, axis)
+            near = stray_voxel[lo] | stray_voxel[hi]
+            pa, pb = pieces[lo][near], pieces[hi][near]
             touch = (pa != 0) & (pb != 0) & (piece_label[pa] != piece_label[pb])
             pa, pb = pa[touch], pb[touch]
             a_list += [pa, pb]
