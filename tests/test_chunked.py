@@ -11,7 +11,7 @@ from gpu_pipeline.synthetic import make_touching_particles  # noqa: E402
 
 CHUNKINGS = {
     2: [(64, 64), (37, 50), (9, 13)],            # divides; does not divide; smaller than a particle
-    3: [(32, 32, 32), (17, 40, 23), (6, 7, 9)],
+    3: [(32, 32, 32), (17, 40, 23), (8, 9, 10)],  # the last: smaller than the smallest particle (10 voxels)
 }
 
 
@@ -27,7 +27,7 @@ def cluster_client():
 
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_labels_do_not_depend_on_chunking(cluster_client, rng, ndim):
-    shape = (150, 170) if ndim == 2 else (48, 70, 61)
+    shape = (150, 170) if ndim == 2 else (40, 56, 50)
     _, truth = make_touching_particles(shape, 60 if ndim == 2 else 40, seed=int(rng.integers(1e6)))
     mask = (truth > 0) & (rng.random(shape) > 0.05)  # holes and ragged edges
     reference, n_ref = ndi.label(mask, ndi.generate_binary_structure(ndim, 1))
@@ -88,3 +88,36 @@ def test_corrupt_chunk_is_named(tmp_path, rng):
     volume, _ = open_volume(tmp_path / "img.zarr")
     with pytest.raises(DeclumpError, match=r"chunk \(0, 0, 1, 0, 1\) of .* could not be read"):
         volume.compute(scheduler="threads")
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_regions_do_not_depend_on_chunking(cluster_client, rng, ndim, tmp_path):
+    from cpu_fallback import ops
+    from gpu_pipeline.chunked.foreground import regions_chunked
+    from gpu_pipeline.stages.cleanup import clean_mask
+    from gpu_pipeline.stages.threshold import choose_polarity, foreground
+
+    shape, spacing = ((160, 150), (1.0, 1.0)) if ndim == 2 else ((24, 56, 50), (2.0, 1.0, 1.0))
+    image, _ = make_touching_particles(shape, 50 if ndim == 2 else 40, spacing=spacing, polarity="dark",
+                                       seed=int(rng.integers(1e6)))
+    smoothed = ops.gaussian(image, tuple(1.0 / s for s in spacing))
+    t = otsu_threshold(smoothed)
+    side = choose_polarity(smoothed, t, "auto")
+    fg = clean_mask(foreground(smoothed, t, side), spacing=spacing, min_size=30, max_hole_size=0)
+    expected, n_expected = ops.label(fg)
+    for chunks in CHUNKINGS[ndim]:
+        regions, n, threshold, polarity = regions_chunked(da.from_array(image, chunks=chunks), spacing=spacing,
+                                                          sigma=1.0, min_size=30, scratch=tmp_path / str(chunks))
+        assert (threshold, polarity, n) == (t, side, n_expected) == (t, "dark", n_expected)
+        assert regions.compute().tobytes() == expected.tobytes(), chunks
+
+
+def test_chunks_smaller_than_the_halo_are_refused():
+    from gpu_pipeline._backend import DeclumpError
+    from gpu_pipeline.chunked.foreground import smooth_chunked
+
+    with pytest.raises(DeclumpError, match="smaller than the smoothing halo"):
+        smooth_chunked(da.zeros((40, 40), dtype=np.float32, chunks=(5, 5)), (2.0, 2.0))
+    # A short remainder chunk is merged into its neighbour, not refused.
+    smoothed = smooth_chunked(da.ones((40, 40), dtype=np.float32, chunks=(13, 13)), (2.0, 2.0))
+    assert smoothed.chunks == ((13, 13, 14), (13, 13, 14))

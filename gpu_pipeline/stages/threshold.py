@@ -117,9 +117,9 @@ def border_fraction_above(image, threshold) -> float:
     for axis in range(image.ndim):
         for index in (0, -1):
             face = xp.take(image, index, axis=axis)
-            above += int((face > threshold).sum())
+            above = above + (face > threshold).sum()  # stays lazy for Dask: one computation at the end
             total += face.size
-    return above / total
+    return int(above) / total
 
 
 def choose_polarity(image, threshold, polarity="auto") -> str:
