@@ -23,8 +23,7 @@ def otsu_threshold_chunked(image):
     import dask.array as da
 
     low, high = dask.compute(image.min(), image.max())
-    bins = histogram_bins(to_host(np.asarray(low)) if not np.isscalar(low) else low,
-                          to_host(np.asarray(high)) if not np.isscalar(high) else high, image.dtype)
+    bins = histogram_bins(float(low), float(high), image.dtype)
     flat = image.reshape(-1) if image.ndim > 1 else image
     per_chunk = flat.map_blocks(_block_histogram, bins, dtype=np.int64, chunks=((1,) * flat.numblocks[0], (bins.nbins,)),
                                 new_axis=1)
