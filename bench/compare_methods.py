@@ -95,7 +95,7 @@ def run_isolated(name, image_path, p, repeats):
     return result, np.load(out)
 
 
-def scores_row(pairs):
+def pooled_scores(pairs):
     """Scores pooled over images: TP summed per IoU threshold, then F1 and AP."""
     per = [evaluate(pred, gt) for pred, gt in pairs]
     tp = sum(np.asarray(s["f1"]) * (s["n_pred"] + s["n_gt"]) / 2 for s in per)
@@ -107,8 +107,6 @@ def scores_row(pairs):
             "n_pred": n_pred, "n_gt": n_gt, "splits": sum(s["splits"] for s in per),
             "merges": sum(s["merges"] for s in per), "images": len(per)}
 
-
-pooled_scores = scores_row  # name used by the tests
 
 
 def suite_synthetic(size, n, repeats, methods):
@@ -124,7 +122,7 @@ def suite_synthetic(size, n, repeats, methods):
                 rows[name] = info
                 print(f"synthetic {name}: {info['error']}", flush=True)
                 continue
-            row = {**scores_row([(labels, truth)]), "seconds": spread(info["times"]),
+            row = {**pooled_scores([(labels, truth)]), "seconds": spread(info["times"]),
                    "peak_rss_gib": info["peak_rss_gib"], "rss_after_loading_input_gib": info["rss_after_loading_input_gib"]}
             row["voxels_per_second"] = image.size / row["seconds"]["median"]
             rows[name] = row
@@ -206,7 +204,7 @@ def suite_real(methods, emps_limit):
                 rows[name] = {"error": f"{type(exc).__name__}: {exc}"}
                 print(f"{dataset} {name}: {rows[name]['error']}", flush=True)
                 continue
-            rows[name] = {**scores_row(pairs), "seconds_total": seconds}
+            rows[name] = {**pooled_scores(pairs), "seconds_total": seconds}
             r = rows[name]
             print(f"{dataset:18s} {name:40s} F1@0.5 {r['f1_50']:.3f} meanF1 {r['mean_f1']:.3f} "
                   f"splits {r['splits']} merges {r['merges']} time {seconds:.1f}s", flush=True)

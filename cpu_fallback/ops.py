@@ -10,6 +10,8 @@ import os
 import numpy as np
 from scipy import ndimage as ndi
 
+from gpu_pipeline._backend import GAUSSIAN_TRUNCATE
+
 xp = np
 
 
@@ -19,7 +21,8 @@ def _threads() -> int:
 
 def gaussian(image, sigma_voxels):
     """Gaussian smoothing, float32, reflecting borders (sigma per axis, voxels)."""
-    return ndi.gaussian_filter(np.asarray(image, dtype=np.float32), sigma=sigma_voxels, mode="nearest", truncate=4.0)
+    return ndi.gaussian_filter(np.asarray(image, dtype=np.float32), sigma=sigma_voxels, mode="nearest",
+                             truncate=GAUSSIAN_TRUNCATE)
 
 
 def distance_transform(mask, spacing):

@@ -12,6 +12,10 @@ import numpy as np
 GPU_EXTRA_HINT = "install the GPU extra: pip install 'declump[gpu-cu12]' (CUDA 12) or 'declump[gpu-cu13]' (CUDA 13)"
 
 
+#: Gaussians are cut at this many sigmas on both backends; the chunked halo depends on it.
+GAUSSIAN_TRUNCATE = 4.0
+
+
 class DeclumpError(ValueError):
     """Bad input or an impossible request; its message is one line for the user."""
 

@@ -9,7 +9,7 @@ import sys
 
 from scipy import ndimage as ndi
 
-from gpu_pipeline._backend import require_gpu
+from gpu_pipeline._backend import GAUSSIAN_TRUNCATE, require_gpu
 from gpu_pipeline.stages.components import label_by_value_propagation
 
 cp = require_gpu()
@@ -26,7 +26,8 @@ except ImportError:  # pragma: no cover - depends on the installed cuCIM
 
 def gaussian(image, sigma_voxels):
     """Gaussian smoothing, float32, reflecting borders (sigma per axis, voxels)."""
-    return cndi.gaussian_filter(cp.asarray(image, dtype=cp.float32), sigma=sigma_voxels, mode="nearest", truncate=4.0)
+    return cndi.gaussian_filter(cp.asarray(image, dtype=cp.float32), sigma=sigma_voxels, mode="nearest",
+                                truncate=GAUSSIAN_TRUNCATE)
 
 
 def distance_transform(mask, spacing):

@@ -88,7 +88,7 @@ def label_chunked(mask, *, compute_kwargs=None):
     (threads by default, or a distributed client).
     """
     import dask
-    import dask.array as da
+    from dask import delayed
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -98,10 +98,10 @@ def label_chunked(mask, *, compute_kwargs=None):
     offsets = (np.cumsum(counts.ravel()) - counts.ravel()).reshape(counts.shape)
     total = int(counts.sum())
     labels = mask.map_blocks(_label_block, offsets, dtype=np.int64)
+    if total == 0:
+        return labels.map_blocks(lambda b: b.astype(np.int32), dtype=np.int32), 0
 
     # Pairs across every internal chunk face, merged on a small sparse graph.
-    from dask import delayed
-
     starts = _chunk_starts(mask.chunks)
     blocks = labels.to_delayed()
     first_tasks = [delayed(_first_voxels)(blocks[idx], [starts[a][i] for a, i in enumerate(idx)], mask.shape)
@@ -120,9 +120,7 @@ def label_chunked(mask, *, compute_kwargs=None):
         np.minimum.at(smallest, component, nodes)
         root[nodes] = smallest[component]
     # First voxel per merged component, then ids 1..n in that order.
-    firsts = np.concatenate([f for f in first_lists if f.size] or [np.zeros((2, 0), np.int64)], axis=1)
-    if total == 0:
-        return labels.map_blocks(lambda b: b.astype(np.int32), dtype=np.int32), 0
+    firsts = np.concatenate([f for f in first_lists if f.size], axis=1)
     first_flat = np.full(total + 1, np.iinfo(np.int64).max)
     np.minimum.at(first_flat, root[firsts[0]], firsts[1])
     present = np.flatnonzero(first_flat < np.iinfo(np.int64).max)

@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_host
+from gpu_pipeline._backend import GAUSSIAN_TRUNCATE, DeclumpError, get_array_module, ops_for, to_host
 from gpu_pipeline.chunked.components import label_chunked
 from gpu_pipeline.chunked.histogram import otsu_threshold_chunked
 from gpu_pipeline.stages.cleanup import voxels_for
 from gpu_pipeline.stages.threshold import choose_polarity, foreground
 
-#: scipy.ndimage and cupyx truncate Gaussians at this many sigmas.
-TRUNCATE = 4.0
-
-
 def gaussian_radius(sigma_voxels):
     """Filter radius per axis in voxels, as scipy.ndimage computes it."""
-    return tuple(int(TRUNCATE * float(s) + 0.5) for s in sigma_voxels)
+    return tuple(int(GAUSSIAN_TRUNCATE * float(s) + 0.5) for s in sigma_voxels)
 
 
 def fit_halo(volume, halo, what):

@@ -5,8 +5,6 @@ nothing is read until a computation asks for it.
 """
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError
@@ -68,7 +66,3 @@ def open_volume(path, *, channel=None, timepoint=None, chunks=None):
                            meta=np.empty((0,) * len(shape), dtype=array.dtype))
     return volume, spacing
 
-
-def chunk_grid(volume):
-    """All chunk indices of a Dask array, in C order."""
-    return list(itertools.product(*[range(n) for n in volume.numblocks]))

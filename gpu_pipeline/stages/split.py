@@ -23,9 +23,9 @@ def local_candidates(coords, voxel_region, centres, centre_region, *, spacing, m
     """Group voxels by (region, block of a fixed grid) and list each group's candidate centroids.
 
     A centroid is a candidate for a block when it belongs to the same region
-    and lies within ``margin`` (physical) of the block. Blocks are ``margin``
-    wide per axis (a third of ``margin``) on a grid anchored at the origin, so the lists depend only
-    on coordinates, never on how a volume is cut into chunks. Voxels whose
+    and lies within ``margin`` (physical) of the block. Blocks are a third
+    of ``margin`` wide per axis on a grid anchored at the origin, so the lists
+    depend only on coordinates, never on how a volume is cut into chunks. Voxels whose
     block has no candidate of their region fall back to all of the region's
     centroids.
 
