@@ -94,6 +94,7 @@ def test_corrupt_chunk_is_named(tmp_path, rng):
 def test_regions_do_not_depend_on_chunking(cluster_client, rng, ndim, tmp_path):
     from cpu_fallback import ops
     from gpu_pipeline.chunked.foreground import regions_chunked
+    from gpu_pipeline.chunked.workspace import Workspace
     from gpu_pipeline.stages.cleanup import clean_mask
     from gpu_pipeline.stages.threshold import choose_polarity, foreground
 
@@ -107,7 +108,8 @@ def test_regions_do_not_depend_on_chunking(cluster_client, rng, ndim, tmp_path):
     expected, n_expected = ops.label(fg)
     for chunks in CHUNKINGS[ndim]:
         regions, n, threshold, polarity = regions_chunked(da.from_array(image, chunks=chunks), spacing=spacing,
-                                                          sigma=1.0, min_size=30, scratch=tmp_path / str(chunks))
+                                                          sigma=1.0, min_size=30,
+                                                          workspace=Workspace(tmp_path / str(chunks)))
         assert (threshold, polarity, n) == (t, side, n_expected) == (t, "dark", n_expected)
         assert regions.compute().tobytes() == expected.tobytes(), chunks
 

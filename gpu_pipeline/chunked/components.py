@@ -24,15 +24,24 @@ def _chunk_starts(chunks):
     return [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64) for c in chunks]
 
 
-def _count_block(block):
-    _, count = ops_for(block).label(block)
+def _label_local(block, by_value):
+    """Components of one block: (labels, count); equal-value components when ``by_value``."""
+    ops = ops_for(block)
+    if by_value:
+        labels = ops.label_by_value(block)
+        return labels, int(labels.max()) if labels.size else 0
+    return ops.label(block)
+
+
+def _count_block(block, by_value):
+    _, count = _label_local(block, by_value)
     return np.array([count], dtype=np.int64).reshape((1,) * block.ndim)
 
 
-def _label_block(block, offsets, block_info=None):
+def _label_block(block, offsets, by_value, block_info=None):
     index = tuple(block_info[0]["chunk-location"])
     xp = get_array_module(block)
-    labels, _ = ops_for(block).label(block)
+    labels, _ = _label_local(block, by_value)
     labels = labels.astype(xp.int64)
     offset = int(offsets[index])
     return xp.where(labels > 0, labels + offset, 0)
@@ -54,36 +63,50 @@ def _first_voxels(block, start, shape):
     return to_host(xp.stack([values[first], global_flat[first]]))
 
 
-def _touching_pairs(low, high):
-    """Unique (a, b) id pairs facing each other across one chunk face (NumPy)."""
+def _touching_pairs(low, high, low_values, high_values):
+    """Unique (a, b) id pairs facing each other across one chunk face, with equal values (NumPy)."""
     xp = get_array_module(low)
     a, b = low.ravel(), high.ravel()
-    keep = (a > 0) & (b > 0)
+    keep = (a > 0) & (b > 0) & (low_values.ravel() == high_values.ravel())
     if not bool(keep.any()):
         return np.zeros((0, 2), dtype=np.int64)
     return to_host(xp.unique(xp.stack([a[keep], b[keep]], axis=1), axis=0))
 
 
-def _face_tasks(labels):
-    """Delayed pair lists for every internal chunk face, from 2-voxel slabs only."""
+def face_slabs(arrays):
+    """For every internal chunk face: the delayed 1-voxel slabs of each array on both sides.
+
+    Yields ``(low_blocks, high_blocks)``, lists holding one delayed block per
+    array; only 2-voxel-thick slabs are ever read.
+    """
+    first = arrays[0]
+    for axis in range(first.ndim):
+        for position in _chunk_starts(first.chunks)[axis][1:]:
+            index = [slice(None)] * first.ndim
+            index[axis] = slice(int(position) - 1, int(position) + 1)
+            per_array = [a[tuple(index)].to_delayed() for a in arrays]
+            lows = [np.take(b, 0, axis=axis).ravel() for b in per_array]
+            highs = [np.take(b, 1, axis=axis).ravel() for b in per_array]
+            for i in range(lows[0].size):
+                yield [lo[i] for lo in lows], [hi[i] for hi in highs]
+
+
+def _face_tasks(labels, values):
+    """Delayed pair lists for every internal chunk face."""
     from dask import delayed
 
-    tasks = []
-    for axis in range(labels.ndim):
-        for position in _chunk_starts(labels.chunks)[axis][1:]:
-            index = [slice(None)] * labels.ndim
-            index[axis] = slice(int(position) - 1, int(position) + 1)
-            blocks = labels[tuple(index)].to_delayed()
-            low, high = np.take(blocks, 0, axis=axis), np.take(blocks, 1, axis=axis)
-            tasks += [delayed(_touching_pairs)(lo, hi) for lo, hi in zip(low.ravel(), high.ravel())]
-    return tasks
+    return [delayed(_touching_pairs)(low[0], high[0], low[1], high[1])
+            for low, high in face_slabs([labels, values])]
 
 
-def label_chunked(mask, *, compute_kwargs=None):
+def label_chunked(mask, *, by_value=False, compute_kwargs=None):
     """Face-connected components of a chunked boolean Dask array.
 
     Returns a lazy Dask array of int32 (int64 past 2^31 - 1 labels) equal to
     ``scipy.ndimage.label(mask.compute())[0]`` byte for byte, and the count.
+    With ``by_value``, ``mask`` is a label image and the components are the
+    face-connected pieces of equal non-zero value, numbered the same way
+    (``skimage.measure.label(labels, connectivity=1)``).
     The computation of the merge graph runs on the active Dask scheduler
     (threads by default, or a distributed client).
     """
@@ -93,11 +116,11 @@ def label_chunked(mask, *, compute_kwargs=None):
     from scipy.sparse.csgraph import connected_components
 
     compute_kwargs = compute_kwargs or {}
-    counts = mask.map_blocks(_count_block, dtype=np.int64, chunks=tuple((1,) * n for n in mask.numblocks))
+    counts = mask.map_blocks(_count_block, by_value, dtype=np.int64, chunks=tuple((1,) * n for n in mask.numblocks))
     counts = to_host(np.asarray(counts.compute(**compute_kwargs)))
     offsets = (np.cumsum(counts.ravel()) - counts.ravel()).reshape(counts.shape)
     total = int(counts.sum())
-    labels = mask.map_blocks(_label_block, offsets, dtype=np.int64)
+    labels = mask.map_blocks(_label_block, offsets, by_value, dtype=np.int64)
     if total == 0:
         return labels.map_blocks(lambda b: b.astype(np.int32), dtype=np.int32), 0
 
@@ -106,7 +129,7 @@ def label_chunked(mask, *, compute_kwargs=None):
     blocks = labels.to_delayed()
     first_tasks = [delayed(_first_voxels)(blocks[idx], [starts[a][i] for a, i in enumerate(idx)], mask.shape)
                    for idx in itertools.product(*[range(n) for n in mask.numblocks])]
-    pair_lists, first_lists = dask.compute(_face_tasks(labels), first_tasks, **compute_kwargs)
+    pair_lists, first_lists = dask.compute(_face_tasks(labels, mask), first_tasks, **compute_kwargs)
     pair_lists = [p for p in pair_lists if len(p)]
     pairs = np.concatenate(pair_lists, axis=0) if pair_lists else np.zeros((0, 2), np.int64)
     root = np.arange(total + 1, dtype=np.int64)

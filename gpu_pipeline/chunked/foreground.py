@@ -59,53 +59,72 @@ def _label_sizes(block):
     return to_host(xp.stack([values.astype(xp.int64), counts.astype(xp.int64)]))
 
 
-def stage(array, scratch, name):
-    """Write ``array`` to a Zarr store under ``scratch`` once and read it back lazily.
-
-    Later passes then read the stored chunks instead of recomputing them;
-    memory stays bounded by chunks in flight. Without ``scratch`` the array
-    is returned as it is (recomputed by each pass).
-    """
-    if scratch is None:
-        return array
-    import dask.array as da
-
-    path = f"{scratch}/{name}.zarr"
-    array.to_zarr(path, overwrite=True)
-    return da.from_zarr(path)
-
-
-def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="auto", min_size=0.0, scratch=None):
+def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="auto", min_size=0.0, mask=None,
+                    workspace=None, device=None):
     """Connected regions of the cleaned foreground of a chunked volume.
 
     Returns ``(regions, n_regions, threshold, polarity)``: ``regions`` is a lazy
     Dask array equal to ``ops.label(clean_mask(...))`` of the in-memory
-    pipeline (hole filling is not available in chunked runs). ``scratch``: a
-    folder for intermediate Zarr stores (the foreground mask), so that the
-    smoothing runs once per chunk.
+    pipeline (hole filling is not available in chunked runs). ``mask``: a
+    chunked foreground mask or probability map used instead of the
+    threshold (``volume`` may then be None). ``workspace``: a
+    :class:`~gpu_pipeline.chunked.workspace.Workspace` where the foreground
+    and the regions are staged (smoothing then runs once per chunk) and the
+    global results saved.
     """
     import dask
 
-    smoothed = smooth_chunked(volume.astype(np.float32), tuple(float(sigma) / s for s in spacing)) \
-        if sigma and sigma > 0 else volume
-    value = otsu_threshold_chunked(smoothed) if threshold == "otsu" else float(threshold)
-    side = choose_polarity(smoothed, value, polarity)
-    fg = stage(foreground(smoothed, value, side), scratch, "foreground")
-    components, n = label_chunked(fg)
+    from gpu_pipeline.chunked.workspace import Workspace
+
+    workspace = workspace or Workspace(None)
+    source = volume if mask is None else mask
+    if mask is not None:
+        fg = mask > 0.5 if np.dtype(mask.dtype).kind != "b" else mask
+        value, side = None, None
+    else:
+        smoothed = smooth_chunked(volume.astype(np.float32), tuple(float(sigma) / s for s in spacing)) \
+            if sigma and sigma > 0 else volume
+
+        def decide():
+            value = otsu_threshold_chunked(smoothed) if threshold == "otsu" else float(threshold)
+            return {"threshold": value, "polarity": choose_polarity(smoothed, value, polarity)}
+
+        decided = workspace.remember("threshold", decide)
+        value, side = float(decided["threshold"]), str(decided["polarity"])
+        fg = foreground(smoothed, value, side)
+    fg = workspace.stage("foreground", lambda: fg, chunks=fg.chunks, shape=source.shape, dtype=bool, device=device)
     min_voxels = voxels_for(min_size, spacing)
-    if n == 0:
-        return components, 0, value, side
-    keep = np.ones(n + 1, dtype=bool)
-    if min_voxels > 1:
-        sizes = np.zeros(n + 1, dtype=np.int64)
-        parts = dask.compute(*[dask.delayed(_label_sizes)(b) for b in components.to_delayed().ravel()])
-        for part in parts:
-            np.add.at(sizes, part[0], part[1])
-        keep = sizes >= min_voxels
-    keep[0] = False
-    rank = np.where(keep, np.cumsum(keep), 0).astype(np.int32)
+    cache = {}
 
-    def renumber(block):
-        return get_array_module(block).asarray(rank)[block]
+    def labelled():  # computed at most once, and only when something below needs it
+        if not cache:
+            cache["value"] = label_chunked(fg)
+        return cache["value"]
 
-    return components.map_blocks(renumber, dtype=np.int32), int(keep.sum()), value, side
+    def renumbering():
+        components, n = labelled()
+        keep = np.ones(n + 1, dtype=bool)
+        if n and min_voxels > 1:
+            sizes = np.zeros(n + 1, dtype=np.int64)
+            parts = dask.compute(*[dask.delayed(_label_sizes)(b) for b in components.to_delayed().ravel()])
+            for part in parts:
+                np.add.at(sizes, part[0], part[1])
+            keep = sizes >= min_voxels
+        keep[0] = False
+        return {"rank": np.where(keep, np.cumsum(keep), 0).astype(np.int32), "n_components": n}
+
+    saved = workspace.remember("regions", renumbering)
+    rank = saved["rank"]
+
+    def build():
+        components, n = labelled()
+        if n != int(saved["n_components"]):
+            raise DeclumpError("internal: the foreground changed between passes")
+
+        def renumber(block):
+            return get_array_module(block).asarray(rank)[block]
+
+        return components.map_blocks(renumber, dtype=np.int32)
+
+    regions = workspace.stage("regions", build, chunks=fg.chunks, shape=source.shape, dtype=np.int32, device=device)
+    return regions, int(rank.max()) if rank.size else 0, value, side

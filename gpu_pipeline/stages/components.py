@@ -79,6 +79,94 @@ def relabel_by_first_voxel(labels):
     return mapping[labels]
 
 
+def piece_stats(pieces, labels):
+    """Label and size of every piece (index = piece id; 0 = background)."""
+    xp = get_array_module(pieces)
+    n_pieces = int(pieces.max())
+    piece_label = xp.zeros(n_pieces + 1, dtype=xp.int64)
+    piece_label[pieces.ravel()] = labels.ravel()
+    return piece_label, xp.bincount(pieces.ravel(), minlength=n_pieces + 1).astype(xp.int64)
+
+
+def stray_pieces(piece_label, piece_size):
+    """Pieces that are not their label's main piece (largest, ties to the smaller piece id); None if none."""
+    xp = get_array_module(piece_label)
+    ops = ops_for(piece_label)
+    n_pieces = piece_label.size - 1
+    if n_pieces == int(xp.unique(piece_label[1:]).size):
+        return None
+    key = piece_size * (n_pieces + 1) + (n_pieces - xp.arange(n_pieces + 1))
+    best = xp.full(int(piece_label.max()) + 1, -1, dtype=xp.int64)
+    ops.scatter_max(best, piece_label[1:], key[1:])
+    stray = key != best[piece_label]
+    stray[0] = False
+    return stray
+
+
+def face_pairs_between_labels(pieces, labels, near=None, axes=None):
+    """(piece, neighbouring label, number of shared faces) for faces between voxels of different labels.
+
+    ``pieces`` and ``labels`` are voxel arrays of the same shape; ``near``
+    (bool per voxel) restricts the count to faces with a voxel in it;
+    ``axes`` to faces along those axes (default all). Returned as unique
+    (piece, label) pairs with counts, ready to be summed with other blocks'.
+    """
+    xp = get_array_module(pieces)
+    a_list, b_list = [], []
+    for axis in range(pieces.ndim) if axes is None else axes:
+        lo, hi = neighbour_slices(pieces.ndim, axis)
+        pa, pb, la, lb = pieces[lo], pieces[hi], labels[lo], labels[hi]
+        if near is not None:
+            keep = near[lo] | near[hi]
+            pa, pb, la, lb = pa[keep], pb[keep], la[keep], lb[keep]
+        touch = (pa != 0) & (pb != 0) & (la != lb)
+        a_list += [pa[touch], pb[touch]]
+        b_list += [lb[touch], la[touch]]
+    return count_pairs(xp.concatenate([a.ravel() for a in a_list]).astype(xp.int64),
+                       xp.concatenate([b.ravel() for b in b_list]).astype(xp.int64))
+
+
+def count_pairs(a, b, counts=None):
+    """Unique (a, b) pairs and their summed counts (default 1 per occurrence), sorted by (a, b)."""
+    xp = get_array_module(a)
+    if a.size == 0:
+        return a.astype(xp.int64), b.astype(xp.int64), xp.zeros(0, dtype=xp.int64)
+    counts = xp.ones(a.size, dtype=xp.int64) if counts is None else counts.astype(xp.int64)
+    order = xp.lexsort(xp.stack([b, a]))
+    a, b, counts = a[order], b[order], counts[order]
+    start = xp.concatenate([xp.ones(1, dtype=bool), (a[1:] != a[:-1]) | (b[1:] != b[:-1])])
+    index = xp.cumsum(start) - 1
+    # Face counts stay far below 2**53, so float64 weights add them exactly.
+    summed = xp.rint(xp.bincount(index, weights=counts.astype(xp.float64))).astype(xp.int64)
+    return a[start], b[start], summed
+
+
+def reassign_strays(piece_label, stray, pair_piece, pair_label, pair_count):
+    """New label per piece: each stray piece joins the label it shares most faces with (ties: smaller label).
+
+    Stray pieces touching no other label get new ids of their own (after the
+    current largest label, in piece order).
+    """
+    xp = get_array_module(piece_label)
+    ops = ops_for(piece_label)
+    n_pieces = piece_label.size - 1
+    keep = stray[pair_piece]
+    pa, pl, counts = pair_piece[keep], pair_label[keep], pair_count[keep]
+    new_label = piece_label.copy()
+    if pa.size:
+        n_labels = int(piece_label.max()) + 1
+        score = counts * n_labels + (n_labels - 1 - pl)
+        top = xp.full(n_pieces + 1, -1, dtype=xp.int64)
+        ops.scatter_max(top, pa, score)
+        chosen = score == top[pa]
+        new_label[pa[chosen]] = pl[chosen]
+    isolated = stray & (new_label == piece_label)
+    if bool(isolated.any()):
+        ids = xp.flatnonzero(isolated)
+        new_label[ids] = int(piece_label.max()) + 1 + xp.arange(ids.size)
+    return new_label
+
+
 def enforce_one_piece(labels, max_rounds=10):
     """Make every label one face-connected piece.
 
@@ -87,53 +175,18 @@ def enforce_one_piece(labels, max_rounds=10):
     Pieces that touch nothing else keep a new id of their own. Repeats until
     no label has two pieces (a piece may border only other stray pieces);
     after ``max_rounds`` any piece still stray gets an id of its own, so the
-    result always has one piece per label.
+    result always has one piece per label. The chunked pipeline runs the
+    same rounds with these functions on per-chunk partial counts.
     """
-    xp = get_array_module(labels)
     ops = ops_for(labels)
     for _ in range(max_rounds):
         pieces = ops.label_by_value(labels)
-        n_pieces = int(pieces.max())
-        piece_label = xp.zeros(n_pieces + 1, dtype=xp.int64)
-        piece_label[pieces.ravel()] = labels.ravel()
-        piece_size = xp.bincount(pieces.ravel(), minlength=n_pieces + 1).astype(xp.int64)
-        if n_pieces == int(xp.unique(piece_label[1:]).size):
+        piece_label, piece_size = piece_stats(pieces, labels)
+        stray = stray_pieces(piece_label, piece_size)
+        if stray is None:
             return labels
-        # The main piece of a label: largest, ties to the smaller piece id.
-        key = piece_size * (n_pieces + 1) + (n_pieces - xp.arange(n_pieces + 1))
-        best = xp.full(int(piece_label.max()) + 1, -1, dtype=xp.int64)
-        ops.scatter_max(best, piece_label[1:], key[1:])
-        stray = key != best[piece_label]
-        stray[0] = False
-        # Faces between a stray piece and any other label, counted per (piece, neighbour label);
-        # only faces next to a stray voxel are looked at.
-        stray_voxel = stray[pieces]
-        a_list, b_list = [], []
-        for axis in range(labels.ndim):
-            lo, hi = neighbour_slices(labels.ndim, axis)
-            near = stray_voxel[lo] | stray_voxel[hi]
-            pa, pb = pieces[lo][near], pieces[hi][near]
-            touch = (pa != 0) & (pb != 0) & (piece_label[pa] != piece_label[pb])
-            pa, pb = pa[touch], pb[touch]
-            a_list += [pa, pb]
-            b_list += [pb, pa]
-        a, b = xp.concatenate(a_list), xp.concatenate(b_list)
-        keep = stray[a]
-        a, b = a[keep], piece_label[b[keep]]
-        new_label = piece_label.copy()
-        if a.size:
-            n_labels = int(piece_label.max()) + 1
-            pair, counts = xp.unique(a * n_labels + b, return_counts=True)
-            pa, pl = pair // n_labels, pair % n_labels
-            # Per stray piece: most shared faces, ties to the smaller label.
-            score = counts.astype(xp.int64) * n_labels + (n_labels - 1 - pl)
-            top = xp.full(n_pieces + 1, -1, dtype=xp.int64)
-            ops.scatter_max(top, pa, score)
-            chosen = score == top[pa]
-            new_label[pa[chosen]] = pl[chosen]
-        isolated = stray & (new_label == piece_label)
-        if bool(isolated.any()):
-            ids = xp.flatnonzero(isolated)
-            new_label[ids] = int(piece_label.max()) + 1 + xp.arange(ids.size)
+        # Only faces next to a stray voxel can count.
+        pairs = face_pairs_between_labels(pieces, labels, near=stray[pieces])
+        new_label = reassign_strays(piece_label, stray, *pairs)
         labels = new_label[pieces].astype(labels.dtype, copy=False)
     return ops.label_by_value(labels).astype(labels.dtype, copy=False)

@@ -1,10 +1,12 @@
 """Peaks of the distance map: the particle centres.
 
-Found entirely with array operations on the device (two maximum filters, a
-compare, a nonzero), never with a host KD-tree.
+Found entirely with array operations on the device (a maximum filter, a
+compare, a nonzero, then sorting and searching among the candidates), never
+with a host KD-tree.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 from gpu_pipeline._backend import get_array_module, ops_for
@@ -35,10 +37,9 @@ def find_peaks(values, *, half_widths, min_value=0):
     are dropped; a dropped one suppresses nothing, so along a ridge of equal
     values peaks are kept every ``h`` voxels. This is the greedy spacing of
     ``skimage.feature.peak_local_max(values, min_distance=h,
-    exclude_border=False)`` (Chebyshev distance), ties included, computed in
-    parallel rounds instead of a host KD-tree: each round keeps the live
-    candidates that come first in their box and removes the candidates in the
-    boxes of those kept.
+    exclude_border=False)`` (Chebyshev distance), ties included, computed on
+    the device: one maximum filter, then :func:`space_candidates` on the
+    (few) candidates, never a host KD-tree.
 
     Parameters
     ----------
@@ -53,29 +54,81 @@ def find_peaks(values, *, half_widths, min_value=0):
     coords : ndarray, shape (n_peaks, ndim), int64
         Peak coordinates sorted in C order, on the input's device.
     """
+    candidates = local_maxima(values, half_widths=half_widths, min_value=min_value)
+    keep = space_candidates(candidates, half_widths)
+    return candidates[keep]
+
+
+def local_maxima(values, *, half_widths, min_value=0, core=None):
+    """Coordinates (C order, int64) of voxels equal to the maximum of their ``2*h+1`` box and above ``min_value``.
+
+    ``core`` (a tuple of slices) restricts the result to that part of
+    ``values`` (the rest is the halo of a chunk); coordinates stay relative
+    to ``values``.
+    """
     xp = get_array_module(values)
-    ops = ops_for(values)
     size = tuple(2 * h + 1 for h in half_widths)
-    is_max = (values == ops.maximum_filter(values, size)) & (values > min_value)
-    flat = xp.flatnonzero(is_max.ravel())
-    if flat.size == 0:
-        return xp.zeros((0, values.ndim), dtype=xp.int64)
-    # Spacing as scikit-image's ensure_spaced: candidates closer than h (Chebyshev) to a
-    # kept one are dropped; those exactly h away stay.
-    spacing_box = tuple(max(1, 2 * h - 1) for h in half_widths)
-    index_dtype = xp.int32 if values.size < 2**31 - 1 else xp.int64
-    key = xp.full(values.shape, -1, dtype=index_dtype)
-    kept_mark = xp.zeros(values.shape, dtype=xp.uint8)
-    alive, kept = flat, []
-    while alive.size:
-        key.fill(-1)
-        key.ravel()[alive] = (values.size - 1 - alive).astype(index_dtype)
-        first = ops.maximum_filter(key, spacing_box).ravel()[alive] == key.ravel()[alive]
-        winners = alive[first]
-        kept.append(winners)
-        kept_mark.fill(0)
-        kept_mark.ravel()[winners] = 1
-        covered = ops.maximum_filter(kept_mark, spacing_box).ravel()[alive] > 0
-        alive = alive[~covered]
-    flat = xp.sort(xp.concatenate(kept))
-    return xp.stack(xp.unravel_index(flat, values.shape), axis=1).astype(xp.int64)
+    is_max = (values == ops_for(values).maximum_filter(values, size)) & (values > min_value)
+    if core is not None:
+        inside = xp.zeros(values.shape, dtype=bool)
+        inside[core] = True
+        is_max &= inside
+    return xp.stack(xp.nonzero(is_max), axis=1).astype(xp.int64)
+
+
+def space_candidates(coords, half_widths):
+    """Which candidates (sorted in C order) survive the greedy spacing of :func:`find_peaks`.
+
+    Two candidates interact when they lie within ``h - 1`` voxels of each
+    other on every axis (scikit-image's ``ensure_spaced``: those exactly ``h``
+    apart both stay). Rounds, all candidates at once: a live candidate with
+    no live neighbour before it in C order is kept; live candidates next to
+    a kept one are dropped. Neighbour pairs come from a grid of cells ``h - 1``
+    wide (sort and search), so the work scales with the candidates, not the
+    volume, and the result depends only on the candidate set (which is what
+    lets a chunked run reproduce it exactly).
+
+    Returns a boolean array over ``coords``.
+    """
+    xp = get_array_module(coords)
+    n, ndim = coords.shape
+    if n == 0:
+        return xp.zeros(0, dtype=bool)
+    reach = [max(0, int(h) - 1) for h in half_widths]
+    cell = xp.asarray([max(1, r) for r in reach], dtype=xp.int64)
+    cells = coords // cell
+    extent = cells.max(axis=0) + 1
+    strides = xp.concatenate([xp.cumprod(extent[::-1])[::-1][1:], xp.ones(1, dtype=xp.int64)])
+    keys = (cells * strides).sum(axis=1)
+    order = xp.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    first_i, first_j = [], []
+    for offset in itertools.product(*[(-1, 0, 1) if r else (0,) for r in reach]):
+        neighbour = cells + xp.asarray(offset, dtype=xp.int64)
+        valid = ((neighbour >= 0) & (neighbour < extent)).all(axis=1)
+        nk = (neighbour * strides).sum(axis=1)
+        low = xp.searchsorted(sorted_keys, nk, side="left")
+        count = xp.where(valid, xp.searchsorted(sorted_keys, nk, side="right") - low, 0)
+        total = int(count.sum())
+        if total == 0:
+            continue
+        ends = xp.cumsum(count)
+        src = xp.searchsorted(ends, xp.arange(total, dtype=xp.int64), side="right")
+        dst = order[low[src] + xp.arange(total, dtype=xp.int64) - (ends - count)[src]]
+        near = (xp.abs(coords[src] - coords[dst]) <= xp.asarray(reach, dtype=xp.int64)).all(axis=1) & (src != dst)
+        first_i.append(src[near])
+        first_j.append(dst[near])
+    i = xp.concatenate(first_i) if first_i else xp.zeros(0, dtype=xp.int64)
+    j = xp.concatenate(first_j) if first_j else xp.zeros(0, dtype=xp.int64)
+    alive = xp.ones(n, dtype=bool)
+    kept = xp.zeros(n, dtype=bool)
+    while bool(alive.any()):
+        live = alive[i] & alive[j]
+        beaten = xp.zeros(n, dtype=bool)
+        beaten[i[live & (j < i)]] = True  # a live neighbour comes first in C order
+        winners = alive & ~beaten
+        kept |= winners
+        covered = winners.copy()
+        covered[i[live & winners[j]]] = True
+        alive &= ~covered
+    return kept

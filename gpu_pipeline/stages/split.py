@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for
 from gpu_pipeline.stages.components import enforce_one_piece, relabel_by_first_voxel
@@ -29,8 +30,9 @@ def local_candidates(coords, voxel_region, centres, centre_region, *, spacing, m
     block has no candidate of their region fall back to all of the region's
     centroids.
 
-    Returns ``(groups, candidate_offsets, candidate_ids)`` for
-    :func:`~gpu_pipeline.stages.kmeans.batched_kmeans`.
+    Returns ``(groups, candidate_offsets, candidate_ids, n_fallback)``: the
+    first three for :func:`~gpu_pipeline.stages.kmeans.batched_kmeans`, and
+    the number of voxels that fell back to their region's full list.
     """
     xp = get_array_module(coords)
     ndim = coords.shape[1]
@@ -68,7 +70,90 @@ def local_candidates(coords, voxel_region, centres, centre_region, *, spacing, m
     groups = xp.searchsorted(unique_keys, voxel_keys)
     found = (groups < unique_keys.size) & (unique_keys[xp.minimum(groups, unique_keys.size - 1)] == voxel_keys)
     fallback = xp.searchsorted(unique_keys, fallback_base + voxel_region)
-    return xp.where(found, groups, fallback), offsets, ids
+    return xp.where(found, groups, fallback), offsets, ids, int(found.size - int(found.sum()))
+
+
+@dataclass
+class KMeansSeeds:
+    """What every block of a volume needs to split its regions: the global peaks of multi-peak regions.
+
+    ``centres`` (K, ndim) float64 index units, grouped by region (C order
+    inside each); ``centre_region`` (K,) int64; ``radii`` (K,) physical
+    radii for the power distance or None (Euclidean); ``multi`` (n_regions
+    + 1,) bool, regions holding two or more peaks; ``margin`` physical.
+    """
+
+    centres: object
+    centre_region: object
+    radii: object
+    multi: object
+    margin: float
+
+
+def kmeans_seeds(peak_region, n_regions, peaks, radii, *, assignment="power", margin=None):
+    """Seeds for :func:`block_candidates` from all peaks, their regions and radii (NumPy or CuPy).
+
+    ``margin`` defaults to 1.5 times the largest radius of a peak in a
+    multi-peak region. Returns None when no region holds two peaks.
+    """
+    xp = get_array_module(peaks)
+    if assignment not in ("power", "euclidean"):
+        raise DeclumpError(f"assignment must be 'power' or 'euclidean', got {assignment!r}")
+    k = xp.bincount(peak_region, minlength=n_regions + 1)
+    multi = k >= 2
+    multi[0] = False
+    if not bool(multi.any()):
+        return None
+    keep = multi[peak_region]
+    order = xp.argsort(peak_region[keep], kind="stable")
+    centre_radii = radii[keep][order].astype(xp.float64)
+    if margin is None:
+        margin = 1.5 * float(centre_radii.max())
+    return KMeansSeeds(centres=peaks[keep][order].astype(xp.float64), centre_region=peak_region[keep][order],
+                       radii=centre_radii if assignment == "power" else None, multi=multi, margin=float(margin))
+
+
+def block_candidates(regions, seeds, *, origin, spacing):
+    """The voxels of multi-peak regions in one block and their candidate centroids.
+
+    ``regions`` is a block of the global region labels whose first voxel sits
+    at ``origin`` (index units) in the volume; the whole array is one block
+    with origin 0. Only centroids of regions present in the block and near it
+    are looked at (all of those regions' centroids when a voxel falls back to
+    its region's full list), so the candidate lists, as sets of global
+    centroid indices, are the ones the whole array would give.
+
+    Returns ``(flat, coords, groups, offsets, ids)``: local flat indices and
+    global coordinates of the voxels, and their candidate lists (ids are
+    global centroid indices).
+    """
+    xp = get_array_module(regions)
+    flat = xp.flatnonzero(seeds.multi[regions].ravel())
+    origin_arr = xp.asarray([int(o) for o in origin], dtype=xp.int64)
+    coords = xp.stack(xp.unravel_index(flat, regions.shape), axis=1).astype(xp.int64) + origin_arr
+    voxel_region = regions.ravel()[flat].astype(xp.int64)
+    if flat.size == 0:
+        empty = xp.zeros(0, dtype=xp.int64)
+        return flat, coords, empty, xp.zeros(1, dtype=xp.int64), empty
+    present = xp.zeros(seeds.multi.size, dtype=bool)
+    present[voxel_region] = True
+    of_present = xp.flatnonzero(present[seeds.centre_region])
+    # Centroids within margin + one block of the block's bounding box can be candidates.
+    scale = xp.asarray([float(s) for s in spacing], dtype=xp.float64)
+    block = xp.asarray([max(1, int(math.ceil(seeds.margin / BLOCK_DIVISOR / float(s)))) for s in spacing],
+                       dtype=xp.float64)
+    low = origin_arr - block
+    high = origin_arr + xp.asarray(regions.shape, dtype=xp.int64) - 1 + block
+    c = seeds.centres[of_present]
+    gap = xp.maximum(xp.maximum(low - c, c - high), 0) * scale
+    near = of_present[(gap * gap).sum(axis=1) <= seeds.margin * seeds.margin]
+    for selection in (near, of_present):
+        groups, offsets, ids, n_fallback = local_candidates(coords, voxel_region, seeds.centres[selection],
+                                                            seeds.centre_region[selection], spacing=spacing,
+                                                            margin=seeds.margin)
+        if n_fallback == 0 or selection.size == of_present.size:
+            break
+    return flat, coords, groups, offsets, selection[ids]
 
 
 def split_regions_kmeans(regions, n_regions, peaks, radii, *, spacing, assignment="power",
@@ -83,39 +168,27 @@ def split_regions_kmeans(regions, n_regions, peaks, radii, *, spacing, assignmen
     renumbered) and the number of Lloyd updates run.
     """
     xp = get_array_module(regions)
-    if assignment not in ("power", "euclidean"):
-        raise DeclumpError(f"assignment must be 'power' or 'euclidean', got {assignment!r}")
-    peak_region, k = peaks_per_region(regions, n_regions, peaks)
-    multi = k >= 2
-    multi[0] = False
+    peak_region, _ = peaks_per_region(regions, n_regions, peaks)
+    seeds = kmeans_seeds(peak_region, n_regions, peaks, radii, assignment=assignment, margin=margin)
     labels = regions.astype(xp.int64)
-    if not bool(multi.any()):
+    if seeds is None:
         return labels, 0
-    # Peaks of the regions to split, grouped by region (C order inside each).
-    keep = multi[peak_region]
-    order = xp.argsort(peak_region[keep], kind="stable")
-    centres = peaks[keep][order].astype(xp.float64)
-    centre_region = peak_region[keep][order]
-    centre_radii = radii[keep][order]
-
-    flat = xp.flatnonzero(multi[regions].ravel())
-    coords = xp.stack(xp.unravel_index(flat, regions.shape), axis=1).astype(xp.int64)
-    voxel_region = regions.ravel()[flat].astype(xp.int64)
     if engine == "batched":
-        if margin is None:
-            margin = 1.5 * float(centre_radii.max())
-        groups, offsets, ids = local_candidates(coords, voxel_region, centres, centre_region,
-                                                spacing=spacing, margin=float(margin))
-        chosen, _, n_iter = batched_kmeans(coords, groups, offsets, ids, centres, spacing=spacing,
-                                           radii=centre_radii if assignment == "power" else None,
-                                           max_iter=max_iter)
+        flat, coords, groups, offsets, ids = block_candidates(regions, seeds, origin=(0,) * regions.ndim,
+                                                              spacing=spacing)
+        chosen, _, n_iter = batched_kmeans(coords, groups, offsets, ids, seeds.centres, spacing=spacing,
+                                           radii=seeds.radii, max_iter=max_iter)
     else:
         if assignment != "euclidean":
             raise DeclumpError(f"kmeans_engine={engine!r} supports assignment='euclidean' only; "
                                "use kmeans_engine='batched' for the size-aware power assignment")
-        group_of_region = xp.cumsum(multi) - 1
-        chosen = per_region_kmeans(coords, group_of_region[voxel_region], centres, group_of_region[centre_region],
-                                   spacing=spacing, max_iter=max(1, max_iter), engine=engine)
+        flat = xp.flatnonzero(seeds.multi[regions].ravel())
+        coords = xp.stack(xp.unravel_index(flat, regions.shape), axis=1).astype(xp.int64)
+        voxel_region = regions.ravel()[flat].astype(xp.int64)
+        group_of_region = xp.cumsum(seeds.multi) - 1
+        chosen = per_region_kmeans(coords, group_of_region[voxel_region], seeds.centres,
+                                   group_of_region[seeds.centre_region], spacing=spacing,
+                                   max_iter=max(1, max_iter), engine=engine)
         n_iter = max_iter
     labels.ravel()[flat] = n_regions + 1 + chosen
     return labels, n_iter

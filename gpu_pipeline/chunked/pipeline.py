@@ -1,0 +1,347 @@
+"""The whole pipeline on a chunked volume: the same labels as the in-memory `separate`, for any chunking.
+
+Passes over the volume (each a Dask graph of one task per chunk, run on the
+active scheduler; nothing holds more than a few chunks):
+
+1. smoothing (halo: the Gaussian's radius), a global Otsu threshold from a
+   histogram reduced over chunks, polarity, foreground; regions (connected
+   components merged across chunk faces) without objects below ``min_size``
+   (:func:`~gpu_pipeline.chunked.foreground.regions_chunked`);
+2. distance transform and peak candidates per chunk with a halo of
+   ``max_radius`` (physical) plus the peak window: the distance of a voxel is
+   exact when its nearest background lies within the halo, and the map is
+   capped at ``max_radius`` (in-memory ``separate(max_radius=...)`` caps the
+   same way), so the capped map, its local maxima and their values are exact.
+   The greedy peak spacing then runs once on all candidates
+   (:func:`~gpu_pipeline.stages.peaks.space_candidates`);
+3. k-means: every chunk assigns its voxels with the global peak list and the
+   candidate lists of :func:`~gpu_pipeline.stages.split.block_candidates`
+   (which depend on coordinates only); Lloyd updates, when asked for, reduce
+   per-chunk integer coordinate sums per centroid;
+4. one piece per particle: equal-value components across chunks, then the
+   in-memory rule for stray pieces on per-chunk face counts, repeated as
+   in-memory;
+5. ids by first voxel in C order, from the merged components of pass 4.
+
+Particles whose inscribed radius exceeds ``max_radius`` see a plateau of
+capped distances and are over-split (as in-memory with the same cap); the
+run counts voxels at the cap and reports them.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_host
+from gpu_pipeline.chunked.components import face_slabs, label_chunked
+from gpu_pipeline.chunked.foreground import fit_halo, regions_chunked
+from gpu_pipeline.chunked.workspace import Workspace, chunk_starts, run_tasks
+from gpu_pipeline.pipeline import NoParticlesError, cap_distance, validate_spacing
+from gpu_pipeline.stages.components import (count_pairs, face_pairs_between_labels, reassign_strays,
+                                            stray_pieces)
+from gpu_pipeline.stages.kmeans import batched_kmeans
+from gpu_pipeline.stages.peaks import local_maxima, quantize_distance, space_candidates, window_half_widths
+from gpu_pipeline.stages.split import KMeansSeeds, block_candidates, kmeans_seeds
+
+#: Default ``max_radius``: this many times ``min_distance``.
+MAX_RADIUS_FACTOR = 4.0
+#: As in-memory ``enforce_one_piece``.
+ONE_PIECE_ROUNDS = 10
+
+
+@dataclass
+class ChunkedDetails:
+    """What a chunked run decided, and how many blocks each stage computed (resumed runs compute fewer)."""
+
+    threshold: float | None = None
+    polarity: str | None = None
+    max_radius: float = 0.0
+    halo: tuple = ()
+    n_regions: int = 0
+    n_peaks: int = 0
+    n_particles: int = 0
+    n_capped_voxels: int = 0
+    one_piece_rounds: int = 0
+    blocks_computed: dict = field(default_factory=dict)
+    blocks_total: dict = field(default_factory=dict)
+
+
+def peak_halo(min_distance, max_radius, spacing):
+    """Halo per axis (voxels) for the distance transform and peaks: peak window + max_radius."""
+    half = window_half_widths(min_distance, spacing)
+    return tuple(h + int(math.ceil(float(max_radius) / s - 1e-9)) for h, s in zip(half, spacing))
+
+
+def _block_peak_candidates(extended, origin, left, core_shape, spacing, half_widths, max_radius):
+    """Peak candidates (global coords, quantised distance, region) in one chunk's core, and capped voxels."""
+    xp = get_array_module(extended)
+    fg = extended > 0
+    distance = cap_distance(ops_for(extended).distance_transform(fg, spacing), max_radius, spacing)
+    distance_q, _ = quantize_distance(distance, spacing)
+    core = tuple(slice(int(lo), int(lo) + int(n)) for lo, n in zip(left, core_shape))
+    coords = local_maxima(distance_q, half_widths=half_widths, core=core)
+    cap_q, _ = quantize_distance(xp.asarray([max_radius], dtype=xp.float32), spacing)
+    capped = int(((distance_q[core] >= cap_q[0]) & fg[core]).sum())
+    values = distance_q[tuple(coords.T)]
+    region = extended[tuple(coords.T)]
+    shift = xp.asarray([int(o) - int(lo) for o, lo in zip(origin, left)], dtype=xp.int64)
+    return to_host(coords + shift), to_host(values), to_host(region), capped
+
+
+def peaks_chunked(regions, *, spacing, min_distance, max_radius, verbose=False):
+    """Peaks of the capped distance map of ``regions > 0``: the in-memory `find_peaks` result, for any chunking.
+
+    Returns a dict: ``peaks`` (n, ndim) int64 in C order, ``values`` (int32
+    quantised distances), ``region`` (int64), ``n_capped`` voxels at the cap.
+    """
+    import dask.array as da
+    from dask import delayed
+
+    half = window_half_widths(min_distance, spacing)
+    depth = peak_halo(min_distance, max_radius, spacing)
+    regions = fit_halo(regions, depth, "distance-transform and peak")
+    extended = da.overlap.overlap(regions, depth=dict(enumerate(depth)), boundary="none")
+    blocks = extended.to_delayed()
+    starts = chunk_starts(regions.chunks)
+    tasks = []
+    for index in itertools.product(*[range(n) for n in regions.numblocks]):
+        origin = [int(starts[a][i]) for a, i in enumerate(index)]
+        left = [depth[a] if i > 0 else 0 for a, i in enumerate(index)]
+        core_shape = [int(regions.chunks[a][i]) for a, i in enumerate(index)]
+        tasks.append(delayed(_block_peak_candidates)(blocks[index], origin, left, core_shape, tuple(spacing),
+                                                     half, float(max_radius)))
+    parts = run_tasks(tasks, "distance transform + peak candidates", voxels=int(np.prod(regions.shape)),
+                      verbose=verbose)
+    ndim = regions.ndim
+    coords = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, ndim), np.int64)
+    values = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32)
+    region = np.concatenate([p[2] for p in parts]).astype(np.int64) if parts else np.zeros(0, np.int64)
+    order = np.argsort(np.ravel_multi_index(tuple(coords.T), regions.shape), kind="stable")
+    coords, values, region = coords[order], values[order], region[order]
+    keep = space_candidates(coords, half)
+    return {"peaks": coords[keep].astype(np.int64), "values": values[keep].astype(np.int32),
+            "region": region[keep], "n_capped": int(sum(p[3] for p in parts))}
+
+
+def _seeds_on(seeds, xp):
+    if xp is np:
+        return seeds
+    return KMeansSeeds(centres=xp.asarray(seeds.centres), centre_region=xp.asarray(seeds.centre_region),
+                       radii=None if seeds.radii is None else xp.asarray(seeds.radii),
+                       multi=xp.asarray(seeds.multi), margin=seeds.margin)
+
+
+def _assign_block(regions, seeds, centres, spacing, origin):
+    """Voxels of multi-peak regions in one block: local flat indices and chosen global centroid indices."""
+    xp = get_array_module(regions)
+    seeds = _seeds_on(seeds, xp)
+    centres = xp.asarray(centres)
+    flat, coords, groups, offsets, ids = block_candidates(regions, seeds, origin=origin, spacing=spacing)
+    if flat.size == 0:
+        return flat, xp.zeros(0, dtype=xp.int64)
+    # Only the centroids this block can use go to the k-means, in global order (same ties).
+    used, local = xp.unique(ids, return_inverse=True)
+    chosen, _, _ = batched_kmeans(coords, groups, offsets, local.ravel(), centres[used], spacing=spacing,
+                                  radii=None if seeds.radii is None else seeds.radii[used], max_iter=0)
+    return flat, used[chosen]
+
+
+def _origin(block_info):
+    return [lo for lo, _ in block_info[0]["array-location"]]
+
+
+def _split_block(regions, seeds, centres, spacing, n_regions, block_info=None):
+    xp = get_array_module(regions)
+    labels = regions.astype(xp.int64)
+    flat, chosen = _assign_block(regions, seeds, centres, spacing, _origin(block_info))
+    labels.ravel()[flat] = n_regions + 1 + chosen
+    return labels
+
+
+def _partial_sums(regions, seeds, centres, spacing, origin):
+    """Per-centroid voxel counts and integer coordinate sums of one block (host arrays)."""
+    xp = get_array_module(regions)
+    flat, chosen = _assign_block(regions, seeds, centres, spacing, origin)
+    n = int(np.asarray(centres).shape[0])
+    coords = xp.stack(xp.unravel_index(flat, regions.shape), axis=1).astype(xp.int64)
+    coords += xp.asarray([int(o) for o in origin], dtype=xp.int64)
+    counts = xp.bincount(chosen, minlength=n)
+    sums = xp.stack([xp.bincount(chosen, weights=coords[:, a].astype(xp.float64), minlength=n)
+                     for a in range(regions.ndim)], axis=1)
+    return to_host(counts), to_host(sums)
+
+
+def lloyd_chunked(regions, seeds, *, spacing, max_iter, verbose=False):
+    """Centroids after up to ``max_iter`` Lloyd updates, reduced over chunks (as in-memory `batched_kmeans`).
+
+    Integer coordinate sums make the reduction order-free; iterations stop
+    when the centroids stop moving, which yields the in-memory assignment.
+    """
+    from dask import delayed
+
+    centres = seeds.centres
+    starts = chunk_starts(regions.chunks)
+    blocks = regions.to_delayed()
+    for _ in range(max_iter):
+        tasks = [delayed(_partial_sums)(blocks[index], seeds, centres, tuple(spacing),
+                                        [int(starts[a][i]) for a, i in enumerate(index)])
+                 for index in itertools.product(*[range(n) for n in regions.numblocks])]
+        parts = run_tasks(tasks, "k-means update", verbose=verbose)
+        counts = sum(p[0] for p in parts)
+        sums = sum(p[1] for p in parts)
+        filled = counts > 0
+        new = np.where(filled[:, None], sums / np.maximum(counts, 1)[:, None], centres)
+        if np.array_equal(new, centres):
+            break
+        centres = new
+    return centres
+
+
+def _piece_stats(pieces, labels):
+    """Per block: (piece ids, their label, their voxel counts) and the within-block face pairs."""
+    xp = get_array_module(pieces)
+    ids, first, counts = xp.unique(pieces.ravel(), return_index=True, return_counts=True)
+    keep = ids > 0
+    stats = (ids[keep].astype(xp.int64), labels.ravel()[first[keep]].astype(xp.int64), counts[keep].astype(xp.int64))
+    pairs = face_pairs_between_labels(pieces, labels)
+    return tuple(to_host(a) for a in stats), tuple(to_host(a) for a in pairs)
+
+
+def _face_piece_pairs(low, high, axis):
+    """Face pairs between the two 1-voxel slabs on either side of a chunk face."""
+    pieces = get_array_module(low[0]).concatenate([low[0], high[0]], axis=axis)
+    labels = get_array_module(low[1]).concatenate([low[1], high[1]], axis=axis)
+    return tuple(to_host(a) for a in face_pairs_between_labels(pieces, labels, axes=(axis,)))
+
+
+def one_piece_chunked(labels, *, workspace, device=None, verbose=False):
+    """In-memory ``relabel_by_first_voxel(enforce_one_piece(labels))`` on a chunked label array.
+
+    Returns ``(final labels (lazy int32), rounds run)``.
+    """
+    from dask import delayed
+
+    for round_ in range(ONE_PIECE_ROUNDS):
+        pieces, n_pieces = label_chunked(labels, by_value=True)
+
+        def decide():
+            p_blocks, l_blocks = pieces.to_delayed().ravel(), labels.to_delayed().ravel()
+            tasks = [delayed(_piece_stats)(p, lab) for p, lab in zip(p_blocks, l_blocks)]
+            face_tasks = [delayed(_face_piece_pairs)(low, high, axis) for (low, high), axis
+                          in zip(face_slabs([pieces, labels]), _face_axes(pieces))]
+            parts = run_tasks(tasks + face_tasks, f"one piece per particle, round {round_ + 1}", verbose=verbose)
+            block_parts, face_parts = parts[:len(tasks)], parts[len(tasks):]
+            piece_label = np.zeros(n_pieces + 1, dtype=np.int64)
+            piece_size = np.zeros(n_pieces + 1, dtype=np.int64)
+            for (ids, lab, cnt), _ in block_parts:
+                piece_label[ids] = lab
+                np.add.at(piece_size, ids, cnt)
+            stray = stray_pieces(piece_label, piece_size)
+            if stray is None:
+                return {"done": True, "new_label": np.zeros(0, np.int64)}
+            pairs = [p for _, p in block_parts] + face_parts
+            a, b, c = (np.concatenate([p[i] for p in pairs]) for i in range(3))
+            return {"done": False, "new_label": reassign_strays(piece_label, stray, *count_pairs(a, b, c))}
+
+        decided = workspace.remember(f"one_piece_{round_}", decide)
+        if bool(decided["done"]):
+            return pieces, round_ + 1
+        new_label = decided["new_label"]
+
+        def relabel(block):
+            return get_array_module(block).asarray(new_label)[block]
+
+        labels = workspace.stage(f"one_piece_{round_}", lambda: pieces.map_blocks(relabel, dtype=np.int64),
+                                 chunks=labels.chunks, shape=labels.shape, dtype=np.int64, device=device)
+    final, _ = label_chunked(labels, by_value=True)
+    return final, ONE_PIECE_ROUNDS
+
+
+def _face_axes(array):
+    """The axis of every internal chunk face, in the order `face_slabs` yields them."""
+    axes = []
+    for axis in range(array.ndim):
+        others = int(np.prod([n for a, n in enumerate(array.numblocks) if a != axis]))
+        axes += [axis] * (others * (array.numblocks[axis] - 1))
+    return axes
+
+
+def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,
+                     min_distance=4.0, min_size=None, max_radius=None, assignment="power", max_iter=0,
+                     workspace=None, device=None, verbose=False):
+    """`separate` for a chunked Dask array: byte-identical labels for any chunking, memory bounded by chunks.
+
+    Parameters are those of :func:`gpu_pipeline.pipeline.separate` (method
+    ``kmeans``, engine ``batched``; no hole filling), plus:
+
+    max_radius : float, optional
+        Largest inscribed particle radius, physical units (default
+        ``MAX_RADIUS_FACTOR * min_distance``). Sets the halo of the distance
+        transform; the result equals ``separate(..., max_radius=max_radius)``,
+        which equals plain ``separate`` when no voxel is deeper than it
+        (``details.n_capped_voxels`` counts those that reach it).
+    workspace : Workspace, optional
+        Folder for staged intermediates and saved results (resumable); none:
+        everything stays lazy and is recomputed by each pass.
+    device : "gpu" or None
+        ``gpu``: chunks are moved to the GPU (CuPy) for every stage.
+
+    Returns
+    -------
+    labels : dask.array.Array of int32, lazy (reads the workspace's stores)
+    details : ChunkedDetails
+    """
+    reference = volume if volume is not None else mask
+    if reference is None:
+        raise DeclumpError("separate_chunked needs a volume, a mask, or both")
+    if reference.ndim not in (2, 3):
+        raise DeclumpError(f"the volume has {reference.ndim} dimensions {tuple(reference.shape)}; declump accepts "
+                           "2D or 3D")
+    spacing = validate_spacing(spacing, reference.ndim)
+    if not (min_distance > 0):
+        raise DeclumpError(f"min_distance must be a positive physical distance, got {min_distance}")
+    if max_iter < 0:
+        raise DeclumpError(f"max_iter must be 0 or more, got {max_iter}")
+    max_radius = float(max_radius) if max_radius is not None else MAX_RADIUS_FACTOR * float(min_distance)
+    if not (max_radius > 0 and math.isfinite(max_radius)):
+        raise DeclumpError(f"max_radius must be a positive physical distance, got {max_radius}")
+    ball = (lambda d: math.pi * d * d / 4) if reference.ndim == 2 else (lambda d: math.pi * d ** 3 / 6)
+    min_size = ball(min_distance) if min_size is None else float(min_size)
+    workspace = workspace or Workspace(None, verbose=verbose)
+    details = ChunkedDetails(max_radius=max_radius, halo=peak_halo(min_distance, max_radius, spacing))
+    # Refuse a too-small chunk shape before any pass runs.
+    fit_halo(reference, details.halo, "distance-transform and peak")
+
+    regions, n_regions, details.threshold, details.polarity = regions_chunked(
+        volume, spacing=spacing, sigma=sigma, threshold=threshold, polarity=polarity, min_size=min_size,
+        mask=mask, workspace=workspace, device=device)
+    details.n_regions = n_regions
+    if n_regions == 0:
+        raise NoParticlesError("no particles found: the foreground is empty after thresholding and removing objects "
+                               f"smaller than {min_size:g} (physical units); check polarity, threshold or min_size")
+    found = workspace.remember("peaks", lambda: peaks_chunked(regions, spacing=spacing, min_distance=min_distance,
+                                                              max_radius=max_radius, verbose=verbose))
+    details.n_peaks, details.n_capped_voxels = int(len(found["peaks"])), int(found["n_capped"])
+    _, quantum = quantize_distance(np.zeros(1, np.float32), spacing)
+    radii = found["values"].astype(np.float64) * quantum
+    seeds = kmeans_seeds(found["region"], n_regions, found["peaks"], radii, assignment=assignment)
+    if seeds is None:
+        split = regions
+    else:
+        centres = seeds.centres
+        if max_iter:
+            centres = workspace.remember("centres", lambda: {"centres": lloyd_chunked(
+                regions, seeds, spacing=spacing, max_iter=max_iter, verbose=verbose)})["centres"]
+        from dask import delayed
+
+        seeds_d, centres_d = delayed(seeds, traverse=False), delayed(centres, traverse=False)
+        split = workspace.stage("split", lambda: regions.map_blocks(_split_block, seeds_d, centres_d, tuple(spacing),
+                                                                    n_regions, dtype=np.int64),
+                                chunks=regions.chunks, shape=regions.shape, dtype=np.int64, device=device)
+    labels, details.one_piece_rounds = one_piece_chunked(split, workspace=workspace, device=device, verbose=verbose)
+    details.blocks_computed = dict(workspace.computed)
+    details.blocks_total = dict(workspace.totals)
+    return labels, details

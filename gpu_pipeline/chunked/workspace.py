@@ -1,0 +1,206 @@
+"""Where a chunked run keeps what it has finished: staged arrays, small results, progress.
+
+A :class:`Workspace` is a folder. Each staged array is a Zarr store written
+block by block, one task per block, each block followed by a marker file;
+small global results (threshold, peaks, id tables) are saved as they are
+decided. Running the same command again after an interruption (Ctrl-C,
+SIGKILL, a lost node) reuses every finished block and result, so only the
+missing blocks are computed, and the output is the same bytes.
+
+Tasks run on whatever Dask scheduler is active: the local threaded one by
+default, or a ``dask.distributed`` client (then a worker that dies has its
+tasks rerun by the scheduler; block writes are idempotent).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gpu_pipeline._backend import DeclumpError, to_host
+
+
+def chunk_starts(chunks):
+    """Start index of every chunk, per axis."""
+    return [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64) for c in chunks]
+
+
+def _write_block(data, path, region, marker):
+    import zarr
+
+    zarr.open_array(path, mode="r+")[region] = to_host(data)
+    Path(marker).touch()
+    return 1
+
+
+def active_client():
+    """The ``dask.distributed`` client in use, or None (local scheduler)."""
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def run_tasks(tasks, what, *, voxels=0, verbose=False):
+    """Compute delayed ``tasks`` on the active scheduler, with a progress line on stderr.
+
+    Returns the results in order. The progress line counts finished tasks
+    and, when ``voxels`` (the voxels the tasks cover) is given, voxels per second.
+    """
+    import dask
+
+    if not tasks:
+        return []
+    start = time.perf_counter()
+    total = len(tasks)
+
+    def report(done):
+        if not verbose:
+            return
+        seconds = time.perf_counter() - start
+        rate = f", {voxels * done / total / seconds / 1e6:.1f} Mvox/s" if voxels and seconds > 0 else ""
+        end = "\n" if done == total else ""
+        print(f"\r  {what}: {done}/{total} chunks, {seconds:.1f} s{rate}", end=end, file=sys.stderr, flush=True)
+
+    client = active_client()
+    if client is not None:
+        from distributed import as_completed
+
+        futures = client.compute(tasks)
+        for done, future in enumerate(as_completed(futures), 1):
+            future.result()  # raises the task's error, if any
+            report(done)
+        return [f.result() for f in futures]
+
+    from dask.callbacks import Callback
+
+    names = {t.key for t in tasks}
+    finished = [0]
+
+    class _Progress(Callback):
+        def _posttask(self, key, result, dsk, state, worker_id):
+            if key in names:
+                finished[0] += 1
+                report(finished[0])
+
+    with _Progress():
+        return list(dask.compute(*tasks))
+
+
+class Workspace:
+    """A folder of staged arrays and saved results for one chunked run (see module docstring).
+
+    ``Workspace(None)`` stages nothing (every pass recomputes) and remembers
+    nothing; it is what the Python API uses when no folder is given.
+    """
+
+    def __init__(self, root=None, *, verbose=False):
+        self.root = Path(root) if root is not None else None
+        self.verbose = verbose
+        self.computed = {}  # stage name -> blocks computed in this run
+        self.totals = {}    # stage name -> blocks in the stage
+        if self.root is not None:
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    # --- small results -------------------------------------------------
+    def remember(self, name, compute):
+        """``compute()``'s dict of NumPy arrays / numbers, saved once and reloaded on later runs."""
+        if self.root is None:
+            return compute()
+        path = self.root / f"{name}.npz"
+        if path.exists():
+            with np.load(path, allow_pickle=False) as saved:
+                return {k: (saved[k] if saved[k].ndim else saved[k][()]) for k in saved.files}
+        value = compute()
+        tmp = path.with_suffix(".partial.npz")
+        np.savez(tmp, **{k: np.asarray(v) for k, v in value.items()})
+        os.replace(tmp, path)
+        return value
+
+    # --- staged arrays -------------------------------------------------
+    def stage(self, name, build, *, chunks, shape, dtype, device=None):
+        """A staged array: ``build()`` (a lazy Dask array) written block by block once, then read back.
+
+        ``build`` is only called when blocks are missing. Returns a lazy Dask
+        array with the processing ``chunks`` read from the store (moved to
+        the GPU with ``device='gpu'``).
+        """
+        if self.root is None:
+            return build()
+        import dask.array as da
+
+        path = self.root / f"{name}.zarr"
+        done = self.root / f"{name}.done"
+        total = int(np.prod([len(c) for c in chunks]))
+        self.totals[name] = total
+        self.computed[name] = 0
+        if not (done / "complete").exists():
+            self.computed[name] = write_blocks(build(), path, done, what=name, verbose=self.verbose)
+            (done / "complete").touch()
+        array = da.from_zarr(str(path), chunks=chunks)
+        if tuple(array.shape) != tuple(shape) or np.dtype(array.dtype) != np.dtype(dtype):
+            raise DeclumpError(f"the staged {name} in {self.root} does not match this run; delete that folder "
+                               "or run with --overwrite")
+        return to_device(array, device)
+
+
+def write_blocks(array, path, done, *, what, verbose=False, zarr_chunks=None, zarr_kwargs=None):
+    """Write a Dask array to a Zarr array at ``path`` block by block, skipping blocks marked in ``done``.
+
+    Each block is one task that writes its region and then its marker, so
+    each stored chunk is written by exactly one task and an interrupted run
+    resumes where it stopped. The Zarr array is created when missing (chunks:
+    ``zarr_chunks`` or the first block's shape; blocks must align with
+    them). Returns the number of blocks computed.
+    """
+    import zarr
+    from dask import delayed
+
+    path, done = Path(path), Path(done)
+    chunks = array.chunks
+    zarr_chunks = tuple(zarr_chunks or (c[0] for c in chunks))
+    if not path.exists():
+        zarr.create_array(str(path), shape=array.shape, dtype=array.dtype, chunks=zarr_chunks, fill_value=0,
+                          **(zarr_kwargs or {}))
+    done.mkdir(parents=True, exist_ok=True)
+    starts = chunk_starts(chunks)
+    blocks = array.to_delayed()
+    tasks, voxels = [], 0
+    for index in itertools.product(*[range(len(c)) for c in chunks]):
+        marker = done / ".".join(str(i) for i in index)
+        if marker.exists():
+            continue
+        region = tuple(slice(int(starts[a][i]), int(starts[a][i] + chunks[a][i])) for a, i in enumerate(index))
+        voxels += int(np.prod([r.stop - r.start for r in region]))
+        tasks.append(delayed(_write_block, pure=False)(blocks[index], str(path), region, str(marker)))
+    run_tasks(tasks, what, voxels=voxels, verbose=verbose)
+    return len(tasks)
+
+
+def to_device(array, device):
+    """A Dask array with CuPy chunks for ``device='gpu'``, NumPy chunks otherwise."""
+    if device != "gpu":
+        return array
+    import cupy
+
+    return array.map_blocks(cupy.asarray, dtype=array.dtype, meta=cupy.empty((0,) * array.ndim, array.dtype))
+
+
+def save_parameters(root, parameters, *, overwrite):
+    """Record the run's parameters in ``root``, or refuse when a different run left its work there."""
+    path = Path(root) / "parameters.json"
+    text = json.dumps(parameters, sort_keys=True)
+    if path.exists() and not overwrite:
+        if path.read_text() != text:
+            raise DeclumpError(f"{root} holds an unfinished run with other parameters; rerun with those, or add "
+                               "--overwrite to start over")
+        return
+    Path(root).mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
