@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def output_paths(output):
             "overlay": Path(f"{stem}_overlay.png")}
 
 
-def run_and_write(image, output, *, device, spacing, mask=None, **params):
+def run_and_write(image, output, *, device, spacing, mask=None, source=None, **params):
     """Separate ``image`` and write labels, table, overlay, then the summary (last: it marks completion)."""
     from gpu_pipeline import separate
     from gpu_pipeline.io import write_json, write_labels
@@ -99,7 +100,7 @@ def run_and_write(image, output, *, device, spacing, mask=None, **params):
     table = particle_table(labels, image, spacing)
     from gpu_pipeline.io import atomic_path
 
-    write_labels(paths["labels"], labels, spacing)
+    write_labels(paths["labels"], labels, spacing, source=source)
     with atomic_path(paths["table"]) as tmp:
         write_csv(table, tmp)
     write_overlay(paths["overlay"], image, labels)
@@ -110,10 +111,52 @@ def run_and_write(image, output, *, device, spacing, mask=None, **params):
     return labels, info
 
 
+def _is_zarr(path):
+    path = Path(path)
+    return path.suffix.lower() == ".zarr" or (path.is_dir() and any(
+        (path / name).exists() for name in ("zarr.json", ".zarray", ".zgroup")))
+
+
+def _chunks(text):
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"chunks must be comma-separated integers, got {text!r}")
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"chunks must be positive, got {text!r}")
+    return values
+
+
+def cmd_run_chunked(args, device):
+    from gpu_pipeline.chunked.run import run_chunked
+
+    if args.method != "kmeans":
+        raise DeclumpError("chunked runs (Zarr in, .zarr out) support --method kmeans only; the watershed is the "
+                           "in-memory comparison (write a .tif/.npy output to run it)")
+    if args.max_hole_size:
+        raise DeclumpError("--max-hole-size is not available in chunked runs (hole filling is not local)")
+    kwargs = separation_kwargs(args)
+    for key in ("method", "max_hole_size"):
+        kwargs.pop(key)
+    summary = run_chunked(args.input, args.output, chunks=args.chunks, channel=args.channel,
+                          timepoint=args.timepoint, mask_path=args.mask, max_radius=args.max_radius, device=device,
+                          cluster=args.cluster, scheduler=args.scheduler, workers=args.workers,
+                          scratch=args.scratch, overwrite=args.overwrite, verbose=not args.quiet, **kwargs)
+    print(f"{summary['n_particles']} particles; labels -> {summary['outputs']['labels']}/particles, table -> "
+          f"{summary['outputs']['table']}, summary -> {summary['outputs']['summary']}")
+
+
 def cmd_run(args):
     from gpu_pipeline.io import read_image
 
-    device = resolve_device(args.device)
+    device = "gpu" if args.cluster == "local-cuda" else resolve_device(args.device)
+    if _is_zarr(args.input) and Path(args.output).suffix.lower() == ".zarr":
+        return cmd_run_chunked(args, device)
+    chunked_only = [name for name, value in (("--chunks", args.chunks), ("--cluster", args.cluster),
+                                             ("--scheduler", args.scheduler), ("--scratch", args.scratch))
+                    if value is not None]
+    if chunked_only:
+        raise DeclumpError(f"{', '.join(chunked_only)} apply to chunked runs only (a Zarr input and a .zarr output)")
     image, file_spacing = read_image(args.input, channel=args.channel, timepoint=args.timepoint)
     mask = None
     if args.mask is not None:
@@ -121,7 +164,8 @@ def cmd_run(args):
     spacing = args.spacing if args.spacing is not None else file_spacing
     kwargs = separation_kwargs(args)
     kwargs.pop("spacing")
-    _, info = run_and_write(image, args.output, device=device, spacing=spacing, mask=mask, **kwargs)
+    source = os.path.relpath(Path(args.input).resolve(), (Path(args.output) / "particles").resolve())
+    _, info = run_and_write(image, args.output, device=device, spacing=spacing, mask=mask, source=source, **kwargs)
     print(f"{info['n_particles']} particles; labels -> {info['outputs']['labels']}, table -> "
           f"{info['outputs']['table']}, overlay -> {info['outputs']['overlay']}, summary -> {info['outputs']['summary']}")
 
@@ -181,9 +225,13 @@ def build_parser():
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="separate particles in an image file",
-                         description="Write OUTPUT (labels: .tif/.npy/.zarr), OUTPUT_particles.csv (per-particle "
-                                     "table), OUTPUT_overlay.png and OUTPUT_summary.json (written last).")
+    run = sub.add_parser("run", help="separate particles in an image file or a chunked Zarr volume",
+                         description="In memory: write OUTPUT (labels: .tif/.npy/.zarr), OUTPUT_particles.csv "
+                                     "(per-particle table), OUTPUT_overlay.png and OUTPUT_summary.json (written last). "
+                                     "Chunked (a Zarr input and a .zarr OUTPUT): stream the volume chunk by chunk "
+                                     "through Dask; OUTPUT becomes an OME-Zarr labels group (OUTPUT/particles), with "
+                                     "OUTPUT_particles.parquet, OUTPUT_overlay.png and OUTPUT_summary.json; the same "
+                                     "command resumes an interrupted run.")
     run.add_argument("input", help="image: .tif/.tiff, .png, .npy, .zarr (array or OME-Zarr), 2D or 3D")
     run.add_argument("output", help="label image to write: .tif/.tiff, .npy or .zarr")
     run.add_argument("--mask", help="foreground mask or probability map (same shape; > 0.5 is foreground), "
@@ -191,6 +239,26 @@ def build_parser():
     run.add_argument("--channel", type=int, help="channel index for inputs with a 'c' axis")
     run.add_argument("--timepoint", type=int, help="time index for inputs with a 't' axis")
     add_separation_options(run)
+    chunked = run.add_argument_group("chunked runs (Zarr in, .zarr out)")
+    chunked.add_argument("--chunks", type=_chunks, default=None,
+                         help="processing chunk shape 'Z,Y,X' in voxels (default: the store's chunks); each must be "
+                              "at least the halo (peak window + --max-radius)")
+    chunked.add_argument("--max-radius", type=float, default=None,
+                         help="largest particle radius, physical units; sets the distance-transform halo "
+                              "(default: 4 x --min-distance); deeper voxels are capped and such particles over-split")
+    chunked.add_argument("--cluster", choices=("local", "local-cuda"), default=None,
+                         help="local: a Dask LocalCluster of worker processes on this machine; local-cuda: a "
+                              "dask-cuda LocalCUDACluster, one worker per GPU (default: local threads)")
+    chunked.add_argument("--scheduler", default=None,
+                         help="address of a running Dask scheduler (e.g. tcp://node1:8786) to run on")
+    chunked.add_argument("--workers", type=int, default=None,
+                         help="threads (default engine; default: all CPUs) or worker processes (--cluster local; default 2)")
+    chunked.add_argument("--scratch", default=None,
+                         help="folder for work in progress (default OUTPUT.work, beside the output; must be "
+                              "shared by all workers)")
+    chunked.add_argument("--overwrite", action="store_true",
+                         help="start over, deleting an existing output and its work folder")
+    chunked.add_argument("--quiet", action="store_true", help="no progress lines")
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="generate touching particles with ground truth, separate and score them")

@@ -101,6 +101,9 @@ def open_zarr(path, *, channel=None, timepoint=None):
     if isinstance(node, zarr.Array):
         return node, (slice(None),) * node.ndim, None
     attrs = dict(node.attrs)
+    if "labels" in attrs and "multiscales" not in attrs and attrs["labels"]:
+        # An OME-Zarr labels container (e.g. declump's output): read its first label image.
+        return open_zarr(Path(path) / attrs["labels"][0], channel=channel, timepoint=timepoint)
     multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
     if not multiscales:
         raise DeclumpError(f"{path} is a Zarr group without OME-Zarr 'multiscales' metadata; pass an array path")
@@ -156,8 +159,12 @@ def atomic_path(path):
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
-def write_labels(path, labels, spacing=None):
-    """Write a label image as TIFF (zlib), NPY or Zarr, chosen by ``path``'s suffix."""
+def write_labels(path, labels, spacing=None, source=None):
+    """Write a label image as TIFF (zlib), NPY or OME-Zarr labels, chosen by ``path``'s suffix.
+
+    ``.zarr``: the layout of chunked runs, an NGFF 0.4 labels container with
+    the image at ``path/particles`` (see :func:`write_ngff_label_metadata`).
+    """
     path = Path(path)
     suffix = _suffix(path)
     if suffix not in LABEL_SUFFIXES:
@@ -175,11 +182,35 @@ def write_labels(path, labels, spacing=None):
         else:
             import zarr
 
-            out = zarr.create_array(str(tmp), shape=labels.shape, dtype=labels.dtype,
-                                    chunks=tuple(min(s, 256) for s in labels.shape))
+            zarr.open_group(str(tmp), mode="w", zarr_format=2)
+            out = zarr.create_array(str(tmp / LABEL_NAME / "0"), shape=labels.shape, dtype=labels.dtype,
+                                    chunks=tuple(min(s, 256) for s in labels.shape), zarr_format=2)
             out[...] = labels
-            if spacing is not None:
-                out.attrs["spacing"] = list(spacing)
+            write_ngff_label_metadata(tmp, spacing if spacing is not None else (1.0,) * labels.ndim, source)
+
+
+#: Name of the label image inside a declump OME-Zarr output (``OUTPUT.zarr/particles``).
+LABEL_NAME = "particles"
+
+
+def write_ngff_label_metadata(path, spacing, source=None, extra=None):
+    """Make ``path`` (a Zarr v2 group holding ``particles/0``) an OME-Zarr (NGFF 0.4) labels container.
+
+    Root: ``labels: ["particles"]``; ``particles``: ``multiscales`` (one
+    level, ``spacing`` as its scale, axes z/y/x) and ``image-label``
+    (``source``: the relative path of the image it labels, if known). Called
+    last, once the pixels are written.
+    """
+    import zarr
+
+    ndim = len(spacing)
+    label_group = zarr.open_group(str(Path(path) / LABEL_NAME), mode="a", zarr_format=2)
+    axes = [{"name": n, "type": "space"} for n in ("z", "y", "x")[-ndim:]]
+    label_group.attrs.update({
+        "multiscales": [{"version": "0.4", "name": LABEL_NAME, "axes": axes, "datasets": [
+            {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [float(s) for s in spacing]}]}]}],
+        "image-label": {"version": "0.4", **({"source": {"image": str(source)}} if source else {})}})
+    zarr.open_group(str(path), mode="a", zarr_format=2).attrs.update({"labels": [LABEL_NAME], **(extra or {})})
 
 
 def write_json(path, data):

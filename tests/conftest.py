@@ -20,3 +20,14 @@ def shared_data():
     if not SHARED_DATA.exists():
         pytest.skip(f"real test data not found at {SHARED_DATA} (the shared/data folder beside the checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def cluster_client():
+    """A real dask.distributed LocalCluster: 2 worker processes, 1 thread each."""
+    distributed = pytest.importorskip("distributed")
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    client = distributed.Client(cluster)
+    yield client
+    client.close()
+    cluster.close()

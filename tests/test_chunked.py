@@ -15,16 +15,6 @@ CHUNKINGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def cluster_client():
-    distributed = pytest.importorskip("distributed")
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
-    client = distributed.Client(cluster)
-    yield client
-    client.close()
-    cluster.close()
-
-
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_labels_do_not_depend_on_chunking(cluster_client, rng, ndim):
     shape = (150, 170) if ndim == 2 else (40, 56, 50)

@@ -56,8 +56,13 @@ def test_3d_npy_to_zarr_with_spacing(tmp_path, rng):
                  "--device", "cpu"]) == 0
     import zarr
 
-    labels = zarr.open(str(tmp_path / "vol_labels.zarr"), mode="r")
-    assert labels.shape == image.shape and labels.attrs["spacing"] == [2.0, 1.0, 1.0]
+    from gpu_pipeline.io import read_image
+
+    labels = zarr.open(str(tmp_path / "vol_labels.zarr" / "particles" / "0"), mode="r")
+    assert labels.shape == image.shape
+    # OME-Zarr labels: spacing in the NGFF scale, readable back through the labels container.
+    back, spacing = read_image(tmp_path / "vol_labels.zarr")
+    assert spacing == [2.0, 1.0, 1.0] and np.array_equal(back, labels[...])
 
 
 def test_evaluate_prints_scores(tmp_path, rng):

@@ -23,6 +23,10 @@ def otsu_threshold_chunked(image):
     import dask.array as da
 
     low, high = dask.compute(image.min(), image.max())
+    if not (np.isfinite(float(low)) and np.isfinite(float(high))):
+        from gpu_pipeline._backend import DeclumpError
+
+        raise DeclumpError("the volume holds NaN or inf values; declump accepts finite intensities only")
     bins = histogram_bins(float(low), float(high), image.dtype)
     flat = image.reshape(-1) if image.ndim > 1 else image
     per_chunk = flat.map_blocks(_block_histogram, bins, dtype=np.int64, chunks=((1,) * flat.numblocks[0], (bins.nbins,)),

@@ -220,7 +220,7 @@ def _face_piece_pairs(low, high, axis):
 def one_piece_chunked(labels, *, workspace, device=None, verbose=False):
     """In-memory ``relabel_by_first_voxel(enforce_one_piece(labels))`` on a chunked label array.
 
-    Returns ``(final labels (lazy int32), rounds run)``.
+    Returns ``(final labels (lazy int32), number of particles, rounds run)``.
     """
     from dask import delayed
 
@@ -248,16 +248,16 @@ def one_piece_chunked(labels, *, workspace, device=None, verbose=False):
 
         decided = workspace.remember(f"one_piece_{round_}", decide)
         if bool(decided["done"]):
-            return pieces, round_ + 1
-        new_label = decided["new_label"]
-
-        def relabel(block):
-            return get_array_module(block).asarray(new_label)[block]
-
-        labels = workspace.stage(f"one_piece_{round_}", lambda: pieces.map_blocks(relabel, dtype=np.int64),
+            return pieces, n_pieces, round_ + 1
+        build = (lambda p=pieces, table=decided["new_label"]: p.map_blocks(_relabel, table, dtype=np.int64))
+        labels = workspace.stage(f"one_piece_{round_}", build,
                                  chunks=labels.chunks, shape=labels.shape, dtype=np.int64, device=device)
-    final, _ = label_chunked(labels, by_value=True)
-    return final, ONE_PIECE_ROUNDS
+    final, n = label_chunked(labels, by_value=True)
+    return final, n, ONE_PIECE_ROUNDS
+
+
+def _relabel(block, table):
+    return get_array_module(block).asarray(table)[block]
 
 
 def _face_axes(array):
@@ -341,7 +341,7 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
         split = workspace.stage("split", lambda: regions.map_blocks(_split_block, seeds_d, centres_d, tuple(spacing),
                                                                     n_regions, dtype=np.int64),
                                 chunks=regions.chunks, shape=regions.shape, dtype=np.int64, device=device)
-    labels, details.one_piece_rounds = one_piece_chunked(split, workspace=workspace, device=device, verbose=verbose)
+    labels, details.n_particles, details.one_piece_rounds = one_piece_chunked(split, workspace=workspace, device=device, verbose=verbose)
     details.blocks_computed = dict(workspace.computed)
     details.blocks_total = dict(workspace.totals)
     return labels, details

@@ -61,13 +61,15 @@ def run_tasks(tasks, what, *, voxels=0, verbose=False):
     start = time.perf_counter()
     total = len(tasks)
 
+    interactive = sys.stderr.isatty()
+
     def report(done):
-        if not verbose:
+        if not verbose or (not interactive and done != total):
             return
         seconds = time.perf_counter() - start
         rate = f", {voxels * done / total / seconds / 1e6:.1f} Mvox/s" if voxels and seconds > 0 else ""
         end = "\n" if done == total else ""
-        print(f"\r  {what}: {done}/{total} chunks, {seconds:.1f} s{rate}", end=end, file=sys.stderr, flush=True)
+        print(f"{chr(13) if interactive else ''}  {what}: {done}/{total} chunks, {seconds:.1f} s{rate}", end=end, file=sys.stderr, flush=True)
 
     client = active_client()
     if client is not None:

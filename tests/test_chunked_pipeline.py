@@ -1,0 +1,202 @@
+"""The chunked pipeline: same bytes as the in-memory `separate` for any chunking, resumable, fault tolerant."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+da = pytest.importorskip("dask.array")
+zarr = pytest.importorskip("zarr")
+
+from gpu_pipeline._backend import DeclumpError  # noqa: E402
+from gpu_pipeline.chunked.pipeline import peak_halo, separate_chunked  # noqa: E402
+from gpu_pipeline.chunked.run import run_chunked  # noqa: E402
+from gpu_pipeline.chunked.workspace import Workspace  # noqa: E402
+from gpu_pipeline.measure import particle_table  # noqa: E402
+from gpu_pipeline.pipeline import separate  # noqa: E402
+from gpu_pipeline.synthetic import make_touching_particles  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_RADIUS = 13.0  # generated radii reach 12
+# Per dimension: shape, spacing, particles, and three chunk shapes: one dividing the shape, one not, and one
+# not dividing and smaller than the largest particle (24 voxels across) while still holding the halo.
+CASES = {
+    2: ((200, 180), (1.0, 1.0), 100, [(100, 90), (37, 50), (18, 20)]),
+    3: ((40, 64, 60), (2.0, 1.0, 1.0), 60, [(20, 32, 30), (17, 25, 23), (14, 20, 21)]),
+}
+
+
+def _ome_zarr(path, data, spacing, chunks):
+    group = zarr.open_group(str(path), mode="w")
+    group.create_array("0", shape=data.shape, dtype=data.dtype, chunks=chunks)[...] = data
+    axes = [{"name": n, "type": "space"} for n in "zyx"[-data.ndim:]]
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": axes, "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": list(spacing)}]}]}]}
+    return path
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_chunked_labels_equal_in_memory_for_any_chunking(cluster_client, rng, tmp_path, ndim):
+    shape, spacing, n, chunkings = CASES[ndim]
+    image, _ = make_touching_particles(shape, n, radius_range=(5, 12), spacing=spacing,
+                                       seed=int(rng.integers(1e6)))
+    expected = separate(image, spacing=spacing, max_radius=MAX_RADIUS)
+    assert expected.max() > 20
+    for chunks in chunkings:
+        assert any(c < 24 for c in chunks) or chunks == chunkings[0] or any(s % c for s, c in zip(shape, chunks))
+        labels, details = separate_chunked(da.from_array(image, chunks=chunks), spacing=spacing,
+                                           max_radius=MAX_RADIUS, workspace=Workspace(tmp_path / str(chunks)))
+        out = labels.compute()
+        assert out.dtype == np.int32 and out.tobytes() == expected.tobytes(), chunks
+        assert details.n_particles == expected.max()
+        if details.n_capped_voxels == 0:  # then the cap changed nothing: plain separate agrees too
+            assert out.tobytes() == separate(image, spacing=spacing).tobytes()
+
+
+def test_lloyd_updates_and_mask_input_match_in_memory(rng):
+    shape, spacing = (160, 150), (1.0, 1.0)
+    image, truth = make_touching_particles(shape, 60, spacing=spacing, seed=int(rng.integers(1e6)))
+    probability = np.clip((truth > 0) * 0.8 + rng.random(shape) * 0.15, 0, 1).astype(np.float32)
+    for kwargs in (dict(max_iter=5), dict(assignment="euclidean", max_iter=3)):
+        expected = separate(image, spacing=spacing, max_radius=MAX_RADIUS, **kwargs)
+        labels, _ = separate_chunked(da.from_array(image, chunks=(45, 64)), spacing=spacing, max_radius=MAX_RADIUS,
+                                     **kwargs)
+        assert labels.compute().tobytes() == expected.tobytes(), kwargs
+    expected = separate(image, mask=probability, spacing=spacing, max_radius=MAX_RADIUS)
+    labels, _ = separate_chunked(None, mask=da.from_array(probability, chunks=(50, 50)), spacing=spacing,
+                                 max_radius=MAX_RADIUS)
+    assert labels.compute().tobytes() == expected.tobytes()
+
+
+def test_cli_run_writes_ome_zarr_labels_and_parquet_table(tmp_path, rng):
+    from gpu_pipeline.cli import main
+
+    spacing = (2.0, 1.0, 1.0)
+    image, _ = make_touching_particles((32, 64, 64), 40, spacing=spacing, seed=int(rng.integers(1e6)))
+    src = _ome_zarr(tmp_path / "in.zarr", image, spacing, (16, 32, 32))
+    out = tmp_path / "out.zarr"
+    assert main(["run", str(src), str(out), "--max-radius", "13", "--quiet"]) == 0
+    expected = separate(image, spacing=spacing, max_radius=13)
+    labels = zarr.open_array(str(out / "particles" / "0"), mode="r")
+    assert labels.chunks == (16, 32, 32) and labels[...].tobytes() == expected.tobytes()
+    # The table from per-chunk partial sums equals the in-memory one.
+    pq = pytest.importorskip("pyarrow.parquet")
+    table = pq.read_table(tmp_path / "out_particles.parquet").to_pydict()
+    reference = particle_table(expected, image, spacing)
+    assert set(table) == set(reference)
+    for column, values in reference.items():
+        np.testing.assert_allclose(table[column], values, rtol=1e-12, err_msg=column)
+    summary = json.loads((tmp_path / "out_summary.json").read_text())
+    assert summary["n_particles"] == expected.max() and not (tmp_path / "out.zarr.work").exists()
+    assert zarr.open_group(str(out), mode="r").attrs["declump"]["complete"] is True
+    # ome-zarr's own reader finds the label image with its spacing.
+    ome_reader = pytest.importorskip("ome_zarr.reader")
+    from ome_zarr.io import parse_url
+
+    nodes = list(ome_reader.Reader(parse_url(str(out)))())
+    label_node = next(node for node in nodes if any(type(s).__name__ == "Label" for s in node.specs))
+    scale = label_node.metadata["coordinateTransformations"][0][0]["scale"]
+    assert scale == list(spacing) and np.array_equal(np.asarray(label_node.data[0]), expected)
+    # The same command again: already complete, nothing recomputed; other parameters: refused.
+    assert main(["run", str(src), str(out), "--max-radius", "13", "--quiet"]) == 0
+    with pytest.raises(DeclumpError, match="other parameters"):
+        run_chunked(src, out, max_radius=13, sigma=2.0, verbose=False)
+
+
+def _markers(path):
+    return len(os.listdir(path)) if path.exists() else 0
+
+
+def test_sigkill_midway_then_rerun_gives_identical_output_with_fewer_chunks(tmp_path, rng):
+    spacing = (1.0, 1.0, 1.0)
+    image, _ = make_touching_particles((48, 96, 96), 120, spacing=spacing, seed=int(rng.integers(1e6)))
+    src = _ome_zarr(tmp_path / "in.zarr", image, spacing, (24, 24, 24))
+    command = [sys.executable, "-m", "gpu_pipeline", "run", str(src), str(tmp_path / "out.zarr"), "--max-radius",
+               "13", "--workers", "1", "--quiet"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    split = tmp_path / "out.zarr.work" / "split.done"
+    deadline = time.time() + 240
+    while _markers(split) < 8 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "out_summary.json").exists()
+    assert "complete" not in (zarr.open_group(str(tmp_path / "out.zarr"), mode="r").attrs.get("declump") or {}) or \
+        zarr.open_group(str(tmp_path / "out.zarr"), mode="r").attrs["declump"]["complete"] is False
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "out_summary.json").read_text())
+    computed, total = summary["blocks_computed"], summary["blocks_total"]
+    print("blocks computed after SIGKILL:", computed, "of", total)
+    assert computed["foreground"] == 0 and computed["regions"] == 0 and computed["split"] < total["split"]
+    expected = separate(image, spacing=spacing, max_radius=13)
+    assert zarr.open_array(str(tmp_path / "out.zarr" / "particles" / "0"))[...].tobytes() == expected.tobytes()
+
+
+def test_a_worker_killed_midway_changes_nothing(tmp_path, rng):
+    distributed = pytest.importorskip("distributed")
+    spacing = (1.0, 1.0, 1.0)
+    image, _ = make_touching_particles((48, 96, 96), 120, spacing=spacing, seed=int(rng.integers(1e6)))
+    src = _ome_zarr(tmp_path / "in.zarr", image, spacing, (24, 24, 24))
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as lc, \
+            distributed.Client(lc) as client:
+        failure = []
+
+        def run():
+            try:
+                run_chunked(src, tmp_path / "out.zarr", max_radius=13, scheduler=lc.scheduler_address, verbose=False)
+            except BaseException as exc:  # reported below
+                failure.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        split = tmp_path / "out.zarr.work" / "split.done"
+        deadline = time.time() + 240
+        while _markers(split) < 4 and thread.is_alive() and time.time() < deadline:
+            time.sleep(0.02)
+        assert thread.is_alive(), "the run finished before a worker could be killed"
+        victim = sorted(client.scheduler_info()["workers"])[0]
+        pid = client.run(os.getpid, workers=[victim])[victim]
+        os.kill(pid, signal.SIGKILL)
+        thread.join(600)
+        assert not failure, failure
+    expected = separate(image, spacing=spacing, max_radius=13)
+    assert zarr.open_array(str(tmp_path / "out.zarr" / "particles" / "0"))[...].tobytes() == expected.tobytes()
+
+
+def test_bad_chunked_inputs_get_one_line_errors(tmp_path, rng):
+    image, _ = make_touching_particles((40, 64, 64), 30, seed=int(rng.integers(1e6)))
+    src = _ome_zarr(tmp_path / "in.zarr", image, (1.0, 1.0, 1.0), (20, 32, 32))
+    (tmp_path / "plain").mkdir()
+    cases = [
+        (dict(input_path=tmp_path / "missing.zarr"), "does not exist"),
+        (dict(input_path=tmp_path / "plain"), "not a Zarr store"),
+        (dict(input_path=src, chunks=(8, 8, 8)), "smaller than the distance-transform and peak halo"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(DeclumpError, match=message) as info:
+            run_chunked(output=tmp_path / "out.zarr", max_radius=13, verbose=False, **kwargs)
+        assert "\n" not in str(info.value)
+    # An output that exists and is not declump's is left alone.
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w")
+    with pytest.raises(DeclumpError, match="not written by declump"):
+        run_chunked(src, tmp_path / "other.zarr", max_radius=13, verbose=False)
+    # A corrupt chunk is named.
+    chunk_files = sorted(p for p in (src / "0").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk_files[-1].write_bytes(b"not a chunk")
+    with pytest.raises(DeclumpError, match=r"chunk \(\d+, \d+, \d+\) of .* could not be read"):
+        run_chunked(src, tmp_path / "bad.zarr", max_radius=13, verbose=False)
+    assert not (tmp_path / "bad_summary.json").exists()
+
+
+def test_peak_halo_follows_the_parameters():
+    assert peak_halo(4.0, 13.0, (2.0, 1.0, 1.0)) == (2 + 7, 4 + 13, 4 + 13)
+    assert peak_halo(4.0, 13.0, (1.0, 1.0)) == (17, 17)
