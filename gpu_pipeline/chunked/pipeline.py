@@ -38,7 +38,7 @@ import numpy as np
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_host
 from gpu_pipeline.chunked.components import face_slabs, label_chunked
 from gpu_pipeline.chunked.foreground import fit_halo, regions_chunked
-from gpu_pipeline.chunked.workspace import Workspace, chunk_starts, run_tasks
+from gpu_pipeline.chunked.workspace import Workspace, chunk_starts, run_tasks, to_device
 from gpu_pipeline.pipeline import NoParticlesError, cap_distance, validate_spacing
 from gpu_pipeline.stages.components import (count_pairs, face_pairs_between_labels, reassign_strays,
                                             stray_pieces)
@@ -303,6 +303,7 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
     spacing = validate_spacing(spacing, reference.ndim)
     if not (min_distance > 0):
         raise DeclumpError(f"min_distance must be a positive physical distance, got {min_distance}")
+    volume, mask = (None if a is None else to_device(a, device) for a in (volume, mask))
     if max_iter < 0:
         raise DeclumpError(f"max_iter must be 0 or more, got {max_iter}")
     max_radius = float(max_radius) if max_radius is not None else MAX_RADIUS_FACTOR * float(min_distance)
