@@ -197,6 +197,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small volumes (a smoke run)")
     parser.add_argument("--full-size", default="512,1024,1024")
     parser.add_argument("--out", default="chunked")
+    parser.add_argument("--suites", default="memory,chunks,workers,decode",
+                        help="comma-separated subset of memory,chunks,workers,decode (default: all)")
     args = parser.parse_args(argv)
     full = tuple(int(v) for v in args.full_size.split(","))
     if args.quick:
@@ -207,32 +209,52 @@ def main(argv=None):
     work = DATA / "runs"
     small = make_volume(DATA / f"vol_{'x'.join(map(str, quarter))}.zarr", quarter, chunks)
     big = make_volume(DATA / f"vol_{'x'.join(map(str, full))}.zarr", full, chunks)
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "parameters": PARAMS,
-              "memory": [], "chunk_shapes": [], "workers": []}
-    for shape, volume in ((quarter, small), (full, big)):
-        row = run_declump(volume, work / "memory")
-        row["shape"] = list(shape)
-        result["memory"].append(row)
-        print("memory", row, flush=True)
-    cpu = os.cpu_count() or 1
-    for chunk_shape in ([(64, 128, 128), (128, 128, 128), chunks] if not args.quick else [(32, 64, 64), chunks]):
-        row = run_declump(small, work / "chunks", chunks=chunk_shape)
-        result["chunk_shapes"].append(row)
-        print("chunks", row, flush=True)
-    for threads in sorted({1, cpu}):
-        row = run_declump(small, work / "workers", workers=threads)
-        row["threads"] = threads
-        result["workers"].append(row)
-        print("workers", row, flush=True)
-    result["decode"] = decode_rates(small)
-    rate = result["memory"][-1]["mvox_per_s"]
-    result["scale_model_rate_mvox_per_s"] = rate
-    result["scale_model"] = scale_model(rate, result["decode"]["codec_decode_mvox_per_s_one_core"], cpu)
+    suites = args.suites.split(",")
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"{args.out}_{result['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=float) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    stem = RESULTS / f"{args.out}_{time.strftime('%Y-%m-%d')}"
+    # Suites can run in separate invocations; each one updates the same result file.
+    result = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {}
+    result.update({"date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "parameters": PARAMS})
+
+    def save():
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+        if all(k in result for k in ("memory", "chunk_shapes", "workers", "decode")):
+            stem.with_suffix(".md").write_text(markdown(result))
+
+    if "memory" in suites:
+        result["memory"] = []
+        for shape, volume in ((quarter, small), (full, big)):
+            row = run_declump(volume, work / "memory")
+            row["shape"] = list(shape)
+            result["memory"].append(row)
+            print("memory", row, flush=True)
+        save()
+    cpu = os.cpu_count() or 1
+    if "chunks" in suites:
+        result["chunk_shapes"] = []
+        for chunk_shape in ([(128, 128, 128), chunks] if not args.quick else [(32, 64, 64), chunks]):
+            row = run_declump(small, work / "chunks", chunks=chunk_shape)
+            result["chunk_shapes"].append(row)
+            print("chunks", row, flush=True)
+        save()
+    if "workers" in suites:
+        result["workers"] = []
+        for threads in sorted({1, cpu}):
+            row = run_declump(small, work / "workers", workers=threads)
+            row["threads"] = threads
+            result["workers"].append(row)
+            print("workers", row, flush=True)
+        save()
+    if "decode" in suites:
+        result["decode"] = decode_rates(small)
+        save()
+    if "memory" in result and "decode" in result:
+        rate = result["memory"][-1]["mvox_per_s"]
+        result["scale_model_rate_mvox_per_s"] = rate
+        result["scale_model"] = scale_model(rate, result["decode"]["codec_decode_mvox_per_s_one_core"], cpu)
+        save()
+    if stem.with_suffix(".md").exists():
+        print(stem.with_suffix(".md").read_text())
     return 0
 
 

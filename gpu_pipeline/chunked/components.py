@@ -48,19 +48,19 @@ def _label_block(block, offsets, by_value, block_info=None):
 
 
 def _first_voxels(block, start, shape):
-    """(label, first global flat index) for each label in a block, as a (2, n) int64 NumPy array."""
+    """(label, first global flat index) for each label in a block, as a (2, n) int64 NumPy array.
+
+    The volume's C order restricted to a block is the block's own C order,
+    so each label's first voxel in the block is its first occurrence there.
+    """
     xp = get_array_module(block)
     flat = xp.flatnonzero(block.ravel())
     if flat.size == 0:
         return np.zeros((2, 0), dtype=np.int64)
-    values = block.ravel()[flat]
-    local = xp.unravel_index(flat, block.shape)
+    values, first = xp.unique(block.ravel()[flat], return_index=True)
+    local = xp.unravel_index(flat[first], block.shape)
     global_flat = xp.ravel_multi_index(tuple(c + int(s) for c, s in zip(local, start)), shape)
-    # Within a block C order of the block is not C order of the volume: reduce by min per label.
-    order = xp.lexsort(xp.stack([global_flat, values]))
-    values, global_flat = values[order], global_flat[order]
-    first = xp.concatenate([xp.ones(1, dtype=bool), values[1:] != values[:-1]])
-    return to_host(xp.stack([values[first], global_flat[first]]))
+    return to_host(xp.stack([values.astype(xp.int64), global_flat.astype(xp.int64)]))
 
 
 def _touching_pairs(low, high, low_values, high_values):
@@ -73,30 +73,65 @@ def _touching_pairs(low, high, low_values, high_values):
     return to_host(xp.unique(xp.stack([a[keep], b[keep]], axis=1), axis=0))
 
 
-def face_slabs(arrays):
-    """For every internal chunk face: the delayed 1-voxel slabs of each array on both sides.
+def _summary(ids, values, start, shape, per_block):
+    """One block's own result and its six (four in 2D) boundary slabs, as small host arrays."""
+    result = per_block(ids, values, start, shape) if per_block is not None else None
+    faces = []
+    for axis in range(ids.ndim):
+        ends = []
+        for part in (slice(0, 1), slice(-1, None)):
+            index = [slice(None)] * ids.ndim
+            index[axis] = part
+            # Copies: a view would keep the whole block alive until every face task has run.
+            ends.append((to_host(ids[tuple(index)]).copy(), to_host(values[tuple(index)]).copy()))
+        faces.append(tuple(ends))
+    return result, faces
 
-    Yields ``(low_blocks, high_blocks)``, lists holding one delayed block per
-    array; only 2-voxel-thick slabs are ever read.
+
+def _across_face(low_summary, high_summary, axis, per_face):
+    """``per_face`` of the slabs facing each other: the low block's last layer, the high block's first."""
+    (a, va), (b, vb) = low_summary[1][axis][1], high_summary[1][axis][0]
+    return per_face(a, b, va, vb, axis)
+
+
+def summarize_blocks(ids, values, *, per_block=None, per_face=None):
+    """Delayed per-block and per-chunk-face results over two aligned chunked arrays.
+
+    One task per block computes ``per_block(ids_block, values_block, start,
+    shape)`` and keeps only the block's boundary slabs; one task per internal
+    face calls ``per_face(low_slab_ids, high_slab_ids, low_slab_values,
+    high_slab_values, axis)`` on the two slabs that face each other. No task
+    holds a whole block for later, so memory stays at a few blocks in flight
+    plus slabs, whatever the number of chunks.
+
+    Returns ``(block_results, face_results)``, lists of delayed objects.
     """
-    first = arrays[0]
-    for axis in range(first.ndim):
-        for position in _chunk_starts(first.chunks)[axis][1:]:
-            index = [slice(None)] * first.ndim
-            index[axis] = slice(int(position) - 1, int(position) + 1)
-            per_array = [a[tuple(index)].to_delayed() for a in arrays]
-            lows = [np.take(b, 0, axis=axis).ravel() for b in per_array]
-            highs = [np.take(b, 1, axis=axis).ravel() for b in per_array]
-            for i in range(lows[0].size):
-                yield [lo[i] for lo in lows], [hi[i] for hi in highs]
+    import operator
 
-
-def _face_tasks(labels, values):
-    """Delayed pair lists for every internal chunk face."""
     from dask import delayed
 
-    return [delayed(_touching_pairs)(low[0], high[0], low[1], high[1])
-            for low, high in face_slabs([labels, values])]
+    starts = _chunk_starts(ids.chunks)
+    id_blocks, value_blocks = ids.to_delayed(), values.to_delayed()
+    summaries = {}
+    for index in itertools.product(*[range(n) for n in ids.numblocks]):
+        start = [int(starts[a][i]) for a, i in enumerate(index)]
+        summaries[index] = delayed(_summary)(id_blocks[index], value_blocks[index], start, ids.shape, per_block)
+    block_results = [delayed(operator.getitem)(summary, 0) for summary in summaries.values()]
+    face_results = []
+    for axis in range(ids.ndim):
+        for index, summary in summaries.items():
+            if index[axis] + 1 < ids.numblocks[axis]:
+                other = tuple(i + (a == axis) for a, i in enumerate(index))
+                face_results.append(delayed(_across_face)(summary, summaries[other], axis, per_face))
+    return block_results, face_results
+
+
+def _first_voxels_of(ids, values, start, shape):
+    return _first_voxels(ids, start, shape)
+
+
+def _pairs_of(a, b, va, vb, axis):
+    return _touching_pairs(a, b, va, vb)
 
 
 def label_chunked(mask, *, by_value=False, compute_kwargs=None):
@@ -111,7 +146,6 @@ def label_chunked(mask, *, by_value=False, compute_kwargs=None):
     (threads by default, or a distributed client).
     """
     import dask
-    from dask import delayed
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -125,11 +159,8 @@ def label_chunked(mask, *, by_value=False, compute_kwargs=None):
         return labels.map_blocks(lambda b: b.astype(np.int32), dtype=np.int32), 0
 
     # Pairs across every internal chunk face, merged on a small sparse graph.
-    starts = _chunk_starts(mask.chunks)
-    blocks = labels.to_delayed()
-    first_tasks = [delayed(_first_voxels)(blocks[idx], [starts[a][i] for a, i in enumerate(idx)], mask.shape)
-                   for idx in itertools.product(*[range(n) for n in mask.numblocks])]
-    pair_lists, first_lists = dask.compute(_face_tasks(labels, mask), first_tasks, **compute_kwargs)
+    first_tasks, pair_tasks = summarize_blocks(labels, mask, per_block=_first_voxels_of, per_face=_pairs_of)
+    pair_lists, first_lists = dask.compute(pair_tasks, first_tasks, **compute_kwargs)
     pair_lists = [p for p in pair_lists if len(p)]
     pairs = np.concatenate(pair_lists, axis=0) if pair_lists else np.zeros((0, 2), np.int64)
     root = np.arange(total + 1, dtype=np.int64)

@@ -82,7 +82,9 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
         fg = mask > 0.5 if np.dtype(mask.dtype).kind != "b" else mask
         value, side = None, None
     else:
-        smoothed = smooth_chunked(volume.astype(np.float32), tuple(float(sigma) / s for s in spacing)) \
+        # The input dtype goes into the overlap (ops.gaussian converts each block to float32): the halo
+        # slices Dask holds between neighbouring tasks are then 4x smaller for uint8 data.
+        smoothed = smooth_chunked(volume, tuple(float(sigma) / s for s in spacing)) \
             if sigma and sigma > 0 else volume
 
         def decide():

@@ -14,7 +14,7 @@ from gpu_pipeline.stages.threshold import histogram_bins, intensity_histogram, o
 
 def _block_histogram(block, bins):
     counts, _ = intensity_histogram(block, bins)
-    return counts[None, :]
+    return counts.reshape((1,) * block.ndim + (-1,))
 
 
 def otsu_threshold_chunked(image):
@@ -28,8 +28,8 @@ def otsu_threshold_chunked(image):
 
         raise DeclumpError("the volume holds NaN or inf values; declump accepts finite intensities only")
     bins = histogram_bins(float(low), float(high), image.dtype)
-    flat = image.reshape(-1) if image.ndim > 1 else image
-    per_chunk = flat.map_blocks(_block_histogram, bins, dtype=np.int64, chunks=((1,) * flat.numblocks[0], (bins.nbins,)),
-                                new_axis=1)
-    counts = to_host(da.sum(per_chunk, axis=0).compute())
+    # One histogram per chunk (no reshape: flattening would rechunk into huge blocks), tree-summed.
+    per_chunk = image.map_blocks(_block_histogram, bins, dtype=np.int64, new_axis=image.ndim,
+                                 chunks=tuple((1,) * n for n in image.numblocks) + ((bins.nbins,),))
+    counts = to_host(da.sum(per_chunk, axis=tuple(range(image.ndim))).compute())
     return otsu_from_histogram(counts, bins)

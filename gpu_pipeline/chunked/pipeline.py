@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_host
-from gpu_pipeline.chunked.components import face_slabs, label_chunked
+from gpu_pipeline.chunked.components import label_chunked, summarize_blocks
 from gpu_pipeline.chunked.foreground import fit_halo, regions_chunked
 from gpu_pipeline.chunked.workspace import Workspace, chunk_starts, run_tasks, to_device
 from gpu_pipeline.pipeline import NoParticlesError, cap_distance, validate_spacing
@@ -91,8 +91,24 @@ def _block_peak_candidates(extended, origin, left, core_shape, spacing, half_wid
     return to_host(coords + shift), to_host(values), to_host(region), capped
 
 
-def peaks_chunked(regions, *, spacing, min_distance, max_radius, verbose=False):
+def _read_extended(store, region, device):
+    """A chunk with its halo, read straight from a staged Zarr store (only this block's bytes)."""
+    import zarr
+
+    block = zarr.open_array(str(store), mode="r")[region]
+    if device == "gpu":
+        import cupy
+
+        block = cupy.asarray(block)
+    return block
+
+
+def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, device=None, verbose=False):
     """Peaks of the capped distance map of ``regions > 0``: the in-memory `find_peaks` result, for any chunking.
+
+    ``store``: the Zarr store ``regions`` was staged in; each task then reads
+    its chunk and halo straight from it (memory: one extended block per
+    task). Without it the halo comes from ``dask.array.overlap``.
 
     Returns a dict: ``peaks`` (n, ndim) int64 in C order, ``values`` (int32
     quantised distances), ``region`` (int64), ``n_capped`` voxels at the cap.
@@ -102,16 +118,23 @@ def peaks_chunked(regions, *, spacing, min_distance, max_radius, verbose=False):
 
     half = window_half_widths(min_distance, spacing)
     depth = peak_halo(min_distance, max_radius, spacing)
-    regions = fit_halo(regions, depth, "distance-transform and peak")
-    extended = da.overlap.overlap(regions, depth=dict(enumerate(depth)), boundary="none")
-    blocks = extended.to_delayed()
+    if store is None:
+        regions = fit_halo(regions, depth, "distance-transform and peak")
+        blocks = da.overlap.overlap(regions, depth=dict(enumerate(depth)), boundary="none").to_delayed()
     starts = chunk_starts(regions.chunks)
     tasks = []
     for index in itertools.product(*[range(n) for n in regions.numblocks]):
         origin = [int(starts[a][i]) for a, i in enumerate(index)]
-        left = [depth[a] if i > 0 else 0 for a, i in enumerate(index)]
         core_shape = [int(regions.chunks[a][i]) for a, i in enumerate(index)]
-        tasks.append(delayed(_block_peak_candidates)(blocks[index], origin, left, core_shape, tuple(spacing),
+        if store is None:
+            left = [depth[a] if i > 0 else 0 for a, i in enumerate(index)]
+            extended = blocks[index]
+        else:
+            low = [max(0, o - d) for o, d in zip(origin, depth)]
+            high = [min(n, o + c + d) for o, c, d, n in zip(origin, core_shape, depth, regions.shape)]
+            left = [o - lo for o, lo in zip(origin, low)]
+            extended = delayed(_read_extended)(store, tuple(slice(lo, hi) for lo, hi in zip(low, high)), device)
+        tasks.append(delayed(_block_peak_candidates)(extended, origin, left, core_shape, tuple(spacing),
                                                      half, float(max_radius)))
     parts = run_tasks(tasks, "distance transform + peak candidates", voxels=int(np.prod(regions.shape)),
                       verbose=verbose)
@@ -200,7 +223,7 @@ def lloyd_chunked(regions, seeds, *, spacing, max_iter, verbose=False):
     return centres
 
 
-def _piece_stats(pieces, labels):
+def _piece_stats(pieces, labels, start, shape):
     """Per block: (piece ids, their label, their voxel counts) and the within-block face pairs."""
     xp = get_array_module(pieces)
     ids, first, counts = xp.unique(pieces.ravel(), return_index=True, return_counts=True)
@@ -210,11 +233,11 @@ def _piece_stats(pieces, labels):
     return tuple(to_host(a) for a in stats), tuple(to_host(a) for a in pairs)
 
 
-def _face_piece_pairs(low, high, axis):
+def _face_piece_pairs(low_pieces, high_pieces, low_labels, high_labels, axis):
     """Face pairs between the two 1-voxel slabs on either side of a chunk face."""
-    pieces = get_array_module(low[0]).concatenate([low[0], high[0]], axis=axis)
-    labels = get_array_module(low[1]).concatenate([low[1], high[1]], axis=axis)
-    return tuple(to_host(a) for a in face_pairs_between_labels(pieces, labels, axes=(axis,)))
+    pieces = np.concatenate([low_pieces, high_pieces], axis=axis)
+    labels = np.concatenate([low_labels, high_labels], axis=axis)
+    return face_pairs_between_labels(pieces, labels, axes=(axis,))
 
 
 def one_piece_chunked(labels, *, workspace, device=None, verbose=False):
@@ -228,10 +251,8 @@ def one_piece_chunked(labels, *, workspace, device=None, verbose=False):
         pieces, n_pieces = label_chunked(labels, by_value=True)
 
         def decide():
-            p_blocks, l_blocks = pieces.to_delayed().ravel(), labels.to_delayed().ravel()
-            tasks = [delayed(_piece_stats)(p, lab) for p, lab in zip(p_blocks, l_blocks)]
-            face_tasks = [delayed(_face_piece_pairs)(low, high, axis) for (low, high), axis
-                          in zip(face_slabs([pieces, labels]), _face_axes(pieces))]
+            tasks, face_tasks = summarize_blocks(pieces, labels, per_block=_piece_stats,
+                                                 per_face=_face_piece_pairs)
             parts = run_tasks(tasks + face_tasks, f"one piece per particle, round {round_ + 1}", verbose=verbose)
             block_parts, face_parts = parts[:len(tasks)], parts[len(tasks):]
             piece_label = np.zeros(n_pieces + 1, dtype=np.int64)
@@ -258,15 +279,6 @@ def one_piece_chunked(labels, *, workspace, device=None, verbose=False):
 
 def _relabel(block, table):
     return get_array_module(block).asarray(table)[block]
-
-
-def _face_axes(array):
-    """The axis of every internal chunk face, in the order `face_slabs` yields them."""
-    axes = []
-    for axis in range(array.ndim):
-        others = int(np.prod([n for a, n in enumerate(array.numblocks) if a != axis]))
-        axes += [axis] * (others * (array.numblocks[axis] - 1))
-    return axes
 
 
 def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,
@@ -323,8 +335,9 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
     if n_regions == 0:
         raise NoParticlesError("no particles found: the foreground is empty after thresholding and removing objects "
                                f"smaller than {min_size:g} (physical units); check polarity, threshold or min_size")
-    found = workspace.remember("peaks", lambda: peaks_chunked(regions, spacing=spacing, min_distance=min_distance,
-                                                              max_radius=max_radius, verbose=verbose))
+    found = workspace.remember("peaks", lambda: peaks_chunked(
+        regions, spacing=spacing, min_distance=min_distance, max_radius=max_radius,
+        store=workspace.store("regions"), device=device, verbose=verbose))
     details.n_peaks, details.n_capped_voxels = int(len(found["peaks"])), int(found["n_capped"])
     _, quantum = quantize_distance(np.zeros(1, np.float32), spacing)
     radii = found["values"].astype(np.float64) * quantum

@@ -127,6 +127,12 @@ class Workspace:
         return value
 
     # --- staged arrays -------------------------------------------------
+    def store(self, name):
+        """Path of the finished staged store ``name``, or None."""
+        if self.root is None or not (self.root / f"{name}.done" / "complete").exists():
+            return None
+        return str(self.root / f"{name}.zarr")
+
     def stage(self, name, build, *, chunks, shape, dtype, device=None):
         """A staged array: ``build()`` (a lazy Dask array) written block by block once, then read back.
 
