@@ -39,35 +39,46 @@ def particle_table(labels, image=None, spacing=None):
     ops = ops_for(labels)
     ndim = labels.ndim
     spacing = (1.0,) * ndim if spacing is None else tuple(float(s) for s in spacing)
-    axes = AXES[-ndim:]
     flat = xp.flatnonzero(labels.ravel())
     ids = labels.ravel()[flat].astype(xp.int64)
     n = int(ids.max()) + 1 if ids.size else 1
+    coords = [c.astype(xp.int64) for c in xp.unravel_index(flat, labels.shape)]
     counts = xp.bincount(ids, minlength=n)
-    present = xp.flatnonzero(counts)
-    present = present[present > 0]
-    coords = xp.unravel_index(flat, labels.shape)
-    table = {"label": to_host(present), "voxel_count": to_host(counts[present])}
-    voxel_size = math.prod(spacing)
-    size = table["voxel_count"] * voxel_size
-    table["area" if ndim == 2 else "volume"] = size
-    table["equivalent_diameter"] = (np.sqrt(4 * size / math.pi) if ndim == 2
-                                    else np.cbrt(6 * size / math.pi))
-    for axis, name in enumerate(axes):
-        c = coords[axis].astype(xp.int64)
-        sums = xp.bincount(ids, weights=c.astype(xp.float64), minlength=n)
-        table[f"centroid_{name}"] = to_host(sums[present] / counts[present]) * spacing[axis]
-    for axis, name in enumerate(axes):
-        c = coords[axis].astype(xp.int64)
-        low = xp.full(n, labels.shape[axis], dtype=xp.int64)
-        high = xp.full(n, -1, dtype=xp.int64)
-        ops.scatter_min(low, ids, c)
-        ops.scatter_max(high, ids, c)
-        table[f"bbox_min_{name}"] = to_host(low[present])
-        table[f"bbox_max_{name}"] = to_host(high[present] + 1)
+    sums = xp.stack([xp.bincount(ids, weights=c.astype(xp.float64), minlength=n) for c in coords])
+    low = xp.stack([xp.full(n, labels.shape[a], dtype=xp.int64) for a in range(ndim)])
+    high = xp.full((ndim, n), -1, dtype=xp.int64)
+    for axis, c in enumerate(coords):
+        ops.scatter_min(low[axis], ids, c)
+        ops.scatter_max(high[axis], ids, c)
+    intensity = None
     if image is not None:
-        values = image.ravel()[flat].astype(xp.float64)
-        table["mean_intensity"] = to_host(xp.bincount(ids, weights=values, minlength=n)[present] / counts[present])
+        intensity = xp.bincount(ids, weights=image.ravel()[flat].astype(xp.float64), minlength=n)
+    return table_from_sums(*(to_host(a) for a in (counts, sums, low, high)),
+                           None if intensity is None else to_host(intensity), spacing)
+
+
+def table_from_sums(counts, sums, low, high, intensity, spacing):
+    """The particle table from per-label sums indexed by label id (host arrays).
+
+    ``counts`` (n,) voxels; ``sums`` (ndim, n) coordinate sums (index units);
+    ``low``/``high`` (ndim, n) smallest/largest coordinate; ``intensity`` (n,)
+    summed intensities or None. Chunked runs add these up over chunks first.
+    """
+    ndim = len(spacing)
+    axes = AXES[-ndim:]
+    present = np.flatnonzero(counts)
+    present = present[present > 0]
+    table = {"label": present, "voxel_count": counts[present]}
+    size = table["voxel_count"] * math.prod(spacing)
+    table["area" if ndim == 2 else "volume"] = size
+    table["equivalent_diameter"] = np.sqrt(4 * size / math.pi) if ndim == 2 else np.cbrt(6 * size / math.pi)
+    for axis, name in enumerate(axes):
+        table[f"centroid_{name}"] = sums[axis, present] / counts[present] * spacing[axis]
+    for axis, name in enumerate(axes):
+        table[f"bbox_min_{name}"] = low[axis, present]
+        table[f"bbox_max_{name}"] = high[axis, present] + 1
+    if intensity is not None:
+        table["mean_intensity"] = intensity[present] / counts[present]
     return table
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import time
@@ -29,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from gpu_pipeline._backend import DeclumpError, get_array_module, to_host
+from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_host
 from gpu_pipeline.chunked.workspace import Workspace, active_client, chunk_starts, run_tasks, save_parameters, \
     write_blocks
 from gpu_pipeline.io import LABEL_NAME, write_ngff_label_metadata
-from gpu_pipeline.measure import AXES
+from gpu_pipeline.measure import table_from_sums
 
 @contextlib.contextmanager
 def engine(*, cluster=None, scheduler=None, workers=None, verbose=False):
@@ -93,8 +92,6 @@ def _block_table(labels, image, origin):
         out[f"sum{axis}"] = xp.bincount(inverse, weights=c.astype(xp.float64), minlength=n)
         low = xp.full(n, np.iinfo(np.int64).max, dtype=xp.int64)
         high = xp.full(n, -1, dtype=xp.int64)
-        from gpu_pipeline._backend import ops_for
-
         ops_for(labels).scatter_min(low, inverse, c)
         ops_for(labels).scatter_max(high, inverse, c)
         out[f"min{axis}"], out[f"max{axis}"] = low, high
@@ -131,20 +128,7 @@ def table_chunked(labels, image, spacing, n_particles, *, verbose=False):
             high[a, ids] = np.maximum(high[a, ids], p[f"max{a}"])
         if "intensity" in p:
             intensity[ids] += p["intensity"]
-    present = np.flatnonzero(count)
-    present = present[present > 0]
-    axes = AXES[-ndim:]
-    size = count[present] * math.prod(spacing)
-    table = {"label": present, "voxel_count": count[present], "area" if ndim == 2 else "volume": size,
-             "equivalent_diameter": np.sqrt(4 * size / math.pi) if ndim == 2 else np.cbrt(6 * size / math.pi)}
-    for a, name in enumerate(axes):
-        table[f"centroid_{name}"] = sums[a, present] / count[present] * spacing[a]
-    for a, name in enumerate(axes):
-        table[f"bbox_min_{name}"] = low[a, present]
-        table[f"bbox_max_{name}"] = high[a, present] + 1
-    if image is not None:
-        table["mean_intensity"] = intensity[present] / count[present]
-    return table
+    return table_from_sums(count, sums, low, high, intensity if image is not None else None, spacing)
 
 
 def write_parquet(table, path):
