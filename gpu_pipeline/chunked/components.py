@@ -18,10 +18,7 @@ import itertools
 import numpy as np
 
 from gpu_pipeline._backend import get_array_module, ops_for, to_host
-
-
-def _chunk_starts(chunks):
-    return [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64) for c in chunks]
+from gpu_pipeline.chunked.workspace import chunk_starts
 
 
 def _label_local(block, by_value):
@@ -110,7 +107,7 @@ def summarize_blocks(ids, values, *, per_block=None, per_face=None):
 
     from dask import delayed
 
-    starts = _chunk_starts(ids.chunks)
+    starts = chunk_starts(ids.chunks)
     id_blocks, value_blocks = ids.to_delayed(), values.to_delayed()
     summaries = {}
     for index in itertools.product(*[range(n) for n in ids.numblocks]):

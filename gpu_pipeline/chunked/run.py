@@ -35,7 +35,7 @@ from gpu_pipeline.io import LABEL_NAME, write_ngff_label_metadata
 from gpu_pipeline.measure import table_from_sums
 
 @contextlib.contextmanager
-def engine(*, cluster=None, scheduler=None, workers=None, verbose=False):
+def engine(*, cluster=None, scheduler=None, workers=None):
     """The Dask engine for a run: local threads (default), a local cluster, dask-cuda, or an existing scheduler."""
     import dask
 
@@ -212,7 +212,7 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     root.attrs["declump"] = {"complete": False, "parameters": parameters}
 
     workspace = Workspace(work, verbose=verbose)
-    with engine(cluster=cluster, scheduler=scheduler, workers=workers, verbose=verbose):
+    with engine(cluster=cluster, scheduler=scheduler, workers=workers):
         if verbose:
             client = active_client()
             where = f"Dask cluster {client.scheduler.address}" if client else "local threads"
