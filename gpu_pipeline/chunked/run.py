@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_host
-from gpu_pipeline.chunked.workspace import Workspace, active_client, chunk_starts, run_tasks, save_parameters, \
-    write_blocks
+from gpu_pipeline.chunked.workspace import Workspace, active_client, chunk_starts, run_tasks, release_freed_memory, \
+    save_parameters, write_blocks
 from gpu_pipeline.io import LABEL_NAME, write_ngff_label_metadata
 from gpu_pipeline.measure import table_from_sums
 
@@ -212,6 +212,7 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     root.attrs["declump"] = {"complete": False, "parameters": parameters}
 
     workspace = Workspace(work, verbose=verbose)
+    release_freed_memory()
     with engine(cluster=cluster, scheduler=scheduler, workers=workers):
         if verbose:
             client = active_client()

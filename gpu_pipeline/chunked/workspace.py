@@ -30,6 +30,35 @@ def chunk_starts(chunks):
     return [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64) for c in chunks]
 
 
+#: glibc malloc parameters (bytes) for chunked runs: allocations above
+#: this size are mmapped and freed memory above it is returned to the OS.
+HEAP_RELEASE_BYTES = 64 * 1024
+
+
+def release_freed_memory():
+    """Make glibc hand freed memory back to the OS, so a long run's footprint follows its live data.
+
+    Without this, glibc's adaptive mmap threshold rises to 32 MiB after
+    the first large array is freed, and every later chunk-sized temporary
+    comes from per-thread heaps that keep their peak size: resident memory
+    then grows with the run's length (the number of chunks), not with the
+    chunk size. Dask's nanny sets the same through ``MALLOC_TRIM_THRESHOLD_``
+    for its worker processes; this sets both thresholds in this process
+    (``mallopt``). Returns False where it does not apply (not glibc).
+    """
+    import ctypes
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, HEAP_RELEASE_BYTES)) and bool(mallopt(m_trim_threshold,
+                                                                                 HEAP_RELEASE_BYTES))
+
+
 def _write_block(data, path, region, marker):
     import zarr
 
