@@ -9,7 +9,8 @@ volumes written to compressed Zarr stores (zstd, Zarr v3) under
 
 - peak memory vs volume size with the same chunks (the full volume and one
   4x smaller);
-- throughput vs chunk shape and vs number of threads (scaling efficiency);
+- throughput vs chunk shape and vs number of threads (scaling efficiency),
+  on a smaller volume, medians of ``--repeats`` runs with their spread;
 - time to read and decode every input chunk, beside the codec's decode rate
   on one chunk in memory (the ceiling for reading), measured here;
 - blocks computed by each stage, from the run's summary.
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine_info
+from bench.common import machine_info, spread
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
@@ -105,6 +106,16 @@ def run_declump(volume, out_dir, *, chunks=None, workers=None, extra=()):
             "blocks_computed": summary["blocks_computed"], "one_piece_rounds": summary["one_piece_rounds"]}
 
 
+def run_repeated(volume, out_dir, repeats, **kwargs):
+    """``repeats`` runs of :func:`run_declump`: median seconds with min-max, the largest peak RSS."""
+    rows = [run_declump(volume, out_dir, **kwargs) for _ in range(repeats)]
+    seconds = [r["seconds"] for r in rows]
+    row = dict(rows[0], **{"seconds_spread": spread(seconds), "peak_rss_gib": max(r["peak_rss_gib"] for r in rows)})
+    row["seconds"] = row["seconds_spread"]["median"]
+    row["mvox_per_s"] = row["voxels"] / row["seconds"] / 1e6
+    return row
+
+
 def decode_rates(volume):
     """Seconds to read and decode every chunk of ``volume`` (threads), and one chunk's in-memory decode rate."""
     import dask
@@ -151,7 +162,8 @@ def markdown(result):
              f"Machine: {result['machine']['cpu']}, {result['machine']['cpu_count']} CPUs, "
              f"{result['machine']['memory_gib']:.1f} GiB, GPU: {result['machine']['gpu'] or 'none'}. "
              "`declump run in.zarr out.zarr` (CPU fallback, local threads), each in a fresh process; "
-             f"parameters {' '.join(PARAMS)}; zstd-compressed Zarr v3 input. One run per row.", "",
+             f"parameters {' '.join(PARAMS)}; zstd-compressed Zarr v3 input. Memory rows: one run each "
+             "(peak memory, not time, is their point).", "",
              "## Peak memory vs volume size (same chunks)", "",
              "| volume | voxels | chunks | s | Mvox/s | peak RSS GiB | particles |", "|---|---|---|---|---|---|---|"]
     for row in result["memory"]:
@@ -164,15 +176,23 @@ def markdown(result):
                       f"**{big['peak_rss_gib'] / small['peak_rss_gib']:.2f}x**."]
     if "chunk_shapes" not in result or "workers" not in result:
         lines += ["", "Throughput vs chunk shape and vs threads: not run for this file (`--suites chunks,workers`)."]
-    lines += ["", "## Throughput vs chunk shape", "", "| chunks | s | Mvox/s | peak RSS GiB |", "|---|---|---|---|"]
+    def seconds(row):
+        s = row.get("seconds_spread")
+        return f"{row['seconds']:.1f}" + (f" ({s['min']:.1f}-{s['max']:.1f}, {s['runs']} runs)" if s else "")
+
+    scaling = result.get("scaling_volume")
+    where = f" ({'x'.join(map(str, scaling))} volume; median and min-max of repeated runs)" if scaling else ""
+    lines += ["", f"## Throughput vs chunk shape{where}", "", "| chunks | s | Mvox/s | peak RSS GiB |",
+              "|---|---|---|---|"]
     for row in result.get("chunk_shapes", []):
-        lines.append(f"| {'x'.join(map(str, row['chunks']))} | {row['seconds']:.0f} | {row['mvox_per_s']:.2f} | "
+        lines.append(f"| {'x'.join(map(str, row['chunks']))} | {seconds(row)} | {row['mvox_per_s']:.2f} | "
                      f"{row['peak_rss_gib']:.2f} |")
-    lines += ["", "## Throughput vs threads", "", "| threads | s | Mvox/s | scaling efficiency |", "|---|---|---|---|"]
+    lines += ["", f"## Throughput vs threads{where}", "", "| threads | s | Mvox/s | scaling efficiency |",
+              "|---|---|---|---|"]
     base = (result.get("workers") or [None])[0]
     for row in result.get("workers", []):
         eff = base["seconds"] / row["seconds"] / (row["threads"] / base["threads"])
-        lines.append(f"| {row['threads']} | {row['seconds']:.0f} | {row['mvox_per_s']:.2f} | {eff:.2f} |")
+        lines.append(f"| {row['threads']} | {seconds(row)} | {row['mvox_per_s']:.2f} | {eff:.2f} |")
     d = result["decode"]
     lines += ["", "## Decoding vs computing", "",
               f"Reading and decoding every input chunk (threads): {d['read_all_chunks_seconds']:.1f} s "
@@ -200,6 +220,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small volumes (a smoke run)")
     parser.add_argument("--full-size", default="512,1024,1024")
     parser.add_argument("--out", default="chunked")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per row of the chunks and workers suites")
+    parser.add_argument("--scaling-size", default="128,512,512",
+                        help="volume of the chunks and workers suites (repeated runs)")
     parser.add_argument("--suites", default="memory,chunks,workers,decode",
                         help="comma-separated subset of memory,chunks,workers,decode (default: all)")
     args = parser.parse_args(argv)
@@ -212,6 +235,8 @@ def main(argv=None):
     work = DATA / "runs"
     small = make_volume(DATA / f"vol_{'x'.join(map(str, quarter))}.zarr", quarter, chunks)
     big = make_volume(DATA / f"vol_{'x'.join(map(str, full))}.zarr", full, chunks)
+    scaling = tuple(int(v) for v in args.scaling_size.split(",")) if not args.quick else (64, 128, 256)
+    scaling_volume = make_volume(DATA / f"vol_{'x'.join(map(str, scaling))}.zarr", scaling, chunks)
     suites = args.suites.split(",")
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"{args.out}_{time.strftime('%Y-%m-%d')}"
@@ -234,16 +259,16 @@ def main(argv=None):
         save()
     cpu = os.cpu_count() or 1
     if "chunks" in suites:
-        result["chunk_shapes"] = []
-        for chunk_shape in ([(128, 128, 128), chunks] if not args.quick else [(32, 64, 64), chunks]):
-            row = run_declump(small, work / "chunks", chunks=chunk_shape)
+        result["chunk_shapes"], result["scaling_volume"] = [], list(scaling)
+        for chunk_shape in ([(64, 128, 128), (128, 128, 128), chunks] if not args.quick else [(32, 64, 64), chunks]):
+            row = run_repeated(scaling_volume, work / "chunks", args.repeats, chunks=chunk_shape)
             result["chunk_shapes"].append(row)
             print("chunks", row, flush=True)
         save()
     if "workers" in suites:
-        result["workers"] = []
+        result["workers"], result["scaling_volume"] = [], list(scaling)
         for threads in sorted({1, cpu}):
-            row = run_declump(small, work / "workers", workers=threads)
+            row = run_repeated(scaling_volume, work / "workers", args.repeats, workers=threads)
             row["threads"] = threads
             result["workers"].append(row)
             print("workers", row, flush=True)
