@@ -32,6 +32,7 @@ from gpu_pipeline.synthetic import make_touching_particles
 
 DECLUMP_VARIANTS = {
     "declump (default: power, 0 Lloyd)": dict(assignment="power", max_iter=0),
+    "declump --neck-ratio 0.7": dict(assignment="power", max_iter=0, neck_ratio=0.7),
     "declump power + 3 Lloyd": dict(assignment="power", max_iter=3),
     "declump power + 10 Lloyd": dict(assignment="power", max_iter=10),
     "declump euclidean batched + 10 Lloyd": dict(assignment="euclidean", max_iter=10),

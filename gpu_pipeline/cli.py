@@ -25,6 +25,8 @@ PARAMETER_HELP = {
                 "diameter --min-distance)",
     "max_hole_size": "fill holes smaller than this area/volume, physical units (default 0: off, since pockets "
                      "enclosed between touching particles look like holes)",
+    "neck_ratio": "off by default; in (0, 1]: peaks of one region joined by no neck narrower than this times the "
+                  "lower peak's depth make one particle (rods, hollow particles; 0.7 is a good start)",
 }
 
 
@@ -56,6 +58,7 @@ def add_separation_options(parser):
     group.add_argument("--min-distance", type=float, default=4.0, help=PARAMETER_HELP["min_distance"])
     group.add_argument("--min-size", type=float, default=None, help=PARAMETER_HELP["min_size"])
     group.add_argument("--max-hole-size", type=float, default=0.0, help=PARAMETER_HELP["max_hole_size"])
+    group.add_argument("--neck-ratio", type=float, default=None, help=PARAMETER_HELP["neck_ratio"])
     group.add_argument("--method", choices=("kmeans", "watershed"), default="kmeans",
                        help="kmeans: k-means per region from the peaks (default); watershed: the classical "
                             "watershed of the distance map from the same peaks, for comparison")
@@ -70,7 +73,7 @@ def add_separation_options(parser):
 def separation_kwargs(args):
     return dict(spacing=args.spacing, sigma=args.sigma, threshold=args.threshold, polarity=args.polarity,
                 min_distance=args.min_distance, min_size=args.min_size, max_hole_size=args.max_hole_size,
-                method=args.method, assignment=args.assignment, max_iter=args.max_iter)
+                neck_ratio=args.neck_ratio, method=args.method, assignment=args.assignment, max_iter=args.max_iter)
 
 
 def output_paths(output):

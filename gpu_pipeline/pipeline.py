@@ -9,7 +9,7 @@ import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for
 from gpu_pipeline.stages.cleanup import clean_mask
-from gpu_pipeline.stages.peaks import find_peaks, quantize_distance, window_half_widths
+from gpu_pipeline.stages.peaks import find_peaks, neck_groups, quantize_distance, window_half_widths
 from gpu_pipeline.stages.split import finish_labels, split_regions_kmeans, split_regions_watershed
 from gpu_pipeline.stages.threshold import choose_polarity, foreground, otsu_threshold
 
@@ -79,8 +79,8 @@ def _mask_from(mask, shape):
 
 
 def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,
-             min_distance=4.0, min_size=None, max_hole_size=0.0, max_radius=None, method="kmeans",
-             assignment="power", kmeans_engine="batched", max_iter=0, return_details=False):
+             min_distance=4.0, min_size=None, max_hole_size=0.0, max_radius=None, neck_ratio=None,
+             method="kmeans", assignment="power", kmeans_engine="batched", max_iter=0, return_details=False):
     """Split touching particles: an instance label image with one id per particle.
 
     Runs on the device that holds ``image`` (NumPy: CPU fallback; CuPy: GPU).
@@ -119,6 +119,14 @@ def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto
         runs need one (their halo is this deep) and give exactly this
         function's result with the same cap; particles whose inscribed radius
         exceeds it get a plateau of peaks and are over-split.
+    neck_ratio : float in (0, 1], optional
+        Off by default. When set, peaks of one region whose distance map
+        never drops below ``neck_ratio`` times the lower peak on the segment
+        between them (no neck: rods, bumps, rims of hollow particles) make
+        one particle (:func:`gpu_pipeline.stages.peaks.neck_groups`);
+        ``method="kmeans"`` only. 0.7 helps on EMPS-like
+        images of rods and hollow particles and costs a little on round,
+        touching nuclei (see the README's bench section).
     method : "kmeans" or "watershed"
         ``kmeans``: k-means per region started at the peaks (default);
         ``watershed``: scikit-image watershed of the distance map from the
@@ -161,6 +169,10 @@ def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto
     if ndim not in (2, 3):
         validate_image(reference, "mask")
     spacing = validate_spacing(spacing, ndim)
+    if neck_ratio is not None and not (0 < float(neck_ratio) <= 1):
+        raise DeclumpError(f"neck_ratio must be in (0, 1], got {neck_ratio}")
+    if neck_ratio is not None and method != "kmeans":
+        raise DeclumpError("neck_ratio applies to method='kmeans' only")
     if method not in ("kmeans", "watershed"):
         raise DeclumpError(f"method must be 'kmeans' or 'watershed', got {method!r}")
     if not (min_distance > 0):
@@ -201,9 +213,10 @@ def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto
     clock.lap("regions")
     if method == "kmeans":
         radii = distance_q[tuple(peaks.T)].astype(xp.float64) * quantum
+        group = None if neck_ratio is None else neck_groups(peaks, distance_q, regions, spacing, neck_ratio)
         labels, details.n_iter = split_regions_kmeans(regions, details.n_regions, peaks, radii, spacing=spacing,
                                                       assignment=assignment, engine=kmeans_engine,
-                                                      max_iter=max_iter)
+                                                      max_iter=max_iter, peak_group=group)
         clock.lap("kmeans")
     else:
         labels = split_regions_watershed(fg, regions, details.n_regions, peaks, distance_q)

@@ -74,6 +74,32 @@ def test_lloyd_updates_and_mask_input_match_in_memory(rng):
     assert labels.compute().tobytes() == expected.tobytes()
 
 
+def _rods(shape, n, rng):
+    """Touching rods (capsules: points within a radius of a segment), bright on dark, any dimension."""
+    grid = np.indices(shape, dtype=float).reshape(len(shape), -1).T
+    inside = np.zeros(len(grid), bool)
+    for _ in range(n):
+        p, q = (rng.uniform(4, np.asarray(shape) - 4) for _ in range(2))
+        d = q - p
+        t = np.clip((grid - p) @ d / (d @ d), 0, 1)
+        inside |= np.linalg.norm(grid - (p + t[:, None] * d), axis=1) <= rng.uniform(3, 6)
+    return np.where(inside.reshape(shape), 200, 30).astype(np.uint8)
+
+
+@pytest.mark.parametrize("shape, chunkings", [((90, 110), [(40, 37), (23, 29)]),
+                                              ((30, 48, 44), [(15, 20, 22), (13, 17, 19)])])
+def test_neck_grouping_matches_in_memory(rng, tmp_path, shape, chunkings):
+    image = _rods(shape, 10 if len(shape) == 2 else 8, rng)
+    kwargs = dict(sigma=0, min_distance=3, max_radius=7.0, neck_ratio=0.7)
+    expected = separate(image, **kwargs)
+    plain = separate(image, **dict(kwargs, neck_ratio=None))
+    assert expected.max() < plain.max()  # the grouping joined peaks here
+    for chunks in chunkings:
+        labels, _ = separate_chunked(da.from_array(image, chunks=chunks), workspace=Workspace(tmp_path / str(chunks)),
+                                     **kwargs)
+        assert labels.compute().tobytes() == expected.tobytes(), chunks
+
+
 def test_cli_run_writes_ome_zarr_labels_and_parquet_table(tmp_path, rng):
     from gpu_pipeline.cli import main
 
@@ -107,6 +133,19 @@ def test_cli_run_writes_ome_zarr_labels_and_parquet_table(tmp_path, rng):
     assert main(["run", str(src), str(out), "--max-radius", "13", "--quiet"]) == 0
     with pytest.raises(DeclumpError, match="other parameters"):
         run_chunked(src, out, max_radius=13, sigma=2.0, verbose=False)
+
+
+def test_output_opens_in_napari_reader_plugin(tmp_path, rng):
+    """napari's OME-Zarr reader plugin (where installed; not in CI) gives a labels layer with the spacing."""
+    napari_ome_zarr = pytest.importorskip("napari_ome_zarr", reason="napari-ome-zarr is not installed")
+    spacing = (2.0, 1.0, 1.0)
+    image, _ = make_touching_particles((24, 48, 40), 20, spacing=spacing, seed=int(rng.integers(1e6)))
+    out = tmp_path / "out.zarr"
+    run_chunked(_ome_zarr(tmp_path / "in.zarr", image, spacing, (12, 24, 20)), out, max_radius=13, verbose=False)
+    layers = napari_ome_zarr.napari_get_reader(str(out))(str(out))
+    (data, kwargs, kind), = layers
+    assert kind == "labels" and list(kwargs["scale"]) == list(spacing)
+    assert np.array_equal(np.asarray(data[0]), separate(image, spacing=spacing, max_radius=13))
 
 
 def _markers(path):

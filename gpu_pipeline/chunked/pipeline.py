@@ -13,7 +13,10 @@ active scheduler; nothing holds more than a few chunks):
    capped at ``max_radius`` (in-memory ``separate(max_radius=...)`` caps the
    same way), so the capped map, its local maxima and their values are exact.
    The greedy peak spacing then runs once on all candidates
-   (:func:`~gpu_pipeline.stages.peaks.space_candidates`);
+   (:func:`~gpu_pipeline.stages.peaks.space_candidates`); with
+   ``neck_ratio``, a second pass of the same distance map samples the
+   segments between neighbouring peaks in the chunk that holds each sample
+   (:func:`neck_groups_chunked`);
 3. k-means: every chunk assigns its voxels with the global peak list and the
    candidate lists of :func:`~gpu_pipeline.stages.split.block_candidates`
    (which depend on coordinates only); Lloyd updates, when asked for, reduce
@@ -43,7 +46,8 @@ from gpu_pipeline.pipeline import NoParticlesError, cap_distance, validate_spaci
 from gpu_pipeline.stages.components import (count_pairs, face_pairs_between_labels, reassign_strays,
                                             stray_pieces)
 from gpu_pipeline.stages.kmeans import batched_kmeans
-from gpu_pipeline.stages.peaks import local_maxima, quantize_distance, space_candidates, window_half_widths
+from gpu_pipeline.stages.peaks import (groups_from_necks, local_maxima, neck_pairs, quantize_distance,
+                                       segment_points, space_candidates, window_half_widths)
 from gpu_pipeline.stages.split import KMeansSeeds, block_candidates, kmeans_seeds
 
 #: Default ``max_radius``: this many times ``min_distance``.
@@ -75,12 +79,17 @@ def peak_halo(min_distance, max_radius, spacing):
     return tuple(h + int(math.ceil(float(max_radius) / s - 1e-9)) for h, s in zip(half, spacing))
 
 
+def _capped_distance_q(extended, spacing, max_radius):
+    """The quantised distance map of ``extended > 0``, capped at ``max_radius`` (exact in a chunk's core)."""
+    fg = extended > 0
+    distance = cap_distance(ops_for(extended).distance_transform(fg, spacing), max_radius, spacing)
+    return fg, quantize_distance(distance, spacing)[0]
+
+
 def _block_peak_candidates(extended, origin, left, core_shape, spacing, half_widths, max_radius):
     """Peak candidates (global coords, quantised distance, region) in one chunk's core, and capped voxels."""
     xp = get_array_module(extended)
-    fg = extended > 0
-    distance = cap_distance(ops_for(extended).distance_transform(fg, spacing), max_radius, spacing)
-    distance_q, _ = quantize_distance(distance, spacing)
+    fg, distance_q = _capped_distance_q(extended, spacing, max_radius)
     core = tuple(slice(int(lo), int(lo) + int(n)) for lo, n in zip(left, core_shape))
     coords = local_maxima(distance_q, half_widths=half_widths, core=core)
     cap_q, _ = quantize_distance(xp.asarray([max_radius], dtype=xp.float32), spacing)
@@ -103,26 +112,19 @@ def _read_extended(store, region, device):
     return block
 
 
-def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, device=None, verbose=False):
-    """Peaks of the capped distance map of ``regions > 0``: the in-memory `find_peaks` result, for any chunking.
+def _extended_blocks(regions, depth, store, device):
+    """Per chunk: (index, origin, core shape, halo width on the low side, delayed chunk with its halo).
 
-    ``store``: the Zarr store ``regions`` was staged in; each task then reads
-    its chunk and halo straight from it (memory: one extended block per
-    task). Without it the halo comes from ``dask.array.overlap``.
-
-    Returns a dict: ``peaks`` (n, ndim) int64 in C order, ``values`` (int32
-    quantised distances), ``region`` (int64), ``n_capped`` voxels at the cap.
+    ``store``: the Zarr store ``regions`` was staged in (each task reads only
+    its block and halo); without it the halo comes from ``dask.array.overlap``.
     """
     import dask.array as da
     from dask import delayed
 
-    half = window_half_widths(min_distance, spacing)
-    depth = peak_halo(min_distance, max_radius, spacing)
     if store is None:
         regions = fit_halo(regions, depth, "distance-transform and peak")
         blocks = da.overlap.overlap(regions, depth=dict(enumerate(depth)), boundary="none").to_delayed()
     starts = chunk_starts(regions.chunks)
-    tasks = []
     for index in itertools.product(*[range(n) for n in regions.numblocks]):
         origin = [int(starts[a][i]) for a, i in enumerate(index)]
         core_shape = [int(regions.chunks[a][i]) for a, i in enumerate(index)]
@@ -134,8 +136,26 @@ def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, dev
             high = [min(n, o + c + d) for o, c, d, n in zip(origin, core_shape, depth, regions.shape)]
             left = [o - lo for o, lo in zip(origin, low)]
             extended = delayed(_read_extended)(store, tuple(slice(lo, hi) for lo, hi in zip(low, high)), device)
-        tasks.append(delayed(_block_peak_candidates)(extended, origin, left, core_shape, tuple(spacing),
-                                                     half, float(max_radius)))
+        yield index, origin, core_shape, left, extended
+
+
+def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, device=None, verbose=False):
+    """Peaks of the capped distance map of ``regions > 0``: the in-memory `find_peaks` result, for any chunking.
+
+    ``store``: the Zarr store ``regions`` was staged in; each task then reads
+    its chunk and halo straight from it (memory: one extended block per
+    task). Without it the halo comes from ``dask.array.overlap``.
+
+    Returns a dict: ``peaks`` (n, ndim) int64 in C order, ``values`` (int32
+    quantised distances), ``region`` (int64), ``n_capped`` voxels at the cap.
+    """
+    from dask import delayed
+
+    half = window_half_widths(min_distance, spacing)
+    depth = peak_halo(min_distance, max_radius, spacing)
+    tasks = [delayed(_block_peak_candidates)(extended, origin, left, core_shape, tuple(spacing), half,
+                                             float(max_radius))
+             for _, origin, core_shape, left, extended in _extended_blocks(regions, depth, store, device)]
     parts = run_tasks(tasks, "distance transform + peak candidates", voxels=int(np.prod(regions.shape)),
                       verbose=verbose)
     ndim = regions.ndim
@@ -149,12 +169,78 @@ def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, dev
             "region": region[keep], "n_capped": int(sum(p[3] for p in parts))}
 
 
+def _block_neck_minima(extended, origin, left, core_shape, spacing, max_radius, starts, ends):
+    """Lowest capped distance, per segment, over the segment's samples that fall in this chunk's core."""
+    xp = get_array_module(extended)
+    _, distance_q = _capped_distance_q(extended, spacing, max_radius)
+    m = len(starts)
+    ends_points = np.concatenate([starts, ends])
+    pair, points = segment_points(ends_points, np.arange(m), np.arange(m) + m)
+    origin = np.asarray(origin, np.int64)
+    inside = ((points >= origin) & (points < origin + np.asarray(core_shape, np.int64))).all(axis=1)
+    local = xp.asarray(points[inside] - origin + np.asarray(left, np.int64))
+    low = np.full(m, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(low, pair[inside], to_host(distance_q[tuple(local.T)]).astype(np.int64))
+    return low
+
+
+def _pairs_by_block(low_corner, high_corner, starts, numblocks):
+    """(block linear index, pair index) for every block a pair's bounding box meets, sorted by block."""
+    ndim = len(numblocks)
+    lo = np.stack([np.searchsorted(starts[a], low_corner[:, a], side="right") - 1 for a in range(ndim)], axis=1)
+    hi = np.stack([np.searchsorted(starts[a], high_corner[:, a], side="right") - 1 for a in range(ndim)], axis=1)
+    span = hi - lo + 1
+    count = span.prod(axis=1)
+    pair = np.repeat(np.arange(len(count)), count)
+    rest = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+    block = np.zeros((len(pair), ndim), np.int64)
+    for a in reversed(range(ndim)):
+        block[:, a] = lo[pair, a] + rest % span[pair, a]
+        rest //= span[pair, a]
+    key = np.ravel_multi_index(tuple(block.T), numblocks)
+    order = np.argsort(key, kind="stable")
+    return key[order], pair[order]
+
+
+def neck_groups_chunked(regions, found, *, spacing, min_distance, max_radius, ratio, store=None, device=None,
+                        verbose=False):
+    """The in-memory :func:`~gpu_pipeline.stages.peaks.neck_groups` of the peaks ``found`` by `peaks_chunked`.
+
+    The pairs to test come from the global peak list; each chunk recomputes
+    its capped distance map (exact in its core, as for the peaks) and
+    reports the lowest value, per segment, of the samples in its core; the
+    minima reduce over chunks. Returns the group of each peak.
+    """
+    from dask import delayed
+
+    peaks, heights = found["peaks"], found["values"]
+    i, j = neck_pairs(peaks, heights, found["region"], spacing)
+    low = np.full(len(i), np.iinfo(np.int64).max, dtype=np.int64)
+    if len(i):
+        depth = peak_halo(min_distance, max_radius, spacing)
+        starts = chunk_starts(regions.chunks)
+        key, pair = _pairs_by_block(np.minimum(peaks[i], peaks[j]), np.maximum(peaks[i], peaks[j]), starts,
+                                    regions.numblocks)
+        tasks, task_pairs = [], []
+        for index, origin, core_shape, left, extended in _extended_blocks(regions, depth, store, device):
+            b = int(np.ravel_multi_index(index, regions.numblocks))
+            mine = pair[np.searchsorted(key, b, side="left"):np.searchsorted(key, b, side="right")]
+            if mine.size == 0:
+                continue
+            task_pairs.append(mine)
+            tasks.append(delayed(_block_neck_minima)(extended, origin, left, core_shape, tuple(spacing),
+                                                     float(max_radius), peaks[i[mine]], peaks[j[mine]]))
+        for mine, part in zip(task_pairs, run_tasks(tasks, "necks between peaks", verbose=verbose)):
+            np.minimum.at(low, mine, part)
+    return groups_from_necks(len(peaks), i, j, low, heights, ratio)
+
+
 def _seeds_on(seeds, xp):
     if xp is np:
         return seeds
     return KMeansSeeds(centres=xp.asarray(seeds.centres), centre_region=xp.asarray(seeds.centre_region),
                        radii=None if seeds.radii is None else xp.asarray(seeds.radii),
-                       multi=xp.asarray(seeds.multi), margin=seeds.margin)
+                       multi=xp.asarray(seeds.multi), margin=seeds.margin, centre_label=xp.asarray(seeds.centre_label))
 
 
 def _assign_block(regions, seeds, centres, spacing, origin):
@@ -180,7 +266,7 @@ def _split_block(regions, seeds, centres, spacing, n_regions, block_info=None):
     xp = get_array_module(regions)
     labels = regions.astype(xp.int64)
     flat, chosen = _assign_block(regions, seeds, centres, spacing, _origin(block_info))
-    labels.ravel()[flat] = n_regions + 1 + chosen
+    labels.ravel()[flat] = n_regions + 1 + xp.asarray(seeds.centre_label)[chosen]
     return labels
 
 
@@ -282,8 +368,8 @@ def _relabel(block, table):
 
 
 def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,
-                     min_distance=4.0, min_size=None, max_radius=None, assignment="power", max_iter=0,
-                     workspace=None, device=None, verbose=False):
+                     min_distance=4.0, min_size=None, max_radius=None, neck_ratio=None, assignment="power",
+                     max_iter=0, workspace=None, device=None, verbose=False):
     """`separate` for a chunked Dask array: byte-identical labels for any chunking, memory bounded by chunks.
 
     Parameters are those of :func:`gpu_pipeline.pipeline.separate` (method
@@ -318,6 +404,8 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
     volume, mask = (None if a is None else to_device(a, device) for a in (volume, mask))
     if max_iter < 0:
         raise DeclumpError(f"max_iter must be 0 or more, got {max_iter}")
+    if neck_ratio is not None and not (0 < float(neck_ratio) <= 1):
+        raise DeclumpError(f"neck_ratio must be in (0, 1], got {neck_ratio}")
     max_radius = float(max_radius) if max_radius is not None else MAX_RADIUS_FACTOR * float(min_distance)
     if not (max_radius > 0 and math.isfinite(max_radius)):
         raise DeclumpError(f"max_radius must be a positive physical distance, got {max_radius}")
@@ -341,7 +429,13 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
     details.n_peaks, details.n_capped_voxels = int(len(found["peaks"])), int(found["n_capped"])
     _, quantum = quantize_distance(np.zeros(1, np.float32), spacing)
     radii = found["values"].astype(np.float64) * quantum
-    seeds = kmeans_seeds(found["region"], n_regions, found["peaks"], radii, assignment=assignment)
+    group = None
+    if neck_ratio is not None:
+        group = workspace.remember("necks", lambda: {"group": neck_groups_chunked(
+            regions, found, spacing=spacing, min_distance=min_distance, max_radius=max_radius, ratio=neck_ratio,
+            store=workspace.store("regions"), device=device, verbose=verbose)})["group"]
+    seeds = kmeans_seeds(found["region"], n_regions, found["peaks"], radii, assignment=assignment,
+                         peak_group=group)
     if seeds is None:
         split = regions
     else:

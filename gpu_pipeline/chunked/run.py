@@ -153,8 +153,8 @@ def output_paths(output):
 
 def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, timepoint=None, mask_path=None,
                 sigma=1.0, threshold="otsu", polarity="auto", min_distance=4.0, min_size=None, max_radius=None,
-                assignment="power", max_iter=0, device="cpu", cluster=None, scheduler=None, workers=None,
-                scratch=None, overwrite=False, verbose=True):
+                neck_ratio=None, assignment="power", max_iter=0, device="cpu", cluster=None, scheduler=None,
+                workers=None, scratch=None, overwrite=False, verbose=True):
     """Separate a Zarr volume chunk by chunk into an OME-Zarr labels group (see the module docstring).
 
     Returns the summary dict (also written to ``*_summary.json``).
@@ -186,7 +186,7 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
                       shape=list(volume.shape), chunks=[int(c[0]) for c in volume.chunks], channel=channel,
                       timepoint=timepoint, spacing=list(spacing), sigma=sigma, threshold=threshold,
                       polarity=polarity, min_distance=min_distance, min_size=min_size, max_radius=max_radius,
-                      assignment=assignment, max_iter=max_iter)
+                      neck_ratio=neck_ratio, assignment=assignment, max_iter=max_iter)
 
     root_attrs = _existing_attrs(paths["labels"])
     if paths["labels"].exists() and not overwrite:
@@ -221,7 +221,8 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
                   f"{volume.chunksize}, spacing {spacing}, on {device} via {where}")
         labels, details = separate_chunked(
             volume, spacing=spacing, sigma=sigma, threshold=threshold, polarity=polarity,
-            mask=mask, min_distance=min_distance, min_size=min_size, max_radius=max_radius, assignment=assignment,
+            mask=mask, min_distance=min_distance, min_size=min_size, max_radius=max_radius, neck_ratio=neck_ratio,
+            assignment=assignment,
             max_iter=max_iter, workspace=workspace, device=device, verbose=verbose)
         n_particles = details.n_particles
         labels = labels.map_blocks(to_host, dtype=labels.dtype)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import itertools
 import math
 
-from gpu_pipeline._backend import get_array_module, ops_for
+import numpy as np
+
+from gpu_pipeline._backend import get_array_module, ops_for, to_host
 
 #: Distances are compared on a grid of min(spacing)/QUANTUM_DIVISOR, so that
 #: float rounding differences between backends cannot flip a tie.
@@ -83,18 +85,35 @@ def space_candidates(coords, half_widths):
     other on every axis (scikit-image's ``ensure_spaced``: those exactly ``h``
     apart both stay). Rounds, all candidates at once: a live candidate with
     no live neighbour before it in C order is kept; live candidates next to
-    a kept one are dropped. Neighbour pairs come from a grid of cells ``h - 1``
-    wide (sort and search), so the work scales with the candidates, not the
+    a kept one are dropped. Neighbour pairs come from :func:`_pairs_within`
+    (sort and search), so the work scales with the candidates, not the
     volume, and the result depends only on the candidate set (which is what
     lets a chunked run reproduce it exactly).
 
     Returns a boolean array over ``coords``.
     """
     xp = get_array_module(coords)
-    n, ndim = coords.shape
+    n = coords.shape[0]
     if n == 0:
         return xp.zeros(0, dtype=bool)
-    reach = [max(0, int(h) - 1) for h in half_widths]
+    i, j = _pairs_within(coords, [max(0, int(h) - 1) for h in half_widths])
+    alive = xp.ones(n, dtype=bool)
+    kept = xp.zeros(n, dtype=bool)
+    while bool(alive.any()):
+        live = alive[i] & alive[j]
+        beaten = xp.zeros(n, dtype=bool)
+        beaten[i[live & (j < i)]] = True  # a live neighbour comes first in C order
+        winners = alive & ~beaten
+        kept |= winners
+        covered = winners.copy()
+        covered[i[live & winners[j]]] = True
+        alive &= ~covered
+    return kept
+
+
+def _pairs_within(coords, reach):
+    """Index pairs (i, j), i != j, of candidates within ``reach`` voxels of each other on every axis (both orders)."""
+    xp = get_array_module(coords)
     cell = xp.asarray([max(1, r) for r in reach], dtype=xp.int64)
     cells = coords // cell
     extent = cells.max(axis=0) + 1
@@ -102,7 +121,7 @@ def space_candidates(coords, half_widths):
     keys = (cells * strides).sum(axis=1)
     order = xp.argsort(keys, kind="stable")
     sorted_keys = keys[order]
-    first_i, first_j = [], []
+    pairs_i, pairs_j = [], []
     for offset in itertools.product(*[(-1, 0, 1) if r else (0,) for r in reach]):
         neighbour = cells + xp.asarray(offset, dtype=xp.int64)
         valid = ((neighbour >= 0) & (neighbour < extent)).all(axis=1)
@@ -116,19 +135,102 @@ def space_candidates(coords, half_widths):
         src = xp.searchsorted(ends, xp.arange(total, dtype=xp.int64), side="right")
         dst = order[low[src] + xp.arange(total, dtype=xp.int64) - (ends - count)[src]]
         near = (xp.abs(coords[src] - coords[dst]) <= xp.asarray(reach, dtype=xp.int64)).all(axis=1) & (src != dst)
-        first_i.append(src[near])
-        first_j.append(dst[near])
-    i = xp.concatenate(first_i) if first_i else xp.zeros(0, dtype=xp.int64)
-    j = xp.concatenate(first_j) if first_j else xp.zeros(0, dtype=xp.int64)
-    alive = xp.ones(n, dtype=bool)
-    kept = xp.zeros(n, dtype=bool)
-    while bool(alive.any()):
-        live = alive[i] & alive[j]
-        beaten = xp.zeros(n, dtype=bool)
-        beaten[i[live & (j < i)]] = True  # a live neighbour comes first in C order
-        winners = alive & ~beaten
-        kept |= winners
-        covered = winners.copy()
-        covered[i[live & winners[j]]] = True
-        alive &= ~covered
-    return kept
+        pairs_i.append(src[near])
+        pairs_j.append(dst[near])
+    if not pairs_i:
+        return xp.zeros(0, dtype=xp.int64), xp.zeros(0, dtype=xp.int64)
+    return xp.concatenate(pairs_i), xp.concatenate(pairs_j)
+
+
+def neck_groups(peaks, distance_q, regions, spacing, ratio):
+    """Group peaks that belong to one particle: peaks joined by no neck narrower than ``ratio``.
+
+    Two peaks of one region whose inscribed balls overlap (physical distance
+    below the sum of their heights) are tested along the straight segment
+    between them (one sample per voxel step, nearest voxel): when the
+    distance map never drops below ``ratio`` times the lower peak there, no
+    neck separates them (a rod, a bump, the rim of a hollow particle) and
+    they join one group. Two touching spheres of radius r whose centres are
+    d apart have a neck of half-width sqrt(r^2 - d^2/4): ``ratio`` 0.7 joins
+    them only when they overlap by more than about 30% of their diameter.
+    Groups are the connected components of the joined pairs.
+
+    Parameters
+    ----------
+    peaks : ndarray (n, ndim) int64, C order
+    distance_q : ndarray of int32
+        Quantised distance map (:func:`quantize_distance`).
+    regions : ndarray of int
+        Connected regions; peaks of different regions are never joined.
+    spacing : tuple of float
+    ratio : float in (0, 1]
+
+    Returns
+    -------
+    group : ndarray (n,) int64, on the peaks' device
+        The smallest peak index in each peak's group.
+    """
+    xp = get_array_module(peaks)
+    heights = distance_q[tuple(peaks.T)]
+    i, j = neck_pairs(peaks, heights, regions[tuple(peaks.T)], spacing)
+    pair, points = segment_points(peaks, i, j)
+    low = xp.full(i.size, np.iinfo(np.int64).max, dtype=xp.int64)
+    ops_for(low).scatter_min(low, pair, distance_q[tuple(points.T)].astype(xp.int64))
+    return groups_from_necks(peaks.shape[0], i, j, low, heights, ratio)
+
+
+def neck_pairs(peaks, heights, region, spacing):
+    """Pairs (i < j) of peaks of one region whose inscribed balls overlap: the pairs :func:`neck_groups` tests.
+
+    ``heights``: quantised distances at the peaks; ``region``: each peak's region.
+    """
+    xp = get_array_module(peaks)
+    if peaks.shape[0] < 2:
+        return xp.zeros(0, dtype=xp.int64), xp.zeros(0, dtype=xp.int64)
+    heights = xp.asarray(heights).astype(xp.int64)
+    quantum = min(float(s) for s in spacing) / QUANTUM_DIVISOR
+    reach = [int(math.ceil(2 * int(heights.max()) * quantum / float(s))) for s in spacing]
+    i, j = _pairs_within(peaks, reach)
+    scale = xp.asarray([float(s) / quantum for s in spacing], dtype=xp.float64)
+    gap2 = (((peaks[i] - peaks[j]).astype(xp.float64) * scale) ** 2).sum(axis=1)
+    test = (i < j) & (region[i] == region[j]) & (gap2 < (heights[i] + heights[j]).astype(xp.float64) ** 2)
+    return i[test], j[test]
+
+
+def segment_points(peaks, i, j):
+    """Voxels sampled on the segments from ``peaks[i]`` to ``peaks[j]``: (pair index, coordinates) per sample.
+
+    One sample per voxel step along the longest axis: the voxel nearest to
+    p + (q - p) k / L, halves rounded up, k = 0..L, in integers (the same on
+    every backend and for any chunking).
+    """
+    xp = get_array_module(peaks)
+    if i.size == 0:
+        return xp.zeros(0, dtype=xp.int64), xp.zeros((0, peaks.shape[1]), dtype=xp.int64)
+    step = peaks[j] - peaks[i]
+    length = xp.abs(step).max(axis=1)
+    count = length + 1
+    ends = xp.cumsum(count)
+    total = int(ends[-1])
+    pair = xp.searchsorted(ends, xp.arange(total, dtype=xp.int64), side="right")
+    k = xp.arange(total, dtype=xp.int64) - (ends - count)[pair]
+    points = peaks[i][pair] + xp.floor_divide(2 * step[pair] * k[:, None] + length[pair][:, None],
+                                              2 * length[pair][:, None])
+    return pair, points
+
+
+def groups_from_necks(n, i, j, low, heights, ratio):
+    """Groups of ``n`` peaks from the tested pairs and the lowest distance on each segment (see :func:`neck_groups`)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    xp = get_array_module(heights)
+    if n == 0:
+        return xp.zeros(0, dtype=xp.int64)
+    heights = xp.asarray(heights).astype(xp.float64)
+    joined = xp.asarray(low).astype(xp.float64) >= float(ratio) * xp.minimum(heights[i], heights[j])
+    a, b = to_host(i[joined]), to_host(j[joined])
+    _, component = connected_components(coo_matrix((np.ones(a.size), (a, b)), shape=(n, n)), directed=False)
+    first = np.full(n, n, dtype=np.int64)
+    np.minimum.at(first, component, np.arange(n))
+    return xp.asarray(first[component])

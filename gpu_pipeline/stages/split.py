@@ -80,7 +80,10 @@ class KMeansSeeds:
     ``centres`` (K, ndim) float64 index units, grouped by region (C order
     inside each); ``centre_region`` (K,) int64; ``radii`` (K,) physical
     radii for the power distance or None (Euclidean); ``multi`` (n_regions
-    + 1,) bool, regions holding two or more peaks; ``margin`` physical.
+    + 1,) bool, regions holding two or more peaks; ``margin`` physical;
+    ``centre_label`` (K,) int64, the label offset a voxel assigned to each
+    centroid gets (its own index, or its group's first peak index when
+    peaks are grouped, see :func:`~gpu_pipeline.stages.peaks.neck_groups`).
     """
 
     centres: object
@@ -88,13 +91,16 @@ class KMeansSeeds:
     radii: object
     multi: object
     margin: float
+    centre_label: object
 
 
-def kmeans_seeds(peak_region, n_regions, peaks, radii, *, assignment="power", margin=None):
+def kmeans_seeds(peak_region, n_regions, peaks, radii, *, assignment="power", margin=None, peak_group=None):
     """Seeds for :func:`block_candidates` from all peaks, their regions and radii (NumPy or CuPy).
 
     ``margin`` defaults to 1.5 times the largest radius of a peak in a
-    multi-peak region. Returns None when no region holds two peaks.
+    multi-peak region. ``peak_group`` (per peak, optional) makes the
+    centroids of one group label their voxels alike. Returns None when no
+    region holds two peaks.
     """
     xp = get_array_module(peaks)
     if assignment not in ("power", "euclidean"):
@@ -104,13 +110,17 @@ def kmeans_seeds(peak_region, n_regions, peaks, radii, *, assignment="power", ma
     multi[0] = False
     if not bool(multi.any()):
         return None
-    keep = multi[peak_region]
-    order = xp.argsort(peak_region[keep], kind="stable")
-    centre_radii = radii[keep][order].astype(xp.float64)
+    keep = xp.flatnonzero(multi[peak_region])
+    centre_peak = keep[xp.argsort(peak_region[keep], kind="stable")]
+    centre_radii = radii[centre_peak].astype(xp.float64)
     if margin is None:
         margin = 1.5 * float(centre_radii.max())
-    return KMeansSeeds(centres=peaks[keep][order].astype(xp.float64), centre_region=peak_region[keep][order],
-                       radii=centre_radii if assignment == "power" else None, multi=multi, margin=float(margin))
+    centre_label = xp.arange(centre_peak.size, dtype=xp.int64)
+    if peak_group is not None:
+        centre_label = xp.asarray(peak_group).astype(xp.int64)[centre_peak]
+    return KMeansSeeds(centres=peaks[centre_peak].astype(xp.float64), centre_region=peak_region[centre_peak],
+                       radii=centre_radii if assignment == "power" else None, multi=multi, margin=float(margin),
+                       centre_label=centre_label)
 
 
 def block_candidates(regions, seeds, *, origin, spacing):
@@ -157,19 +167,22 @@ def block_candidates(regions, seeds, *, origin, spacing):
 
 
 def split_regions_kmeans(regions, n_regions, peaks, radii, *, spacing, assignment="power",
-                         engine="batched", max_iter=10, margin=None):
+                         engine="batched", max_iter=10, margin=None, peak_group=None):
     """Split every region holding k > 1 peaks into k particles by k-means on voxel coordinates.
 
     Regions with zero or one peak stay whole. Centroids start at the peaks;
     distances are physical (``spacing``). See :mod:`gpu_pipeline.stages.kmeans`
     for the ``assignment`` rules. ``margin`` (physical, default 1.5 times
     the largest peak radius) bounds how far from a voxel its candidate
-    centroids may lie (:func:`local_candidates`). Returns labels (not yet
+    centroids may lie (:func:`local_candidates`). ``peak_group`` (per peak,
+    see :func:`~gpu_pipeline.stages.peaks.neck_groups`) merges the voxels of
+    a group's centroids into one particle. Returns labels (not yet
     renumbered) and the number of Lloyd updates run.
     """
     xp = get_array_module(regions)
     peak_region, _ = peaks_per_region(regions, n_regions, peaks)
-    seeds = kmeans_seeds(peak_region, n_regions, peaks, radii, assignment=assignment, margin=margin)
+    seeds = kmeans_seeds(peak_region, n_regions, peaks, radii, assignment=assignment, margin=margin,
+                         peak_group=peak_group)
     labels = regions.astype(xp.int64)
     if seeds is None:
         return labels, 0
@@ -190,7 +203,7 @@ def split_regions_kmeans(regions, n_regions, peaks, radii, *, spacing, assignmen
                                    group_of_region[seeds.centre_region], spacing=spacing,
                                    max_iter=max(1, max_iter), engine=engine)
         n_iter = max_iter
-    labels.ravel()[flat] = n_regions + 1 + chosen
+    labels.ravel()[flat] = n_regions + 1 + seeds.centre_label[chosen]
     return labels, n_iter
 
 

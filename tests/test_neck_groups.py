@@ -1,0 +1,93 @@
+"""Neck grouping (``neck_ratio``): peaks with no neck between them make one particle."""
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from cpu_fallback import separate
+from gpu_pipeline._backend import DeclumpError
+from gpu_pipeline.stages.peaks import find_peaks, neck_groups, quantize_distance, window_half_widths
+
+
+def _capsule(shape, start, end, radius):
+    """A rod: every pixel within ``radius`` of the segment start-end."""
+    yy, xx = np.indices(shape, dtype=float)
+    p, q = np.asarray(start, float), np.asarray(end, float)
+    d = q - p
+    t = np.clip(((yy - p[0]) * d[0] + (xx - p[1]) * d[1]) / (d @ d), 0, 1)
+    return np.hypot(yy - (p[0] + t * d[0]), xx - (p[1] + t * d[1])) <= radius
+
+
+def _disks(shape, centres, radii):
+    yy, xx = np.indices(shape, dtype=float)
+    return np.any([np.hypot(yy - c[0], xx - c[1]) <= r for c, r in zip(centres, radii)], axis=0)
+
+
+def _reference_groups(peaks, distance_q, regions, spacing, ratio, quantum):
+    """Pairs tested one by one in Python with exact fractions; groups by scipy's connected components."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(peaks)
+    heights = [int(distance_q[tuple(p)]) for p in peaks]
+    a, b = [], []
+    for i in range(n):
+        for j in range(i + 1, n):
+            p, q = peaks[i], peaks[j]
+            if regions[tuple(p)] != regions[tuple(q)]:
+                continue
+            gap = np.sqrt(sum(((int(x) - int(y)) * s) ** 2 for x, y, s in zip(p, q, spacing)))
+            if not gap < (heights[i] + heights[j]) * quantum:
+                continue
+            length = max(abs(int(y) - int(x)) for x, y in zip(p, q))
+            low = min(int(distance_q[tuple(int(x) + int(Fraction(2 * (int(y) - int(x)) * k + length, 2 * length)
+                                                      .__floor__()) for x, y in zip(p, q))])
+                      for k in range(length + 1))
+            if low >= ratio * min(heights[i], heights[j]):
+                a.append(i), b.append(j)
+    _, comp = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)), directed=False)
+    return np.array([min(np.flatnonzero(comp == c)) for c in comp])
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0), (1.5, 1.0)])
+def test_neck_groups_equal_a_pair_by_pair_reference(rng, spacing):
+    shape = (120, 140)
+    mask = np.zeros(shape, bool)
+    for _ in range(12):
+        mask |= _capsule(shape, rng.uniform(10, 110, 2), rng.uniform(10, 130, 2), rng.uniform(4, 12))
+    distance = ndi.distance_transform_edt(mask, sampling=spacing)
+    distance_q, quantum = quantize_distance(distance.astype(np.float32), spacing)
+    regions, _ = ndi.label(mask)
+    peaks = find_peaks(distance_q, half_widths=window_half_widths(3, spacing))
+    assert len(peaks) > 10
+    for ratio in (0.5, 0.7, 0.9):
+        ours = neck_groups(peaks, distance_q, regions, spacing, ratio)
+        ref = _reference_groups(peaks, distance_q, regions, spacing, ratio, quantum)
+        np.testing.assert_array_equal(ours, ref)
+
+
+def test_a_rod_is_one_particle_and_touching_disks_stay_two():
+    shape = (100, 200)
+    rod = _capsule(shape, (50, 30), (50, 170), 12)
+    image = np.where(rod, 200, 20).astype(np.uint8)
+    plain = separate(image, sigma=0, min_distance=4, polarity="bright")
+    assert plain.max() > 1  # without the option the ridge's peaks cut the rod
+    grouped = separate(image, sigma=0, min_distance=4, polarity="bright", neck_ratio=0.7)
+    assert grouped.max() == 1 and np.array_equal(grouped > 0, rod)
+    # Two disks of radius 15 whose centres are 24 apart: a neck of half-width 9 (0.6 of the radius).
+    disks = _disks(shape, [(50, 80), (50, 104)], [15, 15])
+    image = np.where(disks, 200, 20).astype(np.uint8)
+    labels = separate(image, sigma=0, min_distance=4, polarity="bright", neck_ratio=0.7)
+    assert labels.max() == 2
+    left, right = labels[50, 70], labels[50, 114]
+    assert left != right and left > 0 and right > 0
+
+
+def test_neck_ratio_is_validated():
+    image = np.zeros((20, 20), np.uint8)
+    image[5:15, 5:15] = 100
+    with pytest.raises(DeclumpError, match="neck_ratio must be in"):
+        separate(image, neck_ratio=1.5)
+    with pytest.raises(DeclumpError, match="method='kmeans' only"):
+        separate(image, neck_ratio=0.7, method="watershed")
