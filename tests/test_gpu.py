@@ -111,3 +111,21 @@ def test_cli_on_a_local_cuda_cluster(cp, rng, tmp_path):
                  "--max-radius", "13", "--quiet"]) == 0
     expected = separate(cp.asarray(image), max_radius=13.0).get()
     assert zarr.open_array(str(tmp_path / "out.zarr" / "particles" / "0"))[...].tobytes() == expected.tobytes()
+
+
+def test_neck_groups_on_the_gpu_equal_numpy(cp, rng):
+    """Neck grouping on CuPy arrays: the same groups as on NumPy from the same quantised distance map."""
+    from scipy import ndimage as ndi
+
+    from gpu_pipeline.stages.peaks import find_peaks, neck_groups, quantize_distance, window_half_widths
+
+    spacing = (1.5, 1.0)
+    mask = ndi.gaussian_filter(rng.random((160, 160)), 5) > 0.5
+    distance_q, _ = quantize_distance(ndi.distance_transform_edt(mask, sampling=spacing).astype(np.float32), spacing)
+    regions, _ = ndi.label(mask)
+    peaks = find_peaks(distance_q, half_widths=window_half_widths(3, spacing))
+    for ratio in (0.7, 0.9):
+        expected = neck_groups(peaks, distance_q, regions, spacing, ratio)
+        assert len(np.unique(expected)) < len(peaks)  # something was joined
+        got = neck_groups(cp.asarray(peaks), cp.asarray(distance_q), cp.asarray(regions), spacing, ratio)
+        np.testing.assert_array_equal(got.get(), expected)
