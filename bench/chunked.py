@@ -157,18 +157,23 @@ def scale_model(rate_mvox_per_s, decode_mvox_per_s_core, cores):
     return rows
 
 
+def _seconds(row):
+    s = row.get("seconds_spread")
+    return f"{row['seconds']:.1f}" + (f" ({s['min']:.1f}-{s['max']:.1f}, {s['runs']} runs)" if s else "")
+
+
 def markdown(result):
     lines = [f"# Chunked end to end, {result['date']}", "",
              f"Machine: {result['machine']['cpu']}, {result['machine']['cpu_count']} CPUs, "
              f"{result['machine']['memory_gib']:.1f} GiB, GPU: {result['machine']['gpu'] or 'none'}. "
              "`declump run in.zarr out.zarr` (CPU fallback, local threads), each in a fresh process; "
-             f"parameters {' '.join(PARAMS)}; zstd-compressed Zarr v3 input. Memory rows: one run each "
-             "(peak memory, not time, is their point).", "",
+             f"parameters {' '.join(PARAMS)}; zstd-compressed Zarr v3 input. Seconds: median (min-max) of "
+             "repeated runs; peak RSS: the largest of those runs.", "",
              "## Peak memory vs volume size (same chunks)", "",
              "| volume | voxels | chunks | s | Mvox/s | peak RSS GiB | particles |", "|---|---|---|---|---|---|---|"]
     for row in result["memory"]:
         lines.append(f"| {'x'.join(map(str, row['shape']))} | {row['voxels'] / 1e6:.0f} M | "
-                     f"{'x'.join(map(str, row['chunks']))} | {row['seconds']:.0f} | {row['mvox_per_s']:.2f} | "
+                     f"{'x'.join(map(str, row['chunks']))} | {_seconds(row)} | {row['mvox_per_s']:.2f} | "
                      f"{row['peak_rss_gib']:.2f} | {row['n_particles']} |")
     if len(result["memory"]) == 2:
         small, big = result["memory"]
@@ -176,23 +181,19 @@ def markdown(result):
                       f"**{big['peak_rss_gib'] / small['peak_rss_gib']:.2f}x**."]
     if "chunk_shapes" not in result or "workers" not in result:
         lines += ["", "Throughput vs chunk shape and vs threads: not run for this file (`--suites chunks,workers`)."]
-    def seconds(row):
-        s = row.get("seconds_spread")
-        return f"{row['seconds']:.1f}" + (f" ({s['min']:.1f}-{s['max']:.1f}, {s['runs']} runs)" if s else "")
-
     scaling = result.get("scaling_volume")
     where = f" ({'x'.join(map(str, scaling))} volume; median and min-max of repeated runs)" if scaling else ""
     lines += ["", f"## Throughput vs chunk shape{where}", "", "| chunks | s | Mvox/s | peak RSS GiB |",
               "|---|---|---|---|"]
     for row in result.get("chunk_shapes", []):
-        lines.append(f"| {'x'.join(map(str, row['chunks']))} | {seconds(row)} | {row['mvox_per_s']:.2f} | "
+        lines.append(f"| {'x'.join(map(str, row['chunks']))} | {_seconds(row)} | {row['mvox_per_s']:.2f} | "
                      f"{row['peak_rss_gib']:.2f} |")
     lines += ["", f"## Throughput vs threads{where}", "", "| threads | s | Mvox/s | scaling efficiency |",
               "|---|---|---|---|"]
     base = (result.get("workers") or [None])[0]
     for row in result.get("workers", []):
         eff = base["seconds"] / row["seconds"] / (row["threads"] / base["threads"])
-        lines.append(f"| {row['threads']} | {seconds(row)} | {row['mvox_per_s']:.2f} | {eff:.2f} |")
+        lines.append(f"| {row['threads']} | {_seconds(row)} | {row['mvox_per_s']:.2f} | {eff:.2f} |")
     d = result["decode"]
     lines += ["", "## Decoding vs computing", "",
               f"Reading and decoding every input chunk (threads): {d['read_all_chunks_seconds']:.1f} s "
@@ -221,6 +222,8 @@ def main(argv=None):
     parser.add_argument("--full-size", default="512,1024,1024")
     parser.add_argument("--out", default="chunked")
     parser.add_argument("--repeats", type=int, default=3, help="runs per row of the chunks and workers suites")
+    parser.add_argument("--memory-repeats", type=int, default=3,
+                        help="runs per volume of the memory suite (the 0.5 GVox run takes about 10 minutes here)")
     parser.add_argument("--scaling-size", default="128,512,512",
                         help="volume of the chunks and workers suites (repeated runs)")
     parser.add_argument("--suites", default="memory,chunks,workers,decode",
@@ -252,7 +255,7 @@ def main(argv=None):
     if "memory" in suites:
         result["memory"] = []
         for shape, volume in ((quarter, small), (full, big)):
-            row = run_declump(volume, work / "memory")
+            row = run_repeated(volume, work / "memory", args.memory_repeats)
             row["shape"] = list(shape)
             result["memory"].append(row)
             print("memory", row, flush=True)
