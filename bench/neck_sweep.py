@@ -1,11 +1,14 @@
-"""Neck grouping ratio sweep on the real 2D data: is there a default that helps everywhere?
+"""Neck grouping ratio and EMPS hole-size sweeps on the real 2D data: is there a default that helps everywhere?
 
     python -m bench.neck_sweep
 
 For each ``neck_ratio`` (and off), declump's default method on DSB-2018 and
 on EMPS (all images, and each half separately, to see whether a ratio
 chosen on one half holds on the other), beside the scikit-image watershed
-pipeline with the same parameters. Writes ``bench/results/neck_sweep_<date>.{json,md}``.
+pipeline with the same parameters (those of ``compare_methods``). Then, on
+EMPS, ``max_hole_size`` from 0 up, for declump (neck ratio 1.0, the default,
+and off) and the watershed pipeline, all filling the same holes. Writes
+``bench/results/neck_sweep_<date>.{json,md}``.
 """
 from __future__ import annotations
 
@@ -17,58 +20,98 @@ from bench.common import RESULTS, machine_info
 from bench.compare_methods import WATERSHED, pooled_scores, real_datasets, run_method
 
 RATIOS = (None, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 1.0)
+#: EMPS hole sizes, px^2 (particle areas: median 3466, 90th percentile 20008).
+HOLES = (0, 300, 1000, 3000, 10000, 20000, 30000)
+HOLE_METHODS = (1.0, None, WATERSHED)
 
 
-def main(argv=None):
+def _label(name):
+    return name if name == WATERSHED else f"declump, neck_ratio {name}"
+
+
+def _labels(name, image, p):
     from cpu_fallback import separate
+
+    if name == WATERSHED:
+        return run_method(WATERSHED, image, p)
+    return separate(image, spacing=p["spacing"], sigma=p["sigma"], min_distance=p["min_distance"],
+                    min_size=p["min_size"], max_hole_size=p.get("max_hole_size", 0.0), polarity=p["polarity"],
+                    neck_ratio=name)
+
+
+def _with_polarity(items, params):
+    """Each image with its parameters, polarity decided once per image by declump's auto rule (as in compare_methods)."""
     from cpu_fallback.ops import gaussian
     from gpu_pipeline.stages.threshold import choose_polarity, otsu_threshold
 
-    result = {"machine": machine_info(), "ratios": [r for r in RATIOS], "datasets": {}}
+    out = []
+    for _, image, truth in items:
+        p = dict(params)
+        if p["polarity"] == "auto":
+            smoothed = gaussian(image, (p["sigma"],) * image.ndim)
+            p["polarity"] = choose_polarity(smoothed, otsu_threshold(smoothed), "auto")
+        out.append((image, truth, p))
+    return out
+
+
+def _parts(pairs, n):
+    half = n // 2
+    parts = {"all": slice(None)} if n < 2 else {"all": slice(None), "first half": slice(0, half),
+                                                "second half": slice(half, None)}
+    return {part: {str(name): pooled_scores(p[sl]) for name, p in pairs.items()} for part, sl in parts.items()}
+
+
+def main(argv=None):
+    result = {"machine": machine_info(), "ratios": list(RATIOS), "holes": list(HOLES), "datasets": {},
+              "emps_holes": {}}
     for dataset, (items, params) in real_datasets(None).items():
         if dataset not in ("DSB-2018 nuclei", "EMPS particles"):
             continue
-        pairs = {str(r): [] for r in RATIOS}
-        pairs[WATERSHED] = []
-        for _, image, truth in items:
-            p = dict(params)
-            if p["polarity"] == "auto":  # one decision for every method, as in compare_methods
-                smoothed = gaussian(image, (p["sigma"],) * image.ndim)
-                p["polarity"] = choose_polarity(smoothed, otsu_threshold(smoothed), "auto")
-            pairs[WATERSHED].append((run_method(WATERSHED, image, p), truth))
-            for r in RATIOS:
-                labels = separate(image, spacing=p["spacing"], sigma=p["sigma"], min_distance=p["min_distance"],
-                                  min_size=p["min_size"], polarity=p["polarity"], neck_ratio=r)
-                pairs[str(r)].append((labels, truth))
-        half = len(items) // 2
-        parts = {"all": slice(None)} if len(items) < 2 else {"all": slice(None), "first half": slice(0, half),
-                                                              "second half": slice(half, None)}
-        result["datasets"][dataset] = {
-            part: {name: pooled_scores(p[sl]) for name, p in pairs.items()} for part, sl in parts.items()}
+        result.setdefault("params", {})[dataset] = params
+        prepared = _with_polarity(items, params)
+        pairs = {name: [(_labels(name, image, p), truth) for image, truth, p in prepared]
+                 for name in (*RATIOS, WATERSHED)}
+        result["datasets"][dataset] = _parts(pairs, len(items))
+        if dataset == "EMPS particles":
+            for hole in HOLES:
+                pairs = {name: [(_labels(name, image, dict(p, max_hole_size=float(hole))), truth)
+                                for image, truth, p in prepared] for name in HOLE_METHODS}
+                result["emps_holes"][str(hole)] = _parts(pairs, len(items))
+                print(f"EMPS holes {hole}: " + ", ".join(
+                    f"{_label(n)} {s['f1_50']:.4f}/{s['mean_f1']:.4f}"
+                    for n, s in result["emps_holes"][str(hole)]["all"].items()), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"neck_sweep_{time.strftime('%Y-%m-%d')}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     stem.with_suffix(".md").write_text(markdown(result))
     print(stem.with_suffix(".md").read_text())
     return 0
 
 
+def _table(parts):
+    names = list(next(iter(parts.values())))
+    lines = ["| method | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
+    for name in names:
+        label = name if name == WATERSHED else f"declump, neck_ratio {name}" + (" (default)" if name == "1.0" else "")
+        cells = [f"{parts[p][name]['f1_50']:.4f} / {parts[p][name]['mean_f1']:.4f}" for p in parts]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(result):
     m = result["machine"]
-    lines = [f"# Neck grouping ratio sweep, {m['date'][:10]}", "",
+    lines = [f"# Neck grouping ratio and EMPS hole-size sweeps, {m['date'][:10]}", "",
              f"Machine: {m['cpu']} ({m['cpu_count']} cores). declump default method with `neck_ratio` as given "
-             "(None = off, the default), vs the scikit-image watershed pipeline; parameters as in "
-             "`compare_methods` (DSB: sigma 1, min_distance 6; EMPS: sigma 2, min_distance 20). "
-             "F1@0.5 / mean F1 (IoU 0.5-0.95), pooled over images.", ""]
+             "(1.0 is the default; None = off), vs the scikit-image watershed pipeline; parameters as in "
+             "`compare_methods`: "
+             + "; ".join(f"{d}: {p}" for d, p in result.get("params", {}).items())
+             + ". F1@0.5 / mean F1 (IoU 0.5-0.95), pooled over images.", ""]
     for dataset, parts in result["datasets"].items():
-        names = list(next(iter(parts.values())))
-        lines += [f"## {dataset}", "", "| method | " + " | ".join(parts) + " |",
-                  "|---|" + "---|" * len(parts)]
-        for name in names:
-            label = name if name == WATERSHED else f"declump, neck_ratio {name}"
-            cells = [f"{parts[p][name]['f1_50']:.4f} / {parts[p][name]['mean_f1']:.4f}" for p in parts]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += [f"## {dataset}", "", *_table(parts), ""]
+    if result.get("emps_holes"):
+        lines += ["## EMPS particles vs max_hole_size (px^2; the same holes filled for every method)", ""]
+        for hole, parts in result["emps_holes"].items():
+            lines += [f"### max_hole_size {hole}", "", *_table(parts), ""]
     return "\n".join(lines)
 
 

@@ -25,8 +25,10 @@ PARAMETER_HELP = {
                 "diameter --min-distance)",
     "max_hole_size": "fill holes smaller than this area/volume, physical units (default 0: off, since pockets "
                      "enclosed between touching particles look like holes)",
-    "neck_ratio": "off by default; in (0, 1]: peaks of one region joined by no neck narrower than this times the "
-                  "lower peak's depth make one particle (rods, hollow particles; 0.7 is a good start)",
+    "neck_ratio": "peaks of one region joined by no neck narrower than this times the higher peak's depth make "
+                  "one particle; a number in (0, 1] or 'off'. Default %(default)s: only peaks on a flat ridge or "
+                  "plateau (rods, elongated nuclei). Lower values also join shallow necks (0.7: rods, hollow "
+                  "particles; merges overlapping spheres). The watershed method ignores it",
 }
 
 
@@ -38,6 +40,18 @@ def _spacing(text):
     except ValueError:
         raise argparse.ArgumentTypeError(f"spacing must be comma-separated numbers, got {text!r}")
     return values[0] if len(values) == 1 else values
+
+
+def _neck_ratio(text):
+    if text == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"neck ratio must be a number in (0, 1] or 'off', got {text!r}")
+    return value
 
 
 def _threshold(text):
@@ -58,7 +72,7 @@ def add_separation_options(parser):
     group.add_argument("--min-distance", type=float, default=4.0, help=PARAMETER_HELP["min_distance"])
     group.add_argument("--min-size", type=float, default=None, help=PARAMETER_HELP["min_size"])
     group.add_argument("--max-hole-size", type=float, default=0.0, help=PARAMETER_HELP["max_hole_size"])
-    group.add_argument("--neck-ratio", type=float, default=None, help=PARAMETER_HELP["neck_ratio"])
+    group.add_argument("--neck-ratio", type=_neck_ratio, default=1.0, help=PARAMETER_HELP["neck_ratio"])
     group.add_argument("--method", choices=("kmeans", "watershed"), default="kmeans",
                        help="kmeans: k-means per region from the peaks (default); watershed: the classical "
                             "watershed of the distance map from the same peaks, for comparison")
@@ -248,7 +262,8 @@ def build_parser():
                               "at least the halo (peak window + --max-radius)")
     chunked.add_argument("--max-radius", type=float, default=None,
                          help="largest particle radius, physical units; sets the distance-transform halo "
-                              "(default: 4 x --min-distance); deeper voxels are capped and such particles over-split")
+                              "(default: 4 x --min-distance); deeper voxels are capped (see --neck-ratio for what "
+                              "happens to such particles)")
     chunked.add_argument("--cluster", choices=("local", "local-cuda"), default=None,
                          help="local: a Dask LocalCluster of worker processes on this machine; local-cuda: a "
                               "dask-cuda LocalCUDACluster, one worker per GPU (default: local threads)")

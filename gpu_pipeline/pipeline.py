@@ -79,7 +79,7 @@ def _mask_from(mask, shape):
 
 
 def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,
-             min_distance=4.0, min_size=None, max_hole_size=0.0, max_radius=None, neck_ratio=None,
+             min_distance=4.0, min_size=None, max_hole_size=0.0, max_radius=None, neck_ratio=1.0,
              method="kmeans", assignment="power", kmeans_engine="batched", max_iter=0, return_details=False):
     """Split touching particles: an instance label image with one id per particle.
 
@@ -117,16 +117,24 @@ def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto
     max_radius : float, optional
         Cap on the distance map, physical units (default: none). Chunked
         runs need one (their halo is this deep) and give exactly this
-        function's result with the same cap; particles whose inscribed radius
-        exceeds it get a plateau of peaks and are over-split.
-    neck_ratio : float in (0, 1], optional
-        Off by default. When set, peaks of one region whose distance map
-        never drops below ``neck_ratio`` times the lower peak on the segment
-        between them (no neck: rods, bumps, rims of hollow particles) make
-        one particle (:func:`gpu_pipeline.stages.peaks.neck_groups`);
-        ``method="kmeans"`` only. 0.7 helps on EMPS-like
-        images of rods and hollow particles and costs a little on round,
-        touching nuclei (see the README's bench section).
+        function's result with the same cap. A particle whose inscribed radius
+        exceeds it gets a plateau of peaks; the default ``neck_ratio`` joins
+        them where segments between neighbouring plateau peaks stay on the
+        plateau (a convex core), otherwise (or with ``neck_ratio=None``) the
+        particle is over-split; particles joined by a neck wider than the
+        cap merge.
+    neck_ratio : float in (0, 1] or None
+        Peaks of one region whose distance map never drops below
+        ``neck_ratio`` times the higher peak on the segment between them (no
+        neck) make one particle
+        (:func:`gpu_pipeline.stages.peaks.neck_groups`). Default 1.0: only
+        peaks of equal height on a flat ridge or plateau (a rod's axis, the
+        capped plateau of a particle deeper than ``max_radius``) are joined;
+        touching particles always have a neck and stay apart. Lower values
+        also join peaks across shallow necks (0.7 suits rods and hollow
+        particles, and merges overlapping spheres); None: every peak is its
+        own particle. ``method="kmeans"`` only: the watershed, the classical
+        method, ignores it.
     method : "kmeans" or "watershed"
         ``kmeans``: k-means per region started at the peaks (default);
         ``watershed``: scikit-image watershed of the distance map from the
@@ -171,8 +179,6 @@ def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto
     spacing = validate_spacing(spacing, ndim)
     if neck_ratio is not None and not (0 < float(neck_ratio) <= 1):
         raise DeclumpError(f"neck_ratio must be in (0, 1], got {neck_ratio}")
-    if neck_ratio is not None and method != "kmeans":
-        raise DeclumpError("neck_ratio applies to method='kmeans' only")
     if method not in ("kmeans", "watershed"):
         raise DeclumpError(f"method must be 'kmeans' or 'watershed', got {method!r}")
     if not (min_distance > 0):

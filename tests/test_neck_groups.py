@@ -20,8 +20,9 @@ def _capsule(shape, start, end, radius):
 
 
 def _disks(shape, centres, radii):
-    yy, xx = np.indices(shape, dtype=float)
-    return np.any([np.hypot(yy - c[0], xx - c[1]) <= r for c, r in zip(centres, radii)], axis=0)
+    """Disks (2D) or balls (3D) of the given centres and radii."""
+    grid = np.indices(shape, dtype=float)
+    return np.any([sum((g - ci) ** 2 for g, ci in zip(grid, c)) <= r * r for c, r in zip(centres, radii)], axis=0)
 
 
 def _reference_groups(peaks, distance_q, regions, spacing, ratio, quantum):
@@ -44,7 +45,7 @@ def _reference_groups(peaks, distance_q, regions, spacing, ratio, quantum):
             low = min(int(distance_q[tuple(int(x) + int(Fraction(2 * (int(y) - int(x)) * k + length, 2 * length)
                                                       .__floor__()) for x, y in zip(p, q))])
                       for k in range(length + 1))
-            if low >= ratio * min(heights[i], heights[j]):
+            if low >= ratio * max(heights[i], heights[j]):
                 a.append(i), b.append(j)
     _, comp = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)), directed=False)
     return np.array([min(np.flatnonzero(comp == c)) for c in comp])
@@ -61,7 +62,7 @@ def test_neck_groups_equal_a_pair_by_pair_reference(rng, spacing):
     regions, _ = ndi.label(mask)
     peaks = find_peaks(distance_q, half_widths=window_half_widths(3, spacing))
     assert len(peaks) > 10
-    for ratio in (0.5, 0.7, 0.9):
+    for ratio in (0.5, 0.7, 0.9, 1.0):
         ours = neck_groups(peaks, distance_q, regions, spacing, ratio)
         ref = _reference_groups(peaks, distance_q, regions, spacing, ratio, quantum)
         np.testing.assert_array_equal(ours, ref)
@@ -71,17 +72,35 @@ def test_a_rod_is_one_particle_and_touching_disks_stay_two():
     shape = (100, 200)
     rod = _capsule(shape, (50, 30), (50, 170), 12)
     image = np.where(rod, 200, 20).astype(np.uint8)
-    plain = separate(image, sigma=0, min_distance=4, polarity="bright")
-    assert plain.max() > 1  # without the option the ridge's peaks cut the rod
-    grouped = separate(image, sigma=0, min_distance=4, polarity="bright", neck_ratio=0.7)
-    assert grouped.max() == 1 and np.array_equal(grouped > 0, rod)
+    plain = separate(image, sigma=0, min_distance=4, polarity="bright", neck_ratio=None)
+    assert plain.max() > 1  # without grouping the ridge's peaks cut the rod
+    for ratio in (0.7, 1.0):  # 1.0 is the default: the ridge never dips
+        grouped = separate(image, sigma=0, min_distance=4, polarity="bright", neck_ratio=ratio)
+        assert grouped.max() == 1 and np.array_equal(grouped > 0, rod)
+    assert np.array_equal(separate(image, sigma=0, min_distance=4, polarity="bright"), grouped)
     # Two disks of radius 15 whose centres are 24 apart: a neck of half-width 9 (0.6 of the radius).
     disks = _disks(shape, [(50, 80), (50, 104)], [15, 15])
     image = np.where(disks, 200, 20).astype(np.uint8)
-    labels = separate(image, sigma=0, min_distance=4, polarity="bright", neck_ratio=0.7)
+    for ratio in (0.7, 1.0):
+        labels = separate(image, sigma=0, min_distance=4, polarity="bright", neck_ratio=ratio)
+        assert labels.max() == 2
+        left, right = labels[50, 70], labels[50, 114]
+        assert left != right and left > 0 and right > 0
+
+
+def test_default_joins_the_plateau_of_a_particle_deeper_than_max_radius(rng):
+    # Two touching balls whose inscribed radii (15, 14) exceed the cap: each
+    # gets a plateau of capped distances and many peaks on it.
+    shape = (48, 48, 80)
+    centres = [(24, 24, 22), (24, 24, 52)]
+    centres = [tuple(c + int(rng.integers(-2, 3)) for c in centre) for centre in centres]
+    balls = _disks(shape, centres, [15, 14])
+    image = np.where(balls, 200, 20).astype(np.uint8)
+    kwargs = dict(sigma=0, min_distance=4, polarity="bright", max_radius=7.0)
+    assert separate(image, **kwargs, neck_ratio=None).max() > 10
+    labels = separate(image, **kwargs)
     assert labels.max() == 2
-    left, right = labels[50, 70], labels[50, 114]
-    assert left != right and left > 0 and right > 0
+    assert labels[centres[0]] != labels[centres[1]] and labels[centres[0]] > 0 and labels[centres[1]] > 0
 
 
 def test_neck_ratio_is_validated():
@@ -89,5 +108,14 @@ def test_neck_ratio_is_validated():
     image[5:15, 5:15] = 100
     with pytest.raises(DeclumpError, match="neck_ratio must be in"):
         separate(image, neck_ratio=1.5)
-    with pytest.raises(DeclumpError, match="method='kmeans' only"):
-        separate(image, neck_ratio=0.7, method="watershed")
+    with pytest.raises(DeclumpError, match="neck_ratio must be in"):
+        separate(image, neck_ratio=0)
+
+
+def test_watershed_ignores_neck_ratio():
+    shape = (100, 200)
+    image = np.where(_capsule(shape, (50, 30), (50, 170), 12), 200, 20).astype(np.uint8)
+    kwargs = dict(sigma=0, min_distance=4, polarity="bright", method="watershed")
+    classical = separate(image, **kwargs, neck_ratio=None)
+    assert classical.max() > 1  # the classical method cuts the rod at its ridge's peaks
+    assert np.array_equal(separate(image, **kwargs), classical)

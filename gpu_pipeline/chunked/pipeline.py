@@ -27,7 +27,9 @@ active scheduler; nothing holds more than a few chunks):
 5. ids by first voxel in C order, from the merged components of pass 4.
 
 Particles whose inscribed radius exceeds ``max_radius`` see a plateau of
-capped distances and are over-split (as in-memory with the same cap); the
+capped distances, whose peaks the default ``neck_ratio`` (1.0) joins where
+the segments between them stay on the plateau, and which are otherwise
+over-split (as in-memory with the same cap); the
 run counts voxels at the cap and reports them.
 """
 from __future__ import annotations
@@ -218,6 +220,8 @@ def neck_groups_chunked(regions, found, *, spacing, min_distance, max_radius, ra
     low = np.full(len(i), np.iinfo(np.int64).max, dtype=np.int64)
     if len(i):
         depth = peak_halo(min_distance, max_radius, spacing)
+        if store is None:  # the blocks _extended_blocks iterates: a short last chunk joins its neighbour
+            regions = fit_halo(regions, depth, "distance-transform and peak")
         starts = chunk_starts(regions.chunks)
         key, pair = _pairs_by_block(np.minimum(peaks[i], peaks[j]), np.maximum(peaks[i], peaks[j]), starts,
                                     regions.numblocks)
@@ -368,7 +372,7 @@ def _relabel(block, table):
 
 
 def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,
-                     min_distance=4.0, min_size=None, max_radius=None, neck_ratio=None, assignment="power",
+                     min_distance=4.0, min_size=None, max_radius=None, neck_ratio=1.0, assignment="power",
                      max_iter=0, workspace=None, device=None, verbose=False):
     """`separate` for a chunked Dask array: byte-identical labels for any chunking, memory bounded by chunks.
 

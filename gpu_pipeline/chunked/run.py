@@ -153,7 +153,7 @@ def output_paths(output):
 
 def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, timepoint=None, mask_path=None,
                 sigma=1.0, threshold="otsu", polarity="auto", min_distance=4.0, min_size=None, max_radius=None,
-                neck_ratio=None, assignment="power", max_iter=0, device="cpu", cluster=None, scheduler=None,
+                neck_ratio=1.0, assignment="power", max_iter=0, device="cpu", cluster=None, scheduler=None,
                 workers=None, scratch=None, overwrite=False, verbose=True):
     """Separate a Zarr volume chunk by chunk into an OME-Zarr labels group (see the module docstring).
 
@@ -259,7 +259,8 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     shutil.rmtree(work, ignore_errors=True)
     if verbose and details.n_capped_voxels:
         print(f"declump: warning: {details.n_capped_voxels} voxels lie deeper than --max-radius {details.max_radius:g}; "
-              "particles that large are over-split; rerun with a larger --max-radius")
+              "particles that large may be over-split (or merged across wide necks); rerun with a larger "
+              "--max-radius")
     return summary
 
 

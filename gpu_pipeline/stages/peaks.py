@@ -148,12 +148,16 @@ def neck_groups(peaks, distance_q, regions, spacing, ratio):
     Two peaks of one region whose inscribed balls overlap (physical distance
     below the sum of their heights) are tested along the straight segment
     between them (one sample per voxel step, nearest voxel): when the
-    distance map never drops below ``ratio`` times the lower peak there, no
-    neck separates them (a rod, a bump, the rim of a hollow particle) and
-    they join one group. Two touching spheres of radius r whose centres are
-    d apart have a neck of half-width sqrt(r^2 - d^2/4): ``ratio`` 0.7 joins
-    them only when they overlap by more than about 30% of their diameter.
-    Groups are the connected components of the joined pairs.
+    distance map never drops below ``ratio`` times the higher peak there, no
+    neck separates them and they join one group. ``ratio`` 1.0 joins only
+    peaks of equal height on a flat ridge or plateau (a rod's axis, a capped
+    plateau); lower ratios also join shallow necks (rods of varying width,
+    the rim of a hollow particle) and a lower peak on the flank of a higher
+    one that is at least ``ratio`` times as high. Two touching spheres of
+    radius r whose centres are d apart have a neck of half-width
+    sqrt(r^2 - d^2/4): ``ratio`` 0.7 joins them only when they overlap by
+    more than about 30% of their diameter. Groups are the connected
+    components of the joined pairs.
 
     Parameters
     ----------
@@ -228,7 +232,7 @@ def groups_from_necks(n, i, j, low, heights, ratio):
     if n == 0:
         return xp.zeros(0, dtype=xp.int64)
     heights = xp.asarray(heights).astype(xp.float64)
-    joined = xp.asarray(low).astype(xp.float64) >= float(ratio) * xp.minimum(heights[i], heights[j])
+    joined = xp.asarray(low).astype(xp.float64) >= float(ratio) * xp.maximum(heights[i], heights[j])
     a, b = to_host(i[joined]), to_host(j[joined])
     _, component = connected_components(coo_matrix((np.ones(a.size), (a, b)), shape=(n, n)), directed=False)
     first = np.full(n, n, dtype=np.int64)
