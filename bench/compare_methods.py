@@ -50,13 +50,30 @@ EMPS_MAX_HOLE = 20000.0
 SINGLE_RUN = {NAIVE}
 
 
+def separation_kwargs(p):
+    """The parameters every separation method shares, from a dataset's parameter dict ``p``."""
+    return dict(spacing=p["spacing"], sigma=p["sigma"], min_distance=p["min_distance"], min_size=p["min_size"],
+                max_hole_size=p.get("max_hole_size", 0.0), polarity=p["polarity"])
+
+
+def with_polarity(image, params):
+    """``params`` with ``auto`` polarity decided once by declump's rule, so that every method sees the same one."""
+    from cpu_fallback.ops import gaussian
+    from gpu_pipeline.stages.threshold import choose_polarity, otsu_threshold
+
+    p = dict(params)
+    if p["polarity"] == "auto":
+        smoothed = gaussian(image, (p["sigma"],) * image.ndim)
+        p["polarity"] = choose_polarity(smoothed, otsu_threshold(smoothed), "auto")
+    return p
+
+
 def run_method(name, image, p):
     """Labels of ``image`` by method ``name`` with parameters ``p``."""
     from bench.peers import pyclesperanto_voronoi_otsu, skimage_watershed
     from cpu_fallback import separate
 
-    common = dict(spacing=p["spacing"], sigma=p["sigma"], min_distance=p["min_distance"], min_size=p["min_size"],
-                  max_hole_size=p.get("max_hole_size", 0.0), polarity=p["polarity"])
+    common = separation_kwargs(p)
     if name in DECLUMP_VARIANTS:
         return separate(image, **common, **DECLUMP_VARIANTS[name])
     if name == NAIVE:
@@ -190,9 +207,6 @@ def real_datasets(emps_limit):
 
 
 def suite_real(methods, emps_limit, skip=None):
-    from cpu_fallback.ops import gaussian
-    from gpu_pipeline.stages.threshold import choose_polarity, otsu_threshold
-
     results, examples = {}, {}
     for dataset, (items, params) in real_datasets(emps_limit).items():
         rows = {}
@@ -203,10 +217,7 @@ def suite_real(methods, emps_limit, skip=None):
             pairs, seconds = [], 0.0
             try:
                 for item, image, truth in items:
-                    p = dict(params)
-                    if p["polarity"] == "auto":  # one decision for every method: declump's auto rule
-                        smoothed = gaussian(image, (p["sigma"],) * image.ndim)
-                        p["polarity"] = choose_polarity(smoothed, otsu_threshold(smoothed), "auto")
+                    p = with_polarity(image, params)
                     t0 = time.perf_counter()
                     labels = run_method(name, image, p)
                     seconds += time.perf_counter() - t0

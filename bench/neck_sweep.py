@@ -17,7 +17,7 @@ import sys
 import time
 
 from bench.common import RESULTS, machine_info
-from bench.compare_methods import WATERSHED, pooled_scores, real_datasets, run_method
+from bench.compare_methods import WATERSHED, pooled_scores, real_datasets, run_method, separation_kwargs, with_polarity
 
 RATIOS = (None, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 1.0)
 #: EMPS hole sizes, px^2 (particle areas: median 3466, 90th percentile 20008).
@@ -26,7 +26,8 @@ HOLE_METHODS = (1.0, None, WATERSHED)
 
 
 def _label(name):
-    return name if name == WATERSHED else f"declump, neck_ratio {name}"
+    name = str(name)
+    return name if name == WATERSHED else f"declump, neck_ratio {name}" + (" (default)" if name == "1.0" else "")
 
 
 def _labels(name, image, p):
@@ -34,24 +35,7 @@ def _labels(name, image, p):
 
     if name == WATERSHED:
         return run_method(WATERSHED, image, p)
-    return separate(image, spacing=p["spacing"], sigma=p["sigma"], min_distance=p["min_distance"],
-                    min_size=p["min_size"], max_hole_size=p.get("max_hole_size", 0.0), polarity=p["polarity"],
-                    neck_ratio=name)
-
-
-def _with_polarity(items, params):
-    """Each image with its parameters, polarity decided once per image by declump's auto rule (as in compare_methods)."""
-    from cpu_fallback.ops import gaussian
-    from gpu_pipeline.stages.threshold import choose_polarity, otsu_threshold
-
-    out = []
-    for _, image, truth in items:
-        p = dict(params)
-        if p["polarity"] == "auto":
-            smoothed = gaussian(image, (p["sigma"],) * image.ndim)
-            p["polarity"] = choose_polarity(smoothed, otsu_threshold(smoothed), "auto")
-        out.append((image, truth, p))
-    return out
+    return separate(image, **separation_kwargs(p), neck_ratio=name)
 
 
 def _parts(pairs, n):
@@ -68,7 +52,7 @@ def main(argv=None):
         if dataset not in ("DSB-2018 nuclei", "EMPS particles"):
             continue
         result.setdefault("params", {})[dataset] = params
-        prepared = _with_polarity(items, params)
+        prepared = [(image, truth, with_polarity(image, params)) for _, image, truth in items]
         pairs = {name: [(_labels(name, image, p), truth) for image, truth, p in prepared]
                  for name in (*RATIOS, WATERSHED)}
         result["datasets"][dataset] = _parts(pairs, len(items))
@@ -92,7 +76,7 @@ def _table(parts):
     names = list(next(iter(parts.values())))
     lines = ["| method | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
     for name in names:
-        label = name if name == WATERSHED else f"declump, neck_ratio {name}" + (" (default)" if name == "1.0" else "")
+        label = _label(name)
         cells = [f"{parts[p][name]['f1_50']:.4f} / {parts[p][name]['mean_f1']:.4f}" for p in parts]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines

@@ -45,20 +45,17 @@ def test_embryo_3d_nuclei_are_found(shared_data):
 
 def test_emps_default_method_at_least_as_accurate_as_watershed(shared_data):
     """All 132 EMPS images, the bench's parameters, one polarity decision per image for both methods."""
-    from bench.compare_methods import EMPS_MAX_HOLE, pooled_scores
-    from cpu_fallback.ops import gaussian
-    from gpu_pipeline.stages.threshold import choose_polarity, otsu_threshold
+    from bench.compare_methods import EMPS_MAX_HOLE, pooled_scores, with_polarity
 
     folder = shared_data / "emps_subset"
-    params = dict(sigma=2.0, min_distance=20, min_size=400, max_hole_size=EMPS_MAX_HOLE)
+    params = dict(sigma=2.0, min_distance=20, min_size=400, max_hole_size=EMPS_MAX_HOLE, polarity="auto")
     ours, ref = [], []
     for path in sorted((folder / "images").glob("*.png")):
         image = read_image(path)[0]
         truth = read_image(folder / "segmaps" / path.name)[0]
-        smoothed = gaussian(image, (params["sigma"],) * 2)
-        polarity = choose_polarity(smoothed, otsu_threshold(smoothed), "auto")
-        ours.append((separate(image, polarity=polarity, **params), truth))
-        ref.append((skimage_watershed(image, polarity=polarity, **params), truth))
+        p = with_polarity(image, params)  # one decision per image, for both methods
+        ours.append((separate(image, **p), truth))
+        ref.append((skimage_watershed(image, **p), truth))
     ours, ref = pooled_scores(ours), pooled_scores(ref)
     assert ours["images"] == 132
     assert ours["f1_50"] >= ref["f1_50"] and ours["mean_f1"] >= ref["mean_f1"], (ours, ref)
