@@ -11,6 +11,8 @@ volumes written to compressed Zarr stores (zstd, Zarr v3) under
   4x smaller);
 - throughput vs chunk shape and vs number of threads (scaling efficiency),
   on a smaller volume, medians of ``--repeats`` runs with their spread;
+- the cost of neck grouping (the default ``--neck-ratio 1.0`` against
+  ``off``) on that smaller volume;
 - time to read and decode every input chunk, beside the codec's decode rate
   on one chunk in memory (the ceiling for reading), measured here;
 - blocks computed by each stage, from the run's summary.
@@ -167,7 +169,8 @@ def markdown(result):
              f"Machine: {result['machine']['cpu']}, {result['machine']['cpu_count']} CPUs, "
              f"{result['machine']['memory_gib']:.1f} GiB, GPU: {result['machine']['gpu'] or 'none'}. "
              "`declump run in.zarr out.zarr` (CPU fallback, local threads), each in a fresh process; "
-             f"parameters {' '.join(PARAMS)}; zstd-compressed Zarr v3 input. Seconds: median (min-max) of "
+             f"parameters {' '.join(PARAMS)} (neck grouping at its default, 1.0, unless a row says otherwise); "
+             "zstd-compressed Zarr v3 input. Seconds: median (min-max) of "
              "repeated runs; peak RSS: the largest of those runs.", "",
              "## Peak memory vs volume size (same chunks)", "",
              "| volume | voxels | chunks | s | Mvox/s | peak RSS GiB | particles |", "|---|---|---|---|---|---|---|"]
@@ -194,6 +197,12 @@ def markdown(result):
     for row in result.get("workers", []):
         eff = base["seconds"] / row["seconds"] / (row["threads"] / base["threads"])
         lines.append(f"| {row['threads']} | {_seconds(row)} | {row['mvox_per_s']:.2f} | {eff:.2f} |")
+    if result.get("neck"):
+        lines += ["", f"## Cost of neck grouping{where}", "", "| --neck-ratio | s | Mvox/s | peak RSS GiB | particles |",
+                  "|---|---|---|---|---|"]
+        for row in result["neck"]:
+            lines.append(f"| {row['neck_ratio']} | {_seconds(row)} | {row['mvox_per_s']:.2f} | "
+                         f"{row['peak_rss_gib']:.2f} | {row['n_particles']} |")
     d = result["decode"]
     lines += ["", "## Decoding vs computing", "",
               f"Reading and decoding every input chunk (threads): {d['read_all_chunks_seconds']:.1f} s "
@@ -226,8 +235,8 @@ def main(argv=None):
                         help="runs per volume of the memory suite (the 0.5 GVox run takes about 10 minutes here)")
     parser.add_argument("--scaling-size", default="128,512,512",
                         help="volume of the chunks and workers suites (repeated runs)")
-    parser.add_argument("--suites", default="memory,chunks,workers,decode",
-                        help="comma-separated subset of memory,chunks,workers,decode (default: all)")
+    parser.add_argument("--suites", default="memory,chunks,workers,neck,decode",
+                        help="comma-separated subset of memory,chunks,workers,neck,decode (default: all)")
     args = parser.parse_args(argv)
     full = tuple(int(v) for v in args.full_size.split(","))
     if args.quick:
@@ -275,6 +284,14 @@ def main(argv=None):
             row["threads"] = threads
             result["workers"].append(row)
             print("workers", row, flush=True)
+        save()
+    if "neck" in suites:
+        result["neck"], result["scaling_volume"] = [], list(scaling)
+        for ratio, extra in (("1.0 (default)", ()), ("off", ("--neck-ratio", "off"))):
+            row = run_repeated(scaling_volume, work / "neck", args.repeats, extra=extra)
+            row["neck_ratio"] = ratio
+            result["neck"].append(row)
+            print("neck", row, flush=True)
         save()
     if "decode" in suites:
         result["decode"] = decode_rates(small)

@@ -46,8 +46,9 @@ CLESPERANTO = "pyclesperanto voronoi_otsu_labeling"
 #: are filled, for every method alike. ``python -m bench.neck_sweep`` shows
 #: the other choices.
 EMPS_MAX_HOLE = 20000.0
-#: Methods timed once without a warm-up (minutes per run; nothing to warm up).
-SINGLE_RUN = {NAIVE}
+#: Methods timed once without a warm-up on the large volume (minutes per run
+#: there); on the small volume they are timed like the others.
+SINGLE_RUN_ON_LARGE = {NAIVE}
 
 
 def separation_kwargs(p):
@@ -94,23 +95,23 @@ def peak_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _isolated(name, image_path, p, repeats, out_path, queue):
+def _isolated(name, image_path, p, repeats, warm_up, out_path, queue):
     image = np.load(image_path)
     base = peak_rss_gib()
     try:
-        labels, times = timed(lambda: run_method(name, image, p), 1 if name in SINGLE_RUN else repeats,
-                              warm_up=name not in SINGLE_RUN)
+        labels, times = timed(lambda: run_method(name, image, p), repeats, warm_up=warm_up)
         np.save(out_path, labels)
         queue.put({"times": times, "peak_rss_gib": peak_rss_gib(), "rss_after_loading_input_gib": base})
     except Exception as exc:  # a peer that cannot run here is reported, not fatal
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def run_isolated(name, image_path, p, repeats):
+def run_isolated(name, image_path, p, repeats, warm_up=True):
+    """Run and time one method in a fresh process (so that its peak memory is its own)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     out = Path(image_path).with_name(f"labels_{abs(hash(name))}.npy")
-    proc = ctx.Process(target=_isolated, args=(name, str(image_path), p, repeats, str(out), queue))
+    proc = ctx.Process(target=_isolated, args=(name, str(image_path), p, repeats, warm_up, str(out), queue))
     proc.start()
     result = queue.get()
     proc.join()
@@ -133,7 +134,8 @@ def pooled_scores(pairs):
 
 
 
-def suite_synthetic(size, n, repeats, methods):
+def suite_synthetic(size, n, repeats, methods, single_run=()):
+    """Accuracy, time and peak memory of ``methods`` on a generated volume; ``single_run``: timed once, no warm-up."""
     image, truth = make_touching_particles((size,) * 3, n, radius_range=(5, 12), overlap=0.15, seed=2026)
     p = dict(sigma=1.0, min_distance=4, min_size=65, polarity="bright", spacing=(1.0, 1.0, 1.0), spot_sigma=3.0)
     rows = {}
@@ -141,7 +143,8 @@ def suite_synthetic(size, n, repeats, methods):
         path = Path(tmp) / "image.npy"
         np.save(path, image)
         for name in methods:
-            info, labels = run_isolated(name, path, p, repeats)
+            once = name in single_run
+            info, labels = run_isolated(name, path, p, 1 if once else repeats, warm_up=not once)
             if labels is None:
                 rows[name] = info
                 print(f"synthetic {name}: {info['error']}", flush=True)
@@ -153,7 +156,7 @@ def suite_synthetic(size, n, repeats, methods):
             print(f"synthetic {name:40s} F1@0.5 {row['f1_50']:.3f} meanF1 {row['mean_f1']:.3f} "
                   f"time {row['seconds']['median']:.2f}s peak RSS {row['peak_rss_gib']:.2f} GiB", flush=True)
     return {"name": f"generated {size}^3, {int(truth.max())} spheres r5-12, overlap 0.15", "params": p,
-            "methods": rows}, image, truth
+            "single_run": sorted(set(single_run) & set(methods)), "methods": rows}, image, truth
 
 
 def suite_connected_components(image, repeats):
@@ -167,7 +170,7 @@ def suite_connected_components(image, repeats):
     (ref, n_ref), t_scipy = timed(lambda: ndi.label(mask, ndi.generate_binary_structure(3, 1)), repeats)
     out["scipy.ndimage.label"] = {"seconds": spread(t_scipy), "regions": int(n_ref)}
     for chunk in (64, 128):
-        # 64^3 chunks take minutes per run: one run, no warm-up.
+        # 64^3 chunks take 1.5 minutes per run here: one run, no warm-up, to keep the suite under 20 minutes.
         (labels, n), t = timed(lambda: dask_image_label(mask, (chunk,) * 3), 1 if chunk == 64 else repeats,
                                warm_up=chunk != 64)
         same = n == n_ref and len(set(zip(labels[mask].tolist(), ref[mask].tolist()))) == n_ref
@@ -289,9 +292,10 @@ def markdown(result):
         if key not in result:
             continue
         syn = result[key]
+        once = syn.get("single_run", [])
         lines += [f"## {syn['name']}", "", f"Parameters: `{syn['params']}`. Each method in its own process; time: "
-                  f"median of {result['repeats']} runs after a warm-up (naive scikit-learn: one run), min-max in "
-                  "brackets.", "",
+                  f"median of {result['repeats']} runs after a warm-up, min-max in brackets"
+                  + (f" ({', '.join(once)}: one run, no warm-up)" if once else "") + ".", "",
                   "| method | F1@0.5 | mean F1 | AP@0.5 | splits | merges | seconds | Mvox/s | peak RSS GiB |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for name, r in syn["methods"].items():
@@ -304,10 +308,11 @@ def markdown(result):
                          f"{r['voxels_per_second'] / 1e6:.2f} | {r['peak_rss_gib']:.2f} |")
         lines.append("")
     lines += ["", "Connected components of the same mask (threshold 127):", "",
-              "| implementation | seconds (min-max) | regions | same partition as SciPy |", "|---|---|---|---|"]
+              "| implementation | seconds (min-max) | timed runs | regions | same partition as SciPy |",
+              "|---|---|---|---|---|"]
     for name, r in result["connected_components"].items():
         s = r["seconds"]
-        lines.append(f"| {name} | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) | {r['regions']} | "
+        lines.append(f"| {name} | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) | {s['runs']} | {r['regions']} | "
                      f"{r.get('same_partition_as_scipy', '-')} |")
     for dataset, block in result["real"].items():
         lines += ["", f"## {dataset} ({block['images']} images)", "", f"Parameters: `{block['params']}`; scores "
@@ -345,7 +350,8 @@ def main(argv=None):
     large = [m for m in methods if m != NAIVE or args.naive_on_large]
     small = [next(iter(DECLUMP_VARIANTS)), NAIVE, WATERSHED]
     result = {"machine": machine_info(), "repeats": args.repeats, "notes": {}}
-    result["synthetic"], image, _ = suite_synthetic(args.size, args.particles, args.repeats, large)
+    result["synthetic"], image, _ = suite_synthetic(args.size, args.particles, args.repeats, large,
+                                                    single_run=SINGLE_RUN_ON_LARGE)
     small_size = args.size // 2
     result["synthetic_small"], _, _ = suite_synthetic(small_size, max(1, args.particles // 8), args.repeats, small)
     if not args.naive_on_large:
