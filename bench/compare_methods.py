@@ -288,6 +288,8 @@ def image_grid(examples, methods, path, picks=(("DSB-2018 nuclei", "img2d"), ("E
 def markdown(result):
     m = result["machine"]
     lines = [f"# declump vs peers, CPU: {m['cpu']} ({m['cpu_count']} cores, {m['memory_gib']} GiB), {m['date']}", ""]
+    if "wall_seconds" in result:
+        lines += [f"Suite wall time: {result['wall_seconds']:.0f} s.", ""]
     for key in ("synthetic", "synthetic_small"):
         if key not in result:
             continue
@@ -349,6 +351,7 @@ def main(argv=None):
     methods = list(DECLUMP_VARIANTS) + [NAIVE, WATERSHED, CLESPERANTO]
     large = [m for m in methods if m != NAIVE or args.naive_on_large]
     small = [next(iter(DECLUMP_VARIANTS)), NAIVE, WATERSHED]
+    start = time.perf_counter()
     result = {"machine": machine_info(), "repeats": args.repeats, "notes": {}}
     result["synthetic"], image, _ = suite_synthetic(args.size, args.particles, args.repeats, large,
                                                     single_run=SINGLE_RUN_ON_LARGE)
@@ -363,6 +366,7 @@ def main(argv=None):
     if not args.clesperanto_emps:
         skip[("EMPS particles", CLESPERANTO)] = "skipped by default (--clesperanto-emps): kernel compiles per shape"
     result["real"], examples = suite_real(methods, args.emps_limit, skip)
+    result["wall_seconds"] = time.perf_counter() - start
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = args.out or f"compare_{result['machine']['date'][:10]}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 
 from bench.common import RESULTS, machine_info, spread
 from gpu_pipeline.synthetic import make_touching_particles
@@ -93,7 +94,12 @@ def run(sizes, repeats, devices):
 
 
 def markdown(result):
-    lines = ["| device | size | stage | median s (min-max) | Mvox/s | of bandwidth bound |", "|---|---|---|---|---|---|"]
+    m = result["machine"]
+    lines = [f"# declump per stage: {m['cpu']} ({m['cpu_count']} cores, {m['memory_gib']} GiB), GPU: "
+             f"{m['gpu'] or 'none'}, {m['date']}", "",
+             f"Median (min-max) of {result['repeats']} runs per size, after one warm-up run on a 48^3 volume"
+             + (f"; suite wall time {result['wall_seconds']:.0f} s" if "wall_seconds" in result else "") + ".", "",
+             "| device | size | stage | median s (min-max) | Mvox/s | of bandwidth bound |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         frac = f"{100 * r['bandwidth_bound_fraction']:.0f} %" if "bandwidth_bound_fraction" in r else "-"
         lines.append(f"| {r['device']} | {r['size']}^3 | {r['stage']} | {r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f}) "
@@ -136,8 +142,10 @@ def main(argv=None):
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     devices = ["cpu"] + (["gpu"] if gpu_available() else [])
+    start = time.perf_counter()
     result = {"machine": machine_info(), "repeats": args.repeats,
               **run([int(s) for s in args.sizes.split(",")], args.repeats, devices)}
+    result["wall_seconds"] = time.perf_counter() - start
     if "gpu" not in devices:
         result["gpu_note"] = "no CUDA device on this machine: GPU rows not measured"
     RESULTS.mkdir(parents=True, exist_ok=True)
