@@ -42,6 +42,22 @@ def test_histograms_of_parts_add_up_to_the_whole(rng):
     assert otsu_from_histogram(parts, bins) == otsu_from_histogram(whole, bins)
 
 
+def test_histogram_in_slices_counts_every_value_once(rng, monkeypatch):
+    import gpu_pipeline.stages.threshold as threshold
+
+    image = rng.integers(3, 900, (41, 53, 7)).astype(np.uint16)
+    expected = np.bincount(image.ravel() - 3)  # one bin per value from the minimum
+    floats = rng.normal(0.0, 1.0, (41, 53, 7)).astype(np.float32)
+    whole, fbins = intensity_histogram(floats)
+    monkeypatch.setattr(threshold, "HISTOGRAM_SLICE", 37)  # many slices, the last one short
+    counts, bins = intensity_histogram(image)
+    assert bins.integer and bins.nbins == 897
+    np.testing.assert_array_equal(counts, expected)
+    sliced, _ = intensity_histogram(floats, fbins)
+    np.testing.assert_array_equal(sliced, whole)
+    assert sliced.sum() == floats.size
+
+
 def test_constant_image_and_nan_are_refused():
     with pytest.raises(DeclumpError, match="constant"):
         otsu_threshold(np.full((10, 10), 7, np.uint8))

@@ -17,6 +17,8 @@ from gpu_pipeline._backend import DeclumpError, get_array_module, to_host
 FLOAT_BINS = 256
 #: Integer images get one bin per value while their range is at most this.
 MAX_INTEGER_BINS = 65536
+#: Values binned per step of :func:`intensity_histogram` (its temporaries stay near 100 MiB).
+HISTOGRAM_SLICE = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,13 @@ def intensity_histogram(image, bins: HistogramBins | None = None):
     xp = get_array_module(image)
     if bins is None:
         bins = histogram_bins(image.min(), image.max(), image.dtype)
-    counts = xp.bincount(bin_index(image.ravel(), bins), minlength=bins.nbins)
+    flat = image.ravel()
+    counts = xp.zeros(bins.nbins, dtype=xp.int64)
+    # In slices: bin_index makes float64 and int64 temporaries (about 24 bytes
+    # per value), which for a whole 1024^3 volume would be 24 GiB. Integer
+    # counts add exactly, so the result does not depend on the slicing.
+    for start in range(0, flat.size, HISTOGRAM_SLICE):
+        counts += xp.bincount(bin_index(flat[start:start + HISTOGRAM_SLICE], bins), minlength=bins.nbins)
     return to_host(counts).astype(np.int64), bins
 
 
