@@ -134,10 +134,16 @@ def pooled_scores(pairs):
 
 
 
-def suite_synthetic(size, n, repeats, methods, single_run=()):
-    """Accuracy, time and peak memory of ``methods`` on a generated volume; ``single_run``: timed once, no warm-up."""
+def synthetic_volume(size, n):
+    """The generated benchmark volume (touching spheres, radius 5-12), its ground truth and the shared parameters."""
     image, truth = make_touching_particles((size,) * 3, n, radius_range=(5, 12), overlap=0.15, seed=2026)
     p = dict(sigma=1.0, min_distance=4, min_size=65, polarity="bright", spacing=(1.0, 1.0, 1.0), spot_sigma=3.0)
+    return image, truth, p
+
+
+def suite_synthetic(size, n, repeats, methods, single_run=()):
+    """Accuracy, time and peak memory of ``methods`` on a generated volume; ``single_run``: timed once, no warm-up."""
+    image, truth, p = synthetic_volume(size, n)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "image.npy"

@@ -1,4 +1,4 @@
-"""Neck grouping ratio and EMPS hole-size sweeps on the real 2D data: is there a default that helps everywhere?
+"""Neck grouping ratio and EMPS hole-size sweeps on the real 2D data and the generated spheres: is there a default that helps everywhere?
 
     python -m bench.neck_sweep
 
@@ -8,7 +8,8 @@ chosen on one half holds on the other), beside the scikit-image watershed
 pipeline with the same parameters (those of ``compare_methods``). Then, on
 EMPS, ``max_hole_size`` from 0 up, for declump (neck ratio 1.0, the default,
 and off) and the watershed pipeline, all filling the same holes. Writes
-``bench/results/neck_sweep_<date>.{json,md}``.
+``bench/results/neck_sweep_<date>.{json,md}``. Last, every ratio on the
+generated 256^3 volume of packed touching spheres of ``compare_methods``.
 """
 from __future__ import annotations
 
@@ -17,12 +18,15 @@ import sys
 import time
 
 from bench.common import RESULTS, machine_info
-from bench.compare_methods import WATERSHED, pooled_scores, real_datasets, run_method, separation_kwargs, with_polarity
+from bench.compare_methods import (WATERSHED, pooled_scores, real_datasets, run_method, separation_kwargs,
+                                   synthetic_volume, with_polarity)
 
 RATIOS = (None, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 1.0)
 #: EMPS hole sizes, px^2 (particle areas: median 3466, 90th percentile 20008).
 HOLES = (0, 300, 1000, 3000, 10000, 20000, 30000)
 HOLE_METHODS = (1.0, None, WATERSHED)
+#: The generated volume of ``compare_methods`` (256^3, 1500 spheres requested).
+SYNTHETIC_SIZE, SYNTHETIC_PARTICLES = 256, 1500
 
 
 def _label(name):
@@ -64,6 +68,15 @@ def main(argv=None):
                 print(f"EMPS holes {hole}: " + ", ".join(
                     f"{_label(n)} {s['f1_50']:.4f}/{s['mean_f1']:.4f}"
                     for n, s in result["emps_holes"][str(hole)]["all"].items()), flush=True)
+    # The packed spheres of compare_methods: every pair of touching particles has a neck, so a ratio that
+    # joins some of them shows here.
+    image, truth, p = synthetic_volume(SYNTHETIC_SIZE, SYNTHETIC_PARTICLES)
+    dataset = f"generated {SYNTHETIC_SIZE}^3, {int(truth.max())} touching spheres"
+    result.setdefault("params", {})[dataset] = p
+    pairs = {name: [(_labels(name, image, p), truth)] for name in (*RATIOS, WATERSHED)}
+    result["datasets"][dataset] = _parts(pairs, 1)
+    print(dataset + ": " + ", ".join(f"{_label(n)} {s['f1_50']:.4f}/{s['mean_f1']:.4f}"
+                                     for n, s in result["datasets"][dataset]["all"].items()), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"neck_sweep_{time.strftime('%Y-%m-%d')}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
