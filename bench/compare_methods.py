@@ -165,8 +165,12 @@ def suite_synthetic(size, n, repeats, methods, single_run=()):
             "single_run": sorted(set(single_run) & set(methods)), "methods": rows}, image, truth
 
 
-def suite_connected_components(image, repeats):
-    """SciPy's label vs dask-image's chunked label on the same mask (declump's regions step)."""
+def suite_connected_components(image, repeats, chunk_sizes=(128,)):
+    """SciPy's label vs dask-image's chunked label on the same mask (declump's regions step).
+
+    Every timing is a median of ``repeats`` runs after a warm-up. 64^3 chunks
+    (1.5 minutes per run on 2 cores) are opt-in: ``--dask-image-64``.
+    """
     from scipy import ndimage as ndi
 
     from bench.peers import dask_image_label
@@ -175,10 +179,8 @@ def suite_connected_components(image, repeats):
     out = {}
     (ref, n_ref), t_scipy = timed(lambda: ndi.label(mask, ndi.generate_binary_structure(3, 1)), repeats)
     out["scipy.ndimage.label"] = {"seconds": spread(t_scipy), "regions": int(n_ref)}
-    for chunk in (64, 128):
-        # 64^3 chunks take 1.5 minutes per run here: one run, no warm-up, to keep the suite under 20 minutes.
-        (labels, n), t = timed(lambda: dask_image_label(mask, (chunk,) * 3), 1 if chunk == 64 else repeats,
-                               warm_up=chunk != 64)
+    for chunk in chunk_sizes:
+        (labels, n), t = timed(lambda: dask_image_label(mask, (chunk,) * 3), repeats)
         same = n == n_ref and len(set(zip(labels[mask].tolist(), ref[mask].tolist()))) == n_ref
         out[f"dask_image.ndmeasure.label chunks {chunk}^3"] = {"seconds": spread(t), "regions": n,
                                                                "same_partition_as_scipy": bool(same)}
@@ -351,6 +353,9 @@ def main(argv=None):
     parser.add_argument("--clesperanto-emps", action="store_true",
                         help="also run pyclesperanto on EMPS (20 minutes of OpenCL kernel compiles on pocl: "
                              "EMPS images come in dozens of shapes and each shape compiles its kernels)")
+    parser.add_argument("--dask-image-64", action="store_true",
+                        help="also time dask-image's label with 64^3 chunks (about 1.5 minutes per run on 2 cores, "
+                             "4 runs; by default only 128^3 chunks)")
     parser.add_argument("--out", default=None, help="result file stem (default compare_<date>)")
     args = parser.parse_args(argv)
 
@@ -367,7 +372,8 @@ def main(argv=None):
         result["notes"]["naive k-means"] = (f"run on the {small_size}^3 volume (same generator, density and "
                                             f"parameters) beside declump and the watershed; on {args.size}^3 it "
                                             "takes about 10 minutes (--naive-on-large)")
-    result["connected_components"] = suite_connected_components(image, args.repeats)
+    result["connected_components"] = suite_connected_components(image, args.repeats,
+                                                              (64, 128) if args.dask_image_64 else (128,))
     skip = {}
     if not args.clesperanto_emps:
         skip[("EMPS particles", CLESPERANTO)] = "skipped by default (--clesperanto-emps): kernel compiles per shape"

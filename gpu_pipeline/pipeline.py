@@ -218,8 +218,11 @@ def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto
     regions, details.n_regions = ops.label(fg)
     clock.lap("regions")
     if method == "kmeans":
+        group = None
+        if neck_ratio is not None:
+            group = neck_groups(peaks, distance_q, regions, spacing, neck_ratio)
+            clock.lap("necks")
         radii = distance_q[tuple(peaks.T)].astype(xp.float64) * quantum
-        group = None if neck_ratio is None else neck_groups(peaks, distance_q, regions, spacing, neck_ratio)
         labels, details.n_iter = split_regions_kmeans(regions, details.n_regions, peaks, radii, spacing=spacing,
                                                       assignment=assignment, engine=kmeans_engine,
                                                       max_iter=max_iter, peak_group=group)
