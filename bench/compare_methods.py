@@ -134,7 +134,11 @@ def pooled_scores(pairs):
 
 
 
-def synthetic_volume(size, n):
+#: The generated benchmark volume: edge (voxels) and spheres requested (radius 5-12).
+SYNTHETIC_SIZE, SYNTHETIC_PARTICLES = 256, 1500
+
+
+def synthetic_volume(size=SYNTHETIC_SIZE, n=SYNTHETIC_PARTICLES):
     """The generated benchmark volume (touching spheres, radius 5-12), its ground truth and the shared parameters."""
     image, truth = make_touching_particles((size,) * 3, n, radius_range=(5, 12), overlap=0.15, seed=2026)
     p = dict(sigma=1.0, min_distance=4, min_size=65, polarity="bright", spacing=(1.0, 1.0, 1.0), spot_sigma=3.0)
@@ -343,8 +347,10 @@ def markdown(result):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=256, help="edge of the generated 3D volume (default 256)")
-    parser.add_argument("--particles", type=int, default=1500, help="spheres to place (default 1500)")
+    parser.add_argument("--size", type=int, default=SYNTHETIC_SIZE,
+                        help="edge of the generated 3D volume (default %(default)s)")
+    parser.add_argument("--particles", type=int, default=SYNTHETIC_PARTICLES,
+                        help="spheres to place (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method after a warm-up")
     parser.add_argument("--emps-limit", type=int, default=None, help="use only the first N EMPS images")
     parser.add_argument("--naive-on-large", action="store_true",
@@ -355,7 +361,7 @@ def main(argv=None):
                              "EMPS images come in dozens of shapes and each shape compiles its kernels)")
     parser.add_argument("--dask-image-64", action="store_true",
                         help="also time dask-image's label with 64^3 chunks (about 1.5 minutes per run on 2 cores, "
-                             "4 runs; by default only 128^3 chunks)")
+                             "a warm-up and --repeats runs; by default only 128^3 chunks)")
     parser.add_argument("--out", default=None, help="result file stem (default compare_<date>)")
     args = parser.parse_args(argv)
 

@@ -25,8 +25,6 @@ RATIOS = (None, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 1.0)
 #: EMPS hole sizes, px^2 (particle areas: median 3466, 90th percentile 20008).
 HOLES = (0, 300, 1000, 3000, 10000, 20000, 30000)
 HOLE_METHODS = (1.0, None, WATERSHED)
-#: The generated volume of ``compare_methods`` (256^3, 1500 spheres requested).
-SYNTHETIC_SIZE, SYNTHETIC_PARTICLES = 256, 1500
 
 
 def _label(name):
@@ -70,8 +68,8 @@ def main(argv=None):
                     for n, s in result["emps_holes"][str(hole)]["all"].items()), flush=True)
     # The packed spheres of compare_methods: every pair of touching particles has a neck, so a ratio that
     # joins some of them shows here.
-    image, truth, p = synthetic_volume(SYNTHETIC_SIZE, SYNTHETIC_PARTICLES)
-    dataset = f"generated {SYNTHETIC_SIZE}^3, {int(truth.max())} touching spheres"
+    image, truth, p = synthetic_volume()
+    dataset = f"generated {image.shape[0]}^3, {int(truth.max())} touching spheres"
     result.setdefault("params", {})[dataset] = p
     pairs = {name: [(_labels(name, image, p), truth)] for name in (*RATIOS, WATERSHED)}
     result["datasets"][dataset] = _parts(pairs, 1)
