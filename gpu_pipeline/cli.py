@@ -158,7 +158,9 @@ def cmd_run_chunked(args, device):
     summary = run_chunked(args.input, args.output, chunks=args.chunks, channel=args.channel,
                           timepoint=args.timepoint, mask_path=args.mask, max_radius=args.max_radius, device=device,
                           cluster=args.cluster, scheduler=args.scheduler, workers=args.workers,
-                          scratch=args.scratch, overwrite=args.overwrite, verbose=not args.quiet, **kwargs)
+                          scratch=args.scratch, overwrite=args.overwrite,
+                          missing_chunks=args.missing_chunks or "error",
+                          verbose=not args.quiet, **kwargs)
     print(f"{summary['n_particles']} particles; labels -> {summary['outputs']['labels']}/particles, table -> "
           f"{summary['outputs']['table']}, summary -> {summary['outputs']['summary']}")
 
@@ -170,7 +172,8 @@ def cmd_run(args):
     if _is_zarr(args.input) and Path(args.output).suffix.lower() == ".zarr":
         return cmd_run_chunked(args, device)
     chunked_only = [name for name, value in (("--chunks", args.chunks), ("--cluster", args.cluster),
-                                             ("--scheduler", args.scheduler), ("--scratch", args.scratch))
+                                             ("--scheduler", args.scheduler), ("--scratch", args.scratch),
+                                             ("--missing-chunks", args.missing_chunks))
                     if value is not None]
     if chunked_only:
         raise DeclumpError(f"{', '.join(chunked_only)} apply to chunked runs only (a Zarr input and a .zarr output)")
@@ -276,6 +279,10 @@ def build_parser():
                               "shared by all workers)")
     chunked.add_argument("--overwrite", action="store_true",
                          help="start over, deleting an existing output and its work folder")
+    chunked.add_argument("--missing-chunks", choices=("error", "fill"), default=None,
+                         help="a chunk file missing from the input or mask store: 'error' (default) stops before "
+                              "any work, naming it; 'fill' reads it as the array's fill value, for stores that are "
+                              "sparse on purpose")
     chunked.add_argument("--quiet", action="store_true", help="no progress lines")
     run.set_defaults(func=cmd_run)
 

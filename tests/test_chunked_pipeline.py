@@ -152,32 +152,45 @@ def _markers(path):
     return len(os.listdir(path)) if path.exists() else 0
 
 
-def test_sigkill_midway_then_rerun_gives_identical_output_with_fewer_chunks(tmp_path, rng):
+def _kill_when(process, done, count, deadline=240):
+    """SIGKILL ``process`` by PID once ``done`` holds ``count`` block markers; returns the markers seen then."""
+    end = time.time() + deadline
+    while _markers(done) < count and process.poll() is None and time.time() < end:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    return _markers(done)
+
+
+def _not_complete(tmp_path):
+    assert not (tmp_path / "out_summary.json").exists()
+    if (tmp_path / "out.zarr").exists():
+        assert zarr.open_group(str(tmp_path / "out.zarr"), mode="r").attrs["declump"]["complete"] is False
+
+
+def test_sigkill_twice_then_rerun_gives_identical_output_with_fewer_chunks(tmp_path, rng):
     spacing = (1.0, 1.0, 1.0)
     image, _ = make_touching_particles((48, 96, 96), 120, spacing=spacing, seed=int(rng.integers(1e6)))
     src = _ome_zarr(tmp_path / "in.zarr", image, spacing, (24, 24, 24))
     command = [sys.executable, "-m", "gpu_pipeline", "run", str(src), str(tmp_path / "out.zarr"), "--max-radius",
                "13", "--workers", "1", "--quiet"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     split = tmp_path / "out.zarr.work" / "split.done"
-    deadline = time.time() + 240
-    while _markers(split) < 8 and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert process.poll() is None, "the run finished before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (tmp_path / "out_summary.json").exists()
-    assert "complete" not in (zarr.open_group(str(tmp_path / "out.zarr"), mode="r").attrs.get("declump") or {}) or \
-        zarr.open_group(str(tmp_path / "out.zarr"), mode="r").attrs["declump"]["complete"] is False
+    first = _kill_when(subprocess.Popen(command, env=env), split, 6)
+    _not_complete(tmp_path)
+    # Killed again, in a row, while resuming.
+    _kill_when(subprocess.Popen(command, env=env), split, first + 4)
+    _not_complete(tmp_path)
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "out_summary.json").read_text())
     computed, total = summary["blocks_computed"], summary["blocks_total"]
-    print("blocks computed after SIGKILL:", computed, "of", total)
-    assert computed["foreground"] == 0 and computed["regions"] == 0 and computed["split"] < total["split"]
+    print("blocks computed after two SIGKILLs:", computed, "of", total)
+    assert computed["foreground"] == 0 and computed["regions"] == 0 and computed["split"] <= total["split"] - first - 4
     expected = separate(image, spacing=spacing, max_radius=13)
     assert zarr.open_array(str(tmp_path / "out.zarr" / "particles" / "0"))[...].tobytes() == expected.tobytes()
+    assert not (tmp_path / "out.zarr.work").exists()
 
 
 def test_a_worker_killed_midway_changes_nothing(tmp_path, rng):

@@ -6,16 +6,19 @@ Outputs (``out.zarr`` and companions beside it):
   attribute ``labels: ["particles"]`` and the label image at
   ``out.zarr/particles/0`` (int32, chunk-aligned with the processing chunks,
   each chunk written by one task), with ``multiscales`` (the input's spacing
-  as its scale) and ``image-label`` metadata. The metadata is written last:
+  as its scale) and ``image-label`` metadata. That metadata and the root's
+  ``declump: {complete: true}`` are written last, after every other file:
   until then the store does not look like a finished label image.
 - ``out_particles.parquet``: the per-particle table (the columns of
   :func:`gpu_pipeline.measure.particle_table`), reduced from per-chunk partial sums.
-- ``out_overlay.png`` (middle plane) and ``out_summary.json`` (written last).
+- ``out_overlay.png`` (middle plane) and ``out_summary.json``.
 
 Work in progress lives in ``out.zarr.work/`` (or ``--scratch``): staged
-arrays, saved global results, block markers. The same command after an
-interruption resumes from there; a different set of parameters is refused
-unless ``--overwrite``. The folder is removed when the run completes.
+arrays, saved global results, block markers, the parameters and the input's
+fingerprint (:func:`~gpu_pipeline.chunked.source.fingerprint`). The same
+command after an interruption resumes from there; other parameters or a
+changed input are refused unless ``--overwrite``. The folder is removed when
+the run completes (or, if left behind, by the next run of the same command).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_host
 from gpu_pipeline.chunked.workspace import Workspace, active_client, chunk_starts, run_tasks, release_freed_memory, \
-    save_parameters, write_blocks
+    save_records, write_blocks
 from gpu_pipeline.io import LABEL_NAME, write_ngff_label_metadata
 from gpu_pipeline.measure import table_from_sums
 
@@ -154,20 +157,26 @@ def output_paths(output):
 def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, timepoint=None, mask_path=None,
                 sigma=1.0, threshold="otsu", polarity="auto", min_distance=4.0, min_size=None, max_radius=None,
                 neck_ratio=1.0, assignment="power", max_iter=0, device="cpu", cluster=None, scheduler=None,
-                workers=None, scratch=None, overwrite=False, verbose=True):
+                workers=None, scratch=None, overwrite=False, missing_chunks="error", verbose=True):
     """Separate a Zarr volume chunk by chunk into an OME-Zarr labels group (see the module docstring).
 
-    Returns the summary dict (also written to ``*_summary.json``).
-    """
-    import zarr
+    ``missing_chunks``: ``"error"`` (default) refuses an input or mask with a
+    missing chunk file; ``"fill"`` reads it as the fill value (see
+    :func:`~gpu_pipeline.chunked.source.open_volume`).
 
-    from gpu_pipeline.chunked.pipeline import separate_chunked
+    Returns the summary dict (also written to ``*_summary.json``).
+
+    Raises
+    ------
+    DeclumpError
+        On bad input, on an output or work folder left by another run or
+        another input (unless ``overwrite``), and when the disk refuses a
+        write (read-only, full): the run is then not marked complete, and the
+        same call resumes once the disk is writable again.
+    """
     from gpu_pipeline.chunked.source import open_volume
-    from gpu_pipeline.io import write_json
-    from gpu_pipeline.overlay import write_overlay
     from gpu_pipeline.pipeline import validate_spacing
 
-    started = time.perf_counter()
     input_path = Path(input_path)
     if not input_path.exists():
         raise DeclumpError(f"input {input_path} does not exist; chunked runs read a Zarr array or OME-Zarr image")
@@ -175,10 +184,13 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     if paths["labels"].suffix.lower() != ".zarr":
         raise DeclumpError(f"chunked output must be a .zarr path, got {paths['labels']}")
     work = Path(scratch) if scratch else Path(f"{paths['labels']}.work")
-    volume, file_spacing = open_volume(input_path, channel=channel, timepoint=timepoint, chunks=chunks)
-    mask = None
+    volume, file_spacing, volume_print = open_volume(input_path, channel=channel, timepoint=timepoint,
+                                                     chunks=chunks, missing_chunks=missing_chunks,
+                                                     return_fingerprint=True)
+    mask = mask_print = None
     if mask_path is not None:
-        mask, _ = open_volume(mask_path, channel=channel, timepoint=timepoint, chunks=volume.chunksize)
+        mask, _, mask_print = open_volume(mask_path, channel=channel, timepoint=timepoint, chunks=volume.chunksize,
+                                          missing_chunks=missing_chunks, return_fingerprint=True)
         if mask.shape != volume.shape:
             raise DeclumpError(f"mask shape {mask.shape} differs from the volume's {volume.shape}")
     spacing = validate_spacing(spacing if spacing is not None else file_spacing, volume.ndim)
@@ -187,6 +199,9 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
                       timepoint=timepoint, spacing=list(spacing), sigma=sigma, threshold=threshold,
                       polarity=polarity, min_distance=min_distance, min_size=min_size, max_radius=max_radius,
                       neck_ratio=neck_ratio, assignment=assignment, max_iter=max_iter)
+    inputs = {"input": volume_print, "mask": mask_print}
+    changed = (f"{input_path}{' or ' + str(mask_path) if mask_path else ''} changed (shape, dtype, chunking, "
+               "codecs, or its chunk files' sizes or times)")
 
     root_attrs = _existing_attrs(paths["labels"])
     if paths["labels"].exists() and not overwrite:
@@ -196,21 +211,64 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
         if root_attrs["declump"].get("parameters") != parameters:
             raise DeclumpError(f"{paths['labels']} was written with other parameters; use the same ones to resume, "
                                "or add --overwrite to start over")
+        if root_attrs["declump"].get("inputs") != inputs:
+            raise DeclumpError(f"{changed} since {paths['labels']} was written; add --overwrite to start over")
         if root_attrs["declump"].get("complete") and paths["summary"].exists():
             summary = json.loads(paths["summary"].read_text())
+            # A run killed after completing but before removing its work folder left it behind.
+            shutil.rmtree(work, ignore_errors=True)
             if verbose:
                 print(f"{paths['labels']} is already complete ({summary['n_particles']} particles); nothing to do")
             return summary
+    work_existed = work.exists()
+    try:
+        return _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_path, device=device,
+                    cluster=cluster, scheduler=scheduler, workers=workers, overwrite=overwrite, verbose=verbose)
+    except OSError as exc:
+        raise DeclumpError(disk_error(exc, work)) from exc
+    except DeclumpError:
+        # Bad input found before anything was computed: leave no folder behind that a later run would trip on.
+        if not work_existed and work.is_dir() and {p.name for p in work.iterdir()} <= RECORDS:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def disk_error(exc, fallback):
+    """The one-line message for a write the disk refused (``exc``: the OSError; ``fallback``: a path to name)."""
+    import errno
+
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    code = errno.errorcode.get(exc.errno, "")
+    return (f"cannot write {exc.filename or fallback}: {cause}{f' ({code})' if code else ''}; nothing was marked "
+            "complete. Make room or make it writable (or choose another output or --scratch folder), then run the "
+            "same command again to resume")
+
+
+#: The files a chunked run writes in its work folder before computing anything.
+RECORDS = {"parameters.json", "inputs.json"}
+
+
+def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_path, *, device, cluster,
+         scheduler, workers, overwrite, verbose):
+    import zarr
+
+    from gpu_pipeline.chunked.pipeline import separate_chunked
+    from gpu_pipeline.io import write_json
+    from gpu_pipeline.overlay import write_overlay
+
+    started = time.perf_counter()
+    p = parameters
     if overwrite:
         for key in ("labels", "table", "summary", "overlay"):
-            p = paths[key]
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            path = paths[key]
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
     paths["summary"].unlink(missing_ok=True)
-    save_parameters(work, parameters, overwrite=overwrite)
-    root = zarr.open_group(str(paths["labels"]), mode="a", zarr_format=2)
-    root.attrs["declump"] = {"complete": False, "parameters": parameters}
-
+    save_records(work, {
+        "parameters.json": (parameters, f"{work} holds an unfinished run with other parameters; rerun with those, "
+                                        "or add --overwrite to start over"),
+        "inputs.json": (inputs, f"{changed} since the unfinished run in {work} started; add --overwrite to start "
+                                "over")}, overwrite=overwrite)
     workspace = Workspace(work, verbose=verbose)
     release_freed_memory()
     with engine(cluster=cluster, scheduler=scheduler, workers=workers):
@@ -220,12 +278,15 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
             print(f"declump: {tuple(volume.shape)} voxels in {volume.npartitions} chunks of "
                   f"{volume.chunksize}, spacing {spacing}, on {device} via {where}")
         labels, details = separate_chunked(
-            volume, spacing=spacing, sigma=sigma, threshold=threshold, polarity=polarity,
-            mask=mask, min_distance=min_distance, min_size=min_size, max_radius=max_radius, neck_ratio=neck_ratio,
-            assignment=assignment,
-            max_iter=max_iter, workspace=workspace, device=device, verbose=verbose)
+            volume, spacing=spacing, sigma=p["sigma"], threshold=p["threshold"], polarity=p["polarity"],
+            mask=mask, min_distance=p["min_distance"], min_size=p["min_size"], max_radius=p["max_radius"],
+            neck_ratio=p["neck_ratio"], assignment=p["assignment"], max_iter=p["max_iter"], workspace=workspace,
+            device=device, verbose=verbose)
         n_particles = details.n_particles
         labels = labels.map_blocks(to_host, dtype=labels.dtype)
+        # The output folder appears once there is something to put in it, marked unfinished until the end.
+        root = zarr.open_group(str(paths["labels"]), mode="a", zarr_format=2)
+        root.attrs["declump"] = {"complete": False, "parameters": parameters, "inputs": inputs}
         target = paths["labels"] / LABEL_NAME / "0"
         zarr.open_group(str(paths["labels"] / LABEL_NAME), mode="a", zarr_format=2)
         computed = write_blocks(labels, target, work / "output.done", what="write labels", verbose=verbose,
@@ -239,10 +300,6 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     write_parquet(table, paths["table"])
     middle = volume.shape[0] // 2 if volume.ndim == 3 else slice(None)
     write_overlay(paths["overlay"], np.asarray(volume[middle]), np.asarray(stored[middle]))
-    # Completion: metadata that makes it a readable label image, then the summary.
-    source = os.path.relpath(input_path.resolve(), (paths["labels"] / LABEL_NAME).resolve())
-    write_ngff_label_metadata(paths["labels"], spacing, source,
-                              extra={"declump": {"complete": True, "parameters": parameters}})
     diameters = table["equivalent_diameter"]
     summary = {
         "n_particles": n_particles, "spacing": list(spacing), "shape": list(volume.shape),
@@ -256,6 +313,11 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
         "outputs": {k: str(v) for k, v in paths.items()},
     }
     write_json(paths["summary"], summary)
+    # Completion, after every file is in place: the metadata that makes it a readable label image, and
+    # `complete: true` in the same last write of the root's attributes.
+    source = os.path.relpath(input_path.resolve(), (paths["labels"] / LABEL_NAME).resolve())
+    write_ngff_label_metadata(paths["labels"], spacing, source,
+                              extra={"declump": {"complete": True, "parameters": parameters, "inputs": inputs}})
     shutil.rmtree(work, ignore_errors=True)
     if verbose and details.n_capped_voxels:
         print(f"declump: warning: {details.n_capped_voxels} voxels lie deeper than --max-radius {details.max_radius:g}; "

@@ -1,9 +1,17 @@
 """Volumes on disk as Dask arrays: Zarr v2/v3 arrays and OME-Zarr images, read chunk by chunk.
 
 A chunk that cannot be decoded raises a one-line error naming the chunk;
-nothing is read until a computation asks for it.
+nothing is read until a computation asks for it. One listing of the store's
+files, taken when it is opened, finds missing chunks (which Zarr would read
+as the fill value) and gives the input's fingerprint.
 """
 from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -33,7 +41,58 @@ def _compose(selection, slices):
     return tuple(out)
 
 
-def open_volume(path, *, channel=None, timepoint=None, chunks=None):
+#: What ``missing_chunks`` accepts: refuse a store with missing chunk files, or read them as the fill value.
+MISSING_CHUNKS = ("error", "fill")
+
+
+def list_stored_files(array):
+    """``{key: (size, mtime_ns)}`` of every file under a local Zarr array's folder: one walk, no chunk read.
+
+    Keys are relative to the array (``c/0/1/2`` or ``0.1.2``, as the
+    array's metadata encodes chunk keys). Stores that are not a local folder
+    are listed through Zarr (sizes and times unknown: ``(-1, -1)``).
+    """
+    root = getattr(array.store, "root", None)
+    if root is None:
+        from zarr.core.sync import collect_aiterator
+
+        prefix = f"{array.path}/" if array.path else ""
+        keys = collect_aiterator(array.store.list_prefix(prefix))
+        return {key[len(prefix):]: (-1, -1) for key in keys}
+    folder = Path(root) / array.path
+    files = {}
+    for directory, _, names in os.walk(folder):
+        for name in names:
+            full = os.path.join(directory, name)
+            stat = os.stat(full)
+            files[Path(os.path.relpath(full, folder)).as_posix()] = (stat.st_size, stat.st_mtime_ns)
+    return files
+
+
+def missing_chunks_of(array, selection, files):
+    """Grid indices of the stored chunks (shards, if sharded) that ``selection`` needs and ``files`` lacks."""
+    grid = array.shards or array.chunks
+    axes = []
+    for item, size, step in zip(selection, array.shape, grid):
+        axes.append(range(math.ceil(size / step)) if isinstance(item, slice) else [int(item) // step])
+    encode = array.metadata.encode_chunk_key
+    return [index for index in itertools.product(*axes) if encode(index) not in files]
+
+
+def fingerprint(array, files):
+    """What identifies the stored input: shape, dtype, chunking, codecs and a hash of its files' sizes and times."""
+    digest = hashlib.sha256()
+    for key in sorted(files):
+        digest.update(f"{key}\0{files[key][0]}\0{files[key][1]}\n".encode())
+    codecs = [*array.filters, *([array.serializer] if getattr(array, "serializer", None) else []),
+              *array.compressors]
+    return {"shape": [int(n) for n in array.shape], "dtype": str(array.dtype),
+            "chunks": [int(c) for c in array.chunks], "shards": [int(c) for c in array.shards or ()],
+            "codecs": [repr(c) for c in codecs], "files": len(files), "files_sha256": digest.hexdigest()}
+
+
+def open_volume(path, *, channel=None, timepoint=None, chunks=None, missing_chunks="error",
+                return_fingerprint=False):
     """A lazy Dask array of a 2D/3D volume stored as Zarr or OME-Zarr, and its spacing.
 
     Parameters
@@ -44,11 +103,20 @@ def open_volume(path, *, channel=None, timepoint=None, chunks=None):
         Pick from ``c``/``t`` axes (required when they hold more than one).
     chunks : tuple of int, optional
         Processing chunk shape; default: the store's chunks.
+    missing_chunks : "error" or "fill"
+        A chunk file absent from the store (found from one listing of its
+        files) raises a `DeclumpError` naming it (default); ``fill``: read
+        as the array's fill value, as Zarr does, for stores that are sparse
+        on purpose (Zarr 3 skips chunks that are all fill value unless
+        written with ``write_empty_chunks=True``).
+    return_fingerprint : bool
+        Also return the input's fingerprint (see :func:`fingerprint`).
 
     Returns
     -------
     volume : dask.array.Array
     spacing : list of float or None
+    fingerprint : dict, only with ``return_fingerprint``
     """
     import dask.array as da
 
@@ -60,9 +128,20 @@ def open_volume(path, *, channel=None, timepoint=None, chunks=None):
                            "(pick a channel/time point with --channel/--timepoint)")
     if np.dtype(array.dtype).kind not in "uif":
         raise DeclumpError(f"{path} has dtype {array.dtype}; declump accepts integer or floating-point intensities")
+    if missing_chunks not in MISSING_CHUNKS:
+        raise DeclumpError(f"missing_chunks must be one of {MISSING_CHUNKS}, got {missing_chunks!r}")
+    files = list_stored_files(array)
+    missing = missing_chunks_of(array, selection, files) if missing_chunks == "error" else []
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        key = array.metadata.encode_chunk_key(missing[0])
+        raise DeclumpError(f"chunk {missing[0]} of {path} is missing (no file {key}){more}; Zarr would read it as the fill value {array.fill_value}. Restore it, or pass "
+                           "--missing-chunks fill if the store is sparse on purpose")
     store_chunks = tuple(array.chunks[i] for i in kept)
     grid = da.core.normalize_chunks(chunks or store_chunks, shape)
     volume = da.map_blocks(_read_block, array, str(path), selection, dtype=array.dtype, chunks=grid,
                            meta=np.empty((0,) * len(shape), dtype=array.dtype))
+    if return_fingerprint:
+        return volume, spacing, fingerprint(array, files)
     return volume, spacing
 

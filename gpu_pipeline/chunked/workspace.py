@@ -62,9 +62,19 @@ def release_freed_memory():
 def _write_block(data, path, region, marker):
     import zarr
 
-    zarr.open_array(path, mode="r+")[region] = to_host(data)
+    try:
+        zarr.open_array(path, mode="r+")[region] = to_host(data)
+    except OSError as exc:
+        raise named(exc, path) from exc
     Path(marker).touch()
     return 1
+
+
+def named(exc, path):
+    """``exc`` (an OSError) with ``path`` as its file name when the failing call gave none (e.g. a full disk)."""
+    if exc.filename is not None:
+        return exc
+    return type(exc)(exc.errno, exc.strerror or str(exc), str(path))
 
 
 def active_client():
@@ -151,7 +161,10 @@ class Workspace:
                 return {k: (saved[k] if saved[k].ndim else saved[k][()]) for k in saved.files}
         value = compute()
         tmp = path.with_suffix(".partial.npz")
-        np.savez(tmp, **{k: np.asarray(v) for k, v in value.items()})
+        try:
+            np.savez(tmp, **{k: np.asarray(v) for k, v in value.items()})
+        except OSError as exc:
+            raise named(exc, tmp) from exc
         os.replace(tmp, path)
         return value
 
@@ -230,14 +243,20 @@ def to_device(array, device):
     return array.map_blocks(cupy.asarray, dtype=array.dtype, meta=cupy.empty((0,) * array.ndim, array.dtype))
 
 
-def save_parameters(root, parameters, *, overwrite):
-    """Record the run's parameters in ``root``, or refuse when a different run left its work there."""
-    path = Path(root) / "parameters.json"
-    text = json.dumps(parameters, sort_keys=True)
-    if path.exists() and not overwrite:
-        if path.read_text() != text:
-            raise DeclumpError(f"{root} holds an unfinished run with other parameters; rerun with those, or add "
-                               "--overwrite to start over")
+def save_records(root, records, *, overwrite):
+    """Record what defines a run (``records``: ``{file name: (JSON value, refusal message)}``) in ``root``.
+
+    When ``root`` already holds records of a run and ``overwrite`` is off,
+    each must be present and equal, else its refusal is raised (the first
+    record's check comes first: the parameters before the input's fingerprint).
+    """
+    root = Path(root)
+    texts = {name: json.dumps(value, sort_keys=True) for name, (value, _) in records.items()}
+    if not overwrite and any((root / name).exists() for name in records):
+        for name, (_, refusal) in records.items():
+            if not (root / name).exists() or (root / name).read_text() != texts[name]:
+                raise DeclumpError(refusal)
         return
-    Path(root).mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        (root / name).write_text(text)

@@ -1,0 +1,222 @@
+"""Data integrity of chunked runs: missing chunks, changed inputs, disk faults, completion written last.
+
+Every case runs the real command on real Zarr stores on disk; disk faults use
+a real tmpfs (full, or remounted read-only), skipped where mounting is not
+permitted.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+zarr = pytest.importorskip("zarr")
+
+from gpu_pipeline.cli import main  # noqa: E402
+from gpu_pipeline.pipeline import separate  # noqa: E402
+from gpu_pipeline.synthetic import make_touching_particles  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ARGS = ["--max-radius", "13", "--quiet"]
+
+
+def _store(path, image, chunks):
+    """A plain Zarr v3 array (zstd), every chunk written."""
+    zarr.create_array(str(path), shape=image.shape, dtype=image.dtype, chunks=chunks)[...] = image
+    return path
+
+
+def _image(rng, shape=(192, 192), n=70):
+    image, _ = make_touching_particles(shape, n, seed=int(rng.integers(1e6)))
+    return image
+
+
+def _one_error_line(capsys):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("declump: error: ") and "\n" not in err, err
+    return err
+
+
+def _labels(out):
+    return zarr.open_array(str(out / "particles" / "0"), mode="r")[...]
+
+
+def _complete(out):
+    return zarr.open_group(str(out), mode="r").attrs["declump"]["complete"] is True
+
+
+def test_missing_input_chunk_is_refused_unless_filled(tmp_path, rng, capsys):
+    image = _image(rng)
+    src = _store(tmp_path / "in.zarr", image, (64, 64))
+    (src / "c" / "1" / "2").unlink()
+    out = tmp_path / "out.zarr"
+    assert main(["run", str(src), str(out), *ARGS]) == 2
+    err = _one_error_line(capsys)
+    assert "chunk (1, 2) of" in err and "--missing-chunks fill" in err
+    # Refused before any work: no output or work folder left to trip a later run.
+    assert not out.exists() and not (tmp_path / "out.zarr.work").exists()
+    # Opted in: the chunk reads as the fill value (0), exactly as an image with that block zeroed.
+    assert main(["run", str(src), str(out), *ARGS, "--missing-chunks", "fill"]) == 0
+    filled = image.copy()
+    filled[64:128, 128:192] = 0
+    assert np.array_equal(_labels(out), separate(filled, max_radius=13))
+    # The chunk restored: the finished output is stale, and saying "already complete" would be wrong.
+    _store(tmp_path / "restored.zarr", image, (64, 64))
+    os.replace(tmp_path / "restored.zarr" / "c" / "1" / "2", src / "c" / "1" / "2")
+    assert main(["run", str(src), str(out), *ARGS]) == 2
+    err = _one_error_line(capsys)
+    assert "changed" in err and "--overwrite" in err
+    assert main(["run", str(src), str(out), *ARGS, "--overwrite"]) == 0
+    assert np.array_equal(_labels(out), separate(image, max_radius=13))
+
+
+def test_missing_mask_chunk_is_refused(tmp_path, rng, capsys):
+    image = _image(rng, (130, 130), 30)
+    src = _store(tmp_path / "in.zarr", image, (65, 65))
+    mask = _store(tmp_path / "mask.zarr", (image > image.mean()).astype(np.uint8), (65, 65))
+    (mask / "c" / "0" / "1").unlink()
+    assert main(["run", str(src), str(tmp_path / "out.zarr"), "--mask", str(mask), *ARGS]) == 2
+    assert "chunk (0, 1) of" in _one_error_line(capsys) and not (tmp_path / "out.zarr").exists()
+
+
+def _kill_when(command, done, count):
+    process = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    end = time.time() + 240
+    while (len(os.listdir(done)) if done.exists() else 0) < count and process.poll() is None and time.time() < end:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def test_input_replaced_after_a_kill_is_not_resumed(tmp_path, rng):
+    spacing = (1.0, 1.0, 1.0)
+    image, _ = make_touching_particles((48, 96, 96), 120, spacing=spacing, seed=int(rng.integers(1e6)))
+    src = _store(tmp_path / "in.zarr", image, (24, 24, 24))
+    command = [sys.executable, "-m", "gpu_pipeline", "run", str(src), str(tmp_path / "out.zarr"), "--workers", "1",
+               *ARGS]
+    _kill_when(command, tmp_path / "out.zarr.work" / "split.done", 4)
+    # Another image of the same shape, dtype and chunking at the same path.
+    other, _ = make_touching_particles(image.shape, 120, spacing=spacing, seed=int(rng.integers(1e6)))
+    zarr.open_array(str(src), mode="r+")[...] = other
+    result = subprocess.run(command, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr
+    err = result.stderr.strip()
+    assert "\n" not in err and "changed" in err and "--overwrite" in err, err
+    assert not (tmp_path / "out_summary.json").exists()
+
+
+def test_completed_output_removes_a_leftover_work_folder(tmp_path, rng, capsys):
+    src = _store(tmp_path / "in.zarr", _image(rng, (130, 130), 30), (65, 65))
+    out = tmp_path / "out.zarr"
+    assert main(["run", str(src), str(out), *ARGS]) == 0
+    summary = (tmp_path / "out_summary.json").read_text()
+    # The state a kill between the last output file and the folder's removal leaves: the work folder's records
+    # and a staged array (large on real volumes).
+    work = tmp_path / "out.zarr.work"
+    work.mkdir()
+    (work / "parameters.json").write_text("{}")
+    zarr.create_array(str(work / "split.zarr"), shape=(130, 130), dtype=np.int64, chunks=(65, 65))[...] = 1
+    assert main(["run", str(src), str(out), *ARGS]) == 0
+    assert not work.exists() and _complete(out)
+    assert (tmp_path / "out_summary.json").read_text() == summary  # already complete: nothing was redone
+
+
+_AUDIT = """
+import os, sys
+events = []
+def hook(event, args):
+    if event == "open" and isinstance(args[0], str) and args[1] and set(args[1]) & set("wxa"):
+        events.append(("write", args[0]))
+    elif event == "os.rename":
+        events.append(("rename", os.fsdecode(args[1])))
+sys.addaudithook(hook)
+from gpu_pipeline.cli import main
+code = main(sys.argv[2:])
+with open(sys.argv[1], "w") as handle:
+    handle.writelines(f"{kind} {path}\\n" for kind, path in events)
+sys.exit(code)
+"""
+
+
+def test_markers_of_a_finished_output_are_written_last(tmp_path, rng):
+    """The order of the real run's file writes (Python's audit events): OME metadata and `complete` come last."""
+    src = _store(tmp_path / "in.zarr", _image(rng, (130, 130), 30), (65, 65))
+    log = tmp_path / "writes.txt"
+    result = subprocess.run([sys.executable, "-c", _AUDIT, str(log), "run", str(src), str(tmp_path / "out.zarr"),
+                             *ARGS], env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    events = [line.split(" ", 1) for line in log.read_text().splitlines()]
+    last = {path: i for i, (_, path) in enumerate(events)}
+    finished_files = [tmp_path / name for name in ("out_particles.parquet", "out_overlay.png", "out_summary.json")]
+    markers = [tmp_path / "out.zarr" / ".zattrs", tmp_path / "out.zarr" / "particles" / ".zattrs"]
+    pixels = [i for i, (_, path) in enumerate(events) if path.startswith(str(tmp_path / "out.zarr" / "particles" / "0"))]
+    assert all(str(p) in last for p in finished_files + markers) and pixels
+    assert min(last[str(m)] for m in markers) > max([last[str(p)] for p in finished_files] + pixels)
+    assert json.loads((tmp_path / "out_summary.json").read_text())["n_particles"] > 0
+
+
+def test_bad_input_found_before_computing_leaves_no_folder(tmp_path, rng, capsys):
+    src = _store(tmp_path / "in.zarr", _image(rng, (130, 130), 30), (65, 65))
+    out = tmp_path / "out.zarr"
+    assert main(["run", str(src), str(out), *ARGS, "--chunks", "8,8"]) == 2
+    assert "halo" in _one_error_line(capsys)
+    assert not out.exists() and not (tmp_path / "out.zarr.work").exists()
+    # So a run with other parameters at that path is not refused.
+    assert main(["run", str(src), str(out), *ARGS]) == 0 and _complete(out)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real tmpfs mounted at a folder (root and mount permission needed), unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small or read-only filesystem needs root (chmod does not stop root either)")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def _remount(disk, options):
+    subprocess.run(["mount", "-o", f"remount,{options}", str(disk)], check=True)
+
+
+def test_full_disk_is_one_line_and_the_rerun_resumes(small_disk, tmp_path, rng, capsys):
+    image = _image(rng, (256, 256), 120)
+    src = _store(tmp_path / "in.zarr", image, (64, 64))
+    out = small_disk / "out.zarr"
+    assert main(["run", str(src), str(out), *ARGS]) == 2
+    err = _one_error_line(capsys)
+    assert "No space left on device" in err and str(small_disk) in err
+    assert not (small_disk / "out_summary.json").exists() and not (out.exists() and _complete(out))
+    _remount(small_disk, "size=64m")  # space freed
+    assert main(["run", str(src), str(out), *ARGS]) == 0
+    summary = json.loads((small_disk / "out_summary.json").read_text())
+    assert summary["blocks_computed"]["foreground"] == 0  # resumed: what was finished is not redone
+    assert np.array_equal(_labels(out), separate(image, max_radius=13)) and _complete(out)
+
+
+def test_read_only_output_folder_is_one_line(small_disk, tmp_path, rng, capsys):
+    image = _image(rng, (130, 130), 30)
+    src = _store(tmp_path / "in.zarr", image, (65, 65))
+    _remount(small_disk, "ro")
+    out = small_disk / "out.zarr"
+    assert main(["run", str(src), str(out), *ARGS]) == 2
+    err = _one_error_line(capsys)
+    assert "Read-only file system" in err and str(small_disk) in err and not os.listdir(small_disk)
+    _remount(small_disk, "rw,size=64m")
+    assert main(["run", str(src), str(out), *ARGS]) == 0
+    assert np.array_equal(_labels(out), separate(image, max_radius=13)) and _complete(out)
