@@ -238,6 +238,22 @@ def cmd_evaluate(args):
           f"splits {scores['splits']}, merges {scores['merges']}")
 
 
+#: What to change when an in-memory stage runs out of memory, by stage (see `_StageClock`).
+MEMORY_ADVICE = {
+    "necks": "add --neck-ratio off (the neck search between peaks), or ",
+    "kmeans": "use a larger --min-distance (fewer peaks), or ",
+}
+
+
+def memory_error_message(exc):
+    """One line for a MemoryError: the in-memory stage that ran out (when `separate` named it) and what to change."""
+    stage = getattr(exc, "stage", None)
+    detail = str(exc).splitlines()[0] if str(exc) else "no detail"
+    where = f" in the '{stage}' stage" if stage else ""
+    return (f"out of memory{where} ({detail}); {MEMORY_ADVICE.get(stage, '')}run it chunked (a Zarr input and a "
+            ".zarr output: memory follows --chunks), or use a smaller image or a machine with more memory")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="declump", description="Split touching particles in 2D images and 3D "
                                      "volumes into separate objects (GPU with CuPy/cuCIM, or CPU).")
@@ -314,10 +330,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("declump: interrupted; no output was marked complete", file=sys.stderr)
         return 130
-    except MemoryError:
+    except MemoryError as exc:
         if args.debug:
             raise
-        print("declump: error: out of memory; use a smaller input or a machine with more memory", file=sys.stderr)
+        print(f"declump: error: {memory_error_message(exc)}", file=sys.stderr)
         return 3
     return 0
 

@@ -1,6 +1,8 @@
 """`separate`: the whole pipeline on one in-memory image, on whichever device holds the array."""
 from __future__ import annotations
 
+import contextvars
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -78,6 +80,24 @@ def _mask_from(mask, shape):
     return mask > 0.5
 
 
+def _memory_error_names_stage(function):
+    """A MemoryError raised in ``function`` gets ``stage``: the stage its `_StageClock` was running."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        token = _RUNNING_CLOCK.set(None)
+        try:
+            return function(*args, **kwargs)
+        except MemoryError as exc:
+            clock = _RUNNING_CLOCK.get()
+            if clock is not None and getattr(exc, "stage", None) is None:
+                exc.stage = clock.current
+            raise
+        finally:
+            _RUNNING_CLOCK.reset(token)
+    return wrapper
+
+
+@_memory_error_names_stage
 def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,
              min_distance=4.0, min_size=None, max_hole_size=0.0, max_radius=None, neck_ratio=1.0,
              method="kmeans", assignment="power", kmeans_engine="batched", max_iter=0, return_details=False):
@@ -170,7 +190,7 @@ def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto
     xp = get_array_module(reference)
     ops = ops_for(reference)
     details = SeparationDetails()
-    clock = _StageClock(ops, details.timings)
+    clock = _StageClock(ops, details.timings, _planned_stages(mask is not None, method, neck_ratio))
     if image is not None:
         validate_image(image)
     ndim = reference.ndim
@@ -252,13 +272,33 @@ def cap_distance(distance, max_radius, spacing):
     return xp.minimum(distance, xp.float32(cap))
 
 
-class _StageClock:
-    """Per-stage wall time; waits for the device so GPU times are real."""
+#: The `_StageClock` of the `separate` call running in this context (names the stage of a MemoryError).
+_RUNNING_CLOCK = contextvars.ContextVar("declump_running_clock", default=None)
 
-    def __init__(self, ops, timings):
-        self.ops, self.timings = ops, timings
+
+def _planned_stages(has_mask, method, neck_ratio):
+    """The stages `separate` laps, in order, for these options."""
+    split = ["necks", "kmeans"] if neck_ratio is not None else ["kmeans"]
+    return ([] if has_mask else ["smoothing"]) + ["threshold", "cleanup", "distance_transform", "peaks",
+                                                   "regions"] + (split if method == "kmeans" else
+                                                                  ["watershed"]) + ["finish"]
+
+
+class _StageClock:
+    """Per-stage wall time; waits for the device so GPU times are real.
+
+    ``current``: the first planned stage not yet lapped (the one running).
+    """
+
+    def __init__(self, ops, timings, stages=()):
+        self.ops, self.timings, self.stages = ops, timings, list(stages)
+        _RUNNING_CLOCK.set(self)
         self.ops.synchronize()
         self.last = time.perf_counter()
+
+    @property
+    def current(self):
+        return next((stage for stage in self.stages if stage not in self.timings), None)
 
     def lap(self, stage):
         self.ops.synchronize()

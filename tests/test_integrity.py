@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 
 zarr = pytest.importorskip("zarr")
 
@@ -220,3 +221,17 @@ def test_read_only_output_folder_is_one_line(small_disk, tmp_path, rng, capsys):
     _remount(small_disk, "rw,size=64m")
     assert main(["run", str(src), str(out), *ARGS]) == 0
     assert np.array_equal(_labels(out), separate(image, max_radius=13)) and _complete(out)
+
+
+@pytest.mark.parametrize("stage, advice", [("peaks", "run it chunked"), ("necks", "--neck-ratio off")])
+def test_out_of_memory_in_a_stage_is_one_line_naming_it(tmp_path, rng, capsys, monkeypatch, stage, advice):
+    """A real failed allocation (NumPy asked for 4 EiB) inside one stage of the in-memory run."""
+    import gpu_pipeline.pipeline as pipeline
+
+    name = {"peaks": "find_peaks", "necks": "neck_groups"}[stage]
+    monkeypatch.setattr(pipeline, name, lambda *args, **kwargs: np.empty(2 ** 62, np.uint8))
+    tifffile.imwrite(tmp_path / "in.tif", _image(rng, (96, 96), 12))
+    assert main(["run", str(tmp_path / "in.tif"), str(tmp_path / "out.tif"), "--device", "cpu"]) == 3
+    err = _one_error_line(capsys)
+    assert f"out of memory in the '{stage}' stage" in err and "Unable to allocate" in err and advice in err
+    assert not list(tmp_path.glob("out*"))
