@@ -82,7 +82,8 @@ def test_missing_mask_chunk_is_refused(tmp_path, rng, capsys):
     mask = _store(tmp_path / "mask.zarr", (image > image.mean()).astype(np.uint8), (65, 65))
     (mask / "c" / "0" / "1").unlink()
     assert main(["run", str(src), str(tmp_path / "out.zarr"), "--mask", str(mask), *ARGS]) == 2
-    assert "chunk (0, 1) of" in _one_error_line(capsys) and not (tmp_path / "out.zarr").exists()
+    assert "chunk (0, 1) of" in _one_error_line(capsys)
+    assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "out.zarr.work").exists()
 
 
 def _kill_when(command, done, count):
