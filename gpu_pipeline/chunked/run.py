@@ -23,6 +23,7 @@ the run completes (or, if left behind, by the next run of the same command).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -225,6 +226,8 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
         return _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_path, device=device,
                     cluster=cluster, scheduler=scheduler, workers=workers, overwrite=overwrite, verbose=verbose)
     except OSError as exc:
+        if exc.errno not in DISK_FAULTS:
+            raise
         raise DeclumpError(disk_error(exc, work)) from exc
     except DeclumpError:
         # Bad input found before anything was computed: leave no folder behind that a later run would trip on.
@@ -233,10 +236,12 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
         raise
 
 
+#: OSError numbers that mean the disk refused a write: one line and exit 2 (others keep their traceback).
+DISK_FAULTS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
 def disk_error(exc, fallback):
     """The one-line message for a write the disk refused (``exc``: the OSError; ``fallback``: a path to name)."""
-    import errno
-
     cause = exc.strerror or str(exc) or type(exc).__name__
     code = errno.errorcode.get(exc.errno, "")
     return (f"cannot write {exc.filename or fallback}: {cause}{f' ({code})' if code else ''}; nothing was marked "
