@@ -159,7 +159,7 @@ def cmd_run_chunked(args, device):
                           timepoint=args.timepoint, mask_path=args.mask, max_radius=args.max_radius, device=device,
                           cluster=args.cluster, scheduler=args.scheduler, workers=args.workers,
                           scratch=args.scratch, overwrite=args.overwrite,
-                          missing_chunks=args.missing_chunks or "error",
+                          missing_chunks=args.missing_chunks,
                           verbose=not args.quiet, **kwargs)
     print(f"{summary['n_particles']} particles; labels -> {summary['outputs']['labels']}/particles, table -> "
           f"{summary['outputs']['table']}, summary -> {summary['outputs']['summary']}")
@@ -172,15 +172,16 @@ def cmd_run(args):
     if _is_zarr(args.input) and Path(args.output).suffix.lower() == ".zarr":
         return cmd_run_chunked(args, device)
     chunked_only = [name for name, value in (("--chunks", args.chunks), ("--cluster", args.cluster),
-                                             ("--scheduler", args.scheduler), ("--scratch", args.scratch),
-                                             ("--missing-chunks", args.missing_chunks))
+                                             ("--scheduler", args.scheduler), ("--scratch", args.scratch))
                     if value is not None]
     if chunked_only:
         raise DeclumpError(f"{', '.join(chunked_only)} apply to chunked runs only (a Zarr input and a .zarr output)")
-    image, file_spacing = read_image(args.input, channel=args.channel, timepoint=args.timepoint)
+    image, file_spacing = read_image(args.input, channel=args.channel, timepoint=args.timepoint,
+                                     missing_chunks=args.missing_chunks)
     mask = None
     if args.mask is not None:
-        mask, _ = read_image(args.mask, channel=args.channel, timepoint=args.timepoint)
+        mask, _ = read_image(args.mask, channel=args.channel, timepoint=args.timepoint,
+                             missing_chunks=args.missing_chunks)
     spacing = args.spacing if args.spacing is not None else file_spacing
     kwargs = separation_kwargs(args)
     kwargs.pop("spacing")
@@ -274,6 +275,9 @@ def build_parser():
                                     "used instead of the threshold")
     run.add_argument("--channel", type=int, help="channel index for inputs with a 'c' axis")
     run.add_argument("--timepoint", type=int, help="time index for inputs with a 't' axis")
+    run.add_argument("--missing-chunks", choices=("error", "fill"), default="error",
+                     help="a chunk file missing from a Zarr input or mask: 'error' (default) stops before any work, "
+                          "naming it; 'fill' reads it as the array's fill value, for stores that are sparse on purpose")
     add_separation_options(run)
     chunked = run.add_argument_group("chunked runs (Zarr in, .zarr out)")
     chunked.add_argument("--chunks", type=_chunks, default=None,
@@ -295,10 +299,6 @@ def build_parser():
                               "shared by all workers)")
     chunked.add_argument("--overwrite", action="store_true",
                          help="start over, deleting an existing output and its work folder")
-    chunked.add_argument("--missing-chunks", choices=("error", "fill"), default=None,
-                         help="a chunk file missing from the input or mask store: 'error' (default) stops before "
-                              "any work, naming it; 'fill' reads it as the array's fill value, for stores that are "
-                              "sparse on purpose")
     chunked.add_argument("--quiet", action="store_true", help="no progress lines")
     run.set_defaults(func=cmd_run)
 

@@ -6,7 +6,9 @@ never leaves a file that looks finished.
 """
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -25,13 +27,16 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
-def read_image(path, *, channel=None, timepoint=None):
+def read_image(path, *, channel=None, timepoint=None, missing_chunks="fill"):
     """Read a 2D/3D image; returns ``(array, spacing or None)``.
 
     TIFF (tifffile), PNG (Pillow; RGB with equal channels becomes grey),
     NPY, and Zarr arrays or OME-Zarr multiscale groups (level 0, spacing
     from ``coordinateTransformations``; ``channel``/``timepoint`` pick from
-    ``c``/``t`` axes).
+    ``c``/``t`` axes). Zarr chunk files that are missing read as the fill
+    value (label images are sparse: Zarr skips all-zero chunks), or, with
+    ``missing_chunks="error"`` (what ``declump run`` uses for its input),
+    raise a `DeclumpError` naming the first one.
     """
     path = Path(path)
     if not path.exists():
@@ -61,7 +66,7 @@ def read_image(path, *, channel=None, timepoint=None):
         elif suffix == ".npy":
             array = np.load(path, allow_pickle=False)
         elif suffix == ".zarr" or (path / ".zattrs").exists() or (path / "zarr.json").exists():
-            array, spacing = _read_zarr(path, channel=channel, timepoint=timepoint)
+            array, spacing = _read_zarr(path, channel=channel, timepoint=timepoint, missing_chunks=missing_chunks)
         else:
             raise DeclumpError(f"unsupported input format {suffix or '(no suffix)'} for {path}; accepted: "
                                f"{', '.join(IMAGE_SUFFIXES)}")
@@ -133,8 +138,61 @@ def open_zarr(path, *, channel=None, timepoint=None):
     return array, tuple(index), spacing
 
 
-def _read_zarr(path, *, channel=None, timepoint=None):
+#: What ``missing_chunks`` accepts: refuse a store with missing chunk files, or read them as the fill value.
+MISSING_CHUNKS = ("error", "fill")
+
+
+def list_stored_files(array):
+    """``{key: (size, mtime_ns)}`` of every file under a local Zarr array's folder: one walk, no chunk read.
+
+    Keys are relative to the array (``c/0/1/2`` or ``0.1.2``, as the
+    array's metadata encodes chunk keys). Stores that are not a local folder
+    are listed through Zarr (sizes and times unknown: ``(-1, -1)``).
+    """
+    root = getattr(array.store, "root", None)
+    if root is None:
+        from zarr.core.sync import collect_aiterator
+
+        prefix = f"{array.path}/" if array.path else ""
+        keys = collect_aiterator(array.store.list_prefix(prefix))
+        return {key[len(prefix):]: (-1, -1) for key in keys}
+    folder = Path(root) / array.path
+    files = {}
+    for directory, _, names in os.walk(folder):
+        for name in names:
+            full = os.path.join(directory, name)
+            stat = os.stat(full)
+            files[Path(os.path.relpath(full, folder)).as_posix()] = (stat.st_size, stat.st_mtime_ns)
+    return files
+
+
+def missing_chunks_of(array, selection, files):
+    """Grid indices of the stored chunks (shards, if sharded) that ``selection`` needs and ``files`` lacks."""
+    grid = array.shards or array.chunks
+    axes = []
+    for item, size, step in zip(selection, array.shape, grid):
+        axes.append(range(math.ceil(size / step)) if isinstance(item, slice) else [int(item) // step])
+    encode = array.metadata.encode_chunk_key
+    return [index for index in itertools.product(*axes) if encode(index) not in files]
+
+
+def check_chunks(array, selection, path, files, missing_chunks):
+    """Refuse (``missing_chunks="error"``) a Zarr array whose ``selection`` needs chunk files absent from ``files``."""
+    if missing_chunks not in MISSING_CHUNKS:
+        raise DeclumpError(f"missing_chunks must be one of {MISSING_CHUNKS}, got {missing_chunks!r}")
+    missing = missing_chunks_of(array, selection, files) if missing_chunks == "error" else []
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        key = array.metadata.encode_chunk_key(missing[0])
+        raise DeclumpError(f"chunk {missing[0]} of {path} is missing (no file {key}){more}; Zarr would read it as "
+                           f"the fill value {array.fill_value}. Restore it, or pass --missing-chunks fill if the "
+                           "store is sparse on purpose")
+
+
+def _read_zarr(path, *, channel=None, timepoint=None, missing_chunks="fill"):
     array, index, spacing = open_zarr(path, channel=channel, timepoint=timepoint)
+    if missing_chunks != "fill":
+        check_chunks(array, index, path, list_stored_files(array), missing_chunks)
     return array[index], spacing
 
 

@@ -278,10 +278,9 @@ _RUNNING_CLOCK = contextvars.ContextVar("declump_running_clock", default=None)
 
 def _planned_stages(has_mask, method, neck_ratio):
     """The stages `separate` laps, in order, for these options."""
-    split = ["necks", "kmeans"] if neck_ratio is not None else ["kmeans"]
-    return ([] if has_mask else ["smoothing"]) + ["threshold", "cleanup", "distance_transform", "peaks",
-                                                   "regions"] + (split if method == "kmeans" else
-                                                                  ["watershed"]) + ["finish"]
+    start = ["threshold"] if has_mask else ["smoothing", "threshold"]
+    split = (["necks"] if neck_ratio is not None else []) + ["kmeans"] if method == "kmeans" else ["watershed"]
+    return start + ["cleanup", "distance_transform", "peaks", "regions"] + split + ["finish"]
 
 
 class _StageClock:

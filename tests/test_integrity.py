@@ -76,6 +76,19 @@ def test_missing_input_chunk_is_refused_unless_filled(tmp_path, rng, capsys):
     assert np.array_equal(_labels(out), separate(image, max_radius=13))
 
 
+def test_missing_chunk_of_an_in_memory_run_is_refused_unless_filled(tmp_path, rng, capsys):
+    image = _image(rng, (128, 128), 30)
+    src = _store(tmp_path / "in.zarr", image, (64, 64))
+    (src / "c" / "0" / "1").unlink()
+    out = tmp_path / "labels.tif"
+    assert main(["run", str(src), str(out), "--device", "cpu"]) == 2
+    assert "chunk (0, 1) of" in _one_error_line(capsys) and not list(tmp_path.glob("labels*"))
+    assert main(["run", str(src), str(out), "--device", "cpu", "--missing-chunks", "fill"]) == 0
+    filled = image.copy()
+    filled[:64, 64:] = 0
+    assert np.array_equal(tifffile.imread(out), separate(filled))
+
+
 def test_missing_mask_chunk_is_refused(tmp_path, rng, capsys):
     image = _image(rng, (130, 130), 30)
     src = _store(tmp_path / "in.zarr", image, (65, 65))

@@ -8,15 +8,11 @@ as the fill value) and gives the input's fingerprint.
 from __future__ import annotations
 
 import hashlib
-import itertools
-import math
-import os
-from pathlib import Path
 
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError
-from gpu_pipeline.io import open_zarr
+from gpu_pipeline.io import check_chunks, list_stored_files, open_zarr
 
 
 def _read_block(array, path, selection, block_info=None):
@@ -39,44 +35,6 @@ def _compose(selection, slices):
     for item in selection:
         out.append(next(it) if isinstance(item, slice) else item)
     return tuple(out)
-
-
-#: What ``missing_chunks`` accepts: refuse a store with missing chunk files, or read them as the fill value.
-MISSING_CHUNKS = ("error", "fill")
-
-
-def list_stored_files(array):
-    """``{key: (size, mtime_ns)}`` of every file under a local Zarr array's folder: one walk, no chunk read.
-
-    Keys are relative to the array (``c/0/1/2`` or ``0.1.2``, as the
-    array's metadata encodes chunk keys). Stores that are not a local folder
-    are listed through Zarr (sizes and times unknown: ``(-1, -1)``).
-    """
-    root = getattr(array.store, "root", None)
-    if root is None:
-        from zarr.core.sync import collect_aiterator
-
-        prefix = f"{array.path}/" if array.path else ""
-        keys = collect_aiterator(array.store.list_prefix(prefix))
-        return {key[len(prefix):]: (-1, -1) for key in keys}
-    folder = Path(root) / array.path
-    files = {}
-    for directory, _, names in os.walk(folder):
-        for name in names:
-            full = os.path.join(directory, name)
-            stat = os.stat(full)
-            files[Path(os.path.relpath(full, folder)).as_posix()] = (stat.st_size, stat.st_mtime_ns)
-    return files
-
-
-def missing_chunks_of(array, selection, files):
-    """Grid indices of the stored chunks (shards, if sharded) that ``selection`` needs and ``files`` lacks."""
-    grid = array.shards or array.chunks
-    axes = []
-    for item, size, step in zip(selection, array.shape, grid):
-        axes.append(range(math.ceil(size / step)) if isinstance(item, slice) else [int(item) // step])
-    encode = array.metadata.encode_chunk_key
-    return [index for index in itertools.product(*axes) if encode(index) not in files]
 
 
 def fingerprint(array, files):
@@ -128,15 +86,8 @@ def open_volume(path, *, channel=None, timepoint=None, chunks=None, missing_chun
                            "(pick a channel/time point with --channel/--timepoint)")
     if np.dtype(array.dtype).kind not in "uif":
         raise DeclumpError(f"{path} has dtype {array.dtype}; declump accepts integer or floating-point intensities")
-    if missing_chunks not in MISSING_CHUNKS:
-        raise DeclumpError(f"missing_chunks must be one of {MISSING_CHUNKS}, got {missing_chunks!r}")
     files = list_stored_files(array)
-    missing = missing_chunks_of(array, selection, files) if missing_chunks == "error" else []
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        key = array.metadata.encode_chunk_key(missing[0])
-        raise DeclumpError(f"chunk {missing[0]} of {path} is missing (no file {key}){more}; Zarr would read it as the fill value {array.fill_value}. Restore it, or pass "
-                           "--missing-chunks fill if the store is sparse on purpose")
+    check_chunks(array, selection, path, files, missing_chunks)
     store_chunks = tuple(array.chunks[i] for i in kept)
     grid = da.core.normalize_chunks(chunks or store_chunks, shape)
     volume = da.map_blocks(_read_block, array, str(path), selection, dtype=array.dtype, chunks=grid,
