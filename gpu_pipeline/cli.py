@@ -330,6 +330,14 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("declump: interrupted; no output was marked complete", file=sys.stderr)
         return 130
+    except OSError as exc:
+        from gpu_pipeline.io import DISK_FAULTS, disk_error
+
+        if args.debug or exc.errno not in DISK_FAULTS:
+            raise
+        where = getattr(args, "output", None) or getattr(args, "out", None) or "."
+        print(f"declump: error: {disk_error(exc, where)}", file=sys.stderr)
+        return 2
     except MemoryError as exc:
         if args.debug:
             raise

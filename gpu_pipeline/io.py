@@ -6,6 +6,7 @@ never leaves a file that looks finished.
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import math
@@ -200,6 +201,19 @@ def _only(size, what, option, path):
     if size == 1:
         return 0
     raise DeclumpError(f"{path} has {size} {what}; pick one with {option}")
+
+
+#: OSError numbers that mean the disk refused a write: one line and exit 2 (others keep their traceback).
+DISK_FAULTS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
+def disk_error(exc, fallback):
+    """The one-line message for a write the disk refused (``exc``: the OSError; ``fallback``: a path to name)."""
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    code = errno.errorcode.get(exc.errno, "")
+    return (f"cannot write {exc.filename or fallback}: {cause}{f' ({code})' if code else ''}; nothing was marked "
+            "complete. Make room or make it writable (or choose another output or --scratch folder), then run the "
+            "same command again (a chunked run resumes)")
 
 
 @contextmanager

@@ -237,6 +237,14 @@ def test_read_only_output_folder_is_one_line(small_disk, tmp_path, rng, capsys):
     assert np.array_equal(_labels(out), separate(image, max_radius=13)) and _complete(out)
 
 
+def test_read_only_folder_of_an_in_memory_run_is_one_line(small_disk, tmp_path, rng, capsys):
+    tifffile.imwrite(tmp_path / "in.tif", _image(rng, (96, 96), 12))
+    _remount(small_disk, "ro")
+    assert main(["run", str(tmp_path / "in.tif"), str(small_disk / "labels.tif"), "--device", "cpu"]) == 2
+    err = _one_error_line(capsys)
+    assert "Read-only file system" in err and str(small_disk) in err and not os.listdir(small_disk)
+
+
 @pytest.mark.parametrize("stage, advice", [("peaks", "run it chunked"), ("necks", "--neck-ratio off")])
 def test_out_of_memory_in_a_stage_is_one_line_naming_it(tmp_path, rng, capsys, monkeypatch, stage, advice):
     """A real failed allocation (NumPy asked for 4 EiB) inside one stage of the in-memory run."""

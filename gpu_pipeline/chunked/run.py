@@ -23,7 +23,6 @@ the run completes (or, if left behind, by the next run of the same command).
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -35,7 +34,7 @@ import numpy as np
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_host
 from gpu_pipeline.chunked.workspace import Workspace, active_client, chunk_starts, run_tasks, release_freed_memory, \
     save_records, write_blocks
-from gpu_pipeline.io import LABEL_NAME, write_ngff_label_metadata
+from gpu_pipeline.io import DISK_FAULTS, LABEL_NAME, disk_error, write_ngff_label_metadata
 from gpu_pipeline.measure import table_from_sums
 
 @contextlib.contextmanager
@@ -234,19 +233,6 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
         if not work_existed and work.is_dir() and {p.name for p in work.iterdir()} <= RECORDS:
             shutil.rmtree(work, ignore_errors=True)
         raise
-
-
-#: OSError numbers that mean the disk refused a write: one line and exit 2 (others keep their traceback).
-DISK_FAULTS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
-
-
-def disk_error(exc, fallback):
-    """The one-line message for a write the disk refused (``exc``: the OSError; ``fallback``: a path to name)."""
-    cause = exc.strerror or str(exc) or type(exc).__name__
-    code = errno.errorcode.get(exc.errno, "")
-    return (f"cannot write {exc.filename or fallback}: {cause}{f' ({code})' if code else ''}; nothing was marked "
-            "complete. Make room or make it writable (or choose another output or --scratch folder), then run the "
-            "same command again to resume")
 
 
 #: The files a chunked run writes in its work folder before computing anything.
