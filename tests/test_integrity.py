@@ -172,7 +172,8 @@ def test_markers_of_a_finished_output_are_written_last(tmp_path, rng):
     last = {path: i for i, (_, path) in enumerate(events)}
     finished_files = [tmp_path / name for name in ("out_particles.parquet", "out_overlay.png", "out_summary.json")]
     markers = [tmp_path / "out.zarr" / ".zattrs", tmp_path / "out.zarr" / "particles" / ".zattrs"]
-    pixels = [i for i, (_, path) in enumerate(events) if path.startswith(str(tmp_path / "out.zarr" / "particles" / "0"))]
+    label_array = str(tmp_path / "out.zarr" / "particles" / "0")
+    pixels = [i for i, (_, path) in enumerate(events) if path.startswith(label_array)]
     assert all(str(p) in last for p in finished_files + markers) and pixels
     assert min(last[str(m)] for m in markers) > max([last[str(p)] for p in finished_files] + pixels)
     assert json.loads((tmp_path / "out_summary.json").read_text())["n_particles"] > 0
