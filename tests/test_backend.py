@@ -1,4 +1,5 @@
-"""The array-module algorithms behind the GPU primitives, run on NumPy against SciPy and scikit-image.
+"""The backend on the CPU: the array-module algorithms the GPU runs (on NumPy, against SciPy and scikit-image),
+the import layers, the CuPy floor and the GPU scheduling rules.
 
 `gpu_pipeline/array_algorithms.py` is the code the GPU runs (with CuPy as
 the array module), so these CPU tests check the GPU path's logic in CI.
@@ -138,3 +139,17 @@ def test_no_module_level_import_cycle():
     for m in graph:
         if m not in state:
             visit(m, [m])
+
+
+def test_cupy_floor_is_enforced_and_stated_where_installs_read_it():
+    from gpu_pipeline._backend import CUPY_MIN_VERSION, DeclumpError, check_cupy_version
+
+    floor = ".".join(str(v) for v in CUPY_MIN_VERSION)
+    for old in ("13.6.0", "14.0.1", "14.0.0rc1"):
+        with pytest.raises(DeclumpError, match=f"CuPy >= {floor}"):
+            check_cupy_version(old)
+    for new in (floor + ".0", "14.2.0", "15.0.0b1"):
+        check_cupy_version(new)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert f'"cupy-cuda12x>={floor}"' in pyproject and f'"cupy-cuda13x>={floor}"' in pyproject
+    assert f"- cupy>={floor}" in (ROOT / "environment.yml").read_text()
