@@ -153,3 +153,24 @@ def test_cupy_floor_is_enforced_and_stated_where_installs_read_it():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert f'"cupy-cuda12x>={floor}"' in pyproject and f'"cupy-cuda13x>={floor}"' in pyproject
     assert f"- cupy>={floor}" in (ROOT / "environment.yml").read_text()
+
+
+def test_gpu_runs_put_one_chunked_worker_on_each_gpu():
+    import os
+
+    from gpu_pipeline._backend import DeclumpError
+    from gpu_pipeline.chunked.run import engine_plan
+
+    assert engine_plan(device="gpu", n_gpus=1, have_dask_cuda=True) == ("threads", 1)
+    assert engine_plan(device="gpu", n_gpus=4, have_dask_cuda=True) == ("local-cuda", None)
+    assert engine_plan(device="gpu", n_gpus=4, have_dask_cuda=False) == ("threads", 1)
+    assert engine_plan(device="gpu", cluster="local-cuda", n_gpus=1) == ("local-cuda", None)
+    assert engine_plan(device="gpu", scheduler="tcp://head:8786", n_gpus=1) == ("scheduler", None)
+    with pytest.raises(DeclumpError, match="--cluster local-cuda"):
+        engine_plan(device="gpu", cluster="local", n_gpus=1)
+    with pytest.raises(DeclumpError, match="--workers 3 with --device gpu"):
+        engine_plan(device="gpu", workers=3, n_gpus=1)
+    # The CPU engines are unchanged.
+    assert engine_plan(device="cpu") == ("threads", os.cpu_count())
+    assert engine_plan(device="cpu", workers=3) == ("threads", 3)
+    assert engine_plan(device="cpu", cluster="local") == ("local", 2)
