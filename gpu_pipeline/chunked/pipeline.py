@@ -84,7 +84,9 @@ def peak_halo(min_distance, max_radius, spacing):
 def _capped_distance_q(extended, spacing, max_radius):
     """The quantised distance map of ``extended > 0``, capped at ``max_radius`` (exact in a chunk's core)."""
     fg = extended > 0
-    distance = cap_distance(ops_for(extended).distance_transform(fg, spacing), max_radius, spacing)
+    # max_distance: the GPU transform stops its passes at the cap (values above it are capped anyway).
+    distance = cap_distance(ops_for(extended).distance_transform(fg, spacing, max_distance=max_radius), max_radius,
+                            spacing)
     return fg, quantize_distance(distance, spacing)[0]
 
 
