@@ -106,7 +106,11 @@ def engine(*, cluster=None, scheduler=None, workers=None, device="cpu"):
                                "`dask scheduler` / `dask-cuda-worker`, or drop --scheduler") from exc
         with client:
             if device == "gpu":
-                client.run(_gpu_worker_setup)
+                try:
+                    client.run(_gpu_worker_setup)
+                except Exception as exc:
+                    raise DeclumpError(f"the workers at {scheduler} cannot use a GPU ({type(exc).__name__}: {exc}); "
+                                       "start them with dask-cuda-worker, or drop --device gpu") from exc
             yield client
         return
     if kind == "local-cuda":
@@ -232,6 +236,7 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     paths = output_paths(output)
     if paths["labels"].suffix.lower() != ".zarr":
         raise DeclumpError(f"chunked output must be a .zarr path, got {paths['labels']}")
+    engine_plan(device=device, cluster=cluster, scheduler=scheduler, workers=workers, n_gpus=1)  # refuse early
     work = Path(scratch) if scratch else Path(f"{paths['labels']}.work")
     volume, file_spacing = open_volume(input_path, channel=channel, timepoint=timepoint, chunks=chunks)
     mask = None
