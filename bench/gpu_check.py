@@ -114,6 +114,18 @@ def _sample(shape, n, seed, spacing=None):
     return make_touching_particles(shape, n, spacing=spacing, radius_range=(5, 12), overlap=0.15, seed=seed)
 
 
+def _cached_block(shape, n, seed):
+    """A generated image (no truth), saved in SCRATCH: the 256^3 block takes about 10-25 s to make, once."""
+    path = SCRATCH / f"block_{'x'.join(map(str, shape))}_{n}_{seed}.npy"
+    if path.exists():
+        return np.load(path)
+    image, _ = _sample(shape, n, seed)
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    np.save(path.with_suffix(".partial.npy"), image)
+    os.replace(path.with_suffix(".partial.npy"), path)
+    return image
+
+
 def _device_array(array):
     if dry_run():
         return array
@@ -143,7 +155,8 @@ def cmd_parity(args):
             gpu_labels = to_host(gpu_labels)
             t2 = time.perf_counter()
             differ = int(np.count_nonzero(gpu_labels != cpu_labels))
-            row = dict(case=name, shape=shape, sigma=sigma, gpu_side="NumPy (dry run)" if dry_run() else "CuPy", cpu_particles=int(cpu_labels.max()),
+            row = dict(case=name, shape=shape, sigma=sigma, gpu_side="NumPy (dry run)" if dry_run() else "CuPy",
+                       cpu_particles=int(cpu_labels.max()),
                        gpu_particles=int(gpu_labels.max()), threshold_equal=gpu_d.threshold == cpu_d.threshold,
                        peaks_equal=gpu_d.n_peaks == cpu_d.n_peaks, differing_voxels=differ,
                        differing_fraction=differ / max(1, int(np.count_nonzero(cpu_labels))),
@@ -160,7 +173,7 @@ def _tiled_volume(size):
     from bench.stages import particles_for
 
     block = min(size, 256)
-    image, _ = _sample((block,) * 3, particles_for(block), seed=block)
+    image = _cached_block((block,) * 3, particles_for(block), seed=block)
     reps = size // block
     return np.tile(image, (reps, reps, reps)) if reps > 1 else image
 
@@ -244,7 +257,9 @@ def cmd_chunked(args):
     store = SCRATCH / f"in_{'x'.join(map(str, shape))}.zarr"
     if not store.exists():
         t0 = time.perf_counter()
-        block, _ = _sample(tuple(min(256, s) for s in shape), 1500 if min(shape) >= 256 else 200, seed=3)
+        block_shape = tuple(min(256, s) for s in shape)
+        cube = block_shape == (256,) * 3  # the stages step's block: generated once for both
+        block = _cached_block(block_shape, 1500 if cube else 200, seed=256 if cube else 3)
         array = zarr.create_array(str(store), shape=shape, dtype=np.uint8, chunks=chunks)
         reps = [s // b for s, b in zip(shape, block.shape)]
         array[...] = np.tile(block, reps)

@@ -211,7 +211,8 @@ def markdown(result):
                          f"| {r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['seconds']} |")
         if len(result["chunked"]) > 1:
             a, b = result["chunked"][0], result["chunked"][-1]
-            lines += ["", f"{b['voxels'] / a['voxels']:.0f}x the voxels, {b['peak_rss_bytes'] / a['peak_rss_bytes']:.2f}x "
+            ratio = b["peak_rss_bytes"] / a["peak_rss_bytes"]
+            lines += ["", f"{b['voxels'] / a['voxels']:.0f}x the voxels, {ratio:.2f}x "
                           "the peak memory (both include the interpreter and its libraries)."]
     return "\n".join(lines) + "\n"
 

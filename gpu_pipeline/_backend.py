@@ -12,8 +12,12 @@ from __future__ import annotations
 import importlib
 import sys
 
-from gpu_pipeline._common import (GAUSSIAN_TRUNCATE, GPU_EXTRA_HINT, DeclumpError, get_array_module,  # noqa: F401
-                                  is_cupy_array, to_host)
+from gpu_pipeline._common import (GAUSSIAN_TRUNCATE, GPU_EXTRA_HINT, DeclumpError, get_array_module, is_cupy_array,
+                                  to_host)
+
+__all__ = ["GAUSSIAN_TRUNCATE", "GPU_EXTRA_HINT", "CUPY_MIN_VERSION", "DeclumpError", "check_cupy_version",
+           "cupy_module", "get_array_module", "gpu_available", "is_cupy_array", "ops_for", "require_gpu",
+           "resolve_device", "to_host"]
 
 #: The oldest CuPy declump runs on: ``cupyx.scatter_min/max`` take int64 from 14.1
 #: (the stages scatter int64 ids and flat indices). Keep pyproject and environment.yml in step.

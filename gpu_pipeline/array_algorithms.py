@@ -123,7 +123,7 @@ def _lower_envelope(partial, axis, weight, cap2, xp):
 
 
 def label_by_value_propagation(labels, scatter_min):
-    """Face-connected components of equal non-zero value: the device-side ``skimage.measure.label(labels, connectivity=1)``.
+    """Face-connected pieces of equal non-zero value: ``skimage.measure.label(labels, connectivity=1)`` on the device.
 
     Every voxel holds a pointer (a flat index) to a voxel of its component,
     starting with itself. One sweep copies the smaller pointer between equal

@@ -83,7 +83,7 @@ def _gpu_worker_setup(fraction=GPU_POOL_FRACTION):
 
 @contextlib.contextmanager
 def engine(*, cluster=None, scheduler=None, workers=None, device="cpu"):
-    """The Dask engine for a run (see :func:`engine_plan`): local threads, a local cluster, dask-cuda, or a scheduler."""
+    """The Dask engine for a run (:func:`engine_plan`): local threads, a local cluster, dask-cuda or a scheduler."""
     import dask
 
     n_gpus, have_dask_cuda = 0, False
