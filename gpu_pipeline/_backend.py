@@ -16,7 +16,7 @@ from gpu_pipeline._common import (GAUSSIAN_TRUNCATE, GPU_EXTRA_HINT, DeclumpErro
                                   to_host)
 
 __all__ = ["GAUSSIAN_TRUNCATE", "GPU_EXTRA_HINT", "CUPY_MIN_VERSION", "DeclumpError", "check_cupy_version",
-           "cupy_module", "get_array_module", "gpu_available", "is_cupy_array", "ops_for", "require_gpu",
+           "cupy_module", "get_array_module", "gpu_available", "gpu_count", "is_cupy_array", "ops_for", "require_gpu",
            "resolve_device", "to_host"]
 
 #: The oldest CuPy declump runs on: ``cupyx.scatter_min/max`` take int64 from 14.1
@@ -36,15 +36,20 @@ def cupy_module():
     return _try_import("cupy")
 
 
-def gpu_available() -> bool:
-    """True when CuPy is installed and sees at least one CUDA device."""
+def gpu_count() -> int:
+    """CUDA devices CuPy sees (0 without CuPy or a driver)."""
     cp = cupy_module()
     if cp is None:
-        return False
+        return 0
     try:
-        return cp.cuda.runtime.getDeviceCount() > 0
+        return int(cp.cuda.runtime.getDeviceCount())
     except Exception:
-        return False
+        return 0
+
+
+def gpu_available() -> bool:
+    """True when CuPy is installed and sees at least one CUDA device."""
+    return gpu_count() > 0
 
 
 def check_cupy_version(version: str) -> None:

@@ -104,12 +104,11 @@ def synchronize():
     cp.cuda.get_current_device().synchronize()
 
 
-def release_pool_blocks():
-    """Hand the free blocks of CuPy's memory pools back to the driver (between passes of a chunked run)."""
-    cp.get_default_memory_pool().free_all_blocks()
-    cp.get_default_pinned_memory_pool().free_all_blocks()
-
-
 def limit_memory_pool(fraction):
-    """Cap CuPy's default pool at ``fraction`` of this device's memory (CuPy frees cached blocks before failing)."""
-    cp.get_default_memory_pool().set_limit(fraction=float(fraction))
+    """Cap CuPy's default pool at ``fraction`` of this device's memory; returns the cap in bytes.
+
+    The pool then reuses cached blocks up to the cap and frees them before it would pass it.
+    """
+    pool = cp.get_default_memory_pool()
+    pool.set_limit(fraction=float(fraction))
+    return pool.get_limit()

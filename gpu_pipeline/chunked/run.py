@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_host
+from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops_for, to_host
 from gpu_pipeline.chunked.workspace import Workspace, active_client, chunk_starts, run_tasks, release_freed_memory, \
     save_parameters, write_blocks
 from gpu_pipeline.io import LABEL_NAME, write_ngff_label_metadata
@@ -73,12 +73,9 @@ def _gpu_worker_setup(fraction=GPU_POOL_FRACTION):
     """Pin CuPy's pool on this process's GPU (see GPU_POOL_FRACTION); run on every GPU worker."""
     if os.environ.get("CUPY_GPU_MEMORY_LIMIT"):
         return False
-    import cupy
-
     from gpu_pipeline import ops_cuda
 
-    ops_cuda.limit_memory_pool(fraction)
-    return cupy.get_default_memory_pool().get_limit()
+    return ops_cuda.limit_memory_pool(fraction)
 
 
 @contextlib.contextmanager
@@ -90,9 +87,7 @@ def engine(*, cluster=None, scheduler=None, workers=None, device="cpu"):
     if device == "gpu":
         import importlib.util
 
-        import cupy
-
-        n_gpus = cupy.cuda.runtime.getDeviceCount()
+        n_gpus = gpu_count()
         have_dask_cuda = importlib.util.find_spec("dask_cuda") is not None
     kind, n_workers = engine_plan(device=device, cluster=cluster, scheduler=scheduler, workers=workers,
                                   n_gpus=n_gpus, have_dask_cuda=have_dask_cuda)
