@@ -6,7 +6,7 @@ returns NumPy labels; the primitives that differ per backend are in
 """
 from __future__ import annotations
 
-from gpu_pipeline._backend import to_host
+from gpu_pipeline._common import to_host
 
 
 def separate(image, *, mask=None, **kwargs):

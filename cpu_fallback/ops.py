@@ -10,7 +10,7 @@ import os
 import numpy as np
 from scipy import ndimage as ndi
 
-from gpu_pipeline._backend import GAUSSIAN_TRUNCATE
+from gpu_pipeline._common import GAUSSIAN_TRUNCATE
 
 xp = np
 
@@ -25,12 +25,14 @@ def gaussian(image, sigma_voxels):
                              truncate=GAUSSIAN_TRUNCATE)
 
 
-def distance_transform(mask, spacing):
+def distance_transform(mask, spacing, max_distance=None):
     """Exact Euclidean distance of each foreground voxel to the background, physical units, float32.
 
     Uses the `edt` package (Felzenszwalb-Huttenlocher, multi-threaded), which
     equals `scipy.ndimage.distance_transform_edt(mask, sampling=spacing)` to
-    float32 rounding (checked in tests) and is several times faster.
+    float32 rounding (checked in tests) and is several times faster. A mask
+    without background gives inf everywhere, as on the GPU. ``max_distance``
+    is the GPU twin's bound on exact values; here every value is exact.
     """
     import edt
 
@@ -82,3 +84,8 @@ def asarray(array):
 
 def synchronize():
     """No-op on the CPU (the GPU twin waits for the device)."""
+
+
+def device_table(table):
+    """The host table itself (the GPU twin keeps one device copy per table)."""
+    return np.asarray(table)

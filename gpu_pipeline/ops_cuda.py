@@ -1,27 +1,25 @@
-"""GPU primitives (CuPy, cupyx.scipy.ndimage, cuCIM): the CUDA twin of `cpu_fallback/ops.py`.
+"""GPU primitives (CuPy, cupyx.scipy.ndimage): the CUDA twin of `cpu_fallback/ops.py`.
 
-Imported only when a CuPy array reaches a stage, so the package imports and
-runs without CUDA.
+Imported only when a CuPy array reaches a stage (`_backend.ops_for` checks
+the CuPy version and the device first), so the package imports and runs
+without CUDA. Every CuPy-only function of declump is here and each is a
+few lines; the logic that has no library routine (exact distance
+transform, equal-value labelling) is array-module code in
+`array_algorithms.py`, which CI runs on NumPy.
 """
 from __future__ import annotations
 
-import sys
+import weakref
 
+import cupy as cp
+import cupyx
+from cupyx.scipy import ndimage as cndi
 from scipy import ndimage as ndi
 
-from gpu_pipeline._backend import GAUSSIAN_TRUNCATE, require_gpu
-from gpu_pipeline.stages.components import label_by_value_propagation
-
-cp = require_gpu()
-import cupyx  # noqa: E402
-from cupyx.scipy import ndimage as cndi  # noqa: E402
+from gpu_pipeline._common import GAUSSIAN_TRUNCATE
+from gpu_pipeline.array_algorithms import distance_transform_edt, label_by_value_propagation
 
 xp = cp
-
-try:  # the user's stack: cuCIM's PBA+ distance transform (cupyx carries the same algorithm)
-    from cucim.core.operations.morphology import distance_transform_edt as _edt
-except ImportError:  # pragma: no cover - depends on the installed cuCIM
-    _edt = cndi.distance_transform_edt
 
 
 def gaussian(image, sigma_voxels):
@@ -30,10 +28,14 @@ def gaussian(image, sigma_voxels):
                                 truncate=GAUSSIAN_TRUNCATE)
 
 
-def distance_transform(mask, spacing):
-    """Exact Euclidean distance to the background, physical units, float32 (cuCIM's PBA+ algorithm)."""
-    dist = _edt(mask.astype(bool, copy=False), sampling=tuple(float(s) for s in spacing), float64_distances=False)
-    return dist.astype(cp.float32, copy=False)
+def distance_transform(mask, spacing, max_distance=None):
+    """Exact Euclidean distance to the background, physical units, float32; inf without background.
+
+    The separable array-module transform (any shape, 12 bytes per voxel),
+    not PBA+ (cuCIM, cupyx), which pads a non-cubic volume to a cube of its
+    longest side and returns finite distances when there is no background.
+    """
+    return distance_transform_edt(mask, spacing, max_distance=max_distance)
 
 
 def label(mask):
@@ -44,8 +46,8 @@ def label(mask):
 
 
 def label_by_value(labels):
-    """Face-connected components of equal non-zero value, on the device (min-label propagation)."""
-    return label_by_value_propagation(labels, ops=sys.modules[__name__])
+    """Face-connected components of equal non-zero value, on the device (see `label_by_value_propagation`)."""
+    return label_by_value_propagation(labels, scatter_min)
 
 
 def maximum_filter(array, size):
@@ -54,15 +56,17 @@ def maximum_filter(array, size):
 
 
 def scatter_min(target, index, values):
+    """target[index] = min(target[index], values), repeated indices allowed (int64 needs CuPy >= 14.1)."""
     cupyx.scatter_min(target, index, values)
 
 
 def scatter_max(target, index, values):
+    """target[index] = max(target[index], values), repeated indices allowed (int64 needs CuPy >= 14.1)."""
     cupyx.scatter_max(target, index, values)
 
 
 def watershed(surface, markers, mask):
-    """cuCIM has no watershed: this comparison method runs scikit-image on the host."""
+    """No GPU watershed (cuCIM has none): this comparison method runs scikit-image on the host."""
     from cpu_fallback.ops import watershed as host_watershed
 
     return cp.asarray(host_watershed(surface.get(), markers.get(), mask.get()))
@@ -72,5 +76,39 @@ def asarray(array):
     return cp.asarray(array)
 
 
+_device_tables = {}
+
+
+def device_table(table):
+    """The device copy of a host lookup table, made once per table and device and reused by every chunk task.
+
+    Keyed on the host array's identity; the copy is dropped when the host
+    array is. Chunked runs index blocks with tables decided on the host
+    (label maps, seeds), and a copy per chunk would put a host-to-device
+    transfer and a sync on every chunk.
+    """
+    key = (id(table), cp.cuda.runtime.getDevice())
+    hit = _device_tables.get(key)
+    if hit is not None and hit[0]() is table:
+        return hit[1]
+    copy = cp.asarray(table)
+    try:
+        ref = weakref.ref(table, lambda _, key=key: _device_tables.pop(key, None))
+    except TypeError:  # not weak-referenceable (a list): no caching
+        return copy
+    _device_tables[key] = (ref, copy)
+    return copy
+
+
 def synchronize():
     cp.cuda.get_current_device().synchronize()
+
+
+def limit_memory_pool(fraction):
+    """Cap CuPy's default pool at ``fraction`` of this device's memory; returns the cap in bytes.
+
+    The pool then reuses cached blocks up to the cap and frees them before it would pass it.
+    """
+    pool = cp.get_default_memory_pool()
+    pool.set_limit(fraction=float(fraction))
+    return pool.get_limit()

@@ -10,7 +10,8 @@ from skimage.morphology import remove_small_holes, remove_small_objects
 from cpu_fallback import ops
 from gpu_pipeline._backend import DeclumpError
 from gpu_pipeline.stages.cleanup import fill_small_holes, remove_small_objects as our_remove
-from gpu_pipeline.stages.components import enforce_one_piece, label_by_value_propagation, relabel_by_first_voxel
+from gpu_pipeline.array_algorithms import label_by_value_propagation
+from gpu_pipeline.stages.components import enforce_one_piece, relabel_by_first_voxel
 from gpu_pipeline.stages.peaks import find_peaks
 from gpu_pipeline.stages.threshold import (choose_polarity, histogram_bins, intensity_histogram, otsu_from_histogram,
                                            otsu_threshold)
@@ -107,7 +108,7 @@ def test_face_label_and_equal_value_label_match_references(rng):
     ref, n_ref = ndi.label(mask)
     assert n == n_ref and np.array_equal(labels, ref)
     values = rng.integers(0, 4, (30, 40, 20)).astype(np.int32)
-    np.testing.assert_array_equal(label_by_value_propagation(values), sk_label(values, background=0, connectivity=1))
+    np.testing.assert_array_equal(label_by_value_propagation(values, ops.scatter_min), sk_label(values, background=0, connectivity=1))
 
 
 def test_relabel_orders_ids_by_first_voxel(rng):

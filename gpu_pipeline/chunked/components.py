@@ -183,7 +183,6 @@ def label_chunked(mask, *, by_value=False, compute_kwargs=None):
     lookup = final[root]
 
     def apply(block):
-        xp = get_array_module(block)
-        return xp.asarray(lookup)[block]
+        return ops_for(block).device_table(lookup)[block]  # one device copy per worker, not per chunk
 
     return labels.map_blocks(apply, dtype=dtype), n

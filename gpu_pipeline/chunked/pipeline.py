@@ -84,7 +84,9 @@ def peak_halo(min_distance, max_radius, spacing):
 def _capped_distance_q(extended, spacing, max_radius):
     """The quantised distance map of ``extended > 0``, capped at ``max_radius`` (exact in a chunk's core)."""
     fg = extended > 0
-    distance = cap_distance(ops_for(extended).distance_transform(fg, spacing), max_radius, spacing)
+    # max_distance: the GPU transform stops its passes at the cap (values above it are capped anyway).
+    distance = cap_distance(ops_for(extended).distance_transform(fg, spacing, max_distance=max_radius), max_radius,
+                            spacing)
     return fg, quantize_distance(distance, spacing)[0]
 
 
@@ -242,16 +244,17 @@ def neck_groups_chunked(regions, found, *, spacing, min_distance, max_radius, ra
 def _seeds_on(seeds, xp):
     if xp is np:
         return seeds
-    return KMeansSeeds(centres=xp.asarray(seeds.centres), centre_region=xp.asarray(seeds.centre_region),
-                       radii=None if seeds.radii is None else xp.asarray(seeds.radii),
-                       multi=xp.asarray(seeds.multi), margin=seeds.margin, centre_label=xp.asarray(seeds.centre_label))
+    table = ops_for(xp.empty(0)).device_table  # one device copy per worker, not per chunk
+    return KMeansSeeds(centres=table(seeds.centres), centre_region=table(seeds.centre_region),
+                       radii=None if seeds.radii is None else table(seeds.radii),
+                       multi=table(seeds.multi), margin=seeds.margin, centre_label=table(seeds.centre_label))
 
 
 def _assign_block(regions, seeds, centres, spacing, origin):
     """Voxels of multi-peak regions in one block: local flat indices and chosen global centroid indices."""
     xp = get_array_module(regions)
     seeds = _seeds_on(seeds, xp)
-    centres = xp.asarray(centres)
+    centres = ops_for(regions).device_table(centres)
     flat, coords, groups, offsets, ids = block_candidates(regions, seeds, origin=origin, spacing=spacing)
     if flat.size == 0:
         return flat, xp.zeros(0, dtype=xp.int64)
@@ -270,7 +273,7 @@ def _split_block(regions, seeds, centres, spacing, n_regions, block_info=None):
     xp = get_array_module(regions)
     labels = regions.astype(xp.int64)
     flat, chosen = _assign_block(regions, seeds, centres, spacing, _origin(block_info))
-    labels.ravel()[flat] = n_regions + 1 + xp.asarray(seeds.centre_label)[chosen]
+    labels.ravel()[flat] = n_regions + 1 + ops_for(regions).device_table(seeds.centre_label)[chosen]
     return labels
 
 
@@ -368,7 +371,7 @@ def one_piece_chunked(labels, *, workspace, device=None, verbose=False):
 
 
 def _relabel(block, table):
-    return get_array_module(block).asarray(table)[block]
+    return ops_for(block).device_table(table)[block]
 
 
 def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,

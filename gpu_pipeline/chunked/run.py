@@ -31,20 +31,70 @@ from pathlib import Path
 
 import numpy as np
 
-from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_host
+from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops_for, to_host
 from gpu_pipeline.chunked.workspace import Workspace, active_client, chunk_starts, run_tasks, release_freed_memory, \
     save_records, write_blocks
 from gpu_pipeline.io import DISK_FAULTS, LABEL_NAME, disk_error, write_ngff_label_metadata
 from gpu_pipeline.measure import table_from_sums
 
-@contextlib.contextmanager
-def engine(*, cluster=None, scheduler=None, workers=None):
-    """The Dask engine for a run: local threads (default), a local cluster, dask-cuda, or an existing scheduler."""
-    import dask
+#: On --device gpu, CuPy's memory pool on every GPU worker is capped at this fraction of the device's
+#: memory (CuPy's own CUPY_GPU_MEMORY_LIMIT, when set, wins): cached blocks of earlier chunks are
+#: reused up to the cap and freed before an allocation would pass it, instead of the pool growing
+#: until a differently shaped chunk fails.
+GPU_POOL_FRACTION = 0.8
 
+
+def engine_plan(*, device="cpu", cluster=None, scheduler=None, workers=None, n_gpus=0, have_dask_cuda=False):
+    """Which Dask engine a run uses: ``(kind, n_workers)``, kind one of threads, local, local-cuda, scheduler.
+
+    On the GPU every worker owns one device: one thread for one GPU, a
+    dask-cuda ``LocalCUDACluster`` (one worker per GPU) for several, never
+    ``cpu_count`` threads or CPU worker processes sharing a device.
+    """
     if cluster and scheduler:
         raise DeclumpError("give --cluster or --scheduler, not both")
+    if cluster not in (None, "local", "local-cuda"):
+        raise DeclumpError(f"--cluster must be 'local' or 'local-cuda', got {cluster!r}")
     if scheduler:
+        return "scheduler", None
+    if device != "gpu":
+        if cluster == "local-cuda":
+            return "local-cuda", None
+        return ("local", workers or 2) if cluster == "local" else ("threads", workers or os.cpu_count())
+    if cluster == "local":
+        raise DeclumpError("--cluster local starts CPU worker processes that would share one GPU; with --device gpu "
+                           "use --cluster local-cuda (one worker per GPU) or no --cluster")
+    if cluster == "local-cuda" or (n_gpus > 1 and have_dask_cuda and not workers):
+        return "local-cuda", None
+    if workers and workers > 1:
+        raise DeclumpError(f"--workers {workers} with --device gpu would put {workers} workers on one GPU; the GPU "
+                           "engine runs one worker per GPU (--cluster local-cuda for several GPUs)")
+    return "threads", 1
+
+
+def _gpu_worker_setup(fraction=GPU_POOL_FRACTION):
+    """Pin CuPy's pool on this process's GPU (see GPU_POOL_FRACTION); run on every GPU worker."""
+    if os.environ.get("CUPY_GPU_MEMORY_LIMIT"):
+        return False
+    from gpu_pipeline import ops_cuda
+
+    return ops_cuda.limit_memory_pool(fraction)
+
+
+@contextlib.contextmanager
+def engine(*, cluster=None, scheduler=None, workers=None, device="cpu"):
+    """The Dask engine for a run (:func:`engine_plan`): local threads, a local cluster, dask-cuda or a scheduler."""
+    import dask
+
+    n_gpus, have_dask_cuda = 0, False
+    if device == "gpu":
+        import importlib.util
+
+        n_gpus = gpu_count()
+        have_dask_cuda = importlib.util.find_spec("dask_cuda") is not None
+    kind, n_workers = engine_plan(device=device, cluster=cluster, scheduler=scheduler, workers=workers,
+                                  n_gpus=n_gpus, have_dask_cuda=have_dask_cuda)
+    if kind == "scheduler":
         from distributed import Client
 
         try:
@@ -53,9 +103,15 @@ def engine(*, cluster=None, scheduler=None, workers=None):
             raise DeclumpError(f"cannot reach the Dask scheduler at {scheduler} ({exc}); start one with "
                                "`dask scheduler` / `dask-cuda-worker`, or drop --scheduler") from exc
         with client:
+            if device == "gpu":
+                try:
+                    client.run(_gpu_worker_setup)
+                except Exception as exc:
+                    raise DeclumpError(f"the workers at {scheduler} cannot use a GPU ({type(exc).__name__}: {exc}); "
+                                       "start them with dask-cuda-worker, or drop --device gpu") from exc
             yield client
         return
-    if cluster == "local-cuda":
+    if kind == "local-cuda":
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError as exc:
@@ -64,18 +120,19 @@ def engine(*, cluster=None, scheduler=None, workers=None):
         from distributed import Client
 
         with LocalCUDACluster(dashboard_address=None) as lc, Client(lc) as client:
+            client.run(_gpu_worker_setup)
             yield client
         return
-    if cluster == "local":
+    if kind == "local":
         from distributed import Client, LocalCluster
 
-        with LocalCluster(n_workers=workers or 2, threads_per_worker=1, processes=True,
+        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                           dashboard_address=None) as lc, Client(lc) as client:
             yield client
         return
-    if cluster is not None:
-        raise DeclumpError(f"--cluster must be 'local' or 'local-cuda', got {cluster!r}")
-    with dask.config.set(scheduler="threads", num_workers=workers or os.cpu_count()):
+    if device == "gpu":
+        _gpu_worker_setup()
+    with dask.config.set(scheduler="threads", num_workers=n_workers):
         yield None
 
 
@@ -183,6 +240,7 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     paths = output_paths(output)
     if paths["labels"].suffix.lower() != ".zarr":
         raise DeclumpError(f"chunked output must be a .zarr path, got {paths['labels']}")
+    engine_plan(device=device, cluster=cluster, scheduler=scheduler, workers=workers, n_gpus=1)  # refuse early
     work = Path(scratch) if scratch else Path(f"{paths['labels']}.work")
     volume, file_spacing, volume_print = open_volume(input_path, channel=channel, timepoint=timepoint,
                                                      chunks=chunks, missing_chunks=missing_chunks,
@@ -262,7 +320,7 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
                                 "over")}, overwrite=overwrite)
     workspace = Workspace(work, verbose=verbose)
     release_freed_memory()
-    with engine(cluster=cluster, scheduler=scheduler, workers=workers):
+    with engine(cluster=cluster, scheduler=scheduler, workers=workers, device=device):
         if verbose:
             client = active_client()
             where = f"Dask cluster {client.scheduler.address}" if client else "local threads"

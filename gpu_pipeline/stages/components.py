@@ -1,59 +1,13 @@
 """Connected pieces of a label image: equal-value components, one-piece enforcement, deterministic ids.
 
-All functions take NumPy or CuPy arrays; backend primitives come from `ops_for`.
+All functions take NumPy or CuPy arrays; backend primitives come from `ops_for` (the equal-value
+labelling itself is `ops.label_by_value`: scikit-image on the CPU,
+`array_algorithms.label_by_value_propagation` on the GPU).
 """
 from __future__ import annotations
 
 from gpu_pipeline._backend import get_array_module, ops_for
-
-
-def neighbour_slices(ndim, axis):
-    """Index tuples (low, high) selecting every voxel and its face neighbour one step along ``axis``."""
-    low = [slice(None)] * ndim
-    high = [slice(None)] * ndim
-    low[axis], high[axis] = slice(None, -1), slice(1, None)
-    return tuple(low), tuple(high)
-
-
-def _face_pairs(labels, xp):
-    """Flat index pairs (u, v) of face neighbours that carry the same non-zero value."""
-    flat_index = xp.arange(labels.size, dtype=xp.int64).reshape(labels.shape)
-    us, vs = [], []
-    for axis in range(labels.ndim):
-        lo, hi = neighbour_slices(labels.ndim, axis)
-        same = (labels[lo] == labels[hi]) & (labels[lo] != 0)
-        us.append(flat_index[lo][same])
-        vs.append(flat_index[hi][same])
-    return xp.concatenate(us), xp.concatenate(vs)
-
-
-def label_by_value_propagation(labels, ops=None):
-    """Face-connected components of equal non-zero value by min-label propagation with pointer jumping.
-
-    The device-side twin of ``skimage.measure.label(labels, connectivity=1)``
-    (same partition, ids ordered by first voxel in C order). Written against
-    the array module so that CI checks it on NumPy against scikit-image.
-    """
-    xp = get_array_module(labels)
-    ops = ops or ops_for(labels)
-    u, v = _face_pairs(labels, xp)
-    parent = xp.arange(labels.size, dtype=xp.int64)
-    while True:
-        pu, pv = parent[u], parent[v]
-        differ = pu != pv
-        if not bool(differ.any()):
-            break
-        low = xp.minimum(pu[differ], pv[differ])
-        ops.scatter_min(parent, pu[differ], low)
-        ops.scatter_min(parent, pv[differ], low)
-        while True:  # pointer jumping: each voxel points at its tree's root
-            grand = parent[parent]
-            if bool((grand == parent).all()):
-                break
-            parent = grand
-    roots = parent.reshape(labels.shape)
-    roots = xp.where(labels != 0, roots + 1, 0)
-    return relabel_by_first_voxel(roots)
+from gpu_pipeline.array_algorithms import neighbour_slices
 
 
 def relabel_by_first_voxel(labels):

@@ -20,7 +20,9 @@ Two assignment rules:
 """
 from __future__ import annotations
 
-from gpu_pipeline._backend import DeclumpError, get_array_module
+import numpy as np
+
+from gpu_pipeline._backend import DeclumpError, get_array_module, to_host
 
 #: Elements (voxels x candidate centroids) processed per block; bounds memory.
 BLOCK_ELEMENTS = 1 << 22
@@ -157,24 +159,26 @@ def per_region_kmeans(coords, groups, centres, centre_groups, *, spacing, max_it
                                "(cuml), or use kmeans_engine='batched'") from exc
     else:
         raise DeclumpError(f"kmeans engine must be 'batched', 'sklearn' or 'cuml', got {engine!r}")
+    result_module = xp
+    if engine == "sklearn":  # scikit-learn takes host arrays (init too): one copy there and one back, not per region
+        xp = np
+        coords, groups, centres, centre_groups = (to_host(a) for a in (coords, groups, centres, centre_groups))
     scale = xp.asarray([float(s) for s in spacing], dtype=xp.float64)
     physical = coords.astype(xp.float64) * scale
     assignment = xp.zeros(coords.shape[0], dtype=xp.int64)
     order = xp.argsort(groups, kind="stable")
-    bounds = xp.searchsorted(groups[order], xp.arange(int(centre_groups.max()) + 2))
-    centre_bounds = xp.searchsorted(centre_groups, xp.arange(int(centre_groups.max()) + 2))
-    for g in range(int(centre_groups.max()) + 1):
-        members = order[int(bounds[g]):int(bounds[g + 1])]
-        c0, c1 = int(centre_bounds[g]), int(centre_bounds[g + 1])
+    n_groups = int(centre_groups.max()) + 1
+    # Region bounds as host lists, read once: no device sync per region.
+    bounds = to_list(xp.searchsorted(groups[order], xp.arange(n_groups + 1)))
+    centre_bounds = to_list(xp.searchsorted(centre_groups, xp.arange(n_groups + 1)))
+    for g in range(n_groups):
+        members = order[bounds[g]:bounds[g + 1]]
+        c0, c1 = centre_bounds[g], centre_bounds[g + 1]
         if c1 - c0 == 1:
             assignment[members] = c0
             continue
         init = centres[c0:c1] * scale
         model = KMeans(n_clusters=c1 - c0, init=init, n_init=1, max_iter=max_iter, tol=0.0)
-        if engine == "sklearn":
-            model.fit(physical[members] if xp.__name__ == "numpy" else physical[members].get())
-            assignment[members] = c0 + xp.asarray(model.labels_)
-        else:  # pragma: no cover - needs cuML
-            model.fit(physical[members])
-            assignment[members] = c0 + xp.asarray(model.labels_, dtype=xp.int64)
-    return assignment
+        model.fit(physical[members])
+        assignment[members] = c0 + xp.asarray(model.labels_, dtype=xp.int64)
+    return result_module.asarray(assignment)

@@ -1,0 +1,257 @@
+"""Bytes per voxel of each pipeline stage, and the chunked run's peak memory against its chunk size.
+
+    python -m bench.memory [--size 128] [--chunked-sizes 64,128] [--out NAME]
+
+Stages: the steps of `gpu_pipeline.pipeline.separate` one by one
+(:func:`stage_steps`), each measured as the memory it allocates on top of
+what it was handed: on the CPU the peak of Python's tracemalloc (NumPy
+arrays; the `edt` and scikit-image C++ buffers are not traced) and the rise
+of the resident high-water mark (VmHWM, reset before each stage through
+/proc/self/clear_refs; it sees every allocation, and misses memory that
+glibc reuses), the larger of the two per voxel; on a GPU (`bench/gpu_check.py`)
+the growth of CuPy's pool over the stage, emptied before it. The distance
+transform and the equal-value labelling have two rows each: the CPU
+primitive (`edt`, scikit-image) and the array-module algorithm that the GPU
+runs (`gpu_pipeline/array_algorithms.py`), here on NumPy.
+
+Chunked: `declump run in.zarr out.zarr --workers 1` in fresh processes on
+volumes of different sizes with the same chunks; the peak resident memory
+should follow the chunk size, not the volume.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import RESULTS, machine_info
+from bench.stages import particles_for
+
+HERE = Path(__file__).resolve().parent
+
+
+def stage_steps(*, spacing, sigma=1.0, min_distance=4.0, neck_ratio=1.0, both_variants=True):
+    """The pipeline's steps as (name, step) pairs; each step reads and extends a ``state`` dict.
+
+    The same sequence as `separate` (k-means method, power assignment).
+    With ``both_variants`` the distance transform and the equal-value
+    labelling also run as the GPU's array-module algorithms on whatever
+    array module holds the data.
+    """
+    from gpu_pipeline._backend import ops_for
+    from gpu_pipeline.array_algorithms import distance_transform_edt, label_by_value_propagation
+    from gpu_pipeline.pipeline import cap_distance
+    from gpu_pipeline.stages.cleanup import clean_mask
+    from gpu_pipeline.stages.peaks import find_peaks, neck_groups, quantize_distance, window_half_widths
+    from gpu_pipeline.stages.split import finish_labels, split_regions_kmeans
+    from gpu_pipeline.stages.threshold import choose_polarity, foreground, otsu_threshold
+
+    ndim = len(spacing)
+    min_size = math.pi * min_distance ** 3 / 6 if ndim == 3 else math.pi * min_distance ** 2 / 4
+
+    def smoothing(s):
+        s["smoothed"] = ops_for(s["image"]).gaussian(s["image"], tuple(sigma / v for v in spacing))
+
+    def threshold(s):
+        t = otsu_threshold(s["smoothed"])
+        s["fg"] = foreground(s["smoothed"], t, choose_polarity(s["smoothed"], t, "auto"))
+        del s["smoothed"]
+
+    def cleanup(s):
+        s["fg"] = clean_mask(s["fg"], spacing=spacing, min_size=min_size, max_hole_size=0)
+
+    def distance_primitive(s):
+        s["distance"] = cap_distance(ops_for(s["fg"]).distance_transform(s["fg"], spacing), None, spacing)
+
+    def distance_array_module(s):
+        s["distance_xp"] = distance_transform_edt(s["fg"], spacing)
+        del s["distance_xp"]
+
+    def peaks(s):
+        s["distance_q"], s["quantum"] = quantize_distance(s["distance"], spacing)
+        del s["distance"]
+        s["peaks"] = find_peaks(s["distance_q"], half_widths=window_half_widths(min_distance, spacing))
+
+    def regions(s):
+        s["regions"], s["n_regions"] = ops_for(s["fg"]).label(s["fg"])
+
+    def necks(s):
+        s["group"] = neck_groups(s["peaks"], s["distance_q"], s["regions"], spacing, neck_ratio)
+
+    def kmeans(s):
+        xp = type(s["distance_q"]).__module__.split(".")[0] == "cupy" and __import__("cupy") or np
+        radii = s["distance_q"][tuple(s["peaks"].T)].astype(xp.float64) * s["quantum"]
+        s["labels"], _ = split_regions_kmeans(s["regions"], s["n_regions"], s["peaks"], radii, spacing=spacing,
+                                              assignment="power", engine="batched", max_iter=0,
+                                              peak_group=s["group"])
+        for key in ("distance_q", "regions", "fg"):
+            del s[key]
+
+    def label_by_value_primitive(s):
+        s["pieces"] = ops_for(s["labels"]).label_by_value(s["labels"])
+        del s["pieces"]
+
+    def label_by_value_array_module(s):
+        s["pieces"] = label_by_value_propagation(s["labels"], ops_for(s["labels"]).scatter_min)
+        del s["pieces"]
+
+    def finish(s):
+        s["final"] = finish_labels(s["labels"])
+
+    steps = [("smoothing", smoothing), ("threshold", threshold), ("cleanup", cleanup),
+             ("distance_transform", distance_primitive)]
+    if both_variants:
+        steps.append(("distance_transform [array module]", distance_array_module))
+    steps += [("peaks", peaks), ("regions", regions), ("necks", necks), ("kmeans", kmeans)]
+    if both_variants:
+        steps += [("label_by_value", label_by_value_primitive),
+                  ("label_by_value [array module]", label_by_value_array_module)]
+    steps.append(("finish", finish))
+    return steps
+
+
+def _rss_bytes(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_high_water():
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_cpu_stages(image, spacing):
+    """Per step: seconds, tracemalloc peak and VmHWM rise over the step's start, in bytes and bytes/voxel."""
+    warm, _ = __import__("gpu_pipeline.synthetic", fromlist=["x"]).make_touching_particles((32,) * 3, 12, seed=1)
+    warm_state = {"image": warm}
+    for _, step in stage_steps(spacing=spacing):  # imports and first-call caches, outside the measurement
+        step(warm_state)
+    state = {"image": image}
+    rows = []
+    for name, step in stage_steps(spacing=spacing):
+        rss_before = _rss_bytes("VmRSS")
+        hwm_ok = _reset_high_water()
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        step(state)
+        seconds = time.perf_counter() - t0
+        _, traced_peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        rss_rise = max(0, _rss_bytes("VmHWM") - rss_before) if hwm_ok else None
+        peak = max(traced_peak, rss_rise or 0)
+        rows.append({"stage": name, "seconds": round(seconds, 3), "tracemalloc_peak_bytes": traced_peak,
+                     "rss_rise_bytes": rss_rise, "bytes_per_voxel": round(peak / image.size, 2)})
+        print(f"  {name}: {peak / image.size:.1f} B/voxel (tracemalloc {traced_peak / image.size:.1f}, "
+              f"RSS rise {'-' if rss_rise is None else f'{rss_rise / image.size:.1f}'}), {seconds:.2f} s", flush=True)
+    return rows
+
+
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a child would report the
+# parent's resident size at fork (this bench's generated volume) when that was larger.
+PRINT_PEAK = ("print('PEAK', next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') "
+              "if l.startswith('VmHWM:')))")
+def chunked_peak(size, chunk, workdir):
+    """Peak RSS of `declump run` on a generated (size/2, size, size) Zarr volume with cubic chunks, own process."""
+    import zarr
+
+    from gpu_pipeline.synthetic import make_touching_particles
+
+    shape = (size // 2, size, size)
+    store = workdir / f"in_{size}.zarr"
+    if not store.exists():
+        image, _ = make_touching_particles(shape, particles_for(size) // 2, radius_range=(5, 12), overlap=0.15,
+                                           seed=size)
+        zarr.create_array(str(store), shape=shape, dtype=image.dtype, chunks=(chunk,) * 3)[...] = image
+        del image
+    out = workdir / f"out_{size}.zarr"
+    code = "import sys; from gpu_pipeline.cli import main; rc = main(sys.argv[1:]); " + PRINT_PEAK + "; sys.exit(rc)"
+    cmd = [sys.executable, "-c", code, "run", str(store), str(out), "--workers", "1", "--device", "cpu",
+           "--max-radius", "13", "--overwrite", "--quiet"]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
+    peak = int(next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("PEAK")))
+    n = int(np.prod(shape))
+    return {"shape": list(shape), "chunks": [chunk] * 3, "voxels": n, "peak_rss_bytes": peak,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def markdown(result):
+    m = result["machine"]
+    lines = [f"# declump memory per stage: {m['cpu']} ({m['cpu_count']} cores, {m['memory_gib']} GiB), "
+             f"GPU: {m['gpu'] or 'none'}, {m['date']}", "",
+             f"Load average at start {result['load_average_start']}, at end {result['load_average_end']} "
+             "(a shared machine: other jobs ran beside this one; memory figures do not depend on load, times do).", "",
+             f"In memory, {result['size']}^3 generated spheres, spacing 1: memory a stage allocates beyond what it is "
+             "handed (the larger of tracemalloc's peak and the VmHWM rise), per voxel of the volume.", "",
+             "| stage | bytes/voxel | tracemalloc B/voxel | RSS rise B/voxel | seconds |", "|---|---|---|---|---|"]
+    n = result["size"] ** 3
+    for r in result["stages"]:
+        rss = "-" if r["rss_rise_bytes"] is None else f"{r['rss_rise_bytes'] / n:.1f}"
+        lines.append(f"| {r['stage']} | {r['bytes_per_voxel']:.1f} | {r['tracemalloc_peak_bytes'] / n:.1f} | {rss} "
+                     f"| {r['seconds']:.2f} |")
+    if result.get("chunked"):
+        lines += ["", "Chunked `declump run in.zarr out.zarr --workers 1 --max-radius 13`, each in its own process:",
+                  "", "| volume | voxels | chunks | peak RSS (VmHWM) | seconds |", "|---|---|---|---|---|"]
+        for r in result["chunked"]:
+            lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['voxels']} | {'x'.join(map(str, r['chunks']))} "
+                         f"| {r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['seconds']} |")
+        if len(result["chunked"]) > 1:
+            a, b = result["chunked"][0], result["chunked"][-1]
+            ratio = b["peak_rss_bytes"] / a["peak_rss_bytes"]
+            lines += ["", f"{b['voxels'] / a['voxels']:.0f}x the voxels, {ratio:.2f}x "
+                          "the peak memory (both include the interpreter and its libraries)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=128, help="in-memory volume edge (default %(default)s)")
+    parser.add_argument("--chunked-sizes", default="192,384",
+                        help="chunked volume edges (volume size/2 x size x size; default %(default)s); '' skips")
+    parser.add_argument("--chunk", type=int, default=96, help="cubic chunk edge (default %(default)s)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    from gpu_pipeline.chunked.workspace import release_freed_memory
+    from gpu_pipeline.synthetic import make_touching_particles
+
+    release_freed_memory()  # as `declump run` does: freed chunk-sized arrays go back to the OS
+    result = {"machine": machine_info(), "load_average_start": [round(v, 2) for v in os.getloadavg()],
+              "size": args.size}
+    image, _ = make_touching_particles((args.size,) * 3, particles_for(args.size), radius_range=(5, 12),
+                                       overlap=0.15, seed=args.size)
+    print(f"stages on {args.size}^3:", flush=True)
+    result["stages"] = measure_cpu_stages(image, (1.0, 1.0, 1.0))
+    del image
+    result["chunked"] = []
+    work = HERE / "results" / "scratch" / "memory"
+    work.mkdir(parents=True, exist_ok=True)
+    for size in [int(s) for s in args.chunked_sizes.split(",") if s]:
+        row = chunked_peak(size, args.chunk, work)
+        print(f"chunked {row['shape']}: peak {row['peak_rss_bytes'] / 2**30:.2f} GiB in {row['seconds']} s",
+              flush=True)
+        result["chunked"].append(row)
+    result["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = args.out or f"memory_{result['machine']['date'][:10]}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(result))
+    print(f"wrote {RESULTS / stem}.json and .md")
+    return result
+
+
+if __name__ == "__main__":
+    main()

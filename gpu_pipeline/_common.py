@@ -1,0 +1,38 @@
+"""What every layer shares and nothing else: the error type, the Gaussian cut-off, array-type helpers.
+
+A leaf module (it imports nothing from declump), so the backend primitives
+(`cpu_fallback/ops.py`, `ops_cuda.py`, `array_algorithms.py`) can use it
+without importing the dispatching `_backend` module that the stages import.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+GPU_EXTRA_HINT = "install the GPU extra: pip install 'declump[gpu-cu12]' (CUDA 12) or 'declump[gpu-cu13]' (CUDA 13)"
+
+#: Gaussians are cut at this many sigmas on both backends; the chunked halo depends on it.
+GAUSSIAN_TRUNCATE = 4.0
+
+
+class DeclumpError(ValueError):
+    """Bad input or an impossible request; its message is one line for the user."""
+
+
+def is_cupy_array(array) -> bool:
+    return type(array).__module__.split(".")[0] == "cupy"
+
+
+def get_array_module(array):
+    """``numpy`` or ``cupy``, whichever holds ``array``."""
+    if is_cupy_array(array):
+        return sys.modules["cupy"]
+    return np
+
+
+def to_host(array) -> np.ndarray:
+    """A NumPy copy of a NumPy or CuPy array."""
+    if is_cupy_array(array):
+        return array.get()
+    return np.asarray(array)

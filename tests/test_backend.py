@@ -1,0 +1,176 @@
+"""The backend on the CPU: the array-module algorithms the GPU runs (on NumPy, against SciPy and scikit-image),
+the import layers, the CuPy floor and the GPU scheduling rules.
+
+`gpu_pipeline/array_algorithms.py` is the code the GPU runs (with CuPy as
+the array module), so these CPU tests check the GPU path's logic in CI.
+"""
+import ast
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from skimage.measure import label as sk_label
+
+from cpu_fallback import ops
+from gpu_pipeline.array_algorithms import distance_transform_edt, label_by_value_propagation
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("shape,spacing", [((7, 61, 23), (2.5, 1.0, 0.7)), ((40, 9, 33), (0.6, 1.3, 1.0)),
+                                           ((53, 17), (1.0, 2.2)), ((3, 90), (0.8, 0.5))])
+def test_separable_edt_equals_scipy_on_non_cubic_anisotropic_masks(rng, shape, spacing):
+    for density in (0.02, 0.3):
+        mask = ndi.binary_dilation(rng.random(shape) < density / 8, iterations=2) | (rng.random(shape) > density)
+        ours = distance_transform_edt(mask, spacing)
+        assert ours.dtype == np.float32 and ours.shape == shape
+        np.testing.assert_allclose(ours, ndi.distance_transform_edt(mask, sampling=spacing), rtol=2e-6, atol=1e-5)
+
+
+def test_separable_edt_without_background_is_infinite_like_the_cpu_primitive(rng):
+    for shape in [(6, 11, 4), (9, 5)]:
+        mask = np.ones(shape, dtype=bool)
+        assert np.isinf(distance_transform_edt(mask, (2.0,) * len(shape))).all()
+        assert np.isinf(ops.distance_transform(mask, (2.0,) * len(shape))).all()
+    # One background voxel in a slab: every distance is finite and exact.
+    mask = np.ones((5, 40, 30), dtype=bool)
+    mask[tuple(rng.integers(0, s) for s in mask.shape)] = False
+    np.testing.assert_allclose(distance_transform_edt(mask, (3.0, 1.0, 1.0)),
+                               ndi.distance_transform_edt(mask, sampling=(3.0, 1.0, 1.0)), rtol=2e-6)
+
+
+def test_separable_edt_is_exact_below_max_distance(rng):
+    mask = ndi.binary_dilation(rng.random((30, 50, 44)) < 0.004, iterations=6)
+    spacing = (1.7, 1.0, 0.9)
+    cap = 4.3
+    ours = np.minimum(distance_transform_edt(mask, spacing, max_distance=cap), np.float32(cap))
+    ref = np.minimum(ndi.distance_transform_edt(mask, sampling=spacing), cap).astype(np.float32)
+    assert (ref == np.float32(cap)).any() and (ref < cap).any()
+    np.testing.assert_allclose(ours, ref, rtol=2e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,levels", [((30, 40, 20), 4), ((64, 80), 3), ((12, 70, 9), 2)])
+def test_equal_value_labels_equal_skimage_including_ids(rng, shape, levels):
+    values = rng.integers(0, levels, shape).astype(np.int32)
+    # Snakes and long runs, where propagation alone would need many rounds.
+    values = np.maximum(values, np.roll(values, 1, axis=-1))
+    ours = label_by_value_propagation(values, ops.scatter_min)
+    np.testing.assert_array_equal(ours, sk_label(values, background=0, connectivity=1))
+    assert ours.dtype == np.int32
+
+
+def test_equal_value_labels_of_a_spiral_are_one_piece():
+    size = 41
+    spiral = np.zeros((size, size), dtype=np.int32)
+    y, x, dy, dx = 0, 0, 0, 1
+    for _ in range(size * size):  # a one-voxel-wide spiral path, value 5, walls 0
+        spiral[y, x] = 5
+        ny, nx = y + 2 * dy, x + 2 * dx
+        if not (0 <= ny < size and 0 <= nx < size) or spiral[ny, nx]:
+            dy, dx = dx, -dy
+            ny, nx = y + 2 * dy, x + 2 * dx
+            if not (0 <= ny < size and 0 <= nx < size) or spiral[ny, nx]:
+                break
+        spiral[y + dy, x + dx] = 5
+        y, x = ny, nx
+    ours = label_by_value_propagation(spiral, ops.scatter_min)
+    np.testing.assert_array_equal(ours, sk_label(spiral, background=0, connectivity=1))
+    assert ours.max() == 1
+
+
+def test_equal_value_labelling_needs_far_less_memory_than_face_pairs(rng):
+    values = rng.integers(1, 6, (48, 64, 64)).astype(np.int32)
+    tracemalloc.start()
+    label_by_value_propagation(values, ops.scatter_min)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # Face-pair lists took 73-184 bytes per voxel here; the propagation about 14 (input not counted).
+    assert peak / values.size < 25, peak / values.size
+
+
+def _project_imports(path):
+    """Every declump module ``path`` imports, at module level or inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{a.name}" for a in node.names}
+    return {n for n in names if n.split(".")[0] in ("gpu_pipeline", "cpu_fallback")}
+
+
+def test_backend_primitives_import_nothing_above_them():
+    """Layers import one way: stages -> _backend -> primitives -> array_algorithms -> _common."""
+    below = ("gpu_pipeline._common", "gpu_pipeline.array_algorithms", "cpu_fallback.ops", "cpu_fallback")
+    for module in ["gpu_pipeline/_common.py", "gpu_pipeline/array_algorithms.py", "cpu_fallback/ops.py",
+                   "gpu_pipeline/ops_cuda.py", "cpu_fallback/__init__.py"]:
+        allowed = below + (("gpu_pipeline", "gpu_pipeline.pipeline") if module == "cpu_fallback/__init__.py" else ())
+        above = {n for n in _project_imports(ROOT / module)
+                 if not any(n == a or n.startswith(a + ".") for a in allowed) or n.startswith("gpu_pipeline._backend")}
+        assert not above, (module, above)  # cpu_fallback's facade calls the pipeline lazily: allowed there only
+    assert _project_imports(ROOT / "gpu_pipeline/_common.py") == set()
+
+
+def test_no_module_level_import_cycle():
+    modules = {}
+    for path in list((ROOT / "gpu_pipeline").rglob("*.py")) + list((ROOT / "cpu_fallback").rglob("*.py")):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        top = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.module:
+                top.add(node.module)
+            elif isinstance(node, ast.Import):
+                top |= {a.name for a in node.names}
+        modules[name] = top
+    graph = {m: {t for t in deps if t in modules and t != m} for m, deps in modules.items()}
+    state = {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for t in graph[m]:
+            assert state.get(t) != "open", " -> ".join(path + [t])
+            if t not in state:
+                visit(t, path + [t])
+        state[m] = "done"
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+
+
+def test_cupy_floor_is_enforced_and_stated_where_installs_read_it():
+    from gpu_pipeline._backend import CUPY_MIN_VERSION, DeclumpError, check_cupy_version
+
+    floor = ".".join(str(v) for v in CUPY_MIN_VERSION)
+    for old in ("13.6.0", "14.0.1", "14.0.0rc1"):
+        with pytest.raises(DeclumpError, match=f"CuPy >= {floor}"):
+            check_cupy_version(old)
+    for new in (floor + ".0", "14.2.0", "15.0.0b1"):
+        check_cupy_version(new)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert f'"cupy-cuda12x>={floor}"' in pyproject and f'"cupy-cuda13x>={floor}"' in pyproject
+    assert f"- cupy>={floor}" in (ROOT / "environment.yml").read_text()
+
+
+def test_gpu_runs_put_one_chunked_worker_on_each_gpu():
+    import os
+
+    from gpu_pipeline._backend import DeclumpError
+    from gpu_pipeline.chunked.run import engine_plan
+
+    assert engine_plan(device="gpu", n_gpus=1, have_dask_cuda=True) == ("threads", 1)
+    assert engine_plan(device="gpu", n_gpus=4, have_dask_cuda=True) == ("local-cuda", None)
+    assert engine_plan(device="gpu", n_gpus=4, have_dask_cuda=False) == ("threads", 1)
+    assert engine_plan(device="gpu", cluster="local-cuda", n_gpus=1) == ("local-cuda", None)
+    assert engine_plan(device="gpu", scheduler="tcp://head:8786", n_gpus=1) == ("scheduler", None)
+    with pytest.raises(DeclumpError, match="--cluster local-cuda"):
+        engine_plan(device="gpu", cluster="local", n_gpus=1)
+    with pytest.raises(DeclumpError, match="--workers 3 with --device gpu"):
+        engine_plan(device="gpu", workers=3, n_gpus=1)
+    # The CPU engines are unchanged.
+    assert engine_plan(device="cpu") == ("threads", os.cpu_count())
+    assert engine_plan(device="cpu", workers=3) == ("threads", 3)
+    assert engine_plan(device="cpu", cluster="local") == ("local", 2)
