@@ -34,10 +34,10 @@ DEFAULT_TREES = 32
 DEFAULT_DEPTH = 12
 DEFAULT_SAMPLES_PER_CLASS = 20000
 #: Pixels per tile whose features are held at once (times n_features x 4 bytes).
-TILE_VOXELS = 1 << 20
+TILE_VOXELS = 1 << 21
 #: Pixels per batch of the tree evaluator (its index arrays are n_trees x this; small
 #: enough to stay in cache, which measured faster than larger batches).
-EVALUATOR_BATCH = 1 << 11
+EVALUATOR_BATCH = 1 << 12
 
 
 # --- the forest as arrays ----------------------------------------------------------------------------------
@@ -118,11 +118,13 @@ class _Forest:
 def forest_probabilities(features, forest, *, out=None):
     """Mean class probabilities of the trees for ``features`` (n, n_features) float32, on NumPy or CuPy.
 
-    Level by level over complete trees: every pixel of a batch and every
-    tree advance together, ``node = 2 node + 1 + (x[feature[node]] > threshold[node])``.
-    Each pixel's result depends on its own features only, summed over the
-    trees in a fixed order, so it does not depend on the batch or tile it is in.
-    Returns float32 (n, n_classes).
+    Level by level over complete trees: every (pixel, tree) pair of a batch
+    advances together, ``node = 2 node + 1 + (x[feature[node]] > threshold[node])``;
+    pairs that reached a leaf above the bottom are set aside as they finish
+    (on the shared EM-like data the mean leaf depth is about half the
+    deepest one). Each pixel's result depends on its own features only,
+    summed over the trees in a fixed order, so it does not depend on the
+    batch or tile it is in. Returns float32 (n, n_classes).
     """
     xp = get_array_module(features)
     feature, threshold, leaves, depth = forest.padded(xp)
@@ -131,32 +133,41 @@ def forest_probabilities(features, forest, *, out=None):
     n_inner = (1 << depth) - 1
     if out is None:
         out = xp.empty((n, n_classes), dtype=xp.float32)
-    # Node indices are global (tree t's nodes start at t * n_inner): the child of g is 2 g + 1 - t n_inner + go.
-    root = (xp.arange(n_trees, dtype=xp.int64) * n_inner)[:, None]
-    step = 1 - root
-    to_leaf = (xp.arange(n_trees, dtype=xp.int64) * (1 << depth))[:, None] - n_inner - root
+    passing = xp.isinf(threshold)  # leaves above the bottom, padded with left-going copies
+    tree = xp.arange(n_trees, dtype=xp.int64)[:, None]
     flat = features.ravel()
+    # Indices are in range by construction; NumPy's 'clip' mode skips its bounds check (measured 25 % faster).
+    take = (lambda a, i: np.take(a, i, mode="clip")) if xp is np else xp.take
     for start in range(0, n, EVALUATOR_BATCH):
         size = min(EVALUATOR_BATCH, n - start)
-        rows = (xp.arange(start, start + size, dtype=xp.int64) * n_features)[None, :]
-        node = xp.repeat(root, size, axis=1)
-        column = xp.empty_like(node)
-        limit = xp.empty((n_trees, size), dtype=xp.float32)
-        value = xp.empty((n_trees, size), dtype=xp.float32)
-        right = xp.empty((n_trees, size), dtype=bool)
-        for _ in range(depth):
-            xp.take(feature, node, out=column)
-            xp.take(threshold, node, out=limit)
-            column += rows
-            xp.take(flat, column, out=value)
-            xp.greater(value, limit, out=right)
+        # One entry per (tree, pixel) pair. Node indices are global (tree t's nodes start at t * n_inner), so
+        # the child of g is 2 g + step + go with step = 1 - t * n_inner.
+        node = xp.repeat(tree * n_inner, size, axis=1).ravel()
+        step = 1 - node
+        row = xp.tile(xp.arange(start, start + size, dtype=xp.int64) * n_features, n_trees)
+        pair = xp.arange(n_trees * size, dtype=xp.int64)
+        leaf = xp.empty(n_trees * size, dtype=xp.int64)
+        for level in range(depth + 1):
+            if level >= 3:
+                done = take(passing, node) if level < depth else xp.ones(node.shape, dtype=bool)
+                if level == depth or int(done.sum()) * 8 > node.size:
+                    # A pair at a pass-through node of level k ends at its leftmost leaf below: slot
+                    # (l + 1) * 2^(depth - k) - 2^depth, l being the node's index within its tree.
+                    t = (1 - step[done]) // n_inner
+                    local = node[done] - t * n_inner
+                    leaf[pair[done]] = t * (1 << depth) + ((local + 1) << (depth - level)) - (1 << depth)
+                    keep = ~done
+                    node, step, row, pair = node[keep], step[keep], row[keep], pair[keep]
+            if level == depth or node.size == 0:
+                break
+            right = take(flat, take(feature, node) + row) > take(threshold, node)
             node *= 2
             node += step
             node += right
-        node += to_leaf
-        total = xp.take(leaves, node[0], axis=0)
+        leaf = leaf.reshape(n_trees, size)
+        total = xp.take(leaves, leaf[0], axis=0)
         for t in range(1, n_trees):
-            total += xp.take(leaves, node[t], axis=0)
+            total += xp.take(leaves, leaf[t], axis=0)
         out[start:start + size] = total / xp.float32(n_trees)
     return out
 
