@@ -236,7 +236,7 @@ def check_mask(mask, shape, option):
 
 def cmd_train(args):
     """declump train: a pixel classifier from scribbles or instance ground truth, written as .npz."""
-    from gpu_pipeline.classifier import check_training_labels, classes_from_instances, train_classifier
+    from gpu_pipeline.classifier import classes_from_instances, train_classifier
     from gpu_pipeline.io import read_image
 
     out = Path(args.out)
@@ -261,7 +261,6 @@ def cmd_train(args):
         labels.append(label)
         spacings.append(spacing)
     spacing = args.spacing if args.spacing is not None else spacings  # per image, from the files (else 1)
-    check_training_labels(images, labels, option="--labels", names=[str(p) for p in args.labels])
     model = train_classifier(images, labels, spacing=spacing, n_estimators=args.trees, max_depth=args.max_depth,
                              samples_per_class=args.samples_per_class, seed=args.seed, option="--labels",
                              names=[str(p) for p in args.labels])
