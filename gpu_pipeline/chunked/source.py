@@ -50,7 +50,7 @@ def fingerprint(array, files):
 
 
 def open_volume(path, *, channel=None, timepoint=None, chunks=None, missing_chunks="error",
-                return_fingerprint=False):
+                return_fingerprint=False, accept_bool=False):
     """A lazy Dask array of a 2D/3D volume stored as Zarr or OME-Zarr, and its spacing.
 
     Parameters
@@ -69,6 +69,8 @@ def open_volume(path, *, channel=None, timepoint=None, chunks=None, missing_chun
         written with ``write_empty_chunks=True``).
     return_fingerprint : bool
         Also return the input's fingerprint (see :func:`fingerprint`).
+    accept_bool : bool
+        Also accept a boolean array (a mask), not only intensities.
 
     Returns
     -------
@@ -84,7 +86,7 @@ def open_volume(path, *, channel=None, timepoint=None, chunks=None, missing_chun
     if len(shape) not in (2, 3):
         raise DeclumpError(f"{path} holds a {len(shape)}D volume {shape}; declump accepts 2D or 3D "
                            "(pick a channel/time point with --channel/--timepoint)")
-    if np.dtype(array.dtype).kind not in "uif":
+    if np.dtype(array.dtype).kind not in ("buif" if accept_bool else "uif"):
         raise DeclumpError(f"{path} has dtype {array.dtype}; declump accepts integer or floating-point intensities")
     files = list_stored_files(array)
     check_chunks(array, selection, path, files, missing_chunks)
