@@ -174,7 +174,7 @@ def _leaves_by_arrays(features, forest):
     pair = xp.arange(n_trees * n, dtype=xp.int64)
     slot = xp.empty(n_trees * n, dtype=xp.int64)
     for level in range(depth + 1):
-        if level >= 3:
+        if level >= 3 or level == depth:  # a shallow forest still ends its pairs at the bottom
             done = take(passing, node) if level < depth else xp.ones(node.shape, dtype=bool)
             if level == depth or int(done.sum()) * 8 > node.size:
                 # A pair at a pass-through node of level k ends at its leftmost bottom slot:

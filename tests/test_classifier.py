@@ -26,7 +26,7 @@ def _trained(rng, shape=(120, 110), spacing=None, n=30, **kwargs):
 
 
 # --- the forest evaluator --------------------------------------------------------------------------------
-@pytest.mark.parametrize("n_classes,max_depth", [(2, 6), (3, 14)])
+@pytest.mark.parametrize("n_classes,max_depth", [(2, 1), (3, 2), (2, 6), (3, 14)])
 def test_forest_evaluator_equals_sklearn_predict_proba(rng, n_classes, max_depth):
     from sklearn.ensemble import RandomForestClassifier
 
