@@ -147,8 +147,6 @@ class Session:
 
     def train(self, progress=lambda text: None):
         """Train the pixel classifier from the strokes and predict the probability map."""
-        from gpu_pipeline.classifier import train_classifier
-
         if self.image is None:
             raise DeclumpError("load an image first (upload a TIFF, PNG or NPY file, or open the sample)")
         scribbles = self.scribbles()
@@ -157,6 +155,8 @@ class Session:
             have = ", ".join(CLASS_NAMES[v] for v in painted) or "none"
             raise DeclumpError(f"paint strokes of at least two classes (background and particle) before training; "
                                f"painted so far: {have}")
+        from gpu_pipeline.classifier import train_classifier
+
         features = self.cached_features(progress)
         started = time.perf_counter()
         progress("training the random forest on the painted pixels")

@@ -351,8 +351,7 @@ def build_app(image_path=None, *, max_voxels=None):
                   State("session", "data"), prevent_initial_call=True)
     def highlight(hover, click, plane, session_id):
         session = store.get(session_id)
-        data = click if ctx.triggered_id == "graph" and click and ctx.triggered_prop_ids and \
-            "graph.clickData" in ctx.triggered_prop_ids else hover
+        data = click if "graph.clickData" in ctx.triggered_prop_ids else hover
         result = session.result
         if result is None or not data or not data.get("points"):
             return [], "", no_update
@@ -371,6 +370,10 @@ def build_app(image_path=None, *, max_voxels=None):
         hist = sess.png_data_uri(size_histogram_rgb(result.table["equivalent_diameter"], unit=session.unit,
                                                     highlight=diameter))
         return style, f"particle {label}: equivalent diameter {diameter:.4g} {session.unit}", hist
+
+    @app.callback(*[Output(f"unit-{i}", "children") for i in range(1, 5)], Input("unit", "value"))
+    def show_unit(unit):
+        return ((unit or "px").strip() or "px",) * 4
 
     downloads = {
         "labels": lambda s: dict(content=_b64(sess.labels_tiff_bytes(_need_result(s).labels)), base64=True,
