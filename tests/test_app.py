@@ -183,3 +183,35 @@ def test_command_line_reproduces_the_app_result_from_the_cli(tmp_path, rng):
     assert np.array_equal(tifffile.imread(argv[3]), result.labels)
     with open(tmp_path / "particles_labels_particles.csv") as handle:
         assert handle.read() == sess.table_csv_text(result.table)
+
+
+def _paint_two_classes(session, truth, rng):
+    """Strokes along rows: background where the truth is background, particle inside particles."""
+    strokes = []
+    for value, where in ((1, truth == 0), (2, truth > 0)):
+        rows, cols = np.nonzero(where)
+        for i in rng.choice(rows.size, size=6, replace=False):
+            strokes.append(sess.Stroke(value, 0, 2.0, np.array([[rows[i], cols[i]], [rows[i] + 0.4, cols[i] + 0.4]])))
+    session.strokes = strokes
+
+
+def test_painted_classifier_result_is_reproduced_by_declump_train_and_run(tmp_path, rng):
+    image, truth = make_touching_particles((90, 110), 14, seed=int(rng.integers(1e6)))
+    path = tmp_path / "particles.tif"
+    tifffile.imwrite(path, image)
+    session = sess.Session(sess.SessionStore.new_id())
+    session.set_image(image, name=path.name, source=str(path))
+    _paint_two_classes(session, truth, rng)
+    session.train()
+    # The probabilities the app predicted from its cached features are the classifier's tile-by-tile ones.
+    plain = sess.PixelClassifier(session.classifier.forest, session.classifier.header)
+    assert np.allclose(session.probabilities, plain.predict_proba(image.copy(), spacing=(1.0, 1.0)), atol=1e-6)
+    result = session.separate(dict(sess.SEPARATION_DEFAULTS), foreground="classifier")
+    tifffile.imwrite(tmp_path / "particles_scribbles.tif", session.scribbles())
+    for line in sess.command_line(session, device="cpu").strip().splitlines():
+        argv = shlex.split(line)
+        done = subprocess.run([sys.executable, "-m", "gpu_pipeline", *argv[1:]], capture_output=True, text=True,
+                              cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    assert np.array_equal(tifffile.imread(tmp_path / "particles_labels.tif"), result.labels)
+    assert (tmp_path / "particles_labels_particles.csv").read_text() == sess.table_csv_text(result.table)
