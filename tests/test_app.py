@@ -215,3 +215,53 @@ def test_painted_classifier_result_is_reproduced_by_declump_train_and_run(tmp_pa
         assert done.returncode == 0, done.stderr
     assert np.array_equal(tifffile.imread(tmp_path / "particles_labels.tif"), result.labels)
     assert (tmp_path / "particles_labels_particles.csv").read_text() == sess.table_csv_text(result.table)
+
+
+def test_app_without_dash_is_a_one_line_error_naming_the_extra():
+    code = ("import sys; sys.modules['dash'] = None; from gpu_pipeline.cli import main; "
+            "sys.exit(main(['app', '--port', '1']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "declump[app]" in done.stderr and "dash" in done.stderr
+
+
+def test_a_big_image_is_shown_downsampled_in_full_resolution_coordinates(rng):
+    pytest.importorskip("dash", reason="the app extra is not installed")
+    from gpu_pipeline.app.ui import build_figure
+
+    image = rng.random((700, 2100)).astype(np.float32)
+    session = sess.Session(sess.SessionStore.new_id())
+    session.set_image(image, name="wide")
+    session.strokes = [sess.Stroke(1, 0, 5.0, np.array([[10.0, 2000.0], [600.0, 30.0]]))]
+    figure = build_figure(session, 0, [], 0.5, 2, 6).to_dict()
+    trace = figure["data"][0]
+    factor = sess.display_factor(image.shape)
+    assert factor == 3 and trace["dx"] == trace["dy"] == 3 and trace["x0"] == trace["y0"] == 1
+    shown = Image.open(io.BytesIO(base64.b64decode(trace["source"].split(",", 1)[1])))
+    assert shown.size == (700, 234)  # columns, rows of image[::3, ::3]
+    assert np.allclose(sess.parse_path(figure["layout"]["shapes"][0]["path"]), [[10, 2000], [600, 30]])
+    assert figure["layout"]["xaxis"]["range"] == [-0.5, 2099.5]
+
+
+def test_a_volume_is_painted_per_plane_trained_and_separated_in_3d(rng):
+    image, truth = make_touching_particles((20, 48, 48), 10, spacing=(2.0, 1.0, 1.0), seed=int(rng.integers(1e6)))
+    session = sess.Session(sess.SessionStore.new_id())
+    session.set_image(image, name="volume", spacing=(2.0, 1.0, 1.0))
+    strokes = []
+    for plane in (6, 10, 14):
+        for value, where in ((1, truth[plane] == 0), (2, truth[plane] > 0)):
+            rows, cols = np.nonzero(where)
+            for i in rng.choice(rows.size, size=4, replace=False):
+                strokes.append(sess.Stroke(value, plane, 2.0, np.array([[rows[i], cols[i]]], dtype=float)))
+    session.strokes = strokes
+    scribbles = session.scribbles()
+    assert scribbles.shape == image.shape and not scribbles[[0, 19]].any()
+    session.train()
+    assert session.probabilities.shape == (2,) + image.shape
+    result = session.separate(dict(sess.SEPARATION_DEFAULTS, min_distance=3.0), foreground="classifier")
+    from gpu_pipeline import separate
+
+    expected = separate(image, spacing=(2.0, 1.0, 1.0), classifier=sess.PixelClassifier(
+        session.classifier.forest, session.classifier.header), **dict(sess.SEPARATION_DEFAULTS, min_distance=3.0))
+    assert result.labels.shape == image.shape and np.array_equal(result.labels, expected)
+    assert "volume" in result.table

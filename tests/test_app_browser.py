@@ -85,7 +85,7 @@ def wait_for(check, timeout=60, what="the page"):
         if value:
             return value
         time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout} s waiting for {what() if callable(what) else what}")
 
 
 def text_of(driver, element_id):
@@ -104,7 +104,8 @@ def choose(driver, radio_id, value):
 def paint(driver, image_shape, points, value):
     """Drag the mouse over the image along (row, column) points, with the brush of class ``value``."""
     choose(driver, "paint-class", value)
-    time.sleep(0.3)  # the figure re-renders with the class's brush colour
+    brush = "return document.querySelector('#graph .js-plotly-plot')._fullLayout.newshape.line.color"
+    wait_for(lambda: driver.execute_script(brush).lower() == sess.CLASS_COLOURS[value], what="the brush colour")
     area = wait_for(lambda: driver.find_element(By.CSS_SELECTOR, "#graph .nsewdrag"), what="the plot area")
     box = area.rect
     height, width = image_shape
@@ -179,10 +180,27 @@ def test_paint_train_separate_and_download_match_the_python_api(served, browser)
     browser.find_element(By.ID, "separate").click()
     count = wait_for(lambda: text_of(browser, "count"), what="the separation")
     assert text_of(browser, "message") == ""
+    # Hovering over a particle (beside the stroke: strokes take the pointer) names it and highlights its row.
+    row, col = particle[0][1]
+    row += (particle[0][2][1] - col + 3) // 2
+    label = int(session.result.labels[row, col])
+    area = browser.find_element(By.CSS_SELECTOR, "#graph .nsewdrag")
+    ActionChains(browser).move_to_element_with_offset(
+        area, int((col + 0.5) / image.shape[1] * area.rect["width"] - area.rect["width"] / 2),
+        int((row + 0.5) / image.shape[0] * area.rect["height"] - area.rect["height"] / 2)).perform()
+    ActionChains(browser).move_by_offset(1, 0).perform()  # Plotly hovers on a move within the plot
+    wait_for(lambda: text_of(browser, "hovered").startswith(f"particle {label}:"),
+             what=lambda: f"particle {label} to be named on hover (page says {text_of(browser, 'hovered')!r})")
+    highlighted = wait_for(lambda: [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#table td.dash-cell")
+                                    if "255, 224, 138" in c.value_of_css_property("background-color")],
+                           what="the highlighted row")
+    assert str(label) in highlighted
     browser.find_element(By.ID, "get-table").click()
     csv_path = browser.downloads / "sample_labels_particles.csv"
     wait_for(csv_path.exists, what="the CSV download")
     if os.environ.get("DECLUMP_APP_SCREENSHOT"):
+        browser.find_element(By.CSS_SELECTOR, "#show input[value='probabilities']").click()
+        time.sleep(2)
         browser.execute_script("window.scrollTo(0, 0)")
         browser.save_screenshot(os.environ["DECLUMP_APP_SCREENSHOT"])
 

@@ -16,8 +16,10 @@ from gpu_pipeline.overlay import overlay_rgb
 from gpu_pipeline.plots import size_histogram_rgb
 
 #: Longest side of the image on screen (CSS pixels) at the default zoom; brush widths convert with it.
-FIGURE_SIDE = 640
+FIGURE_SIDE = 600
 POLL_MS = 400
+TABLE_ROWS = 12
+HISTOGRAM_SIZE = (480, 300)
 AXIS_NAMES = ("plane (z)", "row (y)", "column (x)")
 
 PANEL = {"border": "1px solid #ddd", "borderRadius": "6px", "padding": "8px 10px", "marginBottom": "8px"}
@@ -111,19 +113,23 @@ def layout_body(session_id, device):
               ("labels", "table", "overlay", "histogram", "model", "scribbles", "command")],
         ]),
     ])
-    results = html.Div(style={"flex": "1", "minWidth": "400px", "paddingLeft": "12px"}, children=[
+    picture = html.Div(style={"flex": "none", "paddingLeft": "12px"}, children=[
         html.Div(id="status", style={"minHeight": "20px", "color": "#555"}),
-        html.Div(id="message", style={"minHeight": "20px", "color": "#b00020", "fontWeight": "bold"}),
+        html.Div(id="message", style={"minHeight": "20px", "maxWidth": f"{FIGURE_SIDE}px", "color": "#b00020",
+                                      "fontWeight": "bold"}),
         dcc.Checklist(id="show", value=["particles", "probabilities"], inline=True, options=[
             {"label": " particles ", "value": "particles"}, {"label": " probabilities ", "value": "probabilities"}]),
         dcc.Graph(id="graph", config={"scrollZoom": True, "displaylogo": False,
                                       "modeBarButtonsToAdd": ["drawopenpath", "eraseshape"]}),
+    ])
+    results = html.Div(style={"flex": "1", "minWidth": "380px", "maxWidth": "560px", "paddingLeft": "12px"},
+                       children=[
         html.Div(id="count", style={"fontSize": "18px", "fontWeight": "bold", "margin": "6px 0"}),
         html.Div(id="hovered", style={"minHeight": "20px"}),
-        html.Img(id="histogram", style={"maxWidth": "640px", "display": "none"}),
-        dash_table.DataTable(id="table", sort_action="native", page_action="none", virtualization=True,
-                             fixed_rows={"headers": True}, style_table={"height": "320px", "overflowY": "auto"},
-                             style_cell={"fontSize": "12px", "padding": "2px 6px", "minWidth": "70px"}),
+        html.Img(id="histogram", style={"width": "100%", "display": "none"}),
+        dash_table.DataTable(id="table", sort_action="native", page_action="native", page_size=TABLE_ROWS,
+                             style_table={"overflowX": "auto"},
+                             style_cell={"fontSize": "12px", "padding": "2px 6px", "minWidth": "60px"}),
     ])
     return html.Div(style={"fontFamily": "sans-serif", "margin": "8px"}, children=[
         dcc.Store(id="session", data=session_id),
@@ -132,7 +138,8 @@ def layout_body(session_id, device):
             html.H2("declump", style={"margin": "0 0 6px 0"}),
             html.Span("paint, train, separate and measure touching particles"),
             html.Span(id="backend", children=backend_text(device), style={"color": "#05702f"})]),
-        html.Div(style={"display": "flex"}, children=[controls, results]),
+        html.Div(style={"display": "flex", "flexWrap": "wrap", "alignItems": "flex-start"},
+                 children=[controls, picture, results]),
     ])
 
 
@@ -161,8 +168,9 @@ def build_figure(session, plane, show, opacity, paint_class, brush):
                            **place))
     if session.probabilities is not None and "probabilities" in show:
         rgba = sess.probability_rgba(session.probabilities, plane if image.ndim == 3 else None, factor)
+        # Hover-enabled too: a top trace that skips hover hides the image's hover events beneath it.
         fig.add_trace(go.Image(source=sess.png_data_uri(rgba), name="probabilities", opacity=float(opacity),
-                               hoverinfo="skip", **place))
+                               hovertemplate="x %{x}, y %{y}<extra></extra>", **place))
     ratio = _screen_ratio(image.shape)
     height, width = image.shape[-2:]
     shapes = [sess.stroke_to_shape(s, ratio) for s in session.strokes if s.plane == plane]
@@ -313,7 +321,9 @@ def build_app(image_path=None, *, max_voxels=None):
         name = "" if image is None else f"{session.name}: {' x '.join(map(str, image.shape))} {image.dtype}"
         is_3d = image is not None and image.ndim == 3
         running, _ = session.job_status()
-        return (figure, status if status is not no_update else ("" if not running else no_update), message,
+        if reload:
+            status = ""
+        return (figure, status, message,
                 not running, name,
                 sess.format_spacing(session.spacing) if reload else no_update,
                 session.unit if reload else no_update,
@@ -341,35 +351,38 @@ def build_app(image_path=None, *, max_voxels=None):
         if result is None:
             return figure, "", None, {"display": "none"}, [], []
         count = f"{len(result.table['label'])} particles"
-        hist = sess.png_data_uri(size_histogram_rgb(result.table["equivalent_diameter"], unit=session.unit))
+        hist = sess.png_data_uri(size_histogram_rgb(result.table["equivalent_diameter"], unit=session.unit,
+                                                    size=HISTOGRAM_SIZE))
         columns, rows = table_view(result, session.unit)
-        return figure, count, hist, {"maxWidth": "640px", "display": "block"}, columns, rows
+        return figure, count, hist, {"width": "100%", "display": "block"}, columns, rows
 
     @app.callback(Output("table", "style_data_conditional"), Output("hovered", "children"),
-                  Output("histogram", "src", allow_duplicate=True),
+                  Output("histogram", "src", allow_duplicate=True), Output("table", "page_current"),
                   Input("graph", "hoverData"), Input("graph", "clickData"), State("plane", "value"),
-                  State("session", "data"), prevent_initial_call=True)
-    def highlight(hover, click, plane, session_id):
+                  State("table", "derived_virtual_data"), State("session", "data"), prevent_initial_call=True)
+    def highlight(hover, click, plane, shown_rows, session_id):
         session = store.get(session_id)
         data = click if "graph.clickData" in ctx.triggered_prop_ids else hover
         result = session.result
         if result is None or not data or not data.get("points"):
-            return [], "", no_update
+            return [], "", no_update, no_update
         point = data["points"][0]
         row, col = int(round(point["y"])), int(round(point["x"]))
         labels = result.labels[int(plane or 0)] if result.labels.ndim == 3 else result.labels
         if not (0 <= row < labels.shape[0] and 0 <= col < labels.shape[1]):
-            return [], "", no_update
+            return [], "", no_update, no_update
         label = int(labels[row, col])
         if label == 0:
-            return [], f"background at row {row}, column {col}", no_update
+            return [], f"background at row {row}, column {col}", no_update, no_update
         index = int(np.searchsorted(result.table["label"], label))
         diameter = float(result.table["equivalent_diameter"][index])
         style = [{"if": {"filter_query": f"{{label}} = {label}"}, "backgroundColor": "#ffe08a",
                   "fontWeight": "bold"}]
         hist = sess.png_data_uri(size_histogram_rgb(result.table["equivalent_diameter"], unit=session.unit,
-                                                    highlight=diameter))
-        return style, f"particle {label}: equivalent diameter {diameter:.4g} {session.unit}", hist
+                                                    size=HISTOGRAM_SIZE, highlight=diameter))
+        order = [r.get("label") for r in shown_rows or []]
+        page = order.index(label) // TABLE_ROWS if label in order else index // TABLE_ROWS
+        return style, f"particle {label}: equivalent diameter {diameter:.4g} {session.unit}", hist, page
 
     @app.callback(*[Output(f"unit-{i}", "children") for i in range(1, 5)], Input("unit", "value"))
     def show_unit(unit):
