@@ -265,3 +265,16 @@ def test_a_volume_is_painted_per_plane_trained_and_separated_in_3d(rng):
         session.classifier.forest, session.classifier.header), **dict(sess.SEPARATION_DEFAULTS, min_distance=3.0))
     assert result.labels.shape == image.shape and np.array_equal(result.labels, expected)
     assert "volume" in result.table
+
+
+def test_cached_features_computed_by_tiles_equal_pixel_features(rng):
+    from gpu_pipeline.stages.features import pixel_features
+
+    image = rng.normal(100, 20, size=(700, 610)).astype(np.float32)  # several tiles of TILE_VOXELS // 4
+    session = sess.Session(sess.SessionStore.new_id())
+    session.set_image(image, name="a", spacing=(0.5, 0.7))
+    said = []
+    features = session.cached_features(said.append)
+    assert len(said) > 1 and "tile 2 of" in said[1]
+    assert np.allclose(features, pixel_features(image, spacing=(0.5, 0.7)), atol=1e-5)
+    assert session.cached_features() is features

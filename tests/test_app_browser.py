@@ -239,9 +239,11 @@ def test_a_second_session_does_not_see_the_first_ones_image(served, browser, tmp
     assert text_of(browser, "image-name") == ""
     assert "Upload an image" in browser.find_element(By.ID, "graph").text
     other = tmp_path / "other.npy"
-    np.save(other, np.random.default_rng(1).random((40, 50)))
+    np.save(other, np.random.default_rng(1).random((10, 40, 50)))
     browser.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(other))
-    wait_for(lambda: text_of(browser, "image-name").startswith("other.npy: 40 x 50"), what="the second tab's image")
+    wait_for(lambda: text_of(browser, "image-name").startswith("other.npy: 10 x 40 x 50"),
+             what="the second tab's volume")
+    assert text_of(browser, "plane-label") == "plane (z): 5 of 0-9"  # a volume opens at its middle plane
     browser.close()
     browser.switch_to.window(first)
     choose(browser, "paint-class", 1)  # any control re-renders the page from this tab's server state

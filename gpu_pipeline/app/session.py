@@ -139,12 +139,19 @@ class Session:
     # -- training and prediction -----------------------------------------------------------------------------
     def cached_features(self, progress=lambda text: None):
         """Pixel features of the image, computed once per image and spacing (when they fit the cache)."""
-        from gpu_pipeline.stages.features import pixel_features
+        from gpu_pipeline.classifier import TILE_VOXELS, tiles
+        from gpu_pipeline.stages.features import DEFAULT_SCALES, feature_names, normalize_intensity, tile_features
 
         if self.features is not None and self.features_spacing == self.spacing:
             return self.features
-        progress("computing pixel features (cached for the next training)")
-        features = pixel_features(self.image, spacing=self.spacing)
+        # Tile by tile, as predict_proba does (tile_features equals pixel_features of the whole image), so that a
+        # big image or volume reports its progress.
+        normalized = normalize_intensity(self.image)
+        cores = list(tiles(self.image.shape, TILE_VOXELS // 4))
+        features = np.empty(self.image.shape + (len(feature_names(self.image.ndim, DEFAULT_SCALES)),), np.float32)
+        for i, core in enumerate(cores):
+            progress(f"computing pixel features, tile {i + 1} of {len(cores)} (cached for the next training)")
+            features[core] = tile_features(normalized, core, spacing=self.spacing, scales=DEFAULT_SCALES)
         if features.nbytes <= FEATURE_CACHE_BYTES:
             self.features, self.features_spacing = features, self.spacing
         return features
