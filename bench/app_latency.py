@@ -77,7 +77,7 @@ def test_image(kind, size, seed=0):
 
 
 def latency(size, repeats, kind="generated", seed=0):
-    from gpu_pipeline.app.session import SEPARATION_DEFAULTS, Session, SessionStore
+    from gpu_pipeline.app.session import Session, SessionStore
 
     image, truth, description = test_image(kind, size, seed)
     rng = np.random.default_rng(seed)
@@ -89,14 +89,14 @@ def latency(size, repeats, kind="generated", seed=0):
     out = {"image": description, "first_training_with_features_s":
            {"wall": first_wall, "cpu": first_cpu}, "retrain_predict_s": {"wall": [], "cpu": []},
            "separate_automatic_s": {"wall": [], "cpu": []}, "separate_classifier_s": {"wall": [], "cpu": []}}
-    session.separate(dict(SEPARATION_DEFAULTS))  # warm-up
+    session.separate()  # warm-up
     for _ in range(repeats):
         session.strokes = session.strokes + strokes_from_truth(truth, rng, per_class=1, width=6.0, length=40.0)[:1]
         _, wall, cpu = clocked(session.train)
         out["retrain_predict_s"]["wall"].append(wall)
         out["retrain_predict_s"]["cpu"].append(cpu)
         for key, foreground in (("separate_automatic_s", "automatic"), ("separate_classifier_s", "classifier")):
-            result, wall, cpu = clocked(lambda: session.separate(dict(SEPARATION_DEFAULTS), foreground=foreground))
+            result, wall, cpu = clocked(lambda: session.separate(foreground=foreground))
             out[key]["wall"].append(wall)
             out[key]["cpu"].append(cpu)
             out[key.replace("_s", "_particles")] = int(result.labels.max())
@@ -108,7 +108,7 @@ def latency(size, repeats, kind="generated", seed=0):
 
 
 def emps_quality(limit, seed=0):
-    from gpu_pipeline.app.session import SEPARATION_DEFAULTS, Session, SessionStore
+    from gpu_pipeline.app.session import Session, SessionStore
     from gpu_pipeline.io import read_image
     from gpu_pipeline.metrics import evaluate
 
@@ -127,7 +127,7 @@ def emps_quality(limit, seed=0):
             try:
                 if foreground == "classifier":
                     session.train()
-                labels = session.separate(dict(SEPARATION_DEFAULTS), foreground=foreground).labels
+                labels = session.separate(foreground=foreground).labels
                 row[f"f1_50_{foreground}"] = round(float(evaluate(labels, truth)["f1_50"]), 3)
             except Exception as exc:  # a failed image is recorded, not hidden
                 row[f"f1_50_{foreground}"] = f"{type(exc).__name__}: {exc}"

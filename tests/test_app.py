@@ -172,8 +172,7 @@ def test_command_line_reproduces_the_app_result_from_the_cli(tmp_path, rng):
     np.save(path, image)
     session = sess.Session(sess.SessionStore.new_id())
     session.set_image(image, name=path.name, source=str(path), spacing=(0.5, 0.5), unit="nm")
-    params = dict(sess.SEPARATION_DEFAULTS, min_distance=2.0, polarity="bright", max_hole_size=3.0)
-    result = session.separate(params)
+    result = session.separate({"--min-distance": "2", "--polarity": "bright", "--max-hole-size": 3.0})
     line = sess.command_line(session, device="cpu").strip().splitlines()[-1]
     argv = shlex.split(line)
     assert argv[:2] == ["declump", "run"]
@@ -206,7 +205,7 @@ def test_painted_classifier_result_is_reproduced_by_declump_train_and_run(tmp_pa
     # The probabilities the app predicted from its cached features are the classifier's tile-by-tile ones.
     plain = sess.PixelClassifier(session.classifier.forest, session.classifier.header)
     assert np.allclose(session.probabilities, plain.predict_proba(image.copy(), spacing=(1.0, 1.0)), atol=1e-6)
-    result = session.separate(dict(sess.SEPARATION_DEFAULTS), foreground="classifier")
+    result = session.separate(foreground="classifier")
     tifffile.imwrite(tmp_path / "particles_scribbles.tif", session.scribbles())
     for line in sess.command_line(session, device="cpu").strip().splitlines():
         argv = shlex.split(line)
@@ -258,13 +257,25 @@ def test_a_volume_is_painted_per_plane_trained_and_separated_in_3d(rng):
     assert scribbles.shape == image.shape and not scribbles[[0, 19]].any()
     session.train()
     assert session.probabilities.shape == (2,) + image.shape
-    result = session.separate(dict(sess.SEPARATION_DEFAULTS, min_distance=3.0), foreground="classifier")
+    result = session.separate({"--min-distance": "3"}, foreground="classifier")
     from gpu_pipeline import separate
 
     expected = separate(image, spacing=(2.0, 1.0, 1.0), classifier=sess.PixelClassifier(
-        session.classifier.forest, session.classifier.header), **dict(sess.SEPARATION_DEFAULTS, min_distance=3.0))
+        session.classifier.forest, session.classifier.header), min_distance=3.0)
     assert result.labels.shape == image.shape and np.array_equal(result.labels, expected)
     assert "volume" in result.table
+
+
+def test_separation_options_are_parsed_by_the_cli_parser_with_its_defaults_and_messages():
+    kwargs, argv = sess.separation_options({"--min-distance": "2.5", "--min-size": "", "--polarity": "dark"})
+    assert argv == ["--min-distance", "2.5", "--polarity", "dark"]
+    from gpu_pipeline.cli import build_parser, separation_kwargs
+
+    cli = separation_kwargs(build_parser().parse_args(["run", "a.tif", "b.tif", *argv]))
+    cli.pop("spacing")
+    assert kwargs == cli
+    with pytest.raises(DeclumpError, match="--min-distance"):
+        sess.separation_options({"--min-distance": "far"})
 
 
 def test_cached_features_computed_by_tiles_equal_pixel_features(rng):

@@ -206,7 +206,7 @@ def test_paint_train_separate_and_download_match_the_python_api(served, browser)
 
     # The same image, strokes and parameters through the Python API.
     model = train_classifier([image], [scribbles], spacing=spacing, **sess.TRAINING)
-    labels = separate(image, spacing=spacing, classifier=model, **sess.SEPARATION_DEFAULTS)
+    labels = separate(image, spacing=spacing, classifier=model)  # the defaults of separate = declump run's
     table = particle_table(labels, image, spacing)
     assert count == f"{int(labels.max())} particles"
     assert csv_path.read_text() == sess.table_csv_text(table)

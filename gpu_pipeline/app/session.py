@@ -9,8 +9,10 @@ API that the command line calls (``read_image``, ``train_classifier``,
 """
 from __future__ import annotations
 
+import argparse
 import base64
 import io
+import shlex
 import math
 import re
 import tempfile
@@ -39,8 +41,8 @@ UPLOAD_SUFFIXES = (".tif", ".tiff", ".png", ".npy")
 #: The forest trained in the app: smaller than `declump train`'s default (32 trees, depth 12, 20000 pixels per
 #: class) so that retraining and predicting a 1024^2 image after a new stroke takes about a second of CPU.
 TRAINING = dict(n_estimators=16, max_depth=10, samples_per_class=5000, seed=0)
-SEPARATION_DEFAULTS = dict(method="kmeans", min_distance=4.0, min_size=None, max_hole_size=0.0, polarity="auto",
-                           sigma=1.0)
+#: The `declump run` options that the app's Separate panel sets; every other option keeps the CLI's default.
+SEPARATION_OPTIONS = ("--method", "--min-distance", "--min-size", "--max-hole-size", "--sigma", "--polarity")
 
 
 @dataclass
@@ -59,7 +61,7 @@ class Result:
 
     labels: np.ndarray
     table: dict
-    params: dict
+    argv: list
     foreground: str
     seconds: float
 
@@ -193,26 +195,27 @@ class Session:
             self.classifier, self.classifier_source, self.probabilities = classifier, name, probabilities
 
     # -- separation ------------------------------------------------------------------------------------------
-    def separate(self, params, *, foreground="automatic", device="cpu", progress=lambda text: None):
-        """Separate the image with ``params`` (the options of ``declump run``); foreground: automatic or classifier."""
+    def separate(self, options=None, *, foreground="automatic", device="cpu", progress=lambda text: None):
+        """Separate the image with ``options`` ({'--min-distance': '3', ...}, parsed as `declump run` parses them).
+
+        ``foreground``: "automatic" (the threshold) or "classifier" (the trained or shipped pixel classifier).
+        """
         from gpu_pipeline import particle_table, separate
 
         if self.image is None:
             raise DeclumpError("load an image first (upload a TIFF, PNG or NPY file, or open the sample)")
-        params = {k: v for k, v in params.items()}
-        extra = {}
+        kwargs, argv = separation_options(options)
         if foreground == "classifier":
             if self.classifier is None:
                 raise DeclumpError("train the classifier (or choose the shipped EM model) first, or separate with "
                                    "the automatic foreground")
-            extra["classifier"] = self.classifier
+            kwargs["classifier"] = self.classifier
         progress("separating particles")
         started = time.perf_counter()
-        labels = separate(self.image, spacing=self.spacing, device=device, **params, **extra)
-        labels = to_host(labels)
+        labels = to_host(separate(self.image, spacing=self.spacing, device=device, **kwargs))
         table = particle_table(labels, self.image, self.spacing)
         with self.lock:
-            self.result = Result(labels, table, params, foreground, time.perf_counter() - started)
+            self.result = Result(labels, table, argv, foreground, time.perf_counter() - started)
         return self.result
 
     # -- background jobs -------------------------------------------------------------------------------------
@@ -249,6 +252,45 @@ class Session:
             if self.job is None:
                 return False, ""
             return True, f"{self.job} ... {time.perf_counter() - self.job_started:.0f} s"
+
+
+class _OptionParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise DeclumpError(message)
+
+
+def _separation_parser():
+    from gpu_pipeline.cli import add_separation_options
+
+    parser = _OptionParser(prog="declump run", add_help=False)
+    add_separation_options(parser)
+    return parser
+
+
+def separation_defaults():
+    """The `declump run` defaults of :data:`SEPARATION_OPTIONS`, by option name (None: derived at run time)."""
+    args = _separation_parser().parse_args([])
+    return {option: getattr(args, option[2:].replace("-", "_")) for option in SEPARATION_OPTIONS}
+
+
+def separation_options(values=None):
+    """``separate`` keywords and the argv of `declump run` options, parsed by the CLI's own parser.
+
+    ``values`` maps option names of :data:`SEPARATION_OPTIONS` to text (None or empty: the default), so the
+    app's parameters, defaults and messages are exactly the command line's.
+    """
+    from gpu_pipeline.cli import separation_kwargs
+
+    argv = []
+    for option, value in (values or {}).items():
+        if option not in SEPARATION_OPTIONS:
+            raise DeclumpError(f"unknown separation option {option}; the app sets {', '.join(SEPARATION_OPTIONS)}")
+        text = "" if value is None else (f"{value:g}" if isinstance(value, float) else str(value)).strip()
+        if text:
+            argv += [option, text]
+    kwargs = separation_kwargs(_separation_parser().parse_args(argv))
+    kwargs.pop("spacing", None)
+    return kwargs, argv
 
 
 class SessionStore:
@@ -510,23 +552,16 @@ def command_line(session, *, device="auto"):
     else:
         source, prelude = session.name, []
     stem = Path(source).with_suffix("").name
-    params = result.params
-    options = [f"--spacing {format_spacing(session.spacing)}", f"--method {params['method']}",
-               f"--min-distance {params['min_distance']:g}" if not isinstance(params['min_distance'], str)
-               else f"--min-distance {params['min_distance']}",
-               f"--max-hole-size {params['max_hole_size']:g}", f"--polarity {params['polarity']}",
-               f"--sigma {params['sigma']:g}", f"--device {device}"]
-    if params.get("min_size") is not None:
-        options.append(f"--min-size {params['min_size']:g}")
+    options = ["--spacing", format_spacing(session.spacing), *result.argv, "--device", device]
     lines = list(prelude)
     if result.foreground == "classifier":
         if session.classifier_source != "painted":
-            options.append(f"--classifier {session.classifier_source}")
+            options += ["--classifier", session.classifier_source]
         else:
-            lines.append(f"declump train {source} --labels {stem}_scribbles.tif --spacing "
+            lines.append(f"declump train {shlex.quote(source)} --labels {stem}_scribbles.tif --spacing "
                          f"{format_spacing(session.spacing)} --trees {TRAINING['n_estimators']} --max-depth "
                          f"{TRAINING['max_depth']} --samples-per-class {TRAINING['samples_per_class']} --seed "
                          f"{TRAINING['seed']} --out {stem}_model.npz")
-            options.append(f"--classifier {stem}_model.npz")
-    lines.append(f"declump run {source} {stem}_labels.tif " + " ".join(options))
+            options += ["--classifier", f"{stem}_model.npz"]
+    lines.append(shlex.join(["declump", "run", source, f"{stem}_labels.tif", *options]))
     return "\n".join(lines) + "\n"

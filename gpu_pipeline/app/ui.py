@@ -38,12 +38,14 @@ def backend_text(device):
     return "backend: CPU (NumPy/SciPy; no CUDA GPU found)"
 
 
-def _number_input(id_, value, **kwargs):
-    return dcc.Input(id=id_, type="number", value=value, debounce=True, style={"width": "90px"}, **kwargs)
+def _text_input(id_, value):
+    # Text, not number: values are parsed by the `declump run` option parser (which may accept 'auto').
+    return dcc.Input(id=id_, type="text", value=value, debounce=True, style={"width": "90px"})
 
 
 def layout_body(session_id, device):
-    defaults = sess.SEPARATION_DEFAULTS
+    defaults = {k: ("" if v is None else f"{v:g}" if isinstance(v, float) else str(v))
+                for k, v in sess.separation_defaults().items()}
     controls = html.Div(style={"width": "330px", "flex": "none", "fontSize": "14px"}, children=[
         html.Div(style=PANEL, children=[
             html.B("1. Load"),
@@ -85,20 +87,20 @@ def layout_body(session_id, device):
                 {"label": " the painted classifier", "value": "classifier"},
                 {"label": " the shipped EM model", "value": "em-particles"}]),
             html.Label("method", style=LABEL),
-            dcc.Dropdown(id="method", value=defaults["method"], clearable=False,
+            dcc.Dropdown(id="method", value=defaults["--method"], clearable=False,
                          options=[{"label": "k-means (declump)", "value": "kmeans"},
                                   {"label": "watershed", "value": "watershed"}]),
-            html.Label(["min distance ", html.Span(id="unit-1", children="px")], style=LABEL),
-            _number_input("min-distance", defaults["min_distance"], min=0),
-            html.Label(["min size (area/volume, ", html.Span(id="unit-2", children="px"), "², empty: default)"],
+            html.Label(["min distance between centres (", html.Span(id="unit-1", children="px"), ")"], style=LABEL),
+            _text_input("min-distance", defaults["--min-distance"]),
+            html.Label(["min size (", html.Span(id="unit-2", children="px"), "² or ³; empty: a ball of min distance)"],
                        style=LABEL),
-            _number_input("min-size", None, min=0),
-            html.Label(["max hole size (", html.Span(id="unit-3", children="px"), "², 0: off)"], style=LABEL),
-            _number_input("hole-size", defaults["max_hole_size"], min=0),
-            html.Label(["smoothing sigma (", html.Span(id="unit-4", children="px"), ")"], style=LABEL),
-            _number_input("sigma", defaults["sigma"], min=0),
+            _text_input("min-size", defaults["--min-size"]),
+            html.Label(["max hole size (", html.Span(id="unit-3", children="px"), "² or ³; 0: off)"], style=LABEL),
+            _text_input("hole-size", defaults["--max-hole-size"]),
+            html.Label(["smoothing sigma (", html.Span(id="unit-4", children="px"), "; 0: off)"], style=LABEL),
+            _text_input("sigma", defaults["--sigma"]),
             html.Label("polarity", style=LABEL),
-            dcc.RadioItems(id="polarity", value=defaults["polarity"], inline=True,
+            dcc.RadioItems(id="polarity", value=defaults["--polarity"], inline=True,
                            options=[{"label": f" {p} ", "value": p} for p in ("auto", "bright", "dark")]),
             html.Div(html.Button("Separate", id="separate"), style={"marginTop": "6px"}),
         ]),
@@ -209,17 +211,6 @@ def table_view(result, unit):
     return [{"name": names.get(c, c.replace("_", " ")), "id": c} for c in columns], rows
 
 
-def separation_params(method, min_distance, min_size, hole_size, sigma, polarity):
-    if min_distance is None or not (float(min_distance) > 0):
-        raise DeclumpError("min distance must be a positive number (physical units of the spacing)")
-    for name, value in (("min size", min_size), ("max hole size", hole_size), ("sigma", sigma)):
-        if value is not None and float(value) < 0:
-            raise DeclumpError(f"{name} must be zero or positive, got {value}")
-    return dict(method=method, min_distance=float(min_distance),
-                min_size=None if min_size in (None, "") else float(min_size),
-                max_hole_size=float(hole_size or 0.0), polarity=polarity, sigma=float(sigma or 0.0))
-
-
 def build_app(image_path=None, *, max_voxels=None):
     max_voxels = int(max_voxels or sess.DEFAULT_MAX_VOXELS)
     device = resolve_device("auto")
@@ -296,8 +287,10 @@ def build_app(image_path=None, *, max_voxels=None):
                 session.start_job("training", lambda progress: session.train(progress))
                 return _busy(session)
             elif trigger == "separate":
-                params = separation_params(method, min_distance, min_size, hole_size, sigma, polarity)
-                session.start_job("separating", lambda progress: _separate_job(session, params, foreground, device,
+                options = {"--method": method, "--min-distance": min_distance, "--min-size": min_size,
+                           "--max-hole-size": hole_size, "--sigma": sigma, "--polarity": polarity}
+                sess.separation_options(options)  # a bad value is a message now, not a failed job
+                session.start_job("separating", lambda progress: _separate_job(session, options, foreground, device,
                                                                                 progress))
                 return _busy(session)
             elif trigger == "poll":
@@ -440,12 +433,12 @@ def _apply_relayout(session, relayout, plane):
     return False
 
 
-def _separate_job(session, params, foreground, device, progress):
+def _separate_job(session, options, foreground, device, progress):
     if foreground not in ("automatic", "classifier"):
         if session.classifier_source != foreground:
             session.use_shipped_model(foreground, progress)
         foreground = "classifier"
-    session.separate(params, foreground=foreground, device=device, progress=progress)
+    session.separate(options, foreground=foreground, device=device, progress=progress)
 
 
 def _need_image(session):
