@@ -226,6 +226,31 @@ def test_a_bad_upload_shows_a_message_and_the_server_keeps_running(served, brows
     wait_for(lambda: "2D or 3D" in text_of(browser, "message"), what="the 5D message")
     browser.find_element(By.ID, "sample").click()  # still serving
     wait_for(lambda: text_of(browser, "image-name").startswith("sample"), what="the sample after the errors")
+    spacing = browser.find_element(By.ID, "spacing")
+    spacing.clear()
+    spacing.send_keys("0.5,x\n")
+    wait_for(lambda: "spacing must be numbers" in text_of(browser, "message"), what="the spacing message")
+    spacing.clear()
+    spacing.send_keys("0.5\n")
+    unit = browser.find_element(By.ID, "unit")
+    unit.clear()
+    unit.send_keys("nm\n")
+    distance = browser.find_element(By.ID, "min-distance")
+    distance.clear()
+    distance.send_keys("near\n")
+    browser.find_element(By.ID, "separate").click()
+    wait_for(lambda: "--min-distance" in text_of(browser, "message"), what="the min-distance message")
+    distance.clear()
+    distance.send_keys("2\n")
+    browser.find_element(By.ID, "separate").click()
+    wait_for(lambda: text_of(browser, "count"), what="the separation in nm")
+    header = browser.find_element(By.CSS_SELECTOR, "#table").text
+    assert "equivalent diameter (nm)" in header and "area (nm²)" in header
+    from gpu_pipeline import separate
+    from gpu_pipeline.synthetic import demo_sample
+
+    expected = separate(demo_sample()[0], spacing=(0.5, 0.5), min_distance=2.0)
+    assert text_of(browser, "count") == f"{int(expected.max())} particles"
 
 
 def test_a_second_session_does_not_see_the_first_ones_image(served, browser, tmp_path):
