@@ -281,7 +281,7 @@ def test_separation_options_are_parsed_by_the_cli_parser_with_its_defaults_and_m
 def test_cached_features_computed_by_tiles_equal_pixel_features(rng):
     from gpu_pipeline.stages.features import pixel_features
 
-    image = rng.normal(100, 20, size=(700, 610)).astype(np.float32)  # several tiles of TILE_VOXELS // 4
+    image = rng.normal(100, 20, size=(700, 610)).astype(np.float32)  # two tiles of FEATURE_TILE_VOXELS
     session = sess.Session(sess.SessionStore.new_id())
     session.set_image(image, name="a", spacing=(0.5, 0.7))
     said = []

@@ -37,6 +37,8 @@ MAX_DISPLAY_SIDE = 1024
 DEFAULT_MAX_VOXELS = 64 * 1024 * 1024
 #: Features are cached per image while they take at most this many bytes (beyond: recomputed per training).
 FEATURE_CACHE_BYTES = 1536 * 1024 * 1024
+#: Features are computed in tiles of this many voxels, one progress step each (a 1024^2 image: 4 steps).
+FEATURE_TILE_VOXELS = 1 << 18
 UPLOAD_SUFFIXES = (".tif", ".tiff", ".png", ".npy")
 #: The forest trained in the app: smaller than `declump train`'s default (32 trees, depth 12, 20000 pixels per
 #: class) so that retraining and predicting a 1024^2 image after a new stroke takes about a second of CPU.
@@ -141,7 +143,7 @@ class Session:
     # -- training and prediction -----------------------------------------------------------------------------
     def cached_features(self, progress=lambda text: None):
         """Pixel features of the image, computed once per image and spacing (when they fit the cache)."""
-        from gpu_pipeline.classifier import TILE_VOXELS, tiles
+        from gpu_pipeline.classifier import tiles
         from gpu_pipeline.stages.features import DEFAULT_SCALES, feature_names, normalize_intensity, tile_features
 
         if self.features is not None and self.features_spacing == self.spacing:
@@ -149,7 +151,7 @@ class Session:
         # Tile by tile, as predict_proba does (tile_features equals pixel_features of the whole image), so that a
         # big image or volume reports its progress.
         normalized = normalize_intensity(self.image)
-        cores = list(tiles(self.image.shape, TILE_VOXELS // 4))
+        cores = list(tiles(self.image.shape, FEATURE_TILE_VOXELS))
         features = np.empty(self.image.shape + (len(feature_names(self.image.ndim, DEFAULT_SCALES)),), np.float32)
         for i, core in enumerate(cores):
             progress(f"computing pixel features, tile {i + 1} of {len(cores)} (cached for the next training)")
