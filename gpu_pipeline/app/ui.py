@@ -1,9 +1,7 @@
 """The page and its callbacks (Dash). State lives in the app's SessionStore, one Session per tab."""
 from __future__ import annotations
 
-import math
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -274,8 +272,7 @@ def build_app(image_path=None, *, max_voxels=None):
                 session.set_image(image, name="sample", spacing=spacing, unit="px", max_voxels=max_voxels)
                 reload = True
             elif trigger == "graph" and relayout and session.image is not None:
-                if not _apply_relayout(session, relayout, plane):
-                    return (no_update,) * 16
+                _apply_relayout(session, relayout, plane)  # the browser already shows the strokes
                 return (no_update,) * 16
             elif trigger == "undo":
                 session.undo(plane)
@@ -304,6 +301,8 @@ def build_app(image_path=None, *, max_voxels=None):
             message = str(exc)
         except MemoryError:
             message = "out of memory; use a smaller image or a machine with more memory"
+        except Exception as exc:  # say it in the page; the server and the other tabs go on
+            message = f"unexpected error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         if session.image is not None and session.image.ndim == 3:
             plane = min(plane, session.image.shape[0] - 1)
         if reload and session.image is not None:
