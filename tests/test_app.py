@@ -80,6 +80,7 @@ def _tiff_bytes(array, **kwargs):
     ("stack.npy", None, "declump accepts 2D or 3D"),
     ("flat.npy", "constant", "constant"),
     ("big.npy", "big", "limit"),
+    ("empty.npy", "empty", "empty"),
 ])
 def test_bad_uploads_give_one_line_messages(name, data, words):
     if data is None:
@@ -89,6 +90,10 @@ def test_bad_uploads_give_one_line_messages(name, data, words):
     elif data == "constant":
         buffer = io.BytesIO()
         np.save(buffer, np.full((20, 20), 7, dtype=np.uint8))
+        data = buffer.getvalue()
+    elif data == "empty":
+        buffer = io.BytesIO()
+        np.save(buffer, np.zeros((0, 7), dtype=np.uint8))
         data = buffer.getvalue()
     elif data == "big":
         buffer = io.BytesIO()
