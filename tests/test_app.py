@@ -294,3 +294,17 @@ def test_cached_features_computed_by_tiles_equal_pixel_features(rng):
     assert len(said) > 1 and "tile 2 of" in said[1]
     assert np.allclose(features, pixel_features(image, spacing=(0.5, 0.7)), atol=1e-5)
     assert session.cached_features() is features
+
+
+def test_the_shipped_model_option_predicts_or_says_it_is_not_installed(rng):
+    from importlib import resources
+
+    image, _ = make_touching_particles((64, 64), 6, seed=int(rng.integers(1e6)))
+    session = sess.Session(sess.SessionStore.new_id())
+    session.set_image(image, name="a")
+    if not resources.files("gpu_pipeline.models").joinpath("em-particles.npz").is_file():
+        with pytest.raises(DeclumpError, match="em-particles.*not part of this installation"):
+            session.use_shipped_model("em-particles")
+        return
+    session.use_shipped_model("em-particles")  # installed (the emsplit branch ships it): it predicts
+    assert session.probabilities.shape[1:] == image.shape and session.classifier_source == "em-particles"
