@@ -1,6 +1,6 @@
 # Two entry points that work on a fresh machine with Python 3.11+ and no GPU:
 #   make demo   - create .venv, install declump, generate a sample and separate it
-#   make test   - create .venv, install declump with test extras, run the test suite
+#   make test   - create .venv, install declump with the test and app extras, run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 $(BIN)/declump: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,app,app-test]'
 	touch $@
 
 demo: $(BIN)/declump

@@ -91,15 +91,16 @@ def separation_kwargs(args):
 
 
 def output_paths(output):
-    """The label image path and its companions: table CSV, summary JSON, overlay PNG."""
+    """The label image path and its companions: table CSV, summary JSON, overlay and size-histogram PNGs."""
     output = Path(output)
     stem = output.with_suffix("")
     return {"labels": output, "table": Path(f"{stem}_particles.csv"), "summary": Path(f"{stem}_summary.json"),
-            "overlay": Path(f"{stem}_overlay.png")}
+            "overlay": Path(f"{stem}_overlay.png"), "histogram": Path(f"{stem}_histogram.png")}
 
 
 def run_and_write(image, output, *, device, spacing, mask=None, source=None, probabilities_path=None, **params):
-    """Separate ``image`` and write labels, table, overlay, then the summary (last: it marks completion).
+    """Separate ``image`` and write labels, table, overlay, size histogram, then the summary (last: it marks
+    completion).
 
     ``probabilities_path``: where to write the pixel classifier's probability map (with ``classifier=``).
     """
@@ -108,6 +109,7 @@ def run_and_write(image, output, *, device, spacing, mask=None, source=None, pro
     from gpu_pipeline.measure import particle_table, summary, write_csv
     from gpu_pipeline.overlay import write_overlay
     from gpu_pipeline.pipeline import validate_spacing
+    from gpu_pipeline.plots import write_size_histogram
 
     paths = output_paths(output)
     if paths["labels"].suffix.lower() not in (".tif", ".tiff", ".npy", ".zarr"):
@@ -116,6 +118,7 @@ def run_and_write(image, output, *, device, spacing, mask=None, source=None, pro
     paths["summary"].unlink(missing_ok=True)
     if probabilities_path is not None:
         check_probabilities_path(probabilities_path, chunked=False)
+    unit = "px" if spacing is None else None
     spacing = validate_spacing(spacing, image.ndim)
     labels, details = separate(image, spacing=spacing, mask=mask, device=device, return_details=True, **params)
     labels = to_host(labels)
@@ -126,6 +129,7 @@ def run_and_write(image, output, *, device, spacing, mask=None, source=None, pro
     with atomic_path(paths["table"]) as tmp:
         write_csv(table, tmp)
     write_overlay(paths["overlay"], image, labels)
+    write_size_histogram(paths["histogram"], table["equivalent_diameter"], unit=unit)
     if probabilities_path is not None:
         from gpu_pipeline.io import write_probabilities
 
@@ -277,17 +281,13 @@ def cmd_train(args):
 def cmd_demo(args):
     from gpu_pipeline.io import write_json
     from gpu_pipeline.metrics import evaluate
-    from gpu_pipeline.synthetic import make_touching_particles
+    from gpu_pipeline.synthetic import demo_sample
     import tifffile
 
     device = resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.three_d:
-        shape, n, spacing = (64, 128, 128), 120, (2.0, 1.0, 1.0)
-    else:
-        shape, n, spacing = (384, 384), 160, (1.0, 1.0)
-    image, truth = make_touching_particles(shape, n, radius_range=(5, 12), spacing=spacing, seed=args.seed)
+    image, truth, spacing = demo_sample(three_d=args.three_d, seed=args.seed)
     tifffile.imwrite(out / "sample.tif", image)
     tifffile.imwrite(out / "sample_truth.tif", truth, compression="zlib")
     kwargs = separation_kwargs(args)
@@ -336,6 +336,19 @@ def memory_error_message(exc):
     where = f" in the '{stage}' stage" if stage else ""
     return (f"out of memory{where} ({detail}); {MEMORY_ADVICE.get(stage, '')}run it chunked (a Zarr input and a "
             ".zarr output: memory follows --chunks), or use a smaller image or a machine with more memory")
+
+
+def cmd_app(args):
+    from gpu_pipeline.app import require_app_dependencies, serve
+
+    require_app_dependencies()
+    if args.image is not None and not Path(args.image).exists():
+        raise DeclumpError(f"image {args.image} does not exist; accepted: .tif/.tiff, .png, .npy, .zarr files")
+    if not 0 < args.port < 65536:
+        raise DeclumpError(f"--port must be in 1-65535, got {args.port}")
+    if args.max_voxels < 1:
+        raise DeclumpError(f"--max-voxels must be positive, got {args.max_voxels}")
+    serve(args.image, host=args.host, port=args.port, max_voxels=args.max_voxels)
 
 
 def build_parser():
@@ -423,6 +436,18 @@ def build_parser():
     demo.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     add_separation_options(demo)
     demo.set_defaults(func=cmd_demo)
+
+    app = sub.add_parser("app", help="start the web app: load, paint, train, separate, measure, download",
+                         description="Start a local web app (Dash) and print its URL; needs the 'app' extra "
+                                     "(pip install 'declump[app]').")
+    app.add_argument("image", nargs="?", default=None,
+                     help="image to open in every new browser session (.tif/.tiff, .png, .npy, .zarr; 2D or 3D)")
+    app.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default %(default)s: this machine only)")
+    app.add_argument("--port", type=int, default=8050, help="port (default %(default)s)")
+    app.add_argument("--max-voxels", type=int, default=64 * 1024 * 1024,
+                     help="largest image the app accepts, in voxels (default %(default)s); bigger ones: declump run")
+    app.set_defaults(func=cmd_app)
 
     ev = sub.add_parser("evaluate", help="score predicted labels against ground-truth labels")
     ev.add_argument("prediction", help="predicted label image")

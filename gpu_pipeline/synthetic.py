@@ -113,3 +113,17 @@ def make_touching_particles(shape=(128, 128), n_particles=40, *, radius_range=(5
         image = 1.0 - image
     image = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
     return image, labels
+
+
+def demo_sample(*, three_d=False, seed=0):
+    """The sample of `declump demo` and of the web app: ``(image, truth, spacing)``.
+
+    2D: 160 touching disks on 384x384 pixels; 3D: 120 spheres in 64x128x128
+    voxels of spacing (2, 1, 1). Radii 5-12 (physical units).
+    """
+    if three_d:
+        shape, n, spacing = (64, 128, 128), 120, (2.0, 1.0, 1.0)
+    else:
+        shape, n, spacing = (384, 384), 160, (1.0, 1.0)
+    image, truth = make_touching_particles(shape, n, radius_range=(5, 12), spacing=spacing, seed=seed)
+    return image, truth, spacing

@@ -1,0 +1,310 @@
+"""The web app's work without a browser: strokes to scribbles, uploads, sessions, histogram, command line."""
+import base64
+import csv
+import io
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from gpu_pipeline._backend import DeclumpError
+from gpu_pipeline.app import session as sess
+from gpu_pipeline.cli import main
+from gpu_pipeline.plots import size_histogram, size_histogram_rgb
+from gpu_pipeline.synthetic import make_touching_particles
+
+
+def _segment_distance(points, a, b):
+    """Euclidean distance of each point to the segment a-b (independent of the rasteriser)."""
+    ab = b - a
+    t = np.clip(((points - a) @ ab) / max(ab @ ab, 1e-12), 0, 1)
+    return np.linalg.norm(points - (a + t[:, None] * ab), axis=1)
+
+
+def test_strokes_cover_pixels_within_half_their_width_and_nothing_far(rng):
+    shape = (80, 90)
+    strokes = []
+    for value in (1, 2, 3, 2):
+        points = rng.uniform([5, 5], [75, 85], size=(int(rng.integers(2, 5)), 2))
+        strokes.append(sess.Stroke(value, 0, float(rng.uniform(2, 9)), points))
+    scribbles = sess.rasterize_strokes(strokes, shape).ravel()
+    grid = np.stack(np.indices(shape), -1).reshape(-1, 2).astype(float)
+    # Signed distance of every pixel to every stroke's edge (path distance minus half the width).
+    edge = np.array([np.min([_segment_distance(grid, a, b) for a, b in zip(s.points[:-1], s.points[1:])], 0)
+                     - s.width / 2 for s in strokes])
+    for k, stroke in enumerate(strokes):  # later strokes paint over earlier ones
+        surely = (edge[k] <= -1) & np.all(edge[k + 1:] > 1, axis=0)
+        assert surely.any() and np.all(scribbles[surely] == stroke.value)
+    assert np.all(scribbles[np.all(edge > 1, axis=0)] == 0)
+    assert np.all(np.min(edge, 0)[scribbles > 0] <= 1)
+
+
+def test_strokes_of_a_volume_stay_in_their_plane(rng):
+    strokes = [sess.Stroke(2, 3, 4.0, np.array([[10.0, 10.0], [20.0, 30.0]])),
+               sess.Stroke(1, 5, 4.0, np.array([[30.0, 5.0], [31.0, 35.0]]))]
+    scribbles = sess.rasterize_strokes(strokes, (8, 40, 40))
+    assert set(np.unique(scribbles[3])) == {0, 2} and set(np.unique(scribbles[5])) == {0, 1}
+    assert not scribbles[[0, 1, 2, 4, 6, 7]].any()
+
+
+def test_plotly_shape_round_trips_to_the_same_stroke(rng):
+    points = rng.uniform(0, 100, size=(6, 2)).round(2)
+    stroke = sess.Stroke(3, 0, 7.0, points)
+    back = sess.stroke_from_shape(sess.stroke_to_shape(stroke, 1.7), 0, 1 / 1.7)
+    assert back.value == 3 and back.width == pytest.approx(7.0) and np.allclose(back.points, points, atol=0.01)
+    assert sess.stroke_from_shape({"type": "path", "path": "M1,2L3,4", "line": {"color": "#123456"}}, 0) is None
+
+
+def test_parse_path_reads_plotly_numbers():
+    assert np.allclose(sess.parse_path("M10.5,2L-3e1,4.25L.5,6"), [[2, 10.5], [4.25, -30], [6, 0.5]])
+
+
+def _upload(data, mime="application/octet-stream"):
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def _tiff_bytes(array, **kwargs):
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, array, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name,data,words", [
+    ("notes.txt", b"hello", "unsupported file type .txt"),
+    ("broken.tif", b"this is not a tiff", "could not read"),
+    ("broken.png", b"\x89PNG but not really", "could not read"),
+    ("stack.npy", None, "declump accepts 2D or 3D"),
+    ("flat.npy", "constant", "constant"),
+    ("big.npy", "big", "limit"),
+    ("empty.npy", "empty", "empty"),
+])
+def test_bad_uploads_give_one_line_messages(name, data, words):
+    if data is None:
+        buffer = io.BytesIO()
+        np.save(buffer, np.random.default_rng(0).random((2, 3, 4, 5, 6)))
+        data = buffer.getvalue()
+    elif data == "constant":
+        buffer = io.BytesIO()
+        np.save(buffer, np.full((20, 20), 7, dtype=np.uint8))
+        data = buffer.getvalue()
+    elif data == "empty":
+        buffer = io.BytesIO()
+        np.save(buffer, np.zeros((0, 7), dtype=np.uint8))
+        data = buffer.getvalue()
+    elif data == "big":
+        buffer = io.BytesIO()
+        np.save(buffer, np.random.default_rng(0).random((64, 64)))
+        data = buffer.getvalue()
+    with pytest.raises(DeclumpError) as info:
+        sess.read_upload(name, _upload(data), max_voxels=1000)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_upload_reads_like_the_cli_and_takes_spacing_from_tiff_metadata(rng):
+    image = rng.integers(0, 4000, size=(5, 30, 40)).astype(np.uint16)
+    data = _tiff_bytes(image, imagej=True, resolution=(1 / 0.25, 1 / 0.5), metadata={"spacing": 2.0, "unit": "um",
+                                                                                     "axes": "ZYX"})
+    read, spacing, unit = sess.read_upload("vol.tif", _upload(data))
+    assert np.array_equal(read, image)
+    assert spacing == pytest.approx([2.0, 0.5, 0.25]) and unit == "um"
+    plain, spacing, unit = sess.read_upload("plain.npy", _upload(_npy_bytes(image[0])))
+    assert np.array_equal(plain, image[0]) and spacing is None and unit is None
+
+
+def _npy_bytes(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def test_each_browser_session_has_its_own_state(rng):
+    store = sess.SessionStore(max_sessions=2)
+    first, second = store.new_id(), store.new_id()
+    image = rng.random((20, 20))
+    store.get(first).set_image(image, name="a")
+    assert store.get(second).image is None and store.get(first).image is image
+    store.get(store.new_id())  # a third tab pushes out the least recently used one
+    assert store.get(second).image is None
+    with pytest.raises(DeclumpError):
+        store.get("../../etc/passwd")
+
+
+def test_training_with_one_class_says_what_is_missing(rng):
+    session = sess.Session(sess.SessionStore.new_id())
+    session.set_image(rng.random((40, 40)), name="a")
+    session.strokes = [sess.Stroke(2, 0, 4.0, np.array([[5.0, 5.0], [20.0, 20.0]]))]
+    with pytest.raises(DeclumpError, match="at least two classes.*particle"):
+        session.train()
+
+
+def _bar_heights(rgb, edges):
+    """Height in pixels of the bar drawn at the middle of each bin (the plot frame of size_histogram_rgb)."""
+    bar = np.all(rgb == (70, 110, 180), axis=-1)
+    left, right = 56, rgb.shape[1] - 16
+    middles = left + ((edges[:-1] + edges[1:]) / 2 - edges[0]) / (edges[-1] - edges[0]) * (right - left)
+    return np.array([bar[:, int(round(m))].sum() for m in middles])
+
+
+def test_size_histogram_counts_equal_numpy_and_bars_are_drawn_to_scale(rng):
+    diameters = rng.gamma(4.0, 3.0, size=int(rng.integers(50, 400)))
+    counts, edges = size_histogram(diameters)
+    assert np.array_equal(counts, np.histogram(diameters, bins=edges)[0])
+    assert edges[0] == diameters.min() and edges[-1] == diameters.max() and counts.sum() == diameters.size
+    rgb = size_histogram_rgb(diameters, unit="nm", size=(640, 400))
+    top, bottom = 30, 400 - 46
+    assert np.allclose(_bar_heights(rgb, edges), counts / counts.max() * (bottom - top), atol=2)
+
+
+def test_run_writes_the_size_histogram_beside_the_overlay(tmp_path, rng):
+    image, _ = make_touching_particles((96, 96), 14, seed=int(rng.integers(1e6)))
+    np.save(tmp_path / "in.npy", image)
+    assert main(["run", str(tmp_path / "in.npy"), str(tmp_path / "out.tif"), "--device", "cpu"]) == 0
+    with open(tmp_path / "out_particles.csv") as handle:
+        diameters = [float(row["equivalent_diameter"]) for row in csv.DictReader(handle)]
+    written = np.asarray(Image.open(tmp_path / "out_histogram.png").convert("RGB"))
+    assert written.shape == (400, 640, 3)
+    counts, edges = size_histogram(diameters)
+    assert np.allclose(_bar_heights(written, edges), counts / counts.max() * (400 - 46 - 30), atol=2)
+
+
+def test_command_line_reproduces_the_app_result_from_the_cli(tmp_path, rng):
+    image, _ = make_touching_particles((100, 120), 16, seed=int(rng.integers(1e6)))
+    path = tmp_path / "particles.npy"
+    np.save(path, image)
+    session = sess.Session(sess.SessionStore.new_id())
+    session.set_image(image, name=path.name, source=str(path), spacing=(0.5, 0.5), unit="nm")
+    result = session.separate({"--min-distance": "2", "--polarity": "bright", "--max-hole-size": 3.0})
+    line = sess.command_line(session, device="cpu").strip().splitlines()[-1]
+    argv = shlex.split(line)
+    assert argv[:2] == ["declump", "run"]
+    argv[3] = str(tmp_path / argv[3])
+    done = subprocess.run([sys.executable, "-m", "gpu_pipeline", *argv[1:]], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(tifffile.imread(argv[3]), result.labels)
+    with open(tmp_path / "particles_labels_particles.csv") as handle:
+        assert handle.read() == sess.table_csv_text(result.table)
+
+
+def _paint_two_classes(session, truth, rng):
+    """Strokes along rows: background where the truth is background, particle inside particles."""
+    strokes = []
+    for value, where in ((1, truth == 0), (2, truth > 0)):
+        rows, cols = np.nonzero(where)
+        for i in rng.choice(rows.size, size=6, replace=False):
+            strokes.append(sess.Stroke(value, 0, 2.0, np.array([[rows[i], cols[i]], [rows[i] + 0.4, cols[i] + 0.4]])))
+    session.strokes = strokes
+
+
+def test_painted_classifier_result_is_reproduced_by_declump_train_and_run(tmp_path, rng):
+    image, truth = make_touching_particles((90, 110), 14, seed=int(rng.integers(1e6)))
+    path = tmp_path / "particles.tif"
+    tifffile.imwrite(path, image)
+    session = sess.Session(sess.SessionStore.new_id())
+    session.set_image(image, name=path.name, source=str(path))
+    _paint_two_classes(session, truth, rng)
+    session.train()
+    # The probabilities the app predicted from its cached features are the classifier's tile-by-tile ones.
+    plain = sess.PixelClassifier(session.classifier.forest, session.classifier.header)
+    assert np.allclose(session.probabilities, plain.predict_proba(image.copy(), spacing=(1.0, 1.0)), atol=1e-6)
+    result = session.separate(foreground="classifier")
+    tifffile.imwrite(tmp_path / "particles_scribbles.tif", session.scribbles())
+    for line in sess.command_line(session, device="cpu").strip().splitlines():
+        argv = shlex.split(line)
+        done = subprocess.run([sys.executable, "-m", "gpu_pipeline", *argv[1:]], capture_output=True, text=True,
+                              cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    assert np.array_equal(tifffile.imread(tmp_path / "particles_labels.tif"), result.labels)
+    assert (tmp_path / "particles_labels_particles.csv").read_text() == sess.table_csv_text(result.table)
+
+
+def test_app_without_dash_is_a_one_line_error_naming_the_extra():
+    code = ("import sys; sys.modules['dash'] = None; from gpu_pipeline.cli import main; "
+            "sys.exit(main(['app', '--port', '1']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "declump[app]" in done.stderr and "dash" in done.stderr
+
+
+def test_a_big_image_is_shown_downsampled_in_full_resolution_coordinates(rng):
+    pytest.importorskip("dash", reason="the app extra is not installed")
+    from gpu_pipeline.app.ui import build_figure
+
+    image = rng.random((700, 2100)).astype(np.float32)
+    session = sess.Session(sess.SessionStore.new_id())
+    session.set_image(image, name="wide")
+    session.strokes = [sess.Stroke(1, 0, 5.0, np.array([[10.0, 2000.0], [600.0, 30.0]]))]
+    figure = build_figure(session, 0, [], 0.5, 2, 6).to_dict()
+    trace = figure["data"][0]
+    factor = sess.display_factor(image.shape)
+    assert factor == 3 and trace["dx"] == trace["dy"] == 3 and trace["x0"] == trace["y0"] == 1
+    shown = Image.open(io.BytesIO(base64.b64decode(trace["source"].split(",", 1)[1])))
+    assert shown.size == (700, 234)  # columns, rows of image[::3, ::3]
+    assert np.allclose(sess.parse_path(figure["layout"]["shapes"][0]["path"]), [[10, 2000], [600, 30]])
+    assert figure["layout"]["xaxis"]["range"] == [-0.5, 2099.5]
+
+
+def test_a_volume_is_painted_per_plane_trained_and_separated_in_3d(rng):
+    image, truth = make_touching_particles((20, 48, 48), 10, spacing=(2.0, 1.0, 1.0), seed=int(rng.integers(1e6)))
+    session = sess.Session(sess.SessionStore.new_id())
+    session.set_image(image, name="volume", spacing=(2.0, 1.0, 1.0))
+    strokes = []
+    for plane in (6, 10, 14):
+        for value, where in ((1, truth[plane] == 0), (2, truth[plane] > 0)):
+            rows, cols = np.nonzero(where)
+            for i in rng.choice(rows.size, size=4, replace=False):
+                strokes.append(sess.Stroke(value, plane, 2.0, np.array([[rows[i], cols[i]]], dtype=float)))
+    session.strokes = strokes
+    scribbles = session.scribbles()
+    assert scribbles.shape == image.shape and not scribbles[[0, 19]].any()
+    session.train()
+    assert session.probabilities.shape == (2,) + image.shape
+    result = session.separate({"--min-distance": "3"}, foreground="classifier")
+    from gpu_pipeline import separate
+
+    expected = separate(image, spacing=(2.0, 1.0, 1.0), classifier=sess.PixelClassifier(
+        session.classifier.forest, session.classifier.header), min_distance=3.0)
+    assert result.labels.shape == image.shape and np.array_equal(result.labels, expected)
+    assert "volume" in result.table
+
+
+def test_separation_options_are_parsed_by_the_cli_parser_with_its_defaults_and_messages():
+    kwargs, argv = sess.separation_options({"--min-distance": "2.5", "--min-size": "", "--polarity": "dark"})
+    assert argv == ["--min-distance", "2.5", "--polarity", "dark"]
+    from gpu_pipeline.cli import build_parser, separation_kwargs
+
+    cli = separation_kwargs(build_parser().parse_args(["run", "a.tif", "b.tif", *argv]))
+    cli.pop("spacing")
+    assert kwargs == cli
+    with pytest.raises(DeclumpError, match="--min-distance"):
+        sess.separation_options({"--min-distance": "far"})
+
+
+def test_cached_features_computed_by_tiles_equal_pixel_features(rng):
+    from gpu_pipeline.stages.features import pixel_features
+
+    image = rng.normal(100, 20, size=(700, 610)).astype(np.float32)  # two tiles of FEATURE_TILE_VOXELS
+    session = sess.Session(sess.SessionStore.new_id())
+    session.set_image(image, name="a", spacing=(0.5, 0.7))
+    said = []
+    features = session.cached_features(said.append)
+    assert len(said) > 1 and "tile 2 of" in said[1]
+    assert np.allclose(features, pixel_features(image, spacing=(0.5, 0.7)), atol=1e-5)
+    assert session.cached_features() is features
+
+
+def test_the_shipped_model_option_predicts_or_says_it_is_not_installed(rng):
+    from importlib import resources
+
+    image, _ = make_touching_particles((64, 64), 6, seed=int(rng.integers(1e6)))
+    session = sess.Session(sess.SessionStore.new_id())
+    session.set_image(image, name="a")
+    if not resources.files("gpu_pipeline.models").joinpath("em-particles.npz").is_file():
+        with pytest.raises(DeclumpError, match="em-particles.*not part of this installation"):
+            session.use_shipped_model("em-particles")
+        return
+    session.use_shipped_model("em-particles")  # installed (the emsplit branch ships it): it predicts
+    assert session.probabilities.shape[1:] == image.shape and session.classifier_source == "em-particles"

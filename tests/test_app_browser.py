@@ -1,0 +1,276 @@
+"""The web app end to end in headless Chromium driven by Selenium: load, paint, train, separate, download.
+
+The app runs in this process on a real HTTP server (Flask/werkzeug, threaded), the browser is a real
+Chromium. Without Chromium and its driver (Debian: apt-get install chromium chromium-driver) these tests skip.
+Set DECLUMP_APP_SCREENSHOT=PATH to save the page after the separation (the README's picture).
+"""
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("dash", reason="the app extra is not installed (pip install 'declump[app]')")
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+
+from gpu_pipeline.app import create_app  # noqa: E402
+from gpu_pipeline.app import session as sess  # noqa: E402
+
+CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--window-size=1400,1100")
+
+
+def _find_browser():
+    chrome = os.environ.get("DASH_TEST_CHROMEPATH") or next(
+        (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    driver = shutil.which("chromedriver")
+    if chrome is None or driver is None:
+        pytest.skip("no headless browser: Chromium and chromedriver not found (Debian: apt-get install chromium "
+                    "chromium-driver; or set DASH_TEST_CHROMEPATH)")
+    return chrome, driver
+
+
+@pytest.fixture(scope="module")
+def served():
+    """The app on a real threaded HTTP server on a free local port; yields (app, url)."""
+    from werkzeug.serving import make_server
+
+    _find_browser()
+    app = create_app()
+    server = make_server("127.0.0.1", 0, app.server, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield app, f"http://127.0.0.1:{server.server_port}/"
+    server.shutdown()
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium.webdriver.chrome.service import Service
+
+    chrome, driver_path = _find_browser()
+    downloads = tmp_path_factory.mktemp("downloads")
+    profile = tempfile.mkdtemp(prefix="declump-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chrome
+    for flag in CHROME_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={profile}")
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    driver.downloads = downloads
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait_for(check, timeout=60, what="the page"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except Exception:  # element not there yet, stale while Dash re-renders
+            value = None
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what() if callable(what) else what}")
+
+
+def text_of(driver, element_id):
+    return driver.find_element(By.ID, element_id).text
+
+
+def open_page(driver, url):
+    driver.get(url)
+    wait_for(lambda: driver.find_element(By.CSS_SELECTOR, "#graph .main-svg"), what="the graph")
+
+
+def choose(driver, radio_id, value):
+    driver.find_element(By.CSS_SELECTOR, f"#{radio_id} input[value='{value}']").click()
+
+
+def paint(driver, image_shape, points, value):
+    """Drag the mouse over the image along (row, column) points, with the brush of class ``value``."""
+    choose(driver, "paint-class", value)
+    brush = "return document.querySelector('#graph .js-plotly-plot')._fullLayout.newshape.line.color"
+    wait_for(lambda: driver.execute_script(brush).lower() == sess.CLASS_COLOURS[value], what="the brush colour")
+    area = wait_for(lambda: driver.find_element(By.CSS_SELECTOR, "#graph .nsewdrag"), what="the plot area")
+    box = area.rect
+    height, width = image_shape
+
+    def offset(row, col):  # from the plot area's centre, as Selenium 4 measures it
+        x = (col + 0.5) / width * box["width"] - box["width"] / 2
+        y = (row + 0.5) / height * box["height"] - box["height"] / 2
+        return int(round(x)), int(round(y))
+
+    actions = ActionChains(driver, duration=20)
+    actions.move_to_element_with_offset(area, *offset(*points[0])).click_and_hold()
+    previous = offset(*points[0])
+    for point in points[1:]:
+        current = offset(*point)
+        actions.move_by_offset(current[0] - previous[0], current[1] - previous[1])
+        previous = current
+    actions.release().perform()
+
+
+def app_session(app, name):
+    sessions = [s for s in app.declump_sessions._sessions.values() if s.name == name]
+    assert len(sessions) == 1
+    return sessions[0]
+
+
+def strokes_for(truth):
+    """Mouse paths: two along background rows, two inside the biggest particles (row, column)."""
+    from scipy import ndimage as ndi
+
+    background = []
+    rows = [r for r in range(10, truth.shape[0] - 10, 7) if not truth[r, 40:200].any()]
+    for row in rows[:2]:
+        background.append([(row, 40 + 20 * k) for k in range(9)])
+    sizes = np.bincount(truth.ravel())
+    sizes[0] = 0
+    particle = []
+    for label in np.argsort(sizes)[::-1][:2]:
+        distance = ndi.distance_transform_edt(truth == label)
+        row, col = np.unravel_index(np.argmax(distance), truth.shape)
+        reach = max(int(distance[row, col]) - 3, 1)
+        particle.append([(row, col - reach), (row, col), (row, col + reach)])
+    assert len(background) == 2 and len(particle) == 2
+    return background, particle
+
+
+def test_paint_train_separate_and_download_match_the_python_api(served, browser):
+    from gpu_pipeline import particle_table, separate
+    from gpu_pipeline.classifier import train_classifier
+    from gpu_pipeline.synthetic import demo_sample
+
+    app, url = served
+    image, truth, spacing = demo_sample()
+    open_page(browser, url)
+    assert "backend:" in text_of(browser, "backend")
+    browser.find_element(By.ID, "sample").click()
+    wait_for(lambda: text_of(browser, "image-name").startswith("sample"), what="the sample to load")
+    background, particle = strokes_for(truth)
+    for path in background:
+        paint(browser, image.shape, path, 1)
+    for path in particle:
+        paint(browser, image.shape, path, 2)
+    session = app_session(app, "sample")
+    wait_for(lambda: len(session.strokes) == 4, what="four strokes to reach the server")
+    # The strokes landed where the mouse went: background on background, particle on particles.
+    scribbles = session.scribbles()
+    assert set(np.unique(scribbles)) == {0, 1, 2}
+    assert (truth[scribbles == 1] == 0).mean() > 0.95 and (truth[scribbles == 2] > 0).mean() > 0.95
+
+    browser.find_element(By.ID, "train").click()
+    wait_for(lambda: "trained in" in text_of(browser, "status"), what="training to finish")
+    choose(browser, "foreground", "classifier")
+    browser.find_element(By.ID, "separate").click()
+    count = wait_for(lambda: text_of(browser, "count"), what="the separation")
+    assert text_of(browser, "message") == ""
+    # Hovering over a particle (beside the stroke: strokes take the pointer) names it and highlights its row.
+    row, col = particle[0][1]
+    row += (particle[0][2][1] - col + 3) // 2
+    label = int(session.result.labels[row, col])
+    area = browser.find_element(By.CSS_SELECTOR, "#graph .nsewdrag")
+    ActionChains(browser).move_to_element_with_offset(
+        area, int((col + 0.5) / image.shape[1] * area.rect["width"] - area.rect["width"] / 2),
+        int((row + 0.5) / image.shape[0] * area.rect["height"] - area.rect["height"] / 2)).perform()
+    ActionChains(browser).move_by_offset(1, 0).perform()  # Plotly hovers on a move within the plot
+    wait_for(lambda: text_of(browser, "hovered").startswith(f"particle {label}:"),
+             what=lambda: f"particle {label} to be named on hover (page says {text_of(browser, 'hovered')!r})")
+    highlighted = wait_for(lambda: [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#table td.dash-cell")
+                                    if "255, 224, 138" in c.value_of_css_property("background-color")],
+                           what="the highlighted row")
+    assert str(label) in highlighted
+    browser.find_element(By.ID, "get-table").click()
+    csv_path = browser.downloads / "sample_labels_particles.csv"
+    wait_for(csv_path.exists, what="the CSV download")
+    if os.environ.get("DECLUMP_APP_SCREENSHOT"):
+        browser.find_element(By.CSS_SELECTOR, "#show input[value='probabilities']").click()
+        time.sleep(2)
+        browser.execute_script("window.scrollTo(0, 0)")
+        browser.save_screenshot(os.environ["DECLUMP_APP_SCREENSHOT"])
+
+    # The same image, strokes and parameters through the Python API.
+    model = train_classifier([image], [scribbles], spacing=spacing, **sess.TRAINING)
+    labels = separate(image, spacing=spacing, classifier=model)  # the defaults of separate = declump run's
+    table = particle_table(labels, image, spacing)
+    assert count == f"{int(labels.max())} particles"
+    assert csv_path.read_text() == sess.table_csv_text(table)
+
+
+def test_a_bad_upload_shows_a_message_and_the_server_keeps_running(served, browser, tmp_path):
+    _, url = served
+    open_page(browser, url)
+    bad = tmp_path / "not_an_image.tif"
+    bad.write_bytes(b"this is a text file, not a TIFF")
+    browser.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(bad))
+    message = wait_for(lambda: text_of(browser, "message"), what="the error message")
+    assert "not_an_image.tif" in message and "could not read" in message
+    volume = tmp_path / "five_d.npy"
+    np.save(volume, np.random.default_rng(0).random((2, 2, 3, 8, 8)))
+    browser.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(volume))
+    wait_for(lambda: "2D or 3D" in text_of(browser, "message"), what="the 5D message")
+    browser.find_element(By.ID, "sample").click()  # still serving
+    wait_for(lambda: text_of(browser, "image-name").startswith("sample"), what="the sample after the errors")
+    spacing = browser.find_element(By.ID, "spacing")
+    spacing.clear()
+    spacing.send_keys("0.5,x\n")
+    wait_for(lambda: "spacing must be numbers" in text_of(browser, "message"), what="the spacing message")
+    spacing.clear()
+    spacing.send_keys("0.5\n")
+    unit = browser.find_element(By.ID, "unit")
+    unit.clear()
+    unit.send_keys("nm\n")
+    distance = browser.find_element(By.ID, "min-distance")
+    distance.clear()
+    distance.send_keys("near\n")
+    browser.find_element(By.ID, "separate").click()
+    wait_for(lambda: "--min-distance" in text_of(browser, "message"), what="the min-distance message")
+    distance.clear()
+    distance.send_keys("2\n")
+    browser.find_element(By.ID, "separate").click()
+    wait_for(lambda: text_of(browser, "count"), what="the separation in nm")
+    header = browser.find_element(By.CSS_SELECTOR, "#table").text
+    assert "equivalent diameter (nm)" in header and "area (nm²)" in header
+    from gpu_pipeline import separate
+    from gpu_pipeline.synthetic import demo_sample
+
+    expected = separate(demo_sample()[0], spacing=(0.5, 0.5), min_distance=2.0)
+    assert text_of(browser, "count") == f"{int(expected.max())} particles"
+
+
+def test_a_second_session_does_not_see_the_first_ones_image(served, browser, tmp_path):
+    app, url = served
+    open_page(browser, url)
+    first = browser.current_window_handle
+    browser.find_element(By.ID, "sample").click()
+    wait_for(lambda: text_of(browser, "image-name").startswith("sample"), what="the sample in the first tab")
+    browser.switch_to.new_window("tab")
+    open_page(browser, url)
+    assert text_of(browser, "image-name") == ""
+    assert "Upload an image" in browser.find_element(By.ID, "graph").text
+    other = tmp_path / "other.npy"
+    np.save(other, np.random.default_rng(1).random((10, 40, 50)))
+    browser.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(other))
+    wait_for(lambda: text_of(browser, "image-name").startswith("other.npy: 10 x 40 x 50"),
+             what="the second tab's volume")
+    assert text_of(browser, "plane-label") == "plane (z): 5 of 0-9"  # a volume opens at its middle plane
+    browser.close()
+    browser.switch_to.window(first)
+    choose(browser, "paint-class", 1)  # any control re-renders the page from this tab's server state
+    time.sleep(1)
+    assert text_of(browser, "image-name").startswith("sample: 384 x 384")
