@@ -98,8 +98,11 @@ def output_paths(output):
             "overlay": Path(f"{stem}_overlay.png")}
 
 
-def run_and_write(image, output, *, device, spacing, mask=None, source=None, **params):
-    """Separate ``image`` and write labels, table, overlay, then the summary (last: it marks completion)."""
+def run_and_write(image, output, *, device, spacing, mask=None, source=None, probabilities_path=None, **params):
+    """Separate ``image`` and write labels, table, overlay, then the summary (last: it marks completion).
+
+    ``probabilities_path``: where to write the pixel classifier's probability map (with ``classifier=``).
+    """
     from gpu_pipeline import separate
     from gpu_pipeline.io import write_json, write_labels
     from gpu_pipeline.measure import particle_table, summary, write_csv
@@ -111,6 +114,8 @@ def run_and_write(image, output, *, device, spacing, mask=None, source=None, **p
         raise DeclumpError(f"unsupported output format {paths['labels'].suffix or '(no suffix)'}; "
                            "accepted: .tif, .tiff, .npy, .zarr")
     paths["summary"].unlink(missing_ok=True)
+    if probabilities_path is not None:
+        check_probabilities_path(probabilities_path, chunked=False)
     spacing = validate_spacing(spacing, image.ndim)
     labels, details = separate(image, spacing=spacing, mask=mask, device=device, return_details=True, **params)
     labels = to_host(labels)
@@ -121,11 +126,25 @@ def run_and_write(image, output, *, device, spacing, mask=None, source=None, **p
     with atomic_path(paths["table"]) as tmp:
         write_csv(table, tmp)
     write_overlay(paths["overlay"], image, labels)
+    if probabilities_path is not None:
+        from gpu_pipeline.io import write_probabilities
+
+        write_probabilities(probabilities_path, to_host(details.probabilities), spacing)
+        paths["probabilities"] = Path(probabilities_path)
     info = summary(table, image.ndim, spacing, details)
+    parameters = {k: (str(v) if k == "classifier" and v is not None else v) for k, v in params.items()}
     info.update(device=device, input_shape=list(image.shape), outputs={k: str(v) for k, v in paths.items()},
-                parameters={k: v for k, v in params.items()})
+                parameters=parameters)
     write_json(paths["summary"], info)
     return labels, info
+
+
+def check_probabilities_path(path, *, chunked):
+    suffix = Path(path).suffix.lower()
+    accepted = (".zarr",) if chunked else (".tif", ".tiff", ".npy", ".zarr")
+    if suffix not in accepted:
+        raise DeclumpError(f"--save-probabilities {path}: unsupported format {suffix or '(no suffix)'}; accepted "
+                           f"{'in chunked runs' if chunked else 'here'}: {', '.join(accepted)}")
 
 
 def _is_zarr(path):
@@ -155,6 +174,11 @@ def cmd_run_chunked(args, device):
     kwargs = separation_kwargs(args)
     for key in ("method", "max_hole_size"):
         kwargs.pop(key)
+    if args.save_probabilities is not None:
+        check_probabilities_path(args.save_probabilities, chunked=True)
+        kwargs["probabilities_path"] = args.save_probabilities
+    if args.classifier is not None:
+        kwargs["classifier"] = args.classifier
     summary = run_chunked(args.input, args.output, chunks=args.chunks, channel=args.channel,
                           timepoint=args.timepoint, mask_path=args.mask, max_radius=args.max_radius, device=device,
                           cluster=args.cluster, scheduler=args.scheduler, workers=args.workers,
@@ -174,17 +198,77 @@ def cmd_run(args):
                     if value is not None]
     if chunked_only:
         raise DeclumpError(f"{', '.join(chunked_only)} apply to chunked runs only (a Zarr input and a .zarr output)")
+    if args.classifier is not None and args.mask is not None:
+        raise DeclumpError("--classifier and --mask both give the foreground; use one of them")
+    if args.save_probabilities is not None and args.classifier is None:
+        raise DeclumpError("--save-probabilities writes a pixel classifier's output; add --classifier MODEL")
     image, file_spacing = read_image(args.input, channel=args.channel, timepoint=args.timepoint)
     mask = None
     if args.mask is not None:
         mask, _ = read_image(args.mask, channel=args.channel, timepoint=args.timepoint)
+        check_mask(mask, image.shape, "--mask")
+    if image.dtype == bool:  # a binary mask (e.g. a network's output) as the input itself
+        if args.classifier is not None or mask is not None:
+            raise DeclumpError(f"the input {args.input} is a boolean mask; it is the foreground itself, so it "
+                               "takes no --mask or --classifier (give the intensity image instead)")
+        mask, image = image, image.astype(np.uint8)
     spacing = args.spacing if args.spacing is not None else file_spacing
     kwargs = separation_kwargs(args)
     kwargs.pop("spacing")
+    if args.classifier is not None:
+        kwargs["classifier"] = args.classifier
     source = os.path.relpath(Path(args.input).resolve(), (Path(args.output) / "particles").resolve())
-    _, info = run_and_write(image, args.output, device=device, spacing=spacing, mask=mask, source=source, **kwargs)
+    _, info = run_and_write(image, args.output, device=device, spacing=spacing, mask=mask, source=source,
+                            probabilities_path=args.save_probabilities, **kwargs)
     print(f"{info['n_particles']} particles; labels -> {info['outputs']['labels']}, table -> "
           f"{info['outputs']['table']}, overlay -> {info['outputs']['overlay']}, summary -> {info['outputs']['summary']}")
+
+
+def check_mask(mask, shape, option):
+    """A mask read from a file, checked with the CLI option's name in the message."""
+    if tuple(mask.shape) != tuple(shape):
+        raise DeclumpError(f"{option} has shape {tuple(mask.shape)} but the input image has shape {tuple(shape)}; "
+                           f"{option} must have the image's shape")
+    if np.dtype(mask.dtype).kind not in "buif":
+        raise DeclumpError(f"{option} has dtype {mask.dtype}; accepted: bool, 0/1 integers or a probability map "
+                           "in [0, 1] (foreground where > 0.5)")
+
+
+def cmd_train(args):
+    """declump train: a pixel classifier from scribbles or instance ground truth, written as .npz."""
+    from gpu_pipeline.classifier import check_training_labels, classes_from_instances, train_classifier
+    from gpu_pipeline.io import read_image
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".npz":
+        raise DeclumpError(f"--out {out}: a model file is written as .npz")
+    if len(args.images) != len(args.labels):
+        raise DeclumpError(f"{len(args.images)} images but {len(args.labels)} --labels files; give one --labels "
+                           "file per image, in the same order")
+    images, labels, spacings = [], [], []
+    for image_path, label_path in zip(args.images, args.labels):
+        image, spacing = read_image(image_path)
+        label, _ = read_image(label_path)
+        if tuple(label.shape) != tuple(image.shape):
+            raise DeclumpError(f"--labels {label_path} has shape {tuple(label.shape)} but its image {image_path} has "
+                               f"shape {tuple(image.shape)}; each --labels file must match its image")
+        if args.from_instances:
+            if np.dtype(label.dtype).kind not in "ui":
+                raise DeclumpError(f"--labels {label_path} has dtype {label.dtype}; --from-instances needs integer "
+                                   "instance labels (0 background, one id per particle)")
+            label = classes_from_instances(label, boundary_width=args.boundary_width)
+        images.append(image)
+        labels.append(label)
+        spacings.append(spacing)
+    spacing = args.spacing if args.spacing is not None else (spacings[0] if spacings[0] is not None else None)
+    check_training_labels(images, labels, option="--labels", names=[str(p) for p in args.labels])
+    model = train_classifier(images, labels, spacing=spacing, n_estimators=args.trees, max_depth=args.max_depth,
+                             samples_per_class=args.samples_per_class, seed=args.seed, option="--labels",
+                             names=[str(p) for p in args.labels])
+    model.save(out)
+    counts = ", ".join(f"{k} {v}" for k, v in model.header["training"]["samples_per_class"].items())
+    print(f"trained a {model.ndim}D pixel classifier ({', '.join(model.classes)}; {model.forest.n_trees} trees, "
+          f"{model.n_features} features) on {len(images)} image(s), pixels per class: {counts}; model -> {out}")
 
 
 def cmd_demo(args):
@@ -255,6 +339,12 @@ def build_parser():
                                     "used instead of the threshold")
     run.add_argument("--channel", type=int, help="channel index for inputs with a 'c' axis")
     run.add_argument("--timepoint", type=int, help="time index for inputs with a 't' axis")
+    run.add_argument("--classifier", default=None,
+                     help="pixel classifier for the foreground instead of the threshold: a model file from "
+                          "`declump train` (.npz) or a shipped model name (em-particles)")
+    run.add_argument("--save-probabilities", default=None, metavar="PATH",
+                     help="write the classifier's class probabilities (float32, classes first) to PATH: .tif, "
+                          ".npy or .zarr in memory, .zarr in chunked runs")
     add_separation_options(run)
     chunked = run.add_argument_group("chunked runs (Zarr in, .zarr out)")
     chunked.add_argument("--chunks", type=_chunks, default=None,
@@ -278,6 +368,30 @@ def build_parser():
                          help="start over, deleting an existing output and its work folder")
     chunked.add_argument("--quiet", action="store_true", help="no progress lines")
     run.set_defaults(func=cmd_run)
+
+    train = sub.add_parser("train", help="train a pixel classifier from scribbles or instance ground truth",
+                           description="Train a random-forest pixel classifier on multi-scale features. --labels "
+                                       "are scribbles as painted (0 unlabelled, 1 background, 2 particle, 3 "
+                                       "boundary between touching particles), one file per image; with "
+                                       "--from-instances they are full instance ground truth (0 background, one "
+                                       "id per particle) and the classes are derived, with pixels sampled "
+                                       "balanced per class and per image.")
+    train.add_argument("images", nargs="+", metavar="IMAGE", help="training images (.tif/.png/.npy/.zarr), 2D or 3D")
+    train.add_argument("--labels", nargs="+", required=True, metavar="LABELS",
+                       help="one labels image per IMAGE, same shape, same order")
+    train.add_argument("--out", required=True, metavar="MODEL", help="model file to write (.npz)")
+    train.add_argument("--from-instances", action="store_true",
+                       help="--labels are instance ground truth, not scribbles")
+    train.add_argument("--boundary-width", type=int, default=1,
+                       help="with --from-instances: particle pixels within this many pixels of another particle "
+                            "are the boundary class (default %(default)s)")
+    train.add_argument("--spacing", type=_spacing, default=None, help=PARAMETER_HELP["spacing"])
+    train.add_argument("--trees", type=int, default=32, help="trees in the forest (default %(default)s)")
+    train.add_argument("--max-depth", type=int, default=12, help="depth of each tree (default %(default)s)")
+    train.add_argument("--samples-per-class", type=int, default=20000,
+                       help="labelled pixels drawn per class over all images (default %(default)s)")
+    train.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    train.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="generate touching particles with ground truth, separate and score them")
     demo.add_argument("--out", default="demo_output", help="output folder (default %(default)s)")

@@ -189,6 +189,32 @@ def write_labels(path, labels, spacing=None, source=None):
             write_ngff_label_metadata(tmp, spacing if spacing is not None else (1.0,) * labels.ndim, source)
 
 
+def write_probabilities(path, probabilities, spacing=None):
+    """Write a pixel classifier's probability map (float32, classes first) as TIFF, NPY or Zarr, atomically."""
+    path = Path(path)
+    suffix = _suffix(path)
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    with atomic_path(path) as tmp:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            tifffile.imwrite(tmp, probabilities, compression="zlib")
+        elif suffix == ".npy":
+            with open(tmp, "wb") as handle:
+                np.save(handle, probabilities)
+        elif suffix == ".zarr":
+            import zarr
+
+            out = zarr.create_array(str(tmp), shape=probabilities.shape, dtype=np.float32,
+                                    chunks=(1,) + tuple(min(s, 256) for s in probabilities.shape[1:]))
+            out[...] = probabilities
+            if spacing is not None:
+                out.attrs["spacing"] = [float(s) for s in spacing]
+        else:
+            raise DeclumpError(f"unsupported probability-map format {suffix or '(no suffix)'} for {path}; "
+                               "accepted: .tif, .tiff, .npy, .zarr")
+
+
 #: Name of the label image inside a declump OME-Zarr output (``OUTPUT.zarr/particles``).
 LABEL_NAME = "particles"
 

@@ -29,6 +29,7 @@ class SeparationDetails:
     n_particles: int = 0
     n_iter: int = 0
     timings: dict = field(default_factory=dict)
+    probabilities: object = None  # the pixel classifier's (n_classes, *shape) map, when one was used
 
 
 def validate_spacing(spacing, ndim):
@@ -80,7 +81,8 @@ def _mask_from(mask, shape):
 
 def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,
              min_distance=4.0, min_size=None, max_hole_size=0.0, max_radius=None, neck_ratio=1.0,
-             method="kmeans", assignment="power", kmeans_engine="batched", max_iter=0, return_details=False):
+             method="kmeans", assignment="power", kmeans_engine="batched", max_iter=0, return_details=False,
+             classifier=None):
     """Split touching particles: an instance label image with one id per particle.
 
     Runs on the device that holds ``image`` (NumPy: CPU fallback; CuPy: GPU).
@@ -152,6 +154,11 @@ def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto
         needs them.
     return_details : bool
         Also return a :class:`SeparationDetails`.
+    classifier : PixelClassifier, path or shipped model name, optional
+        A trained pixel classifier (:mod:`gpu_pipeline.classifier`): the
+        foreground is where its probability of background is below 0.5,
+        instead of the threshold (or ``mask``); its probabilities are in
+        ``details.probabilities``.
 
     Returns
     -------
@@ -187,6 +194,20 @@ def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto
     min_size = ball(min_distance) if min_size is None else float(min_size)
     max_hole_size = float(max_hole_size or 0.0)
 
+    # Hook for a boundary-guided split: a classifier with a boundary class sets this to its probability
+    # map; the split below does not use it yet (None: the power-diagram split of the distance map).
+    boundary = None
+    if classifier is not None:
+        from gpu_pipeline.classifier import class_probability, foreground_probability, load_classifier
+
+        if mask is not None or image is None:
+            raise DeclumpError("a pixel classifier needs the image and replaces the mask; give one of --classifier "
+                               "and --mask")
+        classifier = load_classifier(classifier)
+        details.probabilities = classifier.predict_proba(image, spacing=spacing)
+        mask = foreground_probability(details.probabilities, classifier.classes)
+        boundary = class_probability(details.probabilities, classifier.classes, "boundary")  # noqa: F841
+        clock.lap("classifier")
     if mask is not None:
         fg = _mask_from(mask, reference.shape)
         clock.lap("threshold")

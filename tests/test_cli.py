@@ -73,7 +73,6 @@ def test_evaluate_prints_scores(tmp_path, rng):
 
 
 def _bad_inputs(tmp_path):
-    np.save(tmp_path / "bool.npy", np.ones((20, 20), bool))
     np.save(tmp_path / "complex.npy", np.ones((20, 20), complex))
     np.save(tmp_path / "four_d.npy", np.ones((2, 3, 20, 20), np.uint8))
     nan = np.ones((20, 20), np.float32)
@@ -88,7 +87,6 @@ def _bad_inputs(tmp_path):
     np.save(tmp_path / "speck.npy", background)
     return {
         "missing.tif": "does not exist",
-        "bool.npy": "dtype bool",
         "complex.npy": "dtype complex",
         "four_d.npy": "4D",
         "nan.npy": "NaN",

@@ -33,3 +33,15 @@ def otsu_threshold_chunked(image):
                                  chunks=tuple((1,) * n for n in image.numblocks) + ((bins.nbins,),))
     counts = to_host(da.sum(per_chunk, axis=tuple(range(image.ndim))).compute())
     return otsu_from_histogram(counts, bins)
+
+
+def histogram_chunked(image):
+    """``intensity_histogram`` of a Dask array: (counts, bins), equal to the computed array's."""
+    import dask
+    import dask.array as da
+
+    low, high = dask.compute(image.min(), image.max())
+    bins = histogram_bins(float(low), float(high), image.dtype)
+    per_chunk = image.map_blocks(_block_histogram, bins, dtype=np.int64, new_axis=image.ndim,
+                                 chunks=tuple((1,) * n for n in image.numblocks) + ((bins.nbins,),))
+    return to_host(da.sum(per_chunk, axis=tuple(range(image.ndim))).compute()), bins

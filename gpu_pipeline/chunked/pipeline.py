@@ -73,6 +73,7 @@ class ChunkedDetails:
     one_piece_rounds: int = 0
     blocks_computed: dict = field(default_factory=dict)
     blocks_total: dict = field(default_factory=dict)
+    probabilities: object = None  # lazy (n_classes, *shape) map of the pixel classifier, when one was used
 
 
 def peak_halo(min_distance, max_radius, spacing):
@@ -373,7 +374,7 @@ def _relabel(block, table):
 
 def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,
                      min_distance=4.0, min_size=None, max_radius=None, neck_ratio=1.0, assignment="power",
-                     max_iter=0, workspace=None, device=None, verbose=False):
+                     max_iter=0, workspace=None, device=None, verbose=False, classifier=None):
     """`separate` for a chunked Dask array: byte-identical labels for any chunking, memory bounded by chunks.
 
     Parameters are those of :func:`gpu_pipeline.pipeline.separate` (method
@@ -390,6 +391,10 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
         everything stays lazy and is recomputed by each pass.
     device : "gpu" or None
         ``gpu``: chunks are moved to the GPU (CuPy) for every stage.
+    classifier : PixelClassifier, path or shipped model name, optional
+        The foreground from a pixel classifier, as in-memory ``separate``
+        (:mod:`gpu_pipeline.chunked.classifier`); its lazy probabilities are
+        in ``details.probabilities``.
 
     Returns
     -------
@@ -419,6 +424,17 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
     details = ChunkedDetails(max_radius=max_radius, halo=peak_halo(min_distance, max_radius, spacing))
     # Refuse a too-small chunk shape before any pass runs.
     fit_halo(reference, details.halo, "distance-transform and peak")
+    if classifier is not None:
+        from gpu_pipeline.chunked.classifier import probabilities_chunked
+        from gpu_pipeline.classifier import foreground_probability, load_classifier
+
+        if mask is not None or volume is None:
+            raise DeclumpError("a pixel classifier needs the volume and replaces the mask; give one of --classifier "
+                               "and --mask")
+        classifier = load_classifier(classifier)
+        details.probabilities = probabilities_chunked(volume, classifier, spacing=spacing, workspace=workspace,
+                                                      device=device)
+        mask = foreground_probability(details.probabilities, classifier.classes)
 
     regions, n_regions, details.threshold, details.polarity = regions_chunked(
         volume, spacing=spacing, sigma=sigma, threshold=threshold, polarity=polarity, min_size=min_size,

@@ -154,8 +154,13 @@ def output_paths(output):
 def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, timepoint=None, mask_path=None,
                 sigma=1.0, threshold="otsu", polarity="auto", min_distance=4.0, min_size=None, max_radius=None,
                 neck_ratio=1.0, assignment="power", max_iter=0, device="cpu", cluster=None, scheduler=None,
-                workers=None, scratch=None, overwrite=False, verbose=True):
+                workers=None, scratch=None, overwrite=False, verbose=True, classifier=None, probabilities_path=None):
     """Separate a Zarr volume chunk by chunk into an OME-Zarr labels group (see the module docstring).
+
+    ``classifier``: a pixel-classifier model file or shipped name for the
+    foreground; ``probabilities_path``: a ``.zarr`` path for its probability
+    map (float32, classes first), written before the summary. A boolean
+    volume is taken as the foreground mask itself.
 
     Returns the summary dict (also written to ``*_summary.json``).
     """
@@ -175,18 +180,39 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     if paths["labels"].suffix.lower() != ".zarr":
         raise DeclumpError(f"chunked output must be a .zarr path, got {paths['labels']}")
     work = Path(scratch) if scratch else Path(f"{paths['labels']}.work")
-    volume, file_spacing = open_volume(input_path, channel=channel, timepoint=timepoint, chunks=chunks)
+    volume, file_spacing = open_volume(input_path, channel=channel, timepoint=timepoint, chunks=chunks,
+                                       accept_bool=True)
     mask = None
     if mask_path is not None:
-        mask, _ = open_volume(mask_path, channel=channel, timepoint=timepoint, chunks=volume.chunksize)
+        mask, _ = open_volume(mask_path, channel=channel, timepoint=timepoint, chunks=volume.chunksize,
+                              accept_bool=True)
         if mask.shape != volume.shape:
-            raise DeclumpError(f"mask shape {mask.shape} differs from the volume's {volume.shape}")
+            raise DeclumpError(f"--mask has shape {mask.shape} but the volume has shape {volume.shape}; --mask must "
+                               "have the volume's shape")
+    if classifier is not None and mask is not None:
+        raise DeclumpError("--classifier and --mask both give the foreground; use one of them")
+    if probabilities_path is not None and classifier is None:
+        raise DeclumpError("--save-probabilities writes a pixel classifier's output; add --classifier MODEL")
+    if volume.dtype == bool:  # a binary mask (e.g. a network's output) as the input itself
+        if classifier is not None or mask is not None:
+            raise DeclumpError(f"the input {input_path} is a boolean mask; it is the foreground itself, so it takes "
+                               "no --mask or --classifier (give the intensity volume instead)")
+        mask, volume = volume, volume.astype(np.uint8)
+    model = None
+    if classifier is not None:
+        from gpu_pipeline.classifier import load_classifier
+
+        model = load_classifier(classifier)
+        model.check_image(volume.shape, "the volume")
     spacing = validate_spacing(spacing if spacing is not None else file_spacing, volume.ndim)
     parameters = dict(input=str(input_path.resolve()), mask=str(Path(mask_path).resolve()) if mask_path else None,
                       shape=list(volume.shape), chunks=[int(c[0]) for c in volume.chunks], channel=channel,
                       timepoint=timepoint, spacing=list(spacing), sigma=sigma, threshold=threshold,
                       polarity=polarity, min_distance=min_distance, min_size=min_size, max_radius=max_radius,
                       neck_ratio=neck_ratio, assignment=assignment, max_iter=max_iter)
+    if classifier is not None:  # added only when used, so earlier runs' work folders stay resumable
+        parameters["classifier"] = str(Path(classifier).resolve()) if Path(str(classifier)).is_file() \
+            else str(classifier)
 
     root_attrs = _existing_attrs(paths["labels"])
     if paths["labels"].exists() and not overwrite:
@@ -223,7 +249,7 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
             volume, spacing=spacing, sigma=sigma, threshold=threshold, polarity=polarity,
             mask=mask, min_distance=min_distance, min_size=min_size, max_radius=max_radius, neck_ratio=neck_ratio,
             assignment=assignment,
-            max_iter=max_iter, workspace=workspace, device=device, verbose=verbose)
+            max_iter=max_iter, workspace=workspace, device=device, verbose=verbose, classifier=model)
         n_particles = details.n_particles
         labels = labels.map_blocks(to_host, dtype=labels.dtype)
         target = paths["labels"] / LABEL_NAME / "0"
@@ -236,6 +262,15 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
 
         stored = da.from_zarr(str(target), chunks=labels.chunks)
         table = table_chunked(stored, volume, spacing, n_particles, verbose=verbose)
+        if probabilities_path is not None:
+            from gpu_pipeline.io import atomic_path
+
+            probabilities = details.probabilities.map_blocks(to_host, dtype=np.float32)
+            with atomic_path(probabilities_path) as tmp:
+                write_blocks(probabilities, tmp, tmp.parent / "written", what="write probabilities",
+                             verbose=verbose)
+                zarr.open_array(str(tmp), mode="r+").attrs["spacing"] = [float(s) for s in spacing]
+            paths["probabilities"] = Path(probabilities_path)
     write_parquet(table, paths["table"])
     middle = volume.shape[0] // 2 if volume.ndim == 3 else slice(None)
     write_overlay(paths["overlay"], np.asarray(volume[middle]), np.asarray(stored[middle]))

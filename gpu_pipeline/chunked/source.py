@@ -33,7 +33,7 @@ def _compose(selection, slices):
     return tuple(out)
 
 
-def open_volume(path, *, channel=None, timepoint=None, chunks=None):
+def open_volume(path, *, channel=None, timepoint=None, chunks=None, accept_bool=False):
     """A lazy Dask array of a 2D/3D volume stored as Zarr or OME-Zarr, and its spacing.
 
     Parameters
@@ -44,6 +44,8 @@ def open_volume(path, *, channel=None, timepoint=None, chunks=None):
         Pick from ``c``/``t`` axes (required when they hold more than one).
     chunks : tuple of int, optional
         Processing chunk shape; default: the store's chunks.
+    accept_bool : bool
+        Also accept a boolean array (a mask), not only intensities.
 
     Returns
     -------
@@ -58,7 +60,7 @@ def open_volume(path, *, channel=None, timepoint=None, chunks=None):
     if len(shape) not in (2, 3):
         raise DeclumpError(f"{path} holds a {len(shape)}D volume {shape}; declump accepts 2D or 3D "
                            "(pick a channel/time point with --channel/--timepoint)")
-    if np.dtype(array.dtype).kind not in "uif":
+    if np.dtype(array.dtype).kind not in ("buif" if accept_bool else "uif"):
         raise DeclumpError(f"{path} has dtype {array.dtype}; declump accepts integer or floating-point intensities")
     store_chunks = tuple(array.chunks[i] for i in kept)
     grid = da.core.normalize_chunks(chunks or store_chunks, shape)
