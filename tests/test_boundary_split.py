@@ -6,7 +6,7 @@ from skimage.segmentation import watershed
 
 from gpu_pipeline._backend import DeclumpError
 from gpu_pipeline.metrics import evaluate
-from gpu_pipeline.stages.boundary_split import boundary_seeds, boundary_split
+from gpu_pipeline.stages.boundary_split import boundary_seeds, boundary_split, drop_small_particles, typical_size
 
 
 def packed_cells(rng, shape=(160, 200), spacing=28):
@@ -47,7 +47,8 @@ def test_split_equals_scikit_image_watershed_from_interior_seeds(rng):
     foreground = ndi.gaussian_filter(rng.random(shape), 4) > 0.5
     interior = rng.random(shape).astype(np.float32)
     boundary = rng.random(shape).astype(np.float32)
-    labels = boundary_split(foreground, boundary, interior=interior, threshold=0.7, smoothing=0, min_seed_size=0)
+    labels = boundary_split(foreground, boundary, interior=interior, threshold=0.7, smoothing=0, min_seed_size=0,
+                            min_relative_size=0)
     markers, n = ndi.label((interior > 0.7) & foreground)
     regions, n_regions = ndi.label(foreground)
     unseeded = np.setdiff1d(np.arange(1, n_regions + 1), regions[markers > 0])
@@ -85,6 +86,20 @@ def test_small_seeds_are_dropped_by_physical_size(rng):
     assert n == 1
     _, n = boundary_seeds(foreground, interior, spacing=(1.0, 1.0), smoothing=0, min_seed_size=5)
     assert n == 2
+
+
+def test_typical_size_is_the_median_particle_size_over_voxels(rng):
+    labels = rng.integers(0, 60, (120, 90))
+    labels[labels > 40] = 1  # two large particles among many specks
+    labels[(labels > 30) & (labels <= 40)] = 2
+    sizes = np.bincount(labels.ravel())
+    per_voxel = np.sort(sizes[labels[labels > 0]])
+    assert typical_size(labels) == per_voxel[int(np.ceil(per_voxel.size / 2)) - 1]
+    kept = drop_small_particles(labels, 0.1)
+    small = sizes < 0.1 * typical_size(labels)
+    small[0] = False
+    assert small.any() and not small.all()
+    assert np.array_equal(kept, np.where(small[labels], 0, labels))
 
 
 @pytest.mark.parametrize("bad, match", [
