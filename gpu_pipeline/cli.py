@@ -260,7 +260,7 @@ def cmd_train(args):
         images.append(image)
         labels.append(label)
         spacings.append(spacing)
-    spacing = args.spacing if args.spacing is not None else (spacings[0] if spacings[0] is not None else None)
+    spacing = args.spacing if args.spacing is not None else spacings  # per image, from the files (else 1)
     check_training_labels(images, labels, option="--labels", names=[str(p) for p in args.labels])
     model = train_classifier(images, labels, spacing=spacing, n_estimators=args.trees, max_depth=args.max_depth,
                              samples_per_class=args.samples_per_class, seed=args.seed, option="--labels",

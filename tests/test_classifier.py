@@ -41,9 +41,13 @@ def test_forest_evaluator_equals_sklearn_predict_proba(rng, n_classes, max_depth
         value = np.float32(tree.threshold[node])
         test[k, tree.feature[node]] = value
         test[200 + k, tree.feature[node]] = np.nextafter(value, np.float32(np.inf))
-    ours = forest_probabilities(test, forest_from_sklearn(model))
+    forest = forest_from_sklearn(model)
+    ours = forest_probabilities(test, forest, engine="arrays")
     assert ours.dtype == np.float32 and ours.shape == (5000, n_classes)
     np.testing.assert_allclose(ours, model.predict_proba(test), rtol=0, atol=1e-6)
+    # The compiled traversal of the rebuilt trees (the NumPy default) reaches the same leaves: same bytes.
+    assert forest_probabilities(test, forest, engine="sklearn").tobytes() == ours.tobytes()
+    assert forest_probabilities(test, forest).tobytes() == ours.tobytes()
 
 
 # --- features --------------------------------------------------------------------------------------------
@@ -162,10 +166,12 @@ def test_bad_model_files_are_one_line_errors(rng, tmp_path):
     (tmp_path / "truncated.npz").write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
     tifffile.imwrite(tmp_path / "image.tif", image)
     np.savez(tmp_path / "foreign.npz", weights=np.ones(3))
+    np.save(tmp_path / "array.npy", np.ones(3))
     cases = {
         "truncated.npz": "not a readable declump model",
         "image.tif": "not a readable declump model",
         "foreign.npz": "not a declump pixel-classifier model",
+        "array.npy": "not a declump pixel-classifier model",
         "missing.npz": "does not exist",
         "features.npz": "feature set",
         "channels.npz": "3-channel",
@@ -276,7 +282,7 @@ def test_cli_classifier_errors_are_one_line_and_write_nothing(rng, tmp_path, cap
     tifffile.imwrite(tmp_path / "img.tif", image)
     tifffile.imwrite(tmp_path / "truth.tif", truth)
     tifffile.imwrite(tmp_path / "small.tif", truth[:50])
-    tifffile.imwrite(tmp_path / "volume.tif", np.stack([image] * 4))
+    tifffile.imwrite(tmp_path / "volume.tif", np.stack([image] * 4), photometric="minisblack")
     (tmp_path / "cut.npz").write_bytes((tmp_path / "model2d.npz").read_bytes()[:300])
     no_particle = np.where(truth > 0, 0, 1).astype(np.uint8)
     tifffile.imwrite(tmp_path / "no_particle.tif", no_particle)
@@ -335,7 +341,7 @@ def test_gpu_probabilities_equal_the_cpu(rng):
     model, image, _ = _trained(rng)
     x = rng.normal(size=(4000, model.n_features)).astype(np.float32)
     assert cp.asnumpy(forest_probabilities(cp.asarray(x), model.forest)).tobytes() == \
-        forest_probabilities(x, model.forest).tobytes()
+        forest_probabilities(x, model.forest, engine="arrays").tobytes()
     features = pixel_features(image, scales=SCALES)
     np.testing.assert_allclose(cp.asnumpy(pixel_features(cp.asarray(image), scales=SCALES)), features, atol=1e-4)
     cpu, gpu = model.predict_proba(image), cp.asnumpy(model.predict_proba(cp.asarray(image)))
