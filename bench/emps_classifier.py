@@ -1,6 +1,6 @@
 """The EM particle pixel classifier on real images: 5-fold cross-validation by image, the painted workflow, the shipped model.
 
-    python -m bench.emps_classifier [--limit N] [--painted 20] [--train-shipped] [--out NAME]
+    python -m bench.emps_classifier [--limit N] [--painted 20] [--workers 1] [--train-shipped] [--grid] [--out NAME]
 
 Data: the 366 EMPS training images in ../shared/data (emps_subset, 132, and emps_train_rest, 234).
 Folds: by image, a seeded permutation cut into 5. For each fold a model is trained on the other
@@ -19,7 +19,7 @@ far from particles, the lines of contact between particles; at most 300 pixels p
 model is trained on that image alone and applied to it, beside the shipped model (and the
 cross-validated model) on the same images.
 
-``--train-shipped`` (alone) trains the shipped model on all 366 images and writes
+``--grid`` draws a few emps_subset images with the shipped model and the baselines. ``--train-shipped`` (alone) trains the shipped model on all 366 images and writes
 ``gpu_pipeline/models/em-particles.npz``; the cross-validation then compares against it. Features are computed once per image and kept in a
 temporary folder (float32, about 60 MB per image) for the run.
 """
@@ -255,6 +255,40 @@ def _features_and_baselines(job):
     return {k: evaluate(v, truth) for k, v in baselines(image).items()}
 
 
+def image_grid(path, n=3):
+    """Input, ground truth, the shipped model + boundary split and the baselines on the emps_subset images with the
+    most particles (the shipped model has seen them in training: a picture of what it does, not a score)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gpu_pipeline.overlay import overlay_rgb
+    from gpu_pipeline.pipeline import separate
+
+    items = [item for item in emps_items() if item[0] == "emps_subset"]
+    counts = [int(load(*item)[1].max()) for item in items]
+    chosen = [items[i] for i in np.argsort(counts)[::-1][:n]]
+    columns = ["input", "ground truth", "shipped model + boundary split", OTSU_CC, WATERSHED]
+    fig, axes = plt.subplots(len(chosen), len(columns), figsize=(2.6 * len(columns), 2.6 * len(chosen)), squeeze=False)
+    for row, item in enumerate(chosen):
+        image, truth = load(*item)
+        panels = {"input": np.zeros_like(truth), "ground truth": truth,
+                  "shipped model + boundary split": separate(image, classifier="em-particles"), **baselines(image)}
+        for col, name in enumerate(columns):
+            ax = axes[row, col]
+            ax.imshow(overlay_rgb(image, panels[name])[:256, :256])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name, fontsize=7)
+            if col == 0:
+                ax.set_ylabel(item[1], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main(argv=None):
     from bench.compare_methods import pool_scores
     from gpu_pipeline.classifier import classes_from_instances, load_classifier, train_classifier
@@ -265,6 +299,7 @@ def main(argv=None):
     parser.add_argument("--painted", type=int, default=20, help="images for the painted workflow")
     parser.add_argument("--train-shipped", action="store_true",
                         help="only train the shipped model on all images and write it to gpu_pipeline/models/")
+    parser.add_argument("--grid", action="store_true", help="only draw the image grid (needs the shipped model)")
     parser.add_argument("--workers", type=int, default=1, help="processes for the features and baselines")
     parser.add_argument("--out", default=None, help="result file stem (default emps_classifier_<date>)")
     args = parser.parse_args(argv)
@@ -274,6 +309,11 @@ def main(argv=None):
     if not items:
         print(f"EMPS data not found under {SHARED}; nothing to do")
         return 1
+    if args.grid:
+        path = RESULTS / f"{args.out or 'emps_classifier_' + time.strftime('%Y-%m-%d')}_grid.png"
+        image_grid(path)
+        print(f"wrote {path}")
+        return 0
     if args.train_shipped:
         model = train_shipped(items)
         print(f"{model!r} trained on {len(items)} images in {time.perf_counter() - start:.0f} s -> {MODEL_PATH} "
