@@ -2,8 +2,8 @@
 
     python -m bench.classifier_speed [--size-2d 2048] [--size-3d 256] [--rounds 3] [--rounds-3d 1] [--out NAME]
 
-declump: ``PixelClassifier.predict_proba`` (its features, :mod:`gpu_pipeline.stages.features`, and the
-array-module forest evaluator, tile by tile; one thread: NumPy/SciPy). Peer:
+declump: ``PixelClassifier.predict_proba`` (its features, :mod:`gpu_pipeline.stages.features`, and on the CPU
+scikit-learn's compiled traversal of the trees rebuilt from the model arrays, tile by tile; one thread). Peer:
 ``skimage.feature.multiscale_basic_features`` + ``RandomForestClassifier.predict_proba`` at a similar feature
 count (10 sigmas from 0.5 to 16: 40 features in 2D, 50 in 3D; declump: 41 and 51), with ``workers=1``/``n_jobs=1``
 and with 2 threads. Both forests: 32 trees, depth 12, trained on the same generated image. The peer's 3D
@@ -139,7 +139,10 @@ def write(rows, info, name):
              f"GPU: {gpu}, {info['date']}", "",
              f"Features + prediction, {TREES} trees of depth {DEPTH}; median (min-max) over the interleaved rounds "
              f"({info['rounds']} in 2D, {info['rounds_3d']} in 3D); load = 1-min load average before each run "
-             f"(2 cores); suite wall time {info['wall_seconds']:.0f} s.", "",
+             f"(2 cores); suite wall time {info['wall_seconds']:.0f} s. declump's prediction column is its total "
+             "minus a separate features-only pass over the same tiles. The peer runs on declump's tiles (2^21 "
+             "voxels) with no halo, which favours it (no overlap computed; its result is wrong near tile faces); "
+             "its features are float64, 6.7 GB for the whole 256^3 volume.", "",
              "| image | method | features | seconds: features | prediction | total | Mvoxel/s | load |",
              "|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["ndim"], r["method"]) for r in rows}, key=lambda k: (k[0], k[1]))

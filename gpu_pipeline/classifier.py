@@ -1,9 +1,11 @@
 """The trainable pixel classifier: a random forest on multi-scale pixel features, trained with scikit-learn.
 
-Training runs scikit-learn on the host. Prediction runs the exported trees
-with array code (:func:`forest_probabilities`) on NumPy or CuPy, tile by
-tile (never the features of a whole large volume at once), and gives
-scikit-learn's ``predict_proba``. A model is one ``.npz`` file of the tree
+Training runs scikit-learn on the host. Prediction (:func:`forest_probabilities`)
+runs the exported trees tile by tile (never the features of a whole large
+volume at once): on the GPU as array code on CuPy, on the CPU with
+scikit-learn's compiled traversal of the same trees rebuilt from the arrays;
+both reach the same leaves, so the probabilities are the same bytes, and
+equal scikit-learn's ``predict_proba``. A model is one ``.npz`` file of the tree
 arrays and a JSON header (feature set, scales, spacing, classes, versions);
 loading it runs no code (no pickle).
 
@@ -35,8 +37,8 @@ DEFAULT_DEPTH = 12
 DEFAULT_SAMPLES_PER_CLASS = 20000
 #: Pixels per tile whose features are held at once (times n_features x 4 bytes).
 TILE_VOXELS = 1 << 21
-#: Pixels per batch of the tree evaluator (its index arrays are n_trees x this; small
-#: enough to stay in cache, which measured faster than larger batches).
+#: Pixels per batch of the array evaluator (its index arrays are n_trees x this; small
+#: enough to stay in cache, which measured faster than larger batches); 16x this for the compiled one.
 EVALUATOR_BATCH = 1 << 12
 
 

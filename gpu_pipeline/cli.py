@@ -236,7 +236,7 @@ def check_mask(mask, shape, option):
 
 def cmd_train(args):
     """declump train: a pixel classifier from scribbles or instance ground truth, written as .npz."""
-    from gpu_pipeline.classifier import check_training_labels, classes_from_instances, train_classifier
+    from gpu_pipeline.classifier import classes_from_instances, train_classifier
     from gpu_pipeline.io import read_image
 
     out = Path(args.out)
@@ -261,7 +261,6 @@ def cmd_train(args):
         labels.append(label)
         spacings.append(spacing)
     spacing = args.spacing if args.spacing is not None else spacings  # per image, from the files (else 1)
-    check_training_labels(images, labels, option="--labels", names=[str(p) for p in args.labels])
     model = train_classifier(images, labels, spacing=spacing, n_estimators=args.trees, max_depth=args.max_depth,
                              samples_per_class=args.samples_per_class, seed=args.seed, option="--labels",
                              names=[str(p) for p in args.labels])
@@ -369,6 +368,8 @@ def build_parser():
     chunked.add_argument("--quiet", action="store_true", help="no progress lines")
     run.set_defaults(func=cmd_run)
 
+    from gpu_pipeline.classifier import DEFAULT_DEPTH, DEFAULT_SAMPLES_PER_CLASS, DEFAULT_TREES
+
     train = sub.add_parser("train", help="train a pixel classifier from scribbles or instance ground truth",
                            description="Train a random-forest pixel classifier on multi-scale features. --labels "
                                        "are scribbles as painted (0 unlabelled, 1 background, 2 particle, 3 "
@@ -387,9 +388,9 @@ def build_parser():
                             "are the boundary class (default %(default)s: the boundary-guided split needs the "
                             "line on both sides)")
     train.add_argument("--spacing", type=_spacing, default=None, help=PARAMETER_HELP["spacing"])
-    train.add_argument("--trees", type=int, default=32, help="trees in the forest (default %(default)s)")
-    train.add_argument("--max-depth", type=int, default=12, help="depth of each tree (default %(default)s)")
-    train.add_argument("--samples-per-class", type=int, default=20000,
+    train.add_argument("--trees", type=int, default=DEFAULT_TREES, help="trees in the forest (default %(default)s)")
+    train.add_argument("--max-depth", type=int, default=DEFAULT_DEPTH, help="depth of each tree (default %(default)s)")
+    train.add_argument("--samples-per-class", type=int, default=DEFAULT_SAMPLES_PER_CLASS,
                        help="labelled pixels drawn per class over all images (default %(default)s)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     train.set_defaults(func=cmd_train)

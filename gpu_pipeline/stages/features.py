@@ -23,8 +23,8 @@ FEATURE_SET_VERSION = "declump-features-1"
 
 #: Physical scales (units of ``spacing``; pixels at spacing 1). ilastik's set is 0.3, 0.7, 1, 1.6, 3.5, 5, 10 px:
 #: 0.3 px is a kernel of weights (0.004, 0.992, 0.004), i.e. the raw intensity, which is always the first
-#: feature here; 10 px would need a halo of 61 px (its structure tensor adds a 5-px Gaussian), so a 128^3 tile
-#: would read 4.5x its own volume (5 px: 31 px, 2.1x). The set kept spans fine edges (0.7 px) to
+#: feature here; 10 px would need a halo of 61 px (its structure tensor adds a 5-px Gaussian), so an inner 128^3
+#: tile would read 7.5x its own volume at that scale (5 px: 31 px, 3.3x). The set kept spans fine edges (0.7 px) to
 #: particle-sized context (5 px, a 41 px wide kernel); larger context is a ``scales=`` option away.
 DEFAULT_SCALES = (0.7, 1.0, 1.6, 3.5, 5.0)
 
