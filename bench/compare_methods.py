@@ -122,7 +122,11 @@ def run_isolated(name, image_path, p, repeats, warm_up=True):
 
 def pooled_scores(pairs):
     """Scores pooled over images: TP summed per IoU threshold, then F1 and AP."""
-    per = [evaluate(pred, gt) for pred, gt in pairs]
+    return pool_scores([evaluate(pred, gt) for pred, gt in pairs])
+
+
+def pool_scores(per):
+    """Pool per-image :func:`gpu_pipeline.metrics.evaluate` results (TP summed per IoU threshold)."""
     tp = sum(np.asarray(s["f1"]) * (s["n_pred"] + s["n_gt"]) / 2 for s in per)
     n_pred = sum(s["n_pred"] for s in per)
     n_gt = sum(s["n_gt"] for s in per)

@@ -419,9 +419,10 @@ def build_parser():
     train.add_argument("--out", required=True, metavar="MODEL", help="model file to write (.npz)")
     train.add_argument("--from-instances", action="store_true",
                        help="--labels are instance ground truth, not scribbles")
-    train.add_argument("--boundary-width", type=int, default=1,
+    train.add_argument("--boundary-width", type=int, default=2,
                        help="with --from-instances: particle pixels within this many pixels of another particle "
-                            "are the boundary class (default %(default)s)")
+                            "are the boundary class (default %(default)s: the boundary-guided split needs the "
+                            "line on both sides)")
     train.add_argument("--spacing", type=_spacing, default=None, help=PARAMETER_HELP["spacing"])
     train.add_argument("--trees", type=int, default=DEFAULT_TREES, help="trees in the forest (default %(default)s)")
     train.add_argument("--max-depth", type=int, default=DEFAULT_DEPTH, help="depth of each tree (default %(default)s)")

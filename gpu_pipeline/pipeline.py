@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for
+from gpu_pipeline.stages.boundary_split import boundary_split
 from gpu_pipeline.stages.cleanup import clean_mask
 from gpu_pipeline.stages.peaks import find_peaks, neck_groups, quantize_distance, window_half_widths
 from gpu_pipeline.stages.split import finish_labels, split_regions_kmeans, split_regions_watershed
@@ -102,7 +103,7 @@ def _memory_error_names_stage(function):
 def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,
              min_distance=4.0, min_size=None, max_hole_size=0.0, max_radius=None, neck_ratio=1.0,
              method="kmeans", assignment="power", kmeans_engine="batched", max_iter=0, return_details=False,
-             classifier=None):
+             classifier=None, follow_boundaries=True):
     """Split touching particles: an instance label image with one id per particle.
 
     Runs on the device that holds ``image`` (NumPy: CPU fallback; CuPy: GPU).
@@ -178,7 +179,16 @@ def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto
         A trained pixel classifier (:mod:`gpu_pipeline.classifier`): the
         foreground is where its probability of background is below 0.5,
         instead of the threshold (or ``mask``); its probabilities are in
-        ``details.probabilities``.
+        ``details.probabilities``. Where the model has a boundary class, the
+        particles are split along it
+        (:func:`gpu_pipeline.stages.boundary_split.boundary_split`: seeds from
+        the confident particle interior, flooded across the boundary
+        probability) and ``min_distance``, ``max_radius``, ``neck_ratio``,
+        ``method`` and the k-means options do not apply.
+    follow_boundaries : bool
+        With a classifier that has a boundary class: split along it (default)
+        or, when False, split its foreground by the distance map like any
+        mask (what chunked runs do, :func:`gpu_pipeline.chunked.pipeline.separate_chunked`).
 
     Returns
     -------
@@ -214,9 +224,9 @@ def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto
     min_size = ball(min_distance) if min_size is None else float(min_size)
     max_hole_size = float(max_hole_size or 0.0)
 
-    # Hook for a boundary-guided split: a classifier with a boundary class sets this to its probability
-    # map; the split below does not use it yet (None: the power-diagram split of the distance map).
-    boundary = None
+    # A classifier with a boundary class sets these; the split then follows its boundaries
+    # (stages/boundary_split) instead of the power-diagram split of the distance map.
+    boundary = interior = None
     if classifier is not None:
         from gpu_pipeline.classifier import class_probability, foreground_probability, load_classifier
 
@@ -226,7 +236,8 @@ def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto
         classifier = load_classifier(classifier)
         details.probabilities = classifier.predict_proba(image, spacing=spacing)
         mask = foreground_probability(details.probabilities, classifier.classes)
-        boundary = class_probability(details.probabilities, classifier.classes, "boundary")  # noqa: F841
+        boundary = class_probability(details.probabilities, classifier.classes, "boundary")
+        interior = class_probability(details.probabilities, classifier.classes, "particle")
         clock.lap("classifier")
     if mask is not None:
         fg = _mask_from(mask, reference.shape)
@@ -250,6 +261,11 @@ def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto
     if not bool(fg.any()):
         raise NoParticlesError("no particles found: the foreground is empty after thresholding and removing objects "
                                f"smaller than {min_size:g} (physical units); check polarity, threshold or min_size")
+    if boundary is not None and follow_boundaries:
+        labels = boundary_split(fg, boundary, interior=interior, spacing=spacing)
+        details.n_particles = int(labels.max())
+        clock.lap("boundary_split")
+        return (labels, details) if return_details else labels
     distance = cap_distance(ops.distance_transform(fg, spacing), max_radius, spacing)
     clock.lap("distance_transform")
     distance_q, quantum = quantize_distance(distance, spacing)
