@@ -104,7 +104,10 @@ def batched_kmeans(coords, groups, candidate_offsets, candidate_ids, centres, *,
         rows = max(1, BLOCK_ELEMENTS // bucket)
         for start in range(0, int(members.size), rows):
             idx = members[start:start + rows]
-            plans.append((idx, physical[idx], table[row_of_group[groups[idx]]]))
+            # The (voxels x width) candidate table is gathered per block when
+            # used, never held for all voxels at once: with wide lists that
+            # would be voxels x width indices.
+            plans.append((idx, physical[idx], table, row_of_group[groups[idx]]))
 
     assignment = xp.full(n_voxels, -1, dtype=xp.int64)
     coord_float = coords.astype(xp.float64)
@@ -113,10 +116,11 @@ def batched_kmeans(coords, groups, candidate_offsets, candidate_ids, centres, *,
         centre_phys = xp.concatenate([centres * scale, xp.zeros((1, ndim))], axis=0)
         neg_power = xp.concatenate([-power, xp.asarray([xp.inf])])
         new = xp.empty_like(assignment)
-        for idx, voxel_phys, candidates in plans:
-            if candidates.shape[1] == 1:
-                new[idx] = candidates[:, 0]
+        for idx, voxel_phys, table, rows in plans:
+            if table.shape[1] == 1:
+                new[idx] = table[rows, 0]
                 continue
+            candidates = table[rows]
             d = neg_power[candidates]
             for axis in range(ndim):
                 diff = voxel_phys[:, axis][:, None] - centre_phys[candidates, axis]
