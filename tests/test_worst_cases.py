@@ -141,3 +141,31 @@ def test_a_plateau_of_thousands_of_peaks_in_one_region_runs_within_the_memory_bo
     assert "error" not in out, out
     assert out["n_peaks"] >= 10000 and out["n_particles"] == 1 and out["whole"]
     assert out["peak_rss_mb"] < MEMORY_BOUND_MB, out
+
+
+@pytest.mark.parametrize("ndim,spacing", [(2, (1.0, 1.0)), (3, (1.0, 0.5, 1.0))])
+def test_pruned_candidate_lists_assign_every_voxel_as_the_full_lists(rng, ndim, spacing, monkeypatch):
+    """The power assignment (max_iter=0) with pruned lists equals the argmin over the full lists, ties included."""
+    from gpu_pipeline.stages import kmeans
+
+    shape = (48,) * ndim if ndim == 2 else (20, 40, 24)
+    coords = np.stack(np.nonzero(rng.random(shape) < 0.5), axis=1).astype(np.int64)
+    regions = 1 + (coords[:, -1] >= shape[-1] // 2)
+    centres = np.concatenate([rng.integers(0, s, (25, 1)) for s in shape], axis=1).astype(np.float64)
+    centres[:5] = centres[5:10]  # duplicated centroids: exact ties, the lower index must win
+    centre_region = 1 + (centres[:, -1] >= shape[-1] // 2)
+    order = np.argsort(centre_region, kind="stable")
+    centres, centre_region = centres[order], centre_region[order]
+    radii = rng.choice([2.0, 3.0, 5.5], len(centres))  # few distinct radii: ties between neighbours too
+    groups, offsets, ids, _ = local_candidates(coords, regions, centres, centre_region, spacing=spacing, margin=30.0)
+    pruned, _, _ = kmeans.batched_kmeans(coords, groups, offsets, ids, centres, spacing=spacing, radii=radii,
+                                         max_iter=0)
+    monkeypatch.setattr(kmeans, "prune_candidates", lambda coords, groups, offsets, ids, centres, **_: (groups,
+                                                                                                         offsets, ids))
+    full, _, _ = kmeans.batched_kmeans(coords, groups, offsets, ids, centres, spacing=spacing, radii=radii,
+                                       max_iter=0)
+    np.testing.assert_array_equal(pruned, full)
+    # and the full lists' choice is the brute-force power argmin within each voxel's region
+    d = (((coords[:, None, :] - centres[None]) * np.asarray(spacing)) ** 2).sum(axis=2) - radii ** 2
+    d[regions[:, None] != centre_region[None]] = np.inf
+    np.testing.assert_array_equal(full, np.argmin(d, axis=1))
