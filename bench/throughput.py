@@ -39,6 +39,7 @@ VOXELS_PER_TB = 1e12
 
 
 def _one_run(name, image_path, p, out_path, queue):
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core for every method, threads included
     image = np.load(image_path)
     try:
         run_method(name, np.ascontiguousarray(image[tuple(slice(0, 64) for _ in image.shape)]), p)  # warm-up
@@ -108,7 +109,7 @@ def projection(row, threads=1):
     rate = row["mvox_per_s"] * 1e6 / threads
     return {"mvox_per_s_per_thread": rate / 1e6, "hours_per_tb_one_core": VOXELS_PER_TB / rate / 3600,
             "hours_per_tb_16_core_node": VOXELS_PER_TB / rate / 3600 / 16,
-            "inputs": "in-memory end-to-end rate of one run on one thread (OMP_NUM_THREADS=1), divided over the "
+            "inputs": "in-memory end-to-end rate of one run pinned to one core, divided over the "
                       "cores of a node assuming linear scaling (the chunked run's scaling is measured by "
                       "bench.chunked)"}
 
@@ -119,8 +120,8 @@ def markdown(result):
              f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['memory_gib']} GiB, GPU: {m['gpu'] or 'none'}. "
              "**The machine was shared** with other jobs while this ran (load averages per run in the JSON; "
              f"1-minute load from {result['load_range'][0]:.1f} to {result['load_range'][1]:.1f}): absolute times "
-             "are inflated, the interleaved ratios are the comparable figures. Each run in a fresh process, one "
-             "thread (OMP_NUM_THREADS=1), after a warm-up on a 64-voxel crop; methods interleaved per round.", ""]
+             "are inflated, the interleaved ratios are the comparable figures. Each run in a fresh process pinned "
+             "to one core, after a warm-up on a 64-voxel crop; methods interleaved per round.", ""]
     for case in result["cases"]:
         lines += [f"## {'x'.join(map(str, case['shape']))}, {case['particles']} spheres, radius "
                   f"{case['radius'][0]}-{case['radius'][1]}, seed {case['seed']}", "",

@@ -115,3 +115,36 @@ def greedy_spacing(coords, reach):
     if coords.shape[0] == 0:
         return np.zeros(0, dtype=bool)
     return _greedy_spacing(coords, np.asarray([max(0, int(r)) for r in reach], dtype=np.int64))
+
+
+@njit(cache=True, nogil=True)
+def _nearest_candidate(coords, groups, offsets, ids, centre_phys, neg_power, scale):  # pragma: no cover - compiled
+    n, ndim = coords.shape
+    out = np.empty(n, dtype=np.int64)
+    for v in range(n):
+        g = groups[v]
+        best = -1
+        best_d = np.inf
+        for t in range(offsets[g], offsets[g + 1]):
+            c = ids[t]
+            d = neg_power[c]
+            for a in range(ndim):
+                diff = coords[v, a] * scale[a] - centre_phys[c, a]
+                d += diff * diff
+            if best < 0 or d < best_d:
+                best, best_d = c, d
+        out[v] = best
+    return out
+
+
+def nearest_candidate(coords, groups, offsets, ids, centre_phys, neg_power, scale):
+    """Per voxel, the candidate of its group with the smallest ``neg_power + |x * scale - centre_phys|^2``.
+
+    The same sums, in the same order, as :func:`~gpu_pipeline.stages.kmeans.batched_kmeans`'s array
+    code (ties: the first in the list, lists ascending), one pass over the voxels with no
+    (voxels x candidates) temporaries.
+    """
+    return _nearest_candidate(np.ascontiguousarray(coords, dtype=np.int64), np.ascontiguousarray(groups, np.int64),
+                              np.ascontiguousarray(offsets, np.int64), np.ascontiguousarray(ids, np.int64),
+                              np.ascontiguousarray(centre_phys, np.float64), np.ascontiguousarray(neg_power, np.float64),
+                              np.ascontiguousarray(scale, np.float64))

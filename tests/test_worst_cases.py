@@ -143,9 +143,19 @@ def test_a_plateau_of_thousands_of_peaks_in_one_region_runs_within_the_memory_bo
     assert out["peak_rss_mb"] < MEMORY_BOUND_MB, out
 
 
+def _listed_power_argmin(coords, groups, offsets, ids, centres, radii, spacing):
+    """Brute force: per voxel, the first candidate of its list with the smallest power distance."""
+    out = np.empty(len(coords), np.int64)
+    for v, (x, g) in enumerate(zip(coords, groups)):
+        c = ids[offsets[g]:offsets[g + 1]]
+        d = (((x - centres[c]) * np.asarray(spacing)) ** 2).sum(axis=1) - radii[c] ** 2
+        out[v] = c[np.argmin(d)]
+    return out
+
+
 @pytest.mark.parametrize("ndim,spacing", [(2, (1.0, 1.0)), (3, (1.0, 0.5, 1.0))])
-def test_pruned_candidate_lists_assign_every_voxel_as_the_full_lists(rng, ndim, spacing, monkeypatch):
-    """The power assignment (max_iter=0) with pruned lists equals the argmin over the full lists, ties included."""
+def test_power_assignment_and_pruned_lists_choose_the_power_nearest_centroid(rng, ndim, spacing):
+    """max_iter=0: the compiled assignment, and the lists pruned for the GPU path, pick the region's power argmin."""
     from gpu_pipeline.stages import kmeans
 
     shape = (48,) * ndim if ndim == 2 else (20, 40, 24)
@@ -157,15 +167,16 @@ def test_pruned_candidate_lists_assign_every_voxel_as_the_full_lists(rng, ndim, 
     order = np.argsort(centre_region, kind="stable")
     centres, centre_region = centres[order], centre_region[order]
     radii = rng.choice([2.0, 3.0, 5.5], len(centres))  # few distinct radii: ties between neighbours too
-    groups, offsets, ids, _ = local_candidates(coords, regions, centres, centre_region, spacing=spacing, margin=30.0)
-    pruned, _, _ = kmeans.batched_kmeans(coords, groups, offsets, ids, centres, spacing=spacing, radii=radii,
-                                         max_iter=0)
-    monkeypatch.setattr(kmeans, "prune_candidates", lambda coords, groups, offsets, ids, centres, **_: (groups,
-                                                                                                         offsets, ids))
-    full, _, _ = kmeans.batched_kmeans(coords, groups, offsets, ids, centres, spacing=spacing, radii=radii,
-                                       max_iter=0)
-    np.testing.assert_array_equal(pruned, full)
-    # and the full lists' choice is the brute-force power argmin within each voxel's region
     d = (((coords[:, None, :] - centres[None]) * np.asarray(spacing)) ** 2).sum(axis=2) - radii ** 2
     d[regions[:, None] != centre_region[None]] = np.inf
-    np.testing.assert_array_equal(full, np.argmin(d, axis=1))
+    expected = np.argmin(d, axis=1)  # the margin below covers each region, so lists hold the whole region
+    groups, offsets, ids, _ = local_candidates(coords, regions, centres, centre_region, spacing=spacing, margin=80.0)
+    chosen, _, n_iter = kmeans.batched_kmeans(coords, groups, offsets, ids, centres, spacing=spacing, radii=radii,
+                                              max_iter=0)
+    np.testing.assert_array_equal(chosen, expected)
+    assert n_iter == 0
+    pieces, pruned_offsets, pruned_ids = kmeans.prune_candidates(coords, groups, offsets, ids, centres,
+                                                                 spacing=spacing, power=radii ** 2)
+    assert np.diff(pruned_offsets).mean() < np.diff(offsets)[groups].mean() / 2  # it does prune
+    np.testing.assert_array_equal(
+        _listed_power_argmin(coords, pieces, pruned_offsets, pruned_ids, centres, radii, spacing), expected)

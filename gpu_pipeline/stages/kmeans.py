@@ -29,6 +29,10 @@ BLOCK_ELEMENTS = 1 << 22
 #: :func:`prune_candidates` narrows to the centroids that can be nearest.
 PRUNE_CELL = 4
 
+#: On the CPU, lists up to this wide go to the compiled assignment unpruned
+#: (pruning costs more than it saves there).
+KERNEL_WIDTH = 64
+
 
 def _bucket_plan(k_per_group, xp):
     """Padded width per group: k rounded up to the next power of two (1, 2, 4, ...)."""
@@ -88,10 +92,19 @@ def batched_kmeans(coords, groups, candidate_offsets, candidate_ids, centres, *,
         raise DeclumpError("internal: a group without candidate centroids reached k-means")
     power = xp.zeros(n_centres, dtype=xp.float64) if radii is None else radii.astype(xp.float64) ** 2
     if max_iter == 0:  # the centroids stay put: lists can be cut to those that can win
-        groups, candidate_offsets, candidate_ids = prune_candidates(coords, groups, candidate_offsets,
-                                                                    candidate_ids, centres, spacing=spacing,
-                                                                    power=power)
-        k = xp.diff(candidate_offsets)
+        on_host = xp.__name__ == "numpy"
+        if not on_host or int(k.max()) > KERNEL_WIDTH:
+            groups, candidate_offsets, candidate_ids = prune_candidates(coords, groups, candidate_offsets,
+                                                                        candidate_ids, centres, spacing=spacing,
+                                                                        power=power)
+            k = xp.diff(candidate_offsets)
+        if on_host:
+            # One compiled pass over the voxels (same sums, same ties) instead of
+            # the padded (voxels x width) tables below, which NumPy needs.
+            from cpu_fallback.kernels import nearest_candidate
+
+            return nearest_candidate(coords, groups, candidate_offsets, candidate_ids, centres * scale, -power,
+                                     scale), centres, 0
     width = _bucket_plan(k, xp)
 
     physical = coords.astype(xp.float64) * scale
