@@ -148,3 +148,31 @@ def nearest_candidate(coords, groups, offsets, ids, centre_phys, neg_power, scal
                               np.ascontiguousarray(offsets, np.int64), np.ascontiguousarray(ids, np.int64),
                               np.ascontiguousarray(centre_phys, np.float64), np.ascontiguousarray(neg_power, np.float64),
                               np.ascontiguousarray(scale, np.float64))
+
+
+@njit(cache=True, nogil=True)
+def _block_groups(coords, voxel_region, block, strides, n_blocks, unique_keys, fallback_base):  # pragma: no cover
+    n, ndim = coords.shape
+    groups = np.empty(n, dtype=np.int64)
+    n_fallback = 0
+    for v in range(n):
+        key = voxel_region[v] * n_blocks
+        for a in range(ndim):
+            key += (coords[v, a] // block[a]) * strides[a]
+        g = np.searchsorted(unique_keys, key)
+        if g >= unique_keys.size or unique_keys[g] != key:
+            g = np.searchsorted(unique_keys, fallback_base + voxel_region[v])
+            n_fallback += 1
+        groups[v] = g
+    return groups, n_fallback
+
+
+def block_groups(coords, voxel_region, block, strides, n_blocks, unique_keys, fallback_base):
+    """Per voxel, the index in ``unique_keys`` of its (region, block) key, else of its region's fallback key.
+
+    The voxel side of :func:`~gpu_pipeline.stages.split.local_candidates` in one pass (the array
+    form builds several (voxels x ndim) temporaries). Returns ``(groups, n_fallback)``.
+    """
+    return _block_groups(np.ascontiguousarray(coords, dtype=np.int64), np.ascontiguousarray(voxel_region, np.int64),
+                         np.ascontiguousarray(block, np.int64), np.ascontiguousarray(strides, np.int64),
+                         int(n_blocks), np.ascontiguousarray(unique_keys, np.int64), int(fallback_base))

@@ -71,7 +71,10 @@ def _local_candidates_reference(coords, voxel_region, centres, centre_region, *,
 
 
 @pytest.mark.parametrize("ndim,spacing", [(2, (1.0, 1.0)), (3, (2.0, 1.0, 1.5))])
-def test_local_candidates_equal_the_per_offset_loop(rng, ndim, spacing):
+def test_local_candidates_equal_the_per_offset_loop(rng, ndim, spacing, monkeypatch):
+    from cpu_fallback import kernels
+    from gpu_pipeline.stages import split
+
     shape = (40,) * ndim
     coords = np.stack(np.nonzero(rng.random(shape) < 0.05), axis=1).astype(np.int64)
     voxel_region = rng.integers(1, 4, len(coords))
@@ -83,7 +86,11 @@ def test_local_candidates_equal_the_per_offset_loop(rng, ndim, spacing):
     ours = [ids[offsets[g]:offsets[g + 1]].tolist() for g in groups]
     ref = _local_candidates_reference(coords, voxel_region, centres, centre_region, spacing=spacing, margin=margin)
     assert ours == ref
-    assert n_fallback < len(coords)
+    assert 0 < n_fallback < len(coords)
+    # The array form (the GPU's) finds the same lists as the compiled one.
+    monkeypatch.setattr(kernels, "block_groups", split.block_groups)
+    assert local_candidates(coords, voxel_region, centres, centre_region, spacing=spacing,
+                            margin=margin)[0].tolist() == groups.tolist()
 
 
 def _peak_rss_of(script):
