@@ -104,6 +104,66 @@ def side_by_side(shape, particles, radius, seed, rounds, methods=METHODS):
             "seed": seed, "params": p, "methods": rows, "watershed_over_declump_time": ratio}
 
 
+def _cli_run(argv, out_dir):
+    """``declump`` with ``argv`` in a fresh process (bench.chunked's child): seconds and peak RSS."""
+    import subprocess
+    import sys
+
+    report = Path(out_dir) / "report.json"
+    done = subprocess.run([sys.executable, "-m", "bench.chunked", "--child", str(report), *argv],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
+    if done.returncode != 0:
+        raise RuntimeError(f"declump {' '.join(argv)} failed: {done.stderr[-1000:]}")
+    return json.loads(report.read_text())
+
+
+def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
+    """``declump run`` on one Zarr volume, in memory (.npy output) and chunked (.zarr output, 1 worker), one core.
+
+    Both runs take the same parameters (bench.chunked's, with --max-radius
+    for the chunked halos) and are interleaved; the process and its children
+    are pinned to one core, so the ratio is per voxel and per thread.
+    """
+    import shutil
+
+    import zarr
+
+    from bench.chunked import PARAMS
+
+    image, _ = make_touching_particles(shape, particles, radius_range=radius, overlap=0.15, seed=seed)
+    keep = os.sched_getaffinity(0)
+    runs = {"in_memory": [], "chunked": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        volume = Path(tmp) / "in.zarr"
+        zarr.create_array(str(volume), shape=image.shape, dtype=image.dtype, chunks=chunks,
+                          compressors=zarr.codecs.ZstdCodec(level=3))[...] = image
+        del image
+        os.sched_setaffinity(0, {min(keep)})
+        try:
+            for _ in range(rounds):
+                for mode, out in (("in_memory", "labels.npy"), ("chunked", "labels.zarr")):
+                    target = Path(tmp) / mode
+                    shutil.rmtree(target, ignore_errors=True)
+                    target.mkdir()
+                    extra = ["--chunks", ",".join(map(str, chunks)), "--workers", "1"] if mode == "chunked" else []
+                    load = os.getloadavg()
+                    measured = _cli_run(["run", str(volume), str(target / out), "--quiet", "--device", "cpu",
+                                         *PARAMS, *extra], target)
+                    runs[mode].append({**measured, "load_before": load, "load_after": os.getloadavg()})
+                    print(f"{mode:10s} {measured['seconds']:.1f}s peak RSS {measured['peak_rss_gib']:.2f} GiB "
+                          f"load {load[0]:.1f}", flush=True)
+        finally:
+            os.sched_setaffinity(0, keep)
+    voxels = int(np.prod(shape))
+    out = {"shape": list(shape), "chunks": list(chunks), "params": PARAMS, "runs": runs}
+    for mode, rows in runs.items():
+        seconds = statistics.median(r["seconds"] for r in rows)
+        out[mode] = {"seconds": seconds, "mvox_per_s": voxels / seconds / 1e6,
+                     "peak_rss_gib": max(r["peak_rss_gib"] for r in rows)}
+    out["chunked_over_in_memory"] = [c["seconds"] / m["seconds"] for m, c in zip(runs["in_memory"], runs["chunked"])]
+    return out
+
+
 def projection(row, threads=1):
     """Hours per TB of uint8 volume per node from an in-memory MVox/s on ``threads`` threads, per core and per 16."""
     rate = row["mvox_per_s"] * 1e6 / threads
@@ -143,6 +203,16 @@ def markdown(result):
                       f"{pr['hours_per_tb_one_core']:.0f} h per TB of uint8 on one core, "
                       f"{pr['hours_per_tb_16_core_node']:.0f} h on a 16-core node ({pr['inputs']})."]
         lines.append("")
+    c = result.get("chunked")
+    if c:
+        lines += [f"## Chunked vs in memory: `declump run` on one Zarr volume {'x'.join(map(str, c['shape']))}, "
+                  f"chunks {'x'.join(map(str, c['chunks']))}, one core, 1 worker", "",
+                  "| mode | s (median) | MVox/s | peak RSS GiB |", "|---|---|---|---|"]
+        for mode in ("in_memory", "chunked"):
+            lines.append(f"| {mode.replace('_', ' ')} | {c[mode]['seconds']:.1f} | {c[mode]['mvox_per_s']:.2f} | "
+                         f"{c[mode]['peak_rss_gib']:.2f} |")
+        lines += ["", "Chunked time / in-memory time per voxel per thread: "
+                  + ", ".join(f"{x:.2f}" for x in c["chunked_over_in_memory"]) + f" (parameters {' '.join(c['params'])}).", ""]
     return "\n".join(lines)
 
 
@@ -161,6 +231,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=7, help="generator seed (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default %(default)s)")
     parser.add_argument("--methods", default=",".join(SHORT), help="comma-separated subset of: %(default)s")
+    parser.add_argument("--chunked", type=parse_ints, default=None, metavar="CHUNKS",
+                        help="also time `declump run` chunked (these chunks) against in memory on the first shape")
     parser.add_argument("--out", default=None, help="result file stem (default throughput_<date>)")
     args = parser.parse_args(argv)
     shapes = args.shape or [(256, 256, 256)]
@@ -172,6 +244,9 @@ def main(argv=None):
         if "error" not in case["methods"].get(DECLUMP, {"error": 1}):
             case["projection"] = projection(case["methods"][DECLUMP])
         result["cases"].append(case)
+    if args.chunked:
+        result["chunked"] = chunked_vs_in_memory(shapes[0], particles[0], args.radius, args.seed, args.chunked,
+                                                 args.rounds)
     loads = [x[0] for c in result["cases"] for r in c["methods"].values() for x in r.get("load_averages", [])]
     result["load_range"] = [min(loads), max(loads)] if loads else [0.0, 0.0]
     RESULTS.mkdir(parents=True, exist_ok=True)
