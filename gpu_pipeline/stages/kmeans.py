@@ -20,6 +20,8 @@ Two assignment rules:
 """
 from __future__ import annotations
 
+import numpy as np
+
 from gpu_pipeline._backend import DeclumpError, get_array_module
 
 #: Elements (voxels x candidate centroids) processed per block; bounds memory.
@@ -194,7 +196,7 @@ def prune_candidates(coords, groups, candidate_offsets, candidate_ids, centres, 
     scale = xp.asarray([float(s) for s in spacing], dtype=xp.float64)
     box_low, box_high = [], []
     for a in range(ndim):
-        lo = xp.full(n_pieces, xp.iinfo(xp.int64).max, dtype=xp.int64)
+        lo = xp.full(n_pieces, np.iinfo(np.int64).max, dtype=xp.int64)
         hi = xp.full(n_pieces, -1, dtype=xp.int64)
         ops.scatter_min(lo, pieces, coords[:, a])
         ops.scatter_max(hi, pieces, coords[:, a])
@@ -204,12 +206,13 @@ def prune_candidates(coords, groups, candidate_offsets, candidate_ids, centres, 
     centre_phys = centres.astype(xp.float64) * scale
     k = xp.diff(candidate_offsets)[parent]
     ends = xp.cumsum(k)
+    host_ends = ends.get() if hasattr(ends, "get") else ends  # slice bounds are chosen on the host
     kept_ids, kept_count = [], xp.zeros(n_pieces, dtype=xp.int64)
     first = 0
     while first < n_pieces:
-        done = int(ends[first - 1]) if first else 0
-        last = max(first + 1, int(xp.searchsorted(ends, done + BLOCK_ELEMENTS // 4, side="right")))
-        t = xp.arange(done, int(ends[last - 1]), dtype=xp.int64)
+        done = int(host_ends[first - 1]) if first else 0
+        last = max(first + 1, int(np.searchsorted(host_ends, done + BLOCK_ELEMENTS // 4, side="right")))
+        t = xp.arange(done, int(host_ends[last - 1]), dtype=xp.int64)
         piece = xp.searchsorted(ends, t, side="right")
         c = candidate_ids[candidate_offsets[parent[piece]] + t - (ends - k)[piece]]
         lo, hi, at = box_low[piece], box_high[piece], centre_phys[c]
