@@ -1,8 +1,10 @@
-"""Peaks of the distance map: the particle centres.
+"""Peaks of the distance map: the particle centres, and the necks that group them.
 
-Found entirely with array operations on the device (a maximum filter, a
-compare, a nonzero, then sorting and searching among the candidates), never
-with a host KD-tree.
+The voxel work is array operations on the device (a maximum filter, a
+compare, a nonzero); the greedy spacing of the candidates, sequential by
+nature, is a compiled kernel on the host over the candidate list. Every
+step's memory is bounded whatever the data (plateaus of thousands of peaks
+included): linear in the candidates, pairs in batches.
 """
 from __future__ import annotations
 
@@ -47,9 +49,8 @@ def find_peaks(values, *, half_widths, min_value=0):
     are dropped; a dropped one suppresses nothing, so along a ridge of equal
     values peaks are kept every ``h`` voxels. This is the greedy spacing of
     ``skimage.feature.peak_local_max(values, min_distance=h,
-    exclude_border=False)`` (Chebyshev distance), ties included, computed on
-    the device: one maximum filter, then :func:`space_candidates` on the
-    (few) candidates, never a host KD-tree.
+    exclude_border=False)`` (Chebyshev distance), ties included: one maximum
+    filter on the device, then :func:`space_candidates` on the candidates.
 
     Parameters
     ----------
