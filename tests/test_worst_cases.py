@@ -47,7 +47,6 @@ def test_greedy_spacing_keeps_what_a_sequential_greedy_keeps(rng, ndim):
 
 def _local_candidates_reference(coords, voxel_region, centres, centre_region, *, spacing, margin):
     """The loop over block offsets that local_candidates replaced (one array pass per offset)."""
-    ndim = coords.shape[1]
     block = np.asarray([max(1, int(math.ceil(margin / BLOCK_DIVISOR / float(s)))) for s in spacing], np.int64)
     reach = [int(math.ceil(margin / float(s) / int(b))) for s, b in zip(spacing, block)]
     scale = np.asarray(spacing, np.float64)
