@@ -40,6 +40,7 @@ DECLUMP_VARIANTS = {
 NAIVE = "naive sklearn KMeans per region"
 WATERSHED = "skimage watershed"
 CLESPERANTO = "pyclesperanto voronoi_otsu_labeling"
+SNOW = "porespy snow_partitioning"
 #: EMPS hole filling, px^2: many EMPS particles have bright rims and darker
 #: interiors that Otsu leaves as background; holes up to the area of a large
 #: particle (20000 px^2 is about the 90th percentile of EMPS particle areas)
@@ -71,7 +72,7 @@ def with_polarity(image, params):
 
 def run_method(name, image, p):
     """Labels of ``image`` by method ``name`` with parameters ``p``."""
-    from bench.peers import pyclesperanto_voronoi_otsu, skimage_watershed
+    from bench.peers import porespy_snow, pyclesperanto_voronoi_otsu, skimage_watershed
     from cpu_fallback import separate
 
     common = separation_kwargs(p)
@@ -81,6 +82,8 @@ def run_method(name, image, p):
         return separate(image, **common, assignment="euclidean", kmeans_engine="sklearn", max_iter=300)
     if name == WATERSHED:
         return skimage_watershed(image, **common)
+    if name == SNOW:
+        return porespy_snow(image, **common)
     if name == CLESPERANTO:
         data = image if p["polarity"] == "bright" else image.max() - image
         return pyclesperanto_voronoi_otsu(data, spot_sigma=p["spot_sigma"], outline_sigma=p["sigma"])
@@ -369,7 +372,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="result file stem (default compare_<date>)")
     args = parser.parse_args(argv)
 
-    methods = list(DECLUMP_VARIANTS) + [NAIVE, WATERSHED, CLESPERANTO]
+    methods = list(DECLUMP_VARIANTS) + [NAIVE, WATERSHED, SNOW, CLESPERANTO]
     large = [m for m in methods if m != NAIVE or args.naive_on_large]
     small = [next(iter(DECLUMP_VARIANTS)), NAIVE, WATERSHED]
     start = time.perf_counter()

@@ -13,11 +13,23 @@ def skimage_watershed(image, *, sigma, min_distance, polarity, spacing=None, min
     Sizes are in pixels/voxels (the bench's data have unit spacing).
     """
     from skimage.feature import peak_local_max
-    from skimage.filters import gaussian, threshold_otsu
-    from skimage.morphology import remove_small_holes, remove_small_objects
     from skimage.segmentation import watershed
 
     spacing = (1.0,) * image.ndim if spacing is None else tuple(spacing)
+    fg = _textbook_foreground(image, sigma=sigma, polarity=polarity, spacing=spacing, min_size=min_size,
+                              max_hole_size=max_hole_size)
+    distance = ndi.distance_transform_edt(fg, sampling=spacing)
+    regions, _ = ndi.label(fg)
+    coords = peak_local_max(distance, min_distance=int(min_distance), labels=regions, exclude_border=False)
+    markers = np.zeros(image.shape, dtype=np.int32)
+    markers[tuple(coords.T)] = np.arange(1, len(coords) + 1)
+    return watershed(-distance, markers, mask=fg)
+
+
+def _textbook_foreground(image, *, sigma, polarity, spacing, min_size, max_hole_size):
+    from skimage.filters import gaussian, threshold_otsu
+    from skimage.morphology import remove_small_holes, remove_small_objects
+
     smoothed = gaussian(image.astype(np.float32), sigma=tuple(sigma / s for s in spacing), preserve_range=True)
     t = threshold_otsu(smoothed)
     fg = smoothed > t if polarity == "bright" else smoothed <= t
@@ -25,12 +37,23 @@ def skimage_watershed(image, *, sigma, min_distance, polarity, spacing=None, min
         fg = remove_small_holes(fg, max_size=int(math.ceil(max_hole_size)) - 1, connectivity=1)
     if min_size:
         fg = remove_small_objects(fg, max_size=int(math.ceil(min_size)) - 1)
-    distance = ndi.distance_transform_edt(fg, sampling=spacing)
-    regions, _ = ndi.label(fg)
-    coords = peak_local_max(distance, min_distance=int(min_distance), labels=regions, exclude_border=False)
-    markers = np.zeros(image.shape, dtype=np.int32)
-    markers[tuple(coords.T)] = np.arange(1, len(coords) + 1)
-    return watershed(-distance, markers, mask=fg)
+    return fg
+
+
+def porespy_snow(image, *, sigma, min_distance, polarity, spacing=None, min_size=0, max_hole_size=0):
+    """PoreSpy's SNOW partitioning (distance transform, peak trimming, watershed) of the textbook foreground.
+
+    The foreground is the watershed pipeline's (same smoothing, Otsu and
+    cleanup); SNOW's own ``r_max`` (peak search radius, voxels) is
+    ``min_distance`` and its ``sigma`` (distance-map smoothing) keeps
+    PoreSpy's default. Unit spacing only (as in the bench's data).
+    """
+    import porespy
+
+    spacing = (1.0,) * image.ndim if spacing is None else tuple(spacing)
+    fg = _textbook_foreground(image, sigma=sigma, polarity=polarity, spacing=spacing, min_size=min_size,
+                              max_hole_size=max_hole_size)
+    return np.asarray(porespy.filters.snow_partitioning(fg, r_max=int(min_distance)).regions * fg, dtype=np.int32)
 
 
 def _pocl_icd_dir():

@@ -48,8 +48,8 @@ from gpu_pipeline.pipeline import NoParticlesError, cap_distance, validate_spaci
 from gpu_pipeline.stages.components import (count_pairs, face_pairs_between_labels, reassign_strays,
                                             stray_pieces)
 from gpu_pipeline.stages.kmeans import batched_kmeans
-from gpu_pipeline.stages.peaks import (groups_from_necks, local_maxima, neck_pairs, quantize_distance,
-                                       segment_points, space_candidates, window_half_widths)
+from gpu_pipeline.stages.peaks import (join_peaks, local_maxima, quantize_distance, segment_points,
+                                       space_candidates, window_half_widths)
 from gpu_pipeline.stages.split import KMeansSeeds, block_candidates, kmeans_seeds
 
 #: Default ``max_radius``: this many times ``min_distance``.
@@ -219,15 +219,18 @@ def neck_groups_chunked(regions, found, *, spacing, min_distance, max_radius, ra
     from dask import delayed
 
     peaks, heights = found["peaks"], found["values"]
-    i, j = neck_pairs(peaks, heights, found["region"], spacing)
-    low = np.full(len(i), np.iinfo(np.int64).max, dtype=np.int64)
-    if len(i):
-        depth = peak_halo(min_distance, max_radius, spacing)
+    depth = peak_halo(min_distance, max_radius, spacing)
+
+    def segment_minima(i, j):
+        # One pass over the chunks per batch of pairs (one batch unless the
+        # peaks' balls overlap by the million).
+        nonlocal regions
         if store is None:  # the blocks _extended_blocks iterates: a short last chunk joins its neighbour
             regions = fit_halo(regions, depth, "distance-transform and peak")
         starts = chunk_starts(regions.chunks)
         key, pair = _pairs_by_block(np.minimum(peaks[i], peaks[j]), np.maximum(peaks[i], peaks[j]), starts,
                                     regions.numblocks)
+        low = np.full(len(i), np.iinfo(np.int64).max, dtype=np.int64)
         tasks, task_pairs = [], []
         for index, origin, core_shape, left, extended in _extended_blocks(regions, depth, store, device):
             b = int(np.ravel_multi_index(index, regions.numblocks))
@@ -239,7 +242,9 @@ def neck_groups_chunked(regions, found, *, spacing, min_distance, max_radius, ra
                                                      float(max_radius), peaks[i[mine]], peaks[j[mine]]))
         for mine, part in zip(task_pairs, run_tasks(tasks, "necks between peaks", verbose=verbose)):
             np.minimum.at(low, mine, part)
-    return groups_from_necks(len(peaks), i, j, low, heights, ratio)
+        return low
+
+    return join_peaks(peaks, heights, found["region"], spacing, ratio, segment_minima, nearest_first=False)
 
 
 def _seeds_on(seeds, xp):

@@ -27,6 +27,14 @@ from gpu_pipeline._backend import DeclumpError, get_array_module, to_host
 #: Elements (voxels x candidate centroids) processed per block; bounds memory.
 BLOCK_ELEMENTS = 1 << 22
 
+#: Width, in voxels per axis, of the cells whose candidate lists
+#: :func:`prune_candidates` narrows to the centroids that can be nearest.
+PRUNE_CELL = 4
+
+#: On the CPU, lists up to this wide go to the compiled assignment unpruned
+#: (pruning costs more than it saves there).
+KERNEL_WIDTH = 64
+
 
 def _bucket_plan(k_per_group, xp):
     """Padded width per group: k rounded up to the next power of two (1, 2, 4, ...)."""
@@ -84,8 +92,22 @@ def batched_kmeans(coords, groups, candidate_offsets, candidate_ids, centres, *,
     k = xp.diff(candidate_offsets)
     if bool((k[xp.unique(groups)] == 0).any()):
         raise DeclumpError("internal: a group without candidate centroids reached k-means")
-    width = _bucket_plan(k, xp)
     power = xp.zeros(n_centres, dtype=xp.float64) if radii is None else radii.astype(xp.float64) ** 2
+    if max_iter == 0:  # the centroids stay put: lists can be cut to those that can win
+        on_host = xp.__name__ == "numpy"
+        if not on_host or int(k.max()) > KERNEL_WIDTH:
+            groups, candidate_offsets, candidate_ids = prune_candidates(coords, groups, candidate_offsets,
+                                                                        candidate_ids, centres, spacing=spacing,
+                                                                        power=power)
+            k = xp.diff(candidate_offsets)
+        if on_host:
+            # One compiled pass over the voxels (same sums, same ties) instead of
+            # the padded (voxels x width) tables below, which NumPy needs.
+            from cpu_fallback.kernels import nearest_candidate
+
+            return nearest_candidate(coords, groups, candidate_offsets, candidate_ids, centres * scale, -power,
+                                     scale), centres, 0
+    width = _bucket_plan(k, xp)
 
     physical = coords.astype(xp.float64) * scale
     voxel_width = width[groups]
@@ -106,7 +128,10 @@ def batched_kmeans(coords, groups, candidate_offsets, candidate_ids, centres, *,
         rows = max(1, BLOCK_ELEMENTS // bucket)
         for start in range(0, int(members.size), rows):
             idx = members[start:start + rows]
-            plans.append((idx, physical[idx], table[row_of_group[groups[idx]]]))
+            # The (voxels x width) candidate table is gathered per block when
+            # used, never held for all voxels at once: with wide lists that
+            # would be voxels x width indices.
+            plans.append((idx, physical[idx], table, row_of_group[groups[idx]]))
 
     assignment = xp.full(n_voxels, -1, dtype=xp.int64)
     coord_float = coords.astype(xp.float64)
@@ -115,10 +140,11 @@ def batched_kmeans(coords, groups, candidate_offsets, candidate_ids, centres, *,
         centre_phys = xp.concatenate([centres * scale, xp.zeros((1, ndim))], axis=0)
         neg_power = xp.concatenate([-power, xp.asarray([xp.inf])])
         new = xp.empty_like(assignment)
-        for idx, voxel_phys, candidates in plans:
-            if candidates.shape[1] == 1:
-                new[idx] = candidates[:, 0]
+        for idx, voxel_phys, table, rows in plans:
+            if table.shape[1] == 1:
+                new[idx] = table[rows, 0]
                 continue
+            candidates = table[rows]
             d = neg_power[candidates]
             for axis in range(ndim):
                 diff = voxel_phys[:, axis][:, None] - centre_phys[candidates, axis]
@@ -135,6 +161,74 @@ def batched_kmeans(coords, groups, candidate_offsets, candidate_ids, centres, *,
         centres = xp.where(filled[:, None], sums / xp.maximum(counts, 1)[:, None], centres)
         n_updates += 1
     return assignment, centres, n_updates
+
+
+def prune_candidates(coords, groups, candidate_offsets, candidate_ids, centres, *, spacing, power):
+    """Split each group by cells of :data:`PRUNE_CELL` voxels and keep, per piece, the centroids that can be nearest.
+
+    A piece's voxels lie in a box; a centroid whose smallest power distance
+    over the box (``|x - c|^2 - power``, physical) exceeds the smallest
+    largest one of the list cannot be nearest to any voxel of the piece, nor
+    tie with the nearest, so dropping it changes no assignment (ties still go
+    to the lower index: lists stay ascending). A small relative slack keeps
+    every candidate that float rounding could make a winner. With wide lists
+    (large particles, plateaus of peaks) this cuts the work per voxel to
+    the few centroids around it. Pairs of (piece, candidate) are handled in
+    slices of a quarter of :data:`BLOCK_ELEMENTS` (about 200 MB of temporaries).
+
+    Returns ``(groups, candidate_offsets, candidate_ids)`` in the form
+    :func:`batched_kmeans` takes.
+    """
+    xp = get_array_module(coords)
+    from gpu_pipeline._backend import ops_for
+
+    ops = ops_for(coords)
+    n_voxels, ndim = coords.shape
+    cells = coords // PRUNE_CELL
+    low = cells.min(axis=0)
+    extent = cells.max(axis=0) - low + 1
+    strides = xp.concatenate([xp.cumprod(extent[::-1])[::-1][1:], xp.ones(1, dtype=xp.int64)])
+    n_cells = int(xp.prod(extent))
+    keys, pieces = xp.unique(groups * n_cells + ((cells - low) * strides).sum(axis=1), return_inverse=True)
+    pieces = pieces.reshape(-1)
+    parent = keys // n_cells
+    n_pieces = keys.size
+    scale = xp.asarray([float(s) for s in spacing], dtype=xp.float64)
+    box_low, box_high = [], []
+    for a in range(ndim):
+        lo = xp.full(n_pieces, np.iinfo(np.int64).max, dtype=xp.int64)
+        hi = xp.full(n_pieces, -1, dtype=xp.int64)
+        ops.scatter_min(lo, pieces, coords[:, a])
+        ops.scatter_max(hi, pieces, coords[:, a])
+        box_low.append(lo.astype(xp.float64) * scale[a])
+        box_high.append(hi.astype(xp.float64) * scale[a])
+    box_low, box_high = xp.stack(box_low, axis=1), xp.stack(box_high, axis=1)
+    centre_phys = centres.astype(xp.float64) * scale
+    k = xp.diff(candidate_offsets)[parent]
+    ends = xp.cumsum(k)
+    host_ends = ends.get() if hasattr(ends, "get") else ends  # slice bounds are chosen on the host
+    kept_ids, kept_count = [], xp.zeros(n_pieces, dtype=xp.int64)
+    first = 0
+    while first < n_pieces:
+        done = int(host_ends[first - 1]) if first else 0
+        last = max(first + 1, int(np.searchsorted(host_ends, done + BLOCK_ELEMENTS // 4, side="right")))
+        t = xp.arange(done, int(host_ends[last - 1]), dtype=xp.int64)
+        piece = xp.searchsorted(ends, t, side="right")
+        c = candidate_ids[candidate_offsets[parent[piece]] + t - (ends - k)[piece]]
+        lo, hi, at = box_low[piece], box_high[piece], centre_phys[c]
+        near = xp.maximum(xp.maximum(lo - at, at - hi), 0)
+        far = xp.maximum(xp.abs(lo - at), xp.abs(hi - at))
+        lower = (near * near).sum(axis=1) - power[c]
+        upper = (far * far).sum(axis=1) - power[c]
+        bound = xp.full(last - first, xp.inf, dtype=xp.float64)
+        ops.scatter_min(bound, piece - first, upper)
+        bound = bound[piece - first]
+        keep = lower <= bound + 1e-9 * (xp.abs(bound) + power[c] + 1.0)
+        kept_ids.append(c[keep])
+        kept_count[first:last] = xp.bincount(piece[keep] - first, minlength=last - first)
+        first = last
+    offsets = xp.concatenate([xp.zeros(1, dtype=xp.int64), xp.cumsum(kept_count)])
+    return pieces.astype(xp.int64), offsets, xp.concatenate(kept_ids).astype(candidate_ids.dtype)
 
 
 def to_list(array):

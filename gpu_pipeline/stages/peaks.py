@@ -1,8 +1,10 @@
-"""Peaks of the distance map: the particle centres.
+"""Peaks of the distance map: the particle centres, and the necks that group them.
 
-Found entirely with array operations on the device (a maximum filter, a
-compare, a nonzero, then sorting and searching among the candidates), never
-with a host KD-tree.
+The voxel work is array operations on the device (a maximum filter, a
+compare, a nonzero); the greedy spacing of the candidates, sequential by
+nature, is a compiled kernel on the host over the candidate list. Every
+step's memory is bounded whatever the data (plateaus of thousands of peaks
+included): linear in the candidates, pairs in batches.
 """
 from __future__ import annotations
 
@@ -12,10 +14,18 @@ import math
 import numpy as np
 
 from gpu_pipeline._backend import get_array_module, ops_for, to_host
+from gpu_pipeline.stages.kmeans import to_list
 
 #: Distances are compared on a grid of min(spacing)/QUANTUM_DIVISOR, so that
 #: float rounding differences between backends cannot flip a tie.
 QUANTUM_DIVISOR = 256
+
+#: Candidate peak pairs, or segment samples, held at once by the neck search:
+#: bounds its memory (about 100 bytes each) whatever the number of peaks.
+PAIR_BATCH = 1 << 21
+
+#: The neck search tests pairs in cells of about this many voxels first.
+FINEST_CELL = 8
 
 
 def window_half_widths(min_distance, spacing):
@@ -39,9 +49,8 @@ def find_peaks(values, *, half_widths, min_value=0):
     are dropped; a dropped one suppresses nothing, so along a ridge of equal
     values peaks are kept every ``h`` voxels. This is the greedy spacing of
     ``skimage.feature.peak_local_max(values, min_distance=h,
-    exclude_border=False)`` (Chebyshev distance), ties included, computed on
-    the device: one maximum filter, then :func:`space_candidates` on the
-    (few) candidates, never a host KD-tree.
+    exclude_border=False)`` (Chebyshev distance), ties included: one maximum
+    filter on the device, then :func:`space_candidates` on the candidates.
 
     Parameters
     ----------
@@ -83,63 +92,20 @@ def space_candidates(coords, half_widths):
 
     Two candidates interact when they lie within ``h - 1`` voxels of each
     other on every axis (scikit-image's ``ensure_spaced``: those exactly ``h``
-    apart both stay). Rounds, all candidates at once: a live candidate with
-    no live neighbour before it in C order is kept; live candidates next to
-    a kept one are dropped. Neighbour pairs come from :func:`_pairs_within`
-    (sort and search), so the work scales with the candidates, not the
-    volume, and the result depends only on the candidate set (which is what
-    lets a chunked run reproduce it exactly).
+    apart both stay). In C order, a candidate is kept when no kept candidate
+    interacts with it. This is sequential by nature, so it runs as a compiled
+    kernel on the host (:func:`cpu_fallback.kernels.greedy_spacing`, linear
+    in the candidates, even for a plateau where every voxel is one); the
+    result depends only on the candidate set (which is what lets a chunked run
+    reproduce it exactly).
 
-    Returns a boolean array over ``coords``.
+    Returns a boolean array over ``coords``, on their device.
     """
-    xp = get_array_module(coords)
-    n = coords.shape[0]
-    if n == 0:
-        return xp.zeros(0, dtype=bool)
-    i, j = _pairs_within(coords, [max(0, int(h) - 1) for h in half_widths])
-    alive = xp.ones(n, dtype=bool)
-    kept = xp.zeros(n, dtype=bool)
-    while bool(alive.any()):
-        live = alive[i] & alive[j]
-        beaten = xp.zeros(n, dtype=bool)
-        beaten[i[live & (j < i)]] = True  # a live neighbour comes first in C order
-        winners = alive & ~beaten
-        kept |= winners
-        covered = winners.copy()
-        covered[i[live & winners[j]]] = True
-        alive &= ~covered
-    return kept
+    from cpu_fallback.kernels import greedy_spacing
 
-
-def _pairs_within(coords, reach):
-    """Index pairs (i, j), i != j, of candidates within ``reach`` voxels of each other on every axis (both orders)."""
     xp = get_array_module(coords)
-    cell = xp.asarray([max(1, r) for r in reach], dtype=xp.int64)
-    cells = coords // cell
-    extent = cells.max(axis=0) + 1
-    strides = xp.concatenate([xp.cumprod(extent[::-1])[::-1][1:], xp.ones(1, dtype=xp.int64)])
-    keys = (cells * strides).sum(axis=1)
-    order = xp.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    pairs_i, pairs_j = [], []
-    for offset in itertools.product(*[(-1, 0, 1) if r else (0,) for r in reach]):
-        neighbour = cells + xp.asarray(offset, dtype=xp.int64)
-        valid = ((neighbour >= 0) & (neighbour < extent)).all(axis=1)
-        nk = (neighbour * strides).sum(axis=1)
-        low = xp.searchsorted(sorted_keys, nk, side="left")
-        count = xp.where(valid, xp.searchsorted(sorted_keys, nk, side="right") - low, 0)
-        total = int(count.sum())
-        if total == 0:
-            continue
-        ends = xp.cumsum(count)
-        src = xp.searchsorted(ends, xp.arange(total, dtype=xp.int64), side="right")
-        dst = order[low[src] + xp.arange(total, dtype=xp.int64) - (ends - count)[src]]
-        near = (xp.abs(coords[src] - coords[dst]) <= xp.asarray(reach, dtype=xp.int64)).all(axis=1) & (src != dst)
-        pairs_i.append(src[near])
-        pairs_j.append(dst[near])
-    if not pairs_i:
-        return xp.zeros(0, dtype=xp.int64), xp.zeros(0, dtype=xp.int64)
-    return xp.concatenate(pairs_i), xp.concatenate(pairs_j)
+    keep = greedy_spacing(to_host(coords), [max(0, int(h) - 1) for h in half_widths])
+    return keep if xp is np else xp.asarray(keep)
 
 
 def neck_groups(peaks, distance_q, regions, spacing, ratio):
@@ -173,32 +139,171 @@ def neck_groups(peaks, distance_q, regions, spacing, ratio):
     -------
     group : ndarray (n,) int64, on the peaks' device
         The smallest peak index in each peak's group.
+
+    Notes
+    -----
+    On a plateau (all-foreground image, capped distance map) thousands of
+    high peaks overlap each other, and the pairs to test grow with the
+    square of the peaks. :func:`join_peaks` tests them nearest first, in
+    batches of at most :data:`PAIR_BATCH`, and skips pairs already joined
+    through others, so memory stays bounded and a plateau costs about as
+    much as its near pairs.
     """
     xp = get_array_module(peaks)
     heights = distance_q[tuple(peaks.T)]
-    i, j = neck_pairs(peaks, heights, regions[tuple(peaks.T)], spacing)
-    pair, points = segment_points(peaks, i, j)
-    low = xp.full(i.size, np.iinfo(np.int64).max, dtype=xp.int64)
-    ops_for(low).scatter_min(low, pair, distance_q[tuple(points.T)].astype(xp.int64))
-    return groups_from_necks(peaks.shape[0], i, j, low, heights, ratio)
+
+    def segment_minima(i, j):
+        low = xp.full(i.size, np.iinfo(np.int64).max, dtype=xp.int64)
+        for part in sample_batches(peaks, i, j):
+            pair, points = segment_points(peaks, i[part], j[part])
+            lowest = low[part]
+            ops_for(low).scatter_min(lowest, pair, distance_q[tuple(points.T)].astype(xp.int64))
+            low[part] = lowest
+        return low
+
+    return join_peaks(peaks, heights, regions[tuple(peaks.T)], spacing, ratio, segment_minima)
 
 
-def neck_pairs(peaks, heights, region, spacing):
-    """Pairs (i < j) of peaks of one region whose inscribed balls overlap: the pairs :func:`neck_groups` tests.
+def sample_batches(peaks, i, j):
+    """Slices of the pairs (i, j) whose segments hold at most :data:`PAIR_BATCH` samples together (one pair at least)."""
+    xp = get_array_module(peaks)
+    if i.size == 0:
+        return []
+    ends = to_host(xp.cumsum(xp.abs(peaks[j] - peaks[i]).max(axis=1) + 1))
+    bounds = [0]
+    while bounds[-1] < ends.size:
+        done = int(ends[bounds[-1] - 1]) if bounds[-1] else 0
+        bounds.append(max(bounds[-1] + 1, int(np.searchsorted(ends, done + PAIR_BATCH, side="right"))))
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
-    ``heights``: quantised distances at the peaks; ``region``: each peak's region.
+
+def join_peaks(peaks, heights, region, spacing, ratio, segment_minima, *, nearest_first=True):
+    """Groups of peaks joined by necks no narrower than ``ratio`` (the search of :func:`neck_groups`).
+
+    A pair of peaks of one region whose inscribed balls overlap is joined
+    when ``segment_minima(i, j)`` (the lowest quantised distance on each
+    pair's segment, see :func:`segment_points`) is at least ``ratio`` times
+    the higher peak. Candidate pairs come from a grid of cells: pairs in
+    neighbouring cells, with cells from about :data:`FINEST_CELL` voxels up
+    to the reach of the highest peak (one level with ``nearest_first``
+    False, for callers whose ``segment_minima`` has a fixed cost per call),
+    so near pairs are tested first. A cell pair whose peaks already form one
+    group is skipped, as is every pair already joined through others, and a
+    pair is tested at one level only. At most :data:`PAIR_BATCH` pairs are
+    held at once, whatever the data. ``heights``: quantised distances at the
+    peaks; ``region``: each peak's region. Returns the smallest peak index in
+    each peak's group.
     """
     xp = get_array_module(peaks)
-    if peaks.shape[0] < 2:
-        return xp.zeros(0, dtype=xp.int64), xp.zeros(0, dtype=xp.int64)
+    n = peaks.shape[0]
+    group = xp.arange(n, dtype=xp.int64)
+    if n < 2:
+        return group
     heights = xp.asarray(heights).astype(xp.int64)
+    region = xp.asarray(region).astype(xp.int64)
     quantum = min(float(s) for s in spacing) / QUANTUM_DIVISOR
-    reach = [int(math.ceil(2 * int(heights.max()) * quantum / float(s))) for s in spacing]
-    i, j = _pairs_within(peaks, reach)
+    extent = to_list(peaks.max(axis=0) - peaks.min(axis=0))
+    # Overlapping balls lie within twice the highest peak on every axis;
+    # no pair lies farther apart than the peaks' bounding box.
+    reach = [min(int(e), int(math.ceil(2 * int(heights.max()) * quantum / float(s))))
+             for e, s in zip(extent, spacing)]
+    levels = max(0, math.ceil(math.log2(max(1, max(reach)) / FINEST_CELL))) if nearest_first else 0
     scale = xp.asarray([float(s) / quantum for s in spacing], dtype=xp.float64)
-    gap2 = (((peaks[i] - peaks[j]).astype(xp.float64) * scale) ** 2).sum(axis=1)
-    test = (i < j) & (region[i] == region[j]) & (gap2 < (heights[i] + heights[j]).astype(xp.float64) ** 2)
-    return i[test], j[test]
+    reach_arr = xp.asarray(reach, dtype=xp.int64)
+    origin = peaks.min(axis=0)
+    previous = None
+    for level in range(levels + 1):
+        cell = [max(1, math.ceil(r / 2 ** (levels - level))) for r in reach]
+        for i, j in _neighbour_cell_pairs(peaks, cell, group):
+            step = peaks[j] - peaks[i]
+            test = (xp.abs(step) <= reach_arr).all(axis=1) & (region[i] == region[j]) & (group[i] != group[j])
+            if previous is not None:  # pairs in neighbouring cells one level down were tested there
+                prev = xp.asarray(previous, dtype=xp.int64)
+                test &= ~(xp.abs((peaks[j] - origin) // prev - (peaks[i] - origin) // prev) <= 1).all(axis=1)
+            gap2 = ((step.astype(xp.float64) * scale) ** 2).sum(axis=1)
+            test &= gap2 < (heights[i] + heights[j]).astype(xp.float64) ** 2
+            i, j = i[test], j[test]
+            if i.size == 0:
+                continue
+            low = xp.asarray(segment_minima(i, j)).astype(xp.float64)
+            joined = low >= float(ratio) * xp.maximum(heights[i], heights[j]).astype(xp.float64)
+            group = _merge_groups(group, i[joined], j[joined])
+        previous = cell
+    return group
+
+
+def _neighbour_cell_pairs(peaks, cell, group):
+    """Batches (i, j), i < j, of peaks in the same or neighbouring cells, skipping cells already in one group.
+
+    Cells are ``cell`` voxels wide per axis. A pair of cells whose peaks all
+    share one group yields nothing; the other cell pairs yield all their
+    peak pairs, at most :data:`PAIR_BATCH` per batch.
+    """
+    xp = get_array_module(peaks)
+    ops = ops_for(peaks)
+    ndim = peaks.shape[1]
+    cell = xp.asarray(cell, dtype=xp.int64)
+    cells = (peaks - peaks.min(axis=0)) // cell
+    grid = cells.max(axis=0) + 1
+    strides = xp.concatenate([xp.cumprod(grid[::-1])[::-1][1:], xp.ones(1, dtype=xp.int64)])
+    keys = (cells * strides).sum(axis=1)
+    order = xp.argsort(keys, kind="stable")
+    unique_keys, starts, counts = xp.unique(keys[order], return_index=True, return_counts=True)
+    of_peak = xp.searchsorted(unique_keys, keys)
+    lowest = xp.full(unique_keys.size, np.iinfo(np.int64).max, dtype=xp.int64)
+    highest = xp.full(unique_keys.size, -1, dtype=xp.int64)
+    ops.scatter_min(lowest, of_peak, group)
+    ops.scatter_max(highest, of_peak, group)
+    settled = lowest == highest
+    unique_cells = cells[order[starts]]
+    first, second = [], []
+    # Half of the 3^ndim offsets (the zero offset and those positive in C
+    # order), so every unordered pair of cells comes once.
+    for offset in itertools.product((-1, 0, 1), repeat=ndim):
+        if offset < (0,) * ndim:
+            continue
+        neighbour = unique_cells + xp.asarray(offset, dtype=xp.int64)
+        inside = ((neighbour >= 0) & (neighbour < grid)).all(axis=1)
+        nk = (neighbour * strides).sum(axis=1)
+        at = xp.minimum(xp.searchsorted(unique_keys, nk), unique_keys.size - 1)
+        found = inside & (unique_keys[at] == nk)
+        found &= ~(settled & settled[at] & (lowest == lowest[at]))
+        first.append(xp.flatnonzero(found))
+        second.append(at[found])
+    a, b = xp.concatenate(first), xp.concatenate(second)
+    size = counts[a] * counts[b]
+    ends = xp.cumsum(size)
+    total = int(ends[-1]) if ends.size else 0
+    for start in range(0, total, PAIR_BATCH):
+        t = xp.arange(start, min(total, start + PAIR_BATCH), dtype=xp.int64)
+        pair = xp.searchsorted(ends, t, side="right")
+        local = t - (ends - size)[pair]
+        width = counts[b[pair]]
+        i = order[starts[a[pair]] + local // width]
+        j = order[starts[b[pair]] + local % width]
+        once = (i < j) | (a[pair] != b[pair])  # within one cell, each pair once
+        i, j = i[once], j[once]
+        yield xp.minimum(i, j), xp.maximum(i, j)
+
+
+def _merge_groups(group, i, j):
+    """Groups after joining the pairs (i, j): connected components, each named by its smallest peak index."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    xp = get_array_module(group)
+    if i.size == 0:
+        return group
+    n = group.size
+    current = to_host(group)
+    a = np.concatenate([np.arange(n), to_host(i)])
+    b = np.concatenate([current, to_host(j)])
+    _, component = connected_components(coo_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(n, n)),
+                                        directed=False)
+    first = np.full(n, n, dtype=np.int64)
+    np.minimum.at(first, component, np.arange(n))
+    merged = first[component]
+    return merged if xp is np else xp.asarray(merged)
 
 
 def segment_points(peaks, i, j):
@@ -221,20 +326,3 @@ def segment_points(peaks, i, j):
     points = peaks[i][pair] + xp.floor_divide(2 * step[pair] * k[:, None] + length[pair][:, None],
                                               2 * length[pair][:, None])
     return pair, points
-
-
-def groups_from_necks(n, i, j, low, heights, ratio):
-    """Groups of ``n`` peaks from the tested pairs and the lowest distance on each segment (see :func:`neck_groups`)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    xp = get_array_module(heights)
-    if n == 0:
-        return xp.zeros(0, dtype=xp.int64)
-    heights = xp.asarray(heights).astype(xp.float64)
-    joined = xp.asarray(low).astype(xp.float64) >= float(ratio) * xp.maximum(heights[i], heights[j])
-    a, b = to_host(i[joined]), to_host(j[joined])
-    _, component = connected_components(coo_matrix((np.ones(a.size), (a, b)), shape=(n, n)), directed=False)
-    first = np.full(n, n, dtype=np.int64)
-    np.minimum.at(first, component, np.arange(n))
-    return xp.asarray(first[component])

@@ -5,9 +5,11 @@ import itertools
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for
 from gpu_pipeline.stages.components import enforce_one_piece, relabel_by_first_voxel
-from gpu_pipeline.stages.kmeans import batched_kmeans, per_region_kmeans, to_list
+from gpu_pipeline.stages.kmeans import BLOCK_ELEMENTS, batched_kmeans, per_region_kmeans, to_list
 
 #: Blocks of the candidate grid are margin / BLOCK_DIVISOR wide.
 BLOCK_DIVISOR = 3
@@ -47,15 +49,21 @@ def local_candidates(coords, voxel_region, centres, centre_region, *, spacing, m
     n_blocks = int(xp.prod(grid))
     n_centres = centres.shape[0]
     home = xp.floor(centres / block).astype(xp.int64)
+    # Every (centre, block offset) at once, in slices of centres that bound
+    # the temporaries to about BLOCK_ELEMENTS entries.
+    shifts = xp.asarray(list(itertools.product(*[range(-r, r + 1) for r in reach])), dtype=xp.int64)
+    per_slice = max(1, BLOCK_ELEMENTS // (shifts.shape[0] * ndim))
     pair_keys, pair_ids = [], []
-    for offset in itertools.product(*[range(-r, r + 1) for r in reach]):
-        nb = home + xp.asarray(offset, dtype=xp.int64)
-        inside = ((nb >= 0) & (nb < grid)).all(axis=1)
-        low, high = nb * block, (nb + 1) * block - 1
-        gap = xp.maximum(xp.maximum(low - centres, centres - high), 0) * scale
-        near = inside & ((gap * gap).sum(axis=1) <= margin * margin)
-        pair_keys.append(centre_region[near] * n_blocks + (nb[near] * strides).sum(axis=1))
-        pair_ids.append(xp.flatnonzero(near))
+    for start in range(0, n_centres, per_slice):
+        stop = min(n_centres, start + per_slice)
+        nb = home[start:stop, None, :] + shifts[None, :, :]
+        inside = ((nb >= 0) & (nb < grid)).all(axis=2)
+        c = centres[start:stop, None, :]
+        gap = xp.maximum(xp.maximum(nb * block - c, c - ((nb + 1) * block - 1)), 0) * scale
+        near = inside & ((gap * gap).sum(axis=2) <= margin * margin)
+        centre, offset = xp.nonzero(near)
+        pair_keys.append(centre_region[start + centre] * n_blocks + (nb[centre, offset] * strides).sum(axis=1))
+        pair_ids.append(start + centre.astype(xp.int64))
     # Fallback lists, one per region, keyed after every block key.
     fallback_base = (int(centre_region.max()) + 1) * n_blocks
     pair_keys.append(fallback_base + centre_region)
@@ -66,11 +74,22 @@ def local_candidates(coords, voxel_region, centres, centre_region, *, spacing, m
     unique_keys, starts = xp.unique(keys, return_index=True)
     offsets = xp.concatenate([starts, xp.asarray([keys.size])]).astype(xp.int64)
 
+    if xp.__name__ == "numpy":  # one compiled pass instead of several (voxels x ndim) temporaries
+        from cpu_fallback.kernels import block_groups as find_groups
+    else:
+        find_groups = block_groups
+    groups, n_fallback = find_groups(coords, voxel_region, block, strides, n_blocks, unique_keys, fallback_base)
+    return groups, offsets, ids, n_fallback
+
+
+def block_groups(coords, voxel_region, block, strides, n_blocks, unique_keys, fallback_base):
+    """Array form of :func:`cpu_fallback.kernels.block_groups` (the GPU's): each voxel's list index, fallbacks."""
+    xp = get_array_module(coords)
     voxel_keys = voxel_region * n_blocks + ((coords // block) * strides).sum(axis=1)
     groups = xp.searchsorted(unique_keys, voxel_keys)
     found = (groups < unique_keys.size) & (unique_keys[xp.minimum(groups, unique_keys.size - 1)] == voxel_keys)
     fallback = xp.searchsorted(unique_keys, fallback_base + voxel_region)
-    return xp.where(found, groups, fallback), offsets, ids, int(found.size - int(found.sum()))
+    return xp.where(found, groups, fallback), int(found.size - int(found.sum()))
 
 
 @dataclass
@@ -99,8 +118,9 @@ def kmeans_seeds(peak_region, n_regions, peaks, radii, *, assignment="power", ma
 
     ``margin`` defaults to 1.5 times the largest radius of a peak in a
     multi-peak region. ``peak_group`` (per peak, optional) makes the
-    centroids of one group label their voxels alike. Returns None when no
-    region holds two peaks.
+    centroids of one group label their voxels alike; a region whose peaks
+    all form one group is left whole (``multi`` False). Returns None when no
+    region is to be split.
     """
     xp = get_array_module(peaks)
     if assignment not in ("power", "euclidean"):
@@ -111,13 +131,25 @@ def kmeans_seeds(peak_region, n_regions, peaks, radii, *, assignment="power", ma
     if not bool(multi.any()):
         return None
     keep = xp.flatnonzero(multi[peak_region])
+    if margin is None:
+        margin = 1.5 * float(radii[keep].astype(xp.float64).max())
+    if peak_group is not None:
+        # A region whose peaks all form one group stays whole: it needs no
+        # assignment (on a plateau it may hold thousands of peaks).
+        peak_group = xp.asarray(peak_group).astype(xp.int64)
+        lowest = xp.full(n_regions + 1, np.iinfo(np.int64).max, dtype=xp.int64)
+        highest = xp.full(n_regions + 1, -1, dtype=xp.int64)
+        ops_for(peak_group).scatter_min(lowest, peak_region[keep], peak_group[keep])
+        ops_for(peak_group).scatter_max(highest, peak_region[keep], peak_group[keep])
+        multi &= lowest != highest
+        if not bool(multi.any()):
+            return None
+        keep = xp.flatnonzero(multi[peak_region])
     centre_peak = keep[xp.argsort(peak_region[keep], kind="stable")]
     centre_radii = radii[centre_peak].astype(xp.float64)
-    if margin is None:
-        margin = 1.5 * float(centre_radii.max())
     centre_label = xp.arange(centre_peak.size, dtype=xp.int64)
     if peak_group is not None:
-        centre_label = xp.asarray(peak_group).astype(xp.int64)[centre_peak]
+        centre_label = peak_group[centre_peak]
     return KMeansSeeds(centres=peaks[centre_peak].astype(xp.float64), centre_region=peak_region[centre_peak],
                        radii=centre_radii if assignment == "power" else None, multi=multi, margin=float(margin),
                        centre_label=centre_label)

@@ -1,0 +1,261 @@
+"""Side by side on generated volumes: declump's CPU fallback, the scikit-image watershed pipeline and PoreSpy SNOW.
+
+    python -m bench.throughput [--shape 256,256,256] [--seed 7] [--particles 1200] [--radius 5,12] [--rounds 2]
+
+The acceptance check of issue 16: on a generated volume (seed, density and
+radii given on the command line), each method labels it with the same
+smoothing and ``min_distance``, each run in a fresh process (so its peak
+resident memory is its own) after a warm-up on a 64-voxel crop (imports,
+compiled kernels), methods interleaved round by round so that a change in
+the machine's load hits all of them alike. Recorded per method: F1@0.5 and
+mean F1 over IoU 0.5-0.95 against the ground truth, seconds (median of the
+rounds, min-max), MVox/s, peak RSS, and the load average around every run;
+the ratio of the watershed's time to declump's, per round and overall; and
+the hours per terabyte of uint8 EM volume per node this in-memory rate
+projects (voxels per TB / rate / cores used, with its inputs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import RESULTS, machine_info
+from bench.compare_methods import SNOW, WATERSHED, peak_rss_gib, pooled_scores, run_method
+from gpu_pipeline.synthetic import make_touching_particles
+
+DECLUMP = "declump (default: power, 0 Lloyd, neck 1.0)"
+METHODS = (DECLUMP, WATERSHED, SNOW)
+SHORT = {"declump": DECLUMP, "watershed": WATERSHED, "snow": SNOW}
+#: Voxels in a terabyte of uint8 volume.
+VOXELS_PER_TB = 1e12
+
+
+def _one_run(name, image_path, p, out_path, queue):
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core for every method, threads included
+    image = np.load(image_path)
+    try:
+        run_method(name, np.ascontiguousarray(image[tuple(slice(0, 64) for _ in image.shape)]), p)  # warm-up
+        load = os.getloadavg()
+        t0 = time.perf_counter()
+        labels = run_method(name, image, p)
+        seconds = time.perf_counter() - t0
+        np.save(out_path, labels)
+        queue.put({"seconds": seconds, "peak_rss_gib": peak_rss_gib(), "load_before": load,
+                   "load_after": os.getloadavg()})
+    except Exception as exc:  # a peer that cannot run here is reported, not fatal
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def run_once(name, image_path, p):
+    """One timed run of method ``name`` in a fresh process: (info, labels or None)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    out = Path(image_path).with_name(f"labels_{abs(hash(name))}.npy")
+    proc = ctx.Process(target=_one_run, args=(name, str(image_path), p, str(out), queue))
+    proc.start()
+    info = queue.get()
+    proc.join()
+    return info, (None if "error" in info else np.load(out))
+
+
+def side_by_side(shape, particles, radius, seed, rounds, methods=METHODS):
+    image, truth = make_touching_particles(shape, particles, radius_range=radius, overlap=0.15, seed=seed)
+    p = dict(sigma=1.0, min_distance=4, min_size=65, polarity="bright", spacing=(1.0,) * len(shape))
+    runs = {m: [] for m in methods}
+    scores = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "image.npy"
+        np.save(path, image)
+        for r in range(rounds):
+            for name in methods:
+                info, labels = run_once(name, path, p)
+                runs[name].append(info)
+                if labels is not None and name not in scores:
+                    scores[name] = pooled_scores([(labels, truth)])
+                print(f"round {r + 1} {name:45s} " + (info["error"] if labels is None else
+                      f"{info['seconds']:.2f}s F1@0.5 {scores[name]['f1_50']:.3f} mean F1 {scores[name]['mean_f1']:.3f}"
+                      f" load {info['load_before'][0]:.1f}"), flush=True)
+    rows = {}
+    for name in methods:
+        ok = [i for i in runs[name] if "error" not in i]
+        if not ok:
+            rows[name] = {"error": runs[name][0]["error"]}
+            continue
+        seconds = [i["seconds"] for i in ok]
+        rows[name] = {**scores[name], "seconds": {"median": statistics.median(seconds), "min": min(seconds),
+                                                  "max": max(seconds), "runs": len(seconds)},
+                      "mvox_per_s": image.size / statistics.median(seconds) / 1e6,
+                      "peak_rss_gib": max(i["peak_rss_gib"] for i in ok),
+                      "load_averages": [[round(x, 2) for x in i["load_before"] + i["load_after"]] for i in ok]}
+    ratio = None
+    if "error" not in rows.get(DECLUMP, {"error": 1}) and "error" not in rows.get(WATERSHED, {"error": 1}):
+        per_round = [w["seconds"] / d["seconds"] for d, w in zip(runs[DECLUMP], runs[WATERSHED])
+                     if "error" not in d and "error" not in w]
+        ratio = {"per_round": per_round, "median": statistics.median(per_round)}
+    return {"shape": list(shape), "voxels": int(image.size), "particles": int(truth.max()), "radius": list(radius),
+            "seed": seed, "params": p, "methods": rows, "watershed_over_declump_time": ratio}
+
+
+def _cli_run(argv, out_dir):
+    """``declump`` with ``argv`` in a fresh process (bench.chunked's child): seconds and peak RSS."""
+    import subprocess
+    import sys
+
+    report = Path(out_dir) / "report.json"
+    done = subprocess.run([sys.executable, "-m", "bench.chunked", "--child", str(report), *argv],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
+    if done.returncode != 0:
+        raise RuntimeError(f"declump {' '.join(argv)} failed: {done.stderr[-1000:]}")
+    return json.loads(report.read_text())
+
+
+def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
+    """``declump run`` on one Zarr volume, in memory (.npy output) and chunked (.zarr output, 1 worker), one core.
+
+    Both runs take the same parameters (bench.chunked's, with --max-radius
+    for the chunked halos) and are interleaved; the process and its children
+    are pinned to one core, so the ratio is per voxel and per thread.
+    """
+    import shutil
+
+    import zarr
+
+    from bench.chunked import PARAMS
+
+    image, _ = make_touching_particles(shape, particles, radius_range=radius, overlap=0.15, seed=seed)
+    keep = os.sched_getaffinity(0)
+    runs = {"in_memory": [], "chunked": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        volume = Path(tmp) / "in.zarr"
+        zarr.create_array(str(volume), shape=image.shape, dtype=image.dtype, chunks=chunks,
+                          compressors=zarr.codecs.ZstdCodec(level=3))[...] = image
+        del image
+        os.sched_setaffinity(0, {min(keep)})
+        try:
+            for _ in range(rounds):
+                for mode, out in (("in_memory", "labels.npy"), ("chunked", "labels.zarr")):
+                    target = Path(tmp) / mode
+                    shutil.rmtree(target, ignore_errors=True)
+                    target.mkdir()
+                    extra = ["--chunks", ",".join(map(str, chunks)), "--workers", "1"] if mode == "chunked" else []
+                    load = os.getloadavg()
+                    measured = _cli_run(["run", str(volume), str(target / out), "--quiet", "--device", "cpu",
+                                         *PARAMS, *extra], target)
+                    runs[mode].append({**measured, "load_before": load, "load_after": os.getloadavg()})
+                    print(f"{mode:10s} {measured['seconds']:.1f}s peak RSS {measured['peak_rss_gib']:.2f} GiB "
+                          f"load {load[0]:.1f}", flush=True)
+        finally:
+            os.sched_setaffinity(0, keep)
+    voxels = int(np.prod(shape))
+    out = {"shape": list(shape), "chunks": list(chunks), "params": PARAMS, "runs": runs}
+    for mode, rows in runs.items():
+        seconds = statistics.median(r["seconds"] for r in rows)
+        out[mode] = {"seconds": seconds, "mvox_per_s": voxels / seconds / 1e6,
+                     "peak_rss_gib": max(r["peak_rss_gib"] for r in rows)}
+    out["chunked_over_in_memory"] = [c["seconds"] / m["seconds"] for m, c in zip(runs["in_memory"], runs["chunked"])]
+    return out
+
+
+def projection(row, threads=1):
+    """Hours per TB of uint8 volume per node from an in-memory MVox/s on ``threads`` threads, per core and per 16."""
+    rate = row["mvox_per_s"] * 1e6 / threads
+    return {"mvox_per_s_per_thread": rate / 1e6, "hours_per_tb_one_core": VOXELS_PER_TB / rate / 3600,
+            "hours_per_tb_16_core_node": VOXELS_PER_TB / rate / 3600 / 16,
+            "inputs": "in-memory end-to-end rate of one run pinned to one core, divided over the "
+                      "cores of a node assuming linear scaling (the chunked run's scaling is measured by "
+                      "bench.chunked)"}
+
+
+def markdown(result):
+    m = result["machine"]
+    lines = [f"# Throughput side by side, {m['date'][:10]}", "",
+             f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['memory_gib']} GiB, GPU: {m['gpu'] or 'none'}. "
+             "**The machine was shared** with other jobs while this ran (load averages per run in the JSON; "
+             f"1-minute load from {result['load_range'][0]:.1f} to {result['load_range'][1]:.1f}): absolute times "
+             "are inflated, the interleaved ratios are the comparable figures. Each run in a fresh process pinned "
+             "to one core, after a warm-up on a 64-voxel crop; methods interleaved per round.", ""]
+    for case in result["cases"]:
+        lines += [f"## {'x'.join(map(str, case['shape']))}, {case['particles']} spheres, radius "
+                  f"{case['radius'][0]}-{case['radius'][1]}, seed {case['seed']}", "",
+                  "| method | F1@0.5 | mean F1 | s (median, min-max) | MVox/s | peak RSS GiB |", "|---|---|---|---|---|---|"]
+        for name, r in case["methods"].items():
+            if "error" in r:
+                lines.append(f"| {name} | — | — | {r['error']} | | |")
+                continue
+            s = r["seconds"]
+            lines.append(f"| {name} | {r['f1_50']:.3f} | {r['mean_f1']:.3f} | {s['median']:.1f} ({s['min']:.1f}-"
+                         f"{s['max']:.1f}, {s['runs']} runs) | {r['mvox_per_s']:.2f} | {r['peak_rss_gib']:.2f} |")
+        ratio = case["watershed_over_declump_time"]
+        if ratio:
+            lines += ["", f"Watershed time / declump time: **{ratio['median']:.2f}x** (per round: "
+                      + ", ".join(f"{x:.2f}" for x in ratio["per_round"]) + ")."]
+        if case.get("projection"):
+            pr = case["projection"]
+            lines += [f"Projected from declump's in-memory rate ({pr['mvox_per_s_per_thread']:.2f} MVox/s per thread): "
+                      f"{pr['hours_per_tb_one_core']:.0f} h per TB of uint8 on one core, "
+                      f"{pr['hours_per_tb_16_core_node']:.0f} h on a 16-core node ({pr['inputs']})."]
+        lines.append("")
+    c = result.get("chunked")
+    if c:
+        lines += [f"## Chunked vs in memory: `declump run` on one Zarr volume {'x'.join(map(str, c['shape']))}, "
+                  f"chunks {'x'.join(map(str, c['chunks']))}, one core, 1 worker", "",
+                  "| mode | s (median) | MVox/s | peak RSS GiB |", "|---|---|---|---|"]
+        for mode in ("in_memory", "chunked"):
+            lines.append(f"| {mode.replace('_', ' ')} | {c[mode]['seconds']:.1f} | {c[mode]['mvox_per_s']:.2f} | "
+                         f"{c[mode]['peak_rss_gib']:.2f} |")
+        lines += ["", "Chunked time / in-memory time per voxel per thread: "
+                  + ", ".join(f"{x:.2f}" for x in c["chunked_over_in_memory"]) + f" (parameters {' '.join(c['params'])}).", ""]
+    return "\n".join(lines)
+
+
+def parse_ints(text):
+    return tuple(int(v) for v in text.split(","))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", action="append", type=parse_ints,
+                        help="volume shape, e.g. 256,256,256 (repeat for several; default 256^3)")
+    parser.add_argument("--particles", action="append", type=int,
+                        help="spheres per volume (one per --shape; default 1500 per 256^3)")
+    parser.add_argument("--radius", type=lambda t: tuple(float(v) for v in t.split(",")), default=(5.0, 12.0),
+                        help="sphere radius range (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=7, help="generator seed (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default %(default)s)")
+    parser.add_argument("--methods", default=",".join(SHORT), help="comma-separated subset of: %(default)s")
+    parser.add_argument("--chunked", type=parse_ints, default=None, metavar="CHUNKS",
+                        help="also time `declump run` chunked (these chunks) against in memory on the first shape")
+    parser.add_argument("--out", default=None, help="result file stem (default throughput_<date>)")
+    args = parser.parse_args(argv)
+    shapes = args.shape or [(256, 256, 256)]
+    particles = args.particles or [int(round(1500 * np.prod(s) / 256**3)) for s in shapes]
+    methods = tuple(SHORT[m.strip()] for m in args.methods.split(","))
+    result = {"machine": machine_info(), "cases": []}
+    for shape, n in zip(shapes, particles):
+        case = side_by_side(shape, n, args.radius, args.seed, args.rounds, methods)
+        if "error" not in case["methods"].get(DECLUMP, {"error": 1}):
+            case["projection"] = projection(case["methods"][DECLUMP])
+        result["cases"].append(case)
+    if args.chunked:
+        result["chunked"] = chunked_vs_in_memory(shapes[0], particles[0], args.radius, args.seed, args.chunked,
+                                                 args.rounds)
+    loads = [x[0] for c in result["cases"] for r in c["methods"].values() for x in r.get("load_averages", [])]
+    result["load_range"] = [min(loads), max(loads)] if loads else [0.0, 0.0]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = args.out or f"throughput_{result['machine']['date'][:10]}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(result))
+    print(f"wrote {RESULTS / stem}.json and .md")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Compiled CPU kernels (Numba) for the steps that are sequential by nature.
+
+Both backends call them on host arrays: their inputs are short lists of
+coordinates (peak candidates), not voxels, so a GPU run copies them over.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def _greedy_spacing(coords, reach):  # pragma: no cover - compiled; tested through greedy_spacing
+    n, ndim = coords.shape
+    keep = np.zeros(n, dtype=np.bool_)
+    cell = reach + 1
+    low = coords[0].copy()
+    high = coords[0].copy()
+    for i in range(n):
+        for a in range(ndim):
+            low[a] = min(low[a], coords[i, a])
+            high[a] = max(high[a], coords[i, a])
+    # Kept points are more than `reach` apart on some axis, so a cell of
+    # reach + 1 voxels per axis holds at most one; a conflicting kept point
+    # lies in one of the 3^ndim cells around. Only two slabs of cells along
+    # the first axis are live at a time (points come in C order), which keeps
+    # the table to the size of one cross-section of the bounding box.
+    dims = np.ones(ndim, dtype=np.int64)
+    for a in range(1, ndim):
+        dims[a] = (high[a] - low[a]) // cell[a] + 1
+    slab = 1
+    for a in range(1, ndim):
+        slab *= dims[a]
+    table = np.full((2, slab), -1, dtype=np.int64)
+    kept_list = np.empty(n, dtype=np.int64)
+    n_kept = 0
+    cleared = 0
+    n_offsets = 3 ** (ndim - 1)
+    own = np.empty(ndim, dtype=np.int64)
+    for i in range(n):
+        for a in range(ndim):
+            own[a] = (coords[i, a] - low[a]) // cell[a]
+        k = own[0]
+        # Forget kept points two or more slabs back.
+        while cleared < n_kept:
+            j = kept_list[cleared]
+            if (coords[j, 0] - low[0]) // cell[0] > k - 2:
+                break
+            key = 0
+            for a in range(1, ndim):
+                key = key * dims[a] + (coords[j, a] - low[a]) // cell[a]
+            table[((coords[j, 0] - low[0]) // cell[0]) & 1, key] = -1
+            cleared += 1
+        blocked = False
+        for slab_k in (k - 1, k):
+            if slab_k < 0 or blocked:
+                continue
+            for o in range(n_offsets):
+                rest = o
+                key = 0
+                inside = True
+                for a in range(ndim - 1, 0, -1):
+                    c = own[a] + rest % 3 - 1
+                    rest //= 3
+                    if c < 0 or c >= dims[a]:
+                        inside = False
+                if not inside:
+                    continue
+                rest = o
+                stride = 1
+                for a in range(ndim - 1, 0, -1):
+                    key += (own[a] + rest % 3 - 1) * stride
+                    stride *= dims[a]
+                    rest //= 3
+                j = table[slab_k & 1, key]
+                if j < 0:
+                    continue
+                near = True
+                for a in range(ndim):
+                    if abs(coords[j, a] - coords[i, a]) > reach[a]:
+                        near = False
+                        break
+                if near:
+                    blocked = True
+                    break
+        if not blocked:
+            keep[i] = True
+            key = 0
+            for a in range(1, ndim):
+                key = key * dims[a] + own[a]
+            table[k & 1, key] = i
+            kept_list[n_kept] = i
+            n_kept += 1
+    return keep
+
+
+def greedy_spacing(coords, reach):
+    """Which of ``coords`` (sorted in C order) the greedy C-order spacing keeps.
+
+    A point is kept when no point kept before it lies within ``reach[a]``
+    voxels of it on every axis ``a``. Time and memory grow linearly with the
+    points (plus one cross-section of their bounding box, in cells of
+    ``reach + 1`` voxels), whatever their density.
+
+    Parameters
+    ----------
+    coords : ndarray (n, ndim) of int, NumPy, sorted in C order
+    reach : sequence of int >= 0, one per axis
+
+    Returns
+    -------
+    keep : ndarray (n,) of bool
+    """
+    coords = np.ascontiguousarray(coords, dtype=np.int64)
+    if coords.shape[0] == 0:
+        return np.zeros(0, dtype=bool)
+    return _greedy_spacing(coords, np.asarray([max(0, int(r)) for r in reach], dtype=np.int64))
+
+
+@njit(cache=True, nogil=True)
+def _nearest_candidate(coords, groups, offsets, ids, centre_phys, neg_power, scale):  # pragma: no cover - compiled
+    n, ndim = coords.shape
+    out = np.empty(n, dtype=np.int64)
+    for v in range(n):
+        g = groups[v]
+        best = -1
+        best_d = np.inf
+        for t in range(offsets[g], offsets[g + 1]):
+            c = ids[t]
+            d = neg_power[c]
+            for a in range(ndim):
+                diff = coords[v, a] * scale[a] - centre_phys[c, a]
+                d += diff * diff
+            if best < 0 or d < best_d:
+                best, best_d = c, d
+        out[v] = best
+    return out
+
+
+def nearest_candidate(coords, groups, offsets, ids, centre_phys, neg_power, scale):
+    """Per voxel, the candidate of its group with the smallest ``neg_power + |x * scale - centre_phys|^2``.
+
+    The same sums, in the same order, as :func:`~gpu_pipeline.stages.kmeans.batched_kmeans`'s array
+    code (ties: the first in the list, lists ascending), one pass over the voxels with no
+    (voxels x candidates) temporaries.
+    """
+    return _nearest_candidate(np.ascontiguousarray(coords, dtype=np.int64), np.ascontiguousarray(groups, np.int64),
+                              np.ascontiguousarray(offsets, np.int64), np.ascontiguousarray(ids, np.int64),
+                              np.ascontiguousarray(centre_phys, np.float64), np.ascontiguousarray(neg_power, np.float64),
+                              np.ascontiguousarray(scale, np.float64))
+
+
+@njit(cache=True, nogil=True)
+def _block_groups(coords, voxel_region, block, strides, n_blocks, unique_keys, fallback_base):  # pragma: no cover
+    n, ndim = coords.shape
+    groups = np.empty(n, dtype=np.int64)
+    n_fallback = 0
+    for v in range(n):
+        key = voxel_region[v] * n_blocks
+        for a in range(ndim):
+            key += (coords[v, a] // block[a]) * strides[a]
+        g = np.searchsorted(unique_keys, key)
+        if g >= unique_keys.size or unique_keys[g] != key:
+            g = np.searchsorted(unique_keys, fallback_base + voxel_region[v])
+            n_fallback += 1
+        groups[v] = g
+    return groups, n_fallback
+
+
+def block_groups(coords, voxel_region, block, strides, n_blocks, unique_keys, fallback_base):
+    """Per voxel, the index in ``unique_keys`` of its (region, block) key, else of its region's fallback key.
+
+    The voxel side of :func:`~gpu_pipeline.stages.split.local_candidates` in one pass (the array
+    form builds several (voxels x ndim) temporaries). Returns ``(groups, n_fallback)``.
+    """
+    return _block_groups(np.ascontiguousarray(coords, dtype=np.int64), np.ascontiguousarray(voxel_region, np.int64),
+                         np.ascontiguousarray(block, np.int64), np.ascontiguousarray(strides, np.int64),
+                         int(n_blocks), np.ascontiguousarray(unique_keys, np.int64), int(fallback_base))

@@ -1,0 +1,188 @@
+"""No quadratic blow-ups: plateaus of thousands of peaks, one huge region, large min_distance.
+
+The stages whose work grows with pairs of peaks (spacing, neck search) or
+with centroids per block (k-means candidate lists) are checked against
+simple references on random data, and the worst cases run in a subprocess
+whose peak resident memory is measured.
+"""
+import itertools
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cpu_fallback.kernels import greedy_spacing
+from gpu_pipeline.stages.split import BLOCK_DIVISOR, local_candidates
+
+REPO = Path(__file__).resolve().parents[1]
+#: The bound the worst cases must stay within (peak RSS of the whole process).
+MEMORY_BOUND_MB = 2048
+
+
+def _sequential_spacing(coords, reach):
+    """Greedy spacing one point at a time: keep a point unless a kept one is within reach on every axis."""
+    kept = []
+    for i, p in enumerate(coords):
+        if not any((np.abs(coords[j] - p) <= reach).all() for j in kept):
+            kept.append(i)
+    keep = np.zeros(len(coords), bool)
+    keep[kept] = True
+    return keep
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_greedy_spacing_keeps_what_a_sequential_greedy_keeps(rng, ndim):
+    for _ in range(15):
+        shape = rng.integers(3, (40, 20, 10)[ndim - 1], ndim)
+        coords = np.stack(np.nonzero(rng.random(shape) < rng.uniform(0.05, 1.0)), axis=1).astype(np.int64)
+        coords += rng.integers(0, 1000, ndim)  # the kernel must not assume an origin at zero
+        reach = rng.integers(0, 5, ndim)
+        np.testing.assert_array_equal(greedy_spacing(coords, reach), _sequential_spacing(coords, reach))
+
+
+def _local_candidates_reference(coords, voxel_region, centres, centre_region, *, spacing, margin):
+    """The loop over block offsets that local_candidates replaced (one array pass per offset)."""
+    block = np.asarray([max(1, int(math.ceil(margin / BLOCK_DIVISOR / float(s)))) for s in spacing], np.int64)
+    reach = [int(math.ceil(margin / float(s) / int(b))) for s, b in zip(spacing, block)]
+    scale = np.asarray(spacing, np.float64)
+    grid = np.maximum(coords.max(axis=0) // block + 1, (centres.max(axis=0) // block).astype(np.int64) + 1)
+    strides = np.concatenate([np.cumprod(grid[::-1])[::-1][1:], [1]])
+    n_blocks = int(np.prod(grid))
+    home = np.floor(centres / block).astype(np.int64)
+    lists = {}
+    for offset in itertools.product(*[range(-r, r + 1) for r in reach]):
+        nb = home + np.asarray(offset)
+        inside = ((nb >= 0) & (nb < grid)).all(axis=1)
+        gap = np.maximum(np.maximum(nb * block - centres, centres - ((nb + 1) * block - 1)), 0) * scale
+        for c in np.flatnonzero(inside & ((gap * gap).sum(axis=1) <= margin * margin)):
+            key = int(centre_region[c]) * n_blocks + int((nb[c] * strides).sum())
+            lists.setdefault(key, set()).add(int(c))
+    result = []
+    for x, r in zip(coords, voxel_region):
+        key = int(r) * n_blocks + int(((x // block) * strides).sum())
+        result.append(sorted(lists.get(key) or np.flatnonzero(centre_region == r).tolist()))
+    return result
+
+
+@pytest.mark.parametrize("ndim,spacing", [(2, (1.0, 1.0)), (3, (2.0, 1.0, 1.5))])
+def test_local_candidates_equal_the_per_offset_loop(rng, ndim, spacing, monkeypatch):
+    from cpu_fallback import kernels
+    from gpu_pipeline.stages import split
+
+    shape = (40,) * ndim
+    coords = np.stack(np.nonzero(rng.random(shape) < 0.05), axis=1).astype(np.int64)
+    voxel_region = rng.integers(1, 4, len(coords))
+    centres = rng.integers(0, 40, (30, ndim)).astype(np.float64)
+    centre_region = np.sort(rng.integers(1, 4, 30))
+    margin = float(rng.uniform(3, 12))
+    groups, offsets, ids, n_fallback = local_candidates(coords, voxel_region, centres, centre_region,
+                                                        spacing=spacing, margin=margin)
+    ours = [ids[offsets[g]:offsets[g + 1]].tolist() for g in groups]
+    ref = _local_candidates_reference(coords, voxel_region, centres, centre_region, spacing=spacing, margin=margin)
+    assert ours == ref
+    assert 0 < n_fallback < len(coords)
+    # The array form (the GPU's) finds the same lists as the compiled one.
+    monkeypatch.setattr(kernels, "block_groups", split.block_groups)
+    assert local_candidates(coords, voxel_region, centres, centre_region, spacing=spacing,
+                            margin=margin)[0].tolist() == groups.tolist()
+
+
+def _peak_rss_of(script):
+    """Run ``script`` in a fresh interpreter (address space capped at 4 GB so a regression fails, not the machine).
+
+    The script prints one JSON line; returns it with the child's peak RSS in MB.
+    """
+    runner = textwrap.dedent("""
+        import json, resource, runpy, sys
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+        out = {}
+        try:
+            exec(sys.argv[1], {"out": out})
+        except MemoryError as exc:
+            out["error"] = f"MemoryError: {exc}"
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(out))
+    """)
+    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", runner, textwrap.dedent(script)], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_user_report_emps_image_with_holes_filled_runs_within_the_memory_bound(shared_data):
+    """Issue 16: a 517x512 EM image, ``min_distance=4, max_hole_size=139000``, asked for 2 GiB arrays and was killed."""
+    path = shared_data / "emps_subset" / "images" / "fab3633337.png"
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    out = _peak_rss_of(f"""
+        import numpy as np
+        from PIL import Image
+        from gpu_pipeline import separate
+        image = np.asarray(Image.open({str(path)!r}))[..., 0]
+        labels, details = separate(image, min_distance=4, max_hole_size=139000, polarity="bright",
+                                   return_details=True)
+        out.update(n_peaks=details.n_peaks, n_particles=int(labels.max()), shape=list(labels.shape))
+    """)
+    assert "error" not in out, out
+    # The holes filled, the whole frame is one region with a plateau of peaks: one particle.
+    assert out["shape"] == [517, 512] and out["n_peaks"] > 10000 and out["n_particles"] == 1
+    assert out["peak_rss_mb"] < MEMORY_BOUND_MB, out
+
+
+def test_a_plateau_of_thousands_of_peaks_in_one_region_runs_within_the_memory_bound():
+    """All foreground in 3D: every voxel a peak candidate, thousands of overlapping peaks, one region."""
+    out = _peak_rss_of("""
+        import numpy as np
+        from cpu_fallback import separate
+        mask = np.ones((96, 96, 96), bool)
+        labels, details = separate(None, mask=mask, min_distance=4, return_details=True)
+        out.update(n_peaks=details.n_peaks, n_particles=int(labels.max()), whole=bool((labels == 1).all()))
+    """)
+    assert "error" not in out, out
+    assert out["n_peaks"] >= 10000 and out["n_particles"] == 1 and out["whole"]
+    assert out["peak_rss_mb"] < MEMORY_BOUND_MB, out
+
+
+def _listed_power_argmin(coords, groups, offsets, ids, centres, radii, spacing):
+    """Brute force: per voxel, the first candidate of its list with the smallest power distance."""
+    out = np.empty(len(coords), np.int64)
+    for v, (x, g) in enumerate(zip(coords, groups)):
+        c = ids[offsets[g]:offsets[g + 1]]
+        d = (((x - centres[c]) * np.asarray(spacing)) ** 2).sum(axis=1) - radii[c] ** 2
+        out[v] = c[np.argmin(d)]
+    return out
+
+
+@pytest.mark.parametrize("ndim,spacing", [(2, (1.0, 1.0)), (3, (1.0, 0.5, 1.0))])
+def test_power_assignment_and_pruned_lists_choose_the_power_nearest_centroid(rng, ndim, spacing):
+    """max_iter=0: the compiled assignment, and the lists pruned for the GPU path, pick the region's power argmin."""
+    from gpu_pipeline.stages import kmeans
+
+    shape = (48,) * ndim if ndim == 2 else (20, 40, 24)
+    coords = np.stack(np.nonzero(rng.random(shape) < 0.5), axis=1).astype(np.int64)
+    regions = 1 + (coords[:, -1] >= shape[-1] // 2)
+    centres = np.concatenate([rng.integers(0, s, (25, 1)) for s in shape], axis=1).astype(np.float64)
+    centres[:5] = centres[5:10]  # duplicated centroids: exact ties, the lower index must win
+    centre_region = 1 + (centres[:, -1] >= shape[-1] // 2)
+    order = np.argsort(centre_region, kind="stable")
+    centres, centre_region = centres[order], centre_region[order]
+    radii = rng.choice([2.0, 3.0, 5.5], len(centres))  # few distinct radii: ties between neighbours too
+    d = (((coords[:, None, :] - centres[None]) * np.asarray(spacing)) ** 2).sum(axis=2) - radii ** 2
+    d[regions[:, None] != centre_region[None]] = np.inf
+    expected = np.argmin(d, axis=1)  # the margin below covers each region, so lists hold the whole region
+    groups, offsets, ids, _ = local_candidates(coords, regions, centres, centre_region, spacing=spacing, margin=80.0)
+    chosen, _, n_iter = kmeans.batched_kmeans(coords, groups, offsets, ids, centres, spacing=spacing, radii=radii,
+                                              max_iter=0)
+    np.testing.assert_array_equal(chosen, expected)
+    assert n_iter == 0
+    pieces, pruned_offsets, pruned_ids = kmeans.prune_candidates(coords, groups, offsets, ids, centres,
+                                                                 spacing=spacing, power=radii ** 2)
+    assert np.diff(pruned_offsets).mean() < np.diff(offsets)[groups].mean() / 2  # it does prune
+    np.testing.assert_array_equal(
+        _listed_power_argmin(coords, pieces, pruned_offsets, pruned_ids, centres, radii, spacing), expected)
