@@ -167,7 +167,6 @@ def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto
     reference = image if image is not None else mask
     if reference is None:
         raise DeclumpError("separate needs an image, a mask, or both")
-    xp = get_array_module(reference)
     ops = ops_for(reference)
     details = SeparationDetails()
     clock = _StageClock(ops, details.timings)
@@ -183,57 +182,102 @@ def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto
         raise DeclumpError(f"method must be 'kmeans' or 'watershed', got {method!r}")
     if not (min_distance > 0):
         raise DeclumpError(f"min_distance must be a positive physical distance, got {min_distance}")
-    ball = (lambda d: math.pi * d * d / 4) if ndim == 2 else (lambda d: math.pi * d ** 3 / 6)
-    min_size = ball(min_distance) if min_size is None else float(min_size)
+    min_size = ball_size(min_distance, ndim) if min_size is None else float(min_size)
     max_hole_size = float(max_hole_size or 0.0)
 
-    if mask is not None:
-        fg = _mask_from(mask, reference.shape)
-        clock.lap("threshold")
-    else:
-        smoothed = image
-        if sigma and sigma > 0:
-            smoothed = ops.gaussian(image, tuple(float(sigma) / s for s in spacing))
-        clock.lap("smoothing")
-        if isinstance(threshold, str):
-            if threshold != "otsu":
-                raise DeclumpError(f"threshold must be 'otsu' or a number, got {threshold!r}")
-            details.threshold = otsu_threshold(smoothed)
-        else:
-            details.threshold = float(threshold)
-        details.polarity = choose_polarity(smoothed, details.threshold, polarity)
-        fg = foreground(smoothed, details.threshold, details.polarity)
-        clock.lap("threshold")
-    fg = clean_mask(fg, spacing=spacing, min_size=min_size, max_hole_size=max_hole_size)
+    fg = foreground_step(image, mask, spacing=spacing, sigma=sigma, threshold=threshold, polarity=polarity,
+                         details=details, clock=clock)
+    fg = cleanup_step(fg, spacing=spacing, min_size=min_size, max_hole_size=max_hole_size)
     clock.lap("cleanup")
+    distance_q, quantum = distance_step(fg, spacing=spacing, max_radius=max_radius)
+    clock.lap("distance_transform")
+    peaks = peaks_step(distance_q, spacing=spacing, min_distance=min_distance)
+    details.n_peaks = int(peaks.shape[0])
+    clock.lap("peaks")
+    labels = split_step(fg, distance_q, quantum, peaks, spacing=spacing, method=method, neck_ratio=neck_ratio,
+                        assignment=assignment, kmeans_engine=kmeans_engine, max_iter=max_iter, details=details,
+                        clock=clock)
+    labels = finish_step(labels, details=details)
+    clock.lap("finish")
+    return (labels, details) if return_details else labels
+
+
+def ball_size(diameter, ndim):
+    """Area (2D) or volume (3D) of a ball of ``diameter``: the default ``min_size``."""
+    return math.pi * diameter * diameter / 4 if ndim == 2 else math.pi * diameter ** 3 / 6
+
+
+def foreground_step(image, mask, *, spacing, sigma, threshold, polarity, details, clock):
+    """The particle mask: ``mask`` when given, else smoothing, threshold and polarity (recorded in ``details``)."""
+    if mask is not None:
+        fg = _mask_from(mask, (image if image is not None else mask).shape)
+        clock.lap("threshold")
+        return fg
+    ops = ops_for(image)
+    smoothed = image
+    if sigma and sigma > 0:
+        smoothed = ops.gaussian(image, tuple(float(sigma) / s for s in spacing))
+    clock.lap("smoothing")
+    if isinstance(threshold, str):
+        if threshold != "otsu":
+            raise DeclumpError(f"threshold must be 'otsu' or a number, got {threshold!r}")
+        details.threshold = otsu_threshold(smoothed)
+    else:
+        details.threshold = float(threshold)
+    details.polarity = choose_polarity(smoothed, details.threshold, polarity)
+    fg = foreground(smoothed, details.threshold, details.polarity)
+    clock.lap("threshold")
+    return fg
+
+
+def cleanup_step(fg, *, spacing, min_size, max_hole_size):
+    """Holes filled and specks removed; an empty result is :class:`NoParticlesError`."""
+    fg = clean_mask(fg, spacing=spacing, min_size=min_size, max_hole_size=max_hole_size)
     if not bool(fg.any()):
         raise NoParticlesError("no particles found: the foreground is empty after thresholding and removing objects "
                                f"smaller than {min_size:g} (physical units); check polarity, threshold or min_size")
-    distance = cap_distance(ops.distance_transform(fg, spacing), max_radius, spacing)
-    clock.lap("distance_transform")
-    distance_q, quantum = quantize_distance(distance, spacing)
-    peaks = find_peaks(distance_q, half_widths=window_half_widths(min_distance, spacing))
-    details.n_peaks = int(peaks.shape[0])
-    clock.lap("peaks")
+    return fg
+
+
+def distance_step(fg, *, spacing, max_radius):
+    """The quantised, capped distance map of the foreground and its quantum (physical units per step)."""
+    distance = cap_distance(ops_for(fg).distance_transform(fg, spacing), max_radius, spacing)
+    return quantize_distance(distance, spacing)
+
+
+def peaks_step(distance_q, *, spacing, min_distance):
+    """Particle centres: maxima of the distance map at least ``min_distance`` apart (per axis), as (n, ndim)."""
+    return find_peaks(distance_q, half_widths=window_half_widths(min_distance, spacing))
+
+
+def split_step(fg, distance_q, quantum, peaks, *, spacing, method, neck_ratio, assignment, kmeans_engine, max_iter,
+               details, clock):
+    """Every foreground voxel assigned to a peak: k-means per region (with neck groups) or the watershed."""
+    xp = get_array_module(fg)
+    ops = ops_for(fg)
     regions, details.n_regions = ops.label(fg)
     clock.lap("regions")
-    if method == "kmeans":
-        group = None
-        if neck_ratio is not None:
-            group = neck_groups(peaks, distance_q, regions, spacing, neck_ratio)
-            clock.lap("necks")
-        radii = distance_q[tuple(peaks.T)].astype(xp.float64) * quantum
-        labels, details.n_iter = split_regions_kmeans(regions, details.n_regions, peaks, radii, spacing=spacing,
-                                                      assignment=assignment, engine=kmeans_engine,
-                                                      max_iter=max_iter, peak_group=group)
-        clock.lap("kmeans")
-    else:
+    if method != "kmeans":
         labels = split_regions_watershed(fg, regions, details.n_regions, peaks, distance_q)
         clock.lap("watershed")
+        return labels
+    group = None
+    if neck_ratio is not None:
+        group = neck_groups(peaks, distance_q, regions, spacing, neck_ratio)
+        clock.lap("necks")
+    radii = distance_q[tuple(peaks.T)].astype(xp.float64) * quantum
+    labels, details.n_iter = split_regions_kmeans(regions, details.n_regions, peaks, radii, spacing=spacing,
+                                                  assignment=assignment, engine=kmeans_engine,
+                                                  max_iter=max_iter, peak_group=group)
+    clock.lap("kmeans")
+    return labels
+
+
+def finish_step(labels, *, details):
+    """One piece per particle, ids 1..n by first voxel in C order."""
     labels = finish_labels(labels)
     details.n_particles = int(labels.max())
-    clock.lap("finish")
-    return (labels, details) if return_details else labels
+    return labels
 
 
 def cap_distance(distance, max_radius, spacing):
