@@ -344,6 +344,10 @@ def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details)
     min_size = ball_size(min_distance, fg.ndim) if min_size is None else float(min_size)
     details.min_distance, details.max_hole_size = min_distance, max_hole_size
     fg = clean_mask(fg, spacing=spacing, min_size=min_size, max_hole_size=max_hole_size)
+    if details.particle_radius is not None and bool(fg.all()):
+        # Filled holes can leave no background: then every voxel would be a peak candidate of the auto window.
+        raise NoParticlesError("no particles can be told apart: after hole filling the foreground covers the whole "
+                               "image; check polarity or threshold, or set --max-hole-size 0")
     if not bool(fg.any()):
         raise NoParticlesError("no particles found: the foreground is empty after thresholding and removing objects "
                                f"smaller than {min_size:g} (physical units); check polarity, threshold or min_size")
