@@ -96,6 +96,10 @@ def add_separation_options(parser):
     group.add_argument("--min-size", type=float, default=None, help=PARAMETER_HELP["min_size"])
     group.add_argument("--max-hole-size", type=_auto_or_number("max hole size"), default="auto",
                        help=PARAMETER_HELP["max_hole_size"])
+    group.add_argument("--reject-annotations", action="store_true",
+                       help="2D: remove scale bars and info bands (filled axis-aligned rectangles, long or spanning "
+                            "the width) from the thresholded foreground; off by default, since an axis-aligned rod "
+                            "is such a rectangle too")
     group.add_argument("--neck-ratio", type=_neck_ratio, default=1.0, help=PARAMETER_HELP["neck_ratio"])
     group.add_argument("--method", choices=("kmeans", "watershed"), default="kmeans",
                        help="kmeans: k-means per region from the peaks (default); watershed: the classical "
@@ -111,7 +115,8 @@ def add_separation_options(parser):
 def separation_kwargs(args):
     return dict(spacing=args.spacing, sigma=args.sigma, threshold=args.threshold, polarity=args.polarity,
                 min_distance=args.min_distance, min_size=args.min_size, max_hole_size=args.max_hole_size,
-                neck_ratio=args.neck_ratio, method=args.method, assignment=args.assignment, max_iter=args.max_iter)
+                neck_ratio=args.neck_ratio, method=args.method, assignment=args.assignment, max_iter=args.max_iter,
+                reject_annotations=args.reject_annotations)
 
 
 def output_paths(output):
@@ -178,13 +183,14 @@ def cmd_run_chunked(args, device):
         ("--sigma NUMBER", args.sigma == "auto"),
         ("--threshold otsu, li, triangle or a number", args.threshold in ("auto", "local")),
         ("--min-distance NUMBER (about the smallest particle radius)", args.min_distance == "auto"),
-        ("--max-hole-size 0 (hole filling is not local)", args.max_hole_size != 0))
+        ("--max-hole-size 0 (hole filling is not local)", args.max_hole_size != 0),
+        ("no --reject-annotations", args.reject_annotations))
         if wrong]
     if needs:
         raise DeclumpError("chunked runs need " + "; ".join(needs) + ": the automatic choices measure the whole "
                            "image at once, which a chunked run does not hold")
     kwargs = separation_kwargs(args)
-    for key in ("method", "max_hole_size"):
+    for key in ("method", "max_hole_size", "reject_annotations"):
         kwargs.pop(key)
     summary = run_chunked(args.input, args.output, chunks=args.chunks, channel=args.channel,
                           timepoint=args.timepoint, mask_path=args.mask, max_radius=args.max_radius, device=device,

@@ -107,7 +107,7 @@ def _mask_from(mask, shape):
 
 def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="auto", mask=None,
              min_distance="auto", min_size=None, max_hole_size="auto", max_radius=None, neck_ratio=1.0,
-             method="kmeans", assignment="power", kmeans_engine="batched", max_iter=0, reject_annotations=True,
+             method="kmeans", assignment="power", kmeans_engine="batched", max_iter=0, reject_annotations=False,
              return_details=False):
     """Split touching particles: an instance label image with one id per particle.
 
@@ -201,7 +201,8 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         2D thresholded images only: remove components shaped like figure
         annotations (scale bars, info bands: filled axis-aligned
         rectangles; :mod:`gpu_pipeline.stages.annotations`) before anything
-        is measured. Default True; a ``mask`` is used as given.
+        is measured. Default False: an axis-aligned rod is such a rectangle
+        too; a ``mask`` is used as given.
     return_details : bool
         Also return a :class:`SeparationDetails`.
 
