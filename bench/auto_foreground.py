@@ -158,7 +158,7 @@ def pooled_emps(results):
     if len(blocks) < 2:
         return None
     out = {}
-    for method in set(blocks[0]["methods"]) & set(blocks[1]["methods"]):
+    for method in [m for m in blocks[0]["methods"] if m in blocks[1]["methods"]]:
         tp = n = 0.0
         for b in blocks:
             r = b["methods"][method]
