@@ -15,16 +15,23 @@ from gpu_pipeline._backend import DeclumpError, resolve_device, to_host
 PARAMETER_HELP = {
     "spacing": "voxel size per axis, plane/row/column order, physical units (e.g. nm): 'Z,Y,X' or 'Y,X' or one "
                "number; default: from OME-Zarr metadata, else 1 (all sizes below are then in voxels)",
-    "sigma": "Gaussian smoothing sigma before thresholding, physical units; 0 disables (default %(default)s)",
-    "threshold": "'otsu' (global, from the histogram) or a number in the image's intensity units (default %(default)s)",
+    "sigma": "Gaussian smoothing sigma before thresholding, physical units; 0 disables; 'auto': one voxel, doubled "
+             "(up to 8) while that makes the objects found 3x larger (noise grain, not particles) (default %(default)s; chunked "
+             "runs need a number)",
+    "threshold": "how the smoothed image becomes a foreground: 'otsu', 'li', 'triangle' (global, from the histogram), "
+                 "'local' (Otsu above a background estimated over an eighth of the image: uneven illumination), 'auto' "
+                 "(percentile-normalised, picks one per image and reports it in the summary) or a number in the "
+                 "image's intensity units (default %(default)s; chunked runs: otsu, li, triangle or a number)",
     "polarity": "particles brighter ('bright') or darker ('dark') than the background; 'auto' decides from the "
                 "image border (default %(default)s)",
     "min_distance": "smallest distance between particle centres, physical units; about the smallest particle "
-                    "radius (default %(default)s)",
+                    "radius, or 'auto': 0.5 x the typical particle radius measured on the foreground (default "
+                    "%(default)s; chunked runs need a number)",
     "min_size": "remove objects smaller than this area (2D) or volume (3D), physical units (default: a ball of "
                 "diameter --min-distance)",
-    "max_hole_size": "fill holes smaller than this area/volume, physical units (default 0: off, since pockets "
-                     "enclosed between touching particles look like holes)",
+    "max_hole_size": "fill holes smaller than this area/volume, physical units; 'auto': holes up to a ball of 0.4 x "
+                     "the typical particle radius (nucleoli, not the larger pockets enclosed between touching "
+                     "particles); 0: off (default %(default)s; chunked runs need 0)",
     "neck_ratio": "peaks of one region joined by no neck narrower than this times the higher peak's depth make "
                   "one particle; a number in (0, 1] or 'off'. Default %(default)s: only peaks on a flat ridge or "
                   "plateau (rods, elongated nuclei). Lower values also join shallow necks (0.7: rods, hollow "
@@ -55,23 +62,44 @@ def _neck_ratio(text):
 
 
 def _threshold(text):
-    if text == "otsu":
+    from gpu_pipeline.stages.threshold import THRESHOLD_METHODS
+
+    if text in THRESHOLD_METHODS:
         return text
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"threshold must be 'otsu' or a number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"threshold must be one of {', '.join(THRESHOLD_METHODS)} or a number, "
+                                         f"got {text!r}")
+
+
+def _auto_or_number(what):
+    def parse(text):
+        if text == "auto":
+            return text
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be 'auto' or a number, got {text!r}")
+
+    return parse
 
 
 def add_separation_options(parser):
     group = parser.add_argument_group("separation")
     group.add_argument("--spacing", type=_spacing, default=None, help=PARAMETER_HELP["spacing"])
-    group.add_argument("--sigma", type=float, default=1.0, help=PARAMETER_HELP["sigma"])
-    group.add_argument("--threshold", type=_threshold, default="otsu", help=PARAMETER_HELP["threshold"])
+    group.add_argument("--sigma", type=_auto_or_number("sigma"), default="auto", help=PARAMETER_HELP["sigma"])
+    group.add_argument("--threshold", type=_threshold, default="auto", help=PARAMETER_HELP["threshold"])
     group.add_argument("--polarity", choices=("auto", "bright", "dark"), default="auto", help=PARAMETER_HELP["polarity"])
-    group.add_argument("--min-distance", type=float, default=4.0, help=PARAMETER_HELP["min_distance"])
+    group.add_argument("--min-distance", type=_auto_or_number("min distance"), default="auto",
+                       help=PARAMETER_HELP["min_distance"])
     group.add_argument("--min-size", type=float, default=None, help=PARAMETER_HELP["min_size"])
-    group.add_argument("--max-hole-size", type=float, default=0.0, help=PARAMETER_HELP["max_hole_size"])
+    group.add_argument("--max-hole-size", type=_auto_or_number("max hole size"), default="auto",
+                       help=PARAMETER_HELP["max_hole_size"])
+    group.add_argument("--reject-annotations", action="store_true",
+                       help="2D: remove scale bars and info bands (filled axis-aligned rectangles, long or spanning "
+                            "the width) from the thresholded foreground; off by default, since an axis-aligned rod "
+                            "is such a rectangle too")
     group.add_argument("--neck-ratio", type=_neck_ratio, default=1.0, help=PARAMETER_HELP["neck_ratio"])
     group.add_argument("--method", choices=("kmeans", "watershed"), default="kmeans",
                        help="kmeans: k-means per region from the peaks (default); watershed: the classical "
@@ -87,7 +115,8 @@ def add_separation_options(parser):
 def separation_kwargs(args):
     return dict(spacing=args.spacing, sigma=args.sigma, threshold=args.threshold, polarity=args.polarity,
                 min_distance=args.min_distance, min_size=args.min_size, max_hole_size=args.max_hole_size,
-                neck_ratio=args.neck_ratio, method=args.method, assignment=args.assignment, max_iter=args.max_iter)
+                neck_ratio=args.neck_ratio, method=args.method, assignment=args.assignment, max_iter=args.max_iter,
+                reject_annotations=args.reject_annotations)
 
 
 def output_paths(output):
@@ -173,10 +202,18 @@ def cmd_run_chunked(args, device):
     if args.method != "kmeans":
         raise DeclumpError("chunked runs (Zarr in, .zarr out) support --method kmeans only; the watershed is the "
                            "in-memory comparison (write a .tif/.npy output to run it)")
-    if args.max_hole_size:
-        raise DeclumpError("--max-hole-size is not available in chunked runs (hole filling is not local)")
+    needs = [text for text, wrong in (
+        ("--sigma NUMBER", args.sigma == "auto"),
+        ("--threshold otsu, li, triangle or a number", args.threshold in ("auto", "local")),
+        ("--min-distance NUMBER (about the smallest particle radius)", args.min_distance == "auto"),
+        ("--max-hole-size 0 (hole filling is not local)", args.max_hole_size != 0),
+        ("no --reject-annotations", args.reject_annotations))
+        if wrong]
+    if needs:
+        raise DeclumpError("chunked runs need " + "; ".join(needs) + ": the automatic choices measure the whole "
+                           "image at once, which a chunked run does not hold")
     kwargs = separation_kwargs(args)
-    for key in ("method", "max_hole_size"):
+    for key in ("method", "max_hole_size", "reject_annotations"):
         kwargs.pop(key)
     if args.save_probabilities is not None:
         check_probabilities_path(args.save_probabilities, chunked=True)

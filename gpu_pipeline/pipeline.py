@@ -10,11 +10,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for
+from gpu_pipeline.stages.annotations import annotation_mask
 from gpu_pipeline.stages.boundary_split import boundary_split
 from gpu_pipeline.stages.cleanup import clean_mask
 from gpu_pipeline.stages.peaks import find_peaks, neck_groups, quantize_distance, window_half_widths
 from gpu_pipeline.stages.split import finish_labels, split_regions_kmeans, split_regions_watershed
-from gpu_pipeline.stages.threshold import choose_polarity, foreground, otsu_threshold
+from gpu_pipeline.stages.scale import MIN_DISTANCE_PER_RADIUS, typical_radius
+from gpu_pipeline.stages.threshold import threshold_foreground
+
+
+#: ``max_hole_size="auto"`` fills holes up to a ball of this fraction of the typical particle radius.
+HOLE_RADIUS_PER_RADIUS = 0.4
+#: ``sigma="auto"``: one voxel, doubled (at most this many times) while doubling it makes the foreground's
+#: typical radius at least ``NOISE_GROWTH`` times larger (it was noise grain, not particles).
+SIGMA_DOUBLINGS = 3
+NOISE_GROWTH = 3.0
 
 
 class NoParticlesError(DeclumpError):
@@ -23,10 +33,27 @@ class NoParticlesError(DeclumpError):
 
 @dataclass
 class SeparationDetails:
-    """What a run decided and measured: threshold, polarity, counts, per-stage seconds."""
+    """What a run decided and measured: threshold, polarity, scale, counts, per-stage seconds.
+
+    ``threshold_method`` is the method that made the foreground (``auto``
+    reports the one it chose; ``fixed`` for a number, None for a mask),
+    ``threshold_candidates`` the thresholds of the methods weighed,
+    ``intensity_range`` the percentile range ``auto`` clipped to;
+    ``particle_radius`` the typical radius measured for the ``auto`` options,
+    ``min_distance`` and ``max_hole_size`` the values used (physical units);
+    ``annotation_pixels`` the pixels removed as figure annotations.
+    """
 
     threshold: float | None = None
     polarity: str | None = None
+    threshold_method: str | None = None
+    threshold_candidates: dict = field(default_factory=dict)
+    intensity_range: tuple | None = None
+    particle_radius: float | None = None
+    sigma: float | None = None
+    min_distance: float | None = None
+    max_hole_size: float | None = None
+    annotation_pixels: int = 0
     n_regions: int = 0
     n_peaks: int = 0
     n_particles: int = 0
@@ -100,10 +127,10 @@ def _memory_error_names_stage(function):
 
 
 @_memory_error_names_stage
-def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,
-             min_distance=4.0, min_size=None, max_hole_size=0.0, max_radius=None, neck_ratio=1.0,
-             method="kmeans", assignment="power", kmeans_engine="batched", max_iter=0, return_details=False,
-             classifier=None, follow_boundaries=True):
+def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="auto", mask=None,
+             min_distance="auto", min_size=None, max_hole_size="auto", max_radius=None, neck_ratio=1.0,
+             method="kmeans", assignment="power", kmeans_engine="batched", max_iter=0, reject_annotations=False,
+             return_details=False, classifier=None, follow_boundaries=True):
     """Split touching particles: an instance label image with one id per particle.
 
     Runs on the device that holds ``image`` (NumPy: CPU fallback; CuPy: GPU).
@@ -115,28 +142,47 @@ def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto
     spacing : float or sequence of float, optional
         Voxel size per axis, in physical units (e.g. nm); default 1 (voxels).
         Every size and distance below is in these units.
-    sigma : float
-        Gaussian smoothing before thresholding, physical units; 0 disables it.
-    threshold : "otsu" or float
-        Global threshold; "otsu" computes it from the histogram of the
-        (smoothed) image.
+    sigma : "auto" or float
+        Gaussian smoothing before thresholding, physical units; 0 disables
+        it. ``auto`` (default): one voxel (the finest axis), doubled up to
+        ``SIGMA_DOUBLINGS`` times while doubling it makes the thresholded
+        foreground's typical radius ``NOISE_GROWTH`` times larger, i.e.
+        while the foreground is noise grain rather than particles (textured
+        EM images); particles keep about their size.
+    threshold : "auto", "otsu", "li", "triangle", "local" or float
+        How the smoothed image becomes a foreground. ``otsu``, ``li`` and
+        ``triangle`` are global thresholds from the histogram (equal to
+        scikit-image's); ``local`` is Otsu's threshold above a background
+        estimated over an eighth of the image (uneven illumination);
+        ``auto`` (default; the image is first clipped to its 0.5-99.9
+        percentiles where outliers would squeeze the histogram) picks Otsu
+        or Li per image
+        (:func:`gpu_pipeline.stages.threshold.choose_method`); the choice is
+        in the details (``threshold_method``). A number is a fixed
+        threshold in image units.
     polarity : "auto", "bright" or "dark"
         Whether particles are brighter or darker than the background; see
         :func:`gpu_pipeline.stages.threshold.choose_polarity` for ``auto``.
     mask : ndarray, optional
         A foreground mask (bool or 0/1) or probability map in [0, 1] (e.g. from
         a neural network), used instead of the threshold; foreground is > 0.5.
-    min_distance : float
+    min_distance : "auto" or float
         Minimum separation of particle centres, physical units: peaks closer
-        than this per axis (a box) are merged. Roughly the smallest particle radius.
+        than this per axis (a box) are merged. Roughly the smallest particle
+        radius. ``auto`` (default): ``MIN_DISTANCE_PER_RADIUS`` times the
+        typical particle radius measured on the foreground
+        (:func:`gpu_pipeline.stages.scale.typical_radius`: the size-weighted
+        median of the components' inscribed radii, so specks do not count).
     min_size : float, optional
         Objects smaller than this area (2D) or volume (3D), physical units, are
         removed. Default: a ball of diameter ``min_distance``.
-    max_hole_size : float
-        Holes smaller than this area/volume (physical) are filled. Default 0
-        (off): the background pockets enclosed between touching particles look
-        like holes, and filling them fuses the particles and erases the
-        distance-map peaks that separate them.
+    max_hole_size : "auto" or float
+        Holes smaller than this area/volume (physical) are filled. ``auto``
+        (default): holes up to a ball of ``HOLE_RADIUS_PER_RADIUS`` times the
+        typical particle radius, which fills nucleoli but not the pockets
+        enclosed between touching particles (those are as large as a
+        particle, and filling them fuses particles and makes false
+        distance-map peaks). 0: off.
     max_radius : float, optional
         Cap on the distance map, physical units (default: none). Chunked
         runs need one (their halo is this deep) and give exactly this
@@ -173,6 +219,12 @@ def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto
         truncated sphere's centroid away from the neck, which the bench shows
         costs accuracy with the power distance; the naive Euclidean method
         needs them.
+    reject_annotations : bool
+        2D thresholded images only: remove components shaped like figure
+        annotations (scale bars, info bands: filled axis-aligned
+        rectangles; :mod:`gpu_pipeline.stages.annotations`) before anything
+        is measured. Default False: an axis-aligned rod is such a rectangle
+        too; a ``mask`` is used as given.
     return_details : bool
         Also return a :class:`SeparationDetails`.
     classifier : PixelClassifier, path or shipped model name, optional
@@ -190,6 +242,7 @@ def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto
         or, when False, split its foreground by the distance map like any
         mask (what chunked runs do, :func:`gpu_pipeline.chunked.pipeline.separate_chunked`).
 
+
     Returns
     -------
     labels : ndarray of int32, same shape and device as ``image``
@@ -204,10 +257,9 @@ def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto
     reference = image if image is not None else mask
     if reference is None:
         raise DeclumpError("separate needs an image, a mask, or both")
-    xp = get_array_module(reference)
     ops = ops_for(reference)
     details = SeparationDetails()
-    clock = _StageClock(ops, details.timings, _planned_stages(mask is not None, method, neck_ratio))
+    clock = _StageClock(ops, details.timings, _planned_stages(mask is not None, method, neck_ratio, classifier))
     if image is not None:
         validate_image(image)
     ndim = reference.ndim
@@ -218,11 +270,10 @@ def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto
         raise DeclumpError(f"neck_ratio must be in (0, 1], got {neck_ratio}")
     if method not in ("kmeans", "watershed"):
         raise DeclumpError(f"method must be 'kmeans' or 'watershed', got {method!r}")
-    if not (min_distance > 0):
-        raise DeclumpError(f"min_distance must be a positive physical distance, got {min_distance}")
-    ball = (lambda d: math.pi * d * d / 4) if ndim == 2 else (lambda d: math.pi * d ** 3 / 6)
-    min_size = ball(min_distance) if min_size is None else float(min_size)
-    max_hole_size = float(max_hole_size or 0.0)
+    sigma = 0.0 if sigma is None else sigma
+    _check_auto_or_number("sigma", sigma, positive=False)
+    _check_auto_or_number("min_distance", min_distance, positive=True)
+    _check_auto_or_number("max_hole_size", max_hole_size, positive=False)
 
     # A classifier with a boundary class sets these; the split then follows its boundaries
     # (stages/boundary_split) instead of the power-diagram split of the distance map.
@@ -239,58 +290,167 @@ def separate(image, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto
         boundary = class_probability(details.probabilities, classifier.classes, "boundary")
         interior = class_probability(details.probabilities, classifier.classes, "particle")
         clock.lap("classifier")
-    if mask is not None:
-        fg = _mask_from(mask, reference.shape)
-        clock.lap("threshold")
-    else:
-        smoothed = image
-        if sigma and sigma > 0:
-            smoothed = ops.gaussian(image, tuple(float(sigma) / s for s in spacing))
-        clock.lap("smoothing")
-        if isinstance(threshold, str):
-            if threshold != "otsu":
-                raise DeclumpError(f"threshold must be 'otsu' or a number, got {threshold!r}")
-            details.threshold = otsu_threshold(smoothed)
-        else:
-            details.threshold = float(threshold)
-        details.polarity = choose_polarity(smoothed, details.threshold, polarity)
-        fg = foreground(smoothed, details.threshold, details.polarity)
-        clock.lap("threshold")
-    fg = clean_mask(fg, spacing=spacing, min_size=min_size, max_hole_size=max_hole_size)
+    fg = foreground_step(image, mask, spacing=spacing, sigma=sigma, threshold=threshold, polarity=polarity,
+                         details=details, clock=clock)
+    if reject_annotations and mask is None and fg.ndim == 2:
+        fg = reject_annotations_step(fg, details=details)
+    fg, min_distance = cleanup_step(fg, spacing=spacing, min_distance=min_distance, min_size=min_size,
+                                    max_hole_size=max_hole_size, details=details)
     clock.lap("cleanup")
-    if not bool(fg.any()):
-        raise NoParticlesError("no particles found: the foreground is empty after thresholding and removing objects "
-                               f"smaller than {min_size:g} (physical units); check polarity, threshold or min_size")
     if boundary is not None and follow_boundaries:
         labels = boundary_split(fg, boundary, interior=interior, spacing=spacing)
         details.n_particles = int(labels.max())
         clock.lap("boundary_split")
         return (labels, details) if return_details else labels
-    distance = cap_distance(ops.distance_transform(fg, spacing), max_radius, spacing)
+    distance_q, quantum = distance_step(fg, spacing=spacing, max_radius=max_radius)
     clock.lap("distance_transform")
-    distance_q, quantum = quantize_distance(distance, spacing)
-    peaks = find_peaks(distance_q, half_widths=window_half_widths(min_distance, spacing))
+    peaks = peaks_step(distance_q, spacing=spacing, min_distance=min_distance)
     details.n_peaks = int(peaks.shape[0])
     clock.lap("peaks")
-    regions, details.n_regions = ops.label(fg)
-    clock.lap("regions")
-    if method == "kmeans":
-        group = None
-        if neck_ratio is not None:
-            group = neck_groups(peaks, distance_q, regions, spacing, neck_ratio)
-            clock.lap("necks")
-        radii = distance_q[tuple(peaks.T)].astype(xp.float64) * quantum
-        labels, details.n_iter = split_regions_kmeans(regions, details.n_regions, peaks, radii, spacing=spacing,
-                                                      assignment=assignment, engine=kmeans_engine,
-                                                      max_iter=max_iter, peak_group=group)
-        clock.lap("kmeans")
-    else:
-        labels = split_regions_watershed(fg, regions, details.n_regions, peaks, distance_q)
-        clock.lap("watershed")
-    labels = finish_labels(labels)
-    details.n_particles = int(labels.max())
+    labels = split_step(fg, distance_q, quantum, peaks, spacing=spacing, method=method, neck_ratio=neck_ratio,
+                        assignment=assignment, kmeans_engine=kmeans_engine, max_iter=max_iter, details=details,
+                        clock=clock)
+    labels = finish_step(labels, details=details)
     clock.lap("finish")
     return (labels, details) if return_details else labels
+
+
+def _check_auto_or_number(name, value, *, positive):
+    if isinstance(value, str) and value == "auto":
+        return
+    try:
+        ok = float(value) > 0 if positive else float(value) >= 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise DeclumpError(f"{name} must be 'auto' or a {'positive' if positive else 'non-negative'} physical "
+                           f"size, got {value!r}")
+
+
+def ball_size(diameter, ndim):
+    """Area (2D) or volume (3D) of a ball of ``diameter``: the default ``min_size``."""
+    return math.pi * diameter * diameter / 4 if ndim == 2 else math.pi * diameter ** 3 / 6
+
+
+def foreground_step(image, mask, *, spacing, sigma, threshold, polarity, details, clock):
+    """The particle mask: ``mask`` when given, else smoothing, threshold and polarity (recorded in ``details``)."""
+    if mask is not None:
+        fg = _mask_from(mask, (image if image is not None else mask).shape)
+        clock.lap("threshold")
+        return fg
+    ops = ops_for(image)
+
+    def smooth(sigma):
+        return ops.gaussian(image, tuple(float(sigma) / s for s in spacing)) if sigma > 0 else image
+
+    if sigma == "auto":
+        def attempt(sigma):
+            fg, decision = threshold_foreground(smooth(sigma), threshold, polarity)
+            radius = typical_radius(fg, spacing) if bool(fg.any()) and not bool(fg.all()) else None
+            return fg, decision, radius
+
+        # Noise grain thresholds into small components that twice the smoothing merges into much larger
+        # ones; particles keep about their size.
+        sigma = min(spacing)
+        fg, decision, radius = attempt(sigma)
+        for _ in range(SIGMA_DOUBLINGS):
+            if radius is None:
+                break
+            coarser = attempt(2 * sigma)
+            if coarser[2] is None or coarser[2] < NOISE_GROWTH * radius:
+                break
+            sigma, (fg, decision, radius) = 2 * sigma, coarser
+    else:
+        fg, decision = threshold_foreground(smooth(float(sigma or 0.0)), threshold, polarity)
+    details.sigma = float(sigma or 0.0)
+    clock.lap("smoothing")
+    details.threshold, details.polarity, details.threshold_method = (decision.threshold, decision.polarity,
+                                                                     decision.method)
+    details.threshold_candidates, details.intensity_range = decision.candidates, decision.intensity_range
+    clock.lap("threshold")
+    return fg
+
+
+def reject_annotations_step(fg, *, details):
+    """The foreground without scale bars and info bands (2D); their pixel count goes to ``details``."""
+    drop = annotation_mask(fg)
+    details.annotation_pixels = int(drop.sum())
+    return fg & ~drop
+
+
+def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details):
+    """Holes filled and specks removed, with the ``auto`` sizes measured first: (mask, min_distance).
+
+    An empty result is :class:`NoParticlesError`.
+    """
+    if "auto" in (min_distance, max_hole_size):
+        if not bool(fg.any()):
+            raise NoParticlesError("no particles found: the foreground is empty after thresholding; check polarity "
+                                   "or threshold")
+        if bool(fg.all()):
+            raise NoParticlesError("the foreground covers the whole image (no background voxel), so 'auto' cannot "
+                                   "measure the particle size; check polarity or threshold, or set --min-distance "
+                                   "and --max-hole-size")
+        details.particle_radius = typical_radius(fg, spacing)
+    if min_distance == "auto":
+        # At least one voxel of the coarsest axis, so the peak window is never empty.
+        min_distance = max(MIN_DISTANCE_PER_RADIUS * details.particle_radius, max(spacing))
+    min_distance = float(min_distance)
+    if max_hole_size == "auto":
+        max_hole_size = ball_size(2 * HOLE_RADIUS_PER_RADIUS * details.particle_radius, fg.ndim)
+    max_hole_size = float(max_hole_size or 0.0)
+    min_size = ball_size(min_distance, fg.ndim) if min_size is None else float(min_size)
+    details.min_distance, details.max_hole_size = min_distance, max_hole_size
+    fg = clean_mask(fg, spacing=spacing, min_size=min_size, max_hole_size=max_hole_size)
+    if details.particle_radius is not None and bool(fg.all()):
+        # Filled holes can leave no background: then every voxel would be a peak candidate of the auto window.
+        raise NoParticlesError("no particles can be told apart: after hole filling the foreground covers the whole "
+                               "image; check polarity or threshold, or set --max-hole-size 0")
+    if not bool(fg.any()):
+        raise NoParticlesError("no particles found: the foreground is empty after thresholding and removing objects "
+                               f"smaller than {min_size:g} (physical units); check polarity, threshold or min_size")
+    return fg, min_distance
+
+
+def distance_step(fg, *, spacing, max_radius):
+    """The quantised, capped distance map of the foreground and its quantum (physical units per step)."""
+    distance = cap_distance(ops_for(fg).distance_transform(fg, spacing), max_radius, spacing)
+    return quantize_distance(distance, spacing)
+
+
+def peaks_step(distance_q, *, spacing, min_distance):
+    """Particle centres: maxima of the distance map at least ``min_distance`` apart (per axis), as (n, ndim)."""
+    return find_peaks(distance_q, half_widths=window_half_widths(min_distance, spacing))
+
+
+def split_step(fg, distance_q, quantum, peaks, *, spacing, method, neck_ratio, assignment, kmeans_engine, max_iter,
+               details, clock):
+    """Every foreground voxel assigned to a peak: k-means per region (with neck groups) or the watershed."""
+    xp = get_array_module(fg)
+    ops = ops_for(fg)
+    regions, details.n_regions = ops.label(fg)
+    clock.lap("regions")
+    if method != "kmeans":
+        labels = split_regions_watershed(fg, regions, details.n_regions, peaks, distance_q)
+        clock.lap("watershed")
+        return labels
+    group = None
+    if neck_ratio is not None:
+        group = neck_groups(peaks, distance_q, regions, spacing, neck_ratio)
+        clock.lap("necks")
+    radii = distance_q[tuple(peaks.T)].astype(xp.float64) * quantum
+    labels, details.n_iter = split_regions_kmeans(regions, details.n_regions, peaks, radii, spacing=spacing,
+                                                  assignment=assignment, engine=kmeans_engine,
+                                                  max_iter=max_iter, peak_group=group)
+    clock.lap("kmeans")
+    return labels
+
+
+def finish_step(labels, *, details):
+    """One piece per particle, ids 1..n by first voxel in C order."""
+    labels = finish_labels(labels)
+    details.n_particles = int(labels.max())
+    return labels
 
 
 def cap_distance(distance, max_radius, spacing):
@@ -313,9 +473,10 @@ def cap_distance(distance, max_radius, spacing):
 _RUNNING_CLOCK = contextvars.ContextVar("declump_running_clock", default=None)
 
 
-def _planned_stages(has_mask, method, neck_ratio):
+def _planned_stages(has_mask, method, neck_ratio, classifier=None):
     """The stages `separate` laps, in order, for these options."""
-    start = ["threshold"] if has_mask else ["smoothing", "threshold"]
+    start = ["classifier", "threshold"] if classifier is not None else (["threshold"] if has_mask
+                                                                       else ["smoothing", "threshold"])
     split = (["necks"] if neck_ratio is not None else []) + ["kmeans"] if method == "kmeans" else ["watershed"]
     return start + ["cleanup", "distance_transform", "peaks", "regions"] + split + ["finish"]
 

@@ -127,3 +127,48 @@ def demo_sample(*, three_d=False, seed=0):
         shape, n, spacing = (384, 384), 160, (1.0, 1.0)
     image, truth = make_touching_particles(shape, n, radius_range=(5, 12), spacing=spacing, seed=seed)
     return image, truth, spacing
+
+
+def make_uneven_nuclei(shape=(256, 256), n_nuclei=60, *, radius_range=(7.0, 13.0), brightness_range=(0.15, 1.0),
+                       nucleoli=(1, 3), nucleolus_radius=(0.15, 0.3), nucleolus_level=(0.05, 0.3),
+                       illumination=0.4, background=0.04, blur=1.0, noise=0.02, touching_fraction=0.4, seed=0):
+    """Fluorescence-like nuclei of uneven brightness with dark nucleoli, and their ground-truth labels.
+
+    The hard case for one global threshold: per-nucleus brightness is
+    log-uniform over ``brightness_range`` (dim and bright nuclei in one
+    frame), the illumination falls off linearly by ``illumination`` across
+    the last axis, and each nucleus holds ``nucleoli`` (min, max) dark disks
+    (radius a fraction ``nucleolus_radius`` of the nucleus, intensity a
+    fraction ``nucleolus_level`` of it) that punch holes in a thresholded
+    mask. The shapes come from :func:`make_touching_particles` (radical-plane
+    contacts, ``overlap`` 0.2), so ground truth is exact.
+
+    Returns
+    -------
+    image : ndarray of uint16 (0..4095, a 12-bit camera)
+    labels : ndarray of int32
+    """
+    rng = np.random.default_rng(seed)
+    _, labels = make_touching_particles(shape, n_nuclei, radius_range=radius_range,
+                                        touching_fraction=touching_fraction, blur=0, noise=0, seed=seed)
+    n = int(labels.max())
+    low, high = np.log(brightness_range[0]), np.log(brightness_range[1])
+    level = np.concatenate([[0.0], np.exp(rng.uniform(low, high, n))])
+    image = level[labels]
+    grids = np.indices(labels.shape)
+    centres = ndi.center_of_mass(np.ones_like(labels), labels, np.arange(1, n + 1))
+    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    for i, (centre, area) in enumerate(zip(centres, areas), start=1):
+        radius = math.sqrt(area / math.pi) if labels.ndim == 2 else (3 * area / (4 * math.pi)) ** (1 / 3)
+        for _ in range(int(rng.integers(nucleoli[0], nucleoli[1] + 1))):
+            r = radius * rng.uniform(*nucleolus_radius)
+            offset = rng.normal(size=labels.ndim)
+            offset *= rng.uniform(0, max(radius - r - 2.0, 0.0)) / max(np.linalg.norm(offset), 1e-9)
+            inside = sum((g - (c + o)) ** 2 for g, c, o in zip(grids, centre, offset)) <= r * r
+            image[inside & (labels == i)] = level[i] * rng.uniform(*nucleolus_level)
+    ramp = 1.0 - illumination * grids[-1] / max(labels.shape[-1] - 1, 1)
+    image = background + image * ramp
+    if blur > 0:
+        image = ndi.gaussian_filter(image, blur)
+    image = image + rng.normal(0, noise, labels.shape)
+    return np.clip(np.rint(image * 4095), 0, 4095).astype(np.uint16), labels

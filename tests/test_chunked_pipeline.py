@@ -19,8 +19,17 @@ from gpu_pipeline.chunked.pipeline import peak_halo, separate_chunked  # noqa: E
 from gpu_pipeline.chunked.run import run_chunked  # noqa: E402
 from gpu_pipeline.chunked.workspace import Workspace  # noqa: E402
 from gpu_pipeline.measure import particle_table  # noqa: E402
-from gpu_pipeline.pipeline import separate  # noqa: E402
+from gpu_pipeline.pipeline import separate as separate_in_memory  # noqa: E402
 from gpu_pipeline.synthetic import make_touching_particles  # noqa: E402
+
+#: The chunked engine's defaults: it takes no 'auto' (those options measure the whole image at once).
+CHUNKED_DEFAULTS = dict(sigma=1.0, threshold="otsu", min_distance=4.0, max_hole_size=0.0)
+CHUNKED_OPTIONS = ["--sigma", "1", "--threshold", "otsu", "--min-distance", "4", "--max-hole-size", "0"]
+
+
+def separate(image, **kwargs):
+    """In-memory ``separate`` with the chunked engine's defaults for the options a call leaves out."""
+    return separate_in_memory(image, **{**CHUNKED_DEFAULTS, **kwargs})
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_RADIUS = 13.0  # generated radii reach 12
@@ -107,7 +116,7 @@ def test_cli_run_writes_ome_zarr_labels_and_parquet_table(tmp_path, rng):
     image, _ = make_touching_particles((32, 64, 64), 40, spacing=spacing, seed=int(rng.integers(1e6)))
     src = _ome_zarr(tmp_path / "in.zarr", image, spacing, (16, 32, 32))
     out = tmp_path / "out.zarr"
-    assert main(["run", str(src), str(out), "--max-radius", "13", "--quiet"]) == 0
+    assert main(["run", str(src), str(out), "--max-radius", "13", "--quiet", *CHUNKED_OPTIONS]) == 0
     expected = separate(image, spacing=spacing, max_radius=13)
     labels = zarr.open_array(str(out / "particles" / "0"), mode="r")
     assert labels.chunks == (16, 32, 32) and labels[...].tobytes() == expected.tobytes()
@@ -130,7 +139,7 @@ def test_cli_run_writes_ome_zarr_labels_and_parquet_table(tmp_path, rng):
     scale = label_node.metadata["coordinateTransformations"][0][0]["scale"]
     assert scale == list(spacing) and np.array_equal(np.asarray(label_node.data[0]), expected)
     # The same command again: already complete, nothing recomputed; other parameters: refused.
-    assert main(["run", str(src), str(out), "--max-radius", "13", "--quiet"]) == 0
+    assert main(["run", str(src), str(out), "--max-radius", "13", "--quiet", *CHUNKED_OPTIONS]) == 0
     with pytest.raises(DeclumpError, match="other parameters"):
         run_chunked(src, out, max_radius=13, sigma=2.0, verbose=False)
 
@@ -174,7 +183,7 @@ def test_sigkill_twice_then_rerun_gives_identical_output_with_fewer_chunks(tmp_p
     image, _ = make_touching_particles((48, 96, 96), 120, spacing=spacing, seed=int(rng.integers(1e6)))
     src = _ome_zarr(tmp_path / "in.zarr", image, spacing, (24, 24, 24))
     command = [sys.executable, "-m", "gpu_pipeline", "run", str(src), str(tmp_path / "out.zarr"), "--max-radius",
-               "13", "--workers", "1", "--quiet"]
+               "13", "--workers", "1", "--quiet", *CHUNKED_OPTIONS]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     split = tmp_path / "out.zarr.work" / "split.done"
     first = _kill_when(subprocess.Popen(command, env=env), split, 6)

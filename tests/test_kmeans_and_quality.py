@@ -79,11 +79,13 @@ def test_result_is_deterministic_and_ids_follow_c_order(rng):
 def test_default_method_at_least_as_accurate_as_skimage_watershed(rng, shape, n, spacing):
     from bench.compare_methods import pooled_scores
 
+    # The same foreground for both (Otsu, no hole filling, as the reference pipeline): this compares the split.
     params = dict(sigma=1.0, min_distance=4, min_size=20)
     ours, ref = [], []
     for _ in range(3):
         image, truth = make_touching_particles(shape, n, spacing=spacing, overlap=0.15, seed=int(rng.integers(1e6)))
-        ours.append((separate(image, spacing=spacing, polarity="bright", **params), truth))
+        ours.append((separate(image, spacing=spacing, polarity="bright", threshold="otsu", max_hole_size=0, **params),
+                     truth))
         ref.append((skimage_watershed(image, spacing=spacing, polarity="bright", **params), truth))
     ours, ref = pooled_scores(ours), pooled_scores(ref)
     # Both use the same peaks (tested equal to peak_local_max), so object counts match; F1@0.5 may
@@ -103,7 +105,7 @@ def test_probability_map_mask_replaces_the_threshold(rng):
 
 def test_watershed_method_is_available_with_the_same_markers(rng):
     image, truth = make_touching_particles((128, 128), 25, seed=int(rng.integers(1e6)))
-    km = separate(image, min_distance=4)
-    ws = separate(image, min_distance=4, method="watershed")
+    km = separate(image, min_distance=4, max_hole_size=0)
+    ws = separate(image, min_distance=4, max_hole_size=0, method="watershed")
     assert ws.max() == km.max()  # one particle per peak (plus peakless regions) in both
     assert evaluate(ws, truth)["f1_50"] > 0.6

@@ -11,9 +11,9 @@ import numpy as np
 
 from gpu_pipeline._backend import GAUSSIAN_TRUNCATE, DeclumpError, get_array_module, ops_for, to_host
 from gpu_pipeline.chunked.components import label_chunked
-from gpu_pipeline.chunked.histogram import otsu_threshold_chunked
+from gpu_pipeline.chunked.histogram import histogram_thresholds_chunked
 from gpu_pipeline.stages.cleanup import voxels_for
-from gpu_pipeline.stages.threshold import choose_polarity, foreground
+from gpu_pipeline.stages.threshold import HISTOGRAM_METHODS, choose_polarity, foreground
 
 def gaussian_radius(sigma_voxels):
     """Filter radius per axis in voxels, as scipy.ndimage computes it."""
@@ -78,6 +78,11 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
 
     workspace = workspace or Workspace(None)
     source = volume if mask is None else mask
+    if isinstance(sigma, str):
+        raise DeclumpError(f"chunked runs need sigma as a number (physical units), got {sigma!r}")
+    if isinstance(threshold, str) and threshold not in HISTOGRAM_METHODS:
+        raise DeclumpError(f"chunked runs take threshold {', '.join(HISTOGRAM_METHODS)} or a number, got "
+                           f"{threshold!r} ('auto' and 'local' look at the whole image at once)")
     if mask is not None:
         fg = mask > 0.5 if np.dtype(mask.dtype).kind != "b" else mask
         value, side = None, None
@@ -88,8 +93,13 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
             if sigma and sigma > 0 else volume
 
         def decide():
-            value = otsu_threshold_chunked(smoothed) if threshold == "otsu" else float(threshold)
-            return {"threshold": value, "polarity": choose_polarity(smoothed, value, polarity)}
+            # As in-memory threshold_foreground: a named method's polarity is decided at Otsu's threshold.
+            if isinstance(threshold, str):
+                candidates = histogram_thresholds_chunked(smoothed)
+                value, at = candidates[threshold], candidates["otsu"]
+            else:
+                value = at = float(threshold)
+            return {"threshold": value, "polarity": choose_polarity(smoothed, at, polarity)}
 
         decided = workspace.remember("threshold", decide)
         value, side = float(decided["threshold"]), str(decided["polarity"])

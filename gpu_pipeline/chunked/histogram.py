@@ -1,15 +1,15 @@
-"""Global Otsu threshold of a chunked volume: one histogram reduced over all chunks.
+"""Global thresholds of a chunked volume (Otsu, Li, triangle): one histogram reduced over all chunks.
 
 The bins come from the global min and max (a first pass for float data), so
 every chunk uses the same layout and the sum equals the whole volume's
-histogram: the threshold is the in-memory one exactly.
+histogram: every threshold computed from it is the in-memory one exactly.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from gpu_pipeline._backend import to_host
-from gpu_pipeline.stages.threshold import histogram_bins, intensity_histogram, otsu_from_histogram
+from gpu_pipeline.stages.threshold import HISTOGRAM_METHODS, histogram_bins, intensity_histogram
 
 
 def _block_histogram(block, bins):
@@ -19,6 +19,20 @@ def _block_histogram(block, bins):
 
 def otsu_threshold_chunked(image):
     """Otsu's threshold of a Dask array, equal to ``otsu_threshold`` of the computed array."""
+    return histogram_thresholds_chunked(image)["otsu"]
+
+
+def histogram_thresholds_chunked(image):
+    """Every histogram method's threshold of a Dask array (``{"otsu": ..., "li": ..., "triangle": ...}``).
+
+    Equal to the in-memory ``HISTOGRAM_METHODS`` on the computed array's histogram.
+    """
+    counts, bins = histogram_chunked(image)
+    return {name: method(counts, bins) for name, method in HISTOGRAM_METHODS.items()}
+
+
+def histogram_chunked(image):
+    """``intensity_histogram`` of a Dask array: (counts, bins), equal to the computed array's."""
     import dask
     import dask.array as da
 
@@ -29,19 +43,6 @@ def otsu_threshold_chunked(image):
         raise DeclumpError("the volume holds NaN or inf values; declump accepts finite intensities only")
     bins = histogram_bins(float(low), float(high), image.dtype)
     # One histogram per chunk (no reshape: flattening would rechunk into huge blocks), tree-summed.
-    per_chunk = image.map_blocks(_block_histogram, bins, dtype=np.int64, new_axis=image.ndim,
-                                 chunks=tuple((1,) * n for n in image.numblocks) + ((bins.nbins,),))
-    counts = to_host(da.sum(per_chunk, axis=tuple(range(image.ndim))).compute())
-    return otsu_from_histogram(counts, bins)
-
-
-def histogram_chunked(image):
-    """``intensity_histogram`` of a Dask array: (counts, bins), equal to the computed array's."""
-    import dask
-    import dask.array as da
-
-    low, high = dask.compute(image.min(), image.max())
-    bins = histogram_bins(float(low), float(high), image.dtype)
     per_chunk = image.map_blocks(_block_histogram, bins, dtype=np.int64, new_axis=image.ndim,
                                  chunks=tuple((1,) * n for n in image.numblocks) + ((bins.nbins,),))
     return to_host(da.sum(per_chunk, axis=tuple(range(image.ndim))).compute()), bins

@@ -416,6 +416,9 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
         raise DeclumpError(f"the volume has {reference.ndim} dimensions {tuple(reference.shape)}; declump accepts "
                            "2D or 3D")
     spacing = validate_spacing(spacing, reference.ndim)
+    if isinstance(min_distance, str):  # 'auto' measures particles on the whole foreground at once
+        raise DeclumpError(f"chunked runs need min_distance as a number (about the smallest particle radius), got "
+                           f"{min_distance!r}")
     if not (min_distance > 0):
         raise DeclumpError(f"min_distance must be a positive physical distance, got {min_distance}")
     volume, mask = (None if a is None else to_device(a, device) for a in (volume, mask))

@@ -111,6 +111,80 @@ def otsu_from_histogram(counts, bins: HistogramBins) -> float:
     return float(centers[int(np.nanargmax(variance))])
 
 
+def li_from_histogram(counts, bins: HistogramBins) -> float:
+    """Li's minimum cross-entropy threshold from a histogram.
+
+    The iteration of ``skimage.filters.threshold_li`` (values shifted to start
+    at 0, started at the mean, stopped below half a bin) run on bin centres:
+    scikit-image's integer-image result exactly, within a bin for floats.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    centers = bins.centers - bins.low
+    if np.count_nonzero(counts) < 2:
+        raise DeclumpError("the image has a single intensity level, so Li's threshold is undefined; "
+                           "pass an image with contrast, a numeric --threshold or a --mask")
+    tolerance = (centers[1] - centers[0]) / 2
+    t_next = float(np.average(centers, weights=counts))
+    t_curr = -2 * tolerance
+    while abs(t_next - t_curr) > tolerance:
+        t_curr = t_next
+        above = centers > t_curr
+        if not above.any() or above.all() or counts[above].sum() == 0 or counts[~above].sum() == 0:
+            break
+        mean_fore = np.average(centers[above], weights=counts[above])
+        mean_back = np.average(centers[~above], weights=counts[~above])
+        if mean_back == 0:
+            break
+        t_next = (mean_back - mean_fore) / (np.log(mean_back) - np.log(mean_fore))
+    return float(t_next + bins.low)
+
+
+def triangle_from_histogram(counts, bins: HistogramBins) -> float:
+    """The triangle threshold (Zack et al. 1977) from a histogram, as ``skimage.filters.threshold_triangle``.
+
+    The line from the histogram's peak to the end of its longer tail; the
+    threshold is the bin farthest below it. Suited to a dominant background
+    peak with the particles in a long, flat tail.
+    """
+    hist = np.asarray(counts, dtype=np.float64)
+    centers = bins.centers
+    nbins = hist.size
+    occupied = np.flatnonzero(hist)
+    if occupied.size < 2:
+        raise DeclumpError("the image has a single intensity level, so the triangle threshold is undefined; "
+                           "pass an image with contrast, a numeric --threshold or a --mask")
+    peak = int(np.argmax(hist))
+    low, high = int(occupied[0]), int(occupied[-1])
+    flip = peak - low < high - peak
+    if flip:
+        hist = hist[::-1]
+        low = nbins - high - 1
+        peak = nbins - peak - 1
+    width = peak - low
+    if width == 0:  # the peak is at the end of the longer tail: nothing to measure against
+        return float(centers[nbins - peak - 1] if flip else centers[peak])
+    x = np.arange(width)
+    y = hist[x + low]
+    norm = np.sqrt(hist[peak] ** 2 + width ** 2)
+    level = int(np.argmax(hist[peak] / norm * x - width / norm * y)) + low
+    return float(centers[nbins - level - 1] if flip else centers[level])
+
+
+def percentile_from_histogram(counts, bins: HistogramBins, percent) -> float:
+    """The value below which ``percent`` % of the voxels lie, at bin resolution (the bin's upper edge)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    cumulative = np.cumsum(counts)
+    index = int(np.searchsorted(cumulative, cumulative[-1] * float(percent) / 100.0))
+    index = min(index, bins.nbins - 1)
+    if bins.integer:
+        return float(bins.low + index)
+    return float(bins.low + (index + 1) * (bins.high - bins.low) / bins.nbins)
+
+
+#: Global thresholds computed from the histogram alone (chunked runs reduce one histogram over chunks).
+HISTOGRAM_METHODS = {"otsu": otsu_from_histogram, "li": li_from_histogram, "triangle": triangle_from_histogram}
+
+
 def otsu_threshold(image) -> float:
     """Otsu's threshold of a whole image (NumPy or CuPy), via :func:`otsu_from_histogram`."""
     counts, bins = intensity_histogram(image)
@@ -152,3 +226,151 @@ def choose_polarity(image, threshold, polarity="auto") -> str:
 def foreground(image, threshold, polarity):
     """The particle mask: ``image > threshold`` for bright particles, ``<=`` for dark ones."""
     return image > threshold if polarity == "bright" else image <= threshold
+
+
+#: What ``threshold`` accepts besides a number.
+THRESHOLD_METHODS = ("auto", "otsu", "li", "triangle", "local")
+#: ``auto`` clips the smoothed image to these percentiles before its histogram (percentile normalisation)
+#: when they span less than ``SQUEEZE`` of its full range: then a few hot or dead voxels would squeeze the
+#: particles and background into a few of the 256 bins. Otherwise clipping would only move the thresholds.
+NORMALISE_PERCENTILES = (0.5, 99.9)
+SQUEEZE = 0.5
+#: Float images get this many bins for the percentiles (integer images: one per value).
+PERCENTILE_BINS = 4096
+#: ``local``: the background is a Gaussian average of the background voxels with sigma this fraction of the
+#: image's extent per axis, re-estimated this many times without the particles found.
+LOCAL_SCALE = 0.125
+LOCAL_ROUNDS = 2
+
+
+@dataclass
+class ThresholdDecision:
+    """How the foreground was found: method, threshold (image units; for ``local``: above the local
+    background), polarity, the candidates ``auto`` weighed and the percentile range it clipped to."""
+
+    method: str
+    threshold: float
+    polarity: str
+    candidates: dict
+    intensity_range: tuple | None = None
+
+
+def percentile_range(image, percents=NORMALISE_PERCENTILES):
+    """The image values at ``percents`` (low, high), from one histogram (so a chunked run can reduce it)."""
+    bins = histogram_bins(image.min(), image.max(), image.dtype)
+    if not bins.integer:
+        bins = HistogramBins(bins.low, bins.high, PERCENTILE_BINS, False)
+    counts, _ = intensity_histogram(image, bins)
+    low, high = (percentile_from_histogram(counts, bins, p) for p in percents)
+    return (low, high) if high > low else (bins.low, bins.high)
+
+
+def local_background(image, background_guess, sigma_voxels):
+    """The background level at every voxel, from the background voxels within a few ``sigma_voxels``.
+
+    Normalised convolution: Gaussian of the background voxels' values over
+    the Gaussian of their indicator, so particles do not raise the estimate.
+    Where no background voxel is near, the mean background is used.
+    """
+    from gpu_pipeline._backend import ops_for
+
+    xp = get_array_module(image)
+    ops = ops_for(image)
+    weight = background_guess.astype(xp.float32)
+    if not bool(weight.any()):
+        return xp.full(image.shape, float(image.mean()), dtype=xp.float32)
+    values = ops.gaussian(xp.where(background_guess, image, 0).astype(xp.float32), sigma_voxels)
+    support = ops.gaussian(weight, sigma_voxels)
+    fallback = xp.float32(float(image[background_guess].mean()))
+    return xp.where(support > 1e-3, values / xp.maximum(support, xp.float32(1e-3)), fallback)
+
+
+def threshold_foreground(smoothed, threshold, polarity):
+    """The particle mask of a smoothed image and the :class:`ThresholdDecision` that made it.
+
+    ``threshold``: a number (image units), a histogram method (``otsu``,
+    ``li``, ``triangle``: global, equal to scikit-image's), ``local`` (Otsu
+    above a background estimated over an eighth of the image, for uneven
+    illumination: :func:`_flattened`) or ``auto`` (see :func:`choose_method`).
+    """
+    if not isinstance(threshold, str):
+        value = float(threshold)
+        side = choose_polarity(smoothed, value, polarity)
+        return foreground(smoothed, value, side), ThresholdDecision("fixed", value, side, {})
+    if threshold not in THRESHOLD_METHODS:
+        raise DeclumpError(f"threshold must be one of {', '.join(THRESHOLD_METHODS)} or a number, got {threshold!r}")
+    xp = get_array_module(smoothed)
+    intensity_range = None
+    image = smoothed
+    if threshold == "auto":
+        low, high = percentile_range(smoothed)
+        full = float(smoothed.max()) - float(smoothed.min())
+        if high - low < SQUEEZE * full:
+            intensity_range = (low, high)
+            image = xp.clip(smoothed, xp.asarray(low, dtype=smoothed.dtype), xp.asarray(high, dtype=smoothed.dtype))
+    counts, bins = intensity_histogram(image)
+    candidates = {name: method(counts, bins) for name, method in HISTOGRAM_METHODS.items()}
+    side = choose_polarity(image, candidates["otsu"], polarity)
+    method = choose_method(image, counts, bins, candidates, side) if threshold == "auto" else threshold
+    if method != "local":
+        value = candidates[method]
+        return foreground(image, value, side), ThresholdDecision(method, value, side, candidates, intensity_range)
+    flat, value = _flattened(image, side)
+    candidates["local"] = value
+    return flat > value, ThresholdDecision("local", value, side, candidates, intensity_range)
+
+
+def _flattened(image, side):
+    """The image minus its local background (signed so particles are positive) and Otsu's threshold on it.
+
+    The background is estimated at ``LOCAL_SCALE`` of the image's extent
+    (illumination varies over the field, not from particle to particle),
+    first from every voxel, then ``LOCAL_ROUNDS`` times from the voxels the
+    previous round left as background.
+    """
+    xp = get_array_module(image)
+    signed = image.astype(xp.float32) if side == "bright" else -image.astype(xp.float32)
+    sigma = tuple(LOCAL_SCALE * n for n in image.shape)
+    background_voxels = xp.ones(image.shape, dtype=bool)
+    for _ in range(LOCAL_ROUNDS + 1):
+        flat = signed - local_background(signed, background_voxels, sigma)
+        counts, bins = intensity_histogram(flat)
+        value = otsu_from_histogram(counts, bins)
+        background_voxels = flat <= value
+    return flat, value
+
+
+#: ``auto`` leaves Otsu for Li when Li's foreground has at least this fraction of its area in objects that
+#: Otsu misses entirely (dim particles).
+MISSED_AREA = 0.03
+
+
+def missed_fraction(low_mask, high_mask) -> float:
+    """Fraction of ``low_mask``'s area in components that ``high_mask`` covers less than half of (objects missed)."""
+    from gpu_pipeline._backend import ops_for
+
+    xp = get_array_module(low_mask)
+    labels, count = ops_for(low_mask).label(low_mask)
+    if count == 0:
+        return 0.0
+    flat = labels.ravel()
+    area = xp.bincount(flat, minlength=count + 1)
+    covered = xp.bincount(flat, weights=(high_mask & low_mask).ravel().astype(xp.float64), minlength=count + 1)
+    missed = (2 * covered < area)
+    missed[0] = False
+    return float(area[missed].sum()) / max(float(area[1:].sum()), 1.0)
+
+
+def choose_method(image, counts, bins, candidates, side) -> str:
+    """``auto``'s choice for one image: Otsu, unless it misses whole particles that Li's lower threshold finds.
+
+    One Otsu threshold suits particles of similar brightness (a bimodal
+    histogram); where particles differ in brightness (dim and bright nuclei
+    in one frame) it keeps only the bright ones, and the components of Li's
+    foreground that hold no Otsu voxel are those missed particles. When they
+    make up :data:`MISSED_AREA` or more of Li's foreground, Li is chosen. The
+    rule and its evidence: ``bench/auto_foreground.py``.
+    """
+    otsu_fg = foreground(image, candidates["otsu"], side)
+    li_fg = foreground(image, candidates["li"], side)
+    return "li" if missed_fraction(li_fg, otsu_fg) >= MISSED_AREA else "otsu"

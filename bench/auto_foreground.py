@@ -1,0 +1,216 @@
+"""Which automatic foreground choices win, on all the shared real data and on generated nuclei.
+
+    python -m bench.auto_foreground [--emps-limit N] [--out NAME]
+
+Every method runs as a new user would run it, one image at a time, scores
+pooled over images (F1@0.5 and mean F1 over IoU 0.50-0.95):
+
+- ``defaults``: ``separate(image)``, every option at its default (threshold,
+  min_distance and hole size ``auto``, annotations rejected);
+- ``threshold=X``: the defaults with one threshold method forced (which
+  method ``auto`` should pick);
+- ``no hole filling`` / ``reject annotations``: the defaults without / with one step;
+- ``old defaults``: the defaults before the automatic options (Otsu,
+  min_distance 4, no hole filling, sigma 1);
+- ``skimage watershed (tuned)``: the scikit-image watershed pipeline with
+  the per-dataset parameters of ``bench.compare_methods`` (polarity by
+  declump's rule);
+- ``minority Otsu + CC``: Otsu, the side with fewer pixels is particles,
+  connected components (sigma and min_size as the watershed's).
+
+EMPS is reported per folder: the rules were chosen on ``emps_subset`` (132
+images, half 1) and checked on ``emps_train_rest`` (234, half 2). Generated
+nuclei of uneven brightness with dark nucleoli: rules chosen on seeds 0-3,
+checked on seeds 100-105. The constants behind ``auto`` are in
+``gpu_pipeline.stages.threshold`` (MISSED_AREA), ``gpu_pipeline.stages.scale``
+(MIN_DISTANCE_PER_RADIUS) and ``gpu_pipeline.pipeline`` (HOLE_RADIUS_PER_RADIUS).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import time
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from bench.common import RESULTS, SHARED, machine_info
+from bench.compare_methods import EMPS_MAX_HOLE, pooled_scores, with_polarity
+
+OLD_DEFAULTS = dict(sigma=1.0, threshold="otsu", min_distance=4.0, max_hole_size=0.0)
+#: Too slow for the 234 images of the check folder on a shared 2-core machine (4.5 s per image).
+SLOW = {("threshold=local", "EMPS emps_train_rest (check)")}
+
+
+def minority_otsu_components(image, *, sigma, min_size):
+    """Otsu on the smoothed image, the side with fewer pixels as particles, connected components."""
+    from skimage.filters import gaussian, threshold_otsu
+    from skimage.morphology import remove_small_objects
+
+    smoothed = gaussian(image.astype(np.float32), sigma=sigma, preserve_range=True)
+    above = smoothed > threshold_otsu(smoothed)
+    fg = above if above.mean() <= 0.5 else ~above
+    fg = remove_small_objects(fg, max_size=max(int(min_size) - 1, 0))
+    return ndi.label(fg)[0]
+
+
+def methods():
+    from bench.peers import skimage_watershed
+    from cpu_fallback import separate
+
+    def ours(**options):
+        return lambda image, p: separate(image, spacing=p["spacing"], return_details=True, **options)
+
+    def watershed(image, p):
+        q = with_polarity(image, p)
+        return skimage_watershed(image, sigma=q["sigma"], min_distance=q["min_distance"], polarity=q["polarity"],
+                                 spacing=q["spacing"], min_size=q["min_size"], max_hole_size=q["max_hole_size"])
+
+    return {
+        "defaults": ours(),
+        "threshold=otsu": ours(threshold="otsu"),
+        "threshold=li": ours(threshold="li"),
+        "threshold=triangle": ours(threshold="triangle"),
+        "threshold=local": ours(threshold="local"),
+        "no hole filling": ours(max_hole_size=0.0),
+        "reject annotations": ours(reject_annotations=True),
+        "old defaults": ours(**OLD_DEFAULTS),
+        "skimage watershed (tuned)": watershed,
+        "minority Otsu + CC": lambda image, p: minority_otsu_components(image, sigma=p["sigma"],
+                                                                          min_size=p["min_size"]),
+    }
+
+
+def datasets(emps_limit=None):
+    """(name, items, tuned parameters for the peers); items are (id, image, truth)."""
+    import tifffile
+
+    from gpu_pipeline.io import read_image
+    from gpu_pipeline.synthetic import make_uneven_nuclei
+
+    nuclei = dict(sigma=1.0, min_distance=6, min_size=20, max_hole_size=0.0, polarity="bright", spacing=(1.0, 1.0))
+    out = [("generated nuclei, seeds 0-3 (rules chosen)",
+            [(f"seed{s}", *make_uneven_nuclei((256, 256), 60, seed=s)) for s in range(4)], nuclei),
+           ("generated nuclei, seeds 100-105 (check)",
+            [(f"seed{s}", *make_uneven_nuclei((256, 256), 60, seed=s)) for s in range(100, 106)], nuclei)]
+    dsb = SHARED / "dsb2018_stardist_sample"
+    if dsb.exists():
+        out.append(("DSB-2018 nuclei (check)", [("img2d", tifffile.imread(dsb / "img2d.tif"),
+                                                 tifffile.imread(dsb / "mask2d.tif"))], nuclei))
+    emps = dict(sigma=2.0, min_distance=20, min_size=400, max_hole_size=EMPS_MAX_HOLE, polarity="auto",
+                spacing=(1.0, 1.0))
+    for folder, role in (("emps_subset", "rules chosen"), ("emps_train_rest", "check")):
+        path = SHARED / folder
+        if not path.exists():
+            continue
+        names = sorted(p.stem for p in (path / "images").glob("*.png"))[:emps_limit]
+        out.append((f"EMPS {folder} ({role})", [(n, read_image(path / "images" / f"{n}.png")[0],
+                                                 read_image(path / "segmaps" / f"{n}.png")[0]) for n in names], emps))
+    embryo = SHARED / "qcanet_embryo3d"
+    if embryo.exists():
+        out.append(("embryo 3D nuclei", [(s, tifffile.imread(embryo / "images_raw" / f"{s}.tif"),
+                                          tifffile.imread(embryo / "labels" / f"{s}_labels.tif"))
+                                         for s in ("8_cell_stage", "16_cell_stage")],
+                    dict(sigma=2.0, min_distance=6, min_size=200, max_hole_size=0.0, polarity="bright",
+                         spacing=(1.0, 1.0, 1.0))))
+    return out
+
+
+def run(emps_limit=None, save=None):
+    from gpu_pipeline._backend import DeclumpError
+
+    table = methods()
+    results = {}
+    for name, items, params in datasets(emps_limit):
+        rows = {}
+        for method, fn in table.items():
+            if (method, name) in SLOW:
+                continue
+            pairs, chosen, seconds, failed = [], collections.Counter(), 0.0, 0
+            for item, image, truth in items:
+                t0 = time.perf_counter()
+                try:
+                    out = fn(image, params)
+                except DeclumpError:  # e.g. nothing left after cleanup: an empty result, scored as such
+                    out, failed = np.zeros(truth.shape, dtype=np.int32), failed + 1
+                seconds += time.perf_counter() - t0
+                if isinstance(out, tuple):
+                    out, details = out
+                    chosen[details.threshold_method] += 1
+                pairs.append((out, truth))
+            rows[method] = {**pooled_scores(pairs), "seconds_total": round(seconds, 2), "no_result": failed}
+            if chosen:
+                rows[method]["threshold_chosen"] = dict(chosen)
+            r = rows[method]
+            print(f"{name[:44]:44s} {method:26s} F1@0.5 {r['f1_50']:.3f} meanF1 {r['mean_f1']:.3f} "
+                  f"{dict(chosen) if chosen else ''} {seconds:.0f}s", flush=True)
+        results[name] = {"images": len(items), "peer_params": params, "methods": rows}
+        if save:
+            save(results)  # after each set, so a stopped run keeps what it measured
+    return results
+
+
+def pooled_emps(results):
+    """The two EMPS folders pooled (366 images): TP recovered from each folder's F1 and counts."""
+    blocks = [b for name, b in results.items() if name.startswith("EMPS")]
+    if len(blocks) < 2:
+        return None
+    out = {}
+    for method in [m for m in blocks[0]["methods"] if m in blocks[1]["methods"]]:
+        tp = n = 0.0
+        for b in blocks:
+            r = b["methods"][method]
+            tp += r["f1_50"] * (r["n_pred"] + r["n_gt"]) / 2
+            n += r["n_pred"] + r["n_gt"]
+        out[method] = round(2 * tp / n, 4)
+    return out
+
+
+def markdown(result):
+    m = result["machine"]
+    lines = [f"# Automatic foreground: which choices win ({m['date']})", "",
+             f"CPU: {m['cpu']} ({m['cpu_count']} cores, shared with other jobs: load average "
+             f"{result['loadavg_start']} at start, {result['loadavg_end']} at end); wall {result['wall_seconds']:.0f} s.",
+             "Scores pooled over each set's images; `threshold chosen`: how often `auto` picked each method.", ""]
+    for name, block in result["results"].items():
+        lines += [f"## {name} ({block['images']} images)", "", f"Peer parameters: `{block['peer_params']}`", "",
+                  "| method | F1@0.5 | mean F1 | objects found / true | splits | merges | no result | threshold chosen |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for method, r in block["methods"].items():
+            lines.append(f"| {method} | {r['f1_50']:.3f} | {r['mean_f1']:.3f} | {r['n_pred']} / {r['n_gt']} | "
+                         f"{r['splits']} | {r['merges']} | {r['no_result']} | {r.get('threshold_chosen', '')} |")
+        lines.append("")
+    if result.get("not_run"):
+        lines += ["Not run: " + "; ".join(result["not_run"]) + ".", ""]
+    if result.get("emps_pooled"):
+        lines += ["## EMPS, both folders pooled (366 images): F1@0.5", "", "| method | F1@0.5 |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in result["emps_pooled"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--emps-limit", type=int, default=None, help="only the first N images of each EMPS folder")
+    parser.add_argument("--out", default=None, help="result file stem in bench/results (default auto_foreground_DATE)")
+    args = parser.parse_args(argv)
+    start, t0 = [round(v, 2) for v in os.getloadavg()], time.perf_counter()
+    machine = machine_info()
+    stem = args.out or f"auto_foreground_{machine['date'][:10]}"
+    RESULTS.mkdir(exist_ok=True)
+
+    def save(results):
+        result = {"machine": machine, "loadavg_start": start,
+                  "loadavg_end": [round(v, 2) for v in os.getloadavg()], "wall_seconds": time.perf_counter() - t0,
+                  "emps_limit": args.emps_limit, "results": results, "emps_pooled": pooled_emps(results),
+                  "not_run": sorted(f"{m} on {d}" for m, d in SLOW)}
+        (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
+        (RESULTS / f"{stem}.md").write_text(markdown(result))
+
+    run(args.emps_limit, save)
+    print(f"wrote {RESULTS / stem}.json/.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""The automatic foreground: threshold methods, auto choice, scale, hole filling, annotations, chunked refusal."""
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from skimage.filters import threshold_li, threshold_triangle
+
+from bench.peers import skimage_watershed
+from cpu_fallback import separate
+from gpu_pipeline._backend import DeclumpError
+from gpu_pipeline.cli import main
+from gpu_pipeline.metrics import evaluate
+from gpu_pipeline.stages.annotations import annotation_mask
+from gpu_pipeline.stages.scale import typical_radius
+from gpu_pipeline.stages.threshold import (histogram_bins, intensity_histogram, li_from_histogram,
+                                           percentile_from_histogram, triangle_from_histogram)
+from gpu_pipeline.synthetic import make_touching_particles, make_uneven_nuclei
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_li_and_triangle_equal_skimage_on_integer_images(rng, dtype):
+    image = np.concatenate([rng.normal(40, 8, 6000), rng.normal(150, 30, 50 * rng.integers(6, 60))])
+    image = np.clip(image, 0, 255).astype(dtype).reshape(-1, 50)
+    counts, bins = intensity_histogram(image)
+    assert li_from_histogram(counts, bins) == pytest.approx(threshold_li(image), abs=1e-9)
+    assert triangle_from_histogram(counts, bins) == threshold_triangle(image)
+    assert percentile_from_histogram(counts, bins, 30) == np.percentile(image, 30, method="higher")
+
+
+def test_li_and_triangle_on_float_images_within_one_bin_of_skimage(rng):
+    image = np.concatenate([rng.normal(-2, 1, 6000), rng.gamma(2.0, 2.0, 1500)]).astype(np.float32).reshape(-1, 75)
+    counts, bins = intensity_histogram(image)
+    width = (bins.high - bins.low) / bins.nbins
+    assert abs(li_from_histogram(counts, bins) - threshold_li(image)) <= width
+    assert abs(triangle_from_histogram(counts, bins) - threshold_triangle(image)) <= width
+
+
+def test_typical_radius_is_the_particles_not_the_specks(rng):
+    radius = float(rng.uniform(6, 10))
+    image, truth = make_touching_particles((200, 200), 30, radius_range=(radius, radius), overlap=0.1,
+                                           seed=int(rng.integers(1e6)))
+    mask = truth > 0
+    specks = rng.random(mask.shape) < 0.01  # many one-pixel specks, more components than particles
+    measured = typical_radius(mask | specks, (1.0, 1.0))
+    assert abs(measured - radius) <= 1.5, (measured, radius)
+    # Physical units: the same mask with pixels of 0.5 nm has half the radius.
+    assert typical_radius(mask | specks, (0.5, 0.5)) == pytest.approx(measured / 2, rel=1e-6)
+
+
+def test_auto_min_distance_scales_with_the_particles(rng):
+    seed = int(rng.integers(1e6))
+    small, _ = make_touching_particles((160, 160), 40, radius_range=(5, 7), seed=seed)
+    large, _ = make_touching_particles((320, 320), 40, radius_range=(10, 14), seed=seed)
+    _, a = separate(small, return_details=True)
+    _, b = separate(large, return_details=True)
+    assert 1.6 <= b.min_distance / a.min_distance <= 2.4, (a.min_distance, b.min_distance)
+
+
+def test_auto_fills_nucleoli_and_keeps_touching_particles_apart(rng):
+    image, truth = make_uneven_nuclei((256, 256), 50, brightness_range=(0.8, 1.0), nucleoli=(1, 2),
+                                      nucleolus_level=(0.0, 0.05), illumination=0.0, seed=int(rng.integers(1e6)))
+    filled = evaluate(separate(image), truth)
+    holes = evaluate(separate(image, max_hole_size=0), truth)
+    assert filled["f1_50"] >= holes["f1_50"] + 0.05 and filled["splits"] < holes["splits"], (filled, holes)
+    # Four just-touching disks enclose a pocket; filling it would add a false peak or fuse them.
+    square = np.zeros((120, 120), dtype=bool)
+    yy, xx = np.mgrid[:120, :120]
+    for cy, cx in ((40, 40), (40, 80), (80, 40), (80, 80)):
+        square |= (yy - cy) ** 2 + (xx - cx) ** 2 <= 20.5 ** 2
+    image = np.where(square, 200, 20).astype(np.uint8)
+    labels, details = separate(image, return_details=True)
+    assert labels.max() == 4 and not labels[60, 60], details
+
+
+def test_defaults_beat_otsu_and_watershed_on_uneven_nuclei_with_nucleoli():
+    """Seeds never used to choose the rules (those were 0-3)."""
+    ours, old, ref = [], [], []
+    for seed in (200, 201):
+        image, truth = make_uneven_nuclei((256, 256), 60, seed=seed)
+        labels, details = separate(image, return_details=True)
+        assert details.threshold_method == "li"
+        ours.append(evaluate(labels, truth)["f1_50"])
+        old.append(evaluate(separate(image, threshold="otsu", min_distance=6, max_hole_size=0), truth)["f1_50"])
+        ref.append(evaluate(skimage_watershed(image, sigma=1.0, min_distance=6, min_size=20, polarity="bright"),
+                            truth)["f1_50"])
+    assert min(ours) >= 0.7 and np.mean(ours) > np.mean(ref) + 0.1 and np.mean(ours) > np.mean(old), (ours, old, ref)
+
+
+def test_auto_keeps_otsu_where_particles_are_equally_bright(rng):
+    """The generated volumes of tests/ and bench/ keep their scores under threshold='auto'."""
+    for shape, spacing in (((200, 200), (1.0, 1.0)), ((32, 64, 64), (2.0, 1.0, 1.0))):
+        image, truth = make_touching_particles(shape, 60, spacing=spacing, seed=int(rng.integers(1e6)))
+        options = dict(spacing=spacing, min_distance=4, max_hole_size=0)
+        explicit = evaluate(separate(image, threshold="otsu", **options), truth)
+        auto, details = separate(image, return_details=True, **options)
+        assert details.threshold_method == "otsu"
+        # Otsu on the percentile-clipped histogram: the same foreground up to a bin.
+        assert abs(evaluate(auto, truth)["f1_50"] - explicit["f1_50"]) <= 0.02
+        np.testing.assert_array_equal(auto, separate(image, threshold=details.threshold, **options))
+
+
+def test_local_threshold_follows_an_illumination_gradient(rng):
+    image, truth = make_touching_particles((256, 256), 70, intensity_range=(0.3, 0.35), background=0.05,
+                                           touching_fraction=0.2, seed=int(rng.integers(1e6)))
+    ramp = np.linspace(0.0, 0.5, 256)[None, :]  # the background rises above the particles on the left
+    image = np.clip(image / 255.0 + ramp, 0, 1)
+    local = evaluate(separate(image, threshold="local", min_distance=4), truth)
+    otsu = evaluate(separate(image, threshold="otsu", min_distance=4), truth)
+    assert local["f1_50"] >= 0.8 and local["f1_50"] > otsu["f1_50"] + 0.2, (local, otsu)
+
+
+def test_scale_bar_and_info_band_are_not_particles(rng):
+    image, truth = make_touching_particles((200, 240), 25, seed=int(rng.integers(1e6)))
+    image[160:, :] = image[truth == 0].min()  # annotations sit apart from the particles
+    truth[160:, :] = 0
+    image[170:176, 20:90] = 255  # a scale bar
+    image[188:, :] = 250  # an info band along the bottom
+    labels = separate(image, reject_annotations=True)
+    assert not labels[170:176, 20:90].any() and not labels[188:, :].any()
+    kept = separate(image)  # off by default: an axis-aligned rod is a filled rectangle too
+    assert kept[172, 50] and kept[195, 120]
+    assert not annotation_mask(truth > 0).any()  # generated particles are never taken for annotations
+
+
+def test_summary_reports_the_automatic_choices(tmp_path, rng):
+    image, truth = make_uneven_nuclei((128, 128), 15, seed=int(rng.integers(1e6)))
+    tifffile.imwrite(tmp_path / "in.tif", image)
+    assert main(["run", str(tmp_path / "in.tif"), str(tmp_path / "out.tif"), "--device", "cpu"]) == 0
+    summary = json.loads((tmp_path / "out_summary.json").read_text())
+    assert summary["threshold_method"] in ("otsu", "li")
+    assert summary["threshold"] == summary["threshold_candidates"][summary["threshold_method"]]
+    assert summary["min_distance"] == pytest.approx(max(0.5 * summary["particle_radius"], 1.0))
+    assert summary["parameters"]["threshold"] == summary["parameters"]["min_distance"] == "auto"
+
+
+def test_chunked_histogram_thresholds_equal_in_memory(rng):
+    da = pytest.importorskip("dask.array")
+    from gpu_pipeline.chunked.histogram import histogram_thresholds_chunked
+    from gpu_pipeline.stages.threshold import HISTOGRAM_METHODS
+
+    image = rng.gamma(2.0, 20.0, (20, 33, 41)).astype(np.float32)
+    counts, bins = intensity_histogram(image)
+    expected = {name: method(counts, bins) for name, method in HISTOGRAM_METHODS.items()}
+    for chunks in ((7, 11, 13), (20, 33, 41), (3, 33, 5)):
+        assert histogram_thresholds_chunked(da.from_array(image, chunks=chunks)) == expected
+
+
+def test_chunked_li_run_equals_in_memory(tmp_path, rng):
+    da = pytest.importorskip("dask.array")
+    from gpu_pipeline.chunked.pipeline import separate_chunked
+
+    image, _ = make_touching_particles((40, 64, 64), 50, spacing=(2, 1, 1), seed=int(rng.integers(1e6)))
+    kwargs = dict(spacing=(2, 1, 1), threshold="li", min_distance=3, max_radius=8.0)
+    expected = separate(image, max_hole_size=0, **kwargs)
+    for chunks in ((20, 32, 32), (40, 24, 64)):
+        labels, _ = separate_chunked(da.from_array(image, chunks=chunks), **kwargs)
+        np.testing.assert_array_equal(np.asarray(labels), expected)
+
+
+def test_chunked_run_refuses_the_automatic_options_in_one_line(tmp_path, capsys):
+    zarr = pytest.importorskip("zarr")
+    image, _ = make_touching_particles((24, 48, 48), 10, seed=1)
+    zarr.create_array(str(tmp_path / "in.zarr"), shape=image.shape, dtype=image.dtype, chunks=(24, 24, 24))[...] = image
+    assert main(["run", str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert all(option in err for option in ("--sigma", "--threshold", "--min-distance", "--max-hole-size"))
+    assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "out_summary.json").exists()
+    with pytest.raises(DeclumpError, match="threshold"):
+        from gpu_pipeline.chunked.pipeline import separate_chunked
+        import dask.array as da
+
+        separate_chunked(da.from_array(image, chunks=24), threshold="auto", min_distance=3)
+
+
+@pytest.mark.parametrize("options", [dict(threshold="median"), dict(min_distance="big"), dict(min_distance=-1),
+                                     dict(max_hole_size="some"), dict(max_hole_size=-5)])
+def test_bad_automatic_options_are_one_line_errors(options):
+    image, _ = make_touching_particles((64, 64), 5, seed=3)
+    with pytest.raises(DeclumpError) as info:
+        separate(image, **options)
+    assert "\n" not in str(info.value) and list(options)[0] in str(info.value)
