@@ -196,22 +196,35 @@ def _chunks(text):
     return values
 
 
+#: What a chunked run uses where the in-memory run would choose automatically: (argument, option, value).
+CHUNKED_FIXED = (("sigma", "--sigma", 1.0), ("threshold", "--threshold", "otsu"), ("min_distance", "--min-distance", 4.0),
+                 ("max_hole_size", "--max-hole-size", 0.0))
+
+
 def cmd_run_chunked(args, device):
     from gpu_pipeline.chunked.run import run_chunked
 
     if args.method != "kmeans":
         raise DeclumpError("chunked runs (Zarr in, .zarr out) support --method kmeans only; the watershed is the "
                            "in-memory comparison (write a .tif/.npy output to run it)")
-    needs = [text for text, wrong in (
-        ("--sigma NUMBER", args.sigma == "auto"),
-        ("--threshold otsu, li, triangle or a number", args.threshold in ("auto", "local")),
-        ("--min-distance NUMBER (about the smallest particle radius)", args.min_distance == "auto"),
-        ("--max-hole-size 0 (hole filling is not local)", args.max_hole_size != 0),
-        ("no --reject-annotations", args.reject_annotations))
-        if wrong]
-    if needs:
-        raise DeclumpError("chunked runs need " + "; ".join(needs) + ": the automatic choices measure the whole "
+    if args.threshold == "local":
+        raise DeclumpError("chunked runs need --threshold otsu, li, triangle or a number: 'local' looks at the whole "
                            "image at once, which a chunked run does not hold")
+    if args.reject_annotations:
+        raise DeclumpError("--reject-annotations is for 2D images in memory; chunked runs do not take it")
+    if args.max_hole_size not in (0, "auto"):
+        raise DeclumpError("--max-hole-size is not available in chunked runs (hole filling is not local); leave it "
+                           "unset or 0")
+    # The automatic choices measure the whole image at once; a chunked run takes the fixed values instead and
+    # says so, so that the default command works on a volume of any size.
+    fixed = [(name, option, value) for name, option, value in CHUNKED_FIXED if getattr(args, name) == "auto"]
+    for name, _, value in fixed:
+        setattr(args, name, value)
+    if fixed and not args.quiet:
+        print("declump: chunked runs do not choose " + ", ".join(option for _, option, _ in fixed) +
+              " automatically (that needs the whole image at once); using " +
+              " ".join(f"{option} {value:g}" if not isinstance(value, str) else f"{option} {value}"
+                       for _, option, value in fixed) + "; set them to choose others")
     kwargs = separation_kwargs(args)
     for key in ("method", "max_hole_size", "reject_annotations"):
         kwargs.pop(key)

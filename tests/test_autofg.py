@@ -158,15 +158,22 @@ def test_chunked_li_run_equals_in_memory(tmp_path, rng):
         np.testing.assert_array_equal(np.asarray(labels), expected)
 
 
-def test_chunked_run_refuses_the_automatic_options_in_one_line(tmp_path, capsys):
+def test_chunked_run_takes_fixed_values_for_the_automatic_options(tmp_path, capsys):
+    """`declump run in.zarr out.zarr` with defaults works: the auto options become the fixed chunked values."""
     zarr = pytest.importorskip("zarr")
-    image, _ = make_touching_particles((24, 48, 48), 10, seed=1)
+    image, truth = make_touching_particles((24, 48, 48), 10, seed=1)
     zarr.create_array(str(tmp_path / "in.zarr"), shape=image.shape, dtype=image.dtype, chunks=(24, 24, 24))[...] = image
-    assert main(["run", str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr")]) == 2
+    assert main(["run", str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr"), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert all(option in out for option in ("--sigma 1", "--threshold otsu", "--min-distance 4", "--max-hole-size 0"))
+    stored = zarr.open_array(str(tmp_path / "out.zarr" / "particles" / "0"), mode="r")[...]
+    expected = separate(image, sigma=1.0, threshold="otsu", min_distance=4.0, max_hole_size=0)
+    np.testing.assert_array_equal(stored, expected)
+    # What cannot be replaced is refused in one line, with no output left behind.
+    assert main(["run", str(tmp_path / "in.zarr"), str(tmp_path / "o2.zarr"), "--threshold", "local"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
-    assert all(option in err for option in ("--sigma", "--threshold", "--min-distance", "--max-hole-size"))
-    assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "out_summary.json").exists()
+    assert len(err.splitlines()) == 1 and "--threshold" in err
+    assert not (tmp_path / "o2.zarr").exists() and not (tmp_path / "o2_summary.json").exists()
     with pytest.raises(DeclumpError, match="threshold"):
         from gpu_pipeline.chunked.pipeline import separate_chunked
         import dask.array as da
