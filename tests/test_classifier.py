@@ -238,8 +238,9 @@ def test_chunked_classifier_labels_equal_in_memory_for_any_chunking(cluster_clie
     shape, spacing, n, chunkings = CHUNK_CASES[ndim]
     model, _, _ = _trained(rng, shape, spacing, n)
     image, _ = make_touching_particles(shape, n, radius_range=(5, 10), spacing=spacing, seed=int(rng.integers(1e6)))
+    # The chunked engine's fixed sizes (its defaults) where the in-memory defaults are automatic.
     expected, details = separate(image, spacing=spacing, classifier=model, max_radius=11.0, return_details=True,
-                                 follow_boundaries=False)
+                                 follow_boundaries=False, min_distance=4.0, max_hole_size=0)
     assert expected.max() > 10
     for chunks in chunkings:
         assert all(c >= h for c, h in zip(chunks, feature_halo(spacing, SCALES)))
@@ -311,7 +312,8 @@ def test_boolean_mask_works_as_input_and_as_mask(rng, tmp_path, suffix):
     image, truth = make_touching_particles((96, 100), 15, seed=int(rng.integers(1e6)))
     mask = truth > 0
     # Chunked runs cap the distance map at --max-radius; in-memory runs do not.
-    expected = separate(None, mask=mask, max_radius=16.0 if suffix == ".zarr" else None)
+    expected = separate(None, mask=mask, max_radius=16.0 if suffix == ".zarr" else None, min_distance=4.0,
+                        max_hole_size=0)
     if suffix == ".tif":
         tifffile.imwrite(tmp_path / "mask.tif", mask)
     elif suffix == ".npy":
@@ -325,7 +327,8 @@ def test_boolean_mask_works_as_input_and_as_mask(rng, tmp_path, suffix):
         np.save(src, image)
     for args in ((tmp_path / f"mask{suffix}", tmp_path / f"as_input{out}"),
                  (src, tmp_path / f"as_mask{out}", "--mask", tmp_path / f"mask{suffix}")):
-        assert main(["run", *map(str, args), "--device", "cpu", "--max-radius", "16", "--quiet"]) == 0
+        assert main(["run", *map(str, args), "--device", "cpu", "--max-radius", "16", "--min-distance", "4",
+                     "--max-hole-size", "0", "--quiet"]) == 0
 
         labels, _ = read_image(args[1])
         assert np.array_equal(labels, expected), args

@@ -24,6 +24,8 @@ from gpu_pipeline.synthetic import make_touching_particles  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--max-radius", "13", "--quiet"]
+#: The values a chunked run takes where the in-memory defaults are automatic (cli.CHUNKED_FIXED).
+FIXED = dict(sigma=1.0, threshold="otsu", min_distance=4.0, max_hole_size=0)
 
 
 def _store(path, image, chunks):
@@ -65,7 +67,7 @@ def test_missing_input_chunk_is_refused_unless_filled(tmp_path, rng, capsys):
     assert main(["run", str(src), str(out), *ARGS, "--missing-chunks", "fill"]) == 0
     filled = image.copy()
     filled[64:128, 128:192] = 0
-    assert np.array_equal(_labels(out), separate(filled, max_radius=13))
+    assert np.array_equal(_labels(out), separate(filled, max_radius=13, **FIXED))
     # The chunk restored: the finished output is stale, and saying "already complete" would be wrong.
     _store(tmp_path / "restored.zarr", image, (64, 64))
     os.replace(tmp_path / "restored.zarr" / "c" / "1" / "2", src / "c" / "1" / "2")
@@ -73,7 +75,7 @@ def test_missing_input_chunk_is_refused_unless_filled(tmp_path, rng, capsys):
     err = _one_error_line(capsys)
     assert "changed" in err and "--overwrite" in err
     assert main(["run", str(src), str(out), *ARGS, "--overwrite"]) == 0
-    assert np.array_equal(_labels(out), separate(image, max_radius=13))
+    assert np.array_equal(_labels(out), separate(image, max_radius=13, **FIXED))
 
 
 def test_missing_chunk_of_an_in_memory_run_is_refused_unless_filled(tmp_path, rng, capsys):
@@ -222,7 +224,7 @@ def test_full_disk_is_one_line_and_the_rerun_resumes(small_disk, tmp_path, rng, 
     assert main(["run", str(src), str(out), *ARGS]) == 0
     summary = json.loads((small_disk / "out_summary.json").read_text())
     assert summary["blocks_computed"]["foreground"] == 0  # resumed: what was finished is not redone
-    assert np.array_equal(_labels(out), separate(image, max_radius=13)) and _complete(out)
+    assert np.array_equal(_labels(out), separate(image, max_radius=13, **FIXED)) and _complete(out)
 
 
 def test_read_only_output_folder_is_one_line(small_disk, tmp_path, rng, capsys):
@@ -235,7 +237,7 @@ def test_read_only_output_folder_is_one_line(small_disk, tmp_path, rng, capsys):
     assert "Read-only file system" in err and str(small_disk) in err and not os.listdir(small_disk)
     _remount(small_disk, "rw,size=64m")
     assert main(["run", str(src), str(out), *ARGS]) == 0
-    assert np.array_equal(_labels(out), separate(image, max_radius=13)) and _complete(out)
+    assert np.array_equal(_labels(out), separate(image, max_radius=13, **FIXED)) and _complete(out)
 
 
 def test_read_only_folder_of_an_in_memory_run_is_one_line(small_disk, tmp_path, rng, capsys):

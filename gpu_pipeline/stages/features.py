@@ -107,6 +107,13 @@ def normalize_intensity(image, *, low=DEFAULT_PERCENTILES[0], high=DEFAULT_PERCE
     return (image.astype(xp.float32) - np.float32(lower)) * scale
 
 
+def _along(ndim, axis, lo, hi):
+    """The index of ``lo:hi`` along ``axis`` of an ``ndim``-dimensional array."""
+    index = [slice(None)] * ndim
+    index[axis] = slice(lo, hi)
+    return tuple(index)
+
+
 def _difference(array, axis, step):
     """Central difference along ``axis`` divided by ``step`` (one-sided at the edges, nearest-value border)."""
     xp = get_array_module(array)
@@ -116,9 +123,7 @@ def _difference(array, axis, step):
         return out
 
     def cut(lo, hi):
-        index = [slice(None)] * array.ndim
-        index[axis] = slice(lo, hi)
-        return tuple(index)
+        return _along(array.ndim, axis, lo, hi)
 
     out[cut(1, n - 1)] = array[cut(2, n)] - array[cut(0, n - 2)]
     out[cut(0, 1)] = array[cut(1, 2)] - array[cut(0, 1)]
@@ -136,9 +141,7 @@ def _second_difference(array, axis, step):
         return out
 
     def cut(lo, hi):
-        index = [slice(None)] * array.ndim
-        index[axis] = slice(lo, hi)
-        return tuple(index)
+        return _along(array.ndim, axis, lo, hi)
 
     out[cut(1, n - 1)] = array[cut(2, n)] + array[cut(0, n - 2)] - 2 * array[cut(1, n - 1)]
     out[cut(0, 1)] = array[cut(1, 2)] - array[cut(0, 1)]
