@@ -410,10 +410,11 @@ def build_parser():
 
     run = sub.add_parser("run", help="separate particles in an image file or a chunked Zarr volume",
                          description="In memory: write OUTPUT (labels: .tif/.npy/.zarr), OUTPUT_particles.csv "
-                                     "(per-particle table), OUTPUT_overlay.png and OUTPUT_summary.json (written last). "
+                                     "(per-particle table), OUTPUT_overlay.png, OUTPUT_histogram.png (sizes) and OUTPUT_summary.json "
+                                     "(written last). "
                                      "Chunked (a Zarr input and a .zarr OUTPUT): stream the volume chunk by chunk "
                                      "through Dask; OUTPUT becomes an OME-Zarr labels group (OUTPUT/particles), with "
-                                     "OUTPUT_particles.parquet, OUTPUT_overlay.png and OUTPUT_summary.json; the same "
+                                     "OUTPUT_particles.parquet, OUTPUT_overlay.png, OUTPUT_histogram.png and OUTPUT_summary.json; the same "
                                      "command resumes an interrupted run.")
     run.add_argument("input", help="image: .tif/.tiff, .png, .npy, .zarr (array or OME-Zarr), 2D or 3D")
     run.add_argument("output", help="label image to write: .tif/.tiff, .npy or .zarr")

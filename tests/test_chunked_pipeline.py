@@ -127,6 +127,11 @@ def test_cli_run_writes_ome_zarr_labels_and_parquet_table(tmp_path, rng):
     assert set(table) == set(reference)
     for column, values in reference.items():
         np.testing.assert_allclose(table[column], values, rtol=1e-12, err_msg=column)
+    # The size histogram beside the overlay is the in-memory run's picture of the same diameters.
+    from gpu_pipeline.plots import png_bytes, size_histogram_rgb
+
+    histogram = (tmp_path / "out_histogram.png").read_bytes()
+    assert histogram == png_bytes(size_histogram_rgb(table["equivalent_diameter"]))
     summary = json.loads((tmp_path / "out_summary.json").read_text())
     assert summary["n_particles"] == expected.max() and not (tmp_path / "out.zarr.work").exists()
     assert zarr.open_group(str(out), mode="r").attrs["declump"]["complete"] is True

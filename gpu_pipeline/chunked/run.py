@@ -208,7 +208,7 @@ def output_paths(output):
     output = Path(output)
     stem = output.with_suffix("")
     return {"labels": output, "table": Path(f"{stem}_particles.parquet"), "summary": Path(f"{stem}_summary.json"),
-            "overlay": Path(f"{stem}_overlay.png")}
+            "overlay": Path(f"{stem}_overlay.png"), "histogram": Path(f"{stem}_histogram.png")}
 
 
 def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, timepoint=None, mask_path=None,
@@ -331,11 +331,12 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
     from gpu_pipeline.chunked.pipeline import separate_chunked
     from gpu_pipeline.io import write_json
     from gpu_pipeline.overlay import write_overlay
+    from gpu_pipeline.plots import write_size_histogram
 
     started = time.perf_counter()
     p = parameters
     if overwrite:
-        for key in ("labels", "table", "summary", "overlay"):
+        for key in ("labels", "table", "summary", "overlay", "histogram"):
             path = paths[key]
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
@@ -385,6 +386,7 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
     write_parquet(table, paths["table"])
     middle = volume.shape[0] // 2 if volume.ndim == 3 else slice(None)
     write_overlay(paths["overlay"], np.asarray(volume[middle]), np.asarray(stored[middle]))
+    write_size_histogram(paths["histogram"], table["equivalent_diameter"])  # the same picture as in-memory runs
     diameters = table["equivalent_diameter"]
     summary = {
         "n_particles": n_particles, "spacing": list(spacing), "shape": list(volume.shape),
