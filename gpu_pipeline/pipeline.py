@@ -182,7 +182,8 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         typical particle radius, which fills nucleoli but not the pockets
         enclosed between touching particles (those are as large as a
         particle, and filling them fuses particles and makes false
-        distance-map peaks). 0: off.
+        distance-map peaks). 0: off. With a ``mask`` or a ``classifier``,
+        ``auto`` is 0: their foreground is taken as given.
     max_radius : float, optional
         Cap on the distance map, physical units (default: none). Chunked
         runs need one (their halo is this deep) and give exactly this
@@ -292,6 +293,10 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         clock.lap("classifier")
     fg = foreground_step(image, mask, spacing=spacing, sigma=sigma, threshold=threshold, polarity=polarity,
                          details=details, clock=clock)
+    if mask is not None and max_hole_size == "auto":
+        # A network's mask or a classifier's foreground is taken as given: the pockets it leaves between
+        # packed particles are background it found, and filling them would fuse the particles.
+        max_hole_size = 0.0
     if reject_annotations and mask is None and fg.ndim == 2:
         fg = reject_annotations_step(fg, details=details)
     fg, min_distance = cleanup_step(fg, spacing=spacing, min_distance=min_distance, min_size=min_size,

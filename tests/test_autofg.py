@@ -188,3 +188,20 @@ def test_bad_automatic_options_are_one_line_errors(options):
     with pytest.raises(DeclumpError) as info:
         separate(image, **options)
     assert "\n" not in str(info.value) and list(options)[0] in str(info.value)
+
+
+def test_a_mask_is_taken_as_given_by_the_automatic_hole_filling(rng):
+    """A network's mask (or a classifier's foreground) keeps its holes under the default ``max_hole_size='auto'``.
+
+    The disks' holes are well under the automatic limit for an intensity image, so without the rule they fill.
+    """
+    yy, xx = np.mgrid[:120, :120]
+    mask = np.zeros((120, 120), bool)
+    for cy, cx in ((30 + rng.integers(-3, 4), 30), (85, 80 + rng.integers(-3, 4))):
+        disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= 14 ** 2
+        hole = (yy - cy) ** 2 + (xx - cx - 2) ** 2 <= 2 ** 2
+        mask |= disk & ~hole
+    labels = separate(None, mask=mask)
+    assert np.array_equal(labels > 0, mask)
+    filled = separate(None, mask=mask, max_hole_size=200.0)
+    assert (filled > 0).sum() > mask.sum()  # the holes are fillable: the rule above is what keeps them
