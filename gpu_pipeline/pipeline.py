@@ -291,16 +291,14 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         boundary = class_probability(details.probabilities, classifier.classes, "boundary")
         interior = class_probability(details.probabilities, classifier.classes, "particle")
         clock.lap("classifier")
-    fg = foreground_step(image, mask, spacing=spacing, sigma=sigma, threshold=threshold, polarity=polarity,
-                         details=details, clock=clock)
-    if mask is not None and max_hole_size == "auto":
-        # A network's mask or a classifier's foreground is taken as given: the pockets it leaves between
-        # packed particles are background it found, and filling them would fuse the particles.
-        max_hole_size = 0.0
+    fg, radius = foreground_step(image, mask, spacing=spacing, sigma=sigma, threshold=threshold,
+                                 polarity=polarity, details=details, clock=clock)
     if reject_annotations and mask is None and fg.ndim == 2:
         fg = reject_annotations_step(fg, details=details)
+        radius = None  # measured before the annotations were removed
     fg, min_distance = cleanup_step(fg, spacing=spacing, min_distance=min_distance, min_size=min_size,
-                                    max_hole_size=max_hole_size, details=details)
+                                    max_hole_size=max_hole_size, details=details, given=mask is not None,
+                                    radius=radius)
     clock.lap("cleanup")
     if boundary is not None and follow_boundaries:
         labels = boundary_split(fg, boundary, interior=interior, spacing=spacing)
@@ -338,11 +336,16 @@ def ball_size(diameter, ndim):
 
 
 def foreground_step(image, mask, *, spacing, sigma, threshold, polarity, details, clock):
-    """The particle mask: ``mask`` when given, else smoothing, threshold and polarity (recorded in ``details``)."""
+    """The particle mask: ``mask`` when given, else smoothing, threshold and polarity (recorded in ``details``).
+
+    Returns ``(mask, radius)``: ``radius`` is the mask's typical particle radius where ``sigma="auto"``
+    measured it (so that the ``auto`` sizes need not measure it again), else None.
+    """
+    radius = None
     if mask is not None:
         fg = _mask_from(mask, (image if image is not None else mask).shape)
         clock.lap("threshold")
-        return fg
+        return fg, radius
     ops = ops_for(image)
 
     def smooth(sigma):
@@ -373,7 +376,7 @@ def foreground_step(image, mask, *, spacing, sigma, threshold, polarity, details
                                                                      decision.method)
     details.threshold_candidates, details.intensity_range = decision.candidates, decision.intensity_range
     clock.lap("threshold")
-    return fg
+    return fg, radius
 
 
 def reject_annotations_step(fg, *, details):
@@ -383,11 +386,16 @@ def reject_annotations_step(fg, *, details):
     return fg & ~drop
 
 
-def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details):
+def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details, given=False, radius=None):
     """Holes filled and specks removed, with the ``auto`` sizes measured first: (mask, min_distance).
 
-    An empty result is :class:`NoParticlesError`.
+    ``given``: the foreground came from a mask or a classifier; it is taken as given, so an ``auto``
+    hole size is 0 (the pockets it leaves between packed particles are background it found, and
+    filling them would fuse the particles). ``radius``: the foreground's typical radius where the
+    caller has measured it already. An empty result is :class:`NoParticlesError`.
     """
+    if given and max_hole_size == "auto":
+        max_hole_size = 0.0
     if "auto" in (min_distance, max_hole_size):
         if not bool(fg.any()):
             raise NoParticlesError("no particles found: the foreground is empty after thresholding; check polarity "
@@ -396,7 +404,7 @@ def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details)
             raise NoParticlesError("the foreground covers the whole image (no background voxel), so 'auto' cannot "
                                    "measure the particle size; check polarity or threshold, or set --min-distance "
                                    "and --max-hole-size")
-        details.particle_radius = typical_radius(fg, spacing)
+        details.particle_radius = radius if radius is not None else typical_radius(fg, spacing)
     if min_distance == "auto":
         # At least one voxel of the coarsest axis, so the peak window is never empty.
         min_distance = max(MIN_DISTANCE_PER_RADIUS * details.particle_radius, max(spacing))
