@@ -231,6 +231,20 @@ def atomic_path(path):
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
+def _write_tiff_or_npy(path, suffix, array):
+    """Write ``array`` to ``path`` as a zlib TIFF or an NPY by ``suffix``; False for any other suffix."""
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        tifffile.imwrite(path, array, compression="zlib")
+    elif suffix == ".npy":
+        with open(path, "wb") as handle:
+            np.save(handle, array)
+    else:
+        return False
+    return True
+
+
 def write_labels(path, labels, spacing=None, source=None):
     """Write a label image as TIFF (zlib), NPY or OME-Zarr labels, chosen by ``path``'s suffix.
 
@@ -244,14 +258,7 @@ def write_labels(path, labels, spacing=None, source=None):
                            f"{', '.join(LABEL_SUFFIXES)}")
     labels = np.asarray(labels)
     with atomic_path(path) as tmp:
-        if suffix in (".tif", ".tiff"):
-            import tifffile
-
-            tifffile.imwrite(tmp, labels, compression="zlib")
-        elif suffix == ".npy":
-            with open(tmp, "wb") as handle:
-                np.save(handle, labels)
-        else:
+        if not _write_tiff_or_npy(tmp, suffix, labels):
             import zarr
 
             zarr.open_group(str(tmp), mode="w", zarr_format=2)
@@ -267,13 +274,8 @@ def write_probabilities(path, probabilities, spacing=None):
     suffix = _suffix(path)
     probabilities = np.asarray(probabilities, dtype=np.float32)
     with atomic_path(path) as tmp:
-        if suffix in (".tif", ".tiff"):
-            import tifffile
-
-            tifffile.imwrite(tmp, probabilities, compression="zlib")
-        elif suffix == ".npy":
-            with open(tmp, "wb") as handle:
-                np.save(handle, probabilities)
+        if _write_tiff_or_npy(tmp, suffix, probabilities):
+            pass
         elif suffix == ".zarr":
             import zarr
 
