@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata as md
+import json
 import os
 import platform
 import statistics
@@ -69,3 +70,12 @@ def timed(fn, repeats, warm_up=True, sync=None):
 def spread(times):
     """Median and (min, max) of a list of seconds."""
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "runs": len(times)}
+
+
+def write_results(result, name, markdown_text, stem=None):
+    """Write ``RESULTS/STEM.json`` and ``.md``; ``STEM`` defaults to ``NAME_DATE`` (the run's date). Returns STEM."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = stem or f"{name}_{result['machine']['date'][:10]}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown_text)
+    return stem

@@ -17,7 +17,6 @@ Writes bench/results/compare_<date>.json, .md and compare_<date>_grid.png.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import resource
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, SHARED, machine_info, spread, timed
+from bench.common import RESULTS, SHARED, machine_info, spread, timed, write_results
 from gpu_pipeline.metrics import evaluate
 from gpu_pipeline.synthetic import make_touching_particles
 
@@ -392,10 +391,7 @@ def main(argv=None):
         skip[("EMPS particles", CLESPERANTO)] = "skipped by default (--clesperanto-emps): kernel compiles per shape"
     result["real"], examples = suite_real(methods, args.emps_limit, skip)
     result["wall_seconds"] = time.perf_counter() - start
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = args.out or f"compare_{result['machine']['date'][:10]}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(result))
+    stem = write_results(result, "compare", markdown(result), args.out)
     image_grid(examples, methods, RESULTS / f"{stem}_grid.png")
     print(f"wrote {RESULTS / stem}.json, .md, _grid.png")
     return result

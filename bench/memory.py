@@ -21,7 +21,6 @@ should follow the chunk size, not the volume.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import subprocess
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, machine_info
+from bench.common import RESULTS, machine_info, write_results
 from bench.stages import particles_for
 
 HERE = Path(__file__).resolve().parent
@@ -245,10 +244,7 @@ def main(argv=None):
               flush=True)
         result["chunked"].append(row)
     result["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = args.out or f"memory_{result['machine']['date'][:10]}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(result))
+    stem = write_results(result, "memory", markdown(result), args.out)
     print(f"wrote {RESULTS / stem}.json and .md")
     return result
 

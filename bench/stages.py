@@ -11,11 +11,10 @@ bandwidth of a device-to-device copy measured on the same GPU.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
-from bench.common import RESULTS, machine_info, spread
+from bench.common import RESULTS, machine_info, spread, write_results
 from gpu_pipeline.synthetic import make_touching_particles
 
 #: Least bytes per voxel each stage must read + write (uint8 image, float32/int32 maps, bool masks).
@@ -148,10 +147,7 @@ def main(argv=None):
     result["wall_seconds"] = time.perf_counter() - start
     if "gpu" not in devices:
         result["gpu_note"] = "no CUDA device on this machine: GPU rows not measured"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = args.out or f"stages_{result['machine']['date'][:10]}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(result))
+    stem = write_results(result, "stages", markdown(result), args.out)
     plot(result, RESULTS / f"{stem}.png")
     print(f"wrote {RESULTS / stem}.json, .md, .png")
     return result

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, machine_info
+from bench.common import RESULTS, machine_info, write_results
 from bench.compare_methods import SNOW, WATERSHED, peak_rss_gib, pooled_scores, run_method
 from gpu_pipeline.synthetic import make_touching_particles
 
@@ -249,10 +249,7 @@ def main(argv=None):
                                                  args.rounds)
     loads = [x[0] for c in result["cases"] for r in c["methods"].values() for x in r.get("load_averages", [])]
     result["load_range"] = [min(loads), max(loads)] if loads else [0.0, 0.0]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = args.out or f"throughput_{result['machine']['date'][:10]}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(result))
+    stem = write_results(result, "throughput", markdown(result), args.out)
     print(f"wrote {RESULTS / stem}.json and .md")
     return result
 
