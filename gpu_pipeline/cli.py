@@ -244,7 +244,7 @@ def cmd_run_chunked(args, device):
 
 
 def cmd_run(args):
-    from gpu_pipeline.io import read_image
+    from gpu_pipeline.io import boolean_input_as_mask, check_foreground_options, read_image
 
     device = "gpu" if args.cluster == "local-cuda" else resolve_device(args.device)
     if _is_zarr(args.input) and Path(args.output).suffix.lower() == ".zarr":
@@ -254,10 +254,7 @@ def cmd_run(args):
                     if value is not None]
     if chunked_only:
         raise DeclumpError(f"{', '.join(chunked_only)} apply to chunked runs only (a Zarr input and a .zarr output)")
-    if args.classifier is not None and args.mask is not None:
-        raise DeclumpError("--classifier and --mask both give the foreground; use one of them")
-    if args.save_probabilities is not None and args.classifier is None:
-        raise DeclumpError("--save-probabilities writes a pixel classifier's output; add --classifier MODEL")
+    check_foreground_options(mask=args.mask, classifier=args.classifier, probabilities_path=args.save_probabilities)
     image, file_spacing = read_image(args.input, channel=args.channel, timepoint=args.timepoint,
                                      missing_chunks=args.missing_chunks)
     mask = None
@@ -265,11 +262,7 @@ def cmd_run(args):
         mask, _ = read_image(args.mask, channel=args.channel, timepoint=args.timepoint,
                              missing_chunks=args.missing_chunks)
         check_mask(mask, image.shape, "--mask")
-    if image.dtype == bool:  # a binary mask (e.g. a network's output) as the input itself
-        if args.classifier is not None or mask is not None:
-            raise DeclumpError(f"the input {args.input} is a boolean mask; it is the foreground itself, so it "
-                               "takes no --mask or --classifier (give the intensity image instead)")
-        mask, image = image, image.astype(np.uint8)
+    image, mask = boolean_input_as_mask(image, mask, classifier=args.classifier, input_path=args.input)
     spacing = args.spacing if args.spacing is not None else file_spacing
     kwargs = separation_kwargs(args)
     kwargs.pop("spacing")

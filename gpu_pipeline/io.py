@@ -231,6 +231,27 @@ def atomic_path(path):
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
+def check_foreground_options(*, mask, classifier, probabilities_path):
+    """Refuse `--mask`/`--classifier`/`--save-probabilities` combinations that give no single foreground."""
+    if classifier is not None and mask is not None:
+        raise DeclumpError("--classifier and --mask both give the foreground; use one of them")
+    if probabilities_path is not None and classifier is None:
+        raise DeclumpError("--save-probabilities writes a pixel classifier's output; add --classifier MODEL")
+
+
+def boolean_input_as_mask(image, mask, *, classifier, input_path, what="image"):
+    """``(image, mask)``: a boolean input (a network's binary output) is the foreground mask itself.
+
+    Works on NumPy and Dask arrays; it then takes no ``--mask`` or ``--classifier``.
+    """
+    if image.dtype != bool:
+        return image, mask
+    if classifier is not None or mask is not None:
+        raise DeclumpError(f"the input {input_path} is a boolean mask; it is the foreground itself, so it takes "
+                           f"no --mask or --classifier (give the intensity {what} instead)")
+    return image.astype(np.uint8), image
+
+
 def _write_tiff_or_npy(path, suffix, array):
     """Write ``array`` to ``path`` as a zlib TIFF or an NPY by ``suffix``; False for any other suffix."""
     if suffix in (".tif", ".tiff"):

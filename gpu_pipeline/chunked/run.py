@@ -34,7 +34,8 @@ import numpy as np
 from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops_for, to_host
 from gpu_pipeline.chunked.workspace import Workspace, active_client, chunk_starts, run_tasks, release_freed_memory, \
     save_records, write_blocks
-from gpu_pipeline.io import DISK_FAULTS, LABEL_NAME, disk_error, write_ngff_label_metadata
+from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, boolean_input_as_mask, check_foreground_options, disk_error,
+                             write_ngff_label_metadata)
 from gpu_pipeline.measure import table_from_sums
 
 #: On --device gpu, CuPy's memory pool on every GPU worker is capped at this fraction of the device's
@@ -259,15 +260,8 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
         if mask.shape != volume.shape:
             raise DeclumpError(f"--mask has shape {mask.shape} but the volume has shape {volume.shape}; --mask must "
                                "have the volume's shape")
-    if classifier is not None and mask is not None:
-        raise DeclumpError("--classifier and --mask both give the foreground; use one of them")
-    if probabilities_path is not None and classifier is None:
-        raise DeclumpError("--save-probabilities writes a pixel classifier's output; add --classifier MODEL")
-    if volume.dtype == bool:  # a binary mask (e.g. a network's output) as the input itself
-        if classifier is not None or mask is not None:
-            raise DeclumpError(f"the input {input_path} is a boolean mask; it is the foreground itself, so it takes "
-                               "no --mask or --classifier (give the intensity volume instead)")
-        mask, volume = volume, volume.astype(np.uint8)
+    check_foreground_options(mask=mask, classifier=classifier, probabilities_path=probabilities_path)
+    volume, mask = boolean_input_as_mask(volume, mask, classifier=classifier, input_path=input_path, what="volume")
     model = None
     if classifier is not None:
         from gpu_pipeline.classifier import load_classifier
