@@ -176,3 +176,135 @@ def block_groups(coords, voxel_region, block, strides, n_blocks, unique_keys, fa
     return _block_groups(np.ascontiguousarray(coords, dtype=np.int64), np.ascontiguousarray(voxel_region, np.int64),
                          np.ascontiguousarray(block, np.int64), np.ascontiguousarray(strides, np.int64),
                          int(n_blocks), np.ascontiguousarray(unique_keys, np.int64), int(fallback_base))
+
+
+@njit(cache=True, nogil=True)
+def _assign_in_cells(regions, multi, block, strides, n_blocks, keys, offsets, ids, fallback_base, centre_phys,
+                     power, scale, first_axis, cell, prune_width, centre_value, labels):  # pragma: no cover
+    shape = regions.shape
+    per_cell = cell[0] * cell[1] * cell[2]
+    slot_key = np.empty(per_cell, dtype=np.int64)
+    slot_group = np.empty(per_cell, dtype=np.int64)
+    low = np.empty((per_cell, 3), dtype=np.int64)
+    high = np.empty((per_cell, 3), dtype=np.int64)
+    voxel_slot = np.empty(per_cell, dtype=np.int64)
+    widest = 0
+    for g in range(offsets.size - 1):
+        widest = max(widest, offsets[g + 1] - offsets[g])
+    kept = np.empty(widest, dtype=np.int64)
+    lower = np.empty(widest, dtype=np.float64)
+    x = np.zeros(3, dtype=np.int64)
+    for z0 in range(0, shape[0], cell[0]):
+        for y0 in range(0, shape[1], cell[1]):
+            for x0 in range(0, shape[2], cell[2]):
+                z1, y1, x1 = min(z0 + cell[0], shape[0]), min(y0 + cell[1], shape[1]), min(x0 + cell[2], shape[2])
+                # Pass 1: the (region, block) groups present in this cell and each one's bounding box.
+                n_slots = 0
+                i = 0
+                for z in range(z0, z1):
+                    for y in range(y0, y1):
+                        for xx in range(x0, x1):
+                            r = regions[z, y, xx]
+                            if not multi[r]:
+                                voxel_slot[i] = -1
+                                i += 1
+                                continue
+                            x[0], x[1], x[2] = z, y, xx
+                            key = r * n_blocks
+                            for a in range(3):
+                                key += (x[a] // block[a]) * strides[a]
+                            s = 0
+                            while s < n_slots and slot_key[s] != key:
+                                s += 1
+                            if s == n_slots:
+                                g = np.searchsorted(keys, key)
+                                if g >= keys.size or keys[g] != key:
+                                    g = np.searchsorted(keys, fallback_base + r)
+                                slot_key[s], slot_group[s] = key, g
+                                for a in range(3):
+                                    low[s, a], high[s, a] = x[a], x[a]
+                                n_slots += 1
+                            for a in range(3):
+                                low[s, a] = min(low[s, a], x[a])
+                                high[s, a] = max(high[s, a], x[a])
+                            voxel_slot[i] = s
+                            i += 1
+                # Pass 2, per group: its list (pruned to the centroids that can be nearest
+                # in its box when wide, as prune_candidates does), then its voxels.
+                for s in range(n_slots):
+                    g = slot_group[s]
+                    n_kept = 0
+                    if offsets[g + 1] - offsets[g] <= prune_width:
+                        for t in range(offsets[g], offsets[g + 1]):
+                            kept[n_kept] = ids[t]
+                            n_kept += 1
+                    else:
+                        bound = np.inf
+                        for t in range(offsets[g], offsets[g + 1]):
+                            c = ids[t]
+                            near_sum = 0.0
+                            far_sum = 0.0
+                            for a in range(first_axis, 3):
+                                lo, hi, at = low[s, a] * scale[a], high[s, a] * scale[a], centre_phys[c, a]
+                                near = max(max(lo - at, at - hi), 0.0)
+                                far = max(abs(lo - at), abs(hi - at))
+                                near_sum += near * near
+                                far_sum += far * far
+                            lower[t - offsets[g]] = near_sum - power[c]
+                            bound = min(bound, far_sum - power[c])
+                        for t in range(offsets[g], offsets[g + 1]):
+                            c = ids[t]
+                            if lower[t - offsets[g]] <= bound + 1e-9 * (abs(bound) + power[c] + 1.0):
+                                kept[n_kept] = c
+                                n_kept += 1
+                    i = 0
+                    for z in range(z0, z1):
+                        for y in range(y0, y1):
+                            for xx in range(x0, x1):
+                                if voxel_slot[i] == s:
+                                    x[0], x[1], x[2] = z, y, xx
+                                    best = -1
+                                    best_d = np.inf
+                                    for t in range(n_kept):
+                                        c = kept[t]
+                                        d = -power[c]
+                                        for a in range(first_axis, 3):
+                                            diff = x[a] * scale[a] - centre_phys[c, a]
+                                            d += diff * diff
+                                        if best < 0 or d < best_d:
+                                            best, best_d = c, d
+                                    labels[z, y, xx] = centre_value[best]
+                                i += 1
+
+
+def assign_in_cells(regions, multi, block, strides, n_blocks, keys, offsets, ids, fallback_base, centre_phys, power,
+                    scale, centre_value, labels, *, cell, prune_width):
+    """The whole-volume power assignment in one compiled pass over cells of ``cell`` voxels per axis.
+
+    For every voxel of a ``multi`` region, the candidate of its (region,
+    block) list (:func:`~gpu_pipeline.stages.split.local_candidates`: key
+    ``region * n_blocks + block``, else its region's fallback key) with the
+    smallest ``|x * scale - centre_phys|^2 - power``, ties to the first in the
+    list, the same sums in the same order as :func:`nearest_candidate`; its
+    label becomes ``centre_value[chosen]``, written into ``labels`` in place.
+    Lists wider than ``prune_width`` are first cut, per (list, cell), to the
+    centroids that can be nearest in the box of its voxels, by the rule of
+    :func:`~gpu_pipeline.stages.kmeans.prune_candidates` (so no choice
+    changes). No per-voxel temporaries: the voxels are read from ``regions``.
+    """
+    ndim = regions.ndim
+    pad = 3 - ndim
+
+    def padded(values, fill, dtype):
+        return np.ascontiguousarray(np.concatenate([np.full(pad, fill), np.asarray(values)]).astype(dtype))
+
+    phys = np.zeros((centre_phys.shape[0], 3), dtype=np.float64)
+    phys[:, pad:] = centre_phys
+    return _assign_in_cells(np.ascontiguousarray(regions).reshape((1,) * pad + regions.shape),
+                            np.ascontiguousarray(multi, dtype=np.bool_), padded(block, 1, np.int64),
+                            padded(strides, 0, np.int64), int(n_blocks), np.ascontiguousarray(keys, np.int64),
+                            np.ascontiguousarray(offsets, np.int64), np.ascontiguousarray(ids, np.int64),
+                            int(fallback_base), phys, np.ascontiguousarray(power, np.float64),
+                            padded(scale, 1.0, np.float64), pad, padded(cell, 1, np.int64), int(prune_width),
+                            np.ascontiguousarray(centre_value, np.int64),
+                            labels.reshape((1,) * pad + labels.shape))

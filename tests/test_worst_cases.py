@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.ndimage import label as ndi_label
 
 from cpu_fallback.kernels import greedy_spacing
 from gpu_pipeline.stages.split import BLOCK_DIVISOR, local_candidates
@@ -186,3 +187,74 @@ def test_power_assignment_and_pruned_lists_choose_the_power_nearest_centroid(rng
     assert np.diff(pruned_offsets).mean() < np.diff(offsets)[groups].mean() / 2  # it does prune
     np.testing.assert_array_equal(
         _listed_power_argmin(coords, pieces, pruned_offsets, pruned_ids, centres, radii, spacing), expected)
+
+
+def _split_by_candidate_lists(regions, n_regions, peaks, radii, *, spacing, margin=None, peak_group=None):
+    """The assignment as the chunked engine and the GPU run it: coordinate arrays, lists, batched_kmeans."""
+    from gpu_pipeline.stages.kmeans import batched_kmeans
+    from gpu_pipeline.stages.split import block_candidates, kmeans_seeds, peaks_per_region
+
+    peak_region, _ = peaks_per_region(regions, n_regions, peaks)
+    seeds = kmeans_seeds(peak_region, n_regions, peaks, radii, margin=margin, peak_group=peak_group)
+    labels = regions.astype(np.int64)
+    flat, coords, groups, offsets, ids = block_candidates(regions, seeds, origin=(0,) * regions.ndim, spacing=spacing)
+    chosen, _, _ = batched_kmeans(coords, groups, offsets, ids, seeds.centres, spacing=spacing, radii=seeds.radii,
+                                  max_iter=0)
+    labels.ravel()[flat] = n_regions + 1 + seeds.centre_label[chosen]
+    return labels
+
+
+def _random_regions_and_peaks(rng, shape, n_peaks, radii_choice):
+    regions, n_regions = ndi_label(rng.random(shape) < 0.93)
+    peaks = np.unique(np.stack([rng.integers(0, s, n_peaks) for s in shape], axis=1), axis=0)
+    peaks = peaks[regions[tuple(peaks.T)] > 0]
+    return regions, n_regions, peaks, rng.choice(radii_choice, len(peaks))
+
+
+@pytest.mark.parametrize("ndim,spacing,margin", [(2, (1.0, 1.0), None), (3, (2.0, 1.0, 1.5), None),
+                                                 (3, (1.0, 1.0, 1.0), 3.0), (3, (1.0, 0.5, 1.0), 60.0)])
+def test_whole_volume_assignment_equals_the_candidate_list_path(rng, ndim, spacing, margin):
+    """The CPU's one-pass assignment (cells, lists pruned per cell) gives the labels of the array path.
+
+    Margins: default, small (many voxels fall back to their region's full
+    list) and large (lists of every centroid of a region, wider than the
+    per-cell pruning threshold, so pruning is exercised); few distinct radii
+    and grouped peaks make exact ties.
+    """
+    from gpu_pipeline.stages.split import split_regions_kmeans
+
+    shape = (150, 130) if ndim == 2 else (28, 44, 36)
+    regions, n_regions, peaks, radii = _random_regions_and_peaks(rng, shape, 300 if ndim == 2 else 400,
+                                                                 [2.0, 3.0, 4.5])
+    peak_group = np.arange(len(peaks))
+    peak_group[1::7] = peak_group[0::7][:len(peak_group[1::7])]  # some peaks share a label
+    for group in (None, peak_group):
+        ours, n_iter = split_regions_kmeans(regions, n_regions, peaks, radii, spacing=spacing, max_iter=0,
+                                            margin=margin, peak_group=group)
+        expected = _split_by_candidate_lists(regions, n_regions, peaks, radii, spacing=spacing, margin=margin,
+                                             peak_group=group)
+        assert n_iter == 0
+        np.testing.assert_array_equal(ours, expected)
+
+
+def test_whole_volume_assignment_is_the_power_diagram_of_each_regions_peaks(rng):
+    """With a margin covering every region, each voxel goes to its region's power-nearest peak (ties: C order)."""
+    from gpu_pipeline.stages.split import split_regions_kmeans
+
+    spacing = (1.0, 0.5, 1.0)
+    regions, n_regions, peaks, radii = _random_regions_and_peaks(rng, (20, 40, 24), 150, [2.0, 3.0, 5.5])
+    ours, _ = split_regions_kmeans(regions, n_regions, peaks, radii, spacing=spacing, max_iter=0, margin=80.0)
+    coords = np.stack(np.nonzero(regions), axis=1)
+    peak_region = regions[tuple(peaks.T)]
+    d = (((coords[:, None, :] - peaks[None]) * np.asarray(spacing)) ** 2).sum(axis=2) - radii ** 2
+    d[regions[tuple(coords.T)][:, None] != peak_region[None]] = np.inf
+    nearest = np.argmin(d, axis=1)  # peaks are in C order, so the first minimum is the first in C order
+    k = np.bincount(peak_region, minlength=n_regions + 1)
+    multi = k[regions[tuple(coords.T)]] >= 2
+    # Multi-peak regions' centroids are numbered by region, then C order within the region.
+    centre_order = np.argsort(np.where(k[peak_region] >= 2, peak_region, n_regions + 1), kind="stable")
+    centre_index = np.empty(len(peaks), np.int64)
+    centre_index[centre_order] = np.arange(len(peaks))
+    got = ours[tuple(coords.T)]
+    np.testing.assert_array_equal(got[multi], n_regions + 1 + centre_index[nearest[multi]])
+    np.testing.assert_array_equal(got[~multi], regions[tuple(coords.T)][~multi])

@@ -9,10 +9,13 @@ import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for
 from gpu_pipeline.stages.components import enforce_one_piece, relabel_by_first_voxel
-from gpu_pipeline.stages.kmeans import BLOCK_ELEMENTS, batched_kmeans, per_region_kmeans, to_list
+from gpu_pipeline.stages.kmeans import BLOCK_ELEMENTS, PRUNE_CELL, batched_kmeans, per_region_kmeans, to_list
 
 #: Blocks of the candidate grid are margin / BLOCK_DIVISOR wide.
 BLOCK_DIVISOR = 3
+
+#: The CPU's whole-volume assignment prunes, per cell, the candidate lists wider than this.
+CELL_PRUNE_WIDTH = 8
 
 
 def peaks_per_region(regions, n_regions, peaks):
@@ -37,13 +40,50 @@ def local_candidates(coords, voxel_region, centres, centre_region, *, spacing, m
     the number of voxels that fell back to their region's full list.
     """
     xp = get_array_module(coords)
-    ndim = coords.shape[1]
+    highest = coords.max(axis=0) if coords.shape[0] else None
+    lists = block_lists(centres, centre_region, spacing=spacing, margin=margin, highest=highest)
+    if xp.__name__ == "numpy":  # one compiled pass instead of several (voxels x ndim) temporaries
+        from cpu_fallback.kernels import block_groups as find_groups
+    else:
+        find_groups = block_groups
+    groups, n_fallback = find_groups(coords, voxel_region, lists.block, lists.strides, lists.n_blocks, lists.keys,
+                                     lists.fallback_base)
+    return groups, lists.offsets, lists.ids, n_fallback
+
+
+@dataclass
+class BlockLists:
+    """Candidate centroid lists of :func:`local_candidates`, as CSR ``offsets``/``ids`` per sorted key.
+
+    A block's list of a region has key ``region * n_blocks + block`` (the
+    C-order index of the block on a grid of ``block`` voxels per axis); each
+    region's full list has key ``fallback_base + region``.
+    """
+
+    block: object
+    strides: object
+    n_blocks: int
+    keys: object
+    offsets: object
+    ids: object
+    fallback_base: int
+
+
+def block_lists(centres, centre_region, *, spacing, margin, highest=None):
+    """The centroid side of :func:`local_candidates`: every (region, block) list, for voxels up to ``highest``.
+
+    ``highest`` (per axis, index units; None: no voxels) sizes the block grid
+    with the centroids; a larger grid only adds lists no voxel uses, so the
+    list of a voxel does not depend on it.
+    """
+    xp = get_array_module(centres)
+    ndim = centres.shape[1]
     # Blocks a third of the margin wide: a voxel's list then spans about
     # 2.3 margins per axis instead of 3 with margin-wide blocks.
     block = xp.asarray([max(1, int(math.ceil(margin / BLOCK_DIVISOR / float(s)))) for s in spacing], dtype=xp.int64)
     reach = [int(math.ceil(margin / float(s) / int(b))) for s, b in zip(spacing, to_list(block))]
     scale = xp.asarray([float(s) for s in spacing], dtype=xp.float64)
-    grid = (coords.max(axis=0) // block + 1) if coords.shape[0] else xp.ones(ndim, dtype=xp.int64)
+    grid = (xp.asarray(highest, dtype=xp.int64) // block + 1) if highest is not None else xp.ones(ndim, dtype=xp.int64)
     grid = xp.maximum(grid, (centres.max(axis=0) // block).astype(xp.int64) + 1)
     strides = xp.concatenate([xp.cumprod(grid[::-1])[::-1][1:], xp.ones(1, dtype=xp.int64)])
     n_blocks = int(xp.prod(grid))
@@ -73,13 +113,8 @@ def local_candidates(coords, voxel_region, centres, centre_region, *, spacing, m
     keys, ids = keys[order], ids[order]
     unique_keys, starts = xp.unique(keys, return_index=True)
     offsets = xp.concatenate([starts, xp.asarray([keys.size])]).astype(xp.int64)
-
-    if xp.__name__ == "numpy":  # one compiled pass instead of several (voxels x ndim) temporaries
-        from cpu_fallback.kernels import block_groups as find_groups
-    else:
-        find_groups = block_groups
-    groups, n_fallback = find_groups(coords, voxel_region, block, strides, n_blocks, unique_keys, fallback_base)
-    return groups, offsets, ids, n_fallback
+    return BlockLists(block=block, strides=strides, n_blocks=n_blocks, keys=unique_keys, offsets=offsets, ids=ids,
+                      fallback_base=fallback_base)
 
 
 def block_groups(coords, voxel_region, block, strides, n_blocks, unique_keys, fallback_base):
@@ -217,6 +252,22 @@ def split_regions_kmeans(regions, n_regions, peaks, radii, *, spacing, assignmen
                          peak_group=peak_group)
     labels = regions.astype(xp.int64)
     if seeds is None:
+        return labels, 0
+    if engine == "batched" and max_iter == 0 and xp.__name__ == "numpy":
+        # The CPU's assignment reads the voxels from `regions` in one compiled
+        # pass over cells: no coordinate arrays, candidate lists found and
+        # pruned per cell. Same lists and sums, so the same labels as the
+        # array form below (which the chunked engine and the GPU use).
+        from cpu_fallback.kernels import assign_in_cells
+
+        lists = block_lists(seeds.centres, seeds.centre_region, spacing=spacing, margin=seeds.margin,
+                            highest=xp.asarray(regions.shape, dtype=xp.int64) - 1)
+        scale = np.asarray([float(s) for s in spacing], dtype=np.float64)
+        power = np.zeros(seeds.centres.shape[0]) if seeds.radii is None else seeds.radii.astype(np.float64) ** 2
+        assign_in_cells(regions, seeds.multi, lists.block, lists.strides, lists.n_blocks, lists.keys, lists.offsets,
+                        lists.ids, lists.fallback_base, seeds.centres * scale, power, scale,
+                        n_regions + 1 + seeds.centre_label, labels, cell=(PRUNE_CELL,) * regions.ndim,
+                        prune_width=CELL_PRUNE_WIDTH)
         return labels, 0
     if engine == "batched":
         flat, coords, groups, offsets, ids = block_candidates(regions, seeds, origin=(0,) * regions.ndim,
