@@ -308,3 +308,112 @@ def assign_in_cells(regions, multi, block, strides, n_blocks, keys, offsets, ids
                             padded(scale, 1.0, np.float64), pad, padded(cell, 1, np.int64), int(prune_width),
                             np.ascontiguousarray(centre_value, np.int64),
                             labels.reshape((1,) * pad + labels.shape))
+
+
+@njit(cache=True, nogil=True)
+def _quantize(values, quantum, out):  # pragma: no cover - compiled; tested through quantize
+    for i in range(values.size):
+        q = np.rint(np.float64(values[i]) / quantum)
+        if not (-2147483648.0 <= q <= 2147483647.0):  # inf, nan, out of range: NumPy's own cast decides
+            return False
+        out[i] = np.int32(q)
+    return True
+
+
+def quantize(values, quantum):
+    """``rint(values.astype(float64) / quantum).astype(int32)`` in one pass, no float64 temporary.
+
+    The same division and rounding (half to even) per value; an array with a
+    value the cast cannot hold exactly (inf, nan, beyond int32) goes through
+    that NumPy expression instead, so the result is always NumPy's.
+    """
+    values = np.asarray(values)
+    out = np.empty(values.shape, dtype=np.int32)
+    if values.size and _quantize(np.ascontiguousarray(values).reshape(-1), float(quantum), out.reshape(-1)):
+        return out
+    return np.rint(values.astype(np.float64) / quantum).astype(np.int32)
+
+
+@njit(cache=True, nogil=True)
+def _find_root(parent, v):  # pragma: no cover - compiled
+    root = v
+    while parent[root] != root:
+        root = parent[root]
+    while parent[v] != root:  # path compression
+        parent[v], v = root, parent[v]
+    return root
+
+
+@njit(cache=True, nogil=True)
+def _label_by_value(values, parent, out):  # pragma: no cover - compiled; tested through label_by_value
+    nz, ny, nx = values.shape
+    flat = values.reshape(-1)
+    # Pass 1: union with the equal-valued face neighbours before each voxel; the root of
+    # a component is always its first voxel in C order (unions keep the smaller index).
+    for z in range(nz):
+        for y in range(ny):
+            for x in range(nx):
+                v = (z * ny + y) * nx + x
+                value = flat[v]
+                if value == 0:
+                    continue
+                parent[v] = v
+                for u in (v - ny * nx if z > 0 else -1, v - nx if y > 0 else -1, v - 1 if x > 0 else -1):
+                    if u >= 0 and flat[u] == value:
+                        a, b = _find_root(parent, u), _find_root(parent, v)
+                        if a < b:
+                            parent[b] = a
+                        elif b < a:
+                            parent[a] = b
+    # Pass 2: ids 1..n in the C order of each component's first voxel (its root).
+    out_flat = out.reshape(-1)
+    n = 0
+    for v in range(flat.size):
+        if flat[v] == 0:
+            out_flat[v] = 0
+            continue
+        root = _find_root(parent, v)
+        if root == v:
+            n += 1
+            out_flat[v] = n
+        else:
+            out_flat[v] = out_flat[root]
+    return n
+
+
+def label_by_value(values):
+    """Face-connected components of equal non-zero value, int32 ids 1..n by first voxel in C order.
+
+    The partition and numbering of ``skimage.measure.label(values,
+    background=0, connectivity=1)`` in two compiled passes (union-find),
+    without its conversions of the input.
+    """
+    values = np.ascontiguousarray(values)
+    shape3 = (1,) * (3 - values.ndim) + values.shape if values.ndim <= 3 else None
+    if shape3 is None or values.size >= 2**31 - 1:
+        from skimage.measure import label as sk_label
+
+        return sk_label(values, background=0, connectivity=1).astype(np.int32, copy=False)
+    out = np.empty(values.shape, dtype=np.int32)
+    if values.dtype == np.bool_:
+        values = values.view(np.uint8)
+    _label_by_value(values.reshape(shape3), np.empty(values.size, dtype=np.int32), out.reshape(shape3))
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _piece_stats(pieces, labels, piece_label, piece_size):  # pragma: no cover - compiled; tested through piece_stats
+    for i in range(pieces.size):
+        p = pieces[i]
+        piece_label[p] = labels[i]
+        piece_size[p] += 1
+
+
+def piece_stats(pieces, labels):
+    """Label and size of every piece (index = piece id), one pass: see :func:`~gpu_pipeline.stages.components.piece_stats`."""
+    pieces, labels = np.ascontiguousarray(pieces).reshape(-1), np.ascontiguousarray(labels).reshape(-1)
+    n_pieces = int(pieces.max()) if pieces.size else 0
+    piece_label = np.zeros(n_pieces + 1, dtype=np.int64)
+    piece_size = np.zeros(n_pieces + 1, dtype=np.int64)
+    _piece_stats(pieces, labels, piece_label, piece_size)
+    return piece_label, piece_size

@@ -143,3 +143,42 @@ def test_distance_transform_equals_scipy_with_anisotropic_spacing(rng):
     ours = ops.distance_transform(mask, spacing)
     ref = ndi.distance_transform_edt(mask, sampling=spacing)
     np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_quantized_distance_equals_the_numpy_rounding(rng, dtype):
+    from gpu_pipeline.stages.peaks import quantize_distance
+
+    spacing = (0.7, 1.3, 1.0)
+    quantum = 0.7 / 256
+    values = (rng.random((30, 40, 50)) * 40).astype(dtype)
+    values.ravel()[:500] = (rng.integers(0, 5000, 500) + 0.5) * quantum  # half steps: ties round to even
+    ours, q = quantize_distance(values, spacing)
+    assert q == quantum and ours.dtype == np.int32
+    np.testing.assert_array_equal(ours, np.rint(values.astype(np.float64) / quantum).astype(np.int32))
+    values.ravel()[7] = np.inf  # beyond int32: NumPy's cast decides, as before
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(quantize_distance(values, spacing)[0],
+                                      np.rint(values.astype(np.float64) / quantum).astype(np.int32))
+
+
+@pytest.mark.parametrize("shape,dtype", [((200,), np.int32), ((60, 70), np.int64), ((20, 30, 40), np.int64),
+                                         ((20, 30, 40), np.uint16), ((30, 40), bool)])
+def test_equal_value_label_is_skimage_label_partition_and_numbering(rng, shape, dtype):
+    """The CPU's compiled equal-value labelling gives scikit-image's ids (C order of first voxel), 1-3D, any dtype."""
+    for values in (rng.integers(0, 3, shape), rng.integers(0, 2, shape) * rng.integers(1, 1000, shape)):
+        values = values.astype(dtype)
+        ours = ops.label_by_value(values)
+        assert ours.dtype == np.int32
+        np.testing.assert_array_equal(ours, sk_label(values, background=0, connectivity=1))
+
+
+def test_piece_stats_give_each_pieces_label_and_voxel_count(rng):
+    from gpu_pipeline.stages.components import piece_stats
+
+    labels = rng.integers(0, 5, (20, 30, 40)).astype(np.int64) * 1000
+    pieces = sk_label(labels, background=0, connectivity=1).astype(np.int32)
+    piece_label, piece_size = piece_stats(pieces, labels)
+    np.testing.assert_array_equal(piece_size, np.bincount(pieces.ravel(), minlength=pieces.max() + 1))
+    np.testing.assert_array_equal(piece_label[pieces], labels)
+    assert piece_label.dtype == piece_size.dtype == np.int64

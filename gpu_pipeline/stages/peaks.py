@@ -37,6 +37,10 @@ def quantize_distance(distance, spacing):
     """Distance map as int32 multiples of ``min(spacing) / QUANTUM_DIVISOR``."""
     xp = get_array_module(distance)
     quantum = min(float(s) for s in spacing) / QUANTUM_DIVISOR
+    if xp.__name__ == "numpy":  # one compiled pass: no float64 copy of the volume
+        from cpu_fallback.kernels import quantize
+
+        return quantize(distance, quantum), quantum
     return xp.rint(distance.astype(xp.float64) / quantum).astype(xp.int32), quantum
 
 
