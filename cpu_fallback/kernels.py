@@ -417,3 +417,46 @@ def piece_stats(pieces, labels):
     piece_size = np.zeros(n_pieces + 1, dtype=np.int64)
     _piece_stats(pieces, labels, piece_label, piece_size)
     return piece_label, piece_size
+
+
+@njit(cache=True, nogil=True)
+def _histogram(values, low, factor, integer, counts):  # pragma: no cover - compiled; tested through the histogram
+    top = counts.size - 1
+    for i in range(values.size):
+        v = np.float64(values[i])
+        if not np.isfinite(v):
+            return False
+        index = int(v - low) if integer else int(np.floor((v - low) * factor))
+        counts[min(max(index, 0), top)] += 1
+    return True
+
+
+def histogram(values, low, high, nbins, integer):
+    """Counts per bin of :func:`~gpu_pipeline.stages.threshold.bin_index` in one pass (None: a non-finite value).
+
+    The same float64 arithmetic per value as ``bin_index`` (offset from
+    ``low``, truncated for integer bins, else scaled by ``nbins / (high -
+    low)`` and floored; clipped to the bins), without its temporaries.
+    """
+    counts = np.zeros(int(nbins), dtype=np.int64)
+    factor = 0.0 if integer else float(nbins) / (float(high) - float(low))
+    if _histogram(np.ascontiguousarray(values).reshape(-1), float(low), factor, bool(integer), counts):
+        return counts
+    return None
+
+
+@njit(cache=True, nogil=True)
+def _area_and_covered(labels, covered_mask, area, covered):  # pragma: no cover - compiled
+    for i in range(labels.size):
+        area[labels[i]] += 1
+        if covered_mask[i]:
+            covered[labels[i]] += 1
+
+
+def area_and_covered(labels, covered_mask, count):
+    """Voxels per label (0..count) and how many of them ``covered_mask`` holds, one pass (int64)."""
+    area = np.zeros(count + 1, dtype=np.int64)
+    covered = np.zeros(count + 1, dtype=np.int64)
+    _area_and_covered(np.ascontiguousarray(labels).reshape(-1), np.ascontiguousarray(covered_mask).reshape(-1),
+                      area, covered)
+    return area, covered

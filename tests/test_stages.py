@@ -182,3 +182,32 @@ def test_piece_stats_give_each_pieces_label_and_voxel_count(rng):
     np.testing.assert_array_equal(piece_size, np.bincount(pieces.ravel(), minlength=pieces.max() + 1))
     np.testing.assert_array_equal(piece_label[pieces], labels)
     assert piece_label.dtype == piece_size.dtype == np.int64
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.float32, np.float64])
+def test_compiled_histogram_equals_bincount_of_bin_index(rng, dtype):
+    """The CPU's one-pass histogram puts every value in the bin of the array form (edges, clipping, float rounding)."""
+    from gpu_pipeline.stages.threshold import bin_index
+
+    image = (rng.gamma(2.0, 30.0, (30, 40, 50)) - 20).astype(dtype)
+    for bins in (histogram_bins(image.min(), image.max(), image.dtype),
+                 histogram_bins(float(image.min()) + 5, float(image.max()) - 9.5, np.float32)):  # values outside
+        if not bins.integer:  # values exactly on bin edges
+            edges = bins.low + np.arange(bins.nbins) * ((bins.high - bins.low) / bins.nbins)
+            image.ravel()[:300] = edges[rng.integers(0, bins.nbins, 300)].astype(dtype)
+        counts, _ = intensity_histogram(image, bins)
+        np.testing.assert_array_equal(counts, np.bincount(bin_index(image.ravel(), bins), minlength=bins.nbins))
+
+
+def test_missed_fraction_counts_low_mask_objects_mostly_outside_the_high_mask(rng):
+    from gpu_pipeline.stages.threshold import missed_fraction
+
+    low = ndi.binary_opening(rng.random((60, 70, 30)) > 0.4)
+    labels, n = ndi.label(low)
+    high = low & (rng.random(low.shape) < rng.choice([0.3, 0.7], n + 1)[labels])  # objects mostly in or out
+    area = np.bincount(labels.ravel(), minlength=n + 1)
+    covered = np.bincount(labels.ravel(), weights=high.ravel(), minlength=n + 1)
+    missed = 2 * covered < area
+    missed[0] = False
+    assert 0 < missed.sum() < n
+    assert missed_fraction(low, high) == area[missed].sum() / area[1:].sum()

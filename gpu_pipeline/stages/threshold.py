@@ -81,6 +81,12 @@ def intensity_histogram(image, bins: HistogramBins | None = None):
     xp = get_array_module(image)
     if bins is None:
         bins = histogram_bins(image.min(), image.max(), image.dtype)
+    if xp.__name__ == "numpy":  # one compiled pass, no temporaries (None: a non-finite value, handled below)
+        from cpu_fallback.kernels import histogram
+
+        counts = histogram(image, bins.low, bins.high, bins.nbins, bins.integer)
+        if counts is not None:
+            return counts, bins
     flat = image.ravel()
     counts = xp.zeros(bins.nbins, dtype=xp.int64)
     # In slices: bin_index makes float64 and int64 temporaries (about 24 bytes
@@ -353,9 +359,14 @@ def missed_fraction(low_mask, high_mask) -> float:
     labels, count = ops_for(low_mask).label(low_mask)
     if count == 0:
         return 0.0
-    flat = labels.ravel()
-    area = xp.bincount(flat, minlength=count + 1)
-    covered = xp.bincount(flat, weights=(high_mask & low_mask).ravel().astype(xp.float64), minlength=count + 1)
+    if xp.__name__ == "numpy":  # one compiled pass instead of two bincounts and a float64 copy of the mask
+        from cpu_fallback.kernels import area_and_covered
+
+        area, covered = area_and_covered(labels, high_mask & low_mask, count)
+    else:
+        flat = labels.ravel()
+        area = xp.bincount(flat, minlength=count + 1)
+        covered = xp.bincount(flat, weights=(high_mask & low_mask).ravel().astype(xp.float64), minlength=count + 1)
     missed = (2 * covered < area)
     missed[0] = False
     return float(area[missed].sum()) / max(float(area[1:].sum()), 1.0)
