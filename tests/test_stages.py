@@ -211,3 +211,18 @@ def test_missed_fraction_counts_low_mask_objects_mostly_outside_the_high_mask(rn
     missed[0] = False
     assert 0 < missed.sum() < n
     assert missed_fraction(low, high) == area[missed].sum() / area[1:].sum()
+
+
+@pytest.mark.parametrize("shape", [(50, 60), (20, 30, 25)])
+def test_finish_labels_is_relabelled_enforce_one_piece(rng, shape):
+    """finish_labels reuses the last round's pieces as the numbering: the same as relabelling afterwards."""
+    from gpu_pipeline.stages.split import finish_labels
+
+    blocks = tuple(s // 5 for s in shape)
+    labels = ndi.zoom(rng.permutation(np.prod(blocks)).reshape(blocks) + 1, 5, order=0)  # blobs in shuffled ids ...
+    labels = np.where(rng.random(shape) < 0.1, rng.integers(0, 40, shape), labels).astype(np.int64)  # ... and specks
+    expected = relabel_by_first_voxel(enforce_one_piece(labels))
+    ours = finish_labels(labels)
+    assert ours.dtype == expected.dtype == np.int32
+    np.testing.assert_array_equal(ours, expected)
+    np.testing.assert_array_equal(finish_labels(np.zeros(shape, np.int64)), np.zeros(shape, np.int32))

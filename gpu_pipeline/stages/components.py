@@ -136,15 +136,26 @@ def enforce_one_piece(labels, max_rounds=10):
     result always has one piece per label. The chunked pipeline runs the
     same rounds with these functions on per-chunk partial counts.
     """
+    return one_piece_rounds(labels, max_rounds)[0]
+
+
+def one_piece_rounds(labels, max_rounds=10):
+    """:func:`enforce_one_piece`'s result and its pieces: ``(labels, pieces)``.
+
+    ``pieces`` labels the same partition (one piece per label) with ids
+    1..n in the C order of each piece's first voxel, i.e. it equals
+    ``relabel_by_first_voxel(labels)`` without another pass over the volume.
+    """
     ops = ops_for(labels)
     for _ in range(max_rounds):
         pieces = ops.label_by_value(labels)
         piece_label, piece_size = piece_stats(pieces, labels)
         stray = stray_pieces(piece_label, piece_size)
         if stray is None:
-            return labels
+            return labels, pieces
         # Only faces next to a stray voxel can count.
         pairs = face_pairs_between_labels(pieces, labels, near=stray[pieces])
         new_label = reassign_strays(piece_label, stray, *pairs)
         labels = new_label[pieces].astype(labels.dtype, copy=False)
-    return ops.label_by_value(labels).astype(labels.dtype, copy=False)
+    pieces = ops.label_by_value(labels)
+    return pieces.astype(labels.dtype, copy=False), pieces

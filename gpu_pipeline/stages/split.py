@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for
-from gpu_pipeline.stages.components import enforce_one_piece, relabel_by_first_voxel
+from gpu_pipeline.stages.components import one_piece_rounds
 from gpu_pipeline.stages.kmeans import BLOCK_ELEMENTS, PRUNE_CELL, batched_kmeans, per_region_kmeans, to_list
 
 #: Blocks of the candidate grid are margin / BLOCK_DIVISOR wide.
@@ -318,5 +318,11 @@ def split_regions_watershed(mask, regions, n_regions, peaks, distance):
 
 
 def finish_labels(labels):
-    """One piece per particle, ids 1..n in C order of first voxel."""
-    return relabel_by_first_voxel(enforce_one_piece(labels))
+    """One piece per particle, ids 1..n in C order of first voxel.
+
+    ``relabel_by_first_voxel(enforce_one_piece(labels))``: the last round's
+    equal-value labelling already numbers the pieces so.
+    """
+    xp = get_array_module(labels)
+    pieces = one_piece_rounds(labels)[1]
+    return pieces.astype(xp.int32 if pieces.size == 0 or int(pieces.max()) < 2**31 - 1 else xp.int64, copy=False)
