@@ -1,6 +1,6 @@
 """Bytes per voxel of each pipeline stage, and the chunked run's peak memory against its chunk size.
 
-    python -m bench.memory [--size 128] [--chunked-sizes 64,128] [--out NAME]
+    python -m bench.memory [--size 128] [--chunked-sizes 64,128] [--whole 512,512,512] [--library PATH] [--out NAME]
 
 Stages: the steps of `gpu_pipeline.pipeline.separate` one by one
 (:func:`stage_steps`), each measured as the memory it allocates on top of
@@ -17,10 +17,17 @@ runs (`gpu_pipeline/array_algorithms.py`), here on NumPy.
 Chunked: `declump run in.zarr out.zarr --workers 1` in fresh processes on
 volumes of different sizes with the same chunks; the peak resident memory
 should follow the chunk size, not the volume.
+
+Whole runs (``--whole``): one in-memory `separate` of a generated volume in
+a fresh process (the volume saved beforehand, so generating it does not
+count), its peak resident memory (VmHWM, interpreter and libraries
+included) and the resident size after loading the input; ``--library`` runs
+the pipeline of another checkout (e.g. an older commit) to compare.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import subprocess
@@ -188,20 +195,66 @@ def chunked_peak(size, chunk, workdir):
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+#: A whole in-memory run in a fresh process: the throughput bench's parameters (no hole filling).
+WHOLE_RUN = """
+import json, sys, time
+import numpy as np
+def hwm():
+    return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:'))
+image = np.load(sys.argv[1])
+loaded = hwm()
+from cpu_fallback import separate
+t0 = time.perf_counter()
+labels = separate(image, sigma=1.0, min_distance=4, min_size=65, polarity='bright', max_hole_size=0.0)
+print(json.dumps({'seconds': time.perf_counter() - t0, 'peak_rss_bytes': hwm(), 'rss_after_input_bytes': loaded,
+                  'n_particles': int(labels.max())}))
+"""
+
+
+def whole_run_peak(shape, workdir, library=None):
+    """Peak RSS of one in-memory `separate` on a generated volume of ``shape`` (1500 spheres per 256^3), own process."""
+    from gpu_pipeline.synthetic import make_touching_particles
+
+    path = workdir / f"whole_{'x'.join(map(str, shape))}.npy"
+    if not path.exists():
+        n = int(round(1500 * np.prod(shape) / 256**3))
+        np.save(path, make_touching_particles(shape, n, radius_range=(5, 12), overlap=0.15, seed=int(shape[0]))[0])
+    root = Path(library).resolve() if library else HERE.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1",
+           "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", WHOLE_RUN, str(path)], capture_output=True, text=True, cwd=root,
+                          env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"whole run of {shape} failed: {done.stderr[-1000:]}")
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"shape": list(shape), "voxels": int(np.prod(shape)), "library": str(root), **row,
+            "load_average": [round(v, 2) for v in os.getloadavg()]}
+
+
 def markdown(result):
     m = result["machine"]
     lines = [f"# declump memory per stage: {m['cpu']} ({m['cpu_count']} cores, {m['memory_gib']} GiB), "
              f"GPU: {m['gpu'] or 'none'}, {m['date']}", "",
              f"Load average at start {result['load_average_start']}, at end {result['load_average_end']} "
-             "(a shared machine: other jobs ran beside this one; memory figures do not depend on load, times do).", "",
-             f"In memory, {result['size']}^3 generated spheres, spacing 1: memory a stage allocates beyond what it is "
-             "handed (the larger of tracemalloc's peak and the VmHWM rise), per voxel of the volume.", "",
-             "| stage | bytes/voxel | tracemalloc B/voxel | RSS rise B/voxel | seconds |", "|---|---|---|---|---|"]
+             "(a shared machine: other jobs ran beside this one; memory figures do not depend on load, times do)."]
+    if result["stages"]:
+        lines += ["", f"In memory, {result['size']}^3 generated spheres, spacing 1: memory a stage allocates beyond "
+                  "what it is handed (the larger of tracemalloc's peak and the VmHWM rise), per voxel of the volume.",
+                  "", "| stage | bytes/voxel | tracemalloc B/voxel | RSS rise B/voxel | seconds |", "|---|---|---|---|---|"]
     n = result["size"] ** 3
     for r in result["stages"]:
         rss = "-" if r["rss_rise_bytes"] is None else f"{r['rss_rise_bytes'] / n:.1f}"
         lines.append(f"| {r['stage']} | {r['bytes_per_voxel']:.1f} | {r['tracemalloc_peak_bytes'] / n:.1f} | {rss} "
                      f"| {r['seconds']:.2f} |")
+    if result.get("whole"):
+        lines += ["", "Whole in-memory runs (`separate`, sigma 1, min_distance 4, min_size 65, no hole filling; "
+                  "generated spheres radius 5-12), each in its own process; the input is loaded before the run starts:",
+                  "", "| volume | code | peak RSS (VmHWM) | RSS after input | peak bytes/voxel | s | load |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in result["whole"]:
+            lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['library']} | {r['peak_rss_bytes'] / 2**30:.2f} GiB "
+                         f"| {r['rss_after_input_bytes'] / 2**30:.2f} GiB | {r['peak_rss_bytes'] / r['voxels']:.1f} "
+                         f"| {r['seconds']:.1f} | {r['load_average'][0]:.1f} |")
     if result.get("chunked"):
         lines += ["", "Chunked `declump run in.zarr out.zarr --workers 1 --max-radius 13`, each in its own process:",
                   "", "| volume | voxels | chunks | peak RSS (VmHWM) | seconds |", "|---|---|---|---|---|"]
@@ -218,10 +271,15 @@ def markdown(result):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=128, help="in-memory volume edge (default %(default)s)")
+    parser.add_argument("--size", type=int, default=128,
+                        help="in-memory volume edge for the per-stage rows (default %(default)s; 0 skips them)")
     parser.add_argument("--chunked-sizes", default="192,384",
                         help="chunked volume edges (volume size/2 x size x size; default %(default)s); '' skips")
     parser.add_argument("--chunk", type=int, default=96, help="cubic chunk edge (default %(default)s)")
+    parser.add_argument("--whole", action="append", type=lambda t: tuple(int(v) for v in t.split(",")), default=[],
+                        help="also one whole in-memory run of this shape, e.g. 512,512,512 (repeatable)")
+    parser.add_argument("--library", action="append", default=None,
+                        help="checkout whose pipeline the whole runs use (repeatable; default this one)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     from gpu_pipeline.chunked.workspace import release_freed_memory
@@ -230,14 +288,23 @@ def main(argv=None):
     release_freed_memory()  # as `declump run` does: freed chunk-sized arrays go back to the OS
     result = {"machine": machine_info(), "load_average_start": [round(v, 2) for v in os.getloadavg()],
               "size": args.size}
-    image, _ = make_touching_particles((args.size,) * 3, particles_for(args.size), radius_range=(5, 12),
-                                       overlap=0.15, seed=args.size)
-    print(f"stages on {args.size}^3:", flush=True)
-    result["stages"] = measure_cpu_stages(image, (1.0, 1.0, 1.0))
-    del image
+    result["stages"] = []
+    if args.size:
+        image, _ = make_touching_particles((args.size,) * 3, particles_for(args.size), radius_range=(5, 12),
+                                           overlap=0.15, seed=args.size)
+        print(f"stages on {args.size}^3:", flush=True)
+        result["stages"] = measure_cpu_stages(image, (1.0, 1.0, 1.0))
+        del image
     result["chunked"] = []
     work = HERE / "results" / "scratch" / "memory"
     work.mkdir(parents=True, exist_ok=True)
+    result["whole"] = []
+    for shape in args.whole:
+        for library in args.library or [None]:
+            row = whole_run_peak(shape, work, library)
+            print(f"whole {shape} ({row['library']}): peak {row['peak_rss_bytes'] / 2**30:.2f} GiB in "
+                  f"{row['seconds']:.1f} s", flush=True)
+            result["whole"].append(row)
     for size in [int(s) for s in args.chunked_sizes.split(",") if s]:
         row = chunked_peak(size, args.chunk, work)
         print(f"chunked {row['shape']}: peak {row['peak_rss_bytes'] / 2**30:.2f} GiB in {row['seconds']} s",
