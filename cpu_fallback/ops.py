@@ -58,7 +58,12 @@ def label_by_value(labels):
 
 def maximum_filter(array, size):
     """Maximum over a box of ``size`` voxels per axis (edge values replicated)."""
-    return ndi.maximum_filter(array, size=tuple(int(s) for s in size), mode="nearest")
+    from cpu_fallback.kernels import maximum_filter as compiled
+
+    result = compiled(array, size)  # integer data, odd sizes (the peak windows): compiled, SciPy's values
+    if result is None:
+        result = ndi.maximum_filter(array, size=tuple(int(s) for s in size), mode="nearest")
+    return result
 
 
 def scatter_min(target, index, values):

@@ -226,3 +226,15 @@ def test_finish_labels_is_relabelled_enforce_one_piece(rng, shape):
     assert ours.dtype == expected.dtype == np.int32
     np.testing.assert_array_equal(ours, expected)
     np.testing.assert_array_equal(finish_labels(np.zeros(shape, np.int64)), np.zeros(shape, np.int32))
+
+
+@pytest.mark.parametrize("shape,size,dtype", [((300,), (9,), np.int32), ((40, 57), (5, 1), np.uint16),
+                                              ((23, 31, 37), (9, 9, 9), np.int32), ((23, 31, 37), (3, 7, 61), np.int64),
+                                              ((20, 30), (4, 5), np.int32), ((20, 30), (3, 3), np.float32)])
+def test_maximum_filter_equals_scipy_nearest(rng, shape, size, dtype):
+    """The CPU's maximum filter (compiled for integer data and odd windows, SciPy otherwise) is SciPy's."""
+    values = rng.integers(0, 50, shape).astype(dtype)  # few values: many equal maxima
+    expected = ndi.maximum_filter(values, size=size, mode="nearest")
+    ours = ops.maximum_filter(values, size)
+    assert ours.dtype == values.dtype
+    np.testing.assert_array_equal(ours, expected)
