@@ -357,14 +357,22 @@ def _label_by_value(values, parent, out):  # pragma: no cover - compiled; tested
                 value = flat[v]
                 if value == 0:
                     continue
-                parent[v] = v
-                for u in (v - ny * nx if z > 0 else -1, v - nx if y > 0 else -1, v - 1 if x > 0 else -1):
-                    if u >= 0 and flat[u] == value:
-                        a, b = _find_root(parent, u), _find_root(parent, v)
-                        if a < b:
-                            parent[b] = a
-                        elif b < a:
-                            parent[a] = b
+                plane, row = ny * nx, nx
+                left = x > 0 and flat[v - 1] == value
+                # Joined to the left neighbour's set; the neighbour before in another axis is then
+                # already in that set when its own left neighbour and ours match too (they were
+                # joined when those voxels were visited), so most voxels of a region take one step.
+                parent[v] = _find_root(parent, v - 1) if left else v
+                for u, step in ((v - row, y > 0), (v - plane, z > 0)):
+                    if not step or flat[u] != value:
+                        continue
+                    if left and flat[u - 1] == value:
+                        continue
+                    a, b = _find_root(parent, u), _find_root(parent, v)
+                    if a < b:
+                        parent[b] = a
+                    elif b < a:
+                        parent[a] = b
     # Pass 2: ids 1..n in the C order of each component's first voxel (its root).
     out_flat = out.reshape(-1)
     n = 0
