@@ -103,10 +103,12 @@ def test_ties_follow_skimage_greedy_spacing(rng, h):
 
 
 def test_face_label_and_equal_value_label_match_references(rng):
-    mask = rng.random((40, 50)) > 0.5
-    labels, n = ops.label(mask)
-    ref, n_ref = ndi.label(mask)
-    assert n == n_ref and np.array_equal(labels, ref)
+    for shape in [(300,), (40, 50), (20, 30, 40), (3, 4, 5, 6)]:
+        mask = rng.random(shape) > 0.5
+        labels, n = ops.label(mask)
+        ref, n_ref = ndi.label(mask)
+        assert n == n_ref and labels.dtype == np.int32 and np.array_equal(labels, ref), shape
+    assert ops.label(np.zeros((4, 5), bool))[1] == 0
     values = rng.integers(0, 4, (30, 40, 20)).astype(np.int32)
     np.testing.assert_array_equal(label_by_value_propagation(values, ops.scatter_min), sk_label(values, background=0, connectivity=1))
 
