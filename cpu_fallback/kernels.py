@@ -345,11 +345,12 @@ def _find_root(parent, v):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _label_by_value(values, parent, out):  # pragma: no cover - compiled; tested through label_by_value
+def _label_by_value(values, out):  # pragma: no cover - compiled; tested through label_by_value
     nz, ny, nx = values.shape
     flat = values.reshape(-1)
-    # Pass 1: union with the equal-valued face neighbours before each voxel; the root of
-    # a component is always its first voxel in C order (unions keep the smaller index).
+    parent = out.reshape(-1)  # pass 1 keeps the union-find parents in the output itself
+    # Pass 1: union with the equal-valued face neighbours before each voxel. Every parent is a
+    # smaller index (unions keep the smaller root), so a component's root is its first voxel.
     for z in range(nz):
         for y in range(ny):
             for x in range(nx):
@@ -373,19 +374,17 @@ def _label_by_value(values, parent, out):  # pragma: no cover - compiled; tested
                         parent[b] = a
                     elif b < a:
                         parent[a] = b
-    # Pass 2: ids 1..n in the C order of each component's first voxel (its root).
-    out_flat = out.reshape(-1)
+    # Pass 2, in C order: ids 1..n by each component's first voxel (its root). A voxel's parent
+    # is an earlier voxel of its component, which already holds the component's id.
     n = 0
     for v in range(flat.size):
         if flat[v] == 0:
-            out_flat[v] = 0
-            continue
-        root = _find_root(parent, v)
-        if root == v:
+            parent[v] = 0
+        elif parent[v] == v:
             n += 1
-            out_flat[v] = n
+            parent[v] = n
         else:
-            out_flat[v] = out_flat[root]
+            parent[v] = parent[parent[v]]
     return n
 
 
@@ -393,8 +392,8 @@ def label_by_value(values):
     """Face-connected components of equal non-zero value, int32 ids 1..n by first voxel in C order.
 
     The partition and numbering of ``skimage.measure.label(values,
-    background=0, connectivity=1)`` in two compiled passes (union-find),
-    without its conversions of the input.
+    background=0, connectivity=1)`` in two compiled passes (union-find,
+    the parents kept in the output), without its conversions of the input.
     """
     values = np.ascontiguousarray(values)
     shape3 = (1,) * (3 - values.ndim) + values.shape if values.ndim <= 3 else None
@@ -405,7 +404,7 @@ def label_by_value(values):
     out = np.empty(values.shape, dtype=np.int32)
     if values.dtype == np.bool_:
         values = values.view(np.uint8)
-    _label_by_value(values.reshape(shape3), np.empty(values.size, dtype=np.int32), out.reshape(shape3))
+    _label_by_value(values.reshape(shape3), out.reshape(shape3))
     return out
 
 

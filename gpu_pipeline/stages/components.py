@@ -156,6 +156,6 @@ def one_piece_rounds(labels, max_rounds=10):
         # Only faces next to a stray voxel can count.
         pairs = face_pairs_between_labels(pieces, labels, near=stray[pieces])
         new_label = reassign_strays(piece_label, stray, *pairs)
-        labels = new_label[pieces].astype(labels.dtype, copy=False)
+        labels = new_label.astype(labels.dtype, copy=False)[pieces]  # cast the table, not the volume
     pieces = ops.label_by_value(labels)
     return pieces.astype(labels.dtype, copy=False), pieces

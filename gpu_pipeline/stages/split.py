@@ -244,13 +244,16 @@ def split_regions_kmeans(regions, n_regions, peaks, radii, *, spacing, assignmen
     centroids may lie (:func:`local_candidates`). ``peak_group`` (per peak,
     see :func:`~gpu_pipeline.stages.peaks.neck_groups`) merges the voxels of
     a group's centroids into one particle. Returns labels (not yet
-    renumbered) and the number of Lloyd updates run.
+    renumbered; int32, int64 only when the ids need it) and the number of
+    Lloyd updates run.
     """
     xp = get_array_module(regions)
     peak_region, _ = peaks_per_region(regions, n_regions, peaks)
     seeds = kmeans_seeds(peak_region, n_regions, peaks, radii, assignment=assignment, margin=margin,
                          peak_group=peak_group)
-    labels = regions.astype(xp.int64)
+    # int32 whenever the ids fit: half the memory traffic of int64 here and in the finish.
+    top = n_regions + 1 + (int(seeds.centre_label.max()) if seeds is not None else 0)
+    labels = regions.astype(xp.int32 if top < 2**31 - 1 else xp.int64)
     if seeds is None:
         return labels, 0
     if engine == "batched" and max_iter == 0 and xp.__name__ == "numpy":
