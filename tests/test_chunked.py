@@ -28,6 +28,29 @@ def test_labels_do_not_depend_on_chunking(cluster_client, rng, ndim):
         assert out.dtype == np.int32 and out.tobytes() == reference.astype(np.int32).tobytes(), chunks
 
 
+def test_staged_labelling_equals_scipy_and_labels_each_block_once(rng, tmp_path):
+    """With a workspace the blocks are labelled in one pass whose local ids every later pass reads back."""
+    import zarr
+
+    from gpu_pipeline.chunked.workspace import Workspace
+
+    _, truth = make_touching_particles((40, 56, 50), 40, seed=int(rng.integers(1e6)))
+    mask = (truth > 0) & (rng.random(truth.shape) > 0.05)
+    reference, n_ref = ndi.label(mask, ndi.generate_binary_structure(3, 1))
+    for chunks in CHUNKINGS[3]:
+        workspace = Workspace(tmp_path / str(chunks))
+        labels, n = label_chunked(da.from_array(mask, chunks=chunks), workspace=workspace, name="components")
+        assert n == n_ref and labels.compute().tobytes() == reference.astype(np.int32).tobytes(), chunks
+        grid = da.from_array(mask, chunks=chunks)
+        assert workspace.computed["components"] == grid.npartitions
+        local = zarr.open_array(str(tmp_path / str(chunks) / "components.zarr"), mode="r")
+        assert local.dtype == np.int32
+        # Each stored block holds that block's own components, numbered from 1.
+        block = tuple(slice(0, c) for c in chunks)
+        expected_block, _ = ndi.label(mask[block], ndi.generate_binary_structure(3, 1))
+        assert np.array_equal(local[block], expected_block)
+
+
 def test_otsu_of_chunks_equals_in_memory(cluster_client, rng):
     for image in (rng.integers(0, 4000, (60, 70, 50)).astype(np.uint16),
                   rng.gamma(2.0, 3.0, (60, 70, 50)).astype(np.float32)):

@@ -30,18 +30,36 @@ def _label_local(block, by_value):
     return ops.label(block)
 
 
-def _count_block(block, by_value):
-    _, count = _label_local(block, by_value)
-    return np.array([count], dtype=np.int64).reshape((1,) * block.ndim)
-
-
-def _label_block(block, offsets, by_value, block_info=None):
-    index = tuple(block_info[0]["chunk-location"])
-    xp = get_array_module(block)
+def _local_labels(block, by_value):
+    """One block's own components numbered 1..count (int32: a block holds far fewer than 2^31 voxels)."""
     labels, _ = _label_local(block, by_value)
-    labels = labels.astype(xp.int64)
-    offset = int(offsets[index])
-    return xp.where(labels > 0, labels + offset, 0)
+    return labels.astype(get_array_module(labels).int32, copy=False)
+
+
+def _count_block(local):
+    count = int(local.max()) if local.size else 0
+    return np.array([count], dtype=np.int64).reshape((1,) * local.ndim)
+
+
+def _offset_block(local, offsets, block_info=None):
+    """A block's local ids shifted to global ones (int64), background kept 0."""
+    xp = get_array_module(local)
+    offset = int(offsets[tuple(block_info[0]["chunk-location"])])
+    out = local.astype(xp.int64)
+    if offset:
+        out[local > 0] += offset
+    return out
+
+
+def _lookup_block(local, offsets, counts, lookup, block_info=None):
+    """``lookup[global id]`` of a block's local ids through the block's slice of the table (0 stays 0)."""
+    xp = get_array_module(local)
+    index = tuple(block_info[0]["chunk-location"])
+    offset, count = int(offsets[index]), int(counts[index])
+    table = np.empty(count + 1, dtype=lookup.dtype)
+    table[0] = 0
+    table[1:] = lookup[offset + 1:offset + count + 1]
+    return xp.asarray(table)[local]
 
 
 def _first_voxels(block, start, shape):
@@ -131,7 +149,7 @@ def _pairs_of(a, b, va, vb, axis):
     return _touching_pairs(a, b, va, vb)
 
 
-def label_chunked(mask, *, by_value=False, compute_kwargs=None):
+def label_chunked(mask, *, by_value=False, compute_kwargs=None, workspace=None, name=None, device=None):
     """Face-connected components of a chunked boolean Dask array.
 
     Returns a lazy Dask array of int32 (int64 past 2^31 - 1 labels) equal to
@@ -141,19 +159,29 @@ def label_chunked(mask, *, by_value=False, compute_kwargs=None):
     (``skimage.measure.label(labels, connectivity=1)``).
     The computation of the merge graph runs on the active Dask scheduler
     (threads by default, or a distributed client).
+
+    ``workspace`` and ``name``: each block is labelled once and its local
+    labels staged there as ``name`` (every later pass reads them, moved to
+    the GPU with ``device='gpu'``); without a workspace folder every pass
+    labels the blocks again.
     """
     import dask
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     compute_kwargs = compute_kwargs or {}
-    counts = mask.map_blocks(_count_block, by_value, dtype=np.int64, chunks=tuple((1,) * n for n in mask.numblocks))
-    counts = to_host(np.asarray(counts.compute(**compute_kwargs)))
+    build = (lambda: mask.map_blocks(_local_labels, by_value, dtype=np.int32))
+    if workspace is not None and name is not None:
+        local = workspace.stage(name, build, chunks=mask.chunks, shape=mask.shape, dtype=np.int32, device=device)
+    else:
+        local = build()
+    counts = local.map_blocks(_count_block, dtype=np.int64, chunks=tuple((1,) * n for n in mask.numblocks))
+    counts = to_host(np.asarray(counts.compute(**compute_kwargs))).reshape(mask.numblocks)
     offsets = (np.cumsum(counts.ravel()) - counts.ravel()).reshape(counts.shape)
     total = int(counts.sum())
-    labels = mask.map_blocks(_label_block, offsets, by_value, dtype=np.int64)
+    labels = local.map_blocks(_offset_block, offsets, dtype=np.int64)
     if total == 0:
-        return labels.map_blocks(lambda b: b.astype(np.int32), dtype=np.int32), 0
+        return local, 0  # all zeros
 
     # Pairs across every internal chunk face, merged on a small sparse graph.
     first_tasks, pair_tasks = summarize_blocks(labels, mask, per_block=_first_voxels_of, per_face=_pairs_of)
@@ -181,8 +209,4 @@ def label_chunked(mask, *, by_value=False, compute_kwargs=None):
     final = np.zeros(total + 1, dtype=dtype)
     final[present[order]] = np.arange(1, n + 1, dtype=dtype)
     lookup = final[root]
-
-    def apply(block):
-        return ops_for(block).device_table(lookup)[block]  # one device copy per worker, not per chunk
-
-    return labels.map_blocks(apply, dtype=dtype), n
+    return local.map_blocks(_lookup_block, offsets, counts, lookup, dtype=dtype), n

@@ -110,7 +110,7 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
 
     def labelled():  # computed at most once, and only when something below needs it
         if not cache:
-            cache["value"] = label_chunked(fg)
+            cache["value"] = label_chunked(fg, workspace=workspace, name="components", device=device)
         return cache["value"]
 
     def renumbering():

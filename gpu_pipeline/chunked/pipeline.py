@@ -275,12 +275,16 @@ def _origin(block_info):
     return [lo for lo, _ in block_info[0]["array-location"]]
 
 
-def _split_block(regions, seeds, centres, spacing, n_regions, block_info=None):
-    xp = get_array_module(regions)
-    labels = regions.astype(xp.int64)
+def _split_block(regions, seeds, centres, spacing, n_regions, dtype, block_info=None):
+    labels = regions.astype(dtype)
     flat, chosen = _assign_block(regions, seeds, centres, spacing, _origin(block_info))
     labels.ravel()[flat] = n_regions + 1 + ops_for(regions).device_table(seeds.centre_label)[chosen]
     return labels
+
+
+def id_dtype(largest):
+    """int32 for ids up to 2^31 - 1, else int64: the staged label arrays take half the bytes in every real case."""
+    return np.dtype(np.int32) if int(largest) <= np.iinfo(np.int32).max else np.dtype(np.int64)
 
 
 def _partial_sums(regions, seeds, centres, spacing, origin):
@@ -347,7 +351,8 @@ def one_piece_chunked(labels, *, workspace, device=None, verbose=False):
     from dask import delayed
 
     for round_ in range(ONE_PIECE_ROUNDS):
-        pieces, n_pieces = label_chunked(labels, by_value=True)
+        pieces, n_pieces = label_chunked(labels, by_value=True, workspace=workspace, name=f"pieces_{round_}",
+                                         device=device)
 
         def decide():
             tasks, face_tasks = summarize_blocks(pieces, labels, per_block=_piece_stats,
@@ -369,10 +374,12 @@ def one_piece_chunked(labels, *, workspace, device=None, verbose=False):
         decided = workspace.remember(f"one_piece_{round_}", decide)
         if bool(decided["done"]):
             return pieces, n_pieces, round_ + 1
-        build = (lambda p=pieces, table=decided["new_label"]: p.map_blocks(_relabel, table, dtype=np.int64))
+        table = decided["new_label"]
+        dtype = id_dtype(table.max() if table.size else 0)
+        build = (lambda p=pieces, table=table.astype(dtype): p.map_blocks(_relabel, table, dtype=table.dtype))
         labels = workspace.stage(f"one_piece_{round_}", build,
-                                 chunks=labels.chunks, shape=labels.shape, dtype=np.int64, device=device)
-    final, n = label_chunked(labels, by_value=True)
+                                 chunks=labels.chunks, shape=labels.shape, dtype=dtype, device=device)
+    final, n = label_chunked(labels, by_value=True, workspace=workspace, name="pieces_final", device=device)
     return final, n, ONE_PIECE_ROUNDS
 
 
@@ -477,9 +484,10 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
         from dask import delayed
 
         seeds_d, centres_d = delayed(seeds, traverse=False), delayed(centres, traverse=False)
+        dtype = id_dtype(n_regions + 1 + int(np.max(seeds.centre_label, initial=0)))
         split = workspace.stage("split", lambda: regions.map_blocks(_split_block, seeds_d, centres_d, tuple(spacing),
-                                                                    n_regions, dtype=np.int64),
-                                chunks=regions.chunks, shape=regions.shape, dtype=np.int64, device=device)
+                                                                    n_regions, dtype, dtype=dtype),
+                                chunks=regions.chunks, shape=regions.shape, dtype=dtype, device=device)
     labels, details.n_particles, details.one_piece_rounds = one_piece_chunked(split, workspace=workspace, device=device, verbose=verbose)
     details.blocks_computed = dict(workspace.computed)
     details.blocks_total = dict(workspace.totals)
