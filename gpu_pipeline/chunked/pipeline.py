@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_host
-from gpu_pipeline.chunked.components import label_chunked, summarize_blocks
+from gpu_pipeline.chunked.components import label_chunked, summarize_blocks, unique_ids
 from gpu_pipeline.chunked.foreground import fit_halo, regions_chunked
 from gpu_pipeline.chunked.workspace import Workspace, chunk_starts, run_tasks, to_device
 from gpu_pipeline.pipeline import NoParticlesError, cap_distance, validate_spacing
@@ -265,7 +265,7 @@ def _assign_block(regions, seeds, centres, spacing, origin):
     if flat.size == 0:
         return flat, xp.zeros(0, dtype=xp.int64)
     # Only the centroids this block can use go to the k-means, in global order (same ties).
-    used, local = xp.unique(ids, return_inverse=True)
+    used, local = unique_ids(ids, return_inverse=True)
     chosen, _, _ = batched_kmeans(coords, groups, offsets, local.ravel(), centres[used], spacing=spacing,
                                   radii=None if seeds.radii is None else seeds.radii[used], max_iter=0)
     return flat, used[chosen]
@@ -329,7 +329,7 @@ def lloyd_chunked(regions, seeds, *, spacing, max_iter, verbose=False):
 def _piece_stats(pieces, labels, start, shape):
     """Per block: (piece ids, their label, their voxel counts) and the within-block face pairs."""
     xp = get_array_module(pieces)
-    ids, first, counts = xp.unique(pieces.ravel(), return_index=True, return_counts=True)
+    ids, first, counts = unique_ids(pieces.ravel(), return_index=True, return_counts=True)
     keep = ids > 0
     stats = (ids[keep].astype(xp.int64), labels.ravel()[first[keep]].astype(xp.int64), counts[keep].astype(xp.int64))
     pairs = face_pairs_between_labels(pieces, labels)
