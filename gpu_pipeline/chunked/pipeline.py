@@ -34,6 +34,7 @@ run counts voxels at the cap and reports them.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -326,21 +327,28 @@ def lloyd_chunked(regions, seeds, *, spacing, max_iter, verbose=False):
     return centres
 
 
-def _piece_stats(pieces, labels, start, shape):
-    """Per block: (piece ids, their label, their voxel counts) and the within-block face pairs."""
+def _piece_stats(pieces, labels):
+    """Per block: piece ids, their label, their voxel counts (host arrays)."""
     xp = get_array_module(pieces)
     ids, first, counts = unique_ids(pieces.ravel(), return_index=True, return_counts=True)
     keep = ids > 0
     stats = (ids[keep].astype(xp.int64), labels.ravel()[first[keep]].astype(xp.int64), counts[keep].astype(xp.int64))
-    pairs = face_pairs_between_labels(pieces, labels)
-    return tuple(to_host(a) for a in stats), tuple(to_host(a) for a in pairs)
+    return tuple(to_host(a) for a in stats)
 
 
-def _face_piece_pairs(low_pieces, high_pieces, low_labels, high_labels, axis):
-    """Face pairs between the two 1-voxel slabs on either side of a chunk face."""
+def _stray_pairs(stray, pieces, labels, start, shape):
+    """A block's face pairs (piece, other label, faces) next to a stray voxel, as in-memory `enforce_one_piece`."""
+    near = ops_for(pieces).device_table(stray)[pieces]
+    if not bool(near.any()):
+        return tuple(np.zeros(0, np.int64) for _ in range(3))
+    return tuple(to_host(a) for a in face_pairs_between_labels(pieces, labels, near=near))
+
+
+def _face_stray_pairs(stray, low_pieces, high_pieces, low_labels, high_labels, axis):
+    """The same for the faces between the two 1-voxel slabs on either side of a chunk face."""
     pieces = np.concatenate([low_pieces, high_pieces], axis=axis)
     labels = np.concatenate([low_labels, high_labels], axis=axis)
-    return face_pairs_between_labels(pieces, labels, axes=(axis,))
+    return face_pairs_between_labels(pieces, labels, near=stray[pieces], axes=(axis,))
 
 
 def one_piece_chunked(labels, *, workspace, device=None, verbose=False):
@@ -355,19 +363,22 @@ def one_piece_chunked(labels, *, workspace, device=None, verbose=False):
                                          device=device)
 
         def decide():
-            tasks, face_tasks = summarize_blocks(pieces, labels, per_block=_piece_stats,
-                                                 per_face=_face_piece_pairs)
-            parts = run_tasks(tasks + face_tasks, f"one piece per particle, round {round_ + 1}", verbose=verbose)
-            block_parts, face_parts = parts[:len(tasks)], parts[len(tasks):]
+            # Piece statistics first; the face counts only where a stray piece is, and only when one is
+            # (the last round, which finds none, counts no faces).
+            stats = run_tasks([delayed(_piece_stats)(p, lab) for p, lab in
+                               zip(pieces.to_delayed().ravel(), labels.to_delayed().ravel())],
+                              f"one piece per particle, round {round_ + 1}", verbose=verbose)
             piece_label = np.zeros(n_pieces + 1, dtype=np.int64)
             piece_size = np.zeros(n_pieces + 1, dtype=np.int64)
-            for (ids, lab, cnt), _ in block_parts:
+            for ids, lab, cnt in stats:
                 piece_label[ids] = lab
                 np.add.at(piece_size, ids, cnt)
             stray = stray_pieces(piece_label, piece_size)
             if stray is None:
                 return {"done": True, "new_label": np.zeros(0, np.int64)}
-            pairs = [p for _, p in block_parts] + face_parts
+            tasks, face_tasks = summarize_blocks(pieces, labels, per_block=functools.partial(_stray_pairs, stray),
+                                                 per_face=functools.partial(_face_stray_pairs, stray))
+            pairs = run_tasks(tasks + face_tasks, f"faces of stray pieces, round {round_ + 1}", verbose=verbose)
             a, b, c = (np.concatenate([p[i] for p in pairs]) for i in range(3))
             return {"done": False, "new_label": reassign_strays(piece_label, stray, *count_pairs(a, b, c))}
 
