@@ -66,19 +66,49 @@ def make_volume(path, shape, chunks, seed=0):
     return path
 
 
+def _sample_worker_memory(stop, peaks, interval=0.2):
+    """Largest resident memory of every process this one starts (Dask worker processes), sampled."""
+    import psutil
+
+    me = psutil.Process()
+    while not stop.wait(interval):
+        for child in me.children(recursive=True):
+            try:
+                peaks[child.pid] = max(peaks.get(child.pid, 0), child.memory_info().rss)
+            except psutil.Error:
+                pass
+
+
 def _child(argv):
-    """Run the CLI in this process, then report its peak resident memory."""
+    """Run the CLI in this process, then report its peak resident memory and its worker processes' (sampled)."""
+    import threading
+
     from gpu_pipeline.cli import main
 
-    start = time.perf_counter()
+    stop, workers = threading.Event(), {}
+    sampler = threading.Thread(target=_sample_worker_memory, args=(stop, workers), daemon=True)
+    sampler.start()
+    import resource
+
+    def cpu():  # this process and its reaped children (worker processes of a local cluster)
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+    start, cpu_start = time.perf_counter(), cpu()
     code = main(argv[1:])
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, cpu() - cpu_start
+    stop.set()
+    sampler.join()
     peak = 0.0
     with open("/proc/self/status") as handle:
         for line in handle:
             if line.startswith("VmHWM:"):
                 peak = int(line.split()[1]) / 2**20
-    Path(argv[0]).write_text(json.dumps({"code": code, "seconds": seconds, "peak_rss_gib": peak}))
+    # Processes under 64 MiB are helpers (multiprocessing's resource tracker), not workers.
+    worker_peaks = sorted(v / 2**30 for v in workers.values() if v > 64 * 2**20)
+    Path(argv[0]).write_text(json.dumps({"code": code, "seconds": seconds, "cpu_seconds": cpu_seconds,
+                                         "peak_rss_gib": peak,
+                                         "worker_peak_rss_gib": worker_peaks}))
     return code
 
 

@@ -1,6 +1,7 @@
 """Side by side on generated volumes: declump's CPU fallback, the scikit-image watershed pipeline and PoreSpy SNOW.
 
     python -m bench.throughput [--shape 256,256,256] [--seed 7] [--particles 1200] [--radius 5,12] [--rounds 2]
+    python -m bench.throughput --methods none --chunked 128,128,128 --rounds 3   # the chunked part only
 
 The acceptance check of issue 16: on a generated volume (seed, density and
 radii given on the command line), each method labels it with the same
@@ -13,6 +14,12 @@ rounds, min-max), MVox/s, peak RSS, and the load average around every run;
 the ratio of the watershed's time to declump's, per round and overall; and
 the hours per terabyte of uint8 EM volume per node this in-memory rate
 projects (voxels per TB / rate / cores used, with its inputs).
+
+With ``--chunked CHUNKS``: ``declump run`` from a Zarr store in memory and
+chunked on one core (wall and CPU seconds, per voxel and per thread), a
+local cluster of worker processes with 1 and 2 workers (scaling efficiency
+t1 / (2 t2)), peak memory of the run and of each worker process, and the
+projected hours per TB per node of 2 and 16 cores from those rates.
 """
 from __future__ import annotations
 
@@ -117,12 +124,26 @@ def _cli_run(argv, out_dir):
     return json.loads(report.read_text())
 
 
-def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
-    """``declump run`` on one Zarr volume, in memory (.npy output) and chunked (.zarr output, 1 worker), one core.
+#: The chunked part's runs: (mode, CLI options, cores it is pinned to).
+CHUNKED_MODES = (("in_memory", [], 1),
+                 ("chunked", ["--workers", "1"], 1),
+                 ("cluster_1", ["--cluster", "local", "--workers", "1"], 1),
+                 ("cluster_2", ["--cluster", "local", "--workers", "2"], 2))
+MODE_TITLES = {"in_memory": "in memory (.npy output), 1 core", "chunked": "chunked, local threads, 1 worker, 1 core",
+               "cluster_1": "chunked, local cluster of processes, 1 worker, 1 core",
+               "cluster_2": "chunked, local cluster of processes, 2 workers, 2 cores"}
 
-    Both runs take the same parameters (bench.chunked's, with --max-radius
-    for the chunked halos) and are interleaved; the process and its children
-    are pinned to one core, so the ratio is per voxel and per thread.
+
+def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
+    """``declump run`` on one Zarr volume in memory and chunked, and the chunked run's scaling from 1 to 2 workers.
+
+    Every run takes the same parameters (bench.chunked's, with --max-radius
+    for the chunked halos) in a fresh process pinned to its cores
+    (:data:`CHUNKED_MODES`), modes interleaved round by round. In memory and
+    chunked on one core give the per-voxel, per-thread ratio; a local
+    cluster of worker processes with 1 worker on 1 core and with 2 workers
+    on 2 cores gives the scaling efficiency t1 / (2 t2). Peak memory: the
+    run's own process (VmHWM) and each worker process (sampled every 0.2 s).
     """
     import shutil
 
@@ -131,37 +152,69 @@ def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
     from bench.chunked import PARAMS
 
     image, _ = make_touching_particles(shape, particles, radius_range=radius, overlap=0.15, seed=seed)
-    keep = os.sched_getaffinity(0)
-    runs = {"in_memory": [], "chunked": []}
+    keep = sorted(os.sched_getaffinity(0))
+    runs = {mode: [] for mode, _, _ in CHUNKED_MODES}
     with tempfile.TemporaryDirectory() as tmp:
         volume = Path(tmp) / "in.zarr"
         zarr.create_array(str(volume), shape=image.shape, dtype=image.dtype, chunks=chunks,
                           compressors=zarr.codecs.ZstdCodec(level=3))[...] = image
         del image
-        os.sched_setaffinity(0, {min(keep)})
         try:
             for _ in range(rounds):
-                for mode, out in (("in_memory", "labels.npy"), ("chunked", "labels.zarr")):
+                for mode, options, cores in CHUNKED_MODES:
+                    if cores > len(keep):
+                        continue
                     target = Path(tmp) / mode
                     shutil.rmtree(target, ignore_errors=True)
                     target.mkdir()
-                    extra = ["--chunks", ",".join(map(str, chunks)), "--workers", "1"] if mode == "chunked" else []
+                    out = "labels.npy" if mode == "in_memory" else "labels.zarr"
+                    extra = [] if mode == "in_memory" else ["--chunks", ",".join(map(str, chunks)), *options]
+                    os.sched_setaffinity(0, set(keep[:cores]))  # the child and its workers inherit it
                     load = os.getloadavg()
                     measured = _cli_run(["run", str(volume), str(target / out), "--quiet", "--device", "cpu",
                                          *PARAMS, *extra], target)
                     runs[mode].append({**measured, "load_before": load, "load_after": os.getloadavg()})
-                    print(f"{mode:10s} {measured['seconds']:.1f}s peak RSS {measured['peak_rss_gib']:.2f} GiB "
-                          f"load {load[0]:.1f}", flush=True)
+                    print(f"{mode:10s} {measured['seconds']:.1f}s CPU {measured['cpu_seconds']:.1f}s peak RSS {measured['peak_rss_gib']:.2f} GiB "
+                          f"workers {measured.get('worker_peak_rss_gib')} load {load[0]:.1f}", flush=True)
         finally:
-            os.sched_setaffinity(0, keep)
+            os.sched_setaffinity(0, set(keep))
     voxels = int(np.prod(shape))
-    out = {"shape": list(shape), "chunks": list(chunks), "params": PARAMS, "runs": runs}
-    for mode, rows in runs.items():
-        seconds = statistics.median(r["seconds"] for r in rows)
-        out[mode] = {"seconds": seconds, "mvox_per_s": voxels / seconds / 1e6,
-                     "peak_rss_gib": max(r["peak_rss_gib"] for r in rows)}
+    out = {"shape": list(shape), "chunks": list(chunks), "params": PARAMS, "runs": runs, "modes": {}}
+    for mode, _, cores in CHUNKED_MODES:
+        rows = runs[mode]
+        if not rows:
+            continue
+        seconds = [r["seconds"] for r in rows]
+        workers = [w for r in rows for w in r.get("worker_peak_rss_gib", [])]
+        out["modes"][mode] = {"cores": cores, "seconds": statistics.median(seconds), "min": min(seconds),
+                              "max": max(seconds), "runs": len(seconds),
+                              "cpu_seconds": statistics.median(r["cpu_seconds"] for r in rows),
+                              "mvox_per_s": voxels / statistics.median(seconds) / 1e6,
+                              "peak_rss_gib": max(r["peak_rss_gib"] for r in rows),
+                              "worker_peak_rss_gib": max(workers) if workers else None}
     out["chunked_over_in_memory"] = [c["seconds"] / m["seconds"] for m, c in zip(runs["in_memory"], runs["chunked"])]
+    out["chunked_over_in_memory_cpu"] = [c["cpu_seconds"] / m["cpu_seconds"]
+                                         for m, c in zip(runs["in_memory"], runs["chunked"])]
+    out["scaling_efficiency"] = [one["seconds"] / (2 * two["seconds"])
+                                 for one, two in zip(runs["cluster_1"], runs["cluster_2"])]
+    out["per_tb"] = per_tb(out["modes"], out["scaling_efficiency"])
     return out
+
+
+def per_tb(modes, efficiency, node_cores=(2, 16)):
+    """Projected hours per TB of uint8 volume per node, from the measured one-core rates (a projection)."""
+    rows = []
+    eff = statistics.median(efficiency) if efficiency else None
+    for mode in ("chunked", "in_memory"):
+        if mode not in modes:
+            continue
+        rate = modes[mode]["mvox_per_s"] * 1e6  # one core
+        for cores in node_cores:
+            rows.append({"mode": mode, "node_cores": cores, "mvox_per_s_per_core": rate / 1e6,
+                         "hours_linear": VOXELS_PER_TB / (rate * cores) / 3600,
+                         "hours_at_measured_efficiency": (VOXELS_PER_TB / (rate * cores * eff) / 3600
+                                                          if eff and mode == "chunked" else None)})
+    return {"efficiency_used": eff, "rows": rows}
 
 
 def projection(row, threads=1):
@@ -204,16 +257,50 @@ def markdown(result):
                       f"{pr['hours_per_tb_16_core_node']:.0f} h on a 16-core node ({pr['inputs']})."]
         lines.append("")
     c = result.get("chunked")
-    if c:
-        lines += [f"## Chunked vs in memory: `declump run` on one Zarr volume {'x'.join(map(str, c['shape']))}, "
-                  f"chunks {'x'.join(map(str, c['chunks']))}, one core, 1 worker", "",
-                  "| mode | s (median) | MVox/s | peak RSS GiB |", "|---|---|---|---|"]
-        for mode in ("in_memory", "chunked"):
-            lines.append(f"| {mode.replace('_', ' ')} | {c[mode]['seconds']:.1f} | {c[mode]['mvox_per_s']:.2f} | "
-                         f"{c[mode]['peak_rss_gib']:.2f} |")
-        lines += ["", "Chunked time / in-memory time per voxel per thread: "
-                  + ", ".join(f"{x:.2f}" for x in c["chunked_over_in_memory"]) + f" (parameters {' '.join(c['params'])}).", ""]
+    if c and "modes" in c:
+        lines += chunked_markdown(c)
     return "\n".join(lines)
+
+
+def chunked_markdown(c):
+    loads = [r["load_before"][0] for rows in c["runs"].values() for r in rows]
+    lines = [f"## `declump run` on one Zarr volume {'x'.join(map(str, c['shape']))}, chunks "
+             f"{'x'.join(map(str, c['chunks']))}: in memory, chunked, 1 -> 2 workers", "",
+             f"Parameters {' '.join(c['params'])}; each run a fresh process pinned to its cores, modes interleaved "
+             f"per round; 1-minute load before the runs {min(loads):.1f}-{max(loads):.1f} on this shared 2-core "
+             "machine.", "",
+             "| mode | s (median, min-max) | CPU s (median) | MVox/s | MVox/s per core | peak RSS GiB (main process) | "
+             "peak RSS GiB per worker process |", "|---|---|---|---|---|---|---|"]
+    for mode, row in c["modes"].items():
+        worker = row["worker_peak_rss_gib"]
+        lines.append(f"| {MODE_TITLES[mode]} | {row['seconds']:.1f} ({row['min']:.1f}-{row['max']:.1f}, "
+                     f"{row['runs']} runs) | {row['cpu_seconds']:.1f} | {row['mvox_per_s']:.2f} | {row['mvox_per_s'] / row['cores']:.2f} | "
+                     f"{row['peak_rss_gib']:.2f} | {'(one process)' if worker is None else f'{worker:.2f}'} |")
+    lines += ["| GPU, in memory and chunked | not run (no GPU lent) | | | | | |", ""]
+    lines.append("Chunked time / in-memory time per voxel per thread (one core each): wall **"
+                 + ", ".join(f"{x:.2f}" for x in c["chunked_over_in_memory"]) + "**, CPU **"
+                 + ", ".join(f"{x:.2f}" for x in c["chunked_over_in_memory_cpu"]) + "** (per round; CPU seconds "
+                 "of the process and its workers, less distorted than wall time when other jobs share the core).")
+    if c["scaling_efficiency"]:
+        lines.append("Scaling 1 -> 2 workers (local cluster of processes, 1 core per worker), t1 / (2 t2): **"
+                     + ", ".join(f"{x:.2f}" for x in c["scaling_efficiency"]) + "** (per round; both cores are "
+                     "shared with other jobs here, at the loads above: not an idle node's figure).")
+    t = c["per_tb"]
+    lines += ["", "Projected hours per TB of uint8 EM volume (10^12 voxels) per node (a projection from the one-core "
+              "rates above, not a measurement):", "",
+              "| mode | node cores | measured MVox/s per core | h per TB, linear scaling | "
+              "h per TB at the measured 1 -> 2 efficiency |", "|---|---|---|---|---|"]
+    for row in t["rows"]:
+        at = row["hours_at_measured_efficiency"]
+        lines.append(f"| {row['mode'].replace('_', ' ')} | {row['node_cores']} | {row['mvox_per_s_per_core']:.2f} | "
+                     f"{row['hours_linear']:.0f} | {'—' if at is None else f'{at:.0f}'} |")
+    eff = "not measured" if t["efficiency_used"] is None else f"{t['efficiency_used']:.2f}"
+    lines += ["| GPU | — | not run (no GPU lent) | | |", "",
+              "Inputs: hours = 10^12 / (one-core MVox/s x cores [x efficiency]) / 3600; the efficiency "
+              f"({eff}) is "
+              "measured from 1 to 2 workers and assumed to hold up to the node's cores; the in-memory rows are the "
+              "per-voxel ceiling (a terabyte does not fit in memory).", ""]
+    return lines
 
 
 def parse_ints(text):
@@ -230,16 +317,17 @@ def main(argv=None):
                         help="sphere radius range (default %(default)s)")
     parser.add_argument("--seed", type=int, default=7, help="generator seed (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default %(default)s)")
-    parser.add_argument("--methods", default=",".join(SHORT), help="comma-separated subset of: %(default)s")
+    parser.add_argument("--methods", default=",".join(SHORT),
+                        help="comma-separated subset of: %(default)s; 'none' with --chunked runs only that part")
     parser.add_argument("--chunked", type=parse_ints, default=None, metavar="CHUNKS",
                         help="also time `declump run` chunked (these chunks) against in memory on the first shape")
     parser.add_argument("--out", default=None, help="result file stem (default throughput_<date>)")
     args = parser.parse_args(argv)
     shapes = args.shape or [(256, 256, 256)]
     particles = args.particles or [int(round(1500 * np.prod(s) / 256**3)) for s in shapes]
-    methods = tuple(SHORT[m.strip()] for m in args.methods.split(","))
+    methods = () if args.methods == "none" else tuple(SHORT[m.strip()] for m in args.methods.split(","))
     result = {"machine": machine_info(), "cases": []}
-    for shape, n in zip(shapes, particles):
+    for shape, n in zip(shapes, particles) if methods else ():
         case = side_by_side(shape, n, args.radius, args.seed, args.rounds, methods)
         if "error" not in case["methods"].get(DECLUMP, {"error": 1}):
             case["projection"] = projection(case["methods"][DECLUMP])
@@ -248,6 +336,7 @@ def main(argv=None):
         result["chunked"] = chunked_vs_in_memory(shapes[0], particles[0], args.radius, args.seed, args.chunked,
                                                  args.rounds)
     loads = [x[0] for c in result["cases"] for r in c["methods"].values() for x in r.get("load_averages", [])]
+    loads += [r["load_before"][0] for rows in result.get("chunked", {}).get("runs", {}).values() for r in rows]
     result["load_range"] = [min(loads), max(loads)] if loads else [0.0, 0.0]
     stem = write_results(result, "throughput", markdown(result), args.out)
     print(f"wrote {RESULTS / stem}.json and .md")

@@ -1,4 +1,6 @@
 """Chunked building blocks equal the in-memory result for any chunking, on a real Dask cluster."""
+import itertools
+
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
@@ -26,6 +28,47 @@ def test_labels_do_not_depend_on_chunking(cluster_client, rng, ndim):
         out = labels.compute()
         assert n == n_ref
         assert out.dtype == np.int32 and out.tobytes() == reference.astype(np.int32).tobytes(), chunks
+
+
+def test_staged_labelling_equals_scipy_and_labels_each_block_once(rng, tmp_path):
+    """With a workspace the blocks are labelled in one pass whose local ids every later pass reads back."""
+    import zarr
+
+    from gpu_pipeline.chunked.workspace import Workspace
+
+    _, truth = make_touching_particles((40, 56, 50), 40, seed=int(rng.integers(1e6)))
+    mask = (truth > 0) & (rng.random(truth.shape) > 0.05)
+    reference, n_ref = ndi.label(mask, ndi.generate_binary_structure(3, 1))
+    for chunks in CHUNKINGS[3]:
+        workspace = Workspace(tmp_path / str(chunks))
+        labels, n = label_chunked(da.from_array(mask, chunks=chunks), workspace=workspace, name="components")
+        assert n == n_ref and labels.compute().tobytes() == reference.astype(np.int32).tobytes(), chunks
+        grid = da.from_array(mask, chunks=chunks)
+        assert workspace.computed["components"] == grid.npartitions
+        local = zarr.open_array(str(tmp_path / str(chunks) / "components.zarr"), mode="r")
+        assert local.dtype == np.int32
+        # Each stored block holds that block's own components, numbered from 1.
+        block = tuple(slice(0, c) for c in chunks)
+        expected_block, _ = ndi.label(mask[block], ndi.generate_binary_structure(3, 1))
+        assert np.array_equal(local[block], expected_block)
+
+
+def test_unique_ids_equals_numpy_unique(rng):
+    """Counting (ids within a few times the length) and sorting (ids spread wide) give np.unique's arrays."""
+    from gpu_pipeline.chunked.components import unique_ids
+
+    cases = [rng.integers(0, 300, 5000), rng.integers(10**6, 10**6 + 40, 2000).astype(np.int32),
+             rng.integers(0, 10**12, 3000), np.repeat(rng.integers(0, 50, 30), rng.integers(1, 9, 30)),
+             np.zeros(0, np.int64)]
+    for values in cases:
+        for flags in itertools.product([False, True], repeat=3):
+            kwargs = dict(zip(("return_index", "return_inverse", "return_counts"), flags))
+            got, want = unique_ids(values, **kwargs), np.unique(values, **kwargs)
+            got, want = (got, want) if any(flags) else ((got,), (want,))
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g, w)
+            assert got[0].dtype == values.dtype
 
 
 def test_otsu_of_chunks_equals_in_memory(cluster_client, rng):

@@ -21,6 +21,40 @@ from gpu_pipeline._backend import get_array_module, ops_for, to_host
 from gpu_pipeline.chunked.workspace import chunk_starts
 
 
+#: Ids spanning at most this many times the array's length (plus a little) are counted, not sorted.
+DENSE_ID_SPAN = 4
+
+
+def unique_ids(values, *, return_index=False, return_inverse=False, return_counts=False):
+    """``np.unique`` of a 1-D integer array (sorted ids; first index, inverse, counts on request).
+
+    Where the ids span at most ``DENSE_ID_SPAN`` times the array's length, as
+    the ids of one block of a chunked label image nearly always do (they are
+    numbered block by block), they are counted with ``bincount`` instead of
+    sorting every voxel; the result is the same arrays as ``np.unique``.
+    """
+    xp = get_array_module(values)
+    wanted = (return_index, return_inverse, return_counts)
+    lo = int(values.min()) if values.size else 0
+    span = int(values.max()) - lo + 1 if values.size else 0
+    if values.size == 0 or span > DENSE_ID_SPAN * values.size + 1024:
+        return xp.unique(values, return_index=return_index, return_inverse=return_inverse,
+                         return_counts=return_counts)
+    shifted = values.astype(xp.int64) - lo
+    counts = xp.bincount(shifted, minlength=span)
+    present = xp.flatnonzero(counts)
+    out = [(present + lo).astype(values.dtype)]
+    if return_index:
+        first = xp.full(span, values.size, dtype=xp.int64)
+        ops_for(values).scatter_min(first, shifted, xp.arange(values.size, dtype=xp.int64))
+        out.append(first[present])
+    if return_inverse:
+        out.append((xp.cumsum(counts > 0) - 1)[shifted])
+    if return_counts:
+        out.append(counts[present])
+    return out[0] if not any(wanted) else tuple(out)
+
+
 def _label_local(block, by_value):
     """Components of one block: (labels, count); equal-value components when ``by_value``."""
     ops = ops_for(block)
@@ -30,18 +64,36 @@ def _label_local(block, by_value):
     return ops.label(block)
 
 
-def _count_block(block, by_value):
-    _, count = _label_local(block, by_value)
-    return np.array([count], dtype=np.int64).reshape((1,) * block.ndim)
-
-
-def _label_block(block, offsets, by_value, block_info=None):
-    index = tuple(block_info[0]["chunk-location"])
-    xp = get_array_module(block)
+def _local_labels(block, by_value):
+    """One block's own components numbered 1..count (int32: a block holds far fewer than 2^31 voxels)."""
     labels, _ = _label_local(block, by_value)
-    labels = labels.astype(xp.int64)
-    offset = int(offsets[index])
-    return xp.where(labels > 0, labels + offset, 0)
+    return labels.astype(get_array_module(labels).int32, copy=False)
+
+
+def _count_block(local):
+    count = int(local.max()) if local.size else 0
+    return np.array([count], dtype=np.int64).reshape((1,) * local.ndim)
+
+
+def _offset_block(local, offsets, block_info=None):
+    """A block's local ids shifted to global ones (int64), background kept 0."""
+    xp = get_array_module(local)
+    offset = int(offsets[tuple(block_info[0]["chunk-location"])])
+    out = local.astype(xp.int64)
+    if offset:
+        out[local > 0] += offset
+    return out
+
+
+def _lookup_block(local, offsets, counts, lookup, block_info=None):
+    """``lookup[global id]`` of a block's local ids through the block's slice of the table (0 stays 0)."""
+    xp = get_array_module(local)
+    index = tuple(block_info[0]["chunk-location"])
+    offset, count = int(offsets[index]), int(counts[index])
+    table = np.empty(count + 1, dtype=lookup.dtype)
+    table[0] = 0
+    table[1:] = lookup[offset + 1:offset + count + 1]
+    return xp.asarray(table)[local]
 
 
 def _first_voxels(block, start, shape):
@@ -54,7 +106,7 @@ def _first_voxels(block, start, shape):
     flat = xp.flatnonzero(block.ravel())
     if flat.size == 0:
         return np.zeros((2, 0), dtype=np.int64)
-    values, first = xp.unique(block.ravel()[flat], return_index=True)
+    values, first = unique_ids(block.ravel()[flat], return_index=True)
     local = xp.unravel_index(flat[first], block.shape)
     global_flat = xp.ravel_multi_index(tuple(c + int(s) for c, s in zip(local, start)), shape)
     return to_host(xp.stack([values.astype(xp.int64), global_flat.astype(xp.int64)]))
@@ -131,7 +183,7 @@ def _pairs_of(a, b, va, vb, axis):
     return _touching_pairs(a, b, va, vb)
 
 
-def label_chunked(mask, *, by_value=False, compute_kwargs=None):
+def label_chunked(mask, *, by_value=False, compute_kwargs=None, workspace=None, name=None, device=None):
     """Face-connected components of a chunked boolean Dask array.
 
     Returns a lazy Dask array of int32 (int64 past 2^31 - 1 labels) equal to
@@ -141,19 +193,29 @@ def label_chunked(mask, *, by_value=False, compute_kwargs=None):
     (``skimage.measure.label(labels, connectivity=1)``).
     The computation of the merge graph runs on the active Dask scheduler
     (threads by default, or a distributed client).
+
+    ``workspace`` and ``name``: each block is labelled once and its local
+    labels staged there as ``name`` (every later pass reads them, moved to
+    the GPU with ``device='gpu'``); without a workspace folder every pass
+    labels the blocks again.
     """
     import dask
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     compute_kwargs = compute_kwargs or {}
-    counts = mask.map_blocks(_count_block, by_value, dtype=np.int64, chunks=tuple((1,) * n for n in mask.numblocks))
-    counts = to_host(np.asarray(counts.compute(**compute_kwargs)))
+    build = (lambda: mask.map_blocks(_local_labels, by_value, dtype=np.int32))
+    if workspace is not None and name is not None:
+        local = workspace.stage(name, build, chunks=mask.chunks, shape=mask.shape, dtype=np.int32, device=device)
+    else:
+        local = build()
+    counts = local.map_blocks(_count_block, dtype=np.int64, chunks=tuple((1,) * n for n in mask.numblocks))
+    counts = to_host(np.asarray(counts.compute(**compute_kwargs))).reshape(mask.numblocks)
     offsets = (np.cumsum(counts.ravel()) - counts.ravel()).reshape(counts.shape)
     total = int(counts.sum())
-    labels = mask.map_blocks(_label_block, offsets, by_value, dtype=np.int64)
+    labels = local.map_blocks(_offset_block, offsets, dtype=np.int64)
     if total == 0:
-        return labels.map_blocks(lambda b: b.astype(np.int32), dtype=np.int32), 0
+        return local, 0  # all zeros
 
     # Pairs across every internal chunk face, merged on a small sparse graph.
     first_tasks, pair_tasks = summarize_blocks(labels, mask, per_block=_first_voxels_of, per_face=_pairs_of)
@@ -181,8 +243,4 @@ def label_chunked(mask, *, by_value=False, compute_kwargs=None):
     final = np.zeros(total + 1, dtype=dtype)
     final[present[order]] = np.arange(1, n + 1, dtype=dtype)
     lookup = final[root]
-
-    def apply(block):
-        return ops_for(block).device_table(lookup)[block]  # one device copy per worker, not per chunk
-
-    return labels.map_blocks(apply, dtype=dtype), n
+    return local.map_blocks(_lookup_block, offsets, counts, lookup, dtype=dtype), n

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from gpu_pipeline._backend import GAUSSIAN_TRUNCATE, DeclumpError, get_array_module, ops_for, to_host
-from gpu_pipeline.chunked.components import label_chunked
+from gpu_pipeline.chunked.components import label_chunked, unique_ids
 from gpu_pipeline.chunked.histogram import histogram_thresholds_chunked
 from gpu_pipeline.stages.cleanup import voxels_for
 from gpu_pipeline.stages.threshold import HISTOGRAM_METHODS, choose_polarity, foreground
@@ -55,7 +55,7 @@ def smooth_chunked(volume, sigma_voxels):
 
 def _label_sizes(block):
     xp = get_array_module(block)
-    values, counts = xp.unique(block[block > 0], return_counts=True)
+    values, counts = unique_ids(block[block > 0], return_counts=True)
     return to_host(xp.stack([values.astype(xp.int64), counts.astype(xp.int64)]))
 
 
@@ -110,7 +110,7 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
 
     def labelled():  # computed at most once, and only when something below needs it
         if not cache:
-            cache["value"] = label_chunked(fg)
+            cache["value"] = label_chunked(fg, workspace=workspace, name="components", device=device)
         return cache["value"]
 
     def renumbering():

@@ -34,6 +34,7 @@ run counts voxels at the cap and reports them.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_host
-from gpu_pipeline.chunked.components import label_chunked, summarize_blocks
+from gpu_pipeline.chunked.components import label_chunked, summarize_blocks, unique_ids
 from gpu_pipeline.chunked.foreground import fit_halo, regions_chunked
 from gpu_pipeline.chunked.workspace import Workspace, chunk_starts, run_tasks, to_device
 from gpu_pipeline.pipeline import NoParticlesError, cap_distance, validate_spacing
@@ -265,7 +266,7 @@ def _assign_block(regions, seeds, centres, spacing, origin):
     if flat.size == 0:
         return flat, xp.zeros(0, dtype=xp.int64)
     # Only the centroids this block can use go to the k-means, in global order (same ties).
-    used, local = xp.unique(ids, return_inverse=True)
+    used, local = unique_ids(ids, return_inverse=True)
     chosen, _, _ = batched_kmeans(coords, groups, offsets, local.ravel(), centres[used], spacing=spacing,
                                   radii=None if seeds.radii is None else seeds.radii[used], max_iter=0)
     return flat, used[chosen]
@@ -275,12 +276,16 @@ def _origin(block_info):
     return [lo for lo, _ in block_info[0]["array-location"]]
 
 
-def _split_block(regions, seeds, centres, spacing, n_regions, block_info=None):
-    xp = get_array_module(regions)
-    labels = regions.astype(xp.int64)
+def _split_block(regions, seeds, centres, spacing, n_regions, dtype, block_info=None):
+    labels = regions.astype(dtype)
     flat, chosen = _assign_block(regions, seeds, centres, spacing, _origin(block_info))
     labels.ravel()[flat] = n_regions + 1 + ops_for(regions).device_table(seeds.centre_label)[chosen]
     return labels
+
+
+def id_dtype(largest):
+    """int32 for ids up to 2^31 - 1, else int64: the staged label arrays take half the bytes in every real case."""
+    return np.dtype(np.int32) if int(largest) <= np.iinfo(np.int32).max else np.dtype(np.int64)
 
 
 def _partial_sums(regions, seeds, centres, spacing, origin):
@@ -322,21 +327,28 @@ def lloyd_chunked(regions, seeds, *, spacing, max_iter, verbose=False):
     return centres
 
 
-def _piece_stats(pieces, labels, start, shape):
-    """Per block: (piece ids, their label, their voxel counts) and the within-block face pairs."""
+def _piece_stats(pieces, labels):
+    """Per block: piece ids, their label, their voxel counts (host arrays)."""
     xp = get_array_module(pieces)
-    ids, first, counts = xp.unique(pieces.ravel(), return_index=True, return_counts=True)
+    ids, first, counts = unique_ids(pieces.ravel(), return_index=True, return_counts=True)
     keep = ids > 0
     stats = (ids[keep].astype(xp.int64), labels.ravel()[first[keep]].astype(xp.int64), counts[keep].astype(xp.int64))
-    pairs = face_pairs_between_labels(pieces, labels)
-    return tuple(to_host(a) for a in stats), tuple(to_host(a) for a in pairs)
+    return tuple(to_host(a) for a in stats)
 
 
-def _face_piece_pairs(low_pieces, high_pieces, low_labels, high_labels, axis):
-    """Face pairs between the two 1-voxel slabs on either side of a chunk face."""
+def _stray_pairs(stray, pieces, labels, start, shape):
+    """A block's face pairs (piece, other label, faces) next to a stray voxel, as in-memory `enforce_one_piece`."""
+    near = ops_for(pieces).device_table(stray)[pieces]
+    if not bool(near.any()):
+        return tuple(np.zeros(0, np.int64) for _ in range(3))
+    return tuple(to_host(a) for a in face_pairs_between_labels(pieces, labels, near=near))
+
+
+def _face_stray_pairs(stray, low_pieces, high_pieces, low_labels, high_labels, axis):
+    """The same for the faces between the two 1-voxel slabs on either side of a chunk face."""
     pieces = np.concatenate([low_pieces, high_pieces], axis=axis)
     labels = np.concatenate([low_labels, high_labels], axis=axis)
-    return face_pairs_between_labels(pieces, labels, axes=(axis,))
+    return face_pairs_between_labels(pieces, labels, near=stray[pieces], axes=(axis,))
 
 
 def one_piece_chunked(labels, *, workspace, device=None, verbose=False):
@@ -347,32 +359,38 @@ def one_piece_chunked(labels, *, workspace, device=None, verbose=False):
     from dask import delayed
 
     for round_ in range(ONE_PIECE_ROUNDS):
-        pieces, n_pieces = label_chunked(labels, by_value=True)
+        pieces, n_pieces = label_chunked(labels, by_value=True, workspace=workspace, name=f"pieces_{round_}",
+                                         device=device)
 
         def decide():
-            tasks, face_tasks = summarize_blocks(pieces, labels, per_block=_piece_stats,
-                                                 per_face=_face_piece_pairs)
-            parts = run_tasks(tasks + face_tasks, f"one piece per particle, round {round_ + 1}", verbose=verbose)
-            block_parts, face_parts = parts[:len(tasks)], parts[len(tasks):]
+            # Piece statistics first; the face counts only where a stray piece is, and only when one is
+            # (the last round, which finds none, counts no faces).
+            stats = run_tasks([delayed(_piece_stats)(p, lab) for p, lab in
+                               zip(pieces.to_delayed().ravel(), labels.to_delayed().ravel())],
+                              f"one piece per particle, round {round_ + 1}", verbose=verbose)
             piece_label = np.zeros(n_pieces + 1, dtype=np.int64)
             piece_size = np.zeros(n_pieces + 1, dtype=np.int64)
-            for (ids, lab, cnt), _ in block_parts:
+            for ids, lab, cnt in stats:
                 piece_label[ids] = lab
                 np.add.at(piece_size, ids, cnt)
             stray = stray_pieces(piece_label, piece_size)
             if stray is None:
                 return {"done": True, "new_label": np.zeros(0, np.int64)}
-            pairs = [p for _, p in block_parts] + face_parts
+            tasks, face_tasks = summarize_blocks(pieces, labels, per_block=functools.partial(_stray_pairs, stray),
+                                                 per_face=functools.partial(_face_stray_pairs, stray))
+            pairs = run_tasks(tasks + face_tasks, f"faces of stray pieces, round {round_ + 1}", verbose=verbose)
             a, b, c = (np.concatenate([p[i] for p in pairs]) for i in range(3))
             return {"done": False, "new_label": reassign_strays(piece_label, stray, *count_pairs(a, b, c))}
 
         decided = workspace.remember(f"one_piece_{round_}", decide)
         if bool(decided["done"]):
             return pieces, n_pieces, round_ + 1
-        build = (lambda p=pieces, table=decided["new_label"]: p.map_blocks(_relabel, table, dtype=np.int64))
+        table = decided["new_label"]
+        dtype = id_dtype(table.max() if table.size else 0)
+        build = (lambda p=pieces, table=table.astype(dtype): p.map_blocks(_relabel, table, dtype=table.dtype))
         labels = workspace.stage(f"one_piece_{round_}", build,
-                                 chunks=labels.chunks, shape=labels.shape, dtype=np.int64, device=device)
-    final, n = label_chunked(labels, by_value=True)
+                                 chunks=labels.chunks, shape=labels.shape, dtype=dtype, device=device)
+    final, n = label_chunked(labels, by_value=True, workspace=workspace, name="pieces_final", device=device)
     return final, n, ONE_PIECE_ROUNDS
 
 
@@ -477,9 +495,10 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
         from dask import delayed
 
         seeds_d, centres_d = delayed(seeds, traverse=False), delayed(centres, traverse=False)
+        dtype = id_dtype(n_regions + 1 + int(np.max(seeds.centre_label, initial=0)))
         split = workspace.stage("split", lambda: regions.map_blocks(_split_block, seeds_d, centres_d, tuple(spacing),
-                                                                    n_regions, dtype=np.int64),
-                                chunks=regions.chunks, shape=regions.shape, dtype=np.int64, device=device)
+                                                                    n_regions, dtype, dtype=dtype),
+                                chunks=regions.chunks, shape=regions.shape, dtype=dtype, device=device)
     labels, details.n_particles, details.one_piece_rounds = one_piece_chunked(split, workspace=workspace, device=device, verbose=verbose)
     details.blocks_computed = dict(workspace.computed)
     details.blocks_total = dict(workspace.totals)

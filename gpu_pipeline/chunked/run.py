@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops_for, to_host
+from gpu_pipeline.chunked.components import unique_ids
 from gpu_pipeline.chunked.workspace import Workspace, active_client, chunk_starts, run_tasks, release_freed_memory, \
     save_records, write_blocks
 from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, boolean_input_as_mask, check_foreground_options, disk_error,
@@ -144,7 +145,7 @@ def _block_table(labels, image, origin):
     ids = labels.ravel()[flat].astype(xp.int64)
     if ids.size == 0:
         return None
-    present, inverse, counts = xp.unique(ids, return_inverse=True, return_counts=True)
+    present, inverse, counts = unique_ids(ids, return_inverse=True, return_counts=True)
     inverse = inverse.ravel()
     n = present.size
     coords = [c.astype(xp.int64) + int(o) for c, o in zip(xp.unravel_index(flat, labels.shape), origin)]
