@@ -28,23 +28,38 @@ BAND_WIDTH = 0.9
 INK_TOLERANCE = 1 / 255
 #: Ink pixels this close (pixels) are measured as one piece (a glyph that anti-aliasing broke up).
 INK_GAP = 1.5
+#: ... and is drawn: the image in a ring ``INK_RING`` pixels wide around it differs from the ink value by at
+#: least ``INK_CONTRAST`` of the dtype's range on average.
+INK_RING = 2.0
+INK_CONTRAST = 0.25
 #: ... in strokes: an ink component whose inscribed radius is at most this many pixels (glyph strokes and bars,
 #: not a clipped background or particle) ...
 STROKE_RADIUS = 8
 #: ... elongated: its area is at least this many times its inscribed radius squared (a disk's is pi; a
 #: stroke's is twice its length over its half width), and at least ``INK_MIN_PIXELS`` pixels.
-STROKE_ELONGATION = 14
-INK_MIN_PIXELS = 40
+STROKE_ELONGATION = 10
+INK_MIN_PIXELS = 20
 #: ... or a filled rectangle (``RECTANGULARITY``, ``BAR_ASPECT``, ``BAR_MIN_LENGTH``) of any thickness; never a
 #: frame around the whole panel (bounding box over ``BAND_WIDTH`` of both axes).
+#: ... and lies in the panel's margin: wholly within this fraction of the height or width from an edge, where
+#: figures put labels, scale bars and text. Where such strokes of one extreme also lie in the middle of the
+#: panel, they are the particles' own saturated values (generated disks, clipped dark rods), and that
+#: extreme is not taken for ink at all.
+EDGE_BAND = 0.25
 #: The ink is removed with a margin of this many pixels (anti-aliased and blurred stroke edges).
 #: Chosen by looking at emps_subset; its safety on all 366 EMPS images (true particles in the zone removed) is
 #: measured by bench/auto_foreground.py ("annotation safety"; see README): saturated dark rods look like strokes.
-INK_MARGIN = 2
+INK_MARGIN = 3
 
 
 def _extents(labels, count, shape):
     """Bounding-box height and width per label (index 0: background), float64."""
+    (top, bottom), (left, right) = _bounds(labels, count, shape)
+    return bottom - top + 1, right - left + 1
+
+
+def _bounds(labels, count, shape):
+    """Bounding box per label: ((first row, last row), (first column, last column)), float64 each."""
     xp = get_array_module(labels)
     ops = ops_for(labels)
     flat = labels.ravel()
@@ -55,7 +70,7 @@ def _extents(labels, count, shape):
         high = xp.full(count + 1, -1, dtype=xp.int32)
         ops.scatter_min(low, flat, coord.astype(xp.int32))
         ops.scatter_max(high, flat, coord.astype(xp.int32))
-        extent.append((high - low + 1).astype(xp.float64))
+        extent.append((low.astype(xp.float64), high.astype(xp.float64)))
     return extent
 
 
@@ -93,7 +108,9 @@ def annotation_ink(image):
     Ink is a connected run of values at the dtype's minimum or maximum
     (within ``INK_TOLERANCE``) that is a thin elongated stroke
     (``STROKE_RADIUS``, ``STROKE_ELONGATION``, ``INK_MIN_PIXELS``) or a
-    filled bar, and not a frame around the panel. Float images (no ink
+    filled bar, lies within ``EDGE_BAND`` of an edge of the panel, and is
+    not a frame around it; an extreme with such runs in the middle of the
+    panel too is the particles' own (none of it is ink). Float images (no ink
     value) and 3D volumes have none: all False.
     """
     xp = get_array_module(image)
@@ -104,7 +121,7 @@ def annotation_ink(image):
     info = np.iinfo(image.dtype)
     tolerance = int((int(info.max) - int(info.min)) * INK_TOLERANCE)
     ink = none
-    for extreme in (image <= info.min + tolerance, image >= info.max - tolerance):
+    for value, extreme in ((info.min, image <= info.min + tolerance), (info.max, image >= info.max - tolerance)):
         if not bool(extreme.any()):
             continue
         # Anti-aliasing breaks a glyph's ink into pieces a pixel apart: they are measured together (their ink
@@ -116,11 +133,29 @@ def annotation_ink(image):
         depth = xp.zeros(count + 1, dtype=xp.float32)
         ops.scatter_max(depth, flat, ops.distance_transform(extreme, (1.0, 1.0)).ravel().astype(xp.float32))
         depth = depth.astype(xp.float64)
-        height, width = _extents(xp.where(extreme, labels, 0), count, image.shape)  # of the ink itself
+        (top, bottom), (left, right) = _bounds(xp.where(extreme, labels, 0), count, image.shape)  # of the ink
+        height, width = bottom - top + 1, right - left + 1
         stroke = (depth <= STROKE_RADIUS) & (area >= STROKE_ELONGATION * depth * depth) & (area >= INK_MIN_PIXELS)
         frame = (height >= BAND_WIDTH * image.shape[0]) & (width >= BAND_WIDTH * image.shape[1])
-        keep = (stroke | _bars(area, height, width)) & ~frame
+        rows, cols = image.shape
+        margin = ((bottom < EDGE_BAND * rows) | (top >= (1 - EDGE_BAND) * rows)
+                  | (right < EDGE_BAND * cols) | (left >= (1 - EDGE_BAND) * cols))
+        # Ink is drawn on the picture: just off it the image is far from the ink value, where the saturated
+        # pixels of a bright particle (noise at the dtype's end) are surrounded by the particle's bright values.
+        outer, n_outer = ops.label(gap <= INK_GAP + INK_RING)
+        ring = ((gap > INK_GAP) & (gap <= INK_GAP + INK_RING)).ravel()
+        outer_of = xp.zeros(count + 1, dtype=outer.dtype)
+        ops.scatter_max(outer_of, flat, outer.ravel())
+        ring_labels = outer.ravel()[ring]
+        off = (xp.bincount(ring_labels, weights=xp.abs(image.ravel()[ring].astype(xp.float64) - float(value)),
+                           minlength=n_outer + 1)
+               / xp.maximum(xp.bincount(ring_labels, minlength=n_outer + 1), 1))
+        drawn = off[outer_of] >= INK_CONTRAST * (float(info.max) - float(info.min))
+        keep = (stroke | _bars(area, height, width)) & ~frame & drawn
         keep[0] = False
+        if bool((keep & ~margin).any()):
+            continue  # stroke-like runs of this extreme in the middle of the panel: the particles' own values
+        keep &= margin
         ink = ink | keep[labels]
     return ink & ((image <= info.min + tolerance) | (image >= info.max - tolerance))
 
