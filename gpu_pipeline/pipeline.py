@@ -29,17 +29,17 @@ NOISE_GROWTH = 3.0
 #: ``sigma="auto"`` is then raised to this fraction of the typical particle radius (measured at the sigma
 #: above), where that at least ``SIGMA_RAISE``-fold raises it: the texture of large particles (EM film, crystal
 #: facets) is smoothed away and does not over-split them, and small particles keep their sigma. Chosen on
-#: emps_subset and nuclei seeds 0-3 (0.1 beats 0.15 and 0.2 on the nuclei by 0.03-0.14 F1@0.5, and gives
-#: emps_subset 0.245 -> 0.287 in the sweep); the 2-fold guard came after the DSB image (a check set) lost 0.06
-#: (0.759 -> 0.699) to a raise from 1 to 1.4 px, for 0.008 on emps_subset. Rows "sigma: no radius rule" in
-#: bench/auto_foreground.py.
+#: emps_subset and nuclei seeds 0-3 (0.15 and 0.2 cost the nuclei 0.03-0.14 F1@0.5 in a sweep); the 2-fold
+#: guard came after the DSB image (a check set) lost 0.06 (0.759 -> 0.699) to a raise from 1 to 1.4 px.
+#: bench/auto_foreground.py, row "sigma: no radius rule": emps_subset 0.256 -> 0.272, nuclei unchanged.
 SIGMA_PER_RADIUS = 0.1
 SIGMA_RAISE = 2.0
 #: ``min_size="auto"``: objects, and after the split particles, smaller than this fraction of the typical
 #: particle (a ball of the typical radius) are specks of film texture or fragments split off a rim. Chosen on
-#: emps_subset, nuclei seeds 0-3 and the demo's generated disks (radii 5-12): 0.2 / 0.35 give F1@0.5 0.272 /
-#: 0.308 on emps_subset, 0.909 / 0.893 on the nuclei, and 0.764 / 0.69 on the demo (its smallest disks are
-#: 0.21 of that ball), so the demo's mixed sizes set it. Rows "min_size=None" in bench/auto_foreground.py.
+#: emps_subset, nuclei seeds 0-3 and the demo's generated disks (radii 5-12, the smallest 0.21 of that ball):
+#: 0.2 / 0.35 give F1@0.5 0.272 / 0.308 on emps_subset and 0.909 / 0.893 on the nuclei; on the demo 0.2 keeps
+#: 0.764, 0.25 gives 0.750 and 0.35 for the pieces after the split 0.69. bench/auto_foreground.py, row
+#: "min_size=None": emps_subset 0.235 -> 0.272.
 MIN_SIZE_PER_PARTICLE = 0.2
 
 
@@ -200,8 +200,9 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         foreground's objects and again to the particles after the split
         (fragments split off a particle's rim are dropped, touching pieces
         that together reach the size are joined:
-        :func:`gpu_pipeline.stages.cleanup.merge_small_particles`); None,
-        and ``auto`` with a ``mask``: a ball of diameter ``min_distance``,
+        :func:`gpu_pipeline.stages.cleanup.merge_small_particles`); with a
+        given ``min_distance``, at least a ball of that diameter. None, and
+        ``auto`` with a ``mask``: a ball of diameter ``min_distance``,
         objects only.
     max_hole_size : "auto" or float
         Holes smaller than this area/volume (physical) are filled. ``auto``
@@ -455,6 +456,7 @@ def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details,
                                    "measure the particle size; check polarity or threshold, or set --min-distance "
                                    "and --max-hole-size")
         details.particle_radius = radius if radius is not None else typical_radius(fg, spacing)
+    window_measured = min_distance == "auto"
     if min_distance == "auto":
         # At least one voxel of the coarsest axis, so the peak window is never empty.
         min_distance = max(MIN_DISTANCE_PER_RADIUS * details.particle_radius, max(spacing))
@@ -465,10 +467,12 @@ def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details,
     particle_min_size = None
     if min_size == "auto":
         min_size = particle_min_size = MIN_SIZE_PER_PARTICLE * ball_size(2 * details.particle_radius, fg.ndim)
+        if not window_measured:  # a given min_distance: no particle is smaller than the peak window
+            min_size = particle_min_size = max(min_size, ball_size(min_distance, fg.ndim))
     min_size = ball_size(min_distance, fg.ndim) if min_size is None else float(min_size)
     details.min_distance, details.max_hole_size, details.min_size = min_distance, max_hole_size, min_size
     fg = clean_mask(fg, spacing=spacing, min_size=min_size, max_hole_size=max_hole_size)
-    if details.particle_radius is not None and bool(fg.all()):
+    if window_measured and bool(fg.all()):
         # Filled holes can leave no background: then every voxel would be a peak candidate of the auto window.
         raise NoParticlesError("no particles can be told apart: after hole filling the foreground covers the whole "
                                "image; check polarity or threshold, or set --max-hole-size 0")
