@@ -27,8 +27,9 @@ PARAMETER_HELP = {
     "min_distance": "smallest distance between particle centres, physical units; about the smallest particle "
                     "radius, or 'auto': 0.5 x the typical particle radius measured on the foreground (default "
                     "%(default)s; chunked runs need a number)",
-    "min_size": "remove objects smaller than this area (2D) or volume (3D), physical units (default: a ball of "
-                "diameter --min-distance)",
+    "min_size": "remove objects smaller than this area (2D) or volume (3D), physical units; 'auto': 0.2 x a ball "
+                "of the typical particle radius, for objects and again for the particles after the split (default "
+                "%(default)s; chunked runs: a ball of diameter --min-distance)",
     "max_hole_size": "fill holes smaller than this area/volume, physical units; 'auto': holes up to a ball of 0.4 x "
                      "the typical particle radius (nucleoli, not the larger pockets enclosed between touching "
                      "particles); 0: off (default %(default)s; chunked runs need 0)",
@@ -93,13 +94,15 @@ def add_separation_options(parser):
     group.add_argument("--polarity", choices=("auto", "bright", "dark"), default="auto", help=PARAMETER_HELP["polarity"])
     group.add_argument("--min-distance", type=_auto_or_number("min distance"), default="auto",
                        help=PARAMETER_HELP["min_distance"])
-    group.add_argument("--min-size", type=float, default=None, help=PARAMETER_HELP["min_size"])
+    group.add_argument("--min-size", type=_auto_or_number("min size"), default="auto", help=PARAMETER_HELP["min_size"])
     group.add_argument("--max-hole-size", type=_auto_or_number("max hole size"), default="auto",
                        help=PARAMETER_HELP["max_hole_size"])
-    group.add_argument("--reject-annotations", action="store_true",
-                       help="2D: remove scale bars and info bands (filled axis-aligned rectangles, long or spanning "
-                            "the width) from the thresholded foreground; off by default, since an axis-aligned rod "
-                            "is such a rectangle too")
+    group.add_argument("--reject-annotations", nargs="?", const="on", choices=("auto", "on", "off"), default="auto",
+                       help="2D: remove figure annotations from the foreground. auto (default): text, letters and "
+                            "bars drawn in pure ink (the dtype's extreme value, thin strokes), for a thresholded or "
+                            "--classifier foreground, not a --mask; on (or the bare flag): also foreground shaped "
+                            "like filled axis-aligned rectangles (bars, info bands; an axis-aligned rod is one too); "
+                            "off: keep everything")
     group.add_argument("--neck-ratio", type=_neck_ratio, default=1.0, help=PARAMETER_HELP["neck_ratio"])
     group.add_argument("--method", choices=("kmeans", "watershed"), default="kmeans",
                        help="kmeans: k-means per region from the peaks (default); watershed: the classical "
@@ -116,7 +119,7 @@ def separation_kwargs(args):
     return dict(spacing=args.spacing, sigma=args.sigma, threshold=args.threshold, polarity=args.polarity,
                 min_distance=args.min_distance, min_size=args.min_size, max_hole_size=args.max_hole_size,
                 neck_ratio=args.neck_ratio, method=args.method, assignment=args.assignment, max_iter=args.max_iter,
-                reject_annotations=args.reject_annotations)
+                reject_annotations={"auto": "auto", "on": True, "off": False}[args.reject_annotations])
 
 
 def output_paths(output):
@@ -210,7 +213,7 @@ def cmd_run_chunked(args, device):
     if args.threshold == "local":
         raise DeclumpError("chunked runs need --threshold otsu, li, triangle or a number: 'local' looks at the whole "
                            "image at once, which a chunked run does not hold")
-    if args.reject_annotations:
+    if args.reject_annotations == "on":
         raise DeclumpError("--reject-annotations is for 2D images in memory; chunked runs do not take it")
     if args.max_hole_size not in (0, "auto"):
         raise DeclumpError("--max-hole-size is not available in chunked runs (hole filling is not local); leave it "
@@ -220,6 +223,9 @@ def cmd_run_chunked(args, device):
     fixed = [(name, option, value) for name, option, value in CHUNKED_FIXED if getattr(args, name) == "auto"]
     for name, _, value in fixed:
         setattr(args, name, value)
+    if args.min_size == "auto":
+        args.min_size = None
+        fixed.append(("min_size", "--min-size", "a ball of diameter --min-distance"))
     if fixed and not args.quiet:
         print("declump: chunked runs do not choose " + ", ".join(option for _, option, _ in fixed) +
               " automatically (that needs the whole image at once); using " +

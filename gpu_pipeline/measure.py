@@ -109,8 +109,8 @@ def summary(table, ndim, spacing, details=None):
                    n_peaks=details.n_peaks, n_iter=details.n_iter,
                    stage_seconds={k: round(v, 4) for k, v in details.timings.items()})
         # What the automatic options chose (in-memory runs; a chunked run's options are all explicit).
-        for key in ("threshold_method", "threshold_candidates", "intensity_range", "particle_radius",
-                    "min_distance", "max_hole_size", "annotation_pixels"):
+        for key in ("threshold_method", "threshold_candidates", "intensity_range", "particle_radius", "sigma",
+                    "min_distance", "min_size", "max_hole_size", "annotation_pixels"):
             if hasattr(details, key):
                 value = getattr(details, key)
                 out[key] = list(value) if isinstance(value, tuple) else value

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for
-from gpu_pipeline.stages.annotations import annotation_mask
+from gpu_pipeline.stages.annotations import annotation_mask, annotation_zone
 from gpu_pipeline.stages.boundary_split import boundary_split
-from gpu_pipeline.stages.cleanup import clean_mask
+from gpu_pipeline.stages.cleanup import clean_mask, merge_small_particles, voxels_for
 from gpu_pipeline.stages.peaks import find_peaks, neck_groups, quantize_distance, window_half_widths
+from gpu_pipeline.stages.components import relabel_by_first_voxel
 from gpu_pipeline.stages.split import finish_labels, split_regions_kmeans, split_regions_watershed
 from gpu_pipeline.stages.scale import MIN_DISTANCE_PER_RADIUS, typical_radius
 from gpu_pipeline.stages.threshold import threshold_foreground
@@ -25,6 +26,21 @@ HOLE_RADIUS_PER_RADIUS = 0.4
 #: typical radius at least ``NOISE_GROWTH`` times larger (it was noise grain, not particles).
 SIGMA_DOUBLINGS = 3
 NOISE_GROWTH = 3.0
+#: ``sigma="auto"`` is then raised to this fraction of the typical particle radius (measured at the sigma
+#: above), where that at least ``SIGMA_RAISE``-fold raises it: the texture of large particles (EM film, crystal
+#: facets) is smoothed away and does not over-split them, and small particles keep their sigma. Chosen on
+#: emps_subset and nuclei seeds 0-3 (0.15 and 0.2 cost the nuclei 0.03-0.14 F1@0.5 in a sweep); the 2-fold
+#: guard came after the DSB image (a check set) lost 0.06 (0.759 -> 0.699) to a raise from 1 to 1.4 px.
+#: bench/auto_foreground.py, row "sigma: no radius rule": emps_subset 0.256 -> 0.272, nuclei unchanged.
+SIGMA_PER_RADIUS = 0.1
+SIGMA_RAISE = 2.0
+#: ``min_size="auto"``: objects, and after the split particles, smaller than this fraction of the typical
+#: particle (a ball of the typical radius) are specks of film texture or fragments split off a rim. Chosen on
+#: emps_subset, nuclei seeds 0-3 and the demo's generated disks (radii 5-12, the smallest 0.21 of that ball):
+#: 0.2 / 0.35 give F1@0.5 0.272 / 0.308 on emps_subset and 0.909 / 0.893 on the nuclei; on the demo 0.2 keeps
+#: 0.764, 0.25 gives 0.750 and 0.35 for the pieces after the split 0.69. bench/auto_foreground.py, row
+#: "min_size=None": emps_subset 0.235 -> 0.272.
+MIN_SIZE_PER_PARTICLE = 0.2
 
 
 class NoParticlesError(DeclumpError):
@@ -40,8 +56,9 @@ class SeparationDetails:
     ``threshold_candidates`` the thresholds of the methods weighed,
     ``intensity_range`` the percentile range ``auto`` clipped to;
     ``particle_radius`` the typical radius measured for the ``auto`` options,
-    ``min_distance`` and ``max_hole_size`` the values used (physical units);
-    ``annotation_pixels`` the pixels removed as figure annotations.
+    ``min_distance``, ``max_hole_size`` and ``min_size`` the values used
+    (physical units); ``annotation_pixels`` the foreground pixels removed as
+    figure annotations.
     """
 
     threshold: float | None = None
@@ -53,6 +70,7 @@ class SeparationDetails:
     sigma: float | None = None
     min_distance: float | None = None
     max_hole_size: float | None = None
+    min_size: float | None = None
     annotation_pixels: int = 0
     n_regions: int = 0
     n_peaks: int = 0
@@ -128,8 +146,8 @@ def _memory_error_names_stage(function):
 
 @_memory_error_names_stage
 def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="auto", mask=None,
-             min_distance="auto", min_size=None, max_hole_size="auto", max_radius=None, neck_ratio=1.0,
-             method="kmeans", assignment="power", kmeans_engine="batched", max_iter=0, reject_annotations=False,
+             min_distance="auto", min_size="auto", max_hole_size="auto", max_radius=None, neck_ratio=1.0,
+             method="kmeans", assignment="power", kmeans_engine="batched", max_iter=0, reject_annotations="auto",
              return_details=False, classifier=None, follow_boundaries=True):
     """Split touching particles: an instance label image with one id per particle.
 
@@ -148,7 +166,9 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         ``SIGMA_DOUBLINGS`` times while doubling it makes the thresholded
         foreground's typical radius ``NOISE_GROWTH`` times larger, i.e.
         while the foreground is noise grain rather than particles (textured
-        EM images); particles keep about their size.
+        EM images); particles keep about their size. Then raised to
+        ``SIGMA_PER_RADIUS`` times the typical radius measured there, so
+        that the texture of large particles does not over-split them.
     threshold : "auto", "otsu", "li", "triangle", "local" or float
         How the smoothed image becomes a foreground. ``otsu``, ``li`` and
         ``triangle`` are global thresholds from the histogram (equal to
@@ -173,9 +193,17 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         typical particle radius measured on the foreground
         (:func:`gpu_pipeline.stages.scale.typical_radius`: the size-weighted
         median of the components' inscribed radii, so specks do not count).
-    min_size : float, optional
+    min_size : "auto", float or None
         Objects smaller than this area (2D) or volume (3D), physical units, are
-        removed. Default: a ball of diameter ``min_distance``.
+        removed. ``auto`` (default): ``MIN_SIZE_PER_PARTICLE`` times the area
+        or volume of a ball of the typical particle radius, applied to the
+        foreground's objects and again to the particles after the split
+        (fragments split off a particle's rim are dropped, touching pieces
+        that together reach the size are joined:
+        :func:`gpu_pipeline.stages.cleanup.merge_small_particles`); with a
+        given ``min_distance``, at least a ball of that diameter. None, and
+        ``auto`` with a ``mask``: a ball of diameter ``min_distance``,
+        objects only.
     max_hole_size : "auto" or float
         Holes smaller than this area/volume (physical) are filled. ``auto``
         (default): holes up to a ball of ``HOLE_RADIUS_PER_RADIUS`` times the
@@ -220,12 +248,16 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         truncated sphere's centroid away from the neck, which the bench shows
         costs accuracy with the power distance; the naive Euclidean method
         needs them.
-    reject_annotations : bool
-        2D thresholded images only: remove components shaped like figure
-        annotations (scale bars, info bands: filled axis-aligned
-        rectangles; :mod:`gpu_pipeline.stages.annotations`) before anything
-        is measured. Default False: an axis-aligned rod is such a rectangle
-        too; a ``mask`` is used as given.
+    reject_annotations : "auto" or bool
+        2D images: remove figure annotations from the foreground before
+        anything is measured (:mod:`gpu_pipeline.stages.annotations`): text,
+        letters and bars drawn in pure ink (the dtype's extreme value, in
+        thin strokes) with a margin of ``INK_MARGIN`` pixels, found from the
+        image whatever made the foreground. ``True`` also removes foreground
+        components shaped like filled axis-aligned rectangles (bars, info
+        bands), which an axis-aligned rod is too. ``auto`` (default): the
+        ink rule, for a thresholded or classifier foreground; a ``mask`` is
+        used as given. False: off.
     return_details : bool
         Also return a :class:`SeparationDetails`.
     classifier : PixelClassifier, path or shipped model name, optional
@@ -275,6 +307,8 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
     _check_auto_or_number("sigma", sigma, positive=False)
     _check_auto_or_number("min_distance", min_distance, positive=True)
     _check_auto_or_number("max_hole_size", max_hole_size, positive=False)
+    if min_size is not None:
+        _check_auto_or_number("min_size", min_size, positive=False)
 
     # A classifier with a boundary class sets these; the split then follows its boundaries
     # (stages/boundary_split) instead of the power-diagram split of the distance map.
@@ -291,14 +325,21 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         boundary = class_probability(details.probabilities, classifier.classes, "boundary")
         interior = class_probability(details.probabilities, classifier.classes, "particle")
         clock.lap("classifier")
+    if reject_annotations not in ("auto", True, False):
+        raise DeclumpError(f"reject_annotations must be 'auto', True or False, got {reject_annotations!r}")
+    given = mask is not None
+    if given and classifier is None and min_size == "auto":
+        min_size = None  # a user's mask is taken as given: only objects below the peak window go
+    # The annotations are found from the image, so a classifier's foreground is cleaned too; a user's mask is not.
+    annotations = reject_annotations is not False and image is not None and (not given or classifier is not None)
     fg, radius = foreground_step(image, mask, spacing=spacing, sigma=sigma, threshold=threshold,
                                  polarity=polarity, details=details, clock=clock)
-    if reject_annotations and mask is None and fg.ndim == 2:
-        fg = reject_annotations_step(fg, details=details)
+    if annotations and image.ndim == 2:
+        fg = reject_annotations_step(fg, image, details=details, rectangles=reject_annotations is True)
         radius = None  # measured before the annotations were removed
-    fg, min_distance = cleanup_step(fg, spacing=spacing, min_distance=min_distance, min_size=min_size,
-                                    max_hole_size=max_hole_size, details=details, given=mask is not None,
-                                    radius=radius)
+    fg, min_distance, particle_min_size = cleanup_step(fg, spacing=spacing, min_distance=min_distance, min_size=min_size,
+                                              max_hole_size=max_hole_size, details=details, given=given,
+                                              radius=radius)
     clock.lap("cleanup")
     if boundary is not None and follow_boundaries:
         labels = boundary_split(fg, boundary, interior=interior, spacing=spacing)
@@ -313,7 +354,7 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
     labels = split_step(fg, distance_q, quantum, peaks, spacing=spacing, method=method, neck_ratio=neck_ratio,
                         assignment=assignment, kmeans_engine=kmeans_engine, max_iter=max_iter, details=details,
                         clock=clock)
-    labels = finish_step(labels, details=details)
+    labels = finish_step(labels, details=details, min_size=particle_min_size, spacing=spacing)
     clock.lap("finish")
     return (labels, details) if return_details else labels
 
@@ -368,6 +409,10 @@ def foreground_step(image, mask, *, spacing, sigma, threshold, polarity, details
             if coarser[2] is None or coarser[2] < NOISE_GROWTH * radius:
                 break
             sigma, (fg, decision, radius) = 2 * sigma, coarser
+        if radius is not None and SIGMA_PER_RADIUS * radius >= SIGMA_RAISE * sigma:
+            # Smoothing at a tenth of the particles' radius keeps them and removes their texture.
+            sigma = SIGMA_PER_RADIUS * radius
+            fg, decision, radius = attempt(sigma)
     else:
         fg, decision = threshold_foreground(smooth(float(sigma or 0.0)), threshold, polarity)
     details.sigma = float(sigma or 0.0)
@@ -379,9 +424,12 @@ def foreground_step(image, mask, *, spacing, sigma, threshold, polarity, details
     return fg, radius
 
 
-def reject_annotations_step(fg, *, details):
-    """The foreground without scale bars and info bands (2D); their pixel count goes to ``details``."""
-    drop = annotation_mask(fg)
+def reject_annotations_step(fg, image, *, details, rectangles=False):
+    """The 2D foreground without the image's annotation ink (and, with ``rectangles``, without foreground
+    components shaped like bars and info bands); the foreground pixels removed go to ``details``."""
+    drop = annotation_zone(image) & fg
+    if rectangles:
+        drop = drop | annotation_mask(fg)
     details.annotation_pixels = int(drop.sum())
     return fg & ~drop
 
@@ -393,10 +441,13 @@ def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details,
     hole size is 0 (the pockets it leaves between packed particles are background it found, and
     filling them would fuse the particles). ``radius``: the foreground's typical radius where the
     caller has measured it already. An empty result is :class:`NoParticlesError`.
+
+    Returns ``(mask, min_distance, particle_min_size)``: the last is the ``auto`` minimum size that
+    :func:`finish_step` applies again to the split particles, None otherwise.
     """
     if given and max_hole_size == "auto":
         max_hole_size = 0.0
-    if "auto" in (min_distance, max_hole_size):
+    if "auto" in (min_distance, max_hole_size, min_size):
         if not bool(fg.any()):
             raise NoParticlesError("no particles found: the foreground is empty after thresholding; check polarity "
                                    "or threshold")
@@ -405,6 +456,7 @@ def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details,
                                    "measure the particle size; check polarity or threshold, or set --min-distance "
                                    "and --max-hole-size")
         details.particle_radius = radius if radius is not None else typical_radius(fg, spacing)
+    window_measured = min_distance == "auto"
     if min_distance == "auto":
         # At least one voxel of the coarsest axis, so the peak window is never empty.
         min_distance = max(MIN_DISTANCE_PER_RADIUS * details.particle_radius, max(spacing))
@@ -412,17 +464,22 @@ def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details,
     if max_hole_size == "auto":
         max_hole_size = ball_size(2 * HOLE_RADIUS_PER_RADIUS * details.particle_radius, fg.ndim)
     max_hole_size = float(max_hole_size or 0.0)
+    particle_min_size = None
+    if min_size == "auto":
+        min_size = particle_min_size = MIN_SIZE_PER_PARTICLE * ball_size(2 * details.particle_radius, fg.ndim)
+        if not window_measured:  # a given min_distance: no particle is smaller than the peak window
+            min_size = particle_min_size = max(min_size, ball_size(min_distance, fg.ndim))
     min_size = ball_size(min_distance, fg.ndim) if min_size is None else float(min_size)
-    details.min_distance, details.max_hole_size = min_distance, max_hole_size
+    details.min_distance, details.max_hole_size, details.min_size = min_distance, max_hole_size, min_size
     fg = clean_mask(fg, spacing=spacing, min_size=min_size, max_hole_size=max_hole_size)
-    if details.particle_radius is not None and bool(fg.all()):
+    if window_measured and bool(fg.all()):
         # Filled holes can leave no background: then every voxel would be a peak candidate of the auto window.
         raise NoParticlesError("no particles can be told apart: after hole filling the foreground covers the whole "
                                "image; check polarity or threshold, or set --max-hole-size 0")
     if not bool(fg.any()):
         raise NoParticlesError("no particles found: the foreground is empty after thresholding and removing objects "
                                f"smaller than {min_size:g} (physical units); check polarity, threshold or min_size")
-    return fg, min_distance
+    return fg, min_distance, particle_min_size
 
 
 def distance_step(fg, *, spacing, max_radius):
@@ -459,9 +516,13 @@ def split_step(fg, distance_q, quantum, peaks, *, spacing, method, neck_ratio, a
     return labels
 
 
-def finish_step(labels, *, details):
-    """One piece per particle, ids 1..n by first voxel in C order."""
+def finish_step(labels, *, details, min_size=None, spacing=None):
+    """One piece per particle, ids 1..n by first voxel in C order; particles smaller than ``min_size``
+    (physical units, the ``auto`` one of :func:`cleanup_step`) merged into the neighbour they touch most
+    (:func:`gpu_pipeline.stages.cleanup.merge_small_particles`)."""
     labels = finish_labels(labels)
+    if min_size is not None:
+        labels = relabel_by_first_voxel(merge_small_particles(labels, voxels_for(min_size, spacing)))
     details.n_particles = int(labels.max())
     return labels
 

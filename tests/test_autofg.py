@@ -118,8 +118,13 @@ def test_scale_bar_and_info_band_are_not_particles(rng):
     image[188:, :] = 250  # an info band along the bottom
     labels = separate(image, reject_annotations=True)
     assert not labels[170:176, 20:90].any() and not labels[188:, :].any()
-    kept = separate(image)  # off by default: an axis-aligned rod is a filled rectangle too
+    kept = separate(image, reject_annotations=False)
     assert kept[172, 50] and kept[195, 120]
+    # Default: the annotation-ink rule only; the bar is pure ink (the dtype's maximum), the band is not, and
+    # filled rectangles stay (an axis-aligned rod is one too).
+    assert image.dtype == np.uint8
+    default = separate(image)
+    assert not default[170:176, 20:90].any() and default[195, 120]
     assert not annotation_mask(truth > 0).any()  # generated particles are never taken for annotations
 
 
@@ -152,7 +157,7 @@ def test_chunked_li_run_equals_in_memory(tmp_path, rng):
 
     image, _ = make_touching_particles((40, 64, 64), 50, spacing=(2, 1, 1), seed=int(rng.integers(1e6)))
     kwargs = dict(spacing=(2, 1, 1), threshold="li", min_distance=3, max_radius=8.0)
-    expected = separate(image, max_hole_size=0, **kwargs)
+    expected = separate(image, max_hole_size=0, min_size=None, **kwargs)  # the chunked run's size rule
     for chunks in ((20, 32, 32), (40, 24, 64)):
         labels, _ = separate_chunked(da.from_array(image, chunks=chunks), **kwargs)
         np.testing.assert_array_equal(np.asarray(labels), expected)
@@ -165,9 +170,10 @@ def test_chunked_run_takes_fixed_values_for_the_automatic_options(tmp_path, caps
     zarr.create_array(str(tmp_path / "in.zarr"), shape=image.shape, dtype=image.dtype, chunks=(24, 24, 24))[...] = image
     assert main(["run", str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr"), "--workers", "1"]) == 0
     out = capsys.readouterr().out
-    assert all(option in out for option in ("--sigma 1", "--threshold otsu", "--min-distance 4", "--max-hole-size 0"))
+    assert all(option in out for option in ("--sigma 1", "--threshold otsu", "--min-distance 4", "--max-hole-size 0",
+                                            "--min-size a ball of diameter --min-distance"))
     stored = zarr.open_array(str(tmp_path / "out.zarr" / "particles" / "0"), mode="r")[...]
-    expected = separate(image, sigma=1.0, threshold="otsu", min_distance=4.0, max_hole_size=0)
+    expected = separate(image, sigma=1.0, threshold="otsu", min_distance=4.0, max_hole_size=0, min_size=None)
     np.testing.assert_array_equal(stored, expected)
     # What cannot be replaced is refused in one line, with no output left behind.
     assert main(["run", str(tmp_path / "in.zarr"), str(tmp_path / "o2.zarr"), "--threshold", "local"]) == 2
@@ -205,3 +211,126 @@ def test_a_mask_is_taken_as_given_by_the_automatic_hole_filling(rng):
     assert np.array_equal(labels > 0, mask)
     filled = separate(None, mask=mask, max_hole_size=200.0)
     assert (filled > 0).sum() > mask.sum()  # the holes are fillable: the rule above is what keeps them
+
+
+# --- automatic sizes -----------------------------------------------------------------------------------------
+
+def test_auto_min_size_removes_specks_that_the_old_rule_kept(rng):
+    """Specks a quarter of a particle's area are gone with ``min_size='auto'``; every particle is still found."""
+    from skimage.draw import disk
+
+    image, truth = make_touching_particles((192, 192), 14, radius_range=(11, 13), overlap=0.0,
+                                           seed=int(rng.integers(1e6)))
+    background = truth == 0
+    specks = np.zeros(truth.shape, bool)
+    while specks.sum() < 8 * 50:
+        r, c = rng.integers(6, 186, size=2)
+        rows, cols = disk((r, c), 4, shape=truth.shape)
+        if background[max(r - 9, 0):r + 10, max(c - 9, 0):c + 10].all():  # clear of the particles
+            specks[rows, cols] = True
+            background[rows, cols] = False
+    image[specks] = image[truth > 0].max()
+    labels, details = separate(image, return_details=True)
+    old = separate(image, min_size=None)
+    assert not labels[specks].any()
+    assert old[specks].any()  # what the rule before 'auto' (a ball of diameter min_distance) kept
+    assert details.min_size > specks.sum() / 8  # a speck is below the automatic size ...
+    # ... and every particle is found as well as without the specks (independent count and F1 against truth).
+    assert evaluate(labels, truth)["f1_50"] >= evaluate(old, truth)["f1_50"]
+    assert evaluate(labels, truth)["f1_50"] >= 0.9
+
+
+def test_small_pieces_of_a_split_are_dropped_or_joined(rng):
+    """Small particles: dropped alone or beside a big one, joined where touching small ones reach the size."""
+    from gpu_pipeline.stages.cleanup import merge_small_particles
+
+    size = int(rng.integers(30, 60))
+    labels = np.zeros((40, 60), np.int32)
+    labels[2:20, 2:20] = 1  # big
+    labels[20:22, 2:10] = 2  # a rim fragment of 1: dropped
+    labels[30:33, 2:2 + size // 6] = 3  # alone: dropped
+    width = size // 4 + 2
+    labels[30:32, 20:20 + width] = 4  # 4, 5 and 6 are the pieces of a rod, together >= size: one particle
+    labels[30:32, 20 + width:20 + 2 * width] = 5
+    labels[30:32, 20 + 2 * width:20 + 3 * width] = 6
+    for value in (2, 3, 4, 5, 6):
+        assert (labels == value).sum() < size
+    merged = merge_small_particles(labels, size)
+    expected = np.where(np.isin(labels, (2, 3)), 0, np.where(np.isin(labels, (5, 6)), 4, labels))
+    np.testing.assert_array_equal(merged, expected)
+    # Nothing changes when every particle is big enough.
+    np.testing.assert_array_equal(merge_small_particles(labels, 2), labels)
+
+
+# --- figure annotations --------------------------------------------------------------------------------------
+
+#: Seven-segment glyphs (a top, b top right, c bottom right, d bottom, e bottom left, f top left, g middle):
+#: text drawn without a font file.
+SEGMENTS = {"0": "abcdef", "5": "afgcd", "n": "ceg", "b": "cdefg", "2": "abged"}
+
+
+def draw_text(image, text, top, left, *, height=18, stroke=3, value=255):
+    """Draw ``text`` (characters of ``SEGMENTS``, space) with strokes of ``stroke`` px; returns the ink mask."""
+    ink = np.zeros(image.shape, bool)
+    width = height // 2
+    half = height // 2
+    for char in text:
+        if char != " ":
+            boxes = {"a": (0, stroke, 0, width), "b": (0, half, width - stroke, width),
+                     "c": (half, height, width - stroke, width), "d": (height - stroke, height, 0, width),
+                     "e": (half, height, 0, stroke), "f": (0, half, 0, stroke),
+                     "g": (half - stroke // 2, half - stroke // 2 + stroke, 0, width)}
+            for segment in SEGMENTS[char]:
+                r0, r1, c0, c1 = boxes[segment]
+                ink[top + r0:top + r1, left + c0:left + c1] = True
+        left += width + stroke + 2
+    image[ink] = value
+    return ink
+
+
+def test_drawn_scale_bar_and_text_are_not_particles(rng):
+    """A scale bar, "50 nm" and a panel letter drawn in the particles' contrast: no particle on them by default."""
+    image, truth = make_touching_particles((200, 240), 20, seed=int(rng.integers(1e6)))
+    image[:40] = image[150:] = image[truth == 0].min()  # annotations sit in the margins, as in figure panels
+    truth[:40] = truth[150:] = 0
+    top = int(rng.integers(158, 170))
+    ink = draw_text(image, "50 nn", top, int(rng.integers(110, 140)))
+    ink |= draw_text(image, "b", int(rng.integers(4, 14)), int(rng.integers(4, 30)), height=24, stroke=4)
+    bar = np.zeros(image.shape, bool)
+    bar[188:193, 100:180] = True
+    image[bar] = 255
+    drawn = ink | bar
+    labels = separate(image)
+    assert not labels[drawn].any()
+    kept = separate(image, reject_annotations=False)
+    assert kept[drawn].any()  # without the rule they come out as particles
+    assert evaluate(labels, truth)["f1_50"] >= evaluate(kept, truth)["f1_50"] - 0.02
+
+
+@pytest.mark.parametrize("name, boxes", [
+    # (rows, columns) of annotations with no particle under them, read off the images.
+    ("226dc58f03", [(slice(9, 68), slice(13, 72))]),  # white panel letter, top left
+    ("4b07dbd803", [(slice(24, 72), slice(694, 765))]),  # black "(b)", top right
+])
+def test_real_figure_annotations_are_not_particles(shared_data, name, boxes):
+    """EMPS figure panels with text: the defaults make no particle of it (none lies half or more on it)."""
+    from gpu_pipeline.io import read_image
+
+    folder = shared_data / "emps_subset"
+    image = read_image(folder / "images" / f"{name}.png")[0]
+    truth = read_image(folder / "segmaps" / f"{name}.png")[0]
+    in_boxes = np.zeros(image.shape, bool)
+    for box in boxes:
+        in_boxes[box] = True
+    assert not truth[in_boxes].any()  # the boxes hold annotations only
+
+    def on_annotations(labels):
+        """Particles with half or more of their pixels in the boxes."""
+        inside = np.bincount(labels[in_boxes], minlength=labels.max() + 1)
+        return set(np.flatnonzero(2 * inside[1:] >= np.bincount(labels.ravel())[1:]) + 1)
+
+    labels = separate(image)
+    kept = separate(image, reject_annotations=False)
+    assert not on_annotations(labels)
+    assert on_annotations(kept)  # without the rule they come out as particles
+    assert evaluate(labels, truth)["f1_50"] >= evaluate(kept, truth)["f1_50"]

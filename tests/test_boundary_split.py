@@ -140,8 +140,6 @@ def test_shipped_em_model_loads_by_name_with_a_boundary_class():
     assert size < 5e6
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (issue 13): the shipped EM model labels drawn scale bars and "
-                   "text as particles; no context/position feature or annotation filter yet")
 def test_shipped_em_model_finds_particles_but_not_scale_bar_or_text(shared_data):
     """A real EMPS image with a drawn scale bar, "50 nm" and a panel letter: no particle on them."""
     from PIL import Image, ImageDraw, ImageFont

@@ -240,7 +240,8 @@ def test_chunked_classifier_labels_equal_in_memory_for_any_chunking(cluster_clie
     image, _ = make_touching_particles(shape, n, radius_range=(5, 10), spacing=spacing, seed=int(rng.integers(1e6)))
     # The chunked engine's fixed sizes (its defaults) where the in-memory defaults are automatic.
     expected, details = separate(image, spacing=spacing, classifier=model, max_radius=11.0, return_details=True,
-                                 follow_boundaries=False, min_distance=4.0, max_hole_size=0)
+                                 follow_boundaries=False, min_distance=4.0, max_hole_size=0, min_size=None,
+                                 reject_annotations=False)
     assert expected.max() > 10
     for chunks in chunkings:
         assert all(c >= h for c, h in zip(chunks, feature_halo(spacing, SCALES)))

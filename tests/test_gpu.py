@@ -87,7 +87,7 @@ def test_chunked_on_the_gpu_equals_gpu_in_memory(cp, rng, tmp_path):
 
     spacing = (2.0, 1.0, 1.0)
     image, _ = make_touching_particles((40, 64, 60), 60, spacing=spacing, seed=int(rng.integers(1e6)))
-    expected = separate(cp.asarray(image), spacing=spacing, max_radius=13.0).get()
+    expected = separate(cp.asarray(image), spacing=spacing, max_radius=13.0, min_size=None).get()
     for chunks in [(20, 32, 30), (17, 25, 23), (14, 20, 21)]:
         labels, _ = separate_chunked(da.from_array(image, chunks=chunks), spacing=spacing, max_radius=13.0,
                                      workspace=Workspace(tmp_path / str(chunks)), device="gpu")
@@ -108,7 +108,7 @@ def test_cli_on_a_local_cuda_cluster(cp, rng, tmp_path):
     zarr.create_array(str(tmp_path / "in.zarr"), shape=image.shape, dtype=image.dtype, chunks=(24, 48, 48))[...] = image
     assert main(["run", str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr"), "--cluster", "local-cuda",
                  "--max-radius", "13", "--quiet"]) == 0
-    expected = separate(cp.asarray(image), max_radius=13.0).get()
+    expected = separate(cp.asarray(image), max_radius=13.0, min_size=None).get()  # the chunked size rule
     assert zarr.open_array(str(tmp_path / "out.zarr" / "particles" / "0"))[...].tobytes() == expected.tobytes()
 
 
@@ -259,6 +259,6 @@ def test_cli_device_gpu_in_memory_and_chunked_with_workspace(cp, rng, tmp_path):
                       chunks=(20, 48, 44))[...] = image
     assert main(["run", str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr"), "--device", "gpu",
                  "--max-radius", "13", "--quiet"]) == 0
-    expected = separate(cp.asarray(image), max_radius=13.0).get()
+    expected = separate(cp.asarray(image), max_radius=13.0, min_size=None).get()  # the chunked size rule
     assert zarr.open_array(str(tmp_path / "out.zarr" / "particles" / "0"))[...].tobytes() == expected.tobytes()
     assert cp.get_default_memory_pool().get_limit() > 0  # the pool was pinned for the chunked run

@@ -25,7 +25,7 @@ from gpu_pipeline.synthetic import make_touching_particles  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--max-radius", "13", "--quiet"]
 #: The values a chunked run takes where the in-memory defaults are automatic (cli.CHUNKED_FIXED).
-FIXED = dict(sigma=1.0, threshold="otsu", min_distance=4.0, max_hole_size=0)
+FIXED = dict(sigma=1.0, threshold="otsu", min_distance=4.0, max_hole_size=0, min_size=None, reject_annotations=False)
 
 
 def _store(path, image, chunks):

@@ -1,12 +1,17 @@
-"""Figure annotations in 2D images: scale bars and info bands that a threshold turns into "particles".
+"""Figure annotations in 2D images: scale bars, info bands, text and panel letters that would come out as particles.
 
-Figure panels carry scale bars (solid axis-aligned bars) and info bands
-(a strip across the whole width at the top or bottom). Both are filled,
-axis-aligned rectangles, which particles almost never are, so removing
-components shaped like that is safe; text and panel letters are not
-rectangles and stay (a rule for them would also remove small particles).
+Figure panels carry scale bars and info bands (filled axis-aligned
+rectangles in the foreground, which particles almost never are) and text:
+"50 nm", panel letters, microscope info. Text and bars are drawn in a pure
+ink, at the very end of the image's dtype range (0 or 255 in 8 bits), in
+strokes a few pixels wide; particles are neither. :func:`annotation_ink`
+finds such ink from the image itself, so it works for any foreground (a
+threshold or a pixel classifier), and :func:`annotation_mask` the
+rectangles of a foreground.
 """
 from __future__ import annotations
+
+import numpy as np
 
 from gpu_pipeline._backend import get_array_module, ops_for
 
@@ -18,6 +23,63 @@ BAR_ASPECT = 4.0
 BAR_MIN_LENGTH = 16
 #: ... or an info band when it spans at least this fraction of the image width.
 BAND_WIDTH = 0.9
+#: Ink: values within this fraction of the dtype's range of its minimum or maximum (1 of 255 in 8 bits:
+#: compression noise). On the 366 EMPS images 6 of 8,927 true particles have half or more of their pixels there.
+INK_TOLERANCE = 1 / 255
+#: Ink pixels this close (pixels) are measured as one piece (a glyph that anti-aliasing broke up).
+INK_GAP = 1.5
+#: ... and is drawn: the image in a ring ``INK_RING`` pixels wide around it differs from the ink value by at
+#: least ``INK_CONTRAST`` of the dtype's range on average.
+INK_RING = 2.0
+INK_CONTRAST = 0.25
+#: ... in strokes: an ink component whose inscribed radius is at most this many pixels (glyph strokes and bars,
+#: not a clipped background or particle) ...
+STROKE_RADIUS = 8
+#: ... elongated: its area is at least this many times its inscribed radius squared (a disk's is pi; a
+#: stroke's is twice its length over its half width), and at least ``INK_MIN_PIXELS`` pixels.
+STROKE_ELONGATION = 10
+INK_MIN_PIXELS = 20
+#: ... or a filled rectangle (``RECTANGULARITY``, ``BAR_ASPECT``, ``BAR_MIN_LENGTH``) of any thickness; never a
+#: frame around the whole panel (bounding box over ``BAND_WIDTH`` of both axes).
+#: ... and lies in the panel's margin: wholly within this fraction of the height or width from an edge, where
+#: figures put labels, scale bars and text. Where such strokes of one extreme also lie in the middle of the
+#: panel, they are the particles' own saturated values (generated disks, clipped dark rods), and that
+#: extreme is not taken for ink at all.
+EDGE_BAND = 0.25
+#: The ink is removed with a margin of this many pixels (anti-aliased and blurred stroke edges).
+#: Chosen by looking at emps_subset; its safety on all 366 EMPS images (true particles in the zone removed) is
+#: measured by bench/auto_foreground.py ("annotation safety"; see README): saturated dark rods look like strokes.
+INK_MARGIN = 3
+
+
+def _extents(labels, count, shape):
+    """Bounding-box height and width per label (index 0: background), float64."""
+    (top, bottom), (left, right) = _bounds(labels, count, shape)
+    return bottom - top + 1, right - left + 1
+
+
+def _bounds(labels, count, shape):
+    """Bounding box per label: ((first row, last row), (first column, last column)), float64 each."""
+    xp = get_array_module(labels)
+    ops = ops_for(labels)
+    flat = labels.ravel()
+    rows, cols = (xp.broadcast_to(g, shape).ravel() for g in xp.ogrid[:shape[0], :shape[1]])
+    extent = []
+    for coord in (rows, cols):
+        low = xp.full(count + 1, max(shape), dtype=xp.int32)
+        high = xp.full(count + 1, -1, dtype=xp.int32)
+        ops.scatter_min(low, flat, coord.astype(xp.int32))
+        ops.scatter_max(high, flat, coord.astype(xp.int32))
+        extent.append((low.astype(xp.float64), high.astype(xp.float64)))
+    return extent
+
+
+def _bars(area, height, width):
+    """Which components are filled, long axis-aligned rectangles (scale bars)."""
+    xp = get_array_module(area)
+    long_side, short_side = xp.maximum(height, width), xp.minimum(height, width)
+    return ((area >= RECTANGULARITY * height * width) & (long_side >= BAR_ASPECT * short_side)
+            & (long_side >= BAR_MIN_LENGTH))
 
 
 def annotation_mask(mask):
@@ -28,26 +90,79 @@ def annotation_mask(mask):
     xp = get_array_module(mask)
     if mask.ndim != 2:
         return xp.zeros(mask.shape, dtype=bool)
-    ops = ops_for(mask)
-    labels, count = ops.label(mask)
+    labels, count = ops_for(mask).label(mask)
     if count == 0:
         return xp.zeros(mask.shape, dtype=bool)
-    flat = labels.ravel()
-    rows, cols = (xp.broadcast_to(g, mask.shape).ravel() for g in xp.ogrid[:mask.shape[0], :mask.shape[1]])
-    extent = []
-    for coord in (rows, cols):
-        low = xp.full(count + 1, max(mask.shape), dtype=xp.int32)
-        high = xp.full(count + 1, -1, dtype=xp.int32)
-        ops.scatter_min(low, flat, coord.astype(xp.int32))
-        ops.scatter_max(high, flat, coord.astype(xp.int32))
-        extent.append((high - low + 1).astype(xp.float64))
-    height, width = extent
-    area = xp.bincount(flat, minlength=count + 1).astype(xp.float64)
-    rectangular = area >= RECTANGULARITY * height * width
-    long_side = xp.maximum(height, width)
-    short_side = xp.minimum(height, width)
-    bar = rectangular & (long_side >= BAR_ASPECT * short_side) & (long_side >= BAR_MIN_LENGTH)
-    band = rectangular & (width >= BAND_WIDTH * mask.shape[1]) & (height < 0.5 * mask.shape[0])
-    drop = bar | band
+    height, width = _extents(labels, count, mask.shape)
+    area = xp.bincount(labels.ravel(), minlength=count + 1).astype(xp.float64)
+    band = ((area >= RECTANGULARITY * height * width) & (width >= BAND_WIDTH * mask.shape[1])
+            & (height < 0.5 * mask.shape[0]))
+    drop = _bars(area, height, width) | band
     drop[0] = False
     return drop[labels]
+
+
+def annotation_ink(image):
+    """The pixels of a 2D integer ``image`` drawn in annotation ink: text, letters and bars (bool, same shape).
+
+    Ink is a connected run of values at the dtype's minimum or maximum
+    (within ``INK_TOLERANCE``) that is a thin elongated stroke
+    (``STROKE_RADIUS``, ``STROKE_ELONGATION``, ``INK_MIN_PIXELS``) or a
+    filled bar, lies within ``EDGE_BAND`` of an edge of the panel, and is
+    not a frame around it; an extreme with such runs in the middle of the
+    panel too is the particles' own (none of it is ink). Float images (no ink
+    value) and 3D volumes have none: all False.
+    """
+    xp = get_array_module(image)
+    none = xp.zeros(image.shape, dtype=bool)
+    if image.ndim != 2 or np.dtype(image.dtype).kind not in "ui":
+        return none
+    ops = ops_for(image)
+    info = np.iinfo(image.dtype)
+    tolerance = int((int(info.max) - int(info.min)) * INK_TOLERANCE)
+    ink = none
+    for value, extreme in ((info.min, image <= info.min + tolerance), (info.max, image >= info.max - tolerance)):
+        if not bool(extreme.any()):
+            continue
+        # Anti-aliasing breaks a glyph's ink into pieces a pixel apart: they are measured together (their ink
+        # pixels and the deepest of them), as one piece.
+        gap = ops.distance_transform(~extreme, (1.0, 1.0))
+        labels, count = ops.label(gap <= INK_GAP)
+        flat = labels.ravel()
+        area = xp.bincount(flat, weights=extreme.ravel().astype(xp.float64), minlength=count + 1)
+        depth = xp.zeros(count + 1, dtype=xp.float32)
+        ops.scatter_max(depth, flat, ops.distance_transform(extreme, (1.0, 1.0)).ravel().astype(xp.float32))
+        depth = depth.astype(xp.float64)
+        (top, bottom), (left, right) = _bounds(xp.where(extreme, labels, 0), count, image.shape)  # of the ink
+        height, width = bottom - top + 1, right - left + 1
+        stroke = (depth <= STROKE_RADIUS) & (area >= STROKE_ELONGATION * depth * depth) & (area >= INK_MIN_PIXELS)
+        frame = (height >= BAND_WIDTH * image.shape[0]) & (width >= BAND_WIDTH * image.shape[1])
+        rows, cols = image.shape
+        margin = ((bottom < EDGE_BAND * rows) | (top >= (1 - EDGE_BAND) * rows)
+                  | (right < EDGE_BAND * cols) | (left >= (1 - EDGE_BAND) * cols))
+        # Ink is drawn on the picture: just off it the image is far from the ink value, where the saturated
+        # pixels of a bright particle (noise at the dtype's end) are surrounded by the particle's bright values.
+        outer, n_outer = ops.label(gap <= INK_GAP + INK_RING)
+        ring = ((gap > INK_GAP) & (gap <= INK_GAP + INK_RING)).ravel()
+        outer_of = xp.zeros(count + 1, dtype=outer.dtype)
+        ops.scatter_max(outer_of, flat, outer.ravel())
+        ring_labels = outer.ravel()[ring]
+        off = (xp.bincount(ring_labels, weights=xp.abs(image.ravel()[ring].astype(xp.float64) - float(value)),
+                           minlength=n_outer + 1)
+               / xp.maximum(xp.bincount(ring_labels, minlength=n_outer + 1), 1))
+        drawn = off[outer_of] >= INK_CONTRAST * (float(info.max) - float(info.min))
+        keep = (stroke | _bars(area, height, width)) & ~frame & drawn
+        keep[0] = False
+        if bool((keep & ~margin).any()):
+            continue  # stroke-like runs of this extreme in the middle of the panel: the particles' own values
+        keep &= margin
+        ink = ink | keep[labels]
+    return ink & ((image <= info.min + tolerance) | (image >= info.max - tolerance))
+
+
+def annotation_zone(image):
+    """:func:`annotation_ink` grown by ``INK_MARGIN`` pixels (the blur and anti-aliasing around the strokes)."""
+    ink = annotation_ink(image)
+    if not bool(ink.any()):
+        return ink
+    return ops_for(ink).distance_transform(~ink, (1.0, 1.0)) <= INK_MARGIN

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from gpu_pipeline._backend import get_array_module, ops_for
+from gpu_pipeline._backend import get_array_module, ops_for, to_host
 
 
 def voxels_for(size, spacing) -> int:
@@ -43,3 +43,45 @@ def clean_mask(mask, *, spacing, min_size, max_hole_size):
     """Remove objects smaller than ``min_size`` and fill holes smaller than ``max_hole_size`` (physical units)."""
     mask = fill_small_holes(mask, voxels_for(max_hole_size, spacing))
     return remove_small_objects(mask, voxels_for(min_size, spacing))
+
+
+def merge_small_particles(labels, min_voxels: int):
+    """Particles of under ``min_voxels`` voxels dropped, unless touching small ones together reach it: then one.
+
+    A split can cut a fragment off a particle's rim (dropped: the particle
+    is whole without it) or cut a rod into short pieces that touch each
+    other (joined again, so that nothing that passed the object size check
+    vanishes). Ids are not renumbered.
+    """
+    import numpy as np
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    xp = get_array_module(labels)
+    count = int(labels.max())
+    if min_voxels <= 1 or count == 0:
+        return labels
+    sizes = to_host(xp.bincount(labels.ravel(), minlength=count + 1)).astype(np.int64)
+    small = sizes < min_voxels
+    small[0] = False
+    if not small.any():
+        return labels
+    # Face contacts between two different small particles.
+    small_on_device = xp.asarray(small)
+    pairs = []
+    for axis in range(labels.ndim):
+        a = xp.moveaxis(labels, axis, 0)
+        first, second = a[:-1].ravel(), a[1:].ravel()
+        touching = (first != second) & small_on_device[first] & small_on_device[second]
+        pairs.append(xp.stack([first[touching], second[touching]]).astype(xp.int64))
+    owner, neighbour = to_host(xp.concatenate(pairs, axis=1))
+    graph = coo_matrix((np.ones(owner.size), (owner, neighbour)), shape=(count + 1, count + 1))
+    _, group = connected_components(graph, directed=False)
+    total = np.bincount(group, weights=sizes, minlength=group.max() + 1)
+    # A group is named by its lowest id; big particles are their own group.
+    head = np.full(group.max() + 1, count + 1, dtype=np.int64)
+    np.minimum.at(head, group, np.arange(count + 1))
+    mapping = head[group]
+    mapping[small & (total[group] < min_voxels)] = 0
+    mapping[0] = 0
+    return xp.asarray(mapping.astype(np.int32))[labels]
