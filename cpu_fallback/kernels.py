@@ -180,8 +180,9 @@ def block_groups(coords, voxel_region, block, strides, n_blocks, unique_keys, fa
 
 @njit(cache=True, nogil=True)
 def _assign_in_cells(regions, multi, block, strides, n_blocks, keys, offsets, ids, fallback_base, centre_phys,
-                     power, scale, first_axis, cell, prune_width, centre_value, labels):  # pragma: no cover
+                     power, scale, first_axis, cell, prune_width, centre_value, labels, origin):  # pragma: no cover
     shape = regions.shape
+    n_fallback = 0
     per_cell = cell[0] * cell[1] * cell[2]
     slot_key = np.empty(per_cell, dtype=np.int64)
     slot_group = np.empty(per_cell, dtype=np.int64)
@@ -209,7 +210,7 @@ def _assign_in_cells(regions, multi, block, strides, n_blocks, keys, offsets, id
                                 voxel_slot[i] = -1
                                 i += 1
                                 continue
-                            x[0], x[1], x[2] = z, y, xx
+                            x[0], x[1], x[2] = z + origin[0], y + origin[1], xx + origin[2]
                             key = r * n_blocks
                             for a in range(3):
                                 key += (x[a] // block[a]) * strides[a]
@@ -220,7 +221,12 @@ def _assign_in_cells(regions, multi, block, strides, n_blocks, keys, offsets, id
                                 g = np.searchsorted(keys, key)
                                 if g >= keys.size or keys[g] != key:
                                     g = np.searchsorted(keys, fallback_base + r)
-                                slot_key[s], slot_group[s] = key, g
+                                    if g >= keys.size or keys[g] != fallback_base + r:
+                                        return -1  # the lists hold none of this region's centroids
+                                    slot_group[s] = -1 - g  # marks a fallback slot, to count its voxels
+                                else:
+                                    slot_group[s] = g
+                                slot_key[s] = key
                                 for a in range(3):
                                     low[s, a], high[s, a] = x[a], x[a]
                                 n_slots += 1
@@ -229,6 +235,12 @@ def _assign_in_cells(regions, multi, block, strides, n_blocks, keys, offsets, id
                                 high[s, a] = max(high[s, a], x[a])
                             voxel_slot[i] = s
                             i += 1
+                for s in range(n_slots):
+                    if slot_group[s] < 0:
+                        slot_group[s] = -1 - slot_group[s]
+                        for j in range(i):
+                            if voxel_slot[j] == s:
+                                n_fallback += 1
                 # Pass 2, per group: its list (pruned to the centroids that can be nearest
                 # in its box when wide, as prune_candidates does), then its voxels.
                 for s in range(n_slots):
@@ -262,7 +274,7 @@ def _assign_in_cells(regions, multi, block, strides, n_blocks, keys, offsets, id
                         for y in range(y0, y1):
                             for xx in range(x0, x1):
                                 if voxel_slot[i] == s:
-                                    x[0], x[1], x[2] = z, y, xx
+                                    x[0], x[1], x[2] = z + origin[0], y + origin[1], xx + origin[2]
                                     best = -1
                                     best_d = np.inf
                                     for t in range(n_kept):
@@ -275,10 +287,11 @@ def _assign_in_cells(regions, multi, block, strides, n_blocks, keys, offsets, id
                                             best, best_d = c, d
                                     labels[z, y, xx] = centre_value[best]
                                 i += 1
+    return n_fallback
 
 
 def assign_in_cells(regions, multi, block, strides, n_blocks, keys, offsets, ids, fallback_base, centre_phys, power,
-                    scale, centre_value, labels, *, cell, prune_width):
+                    scale, centre_value, labels, *, cell, prune_width, origin=None):
     """The whole-volume power assignment in one compiled pass over cells of ``cell`` voxels per axis.
 
     For every voxel of a ``multi`` region, the candidate of its (region,
@@ -291,8 +304,15 @@ def assign_in_cells(regions, multi, block, strides, n_blocks, keys, offsets, ids
     centroids that can be nearest in the box of its voxels, by the rule of
     :func:`~gpu_pipeline.stages.kmeans.prune_candidates` (so no choice
     changes). No per-voxel temporaries: the voxels are read from ``regions``.
+    ``origin`` (index units, default 0): where ``regions``' first voxel sits
+    in the volume that the lists and ``centre_phys`` refer to (a chunk's
+    position). Returns the number of voxels that fell back to their region's
+    full list, or -1 (labels partly written) when a voxel's region has no
+    list at all (lists built from a subset of the centroids).
     """
     ndim = regions.ndim
+    if origin is None:
+        origin = (0,) * ndim
     pad = 3 - ndim
 
     def padded(values, fill, dtype):
@@ -307,7 +327,7 @@ def assign_in_cells(regions, multi, block, strides, n_blocks, keys, offsets, ids
                             int(fallback_base), phys, np.ascontiguousarray(power, np.float64),
                             padded(scale, 1.0, np.float64), pad, padded(cell, 1, np.int64), int(prune_width),
                             np.ascontiguousarray(centre_value, np.int64),
-                            labels.reshape((1,) * pad + labels.shape))
+                            labels.reshape((1,) * pad + labels.shape), padded([int(o) for o in origin], 0, np.int64))
 
 
 @njit(cache=True, nogil=True)

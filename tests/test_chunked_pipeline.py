@@ -1,4 +1,5 @@
 """The chunked pipeline: same bytes as the in-memory `separate` for any chunking, resumable, fault tolerant."""
+import itertools
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.ndimage as ndi
 
 da = pytest.importorskip("dask.array")
 zarr = pytest.importorskip("zarr")
@@ -269,3 +271,46 @@ def test_bad_chunked_inputs_get_one_line_errors(tmp_path, rng):
 def test_peak_halo_follows_the_parameters():
     assert peak_halo(4.0, 13.0, (2.0, 1.0, 1.0)) == (2 + 7, 4 + 13, 4 + 13)
     assert peak_halo(4.0, 13.0, (1.0, 1.0)) == (17, 17)
+
+
+@pytest.mark.parametrize("margin", [None, 2.0])
+def test_compiled_block_assignment_equals_the_array_path(margin):
+    """The CPU's compiled per-chunk assignment gives each voxel the array path's centroid (the GPU's and the
+    reference), for blocks at any origin, including voxels that fall back to their region's full list."""
+    from gpu_pipeline.chunked.pipeline import _assign_block_compiled
+    from gpu_pipeline.stages.split import kmeans_seeds, peaks_per_region
+
+    rng = np.random.default_rng(11)
+    for ndim, shape in ((2, (70, 90)), (3, (30, 34, 38))):
+        mask = ndi.binary_dilation(rng.random(shape) < 0.02, iterations=4)
+        regions, n = ndi.label(mask)
+        inside = np.argwhere(mask)
+        peaks = inside[rng.choice(len(inside), size=min(60, len(inside)), replace=False)]
+        peaks = np.unique(peaks, axis=0)
+        radii = rng.uniform(1.0, 4.0, size=len(peaks))
+        peak_region, _ = peaks_per_region(regions, n, peaks)
+        seeds = kmeans_seeds(peak_region, n, peaks, radii, margin=margin)
+        spacing = (1.0,) * ndim if ndim == 2 else (2.0, 1.0, 1.0)
+        centres = seeds.centres + rng.normal(0, 0.3, seeds.centres.shape)   # after a Lloyd update
+        for origin_step in (7, 13):
+            starts = [range(0, s, origin_step * (a + 1)) for a, s in enumerate(shape)]
+            for origin in itertools.product(*starts):
+                block = regions[tuple(slice(o, o + 17) for o in origin)]
+                flat_c, chosen_c = _assign_block_compiled(block, seeds, centres, spacing, origin)
+                flat_a, chosen_a = _array_assign(block, seeds, centres, spacing, origin)
+                np.testing.assert_array_equal(flat_c, flat_a)
+                np.testing.assert_array_equal(chosen_c, chosen_a)
+
+
+def _array_assign(block, seeds, centres, spacing, origin):
+    from gpu_pipeline.chunked.components import unique_ids
+    from gpu_pipeline.stages.kmeans import batched_kmeans
+    from gpu_pipeline.stages.split import block_candidates
+
+    flat, coords, groups, offsets, ids = block_candidates(block, seeds, origin=origin, spacing=spacing)
+    if flat.size == 0:
+        return flat, np.zeros(0, dtype=np.int64)
+    used, local = unique_ids(ids, return_inverse=True)
+    chosen, _, _ = batched_kmeans(coords, groups, offsets, local.ravel(), centres[used], spacing=spacing,
+                                  radii=None if seeds.radii is None else seeds.radii[used], max_iter=0)
+    return flat, used[chosen]

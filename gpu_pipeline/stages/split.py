@@ -225,6 +225,8 @@ def block_candidates(regions, seeds, *, origin, spacing):
     gap = xp.maximum(xp.maximum(low - c, c - high), 0) * scale
     near = of_present[(gap * gap).sum(axis=1) <= seeds.margin * seeds.margin]
     for selection in (near, of_present):
+        if selection.size == 0:  # none of the block's regions has a centroid near it
+            continue
         groups, offsets, ids, n_fallback = local_candidates(coords, voxel_region, seeds.centres[selection],
                                                             seeds.centre_region[selection], spacing=spacing,
                                                             margin=seeds.margin)
