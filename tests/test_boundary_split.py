@@ -48,7 +48,7 @@ def test_split_equals_scikit_image_watershed_from_interior_seeds(rng):
     interior = rng.random(shape).astype(np.float32)
     boundary = rng.random(shape).astype(np.float32)
     labels = boundary_split(foreground, boundary, interior=interior, threshold=0.7, smoothing=0, min_seed_size=0,
-                            min_relative_size=0)
+                            min_relative_seed_size=0, min_relative_size=0)
     markers, n = ndi.label((interior > 0.7) & foreground)
     regions, n_regions = ndi.label(foreground)
     unseeded = np.setdiff1d(np.arange(1, n_regions + 1), regions[markers > 0])
@@ -82,10 +82,81 @@ def test_small_seeds_are_dropped_by_physical_size(rng):
     interior[5:8, 5:8] = 1  # 9 px
     interior[20:30, 20:30] = 1  # 100 px
     # Pixels of 2 x 2 units: 9 px are 36 units^2, under a 50 units^2 minimum; 100 px are 400.
-    _, n = boundary_seeds(foreground, interior, spacing=(2.0, 2.0), smoothing=0, min_seed_size=50)
+    _, n = boundary_seeds(foreground, interior, spacing=(2.0, 2.0), smoothing=0, min_seed_size=50,
+                          min_relative_seed_size=0)
     assert n == 1
-    _, n = boundary_seeds(foreground, interior, spacing=(1.0, 1.0), smoothing=0, min_seed_size=5)
+    _, n = boundary_seeds(foreground, interior, spacing=(1.0, 1.0), smoothing=0, min_seed_size=5,
+                          min_relative_seed_size=0)
     assert n == 2
+    # Relative to the typical seed (100 px, the size of the seed a random seed pixel is in): 9 px is under 0.2 x.
+    _, n = boundary_seeds(foreground, interior, spacing=(1.0, 1.0), smoothing=0, min_seed_size=0,
+                          min_relative_seed_size=0.2)
+    assert n == 1
+    _, n = boundary_seeds(foreground, interior, spacing=(1.0, 1.0), smoothing=0, min_seed_size=0,
+                          min_relative_seed_size=0.05)
+    assert n == 2
+
+
+def touching_discs(rng, radius, shape=(200, 260)):
+    """A row of touching discs of ``radius`` (each overlapping the next by a fifth of its diameter) and
+    what a trained classifier gives on them: noisy interior and boundary probabilities, with specks of
+    false interior on the contact lines (the noise that over-splits large particles)."""
+    step = 1.6 * radius
+    centres = [(shape[0] / 2 + rng.uniform(-1, 1), radius + 4 + k * step) for k in range(int((shape[1] - 2 * radius - 8)
+                                                                                            // step) + 1)]
+    rows, cols = np.indices(shape)
+    distance = np.stack([np.hypot(rows - r, cols - c) for r, c in centres])
+    truth = np.where(distance.min(0) <= radius, distance.argmin(0) + 1, 0).astype(np.int32)
+    fg = truth > 0
+    contact = fg & ((ndi.maximum_filter(truth, 3) != truth) | (ndi.minimum_filter(np.where(fg, truth, 99), 3) != truth))
+    boundary = np.clip(ndi.gaussian_filter(contact.astype(np.float32), 1.0) * 3 + rng.normal(0, 0.05, shape), 0, 1)
+    interior = np.clip(ndi.gaussian_filter((fg & ~ndi.binary_dilation(contact, iterations=max(1, radius // 4)))
+                                           .astype(np.float32), 1.0) + rng.normal(0, 0.05, shape), 0, 1)
+    specks = np.flatnonzero(contact)[rng.choice(int(contact.sum()), 6, replace=False)]
+    for r, c in zip(*np.unravel_index(specks, shape)):
+        interior[r - 1:r + 2, c - 1:c + 2] = 1.0  # 3 x 3 specks of confident interior between two discs
+    return truth, fg, boundary.astype(np.float32), interior.astype(np.float32)
+
+
+def test_relative_seed_size_follows_the_particle_scale_where_a_fixed_size_cannot(rng):
+    """Small and large touching discs, each image with specks of false interior: seeds relative to the typical
+    seed split both exactly; one fixed seed size either keeps the specks (each a false particle) or drops
+    the small discs' seeds (they merge). The final size filter is off to test the seed rule alone."""
+    for radius in (6, 30):
+        truth, fg, boundary, interior = touching_discs(rng, radius)
+        labels = boundary_split(fg, boundary, interior=interior, smoothing=0, min_seed_size=0,
+                                min_relative_seed_size=0.2, min_relative_size=0)
+        scores = evaluate(labels, truth)
+        assert scores["n_pred"] == scores["n_gt"] >= 5 and scores["f1_50"] == 1.0, radius
+    small, large = touching_discs(rng, 6), touching_discs(rng, 30)
+    speck = 9  # px: a fixed size over it drops the small discs' seeds (about 3 x 3 px of confident interior)
+    for fixed in (0, speck + 1):
+        failures = 0
+        for truth, fg, boundary, interior in (small, large):
+            labels = boundary_split(fg, boundary, interior=interior, smoothing=0, min_seed_size=fixed,
+                                    min_relative_seed_size=0, min_relative_size=0)
+            failures += evaluate(labels, truth)["n_pred"] != int(truth.max())
+        assert failures >= 1, fixed
+
+
+def test_relative_seed_rule_equals_scikit_image_watershed_from_the_kept_seeds(rng):
+    truth, fg, boundary, interior = touching_discs(rng, 12)
+    labels = boundary_split(fg, boundary, interior=interior, smoothing=0, min_seed_size=0, min_relative_seed_size=0.3,
+                            min_relative_size=0)
+    markers, n = ndi.label((interior > 0.5) & fg)
+    sizes = np.bincount(markers.ravel())
+    per_pixel = np.sort(sizes[markers[markers > 0]])  # the seed size a random seed pixel is in
+    typical = per_pixel[int(np.ceil(per_pixel.size / 2)) - 1]
+    kept = sizes >= 0.3 * typical
+    kept[0] = False
+    assert not kept[1:].all()  # the specks are there and get dropped
+    markers, n = ndi.label(kept[markers])
+    regions, n_regions = ndi.label(fg)
+    for k, region in enumerate(np.setdiff1d(np.arange(1, n_regions + 1), regions[markers > 0]), start=n + 1):
+        markers[regions == region] = k
+    reference = watershed(boundary, markers, mask=fg, connectivity=1)
+    pairs = np.unique(np.stack([labels[fg], reference[fg]]), axis=1)
+    assert pairs.shape[1] == len(np.unique(labels[fg])) == len(np.unique(reference[fg]))
 
 
 def test_typical_size_is_the_median_particle_size_over_voxels(rng):

@@ -63,12 +63,16 @@ def test_symmetric_eigenvalues_equal_numpy_eigvalsh(rng):
 def test_features_equal_independent_references(rng):
     from scipy import ndimage as ndi
 
-    image = rng.integers(0, 4000, (30, 40, 36)).astype(np.uint16)
+    image = (rng.random((30, 40, 36)) ** 3 * 4000).astype(np.uint16)  # most pixels dark: a clear minority side
     spacing = (2.0, 1.0, 0.5)
     features = pixel_features(image, spacing=spacing, scales=SCALES)
     names = feature_names(3, SCALES)
     assert features.shape == image.shape + (len(names),) and features.dtype == np.float32
+    from skimage.filters import threshold_otsu
+
     low, high = np.percentile(image, [1, 99], method="inverted_cdf")
+    if (image > threshold_otsu(image)).mean() > 0.5:  # the side with fewer pixels normalises high
+        low, high = high, low
     normalized = (image.astype(np.float64) - low) / (high - low)
     np.testing.assert_allclose(features[..., 0], normalized, atol=1e-6)
     for scale in SCALES:
@@ -108,7 +112,30 @@ def test_features_are_contrast_invariant(rng):
 
 def test_intensity_limits_are_the_percentiles(rng):
     image = rng.integers(0, 60000, (70, 80)).astype(np.uint16)
-    assert intensity_limits(image, low=2, high=97) == tuple(np.percentile(image, [2, 97], method="inverted_cdf"))
+    assert intensity_limits(image, low=2, high=97, minority_high=False) == tuple(
+        np.percentile(image, [2, 97], method="inverted_cdf"))
+
+
+@pytest.mark.parametrize("dark_particles", [True, False])
+def test_the_side_with_fewer_pixels_normalises_high(rng, dark_particles):
+    """Particles (the minority side of Otsu's threshold, from scikit-image) map high, dark or bright: an image and
+    its negative give the same features."""
+    from skimage.filters import threshold_otsu
+
+    rows, cols = np.indices((90, 120))
+    discs = np.zeros((90, 120), bool)
+    for r, c in rng.uniform(15, 75, (6, 2)) * [1, 1.3]:
+        discs |= np.hypot(rows - r, cols - c) < rng.uniform(5, 9)
+    image = np.where(discs, 60, 190) + rng.integers(-3, 4, discs.shape)
+    image = (image if dark_particles else 255 - image).astype(np.uint8)
+    a, b = intensity_limits(image)
+    low, high = np.percentile(image, [1, 99], method="inverted_cdf")
+    majority_above = (image > threshold_otsu(image)).mean() > 0.5
+    assert (a, b) == ((high, low) if majority_above else (low, high)) and majority_above == dark_particles
+    normalized = normalize_intensity(image)
+    assert normalized[discs].mean() > 0.9 and normalized[~discs].mean() < 0.1
+    np.testing.assert_allclose(pixel_features(image, scales=SCALES), pixel_features(255 - image, scales=SCALES),
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("shape,spacing", [((70, 90), (1.0, 1.0)), ((26, 40, 38), (2.0, 1.0, 1.0))])
@@ -141,7 +168,7 @@ def test_model_file_round_trip_loads_no_code(rng, tmp_path):
     path = model.save(tmp_path / "model.npz")
     with np.load(path, allow_pickle=False) as data:  # plain arrays: nothing to unpickle
         header = json.loads(data["header"].tobytes().decode())
-    assert header["feature_set"] == "declump-features-1" and header["scales"] == list(SCALES)
+    assert header["feature_set"] == "declump-features-2" and header["scales"] == list(SCALES)
     assert header["classes"] == ["background", "particle", "boundary"] and header["ndim"] == 2
     again = load_classifier(path)
     assert again.predict_proba(image).tobytes() == model.predict_proba(image).tobytes()
@@ -177,7 +204,7 @@ def test_bad_model_files_are_one_line_errors(rng, tmp_path):
         "channels.npz": "3-channel",
         "trees.npz": "inconsistent tree arrays",
     }
-    _rewrite(good, tmp_path / "features.npz", lambda h: h.update(feature_set="declump-features-0"))
+    _rewrite(good, tmp_path / "features.npz", lambda h: h.update(feature_set="declump-features-1"))  # a model from before the minority-high normalisation
     _rewrite(good, tmp_path / "channels.npz", lambda h: h.update(channels=3))
     _rewrite(good, tmp_path / "trees.npz", change_arrays=lambda a: a["children_left"].__setitem__(0, 10 ** 6))
     for name, message in cases.items():

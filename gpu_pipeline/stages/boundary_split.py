@@ -16,9 +16,13 @@ from gpu_pipeline.stages.split import finish_labels
 #: (``python -m bench.emps_classifier``).
 SEED_THRESHOLD = 0.5
 SEED_SMOOTHING = 1.0
-MIN_SEED_SIZE = 20.0
+MIN_SEED_SIZE = 0.0
+#: Seeds smaller than this fraction of the typical seed (:func:`typical_size` of the seeds) are dropped:
+#: EM particle sizes vary tenfold between images, so a fixed size either keeps the specks of interior that
+#: noise leaves in large particles (over-splitting them) or drops whole small particles.
+MIN_RELATIVE_SEED_SIZE = 0.2
 #: Particles smaller than this fraction of the typical particle (see :func:`drop_small_particles`) are dropped.
-MIN_RELATIVE_SIZE = 0.1
+MIN_RELATIVE_SIZE = 0.2
 
 
 def _probability(array, name, shape):
@@ -32,13 +36,14 @@ def _probability(array, name, shape):
 
 
 def boundary_seeds(foreground, interior, *, spacing, threshold=SEED_THRESHOLD, smoothing=SEED_SMOOTHING,
-                   min_seed_size=MIN_SEED_SIZE):
+                   min_seed_size=MIN_SEED_SIZE, min_relative_seed_size=MIN_RELATIVE_SEED_SIZE):
     """Seed markers: face-connected components of confident interior inside the foreground.
 
     ``interior`` (particle-interior probability) is smoothed by a Gaussian of
     ``smoothing`` (physical units, 0 = off), thresholded at ``threshold``, and
-    components smaller than ``min_seed_size`` (physical area/volume) are
-    dropped (specks of noise would each become a particle). Every foreground
+    components smaller than ``min_seed_size`` (physical area/volume) or than
+    ``min_relative_seed_size`` x the typical seed (:func:`typical_size` of the
+    components) are dropped (specks of noise would each become a particle). Every foreground
     component left without a seed gets one seed covering it, so no particle
     is lost. Returns ``(markers int32, n_seeds)``; markers are 1..n.
     """
@@ -48,6 +53,10 @@ def boundary_seeds(foreground, interior, *, spacing, threshold=SEED_THRESHOLD, s
         interior = ops.gaussian(interior, tuple(float(smoothing) / s for s in spacing))
     seeds = remove_small_objects((interior > threshold) & foreground, voxels_for(min_seed_size, spacing))
     markers, n_seeds = ops.label(seeds)
+    if min_relative_seed_size and n_seeds:
+        markers = drop_small_particles(markers, min_relative_seed_size)
+        seeds = markers > 0
+        markers, n_seeds = ops.label(seeds)
     regions, n_regions = ops.label(foreground)
     seeded = xp.zeros(n_regions + 1, dtype=bool)
     seeded[regions[seeds]] = True
@@ -85,7 +94,8 @@ def drop_small_particles(labels, min_relative_size=MIN_RELATIVE_SIZE):
 
 
 def boundary_split(foreground, boundary, *, interior=None, spacing=None, threshold=SEED_THRESHOLD,
-                   smoothing=SEED_SMOOTHING, min_seed_size=MIN_SEED_SIZE, min_relative_size=MIN_RELATIVE_SIZE):
+                   smoothing=SEED_SMOOTHING, min_seed_size=MIN_SEED_SIZE,
+                   min_relative_seed_size=MIN_RELATIVE_SEED_SIZE, min_relative_size=MIN_RELATIVE_SIZE):
     """Split a foreground into particles along high boundary probability.
 
     Parameters
@@ -102,7 +112,7 @@ def boundary_split(foreground, boundary, *, interior=None, spacing=None, thresho
         components. Default ``1 - boundary`` inside the foreground.
     spacing : sequence of float, optional
         Voxel size per axis (physical units); default 1.
-    threshold, smoothing, min_seed_size
+    threshold, smoothing, min_seed_size, min_relative_seed_size
         Seed rule, see :func:`boundary_seeds`.
     min_relative_size : float
         Particles smaller than this fraction of the image's typical particle
@@ -134,7 +144,7 @@ def boundary_split(foreground, boundary, *, interior=None, spacing=None, thresho
     boundary = _probability(boundary, "boundary", foreground.shape)
     interior = (1.0 - boundary) if interior is None else _probability(interior, "interior", foreground.shape)
     markers, _ = boundary_seeds(foreground, interior, spacing=spacing, threshold=threshold, smoothing=smoothing,
-                                min_seed_size=min_seed_size)
+                                min_seed_size=min_seed_size, min_relative_seed_size=min_relative_seed_size)
     surface = boundary
     if smoothing and smoothing > 0:
         surface = ops.gaussian(boundary, tuple(float(smoothing) / s for s in spacing))

@@ -19,7 +19,7 @@ import numpy as np
 from gpu_pipeline._backend import GAUSSIAN_TRUNCATE, DeclumpError, get_array_module, ops_for, to_host
 
 #: Changes whenever a feature's definition or order changes; saved in every model file.
-FEATURE_SET_VERSION = "declump-features-1"
+FEATURE_SET_VERSION = "declump-features-2"  # 2: the side with fewer pixels normalises high (minority_high)
 
 #: Physical scales (units of ``spacing``; pixels at spacing 1). ilastik's set is 0.3, 0.7, 1, 1.6, 3.5, 5, 10 px:
 #: 0.3 px is a kernel of weights (0.004, 0.992, 0.004), i.e. the raw intensity, which is always the first
@@ -71,35 +71,48 @@ def feature_halo(spacing, scales=DEFAULT_SCALES):
     return tuple(max(h) for h in zip(*[_scale_halo(s, spacing) for s in _check_scales(scales)]))
 
 
-def intensity_limits(image, *, low=DEFAULT_PERCENTILES[0], high=DEFAULT_PERCENTILES[1], counts=None, bins=None):
-    """The ``low`` and ``high`` percentiles of an image's intensities, from its histogram.
+def intensity_limits(image, *, low=DEFAULT_PERCENTILES[0], high=DEFAULT_PERCENTILES[1], counts=None, bins=None,
+                     minority_high=True):
+    """The ``low`` and ``high`` percentiles of an image's intensities, from its histogram, as normalisation limits.
 
     From the same histogram as the Otsu threshold (one bin per value for
     integer images, 256 bins otherwise), so that a chunked run gets the same
     limits by adding per-chunk histograms (pass ``counts`` and ``bins``).
-    Returns ``(lower, upper)`` as floats, ``upper > lower``.
+    Returns ``(a, b)`` as floats, ``a != b``: :func:`normalize_intensity` maps
+    ``a`` to 0 and ``b`` to 1. With ``minority_high`` (the default), the side of
+    Otsu's threshold with fewer pixels maps high, i.e. ``a`` is the high
+    percentile when most pixels are above the threshold: particles (the
+    minority) then look alike whether they are dark on bright or bright on
+    dark, which lets one model carry across EM images of either polarity
+    (5-fold CV on 366 EMPS images, folds 0-1: F1@0.5 0.427 -> 0.480).
+    Otherwise ``(lower, upper)``, ``upper > lower``.
     """
-    from gpu_pipeline.stages.threshold import intensity_histogram
+    from gpu_pipeline.stages.threshold import intensity_histogram, otsu_from_histogram
 
     if not 0 <= low < high <= 100:
         raise DeclumpError(f"normalisation percentiles must satisfy 0 <= low < high <= 100, got {low}, {high}")
     if counts is None:
         counts, bins = intensity_histogram(image)
-    cumulative = np.cumsum(np.asarray(counts, dtype=np.int64))
+    counts = np.asarray(counts, dtype=np.int64)
+    cumulative = np.cumsum(counts)
     total = int(cumulative[-1])
     values = bins.centers if not bins.integer else bins.low + np.arange(bins.nbins, dtype=np.float64)
     lower = float(values[min(int(np.searchsorted(cumulative, low / 100 * total, side="left")), bins.nbins - 1)])
     upper = float(values[min(int(np.searchsorted(cumulative, high / 100 * total, side="left")), bins.nbins - 1)])
     if upper <= lower:  # a mostly constant image: fall back to the full range, which histogram_bins made non-empty
         lower, upper = float(bins.low), float(bins.high)
+    if minority_high and np.count_nonzero(counts) >= 2:
+        above = int(counts[bins.centers > otsu_from_histogram(counts, bins)].sum())
+        if 2 * above > total:
+            return upper, lower
     return lower, upper
 
 
 def normalize_intensity(image, *, low=DEFAULT_PERCENTILES[0], high=DEFAULT_PERCENTILES[1], limits=None):
-    """``image`` as float32 with its ``low``/``high`` percentiles mapped to 0/1 (not clipped).
+    """``image`` as float32 with its ``low``/``high`` percentiles mapped to 0/1 (not clipped), the minority side high.
 
-    ``limits``: precomputed ``(lower, upper)`` values (a chunked run's global
-    ones); default: :func:`intensity_limits` of this image.
+    ``limits``: precomputed ``(a, b)`` values mapped to 0 and 1 (a chunked
+    run's global ones); default: :func:`intensity_limits` of this image.
     """
     xp = get_array_module(image)
     lower, upper = limits if limits is not None else intensity_limits(image, low=low, high=high)
