@@ -44,7 +44,7 @@ from bench.common import RESULTS, SHARED, machine_info
 #: 400 px per image and class reached F1@0.5 0.523 / 0.489 against 0.529 / 0.449 for 16 trees of depth 12 with
 #: 300 px; 24 trees keep the shipped model under 5 MB.
 EM_SCALES = (1.0, 2.0, 4.0, 8.0, 16.0)
-EM_TREES, EM_DEPTH, EM_SAMPLES_PER_IMAGE, EM_BOUNDARY_WIDTH = 24, 14, 400, 2
+EM_TREES, EM_DEPTH, EM_SAMPLES_PER_IMAGE, EM_BOUNDARY_WIDTH = 32, 14, 800, 2
 FOLDS = 5
 MODEL_PATH = Path(__file__).resolve().parents[1] / "gpu_pipeline" / "models" / "em-particles.npz"
 PAINT_LIMIT = 300

@@ -66,9 +66,13 @@ class _Forest:
         return int(self.node_count.size)
 
     def arrays(self):
-        return {"node_count": self.node_count, "children_left": self.children_left.astype(np.int32),
-                "children_right": self.children_right.astype(np.int32), "feature": self.feature.astype(np.int32),
-                "threshold": self.threshold, "value": self.value}
+        # Smaller files, same trees and predictions: node and feature indices in the narrowest integer
+        # type that holds them (loading widens them again), and the class values of inner nodes, which
+        # no prediction reads (only leaves are), written as zeros that compress to almost nothing.
+        leaf = (self.children_left < 0)[:, None]
+        return {"node_count": self.node_count, "children_left": _narrow(self.children_left),
+                "children_right": _narrow(self.children_right), "feature": _narrow(self.feature),
+                "threshold": self.threshold, "value": np.where(leaf, self.value, np.float32(0))}
 
     def depths(self):
         out = []
@@ -336,6 +340,15 @@ class PixelClassifier:
             raise DeclumpError(f"{path} is not a readable declump model file (truncated or another format: "
                                f"{type(exc).__name__}); pass a .npz written by `declump train`") from exc
         return cls(_forest_from_arrays(arrays, header, path), header)
+
+
+def _narrow(values):
+    """``values`` (integers) as the narrowest of int8, int16, int32 and int64 that holds them all."""
+    for dtype in (np.int8, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if values.size == 0 or (int(values.min()) >= info.min and int(values.max()) <= info.max):
+            return values.astype(dtype)
+    return values.astype(np.int64)
 
 
 def _forest_from_arrays(arrays, header, path):
