@@ -277,7 +277,7 @@ def test_peak_halo_follows_the_parameters():
 def test_compiled_block_assignment_equals_the_array_path(margin):
     """The CPU's compiled per-chunk assignment gives each voxel the array path's centroid (the GPU's and the
     reference), for blocks at any origin, including voxels that fall back to their region's full list."""
-    from gpu_pipeline.chunked.pipeline import _assign_block_compiled
+    from gpu_pipeline.chunked.pipeline import _assign_block_array, _assign_block_compiled
     from gpu_pipeline.stages.split import kmeans_seeds, peaks_per_region
 
     rng = np.random.default_rng(11)
@@ -297,20 +297,7 @@ def test_compiled_block_assignment_equals_the_array_path(margin):
             for origin in itertools.product(*starts):
                 block = regions[tuple(slice(o, o + 17) for o in origin)]
                 flat_c, chosen_c = _assign_block_compiled(block, seeds, centres, spacing, origin)
-                flat_a, chosen_a = _array_assign(block, seeds, centres, spacing, origin)
+                flat_a, chosen_a = _assign_block_array(block, seeds, centres, spacing, origin)
                 np.testing.assert_array_equal(flat_c, flat_a)
                 np.testing.assert_array_equal(chosen_c, chosen_a)
 
-
-def _array_assign(block, seeds, centres, spacing, origin):
-    from gpu_pipeline.chunked.components import unique_ids
-    from gpu_pipeline.stages.kmeans import batched_kmeans
-    from gpu_pipeline.stages.split import block_candidates
-
-    flat, coords, groups, offsets, ids = block_candidates(block, seeds, origin=origin, spacing=spacing)
-    if flat.size == 0:
-        return flat, np.zeros(0, dtype=np.int64)
-    used, local = unique_ids(ids, return_inverse=True)
-    chosen, _, _ = batched_kmeans(coords, groups, offsets, local.ravel(), centres[used], spacing=spacing,
-                                  radii=None if seeds.radii is None else seeds.radii[used], max_iter=0)
-    return flat, used[chosen]

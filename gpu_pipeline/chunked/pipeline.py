@@ -51,8 +51,7 @@ from gpu_pipeline.stages.components import (count_pairs, face_pairs_between_labe
 from gpu_pipeline.stages.kmeans import batched_kmeans
 from gpu_pipeline.stages.peaks import (join_peaks, local_maxima, quantize_distance, segment_points,
                                        space_candidates, window_half_widths)
-from gpu_pipeline.stages.kmeans import PRUNE_CELL
-from gpu_pipeline.stages.split import (BLOCK_DIVISOR, CELL_PRUNE_WIDTH, KMeansSeeds, block_candidates, block_lists,
+from gpu_pipeline.stages.split import (KMeansSeeds, assign_compiled, block_candidates, candidate_selections,
                                       kmeans_seeds)
 
 #: Default ``max_radius``: this many times ``min_distance``.
@@ -261,9 +260,14 @@ def _seeds_on(seeds, xp):
 
 def _assign_block(regions, seeds, centres, spacing, origin):
     """Voxels of multi-peak regions in one block: local flat indices and chosen global centroid indices."""
-    xp = get_array_module(regions)
-    if xp is np:
+    if get_array_module(regions) is np:
         return _assign_block_compiled(regions, seeds, np.asarray(centres), spacing, origin)
+    return _assign_block_array(regions, seeds, centres, spacing, origin)
+
+
+def _assign_block_array(regions, seeds, centres, spacing, origin):
+    """:func:`_assign_block` in array code (the GPU's; on NumPy, the reference of the compiled pass)."""
+    xp = get_array_module(regions)
     seeds = _seeds_on(seeds, xp)
     centres = ops_for(regions).device_table(centres)
     flat, coords, groups, offsets, ids = block_candidates(regions, seeds, origin=origin, spacing=spacing)
@@ -277,7 +281,7 @@ def _assign_block(regions, seeds, centres, spacing, origin):
 
 
 def _assign_block_compiled(regions, seeds, centres, spacing, origin):
-    """:func:`_assign_block` on the CPU in one compiled pass (``kernels.assign_in_cells``, as in memory).
+    """:func:`_assign_block` on the CPU in one compiled pass (``split.assign_compiled``, as in memory).
 
     The lists are built from the same centroids as :func:`block_candidates`
     (those of the block's regions near it, or all of those regions'
@@ -285,37 +289,18 @@ def _assign_block_compiled(regions, seeds, centres, spacing, origin):
     order, so every voxel gets the same candidates, sums and ties: the same
     choice as the array path and as the in-memory run.
     """
-    from cpu_fallback.kernels import assign_in_cells
-
-    multi_voxels = seeds.multi[regions]
-    flat = np.flatnonzero(multi_voxels.ravel())
+    flat = np.flatnonzero(seeds.multi[regions].ravel())
     if flat.size == 0:
         return flat, np.zeros(0, dtype=np.int64)
-    origin_arr = np.asarray([int(o) for o in origin], dtype=np.int64)
-    present = np.zeros(seeds.multi.size, dtype=bool)
-    present[regions.ravel()[flat]] = True
-    of_present = np.flatnonzero(present[seeds.centre_region])
-    scale = np.asarray([float(s) for s in spacing], dtype=np.float64)
-    block = np.asarray([max(1, int(math.ceil(seeds.margin / BLOCK_DIVISOR / float(s)))) for s in spacing],
-                       dtype=np.float64)
-    c = seeds.centres[of_present]
-    gap = np.maximum(np.maximum(origin_arr - block - c, c - (origin_arr + np.asarray(regions.shape) - 1 + block)),
-                     0) * scale
-    near = of_present[(gap * gap).sum(axis=1) <= seeds.margin * seeds.margin]
-    highest = origin_arr + np.asarray(regions.shape, dtype=np.int64) - 1
+    near, of_present = candidate_selections(seeds, regions.ravel()[flat], origin=origin, shape=regions.shape,
+                                            spacing=spacing)
+    highest = np.asarray([int(o) for o in origin]) + np.asarray(regions.shape) - 1
     choice = np.empty(regions.shape, dtype=np.int64)
     for selection in (near, of_present):
         if selection.size == 0:  # none of the block's regions has a centroid near it
             continue
-        lists = block_lists(seeds.centres[selection], seeds.centre_region[selection], spacing=spacing,
-                            margin=seeds.margin, highest=highest)
-        power = (np.zeros(selection.size) if seeds.radii is None
-                 else seeds.radii[selection].astype(np.float64) ** 2)
-        n_fallback = assign_in_cells(regions, seeds.multi, lists.block, lists.strides, lists.n_blocks, lists.keys,
-                                     lists.offsets, lists.ids, lists.fallback_base, centres[selection] * scale,
-                                     power, scale, selection.astype(np.int64), choice,
-                                     cell=(PRUNE_CELL,) * regions.ndim, prune_width=CELL_PRUNE_WIDTH,
-                                     origin=origin_arr)
+        n_fallback = assign_compiled(regions, seeds, selection, centres, selection.astype(np.int64), choice,
+                                     spacing=spacing, origin=origin, highest=highest)
         if n_fallback == 0 or selection.size == of_present.size:
             break
     return flat, choice.ravel()[flat]

@@ -190,6 +190,53 @@ def kmeans_seeds(peak_region, n_regions, peaks, radii, *, assignment="power", ma
                        centre_label=centre_label)
 
 
+def candidate_selections(seeds, voxel_region, *, origin, shape, spacing):
+    """The centroids a block's candidate lists are built from: ``(near, of_present)``, global indices.
+
+    ``of_present``: every centroid of the regions in ``voxel_region`` (the
+    block's multi-peak voxels' regions); ``near``: those of them within the
+    margin plus one grid block of the block (``shape`` at ``origin``), all
+    that a (region, block) list of the block can hold. Voxels that fall back
+    to their region's full list need ``of_present``.
+    """
+    xp = get_array_module(voxel_region)
+    present = xp.zeros(seeds.multi.size, dtype=bool)
+    present[voxel_region] = True
+    of_present = xp.flatnonzero(present[seeds.centre_region])
+    # Centroids within margin + one block of the block's bounding box can be candidates.
+    origin_arr = xp.asarray([int(o) for o in origin], dtype=xp.int64)
+    scale = xp.asarray([float(s) for s in spacing], dtype=xp.float64)
+    block = xp.asarray([max(1, int(math.ceil(seeds.margin / BLOCK_DIVISOR / float(s)))) for s in spacing],
+                       dtype=xp.float64)
+    low = origin_arr - block
+    high = origin_arr + xp.asarray(shape, dtype=xp.int64) - 1 + block
+    c = seeds.centres[of_present]
+    gap = xp.maximum(xp.maximum(low - c, c - high), 0) * scale
+    return of_present[(gap * gap).sum(axis=1) <= seeds.margin * seeds.margin], of_present
+
+
+def assign_compiled(regions, seeds, selection, centres, centre_value, labels, *, spacing, origin, highest):
+    """The power assignment of ``regions``' multi-peak voxels in one compiled pass (CPU only).
+
+    Candidate lists from the centroids ``selection`` (global indices) of
+    ``seeds``, distances to ``centres[selection]`` (index units),
+    ``labels[voxel] = centre_value[chosen]`` in place; ``regions`` sits at
+    ``origin`` in a volume whose voxels go up to ``highest``. Returns
+    :func:`cpu_fallback.kernels.assign_in_cells`' fallback count (-1: a
+    region had no list in ``selection``).
+    """
+    from cpu_fallback.kernels import assign_in_cells
+
+    lists = block_lists(seeds.centres[selection], seeds.centre_region[selection], spacing=spacing,
+                        margin=seeds.margin, highest=highest)
+    scale = np.asarray([float(s) for s in spacing], dtype=np.float64)
+    power = np.zeros(selection.size) if seeds.radii is None else seeds.radii[selection].astype(np.float64) ** 2
+    return assign_in_cells(regions, seeds.multi, lists.block, lists.strides, lists.n_blocks, lists.keys,
+                           lists.offsets, lists.ids, lists.fallback_base, centres[selection] * scale, power, scale,
+                           centre_value, labels, cell=(PRUNE_CELL,) * regions.ndim, prune_width=CELL_PRUNE_WIDTH,
+                           origin=origin)
+
+
 def block_candidates(regions, seeds, *, origin, spacing):
     """The voxels of multi-peak regions in one block and their candidate centroids.
 
@@ -212,18 +259,8 @@ def block_candidates(regions, seeds, *, origin, spacing):
     if flat.size == 0:
         empty = xp.zeros(0, dtype=xp.int64)
         return flat, coords, empty, xp.zeros(1, dtype=xp.int64), empty
-    present = xp.zeros(seeds.multi.size, dtype=bool)
-    present[voxel_region] = True
-    of_present = xp.flatnonzero(present[seeds.centre_region])
-    # Centroids within margin + one block of the block's bounding box can be candidates.
-    scale = xp.asarray([float(s) for s in spacing], dtype=xp.float64)
-    block = xp.asarray([max(1, int(math.ceil(seeds.margin / BLOCK_DIVISOR / float(s)))) for s in spacing],
-                       dtype=xp.float64)
-    low = origin_arr - block
-    high = origin_arr + xp.asarray(regions.shape, dtype=xp.int64) - 1 + block
-    c = seeds.centres[of_present]
-    gap = xp.maximum(xp.maximum(low - c, c - high), 0) * scale
-    near = of_present[(gap * gap).sum(axis=1) <= seeds.margin * seeds.margin]
+    near, of_present = candidate_selections(seeds, voxel_region, origin=origin, shape=regions.shape,
+                                            spacing=spacing)
     for selection in (near, of_present):
         if selection.size == 0:  # none of the block's regions has a centroid near it
             continue
@@ -263,16 +300,9 @@ def split_regions_kmeans(regions, n_regions, peaks, radii, *, spacing, assignmen
         # pass over cells: no coordinate arrays, candidate lists found and
         # pruned per cell. Same lists and sums, so the same labels as the
         # array form below (which the chunked engine and the GPU use).
-        from cpu_fallback.kernels import assign_in_cells
-
-        lists = block_lists(seeds.centres, seeds.centre_region, spacing=spacing, margin=seeds.margin,
-                            highest=xp.asarray(regions.shape, dtype=xp.int64) - 1)
-        scale = np.asarray([float(s) for s in spacing], dtype=np.float64)
-        power = np.zeros(seeds.centres.shape[0]) if seeds.radii is None else seeds.radii.astype(np.float64) ** 2
-        assign_in_cells(regions, seeds.multi, lists.block, lists.strides, lists.n_blocks, lists.keys, lists.offsets,
-                        lists.ids, lists.fallback_base, seeds.centres * scale, power, scale,
-                        n_regions + 1 + seeds.centre_label, labels, cell=(PRUNE_CELL,) * regions.ndim,
-                        prune_width=CELL_PRUNE_WIDTH)
+        every = np.arange(seeds.centres.shape[0])
+        assign_compiled(regions, seeds, every, seeds.centres, n_regions + 1 + seeds.centre_label, labels,
+                        spacing=spacing, origin=(0,) * regions.ndim, highest=np.asarray(regions.shape) - 1)
         return labels, 0
     if engine == "batched":
         flat, coords, groups, offsets, ids = block_candidates(regions, seeds, origin=(0,) * regions.ndim,
