@@ -1,6 +1,7 @@
 """Which automatic foreground choices win, on all the shared real data and on generated nuclei.
 
     python -m bench.auto_foreground [--emps-limit N] [--out NAME]
+    python -m bench.auto_foreground --polarity [--emps-limit N] [--out NAME]
 
 Every method runs as a new user would run it, one image at a time, scores
 pooled over images (F1@0.5 and mean F1 over IoU 0.50-0.95):
@@ -30,6 +31,12 @@ checked on seeds 100-105. The constants behind ``auto`` are in
 ``gpu_pipeline.stages.threshold`` (MISSED_AREA), ``gpu_pipeline.stages.scale``
 (MIN_DISTANCE_PER_RADIUS), ``gpu_pipeline.pipeline`` (HOLE_RADIUS_PER_RADIUS,
 SIGMA_PER_RADIUS, MIN_SIZE_PER_PARTICLE) and ``gpu_pipeline.stages.annotations``.
+
+``--polarity`` audits the ``auto`` polarity instead, per EMPS image: the defaults with the polarity rule
+before (``border_majority_polarity``: the background is what covers most of the border) and now
+(``gpu_pipeline.stages.threshold.choose_polarity``), and the defaults with each polarity forced; the right side
+is the forced one whose foreground has the higher Dice with the ground truth's, and each image's loss is the
+F1@0.5 of that forced run minus the rule's. Every row keeps its counts, so any rule can be pooled again.
 
 The annotation rule's safety is measured first (``annotation safety``): per
 EMPS folder, how many true particles have 5 %, 20 % or 50 % of their pixels
@@ -84,6 +91,136 @@ def without_sigma_radius_rule(fn):
         finally:
             pipeline.SIGMA_PER_RADIUS = saved
     return run
+
+
+def border_majority_polarity(image, threshold, polarity="auto", **_):
+    """The ``auto`` polarity before 2026-12-01: the background is what covers most of the border (a split
+    border: the minority side of the image is the particles)."""
+    from gpu_pipeline.stages.threshold import border_fraction_above
+
+    if polarity != "auto":
+        return polarity
+    border = border_fraction_above(image, threshold)
+    if border != 0.5:
+        return "bright" if border < 0.5 else "dark"
+    return "bright" if float((image > threshold).mean()) <= 0.5 else "dark"
+
+
+def with_border_majority_polarity(fn):
+    """``fn`` run with :func:`border_majority_polarity` as the ``auto`` polarity rule."""
+    from gpu_pipeline.stages import threshold
+
+    def run(image, p):
+        saved, threshold.choose_polarity = threshold.choose_polarity, border_majority_polarity
+        try:
+            return fn(image, p)
+        finally:
+            threshold.choose_polarity = saved
+    return run
+
+
+def polarity_audit(emps_limit=None, save=None):
+    """Per EMPS image: the right polarity, what the rules before and now pick, and what each loses."""
+    from cpu_fallback import separate
+    from gpu_pipeline._backend import DeclumpError
+    from gpu_pipeline.io import read_image
+    from gpu_pipeline.metrics import evaluate
+
+    def ours(image, p, **options):
+        return separate(image, spacing=p["spacing"], return_details=True, **options)
+
+    runs = {"before": with_border_majority_polarity(ours), "now": ours,
+            "bright": lambda image, p: ours(image, p, polarity="bright"),
+            "dark": lambda image, p: ours(image, p, polarity="dark")}
+    rows = []
+    for folder in ("emps_subset", "emps_train_rest"):
+        path = SHARED / folder
+        if not path.exists():
+            continue
+        for name in sorted(p.stem for p in (path / "images").glob("*.png"))[:emps_limit]:
+            image = read_image(path / "images" / f"{name}.png")[0]
+            truth = read_image(path / "segmaps" / f"{name}.png")[0]
+            row = {"folder": folder, "image": name}
+            for key, fn in runs.items():
+                try:
+                    labels, details = fn(image, {"spacing": (1.0, 1.0)})
+                    side = details.polarity
+                except DeclumpError:  # nothing left: an empty result, scored as such
+                    labels, side = np.zeros(truth.shape, dtype=np.int32), None
+                s = evaluate(labels, truth)
+                row[key] = {"polarity": side, "f1": [round(v, 5) for v in s["f1"]], "n_pred": s["n_pred"],
+                            "dice": round(s["dice"], 4)}
+                row["n_gt"] = s["n_gt"]
+            right = max(("bright", "dark"), key=lambda k: row[k]["dice"])
+            row["right"] = right
+            for key in ("before", "now"):
+                row[key]["loss_f1_50"] = round(row[right]["f1"][0] - row[key]["f1"][0], 4)
+            rows.append(row)
+            print(f"{folder[:10]} {name} right {right:6s} before {row['before']['polarity']} "
+                  f"({row['before']['loss_f1_50']:+.2f}) now {row['now']['polarity']} ({row['now']['loss_f1_50']:+.2f})",
+                  flush=True)
+        if save:
+            save(rows)
+    return rows
+
+
+def polarity_summary(rows):
+    """Pooled F1@0.5 / mean F1 per folder and over all: rules before and now, each polarity forced, the right one."""
+    from bench.compare_methods import pool_scores
+
+    def scores(subset, pick):
+        per = []
+        for r in subset:
+            run = r[pick(r)]
+            per.append({"f1": run["f1"], "n_pred": run["n_pred"], "n_gt": r["n_gt"], "splits": 0, "merges": 0})
+        p = pool_scores(per)
+        return {"f1_50": round(p["f1_50"], 4), "mean_f1": round(p["mean_f1"], 4), "n_pred": p["n_pred"],
+                "n_gt": p["n_gt"]}
+
+    picks = {"defaults, polarity rule before (border majority)": lambda r: "before",
+             "defaults, polarity rule now": lambda r: "now",
+             "forced bright": lambda r: "bright", "forced dark": lambda r: "dark",
+             "forced right side (by Dice; an upper bound for a polarity rule)": lambda r: r["right"]}
+    out = {}
+    for label, subset in [(f, [r for r in rows if r["folder"] == f]) for f in ("emps_subset", "emps_train_rest")] \
+            + [("both folders (366)", rows)]:
+        if not subset:
+            continue
+        block = {"images": len(subset), "methods": {k: scores(subset, v) for k, v in picks.items()}}
+        for key in ("before", "now"):
+            wrong = [r for r in subset if r[key]["polarity"] != r["right"]]
+            block[f"wrong_{key}"] = len(wrong)
+            block[f"loss_{key}_sum_f1"] = round(sum(max(r[key]["loss_f1_50"], 0) for r in wrong), 2)
+        out[label] = block
+    return out
+
+
+def polarity_markdown(result):
+    m = result["machine"]
+    lines = [f"# Automatic polarity: per-image audit on the EMPS images ({m['date']})", "",
+             f"CPU: {m['cpu']} ({m['cpu_count']} cores, shared with other jobs: load average "
+             f"{result['loadavg_start']} at start, {result['loadavg_end']} at end); wall {result['wall_seconds']:.0f} s.",
+             "`python -m bench.auto_foreground --polarity`. Every run is `separate(image)` with the defaults; "
+             "`before`: with the polarity rule before (the background is what covers most of the border), `now`: "
+             "`choose_polarity` (border and connectivity evidence), forced: `polarity='bright'/'dark'`. Right side: "
+             "the forced run whose foreground has the higher Dice with the ground truth's. The weight was chosen on "
+             "emps_subset; emps_train_rest is the check.", ""]
+    for label, block in result["summary"].items():
+        lines += [f"## {label} ({block['images']} images)", "",
+                  f"Wrong side: before {block['wrong_before']} images (F1@0.5 lost on them, summed over images: "
+                  f"{block['loss_before_sum_f1']}), now {block['wrong_now']} ({block['loss_now_sum_f1']}).", "",
+                  "| run | pooled F1@0.5 | mean F1 | objects found / true |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['f1_50']:.3f} | {v['mean_f1']:.3f} | {v['n_pred']} / {v['n_gt']} |"
+                  for k, v in block["methods"].items()]
+        lines.append("")
+    lines += ["## Images where either rule picks the wrong side", "",
+              "| folder | image | true objects | right | before (loss F1@0.5) | now (loss F1@0.5) |",
+              "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if r["before"]["polarity"] != r["right"] or r["now"]["polarity"] != r["right"]:
+            lines.append(f"| {r['folder']} | {r['image']} | {r['n_gt']} | {r['right']} | {r['before']['polarity']} "
+                         f"({r['before']['loss_f1_50']:+.2f}) | {r['now']['polarity']} ({r['now']['loss_f1_50']:+.2f}) |")
+    return "\n".join(lines) + "\n"
 
 
 def annotation_safety():
@@ -266,9 +403,25 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--emps-limit", type=int, default=None, help="only the first N images of each EMPS folder")
     parser.add_argument("--out", default=None, help="result file stem in bench/results (default auto_foreground_DATE)")
+    parser.add_argument("--polarity", action="store_true", help="the per-image polarity audit on the EMPS images")
     args = parser.parse_args(argv)
     start, t0 = [round(v, 2) for v in os.getloadavg()], time.perf_counter()
     machine = machine_info()
+    if args.polarity:
+        stem = args.out or f"auto_foreground_{machine['date'][:10]}_polarity"
+        RESULTS.mkdir(exist_ok=True)
+
+        def save_audit(rows):
+            result = {"machine": machine, "loadavg_start": start,
+                      "loadavg_end": [round(v, 2) for v in os.getloadavg()],
+                      "wall_seconds": time.perf_counter() - t0, "emps_limit": args.emps_limit,
+                      "summary": polarity_summary(rows), "rows": rows}
+            (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
+            (RESULTS / f"{stem}.md").write_text(polarity_markdown(result))
+
+        polarity_audit(args.emps_limit, save_audit)
+        print(f"wrote {RESULTS / stem}.json/.md")
+        return
     stem = args.out or f"auto_foreground_{machine['date'][:10]}"
     RESULTS.mkdir(exist_ok=True)
 

@@ -59,6 +59,20 @@ def _label_sizes(block):
     return to_host(xp.stack([values.astype(xp.int64), counts.astype(xp.int64)]))
 
 
+def largest_component_share_chunked(mask) -> float:
+    """:func:`gpu_pipeline.stages.threshold.largest_component_share` of a chunked boolean Dask array: its
+    components from :func:`label_chunked`, their sizes summed over blocks."""
+    import dask
+
+    components, count = label_chunked(mask)
+    if count == 0:
+        return 0.0
+    sizes = np.zeros(count + 1, dtype=np.int64)
+    for part in dask.compute(*[dask.delayed(_label_sizes)(b) for b in components.to_delayed().ravel()]):
+        np.add.at(sizes, part[0], part[1])
+    return float(sizes[1:].max()) / float(sizes[1:].sum())
+
+
 def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="auto", min_size=0.0, mask=None,
                     workspace=None, device=None):
     """Connected regions of the cleaned foreground of a chunked volume.
@@ -99,7 +113,8 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
                 value, at = candidates[threshold], candidates["otsu"]
             else:
                 value = at = float(threshold)
-            return {"threshold": value, "polarity": choose_polarity(smoothed, at, polarity)}
+            return {"threshold": value, "polarity": choose_polarity(smoothed, at, polarity,
+                                                                    largest_share=largest_component_share_chunked)}
 
         decided = workspace.remember("threshold", decide)
         value, side = float(decided["threshold"]), str(decided["polarity"])

@@ -1,0 +1,73 @@
+"""The ``auto`` polarity: particles crowded to the frame, the mirror case, chunked equality, nuclei unchanged."""
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from cpu_fallback import separate
+from gpu_pipeline.metrics import evaluate
+from gpu_pipeline.stages.threshold import (border_fraction_above, choose_polarity, largest_component_share,
+                                           otsu_threshold)
+from gpu_pipeline.synthetic import make_touching_particles
+
+
+def crowded_to_the_frame(rng, polarity, shape=(200, 232), pitch=24):
+    """Separate round particles on a jittered grid whose rows and columns the frame cuts through.
+
+    The particles cover most of the image's border (so the background is not what covers most of it) and
+    about two thirds of the image; the film between them is one connected piece. Returns the image (film
+    0.7, particles 0.25 for dark ones; the mirror for bright ones, with noise) and the true labels.
+    """
+    rows = np.arange(rng.integers(4, 8), shape[0] + pitch, pitch)
+    cols = np.arange(rng.integers(4, 8), shape[1] + pitch, pitch)
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    truth = np.zeros(shape, np.int32)
+    for r in rows:
+        for c in cols:
+            cy, cx = r + rng.uniform(-1, 1), c + rng.uniform(-1, 1)
+            truth[(yy - cy) ** 2 + (xx - cx) ** 2 <= rng.uniform(9.5, 10.5) ** 2] = truth.max() + 1
+    inside = truth > 0
+    image = np.where(inside, 0.25, 0.7) if polarity == "dark" else np.where(inside, 0.75, 0.3)
+    image = ndi.gaussian_filter(image, 1.0) + rng.normal(0, 0.03, shape)
+    return image.astype(np.float32), truth
+
+
+@pytest.mark.parametrize("polarity", ["dark", "bright"])
+def test_particles_crowded_to_the_frame_get_their_polarity(rng, polarity):
+    image, truth = crowded_to_the_frame(rng, polarity)
+    t = otsu_threshold(image)
+    particles_on_border = border_fraction_above(image, t) if polarity == "bright" else 1 - border_fraction_above(image, t)
+    assert particles_on_border > 0.6  # the rule "background covers most of the border" picks the other side
+    assert choose_polarity(image, t, "auto") == polarity
+    labels, details = separate(image, return_details=True)
+    assert details.polarity == polarity
+    assert evaluate(labels, truth)["f1_50"] > 0.9
+
+
+@pytest.mark.parametrize("polarity", ["dark", "bright"])
+def test_sparse_particles_keep_their_polarity(rng, polarity):
+    image, _ = make_touching_particles((160, 160), 12, polarity=polarity, seed=int(rng.integers(1e6)))
+    assert choose_polarity(image, otsu_threshold(image), "auto") == polarity
+
+
+def test_largest_component_share_equals_scipy(rng):
+    mask = rng.random((60, 70)) > 0.55
+    labels, n = ndi.label(mask)
+    sizes = np.bincount(labels.ravel())[1:]
+    assert largest_component_share(mask) == pytest.approx(sizes.max() / sizes.sum())
+    assert largest_component_share(np.zeros((5, 5), bool)) == 0.0
+
+
+def test_chunked_polarity_equals_in_memory_on_crowded_particles(rng, tmp_path):
+    da = pytest.importorskip("dask.array")
+    from cpu_fallback import ops
+    from gpu_pipeline.chunked.foreground import regions_chunked
+    from gpu_pipeline.chunked.workspace import Workspace
+
+    for polarity in ("dark", "bright"):
+        image, _ = crowded_to_the_frame(rng, polarity, shape=(120, 136))
+        smoothed = ops.gaussian(image, (1.0, 1.0))
+        t = otsu_threshold(smoothed)
+        for chunks in ((40, 50), (120, 30)):
+            _, _, threshold, side = regions_chunked(da.from_array(image, chunks=chunks), spacing=(1.0, 1.0),
+                                                    sigma=1.0, workspace=Workspace(tmp_path / f"{polarity}{chunks}"))
+            assert (threshold, side) == (t, choose_polarity(smoothed, t, "auto")) == (t, polarity)
