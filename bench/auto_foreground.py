@@ -15,6 +15,8 @@ pooled over images (F1@0.5 and mean F1 over IoU 0.50-0.95):
   the rule before ``auto``), ``sigma: no radius rule`` (sigma ``auto``
   without SIGMA_PER_RADIUS), ``no annotation rejection``, ``reject
   annotations + rectangles``: the defaults with one step changed;
+- ``polarity: border majority (before)``: the defaults with the ``auto``
+  polarity rule before 2026-12-01 (``border_majority_polarity``);
 - ``old defaults``: the defaults before the automatic options (Otsu,
   min_distance 4, no hole filling, sigma 1, min_size a ball of diameter 4,
   no annotation rejection);
@@ -61,11 +63,13 @@ OLD_DEFAULTS = dict(sigma=1.0, threshold="otsu", min_distance=4.0, max_hole_size
 #: Not run on the EMPS folders, to fit a shared 2-core machine (the full run takes over an hour there):
 #: ``local`` (4.5 s per image); the forced thresholds, no hole filling and the rectangle rule (about the
 #: threshold and hole choices, which the 2026-12-01 results cover) on both; on the check folder also the
-#: one-step ablations (their choosing was on emps_subset).
+#: one-step ablations (their choosing was on emps_subset); the polarity rule before, which ``--polarity``
+#: runs on every EMPS image.
 _EMPS_SUBSET, _EMPS_REST = "EMPS emps_subset (rules chosen)", "EMPS emps_train_rest (check)"
 SLOW = ({(m, d) for m in ("threshold=local", "threshold=li", "threshold=triangle", "no hole filling",
                           "reject annotations + rectangles") for d in (_EMPS_SUBSET, _EMPS_REST)}
-        | {(m, _EMPS_REST) for m in ("threshold=otsu", "min_size=None", "sigma: no radius rule")})
+        | {(m, _EMPS_REST) for m in ("threshold=otsu", "min_size=None", "sigma: no radius rule")}
+        | {("polarity: border majority (before)", d) for d in (_EMPS_SUBSET, _EMPS_REST)})  # in --polarity
 
 
 def minority_otsu_components(image, *, sigma, min_size):
@@ -277,6 +281,7 @@ def methods():
         "no annotation rejection": ours(reject_annotations=False),
         "reject annotations + rectangles": ours(reject_annotations=True),
         "old defaults": ours(**OLD_DEFAULTS),
+        "polarity: border majority (before)": with_border_majority_polarity(ours()),
         "skimage watershed (tuned)": watershed,
         "minority Otsu + CC": lambda image, p: minority_otsu_components(image, sigma=p["sigma"],
                                                                           min_size=p["min_size"]),

@@ -47,6 +47,10 @@ class NoParticlesError(DeclumpError):
     """The foreground is empty after thresholding and cleanup."""
 
 
+class FilledImageError(NoParticlesError):
+    """After hole filling the foreground covers the whole image: nothing is left to tell particles apart."""
+
+
 @dataclass
 class SeparationDetails:
     """What a run decided and measured: threshold, polarity, scale, counts, per-stage seconds.
@@ -183,6 +187,9 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
     polarity : "auto", "bright" or "dark"
         Whether particles are brighter or darker than the background; see
         :func:`gpu_pipeline.stages.threshold.choose_polarity` for ``auto``.
+        Where the side ``auto`` picks covers the whole image once its holes
+        are filled (it was the background around the particles), the other
+        side is taken; ``details.polarity`` reports the side used.
     mask : ndarray, optional
         A foreground mask (bool or 0/1) or probability map in [0, 1] (e.g. from
         a neural network), used instead of the threshold; foreground is > 0.5.
@@ -332,14 +339,25 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         min_size = None  # a user's mask is taken as given: only objects below the peak window go
     # The annotations are found from the image, so a classifier's foreground is cleaned too; a user's mask is not.
     annotations = reject_annotations is not False and image is not None and (not given or classifier is not None)
-    fg, radius = foreground_step(image, mask, spacing=spacing, sigma=sigma, threshold=threshold,
-                                 polarity=polarity, details=details, clock=clock)
-    if annotations and image.ndim == 2:
-        fg = reject_annotations_step(fg, image, details=details, rectangles=reject_annotations is True)
-        radius = None  # measured before the annotations were removed
-    fg, min_distance, particle_min_size = cleanup_step(fg, spacing=spacing, min_distance=min_distance, min_size=min_size,
-                                              max_hole_size=max_hole_size, details=details, given=given,
-                                              radius=radius)
+
+    def cleaned_foreground(polarity):
+        fg, radius = foreground_step(image, mask, spacing=spacing, sigma=sigma, threshold=threshold,
+                                     polarity=polarity, details=details, clock=clock)
+        if annotations and image.ndim == 2:
+            fg = reject_annotations_step(fg, image, details=details, rectangles=reject_annotations is True)
+            radius = None  # measured before the annotations were removed
+        return cleanup_step(fg, spacing=spacing, min_distance=min_distance, min_size=min_size,
+                            max_hole_size=max_hole_size, details=details, given=given, radius=radius)
+
+    try:
+        fg, min_distance, particle_min_size = cleaned_foreground(polarity)
+    except FilledImageError:
+        if polarity != "auto" or given:
+            raise
+        # The side whose holes, filled, cover the whole image is the background around the particles
+        # (its holes were the particles): the other side is taken (bench.auto_foreground --polarity).
+        fg, min_distance, particle_min_size = cleaned_foreground("dark" if details.polarity == "bright"
+                                                                 else "bright")
     clock.lap("cleanup")
     if boundary is not None and follow_boundaries:
         labels = boundary_split(fg, boundary, interior=interior, spacing=spacing)
@@ -474,7 +492,7 @@ def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details,
     fg = clean_mask(fg, spacing=spacing, min_size=min_size, max_hole_size=max_hole_size)
     if window_measured and bool(fg.all()):
         # Filled holes can leave no background: then every voxel would be a peak candidate of the auto window.
-        raise NoParticlesError("no particles can be told apart: after hole filling the foreground covers the whole "
+        raise FilledImageError("no particles can be told apart: after hole filling the foreground covers the whole "
                                "image; check polarity or threshold, or set --max-hole-size 0")
     if not bool(fg.any()):
         raise NoParticlesError("no particles found: the foreground is empty after thresholding and removing objects "

@@ -4,6 +4,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from cpu_fallback import separate
+from gpu_pipeline._backend import DeclumpError
 from gpu_pipeline.metrics import evaluate
 from gpu_pipeline.stages.threshold import (border_fraction_above, choose_polarity, largest_component_share,
                                            otsu_threshold)
@@ -71,3 +72,27 @@ def test_chunked_polarity_equals_in_memory_on_crowded_particles(rng, tmp_path):
             _, _, threshold, side = regions_chunked(da.from_array(image, chunks=chunks), spacing=(1.0, 1.0),
                                                     sigma=1.0, workspace=Workspace(tmp_path / f"{polarity}{chunks}"))
             assert (threshold, side) == (t, choose_polarity(smoothed, t, "auto")) == (t, polarity)
+
+
+def particles_lining_the_frame(rng, shape=(240, 260), pitch=40, radius=11):
+    """Bright particles cut in half by all four edges of the frame, a few whole ones inside, on a dark film."""
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    centres = [(0, c) for c in range(20, shape[1], pitch)] + [(shape[0] - 1, c) for c in range(20, shape[1], pitch)]
+    centres += [(r, 0) for r in range(40, shape[0] - 30, pitch)] + [(r, shape[1] - 1) for r in range(40, shape[0] - 30, pitch)]
+    centres += [(80, 90), (150, 170), (120, 60)]
+    truth = np.zeros(shape, np.int32)
+    for cy, cx in centres:
+        truth[(yy - cy - rng.uniform(-1, 1)) ** 2 + (xx - cx - rng.uniform(-1, 1)) ** 2 <= radius ** 2] = truth.max() + 1
+    image = ndi.gaussian_filter(np.where(truth > 0, 0.8, 0.3), 1.0) + rng.normal(0, 0.03, shape)
+    return image.astype(np.float32), truth
+
+
+def test_a_side_whose_filled_holes_cover_the_image_is_the_background(rng):
+    image, truth = particles_lining_the_frame(rng)
+    # The border evidence points at the film (the particles line the frame), the film's holes are the particles:
+    assert choose_polarity(image, otsu_threshold(image), "auto") == "dark"
+    labels, details = separate(image, return_details=True)
+    assert details.polarity == "bright"
+    assert evaluate(labels, truth)["f1_50"] > 0.9
+    with pytest.raises(DeclumpError, match="covers the whole image"):
+        separate(image, polarity="dark")

@@ -31,7 +31,7 @@ def test_emps_auto_polarity_matches_ground_truth_on_most_images(shared_data):
         actual = "bright" if image[truth > 0].mean() > image[truth == 0].mean() else "dark"
         smoothed = gaussian(image, (2.0, 2.0))
         right += choose_polarity(smoothed, otsu_threshold(smoothed), "auto") == actual
-    assert right / len(names) >= 0.8, right
+    assert right / len(names) >= 0.9, right  # 122 of 132; the border-majority rule before: 112
 
 
 def test_embryo_3d_nuclei_are_found(shared_data):
