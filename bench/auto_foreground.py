@@ -185,9 +185,17 @@ def polarity_summary(rows):
              "defaults, polarity rule now": lambda r: "now",
              "forced bright": lambda r: "bright", "forced dark": lambda r: "dark",
              "forced right side (by Dice; an upper bound for a polarity rule)": lambda r: r["right"]}
+    from bench.emps_classifier import FOLDS, emps_items
+
+    # The folds of bench.emps_classifier's cross-validation (the defaults train nothing: the spread over its folds).
+    items = emps_items()
+    fold_of = dict(zip(items, np.random.default_rng(2026).permutation(len(items)) % FOLDS))
+    parts = [(f, [r for r in rows if r["folder"] == f]) for f in ("emps_subset", "emps_train_rest")]
+    parts += [("both folders (366)", rows)]
+    parts += [(f"bench.emps_classifier fold {k}", [r for r in rows if fold_of.get((r["folder"], r["image"])) == k])
+              for k in range(FOLDS)]
     out = {}
-    for label, subset in [(f, [r for r in rows if r["folder"] == f]) for f in ("emps_subset", "emps_train_rest")] \
-            + [("both folders (366)", rows)]:
+    for label, subset in parts:
         if not subset:
             continue
         block = {"images": len(subset), "methods": {k: scores(subset, v) for k, v in picks.items()}}

@@ -22,8 +22,8 @@ PARAMETER_HELP = {
                  "'local' (Otsu above a background estimated over an eighth of the image: uneven illumination), 'auto' "
                  "(percentile-normalised, picks one per image and reports it in the summary) or a number in the "
                  "image's intensity units (default %(default)s; chunked runs: otsu, li, triangle or a number)",
-    "polarity": "particles brighter ('bright') or darker ('dark') than the background; 'auto' decides from the "
-                "image border (default %(default)s)",
+    "polarity": "particles brighter ('bright') or darker ('dark') than the background; 'auto': the side rarer "
+                "on the image border than inside it and split into more pieces (default %(default)s)",
     "min_distance": "smallest distance between particle centres, physical units; about the smallest particle "
                     "radius, or 'auto': 0.5 x the typical particle radius measured on the foreground (default "
                     "%(default)s; chunked runs need a number)",
