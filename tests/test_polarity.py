@@ -96,3 +96,18 @@ def test_a_side_whose_filled_holes_cover_the_image_is_the_background(rng):
     assert evaluate(labels, truth)["f1_50"] > 0.9
     with pytest.raises(DeclumpError, match="covers the whole image"):
         separate(image, polarity="dark")
+
+
+@pytest.mark.gpu
+def test_polarity_on_the_gpu_equals_the_cpu(rng):
+    from gpu_pipeline._backend import gpu_available
+
+    cp = pytest.importorskip("cupy")
+    if not gpu_available():
+        pytest.skip("needs CuPy and a CUDA device")
+    for polarity in ("dark", "bright"):
+        image, _ = crowded_to_the_frame(rng, polarity)
+        t = otsu_threshold(image)
+        mask = image > t
+        assert largest_component_share(cp.asarray(mask)) == largest_component_share(mask)
+        assert choose_polarity(cp.asarray(image), t, "auto") == choose_polarity(image, t, "auto") == polarity
