@@ -7,7 +7,7 @@ from cpu_fallback import separate
 from gpu_pipeline._backend import DeclumpError
 from gpu_pipeline.metrics import evaluate
 from gpu_pipeline.stages.threshold import (border_fraction_above, choose_polarity, largest_component_share,
-                                           otsu_threshold)
+                                           otsu_threshold, polarity_score)
 from gpu_pipeline.synthetic import make_touching_particles
 
 
@@ -48,6 +48,35 @@ def test_particles_crowded_to_the_frame_get_their_polarity(rng, polarity):
 def test_sparse_particles_keep_their_polarity(rng, polarity):
     image, _ = make_touching_particles((160, 160), 12, polarity=polarity, seed=int(rng.integers(1e6)))
     assert choose_polarity(image, otsu_threshold(image), "auto") == polarity
+
+
+def test_polarity_skips_the_labellings_only_where_they_cannot_change_the_pick(rng):
+    """choose_polarity equals the sign of the full score (both labellings computed) on images from a clear frame
+    to particles everywhere, and labels only where the border term alone does not decide."""
+    skipped = 0
+    for trial in range(40):
+        shape = (int(rng.integers(30, 90)), int(rng.integers(30, 90)))
+        image = ndi.gaussian_filter(rng.random(shape), rng.uniform(0.5, 3))
+        frame = int(rng.integers(0, 8))
+        if frame:  # a dark or bright frame around some images: the border term decides there
+            ring = np.ones(shape, bool)
+            ring[frame:-frame, frame:-frame] = False
+            image[ring] = rng.choice([image.min(), image.max()])
+        t = otsu_threshold(image)
+        above = image > t
+        full = polarity_score(above.mean(), border_fraction_above(image, t), largest_component_share(above),
+                              largest_component_share(~above))
+        calls = []
+
+        def counting(mask):
+            calls.append(1)
+            return largest_component_share(mask)
+
+        picked = choose_polarity(image, t, "auto", largest_share=counting)
+        if full != 0:
+            assert picked == ("bright" if full > 0 else "dark")
+        skipped += not calls
+    assert 0 < skipped < 40  # both branches ran
 
 
 def test_largest_component_share_equals_scipy(rng):

@@ -270,8 +270,13 @@ def choose_polarity(image, threshold, polarity="auto", *, largest_share=largest_
         raise DeclumpError(f"polarity must be 'auto', 'bright' or 'dark', got {polarity!r}")
     above = image > threshold
     above_fraction = float(above.mean())
-    score = polarity_score(above_fraction, border_fraction_above(image, threshold), largest_share(above),
-                           largest_share(~above))
+    border_above = border_fraction_above(image, threshold)
+    if abs(above_fraction - border_above) > CONNECTIVITY_WEIGHT:
+        # The connectivity term lies in [-1, 1]: it cannot flip this score's sign, so its two labellings (two
+        # more passes over a chunked volume) are skipped. Same pick as the full score.
+        score = polarity_score(above_fraction, border_above, 0.0, 0.0)
+    else:
+        score = polarity_score(above_fraction, border_above, largest_share(above), largest_share(~above))
     if score != 0:
         return "bright" if score > 0 else "dark"
     return "bright" if above_fraction <= 0.5 else "dark"
