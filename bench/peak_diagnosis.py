@@ -8,8 +8,9 @@ min_distance 4, min_size 65), the cause, from declump's own intermediate
 results (peaks, neck groups, labels before and after the finish):
 
 - ``no peak: window`` the particle holds no peak because a higher voxel lies
-  within the ``min_distance`` box of its distance-map maximum (a larger
-  neighbour's flank);
+  in the peak window (``min_distance``) of its distance-map maximum (a
+  larger neighbour's flank); the window was a box of ``2*h+1`` voxels before
+  the ellipsoid of :func:`gpu_pipeline.stages.peaks.find_peaks`;
 - ``no peak: spacing`` its maximum was a candidate but the greedy spacing
   dropped it for an equal one nearby;
 - ``no peak: not a maximum`` its highest voxel is no local maximum at all;
@@ -81,7 +82,7 @@ def matched(pred, gt):
 
 def classify(g, truth, d):
     """The cause of declump's miss of ground-truth particle ``g`` (one of :data:`CAUSES`)."""
-    from scipy import ndimage as ndi
+    from gpu_pipeline.stages.peaks import _highest_in_window
 
     inside = truth == g
     if d["fg"][inside].mean() < 0.5:
@@ -91,8 +92,7 @@ def classify(g, truth, d):
     if own.size == 0:
         values = np.where(inside, d["distance_q"], -1)
         top = np.unravel_index(int(np.argmax(values)), truth.shape)
-        box = tuple(slice(max(0, t - h), t + h + 1) for t, h in zip(top, d["half"]))
-        if d["distance_q"][box].max() > d["distance_q"][top]:
+        if not _highest_in_window(d["distance_q"], np.asarray([top], dtype=np.int64), d["half"])[0]:
             near = tuple(slice(max(0, t - 1), t + 2) for t in top)
             return "no peak: window" if d["distance_q"][near].max() <= d["distance_q"][top] else \
                 "no peak: not a maximum"
