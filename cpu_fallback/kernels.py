@@ -10,77 +10,85 @@ from numba import njit
 
 
 @njit(cache=True, nogil=True)
-def _greedy_spacing(coords, reach):  # pragma: no cover - compiled; tested through greedy_spacing
+def _greedy_spacing(coords, half, cell, span):  # pragma: no cover - compiled; tested through greedy_spacing
     n, ndim = coords.shape
     keep = np.zeros(n, dtype=np.bool_)
-    cell = reach + 1
     low = coords[0].copy()
     high = coords[0].copy()
     for i in range(n):
         for a in range(ndim):
             low[a] = min(low[a], coords[i, a])
             high[a] = max(high[a], coords[i, a])
-    # Kept points are more than `reach` apart on some axis, so a cell of
-    # reach + 1 voxels per axis holds at most one; a conflicting kept point
-    # lies in one of the 3^ndim cells around. Only two slabs of cells along
-    # the first axis are live at a time (points come in C order), which keeps
-    # the table to the size of one cross-section of the bounding box.
+    # Two points of one cell interact, so a cell holds at most one kept
+    # point; a conflicting kept point lies within `span` cells per axis. Only
+    # span[0] + 1 slabs of cells along the first axis are live at a time
+    # (points come in C order): a ring that keeps the table to a few
+    # cross-sections of the bounding box.
     dims = np.ones(ndim, dtype=np.int64)
+    widths = np.ones(ndim, dtype=np.int64)
+    slab = 1
+    n_offsets = 1
     for a in range(1, ndim):
         dims[a] = (high[a] - low[a]) // cell[a] + 1
-    slab = 1
-    for a in range(1, ndim):
+        widths[a] = 2 * span[a] + 1
         slab *= dims[a]
-    table = np.full((2, slab), -1, dtype=np.int64)
+        n_offsets *= widths[a]
+    ring = span[0] + 1
+    table = np.full((ring, slab), -1, dtype=np.int64)
     kept_list = np.empty(n, dtype=np.int64)
     n_kept = 0
     cleared = 0
-    n_offsets = 3 ** (ndim - 1)
     own = np.empty(ndim, dtype=np.int64)
     for i in range(n):
         for a in range(ndim):
             own[a] = (coords[i, a] - low[a]) // cell[a]
         k = own[0]
-        # Forget kept points two or more slabs back.
+        # Forget kept points `ring` or more slabs back (their slots are reused).
         while cleared < n_kept:
             j = kept_list[cleared]
-            if (coords[j, 0] - low[0]) // cell[0] > k - 2:
+            kj = (coords[j, 0] - low[0]) // cell[0]
+            if kj > k - ring:
                 break
             key = 0
             for a in range(1, ndim):
                 key = key * dims[a] + (coords[j, a] - low[a]) // cell[a]
-            table[((coords[j, 0] - low[0]) // cell[0]) & 1, key] = -1
+            table[kj % ring, key] = -1
             cleared += 1
         blocked = False
-        for slab_k in (k - 1, k):
-            if slab_k < 0 or blocked:
-                continue
+        for slab_k in range(max(0, k - span[0]), k + 1):
+            if blocked:
+                break
             for o in range(n_offsets):
                 rest = o
                 key = 0
+                stride = 1
                 inside = True
                 for a in range(ndim - 1, 0, -1):
-                    c = own[a] + rest % 3 - 1
-                    rest //= 3
+                    c = own[a] + rest % widths[a] - span[a]
+                    rest //= widths[a]
                     if c < 0 or c >= dims[a]:
                         inside = False
+                        break
+                    key += c * stride
+                    stride *= dims[a]
                 if not inside:
                     continue
-                rest = o
-                stride = 1
-                for a in range(ndim - 1, 0, -1):
-                    key += (own[a] + rest % 3 - 1) * stride
-                    stride *= dims[a]
-                    rest //= 3
-                j = table[slab_k & 1, key]
+                j = table[slab_k % ring, key]
                 if j < 0:
                     continue
+                # find_peaks' interaction: (d / h)^2 summed over the axes below 1, d = 0 where h = 0.
+                norm = 0.0
                 near = True
                 for a in range(ndim):
-                    if abs(coords[j, a] - coords[i, a]) > reach[a]:
-                        near = False
-                        break
-                if near:
+                    d = coords[j, a] - coords[i, a]
+                    if half[a] == 0:
+                        if d != 0:
+                            near = False
+                            break
+                    else:
+                        t = d / half[a]
+                        norm = norm + t * t
+                if near and norm < 1.0:
                     blocked = True
                     break
         if not blocked:
@@ -88,24 +96,27 @@ def _greedy_spacing(coords, reach):  # pragma: no cover - compiled; tested throu
             key = 0
             for a in range(1, ndim):
                 key = key * dims[a] + own[a]
-            table[k & 1, key] = i
+            table[k % ring, key] = i
             kept_list[n_kept] = i
             n_kept += 1
     return keep
 
 
-def greedy_spacing(coords, reach):
+def greedy_spacing(coords, half_widths):
     """Which of ``coords`` (sorted in C order) the greedy C-order spacing keeps.
 
-    A point is kept when no point kept before it lies within ``reach[a]``
-    voxels of it on every axis ``a``. Time and memory grow linearly with the
-    points (plus one cross-section of their bounding box, in cells of
-    ``reach + 1`` voxels), whatever their density.
+    A point is kept when no point kept before it lies strictly inside the
+    ellipsoid of half-widths ``half_widths`` around it: ``sum((d / h)^2) <
+    1`` over the axes, with ``d = 0`` required on axes where ``h = 0`` (the
+    interaction of :func:`gpu_pipeline.stages.peaks.find_peaks`). Time and
+    memory grow linearly with the points (plus a few cross-sections of their
+    bounding box, in cells about ``h / sqrt(ndim)`` voxels wide), whatever
+    their density.
 
     Parameters
     ----------
     coords : ndarray (n, ndim) of int, NumPy, sorted in C order
-    reach : sequence of int >= 0, one per axis
+    half_widths : sequence of int >= 0, one per axis
 
     Returns
     -------
@@ -114,7 +125,25 @@ def greedy_spacing(coords, reach):
     coords = np.ascontiguousarray(coords, dtype=np.int64)
     if coords.shape[0] == 0:
         return np.zeros(0, dtype=bool)
-    return _greedy_spacing(coords, np.asarray([max(0, int(r)) for r in reach], dtype=np.int64))
+    half = np.asarray([max(0, int(h)) for h in half_widths], dtype=np.int64)
+    cell, span = spacing_cells(half)
+    return _greedy_spacing(coords, half, cell, span)
+
+
+def spacing_cells(half):
+    """Cells of :func:`greedy_spacing`: the width per axis in which any two points interact, and how many
+    cells away an interacting point can lie.
+
+    Interacting points differ by at most ``h - 1`` on each axis; cells ``w``
+    wide with ``sum(((w - 1) / h)^2) < 1`` hold interacting points only.
+    """
+    half = [int(h) for h in half]
+    root = max(1, sum(h > 0 for h in half)) ** 0.5
+    cell = [max(1, int(np.ceil(h / root))) if h > 0 else 1 for h in half]
+    while sum(((w - 1) / h) ** 2 for w, h in zip(cell, half) if h > 0) >= 1:  # a guard on the float bound
+        cell = [max(1, w - 1) for w in cell]
+    span = [(max(0, h - 1) + w - 1) // w for h, w in zip(half, cell)]
+    return np.asarray(cell, dtype=np.int64), np.asarray(span, dtype=np.int64)
 
 
 @njit(cache=True, nogil=True)

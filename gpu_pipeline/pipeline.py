@@ -194,9 +194,12 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         A foreground mask (bool or 0/1) or probability map in [0, 1] (e.g. from
         a neural network), used instead of the threshold; foreground is > 0.5.
     min_distance : "auto" or float
-        Minimum separation of particle centres, physical units: peaks closer
-        than this per axis (a box) are merged. Roughly the smallest particle
-        radius. ``auto`` (default): ``MIN_DISTANCE_PER_RADIUS`` times the
+        Minimum separation of particle centres, physical units: a peak is at
+        least as high as every voxel within this distance (a ball; with
+        anisotropic spacing the ellipsoid of ``floor(min_distance / spacing)``
+        voxels per axis), and of equal peaks closer than that one is kept
+        (:func:`gpu_pipeline.stages.peaks.find_peaks`). Roughly the smallest
+        particle radius. ``auto`` (default): ``MIN_DISTANCE_PER_RADIUS`` times the
         typical particle radius measured on the foreground
         (:func:`gpu_pipeline.stages.scale.typical_radius`: the size-weighted
         median of the components' inscribed radii, so specks do not count).

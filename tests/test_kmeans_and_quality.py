@@ -88,9 +88,9 @@ def test_default_method_at_least_as_accurate_as_skimage_watershed(rng, shape, n,
                      truth))
         ref.append((skimage_watershed(image, spacing=spacing, polarity="bright", **params), truth))
     ours, ref = pooled_scores(ours), pooled_scores(ref)
-    # Both use the same peaks (tested equal to peak_local_max), so object counts match; F1@0.5 may
-    # differ by about one matched object per hundred either way (0.01). Mean F1, which rewards the
-    # boundary, must be at least watershed's.
+    # declump's peaks are peak_local_max's with a ball footprint instead of the box (test_stages), which
+    # keeps small particles' peaks the box drops; F1@0.5 may still differ by about one matched object per
+    # hundred either way (0.01). Mean F1, which rewards the boundary, must be at least watershed's.
     assert ours["f1_50"] >= ref["f1_50"] - 0.01, (ours, ref)
     assert ours["mean_f1"] >= ref["mean_f1"], (ours, ref)
     assert ours["f1_50"] > 0.7

@@ -74,11 +74,19 @@ def test_auto_polarity_finds_dark_particles_on_bright_background(rng):
         assert choose_polarity(image, otsu_threshold(image), "auto") == polarity
 
 
-@pytest.mark.parametrize("shape,h", [((80, 90), 3), ((24, 30, 28), 2)])
-def test_peaks_equal_skimage_peak_local_max_without_ties(rng, shape, h):
+def _window(h, ndim):
+    """scikit-image's disk / ball of radius h: find_peaks' window for equal half-widths."""
+    from skimage.morphology import ball, disk
+
+    return disk(h) if ndim == 2 else ball(h)
+
+
+@pytest.mark.parametrize("shape,h", [((80, 90), 3), ((24, 30, 28), 2), ((20, 22, 24), 4)])
+def test_peaks_equal_skimage_peak_local_max_with_a_ball_window_without_ties(rng, shape, h):
     values = rng.random(shape)
     ours = find_peaks(values, half_widths=(h,) * len(shape), min_value=0.5)
-    ref = peak_local_max(values, min_distance=h, threshold_abs=0.5, exclude_border=False)
+    ref = peak_local_max(values, min_distance=h, footprint=_window(h, len(shape)), p_norm=2, threshold_abs=0.5,
+                         exclude_border=False)
     ref = ref[np.lexsort(ref.T[::-1])]
     np.testing.assert_array_equal(ours, ref)
 
@@ -92,14 +100,42 @@ def test_a_plateau_within_min_distance_gives_one_peak_the_first_in_c_order():
 
 
 @pytest.mark.parametrize("h", [1, 2, 4])
-def test_ties_follow_skimage_greedy_spacing(rng, h):
+def test_ties_follow_skimage_greedy_spacing_with_a_disk_window(rng, h):
     # Few distinct levels: many equal maxima, ridges and chains of ties.
     values = rng.integers(0, 4, (50, 60)).astype(np.int32)
     values = np.maximum(values, np.roll(values, 1, axis=1))
     ours = find_peaks(values, half_widths=(h, h), min_value=0)
-    ref = peak_local_max(values, min_distance=h, threshold_abs=0, exclude_border=False)
+    ref = peak_local_max(values, min_distance=h, footprint=_window(h, 2), p_norm=2, threshold_abs=0,
+                         exclude_border=False)
     ref = ref[np.lexsort(ref.T[::-1])]
     np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("half", [(2, 4), (1, 3, 3), (0, 3, 2)])
+def test_anisotropic_window_is_the_ellipsoid_of_the_half_widths(rng, half):
+    # No ties: every voxel at least as high as its ellipsoid (SciPy's maximum filter, edges replicated) is a peak.
+    values = rng.random(tuple(int(rng.integers(15, 30)) for _ in half))
+    grid = np.ogrid[tuple(slice(-h, h + 1) for h in half)]
+    footprint = sum(((g / h) ** 2 if h else np.where(g == 0, 0.0, 2.0)) for g, h in zip(grid, half)) <= 1
+    ref = np.argwhere(values == ndi.maximum_filter(values, footprint=footprint, mode="nearest"))
+    np.testing.assert_array_equal(find_peaks(values, half_widths=half), ref)
+
+
+def test_a_small_particle_touching_a_larger_one_keeps_its_peak():
+    # A sphere of radius 4 against one of radius 11 (centres 12.75 apart, diagonal): the larger one's flank,
+    # within the 9^3 box of the small centre but outside its ball of radius 4, is higher than that centre.
+    from scipy.ndimage import distance_transform_edt
+
+    shape = (40, 40, 40)
+    big, small = np.array([14.0, 14.0, 14.0]), np.array([14.0, 14.0, 14.0]) + 12.75 / np.sqrt(3)
+    grid = np.indices(shape).astype(float)
+    d_big = np.sqrt(((grid - big[:, None, None, None]) ** 2).sum(0))
+    d_small = np.sqrt(((grid - small[:, None, None, None]) ** 2).sum(0))
+    fg = (d_big <= 11) | (d_small <= 4)
+    distance = distance_transform_edt(fg)
+    peaks = find_peaks(distance, half_widths=(4, 4, 4))
+    near = lambda centre: (np.abs(peaks - centre) <= 1).all(axis=1).sum()
+    assert near(big) == 1 and near(small) == 1 and len(peaks) == 2
 
 
 def test_face_label_and_equal_value_label_match_references(rng):

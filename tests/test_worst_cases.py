@@ -25,11 +25,16 @@ REPO = Path(__file__).resolve().parents[1]
 MEMORY_BOUND_MB = 2048
 
 
-def _sequential_spacing(coords, reach):
-    """Greedy spacing one point at a time: keep a point unless a kept one is within reach on every axis."""
+def _sequential_spacing(coords, half):
+    """Greedy spacing one point at a time: keep a point unless a kept one lies strictly inside its ellipsoid."""
     kept = []
     for i, p in enumerate(coords):
-        if not any((np.abs(coords[j] - p) <= reach).all() for j in kept):
+        def inside(q):
+            d = q - p
+            if (d[half == 0] != 0).any():
+                return False
+            return ((d[half > 0] / half[half > 0]) ** 2).sum() < 1
+        if not any(inside(coords[j]) for j in kept):
             kept.append(i)
     keep = np.zeros(len(coords), bool)
     keep[kept] = True
@@ -42,8 +47,8 @@ def test_greedy_spacing_keeps_what_a_sequential_greedy_keeps(rng, ndim):
         shape = rng.integers(3, (40, 20, 10)[ndim - 1], ndim)
         coords = np.stack(np.nonzero(rng.random(shape) < rng.uniform(0.05, 1.0)), axis=1).astype(np.int64)
         coords += rng.integers(0, 1000, ndim)  # the kernel must not assume an origin at zero
-        reach = rng.integers(0, 5, ndim)
-        np.testing.assert_array_equal(greedy_spacing(coords, reach), _sequential_spacing(coords, reach))
+        half = rng.integers(0, 7, ndim)
+        np.testing.assert_array_equal(greedy_spacing(coords, half), _sequential_spacing(coords, half))
 
 
 def _local_candidates_reference(coords, voxel_region, centres, centre_region, *, spacing, margin):
