@@ -156,3 +156,32 @@ def test_chunks_smaller_than_the_halo_are_refused():
     # A short remainder chunk is merged into its neighbour, not refused.
     smoothed = smooth_chunked(da.ones((40, 40), dtype=np.float32, chunks=(13, 13)), (2.0, 2.0))
     assert smoothed.chunks == ((13, 13, 14), (13, 13, 14))
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_one_pass_piece_tables_equal_in_memory_piece_stats_and_faces(rng, tmp_path, ndim):
+    """The fused pass's per-piece values, sizes and face counts equal the in-memory ones, staged or not."""
+    from gpu_pipeline.chunked.components import components_chunked
+    from gpu_pipeline.chunked.workspace import Workspace
+    from gpu_pipeline.stages.components import face_pairs_between_labels, piece_stats
+    from skimage.measure import label as sk_label
+
+    shape = (90, 110) if ndim == 2 else (30, 45, 40)  # multiples of the 5-voxel cells
+    # Few values on a coarse grid, upsampled: pieces of one value split by others, touching chunk faces.
+    coarse = rng.integers(0, 6, tuple(s // 5 for s in shape))
+    labels = np.kron(coarse, np.ones((5,) * ndim, dtype=np.int64)).astype(np.int32)
+    labels[rng.random(shape) < 0.03] = rng.integers(0, 6)
+    pieces = sk_label(labels, connectivity=1, background=0)
+    value, size = piece_stats(pieces, labels)
+    expected_faces = face_pairs_between_labels(pieces, labels)
+    for k, chunks in enumerate(CHUNKINGS[ndim]):
+        workspace = Workspace(tmp_path / str(k)) if k % 2 else None
+        found = components_chunked(da.from_array(labels, chunks=chunks), by_value=True, faces=True,
+                                   workspace=workspace, name="pieces")
+        assert found.n == pieces.max() and found.labels.compute().tobytes() == pieces.astype(np.int32).tobytes()
+        assert np.array_equal(found.value, value) and np.array_equal(found.size[1:], size[1:]), chunks
+        for got, want in zip(found.face_pairs, expected_faces):
+            assert np.array_equal(got, want), chunks
+        # A table through the local ids is the table of the final ids.
+        table = np.concatenate([[0], rng.permutation(found.n) + 1]).astype(np.int32)  # background stays 0
+        assert np.array_equal(found.through(table, np.int32).compute(), table[pieces])

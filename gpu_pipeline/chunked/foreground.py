@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpu_pipeline._backend import GAUSSIAN_TRUNCATE, DeclumpError, get_array_module, ops_for, to_host
-from gpu_pipeline.chunked.components import label_chunked, unique_ids
+from gpu_pipeline._backend import GAUSSIAN_TRUNCATE, DeclumpError, ops_for
+from gpu_pipeline.chunked.components import components_chunked
 from gpu_pipeline.chunked.histogram import histogram_thresholds_chunked
 from gpu_pipeline.stages.cleanup import voxels_for
 from gpu_pipeline.stages.threshold import HISTOGRAM_METHODS, choose_polarity, foreground
@@ -53,12 +53,6 @@ def smooth_chunked(volume, sigma_voxels):
     return volume.map_overlap(smooth, depth=halo, boundary="nearest", dtype=np.float32)
 
 
-def _label_sizes(block):
-    xp = get_array_module(block)
-    values, counts = unique_ids(block[block > 0], return_counts=True)
-    return to_host(xp.stack([values.astype(xp.int64), counts.astype(xp.int64)]))
-
-
 def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="auto", min_size=0.0, mask=None,
                     workspace=None, device=None):
     """Connected regions of the cleaned foreground of a chunked volume.
@@ -72,8 +66,6 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
     and the regions are staged (smoothing then runs once per chunk) and the
     global results saved.
     """
-    import dask
-
     from gpu_pipeline.chunked.workspace import Workspace
 
     workspace = workspace or Workspace(None)
@@ -110,33 +102,23 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
 
     def labelled():  # computed at most once, and only when something below needs it
         if not cache:
-            cache["value"] = label_chunked(fg, workspace=workspace, name="components", device=device)
+            cache["value"] = components_chunked(fg, workspace=workspace, name="components", device=device)
         return cache["value"]
 
     def renumbering():
-        components, n = labelled()
-        keep = np.ones(n + 1, dtype=bool)
-        if n and min_voxels > 1:
-            sizes = np.zeros(n + 1, dtype=np.int64)
-            parts = dask.compute(*[dask.delayed(_label_sizes)(b) for b in components.to_delayed().ravel()])
-            for part in parts:
-                np.add.at(sizes, part[0], part[1])
-            keep = sizes >= min_voxels
+        found = labelled()
+        keep = found.size >= min_voxels if min_voxels > 1 else np.ones(found.n + 1, dtype=bool)
         keep[0] = False
-        return {"rank": np.where(keep, np.cumsum(keep), 0).astype(np.int32), "n_components": n}
+        return {"rank": np.where(keep, np.cumsum(keep), 0).astype(np.int32), "n_components": found.n}
 
     saved = workspace.remember("regions", renumbering)
     rank = saved["rank"]
 
     def build():
-        components, n = labelled()
-        if n != int(saved["n_components"]):
+        found = labelled()
+        if found.n != int(saved["n_components"]):
             raise DeclumpError("internal: the foreground changed between passes")
-
-        def renumber(block):
-            return get_array_module(block).asarray(rank)[block]
-
-        return components.map_blocks(renumber, dtype=np.int32)
+        return found.through(rank, np.int32)
 
     regions = workspace.stage("regions", build, chunks=fg.chunks, shape=source.shape, dtype=np.int32, device=device)
     return regions, int(rank.max()) if rank.size else 0, value, side

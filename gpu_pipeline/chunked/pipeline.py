@@ -21,10 +21,11 @@ active scheduler; nothing holds more than a few chunks):
    candidate lists of :func:`~gpu_pipeline.stages.split.block_candidates`
    (which depend on coordinates only); Lloyd updates, when asked for, reduce
    per-chunk integer coordinate sums per centroid;
-4. one piece per particle: equal-value components across chunks, then the
-   in-memory rule for stray pieces on per-chunk face counts, repeated as
-   in-memory;
-5. ids by first voxel in C order, from the merged components of pass 4.
+4. one piece per particle: one pass per round labels each block's
+   equal-value pieces (the first round computes the block's k-means split
+   in the same task) and returns per-piece sizes and face counts; the
+   in-memory rule for stray pieces decides on those tables, repeated as
+   in-memory; ids by first voxel in C order come from the last round.
 
 Particles whose inscribed radius exceeds ``max_radius`` see a plateau of
 capped distances, whose peaks the default ``neck_ratio`` (1.0) joins where
@@ -34,7 +35,6 @@ run counts voxels at the cap and reports them.
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -42,12 +42,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_host
-from gpu_pipeline.chunked.components import label_chunked, summarize_blocks, unique_ids
+from gpu_pipeline.chunked.components import components_chunked, unique_ids
 from gpu_pipeline.chunked.foreground import fit_halo, regions_chunked
 from gpu_pipeline.chunked.workspace import Workspace, chunk_starts, run_tasks, to_device
 from gpu_pipeline.pipeline import NoParticlesError, cap_distance, validate_spacing
-from gpu_pipeline.stages.components import (count_pairs, face_pairs_between_labels, reassign_strays,
-                                            stray_pieces)
+from gpu_pipeline.stages.components import reassign_strays, stray_pieces
 from gpu_pipeline.stages.kmeans import batched_kmeans
 from gpu_pipeline.stages.peaks import (join_peaks, local_maxima, quantize_distance, segment_points,
                                        space_candidates, window_half_widths)
@@ -361,75 +360,38 @@ def lloyd_chunked(regions, seeds, *, spacing, max_iter, verbose=False):
     return centres
 
 
-def _piece_stats(pieces, labels):
-    """Per block: piece ids, their label, their voxel counts (host arrays)."""
-    xp = get_array_module(pieces)
-    ids, first, counts = unique_ids(pieces.ravel(), return_index=True, return_counts=True)
-    keep = ids > 0
-    stats = (ids[keep].astype(xp.int64), labels.ravel()[first[keep]].astype(xp.int64), counts[keep].astype(xp.int64))
-    return tuple(to_host(a) for a in stats)
-
-
-def _stray_pairs(stray, pieces, labels, start, shape):
-    """A block's face pairs (piece, other label, faces) next to a stray voxel, as in-memory `enforce_one_piece`."""
-    near = ops_for(pieces).device_table(stray)[pieces]
-    if not bool(near.any()):
-        return tuple(np.zeros(0, np.int64) for _ in range(3))
-    return tuple(to_host(a) for a in face_pairs_between_labels(pieces, labels, near=near))
-
-
-def _face_stray_pairs(stray, low_pieces, high_pieces, low_labels, high_labels, axis):
-    """The same for the faces between the two 1-voxel slabs on either side of a chunk face."""
-    pieces = np.concatenate([low_pieces, high_pieces], axis=axis)
-    labels = np.concatenate([low_labels, high_labels], axis=axis)
-    return face_pairs_between_labels(pieces, labels, near=stray[pieces], axes=(axis,))
-
-
 def one_piece_chunked(labels, *, workspace, device=None, verbose=False):
     """In-memory ``relabel_by_first_voxel(enforce_one_piece(labels))`` on a chunked label array.
 
+    One pass per round (:func:`components_chunked` with face counts): each
+    task labels its block's pieces, stages them and returns per-piece sizes,
+    values and faces with other labels, so the round's decision (stray
+    pieces, the labels they join) is made on small tables; the next round's
+    labels are the staged pieces through that decision's table, block by
+    block, never a pass of their own.
+
     Returns ``(final labels (lazy int32), number of particles, rounds run)``.
     """
-    from dask import delayed
-
+    values = labels
     for round_ in range(ONE_PIECE_ROUNDS):
-        pieces, n_pieces = label_chunked(labels, by_value=True, workspace=workspace, name=f"pieces_{round_}",
-                                         device=device)
+        pieces = components_chunked(values, by_value=True, faces=True, workspace=workspace, name=f"pieces_{round_}",
+                                    device=device, verbose=verbose)
 
         def decide():
-            # Piece statistics first; the face counts only where a stray piece is, and only when one is
-            # (the last round, which finds none, counts no faces).
-            stats = run_tasks([delayed(_piece_stats)(p, lab) for p, lab in
-                               zip(pieces.to_delayed().ravel(), labels.to_delayed().ravel())],
-                              f"one piece per particle, round {round_ + 1}", verbose=verbose)
-            piece_label = np.zeros(n_pieces + 1, dtype=np.int64)
-            piece_size = np.zeros(n_pieces + 1, dtype=np.int64)
-            for ids, lab, cnt in stats:
-                piece_label[ids] = lab
-                np.add.at(piece_size, ids, cnt)
-            stray = stray_pieces(piece_label, piece_size)
+            stray = stray_pieces(pieces.value, pieces.size)
             if stray is None:
                 return {"done": True, "new_label": np.zeros(0, np.int64)}
-            tasks, face_tasks = summarize_blocks(pieces, labels, per_block=functools.partial(_stray_pairs, stray),
-                                                 per_face=functools.partial(_face_stray_pairs, stray))
-            pairs = run_tasks(tasks + face_tasks, f"faces of stray pieces, round {round_ + 1}", verbose=verbose)
-            a, b, c = (np.concatenate([p[i] for p in pairs]) for i in range(3))
-            return {"done": False, "new_label": reassign_strays(piece_label, stray, *count_pairs(a, b, c))}
+            return {"done": False, "new_label": reassign_strays(pieces.value, stray, *pieces.face_pairs)}
 
         decided = workspace.remember(f"one_piece_{round_}", decide)
         if bool(decided["done"]):
-            return pieces, n_pieces, round_ + 1
+            return pieces.labels, pieces.n, round_ + 1
         table = decided["new_label"]
         dtype = id_dtype(table.max() if table.size else 0)
-        build = (lambda p=pieces, table=table.astype(dtype): p.map_blocks(_relabel, table, dtype=table.dtype))
-        labels = workspace.stage(f"one_piece_{round_}", build,
-                                 chunks=labels.chunks, shape=labels.shape, dtype=dtype, device=device)
-    final, n = label_chunked(labels, by_value=True, workspace=workspace, name="pieces_final", device=device)
-    return final, n, ONE_PIECE_ROUNDS
-
-
-def _relabel(block, table):
-    return ops_for(block).device_table(table)[block]
+        values = pieces.through(table.astype(dtype), dtype)
+    final = components_chunked(values, by_value=True, workspace=workspace, name="pieces_final", device=device,
+                               verbose=verbose)
+    return final.labels, final.n, ONE_PIECE_ROUNDS
 
 
 def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,
@@ -530,9 +492,8 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
 
         seeds_d, centres_d = delayed(seeds, traverse=False), delayed(centres, traverse=False)
         dtype = id_dtype(n_regions + 1 + int(np.max(seeds.centre_label, initial=0)))
-        split = workspace.stage("split", lambda: regions.map_blocks(_split_block, seeds_d, centres_d, tuple(spacing),
-                                                                    n_regions, dtype, dtype=dtype),
-                                chunks=regions.chunks, shape=regions.shape, dtype=dtype, device=device)
+        # Not staged: the first round of one_piece_chunked computes each block's split and stages its pieces.
+        split = regions.map_blocks(_split_block, seeds_d, centres_d, tuple(spacing), n_regions, dtype, dtype=dtype)
     labels, details.n_particles, details.one_piece_rounds = one_piece_chunked(split, workspace=workspace, device=device, verbose=verbose)
     details.blocks_computed = dict(workspace.computed)
     details.blocks_total = dict(workspace.totals)

@@ -22,7 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from gpu_pipeline._backend import DeclumpError, to_host
+from gpu_pipeline._backend import DeclumpError, get_array_module, to_host
+
+#: Codecs of staged intermediates, read back by the next pass and deleted at the end: none (they are
+#: label ids and masks written and read once or twice; compression costs more time than the disk saves).
+INTERMEDIATE_CODECS = {}
 
 
 def chunk_starts(chunks):
@@ -199,6 +203,65 @@ class Workspace:
             raise DeclumpError(f"the staged {name} in {self.root} does not match this run; delete that folder "
                                "or run with --overwrite")
         return to_device(array, device)
+
+
+    def stage_in_pass(self, name, values, compute, *, dtype, device=None):
+        """``values.map_blocks(compute)`` staged by the pass that computes it, not by a pass of its own.
+
+        Returns ``(array, after)``: ``array`` for that one pass (each block is
+        read back when its marker exists, else computed, written and marked,
+        and handed on in memory to the pass's other tasks); ``after()``, once
+        the pass has run, marks the store complete and returns it read from
+        disk for later passes. Without a folder (or ``name``) nothing is
+        staged and both are the lazy array.
+        """
+        if self.root is None or name is None:
+            array = values.map_blocks(compute, dtype=dtype)
+            return array, lambda: array
+        import dask.array as da
+        import zarr
+
+        path, done = self.root / f"{name}.zarr", self.root / f"{name}.done"
+        total = int(np.prod(values.numblocks))
+        self.totals[name] = total
+
+        def stored():
+            array = da.from_zarr(str(path), chunks=values.chunks)
+            if tuple(array.shape) != tuple(values.shape) or np.dtype(array.dtype) != np.dtype(dtype):
+                raise DeclumpError(f"the staged {name} in {self.root} does not match this run; delete that folder "
+                                   "or run with --overwrite")
+            return to_device(array, device)
+
+        if (done / "complete").exists():
+            self.computed[name] = 0
+            array = stored()
+            return array, lambda: array
+        if not path.exists():
+            zarr.create_array(str(path), shape=values.shape, dtype=dtype, chunks=tuple(c[0] for c in values.chunks),
+                              fill_value=0, **INTERMEDIATE_CODECS)
+        done.mkdir(parents=True, exist_ok=True)
+        self.computed[name] = total - sum(1 for m in done.iterdir() if m.name != "complete")
+        array = values.map_blocks(_stage_block, compute, str(path), str(done), dtype=dtype)
+
+        def after():
+            (done / "complete").touch()
+            return stored()
+
+        return array, after
+
+
+def _stage_block(block, compute, path, done, block_info=None):
+    """One block of :meth:`Workspace.stage_in_pass`: read back if marked done, else computed, written, marked."""
+    import zarr
+
+    info = block_info[0]
+    region = tuple(slice(lo, hi) for lo, hi in info["array-location"])
+    marker = Path(done) / ".".join(str(i) for i in info["chunk-location"])
+    if marker.exists():
+        return get_array_module(block).asarray(zarr.open_array(path, mode="r")[region])
+    result = compute(block)
+    _write_block(result, path, region, str(marker))
+    return result
 
 
 def write_blocks(array, path, done, *, what, verbose=False, zarr_chunks=None, zarr_kwargs=None):
