@@ -75,34 +75,51 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
     if isinstance(threshold, str) and threshold not in HISTOGRAM_METHODS:
         raise DeclumpError(f"chunked runs take threshold {', '.join(HISTOGRAM_METHODS)} or a number, got "
                            f"{threshold!r} ('auto' and 'local' look at the whole image at once)")
+    staged = {}
     if mask is not None:
         fg = mask > 0.5 if np.dtype(mask.dtype).kind != "b" else mask
         value, side = None, None
+        chunks = fg.chunks
+
+        def foreground_mask():
+            return fg
     else:
         # The input dtype goes into the overlap (ops.gaussian converts each block to float32): the halo
         # slices Dask holds between neighbouring tasks are then 4x smaller for uint8 data.
-        smoothed = smooth_chunked(volume, tuple(float(sigma) / s for s in spacing)) \
+        smoothing = smooth_chunked(volume, tuple(float(sigma) / s for s in spacing)) \
             if sigma and sigma > 0 else volume
+        chunks = smoothing.chunks
+
+        def smoothed():
+            # Staged on first use: the threshold's passes (range, histogram, polarity) and the foreground
+            # then read it instead of smoothing every chunk four times. Never staged once the regions are.
+            if "smoothed" not in staged:
+                staged["smoothed"] = workspace.stage("smoothed", lambda: smoothing, chunks=chunks,
+                                                     shape=smoothing.shape, dtype=smoothing.dtype, device=device) \
+                    if smoothing is not volume else volume
+            return staged["smoothed"]
 
         def decide():
             # As in-memory threshold_foreground: a named method's polarity is decided at Otsu's threshold.
             if isinstance(threshold, str):
-                candidates = histogram_thresholds_chunked(smoothed)
+                candidates = histogram_thresholds_chunked(smoothed())
                 value, at = candidates[threshold], candidates["otsu"]
             else:
                 value = at = float(threshold)
-            return {"threshold": value, "polarity": choose_polarity(smoothed, at, polarity)}
+            return {"threshold": value, "polarity": choose_polarity(smoothed(), at, polarity)}
 
         decided = workspace.remember("threshold", decide)
         value, side = float(decided["threshold"]), str(decided["polarity"])
-        fg = foreground(smoothed, value, side)
-    fg = workspace.stage("foreground", lambda: fg, chunks=fg.chunks, shape=source.shape, dtype=bool, device=device)
+
+        def foreground_mask():
+            return foreground(smoothed(), value, side)
     min_voxels = voxels_for(min_size, spacing)
     cache = {}
 
     def labelled():  # computed at most once, and only when something below needs it
         if not cache:
-            cache["value"] = components_chunked(fg, workspace=workspace, name="components", device=device)
+            cache["value"] = components_chunked(foreground_mask(), workspace=workspace, name="components",
+                                                device=device)
         return cache["value"]
 
     def renumbering():
@@ -120,5 +137,6 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
             raise DeclumpError("internal: the foreground changed between passes")
         return found.through(rank, np.int32)
 
-    regions = workspace.stage("regions", build, chunks=fg.chunks, shape=source.shape, dtype=np.int32, device=device)
+    regions = workspace.stage("regions", build, chunks=chunks, shape=source.shape, dtype=np.int32, device=device)
+    workspace.discard("smoothed", "components")  # scratch space: only the regions are read from here on
     return regions, int(rank.max()) if rank.size else 0, value, side
