@@ -114,7 +114,9 @@ def summarize_blocks(ids, values, *, per_block=None, per_face=None, with_blocks=
     from dask import delayed
 
     starts = chunk_starts(ids.chunks)
-    id_blocks, value_blocks = ids.to_delayed(), values.to_delayed()
+    # Unoptimised: each optimised graph would fuse its own copy of the blocks the two arrays share
+    # (``ids`` computed from ``values``: the values of every block computed twice).
+    id_blocks, value_blocks = ids.to_delayed(optimize_graph=False), values.to_delayed(optimize_graph=False)
     summaries = {}
     for index in itertools.product(*[range(n) for n in ids.numblocks]):
         start = [int(starts[a][i]) for a, i in enumerate(index)]
