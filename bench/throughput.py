@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import statistics
@@ -124,12 +125,16 @@ def _cli_run(argv, out_dir):
     return json.loads(report.read_text())
 
 
+#: What a chunked run does not choose automatically (it prints them): the in-memory run is given the same,
+#: so both compute the same labels, byte for byte (min size: a ball of diameter --min-distance 4).
+SAME_AS_CHUNKED = ["--threshold", "otsu", "--max-hole-size", "0", "--min-size", repr(math.pi * 4 ** 3 / 6),
+                   "--reject-annotations", "off"]
 #: The chunked part's runs: (mode, CLI options, cores it is pinned to).
-CHUNKED_MODES = (("in_memory", [], 1),
+CHUNKED_MODES = (("in_memory", SAME_AS_CHUNKED, 1),
                  ("chunked", ["--workers", "1"], 1),
                  ("cluster_1", ["--cluster", "local", "--workers", "1"], 1),
                  ("cluster_2", ["--cluster", "local", "--workers", "2"], 2))
-MODE_TITLES = {"in_memory": "in memory (.npy output), 1 core", "chunked": "chunked, local threads, 1 worker, 1 core",
+MODE_TITLES = {"in_memory": "in memory (.npy output, the chunked run's options), 1 core", "chunked": "chunked, local threads, 1 worker, 1 core",
                "cluster_1": "chunked, local cluster of processes, 1 worker, 1 core",
                "cluster_2": "chunked, local cluster of processes, 2 workers, 2 cores"}
 
@@ -138,7 +143,9 @@ def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
     """``declump run`` on one Zarr volume in memory and chunked, and the chunked run's scaling from 1 to 2 workers.
 
     Every run takes the same parameters (bench.chunked's, with --max-radius
-    for the chunked halos) in a fresh process pinned to its cores
+    for the chunked halos; the in-memory run also the options a chunked run
+    fixes, :data:`SAME_AS_CHUNKED`, so both write the same labels) in a
+    fresh process pinned to its cores
     (:data:`CHUNKED_MODES`), modes interleaved round by round. In memory and
     chunked on one core give the per-voxel, per-thread ratio; a local
     cluster of worker processes with 1 worker on 1 core and with 2 workers
@@ -168,7 +175,7 @@ def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
                     shutil.rmtree(target, ignore_errors=True)
                     target.mkdir()
                     out = "labels.npy" if mode == "in_memory" else "labels.zarr"
-                    extra = [] if mode == "in_memory" else ["--chunks", ",".join(map(str, chunks)), *options]
+                    extra = options if mode == "in_memory" else ["--chunks", ",".join(map(str, chunks)), *options]
                     os.sched_setaffinity(0, set(keep[:cores]))  # the child and its workers inherit it
                     load = os.getloadavg()
                     measured = _cli_run(["run", str(volume), str(target / out), "--quiet", "--device", "cpu",
@@ -179,7 +186,8 @@ def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
         finally:
             os.sched_setaffinity(0, set(keep))
     voxels = int(np.prod(shape))
-    out = {"shape": list(shape), "chunks": list(chunks), "params": PARAMS, "runs": runs, "modes": {}}
+    out = {"shape": list(shape), "chunks": list(chunks), "params": PARAMS, "in_memory_options": SAME_AS_CHUNKED,
+           "runs": runs, "modes": {}}
     for mode, _, cores in CHUNKED_MODES:
         rows = runs[mode]
         if not rows:
@@ -198,7 +206,69 @@ def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
     out["scaling_efficiency"] = [one["seconds"] / (2 * two["seconds"])
                                  for one, two in zip(runs["cluster_1"], runs["cluster_2"])]
     out["per_tb"] = per_tb(out["modes"], out["scaling_efficiency"])
+    out["library"] = library_side_by_side(shape, particles, radius, seed, chunks, rounds)
     return out
+
+
+def library_side_by_side(shape, particles, radius, seed, chunks, rounds):
+    """``separate`` against ``separate_chunked`` in one process pinned to one core, interleaved, same labels.
+
+    The engines alone, without the command line's reading, writing and
+    process start: the chunked run reads the Zarr volume and stages its
+    passes in a scratch folder, the in-memory one reads the whole volume.
+    The labels are checked byte-identical before timing (after a warm-up).
+    """
+    import shutil
+
+    import dask
+    import dask.array as da
+    import dask.threaded
+    import zarr
+
+    from gpu_pipeline import separate
+    from gpu_pipeline.chunked.pipeline import separate_chunked
+    from gpu_pipeline.chunked.workspace import Workspace
+
+    image, _ = make_touching_particles(shape, particles, radius_range=radius, overlap=0.15, seed=seed)
+    options = dict(spacing=(1.0,) * len(shape), sigma=1.0, min_distance=4.0, max_radius=13.0, threshold="otsu")
+    keep = os.sched_getaffinity(0)
+    rows = {"separate": [], "separate_chunked": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "in.zarr"
+        zarr.create_array(str(path), shape=image.shape, dtype=image.dtype, chunks=chunks,
+                          compressors=zarr.codecs.ZstdCodec(level=3))[...] = image
+        del image
+
+        def in_memory():
+            return separate(zarr.open_array(str(path), mode="r")[...], max_hole_size=0.0, min_size=None,
+                            reject_annotations=False, **options)
+
+        def chunked():
+            shutil.rmtree(Path(tmp) / "work", ignore_errors=True)
+            with dask.config.set(scheduler=dask.threaded.get, num_workers=1):
+                labels, _ = separate_chunked(da.from_zarr(str(path)), workspace=Workspace(Path(tmp) / "work"),
+                                             **options)
+                return labels.compute()
+
+        os.sched_setaffinity(0, {min(keep)})
+        try:
+            if in_memory().tobytes() != chunked().tobytes():
+                raise RuntimeError("separate and separate_chunked disagree; the comparison would be void")
+            for _ in range(rounds):
+                for name, run in (("separate", in_memory), ("separate_chunked", chunked)):
+                    load = os.getloadavg()
+                    start, cpu = time.perf_counter(), time.process_time()
+                    run()
+                    rows[name].append({"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+                                       "load_before": load, "load_after": os.getloadavg()})
+                    print(f"{name:17s} {rows[name][-1]['seconds']:.2f}s CPU {rows[name][-1]['cpu_seconds']:.2f}s "
+                          f"load {load[0]:.1f}", flush=True)
+        finally:
+            os.sched_setaffinity(0, keep)
+    return {"runs": rows,
+            "wall_ratio": [c["seconds"] / m["seconds"] for m, c in zip(rows["separate"], rows["separate_chunked"])],
+            "cpu_ratio": [c["cpu_seconds"] / m["cpu_seconds"]
+                          for m, c in zip(rows["separate"], rows["separate_chunked"])]}
 
 
 def per_tb(modes, efficiency, node_cores=(2, 16)):
@@ -266,7 +336,10 @@ def chunked_markdown(c):
     loads = [r["load_before"][0] for rows in c["runs"].values() for r in rows]
     lines = [f"## `declump run` on one Zarr volume {'x'.join(map(str, c['shape']))}, chunks "
              f"{'x'.join(map(str, c['chunks']))}: in memory, chunked, 1 -> 2 workers", "",
-             f"Parameters {' '.join(c['params'])}; each run a fresh process pinned to its cores, modes interleaved "
+             f"Parameters {' '.join(c['params'])}"
+             + (f" (in memory also {' '.join(c['in_memory_options'])}: what the chunked run fixes, so both write "
+                "the same labels)" if c.get("in_memory_options") else "")
+             + "; each run a fresh process pinned to its cores, modes interleaved "
              f"per round; 1-minute load before the runs {min(loads):.1f}-{max(loads):.1f} on this shared 2-core "
              "machine.", "",
              "| mode | s (median, min-max) | CPU s (median) | MVox/s | MVox/s per core | peak RSS GiB (main process) | "
@@ -285,6 +358,13 @@ def chunked_markdown(c):
         lines.append("Scaling 1 -> 2 workers (local cluster of processes, 1 core per worker), t1 / (2 t2): **"
                      + ", ".join(f"{x:.2f}" for x in c["scaling_efficiency"]) + "** (per round; both cores are "
                      "shared with other jobs here, at the loads above: not an idle node's figure).")
+    lib = c.get("library")
+    if lib:
+        med = {k: statistics.median(r["seconds"] for r in v) for k, v in lib["runs"].items()}
+        lines.append("The engines alone, in one process on one core, interleaved (`separate` vs `separate_chunked`, "
+                     f"byte-identical labels checked): {med['separate']:.2f} s vs {med['separate_chunked']:.2f} s "
+                     "(medians); chunked / in memory wall **" + ", ".join(f"{x:.2f}" for x in lib["wall_ratio"])
+                     + "**, CPU **" + ", ".join(f"{x:.2f}" for x in lib["cpu_ratio"]) + "** (per round).")
     t = c["per_tb"]
     lines += ["", "Projected hours per TB of uint8 EM volume (10^12 voxels) per node (a projection from the one-core "
               "rates above, not a measurement):", "",

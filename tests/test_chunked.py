@@ -156,3 +156,49 @@ def test_chunks_smaller_than_the_halo_are_refused():
     # A short remainder chunk is merged into its neighbour, not refused.
     smoothed = smooth_chunked(da.ones((40, 40), dtype=np.float32, chunks=(13, 13)), (2.0, 2.0))
     assert smoothed.chunks == ((13, 13, 14), (13, 13, 14))
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_one_pass_piece_tables_equal_in_memory_piece_stats_and_faces(rng, tmp_path, ndim):
+    """The fused pass's per-piece values, sizes and face counts equal the in-memory ones, staged or not."""
+    from gpu_pipeline.chunked.components import components_chunked
+    from gpu_pipeline.chunked.workspace import Workspace
+    from gpu_pipeline.stages.components import face_pairs_between_labels, piece_stats
+    from skimage.measure import label as sk_label
+
+    shape = (90, 110) if ndim == 2 else (30, 45, 40)  # multiples of the 5-voxel cells
+    # Few values on a coarse grid, upsampled: pieces of one value split by others, touching chunk faces.
+    coarse = rng.integers(0, 6, tuple(s // 5 for s in shape))
+    labels = np.kron(coarse, np.ones((5,) * ndim, dtype=np.int64)).astype(np.int32)
+    labels[rng.random(shape) < 0.03] = rng.integers(0, 6)
+    pieces = sk_label(labels, connectivity=1, background=0)
+    value, size = piece_stats(pieces, labels)
+    expected_faces = face_pairs_between_labels(pieces, labels, near=np.ones(shape, dtype=bool))  # array path
+    for k, chunks in enumerate(CHUNKINGS[ndim]):
+        workspace = Workspace(tmp_path / str(k)) if k % 2 else None
+        found = components_chunked(da.from_array(labels, chunks=chunks), by_value=True, faces=True,
+                                   workspace=workspace, name="pieces")
+        assert found.n == pieces.max() and found.labels.compute().tobytes() == pieces.astype(np.int32).tobytes()
+        assert np.array_equal(found.value, value) and np.array_equal(found.size[1:], size[1:]), chunks
+        for got, want in zip(found.face_pairs, expected_faces):
+            assert np.array_equal(got, want), chunks
+        # A table through the local ids is the table of the final ids.
+        table = np.concatenate([[0], rng.permutation(found.n) + 1]).astype(np.int32)  # background stays 0
+        assert np.array_equal(found.through(table, np.int32).compute(), table[pieces])
+
+
+@pytest.mark.parametrize("shape", [(1, 40), (33, 47), (9, 1, 12), (21, 30, 26)])
+def test_compiled_face_count_equals_the_array_path(rng, shape):
+    """Every face between different labels, counted by the compiled pass, as by the array code (near = all)."""
+    from skimage.measure import label as sk_label
+
+    from gpu_pipeline.stages.components import face_pairs_between_labels
+
+    labels = rng.integers(0, 4, shape).astype(np.int32)
+    labels[rng.random(shape) < 0.5] = 2  # runs of one label next to others and to background
+    pieces = sk_label(labels, connectivity=1, background=0).astype(np.int32)
+    compiled = face_pairs_between_labels(pieces, labels)
+    array = face_pairs_between_labels(pieces, labels, near=np.ones(shape, dtype=bool))
+    assert len(compiled[0]) > 0 or 1 in shape
+    for got, want in zip(compiled, array):
+        assert got.dtype == want.dtype and np.array_equal(got, want)

@@ -1,24 +1,29 @@
 """Connected components of a chunked mask, equal to the in-memory labelling for any chunking.
 
-1. Each chunk is labelled on its own (NumPy or CuPy, face connectivity);
-   ids are offset by the running count of earlier chunks.
-2. On every face between two chunks, the pairs of ids that touch are
-   collected (a few thousand per face) and merged with a sparse
-   connected-components step on that small graph; no Python object per
-   voxel and no task per label, so it scales with the number of labels,
-   not the number of chunks times labels.
-3. Ids are renumbered by each component's first voxel in C order (the
-   per-chunk minimum flat index, reduced), which is also how
-   ``scipy.ndimage.label`` numbers them: the result is byte-identical to it.
+One pass over the blocks (:func:`components_chunked`):
+
+1. each task labels its block on its own (NumPy or CuPy, face
+   connectivity), stages the block's ids (when a workspace is given) and
+   returns small summaries: per component its first voxel, size and value,
+   optionally the faces it shares with other values, and its boundary slabs;
+2. one task per face between two chunks collects the pairs of ids that touch
+   (a few thousand per face), merged with a sparse connected-components step
+   on that small graph; no Python object per voxel and no task per label;
+3. ids are renumbered by each component's first voxel in C order, which is
+   also how ``scipy.ndimage.label`` numbers them: byte-identical. Later passes
+   read the staged block ids through a small table per block.
 """
 from __future__ import annotations
 
+import functools
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 
 from gpu_pipeline._backend import get_array_module, ops_for, to_host
-from gpu_pipeline.chunked.workspace import chunk_starts
+from gpu_pipeline.chunked.workspace import chunk_starts, run_tasks
+from gpu_pipeline.stages.components import count_pairs, face_pairs_between_labels
 
 
 #: Ids spanning at most this many times the array's length (plus a little) are counted, not sorted.
@@ -70,58 +75,6 @@ def _local_labels(block, by_value):
     return labels.astype(get_array_module(labels).int32, copy=False)
 
 
-def _count_block(local):
-    count = int(local.max()) if local.size else 0
-    return np.array([count], dtype=np.int64).reshape((1,) * local.ndim)
-
-
-def _offset_block(local, offsets, block_info=None):
-    """A block's local ids shifted to global ones (int64), background kept 0."""
-    xp = get_array_module(local)
-    offset = int(offsets[tuple(block_info[0]["chunk-location"])])
-    out = local.astype(xp.int64)
-    if offset:
-        out[local > 0] += offset
-    return out
-
-
-def _lookup_block(local, offsets, counts, lookup, block_info=None):
-    """``lookup[global id]`` of a block's local ids through the block's slice of the table (0 stays 0)."""
-    xp = get_array_module(local)
-    index = tuple(block_info[0]["chunk-location"])
-    offset, count = int(offsets[index]), int(counts[index])
-    table = np.empty(count + 1, dtype=lookup.dtype)
-    table[0] = 0
-    table[1:] = lookup[offset + 1:offset + count + 1]
-    return xp.asarray(table)[local]
-
-
-def _first_voxels(block, start, shape):
-    """(label, first global flat index) for each label in a block, as a (2, n) int64 NumPy array.
-
-    The volume's C order restricted to a block is the block's own C order,
-    so each label's first voxel in the block is its first occurrence there.
-    """
-    xp = get_array_module(block)
-    flat = xp.flatnonzero(block.ravel())
-    if flat.size == 0:
-        return np.zeros((2, 0), dtype=np.int64)
-    values, first = unique_ids(block.ravel()[flat], return_index=True)
-    local = xp.unravel_index(flat[first], block.shape)
-    global_flat = xp.ravel_multi_index(tuple(c + int(s) for c, s in zip(local, start)), shape)
-    return to_host(xp.stack([values.astype(xp.int64), global_flat.astype(xp.int64)]))
-
-
-def _touching_pairs(low, high, low_values, high_values):
-    """Unique (a, b) id pairs facing each other across one chunk face, with equal values (NumPy)."""
-    xp = get_array_module(low)
-    a, b = low.ravel(), high.ravel()
-    keep = (a > 0) & (b > 0) & (low_values.ravel() == high_values.ravel())
-    if not bool(keep.any()):
-        return np.zeros((0, 2), dtype=np.int64)
-    return to_host(xp.unique(xp.stack([a[keep], b[keep]], axis=1), axis=0))
-
-
 def _summary(ids, values, start, shape, per_block):
     """One block's own result and its six (four in 2D) boundary slabs, as small host arrays."""
     result = per_block(ids, values, start, shape) if per_block is not None else None
@@ -143,7 +96,7 @@ def _across_face(low_summary, high_summary, axis, per_face):
     return per_face(a, b, va, vb, axis)
 
 
-def summarize_blocks(ids, values, *, per_block=None, per_face=None):
+def summarize_blocks(ids, values, *, per_block=None, per_face=None, with_blocks=False):
     """Delayed per-block and per-chunk-face results over two aligned chunked arrays.
 
     One task per block computes ``per_block(ids_block, values_block, start,
@@ -153,77 +106,158 @@ def summarize_blocks(ids, values, *, per_block=None, per_face=None):
     holds a whole block for later, so memory stays at a few blocks in flight
     plus slabs, whatever the number of chunks.
 
-    Returns ``(block_results, face_results)``, lists of delayed objects.
+    Returns ``(block_results, face_results)``, lists of delayed objects
+    (and, ``with_blocks``, the (low, high) block index of each face).
     """
     import operator
 
     from dask import delayed
 
     starts = chunk_starts(ids.chunks)
-    id_blocks, value_blocks = ids.to_delayed(), values.to_delayed()
+    # Unoptimised: each optimised graph would fuse its own copy of the blocks the two arrays share
+    # (``ids`` computed from ``values``: the values of every block computed twice).
+    id_blocks, value_blocks = ids.to_delayed(optimize_graph=False), values.to_delayed(optimize_graph=False)
     summaries = {}
     for index in itertools.product(*[range(n) for n in ids.numblocks]):
         start = [int(starts[a][i]) for a, i in enumerate(index)]
         summaries[index] = delayed(_summary)(id_blocks[index], value_blocks[index], start, ids.shape, per_block)
     block_results = [delayed(operator.getitem)(summary, 0) for summary in summaries.values()]
-    face_results = []
+    face_results, face_blocks = [], []
     for axis in range(ids.ndim):
         for index, summary in summaries.items():
             if index[axis] + 1 < ids.numblocks[axis]:
                 other = tuple(i + (a == axis) for a, i in enumerate(index))
                 face_results.append(delayed(_across_face)(summary, summaries[other], axis, per_face))
-    return block_results, face_results
+                face_blocks.append((index, other))
+    return (block_results, face_results, face_blocks) if with_blocks else (block_results, face_results)
 
 
-def _first_voxels_of(ids, values, start, shape):
-    return _first_voxels(ids, start, shape)
+def _block_components(ids, values, start, shape, by_value, faces):
+    """One block's own components ``ids`` (1..count): count, and per component its first global flat
+    index, size and value; with ``faces``, (component, other value, shared faces) inside the block."""
+    xp = get_array_module(ids)
+    flat = xp.flatnonzero(ids.ravel())
+    count = int(ids.max()) if flat.size else 0
+    out = {"count": np.int64(count)}
+    if count:
+        # Ids are 1..count, each present: counted (no sort), first occurrence in the block's (= the volume's) C order.
+        _, first, size = unique_ids(ids.ravel()[flat], return_index=True, return_counts=True)
+        first = flat[first]
+        local = xp.unravel_index(first, ids.shape)
+        out["first"] = xp.ravel_multi_index(tuple(c + int(s) for c, s in zip(local, start)), shape).astype(xp.int64)
+        out["size"] = size.astype(xp.int64)
+        out["value"] = values.ravel()[first].astype(xp.int64) if by_value else xp.ones(count, dtype=xp.int64)
+    else:
+        out.update(first=xp.zeros(0, xp.int64), size=xp.zeros(0, xp.int64), value=xp.zeros(0, xp.int64))
+    if faces:
+        out["faces"] = face_pairs_between_labels(ids, values) if count else tuple(xp.zeros(0, xp.int64)
+                                                                                   for _ in range(3))
+    return {key: (tuple(to_host(a) for a in value) if isinstance(value, tuple) else to_host(value))
+            for key, value in out.items()}
 
 
-def _pairs_of(a, b, va, vb, axis):
-    return _touching_pairs(a, b, va, vb)
+def _face_components(low, high, low_values, high_values, axis, by_value, faces):
+    """Across one chunk face: the (low id, high id) pairs to merge (equal values) and, with ``faces``, each
+    side's (component, other value, faces) where the values differ (as ``face_pairs_between_labels``)."""
+    xp = get_array_module(low)
+    a, b, va, vb = low.ravel(), high.ravel(), low_values.ravel(), high_values.ravel()
+    both = (a > 0) & (b > 0)
+    same = both & (va == vb) if by_value else both
+    out = {"pairs": to_host(xp.unique(xp.stack([a[same], b[same]], axis=1), axis=0)) if bool(same.any())
+           else np.zeros((0, 2), dtype=np.int64)}
+    if faces:
+        touch = both & (va != vb)
+        out["low"] = tuple(to_host(v) for v in count_pairs(a[touch].astype(xp.int64), vb[touch].astype(xp.int64)))
+        out["high"] = tuple(to_host(v) for v in count_pairs(b[touch].astype(xp.int64), va[touch].astype(xp.int64)))
+    return out
 
 
-def label_chunked(mask, *, by_value=False, compute_kwargs=None, workspace=None, name=None, device=None):
-    """Face-connected components of a chunked boolean Dask array.
+@dataclass
+class Components:
+    """Face-connected components of a chunked array, numbered 1..n by first voxel in C order.
 
-    Returns a lazy Dask array of int32 (int64 past 2^31 - 1 labels) equal to
-    ``scipy.ndimage.label(mask.compute())[0]`` byte for byte, and the count.
-    With ``by_value``, ``mask`` is a label image and the components are the
-    face-connected pieces of equal non-zero value, numbered the same way
-    (``skimage.measure.label(labels, connectivity=1)``).
-    The computation of the merge graph runs on the active Dask scheduler
-    (threads by default, or a distributed client).
-
-    ``workspace`` and ``name``: each block is labelled once and its local
-    labels staged there as ``name`` (every later pass reads them, moved to
-    the GPU with ``device='gpu'``); without a workspace folder every pass
-    labels the blocks again.
+    ``labels``: lazy Dask array (int32; int64 past 2^31 - 1 ids); ``value``
+    and ``size`` (int64, index = id, 0 = background): each component's value
+    (1 for a mask) and voxel count; ``face_pairs``: (component, neighbouring
+    value, shared faces) over faces between different non-zero values, as
+    ``face_pairs_between_labels`` of the whole array (with ``faces=True``).
     """
-    import dask
+
+    labels: object
+    n: int
+    value: np.ndarray
+    size: np.ndarray
+    face_pairs: tuple | None = None
+    local: object = None      # each block's own ids (the staged store when there is one)
+    offsets: np.ndarray = None
+    lookup: np.ndarray = None
+
+    counts: np.ndarray = None
+
+    def through(self, table, dtype):
+        """``table[labels]`` (lazy), block by block through the local ids: one small table per block."""
+        return _through_tables(self.local, self.offsets, self.counts, self.lookup, table, dtype)
+
+
+def _apply_table(block, table):
+    return ops_for(block).device_table(table)[block]
+
+
+def _through_tables(local, offsets, counts, lookup, table, dtype):
+    """``table[lookup[offset + local]]`` per block (0 stays 0), each task given only its block's table."""
+    import dask.array as da
+    from dask import delayed
+
+    blocks = local.to_delayed()
+    grid = np.empty(local.numblocks, dtype=object)
+    for index in np.ndindex(*local.numblocks):
+        offset, count = int(offsets[index]), int(counts[index])
+        block_table = np.zeros(count + 1, dtype=dtype)
+        block_table[1:] = table[lookup[offset + 1:offset + count + 1]]
+        shape = tuple(local.chunks[a][i] for a, i in enumerate(index))
+        grid[index] = da.from_delayed(delayed(_apply_table, pure=True)(blocks[index], block_table), shape=shape,
+                                      dtype=dtype, meta=local._meta.astype(dtype))
+    return da.block(grid.tolist())
+
+
+def components_chunked(values, *, by_value=False, faces=False, workspace=None, name=None, device=None,
+                       verbose=False):
+    """Face-connected components of a chunked mask (or of equal values, ``by_value``): a :class:`Components`.
+
+    One pass: each task labels its block, stages the block's own ids in
+    ``workspace`` as ``name`` (when both are given) and returns small
+    summaries (per component: first voxel, size, value; with ``faces``, the
+    faces between different values) and its boundary slabs; one task per
+    chunk face merges the slabs. Ids are merged on a small sparse graph and
+    numbered by first voxel, as ``scipy.ndimage.label`` (or
+    ``skimage.measure.label(labels, connectivity=1)``) numbers them: byte-identical.
+    """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    compute_kwargs = compute_kwargs or {}
-    build = (lambda: mask.map_blocks(_local_labels, by_value, dtype=np.int32))
-    if workspace is not None and name is not None:
-        local = workspace.stage(name, build, chunks=mask.chunks, shape=mask.shape, dtype=np.int32, device=device)
-    else:
-        local = build()
-    counts = local.map_blocks(_count_block, dtype=np.int64, chunks=tuple((1,) * n for n in mask.numblocks))
-    counts = to_host(np.asarray(counts.compute(**compute_kwargs))).reshape(mask.numblocks)
-    offsets = (np.cumsum(counts.ravel()) - counts.ravel()).reshape(counts.shape)
-    total = int(counts.sum())
-    labels = local.map_blocks(_offset_block, offsets, dtype=np.int64)
-    if total == 0:
-        return local, 0  # all zeros
+    from gpu_pipeline.chunked.workspace import Workspace
 
-    # Pairs across every internal chunk face, merged on a small sparse graph.
-    first_tasks, pair_tasks = summarize_blocks(labels, mask, per_block=_first_voxels_of, per_face=_pairs_of)
-    pair_lists, first_lists = dask.compute(pair_tasks, first_tasks, **compute_kwargs)
-    pair_lists = [p for p in pair_lists if len(p)]
-    pairs = np.concatenate(pair_lists, axis=0) if pair_lists else np.zeros((0, 2), np.int64)
+    workspace = workspace if workspace is not None else Workspace(None)
+    local, restage = workspace.stage_in_pass(name, values, functools.partial(_local_labels, by_value=by_value),
+                                             dtype=np.int32, device=device)
+    per_block = functools.partial(_block_components, by_value=by_value, faces=faces)
+    per_face = functools.partial(_face_components, by_value=by_value, faces=faces)
+    block_tasks, face_tasks, face_blocks = summarize_blocks(local, values, per_block=per_block, per_face=per_face,
+                                                            with_blocks=True)
+    results = run_tasks(block_tasks + face_tasks, name or "connected components", verbose=verbose,
+                        voxels=int(np.prod(values.shape)))
+    stats, across = results[:len(block_tasks)], results[len(block_tasks):]
+    local = restage()  # later passes read the staged ids (when staged) instead of labelling again
+    numblocks = values.numblocks
+    counts = np.array([s["count"] for s in stats], dtype=np.int64)
+    offsets = np.cumsum(counts) - counts
+    total = int(counts.sum())
+    linear = {index: k for k, index in enumerate(np.ndindex(*numblocks))}
     root = np.arange(total + 1, dtype=np.int64)
-    if len(pairs):
+    pairs = [np.stack([f["pairs"][:, 0] + offsets[linear[lo]], f["pairs"][:, 1] + offsets[linear[hi]]], axis=1)
+             for f, (lo, hi) in zip(across, face_blocks) if len(f["pairs"])]
+    if pairs:
+        pairs = np.concatenate(pairs).astype(np.int64)
         nodes, inverse = np.unique(pairs.ravel(), return_inverse=True)
         inverse = inverse.reshape(-1, 2)
         graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (inverse[:, 0], inverse[:, 1])),
@@ -233,14 +267,48 @@ def label_chunked(mask, *, by_value=False, compute_kwargs=None, workspace=None, 
         np.minimum.at(smallest, component, nodes)
         root[nodes] = smallest[component]
     # First voxel per merged component, then ids 1..n in that order.
-    firsts = np.concatenate([f for f in first_lists if f.size], axis=1)
+    ids = np.concatenate([offsets[k] + 1 + np.arange(c, dtype=np.int64) for k, c in enumerate(counts)]) \
+        if total else np.zeros(0, np.int64)
     first_flat = np.full(total + 1, np.iinfo(np.int64).max)
-    np.minimum.at(first_flat, root[firsts[0]], firsts[1])
+    if total:
+        np.minimum.at(first_flat, root[ids], np.concatenate([s["first"] for s in stats]))
     present = np.flatnonzero(first_flat < np.iinfo(np.int64).max)
     n = len(present)
-    order = np.argsort(first_flat[present], kind="stable")
     dtype = np.int32 if n < 2**31 - 1 else np.int64
     final = np.zeros(total + 1, dtype=dtype)
-    final[present[order]] = np.arange(1, n + 1, dtype=dtype)
+    final[present[np.argsort(first_flat[present], kind="stable")]] = np.arange(1, n + 1, dtype=dtype)
     lookup = final[root]
-    return local.map_blocks(_lookup_block, offsets, counts, lookup, dtype=dtype), n
+    size = np.zeros(n + 1, dtype=np.int64)
+    value = np.zeros(n + 1, dtype=np.int64)
+    if total:
+        np.add.at(size, lookup[ids], np.concatenate([s["size"] for s in stats]))
+        value[lookup[ids]] = np.concatenate([s["value"] for s in stats])
+    face_pairs = None
+    if faces:
+        parts = [(lookup[offsets[k] + s["faces"][0]], s["faces"][1], s["faces"][2]) for k, s in enumerate(stats)]
+        for f, (lo, hi) in zip(across, face_blocks):
+            for side, block in (("low", lo), ("high", hi)):
+                a, b, c = f[side]
+                parts.append((lookup[offsets[linear[block]] + a], b, c))
+        face_pairs = count_pairs(*(np.concatenate([p[i] for p in parts]).astype(np.int64) for i in range(3)))
+    found = Components(labels=local, n=n, value=value, size=size, face_pairs=face_pairs, local=local,
+                       offsets=offsets.reshape(numblocks), lookup=lookup, counts=counts.reshape(numblocks))
+    if total:
+        found.labels = found.through(np.arange(n + 1, dtype=dtype), dtype)
+    return found
+
+
+def label_chunked(mask, *, by_value=False, workspace=None, name=None, device=None):
+    """Face-connected components of a chunked boolean Dask array: ``(lazy labels, count)``.
+
+    The labels (int32; int64 past 2^31 - 1) equal
+    ``scipy.ndimage.label(mask.compute())[0]`` byte for byte; with
+    ``by_value``, ``mask`` is a label image and the components are the
+    face-connected pieces of equal non-zero value, numbered the same way
+    (``skimage.measure.label(labels, connectivity=1)``). The passes run on
+    the active Dask scheduler (threads by default, or a distributed client).
+    ``workspace`` and ``name``: each block is labelled once and its own ids
+    staged there as ``name`` (see :func:`components_chunked`).
+    """
+    found = components_chunked(mask, by_value=by_value, workspace=workspace, name=name, device=device)
+    return found.labels, found.n

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpu_pipeline._backend import GAUSSIAN_TRUNCATE, DeclumpError, get_array_module, ops_for, to_host
-from gpu_pipeline.chunked.components import label_chunked, unique_ids
+from gpu_pipeline._backend import GAUSSIAN_TRUNCATE, DeclumpError, ops_for
+from gpu_pipeline.chunked.components import components_chunked
 from gpu_pipeline.chunked.histogram import histogram_thresholds_chunked
 from gpu_pipeline.stages.cleanup import voxels_for
 from gpu_pipeline.stages.threshold import HISTOGRAM_METHODS, choose_polarity, foreground
@@ -53,24 +53,14 @@ def smooth_chunked(volume, sigma_voxels):
     return volume.map_overlap(smooth, depth=halo, boundary="nearest", dtype=np.float32)
 
 
-def _label_sizes(block):
-    xp = get_array_module(block)
-    values, counts = unique_ids(block[block > 0], return_counts=True)
-    return to_host(xp.stack([values.astype(xp.int64), counts.astype(xp.int64)]))
-
-
 def largest_component_share_chunked(mask) -> float:
-    """:func:`gpu_pipeline.stages.threshold.largest_component_share` of a chunked boolean Dask array: its
-    components from :func:`label_chunked`, their sizes summed over blocks."""
-    import dask
-
-    components, count = label_chunked(mask)
-    if count == 0:
+    """:func:`gpu_pipeline.stages.threshold.largest_component_share` of a chunked boolean Dask array: one
+    :func:`components_chunked` pass, whose per-component sizes are summed over blocks already."""
+    found = components_chunked(mask)
+    if found.n == 0:
         return 0.0
-    sizes = np.zeros(count + 1, dtype=np.int64)
-    for part in dask.compute(*[dask.delayed(_label_sizes)(b) for b in components.to_delayed().ravel()]):
-        np.add.at(sizes, part[0], part[1])
-    return float(sizes[1:].max()) / float(sizes[1:].sum())
+    sizes = found.size[1:]
+    return float(sizes.max()) / float(sizes.sum())
 
 
 def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="auto", min_size=0.0, mask=None,
@@ -86,8 +76,6 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
     and the regions are staged (smoothing then runs once per chunk) and the
     global results saved.
     """
-    import dask
-
     from gpu_pipeline.chunked.workspace import Workspace
 
     workspace = workspace or Workspace(None)
@@ -97,61 +85,69 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
     if isinstance(threshold, str) and threshold not in HISTOGRAM_METHODS:
         raise DeclumpError(f"chunked runs take threshold {', '.join(HISTOGRAM_METHODS)} or a number, got "
                            f"{threshold!r} ('auto' and 'local' look at the whole image at once)")
+    staged = {}
     if mask is not None:
         fg = mask > 0.5 if np.dtype(mask.dtype).kind != "b" else mask
         value, side = None, None
+        chunks = fg.chunks
+
+        def foreground_mask():
+            return fg
     else:
         # The input dtype goes into the overlap (ops.gaussian converts each block to float32): the halo
         # slices Dask holds between neighbouring tasks are then 4x smaller for uint8 data.
-        smoothed = smooth_chunked(volume, tuple(float(sigma) / s for s in spacing)) \
+        smoothing = smooth_chunked(volume, tuple(float(sigma) / s for s in spacing)) \
             if sigma and sigma > 0 else volume
+        chunks = smoothing.chunks
+
+        def smoothed():
+            # Staged on first use: the threshold's passes (range, histogram, polarity) and the foreground
+            # then read it instead of smoothing every chunk four times. Never staged once the regions are.
+            if "smoothed" not in staged:
+                staged["smoothed"] = workspace.stage("smoothed", lambda: smoothing, chunks=chunks,
+                                                     shape=smoothing.shape, dtype=smoothing.dtype, device=device) \
+                    if smoothing is not volume else volume
+            return staged["smoothed"]
 
         def decide():
             # As in-memory threshold_foreground: a named method's polarity is decided at Otsu's threshold.
             if isinstance(threshold, str):
-                candidates = histogram_thresholds_chunked(smoothed)
+                candidates = histogram_thresholds_chunked(smoothed())
                 value, at = candidates[threshold], candidates["otsu"]
             else:
                 value = at = float(threshold)
-            return {"threshold": value, "polarity": choose_polarity(smoothed, at, polarity,
+            return {"threshold": value, "polarity": choose_polarity(smoothed(), at, polarity,
                                                                     largest_share=largest_component_share_chunked)}
 
         decided = workspace.remember("threshold", decide)
         value, side = float(decided["threshold"]), str(decided["polarity"])
-        fg = foreground(smoothed, value, side)
-    fg = workspace.stage("foreground", lambda: fg, chunks=fg.chunks, shape=source.shape, dtype=bool, device=device)
+
+        def foreground_mask():
+            return foreground(smoothed(), value, side)
     min_voxels = voxels_for(min_size, spacing)
     cache = {}
 
     def labelled():  # computed at most once, and only when something below needs it
         if not cache:
-            cache["value"] = label_chunked(fg, workspace=workspace, name="components", device=device)
+            cache["value"] = components_chunked(foreground_mask(), workspace=workspace, name="components",
+                                                device=device)
         return cache["value"]
 
     def renumbering():
-        components, n = labelled()
-        keep = np.ones(n + 1, dtype=bool)
-        if n and min_voxels > 1:
-            sizes = np.zeros(n + 1, dtype=np.int64)
-            parts = dask.compute(*[dask.delayed(_label_sizes)(b) for b in components.to_delayed().ravel()])
-            for part in parts:
-                np.add.at(sizes, part[0], part[1])
-            keep = sizes >= min_voxels
+        found = labelled()
+        keep = found.size >= min_voxels if min_voxels > 1 else np.ones(found.n + 1, dtype=bool)
         keep[0] = False
-        return {"rank": np.where(keep, np.cumsum(keep), 0).astype(np.int32), "n_components": n}
+        return {"rank": np.where(keep, np.cumsum(keep), 0).astype(np.int32), "n_components": found.n}
 
     saved = workspace.remember("regions", renumbering)
     rank = saved["rank"]
 
     def build():
-        components, n = labelled()
-        if n != int(saved["n_components"]):
+        found = labelled()
+        if found.n != int(saved["n_components"]):
             raise DeclumpError("internal: the foreground changed between passes")
+        return found.through(rank, np.int32)
 
-        def renumber(block):
-            return get_array_module(block).asarray(rank)[block]
-
-        return components.map_blocks(renumber, dtype=np.int32)
-
-    regions = workspace.stage("regions", build, chunks=fg.chunks, shape=source.shape, dtype=np.int32, device=device)
+    regions = workspace.stage("regions", build, chunks=chunks, shape=source.shape, dtype=np.int32, device=device)
+    workspace.discard("smoothed", "components")  # scratch space: only the regions are read from here on
     return regions, int(rank.max()) if rank.size else 0, value, side

@@ -21,10 +21,11 @@ active scheduler; nothing holds more than a few chunks):
    candidate lists of :func:`~gpu_pipeline.stages.split.block_candidates`
    (which depend on coordinates only); Lloyd updates, when asked for, reduce
    per-chunk integer coordinate sums per centroid;
-4. one piece per particle: equal-value components across chunks, then the
-   in-memory rule for stray pieces on per-chunk face counts, repeated as
-   in-memory;
-5. ids by first voxel in C order, from the merged components of pass 4.
+4. one piece per particle: one pass per round labels each block's
+   equal-value pieces (the first round computes the block's k-means split
+   in the same task) and returns per-piece sizes and face counts; the
+   in-memory rule for stray pieces decides on those tables, repeated as
+   in-memory; ids by first voxel in C order come from the last round.
 
 Particles whose inscribed radius exceeds ``max_radius`` see a plateau of
 capped distances, whose peaks the default ``neck_ratio`` (1.0) joins where
@@ -34,7 +35,6 @@ run counts voxels at the cap and reports them.
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -42,12 +42,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_host
-from gpu_pipeline.chunked.components import label_chunked, summarize_blocks, unique_ids
+from gpu_pipeline.chunked.components import components_chunked, unique_ids
 from gpu_pipeline.chunked.foreground import fit_halo, regions_chunked
-from gpu_pipeline.chunked.workspace import Workspace, chunk_starts, run_tasks, to_device
+from gpu_pipeline.chunked.workspace import Workspace, chunk_starts, run_tasks, to_device, write_block
 from gpu_pipeline.pipeline import NoParticlesError, cap_distance, validate_spacing
-from gpu_pipeline.stages.components import (count_pairs, face_pairs_between_labels, reassign_strays,
-                                            stray_pieces)
+from gpu_pipeline.stages.components import reassign_strays, stray_pieces
 from gpu_pipeline.stages.kmeans import batched_kmeans
 from gpu_pipeline.stages.peaks import (join_peaks, local_maxima, quantize_distance, segment_points,
                                        space_candidates, window_half_widths)
@@ -84,20 +83,39 @@ def peak_halo(min_distance, max_radius, spacing):
     return tuple(h + int(math.ceil(float(max_radius) / s - 1e-9)) for h, s in zip(half, spacing))
 
 
-def _capped_distance_q(extended, spacing, max_radius):
-    """The quantised distance map of ``extended > 0``, capped at ``max_radius`` (exact in a chunk's core)."""
+def _capped_distance_q(extended, spacing, max_radius, window=None):
+    """The quantised distance map of ``extended > 0``, capped at ``max_radius`` (exact in a chunk's core).
+
+    ``window`` (slices): only that part is capped and quantised (the rest of
+    the halo is needed by the transform, not by what reads its values).
+    Returns ``(foreground, distance)`` over the window.
+    """
     fg = extended > 0
     # max_distance: the GPU transform stops its passes at the cap (values above it are capped anyway).
-    distance = cap_distance(ops_for(extended).distance_transform(fg, spacing, max_distance=max_radius), max_radius,
-                            spacing)
-    return fg, quantize_distance(distance, spacing)[0]
+    distance = ops_for(extended).distance_transform(fg, spacing, max_distance=max_radius)
+    if window is not None:
+        fg, distance = fg[window], distance[window]
+    return fg, quantize_distance(cap_distance(distance, max_radius, spacing), spacing)[0]
 
 
-def _block_peak_candidates(extended, origin, left, core_shape, spacing, half_widths, max_radius):
-    """Peak candidates (global coords, quantised distance, region) in one chunk's core, and capped voxels."""
+def _block_peak_candidates(extended, origin, left, core_shape, spacing, half_widths, max_radius, distance_out=None):
+    """Peak candidates (global coords, quantised distance, region) in one chunk's core, and capped voxels.
+
+    ``distance_out``: (store, marker, dtype) where the core of the capped quantised distance map is staged
+    for the neck pass, which then reads it instead of computing the distance transform again.
+    """
     xp = get_array_module(extended)
-    fg, distance_q = _capped_distance_q(extended, spacing, max_radius)
-    core = tuple(slice(int(lo), int(lo) + int(n)) for lo, n in zip(left, core_shape))
+    # The maxima of the core only look one peak window beyond it: the rest of the halo serves the transform.
+    window = tuple(slice(max(0, int(lo) - h), min(int(n), int(lo) + int(c) + h))
+                   for lo, c, h, n in zip(left, core_shape, half_widths, extended.shape))
+    fg, distance_q = _capped_distance_q(extended, spacing, max_radius, window)
+    left = [int(lo) - w.start for lo, w in zip(left, window)]
+    extended = extended[window]
+    core = tuple(slice(lo, lo + int(n)) for lo, n in zip(left, core_shape))
+    if distance_out is not None:
+        store, marker, dtype = distance_out
+        region = tuple(slice(int(o), int(o) + int(n)) for o, n in zip(origin, core_shape))
+        write_block(distance_q[core].astype(dtype), store, region, marker)
     coords = local_maxima(distance_q, half_widths=half_widths, core=core)
     cap_q, _ = quantize_distance(xp.asarray([max_radius], dtype=xp.float32), spacing)
     capped = int(((distance_q[core] >= cap_q[0]) & fg[core]).sum())
@@ -105,6 +123,12 @@ def _block_peak_candidates(extended, origin, left, core_shape, spacing, half_wid
     region = extended[tuple(coords.T)]
     shift = xp.asarray([int(o) - int(lo) for o, lo in zip(origin, left)], dtype=xp.int64)
     return to_host(coords + shift), to_host(values), to_host(region), capped
+
+
+def distance_dtype(max_radius, spacing):
+    """The narrowest type of the staged capped distance map (uint16 while the cap's quantised value fits)."""
+    cap_q, _ = quantize_distance(np.asarray([max_radius], dtype=np.float32), spacing)
+    return np.dtype(np.uint16) if int(cap_q[0]) <= np.iinfo(np.uint16).max else np.dtype(np.int32)
 
 
 def _read_extended(store, region, device):
@@ -146,12 +170,16 @@ def _extended_blocks(regions, depth, store, device):
         yield index, origin, core_shape, left, extended
 
 
-def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, device=None, verbose=False):
+def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, device=None, verbose=False,
+                  workspace=None):
     """Peaks of the capped distance map of ``regions > 0``: the in-memory `find_peaks` result, for any chunking.
 
     ``store``: the Zarr store ``regions`` was staged in; each task then reads
     its chunk and halo straight from it (memory: one extended block per
     task). Without it the halo comes from ``dask.array.overlap``.
+
+    ``workspace`` (with ``store``): each task also stages its core of the
+    capped distance map as ``distance``, for :func:`neck_groups_chunked`.
 
     Returns a dict: ``peaks`` (n, ndim) int64 in C order, ``values`` (int32
     quantised distances), ``region`` (int64), ``n_capped`` voxels at the cap.
@@ -160,11 +188,19 @@ def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, dev
 
     half = window_half_widths(min_distance, spacing)
     depth = peak_halo(min_distance, max_radius, spacing)
-    tasks = [delayed(_block_peak_candidates)(extended, origin, left, core_shape, tuple(spacing), half,
-                                             float(max_radius))
-             for _, origin, core_shape, left, extended in _extended_blocks(regions, depth, store, device)]
+    staged = None
+    if workspace is not None and store is not None:
+        dtype = distance_dtype(max_radius, spacing)
+        staged = workspace.open_stage("distance", shape=regions.shape, chunks=regions.chunks, dtype=dtype)
+    tasks = []
+    for index, origin, core_shape, left, extended in _extended_blocks(regions, depth, store, device):
+        out = None if staged is None else (staged[0], staged[1](index), dtype)
+        tasks.append(delayed(_block_peak_candidates)(extended, origin, left, core_shape, tuple(spacing), half,
+                                                     float(max_radius), out))
     parts = run_tasks(tasks, "distance transform + peak candidates", voxels=int(np.prod(regions.shape)),
                       verbose=verbose)
+    if staged is not None:
+        staged[2]()
     ndim = regions.ndim
     coords = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, ndim), np.int64)
     values = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32)
@@ -178,8 +214,19 @@ def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, dev
 
 def _block_neck_minima(extended, origin, left, core_shape, spacing, max_radius, starts, ends):
     """Lowest capped distance, per segment, over the segment's samples that fall in this chunk's core."""
-    xp = get_array_module(extended)
     _, distance_q = _capped_distance_q(extended, spacing, max_radius)
+    return _segment_minima_in(distance_q, origin, left, core_shape, starts, ends)
+
+
+def _stored_neck_minima(store, origin, core_shape, starts, ends, device):
+    """:func:`_block_neck_minima` from the distance map the peak pass staged (no distance transform)."""
+    region = tuple(slice(int(o), int(o) + int(n)) for o, n in zip(origin, core_shape))
+    distance_q = _read_extended(store, region, device)
+    return _segment_minima_in(distance_q, origin, [0] * len(origin), core_shape, starts, ends)
+
+
+def _segment_minima_in(distance_q, origin, left, core_shape, starts, ends):
+    xp = get_array_module(distance_q)
     m = len(starts)
     ends_points = np.concatenate([starts, ends])
     pair, points = segment_points(ends_points, np.arange(m), np.arange(m) + m)
@@ -210,13 +257,14 @@ def _pairs_by_block(low_corner, high_corner, starts, numblocks):
 
 
 def neck_groups_chunked(regions, found, *, spacing, min_distance, max_radius, ratio, store=None, device=None,
-                        verbose=False):
+                        verbose=False, distance_store=None):
     """The in-memory :func:`~gpu_pipeline.stages.peaks.neck_groups` of the peaks ``found`` by `peaks_chunked`.
 
     The pairs to test come from the global peak list; each chunk recomputes
     its capped distance map (exact in its core, as for the peaks) and
     reports the lowest value, per segment, of the samples in its core; the
-    minima reduce over chunks. Returns the group of each peak.
+    minima reduce over chunks. ``distance_store``: the map :func:`peaks_chunked`
+    staged; each chunk then reads its core from it instead. Returns the group of each peak.
     """
     from dask import delayed
 
@@ -240,8 +288,12 @@ def neck_groups_chunked(regions, found, *, spacing, min_distance, max_radius, ra
             if mine.size == 0:
                 continue
             task_pairs.append(mine)
-            tasks.append(delayed(_block_neck_minima)(extended, origin, left, core_shape, tuple(spacing),
-                                                     float(max_radius), peaks[i[mine]], peaks[j[mine]]))
+            if distance_store is not None:
+                tasks.append(delayed(_stored_neck_minima)(distance_store, origin, core_shape, peaks[i[mine]],
+                                                          peaks[j[mine]], device))
+            else:
+                tasks.append(delayed(_block_neck_minima)(extended, origin, left, core_shape, tuple(spacing),
+                                                         float(max_radius), peaks[i[mine]], peaks[j[mine]]))
         for mine, part in zip(task_pairs, run_tasks(tasks, "necks between peaks", verbose=verbose)):
             np.minimum.at(low, mine, part)
         return low
@@ -361,75 +413,38 @@ def lloyd_chunked(regions, seeds, *, spacing, max_iter, verbose=False):
     return centres
 
 
-def _piece_stats(pieces, labels):
-    """Per block: piece ids, their label, their voxel counts (host arrays)."""
-    xp = get_array_module(pieces)
-    ids, first, counts = unique_ids(pieces.ravel(), return_index=True, return_counts=True)
-    keep = ids > 0
-    stats = (ids[keep].astype(xp.int64), labels.ravel()[first[keep]].astype(xp.int64), counts[keep].astype(xp.int64))
-    return tuple(to_host(a) for a in stats)
-
-
-def _stray_pairs(stray, pieces, labels, start, shape):
-    """A block's face pairs (piece, other label, faces) next to a stray voxel, as in-memory `enforce_one_piece`."""
-    near = ops_for(pieces).device_table(stray)[pieces]
-    if not bool(near.any()):
-        return tuple(np.zeros(0, np.int64) for _ in range(3))
-    return tuple(to_host(a) for a in face_pairs_between_labels(pieces, labels, near=near))
-
-
-def _face_stray_pairs(stray, low_pieces, high_pieces, low_labels, high_labels, axis):
-    """The same for the faces between the two 1-voxel slabs on either side of a chunk face."""
-    pieces = np.concatenate([low_pieces, high_pieces], axis=axis)
-    labels = np.concatenate([low_labels, high_labels], axis=axis)
-    return face_pairs_between_labels(pieces, labels, near=stray[pieces], axes=(axis,))
-
-
 def one_piece_chunked(labels, *, workspace, device=None, verbose=False):
     """In-memory ``relabel_by_first_voxel(enforce_one_piece(labels))`` on a chunked label array.
 
+    One pass per round (:func:`components_chunked` with face counts): each
+    task labels its block's pieces, stages them and returns per-piece sizes,
+    values and faces with other labels, so the round's decision (stray
+    pieces, the labels they join) is made on small tables; the next round's
+    labels are the staged pieces through that decision's table, block by
+    block, never a pass of their own.
+
     Returns ``(final labels (lazy int32), number of particles, rounds run)``.
     """
-    from dask import delayed
-
+    values = labels
     for round_ in range(ONE_PIECE_ROUNDS):
-        pieces, n_pieces = label_chunked(labels, by_value=True, workspace=workspace, name=f"pieces_{round_}",
-                                         device=device)
+        pieces = components_chunked(values, by_value=True, faces=True, workspace=workspace, name=f"pieces_{round_}",
+                                    device=device, verbose=verbose)
 
         def decide():
-            # Piece statistics first; the face counts only where a stray piece is, and only when one is
-            # (the last round, which finds none, counts no faces).
-            stats = run_tasks([delayed(_piece_stats)(p, lab) for p, lab in
-                               zip(pieces.to_delayed().ravel(), labels.to_delayed().ravel())],
-                              f"one piece per particle, round {round_ + 1}", verbose=verbose)
-            piece_label = np.zeros(n_pieces + 1, dtype=np.int64)
-            piece_size = np.zeros(n_pieces + 1, dtype=np.int64)
-            for ids, lab, cnt in stats:
-                piece_label[ids] = lab
-                np.add.at(piece_size, ids, cnt)
-            stray = stray_pieces(piece_label, piece_size)
+            stray = stray_pieces(pieces.value, pieces.size)
             if stray is None:
                 return {"done": True, "new_label": np.zeros(0, np.int64)}
-            tasks, face_tasks = summarize_blocks(pieces, labels, per_block=functools.partial(_stray_pairs, stray),
-                                                 per_face=functools.partial(_face_stray_pairs, stray))
-            pairs = run_tasks(tasks + face_tasks, f"faces of stray pieces, round {round_ + 1}", verbose=verbose)
-            a, b, c = (np.concatenate([p[i] for p in pairs]) for i in range(3))
-            return {"done": False, "new_label": reassign_strays(piece_label, stray, *count_pairs(a, b, c))}
+            return {"done": False, "new_label": reassign_strays(pieces.value, stray, *pieces.face_pairs)}
 
         decided = workspace.remember(f"one_piece_{round_}", decide)
         if bool(decided["done"]):
-            return pieces, n_pieces, round_ + 1
+            return pieces.labels, pieces.n, round_ + 1
         table = decided["new_label"]
         dtype = id_dtype(table.max() if table.size else 0)
-        build = (lambda p=pieces, table=table.astype(dtype): p.map_blocks(_relabel, table, dtype=table.dtype))
-        labels = workspace.stage(f"one_piece_{round_}", build,
-                                 chunks=labels.chunks, shape=labels.shape, dtype=dtype, device=device)
-    final, n = label_chunked(labels, by_value=True, workspace=workspace, name="pieces_final", device=device)
-    return final, n, ONE_PIECE_ROUNDS
-
-
-def _relabel(block, table):
-    return ops_for(block).device_table(table)[block]
+        values = pieces.through(table.astype(dtype), dtype)
+    final = components_chunked(values, by_value=True, workspace=workspace, name="pieces_final", device=device,
+                               verbose=verbose)
+    return final.labels, final.n, ONE_PIECE_ROUNDS
 
 
 def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,
@@ -508,7 +523,7 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
                                f"smaller than {min_size:g} (physical units); check polarity, threshold or min_size")
     found = workspace.remember("peaks", lambda: peaks_chunked(
         regions, spacing=spacing, min_distance=min_distance, max_radius=max_radius,
-        store=workspace.store("regions"), device=device, verbose=verbose))
+        store=workspace.store("regions"), device=device, verbose=verbose, workspace=workspace))
     details.n_peaks, details.n_capped_voxels = int(len(found["peaks"])), int(found["n_capped"])
     _, quantum = quantize_distance(np.zeros(1, np.float32), spacing)
     radii = found["values"].astype(np.float64) * quantum
@@ -516,7 +531,8 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
     if neck_ratio is not None:
         group = workspace.remember("necks", lambda: {"group": neck_groups_chunked(
             regions, found, spacing=spacing, min_distance=min_distance, max_radius=max_radius, ratio=neck_ratio,
-            store=workspace.store("regions"), device=device, verbose=verbose)})["group"]
+            store=workspace.store("regions"), device=device, verbose=verbose,
+            distance_store=workspace.store("distance"))})["group"]
     seeds = kmeans_seeds(found["region"], n_regions, found["peaks"], radii, assignment=assignment,
                          peak_group=group)
     if seeds is None:
@@ -530,9 +546,8 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
 
         seeds_d, centres_d = delayed(seeds, traverse=False), delayed(centres, traverse=False)
         dtype = id_dtype(n_regions + 1 + int(np.max(seeds.centre_label, initial=0)))
-        split = workspace.stage("split", lambda: regions.map_blocks(_split_block, seeds_d, centres_d, tuple(spacing),
-                                                                    n_regions, dtype, dtype=dtype),
-                                chunks=regions.chunks, shape=regions.shape, dtype=dtype, device=device)
+        # Not staged: the first round of one_piece_chunked computes each block's split and stages its pieces.
+        split = regions.map_blocks(_split_block, seeds_d, centres_d, tuple(spacing), n_regions, dtype, dtype=dtype)
     labels, details.n_particles, details.one_piece_rounds = one_piece_chunked(split, workspace=workspace, device=device, verbose=verbose)
     details.blocks_computed = dict(workspace.computed)
     details.blocks_total = dict(workspace.totals)

@@ -33,8 +33,7 @@ import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops_for, to_host
 from gpu_pipeline.chunked.components import unique_ids
-from gpu_pipeline.chunked.workspace import Workspace, active_client, chunk_starts, run_tasks, release_freed_memory, \
-    save_records, write_blocks
+from gpu_pipeline.chunked.workspace import Workspace, active_client, release_freed_memory, save_records, write_blocks
 from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, boolean_input_as_mask, check_foreground_options, disk_error,
                              write_ngff_label_metadata)
 from gpu_pipeline.measure import table_from_sums
@@ -134,7 +133,11 @@ def engine(*, cluster=None, scheduler=None, workers=None, device="cpu"):
         return
     if device == "gpu":
         _gpu_worker_setup()
-    with dask.config.set(scheduler="threads", num_workers=n_workers):
+    import dask.threaded
+
+    # The scheduler function itself, not its name: Dask looks a named scheduler up by importing
+    # dask.distributed first (about a second of a run that never uses it).
+    with dask.config.set(scheduler=dask.threaded.get, num_workers=n_workers):
         yield None
 
 
@@ -162,19 +165,9 @@ def _block_table(labels, image, origin):
     return {k: to_host(v) for k, v in out.items()}
 
 
-def table_chunked(labels, image, spacing, n_particles, *, verbose=False):
-    """The per-particle table of a chunked label image, from per-chunk partial sums (see `particle_table`)."""
-    from dask import delayed
-
-    ndim = labels.ndim
-    starts = chunk_starts(labels.chunks)
-    l_blocks = labels.to_delayed()
-    i_blocks = image.rechunk(labels.chunks).to_delayed() if image is not None else None
-    tasks = []
-    for index in np.ndindex(*labels.numblocks):
-        origin = [int(starts[a][i]) for a, i in enumerate(index)]
-        tasks.append(delayed(_block_table)(l_blocks[index], None if i_blocks is None else i_blocks[index], origin))
-    parts = [p for p in run_tasks(tasks, "particle table", verbose=verbose) if p is not None]
+def table_from_parts(parts, ndim, spacing, n_particles, with_intensity):
+    """The per-particle table reduced from the per-chunk partial sums of :func:`_block_table`."""
+    parts = [p for p in parts if p is not None]
     n = n_particles + 1
     count = np.zeros(n, np.int64)
     sums = np.zeros((ndim, n))
@@ -190,7 +183,7 @@ def table_chunked(labels, image, spacing, n_particles, *, verbose=False):
             high[a, ids] = np.maximum(high[a, ids], p[f"max{a}"])
         if "intensity" in p:
             intensity[ids] += p["intensity"]
-    return table_from_sums(count, sums, low, high, intensity if image is not None else None, spacing)
+    return table_from_sums(count, sums, low, high, intensity if with_intensity else None, spacing)
 
 
 def write_parquet(table, path):
@@ -361,14 +354,18 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
         root.attrs["declump"] = {"complete": False, "parameters": parameters, "inputs": inputs}
         target = paths["labels"] / LABEL_NAME / "0"
         zarr.open_group(str(paths["labels"] / LABEL_NAME), mode="a", zarr_format=2)
-        computed = write_blocks(labels, target, work / "output.done", what="write labels", verbose=verbose,
-                                zarr_kwargs={"zarr_format": 2})
+        # The table's per-chunk sums come from the tasks that write the labels (no pass reading them back).
+        computed, parts = write_blocks(labels, target, work / "output.done", what="write labels + particle table",
+                                       verbose=verbose, zarr_kwargs={"zarr_format": 2}, measure=_block_table,
+                                       beside=volume)
         details.blocks_computed["output"] = computed
         details.blocks_total["output"] = int(np.prod(labels.numblocks))
         import dask.array as da
 
         stored = da.from_zarr(str(target), chunks=labels.chunks)
-        table = table_chunked(stored, volume, spacing, n_particles, verbose=verbose)
+        table = table_from_parts(parts, labels.ndim, spacing, n_particles, volume is not None)
+        middle = volume.shape[0] // 2 if volume.ndim == 3 else slice(None)
+        planes = np.asarray(volume[middle]), np.asarray(stored[middle])  # read on this run's engine
         if probabilities_path is not None:
             from gpu_pipeline.io import atomic_path
 
@@ -379,8 +376,7 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
                 zarr.open_array(str(tmp), mode="r+").attrs["spacing"] = [float(s) for s in spacing]
             paths["probabilities"] = Path(probabilities_path)
     write_parquet(table, paths["table"])
-    middle = volume.shape[0] // 2 if volume.ndim == 3 else slice(None)
-    write_overlay(paths["overlay"], np.asarray(volume[middle]), np.asarray(stored[middle]))
+    write_overlay(paths["overlay"], *planes)
     write_size_histogram(paths["histogram"], table["equivalent_diameter"])  # the same picture as in-memory runs
     diameters = table["equivalent_diameter"]
     summary = {
