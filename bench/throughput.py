@@ -136,7 +136,9 @@ CHUNKED_MODES = (("in_memory", SAME_AS_CHUNKED, 1),
                  ("cluster_2", ["--cluster", "local", "--workers", "2"], 2))
 MODE_TITLES = {"in_memory": "in memory (.npy output, the chunked run's options), 1 core", "chunked": "chunked, local threads, 1 worker, 1 core",
                "cluster_1": "chunked, local cluster of processes, 1 worker, 1 core",
-               "cluster_2": "chunked, local cluster of processes, 2 workers, 2 cores"}
+               "cluster_2": "chunked, local cluster of processes, 2 workers, 2 cores",
+               "warm_1": "chunked, a running cluster (--scheduler), 1 worker process, 1 core (CPU s: the command only)",
+               "warm_2": "chunked, a running cluster (--scheduler), 2 worker processes, 2 cores (CPU s: the command only)"}
 
 
 def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
@@ -185,11 +187,13 @@ def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
                           f"workers {measured.get('worker_peak_rss_gib')} load {load[0]:.1f}", flush=True)
         finally:
             os.sched_setaffinity(0, set(keep))
+        if len(keep) >= 2:
+            runs.update(warm_cluster_runs(volume, chunks, rounds, keep))
     voxels = int(np.prod(shape))
     out = {"shape": list(shape), "chunks": list(chunks), "params": PARAMS, "in_memory_options": SAME_AS_CHUNKED,
            "runs": runs, "modes": {}}
-    for mode, _, cores in CHUNKED_MODES:
-        rows = runs[mode]
+    for mode, cores in [(m, c) for m, _, c in CHUNKED_MODES] + [("warm_1", 1), ("warm_2", 2)]:
+        rows = runs.get(mode)
         if not rows:
             continue
         seconds = [r["seconds"] for r in rows]
@@ -205,9 +209,57 @@ def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
                                          for m, c in zip(runs["in_memory"], runs["chunked"])]
     out["scaling_efficiency"] = [one["seconds"] / (2 * two["seconds"])
                                  for one, two in zip(runs["cluster_1"], runs["cluster_2"])]
+    out["warm_scaling_efficiency"] = [one["seconds"] / (2 * two["seconds"])
+                                      for one, two in zip(runs.get("warm_1", []), runs.get("warm_2", []))]
     out["per_tb"] = per_tb(out["modes"], out["scaling_efficiency"])
     out["library"] = library_side_by_side(shape, particles, radius, seed, chunks, rounds)
     return out
+
+
+def warm_cluster_runs(volume, chunks, rounds, cores):
+    """The chunked command on a running local cluster of 1 and of 2 worker processes (``--scheduler``).
+
+    How a large job runs: the cluster is started once and its workers have
+    imported the library and loaded its compiled kernels before the first
+    chunk; the cold modes of :data:`CHUNKED_MODES` pay that start in every
+    run, which on a small bench volume is a large share of the time. Each
+    cluster (1 thread per worker, workers pinned to 1 or 2 cores with the
+    scheduler and the command) does one untimed run first; the timed runs
+    then alternate between the two clusters, round by round. Worker memory
+    is not sampled here (the workers are not the command's children).
+    """
+    import shutil
+
+    from dask.distributed import LocalCluster
+
+    from bench.chunked import PARAMS
+
+    clusters, runs = {}, {"warm_1": [], "warm_2": []}
+    try:
+        for n in (1, 2):
+            os.sched_setaffinity(0, set(cores[:n]))  # the worker processes inherit it
+            clusters[n] = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                                       memory_limit=0)
+        for r in range(rounds + 1):
+            for n in (1, 2):
+                target = Path(volume).parent / f"warm_{n}"
+                shutil.rmtree(target, ignore_errors=True)
+                target.mkdir()
+                os.sched_setaffinity(0, set(cores[:n]))
+                load = os.getloadavg()
+                measured = _cli_run(["run", str(volume), str(target / "labels.zarr"), "--quiet", "--device", "cpu",
+                                     *PARAMS, "--chunks", ",".join(map(str, chunks)),
+                                     "--scheduler", clusters[n].scheduler_address], target)
+                if r == 0:
+                    continue  # the warm-up: workers import and load the compiled kernels
+                runs[f"warm_{n}"].append({**measured, "load_before": load, "load_after": os.getloadavg()})
+                print(f"warm_{n}     {measured['seconds']:.1f}s CPU {measured['cpu_seconds']:.1f}s (command only) "
+                      f"load {load[0]:.1f}", flush=True)
+    finally:
+        os.sched_setaffinity(0, set(cores))
+        for cluster in clusters.values():
+            cluster.close()
+    return runs
 
 
 def library_side_by_side(shape, particles, radius, seed, chunks, rounds):
@@ -358,6 +410,10 @@ def chunked_markdown(c):
         lines.append("Scaling 1 -> 2 workers (local cluster of processes, 1 core per worker), t1 / (2 t2): **"
                      + ", ".join(f"{x:.2f}" for x in c["scaling_efficiency"]) + "** (per round; both cores are "
                      "shared with other jobs here, at the loads above: not an idle node's figure).")
+    if c.get("warm_scaling_efficiency"):
+        lines.append("Scaling 1 -> 2 workers on a running cluster (started once, workers warmed by one untimed run, "
+                     "the command given `--scheduler`; how a long job runs), t1 / (2 t2): **"
+                     + ", ".join(f"{x:.2f}" for x in c["warm_scaling_efficiency"]) + "** (per round).")
     lib = c.get("library")
     if lib:
         med = {k: statistics.median(r["seconds"] for r in v) for k, v in lib["runs"].items()}
