@@ -70,9 +70,9 @@ def test_polarity_skips_the_labellings_only_where_they_cannot_change_the_pick(rn
 
         def counting(mask):
             calls.append(1)
-            return largest_component_share(mask)
+            return largest_component_share(mask), largest_component_share(~mask)
 
-        picked = choose_polarity(image, t, "auto", largest_share=counting)
+        picked = choose_polarity(image, t, "auto", largest_shares=counting)
         if full != 0:
             assert picked == ("bright" if full > 0 else "dark")
         skipped += not calls
@@ -85,6 +85,18 @@ def test_largest_component_share_equals_scipy(rng):
     sizes = np.bincount(labels.ravel())[1:]
     assert largest_component_share(mask) == pytest.approx(sizes.max() / sizes.sum())
     assert largest_component_share(np.zeros((5, 5), bool)) == 0.0
+
+
+def test_chunked_shares_of_both_sides_equal_in_memory(rng):
+    da = pytest.importorskip("dask.array")
+    from gpu_pipeline.chunked.foreground import largest_component_shares_chunked
+    from gpu_pipeline.stages.threshold import largest_component_shares
+
+    for shape, chunks in (((60, 70), (25, 30)), ((20, 24, 28), (7, 24, 10))):
+        for fraction in (0.3, 0.55, 0.8, 1.0):
+            above = rng.random(shape) > fraction  # 1.0: one side empty
+            assert largest_component_shares_chunked(da.from_array(above, chunks=chunks)) == \
+                largest_component_shares(above)
 
 
 def test_chunked_polarity_equals_in_memory_on_crowded_particles(rng, tmp_path):

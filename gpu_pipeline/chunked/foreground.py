@@ -13,7 +13,7 @@ from gpu_pipeline._backend import GAUSSIAN_TRUNCATE, DeclumpError, ops_for
 from gpu_pipeline.chunked.components import components_chunked
 from gpu_pipeline.chunked.histogram import histogram_thresholds_chunked
 from gpu_pipeline.stages.cleanup import voxels_for
-from gpu_pipeline.stages.threshold import HISTOGRAM_METHODS, choose_polarity, foreground
+from gpu_pipeline.stages.threshold import HISTOGRAM_METHODS, choose_polarity, foreground, share_of_largest
 
 def gaussian_radius(sigma_voxels):
     """Filter radius per axis in voxels, as scipy.ndimage computes it."""
@@ -53,14 +53,13 @@ def smooth_chunked(volume, sigma_voxels):
     return volume.map_overlap(smooth, depth=halo, boundary="nearest", dtype=np.float32)
 
 
-def largest_component_share_chunked(mask) -> float:
-    """:func:`gpu_pipeline.stages.threshold.largest_component_share` of a chunked boolean Dask array: one
-    :func:`components_chunked` pass, whose per-component sizes are summed over blocks already."""
-    found = components_chunked(mask)
-    if found.n == 0:
-        return 0.0
-    sizes = found.size[1:]
-    return float(sizes.max()) / float(sizes.sum())
+def largest_component_shares_chunked(above):
+    """:func:`gpu_pipeline.stages.threshold.largest_component_shares` of a chunked boolean Dask array: one
+    :func:`components_chunked` pass over both sides (the face-connected pieces of equal value of
+    ``above + 1``), whose per-component sizes are summed over blocks already."""
+    found = components_chunked(above.astype(np.uint8) + 1, by_value=True)
+    return (share_of_largest(found.size[1:][found.value[1:] == 2]),
+            share_of_largest(found.size[1:][found.value[1:] == 1]))
 
 
 def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="auto", min_size=0.0, mask=None,
@@ -117,7 +116,7 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
             else:
                 value = at = float(threshold)
             return {"threshold": value, "polarity": choose_polarity(smoothed(), at, polarity,
-                                                                    largest_share=largest_component_share_chunked)}
+                                                                    largest_shares=largest_component_shares_chunked)}
 
         decided = workspace.remember("threshold", decide)
         value, side = float(decided["threshold"]), str(decided["polarity"])

@@ -216,14 +216,21 @@ def border_fraction_above(image, threshold) -> float:
 CONNECTIVITY_WEIGHT = 1 / 3
 
 
+def share_of_largest(sizes) -> float:
+    """Largest of the component ``sizes`` over their sum (0 when there are none)."""
+    return float(sizes.max()) / float(sizes.sum()) if sizes.size else 0.0
+
+
 def largest_component_share(mask) -> float:
     """Fraction of ``mask``'s voxels in its largest face-connected component (0 for an empty mask)."""
     xp = get_array_module(mask)
     labels, count = ops_for(mask).label(mask)
-    if count == 0:
-        return 0.0
-    sizes = xp.bincount(labels.ravel(), minlength=count + 1)[1:]
-    return float(sizes.max()) / float(sizes.sum())
+    return share_of_largest(xp.bincount(labels.ravel(), minlength=count + 1)[1:])
+
+
+def largest_component_shares(above):
+    """:func:`largest_component_share` of ``above`` and of ``~above``: the two sides of a threshold."""
+    return largest_component_share(above), largest_component_share(~above)
 
 
 def polarity_score(above_fraction, border_above, largest_above, largest_below) -> float:
@@ -248,7 +255,7 @@ def polarity_score(above_fraction, border_above, largest_above, largest_below) -
                                                                                   - float(largest_above))
 
 
-def choose_polarity(image, threshold, polarity="auto", *, largest_share=largest_component_share) -> str:
+def choose_polarity(image, threshold, polarity="auto", *, largest_shares=largest_component_shares) -> str:
     """Decide whether particles are ``"bright"`` or ``"dark"`` relative to the background.
 
     ``auto``: the sign of :func:`polarity_score` at ``threshold`` (the side
@@ -261,8 +268,9 @@ def choose_polarity(image, threshold, polarity="auto", *, largest_share=largest_
     filled is the background), on 34, which lose less
     (``python -m bench.auto_foreground --polarity``).
 
-    ``largest_share``: how :func:`largest_component_share` is computed for
-    ``image``'s masks (the chunked engine passes its own, for Dask arrays).
+    ``largest_shares``: how :func:`largest_component_shares` is computed for
+    the mask above ``threshold`` (the chunked engine passes its own, for Dask
+    arrays: both sides in one pass).
     """
     if polarity in ("bright", "dark"):
         return polarity
@@ -276,7 +284,8 @@ def choose_polarity(image, threshold, polarity="auto", *, largest_share=largest_
         # more passes over a chunked volume) are skipped. Same pick as the full score.
         score = polarity_score(above_fraction, border_above, 0.0, 0.0)
     else:
-        score = polarity_score(above_fraction, border_above, largest_share(above), largest_share(~above))
+        largest_above, largest_below = largest_shares(above)
+        score = polarity_score(above_fraction, border_above, largest_above, largest_below)
     if score != 0:
         return "bright" if score > 0 else "dark"
     return "bright" if above_fraction <= 0.5 else "dark"
