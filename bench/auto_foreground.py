@@ -207,11 +207,16 @@ def polarity_summary(rows):
     return out
 
 
-def polarity_markdown(result):
+def _heading(title, result):
+    """A result file's title and machine line (date, CPU, load at start and end, wall time)."""
     m = result["machine"]
-    lines = [f"# Automatic polarity: per-image audit on the EMPS images ({m['date']})", "",
-             f"CPU: {m['cpu']} ({m['cpu_count']} cores, shared with other jobs: load average "
-             f"{result['loadavg_start']} at start, {result['loadavg_end']} at end); wall {result['wall_seconds']:.0f} s.",
+    return [f"# {title} ({m['date']})", "",
+            f"CPU: {m['cpu']} ({m['cpu_count']} cores, shared with other jobs: load average "
+            f"{result['loadavg_start']} at start, {result['loadavg_end']} at end); wall {result['wall_seconds']:.0f} s."]
+
+
+def polarity_markdown(result):
+    lines = [*_heading("Automatic polarity: per-image audit on the EMPS images", result),
              "`python -m bench.auto_foreground --polarity`. Every run is `separate(image)` with the defaults; "
              "`before`: with the polarity rule before (the background is what covers most of the border), `now`: "
              "`choose_polarity` (border and connectivity evidence), forced: `polarity='bright'/'dark'`. Right side: "
@@ -382,10 +387,7 @@ def pooled_emps(results):
 
 
 def markdown(result):
-    m = result["machine"]
-    lines = [f"# Automatic foreground: which choices win ({m['date']})", "",
-             f"CPU: {m['cpu']} ({m['cpu_count']} cores, shared with other jobs: load average "
-             f"{result['loadavg_start']} at start, {result['loadavg_end']} at end); wall {result['wall_seconds']:.0f} s.",
+    lines = [*_heading("Automatic foreground: which choices win", result),
              "Scores pooled over each set's images; `threshold chosen`: how often `auto` picked each method.", ""]
     for name, block in result["results"].items():
         lines += [f"## {name} ({block['images']} images)", "", f"Peer parameters: `{block['peer_params']}`", "",
