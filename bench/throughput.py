@@ -154,8 +154,6 @@ def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
     on 2 cores gives the scaling efficiency t1 / (2 t2). Peak memory: the
     run's own process (VmHWM) and each worker process (sampled every 0.2 s).
     """
-    import shutil
-
     import zarr
 
     from bench.chunked import PARAMS
@@ -173,18 +171,13 @@ def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
                 for mode, options, cores in CHUNKED_MODES:
                     if cores > len(keep):
                         continue
-                    target = Path(tmp) / mode
-                    shutil.rmtree(target, ignore_errors=True)
-                    target.mkdir()
                     out = "labels.npy" if mode == "in_memory" else "labels.zarr"
                     extra = options if mode == "in_memory" else ["--chunks", ",".join(map(str, chunks)), *options]
-                    os.sched_setaffinity(0, set(keep[:cores]))  # the child and its workers inherit it
-                    load = os.getloadavg()
-                    measured = _cli_run(["run", str(volume), str(target / out), "--quiet", "--device", "cpu",
-                                         *PARAMS, *extra], target)
-                    runs[mode].append({**measured, "load_before": load, "load_after": os.getloadavg()})
+                    measured = _timed_run(volume, Path(tmp) / mode, out, extra, set(keep[:cores]))
+                    runs[mode].append(measured)
                     print(f"{mode:10s} {measured['seconds']:.1f}s CPU {measured['cpu_seconds']:.1f}s peak RSS {measured['peak_rss_gib']:.2f} GiB "
-                          f"workers {measured.get('worker_peak_rss_gib')} load {load[0]:.1f}", flush=True)
+                          f"workers {measured.get('worker_peak_rss_gib')} load {measured['load_before'][0]:.1f}",
+                          flush=True)
         finally:
             os.sched_setaffinity(0, set(keep))
         if len(keep) >= 2:
@@ -216,6 +209,23 @@ def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
     return out
 
 
+def _timed_run(volume, target, out, options, cores):
+    """``declump run VOLUME TARGET/OUT`` with bench.chunked's parameters and ``options``, in a fresh folder,
+    pinned to ``cores`` (the child and its workers inherit them; the caller restores its own): what
+    :func:`_cli_run` measures, with the load before and after."""
+    import shutil
+
+    from bench.chunked import PARAMS
+
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir()
+    os.sched_setaffinity(0, cores)
+    load = os.getloadavg()
+    measured = _cli_run(["run", str(volume), str(target / out), "--quiet", "--device", "cpu", *PARAMS, *options],
+                        target)
+    return {**measured, "load_before": load, "load_after": os.getloadavg()}
+
+
 def warm_cluster_runs(volume, chunks, rounds, cores):
     """The chunked command on a running local cluster of 1 and of 2 worker processes (``--scheduler``).
 
@@ -228,11 +238,7 @@ def warm_cluster_runs(volume, chunks, rounds, cores):
     then alternate between the two clusters, round by round. Worker memory
     is not sampled here (the workers are not the command's children).
     """
-    import shutil
-
     from dask.distributed import LocalCluster
-
-    from bench.chunked import PARAMS
 
     clusters, runs = {}, {"warm_1": [], "warm_2": []}
     try:
@@ -242,19 +248,14 @@ def warm_cluster_runs(volume, chunks, rounds, cores):
                                        memory_limit=0)
         for r in range(rounds + 1):
             for n in (1, 2):
-                target = Path(volume).parent / f"warm_{n}"
-                shutil.rmtree(target, ignore_errors=True)
-                target.mkdir()
-                os.sched_setaffinity(0, set(cores[:n]))
-                load = os.getloadavg()
-                measured = _cli_run(["run", str(volume), str(target / "labels.zarr"), "--quiet", "--device", "cpu",
-                                     *PARAMS, "--chunks", ",".join(map(str, chunks)),
-                                     "--scheduler", clusters[n].scheduler_address], target)
+                measured = _timed_run(volume, Path(volume).parent / f"warm_{n}", "labels.zarr",
+                                      ["--chunks", ",".join(map(str, chunks)), "--scheduler",
+                                       clusters[n].scheduler_address], set(cores[:n]))
                 if r == 0:
                     continue  # the warm-up: workers import and load the compiled kernels
-                runs[f"warm_{n}"].append({**measured, "load_before": load, "load_after": os.getloadavg()})
+                runs[f"warm_{n}"].append(measured)
                 print(f"warm_{n}     {measured['seconds']:.1f}s CPU {measured['cpu_seconds']:.1f}s (command only) "
-                      f"load {load[0]:.1f}", flush=True)
+                      f"load {measured['load_before'][0]:.1f}", flush=True)
     finally:
         os.sched_setaffinity(0, set(cores))
         for cluster in clusters.values():
