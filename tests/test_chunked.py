@@ -6,6 +6,7 @@ import pytest
 from scipy import ndimage as ndi
 
 da = pytest.importorskip("dask.array")
+zarr = pytest.importorskip("zarr")
 
 from gpu_pipeline.chunked import label_chunked, otsu_threshold_chunked  # noqa: E402
 from gpu_pipeline.stages.threshold import otsu_threshold  # noqa: E402
@@ -145,6 +146,37 @@ def test_regions_do_not_depend_on_chunking(cluster_client, rng, ndim, tmp_path):
                                                           workspace=Workspace(tmp_path / str(chunks)))
         assert (threshold, polarity, n) == (t, side, n_expected) == (t, "dark", n_expected)
         assert regions.compute().tobytes() == expected.tobytes(), chunks
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_smoothing_read_from_the_store_equals_in_memory_in_one_task_per_chunk(tmp_path, rng, ndim):
+    """A stored volume is smoothed one task per chunk, each reading its halo from the store (edges repeated at
+    the volume's border): the same bytes as in memory and as map_overlap on the same array in memory."""
+    from cpu_fallback import ops
+    from gpu_pipeline.chunked.foreground import smooth_chunked
+    from gpu_pipeline.chunked.source import open_volume
+
+    shape = (45, 61) if ndim == 2 else (19, 33, 28)
+    sigmas = [(1.0,) * ndim, (0.6, 1.7) if ndim == 2 else (0.5, 1.5, 1.0)]
+    chunkings = [(16, 20), (45, 9)] if ndim == 2 else [(8, 11, 28), (19, 10, 9)]
+    for dtype in (np.uint8, np.float32):
+        data = (rng.random((1, 2) + shape) * 200).astype(dtype)
+        path = tmp_path / f"{np.dtype(dtype)}.zarr"
+        if ndim == 3:  # an OME-Zarr image, one channel of two picked: reads go through the channel selection
+            _ome_zarr(path, data, (1, 1, 1.0, 1.0, 1.0), (1, 1, 7, 7, 7))
+        else:  # a plain Zarr array
+            zarr.create_array(str(path), shape=shape, dtype=dtype, chunks=(7, 7))[...] = data[0, 1]
+        for sigma in sigmas:
+            expected = ops.gaussian(data[0, 1], sigma)
+            for chunks in chunkings:
+                volume, _ = open_volume(path, channel=1 if ndim == 3 else None, chunks=chunks)
+                smoothed = smooth_chunked(volume, sigma)
+                assert len(dict(smoothed.__dask_graph__())) == smoothed.npartitions  # one task per chunk
+                assert smoothed.compute().tobytes() == expected.tobytes(), (dtype, sigma, chunks)
+                overlap = smooth_chunked(da.from_array(data[0, 1], chunks=chunks), sigma)
+                assert len(dict(overlap.__dask_graph__())) > 2 * overlap.npartitions
+                assert overlap.chunks == smoothed.chunks
+                assert overlap.compute().tobytes() == expected.tobytes(), (dtype, sigma, chunks)
 
 
 def test_chunks_smaller_than_the_halo_are_refused():

@@ -12,6 +12,7 @@ import numpy as np
 from gpu_pipeline._backend import GAUSSIAN_TRUNCATE, DeclumpError, ops_for
 from gpu_pipeline.chunked.components import components_chunked
 from gpu_pipeline.chunked.histogram import histogram_thresholds_chunked
+from gpu_pipeline.chunked.source import read_haloed, stored_volume
 from gpu_pipeline.stages.cleanup import voxels_for
 from gpu_pipeline.stages.threshold import HISTOGRAM_METHODS, choose_polarity, foreground, share_of_largest
 
@@ -43,14 +44,34 @@ def fit_halo(volume, halo, what):
 
 
 def smooth_chunked(volume, sigma_voxels):
-    """Gaussian smoothing of a Dask array, equal to the in-memory ``ops.gaussian``."""
+    """Gaussian smoothing of a Dask array, equal to the in-memory ``ops.gaussian``.
+
+    A volume read from a store by :func:`~gpu_pipeline.chunked.source.open_volume`
+    is smoothed one task per chunk, each reading its chunk and halo from the
+    store; any other Dask array through ``map_overlap`` (its halos cut from
+    the neighbouring blocks by Dask: about 60 small tasks per 3D chunk).
+    """
     halo = gaussian_radius(sigma_voxels)
-    volume = fit_halo(volume, halo, "smoothing")
+    fitted = fit_halo(volume, halo, "smoothing")
 
     def smooth(block):
         return ops_for(block).gaussian(block, sigma_voxels)
 
-    return volume.map_overlap(smooth, depth=halo, boundary="nearest", dtype=np.float32)
+    stored = stored_volume(volume)
+    if stored is None:
+        return fitted.map_overlap(smooth, depth=halo, boundary="nearest", dtype=np.float32)
+    import dask.array as da
+
+    xp = np if stored.device != "gpu" else __import__("cupy")
+    return da.map_blocks(_smooth_stored, stored, smooth, halo, chunks=fitted.chunks, dtype=np.float32,
+                         meta=xp.empty((0,) * volume.ndim, dtype=np.float32))
+
+
+def _smooth_stored(stored, smooth, halo, block_info=None):
+    """One chunk of :func:`smooth_chunked` from the store: read with its halo, smoothed, the halo cut off."""
+    block = read_haloed(stored, halo, block_info=block_info)
+    core = tuple(slice(h, h + n) for h, n in zip(halo, block_info[None]["chunk-shape"]))
+    return smooth(block)[core]
 
 
 def largest_component_shares_chunked(above):

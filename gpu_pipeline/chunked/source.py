@@ -8,6 +8,7 @@ as the fill value) and gives the input's fingerprint.
 from __future__ import annotations
 
 import hashlib
+import weakref
 
 import numpy as np
 
@@ -15,18 +16,97 @@ from gpu_pipeline._backend import DeclumpError
 from gpu_pipeline.io import check_chunks, list_stored_files, open_zarr
 
 
-def _read_block(array, path, selection, block_info=None):
+class StoredVolume:
+    """Where a volume opened by :func:`open_volume` lies on disk: reads any box of it from its Zarr array.
+
+    The Dask array of that volume is one task per block, each reading its
+    block; with this, a task can read its block together with a halo
+    straight from the store (:func:`read_haloed`), instead of Dask cutting
+    the halo out of the neighbouring blocks in many small tasks.
+    """
+
+    def __init__(self, array, path, selection, device=None):
+        self.array, self.path, self.selection, self.device = array, path, selection, device
+
+    def __dask_tokenize__(self):
+        return ("StoredVolume", self.path, repr(self.selection), self.device, tuple(self.array.shape),
+                str(self.array.dtype), tuple(self.array.chunks))
+
+    def on(self, device):
+        """The same store, its boxes read onto ``device`` ('gpu': CuPy arrays)."""
+        return StoredVolume(self.array, self.path, self.selection, device)
+
+    def read(self, box):
+        """The voxels of ``box`` (slices over the volume's axes): a NumPy array (CuPy on the GPU).
+
+        A chunk that cannot be decoded raises a one-line error naming it.
+        """
+        stored = _compose(self.selection, box)
+        try:
+            block = np.asarray(self.array[stored])
+        except Exception as exc:
+            where, exc = self._failing_chunk(stored, exc)
+            raise DeclumpError(f"{where} of {self.path} could not be read ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); the store is corrupt there")
+        if self.device == "gpu":
+            import cupy
+
+            return cupy.asarray(block)
+        return block
+
+    def _failing_chunk(self, stored, exc):
+        """Which stored chunk of the box ``stored`` (all axes of the stored array, t and c included) fails to
+        read: ``("chunk (i, j, ...)", its error)``, each chunk of the box read on its own; the box's range
+        of chunks with ``exc`` if none fails alone."""
+        import itertools
+
+        low = [int((s.start if isinstance(s, slice) else s) // c) for s, c in zip(stored, self.array.chunks)]
+        high = [int(((s.stop - 1) if isinstance(s, slice) else s) // c) for s, c in zip(stored, self.array.chunks)]
+        for index in itertools.product(*[range(a, b + 1) for a, b in zip(low, high)]):
+            try:
+                self.array[tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, self.array.chunks))]
+            except Exception as single:
+                return f"chunk {index}", single
+        return (f"chunk {tuple(low)}" if low == high else f"chunks {tuple(low)} to {tuple(high)}"), exc
+
+
+#: Dask array name -> its StoredVolume, for arrays that read a store block by block (weak: an entry goes with
+#: the last graph that holds its StoredVolume).
+_STORED = weakref.WeakValueDictionary()
+
+
+def stored_volume(array):
+    """The :class:`StoredVolume` that ``array`` (a Dask array) reads block by block unchanged, or None."""
+    return _STORED.get(getattr(array, "name", None))
+
+
+def register_stored(array, stored):
+    """Record that each block of ``array`` is ``stored.read`` of that block's box (see :func:`stored_volume`)."""
+    _STORED[array.name] = stored
+    return array
+
+
+def _read_block(stored, block_info=None):
+    return stored.read(tuple(slice(lo, hi) for lo, hi in block_info[None]["array-location"]))
+
+
+def read_haloed(stored, depth, block_info=None):
+    """The block at ``block_info``'s location with ``depth`` voxels more on each side, read from ``stored``.
+
+    Where the halo leaves the volume the edge voxels are repeated, as
+    ``dask.array.map_overlap`` with ``boundary='nearest'`` does.
+    """
     location = block_info[None]["array-location"]
-    stored = _compose(selection, tuple(slice(lo, hi) for lo, hi in location))
-    try:
-        return np.asarray(array[stored])
-    except Exception as exc:
-        # Name the stored chunks this block covers (all axes of the stored array, t and c included).
-        low = tuple(int((s.start if isinstance(s, slice) else s) // c) for s, c in zip(stored, array.chunks))
-        high = tuple(int(((s.stop - 1) if isinstance(s, slice) else s) // c) for s, c in zip(stored, array.chunks))
-        where = f"chunk {low}" if low == high else f"chunks {low} to {high}"
-        raise DeclumpError(f"{where} of {path} could not be read ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); the store is corrupt there")
+    shape = block_info[None]["shape"]
+    low = [max(0, lo - d) for (lo, _), d in zip(location, depth)]
+    high = [min(n, hi + d) for (_, hi), d, n in zip(location, depth, shape)]
+    block = stored.read(tuple(slice(a, b) for a, b in zip(low, high)))
+    pad = [(d - (lo - a), d - (b - hi)) for (lo, hi), a, b, d in zip(location, low, high, depth)]
+    if any(p != (0, 0) for p in pad):
+        from gpu_pipeline._backend import get_array_module
+
+        block = get_array_module(block).pad(block, pad, mode="edge")
+    return block
 
 
 def _compose(selection, slices):
@@ -92,8 +172,9 @@ def open_volume(path, *, channel=None, timepoint=None, chunks=None, missing_chun
     check_chunks(array, selection, path, files, missing_chunks)
     store_chunks = tuple(array.chunks[i] for i in kept)
     grid = da.core.normalize_chunks(chunks or store_chunks, shape)
-    volume = da.map_blocks(_read_block, array, str(path), selection, dtype=array.dtype, chunks=grid,
-                           meta=np.empty((0,) * len(shape), dtype=array.dtype))
+    stored = StoredVolume(array, str(path), selection)
+    volume = register_stored(da.map_blocks(_read_block, stored, dtype=array.dtype, chunks=grid,
+                                           meta=np.empty((0,) * len(shape), dtype=array.dtype)), stored)
     if return_fingerprint:
         return volume, spacing, fingerprint(array, files)
     return volume, spacing

@@ -384,7 +384,11 @@ def to_device(array, device):
         return array
     import cupy
 
-    return array.map_blocks(cupy.asarray, dtype=array.dtype, meta=cupy.empty((0,) * array.ndim, array.dtype))
+    from gpu_pipeline.chunked.source import register_stored, stored_volume
+
+    moved = array.map_blocks(cupy.asarray, dtype=array.dtype, meta=cupy.empty((0,) * array.ndim, array.dtype))
+    stored = stored_volume(array)
+    return moved if stored is None else register_stored(moved, stored.on("gpu"))  # still one read per block
 
 
 def save_records(root, records, *, overwrite):
