@@ -45,32 +45,30 @@ def chunk_starts(chunks):
     return [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64) for c in chunks]
 
 
-#: glibc malloc parameters (bytes) for chunked runs. Freed memory above the
-#: trim threshold at the top of a heap goes back to the OS; allocations above
-#: the mmap threshold get pages of their own, returned when freed.
-HEAP_TRIM_BYTES = 64 * 1024
-#: The largest mmap threshold glibc accepts on 64-bit (HEAP_MAX_SIZE / 2).
-#: Chunk-sized temporaries below it are reused from the heap instead of
-#: faulting in fresh pages on every allocation.
-MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
+#: glibc malloc parameters (bytes) for chunked runs: allocations above
+#: this size are mmapped and freed memory above it is returned to the OS.
+HEAP_RELEASE_BYTES = 64 * 1024
 
 
 def release_freed_memory():
     """Make glibc hand freed memory back to the OS, so a long run's footprint follows its live data.
 
-    Without this, glibc's adaptive thresholds (mmap threshold rising to
-    32 MiB after the first large free, trim threshold to twice that) let
-    per-thread heaps keep their peak size. Dask's nanny sets
-    ``MALLOC_TRIM_THRESHOLD_`` to 64 KiB for its worker processes; this sets
-    the trim threshold the same and fixes the mmap threshold at 32 MiB in
-    this process (``mallopt``).
+    Without this, glibc's adaptive mmap threshold rises to 32 MiB after
+    the first large array is freed, and every later chunk-sized temporary
+    comes from per-thread heaps that keep their peak size: resident memory
+    then grows with the run's length (the number of chunks), not with the
+    chunk size. Dask's nanny sets the same through ``MALLOC_TRIM_THRESHOLD_``
+    for its worker processes; this sets both thresholds in this process
+    (``mallopt``). Returns False where it does not apply (not glibc).
 
-    A 64 KiB mmap threshold (used before) kept the footprint lowest but gave
-    every chunk-sized temporary fresh pages: on a 256x512x512 run in 128^3
-    chunks, 4.9 million page faults and 13 s of the 32 s in the kernel, against
-    2.0 million and 6 s (24 s in all) with 32 MiB, for 0.45 instead of 0.36 GiB
-    of peak memory (``bench.memory``: the peak still follows the chunk size,
-    not the volume). Returns False where it does not apply (not glibc).
+    The price is page faults: every chunk-sized temporary gets fresh pages.
+    Measured 2026-12-01 on a 256x512x512 volume in 128^3 chunks (local
+    threads, one core, single runs on a shared VM; page faults, kernel
+    seconds, wall seconds, peak RSS): these thresholds 4.9 M, 12.9 s, 31.9 s,
+    0.36 GiB; mmap threshold 32 MiB 2.0 M, 8.4 s, 30.5 s, 0.43 GiB; that and
+    a 256 MiB trim threshold 0.11 M, 3.5 s, 24.5 s, 0.66 GiB, with the peak
+    then growing with the volume (bench.memory: 0.35, 0.47, 0.68 GiB for 3.5,
+    28 and 67 M voxels in 96^3 chunks). The footprint bound is kept.
     """
     import ctypes
 
@@ -81,8 +79,8 @@ def release_freed_memory():
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES)) and bool(mallopt(m_trim_threshold,
-                                                                                   HEAP_TRIM_BYTES))
+    return bool(mallopt(m_mmap_threshold, HEAP_RELEASE_BYTES)) and bool(mallopt(m_trim_threshold,
+                                                                                 HEAP_RELEASE_BYTES))
 
 
 def write_block(data, path, region, marker):
