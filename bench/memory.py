@@ -282,10 +282,10 @@ def main(argv=None):
                         help="checkout whose pipeline the whole runs use (repeatable; default this one)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    from gpu_pipeline.chunked.workspace import release_freed_memory
+    from gpu_pipeline.chunked.workspace import limit_malloc_arenas
     from gpu_pipeline.synthetic import make_touching_particles
 
-    release_freed_memory()  # as `declump run` does: freed chunk-sized arrays go back to the OS
+    limit_malloc_arenas(1)  # as `declump run` with one worker thread does
     result = {"machine": machine_info(), "load_average_start": [round(v, 2) for v in os.getloadavg()],
               "size": args.size}
     result["stages"] = []

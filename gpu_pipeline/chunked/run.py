@@ -33,7 +33,7 @@ import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops_for, to_host
 from gpu_pipeline.chunked.components import unique_ids
-from gpu_pipeline.chunked.workspace import Workspace, active_client, release_freed_memory, save_records, write_blocks
+from gpu_pipeline.chunked.workspace import Workspace, active_client, limit_malloc_arenas, save_records, write_blocks
 from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, boolean_input_as_mask, check_foreground_options, disk_error,
                              write_ngff_label_metadata)
 from gpu_pipeline.measure import table_from_sums
@@ -251,7 +251,9 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     paths = output_paths(output)
     if paths["labels"].suffix.lower() != ".zarr":
         raise DeclumpError(f"chunked output must be a .zarr path, got {paths['labels']}")
-    engine_plan(device=device, cluster=cluster, scheduler=scheduler, workers=workers, n_gpus=1)  # refuse early
+    kind, threads = engine_plan(device=device, cluster=cluster, scheduler=scheduler, workers=workers,
+                                n_gpus=1)  # refuse early
+    limit_malloc_arenas(threads if kind == "threads" else 1)  # before Zarr's I/O threads allocate
     work = Path(scratch) if scratch else Path(f"{paths['labels']}.work")
     volume, file_spacing, volume_print = open_volume(input_path, channel=channel, timepoint=timepoint,
                                                      chunks=chunks, missing_chunks=missing_chunks,
@@ -345,7 +347,6 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
         "inputs.json": (inputs, f"{changed} since the unfinished run in {work} started; add --overwrite to start "
                                 "over")}, overwrite=overwrite)
     workspace = Workspace(work, verbose=verbose)
-    release_freed_memory()
     with engine(cluster=cluster, scheduler=scheduler, workers=workers, device=device):
         if verbose:
             client = active_client()

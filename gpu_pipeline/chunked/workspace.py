@@ -45,30 +45,27 @@ def chunk_starts(chunks):
     return [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64) for c in chunks]
 
 
-#: glibc malloc parameters (bytes) for chunked runs: allocations above
-#: this size are mmapped and freed memory above it is returned to the OS.
-HEAP_RELEASE_BYTES = 64 * 1024
+def limit_malloc_arenas(threads):
+    """Let glibc keep at most ``threads`` malloc arenas in this process (``mallopt(M_ARENA_MAX)``).
 
+    A chunked run's footprint and its page faults are both set by how glibc
+    reuses freed memory. By default every thread that allocates gets an arena
+    of its own (up to 8 per core): the Dask worker threads, Zarr's I/O
+    threads, the main thread; each keeps freed chunk-sized arrays for its own
+    later use, so resident memory is a multiple of one task's. With one arena
+    per worker thread, temporaries are reused across threads and passes.
 
-def release_freed_memory():
-    """Make glibc hand freed memory back to the OS, so a long run's footprint follows its live data.
+    Measured 2026-12-01, 256^3 in 128^3 chunks, local threads, one core
+    (``declump run``; wall seconds, page faults, peak RSS, two runs each):
 
-    Without this, glibc's adaptive mmap threshold rises to 32 MiB after
-    the first large array is freed, and every later chunk-sized temporary
-    comes from per-thread heaps that keep their peak size: resident memory
-    then grows with the run's length (the number of chunks), not with the
-    chunk size. Dask's nanny sets the same through ``MALLOC_TRIM_THRESHOLD_``
-    for its worker processes; this sets both thresholds in this process
-    (``mallopt``). Returns False where it does not apply (not glibc).
+    - mmap and trim thresholds fixed at 64 KiB (the setting before, which gave
+      each temporary fresh pages): 12.0-12.1 s, 1.21 M faults, 0.26 GiB;
+    - glibc's defaults: 6.9-8.2 s, 0.10-0.13 M, 0.45 GiB;
+    - these (one arena, glibc's adaptive thresholds): 9.2-9.6 s, 0.27-0.28 M,
+      0.27-0.29 GiB.
 
-    The price is page faults: every chunk-sized temporary gets fresh pages.
-    Measured 2026-12-01 on a 256x512x512 volume in 128^3 chunks (local
-    threads, one core, single runs on a shared VM; page faults, kernel
-    seconds, wall seconds, peak RSS): these thresholds 4.9 M, 12.9 s, 31.9 s,
-    0.36 GiB; mmap threshold 32 MiB 2.0 M, 8.4 s, 30.5 s, 0.43 GiB; that and
-    a 256 MiB trim threshold 0.11 M, 3.5 s, 24.5 s, 0.66 GiB, with the peak
-    then growing with the volume (bench.memory: 0.35, 0.47, 0.68 GiB for 3.5,
-    28 and 67 M voxels in 96^3 chunks). The footprint bound is kept.
+    Call it before other threads allocate (arenas already made stay). Returns
+    False where it does not apply (not glibc).
     """
     import ctypes
 
@@ -78,9 +75,8 @@ def release_freed_memory():
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, HEAP_RELEASE_BYTES)) and bool(mallopt(m_trim_threshold,
-                                                                                 HEAP_RELEASE_BYTES))
+    m_arena_max = -8
+    return bool(mallopt(m_arena_max, max(1, int(threads))))
 
 
 def write_block(data, path, region, marker):
