@@ -317,3 +317,38 @@ def test_parquet_table_round_trips_every_column_kind(tmp_path, rng):
     assert list(read) == list(table)
     for name, values in table.items():
         assert read[name] == values.tolist(), name
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc arenas: Linux only")
+@pytest.mark.parametrize("cap", [None, 1, 2])
+def test_malloc_arenas_are_capped_at_the_worker_threads(tmp_path, cap):
+    """glibc's own report (malloc_info) after six threads allocated: one arena per thread by default, at most
+    ``cap`` after limit_malloc_arenas(cap), which chunked runs call with their worker-thread count."""
+    code = f"""
+import ctypes, sys, threading
+import numpy as np
+from gpu_pipeline.chunked.workspace import limit_malloc_arenas
+if {cap!r} is not None:
+    assert limit_malloc_arenas({cap!r})
+def work():
+    for _ in range(20):
+        np.ones(300_000).sum()
+threads = [threading.Thread(target=work) for _ in range(6)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+fp = libc.fopen(sys.argv[1].encode(), b"w")
+libc.malloc_info(0, ctypes.c_void_p(fp))
+libc.fclose(ctypes.c_void_p(fp))
+"""
+    report = tmp_path / "malloc.xml"
+    done = subprocess.run([sys.executable, "-c", code, str(report)], capture_output=True, text=True)
+    if "libc.so.6" in done.stderr:
+        pytest.skip("not glibc")
+    assert done.returncode == 0, done.stderr
+    arenas = report.read_text().count("<heap nr=")
+    if cap is None:
+        assert arenas > 2, arenas
+    else:
+        assert 1 <= arenas <= cap, arenas

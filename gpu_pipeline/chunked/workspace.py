@@ -55,14 +55,20 @@ def limit_malloc_arenas(threads):
     later use, so resident memory is a multiple of one task's. With one arena
     per worker thread, temporaries are reused across threads and passes.
 
-    Measured 2026-12-01, 256^3 in 128^3 chunks, local threads, one core
-    (``declump run``; wall seconds, page faults, peak RSS, two runs each):
+    Measured 2026-12-01, 256^3 in 128^3 chunks, ``declump run`` with local
+    threads on one core, three interleaved runs each (wall seconds, page
+    faults, peak RSS):
 
     - mmap and trim thresholds fixed at 64 KiB (the setting before, which gave
-      each temporary fresh pages): 12.0-12.1 s, 1.21 M faults, 0.26 GiB;
-    - glibc's defaults: 6.9-8.2 s, 0.10-0.13 M, 0.45 GiB;
-    - these (one arena, glibc's adaptive thresholds): 9.2-9.6 s, 0.27-0.28 M,
-      0.27-0.29 GiB.
+      every chunk-sized temporary fresh pages): 6.4-7.1 s, 1.22-1.24 M, 0.25-0.26 GiB;
+    - one arena, mmap threshold 32 MiB, trim 64 KiB: 5.5-6.1 s, 0.47-0.61 M, 0.26-0.28 GiB;
+    - one arena, glibc's adaptive thresholds (this): 4.7-5.5 s, 0.20-0.33 M, 0.29-0.30 GiB;
+    - glibc's defaults (earlier, two runs at a slower hour, when the 64 KiB
+      setting took 12 s): 6.9-8.2 s, 0.10-0.13 M, 0.45 GiB.
+
+    ``bench.memory`` (96^3 chunks, one thread): 0.25, 0.27 and 0.37 GiB for
+    3.5, 28 and 67 M voxels with this, 0.28, 0.30 and 0.41 GiB with the
+    64 KiB thresholds.
 
     Call it before other threads allocate (arenas already made stay). Returns
     False where it does not apply (not glibc).
