@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpu_pipeline._backend import GAUSSIAN_TRUNCATE, DeclumpError, ops_for
+from gpu_pipeline._backend import GAUSSIAN_TRUNCATE, DeclumpError, get_array_module, ops_for
 from gpu_pipeline.chunked.components import components_chunked
 from gpu_pipeline.chunked.histogram import histogram_thresholds_chunked
 from gpu_pipeline.chunked.source import read_haloed, stored_volume
@@ -62,9 +62,8 @@ def smooth_chunked(volume, sigma_voxels):
         return fitted.map_overlap(smooth, depth=halo, boundary="nearest", dtype=np.float32)
     import dask.array as da
 
-    xp = np if stored.device != "gpu" else __import__("cupy")
     return da.map_blocks(_smooth_stored, stored, smooth, halo, chunks=fitted.chunks, dtype=np.float32,
-                         meta=xp.empty((0,) * volume.ndim, dtype=np.float32))
+                         meta=get_array_module(volume._meta).empty((0,) * volume.ndim, dtype=np.float32))
 
 
 def _smooth_stored(stored, smooth, halo, block_info=None):
