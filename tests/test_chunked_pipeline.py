@@ -302,7 +302,6 @@ def test_compiled_block_assignment_equals_the_array_path(margin):
                 np.testing.assert_array_equal(chosen_c, chosen_a)
 
 
-
 def test_parquet_table_round_trips_every_column_kind(tmp_path, rng):
     """Numeric columns go to Arrow through their buffers (strided and big-endian ones included), others as before."""
     pq = pytest.importorskip("pyarrow.parquet")

@@ -44,6 +44,7 @@ import numpy as np
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_host
 from gpu_pipeline.chunked.components import components_chunked, unique_ids
 from gpu_pipeline.chunked.foreground import fit_halo, regions_chunked
+from gpu_pipeline.chunked.source import halo_box
 from gpu_pipeline.chunked.workspace import Workspace, chunk_starts, run_tasks, to_device, write_block
 from gpu_pipeline.pipeline import NoParticlesError, cap_distance, validate_spacing
 from gpu_pipeline.stages.components import reassign_strays, stray_pieces
@@ -163,10 +164,8 @@ def _extended_blocks(regions, depth, store, device):
             left = [depth[a] if i > 0 else 0 for a, i in enumerate(index)]
             extended = blocks[index]
         else:
-            low = [max(0, o - d) for o, d in zip(origin, depth)]
-            high = [min(n, o + c + d) for o, c, d, n in zip(origin, core_shape, depth, regions.shape)]
-            left = [o - lo for o, lo in zip(origin, low)]
-            extended = delayed(_read_extended)(store, tuple(slice(lo, hi) for lo, hi in zip(low, high)), device)
+            box, left = halo_box(origin, [o + c for o, c in zip(origin, core_shape)], depth, regions.shape)
+            extended = delayed(_read_extended)(store, box, device)
         yield index, origin, core_shape, left, extended
 
 

@@ -90,6 +90,17 @@ def _read_block(stored, block_info=None):
     return stored.read(tuple(slice(lo, hi) for lo, hi in block_info[None]["array-location"]))
 
 
+def halo_box(start, stop, depth, shape):
+    """The box ``start``..``stop`` grown by ``depth`` voxels per axis and clipped to ``shape``.
+
+    Returns ``(box, left)``: the slices, and how many voxels it gained on
+    each axis's low side.
+    """
+    low = [max(0, int(a) - d) for a, d in zip(start, depth)]
+    high = [min(int(n), int(b) + d) for b, d, n in zip(stop, depth, shape)]
+    return tuple(slice(a, b) for a, b in zip(low, high)), [int(a) - lo for a, lo in zip(start, low)]
+
+
 def read_haloed(stored, depth, block_info=None):
     """The block at ``block_info``'s location with ``depth`` voxels more on each side, read from ``stored``.
 
@@ -97,11 +108,9 @@ def read_haloed(stored, depth, block_info=None):
     ``dask.array.map_overlap`` with ``boundary='nearest'`` does.
     """
     location = block_info[None]["array-location"]
-    shape = block_info[None]["shape"]
-    low = [max(0, lo - d) for (lo, _), d in zip(location, depth)]
-    high = [min(n, hi + d) for (_, hi), d, n in zip(location, depth, shape)]
-    block = stored.read(tuple(slice(a, b) for a, b in zip(low, high)))
-    pad = [(d - (lo - a), d - (b - hi)) for (lo, hi), a, b, d in zip(location, low, high, depth)]
+    box, left = halo_box([lo for lo, _ in location], [hi for _, hi in location], depth, block_info[None]["shape"])
+    block = stored.read(box)
+    pad = [(d - lo, d - (b.stop - hi)) for (_, hi), b, lo, d in zip(location, box, left, depth)]
     if any(p != (0, 0) for p in pad):
         from gpu_pipeline._backend import get_array_module
 
