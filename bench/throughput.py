@@ -238,14 +238,21 @@ def warm_cluster_runs(volume, chunks, rounds, cores):
     then alternate between the two clusters, round by round. Worker memory
     is not sampled here (the workers are not the command's children).
     """
+    import dask
     from dask.distributed import LocalCluster
 
+    from gpu_pipeline.chunked.workspace import malloc_environ
+
     clusters, runs = {}, {"warm_1": [], "warm_2": []}
+    # Workers started as README's cluster section says (glibc's malloc environment of malloc_environ), as
+    # `declump run --cluster local` starts its own.
+    environ = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in malloc_environ(1).items()}
     try:
         for n in (1, 2):
             os.sched_setaffinity(0, set(cores[:n]))  # the worker processes inherit it
-            clusters[n] = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                                       memory_limit=0)
+            with dask.config.set(environ):
+                clusters[n] = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                           dashboard_address=None, memory_limit=0)
         for r in range(rounds + 1):
             for n in (1, 2):
                 measured = _timed_run(volume, Path(volume).parent / f"warm_{n}", "labels.zarr",

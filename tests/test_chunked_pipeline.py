@@ -351,3 +351,46 @@ libc.fclose(ctypes.c_void_p(fp))
         assert arenas > 2, arenas
     else:
         assert 1 <= arenas <= cap, arenas
+
+
+def _chunk_sized_allocation_is_mmapped(nbytes=8 << 20):
+    """In this process: does glibc serve an ``nbytes`` array with a fresh mmap (fresh pages, page faults on
+    every use) rather than from its heap? ``mallinfo2().hblkhd``: the bytes in mmapped blocks."""
+    import ctypes
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                         "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = Mallinfo2
+    before = libc.mallinfo2().hblkhd
+    block = np.ones(nbytes // 8)
+    grown = libc.mallinfo2().hblkhd - before
+    del block
+    return grown >= nbytes
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc: Linux only")
+def test_cluster_workers_reuse_freed_chunk_memory_instead_of_dasks_64k_trim():
+    """Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which fixes glibc's mmap threshold at
+    128 KiB: every chunk-sized temporary is a fresh mmap. The run's engine sets the workers it starts
+    (--cluster local) and the workers of a running cluster (--scheduler) to reuse freed memory instead."""
+    distributed = pytest.importorskip("distributed")
+    import ctypes
+
+    if not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"):
+        pytest.skip("glibc without mallinfo2 (before 2.33)")
+    from gpu_pipeline.chunked.run import engine
+
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as lc, \
+            distributed.Client(lc) as plain:
+        assert list(plain.run(_chunk_sized_allocation_is_mmapped).values()) == [True]  # Dask's default
+        with engine(scheduler=lc.scheduler_address) as client:
+            assert list(client.run(_chunk_sized_allocation_is_mmapped).values()) == [False]
+    with engine(cluster="local", workers=2) as client:
+        # One arena from the worker's start (an arena made before a mallopt stays); the thresholds may come from
+        # this process's environment, where the nanny above left Dask's 64 KiB (it takes precedence), and are set
+        # again in the running worker.
+        assert list(client.run(lambda: os.environ.get("MALLOC_ARENA_MAX")).values()) == ["1", "1"]
+        assert list(client.run(_chunk_sized_allocation_is_mmapped).values()) == [False, False]

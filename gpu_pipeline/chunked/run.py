@@ -33,7 +33,8 @@ import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops_for, to_host
 from gpu_pipeline.chunked.components import unique_ids
-from gpu_pipeline.chunked.workspace import Workspace, active_client, limit_malloc_arenas, save_records, write_blocks
+from gpu_pipeline.chunked.workspace import (Workspace, active_client, limit_malloc_arenas, malloc_environ, save_records,
+                                            worker_malloc_setup, write_blocks)
 from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, boolean_input_as_mask, check_foreground_options, disk_error,
                              write_ngff_label_metadata)
 from gpu_pipeline.measure import table_from_sums
@@ -82,6 +83,19 @@ def _gpu_worker_setup(fraction=GPU_POOL_FRACTION):
     return ops_cuda.limit_memory_pool(fraction)
 
 
+def _setup_workers(client, device, gpu_error):
+    """Every worker of ``client``: glibc's malloc for chunk-sized arrays (worker_malloc_setup), and on
+    ``device="gpu"`` the CuPy pool cap (_gpu_worker_setup); ``gpu_error`` starts the error if that fails."""
+    client.run(worker_malloc_setup)
+    if device != "gpu":
+        return
+    try:
+        client.run(_gpu_worker_setup)
+    except Exception as exc:
+        raise DeclumpError(f"{gpu_error} ({type(exc).__name__}: {exc}); start them with dask-cuda-worker, or "
+                           "drop --device gpu") from exc
+
+
 @contextlib.contextmanager
 def engine(*, cluster=None, scheduler=None, workers=None, device="cpu"):
     """The Dask engine for a run (:func:`engine_plan`): local threads, a local cluster, dask-cuda or a scheduler."""
@@ -104,31 +118,33 @@ def engine(*, cluster=None, scheduler=None, workers=None, device="cpu"):
             raise DeclumpError(f"cannot reach the Dask scheduler at {scheduler} ({exc}); start one with "
                                "`dask scheduler` / `dask-cuda-worker`, or drop --scheduler") from exc
         with client:
-            if device == "gpu":
-                try:
-                    client.run(_gpu_worker_setup)
-                except Exception as exc:
-                    raise DeclumpError(f"the workers at {scheduler} cannot use a GPU ({type(exc).__name__}: {exc}); "
-                                       "start them with dask-cuda-worker, or drop --device gpu") from exc
+            _setup_workers(client, device, f"the workers at {scheduler} cannot use a GPU")
             yield client
         return
+    if kind in ("local", "local-cuda"):
+        from distributed import Client  # (and distributed's defaults, its nanny's environment, into dask.config)
+
+        # Workers we start get glibc's malloc as the threaded engine has it (limit_malloc_arenas) from their
+        # start, instead of the 64 KiB trim threshold that Dask's nanny gives them.
+        environ = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in malloc_environ(1).items()}
     if kind == "local-cuda":
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError as exc:
             raise DeclumpError("--cluster local-cuda needs dask-cuda; install the GPU extra "
                                "(pip install 'declump[gpu-cu12]') or use the conda environment.yml") from exc
-        from distributed import Client
-
-        with LocalCUDACluster(dashboard_address=None) as lc, Client(lc) as client:
-            client.run(_gpu_worker_setup)
+        with dask.config.set(environ), \
+                LocalCUDACluster(dashboard_address=None) as lc, Client(lc) as client:
+            _setup_workers(client, device, "the dask-cuda workers cannot use a GPU")
             yield client
         return
     if kind == "local":
-        from distributed import Client, LocalCluster
+        from distributed import LocalCluster
 
-        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                          dashboard_address=None) as lc, Client(lc) as client:
+        with dask.config.set(environ), \
+                LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                             dashboard_address=None) as lc, Client(lc) as client:
+            _setup_workers(client, device, "")
             yield client
         return
     if device == "gpu":

@@ -45,6 +45,21 @@ def chunk_starts(chunks):
     return [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64) for c in chunks]
 
 
+#: glibc's ceiling for its adaptive mmap threshold on 64-bit (``DEFAULT_MMAP_THRESHOLD_MAX``), and the trim
+#: threshold it pairs with it (twice the mmap threshold): what :func:`limit_malloc_arenas` sets where those
+#: thresholds were fixed by the environment.
+MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 64 << 20
+
+
+def malloc_environ(threads):
+    """Environment for a worker process started with ``threads`` threads: glibc's malloc as
+    :func:`limit_malloc_arenas` sets it, from the process's start (arenas made before a ``mallopt`` stay).
+    Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` for its workers; these values replace it."""
+    return {"MALLOC_ARENA_MAX": str(max(1, int(threads))), "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+            "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+
+
 def limit_malloc_arenas(threads):
     """Let glibc keep at most ``threads`` malloc arenas in this process (``mallopt(M_ARENA_MAX)``).
 
@@ -70,8 +85,19 @@ def limit_malloc_arenas(threads):
     3.5, 28 and 67 M voxels with this, 0.28, 0.30 and 0.41 GiB with the
     64 KiB thresholds.
 
-    Call it before other threads allocate (arenas already made stay). Returns
-    False where it does not apply (not glibc).
+    Where the environment fixed glibc's thresholds (any ``MALLOC_*_THRESHOLD_``
+    variable turns its adaptive ones off for good; Dask's nanny sets
+    ``MALLOC_TRIM_THRESHOLD_=65536`` in every worker it starts), they are set
+    to the ceiling the adaptive ones reach instead, :data:`MMAP_THRESHOLD` and
+    :data:`TRIM_THRESHOLD`. Measured 2026-12-02 on a running one-worker
+    ``LocalCluster`` (one core shared with the scheduler and the command),
+    the same run, two runs each: Dask's 64 KiB trim: 1.06-1.15 M page faults
+    in the worker, 3.4-4.6 s of kernel time, 12.3-14.8 s; these thresholds
+    set in the running worker: 1-5 thousand faults, 0.3-0.6 s, 9.0-10.4 s.
+
+    Call it before other threads allocate (arenas already made stay; a worker
+    started with :func:`malloc_environ` has them capped from its start).
+    Returns False where it does not apply (not glibc).
     """
     import ctypes
 
@@ -81,8 +107,18 @@ def limit_malloc_arenas(threads):
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    m_arena_max = -8
-    return bool(mallopt(m_arena_max, max(1, int(threads))))
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+    done = bool(mallopt(m_arena_max, max(1, int(threads))))
+    if os.environ.get("MALLOC_TRIM_THRESHOLD_") or os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        done = done and bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold,
+                                                                                            TRIM_THRESHOLD))
+    return done
+
+
+def worker_malloc_setup(dask_worker):
+    """:func:`limit_malloc_arenas` in a ``dask.distributed`` worker, capped at its thread count: for
+    ``client.run``, which passes the worker as ``dask_worker``."""
+    return limit_malloc_arenas(dask_worker.state.nthreads)
 
 
 def write_block(data, path, region, marker):
