@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,28 +66,43 @@ def make_volume(path, shape, chunks, seed=0):
     return path
 
 
-def _sample_worker_memory(stop, peaks, interval=0.2):
-    """Largest resident memory of every process this one starts (Dask worker processes), sampled."""
+def run_child(argv, env=None, interval=0.2):
+    """``python -m bench.chunked --child ARGV`` (the CLI in a fresh process, which reports its own peak) while
+    this process samples the resident memory of the processes it starts (Dask worker processes).
+
+    The sampling runs here, not in a thread of the measured process: a thread there would take a malloc arena
+    of its own before the run caps them (``limit_malloc_arenas``), and its peak memory would not be the
+    command's. Returns ``(returncode, stderr, worker peaks in GiB)``.
+    """
     import psutil
 
-    me = psutil.Process()
-    while not stop.wait(interval):
-        for child in me.children(recursive=True):
-            try:
-                peaks[child.pid] = max(peaks.get(child.pid, 0), child.memory_info().rss)
-            except psutil.Error:
-                pass
+    process = subprocess.Popen([sys.executable, "-m", "bench.chunked", "--child", *argv], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peaks = {}
+    stderr = []
+    reader = threading.Thread(target=lambda: stderr.append(process.stderr.read()), daemon=True)
+    reader.start()
+    try:
+        me = psutil.Process(process.pid)
+        while process.poll() is None:
+            for child in me.children(recursive=True):
+                try:
+                    peaks[child.pid] = max(peaks.get(child.pid, 0), child.memory_info().rss)
+                except psutil.Error:
+                    pass
+            time.sleep(interval)
+    except psutil.Error:
+        pass
+    process.wait()
+    reader.join()
+    # Processes under 64 MiB are helpers (multiprocessing's resource tracker), not workers.
+    return process.returncode, "".join(stderr), sorted(v / 2**30 for v in peaks.values() if v > 64 * 2**20)
 
 
 def _child(argv):
-    """Run the CLI in this process, then report its peak resident memory and its worker processes' (sampled)."""
-    import threading
-
+    """Run the CLI in this process, then report its seconds, CPU seconds and peak resident memory."""
     from gpu_pipeline.cli import main
 
-    stop, workers = threading.Event(), {}
-    sampler = threading.Thread(target=_sample_worker_memory, args=(stop, workers), daemon=True)
-    sampler.start()
     import resource
 
     def cpu():  # this process and its reaped children (worker processes of a local cluster)
@@ -97,18 +112,13 @@ def _child(argv):
     start, cpu_start = time.perf_counter(), cpu()
     code = main(argv[1:])
     seconds, cpu_seconds = time.perf_counter() - start, cpu() - cpu_start
-    stop.set()
-    sampler.join()
     peak = 0.0
     with open("/proc/self/status") as handle:
         for line in handle:
             if line.startswith("VmHWM:"):
                 peak = int(line.split()[1]) / 2**20
-    # Processes under 64 MiB are helpers (multiprocessing's resource tracker), not workers.
-    worker_peaks = sorted(v / 2**30 for v in workers.values() if v > 64 * 2**20)
     Path(argv[0]).write_text(json.dumps({"code": code, "seconds": seconds, "cpu_seconds": cpu_seconds,
-                                         "peak_rss_gib": peak,
-                                         "worker_peak_rss_gib": worker_peaks}))
+                                         "peak_rss_gib": peak}))
     return code
 
 
@@ -125,10 +135,9 @@ def run_declump(volume, out_dir, *, chunks=None, workers=None, extra=()):
     if workers:
         argv += ["--workers", str(workers)]
     env = dict(os.environ, PYTHONPATH=str(HERE.parent))
-    result = subprocess.run([sys.executable, "-m", "bench.chunked", "--child", *argv], env=env,
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"declump run failed: {result.stderr[-2000:]}")
+    returncode, stderr, _ = run_child(argv, env=env)
+    if returncode != 0:
+        raise RuntimeError(f"declump run failed: {stderr[-2000:]}")
     measured = json.loads(report.read_text())
     summary = json.loads((out_dir / "labels_summary.json").read_text())
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -113,16 +113,16 @@ def side_by_side(shape, particles, radius, seed, rounds, methods=METHODS):
 
 
 def _cli_run(argv, out_dir):
-    """``declump`` with ``argv`` in a fresh process (bench.chunked's child): seconds and peak RSS."""
-    import subprocess
-    import sys
+    """``declump`` with ``argv`` in a fresh process (bench.chunked's child): seconds, CPU seconds and peak RSS
+    of the process, and the sampled peaks of its worker processes."""
+    from bench.chunked import run_child
 
     report = Path(out_dir) / "report.json"
-    done = subprocess.run([sys.executable, "-m", "bench.chunked", "--child", str(report), *argv],
-                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
-    if done.returncode != 0:
-        raise RuntimeError(f"declump {' '.join(argv)} failed: {done.stderr[-1000:]}")
-    return json.loads(report.read_text())
+    returncode, stderr, workers = run_child([str(report), *argv],
+                                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
+    if returncode != 0:
+        raise RuntimeError(f"declump {' '.join(argv)} failed: {stderr[-1000:]}")
+    return {**json.loads(report.read_text()), "worker_peak_rss_gib": workers}
 
 
 #: What a chunked run does not choose automatically (it prints them): the in-memory run is given the same,
