@@ -394,3 +394,18 @@ def test_cluster_workers_reuse_freed_chunk_memory_instead_of_dasks_64k_trim():
         # again in the running worker.
         assert list(client.run(lambda: os.environ.get("MALLOC_ARENA_MAX")).values()) == ["1", "1"]
         assert list(client.run(_chunk_sized_allocation_is_mmapped).values()) == [False, False]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc: Linux only")
+@pytest.mark.parametrize("at_start", [False, True])
+def test_fixed_malloc_thresholds_are_those_of_the_start_environment(at_start):
+    """glibc reads MALLOC_TRIM_THRESHOLD_ once, when the process starts; setting it later (as Dask's nanny does
+    in the process that starts workers) changes nothing, and limit_malloc_arenas must tell the two apart."""
+    code = ("import os\nfrom gpu_pipeline.chunked.workspace import _thresholds_fixed_at_start as fixed\n"
+            "before = fixed()\nos.environ['MALLOC_TRIM_THRESHOLD_'] = '65536'\nprint(before, fixed())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    if at_start:
+        env["MALLOC_TRIM_THRESHOLD_"] = "65536"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(at_start)] * 2

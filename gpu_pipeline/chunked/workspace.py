@@ -94,8 +94,8 @@ def limit_malloc_arenas(threads):
     3.5, 28 and 67 M voxels with this, 0.28, 0.30 and 0.41 GiB with the
     64 KiB thresholds.
 
-    Where the environment fixed glibc's thresholds (any ``MALLOC_*_THRESHOLD_``
-    variable turns its adaptive ones off for good; Dask's nanny sets
+    Where the environment the process started with fixed glibc's thresholds
+    (a ``MALLOC_*_THRESHOLD_`` variable turns its adaptive ones off for good; Dask's nanny sets
     ``MALLOC_TRIM_THRESHOLD_=65536`` in every worker it starts), they are set
     to the ceiling the adaptive ones reach instead, :data:`MMAP_THRESHOLD` and
     :data:`TRIM_THRESHOLD`. Measured 2026-12-02 on a running one-worker
@@ -118,10 +118,22 @@ def limit_malloc_arenas(threads):
         return False
     m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
     done = bool(mallopt(m_arena_max, max(1, int(threads))))
-    if os.environ.get("MALLOC_TRIM_THRESHOLD_") or os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+    if _thresholds_fixed_at_start():
         done = done and bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold,
                                                                                             TRIM_THRESHOLD))
     return done
+
+
+def _thresholds_fixed_at_start():
+    """Did this process start with glibc's malloc thresholds fixed by its environment? glibc reads it once, at
+    start: ``/proc/self/environ`` is that environment (``os.environ`` may have changed since: Dask's nanny
+    writes its workers' variables into the process that starts them)."""
+    try:
+        with open("/proc/self/environ", "rb") as handle:
+            names = [item.split(b"=", 1)[0] for item in handle.read().split(b"\0")]
+    except OSError:
+        return bool(os.environ.get("MALLOC_TRIM_THRESHOLD_") or os.environ.get("MALLOC_MMAP_THRESHOLD_"))
+    return any(name in (b"MALLOC_TRIM_THRESHOLD_", b"MALLOC_MMAP_THRESHOLD_") for name in names)
 
 
 def worker_malloc_setup(dask_worker):
