@@ -241,12 +241,12 @@ def warm_cluster_runs(volume, chunks, rounds, cores):
     import dask
     from dask.distributed import LocalCluster
 
-    from gpu_pipeline.chunked.workspace import malloc_environ
+    from gpu_pipeline.chunked.workspace import nanny_malloc_config
 
     clusters, runs = {}, {"warm_1": [], "warm_2": []}
     # Workers started as README's cluster section says (glibc's malloc environment of malloc_environ), as
     # `declump run --cluster local` starts its own.
-    environ = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in malloc_environ(1).items()}
+    environ = nanny_malloc_config(1)
     try:
         for n in (1, 2):
             os.sched_setaffinity(0, set(cores[:n]))  # the worker processes inherit it

@@ -33,7 +33,7 @@ import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops_for, to_host
 from gpu_pipeline.chunked.components import unique_ids
-from gpu_pipeline.chunked.workspace import (Workspace, active_client, limit_malloc_arenas, malloc_environ,
+from gpu_pipeline.chunked.workspace import (Workspace, active_client, limit_malloc_arenas, nanny_malloc_config,
                                             return_freed_memory, save_records, worker_malloc_setup, write_blocks)
 from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, boolean_input_as_mask, check_foreground_options, disk_error,
                              write_ngff_label_metadata)
@@ -126,7 +126,7 @@ def engine(*, cluster=None, scheduler=None, workers=None, device="cpu"):
 
         # Workers we start get glibc's malloc as the threaded engine has it (limit_malloc_arenas) from their
         # start, instead of the 64 KiB trim threshold that Dask's nanny gives them.
-        environ = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in malloc_environ(1).items()}
+        environ = nanny_malloc_config(1)
     if kind == "local-cuda":
         try:
             from dask_cuda import LocalCUDACluster

@@ -59,6 +59,8 @@ def chunk_starts(chunks):
 #: thresholds were fixed by the environment.
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 64 << 20
+#: The environment variables with which glibc fixes those thresholds at a process's start.
+THRESHOLD_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
 
 
 def malloc_environ(threads):
@@ -67,6 +69,24 @@ def malloc_environ(threads):
     Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` for its workers; these values replace it."""
     return {"MALLOC_ARENA_MAX": str(max(1, int(threads))), "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
             "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+
+
+def nanny_malloc_config(threads):
+    """:func:`malloc_environ` as ``dask.config`` settings of Dask's nanny (``pre-spawn-environ``), for
+    ``dask.config.set`` around the start of a ``LocalCluster`` whose workers run ``threads`` threads."""
+    return {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in malloc_environ(threads).items()}
+
+
+def _glibc(name):
+    """glibc's function ``name`` through ctypes, or None where there is no glibc (not Linux, another libc)."""
+    import ctypes
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
 
 
 def limit_malloc_arenas(threads):
@@ -108,13 +128,8 @@ def limit_malloc_arenas(threads):
     started with :func:`malloc_environ` has them capped from its start).
     Returns False where it does not apply (not glibc).
     """
-    import ctypes
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
     done = bool(mallopt(m_arena_max, max(1, int(threads))))
@@ -132,8 +147,8 @@ def _thresholds_fixed_at_start():
         with open("/proc/self/environ", "rb") as handle:
             names = [item.split(b"=", 1)[0] for item in handle.read().split(b"\0")]
     except OSError:
-        return bool(os.environ.get("MALLOC_TRIM_THRESHOLD_") or os.environ.get("MALLOC_MMAP_THRESHOLD_"))
-    return any(name in (b"MALLOC_TRIM_THRESHOLD_", b"MALLOC_MMAP_THRESHOLD_") for name in names)
+        return any(os.environ.get(name) for name in THRESHOLD_VARIABLES)
+    return any(name.decode(errors="replace") in THRESHOLD_VARIABLES for name in names)
 
 
 def return_freed_memory():
@@ -147,13 +162,8 @@ def return_freed_memory():
     run's peak RSS stayed the engine's (0.269-0.274 GiB) instead of rising
     with those imports to 0.288 GiB at the end.
     """
-    import ctypes
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+    malloc_trim = _glibc("malloc_trim")
+    if malloc_trim is None:
         return False
     malloc_trim(0)
     return True
