@@ -268,6 +268,40 @@ def test_bad_chunked_inputs_get_one_line_errors(tmp_path, rng):
     assert not (tmp_path / "bad_summary.json").exists()
 
 
+def test_a_task_error_on_a_cluster_stops_the_run_with_its_one_line_message(cluster_client, tmp_path, rng):
+    """A corrupt chunk read by a worker process: the run stops with the worker's error (not a Dask traceback,
+    not a hang), writes no summary, and a good run on the same cluster still returns every block's result."""
+    image, _ = make_touching_particles((40, 64, 64), 30, seed=int(rng.integers(1e6)))
+    src = _ome_zarr(tmp_path / "in.zarr", image, (1.0, 1.0, 1.0), (20, 32, 32))
+    address = cluster_client.scheduler.address
+    run_chunked(src, tmp_path / "good.zarr", max_radius=13, scheduler=address, verbose=False)
+    expected = separate(image, spacing=(1.0, 1.0, 1.0), max_radius=13)
+    assert zarr.open_array(str(tmp_path / "good.zarr" / "particles" / "0"))[...].tobytes() == expected.tobytes()
+    chunk_files = sorted(p for p in (src / "0").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk_files[len(chunk_files) // 2].write_bytes(b"not a chunk")
+    with pytest.raises(DeclumpError, match=r"chunk \(\d+, \d+, \d+\) of .* could not be read") as info:
+        run_chunked(src, tmp_path / "bad.zarr", max_radius=13, scheduler=address, verbose=False)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "bad_summary.json").exists()
+
+
+def test_cluster_results_cross_the_network_once(cluster_client):
+    """run_tasks fetches each finished task's result from its worker once, all in one gather (it fetched every
+    result twice, one round trip at a time: a check for errors, then the return value)."""
+    from dask import delayed
+
+    from gpu_pipeline.chunked.workspace import run_tasks
+
+    def sent():
+        return sum(cluster_client.run(lambda dask_worker: dask_worker.transfer_outgoing_bytes_total).values())
+
+    tasks = [delayed(np.full)(1 << 17, float(k), pure=False) for k in range(6)]  # 1 MiB each
+    before = sent()
+    results = run_tasks(tasks, "test")
+    assert [float(r[0]) for r in results] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert sent() - before == 6 * (1 << 20)
+
+
 def test_peak_halo_follows_the_parameters():
     assert peak_halo(4.0, 13.0, (2.0, 1.0, 1.0)) == (2 + 7, 4 + 13, 4 + 13)
     assert peak_halo(4.0, 13.0, (1.0, 1.0)) == (17, 17)

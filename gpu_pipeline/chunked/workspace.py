@@ -235,9 +235,11 @@ def run_tasks(tasks, what, *, voxels=0, verbose=False):
 
         futures = client.compute(tasks)
         for done, future in enumerate(as_completed(futures), 1):
-            future.result()  # raises the task's error, if any
+            if future.status != "finished":
+                future.result()  # raises the task's error, if any
             report(done)
-        return [f.result() for f in futures]
+        # One gather for all: ``Future.result`` fetches from the worker on every call, one round trip each.
+        return client.gather(futures)
 
     from dask.callbacks import Callback
 
