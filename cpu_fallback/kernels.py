@@ -476,7 +476,7 @@ def piece_stats(pieces, labels):
 
 
 @njit(cache=True, nogil=True)
-def _face_sides(pieces, labels, outer, n, inner, out_piece, out_label, fill):  # pragma: no cover - compiled
+def _face_sides(pieces, labels, other, outer, n, inner, out_piece, out_other, fill):  # pragma: no cover - compiled
     count = 0
     for o in range(outer):
         for k in range(n - 1):
@@ -487,31 +487,34 @@ def _face_sides(pieces, labels, outer, n, inner, out_piece, out_label, fill):  #
                 pa, pb = pieces[i], pieces[j]
                 if pa != 0 and pb != 0 and labels[i] != labels[j]:
                     if fill:
-                        out_piece[count], out_label[count] = pa, labels[j]
-                        out_piece[count + 1], out_label[count + 1] = pb, labels[i]
+                        out_piece[count], out_other[count] = pa, other[j]
+                        out_piece[count + 1], out_other[count + 1] = pb, other[i]
                     count += 2
     return count
 
 
-def face_sides(pieces, labels):
+def face_sides(pieces, labels, other=None):
     """Both sides of every face between voxels of different non-zero labels: ``(piece, the other side's label)``.
 
-    One compiled pass per axis to count and one to fill (int64 arrays): the
-    unsorted input of :func:`~gpu_pipeline.stages.components.face_pairs_between_labels`
+    ``other``: what is reported of the other side instead of its label (the
+    pieces themselves: which piece touches which). One compiled pass per
+    axis to count and one to fill (int64 arrays): the unsorted input of
+    :func:`~gpu_pipeline.stages.components.face_pairs_between_labels`
     without a boolean copy of the volume per comparison.
     """
     pieces, labels = np.ascontiguousarray(pieces), np.ascontiguousarray(labels)
+    other = labels if other is None else np.ascontiguousarray(other)
     shape = pieces.shape
-    flat_pieces, flat_labels = pieces.reshape(-1), labels.reshape(-1)
+    flat_pieces, flat_labels, flat_other = pieces.reshape(-1), labels.reshape(-1), other.reshape(-1)
     empty = np.zeros(0, dtype=np.int64)
     parts = []
     for axis in range(pieces.ndim):
         outer, n, inner = int(np.prod(shape[:axis])), shape[axis], int(np.prod(shape[axis + 1:]))
         if n < 2:
             continue
-        count = _face_sides(flat_pieces, flat_labels, outer, n, inner, empty, empty, False)
+        count = _face_sides(flat_pieces, flat_labels, flat_other, outer, n, inner, empty, empty, False)
         a, b = np.empty(count, dtype=np.int64), np.empty(count, dtype=np.int64)
-        _face_sides(flat_pieces, flat_labels, outer, n, inner, a, b, True)
+        _face_sides(flat_pieces, flat_labels, flat_other, outer, n, inner, a, b, True)
         parts.append((a, b))
     if not parts:
         return empty, empty

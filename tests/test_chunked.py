@@ -224,13 +224,21 @@ def test_compiled_face_count_equals_the_array_path(rng, shape):
     """Every face between different labels, counted by the compiled pass, as by the array code (near = all)."""
     from skimage.measure import label as sk_label
 
-    from gpu_pipeline.stages.components import face_pairs_between_labels
+    from gpu_pipeline.stages.components import count_pairs, face_pairs_between_labels
 
     labels = rng.integers(0, 4, shape).astype(np.int32)
     labels[rng.random(shape) < 0.5] = 2  # runs of one label next to others and to background
     pieces = sk_label(labels, connectivity=1, background=0).astype(np.int32)
-    compiled = face_pairs_between_labels(pieces, labels)
-    array = face_pairs_between_labels(pieces, labels, near=np.ones(shape, dtype=bool))
-    assert len(compiled[0]) > 0 or 1 in shape
-    for got, want in zip(compiled, array):
-        assert got.dtype == want.dtype and np.array_equal(got, want)
+    everywhere = np.ones(shape, dtype=bool)
+    for other in (None, pieces):  # the neighbouring label, or the neighbouring piece
+        compiled = face_pairs_between_labels(pieces, labels, other=other)
+        array = face_pairs_between_labels(pieces, labels, near=everywhere, other=other)
+        assert len(compiled[0]) > 0 or 1 in shape
+        for got, want in zip(compiled, array):
+            assert got.dtype == want.dtype and np.array_equal(got, want)
+    # Piece pairs summed per (piece, label of the other piece) are the label pairs.
+    value = np.zeros(pieces.max() + 1, dtype=np.int64)
+    value[pieces.ravel()] = labels.ravel()
+    a, b, faces = face_pairs_between_labels(pieces, labels, other=pieces)
+    for got, want in zip(count_pairs(a, value[b], faces), face_pairs_between_labels(pieces, labels)):
+        assert np.array_equal(got, want)

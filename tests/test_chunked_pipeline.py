@@ -68,7 +68,7 @@ def test_chunked_labels_equal_in_memory_for_any_chunking(cluster_client, rng, tm
         assert out.dtype == np.int32 and out.tobytes() == expected.tobytes(), chunks
         assert details.n_particles == expected.max()
         # Staged ids are each block's own pieces, int32 (half the bytes of int64 to write and read back).
-        assert zarr.open_array(str(tmp_path / str(chunks) / "pieces_0.zarr"), mode="r").dtype == np.int32
+        assert zarr.open_array(str(tmp_path / str(chunks) / "pieces.zarr"), mode="r").dtype == np.int32
         if details.n_capped_voxels == 0:  # then the cap changed nothing: plain separate agrees too
             assert out.tobytes() == separate(image, spacing=spacing).tobytes()
 
@@ -195,7 +195,7 @@ def test_sigkill_twice_then_rerun_gives_identical_output_with_fewer_chunks(tmp_p
     command = [sys.executable, "-m", "gpu_pipeline", "run", str(src), str(tmp_path / "out.zarr"), "--max-radius",
                "13", "--workers", "1", "--quiet", *CHUNKED_OPTIONS]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    split = tmp_path / "out.zarr.work" / "pieces_0.done"
+    split = tmp_path / "out.zarr.work" / "pieces.done"
     first = _kill_when(subprocess.Popen(command, env=env), split, 6)
     _not_complete(tmp_path)
     # Killed again, in a row, while resuming.
@@ -206,7 +206,7 @@ def test_sigkill_twice_then_rerun_gives_identical_output_with_fewer_chunks(tmp_p
     summary = json.loads((tmp_path / "out_summary.json").read_text())
     computed, total = summary["blocks_computed"], summary["blocks_total"]
     print("blocks computed after two SIGKILLs:", computed, "of", total)
-    assert computed.get("smoothed", 0) == 0 and computed["regions"] == 0 and computed["pieces_0"] <= total["pieces_0"] - first - 4
+    assert computed.get("smoothed", 0) == 0 and computed["regions"] == 0 and computed["pieces"] <= total["pieces"] - first - 4
     expected = separate(image, spacing=spacing, max_radius=13)
     assert zarr.open_array(str(tmp_path / "out.zarr" / "particles" / "0"))[...].tobytes() == expected.tobytes()
     assert not (tmp_path / "out.zarr.work").exists()
@@ -229,7 +229,7 @@ def test_a_worker_killed_midway_changes_nothing(tmp_path, rng):
 
         thread = threading.Thread(target=run)
         thread.start()
-        split = tmp_path / "out.zarr.work" / "pieces_0.done"
+        split = tmp_path / "out.zarr.work" / "pieces.done"
         deadline = time.time() + 240
         while _markers(split) < 4 and thread.is_alive() and time.time() < deadline:
             time.sleep(0.02)

@@ -117,7 +117,7 @@ def test_input_replaced_after_a_kill_is_not_resumed(tmp_path, rng):
     src = _store(tmp_path / "in.zarr", image, (24, 24, 24))
     command = [sys.executable, "-m", "gpu_pipeline", "run", str(src), str(tmp_path / "out.zarr"), "--workers", "1",
                *ARGS]
-    _kill_when(command, tmp_path / "out.zarr.work" / "pieces_0.done", 4)
+    _kill_when(command, tmp_path / "out.zarr.work" / "pieces.done", 4)
     # Another image of the same shape, dtype and chunking at the same path.
     other, _ = make_touching_particles(image.shape, 120, spacing=spacing, seed=int(rng.integers(1e6)))
     zarr.open_array(str(src), mode="r+")[...] = other
@@ -139,7 +139,7 @@ def test_completed_output_removes_a_leftover_work_folder(tmp_path, rng, capsys):
     work = tmp_path / "out.zarr.work"
     work.mkdir()
     (work / "parameters.json").write_text("{}")
-    zarr.create_array(str(work / "pieces_0.zarr"), shape=(130, 130), dtype=np.int64, chunks=(65, 65))[...] = 1
+    zarr.create_array(str(work / "pieces.zarr"), shape=(130, 130), dtype=np.int64, chunks=(65, 65))[...] = 1
     assert main(["run", str(src), str(out), *ARGS]) == 0
     assert not work.exists() and _complete(out)
     assert (tmp_path / "out_summary.json").read_text() == summary  # already complete: nothing was redone

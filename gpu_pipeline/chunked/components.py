@@ -134,7 +134,8 @@ def summarize_blocks(ids, values, *, per_block=None, per_face=None, with_blocks=
 
 def _block_components(ids, values, start, shape, by_value, faces):
     """One block's own components ``ids`` (1..count): count, and per component its first global flat
-    index, size and value; with ``faces``, (component, other value, shared faces) inside the block."""
+    index, size and value; with ``faces``, (component, touching component, shared faces) inside the block
+    over faces between different values."""
     xp = get_array_module(ids)
     flat = xp.flatnonzero(ids.ravel())
     count = int(ids.max()) if flat.size else 0
@@ -150,15 +151,15 @@ def _block_components(ids, values, start, shape, by_value, faces):
     else:
         out.update(first=xp.zeros(0, xp.int64), size=xp.zeros(0, xp.int64), value=xp.zeros(0, xp.int64))
     if faces:
-        out["faces"] = face_pairs_between_labels(ids, values) if count else tuple(xp.zeros(0, xp.int64)
-                                                                                   for _ in range(3))
+        out["faces"] = face_pairs_between_labels(ids, values, other=ids) if count else tuple(
+            xp.zeros(0, xp.int64) for _ in range(3))
     return {key: (tuple(to_host(a) for a in value) if isinstance(value, tuple) else to_host(value))
             for key, value in out.items()}
 
 
 def _face_components(low, high, low_values, high_values, axis, by_value, faces):
     """Across one chunk face: the (low id, high id) pairs to merge (equal values) and, with ``faces``, each
-    side's (component, other value, faces) where the values differ (as ``face_pairs_between_labels``)."""
+    side's (component, the other side's component, faces) where the values differ."""
     xp = get_array_module(low)
     a, b, va, vb = low.ravel(), high.ravel(), low_values.ravel(), high_values.ravel()
     both = (a > 0) & (b > 0)
@@ -167,8 +168,9 @@ def _face_components(low, high, low_values, high_values, axis, by_value, faces):
            else np.zeros((0, 2), dtype=np.int64)}
     if faces:
         touch = both & (va != vb)
-        out["low"] = tuple(to_host(v) for v in count_pairs(a[touch].astype(xp.int64), vb[touch].astype(xp.int64)))
-        out["high"] = tuple(to_host(v) for v in count_pairs(b[touch].astype(xp.int64), va[touch].astype(xp.int64)))
+        low, high = a[touch].astype(xp.int64), b[touch].astype(xp.int64)
+        out["low"] = tuple(to_host(v) for v in count_pairs(low, high))
+        out["high"] = tuple(to_host(v) for v in count_pairs(high, low))
     return out
 
 
@@ -178,21 +180,30 @@ class Components:
 
     ``labels``: lazy Dask array (int32; int64 past 2^31 - 1 ids); ``value``
     and ``size`` (int64, index = id, 0 = background): each component's value
-    (1 for a mask) and voxel count; ``face_pairs``: (component, neighbouring
-    value, shared faces) over faces between different non-zero values, as
-    ``face_pairs_between_labels`` of the whole array (with ``faces=True``).
+    (1 for a mask) and voxel count; ``piece_pairs``: (component, touching
+    component, shared faces) over faces between different non-zero values,
+    both directions, as ``face_pairs_between_labels(components, array,
+    other=components)`` of the whole array (with ``faces=True``).
     """
 
     labels: object
     n: int
     value: np.ndarray
     size: np.ndarray
-    face_pairs: tuple | None = None
+    piece_pairs: tuple | None = None
     local: object = None      # each block's own ids (the staged store when there is one)
     offsets: np.ndarray = None
     lookup: np.ndarray = None
 
     counts: np.ndarray = None
+
+    @property
+    def face_pairs(self):
+        """(component, neighbouring value, shared faces), as ``face_pairs_between_labels`` of the whole array."""
+        if self.piece_pairs is None:
+            return None
+        a, b, faces = self.piece_pairs
+        return count_pairs(a, self.value[b], faces)
 
     def through(self, table, dtype):
         """``table[labels]`` (lazy), block by block through the local ids: one small table per block."""
@@ -283,15 +294,16 @@ def components_chunked(values, *, by_value=False, faces=False, workspace=None, n
     if total:
         np.add.at(size, lookup[ids], np.concatenate([s["size"] for s in stats]))
         value[lookup[ids]] = np.concatenate([s["value"] for s in stats])
-    face_pairs = None
+    piece_pairs = None
     if faces:
-        parts = [(lookup[offsets[k] + s["faces"][0]], s["faces"][1], s["faces"][2]) for k, s in enumerate(stats)]
+        parts = [(lookup[offsets[k] + s["faces"][0]], lookup[offsets[k] + s["faces"][1]], s["faces"][2])
+                 for k, s in enumerate(stats)]
         for f, (lo, hi) in zip(across, face_blocks):
-            for side, block in (("low", lo), ("high", hi)):
+            for side, (mine, theirs) in (("low", (lo, hi)), ("high", (hi, lo))):
                 a, b, c = f[side]
-                parts.append((lookup[offsets[linear[block]] + a], b, c))
-        face_pairs = count_pairs(*(np.concatenate([p[i] for p in parts]).astype(np.int64) for i in range(3)))
-    found = Components(labels=local, n=n, value=value, size=size, face_pairs=face_pairs, local=local,
+                parts.append((lookup[offsets[linear[mine]] + a], lookup[offsets[linear[theirs]] + b], c))
+        piece_pairs = count_pairs(*(np.concatenate([p[i] for p in parts]).astype(np.int64) for i in range(3)))
+    found = Components(labels=local, n=n, value=value, size=size, piece_pairs=piece_pairs, local=local,
                        offsets=offsets.reshape(numblocks), lookup=lookup, counts=counts.reshape(numblocks))
     if total:
         found.labels = found.through(np.arange(n + 1, dtype=dtype), dtype)

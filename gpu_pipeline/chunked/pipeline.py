@@ -47,7 +47,7 @@ from gpu_pipeline.chunked.foreground import fit_halo, regions_chunked
 from gpu_pipeline.chunked.source import halo_box
 from gpu_pipeline.chunked.workspace import Workspace, chunk_starts, run_tasks, to_device, write_block
 from gpu_pipeline.pipeline import NoParticlesError, cap_distance, validate_spacing
-from gpu_pipeline.stages.components import reassign_strays, stray_pieces
+from gpu_pipeline.stages.components import settle_pieces
 from gpu_pipeline.stages.kmeans import batched_kmeans
 from gpu_pipeline.stages.peaks import (join_peaks, local_maxima, quantize_distance, segment_points,
                                        space_candidates, window_half_widths)
@@ -415,35 +415,28 @@ def lloyd_chunked(regions, seeds, *, spacing, max_iter, verbose=False):
 def one_piece_chunked(labels, *, workspace, device=None, verbose=False):
     """In-memory ``relabel_by_first_voxel(enforce_one_piece(labels))`` on a chunked label array.
 
-    One pass per round (:func:`components_chunked` with face counts): each
-    task labels its block's pieces, stages them and returns per-piece sizes,
-    values and faces with other labels, so the round's decision (stray
-    pieces, the labels they join) is made on small tables; the next round's
-    labels are the staged pieces through that decision's table, block by
-    block, never a pass of their own.
+    One pass (:func:`components_chunked` with faces): each task labels its
+    block's pieces, stages them and returns per-piece sizes, values and which
+    pieces touch; every round of the one-piece rule then runs on those small
+    tables (:func:`~gpu_pipeline.stages.components.settle_pieces`), and the
+    final ids are the staged pieces through one table, block by block.
 
     Returns ``(final labels (lazy int32), number of particles, rounds run)``.
     """
-    values = labels
-    for round_ in range(ONE_PIECE_ROUNDS):
-        pieces = components_chunked(values, by_value=True, faces=True, workspace=workspace, name=f"pieces_{round_}",
-                                    device=device, verbose=verbose)
+    pieces = components_chunked(labels, by_value=True, faces=True, workspace=workspace, name="pieces",
+                                device=device, verbose=verbose)
 
-        def decide():
-            stray = stray_pieces(pieces.value, pieces.size)
-            if stray is None:
-                return {"done": True, "new_label": np.zeros(0, np.int64)}
-            return {"done": False, "new_label": reassign_strays(pieces.value, stray, *pieces.face_pairs)}
+    def settle():
+        table, _, rounds = settle_pieces(pieces.value, pieces.size, pieces.piece_pairs, ONE_PIECE_ROUNDS)
+        return {"table": table, "rounds": rounds}
 
-        decided = workspace.remember(f"one_piece_{round_}", decide)
-        if bool(decided["done"]):
-            return pieces.labels, pieces.n, round_ + 1
-        table = decided["new_label"]
-        dtype = id_dtype(table.max() if table.size else 0)
-        values = pieces.through(table.astype(dtype), dtype)
-    final = components_chunked(values, by_value=True, workspace=workspace, name="pieces_final", device=device,
-                               verbose=verbose)
-    return final.labels, final.n, ONE_PIECE_ROUNDS
+    settled = workspace.remember("one_piece", settle)
+    table = settled["table"]
+    n = int(table.max()) if table.size else 0
+    if n == 0:
+        return pieces.labels, 0, int(settled["rounds"])
+    dtype = id_dtype(n)
+    return pieces.through(table.astype(dtype), dtype), n, int(settled["rounds"])
 
 
 def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,

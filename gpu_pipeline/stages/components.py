@@ -61,29 +61,32 @@ def stray_pieces(piece_label, piece_size):
     return stray
 
 
-def face_pairs_between_labels(pieces, labels, near=None, axes=None):
+def face_pairs_between_labels(pieces, labels, near=None, axes=None, other=None):
     """(piece, neighbouring label, number of shared faces) for faces between voxels of different labels.
 
     ``pieces`` and ``labels`` are voxel arrays of the same shape; ``near``
     (bool per voxel) restricts the count to faces with a voxel in it;
-    ``axes`` to faces along those axes (default all). Returned as unique
-    (piece, label) pairs with counts, ready to be summed with other blocks'.
+    ``axes`` to faces along those axes (default all); ``other`` (default
+    ``labels``): what is reported of the neighbouring voxel (``pieces``:
+    which piece touches which). Returned as unique pairs with counts,
+    ready to be summed with other blocks'.
     """
     xp = get_array_module(pieces)
     if xp.__name__ == "numpy" and near is None and axes is None:  # every face: one compiled pass per axis
         from cpu_fallback.kernels import face_sides
 
-        return count_pairs(*face_sides(pieces, labels))
+        return count_pairs(*face_sides(pieces, labels, other))
+    other = labels if other is None else other
     a_list, b_list = [], []
     for axis in range(pieces.ndim) if axes is None else axes:
         lo, hi = neighbour_slices(pieces.ndim, axis)
-        pa, pb, la, lb = pieces[lo], pieces[hi], labels[lo], labels[hi]
+        pa, pb, la, lb, oa, ob = pieces[lo], pieces[hi], labels[lo], labels[hi], other[lo], other[hi]
         if near is not None:
             keep = near[lo] | near[hi]
-            pa, pb, la, lb = pa[keep], pb[keep], la[keep], lb[keep]
+            pa, pb, la, lb, oa, ob = pa[keep], pb[keep], la[keep], lb[keep], oa[keep], ob[keep]
         touch = (pa != 0) & (pb != 0) & (la != lb)
         a_list += [pa[touch], pb[touch]]
-        b_list += [lb[touch], la[touch]]
+        b_list += [ob[touch], oa[touch]]
     return count_pairs(xp.concatenate([a.ravel() for a in a_list]).astype(xp.int64),
                        xp.concatenate([b.ravel() for b in b_list]).astype(xp.int64))
 
@@ -129,6 +132,72 @@ def reassign_strays(piece_label, stray, pair_piece, pair_label, pair_count):
     return new_label
 
 
+def merge_touching_pieces(new_label, piece_size, piece_pairs):
+    """Pieces given ``new_label``, merged where two touching pieces now carry the same label.
+
+    ``piece_pairs``: (piece, touching piece, shared faces), both directions,
+    for pieces 1..n numbered by first voxel (host NumPy arrays). Two voxels
+    of equal label are face-connected exactly when their pieces are joined
+    by a chain of touching pieces of that label, so the merged pieces are the
+    connected components of that small graph: the voxels' equal-value
+    components without another pass over them. Returns ``(remap, label,
+    size, pairs)``: old piece -> merged piece (numbered by smallest member,
+    which keeps first-voxel order), and the merged pieces' label, size and
+    pairs.
+    """
+    import numpy as np
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    p, q, faces = piece_pairs
+    n = new_label.size
+    same = new_label[p] == new_label[q]
+    graph = coo_matrix((np.ones(int(same.sum()), dtype=np.int8), (p[same], q[same])), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    smallest = np.full(int(component.max()) + 1, n, dtype=np.int64)
+    np.minimum.at(smallest, component, np.arange(n, dtype=np.int64))
+    rank = np.empty(smallest.size, dtype=np.int64)
+    rank[np.argsort(smallest, kind="stable")] = np.arange(smallest.size)  # piece 0 (background) stays 0
+    remap = rank[component]
+    label = np.zeros(smallest.size, dtype=new_label.dtype)
+    label[remap] = new_label
+    size = np.rint(np.bincount(remap, weights=piece_size.astype(np.float64), minlength=smallest.size))
+    a, b = remap[p], remap[q]
+    apart = a != b
+    return remap, label, size.astype(np.int64), count_pairs(a[apart], b[apart], faces[apart])
+
+
+def settle_pieces(piece_label, piece_size, piece_pairs, max_rounds=10):
+    """:func:`one_piece_rounds` on the graph of pieces: one labelling of the voxels, every round on tables.
+
+    ``piece_label``, ``piece_size``: per piece 1..n (numbered by first voxel)
+    its label and voxel count; ``piece_pairs``: (piece, touching piece,
+    shared faces) over faces between different labels, both directions
+    (``face_pairs_between_labels(pieces, labels, other=pieces)``). Each round
+    decides the stray pieces and the labels they join exactly as the voxel
+    rounds do (:func:`stray_pieces`, :func:`reassign_strays`), then merges
+    the pieces that now touch with equal labels (:func:`merge_touching_pieces`).
+
+    Returns ``(table, label, rounds)``: the final piece of every input piece
+    (ids 1..m by first voxel, as the voxel rounds' last labelling numbers
+    them), each final piece's label (its own id where ``max_rounds`` left
+    strays), and the rounds run (the voxel rounds' count of labellings).
+    """
+    import numpy as np
+
+    table = np.arange(piece_label.size, dtype=np.int64)
+    for round_ in range(max_rounds):
+        stray = stray_pieces(piece_label, piece_size)
+        if stray is None:
+            return table, piece_label, round_ + 1
+        p, q, faces = piece_pairs
+        new_label = reassign_strays(piece_label, stray, *count_pairs(p, piece_label[q], faces))
+        remap, piece_label, piece_size, piece_pairs = merge_touching_pieces(new_label, piece_size, piece_pairs)
+        table = remap[table]
+    # As the voxel rounds: pieces still stray after the last round keep ids of their own.
+    return table, np.arange(piece_label.size, dtype=np.int64), max_rounds
+
+
 def enforce_one_piece(labels, max_rounds=10):
     """Make every label one face-connected piece.
 
@@ -149,17 +218,19 @@ def one_piece_rounds(labels, max_rounds=10):
     ``pieces`` labels the same partition (one piece per label) with ids
     1..n in the C order of each piece's first voxel, i.e. it equals
     ``relabel_by_first_voxel(labels)`` without another pass over the volume.
+    The voxels are labelled once; where some label has several pieces, the
+    rounds run on the graph of touching pieces (:func:`settle_pieces`, on
+    the host: tables of pieces, not voxels) and the result is two gathers.
     """
-    ops = ops_for(labels)
-    for _ in range(max_rounds):
-        pieces = ops.label_by_value(labels)
-        piece_label, piece_size = piece_stats(pieces, labels)
-        stray = stray_pieces(piece_label, piece_size)
-        if stray is None:
-            return labels, pieces
-        # Only faces next to a stray voxel can count.
-        pairs = face_pairs_between_labels(pieces, labels, near=stray[pieces])
-        new_label = reassign_strays(piece_label, stray, *pairs)
-        labels = new_label.astype(labels.dtype, copy=False)[pieces]  # cast the table, not the volume
-    pieces = ops.label_by_value(labels)
-    return pieces.astype(labels.dtype, copy=False), pieces
+    from gpu_pipeline._backend import to_host
+
+    xp = get_array_module(labels)
+    pieces = ops_for(labels).label_by_value(labels)
+    piece_label, piece_size = piece_stats(pieces, labels)
+    if stray_pieces(piece_label, piece_size) is None:
+        return labels, pieces
+    pairs = face_pairs_between_labels(pieces, labels, other=pieces)
+    table, label, _ = settle_pieces(to_host(piece_label), to_host(piece_size), tuple(to_host(a) for a in pairs),
+                                    max_rounds)
+    final = xp.asarray(table.astype(pieces.dtype, copy=False))[pieces]
+    return xp.asarray(label.astype(labels.dtype, copy=False))[final], final
