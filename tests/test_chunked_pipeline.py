@@ -285,6 +285,21 @@ def test_a_task_error_on_a_cluster_stops_the_run_with_its_one_line_message(clust
     assert not (tmp_path / "bad_summary.json").exists()
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_voxel_in_a_chunked_float_volume_is_refused(tmp_path, rng, bad):
+    """One NaN (or inf) voxel in a chunk that is not the first: the run stops with one line naming it, whether
+    the range comes from the staging pass (a folder) or from a pass of its own (the Python API without one)."""
+    image, _ = make_touching_particles((40, 64, 64), 30, seed=int(rng.integers(1e6)))
+    image = image.astype(np.float32)
+    image[30, 50, 40] = bad
+    src = _ome_zarr(tmp_path / "in.zarr", image, (1.0, 1.0, 1.0), (20, 32, 32))
+    with pytest.raises(DeclumpError, match="NaN or inf") as info:
+        run_chunked(src, tmp_path / "out.zarr", max_radius=13, verbose=False)
+    assert "\n" not in str(info.value) and not (tmp_path / "out_summary.json").exists()
+    with pytest.raises(DeclumpError, match="NaN or inf"):
+        separate_chunked(da.from_array(image, chunks=(20, 32, 32)), max_radius=13)
+
+
 def test_cluster_results_cross_the_network_once(cluster_client):
     """run_tasks fetches each finished task's result from its worker once, all in one gather (it fetched every
     result twice, one round trip at a time: a check for errors, then the return value)."""

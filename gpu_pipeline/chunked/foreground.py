@@ -11,7 +11,7 @@ import numpy as np
 
 from gpu_pipeline._backend import GAUSSIAN_TRUNCATE, DeclumpError, get_array_module, ops_for
 from gpu_pipeline.chunked.components import components_chunked
-from gpu_pipeline.chunked.histogram import histogram_thresholds_chunked
+from gpu_pipeline.chunked.histogram import block_range, histogram_thresholds_chunked
 from gpu_pipeline.chunked.source import read_haloed, stored_volume
 from gpu_pipeline.stages.cleanup import voxels_for
 from gpu_pipeline.stages.threshold import HISTOGRAM_METHODS, choose_polarity, foreground, share_of_largest
@@ -120,23 +120,30 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
         chunks = smoothing.chunks
 
         def smoothed():
-            # Staged on first use: the threshold's passes (range, histogram, polarity) and the foreground
-            # then read it instead of smoothing every chunk four times. Never staged once the regions are.
+            # Staged on first use: the threshold's passes (histogram, polarity) and the foreground then read it
+            # instead of smoothing every chunk four times; the staging pass also measures its range for the
+            # histogram's bins. Never staged once the regions are.
             if "smoothed" not in staged:
-                staged["smoothed"] = workspace.stage("smoothed", lambda: smoothing, chunks=chunks,
-                                                     shape=smoothing.shape, dtype=smoothing.dtype, device=device) \
-                    if smoothing is not volume else volume
+                staged["smoothed"], ranges = workspace.stage(
+                    "smoothed", lambda: smoothing, chunks=chunks, shape=smoothing.shape, dtype=smoothing.dtype,
+                    device=device, measure=block_range) if smoothing is not volume else (volume, None)
+                staged["range"] = None if ranges is None else (np.min([r[0] for r in ranges]),  # NaN stays NaN
+                                                               np.max([r[1] for r in ranges]))
             return staged["smoothed"]
 
         def decide():
+            import dask
+
             # As in-memory threshold_foreground: a named method's polarity is decided at Otsu's threshold.
             if isinstance(threshold, str):
-                candidates = histogram_thresholds_chunked(smoothed())
+                image = smoothed()  # sets staged["range"] when this call staged it
+                candidates = histogram_thresholds_chunked(image, staged["range"])
                 value, at = candidates[threshold], candidates["otsu"]
             else:
                 value = at = float(threshold)
             return {"threshold": value, "polarity": choose_polarity(smoothed(), at, polarity,
-                                                                    largest_shares=largest_component_shares_chunked)}
+                                                                    largest_shares=largest_component_shares_chunked,
+                                                                    evaluate=dask.compute)}
 
         decided = workspace.remember("threshold", decide)
         value, side = float(decided["threshold"]), str(decided["polarity"])

@@ -22,21 +22,30 @@ def otsu_threshold_chunked(image):
     return histogram_thresholds_chunked(image)["otsu"]
 
 
-def histogram_thresholds_chunked(image):
+def histogram_thresholds_chunked(image, value_range=None):
     """Every histogram method's threshold of a Dask array (``{"otsu": ..., "li": ..., "triangle": ...}``).
 
     Equal to the in-memory ``HISTOGRAM_METHODS`` on the computed array's histogram.
     """
-    counts, bins = histogram_chunked(image)
+    counts, bins = histogram_chunked(image, value_range)
     return {name: method(counts, bins) for name, method in HISTOGRAM_METHODS.items()}
 
 
-def histogram_chunked(image):
-    """``intensity_histogram`` of a Dask array: (counts, bins), equal to the computed array's."""
+def block_range(block, *_):
+    """(min, max) of one block as host floats: ``value_range`` gathered by a pass that already reads the blocks."""
+    return (float(block.min()), float(block.max())) if block.size else (np.inf, -np.inf)
+
+
+def histogram_chunked(image, value_range=None):
+    """``intensity_histogram`` of a Dask array: (counts, bins), equal to the computed array's.
+
+    ``value_range``: the array's (min, max) when known (per-block
+    :func:`block_range` results of an earlier pass, reduced); else a pass computes it.
+    """
     import dask
     import dask.array as da
 
-    low, high = dask.compute(image.min(), image.max())
+    low, high = value_range if value_range is not None else dask.compute(image.min(), image.max())
     if not (np.isfinite(float(low)) and np.isfinite(float(high))):
         from gpu_pipeline._backend import DeclumpError
 

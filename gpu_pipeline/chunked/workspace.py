@@ -296,15 +296,17 @@ class Workspace:
             return None
         return str(self.root / f"{name}.zarr")
 
-    def stage(self, name, build, *, chunks, shape, dtype, device=None):
+    def stage(self, name, build, *, chunks, shape, dtype, device=None, measure=None):
         """A staged array: ``build()`` (a lazy Dask array) written block by block once, then read back.
 
         ``build`` is only called when blocks are missing. Returns a lazy Dask
         array with the processing ``chunks`` read from the store (moved to
-        the GPU with ``device='gpu'``).
+        the GPU with ``device='gpu'``). With ``measure`` (as in
+        :func:`write_blocks`), returns ``(array, [result per block])``, the
+        results None when this call wrote nothing (no folder, or staged before).
         """
         if self.root is None:
-            return build()
+            return build() if measure is None else (build(), None)
         import dask.array as da
 
         path = self.root / f"{name}.zarr"
@@ -312,15 +314,18 @@ class Workspace:
         total = int(np.prod([len(c) for c in chunks]))
         self.totals[name] = total
         self.computed[name] = 0
+        measured = None
         if not (done / "complete").exists():
-            self.computed[name] = write_blocks(build(), path, done, what=name, verbose=self.verbose,
-                                               zarr_kwargs=intermediate_codecs(dtype))
+            written = write_blocks(build(), path, done, what=name, verbose=self.verbose,
+                                   zarr_kwargs=intermediate_codecs(dtype), measure=measure)
+            self.computed[name], measured = written if measure is not None else (written, None)
             (done / "complete").touch()
         array = da.from_zarr(str(path), chunks=chunks)
         if tuple(array.shape) != tuple(shape) or np.dtype(array.dtype) != np.dtype(dtype):
             raise DeclumpError(f"the staged {name} in {self.root} does not match this run; delete that folder "
                                "or run with --overwrite")
-        return to_device(array, device)
+        array = to_device(array, device)
+        return array if measure is None else (array, measured)
 
 
     def discard(self, *names):

@@ -197,8 +197,8 @@ def otsu_threshold(image) -> float:
     return otsu_from_histogram(counts, bins)
 
 
-def border_fraction_above(image, threshold) -> float:
-    """Fraction of the image's outermost voxels (all faces) brighter than ``threshold``."""
+def border_count_above(image, threshold):
+    """(outermost voxels brighter than ``threshold``, outermost voxels): the first lazy for a Dask array."""
     xp = get_array_module(image)
     above = 0
     total = 0
@@ -207,6 +207,12 @@ def border_fraction_above(image, threshold) -> float:
             face = xp.take(image, index, axis=axis)
             above = above + (face > threshold).sum()  # stays lazy for Dask: one computation at the end
             total += face.size
+    return above, total
+
+
+def border_fraction_above(image, threshold) -> float:
+    """Fraction of the image's outermost voxels (all faces) brighter than ``threshold``."""
+    above, total = border_count_above(image, threshold)
     return int(above) / total
 
 
@@ -255,7 +261,8 @@ def polarity_score(above_fraction, border_above, largest_above, largest_below) -
                                                                                   - float(largest_above))
 
 
-def choose_polarity(image, threshold, polarity="auto", *, largest_shares=largest_component_shares) -> str:
+def choose_polarity(image, threshold, polarity="auto", *, largest_shares=largest_component_shares,
+                    evaluate=lambda *values: values) -> str:
     """Decide whether particles are ``"bright"`` or ``"dark"`` relative to the background.
 
     ``auto``: the sign of :func:`polarity_score` at ``threshold`` (the side
@@ -270,15 +277,17 @@ def choose_polarity(image, threshold, polarity="auto", *, largest_shares=largest
 
     ``largest_shares``: how :func:`largest_component_shares` is computed for
     the mask above ``threshold`` (the chunked engine passes its own, for Dask
-    arrays: both sides in one pass).
+    arrays: both sides in one pass); ``evaluate``: how the two fractions are
+    computed together (``dask.compute`` for Dask arrays: one pass, not two).
     """
     if polarity in ("bright", "dark"):
         return polarity
     if polarity != "auto":
         raise DeclumpError(f"polarity must be 'auto', 'bright' or 'dark', got {polarity!r}")
     above = image > threshold
-    above_fraction = float(above.mean())
-    border_above = border_fraction_above(image, threshold)
+    border_count, border_total = border_count_above(image, threshold)
+    above_fraction, border_count = evaluate(above.mean(), border_count)
+    above_fraction, border_above = float(above_fraction), int(border_count) / border_total
     if abs(above_fraction - border_above) > CONNECTIVITY_WEIGHT:
         # The connectivity term lies in [-1, 1]: it cannot flip this score's sign, so its two labellings (two
         # more passes over a chunked volume) are skipped. Same pick as the full score.
