@@ -9,7 +9,6 @@ import shutil
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest

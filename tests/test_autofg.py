@@ -13,7 +13,7 @@ from gpu_pipeline.cli import main
 from gpu_pipeline.metrics import evaluate
 from gpu_pipeline.stages.annotations import annotation_mask
 from gpu_pipeline.stages.scale import typical_radius
-from gpu_pipeline.stages.threshold import (histogram_bins, intensity_histogram, li_from_histogram,
+from gpu_pipeline.stages.threshold import (intensity_histogram, li_from_histogram,
                                            percentile_from_histogram, triangle_from_histogram)
 from gpu_pipeline.synthetic import make_touching_particles, make_uneven_nuclei
 

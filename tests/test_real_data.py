@@ -1,5 +1,4 @@
 """Real images with ground truth from ../shared/data (skipped with a reason where absent)."""
-import numpy as np
 import tifffile
 
 from bench.peers import skimage_watershed
