@@ -169,6 +169,25 @@ def test_equal_value_labels_and_int64_scatters_on_the_device(cp, rng):
     assert target.get().tolist() == [2**41, 7, 2**40, 2**36, 2**40]
 
 
+@pytest.mark.parametrize("max_rounds", [1, 10])
+def test_one_piece_rounds_on_the_device_equal_numpy(cp, rng, max_rounds):
+    """The device's pieces, piece pairs (array path) and host-side graph rounds give NumPy's labels and pieces."""
+    from scipy import ndimage as ndi
+
+    from gpu_pipeline.stages.components import one_piece_rounds
+
+    shape = (30, 40, 36)
+    seeds = np.zeros(shape, dtype=np.int32)
+    seeds[tuple(rng.integers(0, n, 40) for n in shape)] = np.arange(1, 41)
+    labels = seeds[tuple(ndi.distance_transform_edt(seeds == 0, return_indices=True)[1])]
+    specks = rng.random(shape) < 0.2
+    labels[specks] = rng.integers(0, 41, int(specks.sum()))
+    want_labels, want_pieces = one_piece_rounds(labels, max_rounds)
+    got_labels, got_pieces = one_piece_rounds(cp.asarray(labels), max_rounds)
+    np.testing.assert_array_equal(got_labels.get(), want_labels)
+    np.testing.assert_array_equal(got_pieces.get(), want_pieces)
+
+
 @pytest.mark.parametrize("options", [dict(method="watershed"), dict(assignment="euclidean", max_iter=5),
                                      dict(kmeans_engine="sklearn", assignment="euclidean", max_iter=3),
                                      dict(max_hole_size=30.0), dict(neck_ratio=0.8)])
