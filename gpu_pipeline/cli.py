@@ -509,8 +509,11 @@ def build_parser():
 
 
 def main(argv=None):
+    from gpu_pipeline.chunked.workspace import no_hugepage_advice
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    no_hugepage_advice()  # every command: large temporaries without the kernel's compaction on each fault
     try:
         args.func(args)
     except DeclumpError as exc:

@@ -445,6 +445,55 @@ def test_cluster_workers_reuse_freed_chunk_memory_instead_of_dasks_64k_trim():
         assert list(client.run(_chunk_sized_allocation_is_mmapped).values()) == [False, False]
 
 
+def _new_array_advised_huge():
+    """Does a new 64 MiB NumPy array's mapping carry the huge-page advice (``hg`` in /proc/self/smaps)?"""
+    array = np.ones(1 << 23)
+    address, flags, inside = array.ctypes.data + array.nbytes // 2, None, False  # NumPy advises the aligned middle
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and line.startswith("VmFlags:"):
+                flags = line.split()[1:]
+                break
+    return "hg" in flags
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps: Linux only")
+@pytest.mark.parametrize("variable", [None, "1"])
+def test_commands_and_workers_allocate_without_numpys_huge_page_advice(tmp_path, variable):
+    """NumPy advises huge pages for every large array, and with the kernel's default THP defrag each fault in
+    one then compacts memory: a declump command turns that off for its process and its cluster's workers,
+    unless NUMPY_MADVISE_HUGEPAGE is set (then NumPy's choice stands)."""
+    np.save(tmp_path / "a.npy", np.arange(12, dtype=np.int32).reshape(3, 4))
+    code = ("import sys\nsys.path.insert(0, %r)\nfrom test_chunked_pipeline import _new_array_advised_huge as advised\n"
+            "from gpu_pipeline.cli import main\nbefore = advised()\n"
+            "assert main(['evaluate', %r, %r]) == 0\nprint(before, advised())"
+            % (str(Path(__file__).parent), str(tmp_path / "a.npy"), str(tmp_path / "a.npy")))
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    if variable is not None:
+        env["NUMPY_MADVISE_HUGEPAGE"] = variable
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    before, after = done.stdout.split()[-2:]
+    if before == "False":
+        pytest.skip("NumPy does not advise huge pages on this system (kernel without transparent huge pages)")
+    assert after == ("True" if variable == "1" else "False")
+    if variable is None:
+        distributed = pytest.importorskip("distributed")
+        from gpu_pipeline.chunked.run import engine
+
+        with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                      dashboard_address=None) as lc, distributed.Client(lc) as plain:
+            assert list(plain.run(_new_array_advised_huge).values()) == [True]  # a worker as Dask starts it
+            with engine(scheduler=lc.scheduler_address) as client:
+                assert list(client.run(_new_array_advised_huge).values()) == [False]
+        with engine(cluster="local", workers=1) as client:
+            assert list(client.run(_new_array_advised_huge).values()) == [False]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc: Linux only")
 @pytest.mark.parametrize("at_start", [False, True])
 def test_fixed_malloc_thresholds_are_those_of_the_start_environment(at_start):

@@ -34,7 +34,7 @@ import numpy as np
 from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops_for, to_host
 from gpu_pipeline.chunked.components import unique_ids
 from gpu_pipeline.chunked.workspace import (Workspace, active_client, limit_malloc_arenas, nanny_malloc_config,
-                                            return_freed_memory, save_records, worker_malloc_setup, write_blocks)
+                                            no_hugepage_advice, return_freed_memory, save_records, worker_malloc_setup, write_blocks)
 from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, boolean_input_as_mask, check_foreground_options, disk_error,
                              write_ngff_label_metadata)
 from gpu_pipeline.measure import table_from_sums
@@ -270,6 +270,7 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     kind, threads = engine_plan(device=device, cluster=cluster, scheduler=scheduler, workers=workers,
                                 n_gpus=1)  # refuse early
     limit_malloc_arenas(threads if kind == "threads" else 1)  # before Zarr's I/O threads allocate
+    no_hugepage_advice()
     work = Path(scratch) if scratch else Path(f"{paths['labels']}.work")
     volume, file_spacing, volume_print = open_volume(input_path, channel=channel, timepoint=timepoint,
                                                      chunks=chunks, missing_chunks=missing_chunks,
