@@ -463,7 +463,7 @@ def _new_array_advised_huge():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps: Linux only")
 @pytest.mark.parametrize("variable", [None, "1"])
-def test_commands_and_workers_allocate_without_numpys_huge_page_advice(tmp_path, variable):
+def test_commands_and_workers_allocate_without_numpys_huge_page_advice(tmp_path, variable, monkeypatch):
     """NumPy advises huge pages for every large array, and with the kernel's default THP defrag each fault in
     one then compacts memory: a declump command turns that off for its process and its cluster's workers,
     unless NUMPY_MADVISE_HUGEPAGE is set (then NumPy's choice stands)."""
@@ -485,6 +485,8 @@ def test_commands_and_workers_allocate_without_numpys_huge_page_advice(tmp_path,
         distributed = pytest.importorskip("distributed")
         from gpu_pipeline.chunked.run import engine
 
+        # A nanny started earlier in this process may have left its workers' variables here.
+        monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
         with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                                       dashboard_address=None) as lc, distributed.Client(lc) as plain:
             assert list(plain.run(_new_array_advised_huge).values()) == [True]  # a worker as Dask starts it
@@ -492,6 +494,22 @@ def test_commands_and_workers_allocate_without_numpys_huge_page_advice(tmp_path,
                 assert list(client.run(_new_array_advised_huge).values()) == [False]
         with engine(cluster="local", workers=1) as client:
             assert list(client.run(_new_array_advised_huge).values()) == [False]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/environ: Linux only")
+@pytest.mark.parametrize("at_start", [False, True])
+def test_numpys_huge_page_switch_is_the_users_only_when_set_at_start(at_start):
+    """NumPy reads NUMPY_MADVISE_HUGEPAGE when imported; a value that appears later (Dask's nanny writes its
+    workers' variables into the process that starts them) is not the user's choice and does not stop
+    no_hugepage_advice."""
+    code = ("import os\nfrom gpu_pipeline.chunked.workspace import no_hugepage_advice\n"
+            "os.environ['NUMPY_MADVISE_HUGEPAGE'] = '0'\nprint(no_hugepage_advice())")
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    if at_start:
+        env["NUMPY_MADVISE_HUGEPAGE"] = "1"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(not at_start)]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc: Linux only")

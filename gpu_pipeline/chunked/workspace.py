@@ -91,10 +91,10 @@ def no_hugepage_advice():
     where its setting is ``always`` (without stalling the fault).
 
     Applies to this process (and workers started with :func:`malloc_environ`);
-    ``NUMPY_MADVISE_HUGEPAGE`` set in the environment is left to decide.
-    Returns whether NumPy's setting was changed.
+    ``NUMPY_MADVISE_HUGEPAGE`` in the environment the process started with
+    is left to decide. Returns whether NumPy's setting was changed.
     """
-    if os.environ.get(HUGEPAGE_VARIABLE) is not None:
+    if _set_at_start((HUGEPAGE_VARIABLE,)):
         return False
     try:
         from numpy._core.multiarray import _set_madvise_hugepage
@@ -175,16 +175,21 @@ def limit_malloc_arenas(threads):
     return done
 
 
-def _thresholds_fixed_at_start():
-    """Did this process start with glibc's malloc thresholds fixed by its environment? glibc reads it once, at
-    start: ``/proc/self/environ`` is that environment (``os.environ`` may have changed since: Dask's nanny
-    writes its workers' variables into the process that starts them)."""
+def _set_at_start(names):
+    """Was any of the environment variables ``names`` set when this process started? glibc (and NumPy, on
+    import) read them then: ``/proc/self/environ`` is that environment (``os.environ`` may have changed since:
+    Dask's nanny writes its workers' variables into the process that starts them)."""
     try:
         with open("/proc/self/environ", "rb") as handle:
-            names = [item.split(b"=", 1)[0] for item in handle.read().split(b"\0")]
+            found = [item.split(b"=", 1)[0] for item in handle.read().split(b"\0")]
     except OSError:
-        return any(os.environ.get(name) for name in THRESHOLD_VARIABLES)
-    return any(name.decode(errors="replace") in THRESHOLD_VARIABLES for name in names)
+        return any(os.environ.get(name) is not None for name in names)
+    return any(name.decode(errors="replace") in names for name in found)
+
+
+def _thresholds_fixed_at_start():
+    """Did this process start with glibc's malloc thresholds fixed by its environment?"""
+    return _set_at_start(THRESHOLD_VARIABLES)
 
 
 def return_freed_memory():
