@@ -148,6 +148,40 @@ def test_regions_do_not_depend_on_chunking(cluster_client, rng, ndim, tmp_path):
         assert regions.compute().tobytes() == expected.tobytes(), chunks
 
 
+@pytest.mark.parametrize("threshold", ["otsu", "li"])
+def test_regions_reuse_the_polarity_labelling_of_both_sides(rng, tmp_path, threshold):
+    """Where the polarity needs both sides labelled (blobs as frequent on the border as inside), that pass
+    also gives the foreground's components at Otsu's threshold (no components pass of its own), and the
+    regions are still those of the in-memory stages; at another threshold (Li's) the foreground is labelled."""
+    from cpu_fallback import ops
+    from gpu_pipeline.chunked.foreground import regions_chunked
+    from gpu_pipeline.chunked.workspace import Workspace
+    from gpu_pipeline.stages.cleanup import clean_mask
+    from gpu_pipeline.stages.threshold import (CONNECTIVITY_WEIGHT, border_fraction_above, choose_polarity,
+                                               foreground, intensity_histogram, li_from_histogram)
+
+    shape = (30, 48, 44)
+    blobs = ndi.binary_dilation(rng.random(shape) < 0.004, iterations=2)
+    image = (blobs * 1000 + rng.normal(0, 150, shape)).astype(np.float32)
+    smoothed = ops.gaussian(image, (1.0, 1.0, 1.0))
+    at = otsu_threshold(smoothed)
+    assert abs((smoothed > at).mean() - border_fraction_above(smoothed, at)) <= CONNECTIVITY_WEIGHT  # both labelled
+    t = at if threshold == "otsu" else li_from_histogram(*intensity_histogram(smoothed))
+    side = choose_polarity(smoothed, at, "auto")
+    expected, n_expected = ops.label(clean_mask(foreground(smoothed, t, side), spacing=(1.0, 1.0, 1.0), min_size=20,
+                                                max_hole_size=0))
+    assert n_expected > 20
+    for chunks in [(15, 24, 22), (30, 17, 44)]:
+        workspace = Workspace(tmp_path / threshold / str(chunks))
+        regions, n, got_t, got_side = regions_chunked(da.from_array(image, chunks=chunks), spacing=(1.0, 1.0, 1.0),
+                                                      sigma=1.0, threshold=threshold, min_size=20, workspace=workspace)
+        assert (got_t, got_side, n) == (t, side, n_expected)
+        assert regions.compute().tobytes() == expected.tobytes(), chunks
+        # Otsu's: both sides staged, no pass of the foreground's own; Li's: the reverse.
+        assert sorted(set(workspace.computed) & {"sides", "components"}) == \
+            (["sides"] if threshold == "otsu" else ["components"])
+
+
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_smoothing_read_from_the_store_equals_in_memory_in_one_task_per_chunk(tmp_path, rng, ndim):
     """A stored volume is smoothed one task per chunk, each reading its halo from the store (edges repeated at

@@ -205,6 +205,22 @@ class Components:
         a, b, faces = self.piece_pairs
         return count_pairs(a, self.value[b], faces)
 
+    def of_value(self, value):
+        """The components of one ``value`` alone, numbered 1..m in the same first-voxel order: the components
+        of the mask ``array == value`` (as :func:`components_chunked` of that mask gives them), read through
+        the same per-block ids and tables without another pass."""
+        keep = self.value == value
+        keep[0] = False
+        renumber = np.where(keep, np.cumsum(keep), 0)
+        n = int(keep.sum())
+        dtype = np.int32 if n < 2**31 - 1 else np.int64
+        size = np.zeros(n + 1, dtype=np.int64)
+        size[1:] = self.size[keep]
+        found = Components(labels=None, n=n, value=(np.arange(n + 1) > 0).astype(np.int64), size=size,
+                           local=self.local, offsets=self.offsets, lookup=renumber[self.lookup], counts=self.counts)
+        found.labels = found.through(np.arange(n + 1, dtype=dtype), dtype)
+        return found
+
     def through(self, table, dtype):
         """``table[labels]`` (lazy), block by block through the local ids: one small table per block."""
         return _through_tables(self.local, self.offsets, self.counts, self.lookup, table, dtype)

@@ -73,13 +73,24 @@ def _smooth_stored(stored, smooth, halo, block_info=None):
     return smooth(block)[core]
 
 
-def largest_component_shares_chunked(above):
-    """:func:`gpu_pipeline.stages.threshold.largest_component_shares` of a chunked boolean Dask array: one
-    :func:`components_chunked` pass over both sides (the face-connected pieces of equal value of
-    ``above + 1``), whose per-component sizes are summed over blocks already."""
-    found = components_chunked(above.astype(np.uint8) + 1, by_value=True)
-    return (share_of_largest(found.size[1:][found.value[1:] == 2]),
-            share_of_largest(found.size[1:][found.value[1:] == 1]))
+#: The values of :func:`side_components_chunked`: voxels at or below the threshold, and above it.
+BELOW, ABOVE = 1, 2
+
+
+def side_components_chunked(above, *, workspace=None, name=None, device=None):
+    """The face-connected pieces of both sides of a threshold in one :func:`components_chunked` pass: the
+    components of equal value of ``above + 1`` (:data:`BELOW`, :data:`ABOVE`)."""
+    return components_chunked(above.astype(np.uint8) + 1, by_value=True, workspace=workspace, name=name,
+                              device=device)
+
+
+def largest_component_shares_chunked(above, sides=None):
+    """:func:`gpu_pipeline.stages.threshold.largest_component_shares` of a chunked boolean Dask array, from
+    ``sides`` (:func:`side_components_chunked` of ``above``, computed when not given): the per-component
+    sizes are summed over blocks already."""
+    found = sides if sides is not None else side_components_chunked(above)
+    return (share_of_largest(found.size[1:][found.value[1:] == ABOVE]),
+            share_of_largest(found.size[1:][found.value[1:] == BELOW]))
 
 
 def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="auto", min_size=0.0, mask=None,
@@ -141,8 +152,19 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
                 value, at = candidates[threshold], candidates["otsu"]
             else:
                 value = at = float(threshold)
+
+            def largest_shares(above):
+                # Both sides labelled in one pass. At the foreground's own threshold (Otsu's, or a number) one
+                # side is the foreground: staged, its components need no pass of their own (labelled below).
+                reuse = value == at
+                found = side_components_chunked(above, workspace=workspace if reuse else None,
+                                                name="sides" if reuse else None, device=device)
+                if reuse:
+                    staged["sides"] = found
+                return largest_component_shares_chunked(above, found)
+
             return {"threshold": value, "polarity": choose_polarity(smoothed(), at, polarity,
-                                                                    largest_shares=largest_component_shares_chunked,
+                                                                    largest_shares=largest_shares,
                                                                     evaluate=dask.compute)}
 
         decided = workspace.remember("threshold", decide)
@@ -155,8 +177,11 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
 
     def labelled():  # computed at most once, and only when something below needs it
         if not cache:
-            cache["value"] = components_chunked(foreground_mask(), workspace=workspace, name="components",
-                                                device=device)
+            if "sides" in staged:  # the polarity's pass labelled the foreground already (as one of two values)
+                cache["value"] = staged["sides"].of_value(ABOVE if side == "bright" else BELOW)
+            else:
+                cache["value"] = components_chunked(foreground_mask(), workspace=workspace, name="components",
+                                                    device=device)
         return cache["value"]
 
     def renumbering():
@@ -175,5 +200,5 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
         return found.through(rank, np.int32)
 
     regions = workspace.stage("regions", build, chunks=chunks, shape=source.shape, dtype=np.int32, device=device)
-    workspace.discard("smoothed", "components")  # scratch space: only the regions are read from here on
+    workspace.discard("smoothed", "components", "sides")  # scratch space: only the regions are read from here on
     return regions, int(rank.max()) if rank.size else 0, value, side
