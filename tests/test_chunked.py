@@ -148,8 +148,9 @@ def test_regions_do_not_depend_on_chunking(cluster_client, rng, ndim, tmp_path):
         assert regions.compute().tobytes() == expected.tobytes(), chunks
 
 
+@pytest.mark.parametrize("ndim", [2, 3])
 @pytest.mark.parametrize("threshold", ["otsu", "li"])
-def test_regions_reuse_the_polarity_labelling_of_both_sides(rng, tmp_path, threshold):
+def test_regions_reuse_the_polarity_labelling_of_both_sides(rng, tmp_path, threshold, ndim):
     """Where the polarity needs both sides labelled (blobs as frequent on the border as inside), that pass
     also gives the foreground's components at Otsu's threshold (no components pass of its own), and the
     regions are still those of the in-memory stages; at another threshold (Li's) the foreground is labelled."""
@@ -160,20 +161,20 @@ def test_regions_reuse_the_polarity_labelling_of_both_sides(rng, tmp_path, thres
     from gpu_pipeline.stages.threshold import (CONNECTIVITY_WEIGHT, border_fraction_above, choose_polarity,
                                                foreground, intensity_histogram, li_from_histogram)
 
-    shape = (30, 48, 44)
-    blobs = ndi.binary_dilation(rng.random(shape) < 0.004, iterations=2)
+    shape, spacing = ((150, 140), (1.0, 1.0)) if ndim == 2 else ((30, 48, 44), (1.0, 1.0, 1.0))
+    blobs = ndi.binary_dilation(rng.random(shape) < (0.01 if ndim == 2 else 0.004), iterations=2)
     image = (blobs * 1000 + rng.normal(0, 150, shape)).astype(np.float32)
-    smoothed = ops.gaussian(image, (1.0, 1.0, 1.0))
+    smoothed = ops.gaussian(image, spacing)
     at = otsu_threshold(smoothed)
     assert abs((smoothed > at).mean() - border_fraction_above(smoothed, at)) <= CONNECTIVITY_WEIGHT  # both labelled
     t = at if threshold == "otsu" else li_from_histogram(*intensity_histogram(smoothed))
     side = choose_polarity(smoothed, at, "auto")
-    expected, n_expected = ops.label(clean_mask(foreground(smoothed, t, side), spacing=(1.0, 1.0, 1.0), min_size=20,
+    expected, n_expected = ops.label(clean_mask(foreground(smoothed, t, side), spacing=spacing, min_size=20,
                                                 max_hole_size=0))
     assert n_expected > 20
-    for chunks in [(15, 24, 22), (30, 17, 44)]:
+    for chunks in [(75, 47), (150, 33)] if ndim == 2 else [(15, 24, 22), (30, 17, 44)]:
         workspace = Workspace(tmp_path / threshold / str(chunks))
-        regions, n, got_t, got_side = regions_chunked(da.from_array(image, chunks=chunks), spacing=(1.0, 1.0, 1.0),
+        regions, n, got_t, got_side = regions_chunked(da.from_array(image, chunks=chunks), spacing=spacing,
                                                       sigma=1.0, threshold=threshold, min_size=20, workspace=workspace)
         assert (got_t, got_side, n) == (t, side, n_expected)
         assert regions.compute().tobytes() == expected.tobytes(), chunks
