@@ -230,7 +230,7 @@ def test_one_pass_piece_tables_equal_in_memory_piece_stats_and_faces(rng, tmp_pa
     """The fused pass's per-piece values, sizes and face counts equal the in-memory ones, staged or not."""
     from gpu_pipeline.chunked.components import components_chunked
     from gpu_pipeline.chunked.workspace import Workspace
-    from gpu_pipeline.stages.components import face_pairs_between_labels, piece_stats
+    from gpu_pipeline.stages.components import count_pairs, face_pairs_between_labels, piece_stats
     from skimage.measure import label as sk_label
 
     shape = (90, 110) if ndim == 2 else (30, 45, 40)  # multiples of the 5-voxel cells
@@ -247,7 +247,8 @@ def test_one_pass_piece_tables_equal_in_memory_piece_stats_and_faces(rng, tmp_pa
                                    workspace=workspace, name="pieces")
         assert found.n == pieces.max() and found.labels.compute().tobytes() == pieces.astype(np.int32).tobytes()
         assert np.array_equal(found.value, value) and np.array_equal(found.size[1:], size[1:]), chunks
-        for got, want in zip(found.face_pairs, expected_faces):
+        a, b, faces = found.piece_pairs  # touching pieces, summed per (piece, the other piece's label)
+        for got, want in zip(count_pairs(a, found.value[b], faces), expected_faces):
             assert np.array_equal(got, want), chunks
         # A table through the local ids is the table of the final ids.
         table = np.concatenate([[0], rng.permutation(found.n) + 1]).astype(np.int32)  # background stays 0

@@ -197,14 +197,6 @@ class Components:
 
     counts: np.ndarray = None
 
-    @property
-    def face_pairs(self):
-        """(component, neighbouring value, shared faces), as ``face_pairs_between_labels`` of the whole array."""
-        if self.piece_pairs is None:
-            return None
-        a, b, faces = self.piece_pairs
-        return count_pairs(a, self.value[b], faces)
-
     def of_value(self, value):
         """The components of one ``value`` alone, numbered 1..m in the same first-voxel order: the components
         of the mask ``array == value`` (as :func:`components_chunked` of that mask gives them), read through
@@ -213,7 +205,7 @@ class Components:
         keep[0] = False
         renumber = np.where(keep, np.cumsum(keep), 0)
         n = int(keep.sum())
-        dtype = np.int32 if n < 2**31 - 1 else np.int64
+        dtype = _id_dtype(n)
         size = np.zeros(n + 1, dtype=np.int64)
         size[1:] = self.size[keep]
         found = Components(labels=None, n=n, value=(np.arange(n + 1) > 0).astype(np.int64), size=size,
@@ -224,6 +216,11 @@ class Components:
     def through(self, table, dtype):
         """``table[labels]`` (lazy), block by block through the local ids: one small table per block."""
         return _through_tables(self.local, self.offsets, self.counts, self.lookup, table, dtype)
+
+
+def _id_dtype(n):
+    """Ids 1..``n``: int32 below 2^31 - 1 components, else int64."""
+    return np.int32 if n < 2**31 - 1 else np.int64
 
 
 def _apply_table(block, table):
@@ -301,7 +298,7 @@ def components_chunked(values, *, by_value=False, faces=False, workspace=None, n
         np.minimum.at(first_flat, root[ids], np.concatenate([s["first"] for s in stats]))
     present = np.flatnonzero(first_flat < np.iinfo(np.int64).max)
     n = len(present)
-    dtype = np.int32 if n < 2**31 - 1 else np.int64
+    dtype = _id_dtype(n)
     final = np.zeros(total + 1, dtype=dtype)
     final[present[np.argsort(first_flat[present], kind="stable")]] = np.arange(1, n + 1, dtype=dtype)
     lookup = final[root]

@@ -61,6 +61,8 @@ MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 64 << 20
 #: The environment variables with which glibc fixes those thresholds at a process's start.
 THRESHOLD_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+#: NumPy's switch for its huge-page advice, read when NumPy is imported.
+HUGEPAGE_VARIABLE = "NUMPY_MADVISE_HUGEPAGE"
 
 
 def malloc_environ(threads):
@@ -70,10 +72,6 @@ def malloc_environ(threads):
     ``MALLOC_TRIM_THRESHOLD_=65536`` for its workers; these values replace it."""
     return {"MALLOC_ARENA_MAX": str(max(1, int(threads))), "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
             "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD), HUGEPAGE_VARIABLE: "0"}
-
-
-#: NumPy's switch for its huge-page advice, read when NumPy is imported.
-HUGEPAGE_VARIABLE = "NUMPY_MADVISE_HUGEPAGE"
 
 
 def no_hugepage_advice():
