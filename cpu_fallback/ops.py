@@ -5,18 +5,13 @@ CuPy/cuCIM; the stage code picks one set by the array type (`ops_for`).
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 from scipy import ndimage as ndi
 
-from gpu_pipeline._common import GAUSSIAN_TRUNCATE
+from gpu_pipeline._common import GAUSSIAN_TRUNCATE, usable_cores
 
 xp = np
-
-
-def _threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def gaussian(image, sigma_voxels):
@@ -39,7 +34,7 @@ def distance_transform(mask, spacing, max_distance=None):
     mask = np.ascontiguousarray(mask, dtype=np.uint8)
     # edt reads `anisotropy` in the array's own axis order for C-ordered input.
     return edt.edt(mask, anisotropy=tuple(float(s) for s in spacing), black_border=False,
-                   order="C", parallel=_threads()).astype(np.float32, copy=False)
+                   order="C", parallel=usable_cores()).astype(np.float32, copy=False)
 
 
 def label(mask):

@@ -6,6 +6,7 @@ without importing the dispatching `_backend` module that the stages import.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -14,6 +15,12 @@ GPU_EXTRA_HINT = "install the GPU extra: pip install 'declump[gpu-cu12]' (CUDA 1
 
 #: Gaussians are cut at this many sigmas on both backends; the chunked halo depends on it.
 GAUSSIAN_TRUNCATE = 4.0
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (what a batch scheduler such as SLURM grants, or
+    ``taskset``), not the machine's count, so threads never outnumber the cores a job was given."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 class DeclumpError(ValueError):

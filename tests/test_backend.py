@@ -171,6 +171,25 @@ def test_gpu_runs_put_one_chunked_worker_on_each_gpu():
     with pytest.raises(DeclumpError, match="--workers 3 with --device gpu"):
         engine_plan(device="gpu", workers=3, n_gpus=1)
     # The CPU engines are unchanged.
-    assert engine_plan(device="cpu") == ("threads", os.cpu_count())
+    assert engine_plan(device="cpu") == ("threads", len(os.sched_getaffinity(0)))
     assert engine_plan(device="cpu", workers=3) == ("threads", 3)
     assert engine_plan(device="cpu", cluster="local") == ("local", 2)
+
+
+def test_the_threaded_engine_takes_the_cores_a_job_was_given_not_the_machines():
+    """Under a batch scheduler (SLURM) or taskset a process may run on fewer cores than the machine has:
+    the default thread count follows its CPU affinity, so threads never outnumber its cores."""
+    import os
+
+    from gpu_pipeline.chunked.run import engine_plan
+
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    cores = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(cores)})
+        assert engine_plan(device="cpu") == ("threads", 1)
+        assert engine_plan(device="cpu", workers=3) == ("threads", 3)  # an explicit --workers stands
+    finally:
+        os.sched_setaffinity(0, cores)
+    assert engine_plan(device="cpu") == ("threads", len(cores))

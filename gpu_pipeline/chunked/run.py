@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops_for, to_host
+from gpu_pipeline._common import usable_cores
 from gpu_pipeline.chunked.components import unique_ids
 from gpu_pipeline.chunked.workspace import (Workspace, active_client, limit_malloc_arenas, nanny_malloc_config,
                                             no_hugepage_advice, return_freed_memory, save_records, worker_malloc_setup, write_blocks)
@@ -51,7 +52,7 @@ def engine_plan(*, device="cpu", cluster=None, scheduler=None, workers=None, n_g
 
     On the GPU every worker owns one device: one thread for one GPU, a
     dask-cuda ``LocalCUDACluster`` (one worker per GPU) for several, never
-    ``cpu_count`` threads or CPU worker processes sharing a device.
+    ``usable_cores()`` threads or CPU worker processes sharing a device.
     """
     if cluster and scheduler:
         raise DeclumpError("give --cluster or --scheduler, not both")
@@ -62,7 +63,7 @@ def engine_plan(*, device="cpu", cluster=None, scheduler=None, workers=None, n_g
     if device != "gpu":
         if cluster == "local-cuda":
             return "local-cuda", None
-        return ("local", workers or 2) if cluster == "local" else ("threads", workers or os.cpu_count())
+        return ("local", workers or 2) if cluster == "local" else ("threads", workers or usable_cores())
     if cluster == "local":
         raise DeclumpError("--cluster local starts CPU worker processes that would share one GPU; with --device gpu "
                            "use --cluster local-cuda (one worker per GPU) or no --cluster")
