@@ -445,7 +445,8 @@ def build_parser():
     chunked.add_argument("--scheduler", default=None,
                          help="address of a running Dask scheduler (e.g. tcp://node1:8786) to run on")
     chunked.add_argument("--workers", type=int, default=None,
-                         help="threads (default engine; default: all CPUs) or worker processes (--cluster local; default 2)")
+                         help="threads (default engine) or worker processes (--cluster local), one per core this process may use "
+                              "by default (its CPU affinity: what SLURM or taskset grants)")
     chunked.add_argument("--scratch", default=None,
                          help="folder for work in progress (default OUTPUT.work, beside the output; must be "
                               "shared by all workers)")

@@ -173,10 +173,10 @@ def test_gpu_runs_put_one_chunked_worker_on_each_gpu():
     # The CPU engines are unchanged.
     assert engine_plan(device="cpu") == ("threads", len(os.sched_getaffinity(0)))
     assert engine_plan(device="cpu", workers=3) == ("threads", 3)
-    assert engine_plan(device="cpu", cluster="local") == ("local", 2)
+    assert engine_plan(device="cpu", cluster="local") == ("local", len(os.sched_getaffinity(0)))
 
 
-def test_the_threaded_engine_takes_the_cores_a_job_was_given_not_the_machines():
+def test_local_engines_take_the_cores_a_job_was_given_not_the_machines():
     """Under a batch scheduler (SLURM) or taskset a process may run on fewer cores than the machine has:
     the default thread count follows its CPU affinity, so threads never outnumber its cores."""
     import os
@@ -189,6 +189,7 @@ def test_the_threaded_engine_takes_the_cores_a_job_was_given_not_the_machines():
     try:
         os.sched_setaffinity(0, {min(cores)})
         assert engine_plan(device="cpu") == ("threads", 1)
+        assert engine_plan(device="cpu", cluster="local") == ("local", 1)
         assert engine_plan(device="cpu", workers=3) == ("threads", 3)  # an explicit --workers stands
     finally:
         os.sched_setaffinity(0, cores)

@@ -63,7 +63,7 @@ def engine_plan(*, device="cpu", cluster=None, scheduler=None, workers=None, n_g
     if device != "gpu":
         if cluster == "local-cuda":
             return "local-cuda", None
-        return ("local", workers or 2) if cluster == "local" else ("threads", workers or usable_cores())
+        return ("local" if cluster == "local" else "threads"), workers or usable_cores()
     if cluster == "local":
         raise DeclumpError("--cluster local starts CPU worker processes that would share one GPU; with --device gpu "
                            "use --cluster local-cuda (one worker per GPU) or no --cluster")
