@@ -458,21 +458,25 @@ def label_by_value(values):
 
 
 @njit(cache=True, nogil=True)
-def _piece_stats(pieces, labels, piece_label, piece_size):  # pragma: no cover - compiled; tested through piece_stats
+def _piece_stats(pieces, labels, piece_label, piece_size, piece_first):  # pragma: no cover - compiled; tested through piece_stats
     for i in range(pieces.size):
         p = pieces[i]
         piece_label[p] = labels[i]
+        if piece_size[p] == 0:
+            piece_first[p] = i
         piece_size[p] += 1
 
 
 def piece_stats(pieces, labels):
-    """Label and size of every piece (index = piece id), one pass: see :func:`~gpu_pipeline.stages.components.piece_stats`."""
+    """Label, size and first flat index (C order) of every piece (index = piece id), one pass: see
+    :func:`~gpu_pipeline.stages.components.piece_stats`."""
     pieces, labels = np.ascontiguousarray(pieces).reshape(-1), np.ascontiguousarray(labels).reshape(-1)
     n_pieces = int(pieces.max()) if pieces.size else 0
     piece_label = np.zeros(n_pieces + 1, dtype=np.int64)
     piece_size = np.zeros(n_pieces + 1, dtype=np.int64)
-    _piece_stats(pieces, labels, piece_label, piece_size)
-    return piece_label, piece_size
+    piece_first = np.full(n_pieces + 1, pieces.size, dtype=np.int64)
+    _piece_stats(pieces, labels, piece_label, piece_size, piece_first)
+    return piece_label, piece_size, piece_first
 
 
 @njit(cache=True, nogil=True)

@@ -169,6 +169,22 @@ def test_equal_value_labels_and_int64_scatters_on_the_device(cp, rng):
     assert target.get().tolist() == [2**41, 7, 2**40, 2**36, 2**40]
 
 
+def test_piece_stats_on_the_device_equal_the_compiled_cpu_pass(cp, rng):
+    """Label, size and first voxel of every piece: the device's scatters give the CPU kernel's arrays."""
+    from skimage.measure import label as sk_label
+
+    from gpu_pipeline.stages.components import piece_stats
+
+    labels = rng.integers(0, 4, (30, 40, 35)).astype(np.int32)
+    pieces = sk_label(labels, background=0, connectivity=1).astype(np.int32)
+    pieces[pieces == 3] = 0
+    got = piece_stats(cp.asarray(pieces), cp.asarray(labels), return_first=True)
+    want = piece_stats(pieces, labels, return_first=True)
+    np.testing.assert_array_equal(got[0][1:].get(), want[0][1:])  # index 0: background, any of its values
+    for got_array, want_array in zip(got[1:], want[1:]):
+        np.testing.assert_array_equal(got_array.get(), want_array)
+
+
 @pytest.mark.parametrize("max_rounds", [1, 10])
 def test_one_piece_rounds_on_the_device_equal_numpy(cp, rng, max_rounds):
     """The device's pieces, piece pairs (array path) and host-side graph rounds give NumPy's labels and pieces."""

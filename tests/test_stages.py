@@ -254,15 +254,46 @@ def test_equal_value_label_is_skimage_label_partition_and_numbering(rng, shape, 
         np.testing.assert_array_equal(ours, sk_label(values, background=0, connectivity=1))
 
 
-def test_piece_stats_give_each_pieces_label_and_voxel_count(rng):
+@pytest.mark.parametrize("high", [50, 2**40])
+def test_count_pairs_sums_each_distinct_pair_in_order(rng, high):
+    """Distinct (a, b) pairs sorted by a then b, with their summed counts, as a Counter finds them; ids as far
+    apart as int64 allows (high=2**40: no single sort key fits, the two-key sort runs)."""
+    from collections import Counter
+
+    from gpu_pipeline.stages.components import count_pairs
+
+    a = rng.integers(0, 40, 5000) * (high // 40)
+    b = rng.integers(0, 30, 5000) * (high // 30) - high // 2
+    counts = rng.integers(1, 9, 5000)
+    want = Counter()
+    for x, y, c in zip(a.tolist(), b.tolist(), counts.tolist()):
+        want[(x, y)] += c
+    pairs = sorted(want)
+    got_a, got_b, got_counts = count_pairs(a, b, counts)
+    assert list(zip(got_a.tolist(), got_b.tolist())) == pairs
+    assert got_counts.tolist() == [want[p] for p in pairs]
+    once = count_pairs(a, b)[2]
+    assert once.tolist() == [Counter(zip(a.tolist(), b.tolist()))[p] for p in pairs]
+
+
+def test_piece_stats_give_each_pieces_label_voxel_count_and_first_voxel(rng):
     from gpu_pipeline.stages.components import piece_stats
 
     labels = rng.integers(0, 5, (20, 30, 40)).astype(np.int64) * 1000
     pieces = sk_label(labels, background=0, connectivity=1).astype(np.int32)
+    pieces[pieces == 7] = 0  # an absent id
     piece_label, piece_size = piece_stats(pieces, labels)
     np.testing.assert_array_equal(piece_size, np.bincount(pieces.ravel(), minlength=pieces.max() + 1))
-    np.testing.assert_array_equal(piece_label[pieces], labels)
+    np.testing.assert_array_equal(piece_label[pieces], np.where(pieces > 0, labels, piece_label[0]))
     assert piece_label.dtype == piece_size.dtype == np.int64
+    label_again, size_again, first = piece_stats(pieces, labels, return_first=True)
+    np.testing.assert_array_equal(label_again, piece_label)
+    np.testing.assert_array_equal(size_again, piece_size)
+    ids, where = np.unique(pieces.ravel(), return_index=True)
+    want = np.full(pieces.max() + 1, pieces.size)
+    want[ids] = where
+    np.testing.assert_array_equal(first, want)
+    assert first[7] == pieces.size and first.dtype == np.int64
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.float32, np.float64])

@@ -23,7 +23,7 @@ import numpy as np
 
 from gpu_pipeline._backend import get_array_module, ops_for, to_host
 from gpu_pipeline.chunked.workspace import chunk_starts, run_tasks
-from gpu_pipeline.stages.components import count_pairs, face_pairs_between_labels
+from gpu_pipeline.stages.components import count_pairs, face_pairs_between_labels, piece_stats
 
 
 #: Ids spanning at most this many times the array's length (plus a little) are counted, not sorted.
@@ -137,17 +137,16 @@ def _block_components(ids, values, start, shape, by_value, faces):
     index, size and value; with ``faces``, (component, touching component, shared faces) inside the block
     over faces between different values."""
     xp = get_array_module(ids)
-    flat = xp.flatnonzero(ids.ravel())
-    count = int(ids.max()) if flat.size else 0
+    # Ids are 1..count, each present: one pass gives each one's value, size and first voxel in the block's
+    # (= the volume's) C order.
+    value, size, first = piece_stats(ids, values if by_value else ids, return_first=True)
+    count = int(size.size) - 1
     out = {"count": np.int64(count)}
     if count:
-        # Ids are 1..count, each present: counted (no sort), first occurrence in the block's (= the volume's) C order.
-        _, first, size = unique_ids(ids.ravel()[flat], return_index=True, return_counts=True)
-        first = flat[first]
-        local = xp.unravel_index(first, ids.shape)
+        local = xp.unravel_index(first[1:], ids.shape)
         out["first"] = xp.ravel_multi_index(tuple(c + int(s) for c, s in zip(local, start)), shape).astype(xp.int64)
-        out["size"] = size.astype(xp.int64)
-        out["value"] = values.ravel()[first].astype(xp.int64) if by_value else xp.ones(count, dtype=xp.int64)
+        out["size"] = size[1:]
+        out["value"] = value[1:] if by_value else xp.ones(count, dtype=xp.int64)
     else:
         out.update(first=xp.zeros(0, xp.int64), size=xp.zeros(0, xp.int64), value=xp.zeros(0, xp.int64))
     if faces:
@@ -164,7 +163,7 @@ def _face_components(low, high, low_values, high_values, axis, by_value, faces):
     a, b, va, vb = low.ravel(), high.ravel(), low_values.ravel(), high_values.ravel()
     both = (a > 0) & (b > 0)
     same = both & (va == vb) if by_value else both
-    out = {"pairs": to_host(xp.unique(xp.stack([a[same], b[same]], axis=1), axis=0)) if bool(same.any())
+    out = {"pairs": to_host(xp.stack(count_pairs(a[same], b[same])[:2], axis=1)) if bool(same.any())
            else np.zeros((0, 2), dtype=np.int64)}
     if faces:
         touch = both & (va != vb)

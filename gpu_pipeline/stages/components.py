@@ -33,17 +33,24 @@ def relabel_by_first_voxel(labels):
     return mapping[labels]
 
 
-def piece_stats(pieces, labels):
-    """Label and size of every piece (index = piece id; 0 = background)."""
+def piece_stats(pieces, labels, *, return_first=False):
+    """Label and size of every piece (index = piece id; 0 = background); with ``return_first``, also the
+    flat index (C order) of each piece's first voxel (``pieces.size`` for an id that is absent)."""
     xp = get_array_module(pieces)
     if xp.__name__ == "numpy":  # one compiled pass instead of a scatter of every voxel and a bincount
         from cpu_fallback.kernels import piece_stats as compiled
 
-        return compiled(pieces, labels)
-    n_pieces = int(pieces.max())
-    piece_label = xp.zeros(n_pieces + 1, dtype=xp.int64)
-    piece_label[pieces.ravel()] = labels.ravel()
-    return piece_label, xp.bincount(pieces.ravel(), minlength=n_pieces + 1).astype(xp.int64)
+        piece_label, piece_size, first = compiled(pieces, labels)
+    else:
+        flat = pieces.ravel()
+        n_pieces = int(flat.max()) if flat.size else 0
+        piece_label = xp.zeros(n_pieces + 1, dtype=xp.int64)
+        piece_label[flat] = labels.ravel()
+        piece_size = xp.bincount(flat, minlength=n_pieces + 1).astype(xp.int64)
+        if return_first:
+            first = xp.full(n_pieces + 1, flat.size, dtype=xp.int64)
+            ops_for(pieces).scatter_min(first, flat, xp.arange(flat.size, dtype=xp.int64))
+    return (piece_label, piece_size, first) if return_first else (piece_label, piece_size)
 
 
 def stray_pieces(piece_label, piece_size):
@@ -97,7 +104,12 @@ def count_pairs(a, b, counts=None):
     if a.size == 0:
         return a.astype(xp.int64), b.astype(xp.int64), xp.zeros(0, dtype=xp.int64)
     counts = xp.ones(a.size, dtype=xp.int64) if counts is None else counts.astype(xp.int64)
-    order = xp.lexsort(xp.stack([b, a]))
+    low_a, low_b = int(a.min()), int(b.min())
+    span_a, span_b = int(a.max()) - low_a + 1, int(b.max()) - low_b + 1
+    if span_a * span_b < 2**62:  # one int64 key in (a, b) order: one sort instead of a two-key lexsort
+        order = xp.argsort((a.astype(xp.int64) - low_a) * span_b + (b.astype(xp.int64) - low_b))
+    else:
+        order = xp.lexsort(xp.stack([b, a]))
     a, b, counts = a[order], b[order], counts[order]
     start = xp.concatenate([xp.ones(1, dtype=bool), (a[1:] != a[:-1]) | (b[1:] != b[:-1])])
     index = xp.cumsum(start) - 1
