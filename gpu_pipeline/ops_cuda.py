@@ -28,8 +28,10 @@ def gaussian(image, sigma_voxels):
                                 truncate=GAUSSIAN_TRUNCATE)
 
 
-def distance_transform(mask, spacing, max_distance=None):
+def distance_transform(mask, spacing, max_distance=None, threads=None):
     """Exact Euclidean distance to the background, physical units, float32; inf without background.
+
+    ``threads`` (CPU threads of the host twin) has no meaning on the device.
 
     The separable array-module transform (any shape, 12 bytes per voxel),
     not PBA+ (cuCIM, cupyx), which pads a non-cubic volume to a cube of its

@@ -549,3 +549,28 @@ print(before - rss())
         pytest.skip("not glibc")
     assert done.returncode == 0, done.stderr
     assert float(done.stdout) > 64, done.stdout  # MiB handed back of the 128 freed
+
+
+def test_chunk_tasks_run_the_distance_transform_on_one_thread_each(monkeypatch, rng):
+    """Dask runs one task per core; a task's distance transform on every core as well would put cores^2
+    threads on them. The chunked tasks ask the transform for one thread, an in-memory run for every usable
+    core (the same labels either way)."""
+    import edt
+
+    from gpu_pipeline._common import usable_cores
+
+    asked = []
+    real = edt.edt
+
+    def recording(*args, parallel=1, **kwargs):
+        asked.append(parallel)
+        return real(*args, parallel=parallel, **kwargs)
+
+    monkeypatch.setattr(edt, "edt", recording)
+    image, _ = make_touching_particles((40, 48, 44), 25, radius_range=(5, 9), seed=int(rng.integers(1e6)))
+    expected = separate(image, max_radius=MAX_RADIUS)
+    assert asked and set(asked) == {usable_cores()}
+    asked.clear()
+    labels, _ = separate_chunked(da.from_array(image, chunks=(20, 24, 22)), max_radius=MAX_RADIUS)
+    assert labels.compute().tobytes() == expected.tobytes()
+    assert asked and set(asked) == {1}
