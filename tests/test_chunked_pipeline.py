@@ -554,10 +554,12 @@ print(before - rss())
 def test_chunk_tasks_run_the_distance_transform_on_one_thread_each(monkeypatch, rng):
     """Dask runs one task per core; a task's distance transform on every core as well would put cores^2
     threads on them. The chunked tasks ask the transform for one thread, an in-memory run for every usable
-    core (the same labels either way)."""
+    core. The chunk task's function is called here, in this process: a cluster left
+    running by another test would run the passes' tasks out of this process's sight."""
     import edt
 
     from gpu_pipeline._common import usable_cores
+    from gpu_pipeline.chunked.pipeline import _capped_distance_q
 
     asked = []
     real = edt.edt
@@ -568,9 +570,34 @@ def test_chunk_tasks_run_the_distance_transform_on_one_thread_each(monkeypatch, 
 
     monkeypatch.setattr(edt, "edt", recording)
     image, _ = make_touching_particles((40, 48, 44), 25, radius_range=(5, 9), seed=int(rng.integers(1e6)))
-    expected = separate(image, max_radius=MAX_RADIUS)
+    separate(image, max_radius=MAX_RADIUS)
     assert asked and set(asked) == {usable_cores()}
     asked.clear()
-    labels, _ = separate_chunked(da.from_array(image, chunks=(20, 24, 22)), max_radius=MAX_RADIUS)
-    assert labels.compute().tobytes() == expected.tobytes()
-    assert asked and set(asked) == {1}
+    regions = (image > image.mean()).astype(np.int32)
+    _capped_distance_q(regions, (1.0, 1.0, 1.0), MAX_RADIUS)
+    assert asked == [1]
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_sharded_staged_stores_give_the_same_labels(monkeypatch, rng, tmp_path, ndim):
+    """Staged stores hold one shard per processing block, split into inner chunks, so a block read with its
+    halo decodes only the inner chunks it touches. Small inner chunks here (the default, 64^3, exceeds these
+    test blocks): the labels still equal in-memory ones for every chunking, and each store's shards are the
+    blocks."""
+    from gpu_pipeline.chunked import workspace as ws
+
+    monkeypatch.setattr(ws, "INNER_CHUNK_VOXELS", 8 ** 3)
+    shape, spacing, n, chunkings = CASES[ndim]
+    image, _ = make_touching_particles(shape, n, radius_range=(5, 12), spacing=spacing,
+                                       seed=int(rng.integers(1e6)))
+    expected = separate(image, spacing=spacing, max_radius=MAX_RADIUS)
+    for chunks in chunkings:
+        folder = tmp_path / "x".join(map(str, chunks))
+        labels, _ = separate_chunked(da.from_array(image, chunks=chunks), spacing=spacing, max_radius=MAX_RADIUS,
+                                     workspace=Workspace(folder))
+        assert labels.compute().tobytes() == expected.tobytes(), chunks
+        for name in ("regions", "distance", "pieces"):
+            store = zarr.open_array(str(folder / f"{name}.zarr"), mode="r")
+            inner = ws.inner_chunk(chunks)
+            assert store.shards == (tuple(chunks) if inner != tuple(chunks) else None), (name, chunks)
+            assert store.chunks == inner and all(c % i == 0 for c, i in zip(chunks, inner))

@@ -49,6 +49,43 @@ def intermediate_codecs(dtype):
     return {"compressors": zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle")}
 
 
+#: Voxels of one inner chunk of a staged store's shards (64^3; 512^2 in 2D).
+INNER_CHUNK_VOXELS = 64 ** 3
+
+
+def inner_chunk(block_shape):
+    """Inner chunk shape of a staged store whose shards are the processing blocks (``block_shape``).
+
+    A pass that reads a block with its halo straight from the store then
+    decodes only the inner chunks the halo touches, not the whole of every
+    neighbouring block: an interior 256^3 block with a 17-voxel halo read
+    27 whole blocks of int32 (1.16 s on one core, 2026-12-02) and reads
+    6^3 inner chunks of 64^3 when sharded (0.11 s), for 17 ms more per block
+    written. Per axis: the largest divisor of the block's length between a
+    quarter of the target edge and the edge (64 in 3D, 512 in 2D); the whole
+    length where none is (an axis of prime length stays one inner chunk).
+    """
+    edge = round(INNER_CHUNK_VOXELS ** (1 / len(block_shape)))
+    inner = []
+    for n in block_shape:
+        n = int(n)
+        divisors = [d for d in range(min(n, edge), max(1, edge // 4) - 1, -1) if n % d == 0]
+        inner.append(n if n <= edge or not divisors else divisors[0])
+    return tuple(inner)
+
+
+def intermediate_layout(block_shape, dtype):
+    """``zarr.create_array`` arguments of a staged store written block by block: codecs
+    (:func:`intermediate_codecs`) and, for 2D/3D blocks, one shard per block with
+    :func:`inner_chunk` inner chunks (blocks must then align with the first block's shape, as they do)."""
+    block_shape = tuple(int(n) for n in block_shape)
+    inner = inner_chunk(block_shape) if len(block_shape) in (2, 3) else block_shape
+    layout = {"chunks": inner, **intermediate_codecs(dtype)}
+    if inner != block_shape:
+        layout["shards"] = block_shape
+    return layout
+
+
 def chunk_starts(chunks):
     """Start index of every chunk, per axis."""
     return [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64) for c in chunks]
@@ -357,7 +394,7 @@ class Workspace:
         measured = None
         if not (done / "complete").exists():
             written = write_blocks(build(), path, done, what=name, verbose=self.verbose,
-                                   zarr_kwargs=intermediate_codecs(dtype), measure=measure)
+                                   zarr_kwargs=intermediate_layout([c[0] for c in chunks], dtype), measure=measure)
             self.computed[name], measured = written if measure is not None else (written, None)
             (done / "complete").touch()
         array = da.from_zarr(str(path), chunks=chunks)
@@ -388,8 +425,8 @@ class Workspace:
 
         path, done = self.root / f"{name}.zarr", self.root / f"{name}.done"
         if not path.exists():
-            zarr.create_array(str(path), shape=shape, dtype=dtype, chunks=tuple(c[0] for c in chunks), fill_value=0,
-                              **intermediate_codecs(dtype))
+            zarr.create_array(str(path), shape=shape, dtype=dtype, fill_value=0,
+                              **intermediate_layout([c[0] for c in chunks], dtype))
         done.mkdir(parents=True, exist_ok=True)
         return (str(path), lambda index: str(done / ".".join(str(i) for i in index)),
                 lambda: (done / "complete").touch())
@@ -426,8 +463,8 @@ class Workspace:
             array = stored()
             return array, lambda: array
         if not path.exists():
-            zarr.create_array(str(path), shape=values.shape, dtype=dtype, chunks=tuple(c[0] for c in values.chunks),
-                              fill_value=0, **intermediate_codecs(dtype))
+            zarr.create_array(str(path), shape=values.shape, dtype=dtype, fill_value=0,
+                              **intermediate_layout([c[0] for c in values.chunks], dtype))
         done.mkdir(parents=True, exist_ok=True)
         self.computed[name] = total - sum(1 for m in done.iterdir() if m.name != "complete")
         array = values.map_blocks(_stage_block, compute, str(path), str(done), dtype=dtype)
@@ -460,8 +497,9 @@ def write_blocks(array, path, done, *, what, verbose=False, zarr_chunks=None, za
     Each block is one task that writes its region and then its marker, so
     each stored chunk is written by exactly one task and an interrupted run
     resumes where it stopped. The Zarr array is created when missing (chunks:
-    ``zarr_chunks`` or the first block's shape; blocks must align with
-    them). Returns the number of blocks computed.
+    ``zarr_chunks`` or the first block's shape, unless ``zarr_kwargs`` gives
+    ``chunks`` and ``shards``; blocks must align with them, or with the shards).
+    Returns the number of blocks computed.
 
     ``measure(block, beside_block, origin)``: computed by the same task on
     every block it writes (and, for blocks written before, on the stored
@@ -476,8 +514,8 @@ def write_blocks(array, path, done, *, what, verbose=False, zarr_chunks=None, za
     chunks = array.chunks
     zarr_chunks = tuple(zarr_chunks or (c[0] for c in chunks))
     if not path.exists():
-        zarr.create_array(str(path), shape=array.shape, dtype=array.dtype, chunks=zarr_chunks, fill_value=0,
-                          **(zarr_kwargs or {}))
+        zarr.create_array(str(path), shape=array.shape, dtype=array.dtype, fill_value=0,
+                          **{"chunks": zarr_chunks, **(zarr_kwargs or {})})
     done.mkdir(parents=True, exist_ok=True)
     starts = chunk_starts(chunks)
     blocks = array.to_delayed()
