@@ -582,22 +582,27 @@ def test_chunk_tasks_run_the_distance_transform_on_one_thread_each(monkeypatch, 
 def test_sharded_staged_stores_give_the_same_labels(monkeypatch, rng, tmp_path, ndim):
     """Staged stores hold one shard per processing block, split into inner chunks, so a block read with its
     halo decodes only the inner chunks it touches. Small inner chunks here (the default, 64^3, exceeds these
-    test blocks): the labels still equal in-memory ones for every chunking, and each store's shards are the
-    blocks."""
+    test blocks): the labels still equal in-memory ones for every chunking, the regions (read with halos) are
+    stored in one shard per block, the stores read block by block are not."""
     from gpu_pipeline.chunked import workspace as ws
 
-    monkeypatch.setattr(ws, "INNER_CHUNK_VOXELS", 8 ** 3)
+    monkeypatch.setattr(ws, "INNER_CHUNK_VOXELS", 4 ** 3)
     shape, spacing, n, chunkings = CASES[ndim]
     image, _ = make_touching_particles(shape, n, radius_range=(5, 12), spacing=spacing,
                                        seed=int(rng.integers(1e6)))
     expected = separate(image, spacing=spacing, max_radius=MAX_RADIUS)
+    sharded = 0
     for chunks in chunkings:
         folder = tmp_path / "x".join(map(str, chunks))
         labels, _ = separate_chunked(da.from_array(image, chunks=chunks), spacing=spacing, max_radius=MAX_RADIUS,
                                      workspace=Workspace(folder))
         assert labels.compute().tobytes() == expected.tobytes(), chunks
-        for name in ("regions", "distance", "pieces"):
+        regions = zarr.open_array(str(folder / "regions.zarr"), mode="r")  # read with halos: sharded
+        inner = ws.inner_chunk(chunks)
+        assert regions.shards == (tuple(chunks) if inner != tuple(chunks) else None), chunks
+        assert regions.chunks == inner and all(c % i == 0 and c // i >= 3 for c, i in zip(chunks, inner) if c != i)
+        sharded += inner != tuple(chunks)
+        for name in ("distance", "pieces"):  # read block by block: whole blocks
             store = zarr.open_array(str(folder / f"{name}.zarr"), mode="r")
-            inner = ws.inner_chunk(chunks)
-            assert store.shards == (tuple(chunks) if inner != tuple(chunks) else None), (name, chunks)
-            assert store.chunks == inner and all(c % i == 0 for c, i in zip(chunks, inner))
+            assert store.shards is None and store.chunks == tuple(chunks), (name, chunks)
+    assert sharded >= 2

@@ -199,6 +199,8 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
             raise DeclumpError("internal: the foreground changed between passes")
         return found.through(rank, np.int32)
 
-    regions = workspace.stage("regions", build, chunks=chunks, shape=source.shape, dtype=np.int32, device=device)
+    # Haloed: the distance-transform pass reads each block with its halo.
+    regions = workspace.stage("regions", build, chunks=chunks, shape=source.shape, dtype=np.int32, device=device,
+                              haloed=True)
     workspace.discard("smoothed", "components", "sides")  # scratch space: only the regions are read from here on
     return regions, int(rank.max()) if rank.size else 0, value, side
