@@ -5,7 +5,6 @@ CuPy/cuCIM; the stage code picks one set by the array type (`ops_for`).
 """
 from __future__ import annotations
 
-
 import numpy as np
 from scipy import ndimage as ndi
 

@@ -30,8 +30,8 @@ from gpu_pipeline.stages.components import count_pairs, face_pairs_between_label
 DENSE_ID_SPAN = 4
 
 
-def unique_ids(values, *, return_index=False, return_inverse=False, return_counts=False):
-    """``np.unique`` of a 1-D integer array (sorted ids; first index, inverse, counts on request).
+def unique_ids(values, *, return_inverse=False, return_counts=False):
+    """``np.unique`` of a 1-D integer array (sorted ids; inverse, counts on request).
 
     Where the ids span at most ``DENSE_ID_SPAN`` times the array's length, as
     the ids of one block of a chunked label image nearly always do (they are
@@ -39,20 +39,15 @@ def unique_ids(values, *, return_index=False, return_inverse=False, return_count
     sorting every voxel; the result is the same arrays as ``np.unique``.
     """
     xp = get_array_module(values)
-    wanted = (return_index, return_inverse, return_counts)
+    wanted = (return_inverse, return_counts)
     lo = int(values.min()) if values.size else 0
     span = int(values.max()) - lo + 1 if values.size else 0
     if values.size == 0 or span > DENSE_ID_SPAN * values.size + 1024:
-        return xp.unique(values, return_index=return_index, return_inverse=return_inverse,
-                         return_counts=return_counts)
+        return xp.unique(values, return_inverse=return_inverse, return_counts=return_counts)
     shifted = values.astype(xp.int64) - lo
     counts = xp.bincount(shifted, minlength=span)
     present = xp.flatnonzero(counts)
     out = [(present + lo).astype(values.dtype)]
-    if return_index:
-        first = xp.full(span, values.size, dtype=xp.int64)
-        ops_for(values).scatter_min(first, shifted, xp.arange(values.size, dtype=xp.int64))
-        out.append(first[present])
     if return_inverse:
         out.append((xp.cumsum(counts > 0) - 1)[shifted])
     if return_counts:
