@@ -495,15 +495,15 @@ def _stage_block(block, compute, path, done, block_info=None):
     return result
 
 
-def write_blocks(array, path, done, *, what, verbose=False, zarr_chunks=None, zarr_kwargs=None, measure=None,
+def write_blocks(array, path, done, *, what, verbose=False, zarr_kwargs=None, measure=None,
                  beside=None):
     """Write a Dask array to a Zarr array at ``path`` block by block, skipping blocks marked in ``done``.
 
     Each block is one task that writes its region and then its marker, so
     each stored chunk is written by exactly one task and an interrupted run
     resumes where it stopped. The Zarr array is created when missing (chunks:
-    ``zarr_chunks`` or the first block's shape, unless ``zarr_kwargs`` gives
-    ``chunks`` and ``shards``; blocks must align with them, or with the shards).
+    the first block's shape, unless ``zarr_kwargs`` gives ``chunks`` and
+    ``shards``; blocks must align with them, or with the shards).
     Returns the number of blocks computed.
 
     ``measure(block, beside_block, origin)``: computed by the same task on
@@ -517,10 +517,9 @@ def write_blocks(array, path, done, *, what, verbose=False, zarr_chunks=None, za
 
     path, done = Path(path), Path(done)
     chunks = array.chunks
-    zarr_chunks = tuple(zarr_chunks or (c[0] for c in chunks))
     if not path.exists():
         zarr.create_array(str(path), shape=array.shape, dtype=array.dtype, fill_value=0,
-                          **{"chunks": zarr_chunks, **(zarr_kwargs or {})})
+                          **{"chunks": tuple(c[0] for c in chunks), **(zarr_kwargs or {})})
     done.mkdir(parents=True, exist_ok=True)
     starts = chunk_starts(chunks)
     blocks = array.to_delayed()
