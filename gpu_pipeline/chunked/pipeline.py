@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_host
-from gpu_pipeline.chunked.components import components_chunked, unique_ids
+from gpu_pipeline.chunked.components import components_chunked, id_dtype, unique_ids
 from gpu_pipeline.chunked.foreground import fit_halo, regions_chunked
 from gpu_pipeline.chunked.source import halo_box
 from gpu_pipeline.chunked.workspace import Workspace, chunk_starts, run_tasks, to_device, write_block
@@ -367,11 +367,6 @@ def _split_block(regions, seeds, centres, spacing, n_regions, dtype, block_info=
     flat, chosen = _assign_block(regions, seeds, centres, spacing, _origin(block_info))
     labels.ravel()[flat] = n_regions + 1 + ops_for(regions).device_table(seeds.centre_label)[chosen]
     return labels
-
-
-def id_dtype(largest):
-    """int32 for ids up to 2^31 - 1, else int64: the staged label arrays take half the bytes in every real case."""
-    return np.dtype(np.int32) if int(largest) <= np.iinfo(np.int32).max else np.dtype(np.int64)
 
 
 def _partial_sums(regions, seeds, centres, spacing, origin):

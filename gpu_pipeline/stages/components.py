@@ -6,6 +6,8 @@ labelling itself is `ops.label_by_value`: a compiled union-find with scikit-imag
 """
 from __future__ import annotations
 
+import numpy as np
+
 from gpu_pipeline._backend import get_array_module, ops_for
 from gpu_pipeline.array_algorithms import neighbour_slices
 
@@ -157,7 +159,6 @@ def merge_touching_pieces(new_label, piece_size, piece_pairs):
     which keeps first-voxel order), and the merged pieces' label, size and
     pairs.
     """
-    import numpy as np
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -195,8 +196,6 @@ def settle_pieces(piece_label, piece_size, piece_pairs, max_rounds=10):
     them), each final piece's label (its own id where ``max_rounds`` left
     strays), and the rounds run (the voxel rounds' count of labellings).
     """
-    import numpy as np
-
     table = np.arange(piece_label.size, dtype=np.int64)
     for round_ in range(max_rounds):
         stray = stray_pieces(piece_label, piece_size)
