@@ -24,11 +24,15 @@ projected hours per TB per node of 2 and 16 cores from those rates.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing as mp
 import os
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -137,6 +141,7 @@ CHUNKED_MODES = (("in_memory", SAME_AS_CHUNKED, 1),
 MODE_TITLES = {"in_memory": "in memory (.npy output, the chunked run's options), 1 core", "chunked": "chunked, local threads, 1 worker, 1 core",
                "cluster_1": "chunked, local cluster of processes, 1 worker, 1 core",
                "cluster_2": "chunked, local cluster of processes, 2 workers, 2 cores",
+               "chunked_tmpfs": "chunked, local threads, 1 worker, 1 core, work folder (--scratch) on a RAM file system",
                "warm_1": "chunked, a running cluster (--scheduler), 1 worker process, 1 core (CPU s: the command only)",
                "warm_2": "chunked, a running cluster (--scheduler), 2 worker processes, 2 cores (CPU s: the command only)"}
 
@@ -161,7 +166,11 @@ def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
     image, _ = make_touching_particles(shape, particles, radius_range=radius, overlap=0.15, seed=seed)
     keep = sorted(os.sched_getaffinity(0))
     runs = {mode: [] for mode, _, _ in CHUNKED_MODES}
-    with tempfile.TemporaryDirectory() as tmp:
+    runs.update(chunked_tmpfs=[], pair=[])
+    shm = ram_folder(4 * int(np.prod(shape)) * 3)  # the staged float32 smoothed volume and more, with room
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        if shm is not None:
+            shm = stack.enter_context(tempfile.TemporaryDirectory(dir=shm, prefix="declump-bench-"))
         volume = Path(tmp) / "in.zarr"
         zarr.create_array(str(volume), shape=image.shape, dtype=image.dtype, chunks=chunks,
                           compressors=zarr.codecs.ZstdCodec(level=3))[...] = image
@@ -178,6 +187,18 @@ def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
                     print(f"{mode:10s} {measured['seconds']:.1f}s CPU {measured['cpu_seconds']:.1f}s peak RSS {measured['peak_rss_gib']:.2f} GiB "
                           f"workers {measured.get('worker_peak_rss_gib')} load {measured['load_before'][0]:.1f}",
                           flush=True)
+                chunked_options = ["--chunks", ",".join(map(str, chunks)), "--workers", "1"]
+                if shm is not None:
+                    # The same chunked run with its work folder in RAM: what this machine's disk adds to it.
+                    measured = _timed_run(volume, Path(tmp) / "chunked_tmpfs", "labels.zarr",
+                                          [*chunked_options, "--scratch", str(Path(shm) / "work")], {keep[0]})
+                    shutil.rmtree(Path(shm) / "work", ignore_errors=True)
+                    runs["chunked_tmpfs"].append(measured)
+                    print(f"chunked_tmpfs {measured['seconds']:.1f}s", flush=True)
+                if len(keep) >= 2:
+                    pair = _pair_runs(volume, Path(tmp) / "pair", chunked_options, keep[:2])
+                    runs["pair"].extend(pair)
+                    print("pair " + " ".join(f"{m['seconds']:.1f}s" for m in pair), flush=True)
         finally:
             os.sched_setaffinity(0, set(keep))
         if len(keep) >= 2:
@@ -185,7 +206,7 @@ def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
     voxels = int(np.prod(shape))
     out = {"shape": list(shape), "chunks": list(chunks), "params": PARAMS, "in_memory_options": SAME_AS_CHUNKED,
            "runs": runs, "modes": {}}
-    for mode, cores in [(m, c) for m, _, c in CHUNKED_MODES] + [("warm_1", 1), ("warm_2", 2)]:
+    for mode, cores in [(m, c) for m, _, c in CHUNKED_MODES] + [("chunked_tmpfs", 1), ("warm_1", 1), ("warm_2", 2)]:
         rows = runs.get(mode)
         if not rows:
             continue
@@ -209,8 +230,55 @@ def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
     out["warm_scaling_efficiency_run"] = [one["run_seconds"] / (2 * two["run_seconds"])
                                           for one, two in zip(runs.get("warm_1", []), runs.get("warm_2", []))
                                           if "run_seconds" in one and "run_seconds" in two]
+    out["chunked_tmpfs_over_in_memory"] = [c["seconds"] / m["seconds"]
+                                           for m, c in zip(runs["in_memory"], runs["chunked_tmpfs"])]
+    # Two independent one-core chunked runs at once, one per core: t_alone / t_together is the most that 1 -> 2
+    # scaling can reach on this machine (shared caches, memory bandwidth and disk, the hypervisor).
+    out["machine_ceiling"] = [alone["seconds"] / statistics.mean(r["seconds"] for r in runs["pair"][2 * i:2 * i + 2])
+                              for i, alone in enumerate(runs["chunked"][:len(runs["pair"]) // 2])]
     out["per_tb"] = per_tb(out["modes"], out["scaling_efficiency"])
     out["library"] = library_side_by_side(shape, particles, radius, seed, chunks, rounds)
+    return out
+
+
+def ram_folder(needed_bytes):
+    """``/dev/shm`` where it is a writable RAM file system with ``needed_bytes`` free, else None."""
+    shm = Path("/dev/shm")
+    try:
+        stat = os.statvfs(shm)
+    except OSError:
+        return None
+    return shm if os.access(shm, os.W_OK) and stat.f_bavail * stat.f_frsize >= needed_bytes else None
+
+
+def _pair_runs(volume, target, options, cores):
+    """Two copies of the chunked command started together, each pinned to one of ``cores`` (the first two):
+    their :func:`_cli_run` measurements (no worker sampling: the copies are single processes)."""
+    from bench.chunked import PARAMS
+
+    keep = os.sched_getaffinity(0)
+    load = os.getloadavg()
+    procs = []
+    try:
+        for i, core in enumerate(cores[:2]):
+            folder = Path(f"{target}_{i}")
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            os.sched_setaffinity(0, {core})  # the child inherits it
+            argv = [str(folder / "report.json"), "run", str(volume), str(folder / "labels.zarr"), "--quiet",
+                    "--device", "cpu", *PARAMS, *options]
+            procs.append((folder, subprocess.Popen([sys.executable, "-m", "bench.chunked", "--child", *argv],
+                                                   env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])),
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
+    finally:
+        os.sched_setaffinity(0, keep)
+    out = []
+    for folder, process in procs:
+        _, stderr = process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"the paired chunked run failed: {stderr[-1000:]}")
+        out.append({**json.loads((folder / "report.json").read_text()), "load_before": load,
+                    "load_after": os.getloadavg()})
     return out
 
 
@@ -218,8 +286,6 @@ def _timed_run(volume, target, out, options, cores):
     """``declump run VOLUME TARGET/OUT`` with bench.chunked's parameters and ``options``, in a fresh folder,
     pinned to ``cores`` (the child and its workers inherit them; the caller restores its own): what
     :func:`_cli_run` measures, with the load before and after."""
-    import shutil
-
     from bench.chunked import PARAMS
 
     shutil.rmtree(target, ignore_errors=True)
@@ -290,8 +356,6 @@ def library_side_by_side(shape, particles, radius, seed, chunks, rounds):
     temporaries stall on memory compaction and the comparison flatters the
     chunked one).
     """
-    import shutil
-
     import dask
     import dask.array as da
     import dask.threaded
@@ -427,6 +491,16 @@ def chunked_markdown(c):
                  + ", ".join(f"{x:.2f}" for x in c["chunked_over_in_memory"]) + "**, CPU **"
                  + ", ".join(f"{x:.2f}" for x in c["chunked_over_in_memory_cpu"]) + "** (per round; CPU seconds "
                  "of the process and its workers, less distorted than wall time when other jobs share the core).")
+    if c.get("chunked_tmpfs_over_in_memory"):
+        lines.append("The same with the chunked run's work folder on a RAM file system (`--scratch /dev/shm/...`; its "
+                     "staged stores, 4 bytes per voxel of smoothed volume at the most, never reach this machine's "
+                     "disk; the output still does): **"
+                     + ", ".join(f"{x:.2f}" for x in c["chunked_tmpfs_over_in_memory"]) + "** (per round).")
+    if c.get("machine_ceiling"):
+        lines.append("This machine's own ceiling for 1 -> 2 scaling: two independent one-core chunked runs started "
+                     "together, one per core, t_alone / t_together: **"
+                     + ", ".join(f"{x:.2f}" for x in c["machine_ceiling"]) + "** (per round; 1.0 on an ideal "
+                     "machine; the cores share caches, memory bandwidth, the disk and the hypervisor).")
     if c["scaling_efficiency"]:
         lines.append("Scaling 1 -> 2 workers (local cluster of processes, 1 core per worker), t1 / (2 t2): **"
                      + ", ".join(f"{x:.2f}" for x in c["scaling_efficiency"]) + "** (per round; both cores are "
