@@ -433,8 +433,9 @@ def build_parser():
     add_separation_options(run)
     chunked = run.add_argument_group("chunked runs (Zarr in, .zarr out)")
     chunked.add_argument("--chunks", type=_chunks, default=None,
-                         help="processing chunk shape 'Z,Y,X' in voxels (default: the store's chunks); each must be "
-                              "at least the halo (peak window + --max-radius)")
+                         help="processing chunk shape 'Z,Y,X' in voxels (default: the store's chunks, whole ones grouped "
+                              "until each edge has 128 voxels, 1024 in 2D); each must be at least the halo (peak "
+                              "window + --max-radius)")
     chunked.add_argument("--max-radius", type=float, default=None,
                          help="largest particle radius, physical units; sets the distance-transform halo "
                               "(default: 4 x --min-distance); deeper voxels are capped (see --neck-ratio for what "

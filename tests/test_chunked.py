@@ -112,6 +112,59 @@ def test_ome_zarr_volume_opens_lazily_with_spacing_and_channel(tmp_path, rng):
         open_volume(tmp_path / "nothing.zarr")
 
 
+@pytest.mark.parametrize("store_chunks, shape, expected", [
+    ((64, 64, 64), (256, 256, 256), (128, 128, 128)),   # small chunks grouped two by two
+    ((24, 24, 24), (48, 96, 96), (48, 96, 96)),          # an axis shorter than the target: its whole extent
+    ((100, 30, 200), (400, 400, 400), (200, 150, 200)),  # whole stored chunks, past the target where they must
+    ((200, 160, 128), (400, 400, 400), (200, 160, 128)),  # long enough already: the store's chunks
+    ((1, 512, 512), (300, 512, 512), (128, 512, 512)),   # single planes: 128 of them, 2^25 voxels
+    ((1, 2048, 2048), (100, 2048, 2048), (8, 2048, 2048)),  # ... as many as 2^25 voxels hold
+    ((64, 64), (5000, 3000), (1024, 1024)),              # 2D
+])
+def test_default_blocks_group_whole_stored_chunks(store_chunks, shape, expected):
+    from gpu_pipeline.chunked.source import default_blocks
+
+    assert default_blocks(store_chunks, shape) == expected
+
+
+def test_default_blocks_properties_on_random_layouts(rng):
+    from gpu_pipeline.chunked.source import BLOCK_EDGE, BLOCK_VOXELS, default_blocks
+
+    for _ in range(300):
+        ndim = int(rng.integers(2, 4))
+        shape = tuple(int(n) for n in rng.integers(1, 3000 if ndim == 2 else 600, ndim))
+        chunks = tuple(int(c) for c in rng.integers(1, 300, ndim))
+        block = default_blocks(chunks, shape)
+        stored = [min(c, n) for c, n in zip(chunks, shape)]
+        for b, c, n in zip(block, chunks, shape):
+            assert b == n or b % c == 0, (chunks, shape, block)  # whole stored chunks, or the whole axis
+            assert min(c, n) <= b <= n
+        if np.prod(block) > BLOCK_VOXELS:  # only where the stored chunk alone is that large
+            assert tuple(block) == tuple(stored)
+        for axis, (b, c, n) in enumerate(zip(block, chunks, shape)):
+            if b < min(BLOCK_EDGE[ndim], n):  # short of the target: one more stored chunk passes the budget
+                grown = list(block)
+                grown[axis] = min(n, b + c)
+                assert np.prod(grown) > BLOCK_VOXELS, (chunks, shape, block)
+
+
+def test_declump_run_groups_small_stored_chunks_by_default(tmp_path, rng):
+    """`declump run` without --chunks on a store of 32^3 chunks: blocks of whole chunks, 128 voxels on the
+    long axes (the short one whole), and the in-memory labels."""
+    from gpu_pipeline import separate
+    from gpu_pipeline.chunked.run import run_chunked
+
+    image, _ = make_touching_particles((64, 160, 160), 90, seed=int(rng.integers(1e6)))
+    zarr.create_array(str(tmp_path / "in.zarr"), shape=image.shape, dtype=image.dtype, chunks=(32, 32, 32))[...] = image
+    summary = run_chunked(tmp_path / "in.zarr", tmp_path / "out.zarr", max_radius=13, workers=1, verbose=False)
+    assert summary["chunks"] == [64, 128, 128]
+    labels = zarr.open_array(str(tmp_path / "out.zarr" / "particles" / "0"), mode="r")
+    assert labels.chunks == (64, 128, 128)
+    expected = separate(image, sigma=1.0, threshold="otsu", min_distance=4.0, max_hole_size=0, min_size=None,
+                        reject_annotations=False, max_radius=13)
+    assert labels[...].tobytes() == expected.tobytes()
+
+
 def test_corrupt_chunk_is_named(tmp_path, rng):
     from gpu_pipeline._backend import DeclumpError
     from gpu_pipeline.chunked.source import open_volume

@@ -121,7 +121,8 @@ def test_cli_run_writes_ome_zarr_labels_and_parquet_table(tmp_path, rng):
     image, _ = make_touching_particles((32, 64, 64), 40, spacing=spacing, seed=int(rng.integers(1e6)))
     src = _ome_zarr(tmp_path / "in.zarr", image, spacing, (16, 32, 32))
     out = tmp_path / "out.zarr"
-    assert main(["run", str(src), str(out), "--max-radius", "13", "--quiet", *CHUNKED_OPTIONS]) == 0
+    command = ["run", str(src), str(out), "--max-radius", "13", "--chunks", "16,32,32", "--quiet", *CHUNKED_OPTIONS]
+    assert main(command) == 0
     expected = separate(image, spacing=spacing, max_radius=13)
     labels = zarr.open_array(str(out / "particles" / "0"), mode="r")
     assert labels.chunks == (16, 32, 32) and labels[...].tobytes() == expected.tobytes()
@@ -149,9 +150,9 @@ def test_cli_run_writes_ome_zarr_labels_and_parquet_table(tmp_path, rng):
     scale = label_node.metadata["coordinateTransformations"][0][0]["scale"]
     assert scale == list(spacing) and np.array_equal(np.asarray(label_node.data[0]), expected)
     # The same command again: already complete, nothing recomputed; other parameters: refused.
-    assert main(["run", str(src), str(out), "--max-radius", "13", "--quiet", *CHUNKED_OPTIONS]) == 0
+    assert main(command) == 0
     with pytest.raises(DeclumpError, match="other parameters"):
-        run_chunked(src, out, max_radius=13, sigma=2.0, verbose=False)
+        run_chunked(src, out, chunks=(16, 32, 32), max_radius=13, sigma=2.0, verbose=False)
 
 
 def test_output_opens_in_napari_reader_plugin(tmp_path, rng):
@@ -160,7 +161,8 @@ def test_output_opens_in_napari_reader_plugin(tmp_path, rng):
     spacing = (2.0, 1.0, 1.0)
     image, _ = make_touching_particles((24, 48, 40), 20, spacing=spacing, seed=int(rng.integers(1e6)))
     out = tmp_path / "out.zarr"
-    run_chunked(_ome_zarr(tmp_path / "in.zarr", image, spacing, (12, 24, 20)), out, max_radius=13, verbose=False)
+    run_chunked(_ome_zarr(tmp_path / "in.zarr", image, spacing, (12, 24, 20)), out, chunks=(12, 24, 20), max_radius=13,
+                verbose=False)
     layers = napari_ome_zarr.napari_get_reader(str(out))(str(out))
     (data, kwargs, kind), = layers
     assert kind == "labels" and list(kwargs["scale"]) == list(spacing)
@@ -193,7 +195,7 @@ def test_sigkill_twice_then_rerun_gives_identical_output_with_fewer_chunks(tmp_p
     image, _ = make_touching_particles((48, 96, 96), 120, spacing=spacing, seed=int(rng.integers(1e6)))
     src = _ome_zarr(tmp_path / "in.zarr", image, spacing, (24, 24, 24))
     command = [sys.executable, "-m", "gpu_pipeline", "run", str(src), str(tmp_path / "out.zarr"), "--max-radius",
-               "13", "--workers", "1", "--quiet", *CHUNKED_OPTIONS]
+               "13", "--chunks", "24,24,24", "--workers", "1", "--quiet", *CHUNKED_OPTIONS]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     split = tmp_path / "out.zarr.work" / "pieces.done"
     first = _kill_when(subprocess.Popen(command, env=env), split, 6)
@@ -223,7 +225,8 @@ def test_a_worker_killed_midway_changes_nothing(tmp_path, rng):
 
         def run():
             try:
-                run_chunked(src, tmp_path / "out.zarr", max_radius=13, scheduler=lc.scheduler_address, verbose=False)
+                run_chunked(src, tmp_path / "out.zarr", chunks=(24, 24, 24), max_radius=13,
+                            scheduler=lc.scheduler_address, verbose=False)
             except BaseException as exc:  # reported below
                 failure.append(exc)
 
@@ -264,7 +267,7 @@ def test_bad_chunked_inputs_get_one_line_errors(tmp_path, rng):
     chunk_files = sorted(p for p in (src / "0").rglob("*") if p.is_file() and p.name != "zarr.json")
     chunk_files[-1].write_bytes(b"not a chunk")
     with pytest.raises(DeclumpError, match=r"chunk \(\d+, \d+, \d+\) of .* could not be read"):
-        run_chunked(src, tmp_path / "bad.zarr", max_radius=13, verbose=False)
+        run_chunked(src, tmp_path / "bad.zarr", chunks=(20, 32, 32), max_radius=13, verbose=False)
     assert not (tmp_path / "bad_summary.json").exists()
 
 
@@ -274,13 +277,13 @@ def test_a_task_error_on_a_cluster_stops_the_run_with_its_one_line_message(clust
     image, _ = make_touching_particles((40, 64, 64), 30, seed=int(rng.integers(1e6)))
     src = _ome_zarr(tmp_path / "in.zarr", image, (1.0, 1.0, 1.0), (20, 32, 32))
     address = cluster_client.scheduler.address
-    run_chunked(src, tmp_path / "good.zarr", max_radius=13, scheduler=address, verbose=False)
+    run_chunked(src, tmp_path / "good.zarr", chunks=(20, 32, 32), max_radius=13, scheduler=address, verbose=False)
     expected = separate(image, spacing=(1.0, 1.0, 1.0), max_radius=13)
     assert zarr.open_array(str(tmp_path / "good.zarr" / "particles" / "0"))[...].tobytes() == expected.tobytes()
     chunk_files = sorted(p for p in (src / "0").rglob("*") if p.is_file() and p.name != "zarr.json")
     chunk_files[len(chunk_files) // 2].write_bytes(b"not a chunk")
     with pytest.raises(DeclumpError, match=r"chunk \(\d+, \d+, \d+\) of .* could not be read") as info:
-        run_chunked(src, tmp_path / "bad.zarr", max_radius=13, scheduler=address, verbose=False)
+        run_chunked(src, tmp_path / "bad.zarr", chunks=(20, 32, 32), max_radius=13, scheduler=address, verbose=False)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "bad_summary.json").exists()
 
@@ -294,7 +297,7 @@ def test_a_non_finite_voxel_in_a_chunked_float_volume_is_refused(tmp_path, rng, 
     image[30, 50, 40] = bad
     src = _ome_zarr(tmp_path / "in.zarr", image, (1.0, 1.0, 1.0), (20, 32, 32))
     with pytest.raises(DeclumpError, match="NaN or inf") as info:
-        run_chunked(src, tmp_path / "out.zarr", max_radius=13, verbose=False)
+        run_chunked(src, tmp_path / "out.zarr", chunks=(20, 32, 32), max_radius=13, verbose=False)
     assert "\n" not in str(info.value) and not (tmp_path / "out_summary.json").exists()
     with pytest.raises(DeclumpError, match="NaN or inf"):
         separate_chunked(da.from_array(image, chunks=(20, 32, 32)), max_radius=13)

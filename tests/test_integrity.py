@@ -116,7 +116,7 @@ def test_input_replaced_after_a_kill_is_not_resumed(tmp_path, rng):
     image, _ = make_touching_particles((48, 96, 96), 120, spacing=spacing, seed=int(rng.integers(1e6)))
     src = _store(tmp_path / "in.zarr", image, (24, 24, 24))
     command = [sys.executable, "-m", "gpu_pipeline", "run", str(src), str(tmp_path / "out.zarr"), "--workers", "1",
-               *ARGS]
+               "--chunks", "24,24,24", *ARGS]
     _kill_when(command, tmp_path / "out.zarr.work" / "pieces.done", 4)
     # Another image of the same shape, dtype and chunking at the same path.
     other, _ = make_touching_particles(image.shape, 120, spacing=spacing, seed=int(rng.integers(1e6)))
@@ -216,12 +216,13 @@ def test_full_disk_is_one_line_and_the_rerun_resumes(small_disk, tmp_path, rng, 
     image = _image(rng, (256, 256), 120)
     src = _store(tmp_path / "in.zarr", image, (64, 64))
     out = small_disk / "out.zarr"
-    assert main(["run", str(src), str(out), *ARGS]) == 2
+    command = ["run", str(src), str(out), "--chunks", "64,64", *ARGS]  # 16 blocks, some written before the disk fills
+    assert main(command) == 2
     err = _one_error_line(capsys)
     assert "No space left on device" in err and str(small_disk) in err
     assert not (small_disk / "out_summary.json").exists() and not (out.exists() and _complete(out))
     _remount(small_disk, "size=64m")  # space freed
-    assert main(["run", str(src), str(out), *ARGS]) == 0
+    assert main(command) == 0
     summary = json.loads((small_disk / "out_summary.json").read_text())
     # Resumed: the blocks finished before the disk filled (during the first stage, the smoothing) are not redone.
     assert summary["blocks_computed"]["smoothed"] < summary["blocks_total"]["smoothed"]

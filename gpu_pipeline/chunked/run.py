@@ -274,7 +274,7 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     no_hugepage_advice()
     work = Path(scratch) if scratch else Path(f"{paths['labels']}.work")
     volume, file_spacing, volume_print = open_volume(input_path, channel=channel, timepoint=timepoint,
-                                                     chunks=chunks, missing_chunks=missing_chunks,
+                                                     chunks=chunks or "auto", missing_chunks=missing_chunks,
                                                      return_fingerprint=True, accept_bool=True)
     mask = mask_print = None
     if mask_path is not None:

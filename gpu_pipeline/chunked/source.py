@@ -8,6 +8,7 @@ as the fill value) and gives the input's fingerprint.
 from __future__ import annotations
 
 import hashlib
+import math
 import weakref
 
 import numpy as np
@@ -138,6 +139,39 @@ def fingerprint(array, files):
             "codecs": [repr(c) for c in codecs], "files": len(files), "files_sha256": digest.hexdigest()}
 
 
+#: Default processing blocks (:func:`default_blocks`): whole stored chunks grouped until each edge has this
+#: many voxels (or the volume's extent), by the volume's dimensions.
+BLOCK_EDGE = {2: 1024, 3: 128}
+#: ... while a block holds at most this many voxels (2^25: 256 MiB of float64).
+BLOCK_VOXELS = 1 << 25
+
+
+def default_blocks(store_chunks, shape):
+    """Processing block shape for a volume stored in ``store_chunks``: whole stored chunks, grouped per axis
+    until each edge reaches :data:`BLOCK_EDGE` voxels or the volume's extent, within :data:`BLOCK_VOXELS`.
+
+    Every block is read with a halo (4 voxels for the smoothing, 17 for the
+    peaks at the CLI's defaults), and a read decodes every stored chunk it
+    touches whole. In blocks of the store's own small chunks the halos cost
+    more than the cores: 256^3 stored in 64^3 chunks took 7.1 s on one core
+    in 64^3 blocks and 4.4 s in 128^3 blocks (2026-12-02). The axis with the
+    shortest edge grows first, one stored chunk at a time; chunks already as
+    long as the target are kept.
+    """
+    edge = BLOCK_EDGE[len(shape)]
+    block = [min(int(c), int(n)) for c, n in zip(store_chunks, shape)]
+    while True:
+        for axis in sorted(range(len(block)), key=lambda a: block[a]):
+            if block[axis] >= min(edge, int(shape[axis])):
+                continue
+            grown = min(int(shape[axis]), block[axis] + int(store_chunks[axis]))
+            if math.prod(block[:axis] + [grown] + block[axis + 1:]) <= BLOCK_VOXELS:
+                block[axis] = grown
+                break
+        else:
+            return tuple(block)
+
+
 def open_volume(path, *, channel=None, timepoint=None, chunks=None, missing_chunks="error",
                 return_fingerprint=False, accept_bool=False):
     """A lazy Dask array of a 2D/3D volume stored as Zarr or OME-Zarr, and its spacing.
@@ -148,8 +182,9 @@ def open_volume(path, *, channel=None, timepoint=None, chunks=None, missing_chun
         A Zarr array, or an OME-Zarr image group (level 0 is read).
     channel, timepoint : int, optional
         Pick from ``c``/``t`` axes (required when they hold more than one).
-    chunks : tuple of int, optional
-        Processing chunk shape; default: the store's chunks.
+    chunks : tuple of int or "auto", optional
+        Processing chunk shape; default: the store's chunks; ``"auto"``:
+        :func:`default_blocks` of them (what ``declump run`` uses).
     missing_chunks : "error" or "fill"
         A chunk file absent from the store (found from one listing of its
         files) raises a `DeclumpError` naming it (default); ``fill``: read
@@ -180,6 +215,8 @@ def open_volume(path, *, channel=None, timepoint=None, chunks=None, missing_chun
     files = list_stored_files(array)
     check_chunks(array, selection, path, files, missing_chunks)
     store_chunks = tuple(array.chunks[i] for i in kept)
+    if isinstance(chunks, str) and chunks == "auto":
+        chunks = default_blocks(store_chunks, shape)
     grid = da.core.normalize_chunks(chunks or store_chunks, shape)
     stored = StoredVolume(array, str(path), selection)
     volume = register_stored(da.map_blocks(_read_block, stored, dtype=array.dtype, chunks=grid,
