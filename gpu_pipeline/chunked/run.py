@@ -244,6 +244,9 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     missing chunk file; ``"fill"`` reads it as the fill value (see
     :func:`~gpu_pipeline.chunked.source.open_volume`).
 
+    ``chunks``: the processing block shape; default: the store's chunks
+    grouped by :func:`~gpu_pipeline.chunked.source.default_blocks`.
+
     ``classifier``: a pixel-classifier model file or shipped name for the
     foreground; ``probabilities_path``: a ``.zarr`` path for its probability
     map (float32, classes first), written before the summary. A boolean
