@@ -129,6 +129,33 @@ def test_input_replaced_after_a_kill_is_not_resumed(tmp_path, rng):
     assert not (tmp_path / "out_summary.json").exists()
 
 
+@pytest.mark.parametrize("killed_in", ["distance", "pieces"])
+def test_corrupt_chunk_in_the_work_folder_is_one_line(tmp_path, rng, killed_in):
+    """A run killed during a pass, then a chunk of its staged regions corrupted: the resumed run stops with
+    one line naming the chunk and the work folder and saying how to start over, whether the regions are
+    read with halos (the distance pass) or block by block (the pieces pass); --overwrite then succeeds."""
+    image, _ = make_touching_particles((48, 96, 96), 120, seed=int(rng.integers(1e6)))
+    src = _store(tmp_path / "in.zarr", image, (24, 24, 24))
+    out = tmp_path / "out.zarr"
+    command = [sys.executable, "-m", "gpu_pipeline", "run", str(src), str(out), "--workers", "1",
+               "--chunks", "24,24,24", *ARGS]
+    _kill_when(command, tmp_path / "out.zarr.work" / f"{killed_in}.done", 2)
+    chunks = sorted(p for p in (tmp_path / "out.zarr.work" / "regions.zarr" / "c").rglob("*") if p.is_file())
+    assert len(chunks) == 32
+    chunks[13].write_bytes(b"not a chunk")
+    result = subprocess.run(command, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr
+    err = result.stderr.strip()
+    where = "chunk (" + ", ".join(chunks[13].relative_to(chunks[13].parents[2]).parts) + ")"
+    assert "\n" not in err and where in err and "regions.zarr could not be read" in err, err
+    assert "work folder" in err and "--overwrite" in err, err
+    assert not (tmp_path / "out_summary.json").exists() and not (out.exists() and _complete(out))
+    assert subprocess.run(command + ["--overwrite"], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          timeout=300).returncode == 0
+    assert np.array_equal(_labels(out), separate(image, max_radius=13, **FIXED)) and _complete(out)
+
+
 def test_completed_output_removes_a_leftover_work_folder(tmp_path, rng, capsys):
     src = _store(tmp_path / "in.zarr", _image(rng, (130, 130), 30), (65, 65))
     out = tmp_path / "out.zarr"

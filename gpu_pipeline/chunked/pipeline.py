@@ -45,7 +45,7 @@ from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_ho
 from gpu_pipeline.chunked.components import components_chunked, id_dtype, unique_ids
 from gpu_pipeline.chunked.foreground import fit_halo, regions_chunked
 from gpu_pipeline.chunked.source import halo_box
-from gpu_pipeline.chunked.workspace import Workspace, chunk_starts, run_tasks, to_device, write_block
+from gpu_pipeline.chunked.workspace import Workspace, chunk_starts, read_staged, run_tasks, to_device, write_block
 from gpu_pipeline.pipeline import NoParticlesError, cap_distance, validate_spacing
 from gpu_pipeline.stages.components import settle_pieces
 from gpu_pipeline.stages.kmeans import batched_kmeans
@@ -133,18 +133,6 @@ def distance_dtype(max_radius, spacing):
     return np.dtype(np.uint16) if int(cap_q[0]) <= np.iinfo(np.uint16).max else np.dtype(np.int32)
 
 
-def _read_extended(store, region, device):
-    """A chunk with its halo, read straight from a staged Zarr store (only this block's bytes)."""
-    import zarr
-
-    block = zarr.open_array(str(store), mode="r")[region]
-    if device == "gpu":
-        import cupy
-
-        block = cupy.asarray(block)
-    return block
-
-
 def _extended_blocks(regions, depth, store, device):
     """Per chunk: (index, origin, core shape, halo width on the low side, delayed chunk with its halo).
 
@@ -166,7 +154,7 @@ def _extended_blocks(regions, depth, store, device):
             extended = blocks[index]
         else:
             box, left = halo_box(origin, [o + c for o, c in zip(origin, core_shape)], depth, regions.shape)
-            extended = delayed(_read_extended)(store, box, device)
+            extended = delayed(read_staged)(store, box, device)
         yield index, origin, core_shape, left, extended
 
 
@@ -221,7 +209,7 @@ def _block_neck_minima(extended, origin, left, core_shape, spacing, max_radius, 
 def _stored_neck_minima(store, origin, core_shape, starts, ends, device):
     """:func:`_block_neck_minima` from the distance map the peak pass staged (no distance transform)."""
     region = tuple(slice(int(o), int(o) + int(n)) for o, n in zip(origin, core_shape))
-    distance_q = _read_extended(store, region, device)
+    distance_q = read_staged(store, region, device)
     return _segment_minima_in(distance_q, origin, [0] * len(origin), core_shape, starts, ends)
 
 

@@ -18,16 +18,19 @@ from gpu_pipeline.io import check_chunks, list_stored_files, open_zarr
 
 
 class StoredVolume:
-    """Where a volume opened by :func:`open_volume` lies on disk: reads any box of it from its Zarr array.
+    """Where a volume lies on disk (the input of :func:`open_volume`, or a staged store of a run's work
+    folder): reads any box of it from its Zarr array.
 
     The Dask array of that volume is one task per block, each reading its
     block; with this, a task can read its block together with a halo
     straight from the store (:func:`read_haloed`), instead of Dask cutting
-    the halo out of the neighbouring blocks in many small tasks.
+    the halo out of the neighbouring blocks in many small tasks. ``damaged``:
+    what the one-line error of an undecodable chunk says after naming it.
     """
 
-    def __init__(self, array, path, selection, device=None):
+    def __init__(self, array, path, selection, device=None, damaged="the store is corrupt there"):
         self.array, self.path, self.selection, self.device = array, path, selection, device
+        self.damaged = damaged
 
     def __dask_tokenize__(self):
         return ("StoredVolume", self.path, repr(self.selection), self.device, tuple(self.array.shape),
@@ -35,7 +38,7 @@ class StoredVolume:
 
     def on(self, device):
         """The same store, its boxes read onto ``device`` ('gpu': CuPy arrays)."""
-        return StoredVolume(self.array, self.path, self.selection, device)
+        return StoredVolume(self.array, self.path, self.selection, device, self.damaged)
 
     def read(self, box):
         """The voxels of ``box`` (slices over the volume's axes): a NumPy array (CuPy on the GPU).
@@ -48,7 +51,7 @@ class StoredVolume:
         except Exception as exc:
             where, exc = self._failing_chunk(stored, exc)
             raise DeclumpError(f"{where} of {self.path} could not be read ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); the store is corrupt there")
+                               f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); {self.damaged}")
         if self.device == "gpu":
             import cupy
 
@@ -89,6 +92,16 @@ def register_stored(array, stored):
 
 def _read_block(stored, block_info=None):
     return stored.read(tuple(slice(lo, hi) for lo, hi in block_info[None]["array-location"]))
+
+
+def blockwise_reads(stored, shape, dtype, chunks):
+    """A lazy Dask array of ``shape`` whose every block is ``stored.read`` of its box (one task per block),
+    registered for :func:`stored_volume`."""
+    import dask.array as da
+
+    grid = da.core.normalize_chunks(chunks, shape)
+    return register_stored(da.map_blocks(_read_block, stored, dtype=dtype, chunks=grid,
+                                         meta=np.empty((0,) * len(shape), dtype=dtype)), stored)
 
 
 def halo_box(start, stop, depth, shape):
@@ -202,8 +215,6 @@ def open_volume(path, *, channel=None, timepoint=None, chunks=None, missing_chun
     spacing : list of float or None
     fingerprint : dict, only with ``return_fingerprint``
     """
-    import dask.array as da
-
     array, selection, spacing = open_zarr(path, channel=channel, timepoint=timepoint)
     kept = [i for i, item in enumerate(selection) if isinstance(item, slice)]
     shape = tuple(array.shape[i] for i in kept)
@@ -217,10 +228,7 @@ def open_volume(path, *, channel=None, timepoint=None, chunks=None, missing_chun
     store_chunks = tuple(array.chunks[i] for i in kept)
     if isinstance(chunks, str) and chunks == "auto":
         chunks = default_blocks(store_chunks, shape)
-    grid = da.core.normalize_chunks(chunks or store_chunks, shape)
-    stored = StoredVolume(array, str(path), selection)
-    volume = register_stored(da.map_blocks(_read_block, stored, dtype=array.dtype, chunks=grid,
-                                           meta=np.empty((0,) * len(shape), dtype=array.dtype)), stored)
+    volume = blockwise_reads(StoredVolume(array, str(path), selection), shape, array.dtype, chunks or store_chunks)
     if return_fingerprint:
         return volume, spacing, fingerprint(array, files)
     return volume, spacing

@@ -388,8 +388,6 @@ class Workspace:
         """
         if self.root is None:
             return build() if measure is None else (build(), None)
-        import dask.array as da
-
         path = self.root / f"{name}.zarr"
         done = self.root / f"{name}.done"
         total = int(np.prod([len(c) for c in chunks]))
@@ -402,7 +400,7 @@ class Workspace:
                                    measure=measure)
             self.computed[name], measured = written if measure is not None else (written, None)
             (done / "complete").touch()
-        array = da.from_zarr(str(path), chunks=chunks)
+        array = staged_array(path, chunks)
         if tuple(array.shape) != tuple(shape) or np.dtype(array.dtype) != np.dtype(dtype):
             raise DeclumpError(f"the staged {name} in {self.root} does not match this run; delete that folder "
                                "or run with --overwrite")
@@ -449,7 +447,6 @@ class Workspace:
         if self.root is None or name is None:
             array = values.map_blocks(compute, dtype=dtype)
             return array, lambda: array
-        import dask.array as da
         import zarr
 
         path, done = self.root / f"{name}.zarr", self.root / f"{name}.done"
@@ -457,7 +454,7 @@ class Workspace:
         self.totals[name] = total
 
         def stored():
-            array = da.from_zarr(str(path), chunks=values.chunks)
+            array = staged_array(path, values.chunks)
             if tuple(array.shape) != tuple(values.shape) or np.dtype(array.dtype) != np.dtype(dtype):
                 raise DeclumpError(f"the staged {name} in {self.root} does not match this run; delete that folder "
                                    "or run with --overwrite")
@@ -483,13 +480,11 @@ class Workspace:
 
 def _stage_block(block, compute, path, done, block_info=None):
     """One block of :meth:`Workspace.stage_in_pass`: read back if marked done, else computed, written, marked."""
-    import zarr
-
     info = block_info[0]
     region = tuple(slice(lo, hi) for lo, hi in info["array-location"])
     marker = Path(done) / ".".join(str(i) for i in info["chunk-location"])
     if marker.exists():
-        return get_array_module(block).asarray(zarr.open_array(path, mode="r")[region])
+        return get_array_module(block).asarray(read_staged(path, region))
     result = compute(block)
     write_block(result, path, region, str(marker))
     return result
@@ -552,9 +547,34 @@ def _write_and_measure(block, path, region, marker, beside, origin, measure):
 
 
 def _measure_stored(path, region, beside, origin, measure):
+    return measure(read_staged(path, region), beside, origin)
+
+
+def _staged_volume(path, device=None):
+    """The :class:`~gpu_pipeline.chunked.source.StoredVolume` of a staged store: an undecodable chunk's
+    one-line error names it and says how to start over."""
     import zarr
 
-    return measure(zarr.open_array(path, mode="r")[region], beside, origin)
+    from gpu_pipeline.chunked.source import StoredVolume
+
+    array = zarr.open_array(str(path), mode="r")
+    return StoredVolume(array, str(path), (slice(None),) * array.ndim, device,
+                        damaged=f"the work folder {Path(path).parent} is damaged there; run again with --overwrite "
+                                "to start over")
+
+
+def read_staged(path, box, device=None):
+    """The voxels of ``box`` of the staged store at ``path`` (CuPy with ``device='gpu'``)."""
+    return _staged_volume(path, device).read(box)
+
+
+def staged_array(path, chunks):
+    """The staged store at ``path`` as a lazy Dask array in ``chunks``, one read per block (see
+    :func:`read_staged`)."""
+    from gpu_pipeline.chunked.source import blockwise_reads
+
+    stored = _staged_volume(path)
+    return blockwise_reads(stored, stored.array.shape, stored.array.dtype, chunks)
 
 
 def to_device(array, device):
