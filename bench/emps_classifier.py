@@ -294,8 +294,7 @@ def image_grid(path, n=3):
 
 def main(argv=None):
     from bench.compare_methods import pool_scores
-    from gpu_pipeline.classifier import classes_from_instances, load_classifier, train_classifier
-    from gpu_pipeline.metrics import evaluate
+    from gpu_pipeline.classifier import classes_from_instances, load_classifier
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images (quick check)")
