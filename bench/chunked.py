@@ -66,6 +66,19 @@ def make_volume(path, shape, chunks, seed=0):
     return path
 
 
+def run_argv(volume, out, options=()):
+    """``declump run`` arguments of a measured run: :data:`PARAMS`, then ``options``."""
+    return ["run", str(volume), str(out), "--quiet", "--device", "cpu", *PARAMS, *options]
+
+
+def start_child(argv, env=None):
+    """``python -m bench.chunked --child ARGV`` started (not waited for): its ``Popen``, stderr piped.
+    ``env``: default this environment with this checkout first on the path."""
+    return subprocess.Popen([sys.executable, "-m", "bench.chunked", "--child", *argv],
+                            env=env or dict(os.environ, PYTHONPATH=str(HERE.parent)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
 def run_child(argv, env=None, interval=0.2):
     """``python -m bench.chunked --child ARGV`` (the CLI in a fresh process, which reports its own peak) while
     this process samples the resident memory of the processes it starts (Dask worker processes).
@@ -76,8 +89,7 @@ def run_child(argv, env=None, interval=0.2):
     """
     import psutil
 
-    process = subprocess.Popen([sys.executable, "-m", "bench.chunked", "--child", *argv], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = start_child(argv, env)
     peaks = {}
     stderr = []
     reader = threading.Thread(target=lambda: stderr.append(process.stderr.read()), daemon=True)
@@ -128,14 +140,12 @@ def run_declump(volume, out_dir, *, chunks=None, workers=None, extra=()):
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     report = out_dir / "report.json"
-    argv = [str(report), "run", str(volume), str(out_dir / "labels.zarr"), "--quiet", "--device", "cpu", *PARAMS,
-            *extra]
+    argv = [str(report), *run_argv(volume, out_dir / "labels.zarr", extra)]
     if chunks:
         argv += ["--chunks", ",".join(str(c) for c in chunks)]
     if workers:
         argv += ["--workers", str(workers)]
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
-    returncode, stderr, _ = run_child(argv, env=env)
+    returncode, stderr, _ = run_child(argv)
     if returncode != 0:
         raise RuntimeError(f"declump run failed: {stderr[-2000:]}")
     measured = json.loads(report.read_text())

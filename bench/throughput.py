@@ -31,8 +31,6 @@ import multiprocessing as mp
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -122,8 +120,7 @@ def _cli_run(argv, out_dir):
     from bench.chunked import run_child
 
     report = Path(out_dir) / "report.json"
-    returncode, stderr, workers = run_child([str(report), *argv],
-                                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
+    returncode, stderr, workers = run_child([str(report), *argv])
     if returncode != 0:
         raise RuntimeError(f"declump {' '.join(argv)} failed: {stderr[-1000:]}")
     return {**json.loads(report.read_text()), "worker_peak_rss_gib": workers}
@@ -254,7 +251,7 @@ def ram_folder(needed_bytes):
 def _pair_runs(volume, target, options, cores):
     """Two copies of the chunked command started together, each pinned to one of ``cores`` (the first two):
     their :func:`_cli_run` measurements (no worker sampling: the copies are single processes)."""
-    from bench.chunked import PARAMS
+    from bench.chunked import run_argv, start_child
 
     keep = os.sched_getaffinity(0)
     load = os.getloadavg()
@@ -265,11 +262,8 @@ def _pair_runs(volume, target, options, cores):
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
             os.sched_setaffinity(0, {core})  # the child inherits it
-            argv = [str(folder / "report.json"), "run", str(volume), str(folder / "labels.zarr"), "--quiet",
-                    "--device", "cpu", *PARAMS, *options]
-            procs.append((folder, subprocess.Popen([sys.executable, "-m", "bench.chunked", "--child", *argv],
-                                                   env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])),
-                                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
+            procs.append((folder, start_child([str(folder / "report.json"),
+                                               *run_argv(volume, folder / "labels.zarr", options)])))
     finally:
         os.sched_setaffinity(0, keep)
     out = []
@@ -286,14 +280,13 @@ def _timed_run(volume, target, out, options, cores):
     """``declump run VOLUME TARGET/OUT`` with bench.chunked's parameters and ``options``, in a fresh folder,
     pinned to ``cores`` (the child and its workers inherit them; the caller restores its own): what
     :func:`_cli_run` measures, with the load before and after."""
-    from bench.chunked import PARAMS
+    from bench.chunked import run_argv
 
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir()
     os.sched_setaffinity(0, cores)
     load = os.getloadavg()
-    measured = _cli_run(["run", str(volume), str(target / out), "--quiet", "--device", "cpu", *PARAMS, *options],
-                        target)
+    measured = _cli_run(run_argv(volume, target / out, options), target)
     summary = target / f"{Path(out).stem}_summary.json"
     if Path(out).suffix == ".zarr" and summary.exists():  # the chunked run's own seconds, imports and opening aside
         measured["run_seconds"] = json.loads(summary.read_text())["seconds"]
