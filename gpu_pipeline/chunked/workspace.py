@@ -551,16 +551,17 @@ def _measure_stored(path, region, beside, origin, measure):
 
 
 def _staged_volume(path, device=None):
-    """The :class:`~gpu_pipeline.chunked.source.StoredVolume` of a staged store: an undecodable chunk's
-    one-line error names it and says how to start over."""
+    """The :class:`~gpu_pipeline.chunked.source.StoredVolume` of a store this run wrote (a staged store of
+    its work folder, or its output, re-read on resuming): an undecodable chunk's one-line error names it and
+    says how to start over."""
     import zarr
 
     from gpu_pipeline.chunked.source import StoredVolume
 
     array = zarr.open_array(str(path), mode="r")
     return StoredVolume(array, str(path), (slice(None),) * array.ndim, device,
-                        damaged=f"the work folder {Path(path).parent} is damaged there; run again with --overwrite "
-                                "to start over")
+                        damaged="this unfinished run's work folder or output is damaged there; run again with "
+                                "--overwrite to start over")
 
 
 def read_staged(path, box, device=None):
