@@ -151,6 +151,30 @@ def test_chunked_histogram_thresholds_equal_in_memory(rng):
         assert histogram_thresholds_chunked(da.from_array(image, chunks=chunks)) == expected
 
 
+def test_chunked_histogram_histograms_each_block_once_and_nothing_else(rng, monkeypatch):
+    """Only the tasks histogram: building the graph histograms nothing (a cluster's client then never loads
+    the compiled histogram), and the counts are the in-memory ones."""
+    da = pytest.importorskip("dask.array")
+    import dask
+
+    import gpu_pipeline.chunked.histogram as chunked_histogram
+
+    image = rng.gamma(2.0, 20.0, (20, 33, 41)).astype(np.float32)
+    seen = []
+
+    def counting(block, bins=None):
+        seen.append(block.shape)
+        return intensity_histogram(block, bins)
+
+    monkeypatch.setattr(chunked_histogram, "intensity_histogram", counting)
+    array = da.from_array(image, chunks=(7, 11, 13))
+    with dask.config.set(scheduler="sync"):
+        counts, bins = chunked_histogram.histogram_chunked(array, (float(image.min()), float(image.max())))
+    assert sorted(seen) == sorted(tuple(int(c[i]) for c, i in zip(array.chunks, index))
+                                  for index in np.ndindex(*array.numblocks))
+    assert np.array_equal(counts, intensity_histogram(image)[0])
+
+
 def test_chunked_li_run_equals_in_memory(tmp_path, rng):
     da = pytest.importorskip("dask.array")
     from gpu_pipeline.chunked.pipeline import separate_chunked
