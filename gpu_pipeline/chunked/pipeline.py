@@ -52,7 +52,7 @@ from gpu_pipeline.stages.kmeans import batched_kmeans
 from gpu_pipeline.stages.peaks import (join_peaks, local_maxima, quantize_distance, segment_points,
                                        space_candidates, window_half_widths)
 from gpu_pipeline.stages.split import (KMeansSeeds, assign_compiled, block_candidates, candidate_selections,
-                                      kmeans_seeds)
+                                      kmeans_seeds, selection_passes)
 
 #: Default ``max_radius``: this many times ``min_distance``.
 MAX_RADIUS_FACTOR = 4.0
@@ -336,12 +336,10 @@ def _assign_block_compiled(regions, seeds, centres, spacing, origin):
                                             spacing=spacing)
     highest = np.asarray([int(o) for o in origin]) + np.asarray(regions.shape) - 1
     choice = np.empty(regions.shape, dtype=np.int64)
-    for selection in (near, of_present):
-        if selection.size == 0:  # none of the block's regions has a centroid near it
-            continue
+    for selection, listed in selection_passes(near, of_present):
         n_fallback = assign_compiled(regions, seeds, selection, centres, selection.astype(np.int64), choice,
-                                     spacing=spacing, origin=origin, highest=highest)
-        if n_fallback == 0 or selection.size == of_present.size:
+                                     spacing=spacing, origin=origin, highest=highest, listed=listed)
+        if n_fallback == 0:
             break
     return flat, choice.ravel()[flat]
 
