@@ -75,17 +75,22 @@ def _local_candidates_reference(coords, voxel_region, centres, centre_region, *,
     return result
 
 
+def _random_candidate_case(rng, ndim, *, density, n_centres, margin_range):
+    """Voxels (a 40-voxel cube or square at ``density``) and centroids in three regions, and a margin."""
+    coords = np.stack(np.nonzero(rng.random((40,) * ndim) < density), axis=1).astype(np.int64)
+    voxel_region = rng.integers(1, 4, len(coords))
+    centres = rng.integers(0, 40, (n_centres, ndim)).astype(np.float64)
+    centre_region = np.sort(rng.integers(1, 4, n_centres))
+    return coords, voxel_region, centres, centre_region, float(rng.uniform(*margin_range))
+
+
 @pytest.mark.parametrize("ndim,spacing", [(2, (1.0, 1.0)), (3, (2.0, 1.0, 1.5))])
 def test_local_candidates_equal_the_per_offset_loop(rng, ndim, spacing, monkeypatch):
     from cpu_fallback import kernels
     from gpu_pipeline.stages import split
 
-    shape = (40,) * ndim
-    coords = np.stack(np.nonzero(rng.random(shape) < 0.05), axis=1).astype(np.int64)
-    voxel_region = rng.integers(1, 4, len(coords))
-    centres = rng.integers(0, 40, (30, ndim)).astype(np.float64)
-    centre_region = np.sort(rng.integers(1, 4, 30))
-    margin = float(rng.uniform(3, 12))
+    coords, voxel_region, centres, centre_region, margin = _random_candidate_case(
+        rng, ndim, density=0.05, n_centres=30, margin_range=(3, 12))
     groups, offsets, ids, n_fallback = local_candidates(coords, voxel_region, centres, centre_region,
                                                         spacing=spacing, margin=margin)
     ours = [ids[offsets[g]:offsets[g + 1]].tolist() for g in groups]
@@ -102,14 +107,11 @@ def test_local_candidates_equal_the_per_offset_loop(rng, ndim, spacing, monkeypa
 def test_lists_from_the_near_centroids_are_the_full_lists_inside_the_box(rng, ndim, spacing):
     """``listed``: only the centroids near a box get per-block lists; inside the box every voxel's list is still
     the one from all centroids (the brute-force reference), fallbacks included."""
-    shape = (40,) * ndim
-    coords = np.stack(np.nonzero(rng.random(shape) < 0.05), axis=1).astype(np.int64)
-    voxel_region = rng.integers(1, 4, len(coords))
-    centres = rng.integers(0, 40, (60, ndim)).astype(np.float64)
-    centre_region = np.sort(rng.integers(1, 4, 60))
-    margin = float(rng.uniform(3, 8))
-    low = rng.integers(0, 20, ndim)
-    high = low + rng.integers(5, 20, ndim)
+    coords, voxel_region, centres, centre_region, margin = _random_candidate_case(
+        rng, ndim, density=0.2, n_centres=200, margin_range=(3, 8))
+    # A box of 8-13 voxels an edge inside the volume: its near centroids are some, never all, of the 200.
+    low = rng.integers(8, 18, ndim)
+    high = low + rng.integers(7, 13, ndim)
     block = np.asarray([max(1, int(math.ceil(margin / BLOCK_DIVISOR / float(s)))) for s in spacing])
     gap = np.maximum(np.maximum((low - block) - centres, centres - (high + block)), 0) * np.asarray(spacing)
     listed = (gap * gap).sum(axis=1) <= margin * margin
