@@ -35,7 +35,8 @@ from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops
 from gpu_pipeline._common import usable_cores
 from gpu_pipeline.chunked.components import unique_ids
 from gpu_pipeline.chunked.workspace import (Workspace, active_client, limit_malloc_arenas, nanny_malloc_config,
-                                            no_hugepage_advice, return_freed_memory, save_records, worker_malloc_setup, write_blocks)
+                                            no_hugepage_advice, return_freed_memory, save_records, staged_array,
+                                            worker_malloc_setup, write_blocks)
 from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, boolean_input_as_mask, check_foreground_options, disk_error,
                              write_ngff_label_metadata)
 from gpu_pipeline.measure import table_from_sums
@@ -392,9 +393,7 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
                                        beside=volume)
         details.blocks_computed["output"] = computed
         details.blocks_total["output"] = int(np.prod(labels.numblocks))
-        import dask.array as da
-
-        stored = da.from_zarr(str(target), chunks=labels.chunks)
+        stored = staged_array(target, labels.chunks)
         table = table_from_parts(parts, labels.ndim, spacing, n_particles, volume is not None)
         middle = volume.shape[0] // 2 if volume.ndim == 3 else slice(None)
         planes = np.asarray(volume[middle]), np.asarray(stored[middle])  # read on this run's engine
