@@ -115,6 +115,48 @@ def test_chunked_polarity_equals_in_memory_on_crowded_particles(rng, tmp_path):
             assert (threshold, side) == (t, choose_polarity(smoothed, t, "auto")) == (t, polarity)
 
 
+@pytest.mark.parametrize("shape, chunkings", [((37, 41), [(37, 41), (10, 41), (13, 7)]),
+                                               ((9, 23, 17), [(9, 23, 17), (4, 23, 6), (9, 5, 17)]),
+                                               ((1, 30, 20), [(1, 7, 20), (1, 30, 6)])])
+def test_chunked_polarity_statistics_come_exactly_from_the_sides_pass(rng, shape, chunkings):
+    """The fraction above the threshold and on the border (every face counted on its own, a one-layer axis's
+    twice) that the pass labelling both sides counts equal the in-memory ones, for any chunking."""
+    da = pytest.importorskip("dask.array")
+    from gpu_pipeline.chunked.foreground import ABOVE, polarity_statistics, side_components_chunked
+
+    image = rng.random(shape).astype(np.float32)
+    image[tuple(rng.integers(0, n) for n in shape)] = np.nan  # NaN is below any threshold, in both
+    t = float(rng.uniform(0.2, 0.8))
+    expected = (float((image > t).mean()), border_fraction_above(image, t))
+    for chunks in chunkings:
+        found = side_components_chunked(da.from_array(image, chunks=chunks) > t, border_value=ABOVE)
+        assert polarity_statistics(found) == expected, chunks
+
+
+@pytest.mark.parametrize("polarity", ["dark", "bright"])
+def test_chunked_polarity_needs_no_pass_of_its_own(rng, tmp_path, polarity):
+    """At Otsu's threshold the chunked polarity comes from the pass that labels both sides, which also gives
+    the foreground's components: the smoothed volume is read by the histogram and that pass, no labelling of
+    the foreground of its own, whichever evidence decides; the pick is the in-memory one."""
+    da = pytest.importorskip("dask.array")
+    from cpu_fallback import ops
+    from gpu_pipeline.chunked.foreground import regions_chunked
+    from gpu_pipeline.chunked.workspace import Workspace
+
+    yy, xx = np.mgrid[:90, :100]
+    centres = [(y, x) for y in range(17, 80, 15) for x in range(17, 90, 15)]  # a field of disks, a clear frame
+    disks = np.any([(yy - y) ** 2 + (xx - x) ** 2 <= 8 ** 2 for y, x in centres], axis=0)
+    image = ((disks if polarity == "bright" else ~disks) * 100 + rng.normal(0, 10, disks.shape)).astype(np.float32)
+    smoothed = ops.gaussian(image, (1.0, 1.0))
+    t = otsu_threshold(smoothed)
+    assert abs((smoothed > t).mean() - border_fraction_above(smoothed, t)) > 1 / 3  # the border decides alone
+    workspace = Workspace(tmp_path / polarity)
+    _, _, threshold, side = regions_chunked(da.from_array(image, chunks=(30, 45)), spacing=(1.0, 1.0), sigma=1.0,
+                                            workspace=workspace)
+    assert (threshold, side) == (t, choose_polarity(smoothed, t, "auto")) == (t, polarity)
+    assert sorted(workspace.computed) == ["regions", "sides", "smoothed"]
+
+
 def particles_lining_the_frame(rng, shape=(240, 260), pitch=40, radius=11):
     """Bright particles cut in half by all four edges of the frame, a few whole ones inside, on a dark film."""
     yy, xx = np.mgrid[:shape[0], :shape[1]]

@@ -127,10 +127,24 @@ def summarize_blocks(ids, values, *, per_block=None, per_face=None, with_blocks=
     return (block_results, face_results, face_blocks) if with_blocks else (block_results, face_results)
 
 
-def _block_components(ids, values, start, shape, by_value, faces):
+def _border_count(values, start, shape, value):
+    """Voxels of one block (at ``start``) equal to ``value`` on the outer faces of the volume (``shape``)
+    that the block lies on, each face counted on its own as
+    :func:`~gpu_pipeline.stages.threshold.border_count_above` counts them."""
+    xp = get_array_module(values)
+    count = 0
+    for axis in range(values.ndim):
+        for index, on_face in ((0, start[axis] == 0), (-1, start[axis] + values.shape[axis] == shape[axis])):
+            if on_face:
+                count += int((xp.take(values, index, axis=axis) == value).sum())
+    return count
+
+
+def _block_components(ids, values, start, shape, by_value, faces, border_value=None):
     """One block's own components ``ids`` (1..count): count, and per component its first global flat
     index, size and value; with ``faces``, (component, touching component, shared faces) inside the block
-    over faces between different values."""
+    over faces between different values; with ``border_value``, its voxels of that value on the volume's
+    outer faces (:func:`_border_count`)."""
     xp = get_array_module(ids)
     # Ids are 1..count, each present: one pass gives each one's value, size and first voxel in the block's
     # (= the volume's) C order.
@@ -147,6 +161,8 @@ def _block_components(ids, values, start, shape, by_value, faces):
     if faces:
         out["faces"] = face_pairs_between_labels(ids, values, other=ids) if count else tuple(
             xp.zeros(0, xp.int64) for _ in range(3))
+    if border_value is not None:
+        out["border"] = np.int64(_border_count(values, start, shape, border_value))
     return {key: (tuple(to_host(a) for a in value) if isinstance(value, tuple) else to_host(value))
             for key, value in out.items()}
 
@@ -177,7 +193,9 @@ class Components:
     (1 for a mask) and voxel count; ``piece_pairs``: (component, touching
     component, shared faces) over faces between different non-zero values,
     both directions, as ``face_pairs_between_labels(components, array,
-    other=components)`` of the whole array (with ``faces=True``).
+    other=components)`` of the whole array (with ``faces=True``);
+    ``border_count``: the array's voxels equal to ``border_value`` on its
+    outer faces, each face counted (with ``border_value``).
     """
 
     labels: object
@@ -190,6 +208,7 @@ class Components:
     lookup: np.ndarray = None
 
     counts: np.ndarray = None
+    border_count: int | None = None
 
     def of_value(self, value):
         """The components of one ``value`` alone, numbered 1..m in the same first-voxel order: the components
@@ -239,7 +258,7 @@ def _through_tables(local, offsets, counts, lookup, table, dtype):
 
 
 def components_chunked(values, *, by_value=False, faces=False, workspace=None, name=None, device=None,
-                       verbose=False):
+                       verbose=False, border_value=None):
     """Face-connected components of a chunked mask (or of equal values, ``by_value``): a :class:`Components`.
 
     One pass: each task labels its block, stages the block's own ids in
@@ -249,6 +268,8 @@ def components_chunked(values, *, by_value=False, faces=False, workspace=None, n
     chunk face merges the slabs. Ids are merged on a small sparse graph and
     numbered by first voxel, as ``scipy.ndimage.label`` (or
     ``skimage.measure.label(labels, connectivity=1)``) numbers them: byte-identical.
+    ``border_value``: the same tasks also count the voxels of that value on
+    the array's outer faces (:attr:`Components.border_count`).
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -258,7 +279,7 @@ def components_chunked(values, *, by_value=False, faces=False, workspace=None, n
     workspace = workspace if workspace is not None else Workspace(None)
     local, restage = workspace.stage_in_pass(name, values, functools.partial(_local_labels, by_value=by_value),
                                              dtype=np.int32, device=device)
-    per_block = functools.partial(_block_components, by_value=by_value, faces=faces)
+    per_block = functools.partial(_block_components, by_value=by_value, faces=faces, border_value=border_value)
     per_face = functools.partial(_face_components, by_value=by_value, faces=faces)
     block_tasks, face_tasks, face_blocks = summarize_blocks(local, values, per_block=per_block, per_face=per_face,
                                                             with_blocks=True)
@@ -311,7 +332,8 @@ def components_chunked(values, *, by_value=False, faces=False, workspace=None, n
                 parts.append((lookup[offsets[linear[mine]] + a], lookup[offsets[linear[theirs]] + b], c))
         piece_pairs = count_pairs(*(np.concatenate([p[i] for p in parts]).astype(np.int64) for i in range(3)))
     found = Components(labels=local, n=n, value=value, size=size, piece_pairs=piece_pairs, local=local,
-                       offsets=offsets.reshape(numblocks), lookup=lookup, counts=counts.reshape(numblocks))
+                       offsets=offsets.reshape(numblocks), lookup=lookup, counts=counts.reshape(numblocks),
+                       border_count=None if border_value is None else int(sum(s["border"] for s in stats)))
     if total:
         found.labels = found.through(np.arange(n + 1, dtype=dtype), dtype)
     return found

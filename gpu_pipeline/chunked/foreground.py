@@ -14,7 +14,8 @@ from gpu_pipeline.chunked.components import components_chunked
 from gpu_pipeline.chunked.histogram import block_range, histogram_thresholds_chunked
 from gpu_pipeline.chunked.source import read_haloed, stored_volume
 from gpu_pipeline.stages.cleanup import voxels_for
-from gpu_pipeline.stages.threshold import HISTOGRAM_METHODS, choose_polarity, foreground, share_of_largest
+from gpu_pipeline.stages.threshold import (HISTOGRAM_METHODS, choose_polarity, foreground, polarity_from,
+                                           share_of_largest)
 
 def gaussian_radius(sigma_voxels):
     """Filter radius per axis in voxels, as scipy.ndimage computes it."""
@@ -77,11 +78,24 @@ def _smooth_stored(stored, smooth, halo, block_info=None):
 BELOW, ABOVE = 1, 2
 
 
-def side_components_chunked(above, *, workspace=None, name=None, device=None):
+def side_components_chunked(above, *, workspace=None, name=None, device=None, border_value=None):
     """The face-connected pieces of both sides of a threshold in one :func:`components_chunked` pass: the
-    components of equal value of ``above + 1`` (:data:`BELOW`, :data:`ABOVE`)."""
+    components of equal value of ``above + 1`` (:data:`BELOW`, :data:`ABOVE`; ``border_value``: one of
+    them, counted on the outer faces too)."""
     return components_chunked(above.astype(np.uint8) + 1, by_value=True, workspace=workspace, name=name,
-                              device=device)
+                              device=device, border_value=border_value)
+
+
+def polarity_statistics(sides):
+    """:func:`~gpu_pipeline.stages.threshold.choose_polarity`'s fractions from the pass that labelled both
+    sides (:func:`side_components_chunked` with ``border_value=ABOVE``): the voxels above the threshold
+    (the sizes of the pieces above it), and the outermost voxels above it; the same numbers, not two more
+    passes over the volume."""
+    shape = sides.local.shape
+    total = int(np.prod(shape))
+    border_total = sum(2 * int(np.prod(shape[:axis] + shape[axis + 1:])) for axis in range(len(shape)))
+    above = int(sides.size[1:][sides.value[1:] == ABOVE].sum())
+    return above / total, sides.border_count / border_total
 
 
 def largest_component_shares_chunked(above, sides=None):
@@ -153,18 +167,19 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
             else:
                 value = at = float(threshold)
 
-            def largest_shares(above):
-                # Both sides labelled in one pass. At the foreground's own threshold (Otsu's, or a number) one
-                # side is the foreground: staged, its components need no pass of their own (labelled below).
-                reuse = value == at
-                found = side_components_chunked(above, workspace=workspace if reuse else None,
-                                                name="sides" if reuse else None, device=device)
-                if reuse:
-                    staged["sides"] = found
-                return largest_component_shares_chunked(above, found)
-
+            if polarity == "auto" and value == at:
+                # Both sides labelled first, in one pass that also counts the voxels above the threshold and
+                # those on the border: the polarity's statistics with no passes of their own, and the
+                # foreground's components (one of the two sides) staged for the regions.
+                found = side_components_chunked(smoothed() > at, workspace=workspace, name="sides", device=device,
+                                                border_value=ABOVE)
+                staged["sides"] = found
+                return {"threshold": value, "polarity": polarity_from(
+                    *polarity_statistics(found), lambda: largest_component_shares_chunked(None, found))}
+            # A given polarity; or, at another threshold (Li's, the triangle's), the statistics at Otsu's in
+            # passes of their own (both sides labelled in one, unstaged: the foreground is not one of them).
             return {"threshold": value, "polarity": choose_polarity(smoothed(), at, polarity,
-                                                                    largest_shares=largest_shares,
+                                                                    largest_shares=largest_component_shares_chunked,
                                                                     evaluate=dask.compute)}
 
         decided = workspace.remember("threshold", decide)

@@ -287,13 +287,19 @@ def choose_polarity(image, threshold, polarity="auto", *, largest_shares=largest
     above = image > threshold
     border_count, border_total = border_count_above(image, threshold)
     above_fraction, border_count = evaluate(above.mean(), border_count)
-    above_fraction, border_above = float(above_fraction), int(border_count) / border_total
+    return polarity_from(float(above_fraction), int(border_count) / border_total, lambda: largest_shares(above))
+
+
+def polarity_from(above_fraction, border_above, largest_shares) -> str:
+    """:func:`choose_polarity`'s ``auto`` pick from its statistics: the fraction of the voxels above the
+    threshold, the fraction of the outermost voxels above it, and ``largest_shares()`` (the largest piece's
+    share of each side, ``(above, below)``), called only where it can change the pick."""
     if abs(above_fraction - border_above) > CONNECTIVITY_WEIGHT:
         # The connectivity term lies in [-1, 1]: it cannot flip this score's sign, so its two labellings (two
         # more passes over a chunked volume) are skipped. Same pick as the full score.
         score = polarity_score(above_fraction, border_above, 0.0, 0.0)
     else:
-        largest_above, largest_below = largest_shares(above)
+        largest_above, largest_below = largest_shares()
         score = polarity_score(above_fraction, border_above, largest_above, largest_below)
     if score != 0:
         return "bright" if score > 0 else "dark"
