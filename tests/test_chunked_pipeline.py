@@ -320,6 +320,50 @@ def test_cluster_results_cross_the_network_once(cluster_client):
     assert sent() - before == 6 * (1 << 20)
 
 
+def test_the_client_of_a_cluster_run_never_starts_the_compiler(tmp_path, rng):
+    """In a chunked run on a cluster the compiled kernels run on the workers only: the client (a fresh
+    process, as every `declump run --scheduler` is) never imports Numba, whose start took about 0.35 s of
+    every command while the workers waited. Its labels are the in-memory ones."""
+    pytest.importorskip("distributed")
+    import zarr
+
+    image, _ = make_touching_particles((40, 48, 44), 30, seed=int(rng.integers(1e6)))
+    zarr.create_array(str(tmp_path / "in.zarr"), shape=image.shape, dtype=image.dtype, chunks=(20, 24, 22))[...] = image
+    code = f"""
+import sys
+from dask.distributed import LocalCluster
+from gpu_pipeline.chunked.run import run_chunked
+if __name__ == "__main__":
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        run_chunked({str(tmp_path / "in.zarr")!r}, {str(tmp_path / "out.zarr")!r}, max_radius=13,
+                    scheduler=cluster.scheduler_address, verbose=False)
+    print(sorted(m for m in sys.modules if m == "numba" or m.startswith("numba.")))
+"""
+    (tmp_path / "client.py").write_text(code)
+    done = subprocess.run([sys.executable, str(tmp_path / "client.py")], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    written = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["particles"]["0"][...]
+    assert written.tobytes() == separate(image, max_radius=13).tobytes()
+
+
+def test_small_arrays_are_quantised_by_the_expression_the_compiled_pass_equals(rng):
+    from gpu_pipeline.stages.peaks import COMPILED_QUANTIZE_MIN, QUANTUM_DIVISOR, quantize_distance
+
+    spacing = (2.0, 0.7, 0.7)
+    quantum = 0.7 / QUANTUM_DIVISOR
+    halves = (np.arange(40, dtype=np.float64) + 0.5) * quantum  # exactly between two multiples: half to even
+    values = np.concatenate([rng.uniform(0, 30, COMPILED_QUANTIZE_MIN), halves]).astype(np.float32)
+    whole, q = quantize_distance(values, spacing)  # the compiled pass
+    assert q == quantum
+    for piece in (values[:5], values[-40:], values[:COMPILED_QUANTIZE_MIN - 1]):
+        small, _ = quantize_distance(piece, spacing)
+        assert small.dtype == np.int32
+        assert np.array_equal(small, np.rint(piece.astype(np.float64) / quantum).astype(np.int32))
+    assert np.array_equal(whole[:5], quantize_distance(values[:5], spacing)[0])
+    assert np.array_equal(whole[-40:], quantize_distance(values[-40:], spacing)[0])
+
+
 def test_peak_halo_follows_the_parameters():
     assert peak_halo(4.0, 13.0, (2.0, 1.0, 1.0)) == (2 + 7, 4 + 13, 4 + 13)
     assert peak_halo(4.0, 13.0, (1.0, 1.0)) == (17, 17)

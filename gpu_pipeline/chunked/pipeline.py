@@ -45,7 +45,7 @@ from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_ho
 from gpu_pipeline.chunked.components import components_chunked, id_dtype, unique_ids
 from gpu_pipeline.chunked.foreground import fit_halo, regions_chunked
 from gpu_pipeline.chunked.source import halo_box
-from gpu_pipeline.chunked.workspace import Workspace, chunk_starts, read_staged, run_tasks, to_device, write_block
+from gpu_pipeline.chunked.workspace import Workspace, chunk_starts, read_staged, run_call, run_tasks, to_device, write_block
 from gpu_pipeline.pipeline import NoParticlesError, cap_distance, validate_spacing
 from gpu_pipeline.stages.components import settle_pieces
 from gpu_pipeline.stages.kmeans import batched_kmeans
@@ -195,7 +195,7 @@ def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, dev
     region = np.concatenate([p[2] for p in parts]).astype(np.int64) if parts else np.zeros(0, np.int64)
     order = np.argsort(np.ravel_multi_index(tuple(coords.T), regions.shape), kind="stable")
     coords, values, region = coords[order], values[order], region[order]
-    keep = space_candidates(coords, half)
+    keep = run_call(space_candidates, coords, half)
     return {"peaks": coords[keep].astype(np.int64), "values": values[keep].astype(np.int32),
             "region": region[keep], "n_capped": int(sum(p[3] for p in parts))}
 

@@ -36,11 +36,17 @@ def window_half_widths(min_distance, spacing):
     return tuple(max(0, int(math.floor(float(min_distance) / float(s) + 1e-9))) for s in spacing)
 
 
+#: Arrays smaller than this are quantised by the NumPy expression itself (the compiled pass gives the same
+#: values): a handful of values, such as a cap, then never start the compiler in a process that needs it for
+#: nothing else (the client of a cluster: about 0.35 s to import Numba and load a kernel).
+COMPILED_QUANTIZE_MIN = 1 << 16
+
+
 def quantize_distance(distance, spacing):
     """Distance map as int32 multiples of ``min(spacing) / QUANTUM_DIVISOR``."""
     xp = get_array_module(distance)
     quantum = min(float(s) for s in spacing) / QUANTUM_DIVISOR
-    if xp.__name__ == "numpy":  # one compiled pass: no float64 copy of the volume
+    if xp.__name__ == "numpy" and distance.size >= COMPILED_QUANTIZE_MIN:  # one compiled pass, no float64 copy
         from cpu_fallback.kernels import quantize
 
         return quantize(distance, quantum), quantum
