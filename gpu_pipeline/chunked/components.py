@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpu_pipeline._backend import get_array_module, ops_for, to_host
-from gpu_pipeline.chunked.workspace import chunk_starts, run_tasks
+from gpu_pipeline.chunked.workspace import run_tasks
 from gpu_pipeline.stages.components import count_pairs, face_pairs_between_labels, piece_stats
 
 
@@ -85,9 +85,24 @@ def _summary(ids, values, start, shape, per_block):
     return result, faces
 
 
+def _summary_block(ids, values, per_block, block_info=None):
+    """:func:`_summary` of one block, in a 1-element object array: a block of the blockwise array that
+    :func:`summarize_blocks` builds, so that Dask fuses it with the tasks computing ``ids`` and ``values``."""
+    info = block_info[0]
+    out = np.empty((1,) * ids.ndim, dtype=object)
+    out[(0,) * ids.ndim] = _summary(ids, values, [lo for lo, _ in info["array-location"]], info["shape"],
+                                    per_block)
+    return out
+
+
+def _block_result(summary):
+    """A block's own result from its :func:`_summary_block`."""
+    return summary.flat[0][0]
+
+
 def _across_face(low_summary, high_summary, axis, per_face):
     """``per_face`` of the slabs facing each other: the low block's last layer, the high block's first."""
-    (a, va), (b, vb) = low_summary[1][axis][1], high_summary[1][axis][0]
+    (a, va), (b, vb) = low_summary.flat[0][1][axis][1], high_summary.flat[0][1][axis][0]
     return per_face(a, b, va, vb, axis)
 
 
@@ -99,24 +114,23 @@ def summarize_blocks(ids, values, *, per_block=None, per_face=None, with_blocks=
     face calls ``per_face(low_slab_ids, high_slab_ids, low_slab_values,
     high_slab_values, axis)`` on the two slabs that face each other. No task
     holds a whole block for later, so memory stays at a few blocks in flight
-    plus slabs, whatever the number of chunks.
+    plus slabs, whatever the number of chunks. The per-block task is one
+    blockwise step after those computing ``ids`` and ``values`` (which is
+    often computed from ``values``): Dask fuses them into one task per block
+    that computes each block of both once.
 
     Returns ``(block_results, face_results)``, lists of delayed objects
     (and, ``with_blocks``, the (low, high) block index of each face).
     """
-    import operator
-
+    import dask.array as da
     from dask import delayed
 
-    starts = chunk_starts(ids.chunks)
-    # Unoptimised: each optimised graph would fuse its own copy of the blocks the two arrays share
-    # (``ids`` computed from ``values``: the values of every block computed twice).
-    id_blocks, value_blocks = ids.to_delayed(optimize_graph=False), values.to_delayed(optimize_graph=False)
-    summaries = {}
-    for index in itertools.product(*[range(n) for n in ids.numblocks]):
-        start = [int(starts[a][i]) for a, i in enumerate(index)]
-        summaries[index] = delayed(_summary)(id_blocks[index], value_blocks[index], start, ids.shape, per_block)
-    block_results = [delayed(operator.getitem)(summary, 0) for summary in summaries.values()]
+    summary = da.map_blocks(_summary_block, ids, values, per_block, dtype=object,
+                            chunks=tuple((1,) * n for n in ids.numblocks),
+                            meta=np.empty((0,) * ids.ndim, dtype=object))
+    blocks = summary.to_delayed()  # optimised: the blockwise steps before it fused into each block's task
+    summaries = {index: blocks[index] for index in itertools.product(*[range(n) for n in ids.numblocks])}
+    block_results = [delayed(_block_result)(summary) for summary in summaries.values()]
     face_results, face_blocks = [], []
     for axis in range(ids.ndim):
         for index, summary in summaries.items():
