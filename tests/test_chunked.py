@@ -61,6 +61,38 @@ def test_a_components_pass_is_one_task_per_block_besides_its_faces(cluster_clien
     assert found.n == reference[0].max() + reference[1].max()
 
 
+def _origin_and_sum(block, beside, origin):
+    return tuple(origin), int(block.sum())
+
+
+def test_a_write_pass_computes_each_block_in_the_task_writing_it(cluster_client, rng, tmp_path):
+    """On a cluster, write_blocks computes each block in the task that writes and measures it (a fused task
+    and its alias per block; before, a block's task handed it to a write task: 24 tasks here); a second call
+    finds every block marked, computes nothing and measures the stored blocks."""
+    import zarr
+    from distributed import get_task_stream
+
+    from gpu_pipeline.chunked.workspace import write_blocks
+
+    image = rng.random((30, 40, 44))
+    log = tmp_path / "calls.txt"
+    values = da.from_array(image, chunks=(15, 20, 22)).map_blocks(_brighter_logged, str(log), dtype=bool)
+    values = values.astype(np.uint8)
+    expected = (image > 0.5).astype(np.uint8)
+    sums = sorted(((z, y, x), int(expected[z:z + 15, y:y + 20, x:x + 22].sum()))
+                  for z, y, x in itertools.product((0, 15), (0, 20), (0, 22)))
+    with get_task_stream(cluster_client) as stream:
+        computed, measured = write_blocks(values, tmp_path / "out.zarr", tmp_path / "done", what="test",
+                                          measure=_origin_and_sum)
+    assert computed == 8 and len(stream.data) <= 2 * 8, len(stream.data)
+    assert len(log.read_text().split("\n")[:-1]) == 8
+    assert zarr.open_array(str(tmp_path / "out.zarr"), mode="r")[...].tobytes() == expected.tobytes()
+    assert sorted(measured) == sums
+    computed, measured = write_blocks(values, tmp_path / "out.zarr", tmp_path / "done", what="test",
+                                      measure=_origin_and_sum)
+    assert computed == 0 and sorted(measured) == sums and len(log.read_text().split("\n")[:-1]) == 8
+
+
 def test_staged_labelling_equals_scipy_and_labels_each_block_once(rng, tmp_path):
     """With a workspace the blocks are labelled in one pass whose local ids every later pass reads back."""
     import zarr

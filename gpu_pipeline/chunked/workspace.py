@@ -510,9 +510,11 @@ def write_blocks(array, path, done, *, what, verbose=False, zarr_kwargs=None, me
                  beside=None):
     """Write a Dask array to a Zarr array at ``path`` block by block, skipping blocks marked in ``done``.
 
-    Each block is one task that writes its region and then its marker, so
-    each stored chunk is written by exactly one task and an interrupted run
-    resumes where it stopped. The Zarr array is created when missing (chunks:
+    Each block is one task that computes it, writes its region and then its
+    marker (the write a blockwise step that Dask fuses with the steps
+    computing the block: no block handed from task to task), so each stored
+    chunk is written by exactly one task and an interrupted run resumes where
+    it stopped. The Zarr array is created when missing (chunks:
     the first block's shape, unless ``zarr_kwargs`` gives ``chunks`` and
     ``shards``; blocks must align with them, or with the shards).
     Returns the number of blocks computed.
@@ -523,6 +525,9 @@ def write_blocks(array, path, done, *, what, verbose=False, zarr_kwargs=None, me
     small per-block results without another pass that reads the array back.
     Then returns ``(blocks computed, [result per block])``.
     """
+    import uuid
+
+    import dask.array as da
     import zarr
     from dask import delayed
 
@@ -533,33 +538,42 @@ def write_blocks(array, path, done, *, what, verbose=False, zarr_kwargs=None, me
                           **{"chunks": tuple(c[0] for c in chunks), **(zarr_kwargs or {})})
     done.mkdir(parents=True, exist_ok=True)
     starts = chunk_starts(chunks)
-    blocks = array.to_delayed()
-    beside_blocks = beside.rechunk(chunks).to_delayed() if beside is not None else None
+    beside = beside.rechunk(chunks) if beside is not None else None
+    # One result per block (a 1-element object block), each key new: a running cluster never hands back an
+    # earlier call's result for a write.
+    written = da.map_blocks(_write_and_measure, array, *([beside] if beside is not None else []), path=str(path),
+                            done=str(done), measure=measure, dtype=object,
+                            chunks=tuple((1,) * n for n in array.numblocks),
+                            meta=np.empty((0,) * array.ndim, dtype=object), name=f"write-{uuid.uuid4().hex}")
+    blocks = written.to_delayed()  # optimised: the steps computing each block fused into its writing task
+    beside_blocks = beside.to_delayed() if beside is not None else None
     tasks, voxels, computed = [], 0, 0
     for index in itertools.product(*[range(len(c)) for c in chunks]):
         marker = done / ".".join(str(i) for i in index)
-        region = tuple(slice(int(starts[a][i]), int(starts[a][i] + chunks[a][i])) for a, i in enumerate(index))
-        if measure is not None:
-            other = None if beside_blocks is None else beside_blocks[index]
-            origin = [r.start for r in region]
-            if marker.exists():
-                tasks.append(delayed(_measure_stored)(str(path), region, other, origin, measure))
-                continue
-            tasks.append(delayed(_write_and_measure, pure=False)(blocks[index], str(path), region, str(marker),
-                                                                 other, origin, measure))
-        elif marker.exists():
+        if marker.exists():
+            if measure is not None:  # written before: measured from the store
+                region = tuple(slice(int(starts[a][i]), int(starts[a][i] + chunks[a][i]))
+                               for a, i in enumerate(index))
+                other = None if beside_blocks is None else beside_blocks[index]
+                tasks.append(delayed(_measure_stored)(str(path), region, other, [r.start for r in region], measure))
             continue
-        else:
-            tasks.append(delayed(write_block, pure=False)(blocks[index], str(path), region, str(marker)))
+        tasks.append(blocks[index])
         computed += 1
-        voxels += int(np.prod([r.stop - r.start for r in region]))
-    results = run_tasks(tasks, what, voxels=voxels, verbose=verbose)
+        voxels += int(np.prod([c[i] for c, i in zip(chunks, index)]))
+    results = [r.flat[0] if isinstance(r, np.ndarray) and r.dtype == object else r
+               for r in run_tasks(tasks, what, voxels=voxels, verbose=verbose)]
     return computed if measure is None else (computed, results)
 
 
-def _write_and_measure(block, path, region, marker, beside, origin, measure):
-    write_block(block, path, region, marker)
-    return measure(block, beside, origin)
+def _write_and_measure(block, beside=None, *, path, done, measure, block_info=None):
+    """One block of :func:`write_blocks`: written with its marker, then ``measure``'d (None without one),
+    the result in a 1-element object array (a block of the blockwise result array)."""
+    info = block_info[0]
+    region = tuple(slice(lo, hi) for lo, hi in info["array-location"])
+    write_block(block, path, region, str(Path(done) / ".".join(str(i) for i in info["chunk-location"])))
+    out = np.empty((1,) * block.ndim, dtype=object)
+    out[(0,) * block.ndim] = None if measure is None else measure(block, beside, [r.start for r in region])
+    return out
 
 
 def _measure_stored(path, region, beside, origin, measure):
