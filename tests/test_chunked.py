@@ -65,6 +65,27 @@ def _origin_and_sum(block, beside, origin):
     return tuple(origin), int(block.sum())
 
 
+def _origin_and_sum_as_objects(block, beside, origin):
+    return np.array([tuple(origin), int(block.sum())], dtype=object)
+
+
+def test_a_resumed_write_hands_back_every_measure_as_it_was_returned(rng, tmp_path):
+    """Half the blocks written before, half now: each block's measure comes back as the measure returned it,
+    an object array included (the written blocks' results travel in 1-element object blocks)."""
+    from gpu_pipeline.chunked.workspace import write_blocks
+
+    image = rng.random((30, 40))
+    values = da.from_array((image > 0.5).astype(np.uint8), chunks=(15, 20))
+    done = tmp_path / "done"
+    write_blocks(values, tmp_path / "out.zarr", done, what="test")
+    for marker in ("1.0", "1.1"):
+        (done / marker).unlink()  # the bottom row not written yet
+    _, measured = write_blocks(values, tmp_path / "out.zarr", done, what="test", measure=_origin_and_sum_as_objects)
+    for got, (y, x) in zip(measured, itertools.product((0, 15), (0, 20))):
+        assert isinstance(got, np.ndarray) and got.dtype == object
+        assert got.tolist() == [(y, x), int((image[y:y + 15, x:x + 20] > 0.5).sum())]
+
+
 def test_a_write_pass_computes_each_block_in_the_task_writing_it(cluster_client, rng, tmp_path):
     """On a cluster, write_blocks computes each block in the task that writes and measures it (a fused task
     and its alias per block; before, a block's task handed it to a write task: 24 tasks here); a second call

@@ -547,9 +547,10 @@ def write_blocks(array, path, done, *, what, verbose=False, zarr_kwargs=None, me
                             meta=np.empty((0,) * array.ndim, dtype=object), name=f"write-{uuid.uuid4().hex}")
     blocks = written.to_delayed()  # optimised: the steps computing each block fused into its writing task
     beside_blocks = beside.to_delayed() if beside is not None else None
-    tasks, voxels, computed = [], 0, 0
+    tasks, fused, voxels, computed = [], [], 0, 0
     for index in itertools.product(*[range(len(c)) for c in chunks]):
         marker = done / ".".join(str(i) for i in index)
+        fused.append(not marker.exists())
         if marker.exists():
             if measure is not None:  # written before: measured from the store
                 region = tuple(slice(int(starts[a][i]), int(starts[a][i] + chunks[a][i]))
@@ -560,9 +561,12 @@ def write_blocks(array, path, done, *, what, verbose=False, zarr_kwargs=None, me
         tasks.append(blocks[index])
         computed += 1
         voxels += int(np.prod([c[i] for c, i in zip(chunks, index)]))
-    results = [r.flat[0] if isinstance(r, np.ndarray) and r.dtype == object else r
-               for r in run_tasks(tasks, what, voxels=voxels, verbose=verbose)]
-    return computed if measure is None else (computed, results)
+    results = run_tasks(tasks, what, voxels=voxels, verbose=verbose)
+    if measure is None:
+        return computed
+    # One task per block here, in order: the written blocks' results in their 1-element blocks, the stored
+    # blocks' as they are.
+    return computed, [r.flat[0] if f else r for r, f in zip(results, fused)]
 
 
 def _write_and_measure(block, beside=None, *, path, done, measure, block_info=None):
