@@ -125,10 +125,10 @@ def summarize_blocks(ids, values, *, per_block=None, per_face=None, with_blocks=
     import dask.array as da
     from dask import delayed
 
-    summary = da.map_blocks(_summary_block, ids, values, per_block, dtype=object,
-                            chunks=tuple((1,) * n for n in ids.numblocks),
-                            meta=np.empty((0,) * ids.ndim, dtype=object))
-    blocks = summary.to_delayed()  # optimised: the blockwise steps before it fused into each block's task
+    summarised = da.map_blocks(_summary_block, ids, values, per_block, dtype=object,
+                               chunks=tuple((1,) * n for n in ids.numblocks),
+                               meta=np.empty((0,) * ids.ndim, dtype=object))
+    blocks = summarised.to_delayed()  # optimised: the blockwise steps before it fused into each block's task
     summaries = {index: blocks[index] for index in itertools.product(*[range(n) for n in ids.numblocks])}
     block_results = [delayed(_block_result)(summary) for summary in summaries.values()]
     face_results, face_blocks = [], []

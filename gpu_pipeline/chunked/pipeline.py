@@ -45,7 +45,8 @@ from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_ho
 from gpu_pipeline.chunked.components import components_chunked, id_dtype, unique_ids
 from gpu_pipeline.chunked.foreground import fit_halo, regions_chunked
 from gpu_pipeline.chunked.source import halo_box
-from gpu_pipeline.chunked.workspace import Workspace, chunk_starts, read_staged, run_call, run_tasks, to_device, write_block
+from gpu_pipeline.chunked.workspace import (Workspace, chunk_starts, read_staged, run_call, run_tasks, to_device,
+                                             write_block)
 from gpu_pipeline.pipeline import NoParticlesError, cap_distance, validate_spacing
 from gpu_pipeline.stages.components import settle_pieces
 from gpu_pipeline.stages.kmeans import batched_kmeans
