@@ -447,7 +447,7 @@ class Workspace:
             zarr.create_array(str(path), shape=shape, dtype=dtype, fill_value=0,
                               **intermediate_layout([c[0] for c in chunks], dtype))
         done.mkdir(parents=True, exist_ok=True)
-        return (str(path), lambda index: str(done / ".".join(str(i) for i in index)),
+        return (str(path), lambda index: str(block_marker(done, index)),
                 lambda: (done / "complete").touch())
 
     def stage_in_pass(self, name, values, compute, *, dtype, device=None):
@@ -494,11 +494,20 @@ class Workspace:
         return array, after
 
 
+def block_marker(done, index):
+    """The marker of block ``index`` in the folder ``done``: touched once the block is stored."""
+    return Path(done) / ".".join(str(i) for i in index)
+
+
+def _block_place(block_info, done):
+    """``(region, marker)`` of the block a blockwise task computes (from ``block_info`` of its first array)."""
+    info = block_info[0]
+    return tuple(slice(lo, hi) for lo, hi in info["array-location"]), block_marker(done, info["chunk-location"])
+
+
 def _stage_block(block, compute, path, done, block_info=None):
     """One block of :meth:`Workspace.stage_in_pass`: read back if marked done, else computed, written, marked."""
-    info = block_info[0]
-    region = tuple(slice(lo, hi) for lo, hi in info["array-location"])
-    marker = Path(done) / ".".join(str(i) for i in info["chunk-location"])
+    region, marker = _block_place(block_info, done)
     if marker.exists():
         return get_array_module(block).asarray(read_staged(path, region))
     result = compute(block)
@@ -547,11 +556,10 @@ def write_blocks(array, path, done, *, what, verbose=False, zarr_kwargs=None, me
                             meta=np.empty((0,) * array.ndim, dtype=object), name=f"write-{uuid.uuid4().hex}")
     blocks = written.to_delayed()  # optimised: the steps computing each block fused into its writing task
     beside_blocks = beside.to_delayed() if beside is not None else None
-    tasks, fused, voxels, computed = [], [], 0, 0
+    tasks, fused, voxels = [], [], 0
     for index in itertools.product(*[range(len(c)) for c in chunks]):
-        marker = done / ".".join(str(i) for i in index)
-        fused.append(not marker.exists())
-        if marker.exists():
+        fused.append(not block_marker(done, index).exists())
+        if not fused[-1]:
             if measure is not None:  # written before: measured from the store
                 region = tuple(slice(int(starts[a][i]), int(starts[a][i] + chunks[a][i]))
                                for a, i in enumerate(index))
@@ -559,9 +567,9 @@ def write_blocks(array, path, done, *, what, verbose=False, zarr_kwargs=None, me
                 tasks.append(delayed(_measure_stored)(str(path), region, other, [r.start for r in region], measure))
             continue
         tasks.append(blocks[index])
-        computed += 1
         voxels += int(np.prod([c[i] for c, i in zip(chunks, index)]))
     results = run_tasks(tasks, what, voxels=voxels, verbose=verbose)
+    computed = sum(fused)
     if measure is None:
         return computed
     # One task per block here, in order: the written blocks' results in their 1-element blocks, the stored
@@ -572,9 +580,8 @@ def write_blocks(array, path, done, *, what, verbose=False, zarr_kwargs=None, me
 def _write_and_measure(block, beside=None, *, path, done, measure, block_info=None):
     """One block of :func:`write_blocks`: written with its marker, then ``measure``'d (None without one),
     the result in a 1-element object array (a block of the blockwise result array)."""
-    info = block_info[0]
-    region = tuple(slice(lo, hi) for lo, hi in info["array-location"])
-    write_block(block, path, region, str(Path(done) / ".".join(str(i) for i in info["chunk-location"])))
+    region, marker = _block_place(block_info, done)
+    write_block(block, path, region, str(marker))
     out = np.empty((1,) * block.ndim, dtype=object)
     out[(0,) * block.ndim] = None if measure is None else measure(block, beside, [r.start for r in region])
     return out
