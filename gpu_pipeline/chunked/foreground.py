@@ -7,6 +7,8 @@ their global size from the chunked connected components.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from gpu_pipeline._backend import GAUSSIAN_TRUNCATE, DeclumpError, get_array_module, ops_for
@@ -14,8 +16,8 @@ from gpu_pipeline.chunked.components import components_chunked
 from gpu_pipeline.chunked.histogram import block_range, histogram_thresholds_chunked
 from gpu_pipeline.chunked.source import read_haloed, stored_volume
 from gpu_pipeline.stages.cleanup import voxels_for
-from gpu_pipeline.stages.threshold import (HISTOGRAM_METHODS, choose_polarity, foreground, polarity_from,
-                                           share_of_largest)
+from gpu_pipeline.stages.threshold import (HISTOGRAM_METHODS, border_voxels, choose_polarity, foreground,
+                                           polarity_from, share_of_largest)
 
 def gaussian_radius(sigma_voxels):
     """Filter radius per axis in voxels, as scipy.ndimage computes it."""
@@ -91,11 +93,9 @@ def polarity_statistics(sides):
     sides (:func:`side_components_chunked` with ``border_value=ABOVE``): the voxels above the threshold
     (the sizes of the pieces above it), and the outermost voxels above it; the same numbers, not two more
     passes over the volume."""
-    shape = sides.local.shape
-    total = int(np.prod(shape))
-    border_total = sum(2 * int(np.prod(shape[:axis] + shape[axis + 1:])) for axis in range(len(shape)))
+    shape = tuple(int(n) for n in sides.local.shape)
     above = int(sides.size[1:][sides.value[1:] == ABOVE].sum())
-    return above / total, sides.border_count / border_total
+    return above / math.prod(shape), sides.border_count / border_voxels(shape)
 
 
 def largest_component_shares_chunked(above, sides=None):

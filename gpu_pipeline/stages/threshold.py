@@ -7,6 +7,7 @@ every value in the same bin.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -197,17 +198,20 @@ def otsu_threshold(image) -> float:
     return otsu_from_histogram(counts, bins)
 
 
+def border_voxels(shape):
+    """The outermost voxels of an image of ``shape``, each face counted on its own (a voxel on an edge or
+    corner once per face it lies on, a one-layer axis's layer twice)."""
+    return sum(2 * math.prod(shape[:axis] + shape[axis + 1:]) for axis in range(len(shape)))
+
+
 def border_count_above(image, threshold):
-    """(outermost voxels brighter than ``threshold``, outermost voxels): the first lazy for a Dask array."""
+    """(outermost voxels brighter than ``threshold``, :func:`border_voxels`): the first lazy for a Dask array."""
     xp = get_array_module(image)
     above = 0
-    total = 0
     for axis in range(image.ndim):
         for index in (0, -1):
-            face = xp.take(image, index, axis=axis)
-            above = above + (face > threshold).sum()  # stays lazy for Dask: one computation at the end
-            total += face.size
-    return above, total
+            above = above + (xp.take(image, index, axis=axis) > threshold).sum()  # lazy for Dask: one computation
+    return above, border_voxels(tuple(image.shape))
 
 
 def border_fraction_above(image, threshold) -> float:
