@@ -255,20 +255,26 @@ def _apply_table(block, table):
 
 
 def _through_tables(local, offsets, counts, lookup, table, dtype):
-    """``table[lookup[offset + local]]`` per block (0 stays 0), each task given only its block's table."""
-    import dask.array as da
-    from dask import delayed
+    """``table[lookup[offset + local]]`` per block (0 stays 0), each task given only its block's table.
 
-    blocks = local.to_delayed()
-    grid = np.empty(local.numblocks, dtype=object)
+    One graph layer of one task per block, written out directly: building it
+    costs a table slice per block in the client, which is serial time between
+    passes (a ``from_delayed`` per block and ``dask.array.block`` cost more
+    than the tasks they describe on small blocks, and grow with the blocks).
+    """
+    import dask.array as da
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+
+    name = f"apply-table-{tokenize(local.name, offsets, counts, lookup, table, np.dtype(dtype).str)}"
+    layer = {}
     for index in np.ndindex(*local.numblocks):
         offset, count = int(offsets[index]), int(counts[index])
         block_table = np.zeros(count + 1, dtype=dtype)
         block_table[1:] = table[lookup[offset + 1:offset + count + 1]]
-        shape = tuple(local.chunks[a][i] for a, i in enumerate(index))
-        grid[index] = da.from_delayed(delayed(_apply_table, pure=True)(blocks[index], block_table), shape=shape,
-                                      dtype=dtype, meta=local._meta.astype(dtype))
-    return da.block(grid.tolist())
+        layer[(name, *index)] = (_apply_table, (local.name, *index), block_table)
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=[local])
+    return da.Array(graph, name, chunks=local.chunks, dtype=dtype, meta=local._meta.astype(dtype))
 
 
 def components_chunked(values, *, by_value=False, faces=False, workspace=None, name=None, device=None,
