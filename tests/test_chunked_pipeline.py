@@ -114,6 +114,29 @@ def test_neck_grouping_matches_in_memory(rng, tmp_path, shape, chunkings):
         assert labels.compute().tobytes() == expected.tobytes(), chunks
 
 
+@pytest.mark.parametrize("shape, chunks", [((64, 64, 64), "32,32,32"),   # the middle plane starts a block
+                                           ((80, 64, 64), "32,32,32"),   # ... lies inside one
+                                           ((96, 160), "32,64")])        # 2D: the whole image, short blocks
+def test_chunked_overlay_is_the_in_memory_overlay(tmp_path, rng, shape, chunks):
+    """The preview assembled from the output pass's blocks is the in-memory run's picture of the same labels."""
+    from PIL import Image
+
+    from gpu_pipeline.cli import main
+    from gpu_pipeline.overlay import overlay_rgb
+
+    image, _ = make_touching_particles(shape, 12 * len(shape), seed=int(rng.integers(1e6)))
+    src = tmp_path / "in.zarr"
+    zarr.create_array(str(src), shape=image.shape, dtype=image.dtype, chunks=(32,) * len(shape))[...] = image
+    out = tmp_path / "out.zarr"
+    assert main(["run", str(src), str(out), "--max-radius", "13", "--chunks", chunks, "--quiet",
+                 *CHUNKED_OPTIONS]) == 0
+    labels = zarr.open_array(str(out / "particles" / "0"), mode="r")[...]
+    assert labels.tobytes() == separate(image, max_radius=13).tobytes() and labels.max() > 1
+    picture = np.asarray(Image.open(tmp_path / "out_overlay.png"))
+    assert picture.shape == (*shape[-2:], 3)
+    assert np.array_equal(picture, overlay_rgb(image, labels))
+
+
 def test_cli_run_writes_ome_zarr_labels_and_parquet_table(tmp_path, rng):
     from gpu_pipeline.cli import main
 

@@ -23,6 +23,7 @@ the run completes (or, if left behind, by the next run of the same command).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -35,7 +36,7 @@ from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops
 from gpu_pipeline._common import usable_cores
 from gpu_pipeline.chunked.components import unique_ids
 from gpu_pipeline.chunked.workspace import (Workspace, active_client, limit_malloc_arenas, nanny_malloc_config,
-                                            no_hugepage_advice, return_freed_memory, save_records, staged_array,
+                                            no_hugepage_advice, return_freed_memory, save_records,
                                             worker_malloc_setup, write_blocks)
 from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, boolean_input_as_mask, check_foreground_options, disk_error,
                              write_ngff_label_metadata)
@@ -181,6 +182,26 @@ def _block_table(labels, image, origin):
     if image is not None:
         out["intensity"] = xp.bincount(inverse, weights=image.ravel()[flat].astype(xp.float64), minlength=n)
     return {k: to_host(v) for k, v in out.items()}
+
+
+def _block_outputs(labels, image, origin, *, plane):
+    """What the output pass keeps of one block: its partial sums (:func:`_block_table`) and its part of the
+    preview ``plane`` (the index along the first axis; None: a 2D image, whole) as
+    ``(origin, labels, image)``, or None where the block does not cross that plane."""
+    part = None
+    if plane is None or int(origin[0]) <= plane < int(origin[0]) + labels.shape[0]:
+        at = (slice(None),) if plane is None else (plane - int(origin[0]),)
+        part = ([int(o) for o in origin][plane is not None:], to_host(labels[at]), to_host(image[at]))
+    return {"table": _block_table(labels, image, origin), "plane": part}
+
+
+def preview_planes(parts, shape, dtypes):
+    """The preview plane (image, labels) of a volume of ``shape`` assembled from :func:`_block_outputs`' parts."""
+    image, labels = (np.zeros(shape, dtype=d) for d in dtypes)
+    for origin, label_part, image_part in (p["plane"] for p in parts if p["plane"] is not None):
+        at = tuple(slice(o, o + n) for o, n in zip(origin, label_part.shape))
+        labels[at], image[at] = label_part, image_part
+    return image, labels
 
 
 def table_from_parts(parts, ndim, spacing, n_particles, with_intensity):
@@ -388,15 +409,16 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
         target = paths["labels"] / LABEL_NAME / "0"
         zarr.open_group(str(paths["labels"] / LABEL_NAME), mode="a", zarr_format=2)
         # The table's per-chunk sums come from the tasks that write the labels (no pass reading them back).
+        # The same tasks keep their part of the preview's plane (the middle one of a volume): no pass reads
+        # the input and the labels again for it.
+        plane = volume.shape[0] // 2 if volume.ndim == 3 else None
         computed, parts = write_blocks(labels, target, work / "output.done", what="write labels + particle table",
-                                       verbose=verbose, zarr_kwargs={"zarr_format": 2}, measure=_block_table,
-                                       beside=volume)
+                                       verbose=verbose, zarr_kwargs={"zarr_format": 2},
+                                       measure=functools.partial(_block_outputs, plane=plane), beside=volume)
         details.blocks_computed["output"] = computed
         details.blocks_total["output"] = int(np.prod(labels.numblocks))
-        stored = staged_array(target, labels.chunks)
-        table = table_from_parts(parts, labels.ndim, spacing, n_particles, volume is not None)
-        middle = volume.shape[0] // 2 if volume.ndim == 3 else slice(None)
-        planes = np.asarray(volume[middle]), np.asarray(stored[middle])  # read on this run's engine
+        table = table_from_parts([p["table"] for p in parts], labels.ndim, spacing, n_particles, volume is not None)
+        planes = preview_planes(parts, volume.shape[plane is not None:], (volume.dtype, labels.dtype))
         if probabilities_path is not None:
             from gpu_pipeline.io import atomic_path
 
