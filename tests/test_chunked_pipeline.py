@@ -73,6 +73,22 @@ def test_chunked_labels_equal_in_memory_for_any_chunking(cluster_client, rng, tm
             assert out.tobytes() == separate(image, spacing=spacing).tobytes()
 
 
+def test_the_peak_pass_is_one_task_per_chunk_reading_its_own_halo(cluster_client, rng, tmp_path):
+    """Each chunk's distance transform and peaks run in the task that reads the chunk and its halo from the
+    staged regions; no read task hands the extended block (the chunk's voxels and more) to another."""
+    from distributed import get_task_stream
+
+    shape, spacing, n, chunkings = CASES[3]
+    image, _ = make_touching_particles(shape, n, radius_range=(5, 12), spacing=spacing,
+                                       seed=int(rng.integers(1e6)))
+    volume = da.from_array(image, chunks=chunkings[0])
+    with get_task_stream(cluster_client) as stream:
+        labels, _ = separate_chunked(volume, spacing=spacing, max_radius=MAX_RADIUS, workspace=Workspace(tmp_path))
+    names = [(key if isinstance(key, str) else key[0]).rsplit("-", 5)[0] for key in (t["key"] for t in stream.data)]
+    assert names.count("_block_peak_candidates") == volume.npartitions and "read_staged" not in names, names
+    assert labels.compute().tobytes() == separate(image, spacing=spacing, max_radius=MAX_RADIUS).tobytes()
+
+
 def test_lloyd_updates_and_mask_input_match_in_memory(rng):
     shape, spacing = (160, 150), (1.0, 1.0)
     image, truth = make_touching_particles(shape, 60, spacing=spacing, seed=int(rng.integers(1e6)))

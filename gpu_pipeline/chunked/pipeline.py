@@ -101,12 +101,31 @@ def _capped_distance_q(extended, spacing, max_radius, window=None):
     return fg, quantize_distance(cap_distance(distance, max_radius, spacing), spacing)[0]
 
 
+@dataclass(frozen=True)
+class StagedBox:
+    """A chunk and its halo to read from a staged store in the task that uses them (one task per chunk, not
+    a read task handing the extended block to another)."""
+
+    store: str
+    box: tuple
+    device: str | None
+
+    def read(self):
+        return read_staged(self.store, self.box, self.device)
+
+
+def _extended(block):
+    return block.read() if isinstance(block, StagedBox) else block
+
+
 def _block_peak_candidates(extended, origin, left, core_shape, spacing, half_widths, max_radius, distance_out=None):
     """Peak candidates (global coords, quantised distance, region) in one chunk's core, and capped voxels.
 
+    ``extended``: the chunk with its halo, or the :class:`StagedBox` to read it from.
     ``distance_out``: (store, marker, dtype) where the core of the capped quantised distance map is staged
     for the neck pass, which then reads it instead of computing the distance transform again.
     """
+    extended = _extended(extended)
     xp = get_array_module(extended)
     # The maxima of the core only look one peak window beyond it: the rest of the halo serves the transform.
     window = tuple(slice(max(0, int(lo) - h), min(int(n), int(lo) + int(c) + h))
@@ -135,13 +154,13 @@ def distance_dtype(max_radius, spacing):
 
 
 def _extended_blocks(regions, depth, store, device):
-    """Per chunk: (index, origin, core shape, halo width on the low side, delayed chunk with its halo).
+    """Per chunk: (index, origin, core shape, halo width on the low side, chunk with its halo).
 
-    ``store``: the Zarr store ``regions`` was staged in (each task reads only
-    its block and halo); without it the halo comes from ``dask.array.overlap``.
+    ``store``: the Zarr store ``regions`` was staged in: the chunk with its
+    halo is a :class:`StagedBox` that the task using it reads (only its block
+    and halo); without it, a delayed block with the halo from ``dask.array.overlap``.
     """
     import dask.array as da
-    from dask import delayed
 
     if store is None:
         regions = fit_halo(regions, depth, "distance-transform and peak")
@@ -155,7 +174,7 @@ def _extended_blocks(regions, depth, store, device):
             extended = blocks[index]
         else:
             box, left = halo_box(origin, [o + c for o, c in zip(origin, core_shape)], depth, regions.shape)
-            extended = delayed(read_staged)(store, box, device)
+            extended = StagedBox(store, tuple(box), device)
         yield index, origin, core_shape, left, extended
 
 
@@ -203,7 +222,7 @@ def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, dev
 
 def _block_neck_minima(extended, origin, left, core_shape, spacing, max_radius, starts, ends):
     """Lowest capped distance, per segment, over the segment's samples that fall in this chunk's core."""
-    _, distance_q = _capped_distance_q(extended, spacing, max_radius)
+    _, distance_q = _capped_distance_q(_extended(extended), spacing, max_radius)
     return _segment_minima_in(distance_q, origin, left, core_shape, starts, ends)
 
 
