@@ -153,6 +153,21 @@ def test_chunked_overlay_is_the_in_memory_overlay(tmp_path, rng, shape, chunks):
     assert np.array_equal(picture, overlay_rgb(image, labels))
 
 
+def test_a_blocks_part_of_the_preview_plane_holds_only_that_plane(rng):
+    """The output pass's results stay in memory until the pass ends: a block's part of the preview must not
+    be a view that keeps its whole block alive (8 MB of labels per 128^3 block for 64 KB of plane)."""
+    from gpu_pipeline.chunked.run import _block_outputs
+
+    labels = rng.integers(0, 5, (8, 16, 12)).astype(np.int32)
+    image = rng.integers(0, 255, labels.shape).astype(np.uint8)
+    origin, plane_labels, plane_image = _block_outputs(labels, image, [8, 0, 24], plane=10)["plane"]
+    assert origin == [0, 24] and np.array_equal(plane_labels, labels[2]) and np.array_equal(plane_image, image[2])
+    assert plane_labels.base is None and plane_image.base is None
+    assert _block_outputs(labels, image, [16, 0, 24], plane=10)["plane"] is None
+    whole = _block_outputs(labels[0], image[0], [0, 24], plane=None)["plane"]  # 2D: the whole block
+    assert whole[0] == [0, 24] and np.array_equal(whole[1], labels[0]) and whole[1].base is None
+
+
 def test_cli_run_writes_ome_zarr_labels_and_parquet_table(tmp_path, rng):
     from gpu_pipeline.cli import main
 

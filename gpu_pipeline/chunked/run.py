@@ -191,7 +191,8 @@ def _block_outputs(labels, image, origin, *, plane):
     part = None
     if plane is None or int(origin[0]) <= plane < int(origin[0]) + labels.shape[0]:
         at = (slice(None),) if plane is None else (plane - int(origin[0]),)
-        part = ([int(o) for o in origin][plane is not None:], to_host(labels[at]), to_host(image[at]))
+        # Copies: a view would keep the whole block alive with the result (all the plane's blocks at the end).
+        part = ([int(o) for o in origin][plane is not None:], to_host(labels[at]).copy(), to_host(image[at]).copy())
     return {"table": _block_table(labels, image, origin), "plane": part}
 
 
