@@ -106,21 +106,29 @@ def _across_face(low_summary, high_summary, axis, per_face):
     return per_face(a, b, va, vb, axis)
 
 
+def _across_faces(low_summary, axes, per_face, *high_summaries):
+    """:func:`_across_face` of each face a block shares with its next block along one of ``axes``."""
+    return [_across_face(low_summary, high, axis, per_face) for axis, high in zip(axes, high_summaries)]
+
+
 def summarize_blocks(ids, values, *, per_block=None, per_face=None, with_blocks=False):
     """Delayed per-block and per-chunk-face results over two aligned chunked arrays.
 
     One task per block computes ``per_block(ids_block, values_block, start,
-    shape)`` and keeps only the block's boundary slabs; one task per internal
-    face calls ``per_face(low_slab_ids, high_slab_ids, low_slab_values,
-    high_slab_values, axis)`` on the two slabs that face each other. No task
+    shape)`` and keeps only the block's boundary slabs; for every internal
+    face, ``per_face(low_slab_ids, high_slab_ids, low_slab_values,
+    high_slab_values, axis)`` runs on the two slabs that face each other, in
+    one task per block for the faces it shares with its next blocks (up to
+    one per axis: a third of the tasks one per face would take). No task
     holds a whole block for later, so memory stays at a few blocks in flight
     plus slabs, whatever the number of chunks. The per-block task is one
     blockwise step after those computing ``ids`` and ``values`` (which is
     often computed from ``values``): Dask fuses them into one task per block
     that computes each block of both once.
 
-    Returns ``(block_results, face_results)``, lists of delayed objects
-    (and, ``with_blocks``, the (low, high) block index of each face).
+    Returns ``(block_results, face_results)``, lists of delayed objects, a
+    face result being the list of its task's faces' results (and, ``with_blocks``,
+    the list of the (low, high) block indices of those faces, per task).
     """
     import dask.array as da
     from dask import delayed
@@ -132,12 +140,13 @@ def summarize_blocks(ids, values, *, per_block=None, per_face=None, with_blocks=
     summaries = {index: blocks[index] for index in itertools.product(*[range(n) for n in ids.numblocks])}
     block_results = [delayed(_block_result)(summary) for summary in summaries.values()]
     face_results, face_blocks = [], []
-    for axis in range(ids.ndim):
-        for index, summary in summaries.items():
-            if index[axis] + 1 < ids.numblocks[axis]:
-                other = tuple(i + (a == axis) for a, i in enumerate(index))
-                face_results.append(delayed(_across_face)(summary, summaries[other], axis, per_face))
-                face_blocks.append((index, other))
+    for index, summary in summaries.items():
+        axes = tuple(axis for axis in range(ids.ndim) if index[axis] + 1 < ids.numblocks[axis])
+        if not axes:
+            continue
+        others = [tuple(i + (a == axis) for a, i in enumerate(index)) for axis in axes]
+        face_results.append(delayed(_across_faces)(summary, axes, per_face, *[summaries[o] for o in others]))
+        face_blocks.append([(index, other) for other in others])
     return (block_results, face_results, face_blocks) if with_blocks else (block_results, face_results)
 
 
@@ -305,7 +314,9 @@ def components_chunked(values, *, by_value=False, faces=False, workspace=None, n
                                                             with_blocks=True)
     results = run_tasks(block_tasks + face_tasks, name or "connected components", verbose=verbose,
                         voxels=int(np.prod(values.shape)))
-    stats, across = results[:len(block_tasks)], results[len(block_tasks):]
+    stats = results[:len(block_tasks)]
+    across = [face for faces_of_task in results[len(block_tasks):] for face in faces_of_task]
+    face_blocks = [pair for pairs_of_task in face_blocks for pair in pairs_of_task]
     local = restage()  # later passes read the staged ids (when staged) instead of labelling again
     numblocks = values.numblocks
     counts = np.array([s["count"] for s in stats], dtype=np.int64)
