@@ -431,9 +431,10 @@ def markdown(result):
     m = result["machine"]
     lines = [f"# Throughput side by side, {m['date'][:10]}", "",
              f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['memory_gib']} GiB, GPU: {m['gpu'] or 'none'}. "
-             "**The machine was shared** with other jobs while this ran (load averages per run in the JSON; "
-             f"1-minute load from {result['load_range'][0]:.1f} to {result['load_range'][1]:.1f}): absolute times "
-             "are inflated, the interleaved ratios are the comparable figures. Each run in a fresh process pinned "
+             f"1-minute load from {result['load_range'][0]:.1f} to {result['load_range'][1]:.1f} before the runs "
+             "(per run in the JSON; it counts this bench's own processes, the two-process modes included, so it "
+             "does not say whether other jobs shared the machine). Absolute times move with the machine's speed; "
+             "the interleaved ratios are the comparable figures. Each run in a fresh process pinned "
              "to one core, after a warm-up on a 64-voxel crop; methods interleaved per round.", ""]
     for case in result["cases"]:
         lines += [f"## {'x'.join(map(str, case['shape']))}, {case['particles']} spheres, radius "
@@ -470,8 +471,8 @@ def chunked_markdown(c):
              + (f" (in memory also {' '.join(c['in_memory_options'])}: what the chunked run fixes, so both write "
                 "the same labels)" if c.get("in_memory_options") else "")
              + "; each run a fresh process pinned to its cores, modes interleaved "
-             f"per round; 1-minute load before the runs {min(loads):.1f}-{max(loads):.1f} on this shared 2-core "
-             "machine.", "",
+             f"per round; 1-minute load before the runs {min(loads):.1f}-{max(loads):.1f} (this bench's own "
+             "processes included).", "",
              "| mode | s (median, min-max) | CPU s (median) | MVox/s | MVox/s per core | peak RSS GiB (main process) | "
              "peak RSS GiB per worker process |", "|---|---|---|---|---|---|---|"]
     for mode, row in c["modes"].items():
@@ -496,8 +497,9 @@ def chunked_markdown(c):
                      "machine; the cores share caches, memory bandwidth, the disk and the hypervisor).")
     if c["scaling_efficiency"]:
         lines.append("Scaling 1 -> 2 workers (local cluster of processes, 1 core per worker), t1 / (2 t2): **"
-                     + ", ".join(f"{x:.2f}" for x in c["scaling_efficiency"]) + "** (per round; both cores are "
-                     "shared with other jobs here, at the loads above: not an idle node's figure).")
+                     + ", ".join(f"{x:.2f}" for x in c["scaling_efficiency"]) + "** (per round; the scheduler "
+                     "and the command share the two cores with the workers: not a node's figure with a core to "
+                     "spare).")
     if c.get("warm_scaling_efficiency"):
         lines.append("Scaling 1 -> 2 workers on a running cluster (started once, workers warmed by one untimed run, "
                      "the command given `--scheduler`; how a long job runs), t1 / (2 t2): **"
