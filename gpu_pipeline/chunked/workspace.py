@@ -555,7 +555,7 @@ def write_blocks(array, path, done, *, what, verbose=False, zarr_kwargs=None, me
                             chunks=tuple((1,) * n for n in array.numblocks),
                             meta=np.empty((0,) * array.ndim, dtype=object), name=f"write-{uuid.uuid4().hex}")
     blocks = written.to_delayed()  # optimised: the steps computing each block fused into its writing task
-    beside_blocks = beside.to_delayed() if beside is not None else None
+    beside_blocks = None  # ``beside`` block by block, built (a graph optimisation in this process) only on resuming
     tasks, fused, voxels = [], [], 0
     for index in itertools.product(*[range(len(c)) for c in chunks]):
         fused.append(not block_marker(done, index).exists())
@@ -563,6 +563,8 @@ def write_blocks(array, path, done, *, what, verbose=False, zarr_kwargs=None, me
             if measure is not None:  # written before: measured from the store
                 region = tuple(slice(int(starts[a][i]), int(starts[a][i] + chunks[a][i]))
                                for a, i in enumerate(index))
+                if beside is not None and beside_blocks is None:
+                    beside_blocks = beside.to_delayed()
                 other = None if beside_blocks is None else beside_blocks[index]
                 tasks.append(delayed(_measure_stored)(str(path), region, other, [r.start for r in region], measure))
             continue
