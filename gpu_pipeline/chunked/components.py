@@ -111,7 +111,7 @@ def _across_faces(low_summary, axes, per_face, *high_summaries):
     return [_across_face(low_summary, high, axis, per_face) for axis, high in zip(axes, high_summaries)]
 
 
-def summarize_blocks(ids, values, *, per_block=None, per_face=None, with_blocks=False):
+def summarize_blocks(ids, values, *, per_block=None, per_face=None):
     """Delayed per-block and per-chunk-face results over two aligned chunked arrays.
 
     One task per block computes ``per_block(ids_block, values_block, start,
@@ -126,9 +126,9 @@ def summarize_blocks(ids, values, *, per_block=None, per_face=None, with_blocks=
     often computed from ``values``): Dask fuses them into one task per block
     that computes each block of both once.
 
-    Returns ``(block_results, face_results)``, lists of delayed objects, a
-    face result being the list of its task's faces' results (and, ``with_blocks``,
-    the list of the (low, high) block indices of those faces, per task).
+    Returns ``(block_results, face_results, face_blocks)``: lists of delayed
+    objects, a face result being the list of its task's faces' results, and
+    per face task the list of the (low, high) block indices of those faces.
     """
     import dask.array as da
     from dask import delayed
@@ -147,7 +147,7 @@ def summarize_blocks(ids, values, *, per_block=None, per_face=None, with_blocks=
         others = [tuple(i + (a == axis) for a, i in enumerate(index)) for axis in axes]
         face_results.append(delayed(_across_faces)(summary, axes, per_face, *[summaries[o] for o in others]))
         face_blocks.append([(index, other) for other in others])
-    return (block_results, face_results, face_blocks) if with_blocks else (block_results, face_results)
+    return block_results, face_results, face_blocks
 
 
 def _border_count(values, start, shape, value):
@@ -310,8 +310,7 @@ def components_chunked(values, *, by_value=False, faces=False, workspace=None, n
                                              dtype=np.int32, device=device)
     per_block = functools.partial(_block_components, by_value=by_value, faces=faces, border_value=border_value)
     per_face = functools.partial(_face_components, by_value=by_value, faces=faces)
-    block_tasks, face_tasks, face_blocks = summarize_blocks(local, values, per_block=per_block, per_face=per_face,
-                                                            with_blocks=True)
+    block_tasks, face_tasks, face_blocks = summarize_blocks(local, values, per_block=per_block, per_face=per_face)
     results = run_tasks(block_tasks + face_tasks, name or "connected components", verbose=verbose,
                         voxels=int(np.prod(values.shape)))
     stats = results[:len(block_tasks)]
