@@ -130,6 +130,9 @@ def _cli_run(argv, out_dir):
 #: so both compute the same labels, byte for byte (min size: a ball of diameter --min-distance 4).
 SAME_AS_CHUNKED = ["--threshold", "otsu", "--max-hole-size", "0", "--min-size", repr(math.pi * 4 ** 3 / 6),
                    "--reject-annotations", "off"]
+#: Side of the corner of the volume that each chunked-part mode also runs, in one chunk: the command's
+#: start-up (imports, kernels, the passes' and outputs' fixed costs), subtracted for the per-voxel figures.
+START_UP_SIDE = 64
 #: The chunked part's runs: (mode, CLI options, cores it is pinned to).
 CHUNKED_MODES = (("in_memory", SAME_AS_CHUNKED, 1),
                  ("chunked", ["--workers", "1"], 1),
@@ -163,7 +166,7 @@ def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
     image, _ = make_touching_particles(shape, particles, radius_range=radius, overlap=0.15, seed=seed)
     keep = sorted(os.sched_getaffinity(0))
     runs = {mode: [] for mode, _, _ in CHUNKED_MODES}
-    runs.update(chunked_tmpfs=[], pair=[])
+    runs.update(chunked_tmpfs=[], pair=[], **{f"{mode}_small": [] for mode, _, _ in CHUNKED_MODES})
     shm = ram_folder(4 * int(np.prod(shape)) * 3)  # the staged float32 smoothed volume and more, with room
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         if shm is not None:
@@ -171,7 +174,11 @@ def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
         volume = Path(tmp) / "in.zarr"
         zarr.create_array(str(volume), shape=image.shape, dtype=image.dtype, chunks=chunks,
                           compressors=zarr.codecs.ZstdCodec(level=3))[...] = image
-        del image
+        small = Path(tmp) / "small" / "in.zarr"
+        corner = image[tuple(slice(0, min(START_UP_SIDE, n)) for n in image.shape)]
+        zarr.create_array(str(small), shape=corner.shape, dtype=corner.dtype, chunks=chunks,
+                          compressors=zarr.codecs.ZstdCodec(level=3))[...] = corner
+        del image, corner
         try:
             for _ in range(rounds):
                 for mode, options, cores in CHUNKED_MODES:
@@ -181,6 +188,8 @@ def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
                     extra = options if mode == "in_memory" else ["--chunks", ",".join(map(str, chunks)), *options]
                     measured = _timed_run(volume, Path(tmp) / mode, out, extra, set(keep[:cores]))
                     runs[mode].append(measured)
+                    runs[f"{mode}_small"].append(_timed_run(small, Path(tmp) / "small" / mode, out, extra,
+                                                            set(keep[:cores])))
                     print(f"{mode:10s} {measured['seconds']:.1f}s CPU {measured['cpu_seconds']:.1f}s peak RSS {measured['peak_rss_gib']:.2f} GiB "
                           f"workers {measured.get('worker_peak_rss_gib')} load {measured['load_before'][0]:.1f}",
                           flush=True)
@@ -199,7 +208,7 @@ def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
         finally:
             os.sched_setaffinity(0, set(keep))
         if len(keep) >= 2:
-            runs.update(warm_cluster_runs(volume, chunks, rounds, keep))
+            runs.update(warm_cluster_runs(volume, chunks, rounds, keep, small))
     voxels = int(np.prod(shape))
     out = {"shape": list(shape), "chunks": list(chunks), "params": PARAMS, "in_memory_options": SAME_AS_CHUNKED,
            "runs": runs, "modes": {}}
@@ -227,6 +236,18 @@ def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
     out["warm_scaling_efficiency_run"] = [one["run_seconds"] / (2 * two["run_seconds"])
                                           for one, two in zip(runs.get("warm_1", []), runs.get("warm_2", []))
                                           if "run_seconds" in one and "run_seconds" in two]
+    # Per voxel net of each command's start-up: (t - t_small) over the voxels between the two volumes, the
+    # small one a corner of the big one in one chunk, run by the same mode right after it (imports, the
+    # compiled kernels' loading, the passes' and the outputs' fixed costs cancel; per-chunk costs do not).
+    out["start_up_voxels"] = int(np.prod([min(START_UP_SIDE, n) for n in shape]))
+    net = {mode: [r["seconds"] - s["seconds"] for r, s in zip(runs.get(mode, []), runs.get(f"{mode}_small", []))]
+           for mode in ("in_memory", "chunked", "cluster_1", "cluster_2", "warm_1", "warm_2")}
+    out["net_seconds"] = net
+    out["net_chunked_over_in_memory"] = [c / m for m, c in zip(net["in_memory"], net["chunked"]) if m > 0]
+    out["net_scaling_efficiency"] = [one / (2 * two) for one, two in zip(net["cluster_1"], net["cluster_2"])
+                                     if two > 0]
+    out["net_warm_scaling_efficiency"] = [one / (2 * two) for one, two in zip(net["warm_1"], net["warm_2"])
+                                          if two > 0]
     out["chunked_tmpfs_over_in_memory"] = [c["seconds"] / m["seconds"]
                                            for m, c in zip(runs["in_memory"], runs["chunked_tmpfs"])]
     # Two independent one-core chunked runs at once, one per core: t_alone / t_together is the most that 1 -> 2
@@ -293,7 +314,7 @@ def _timed_run(volume, target, out, options, cores):
     return {**measured, "load_before": load, "load_after": os.getloadavg()}
 
 
-def warm_cluster_runs(volume, chunks, rounds, cores):
+def warm_cluster_runs(volume, chunks, rounds, cores, small=None):
     """The chunked command on a running local cluster of 1 and of 2 worker processes (``--scheduler``).
 
     How a large job runs: the cluster is started once and its workers have
@@ -304,13 +325,15 @@ def warm_cluster_runs(volume, chunks, rounds, cores):
     scheduler and the command) does one untimed run first; the timed runs
     then alternate between the two clusters, round by round. Worker memory
     is not sampled here (the workers are not the command's children).
+    ``small``: a corner of the volume, run after each timed run on the same
+    cluster (``warm_1_small``, ``warm_2_small``: the command's start-up).
     """
     import dask
     from dask.distributed import LocalCluster
 
     from gpu_pipeline.chunked.workspace import nanny_malloc_config
 
-    clusters, runs = {}, {"warm_1": [], "warm_2": []}
+    clusters, runs = {}, {"warm_1": [], "warm_2": [], "warm_1_small": [], "warm_2_small": []}
     # Workers started as README's cluster section says (glibc's malloc environment of malloc_environ), as
     # `declump run --cluster local` starts its own.
     environ = nanny_malloc_config(1)
@@ -328,6 +351,11 @@ def warm_cluster_runs(volume, chunks, rounds, cores):
                 if r == 0:
                     continue  # the warm-up: workers import and load the compiled kernels
                 runs[f"warm_{n}"].append(measured)
+                if small is not None:
+                    runs[f"warm_{n}_small"].append(_timed_run(
+                        small, Path(small).parent / f"warm_{n}", "labels.zarr",
+                        ["--chunks", ",".join(map(str, chunks)), "--scheduler", clusters[n].scheduler_address],
+                        set(cores[:n])))
                 print(f"warm_{n}     {measured['seconds']:.1f}s CPU {measured['cpu_seconds']:.1f}s (command only) "
                       f"load {measured['load_before'][0]:.1f}", flush=True)
     finally:
@@ -512,6 +540,19 @@ def chunked_markdown(c):
                      + ", ".join(f"{r['run_seconds']:.1f}" for r in runs["warm_1"]) + " s, 2 workers "
                      + ", ".join(f"{r['run_seconds']:.1f}" for r in runs["warm_2"]) + " s): **"
                      + ", ".join(f"{x:.2f}" for x in c["warm_scaling_efficiency_run"]) + "** (per round).")
+    if c.get("net_chunked_over_in_memory"):
+        net = c["net_seconds"]
+        side = round(c["start_up_voxels"] ** (1 / len(c["shape"])))
+        lines.append(f"**Per voxel, net of each command's start-up** (every mode also ran a {side}-voxel corner "
+                     "of the volume, one chunk, right after the volume; t - t_corner is the time the voxels "
+                     "between them took: imports, compiled kernels' loading and each pass's and output's fixed "
+                     "costs cancel, per-chunk costs do not; in memory "
+                     + ", ".join(f"{x:.1f}" for x in net["in_memory"]) + " s, chunked "
+                     + ", ".join(f"{x:.1f}" for x in net["chunked"]) + " s): chunked / in memory **"
+                     + ", ".join(f"{x:.2f}" for x in c["net_chunked_over_in_memory"]) + "**; scaling 1 -> 2 "
+                     "workers, cluster started by the command **"
+                     + ", ".join(f"{x:.2f}" for x in c["net_scaling_efficiency"]) + "**, running cluster **"
+                     + ", ".join(f"{x:.2f}" for x in c["net_warm_scaling_efficiency"]) + "** (per round).")
     lib = c.get("library")
     if lib:
         med = {k: statistics.median(r["seconds"] for r in v) for k, v in lib["runs"].items()}
