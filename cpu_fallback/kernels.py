@@ -635,3 +635,74 @@ def maximum_filter(array, size):
             _running_max(out.reshape(shape), result.reshape(shape), (s - 1) // 2)
         out = result
     return out if out is not array else out.copy()
+
+
+@njit(cache=True, nogil=True)
+def _append(buffer, count, value):  # pragma: no cover - compiled
+    if count == buffer.size:
+        grown = np.empty(2 * buffer.size, np.int64)
+        grown[:count] = buffer
+        buffer = grown
+    buffer[count] = value
+    return buffer
+
+
+@njit(cache=True, nogil=True)
+def _box_maxima(values, maxed, min_value, lo, hi, check):  # pragma: no cover - compiled; tested through box_maxima
+    # values, maxed: 3D (a 1D/2D array padded with leading axes of 1); lo, hi: the core per axis; check: the
+    # axes whose face neighbours constrain a candidate. Flat C-order indices of both sets, in order.
+    n0, n1, n2 = values.shape
+    maxima = np.empty(1024, np.int64)
+    maybe = np.empty(1024, np.int64)
+    n_max = 0
+    n_maybe = 0
+    for i in range(lo[0], hi[0]):
+        for j in range(lo[1], hi[1]):
+            for k in range(lo[2], hi[2]):
+                v = values[i, j, k]
+                if not (v > min_value):
+                    continue
+                flat = (i * n1 + j) * n2 + k
+                if v == maxed[i, j, k]:
+                    maxima = _append(maxima, n_max, flat)
+                    n_max += 1
+                    continue
+                if check[0] and ((i > 0 and not (v >= values[i - 1, j, k]))
+                                 or (i < n0 - 1 and not (v >= values[i + 1, j, k]))):
+                    continue
+                if check[1] and ((j > 0 and not (v >= values[i, j - 1, k]))
+                                 or (j < n1 - 1 and not (v >= values[i, j + 1, k]))):
+                    continue
+                if check[2] and ((k > 0 and not (v >= values[i, j, k - 1]))
+                                 or (k < n2 - 1 and not (v >= values[i, j, k + 1]))):
+                    continue
+                maybe = _append(maybe, n_maybe, flat)
+                n_maybe += 1
+    return maxima[:n_max], maybe[:n_maybe]
+
+
+def box_maxima(values, maxed, min_value, half_widths, core=None):
+    """``gpu_pipeline.array_algorithms.box_maxima`` in one compiled pass over the core, or None where it does
+    not apply (not 1-3D, not integer or float, ``maxed`` of another type or shape).
+
+    ``min_value`` is compared as float64, exact for the integer types up to 32 bits that it takes.
+    """
+    values, maxed = np.asarray(values), np.asarray(maxed)
+    ndim = values.ndim
+    if not (1 <= ndim <= 3) or maxed.dtype != values.dtype or maxed.shape != values.shape:
+        return None
+    if not (values.dtype.kind == "f" or (values.dtype.kind in "iu" and values.dtype.itemsize <= 4)):
+        return None
+    core = core if core is not None else (slice(None),) * ndim
+    bounds = [c.indices(n) for c, n in zip(core, values.shape)]
+    if any(step != 1 for _, _, step in bounds):
+        return None
+    pad = 3 - ndim
+    lo = np.asarray([0] * pad + [max(0, b[0]) for b in bounds], np.int64)
+    hi = np.asarray([1] * pad + [max(b[0], b[1]) for b in bounds], np.int64)
+    check = np.asarray([False] * pad + [int(h) >= 1 and n >= 2 for h, n in zip(half_widths, values.shape)])
+    pad_axes = (None,) * pad  # leading axes of 1 as views: a window of a larger array is not copied
+    maxima, maybe = _box_maxima(values[pad_axes], maxed[pad_axes], float(min_value), lo, hi, check)
+    as_coords = (lambda flat: np.stack(np.unravel_index(flat, values.shape), axis=1).astype(np.int64)
+                 if flat.size else np.zeros((0, ndim), np.int64))
+    return as_coords(maxima), as_coords(maybe)

@@ -67,6 +67,23 @@ def maximum_filter(array, size):
     return result
 
 
+def box_maxima(values, maxed, min_value, half_widths, core=None):
+    """The candidates of a local-maximum search from a box maximum filter (``array_algorithms.box_maxima``).
+
+    One compiled pass over ``core`` for 1-3D integer or float arrays (the
+    array-module version makes about twenty whole-array passes and mask
+    temporaries); the same coordinates.
+    """
+    from cpu_fallback.kernels import box_maxima as compiled
+
+    result = compiled(values, maxed, min_value, half_widths, core)
+    if result is None:
+        from gpu_pipeline.array_algorithms import box_maxima as array_version
+
+        result = array_version(values, maxed, min_value, half_widths, core)
+    return result
+
+
 def scatter_min(target, index, values):
     """target[index] = min(target[index], values), repeated indices allowed."""
     np.minimum.at(target, index, values)

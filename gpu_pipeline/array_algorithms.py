@@ -119,6 +119,40 @@ def _lower_envelope(partial, axis, weight, cap2, xp):
     return result
 
 
+# --- local maxima ------------------------------------------------------------------------------------------
+
+
+def box_maxima(values, maxed, min_value, half_widths, core=None):
+    """The two candidate sets of a local-maximum search from a box maximum filter, as coordinates.
+
+    ``maxed``: ``values`` through a box maximum filter of ``2*h+1`` voxels
+    per axis (edges replicated). Returns ``(maxima, maybe)``, (n, ndim)
+    int64 in C order, both within ``core`` (a tuple of slices; default all):
+    ``maxima``, the voxels above ``min_value`` equal to their box maximum;
+    ``maybe``, the other voxels above ``min_value`` at least as high as each
+    face neighbour along the axes where ``h`` >= 1 (edges replicated: a
+    missing neighbour is no constraint), the only ones a smaller window
+    inside the box can still keep.
+    """
+    xp = get_array_module(values)
+    above = values > min_value
+    is_max = (values == maxed) & above
+    rejected = above & ~is_max
+    for axis, h in enumerate(half_widths):
+        if h < 1 or values.shape[axis] < 2:
+            continue
+        low, high = neighbour_slices(values.ndim, axis)
+        rejected[low] &= values[low] >= values[high]
+        rejected[high] &= values[high] >= values[low]
+    if core is not None:
+        inside = xp.zeros(values.shape, dtype=bool)
+        inside[core] = True
+        is_max &= inside
+        rejected &= inside
+    return (xp.stack(xp.nonzero(is_max), axis=1).astype(xp.int64),
+            xp.stack(xp.nonzero(rejected), axis=1).astype(xp.int64))
+
+
 # --- equal-value components ---------------------------------------------------------------------------------
 
 

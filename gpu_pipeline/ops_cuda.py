@@ -17,6 +17,7 @@ from cupyx.scipy import ndimage as cndi
 from scipy import ndimage as ndi
 
 from gpu_pipeline._common import GAUSSIAN_TRUNCATE
+from gpu_pipeline.array_algorithms import box_maxima as array_box_maxima
 from gpu_pipeline.array_algorithms import distance_transform_edt, label_by_value_propagation
 
 xp = cp
@@ -55,6 +56,11 @@ def label_by_value(labels):
 def maximum_filter(array, size):
     """Maximum over a box of ``size`` voxels per axis (edge values replicated)."""
     return cndi.maximum_filter(array, size=tuple(int(s) for s in size), mode="nearest")
+
+
+def box_maxima(values, maxed, min_value, half_widths, core=None):
+    """The candidates of a local-maximum search from a box maximum filter: the array-module version."""
+    return array_box_maxima(values, maxed, min_value, half_widths, core)
 
 
 def scatter_min(target, index, values):

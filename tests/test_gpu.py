@@ -41,6 +41,11 @@ def test_primitives_match_the_cpu(cp, rng):
     np.testing.assert_array_equal(gpu.label_by_value(cp.asarray(values)).get(), cpu.label_by_value(values))
     arr = rng.random((40, 50)).astype(np.float32)
     np.testing.assert_array_equal(gpu.maximum_filter(cp.asarray(arr), (5, 7)).get(), cpu.maximum_filter(arr, (5, 7)))
+    maxed = cpu.maximum_filter(values, (5, 5, 5))
+    core = (slice(2, 18), slice(2, 28), slice(0, 25))
+    for got, want in zip(gpu.box_maxima(cp.asarray(values), cp.asarray(maxed), 0, (2, 2, 2), core),
+                         cpu.box_maxima(values, maxed, 0, (2, 2, 2), core)):
+        np.testing.assert_array_equal(got.get(), want)
 
 
 @pytest.mark.parametrize("shape,spacing", [((192, 192), (1.0, 1.0)), ((40, 96, 96), (2.0, 1.0, 1.0))])

@@ -350,3 +350,49 @@ def test_maximum_filter_equals_scipy_nearest(rng, shape, size, dtype):
     ours = ops.maximum_filter(values, size)
     assert ours.dtype == values.dtype
     np.testing.assert_array_equal(ours, expected)
+
+
+def _box_maxima_reference(values, size, min_value, half_widths, core):
+    """The two candidate sets by definition: SciPy's box maximum, and face neighbours from an edge-padded copy."""
+    above = values > min_value
+    is_max = above & (values == ndi.maximum_filter(values, size=size, mode="nearest"))
+    maybe = above & ~is_max
+    padded = np.pad(values, 1, mode="edge")
+    for axis, h in enumerate(half_widths):
+        if h >= 1:
+            for step in (-1, 1):
+                neighbour = np.roll(padded, step, axis=axis)[(slice(1, -1),) * values.ndim]
+                maybe &= values >= neighbour
+    inside = np.zeros(values.shape, bool)
+    inside[core] = True
+    return np.argwhere(is_max & inside), np.argwhere(maybe & inside)
+
+
+@pytest.mark.parametrize("shape,half,dtype,core", [
+    ((301,), (4,), np.int32, (slice(7, 290),)),
+    ((40, 57), (3, 0), np.uint16, (slice(None), slice(None))),
+    ((23, 31, 37), (4, 4, 4), np.int32, (slice(4, 19), slice(4, 27), slice(4, 33))),
+    ((19, 26, 33), (1, 3, 5), np.float32, (slice(0, 19), slice(2, 20), slice(5, 33))),
+    ((23, 31, 37), (4, 4, 4), np.int64, (slice(None),) * 3),  # int64: the array-module path
+])
+def test_box_maxima_are_the_box_maxima_and_face_neighbour_maxima(rng, shape, half, dtype, core):
+    """The CPU's compiled candidate pass and the array-module one (the GPU's) give the defining sets."""
+    from gpu_pipeline.array_algorithms import box_maxima as array_version
+
+    values = ndi.zoom(rng.integers(0, 9, tuple(max(2, n // 3) for n in shape)), 3, order=0)  # plateaus ...
+    values = np.where(rng.random(values.shape) < 0.2, rng.integers(0, 9, values.shape), values)  # ... and specks
+    values = np.pad(values, [(0, max(0, n - m)) for n, m in zip(shape, values.shape)], mode="edge")
+    values = values[tuple(slice(0, n) for n in shape)].astype(dtype)
+    size = tuple(2 * h + 1 for h in half)
+    maxed = ndi.maximum_filter(values, size=size, mode="nearest")
+    expected = _box_maxima_reference(values, size, 2, half, core)
+    assert expected[0].shape[0] and expected[1].shape[0]  # both sets are exercised
+    for ours in (ops.box_maxima(values, maxed, 2, half, core), array_version(values, maxed, 2, half, core)):
+        for got, want in zip(ours, expected):
+            assert got.dtype == np.int64
+            np.testing.assert_array_equal(got, want)
+    # A window of a larger array (not contiguous) gives the window's own result.
+    big = np.pad(values, 3, mode="reflect")
+    window = big[(slice(3, -3),) * values.ndim]
+    for got, want in zip(ops.box_maxima(window, maxed, 2, half, core), expected):
+        np.testing.assert_array_equal(got, want)

@@ -138,29 +138,16 @@ def local_maxima(values, *, half_widths, min_value=0, core=None):
     ``values``.
     """
     xp = get_array_module(values)
+    ops = ops_for(values)
     size = tuple(2 * h + 1 for h in half_widths)
-    above = values > min_value
-    is_max = (values == ops_for(values).maximum_filter(values, size)) & above
-    # Face-neighbour maxima (edges replicated) that the box rejected: the only voxels the ellipsoid can keep.
-    rejected = above & ~is_max
-    for axis, h in enumerate(half_widths):
-        if h < 1 or values.shape[axis] < 2:
-            continue
-        low, high = [slice(None)] * values.ndim, [slice(None)] * values.ndim
-        low[axis], high[axis] = slice(0, -1), slice(1, None)
-        low, high = tuple(low), tuple(high)
-        rejected[low] &= values[low] >= values[high]
-        rejected[high] &= values[high] >= values[low]
-    if core is not None:
-        inside = xp.zeros(values.shape, dtype=bool)
-        inside[core] = True
-        is_max &= inside
-        rejected &= inside
-    maybe = xp.stack(xp.nonzero(rejected), axis=1).astype(xp.int64)
-    if maybe.shape[0]:
-        kept = maybe[_highest_in_window(values, maybe, half_widths)]
-        is_max[tuple(kept.T)] = True
-    return xp.stack(xp.nonzero(is_max), axis=1).astype(xp.int64)
+    # The box's maxima, and the face-neighbour maxima (edges replicated) that the box rejected: the only
+    # voxels the ellipsoid can keep.
+    maxima, maybe = ops.box_maxima(values, ops.maximum_filter(values, size), min_value, half_widths, core)
+    if not maybe.shape[0]:
+        return maxima
+    coords = xp.concatenate([maxima, maybe[_highest_in_window(values, maybe, half_widths)]])
+    order = xp.argsort(xp.ravel_multi_index(tuple(coords.T), values.shape), kind="stable")
+    return coords[order]
 
 
 def _highest_in_window(values, coords, half_widths):
