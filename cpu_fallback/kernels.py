@@ -706,3 +706,78 @@ def box_maxima(values, maxed, min_value, half_widths, core=None):
     as_coords = (lambda flat: np.stack(np.unravel_index(flat, values.shape), axis=1).astype(np.int64)
                  if flat.size else np.zeros((0, ndim), np.int64))
     return as_coords(maxima), as_coords(maybe)
+
+
+@njit(cache=True, nogil=True)
+def _id_range(labels):  # pragma: no cover - compiled; tested through label_sums
+    lo, hi = np.int64(0), np.int64(-1)
+    for v in labels.ravel():
+        if v != 0:
+            if hi < lo:
+                lo = hi = np.int64(v)
+            elif v < lo:
+                lo = np.int64(v)
+            elif v > hi:
+                hi = np.int64(v)
+    return lo, hi
+
+
+@njit(cache=True, nogil=True)
+def _label_sums(labels, image, with_image, lo, count, sums, low, high, intensity):  # pragma: no cover - compiled
+    # labels, image: 3D (leading axes of 1 for 1D/2D); per id - lo: voxels, coordinate sums, bounds, intensity,
+    # accumulated in C order (the order NumPy's bincount adds them in).
+    n0, n1, n2 = labels.shape
+    for i in range(n0):
+        for j in range(n1):
+            for k in range(n2):
+                v = labels[i, j, k]
+                if v == 0:
+                    continue
+                s = np.int64(v) - lo
+                count[s] += 1
+                sums[0, s] += i
+                sums[1, s] += j
+                sums[2, s] += k
+                if i < low[0, s]:
+                    low[0, s] = i
+                if i > high[0, s]:
+                    high[0, s] = i
+                if j < low[1, s]:
+                    low[1, s] = j
+                if j > high[1, s]:
+                    high[1, s] = j
+                if k < low[2, s]:
+                    low[2, s] = k
+                if k > high[2, s]:
+                    high[2, s] = k
+                if with_image:
+                    intensity[s] += np.float64(image[i, j, k])
+
+
+def label_sums(labels, image=None):
+    """``gpu_pipeline.array_algorithms.label_sums`` in two compiled passes (the ids' range, then the sums),
+    or None where it does not apply: not 1-3D, not integer labels, an image of another shape, ids spread
+    over more than four per voxel (sparse ids: the sort of the array version then costs less)."""
+    labels = np.asarray(labels)
+    ndim = labels.ndim
+    if not (1 <= ndim <= 3) or not (labels.dtype.kind == "i" or (labels.dtype.kind == "u" and labels.dtype.itemsize <= 4)):
+        return None  # uint64 ids do not all fit the int64 arithmetic
+    if image is not None and (np.shape(image) != labels.shape or np.asarray(image).dtype.kind not in "iuf"):
+        return None
+    pad = (None,) * (3 - ndim)
+    lo, hi = _id_range(labels[pad])
+    span = int(hi - lo + 1)
+    if span > 4 * labels.size + 1024:
+        return None
+    count = np.zeros(span, np.int64)
+    sums = np.zeros((3, span), np.float64)
+    low = np.full((3, span), np.iinfo(np.int64).max, np.int64)
+    high = np.full((3, span), -1, np.int64)
+    intensity = np.zeros(span if image is not None else 0, np.float64)
+    values = np.asarray(image)[pad] if image is not None else labels[pad]
+    _label_sums(labels[pad], values, image is not None, lo, count, sums, low, high, intensity)
+    present = np.flatnonzero(count)
+    axes = slice(3 - ndim, 3)
+    return {"label": present + lo, "count": count[present], "sum": sums[axes, present],
+            "low": low[axes, present], "high": high[axes, present],
+            "intensity": intensity[present] if image is not None else None}

@@ -84,6 +84,19 @@ def box_maxima(values, maxed, min_value, half_widths, core=None):
     return result
 
 
+def label_sums(labels, image=None):
+    """Per-label sums for the particle table (``array_algorithms.label_sums``): compiled, one pass over the
+    voxels after one for the ids' range; the array version where that does not apply."""
+    from cpu_fallback.kernels import label_sums as compiled
+
+    result = compiled(labels, image)
+    if result is None:
+        from gpu_pipeline.array_algorithms import label_sums as array_version
+
+        result = array_version(labels, image, scatter_min, scatter_max)
+    return result
+
+
 def scatter_min(target, index, values):
     """target[index] = min(target[index], values), repeated indices allowed."""
     np.minimum.at(target, index, values)

@@ -9,6 +9,7 @@ only the leaf `_common`, never the stages.
 """
 from __future__ import annotations
 
+import numpy as np
 
 from gpu_pipeline._common import get_array_module
 
@@ -151,6 +152,40 @@ def box_maxima(values, maxed, min_value, half_widths, core=None):
         rejected &= inside
     return (xp.stack(xp.nonzero(is_max), axis=1).astype(xp.int64),
             xp.stack(xp.nonzero(rejected), axis=1).astype(xp.int64))
+
+
+# --- per-label sums -----------------------------------------------------------------------------------------
+
+
+def label_sums(labels, image, scatter_min, scatter_max):
+    """Per-label sums of a label image, the particle table's reductions: a dict of arrays, one entry per id.
+
+    ``label`` (the non-zero ids present, ascending, int64), ``count``
+    (voxels, int64), ``sum`` (ndim, n) coordinate sums (float64, in the
+    array's own index coordinates), ``low`` / ``high`` (ndim, n) smallest and
+    largest coordinate (int64), ``intensity`` (summed ``image`` values,
+    float64; None without an image). Sums accumulate in C order.
+    ``scatter_min`` / ``scatter_max``: the backend's repeated-index reductions.
+    """
+    xp = get_array_module(labels)
+    flat = xp.flatnonzero(labels.ravel())
+    ids = labels.ravel()[flat].astype(xp.int64)
+    present, inverse, counts = xp.unique(ids, return_inverse=True, return_counts=True)
+    inverse = inverse.ravel()
+    n = present.size
+    coords = [c.astype(xp.int64) for c in xp.unravel_index(flat, labels.shape)]
+    low = xp.full((labels.ndim, n), np.iinfo(np.int64).max, dtype=xp.int64)
+    high = xp.full((labels.ndim, n), -1, dtype=xp.int64)
+    for axis, c in enumerate(coords):
+        scatter_min(low[axis], inverse, c)
+        scatter_max(high[axis], inverse, c)
+    sums = xp.stack([xp.bincount(inverse, weights=c.astype(xp.float64), minlength=n) for c in coords]) if n else \
+        xp.zeros((labels.ndim, 0), dtype=xp.float64)
+    intensity = None
+    if image is not None:
+        intensity = xp.bincount(inverse, weights=image.ravel()[flat].astype(xp.float64), minlength=n)
+    return {"label": present.astype(xp.int64), "count": counts.astype(xp.int64), "sum": sums, "low": low,
+            "high": high, "intensity": intensity}
 
 
 # --- equal-value components ---------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Per-particle table: size, equivalent diameter, centroid, bounding box, intensity.
 
-Computed with one pass of bincounts over the foreground (no per-object loop),
-so the same reductions can later be summed over chunks.
+Computed from per-label sums (`label_sums` of the backend: one compiled pass on
+the CPU, bincounts and scatter reductions on the GPU; no per-object loop), the
+same reductions that chunked runs sum over chunks.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import math
 
 import numpy as np
 
-from gpu_pipeline._backend import get_array_module, ops_for, to_host
+from gpu_pipeline._backend import ops_for, to_host
 
 AXES = ("z", "y", "x")
 
@@ -35,26 +36,21 @@ def particle_table(labels, image=None, spacing=None):
         ``centroid_<axis>`` (physical); ``bbox_min_<axis>``, ``bbox_max_<axis>``
         (voxel index, max exclusive, as in scikit-image); ``mean_intensity``.
     """
-    xp = get_array_module(labels)
-    ops = ops_for(labels)
     ndim = labels.ndim
     spacing = (1.0,) * ndim if spacing is None else tuple(float(s) for s in spacing)
-    flat = xp.flatnonzero(labels.ravel())
-    ids = labels.ravel()[flat].astype(xp.int64)
+    sums = {k: None if v is None else to_host(v) for k, v in ops_for(labels).label_sums(labels, image).items()}
+    ids = sums["label"]
     n = int(ids.max()) + 1 if ids.size else 1
-    coords = [c.astype(xp.int64) for c in xp.unravel_index(flat, labels.shape)]
-    counts = xp.bincount(ids, minlength=n)
-    sums = xp.stack([xp.bincount(ids, weights=c.astype(xp.float64), minlength=n) for c in coords])
-    low = xp.stack([xp.full(n, labels.shape[a], dtype=xp.int64) for a in range(ndim)])
-    high = xp.full((ndim, n), -1, dtype=xp.int64)
-    for axis, c in enumerate(coords):
-        ops.scatter_min(low[axis], ids, c)
-        ops.scatter_max(high[axis], ids, c)
+    counts = np.zeros(n, np.int64)
+    total = np.zeros((ndim, n), np.float64)
+    low = np.stack([np.full(n, labels.shape[a], dtype=np.int64) for a in range(ndim)])
+    high = np.full((ndim, n), -1, dtype=np.int64)
+    counts[ids], total[:, ids], low[:, ids], high[:, ids] = sums["count"], sums["sum"], sums["low"], sums["high"]
     intensity = None
     if image is not None:
-        intensity = xp.bincount(ids, weights=image.ravel()[flat].astype(xp.float64), minlength=n)
-    return table_from_sums(*(to_host(a) for a in (counts, sums, low, high)),
-                           None if intensity is None else to_host(intensity), spacing)
+        intensity = np.zeros(n, np.float64)
+        intensity[ids] = sums["intensity"]
+    return table_from_sums(counts, total, low, high, intensity, spacing)
 
 
 def table_from_sums(counts, sums, low, high, intensity, spacing):

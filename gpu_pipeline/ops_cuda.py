@@ -19,6 +19,7 @@ from scipy import ndimage as ndi
 from gpu_pipeline._common import GAUSSIAN_TRUNCATE
 from gpu_pipeline.array_algorithms import box_maxima as array_box_maxima
 from gpu_pipeline.array_algorithms import distance_transform_edt, label_by_value_propagation
+from gpu_pipeline.array_algorithms import label_sums as array_label_sums
 
 xp = cp
 
@@ -61,6 +62,11 @@ def maximum_filter(array, size):
 def box_maxima(values, maxed, min_value, half_widths, core=None):
     """The candidates of a local-maximum search from a box maximum filter: the array-module version."""
     return array_box_maxima(values, maxed, min_value, half_widths, core)
+
+
+def label_sums(labels, image=None):
+    """Per-label sums for the particle table: the array-module version (cupyx's scatter reductions)."""
+    return array_label_sums(labels, image, scatter_min, scatter_max)
 
 
 def scatter_min(target, index, values):

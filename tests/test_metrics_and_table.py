@@ -62,3 +62,34 @@ def test_particle_table_matches_regionprops(rng, shape, spacing):
         assert tuple(table[f"bbox_min_{a}"][row] for a in axes) + tuple(table[f"bbox_max_{a}"][row] for a in axes) == p.bbox
         size = table["area" if len(shape) == 2 else "volume"][row]
         np.testing.assert_allclose(size, p.area, rtol=1e-9)
+
+
+@pytest.mark.parametrize("shape,ids,dtype,image_dtype", [
+    ((500,), 7, np.int32, np.uint8), ((37, 41), 30, np.uint16, np.float32), ((13, 17, 19), 60, np.int64, np.uint16),
+    ((13, 17, 19), 10**9, np.int64, None),  # ids spread far beyond the voxels: the sorted (array) path
+    ((9, 11), 5, np.uint64, np.uint8),  # uint64 ids: the array path
+])
+def test_label_sums_are_each_labels_count_coordinate_sums_bounds_and_intensity(rng, shape, ids, dtype, image_dtype):
+    """The CPU's compiled per-label sums and the array-module ones (the GPU's) against a per-label loop."""
+    from cpu_fallback import ops
+    from gpu_pipeline.array_algorithms import label_sums as array_version
+
+    labels = np.where(rng.random(shape) < 0.7, rng.integers(1, ids, shape), 0).astype(dtype)
+    labels.ravel()[rng.integers(0, labels.size)] = ids  # the largest id, so the sparse case is sparse
+    image = None if image_dtype is None else (rng.random(shape) * 200).astype(image_dtype)
+    grid = np.indices(shape)
+    present = np.unique(labels[labels > 0]).astype(np.int64)
+    for ours in (ops.label_sums(labels, image), array_version(labels, image, ops.scatter_min, ops.scatter_max)):
+        np.testing.assert_array_equal(ours["label"], present)
+        for n, label in enumerate(present):
+            where = labels == label
+            assert ours["count"][n] == where.sum()
+            for axis in range(len(shape)):
+                assert ours["sum"][axis, n] == grid[axis][where].sum()
+                assert (ours["low"][axis, n], ours["high"][axis, n]) == (grid[axis][where].min(), grid[axis][where].max())
+            if image is None:
+                assert ours["intensity"] is None
+            else:
+                np.testing.assert_allclose(ours["intensity"][n], image[where].astype(np.float64).sum(), rtol=1e-12)
+    empty = ops.label_sums(np.zeros(shape, dtype), image)
+    assert empty["label"].size == 0 and empty["sum"].shape == (len(shape), 0)

@@ -34,7 +34,6 @@ import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops_for, to_host
 from gpu_pipeline._common import usable_cores
-from gpu_pipeline.chunked.components import unique_ids
 from gpu_pipeline.chunked.workspace import (Workspace, active_client, limit_malloc_arenas, nanny_malloc_config,
                                             no_hugepage_advice, return_freed_memory, save_records,
                                             worker_malloc_setup, write_blocks)
@@ -161,26 +160,18 @@ def engine(*, cluster=None, scheduler=None, workers=None, device="cpu"):
 
 
 def _block_table(labels, image, origin):
-    """Per-chunk partial sums for the particle table (host arrays keyed by label id)."""
-    xp = get_array_module(labels)
-    flat = xp.flatnonzero(labels.ravel())
-    ids = labels.ravel()[flat].astype(xp.int64)
-    if ids.size == 0:
+    """Per-chunk partial sums for the particle table (host arrays keyed by label id), global coordinates."""
+    sums = ops_for(labels).label_sums(labels, image)
+    if sums["label"].size == 0:
         return None
-    present, inverse, counts = unique_ids(ids, return_inverse=True, return_counts=True)
-    inverse = inverse.ravel()
-    n = present.size
-    coords = [c.astype(xp.int64) + int(o) for c, o in zip(xp.unravel_index(flat, labels.shape), origin)]
-    out = {"label": present, "count": counts.astype(xp.int64)}
-    for axis, c in enumerate(coords):
-        out[f"sum{axis}"] = xp.bincount(inverse, weights=c.astype(xp.float64), minlength=n)
-        low = xp.full(n, np.iinfo(np.int64).max, dtype=xp.int64)
-        high = xp.full(n, -1, dtype=xp.int64)
-        ops_for(labels).scatter_min(low, inverse, c)
-        ops_for(labels).scatter_max(high, inverse, c)
-        out[f"min{axis}"], out[f"max{axis}"] = low, high
+    xp = get_array_module(sums["count"])
+    out = {"label": sums["label"], "count": sums["count"]}
+    for axis, o in enumerate(origin):
+        # Integer sums in float64: exact, so adding the origin once per voxel here equals summing shifted ones.
+        out[f"sum{axis}"] = sums["sum"][axis] + float(int(o)) * sums["count"].astype(xp.float64)
+        out[f"min{axis}"], out[f"max{axis}"] = sums["low"][axis] + int(o), sums["high"][axis] + int(o)
     if image is not None:
-        out["intensity"] = xp.bincount(inverse, weights=image.ravel()[flat].astype(xp.float64), minlength=n)
+        out["intensity"] = sums["intensity"]
     return {k: to_host(v) for k, v in out.items()}
 
 
