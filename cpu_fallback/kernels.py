@@ -685,7 +685,7 @@ def box_maxima(values, maxed, min_value, half_widths, core=None):
     """``gpu_pipeline.array_algorithms.box_maxima`` in one compiled pass over the core, or None where it does
     not apply (not 1-3D, not integer or float, ``maxed`` of another type or shape).
 
-    ``min_value`` is compared as float64, exact for the integer types up to 32 bits that it takes.
+    ``min_value`` is compared in the type NumPy would compare it in.
     """
     values, maxed = np.asarray(values), np.asarray(maxed)
     ndim = values.ndim
@@ -702,7 +702,10 @@ def box_maxima(values, maxed, min_value, half_widths, core=None):
     hi = np.asarray([1] * pad + [max(b[0], b[1]) for b in bounds], np.int64)
     check = np.asarray([False] * pad + [int(h) >= 1 and n >= 2 for h, n in zip(half_widths, values.shape)])
     pad_axes = (None,) * pad  # leading axes of 1 as views: a window of a larger array is not copied
-    maxima, maybe = _box_maxima(values[pad_axes], maxed[pad_axes], float(min_value), lo, hi, check)
+    # min_value in the type NumPy compares ``values > min_value`` in (a Python float against float32 values:
+    # float32), so that the threshold rounds as it does there.
+    threshold = np.result_type(values.dtype, min_value).type(min_value)
+    maxima, maybe = _box_maxima(values[pad_axes], maxed[pad_axes], threshold, lo, hi, check)
     as_coords = (lambda flat: np.stack(np.unravel_index(flat, values.shape), axis=1).astype(np.int64)
                  if flat.size else np.zeros((0, ndim), np.int64))
     return as_coords(maxima), as_coords(maybe)
