@@ -713,15 +713,20 @@ def box_maxima(values, maxed, min_value, half_widths, core=None):
 
 @njit(cache=True, nogil=True)
 def _id_range(labels):  # pragma: no cover - compiled; tested through label_sums
+    # labels: 3D, as _label_sums reads them (a window of a larger array is read in place, not raveled to a copy).
     lo, hi = np.int64(0), np.int64(-1)
-    for v in labels.ravel():
-        if v != 0:
-            if hi < lo:
-                lo = hi = np.int64(v)
-            elif v < lo:
-                lo = np.int64(v)
-            elif v > hi:
-                hi = np.int64(v)
+    n0, n1, n2 = labels.shape
+    for i in range(n0):
+        for j in range(n1):
+            for k in range(n2):
+                v = labels[i, j, k]
+                if v != 0:
+                    if hi < lo:
+                        lo = hi = np.int64(v)
+                    elif v < lo:
+                        lo = np.int64(v)
+                    elif v > hi:
+                        hi = np.int64(v)
     return lo, hi
 
 
