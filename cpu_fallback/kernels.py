@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from gpu_pipeline.array_algorithms import DENSE_ID_SPAN
+
 
 @njit(cache=True, nogil=True)
 def _greedy_spacing(coords, half, cell, span):  # pragma: no cover - compiled; tested through greedy_spacing
@@ -765,7 +767,7 @@ def _label_sums(labels, image, with_image, lo, count, sums, low, high, intensity
 def label_sums(labels, image=None):
     """``gpu_pipeline.array_algorithms.label_sums`` in two compiled passes (the ids' range, then the sums),
     or None where it does not apply: not 1-3D, not integer labels, an image of another shape, ids spread
-    over more than four per voxel (sparse ids: the sort of the array version then costs less)."""
+    over more than ``DENSE_ID_SPAN`` per voxel (sparse ids: the sort of the array version then costs less)."""
     labels = np.asarray(labels)
     ndim = labels.ndim
     if not (1 <= ndim <= 3) or not (labels.dtype.kind == "i" or (labels.dtype.kind == "u" and labels.dtype.itemsize <= 4)):
@@ -775,7 +777,7 @@ def label_sums(labels, image=None):
     pad = (None,) * (3 - ndim)
     lo, hi = _id_range(labels[pad])
     span = int(hi - lo + 1)
-    if span > 4 * labels.size + 1024:
+    if span > DENSE_ID_SPAN * labels.size + 1024:
         return None
     count = np.zeros(span, np.int64)
     sums = np.zeros((3, span), np.float64)

@@ -157,6 +157,35 @@ def box_maxima(values, maxed, min_value, half_widths, core=None):
 # --- per-label sums -----------------------------------------------------------------------------------------
 
 
+#: Ids spanning at most this many times the array's length (plus a little) are counted, not sorted.
+DENSE_ID_SPAN = 4
+
+
+def unique_ids(values, *, return_inverse=False, return_counts=False):
+    """``np.unique`` of a 1-D integer array (sorted ids; inverse, counts on request).
+
+    Where the ids span at most ``DENSE_ID_SPAN`` times the array's length, as
+    the ids of one block of a chunked label image nearly always do (they are
+    numbered block by block), they are counted with ``bincount`` instead of
+    sorting every voxel; the result is the same arrays as ``np.unique``.
+    """
+    xp = get_array_module(values)
+    wanted = (return_inverse, return_counts)
+    lo = int(values.min()) if values.size else 0
+    span = int(values.max()) - lo + 1 if values.size else 0
+    if values.size == 0 or span > DENSE_ID_SPAN * values.size + 1024:
+        return xp.unique(values, return_inverse=return_inverse, return_counts=return_counts)
+    shifted = values.astype(xp.int64) - lo
+    counts = xp.bincount(shifted, minlength=span)
+    present = xp.flatnonzero(counts)
+    out = [(present + lo).astype(values.dtype)]
+    if return_inverse:
+        out.append((xp.cumsum(counts > 0) - 1)[shifted])
+    if return_counts:
+        out.append(counts[present])
+    return out[0] if not any(wanted) else tuple(out)
+
+
 def label_sums(labels, image, scatter_min, scatter_max):
     """Per-label sums of a label image, the particle table's reductions: a dict of arrays, one entry per id.
 
@@ -170,7 +199,7 @@ def label_sums(labels, image, scatter_min, scatter_max):
     xp = get_array_module(labels)
     flat = xp.flatnonzero(labels.ravel())
     ids = labels.ravel()[flat].astype(xp.int64)
-    present, inverse, counts = xp.unique(ids, return_inverse=True, return_counts=True)
+    present, inverse, counts = unique_ids(ids, return_inverse=True, return_counts=True)
     inverse = inverse.ravel()
     n = present.size
     coords = [c.astype(xp.int64) for c in xp.unravel_index(flat, labels.shape)]

@@ -141,7 +141,7 @@ def test_staged_labelling_equals_scipy_and_labels_each_block_once(rng, tmp_path)
 
 def test_unique_ids_equals_numpy_unique(rng):
     """Counting (ids within a few times the length) and sorting (ids spread wide) give np.unique's arrays."""
-    from gpu_pipeline.chunked.components import unique_ids
+    from gpu_pipeline.array_algorithms import unique_ids
 
     cases = [rng.integers(0, 300, 5000), rng.integers(10**6, 10**6 + 40, 2000).astype(np.int32),
              rng.integers(0, 10**12, 3000), np.repeat(rng.integers(0, 50, 30), rng.integers(1, 9, 30)),

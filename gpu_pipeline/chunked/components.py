@@ -26,35 +26,6 @@ from gpu_pipeline.chunked.workspace import run_tasks
 from gpu_pipeline.stages.components import count_pairs, face_pairs_between_labels, piece_stats
 
 
-#: Ids spanning at most this many times the array's length (plus a little) are counted, not sorted.
-DENSE_ID_SPAN = 4
-
-
-def unique_ids(values, *, return_inverse=False, return_counts=False):
-    """``np.unique`` of a 1-D integer array (sorted ids; inverse, counts on request).
-
-    Where the ids span at most ``DENSE_ID_SPAN`` times the array's length, as
-    the ids of one block of a chunked label image nearly always do (they are
-    numbered block by block), they are counted with ``bincount`` instead of
-    sorting every voxel; the result is the same arrays as ``np.unique``.
-    """
-    xp = get_array_module(values)
-    wanted = (return_inverse, return_counts)
-    lo = int(values.min()) if values.size else 0
-    span = int(values.max()) - lo + 1 if values.size else 0
-    if values.size == 0 or span > DENSE_ID_SPAN * values.size + 1024:
-        return xp.unique(values, return_inverse=return_inverse, return_counts=return_counts)
-    shifted = values.astype(xp.int64) - lo
-    counts = xp.bincount(shifted, minlength=span)
-    present = xp.flatnonzero(counts)
-    out = [(present + lo).astype(values.dtype)]
-    if return_inverse:
-        out.append((xp.cumsum(counts > 0) - 1)[shifted])
-    if return_counts:
-        out.append(counts[present])
-    return out[0] if not any(wanted) else tuple(out)
-
-
 def _label_local(block, by_value):
     """Components of one block: (labels, count); equal-value components when ``by_value``."""
     ops = ops_for(block)

@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_host
-from gpu_pipeline.chunked.components import components_chunked, id_dtype, unique_ids
+from gpu_pipeline.array_algorithms import unique_ids
+from gpu_pipeline.chunked.components import components_chunked, id_dtype
 from gpu_pipeline.chunked.foreground import fit_halo, regions_chunked
 from gpu_pipeline.chunked.source import halo_box
 from gpu_pipeline.chunked.workspace import (Workspace, chunk_starts, read_staged, run_call, run_tasks, to_device,
