@@ -93,13 +93,12 @@ def chunk_starts(chunks):
     return [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64) for c in chunks]
 
 
-#: glibc's ceiling for its adaptive mmap threshold on 64-bit (``DEFAULT_MMAP_THRESHOLD_MAX``), and the trim
-#: threshold it pairs with it (twice the mmap threshold): what :func:`limit_malloc_arenas` sets where those
-#: thresholds were fixed by the environment.
+#: glibc's ceiling for its adaptive mmap threshold on 64-bit (``DEFAULT_MMAP_THRESHOLD_MAX``), the trim
+#: threshold it pairs with it (twice the mmap threshold), and the freed memory kept at the heap's top when it
+#: trims: what :func:`limit_malloc_arenas` sets.
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 64 << 20
-#: The environment variables with which glibc fixes those thresholds at a process's start.
-THRESHOLD_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+TOP_PAD = 64 << 20
 #: NumPy's switch for its huge-page advice, read when NumPy is imported.
 HUGEPAGE_VARIABLE = "NUMPY_MADVISE_HUGEPAGE"
 
@@ -110,7 +109,8 @@ def malloc_environ(threads):
     and NumPy without huge-page advice (:func:`no_hugepage_advice`). Dask's nanny sets
     ``MALLOC_TRIM_THRESHOLD_=65536`` for its workers; these values replace it."""
     return {"MALLOC_ARENA_MAX": str(max(1, int(threads))), "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
-            "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD), HUGEPAGE_VARIABLE: "0"}
+            "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD), "MALLOC_TOP_PAD_": str(TOP_PAD),
+            HUGEPAGE_VARIABLE: "0"}
 
 
 def no_hugepage_advice():
@@ -163,53 +163,52 @@ def _glibc(name):
 
 
 def limit_malloc_arenas(threads):
-    """Let glibc keep at most ``threads`` malloc arenas in this process (``mallopt(M_ARENA_MAX)``).
+    """Let glibc keep at most ``threads`` malloc arenas in this process, and reuse the memory freed in them.
 
     A chunked run's footprint and its page faults are both set by how glibc
     reuses freed memory. By default every thread that allocates gets an arena
     of its own (up to 8 per core): the Dask worker threads, Zarr's I/O
     threads, the main thread; each keeps freed chunk-sized arrays for its own
     later use, so resident memory is a multiple of one task's. With one arena
-    per worker thread, temporaries are reused across threads and passes.
+    per worker thread (``M_ARENA_MAX``), temporaries are reused across threads
+    and passes.
 
-    Measured 2026-12-01, 256^3 in 128^3 chunks, ``declump run`` with local
-    threads on one core, three interleaved runs each (wall seconds, page
-    faults, peak RSS):
+    Then the thresholds: arrays up to :data:`MMAP_THRESHOLD` come from the
+    heap (``M_MMAP_THRESHOLD``), and when freed memory at the heap's top
+    passes :data:`TRIM_THRESHOLD` glibc hands back only what exceeds
+    :data:`TOP_PAD` (``M_TRIM_THRESHOLD``, ``M_TOP_PAD``). With glibc's
+    adaptive thresholds (the setting before) it trimmed the heap to almost
+    nothing after each pass's chunk-sized temporaries (its trim threshold
+    follows the largest freed array, its pad is 128 KiB), and the next
+    block's arrays and Zarr's decoded chunks took fresh pages, one page
+    fault per 4 KiB: a task reading a 145^3 block of int32 with its halo from
+    the staged store faulted 17-19 thousand times and took 56-65 ms, against
+    17-27 ms and 4-10 thousand faults for the same read in the main thread.
+    Kept pages are pages the run had in use before, so the peak stays the
+    same. Measured 2026-12-02 (22:00-22:30 UTC), 256^3 in 128^3 chunks,
+    ``declump run`` with local threads on one core, three interleaved runs
+    each (wall seconds, system seconds, page faults, peak RSS):
 
-    - mmap and trim thresholds fixed at 64 KiB (the setting before, which gave
-      every chunk-sized temporary fresh pages): 6.4-7.1 s, 1.22-1.24 M, 0.25-0.26 GiB;
-    - one arena, mmap threshold 32 MiB, trim 64 KiB: 5.5-6.1 s, 0.47-0.61 M, 0.26-0.28 GiB;
-    - one arena, glibc's adaptive thresholds (this): 4.7-5.5 s, 0.20-0.33 M, 0.29-0.30 GiB;
-    - glibc's defaults (earlier, two runs at a slower hour, when the 64 KiB
-      setting took 12 s): 6.9-8.2 s, 0.10-0.13 M, 0.45 GiB.
+    - adaptive thresholds: 5.71-5.78 s, 1.15-1.37 s, 0.32-0.42 M, 0.283-0.284 GiB (GiB: 2^30 bytes);
+    - mmap 32 MiB, trim 64 MiB, pad 64 MiB (this): 4.79-5.18 s, 0.45-0.49 s, 0.057-0.067 M, 0.283 GiB;
+    - the same without the pad (two runs): 5.17-5.38 s, 0.13-0.15 M faults.
 
-    ``bench.memory`` (96^3 chunks, one thread): 0.25, 0.27 and 0.37 GiB for
-    3.5, 28 and 67 M voxels with this, 0.28, 0.30 and 0.41 GiB with the
-    64 KiB thresholds.
+    Earlier (2026-12-01, the same run): thresholds fixed at 64 KiB (every
+    chunk-sized temporary a fresh mmap) 6.4-7.1 s, 1.22-1.24 M faults;
+    glibc's defaults (one arena per thread) 0.45 GiB. Dask's nanny starts
+    its workers with ``MALLOC_TRIM_THRESHOLD_=65536``; the workers the run
+    starts get these settings from their start (:func:`malloc_environ`), and
+    those of a running cluster get them set here (:func:`worker_malloc_setup`).
 
-    Where the environment the process started with fixed glibc's thresholds
-    (a ``MALLOC_*_THRESHOLD_`` variable turns its adaptive ones off for good; Dask's nanny sets
-    ``MALLOC_TRIM_THRESHOLD_=65536`` in every worker it starts), they are set
-    to the ceiling the adaptive ones reach instead, :data:`MMAP_THRESHOLD` and
-    :data:`TRIM_THRESHOLD`. Measured 2026-12-02 on a running one-worker
-    ``LocalCluster`` (one core shared with the scheduler and the command),
-    the same run, two runs each: Dask's 64 KiB trim: 1.06-1.15 M page faults
-    in the worker, 3.4-4.6 s of kernel time, 12.3-14.8 s; these thresholds
-    set in the running worker: 1-5 thousand faults, 0.3-0.6 s, 9.0-10.4 s.
-
-    Call it before other threads allocate (arenas already made stay; a worker
-    started with :func:`malloc_environ` has them capped from its start).
+    Call it before other threads allocate (arenas already made stay).
     Returns False where it does not apply (not glibc).
     """
     mallopt = _glibc("mallopt")
     if mallopt is None:
         return False
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-    done = bool(mallopt(m_arena_max, max(1, int(threads))))
-    if _thresholds_fixed_at_start():
-        done = done and bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold,
-                                                                                            TRIM_THRESHOLD))
-    return done
+    m_trim_threshold, m_top_pad, m_mmap_threshold, m_arena_max = -1, -2, -3, -8
+    return all([bool(mallopt(m_arena_max, max(1, int(threads)))), bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)),
+                bool(mallopt(m_trim_threshold, TRIM_THRESHOLD)), bool(mallopt(m_top_pad, TOP_PAD))])
 
 
 def _set_at_start(names):
@@ -224,15 +223,10 @@ def _set_at_start(names):
     return any(name.decode(errors="replace") in names for name in found)
 
 
-def _thresholds_fixed_at_start():
-    """Did this process start with glibc's malloc thresholds fixed by its environment?"""
-    return _set_at_start(THRESHOLD_VARIABLES)
-
-
 def return_freed_memory():
     """Hand the memory glibc keeps after frees back to the OS (``malloc_trim(0)``); False where not glibc.
 
-    With adaptive thresholds (:func:`limit_malloc_arenas`) the heap keeps the
+    With the thresholds of :func:`limit_malloc_arenas` the heap keeps the
     freed chunk-sized temporaries of the last passes for reuse. A run calls
     this once its passes are done, before the output stage imports its
     libraries (pyarrow, matplotlib): measured 2026-12-02 on 256^3 in 128^3
