@@ -37,11 +37,11 @@ def _brighter_logged(block, log, block_info=None):
     return block > 0.5
 
 
-def test_a_components_pass_is_one_task_per_block_besides_its_faces(cluster_client, rng, tmp_path):
+def test_a_components_pass_is_two_tasks_per_block(cluster_client, rng, tmp_path):
     """On a cluster, the pass computes each block of its input once, in one task with its labelling,
-    staging and summary (a chain of elementwise steps before it included): per block that task and the one
-    handing its result over, plus one per block with a next block, for its faces with those (7 tasks for the
-    12 faces here; one per face before). It ran every step of the chain as a task of its own (60 tasks here)."""
+    staging and summary (a chain of elementwise steps before it included), and a second task per block hands
+    its result over with those of its faces with its next blocks: 16 tasks here. It ran every step of the chain as a task of its own (60 tasks here), then one task per face
+    (12), then a task for the result and one for the faces of each block with a next block (23)."""
     from distributed import get_task_stream
 
     from gpu_pipeline.chunked.components import components_chunked
@@ -53,12 +53,13 @@ def test_a_components_pass_is_one_task_per_block_besides_its_faces(cluster_clien
     values = values.astype(np.uint8) + 1
     with get_task_stream(cluster_client) as stream:
         found = components_chunked(values, by_value=True, workspace=Workspace(tmp_path / "work"), name="sides")
-    blocks, face_tasks = 8, 8 - 1  # every block but the last along all axes has a next block
+    blocks = 8
     assert sorted(log.read_text().split("\n")[:-1]) == sorted(" ".join(map(str, i)) for i in
                                                              itertools.product(range(2), range(2), range(2)))
     names = [(key if isinstance(key, str) else key[0]).rsplit("-", 5)[0] for key in (t["key"] for t in stream.data)]
-    assert names.count("_across_faces") == face_tasks and "_across_face" not in names, names
-    assert len(stream.data) <= 2 * blocks + blocks + face_tasks, len(stream.data)  # a fused task may carry an alias
+    assert names.count("_result_and_faces") == blocks, names
+    # and the input's own tasks (from_array, one per block): 24 here; 31 before (23 of the pass)
+    assert len(stream.data) <= 2 * blocks + blocks, len(stream.data)
     reference = ndi.label(image > 0.5)[0], ndi.label(image <= 0.5)[0]
     assert found.n == reference[0].max() + reference[1].max()
 

@@ -66,20 +66,17 @@ def _summary_block(ids, values, per_block, block_info=None):
     return out
 
 
-def _block_result(summary):
-    """A block's own result from its :func:`_summary_block`."""
-    return summary.flat[0][0]
-
-
 def _across_face(low_summary, high_summary, axis, per_face):
     """``per_face`` of the slabs facing each other: the low block's last layer, the high block's first."""
     (a, va), (b, vb) = low_summary.flat[0][1][axis][1], high_summary.flat[0][1][axis][0]
     return per_face(a, b, va, vb, axis)
 
 
-def _across_faces(low_summary, axes, per_face, *high_summaries):
-    """:func:`_across_face` of each face a block shares with its next block along one of ``axes``."""
-    return [_across_face(low_summary, high, axis, per_face) for axis, high in zip(axes, high_summaries)]
+def _result_and_faces(low_summary, axes, per_face, *high_summaries):
+    """A block's own result from its :func:`_summary_block`, and :func:`_across_face` of each face it shares
+    with its next block along one of ``axes`` (none for the last block along every axis)."""
+    return low_summary.flat[0][0], [_across_face(low_summary, high, axis, per_face)
+                                    for axis, high in zip(axes, high_summaries)]
 
 
 def summarize_blocks(ids, values, *, per_block=None, per_face=None):
@@ -88,18 +85,20 @@ def summarize_blocks(ids, values, *, per_block=None, per_face=None):
     One task per block computes ``per_block(ids_block, values_block, start,
     shape)`` and keeps only the block's boundary slabs; for every internal
     face, ``per_face(low_slab_ids, high_slab_ids, low_slab_values,
-    high_slab_values, axis)`` runs on the two slabs that face each other, in
-    one task per block for the faces it shares with its next blocks (up to
-    one per axis: a third of the tasks one per face would take). No task
-    holds a whole block for later, so memory stays at a few blocks in flight
-    plus slabs, whatever the number of chunks. The per-block task is one
-    blockwise step after those computing ``ids`` and ``values`` (which is
-    often computed from ``values``): Dask fuses them into one task per block
-    that computes each block of both once.
+    high_slab_values, axis)`` runs on the two slabs that face each other.
+    A second task per block hands back the block's own result with those of
+    the faces it shares with its next blocks (up to one per axis): two tasks
+    per block in all, whatever the faces (a task per face, or one for the
+    result and one for the faces, cost the scheduler more than they do).
+    No task holds a whole block for later, so memory stays at a few blocks
+    in flight plus slabs, whatever the number of chunks. The per-block task
+    is one blockwise step after those computing ``ids`` and ``values``
+    (which is often computed from ``values``): Dask fuses them into one task
+    per block that computes each block of both once.
 
-    Returns ``(block_results, face_results, face_blocks)``: lists of delayed
-    objects, a face result being the list of its task's faces' results, and
-    per face task the list of the (low, high) block indices of those faces.
+    Returns ``(results, face_blocks)``: per block, in C order of the blocks,
+    a delayed ``(block result, [face results])``, and the list of the (low,
+    high) block indices of those faces.
     """
     import dask.array as da
     from dask import delayed
@@ -109,16 +108,13 @@ def summarize_blocks(ids, values, *, per_block=None, per_face=None):
                                meta=np.empty((0,) * ids.ndim, dtype=object))
     blocks = summarised.to_delayed()  # optimised: the blockwise steps before it fused into each block's task
     summaries = {index: blocks[index] for index in itertools.product(*[range(n) for n in ids.numblocks])}
-    block_results = [delayed(_block_result)(summary) for summary in summaries.values()]
-    face_results, face_blocks = [], []
+    results, face_blocks = [], []
     for index, summary in summaries.items():
         axes = tuple(axis for axis in range(ids.ndim) if index[axis] + 1 < ids.numblocks[axis])
-        if not axes:
-            continue
         others = [tuple(i + (a == axis) for a, i in enumerate(index)) for axis in axes]
-        face_results.append(delayed(_across_faces)(summary, axes, per_face, *[summaries[o] for o in others]))
+        results.append(delayed(_result_and_faces)(summary, axes, per_face, *[summaries[o] for o in others]))
         face_blocks.append([(index, other) for other in others])
-    return block_results, face_results, face_blocks
+    return results, face_blocks
 
 
 def _border_count(values, start, shape, value):
@@ -281,11 +277,10 @@ def components_chunked(values, *, by_value=False, faces=False, workspace=None, n
                                              dtype=np.int32, device=device)
     per_block = functools.partial(_block_components, by_value=by_value, faces=faces, border_value=border_value)
     per_face = functools.partial(_face_components, by_value=by_value, faces=faces)
-    block_tasks, face_tasks, face_blocks = summarize_blocks(local, values, per_block=per_block, per_face=per_face)
-    results = run_tasks(block_tasks + face_tasks, name or "connected components", verbose=verbose,
-                        voxels=int(np.prod(values.shape)))
-    stats = results[:len(block_tasks)]
-    across = [face for faces_of_task in results[len(block_tasks):] for face in faces_of_task]
+    tasks, face_blocks = summarize_blocks(local, values, per_block=per_block, per_face=per_face)
+    results = run_tasks(tasks, name or "connected components", verbose=verbose, voxels=int(np.prod(values.shape)))
+    stats = [stat for stat, _ in results]
+    across = [face for _, faces_of_task in results for face in faces_of_task]
     face_blocks = [pair for pairs_of_task in face_blocks for pair in pairs_of_task]
     local = restage()  # later passes read the staged ids (when staged) instead of labelling again
     numblocks = values.numblocks
