@@ -40,8 +40,9 @@ def _brighter_logged(block, log, block_info=None):
 def test_a_components_pass_is_two_tasks_per_block(cluster_client, rng, tmp_path):
     """On a cluster, the pass computes each block of its input once, in one task with its labelling,
     staging and summary (a chain of elementwise steps before it included), and a second task per block hands
-    its result over with those of its faces with its next blocks: 16 tasks here. It ran every step of the chain as a task of its own (60 tasks here), then one task per face
-    (12), then a task for the result and one for the faces of each block with a next block (23)."""
+    its result over with those of its faces with its next blocks: 16 tasks here. It ran every step of the
+    chain as a task of its own (60 tasks here), then one task per face (12), then a task for the result and
+    one for the faces of each block with a next block (23)."""
     from distributed import get_task_stream
 
     from gpu_pipeline.chunked.components import components_chunked
