@@ -48,10 +48,9 @@ def overlay_rgb(image, labels, alpha=0.45):
 
 
 def write_overlay(path, image, labels):
-    """Save :func:`overlay_rgb` as PNG."""
-    from PIL import Image
-
+    """Save :func:`overlay_rgb` as PNG (written under a temporary name, renamed when complete)."""
     from gpu_pipeline.io import atomic_path
+    from gpu_pipeline.plots import png_bytes
 
     with atomic_path(path) as tmp:
-        Image.fromarray(overlay_rgb(image, labels)).save(tmp, format="PNG")
+        tmp.write_bytes(png_bytes(overlay_rgb(image, labels)))
