@@ -99,6 +99,12 @@ def chunk_starts(chunks):
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 64 << 20
 TOP_PAD = 64 << 20
+#: Those settings, each as (``mallopt`` parameter, the environment variable that sets it at a process's start,
+#: value): the one list that :func:`limit_malloc_arenas` and :func:`malloc_environ` both apply.
+MALLOC_SETTINGS = ((-3, "MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD), (-1, "MALLOC_TRIM_THRESHOLD_", TRIM_THRESHOLD),
+                   (-2, "MALLOC_TOP_PAD_", TOP_PAD))
+#: ``mallopt``'s parameter for the number of arenas (``MALLOC_ARENA_MAX`` at start).
+M_ARENA_MAX = -8
 #: NumPy's switch for its huge-page advice, read when NumPy is imported.
 HUGEPAGE_VARIABLE = "NUMPY_MADVISE_HUGEPAGE"
 
@@ -108,8 +114,7 @@ def malloc_environ(threads):
     :func:`limit_malloc_arenas` sets it, from the process's start (arenas made before a ``mallopt`` stay),
     and NumPy without huge-page advice (:func:`no_hugepage_advice`). Dask's nanny sets
     ``MALLOC_TRIM_THRESHOLD_=65536`` for its workers; these values replace it."""
-    return {"MALLOC_ARENA_MAX": str(max(1, int(threads))), "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
-            "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD), "MALLOC_TOP_PAD_": str(TOP_PAD),
+    return {"MALLOC_ARENA_MAX": str(max(1, int(threads))), **{name: str(value) for _, name, value in MALLOC_SETTINGS},
             HUGEPAGE_VARIABLE: "0"}
 
 
@@ -206,9 +211,9 @@ def limit_malloc_arenas(threads):
     mallopt = _glibc("mallopt")
     if mallopt is None:
         return False
-    m_trim_threshold, m_top_pad, m_mmap_threshold, m_arena_max = -1, -2, -3, -8
-    return all([bool(mallopt(m_arena_max, max(1, int(threads)))), bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)),
-                bool(mallopt(m_trim_threshold, TRIM_THRESHOLD)), bool(mallopt(m_top_pad, TOP_PAD))])
+    # Every setting is applied (a list, not a short-circuit), then all must have taken.
+    return all([bool(mallopt(M_ARENA_MAX, max(1, int(threads))))]
+               + [bool(mallopt(parameter, value)) for parameter, _, value in MALLOC_SETTINGS])
 
 
 def _set_at_start(names):
