@@ -325,6 +325,51 @@ def test_bad_chunked_inputs_get_one_line_errors(tmp_path, rng):
     assert not (tmp_path / "bad_summary.json").exists()
 
 
+def test_every_pass_is_logged_with_its_tasks_and_an_interval_holding_them(cluster_client, tmp_path, rng):
+    """The DEBUG records that bench.pass_timeline reads: one per pass, in order, none overlapping, each with
+    its task count (one per block), and every task the workers ran for the run inside its pass's interval."""
+    import logging
+
+    from distributed import get_task_stream
+
+    from gpu_pipeline.chunked.workspace import pass_log
+
+    image, _ = make_touching_particles((40, 64, 64), 30, seed=int(rng.integers(1e6)))
+    src = _ome_zarr(tmp_path / "in.zarr", image, (1.0, 1.0, 1.0), (20, 32, 32))
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler, level = Keep(logging.DEBUG), pass_log.level
+    pass_log.addHandler(handler)
+    pass_log.setLevel(logging.DEBUG)
+    try:
+        with get_task_stream(cluster_client) as stream:
+            run_chunked(src, tmp_path / "out.zarr", chunks=(20, 32, 32), max_radius=13,
+                        scheduler=cluster_client.scheduler.address, verbose=False)
+    finally:
+        pass_log.removeHandler(handler)
+        pass_log.setLevel(level)
+    names = [r.what for r in records]
+    assert names[:5] == ["smoothed", "histogram", "sides", "regions", "distance transform + peak candidates"]
+    assert names[-2:] == ["pieces", "write labels + particle table"], names
+    blocks = 8
+    for r in records:
+        assert r.start <= r.end
+        if r.what in ("smoothed", "histogram", "sides", "regions", "pieces", "write labels + particle table"):
+            assert r.tasks == blocks, (r.what, r.tasks)
+    assert all(a.end <= b.start for a, b in zip(records, records[1:]))
+    # Task times come from the workers, moved onto the scheduler's clock by their estimate of its offset,
+    # from a heartbeat's round trip: on one machine that moves them by the estimate's error, tens of
+    # milliseconds at most on a loaded machine (30 ms seen).
+    slack = 0.05
+    outside = [(t["key"], d) for t in stream.data for d in t["startstops"] if d["action"] == "compute"
+               and not any(r.start - slack <= d["start"] and d["stop"] <= r.end + slack for r in records)]
+    assert not outside, outside
+
+
 def test_a_task_error_on_a_cluster_stops_the_run_with_its_one_line_message(cluster_client, tmp_path, rng):
     """A corrupt chunk read by a worker process: the run stops with the worker's error (not a Dask traceback,
     not a hang), writes no summary, and a good run on the same cluster still returns every block's result."""

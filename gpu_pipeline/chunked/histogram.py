@@ -42,8 +42,12 @@ def histogram_chunked(image, value_range=None):
     ``value_range``: the array's (min, max) when known (per-block
     :func:`block_range` results of an earlier pass, reduced); else a pass computes it.
     """
+    import time
+
     import dask
     import dask.array as da
+
+    from gpu_pipeline.chunked.workspace import log_pass
 
     low, high = value_range if value_range is not None else dask.compute(image.min(), image.max())
     if not (np.isfinite(float(low)) and np.isfinite(float(high))):
@@ -57,4 +61,7 @@ def histogram_chunked(image, value_range=None):
     per_chunk = image.map_blocks(_block_histogram, bins, dtype=np.int64, new_axis=image.ndim,
                                  chunks=tuple((1,) * n for n in image.numblocks) + ((bins.nbins,),),
                                  meta=np.empty((0,) * (image.ndim + 1), dtype=np.int64))
-    return to_host(da.sum(per_chunk, axis=tuple(range(image.ndim))).compute()), bins
+    start = time.time()
+    counts = to_host(da.sum(per_chunk, axis=tuple(range(image.ndim))).compute())
+    log_pass("histogram", int(np.prod(image.numblocks)), start)
+    return counts, bins

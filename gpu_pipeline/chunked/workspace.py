@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import sys
 import time
@@ -284,6 +285,18 @@ def active_client():
         return None
 
 
+#: One DEBUG record per pass (:func:`run_tasks`) and per global step on a worker (:func:`run_call`), when it
+#: ends, with ``what``, ``tasks`` and its ``start`` and ``end`` (``time.time()``, as Dask's task stream):
+#: what ``bench.pass_timeline`` puts beside the workers' tasks. Silent unless a handler asks for DEBUG.
+pass_log = logging.getLogger("gpu_pipeline.chunked.passes")
+
+
+def log_pass(what, tasks, start):
+    if pass_log.isEnabledFor(logging.DEBUG):
+        pass_log.debug("%s: %d tasks, %.3f s", what, tasks, time.time() - start,
+                       extra={"what": what, "tasks": tasks, "start": start, "end": time.time()})
+
+
 def run_call(function, *args):
     """``function(*args)`` on the active scheduler: on a worker of a distributed cluster, else right here.
 
@@ -296,8 +309,11 @@ def run_call(function, *args):
     client = active_client()
     if client is None:
         return function(*args)
+    start = time.time()
     args = [client.scatter(a, hash=False) if isinstance(a, np.ndarray) else a for a in args]
-    return client.submit(function, *args, pure=False).result()
+    result = client.submit(function, *args, pure=False).result()
+    log_pass(getattr(function, "__name__", "call"), 1, start)
+    return result
 
 
 def run_tasks(tasks, what, *, voxels=0, verbose=False):
@@ -310,7 +326,7 @@ def run_tasks(tasks, what, *, voxels=0, verbose=False):
 
     if not tasks:
         return []
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time()
     total = len(tasks)
 
     interactive = sys.stderr.isatty()
@@ -333,7 +349,9 @@ def run_tasks(tasks, what, *, voxels=0, verbose=False):
                 future.result()  # raises the task's error, if any
             report(done)
         # One gather for all: ``Future.result`` fetches from the worker on every call, one round trip each.
-        return client.gather(futures)
+        results = client.gather(futures)
+        log_pass(what, total, started)
+        return results
 
     from dask.callbacks import Callback
 
@@ -347,7 +365,9 @@ def run_tasks(tasks, what, *, voxels=0, verbose=False):
                 report(finished[0])
 
     with _Progress():
-        return list(dask.compute(*tasks))
+        results = list(dask.compute(*tasks))
+    log_pass(what, total, started)
+    return results
 
 
 class Workspace:
