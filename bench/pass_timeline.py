@@ -1,0 +1,213 @@
+"""Where 1 -> 2 worker scaling goes, pass by pass: a chunked run on a warm local cluster of 1 and of 2 workers.
+
+    python -m bench.pass_timeline [--shape 256,512,512] [--chunks 128,128,128] [--rounds 2]
+
+``bench.throughput --chunked`` measures the whole run's scaling
+efficiency t1 / (2 t2); this bench says which passes lose it. The volume
+is ``bench.throughput``'s (same generator, seed, density and radii); the
+run is ``run_chunked`` with ``bench.chunked``'s parameters, called in this
+process on a running ``LocalCluster`` (``--scheduler``), as a long job
+runs: the scheduler and the client share this process, as they do in
+``declump run --cluster local``. One cluster of 1 worker pinned to one core
+(this process too) and one of 2 workers on two cores, each warmed by one
+untimed run, then timed runs alternating between them.
+
+Per pass (the library's DEBUG records of ``gpu_pipeline.chunked.passes``:
+what, tasks, start and end on the client) it records the wall time, the
+seconds the workers spent computing its tasks (Dask's task stream) and
+their efficiency t1 / (2 t2); for the run, the time no worker computed
+anything (the client's work between passes and the round trips to start
+a pass), the CPU seconds of this process (client and scheduler) and of the
+workers. A task belongs to the pass in whose interval it starts; its times
+are the worker's, moved onto the scheduler's clock by the worker's estimate
+of the offset (on one machine a few milliseconds off, tens under load).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import RESULTS, machine_info, write_results
+from gpu_pipeline.synthetic import make_touching_particles
+
+#: ``bench.chunked.PARAMS`` as keyword arguments of ``run_chunked``.
+RUN_KWARGS = dict(sigma=1.0, min_distance=4.0, max_radius=13.0)
+
+
+class PassRecords(logging.Handler):
+    """Collects the library's per-pass records (``what``, ``tasks``, ``start``, ``end``)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.passes = []
+
+    def emit(self, record):
+        self.passes.append({k: getattr(record, k) for k in ("what", "tasks", "start", "end")})
+
+
+def idle_seconds(intervals, start, end, min_gap=0.0):
+    """Seconds of [start, end] covered by none of ``intervals`` ((begin, finish) pairs), counting gaps longer
+    than ``min_gap`` only."""
+    idle, reached = 0.0, start
+    for begin, finish in sorted(intervals):
+        if begin > reached and begin - reached > min_gap:
+            idle += begin - reached
+        reached = max(reached, finish)
+    if end > reached and end - reached > min_gap:
+        idle += end - reached
+    return idle
+
+
+def timeline(passes, stream, start, end):
+    """Per pass: wall seconds and the workers' compute seconds of the tasks that started in it; for the run:
+    wall, the seconds no worker computed, and the same outside every pass (the client's steps between)."""
+    computes = [(d["start"], d["stop"]) for t in stream for d in t["startstops"] if d["action"] == "compute"]
+    rows = []
+    for p in passes:
+        busy = sum(min(b, p["end"]) - a for a, b in computes if p["start"] <= a < p["end"])
+        rows.append({"what": p["what"], "tasks": p["tasks"], "seconds": p["end"] - p["start"],
+                     "compute_seconds": busy,
+                     "idle_seconds": idle_seconds([c for c in computes if p["start"] <= c[0] < p["end"]],
+                                                  p["start"], p["end"])})
+    between = idle_seconds([(p["start"], p["end"]) for p in passes], start, end)
+    return {"seconds": end - start, "passes": rows, "no_worker_computing": idle_seconds(computes, start, end),
+            "between_passes": between, "compute_seconds": sum(b - a for a, b in computes)}
+
+
+def timed_run(volume, out, client, cluster, records):
+    """One ``run_chunked`` on ``cluster``: its timeline, this process's CPU seconds and the workers'."""
+    from dask.distributed import get_task_stream
+
+    from gpu_pipeline.chunked.run import run_chunked
+
+    shutil.rmtree(out, ignore_errors=True)
+    records.passes.clear()
+    workers_before = client.run(time.process_time)
+    cpu, start = time.process_time(), time.time()
+    with get_task_stream(client) as stream:
+        run_chunked(volume, out, scheduler=cluster.scheduler_address, verbose=False, **RUN_KWARGS)
+    end, cpu = time.time(), time.process_time() - cpu
+    workers_after = client.run(time.process_time)
+    result = timeline(list(records.passes), stream.data, start, end)
+    result.update(command_cpu_seconds=cpu,
+                  worker_cpu_seconds=sum(workers_after[w] - workers_before[w] for w in workers_after))
+    return result
+
+
+def summarise(runs):
+    """Medians per mode and per pass (passes matched by order: every run makes the same passes)."""
+    out = {}
+    for mode, rows in runs.items():
+        out[mode] = {k: statistics.median(r[k] for r in rows) for k in
+                     ("seconds", "no_worker_computing", "between_passes", "compute_seconds",
+                      "command_cpu_seconds", "worker_cpu_seconds")}
+        out[mode]["passes"] = [{"what": p["what"], "tasks": p["tasks"],
+                                **{k: statistics.median(r["passes"][i][k] for r in rows)
+                                   for k in ("seconds", "compute_seconds", "idle_seconds")}}
+                               for i, p in enumerate(rows[0]["passes"])]
+    return out
+
+
+def markdown(result):
+    one, two = result["summary"]["warm_1"], result["summary"]["warm_2"]
+    m = result["machine"]
+    lines = [f"# Chunked run pass by pass, 1 and 2 workers, {m['date'][:10]}", "",
+             f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['memory_gib']} GiB, GPU: "
+             f"{(m['gpu'] or {}).get('name', 'none')}. Volume {'x'.join(map(str, result['shape']))} "
+             f"({result['particles']} spheres, radius {result['radius'][0]:g}-{result['radius'][1]:g}, seed "
+             f"{result['seed']}), chunks {'x'.join(map(str, result['chunks']))}; `run_chunked` with "
+             f"{RUN_KWARGS} on a warm LocalCluster (1 thread per worker; this process, client and scheduler, "
+             f"pinned with the workers), {result['rounds']} timed runs per cluster, alternating; medians.", "",
+             "| pass | tasks | 1 worker s | its compute s | 2 workers s | their compute s | efficiency t1 / (2 t2) |",
+             "|---|---|---|---|---|---|---|"]
+    for p1, p2 in zip(one["passes"], two["passes"]):
+        lines.append(f"| {p1['what']} | {p1['tasks']} | {p1['seconds']:.2f} | {p1['compute_seconds']:.2f} | "
+                     f"{p2['seconds']:.2f} | {p2['compute_seconds']:.2f} | "
+                     f"{p1['seconds'] / (2 * p2['seconds']):.2f} |")
+    lines += ["", "| whole run | 1 worker | 2 workers |", "|---|---|---|"]
+    for key, label in (("seconds", "wall s"), ("compute_seconds", "workers computing tasks, s"),
+                       ("worker_cpu_seconds", "workers' CPU s"), ("command_cpu_seconds", "this process's CPU s "
+                                                                  "(client + scheduler)"),
+                       ("no_worker_computing", "no worker computing, s"),
+                       ("between_passes", "outside every pass (client steps between passes), s")):
+        lines.append(f"| {label} | {one[key]:.2f} | {two[key]:.2f} |")
+    lines += ["", f"Scaling efficiency of the whole run t1 / (2 t2): **{one['seconds'] / (2 * two['seconds']):.2f}**"
+              f" (per round: {', '.join(f'{e:.2f}' for e in result['efficiency'])})."]
+    return "\n".join(lines) + "\n"
+
+
+def parse_ints(text):
+    return tuple(int(v) for v in text.split(","))
+
+
+def main(argv=None):
+    import dask
+    import zarr
+    from dask.distributed import Client, LocalCluster
+
+    from gpu_pipeline.chunked.workspace import nanny_malloc_config, pass_log
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", type=parse_ints, default=(256, 512, 512))
+    parser.add_argument("--chunks", type=parse_ints, default=(128, 128, 128))
+    parser.add_argument("--particles", type=int, default=None, help="default 1500 per 256^3, as bench.throughput")
+    parser.add_argument("--radius", type=lambda t: tuple(float(v) for v in t.split(",")), default=(5.0, 12.0))
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", default=None, help="result file stem (default pass_timeline_<date>)")
+    args = parser.parse_args(argv)
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise SystemExit("bench.pass_timeline needs two cores (1 and 2 workers)")
+    particles = args.particles or int(round(1500 * np.prod(args.shape) / 256 ** 3))
+    image, _ = make_touching_particles(args.shape, particles, radius_range=args.radius, overlap=0.15,
+                                       seed=args.seed)
+    records = PassRecords()
+    pass_log.addHandler(records)
+    pass_log.setLevel(logging.DEBUG)
+    runs = {"warm_1": [], "warm_2": []}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        volume = Path(tmp) / "in.zarr"
+        zarr.create_array(str(volume), shape=image.shape, dtype=image.dtype, chunks=args.chunks,
+                          compressors=zarr.codecs.ZstdCodec(level=3))[...] = image
+        del image
+        clusters = {}
+        try:
+            for n in (1, 2):
+                os.sched_setaffinity(0, set(cores[:n]))  # the worker processes inherit it
+                with dask.config.set(nanny_malloc_config(1)):
+                    cluster = stack.enter_context(LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                                               dashboard_address=None, memory_limit=0))
+                clusters[n] = (cluster, stack.enter_context(Client(cluster, set_as_default=False)))
+            for r in range(args.rounds + 1):
+                for n in (1, 2):
+                    os.sched_setaffinity(0, set(cores[:n]))
+                    cluster, client = clusters[n]
+                    measured = timed_run(volume, Path(tmp) / f"out_{n}.zarr", client, cluster, records)
+                    print(f"round {r} {n} worker(s): {measured['seconds']:.2f} s, no worker computing "
+                          f"{measured['no_worker_computing']:.2f} s" + (" (warm-up)" if r == 0 else ""), flush=True)
+                    if r:
+                        runs[f"warm_{n}"].append(measured)
+        finally:
+            os.sched_setaffinity(0, set(cores))
+            pass_log.removeHandler(records)
+    result = {"machine": machine_info(), "shape": list(args.shape), "chunks": list(args.chunks),
+              "particles": particles, "radius": list(args.radius), "seed": args.seed, "rounds": args.rounds,
+              "runs": runs, "summary": summarise(runs),
+              "efficiency": [a["seconds"] / (2 * b["seconds"]) for a, b in zip(runs["warm_1"], runs["warm_2"])]}
+    stem = write_results(result, "pass_timeline", markdown(result), args.out)
+    print(f"wrote {RESULTS / stem}.json and .md")
+    return result
+
+
+if __name__ == "__main__":
+    main()
