@@ -324,8 +324,8 @@ def test_regions_reuse_the_polarity_labelling_of_both_sides(rng, tmp_path, thres
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-def test_smoothing_read_from_the_store_equals_in_memory_in_one_task_per_chunk(tmp_path, rng, ndim):
-    """A stored volume is smoothed one task per chunk, each reading its halo from the store (edges repeated at
+def test_smoothing_read_from_the_store_equals_in_memory_in_two_tasks_per_chunk(tmp_path, rng, ndim):
+    """A stored volume is smoothed in two tasks per chunk, its halo from its neighbours (edges repeated at
     the volume's border): the same bytes as in memory and as map_overlap on the same array in memory."""
     from cpu_fallback import ops
     from gpu_pipeline.chunked.foreground import smooth_chunked
@@ -346,12 +346,45 @@ def test_smoothing_read_from_the_store_equals_in_memory_in_one_task_per_chunk(tm
             for chunks in chunkings:
                 volume, _ = open_volume(path, channel=1 if ndim == 3 else None, chunks=chunks)
                 smoothed = smooth_chunked(volume, sigma)
-                assert len(dict(smoothed.__dask_graph__())) == smoothed.npartitions  # one task per chunk
+                assert len(dict(smoothed.__dask_graph__())) == 2 * smoothed.npartitions
                 assert smoothed.compute().tobytes() == expected.tobytes(), (dtype, sigma, chunks)
                 overlap = smooth_chunked(da.from_array(data[0, 1], chunks=chunks), sigma)
                 assert len(dict(overlap.__dask_graph__())) > 2 * overlap.npartitions
                 assert overlap.chunks == smoothed.chunks
                 assert overlap.compute().tobytes() == expected.tobytes(), (dtype, sigma, chunks)
+
+
+def test_a_smoothing_pass_reads_each_block_twice_from_the_store_and_no_halo(tmp_path, rng):
+    """Reading a block with its halo from a compressed store decodes every stored chunk the halo touches
+    whole (27 for an interior 3D block); the pass reads each block alone, twice (its neighbours' slabs, then
+    its own smoothing), and gets the same bytes as in memory, the short first chunk's halo edges included."""
+    from cpu_fallback import ops
+    from gpu_pipeline.chunked.foreground import smooth_chunked
+    from gpu_pipeline.chunked.source import StoredVolume, open_volume, register_stored, stored_volume
+
+    class Counting(StoredVolume):
+        def on(self, device):
+            return self
+
+        def read(self, box):
+            reads.append(tuple((b.start, b.stop) for b in box))
+            return super().read(box)
+
+    data = (rng.random((30, 40, 44)) * 200).astype(np.uint8)
+    zarr.create_array(str(tmp_path / "in.zarr"), shape=data.shape, dtype=data.dtype, chunks=(10, 20, 22))[...] = data
+    sigma = (1.0, 1.5, 0.7)
+    for chunks in [(10, 20, 22), ((3, 9, 9, 9), (15, 15, 10), (22, 22))]:  # the second: a first block shorter than the halo
+        reads = []
+        volume, _ = open_volume(tmp_path / "in.zarr", chunks=chunks)
+        inner = stored_volume(volume)
+        counting = Counting(inner.array, inner.path, inner.selection)  # the registry holds it weakly
+        register_stored(volume, counting)
+        smoothed = smooth_chunked(volume, sigma)
+        assert smoothed.compute(scheduler="threads").tobytes() == ops.gaussian(data, sigma).tobytes(), chunks
+        starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in smoothed.chunks]
+        blocks = [tuple((int(s[i]), int(s[i] + c[i])) for s, c, i in zip(starts, smoothed.chunks, index))
+                  for index in itertools.product(*[range(len(c)) for c in smoothed.chunks])]
+        assert sorted(reads) == sorted(blocks * 2), chunks
 
 
 def test_chunks_smaller_than_the_halo_are_refused():

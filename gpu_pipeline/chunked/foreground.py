@@ -14,7 +14,7 @@ import numpy as np
 from gpu_pipeline._backend import GAUSSIAN_TRUNCATE, DeclumpError, get_array_module, ops_for
 from gpu_pipeline.chunked.components import components_chunked
 from gpu_pipeline.chunked.histogram import block_range, histogram_thresholds_chunked
-from gpu_pipeline.chunked.source import read_haloed, stored_volume
+from gpu_pipeline.chunked.source import map_haloed, stored_volume
 from gpu_pipeline.stages.cleanup import voxels_for
 from gpu_pipeline.stages.threshold import (HISTOGRAM_METHODS, border_voxels, choose_polarity, foreground,
                                            polarity_from, share_of_largest)
@@ -50,9 +50,11 @@ def smooth_chunked(volume, sigma_voxels):
     """Gaussian smoothing of a Dask array, equal to the in-memory ``ops.gaussian``.
 
     A volume read from a store by :func:`~gpu_pipeline.chunked.source.open_volume`
-    is smoothed one task per chunk, each reading its chunk and halo from the
-    store; any other Dask array through ``map_overlap`` (its halos cut from
-    the neighbouring blocks by Dask: about 60 small tasks per 3D chunk).
+    is smoothed in two tasks per chunk, each chunk read from the store and
+    its halo handed over by its neighbours
+    (:func:`~gpu_pipeline.chunked.source.map_haloed`); any other Dask array
+    through ``map_overlap`` (its halos cut from the neighbouring blocks by
+    Dask: about 60 small tasks per 3D chunk).
     """
     halo = gaussian_radius(sigma_voxels)
     fitted = fit_halo(volume, halo, "smoothing")
@@ -63,17 +65,8 @@ def smooth_chunked(volume, sigma_voxels):
     stored = stored_volume(volume)
     if stored is None:
         return fitted.map_overlap(smooth, depth=halo, boundary="nearest", dtype=np.float32)
-    import dask.array as da
-
-    return da.map_blocks(_smooth_stored, stored, smooth, halo, chunks=fitted.chunks, dtype=np.float32,
-                         meta=get_array_module(volume._meta).empty((0,) * volume.ndim, dtype=np.float32))
-
-
-def _smooth_stored(stored, smooth, halo, block_info=None):
-    """One chunk of :func:`smooth_chunked` from the store: read with its halo, smoothed, the halo cut off."""
-    block = read_haloed(stored, halo, block_info=block_info)
-    core = tuple(slice(h, h + n) for h, n in zip(halo, block_info[None]["chunk-shape"]))
-    return smooth(block)[core]
+    return map_haloed(stored, fitted.chunks, halo, smooth, dtype=np.float32, name="smooth",
+                      meta=get_array_module(volume._meta).empty((0,) * volume.ndim, dtype=np.float32))
 
 
 #: The values of :func:`side_components_chunked`: voxels at or below the threshold, and above it.
