@@ -14,6 +14,7 @@ import pytest
 import scipy.ndimage as ndi
 
 da = pytest.importorskip("dask.array")
+dask = pytest.importorskip("dask")
 zarr = pytest.importorskip("zarr")
 
 from gpu_pipeline._backend import DeclumpError  # noqa: E402
@@ -73,20 +74,35 @@ def test_chunked_labels_equal_in_memory_for_any_chunking(cluster_client, rng, tm
             assert out.tobytes() == separate(image, spacing=spacing).tobytes()
 
 
-def test_the_peak_pass_is_one_task_per_chunk_reading_its_own_halo(cluster_client, rng, tmp_path):
-    """Each chunk's distance transform and peaks run in the task that reads the chunk and its halo from the
-    staged regions; no read task hands the extended block (the chunk's voxels and more) to another."""
-    from distributed import get_task_stream
+def test_the_peak_pass_reads_blocks_without_halos_from_the_staged_regions(rng, tmp_path, monkeypatch):
+    """Each chunk's distance transform and peaks run in a task that reads the chunk from the staged regions and
+    gets its halo (the foreground, in bits) from the tasks that read its neighbours: every read of the staged
+    regions is one block, none a box with a halo (which decodes every chunk it touches whole), and the labels
+    are the in-memory ones."""
+    from gpu_pipeline.chunked.source import StoredVolume
 
     shape, spacing, n, chunkings = CASES[3]
     image, _ = make_touching_particles(shape, n, radius_range=(5, 12), spacing=spacing,
                                        seed=int(rng.integers(1e6)))
     volume = da.from_array(image, chunks=chunkings[0])
-    with get_task_stream(cluster_client) as stream:
+    reads, original = [], StoredVolume.read
+
+    def logged(self, box):
+        if str(self.path).endswith("regions.zarr"):
+            reads.append(tuple((b.start, b.stop) for b in box))
+        return original(self, box)
+
+    monkeypatch.setattr(StoredVolume, "read", logged)
+    # In this process (a cluster another test started stays the default client): the reads are counted here.
+    monkeypatch.setattr("gpu_pipeline.chunked.workspace.active_client", lambda: None)
+    with dask.config.set(scheduler="threads"):
         labels, _ = separate_chunked(volume, spacing=spacing, max_radius=MAX_RADIUS, workspace=Workspace(tmp_path))
-    names = [(key if isinstance(key, str) else key[0]).rsplit("-", 5)[0] for key in (t["key"] for t in stream.data)]
-    assert names.count("_block_peak_candidates") == volume.npartitions and "read_staged" not in names, names
-    assert labels.compute().tobytes() == separate(image, spacing=spacing, max_radius=MAX_RADIUS).tobytes()
+        labels = labels.compute()
+    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in volume.chunks]
+    blocks = [tuple((int(s[i]), int(s[i] + c[i])) for s, c, i in zip(starts, volume.chunks, index))
+              for index in itertools.product(*[range(len(c)) for c in volume.chunks])]
+    assert set(reads) == set(blocks) and all(reads.count(b) >= 2 for b in blocks), sorted(set(reads) - set(blocks))
+    assert labels.tobytes() == separate(image, spacing=spacing, max_radius=MAX_RADIUS).tobytes()
 
 
 def test_lloyd_updates_and_mask_input_match_in_memory(rng):

@@ -1,7 +1,9 @@
 """The whole pipeline on a chunked volume: the same labels as the in-memory `separate`, for any chunking.
 
-Passes over the volume (each a Dask graph of one task per chunk, run on the
-active scheduler; nothing holds more than a few chunks):
+Passes over the volume (each a Dask graph of one or two tasks per chunk, run
+on the active scheduler; nothing holds more than a few chunks; where a pass
+needs halos, the tasks that read the neighbouring chunks hand them over:
+:func:`~gpu_pipeline.chunked.source.map_haloed`):
 
 1. smoothing (halo: the Gaussian's radius), a global Otsu threshold from a
    histogram reduced over chunks, polarity, foreground; regions (connected
@@ -45,7 +47,7 @@ from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_ho
 from gpu_pipeline.array_algorithms import unique_ids
 from gpu_pipeline.chunked.components import components_chunked, id_dtype
 from gpu_pipeline.chunked.foreground import fit_halo, regions_chunked
-from gpu_pipeline.chunked.source import halo_box
+from gpu_pipeline.chunked.source import halo_box, haloed_tasks, neighbours_hold_halo, stored_volume
 from gpu_pipeline.chunked.workspace import (Workspace, chunk_starts, read_staged, run_call, run_tasks, to_device,
                                              write_block)
 from gpu_pipeline.pipeline import NoParticlesError, cap_distance, validate_spacing
@@ -148,6 +150,14 @@ def _block_peak_candidates(extended, origin, left, core_shape, spacing, half_wid
     return to_host(coords + shift), to_host(values), to_host(region), capped
 
 
+def _haloed_peak_candidates(extended, left, origin, core_shape, spacing, half_widths, max_radius, distance_out):
+    """:func:`_block_peak_candidates` of a block whose halo holds its neighbours' foreground as 0 and 1
+    (:func:`~gpu_pipeline.chunked.source.haloed_tasks`): the distance transform reads the halo as foreground
+    only, and the candidates' regions come from the core."""
+    return _block_peak_candidates(extended, origin, left, core_shape, spacing, half_widths, max_radius,
+                                  distance_out)
+
+
 def distance_dtype(max_radius, spacing):
     """The narrowest type of the staged capped distance map (uint16 while the cap's quantised value fits)."""
     cap_q, _ = quantize_distance(np.asarray([max_radius], dtype=np.float32), spacing)
@@ -183,9 +193,11 @@ def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, dev
                   workspace=None):
     """Peaks of the capped distance map of ``regions > 0``: the in-memory `find_peaks` result, for any chunking.
 
-    ``store``: the Zarr store ``regions`` was staged in; each task then reads
-    its chunk and halo straight from it (memory: one extended block per
-    task). Without it the halo comes from ``dask.array.overlap``.
+    ``store``: the Zarr store ``regions`` was staged in; each chunk is then
+    read from it by two tasks, one handing its neighbours the foreground of
+    their halos, one computing the chunk's candidates with its halo (memory:
+    one extended block per task). Without it the halo comes from
+    ``dask.array.overlap``.
 
     ``workspace`` (with ``store``): each task also stages its core of the
     capped distance map as ``distance``, for :func:`neck_groups_chunked`.
@@ -201,11 +213,25 @@ def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, dev
     if workspace is not None and store is not None:
         dtype = distance_dtype(max_radius, spacing)
         staged = workspace.open_stage("distance", shape=regions.shape, chunks=regions.chunks, dtype=dtype)
-    tasks = []
-    for index, origin, core_shape, left, extended in _extended_blocks(regions, depth, store, device):
-        out = None if staged is None else (staged[0], staged[1](index), dtype)
-        tasks.append(delayed(_block_peak_candidates)(extended, origin, left, core_shape, tuple(spacing), half,
-                                                     float(max_radius), out))
+    stored = stored_volume(regions) if store is not None else None
+    if stored is not None and neighbours_hold_halo(regions.chunks, depth):
+        # Each block read twice, its halo (the foreground only, in bits) from its neighbours' tasks: a box read
+        # with its halo from the store decodes every chunk it touches whole (0.87 s against 0.11 s for the 32
+        # blocks of 256x512x512 in 128^3 chunks, halo 17, 2026-12-03).
+        starts = chunk_starts(regions.chunks)
+        args = []
+        for index in itertools.product(*[range(n) for n in regions.numblocks]):
+            args.append(([int(starts[a][i]) for a, i in enumerate(index)],
+                         [int(regions.chunks[a][i]) for a, i in enumerate(index)], tuple(spacing), half,
+                         float(max_radius), None if staged is None else (staged[0], staged[1](index), dtype)))
+        tasks = haloed_tasks(stored, regions.chunks, depth, _haloed_peak_candidates, args, name="peak-candidates",
+                             foreground=True)
+    else:
+        tasks = []
+        for index, origin, core_shape, left, extended in _extended_blocks(regions, depth, store, device):
+            out = None if staged is None else (staged[0], staged[1](index), dtype)
+            tasks.append(delayed(_block_peak_candidates)(extended, origin, left, core_shape, tuple(spacing), half,
+                                                         float(max_radius), out))
     parts = run_tasks(tasks, "distance transform + peak candidates", voxels=int(np.prod(regions.shape)),
                       verbose=verbose)
     if staged is not None:

@@ -125,35 +125,64 @@ def map_haloed(stored, chunks, depth, function, *, dtype, meta, name):
     (:func:`_block_shell`), one reads the block again, puts those slabs
     around it and calls ``function`` (:func:`_haloed_call`). Every stored
     chunk is thus decoded about twice, where a box with a halo read straight
-    from the store decodes every chunk it touches whole: 27 chunks for an
-    interior 3D block of a volume stored in chunks of the block's shape
-    (1.15 s of reads against 0.10 s for the 32 blocks of a 256x512x512
-    volume in 128^3 chunks, 2026-12-03). Blocks must be no smaller than the
-    halo except the first along each axis (:func:`~gpu_pipeline.chunked.foreground.fit_halo`).
+    from the store decodes every chunk it touches whole: 27 for an interior
+    3D block of a volume stored in chunks of the block's shape (1.15 s of
+    reads against 0.10 s for the 32 blocks of a 256x512x512 volume in 128^3
+    chunks, 2026-12-03). Needs every block but the first and the last along
+    an axis to hold the halo (:func:`neighbours_hold_halo`; ``fit_halo``
+    makes it so).
     """
+    import dask.array as da
+
+    graph, keys = _haloed_graph(stored, chunks, depth, function, name, pad=True, foreground=False,
+                                args=None)
+    return da.Array(graph, keys[0][0], chunks=chunks, dtype=dtype, meta=meta)
+
+
+def haloed_tasks(stored, chunks, depth, function, args, *, name, foreground=False):
+    """Per block of ``chunks`` (C order), a Delayed ``function(extended, left, *args[k])``: the block with its
+    halo of ``depth`` voxels clipped to the volume (``left``: its width on each low side), exchanged between
+    neighbouring blocks as in :func:`map_haloed`. ``foreground``: the halo carries ``block > 0`` only (as 0
+    and 1, packed to bits between tasks; the core keeps its values): what a distance transform reads."""
+    from dask.delayed import Delayed
+
+    graph, keys = _haloed_graph(stored, chunks, depth, function, name, pad=False, foreground=foreground,
+                                args=args)
+    return [Delayed(key, graph, layer=key[0]) for key in keys]
+
+
+def neighbours_hold_halo(chunks, depth):
+    """Whether every block's halo of ``depth`` lies in its direct neighbours (or outside the volume): each
+    block but the first and the last along an axis at least ``depth`` long."""
+    return all(all(int(n) >= int(d) for n in c[1:-1]) for c, d in zip(chunks, depth))
+
+
+def _haloed_graph(stored, chunks, depth, function, name, *, pad, foreground, args):
     import itertools
 
-    import dask.array as da
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph
 
     depth = tuple(int(d) for d in depth)
+    if not neighbours_hold_halo(chunks, depth):
+        raise DeclumpError(f"internal: blocks of {chunks} are shorter than the halo {depth} inside the volume")
     ndim = len(chunks)
     starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64) for c in chunks]
     shape = tuple(int(sum(c)) for c in chunks)
-    token = tokenize(stored, chunks, depth, function, name)
+    token = tokenize(stored, chunks, depth, function, name, pad, foreground, args)
     shells, out = f"{name}-shells-{token}", f"{name}-{token}"
     offsets = [o for o in itertools.product((-1, 0, 1), repeat=ndim)
                if any(o) and all(d > 0 or x == 0 for x, d in zip(o, depth))]
-    layers = {shells: {}, out: {}}
-    for index in itertools.product(*[range(len(c)) for c in chunks]):
+    layers, keys = {shells: {}, out: {}}, []
+    for k, index in enumerate(itertools.product(*[range(len(c)) for c in chunks])):
         box = tuple(slice(int(starts[a][i]), int(starts[a][i] + chunks[a][i])) for a, i in enumerate(index))
         near = [o for o in offsets if all(0 <= i + x < len(c) for i, x, c in zip(index, o, chunks))]
-        layers[shells][(shells, *index)] = (_block_shell, stored, box, depth, near)
-        layers[out][(out, *index)] = (_haloed_call, stored, box, depth, shape, function, near,
-                                      [(shells, *[i + x for i, x in zip(index, o)]) for o in near])
-    graph = HighLevelGraph(layers, {shells: set(), out: {shells}})
-    return da.Array(graph, out, chunks=chunks, dtype=dtype, meta=meta)
+        layers[shells][(shells, *index)] = (_block_shell, stored, box, depth, near, foreground)
+        keys.append((out, *index))
+        layers[out][keys[-1]] = (_haloed_call, stored, box, depth, shape, function, near,
+                                 [(shells, *[i + x for i, x in zip(index, o)]) for o in near], pad,
+                                 () if args is None else tuple(args[k]))
+    return HighLevelGraph(layers, {shells: set(), out: {shells}}), keys
 
 
 def _slab(offset, depth):
@@ -163,16 +192,19 @@ def _slab(offset, depth):
                  for x, d in zip(offset, depth))
 
 
-def _block_shell(stored, box, depth, offsets):
-    """One block read from ``stored`` (on the host): ``{offset: the slab its neighbour at offset needs}``."""
+def _block_shell(stored, box, depth, offsets, foreground):
+    """One block read from ``stored`` (on the host): ``{offset: the slab its neighbour at offset needs}``
+    (with ``foreground``: ``(shape, slab > 0 packed to bits)``)."""
     block = stored.on(None).read(box)
-    return {o: np.ascontiguousarray(block[_slab(o, depth)]) for o in offsets}
+    if not foreground:
+        return {o: np.ascontiguousarray(block[_slab(o, depth)]) for o in offsets}
+    return {o: (block[_slab(o, depth)].shape, np.packbits(block[_slab(o, depth)] > 0)) for o in offsets}
 
 
-def _haloed_call(stored, box, depth, shape, function, offsets, shells):
+def _haloed_call(stored, box, depth, shape, function, offsets, shells, pad, args):
     """``function`` of the block ``box`` with its halo from its neighbours' ``shells`` (one per offset, each
-    keyed by the offset of this block from that neighbour), the edges repeated outside the volume; cut back
-    to the block."""
+    keyed by the offset of this block from that neighbour). ``pad``: the edges repeated outside the volume
+    and the result cut back to the block; else ``function(extended, left, *args)``."""
     from gpu_pipeline._backend import get_array_module
 
     block = stored.read(box)
@@ -184,10 +216,16 @@ def _haloed_call(stored, box, depth, shape, function, offsets, shells):
     for offset, shell in zip(offsets, shells):
         part = tuple(c if x == 0 else (slice(0, c.start) if x < 0 else slice(c.stop, n))
                      for x, c, n in zip(offset, core, array.shape))
-        array[part] = xp.asarray(shell[tuple(-x for x in offset)])
-    pad = [(d - lo, d - (e.stop - b.stop)) for b, e, lo, d in zip(box, extended, left, depth)]
-    if any(p != (0, 0) for p in pad):
-        array = xp.pad(array, pad, mode="edge")
+        slab = shell[tuple(-x for x in offset)]
+        if isinstance(slab, tuple):  # a foreground slab, packed
+            slab_shape, bits = slab
+            slab = np.unpackbits(bits, count=int(np.prod(slab_shape))).reshape(slab_shape)
+        array[part] = xp.asarray(slab)
+    if not pad:
+        return function(array, left, *args)
+    widths = [(d - lo, d - (e.stop - b.stop)) for b, e, lo, d in zip(box, extended, left, depth)]
+    if any(w != (0, 0) for w in widths):
+        array = xp.pad(array, widths, mode="edge")
     return function(array)[tuple(slice(d, d + b.stop - b.start) for d, b in zip(depth, box))]
 
 
