@@ -373,18 +373,22 @@ def test_a_smoothing_pass_reads_each_block_twice_from_the_store_and_no_halo(tmp_
     data = (rng.random((30, 40, 44)) * 200).astype(np.uint8)
     zarr.create_array(str(tmp_path / "in.zarr"), shape=data.shape, dtype=data.dtype, chunks=(10, 20, 22))[...] = data
     sigma = (1.0, 1.5, 0.7)
-    for chunks in [(10, 20, 22), ((3, 9, 9, 9), (15, 15, 10), (22, 22))]:  # the second: a first block shorter than the halo
+    for k, chunks in enumerate([(10, 20, 22), ((3, 9, 9, 9), (15, 15, 10), (22, 22))]):  # 2nd: a first block shorter than the halo
         reads = []
         volume, _ = open_volume(tmp_path / "in.zarr", chunks=chunks)
         inner = stored_volume(volume)
         counting = Counting(inner.array, inner.path, inner.selection)  # the registry holds it weakly
         register_stored(volume, counting)
-        smoothed = smooth_chunked(volume, sigma)
-        assert smoothed.compute(scheduler="threads").tobytes() == ops.gaussian(data, sigma).tobytes(), chunks
+        for spill in (None, tmp_path / f"halos{k}"):  # slabs in memory, then in one file per block
+            if spill is not None:
+                spill.mkdir()
+            smoothed = smooth_chunked(volume, sigma, spill=None if spill is None else str(spill))
+            assert smoothed.compute(scheduler="threads").tobytes() == ops.gaussian(data, sigma).tobytes(), chunks
+        assert len(list(spill.iterdir())) == smoothed.npartitions
         starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in smoothed.chunks]
         blocks = [tuple((int(s[i]), int(s[i] + c[i])) for s, c, i in zip(starts, smoothed.chunks, index))
                   for index in itertools.product(*[range(len(c)) for c in smoothed.chunks])]
-        assert sorted(reads) == sorted(blocks * 2), chunks
+        assert sorted(reads) == sorted(blocks * 4), chunks  # twice per block for each of the two runs
 
 
 def test_chunks_smaller_than_the_halo_are_refused():

@@ -46,7 +46,7 @@ def fit_halo(volume, halo, what):
     return volume if chunks == volume.chunks else volume.rechunk(chunks)
 
 
-def smooth_chunked(volume, sigma_voxels):
+def smooth_chunked(volume, sigma_voxels, spill=None):
     """Gaussian smoothing of a Dask array, equal to the in-memory ``ops.gaussian``.
 
     A volume read from a store by :func:`~gpu_pipeline.chunked.source.open_volume`
@@ -54,7 +54,8 @@ def smooth_chunked(volume, sigma_voxels):
     its halo handed over by its neighbours
     (:func:`~gpu_pipeline.chunked.source.map_haloed`); any other Dask array
     through ``map_overlap`` (its halos cut from the neighbouring blocks by
-    Dask: about 60 small tasks per 3D chunk).
+    Dask: about 60 small tasks per 3D chunk). ``spill``: the folder where
+    the halos go between tasks (see ``map_haloed``).
     """
     halo = gaussian_radius(sigma_voxels)
     fitted = fit_halo(volume, halo, "smoothing")
@@ -65,7 +66,7 @@ def smooth_chunked(volume, sigma_voxels):
     stored = stored_volume(volume)
     if stored is None:
         return fitted.map_overlap(smooth, depth=halo, boundary="nearest", dtype=np.float32)
-    return map_haloed(stored, fitted.chunks, halo, smooth, dtype=np.float32, name="smooth",
+    return map_haloed(stored, fitted.chunks, halo, smooth, dtype=np.float32, name="smooth", spill=spill,
                       meta=get_array_module(volume._meta).empty((0,) * volume.ndim, dtype=np.float32))
 
 
@@ -133,8 +134,8 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
     else:
         # The input dtype goes into the overlap (ops.gaussian converts each block to float32): the halo
         # slices Dask holds between neighbouring tasks are then 4x smaller for uint8 data.
-        smoothing = smooth_chunked(volume, tuple(float(sigma) / s for s in spacing)) \
-            if sigma and sigma > 0 else volume
+        smoothing = smooth_chunked(volume, tuple(float(sigma) / s for s in spacing),
+                                   spill=workspace.halos("smoothed")) if sigma and sigma > 0 else volume
         chunks = smoothing.chunks
 
         def smoothed():
@@ -147,6 +148,7 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
                     device=device, measure=block_range) if smoothing is not volume else (volume, None)
                 staged["range"] = None if ranges is None else (np.min([r[0] for r in ranges]),  # NaN stays NaN
                                                                np.max([r[1] for r in ranges]))
+                workspace.discard_halos("smoothed")
             return staged["smoothed"]
 
         def decide():

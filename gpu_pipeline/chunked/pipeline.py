@@ -225,7 +225,7 @@ def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, dev
                          [int(regions.chunks[a][i]) for a, i in enumerate(index)], tuple(spacing), half,
                          float(max_radius), None if staged is None else (staged[0], staged[1](index), dtype)))
         tasks = haloed_tasks(stored, regions.chunks, depth, _haloed_peak_candidates, args, name="peak-candidates",
-                             foreground=True)
+                             foreground=True, spill=None if workspace is None else workspace.halos("peaks"))
     else:
         tasks = []
         for index, origin, core_shape, left, extended in _extended_blocks(regions, depth, store, device):
@@ -234,6 +234,8 @@ def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, dev
                                                          float(max_radius), out))
     parts = run_tasks(tasks, "distance transform + peak candidates", voxels=int(np.prod(regions.shape)),
                       verbose=verbose)
+    if workspace is not None:
+        workspace.discard_halos("peaks")
     if staged is not None:
         staged[2]()
     ndim = regions.ndim

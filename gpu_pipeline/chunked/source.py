@@ -115,7 +115,7 @@ def halo_box(start, stop, depth, shape):
     return tuple(slice(a, b) for a, b in zip(low, high)), [int(a) - lo for a, lo in zip(start, low)]
 
 
-def map_haloed(stored, chunks, depth, function, *, dtype, meta, name):
+def map_haloed(stored, chunks, depth, function, *, dtype, meta, name, spill=None):
     """A lazy Dask array of ``function(block with a halo of depth voxels)``, cut back to each block of ``chunks``.
 
     Each block's halo is what its neighbouring blocks hold, with the edge
@@ -131,23 +131,31 @@ def map_haloed(stored, chunks, depth, function, *, dtype, meta, name):
     chunks, 2026-12-03). Needs every block but the first and the last along
     an axis to hold the halo (:func:`neighbours_hold_halo`; ``fit_halo``
     makes it so).
+
+    ``spill``: a folder where each block's slabs go, one file per block,
+    each neighbour reading only its own slab of it (the caller removes the
+    folder after the pass). Without it the slabs go from task to task in
+    memory, where they wait for the neighbours that need them: up to two
+    planes of blocks' worth (8 MB more on 256x512x512 in 128^3 blocks, 17 MB
+    on 512^3; gigabytes for a terabyte volume's planes of thousands of blocks).
     """
     import dask.array as da
 
     graph, keys = _haloed_graph(stored, chunks, depth, function, name, pad=True, foreground=False,
-                                args=None)
+                                args=None, spill=spill)
     return da.Array(graph, keys[0][0], chunks=chunks, dtype=dtype, meta=meta)
 
 
-def haloed_tasks(stored, chunks, depth, function, args, *, name, foreground=False):
+def haloed_tasks(stored, chunks, depth, function, args, *, name, foreground=False, spill=None):
     """Per block of ``chunks`` (C order), a Delayed ``function(extended, left, *args[k])``: the block with its
     halo of ``depth`` voxels clipped to the volume (``left``: its width on each low side), exchanged between
     neighbouring blocks as in :func:`map_haloed`. ``foreground``: the halo carries ``block > 0`` only (as 0
-    and 1, packed to bits between tasks; the core keeps its values): what a distance transform reads."""
+    and 1, packed to bits between tasks; the core keeps its values): what a distance transform reads.
+    ``spill``: as :func:`map_haloed`'s."""
     from dask.delayed import Delayed
 
     graph, keys = _haloed_graph(stored, chunks, depth, function, name, pad=False, foreground=foreground,
-                                args=args)
+                                args=args, spill=spill)
     return [Delayed(key, graph, layer=key[0]) for key in keys]
 
 
@@ -157,7 +165,7 @@ def neighbours_hold_halo(chunks, depth):
     return all(all(int(n) >= int(d) for n in c[1:-1]) for c, d in zip(chunks, depth))
 
 
-def _haloed_graph(stored, chunks, depth, function, name, *, pad, foreground, args):
+def _haloed_graph(stored, chunks, depth, function, name, *, pad, foreground, args, spill):
     import itertools
 
     from dask.base import tokenize
@@ -169,18 +177,33 @@ def _haloed_graph(stored, chunks, depth, function, name, *, pad, foreground, arg
     ndim = len(chunks)
     starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64) for c in chunks]
     shape = tuple(int(sum(c)) for c in chunks)
-    token = tokenize(stored, chunks, depth, function, name, pad, foreground, args)
+    itemsize = np.dtype(stored.array.dtype).itemsize
+    token = tokenize(stored, chunks, depth, function, name, pad, foreground, args, spill)
     shells, out = f"{name}-shells-{token}", f"{name}-{token}"
     offsets = [o for o in itertools.product((-1, 0, 1), repeat=ndim)
                if any(o) and all(d > 0 or x == 0 for x, d in zip(o, depth))]
+    indices = list(itertools.product(*[range(len(c)) for c in chunks]))
+    near = {index: [o for o in offsets if all(0 <= i + x < len(c) for i, x, c in zip(index, o, chunks))]
+            for index in indices}
+    layout = {}
+    for index in indices:  # where each slab lies in its block's spill file: (offset in bytes, bytes, shape)
+        at, layout[index] = 0, {}
+        for o in near[index]:
+            slab = tuple(int(chunks[a][i]) if x == 0 else min(d, int(chunks[a][i]))
+                         for a, (i, x, d) in enumerate(zip(index, o, depth)))
+            size = -(-math.prod(slab) // 8) if foreground else math.prod(slab) * itemsize
+            layout[index][o] = (at, size, slab)
+            at += size
     layers, keys = {shells: {}, out: {}}, []
-    for k, index in enumerate(itertools.product(*[range(len(c)) for c in chunks])):
+    for k, index in enumerate(indices):
         box = tuple(slice(int(starts[a][i]), int(starts[a][i] + chunks[a][i])) for a, i in enumerate(index))
-        near = [o for o in offsets if all(0 <= i + x < len(c) for i, x, c in zip(index, o, chunks))]
-        layers[shells][(shells, *index)] = (_block_shell, stored, box, depth, near, foreground)
+        target = None if spill is None else f"{spill}/{'_'.join(map(str, index))}"
+        layers[shells][(shells, *index)] = (_block_shell, stored, box, depth, near[index], foreground, target)
+        neighbours = [tuple(i + x for i, x in zip(index, o)) for o in near[index]]
+        where = [layout[j][tuple(-x for x in o)] for j, o in zip(neighbours, near[index])]
         keys.append((out, *index))
-        layers[out][keys[-1]] = (_haloed_call, stored, box, depth, shape, function, near,
-                                 [(shells, *[i + x for i, x in zip(index, o)]) for o in near], pad,
+        layers[out][keys[-1]] = (_haloed_call, stored, box, depth, shape, function, near[index],
+                                 [(shells, *j) for j in neighbours], where, foreground, pad,
                                  () if args is None else tuple(args[k]))
     return HighLevelGraph(layers, {shells: set(), out: {shells}}), keys
 
@@ -192,19 +215,30 @@ def _slab(offset, depth):
                  for x, d in zip(offset, depth))
 
 
-def _block_shell(stored, box, depth, offsets, foreground):
-    """One block read from ``stored`` (on the host): ``{offset: the slab its neighbour at offset needs}``
-    (with ``foreground``: ``(shape, slab > 0 packed to bits)``)."""
+def _block_shell(stored, box, depth, offsets, foreground, target):
+    """One block read from ``stored`` (on the host): per offset in turn, the slab its neighbour at that offset
+    needs (with ``foreground``: ``slab > 0`` packed to bits). ``target``: written there, one file (its path
+    returned); else ``{offset: slab}``."""
+    import os
+
     block = stored.on(None).read(box)
-    if not foreground:
-        return {o: np.ascontiguousarray(block[_slab(o, depth)]) for o in offsets}
-    return {o: (block[_slab(o, depth)].shape, np.packbits(block[_slab(o, depth)] > 0)) for o in offsets}
+    slabs = {o: np.packbits(block[_slab(o, depth)] > 0) if foreground else
+             np.ascontiguousarray(block[_slab(o, depth)]) for o in offsets}
+    if target is None:
+        return slabs
+    partial = f"{target}.partial"
+    with open(partial, "wb") as f:
+        for o in offsets:
+            f.write(slabs[o].tobytes())
+    os.replace(partial, target)  # a rerun of the task rewrites it whole
+    return target
 
 
-def _haloed_call(stored, box, depth, shape, function, offsets, shells, pad, args):
-    """``function`` of the block ``box`` with its halo from its neighbours' ``shells`` (one per offset, each
-    keyed by the offset of this block from that neighbour). ``pad``: the edges repeated outside the volume
-    and the result cut back to the block; else ``function(extended, left, *args)``."""
+def _haloed_call(stored, box, depth, shape, function, offsets, shells, where, foreground, pad, args):
+    """``function`` of the block ``box`` with its halo from its neighbours' ``shells`` (their slabs, or the
+    files holding them at ``where``: (byte offset, bytes, shape); packed bits with ``foreground``).
+    ``pad``: the edges repeated outside the volume and the result cut back to the block; else
+    ``function(extended, left, *args)``."""
     from gpu_pipeline._backend import get_array_module
 
     block = stored.read(box)
@@ -213,14 +247,17 @@ def _haloed_call(stored, box, depth, shape, function, offsets, shells, pad, args
     array = xp.empty(tuple(b.stop - b.start for b in extended), dtype=block.dtype)
     core = tuple(slice(lo, lo + b.stop - b.start) for lo, b in zip(left, box))
     array[core] = block
-    for offset, shell in zip(offsets, shells):
+    for offset, shell, (at, size, slab_shape) in zip(offsets, shells, where):
         part = tuple(c if x == 0 else (slice(0, c.start) if x < 0 else slice(c.stop, n))
                      for x, c, n in zip(offset, core, array.shape))
-        slab = shell[tuple(-x for x in offset)]
-        if isinstance(slab, tuple):  # a foreground slab, packed
-            slab_shape, bits = slab
-            slab = np.unpackbits(bits, count=int(np.prod(slab_shape))).reshape(slab_shape)
-        array[part] = xp.asarray(slab)
+        if isinstance(shell, str):  # the neighbour's spill file: only this slab's bytes
+            slab = np.fromfile(shell, dtype=np.uint8, count=size, offset=at)
+            slab = slab if foreground else slab.view(block.dtype)
+        else:
+            slab = shell[tuple(-x for x in offset)]
+        if foreground:
+            slab = np.unpackbits(slab, count=math.prod(slab_shape))
+        array[part] = xp.asarray(slab).reshape(slab_shape)
     if not pad:
         return function(array, left, *args)
     widths = [(d - lo, d - (e.stop - b.stop)) for b, e, lo, d in zip(box, extended, left, depth)]

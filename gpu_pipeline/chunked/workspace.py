@@ -450,8 +450,25 @@ class Workspace:
         if self.root is None:
             return
         for name in names:
-            shutil.rmtree(self.root / f"{name}.zarr", ignore_errors=True)
-            shutil.rmtree(self.root / f"{name}.done", ignore_errors=True)
+            for suffix in ("zarr", "done", "halos"):
+                shutil.rmtree(self.root / f"{name}.{suffix}", ignore_errors=True)
+
+    def discard_halos(self, name):
+        """Remove the folder of :meth:`halos` (its pass has run)."""
+        import shutil
+
+        if self.root is not None:
+            shutil.rmtree(self.root / f"{name}.halos", ignore_errors=True)
+
+    def halos(self, name):
+        """A folder for the halos the tasks of pass ``name`` hand each other (``map_haloed``'s ``spill``:
+        on disk, memory stays bounded by blocks), or None without a workspace folder (then in memory);
+        :meth:`discard` of ``name`` removes it."""
+        if self.root is None:
+            return None
+        path = self.root / f"{name}.halos"
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path)
 
     def open_stage(self, name, *, shape, chunks, dtype):
         """A staged store that a pass's own tasks write block by block: ``(path, marker(index), complete())``.
