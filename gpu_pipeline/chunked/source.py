@@ -167,6 +167,7 @@ def neighbours_hold_halo(chunks, depth):
 
 def _haloed_graph(stored, chunks, depth, function, name, *, pad, foreground, args, spill):
     import itertools
+    import uuid
 
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph
@@ -178,7 +179,9 @@ def _haloed_graph(stored, chunks, depth, function, name, *, pad, foreground, arg
     starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64) for c in chunks]
     shape = tuple(int(sum(c)) for c in chunks)
     itemsize = np.dtype(stored.array.dtype).itemsize
-    token = tokenize(stored, chunks, depth, function, name, pad, foreground, args, spill)
+    # New keys every call: a running cluster must not hand back an earlier call's result (or its error, a full
+    # disk since freed) for tasks that write the spill files.
+    token = f"{tokenize(stored, chunks, depth, function, name, pad, foreground, args, spill)}-{uuid.uuid4().hex}"
     shells, out = f"{name}-shells-{token}", f"{name}-{token}"
     offsets = [o for o in itertools.product((-1, 0, 1), repeat=ndim)
                if any(o) and all(d > 0 or x == 0 for x, d in zip(o, depth))]
