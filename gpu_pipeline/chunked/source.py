@@ -172,11 +172,13 @@ def _haloed_graph(stored, chunks, depth, function, name, *, pad, foreground, arg
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph
 
+    from gpu_pipeline.chunked.workspace import chunk_starts
+
     depth = tuple(int(d) for d in depth)
     if not neighbours_hold_halo(chunks, depth):
         raise DeclumpError(f"internal: blocks of {chunks} are shorter than the halo {depth} inside the volume")
     ndim = len(chunks)
-    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64) for c in chunks]
+    starts = chunk_starts(chunks)
     shape = tuple(int(sum(c)) for c in chunks)
     itemsize = np.dtype(stored.array.dtype).itemsize
     # New keys every call: a running cluster must not hand back an earlier call's result (or its error, a full
@@ -232,7 +234,7 @@ def _block_shell(stored, box, depth, offsets, foreground, target):
     partial = f"{target}.partial"
     with open(partial, "wb") as f:
         for o in offsets:
-            f.write(slabs[o].tobytes())
+            slabs[o].tofile(f)  # contiguous already: written from its own buffer, no copy
     os.replace(partial, target)  # a rerun of the task rewrites it whole
     return target
 

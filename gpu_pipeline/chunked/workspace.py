@@ -293,8 +293,9 @@ pass_log = logging.getLogger("gpu_pipeline.chunked.passes")
 
 def log_pass(what, tasks, start):
     if pass_log.isEnabledFor(logging.DEBUG):
-        pass_log.debug("%s: %d tasks, %.3f s", what, tasks, time.time() - start,
-                       extra={"what": what, "tasks": tasks, "start": start, "end": time.time()})
+        end = time.time()
+        pass_log.debug("%s: %d tasks, %.3f s", what, tasks, end - start,
+                       extra={"what": what, "tasks": tasks, "start": start, "end": end})
 
 
 def run_call(function, *args):
