@@ -7,14 +7,97 @@ as the fill value) and gives the input's fingerprint.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hashlib
 import math
+import os
+import threading
 import weakref
 
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError
 from gpu_pipeline.io import check_chunks, list_stored_files, open_zarr
+
+
+class _InPlace(concurrent.futures.ThreadPoolExecutor):
+    """An executor that runs each call at once in the calling thread (a ThreadPoolExecutor only in name:
+    asyncio takes no other kind as a loop's default executor)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        done = concurrent.futures.Future()
+        try:
+            done.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # handed to the awaiting coroutine, as a thread pool would
+            done.set_exception(exc)
+        return done
+
+
+class _ThreadLoop(threading.local):
+    """The calling thread's event loop for :func:`zarr_call` (closed with the thread)."""
+
+    loop = None
+    pid = None
+
+    def __del__(self):
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.close()
+
+
+_thread_loop = _ThreadLoop()
+
+
+def zarr_call(coroutine_function, *args):
+    """``await coroutine_function(*args)`` (Zarr's asynchronous API) run to its end in the calling thread.
+
+    Zarr's synchronous API hands each call to its own I/O thread, which hands
+    each chunk's decoding, encoding and file access on to a thread pool while
+    the caller waits: tens of hand-overs per block of a sharded store. With
+    as many busy processes as cores, as a cluster's workers are, a core idles
+    at each hand-over until the woken thread gets one. Here the same calls run
+    in the caller's thread, on an event loop of its own whose executor runs
+    them in place. From a thread that runs an event loop already (a
+    notebook's main thread), Zarr's own path is taken.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        from zarr.core.sync import sync
+
+        return sync(coroutine_function(*args))
+    state = _thread_loop
+    if state.loop is None or state.pid != os.getpid():  # a forked process starts a loop of its own
+        state.loop, state.pid = asyncio.new_event_loop(), os.getpid()
+        state.loop.set_default_executor(_InPlace(max_workers=1))
+    return state.loop.run_until_complete(coroutine_function(*args))
+
+
+async def _open_async(path, mode):
+    import zarr.api.asynchronous
+
+    return await zarr.api.asynchronous.open_array(store=str(path), mode=mode)
+
+
+def open_array(path, mode="r"):
+    """``zarr.open_array(path, mode=mode)``, its metadata read in the calling thread (:func:`zarr_call`);
+    the array's own reads and writes take Zarr's path unless made through :func:`zarr_call`."""
+    import zarr
+
+    return zarr.Array(zarr_call(_open_async, path, mode))
+
+
+async def _write_region(path, region, data):
+    array = await _open_async(path, "r+")
+    await array.setitem(region, data)
+
+
+def write_region(path, region, data):
+    """``zarr.open_array(path, mode='r+')[region] = data`` (a NumPy array), in the calling thread
+    (:func:`zarr_call`)."""
+    zarr_call(_write_region, path, region, data)
 
 
 class StoredVolume:
@@ -47,7 +130,7 @@ class StoredVolume:
         """
         stored = _compose(self.selection, box)
         try:
-            block = np.asarray(self.array[stored])
+            block = np.asarray(zarr_call(self.array.async_array.getitem, stored))
         except Exception as exc:
             where, exc = self._failing_chunk(stored, exc)
             raise DeclumpError(f"{where} of {self.path} could not be read ({type(exc).__name__}: "

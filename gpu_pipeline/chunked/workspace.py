@@ -256,10 +256,10 @@ def worker_malloc_setup(dask_worker):
 
 def write_block(data, path, region, marker):
     """Write ``data`` (NumPy or CuPy) into ``region`` of the Zarr array at ``path``, then touch ``marker``."""
-    import zarr
+    from gpu_pipeline.chunked.source import write_region
 
     try:
-        zarr.open_array(path, mode="r+")[region] = to_host(data)
+        write_region(path, region, to_host(data))
     except OSError as exc:
         raise named(exc, path) from exc
     Path(marker).touch()
@@ -656,11 +656,9 @@ def _staged_volume(path, device=None):
     """The :class:`~gpu_pipeline.chunked.source.StoredVolume` of a store this run wrote (a staged store of
     its work folder, or its output, re-read on resuming): an undecodable chunk's one-line error names it and
     says how to start over."""
-    import zarr
+    from gpu_pipeline.chunked.source import StoredVolume, open_array
 
-    from gpu_pipeline.chunked.source import StoredVolume
-
-    array = zarr.open_array(str(path), mode="r")
+    array = open_array(path)
     return StoredVolume(array, str(path), (slice(None),) * array.ndim, device,
                         damaged="this unfinished run's work folder or output is damaged there; run again with "
                                 "--overwrite to start over")
