@@ -34,18 +34,20 @@ class _InPlace(concurrent.futures.ThreadPoolExecutor):
         return done
 
 
-class _ThreadLoop(threading.local):
-    """The calling thread's event loop for :func:`zarr_call` (closed with the thread)."""
+class _OwnLoop:
+    """One thread's event loop for :func:`zarr_call`, closed when the thread ends (its thread-local value
+    goes) or the process is a fork of the one that made it."""
 
-    loop = None
-    pid = None
+    def __init__(self):
+        self.pid, self.loop = os.getpid(), asyncio.new_event_loop()
+        self.loop.set_default_executor(_InPlace(max_workers=1))
 
     def __del__(self):
-        if self.loop is not None and not self.loop.is_closed():
+        if not self.loop.is_closed():
             self.loop.close()
 
 
-_thread_loop = _ThreadLoop()
+_thread_loop = threading.local()
 
 
 def zarr_call(coroutine_function, *args):
@@ -68,11 +70,10 @@ def zarr_call(coroutine_function, *args):
         from zarr.core.sync import sync
 
         return sync(coroutine_function(*args))
-    state = _thread_loop
-    if state.loop is None or state.pid != os.getpid():  # a forked process starts a loop of its own
-        state.loop, state.pid = asyncio.new_event_loop(), os.getpid()
-        state.loop.set_default_executor(_InPlace(max_workers=1))
-    return state.loop.run_until_complete(coroutine_function(*args))
+    own = getattr(_thread_loop, "own", None)
+    if own is None or own.pid != os.getpid():
+        own = _thread_loop.own = _OwnLoop()
+    return own.loop.run_until_complete(coroutine_function(*args))
 
 
 async def _open_async(path, mode):
