@@ -284,6 +284,56 @@ def test_chunked_classifier_labels_equal_in_memory_for_any_chunking(cluster_clie
         assert chunked.probabilities.compute().tobytes() == details.probabilities.tobytes(), chunks
 
 
+def test_chunked_probabilities_from_a_store_read_each_block_twice_and_hold_the_classifier_once(rng, tmp_path):
+    """From a stored volume the probabilities equal in-memory ``predict_proba`` bit for bit, with the halos
+    in memory or in the work folder; every store read is one block (each block twice: its neighbours' slabs,
+    then its own features), never a box with a halo (which decodes every stored chunk it touches), a short
+    first block included; and the classifier is in the graph once, not pickled into every task."""
+    import itertools
+
+    zarr = pytest.importorskip("zarr")
+    from gpu_pipeline.chunked.classifier import probabilities_chunked
+    from gpu_pipeline.chunked.source import StoredVolume, open_volume, register_stored, stored_volume
+    from gpu_pipeline.chunked.workspace import Workspace
+
+    shape, spacing, n, _ = CHUNK_CASES[3]
+    model, _, _ = _trained(rng, shape, spacing, n)
+    image, _ = make_touching_particles(shape, n, radius_range=(5, 10), spacing=spacing, seed=int(rng.integers(1e6)))
+    expected = model.predict_proba(image, spacing=spacing)
+    zarr.create_array(str(tmp_path / "in.zarr"), shape=shape, dtype=image.dtype, chunks=(15, 16, 23))[...] = image
+
+    log = tmp_path / "reads.txt"
+
+    class Counting(StoredVolume):  # logs to a file: the reads may run in a cluster's worker processes
+        def on(self, device):
+            return self
+
+        def read(self, box):
+            with open(log, "a") as f:
+                f.write(" ".join(f"{b.start} {b.stop}" for b in box) + "\n")
+            return super().read(box)
+
+    for k, chunks in enumerate([(15, 24, 23), ((4, 13, 13), (24, 24), (23, 23))]):  # 2nd: a first block shorter than the halo
+        volume, _ = open_volume(tmp_path / "in.zarr", chunks=chunks)
+        inner = stored_volume(volume)
+        counting = Counting(inner.array, inner.path, inner.selection)  # the registry holds it weakly
+        register_stored(volume, counting)
+        for workspace in (Workspace(None), Workspace(tmp_path / f"work{k}")):
+            log.write_text("")
+            found = probabilities_chunked(volume, model, spacing=spacing, workspace=workspace)
+            if workspace.root is None:  # lazy: the graph is there to look at
+                graph = dict(found.__dask_graph__())
+                assert sum(value is model for value in graph.values()) == 1
+                assert not any(isinstance(task, tuple) and any(a is model for a in task) for task in graph.values())
+            assert found.compute(scheduler="threads").tobytes() == expected.tobytes(), chunks
+            numbers = [list(map(int, line.split())) for line in log.read_text().splitlines()]
+            reads = [tuple(zip(r[0::2], r[1::2])) for r in numbers]
+            blocks = [tuple((int(s), int(s + c[i])) for s, c, i in zip(start, volume.chunks, index))
+                      for start, index in ((tuple(sum(c[:i]) for c, i in zip(volume.chunks, index)), index)
+                                           for index in itertools.product(*[range(len(c)) for c in volume.chunks]))]
+            assert sorted(reads) == sorted(blocks * 2), chunks  # (the limits' histogram reads the volume's blocks)
+
+
 def test_cli_trains_runs_and_saves_probabilities_in_memory_and_chunked(rng, tmp_path, capsys):
     zarr = pytest.importorskip("zarr")
     from gpu_pipeline.cli import main

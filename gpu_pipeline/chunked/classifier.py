@@ -8,11 +8,14 @@ of ``PixelClassifier.predict_proba`` on the whole volume.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from gpu_pipeline._backend import get_array_module
 from gpu_pipeline.chunked.foreground import fit_halo
 from gpu_pipeline.chunked.histogram import histogram_chunked
+from gpu_pipeline.chunked.source import map_haloed, neighbours_hold_halo, stored_volume
 from gpu_pipeline.stages.features import feature_halo, intensity_limits, normalize_intensity, tile_features
 
 
@@ -26,6 +29,19 @@ def _block_probabilities(block, classifier, limits, spacing, halo, chunks, block
     index = block_info[0]["chunk-location"]
     left = [h if i > 0 else 0 for h, i in zip(halo, index)]
     core = tuple(slice(lo, lo + int(chunks[a][i])) for a, (lo, i) in enumerate(zip(left, index)))
+    return _core_probabilities(block, core, classifier, limits, spacing)
+
+
+def _haloed_probabilities(extended, left, core_shape, shared, *, limits, spacing):
+    """:func:`_core_probabilities` of a block handed over with its halo by
+    :func:`~gpu_pipeline.chunked.source.map_haloed` (``shared``: [the classifier])."""
+    core = tuple(slice(lo, lo + int(n)) for lo, n in zip(left, core_shape))
+    return _core_probabilities(extended, core, shared[0], limits, spacing)
+
+
+def _core_probabilities(block, core, classifier, limits, spacing):
+    """The class probabilities of the ``core`` of ``block`` (the core with its feature halo, clipped to the
+    volume), shape (n_classes, *core shape)."""
     normalized = normalize_intensity(block, limits=limits)
     xp = get_array_module(block)
     out = xp.empty((len(classifier.classes),) + tuple(s.stop - s.start for s in core), dtype=xp.float32)
@@ -58,15 +74,28 @@ def probabilities_chunked(volume, classifier, *, spacing, workspace=None, device
         "limits": np.asarray(intensity_limits_chunked(volume, classifier.percentiles))})["limits"]
     limits = (float(limits[0]), float(limits[1]))
     halo = feature_halo(spacing, classifier.scales)
+    stored = stored_volume(volume)
     volume = fit_halo(volume, halo, "pixel-feature")
-    extended = da.overlap.overlap(volume, depth=dict(enumerate(halo)), boundary="none")
     chunks = ((len(classifier.classes),),) + volume.chunks
+    meta = get_array_module(volume._meta).empty((0,) * (volume.ndim + 1), dtype=np.float32)
+    if stored is not None and neighbours_hold_halo(volume.chunks, halo):
+        # A volume read from a store: each block read twice, its halo handed over by its neighbours' tasks,
+        # not ~60 small tasks per block cutting it out of 27 blocks (as smoothing, map_haloed).
+        def build():
+            return map_haloed(stored, volume.chunks, halo, functools.partial(
+                _haloed_probabilities, limits=limits, spacing=spacing), dtype=np.float32, meta=meta,
+                name="probabilities", spill=workspace.halos("probabilities"), clipped=True,
+                leading=len(classifier.classes), shared=(classifier,))
+
+        staged = workspace.stage("probabilities", build, chunks=chunks, shape=(chunks[0][0],) + volume.shape,
+                                 dtype=np.float32, device=device)
+        workspace.discard_halos("probabilities")
+        return staged
+    extended = da.overlap.overlap(volume, depth=dict(enumerate(halo)), boundary="none")
 
     def build():
         return extended.map_blocks(_block_probabilities, delayed(classifier, traverse=False), limits, spacing, halo,
-                                   volume.chunks, dtype=np.float32, chunks=chunks, new_axis=0,
-                                   meta=get_array_module(volume._meta).empty((0,) * (volume.ndim + 1),
-                                                                                 dtype=np.float32))
+                                   volume.chunks, dtype=np.float32, chunks=chunks, new_axis=0, meta=meta)
 
     return workspace.stage("probabilities", build, chunks=chunks, shape=(chunks[0][0],) + volume.shape,
                            dtype=np.float32, device=device)

@@ -199,7 +199,8 @@ def halo_box(start, stop, depth, shape):
     return tuple(slice(a, b) for a, b in zip(low, high)), [int(a) - lo for a, lo in zip(start, low)]
 
 
-def map_haloed(stored, chunks, depth, function, *, dtype, meta, name, spill=None):
+def map_haloed(stored, chunks, depth, function, *, dtype, meta, name, spill=None, clipped=False, leading=None,
+               shared=()):
     """A lazy Dask array of ``function(block with a halo of depth voxels)``, cut back to each block of ``chunks``.
 
     Each block's halo is what its neighbouring blocks hold, with the edge
@@ -222,12 +223,26 @@ def map_haloed(stored, chunks, depth, function, *, dtype, meta, name, spill=None
     memory, where they wait for the neighbours that need them: up to two
     planes of blocks' worth (8 MB more on 256x512x512 in 128^3 blocks, 17 MB
     on 512^3; gigabytes for a terabyte volume's planes of thousands of blocks).
+
+    ``clipped``: the halo stops at the volume's faces (nothing repeated) and
+    ``function(extended, left, core_shape, shared)`` returns the block's own
+    result (``left``: the halo's width on each low side). ``leading``: the
+    length of a new first axis of the result, one chunk (a classifier's
+    classes). ``shared``: objects every task takes (as the list ``shared``),
+    in the graph once, not in every task.
     """
+    import itertools
+
     import dask.array as da
 
-    graph, keys = _haloed_graph(stored, chunks, depth, function, name, pad=True, foreground=False,
-                                args=None, spill=spill)
-    return da.Array(graph, keys[0][0], chunks=chunks, dtype=dtype, meta=meta)
+    args = None
+    if clipped:
+        args = [(tuple(int(chunks[a][i]) for a, i in enumerate(index)),)
+                for index in itertools.product(*[range(len(c)) for c in chunks])]
+    graph, keys = _haloed_graph(stored, chunks, depth, function, name, pad=not clipped, foreground=False,
+                                args=args, spill=spill, lead=() if leading is None else (0,), shared=shared)
+    return da.Array(graph, keys[0][0], chunks=chunks if leading is None else ((int(leading),),) + tuple(chunks),
+                    dtype=dtype, meta=meta)
 
 
 def haloed_tasks(stored, chunks, depth, function, args, *, name, foreground=False, spill=None):
@@ -249,7 +264,7 @@ def neighbours_hold_halo(chunks, depth):
     return all(all(int(n) >= int(d) for n in c[1:-1]) for c, d in zip(chunks, depth))
 
 
-def _haloed_graph(stored, chunks, depth, function, name, *, pad, foreground, args, spill):
+def _haloed_graph(stored, chunks, depth, function, name, *, pad, foreground, args, spill, lead=(), shared=()):
     import itertools
     import uuid
 
@@ -284,17 +299,25 @@ def _haloed_graph(stored, chunks, depth, function, name, *, pad, foreground, arg
             layout[index][o] = (at, size, slab)
             at += size
     layers, keys = {shells: {}, out: {}}, []
+    together = f"{name}-shared-{token}"
+    if shared:
+        layers[together] = {f"{together}-{i}": value for i, value in enumerate(shared)}
     for k, index in enumerate(indices):
         box = tuple(slice(int(starts[a][i]), int(starts[a][i] + chunks[a][i])) for a, i in enumerate(index))
         target = None if spill is None else f"{spill}/{'_'.join(map(str, index))}"
         layers[shells][(shells, *index)] = (_block_shell, stored, box, depth, near[index], foreground, target)
         neighbours = [tuple(i + x for i, x in zip(index, o)) for o in near[index]]
         where = [layout[j][tuple(-x for x in o)] for j, o in zip(neighbours, near[index])]
-        keys.append((out, *index))
+        keys.append((out, *lead, *index))
+        # The shared objects by their keys, in a list of the task's own arguments: Dask hands it their values.
         layers[out][keys[-1]] = (_haloed_call, stored, box, depth, shape, function, near[index],
                                  [(shells, *j) for j in neighbours], where, foreground, pad,
-                                 () if args is None else tuple(args[k]))
-    return HighLevelGraph(layers, {shells: set(), out: {shells}}), keys
+                                 () if args is None else tuple(args[k]),
+                                 [f"{together}-{i}" for i in range(len(shared))] if shared else None)
+    dependencies = {shells: set(), out: {shells, together} if shared else {shells}}
+    if shared:
+        dependencies[together] = set()
+    return HighLevelGraph(layers, dependencies), keys
 
 
 def _slab(offset, depth):
@@ -323,11 +346,11 @@ def _block_shell(stored, box, depth, offsets, foreground, target):
     return target
 
 
-def _haloed_call(stored, box, depth, shape, function, offsets, shells, where, foreground, pad, args):
+def _haloed_call(stored, box, depth, shape, function, offsets, shells, where, foreground, pad, args, shared=None):
     """``function`` of the block ``box`` with its halo from its neighbours' ``shells`` (their slabs, or the
     files holding them at ``where``: (byte offset, bytes, shape); packed bits with ``foreground``).
     ``pad``: the edges repeated outside the volume and the result cut back to the block; else
-    ``function(extended, left, *args)``."""
+    ``function(extended, left, *args)``, and ``shared`` (a list) after them when given."""
     from gpu_pipeline._backend import get_array_module
 
     block = stored.read(box)
@@ -348,7 +371,7 @@ def _haloed_call(stored, box, depth, shape, function, offsets, shells, where, fo
             slab = np.unpackbits(slab, count=math.prod(slab_shape))
         array[part] = xp.asarray(slab).reshape(slab_shape)
     if not pad:
-        return function(array, left, *args)
+        return function(array, left, *args, *(() if shared is None else (shared,)))
     widths = [(d - lo, d - (e.stop - b.stop)) for b, e, lo, d in zip(box, extended, left, depth)]
     if any(w != (0, 0) for w in widths):
         array = xp.pad(array, widths, mode="edge")
