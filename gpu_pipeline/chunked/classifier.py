@@ -86,16 +86,14 @@ def probabilities_chunked(volume, classifier, *, spacing, workspace=None, device
                 _haloed_probabilities, limits=limits, spacing=spacing), dtype=np.float32, meta=meta,
                 name="probabilities", spill=workspace.halos("probabilities"), clipped=True,
                 leading=len(classifier.classes), shared=(classifier,))
+    else:
+        extended = da.overlap.overlap(volume, depth=dict(enumerate(halo)), boundary="none")
 
-        staged = workspace.stage("probabilities", build, chunks=chunks, shape=(chunks[0][0],) + volume.shape,
-                                 dtype=np.float32, device=device)
-        workspace.discard_halos("probabilities")
-        return staged
-    extended = da.overlap.overlap(volume, depth=dict(enumerate(halo)), boundary="none")
+        def build():
+            return extended.map_blocks(_block_probabilities, delayed(classifier, traverse=False), limits, spacing,
+                                       halo, volume.chunks, dtype=np.float32, chunks=chunks, new_axis=0, meta=meta)
 
-    def build():
-        return extended.map_blocks(_block_probabilities, delayed(classifier, traverse=False), limits, spacing, halo,
-                                   volume.chunks, dtype=np.float32, chunks=chunks, new_axis=0, meta=meta)
-
-    return workspace.stage("probabilities", build, chunks=chunks, shape=(chunks[0][0],) + volume.shape,
-                           dtype=np.float32, device=device)
+    staged = workspace.stage("probabilities", build, chunks=chunks, shape=(chunks[0][0],) + volume.shape,
+                             dtype=np.float32, device=device)
+    workspace.discard_halos("probabilities")  # (none on the overlap path)
+    return staged

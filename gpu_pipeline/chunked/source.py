@@ -314,9 +314,8 @@ def _haloed_graph(stored, chunks, depth, function, name, *, pad, foreground, arg
                                  [(shells, *j) for j in neighbours], where, foreground, pad,
                                  () if args is None else tuple(args[k]),
                                  [f"{together}-{i}" for i in range(len(shared))] if shared else None)
-    dependencies = {shells: set(), out: {shells, together} if shared else {shells}}
-    if shared:
-        dependencies[together] = set()
+    dependencies = {layer: set() for layer in layers}
+    dependencies[out] = set(layers) - {out}  # the shells, and the shared objects' layer if any
     return HighLevelGraph(layers, dependencies), keys
 
 

@@ -465,7 +465,6 @@ class Workspace:
         array = to_device(array, device)
         return array if measure is None else (array, measured)
 
-
     def discard(self, *names):
         """Delete staged stores no later pass reads (their disk space back; a resumed run does not need them)."""
         import shutil
