@@ -74,35 +74,64 @@ def test_chunked_labels_equal_in_memory_for_any_chunking(cluster_client, rng, tm
             assert out.tobytes() == separate(image, spacing=spacing).tobytes()
 
 
-def test_the_peak_pass_reads_blocks_without_halos_from_the_staged_regions(rng, tmp_path, monkeypatch):
-    """Each chunk's distance transform and peaks run in a task that reads the chunk from the staged regions and
-    gets its halo (the foreground, in bits) from the tasks that read its neighbours: every read of the staged
-    regions is one block, none a box with a halo (which decodes every chunk it touches whole), and the labels
-    are the in-memory ones."""
+def test_the_peak_pass_reads_each_staged_block_once_its_halos_written_by_the_staging(rng, tmp_path, monkeypatch):
+    """Each chunk's distance transform and peaks run in one task that reads the chunk from the staged regions
+    and its halo (the foreground, in bits) from the files that the tasks staging the regions wrote: the peak
+    pass reads each block of the staged regions once, never a box with a halo (which decodes every chunk it
+    touches whole), and the labels are the in-memory ones. A resumed run whose regions were staged without
+    those files (or for another halo) reads each block twice: its neighbours' slabs, then its own pass.
+    The peak pass read each block twice every time before."""
+    import shutil
+
+    import gpu_pipeline.chunked.pipeline as chunked_pipeline
     from gpu_pipeline.chunked.source import StoredVolume
 
     shape, spacing, n, chunkings = CASES[3]
     image, _ = make_touching_particles(shape, n, radius_range=(5, 12), spacing=spacing,
                                        seed=int(rng.integers(1e6)))
+    expected = separate(image, spacing=spacing, max_radius=MAX_RADIUS)
     volume = da.from_array(image, chunks=chunkings[0])
-    reads, original = [], StoredVolume.read
+    reads, in_peaks, original, peaks = [], [False], StoredVolume.read, chunked_pipeline.peaks_chunked
 
     def logged(self, box):
-        if str(self.path).endswith("regions.zarr"):
+        if str(self.path).endswith("regions.zarr") and in_peaks[0]:
             reads.append(tuple((b.start, b.stop) for b in box))
         return original(self, box)
 
+    def peak_pass(*args, **kwargs):
+        in_peaks[0] = True
+        try:
+            return peaks(*args, **kwargs)
+        finally:
+            in_peaks[0] = False
+
     monkeypatch.setattr(StoredVolume, "read", logged)
+    monkeypatch.setattr(chunked_pipeline, "peaks_chunked", peak_pass)
     # In this process (a cluster another test started stays the default client): the reads are counted here.
     monkeypatch.setattr("gpu_pipeline.chunked.workspace.active_client", lambda: None)
-    with dask.config.set(scheduler="threads"):
-        labels, _ = separate_chunked(volume, spacing=spacing, max_radius=MAX_RADIUS, workspace=Workspace(tmp_path))
-        labels = labels.compute()
     starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in volume.chunks]
     blocks = [tuple((int(s[i]), int(s[i] + c[i])) for s, c, i in zip(starts, volume.chunks, index))
               for index in itertools.product(*[range(len(c)) for c in volume.chunks])]
-    assert set(reads) == set(blocks) and all(reads.count(b) >= 2 for b in blocks), sorted(set(reads) - set(blocks))
-    assert labels.tobytes() == separate(image, spacing=spacing, max_radius=MAX_RADIUS).tobytes()
+    work = tmp_path / "work"
+    with dask.config.set(scheduler="threads"):
+        labels, _ = separate_chunked(volume, spacing=spacing, max_radius=MAX_RADIUS, workspace=Workspace(work))
+        assert labels.compute().tobytes() == expected.tobytes()
+        assert sorted(reads) == sorted(blocks)
+        assert not (work / "peaks.halos").exists()  # gone once the peak pass has run
+        for marker in (None, "another halo"):  # resumed: regions staged, the peak pass not run
+            for name in ("peaks.npz", "necks.npz", "one_piece.npz", "distance.zarr", "distance.done", "pieces.zarr",
+                         "pieces.done"):
+                shutil.rmtree(work / name, ignore_errors=True) if (work / name).is_dir() else \
+                    (work / name).unlink(missing_ok=True)
+            if marker is not None:
+                (work / "peaks.halos").mkdir()
+                (work / "peaks.halos" / "complete").write_text(marker)
+            reads.clear()
+            labels, details = separate_chunked(volume, spacing=spacing, max_radius=MAX_RADIUS,
+                                               workspace=Workspace(work))
+            assert details.blocks_computed["regions"] == 0
+            assert labels.compute().tobytes() == expected.tobytes(), marker
+            assert sorted(reads) == sorted(blocks * 2), marker
 
 
 def test_lloyd_updates_and_mask_input_match_in_memory(rng):

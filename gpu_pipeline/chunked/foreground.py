@@ -7,6 +7,7 @@ their global size from the chunked connected components.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -14,7 +15,8 @@ import numpy as np
 from gpu_pipeline._backend import GAUSSIAN_TRUNCATE, DeclumpError, get_array_module, ops_for
 from gpu_pipeline.chunked.components import components_chunked
 from gpu_pipeline.chunked.histogram import block_range, histogram_thresholds_chunked
-from gpu_pipeline.chunked.source import map_haloed, stored_volume
+from gpu_pipeline.chunked.source import (map_haloed, neighbours_hold_halo, shells_key, stored_volume,
+                                        write_shells)
 from gpu_pipeline.stages.cleanup import voxels_for
 from gpu_pipeline.stages.threshold import (HISTOGRAM_METHODS, border_voxels, choose_polarity, foreground,
                                            polarity_from, share_of_largest)
@@ -102,7 +104,7 @@ def largest_component_shares_chunked(above, sides=None):
 
 
 def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="auto", min_size=0.0, mask=None,
-                    workspace=None, device=None):
+                    workspace=None, device=None, halo=None):
     """Connected regions of the cleaned foreground of a chunked volume.
 
     Returns ``(regions, n_regions, threshold, polarity)``: ``regions`` is a lazy
@@ -112,7 +114,10 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
     threshold (``volume`` may then be None). ``workspace``: a
     :class:`~gpu_pipeline.chunked.workspace.Workspace` where the foreground
     and the regions are staged (smoothing then runs once per chunk) and the
-    global results saved.
+    global results saved. ``halo`` (with a workspace folder): the tasks
+    staging the regions also write each block's slabs of foreground that
+    its neighbours' peak tasks read as their halo of this depth (the
+    workspace's halos ``peaks``, see :func:`~gpu_pipeline.chunked.source.write_shells`).
     """
     from gpu_pipeline.chunked.workspace import Workspace
 
@@ -209,8 +214,17 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
             raise DeclumpError("internal: the foreground changed between passes")
         return found.through(rank, np.int32)
 
-    # Haloed: the distance-transform pass reads each block with its halo.
+    # Haloed: the distance-transform pass reads each block with its halo, whose slabs the staging tasks write
+    # (the blocks are then not read twice, and that pass has no tasks handing slabs on).
+    shells = None
+    if halo is not None and workspace.root is not None and neighbours_hold_halo(chunks, halo):
+        shells = functools.partial(write_shells, chunks=chunks, depth=tuple(halo), foreground=True,
+                                   folder=workspace.halos("peaks"))
     regions = workspace.stage("regions", build, chunks=chunks, shape=source.shape, dtype=np.int32, device=device,
-                              haloed=True)
+                              haloed=True, measure=shells)
+    if shells is not None:
+        regions, written = regions
+        if written is not None:  # this call staged the regions (and wrote every block's slabs)
+            workspace.halos_written("peaks", shells_key(chunks, halo))
     workspace.discard("smoothed", "components", "sides")  # scratch space: only the regions are read from here on
     return regions, int(rank.max()) if rank.size else 0, value, side

@@ -47,7 +47,8 @@ from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_ho
 from gpu_pipeline.array_algorithms import unique_ids
 from gpu_pipeline.chunked.components import components_chunked, id_dtype
 from gpu_pipeline.chunked.foreground import fit_halo, regions_chunked
-from gpu_pipeline.chunked.source import halo_box, haloed_tasks, neighbours_hold_halo, stored_volume
+from gpu_pipeline.chunked.source import (halo_box, haloed_tasks, neighbours_hold_halo, shells_key,
+                                         stored_volume)
 from gpu_pipeline.chunked.workspace import (Workspace, chunk_starts, read_staged, run_call, run_tasks, to_device,
                                              write_block)
 from gpu_pipeline.pipeline import NoParticlesError, cap_distance, validate_spacing
@@ -196,8 +197,9 @@ def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, dev
     ``store``: the Zarr store ``regions`` was staged in; each chunk is then
     read from it by two tasks, one handing its neighbours the foreground of
     their halos, one computing the chunk's candidates with its halo (memory:
-    one extended block per task). Without it the halo comes from
-    ``dask.array.overlap``.
+    one extended block per task); by the second alone when the tasks that
+    staged the regions wrote those halos (``regions_chunked``'s ``halo``).
+    Without it the halo comes from ``dask.array.overlap``.
 
     ``workspace`` (with ``store``): each task also stages its core of the
     capped distance map as ``distance``, for :func:`neck_groups_chunked`.
@@ -224,8 +226,11 @@ def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, dev
             args.append(([int(starts[a][i]) for a, i in enumerate(index)],
                          [int(regions.chunks[a][i]) for a, i in enumerate(index)], tuple(spacing), half,
                          float(max_radius), None if staged is None else (staged[0], staged[1](index), dtype)))
+        # The halos' slabs as the regions' staging tasks wrote them, when they did (regions_chunked's ``halo``).
+        given = None if workspace is None else workspace.written_halos("peaks", shells_key(regions.chunks, depth))
         tasks = haloed_tasks(stored, regions.chunks, depth, _haloed_peak_candidates, args, name="peak-candidates",
-                             foreground=True, spill=None if workspace is None else workspace.halos("peaks"))
+                             foreground=True, spill=None if workspace is None or given else workspace.halos("peaks"),
+                             given=given)
     else:
         tasks = []
         for index, origin, core_shape, left, extended in _extended_blocks(regions, depth, store, device):
@@ -539,7 +544,7 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
 
     regions, n_regions, details.threshold, details.polarity = regions_chunked(
         volume, spacing=spacing, sigma=sigma, threshold=threshold, polarity=polarity, min_size=min_size,
-        mask=mask, workspace=workspace, device=device)
+        mask=mask, workspace=workspace, device=device, halo=details.halo)
     details.n_regions = n_regions
     if n_regions == 0:
         raise NoParticlesError("no particles found: the foreground is empty after thresholding and removing objects "

@@ -245,17 +245,63 @@ def map_haloed(stored, chunks, depth, function, *, dtype, meta, name, spill=None
                     dtype=dtype, meta=meta)
 
 
-def haloed_tasks(stored, chunks, depth, function, args, *, name, foreground=False, spill=None):
+def haloed_tasks(stored, chunks, depth, function, args, *, name, foreground=False, spill=None, given=None):
     """Per block of ``chunks`` (C order), a Delayed ``function(extended, left, *args[k])``: the block with its
     halo of ``depth`` voxels clipped to the volume (``left``: its width on each low side), exchanged between
     neighbouring blocks as in :func:`map_haloed`. ``foreground``: the halo carries ``block > 0`` only (as 0
     and 1, packed to bits between tasks; the core keeps its values): what a distance transform reads.
-    ``spill``: as :func:`map_haloed`'s."""
+    ``spill``: as :func:`map_haloed`'s. ``given``: a folder that already holds every block's slabs, written
+    by the pass that stored the blocks (:func:`write_shells`): one task per block, none handing slabs on."""
     from dask.delayed import Delayed
 
     graph, keys = _haloed_graph(stored, chunks, depth, function, name, pad=False, foreground=foreground,
-                                args=args, spill=spill)
+                                args=args, spill=spill, given=given)
     return [Delayed(key, graph, layer=key[0]) for key in keys]
+
+
+def write_shells(block, beside, origin, *, chunks, depth, foreground, folder):
+    """Write the slabs of one block (at ``origin`` in the grid ``chunks``) that its neighbours' tasks of a
+    later :func:`haloed_tasks` pass read, to ``folder`` as that pass's own slab tasks would: a ``measure``
+    of :func:`~gpu_pipeline.chunked.workspace.write_blocks`, run by the task that stores the block (the
+    block then read once less, and the later pass one task per block with no inputs from other tasks)."""
+    from gpu_pipeline.chunked.workspace import chunk_starts
+
+    depth = tuple(int(d) for d in depth)
+    index = tuple(int(np.searchsorted(s, o)) for s, o in zip(chunk_starts(chunks), origin))
+    _block_slabs(block, depth, _shell_plan(chunks, depth, foreground, block.dtype.itemsize)[0][index],
+                 foreground, f"{folder}/{_shell_name(index)}")
+
+
+def shells_key(chunks, depth):
+    """What the slab files of :func:`write_shells` depend on, as a string: the blocks and the depth."""
+    return repr((tuple(tuple(int(n) for n in c) for c in chunks), tuple(int(d) for d in depth)))
+
+
+def _shell_name(index):
+    return "_".join(map(str, index))
+
+
+def _shell_plan(chunks, depth, foreground, itemsize):
+    """Per block index: the offsets of its neighbours (within the grid, along axes with a halo), and where
+    each slab its neighbours need lies in its slab file, ``{offset: (byte offset, bytes, shape)}``."""
+    import itertools
+
+    ndim = len(chunks)
+    offsets = [o for o in itertools.product((-1, 0, 1), repeat=ndim)
+               if any(o) and all(d > 0 or x == 0 for x, d in zip(o, depth))]
+    indices = list(itertools.product(*[range(len(c)) for c in chunks]))
+    near = {index: [o for o in offsets if all(0 <= i + x < len(c) for i, x, c in zip(index, o, chunks))]
+            for index in indices}
+    layout = {}
+    for index in indices:
+        at, layout[index] = 0, {}
+        for o in near[index]:
+            slab = tuple(int(chunks[a][i]) if x == 0 else min(d, int(chunks[a][i]))
+                         for a, (i, x, d) in enumerate(zip(index, o, depth)))
+            size = -(-math.prod(slab) // 8) if foreground else math.prod(slab) * itemsize
+            layout[index][o] = (at, size, slab)
+            at += size
+    return near, layout
 
 
 def neighbours_hold_halo(chunks, depth):
@@ -264,7 +310,8 @@ def neighbours_hold_halo(chunks, depth):
     return all(all(int(n) >= int(d) for n in c[1:-1]) for c, d in zip(chunks, depth))
 
 
-def _haloed_graph(stored, chunks, depth, function, name, *, pad, foreground, args, spill, lead=(), shared=()):
+def _haloed_graph(stored, chunks, depth, function, name, *, pad, foreground, args, spill, lead=(), shared=(),
+                  given=None):
     import itertools
     import uuid
 
@@ -276,46 +323,34 @@ def _haloed_graph(stored, chunks, depth, function, name, *, pad, foreground, arg
     depth = tuple(int(d) for d in depth)
     if not neighbours_hold_halo(chunks, depth):
         raise DeclumpError(f"internal: blocks of {chunks} are shorter than the halo {depth} inside the volume")
-    ndim = len(chunks)
     starts = chunk_starts(chunks)
     shape = tuple(int(sum(c)) for c in chunks)
-    itemsize = np.dtype(stored.array.dtype).itemsize
     # New keys every call: a running cluster must not hand back an earlier call's result (or its error, a full
     # disk since freed) for tasks that write the spill files.
-    token = f"{tokenize(stored, chunks, depth, function, name, pad, foreground, args, spill)}-{uuid.uuid4().hex}"
+    token = f"{tokenize(stored, chunks, depth, function, name, pad, foreground, args, spill, given)}-{uuid.uuid4().hex}"
     shells, out = f"{name}-shells-{token}", f"{name}-{token}"
-    offsets = [o for o in itertools.product((-1, 0, 1), repeat=ndim)
-               if any(o) and all(d > 0 or x == 0 for x, d in zip(o, depth))]
-    indices = list(itertools.product(*[range(len(c)) for c in chunks]))
-    near = {index: [o for o in offsets if all(0 <= i + x < len(c) for i, x, c in zip(index, o, chunks))]
-            for index in indices}
-    layout = {}
-    for index in indices:  # where each slab lies in its block's spill file: (offset in bytes, bytes, shape)
-        at, layout[index] = 0, {}
-        for o in near[index]:
-            slab = tuple(int(chunks[a][i]) if x == 0 else min(d, int(chunks[a][i]))
-                         for a, (i, x, d) in enumerate(zip(index, o, depth)))
-            size = -(-math.prod(slab) // 8) if foreground else math.prod(slab) * itemsize
-            layout[index][o] = (at, size, slab)
-            at += size
-    layers, keys = {shells: {}, out: {}}, []
+    near, layout = _shell_plan(chunks, depth, foreground, np.dtype(stored.array.dtype).itemsize)
+    layers, keys = {out: {}} if given is not None else {shells: {}, out: {}}, []
     together = f"{name}-shared-{token}"
     if shared:
         layers[together] = {f"{together}-{i}": value for i, value in enumerate(shared)}
-    for k, index in enumerate(indices):
+    for k, index in enumerate(itertools.product(*[range(len(c)) for c in chunks])):
         box = tuple(slice(int(starts[a][i]), int(starts[a][i] + chunks[a][i])) for a, i in enumerate(index))
-        target = None if spill is None else f"{spill}/{'_'.join(map(str, index))}"
-        layers[shells][(shells, *index)] = (_block_shell, stored, box, depth, near[index], foreground, target)
         neighbours = [tuple(i + x for i, x in zip(index, o)) for o in near[index]]
+        if given is None:
+            target = None if spill is None else f"{spill}/{_shell_name(index)}"
+            layers[shells][(shells, *index)] = (_block_shell, stored, box, depth, near[index], foreground, target)
+            sources = [(shells, *j) for j in neighbours]
+        else:  # the slab files are there: their paths, no tasks
+            sources = [f"{given}/{_shell_name(j)}" for j in neighbours]
         where = [layout[j][tuple(-x for x in o)] for j, o in zip(neighbours, near[index])]
         keys.append((out, *lead, *index))
         # The shared objects by their keys, in a list of the task's own arguments: Dask hands it their values.
-        layers[out][keys[-1]] = (_haloed_call, stored, box, depth, shape, function, near[index],
-                                 [(shells, *j) for j in neighbours], where, foreground, pad,
-                                 () if args is None else tuple(args[k]),
+        layers[out][keys[-1]] = (_haloed_call, stored, box, depth, shape, function, near[index], sources, where,
+                                 foreground, pad, () if args is None else tuple(args[k]),
                                  [f"{together}-{i}" for i in range(len(shared))] if shared else None)
     dependencies = {layer: set() for layer in layers}
-    dependencies[out] = set(layers) - {out}  # the shells, and the shared objects' layer if any
+    dependencies[out] = set(layers) - {out}  # the shells (unless given), and the shared objects' layer if any
     return HighLevelGraph(layers, dependencies), keys
 
 
@@ -330,11 +365,18 @@ def _block_shell(stored, box, depth, offsets, foreground, target):
     """One block read from ``stored`` (on the host): per offset in turn, the slab its neighbour at that offset
     needs (with ``foreground``: ``slab > 0`` packed to bits). ``target``: written there, one file (its path
     returned); else ``{offset: slab}``."""
+    return _block_slabs(stored.on(None).read(box), depth, offsets, foreground, target)
+
+
+def _block_slabs(block, depth, offsets, foreground, target):
+    """The slabs of ``block`` (NumPy or CuPy) for its neighbours at ``offsets``, as :func:`_block_shell`
+    hands them on: ``{offset: slab}`` on the host, or written to ``target`` (its path returned)."""
     import os
 
-    block = stored.on(None).read(box)
-    slabs = {o: np.packbits(block[_slab(o, depth)] > 0) if foreground else
-             np.ascontiguousarray(block[_slab(o, depth)]) for o in offsets}
+    from gpu_pipeline._backend import to_host
+
+    slabs = {o: np.packbits(to_host(block[_slab(o, depth)] > 0)) if foreground else
+             np.ascontiguousarray(to_host(block[_slab(o, depth)])) for o in offsets}
     if target is None:
         return slabs
     partial = f"{target}.partial"

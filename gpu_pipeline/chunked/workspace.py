@@ -492,6 +492,20 @@ class Workspace:
         path.mkdir(parents=True, exist_ok=True)
         return str(path)
 
+    def halos_written(self, name, key):
+        """Mark the folder of :meth:`halos` ``name`` complete: an earlier pass wrote every block's halos, for
+        ``key`` (a string naming their depth and blocks)."""
+        if self.root is not None:
+            (self.root / f"{name}.halos" / "complete").write_text(key)
+
+    def written_halos(self, name, key):
+        """The folder of :meth:`halos` ``name`` when :meth:`halos_written` marked it complete for ``key``,
+        else None."""
+        marker = None if self.root is None else self.root / f"{name}.halos" / "complete"
+        if marker is None or not marker.exists() or marker.read_text() != key:
+            return None
+        return str(marker.parent)
+
     def open_stage(self, name, *, shape, chunks, dtype):
         """A staged store that a pass's own tasks write block by block: ``(path, marker(index), complete())``.
 
