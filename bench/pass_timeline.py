@@ -68,13 +68,15 @@ def idle_seconds(intervals, start, end, min_gap=0.0):
 
 
 def timeline(passes, stream, start, end):
-    """Per pass: wall seconds and the workers' compute seconds of the tasks that started in it; for the run:
+    """Per pass: its tasks, wall seconds and the workers' compute seconds of the tasks that started in it; for the run:
     wall, the seconds no worker computed, and the same outside every pass (the client's steps between)."""
     computes = [(d["start"], d["stop"]) for t in stream for d in t["startstops"] if d["action"] == "compute"]
     rows = []
     for p in passes:
         busy = sum(min(b, p["end"]) - a for a, b in computes if p["start"] <= a < p["end"])
-        rows.append({"what": p["what"], "tasks": p["tasks"], "seconds": p["end"] - p["start"],
+        # Tasks: those the workers ran in the pass (the record counts the results the client asked for).
+        rows.append({"what": p["what"], "tasks": sum(p["start"] <= a < p["end"] for a, _ in computes),
+                     "seconds": p["end"] - p["start"],
                      "compute_seconds": busy,
                      "idle_seconds": idle_seconds([c for c in computes if p["start"] <= c[0] < p["end"]],
                                                   p["start"], p["end"])})

@@ -37,12 +37,13 @@ def _brighter_logged(block, log, block_info=None):
     return block > 0.5
 
 
-def test_a_components_pass_is_two_tasks_per_block(cluster_client, rng, tmp_path):
+def test_a_components_pass_is_one_task_per_block_and_one_per_run_of_blocks(cluster_client, rng, tmp_path):
     """On a cluster, the pass computes each block of its input once, in one task with its labelling,
-    staging and summary (a chain of elementwise steps before it included), and a second task per block hands
-    its result over with those of its faces with its next blocks: 16 tasks here. It ran every step of the
-    chain as a task of its own (60 tasks here), then one task per face (12), then a task for the result and
-    one for the faces of each block with a next block (23)."""
+    staging and summary (a chain of elementwise steps before it included), and one task per run of blocks
+    along the last axis hands their results over with those of their faces with their next blocks: 12 tasks
+    here. It ran every step of the chain as a task of its own (60 tasks here), then one task per face (12),
+    then a task for the result and one for the faces of each block with a next block (23); then a second
+    task per block (16)."""
     from distributed import get_task_stream
 
     from gpu_pipeline.chunked.components import components_chunked
@@ -58,9 +59,9 @@ def test_a_components_pass_is_two_tasks_per_block(cluster_client, rng, tmp_path)
     assert sorted(log.read_text().split("\n")[:-1]) == sorted(" ".join(map(str, i)) for i in
                                                              itertools.product(range(2), range(2), range(2)))
     names = [(key if isinstance(key, str) else key[0]).rsplit("-", 5)[0] for key in (t["key"] for t in stream.data)]
-    assert names.count("_result_and_faces") == blocks, names
-    # and the input's own tasks (from_array, one per block): 24 here; 31 before (23 of the pass)
-    assert len(stream.data) <= 2 * blocks + blocks, len(stream.data)
+    assert names.count("_results_and_faces") == blocks // 2, names  # runs of 2 blocks along the last axis
+    # and the input's own tasks (from_array, one per block): 20 here; 24 with a task per block, 31 before that
+    assert len(stream.data) <= blocks + blocks // 2 + blocks, len(stream.data)
     reference = ndi.label(image > 0.5)[0], ndi.label(image <= 0.5)[0]
     assert found.n == reference[0].max() + reference[1].max()
 

@@ -6,8 +6,9 @@ One pass over the blocks (:func:`components_chunked`):
    connectivity), stages the block's ids (when a workspace is given) and
    returns small summaries: per component its first voxel, size and value,
    optionally the faces it shares with other values, and its boundary slabs;
-2. one task per face between two chunks collects the pairs of ids that touch
-   (a few thousand per face), merged with a sparse connected-components step
+2. one task per run of blocks along the last axis collects, per face between
+   two chunks, the pairs of ids that touch (a few thousand per face), merged
+   with a sparse connected-components step
    on that small graph; no Python object per voxel and no task per label;
 3. ids are renumbered by each component's first voxel in C order, which is
    also how ``scipy.ndimage.label`` numbers them: byte-identical. Later passes
@@ -79,6 +80,19 @@ def _result_and_faces(low_summary, axes, per_face, *high_summaries):
                                     for axis, high in zip(axes, high_summaries)]
 
 
+def _results_and_faces(per_face, plan, *summaries):
+    """:func:`_result_and_faces` of each block of ``plan`` (``(its summary, axes, its next blocks'
+    summaries)``, as positions in ``summaries``), in one task."""
+    return [_result_and_faces(summaries[low], axes, per_face, *[summaries[h] for h in highs])
+            for low, axes, highs in plan]
+
+
+#: Blocks (consecutive along the last axis) whose results and faces one task hands back: a quarter or less of
+#: the tasks and results that one per block cost the scheduler and the client, each task holding at most this
+#: many blocks' summaries with those of their next blocks (boundary slabs: about 0.8 MB per 128^3 block).
+FACE_GROUP = 8
+
+
 def summarize_blocks(ids, values, *, per_block=None, per_face=None):
     """Delayed per-block and per-chunk-face results over two aligned chunked arrays.
 
@@ -86,19 +100,18 @@ def summarize_blocks(ids, values, *, per_block=None, per_face=None):
     shape)`` and keeps only the block's boundary slabs; for every internal
     face, ``per_face(low_slab_ids, high_slab_ids, low_slab_values,
     high_slab_values, axis)`` runs on the two slabs that face each other.
-    A second task per block hands back the block's own result with those of
-    the faces it shares with its next blocks (up to one per axis): two tasks
-    per block in all, whatever the faces (a task per face, or one for the
-    result and one for the faces, cost the scheduler more than they do).
-    No task holds a whole block for later, so memory stays at a few blocks
-    in flight plus slabs, whatever the number of chunks. The per-block task
-    is one blockwise step after those computing ``ids`` and ``values``
-    (which is often computed from ``values``): Dask fuses them into one task
-    per block that computes each block of both once.
+    One task per run of up to :data:`FACE_GROUP` blocks along the last axis
+    hands back those blocks' own results with those of the faces they
+    share with their next blocks (up to one per axis). No task holds a
+    whole block for later, so memory stays at a few blocks in flight plus
+    slabs, whatever the number of chunks. The per-block task is one
+    blockwise step after those computing ``ids`` and ``values`` (which is
+    often computed from ``values``): Dask fuses them into one task per
+    block that computes each block of both once.
 
-    Returns ``(results, face_blocks)``: per block, in C order of the blocks,
-    a delayed ``(block result, [face results])``, and the list of the (low,
-    high) block indices of those faces.
+    Returns ``(results, face_blocks)``: per run of blocks, in C order of the
+    blocks, a delayed list of ``(block result, [face results])`` per block;
+    and per block, the list of the (low, high) block indices of its faces.
     """
     import dask.array as da
     from dask import delayed
@@ -107,13 +120,18 @@ def summarize_blocks(ids, values, *, per_block=None, per_face=None):
                                chunks=tuple((1,) * n for n in ids.numblocks),
                                meta=np.empty((0,) * ids.ndim, dtype=object))
     blocks = summarised.to_delayed()  # optimised: the blockwise steps before it fused into each block's task
-    summaries = {index: blocks[index] for index in itertools.product(*[range(n) for n in ids.numblocks])}
-    results, face_blocks = [], []
-    for index, summary in summaries.items():
+    groups, face_blocks = {}, []
+    for index in itertools.product(*[range(n) for n in ids.numblocks]):
         axes = tuple(axis for axis in range(ids.ndim) if index[axis] + 1 < ids.numblocks[axis])
         others = [tuple(i + (a == axis) for a, i in enumerate(index)) for axis in axes]
-        results.append(delayed(_result_and_faces)(summary, axes, per_face, *[summaries[o] for o in others]))
+        groups.setdefault(index[:-1] + (index[-1] // FACE_GROUP,), []).append((index, axes, others))
         face_blocks.append([(index, other) for other in others])
+    results = []
+    for members in groups.values():  # in C order of their blocks
+        used = list(dict.fromkeys(i for index, _, others in members for i in (index, *others)))
+        at = {index: k for k, index in enumerate(used)}
+        plan = [(at[index], axes, [at[o] for o in others]) for index, axes, others in members]
+        results.append(delayed(_results_and_faces)(per_face, plan, *[blocks[i] for i in used]))
     return results, face_blocks
 
 
@@ -261,7 +279,8 @@ def components_chunked(values, *, by_value=False, faces=False, workspace=None, n
     ``workspace`` as ``name`` (when both are given) and returns small
     summaries (per component: first voxel, size, value; with ``faces``, the
     faces between different values) and its boundary slabs; one task per
-    chunk face merges the slabs. Ids are merged on a small sparse graph and
+    run of blocks (:func:`summarize_blocks`) merges the slabs across their
+    faces. Ids are merged on a small sparse graph and
     numbered by first voxel, as ``scipy.ndimage.label`` (or
     ``skimage.measure.label(labels, connectivity=1)``) numbers them: byte-identical.
     ``border_value``: the same tasks also count the voxels of that value on
@@ -278,7 +297,8 @@ def components_chunked(values, *, by_value=False, faces=False, workspace=None, n
     per_block = functools.partial(_block_components, by_value=by_value, faces=faces, border_value=border_value)
     per_face = functools.partial(_face_components, by_value=by_value, faces=faces)
     tasks, face_blocks = summarize_blocks(local, values, per_block=per_block, per_face=per_face)
-    results = run_tasks(tasks, name or "connected components", verbose=verbose, voxels=int(np.prod(values.shape)))
+    results = [block for group in run_tasks(tasks, name or "connected components", verbose=verbose,
+                                            voxels=int(np.prod(values.shape))) for block in group]
     stats = [stat for stat, _ in results]
     across = [face for _, faces_of_task in results for face in faces_of_task]
     face_blocks = [pair for pairs_of_task in face_blocks for pair in pairs_of_task]
