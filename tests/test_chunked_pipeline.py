@@ -254,6 +254,26 @@ def test_cli_run_writes_ome_zarr_labels_and_parquet_table(tmp_path, rng):
         run_chunked(src, out, chunks=(16, 32, 32), max_radius=13, sigma=2.0, verbose=False)
 
 
+def test_every_chunk_of_the_labels_is_written_background_only_ones_too(tmp_path, rng):
+    """Chunks of the output that hold no particle are written like the others (Zarr skips a chunk equal to
+    the fill value unless told otherwise, after comparing it with it): the finished labels read back with
+    ``missing_chunks="error"``, where a missing chunk then always means a damaged store. It skipped them."""
+    from gpu_pipeline.chunked.source import open_volume
+
+    image, truth = make_touching_particles((32, 64, 32), 20, seed=int(rng.integers(1e6)))
+    background = int(np.median(image[truth == 0]))
+    image = np.pad(image, ((0, 0), (0, 0), (0, 32)), constant_values=background)  # right half: no particles
+    src = _ome_zarr(tmp_path / "in.zarr", image, (1.0, 1.0, 1.0), (32, 32, 32))
+    out = tmp_path / "out.zarr"
+    run_chunked(src, out, chunks=(32, 32, 32), max_radius=13, verbose=False)
+    expected = separate(image, spacing=(1.0, 1.0, 1.0), max_radius=13)
+    assert expected.max() > 5 and not expected[:, :, 32:].any()
+    labels, _ = open_volume(out / "particles" / "0", missing_chunks="error", accept_bool=True)
+    assert labels.compute().tobytes() == expected.tobytes()
+    chunk_files = [f for f in (out / "particles" / "0").rglob("*") if f.is_file() and not f.name.startswith(".z")]
+    assert len(chunk_files) == 4, sorted(str(f.relative_to(out)) for f in chunk_files)
+
+
 def test_output_opens_in_napari_reader_plugin(tmp_path, rng):
     """napari's OME-Zarr reader plugin (where installed; not in CI) gives a labels layer with the spacing."""
     napari_ome_zarr = pytest.importorskip("napari_ome_zarr", reason="napari-ome-zarr is not installed")
