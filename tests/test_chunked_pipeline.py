@@ -471,8 +471,8 @@ def test_a_non_finite_voxel_in_a_chunked_float_volume_is_refused(tmp_path, rng, 
 
 
 def test_cluster_results_cross_the_network_once(cluster_client):
-    """run_tasks fetches each finished task's result from its worker once, all in one gather (it fetched every
-    result twice, one round trip at a time: a check for errors, then the return value)."""
+    """run_tasks fetches each finished task's result from its worker once, as the tasks finish (it fetched
+    every result twice, one round trip at a time: a check for errors, then the return value)."""
     from dask import delayed
 
     from gpu_pipeline.chunked.workspace import run_tasks

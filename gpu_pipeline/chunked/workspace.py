@@ -367,14 +367,14 @@ def run_tasks(tasks, what, *, voxels=0, verbose=False):
         from distributed import as_completed
 
         futures = client.compute(tasks)
-        for done, future in enumerate(as_completed(futures), 1):
-            if future.status != "finished":
-                future.result()  # raises the task's error, if any
+        # Each result fetched once, as its task finishes (in batches, by the client's I/O thread): the last
+        # one's alone is left when the pass ends, not a gather of all. A task's error is raised here.
+        results = {}
+        for done, (future, result) in enumerate(as_completed(futures, with_results=True), 1):
+            results[future.key] = result
             report(done)
-        # One gather for all: ``Future.result`` fetches from the worker on every call, one round trip each.
-        results = client.gather(futures)
         log_pass(what, total, started)
-        return results
+        return [results[future.key] for future in futures]
 
     from dask.callbacks import Callback
 
