@@ -273,8 +273,7 @@ def write_shells(block, beside, origin, *, chunks, depth, foreground, folder):
 
     depth = tuple(int(d) for d in depth)
     index = tuple(int(np.searchsorted(s, o)) for s, o in zip(chunk_starts(chunks), origin))
-    _block_slabs(block, depth, _shell_plan(chunks, depth, foreground, block.dtype.itemsize)[0][index],
-                 foreground, f"{folder}/{_shell_name(index)}")
+    _block_slabs(block, depth, _near(index, chunks, depth), foreground, f"{folder}/{_shell_name(index)}")
 
 
 def shells_key(chunks, depth):
@@ -286,20 +285,24 @@ def _shell_name(index):
     return "_".join(map(str, index))
 
 
-def _shell_plan(chunks, depth, foreground, itemsize):
-    """Per block index: the offsets of its neighbours (within the grid, along axes with a halo), and where
-    each slab its neighbours need lies in its slab file, ``{offset: (byte offset, bytes, shape)}``."""
+def _near(index, chunks, depth):
+    """The offsets (-1, 0, 1 per axis) of the neighbours of block ``index`` that lie in the grid ``chunks``,
+    along axes with a halo: whose slabs the block's slab file holds, in this order."""
     import itertools
 
-    ndim = len(chunks)
-    offsets = [o for o in itertools.product((-1, 0, 1), repeat=ndim)
-               if any(o) and all(d > 0 or x == 0 for x, d in zip(o, depth))]
-    indices = list(itertools.product(*[range(len(c)) for c in chunks]))
-    near = {index: [o for o in offsets if all(0 <= i + x < len(c) for i, x, c in zip(index, o, chunks))]
-            for index in indices}
-    layout = {}
-    for index in indices:
-        at, layout[index] = 0, {}
+    return [o for o in itertools.product((-1, 0, 1), repeat=len(chunks))
+            if any(o) and all(d > 0 or x == 0 for x, d in zip(o, depth))
+            and all(0 <= i + x < len(c) for i, x, c in zip(index, o, chunks))]
+
+
+def _shell_plan(chunks, depth, foreground, itemsize):
+    """Per block index: :func:`_near`, and where each slab its neighbours need lies in its slab file,
+    ``{offset: (byte offset, bytes, shape)}``."""
+    import itertools
+
+    near, layout = {}, {}
+    for index in itertools.product(*[range(len(c)) for c in chunks]):
+        near[index], at, layout[index] = _near(index, chunks, depth), 0, {}
         for o in near[index]:
             slab = tuple(int(chunks[a][i]) if x == 0 else min(d, int(chunks[a][i]))
                          for a, (i, x, d) in enumerate(zip(index, o, depth)))
@@ -332,7 +335,8 @@ def _haloed_graph(stored, chunks, depth, function, name, *, pad, foreground, arg
     shape = tuple(int(sum(c)) for c in chunks)
     # New keys every call: a running cluster must not hand back an earlier call's result (or its error, a full
     # disk since freed) for tasks that write the spill files.
-    token = f"{tokenize(stored, chunks, depth, function, name, pad, foreground, args, spill, given)}-{uuid.uuid4().hex}"
+    token = tokenize(stored, chunks, depth, function, name, pad, foreground, args, spill, given)
+    token = f"{token}-{uuid.uuid4().hex}"
     shells, out = f"{name}-shells-{token}", f"{name}-{token}"
     near, layout = _shell_plan(chunks, depth, foreground, np.dtype(stored.array.dtype).itemsize)
     layers, keys = {out: {}} if given is not None else {shells: {}, out: {}}, []
