@@ -42,9 +42,12 @@ def histogram_chunked(image, value_range=None):
     ``value_range``: the array's (min, max) when known (per-block
     :func:`block_range` results of an earlier pass, reduced); else a pass computes it.
     """
-    import dask
+    import time
 
-    from gpu_pipeline.chunked.workspace import run_tasks
+    import dask
+    import dask.array as da
+
+    from gpu_pipeline.chunked.workspace import log_pass
 
     low, high = value_range if value_range is not None else dask.compute(image.min(), image.max())
     if not (np.isfinite(float(low)) and np.isfinite(float(high))):
@@ -52,13 +55,13 @@ def histogram_chunked(image, value_range=None):
 
         raise DeclumpError("the volume holds NaN or inf values; declump accepts finite intensities only")
     bins = histogram_bins(float(low), float(high), image.dtype)
-    # One histogram per chunk (no reshape: flattening would rechunk into huge blocks), summed here: a few
-    # kilobytes per chunk, where a tree sum on the workers costs tasks and transfers of its own. The counts
+    # One histogram per chunk (no reshape: flattening would rechunk into huge blocks), tree-summed. The counts
     # are host arrays on either device; ``meta`` says so, or Dask would find out by histogramming an empty
     # block in this process, whose first compiled call (about 0.3 s) a client of a cluster never needs.
     per_chunk = image.map_blocks(_block_histogram, bins, dtype=np.int64, new_axis=image.ndim,
                                  chunks=tuple((1,) * n for n in image.numblocks) + ((bins.nbins,),),
                                  meta=np.empty((0,) * (image.ndim + 1), dtype=np.int64))
-    parts = run_tasks(list(per_chunk.to_delayed().ravel()), "histogram")
-    counts = np.sum([to_host(p).reshape(-1) for p in parts], axis=0, dtype=np.int64)
+    start = time.time()
+    counts = to_host(da.sum(per_chunk, axis=tuple(range(image.ndim))).compute())
+    log_pass("histogram", int(np.prod(image.numblocks)), start)
     return counts, bins
