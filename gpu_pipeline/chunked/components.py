@@ -87,8 +87,8 @@ def _results_and_faces(per_face, plan, *summaries):
             for low, axes, highs in plan]
 
 
-#: Blocks (consecutive along the last axis) whose results and faces one task hands back: a quarter or less of
-#: the tasks and results that one per block cost the scheduler and the client, each task holding at most this
+#: Blocks (consecutive along the last axis) whose results and faces one task hands back: up to this many times
+#: fewer tasks and results for the scheduler and the client than one per block, each task holding at most this
 #: many blocks' summaries with those of their next blocks (boundary slabs: about 0.8 MB per 128^3 block).
 FACE_GROUP = 8
 
