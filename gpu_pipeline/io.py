@@ -283,8 +283,11 @@ def write_labels(path, labels, spacing=None, source=None):
             import zarr
 
             zarr.open_group(str(tmp), mode="w", zarr_format=2)
+            # Every chunk written, background-only ones too (as chunked runs write theirs): a chunk missing
+            # from the store then always means a damaged one.
             out = zarr.create_array(str(tmp / LABEL_NAME / "0"), shape=labels.shape, dtype=labels.dtype,
-                                    chunks=tuple(min(s, 256) for s in labels.shape), zarr_format=2)
+                                    chunks=tuple(min(s, 256) for s in labels.shape), zarr_format=2,
+                                    config={"write_empty_chunks": True})
             out[...] = labels
             write_ngff_label_metadata(tmp, spacing if spacing is not None else (1.0,) * labels.ndim, source)
 
@@ -301,7 +304,8 @@ def write_probabilities(path, probabilities, spacing=None):
             import zarr
 
             out = zarr.create_array(str(tmp), shape=probabilities.shape, dtype=np.float32,
-                                    chunks=(1,) + tuple(min(s, 256) for s in probabilities.shape[1:]))
+                                    chunks=(1,) + tuple(min(s, 256) for s in probabilities.shape[1:]),
+                                    config={"write_empty_chunks": True})
             out[...] = probabilities
             if spacing is not None:
                 out.attrs["spacing"] = [float(s) for s in spacing]

@@ -272,6 +272,15 @@ def test_every_chunk_of_the_labels_is_written_background_only_ones_too(tmp_path,
     assert labels.compute().tobytes() == expected.tobytes()
     chunk_files = [f for f in (out / "particles" / "0").rglob("*") if f.is_file() and not f.name.startswith(".z")]
     assert len(chunk_files) == 4, sorted(str(f.relative_to(out)) for f in chunk_files)
+    # The in-memory command's Zarr output too (chunks of 256 voxels an edge at most: three of 32x64x256 here,
+    # the last two without a particle).
+    from gpu_pipeline.io import write_labels
+
+    padded = np.zeros((32, 64, 600), np.int32)
+    padded[:, :, :64] = expected
+    write_labels(tmp_path / "memory.zarr", padded)
+    labels, _ = open_volume(tmp_path / "memory.zarr" / "particles" / "0", missing_chunks="error", accept_bool=True)
+    assert labels.compute().tobytes() == padded.tobytes()
 
 
 def test_output_opens_in_napari_reader_plugin(tmp_path, rng):
