@@ -139,6 +139,11 @@ def open_zarr(path, *, channel=None, timepoint=None):
     return array, tuple(index), spacing
 
 
+#: Zarr array config for every array declump writes: every chunk written, background-only ones too (Zarr
+#: otherwise compares each chunk with the fill value and skips it), so a chunk missing from a finished store
+#: always means a damaged one and declump's outputs pass its own ``missing_chunks="error"`` check.
+EVERY_CHUNK = {"write_empty_chunks": True}
+
 #: What ``missing_chunks`` accepts: refuse a store with missing chunk files, or read them as the fill value.
 MISSING_CHUNKS = ("error", "fill")
 
@@ -283,11 +288,9 @@ def write_labels(path, labels, spacing=None, source=None):
             import zarr
 
             zarr.open_group(str(tmp), mode="w", zarr_format=2)
-            # Every chunk written, background-only ones too (as chunked runs write theirs): a chunk missing
-            # from the store then always means a damaged one.
             out = zarr.create_array(str(tmp / LABEL_NAME / "0"), shape=labels.shape, dtype=labels.dtype,
                                     chunks=tuple(min(s, 256) for s in labels.shape), zarr_format=2,
-                                    config={"write_empty_chunks": True})
+                                    config=EVERY_CHUNK)
             out[...] = labels
             write_ngff_label_metadata(tmp, spacing if spacing is not None else (1.0,) * labels.ndim, source)
 
@@ -305,7 +308,7 @@ def write_probabilities(path, probabilities, spacing=None):
 
             out = zarr.create_array(str(tmp), shape=probabilities.shape, dtype=np.float32,
                                     chunks=(1,) + tuple(min(s, 256) for s in probabilities.shape[1:]),
-                                    config={"write_empty_chunks": True})
+                                    config=EVERY_CHUNK)
             out[...] = probabilities
             if spacing is not None:
                 out.attrs["spacing"] = [float(s) for s in spacing]

@@ -21,6 +21,11 @@ from gpu_pipeline.stages.cleanup import voxels_for
 from gpu_pipeline.stages.threshold import (HISTOGRAM_METHODS, border_voxels, choose_polarity, foreground,
                                            polarity_from, share_of_largest)
 
+#: The workspace's halos (:meth:`~gpu_pipeline.chunked.workspace.Workspace.halos`) that the tasks staging the
+#: regions write and the peak pass reads (``regions_chunked``'s ``halo``, ``peaks_chunked``).
+PEAK_HALOS = "peaks"
+
+
 def gaussian_radius(sigma_voxels):
     """Filter radius per axis in voxels, as scipy.ndimage computes it."""
     return tuple(int(GAUSSIAN_TRUNCATE * float(s) + 0.5) for s in sigma_voxels)
@@ -117,7 +122,7 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
     global results saved. ``halo`` (with a workspace folder): the tasks
     staging the regions also write each block's slabs of foreground that
     its neighbours' peak tasks read as their halo of this depth (the
-    workspace's halos ``peaks``, see :func:`~gpu_pipeline.chunked.source.write_shells`).
+    workspace's halos :data:`PEAK_HALOS`, see :func:`~gpu_pipeline.chunked.source.write_shells`).
     """
     from gpu_pipeline.chunked.workspace import Workspace
 
@@ -219,12 +224,12 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
     shells = None
     if halo is not None and workspace.root is not None and neighbours_hold_halo(chunks, halo):
         shells = functools.partial(write_shells, chunks=chunks, depth=tuple(halo), foreground=True,
-                                   folder=workspace.halos("peaks"))
+                                   folder=workspace.halos(PEAK_HALOS))
     regions = workspace.stage("regions", build, chunks=chunks, shape=source.shape, dtype=np.int32, device=device,
                               haloed=True, measure=shells)
     if shells is not None:
         regions, written = regions
         if written is not None:  # this call staged the regions (and wrote every block's slabs)
-            workspace.halos_written("peaks", shells_key(chunks, halo))
+            workspace.halos_written(PEAK_HALOS, shells_key(chunks, halo))
     workspace.discard("smoothed", "components", "sides")  # scratch space: only the regions are read from here on
     return regions, int(rank.max()) if rank.size else 0, value, side

@@ -46,7 +46,7 @@ import numpy as np
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_host
 from gpu_pipeline.array_algorithms import unique_ids
 from gpu_pipeline.chunked.components import components_chunked, id_dtype
-from gpu_pipeline.chunked.foreground import fit_halo, regions_chunked
+from gpu_pipeline.chunked.foreground import PEAK_HALOS, fit_halo, regions_chunked
 from gpu_pipeline.chunked.source import (halo_box, haloed_tasks, neighbours_hold_halo, shells_key,
                                          stored_volume)
 from gpu_pipeline.chunked.workspace import (Workspace, chunk_starts, read_staged, run_call, run_tasks, to_device,
@@ -227,9 +227,9 @@ def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, dev
                          [int(regions.chunks[a][i]) for a, i in enumerate(index)], tuple(spacing), half,
                          float(max_radius), None if staged is None else (staged[0], staged[1](index), dtype)))
         # The halos' slabs as the regions' staging tasks wrote them, when they did (regions_chunked's ``halo``).
-        given = None if workspace is None else workspace.written_halos("peaks", shells_key(regions.chunks, depth))
+        given = None if workspace is None else workspace.written_halos(PEAK_HALOS, shells_key(regions.chunks, depth))
         tasks = haloed_tasks(stored, regions.chunks, depth, _haloed_peak_candidates, args, name="peak-candidates",
-                             foreground=True, spill=None if workspace is None or given else workspace.halos("peaks"),
+                             foreground=True, spill=None if workspace is None or given else workspace.halos(PEAK_HALOS),
                              given=given)
     else:
         tasks = []
@@ -240,7 +240,7 @@ def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, dev
     parts = run_tasks(tasks, "distance transform + peak candidates", voxels=int(np.prod(regions.shape)),
                       verbose=verbose)
     if workspace is not None:
-        workspace.discard_halos("peaks")
+        workspace.discard_halos(PEAK_HALOS)
     if staged is not None:
         staged[2]()
     ndim = regions.ndim

@@ -18,7 +18,7 @@ import weakref
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError
-from gpu_pipeline.io import check_chunks, list_stored_files, open_zarr
+from gpu_pipeline.io import EVERY_CHUNK, check_chunks, list_stored_files, open_zarr
 
 
 class _InPlace(concurrent.futures.ThreadPoolExecutor):
@@ -92,7 +92,7 @@ def open_array(path, mode="r"):
 
 async def _write_region(path, region, data):
     array = await _open_async(path, "r+")
-    await array.with_config({"write_empty_chunks": True}).setitem(region, data)
+    await array.with_config(EVERY_CHUNK).setitem(region, data)
 
 
 def write_region(path, region, data):
