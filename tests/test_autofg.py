@@ -175,6 +175,41 @@ def test_chunked_histogram_histograms_each_block_once_and_nothing_else(rng, monk
     assert np.array_equal(counts, intensity_histogram(image)[0])
 
 
+def test_a_stored_volumes_histogram_reads_a_group_of_blocks_per_task(rng, tmp_path, monkeypatch):
+    """A volume read from a store is histogrammed a group of blocks per task (each block read and counted in
+    turn, ragged blocks included), the groups' counts summed on the workers: the in-memory counts, with
+    ceil(blocks / BLOCK_GROUP) reading tasks instead of one per block."""
+    zarr = pytest.importorskip("zarr")
+    import dask
+
+    import gpu_pipeline.chunked.histogram as chunked_histogram
+    import gpu_pipeline.chunked.workspace as workspace
+    from gpu_pipeline.chunked.source import open_volume
+    from gpu_pipeline.chunked.workspace import BLOCK_GROUP
+
+    image = rng.gamma(2.0, 20.0, (20, 33, 41)).astype(np.float32)
+    zarr.create_array(str(tmp_path / "v.zarr"), shape=image.shape, dtype=image.dtype, chunks=(7, 11, 13))[...] = image
+    volume, _ = open_volume(tmp_path / "v.zarr")
+    tasks, read = [], []
+    boxes_histogram = chunked_histogram._boxes_histogram
+
+    def counting(stored, boxes, bins):
+        tasks.append(len(boxes))
+        read.extend(tuple(b.stop - b.start for b in box) for box in boxes)
+        return boxes_histogram(stored, boxes, bins)
+
+    monkeypatch.setattr(chunked_histogram, "_boxes_histogram", counting)
+    monkeypatch.setattr(workspace, "active_client", lambda: None)  # this process, not a session's cluster
+    with dask.config.set(scheduler="sync"):
+        counts, bins = chunked_histogram.histogram_chunked(volume, (float(image.min()), float(image.max())))
+    blocks = int(np.prod(volume.numblocks))  # 3 x 3 x 4, the last ones ragged
+    assert len(tasks) == -(-blocks // BLOCK_GROUP) < blocks and max(tasks) <= BLOCK_GROUP
+    assert sorted(read) == sorted(tuple(int(c[i]) for c, i in zip(volume.chunks, index))
+                                  for index in np.ndindex(*volume.numblocks))
+    expected_counts, expected_bins = intensity_histogram(image)
+    assert np.array_equal(counts, expected_counts) and bins == expected_bins
+
+
 def test_chunked_li_run_equals_in_memory(tmp_path, rng):
     da = pytest.importorskip("dask.array")
     from gpu_pipeline.chunked.pipeline import separate_chunked

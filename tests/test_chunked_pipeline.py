@@ -402,7 +402,8 @@ def test_bad_chunked_inputs_get_one_line_errors(tmp_path, rng):
 def test_every_pass_is_logged_with_its_tasks_and_an_interval_holding_them(cluster_client, tmp_path, rng):
     """The DEBUG records that bench.pass_timeline reads: one per pass, in order, none overlapping, each with
     the number of results it computed (one per block; one per run of blocks along the last axis for the
-    components passes), and every task the workers ran for the run inside its pass's interval."""
+    components passes; one per group of blocks for the necks, and one histogram), and every task the
+    workers ran for the run inside its pass's interval."""
     import logging
 
     from distributed import get_task_stream
@@ -433,10 +434,13 @@ def test_every_pass_is_logged_with_its_tasks_and_an_interval_holding_them(cluste
     blocks = 8
     for r in records:
         assert r.start <= r.end
-        if r.what in ("smoothed", "histogram", "regions", "write labels + particle table"):
+        if r.what in ("smoothed", "regions", "write labels + particle table"):
             assert r.tasks == blocks, (r.what, r.tasks)
         if r.what in ("sides", "pieces"):
             assert r.tasks == blocks // 2, (r.what, r.tasks)  # 2 blocks along the last axis
+        if r.what in ("histogram", "necks between peaks"):  # BLOCK_GROUP blocks per task: the 8 in one
+            assert r.tasks == 1, (r.what, r.tasks)
+    assert "necks between peaks" in names
     assert all(a.end <= b.start for a, b in zip(records, records[1:]))
     # Task times come from the workers, moved onto the scheduler's clock by their estimate of its offset,
     # from a heartbeat's round trip: on one machine that moves them by the estimate's error, tens of

@@ -9,12 +9,46 @@ from __future__ import annotations
 import numpy as np
 
 from gpu_pipeline._backend import to_host
+from gpu_pipeline.chunked.source import stored_volume
 from gpu_pipeline.stages.threshold import HISTOGRAM_METHODS, histogram_bins, intensity_histogram
 
 
 def _block_histogram(block, bins):
     counts, _ = intensity_histogram(block, bins)
     return counts.reshape((1,) * block.ndim + (-1,))
+
+
+def _boxes_histogram(stored, boxes, bins):
+    """The histogram (host counts) of several boxes of a stored volume, each read in turn."""
+    total = None
+    for box in boxes:
+        counts, _ = intensity_histogram(stored.read(box), bins)
+        total = to_host(counts) if total is None else total + to_host(counts)
+    return total
+
+
+def _sum(parts):
+    return np.sum(parts, axis=0)
+
+
+def _stored_histogram(stored, chunks, bins):
+    """The histogram of a volume read from a store block by block: :data:`BLOCK_GROUP` blocks per task (each
+    read and counted in turn), the counts tree-summed on the workers (the client holds one histogram)."""
+    import itertools
+
+    from dask import delayed
+
+    from gpu_pipeline.chunked.workspace import BLOCK_GROUP, chunk_starts, run_tasks
+
+    starts = chunk_starts(chunks)
+    boxes = [tuple(slice(int(starts[a][i]), int(starts[a][i] + chunks[a][i])) for a, i in enumerate(index))
+             for index in itertools.product(*[range(len(c)) for c in chunks])]
+    level = [delayed(_boxes_histogram)(stored, boxes[i:i + BLOCK_GROUP], bins)
+             for i in range(0, len(boxes), BLOCK_GROUP)]
+    fan_in = max(BLOCK_GROUP, 2)
+    while len(level) > 1:
+        level = [delayed(_sum)(level[i:i + fan_in]) for i in range(0, len(level), fan_in)]
+    return run_tasks(level, "histogram")[0]
 
 
 def otsu_threshold_chunked(image):
@@ -55,6 +89,9 @@ def histogram_chunked(image, value_range=None):
 
         raise DeclumpError("the volume holds NaN or inf values; declump accepts finite intensities only")
     bins = histogram_bins(float(low), float(high), image.dtype)
+    stored = stored_volume(image)
+    if stored is not None:
+        return _stored_histogram(stored, image.chunks, bins), bins
     # One histogram per chunk (no reshape: flattening would rechunk into huge blocks), tree-summed. The counts
     # are host arrays on either device; ``meta`` says so, or Dask would find out by histogramming an empty
     # block in this process, whose first compiled call (about 0.3 s) a client of a cluster never needs.

@@ -49,8 +49,8 @@ from gpu_pipeline.chunked.components import components_chunked, id_dtype
 from gpu_pipeline.chunked.foreground import PEAK_HALOS, fit_halo, regions_chunked
 from gpu_pipeline.chunked.source import (halo_box, haloed_tasks, neighbours_hold_halo, shells_key,
                                          stored_volume)
-from gpu_pipeline.chunked.workspace import (Workspace, chunk_starts, read_staged, run_call, run_tasks, to_device,
-                                             write_block)
+from gpu_pipeline.chunked.workspace import (BLOCK_GROUP, Workspace, chunk_starts, read_staged, run_call,
+                                             run_grouped, run_tasks, to_device, write_block)
 from gpu_pipeline.pipeline import NoParticlesError, cap_distance, validate_spacing
 from gpu_pipeline.stages.components import settle_pieces
 from gpu_pipeline.stages.kmeans import batched_kmeans
@@ -308,8 +308,6 @@ def neck_groups_chunked(regions, found, *, spacing, min_distance, max_radius, ra
     minima reduce over chunks. ``distance_store``: the map :func:`peaks_chunked`
     staged; each chunk then reads its core from it instead. Returns the group of each peak.
     """
-    from dask import delayed
-
     peaks, heights = found["peaks"], found["values"]
     depth = peak_halo(min_distance, max_radius, spacing)
 
@@ -323,20 +321,24 @@ def neck_groups_chunked(regions, found, *, spacing, min_distance, max_radius, ra
         key, pair = _pairs_by_block(np.minimum(peaks[i], peaks[j]), np.maximum(peaks[i], peaks[j]), starts,
                                     regions.numblocks)
         low = np.full(len(i), np.iinfo(np.int64).max, dtype=np.int64)
-        tasks, task_pairs = [], []
+        calls, call_pairs = [], []
         for index, origin, core_shape, left, extended in _extended_blocks(regions, depth, store, device):
             b = int(np.ravel_multi_index(index, regions.numblocks))
             mine = pair[np.searchsorted(key, b, side="left"):np.searchsorted(key, b, side="right")]
             if mine.size == 0:
                 continue
-            task_pairs.append(mine)
+            call_pairs.append(mine)
             if distance_store is not None:
-                tasks.append(delayed(_stored_neck_minima)(distance_store, origin, core_shape, peaks[i[mine]],
-                                                          peaks[j[mine]], device))
+                calls.append((distance_store, origin, core_shape, peaks[i[mine]], peaks[j[mine]], device))
             else:
-                tasks.append(delayed(_block_neck_minima)(extended, origin, left, core_shape, tuple(spacing),
-                                                         float(max_radius), peaks[i[mine]], peaks[j[mine]]))
-        for mine, part in zip(task_pairs, run_tasks(tasks, "necks between peaks", verbose=verbose)):
+                calls.append((extended, origin, left, core_shape, tuple(spacing), float(max_radius),
+                               peaks[i[mine]], peaks[j[mine]]))
+        # Each chunk's minima are a few milliseconds' work: several chunks per task, each reading its own block
+        # (one per task when the blocks come from ``dask.array.overlap``, or a task would hold several).
+        function = _stored_neck_minima if distance_store is not None else _block_neck_minima
+        parts = run_grouped(function, calls, "necks between peaks", verbose=verbose,
+                            group=BLOCK_GROUP if store is not None else 1)
+        for mine, part in zip(call_pairs, parts):
             np.minimum.at(low, mine, part)
         return low
 
