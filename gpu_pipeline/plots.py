@@ -95,7 +95,10 @@ def size_histogram_rgb(diameters, *, unit=None, size=(640, 400), highlight=None)
     for i, count in enumerate(counts):
         if count:
             colour = (230, 120, 20) if i == marked else (70, 110, 180)
-            draw.rectangle([x_of(edges[i]) + 1, y_of(count), x_of(edges[i + 1]) - 1, bottom - 1], fill=colour)
+            # At least one pixel high: a bin of a few particles beside one of thousands is under a pixel to
+            # scale (and Pillow rejects a rectangle whose top lies below its bottom).
+            draw.rectangle([x_of(edges[i]) + 1, min(y_of(count), bottom - 1), x_of(edges[i + 1]) - 1, bottom - 1],
+                           fill=colour)
     for tick in _ticks(edges[0], edges[-1], 6):
         x = x_of(tick)
         draw.line([(x, bottom), (x, bottom + 4)], fill="black")

@@ -159,6 +159,20 @@ def test_size_histogram_counts_equal_numpy_and_bars_are_drawn_to_scale(rng):
     assert np.allclose(_bar_heights(rgb, edges), counts / counts.max() * (bottom - top), atol=2)
 
 
+def test_a_bin_of_one_particle_beside_thousands_is_drawn_one_pixel_high(rng):
+    """Thousands of particles in one bin and one in another: the one's bar is under a pixel to scale; it is
+    drawn one pixel high (Pillow raised "y1 must be greater than or equal to y0" at the end of a run of
+    24,000 particles, 2026-12-03), the others to scale."""
+    many = rng.normal(10.0, 0.05, size=int(rng.integers(2000, 6000)))
+    diameters = np.concatenate([many, [30.0 + rng.random()]])
+    counts, edges = size_histogram(diameters)
+    assert counts[-1] == 1 and counts.max() > 400 - 46 - 30  # one particle: under a pixel to scale
+    rgb = size_histogram_rgb(diameters, unit="nm", size=(640, 400))
+    expected = np.where(counts > 0, np.maximum(counts / counts.max() * (400 - 46 - 30), 1), 0)
+    assert _bar_heights(rgb, edges)[-1] == 1
+    assert np.allclose(_bar_heights(rgb, edges), expected, atol=2)
+
+
 def test_run_writes_the_size_histogram_beside_the_overlay(tmp_path, rng):
     image, _ = make_touching_particles((96, 96), 14, seed=int(rng.integers(1e6)))
     np.save(tmp_path / "in.npy", image)
