@@ -359,10 +359,12 @@ def test_smoothing_read_from_the_store_equals_in_memory_in_two_tasks_per_chunk(t
 def test_a_smoothing_pass_reads_each_block_twice_from_the_store_and_no_halo(tmp_path, rng):
     """Reading a block with its halo from a compressed store decodes every stored chunk the halo touches
     whole (27 for an interior 3D block); the pass reads each block alone, twice (its neighbours' slabs, then
-    its own smoothing), and gets the same bytes as in memory, the short first chunk's halo edges included."""
+    its own smoothing), and gets the same bytes as in memory, the short first chunk's halo edges included.
+    With slab files, one task writes those of a run of blocks along the last axis."""
     from cpu_fallback import ops
     from gpu_pipeline.chunked.foreground import smooth_chunked
     from gpu_pipeline.chunked.source import StoredVolume, open_volume, register_stored, stored_volume
+    from gpu_pipeline.chunked.workspace import BLOCK_GROUP
 
     class Counting(StoredVolume):
         def on(self, device):
@@ -386,6 +388,11 @@ def test_a_smoothing_pass_reads_each_block_twice_from_the_store_and_no_halo(tmp_
                 spill.mkdir()
             smoothed = smooth_chunked(volume, sigma, spill=None if spill is None else str(spill))
             assert smoothed.compute(scheduler="threads").tobytes() == ops.gaussian(data, sigma).tobytes(), chunks
+            # Slab files: one task writes those of a run of BLOCK_GROUP blocks along the last axis.
+            shell_tasks = sum(1 for key in dict(smoothed.__dask_graph__())
+                              if isinstance(key, tuple) and "-shells-" in key[0])
+            runs = int(np.prod(smoothed.numblocks[:-1])) * -(-smoothed.numblocks[-1] // BLOCK_GROUP)
+            assert shell_tasks == (smoothed.npartitions if spill is None else runs) and runs < smoothed.npartitions
         assert len(list(spill.iterdir())) == smoothed.npartitions
         starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in smoothed.chunks]
         blocks = [tuple((int(s[i]), int(s[i] + c[i])) for s, c, i in zip(starts, smoothed.chunks, index))

@@ -224,7 +224,9 @@ def map_haloed(stored, chunks, depth, function, *, dtype, meta, name, spill=None
 
     ``spill``: a folder where each block's slabs go, one file per block,
     each neighbour reading only its own slab of it (the caller removes the
-    folder after the pass). Without it the slabs go from task to task in
+    folder after the pass); one task writes the files of a run of
+    :data:`~gpu_pipeline.chunked.workspace.BLOCK_GROUP` blocks along the
+    last axis (a few milliseconds a block). Without it the slabs go from task to task in
     memory, where they wait for the neighbours that need them: up to two
     planes of blocks' worth (8 MB more on 256x512x512 in 128^3 blocks, 17 MB
     on 512^3; gigabytes for a terabyte volume's planes of thousands of blocks).
@@ -326,7 +328,7 @@ def _haloed_graph(stored, chunks, depth, function, name, *, pad, foreground, arg
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph
 
-    from gpu_pipeline.chunked.workspace import chunk_starts
+    from gpu_pipeline.chunked.workspace import BLOCK_GROUP, chunk_starts
 
     depth = tuple(int(d) for d in depth)
     if not neighbours_hold_halo(chunks, depth):
@@ -346,9 +348,16 @@ def _haloed_graph(stored, chunks, depth, function, name, *, pad, foreground, arg
     for k, index in enumerate(itertools.product(*[range(len(c)) for c in chunks])):
         box = tuple(slice(int(starts[a][i]), int(starts[a][i] + chunks[a][i])) for a, i in enumerate(index))
         neighbours = [tuple(i + x for i, x in zip(index, o)) for o in near[index]]
-        if given is None:
-            target = None if spill is None else f"{spill}/{_shell_name(index)}"
-            layers[shells][(shells, *index)] = (_block_shell, stored, box, depth, near[index], foreground, target)
+        if given is None and spill is not None:
+            # Slab files: one task writes those of a run of BLOCK_GROUP blocks along the last axis (a few ms
+            # each), and a block's task waits for its neighbours' runs and reads their files.
+            run = (shells, *index[:-1], index[-1] // BLOCK_GROUP)
+            layers[shells].setdefault(run, (_blocks_shells, stored, [], depth, foreground))[2].append(
+                (box, near[index], f"{spill}/{_shell_name(index)}"))
+            sources = [(_written, (shells, *j[:-1], j[-1] // BLOCK_GROUP), f"{spill}/{_shell_name(j)}")
+                       for j in neighbours]
+        elif given is None:
+            layers[shells][(shells, *index)] = (_block_shell, stored, box, depth, near[index], foreground, None)
             sources = [(shells, *j) for j in neighbours]
         else:  # the slab files are there: their paths, no tasks
             sources = [f"{given}/{_shell_name(j)}" for j in neighbours]
@@ -368,6 +377,17 @@ def _slab(offset, depth):
     ``depth`` voxels, or all of it (0)."""
     return tuple(slice(None) if x == 0 else (slice(-d, None) if x > 0 else slice(0, d))
                  for x, d in zip(offset, depth))
+
+
+def _blocks_shells(stored, blocks, depth, foreground):
+    """:func:`_block_shell` of each ``(box, offsets, target)`` of ``blocks`` in turn, into its file."""
+    for box, offsets, target in blocks:
+        _block_shell(stored, box, depth, offsets, foreground, target)
+
+
+def _written(run, path):
+    """``path``, once the task ``run`` that writes it has run."""
+    return path
 
 
 def _block_shell(stored, box, depth, offsets, foreground, target):
