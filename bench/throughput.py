@@ -2,6 +2,7 @@
 
     python -m bench.throughput [--shape 256,256,256] [--seed 7] [--particles 1200] [--radius 5,12] [--rounds 2]
     python -m bench.throughput --methods none --chunked 128,128,128 --rounds 3   # the chunked part only
+    python -m bench.throughput --methods none --scaling 128,128,128 --shape 256,512,512 --shape 512,512,1024
 
 The acceptance check of issue 16: on a generated volume (seed, density and
 radii given on the command line), each method labels it with the same
@@ -20,6 +21,10 @@ chunked on one core (wall and CPU seconds, per voxel and per thread), a
 local cluster of worker processes with 1 and 2 workers (scaling efficiency
 t1 / (2 t2)), peak memory of the run and of each worker process, and the
 projected hours per TB per node of 2 and 16 cores from those rates.
+
+With ``--scaling CHUNKS``: that 1 -> 2 worker scaling on a running cluster
+for every ``--shape``, each volume generated the same way: how the passes'
+fixed costs weigh as the volume and its number of chunks grow.
 """
 from __future__ import annotations
 
@@ -362,6 +367,48 @@ def warm_cluster_runs(volume, chunks, rounds, cores, small=None):
     return runs
 
 
+def scaling_by_size(shapes, particles, radius, seed, chunks, rounds):
+    """The chunked command's 1 -> 2 worker scaling on a running cluster (:func:`warm_cluster_runs`) for each
+    volume, generated as the other modes' are: what each pass's fixed costs (the client's steps between
+    passes, the last tasks of a pass running on one worker) weigh as the volume, and its chunks, grow."""
+    import zarr
+
+    keep = sorted(os.sched_getaffinity(0))
+    rows = []
+    for shape, n in zip(shapes, particles):
+        image, _ = make_touching_particles(shape, n, radius_range=radius, overlap=0.15, seed=seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            volume = Path(tmp) / "in.zarr"
+            zarr.create_array(str(volume), shape=image.shape, dtype=image.dtype, chunks=chunks,
+                              compressors=zarr.codecs.ZstdCodec(level=3))[...] = image
+            del image
+            runs = warm_cluster_runs(volume, chunks, rounds, keep)
+        pairs = list(zip(runs["warm_1"], runs["warm_2"]))
+        rows.append({"shape": list(shape), "particles": n, "chunks": list(chunks),
+                     "blocks": int(np.prod([-(-a // c) for a, c in zip(shape, chunks)])), "runs": runs,
+                     "efficiency": [one["seconds"] / (2 * two["seconds"]) for one, two in pairs],
+                     "efficiency_run": [one["run_seconds"] / (2 * two["run_seconds"]) for one, two in pairs
+                                        if "run_seconds" in one and "run_seconds" in two]})
+    return rows
+
+
+def scaling_markdown(rows):
+    lines = ["## Scaling 1 -> 2 workers by volume size (a running cluster, `--scheduler`)", "",
+             "Each volume generated as above (spheres in proportion to the voxels), chunks "
+             f"{'x'.join(map(str, rows[0]['chunks']))}; the cluster started once per volume and warmed by one "
+             "untimed run; 1 worker pinned to 1 core, 2 workers to 2, with the scheduler and the command; "
+             "runs alternating. t1 / (2 t2) per round; 'run' is timed by the runs' own summaries (without the "
+             "command's interpreter start, imports and store opening).", "",
+             "| volume | blocks | 1 worker s | 2 workers s | t1 / (2 t2) | the same, run |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        one = [x["seconds"] for x in r["runs"]["warm_1"]]
+        two = [x["seconds"] for x in r["runs"]["warm_2"]]
+        lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['blocks']} | {', '.join(f'{x:.1f}' for x in one)} | "
+                     f"{', '.join(f'{x:.1f}' for x in two)} | **{', '.join(f'{x:.2f}' for x in r['efficiency'])}** | "
+                     f"{', '.join(f'{x:.2f}' for x in r['efficiency_run'])} |")
+    return lines + [""]
+
+
 def library_side_by_side(shape, particles, radius, seed, chunks, rounds):
     """``separate`` against ``separate_chunked`` in one process pinned to one core, interleaved, same labels.
 
@@ -485,6 +532,8 @@ def markdown(result):
     c = result.get("chunked")
     if c and "modes" in c:
         lines += chunked_markdown(c)
+    if result.get("scaling"):
+        lines += scaling_markdown(result["scaling"])
     return "\n".join(lines)
 
 
@@ -594,6 +643,9 @@ def main(argv=None):
                         help="comma-separated subset of: %(default)s; 'none' with --chunked runs only that part")
     parser.add_argument("--chunked", type=parse_ints, default=None, metavar="CHUNKS",
                         help="also time `declump run` chunked (these chunks) against in memory on the first shape")
+    parser.add_argument("--scaling", type=parse_ints, default=None, metavar="CHUNKS",
+                        help="also time the chunked run's 1 -> 2 worker scaling on a running cluster for every "
+                             "--shape (these chunks)")
     parser.add_argument("--out", default=None, help="result file stem (default throughput_<date>)")
     args = parser.parse_args(argv)
     shapes = args.shape or [(256, 256, 256)]
@@ -608,8 +660,11 @@ def main(argv=None):
     if args.chunked:
         result["chunked"] = chunked_vs_in_memory(shapes[0], particles[0], args.radius, args.seed, args.chunked,
                                                  args.rounds)
+    if args.scaling:
+        result["scaling"] = scaling_by_size(shapes, particles, args.radius, args.seed, args.scaling, args.rounds)
     loads = [x[0] for c in result["cases"] for r in c["methods"].values() for x in r.get("load_averages", [])]
     loads += [r["load_before"][0] for rows in result.get("chunked", {}).get("runs", {}).values() for r in rows]
+    loads += [r["load_before"][0] for row in result.get("scaling", []) for rows in row["runs"].values() for r in rows]
     result["load_range"] = [min(loads), max(loads)] if loads else [0.0, 0.0]
     stem = write_results(result, "throughput", markdown(result), args.out)
     print(f"wrote {RESULTS / stem}.json and .md")
