@@ -286,9 +286,10 @@ def test_chunked_classifier_labels_equal_in_memory_for_any_chunking(cluster_clie
 
 def test_chunked_probabilities_from_a_store_read_each_block_twice_and_hold_the_classifier_once(rng, tmp_path):
     """From a stored volume the probabilities equal in-memory ``predict_proba`` bit for bit, with the halos
-    in memory or in the work folder; every store read is one block (each block twice: its neighbours' slabs,
-    then its own features), never a box with a halo (which decodes every stored chunk it touches), a short
-    first block included; and the classifier is in the graph once, not pickled into every task."""
+    in memory or in the work folder; every store read is one block (each block three times: the limits'
+    histogram, its neighbours' slabs, then its own features), never a box with a halo (which decodes every
+    stored chunk it touches), a short first block included; and the classifier is in the graph once, not
+    pickled into every task."""
     import itertools
 
     zarr = pytest.importorskip("zarr")
@@ -331,7 +332,9 @@ def test_chunked_probabilities_from_a_store_read_each_block_twice_and_hold_the_c
             blocks = [tuple((int(s), int(s + c[i])) for s, c, i in zip(start, volume.chunks, index))
                       for start, index in ((tuple(sum(c[:i]) for c, i in zip(volume.chunks, index)), index)
                                            for index in itertools.product(*[range(len(c)) for c in volume.chunks]))]
-            assert sorted(reads) == sorted(blocks * 2), chunks  # (the limits' histogram reads the volume's blocks)
+            # Each block three times: the limits' histogram (BLOCK_GROUP blocks a task, each read once), then
+            # the probabilities pass (its neighbours' slabs, then its own features).
+            assert sorted(reads) == sorted(blocks * 3), chunks
 
 
 def test_cli_trains_runs_and_saves_probabilities_in_memory_and_chunked(rng, tmp_path, capsys):
