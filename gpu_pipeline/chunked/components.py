@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpu_pipeline._backend import get_array_module, ops_for, to_host
-from gpu_pipeline.chunked.workspace import run_tasks
+from gpu_pipeline.chunked.workspace import block_run, run_tasks
 from gpu_pipeline.stages.components import count_pairs, face_pairs_between_labels, piece_stats
 
 
@@ -87,12 +87,6 @@ def _results_and_faces(per_face, plan, *summaries):
             for low, axes, highs in plan]
 
 
-#: Blocks (consecutive along the last axis) whose results and faces one task hands back: up to this many times
-#: fewer tasks and results for the scheduler and the client than one per block, each task holding at most this
-#: many blocks' summaries with those of their next blocks (boundary slabs: about 0.8 MB per 128^3 block).
-FACE_GROUP = 8
-
-
 def summarize_blocks(ids, values, *, per_block=None, per_face=None):
     """Delayed per-block and per-chunk-face results over two aligned chunked arrays.
 
@@ -100,9 +94,13 @@ def summarize_blocks(ids, values, *, per_block=None, per_face=None):
     shape)`` and keeps only the block's boundary slabs; for every internal
     face, ``per_face(low_slab_ids, high_slab_ids, low_slab_values,
     high_slab_values, axis)`` runs on the two slabs that face each other.
-    One task per run of up to :data:`FACE_GROUP` blocks along the last axis
+    One task per run of up to :data:`~gpu_pipeline.chunked.workspace.BLOCK_GROUP`
+    blocks along the last axis (:func:`~gpu_pipeline.chunked.workspace.block_run`)
     hands back those blocks' own results with those of the faces they
-    share with their next blocks (up to one per axis). No task holds a
+    share with their next blocks (up to one per axis): that many times fewer
+    tasks and results for the scheduler and the client, each task holding
+    that many blocks' summaries with those of their next blocks (boundary
+    slabs: about 0.8 MB per 128^3 block). No task holds a
     whole block for later, so memory stays at a few blocks in flight plus
     slabs, whatever the number of chunks. The per-block task is one
     blockwise step after those computing ``ids`` and ``values`` (which is
@@ -124,7 +122,7 @@ def summarize_blocks(ids, values, *, per_block=None, per_face=None):
     for index in itertools.product(*[range(n) for n in ids.numblocks]):
         axes = tuple(axis for axis in range(ids.ndim) if index[axis] + 1 < ids.numblocks[axis])
         others = [tuple(i + (a == axis) for a, i in enumerate(index)) for axis in axes]
-        groups.setdefault(index[:-1] + (index[-1] // FACE_GROUP,), []).append((index, axes, others))
+        groups.setdefault(block_run(index), []).append((index, axes, others))
         face_blocks.append([(index, other) for other in others])
     results = []
     for members in groups.values():  # in C order of their blocks

@@ -34,15 +34,11 @@ def _sum(parts):
 def _stored_histogram(stored, chunks, bins):
     """The histogram of a volume read from a store block by block: :data:`BLOCK_GROUP` blocks per task (each
     read and counted in turn), the counts tree-summed on the workers (the client holds one histogram)."""
-    import itertools
-
     from dask import delayed
 
-    from gpu_pipeline.chunked.workspace import BLOCK_GROUP, chunk_starts, run_tasks
+    from gpu_pipeline.chunked.workspace import BLOCK_GROUP, block_boxes, run_tasks
 
-    starts = chunk_starts(chunks)
-    boxes = [tuple(slice(int(starts[a][i]), int(starts[a][i] + chunks[a][i])) for a, i in enumerate(index))
-             for index in itertools.product(*[range(len(c)) for c in chunks])]
+    boxes = [box for _, box in block_boxes(chunks)]
     level = [delayed(_boxes_histogram)(stored, boxes[i:i + BLOCK_GROUP], bins)
              for i in range(0, len(boxes), BLOCK_GROUP)]
     fan_in = max(BLOCK_GROUP, 2)

@@ -322,18 +322,16 @@ def neighbours_hold_halo(chunks, depth):
 
 def _haloed_graph(stored, chunks, depth, function, name, *, pad, foreground, args, spill, lead=(), shared=(),
                   given=None):
-    import itertools
     import uuid
 
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph
 
-    from gpu_pipeline.chunked.workspace import BLOCK_GROUP, chunk_starts
+    from gpu_pipeline.chunked.workspace import block_boxes, block_run
 
     depth = tuple(int(d) for d in depth)
     if not neighbours_hold_halo(chunks, depth):
         raise DeclumpError(f"internal: blocks of {chunks} are shorter than the halo {depth} inside the volume")
-    starts = chunk_starts(chunks)
     shape = tuple(int(sum(c)) for c in chunks)
     # New keys every call: a running cluster must not hand back an earlier call's result (or its error, a full
     # disk since freed) for tasks that write the spill files.
@@ -345,17 +343,15 @@ def _haloed_graph(stored, chunks, depth, function, name, *, pad, foreground, arg
     together = f"{name}-shared-{token}"
     if shared:
         layers[together] = {f"{together}-{i}": value for i, value in enumerate(shared)}
-    for k, index in enumerate(itertools.product(*[range(len(c)) for c in chunks])):
-        box = tuple(slice(int(starts[a][i]), int(starts[a][i] + chunks[a][i])) for a, i in enumerate(index))
+    for k, (index, box) in enumerate(block_boxes(chunks)):
         neighbours = [tuple(i + x for i, x in zip(index, o)) for o in near[index]]
         if given is None and spill is not None:
             # Slab files: one task writes those of a run of BLOCK_GROUP blocks along the last axis (a few ms
             # each), and a block's task waits for its neighbours' runs and reads their files.
-            run = (shells, *index[:-1], index[-1] // BLOCK_GROUP)
+            run = (shells, *block_run(index))
             layers[shells].setdefault(run, (_blocks_shells, stored, [], depth, foreground))[2].append(
                 (box, near[index], f"{spill}/{_shell_name(index)}"))
-            sources = [(_written, (shells, *j[:-1], j[-1] // BLOCK_GROUP), f"{spill}/{_shell_name(j)}")
-                       for j in neighbours]
+            sources = [(_written, (shells, *block_run(j)), f"{spill}/{_shell_name(j)}") for j in neighbours]
         elif given is None:
             layers[shells][(shells, *index)] = (_block_shell, stored, box, depth, near[index], foreground, None)
             sources = [(shells, *j) for j in neighbours]

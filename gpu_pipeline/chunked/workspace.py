@@ -94,6 +94,13 @@ def chunk_starts(chunks):
     return [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64) for c in chunks]
 
 
+def block_boxes(chunks):
+    """``(index, box)`` of every block of ``chunks`` in C order, ``box`` its slices in the volume."""
+    starts = chunk_starts(chunks)
+    for index in itertools.product(*[range(len(c)) for c in chunks]):
+        yield index, tuple(slice(int(starts[a][i]), int(starts[a][i] + chunks[a][i])) for a, i in enumerate(index))
+
+
 #: glibc's ceiling for its adaptive mmap threshold on 64-bit (``DEFAULT_MMAP_THRESHOLD_MAX``), the trim
 #: threshold it pairs with it (twice the mmap threshold), and the freed memory kept at the heap's top when it
 #: trims: what :func:`limit_malloc_arenas` sets.
@@ -342,6 +349,13 @@ def unaliased(task):
 #: own cost per task (about 2 ms of the scheduler's and the client's CPU and as much of the worker's event
 #: loop, 2026-12-03) is then not paid per block, and a terabyte's passes hold this many times fewer tasks.
 BLOCK_GROUP = 8
+
+
+def block_run(index):
+    """The run of up to :data:`BLOCK_GROUP` consecutive blocks along the last axis that block ``index`` is in,
+    as a block index with the last axis counted in runs: the tasks that take a run of blocks at once (slab
+    files, components' faces) and those that wait for them agree on it."""
+    return (*index[:-1], index[-1] // BLOCK_GROUP)
 
 
 def _each(function, calls):
@@ -638,7 +652,6 @@ def write_blocks(array, path, done, *, what, verbose=False, zarr_kwargs=None, me
         zarr.create_array(str(path), shape=array.shape, dtype=array.dtype, fill_value=0,
                           **{"chunks": tuple(c[0] for c in chunks), **(zarr_kwargs or {})})
     done.mkdir(parents=True, exist_ok=True)
-    starts = chunk_starts(chunks)
     beside = beside.rechunk(chunks) if beside is not None else None
     # One result per block (a 1-element object block), each key new: a running cluster never hands back an
     # earlier call's result for a write.
@@ -649,12 +662,10 @@ def write_blocks(array, path, done, *, what, verbose=False, zarr_kwargs=None, me
     blocks = written.to_delayed()  # optimised: the steps computing each block fused into its writing task
     beside_blocks = None  # ``beside`` block by block, built (a graph optimisation in this process) only on resuming
     tasks, fused, voxels = [], [], 0
-    for index in itertools.product(*[range(len(c)) for c in chunks]):
+    for index, region in block_boxes(chunks):
         fused.append(not block_marker(done, index).exists())
         if not fused[-1]:
             if measure is not None:  # written before: measured from the store
-                region = tuple(slice(int(starts[a][i]), int(starts[a][i] + chunks[a][i]))
-                               for a, i in enumerate(index))
                 if beside is not None and beside_blocks is None:
                     beside_blocks = beside.to_delayed()
                 other = None if beside_blocks is None else beside_blocks[index]
