@@ -335,12 +335,12 @@ def warm_cluster_runs(volume, chunks, rounds, cores, small=None):
     import dask
     from dask.distributed import LocalCluster
 
-    from gpu_pipeline.chunked.workspace import nanny_malloc_config
+    from gpu_pipeline.chunked.workspace import local_cluster_config
 
     clusters, runs = {}, {"warm_1": [], "warm_2": [], "warm_1_small": [], "warm_2_small": []}
-    # Workers started as README's cluster section says (glibc's malloc environment of malloc_environ), as
-    # `declump run --cluster local` starts its own.
-    environ = nanny_malloc_config(1)
+    # Clusters started as README's cluster section says (glibc's malloc environment of malloc_environ, the
+    # dashboard's timed diagnostics quiet), as `declump run --cluster local` starts its own.
+    environ = local_cluster_config(1)
     try:
         for n in (1, 2):
             os.sched_setaffinity(0, set(cores[:n]))  # the worker processes inherit it

@@ -672,6 +672,33 @@ def test_cluster_workers_reuse_freed_chunk_memory_instead_of_dasks_64k_trim():
         assert list(client.run(_chunk_sized_allocation_is_mmapped).values()) == [False, False]
 
 
+def _timed_diagnostics(dask_worker=None, dask_scheduler=None):
+    """A server's dashboard diagnostics on timers: is its profiler on, and the periods (ms) of its system
+    monitor and event-loop tick."""
+    server = dask_worker if dask_worker is not None else dask_scheduler
+    callbacks = server.periodic_callbacks
+    return ("profile" in callbacks, callbacks["monitor"].callback_time, callbacks["tick"].callback_time)
+
+
+def test_clusters_a_run_starts_run_without_the_dashboards_timed_diagnostics():
+    """A worker's profiler samples its task threads every 10 ms, and every server reads its system monitor
+    every 0.5 s and times its loop every 20 ms: CPU taken from the tasks on the same cores, for a dashboard
+    that the clusters a run starts do not have. Their workers and scheduler run with the profiler off and
+    the others slowed (QUIET_DIAGNOSTICS); the settings stay with that cluster."""
+    distributed = pytest.importorskip("distributed")
+    import dask
+
+    from gpu_pipeline.chunked.run import engine
+
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as lc, \
+            distributed.Client(lc) as plain:
+        assert list(plain.run(_timed_diagnostics).values()) == [(True, 500, 20)]  # as Dask starts a worker
+    with engine(cluster="local", workers=2) as client:
+        assert list(client.run(_timed_diagnostics).values()) == [(False, 2000, 500)] * 2
+        assert client.run_on_scheduler(_timed_diagnostics)[1:] == (2000, 500)
+    assert dask.config.get("distributed.worker.profile.enabled") is True
+
+
 def _new_array_advised_huge():
     """Does a new 64 MiB NumPy array's mapping carry the huge-page advice (``hg`` in /proc/self/smaps)?"""
     array = np.ones(1 << 23)

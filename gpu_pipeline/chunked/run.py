@@ -34,7 +34,7 @@ import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops_for, to_host
 from gpu_pipeline._common import usable_cores
-from gpu_pipeline.chunked.workspace import (Workspace, active_client, limit_malloc_arenas, nanny_malloc_config,
+from gpu_pipeline.chunked.workspace import (Workspace, active_client, limit_malloc_arenas, local_cluster_config,
                                             no_hugepage_advice, return_freed_memory, save_records,
                                             worker_malloc_setup, write_blocks)
 from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, boolean_input_as_mask, check_foreground_options, disk_error,
@@ -127,8 +127,9 @@ def engine(*, cluster=None, scheduler=None, workers=None, device="cpu"):
         from distributed import Client  # (and distributed's defaults, its nanny's environment, into dask.config)
 
         # Workers we start get glibc's malloc as the threaded engine has it (limit_malloc_arenas) from their
-        # start, instead of the 64 KiB trim threshold that Dask's nanny gives them.
-        environ = nanny_malloc_config(1)
+        # start, instead of the 64 KiB trim threshold that Dask's nanny gives them; the cluster runs without
+        # the dashboard's timed diagnostics (QUIET_DIAGNOSTICS).
+        environ = local_cluster_config(1)
     if kind == "local-cuda":
         try:
             from dask_cuda import LocalCUDACluster

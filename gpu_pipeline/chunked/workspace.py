@@ -157,10 +157,26 @@ def no_hugepage_advice():
     return True
 
 
-def nanny_malloc_config(threads):
-    """:func:`malloc_environ` as ``dask.config`` settings of Dask's nanny (``pre-spawn-environ``), for
-    ``dask.config.set`` around the start of a ``LocalCluster`` whose workers run ``threads`` threads."""
-    return {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in malloc_environ(threads).items()}
+#: Dask's diagnostics that run on a timer in every server (scheduler, nanny, worker), for the dashboard: each
+#: worker's profiler samples its task threads' stacks every 10 ms, and every server reads its CPU, memory and
+#: network (``system-monitor``) every 0.5 s and times its event loop (``tick``) every 20 ms. The clusters a run
+#: starts have no dashboard; these settings turn the profiler off and slow the others. They share the cores
+#: with the tasks: on the 2-core VM (2026-12-03, 256x512x512 in 128^3 chunks, warm clusters, 4 runs each,
+#: two interleaved processes per setting, CPU seconds from each thread's ``/proc`` ``schedstat``) the workers'
+#: event loops used 0.78-0.86 s a run with one worker and 0.94-1.04 s with two, against 0.51-0.54 and
+#: 0.66-0.74 s with these settings, and the scheduler's and client's process 1.23-1.31 and 0.97-1.13 s
+#: against 0.88-0.92 and 0.72-0.80 s; the 2-worker run 6.40-6.80 s against 6.00-6.39 s.
+QUIET_DIAGNOSTICS = {"distributed.worker.profile.enabled": False,
+                     "distributed.admin.system-monitor.interval": "2s",
+                     "distributed.admin.tick.interval": "500ms"}
+
+
+def local_cluster_config(threads):
+    """``dask.config`` settings for starting a ``LocalCluster`` (or dask-cuda's) whose workers run ``threads``
+    threads: :func:`malloc_environ` as the nanny's ``pre-spawn-environ``, and :data:`QUIET_DIAGNOSTICS`
+    (the nanny hands its configuration to the worker processes it starts)."""
+    return {**{f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in malloc_environ(threads).items()},
+            **QUIET_DIAGNOSTICS}
 
 
 def _glibc(name):
