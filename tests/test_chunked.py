@@ -502,11 +502,12 @@ def test_zarr_reads_and_writes_run_in_the_calling_thread(tmp_path, rng):
 
 def test_zarr_calls_agree_with_zarr_from_threads_and_inside_a_running_event_loop(tmp_path, rng):
     """Boxes read through StoredVolume (zarr_call) equal Zarr's own reads from four threads at once (each its
-    own event loop), and from a thread that runs an event loop (a notebook's), where Zarr's path is taken."""
+    own event loop), and from a thread that runs an event loop (a notebook's), which hands the call to a thread
+    of its own."""
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
-    from gpu_pipeline.chunked.source import StoredVolume, open_array
+    from gpu_pipeline.chunked.source import StoredVolume, open_array, write_region
 
     image = rng.integers(0, 60000, (40, 50, 60)).astype(np.uint16)
     zarr.create_array(str(tmp_path / "v.zarr"), shape=image.shape, dtype=image.dtype, chunks=(16, 16, 16),
@@ -521,7 +522,13 @@ def test_zarr_calls_agree_with_zarr_from_threads_and_inside_a_running_event_loop
         got = list(pool.map(stored.read, boxes))
     assert all(g.tobytes() == image[b].tobytes() for g, b in zip(got, boxes))
 
-    async def inside_a_loop():
-        return stored.read(boxes[0])
+    written = rng.integers(0, 60000, (16, 16, 16)).astype(np.uint16)
 
-    assert asyncio.run(inside_a_loop()).tobytes() == image[boxes[0]].tobytes()
+    async def inside_a_loop():
+        write_region(tmp_path / "v.zarr", (slice(16, 32), slice(0, 16), slice(32, 48)), written)
+        return [stored.read(b) for b in boxes[:4]]
+
+    image[16:32, 0:16, 32:48] = written
+    got = asyncio.run(inside_a_loop())
+    assert all(g.tobytes() == image[b].tobytes() for g, b in zip(got, boxes))
+    assert zarr.open_array(str(tmp_path / "v.zarr"), mode="r")[...].tobytes() == image.tobytes()

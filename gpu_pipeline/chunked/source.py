@@ -60,16 +60,17 @@ def zarr_call(coroutine_function, *args):
     at each hand-over until the woken thread gets one. Here the same calls run
     in the caller's thread, on an event loop of its own whose executor runs
     them in place. From a thread that runs an event loop already (a
-    notebook's main thread), Zarr's own path is taken.
+    notebook's main thread), which cannot run another, the call runs so in a
+    short-lived thread of its own (public API only: no use of Zarr's
+    internal ``sync``).
     """
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         pass
     else:
-        from zarr.core.sync import sync
-
-        return sync(coroutine_function(*args))
+        with concurrent.futures.ThreadPoolExecutor(1) as helper:
+            return helper.submit(zarr_call, coroutine_function, *args).result()
     own = getattr(_thread_loop, "own", None)
     if own is None or own.pid != os.getpid():
         own = _thread_loop.own = _OwnLoop()
