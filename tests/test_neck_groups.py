@@ -107,9 +107,9 @@ def test_default_joins_the_plateau_of_a_particle_deeper_than_max_radius(rng):
 def test_neck_ratio_is_validated():
     image = np.zeros((20, 20), np.uint8)
     image[5:15, 5:15] = 100
-    with pytest.raises(DeclumpError, match="neck_ratio must be in"):
+    with pytest.raises(DeclumpError, match="neck_ratio must be 'auto', a number in"):
         separate(image, neck_ratio=1.5)
-    with pytest.raises(DeclumpError, match="neck_ratio must be in"):
+    with pytest.raises(DeclumpError, match="neck_ratio must be 'auto', a number in"):
         separate(image, neck_ratio=0)
 
 

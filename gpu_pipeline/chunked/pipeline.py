@@ -30,7 +30,7 @@ needs halos, the tasks that read the neighbouring chunks hand them over:
    in-memory; ids by first voxel in C order come from the last round.
 
 Particles whose inscribed radius exceeds ``max_radius`` see a plateau of
-capped distances, whose peaks the default ``neck_ratio`` (1.0) joins where
+capped distances, whose peaks the default ``neck_ratio`` (1.0 in 2D, 0.95 in 3D) joins where
 the segments between them stay on the plateau, and which are otherwise
 over-split (as in-memory with the same cap); the
 run counts voxels at the cap and reports them.
@@ -51,7 +51,7 @@ from gpu_pipeline.chunked.source import (halo_box, haloed_tasks, neighbours_hold
                                          stored_volume)
 from gpu_pipeline.chunked.workspace import (BLOCK_GROUP, Workspace, chunk_starts, read_staged, run_call,
                                              run_grouped, run_tasks, to_device, write_block)
-from gpu_pipeline.pipeline import NoParticlesError, cap_distance, validate_spacing
+from gpu_pipeline.pipeline import NoParticlesError, cap_distance, resolve_neck_ratio, validate_spacing
 from gpu_pipeline.stages.components import settle_pieces
 from gpu_pipeline.stages.kmeans import batched_kmeans
 from gpu_pipeline.stages.peaks import (join_peaks, local_maxima, quantize_distance, segment_points,
@@ -478,7 +478,7 @@ def one_piece_chunked(labels, *, workspace, device=None, verbose=False):
 
 
 def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,
-                     min_distance=4.0, min_size=None, max_radius=None, neck_ratio=1.0, assignment="power",
+                     min_distance=4.0, min_size=None, max_radius=None, neck_ratio="auto", assignment="power",
                      max_iter=0, workspace=None, device=None, verbose=False, classifier=None):
     """`separate` for a chunked Dask array: byte-identical labels for any chunking, memory bounded by chunks.
 
@@ -521,8 +521,7 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
     volume, mask = (None if a is None else to_device(a, device) for a in (volume, mask))
     if max_iter < 0:
         raise DeclumpError(f"max_iter must be 0 or more, got {max_iter}")
-    if neck_ratio is not None and not (0 < float(neck_ratio) <= 1):
-        raise DeclumpError(f"neck_ratio must be in (0, 1], got {neck_ratio}")
+    neck_ratio = resolve_neck_ratio(neck_ratio, reference.ndim)
     max_radius = float(max_radius) if max_radius is not None else MAX_RADIUS_FACTOR * float(min_distance)
     if not (max_radius > 0 and math.isfinite(max_radius)):
         raise DeclumpError(f"max_radius must be a positive physical distance, got {max_radius}")

@@ -250,7 +250,7 @@ def output_paths(output):
 
 def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, timepoint=None, mask_path=None,
                 sigma=1.0, threshold="otsu", polarity="auto", min_distance=4.0, min_size=None, max_radius=None,
-                neck_ratio=1.0, assignment="power", max_iter=0, device="cpu", cluster=None, scheduler=None,
+                neck_ratio="auto", assignment="power", max_iter=0, device="cpu", cluster=None, scheduler=None,
                 workers=None, scratch=None, overwrite=False, missing_chunks="error", verbose=True,
                 classifier=None, probabilities_path=None):
     """Separate a Zarr volume chunk by chunk into an OME-Zarr labels group (see the module docstring).
