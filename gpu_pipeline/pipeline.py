@@ -100,12 +100,12 @@ def validate_spacing(spacing, ndim):
 #: ``neck_ratio="auto"`` by the number of dimensions. 2D: 1.0, only peaks with no dip at all between them
 #: make one particle: in a projection image, touching particles overlap and often show no neck (at the 2D
 #: defaults 0.95 gave F1@0.5 0.9382 -> 0.9316 on generated nuclei seeds 0-3, equal on seeds 100-105,
-#: 0.7615 -> 0.7660 on DSB; 0.9 lowered all three, 2026-12-03). 3D: 0.95. Solid particles do not overlap in a volume,
-#: so touching ones meet at a neck, while a large particle pressed by its neighbours can hold two distance-map
-#: maxima a dip of a few percent apart; joined, they stop over-splitting it. Measured 2026-12-03 on ten
-#: generated 256^3 volumes (radii 3-16, bench parameters): F1@0.5 equal on eight, higher on two (seed 4711
-#: 0.99700 -> 0.99850, 1002 -> 999 particles for 1000; seed 202 0.92140 -> 0.92162), never lower; 0.9 was
-#: lower on two; the embryo 3D nuclei unchanged.
+#: 0.7615 -> 0.7660 on DSB; 0.9 lowered all three, 2026-12-03). 3D: 0.95. Solid particles do not overlap
+#: in a volume, so touching ones meet at a neck, while a large particle pressed by its neighbours can hold
+#: two distance-map maxima a dip of a few percent apart; joined, they stop over-splitting it. Measured
+#: 2026-12-03 on ten generated 256^3 volumes (radii 3-16, bench parameters): F1@0.5 equal on eight, higher
+#: on two (seed 4711 0.99700 -> 0.99850, 1002 -> 999 particles for 1000; seed 202 0.92140 -> 0.92162),
+#: never lower; 0.9 was lower on two; the embryo 3D nuclei unchanged.
 NECK_RATIO_AUTO = {2: 1.0, 3: 0.95}
 
 
