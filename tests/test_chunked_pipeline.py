@@ -188,7 +188,7 @@ def test_default_neck_ratio_joins_a_pressed_spheres_two_maxima_in_3d_not_in_2d(t
     assert default.tobytes() == separate(image, neck_ratio=0.95, **kwargs).tobytes()
     assert int(default.max()) == int(truth.max()) == int(strict.max()) - 1
     assert evaluate(default, truth)["f1_50"] == 1.0 > evaluate(strict, truth)["f1_50"]
-    labels, details = separate_chunked(da.from_array(image, chunks=48), workspace=Workspace(tmp_path / "w"), **kwargs)
+    labels, _ = separate_chunked(da.from_array(image, chunks=48), workspace=Workspace(tmp_path / "w"), **kwargs)
     assert labels.compute().tobytes() == default.tobytes()
 
     flat, _ = make_touching_particles((200, 200), 60, radius_range=(6, 15), overlap=0.15, seed=1)
