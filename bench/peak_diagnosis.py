@@ -62,10 +62,12 @@ def declump_internals(image, p):
     peaks = pl.peaks_step(distance_q, spacing=kw["spacing"], min_distance=min_distance)
     half = window_half_widths(min_distance, kw["spacing"])
     candidates = local_maxima(distance_q, half_widths=half)
-    split = pl.split_step(fg, distance_q, quantum, peaks, spacing=kw["spacing"], method="kmeans", neck_ratio=1.0,
-                          assignment="power", kmeans_engine="batched", max_iter=0, details=details, clock=clock)
+    neck, nearby = (pl.resolve_ratio(name, "auto", fg.ndim) for name in ("neck_ratio", "nearby_ratio"))
+    split = pl.split_step(fg, distance_q, quantum, peaks, spacing=kw["spacing"], method="kmeans", neck_ratio=neck,
+                          nearby_ratio=nearby, assignment="power", kmeans_engine="batched", max_iter=0,
+                          details=details, clock=clock)
     regions, _ = ops.label(fg)
-    group = neck_groups(peaks, distance_q, regions, kw["spacing"], 1.0)
+    group = neck_groups(peaks, distance_q, regions, kw["spacing"], neck, nearby)
     labels = pl.finish_step(split, details=details, min_size=particle_min_size, spacing=kw["spacing"])
     return dict(fg=fg, distance_q=distance_q, peaks=peaks, candidates=candidates, half=half, split=split,
                 group=group, labels=labels)

@@ -1,4 +1,4 @@
-"""Neck grouping (``neck_ratio``): peaks with no neck between them make one particle."""
+"""Peak grouping: peaks with no neck between them (``neck_ratio``), or nearby (``nearby_ratio``), make one particle."""
 from fractions import Fraction
 
 import numpy as np
@@ -25,7 +25,7 @@ def _disks(shape, centres, radii):
     return np.any([sum((g - ci) ** 2 for g, ci in zip(grid, c)) <= r * r for c, r in zip(centres, radii)], axis=0)
 
 
-def _reference_groups(peaks, distance_q, regions, spacing, ratio, quantum):
+def _reference_groups(peaks, distance_q, regions, spacing, ratio, quantum, nearby=None):
     """Pairs tested one by one in Python with exact fractions; groups by scipy's connected components."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -40,6 +40,11 @@ def _reference_groups(peaks, distance_q, regions, spacing, ratio, quantum):
                 continue
             gap = np.sqrt(sum(((int(x) - int(y)) * s) ** 2 for x, y, s in zip(p, q, spacing)))
             if not gap < (heights[i] + heights[j]) * quantum:
+                continue
+            if nearby is not None and gap < nearby * max(heights[i], heights[j]) * quantum:
+                a.append(i), b.append(j)
+                continue
+            if ratio is None:
                 continue
             length = max(abs(int(y) - int(x)) for x, y in zip(p, q))
             low = min(int(distance_q[tuple(int(x) + int(Fraction(2 * (int(y) - int(x)) * k + length, 2 * length)
@@ -62,10 +67,15 @@ def test_neck_groups_equal_a_pair_by_pair_reference(rng, spacing):
     regions, _ = ndi.label(mask)
     peaks = find_peaks(distance_q, half_widths=window_half_widths(3, spacing))
     assert len(peaks) > 10
-    for ratio in (0.5, 0.7, 0.9, 1.0):
-        ours = neck_groups(peaks, distance_q, regions, spacing, ratio)
-        ref = _reference_groups(peaks, distance_q, regions, spacing, ratio, quantum)
+    seen = set()
+    for ratio, nearby in ((0.5, None), (0.7, None), (0.9, None), (1.0, None), (None, 0.8), (None, 1.0), (0.5, 0.8)):
+        ours = neck_groups(peaks, distance_q, regions, spacing, ratio, nearby)
+        ref = _reference_groups(peaks, distance_q, regions, spacing, ratio, quantum, nearby)
         np.testing.assert_array_equal(ours, ref)
+        seen.add(tuple(ours.tolist()))
+        if (ratio, nearby) == (None, 0.8):
+            assert (ours != np.arange(len(peaks))).any()  # nearby peaks joined with no neck test at all
+    assert len(seen) >= 4  # the settings group these peaks in different ways
 
 
 def test_a_rod_is_one_particle_and_touching_disks_stay_two():
@@ -98,7 +108,7 @@ def test_default_joins_the_plateau_of_a_particle_deeper_than_max_radius(rng):
     image = np.where(balls, 200, 20).astype(np.uint8)
     # min_size=None: the plateau's pieces are the point here, not the size filter that would join them.
     kwargs = dict(sigma=0, min_distance=4, polarity="bright", max_radius=7.0, min_size=None)
-    assert separate(image, **kwargs, neck_ratio=None).max() > 10
+    assert separate(image, **kwargs, neck_ratio=None, nearby_ratio=None).max() > 10
     labels = separate(image, **kwargs)
     assert labels.max() == 2
     assert labels[centres[0]] != labels[centres[1]] and labels[centres[0]] > 0 and labels[centres[1]] > 0

@@ -51,7 +51,7 @@ from gpu_pipeline.chunked.source import (halo_box, haloed_tasks, neighbours_hold
                                          stored_volume)
 from gpu_pipeline.chunked.workspace import (BLOCK_GROUP, Workspace, chunk_starts, read_staged, run_call,
                                              run_grouped, run_tasks, to_device, write_block)
-from gpu_pipeline.pipeline import NoParticlesError, cap_distance, resolve_neck_ratio, validate_spacing
+from gpu_pipeline.pipeline import NoParticlesError, cap_distance, resolve_ratio, validate_spacing
 from gpu_pipeline.stages.components import settle_pieces
 from gpu_pipeline.stages.kmeans import batched_kmeans
 from gpu_pipeline.stages.peaks import (join_peaks, local_maxima, quantize_distance, segment_points,
@@ -298,8 +298,8 @@ def _pairs_by_block(low_corner, high_corner, starts, numblocks):
     return key[order], pair[order]
 
 
-def neck_groups_chunked(regions, found, *, spacing, min_distance, max_radius, ratio, store=None, device=None,
-                        verbose=False, distance_store=None):
+def neck_groups_chunked(regions, found, *, spacing, min_distance, max_radius, ratio, nearby=None, store=None,
+                        device=None, verbose=False, distance_store=None):
     """The in-memory :func:`~gpu_pipeline.stages.peaks.neck_groups` of the peaks ``found`` by `peaks_chunked`.
 
     The pairs to test come from the global peak list; each chunk recomputes
@@ -342,7 +342,8 @@ def neck_groups_chunked(regions, found, *, spacing, min_distance, max_radius, ra
             np.minimum.at(low, mine, part)
         return low
 
-    return join_peaks(peaks, heights, found["region"], spacing, ratio, segment_minima, nearest_first=False)
+    return join_peaks(peaks, heights, found["region"], spacing, ratio, segment_minima, nearby=nearby,
+                      nearest_first=False)
 
 
 def _seeds_on(seeds, xp):
@@ -478,8 +479,8 @@ def one_piece_chunked(labels, *, workspace, device=None, verbose=False):
 
 
 def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,
-                     min_distance=4.0, min_size=None, max_radius=None, neck_ratio="auto", assignment="power",
-                     max_iter=0, workspace=None, device=None, verbose=False, classifier=None):
+                     min_distance=4.0, min_size=None, max_radius=None, neck_ratio="auto", nearby_ratio="auto",
+                     assignment="power", max_iter=0, workspace=None, device=None, verbose=False, classifier=None):
     """`separate` for a chunked Dask array: byte-identical labels for any chunking, memory bounded by chunks.
 
     Parameters are those of :func:`gpu_pipeline.pipeline.separate` (method
@@ -521,7 +522,8 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
     volume, mask = (None if a is None else to_device(a, device) for a in (volume, mask))
     if max_iter < 0:
         raise DeclumpError(f"max_iter must be 0 or more, got {max_iter}")
-    neck_ratio = resolve_neck_ratio(neck_ratio, reference.ndim)
+    neck_ratio = resolve_ratio("neck_ratio", neck_ratio, reference.ndim)
+    nearby_ratio = resolve_ratio("nearby_ratio", nearby_ratio, reference.ndim)
     max_radius = float(max_radius) if max_radius is not None else MAX_RADIUS_FACTOR * float(min_distance)
     if not (max_radius > 0 and math.isfinite(max_radius)):
         raise DeclumpError(f"max_radius must be a positive physical distance, got {max_radius}")
@@ -557,10 +559,10 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
     _, quantum = quantize_distance(np.zeros(1, np.float32), spacing)
     radii = found["values"].astype(np.float64) * quantum
     group = None
-    if neck_ratio is not None:
+    if (neck_ratio, nearby_ratio) != (None, None):
         group = workspace.remember("necks", lambda: {"group": neck_groups_chunked(
             regions, found, spacing=spacing, min_distance=min_distance, max_radius=max_radius, ratio=neck_ratio,
-            store=workspace.store("regions"), device=device, verbose=verbose,
+            nearby=nearby_ratio, store=workspace.store("regions"), device=device, verbose=verbose,
             distance_store=workspace.store("distance"))})["group"]
     seeds = kmeans_seeds(found["region"], n_regions, found["peaks"], radii, assignment=assignment,
                          peak_group=group)

@@ -205,8 +205,8 @@ def space_candidates(coords, half_widths):
     return keep if xp is np else xp.asarray(keep)
 
 
-def neck_groups(peaks, distance_q, regions, spacing, ratio):
-    """Group peaks that belong to one particle: peaks joined by no neck narrower than ``ratio``.
+def neck_groups(peaks, distance_q, regions, spacing, ratio, nearby=None):
+    """Group peaks that belong to one particle: peaks joined by no neck narrower than ``ratio``, or nearby.
 
     Two peaks of one region whose inscribed balls overlap (physical distance
     below the sum of their heights) are tested along the straight segment
@@ -219,8 +219,11 @@ def neck_groups(peaks, distance_q, regions, spacing, ratio):
     one that is at least ``ratio`` times as high. Two touching spheres of
     radius r whose centres are d apart have a neck of half-width
     sqrt(r^2 - d^2/4): ``ratio`` 0.7 joins them only when they overlap by
-    more than about 30% of their diameter. Groups are the connected
-    components of the joined pairs.
+    more than about 30% of their diameter. With ``nearby``, two peaks of one
+    region also join, whatever lies between them, when they are closer than
+    ``nearby`` times the higher peak's height: the lower peak lies deep inside
+    the higher one's inscribed ball (PoreSpy's ``trim_nearby_peaks`` with
+    ``f = nearby``). Groups are the connected components of the joined pairs.
 
     Parameters
     ----------
@@ -230,7 +233,9 @@ def neck_groups(peaks, distance_q, regions, spacing, ratio):
     regions : ndarray of int
         Connected regions; peaks of different regions are never joined.
     spacing : tuple of float
-    ratio : float in (0, 1]
+    ratio : float in (0, 1] or None
+        None: no neck test (only ``nearby`` joins).
+    nearby : float in (0, 1] or None
 
     Returns
     -------
@@ -258,7 +263,7 @@ def neck_groups(peaks, distance_q, regions, spacing, ratio):
             low[part] = lowest
         return low
 
-    return join_peaks(peaks, heights, regions[tuple(peaks.T)], spacing, ratio, segment_minima)
+    return join_peaks(peaks, heights, regions[tuple(peaks.T)], spacing, ratio, segment_minima, nearby=nearby)
 
 
 def sample_batches(peaks, i, j):
@@ -274,13 +279,15 @@ def sample_batches(peaks, i, j):
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def join_peaks(peaks, heights, region, spacing, ratio, segment_minima, *, nearest_first=True):
-    """Groups of peaks joined by necks no narrower than ``ratio`` (the search of :func:`neck_groups`).
+def join_peaks(peaks, heights, region, spacing, ratio, segment_minima, *, nearby=None, nearest_first=True):
+    """Groups of peaks joined by necks no narrower than ``ratio``, or nearby (the search of :func:`neck_groups`).
 
     A pair of peaks of one region whose inscribed balls overlap is joined
     when ``segment_minima(i, j)`` (the lowest quantised distance on each
     pair's segment, see :func:`segment_points`) is at least ``ratio`` times
-    the higher peak. Candidate pairs come from a grid of cells: pairs in
+    the higher peak, or (``nearby`` not None) when the peaks lie less than
+    ``nearby`` times the higher peak apart; ``ratio`` None: ``nearby`` only,
+    and ``segment_minima`` is never called. Candidate pairs come from a grid of cells: pairs in
     neighbouring cells, with cells from about :data:`FINEST_CELL` voxels up
     to the reach of the highest peak (one level with ``nearest_first``
     False, for callers whose ``segment_minima`` has a fixed cost per call),
@@ -319,11 +326,17 @@ def join_peaks(peaks, heights, region, spacing, ratio, segment_minima, *, neares
                 test &= ~(xp.abs((peaks[j] - origin) // prev - (peaks[i] - origin) // prev) <= 1).all(axis=1)
             gap2 = ((step.astype(xp.float64) * scale) ** 2).sum(axis=1)
             test &= gap2 < (heights[i] + heights[j]).astype(xp.float64) ** 2
-            i, j = i[test], j[test]
+            i, j, gap2 = i[test], j[test], gap2[test]
             if i.size == 0:
                 continue
-            low = xp.asarray(segment_minima(i, j)).astype(xp.float64)
-            joined = low >= float(ratio) * xp.maximum(heights[i], heights[j]).astype(xp.float64)
+            higher = xp.maximum(heights[i], heights[j]).astype(xp.float64)
+            joined = xp.zeros(i.size, dtype=bool)
+            if nearby is not None:
+                joined |= gap2 < (float(nearby) * higher) ** 2
+            necks = ~joined
+            if ratio is not None and bool(necks.any()):
+                low = xp.asarray(segment_minima(i[necks], j[necks])).astype(xp.float64)
+                joined[necks] = low >= float(ratio) * higher[necks]
             group = _merge_groups(group, i[joined], j[joined])
         previous = cell
     return group
