@@ -175,52 +175,47 @@ def test_neck_grouping_matches_in_memory(rng, tmp_path, shape, chunkings):
         assert labels.compute().tobytes() == expected.tobytes(), chunks
 
 
-def test_default_neck_ratio_joins_a_pressed_spheres_two_maxima_in_3d_not_in_2d(tmp_path):
-    """neck_ratio 'auto': 0.95 in 3D, where a large sphere pressed by its neighbours can hold two distance-map
-    maxima a dip of a few percent apart (one particle over-split at 1.0); 1.0 in 2D, where touching particles
-    overlap with no neck. Here the 3D default finds every sphere once (60 of 60, F1@0.5 1.0, against 61 pieces
-    at 1.0), in memory and chunked alike; the 2D default keeps the pieces that 0.95 would join."""
-    from gpu_pipeline.metrics import evaluate
+@pytest.mark.parametrize("option, value_3d, value_2d, volume, kwargs", [
+    # A 48^3 corner of the bench's seed-4711 volume (1000 spheres, radii 6-15) around the one sphere of the
+    # 256^3 volume that only the neck default keeps whole there.
+    ("neck_ratio", 0.95, 1.0, ((256, 256, 256), 1000, (6, 15), 4711, np.s_[48:96, 208:256, 160:208]),
+     dict(min_distance=4, max_radius=16.0)),
+    ("nearby_ratio", 0.8, None, ((128, 128, 128), 113, (7.5, 14.6), 2008, np.s_[:]),
+     dict(min_distance=4, max_radius=16.0, min_size=65)),
+])
+def test_3d_defaults_join_a_spheres_second_maximum_not_in_2d(tmp_path, option, value_3d, value_2d, volume, kwargs):
+    """The 3D defaults of the two peak-grouping rules, each on a volume where it alone decides one sphere.
 
-    kwargs = dict(min_distance=4, max_radius=16.0)
-    image, truth = make_touching_particles((96, 96, 96), 60, radius_range=(6, 15), overlap=0.15, seed=9)
-    default, strict = separate(image, **kwargs), separate(image, neck_ratio=1.0, nearby_ratio=None, **kwargs)
-    assert default.tobytes() == separate(image, neck_ratio=0.95, **kwargs).tobytes()
-    assert int(default.max()) == int(truth.max()) == int(strict.max()) - 1
-    assert evaluate(default, truth)["f1_50"] == 1.0 > evaluate(strict, truth)["f1_50"]
-    labels, _ = separate_chunked(da.from_array(image, chunks=48), workspace=Workspace(tmp_path / "w"), **kwargs)
+    neck_ratio 'auto' (0.95 in 3D): a large sphere pressed by its neighbours can hold two distance-map maxima a
+    dip of a few percent apart; nearby_ratio 'auto' (0.8 in 3D): a lower peak that deep inside a higher one's
+    inscribed ball is a second maximum of the same sphere, since solid particles cannot put a centre there.
+    Here each 3D default keeps one piece fewer than the run without it, and scores higher against the ground
+    truth (the 113 spheres of the second volume exactly), in memory and chunked alike. In 2D (1.0 and off), where
+    particles of a projection overlap, the default keeps the pieces that the 3D value would join; a bad value
+    gets the one-line error."""
+    from gpu_pipeline.metrics import evaluate
+    from gpu_pipeline.stages.components import relabel_by_first_voxel
+
+    shape, n, radius, seed, box = volume
+    image, truth = make_touching_particles(shape, n, radius_range=radius, overlap=0.15, seed=seed)
+    image, truth = np.ascontiguousarray(image[box]), relabel_by_first_voxel(truth[box])
+    default, alone = separate(image, **kwargs), separate(image, **{option: value_2d}, **kwargs)
+    assert default.tobytes() == separate(image, **{option: value_3d}, **kwargs).tobytes()
+    assert int(default.max()) == int(alone.max()) - 1
+    assert evaluate(default, truth)["f1_50"] > evaluate(alone, truth)["f1_50"]
+    if option == "nearby_ratio":
+        assert int(default.max()) == int(truth.max()) and evaluate(default, truth)["f1_50"] == 1.0
+    labels, _ = separate_chunked(da.from_array(image, chunks=image.shape[0] // 2),
+                                 workspace=Workspace(tmp_path / "w"), **kwargs)
     assert labels.compute().tobytes() == default.tobytes()
 
     flat, _ = make_touching_particles((200, 200), 60, radius_range=(6, 15), overlap=0.15, seed=1)
-    joined = separate(flat, neck_ratio=0.95, **kwargs)
-    assert separate(flat, **kwargs).tobytes() == separate(flat, neck_ratio=1.0, **kwargs).tobytes() != joined.tobytes()
-    with pytest.raises(DeclumpError, match="neck_ratio must be 'auto'"):
-        separate(flat, neck_ratio="loose", **kwargs)
-
-
-def test_default_nearby_ratio_joins_a_second_peak_inside_a_spheres_ball_in_3d_not_in_2d(tmp_path):
-    """nearby_ratio 'auto': 0.8 in 3D, where one solid particle's centre cannot lie deep inside another's
-    inscribed ball, so a lower peak that close to a higher one is a second maximum of the same sphere; off in 2D,
-    where overlapping particles of a projection do put one centre inside the other's disc. Here the 3D default
-    finds every sphere once (113 of 113, F1@0.5 1.0) where the neck test alone leaves 114 pieces, in memory and
-    chunked alike; the 2D default keeps the pieces that 0.8 would join."""
-    from gpu_pipeline.metrics import evaluate
-
-    kwargs = dict(min_distance=4, max_radius=16.0, min_size=65)
-    image, truth = make_touching_particles((128, 128, 128), 113, radius_range=(7.5, 14.6), overlap=0.15, seed=2008)
-    default, necks_only = separate(image, **kwargs), separate(image, nearby_ratio=None, **kwargs)
-    assert default.tobytes() == separate(image, nearby_ratio=0.8, **kwargs).tobytes()
-    assert int(default.max()) == int(truth.max()) == int(necks_only.max()) - 1
-    assert evaluate(default, truth)["f1_50"] == 1.0 > evaluate(necks_only, truth)["f1_50"]
-    labels, _ = separate_chunked(da.from_array(image, chunks=64), workspace=Workspace(tmp_path / "w"), **kwargs)
-    assert labels.compute().tobytes() == default.tobytes()
-
-    flat, _ = make_touching_particles((200, 200), 60, radius_range=(6, 15), overlap=0.15, seed=1)
-    joined = separate(flat, nearby_ratio=0.8, **kwargs)
-    off = separate(flat, nearby_ratio=None, **kwargs)
-    assert separate(flat, **kwargs).tobytes() == off.tobytes() != joined.tobytes()
-    with pytest.raises(DeclumpError, match="nearby_ratio must be 'auto', a number in"):
-        separate(flat, nearby_ratio=1.5, **kwargs)
+    joined = separate(flat, **{option: value_3d}, **kwargs)
+    plain = separate(flat, **{option: value_2d}, **kwargs)
+    assert separate(flat, **kwargs).tobytes() == plain.tobytes() != joined.tobytes()
+    for bad in ("loose", 1.5):
+        with pytest.raises(DeclumpError, match=f"{option} must be 'auto', a number in"):
+            separate(flat, **{option: bad}, **kwargs)
 
 
 @pytest.mark.parametrize("shape, chunks", [((64, 64, 64), "32,32,32"),   # the middle plane starts a block
