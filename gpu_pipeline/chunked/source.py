@@ -239,14 +239,13 @@ def map_haloed(stored, chunks, depth, function, *, dtype, meta, name, spill=None
     classes). ``shared``: objects every task takes (as the list ``shared``),
     in the graph once, not in every task.
     """
-    import itertools
-
     import dask.array as da
+
+    from gpu_pipeline.chunked.workspace import block_boxes
 
     args = None
     if clipped:
-        args = [(tuple(int(chunks[a][i]) for a, i in enumerate(index)),)
-                for index in itertools.product(*[range(len(c)) for c in chunks])]
+        args = [(tuple(b.stop - b.start for b in box),) for _, box in block_boxes(chunks)]
     graph, keys = _haloed_graph(stored, chunks, depth, function, name, pad=not clipped, foreground=False,
                                 args=args, spill=spill, lead=() if leading is None else (0,), shared=shared)
     return da.Array(graph, keys[0][0], chunks=chunks if leading is None else ((int(leading),),) + tuple(chunks),
