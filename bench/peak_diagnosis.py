@@ -59,7 +59,8 @@ def declump_internals(image, p):
                                                           max_hole_size=kw["max_hole_size"], details=details,
                                                           radius=radius)
     distance_q, quantum = pl.distance_step(fg, spacing=kw["spacing"], max_radius=None)
-    peaks = pl.peaks_step(distance_q, spacing=kw["spacing"], min_distance=min_distance)
+    peaks = pl.peaks_step(distance_q, spacing=kw["spacing"], min_distance=min_distance,
+                          reach=pl.resolve_ratio("peak_reach", "auto", fg.ndim), max_radius=None)
     half = window_half_widths(min_distance, kw["spacing"])
     candidates = local_maxima(distance_q, half_widths=half)
     neck, nearby = (pl.resolve_ratio(name, "auto", fg.ndim) for name in ("neck_ratio", "nearby_ratio"))

@@ -42,6 +42,9 @@ PARAMETER_HELP = {
                     "it whatever the neck (it lies inside that peak's inscribed ball; PoreSpy SNOW's rule); 'auto', "
                     "a number in (0, 1] or 'off'. Default %(default)s: off in 2D (overlapping particles of a "
                     "projection), 0.8 in 3D. The watershed method ignores it",
+    "peak_reach": "a peak must also be the highest point within this times its own depth (the window grows with "
+                  "the particle, so a large particle's second maxima are no centres); 'auto', a number in (0, 1] "
+                  "or 'off'. Default %(default)s: off in 2D, 0.7 in 3D. Both methods use the same peaks",
 }
 
 
@@ -56,7 +59,8 @@ def _spacing(text):
 
 
 def _ratio(name):
-    """The argparse type of ``--neck-ratio`` and ``--nearby-ratio``: 'auto', a number in (0, 1], or 'off' (None)."""
+    """The argparse type of ``--neck-ratio``, ``--nearby-ratio`` and ``--peak-reach``: 'auto', a number in (0, 1], or
+    'off' (None)."""
     def parse(text):
         if text == "off":
             return None
@@ -116,6 +120,7 @@ def add_separation_options(parser):
     group.add_argument("--neck-ratio", type=_ratio("neck ratio"), default="auto", help=PARAMETER_HELP["neck_ratio"])
     group.add_argument("--nearby-ratio", type=_ratio("nearby ratio"), default="auto",
                        help=PARAMETER_HELP["nearby_ratio"])
+    group.add_argument("--peak-reach", type=_ratio("peak reach"), default="auto", help=PARAMETER_HELP["peak_reach"])
     group.add_argument("--method", choices=("kmeans", "watershed"), default="kmeans",
                        help="kmeans: k-means per region from the peaks (default); watershed: the classical "
                             "watershed of the distance map from the same peaks, for comparison")
@@ -130,7 +135,8 @@ def add_separation_options(parser):
 def separation_kwargs(args):
     return dict(spacing=args.spacing, sigma=args.sigma, threshold=args.threshold, polarity=args.polarity,
                 min_distance=args.min_distance, min_size=args.min_size, max_hole_size=args.max_hole_size,
-                neck_ratio=args.neck_ratio, nearby_ratio=args.nearby_ratio, method=args.method,
+                neck_ratio=args.neck_ratio, nearby_ratio=args.nearby_ratio, peak_reach=args.peak_reach,
+                method=args.method,
                 assignment=args.assignment, max_iter=args.max_iter,
                 reject_annotations={"auto": "auto", "on": True, "off": False}[args.reject_annotations])
 

@@ -41,7 +41,7 @@ MAX_RADIUS = 13.0  # generated radii reach 12
 # not dividing and smaller than the largest particle (24 voxels across) while still holding the halo.
 CASES = {
     2: ((200, 180), (1.0, 1.0), 100, [(100, 90), (37, 50), (18, 20)]),
-    3: ((40, 64, 60), (2.0, 1.0, 1.0), 60, [(20, 32, 30), (17, 25, 23), (14, 20, 21)]),
+    3: ((40, 64, 60), (2.0, 1.0, 1.0), 60, [(20, 32, 30), (17, 25, 23), (14, 24, 24)]),
 }
 
 
@@ -177,22 +177,29 @@ def test_neck_grouping_matches_in_memory(rng, tmp_path, shape, chunkings):
 
 @pytest.mark.parametrize("option, value_3d, value_2d, volume, kwargs", [
     # A 48^3 corner of the bench's seed-4711 volume (1000 spheres, radii 6-15) around the one sphere of the
-    # 256^3 volume that only the neck default keeps whole there.
+    # 256^3 volume that only the neck default kept whole there (before the peak reach, which now drops that
+    # sphere's second maximum too: off here).
     ("neck_ratio", 0.95, 1.0, ((256, 256, 256), 1000, (6, 15), 4711, np.s_[48:96, 208:256, 160:208]),
-     dict(min_distance=4, max_radius=16.0)),
+     dict(min_distance=4, max_radius=16.0, peak_reach=None)),
     ("nearby_ratio", 0.8, None, ((128, 128, 128), 113, (7.5, 14.6), 2008, np.s_[:]),
+     dict(min_distance=4, max_radius=16.0, min_size=65, peak_reach=None)),  # the reach drops that peak too
+    # A 64^3 box of a held-out volume of the peak-reach check (772 spheres, radii 7.2-11.7) around a sphere
+    # whose second maximum only the reach drops.
+    ("peak_reach", 0.7, None, ((256, 256, 256), 772, (7.2, 11.7), 46745, np.s_[14:78, 184:248, 34:98]),
      dict(min_distance=4, max_radius=16.0, min_size=65)),
 ])
-def test_3d_defaults_join_a_spheres_second_maximum_not_in_2d(tmp_path, option, value_3d, value_2d, volume, kwargs):
-    """The 3D defaults of the two peak-grouping rules, each on a volume where it alone decides one sphere.
+def test_3d_defaults_keep_a_spheres_second_maximum_from_splitting_it_not_in_2d(tmp_path, option, value_3d,
+                                                                               value_2d, volume, kwargs):
+    """The 3D defaults of the peak rules, each on a volume where it alone decides one sphere.
 
     neck_ratio 'auto' (0.95 in 3D): a large sphere pressed by its neighbours can hold two distance-map maxima a
     dip of a few percent apart; nearby_ratio 'auto' (0.8 in 3D): a lower peak that deep inside a higher one's
-    inscribed ball is a second maximum of the same sphere, since solid particles cannot put a centre there.
-    Here each 3D default keeps one piece fewer than the run without it, and scores higher against the ground
-    truth (the 113 spheres of the second volume exactly), in memory and chunked alike. In 2D (1.0 and off), where
-    particles of a projection overlap, the default keeps the pieces that the 3D value would join; a bad value
-    gets the one-line error."""
+    inscribed ball is a second maximum of the same sphere, since solid particles cannot put a centre there;
+    peak_reach 'auto' (0.7 in 3D): a maximum that a higher voxel overlooks from within 0.7 of its own height
+    is no centre. Here each 3D default keeps one piece fewer than the run without it, and scores higher against
+    the ground truth (the 113 spheres of the second volume exactly), in memory and chunked alike. In 2D (1.0
+    and off), where particles of a projection overlap, the default keeps the pieces that the 3D value would
+    join or drop; a bad value gets the one-line error."""
     from gpu_pipeline.metrics import evaluate
     from gpu_pipeline.stages.components import relabel_by_first_voxel
 
@@ -428,17 +435,17 @@ def test_bad_chunked_inputs_get_one_line_errors(tmp_path, rng):
     ]
     for kwargs, message in cases:
         with pytest.raises(DeclumpError, match=message) as info:
-            run_chunked(output=tmp_path / "out.zarr", max_radius=13, verbose=False, **kwargs)
+            run_chunked(output=tmp_path / "out.zarr", max_radius=10, verbose=False, **kwargs)
         assert "\n" not in str(info.value)
     # An output that exists and is not declump's is left alone.
     zarr.open_group(str(tmp_path / "other.zarr"), mode="w")
     with pytest.raises(DeclumpError, match="not written by declump"):
-        run_chunked(src, tmp_path / "other.zarr", max_radius=13, verbose=False)
+        run_chunked(src, tmp_path / "other.zarr", max_radius=10, verbose=False)
     # A corrupt chunk is named.
     chunk_files = sorted(p for p in (src / "0").rglob("*") if p.is_file() and p.name != "zarr.json")
     chunk_files[-1].write_bytes(b"not a chunk")
     with pytest.raises(DeclumpError, match=r"chunk \(\d+, \d+, \d+\) of .* could not be read"):
-        run_chunked(src, tmp_path / "bad.zarr", chunks=(20, 32, 32), max_radius=13, verbose=False)
+        run_chunked(src, tmp_path / "bad.zarr", chunks=(20, 32, 32), max_radius=10, verbose=False)
     assert not (tmp_path / "bad_summary.json").exists()
 
 
@@ -466,7 +473,7 @@ def test_every_pass_is_logged_with_its_tasks_and_an_interval_holding_them(cluste
     pass_log.setLevel(logging.DEBUG)
     try:
         with get_task_stream(cluster_client) as stream:
-            run_chunked(src, tmp_path / "out.zarr", chunks=(20, 32, 32), max_radius=13,
+            run_chunked(src, tmp_path / "out.zarr", chunks=(20, 32, 32), max_radius=10,
                         scheduler=cluster_client.scheduler.address, verbose=False)
     finally:
         pass_log.removeHandler(handler)
@@ -500,13 +507,13 @@ def test_a_task_error_on_a_cluster_stops_the_run_with_its_one_line_message(clust
     image, _ = make_touching_particles((40, 64, 64), 30, seed=int(rng.integers(1e6)))
     src = _ome_zarr(tmp_path / "in.zarr", image, (1.0, 1.0, 1.0), (20, 32, 32))
     address = cluster_client.scheduler.address
-    run_chunked(src, tmp_path / "good.zarr", chunks=(20, 32, 32), max_radius=13, scheduler=address, verbose=False)
-    expected = separate(image, spacing=(1.0, 1.0, 1.0), max_radius=13)
+    run_chunked(src, tmp_path / "good.zarr", chunks=(20, 32, 32), max_radius=10, scheduler=address, verbose=False)
+    expected = separate(image, spacing=(1.0, 1.0, 1.0), max_radius=10)
     assert zarr.open_array(str(tmp_path / "good.zarr" / "particles" / "0"))[...].tobytes() == expected.tobytes()
     chunk_files = sorted(p for p in (src / "0").rglob("*") if p.is_file() and p.name != "zarr.json")
     chunk_files[len(chunk_files) // 2].write_bytes(b"not a chunk")
     with pytest.raises(DeclumpError, match=r"chunk \(\d+, \d+, \d+\) of .* could not be read") as info:
-        run_chunked(src, tmp_path / "bad.zarr", chunks=(20, 32, 32), max_radius=13, scheduler=address, verbose=False)
+        run_chunked(src, tmp_path / "bad.zarr", chunks=(20, 32, 32), max_radius=10, scheduler=address, verbose=False)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "bad_summary.json").exists()
 
@@ -520,10 +527,10 @@ def test_a_non_finite_voxel_in_a_chunked_float_volume_is_refused(tmp_path, rng, 
     image[30, 50, 40] = bad
     src = _ome_zarr(tmp_path / "in.zarr", image, (1.0, 1.0, 1.0), (20, 32, 32))
     with pytest.raises(DeclumpError, match="NaN or inf") as info:
-        run_chunked(src, tmp_path / "out.zarr", chunks=(20, 32, 32), max_radius=13, verbose=False)
+        run_chunked(src, tmp_path / "out.zarr", chunks=(20, 32, 32), max_radius=10, verbose=False)
     assert "\n" not in str(info.value) and not (tmp_path / "out_summary.json").exists()
     with pytest.raises(DeclumpError, match="NaN or inf"):
-        separate_chunked(da.from_array(image, chunks=(20, 32, 32)), max_radius=13)
+        separate_chunked(da.from_array(image, chunks=(20, 32, 32)), max_radius=10)
 
 
 def test_cluster_results_cross_the_network_once(cluster_client):
@@ -590,6 +597,9 @@ def test_small_arrays_are_quantised_by_the_expression_the_compiled_pass_equals(r
 def test_peak_halo_follows_the_parameters():
     assert peak_halo(4.0, 13.0, (2.0, 1.0, 1.0)) == (2 + 7, 4 + 13, 4 + 13)
     assert peak_halo(4.0, 13.0, (1.0, 1.0)) == (17, 17)
+    # The peak reach of the highest possible peak (0.7 x 13 = 9.1 physical) where it is wider than the window.
+    assert peak_halo(4.0, 13.0, (2.0, 1.0, 1.0), 0.7) == (5 + 7, 10 + 13, 10 + 13)
+    assert peak_halo(4.0, 5.0, (1.0, 1.0), 0.7) == (4 + 5, 4 + 5)
 
 
 @pytest.mark.parametrize("margin", [None, 2.0])

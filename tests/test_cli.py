@@ -140,19 +140,21 @@ def test_demo_runs_and_scores(tmp_path):
     assert scores["f1_50"] > 0.6
 
 
-def test_nearby_ratio_option_reaches_the_split_and_is_checked(tmp_path):
-    """--nearby-ratio 0.8 on a 2D image (default off there) gives separate(..., nearby_ratio=0.8)'s labels; a
-    value outside (0, 1] is refused by the parser in one line, before any output."""
+@pytest.mark.parametrize("option, value", [("nearby_ratio", 0.8), ("peak_reach", 0.7)])
+def test_3d_peak_options_reach_the_split_and_are_checked(tmp_path, option, value):
+    """--nearby-ratio 0.8 and --peak-reach 0.7 on a 2D image (default off there) give separate(..., option=value)'s
+    labels; a value outside (0, 1] is refused by the parser in one line, before any output."""
     from gpu_pipeline.pipeline import separate
 
+    flag, words = "--" + option.replace("_", "-"), option.replace("_", " ")
     image, _ = make_touching_particles((200, 200), 60, radius_range=(6, 15), overlap=0.15, seed=1)
     tifffile.imwrite(tmp_path / "in.tif", image)
     options = ["--min-distance", "4", "--device", "cpu"]
-    assert main(["run", str(tmp_path / "in.tif"), str(tmp_path / "near.tif"), "--nearby-ratio", "0.8", *options]) == 0
+    assert main(["run", str(tmp_path / "in.tif"), str(tmp_path / "set.tif"), flag, str(value), *options]) == 0
     assert main(["run", str(tmp_path / "in.tif"), str(tmp_path / "plain.tif"), *options]) == 0
-    near, plain = tifffile.imread(tmp_path / "near.tif"), tifffile.imread(tmp_path / "plain.tif")
-    assert np.array_equal(near, separate(image, min_distance=4, nearby_ratio=0.8))
-    assert np.array_equal(plain, separate(image, min_distance=4)) and not np.array_equal(near, plain)
-    result = run_cli("run", tmp_path / "in.tif", tmp_path / "bad.tif", "--nearby-ratio", "2")
-    assert result.returncode == 2 and "nearby ratio must be 'auto', a number in (0, 1] or 'off'" in result.stderr
+    given, plain = tifffile.imread(tmp_path / "set.tif"), tifffile.imread(tmp_path / "plain.tif")
+    assert np.array_equal(given, separate(image, min_distance=4, **{option: value}))
+    assert np.array_equal(plain, separate(image, min_distance=4)) and not np.array_equal(given, plain)
+    result = run_cli("run", tmp_path / "in.tif", tmp_path / "bad.tif", flag, "2")
+    assert result.returncode == 2 and f"{words} must be 'auto', a number in (0, 1] or 'off'" in result.stderr
     assert not (tmp_path / "bad.tif").exists()

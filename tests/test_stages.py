@@ -403,3 +403,33 @@ def test_box_maxima_are_the_box_maxima_and_face_neighbour_maxima(rng, shape, hal
     window = big[(slice(3, -3),) * values.ndim]
     for got, want in zip(ops.box_maxima(window, maxed, 2, half, core), expected):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("shape, spacing, ratio", [((40, 50), (1.0, 1.0), 0.7), ((24, 30, 28), (2.0, 1.0, 1.0), 0.8),
+                                                   ((22, 26, 30), (1.0, 1.0, 1.0), 1.0)])
+def test_peak_reach_keeps_the_candidates_no_voxel_within_their_reach_exceeds(rng, shape, spacing, ratio):
+    """within_reach against a ball search voxel by voxel: a candidate of the window's peaks stays when no voxel
+    within ratio x min(its height, its distance to the border) (physical) is higher; find_peaks applies it
+    before the spacing, so its peaks are the reference's kept candidates, spaced."""
+    from gpu_pipeline.stages.peaks import PeakReach, QUANTUM_DIVISOR, local_maxima, space_candidates, within_reach
+
+    # A smooth random landscape of peaks, ridges and flanks on 48 levels (equal voxels beyond the window of a
+    # candidate do not exceed it), heights up to 12 voxels as quantised distances.
+    values = ndi.gaussian_filter(rng.random(shape), 1.5)
+    values = (np.rint((values - values.min()) / np.ptp(values) * 48) * (QUANTUM_DIVISOR // 4)).astype(np.int32)
+    half = tuple(max(1, int(2 / s)) for s in spacing)
+    candidates = local_maxima(values, half_widths=half)
+    keep = within_reach(values, candidates, PeakReach(ratio, spacing, 1e3), half, values.shape)
+    grid = np.indices(shape).reshape(len(shape), -1).T
+    quantum = min(spacing) / QUANTUM_DIVISOR
+    reference = []
+    for c in candidates:
+        border = min((min(int(x), n - 1 - int(x)) + 1) * s for x, n, s in zip(c, shape, spacing))
+        radius = ratio * min(values[tuple(c)] * quantum, border)
+        within = (((grid - c) * spacing) ** 2).sum(axis=1) <= radius ** 2
+        reference.append(not (values.ravel()[within] > values[tuple(c)]).any())
+    np.testing.assert_array_equal(keep, reference)
+    assert 0 < np.sum(reference) < len(reference)  # the reach decides here
+    kept = candidates[np.asarray(reference)]
+    np.testing.assert_array_equal(find_peaks(values, half_widths=half, reach=PeakReach(ratio, spacing, 1e3)),
+                                  kept[space_candidates(kept, half)])

@@ -53,8 +53,8 @@ from gpu_pipeline.chunked.workspace import (BLOCK_GROUP, Workspace, block_boxes,
 from gpu_pipeline.pipeline import NoParticlesError, cap_distance, resolve_ratio, validate_spacing
 from gpu_pipeline.stages.components import settle_pieces
 from gpu_pipeline.stages.kmeans import batched_kmeans
-from gpu_pipeline.stages.peaks import (join_peaks, local_maxima, quantize_distance, segment_points,
-                                       space_candidates, window_half_widths)
+from gpu_pipeline.stages.peaks import (PeakReach, join_peaks, local_maxima, quantize_distance, segment_points,
+                                       space_candidates, window_half_widths, within_reach)
 from gpu_pipeline.stages.split import (KMeansSeeds, assign_compiled, block_candidates, candidate_selections,
                                       kmeans_seeds, selection_passes)
 
@@ -82,10 +82,21 @@ class ChunkedDetails:
     probabilities: object = None  # lazy (n_classes, *shape) map of the pixel classifier, when one was used
 
 
-def peak_halo(min_distance, max_radius, spacing):
-    """Halo per axis (voxels) for the distance transform and peaks: peak window + max_radius."""
-    half = window_half_widths(min_distance, spacing)
-    return tuple(h + int(math.ceil(float(max_radius) / s - 1e-9)) for h, s in zip(half, spacing))
+def peak_reach_voxels(half_widths, max_radius, spacing, reach=None):
+    """How far (voxels per axis) the peak test looks beyond a voxel: the window's ``half_widths``, or the
+    reach of the highest possible peak (``reach`` times ``max_radius``) where that is wider."""
+    if reach is None:
+        return tuple(half_widths)
+    return tuple(max(h, int(math.ceil(float(reach) * float(max_radius) / s - 1e-9)))
+                 for h, s in zip(half_widths, spacing))
+
+
+def peak_halo(min_distance, max_radius, spacing, reach=None):
+    """Halo per axis (voxels) for the distance transform and peaks: what the peak test reads beyond the core
+    (:func:`peak_reach_voxels`) + max_radius, so that every distance it reads is exact."""
+    return tuple(h + int(math.ceil(float(max_radius) / s - 1e-9))
+                 for h, s in zip(peak_reach_voxels(window_half_widths(min_distance, spacing), max_radius, spacing,
+                                                   reach), spacing))
 
 
 def _capped_distance_q(extended, spacing, max_radius, window=None):
@@ -121,18 +132,23 @@ def _extended(block):
     return block.read() if isinstance(block, StagedBox) else block
 
 
-def _block_peak_candidates(extended, origin, left, core_shape, spacing, half_widths, max_radius, distance_out=None):
+def _block_peak_candidates(extended, origin, left, core_shape, spacing, half_widths, max_radius, distance_out=None,
+                           reach=None):
     """Peak candidates (global coords, quantised distance, region) in one chunk's core, and capped voxels.
 
     ``extended``: the chunk with its halo, or the :class:`StagedBox` to read it from.
     ``distance_out``: (store, marker, dtype) where the core of the capped quantised distance map is staged
     for the neck pass, which then reads it instead of computing the distance transform again.
+    ``reach``: (the ``peak_reach`` ratio, the whole volume's shape) for
+    :func:`~gpu_pipeline.stages.peaks.within_reach`, or None.
     """
     extended = _extended(extended)
     xp = get_array_module(extended)
-    # The maxima of the core only look one peak window beyond it: the rest of the halo serves the transform.
+    # The maxima of the core only look one peak window (or reach) beyond it: the rest of the halo serves the
+    # transform.
+    look = peak_reach_voxels(half_widths, max_radius, spacing, None if reach is None else reach[0])
     window = tuple(slice(max(0, int(lo) - h), min(int(n), int(lo) + int(c) + h))
-                   for lo, c, h, n in zip(left, core_shape, half_widths, extended.shape))
+                   for lo, c, h, n in zip(left, core_shape, look, extended.shape))
     fg, distance_q = _capped_distance_q(extended, spacing, max_radius, window)
     left = [int(lo) - w.start for lo, w in zip(left, window)]
     extended = extended[window]
@@ -142,20 +158,25 @@ def _block_peak_candidates(extended, origin, left, core_shape, spacing, half_wid
         region = tuple(slice(int(o), int(o) + int(n)) for o, n in zip(origin, core_shape))
         write_block(distance_q[core].astype(dtype), store, region, marker)
     coords = local_maxima(distance_q, half_widths=half_widths, core=core)
+    shift = xp.asarray([int(o) - int(lo) for o, lo in zip(origin, left)], dtype=xp.int64)
+    if reach is not None:
+        ratio, shape = reach
+        coords = coords[within_reach(distance_q, coords, PeakReach(ratio, spacing, max_radius), half_widths, shape,
+                                     shift)]
     cap_q, _ = quantize_distance(xp.asarray([max_radius], dtype=xp.float32), spacing)
     capped = int(((distance_q[core] >= cap_q[0]) & fg[core]).sum())
     values = distance_q[tuple(coords.T)]
     region = extended[tuple(coords.T)]
-    shift = xp.asarray([int(o) - int(lo) for o, lo in zip(origin, left)], dtype=xp.int64)
     return to_host(coords + shift), to_host(values), to_host(region), capped
 
 
-def _haloed_peak_candidates(extended, left, origin, core_shape, spacing, half_widths, max_radius, distance_out):
+def _haloed_peak_candidates(extended, left, origin, core_shape, spacing, half_widths, max_radius, distance_out,
+                            reach):
     """:func:`_block_peak_candidates` of a block whose halo holds its neighbours' foreground as 0 and 1
     (:func:`~gpu_pipeline.chunked.source.haloed_tasks`): the distance transform reads the halo as foreground
     only, and the candidates' regions come from the core."""
     return _block_peak_candidates(extended, origin, left, core_shape, spacing, half_widths, max_radius,
-                                  distance_out)
+                                  distance_out, reach)
 
 
 def distance_dtype(max_radius, spacing):
@@ -188,7 +209,7 @@ def _extended_blocks(regions, depth, store, device):
 
 
 def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, device=None, verbose=False,
-                  workspace=None):
+                  workspace=None, reach=None):
     """Peaks of the capped distance map of ``regions > 0``: the in-memory `find_peaks` result, for any chunking.
 
     ``store``: the Zarr store ``regions`` was staged in; each chunk is then
@@ -201,13 +222,16 @@ def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, dev
     ``workspace`` (with ``store``): each task also stages its core of the
     capped distance map as ``distance``, for :func:`neck_groups_chunked`.
 
+    ``reach``: the ``peak_reach`` ratio or None (the halo then reaches further, :func:`peak_halo`).
+
     Returns a dict: ``peaks`` (n, ndim) int64 in C order, ``values`` (int32
     quantised distances), ``region`` (int64), ``n_capped`` voxels at the cap.
     """
     from dask import delayed
 
     half = window_half_widths(min_distance, spacing)
-    depth = peak_halo(min_distance, max_radius, spacing)
+    depth = peak_halo(min_distance, max_radius, spacing, reach)
+    block_reach = None if reach is None else (float(reach), tuple(int(n) for n in regions.shape))
     staged = None
     if workspace is not None and store is not None:
         dtype = distance_dtype(max_radius, spacing)
@@ -220,7 +244,8 @@ def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, dev
         args = []
         for index, core in block_boxes(regions.chunks):
             args.append(([b.start for b in core], [b.stop - b.start for b in core], tuple(spacing), half,
-                         float(max_radius), None if staged is None else (staged[0], staged[1](index), dtype)))
+                         float(max_radius), None if staged is None else (staged[0], staged[1](index), dtype),
+                         block_reach))
         # The halos' slabs as the regions' staging tasks wrote them, when they did (regions_chunked's ``halo``).
         given = None if workspace is None else workspace.written_halos(PEAK_HALOS, shells_key(regions.chunks, depth))
         tasks = haloed_tasks(stored, regions.chunks, depth, _haloed_peak_candidates, args, name="peak-candidates",
@@ -231,7 +256,7 @@ def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, dev
         for index, origin, core_shape, left, extended in _extended_blocks(regions, depth, store, device):
             out = None if staged is None else (staged[0], staged[1](index), dtype)
             tasks.append(delayed(_block_peak_candidates)(extended, origin, left, core_shape, tuple(spacing), half,
-                                                         float(max_radius), out))
+                                                         float(max_radius), out, block_reach))
     parts = run_tasks(tasks, "distance transform + peak candidates", voxels=int(np.prod(regions.shape)),
                       verbose=verbose)
     if workspace is not None:
@@ -473,7 +498,7 @@ def one_piece_chunked(labels, *, workspace, device=None, verbose=False):
 
 def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,
                      min_distance=4.0, min_size=None, max_radius=None, neck_ratio="auto", nearby_ratio="auto",
-                     assignment="power", max_iter=0, workspace=None, device=None, verbose=False, classifier=None):
+                     peak_reach="auto", assignment="power", max_iter=0, workspace=None, device=None, verbose=False, classifier=None):
     """`separate` for a chunked Dask array: byte-identical labels for any chunking, memory bounded by chunks.
 
     Parameters are those of :func:`gpu_pipeline.pipeline.separate` (method
@@ -517,13 +542,14 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
         raise DeclumpError(f"max_iter must be 0 or more, got {max_iter}")
     neck_ratio = resolve_ratio("neck_ratio", neck_ratio, reference.ndim)
     nearby_ratio = resolve_ratio("nearby_ratio", nearby_ratio, reference.ndim)
+    peak_reach = resolve_ratio("peak_reach", peak_reach, reference.ndim)
     max_radius = float(max_radius) if max_radius is not None else MAX_RADIUS_FACTOR * float(min_distance)
     if not (max_radius > 0 and math.isfinite(max_radius)):
         raise DeclumpError(f"max_radius must be a positive physical distance, got {max_radius}")
     ball = (lambda d: math.pi * d * d / 4) if reference.ndim == 2 else (lambda d: math.pi * d ** 3 / 6)
     min_size = ball(min_distance) if min_size is None else float(min_size)
     workspace = workspace or Workspace(None, verbose=verbose)
-    details = ChunkedDetails(max_radius=max_radius, halo=peak_halo(min_distance, max_radius, spacing))
+    details = ChunkedDetails(max_radius=max_radius, halo=peak_halo(min_distance, max_radius, spacing, peak_reach))
     # Refuse a too-small chunk shape before any pass runs.
     fit_halo(reference, details.halo, "distance-transform and peak")
     if classifier is not None:
@@ -547,7 +573,7 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
                                f"smaller than {min_size:g} (physical units); check polarity, threshold or min_size")
     found = workspace.remember("peaks", lambda: peaks_chunked(
         regions, spacing=spacing, min_distance=min_distance, max_radius=max_radius,
-        store=workspace.store("regions"), device=device, verbose=verbose, workspace=workspace))
+        store=workspace.store("regions"), device=device, verbose=verbose, workspace=workspace, reach=peak_reach))
     details.n_peaks, details.n_capped_voxels = int(len(found["peaks"])), int(found["n_capped"])
     _, quantum = quantize_distance(np.zeros(1, np.float32), spacing)
     radii = found["values"].astype(np.float64) * quantum

@@ -53,7 +53,7 @@ def quantize_distance(distance, spacing):
     return xp.rint(distance.astype(xp.float64) / quantum).astype(xp.int32), quantum
 
 
-def find_peaks(values, *, half_widths, min_value=0):
+def find_peaks(values, *, half_widths, min_value=0, reach=None):
     """Local maxima of ``values`` over an ellipsoidal window of half-widths ``half_widths`` voxels per axis.
 
     A voxel is a peak when it is at least as high as every voxel of its
@@ -73,6 +73,11 @@ def find_peaks(values, *, half_widths, min_value=0):
     (``python -m bench.peak_diagnosis``: 44 of the 48 particles that SNOW
     found and declump missed); the ball suppresses only within ``h``.
 
+    With ``reach`` (a :class:`PeakReach`), a candidate must moreover be the
+    highest voxel within ``reach.ratio`` times its own value (physical units,
+    and no more than its distance to the image's border) before the spacing:
+    the window grows with the peak (:func:`within_reach`).
+
     Parameters
     ----------
     values : ndarray (NumPy or CuPy), integer or float
@@ -80,6 +85,7 @@ def find_peaks(values, *, half_widths, min_value=0):
         Window half-width per axis, in voxels.
     min_value : scalar
         Peaks must be strictly greater.
+    reach : PeakReach, optional
 
     Returns
     -------
@@ -87,8 +93,110 @@ def find_peaks(values, *, half_widths, min_value=0):
         Peak coordinates sorted in C order, on the input's device.
     """
     candidates = local_maxima(values, half_widths=half_widths, min_value=min_value)
+    if reach is not None:
+        candidates = candidates[within_reach(values, candidates, reach, half_widths, values.shape)]
     keep = space_candidates(candidates, half_widths)
     return candidates[keep]
+
+
+class PeakReach:
+    """The window of a peak grown with its height: no voxel within ``ratio`` times the peak's distance
+    (physical: its quantised value times ``min(spacing) / QUANTUM_DIVISOR``) may be higher. ``cap``: the
+    physical cap of the distance map; a peak at the cap is its highest value, which nothing can exceed, so
+    those are not tested (a capped plateau's thousands of candidates would each test a ball of offsets)."""
+
+    def __init__(self, ratio, spacing, cap):
+        self.ratio, self.spacing = float(ratio), tuple(float(s) for s in spacing)
+        self.quantum = min(self.spacing) / QUANTUM_DIVISOR
+        self.cap_q = int(quantize_distance(np.asarray([cap], dtype=np.float32), self.spacing)[0][0])
+
+    def voxels(self, value):
+        """Half-widths (voxels per axis) of the box that holds the reach of a peak of quantised ``value``."""
+        radius = self.ratio * float(value) * self.quantum
+        return tuple(int(math.floor(radius / s + 1e-9)) for s in self.spacing)
+
+
+def reach_offset_shells(reach, value_max, half_widths):
+    """Offsets (m, ndim) int64 within the reach of the highest possible peak, outside the window of
+    :func:`find_peaks` (already tested), nearest first, with their squared physical length (float64, summed
+    axis by axis); one slab of the first axis at a time, as :func:`window_offset_slabs`."""
+    box = reach.voxels(value_max)
+    rest = (np.stack(np.meshgrid(*[np.arange(-b, b + 1) for b in box[1:]], indexing="ij"), axis=-1)
+            .reshape(-1, len(box) - 1) if len(box) > 1 else np.zeros((1, 0), dtype=np.int64))
+    for first in sorted(range(-box[0], box[0] + 1), key=lambda d: (abs(d), d)):
+        offsets = np.concatenate([np.full((rest.shape[0], 1), first), rest], axis=1).astype(np.int64)
+        length2 = np.zeros(offsets.shape[0])
+        for a, s in enumerate(reach.spacing):
+            length2 = length2 + (offsets[:, a] * s) ** 2
+        outside = window_norm(offsets, half_widths) > 1.0
+        inside = outside & (length2 <= (reach.ratio * float(value_max) * reach.quantum) ** 2)
+        order = np.argsort(length2[inside], kind="stable")
+        yield offsets[inside][order], length2[inside][order]
+
+
+def within_reach(values, coords, reach, half_widths, shape, origin=None):
+    """Which of ``coords`` (candidates of :func:`local_maxima`) no voxel within their reach exceeds.
+
+    The reach of a candidate of value ``v`` is a ball of physical radius
+    ``reach.ratio * min(v * reach.quantum, b)``, ``b`` its distance to the
+    border of the whole image (``shape``; ``origin``: where ``values``
+    starts in it): near the border a particle may continue beyond the image,
+    its distance map is not its inscribed radius there, and the reach would
+    overlook its neighbours from their own inflated flanks. Voxels beyond
+    ``values`` do not count (coordinates are clipped to it, which only moves
+    them nearer). A
+    distance-map maximum that a higher voxel overlooks from within this
+    fraction of its own inscribed radius lies on the flank or ridge of a
+    larger body, not at a particle's centre: in a volume of touching spheres
+    such maxima are the second maxima of one sphere, 6-10 voxels from its
+    first (README, Method step 6). The test runs in batches of at most
+    :data:`PAIR_BATCH` gathers, nearest offsets first, and a candidate leaves
+    as soon as one voxel exceeds it. Returns a boolean array over ``coords``.
+    """
+    xp = get_array_module(values)
+    keep = xp.ones(coords.shape[0], dtype=bool)
+    if coords.shape[0] == 0:
+        return keep
+    height = values[tuple(coords.T)]
+    top = xp.asarray([n - 1 for n in values.shape], dtype=xp.int64)
+    at = coords + (0 if origin is None else xp.asarray(origin, dtype=xp.int64))
+    radius = height.astype(xp.float64) * reach.quantum
+    for a, (n, s) in enumerate(zip(shape, reach.spacing)):  # the distance to the border, as if background lay beyond
+        radius = xp.minimum(radius, (xp.minimum(at[:, a], int(n) - 1 - at[:, a]) + 1).astype(xp.float64) * s)
+    radius = reach.ratio * radius
+    # Only candidates below the cap whose reach leaves their window (an ellipsoid of half_widths voxels) can be
+    # overlooked: the window's voxels were tested by local_maxima. The work is then these candidates (distance-map
+    # maxima, at most a ridge of them below the cap) times the offsets of their reach.
+    leaves = height < reach.cap_q
+    radius2 = radius * radius
+    inside = xp.ones(coords.shape[0], dtype=bool)
+    for h, s in zip(half_widths, reach.spacing):
+        inside &= radius / s <= h
+    leaves &= ~inside
+    alive = xp.flatnonzero(leaves)
+    if alive.size == 0:
+        return keep
+    for offsets, length2 in reach_offset_shells(reach, int(to_list(height[alive].max())), half_widths):
+        start = 0
+        while start < offsets.shape[0] and alive.size:
+            group = max(WINDOW_OFFSET_GROUP, PAIR_BATCH // int(alive.size))
+            step = xp.asarray(offsets[start:start + group])
+            near = xp.asarray(length2[start:start + group])
+            start += group
+            per = max(1, PAIR_BATCH // step.shape[0])
+            exceeded = []
+            for part in range(0, alive.size, per):
+                mine = alive[part:part + per]
+                here = coords[mine]
+                around = xp.clip(here[:, None, :] + step[None, :, :], 0, top)
+                higher = values[tuple(xp.moveaxis(around, -1, 0))] > height[mine][:, None]
+                exceeded.append((higher & (near[None, :] <= radius2[mine][:, None])).any(axis=1))
+            hit = xp.concatenate(exceeded)
+            keep[alive[hit]] = False
+            alive = alive[~hit]
+        if alive.size == 0:
+            break
+    return keep
 
 
 def window_norm(offsets, half_widths):
