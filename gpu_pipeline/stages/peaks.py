@@ -154,11 +154,9 @@ def within_reach(values, coords, reach, half_widths, shape, origin=None):
     as soon as one voxel exceeds it. Returns a boolean array over ``coords``.
     """
     xp = get_array_module(values)
-    keep = xp.ones(coords.shape[0], dtype=bool)
     if coords.shape[0] == 0:
-        return keep
+        return xp.ones(0, dtype=bool)
     height = values[tuple(coords.T)]
-    top = xp.asarray([n - 1 for n in values.shape], dtype=xp.int64)
     at = coords + (0 if origin is None else xp.asarray(origin, dtype=xp.int64))
     radius = height.astype(xp.float64) * reach.quantum
     for a, (n, s) in enumerate(zip(shape, reach.spacing)):  # the distance to the border, as if background lay beyond
@@ -167,36 +165,14 @@ def within_reach(values, coords, reach, half_widths, shape, origin=None):
     # Only candidates below the cap whose reach leaves their window (an ellipsoid of half_widths voxels) can be
     # overlooked: the window's voxels were tested by local_maxima. The work is then these candidates (distance-map
     # maxima, at most a ridge of them below the cap) times the offsets of their reach.
-    leaves = height < reach.cap_q
-    radius2 = radius * radius
-    inside = xp.ones(coords.shape[0], dtype=bool)
+    within_window = xp.ones(coords.shape[0], dtype=bool)
     for h, s in zip(half_widths, reach.spacing):
-        inside &= radius / s <= h
-    leaves &= ~inside
-    alive = xp.flatnonzero(leaves)
+        within_window &= radius / s <= h
+    alive = xp.flatnonzero((height < reach.cap_q) & ~within_window)
     if alive.size == 0:
-        return keep
-    for offsets, length2 in reach_offset_shells(reach, int(to_list(height[alive].max())), half_widths):
-        start = 0
-        while start < offsets.shape[0] and alive.size:
-            group = max(WINDOW_OFFSET_GROUP, PAIR_BATCH // int(alive.size))
-            step = xp.asarray(offsets[start:start + group])
-            near = xp.asarray(length2[start:start + group])
-            start += group
-            per = max(1, PAIR_BATCH // step.shape[0])
-            exceeded = []
-            for part in range(0, alive.size, per):
-                mine = alive[part:part + per]
-                here = coords[mine]
-                around = xp.clip(here[:, None, :] + step[None, :, :], 0, top)
-                higher = values[tuple(xp.moveaxis(around, -1, 0))] > height[mine][:, None]
-                exceeded.append((higher & (near[None, :] <= radius2[mine][:, None])).any(axis=1))
-            hit = xp.concatenate(exceeded)
-            keep[alive[hit]] = False
-            alive = alive[~hit]
-        if alive.size == 0:
-            break
-    return keep
+        return xp.ones(coords.shape[0], dtype=bool)
+    return _none_higher(values, coords, alive, reach_offset_shells(reach, int(to_list(height[alive].max())),
+                                                                     half_widths), radius * radius)
 
 
 def window_norm(offsets, half_widths):
@@ -259,34 +235,48 @@ def local_maxima(values, *, half_widths, min_value=0, core=None):
 
 
 def _highest_in_window(values, coords, half_widths):
-    """Which of ``coords`` no voxel of their window (:func:`window_offset_slabs`) exceeds; edges replicated.
+    """Which of ``coords`` no voxel of their window (:func:`window_offset_slabs`) exceeds; edges replicated."""
+    xp = get_array_module(values)
+    return _none_higher(values, coords, xp.arange(coords.shape[0], dtype=xp.int64),
+                        ((offsets, None) for offsets in window_offset_slabs(half_widths)))
 
-    Offsets go slab by slab, nearest first, :data:`WINDOW_OFFSET_GROUP` at a
-    time (more once few coordinates are left), and a coordinate leaves as
-    soon as one exceeds it; at most :data:`PAIR_BATCH` values are gathered
-    at once.
+
+def _none_higher(values, coords, alive, slabs, limit2=None):
+    """Which of ``coords`` no voxel at the offsets ``slabs`` yields exceeds (only those listed in ``alive`` are
+    tested; the others are kept); edges replicated.
+
+    ``slabs`` yields (offsets, squared lengths or None) nearest first; with
+    ``limit2`` (per coordinate) an offset counts only where its squared
+    length is at most the coordinate's. Offsets go :data:`WINDOW_OFFSET_GROUP`
+    at a time (more once few coordinates are left), a coordinate leaves as
+    soon as one exceeds it, and at most :data:`PAIR_BATCH` values are
+    gathered at once.
     """
     xp = get_array_module(values)
     top = xp.asarray([n - 1 for n in values.shape], dtype=xp.int64)
-    alive = xp.arange(coords.shape[0], dtype=xp.int64)
-    for slab in window_offset_slabs(half_widths):
+    keep = xp.ones(coords.shape[0], dtype=bool)
+    for slab, length2 in slabs:
         start = 0
         while start < slab.shape[0] and alive.size:
             group = max(WINDOW_OFFSET_GROUP, PAIR_BATCH // int(alive.size))
             step = xp.asarray(slab[start:start + group])
+            near = None if length2 is None else xp.asarray(length2[start:start + group])
             start += group
             per = max(1, PAIR_BATCH // step.shape[0])
             exceeded = []
             for part in range(0, alive.size, per):
-                here = coords[alive[part:part + per]]
+                mine = alive[part:part + per]
+                here = coords[mine]
                 around = xp.clip(here[:, None, :] + step[None, :, :], 0, top)
-                exceeded.append((values[tuple(xp.moveaxis(around, -1, 0))]
-                                 > values[tuple(here.T)][:, None]).any(axis=1))
-            alive = alive[~xp.concatenate(exceeded)]
+                higher = values[tuple(xp.moveaxis(around, -1, 0))] > values[tuple(here.T)][:, None]
+                if near is not None:
+                    higher &= near[None, :] <= limit2[mine][:, None]
+                exceeded.append(higher.any(axis=1))
+            hit = xp.concatenate(exceeded)
+            keep[alive[hit]] = False
+            alive = alive[~hit]
         if alive.size == 0:
             break
-    keep = xp.zeros(coords.shape[0], dtype=bool)
-    keep[alive] = True
     return keep
 
 
