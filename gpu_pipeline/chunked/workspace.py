@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -87,6 +88,14 @@ def intermediate_layout(block_shape, dtype, haloed=False):
     if inner != block_shape:
         layout["shards"] = block_shape
     return layout
+
+
+def store_chunks(chunks):
+    """The chunk shape of a Zarr store that the blocks of ``chunks`` are written to concurrently: per axis the
+    greatest common divisor of the blocks' lengths but the last, so every block starts on a chunk boundary and
+    no two blocks write parts of one chunk (a read-modify-write that loses one of them: a first block shorter
+    than the rest lost its neighbour's plane, 2026-12-03). The first length for regular blocks."""
+    return tuple(int(math.gcd(*[int(n) for n in c[:-1]])) if len(c) > 1 else int(c[0]) for c in chunks)
 
 
 def chunk_starts(chunks):
@@ -504,7 +513,7 @@ class Workspace:
         measured = None
         if not (done / "complete").exists():
             written = write_blocks(build(), path, done, what=name, verbose=self.verbose,
-                                   zarr_kwargs=intermediate_layout([c[0] for c in chunks], dtype, haloed),
+                                   zarr_kwargs=intermediate_layout(store_chunks(chunks), dtype, haloed),
                                    measure=measure)
             self.computed[name], measured = written if measure is not None else (written, None)
             (done / "complete").touch()
@@ -559,7 +568,7 @@ class Workspace:
     def open_stage(self, name, *, shape, chunks, dtype):
         """A staged store that a pass's own tasks write block by block: ``(path, marker(index), complete())``.
 
-        The store is created with ``chunks``' first block shape; ``complete()``
+        The store is created in :func:`store_chunks` of ``chunks``; ``complete()``
         marks it finished once the pass has run (then :meth:`store` names it).
         """
         import zarr
@@ -567,7 +576,7 @@ class Workspace:
         path, done = self.root / f"{name}.zarr", self.root / f"{name}.done"
         if not path.exists():
             zarr.create_array(str(path), shape=shape, dtype=dtype, fill_value=0,
-                              **intermediate_layout([c[0] for c in chunks], dtype))
+                              **intermediate_layout(store_chunks(chunks), dtype))
         done.mkdir(parents=True, exist_ok=True)
         return (str(path), lambda index: str(block_marker(done, index)),
                 lambda: (done / "complete").touch())
@@ -604,7 +613,7 @@ class Workspace:
             return array, lambda: array
         if not path.exists():
             zarr.create_array(str(path), shape=values.shape, dtype=dtype, fill_value=0,
-                              **intermediate_layout([c[0] for c in values.chunks], dtype))
+                              **intermediate_layout(store_chunks(values.chunks), dtype))
         done.mkdir(parents=True, exist_ok=True)
         self.computed[name] = total - sum(1 for m in done.iterdir() if m.name != "complete")
         array = values.map_blocks(_stage_block, compute, str(path), str(done), dtype=dtype)
@@ -646,7 +655,7 @@ def write_blocks(array, path, done, *, what, verbose=False, zarr_kwargs=None, me
     computing the block: no block handed from task to task), so each stored
     chunk is written by exactly one task and an interrupted run resumes where
     it stopped. The Zarr array is created when missing (chunks:
-    the first block's shape, unless ``zarr_kwargs`` gives ``chunks`` and
+    :func:`store_chunks`, unless ``zarr_kwargs`` gives ``chunks`` and
     ``shards``; blocks must align with them, or with the shards).
     Returns the number of blocks computed.
 
@@ -666,7 +675,7 @@ def write_blocks(array, path, done, *, what, verbose=False, zarr_kwargs=None, me
     chunks = array.chunks
     if not path.exists():
         zarr.create_array(str(path), shape=array.shape, dtype=array.dtype, fill_value=0,
-                          **{"chunks": tuple(c[0] for c in chunks), **(zarr_kwargs or {})})
+                          **{"chunks": store_chunks(chunks), **(zarr_kwargs or {})})
     done.mkdir(parents=True, exist_ok=True)
     beside = beside.rechunk(chunks) if beside is not None else None
     # One result per block (a 1-element object block), each key new: a running cluster never hands back an
