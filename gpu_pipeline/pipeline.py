@@ -199,8 +199,8 @@ def _memory_error_names_stage(function):
 @_memory_error_names_stage
 def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="auto", mask=None,
              min_distance="auto", min_size="auto", max_hole_size="auto", max_radius=None, neck_ratio="auto",
-             nearby_ratio="auto", peak_reach="auto", method="kmeans", assignment="power", kmeans_engine="batched", max_iter=0,
-             reject_annotations="auto", return_details=False, classifier=None, follow_boundaries=True):
+             nearby_ratio="auto", peak_reach="auto", method="kmeans", assignment="power", kmeans_engine="batched",
+             max_iter=0, reject_annotations="auto", return_details=False, classifier=None, follow_boundaries=True):
     """Split touching particles: an instance label image with one id per particle.
 
     Runs on the device that holds ``image`` (NumPy: CPU fallback; CuPy: GPU).

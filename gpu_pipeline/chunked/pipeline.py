@@ -498,7 +498,8 @@ def one_piece_chunked(labels, *, workspace, device=None, verbose=False):
 
 def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,
                      min_distance=4.0, min_size=None, max_radius=None, neck_ratio="auto", nearby_ratio="auto",
-                     peak_reach="auto", assignment="power", max_iter=0, workspace=None, device=None, verbose=False, classifier=None):
+                     peak_reach="auto", assignment="power", max_iter=0, workspace=None, device=None, verbose=False,
+                     classifier=None):
     """`separate` for a chunked Dask array: byte-identical labels for any chunking, memory bounded by chunks.
 
     Parameters are those of :func:`gpu_pipeline.pipeline.separate` (method

@@ -120,11 +120,7 @@ def reach_offset_shells(reach, value_max, half_widths):
     """Offsets (m, ndim) int64 within the reach of the highest possible peak, outside the window of
     :func:`find_peaks` (already tested), nearest first, with their squared physical length (float64, summed
     axis by axis); one slab of the first axis at a time, as :func:`window_offset_slabs`."""
-    box = reach.voxels(value_max)
-    rest = (np.stack(np.meshgrid(*[np.arange(-b, b + 1) for b in box[1:]], indexing="ij"), axis=-1)
-            .reshape(-1, len(box) - 1) if len(box) > 1 else np.zeros((1, 0), dtype=np.int64))
-    for first in sorted(range(-box[0], box[0] + 1), key=lambda d: (abs(d), d)):
-        offsets = np.concatenate([np.full((rest.shape[0], 1), first), rest], axis=1).astype(np.int64)
+    for offsets in _box_slabs(reach.voxels(value_max)):
         length2 = np.zeros(offsets.shape[0])
         for a, s in enumerate(reach.spacing):
             length2 = length2 + (offsets[:, a] * s) ** 2
@@ -192,15 +188,21 @@ def window_norm(offsets, half_widths):
     return norm
 
 
+def _box_slabs(box):
+    """The offsets (m, ndim) int64 of the box of half-widths ``box`` voxels, one slab of the first axis at a time
+    (offset 0, then -1, 1, -2, 2, ...): memory of one slab whatever the box."""
+    rest = (np.stack(np.meshgrid(*[np.arange(-b, b + 1) for b in box[1:]], indexing="ij"), axis=-1)
+            .reshape(-1, len(box) - 1) if len(box) > 1 else np.zeros((1, 0), dtype=np.int64))
+    for first in sorted(range(-box[0], box[0] + 1), key=lambda d: (abs(d), d)):
+        yield np.concatenate([np.full((rest.shape[0], 1), first), rest], axis=1).astype(np.int64)
+
+
 def window_offset_slabs(half_widths):
     """The offsets (m, ndim) int64 of :func:`find_peaks`' window, centre excluded, one slab of the first axis
     at a time (offset 0, then -1, 1, -2, 2, ...), nearest first within a slab: memory of one slab whatever
     the window."""
     half = [max(0, int(h)) for h in half_widths]
-    rest = (np.stack(np.meshgrid(*[np.arange(-h, h + 1) for h in half[1:]], indexing="ij"), axis=-1)
-            .reshape(-1, len(half) - 1) if len(half) > 1 else np.zeros((1, 0), dtype=np.int64))
-    for first in sorted(range(-half[0], half[0] + 1), key=lambda d: (abs(d), d)):
-        offsets = np.concatenate([np.full((rest.shape[0], 1), first), rest], axis=1).astype(np.int64)
+    for offsets in _box_slabs(half):
         norm = window_norm(offsets, half)
         inside = (norm <= 1.0) & (np.abs(offsets).sum(axis=1) > 0)
         yield offsets[inside][np.argsort(norm[inside], kind="stable")]
