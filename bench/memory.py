@@ -44,23 +44,28 @@ from bench.stages import particles_for
 HERE = Path(__file__).resolve().parent
 
 
-def stage_steps(*, spacing, sigma=1.0, min_distance=4.0, neck_ratio=1.0, both_variants=True):
+def stage_steps(*, spacing, sigma=1.0, min_distance=4.0, neck_ratio="auto", nearby_ratio="auto",
+                peak_reach="auto", both_variants=True):
     """The pipeline's steps as (name, step) pairs; each step reads and extends a ``state`` dict.
 
-    The same sequence as `separate` (k-means method, power assignment).
-    With ``both_variants`` the distance transform and the equal-value
+    The same sequence as `separate` (k-means method, power assignment), with
+    its defaults for the neck, nearby and reach ratios ("auto": resolved per
+    dimension by `resolve_ratio`). With ``both_variants`` the distance transform and the equal-value
     labelling also run as the GPU's array-module algorithms on whatever
     array module holds the data.
     """
     from gpu_pipeline._backend import ops_for
     from gpu_pipeline.array_algorithms import distance_transform_edt, label_by_value_propagation
-    from gpu_pipeline.pipeline import cap_distance
+    from gpu_pipeline.pipeline import cap_distance, peaks_step, resolve_ratio
     from gpu_pipeline.stages.cleanup import clean_mask
-    from gpu_pipeline.stages.peaks import find_peaks, neck_groups, quantize_distance, window_half_widths
+    from gpu_pipeline.stages.peaks import neck_groups, quantize_distance
     from gpu_pipeline.stages.split import finish_labels, split_regions_kmeans
     from gpu_pipeline.stages.threshold import choose_polarity, foreground, otsu_threshold
 
     ndim = len(spacing)
+    neck_ratio, nearby_ratio, peak_reach = (resolve_ratio(name, value, ndim) for name, value in
+                                            (("neck_ratio", neck_ratio), ("nearby_ratio", nearby_ratio),
+                                             ("peak_reach", peak_reach)))
     min_size = math.pi * min_distance ** 3 / 6 if ndim == 3 else math.pi * min_distance ** 2 / 4
 
     def smoothing(s):
@@ -84,13 +89,13 @@ def stage_steps(*, spacing, sigma=1.0, min_distance=4.0, neck_ratio=1.0, both_va
     def peaks(s):
         s["distance_q"], s["quantum"] = quantize_distance(s["distance"], spacing)
         del s["distance"]
-        s["peaks"] = find_peaks(s["distance_q"], half_widths=window_half_widths(min_distance, spacing))
+        s["peaks"] = peaks_step(s["distance_q"], spacing=spacing, min_distance=min_distance, reach=peak_reach)
 
     def regions(s):
         s["regions"], s["n_regions"] = ops_for(s["fg"]).label(s["fg"])
 
     def necks(s):
-        s["group"] = neck_groups(s["peaks"], s["distance_q"], s["regions"], spacing, neck_ratio)
+        s["group"] = neck_groups(s["peaks"], s["distance_q"], s["regions"], spacing, neck_ratio, nearby_ratio)
 
     def kmeans(s):
         xp = type(s["distance_q"]).__module__.split(".")[0] == "cupy" and __import__("cupy") or np

@@ -433,3 +433,22 @@ def test_peak_reach_keeps_the_candidates_no_voxel_within_their_reach_exceeds(rng
     kept = candidates[np.asarray(reference)]
     np.testing.assert_array_equal(find_peaks(values, half_widths=half, reach=PeakReach(ratio, spacing, 1e3)),
                                   kept[space_candidates(kept, half)])
+
+
+@pytest.mark.parametrize("shape, count, seed", [((160, 160), 50, 3), ((64, 64, 64), 60, 1)])
+def test_memory_bench_steps_are_the_pipeline_with_its_defaults(shape, count, seed):
+    """bench.memory profiles `separate` step by step: its steps, run in turn, give separate's labels (with the
+    neck, nearby and reach defaults; in 3D this volume has a sphere that the reach keeps in one piece)."""
+    import math
+
+    from bench.memory import stage_steps
+    from cpu_fallback import separate
+    from gpu_pipeline.synthetic import make_touching_particles
+
+    image, _ = make_touching_particles(shape, count, radius_range=(5, 11), seed=seed)
+    state = {"image": image}
+    for _, step in stage_steps(spacing=(1.0,) * len(shape), both_variants=False):
+        step(state)
+    min_size = math.pi * 4.0 ** len(shape) / (6 if len(shape) == 3 else 4)
+    np.testing.assert_array_equal(state["final"], separate(image, sigma=1.0, min_distance=4.0, min_size=min_size,
+                                                           max_hole_size=0))
