@@ -597,8 +597,27 @@ def test_small_arrays_are_quantised_by_the_expression_the_compiled_pass_equals(r
 def test_peak_halo_follows_the_parameters():
     assert peak_halo(4.0, 13.0, (2.0, 1.0, 1.0)) == (2 + 7, 4 + 13, 4 + 13)
     assert peak_halo(4.0, 13.0, (1.0, 1.0)) == (17, 17)
-    # The peak reach of the highest possible peak (0.7 x 13 = 9.1 physical) where it is wider than the window.
-    assert peak_halo(4.0, 13.0, (2.0, 1.0, 1.0), 0.7) == (5 + 7, 10 + 13, 10 + 13)
+    # The peak reach of the highest possible peak (0.7 x 13 = 9.1 physical: the whole voxels it reads, 4 and 9)
+    # where it is wider than the window.
+    assert peak_halo(4.0, 13.0, (2.0, 1.0, 1.0), 0.7) == (4 + 7, 9 + 13, 9 + 13)
+    assert peak_halo(4.0, 16.0, (1.0, 1.0, 1.0), 0.7) == (11 + 16,) * 3
+
+
+@pytest.mark.parametrize("spacing, max_radius, ratio", [((2.0, 1.0, 1.0), 13.0, 0.7), ((1.0, 1.0, 1.0), 16.0, 0.7),
+                                                        ((3.0, 1.0, 1.5), 20.0, 0.9), ((1.0, 1.0), 9.5, 0.8)])
+def test_peak_look_out_is_the_farthest_offset_the_reach_reads(spacing, max_radius, ratio):
+    """A chunk's peak look-out (peak_reach_voxels) is, per axis, the farthest offset within_reach reads for
+    the highest possible peak (value at the cap) or the window, whichever is wider: no less (peaks would
+    depend on the chunking), no more (a wider halo than needed)."""
+    from gpu_pipeline.chunked.pipeline import peak_reach_voxels
+    from gpu_pipeline.stages.peaks import PeakReach, reach_offset_shells, window_half_widths
+
+    half = window_half_widths(4.0, spacing)
+    highest = PeakReach(ratio, spacing, max_radius)
+    read = np.concatenate([o for o, _ in reach_offset_shells(highest, highest.cap_q, half)])
+    farthest = np.abs(read).max(axis=0)
+    assert tuple(int(max(h, f)) for h, f in zip(half, farthest)) == peak_reach_voxels(half, max_radius, spacing,
+                                                                                       ratio)
     assert peak_halo(4.0, 5.0, (1.0, 1.0), 0.7) == (4 + 5, 4 + 5)
 
 

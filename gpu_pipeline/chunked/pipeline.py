@@ -84,11 +84,12 @@ class ChunkedDetails:
 
 def peak_reach_voxels(half_widths, max_radius, spacing, reach=None):
     """How far (voxels per axis) the peak test looks beyond a voxel: the window's ``half_widths``, or the
-    reach of the highest possible peak (``reach`` times ``max_radius``) where that is wider."""
+    reach of the highest possible peak (``reach`` times ``max_radius``, as
+    :class:`~gpu_pipeline.stages.peaks.PeakReach` reads it) where that is wider."""
     if reach is None:
         return tuple(half_widths)
-    return tuple(max(h, int(math.ceil(float(reach) * float(max_radius) / s - 1e-9)))
-                 for h, s in zip(half_widths, spacing))
+    highest = PeakReach(reach, spacing, max_radius)
+    return tuple(max(h, v) for h, v in zip(half_widths, highest.voxels(highest.cap_q)))
 
 
 def peak_halo(min_distance, max_radius, spacing, reach=None):
