@@ -45,27 +45,27 @@ HERE = Path(__file__).resolve().parent
 
 
 def stage_steps(*, spacing, sigma=1.0, min_distance=4.0, neck_ratio="auto", nearby_ratio="auto",
-                peak_reach="auto", both_variants=True):
+                peak_reach="auto", ball_share="auto", both_variants=True):
     """The pipeline's steps as (name, step) pairs; each step reads and extends a ``state`` dict.
 
     The same sequence as `separate` (k-means method, power assignment), with
-    its defaults for the neck, nearby and reach ratios ("auto": resolved per
+    its defaults for the neck, nearby, reach and ball-share ratios ("auto": resolved per
     dimension by `resolve_ratio`). With ``both_variants`` the distance transform and the equal-value
     labelling also run as the GPU's array-module algorithms on whatever
     array module holds the data.
     """
     from gpu_pipeline._backend import ops_for
     from gpu_pipeline.array_algorithms import distance_transform_edt, label_by_value_propagation
-    from gpu_pipeline.pipeline import cap_distance, peaks_step, resolve_ratio
+    from gpu_pipeline.pipeline import cap_distance, distance_cap, peaks_step, resolve_ratio
     from gpu_pipeline.stages.cleanup import clean_mask
-    from gpu_pipeline.stages.peaks import neck_groups, quantize_distance
+    from gpu_pipeline.stages.peaks import neck_groups, quantize_distance, regroup, shadowed_peaks
     from gpu_pipeline.stages.split import finish_labels, split_regions_kmeans
     from gpu_pipeline.stages.threshold import choose_polarity, foreground, otsu_threshold
 
     ndim = len(spacing)
-    neck_ratio, nearby_ratio, peak_reach = (resolve_ratio(name, value, ndim) for name, value in
-                                            (("neck_ratio", neck_ratio), ("nearby_ratio", nearby_ratio),
-                                             ("peak_reach", peak_reach)))
+    neck_ratio, nearby_ratio, peak_reach, ball_share = (
+        resolve_ratio(name, value, ndim) for name, value in (("neck_ratio", neck_ratio), ("nearby_ratio", nearby_ratio),
+                                                             ("peak_reach", peak_reach), ("ball_share", ball_share)))
     min_size = math.pi * min_distance ** 3 / 6 if ndim == 3 else math.pi * min_distance ** 2 / 4
 
     def smoothing(s):
@@ -96,6 +96,11 @@ def stage_steps(*, spacing, sigma=1.0, min_distance=4.0, neck_ratio="auto", near
 
     def necks(s):
         s["group"] = neck_groups(s["peaks"], s["distance_q"], s["regions"], spacing, neck_ratio, nearby_ratio)
+        if ball_share is not None:
+            peaks = s["peaks"]
+            keep = shadowed_peaks(peaks, s["distance_q"][tuple(peaks.T)], s["regions"][tuple(peaks.T)], s["group"],
+                                  spacing, s["fg"].shape, distance_cap(s["fg"].shape, spacing, None), ball_share)
+            s["peaks"], s["group"] = peaks[keep], regroup(s["group"], keep)
 
     def kmeans(s):
         xp = type(s["distance_q"]).__module__.split(".")[0] == "cupy" and __import__("cupy") or np

@@ -63,10 +63,11 @@ def declump_internals(image, p):
                           reach=pl.resolve_ratio("peak_reach", "auto", fg.ndim), max_radius=None)
     half = window_half_widths(min_distance, kw["spacing"])
     candidates = local_maxima(distance_q, half_widths=half)
-    neck, nearby = (pl.resolve_ratio(name, "auto", fg.ndim) for name in ("neck_ratio", "nearby_ratio"))
+    neck, nearby, share = (pl.resolve_ratio(name, "auto", fg.ndim) for name in ("neck_ratio", "nearby_ratio",
+                                                                                  "ball_share"))
     split = pl.split_step(fg, distance_q, quantum, peaks, spacing=kw["spacing"], method="kmeans", neck_ratio=neck,
-                          nearby_ratio=nearby, assignment="power", kmeans_engine="batched", max_iter=0,
-                          details=details, clock=clock)
+                          nearby_ratio=nearby, ball_share=share, assignment="power", kmeans_engine="batched",
+                          max_iter=0, details=details, clock=clock)
     regions, _ = ops.label(fg)
     group = neck_groups(peaks, distance_q, regions, kw["spacing"], neck, nearby)
     labels = pl.finish_step(split, details=details, min_size=particle_min_size, spacing=kw["spacing"])

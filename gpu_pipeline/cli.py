@@ -45,6 +45,10 @@ PARAMETER_HELP = {
     "peak_reach": "a peak must also be the highest point within this times its own depth (the window grows with "
                   "the particle, so a large particle's second maxima are no centres); 'auto', a number in (0, 1] "
                   "or 'off'. Default %(default)s: off in 2D, 0.7 in 3D. Both methods use the same peaks",
+    "ball_share": "a group of peaks that keeps less than this share of its own inscribed ball from the other "
+                  "groups of its region (a second maximum where particles meet) is dropped and its voxels go to "
+                  "its neighbours; 'auto', a number in (0, 1] or 'off'. Default %(default)s: 0.5. "
+                  "The watershed method ignores it",
 }
 
 
@@ -59,7 +63,8 @@ def _spacing(text):
 
 
 def _ratio(name):
-    """The argparse type of ``--neck-ratio``, ``--nearby-ratio`` and ``--peak-reach``: 'auto', a number in (0, 1], or
+    """The argparse type of ``--neck-ratio``, ``--nearby-ratio``, ``--peak-reach`` and ``--ball-share``: 'auto', a
+    number in (0, 1], or
     'off' (None)."""
     def parse(text):
         if text == "off":
@@ -121,6 +126,7 @@ def add_separation_options(parser):
     group.add_argument("--nearby-ratio", type=_ratio("nearby ratio"), default="auto",
                        help=PARAMETER_HELP["nearby_ratio"])
     group.add_argument("--peak-reach", type=_ratio("peak reach"), default="auto", help=PARAMETER_HELP["peak_reach"])
+    group.add_argument("--ball-share", type=_ratio("ball share"), default="auto", help=PARAMETER_HELP["ball_share"])
     group.add_argument("--method", choices=("kmeans", "watershed"), default="kmeans",
                        help="kmeans: k-means per region from the peaks (default); watershed: the classical "
                             "watershed of the distance map from the same peaks, for comparison")
@@ -136,6 +142,7 @@ def separation_kwargs(args):
     return dict(spacing=args.spacing, sigma=args.sigma, threshold=args.threshold, polarity=args.polarity,
                 min_distance=args.min_distance, min_size=args.min_size, max_hole_size=args.max_hole_size,
                 neck_ratio=args.neck_ratio, nearby_ratio=args.nearby_ratio, peak_reach=args.peak_reach,
+                ball_share=args.ball_share,
                 method=args.method, assignment=args.assignment, max_iter=args.max_iter,
                 reject_annotations={"auto": "auto", "on": True, "off": False}[args.reject_annotations])
 

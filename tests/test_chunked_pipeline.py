@@ -175,38 +175,44 @@ def test_neck_grouping_matches_in_memory(rng, tmp_path, shape, chunkings):
         assert labels.compute().tobytes() == expected.tobytes(), chunks
 
 
-@pytest.mark.parametrize("option, value_3d, value_2d, volume, kwargs", [
+@pytest.mark.parametrize("option, value_3d, value_2d, off, volume, kwargs", [
     # A 48^3 corner of the bench's seed-4711 volume (1000 spheres, radii 6-15) around the one sphere of the
     # 256^3 volume that only the neck default kept whole there (before the peak reach, which now drops that
     # sphere's second maximum too: off here).
-    ("neck_ratio", 0.95, 1.0, ((256, 256, 256), 1000, (6, 15), 4711, np.s_[48:96, 208:256, 160:208]),
-     dict(min_distance=4, max_radius=16.0, peak_reach=None)),
-    ("nearby_ratio", 0.8, None, ((128, 128, 128), 113, (7.5, 14.6), 2008, np.s_[:]),
-     dict(min_distance=4, max_radius=16.0, min_size=65, peak_reach=None)),  # the reach drops that peak too
+    ("neck_ratio", 0.95, 1.0, 1.0, ((256, 256, 256), 1000, (6, 15), 4711, np.s_[48:96, 208:256, 160:208]),
+     dict(min_distance=4, max_radius=16.0, peak_reach=None, ball_share=None)),
+    ("nearby_ratio", 0.8, None, None, ((128, 128, 128), 113, (7.5, 14.6), 2008, np.s_[:]),
+     dict(min_distance=4, max_radius=16.0, min_size=65, peak_reach=None, ball_share=None)),  # both drop it too
     # A 64^3 box of a held-out volume of the peak-reach check (772 spheres, radii 7.2-11.7) around a sphere
     # whose second maximum only the reach drops.
-    ("peak_reach", 0.7, None, ((256, 256, 256), 772, (7.2, 11.7), 46745, np.s_[14:78, 184:248, 34:98]),
+    ("peak_reach", 0.7, None, None, ((256, 256, 256), 772, (7.2, 11.7), 46745, np.s_[14:78, 184:248, 34:98]),
+     dict(min_distance=4, max_radius=16.0, min_size=65, ball_share=None)),  # the ball share drops it too
+    # A 64^3 box of a random volume of the ball-share check (1106 spheres, radii 6.2-10.4) around a second
+    # maximum where spheres meet, whose piece only the ball share drops; 2D has the same default.
+    ("ball_share", 0.5, 0.5, None, ((256, 256, 256), 1106, (6.2, 10.4), 42563, np.s_[8:72, 34:98, 23:87]),
      dict(min_distance=4, max_radius=16.0, min_size=65)),
 ])
-def test_3d_defaults_keep_a_spheres_second_maximum_from_splitting_it_not_in_2d(tmp_path, option, value_3d,
-                                                                               value_2d, volume, kwargs):
-    """The 3D defaults of the peak rules, each on a volume where it alone decides one sphere.
+def test_3d_defaults_keep_a_spheres_second_maximum_from_splitting_it(tmp_path, option, value_3d, value_2d, off,
+                                                                     volume, kwargs):
+    """The 3D defaults of the peak rules, each on a volume where it alone decides one sphere, and the 2D ones.
 
     neck_ratio 'auto' (0.95 in 3D): a large sphere pressed by its neighbours can hold two distance-map maxima a
     dip of a few percent apart; nearby_ratio 'auto' (0.8 in 3D): a lower peak that deep inside a higher one's
     inscribed ball is a second maximum of the same sphere, since solid particles cannot put a centre there;
     peak_reach 'auto' (0.7 in 3D): a maximum that a higher voxel overlooks from within 0.7 of its own height
-    is no centre. Here each 3D default keeps one piece fewer than the run without it, and scores higher against
-    the ground truth (the 113 spheres of the second volume exactly), in memory and chunked alike. In 2D (1.0
-    and off), where particles of a projection overlap, the default keeps the pieces that the 3D value would
-    join or drop; a bad value gets the one-line error."""
+    is no centre; ball_share 'auto' (0.5 in 3D): a maximum where spheres meet, which keeps less than half its
+    inscribed ball from its neighbours, is no centre. Here each 3D default keeps one piece fewer than the run
+    without it (``off``), and scores higher against the ground truth (the 113 spheres of the second volume
+    exactly), in memory and chunked alike. In 2D the neck (1.0), nearby and reach (off) defaults, set for
+    particles of a projection that overlap, keep the pieces that the 3D value would join or drop; the ball
+    share is 0.5 there too, and changes the 2D image. A bad value gets the one-line error."""
     from gpu_pipeline.metrics import evaluate
     from gpu_pipeline.stages.components import relabel_by_first_voxel
 
     shape, n, radius, seed, box = volume
     image, truth = make_touching_particles(shape, n, radius_range=radius, overlap=0.15, seed=seed)
     image, truth = np.ascontiguousarray(image[box]), relabel_by_first_voxel(truth[box])
-    default, alone = separate(image, **kwargs), separate(image, **{option: value_2d}, **kwargs)
+    default, alone = separate(image, **kwargs), separate(image, **{option: off}, **kwargs)
     assert default.tobytes() == separate(image, **{option: value_3d}, **kwargs).tobytes()
     assert int(default.max()) == int(alone.max()) - 1
     assert evaluate(default, truth)["f1_50"] > evaluate(alone, truth)["f1_50"]
@@ -217,9 +223,9 @@ def test_3d_defaults_keep_a_spheres_second_maximum_from_splitting_it_not_in_2d(t
     assert labels.compute().tobytes() == default.tobytes()
 
     flat, _ = make_touching_particles((200, 200), 60, radius_range=(6, 15), overlap=0.15, seed=1)
-    joined = separate(flat, **{option: value_3d}, **kwargs)
+    other = separate(flat, **{option: off if value_2d == value_3d else value_3d}, **kwargs)
     plain = separate(flat, **{option: value_2d}, **kwargs)
-    assert separate(flat, **kwargs).tobytes() == plain.tobytes() != joined.tobytes()
+    assert separate(flat, **kwargs).tobytes() == plain.tobytes() != other.tobytes()
     for bad in ("loose", 1.5):
         with pytest.raises(DeclumpError, match=f"{option} must be 'auto', a number in"):
             separate(flat, **{option: bad}, **kwargs)

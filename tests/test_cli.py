@@ -140,10 +140,10 @@ def test_demo_runs_and_scores(tmp_path):
     assert scores["f1_50"] > 0.6
 
 
-@pytest.mark.parametrize("option, value", [("nearby_ratio", 0.8), ("peak_reach", 0.7)])
+@pytest.mark.parametrize("option, value", [("nearby_ratio", 0.8), ("peak_reach", 0.7), ("ball_share", 0.9)])
 def test_3d_peak_options_reach_the_split_and_are_checked(tmp_path, option, value):
-    """--nearby-ratio 0.8 and --peak-reach 0.7 on a 2D image (default off there) give separate(..., option=value)'s
-    labels; a value outside (0, 1] is refused by the parser in one line, before any output."""
+    """--nearby-ratio 0.8, --peak-reach 0.7 and --ball-share 0.9 on a 2D image (default off there, 0.5 for the
+    share) give separate(..., option=value)'s labels; a value outside (0, 1] is refused by the parser in one line, before any output."""
     from gpu_pipeline.pipeline import separate
 
     flag, words = "--" + option.replace("_", "-"), option.replace("_", " ")

@@ -216,7 +216,8 @@ def test_one_piece_rounds_on_the_device_equal_numpy(cp, rng, max_rounds):
 @pytest.mark.parametrize("options", [dict(method="watershed"), dict(assignment="euclidean", max_iter=5),
                                      dict(kmeans_engine="sklearn", assignment="euclidean", max_iter=3),
                                      dict(max_hole_size=30.0), dict(neck_ratio=0.8),
-                                     dict(neck_ratio=None, nearby_ratio=1.0), dict(peak_reach=1.0)])
+                                     dict(neck_ratio=None, nearby_ratio=1.0), dict(peak_reach=1.0),
+                                     dict(ball_share=0.7)])
 def test_public_separate_on_the_gpu_equals_the_cpu_for_each_option(cp, rng, options):
     """``separate(..., device='gpu')`` on NumPy input: NumPy out, the CPU result (sigma 0: exact stages)."""
     from gpu_pipeline import evaluate, separate

@@ -108,7 +108,7 @@ def test_default_joins_the_plateau_of_a_particle_deeper_than_max_radius(rng):
     image = np.where(balls, 200, 20).astype(np.uint8)
     # min_size=None: the plateau's pieces are the point here, not the size filter that would join them.
     kwargs = dict(sigma=0, min_distance=4, polarity="bright", max_radius=7.0, min_size=None)
-    assert separate(image, **kwargs, neck_ratio=None, nearby_ratio=None).max() > 10
+    assert separate(image, **kwargs, neck_ratio=None, nearby_ratio=None, ball_share=None).max() > 10
     labels = separate(image, **kwargs)
     assert labels.max() == 2
     assert labels[centres[0]] != labels[centres[1]] and labels[centres[0]] > 0 and labels[centres[1]] > 0
@@ -130,3 +130,82 @@ def test_watershed_ignores_neck_ratio():
     classical = separate(image, **kwargs, neck_ratio=None)
     assert classical.max() > 1  # the classical method cuts the rod at its ridge's peaks
     assert np.array_equal(separate(image, **kwargs), classical)
+
+
+def _random_peak_groups(rng, shape, n, n_groups=12, n_regions=3):
+    """Distinct random peaks (C order), dyadic heights, random regions, groups named by their smallest peak
+    index."""
+    from gpu_pipeline.stages.peaks import QUANTUM_DIVISOR
+
+    flat = np.sort(rng.choice(int(np.prod(shape)), n, replace=False))
+    peaks = np.stack(np.unravel_index(flat, shape), axis=1).astype(np.int64)
+    heights = rng.integers(4, 40, n).astype(np.int32) * (QUANTUM_DIVISOR // 4)
+    region = rng.integers(1, n_regions + 1, n)
+    label = rng.integers(0, n_groups, n)
+    first = {lab: int(np.flatnonzero(label == lab)[0]) for lab in np.unique(label)}
+    group = np.asarray([first[lab] for lab in label], dtype=np.int64)
+    return peaks, heights, region, group
+
+
+@pytest.mark.parametrize("shape, spacing, power", [((60, 70), (1.0, 1.0), True), ((30, 40, 36), (2.0, 1.0, 0.5), True),
+                                                   ((30, 40, 36), (2.0, 1.0, 0.5), False)])
+def test_ball_shares_count_the_samples_no_peak_of_another_group_takes(rng, shape, spacing, power):
+    """ball_shares against a direct count: a sample x of p's ball is taken when a peak of p's region outside
+    p's group is nearer to x (power distance |x - q|^2 - r_q^2, or Euclidean), every peak tried. Dyadic
+    coordinates, spacings and heights make both sides exact."""
+    from gpu_pipeline.stages.peaks import QUANTUM_DIVISOR, ball_shares, unit_ball_samples
+
+    peaks, heights, region, group = _random_peak_groups(rng, shape, 45)
+    tested = rng.random(45) < 0.8
+    kept, m = ball_shares(peaks, heights, region, group, spacing, power=power, tested=tested)
+    samples = unit_ball_samples(len(shape))
+    assert m == samples.shape[0]
+    radius = heights * (min(spacing) / QUANTUM_DIVISOR)
+    centre = peaks * np.asarray(spacing)
+    weight = radius ** 2 if power else np.zeros(45)
+    reference = np.full(45, m)
+    for p in np.flatnonzero(tested):
+        x = centre[p] + radius[p] * samples
+        own = ((x - centre[p]) ** 2).sum(axis=1) - weight[p]
+        taken = np.zeros(m, dtype=bool)
+        for q in np.flatnonzero((region == region[p]) & (group != group[p])):
+            taken |= ((x - centre[q]) ** 2).sum(axis=1) - weight[q] < own
+        reference[p] = m - taken.sum()
+    np.testing.assert_array_equal(kept, reference)
+    assert (reference[tested] < m).sum() > 5 and (reference[tested] == m).sum() > 0  # both kinds occur
+
+
+def test_shadowed_peaks_drop_a_maximum_between_particles_but_not_at_the_border_cap_or_alone():
+    """shadowed_peaks on peaks placed by hand (share 0.5, cap 8.5): a lower maximum between two large peaks keeps
+    0.42 of its ball and goes; the same three at the image border stay (the ball crosses it), as does a capped
+    trio (0.32-0.46: capped heights are not radii); in a crowd where every peak keeps less than half, the
+    peaks with the largest share stay (a region always keeps a centre) and the two lower ones go. regroup
+    names the kept groups by their smallest kept index."""
+    from gpu_pipeline.stages.peaks import QUANTUM_DIVISOR, regroup, shadowed_peaks
+
+    placed = [((20, 20, 16), 8, 1), ((20, 20, 30), 8, 1), ((20, 22, 23), 6, 1),  # a maximum between two
+              ((20, 20, 50), 8.5, 2), ((20, 21, 51), 8.5, 2), ((20, 19, 51), 8.5, 2),  # capped
+              ((20, 20, 80), 6, 3), ((18, 20, 80), 5.75, 3), ((22, 20, 80), 5.75, 3), ((20, 18, 80), 5.75, 3),
+              ((20, 22, 80), 5.75, 3), ((20, 20, 78), 5.75, 3), ((20, 20, 82), 5.5, 3),  # a crowd
+              ((20, 34, 100), 8, 4), ((20, 34, 114), 8, 4), ((20, 36, 107), 6, 4)]  # the first three, at the border
+    goes = {2, 6, 12}
+    shape = (40, 40, 120)
+    order = np.argsort([np.ravel_multi_index(c, shape) for c, _, _ in placed], kind="stable")
+    peaks = np.asarray([placed[k][0] for k in order], dtype=np.int64)
+    heights = np.asarray([int(placed[k][1] * QUANTUM_DIVISOR) for k in order], dtype=np.int32)
+    region = np.asarray([placed[k][2] for k in order])
+    expected = np.asarray([k not in goes for k in order])
+    keep = shadowed_peaks(peaks, heights, region, None, (1.0,) * 3, shape, 8.5, 0.5)
+    np.testing.assert_array_equal(keep, expected)
+    assert shadowed_peaks(peaks, heights, region, None, (1.0,) * 3, shape, 8.5, None).all()
+    # Grouped: the crowd's centre joined to one of its rivals takes the larger share of the two (and no longer
+    # takes from that rival), so it stays with it, now the crowd's best.
+    group = np.arange(len(placed))
+    centre, rival = int(np.flatnonzero(order == 6)[0]), int(np.flatnonzero(order == 7)[0])
+    group[max(centre, rival)] = min(centre, rival)
+    keep = shadowed_peaks(peaks, heights, region, group, (1.0,) * 3, shape, 8.5, 0.5)
+    assert keep[centre] and keep[rival] and not keep[region == 3].all()
+    new = regroup(group, keep)
+    kept = np.flatnonzero(keep)
+    for a in range(kept.size):
+        assert new[a] == np.flatnonzero(group[kept] == group[kept[a]])[0]

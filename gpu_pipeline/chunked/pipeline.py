@@ -53,8 +53,8 @@ from gpu_pipeline.chunked.workspace import (BLOCK_GROUP, Workspace, block_boxes,
 from gpu_pipeline.pipeline import NoParticlesError, cap_distance, resolve_ratio, validate_spacing
 from gpu_pipeline.stages.components import settle_pieces
 from gpu_pipeline.stages.kmeans import batched_kmeans
-from gpu_pipeline.stages.peaks import (PeakReach, join_peaks, local_maxima, quantize_distance, segment_points,
-                                       space_candidates, window_half_widths, within_reach)
+from gpu_pipeline.stages.peaks import (PeakReach, join_peaks, local_maxima, quantize_distance, regroup, segment_points,
+                                       shadowed_peaks, space_candidates, window_half_widths, within_reach)
 from gpu_pipeline.stages.split import (KMeansSeeds, assign_compiled, block_candidates, candidate_selections,
                                       kmeans_seeds, selection_passes)
 
@@ -499,8 +499,8 @@ def one_piece_chunked(labels, *, workspace, device=None, verbose=False):
 
 def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,
                      min_distance=4.0, min_size=None, max_radius=None, neck_ratio="auto", nearby_ratio="auto",
-                     peak_reach="auto", assignment="power", max_iter=0, workspace=None, device=None, verbose=False,
-                     classifier=None):
+                     peak_reach="auto", ball_share="auto", assignment="power", max_iter=0, workspace=None, device=None,
+                     verbose=False, classifier=None):
     """`separate` for a chunked Dask array: byte-identical labels for any chunking, memory bounded by chunks.
 
     Parameters are those of :func:`gpu_pipeline.pipeline.separate` (method
@@ -545,6 +545,7 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
     neck_ratio = resolve_ratio("neck_ratio", neck_ratio, reference.ndim)
     nearby_ratio = resolve_ratio("nearby_ratio", nearby_ratio, reference.ndim)
     peak_reach = resolve_ratio("peak_reach", peak_reach, reference.ndim)
+    ball_share = resolve_ratio("ball_share", ball_share, reference.ndim)
     max_radius = float(max_radius) if max_radius is not None else MAX_RADIUS_FACTOR * float(min_distance)
     if not (max_radius > 0 and math.isfinite(max_radius)):
         raise DeclumpError(f"max_radius must be a positive physical distance, got {max_radius}")
@@ -585,6 +586,11 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
             regions, found, spacing=spacing, min_distance=min_distance, max_radius=max_radius, ratio=neck_ratio,
             nearby=nearby_ratio, store=workspace.store("regions"), device=device, verbose=verbose,
             distance_store=workspace.store("distance"))})["group"]
+    if ball_share is not None:  # on the global peak list, as in memory: no voxel is read
+        keep = shadowed_peaks(found["peaks"], found["values"], found["region"], group, spacing, reference.shape,
+                              max_radius, ball_share, power=assignment == "power")
+        found = dict(found, **{key: found[key][keep] for key in ("peaks", "values", "region")})
+        radii, group = radii[keep], regroup(group, keep)
     seeds = kmeans_seeds(found["region"], n_regions, found["peaks"], radii, assignment=assignment,
                          peak_group=group)
     if seeds is None:

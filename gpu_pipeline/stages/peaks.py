@@ -442,6 +442,159 @@ def join_peaks(peaks, heights, region, spacing, ratio, segment_minima, *, nearby
     return group
 
 
+#: Points per axis of the grid on which :func:`ball_shares` counts a peak's share of its inscribed ball (those
+#: within the unit ball: 257 in 3D, 69 in 2D).
+BALL_SAMPLES_PER_AXIS = 9
+
+#: Set bits of each byte value (a popcount table for packed samples).
+_BITS_SET = np.asarray([bin(v).count("1") for v in range(256)], dtype=np.int64)
+
+
+def unit_ball_samples(ndim):
+    """The points (m, ndim) float64 of a grid of :data:`BALL_SAMPLES_PER_AXIS` per axis on [-1, 1] that lie
+    within the unit ball."""
+    axis = np.linspace(-1.0, 1.0, BALL_SAMPLES_PER_AXIS)
+    grid = np.stack(np.meshgrid(*[axis] * ndim, indexing="ij"), axis=-1).reshape(-1, ndim)
+    return grid[(grid ** 2).sum(axis=1) <= 1.0]
+
+
+def ball_shares(peaks, heights, region, group, spacing, *, power=True, tested=None):
+    """Per peak, the samples of its inscribed ball (:func:`unit_ball_samples` scaled by its height) that no
+    peak of another group of its region takes from it; and the number of samples.
+
+    The ball of a peak lies in the foreground and in the peak's region, and
+    the assignment gives each of its points to the nearest peak of the
+    region (power distance ``|x - c|^2 - r^2`` with the heights as radii, or
+    Euclidean with ``power`` False). A point ``x = p + r_p u`` of ``p``'s
+    ball is nearer to ``q`` when ``|d|^2 + 2 r_p d.u + w_p - w_q < 0``
+    (``d = p - q``, physical; ``w = r^2``, or 0 for Euclidean): a half-space
+    of the ball, so only peaks whose balls overlap ``p``'s (Euclidean: within
+    twice ``p``'s radius) take any of it. A
+    point counts as taken once, whatever the number of peaks that take it.
+    Peaks of ``p``'s own group take nothing (the group is one piece), so a
+    peak's count is a lower bound of its group's share of its ball.
+
+    ``heights``: quantised distances at the peaks (:func:`quantize_distance`);
+    ``region``, ``group``: each peak's region and group (None: one group per
+    peak); ``tested`` (boolean per peak, default all): the peaks whose share
+    is counted (the others report all ``m``, and only take). Pairs come from
+    a grid of cells as in :func:`join_peaks`, at most
+    :data:`PAIR_BATCH` samples tested at once; the taken samples are held as
+    bits, ``ceil(m / 8)`` bytes per peak. Returns (kept (n,) int64, m).
+    """
+    xp = get_array_module(peaks)
+    n, ndim = peaks.shape
+    samples = unit_ball_samples(ndim)
+    m = samples.shape[0]
+    width = (m + 7) // 8
+    taken = xp.zeros((n, width), dtype=xp.uint8)
+    if n >= 2:
+        group = xp.arange(n, dtype=xp.int64) if group is None else xp.asarray(group).astype(xp.int64)
+        region = xp.asarray(region).astype(xp.int64)
+        quantum = min(float(s) for s in spacing) / QUANTUM_DIVISOR
+        radius = xp.asarray(heights).astype(xp.float64) * quantum
+        weight = radius ** 2 if power else xp.zeros(n, dtype=xp.float64)
+        scale = xp.asarray([float(s) for s in spacing], dtype=xp.float64)
+        unit = xp.asarray(samples)
+        bit = xp.asarray([1 << (7 - b) for b in range(8)], dtype=xp.int32)
+        extent = to_list(peaks.max(axis=0) - peaks.min(axis=0))
+        # Overlapping balls lie within twice the highest peak on every axis: cells of that size.
+        cell = [max(1, min(int(e), int(math.ceil(2 * float(radius.max()) / float(s)))))
+                for e, s in zip(extent, spacing)]
+        per = max(1, PAIR_BATCH // m)
+        for i, j in _neighbour_cell_pairs(peaks, cell, group):
+            d = (peaks[i] - peaks[j]).astype(xp.float64) * scale
+            gap2 = (d ** 2).sum(axis=1)
+            # Power: a point of p's ball that q takes lies in q's ball too. Euclidean: it lies nearer to q than
+            # p's radius, so q lies within twice that.
+            near = radius[i] + radius[j] if power else 2 * xp.maximum(radius[i], radius[j])
+            test = (region[i] == region[j]) & (group[i] != group[j]) & (gap2 < near ** 2)
+            i, j, d, gap2 = i[test], j[test], d[test], gap2[test]
+            for p, q, step in ((i, j, d), (j, i, -d)):
+                if tested is not None:
+                    counted = tested[p]
+                    p, q, step, near2 = p[counted], q[counted], step[counted], gap2[counted]
+                else:
+                    near2 = gap2
+                for start in range(0, p.size, per):
+                    mine, theirs, dd = p[start:start + per], q[start:start + per], step[start:start + per]
+                    along = dd[:, 0:1] * unit[None, :, 0]
+                    for a in range(1, ndim):
+                        along = along + dd[:, a:a + 1] * unit[None, :, a]
+                    bound = weight[theirs] - weight[mine] - near2[start:start + per]
+                    lost = 2 * radius[mine][:, None] * along < bound[:, None]
+                    _or_into(taken, mine, lost, bit, xp)
+    kept = m - xp.asarray(_BITS_SET)[taken].sum(axis=1)
+    return kept.astype(xp.int64), m
+
+
+def _or_into(taken, rows, lost, bit, xp):
+    """``taken[rows] |= lost`` packed 8 samples a byte, ``rows`` possibly repeated (OR over repeats)."""
+    order = xp.argsort(rows, kind="stable")
+    rows, lost = rows[order], lost[order]
+    first = xp.flatnonzero(xp.concatenate([xp.ones(1, dtype=bool), rows[1:] != rows[:-1]]))
+    count = xp.cumsum(lost, axis=0, dtype=xp.int32)
+    last = xp.concatenate([first[1:], xp.asarray([rows.size], dtype=first.dtype)]) - 1
+    before = count[xp.maximum(first - 1, 0)] * (first > 0)[:, None]
+    any_lost = (count[last] - before) > 0
+    padded = xp.zeros((first.size, taken.shape[1] * 8), dtype=xp.int32)
+    padded[:, :any_lost.shape[1]] = any_lost
+    packed = (padded.reshape(first.size, taken.shape[1], 8) * bit).sum(axis=2).astype(xp.uint8)
+    where = rows[first]
+    taken[where] = taken[where] | packed
+
+
+def shadowed_peaks(peaks, heights, region, group, spacing, shape, cap, share, *, power=True):
+    """Which peaks to keep: all but those of a group that keeps less than ``share`` of its ball.
+
+    A group's share is the largest :func:`ball_shares` count of its peaks.
+    A particle's own centre keeps most of its inscribed ball; a second
+    maximum where three or four particles meet, or on the flank of a larger
+    particle, sits in the balls of higher neighbours and keeps a sliver:
+    its piece would cut bits off each of them. Such a group is dropped and
+    its voxels go to the neighbours. Not dropped: a group with a peak whose
+    ball crosses the image border (``shape``: the particle may continue
+    beyond it, and its height is not its radius there) or whose height is
+    the distance map's ``cap`` (physical, :func:`~gpu_pipeline.pipeline.distance_cap`:
+    a plateau of capped peaks is not counted at all), nor the group of a
+    region that keeps the largest share there (a region always keeps one).
+    ``share`` None keeps every peak. Returns a boolean array over the peaks.
+    """
+    xp = get_array_module(peaks)
+    ops = ops_for(peaks)
+    n = peaks.shape[0]
+    keep = xp.ones(n, dtype=bool)
+    if share is None or n < 2:
+        return keep
+    group = xp.arange(n, dtype=xp.int64) if group is None else xp.asarray(group).astype(xp.int64)
+    region = xp.asarray(region).astype(xp.int64)
+    heights = xp.asarray(heights).astype(xp.int64)
+    quantum = min(float(s) for s in spacing) / QUANTUM_DIVISOR
+    radius = heights.astype(xp.float64) * quantum
+    top = xp.asarray([int(v) - 1 for v in shape], dtype=xp.int64)
+    border = ((xp.minimum(peaks, top - peaks) + 1).astype(xp.float64)
+              * xp.asarray([float(s) for s in spacing], dtype=xp.float64)).min(axis=1)
+    exempt = (radius > border) | (heights >= PeakReach(1.0, spacing, cap).cap_q)
+    kept, m = ball_shares(peaks, heights, region, group, spacing, power=power, tested=~exempt)
+    best = xp.full(n, -1, dtype=xp.int64)
+    ops.scatter_max(best, group, kept)
+    any_exempt = xp.zeros(n, dtype=xp.int64)
+    ops.scatter_max(any_exempt, group, exempt.astype(xp.int64))
+    region_best = xp.full(int(region.max()) + 1, -1, dtype=xp.int64)
+    ops.scatter_max(region_best, region, best[group])
+    dropped = (best < float(share) * m) & (any_exempt == 0) & (best < region_best[region])
+    return ~dropped[group]
+
+
+def regroup(group, keep):
+    """The groups of the kept peaks (whole groups dropped), each named by its smallest kept peak index."""
+    if group is None:
+        return None
+    xp = get_array_module(keep)
+    index = xp.cumsum(keep.astype(xp.int64)) - 1
+    return index[xp.asarray(group)[keep]]
+
+
 def _neighbour_cell_pairs(peaks, cell, group):
     """Batches (i, j), i < j, of peaks in the same or neighbouring cells, skipping cells already in one group.
 
