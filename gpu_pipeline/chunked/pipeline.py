@@ -53,8 +53,9 @@ from gpu_pipeline.chunked.workspace import (BLOCK_GROUP, Workspace, block_boxes,
 from gpu_pipeline.pipeline import NoParticlesError, cap_distance, resolve_ratio, validate_spacing
 from gpu_pipeline.stages.components import settle_pieces
 from gpu_pipeline.stages.kmeans import batched_kmeans
-from gpu_pipeline.stages.peaks import (PeakReach, join_peaks, local_maxima, quantize_distance, regroup, segment_points,
-                                       shadowed_peaks, space_candidates, window_half_widths, within_reach)
+from gpu_pipeline.stages.peaks import (PeakReach, join_peaks, local_maxima, quantize_cap, quantize_distance, regroup,
+                                       segment_points, shadowed_peaks, space_candidates, window_half_widths,
+                                       within_reach)
 from gpu_pipeline.stages.split import (KMeansSeeds, assign_compiled, block_candidates, candidate_selections,
                                       kmeans_seeds, selection_passes)
 
@@ -164,8 +165,7 @@ def _block_peak_candidates(extended, origin, left, core_shape, spacing, half_wid
         ratio, shape = reach
         coords = coords[within_reach(distance_q, coords, PeakReach(ratio, spacing, max_radius), half_widths, shape,
                                      shift)]
-    cap_q, _ = quantize_distance(xp.asarray([max_radius], dtype=xp.float32), spacing)
-    capped = int(((distance_q[core] >= cap_q[0]) & fg[core]).sum())
+    capped = int(((distance_q[core] >= quantize_cap(max_radius, spacing)) & fg[core]).sum())
     values = distance_q[tuple(coords.T)]
     region = extended[tuple(coords.T)]
     return to_host(coords + shift), to_host(values), to_host(region), capped
@@ -182,8 +182,7 @@ def _haloed_peak_candidates(extended, left, origin, core_shape, spacing, half_wi
 
 def distance_dtype(max_radius, spacing):
     """The narrowest type of the staged capped distance map (uint16 while the cap's quantised value fits)."""
-    cap_q, _ = quantize_distance(np.asarray([max_radius], dtype=np.float32), spacing)
-    return np.dtype(np.uint16) if int(cap_q[0]) <= np.iinfo(np.uint16).max else np.dtype(np.int32)
+    return np.dtype(np.uint16) if quantize_cap(max_radius, spacing) <= np.iinfo(np.uint16).max else np.dtype(np.int32)
 
 
 def _extended_blocks(regions, depth, store, device):

@@ -53,6 +53,12 @@ def quantize_distance(distance, spacing):
     return xp.rint(distance.astype(xp.float64) / quantum).astype(xp.int32), quantum
 
 
+def quantize_cap(cap, spacing):
+    """The physical cap of the distance map (:func:`~gpu_pipeline.pipeline.distance_cap`) as the quantised value
+    that :func:`quantize_distance` gives the capped voxels."""
+    return int(quantize_distance(np.asarray([cap], dtype=np.float32), spacing)[0][0])
+
+
 def find_peaks(values, *, half_widths, min_value=0, reach=None):
     """Local maxima of ``values`` over an ellipsoidal window of half-widths ``half_widths`` voxels per axis.
 
@@ -108,7 +114,7 @@ class PeakReach:
     def __init__(self, ratio, spacing, cap):
         self.ratio, self.spacing = float(ratio), tuple(float(s) for s in spacing)
         self.quantum = min(self.spacing) / QUANTUM_DIVISOR
-        self.cap_q = int(quantize_distance(np.asarray([cap], dtype=np.float32), self.spacing)[0][0])
+        self.cap_q = quantize_cap(cap, self.spacing)
 
     def voxels(self, value):
         """Half-widths (voxels per axis) of the box that holds the reach of a peak of quantised ``value``."""
@@ -574,7 +580,7 @@ def shadowed_peaks(peaks, heights, region, group, spacing, shape, cap, share, *,
     top = xp.asarray([int(v) - 1 for v in shape], dtype=xp.int64)
     border = ((xp.minimum(peaks, top - peaks) + 1).astype(xp.float64)
               * xp.asarray([float(s) for s in spacing], dtype=xp.float64)).min(axis=1)
-    exempt = (radius > border) | (heights >= PeakReach(1.0, spacing, cap).cap_q)
+    exempt = (radius > border) | (heights >= quantize_cap(cap, spacing))
     kept, m = ball_shares(peaks, heights, region, group, spacing, power=power, tested=~exempt)
     best = xp.full(n, -1, dtype=xp.int64)
     ops.scatter_max(best, group, kept)
