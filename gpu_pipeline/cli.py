@@ -64,8 +64,7 @@ def _spacing(text):
 
 def _ratio(name):
     """The argparse type of ``--neck-ratio``, ``--nearby-ratio``, ``--peak-reach`` and ``--ball-share``: 'auto', a
-    number in (0, 1], or
-    'off' (None)."""
+    number in (0, 1], or 'off' (None)."""
     def parse(text):
         if text == "off":
             return None
@@ -142,8 +141,7 @@ def separation_kwargs(args):
     return dict(spacing=args.spacing, sigma=args.sigma, threshold=args.threshold, polarity=args.polarity,
                 min_distance=args.min_distance, min_size=args.min_size, max_hole_size=args.max_hole_size,
                 neck_ratio=args.neck_ratio, nearby_ratio=args.nearby_ratio, peak_reach=args.peak_reach,
-                ball_share=args.ball_share,
-                method=args.method, assignment=args.assignment, max_iter=args.max_iter,
+                ball_share=args.ball_share, method=args.method, assignment=args.assignment, max_iter=args.max_iter,
                 reject_annotations={"auto": "auto", "on": True, "off": False}[args.reject_annotations])
 
 
