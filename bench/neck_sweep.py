@@ -37,7 +37,7 @@ def _labels(name, image, p):
 
     if name == WATERSHED:
         return run_method(WATERSHED, image, p)
-    return separate(image, **separation_kwargs(p), neck_ratio=name)
+    return separate(image, **separation_kwargs(p), threshold=p.get("threshold", "auto"), neck_ratio=name)
 
 
 def _parts(pairs, n):
