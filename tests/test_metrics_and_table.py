@@ -93,3 +93,28 @@ def test_label_sums_are_each_labels_count_coordinate_sums_bounds_and_intensity(r
                 np.testing.assert_allclose(ours["intensity"][n], image[where].astype(np.float64).sum(), rtol=1e-12)
     empty = ops.label_sums(np.zeros(shape, dtype), image)
     assert empty["label"].size == 0 and empty["sum"].shape == (len(shape), 0)
+
+
+def test_random_volume_bench_scores_each_drawn_volume_and_counts_where_declump_trails():
+    """bench.random_volumes: its draws are reproducible, each column's scores are evaluate()'s on the generated
+    volume, and its summary lists exactly the draws where declump's F1@0.5 trails."""
+    from bench.random_volumes import BELOW, draws, run
+    from gpu_pipeline import separate
+    from gpu_pipeline.synthetic import make_touching_particles
+
+    result = run(777, 3, 48, ["declump", "watershed"], [("ball_share", None)])
+    assert [(r["draw"], r["seed"], r["particles"], *r["radius"]) for r in result["rows"]] == draws(777, 3, 48)
+    assert draws(777, 3, 48) != draws(778, 3, 48)
+    first = result["rows"][0]
+    image, truth = make_touching_particles((48,) * 3, first["particles"], radius_range=tuple(first["radius"]),
+                                           overlap=0.15, seed=first["seed"])
+    labels = separate(image, sigma=1.0, min_distance=4, min_size=65, polarity="bright", max_hole_size=0.0,
+                      ball_share=None)
+    scores = evaluate(labels, truth)
+    column = first["declump ball_share=None"]
+    assert column["pieces"] == labels.max() and column["f1_50"] == pytest.approx(scores["f1"][0])
+    assert column["mean_f1"] == pytest.approx(float(np.mean(scores["f1"])))
+    below = [r["seed"] for r in result["rows"] if r["declump"]["f1_50"] < r["watershed"]["f1_50"] - BELOW]
+    assert result["summary"]["declump"]["f1_50_below_watershed"] == below
+    assert result["summary"]["watershed"]["mean_f1_50"] == pytest.approx(
+        np.mean([r["watershed"]["f1_50"] for r in result["rows"]]))
