@@ -56,9 +56,9 @@ def stage_steps(*, spacing, sigma=1.0, min_distance=4.0, neck_ratio="auto", near
     """
     from gpu_pipeline._backend import ops_for
     from gpu_pipeline.array_algorithms import distance_transform_edt, label_by_value_propagation
-    from gpu_pipeline.pipeline import cap_distance, distance_cap, peaks_step, resolve_ratio
+    from gpu_pipeline.pipeline import cap_distance, group_step, peaks_step, resolve_ratio
     from gpu_pipeline.stages.cleanup import clean_mask
-    from gpu_pipeline.stages.peaks import neck_groups, quantize_distance, regroup, shadowed_peaks
+    from gpu_pipeline.stages.peaks import quantize_distance
     from gpu_pipeline.stages.split import finish_labels, split_regions_kmeans
     from gpu_pipeline.stages.threshold import choose_polarity, foreground, otsu_threshold
 
@@ -95,12 +95,9 @@ def stage_steps(*, spacing, sigma=1.0, min_distance=4.0, neck_ratio="auto", near
         s["regions"], s["n_regions"] = ops_for(s["fg"]).label(s["fg"])
 
     def necks(s):
-        s["group"] = neck_groups(s["peaks"], s["distance_q"], s["regions"], spacing, neck_ratio, nearby_ratio)
-        if ball_share is not None:
-            peaks = s["peaks"]
-            keep = shadowed_peaks(peaks, s["distance_q"][tuple(peaks.T)], s["regions"][tuple(peaks.T)], s["group"],
-                                  spacing, s["fg"].shape, distance_cap(s["fg"].shape, spacing, None), ball_share)
-            s["peaks"], s["group"] = peaks[keep], regroup(s["group"], keep)
+        s["peaks"], s["group"] = group_step(s["peaks"], s["distance_q"], s["regions"], spacing=spacing,
+                                            neck_ratio=neck_ratio, nearby_ratio=nearby_ratio, ball_share=ball_share,
+                                            max_radius=None)
 
     def kmeans(s):
         xp = type(s["distance_q"]).__module__.split(".")[0] == "cupy" and __import__("cupy") or np

@@ -619,14 +619,9 @@ def split_step(fg, distance_q, quantum, peaks, *, spacing, method, neck_ratio, a
         labels = split_regions_watershed(fg, regions, details.n_regions, peaks, distance_q)
         clock.lap("watershed")
         return labels
-    group = None
-    if (neck_ratio, nearby_ratio) != (None, None):
-        group = neck_groups(peaks, distance_q, regions, spacing, neck_ratio, nearby_ratio)
-    if ball_share is not None:
-        heights = distance_q[tuple(peaks.T)]
-        keep = shadowed_peaks(peaks, heights, regions[tuple(peaks.T)], group, spacing, fg.shape,
-                              distance_cap(fg.shape, spacing, max_radius), ball_share, power=assignment == "power")
-        peaks, group = peaks[keep], regroup(group, keep)
+    peaks, group = group_step(peaks, distance_q, regions, spacing=spacing, neck_ratio=neck_ratio,
+                              nearby_ratio=nearby_ratio, ball_share=ball_share, max_radius=max_radius,
+                              power=assignment == "power")
     if (neck_ratio, nearby_ratio, ball_share) != (None,) * 3:
         clock.lap("necks")
     radii = distance_q[tuple(peaks.T)].astype(xp.float64) * quantum
@@ -635,6 +630,19 @@ def split_step(fg, distance_q, quantum, peaks, *, spacing, method, neck_ratio, a
                                                   max_iter=max_iter, peak_group=group)
     clock.lap("kmeans")
     return labels
+
+
+def group_step(peaks, distance_q, regions, *, spacing, neck_ratio, nearby_ratio, ball_share, max_radius, power=True):
+    """The peaks' groups (one piece each; None when neither the neck nor the nearby rule is on), then the groups
+    that keep less than ``ball_share`` of their balls dropped: (peaks, group) for the assignment."""
+    group = None
+    if (neck_ratio, nearby_ratio) != (None, None):
+        group = neck_groups(peaks, distance_q, regions, spacing, neck_ratio, nearby_ratio)
+    if ball_share is not None:
+        keep = shadowed_peaks(peaks, distance_q[tuple(peaks.T)], regions[tuple(peaks.T)], group, spacing,
+                              regions.shape, distance_cap(regions.shape, spacing, max_radius), ball_share, power=power)
+        peaks, group = peaks[keep], regroup(group, keep)
+    return peaks, group
 
 
 def finish_step(labels, *, details, min_size=None, spacing=None):

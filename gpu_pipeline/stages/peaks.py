@@ -160,10 +160,8 @@ def within_reach(values, coords, reach, half_widths, shape, origin=None):
         return xp.ones(0, dtype=bool)
     height = values[tuple(coords.T)]
     at = coords + (0 if origin is None else xp.asarray(origin, dtype=xp.int64))
-    radius = height.astype(xp.float64) * reach.quantum
-    for a, (n, s) in enumerate(zip(shape, reach.spacing)):  # the distance to the border, as if background lay beyond
-        radius = xp.minimum(radius, (xp.minimum(at[:, a], int(n) - 1 - at[:, a]) + 1).astype(xp.float64) * s)
-    radius = reach.ratio * radius
+    radius = reach.ratio * xp.minimum(height.astype(xp.float64) * reach.quantum,
+                                      border_distance(at, shape, reach.spacing))
     # Only candidates below the cap whose reach leaves their window (an ellipsoid of half_widths voxels) can be
     # overlooked: the window's voxels were tested by local_maxima. The work is then these candidates (distance-map
     # maxima, at most a ridge of them below the cap) times the offsets of their reach.
@@ -175,6 +173,15 @@ def within_reach(values, coords, reach, half_widths, shape, origin=None):
         return xp.ones(coords.shape[0], dtype=bool)
     return _none_higher(values, coords, alive, reach_offset_shells(reach, int(to_list(height[alive].max())),
                                                                      half_widths), radius * radius)
+
+
+def border_distance(coords, shape, spacing):
+    """Physical distance (float64) of each of ``coords`` to the border of an image of ``shape``, as if background
+    lay beyond it: ``(min(x, n - 1 - x) + 1) * spacing``, least over the axes."""
+    xp = get_array_module(coords)
+    top = xp.asarray([int(n) - 1 for n in shape], dtype=xp.int64)
+    return ((xp.minimum(coords, top - coords) + 1).astype(xp.float64)
+            * xp.asarray([float(s) for s in spacing], dtype=xp.float64)).min(axis=1)
 
 
 def window_norm(offsets, half_widths):
@@ -577,10 +584,7 @@ def shadowed_peaks(peaks, heights, region, group, spacing, shape, cap, share, *,
     heights = xp.asarray(heights).astype(xp.int64)
     quantum = min(float(s) for s in spacing) / QUANTUM_DIVISOR
     radius = heights.astype(xp.float64) * quantum
-    top = xp.asarray([int(v) - 1 for v in shape], dtype=xp.int64)
-    border = ((xp.minimum(peaks, top - peaks) + 1).astype(xp.float64)
-              * xp.asarray([float(s) for s in spacing], dtype=xp.float64)).min(axis=1)
-    exempt = (radius > border) | (heights >= quantize_cap(cap, spacing))
+    exempt = (radius > border_distance(peaks, shape, spacing)) | (heights >= quantize_cap(cap, spacing))
     kept, m = ball_shares(peaks, heights, region, group, spacing, power=power, tested=~exempt)
     best = xp.full(n, -1, dtype=xp.int64)
     ops.scatter_max(best, group, kept)
