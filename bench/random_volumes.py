@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from bench.common import machine_info, write_results
-from bench.compare_methods import SNOW, WATERSHED, pooled_scores, run_method
+from bench.compare_methods import SNOW, WATERSHED, pooled_scores, run_method, separation_kwargs
 from bench.throughput import DECLUMP
 from gpu_pipeline.synthetic import make_touching_particles
 
@@ -72,8 +72,7 @@ def run(rng_seed, count, size, methods, options=()):
             if option is None:
                 labels = run_method(METHODS[column], image, p)
             else:
-                labels = separate(image, sigma=p["sigma"], min_distance=p["min_distance"], min_size=p["min_size"],
-                                  polarity=p["polarity"], max_hole_size=0.0, **{option[0]: option[1]})
+                labels = separate(image, **separation_kwargs(p), **{option[0]: option[1]})
             seconds = time.perf_counter() - t0
             scores = pooled_scores([(labels, truth)])
             row[column] = {"f1_50": scores["f1_50"], "mean_f1": scores["mean_f1"], "pieces": int(labels.max()),
