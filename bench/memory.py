@@ -45,27 +45,28 @@ HERE = Path(__file__).resolve().parent
 
 
 def stage_steps(*, spacing, sigma=1.0, min_distance=4.0, neck_ratio="auto", nearby_ratio="auto",
-                peak_reach="auto", ball_share="auto", both_variants=True):
+                peak_reach="auto", reach_share="auto", ball_share="auto", both_variants=True):
     """The pipeline's steps as (name, step) pairs; each step reads and extends a ``state`` dict.
 
     The same sequence as `separate` (k-means method, power assignment), with
-    its defaults for the neck, nearby, reach and ball-share ratios ("auto": resolved per
+    its defaults for the neck, nearby, reach, reach-share and ball-share ratios ("auto": resolved per
     dimension by `resolve_ratio`). With ``both_variants`` the distance transform and the equal-value
     labelling also run as the GPU's array-module algorithms on whatever
     array module holds the data.
     """
     from gpu_pipeline._backend import ops_for
     from gpu_pipeline.array_algorithms import distance_transform_edt, label_by_value_propagation
-    from gpu_pipeline.pipeline import cap_distance, group_step, peaks_step, resolve_ratio
+    from gpu_pipeline.pipeline import cap_distance, group_step, peaks_step, rescue_step, resolve_ratio
     from gpu_pipeline.stages.cleanup import clean_mask
     from gpu_pipeline.stages.peaks import quantize_distance
     from gpu_pipeline.stages.split import finish_labels, split_regions_kmeans
     from gpu_pipeline.stages.threshold import choose_polarity, foreground, otsu_threshold
 
     ndim = len(spacing)
-    neck_ratio, nearby_ratio, peak_reach, ball_share = (
+    neck_ratio, nearby_ratio, peak_reach, reach_share, ball_share = (
         resolve_ratio(name, value, ndim) for name, value in (("neck_ratio", neck_ratio), ("nearby_ratio", nearby_ratio),
-                                                             ("peak_reach", peak_reach), ("ball_share", ball_share)))
+                                                             ("peak_reach", peak_reach), ("reach_share", reach_share),
+                                                             ("ball_share", ball_share)))
     min_size = math.pi * min_distance ** 3 / 6 if ndim == 3 else math.pi * min_distance ** 2 / 4
 
     def smoothing(s):
@@ -89,12 +90,15 @@ def stage_steps(*, spacing, sigma=1.0, min_distance=4.0, neck_ratio="auto", near
     def peaks(s):
         s["distance_q"], s["quantum"] = quantize_distance(s["distance"], spacing)
         del s["distance"]
-        s["peaks"] = peaks_step(s["distance_q"], spacing=spacing, min_distance=min_distance, reach=peak_reach)
+        s["peaks"], s["overlooked"] = peaks_step(s["distance_q"], spacing=spacing, min_distance=min_distance,
+                                                 reach=peak_reach, reach_share=reach_share)
 
     def regions(s):
         s["regions"], s["n_regions"] = ops_for(s["fg"]).label(s["fg"])
 
     def necks(s):
+        s["peaks"] = rescue_step(s["peaks"], s.pop("overlooked"), s["distance_q"], s["regions"], spacing=spacing,
+                                 reach_share=reach_share)
         s["peaks"], s["group"] = group_step(s["peaks"], s["distance_q"], s["regions"], spacing=spacing,
                                             neck_ratio=neck_ratio, nearby_ratio=nearby_ratio, ball_share=ball_share,
                                             max_radius=None)

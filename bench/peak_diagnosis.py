@@ -59,8 +59,12 @@ def declump_internals(image, p):
                                                           max_hole_size=kw["max_hole_size"], details=details,
                                                           radius=radius)
     distance_q, quantum = pl.distance_step(fg, spacing=kw["spacing"], max_radius=None)
-    peaks = pl.peaks_step(distance_q, spacing=kw["spacing"], min_distance=min_distance,
-                          reach=pl.resolve_ratio("peak_reach", "auto", fg.ndim), max_radius=None)
+    peaks, overlooked = pl.peaks_step(distance_q, spacing=kw["spacing"], min_distance=min_distance,
+                                      reach=pl.resolve_ratio("peak_reach", "auto", fg.ndim), max_radius=None,
+                                      reach_share=pl.resolve_ratio("reach_share", "auto", fg.ndim))
+    regions, _ = ops.label(fg)
+    peaks = pl.rescue_step(peaks, overlooked, distance_q, regions, spacing=kw["spacing"],
+                           reach_share=pl.resolve_ratio("reach_share", "auto", fg.ndim))
     half = window_half_widths(min_distance, kw["spacing"])
     candidates = local_maxima(distance_q, half_widths=half)
     neck, nearby, share = (pl.resolve_ratio(name, "auto", fg.ndim) for name in ("neck_ratio", "nearby_ratio",
@@ -68,7 +72,6 @@ def declump_internals(image, p):
     split = pl.split_step(fg, distance_q, quantum, peaks, spacing=kw["spacing"], method="kmeans", neck_ratio=neck,
                           nearby_ratio=nearby, ball_share=share, assignment="power", kmeans_engine="batched",
                           max_iter=0, details=details, clock=clock)
-    regions, _ = ops.label(fg)
     group = neck_groups(peaks, distance_q, regions, kw["spacing"], neck, nearby)
     labels = pl.finish_step(split, details=details, min_size=particle_min_size, spacing=kw["spacing"])
     return dict(fg=fg, distance_q=distance_q, peaks=peaks, candidates=candidates, half=half, split=split,

@@ -45,6 +45,10 @@ PARAMETER_HELP = {
     "peak_reach": "a peak must also be the highest point within this times its own depth (the window grows with "
                   "the particle, so a large particle's second maxima are no centres); 'auto', a number in (0, 1] "
                   "or 'off'. Default %(default)s: off in 2D, 0.7 in 3D. Both methods use the same peaks",
+    "reach_share": "a maximum that the peak reach overlooks stays a peak when it keeps at least this share of its "
+                   "own inscribed ball from every other peak of its region (a small particle pressed against "
+                   "larger ones, not a second maximum); 'auto', a number in (0, 1] or 'off' (the reach drops "
+                   "them all). Default %(default)s: 0.6. Only with the peak reach",
     "ball_share": "a group of peaks that keeps less than this share of its own inscribed ball from the other "
                   "groups of its region (a second maximum where particles meet) is dropped and its voxels go to "
                   "its neighbours; 'auto', a number in (0, 1] or 'off'. Default %(default)s: 0.5. "
@@ -125,6 +129,8 @@ def add_separation_options(parser):
     group.add_argument("--nearby-ratio", type=_ratio("nearby ratio"), default="auto",
                        help=PARAMETER_HELP["nearby_ratio"])
     group.add_argument("--peak-reach", type=_ratio("peak reach"), default="auto", help=PARAMETER_HELP["peak_reach"])
+    group.add_argument("--reach-share", type=_ratio("reach share"), default="auto",
+                       help=PARAMETER_HELP["reach_share"])
     group.add_argument("--ball-share", type=_ratio("ball share"), default="auto", help=PARAMETER_HELP["ball_share"])
     group.add_argument("--method", choices=("kmeans", "watershed"), default="kmeans",
                        help="kmeans: k-means per region from the peaks (default); watershed: the classical "
@@ -141,7 +147,7 @@ def separation_kwargs(args):
     return dict(spacing=args.spacing, sigma=args.sigma, threshold=args.threshold, polarity=args.polarity,
                 min_distance=args.min_distance, min_size=args.min_size, max_hole_size=args.max_hole_size,
                 neck_ratio=args.neck_ratio, nearby_ratio=args.nearby_ratio, peak_reach=args.peak_reach,
-                ball_share=args.ball_share, method=args.method, assignment=args.assignment, max_iter=args.max_iter,
+                reach_share=args.reach_share, ball_share=args.ball_share, method=args.method, assignment=args.assignment, max_iter=args.max_iter,
                 reject_annotations={"auto": "auto", "on": True, "off": False}[args.reject_annotations])
 
 

@@ -140,21 +140,25 @@ def test_demo_runs_and_scores(tmp_path):
     assert scores["f1_50"] > 0.6
 
 
-@pytest.mark.parametrize("option, value", [("nearby_ratio", 0.8), ("peak_reach", 0.7), ("ball_share", 0.9)])
-def test_3d_peak_options_reach_the_split_and_are_checked(tmp_path, option, value):
-    """--nearby-ratio 0.8, --peak-reach 0.7 and --ball-share 0.9 on a 2D image (default off there, 0.5 for the
-    share) give separate(..., option=value)'s labels; a value outside (0, 1] is refused by the parser in one line, before any output."""
+@pytest.mark.parametrize("option, value, extra", [("nearby_ratio", 0.8, {}), ("peak_reach", 0.7, {}),
+                                                  ("ball_share", 0.9, {}), ("reach_share", 0.9, {"peak_reach": 0.7})])
+def test_3d_peak_options_reach_the_split_and_are_checked(tmp_path, option, value, extra):
+    """--nearby-ratio 0.8, --peak-reach 0.7, --ball-share 0.9 and, with the reach on, --reach-share 0.9 on a 2D
+    image (default off there, 0.5 for the ball share, 0.6 for the reach share) give separate(..., option=value)'s
+    labels; a value outside (0, 1] is refused by the parser in one line, before any output."""
     from gpu_pipeline.pipeline import separate
 
     flag, words = "--" + option.replace("_", "-"), option.replace("_", " ")
     image, _ = make_touching_particles((200, 200), 60, radius_range=(6, 15), overlap=0.15, seed=1)
     tifffile.imwrite(tmp_path / "in.tif", image)
     options = ["--min-distance", "4", "--device", "cpu"]
+    for name, setting in extra.items():
+        options += ["--" + name.replace("_", "-"), str(setting)]
     assert main(["run", str(tmp_path / "in.tif"), str(tmp_path / "set.tif"), flag, str(value), *options]) == 0
     assert main(["run", str(tmp_path / "in.tif"), str(tmp_path / "plain.tif"), *options]) == 0
     given, plain = tifffile.imread(tmp_path / "set.tif"), tifffile.imread(tmp_path / "plain.tif")
-    assert np.array_equal(given, separate(image, min_distance=4, **{option: value}))
-    assert np.array_equal(plain, separate(image, min_distance=4)) and not np.array_equal(given, plain)
+    assert np.array_equal(given, separate(image, min_distance=4, **{option: value}, **extra))
+    assert np.array_equal(plain, separate(image, min_distance=4, **extra)) and not np.array_equal(given, plain)
     result = run_cli("run", tmp_path / "in.tif", tmp_path / "bad.tif", flag, "2")
     assert result.returncode == 2 and f"{words} must be 'auto', a number in (0, 1] or 'off'" in result.stderr
     assert not (tmp_path / "bad.tif").exists()

@@ -217,7 +217,7 @@ def test_one_piece_rounds_on_the_device_equal_numpy(cp, rng, max_rounds):
                                      dict(kmeans_engine="sklearn", assignment="euclidean", max_iter=3),
                                      dict(max_hole_size=30.0), dict(neck_ratio=0.8),
                                      dict(neck_ratio=None, nearby_ratio=1.0), dict(peak_reach=1.0),
-                                     dict(ball_share=0.7)])
+                                     dict(ball_share=0.7), dict(peak_reach=0.7, reach_share=0.4)])
 def test_public_separate_on_the_gpu_equals_the_cpu_for_each_option(cp, rng, options):
     """``separate(..., device='gpu')`` on NumPy input: NumPy out, the CPU result (sigma 0: exact stages)."""
     from gpu_pipeline import evaluate, separate
@@ -308,3 +308,17 @@ def test_cli_device_gpu_in_memory_and_chunked_with_workspace(cp, rng, tmp_path):
     expected = separate(cp.asarray(image), max_radius=13.0, min_size=None).get()  # the chunked size rule
     assert zarr.open_array(str(tmp_path / "out.zarr" / "particles" / "0"))[...].tobytes() == expected.tobytes()
     assert cp.get_default_memory_pool().get_limit() > 0  # the pool was pinned for the chunked run
+
+
+def test_reach_share_rescue_on_the_gpu_equals_the_cpu(cp):
+    """The reach's overlooked peaks and their rescue (find_peaks' flags, rescued_peaks) on CuPy: separate's
+    labels on a 64^3 box where the default rescues a small sphere's centre (the CPU's differ without it)."""
+    from gpu_pipeline.pipeline import separate
+    from gpu_pipeline.synthetic import make_touching_particles
+
+    image, _ = make_touching_particles((256, 256, 256), 845, radius_range=(8.4, 16), overlap=0.15, seed=26035)
+    image = np.ascontiguousarray(image[0:64, 37:101, 94:158])
+    kw = dict(min_distance=4, max_radius=16.0, min_size=65)
+    on_cpu = separate(image, device="cpu", **kw)
+    assert on_cpu.max() == separate(image, device="cpu", reach_share=None, **kw).max() + 1
+    np.testing.assert_array_equal(separate(image, device="gpu", **kw), on_cpu)

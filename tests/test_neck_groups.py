@@ -209,3 +209,32 @@ def test_shadowed_peaks_drop_a_maximum_between_particles_but_not_at_the_border_c
     kept = np.flatnonzero(keep)
     for a in range(kept.size):
         assert new[a] == np.flatnonzero(group[kept] == group[kept[a]])[0]
+
+
+def test_rescued_peaks_keep_an_overlooked_centre_that_keeps_its_ball_but_not_a_second_maximum():
+    """rescued_peaks on peaks placed by hand, the overlooked ones flagged: a small sphere's centre beside a
+    large one (balls overlapping a little) keeps most of its ball and stays; a second maximum 7 voxels from a
+    higher peak keeps little and goes; a centre whose ball crosses the image border goes whatever its share;
+    peaks within reach always stay. The share is ball_shares' with one group per peak: half a sample below the
+    centre's own share it stays, half a sample above it goes. share None rescues none."""
+    from gpu_pipeline.stages.peaks import QUANTUM_DIVISOR, ball_shares, rescued_peaks
+
+    placed = [((20, 20, 20), 14, 1, False), ((20, 20, 40), 8, 1, True),  # a small sphere beside a large one
+              ((20, 20, 70), 12, 2, False), ((20, 20, 77), 9, 2, True),  # a second maximum
+              ((20, 30, 112), 8.5, 3, True), ((20, 30, 90), 12, 3, False)]  # a centre 8 from the border
+    shape = (40, 40, 120)
+    order = np.argsort([np.ravel_multi_index(c, shape) for c, _, _, _ in placed], kind="stable")
+    peaks = np.asarray([placed[k][0] for k in order], dtype=np.int64)
+    heights = np.asarray([int(placed[k][1] * QUANTUM_DIVISOR) for k in order], dtype=np.int32)
+    region = np.asarray([placed[k][2] for k in order])
+    overlooked = np.asarray([placed[k][3] for k in order])
+    small, second, border = (int(np.flatnonzero(order == k)[0]) for k in (1, 3, 4))
+    kept, m = ball_shares(peaks, heights, region, None, (1.0,) * 3)
+    assert kept[small] / m > 0.9 and kept[second] / m < 0.5 and kept[border] / m > 0.9
+    for share, small_stays in ((0.6, True), ((kept[small] - 0.5) / m, True), ((kept[small] + 0.5) / m, False)):
+        keep = rescued_peaks(peaks, heights, region, overlooked, (1.0,) * 3, shape, share)
+        expected = ~overlooked
+        expected[small] = small_stays
+        np.testing.assert_array_equal(keep, expected)
+    np.testing.assert_array_equal(rescued_peaks(peaks, heights, region, overlooked, (1.0,) * 3, shape, None),
+                                  ~overlooked)

@@ -433,6 +433,15 @@ def test_peak_reach_keeps_the_candidates_no_voxel_within_their_reach_exceeds(rng
     kept = candidates[np.asarray(reference)]
     np.testing.assert_array_equal(find_peaks(values, half_widths=half, reach=PeakReach(ratio, spacing, 1e3)),
                                   kept[space_candidates(kept, half)])
+    # Kept for the reach share: the same peaks, and the overlooked candidates spaced among themselves, flagged,
+    # all in C order.
+    peaks, overlooked = find_peaks(values, half_widths=half, reach=PeakReach(ratio, spacing, 1e3),
+                                   return_overlooked=True)
+    dropped = candidates[~np.asarray(reference)]
+    np.testing.assert_array_equal(peaks[~overlooked], kept[space_candidates(kept, half)])
+    np.testing.assert_array_equal(peaks[overlooked], dropped[space_candidates(dropped, half)])
+    order = np.ravel_multi_index(tuple(peaks.T), shape)
+    assert overlooked.any() and (np.diff(order) > 0).all()
 
 
 @pytest.mark.parametrize("shape, count, seed", [((160, 160), 50, 3), ((64, 64, 64), 60, 1)])

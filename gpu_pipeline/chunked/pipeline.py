@@ -54,8 +54,8 @@ from gpu_pipeline.pipeline import NoParticlesError, cap_distance, resolve_ratio,
 from gpu_pipeline.stages.components import settle_pieces
 from gpu_pipeline.stages.kmeans import batched_kmeans
 from gpu_pipeline.stages.peaks import (PeakReach, join_peaks, local_maxima, quantize_cap, quantize_distance, regroup,
-                                       segment_points, shadowed_peaks, space_candidates, window_half_widths,
-                                       within_reach)
+                                       rescued_peaks, segment_points, shadowed_peaks, space_candidates_by_reach,
+                                       window_half_widths, within_reach)
 from gpu_pipeline.stages.split import (KMeansSeeds, assign_compiled, block_candidates, candidate_selections,
                                       kmeans_seeds, selection_passes)
 
@@ -141,8 +141,8 @@ def _block_peak_candidates(extended, origin, left, core_shape, spacing, half_wid
     ``extended``: the chunk with its halo, or the :class:`StagedBox` to read it from.
     ``distance_out``: (store, marker, dtype) where the core of the capped quantised distance map is staged
     for the neck pass, which then reads it instead of computing the distance transform again.
-    ``reach``: (the ``peak_reach`` ratio, the whole volume's shape) for
-    :func:`~gpu_pipeline.stages.peaks.within_reach`, or None.
+    ``reach``: (the ``peak_reach`` ratio, the whole volume's shape, whether to keep and flag the candidates it
+    overlooks) for :func:`~gpu_pipeline.stages.peaks.within_reach`, or None.
     """
     extended = _extended(extended)
     xp = get_array_module(extended)
@@ -161,14 +161,18 @@ def _block_peak_candidates(extended, origin, left, core_shape, spacing, half_wid
         write_block(distance_q[core].astype(dtype), store, region, marker)
     coords = local_maxima(distance_q, half_widths=half_widths, core=core)
     shift = xp.asarray([int(o) - int(lo) for o, lo in zip(origin, left)], dtype=xp.int64)
+    overlooked = None
     if reach is not None:
-        ratio, shape = reach
-        coords = coords[within_reach(distance_q, coords, PeakReach(ratio, spacing, max_radius), half_widths, shape,
-                                     shift)]
+        ratio, shape, flagged = reach
+        within = within_reach(distance_q, coords, PeakReach(ratio, spacing, max_radius), half_widths, shape, shift)
+        if flagged:
+            overlooked = to_host(~within)
+        else:
+            coords = coords[within]
     capped = int(((distance_q[core] >= quantize_cap(max_radius, spacing)) & fg[core]).sum())
     values = distance_q[tuple(coords.T)]
     region = extended[tuple(coords.T)]
-    return to_host(coords + shift), to_host(values), to_host(region), capped
+    return to_host(coords + shift), to_host(values), to_host(region), capped, overlooked
 
 
 def _haloed_peak_candidates(extended, left, origin, core_shape, spacing, half_widths, max_radius, distance_out,
@@ -209,7 +213,7 @@ def _extended_blocks(regions, depth, store, device):
 
 
 def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, device=None, verbose=False,
-                  workspace=None, reach=None):
+                  workspace=None, reach=None, return_overlooked=False):
     """Peaks of the capped distance map of ``regions > 0``: the in-memory `find_peaks` result, for any chunking.
 
     ``store``: the Zarr store ``regions`` was staged in; each chunk is then
@@ -223,15 +227,18 @@ def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, dev
     capped distance map as ``distance``, for :func:`neck_groups_chunked`.
 
     ``reach``: the ``peak_reach`` ratio or None (the halo then reaches further, :func:`peak_halo`).
+    ``return_overlooked``: keep the candidates the reach overlooks, as `find_peaks` does.
 
     Returns a dict: ``peaks`` (n, ndim) int64 in C order, ``values`` (int32
-    quantised distances), ``region`` (int64), ``n_capped`` voxels at the cap.
+    quantised distances), ``region`` (int64), ``n_capped`` voxels at the cap;
+    with ``return_overlooked`` (and a reach), ``overlooked`` (bool per peak).
     """
     from dask import delayed
 
     half = window_half_widths(min_distance, spacing)
     depth = peak_halo(min_distance, max_radius, spacing, reach)
-    block_reach = None if reach is None else (float(reach), tuple(int(n) for n in regions.shape))
+    flagged = reach is not None and return_overlooked
+    block_reach = None if reach is None else (float(reach), tuple(int(n) for n in regions.shape), flagged)
     staged = None
     if workspace is not None and store is not None:
         dtype = distance_dtype(max_radius, spacing)
@@ -267,11 +274,15 @@ def peaks_chunked(regions, *, spacing, min_distance, max_radius, store=None, dev
     coords = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, ndim), np.int64)
     values = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32)
     region = np.concatenate([p[2] for p in parts]).astype(np.int64) if parts else np.zeros(0, np.int64)
+    overlooked = np.concatenate([p[4] for p in parts]) if parts and flagged else np.zeros(coords.shape[0], bool)
     order = np.argsort(np.ravel_multi_index(tuple(coords.T), regions.shape), kind="stable")
-    coords, values, region = coords[order], values[order], region[order]
-    keep = run_call(space_candidates, coords, half)
-    return {"peaks": coords[keep].astype(np.int64), "values": values[keep].astype(np.int32),
-            "region": region[keep], "n_capped": int(sum(p[3] for p in parts))}
+    coords, values, region, overlooked = coords[order], values[order], region[order], overlooked[order]
+    keep = run_call(space_candidates_by_reach, coords, ~overlooked if flagged else None, half)
+    found = {"peaks": coords[keep].astype(np.int64), "values": values[keep].astype(np.int32),
+             "region": region[keep], "n_capped": int(sum(p[3] for p in parts))}
+    if flagged:
+        found["overlooked"] = overlooked[keep]
+    return found
 
 
 def _block_neck_minima(extended, origin, left, core_shape, spacing, max_radius, starts, ends):
@@ -498,8 +509,8 @@ def one_piece_chunked(labels, *, workspace, device=None, verbose=False):
 
 def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,
                      min_distance=4.0, min_size=None, max_radius=None, neck_ratio="auto", nearby_ratio="auto",
-                     peak_reach="auto", ball_share="auto", assignment="power", max_iter=0, workspace=None, device=None,
-                     verbose=False, classifier=None):
+                     peak_reach="auto", reach_share="auto", ball_share="auto", assignment="power", max_iter=0,
+                     workspace=None, device=None, verbose=False, classifier=None):
     """`separate` for a chunked Dask array: byte-identical labels for any chunking, memory bounded by chunks.
 
     Parameters are those of :func:`gpu_pipeline.pipeline.separate` (method
@@ -544,6 +555,7 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
     neck_ratio = resolve_ratio("neck_ratio", neck_ratio, reference.ndim)
     nearby_ratio = resolve_ratio("nearby_ratio", nearby_ratio, reference.ndim)
     peak_reach = resolve_ratio("peak_reach", peak_reach, reference.ndim)
+    reach_share = resolve_ratio("reach_share", reach_share, reference.ndim)
     ball_share = resolve_ratio("ball_share", ball_share, reference.ndim)
     max_radius = float(max_radius) if max_radius is not None else MAX_RADIUS_FACTOR * float(min_distance)
     if not (max_radius > 0 and math.isfinite(max_radius)):
@@ -575,7 +587,13 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
                                f"smaller than {min_size:g} (physical units); check polarity, threshold or min_size")
     found = workspace.remember("peaks", lambda: peaks_chunked(
         regions, spacing=spacing, min_distance=min_distance, max_radius=max_radius,
-        store=workspace.store("regions"), device=device, verbose=verbose, workspace=workspace, reach=peak_reach))
+        store=workspace.store("regions"), device=device, verbose=verbose, workspace=workspace, reach=peak_reach,
+        return_overlooked=reach_share is not None))
+    if "overlooked" in found:  # on the global peak list, as in memory: no voxel is read
+        keep = rescued_peaks(found["peaks"], found["values"], found["region"], found["overlooked"], spacing,
+                             reference.shape, reach_share, power=assignment == "power")
+        found = {key: value[keep] if key in ("peaks", "values", "region") else value for key, value in found.items()
+                 if key != "overlooked"}
     details.n_peaks, details.n_capped_voxels = int(len(found["peaks"])), int(found["n_capped"])
     _, quantum = quantize_distance(np.zeros(1, np.float32), spacing)
     radii = found["values"].astype(np.float64) * quantum

@@ -250,7 +250,8 @@ def output_paths(output):
 
 def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, timepoint=None, mask_path=None,
                 sigma=1.0, threshold="otsu", polarity="auto", min_distance=4.0, min_size=None, max_radius=None,
-                neck_ratio="auto", nearby_ratio="auto", peak_reach="auto", ball_share="auto", assignment="power",
+                neck_ratio="auto", nearby_ratio="auto", peak_reach="auto", reach_share="auto", ball_share="auto",
+                assignment="power",
                 max_iter=0, device="cpu", cluster=None, scheduler=None, workers=None, scratch=None, overwrite=False,
                 missing_chunks="error", verbose=True, classifier=None, probabilities_path=None):
     """Separate a Zarr volume chunk by chunk into an OME-Zarr labels group (see the module docstring).
@@ -315,8 +316,8 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
                       shape=list(volume.shape), chunks=[int(c[0]) for c in volume.chunks], channel=channel,
                       timepoint=timepoint, spacing=list(spacing), sigma=sigma, threshold=threshold,
                       polarity=polarity, min_distance=min_distance, min_size=min_size, max_radius=max_radius,
-                      neck_ratio=neck_ratio, nearby_ratio=nearby_ratio, peak_reach=peak_reach, ball_share=ball_share,
-                      assignment=assignment, max_iter=max_iter)
+                      neck_ratio=neck_ratio, nearby_ratio=nearby_ratio, peak_reach=peak_reach,
+                      reach_share=reach_share, ball_share=ball_share, assignment=assignment, max_iter=max_iter)
     inputs = {"input": volume_print, "mask": mask_print}
     changed = (f"{input_path}{' or ' + str(mask_path) if mask_path else ''} changed (shape, dtype, chunking, "
                "codecs, or its chunk files' sizes or times)")
@@ -394,7 +395,7 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
             volume, spacing=spacing, sigma=p["sigma"], threshold=p["threshold"], polarity=p["polarity"],
             mask=mask, min_distance=p["min_distance"], min_size=p["min_size"], max_radius=p["max_radius"],
             neck_ratio=p["neck_ratio"], nearby_ratio=p["nearby_ratio"], peak_reach=p["peak_reach"],
-            ball_share=p["ball_share"], assignment=p["assignment"], max_iter=p["max_iter"], workspace=workspace,
+            reach_share=p["reach_share"], ball_share=p["ball_share"], assignment=p["assignment"], max_iter=p["max_iter"], workspace=workspace,
             device=device, verbose=verbose, classifier=model)
         n_particles = details.n_particles
         labels = labels.map_blocks(to_host, dtype=labels.dtype)

@@ -59,7 +59,7 @@ def quantize_cap(cap, spacing):
     return int(quantize_distance(np.asarray([cap], dtype=np.float32), spacing)[0][0])
 
 
-def find_peaks(values, *, half_widths, min_value=0, reach=None):
+def find_peaks(values, *, half_widths, min_value=0, reach=None, return_overlooked=False):
     """Local maxima of ``values`` over an ellipsoidal window of half-widths ``half_widths`` voxels per axis.
 
     A voxel is a peak when it is at least as high as every voxel of its
@@ -82,7 +82,9 @@ def find_peaks(values, *, half_widths, min_value=0, reach=None):
     With ``reach`` (a :class:`PeakReach`), a candidate must moreover be the
     highest voxel within ``reach.ratio`` times its own value (physical units,
     and no more than its distance to the image's border) before the spacing:
-    the window grows with the peak (:func:`within_reach`).
+    the window grows with the peak (:func:`within_reach`). With
+    ``return_overlooked`` the candidates that the reach overlooks are kept
+    too, spaced among themselves, and flagged, for :func:`rescued_peaks`.
 
     Parameters
     ----------
@@ -92,17 +94,39 @@ def find_peaks(values, *, half_widths, min_value=0, reach=None):
     min_value : scalar
         Peaks must be strictly greater.
     reach : PeakReach, optional
+    return_overlooked : bool
+        Also return which peaks the reach overlooks (all False without it).
 
     Returns
     -------
     coords : ndarray, shape (n_peaks, ndim), int64
         Peak coordinates sorted in C order, on the input's device.
+    overlooked : ndarray, shape (n_peaks,), bool
+        Only with ``return_overlooked``.
     """
+    xp = get_array_module(values)
     candidates = local_maxima(values, half_widths=half_widths, min_value=min_value)
-    if reach is not None:
-        candidates = candidates[within_reach(values, candidates, reach, half_widths, values.shape)]
-    keep = space_candidates(candidates, half_widths)
-    return candidates[keep]
+    within = None if reach is None else within_reach(values, candidates, reach, half_widths, values.shape)
+    if within is not None and not return_overlooked:
+        candidates, within = candidates[within], None
+    keep = space_candidates_by_reach(candidates, within, half_widths)
+    if not return_overlooked:
+        return candidates[keep]
+    return candidates[keep], (xp.zeros(int(keep.sum()), dtype=bool) if within is None else ~within[keep])
+
+
+def space_candidates_by_reach(coords, within, half_widths):
+    """:func:`space_candidates` of the candidates within their reach and, apart, of those the reach overlooks
+    (``within``: boolean per candidate, or None: one set), so that the peaks within reach are those of the run
+    that drops the others. Returns a boolean array over ``coords``."""
+    if within is None:
+        return space_candidates(coords, half_widths)
+    xp = get_array_module(coords)
+    keep = xp.zeros(coords.shape[0], dtype=bool)
+    for part in (within, ~within):
+        index = xp.flatnonzero(part)
+        keep[index[space_candidates(coords[index], half_widths)]] = True
+    return keep
 
 
 class PeakReach:
@@ -594,6 +618,31 @@ def shadowed_peaks(peaks, heights, region, group, spacing, shape, cap, share, *,
     ops.scatter_max(region_best, region, best[group])
     dropped = (best < float(share) * m) & (any_exempt == 0) & (best < region_best[region])
     return ~dropped[group]
+
+
+def rescued_peaks(peaks, heights, region, overlooked, spacing, shape, share, *, power=True):
+    """Which peaks to keep: those the reach did not overlook, and those it did that keep at least ``share`` of
+    their own inscribed ball from every other peak of their region (:func:`ball_shares`, one group per peak).
+
+    The reach (:func:`within_reach`) takes a maximum that a higher voxel
+    overlooks from within its reach for a second maximum on the flank of a
+    larger body. A small particle pressed against larger ones can be
+    overlooked the same way, from the rising flank of a neighbour: but its
+    centre, unlike a second maximum, keeps most of its ball from the other
+    peaks' balls. Not rescued: a peak whose ball crosses the image border
+    (``shape``; its height is not its radius there). ``share`` None rescues
+    none. ``heights``: quantised, as for :func:`ball_shares`. Returns a
+    boolean array over the peaks.
+    """
+    xp = get_array_module(peaks)
+    overlooked = xp.asarray(overlooked, dtype=bool)
+    if share is None or not bool(overlooked.any()):
+        return ~overlooked
+    quantum = min(float(s) for s in spacing) / QUANTUM_DIVISOR
+    radius = xp.asarray(heights).astype(xp.float64) * quantum
+    tested = overlooked & (radius <= border_distance(peaks, shape, spacing))
+    kept, m = ball_shares(peaks, heights, region, None, spacing, power=power, tested=tested)
+    return ~overlooked | (tested & (kept >= float(share) * m))
 
 
 def regroup(group, keep):
