@@ -15,7 +15,9 @@ needs halos, the tasks that read the neighbouring chunks hand them over:
    capped at ``max_radius`` (in-memory ``separate(max_radius=...)`` caps the
    same way), so the capped map, its local maxima and their values are exact.
    The greedy peak spacing then runs once on all candidates
-   (:func:`~gpu_pipeline.stages.peaks.space_candidates`); with
+   (:func:`~gpu_pipeline.stages.peaks.space_candidates`; those the peak reach
+   overlooks apart, flagged, for the reach share's rescue on the global peak
+   list, :func:`~gpu_pipeline.stages.peaks.rescued_peaks`); with
    ``neck_ratio``, a second pass of the same distance map samples the
    segments between neighbouring peaks in the chunk that holds each sample
    (:func:`neck_groups_chunked`);
