@@ -30,7 +30,8 @@ from gpu_pipeline.metrics import evaluate
 from gpu_pipeline.synthetic import make_touching_particles
 
 DECLUMP_VARIANTS = {
-    "declump (default: power, 0 Lloyd, neck, nearby, reach and ball share auto)": dict(assignment="power", max_iter=0),
+    "declump (default: power, 0 Lloyd, neck, nearby, reach, reach share and ball share auto)": dict(assignment="power",
+                                                                                                   max_iter=0),
     "declump --neck-ratio off --nearby-ratio off": dict(assignment="power", max_iter=0, neck_ratio=None,
                                                         nearby_ratio=None),
     "declump power + 3 Lloyd": dict(assignment="power", max_iter=3),

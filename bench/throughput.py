@@ -46,7 +46,7 @@ from bench.common import RESULTS, machine_info, write_results
 from bench.compare_methods import SNOW, WATERSHED, peak_rss_gib, pooled_scores, run_method
 from gpu_pipeline.synthetic import make_touching_particles
 
-DECLUMP = "declump (default: power, 0 Lloyd, neck, nearby, reach and ball share auto)"
+DECLUMP = "declump (default: power, 0 Lloyd, neck, nearby, reach, reach share and ball share auto)"
 METHODS = (DECLUMP, WATERSHED, SNOW)
 SHORT = {"declump": DECLUMP, "watershed": WATERSHED, "snow": SNOW}
 #: Voxels in a terabyte of uint8 volume.

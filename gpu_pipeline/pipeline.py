@@ -135,8 +135,8 @@ PEAK_REACH_AUTO = {2: None, 3: 0.7}
 #: peak of its region: a small sphere pressed against larger ones, overlooked from a neighbour's rising flank,
 #: keeps most of its ball, while a second maximum of one sphere keeps well under half. Measured 2026-12-03 at
 #: the bench parameters (README, Method step 6), against off: 24 random 256^3 volumes (chosen on) F1@0.5
-#: higher on 6, lower on none (0.7 the same counts, a lower mean; 0.8 5, 0.9 2 higher); 24 held-out ones
-#: higher on 9, lower on 1, mean F1 higher on 10, lower on none.
+#: higher on 7, lower on none (0.7: 6 higher, a lower mean); 24 held-out ones higher on 9, lower on 1, mean F1
+#: higher on 10, lower on none; 24 fresh ones (run once with the peers) higher on 8, lower on 3.
 REACH_SHARE_AUTO = {2: 0.6, 3: 0.6}
 
 #: ``ball_share="auto"`` by the number of dimensions: 0.5 in 2D and 3D. A group of peaks that keeps less than
