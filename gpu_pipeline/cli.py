@@ -147,7 +147,8 @@ def separation_kwargs(args):
     return dict(spacing=args.spacing, sigma=args.sigma, threshold=args.threshold, polarity=args.polarity,
                 min_distance=args.min_distance, min_size=args.min_size, max_hole_size=args.max_hole_size,
                 neck_ratio=args.neck_ratio, nearby_ratio=args.nearby_ratio, peak_reach=args.peak_reach,
-                reach_share=args.reach_share, ball_share=args.ball_share, method=args.method, assignment=args.assignment, max_iter=args.max_iter,
+                reach_share=args.reach_share, ball_share=args.ball_share, method=args.method,
+                assignment=args.assignment, max_iter=args.max_iter,
                 reject_annotations={"auto": "auto", "on": True, "off": False}[args.reject_annotations])
 
 

@@ -153,8 +153,7 @@ RATIO_AUTO = {"neck_ratio": NECK_RATIO_AUTO, "nearby_ratio": NEARBY_RATIO_AUTO, 
 
 def resolve_ratio(name, value, ndim):
     """``neck_ratio``, ``nearby_ratio``, ``peak_reach``, ``reach_share`` or ``ball_share`` (``name``) as a number
-    in (0, 1] or None;
-    ``"auto"`` by its table (:data:`RATIO_AUTO`)."""
+    in (0, 1] or None; ``"auto"`` by its table (:data:`RATIO_AUTO`)."""
     if isinstance(value, str):
         if value != "auto":
             raise DeclumpError(f"{name} must be 'auto', a number in (0, 1] or None (off), got {value!r}")
@@ -219,9 +218,8 @@ def _memory_error_names_stage(function):
 def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="auto", mask=None,
              min_distance="auto", min_size="auto", max_hole_size="auto", max_radius=None, neck_ratio="auto",
              nearby_ratio="auto", peak_reach="auto", reach_share="auto", ball_share="auto", method="kmeans",
-             assignment="power",
-             kmeans_engine="batched", max_iter=0, reject_annotations="auto", return_details=False, classifier=None,
-             follow_boundaries=True):
+             assignment="power", kmeans_engine="batched", max_iter=0, reject_annotations="auto", return_details=False,
+             classifier=None, follow_boundaries=True):
     """Split touching particles: an instance label image with one id per particle.
 
     Runs on the device that holds ``image`` (NumPy: CPU fallback; CuPy: GPU).

@@ -251,9 +251,9 @@ def output_paths(output):
 def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, timepoint=None, mask_path=None,
                 sigma=1.0, threshold="otsu", polarity="auto", min_distance=4.0, min_size=None, max_radius=None,
                 neck_ratio="auto", nearby_ratio="auto", peak_reach="auto", reach_share="auto", ball_share="auto",
-                assignment="power",
-                max_iter=0, device="cpu", cluster=None, scheduler=None, workers=None, scratch=None, overwrite=False,
-                missing_chunks="error", verbose=True, classifier=None, probabilities_path=None):
+                assignment="power", max_iter=0, device="cpu", cluster=None, scheduler=None, workers=None,
+                scratch=None, overwrite=False, missing_chunks="error", verbose=True, classifier=None,
+                probabilities_path=None):
     """Separate a Zarr volume chunk by chunk into an OME-Zarr labels group (see the module docstring).
 
     ``missing_chunks``: ``"error"`` (default) refuses an input or mask with a
@@ -395,8 +395,8 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
             volume, spacing=spacing, sigma=p["sigma"], threshold=p["threshold"], polarity=p["polarity"],
             mask=mask, min_distance=p["min_distance"], min_size=p["min_size"], max_radius=p["max_radius"],
             neck_ratio=p["neck_ratio"], nearby_ratio=p["nearby_ratio"], peak_reach=p["peak_reach"],
-            reach_share=p["reach_share"], ball_share=p["ball_share"], assignment=p["assignment"], max_iter=p["max_iter"], workspace=workspace,
-            device=device, verbose=verbose, classifier=model)
+            reach_share=p["reach_share"], ball_share=p["ball_share"], assignment=p["assignment"],
+            max_iter=p["max_iter"], workspace=workspace, device=device, verbose=verbose, classifier=model)
         n_particles = details.n_particles
         labels = labels.map_blocks(to_host, dtype=labels.dtype)
         # The output folder appears once there is something to put in it, marked unfinished until the end.
