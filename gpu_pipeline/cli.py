@@ -67,8 +67,8 @@ def _spacing(text):
 
 
 def _ratio(name):
-    """The argparse type of ``--neck-ratio``, ``--nearby-ratio``, ``--peak-reach`` and ``--ball-share``: 'auto', a
-    number in (0, 1], or 'off' (None)."""
+    """The argparse type of ``--neck-ratio``, ``--nearby-ratio``, ``--peak-reach``, ``--reach-share`` and
+    ``--ball-share``: 'auto', a number in (0, 1], or 'off' (None)."""
     def parse(text):
         if text == "off":
             return None

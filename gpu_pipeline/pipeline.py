@@ -477,7 +477,6 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
     clock.lap("distance_transform")
     peaks, overlooked = peaks_step(distance_q, spacing=spacing, min_distance=min_distance, reach=peak_reach,
                                    max_radius=max_radius, reach_share=reach_share)
-    details.n_peaks = int(peaks.shape[0])
     clock.lap("peaks")
     labels = split_step(fg, distance_q, quantum, peaks, spacing=spacing, method=method, neck_ratio=neck_ratio,
                         nearby_ratio=nearby_ratio, ball_share=ball_share, max_radius=max_radius,
@@ -624,25 +623,25 @@ def peaks_step(distance_q, *, spacing, min_distance, reach=None, max_radius=None
     reach overlooks (kept for :func:`split_step` to rescue with ``reach_share``; None when either is None, and
     the peaks are then those within reach). ``max_radius``: the cap of :func:`distance_step`."""
     cap = distance_cap(distance_q.shape, spacing, max_radius)
+    flagged = reach is not None and reach_share is not None
     found = find_peaks(distance_q, half_widths=window_half_widths(min_distance, spacing),
-                       reach=None if reach is None else PeakReach(reach, spacing, cap),
-                       return_overlooked=reach is not None and reach_share is not None)
-    return found if isinstance(found, tuple) else (found, None)
+                       reach=None if reach is None else PeakReach(reach, spacing, cap), return_overlooked=flagged)
+    return found if flagged else (found, None)
 
 
 def split_step(fg, distance_q, quantum, peaks, *, spacing, method, neck_ratio, assignment, kmeans_engine, max_iter,
                details, clock, nearby_ratio=None, ball_share=None, max_radius=None, overlooked=None,
                reach_share=None):
     """Every foreground voxel assigned to a peak: k-means per region (with neck groups) or the watershed;
-    first the peaks the reach ``overlooked`` (None: none) kept only where ``reach_share`` rescues them."""
+    first the peaks the reach ``overlooked`` (None: none) kept only where ``reach_share`` rescues them, and
+    counted (``details.n_peaks``)."""
     xp = get_array_module(fg)
     ops = ops_for(fg)
     regions, details.n_regions = ops.label(fg)
     clock.lap("regions")
-    if overlooked is not None:
-        peaks = rescue_step(peaks, overlooked, distance_q, regions, spacing=spacing, reach_share=reach_share,
-                            power=assignment == "power")
-        details.n_peaks = int(peaks.shape[0])
+    peaks = rescue_step(peaks, overlooked, distance_q, regions, spacing=spacing, reach_share=reach_share,
+                        power=assignment == "power")
+    details.n_peaks = int(peaks.shape[0])
     if method != "kmeans":
         labels = split_regions_watershed(fg, regions, details.n_regions, peaks, distance_q)
         clock.lap("watershed")

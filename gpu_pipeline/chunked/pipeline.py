@@ -509,6 +509,14 @@ def one_piece_chunked(labels, *, workspace, device=None, verbose=False):
     return pieces.through(table.astype(dtype), dtype), n, int(settled["rounds"])
 
 
+def _kept_peaks(found, keep):
+    """The :func:`peaks_chunked` result ``found`` with only the peaks ``keep`` selects (their values and regions
+    too), its ``overlooked`` flags dropped once used."""
+    kept = {key: value for key, value in found.items() if key != "overlooked"}
+    kept.update({key: found[key][keep] for key in ("peaks", "values", "region")})
+    return kept
+
+
 def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,
                      min_distance=4.0, min_size=None, max_radius=None, neck_ratio="auto", nearby_ratio="auto",
                      peak_reach="auto", reach_share="auto", ball_share="auto", assignment="power", max_iter=0,
@@ -592,10 +600,9 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
         store=workspace.store("regions"), device=device, verbose=verbose, workspace=workspace, reach=peak_reach,
         return_overlooked=reach_share is not None))
     if "overlooked" in found:  # on the global peak list, as in memory: no voxel is read
-        keep = rescued_peaks(found["peaks"], found["values"], found["region"], found["overlooked"], spacing,
-                             reference.shape, reach_share, power=assignment == "power")
-        found = {key: value[keep] if key in ("peaks", "values", "region") else value for key, value in found.items()
-                 if key != "overlooked"}
+        found = _kept_peaks(found, rescued_peaks(found["peaks"], found["values"], found["region"],
+                                                 found["overlooked"], spacing, reference.shape, reach_share,
+                                                 power=assignment == "power"))
     details.n_peaks, details.n_capped_voxels = int(len(found["peaks"])), int(found["n_capped"])
     _, quantum = quantize_distance(np.zeros(1, np.float32), spacing)
     radii = found["values"].astype(np.float64) * quantum
@@ -608,7 +615,7 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
     if ball_share is not None:  # on the global peak list, as in memory: no voxel is read
         keep = shadowed_peaks(found["peaks"], found["values"], found["region"], group, spacing, reference.shape,
                               max_radius, ball_share, power=assignment == "power")
-        found = dict(found, **{key: found[key][keep] for key in ("peaks", "values", "region")})
+        found = _kept_peaks(found, keep)
         radii, group = radii[keep], regroup(group, keep)
     seeds = kmeans_seeds(found["region"], n_regions, found["peaks"], radii, assignment=assignment,
                          peak_group=group)

@@ -208,6 +208,15 @@ def border_distance(coords, shape, spacing):
             * xp.asarray([float(s) for s in spacing], dtype=xp.float64)).min(axis=1)
 
 
+def crosses_border(peaks, heights, shape, spacing):
+    """Whether each peak's inscribed ball (radius: its quantised ``heights`` in physical units) crosses the border
+    of an image of ``shape`` (:func:`border_distance`): the particle may continue beyond the image there, and its
+    height is not its radius."""
+    xp = get_array_module(peaks)
+    quantum = min(float(s) for s in spacing) / QUANTUM_DIVISOR
+    return xp.asarray(heights).astype(xp.float64) * quantum > border_distance(peaks, shape, spacing)
+
+
 def window_norm(offsets, half_widths):
     """``sum((d / h)^2)`` over the axes (float64, summed axis by axis exactly as
     :func:`cpu_fallback.kernels.greedy_spacing` sums it), inf where ``d != 0`` on an axis with ``h = 0``.
@@ -606,9 +615,7 @@ def shadowed_peaks(peaks, heights, region, group, spacing, shape, cap, share, *,
     group = xp.arange(n, dtype=xp.int64) if group is None else xp.asarray(group).astype(xp.int64)
     region = xp.asarray(region).astype(xp.int64)
     heights = xp.asarray(heights).astype(xp.int64)
-    quantum = min(float(s) for s in spacing) / QUANTUM_DIVISOR
-    radius = heights.astype(xp.float64) * quantum
-    exempt = (radius > border_distance(peaks, shape, spacing)) | (heights >= quantize_cap(cap, spacing))
+    exempt = crosses_border(peaks, heights, shape, spacing) | (heights >= quantize_cap(cap, spacing))
     kept, m = ball_shares(peaks, heights, region, group, spacing, power=power, tested=~exempt)
     best = xp.full(n, -1, dtype=xp.int64)
     ops.scatter_max(best, group, kept)
@@ -638,9 +645,7 @@ def rescued_peaks(peaks, heights, region, overlooked, spacing, shape, share, *, 
     overlooked = xp.asarray(overlooked, dtype=bool)
     if share is None or not bool(overlooked.any()):
         return ~overlooked
-    quantum = min(float(s) for s in spacing) / QUANTUM_DIVISOR
-    radius = xp.asarray(heights).astype(xp.float64) * quantum
-    tested = overlooked & (radius <= border_distance(peaks, shape, spacing))
+    tested = overlooked & ~crosses_border(peaks, heights, shape, spacing)
     kept, m = ball_shares(peaks, heights, region, None, spacing, power=power, tested=tested)
     return ~overlooked | (tested & (kept >= float(share) * m))
 
