@@ -149,46 +149,59 @@ def _random_peak_groups(rng, shape, n, n_groups=12, n_regions=3):
 
 @pytest.mark.parametrize("shape, spacing, power", [((60, 70), (1.0, 1.0), True), ((30, 40, 36), (2.0, 1.0, 0.5), True),
                                                    ((30, 40, 36), (2.0, 1.0, 0.5), False)])
-def test_ball_shares_count_the_samples_no_peak_of_another_group_takes(rng, shape, spacing, power):
+@pytest.mark.parametrize("bordered", [False, True])
+def test_ball_shares_count_the_samples_no_peak_of_another_group_takes(rng, shape, spacing, power, bordered):
     """ball_shares against a direct count: a sample x of p's ball is taken when a peak of p's region outside
-    p's group is nearer to x (power distance |x - q|^2 - r_q^2, or Euclidean), every peak tried. Dyadic
+    p's group is nearer to x (power distance |x - q|^2 - r_q^2, or Euclidean), every peak tried; with the
+    image's shape given, a sample more than half a voxel beyond its border is neither kept nor counted. Dyadic
     coordinates, spacings and heights make both sides exact."""
     from gpu_pipeline.stages.peaks import QUANTUM_DIVISOR, ball_shares, unit_ball_samples
 
     peaks, heights, region, group = _random_peak_groups(rng, shape, 45)
     tested = rng.random(45) < 0.8
-    kept, m = ball_shares(peaks, heights, region, group, spacing, power=power, tested=tested)
+    kept, counted = ball_shares(peaks, heights, region, group, spacing, power=power, tested=tested,
+                                shape=shape if bordered else None)
     samples = unit_ball_samples(len(shape))
-    assert m == samples.shape[0]
+    m = samples.shape[0]
     radius = heights * (min(spacing) / QUANTUM_DIVISOR)
     centre = peaks * np.asarray(spacing)
     weight = radius ** 2 if power else np.zeros(45)
-    reference = np.full(45, m)
+    reference, reference_counted = np.full(45, m), np.full(45, m)
     for p in np.flatnonzero(tested):
         x = centre[p] + radius[p] * samples
         own = ((x - centre[p]) ** 2).sum(axis=1) - weight[p]
         taken = np.zeros(m, dtype=bool)
         for q in np.flatnonzero((region == region[p]) & (group != group[p])):
             taken |= ((x - centre[q]) ** 2).sum(axis=1) - weight[q] < own
-        reference[p] = m - taken.sum()
+        inside = np.ones(m, dtype=bool)
+        if bordered:
+            voxel = x / np.asarray(spacing)
+            inside = ((voxel >= -0.5) & (voxel <= np.asarray(shape) - 0.5)).all(axis=1)
+        reference[p] = (~taken & inside).sum()
+        reference_counted[p] = inside.sum()
     np.testing.assert_array_equal(kept, reference)
+    np.testing.assert_array_equal(counted, reference_counted)
     assert (reference[tested] < m).sum() > 5 and (reference[tested] == m).sum() > 0  # both kinds occur
+    assert ((reference_counted[tested] < m).sum() > 5) == bordered
 
 
-def test_shadowed_peaks_drop_a_maximum_between_particles_but_not_at_the_border_cap_or_alone():
+def test_shadowed_peaks_drop_a_maximum_between_particles_but_not_a_cut_centre_a_cap_or_alone():
     """shadowed_peaks on peaks placed by hand (share 0.5, cap 8.5): a lower maximum between two large peaks keeps
-    0.42 of its ball and goes; the same three at the image border stay (the ball crosses it), as does a capped
-    trio (0.32-0.46: capped heights are not radii); in a crowd where every peak keeps less than half, the
-    peaks with the largest share stay (a region always keeps a centre) and the two lower ones go. regroup
-    names the kept groups by their smallest kept index."""
+    0.42 of its ball and goes; at the image border, where shares are of the ball's part inside the image, a
+    lower maximum between two goes (0.46 inside; 0.56 if the samples beyond the border counted as kept) and a
+    centre cut by the border beside a larger one stays (0.68 of its 153 samples inside; 0.40 if those beyond
+    counted as taken); a capped trio stays (0.32-0.46: capped heights are not radii); in a crowd where every
+    peak keeps less than half, the peaks with the largest share stay (a region always keeps a centre) and the
+    two lower ones go. regroup names the kept groups by their smallest kept index."""
     from gpu_pipeline.stages.peaks import QUANTUM_DIVISOR, regroup, shadowed_peaks
 
     placed = [((20, 20, 16), 8, 1), ((20, 20, 30), 8, 1), ((20, 22, 23), 6, 1),  # a maximum between two
               ((20, 20, 50), 8.5, 2), ((20, 21, 51), 8.5, 2), ((20, 19, 51), 8.5, 2),  # capped
               ((20, 20, 80), 6, 3), ((18, 20, 80), 5.75, 3), ((22, 20, 80), 5.75, 3), ((20, 18, 80), 5.75, 3),
               ((20, 22, 80), 5.75, 3), ((20, 20, 78), 5.75, 3), ((20, 20, 82), 5.5, 3),  # a crowd
-              ((20, 34, 100), 8, 4), ((20, 34, 114), 8, 4), ((20, 36, 107), 6, 4)]  # the first three, at the border
-    goes = {2, 6, 12}
+              ((20, 33, 100), 8, 4), ((20, 33, 114), 8, 4), ((20, 37, 107), 6, 4),  # a maximum between two, at the border
+              ((20, 39, 60), 7, 5), ((20, 30, 63), 9, 5)]  # a centre cut by the border, beside a larger one
+    goes = {2, 6, 12, 15}
     shape = (40, 40, 120)
     order = np.argsort([np.ravel_multi_index(c, shape) for c, _, _ in placed], kind="stable")
     peaks = np.asarray([placed[k][0] for k in order], dtype=np.int64)
@@ -214,27 +227,34 @@ def test_shadowed_peaks_drop_a_maximum_between_particles_but_not_at_the_border_c
 def test_rescued_peaks_keep_an_overlooked_centre_that_keeps_its_ball_but_not_a_second_maximum():
     """rescued_peaks on peaks placed by hand, the overlooked ones flagged: a small sphere's centre beside a
     large one (balls overlapping a little) keeps most of its ball and stays; a second maximum 7 voxels from a
-    higher peak keeps little and goes; a centre whose ball crosses the image border goes whatever its share;
-    peaks within reach always stay. The share is ball_shares' with one group per peak: half a sample below the
-    centre's own share it stays, half a sample above it goes. share None rescues none."""
+    higher peak keeps little and goes; at the image border the share is of the ball's part inside the image:
+    a centre cut by the border stays (0.61 inside; 0.37 if the samples beyond counted as taken) and a second
+    maximum there goes (0.50 inside; 0.70 if they counted as kept); peaks within reach always stay. The share
+    is ball_shares' with one group per peak: half a sample below the centre's own share it stays, half a sample
+    above it goes. share None rescues none."""
     from gpu_pipeline.stages.peaks import QUANTUM_DIVISOR, ball_shares, rescued_peaks
 
     placed = [((20, 20, 20), 14, 1, False), ((20, 20, 40), 8, 1, True),  # a small sphere beside a large one
               ((20, 20, 70), 12, 2, False), ((20, 20, 77), 9, 2, True),  # a second maximum
-              ((20, 30, 112), 8.5, 3, True), ((20, 30, 90), 12, 3, False)]  # a centre 8 from the border
+              ((20, 10, 119), 7, 3, True), ((20, 10, 108), 10, 3, False),  # a centre cut by the border
+              ((20, 30, 119), 6, 4, True), ((20, 25, 112), 9, 4, False)]  # a second maximum at the border
     shape = (40, 40, 120)
     order = np.argsort([np.ravel_multi_index(c, shape) for c, _, _, _ in placed], kind="stable")
     peaks = np.asarray([placed[k][0] for k in order], dtype=np.int64)
     heights = np.asarray([int(placed[k][1] * QUANTUM_DIVISOR) for k in order], dtype=np.int32)
     region = np.asarray([placed[k][2] for k in order])
     overlooked = np.asarray([placed[k][3] for k in order])
-    small, second, border = (int(np.flatnonzero(order == k)[0]) for k in (1, 3, 4))
-    kept, m = ball_shares(peaks, heights, region, None, (1.0,) * 3)
-    assert kept[small] / m > 0.9 and kept[second] / m < 0.5 and kept[border] / m > 0.9
-    for share, small_stays in ((0.6, True), ((kept[small] - 0.5) / m, True), ((kept[small] + 0.5) / m, False)):
-        keep = rescued_peaks(peaks, heights, region, overlooked, (1.0,) * 3, shape, share)
+    small, second, cut, border_second = (int(np.flatnonzero(order == k)[0]) for k in (1, 3, 4, 6))
+    kept, counted = ball_shares(peaks, heights, region, None, (1.0,) * 3, shape=shape)
+    share = kept / counted
+    assert share[small] > 0.9 and share[second] < 0.5 and 0.6 < share[cut] < 0.65 and share[border_second] < 0.55
+    m = counted[small]
+    for value, small_stays in ((0.6, True), ((kept[small] - 0.5) / m, True), ((kept[small] + 0.5) / m, False)):
+        keep = rescued_peaks(peaks, heights, region, overlooked, (1.0,) * 3, shape, value)
         expected = ~overlooked
         expected[small] = small_stays
+        expected[cut] = share[cut] >= value
         np.testing.assert_array_equal(keep, expected)
+    assert rescued_peaks(peaks, heights, region, overlooked, (1.0,) * 3, shape, 0.6)[cut]
     np.testing.assert_array_equal(rescued_peaks(peaks, heights, region, overlooked, (1.0,) * 3, shape, None),
                                   ~overlooked)

@@ -208,15 +208,6 @@ def border_distance(coords, shape, spacing):
             * xp.asarray([float(s) for s in spacing], dtype=xp.float64)).min(axis=1)
 
 
-def crosses_border(peaks, heights, shape, spacing):
-    """Whether each peak's inscribed ball (radius: its quantised ``heights`` in physical units) crosses the border
-    of an image of ``shape`` (:func:`border_distance`): the particle may continue beyond the image there, and its
-    height is not its radius."""
-    xp = get_array_module(peaks)
-    quantum = min(float(s) for s in spacing) / QUANTUM_DIVISOR
-    return xp.asarray(heights).astype(xp.float64) * quantum > border_distance(peaks, shape, spacing)
-
-
 def window_norm(offsets, half_widths):
     """``sum((d / h)^2)`` over the axes (float64, summed axis by axis exactly as
     :func:`cpu_fallback.kernels.greedy_spacing` sums it), inf where ``d != 0`` on an axis with ``h = 0``.
@@ -504,9 +495,9 @@ def unit_ball_samples(ndim):
     return grid[(grid ** 2).sum(axis=1) <= 1.0]
 
 
-def ball_shares(peaks, heights, region, group, spacing, *, power=True, tested=None):
+def ball_shares(peaks, heights, region, group, spacing, *, power=True, tested=None, shape=None):
     """Per peak, the samples of its inscribed ball (:func:`unit_ball_samples` scaled by its height) that no
-    peak of another group of its region takes from it; and the number of samples.
+    peak of another group of its region takes from it; and the number of samples counted.
 
     The ball of a peak lies in the foreground and in the peak's region, and
     the assignment gives each of its points to the nearest peak of the
@@ -523,10 +514,14 @@ def ball_shares(peaks, heights, region, group, spacing, *, power=True, tested=No
     ``heights``: quantised distances at the peaks (:func:`quantize_distance`);
     ``region``, ``group``: each peak's region and group (None: one group per
     peak); ``tested`` (boolean per peak, default all): the peaks whose share
-    is counted (the others report all ``m``, and only take). Pairs come from
-    a grid of cells as in :func:`join_peaks`, at most
+    is counted (the others report all ``m``, and only take). ``shape``: the
+    image's, when given: a sample beyond its border (more than half a voxel
+    outside, :func:`samples_outside`) is neither kept nor counted, so a peak
+    at the border is measured on the part of its ball that the image holds.
+    Pairs come from a grid of cells as in :func:`join_peaks`, at most
     :data:`PAIR_BATCH` samples tested at once; the taken samples are held as
-    bits, ``ceil(m / 8)`` bytes per peak. Returns (kept (n,) int64, m).
+    bits, ``ceil(m / 8)`` bytes per peak. Returns (kept (n,) int64, counted
+    (n,) int64): ``counted`` is ``m`` less the samples beyond the border.
     """
     xp = get_array_module(peaks)
     n, ndim = peaks.shape
@@ -534,6 +529,7 @@ def ball_shares(peaks, heights, region, group, spacing, *, power=True, tested=No
     m = samples.shape[0]
     width = (m + 7) // 8
     taken = xp.zeros((n, width), dtype=xp.uint8)
+    bit = xp.asarray([1 << (7 - b) for b in range(8)], dtype=xp.int32)
     if n >= 2:
         group = xp.arange(n, dtype=xp.int64) if group is None else xp.asarray(group).astype(xp.int64)
         region = xp.asarray(region).astype(xp.int64)
@@ -542,7 +538,6 @@ def ball_shares(peaks, heights, region, group, spacing, *, power=True, tested=No
         weight = radius ** 2 if power else xp.zeros(n, dtype=xp.float64)
         scale = xp.asarray([float(s) for s in spacing], dtype=xp.float64)
         unit = xp.asarray(samples)
-        bit = xp.asarray([1 << (7 - b) for b in range(8)], dtype=xp.int32)
         extent = to_list(peaks.max(axis=0) - peaks.min(axis=0))
         # Overlapping balls lie within twice the highest peak on every axis: cells of that size.
         cell = [max(1, min(int(e), int(math.ceil(2 * float(radius.max()) / float(s)))))
@@ -570,8 +565,35 @@ def ball_shares(peaks, heights, region, group, spacing, *, power=True, tested=No
                     bound = weight[theirs] - weight[mine] - near2[start:start + per]
                     lost = 2 * radius[mine][:, None] * along < bound[:, None]
                     _or_into(taken, mine, lost, bit, xp)
+    counted = xp.full(n, m, dtype=xp.int64)
+    if shape is not None:
+        outside = samples_outside(peaks, heights, spacing, shape, tested)
+        if outside is not None:
+            rows, beyond = outside
+            _or_into(taken, rows, beyond, bit, xp)
+            counted[rows] -= beyond.sum(axis=1)
     kept = m - xp.asarray(_BITS_SET)[taken].sum(axis=1)
-    return kept.astype(xp.int64), m
+    return kept.astype(xp.int64), counted
+
+
+def samples_outside(peaks, heights, spacing, shape, tested=None):
+    """Which of the :func:`unit_ball_samples` of each peak's inscribed ball (radius: its quantised ``heights``)
+    lie beyond the border of an image of ``shape``: more than half a voxel outside on some axis. Only peaks whose
+    ball reaches that far (and that are ``tested``, default all) are looked at: (their indices, (k, m) bool), or
+    None where there are none."""
+    xp = get_array_module(peaks)
+    quantum = min(float(s) for s in spacing) / QUANTUM_DIVISOR
+    radius = xp.asarray(heights).astype(xp.float64) * quantum
+    scale = xp.asarray([float(s) for s in spacing], dtype=xp.float64)
+    top = xp.asarray([int(k) - 1 for k in shape], dtype=xp.int64)
+    room = (xp.minimum(peaks, top - peaks).astype(xp.float64) + 0.5) * scale
+    reaches = (radius[:, None] > room).any(axis=1)
+    rows = xp.flatnonzero(reaches if tested is None else reaches & xp.asarray(tested, dtype=bool))
+    if rows.size == 0:
+        return None
+    points = peaks[rows].astype(xp.float64)[:, None, :] + (radius[rows][:, None, None]
+                                                             * xp.asarray(unit_ball_samples(peaks.shape[1]))) / scale
+    return rows, ((points < -0.5) | (points > top.astype(xp.float64) + 0.5)).any(axis=2)
 
 
 def _or_into(taken, rows, lost, bit, xp):
@@ -593,18 +615,20 @@ def _or_into(taken, rows, lost, bit, xp):
 def shadowed_peaks(peaks, heights, region, group, spacing, shape, cap, share, *, power=True):
     """Which peaks to keep: all but those of a group that keeps less than ``share`` of its ball.
 
-    A group's share is the largest :func:`ball_shares` count of its peaks.
-    A particle's own centre keeps most of its inscribed ball; a second
+    A group's share is the largest :func:`ball_shares` fraction of its
+    peaks. A particle's own centre keeps most of its inscribed ball; a second
     maximum where three or four particles meet, or on the flank of a larger
     particle, sits in the balls of higher neighbours and keeps a sliver:
     its piece would cut bits off each of them. Such a group is dropped and
-    its voxels go to the neighbours. Not dropped: a group with a peak whose
-    ball crosses the image border (``shape``: the particle may continue
-    beyond it, and its height is not its radius there) or whose height is
-    the distance map's ``cap`` (physical, :func:`~gpu_pipeline.pipeline.distance_cap`:
-    a plateau of capped peaks is not counted at all), nor the group of a
-    region that keeps the largest share there (a region always keeps one).
-    ``share`` None keeps every peak. Returns a boolean array over the peaks.
+    its voxels go to the neighbours. At the image border (``shape``) a peak's
+    share is of the part of its ball that the image holds: a particle cut by
+    the border keeps its half, and a maximum where particles meet at the
+    border is judged as one inside. Not dropped: a group with a peak whose
+    height is the distance map's ``cap`` (physical,
+    :func:`~gpu_pipeline.pipeline.distance_cap`: a plateau of capped peaks is
+    not counted at all), nor the group of a region that keeps the largest
+    share there (a region always keeps one). ``share`` None keeps every
+    peak. Returns a boolean array over the peaks.
     """
     xp = get_array_module(peaks)
     ops = ops_for(peaks)
@@ -615,15 +639,16 @@ def shadowed_peaks(peaks, heights, region, group, spacing, shape, cap, share, *,
     group = xp.arange(n, dtype=xp.int64) if group is None else xp.asarray(group).astype(xp.int64)
     region = xp.asarray(region).astype(xp.int64)
     heights = xp.asarray(heights).astype(xp.int64)
-    exempt = crosses_border(peaks, heights, shape, spacing) | (heights >= quantize_cap(cap, spacing))
-    kept, m = ball_shares(peaks, heights, region, group, spacing, power=power, tested=~exempt)
-    best = xp.full(n, -1, dtype=xp.int64)
-    ops.scatter_max(best, group, kept)
+    exempt = heights >= quantize_cap(cap, spacing)
+    kept, counted = ball_shares(peaks, heights, region, group, spacing, power=power, tested=~exempt, shape=shape)
+    fraction = kept / xp.maximum(counted, 1)
+    best = xp.full(n, -1.0, dtype=xp.float64)
+    ops.scatter_max(best, group, fraction)
     any_exempt = xp.zeros(n, dtype=xp.int64)
     ops.scatter_max(any_exempt, group, exempt.astype(xp.int64))
-    region_best = xp.full(int(region.max()) + 1, -1, dtype=xp.int64)
+    region_best = xp.full(int(region.max()) + 1, -1.0, dtype=xp.float64)
     ops.scatter_max(region_best, region, best[group])
-    dropped = (best < float(share) * m) & (any_exempt == 0) & (best < region_best[region])
+    dropped = (best < float(share)) & (any_exempt == 0) & (best < region_best[region])
     return ~dropped[group]
 
 
@@ -636,18 +661,17 @@ def rescued_peaks(peaks, heights, region, overlooked, spacing, shape, share, *, 
     larger body. A small particle pressed against larger ones can be
     overlooked the same way, from the rising flank of a neighbour: but its
     centre, unlike a second maximum, keeps most of its ball from the other
-    peaks' balls. Not rescued: a peak whose ball crosses the image border
-    (``shape``; its height is not its radius there). ``share`` None rescues
-    none. ``heights``: quantised, as for :func:`ball_shares`. Returns a
-    boolean array over the peaks.
+    peaks' balls. At the image border (``shape``) the share is of the part
+    of the ball that the image holds, as for :func:`shadowed_peaks`.
+    ``share`` None rescues none. ``heights``: quantised, as for
+    :func:`ball_shares`. Returns a boolean array over the peaks.
     """
     xp = get_array_module(peaks)
     overlooked = xp.asarray(overlooked, dtype=bool)
     if share is None or not bool(overlooked.any()):
         return ~overlooked
-    tested = overlooked & ~crosses_border(peaks, heights, shape, spacing)
-    kept, m = ball_shares(peaks, heights, region, None, spacing, power=power, tested=tested)
-    return ~overlooked | (tested & (kept >= float(share) * m))
+    kept, counted = ball_shares(peaks, heights, region, None, spacing, power=power, tested=overlooked, shape=shape)
+    return ~overlooked | (overlooked & (kept >= float(share) * counted))
 
 
 def regroup(group, keep):
