@@ -352,6 +352,28 @@ def test_maximum_filter_equals_scipy_nearest(rng, shape, size, dtype):
     np.testing.assert_array_equal(ours, expected)
 
 
+@pytest.mark.parametrize("shape,sigma,dtype,order", [
+    ((37, 41, 29), (1.0, 1.0, 1.0), np.uint8, "C"),
+    ((23, 30, 18), (2.0, 0.6, 1.3), np.uint16, "C"),       # anisotropic, a different radius per axis
+    ((19, 26, 33), (0.0, 1.5, 1.0), np.float32, "C"),      # sigma 0 on the first axis: skipped, as in SciPy
+    ((17, 21, 25), (1.0, 1.0, 0.0), np.float64, "F"),      # the last axis skipped; Fortran-ordered input
+    ((6, 9, 7), (3.0, 2.5, 3.0), np.float32, "C"),         # radius longer than the axes: edges clamp every tap
+    ((1, 30, 40), (1.0, 1.0, 1.0), np.int16, "C"),         # a one-voxel axis
+    ((64, 70), (1.7, 1.0), np.uint8, "C"),
+    ((200,), (2.0,), np.float32, "C"),
+])
+def test_gaussian_equals_scipy_bit_for_bit(rng, shape, sigma, dtype, order):
+    """The CPU's smoothing (compiled passes on the strided axes) is SciPy's float32 result value for value."""
+    values = rng.normal(100, 40, shape).clip(0, 250)
+    values = np.asarray(values.astype(dtype), order=order)
+    before = values.copy()
+    expected = ndi.gaussian_filter(np.asarray(values, dtype=np.float32), sigma, mode="nearest", truncate=4.0)
+    ours = ops.gaussian(values, sigma)
+    assert ours.dtype == np.float32 and ours.shape == values.shape
+    np.testing.assert_array_equal(ours, expected)
+    np.testing.assert_array_equal(values, before)  # the input is never written
+
+
 def _box_maxima_reference(values, size, min_value, half_widths, core):
     """The two candidate sets by definition: SciPy's box maximum, and face neighbours from an edge-padded copy."""
     above = values > min_value
