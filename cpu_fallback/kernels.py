@@ -616,27 +616,32 @@ def _running_max_last(src, dst, h):  # pragma: no cover - compiled; the contiguo
 
 
 @njit(cache=True, nogil=True)
-def _gaussian_rows(src, dst, weights):  # pragma: no cover - compiled; tested through gaussian_filter
-    # Correlate axis 1 of (outer, n, inner) with a symmetric kernel (weights[0] the centre, weights[j] at +-j),
-    # edges replicated, rows of `inner` values at a time. The sums are SciPy's, in its order and in float64
-    # (centre first, then the pairs from the outermost in), so the float32 result is SciPy's bit for bit.
-    outer, n, inner = src.shape
+def _gaussian_rows(a, weights):  # pragma: no cover - compiled; tested through gaussian_filter
+    # Correlate axis 1 of (outer, n, inner) in place with a symmetric kernel (weights[0] the centre, weights[j]
+    # at +-j), edges replicated, a row of `inner` values at a time. Row i is written once its sum is made; the
+    # sums below it read the originals of the r rows before it from a ring (rows after it are still original).
+    # The sums are SciPy's, in its order and in float64 (centre first, then the pairs from the outermost in),
+    # so the float32 result is SciPy's bit for bit.
+    outer, n, inner = a.shape
     r = weights.shape[0] - 1
+    ring = np.empty((max(r, 1), inner), np.float32)
     acc = np.empty(inner, np.float64)
     for o in range(outer):
         for i in range(n):
-            centre = src[o, i]
+            centre = a[o, i]
             for k in range(inner):
                 acc[k] = np.float64(centre[k]) * weights[0]
             for j in range(r, 0, -1):
-                before = src[o, max(i - j, 0)]
-                after = src[o, min(i + j, n - 1)]
+                row = max(i - j, 0)
+                before = centre if row == i else ring[row % r]  # row i (only at i = 0) is still original
+                after = a[o, min(i + j, n - 1)]
                 w = weights[j]
                 for k in range(inner):
                     acc[k] += (np.float64(before[k]) + np.float64(after[k])) * w
-            out = dst[o, i]
+            if r > 0:
+                ring[i % r] = centre  # row i's original, needed by the next r rows; then row i is written
             for k in range(inner):
-                out[k] = np.float32(acc[k])
+                centre[k] = np.float32(acc[k])
 
 
 def gaussian_half_kernel(sigma, truncate):
@@ -654,12 +659,14 @@ def gaussian_filter(image, sigma, truncate):
     lines are strided, and that pass costs 3-5 times the contiguous one. Here
     those axes are one compiled pass each over whole rows (contiguous inner
     loops), with SciPy's sums in SciPy's order, so every value is SciPy's; the
-    last axis is SciPy's own pass. A new float32 array (the input is never
-    written); axes with sigma 0 are skipped, as in SciPy.
+    last axis is SciPy's own pass. Every pass works in place on one float32
+    copy of the input (the input is never written; a ring of ``radius`` rows
+    is the only other buffer), so the smoothing holds the input and one
+    float32 volume, as SciPy's does for float32 input and one volume less for
+    integer input. Axes with sigma 0 are skipped, as in SciPy.
     """
-    out = np.array(image, dtype=np.float32, order="C")  # a copy: the passes may write into it
+    out = np.array(image, dtype=np.float32, order="C")  # a copy: the passes write into it
     sigma = np.broadcast_to(np.asarray(sigma, dtype=np.float64), (out.ndim,))
-    spare = None
     for axis in range(out.ndim):
         if sigma[axis] <= 1e-15:
             continue
@@ -668,9 +675,7 @@ def gaussian_filter(image, sigma, truncate):
             ndi.gaussian_filter1d(out, float(sigma[axis]), axis=axis, mode="nearest", truncate=truncate, output=out)
             continue
         shape = (int(np.prod(out.shape[:axis])), out.shape[axis], inner)
-        spare = np.empty_like(out) if spare is None else spare
-        _gaussian_rows(out.reshape(shape), spare.reshape(shape), gaussian_half_kernel(sigma[axis], truncate))
-        out, spare = spare, out
+        _gaussian_rows(out.reshape(shape), gaussian_half_kernel(sigma[axis], truncate))
     return out
 
 
