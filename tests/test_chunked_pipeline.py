@@ -968,3 +968,24 @@ def test_sharded_staged_stores_give_the_same_labels(monkeypatch, rng, tmp_path, 
             store = zarr.open_array(str(folder / f"{name}.zarr"), mode="r")
             assert store.shards is None and store.chunks == tuple(chunks), (name, chunks)
     assert sharded >= 2
+
+
+def test_relative_paths_on_a_running_cluster_started_elsewhere(tmp_path, rng, monkeypatch):
+    """`declump run in.zarr out.zarr --scheduler ADDR` from one folder, on workers started in another: every
+    path the workers' tasks use names the command's folder, not theirs."""
+    distributed = pytest.importorskip("distributed")
+    spacing = (1.0, 1.0, 1.0)
+    image, _ = make_touching_particles((48, 64, 64), 60, spacing=spacing, seed=int(rng.integers(1e6)))
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    _ome_zarr(here / "in.zarr", image, spacing, (24, 32, 32))
+    monkeypatch.chdir(elsewhere)  # the worker processes start here and keep this folder
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as lc:
+        monkeypatch.chdir(here)
+        run_chunked("in.zarr", "out.zarr", chunks=(24, 32, 32), max_radius=13, scheduler=lc.scheduler_address,
+                    scratch="work", verbose=False)
+    expected = separate(image, spacing=spacing, max_radius=13)
+    assert zarr.open_array(str(here / "out.zarr" / "particles" / "0"))[...].tobytes() == expected.tobytes()
+    assert json.loads((here / "out_summary.json").read_text())["n_particles"] == int(expected.max())
+    assert list(elsewhere.iterdir()) == []

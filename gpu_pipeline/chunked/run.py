@@ -281,7 +281,13 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     from gpu_pipeline.chunked.source import open_volume
     from gpu_pipeline.pipeline import validate_spacing
 
-    input_path = Path(input_path)
+    # Absolute paths: the tasks run on workers, and those of a running cluster (``scheduler``) were started in
+    # folders of their own, where a relative path would name another place.
+    input_path = Path(input_path).absolute()
+    output = Path(output).absolute()
+    scratch = Path(scratch).absolute() if scratch else None
+    mask_path = Path(mask_path).absolute() if mask_path is not None else None
+    probabilities_path = Path(probabilities_path).absolute() if probabilities_path is not None else None
     if not input_path.exists():
         raise DeclumpError(f"input {input_path} does not exist; chunked runs read a Zarr array or OME-Zarr image")
     paths = output_paths(output)
