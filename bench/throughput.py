@@ -368,9 +368,11 @@ def warm_cluster_runs(volume, chunks, rounds, cores, small=None):
 
 
 def scaling_by_size(shapes, particles, radius, seed, chunks, rounds):
-    """The chunked command's 1 -> 2 worker scaling on a running cluster (:func:`warm_cluster_runs`) for each
-    volume, generated as the other modes' are: what each pass's fixed costs (the client's steps between
-    passes, the last tasks of a pass running on one worker) weigh as the volume, and its chunks, grow."""
+    """The chunked command's 1 -> 2 worker scaling for each volume, generated as the other modes' are: on a
+    running cluster (:func:`warm_cluster_runs`), and with the cluster the command starts itself
+    (:func:`own_cluster_runs`). What each pass's fixed costs (the client's steps between passes, the last tasks
+    of a pass running on one worker) and the cluster's start and close weigh as the volume, and its chunks,
+    grow."""
     import zarr
 
     keep = sorted(os.sched_getaffinity(0))
@@ -383,29 +385,63 @@ def scaling_by_size(shapes, particles, radius, seed, chunks, rounds):
                               compressors=zarr.codecs.ZstdCodec(level=3))[...] = image
             del image
             runs = warm_cluster_runs(volume, chunks, rounds, keep)
+            runs.update(own_cluster_runs(volume, chunks, rounds, keep))
         pairs = list(zip(runs["warm_1"], runs["warm_2"]))
+        own = list(zip(runs["cluster_1"], runs["cluster_2"]))
         rows.append({"shape": list(shape), "particles": n, "chunks": list(chunks),
                      "blocks": int(np.prod([-(-a // c) for a, c in zip(shape, chunks)])), "runs": runs,
                      "efficiency": [one["seconds"] / (2 * two["seconds"]) for one, two in pairs],
                      "efficiency_run": [one["run_seconds"] / (2 * two["run_seconds"]) for one, two in pairs
-                                        if "run_seconds" in one and "run_seconds" in two]})
+                                        if "run_seconds" in one and "run_seconds" in two],
+                     "own_cluster_efficiency": [one["seconds"] / (2 * two["seconds"]) for one, two in own]})
     return rows
 
 
+def own_cluster_runs(volume, chunks, rounds, cores):
+    """The chunked command starting its own local cluster of 1 and of 2 worker processes (``--cluster local``,
+    the cold modes of :data:`CHUNKED_MODES`), alternating round by round: what one command of a user's sees,
+    the cluster's start, the workers' imports and compiled kernels and the close included."""
+    runs = {"cluster_1": [], "cluster_2": []}
+    try:
+        for _ in range(rounds):
+            for mode, options, n in CHUNKED_MODES:
+                if mode not in runs:
+                    continue
+                measured = _timed_run(volume, Path(volume).parent / mode, "labels.zarr",
+                                      ["--chunks", ",".join(map(str, chunks)), *options], set(cores[:n]))
+                runs[mode].append(measured)
+                print(f"{mode:10s} {measured['seconds']:.1f}s CPU {measured['cpu_seconds']:.1f}s "
+                      f"load {measured['load_before'][0]:.1f}", flush=True)
+    finally:
+        os.sched_setaffinity(0, set(cores))
+    return runs
+
+
 def scaling_markdown(rows):
-    lines = ["## Scaling 1 -> 2 workers by volume size (a running cluster, `--scheduler`)", "",
+    lines = ["## Scaling 1 -> 2 workers by volume size", "",
              "Each volume generated as above (spheres in proportion to the voxels), chunks "
-             f"{'x'.join(map(str, rows[0]['chunks']))}; the cluster started once per volume and warmed by one "
-             "untimed run; 1 worker pinned to 1 core, 2 workers to 2, with the scheduler and the command; "
-             "runs alternating. t1 / (2 t2) per round; 'run' is timed by the runs' own summaries (without the "
-             "command's interpreter start, imports and store opening).", "",
-             "| volume | blocks | 1 worker s | 2 workers s | t1 / (2 t2) | the same, run |", "|---|---|---|---|---|---|"]
+             f"{'x'.join(map(str, rows[0]['chunks']))}; 1 worker pinned to 1 core, 2 workers to 2, with the "
+             "scheduler and the command. **A running cluster** (`--scheduler`): started once per volume and "
+             "warmed by one untimed run, runs alternating; 'run' is timed by the runs' own summaries (without the "
+             "command's interpreter start, imports and store opening). **The command's own cluster** "
+             "(`--cluster local --workers 1` and `2`): each run starts and closes its cluster, whose workers "
+             "import the library and load the compiled kernels, runs alternating after the running cluster's. "
+             "t1 / (2 t2) per round.", "",
+             "| volume | blocks | running: 1 worker s | 2 workers s | t1 / (2 t2) | the same, run | "
+             "own cluster: 1 worker s | 2 workers s | t1 / (2 t2) |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def secs(runs):
+        return ', '.join(f'{x["seconds"]:.1f}' for x in runs) or "not run"
+
+    def ratios(values):
+        return f"**{', '.join(f'{x:.2f}' for x in values)}**" if values else "—"
+
     for r in rows:
-        one = [x["seconds"] for x in r["runs"]["warm_1"]]
-        two = [x["seconds"] for x in r["runs"]["warm_2"]]
-        lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['blocks']} | {', '.join(f'{x:.1f}' for x in one)} | "
-                     f"{', '.join(f'{x:.1f}' for x in two)} | **{', '.join(f'{x:.2f}' for x in r['efficiency'])}** | "
-                     f"{', '.join(f'{x:.2f}' for x in r['efficiency_run'])} |")
+        runs = r["runs"]
+        lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['blocks']} | {secs(runs['warm_1'])} | "
+                     f"{secs(runs['warm_2'])} | {ratios(r['efficiency'])} | "
+                     f"{', '.join(f'{x:.2f}' for x in r['efficiency_run'])} | {secs(runs.get('cluster_1', []))} | "
+                     f"{secs(runs.get('cluster_2', []))} | {ratios(r.get('own_cluster_efficiency', []))} |")
     return lines + [""]
 
 
