@@ -4,7 +4,7 @@
                                    [--option ball_share=off ...] [--out NAME]
 
 Each draw takes a seed, a radius range (smallest radius uniform in 3-9
-voxels, largest 4-13 voxels more) and a volume fraction (15-45 %) from
+voxels, largest 4-9 voxels more) and a volume fraction (15-45 %) from
 ``--rng``, generates the bench's touching spheres (overlap 0.15) and runs
 every method on it with the bench's parameters (sigma 1, ``min_distance`` 4,
 ``min_size`` 65, bright particles), in this process, one method after the
