@@ -72,7 +72,7 @@ def run(rng_seed, count, size, methods, options=()):
             if option is None:
                 labels = run_method(METHODS[column], image, p)
             else:
-                labels = separate(image, **separation_kwargs(p), **{option[0]: option[1]})
+                labels = separate(image, **{**separation_kwargs(p), option[0]: option[1]})
             seconds = time.perf_counter() - t0
             scores = pooled_scores([(labels, truth)])
             row[column] = {"f1_50": scores["f1_50"], "mean_f1": scores["mean_f1"], "pieces": int(labels.max()),

@@ -27,9 +27,9 @@ PARAMETER_HELP = {
     "min_distance": "smallest distance between particle centres, physical units; about the smallest particle "
                     "radius, or 'auto': 0.5 x the typical particle radius measured on the foreground (default "
                     "%(default)s; chunked runs need a number)",
-    "min_size": "remove objects smaller than this area (2D) or volume (3D), physical units; 'auto': 0.2 x a ball "
-                "of the typical particle radius, for objects and again for the particles after the split (default "
-                "%(default)s; chunked runs: a ball of diameter --min-distance)",
+    "min_size": "remove objects smaller than this area (2D) or volume (3D), physical units; 'auto': 0.2 (2D) or "
+                "1/64 (3D) x a ball of the typical particle radius, for objects and again for the particles after "
+                "the split (default %(default)s; chunked runs: a ball of diameter --min-distance)",
     "max_hole_size": "fill holes smaller than this area/volume, physical units; 'auto': holes up to a ball of 0.4 x "
                      "the typical particle radius (nucleoli, not the larger pockets enclosed between touching "
                      "particles); 0: off (default %(default)s; chunked runs need 0)",

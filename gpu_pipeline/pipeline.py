@@ -36,12 +36,18 @@ NOISE_GROWTH = 3.0
 SIGMA_PER_RADIUS = 0.1
 SIGMA_RAISE = 2.0
 #: ``min_size="auto"``: objects, and after the split particles, smaller than this fraction of the typical
-#: particle (a ball of the typical radius) are specks of film texture or fragments split off a rim. Chosen on
-#: emps_subset, nuclei seeds 0-3 and the demo's generated disks (radii 5-12, the smallest 0.21 of that ball):
-#: 0.2 / 0.35 give F1@0.5 0.272 / 0.308 on emps_subset and 0.909 / 0.893 on the nuclei; on the demo 0.2 keeps
-#: 0.764, 0.25 gives 0.750 and 0.35 for the pieces after the split 0.69. bench/auto_foreground.py, row
-#: "min_size=None": emps_subset 0.235 -> 0.272.
-MIN_SIZE_PER_PARTICLE = 0.2
+#: particle (a ball of the typical radius) are specks of film texture or fragments split off a rim; per number
+#: of dimensions. 2D: 0.2 (a disk of 0.45 x the radius), chosen on emps_subset, nuclei seeds 0-3 and the demo's
+#: generated disks (radii 5-12, the smallest 0.21 of that ball): 0.2 / 0.35 give F1@0.5 0.272 / 0.308 on
+#: emps_subset and 0.909 / 0.893 on the nuclei; on the demo 0.2 keeps 0.764, 0.25 gives 0.750 and 0.35 for the
+#: pieces after the split 0.69. bench/auto_foreground.py, row "min_size=None": emps_subset 0.235 -> 0.272.
+#: 3D: 1/64 (a ball of a quarter of the radius). 0.2 there is a ball of 0.58 x the radius, and the typical
+#: radius (size-weighted: clusters of touching spheres, each as deep as its largest) is near the largest
+#: particles' radius: on 24 random 160^3 volumes of touching spheres (bench.random_volumes draws, rng 31 and 32,
+#: radii 3-18), sigma 1 and min_distance 4, 0.2 merged and dropped the smaller spheres (mean F1@0.5 0.840,
+#: lowest 0.578) where 1/64 gives 0.978 (lowest 0.860), the bench's fixed min_size 65 0.978; 0.027 0.977. The
+#: embryo 3D nuclei (24, similar sizes) pay one piece per stack: 0.875 -> 0.840 at the defaults.
+MIN_SIZE_PER_PARTICLE = {2: 0.2, 3: 1 / 64}
 
 
 class NoParticlesError(DeclumpError):
@@ -272,11 +278,11 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         median of the components' inscribed radii, so specks do not count).
     min_size : "auto", float or None
         Objects smaller than this area (2D) or volume (3D), physical units, are
-        removed. ``auto`` (default): ``MIN_SIZE_PER_PARTICLE`` times the area
-        or volume of a ball of the typical particle radius, applied to the
-        foreground's objects and again to the particles after the split
-        (fragments split off a particle's rim are dropped, touching pieces
-        that together reach the size are joined:
+        removed. ``auto`` (default): ``MIN_SIZE_PER_PARTICLE`` (0.2 in 2D, 1/64
+        in 3D) times the area or volume of a ball of the typical particle
+        radius, applied to the foreground's objects and again to the
+        particles after the split (fragments split off a particle's rim are
+        dropped, touching pieces that together reach the size are joined:
         :func:`gpu_pipeline.stages.cleanup.merge_small_particles`); with a
         given ``min_distance``, at least a ball of that diameter. None, and
         ``auto`` with a ``mask``: a ball of diameter ``min_distance``,
@@ -595,7 +601,7 @@ def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details,
     max_hole_size = float(max_hole_size or 0.0)
     particle_min_size = None
     if min_size == "auto":
-        min_size = particle_min_size = MIN_SIZE_PER_PARTICLE * ball_size(2 * details.particle_radius, fg.ndim)
+        min_size = particle_min_size = MIN_SIZE_PER_PARTICLE[fg.ndim] * ball_size(2 * details.particle_radius, fg.ndim)
         if not window_measured:  # a given min_distance: no particle is smaller than the peak window
             min_size = particle_min_size = max(min_size, ball_size(min_distance, fg.ndim))
     min_size = ball_size(min_distance, fg.ndim) if min_size is None else float(min_size)
