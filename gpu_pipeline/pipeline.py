@@ -13,6 +13,7 @@ from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for
 from gpu_pipeline.stages.annotations import annotation_mask, annotation_zone
 from gpu_pipeline.stages.boundary_split import boundary_split
 from gpu_pipeline.stages.cleanup import clean_mask, merge_small_particles, voxels_for
+from gpu_pipeline.stages.distance import cleaned_distance
 from gpu_pipeline.stages.peaks import (PeakReach, find_peaks, neck_groups, quantize_distance, regroup, rescued_peaks,
                                        shadowed_peaks, window_half_widths)
 from gpu_pipeline.stages.components import relabel_by_first_voxel
@@ -456,30 +457,32 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
     annotations = reject_annotations is not False and image is not None and (not given or classifier is not None)
 
     def cleaned_foreground(polarity):
-        fg, radius = foreground_step(image, mask, spacing=spacing, sigma=sigma, threshold=threshold,
-                                     polarity=polarity, details=details, clock=clock)
+        fg, radius, distance = foreground_step(image, mask, spacing=spacing, sigma=sigma, threshold=threshold,
+                                               polarity=polarity, details=details, clock=clock)
         if annotations and image.ndim == 2:
             fg = reject_annotations_step(fg, image, details=details, rectangles=reject_annotations is True)
-            radius = None  # measured before the annotations were removed
+            radius = distance = None  # measured before the annotations were removed
         return cleanup_step(fg, spacing=spacing, min_distance=min_distance, min_size=min_size,
-                            max_hole_size=max_hole_size, details=details, given=given, radius=radius)
+                            max_hole_size=max_hole_size, details=details, given=given, radius=radius,
+                            distance=distance)
 
     try:
-        fg, min_distance, particle_min_size = cleaned_foreground(polarity)
+        fg, min_distance, particle_min_size, distance = cleaned_foreground(polarity)
     except FilledImageError:
         if polarity != "auto" or given:
             raise
         # The side whose holes, filled, cover the whole image is the background around the particles
         # (its holes were the particles): the other side is taken (bench.auto_foreground --polarity).
-        fg, min_distance, particle_min_size = cleaned_foreground("dark" if details.polarity == "bright"
-                                                                 else "bright")
+        fg, min_distance, particle_min_size, distance = cleaned_foreground("dark" if details.polarity == "bright"
+                                                                           else "bright")
     clock.lap("cleanup")
     if boundary is not None and follow_boundaries:
         labels = boundary_split(fg, boundary, interior=interior, spacing=spacing)
         details.n_particles = int(labels.max())
         clock.lap("boundary_split")
         return (labels, details) if return_details else labels
-    distance_q, quantum = distance_step(fg, spacing=spacing, max_radius=max_radius)
+    distance_q, quantum = distance_step(fg, spacing=spacing, max_radius=max_radius, distance=distance)
+    del distance
     clock.lap("distance_transform")
     peaks, overlooked = peaks_step(distance_q, spacing=spacing, min_distance=min_distance, reach=peak_reach,
                                    max_radius=max_radius, reach_share=reach_share)
@@ -514,14 +517,15 @@ def ball_size(diameter, ndim):
 def foreground_step(image, mask, *, spacing, sigma, threshold, polarity, details, clock):
     """The particle mask: ``mask`` when given, else smoothing, threshold and polarity (recorded in ``details``).
 
-    Returns ``(mask, radius)``: ``radius`` is the mask's typical particle radius where ``sigma="auto"``
-    measured it (so that the ``auto`` sizes need not measure it again), else None.
+    Returns ``(mask, radius, distance)``: ``radius`` is the mask's typical particle radius where
+    ``sigma="auto"`` measured it (so that the ``auto`` sizes need not measure it again) and ``distance`` the
+    mask's distance transform it was measured on, else None.
     """
-    radius = None
+    radius = distance = None
     if mask is not None:
         fg = _mask_from(mask, (image if image is not None else mask).shape)
         clock.lap("threshold")
-        return fg, radius
+        return fg, radius, distance
     ops = ops_for(image)
 
     def smooth(sigma):
@@ -530,24 +534,28 @@ def foreground_step(image, mask, *, spacing, sigma, threshold, polarity, details
     if sigma == "auto":
         def attempt(sigma):
             fg, decision = threshold_foreground(smooth(sigma), threshold, polarity)
-            radius = typical_radius(fg, spacing) if bool(fg.any()) and not bool(fg.all()) else None
-            return fg, decision, radius
+            radius, distance = (typical_radius(fg, spacing, return_distance=True)
+                                if bool(fg.any()) and not bool(fg.all()) else (None, None))
+            return fg, decision, radius, distance
 
         # Noise grain thresholds into small components that twice the smoothing merges into much larger
         # ones; particles keep about their size.
         sigma = min(spacing)
-        fg, decision, radius = attempt(sigma)
+        fg, decision, radius, distance = attempt(sigma)
         for _ in range(SIGMA_DOUBLINGS):
             if radius is None:
                 break
             coarser = attempt(2 * sigma)
             if coarser[2] is None or coarser[2] < NOISE_GROWTH * radius:
+                del coarser
                 break
-            sigma, (fg, decision, radius) = 2 * sigma, coarser
+            sigma, (fg, decision, radius, distance) = 2 * sigma, coarser
+            del coarser
         if radius is not None and SIGMA_PER_RADIUS * radius >= SIGMA_RAISE * sigma:
             # Smoothing at a tenth of the particles' radius keeps them and removes their texture.
             sigma = SIGMA_PER_RADIUS * radius
-            fg, decision, radius = attempt(sigma)
+            del fg, distance
+            fg, decision, radius, distance = attempt(sigma)
     else:
         fg, decision = threshold_foreground(smooth(float(sigma or 0.0)), threshold, polarity)
     details.sigma = float(sigma or 0.0)
@@ -556,7 +564,7 @@ def foreground_step(image, mask, *, spacing, sigma, threshold, polarity, details
                                                                      decision.method)
     details.threshold_candidates, details.intensity_range = decision.candidates, decision.intensity_range
     clock.lap("threshold")
-    return fg, radius
+    return fg, radius, distance
 
 
 def reject_annotations_step(fg, image, *, details, rectangles=False):
@@ -569,16 +577,20 @@ def reject_annotations_step(fg, image, *, details, rectangles=False):
     return fg & ~drop
 
 
-def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details, given=False, radius=None):
+def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details, given=False, radius=None,
+                 distance=None):
     """Holes filled and specks removed, with the ``auto`` sizes measured first: (mask, min_distance).
 
     ``given``: the foreground came from a mask or a classifier; it is taken as given, so an ``auto``
     hole size is 0 (the pockets it leaves between packed particles are background it found, and
     filling them would fuse the particles). ``radius``: the foreground's typical radius where the
-    caller has measured it already. An empty result is :class:`NoParticlesError`.
+    caller has measured it already, and ``distance`` the distance transform of ``fg`` it was measured
+    on (or None). An empty result is :class:`NoParticlesError`.
 
-    Returns ``(mask, min_distance, particle_min_size)``: the last is the ``auto`` minimum size that
-    :func:`finish_step` applies again to the split particles, None otherwise.
+    Returns ``(mask, min_distance, particle_min_size, distance)``: ``particle_min_size`` is the ``auto``
+    minimum size that :func:`finish_step` applies again to the split particles, None otherwise;
+    ``distance`` the distance transform of the returned mask where a measurement of the scale gave one
+    (:func:`gpu_pipeline.stages.distance.cleaned_distance`), else None.
     """
     if given and max_hole_size == "auto":
         max_hole_size = 0.0
@@ -590,7 +602,9 @@ def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details,
             raise NoParticlesError("the foreground covers the whole image (no background voxel), so 'auto' cannot "
                                    "measure the particle size; check polarity or threshold, or set --min-distance "
                                    "and --max-hole-size")
-        details.particle_radius = radius if radius is not None else typical_radius(fg, spacing)
+        if radius is None:
+            radius, distance = typical_radius(fg, spacing, return_distance=True)
+        details.particle_radius = radius
     window_measured = min_distance == "auto"
     if min_distance == "auto":
         # At least one voxel of the coarsest axis, so the peak window is never empty.
@@ -606,7 +620,11 @@ def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details,
             min_size = particle_min_size = max(min_size, ball_size(min_distance, fg.ndim))
     min_size = ball_size(min_distance, fg.ndim) if min_size is None else float(min_size)
     details.min_distance, details.max_hole_size, details.min_size = min_distance, max_hole_size, min_size
-    fg = clean_mask(fg, spacing=spacing, min_size=min_size, max_hole_size=max_hole_size)
+    cleaned = clean_mask(fg, spacing=spacing, min_size=min_size, max_hole_size=max_hole_size)
+    if distance is not None:
+        distance = cleaned_distance(distance, fg, cleaned, spacing)
+    fg = cleaned
+    del cleaned
     if window_measured and bool(fg.all()):
         # Filled holes can leave no background: then every voxel would be a peak candidate of the auto window.
         raise FilledImageError("no particles can be told apart: after hole filling the foreground covers the whole "
@@ -614,13 +632,15 @@ def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details,
     if not bool(fg.any()):
         raise NoParticlesError("no particles found: the foreground is empty after thresholding and removing objects "
                                f"smaller than {min_size:g} (physical units); check polarity, threshold or min_size")
-    return fg, min_distance, particle_min_size
+    return fg, min_distance, particle_min_size, distance
 
 
-def distance_step(fg, *, spacing, max_radius):
-    """The quantised, capped distance map of the foreground and its quantum (physical units per step)."""
-    distance = cap_distance(ops_for(fg).distance_transform(fg, spacing), max_radius, spacing)
-    return quantize_distance(distance, spacing)
+def distance_step(fg, *, spacing, max_radius, distance=None):
+    """The quantised, capped distance map of the foreground and its quantum (physical units per step);
+    ``distance``: the foreground's distance transform where it is known already (:func:`cleanup_step`)."""
+    if distance is None:
+        distance = ops_for(fg).distance_transform(fg, spacing)
+    return quantize_distance(cap_distance(distance, max_radius, spacing), spacing)
 
 
 def peaks_step(distance_q, *, spacing, min_distance, reach=None, max_radius=None, reach_share=None):

@@ -329,6 +329,41 @@ def test_auto_min_size_in_3d_keeps_spheres_a_third_of_the_largest(rng):
     assert evaluate(labels, truth)["f1_50"] >= 0.82
 
 
+@pytest.mark.parametrize("case", ["nuclei 2D, defaults", "spheres 3D, defaults", "spheres 3D, sigma 1, min_size 65",
+                                  "spheres 3D anisotropic, sigma 1"])
+def test_labels_are_those_of_a_second_whole_distance_transform(rng, monkeypatch, case):
+    """The pipeline's distance map reuses the transform the scale measurement took (updated where cleanup
+    changed the mask, gpu_pipeline.stages.distance); the labels equal those with the whole transform taken
+    again after cleanup, as before."""
+    import gpu_pipeline.pipeline as pipeline
+    from cpu_fallback import ops
+
+    seed = int(rng.integers(1e6))
+    if case.startswith("nuclei"):
+        image, _ = make_uneven_nuclei((256, 256), 60, seed=seed)  # dark nucleoli: holes that cleanup fills
+        options = {}
+    else:
+        spacing = (2.0, 1.0, 1.0) if "anisotropic" in case else (1.0, 1.0, 1.0)
+        image, _ = make_touching_particles((48, 96, 96) if "anisotropic" in case else (80, 80, 80), 120,
+                                           radius_range=(4.0, 9.0), noise=0.12, spacing=spacing, seed=seed)
+        options = {"spacing": spacing}
+        if "sigma 1" in case:
+            options.update(sigma=1.0, min_distance=4.0, min_size=65 if "65" in case else "auto")
+    updates = []
+
+    def counted(distance, before, after, spacing):
+        updates.append(bool((after & ~before).any()))
+        return pipeline.cleaned_distance.__wrapped__(distance, before, after, spacing)
+
+    counted.__wrapped__ = pipeline.cleaned_distance
+    monkeypatch.setattr(pipeline, "cleaned_distance", counted)
+    reused = separate(image, **options)
+    assert updates == [True] if case.startswith("nuclei") else len(updates) == 1  # (nucleoli filled)
+    monkeypatch.setattr(pipeline, "cleaned_distance", lambda distance, before, after, spacing:
+                        ops.distance_transform(after, spacing))
+    np.testing.assert_array_equal(reused, separate(image, **options))
+
+
 def test_small_pieces_of_a_split_are_dropped_or_joined(rng):
     """Small particles: dropped alone or beside a big one, joined where touching small ones reach the size."""
     from gpu_pipeline.stages.cleanup import merge_small_particles

@@ -9,9 +9,10 @@ from skimage.morphology import remove_small_holes, remove_small_objects
 
 from cpu_fallback import ops
 from gpu_pipeline._backend import DeclumpError
-from gpu_pipeline.stages.cleanup import fill_small_holes, remove_small_objects as our_remove
+from gpu_pipeline.stages.cleanup import clean_mask, fill_small_holes, remove_small_objects as our_remove
 from gpu_pipeline.array_algorithms import label_by_value_propagation
 from gpu_pipeline.stages.components import enforce_one_piece, relabel_by_first_voxel
+from gpu_pipeline.stages.distance import cleaned_distance
 from gpu_pipeline.stages.peaks import find_peaks
 from gpu_pipeline.stages.threshold import (choose_polarity, histogram_bins, intensity_histogram, otsu_from_histogram,
                                            otsu_threshold)
@@ -224,6 +225,84 @@ def test_distance_transform_equals_scipy_with_anisotropic_spacing(rng):
     ours = ops.distance_transform(mask, spacing)
     ref = ndi.distance_transform_edt(mask, sampling=spacing)
     np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-5)
+
+
+def _mask_with_holes_and_specks(rng, shape, holes, specks, radius=(3, 6)):
+    """Balls of ``radius`` apart from each other (a jittered lattice, so no pockets between them) with ``holes``
+    pits of 1-8 voxels punched inside them and ``specks`` dots of 1-8 voxels set in the background, away from
+    them."""
+    step = 2 * radius[1] + 4
+    grid = np.indices(shape)
+    mask = np.zeros(shape, bool)
+    for corner in np.ndindex(*(n // step for n in shape)):
+        centre = np.array(corner) * step + step // 2 + rng.integers(-1, 2, len(shape))
+        box = tuple(slice(c - radius[1], c + radius[1] + 1) for c in centre)
+        offsets = [g[box] - c for g, c in zip(grid, centre)]
+        mask[box] |= sum(o.astype(float) ** 2 for o in offsets) <= rng.uniform(*radius) ** 2
+    for count, inside in ((holes, True), (specks, False)):
+        where = np.argwhere(ndi.binary_erosion(mask, iterations=2) if inside
+                            else ~ndi.binary_dilation(mask, iterations=3))
+        for centre in where[rng.choice(len(where), size=min(count, len(where)), replace=False)]:
+            mask[tuple(slice(c, c + int(rng.integers(1, 3))) for c in centre)] = not inside
+    return mask
+
+
+def _spy_transforms(monkeypatch):
+    """The shapes that ``ops.distance_transform`` is called on from now (it still computes)."""
+    shapes, transform = [], ops.distance_transform
+
+    def spy(mask, spacing, *args, **kwargs):
+        shapes.append(mask.shape)
+        return transform(mask, spacing, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "distance_transform", spy)
+    return shapes
+
+
+@pytest.mark.parametrize("shape, spacing", [((96, 120), (1.0, 1.0)), ((40, 72, 64), (1.0, 1.0, 1.0)),
+                                            ((40, 72, 64), (2.5, 1.0, 0.7)), ((150, 130), (0.6, 1.3)),
+                                            ((64, 128, 128), (1.0, 1.0, 1.0)), ((64, 128, 128), (1.5, 0.8, 1.0))])
+@pytest.mark.parametrize("holes, specks", [(0, 12), (2, 0), (3, 12), (400, 40)])
+@pytest.mark.parametrize("transform", ["edt", "array module"])
+def test_cleaned_distance_is_the_transform_of_the_cleaned_mask(rng, monkeypatch, shape, spacing, holes, specks,
+                                                               transform):
+    """Updated where cleanup filled holes and removed specks, the distance map equals the transform of the cleaned
+    mask value for value (and SciPy's to float32 rounding); a few holes in a large volume take crops, not a
+    whole transform. ``array module``: with the GPU's transform (gpu_pipeline.array_algorithms), run on NumPy."""
+    if transform == "array module":
+        from gpu_pipeline.array_algorithms import distance_transform_edt
+
+        monkeypatch.setattr(ops, "distance_transform", lambda mask, spacing, *args, **kwargs:
+                            distance_transform_edt(mask, spacing, **kwargs))
+    mask = _mask_with_holes_and_specks(rng, shape, holes, specks)
+    size = 9 * np.prod(spacing)  # the pits and dots (at most 8 voxels), not the balls
+    after = clean_mask(mask, spacing=spacing, min_size=size, max_hole_size=size)
+    assert (after & ~mask).any() == (holes > 0) and (mask & ~after).any() >= (specks > 0)
+    distance = ops.distance_transform(mask, spacing)
+    shapes = _spy_transforms(monkeypatch)
+    updated = cleaned_distance(distance, mask, after, spacing)
+    np.testing.assert_array_equal(updated, ops.distance_transform(after, spacing))
+    np.testing.assert_allclose(updated, ndi.distance_transform_edt(after, sampling=spacing), rtol=1e-6, atol=1e-5)
+    if holes == 0:
+        assert shapes == [shape]  # (only the check above)
+    elif holes <= 3 and np.prod(shape) >= 10 ** 6:
+        assert shape not in shapes[:-1] and len(shapes) > 1  # crops
+
+
+def test_cleaned_distance_of_a_hole_at_a_balls_centre_is_exact(monkeypatch):
+    """A hole where filling makes the deepest point deeper than any before: the crops' check fails and the whole
+    transform is taken."""
+    grid = np.indices((100, 100, 100)) - 50
+    ball = (grid ** 2).sum(axis=0) <= 10 ** 2
+    holed = ball & ((grid ** 2).sum(axis=0) > 1)
+    spacing = (1.0, 1.0, 1.0)
+    after = clean_mask(holed, spacing=spacing, min_size=1, max_hole_size=20)
+    np.testing.assert_array_equal(after, ball)
+    distance = ops.distance_transform(holed, spacing)
+    shapes = _spy_transforms(monkeypatch)
+    updated = cleaned_distance(distance, holed, after, spacing)
+    np.testing.assert_array_equal(updated, ndi.distance_transform_edt(ball).astype(np.float32))
+    assert shapes[-1] == ball.shape and len(shapes) == 2  # a crop, its check failed, the whole
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -21,31 +21,38 @@ from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_ho
 MIN_DISTANCE_PER_RADIUS = 0.5
 
 
-def component_depths(mask, spacing):
-    """Per face-connected component of ``mask``: size in voxels and deepest distance (physical), on the host."""
+def component_depths(mask, spacing, return_distance=False):
+    """Per face-connected component of ``mask``: size in voxels and deepest distance (physical), on the host;
+    with ``return_distance`` also the distance transform of ``mask`` it was measured on (None when empty)."""
     xp = get_array_module(mask)
     ops = ops_for(mask)
     labels, count = ops.label(mask)
     if count == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+        empty = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+        return (*empty, None) if return_distance else empty
+    distance = ops.distance_transform(mask, spacing)
     # A component with no background anywhere has infinite distances: cap them at the image's diagonal.
     diagonal = math.sqrt(sum((n * float(d)) ** 2 for n, d in zip(mask.shape, spacing)))
-    distance = xp.minimum(ops.distance_transform(mask, spacing), xp.float32(diagonal))
     depth = xp.zeros(count + 1, dtype=xp.float32)
-    ops.scatter_max(depth, labels.ravel(), distance.ravel().astype(xp.float32))
+    ops.scatter_max(depth, labels.ravel(), distance.ravel())
+    depth = xp.minimum(depth, xp.float32(diagonal))  # = the maximum of the capped distances
     sizes = xp.bincount(labels.ravel(), minlength=count + 1)
-    return to_host(sizes[1:]).astype(np.int64), to_host(depth[1:]).astype(np.float64)
+    out = to_host(sizes[1:]).astype(np.int64), to_host(depth[1:]).astype(np.float64)
+    return (*out, distance) if return_distance else out
 
 
-def typical_radius(mask, spacing) -> float:
-    """The size-weighted median of the components' inscribed radii (physical units).
+def typical_radius(mask, spacing, return_distance=False):
+    """The size-weighted median of the components' inscribed radii (physical units); with ``return_distance``
+    ``(radius, distance)``, the distance transform of ``mask`` it was measured on (the pipeline keeps it:
+    :func:`gpu_pipeline.stages.distance.cleaned_distance`).
 
     Raises :class:`DeclumpError` when ``mask`` is empty (there is nothing to measure).
     """
-    sizes, depths = component_depths(mask, spacing)
+    sizes, depths, distance = component_depths(mask, spacing, return_distance=True)
     if sizes.size == 0:
         raise DeclumpError("min_distance='auto' found no foreground to measure the particle size on; "
                            "check polarity or threshold, or set --min-distance")
     order = np.argsort(depths, kind="stable")
     cumulative = np.cumsum(sizes[order])
-    return float(depths[order][int(np.searchsorted(cumulative, cumulative[-1] / 2))])
+    radius = float(depths[order][int(np.searchsorted(cumulative, cumulative[-1] / 2))])
+    return (radius, distance) if return_distance else radius
