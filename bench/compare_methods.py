@@ -37,6 +37,10 @@ DECLUMP_VARIANTS = {
     "declump power + 3 Lloyd": dict(assignment="power", max_iter=3),
     "declump power + 10 Lloyd": dict(assignment="power", max_iter=10),
     "declump euclidean batched + 10 Lloyd": dict(assignment="euclidean", max_iter=10),
+    # As a new user runs it, given only the smoothing and min_distance: threshold, polarity, hole filling and
+    # min_size at their ``auto`` defaults (the others get Otsu, no hole filling and the dataset's min_size).
+    "declump, the rest at its defaults": dict(threshold="auto", polarity="auto", max_hole_size="auto",
+                                              min_size="auto"),
 }
 NAIVE = "naive sklearn KMeans per region"
 WATERSHED = "skimage watershed"
@@ -79,7 +83,7 @@ def run_method(name, image, p):
     common = separation_kwargs(p)
     threshold = p.get("threshold", "auto")  # declump's; the peers threshold with Otsu
     if name in DECLUMP_VARIANTS:
-        return separate(image, **common, threshold=threshold, **DECLUMP_VARIANTS[name])
+        return separate(image, **{**common, "threshold": threshold, **DECLUMP_VARIANTS[name]})
     if name == NAIVE:
         return separate(image, **common, threshold=threshold, assignment="euclidean", kmeans_engine="sklearn",
                         max_iter=300)

@@ -48,7 +48,8 @@ from gpu_pipeline.synthetic import make_touching_particles
 
 DECLUMP = "declump (default: power, 0 Lloyd, neck, nearby, reach, reach share and ball share auto)"
 METHODS = (DECLUMP, WATERSHED, SNOW)
-SHORT = {"declump": DECLUMP, "watershed": WATERSHED, "snow": SNOW}
+SHORT = {"declump": DECLUMP, "watershed": WATERSHED, "snow": SNOW,
+         "declump-defaults": "declump, the rest at its defaults"}
 #: Voxels in a terabyte of uint8 volume.
 VOXELS_PER_TB = 1e12
 
@@ -110,13 +111,16 @@ def side_by_side(shape, particles, radius, seed, rounds, methods=METHODS):
                       "mvox_per_s": image.size / statistics.median(seconds) / 1e6,
                       "peak_rss_gib": max(i["peak_rss_gib"] for i in ok),
                       "load_averages": [[round(x, 2) for x in i["load_before"] + i["load_after"]] for i in ok]}
-    ratio = None
-    if "error" not in rows.get(DECLUMP, {"error": 1}) and "error" not in rows.get(WATERSHED, {"error": 1}):
-        per_round = [w["seconds"] / d["seconds"] for d, w in zip(runs[DECLUMP], runs[WATERSHED])
+    def watershed_over(name):
+        if "error" in rows.get(name, {"error": 1}) or "error" in rows.get(WATERSHED, {"error": 1}):
+            return None
+        per_round = [w["seconds"] / d["seconds"] for d, w in zip(runs[name], runs[WATERSHED])
                      if "error" not in d and "error" not in w]
-        ratio = {"per_round": per_round, "median": statistics.median(per_round)}
+        return {"per_round": per_round, "median": statistics.median(per_round)}
+
     return {"shape": list(shape), "voxels": int(image.size), "particles": int(truth.max()), "radius": list(radius),
-            "seed": seed, "params": p, "methods": rows, "watershed_over_declump_time": ratio}
+            "seed": seed, "params": p, "methods": rows, "watershed_over_declump_time": watershed_over(DECLUMP),
+            "watershed_over_declump_defaults_time": watershed_over(SHORT["declump-defaults"])}
 
 
 def _cli_run(argv, out_dir):
@@ -555,10 +559,12 @@ def markdown(result):
             s = r["seconds"]
             lines.append(f"| {name} | {r['f1_50']:.3f} | {r['mean_f1']:.3f} | {s['median']:.1f} ({s['min']:.1f}-"
                          f"{s['max']:.1f}, {s['runs']} runs) | {r['mvox_per_s']:.2f} | {r['peak_rss_gib']:.2f} |")
-        ratio = case["watershed_over_declump_time"]
-        if ratio:
-            lines += ["", f"Watershed time / declump time: **{ratio['median']:.2f}x** (per round: "
-                      + ", ".join(f"{x:.2f}" for x in ratio["per_round"]) + ")."]
+        for key, what in (("watershed_over_declump_time", "declump time"),
+                          ("watershed_over_declump_defaults_time", "the time of declump at its defaults")):
+            ratio = case.get(key)
+            if ratio:
+                lines += ["", f"Watershed time / {what}: **{ratio['median']:.2f}x** (per round: "
+                          + ", ".join(f"{x:.2f}" for x in ratio["per_round"]) + ")."]
         if case.get("projection"):
             pr = case["projection"]
             lines += [f"Projected from declump's in-memory rate ({pr['mvox_per_s_per_thread']:.2f} MVox/s per thread): "
@@ -675,8 +681,10 @@ def main(argv=None):
                         help="sphere radius range (default %(default)s)")
     parser.add_argument("--seed", type=int, default=7, help="generator seed (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default %(default)s)")
-    parser.add_argument("--methods", default=",".join(SHORT),
-                        help="comma-separated subset of: %(default)s; 'none' with --chunked runs only that part")
+    parser.add_argument("--methods", default="declump,watershed,snow",
+                        help="comma-separated subset of: " + ", ".join(SHORT) + " (default %(default)s; "
+                        "declump-defaults: declump given only sigma and min_distance, as a new user runs it); "
+                        "'none' with --chunked runs only that part")
     parser.add_argument("--chunked", type=parse_ints, default=None, metavar="CHUNKS",
                         help="also time `declump run` chunked (these chunks) against in memory on the first shape")
     parser.add_argument("--scaling", type=parse_ints, default=None, metavar="CHUNKS",
