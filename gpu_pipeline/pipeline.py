@@ -273,8 +273,8 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         anisotropic spacing the ellipsoid of ``floor(min_distance / spacing)``
         voxels per axis), and of equal peaks closer than that one is kept
         (:func:`gpu_pipeline.stages.peaks.find_peaks`). Roughly the smallest
-        particle radius. ``auto`` (default): ``MIN_DISTANCE_PER_RADIUS`` times the
-        typical particle radius measured on the foreground
+        particle radius. ``auto`` (default): ``MIN_DISTANCE_PER_RADIUS`` (0.5 in
+        2D, 0.4 in 3D) times the typical particle radius measured on the foreground
         (:func:`gpu_pipeline.stages.scale.typical_radius`: the size-weighted
         median of the components' inscribed radii, so specks do not count).
     min_size : "auto", float or None
@@ -608,7 +608,7 @@ def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details,
     window_measured = min_distance == "auto"
     if min_distance == "auto":
         # At least one voxel of the coarsest axis, so the peak window is never empty.
-        min_distance = max(MIN_DISTANCE_PER_RADIUS * details.particle_radius, max(spacing))
+        min_distance = max(MIN_DISTANCE_PER_RADIUS[fg.ndim] * details.particle_radius, max(spacing))
     min_distance = float(min_distance)
     if max_hole_size == "auto":
         max_hole_size = ball_size(2 * HOLE_RADIUS_PER_RADIUS * details.particle_radius, fg.ndim)
