@@ -16,7 +16,6 @@ from gpu_pipeline.stages.cleanup import clean_mask, merge_small_particles, voxel
 from gpu_pipeline.stages.distance import cleaned_distance
 from gpu_pipeline.stages.peaks import (PeakReach, find_peaks, neck_groups, quantize_distance, regroup, rescued_peaks,
                                        shadowed_peaks, window_half_widths)
-from gpu_pipeline.stages.components import relabel_by_first_voxel
 from gpu_pipeline.stages.split import finish_labels, split_regions_kmeans, split_regions_watershed
 from gpu_pipeline.stages.scale import MIN_DISTANCE_PER_RADIUS, typical_radius
 from gpu_pipeline.stages.threshold import threshold_foreground
@@ -713,7 +712,7 @@ def finish_step(labels, *, details, min_size=None, spacing=None):
     (:func:`gpu_pipeline.stages.cleanup.merge_small_particles`)."""
     labels = finish_labels(labels)
     if min_size is not None:
-        labels = relabel_by_first_voxel(merge_small_particles(labels, voxels_for(min_size, spacing)))
+        labels = merge_small_particles(labels, voxels_for(min_size, spacing), renumber=True)
     details.n_particles = int(labels.max())
     return labels
 

@@ -404,6 +404,29 @@ def test_small_pieces_of_a_split_are_dropped_or_joined(rng):
     np.testing.assert_array_equal(merge_small_particles(labels, 2), labels)
 
 
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_merging_with_renumbering_equals_relabelling_after_the_merge(rng, ndim):
+    """On labels numbered by first voxel (finish_labels), the merge's renumbering in its gather equals
+    relabel_by_first_voxel of the merge without it, with pieces dropped, joined and left alone."""
+    from scipy import ndimage as ndi
+
+    from gpu_pipeline.stages.cleanup import merge_small_particles
+    from gpu_pipeline.stages.components import relabel_by_first_voxel
+    from gpu_pipeline.stages.split import finish_labels
+
+    shape = (120, 140) if ndim == 2 else (40, 50, 60)
+    seeds = np.zeros(shape, np.int32)
+    where = tuple(rng.integers(0, n, 150) for n in shape)
+    seeds[where] = rng.integers(1, 60, 150)  # repeated values: some particles in several pieces
+    labels = finish_labels(ndi.grey_dilation(seeds, size=(3,) * ndim) * (rng.random(shape) < 0.95))
+    sizes = np.bincount(labels.ravel())[1:]
+    size = int(np.percentile(sizes, 40))
+    assert (sizes < size).sum() >= 10 and (sizes >= size).sum() >= 10
+    plain = merge_small_particles(labels, size)
+    assert len(np.unique(plain)) < len(np.unique(labels))
+    np.testing.assert_array_equal(merge_small_particles(labels, size, renumber=True), relabel_by_first_voxel(plain))
+
+
 # --- figure annotations --------------------------------------------------------------------------------------
 
 #: Seven-segment glyphs (a top, b top right, c bottom right, d bottom, e bottom left, f top left, g middle):

@@ -45,13 +45,19 @@ def clean_mask(mask, *, spacing, min_size, max_hole_size):
     return remove_small_objects(mask, voxels_for(min_size, spacing))
 
 
-def merge_small_particles(labels, min_voxels: int):
+def merge_small_particles(labels, min_voxels: int, *, renumber=False):
     """Particles of under ``min_voxels`` voxels dropped, unless touching small ones together reach it: then one.
 
     A split can cut a fragment off a particle's rim (dropped: the particle
     is whole without it) or cut a rod into short pieces that touch each
     other (joined again, so that nothing that passed the object size check
-    vanishes). Ids are not renumbered.
+    vanishes). Joined pieces take the lowest of their ids. Ids are not
+    renumbered, unless ``renumber``: then ``labels`` must be numbered 1..n
+    in C order of first voxel (as :func:`~gpu_pipeline.stages.split.finish_labels`
+    leaves them) and the result is too, in the same gather, equal to
+    :func:`~gpu_pipeline.stages.components.relabel_by_first_voxel` of the
+    result without it: the lowest id of joined pieces is the one whose first
+    voxel comes first, so the particles left keep the order of their ids.
     """
     import numpy as np
     from scipy.sparse import coo_matrix
@@ -84,4 +90,8 @@ def merge_small_particles(labels, min_voxels: int):
     mapping = head[group]
     mapping[small & (total[group] < min_voxels)] = 0
     mapping[0] = 0
+    if renumber:
+        kept = np.zeros(count + 1, dtype=np.int64)
+        kept[mapping[mapping > 0]] = 1
+        mapping = np.cumsum(kept)[mapping] * (mapping > 0)
     return xp.asarray(mapping.astype(np.int32))[labels]
