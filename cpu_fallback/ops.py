@@ -98,14 +98,39 @@ def label_sums(labels, image=None):
     return result
 
 
+#: Inputs smaller than this take NumPy's own ``ufunc.at`` / ``bincount`` (the compiled passes give the same
+#: values): the per-chunk tables a cluster's client merges then never start the compiler in a process that needs
+#: it for nothing else (about 0.35 s to import Numba and load a kernel).
+COMPILED_SCATTER_MIN = 1 << 16
+
+
 def scatter_min(target, index, values):
-    """target[index] = min(target[index], values), repeated indices allowed."""
-    np.minimum.at(target, index, values)
+    """target[index] = min(target[index], values), repeated indices allowed (``np.minimum.at``, compiled)."""
+    if np.size(index) < COMPILED_SCATTER_MIN:
+        np.minimum.at(target, index, values)
+        return
+    from cpu_fallback.kernels import scatter
+
+    scatter(target, index, values, highest=False)
 
 
 def scatter_max(target, index, values):
-    """target[index] = max(target[index], values), repeated indices allowed."""
-    np.maximum.at(target, index, values)
+    """target[index] = max(target[index], values), repeated indices allowed (``np.maximum.at``, compiled)."""
+    if np.size(index) < COMPILED_SCATTER_MIN:
+        np.maximum.at(target, index, values)
+        return
+    from cpu_fallback.kernels import scatter
+
+    scatter(target, index, values, highest=True)
+
+
+def label_sizes(labels, count):
+    """Voxels per label 0..count, int64 (``bincount``; a compiled pass here)."""
+    if np.size(labels) < COMPILED_SCATTER_MIN:
+        return np.bincount(np.ravel(labels), minlength=count + 1).astype(np.int64, copy=False)
+    from cpu_fallback.kernels import label_sizes as compiled
+
+    return compiled(labels, count)
 
 
 def watershed(surface, markers, mask):

@@ -79,6 +79,11 @@ def scatter_max(target, index, values):
     cupyx.scatter_max(target, index, values)
 
 
+def label_sizes(labels, count):
+    """Voxels per label 0..count, int64."""
+    return cp.bincount(labels.ravel(), minlength=count + 1).astype(cp.int64, copy=False)
+
+
 def watershed(surface, markers, mask):
     """No GPU watershed (cuCIM has none): this comparison method runs scikit-image on the host."""
     from cpu_fallback.ops import watershed as host_watershed

@@ -61,6 +61,40 @@ def test_equal_value_labels_equal_skimage_including_ids(rng, shape, levels):
     assert ours.dtype == np.int32
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # (the NaNs, in the ufunc's reference)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.int64])
+@pytest.mark.parametrize("highest", [False, True])
+def test_compiled_scatter_equals_the_ufunc_at(rng, dtype, highest):
+    """ops.scatter_min / scatter_max (compiled) equal np.minimum.at / np.maximum.at, repeated indices, NaN
+    included; a scalar value, a 2D target and negative indices go to the ufunc itself."""
+    ufunc, ours = (np.maximum, ops.scatter_max) if highest else (np.minimum, ops.scatter_min)
+    n = 2 * ops.COMPILED_SCATTER_MIN  # (smaller inputs take the ufunc itself)
+    target = (rng.standard_normal(500) * 100).astype(dtype)
+    index = rng.integers(0, 500, n)
+    values = (rng.standard_normal(n) * 100).astype(dtype)
+    if np.issubdtype(dtype, np.floating):
+        values[rng.integers(0, n, 5)] = np.nan
+        target[:3] = np.nan
+    expected = target.copy()
+    ufunc.at(expected, index, values)
+    ours(target, index, values)
+    np.testing.assert_array_equal(target, expected)
+    for args in ((target.copy(), index, values[0]), (target.reshape(20, 25).copy(), (index % 20, index % 25), values),
+                 (target.copy(), -1 - index, values)):
+        expected = args[0].copy()
+        ufunc.at(expected, *args[1:])
+        ours(*args)
+        np.testing.assert_array_equal(args[0], expected)
+
+
+def test_compiled_label_sizes_equal_bincount(rng):
+    labels = rng.integers(0, 300, (40, 50, 80)).astype(np.int32)
+    assert labels.size >= ops.COMPILED_SCATTER_MIN
+    np.testing.assert_array_equal(ops.label_sizes(labels, 310), np.bincount(labels.ravel(), minlength=311))
+    np.testing.assert_array_equal(ops.label_sizes(labels[:2, :3], 310),
+                                  np.bincount(labels[:2, :3].ravel(), minlength=311))
+
+
 def test_equal_value_labels_of_a_spiral_are_one_piece():
     size = 41
     spiral = np.zeros((size, size), dtype=np.int32)

@@ -18,12 +18,11 @@ def remove_small_objects(mask, min_voxels: int):
     """
     if min_voxels <= 1:
         return mask
-    xp = get_array_module(mask)
-    labels, count = ops_for(mask).label(mask)
+    ops = ops_for(mask)
+    labels, count = ops.label(mask)
     if count == 0:
         return mask
-    sizes = xp.bincount(labels.ravel(), minlength=count + 1)
-    keep = sizes >= min_voxels
+    keep = ops.label_sizes(labels, count) >= min_voxels
     keep[0] = False
     return keep[labels]
 
@@ -67,7 +66,7 @@ def merge_small_particles(labels, min_voxels: int, *, renumber=False):
     count = int(labels.max())
     if min_voxels <= 1 or count == 0:
         return labels
-    sizes = to_host(xp.bincount(labels.ravel(), minlength=count + 1)).astype(np.int64)
+    sizes = to_host(ops_for(labels).label_sizes(labels, count))
     small = sizes < min_voxels
     small[0] = False
     if not small.any():

@@ -41,7 +41,7 @@ def component_depths(mask, spacing, return_distance=False):
     depth = xp.zeros(count + 1, dtype=xp.float32)
     ops.scatter_max(depth, labels.ravel(), distance.ravel())
     depth = xp.minimum(depth, xp.float32(diagonal))  # = the maximum of the capped distances
-    sizes = xp.bincount(labels.ravel(), minlength=count + 1)
+    sizes = ops.label_sizes(labels, count)
     out = to_host(sizes[1:]).astype(np.int64), to_host(depth[1:]).astype(np.float64)
     return (*out, distance) if return_distance else out
 

@@ -233,9 +233,9 @@ def share_of_largest(sizes) -> float:
 
 def largest_component_share(mask) -> float:
     """Fraction of ``mask``'s voxels in its largest face-connected component (0 for an empty mask)."""
-    xp = get_array_module(mask)
-    labels, count = ops_for(mask).label(mask)
-    return share_of_largest(xp.bincount(labels.ravel(), minlength=count + 1)[1:])
+    ops = ops_for(mask)
+    labels, count = ops.label(mask)
+    return share_of_largest(ops.label_sizes(labels, count)[1:])
 
 
 def largest_component_shares(above):
