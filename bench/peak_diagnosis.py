@@ -52,12 +52,12 @@ def declump_internals(image, p):
     kw = separation_kwargs(p)
     details = pl.SeparationDetails()
     clock = pl._StageClock(ops, details.timings)
-    fg, radius, distance = pl.foreground_step(image, None, spacing=kw["spacing"], sigma=kw["sigma"],
-                                              threshold="auto", polarity=kw["polarity"], details=details,
-                                              clock=clock)
+    fg, radius, distance, tables = pl.foreground_step(image, None, spacing=kw["spacing"], sigma=kw["sigma"],
+                                                      threshold="auto", polarity=kw["polarity"], details=details,
+                                                      clock=clock)
     fg, min_distance, particle_min_size, distance = pl.cleanup_step(
         fg, spacing=kw["spacing"], min_distance=kw["min_distance"], min_size=kw["min_size"],
-        max_hole_size=kw["max_hole_size"], details=details, radius=radius, distance=distance)
+        max_hole_size=kw["max_hole_size"], details=details, radius=radius, distance=distance, tables=tables)
     distance_q, quantum = pl.distance_step(fg, spacing=kw["spacing"], max_radius=None, distance=distance)
     peaks, overlooked = pl.peaks_step(distance_q, spacing=kw["spacing"], min_distance=min_distance,
                                       reach=pl.resolve_ratio("peak_reach", "auto", fg.ndim), max_radius=None,

@@ -382,6 +382,51 @@ def test_labels_are_those_of_a_second_whole_distance_transform(rng, monkeypatch,
     np.testing.assert_array_equal(reused, separate(image, **options))
 
 
+@pytest.mark.parametrize("polarity", ["bright", "dark"])
+def test_components_the_polarity_labelled_are_reused_with_the_same_labels(rng, monkeypatch, polarity):
+    """With a given sigma, the components the ``auto`` polarity labelled at Otsu's threshold (the mask's and its
+    background's) serve the scale measurement, hole filling and speck removal: the labels equal those of a run
+    that labels them again."""
+    import gpu_pipeline.pipeline as pipeline
+    from gpu_pipeline.stages.threshold import threshold_foreground
+
+    image, _ = make_touching_particles((72, 80, 64), 220, radius_range=(4.0, 8.0), noise=0.12, polarity=polarity,
+                                       seed=int(rng.integers(1e6)))
+    given = []
+
+    def recorded(*args, **kwargs):
+        found = threshold_foreground(*args, **kwargs)
+        given.append(found[2] is not None)
+        return found
+
+    monkeypatch.setattr(pipeline, "threshold_foreground", recorded)
+    reused = separate(image, sigma=1.0, min_distance=4.0)
+    assert given == [True]  # (packed spheres: the border alone cannot tell the polarity, both sides labelled)
+    monkeypatch.setattr(pipeline, "threshold_foreground", lambda *args, **kwargs: (
+        *threshold_foreground(*args, **kwargs)[:2], None))
+    np.testing.assert_array_equal(reused, separate(image, sigma=1.0, min_distance=4.0))
+
+
+@pytest.mark.parametrize("holes", [0, 5])
+def test_clean_mask_and_typical_radius_with_known_tables_equal_their_own_labelling(rng, holes):
+    from scipy import ndimage as ndi
+
+    from gpu_pipeline.stages.cleanup import clean_mask
+    from gpu_pipeline.stages.threshold import component_table
+
+    mask = ndi.binary_opening(rng.random((60, 70, 50)) > 0.45)
+    mask |= ndi.binary_dilation(rng.random(mask.shape) > 0.9995, iterations=1)  # specks
+    inside = np.argwhere(ndi.binary_erosion(mask, iterations=2))
+    for centre in inside[rng.choice(len(inside), size=min(holes, len(inside)), replace=False)]:
+        mask[tuple(centre)] = False
+    tables = (component_table(mask), component_table(~mask))
+    for hole, size in ((0, 9), (9, 9), (9, 1), (200, 30)):
+        expected = clean_mask(mask, spacing=(1.0,) * 3, min_size=size, max_hole_size=hole)
+        np.testing.assert_array_equal(clean_mask(mask, spacing=(1.0,) * 3, min_size=size, max_hole_size=hole,
+                                                 tables=tables), expected)
+    assert typical_radius(mask, (1.0, 2.0, 1.5), table=tables[0]) == typical_radius(mask, (1.0, 2.0, 1.5))
+
+
 def test_small_pieces_of_a_split_are_dropped_or_joined(rng):
     """Small particles: dropped alone or beside a big one, joined where touching small ones reach the size."""
     from gpu_pipeline.stages.cleanup import merge_small_particles

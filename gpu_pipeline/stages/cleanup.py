@@ -11,37 +11,48 @@ def voxels_for(size, spacing) -> int:
     return int(math.ceil(float(size) / math.prod(float(s) for s in spacing) - 1e-9))
 
 
-def remove_small_objects(mask, min_voxels: int):
+def remove_small_objects(mask, min_voxels: int, table=None):
     """Drop face-connected foreground components smaller than ``min_voxels`` voxels.
 
     Same result as ``skimage.morphology.remove_small_objects(mask, min_voxels, connectivity=1)``.
+    ``table``: ``mask``'s ``(labels, count, sizes)`` where they are known
+    (:func:`gpu_pipeline.stages.threshold.component_table`).
     """
     if min_voxels <= 1:
         return mask
     ops = ops_for(mask)
-    labels, count = ops.label(mask)
+    labels, count, sizes = table if table is not None else (*ops.label(mask), None)
     if count == 0:
         return mask
-    keep = ops.label_sizes(labels, count) >= min_voxels
+    keep = (ops.label_sizes(labels, count) if sizes is None else sizes) >= min_voxels
     keep[0] = False
     return keep[labels]
 
 
-def fill_small_holes(mask, max_hole_voxels: int):
+def fill_small_holes(mask, max_hole_voxels: int, background_table=None):
     """Fill face-connected background components smaller than ``max_hole_voxels`` voxels.
 
     Like ``skimage.morphology.remove_small_holes``; a bounded hole size keeps
-    the operation local, which a chunked volume needs.
+    the operation local, which a chunked volume needs. ``background_table``:
+    the component table of ``~mask`` where it is known.
     """
     if max_hole_voxels <= 1:
         return mask
-    return ~remove_small_objects(~mask, max_hole_voxels)
+    return ~remove_small_objects(~mask, max_hole_voxels, background_table)
 
 
-def clean_mask(mask, *, spacing, min_size, max_hole_size):
-    """Remove objects smaller than ``min_size`` and fill holes smaller than ``max_hole_size`` (physical units)."""
-    mask = fill_small_holes(mask, voxels_for(max_hole_size, spacing))
-    return remove_small_objects(mask, voxels_for(min_size, spacing))
+def clean_mask(mask, *, spacing, min_size, max_hole_size, tables=None):
+    """Remove objects smaller than ``min_size`` and fill holes smaller than ``max_hole_size`` (physical units).
+
+    ``tables``: the component tables of ``mask`` and of its background, where the threshold's polarity
+    labelled them (:func:`gpu_pipeline.stages.threshold.threshold_foreground`); the mask's serves the object
+    removal where no hole was filled (the mask is then unchanged)."""
+    own, background = tables if tables is not None else (None, None)
+    hole_voxels = voxels_for(max_hole_size, spacing)
+    if background is not None and hole_voxels > 1 and bool((background[2][1:] < hole_voxels).any()):
+        own = None  # holes are filled: the mask's components change
+    mask = fill_small_holes(mask, hole_voxels, background)
+    return remove_small_objects(mask, voxels_for(min_size, spacing), own)
 
 
 def merge_small_particles(labels, min_voxels: int, *, renumber=False):

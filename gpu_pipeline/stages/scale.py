@@ -26,12 +26,13 @@ from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_ho
 MIN_DISTANCE_PER_RADIUS = {2: 0.5, 3: 0.4}
 
 
-def component_depths(mask, spacing, return_distance=False):
+def component_depths(mask, spacing, return_distance=False, table=None):
     """Per face-connected component of ``mask``: size in voxels and deepest distance (physical), on the host;
-    with ``return_distance`` also the distance transform of ``mask`` it was measured on (None when empty)."""
+    with ``return_distance`` also the distance transform of ``mask`` it was measured on (None when empty).
+    ``table``: ``mask``'s ``(labels, count, sizes)`` where they are known."""
     xp = get_array_module(mask)
     ops = ops_for(mask)
-    labels, count = ops.label(mask)
+    labels, count, sizes = table if table is not None else (*ops.label(mask), None)
     if count == 0:
         empty = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
         return (*empty, None) if return_distance else empty
@@ -41,19 +42,22 @@ def component_depths(mask, spacing, return_distance=False):
     depth = xp.zeros(count + 1, dtype=xp.float32)
     ops.scatter_max(depth, labels.ravel(), distance.ravel())
     depth = xp.minimum(depth, xp.float32(diagonal))  # = the maximum of the capped distances
-    sizes = ops.label_sizes(labels, count)
+    if sizes is None:
+        sizes = ops.label_sizes(labels, count)
     out = to_host(sizes[1:]).astype(np.int64), to_host(depth[1:]).astype(np.float64)
     return (*out, distance) if return_distance else out
 
 
-def typical_radius(mask, spacing, return_distance=False):
+def typical_radius(mask, spacing, return_distance=False, table=None):
     """The size-weighted median of the components' inscribed radii (physical units); with ``return_distance``
     ``(radius, distance)``, the distance transform of ``mask`` it was measured on (the pipeline keeps it:
     :func:`gpu_pipeline.stages.distance.cleaned_distance`).
 
+    ``table``: ``mask``'s component table where it is known (:func:`component_depths`).
+
     Raises :class:`DeclumpError` when ``mask`` is empty (there is nothing to measure).
     """
-    sizes, depths, distance = component_depths(mask, spacing, return_distance=True)
+    sizes, depths, distance = component_depths(mask, spacing, return_distance=True, table=table)
     if sizes.size == 0:
         raise DeclumpError("min_distance='auto' found no foreground to measure the particle size on; "
                            "check polarity or threshold, or set --min-distance")

@@ -231,16 +231,28 @@ def share_of_largest(sizes) -> float:
     return float(sizes.max()) / float(sizes.sum()) if sizes.size else 0.0
 
 
-def largest_component_share(mask) -> float:
-    """Fraction of ``mask``'s voxels in its largest face-connected component (0 for an empty mask)."""
+def component_table(mask):
+    """``(labels, count, sizes)`` of ``mask``'s face-connected components (sizes per label 0..count)."""
     ops = ops_for(mask)
     labels, count = ops.label(mask)
-    return share_of_largest(ops.label_sizes(labels, count)[1:])
+    return labels, count, ops.label_sizes(labels, count)
 
 
-def largest_component_shares(above):
-    """:func:`largest_component_share` of ``above`` and of ``~above``: the two sides of a threshold."""
-    return largest_component_share(above), largest_component_share(~above)
+def largest_component_share(mask) -> float:
+    """Fraction of ``mask``'s voxels in its largest face-connected component (0 for an empty mask)."""
+    return share_of_largest(component_table(mask)[2][1:])
+
+
+def largest_component_shares(above, keep=None):
+    """:func:`largest_component_share` of ``above`` and of ``~above``: the two sides of a threshold. ``keep``
+    (a dict): their :func:`component_table` are put there as ``"above"`` and ``"below"``."""
+    shares = []
+    for name, mask in (("above", above), ("below", ~above)):
+        table = component_table(mask)
+        shares.append(share_of_largest(table[2][1:]))
+        if keep is not None:
+            keep[name] = table
+    return tuple(shares)
 
 
 def polarity_score(above_fraction, border_above, largest_above, largest_below) -> float:
@@ -372,18 +384,24 @@ def local_background(image, background_guess, sigma_voxels):
     return xp.where(support > 1e-3, values / xp.maximum(support, xp.float32(1e-3)), fallback)
 
 
-def threshold_foreground(smoothed, threshold, polarity):
+def threshold_foreground(smoothed, threshold, polarity, *, components=False):
     """The particle mask of a smoothed image and the :class:`ThresholdDecision` that made it.
 
     ``threshold``: a number (image units), a histogram method (``otsu``,
     ``li``, ``triangle``: global, equal to scikit-image's), ``local`` (Otsu
     above a background estimated over an eighth of the image, for uneven
     illumination: :func:`_flattened`) or ``auto`` (see :func:`choose_method`).
+
+    With ``components``, a third value: the :func:`component_table` of the
+    mask and of its background, where the ``auto`` polarity labelled them at
+    this very threshold (Otsu's), so that cleanup and the scale measurement
+    need not label them again; else None.
     """
     if not isinstance(threshold, str):
         value = float(threshold)
         side = choose_polarity(smoothed, value, polarity)
-        return foreground(smoothed, value, side), ThresholdDecision("fixed", value, side, {})
+        found = foreground(smoothed, value, side), ThresholdDecision("fixed", value, side, {})
+        return (*found, None) if components else found
     if threshold not in THRESHOLD_METHODS:
         raise DeclumpError(f"threshold must be one of {', '.join(THRESHOLD_METHODS)} or a number, got {threshold!r}")
     xp = get_array_module(smoothed)
@@ -397,14 +415,22 @@ def threshold_foreground(smoothed, threshold, polarity):
             image = xp.clip(smoothed, xp.asarray(low, dtype=smoothed.dtype), xp.asarray(high, dtype=smoothed.dtype))
     counts, bins = intensity_histogram(image)
     candidates = {name: method(counts, bins) for name, method in HISTOGRAM_METHODS.items()}
-    side = choose_polarity(image, candidates["otsu"], polarity)
+    tables = {} if components else None
+    side = choose_polarity(image, candidates["otsu"], polarity,
+                          largest_shares=lambda above: largest_component_shares(above, keep=tables))
     method = choose_method(image, counts, bins, candidates, side) if threshold == "auto" else threshold
+    parts = None
+    if tables and method == "otsu":  # the mask is one side at Otsu's threshold, its background the other
+        parts = (tables["above"], tables["below"]) if side == "bright" else (tables["below"], tables["above"])
+    tables = None  # (the side not kept is freed)
     if method != "local":
         value = candidates[method]
-        return foreground(image, value, side), ThresholdDecision(method, value, side, candidates, intensity_range)
+        found = foreground(image, value, side), ThresholdDecision(method, value, side, candidates, intensity_range)
+        return (*found, parts) if components else found
     flat, value = _flattened(image, side)
     candidates["local"] = value
-    return flat > value, ThresholdDecision("local", value, side, candidates, intensity_range)
+    found = flat > value, ThresholdDecision("local", value, side, candidates, intensity_range)
+    return (*found, None) if components else found
 
 
 def _flattened(image, side):
