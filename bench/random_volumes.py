@@ -14,7 +14,10 @@ counts the volumes where declump's F1@0.5 is below each peer's (by more than
 are not compared here (``bench.throughput`` times the methods in fresh
 processes); the seconds are recorded only as a guide. ``--option`` runs
 declump with a changed option (``name=value``, ``off`` for None) under its
-own column, e.g. to measure a default against off.
+own column, e.g. to measure a default against off. ``declump-defaults``
+(a method) is declump given only sigma and ``min_distance``: threshold,
+polarity, hole filling and ``min_size`` at their ``auto`` defaults, as a new
+user runs it.
 
 The draws of ``--rng 20261203`` chose the 3D peak defaults and those of
 ``--rng 777`` checked them (README, Method steps 6 and 8).
@@ -32,7 +35,8 @@ from bench.throughput import DECLUMP
 from gpu_pipeline.synthetic import make_touching_particles
 
 PARAMS = dict(sigma=1.0, min_distance=4, min_size=65, polarity="bright")
-METHODS = {"declump": DECLUMP, "watershed": WATERSHED, "snow": SNOW}
+METHODS = {"declump": DECLUMP, "watershed": WATERSHED, "snow": SNOW,
+           "declump-defaults": "declump, the rest at its defaults"}  # (bench.compare_methods.DECLUMP_VARIANTS)
 #: A lower F1@0.5 counts when it is lower by more than this (one piece in 1000 spheres is 0.0005-0.001).
 BELOW = 5e-5
 
