@@ -104,24 +104,23 @@ def label_sums(labels, image=None):
 COMPILED_SCATTER_MIN = 1 << 16
 
 
-def scatter_min(target, index, values):
-    """target[index] = min(target[index], values), repeated indices allowed (``np.minimum.at``, compiled)."""
+def _scatter(target, index, values, highest):
     if np.size(index) < COMPILED_SCATTER_MIN:
-        np.minimum.at(target, index, values)
+        (np.maximum if highest else np.minimum).at(target, index, values)
         return
     from cpu_fallback.kernels import scatter
 
-    scatter(target, index, values, highest=False)
+    scatter(target, index, values, highest=highest)
+
+
+def scatter_min(target, index, values):
+    """target[index] = min(target[index], values), repeated indices allowed (``np.minimum.at``, compiled)."""
+    _scatter(target, index, values, highest=False)
 
 
 def scatter_max(target, index, values):
     """target[index] = max(target[index], values), repeated indices allowed (``np.maximum.at``, compiled)."""
-    if np.size(index) < COMPILED_SCATTER_MIN:
-        np.maximum.at(target, index, values)
-        return
-    from cpu_fallback.kernels import scatter
-
-    scatter(target, index, values, highest=True)
+    _scatter(target, index, values, highest=True)
 
 
 def label_sizes(labels, count):

@@ -412,7 +412,7 @@ def test_clean_mask_and_typical_radius_with_known_tables_equal_their_own_labelli
     from scipy import ndimage as ndi
 
     from gpu_pipeline.stages.cleanup import clean_mask
-    from gpu_pipeline.stages.threshold import component_table
+    from gpu_pipeline.stages.components import component_table
 
     mask = ndi.binary_opening(rng.random((60, 70, 50)) > 0.45)
     mask |= ndi.binary_dilation(rng.random(mask.shape) > 0.9995, iterations=1)  # specks

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 from gpu_pipeline._backend import get_array_module, ops_for, to_host
+from gpu_pipeline.stages.components import component_table
 
 
 def voxels_for(size, spacing) -> int:
@@ -16,15 +17,14 @@ def remove_small_objects(mask, min_voxels: int, table=None):
 
     Same result as ``skimage.morphology.remove_small_objects(mask, min_voxels, connectivity=1)``.
     ``table``: ``mask``'s ``(labels, count, sizes)`` where they are known
-    (:func:`gpu_pipeline.stages.threshold.component_table`).
+    (:func:`gpu_pipeline.stages.components.component_table`).
     """
     if min_voxels <= 1:
         return mask
-    ops = ops_for(mask)
-    labels, count, sizes = table if table is not None else (*ops.label(mask), None)
+    labels, count, sizes = component_table(mask) if table is None else table
     if count == 0:
         return mask
-    keep = (ops.label_sizes(labels, count) if sizes is None else sizes) >= min_voxels
+    keep = sizes >= min_voxels
     keep[0] = False
     return keep[labels]
 

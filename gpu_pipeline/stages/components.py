@@ -12,6 +12,13 @@ from gpu_pipeline._backend import get_array_module, ops_for
 from gpu_pipeline.array_algorithms import neighbour_slices
 
 
+def component_table(mask):
+    """``(labels, count, sizes)`` of ``mask``'s face-connected components (sizes per label 0..count)."""
+    ops = ops_for(mask)
+    labels, count = ops.label(mask)
+    return labels, count, ops.label_sizes(labels, count)
+
+
 def relabel_by_first_voxel(labels):
     """Renumber labels 1..n in the C order of each label's first voxel; 0 stays 0.
 

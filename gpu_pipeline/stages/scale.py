@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_host
+from gpu_pipeline.stages.components import component_table
 
 #: ``min_distance="auto"`` is this fraction of the typical particle radius, per number of dimensions.
 #: 2D: 0.5, chosen on EMPS half 1 (see bench). Revisited (2026-12-01 sweep on emps_subset and nuclei seeds 0-3,
@@ -29,10 +30,11 @@ MIN_DISTANCE_PER_RADIUS = {2: 0.5, 3: 0.4}
 def component_depths(mask, spacing, return_distance=False, table=None):
     """Per face-connected component of ``mask``: size in voxels and deepest distance (physical), on the host;
     with ``return_distance`` also the distance transform of ``mask`` it was measured on (None when empty).
-    ``table``: ``mask``'s ``(labels, count, sizes)`` where they are known."""
+    ``table``: ``mask``'s ``(labels, count, sizes)`` where they are known
+    (:func:`gpu_pipeline.stages.components.component_table`)."""
     xp = get_array_module(mask)
     ops = ops_for(mask)
-    labels, count, sizes = table if table is not None else (*ops.label(mask), None)
+    labels, count, sizes = component_table(mask) if table is None else table
     if count == 0:
         empty = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
         return (*empty, None) if return_distance else empty
@@ -42,8 +44,6 @@ def component_depths(mask, spacing, return_distance=False, table=None):
     depth = xp.zeros(count + 1, dtype=xp.float32)
     ops.scatter_max(depth, labels.ravel(), distance.ravel())
     depth = xp.minimum(depth, xp.float32(diagonal))  # = the maximum of the capped distances
-    if sizes is None:
-        sizes = ops.label_sizes(labels, count)
     out = to_host(sizes[1:]).astype(np.int64), to_host(depth[1:]).astype(np.float64)
     return (*out, distance) if return_distance else out
 

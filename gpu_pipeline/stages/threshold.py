@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_host
+from gpu_pipeline._backend import DeclumpError, get_array_module, to_host
+from gpu_pipeline.stages.components import component_table
 
 #: Number of bins for floating-point images (scikit-image's default).
 FLOAT_BINS = 256
@@ -231,13 +232,6 @@ def share_of_largest(sizes) -> float:
     return float(sizes.max()) / float(sizes.sum()) if sizes.size else 0.0
 
 
-def component_table(mask):
-    """``(labels, count, sizes)`` of ``mask``'s face-connected components (sizes per label 0..count)."""
-    ops = ops_for(mask)
-    labels, count = ops.label(mask)
-    return labels, count, ops.label_sizes(labels, count)
-
-
 def largest_component_share(mask) -> float:
     """Fraction of ``mask``'s voxels in its largest face-connected component (0 for an empty mask)."""
     return share_of_largest(component_table(mask)[2][1:])
@@ -422,7 +416,7 @@ def threshold_foreground(smoothed, threshold, polarity, *, components=False):
     parts = None
     if tables and method == "otsu":  # the mask is one side at Otsu's threshold, its background the other
         parts = (tables["above"], tables["below"]) if side == "bright" else (tables["below"], tables["above"])
-    tables = None  # (the side not kept is freed)
+    tables = None  # (both freed here where the method is not Otsu's)
     if method != "local":
         value = candidates[method]
         found = foreground(image, value, side), ThresholdDecision(method, value, side, candidates, intensity_range)
