@@ -29,6 +29,9 @@ from bench.common import RESULTS, SHARED, machine_info, spread, timed, write_res
 from gpu_pipeline.metrics import evaluate
 from gpu_pipeline.synthetic import make_touching_particles
 
+#: Declump as a new user runs it, given only the smoothing and min_distance: threshold, polarity, hole filling and
+#: min_size at their ``auto`` defaults (the other variants get Otsu, no hole filling and the dataset's min_size).
+DECLUMP_DEFAULTS = "declump, the rest at its defaults"
 DECLUMP_VARIANTS = {
     "declump (default: power, 0 Lloyd, neck, nearby, reach, reach share and ball share auto)": dict(assignment="power",
                                                                                                    max_iter=0),
@@ -37,10 +40,7 @@ DECLUMP_VARIANTS = {
     "declump power + 3 Lloyd": dict(assignment="power", max_iter=3),
     "declump power + 10 Lloyd": dict(assignment="power", max_iter=10),
     "declump euclidean batched + 10 Lloyd": dict(assignment="euclidean", max_iter=10),
-    # As a new user runs it, given only the smoothing and min_distance: threshold, polarity, hole filling and
-    # min_size at their ``auto`` defaults (the others get Otsu, no hole filling and the dataset's min_size).
-    "declump, the rest at its defaults": dict(threshold="auto", polarity="auto", max_hole_size="auto",
-                                              min_size="auto"),
+    DECLUMP_DEFAULTS: dict(threshold="auto", polarity="auto", max_hole_size="auto", min_size="auto"),
 }
 NAIVE = "naive sklearn KMeans per region"
 WATERSHED = "skimage watershed"

@@ -30,13 +30,12 @@ import time
 import numpy as np
 
 from bench.common import machine_info, write_results
-from bench.compare_methods import SNOW, WATERSHED, pooled_scores, run_method, separation_kwargs
-from bench.throughput import DECLUMP
+from bench.compare_methods import pooled_scores, run_method, separation_kwargs
+from bench.throughput import SHORT
 from gpu_pipeline.synthetic import make_touching_particles
 
 PARAMS = dict(sigma=1.0, min_distance=4, min_size=65, polarity="bright")
-METHODS = {"declump": DECLUMP, "watershed": WATERSHED, "snow": SNOW,
-           "declump-defaults": "declump, the rest at its defaults"}  # (bench.compare_methods.DECLUMP_VARIANTS)
+METHODS = SHORT  # (bench.throughput's short names: declump, watershed, snow, declump-defaults)
 #: A lower F1@0.5 counts when it is lower by more than this (one piece in 1000 spheres is 0.0005-0.001).
 BELOW = 5e-5
 

@@ -43,13 +43,12 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import RESULTS, machine_info, write_results
-from bench.compare_methods import SNOW, WATERSHED, peak_rss_gib, pooled_scores, run_method
+from bench.compare_methods import DECLUMP_DEFAULTS, SNOW, WATERSHED, peak_rss_gib, pooled_scores, run_method
 from gpu_pipeline.synthetic import make_touching_particles
 
 DECLUMP = "declump (default: power, 0 Lloyd, neck, nearby, reach, reach share and ball share auto)"
 METHODS = (DECLUMP, WATERSHED, SNOW)
-SHORT = {"declump": DECLUMP, "watershed": WATERSHED, "snow": SNOW,
-         "declump-defaults": "declump, the rest at its defaults"}
+SHORT = {"declump": DECLUMP, "watershed": WATERSHED, "snow": SNOW, "declump-defaults": DECLUMP_DEFAULTS}
 #: Voxels in a terabyte of uint8 volume.
 VOXELS_PER_TB = 1e12
 
@@ -120,7 +119,7 @@ def side_by_side(shape, particles, radius, seed, rounds, methods=METHODS):
 
     return {"shape": list(shape), "voxels": int(image.size), "particles": int(truth.max()), "radius": list(radius),
             "seed": seed, "params": p, "methods": rows, "watershed_over_declump_time": watershed_over(DECLUMP),
-            "watershed_over_declump_defaults_time": watershed_over(SHORT["declump-defaults"])}
+            "watershed_over_declump_defaults_time": watershed_over(DECLUMP_DEFAULTS)}
 
 
 def _cli_run(argv, out_dir):
