@@ -1,10 +1,12 @@
 """Accuracy side by side on generated volumes whose parameters are drawn at random, not chosen.
 
     python -m bench.random_volumes [--draws 24] [--rng 777] [--size 256] [--methods declump,watershed,snow]
-                                   [--option ball_share=off ...] [--out NAME]
+                                   [--spread wide] [--option ball_share=off ...] [--out NAME]
 
 Each draw takes a seed, a radius range (smallest radius uniform in 3-9
-voxels, largest 4-9 voxels more) and a volume fraction (15-45 %) from
+voxels, largest 4-9 voxels more; with ``--spread wide``, smallest uniform in
+3-6 and largest 2-6 times that, so small spheres touch ones up to 6 times
+their radius) and a volume fraction (15-45 %) from
 ``--rng``, generates the bench's touching spheres (overlap 0.15) and runs
 every method on it with the bench's parameters (sigma 1, ``min_distance`` 4,
 ``min_size`` 65, bright particles), in this process, one method after the
@@ -38,15 +40,25 @@ PARAMS = dict(sigma=1.0, min_distance=4, min_size=65, polarity="bright")
 METHODS = SHORT  # (bench.throughput's short names: declump, watershed, snow, declump-defaults)
 #: A lower F1@0.5 counts when it is lower by more than this (one piece in 1000 spheres is 0.0005-0.001).
 BELOW = 5e-5
+#: How the radius ranges are drawn (:func:`draws`).
+SPREADS = ("narrow", "wide")
 
 
-def draws(rng_seed, count, size=256):
-    """(index, seed, particles, smallest radius, largest radius) of ``count`` random volumes of ``size``³."""
+def draws(rng_seed, count, size=256, spread="narrow"):
+    """(index, seed, particles, smallest radius, largest radius) of ``count`` random volumes of ``size``³.
+
+    ``spread``: ``"narrow"`` (the largest radius 4-9 voxels above the smallest) or ``"wide"`` (2-6 times it)."""
+    if spread not in SPREADS:
+        raise ValueError(f"spread must be one of {SPREADS}, got {spread!r}")
     rng = np.random.default_rng(rng_seed)
     out = []
     for i in range(count):
-        lo = float(rng.uniform(3.0, 9.0))
-        hi = lo + float(rng.uniform(4.0, 9.0))
+        if spread == "wide":
+            lo = float(rng.uniform(3.0, 6.0))
+            hi = lo * float(rng.uniform(2.0, 6.0))
+        else:
+            lo = float(rng.uniform(3.0, 9.0))
+            hi = lo + float(rng.uniform(4.0, 9.0))
         fraction = float(rng.uniform(0.15, 0.45))
         n = int(fraction * 256 ** 3 / (4 / 3 * np.pi * ((lo + hi) / 2) ** 3) * (size / 256) ** 3)
         out.append((i, int(rng.integers(10000, 99999)), n, round(lo, 1), round(hi, 1)))
@@ -60,13 +72,13 @@ def _option(text):
     return name, None if value == "off" else (value if value == "auto" else float(value))
 
 
-def run(rng_seed, count, size, methods, options=()):
+def run(rng_seed, count, size, methods, options=(), spread="narrow"):
     """Per draw, each method's F1@0.5, mean F1, pieces and seconds; then the summary."""
     from cpu_fallback import separate
 
     columns = [(m, None) for m in methods] + [(f"declump {name}={value}", (name, value)) for name, value in options]
     rows = []
-    for i, seed, n, lo, hi in draws(rng_seed, count, size):
+    for i, seed, n, lo, hi in draws(rng_seed, count, size, spread):
         image, truth = make_touching_particles((size,) * 3, n, radius_range=(lo, hi), overlap=0.15, seed=seed)
         row = {"draw": i, "seed": seed, "particles": n, "radius": [lo, hi], "truth": int(truth.max())}
         for column, option in columns:
@@ -83,7 +95,7 @@ def run(rng_seed, count, size, methods, options=()):
         rows.append(row)
         print(f"draw {i} seed {seed} r {lo}-{hi} {row['truth']} spheres: " + ", ".join(
             f"{c} {row[c]['f1_50']:.5f}/{row[c]['mean_f1']:.3f}" for c, _ in columns), flush=True)
-    return {"rng": rng_seed, "draws": count, "size": size, "params": PARAMS, "columns": [c for c, _ in columns],
+    return {"rng": rng_seed, "draws": count, "size": size, "spread": spread, "params": PARAMS, "columns": [c for c, _ in columns],
             "rows": rows, "summary": summary(rows, [c for c, _ in columns])}
 
 
@@ -105,8 +117,9 @@ def markdown(result):
     columns = result["columns"]
     m = result["machine"]
     lines = [f"# Random generated volumes side by side: {m['cpu']}, {m['date']}", "",
-             f"{result['draws']} draws of `--rng {result['rng']}`, {result['size']}³ each (radii and volume fraction "
-             f"drawn; overlap 0.15); parameters {result['params']}. F1@0.5 / mean F1 (pieces) per method.", "",
+             f"{result['draws']} draws of `--rng {result['rng']}`"
+             f"{' --spread wide' if result.get('spread') == 'wide' else ''}, {result['size']}³ each (radii and "
+             f"volume fraction drawn; overlap 0.15); parameters {result['params']}. F1@0.5 / mean F1 (pieces) per method.", "",
              "| draw | seed | radii | spheres | " + " | ".join(columns) + " |",
              "|---|---|---|---|" + "---|" * len(columns)]
     for r in result["rows"]:
@@ -134,13 +147,15 @@ def main(argv=None):
                         help="comma-separated, of " + ", ".join(METHODS))
     parser.add_argument("--option", action="append", type=_option, default=[],
                         help="also declump with this option changed, name=value or name=off (repeatable)")
+    parser.add_argument("--spread", choices=SPREADS, default="narrow",
+                        help="radius ranges: largest 4-9 voxels above the smallest (narrow, default) or 2-6 times it")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    result = run(args.rng, args.draws, args.size, methods, args.option)
+    result = run(args.rng, args.draws, args.size, methods, args.option, args.spread)
     result["machine"] = machine_info()
     stem = write_results(result, "random_volumes", markdown(result), args.out)
     print(f"wrote bench/results/{stem}.json and .md")

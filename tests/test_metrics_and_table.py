@@ -118,3 +118,19 @@ def test_random_volume_bench_scores_each_drawn_volume_and_counts_where_declump_t
     assert result["summary"]["declump"]["f1_50_below_watershed"] == below
     assert result["summary"]["watershed"]["mean_f1_50"] == pytest.approx(
         np.mean([r["watershed"]["f1_50"] for r in result["rows"]]))
+
+
+def test_random_volume_bench_wide_spread_draws_radius_ratios_of_two_to_six():
+    """``--spread wide``: the largest radius 2-6 times the smallest (3-6 voxels), reproducibly; the narrow draws
+    keep the largest 4-9 voxels above the smallest."""
+    from bench.random_volumes import draws
+
+    wide = draws(5, 200, 64, "wide")
+    assert wide == draws(5, 200, 64, "wide") and wide != draws(5, 200, 64)
+    ratios = np.array([hi / lo for _, _, _, lo, hi in wide])
+    assert all(2.9 <= lo <= 6.1 for _, _, _, lo, _ in wide)
+    assert ratios.min() >= 1.95 and ratios.max() <= 6.1 and ratios.max() > 5 and ratios.min() < 2.5
+    gaps = np.array([hi - lo for _, _, _, lo, hi in draws(5, 200, 64)])
+    assert gaps.min() >= 3.9 and gaps.max() <= 9.1
+    with pytest.raises(ValueError, match="spread"):
+        draws(5, 1, 64, "broad")
