@@ -28,7 +28,7 @@ PARAMETER_HELP = {
                     "radius, or 'auto': 0.5 (2D) or 0.4 (3D) x the typical particle radius measured on the "
                     "foreground (default %(default)s; chunked runs need a number)",
     "min_size": "remove objects smaller than this area (2D) or volume (3D), physical units; 'auto': 0.2 (2D) or "
-                "1/64 (3D) x a ball of the typical particle radius, for objects and again for the particles after "
+                "1/512 (3D) x a ball of the typical particle radius, for objects and again for the particles after "
                 "the split (default %(default)s; chunked runs: a ball of diameter --min-distance)",
     "max_hole_size": "fill holes smaller than this area/volume, physical units; 'auto': holes up to a ball of 0.4 x "
                      "the typical particle radius (nucleoli, not the larger pockets enclosed between touching "

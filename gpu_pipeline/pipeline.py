@@ -41,13 +41,18 @@ SIGMA_RAISE = 2.0
 #: generated disks (radii 5-12, the smallest 0.21 of that ball): 0.2 / 0.35 give F1@0.5 0.272 / 0.308 on
 #: emps_subset and 0.909 / 0.893 on the nuclei; on the demo 0.2 keeps 0.764, 0.25 gives 0.750 and 0.35 for the
 #: pieces after the split 0.69. bench/auto_foreground.py, row "min_size=None": emps_subset 0.235 -> 0.272.
-#: 3D: 1/64 (a ball of a quarter of the radius). 0.2 there is a ball of 0.58 x the radius, and the typical
-#: radius (size-weighted: clusters of touching spheres, each as deep as its largest) is near the largest
-#: particles' radius: on 24 random 160^3 volumes of touching spheres (bench.random_volumes draws, rng 31 and 32,
-#: radii 3-18), sigma 1 and min_distance 4, 0.2 merged and dropped the smaller spheres (mean F1@0.5 0.840,
-#: lowest 0.578) where 1/64 gives 0.978 (lowest 0.860), the bench's fixed min_size 65 0.978; 0.027 0.977. The
-#: embryo 3D nuclei (24, similar sizes) pay one piece per stack: 0.875 -> 0.840 at the defaults.
-MIN_SIZE_PER_PARTICLE = {2: 0.2, 3: 1 / 64}
+#: 3D: 1/512 (a ball of an eighth of the radius). The typical radius (size-weighted: clusters of touching
+#: spheres, each as deep as its largest) is near the largest particles' radius, so the fraction must leave room
+#: for spheres much smaller than the largest. 0.2 (a ball of 0.58 x the radius) merged and dropped the smaller
+#: spheres: on 24 random 160^3 volumes (bench.random_volumes draws, rng 31 and 32, radii 3-18), sigma 1 and
+#: min_distance 4, mean F1@0.5 0.840 (lowest 0.578) where the bench's fixed min_size 65 gives 0.978. 1/64 (a
+#: quarter of the radius) matched the fixed 65 there, but not where the largest radius is 4-8 x the smallest
+#: (eight 256^3 volumes, radii 3-20 (two), 3-24, 4-18, 3-16, 3-14, 5-25, 3-12; sigma 1, min_distance 4,
+#: 2026-12-04): mean F1@0.5 0.8757 (0.833-0.939) against 0.9012 with 65, whole small spheres merged into their
+#: larger neighbours; 1/216 0.8976, 1/512 0.9006 (0.874-0.962; below 65 by 0.004 at most). On the narrow draws
+#: (rng 31, 32) 1/64, 1/216 and 1/512 score the same (0.9792 at the defaults). The embryo 3D nuclei (24,
+#: similar sizes) keep 0.840 at all three (0.875 with 0.2).
+MIN_SIZE_PER_PARTICLE = {2: 0.2, 3: 1 / 512}
 
 
 class NoParticlesError(DeclumpError):
@@ -278,7 +283,7 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         median of the components' inscribed radii, so specks do not count).
     min_size : "auto", float or None
         Objects smaller than this area (2D) or volume (3D), physical units, are
-        removed. ``auto`` (default): ``MIN_SIZE_PER_PARTICLE`` (0.2 in 2D, 1/64
+        removed. ``auto`` (default): ``MIN_SIZE_PER_PARTICLE`` (0.2 in 2D, 1/512
         in 3D) times the area or volume of a ball of the typical particle
         radius, applied to the foreground's objects and again to the
         particles after the split (fragments split off a particle's rim are
