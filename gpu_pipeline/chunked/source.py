@@ -407,7 +407,9 @@ def _block_slabs(block, depth, offsets, foreground, target):
     partial = f"{target}.partial"
     with open(partial, "wb") as f:
         for o in offsets:
-            slabs[o].tofile(f)  # contiguous already: written from its own buffer, no copy
+            # Contiguous already: written from its own buffer, no copy. Not ndarray.tofile: its own C stream
+            # can lose a failed write (a full disk) at its close and leave a short file that reads back wrong.
+            f.write(memoryview(slabs[o]).cast("B"))
     os.replace(partial, target)  # a rerun of the task rewrites it whole
     return target
 
