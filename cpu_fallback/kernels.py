@@ -751,6 +751,44 @@ def maximum_filter(array, size):
 
 
 @njit(cache=True, nogil=True)
+def _local_maxima(values, min_value, out):  # pragma: no cover - compiled; tested through local_maxima
+    # values, out: 3D (a 1D/2D array padded with leading axes of 1). A voxel below min_value is not looked at;
+    # the others stop at their first higher neighbour (along the slope: most stop at once).
+    n0, n1, n2 = values.shape
+    for i in range(n0):
+        for j in range(n1):
+            for k in range(n2):
+                v = values[i, j, k]
+                if not (v >= min_value):
+                    continue
+                top = True
+                for a in range(max(i - 1, 0), min(i + 2, n0)):
+                    for b in range(max(j - 1, 0), min(j + 2, n1)):
+                        for c in range(max(k - 1, 0), min(k + 2, n2)):
+                            if values[a, b, c] > v:
+                                top = False
+                                break
+                        if not top:
+                            break
+                    if not top:
+                        break
+                out[i, j, k] = top
+
+
+def local_maxima(values, min_value):
+    """``(values == maximum_filter(values, 3, mode="nearest")) & (values >= min_value)`` in one compiled pass,
+    for 1-3D integer or float arrays; else None. Replicated edges add no higher value, so the box is cut at
+    the array's faces."""
+    values = np.asarray(values)
+    if not (1 <= values.ndim <= 3) or values.dtype.kind not in "iuf":
+        return None
+    pad = (None,) * (3 - values.ndim)
+    out = np.zeros(values.shape, dtype=bool)
+    _local_maxima(values[pad], np.result_type(values.dtype, min_value).type(min_value), out[pad])
+    return out
+
+
+@njit(cache=True, nogil=True)
 def _append(buffer, count, value):  # pragma: no cover - compiled
     if count == buffer.size:
         grown = np.empty(2 * buffer.size, np.int64)

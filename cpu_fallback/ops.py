@@ -68,6 +68,19 @@ def maximum_filter(array, size):
     return result
 
 
+def local_maxima(values, min_value):
+    """Voxels equal to the maximum of their 3x3(x3) box and at least ``min_value`` (``array_algorithms.
+    local_maxima``): one compiled pass, each voxel stopping at its first higher neighbour."""
+    from cpu_fallback.kernels import local_maxima as compiled
+
+    result = compiled(values, min_value)
+    if result is None:
+        from gpu_pipeline.array_algorithms import local_maxima as array_version
+
+        result = array_version(values, min_value, maximum_filter)
+    return result
+
+
 def box_maxima(values, maxed, min_value, half_widths, core=None):
     """The candidates of a local-maximum search from a box maximum filter (``array_algorithms.box_maxima``).
 

@@ -161,6 +161,12 @@ def box_maxima(values, maxed, min_value, half_widths, core=None):
 DENSE_ID_SPAN = 4
 
 
+def local_maxima(values, min_value, maximum_filter):
+    """Voxels equal to the maximum of their 3x3(x3) box (edges replicated) and at least ``min_value``: a bool
+    array. ``maximum_filter(array, size)``: the backend's box maximum."""
+    return (values == maximum_filter(values, (3,) * values.ndim)) & (values >= min_value)
+
+
 def unique_ids(values, *, return_inverse=False, return_counts=False):
     """``np.unique`` of a 1-D integer array (sorted ids; inverse, counts on request).
 

@@ -25,8 +25,9 @@ PARAMETER_HELP = {
     "polarity": "particles brighter ('bright') or darker ('dark') than the background; 'auto': the side rarer "
                 "on the image border than inside it and split into more pieces (default %(default)s)",
     "min_distance": "smallest distance between particle centres, physical units; about the smallest particle "
-                    "radius, or 'auto': 0.5 (2D) or 0.4 (3D) x the typical particle radius measured on the "
-                    "foreground (default %(default)s; chunked runs need a number)",
+                    "radius, or 'auto': 0.5 x the typical particle radius measured on the foreground (2D), 0.5 x "
+                    "the median depth of its distance map's maxima, at least 2 voxels (3D) (default %(default)s; "
+                    "chunked runs need a number)",
     "min_size": "remove objects smaller than this area (2D) or volume (3D), physical units; 'auto': 0.2 (2D) or "
                 "1/512 (3D) x a ball of the typical particle radius, for objects and again for the particles after "
                 "the split (default %(default)s; chunked runs: a ball of diameter --min-distance)",

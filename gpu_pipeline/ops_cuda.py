@@ -20,6 +20,7 @@ from gpu_pipeline._common import GAUSSIAN_TRUNCATE
 from gpu_pipeline.array_algorithms import box_maxima as array_box_maxima
 from gpu_pipeline.array_algorithms import distance_transform_edt, label_by_value_propagation
 from gpu_pipeline.array_algorithms import label_sums as array_label_sums
+from gpu_pipeline.array_algorithms import local_maxima as array_local_maxima
 
 xp = cp
 
@@ -57,6 +58,11 @@ def label_by_value(labels):
 def maximum_filter(array, size):
     """Maximum over a box of ``size`` voxels per axis (edge values replicated)."""
     return cndi.maximum_filter(array, size=tuple(int(s) for s in size), mode="nearest")
+
+
+def local_maxima(values, min_value):
+    """Voxels equal to the maximum of their 3x3(x3) box and at least ``min_value``: the array-module version."""
+    return array_local_maxima(values, min_value, maximum_filter)
 
 
 def box_maxima(values, maxed, min_value, half_widths, core=None):

@@ -46,6 +46,8 @@ def test_primitives_match_the_cpu(cp, rng):
     for got, want in zip(gpu.box_maxima(cp.asarray(values), cp.asarray(maxed), 0, (2, 2, 2), core),
                          cpu.box_maxima(values, maxed, 0, (2, 2, 2), core)):
         np.testing.assert_array_equal(got.get(), want)
+    distance = cpu.distance_transform(mask, spacing)
+    np.testing.assert_array_equal(gpu.local_maxima(cp.asarray(distance), 1.5).get(), cpu.local_maxima(distance, 1.5))
     image = rng.integers(0, 255, values.shape).astype(np.uint8)
     on_gpu, on_cpu = gpu.label_sums(cp.asarray(values), cp.asarray(image)), cpu.label_sums(values, image)
     for key in on_cpu:

@@ -453,6 +453,24 @@ def test_gaussian_equals_scipy_bit_for_bit(rng, shape, sigma, dtype, order):
     np.testing.assert_array_equal(values, before)  # the input is never written
 
 
+@pytest.mark.parametrize("shape,dtype", [((301,), np.int32), ((40, 57), np.uint16), ((23, 31, 37), np.float32),
+                                         ((19, 26, 33), np.float64), ((2, 1, 3), np.float32)])
+def test_local_maxima_are_the_voxels_equal_to_their_box_maximum(rng, shape, dtype):
+    """``ops.local_maxima`` (compiled) and the array-module version (the GPU's) against SciPy's 3^n maximum
+    filter with replicated edges, on plateaus, specks and a threshold between values."""
+    from gpu_pipeline.array_algorithms import local_maxima as array_version
+
+    values = ndi.zoom(rng.integers(0, 9, tuple(max(1, n // 3) for n in shape)), 3, order=0)  # plateaus ...
+    values = np.pad(values, [(0, max(0, n - m)) for n, m in zip(shape, values.shape)], mode="edge")
+    values = values[tuple(slice(0, n) for n in shape)]
+    values = np.where(rng.random(shape) < 0.2, rng.integers(0, 9, shape), values).astype(dtype)  # ... specks
+    expected = (values == ndi.maximum_filter(values, size=3, mode="nearest")) & (values >= 2.5)
+    assert values.size < 10 or 0 < expected.sum() < values.size
+    for got in (ops.local_maxima(values, 2.5), array_version(values, 2.5, ops.maximum_filter)):
+        assert got.dtype == bool
+        np.testing.assert_array_equal(got, expected)
+
+
 def _box_maxima_reference(values, size, min_value, half_widths, core):
     """The two candidate sets by definition: SciPy's box maximum, and face neighbours from an edge-padded copy."""
     above = values > min_value

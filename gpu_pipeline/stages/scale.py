@@ -15,16 +15,23 @@ import numpy as np
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_host
 from gpu_pipeline.stages.components import component_table
 
-#: ``min_distance="auto"`` is this fraction of the typical particle radius, per number of dimensions.
+#: ``min_distance="auto"`` is this fraction of a particle radius measured on the foreground, per number of
+#: dimensions: in 2D the typical radius (:func:`typical_radius`), in 3D the median depth of the distance map's
+#: maxima (:func:`maxima_radius`).
 #: 2D: 0.5, chosen on EMPS half 1 (see bench). Revisited (2026-12-01 sweep on emps_subset and nuclei seeds 0-3,
 #: sigma rule on, size rule 0.15): 0.75 gives emps_subset 0.312 instead of 0.287 but the nuclei 0.812 instead
 #: of 0.905 (touching nuclei merge), so it stays 0.5; EMPS over-splitting is met by the sigma and size rules in
-#: gpu_pipeline.pipeline instead. 3D: 0.4. The typical radius follows the largest particles there (a cluster
-#: of touching spheres is as deep as its largest), and 0.5 of it merged the smaller spheres: on 24 random 160^3
-#: volumes of touching spheres (bench.random_volumes draws, rng 31 and 32) at the defaults, mean F1@0.5 0.9705
-#: at 0.5, 0.9792 at 0.4 (15 volumes higher, none lower), 0.9845 at 0.33 and 0.9881 at 0.25; the embryo 3D
-#: nuclei (textured, real) keep 0.840 at 0.4 and lose at 0.33 (0.830) and 0.25 (0.166: 80 pieces for 8).
-MIN_DISTANCE_PER_RADIUS = {2: 0.5, 3: 0.4}
+#: gpu_pipeline.pipeline instead.
+#: 3D: 0.5 of the maxima's median depth. The typical radius follows the largest particles there (a cluster of
+#: touching spheres is as deep as its largest), and a window in proportion to it merged the smaller spheres;
+#: each sphere has its own maximum. At the full defaults (2026-12-04), mean F1@0.5 on 24 random 160^3 volumes
+#: (bench.random_volumes draws, rng 31 and 32): 0.4 x the typical radius 0.9792, 0.5 x the maxima's depth
+#: 0.9876 (11 higher, 1 lower); on six 256^3 volumes whose largest radius is 4-8 x the smallest
+#: 0.833 -> 0.894 (all six higher). 0.45 and 0.4 of it gave 0.9877 and 0.9710 (0.5468 on one volume, a window
+#: under two voxels) on the first set; the embryo 3D nuclei (textured, real, similar sizes) keep 0.840 at 0.5
+#: and 0.45 and lose at 0.4 (0.815). Before, 0.4 x the typical radius: 0.33 and 0.25 of it over-split the embryo
+#: (0.830, and 0.166 with 80 pieces for 8).
+MIN_DISTANCE_PER_RADIUS = {2: 0.5, 3: 0.5}
 
 
 def component_depths(mask, spacing, return_distance=False, table=None):
@@ -65,3 +72,23 @@ def typical_radius(mask, spacing, return_distance=False, table=None):
     cumulative = np.cumsum(sizes[order])
     radius = float(depths[order][int(np.searchsorted(cumulative, cumulative[-1] / 2))])
     return (radius, distance) if return_distance else radius
+
+
+def maxima_radius(distance, spacing):
+    """The median depth (physical units) of the local maxima of the distance map ``distance``: voxels equal to
+    the maximum of their 3x3(x3) box and deeper than 1.5 voxels of the coarsest axis, one per face-connected
+    plateau (its deepest value); None where there is none.
+
+    Every particle of a cluster has a maximum at its centre about as deep as its radius, so the median follows
+    the particles' radii, the small ones included; :func:`typical_radius` follows the largest particles.
+    """
+    xp = get_array_module(distance)
+    ops = ops_for(distance)
+    peaks = ops.local_maxima(distance, 1.5 * max(float(d) for d in spacing))
+    labels, count = ops.label(peaks)
+    del peaks
+    if count == 0:
+        return None
+    depth = xp.zeros(count + 1, dtype=xp.float32)
+    ops.scatter_max(depth, labels.ravel(), distance.ravel())
+    return float(np.median(to_host(depth[1:])))
