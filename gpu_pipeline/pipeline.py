@@ -665,9 +665,6 @@ def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details,
         distance = cleaned_distance(distance, fg, cleaned, spacing)
     fg = cleaned
     del cleaned
-    if min_distance is None:
-        min_distance, distance = auto_window(fg, spacing, details, distance)
-        details.min_distance = min_distance
     if window_measured and bool(fg.all()):
         # Filled holes can leave no background: then every voxel would be a peak candidate of the auto window.
         raise FilledImageError("no particles can be told apart: after hole filling the foreground covers the whole "
@@ -675,6 +672,9 @@ def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details,
     if not bool(fg.any()):
         raise NoParticlesError("no particles found: the foreground is empty after thresholding and removing objects "
                                f"smaller than {min_size:g} (physical units); check polarity, threshold or min_size")
+    if min_distance is None:
+        min_distance, distance = auto_window(fg, spacing, details, distance)
+        details.min_distance = min_distance
     return fg, min_distance, particle_min_size, distance
 
 
