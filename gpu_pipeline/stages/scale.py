@@ -77,7 +77,8 @@ def typical_radius(mask, spacing, return_distance=False, table=None):
 def maxima_radius(distance, spacing):
     """The median depth (physical units) of the local maxima of the distance map ``distance``: voxels equal to
     the maximum of their 3x3(x3) box and deeper than 1.5 voxels of the coarsest axis, one per face-connected
-    plateau (its deepest value); None where there is none.
+    plateau (face neighbours that are both maxima are equal, so a plateau has one value); None where there is
+    none.
 
     Every particle of a cluster has a maximum at its centre about as deep as its radius, so the median follows
     the particles' radii, the small ones included; :func:`typical_radius` follows the largest particles.
@@ -86,9 +87,8 @@ def maxima_radius(distance, spacing):
     ops = ops_for(distance)
     peaks = ops.local_maxima(distance, 1.5 * max(float(d) for d in spacing))
     labels, count = ops.label(peaks)
-    del peaks
     if count == 0:
         return None
     depth = xp.zeros(count + 1, dtype=xp.float32)
-    ops.scatter_max(depth, labels.ravel(), distance.ravel())
+    ops.scatter_max(depth, labels[peaks], distance[peaks])  # the maxima only: a few voxels in a thousand
     return float(np.median(to_host(depth[1:])))
