@@ -83,7 +83,7 @@ def _ours(image, model, xp=np):
     from gpu_pipeline.stages.features import normalize_intensity, tile_features
 
     image = xp.asarray(image)
-    sync = (lambda: xp.cuda.get_current_device().synchronize()) if xp is not np else (lambda: None)
+    sync = (lambda: xp.cuda.Device().synchronize()) if xp is not np else (lambda: None)
     sync()
     t0 = time.perf_counter()
     model.predict_proba(image)

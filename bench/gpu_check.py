@@ -240,7 +240,7 @@ def _stage_memory(data, spacing, stage_steps):
             pool.free_all_blocks()
             live = pool.total_bytes()
             step(state)
-            cp.cuda.get_current_device().synchronize()
+            cp.cuda.Device().synchronize()
             grown = pool.total_bytes() - live
         rows.append({"stage": name, "bytes_per_voxel": round(grown / data.size, 1)})
         print(f"  memory {name}: {grown / data.size:.1f} B/voxel", flush=True)

@@ -126,7 +126,7 @@ def device_table(table):
 
 
 def synchronize():
-    cp.cuda.get_current_device().synchronize()
+    cp.cuda.Device().synchronize()  # the current device (CuPy 14 has no cuda.get_current_device)
 
 
 def limit_memory_pool(fraction):
