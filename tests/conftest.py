@@ -5,7 +5,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gpu_pipeline.cli import CHUNKED_FIXED
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: The chunked engine's defaults: it takes no 'auto' (those options measure the whole image at once), but the
+#: values of ``cli.CHUNKED_FIXED``, no size beyond the peak window's, and no annotation rejection. The in-memory
+#: ``separate`` with these gives the chunked run's bytes (``from conftest import CHUNKED_DEFAULTS``).
+CHUNKED_DEFAULTS = {**{name: value for name, _, value in CHUNKED_FIXED}, "min_size": None,
+                    "reject_annotations": False}
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ da = pytest.importorskip("dask.array")
 dask = pytest.importorskip("dask")
 zarr = pytest.importorskip("zarr")
 
+from conftest import CHUNKED_DEFAULTS  # noqa: E402
 from gpu_pipeline._backend import DeclumpError  # noqa: E402
 from gpu_pipeline.chunked.pipeline import peak_halo, separate_chunked  # noqa: E402
 from gpu_pipeline.chunked.run import run_chunked  # noqa: E402
@@ -25,9 +26,6 @@ from gpu_pipeline.measure import particle_table  # noqa: E402
 from gpu_pipeline.pipeline import separate as separate_in_memory  # noqa: E402
 from gpu_pipeline.synthetic import make_touching_particles  # noqa: E402
 
-#: The chunked engine's defaults: it takes no 'auto' (those options measure the whole image at once).
-CHUNKED_DEFAULTS = dict(sigma=1.0, threshold="otsu", min_distance=4.0, max_hole_size=0.0, min_size=None,
-                        reject_annotations=False)
 CHUNKED_OPTIONS = ["--sigma", "1", "--threshold", "otsu", "--min-distance", "4", "--max-hole-size", "0"]
 
 

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from conftest import CHUNKED_DEFAULTS
 from gpu_pipeline._backend import gpu_available
 
 pytestmark = [pytest.mark.gpu,
@@ -98,8 +99,8 @@ def test_chunked_on_the_gpu_equals_gpu_in_memory(cp, rng, tmp_path):
 
     spacing = (2.0, 1.0, 1.0)
     image, _ = make_touching_particles((40, 64, 60), 60, spacing=spacing, seed=int(rng.integers(1e6)))
-    expected = separate(cp.asarray(image), spacing=spacing, max_radius=13.0, min_size=None).get()
-    for chunks in [(20, 32, 30), (17, 25, 23), (14, 20, 21)]:
+    expected = separate(cp.asarray(image), spacing=spacing, max_radius=13.0, **CHUNKED_DEFAULTS).get()
+    for chunks in [(20, 32, 30), (17, 25, 23), (14, 24, 24)]:  # (the last still holds the halo, 11 x 22 x 22)
         labels, _ = separate_chunked(da.from_array(image, chunks=chunks), spacing=spacing, max_radius=13.0,
                                      workspace=Workspace(tmp_path / str(chunks)), device="gpu")
         out = labels.map_blocks(lambda b: b.get() if hasattr(b, "get") else b, dtype=labels.dtype).compute()
@@ -119,7 +120,7 @@ def test_cli_on_a_local_cuda_cluster(cp, rng, tmp_path):
     zarr.create_array(str(tmp_path / "in.zarr"), shape=image.shape, dtype=image.dtype, chunks=(24, 48, 48))[...] = image
     assert main(["run", str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr"), "--cluster", "local-cuda",
                  "--max-radius", "13", "--quiet"]) == 0
-    expected = separate(cp.asarray(image), max_radius=13.0, min_size=None).get()  # the chunked size rule
+    expected = separate(cp.asarray(image), max_radius=13.0, **CHUNKED_DEFAULTS).get()
     assert zarr.open_array(str(tmp_path / "out.zarr" / "particles" / "0"))[...].tobytes() == expected.tobytes()
 
 
@@ -307,7 +308,7 @@ def test_cli_device_gpu_in_memory_and_chunked_with_workspace(cp, rng, tmp_path):
                       chunks=(20, 48, 44))[...] = image
     assert main(["run", str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr"), "--device", "gpu",
                  "--max-radius", "13", "--quiet"]) == 0
-    expected = separate(cp.asarray(image), max_radius=13.0, min_size=None).get()  # the chunked size rule
+    expected = separate(cp.asarray(image), max_radius=13.0, **CHUNKED_DEFAULTS).get()
     assert zarr.open_array(str(tmp_path / "out.zarr" / "particles" / "0"))[...].tobytes() == expected.tobytes()
     assert cp.get_default_memory_pool().get_limit() > 0  # the pool was pinned for the chunked run
 
@@ -315,7 +316,7 @@ def test_cli_device_gpu_in_memory_and_chunked_with_workspace(cp, rng, tmp_path):
 def test_reach_share_rescue_on_the_gpu_equals_the_cpu(cp):
     """The reach's overlooked peaks and their rescue (find_peaks' flags, rescued_peaks) on CuPy: separate's
     labels on a 64^3 box where the default rescues a small sphere's centre (the CPU's differ without it)."""
-    from gpu_pipeline.pipeline import separate
+    from gpu_pipeline import separate  # the public one, which takes device=
     from gpu_pipeline.synthetic import make_touching_particles
 
     image, _ = make_touching_particles((256, 256, 256), 845, radius_range=(8.4, 16), overlap=0.15, seed=26035)

@@ -18,14 +18,13 @@ import tifffile
 
 zarr = pytest.importorskip("zarr")
 
+from conftest import CHUNKED_DEFAULTS  # noqa: E402
 from gpu_pipeline.cli import main  # noqa: E402
 from gpu_pipeline.pipeline import separate  # noqa: E402
 from gpu_pipeline.synthetic import make_touching_particles  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--max-radius", "13", "--quiet"]
-#: The values a chunked run takes where the in-memory defaults are automatic (cli.CHUNKED_FIXED).
-FIXED = dict(sigma=1.0, threshold="otsu", min_distance=4.0, max_hole_size=0, min_size=None, reject_annotations=False)
 
 
 def _store(path, image, chunks):
@@ -67,7 +66,7 @@ def test_missing_input_chunk_is_refused_unless_filled(tmp_path, rng, capsys):
     assert main(["run", str(src), str(out), *ARGS, "--missing-chunks", "fill"]) == 0
     filled = image.copy()
     filled[64:128, 128:192] = 0
-    assert np.array_equal(_labels(out), separate(filled, max_radius=13, **FIXED))
+    assert np.array_equal(_labels(out), separate(filled, max_radius=13, **CHUNKED_DEFAULTS))
     # The chunk restored: the finished output is stale, and saying "already complete" would be wrong.
     _store(tmp_path / "restored.zarr", image, (64, 64))
     os.replace(tmp_path / "restored.zarr" / "c" / "1" / "2", src / "c" / "1" / "2")
@@ -75,7 +74,7 @@ def test_missing_input_chunk_is_refused_unless_filled(tmp_path, rng, capsys):
     err = _one_error_line(capsys)
     assert "changed" in err and "--overwrite" in err
     assert main(["run", str(src), str(out), *ARGS, "--overwrite"]) == 0
-    assert np.array_equal(_labels(out), separate(image, max_radius=13, **FIXED))
+    assert np.array_equal(_labels(out), separate(image, max_radius=13, **CHUNKED_DEFAULTS))
 
 
 def test_missing_chunk_of_an_in_memory_run_is_refused_unless_filled(tmp_path, rng, capsys):
@@ -153,7 +152,7 @@ def test_corrupt_chunk_in_the_work_folder_is_one_line(tmp_path, rng, killed_in):
     assert not (tmp_path / "out_summary.json").exists() and not (out.exists() and _complete(out))
     assert subprocess.run(command + ["--overwrite"], env=dict(os.environ, PYTHONPATH=str(REPO)),
                           timeout=300).returncode == 0
-    assert np.array_equal(_labels(out), separate(image, max_radius=13, **FIXED)) and _complete(out)
+    assert np.array_equal(_labels(out), separate(image, max_radius=13, **CHUNKED_DEFAULTS)) and _complete(out)
 
 
 def test_completed_output_removes_a_leftover_work_folder(tmp_path, rng, capsys):
@@ -253,7 +252,7 @@ def test_full_disk_is_one_line_and_the_rerun_resumes(small_disk, tmp_path, rng, 
     summary = json.loads((small_disk / "out_summary.json").read_text())
     # Resumed: the blocks finished before the disk filled (during the first stage, the smoothing) are not redone.
     assert summary["blocks_computed"]["smoothed"] < summary["blocks_total"]["smoothed"]
-    assert np.array_equal(_labels(out), separate(image, max_radius=13, **FIXED)) and _complete(out)
+    assert np.array_equal(_labels(out), separate(image, max_radius=13, **CHUNKED_DEFAULTS)) and _complete(out)
 
 
 def test_read_only_output_folder_is_one_line(small_disk, tmp_path, rng, capsys):
@@ -266,7 +265,7 @@ def test_read_only_output_folder_is_one_line(small_disk, tmp_path, rng, capsys):
     assert "Read-only file system" in err and str(small_disk) in err and not os.listdir(small_disk)
     _remount(small_disk, "rw,size=64m")
     assert main(["run", str(src), str(out), *ARGS]) == 0
-    assert np.array_equal(_labels(out), separate(image, max_radius=13, **FIXED)) and _complete(out)
+    assert np.array_equal(_labels(out), separate(image, max_radius=13, **CHUNKED_DEFAULTS)) and _complete(out)
 
 
 def test_read_only_folder_of_an_in_memory_run_is_one_line(small_disk, tmp_path, rng, capsys):
