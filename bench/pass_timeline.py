@@ -119,6 +119,27 @@ def summarise(runs):
     return out
 
 
+def beyond_two(one, two, workers=16):
+    """What the 1- and 2-worker summaries say of more workers (an extrapolation, not a measurement).
+
+    ``client_share``: CPU seconds of the process holding the client and the
+    scheduler per CPU second of the workers (2-worker run); that process
+    runs on one core at most (one event loop, one GIL), so it keeps up with
+    about ``1 / client_share`` workers (``workers_until_client_bound``).
+    ``serial_share``: the 1-worker run's seconds outside every pass (the
+    client's steps between them, which no worker shortens) over its wall
+    time; ``amdahl_speedup``: at most ``1 / (s + (1 - s) / workers)`` times
+    one worker with ``workers`` of them.
+    """
+    share = two["command_cpu_seconds"] / two["worker_cpu_seconds"]
+    serial = one["between_passes"] / one["seconds"]
+    tasks = sum(p["tasks"] for p in two["passes"])
+    return {"client_share": share, "workers_until_client_bound": 1.0 / share,
+            "client_cpu_ms_per_task": 1e3 * two["command_cpu_seconds"] / tasks, "tasks": tasks,
+            "serial_share": serial, "workers": workers,
+            "amdahl_speedup": 1.0 / (serial + (1.0 - serial) / workers)}
+
+
 def markdown(result):
     one, two = result["summary"]["warm_1"], result["summary"]["warm_2"]
     m = result["machine"]
@@ -144,6 +165,13 @@ def markdown(result):
         lines.append(f"| {label} | {one[key]:.2f} | {two[key]:.2f} |")
     lines += ["", f"Scaling efficiency of the whole run t1 / (2 t2): **{one['seconds'] / (2 * two['seconds']):.2f}**"
               f" (per round: {', '.join(f'{e:.2f}' for e in result['efficiency'])})."]
+    b = beyond_two(one, two)
+    lines += ["", f"Beyond two workers (an extrapolation from these figures, not a measurement): the client and "
+              f"the scheduler spend {b['client_share']:.3f} CPU s per CPU s of the workers "
+              f"({b['client_cpu_ms_per_task']:.1f} ms per task, {b['tasks']} tasks); their one process keeps up "
+              f"with about **{b['workers_until_client_bound']:.0f} workers** before it holds them up. The steps "
+              f"between passes are {100 * b['serial_share']:.1f} % of the 1-worker run: at most "
+              f"**{b['amdahl_speedup']:.1f}x** one worker with {b['workers']} workers (Amdahl)."]
     return "\n".join(lines) + "\n"
 
 
@@ -205,6 +233,7 @@ def main(argv=None):
     result = {"machine": machine_info(), "shape": list(args.shape), "chunks": list(args.chunks),
               "particles": particles, "radius": list(args.radius), "seed": args.seed, "rounds": args.rounds,
               "runs": runs, "summary": summarise(runs),
+              "beyond_two": beyond_two(*(summarise(runs)[f"warm_{n}"] for n in (1, 2))),
               "efficiency": [a["seconds"] / (2 * b["seconds"]) for a, b in zip(runs["warm_1"], runs["warm_2"])]}
     stem = write_results(result, "pass_timeline", markdown(result), args.out)
     print(f"wrote {RESULTS / stem}.json and .md")

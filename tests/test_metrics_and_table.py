@@ -134,3 +134,20 @@ def test_random_volume_bench_wide_spread_draws_radius_ratios_of_two_to_six():
     assert gaps.min() >= 3.9 and gaps.max() <= 9.1
     with pytest.raises(ValueError, match="spread"):
         draws(5, 1, 64, "broad")
+
+
+def test_pass_timeline_extrapolation_is_amdahl_and_the_client_cpu_bound(rng):
+    """bench.pass_timeline's beyond_two: a run of serial S and parallel P seconds takes S + P / n on n workers, and
+    a client spending c CPU s per CPU s of the workers' saturates one core at 1 / c workers."""
+    from bench.pass_timeline import beyond_two
+
+    serial, parallel = rng.uniform(0.1, 2.0), rng.uniform(5.0, 50.0)
+    worker_cpu, share = rng.uniform(5.0, 50.0), rng.uniform(0.01, 0.2)
+    tasks = [int(t) for t in rng.integers(1, 200, size=5)]
+    one = {"seconds": serial + parallel, "between_passes": serial}
+    two = {"command_cpu_seconds": share * worker_cpu, "worker_cpu_seconds": worker_cpu,
+           "passes": [{"tasks": t} for t in tasks]}
+    b = beyond_two(one, two, workers=16)
+    assert b["amdahl_speedup"] == pytest.approx((serial + parallel) / (serial + parallel / 16))
+    assert b["workers_until_client_bound"] * share == pytest.approx(1.0)
+    assert b["client_cpu_ms_per_task"] == pytest.approx(1e3 * share * worker_cpu / sum(tasks))
