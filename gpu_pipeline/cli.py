@@ -466,7 +466,8 @@ def build_parser():
     chunked.add_argument("--chunks", type=_chunks, default=None,
                          help="processing chunk shape 'Z,Y,X' in voxels (default: the store's chunks, whole ones grouped "
                               "until each edge has 128 voxels, 1024 in 2D); each must be at least the halo (peak "
-                              "window + --max-radius)")
+                              "window + --max-radius). With more than about 8 workers give 256,256,256: fewer, "
+                              "larger tasks, so the scheduler keeps up (README, Performance)")
     chunked.add_argument("--max-radius", type=float, default=None,
                          help="largest particle radius, physical units; sets the distance-transform halo "
                               "(default: 4 x --min-distance); deeper voxels are capped (see --neck-ratio for what "
