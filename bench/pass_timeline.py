@@ -230,10 +230,10 @@ def main(argv=None):
         finally:
             os.sched_setaffinity(0, set(cores))
             pass_log.removeHandler(records)
+    summary = summarise(runs)
     result = {"machine": machine_info(), "shape": list(args.shape), "chunks": list(args.chunks),
               "particles": particles, "radius": list(args.radius), "seed": args.seed, "rounds": args.rounds,
-              "runs": runs, "summary": summarise(runs),
-              "beyond_two": beyond_two(*(summarise(runs)[f"warm_{n}"] for n in (1, 2))),
+              "runs": runs, "summary": summary, "beyond_two": beyond_two(summary["warm_1"], summary["warm_2"]),
               "efficiency": [a["seconds"] / (2 * b["seconds"]) for a, b in zip(runs["warm_1"], runs["warm_2"])]}
     stem = write_results(result, "pass_timeline", markdown(result), args.out)
     print(f"wrote {RESULTS / stem}.json and .md")
