@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import multiprocessing as mp
 import os
@@ -261,7 +262,8 @@ def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
     # scaling can reach on this machine (shared caches, memory bandwidth and disk, the hypervisor).
     out["machine_ceiling"] = [alone["seconds"] / statistics.mean(r["seconds"] for r in runs["pair"][2 * i:2 * i + 2])
                               for i, alone in enumerate(runs["chunked"][:len(runs["pair"]) // 2])]
-    out["per_tb"] = per_tb(out["modes"], out["scaling_efficiency"])
+    out["client_share"] = client_share(runs)
+    out["per_tb"] = per_tb(out["modes"], out["scaling_efficiency"], out["client_share"])
     out["library"] = library_side_by_side(shape, particles, radius, seed, chunks, rounds)
     return out
 
@@ -336,11 +338,11 @@ def warm_cluster_runs(volume, chunks, rounds, cores, small=None):
     cluster (``warm_1_small``, ``warm_2_small``: the command's start-up).
     """
     import dask
-    from dask.distributed import LocalCluster
+    from dask.distributed import Client, LocalCluster
 
     from gpu_pipeline.chunked.workspace import local_cluster_config
 
-    clusters, runs = {}, {"warm_1": [], "warm_2": [], "warm_1_small": [], "warm_2_small": []}
+    clusters, clients, runs = {}, {}, {"warm_1": [], "warm_2": [], "warm_1_small": [], "warm_2_small": []}
     # Clusters started as README's cluster section says (glibc's malloc environment of malloc_environ, the
     # dashboard's timed diagnostics quiet), as `declump run --cluster local` starts its own.
     environ = local_cluster_config(1)
@@ -350,24 +352,59 @@ def warm_cluster_runs(volume, chunks, rounds, cores, small=None):
             with dask.config.set(environ):
                 clusters[n] = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                            dashboard_address=None, memory_limit=0)
+            clients[n] = Client(clusters[n], set_as_default=False)  # idle during the runs: reads CPU times
         for r in range(rounds + 1):
             for n in (1, 2):
                 options = ["--chunks", ",".join(map(str, chunks)), "--scheduler", clusters[n].scheduler_address]
-                measured = _timed_run(volume, Path(volume).parent / f"warm_{n}", "labels.zarr", options,
-                                      set(cores[:n]))
+
+                def timed(path):
+                    # The scheduler runs in this process: its CPU seconds, the workers' and the command's
+                    # together say how much of one core the client and the scheduler need per worker.
+                    workers_before, scheduler_before = clients[n].run(time.process_time), time.process_time()
+                    measured = _timed_run(path, Path(path).parent / f"warm_{n}", "labels.zarr", options,
+                                          set(cores[:n]))
+                    measured["scheduler_cpu_seconds"] = time.process_time() - scheduler_before
+                    after = clients[n].run(time.process_time)
+                    measured["worker_cpu_seconds"] = sum(after[w] - workers_before[w] for w in after)
+                    return measured
+
+                measured = timed(volume)
                 if r == 0:
                     continue  # the warm-up: workers import and load the compiled kernels
                 runs[f"warm_{n}"].append(measured)
                 if small is not None:
-                    runs[f"warm_{n}_small"].append(_timed_run(small, Path(small).parent / f"warm_{n}", "labels.zarr",
-                                                              options, set(cores[:n])))
+                    runs[f"warm_{n}_small"].append(timed(small))
                 print(f"warm_{n}     {measured['seconds']:.1f}s CPU {measured['cpu_seconds']:.1f}s (command only) "
                       f"load {measured['load_before'][0]:.1f}", flush=True)
     finally:
         os.sched_setaffinity(0, set(cores))
+        logging.getLogger("distributed").setLevel(logging.WARNING)  # no INFO lines of each worker's retirement
+        for client in clients.values():
+            client.close()
         for cluster in clusters.values():
             cluster.close()
     return runs
+
+
+def client_share(runs):
+    """The share of one core the client and the scheduler need per busy worker, or None: median over the
+    2-worker runs on a running cluster of (the command's CPU s + the scheduler's) / the workers' CPU s, each net
+    of the same run on the volume's one-chunk corner (``warm_2_small``; the command's interpreter start and
+    imports, and each pass's fixed costs, cancel) where that was run."""
+    def cpu(r):
+        return r["cpu_seconds"] + r["scheduler_cpu_seconds"], r["worker_cpu_seconds"]
+
+    shares = []
+    big, small = runs.get("warm_2", []), runs.get("warm_2_small", [])
+    for i, r in enumerate(big):
+        if "worker_cpu_seconds" not in r:
+            continue
+        client, workers = cpu(r)
+        if i < len(small) and "worker_cpu_seconds" in small[i]:
+            client, workers = client - cpu(small[i])[0], workers - cpu(small[i])[1]
+        if workers > 0:
+            shares.append(client / workers)
+    return statistics.median(shares) if shares else None
 
 
 def scaling_by_size(shapes, particles, radius, seed, chunks, rounds):
@@ -512,20 +549,27 @@ def library_side_by_side(shape, particles, radius, seed, chunks, rounds):
                           for m, c in zip(rows["separate"], rows["separate_chunked"])]}
 
 
-def per_tb(modes, efficiency, node_cores=(2, 16)):
-    """Projected hours per TB of uint8 volume per node, from the measured one-core rates (a projection)."""
+def per_tb(modes, efficiency, share=None, node_cores=(2, 16)):
+    """Projected hours per TB of uint8 volume per node, from the measured one-core rates (a projection).
+
+    ``share`` (:func:`client_share`): with it, the chunked rows also give the hours when no more workers run
+    than one core for the client and the scheduler keeps busy (``1 / share``), linear up to there."""
     rows = []
     eff = statistics.median(efficiency) if efficiency else None
+    bound = 1.0 / share if share else None
     for mode in ("chunked", "in_memory"):
         if mode not in modes:
             continue
         rate = modes[mode]["mvox_per_s"] * 1e6  # one core
         for cores in node_cores:
+            chunked = mode == "chunked"
             rows.append({"mode": mode, "node_cores": cores, "mvox_per_s_per_core": rate / 1e6,
                          "hours_linear": VOXELS_PER_TB / (rate * cores) / 3600,
                          "hours_at_measured_efficiency": (VOXELS_PER_TB / (rate * cores * eff) / 3600
-                                                          if eff and mode == "chunked" else None)})
-    return {"efficiency_used": eff, "rows": rows}
+                                                          if eff and chunked else None),
+                         "hours_client_bound": (VOXELS_PER_TB / (rate * min(cores, bound)) / 3600
+                                                if bound and chunked else None)})
+    return {"efficiency_used": eff, "client_share": share, "workers_until_client_bound": bound, "rows": rows}
 
 
 def projection(row, threads=1):
@@ -652,17 +696,26 @@ def chunked_markdown(c):
     lines += ["", "Projected hours per TB of uint8 EM volume (10^12 voxels) per node (a projection from the one-core "
               "rates above, not a measurement):", "",
               "| mode | node cores | measured MVox/s per core | h per TB, linear scaling | "
-              "h per TB at the measured 1 -> 2 efficiency |", "|---|---|---|---|---|"]
+              "h per TB at the measured 1 -> 2 efficiency | h per TB, linear up to the client's bound |",
+              "|---|---|---|---|---|---|"]
     for row in t["rows"]:
-        at = row["hours_at_measured_efficiency"]
+        at, held = row["hours_at_measured_efficiency"], row.get("hours_client_bound")
         lines.append(f"| {row['mode'].replace('_', ' ')} | {row['node_cores']} | {row['mvox_per_s_per_core']:.2f} | "
-                     f"{row['hours_linear']:.0f} | {'—' if at is None else f'{at:.0f}'} |")
+                     f"{row['hours_linear']:.0f} | {'—' if at is None else f'{at:.0f}'} | "
+                     f"{'—' if held is None else f'{held:.1f}'} |")
     eff = "not measured" if t["efficiency_used"] is None else f"{t['efficiency_used']:.2f}"
-    lines += ["| GPU | — | not run (no GPU lent) | | |", "",
+    share = t.get("client_share")
+    held = ("not measured" if share is None else
+            f"the client and the scheduler spent {share:.3f} CPU s per CPU s of the workers on the running "
+            f"2-worker cluster, net of the one-chunk corner's run, so their one process keeps about "
+            f"{1 / share:.0f} workers busy")
+    lines += ["| GPU | — | not run (no GPU lent) | | | |", "",
               "Inputs: hours = 10^12 / (one-core MVox/s x cores [x efficiency]) / 3600; the efficiency "
               f"({eff}) is "
-              "measured from 1 to 2 workers and assumed to hold up to the node's cores; the in-memory rows are the "
-              "per-voxel ceiling (a terabyte does not fit in memory).", ""]
+              "measured from 1 to 2 workers and assumed to hold up to the node's cores; the last column counts at "
+              f"most the workers the client's process keeps busy ({held}; an extrapolation, "
+              "`bench.pass_timeline`); the in-memory rows are the per-voxel ceiling (a terabyte does not fit in "
+              "memory).", ""]
     return lines
 
 

@@ -151,3 +151,28 @@ def test_pass_timeline_extrapolation_is_amdahl_and_the_client_cpu_bound(rng):
     assert b["amdahl_speedup"] == pytest.approx((serial + parallel) / (serial + parallel / 16))
     assert b["workers_until_client_bound"] * share == pytest.approx(1.0)
     assert b["client_cpu_ms_per_task"] == pytest.approx(1e3 * share * worker_cpu / sum(tasks))
+
+
+def test_throughput_hours_per_tb_stop_growing_at_the_client_bound(rng):
+    """bench.throughput's per-TB projection: linear in cores up to 1 / share workers, flat beyond; the share is the
+    median of (command + scheduler CPU) / workers' CPU over the 2-worker runs, net of the corner's runs if any."""
+    from bench.throughput import VOXELS_PER_TB, client_share, per_tb
+
+    runs = {"warm_2": [{"cpu_seconds": c, "scheduler_cpu_seconds": s, "worker_cpu_seconds": w}
+                       for c, s, w in rng.uniform([0.2, 0.2, 8.0], [1.0, 1.0, 12.0], size=(3, 3))]}
+    shares = sorted((r["cpu_seconds"] + r["scheduler_cpu_seconds"]) / r["worker_cpu_seconds"] for r in runs["warm_2"])
+    share = client_share(runs)
+    assert share == pytest.approx(shares[1])
+    rate = rng.uniform(2.0, 8.0)
+    table = per_tb({"chunked": {"mvox_per_s": rate}}, [0.8], share, node_cores=(2, 64))
+    small, large = table["rows"]
+    assert 2 < 1 / share < 64
+    assert small["hours_client_bound"] == pytest.approx(small["hours_linear"])
+    assert large["hours_client_bound"] == pytest.approx(VOXELS_PER_TB / (rate * 1e6 / share) / 3600)
+    assert per_tb({"chunked": {"mvox_per_s": rate}}, [0.8])["rows"][0]["hours_client_bound"] is None
+    # Net of the one-chunk corner's run: its CPU seconds come off both sides before the ratio.
+    small = [{"cpu_seconds": c, "scheduler_cpu_seconds": s, "worker_cpu_seconds": w}
+             for c, s, w in rng.uniform([0.05, 0.05, 0.5], [0.15, 0.15, 1.0], size=(3, 3))]
+    net = sorted((r["cpu_seconds"] + r["scheduler_cpu_seconds"] - q["cpu_seconds"] - q["scheduler_cpu_seconds"])
+                 / (r["worker_cpu_seconds"] - q["worker_cpu_seconds"]) for r, q in zip(runs["warm_2"], small))
+    assert client_share({**runs, "warm_2_small": small}) == pytest.approx(net[1])
