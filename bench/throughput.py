@@ -356,34 +356,38 @@ def warm_cluster_runs(volume, chunks, rounds, cores, small=None):
         for r in range(rounds + 1):
             for n in (1, 2):
                 options = ["--chunks", ",".join(map(str, chunks)), "--scheduler", clusters[n].scheduler_address]
-
-                def timed(path):
-                    # The scheduler runs in this process: its CPU seconds, the workers' and the command's
-                    # together say how much of one core the client and the scheduler need per worker.
-                    workers_before, scheduler_before = clients[n].run(time.process_time), time.process_time()
-                    measured = _timed_run(path, Path(path).parent / f"warm_{n}", "labels.zarr", options,
-                                          set(cores[:n]))
-                    measured["scheduler_cpu_seconds"] = time.process_time() - scheduler_before
-                    after = clients[n].run(time.process_time)
-                    measured["worker_cpu_seconds"] = sum(after[w] - workers_before[w] for w in after)
-                    return measured
-
-                measured = timed(volume)
+                measured = _timed_cluster_run(clients[n], volume, f"warm_{n}", options, set(cores[:n]))
                 if r == 0:
                     continue  # the warm-up: workers import and load the compiled kernels
                 runs[f"warm_{n}"].append(measured)
                 if small is not None:
-                    runs[f"warm_{n}_small"].append(timed(small))
+                    runs[f"warm_{n}_small"].append(_timed_cluster_run(clients[n], small, f"warm_{n}", options,
+                                                                      set(cores[:n])))
                 print(f"warm_{n}     {measured['seconds']:.1f}s CPU {measured['cpu_seconds']:.1f}s (command only) "
                       f"load {measured['load_before'][0]:.1f}", flush=True)
     finally:
         os.sched_setaffinity(0, set(cores))
-        logging.getLogger("distributed").setLevel(logging.WARNING)  # no INFO lines of each worker's retirement
+        log = logging.getLogger("distributed")
+        level = log.level
+        log.setLevel(logging.WARNING)  # no INFO lines of each worker's retirement
         for client in clients.values():
             client.close()
         for cluster in clusters.values():
             cluster.close()
+        log.setLevel(level)
     return runs
+
+
+def _timed_cluster_run(client, volume, mode, options, cores):
+    """:func:`_timed_run` of the command on a running cluster whose scheduler runs in this process (``client``
+    connected to it), with the scheduler's CPU seconds (this process's) and the workers' added: with the
+    command's, they say how much of one core the client and the scheduler need per worker (:func:`client_share`)."""
+    workers_before, scheduler_before = client.run(time.process_time), time.process_time()
+    measured = _timed_run(volume, Path(volume).parent / mode, "labels.zarr", options, cores)
+    measured["scheduler_cpu_seconds"] = time.process_time() - scheduler_before
+    after = client.run(time.process_time)
+    measured["worker_cpu_seconds"] = sum(after[w] - workers_before[w] for w in after)
+    return measured
 
 
 def client_share(runs):
@@ -401,7 +405,8 @@ def client_share(runs):
             continue
         client, workers = cpu(r)
         if i < len(small) and "worker_cpu_seconds" in small[i]:
-            client, workers = client - cpu(small[i])[0], workers - cpu(small[i])[1]
+            corner_client, corner_workers = cpu(small[i])
+            client, workers = client - corner_client, workers - corner_workers
         if workers > 0:
             shares.append(client / workers)
     return statistics.median(shares) if shares else None
