@@ -248,7 +248,10 @@ def _stage_memory(data, spacing, stage_steps):
 
 
 def cmd_chunked(args):
-    """`declump run in.zarr out.zarr --device gpu` (one GPU worker, or --cluster local-cuda) on a generated volume."""
+    """`declump run in.zarr out.zarr --device gpu` (one GPU worker, or --cluster local-cuda) on a generated volume,
+    once per value of ``--gpu-threads`` (host threads per GPU, in the order given; the rehearsal gives the CPU run
+    as many ``--workers``). The first run also pays what is left of CuPy's kernel compilation, so the order
+    4,1 puts that cost on the threads, not on the one thread they are compared with."""
     import zarr
 
     shape = tuple(int(v) for v in args.shape.split(","))
@@ -270,26 +273,30 @@ def cmd_chunked(args):
     cluster = args.cluster
     if dry_run() and cluster == "local-cuda":
         cluster = "local"  # the rehearsal: a CPU LocalCluster where dask-cuda's would be
-    cmd = ["run", str(store), str(out), "--device", device, "--max-radius", "13", "--overwrite"]
-    if cluster:
-        cmd += ["--cluster", cluster]
-    print(f"  declump {' '.join(cmd)}", flush=True)
     from gpu_pipeline.cli import main
 
-    t0 = time.perf_counter()
-    rc = main(cmd)
-    seconds = time.perf_counter() - t0
-    summary = json.loads((SCRATCH / f"out_{args.cluster or 'threads'}_summary.json").read_text()) if rc == 0 else {}
-    row = dict(shape=shape, chunks=chunks, cluster=cluster, device=device, exit_code=rc, seconds=round(seconds, 1),
-               mvox_per_s=round(float(np.prod(shape)) / seconds / 1e6, 2), particles=summary.get("n_particles"),
-               blocks_total=summary.get("blocks_total"))
-    if not dry_run():
-        import cupy as cp
+    for threads in (int(v) for v in args.gpu_threads.split(",")):
+        cmd = ["run", str(store), str(out), "--device", device, "--max-radius", "13", "--overwrite"]
+        if cluster:
+            cmd += ["--cluster", cluster]
+        if threads != 1:
+            cmd += ["--workers" if dry_run() else "--gpu-threads", str(threads)]
+        print(f"  declump {' '.join(cmd)}", flush=True)
+        t0 = time.perf_counter()
+        rc = main(cmd)
+        seconds = time.perf_counter() - t0
+        summary = json.loads((SCRATCH / f"out_{args.cluster or 'threads'}_summary.json").read_text()) if rc == 0 \
+            else {}
+        row = dict(shape=shape, chunks=chunks, cluster=cluster, device=device, gpu_threads=threads, exit_code=rc,
+                   seconds=round(seconds, 1), mvox_per_s=round(float(np.prod(shape)) / seconds / 1e6, 2),
+                   particles=summary.get("n_particles"), blocks_total=summary.get("blocks_total"))
+        if not dry_run():
+            import cupy as cp
 
-        row["pool_limit_gib"] = round(cp.get_default_memory_pool().get_limit() / 2**30, 1)
-    print(f"  {row}", flush=True)
-    emit("chunked", **row)
-    shutil.rmtree(out, ignore_errors=True)
+            row["pool_limit_gib"] = round(cp.get_default_memory_pool().get_limit() / 2**30, 1)
+        print(f"  {row}", flush=True)
+        emit("chunked", **row)
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def main(argv=None):
@@ -306,6 +313,7 @@ def main(argv=None):
     chunked.add_argument("--shape", required=True)
     chunked.add_argument("--chunks", required=True)
     chunked.add_argument("--cluster", default=None, choices=(None, "local-cuda"))
+    chunked.add_argument("--gpu-threads", default="1", help="host threads per GPU, one run per value: '4,1'")
     args = parser.parse_args(argv)
     if args.dry_run:
         os.environ["DECLUMP_GPU_CHECK_DRY_RUN"] = "1"

@@ -273,6 +273,7 @@ def cmd_run_chunked(args, device):
     summary = run_chunked(args.input, args.output, chunks=args.chunks, channel=args.channel,
                           timepoint=args.timepoint, mask_path=args.mask, max_radius=args.max_radius, device=device,
                           cluster=args.cluster, scheduler=args.scheduler, workers=args.workers,
+                          gpu_threads=args.gpu_threads,
                           scratch=args.scratch, overwrite=args.overwrite,
                           missing_chunks=args.missing_chunks,
                           verbose=not args.quiet, **kwargs)
@@ -287,7 +288,8 @@ def cmd_run(args):
     if _is_zarr(args.input) and Path(args.output).suffix.lower() == ".zarr":
         return cmd_run_chunked(args, device)
     chunked_only = [name for name, value in (("--chunks", args.chunks), ("--cluster", args.cluster),
-                                             ("--scheduler", args.scheduler), ("--scratch", args.scratch))
+                                             ("--scheduler", args.scheduler), ("--scratch", args.scratch),
+                                             ("--gpu-threads", None if args.gpu_threads == 1 else args.gpu_threads))
                     if value is not None]
     if chunked_only:
         raise DeclumpError(f"{', '.join(chunked_only)} apply to chunked runs only (a Zarr input and a .zarr output)")
@@ -480,6 +482,10 @@ def build_parser():
     chunked.add_argument("--workers", type=int, default=None,
                          help="threads (default engine) or worker processes (--cluster local), one per core this process may use "
                               "by default (its CPU affinity: what SLURM or taskset grants)")
+    chunked.add_argument("--gpu-threads", type=int, default=1,
+                         help="with --device gpu: host threads per GPU, each on its own chunk, so one chunk's Zarr "
+                              "reads and writes and host steps overlap another's GPU work; each holds one chunk's "
+                              "working set in GPU memory (default 1; not yet measured on a GPU, README GPU)")
     chunked.add_argument("--scratch", default=None,
                          help="folder for work in progress (default OUTPUT.work, beside the output; must be "
                               "shared by all workers)")

@@ -204,6 +204,17 @@ def test_gpu_runs_put_one_chunked_worker_on_each_gpu():
         engine_plan(device="gpu", cluster="local", n_gpus=1)
     with pytest.raises(DeclumpError, match="--workers 3 with --device gpu"):
         engine_plan(device="gpu", workers=3, n_gpus=1)
+    # More host threads on one GPU (--gpu-threads), or per dask-cuda worker; not for the CPU, not for the
+    # workers of a running scheduler (they take theirs when started), and only whole numbers from 1.
+    assert engine_plan(device="gpu", n_gpus=1, gpu_threads=3) == ("threads", 3)
+    assert engine_plan(device="gpu", cluster="local-cuda", n_gpus=2, gpu_threads=3) == ("local-cuda", None)
+    with pytest.raises(DeclumpError, match="--gpu-threads 2 applies to --device gpu"):
+        engine_plan(device="cpu", gpu_threads=2)
+    with pytest.raises(DeclumpError, match="--nthreads 2"):
+        engine_plan(device="gpu", scheduler="tcp://head:8786", gpu_threads=2)
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(DeclumpError, match="--gpu-threads must be a whole number of at least 1"):
+            engine_plan(device="gpu", n_gpus=1, gpu_threads=bad)
     # The CPU engines are unchanged.
     assert engine_plan(device="cpu") == ("threads", len(os.sched_getaffinity(0)))
     assert engine_plan(device="cpu", workers=3) == ("threads", 3)

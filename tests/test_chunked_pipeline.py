@@ -444,11 +444,13 @@ def test_bad_chunked_inputs_get_one_line_errors(tmp_path, rng):
         (dict(input_path=tmp_path / "missing.zarr"), "does not exist"),
         (dict(input_path=tmp_path / "plain"), "not a Zarr store"),
         (dict(input_path=src, chunks=(8, 8, 8)), "smaller than the distance-transform and peak halo"),
+        (dict(input_path=src, gpu_threads=2), "--gpu-threads 2 applies to --device gpu"),
     ]
     for kwargs, message in cases:
         with pytest.raises(DeclumpError, match=message) as info:
             run_chunked(output=tmp_path / "out.zarr", max_radius=10, verbose=False, **kwargs)
         assert "\n" not in str(info.value)
+        assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "out.zarr.work").exists()
     # An output that exists and is not declump's is left alone.
     zarr.open_group(str(tmp_path / "other.zarr"), mode="w")
     with pytest.raises(DeclumpError, match="not written by declump"):

@@ -122,6 +122,22 @@ def test_gpu_request_without_gpu_is_a_clear_error(tmp_path):
     assert not (tmp_path / "out.tif").exists()
 
 
+def test_gpu_threads_are_refused_where_they_mean_nothing(tmp_path):
+    """--gpu-threads: only chunked runs with --device gpu take it; elsewhere one line, before any output."""
+    image = make_touching_particles((64, 64), 5)[0]
+    np.save(tmp_path / "img.npy", image)
+    result = run_cli("run", tmp_path / "img.npy", tmp_path / "out.tif", "--gpu-threads", "2")
+    assert result.returncode == 2 and "--gpu-threads apply to chunked runs only" in result.stderr
+    import zarr
+
+    zarr.create_array(str(tmp_path / "in.zarr"), shape=image.shape, dtype=image.dtype, chunks=(32, 32))[...] = image
+    result = run_cli("run", tmp_path / "in.zarr", tmp_path / "out.zarr", "--device", "cpu", "--gpu-threads", "2")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "--gpu-threads 2 applies to --device gpu" in lines[0]
+    assert not (tmp_path / "out.tif").exists() and not (tmp_path / "out.zarr").exists()
+    assert not (tmp_path / "out.zarr.work").exists()
+
+
 def test_debug_shows_the_traceback(tmp_path):
     result = run_cli("--debug", "run", tmp_path / "missing.tif", tmp_path / "o.tif")
     assert result.returncode != 0 and "Traceback" in result.stderr

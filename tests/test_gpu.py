@@ -311,6 +311,10 @@ def test_cli_device_gpu_in_memory_and_chunked_with_workspace(cp, rng, tmp_path):
     expected = separate(cp.asarray(image), max_radius=13.0, **CHUNKED_DEFAULTS).get()
     assert zarr.open_array(str(tmp_path / "out.zarr" / "particles" / "0"))[...].tobytes() == expected.tobytes()
     assert cp.get_default_memory_pool().get_limit() > 0  # the pool was pinned for the chunked run
+    # Three host threads on the one GPU, each on its own chunk (8 chunks here): the same labels.
+    assert main(["run", str(tmp_path / "in.zarr"), str(tmp_path / "out3.zarr"), "--device", "gpu",
+                 "--max-radius", "13", "--gpu-threads", "3", "--quiet"]) == 0
+    assert zarr.open_array(str(tmp_path / "out3.zarr" / "particles" / "0"))[...].tobytes() == expected.tobytes()
 
 
 def test_reach_share_rescue_on_the_gpu_equals_the_cpu(cp):

@@ -48,18 +48,32 @@ from gpu_pipeline.measure import table_from_sums
 GPU_POOL_FRACTION = 0.8
 
 
-def engine_plan(*, device="cpu", cluster=None, scheduler=None, workers=None, n_gpus=0, have_dask_cuda=False):
+def engine_plan(*, device="cpu", cluster=None, scheduler=None, workers=None, n_gpus=0, have_dask_cuda=False,
+                gpu_threads=1):
     """Which Dask engine a run uses: ``(kind, n_workers)``, kind one of threads, local, local-cuda, scheduler.
 
-    On the GPU every worker owns one device: one thread for one GPU, a
-    dask-cuda ``LocalCUDACluster`` (one worker per GPU) for several, never
-    ``usable_cores()`` threads or CPU worker processes sharing a device.
+    On the GPU every worker owns one device: ``gpu_threads`` threads (default
+    1) for one GPU, a dask-cuda ``LocalCUDACluster`` (one worker per GPU, of
+    ``gpu_threads`` threads) for several, never ``usable_cores()`` threads or
+    CPU worker processes sharing a device. Threads of one process share the
+    device's context and CuPy's memory pool; each works on its own chunk, so
+    one chunk's Zarr reads and writes and host steps can overlap another's
+    GPU work.
     """
     if cluster and scheduler:
         raise DeclumpError("give --cluster or --scheduler, not both")
+    if isinstance(gpu_threads, bool) or not isinstance(gpu_threads, (int, np.integer)) or gpu_threads < 1:
+        raise DeclumpError(f"--gpu-threads must be a whole number of at least 1, got {gpu_threads!r}")
+    if gpu_threads != 1 and device != "gpu":
+        raise DeclumpError(f"--gpu-threads {gpu_threads} applies to --device gpu (host threads per GPU); CPU runs "
+                           "take --workers")
     if cluster not in (None, "local", "local-cuda"):
         raise DeclumpError(f"--cluster must be 'local' or 'local-cuda', got {cluster!r}")
     if scheduler:
+        if gpu_threads != 1:
+            raise DeclumpError(f"--gpu-threads {gpu_threads} applies to the workers this command starts; the workers "
+                               f"of a running scheduler take theirs when started (dask cuda worker --nthreads "
+                               f"{gpu_threads})")
         return "scheduler", None
     if device != "gpu":
         if cluster == "local-cuda":
@@ -72,8 +86,9 @@ def engine_plan(*, device="cpu", cluster=None, scheduler=None, workers=None, n_g
         return "local-cuda", None
     if workers and workers > 1:
         raise DeclumpError(f"--workers {workers} with --device gpu would put {workers} workers on one GPU; the GPU "
-                           "engine runs one worker per GPU (--cluster local-cuda for several GPUs)")
-    return "threads", 1
+                           "engine runs one worker per GPU (--cluster local-cuda for several GPUs; --gpu-threads "
+                           "for more host threads on each)")
+    return "threads", int(gpu_threads)
 
 
 def _gpu_worker_setup(fraction=GPU_POOL_FRACTION):
@@ -99,7 +114,7 @@ def _setup_workers(client, device, gpu_error):
 
 
 @contextlib.contextmanager
-def engine(*, cluster=None, scheduler=None, workers=None, device="cpu"):
+def engine(*, cluster=None, scheduler=None, workers=None, device="cpu", gpu_threads=1):
     """The Dask engine for a run (:func:`engine_plan`): local threads, a local cluster, dask-cuda or a scheduler."""
     import dask
 
@@ -110,7 +125,7 @@ def engine(*, cluster=None, scheduler=None, workers=None, device="cpu"):
         n_gpus = gpu_count()
         have_dask_cuda = importlib.util.find_spec("dask_cuda") is not None
     kind, n_workers = engine_plan(device=device, cluster=cluster, scheduler=scheduler, workers=workers,
-                                  n_gpus=n_gpus, have_dask_cuda=have_dask_cuda)
+                                  n_gpus=n_gpus, have_dask_cuda=have_dask_cuda, gpu_threads=gpu_threads)
     if kind == "scheduler":
         from distributed import Client
 
@@ -137,7 +152,8 @@ def engine(*, cluster=None, scheduler=None, workers=None, device="cpu"):
             raise DeclumpError("--cluster local-cuda needs dask-cuda; install the GPU extra "
                                "(pip install 'declump[gpu-cu12]') or use the conda environment.yml") from exc
         with dask.config.set(environ), \
-                LocalCUDACluster(dashboard_address=None) as lc, Client(lc) as client:
+                LocalCUDACluster(dashboard_address=None, threads_per_worker=gpu_threads) as lc, \
+                Client(lc) as client:
             _setup_workers(client, device, "the dask-cuda workers cannot use a GPU")
             yield client
         return
@@ -253,7 +269,7 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
                 neck_ratio="auto", nearby_ratio="auto", peak_reach="auto", reach_share="auto", ball_share="auto",
                 assignment="power", max_iter=0, device="cpu", cluster=None, scheduler=None, workers=None,
                 scratch=None, overwrite=False, missing_chunks="error", verbose=True, classifier=None,
-                probabilities_path=None):
+                probabilities_path=None, gpu_threads=1):
     """Separate a Zarr volume chunk by chunk into an OME-Zarr labels group (see the module docstring).
 
     ``missing_chunks``: ``"error"`` (default) refuses an input or mask with a
@@ -262,6 +278,10 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
 
     ``chunks``: the processing block shape; default: the store's chunks
     grouped by :func:`~gpu_pipeline.chunked.source.default_blocks`.
+
+    ``gpu_threads``: with ``device="gpu"``, host threads per GPU (default 1),
+    each on its own chunk (:func:`engine_plan`); each holds one chunk's
+    working set in the GPU's memory. The labels do not depend on it.
 
     ``classifier``: a pixel-classifier model file or shipped name for the
     foreground; ``probabilities_path``: a ``.zarr`` path for its probability
@@ -294,7 +314,7 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     if paths["labels"].suffix.lower() != ".zarr":
         raise DeclumpError(f"chunked output must be a .zarr path, got {paths['labels']}")
     kind, threads = engine_plan(device=device, cluster=cluster, scheduler=scheduler, workers=workers,
-                                n_gpus=1)  # refuse early
+                                n_gpus=1, gpu_threads=gpu_threads)  # refuse early
     limit_malloc_arenas(threads if kind == "threads" else 1)  # before Zarr's I/O threads allocate
     no_hugepage_advice()
     work = Path(scratch) if scratch else Path(f"{paths['labels']}.work")
@@ -351,7 +371,8 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     work_existed = work.exists()
     try:
         return _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_path, device=device,
-                    cluster=cluster, scheduler=scheduler, workers=workers, overwrite=overwrite, verbose=verbose,
+                    cluster=cluster, scheduler=scheduler, workers=workers, gpu_threads=gpu_threads,
+                    overwrite=overwrite, verbose=verbose,
                     model=model, probabilities_path=probabilities_path)
     except OSError as exc:
         if exc.errno not in DISK_FAULTS:
@@ -369,7 +390,7 @@ RECORDS = {"parameters.json", "inputs.json"}
 
 
 def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_path, *, device, cluster,
-         scheduler, workers, overwrite, verbose, model=None, probabilities_path=None):
+         scheduler, workers, gpu_threads, overwrite, verbose, model=None, probabilities_path=None):
     import zarr
 
     from gpu_pipeline.chunked.pipeline import separate_chunked
@@ -391,7 +412,7 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
         "inputs.json": (inputs, f"{changed} since the unfinished run in {work} started; add --overwrite to start "
                                 "over")}, overwrite=overwrite)
     workspace = Workspace(work, verbose=verbose)
-    with engine(cluster=cluster, scheduler=scheduler, workers=workers, device=device):
+    with engine(cluster=cluster, scheduler=scheduler, workers=workers, device=device, gpu_threads=gpu_threads):
         if verbose:
             client = active_client()
             where = f"Dask cluster {client.scheduler.address}" if client else "local threads"
