@@ -270,13 +270,15 @@ def cmd_run_chunked(args, device):
         kwargs["probabilities_path"] = args.save_probabilities
     if args.classifier is not None:
         kwargs["classifier"] = args.classifier
-    summary = run_chunked(args.input, args.output, chunks=args.chunks, channel=args.channel,
-                          timepoint=args.timepoint, mask_path=args.mask, max_radius=args.max_radius, device=device,
-                          cluster=args.cluster, scheduler=args.scheduler, workers=args.workers,
-                          gpu_threads=args.gpu_threads,
-                          scratch=args.scratch, overwrite=args.overwrite,
-                          missing_chunks=args.missing_chunks,
-                          verbose=not args.quiet, **kwargs)
+    try:
+        summary = run_chunked(args.input, args.output, chunks=args.chunks, channel=args.channel,
+                              timepoint=args.timepoint, mask_path=args.mask, max_radius=args.max_radius,
+                              device=device, cluster=args.cluster, scheduler=args.scheduler, workers=args.workers,
+                              gpu_threads=args.gpu_threads, scratch=args.scratch, overwrite=args.overwrite,
+                              missing_chunks=args.missing_chunks, verbose=not args.quiet, **kwargs)
+    except MemoryError as exc:  # NumPy's, or CuPy's OutOfMemoryError (a MemoryError) on a GPU worker
+        exc.chunked = True
+        raise
     print(f"{summary['n_particles']} particles; labels -> {summary['outputs']['labels']}/particles, table -> "
           f"{summary['outputs']['table']}, summary -> {summary['outputs']['summary']}")
 
@@ -412,9 +414,14 @@ MEMORY_ADVICE = {
 
 
 def memory_error_message(exc):
-    """One line for a MemoryError: the in-memory stage that ran out (when `separate` named it) and what to change."""
+    """One line for a MemoryError: the in-memory stage that ran out (when `separate` named it) and what to change;
+    for a chunked run (``exc.chunked``), what sets its memory."""
     stage = getattr(exc, "stage", None)
     detail = str(exc).splitlines()[0] if str(exc) else "no detail"
+    if getattr(exc, "chunked", False):
+        return (f"out of memory in a chunked run ({detail}); each thread or worker holds one block of --chunks with "
+                "its halo at a time: give smaller --chunks, fewer --workers (--gpu-threads on a GPU), or a machine "
+                "with more memory (the output is not marked complete; add --overwrite when --chunks changes)")
     where = f" in the '{stage}' stage" if stage else ""
     return (f"out of memory{where} ({detail}); {MEMORY_ADVICE.get(stage, '')}run it chunked (a Zarr input and a "
             ".zarr output: memory follows --chunks), or use a smaller image or a machine with more memory")

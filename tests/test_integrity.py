@@ -276,6 +276,21 @@ def test_read_only_folder_of_an_in_memory_run_is_one_line(small_disk, tmp_path, 
     assert "Read-only file system" in err and str(small_disk) in err and not os.listdir(small_disk)
 
 
+def test_out_of_memory_in_a_chunked_run_is_one_line_with_what_sets_its_memory(tmp_path, rng, capsys, monkeypatch):
+    """A real failed allocation (NumPy asked for 4 EiB) in the distance-transform pass of a chunked run: exit 3,
+    one line that names --chunks (not "run it chunked"), and no output marked complete."""
+    import gpu_pipeline.chunked.pipeline as chunked_pipeline
+
+    monkeypatch.setattr(chunked_pipeline, "_block_peak_candidates", lambda *a, **k: np.empty(2 ** 62, np.uint8))
+    src = _store(tmp_path / "in.zarr", _image(rng, (130, 130), 30), (65, 65))
+    assert main(["run", str(src), str(tmp_path / "out.zarr"), *ARGS]) == 3
+    err = _one_error_line(capsys)
+    assert "out of memory in a chunked run" in err and "Unable to allocate" in err and "smaller --chunks" in err
+    assert "run it chunked" not in err
+    out = tmp_path / "out.zarr"
+    assert not (out.exists() and _complete(out)) and not (tmp_path / "out_summary.json").exists()
+
+
 @pytest.mark.parametrize("stage, advice", [("peaks", "run it chunked"), ("necks", "--neck-ratio off")])
 def test_out_of_memory_in_a_stage_is_one_line_naming_it(tmp_path, rng, capsys, monkeypatch, stage, advice):
     """A real failed allocation (NumPy asked for 4 EiB) inside one stage of the in-memory run."""
