@@ -532,6 +532,59 @@ def test_a_task_error_on_a_cluster_stops_the_run_with_its_one_line_message(clust
     assert not (tmp_path / "bad_summary.json").exists()
 
 
+def test_local_threads_are_used_while_the_caller_holds_a_client(cluster_client, tmp_path, rng, monkeypatch):
+    """run_chunked's local threads (no --scheduler) stay local when the caller's process holds a default client
+    (a notebook's): every pass runs in this process, as dask.compute would with that scheduler setting."""
+    import dask
+
+    from gpu_pipeline.chunked import workspace
+
+    assert workspace.active_client() is cluster_client
+    with dask.config.set(scheduler="threads"):
+        assert workspace.active_client() is None
+    image, _ = make_touching_particles((40, 64, 64), 30, seed=int(rng.integers(1e6)))
+    src = _ome_zarr(tmp_path / "in.zarr", image, (1.0, 1.0, 1.0), (20, 32, 32))
+    seen = []
+    real = workspace.active_client
+
+    def recorded():
+        seen.append(real())
+        return seen[-1]
+
+    monkeypatch.setattr(workspace, "active_client", recorded)  # what every pass and global step asks
+    run_chunked(src, tmp_path / "out.zarr", chunks=(20, 32, 32), max_radius=10, workers=1, verbose=False)
+    assert len(seen) > 5 and all(client is None for client in seen)
+
+
+def test_workers_killed_for_memory_stop_the_run_in_one_line_and_it_resumes(cluster_client, tmp_path, rng):
+    """A real worker death: a cluster whose one worker may hold 200 MiB (Dask's nanny restarts it past 95 %)
+    given a 256^3 block (hundreds of MiB). The run stops with one line naming the pass and --chunks, not
+    Dask's KilledWorker, and marks nothing complete; the same call on a cluster with memory then finishes
+    with the in-memory labels."""
+    import dask
+    import distributed
+    import zarr
+
+    image, _ = make_touching_particles((256, 256, 256), 1200, seed=int(rng.integers(1e6)))
+    src = tmp_path / "in.zarr"
+    zarr.create_array(str(src), shape=image.shape, dtype=image.dtype, chunks=image.shape)[...] = image
+    small = {"distributed.scheduler.allowed-failures": 0, "distributed.worker.memory.target": False,
+             "distributed.worker.memory.spill": False, "distributed.worker.memory.pause": False}
+    with dask.config.set(small), \
+            distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, memory_limit="200MiB",
+                                     dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        with pytest.raises(DeclumpError, match=r"Dask workers died running a task of the pass '[^']+' \(1 try") \
+                as info:
+            run_chunked(src, tmp_path / "out.zarr", max_radius=13, scheduler=client.scheduler.address,
+                        verbose=False)
+    assert "\n" not in str(info.value) and "smaller --chunks" in str(info.value)
+    assert not (tmp_path / "out_summary.json").exists()
+    run_chunked(src, tmp_path / "out.zarr", max_radius=13, scheduler=cluster_client.scheduler.address,
+                verbose=False)
+    expected = separate_in_memory(image, spacing=(1.0, 1.0, 1.0), max_radius=13, **CHUNKED_DEFAULTS)
+    assert zarr.open_array(str(tmp_path / "out.zarr" / "particles" / "0"))[...].tobytes() == expected.tobytes()
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_a_non_finite_voxel_in_a_chunked_float_volume_is_refused(tmp_path, rng, bad):
     """One NaN (or inf) voxel in a chunk that is not the first: the run stops with one line naming it, whether

@@ -13,6 +13,7 @@ tasks rerun by the scheduler; block writes are idempotent).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -306,8 +307,14 @@ def named(exc, path):
 
 
 def active_client():
-    """The ``dask.distributed`` client in use, or None (local scheduler)."""
+    """The ``dask.distributed`` client in use, or None (local scheduler): as ``dask.compute`` decides, a client
+    unless the ``scheduler`` setting names another (``run_chunked``'s local threads set ``dask.threaded.get``
+    while a client that the caller holds for other work stays its default)."""
     if "distributed" not in sys.modules:  # no client without it: a local run skips its import (~1 s)
+        return None
+    import dask
+
+    if dask.config.get("scheduler", None) not in (None, "dask.distributed", "distributed"):
         return None
     try:
         from distributed import get_client
@@ -330,6 +337,23 @@ def log_pass(what, tasks, start):
                        extra={"what": what, "tasks": tasks, "start": start, "end": end})
 
 
+@contextlib.contextmanager
+def worker_deaths(what):
+    """Dask's ``KilledWorker`` (every worker that ran a task died: a worker's memory limit, the kernel's OOM
+    killer) as one line naming the pass, what sets a chunked run's memory, and that the run resumes."""
+    from distributed.scheduler import KilledWorker
+
+    try:
+        yield
+    except KilledWorker as exc:
+        raise DeclumpError(
+            f"Dask workers died running a task of the pass '{what}' ({exc.allowed_failures + 1} "
+            f"{'try' if exc.allowed_failures == 0 else 'tries'}, the last on {exc.last_worker.address}), most often for lack of memory (a worker's memory limit or the system's "
+            "OOM killer; the workers' logs say which): give smaller --chunks, fewer workers or threads per "
+            "worker, or workers with more memory; the same command then resumes from the finished blocks "
+            "(add --overwrite when --chunks changes)") from None
+
+
 def run_call(function, *args):
     """``function(*args)`` on the active scheduler: on a worker of a distributed cluster, else right here.
 
@@ -344,7 +368,8 @@ def run_call(function, *args):
         return function(*args)
     start = time.time()
     args = [client.scatter(a, hash=False) if isinstance(a, np.ndarray) else a for a in args]
-    result = client.submit(function, *args, pure=False).result()
+    with worker_deaths(getattr(function, "__name__", "call")):
+        result = client.submit(function, *args, pure=False).result()
     log_pass(getattr(function, "__name__", "call"), 1, start)
     return result
 
@@ -429,9 +454,10 @@ def run_tasks(tasks, what, *, voxels=0, verbose=False):
         # Each result fetched once, as its task finishes (in batches, by the client's I/O thread): the last
         # one's alone is left when the pass ends, not a gather of all. A task's error is raised here.
         results = {}
-        for done, (future, result) in enumerate(as_completed(futures, with_results=True), 1):
-            results[future.key] = result
-            report(done)
+        with worker_deaths(what):
+            for done, (future, result) in enumerate(as_completed(futures, with_results=True), 1):
+                results[future.key] = result
+                report(done)
         log_pass(what, total, started)
         return [results[future.key] for future in futures]
 
