@@ -277,10 +277,7 @@ def cmd_run_chunked(args, device):
                               gpu_threads=args.gpu_threads, scratch=args.scratch, overwrite=args.overwrite,
                               missing_chunks=args.missing_chunks, verbose=not args.quiet, **kwargs)
     except MemoryError as exc:  # NumPy's, or CuPy's OutOfMemoryError (a MemoryError) on a GPU worker
-        try:
-            exc.chunked = True
-        except (AttributeError, TypeError):  # an exception type without attributes: the generic message
-            pass
+        exc.chunked = True  # read by memory_error_message, as separate's exc.stage is
         raise
     print(f"{summary['n_particles']} particles; labels -> {summary['outputs']['labels']}/particles, table -> "
           f"{summary['outputs']['table']}, summary -> {summary['outputs']['summary']}")

@@ -350,9 +350,8 @@ def worker_deaths(what):
             f"Dask workers died running a task of the pass '{what}' ({exc.allowed_failures + 1} "
             f"{'try' if exc.allowed_failures == 0 else 'tries'}, the last on {exc.last_worker.address}), most "
             "often for lack of memory (a worker's memory limit or the system's OOM killer; the workers' logs say "
-            "which): give smaller --chunks, fewer workers or threads per "
-            "worker, or workers with more memory; the same command then resumes from the finished blocks "
-            "(add --overwrite when --chunks changes)") from None
+            "which): give smaller --chunks, fewer workers or threads per worker, or workers with more memory; the "
+            "same command then resumes from the finished blocks (add --overwrite when --chunks changes)") from None
 
 
 def run_call(function, *args):
