@@ -155,6 +155,28 @@ def test_corrupt_chunk_in_the_work_folder_is_one_line(tmp_path, rng, killed_in):
     assert np.array_equal(_labels(out), separate(image, max_radius=13, **CHUNKED_DEFAULTS)) and _complete(out)
 
 
+def test_corrupt_input_chunk_on_the_commands_own_cluster_is_one_line(tmp_path, rng):
+    """A corrupt input chunk read by a worker process of the cluster the command starts (--cluster local):
+    stderr holds the command's one line naming the chunk, not Dask's "Compute Failed" record of the failed
+    task first (seven lines with its key, spec and traceback), and nothing is marked complete."""
+    image, _ = make_touching_particles((48, 96, 96), 120, seed=int(rng.integers(1e6)))
+    src = _store(tmp_path / "in.zarr", image, (24, 48, 48))
+    chunks = sorted(p for p in (src / "c").rglob("*") if p.is_file())
+    bad = chunks[int(rng.integers(len(chunks)))]
+    bad.write_bytes(b"not a chunk")
+    out = tmp_path / "out.zarr"
+    command = [sys.executable, "-m", "gpu_pipeline", "run", str(src), str(out), "--cluster", "local",
+               "--workers", "2", "--chunks", "24,48,48", *ARGS]
+    result = subprocess.run(command, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr
+    err = result.stderr.strip()
+    where = "chunk (" + ", ".join(bad.relative_to(src / "c").parts) + ")"
+    assert err.startswith("declump: error: ") and "\n" not in err, err
+    assert where in err and "could not be read" in err, err
+    assert not (tmp_path / "out_summary.json").exists() and not (out.exists() and _complete(out))
+
+
 def test_completed_output_removes_a_leftover_work_folder(tmp_path, rng, capsys):
     src = _store(tmp_path / "in.zarr", _image(rng, (130, 130), 30), (65, 65))
     out = tmp_path / "out.zarr"

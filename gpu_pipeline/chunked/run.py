@@ -35,8 +35,8 @@ import numpy as np
 from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops_for, to_host
 from gpu_pipeline._common import usable_cores
 from gpu_pipeline.chunked.workspace import (Workspace, active_client, limit_malloc_arenas, local_cluster_config,
-                                            no_hugepage_advice, return_freed_memory, save_records,
-                                            worker_malloc_setup, write_blocks)
+                                            no_hugepage_advice, quiet_task_failures, return_freed_memory,
+                                            save_records, worker_malloc_setup, write_blocks)
 from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, boolean_input_as_mask, check_foreground_options, disk_error,
                              write_ngff_label_metadata)
 from gpu_pipeline.measure import table_from_sums
@@ -100,10 +100,14 @@ def _gpu_worker_setup(fraction=GPU_POOL_FRACTION):
     return ops_cuda.limit_memory_pool(fraction)
 
 
-def _setup_workers(client, device, gpu_error):
-    """Every worker of ``client``: glibc's malloc for chunk-sized arrays (worker_malloc_setup), and on
-    ``device="gpu"`` the CuPy pool cap (_gpu_worker_setup); ``gpu_error`` starts the error if that fails."""
+def _setup_workers(client, device, gpu_error, own=True):
+    """Every worker of ``client``: glibc's malloc for chunk-sized arrays (worker_malloc_setup), on workers
+    this command started (``own``) no "Compute Failed" log of a task error that the command reports itself
+    (quiet_task_failures), and on ``device="gpu"`` the CuPy pool cap (_gpu_worker_setup); ``gpu_error``
+    starts the error if that fails."""
     client.run(worker_malloc_setup)
+    if own:
+        client.run(quiet_task_failures)
     if device != "gpu":
         return
     try:
@@ -135,7 +139,7 @@ def engine(*, cluster=None, scheduler=None, workers=None, device="cpu", gpu_thre
             raise DeclumpError(f"cannot reach the Dask scheduler at {scheduler} ({exc}); start one with "
                                "`dask scheduler` / `dask-cuda-worker`, or drop --scheduler") from exc
         with client:
-            _setup_workers(client, device, f"the workers at {scheduler} cannot use a GPU")
+            _setup_workers(client, device, f"the workers at {scheduler} cannot use a GPU", own=False)
             yield client
         return
     if kind in ("local", "local-cuda"):

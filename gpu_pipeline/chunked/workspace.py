@@ -287,6 +287,30 @@ def worker_malloc_setup(dask_worker):
     return limit_malloc_arenas(dask_worker.state.nthreads)
 
 
+class TaskFailureLog(logging.Filter):
+    """Drops a Dask worker's "Compute Failed" record (the failed task's key, spec, error and traceback).
+
+    The run's client receives the same exception, with its traceback, and
+    reports it: in one line where the command knows the cause (bad input, a
+    corrupt chunk, a full disk, memory), otherwise as the traceback. The
+    record repeated it first, seven lines on the terminal of a command whose
+    error is one line. Only for the workers a command starts
+    (:func:`quiet_task_failures`); a running cluster's logs are its owner's.
+    """
+
+    def filter(self, record):
+        return not str(record.msg).startswith("Compute Failed")
+
+
+def quiet_task_failures(dask_worker=None):
+    """Add :class:`TaskFailureLog` to this process's ``distributed.worker`` logger (once): for ``client.run``
+    on the workers of a cluster the command started."""
+    log = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, TaskFailureLog) for f in log.filters):
+        log.addFilter(TaskFailureLog())
+    return True
+
+
 def write_block(data, path, region, marker):
     """Write ``data`` (NumPy or CuPy) into ``region`` of the Zarr array at ``path``, then touch ``marker``."""
     from gpu_pipeline.chunked.source import write_region
