@@ -177,6 +177,51 @@ def test_corrupt_input_chunk_on_the_commands_own_cluster_is_one_line(tmp_path, r
     assert not (tmp_path / "out_summary.json").exists() and not (out.exists() and _complete(out))
 
 
+def _alive_in_group(pgid):
+    """The processes of process group ``pgid`` that still run (exited ones waiting to be reaped left out)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(stat.parent.name)
+    return alive
+
+
+def test_ctrl_c_on_the_commands_own_cluster_is_one_line_and_the_rerun_resumes(tmp_path, rng):
+    """Ctrl-C in a terminal (SIGINT to every process of the command) during the distance pass of a
+    --cluster local run: exit 130 and stderr the command's one line, not the workers' and Dask's logs of
+    their stop (a nanny killing workers that no longer answered, cancelled tasks, an interrupted gather); no
+    worker process left; the same command then resumes to the in-memory labels."""
+    image, _ = make_touching_particles((64, 128, 128), 300, seed=int(rng.integers(1e6)))
+    src = _store(tmp_path / "in.zarr", image, (32, 64, 64))
+    out = tmp_path / "out.zarr"
+    command = [sys.executable, "-m", "gpu_pipeline", "run", str(src), str(out), "--cluster", "local",
+               "--workers", "2", "--chunks", "32,64,64", *ARGS]
+
+    def as_in_a_terminal():  # pytest's runner may ignore SIGINT; a terminal's command gets Python's handler
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.setpgrp()
+
+    process = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, preexec_fn=as_in_a_terminal)
+    done, end = tmp_path / "out.zarr.work" / "distance.done", time.time() + 240
+    while not (done.exists() and os.listdir(done)) and process.poll() is None and time.time() < end:
+        time.sleep(0.01)
+    assert process.poll() is None, "the run finished before it could be interrupted"
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert err.strip() == "declump: interrupted; no output was marked complete", err
+    left = _alive_in_group(process.pid)
+    assert not left, f"processes of the interrupted command still running: {left}"
+    assert not (tmp_path / "out_summary.json").exists() and not (out.exists() and _complete(out))
+    assert subprocess.run(command, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300).returncode == 0
+    assert np.array_equal(_labels(out), separate(image, max_radius=13, **CHUNKED_DEFAULTS)) and _complete(out)
+
+
 def test_completed_output_removes_a_leftover_work_folder(tmp_path, rng, capsys):
     src = _store(tmp_path / "in.zarr", _image(rng, (130, 130), 30), (65, 65))
     out = tmp_path / "out.zarr"

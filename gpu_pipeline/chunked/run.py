@@ -35,7 +35,7 @@ import numpy as np
 from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops_for, to_host
 from gpu_pipeline._common import usable_cores
 from gpu_pipeline.chunked.workspace import (Workspace, active_client, limit_malloc_arenas, local_cluster_config,
-                                            no_hugepage_advice, quiet_task_failures, return_freed_memory,
+                                            no_hugepage_advice, own_worker_setup, return_freed_memory,
                                             save_records, worker_malloc_setup, write_blocks)
 from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, boolean_input_as_mask, check_foreground_options, disk_error,
                              write_ngff_label_metadata)
@@ -102,12 +102,12 @@ def _gpu_worker_setup(fraction=GPU_POOL_FRACTION):
 
 def _setup_workers(client, device, gpu_error, own=True):
     """Every worker of ``client``: glibc's malloc for chunk-sized arrays (worker_malloc_setup), on workers
-    this command started (``own``) no "Compute Failed" log of a task error that the command reports itself
-    (quiet_task_failures), and on ``device="gpu"`` the CuPy pool cap (_gpu_worker_setup); ``gpu_error``
-    starts the error if that fails."""
+    this command started (``own``) no log records that repeat what the command reports and Ctrl-C left to
+    the command (own_worker_setup), and on ``device="gpu"`` the CuPy pool cap (_gpu_worker_setup);
+    ``gpu_error`` starts the error if that fails."""
     client.run(worker_malloc_setup)
     if own:
-        client.run(quiet_task_failures)
+        client.run(own_worker_setup)
     if device != "gpu":
         return
     try:
@@ -115,6 +115,41 @@ def _setup_workers(client, device, gpu_error, own=True):
     except Exception as exc:
         raise DeclumpError(f"{gpu_error} ({type(exc).__name__}: {exc}); start them with dask-cuda-worker, or "
                            "drop --device gpu") from exc
+
+
+@contextlib.contextmanager
+def _quiet_interrupt():
+    """Ctrl-C during a run on a cluster the command started: logging is off from the interrupt until the
+    cluster has closed (then back as it was).
+
+    Dask logs its own stop between Ctrl-C and the command's one line: an
+    interrupted gather gave "Couldn't gather keys", "rescheduling" and a
+    callback's NameError traceback from ``distributed.utils.sync`` (12 lines,
+    2026-12-04). The handler turns logging off before it raises
+    ``KeyboardInterrupt``, so before any of that. Only in the main thread,
+    and only where Python's own handler is in place (a caller's handler is
+    left alone).
+    """
+    import logging
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    level = logging.root.manager.disable
+
+    def interrupted(signum, frame):
+        logging.disable(logging.CRITICAL)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        logging.disable(level)
 
 
 @contextlib.contextmanager
@@ -155,7 +190,7 @@ def engine(*, cluster=None, scheduler=None, workers=None, device="cpu", gpu_thre
         except ImportError as exc:
             raise DeclumpError("--cluster local-cuda needs dask-cuda; install the GPU extra "
                                "(pip install 'declump[gpu-cu12]') or use the conda environment.yml") from exc
-        with dask.config.set(environ), \
+        with _quiet_interrupt(), dask.config.set(environ), \
                 LocalCUDACluster(dashboard_address=None, threads_per_worker=gpu_threads) as lc, \
                 Client(lc) as client:
             _setup_workers(client, device, "the dask-cuda workers cannot use a GPU")
@@ -164,7 +199,7 @@ def engine(*, cluster=None, scheduler=None, workers=None, device="cpu", gpu_thre
     if kind == "local":
         from distributed import LocalCluster
 
-        with dask.config.set(environ), \
+        with _quiet_interrupt(), dask.config.set(environ), \
                 LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                              dashboard_address=None) as lc, Client(lc) as client:
             _setup_workers(client, device, "")

@@ -287,27 +287,45 @@ def worker_malloc_setup(dask_worker):
     return limit_malloc_arenas(dask_worker.state.nthreads)
 
 
-class TaskFailureLog(logging.Filter):
-    """Drops a Dask worker's "Compute Failed" record (the failed task's key, spec, error and traceback).
+class OwnWorkerLog(logging.Filter):
+    """Drops two records of Dask workers that only repeat what the command itself reports.
 
-    The run's client receives the same exception, with its traceback, and
-    reports it: in one line where the command knows the cause (bad input, a
-    corrupt chunk, a full disk, memory), otherwise as the traceback. The
-    record repeated it first, seven lines on the terminal of a command whose
-    error is one line. Only for the workers a command starts
-    (:func:`quiet_task_failures`); a running cluster's logs are its owner's.
+    - A failed task's "Compute Failed" (its key, spec, error and traceback):
+      the run's client receives the same exception, with its traceback, and
+      reports it, in one line where the command knows the cause (bad input,
+      a corrupt chunk, a full disk, memory). The record put seven lines
+      before that one.
+    - "Async instruction for <Task ...> ended with CancelledError", one per
+      task a worker was running when the command closed it (an error
+      elsewhere, Ctrl-C), and "Failed to communicate with scheduler during
+      heartbeat." with its 27-line traceback, when the scheduler (in the
+      command's process) closed during a heartbeat.
+
+    Only on the workers a command starts (:func:`own_worker_setup`); a
+    running cluster's logs are its owner's.
     """
 
     def filter(self, record):
-        return not str(record.msg).startswith("Compute Failed")
+        message = str(record.msg)
+        return not (message.startswith(("Compute Failed", "Failed to communicate with scheduler during heartbeat"))
+                    or (message.startswith("Async instruction for") and message.endswith("with CancelledError")))
 
 
-def quiet_task_failures(dask_worker=None):
-    """Add :class:`TaskFailureLog` to this process's ``distributed.worker`` logger (once): for ``client.run``
-    on the workers of a cluster the command started."""
-    log = logging.getLogger("distributed.worker")
-    if not any(isinstance(f, TaskFailureLog) for f in log.filters):
-        log.addFilter(TaskFailureLog())
+def own_worker_setup(dask_worker=None):
+    """For ``client.run`` on the workers of a cluster the command started: :class:`OwnWorkerLog` on the
+    workers' loggers, and Ctrl-C left to the command. A terminal's Ctrl-C reaches every process of the
+    command; a worker interrupted in its event loop stopped answering its nanny, which killed it after 4 s
+    and logged that (2026-12-04: 4 more lines and a leaked-semaphore warning after 'interrupted'). The
+    command closes its workers itself when it is interrupted."""
+    import signal
+    import threading
+
+    for name in ("distributed.worker", "distributed.worker.state_machine"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, OwnWorkerLog) for f in log.filters):
+            log.addFilter(OwnWorkerLog())
+    if threading.current_thread() is threading.main_thread():  # client.run runs here in a worker process
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     return True
 
 
@@ -475,13 +493,15 @@ def run_tasks(tasks, what, *, voxels=0, verbose=False):
         from distributed import as_completed
 
         futures = client.compute(tasks)
-        # Each result fetched once, as its task finishes (in batches, by the client's I/O thread): the last
-        # one's alone is left when the pass ends, not a gather of all. A task's error is raised here.
+        # Each result fetched once, as its task finishes, in batches of those finished together: the last
+        # batch's alone is left when the pass ends, not a gather of all. A task's error is raised here. Fetched
+        # by this thread (gather), not by as_completed's own trackers (with_results): a tracker whose fetch was
+        # in flight when an error or Ctrl-C closed the client logged a 40-line CommClosedError traceback.
         results = {}
         with worker_deaths(what):
-            for done, (future, result) in enumerate(as_completed(futures, with_results=True), 1):
-                results[future.key] = result
-                report(done)
+            for batch in as_completed(futures).batches():
+                results.update(zip((future.key for future in batch), client.gather(batch)))
+                report(len(results))
         log_pass(what, total, started)
         return [results[future.key] for future in futures]
 
