@@ -119,8 +119,9 @@ def _setup_workers(client, device, gpu_error, own=True):
 
 @contextlib.contextmanager
 def _quiet_interrupt():
-    """Ctrl-C during a run on a cluster the command started: logging is off from the interrupt until the
-    cluster has closed (then back as it was).
+    """Ctrl-C during a run on a Dask cluster (one the command started, or a running one's client): this
+    process's logging is off from the interrupt until the cluster or the client has closed (then back as it
+    was).
 
     Dask logs its own stop between Ctrl-C and the command's one line: an
     interrupted gather gave "Couldn't gather keys", "rescheduling" and a
@@ -173,7 +174,7 @@ def engine(*, cluster=None, scheduler=None, workers=None, device="cpu", gpu_thre
         except OSError as exc:
             raise DeclumpError(f"cannot reach the Dask scheduler at {scheduler} ({exc}); start one with "
                                "`dask scheduler` / `dask-cuda-worker`, or drop --scheduler") from exc
-        with client:
+        with _quiet_interrupt(), client:
             _setup_workers(client, device, f"the workers at {scheduler} cannot use a GPU", own=False)
             yield client
         return
