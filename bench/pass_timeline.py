@@ -184,7 +184,7 @@ def main(argv=None):
     import zarr
     from dask.distributed import Client, LocalCluster
 
-    from gpu_pipeline.chunked.workspace import local_cluster_config, pass_log
+    from gpu_pipeline.chunked.workspace import LOCAL_CLUSTER_HTTP, local_cluster_config, pass_log
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", type=parse_ints, default=(256, 512, 512))
@@ -216,7 +216,7 @@ def main(argv=None):
                 os.sched_setaffinity(0, set(cores[:n]))  # the worker processes inherit it
                 with dask.config.set(local_cluster_config(1)):
                     cluster = stack.enter_context(LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                                               dashboard_address=None, memory_limit=0))
+                                                               memory_limit=0, **LOCAL_CLUSTER_HTTP))
                 clusters[n] = (cluster, stack.enter_context(Client(cluster, set_as_default=False)))
             for r in range(args.rounds + 1):
                 for n in (1, 2):

@@ -340,7 +340,7 @@ def warm_cluster_runs(volume, chunks, rounds, cores, small=None):
     import dask
     from dask.distributed import Client, LocalCluster
 
-    from gpu_pipeline.chunked.workspace import local_cluster_config
+    from gpu_pipeline.chunked.workspace import LOCAL_CLUSTER_HTTP, local_cluster_config
 
     clusters, clients, runs = {}, {}, {"warm_1": [], "warm_2": [], "warm_1_small": [], "warm_2_small": []}
     # Clusters started as README's cluster section says (glibc's malloc environment of malloc_environ, the
@@ -350,8 +350,8 @@ def warm_cluster_runs(volume, chunks, rounds, cores, small=None):
         for n in (1, 2):
             os.sched_setaffinity(0, set(cores[:n]))  # the worker processes inherit it
             with dask.config.set(environ):
-                clusters[n] = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                           dashboard_address=None, memory_limit=0)
+                clusters[n] = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, memory_limit=0,
+                                           **LOCAL_CLUSTER_HTTP)
             clients[n] = Client(clusters[n], set_as_default=False)  # idle during the runs: reads CPU times
         for r in range(rounds + 1):
             for n in (1, 2):

@@ -4,9 +4,11 @@ Every case runs the real command on real Zarr stores on disk; disk faults use
 a real tmpfs (full, or remounted read-only), skipped where mounting is not
 permitted.
 """
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -158,7 +160,8 @@ def test_corrupt_chunk_in_the_work_folder_is_one_line(tmp_path, rng, killed_in):
 def test_corrupt_input_chunk_on_the_commands_own_cluster_is_one_line(tmp_path, rng):
     """A corrupt input chunk read by a worker process of the cluster the command starts (--cluster local):
     stderr holds the command's one line naming the chunk, not Dask's "Compute Failed" record of the failed
-    task first (seven lines with its key, spec and traceback), and nothing is marked complete."""
+    task first (seven lines with its key, spec and traceback), nor its warning that the dashboard's port
+    8787 is taken (held here, as a notebook's cluster holds it), and nothing is marked complete."""
     image, _ = make_touching_particles((48, 96, 96), 120, seed=int(rng.integers(1e6)))
     src = _store(tmp_path / "in.zarr", image, (24, 48, 48))
     chunks = sorted(p for p in (src / "c").rglob("*") if p.is_file())
@@ -167,8 +170,12 @@ def test_corrupt_input_chunk_on_the_commands_own_cluster_is_one_line(tmp_path, r
     out = tmp_path / "out.zarr"
     command = [sys.executable, "-m", "gpu_pipeline", "run", str(src), str(out), "--cluster", "local",
                "--workers", "2", "--chunks", "24,48,48", *ARGS]
-    result = subprocess.run(command, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
-                            timeout=300)
+    with socket.socket() as busy:
+        with contextlib.suppress(OSError):  # already taken: as good
+            busy.bind(("", 8787))
+            busy.listen()
+        result = subprocess.run(command, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+                                text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     err = result.stderr.strip()
     where = "chunk (" + ", ".join(bad.relative_to(src / "c").parts) + ")"

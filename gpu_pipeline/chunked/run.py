@@ -34,9 +34,9 @@ import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops_for, to_host
 from gpu_pipeline._common import usable_cores
-from gpu_pipeline.chunked.workspace import (Workspace, active_client, limit_malloc_arenas, local_cluster_config,
-                                            no_hugepage_advice, own_worker_setup, return_freed_memory,
-                                            save_records, worker_malloc_setup, write_blocks)
+from gpu_pipeline.chunked.workspace import (LOCAL_CLUSTER_HTTP, Workspace, active_client, limit_malloc_arenas,
+                                            local_cluster_config, no_hugepage_advice, own_worker_setup,
+                                            return_freed_memory, save_records, worker_malloc_setup, write_blocks)
 from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, boolean_input_as_mask, check_foreground_options, disk_error,
                              write_ngff_label_metadata)
 from gpu_pipeline.measure import table_from_sums
@@ -192,7 +192,7 @@ def engine(*, cluster=None, scheduler=None, workers=None, device="cpu", gpu_thre
             raise DeclumpError("--cluster local-cuda needs dask-cuda; install the GPU extra "
                                "(pip install 'declump[gpu-cu12]') or use the conda environment.yml") from exc
         with _quiet_interrupt(), dask.config.set(environ), \
-                LocalCUDACluster(dashboard_address=None, threads_per_worker=gpu_threads) as lc, \
+                LocalCUDACluster(threads_per_worker=gpu_threads, **LOCAL_CLUSTER_HTTP) as lc, \
                 Client(lc) as client:
             _setup_workers(client, device, "the dask-cuda workers cannot use a GPU")
             yield client
@@ -202,7 +202,7 @@ def engine(*, cluster=None, scheduler=None, workers=None, device="cpu", gpu_thre
 
         with _quiet_interrupt(), dask.config.set(environ), \
                 LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                             dashboard_address=None) as lc, Client(lc) as client:
+                             **LOCAL_CLUSTER_HTTP) as lc, Client(lc) as client:
             _setup_workers(client, device, "")
             yield client
         return

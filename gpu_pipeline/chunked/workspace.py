@@ -181,6 +181,13 @@ QUIET_DIAGNOSTICS = {"distributed.worker.profile.enabled": False,
                      "distributed.admin.tick.interval": "500ms"}
 
 
+#: ``LocalCluster`` (and ``LocalCUDACluster``) arguments of the clusters declump starts: no dashboard, and the
+#: scheduler's HTTP endpoints (health, metrics) on a free port of the loopback interface. With
+#: ``dashboard_address=None`` alone they took port 8787, and where it was taken (a notebook's cluster, a
+#: second run) Dask printed a 4-line "Port 8787 is already in use" warning on every run.
+LOCAL_CLUSTER_HTTP = {"dashboard_address": None, "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"}}
+
+
 def local_cluster_config(threads):
     """``dask.config`` settings for starting a ``LocalCluster`` (or dask-cuda's) whose workers run ``threads``
     threads: :func:`malloc_environ` as the nanny's ``pre-spawn-environ``, and :data:`QUIET_DIAGNOSTICS`
