@@ -74,6 +74,22 @@ class _Forest:
                 "children_right": _narrow(self.children_right), "feature": _narrow(self.feature),
                 "threshold": self.threshold, "value": np.where(leaf, self.value, np.float32(0))}
 
+    def __getstate__(self):
+        # Pickled (a chunked run hands the model to its Dask workers in a task graph) as its file holds it,
+        # compressed: the shipped model's 21.7 MB as 4.2 MB, 0.1 s (Dask warned on stderr of every
+        # --classifier run on a cluster: "Sending large graph of size 20.67 MiB"). The padded copies stay
+        # behind: each process builds its own (on the GPU they are device arrays).
+        import pickle
+        import zlib
+
+        return {"arrays": zlib.compress(pickle.dumps(self.arrays(), protocol=5), 1)}
+
+    def __setstate__(self, state):
+        import pickle
+        import zlib
+
+        self.__init__(**pickle.loads(zlib.decompress(state["arrays"])))
+
     def depths(self):
         out = []
         for start, n in zip(np.cumsum(self.node_count) - self.node_count, self.node_count):

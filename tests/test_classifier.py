@@ -179,6 +179,25 @@ def test_model_file_round_trip_loads_no_code(rng, tmp_path):
     assert again.predict_proba(image).tobytes() == model.predict_proba(image).tobytes()
 
 
+def test_pickled_model_is_its_compact_arrays_and_predicts_the_same(rng):
+    """A model pickled (as a chunked run hands it to Dask workers) and loaded back: byte-equal probabilities;
+    the pickle is smaller than the in-memory trees (the shipped model under Dask's 10 MB large-graph
+    warning) and carries no padded copies of a model that already predicted."""
+    import pickle
+
+    model, image, _ = _trained(rng)
+    expected = model.predict_proba(image)  # builds the padded trees in this process
+    assert model.forest._padded
+    again = pickle.loads(pickle.dumps(model, protocol=5))
+    assert not again.forest._padded
+    assert again.predict_proba(image).tobytes() == expected.tobytes()
+    assert np.array_equal(again.forest.children_left, model.forest.children_left)
+    assert again.forest.children_left.dtype == np.int64  # widened again, as a loaded file is
+    shipped = load_classifier("em-particles")
+    arrays = sum(a.nbytes for a in vars(shipped.forest).values() if isinstance(a, np.ndarray))
+    assert len(pickle.dumps(shipped, protocol=5)) < min(10e6, arrays / 4), arrays
+
+
 def _rewrite(path, target, change_header=None, change_arrays=None):
     with np.load(path, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
