@@ -532,6 +532,22 @@ def test_a_task_error_on_a_cluster_stops_the_run_with_its_one_line_message(clust
     assert not (tmp_path / "bad_summary.json").exists()
 
 
+def test_grouped_calls_on_a_cluster_send_their_arrays_scattered_not_in_the_graph(cluster_client, rng):
+    """run_grouped on a cluster (the neck pass's segment ends): results in order, equal to the calls made
+    here, and the arrays (17 MB together) reach the workers scattered, not in a graph Dask warns about."""
+    import warnings
+
+    from gpu_pipeline.chunked.workspace import active_client, run_grouped
+
+    assert active_client() is cluster_client
+    arrays = [rng.random(int(rng.integers(600_000, 800_000))) for _ in range(3)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sums = run_grouped(np.sum, [(a,) for a in arrays], "sums", group=2)
+    assert sums == [np.sum(a) for a in arrays]
+    assert not [w for w in caught if "large graph" in str(w.message)], [str(w.message) for w in caught]
+
+
 def test_local_threads_are_used_while_the_caller_holds_a_client(cluster_client, tmp_path, rng, monkeypatch):
     """run_chunked's local threads (no --scheduler) stay local when the caller's process holds a default client
     (a notebook's): every pass runs in this process, as dask.compute would with that scheduler setting."""
