@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -218,6 +219,40 @@ def _is_zarr(path):
     path = Path(path)
     return path.suffix.lower() == ".zarr" or (path.is_dir() and any(
         (path / name).exists() for name in ("zarr.json", ".zarray", ".zgroup")))
+
+
+def _positive_int(what):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{what} must be a whole number of at least 1, got {text!r}")
+        return value
+
+    return parse
+
+
+def _positive_number(what):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{what} must be a positive number, got {text!r}")
+        return value
+
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (the option, what was wrong, what is accepted) and a pointer to
+    --help, instead of the whole usage block (18 lines for `declump run`) before it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _chunks(text):
@@ -441,7 +476,7 @@ def cmd_app(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="declump", description="Split touching particles in 2D images and 3D "
+    parser = _Parser(prog="declump", description="Split touching particles in 2D images and 3D "
                                      "volumes into separate objects (GPU with CuPy/cuCIM, or CPU).")
     parser.add_argument("--version", action="version", version=f"declump {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -477,7 +512,7 @@ def build_parser():
                               "until each edge has 128 voxels, 1024 in 2D); each must be at least the halo (peak "
                               "window + --max-radius). With more than about 8 workers give 256,256,256: fewer, "
                               "larger tasks, so the scheduler keeps up (README, Performance)")
-    chunked.add_argument("--max-radius", type=float, default=None,
+    chunked.add_argument("--max-radius", type=_positive_number("max radius"), default=None,
                          help="largest particle radius, physical units; sets the distance-transform halo "
                               "(default: 4 x --min-distance); deeper voxels are capped (see --neck-ratio for what "
                               "happens to such particles)")
@@ -486,10 +521,10 @@ def build_parser():
                               "dask-cuda LocalCUDACluster, one worker per GPU (default: local threads)")
     chunked.add_argument("--scheduler", default=None,
                          help="address of a running Dask scheduler (e.g. tcp://node1:8786) to run on")
-    chunked.add_argument("--workers", type=int, default=None,
+    chunked.add_argument("--workers", type=_positive_int("workers"), default=None,
                          help="threads (default engine) or worker processes (--cluster local), one per core this process may use "
                               "by default (its CPU affinity: what SLURM or taskset grants)")
-    chunked.add_argument("--gpu-threads", type=int, default=1,
+    chunked.add_argument("--gpu-threads", type=_positive_int("gpu threads"), default=1,
                          help="with --device gpu: host threads per GPU, each on its own chunk, so one chunk's Zarr "
                               "reads and writes and host steps overlap another's GPU work; each holds one chunk's "
                               "working set in GPU memory (default 1; not yet measured on a GPU, README GPU)")

@@ -440,11 +440,12 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
     if method not in ("kmeans", "watershed"):
         raise DeclumpError(f"method must be 'kmeans' or 'watershed', got {method!r}")
     sigma = 0.0 if sigma is None else sigma
-    _check_auto_or_number("sigma", sigma, positive=False)
-    _check_auto_or_number("min_distance", min_distance, positive=True)
-    _check_auto_or_number("max_hole_size", max_hole_size, positive=False)
+    check_auto_or_number("sigma", sigma, positive=False)
+    check_auto_or_number("min_distance", min_distance, positive=True)
+    check_auto_or_number("max_hole_size", max_hole_size, positive=False)
     if min_size is not None:
-        _check_auto_or_number("min_size", min_size, positive=False)
+        check_auto_or_number("min_size", min_size, positive=False)
+    check_max_iter(max_iter)
 
     # A classifier with a boundary class sets these; the split then follows its boundaries
     # (stages/boundary_split) instead of the power-diagram split of the distance map.
@@ -511,7 +512,13 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
     return (labels, details) if return_details else labels
 
 
-def _check_auto_or_number(name, value, *, positive):
+def check_max_iter(max_iter):
+    """``max_iter`` (Lloyd iterations after the assignment) is a whole number, 0 or more."""
+    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 0:
+        raise DeclumpError(f"max_iter must be 0 or more, got {max_iter!r}")
+
+
+def check_auto_or_number(name, value, *, positive):
     if isinstance(value, str) and value == "auto":
         return
     try:

@@ -138,6 +138,46 @@ def test_gpu_threads_are_refused_where_they_mean_nothing(tmp_path):
     assert not (tmp_path / "out.zarr.work").exists()
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--workers", "0"], "workers must be a whole number of at least 1, got '0'"),
+    (["--workers", "-1"], "workers must be a whole number of at least 1, got '-1'"),
+    (["--max-radius", "-3"], "max radius must be a positive number, got '-3'"),
+    (["--gpu-threads", "0"], "gpu threads must be a whole number of at least 1"),
+    (["--chunks", "0,8,8"], "chunks must be positive"),
+    (["--sigma", "x"], "sigma must be 'auto' or a number"),
+    (["--no-such-option"], "unrecognized arguments: --no-such-option")])
+def test_bad_command_lines_are_one_line_errors(tmp_path, options, message):
+    """What the parser refuses: exit 2 and one line naming the option and what it accepts (not the 18-line
+    usage block first), for in-memory and chunked runs alike; --workers -1 used to end in a traceback."""
+    np.save(tmp_path / "img.npy", make_touching_particles((32, 32), 3)[0])
+    result = run_cli("run", tmp_path / "img.npy", tmp_path / "out.tif", *options)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], lines
+    assert lines[0].startswith(("declump run: error: ", "declump: error: ")) and "--help" in lines[0]
+    assert not (tmp_path / "out.tif").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--sigma", "-1"], "sigma must be 'auto' or a non-negative physical size"),
+    (["--min-size", "-5"], "min_size must be 'auto' or a non-negative physical size"),
+    (["--max-iter", "-2"], "max_iter must be 0 or more")])
+def test_bad_parameters_are_refused_alike_in_memory_and_chunked_before_any_folder(tmp_path, options, message):
+    """A negative sigma, min_size or max_iter: one line in both modes (a chunked run took the first two as 0,
+    an in-memory run the third), and a chunked run creates no work folder, so that the corrected command is
+    not refused as a run "with other parameters"."""
+    import zarr
+
+    image = make_touching_particles((48, 48, 48), 20, seed=3)[0]
+    np.save(tmp_path / "img.npy", image)
+    zarr.create_array(str(tmp_path / "in.zarr"), shape=image.shape, dtype=image.dtype, chunks=(24, 48, 48))[...] = image
+    for source, out in (("img.npy", "out.tif"), ("in.zarr", "out.zarr")):
+        result = run_cli("run", tmp_path / source, tmp_path / out, "--min-distance", "3", "--max-radius", "8",
+                         *options)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], (source, lines)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.npy", "in.zarr"]
+
+
 def test_debug_shows_the_traceback(tmp_path):
     result = run_cli("--debug", "run", tmp_path / "missing.tif", tmp_path / "o.tif")
     assert result.returncode != 0 and "Traceback" in result.stderr

@@ -52,7 +52,8 @@ from gpu_pipeline.chunked.source import (halo_box, haloed_tasks, neighbours_hold
                                          stored_volume)
 from gpu_pipeline.chunked.workspace import (BLOCK_GROUP, Workspace, block_boxes, chunk_starts, read_staged,
                                              run_call, run_grouped, run_tasks, to_device, write_block)
-from gpu_pipeline.pipeline import NoParticlesError, cap_distance, resolve_ratio, validate_spacing
+from gpu_pipeline.pipeline import (NoParticlesError, cap_distance, check_auto_or_number, check_max_iter, resolve_ratio,
+                                   validate_spacing)
 from gpu_pipeline.stages.components import settle_pieces
 from gpu_pipeline.stages.kmeans import batched_kmeans
 from gpu_pipeline.stages.peaks import (PeakReach, join_peaks, local_maxima, quantize_cap, quantize_distance, regroup,
@@ -517,6 +518,35 @@ def _kept_peaks(found, keep):
     return kept
 
 
+def chunked_parameters(ndim, *, sigma, min_distance, min_size, max_radius, max_iter, neck_ratio, nearby_ratio,
+                       peak_reach, reach_share, ball_share):
+    """:func:`separate_chunked`'s parameters checked (a one-line :class:`DeclumpError` for the first bad one, as
+    in-memory ``separate`` words it) and resolved: the ratios' ``auto`` for ``ndim``, ``max_radius``'s default
+    (``MAX_RADIUS_FACTOR * min_distance``) and ``min_size``'s (a ball of diameter ``min_distance``). ``run_chunked``
+    calls it before it touches a folder, so a bad value is reported as such and leaves nothing behind."""
+    if isinstance(sigma, str):
+        raise DeclumpError(f"chunked runs need sigma as a number (physical units), got {sigma!r}")
+    if isinstance(min_distance, str):  # 'auto' measures particles on the whole foreground at once
+        raise DeclumpError(f"chunked runs need min_distance as a number (about the smallest particle radius), got "
+                           f"{min_distance!r}")
+    sigma = 0.0 if sigma is None else sigma
+    check_auto_or_number("sigma", sigma, positive=False)
+    if not (min_distance > 0):
+        raise DeclumpError(f"min_distance must be a positive physical distance, got {min_distance}")
+    if min_size is not None:
+        check_auto_or_number("min_size", min_size, positive=False)
+    check_max_iter(max_iter)
+    ratios = {name: resolve_ratio(name, value, ndim) for name, value in (
+        ("neck_ratio", neck_ratio), ("nearby_ratio", nearby_ratio), ("peak_reach", peak_reach),
+        ("reach_share", reach_share), ("ball_share", ball_share))}
+    max_radius = float(max_radius) if max_radius is not None else MAX_RADIUS_FACTOR * float(min_distance)
+    if not (max_radius > 0 and math.isfinite(max_radius)):
+        raise DeclumpError(f"max_radius must be a positive physical distance, got {max_radius}")
+    ball = (lambda d: math.pi * d * d / 4) if ndim == 2 else (lambda d: math.pi * d ** 3 / 6)
+    return {"sigma": float(sigma), "min_size": ball(min_distance) if min_size is None else float(min_size),
+            "max_radius": max_radius, **ratios}
+
+
 def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polarity="auto", mask=None,
                      min_distance=4.0, min_size=None, max_radius=None, neck_ratio="auto", nearby_ratio="auto",
                      peak_reach="auto", reach_share="auto", ball_share="auto", assignment="power", max_iter=0,
@@ -554,24 +584,13 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
         raise DeclumpError(f"the volume has {reference.ndim} dimensions {tuple(reference.shape)}; declump accepts "
                            "2D or 3D")
     spacing = validate_spacing(spacing, reference.ndim)
-    if isinstance(min_distance, str):  # 'auto' measures particles on the whole foreground at once
-        raise DeclumpError(f"chunked runs need min_distance as a number (about the smallest particle radius), got "
-                           f"{min_distance!r}")
-    if not (min_distance > 0):
-        raise DeclumpError(f"min_distance must be a positive physical distance, got {min_distance}")
+    p = chunked_parameters(reference.ndim, sigma=sigma, min_distance=min_distance, min_size=min_size,
+                           max_radius=max_radius, max_iter=max_iter, neck_ratio=neck_ratio, nearby_ratio=nearby_ratio,
+                           peak_reach=peak_reach, reach_share=reach_share, ball_share=ball_share)
+    sigma, min_size, max_radius = p["sigma"], p["min_size"], p["max_radius"]
+    neck_ratio, nearby_ratio, peak_reach = p["neck_ratio"], p["nearby_ratio"], p["peak_reach"]
+    reach_share, ball_share = p["reach_share"], p["ball_share"]
     volume, mask = (None if a is None else to_device(a, device) for a in (volume, mask))
-    if max_iter < 0:
-        raise DeclumpError(f"max_iter must be 0 or more, got {max_iter}")
-    neck_ratio = resolve_ratio("neck_ratio", neck_ratio, reference.ndim)
-    nearby_ratio = resolve_ratio("nearby_ratio", nearby_ratio, reference.ndim)
-    peak_reach = resolve_ratio("peak_reach", peak_reach, reference.ndim)
-    reach_share = resolve_ratio("reach_share", reach_share, reference.ndim)
-    ball_share = resolve_ratio("ball_share", ball_share, reference.ndim)
-    max_radius = float(max_radius) if max_radius is not None else MAX_RADIUS_FACTOR * float(min_distance)
-    if not (max_radius > 0 and math.isfinite(max_radius)):
-        raise DeclumpError(f"max_radius must be a positive physical distance, got {max_radius}")
-    ball = (lambda d: math.pi * d * d / 4) if reference.ndim == 2 else (lambda d: math.pi * d ** 3 / 6)
-    min_size = ball(min_distance) if min_size is None else float(min_size)
     workspace = workspace or Workspace(None, verbose=verbose)
     details = ChunkedDetails(max_radius=max_radius, halo=peak_halo(min_distance, max_radius, spacing, peak_reach))
     # Refuse a too-small chunk shape before any pass runs.

@@ -64,6 +64,10 @@ def engine_plan(*, device="cpu", cluster=None, scheduler=None, workers=None, n_g
         raise DeclumpError("give --cluster or --scheduler, not both")
     if isinstance(gpu_threads, bool) or not isinstance(gpu_threads, (int, np.integer)) or gpu_threads < 1:
         raise DeclumpError(f"--gpu-threads must be a whole number of at least 1, got {gpu_threads!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, (int, np.integer))
+                                or workers < 1):
+        raise DeclumpError(f"--workers must be a whole number of at least 1 (or left out: one per core), got "
+                           f"{workers!r}")
     if gpu_threads != 1 and device != "gpu":
         raise DeclumpError(f"--gpu-threads {gpu_threads} applies to --device gpu (host threads per GPU); CPU runs "
                            "take --workers")
@@ -338,6 +342,7 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
         write (read-only, full): the run is then not marked complete, and the
         same call resumes once the disk is writable again.
     """
+    from gpu_pipeline.chunked.pipeline import chunked_parameters
     from gpu_pipeline.chunked.source import open_volume
     from gpu_pipeline.pipeline import validate_spacing
 
@@ -378,6 +383,11 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
         model = load_classifier(classifier)
         model.check_image(volume.shape, "the volume")
     spacing = validate_spacing(spacing if spacing is not None else file_spacing, volume.ndim)
+    # Every parameter checked before a folder is touched: a bad one is reported as such (not as a work folder
+    # "with other parameters") and leaves nothing behind.
+    chunked_parameters(volume.ndim, sigma=sigma, min_distance=min_distance, min_size=min_size, max_radius=max_radius,
+                       max_iter=max_iter, neck_ratio=neck_ratio, nearby_ratio=nearby_ratio, peak_reach=peak_reach,
+                       reach_share=reach_share, ball_share=ball_share)
     parameters = dict(input=str(input_path.resolve()), mask=str(Path(mask_path).resolve()) if mask_path else None,
                       shape=list(volume.shape), chunks=[int(c[0]) for c in volume.chunks], channel=channel,
                       timepoint=timepoint, spacing=list(spacing), sigma=sigma, threshold=threshold,
