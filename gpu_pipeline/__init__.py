@@ -9,6 +9,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from gpu_pipeline._backend import DeclumpError, gpu_available, resolve_device, to_host  # noqa: E402
+from gpu_pipeline._common import UnusableValuesError  # noqa: E402
 from gpu_pipeline import pipeline as _pipeline  # noqa: E402
 from gpu_pipeline.metrics import evaluate  # noqa: E402
 from gpu_pipeline.measure import particle_table  # noqa: E402
@@ -43,4 +44,4 @@ def separate(image, *, device="auto", mask=None, **kwargs):
 
 
 __all__ = ["separate", "evaluate", "particle_table", "make_touching_particles", "DeclumpError",
-           "NoParticlesError", "SeparationDetails", "gpu_available", "__version__"]
+           "NoParticlesError", "UnusableValuesError", "SeparationDetails", "gpu_available", "__version__"]

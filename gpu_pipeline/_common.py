@@ -27,6 +27,10 @@ class DeclumpError(ValueError):
     """Bad input or an impossible request; its message is one line for the user."""
 
 
+class UnusableValuesError(DeclumpError):
+    """The image's values give no foreground whatever the options: NaN or inf, or one constant value."""
+
+
 def is_cupy_array(array) -> bool:
     return type(array).__module__.split(".")[0] == "cupy"
 

@@ -229,6 +229,29 @@ def test_ctrl_c_on_the_commands_own_cluster_is_one_line_and_the_rerun_resumes(tm
     assert np.array_equal(_labels(out), separate(image, max_radius=13, **CHUNKED_DEFAULTS)) and _complete(out)
 
 
+def test_a_run_that_finds_nothing_keeps_no_work_folder_and_the_next_command_runs(tmp_path, rng, capsys):
+    """A chunked run stopped by its input's values or its parameters (no particles at this threshold, NaN, a
+    constant volume), after passes that staged work: one line, no work folder, no output, so the next command
+    (another threshold, the input fixed) runs at once instead of being refused as "an unfinished run with
+    other parameters", and gives the in-memory labels."""
+    image = _image(rng, (96, 96, 96), 150)
+    src = _store(tmp_path / "in.zarr", image, (48, 48, 48))
+    out = tmp_path / "out.zarr"
+    assert main(["run", str(src), str(out), "--threshold", str(int(image.max()) + 1), *ARGS]) == 2
+    assert "no particles found" in _one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr"]
+    assert main(["run", str(src), str(out), *ARGS]) == 0
+    assert np.array_equal(_labels(out), separate(image, max_radius=13, **CHUNKED_DEFAULTS)) and _complete(out)
+    for name, values, message in (("nan", image.astype(np.float32), "NaN"),
+                                  ("constant", np.full(image.shape, 7, np.uint8), "constant")):
+        if name == "nan":
+            values[int(rng.integers(96)), int(rng.integers(96)), int(rng.integers(96))] = np.nan
+        bad = _store(tmp_path / f"{name}.zarr", values, (48, 48, 48))
+        assert main(["run", str(bad), str(tmp_path / f"{name}_out.zarr"), *ARGS]) == 2
+        assert message in _one_error_line(capsys)
+        assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(f"{name}_out")]
+
+
 def test_completed_output_removes_a_leftover_work_folder(tmp_path, rng, capsys):
     src = _store(tmp_path / "in.zarr", _image(rng, (130, 130), 30), (65, 65))
     out = tmp_path / "out.zarr"

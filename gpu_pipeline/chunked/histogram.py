@@ -81,9 +81,9 @@ def histogram_chunked(image, value_range=None):
 
     low, high = value_range if value_range is not None else dask.compute(image.min(), image.max())
     if not (np.isfinite(float(low)) and np.isfinite(float(high))):
-        from gpu_pipeline._backend import DeclumpError
+        from gpu_pipeline._common import UnusableValuesError
 
-        raise DeclumpError("the volume holds NaN or inf values; declump accepts finite intensities only")
+        raise UnusableValuesError("the volume holds NaN or inf values; declump accepts finite intensities only")
     bins = histogram_bins(float(low), float(high), image.dtype)
     stored = stored_volume(image)
     if stored is not None:

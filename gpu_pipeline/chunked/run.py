@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops_for, to_host
-from gpu_pipeline._common import usable_cores
+from gpu_pipeline._common import UnusableValuesError, usable_cores
 from gpu_pipeline.chunked.workspace import (LOCAL_CLUSTER_HTTP, Workspace, active_client, limit_malloc_arenas,
                                             local_cluster_config, no_hugepage_advice, own_worker_setup,
                                             return_freed_memory, save_records, worker_malloc_setup, write_blocks)
@@ -428,9 +428,16 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
         if exc.errno not in DISK_FAULTS:
             raise
         raise DeclumpError(disk_error(exc, work)) from exc
-    except DeclumpError:
-        # Bad input found before anything was computed: leave no folder behind that a later run would trip on.
-        if not work_existed and work.is_dir() and {p.name for p in work.iterdir()} <= RECORDS:
+    except DeclumpError as exc:
+        from gpu_pipeline.pipeline import NoParticlesError
+
+        if isinstance(exc, (NoParticlesError, UnusableValuesError)):
+            # Decided by this input and these parameters: the same command stops the same way again, and any
+            # other starts over. Nothing in the work folder can be resumed, and keeping it refused the next
+            # command (other parameters, the input fixed) as "an unfinished run" until --overwrite.
+            shutil.rmtree(work, ignore_errors=True)
+        elif not work_existed and work.is_dir() and {p.name for p in work.iterdir()} <= RECORDS:
+            # Bad input found before anything was computed: leave no folder behind that a later run would trip on.
             shutil.rmtree(work, ignore_errors=True)
         raise
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, to_host
+from gpu_pipeline._common import UnusableValuesError
 from gpu_pipeline.stages.components import component_table
 
 #: Number of bins for floating-point images (scikit-image's default).
@@ -49,9 +50,9 @@ def histogram_bins(low, high, dtype) -> HistogramBins:
     """
     low, high = float(low), float(high)
     if not np.isfinite(low) or not np.isfinite(high):
-        raise DeclumpError("the image holds NaN or inf values; declump accepts finite intensities only")
+        raise UnusableValuesError("the image holds NaN or inf values; declump accepts finite intensities only")
     if high <= low:
-        raise DeclumpError(f"the image is constant (every value is {low:g}), so no threshold separates particles "
+        raise UnusableValuesError(f"the image is constant (every value is {low:g}), so no threshold separates particles "
                            "from background; pass an image with contrast or a --mask")
     if np.issubdtype(np.dtype(dtype), np.integer) and high - low + 1 <= MAX_INTEGER_BINS:
         return HistogramBins(low, high, int(high - low) + 1, True)
