@@ -458,6 +458,12 @@ def class_probability(probabilities, classes, name):
 
 
 # --- training ----------------------------------------------------------------------------------------------
+def _check_count(name, value, *, least):
+    """``value`` is a whole number of at least ``least``, else a one-line :class:`DeclumpError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        raise DeclumpError(f"{name} must be a whole number of at least {least}, got {value!r}")
+
+
 def classes_from_instances(instance_labels, *, boundary_width=1):
     """Training classes from full instance ground truth: uint8, 1 background, 2 particle, 3 boundary.
 
@@ -471,6 +477,7 @@ def classes_from_instances(instance_labels, *, boundary_width=1):
     if labels.dtype.kind not in "ui":
         raise DeclumpError(f"instance labels have dtype {labels.dtype}; accepted: an integer label image "
                            "(0 background, one id per particle)")
+    _check_count("boundary_width", boundary_width, least=0)
     size = 2 * int(boundary_width) + 1
     fg = labels > 0
     highest = ndi.maximum_filter(labels, size=size, mode="nearest")
@@ -589,6 +596,9 @@ def train_classifier(images, labels, *, spacing=None, n_estimators=DEFAULT_TREES
     from gpu_pipeline import __version__
     from gpu_pipeline.pipeline import validate_image, validate_spacing
 
+    for name, value in (("trees (n_estimators)", n_estimators), ("max_depth", max_depth),
+                        ("samples_per_class", samples_per_class)):
+        _check_count(name, value, least=1)
     images = [images] if not isinstance(images, (list, tuple)) else list(images)
     labels = [labels] if not isinstance(labels, (list, tuple)) else list(labels)
     for image in images:

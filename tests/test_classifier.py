@@ -399,6 +399,16 @@ def test_cli_classifier_errors_are_one_line_and_write_nothing(rng, tmp_path, cap
         (("run", "volume.tif", "o1.tif", "--classifier", "model2d.npz"), "trained on 2D"),
         (("run", "img.tif", "o2.tif", "--classifier", "cut.npz"), "not a readable declump model"),
         (("run", "img.tif", "o3.tif", "--mask", "small.tif"), "--mask has shape"),
+        # Forest sizes and the boundary's width out of range (sklearn's tracebacks before, or a model without
+        # its boundary class for a negative width).
+        (("train", "img.tif", "--labels", "truth.tif", "--from-instances", "--out", "m.npz", "--trees", "0"),
+         "trees (n_estimators) must be a whole number of at least 1"),
+        (("train", "img.tif", "--labels", "truth.tif", "--from-instances", "--out", "m.npz", "--max-depth", "-1"),
+         "max_depth must be a whole number of at least 1"),
+        (("train", "img.tif", "--labels", "truth.tif", "--from-instances", "--out", "m.npz",
+          "--samples-per-class", "0"), "samples_per_class must be a whole number of at least 1"),
+        (("train", "img.tif", "--labels", "truth.tif", "--from-instances", "--out", "m.npz",
+          "--boundary-width", "-2"), "boundary_width must be a whole number of at least 0"),
     ]
     monkeypatch.chdir(tmp_path)
     for args, message in cases:
