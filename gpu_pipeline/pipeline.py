@@ -515,7 +515,7 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
 def check_max_iter(max_iter):
     """``max_iter`` (Lloyd iterations after the assignment) is a whole number, 0 or more."""
     if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 0:
-        raise DeclumpError(f"max_iter must be 0 or more, got {max_iter!r}")
+        raise DeclumpError(f"max_iter must be a whole number, 0 or more, got {max_iter!r}")
 
 
 def check_auto_or_number(name, value, *, positive):
