@@ -44,6 +44,8 @@ def read_image(path, *, channel=None, timepoint=None, missing_chunks="fill"):
         raise DeclumpError(f"input {path} does not exist; accepted inputs: {', '.join(IMAGE_SUFFIXES)} files")
     suffix = _suffix(path)
     spacing = None
+    if suffix in (".tif", ".tiff", ".png", ".npy"):
+        _no_axis_for(channel, timepoint, path, f"a {suffix} file")
     try:
         if suffix in (".tif", ".tiff"):
             import logging
@@ -105,6 +107,7 @@ def open_zarr(path, *, channel=None, timepoint=None):
         raise DeclumpError(f"{path} is not a Zarr store ({type(exc).__name__}); accepted: a Zarr v2/v3 array "
                            "or an OME-Zarr image group") from exc
     if isinstance(node, zarr.Array):
+        _no_axis_for(channel, timepoint, path, "a plain Zarr array, no OME-Zarr axes")
         return node, (slice(None),) * node.ndim, None
     attrs = dict(node.attrs)
     if "labels" in attrs and "multiscales" not in attrs and attrs["labels"]:
@@ -126,12 +129,14 @@ def open_zarr(path, *, channel=None, timepoint=None):
     unknown = [a for a in axes if a not in ("t", "c", "z", "y", "x")]
     if unknown or len(axes) != array.ndim:
         raise DeclumpError(f"{path} has axes {axes} for a {array.ndim}D array; declump understands t, c, z, y, x")
+    _no_axis_for(channel if "c" not in axes else None, timepoint if "t" not in axes else None, path,
+                 f"axes {', '.join(axes)}")
     index = []
     for name, size in zip(axes, array.shape):
         if name == "t":
-            index.append(timepoint if timepoint is not None else _only(size, "time points", "--timepoint", path))
+            index.append(_pick(timepoint, size, "time points", "--timepoint", path))
         elif name == "c":
-            index.append(channel if channel is not None else _only(size, "channels", "--channel", path))
+            index.append(_pick(channel, size, "channels", "--channel", path))
         else:
             index.append(slice(None))
     if spacing is not None:
@@ -202,10 +207,23 @@ def _read_zarr(path, *, channel=None, timepoint=None, missing_chunks="fill"):
     return array[index], spacing
 
 
-def _only(size, what, option, path):
-    if size == 1:
-        return 0
-    raise DeclumpError(f"{path} has {size} {what}; pick one with {option}")
+def _pick(given, size, what, option, path):
+    """The index along a ``c`` or ``t`` axis of ``size``: ``given`` (checked), or 0 where it is the only one."""
+    if given is None:
+        if size == 1:
+            return 0
+        raise DeclumpError(f"{path} has {size} {what}; pick one with {option}")
+    if isinstance(given, bool) or not isinstance(given, (int, np.integer)) or not 0 <= given < size:
+        raise DeclumpError(f"{option} {given} is out of range: {path} has {size} {what} (0 to {size - 1})")
+    return int(given)
+
+
+def _no_axis_for(channel, timepoint, path, what):
+    """Refuse a --channel or --timepoint that an input without that axis would ignore."""
+    for value, option, axis in ((channel, "--channel", "c"), (timepoint, "--timepoint", "t")):
+        if value is not None:
+            raise DeclumpError(f"{option} {value} was given but {path} has no '{axis}' axis ({what}); {option} "
+                               f"picks from an OME-Zarr image's '{axis}' axis")
 
 
 #: OSError numbers that mean the disk refused a write: one line and exit 2 (others keep their traceback).

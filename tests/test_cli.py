@@ -178,6 +178,38 @@ def test_bad_parameters_are_refused_alike_in_memory_and_chunked_before_any_folde
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img.npy", "in.zarr"]
 
 
+def test_options_an_input_cannot_take_are_one_line_errors(tmp_path, capsys):
+    """--channel/--timepoint on an input without that axis (ignored before), or outside it (an IndexError);
+    --chunks with another number of values than the volume's axes and a --scratch folder that cannot be
+    created (tracebacks before): one line each, no output."""
+    import zarr
+
+    image = make_touching_particles((40, 40, 40), 12, seed=2)[0]
+    np.save(tmp_path / "img.npy", image)
+    zarr.create_array(str(tmp_path / "plain.zarr"), shape=image.shape, dtype=image.dtype, chunks=(20, 40, 40))[...] = image
+    group = zarr.open_group(str(tmp_path / "czyx.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", shape=(2,) + image.shape, dtype=image.dtype, chunks=(1, 40, 40, 40))[...] = np.stack(
+        [image, image])
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": n} for n in "czyx"], "datasets": [{"path": "0"}]}]
+    (tmp_path / "a_file").write_text("")
+    cases = [
+        (["img.npy", "o.tif", "--channel", "1"], "img.npy has no 'c' axis (a .npy file)"),
+        (["plain.zarr", "o.zarr", "--timepoint", "0"], "has no 't' axis (a plain Zarr array"),
+        (["plain.zarr", "o.npy", "--channel", "0"], "has no 'c' axis (a plain Zarr array"),
+        (["czyx.zarr", "o.zarr", "--channel", "2"], "--channel 2 is out of range: "),
+        (["czyx.zarr", "o.npy", "--channel", "-1"], "--channel -1 is out of range: "),
+        (["czyx.zarr", "o.npy", "--timepoint", "0", "--channel", "0"], "has no 't' axis (axes c, z, y, x)"),
+        (["plain.zarr", "o.zarr", "--chunks", "20,20"], "--chunks 20,20 has 2 values but"),
+        (["plain.zarr", "o.zarr", "--scratch", str(tmp_path / "a_file" / "work")], "cannot create the work folder"),
+    ]
+    for args, message in cases:
+        assert main(["run", *(str(tmp_path / a) if i < 2 else a for i, a in enumerate(args)), "--quiet"]) == 2, args
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("declump: error: ") and message in lines[0], (args, lines)
+        assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("o")], args
+    assert main(["run", str(tmp_path / "czyx.zarr"), str(tmp_path / "o.npy"), "--channel", "1", "--quiet"]) == 0
+
+
 def test_debug_shows_the_traceback(tmp_path):
     result = run_cli("--debug", "run", tmp_path / "missing.tif", tmp_path / "o.tif")
     assert result.returncode != 0 and "Traceback" in result.stderr

@@ -542,6 +542,9 @@ def open_volume(path, *, channel=None, timepoint=None, chunks=None, missing_chun
     store_chunks = tuple(array.chunks[i] for i in kept)
     if isinstance(chunks, str) and chunks == "auto":
         chunks = default_blocks(store_chunks, shape)
+    elif chunks is not None and len(tuple(chunks)) != len(shape):
+        raise DeclumpError(f"--chunks {','.join(str(c) for c in chunks)} has {len(tuple(chunks))} values but "
+                           f"{path} is {len(shape)}D {shape}; give one chunk length per axis")
     volume = blockwise_reads(StoredVolume(array, str(path), selection), shape, array.dtype, chunks or store_chunks)
     if return_fingerprint:
         return volume, spacing, fingerprint(array, files)

@@ -862,6 +862,14 @@ def save_records(root, records, *, overwrite):
             if not (root / name).exists() or (root / name).read_text() != texts[name]:
                 raise DeclumpError(refusal)
         return
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from gpu_pipeline.io import DISK_FAULTS
+
+        if exc.errno in DISK_FAULTS:  # read-only, full, no permission: the caller's one line, which says resume
+            raise
+        raise DeclumpError(f"cannot create the work folder {root}: {exc.strerror or exc}; give --scratch a folder "
+                           "that can be created and written (or leave it out: beside the output)") from exc
     for name, text in texts.items():
         (root / name).write_text(text)
