@@ -243,6 +243,25 @@ def test_app_without_dash_is_a_one_line_error_naming_the_extra():
     assert done.stderr.count("\n") == 1 and "declump[app]" in done.stderr and "dash" in done.stderr
 
 
+def test_an_address_the_app_cannot_listen_on_is_one_line_before_any_url(capsys):
+    """A port another program holds, an address not of this machine, a host name that does not resolve: exit
+    2 and one line saying which and what to do, with no URL printed (it used to print its URL, then
+    Werkzeug's lines, exit 1)."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        cases = [(["--port", str(taken)], "another program holds that port"),
+                 (["--host", "192.0.2.1"], "192.0.2.1 is not an address of this machine"),
+                 (["--host", "no-such-host.invalid"], "--host no-such-host.invalid is not an address")]
+        for options, message in cases:
+            assert main(["app", *options]) == 2, options
+            out, err = capsys.readouterr()
+            assert out == "" and err.count("\n") == 1 and message in err, (options, out, err)
+
+
 def test_a_big_image_is_shown_downsampled_in_full_resolution_coordinates(rng):
     pytest.importorskip("dash", reason="the app extra is not installed")
     from gpu_pipeline.app.ui import build_figure
