@@ -175,13 +175,17 @@ def run_and_write(image, output, *, device, spacing, mask=None, source=None, pro
     from gpu_pipeline.pipeline import validate_spacing
     from gpu_pipeline.plots import write_size_histogram
 
+    from gpu_pipeline.io import check_replaceable
+
     paths = output_paths(output)
     if paths["labels"].suffix.lower() not in (".tif", ".tiff", ".npy", ".zarr"):
         raise DeclumpError(f"unsupported output format {paths['labels'].suffix or '(no suffix)'}; "
                            "accepted: .tif, .tiff, .npy, .zarr")
-    paths["summary"].unlink(missing_ok=True)
+    check_replaceable(paths["labels"])
     if probabilities_path is not None:
         check_probabilities_path(probabilities_path, chunked=False)
+        check_replaceable(probabilities_path, "--save-probabilities")
+    paths["summary"].unlink(missing_ok=True)
     unit = "px" if spacing is None else None
     spacing = validate_spacing(spacing, image.ndim)
     labels, details = separate(image, spacing=spacing, mask=mask, device=device, return_details=True, **params)
@@ -331,6 +335,10 @@ def cmd_run(args):
     if chunked_only:
         raise DeclumpError(f"{', '.join(chunked_only)} apply to chunked runs only (a Zarr input and a .zarr output)")
     check_foreground_options(mask=args.mask, classifier=args.classifier, probabilities_path=args.save_probabilities)
+    for option, path in (("the input", args.input), ("--mask", args.mask)):
+        if path is not None and Path(path).resolve() == Path(args.output).resolve():
+            raise DeclumpError(f"the output {args.output} is {option}; choose another output path (nothing was "
+                               "written)")
     image, file_spacing = read_image(args.input, channel=args.channel, timepoint=args.timepoint,
                                      missing_chunks=args.missing_chunks)
     mask = None
@@ -607,12 +615,13 @@ def main(argv=None):
         print("declump: interrupted; no output was marked complete", file=sys.stderr)
         return 130
     except OSError as exc:
-        from gpu_pipeline.io import DISK_FAULTS, disk_error
+        from gpu_pipeline.io import DISK_FAULTS, PATH_FAULTS, disk_error, path_error
 
-        if args.debug or exc.errno not in DISK_FAULTS:
+        if args.debug or exc.errno not in DISK_FAULTS | PATH_FAULTS:
             raise
         where = getattr(args, "output", None) or getattr(args, "out", None) or "."
-        print(f"declump: error: {disk_error(exc, where)}", file=sys.stderr)
+        message = disk_error if exc.errno in DISK_FAULTS else path_error
+        print(f"declump: error: {message(exc, where)}", file=sys.stderr)
         return 2
     except MemoryError as exc:
         if args.debug:

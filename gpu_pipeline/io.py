@@ -230,6 +230,19 @@ def _no_axis_for(channel, timepoint, path, what):
 DISK_FAULTS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
 
 
+#: OSError numbers that mean a path cannot name a file to write (a folder on it is a file, it is a folder, it is
+#: too long): one line and exit 2, as DISK_FAULTS.
+PATH_FAULTS = {errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
+
+
+def path_error(exc, fallback):
+    """The one-line message for an output path that cannot name a file (``exc``: the OSError)."""
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    code = errno.errorcode.get(exc.errno, "")
+    return (f"cannot write {exc.filename or fallback}: {cause}{f' ({code})' if code else ''}; choose an output path "
+            "whose folders are folders, not files; nothing was marked complete")
+
+
 def disk_error(exc, fallback):
     """The one-line message for a write the disk refused (``exc``: the OSError; ``fallback``: a path to name)."""
     cause = exc.strerror or str(exc) or type(exc).__name__
@@ -239,10 +252,34 @@ def disk_error(exc, fallback):
             "same command again (a chunked run resumes)")
 
 
+def declump_wrote(path):
+    """Is the folder ``path`` a Zarr store that declump wrote? Its outputs carry ``declump`` in their root
+    attributes; an in-memory labels container written before that mark is known by its ``labels:
+    ["particles"]``."""
+    import zarr
+
+    try:
+        attrs = dict(zarr.open(str(path), mode="r").attrs)
+    except Exception:
+        return False
+    return "declump" in attrs or attrs.get("labels") == [LABEL_NAME]
+
+
+def check_replaceable(path, what="output"):
+    """Refuse, before any work, to replace a folder at ``path`` that declump did not write (a user's Zarr
+    store given as an in-memory run's output was deleted and replaced by the labels). Files are replaced."""
+    path = Path(path)
+    if path.is_dir() and not declump_wrote(path):
+        raise DeclumpError(f"{what} {path} is a folder that declump did not write; choose another {what} path "
+                           "(nothing was replaced)")
+
+
 @contextmanager
 def atomic_path(path):
-    """Yield a temporary sibling path; on success rename it to ``path`` (replacing it)."""
+    """Yield a temporary sibling path; on success rename it to ``path`` (replacing it; a folder only if declump
+    wrote it, :func:`check_replaceable`)."""
     path = Path(path)
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)) / path.name
     try:
@@ -310,7 +347,8 @@ def write_labels(path, labels, spacing=None, source=None):
                                     chunks=tuple(min(s, 256) for s in labels.shape), zarr_format=2,
                                     config=EVERY_CHUNK)
             out[...] = labels
-            write_ngff_label_metadata(tmp, spacing if spacing is not None else (1.0,) * labels.ndim, source)
+            write_ngff_label_metadata(tmp, spacing if spacing is not None else (1.0,) * labels.ndim, source,
+                                      extra={"declump": {"complete": True}})
 
 
 def write_probabilities(path, probabilities, spacing=None):
@@ -328,6 +366,7 @@ def write_probabilities(path, probabilities, spacing=None):
                                     chunks=(1,) + tuple(min(s, 256) for s in probabilities.shape[1:]),
                                     config=EVERY_CHUNK)
             out[...] = probabilities
+            out.attrs["declump"] = {"probabilities": True}
             if spacing is not None:
                 out.attrs["spacing"] = [float(s) for s in spacing]
         else:

@@ -210,6 +210,44 @@ def test_options_an_input_cannot_take_are_one_line_errors(tmp_path, capsys):
     assert main(["run", str(tmp_path / "czyx.zarr"), str(tmp_path / "o.npy"), "--channel", "1", "--quiet"]) == 0
 
 
+def test_an_in_memory_run_never_replaces_a_folder_or_file_it_did_not_write(tmp_path, capsys):
+    """A user's Zarr store, or any folder, named as an in-memory run's output was deleted and replaced by the
+    labels; the input named as the output was overwritten. Both are now refused in one line before any work,
+    with the store, the folder and the input byte-for-byte as they were. declump's own outputs (this run's,
+    a chunked run's, an earlier version's labels container) are still replaced."""
+    import zarr
+
+    from gpu_pipeline.io import write_ngff_label_metadata
+
+    image = make_touching_particles((64, 64), 8, seed=4)[0]
+    np.save(tmp_path / "img.npy", image)
+    store = zarr.create_array(str(tmp_path / "data.zarr"), shape=(16, 16), dtype="uint16", chunks=(8, 8))
+    store[...] = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    (tmp_path / "folder.tif").mkdir()
+    (tmp_path / "folder.tif" / "keep.txt").write_text("mine")
+
+    def snapshot():
+        return {p.relative_to(tmp_path): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    for output, message in (("data.zarr", "output " + str(tmp_path / "data.zarr") + " is a folder that declump "
+                             "did not write"), ("folder.tif", "is a folder that declump did not write"),
+                            ("img.npy", "is the input")):
+        assert main(["run", str(tmp_path / "img.npy"), str(tmp_path / output), "--quiet"]) == 2, output
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and message in err, (output, err)
+        assert snapshot() == before, output
+    # declump's own folders are outputs to replace: this run's, and a labels container without the mark.
+    for _ in range(2):
+        assert main(["run", str(tmp_path / "img.npy"), str(tmp_path / "out.zarr"), "--quiet"]) == 0
+    old = tmp_path / "old.zarr"
+    zarr.open_group(str(old), mode="w", zarr_format=2)
+    zarr.create_array(str(old / "particles" / "0"), shape=(4, 4), dtype="int32", zarr_format=2)[...] = 1
+    write_ngff_label_metadata(old, (1.0, 1.0))
+    assert main(["run", str(tmp_path / "img.npy"), str(old), "--quiet"]) == 0
+    assert zarr.open_array(str(old / "particles" / "0"))[...].shape == image.shape
+
+
 def test_debug_shows_the_traceback(tmp_path):
     result = run_cli("--debug", "run", tmp_path / "missing.tif", tmp_path / "o.tif")
     assert result.returncode != 0 and "Traceback" in result.stderr

@@ -506,7 +506,8 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
             with atomic_path(probabilities_path) as tmp:
                 write_blocks(probabilities, tmp, tmp.parent / "written", what="write probabilities",
                              verbose=verbose)
-                zarr.open_array(str(tmp), mode="r+").attrs["spacing"] = [float(s) for s in spacing]
+                zarr.open_array(str(tmp), mode="r+").attrs.update(
+                    {"spacing": [float(s) for s in spacing], "declump": {"probabilities": True}})
             paths["probabilities"] = Path(probabilities_path)
     return_freed_memory()  # the passes' freed temporaries, before the output stage loads pyarrow and matplotlib
     write_parquet(table, paths["table"])
