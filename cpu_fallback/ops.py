@@ -103,6 +103,8 @@ def label_sums(labels, image=None):
     voxels after one for the ids' range; the array version where that does not apply."""
     from cpu_fallback.kernels import label_sums as compiled
 
+    if image is not None and image.dtype == np.float16:  # Numba has no float16; its values are float32's
+        image = image.astype(np.float32)
     result = compiled(labels, image)
     if result is None:
         from gpu_pipeline.array_algorithms import label_sums as array_version

@@ -194,6 +194,11 @@ def validate_image(image, name="image"):
                            "(bool masks go to mask=)")
     if kind == "f" and not bool(xp.isfinite(image).all()):
         raise DeclumpError(f"{name} holds NaN or inf values; declump accepts finite intensities only")
+    if kind == "f" and image.dtype.itemsize > 4:
+        largest = float(xp.abs(image).max())
+        if largest > float(np.finfo(np.float32).max):  # smoothing and thresholds run in float32: inf there
+            raise DeclumpError(f"{name} holds values up to {largest:.3g}, beyond float32's range (3.4e38), in "
+                               "which declump smooths and thresholds; rescale the image")
 
 
 def _mask_from(mask, shape):

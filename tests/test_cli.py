@@ -85,6 +85,7 @@ def _bad_inputs(tmp_path):
     background = np.zeros((40, 40), np.uint8)
     background[0, 0] = 255  # one speck: removed by the size filter, nothing left
     np.save(tmp_path / "speck.npy", background)
+    np.save(tmp_path / "huge.npy", np.where(background > 0, 1e300, 1.0))  # finite, but inf in float32
     return {
         "missing.tif": "does not exist",
         "complex.npy": "dtype complex",
@@ -95,6 +96,7 @@ def _bad_inputs(tmp_path):
         "corrupt.tif": "could not read",
         "image.jpg": "unsupported input format",
         "speck.npy": "no particles found",
+        "huge.npy": "beyond float32's range",
     }
 
 
@@ -109,6 +111,31 @@ def test_bad_input_gives_one_line_error_and_no_output(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("declump: error:") and message in lines[0], (name, lines)
         assert "Traceback" not in result.stderr
         assert not any(p.name.startswith(f"out_{name}") for p in tmp_path.iterdir()), name
+
+
+def test_float16_images_separate_and_measure_as_their_float32_values(tmp_path):
+    """A float16 image (a network's output): the labels and the table of the same values as float32, in memory
+    and chunked (the table's compiled sums ended in Numba's NotImplementedError: float16)."""
+    import zarr
+
+    image, _ = make_touching_particles((32, 64, 64), 25, seed=5)
+    half = (image / 255).astype(np.float16)
+    np.save(tmp_path / "half.npy", half)
+    np.save(tmp_path / "single.npy", half.astype(np.float32))
+    zarr.create_array(str(tmp_path / "half.zarr"), shape=half.shape, dtype=half.dtype, chunks=(32, 32, 32))[...] = half
+    options = ["--sigma", "1", "--min-distance", "4", "--quiet"]
+    for name in ("half", "single"):
+        assert main(["run", str(tmp_path / f"{name}.npy"), str(tmp_path / f"{name}.tif"), *options]) == 0
+    assert np.array_equal(tifffile.imread(tmp_path / "half.tif"), tifffile.imread(tmp_path / "single.tif"))
+    assert (tmp_path / "half_particles.csv").read_text() == (tmp_path / "single_particles.csv").read_text()
+    assert main(["run", str(tmp_path / "half.zarr"), str(tmp_path / "chunked.zarr"), "--max-radius", "13",
+                 *options]) == 0
+    chunked = zarr.open_array(str(tmp_path / "chunked.zarr" / "particles" / "0"))[...]
+    from gpu_pipeline.pipeline import separate
+
+    assert np.array_equal(chunked, separate(half.astype(np.float32), sigma=1.0, min_distance=4.0, max_radius=13,
+                                            threshold="otsu", max_hole_size=0, min_size=np.pi * 4 ** 3 / 6,
+                                            reject_annotations=False))
 
 
 def test_gpu_request_without_gpu_is_a_clear_error(tmp_path):

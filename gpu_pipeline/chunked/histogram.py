@@ -83,7 +83,8 @@ def histogram_chunked(image, value_range=None):
     if not (np.isfinite(float(low)) and np.isfinite(float(high))):
         from gpu_pipeline._common import UnusableValuesError
 
-        raise UnusableValuesError("the volume holds NaN or inf values; declump accepts finite intensities only")
+        raise UnusableValuesError("the volume holds NaN or inf values (or, in float64, values beyond float32's "
+                                  "range, 3.4e38, in which declump smooths); declump accepts finite intensities only")
     bins = histogram_bins(float(low), float(high), image.dtype)
     stored = stored_volume(image)
     if stored is not None:
