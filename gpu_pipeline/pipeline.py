@@ -208,14 +208,16 @@ def _mask_from(mask, shape):
     kind = np.dtype(mask.dtype).kind
     if kind == "b":
         return mask
+    accepted = ("bool, non-negative integers (foreground where > 0: a 0/1 or 0/255 mask, a label image) or a "
+                "probability map in [0, 1] (foreground where > 0.5)")
     if kind not in "uif":
-        raise DeclumpError(f"mask has dtype {mask.dtype}; accepted: bool, 0/1 integers or a probability map in [0, 1]")
+        raise DeclumpError(f"mask has dtype {mask.dtype}; accepted: {accepted}")
     if kind == "f" and not bool(xp.isfinite(mask).all()):
-        raise DeclumpError("mask holds NaN or inf values; accepted: bool, 0/1 integers or probabilities in [0, 1]")
+        raise DeclumpError(f"mask holds NaN or inf values; accepted: {accepted}")
     low, high = float(mask.min()), float(mask.max())
-    if low < 0 or high > 1:
-        raise DeclumpError(f"mask values span [{low:g}, {high:g}]; accepted: bool, 0/1 integers or probabilities "
-                           "in [0, 1] (foreground where > 0.5)")
+    # Integers: > 0.5 is > 0, as chunked runs take them (a 0/255 mask saved as PNG was refused in memory only).
+    if low < 0 or (kind == "f" and high > 1):
+        raise DeclumpError(f"mask values span [{low:g}, {high:g}]; accepted: {accepted}")
     return mask > 0.5
 
 

@@ -138,6 +138,30 @@ def test_float16_images_separate_and_measure_as_their_float32_values(tmp_path):
                                             reject_annotations=False))
 
 
+def test_a_0_255_mask_png_is_the_foreground_as_its_bool_mask_is(tmp_path, capsys):
+    """A binary mask saved as an 8-bit PNG (0 and 255), the commonest file a segmentation tool writes: in memory
+    the labels of the same mask as bool (it was refused: 'mask values span [0, 255]', while chunked runs took
+    it). Negative integers and floats above 1 (logits, another scale) stay refused in one line."""
+    image, truth = make_touching_particles((96, 96), 12, seed=6)
+    foreground = truth > 0
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    Image.fromarray((foreground * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    np.save(tmp_path / "mask_bool.npy", foreground)
+    options = ["--min-distance", "4", "--quiet"]
+    assert main(["run", str(tmp_path / "img.tif"), str(tmp_path / "png.tif"), "--mask", str(tmp_path / "mask.png"),
+                 *options]) == 0
+    assert main(["run", str(tmp_path / "img.tif"), str(tmp_path / "bool.tif"), "--mask",
+                 str(tmp_path / "mask_bool.npy"), *options]) == 0
+    assert np.array_equal(tifffile.imread(tmp_path / "png.tif"), tifffile.imread(tmp_path / "bool.tif"))
+    np.save(tmp_path / "negative.npy", foreground.astype(np.int8) - 1)
+    np.save(tmp_path / "logits.npy", np.where(foreground, 4.0, -4.0).astype(np.float32))
+    for name in ("negative.npy", "logits.npy"):
+        assert main(["run", str(tmp_path / "img.tif"), str(tmp_path / "x.tif"), "--mask", str(tmp_path / name),
+                     *options]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "mask values span" in err and "0/255" in err, err
+
+
 def test_gpu_request_without_gpu_is_a_clear_error(tmp_path):
     from gpu_pipeline._backend import gpu_available
 
