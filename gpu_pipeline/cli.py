@@ -348,6 +348,15 @@ def cmd_run(args):
         check_mask(mask, image.shape, "--mask")
     image, mask = boolean_input_as_mask(image, mask, classifier=args.classifier, input_path=args.input)
     spacing = args.spacing if args.spacing is not None else file_spacing
+    if spacing is None and not args.quiet and Path(args.input).suffix.lower() in (".tif", ".tiff"):
+        from gpu_pipeline.io import tiff_spacing
+
+        calibrated, unit = tiff_spacing(args.input, imagej_only=True)
+        if calibrated is not None and len(calibrated) == image.ndim:
+            # Not taken silently: sizes given in voxels (--min-distance 4) would change meaning.
+            print(f"declump: note: {args.input}'s ImageJ calibration is {', '.join(f'{v:g}' for v in calibrated)} "
+                  f"{unit} per voxel; this run measures in voxels (spacing 1); add --spacing "
+                  f"{','.join(f'{v:g}' for v in calibrated)} to measure in {unit}")
     kwargs = separation_kwargs(args)
     kwargs.pop("spacing")
     if args.classifier is not None:

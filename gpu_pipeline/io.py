@@ -252,6 +252,47 @@ def disk_error(exc, fallback):
             "same command again (a chunked run resumes)")
 
 
+def tiff_spacing(path, *, imagej_only=False):
+    """``(spacing, unit)`` from a TIFF's ImageJ metadata or resolution tags, else ``(None, None)``.
+
+    ``imagej_only``: only a calibration ImageJ wrote (its metadata names a unit); plain resolution tags, often a
+    screen's or a printer's dots per inch, give ``(None, None)``.
+    """
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            ij = tif.imagej_metadata or {}
+            if imagej_only and not ij.get("unit"):
+                return None, None
+            tags = page.tags
+            if "XResolution" not in tags or "YResolution" not in tags:
+                return None, None
+            x_num, x_den = tags["XResolution"].value
+            y_num, y_den = tags["YResolution"].value
+            if not (x_num and y_num):
+                return None, None
+            spacing_yx = [y_den / y_num, x_den / x_num]
+            unit = ij.get("unit")
+            if unit is None:
+                resolution_unit = getattr(tags.get("ResolutionUnit"), "value", 1)
+                factor = {2: ("um", 25400.0), 3: ("um", 10000.0)}.get(int(resolution_unit))
+                if factor is None:
+                    return None, None
+                unit, scale = factor
+                spacing_yx = [s * scale for s in spacing_yx]
+            unit = {"micron": "um", "\\u00B5m": "um", "µm": "um"}.get(unit, unit)
+            if spacing_yx == [1.0, 1.0] and unit in ("", "pixel", None):
+                return None, None
+            depth = ij.get("spacing")
+            series = tif.series[0]
+            spacing = spacing_yx if len(series.shape) == 2 else [float(depth or 1.0)] + spacing_yx
+            return [float(s) for s in spacing], unit
+    except Exception:
+        return None, None
+
+
 def declump_wrote(path):
     """Is the folder ``path`` a Zarr store that declump wrote? Its outputs carry ``declump`` in their root
     attributes; an in-memory labels container written before that mark is known by its ``labels:

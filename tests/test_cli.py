@@ -162,6 +162,29 @@ def test_a_0_255_mask_png_is_the_foreground_as_its_bool_mask_is(tmp_path, capsys
         assert "\n" not in err and "mask values span" in err and "0/255" in err, err
 
 
+def test_an_imagej_calibration_is_pointed_out_not_taken_silently(tmp_path, capsys):
+    """A TIFF stack with ImageJ's calibration (z 2 um, y/x 0.5 um): the run says so and which --spacing uses
+    it (the app takes it; taking it here would change what --min-distance 4 means); the suggested --spacing
+    then gives the labels of separate(..., spacing=that). Plain resolution tags (dots per inch) are not a
+    calibration: no note."""
+    from gpu_pipeline.pipeline import separate
+
+    image, _ = make_touching_particles((16, 48, 48), 10, seed=7)
+    tifffile.imwrite(tmp_path / "stack.tif", image, imagej=True, resolution=(2.0, 2.0),
+                     metadata={"spacing": 2.0, "unit": "um", "axes": "ZYX"})
+    tifffile.imwrite(tmp_path / "dpi.tif", image[0], resolution=(72.0, 72.0), resolutionunit="INCH")
+    assert main(["run", str(tmp_path / "stack.tif"), str(tmp_path / "a.tif")]) == 0
+    out = capsys.readouterr().out
+    assert "ImageJ calibration is 2, 0.5, 0.5 um per voxel" in out and "--spacing 2,0.5,0.5" in out, out
+    assert main(["run", str(tmp_path / "stack.tif"), str(tmp_path / "b.tif"), "--spacing", "2,0.5,0.5",
+                 "--min-distance", "1.5"]) == 0
+    assert "note" not in capsys.readouterr().out
+    assert np.array_equal(tifffile.imread(tmp_path / "b.tif"), separate(image, spacing=(2.0, 0.5, 0.5),
+                                                                       min_distance=1.5))
+    assert main(["run", str(tmp_path / "dpi.tif"), str(tmp_path / "c.tif")]) == 0
+    assert "note" not in capsys.readouterr().out
+
+
 def test_gpu_request_without_gpu_is_a_clear_error(tmp_path):
     from gpu_pipeline._backend import gpu_available
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, to_host
 from gpu_pipeline.classifier import PixelClassifier
+from gpu_pipeline.io import tiff_spacing  # noqa: F401 (the app's reader of TIFF calibration, also sess.tiff_spacing)
 
 #: Scribble values, as in ``declump train --labels``: 0 unlabelled, 1 background, 2 particle, 3 boundary.
 CLASS_NAMES = {1: "background", 2: "particle", 3: "boundary"}
@@ -363,41 +364,6 @@ def read_upload(filename, contents, *, max_voxels=DEFAULT_MAX_VOXELS):
     if spacing is not None and len(spacing) != image.ndim:
         spacing, unit = None, None
     return image, spacing, unit
-
-
-def tiff_spacing(path):
-    """``(spacing, unit)`` from a TIFF's ImageJ metadata or resolution tags, else ``(None, None)``."""
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
-            ij = tif.imagej_metadata or {}
-            tags = page.tags
-            if "XResolution" not in tags or "YResolution" not in tags:
-                return None, None
-            x_num, x_den = tags["XResolution"].value
-            y_num, y_den = tags["YResolution"].value
-            if not (x_num and y_num):
-                return None, None
-            spacing_yx = [y_den / y_num, x_den / x_num]
-            unit = ij.get("unit")
-            if unit is None:
-                resolution_unit = getattr(tags.get("ResolutionUnit"), "value", 1)
-                factor = {2: ("um", 25400.0), 3: ("um", 10000.0)}.get(int(resolution_unit))
-                if factor is None:
-                    return None, None
-                unit, scale = factor
-                spacing_yx = [s * scale for s in spacing_yx]
-            unit = {"micron": "um", "\\u00B5m": "um", "µm": "um"}.get(unit, unit)
-            if spacing_yx == [1.0, 1.0] and unit in ("", "pixel", None):
-                return None, None
-            depth = ij.get("spacing")
-            series = tif.series[0]
-            spacing = spacing_yx if len(series.shape) == 2 else [float(depth or 1.0)] + spacing_yx
-            return [float(s) for s in spacing], unit
-    except Exception:
-        return None, None
 
 
 # -- strokes ---------------------------------------------------------------------------------------------------
