@@ -252,6 +252,39 @@ def test_a_run_that_finds_nothing_keeps_no_work_folder_and_the_next_command_runs
         assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(f"{name}_out")]
 
 
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_path, rng):
+    """The same chunked command started twice (a job submitted twice): while the first runs, the second stops
+    in one line naming the first's process (before, each removed the other's work files: a FileNotFoundError
+    traceback); the first finishes with the in-memory labels and removes its lock file; a run killed by
+    SIGKILL holds no lock, so its resume proceeds."""
+    image, _ = make_touching_particles((96, 128, 128), 450, seed=int(rng.integers(1e6)))
+    src = _store(tmp_path / "in.zarr", image, (32, 64, 64))
+    out = tmp_path / "out.zarr"
+    command = [sys.executable, "-m", "gpu_pipeline", "run", str(src), str(out), "--workers", "1",
+               "--chunks", "32,64,64", *ARGS]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    end = time.time() + 240
+    while not (tmp_path / "out.zarr.work" / "parameters.json").exists() and first.poll() is None and time.time() < end:
+        time.sleep(0.01)
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert first.poll() is None, "the first run finished before the second started"
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.strip() == (f"declump: error: another declump run is writing {out} (pid {first.pid} on "
+                                     f"{socket.gethostname()}); wait for it to finish (the same command then finds "
+                                     "it complete), or choose another output"), second.stderr
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert np.array_equal(_labels(out), separate(image, max_radius=13, **CHUNKED_DEFAULTS)) and _complete(out)
+    assert not (tmp_path / "out.zarr.lock").exists()
+    # SIGKILL mid-run: the kernel drops the lock with the process; the same command resumes.
+    command[command.index(str(out))] = str(tmp_path / "again.zarr")
+    _kill_when(command, tmp_path / "again.zarr.work" / "distance.done", 1)
+    assert (tmp_path / "again.zarr.lock").exists()
+    assert subprocess.run(command, env=env, timeout=300).returncode == 0
+    assert np.array_equal(_labels(tmp_path / "again.zarr"), _labels(out))
+
+
 def test_completed_output_removes_a_leftover_work_folder(tmp_path, rng, capsys):
     src = _store(tmp_path / "in.zarr", _image(rng, (130, 130), 30), (65, 65))
     out = tmp_path / "out.zarr"

@@ -36,7 +36,8 @@ from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops
 from gpu_pipeline._common import UnusableValuesError, usable_cores
 from gpu_pipeline.chunked.workspace import (LOCAL_CLUSTER_HTTP, Workspace, active_client, limit_malloc_arenas,
                                             local_cluster_config, no_hugepage_advice, own_worker_setup,
-                                            return_freed_memory, save_records, worker_malloc_setup, write_blocks)
+                                            return_freed_memory, run_lock, save_records, worker_malloc_setup,
+                                            write_blocks)
 from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, boolean_input_as_mask, check_foreground_options, disk_error,
                              write_ngff_label_metadata)
 from gpu_pipeline.measure import table_from_sums
@@ -401,45 +402,47 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
         parameters["classifier"] = str(Path(classifier).resolve()) if Path(str(classifier)).is_file() \
             else str(classifier)
 
-    root_attrs = _existing_attrs(paths["labels"])
-    if paths["labels"].exists() and not overwrite:
-        if root_attrs is None or "declump" not in root_attrs:
-            raise DeclumpError(f"{paths['labels']} exists and was not written by declump; choose another output "
-                               "or add --overwrite")
-        if root_attrs["declump"].get("parameters") != parameters:
-            raise DeclumpError(f"{paths['labels']} was written with other parameters; use the same ones to resume, "
-                               "or add --overwrite to start over")
-        if root_attrs["declump"].get("inputs") != inputs:
-            raise DeclumpError(f"{changed} since {paths['labels']} was written; add --overwrite to start over")
-        if root_attrs["declump"].get("complete") and paths["summary"].exists():
-            summary = json.loads(paths["summary"].read_text())
-            # A run killed after completing but before removing its work folder left it behind.
-            shutil.rmtree(work, ignore_errors=True)
-            if verbose:
-                print(f"{paths['labels']} is already complete ({summary['n_particles']} particles); nothing to do")
-            return summary
-    work_existed = work.exists()
-    try:
-        return _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_path, device=device,
-                    cluster=cluster, scheduler=scheduler, workers=workers, gpu_threads=gpu_threads,
-                    overwrite=overwrite, verbose=verbose,
-                    model=model, probabilities_path=probabilities_path)
-    except OSError as exc:
-        if exc.errno not in DISK_FAULTS:
-            raise
-        raise DeclumpError(disk_error(exc, work)) from exc
-    except DeclumpError as exc:
-        from gpu_pipeline.pipeline import NoParticlesError
+    # One run per output at a time: held until this run has finished or stopped (see run_lock).
+    with run_lock(paths["labels"]):
+        root_attrs = _existing_attrs(paths["labels"])
+        if paths["labels"].exists() and not overwrite:
+            if root_attrs is None or "declump" not in root_attrs:
+                raise DeclumpError(f"{paths['labels']} exists and was not written by declump; choose another output "
+                                   "or add --overwrite")
+            if root_attrs["declump"].get("parameters") != parameters:
+                raise DeclumpError(f"{paths['labels']} was written with other parameters; use the same ones to resume, "
+                                   "or add --overwrite to start over")
+            if root_attrs["declump"].get("inputs") != inputs:
+                raise DeclumpError(f"{changed} since {paths['labels']} was written; add --overwrite to start over")
+            if root_attrs["declump"].get("complete") and paths["summary"].exists():
+                summary = json.loads(paths["summary"].read_text())
+                # A run killed after completing but before removing its work folder left it behind.
+                shutil.rmtree(work, ignore_errors=True)
+                if verbose:
+                    print(f"{paths['labels']} is already complete ({summary['n_particles']} particles); nothing to do")
+                return summary
+        work_existed = work.exists()
+        try:
+            return _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_path, device=device,
+                        cluster=cluster, scheduler=scheduler, workers=workers, gpu_threads=gpu_threads,
+                        overwrite=overwrite, verbose=verbose,
+                        model=model, probabilities_path=probabilities_path)
+        except OSError as exc:
+            if exc.errno not in DISK_FAULTS:
+                raise
+            raise DeclumpError(disk_error(exc, work)) from exc
+        except DeclumpError as exc:
+            from gpu_pipeline.pipeline import NoParticlesError
 
-        if isinstance(exc, (NoParticlesError, UnusableValuesError)):
-            # Decided by this input and these parameters: the same command stops the same way again, and any
-            # other starts over. Nothing in the work folder can be resumed, and keeping it refused the next
-            # command (other parameters, the input fixed) as "an unfinished run" until --overwrite.
-            shutil.rmtree(work, ignore_errors=True)
-        elif not work_existed and work.is_dir() and {p.name for p in work.iterdir()} <= RECORDS:
-            # Bad input found before anything was computed: leave no folder behind that a later run would trip on.
-            shutil.rmtree(work, ignore_errors=True)
-        raise
+            if isinstance(exc, (NoParticlesError, UnusableValuesError)):
+                # Decided by this input and these parameters: the same command stops the same way again, and any
+                # other starts over. Nothing in the work folder can be resumed, and keeping it refused the next
+                # command (other parameters, the input fixed) as "an unfinished run" until --overwrite.
+                shutil.rmtree(work, ignore_errors=True)
+            elif not work_existed and work.is_dir() and {p.name for p in work.iterdir()} <= RECORDS:
+                # Bad input found before anything was computed: leave no folder behind that a later run would trip on.
+                shutil.rmtree(work, ignore_errors=True)
+            raise
 
 
 #: The files a chunked run writes in its work folder before computing anything.

@@ -848,6 +848,54 @@ def to_device(array, device):
     return moved if stored is None else register_stored(moved, stored.on("gpu"))  # still one read per block
 
 
+@contextlib.contextmanager
+def run_lock(output):
+    """Hold ``OUTPUT.lock`` (an advisory ``flock``) while a chunked run writes ``output``.
+
+    A second run on the same output, started while the first runs (a job
+    submitted twice), is refused in one line naming the holder. Before, the
+    two removed each other's work files: the second stopped in a
+    FileNotFoundError traceback (2026-12-04). The kernel releases the lock
+    when its process ends, SIGKILL included, so a killed run's resume is never
+    blocked. Where the file system has no locks (or the folder cannot be
+    written, which the run then reports itself), runs go unguarded. The
+    holder removes the file when it is done.
+    """
+    import fcntl
+    import socket
+
+    path = Path(f"{output}.lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+    except OSError:
+        yield
+        return
+    held = False
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise DeclumpError(f"another declump run is writing {output} ({holder}); wait for it to finish (the same "
+                               "command then finds it complete), or choose another output") from None
+        except OSError:  # no locks on this file system
+            pass
+        if held:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            handle.flush()
+        yield
+    finally:
+        if held:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        handle.close()
+
+
 def save_records(root, records, *, overwrite):
     """Record what defines a run (``records``: ``{file name: (JSON value, refusal message)}``) in ``root``.
 
