@@ -27,6 +27,12 @@ class DeclumpError(ValueError):
     """Bad input or an impossible request; its message is one line for the user."""
 
 
+def whole_number_at_least(value, least) -> bool:
+    """Is ``value`` an integer (Python's or NumPy's, not a bool) of at least ``least``? The one test behind the
+    checks of counts (workers, threads, iterations, trees, an axis index)."""
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= least
+
+
 class UnusableValuesError(DeclumpError):
     """The image's values give no foreground whatever the options: NaN or inf, or one constant value."""
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, is_cupy_array
+from gpu_pipeline._common import whole_number_at_least
 from gpu_pipeline.stages.features import (DEFAULT_PERCENTILES, DEFAULT_SCALES, FEATURE_SET_VERSION, feature_halo,
                                           feature_names, intensity_limits, normalize_intensity, tile_features)
 
@@ -460,7 +461,7 @@ def class_probability(probabilities, classes, name):
 # --- training ----------------------------------------------------------------------------------------------
 def _check_count(name, value, *, least):
     """``value`` is a whole number of at least ``least``, else a one-line :class:`DeclumpError`."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+    if not whole_number_at_least(value, least):
         raise DeclumpError(f"{name} must be a whole number of at least {least}, got {value!r}")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError
+from gpu_pipeline._common import whole_number_at_least
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".npy", ".zarr")
 LABEL_SUFFIXES = (".tif", ".tiff", ".npy", ".zarr")
@@ -213,7 +214,7 @@ def _pick(given, size, what, option, path):
         if size == 1:
             return 0
         raise DeclumpError(f"{path} has {size} {what}; pick one with {option}")
-    if isinstance(given, bool) or not isinstance(given, (int, np.integer)) or not 0 <= given < size:
+    if not (whole_number_at_least(given, 0) and given < size):
         raise DeclumpError(f"{option} {given} is out of range: {path} has {size} {what} (0 to {size - 1})")
     return int(given)
 
@@ -291,6 +292,10 @@ def tiff_spacing(path, *, imagej_only=False):
             return [float(s) for s in spacing], unit
     except Exception:
         return None, None
+
+
+#: Root attributes of a probability map declump writes (in memory and chunked): what :func:`declump_wrote` knows.
+PROBABILITIES_MARK = {"declump": {"probabilities": True}}
 
 
 def declump_wrote(path):
@@ -407,7 +412,7 @@ def write_probabilities(path, probabilities, spacing=None):
                                     chunks=(1,) + tuple(min(s, 256) for s in probabilities.shape[1:]),
                                     config=EVERY_CHUNK)
             out[...] = probabilities
-            out.attrs["declump"] = {"probabilities": True}
+            out.attrs.update(PROBABILITIES_MARK)
             if spacing is not None:
                 out.attrs["spacing"] = [float(s) for s in spacing]
         else:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for
+from gpu_pipeline._common import whole_number_at_least
 from gpu_pipeline.stages.annotations import annotation_mask, annotation_zone
 from gpu_pipeline.stages.boundary_split import boundary_split
 from gpu_pipeline.stages.cleanup import clean_mask, merge_small_particles, voxels_for
@@ -521,7 +522,7 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
 
 def check_max_iter(max_iter):
     """``max_iter`` (Lloyd iterations after the assignment) is a whole number, 0 or more."""
-    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 0:
+    if not whole_number_at_least(max_iter, 0):
         raise DeclumpError(f"max_iter must be a whole number, 0 or more, got {max_iter!r}")
 
 

@@ -52,8 +52,8 @@ from gpu_pipeline.chunked.source import (halo_box, haloed_tasks, neighbours_hold
                                          stored_volume)
 from gpu_pipeline.chunked.workspace import (BLOCK_GROUP, Workspace, block_boxes, chunk_starts, read_staged,
                                              run_call, run_grouped, run_tasks, to_device, write_block)
-from gpu_pipeline.pipeline import (NoParticlesError, cap_distance, check_auto_or_number, check_max_iter, resolve_ratio,
-                                   validate_spacing)
+from gpu_pipeline.pipeline import (NoParticlesError, ball_size, cap_distance, check_auto_or_number, check_max_iter,
+                                   resolve_ratio, validate_spacing)
 from gpu_pipeline.stages.components import settle_pieces
 from gpu_pipeline.stages.kmeans import batched_kmeans
 from gpu_pipeline.stages.peaks import (PeakReach, join_peaks, local_maxima, quantize_cap, quantize_distance, regroup,
@@ -542,8 +542,7 @@ def chunked_parameters(ndim, *, sigma, min_distance, min_size, max_radius, max_i
     max_radius = float(max_radius) if max_radius is not None else MAX_RADIUS_FACTOR * float(min_distance)
     if not (max_radius > 0 and math.isfinite(max_radius)):
         raise DeclumpError(f"max_radius must be a positive physical distance, got {max_radius}")
-    ball = (lambda d: math.pi * d * d / 4) if ndim == 2 else (lambda d: math.pi * d ** 3 / 6)
-    return {"sigma": float(sigma), "min_size": ball(min_distance) if min_size is None else float(min_size),
+    return {"sigma": float(sigma), "min_size": ball_size(min_distance, ndim) if min_size is None else float(min_size),
             "max_radius": max_radius, **ratios}
 
 

@@ -33,13 +33,13 @@ from pathlib import Path
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops_for, to_host
-from gpu_pipeline._common import UnusableValuesError, usable_cores
+from gpu_pipeline._common import UnusableValuesError, usable_cores, whole_number_at_least
 from gpu_pipeline.chunked.workspace import (LOCAL_CLUSTER_HTTP, Workspace, active_client, limit_malloc_arenas,
                                             local_cluster_config, no_hugepage_advice, own_worker_setup,
                                             return_freed_memory, run_lock, save_records, worker_malloc_setup,
                                             write_blocks)
-from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, boolean_input_as_mask, check_foreground_options, disk_error,
-                             write_ngff_label_metadata)
+from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, PROBABILITIES_MARK, boolean_input_as_mask,
+                             check_foreground_options, disk_error, write_ngff_label_metadata)
 from gpu_pipeline.measure import table_from_sums
 
 #: On --device gpu, CuPy's memory pool on every GPU worker is capped at this fraction of the device's
@@ -63,10 +63,9 @@ def engine_plan(*, device="cpu", cluster=None, scheduler=None, workers=None, n_g
     """
     if cluster and scheduler:
         raise DeclumpError("give --cluster or --scheduler, not both")
-    if isinstance(gpu_threads, bool) or not isinstance(gpu_threads, (int, np.integer)) or gpu_threads < 1:
+    if not whole_number_at_least(gpu_threads, 1):
         raise DeclumpError(f"--gpu-threads must be a whole number of at least 1, got {gpu_threads!r}")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, (int, np.integer))
-                                or workers < 1):
+    if workers is not None and not whole_number_at_least(workers, 1):
         raise DeclumpError(f"--workers must be a whole number of at least 1 (or left out: one per core), got "
                            f"{workers!r}")
     if gpu_threads != 1 and device != "gpu":
@@ -510,7 +509,7 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
                 write_blocks(probabilities, tmp, tmp.parent / "written", what="write probabilities",
                              verbose=verbose)
                 zarr.open_array(str(tmp), mode="r+").attrs.update(
-                    {"spacing": [float(s) for s in spacing], "declump": {"probabilities": True}})
+                    {"spacing": [float(s) for s in spacing], **PROBABILITIES_MARK})
             paths["probabilities"] = Path(probabilities_path)
     return_freed_memory()  # the passes' freed temporaries, before the output stage loads pyarrow and matplotlib
     write_parquet(table, paths["table"])
