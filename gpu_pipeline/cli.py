@@ -169,13 +169,11 @@ def run_and_write(image, output, *, device, spacing, mask=None, source=None, pro
     ``probabilities_path``: where to write the pixel classifier's probability map (with ``classifier=``).
     """
     from gpu_pipeline import separate
-    from gpu_pipeline.io import write_json, write_labels
+    from gpu_pipeline.io import check_replaceable, write_json, write_labels
     from gpu_pipeline.measure import particle_table, summary, write_csv
     from gpu_pipeline.overlay import write_overlay
     from gpu_pipeline.pipeline import validate_spacing
     from gpu_pipeline.plots import write_size_histogram
-
-    from gpu_pipeline.io import check_replaceable
 
     paths = output_paths(output)
     if paths["labels"].suffix.lower() not in (".tif", ".tiff", ".npy", ".zarr"):

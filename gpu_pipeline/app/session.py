@@ -27,7 +27,7 @@ import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, to_host
 from gpu_pipeline.classifier import PixelClassifier
-from gpu_pipeline.io import tiff_spacing  # noqa: F401 (the app's reader of TIFF calibration, also sess.tiff_spacing)
+from gpu_pipeline.io import tiff_spacing
 
 #: Scribble values, as in ``declump train --labels``: 0 unlabelled, 1 background, 2 particle, 3 boundary.
 CLASS_NAMES = {1: "background", 2: "particle", 3: "boundary"}

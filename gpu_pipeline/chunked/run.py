@@ -433,13 +433,12 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
         except DeclumpError as exc:
             from gpu_pipeline.pipeline import NoParticlesError
 
-            if isinstance(exc, (NoParticlesError, UnusableValuesError)):
-                # Decided by this input and these parameters: the same command stops the same way again, and any
-                # other starts over. Nothing in the work folder can be resumed, and keeping it refused the next
-                # command (other parameters, the input fixed) as "an unfinished run" until --overwrite.
-                shutil.rmtree(work, ignore_errors=True)
-            elif not work_existed and work.is_dir() and {p.name for p in work.iterdir()} <= RECORDS:
-                # Bad input found before anything was computed: leave no folder behind that a later run would trip on.
+            # Nothing in the work folder can be resumed where this input and these parameters decided the stop (the
+            # same command stops the same way again; keeping it refused the next command, other parameters or the
+            # input fixed, as "an unfinished run" until --overwrite), or where bad input was found before anything
+            # was computed. Leave no folder behind that a later run would trip on.
+            if isinstance(exc, (NoParticlesError, UnusableValuesError)) or (
+                    not work_existed and work.is_dir() and {p.name for p in work.iterdir()} <= RECORDS):
                 shutil.rmtree(work, ignore_errors=True)
             raise
 
