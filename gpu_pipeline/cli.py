@@ -156,8 +156,10 @@ def separation_kwargs(args):
 
 def output_paths(output):
     """The label image path and its companions: table CSV, summary JSON, overlay and size-histogram PNGs."""
+    from gpu_pipeline.io import companion_stem
+
     output = Path(output)
-    stem = output.with_suffix("")
+    stem = companion_stem(output)
     return {"labels": output, "table": Path(f"{stem}_particles.csv"), "summary": Path(f"{stem}_summary.json"),
             "overlay": Path(f"{stem}_overlay.png"), "histogram": Path(f"{stem}_histogram.png")}
 
@@ -605,11 +607,22 @@ def build_parser():
     return parser
 
 
+def _expand_home(args):
+    """``~`` at the start of a path argument is the home folder, also where the shell did not expand it (quoted,
+    or after ``--option=``), rather than a folder named ``~`` in the working directory."""
+    for name, value in vars(args).items():
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, list) and any(isinstance(v, str) and v.startswith("~") for v in value):
+            setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) else v for v in value])
+
+
 def main(argv=None):
     from gpu_pipeline.chunked.workspace import no_hugepage_advice
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    _expand_home(args)
     no_hugepage_advice()  # every command: large temporaries without the kernel's compaction on each fault
     try:
         args.func(args)

@@ -29,13 +29,23 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
+def companion_stem(output) -> Path:
+    """The path the companions of ``output`` are named after: without its suffix, nor an ``.ome`` before it
+    (``cells.ome.zarr`` -> ``cells``: ``cells_particles.csv``, ``cells_summary.json``)."""
+    stem = Path(output).with_suffix("")
+    return stem.with_suffix("") if stem.suffix.lower() == ".ome" else stem
+
+
 def read_image(path, *, channel=None, timepoint=None, missing_chunks="fill"):
     """Read a 2D/3D image; returns ``(array, spacing or None)``.
 
-    TIFF (tifffile), PNG (Pillow; RGB with equal channels becomes grey),
-    NPY, and Zarr arrays or OME-Zarr multiscale groups (level 0, spacing
-    from ``coordinateTransformations``; ``channel``/``timepoint`` pick from
-    ``c``/``t`` axes). Zarr chunk files that are missing read as the fill
+    TIFF (tifffile, by its axes: ``channel``/``timepoint`` pick from ``c``/``t``
+    axes, colour samples become grey, single pages of one shape are a stack),
+    PNG (Pillow; colour and palette images become grey, alpha is dropped), NPY
+    (axes of length 1 dropped, as in TIFF), and Zarr arrays or OME-Zarr
+    multiscale groups (level 0, spacing from ``coordinateTransformations``;
+    ``channel``/``timepoint`` pick from ``c``/``t`` axes). Big-endian data
+    is read in native byte order. Zarr chunk files that are missing read as the fill
     value (label images are sparse: Zarr skips all-zero chunks), or, with
     ``missing_chunks="error"`` (what ``declump run`` uses for its input),
     raise a `DeclumpError` naming the first one.
@@ -45,30 +55,24 @@ def read_image(path, *, channel=None, timepoint=None, missing_chunks="fill"):
         raise DeclumpError(f"input {path} does not exist; accepted inputs: {', '.join(IMAGE_SUFFIXES)} files")
     suffix = _suffix(path)
     spacing = None
-    if suffix in (".tif", ".tiff", ".png", ".npy"):
+    if suffix in (".png", ".npy"):
         _no_axis_for(channel, timepoint, path, f"a {suffix} file")
     try:
         if suffix in (".tif", ".tiff"):
-            import logging
-
-            import tifffile
-
-            # tifffile logs and returns an empty array for a broken file; we report it ourselves.
-            logging.getLogger("tifffile").setLevel(logging.CRITICAL)
-            array = tifffile.imread(path)
+            array = _read_tiff(path, channel, timepoint)
         elif suffix == ".png":
             from PIL import Image
 
             with Image.open(path) as img:
+                if img.mode in ("P", "PA"):  # palette indices: the colours they stand for
+                    img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
                 array = np.asarray(img)
-            if array.ndim == 3 and array.shape[-1] in (3, 4):
-                rgb = array[..., :3]
-                if (rgb == rgb[..., :1]).all():
-                    array = rgb[..., 0]
-                else:
-                    array = (rgb @ np.array([0.2125, 0.7154, 0.0721])).astype(np.float32)
+            if array.ndim == 3:
+                array = _grey(array)
         elif suffix == ".npy":
             array = np.load(path, allow_pickle=False)
+            if array.ndim > 2 and sum(n > 1 for n in array.shape) >= 2:
+                array = array.reshape([n for n in array.shape if n > 1])  # one plane is a 2D image, as in a TIFF
         elif suffix == ".zarr" or (path / ".zattrs").exists() or (path / "zarr.json").exists():
             array, spacing = _read_zarr(path, channel=channel, timepoint=timepoint, missing_chunks=missing_chunks)
         else:
@@ -80,6 +84,8 @@ def read_image(path, *, channel=None, timepoint=None, missing_chunks="fill"):
         raise DeclumpError(f"could not read {path} as {suffix or 'an image'}: {type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
     array = np.asarray(array)
+    if not array.dtype.isnative:  # big-endian files (Java/N5 tools, some TIFFs): the compiled passes take native
+        array = array.astype(array.dtype.newbyteorder("="))
     if array.size == 0 or array.ndim < 2:
         raise DeclumpError(f"could not read {path}: it is empty or corrupt (array shape {array.shape}); "
                            "accepted: non-empty 2D or 3D images")
@@ -89,8 +95,72 @@ def read_image(path, *, channel=None, timepoint=None, missing_chunks="fill"):
             array = squeezed
         else:
             raise DeclumpError(f"{path} has shape {array.shape} ({array.ndim}D); declump accepts 2D or 3D images; "
-                               "pick a channel/time point first (OME-Zarr: --channel/--timepoint)")
+                               "pick a channel/time point first (OME-Zarr and TIFF: --channel/--timepoint)")
     return array, spacing
+
+
+def _grey(array):
+    """A colour image with its samples last (grey + alpha, RGB, RGBA) as one grey image, as the eye sees it.
+
+    Alpha is dropped; RGB with equal channels is that channel (dtype kept); other RGB is its luminance
+    (Rec. 709 weights, float32), as ``skimage.color.rgb2gray``.
+    """
+    if array.shape[-1] not in (2, 3, 4):
+        return array
+    if array.shape[-1] == 2:
+        return array[..., 0]
+    rgb = array[..., :3]
+    if (rgb == rgb[..., :1]).all():
+        return rgb[..., 0]
+    return (rgb @ np.array([0.2125, 0.7154, 0.0721])).astype(np.float32)
+
+
+#: TIFF axes (tifffile's letters) that are planes of a volume: Z, an image sequence (I), unknown (Q).
+TIFF_PLANE_AXES = "ZIQ"
+
+
+def _read_tiff(path, channel, timepoint):
+    """A TIFF's image as a 2D/3D array by its axes: ``C``/``T`` picked (``channel``/``timepoint``), colour to grey.
+
+    A file of single pages of one shape each (written page by page: every page its own series to tifffile)
+    is their stack, as ImageJ opens it; otherwise the first series (level 0 of a pyramid).
+    """
+    import logging
+
+    import tifffile
+
+    # tifffile logs and returns an empty array for a broken file; we report it ourselves.
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series
+        if not series:
+            raise DeclumpError(f"could not read {path}: it holds no image; accepted: non-empty 2D or 3D images")
+        first = series[0]
+        pages = len(series) > 1 and all(s.axes == "YX" and s.shape == first.shape and s.dtype == first.dtype
+                                        for s in series)
+        if pages:
+            array, axes = np.stack([s.asarray() for s in series]), "I" + first.axes
+        else:
+            array, axes = first.asarray(), first.axes
+    if "S" in axes:  # colour samples (RGB, RGBA, planar or not): grey
+        array = _grey(np.moveaxis(array, axes.index("S"), -1))
+        axes = axes.replace("S", "")
+    present = {name for name in "CT" if name in axes}
+    _no_axis_for(channel if "C" not in present else None, timepoint if "T" not in present else None, path,
+                 f"axes {', '.join(axes.lower())}")
+    for name, given, what, option in (("T", timepoint, "time points", "--timepoint"),
+                                      ("C", channel, "channels", "--channel")):
+        if name in axes:
+            at = axes.index(name)
+            array = np.take(array, _pick(given, array.shape[at], what, option, path), axis=at)
+            axes = axes.replace(name, "")
+    keep = [i for i, (name, size) in enumerate(zip(axes, array.shape)) if size > 1 or name in "YX"]
+    array = array.reshape([array.shape[i] for i in keep])
+    axes = "".join(axes[i] for i in keep)
+    if array.ndim > 3 or any(name not in TIFF_PLANE_AXES + "YX" for name in axes):
+        raise DeclumpError(f"{path} has axes {', '.join(axes.lower())} of sizes {array.shape}; declump accepts 2D "
+                           "(y, x) or 3D (z, y, x) images; pick a channel/time point with --channel/--timepoint")
+    return array
 
 
 def open_zarr(path, *, channel=None, timepoint=None):
@@ -125,6 +195,9 @@ def open_zarr(path, *, channel=None, timepoint=None):
     for transform in dataset.get("coordinateTransformations", []):
         if transform.get("type") == "scale":
             spacing = list(transform["scale"])
+    for transform in ms.get("coordinateTransformations", []):  # NGFF: applied after the level's own
+        if transform.get("type") == "scale":
+            spacing = [a * b for a, b in zip(spacing or [1.0] * len(transform["scale"]), transform["scale"])]
     if not axes:
         axes = list("tczyx"[-array.ndim:])
     unknown = [a for a in axes if a not in ("t", "c", "z", "y", "x")]
@@ -197,8 +270,9 @@ def check_chunks(array, selection, path, files, missing_chunks):
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         key = array.metadata.encode_chunk_key(missing[0])
         raise DeclumpError(f"chunk {missing[0]} of {path} is missing (no file {key}){more}; Zarr would read it as "
-                           f"the fill value {array.fill_value}. Restore it, or pass --missing-chunks fill if the "
-                           "store is sparse on purpose")
+                           f"the fill value {array.fill_value}. Restore it if it was lost; if the store is sparse on "
+                           "purpose (Zarr 3 skips chunks that are all fill value by default), pass --missing-chunks "
+                           "fill")
 
 
 def _read_zarr(path, *, channel=None, timepoint=None, missing_chunks="fill"):
@@ -224,7 +298,7 @@ def _no_axis_for(channel, timepoint, path, what):
     for value, option, axis in ((channel, "--channel", "c"), (timepoint, "--timepoint", "t")):
         if value is not None:
             raise DeclumpError(f"{option} {value} was given but {path} has no '{axis}' axis ({what}); {option} "
-                               f"picks from an OME-Zarr image's '{axis}' axis")
+                               f"picks from an OME-Zarr or TIFF image's '{axis}' axis")
 
 
 #: OSError numbers that mean the disk refused a write: one line and exit 2 (others keep their traceback).
@@ -358,12 +432,20 @@ def boolean_input_as_mask(image, mask, *, classifier, input_path, what="image"):
     return image.astype(np.uint8), image
 
 
-def _write_tiff_or_npy(path, suffix, array):
-    """Write ``array`` to ``path`` as a zlib TIFF or an NPY by ``suffix``; False for any other suffix."""
+def _write_tiff_or_npy(path, suffix, array, axes, spacing=None):
+    """Write ``array`` to ``path`` as a zlib TIFF or an NPY by ``suffix``; False for any other suffix.
+
+    TIFF: ``axes`` (tifffile's letters, e.g. ``ZYX``) recorded, so a 3D image reads as planes, not channels;
+    ``*.ome.tif``: OME-XML with them and ``spacing`` as the physical pixel sizes.
+    """
     if suffix in (".tif", ".tiff"):
         import tifffile
 
-        tifffile.imwrite(path, array, compression="zlib")
+        metadata = {"axes": axes}
+        ome = Path(path).name.lower().endswith((".ome.tif", ".ome.tiff"))
+        if ome and spacing is not None:
+            metadata.update({f"PhysicalSize{name}": float(s) for name, s in zip(axes[-len(spacing):], spacing)})
+        tifffile.imwrite(path, array, compression="zlib", metadata=metadata, ome=ome)
     elif suffix == ".npy":
         with open(path, "wb") as handle:
             np.save(handle, array)
@@ -385,7 +467,7 @@ def write_labels(path, labels, spacing=None, source=None):
                            f"{', '.join(LABEL_SUFFIXES)}")
     labels = np.asarray(labels)
     with atomic_path(path) as tmp:
-        if not _write_tiff_or_npy(tmp, suffix, labels):
+        if not _write_tiff_or_npy(tmp, suffix, labels, "ZYX"[-labels.ndim:], spacing):
             import zarr
 
             zarr.open_group(str(tmp), mode="w", zarr_format=2)
@@ -403,7 +485,7 @@ def write_probabilities(path, probabilities, spacing=None):
     suffix = _suffix(path)
     probabilities = np.asarray(probabilities, dtype=np.float32)
     with atomic_path(path) as tmp:
-        if _write_tiff_or_npy(tmp, suffix, probabilities):
+        if _write_tiff_or_npy(tmp, suffix, probabilities, "C" + "ZYX"[1 - probabilities.ndim:], spacing):
             pass
         elif suffix == ".zarr":
             import zarr

@@ -38,9 +38,9 @@ from gpu_pipeline.chunked.workspace import (LOCAL_CLUSTER_HTTP, Workspace, activ
                                             local_cluster_config, no_hugepage_advice, own_worker_setup,
                                             return_freed_memory, run_lock, save_records, worker_malloc_setup,
                                             write_blocks)
-from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, PROBABILITIES_MARK, boolean_input_as_mask,
+from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, PROBABILITIES_MARK, boolean_input_as_mask, companion_stem,
                              check_foreground_options, disk_error, write_ngff_label_metadata)
-from gpu_pipeline.measure import table_from_sums
+from gpu_pipeline.measure import summary as size_summary, table_from_sums
 
 #: On --device gpu, CuPy's memory pool on every GPU worker is capped at this fraction of the device's
 #: memory (CuPy's own CUPY_GPU_MEMORY_LIMIT, when set, wins): cached blocks of earlier chunks are
@@ -303,7 +303,7 @@ def _arrow_column(pa, values):
 
 def output_paths(output):
     output = Path(output)
-    stem = output.with_suffix("")
+    stem = companion_stem(output)
     return {"labels": output, "table": Path(f"{stem}_particles.parquet"), "summary": Path(f"{stem}_summary.json"),
             "overlay": Path(f"{stem}_overlay.png"), "histogram": Path(f"{stem}_histogram.png")}
 
@@ -514,14 +514,13 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
     write_parquet(table, paths["table"])
     write_overlay(paths["overlay"], *planes)
     write_size_histogram(paths["histogram"], table["equivalent_diameter"])  # the same picture as in-memory runs
-    diameters = table["equivalent_diameter"]
     summary = {
+        **size_summary(table, volume.ndim, spacing),  # the in-memory run's count and size statistics
         "n_particles": n_particles, "spacing": list(spacing), "shape": list(volume.shape),
         "chunks": [int(c[0]) for c in volume.chunks], "threshold": details.threshold, "polarity": details.polarity,
         "n_regions": details.n_regions, "n_peaks": details.n_peaks, "max_radius": details.max_radius,
         "halo_voxels": list(details.halo), "voxels_at_max_radius": details.n_capped_voxels,
         "one_piece_rounds": details.one_piece_rounds,
-        "equivalent_diameter_median": float(np.median(diameters)) if len(diameters) else None,
         "blocks_computed": details.blocks_computed, "blocks_total": details.blocks_total,
         "seconds": round(time.perf_counter() - started, 3), "device": device, "parameters": parameters,
         "outputs": {k: str(v) for k, v in paths.items()},

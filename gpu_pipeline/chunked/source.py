@@ -142,6 +142,8 @@ class StoredVolume:
             where, exc = self._failing_chunk(stored, exc)
             raise DeclumpError(f"{where} of {self.path} could not be read ({type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); {self.damaged}")
+        if not block.dtype.isnative:  # a big-endian store (Java/N5 tools): the compiled passes take native
+            block = block.astype(block.dtype.newbyteorder("="))
         if self.device == "gpu":
             import cupy
 
@@ -535,6 +537,9 @@ def open_volume(path, *, channel=None, timepoint=None, chunks=None, missing_chun
     if len(shape) not in (2, 3):
         raise DeclumpError(f"{path} holds a {len(shape)}D volume {shape}; declump accepts 2D or 3D "
                            "(pick a channel/time point with --channel/--timepoint)")
+    from gpu_pipeline.pipeline import refuse_channels_last
+
+    refuse_channels_last(shape, str(path))
     if np.dtype(array.dtype).kind not in ("buif" if accept_bool else "uif"):
         raise DeclumpError(f"{path} has dtype {array.dtype}; declump accepts integer or floating-point intensities")
     files = list_stored_files(array)
@@ -545,7 +550,8 @@ def open_volume(path, *, channel=None, timepoint=None, chunks=None, missing_chun
     elif chunks is not None and len(tuple(chunks)) != len(shape):
         raise DeclumpError(f"--chunks {','.join(str(c) for c in chunks)} has {len(tuple(chunks))} values but "
                            f"{path} is {len(shape)}D {shape}; give one chunk length per axis")
-    volume = blockwise_reads(StoredVolume(array, str(path), selection), shape, array.dtype, chunks or store_chunks)
+    volume = blockwise_reads(StoredVolume(array, str(path), selection), shape,
+                             np.dtype(array.dtype).newbyteorder("="), chunks or store_chunks)
     if return_fingerprint:
         return volume, spacing, fingerprint(array, files)
     return volume, spacing
