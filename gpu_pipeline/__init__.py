@@ -43,5 +43,20 @@ def separate(image, *, device="auto", mask=None, **kwargs):
     return result
 
 
+def _with_pipeline_parameters(wrapper, device_default):
+    """``wrapper``'s signature and help as the pipeline's own (every parameter, not ``**kwargs``), with
+    ``device`` added: what ``help()``, ``inspect.signature`` and editors show."""
+    import inspect
+
+    full = inspect.signature(_pipeline.separate)
+    parameters = list(full.parameters.values())
+    device = inspect.Parameter("device", inspect.Parameter.KEYWORD_ONLY, default=device_default)
+    wrapper.__signature__ = full.replace(parameters=parameters[:1] + [device] + parameters[1:])
+    wrapper.__doc__ = f"{wrapper.__doc__.rstrip()}\n\n{_pipeline.separate.__doc__}"
+    return wrapper
+
+
+_with_pipeline_parameters(separate, "auto")
+
 __all__ = ["separate", "evaluate", "particle_table", "make_touching_particles", "DeclumpError",
            "NoParticlesError", "UnusableValuesError", "SeparationDetails", "gpu_available", "__version__"]

@@ -53,3 +53,43 @@ def to_host(array) -> np.ndarray:
     if is_cupy_array(array):
         return array.get()
     return np.asarray(array)
+
+
+#: What a label image may be, in the one line that refuses one.
+LABELS_ACCEPTED = "an integer label image (0 background, each object its own id > 0; bool: one object)"
+
+
+def as_label_image(labels, name="labels", ndims=(2, 3)):
+    """``labels`` as an integer label image in native byte order (NumPy or CuPy), else a one-line `DeclumpError`.
+
+    Accepted: integer arrays of non-negative ids, bool (one object), floats holding whole non-negative numbers
+    (label images saved as float), with ``ndims`` dimensions and at least one voxel.
+    """
+    if not hasattr(labels, "dtype"):
+        labels = np.asarray(labels)
+    xp = get_array_module(labels)
+    dims = " or ".join(f"{n}D" for n in ndims) if len(ndims) < 3 else f"{min(ndims)}D to {max(ndims)}D"
+    if labels.ndim not in ndims or labels.size == 0:
+        raise DeclumpError(f"{name} has shape {tuple(labels.shape)}; accepted: a non-empty {dims} array, "
+                           f"{LABELS_ACCEPTED}")
+    kind = np.dtype(labels.dtype).kind
+    if kind == "b":
+        return labels.astype(np.uint8)
+    if kind == "f":
+        if not bool(xp.isfinite(labels).all()) or not bool((labels == xp.round(labels)).all()):
+            raise DeclumpError(f"{name} has dtype {labels.dtype} with values that are not whole numbers "
+                               f"(NaN, inf or fractions); accepted: {LABELS_ACCEPTED}")
+        if float(labels.max()) >= 2.0 ** 63:
+            raise DeclumpError(f"{name} holds ids up to {float(labels.max()):.3g}; accepted: ids below 2**63")
+        labels = labels.astype(np.int64)
+        kind = "i"
+    elif kind not in "iu":
+        raise DeclumpError(f"{name} has dtype {labels.dtype}; accepted: {LABELS_ACCEPTED}")
+    if kind == "i" and int(labels.min()) < 0:
+        raise DeclumpError(f"{name} holds negative ids (down to {int(labels.min())}); accepted: {LABELS_ACCEPTED}")
+    if np.dtype(labels.dtype) == np.uint64 and int(labels.max()) > np.iinfo(np.int64).max:
+        raise DeclumpError(f"{name} holds ids up to {int(labels.max())}; accepted: ids below 2**63 "
+                           "(renumber them, e.g. skimage.segmentation.relabel_sequential)")
+    if not np.dtype(labels.dtype).isnative:
+        labels = labels.astype(np.dtype(labels.dtype).newbyteorder("="))
+    return labels

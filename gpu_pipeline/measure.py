@@ -11,7 +11,8 @@ import math
 
 import numpy as np
 
-from gpu_pipeline._backend import ops_for, to_host
+from gpu_pipeline._backend import DeclumpError, ops_for, to_host
+from gpu_pipeline._common import as_label_image
 
 AXES = ("z", "y", "x")
 
@@ -36,21 +37,38 @@ def particle_table(labels, image=None, spacing=None):
         ``centroid_<axis>`` (physical); ``bbox_min_<axis>``, ``bbox_max_<axis>``
         (voxel index, max exclusive, as in scikit-image); ``mean_intensity``.
     """
+    from gpu_pipeline.pipeline import validate_spacing
+
+    labels = as_label_image(labels)
     ndim = labels.ndim
-    spacing = (1.0,) * ndim if spacing is None else tuple(float(s) for s in spacing)
+    spacing = validate_spacing(spacing, ndim)
+    if image is not None:
+        if not hasattr(image, "dtype"):
+            image = np.asarray(image)
+        if tuple(image.shape) != tuple(labels.shape):
+            raise DeclumpError(f"image shape {tuple(image.shape)} differs from labels shape {tuple(labels.shape)}; "
+                               "mean_intensity needs the image the labels were made from")
+        if np.dtype(image.dtype).kind not in "uifb":
+            raise DeclumpError(f"image has dtype {image.dtype}; accepted: integer or floating-point intensities")
+        if not np.dtype(image.dtype).isnative:
+            image = image.astype(np.dtype(image.dtype).newbyteorder("="))
     sums = {k: None if v is None else to_host(v) for k, v in ops_for(labels).label_sums(labels, image).items()}
+    # Rows by position (0: background), not by id: ids from other tools can be sparse and huge (hashes, tracks).
     ids = sums["label"]
-    n = int(ids.max()) + 1 if ids.size else 1
+    n = ids.size + 1
+    rows = np.arange(1, n)
     counts = np.zeros(n, np.int64)
     total = np.zeros((ndim, n), np.float64)
     low = np.stack([np.full(n, labels.shape[a], dtype=np.int64) for a in range(ndim)])
     high = np.full((ndim, n), -1, dtype=np.int64)
-    counts[ids], total[:, ids], low[:, ids], high[:, ids] = sums["count"], sums["sum"], sums["low"], sums["high"]
+    counts[rows], total[:, rows], low[:, rows], high[:, rows] = sums["count"], sums["sum"], sums["low"], sums["high"]
     intensity = None
     if image is not None:
         intensity = np.zeros(n, np.float64)
-        intensity[ids] = sums["intensity"]
-    return table_from_sums(counts, total, low, high, intensity, spacing)
+        intensity[rows] = sums["intensity"]
+    table = table_from_sums(counts, total, low, high, intensity, spacing)
+    table["label"] = ids[table["label"] - 1].astype(np.int64)
+    return table
 
 
 def table_from_sums(counts, sums, low, high, intensity, spacing):

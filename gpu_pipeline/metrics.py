@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, to_host
+from gpu_pipeline._common import as_label_image
 
 #: IoU thresholds of the DSB-2018 metric: 0.50, 0.55, ..., 0.95.
 IOU_THRESHOLDS = np.round(np.arange(0.5, 0.96, 0.05), 2)
@@ -28,7 +29,8 @@ def overlap_table(pred, gt):
     Returns ``(pairs_pred, pairs_gt, intersection, pred_sizes, gt_sizes)``
     with ids renumbered densely (1..n) and sizes indexed by those ids.
     """
-    pred, gt = to_host(pred), to_host(gt)
+    pred = to_host(as_label_image(pred, "prediction", ndims=(1, 2, 3, 4)))
+    gt = to_host(as_label_image(gt, "ground truth", ndims=(1, 2, 3, 4)))
     if pred.shape != gt.shape:
         raise DeclumpError(f"prediction shape {pred.shape} differs from ground truth shape {gt.shape}")
     p, n_pred = _dense_ids(pred)

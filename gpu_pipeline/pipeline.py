@@ -19,7 +19,7 @@ from gpu_pipeline.stages.peaks import (PeakReach, find_peaks, neck_groups, quant
                                        shadowed_peaks, window_half_widths)
 from gpu_pipeline.stages.split import finish_labels, split_regions_kmeans, split_regions_watershed
 from gpu_pipeline.stages.scale import MIN_DISTANCE_PER_RADIUS, maxima_radius, typical_radius
-from gpu_pipeline.stages.threshold import threshold_foreground
+from gpu_pipeline.stages.threshold import check_threshold, threshold_foreground
 
 
 #: ``max_hole_size="auto"`` fills holes up to a ball of this fraction of the typical particle radius.
@@ -107,9 +107,13 @@ def validate_spacing(spacing, ndim):
     """Voxel size per axis as a tuple of positive floats (default: all 1)."""
     if spacing is None:
         return (1.0,) * ndim
-    if np.isscalar(spacing):
+    if isinstance(spacing, str) or np.ndim(spacing) == 0:
         spacing = (spacing,) * ndim
-    spacing = tuple(float(s) for s in spacing)
+    try:
+        spacing = tuple(float(s) for s in spacing)
+    except (TypeError, ValueError):
+        raise DeclumpError(f"spacing must be {ndim} positive numbers (one per axis, plane/row/column order), got "
+                           f"{spacing!r}") from None
     if len(spacing) != ndim or not all(math.isfinite(s) and s > 0 for s in spacing):
         raise DeclumpError(f"spacing must be {ndim} positive numbers (one per axis, plane/row/column order), "
                            f"got {spacing}")
@@ -195,12 +199,40 @@ def validate_image(image, name="image"):
                            "(bool masks go to mask=)")
     if kind == "f" and not bool(xp.isfinite(image).all()):
         raise DeclumpError(f"{name} holds NaN or inf values; declump accepts finite intensities only")
-    if kind == "f" and image.dtype.itemsize > 4:
-        # Two reductions, not abs(image): that was a float64 copy of the whole image (1 GiB for 512^3).
-        largest = max(-float(image.min()), float(image.max()))
-        if largest > float(np.finfo(np.float32).max):  # smoothing and thresholds run in float32: inf there
+    if image.dtype.itemsize > 4 or (kind in "iu" and image.dtype.itemsize == 4):
+        # Values float32 cannot hold apart (smoothing and thresholds run in float32). Two reductions, not
+        # abs(image): that was a float64 copy of the whole image (1 GiB for 512^3).
+        low, high = float(image.min()), float(image.max())
+        largest = max(-low, high)
+        if largest > float(np.finfo(np.float32).max):  # inf there
             raise DeclumpError(f"{name} holds values up to {largest:.3g}, beyond float32's range (3.4e38), in "
                                "which declump smooths and thresholds; rescale the image")
+        if high > low and (high - low < largest * FLOAT32_LEVELS or largest < FLOAT32_SMALLEST):
+            raise DeclumpError(f"{name}'s values span only {low:.12g} to {high:.12g}, which float32 (in which declump "
+                               "smooths and thresholds) cannot tell apart; subtract the offset or rescale "
+                               "(e.g. image - image.min(), or image / image.max())")
+
+
+#: Float32 resolves a range of values when it spans at least this fraction of their magnitude (about 128 of
+#: its 2**24 steps) and their magnitude is at least ``FLOAT32_SMALLEST`` (near float32's smallest normal value).
+FLOAT32_LEVELS = 2.0 ** -16
+FLOAT32_SMALLEST = 1e-30
+
+
+#: A 3D array whose last axis is at most this long while the others are at least ``CHANNELS_LAST_OTHERS`` is a
+#: 2D image with its colour channels (or a channel axis of 1) last, not a volume a few voxels wide.
+CHANNELS_LAST_MAX = 4
+CHANNELS_LAST_OTHERS = 16
+
+
+def refuse_channels_last(shape, name="image"):
+    """Refuse a 2D colour image given as a 3D array ``(rows, columns, channels)``: it would run as a volume."""
+    shape = tuple(int(n) for n in shape)
+    if len(shape) == 3 and shape[-1] <= CHANNELS_LAST_MAX and min(shape[:2]) >= CHANNELS_LAST_OTHERS:
+        raise DeclumpError(f"{name} has shape {shape}: a 2D image with {shape[-1]} channel"
+                           f"{'s' if shape[-1] > 1 else ''} last, not a volume {shape[-1]} voxel"
+                           f"{'s' if shape[-1] > 1 else ''} wide; pass one grey 2D image (e.g. "
+                           "skimage.color.rgb2gray(image) or image[..., 0]); volumes are (planes, rows, columns)")
 
 
 def _mask_from(mask, shape):
@@ -435,6 +467,7 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
     clock = _StageClock(ops, details.timings)
     if image is not None:
         validate_image(image)
+    refuse_channels_last(reference.shape, "image" if image is not None else "mask")
     ndim = reference.ndim
     if ndim not in (2, 3):
         validate_image(reference, "mask")
@@ -450,6 +483,8 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         raise DeclumpError(f"method must be 'kmeans' or 'watershed', got {method!r}")
     sigma = 0.0 if sigma is None else sigma
     check_auto_or_number("sigma", sigma, positive=False)
+    if mask is None and classifier is None:
+        check_threshold(threshold)
     check_auto_or_number("min_distance", min_distance, positive=True)
     check_auto_or_number("max_hole_size", max_hole_size, positive=False)
     if min_size is not None:
@@ -531,12 +566,13 @@ def check_auto_or_number(name, value, *, positive):
     if isinstance(value, str) and value == "auto":
         return
     try:
-        ok = float(value) > 0 if positive else float(value) >= 0
+        ok = not isinstance(value, bool) and math.isfinite(float(value)) and (
+            float(value) > 0 if positive else float(value) >= 0)
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise DeclumpError(f"{name} must be 'auto' or a {'positive' if positive else 'non-negative'} physical "
-                           f"size, got {value!r}")
+        raise DeclumpError(f"{name} must be 'auto' or a finite {'positive' if positive else 'non-negative'} "
+                           f"physical size, got {value!r}")
 
 
 def ball_size(diameter, ndim):

@@ -232,8 +232,8 @@ def test_bad_command_lines_are_one_line_errors(tmp_path, options, message):
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--sigma", "-1"], "sigma must be 'auto' or a non-negative physical size"),
-    (["--min-size", "-5"], "min_size must be 'auto' or a non-negative physical size"),
+    (["--sigma", "-1"], "sigma must be 'auto' or a finite non-negative physical size"),
+    (["--min-size", "-5"], "min_size must be 'auto' or a finite non-negative physical size"),
     (["--max-iter", "-2"], "max_iter must be a whole number, 0 or more")])
 def test_bad_parameters_are_refused_alike_in_memory_and_chunked_before_any_folder(tmp_path, options, message):
     """A negative sigma, min_size or max_iter: one line in both modes (a chunked run took the first two as 0,

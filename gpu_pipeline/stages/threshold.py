@@ -324,6 +324,19 @@ def foreground(image, threshold, polarity):
 
 #: What ``threshold`` accepts besides a number.
 THRESHOLD_METHODS = ("auto", "otsu", "li", "triangle", "local")
+
+
+def check_threshold(threshold):
+    """Refuse a ``threshold`` that is neither one of :data:`THRESHOLD_METHODS` nor a finite number (one line)."""
+    if isinstance(threshold, str):
+        ok = threshold in THRESHOLD_METHODS
+    else:
+        ok = (not isinstance(threshold, (bool, np.bool_)) and isinstance(threshold, (int, float, np.integer,
+                                                                                     np.floating))
+              and math.isfinite(float(threshold)))
+    if not ok:
+        raise DeclumpError(f"threshold must be one of {', '.join(THRESHOLD_METHODS)} or a finite number (image "
+                           f"units), got {threshold!r}")
 #: ``auto`` clips the smoothed image to these percentiles before its histogram (percentile normalisation)
 #: when they span less than ``SQUEEZE`` of its full range: then a few hot or dead voxels would squeeze the
 #: particles and background into a few of the 256 bins. Otherwise clipping would only move the thresholds.
@@ -392,13 +405,12 @@ def threshold_foreground(smoothed, threshold, polarity, *, components=False):
     this very threshold (Otsu's), so that cleanup and the scale measurement
     need not label them again; else None.
     """
+    check_threshold(threshold)
     if not isinstance(threshold, str):
         value = float(threshold)
         side = choose_polarity(smoothed, value, polarity)
         found = foreground(smoothed, value, side), ThresholdDecision("fixed", value, side, {})
         return (*found, None) if components else found
-    if threshold not in THRESHOLD_METHODS:
-        raise DeclumpError(f"threshold must be one of {', '.join(THRESHOLD_METHODS)} or a number, got {threshold!r}")
     xp = get_array_module(smoothed)
     intensity_range = None
     image = smoothed

@@ -1,0 +1,221 @@
+"""Inputs read by their layout (colour, channels, time, page-by-page stacks, byte order, compression), API
+arguments checked as the CLI's are, and outputs that other tools read back as what they are: each case here was read wrongly without a word before (a colour TIFF ran as a
+3-plane volume, an ImageJ channel axis as z, a page-by-page stack as its first page, a palette PNG as its
+indices), or stopped in a traceback (big-endian data, 32-bit-id label images)."""
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from skimage.color import rgb2gray
+from skimage.measure import regionprops_table
+
+from gpu_pipeline import evaluate, particle_table, separate
+from gpu_pipeline._backend import DeclumpError
+from gpu_pipeline.cli import main
+from gpu_pipeline.io import read_image
+from gpu_pipeline.synthetic import make_touching_particles
+
+
+@pytest.fixture
+def image(rng):
+    return make_touching_particles((64, 80), 10, seed=int(rng.integers(1e6)))[0]
+
+
+@pytest.fixture
+def volume(rng):
+    return make_touching_particles((12, 40, 48), 8, seed=int(rng.integers(1e6)))[0]
+
+
+def _colour(image, rng):
+    """An RGB image whose luminance is ``image``'s structure, channels unequal."""
+    tint = rng.uniform(0.6, 1.0, 3)
+    return np.clip(image[..., None] * tint, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("layout", ["YXS", "SYX", "YXS4"])
+def test_a_colour_tiff_is_read_as_its_grey_image(tmp_path, rng, image, layout):
+    rgb = _colour(image, rng)
+    if layout == "SYX":
+        tifffile.imwrite(tmp_path / "c.tif", np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")
+    elif layout == "YXS4":
+        tifffile.imwrite(tmp_path / "c.tif", np.concatenate([rgb, np.full(image.shape + (1,), 255, np.uint8)], -1),
+                         photometric="rgb", extrasamples=["unassalpha"])
+    else:
+        tifffile.imwrite(tmp_path / "c.tif", rgb, photometric="rgb")
+    grey, _ = read_image(tmp_path / "c.tif")
+    assert grey.shape == image.shape
+    np.testing.assert_allclose(grey, rgb2gray(rgb) * 255, rtol=1e-5, atol=1e-3)  # scikit-image's luminance
+
+
+def test_colour_palette_and_grey_alpha_pngs_are_read_as_the_grey_they_show(tmp_path, rng, image):
+    shown = image.astype(np.uint8)
+    palette = Image.fromarray((255 - shown).astype(np.uint8), mode="L").convert("P")
+    inverted = list(range(255, -1, -1))
+    palette.putpalette([v for i in inverted for v in (i, i, i)])  # index k shows grey 255 - k
+    palette.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "p.png")[0], shown)
+    Image.fromarray(np.stack([shown, np.full_like(shown, 200)], -1), mode="LA").save(tmp_path / "la.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "la.png")[0], shown)
+
+
+def test_tiff_channel_and_time_axes_are_picked_like_ome_zarr_ones(tmp_path, capsys, rng, volume):
+    other = rng.integers(0, 255, volume.shape, dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "zcyx.tif", np.stack([other, volume], axis=1), imagej=True, metadata={"axes": "ZCYX"})
+    tifffile.imwrite(tmp_path / "tyx.tif", np.stack([other[0], volume[0], other[1]]), imagej=True,
+                     metadata={"axes": "TYX"})
+    with pytest.raises(DeclumpError, match="has 2 channels; pick one with --channel"):
+        read_image(tmp_path / "zcyx.tif")
+    np.testing.assert_array_equal(read_image(tmp_path / "zcyx.tif", channel=1)[0], volume)
+    np.testing.assert_array_equal(read_image(tmp_path / "tyx.tif", timepoint=1)[0], volume[0])
+    with pytest.raises(DeclumpError, match="--channel 0 was given but .* has no 'c' axis"):
+        read_image(tmp_path / "tyx.tif", channel=0)
+    assert main(["run", str(tmp_path / "zcyx.tif"), str(tmp_path / "o.tif"), "--quiet"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--channel" in lines[0] and not (tmp_path / "o.tif").exists()
+    assert main(["run", str(tmp_path / "zcyx.tif"), str(tmp_path / "o.tif"), "--channel", "1", "--quiet",
+                 "--min-distance", "3"]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "o.tif"), separate(volume, min_distance=3))
+
+
+def test_a_tiff_written_page_by_page_is_its_stack(tmp_path, volume):
+    with tifffile.TiffWriter(tmp_path / "pages.tif") as tif:
+        for plane in volume:
+            tif.write(plane)  # each page its own series to tifffile; imread gives the first page only
+    np.testing.assert_array_equal(read_image(tmp_path / "pages.tif")[0], volume)
+
+
+def test_big_endian_and_one_plane_npy_inputs(tmp_path, capsys, image):
+    np.save(tmp_path / "be.npy", image.astype(">u2"))
+    np.save(tmp_path / "yx1.npy", image[:, :, None].astype(np.uint16))
+    for name in ("be.npy", "yx1.npy"):
+        assert main(["run", str(tmp_path / name), str(tmp_path / f"{name}.tif"), "--quiet",
+                     "--min-distance", "3"]) == 0, capsys.readouterr().err
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / f"{name}.tif"), separate(image, min_distance=3))
+
+
+def test_a_big_endian_zarr_runs_chunked_as_in_memory(tmp_path, capsys, rng):
+    import zarr
+
+    volume = make_touching_particles((40, 48, 48), 30, seed=int(rng.integers(1e6)))[0]
+    zarr.create_array(str(tmp_path / "be.zarr"), shape=volume.shape, dtype=">u2", chunks=(20, 24, 24),
+                      zarr_format=2)[...] = volume
+    options = ["--sigma", "1", "--threshold", "otsu", "--min-distance", "3", "--max-hole-size", "0", "--quiet"]
+    assert main(["run", str(tmp_path / "be.zarr"), str(tmp_path / "chunked.zarr"), "--chunks", "24,24,24",
+                 *options]) == 0, capsys.readouterr().err
+    chunked, _ = read_image(tmp_path / "chunked.zarr")
+    in_memory = separate(volume, sigma=1, threshold="otsu", min_distance=3, max_hole_size=0)
+    np.testing.assert_array_equal(chunked, in_memory)
+    summary = json.loads((tmp_path / "chunked_summary.json").read_text())  # the in-memory run's statistics too
+    diameters = particle_table(in_memory)["equivalent_diameter"]
+    assert summary["equivalent_diameter_mean"] == pytest.approx(diameters.mean())
+    assert summary["equivalent_diameter_max"] == pytest.approx(diameters.max())
+    assert summary["foreground_voxels"] == int((in_memory > 0).sum())
+
+
+def test_an_lzw_tiff_is_read(tmp_path, image):
+    tifffile.imwrite(tmp_path / "lzw.tif", image, compression="lzw")  # Fiji's and many microscopes' choice
+    np.testing.assert_array_equal(read_image(tmp_path / "lzw.tif")[0], image)
+
+
+def test_a_colour_image_as_an_array_is_refused_not_run_as_a_thin_volume(image, rng):
+    for array in (_colour(image, rng), image[..., None]):
+        with pytest.raises(DeclumpError, match=r"channels? last, not a volume"):
+            separate(array)
+    assert separate(np.stack([image] * 3)).shape == (3,) + image.shape  # three planes first: a volume
+
+
+def test_particle_table_checks_its_inputs_and_takes_any_ids(rng):
+    labels = rng.integers(0, 4, (20, 30, 40)).astype(np.int64)
+    image = rng.random(labels.shape).astype(">f4")
+    sparse = np.where(labels > 0, labels * (2 ** 40 + 7), 0)  # ids of another tool: sparse and huge
+    table = particle_table(sparse, image, spacing=(2.0, 1.0, 0.5))
+    reference = regionprops_table(labels, np.asarray(image, np.float32),
+                                  properties=("label", "area", "centroid", "intensity_mean"), spacing=(2.0, 1.0, 0.5))
+    np.testing.assert_array_equal(table["label"], reference["label"] * (2 ** 40 + 7))
+    np.testing.assert_allclose(table["volume"], reference["area"])
+    np.testing.assert_allclose(table["centroid_x"], reference["centroid-2"])
+    np.testing.assert_allclose(table["mean_intensity"], reference["intensity_mean"], rtol=1e-6)
+    whole = particle_table(labels.astype(np.float32))  # a label image saved as float: whole numbers
+    np.testing.assert_array_equal(whole["voxel_count"], np.bincount(labels.ravel())[1:])
+    for call, message in [
+        (lambda: particle_table(labels, image[..., :-1]), "differs from labels shape"),
+        (lambda: particle_table(labels, np.stack([image] * 3, -1)), "differs from labels shape"),
+        (lambda: particle_table(labels, spacing=(2.0,)), "spacing must be 3 positive numbers"),
+        (lambda: particle_table(labels[None]), "accepted: a non-empty 2D or 3D array"),
+        (lambda: particle_table(labels * 1.5), "not whole numbers"),
+        (lambda: particle_table(labels - 1), "negative ids"),
+        (lambda: evaluate(image.astype(np.float32), labels), "prediction has dtype float32 with values that are not"),
+        (lambda: evaluate(labels[:0], labels[:0]), "accepted: a non-empty"),
+    ]:
+        with pytest.raises(DeclumpError, match=message):
+            call()
+
+
+def test_values_float32_cannot_tell_apart_are_refused_with_the_remedy(image):
+    with pytest.raises(DeclumpError, match="cannot tell apart; subtract the offset or rescale"):
+        separate(image.astype(np.int64) + 2 ** 40)
+    with pytest.raises(DeclumpError, match="cannot tell apart"):
+        separate(image * 1e-300)
+    np.testing.assert_array_equal(separate(image.astype(np.int64) + 2 ** 20), separate(image.astype(np.int64)))
+
+
+@pytest.mark.parametrize("name", ["out.ome.tif", "out.tif"])
+def test_label_tiffs_record_their_axes_and_ome_companions_drop_ome(tmp_path, volume, name):
+    assert main(["run", _npy(tmp_path, volume), str(tmp_path / name), "--spacing", "2,0.5,0.25", "--quiet"]) == 0
+    with tifffile.TiffFile(tmp_path / name) as tif:
+        assert tif.series[0].axes == "ZYX" and tif.series[0].shape == volume.shape
+        if name.endswith(".ome.tif"):
+            pixels = tif.ome_metadata
+            assert 'PhysicalSizeZ="2.0"' in pixels and 'PhysicalSizeX="0.25"' in pixels and 'SizeC="1"' in pixels
+    summary = json.loads((tmp_path / "out_summary.json").read_text())
+    assert (tmp_path / "out_particles.csv").exists() and summary["n_particles"] > 0
+
+
+def test_ngff_multiscale_scale_multiplies_the_levels(tmp_path, volume):
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "img.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", shape=volume.shape, dtype=volume.dtype, chunks=volume.shape)[...] = volume
+    group.attrs["multiscales"] = [{
+        "version": "0.4", "axes": [{"name": n, "type": "space"} for n in "zyx"],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 2.0, 2.0]}]}],
+        "coordinateTransformations": [{"type": "scale", "scale": [0.5, 0.1, 0.1]}]}]
+    assert read_image(tmp_path / "img.zarr")[1] == pytest.approx([0.5, 0.2, 0.2])
+
+
+def test_a_quoted_home_path_is_the_home_folder(tmp_path, monkeypatch, image):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "img.npy", image)
+    assert main(["run", "~/img.npy", "~/out/labels.tif", "--quiet"]) == 0
+    assert (tmp_path / "out" / "labels.tif").exists() and not (tmp_path / "~").exists()
+
+
+def test_api_arguments_are_checked_in_one_line_and_cpu_fallback_takes_the_same_signature(image):
+    import inspect
+
+    import cpu_fallback
+    import gpu_pipeline
+
+    for kwargs, message in [({"sigma": float("inf")}, "sigma must be 'auto' or a finite"),
+                            ({"min_distance": float("inf")}, "min_distance must be 'auto' or a finite"),
+                            ({"max_hole_size": float("nan")}, "max_hole_size must be 'auto' or a finite"),
+                            ({"threshold": None}, "threshold must be one of"),
+                            ({"threshold": True}, "threshold must be one of"),
+                            ({"spacing": "1,1"}, "spacing must be 2 positive numbers")]:
+        with pytest.raises(DeclumpError, match=message):
+            separate(image, **kwargs)
+    assert separate(image, spacing=np.array(2.0)).max() > 0  # a 0-d array is a scalar spacing
+    pipeline_parameters = set(inspect.signature(gpu_pipeline.pipeline.separate).parameters)
+    for function in (gpu_pipeline.separate, cpu_fallback.separate):
+        assert set(inspect.signature(function).parameters) == pipeline_parameters | {"device"}
+    np.testing.assert_array_equal(cpu_fallback.separate(image, device="cpu"), separate(image, device="cpu"))
+    with pytest.raises(DeclumpError, match="runs on the CPU"):
+        cpu_fallback.separate(image, device="gpu")
+
+
+def _npy(tmp_path, array):
+    np.save(tmp_path / "in.npy", array)
+    return str(tmp_path / "in.npy")
