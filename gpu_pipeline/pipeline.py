@@ -686,7 +686,8 @@ def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details,
         max_hole_size = 0.0
     if "auto" in (min_distance, max_hole_size, min_size):
         if not bool(fg.any()):
-            raise NoParticlesError("no particles found: the foreground is empty after thresholding; check polarity "
+            raise NoParticlesError("no particles found: the mask is empty (no voxel > 0)" if given else
+                                   "no particles found: the foreground is empty after thresholding; check polarity "
                                    "or threshold")
         if bool(fg.all()):
             raise NoParticlesError("the foreground covers the whole image (no background voxel), so 'auto' cannot "
@@ -722,8 +723,13 @@ def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details,
         raise FilledImageError("no particles can be told apart: after hole filling the foreground covers the whole "
                                "image; check polarity or threshold, or set --max-hole-size 0")
     if not bool(fg.any()):
-        raise NoParticlesError("no particles found: the foreground is empty after thresholding and removing objects "
-                               f"smaller than {min_size:g} (physical units); check polarity, threshold or min_size")
+        # Name where the size came from: a given min_distance sets the smallest particle 'auto' keeps.
+        origin = (f" (min_size 'auto': at least the ball of min_distance {min_distance:g})"
+                  if particle_min_size is not None and not window_measured else "")
+        raise NoParticlesError(f"no particles found: the foreground is empty after "
+                               f"{'the mask' if given else 'thresholding'} and removing objects smaller than "
+                               f"{min_size:g} (physical units){origin}; check "
+                               f"{'min_size or min_distance' if origin else 'polarity, threshold or min_size'}")
     if min_distance is None:
         min_distance, distance = auto_window(fg, spacing, details, distance)
         details.min_distance = min_distance

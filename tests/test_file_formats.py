@@ -208,6 +208,12 @@ def test_api_arguments_are_checked_in_one_line_and_cpu_fallback_takes_the_same_s
         with pytest.raises(DeclumpError, match=message):
             separate(image, **kwargs)
     assert separate(image, spacing=np.array(2.0)).max() > 0  # a 0-d array is a scalar spacing
+    from gpu_pipeline import NoParticlesError
+
+    with pytest.raises(NoParticlesError, match="the mask is empty"):  # was "after thresholding"
+        separate(image, mask=np.zeros(image.shape, bool))
+    with pytest.raises(NoParticlesError, match="at least the ball of min_distance .*; check min_size or min_distance"):
+        separate(image, min_distance=1e6)  # the size came from min_distance, not from a min_size given
     pipeline_parameters = set(inspect.signature(gpu_pipeline.pipeline.separate).parameters)
     for function in (gpu_pipeline.separate, cpu_fallback.separate):
         assert set(inspect.signature(function).parameters) == pipeline_parameters | {"device"}
