@@ -354,7 +354,7 @@ def cmd_run(args):
         calibrated, unit = tiff_spacing(args.input, imagej_only=True)
         if calibrated is not None and len(calibrated) == image.ndim:
             # Not taken silently: sizes given in voxels (--min-distance 4) would change meaning.
-            print(f"declump: note: {args.input}'s ImageJ calibration is {', '.join(f'{v:g}' for v in calibrated)} "
+            print(f"declump: note: {args.input}'s calibration is {', '.join(f'{v:g}' for v in calibrated)} "
                   f"{unit} per voxel; this run measures in voxels (spacing 1); add --spacing "
                   f"{','.join(f'{v:g}' for v in calibrated)} to measure in {unit}")
     kwargs = separation_kwargs(args)

@@ -327,16 +327,38 @@ def disk_error(exc, fallback):
             "same command again (a chunked run resumes)")
 
 
-def tiff_spacing(path, *, imagej_only=False):
-    """``(spacing, unit)`` from a TIFF's ImageJ metadata or resolution tags, else ``(None, None)``.
+def _ome_spacing(tif):
+    """``(spacing, unit)`` from an OME-TIFF's first image's PhysicalSize (z only for a 3D one), else None."""
+    import re
 
-    ``imagej_only``: only a calibration ImageJ wrote (its metadata names a unit); plain resolution tags, often a
-    screen's or a printer's dots per inch, give ``(None, None)``.
+    pixels = re.search(r"<Pixels\b[^>]*>", tif.ome_metadata or "")
+    if pixels is None:
+        return None
+    found = dict(re.findall(r'(PhysicalSize[XYZ](?:Unit)?)="([^"]*)"', pixels.group(0)))
+    if "PhysicalSizeX" not in found or "PhysicalSizeY" not in found:
+        return None
+    axes = "YX" if len(tif.series[0].shape) == 2 or "PhysicalSizeZ" not in found else "ZYX"
+    spacing = [float(found[f"PhysicalSize{a}"]) for a in axes]
+    units = {found.get(f"PhysicalSize{a}Unit", "\u00b5m") for a in axes}
+    unit = {"\u00b5m": "um", "µm": "um"}.get(units.pop(), None) if len(units) == 1 else None
+    return spacing, unit or "(mixed units)"
+
+
+def tiff_spacing(path, *, imagej_only=False):
+    """``(spacing, unit)`` from a TIFF's OME-XML physical sizes, ImageJ metadata or resolution tags, else
+    ``(None, None)``.
+
+    ``imagej_only``: only a calibration someone set (OME-XML's physical sizes, or ImageJ's metadata naming a
+    unit); plain resolution tags, often a screen's or a printer's dots per inch, give ``(None, None)``.
     """
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
+            if tif.is_ome:
+                ome = _ome_spacing(tif)
+                if ome is not None:
+                    return ome
             page = tif.pages[0]
             ij = tif.imagej_metadata or {}
             if imagej_only and not ij.get("unit"):

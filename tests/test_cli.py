@@ -175,7 +175,7 @@ def test_an_imagej_calibration_is_pointed_out_not_taken_silently(tmp_path, capsy
     tifffile.imwrite(tmp_path / "dpi.tif", image[0], resolution=(72.0, 72.0), resolutionunit="INCH")
     assert main(["run", str(tmp_path / "stack.tif"), str(tmp_path / "a.tif")]) == 0
     out = capsys.readouterr().out
-    assert "ImageJ calibration is 2, 0.5, 0.5 um per voxel" in out and "--spacing 2,0.5,0.5" in out, out
+    assert "calibration is 2, 0.5, 0.5 um per voxel" in out and "--spacing 2,0.5,0.5" in out, out
     assert main(["run", str(tmp_path / "stack.tif"), str(tmp_path / "b.tif"), "--spacing", "2,0.5,0.5",
                  "--min-distance", "1.5"]) == 0
     assert "note" not in capsys.readouterr().out
