@@ -70,7 +70,13 @@ def read_image(path, *, channel=None, timepoint=None, missing_chunks="fill"):
             if array.ndim == 3:
                 array = _grey(array)
         elif suffix == ".npy":
-            array = np.load(path, allow_pickle=False)
+            try:
+                array = np.load(path, allow_pickle=False)
+            except ValueError as exc:
+                if "allow_pickle" not in str(exc):
+                    raise
+                raise DeclumpError(f"{path} holds Python objects (a pickle), not a numeric array; accepted: .npy "
+                                   "files of integer or floating-point values (declump never loads pickles)") from None
             if array.ndim > 2 and sum(n > 1 for n in array.shape) >= 2:
                 array = array.reshape([n for n in array.shape if n > 1])  # one plane is a 2D image, as in a TIFF
         elif suffix == ".zarr" or (path / ".zattrs").exists() or (path / "zarr.json").exists():

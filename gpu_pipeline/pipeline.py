@@ -483,6 +483,10 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         raise DeclumpError(f"method must be 'kmeans' or 'watershed', got {method!r}")
     sigma = 0.0 if sigma is None else sigma
     check_auto_or_number("sigma", sigma, positive=False)
+    extent = max(n * s for n, s in zip(reference.shape, spacing))
+    if sigma != "auto" and float(sigma) > extent:  # (1e9 ran out of memory building its kernel)
+        raise DeclumpError(f"sigma {float(sigma):g} is wider than the image ({extent:g} physical units along its "
+                           "longest axis) and would flatten it; give a sigma below the particles' radius, or 'auto'")
     if mask is None and classifier is None:
         check_threshold(threshold)
     check_auto_or_number("min_distance", min_distance, positive=True)

@@ -122,15 +122,87 @@ def _npy_bytes(array):
 
 
 def test_each_browser_session_has_its_own_state(rng):
-    store = sess.SessionStore(max_sessions=2)
+    store = sess.SessionStore(max_sessions=2, max_pages=4)
     first, second = store.new_id(), store.new_id()
     image = rng.random((20, 20))
     store.get(first).set_image(image, name="a")
     assert store.get(second).image is None and store.get(first).image is image
-    store.get(store.new_id())  # a third tab pushes out the least recently used one
-    assert store.get(second).image is None
     with pytest.raises(DeclumpError):
         store.get("../../etc/passwd")
+
+
+def test_opening_pages_never_drops_a_tab_with_an_image_and_a_dropped_tab_is_told(rng):
+    """16 page loads in another tab pushed out the first tab's image, which then said 'separate first' next to
+    its own count of particles. Pages without an image go first now; images beyond the limit drop the least
+    recently used idle one, and that page says it expired."""
+    store = sess.SessionStore(max_sessions=2, max_pages=4)
+    work = store.new_id()
+    store.get(work).set_image(rng.random((20, 20)), name="work")
+    for _ in range(10):  # page loads that never load an image
+        store.get(store.new_id())
+    assert store.get(work).name == "work"
+    others = [store.new_id() for _ in range(2)]
+    for other in others:
+        store.get(other).set_image(rng.random((20, 20)), name="other")
+        store.get(other)
+    with pytest.raises(DeclumpError, match="session expired.*reload the page"):
+        store.get(work)  # the least recently used of three images
+    assert all(store.get(other).name == "other" for other in others)
+
+
+def test_a_job_keeps_its_image_and_a_shipped_model_never_replaces_the_painted_one(rng):
+    """An upload during a job put the job's results on the new image (3D probabilities on a 2D image: every
+    render failed); choosing the painted classifier after the shipped model ran the shipped model."""
+    import threading
+
+    from importlib import resources
+
+    image, _ = make_touching_particles((64, 64), 6, seed=int(rng.integers(1e6)))
+    session = sess.Session(sess.SessionStore.new_id())
+    session.set_image(image, name="a")
+    release = threading.Event()
+    session.start_job("training", lambda progress: release.wait(30))
+    for change in (lambda: session.set_image(rng.random((30, 30)), name="b"),
+                   lambda: session.set_spacing((2.0, 2.0))):
+        with pytest.raises(DeclumpError, match="still busy: training"):
+            change()
+    release.set()
+    for _ in range(300):
+        if session.take_finished()[0]:
+            break
+        threading.Event().wait(0.01)
+    assert session.name == "a" and session.job is None
+    with pytest.raises(DeclumpError, match="train the classifier on painted strokes first"):
+        session.use_painted_classifier()
+    session.strokes = [sess.Stroke(1, 0, 3.0, np.array([[2.0, 2.0], [2.0, 60.0]])),
+                       sess.Stroke(2, 0, 3.0, np.argwhere(image == image.max())[:2].astype(float))]
+    painted = session.train()
+    if resources.files("gpu_pipeline.models").joinpath("em-particles.npz").is_file():
+        session.use_shipped_model("em-particles")
+        assert session.classifier_source == "em-particles"
+    session.use_painted_classifier()
+    assert session.classifier is painted and session.classifier_source == "painted"
+
+
+@pytest.mark.parametrize("name,array,words", [
+    ("objects.npy", np.array([{"a": 1}, None], dtype=object), "holds Python objects (a pickle)"),
+    ("mask.npy", np.ones((20, 20), bool), "is a bool mask; the app separates intensity images"),
+])
+def test_upload_messages_name_the_file_not_the_server_folder(name, array, words):
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)
+    with pytest.raises(DeclumpError) as info:
+        sess.read_upload(name, _upload(buffer.getvalue()))
+    assert words in str(info.value) and "declump-upload-" not in str(info.value)
+    assert "allow_pickle" not in str(info.value) and "mask=" not in str(info.value)
+
+
+def test_a_sigma_wider_than_the_image_is_refused_not_run_out_of_memory(rng):
+    from gpu_pipeline import separate
+
+    image, _ = make_touching_particles((64, 64), 6, seed=int(rng.integers(1e6)))
+    with pytest.raises(DeclumpError, match="sigma 1e\\+09 is wider than the image"):
+        separate(image, sigma=1e9)
 
 
 def test_training_with_one_class_says_what_is_missing(rng):

@@ -273,3 +273,38 @@ def test_a_second_session_does_not_see_the_first_ones_image(served, browser, tmp
     choose(browser, "paint-class", 1)  # any control re-renders the page from this tab's server state
     time.sleep(1)
     assert text_of(browser, "image-name").startswith("sample: 384 x 384")
+
+
+def test_the_same_file_again_a_thin_image_and_an_error_after_another_click_all_show(served, browser, tmp_path):
+    """Three things a user met: choosing the same file again did nothing (the upload field kept its contents);
+    a 512 x 6 image made Plotly refuse the figure (HTTP 500, the page kept showing the previous image while the
+    server held the new one); a click on another control right after Train swallowed Train's error and froze
+    the status at 'training ... 0 s'."""
+    _, url = served
+    open_page(browser, url)
+    thin = tmp_path / "thin.npy"
+    np.save(thin, (np.random.default_rng(2).random((6, 512)) * 200).astype(np.uint8))
+    browser.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(thin))
+    wait_for(lambda: text_of(browser, "image-name").startswith("thin.npy: 6 x 512"), what="the thin image")
+    assert text_of(browser, "message") == ""
+    browser.find_element(By.ID, "sample").click()
+    wait_for(lambda: text_of(browser, "image-name").startswith("sample"), what="the sample")
+    field = browser.find_element(By.CSS_SELECTOR, "#upload input[type=file]")
+    browser.execute_script("arguments[0].value = ''", field)  # as the file dialog starts (react-dropzone)
+    field.send_keys(str(thin))
+    wait_for(lambda: text_of(browser, "image-name").startswith("thin.npy"), what="the same file chosen again")
+    browser.find_element(By.ID, "train").click()  # no strokes: an error
+    choose(browser, "paint-class", 1)
+    wait_for(lambda: "paint strokes of at least two classes" in text_of(browser, "message"),
+             what="Train's error after another click")
+    wait_for(lambda: "training" not in text_of(browser, "status"), what="the status after the error")
+    browser.find_element(By.ID, "sample").click()
+    wait_for(lambda: text_of(browser, "image-name").startswith("sample"), what="the sample again")
+    spacing = browser.find_element(By.ID, "spacing")  # a bad spacing was dropped silently at Separate
+    spacing.clear()
+    spacing.send_keys("-1\n")
+    wait_for(lambda: "spacing must be 2 positive numbers" in text_of(browser, "message"), what="the spacing error")
+    browser.find_element(By.ID, "separate").click()  # ran with the previous spacing, the message cleared
+    wait_for(lambda: "spacing must be 2 positive numbers" in text_of(browser, "message"), what="the spacing error")
+    time.sleep(4)  # the sample separates in about a second: it must not have run with the old spacing
+    assert text_of(browser, "count") == "" and "spacing must be" in text_of(browser, "message")

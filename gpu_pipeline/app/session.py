@@ -86,24 +86,34 @@ class Session:
     classifier: object = None
     classifier_source: str | None = None
     probabilities: np.ndarray | None = None
+    painted: tuple | None = None  # (classifier, probabilities) trained from the strokes, kept beside a shipped one
     result: Result | None = None
     message: str = ""
     job: str | None = None
     job_started: float = 0.0
     job_error: str | None = None
+    job_finished: bool = False  # a job ended and the page has not shown its status or error yet
     timings: dict = field(default_factory=dict)
     version: int = 0
 
     # -- loading ---------------------------------------------------------------------------------------------
+    def refuse_while_busy(self, what):
+        """A one-line error if a job runs: its results would land on what ``what`` replaces."""
+        with self.lock:
+            if self.job is not None:
+                raise DeclumpError(f"still busy: {self.job}; wait until it finishes before {what}")
+
     def set_image(self, image, *, name, source=None, spacing=None, unit=None, max_voxels=DEFAULT_MAX_VOXELS):
         image = check_image(image, name=name, max_voxels=max_voxels)
         with self.lock:
+            self.refuse_while_busy("loading another image")
             self.image, self.name, self.source = image, name, source
             self.spacing = tuple(float(s) for s in spacing) if spacing is not None else (1.0,) * image.ndim
             self.unit = unit or ("px" if spacing is None else "units")
             self.strokes, self.result = [], None
             self.features = self.features_spacing = self.classifier = self.classifier_source = None
-            self.probabilities = None
+            self.probabilities = self.painted = None
+            self.timings = {}
             self.message, self.version = "", self.version + 1
 
     def set_spacing(self, spacing, unit=None):
@@ -114,9 +124,10 @@ class Session:
         spacing = validate_spacing(spacing, self.image.ndim)
         with self.lock:
             if spacing != self.spacing:
+                self.refuse_while_busy("changing the spacing")
                 self.spacing = spacing
                 self.result = None
-                self.probabilities = self.classifier = self.classifier_source = None
+                self.probabilities = self.classifier = self.classifier_source = self.painted = None
             if unit:
                 self.unit = unit
 
@@ -184,18 +195,29 @@ class Session:
         classifier = MemoizedClassifier.wrap(classifier, self.image, self.spacing, probabilities)
         with self.lock:
             self.classifier, self.classifier_source, self.probabilities = classifier, "painted", probabilities
+            self.painted = (classifier, probabilities)
             self.timings.update(train_s=trained - started, predict_s=time.perf_counter() - trained)
         return classifier
+
+    def use_painted_classifier(self):
+        """Make the classifier trained from the strokes the one that separates (after a shipped model was used)."""
+        with self.lock:
+            if self.painted is None:
+                raise DeclumpError("train the classifier on painted strokes first (3. Train), or choose the shipped "
+                                   "EM model or the automatic foreground")
+            (self.classifier, self.probabilities), self.classifier_source = self.painted, "painted"
 
     def use_shipped_model(self, name="em-particles", progress=lambda text: None):
         from gpu_pipeline.classifier import load_classifier
 
         classifier = load_classifier(name)
         progress(f"predicting with the shipped model {name}")
+        started = time.perf_counter()
         probabilities = to_host(classifier.predict_proba(self.image, spacing=self.spacing))
         classifier = MemoizedClassifier.wrap(classifier, self.image, self.spacing, probabilities)
         with self.lock:
             self.classifier, self.classifier_source, self.probabilities = classifier, name, probabilities
+            self.timings["shipped_predict_s"] = time.perf_counter() - started
 
     # -- separation ------------------------------------------------------------------------------------------
     def separate(self, options=None, *, foreground="automatic", device="cpu", progress=lambda text: None):
@@ -227,7 +249,7 @@ class Session:
         with self.lock:
             if self.job is not None:
                 raise DeclumpError(f"still busy: {self.job}; wait until it finishes")
-            self.job, self.job_started, self.job_error = title, time.perf_counter(), None
+            self.job, self.job_started, self.job_error, self.job_finished = title, time.perf_counter(), None, False
 
         def progress(text):
             with self.lock:
@@ -244,10 +266,19 @@ class Session:
                 self.job_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             finally:
                 with self.lock:
-                    self.job = None
+                    self.job, self.job_finished = None, True
                     self.version += 1
 
         threading.Thread(target=runner, daemon=True, name=f"declump-app-{self.id[:8]}").start()
+
+    def take_finished(self):
+        """``(True, error or "")`` once after a job ended (its error, if any, then cleared), else ``(False, "")``:
+        whichever callback runs first after the end shows it, so no other click can swallow it."""
+        with self.lock:
+            if self.job is not None or not self.job_finished:
+                return False, ""
+            error, self.job_error, self.job_finished = self.job_error or "", None, False
+            return True, error
 
     def job_status(self):
         """(running, text): the current job's progress line with its elapsed seconds."""
@@ -297,11 +328,17 @@ def separation_options(values=None):
 
 
 class SessionStore:
-    """One :class:`Session` per browser tab, the least recently used dropped beyond ``max_sessions``."""
+    """One :class:`Session` per browser tab.
 
-    def __init__(self, max_sessions=16):
-        self.max_sessions = max_sessions
+    At most ``max_sessions`` sessions hold an image (the least recently used idle one is dropped beyond that)
+    and at most ``max_pages`` exist at all (pages that never loaded an image go first), so opening pages does
+    not push out a tab's work. A dropped session's id is remembered: its page is told that it expired.
+    """
+
+    def __init__(self, max_sessions=16, max_pages=1024):
+        self.max_sessions, self.max_pages = max_sessions, max_pages
         self._sessions = OrderedDict()
+        self._dropped = OrderedDict()
         self._lock = threading.Lock()
 
     @staticmethod
@@ -312,13 +349,34 @@ class SessionStore:
         if not isinstance(session_id, str) or not re.fullmatch(r"[0-9a-f]{32}", session_id):
             raise DeclumpError("this page has no valid session; reload it")
         with self._lock:
+            if session_id in self._dropped:
+                raise DeclumpError(f"this page's session expired: the app keeps the {self.max_sessions} most "
+                                   "recently used images; reload the page and load the image again")
             session = self._sessions.get(session_id)
             if session is None:
                 session = self._sessions[session_id] = Session(session_id)
-                while len(self._sessions) > self.max_sessions:
-                    self._sessions.popitem(last=False)
             self._sessions.move_to_end(session_id)
+            self._evict(keep=session_id)
             return session
+
+    def _evict(self, keep):
+        """Drop pages beyond ``max_pages`` (empty ones first) and images beyond ``max_sessions`` (idle ones)."""
+        while True:
+            items = [(k, s) for k, s in self._sessions.items() if k != keep]
+            loaded = [k for k, s in items if s.image is not None and s.job is None]
+            held = sum(s.image is not None for s in self._sessions.values())
+            if len(self._sessions) > self.max_pages:
+                victim = next((k for k, s in items if s.image is None), loaded[0] if loaded else None)
+            elif held > self.max_sessions and loaded:
+                victim = loaded[0]
+            else:
+                return
+            if victim is None:
+                return
+            del self._sessions[victim]
+            self._dropped[victim] = True
+            while len(self._dropped) > 16 * self.max_pages:
+                self._dropped.popitem(last=False)
 
 
 def check_image(image, *, name="image", max_voxels=DEFAULT_MAX_VOXELS):
@@ -326,6 +384,9 @@ def check_image(image, *, name="image", max_voxels=DEFAULT_MAX_VOXELS):
     from gpu_pipeline.pipeline import validate_image
 
     image = np.asarray(image)
+    if image.dtype == bool:
+        raise DeclumpError(f"{name} is a bool mask; the app separates intensity images (a mask is separated with "
+                           "declump run MASK OUT, or declump run IMAGE OUT --mask MASK)")
     if image.ndim not in (2, 3):
         raise DeclumpError(f"{name} has {image.ndim} dimensions {tuple(image.shape)}; the app accepts 2D images or "
                            "3D volumes (pick a channel or time point first)")
@@ -357,7 +418,10 @@ def read_upload(filename, contents, *, max_voxels=DEFAULT_MAX_VOXELS):
     with tempfile.TemporaryDirectory(prefix="declump-upload-") as folder:
         path = Path(folder) / filename
         path.write_bytes(data)
-        image, spacing = read_image(path)
+        try:
+            image, spacing = read_image(path)
+        except DeclumpError as exc:  # the file's name, not the server's temporary path
+            raise DeclumpError(str(exc).replace(str(path), filename)) from None
         spacing_unit = tiff_spacing(path) if suffix in (".tif", ".tiff") and spacing is None else (spacing, None)
     spacing, unit = spacing_unit
     image = check_image(image, name=filename, max_voxels=max_voxels)

@@ -16,6 +16,8 @@ from gpu_pipeline.plots import size_histogram_rgb
 #: Longest side of the image on screen (CSS pixels) at the default zoom; brush widths convert with it.
 FIGURE_SIDE = 600
 POLL_MS = 400
+DEFAULT_BRUSH = 6
+DEFAULT_OPACITY = 0.5
 TABLE_ROWS = 12
 HISTOGRAM_SIZE = (480, 300)
 AXIS_NAMES = ("plane (z)", "row (y)", "column (x)")
@@ -68,14 +70,14 @@ def layout_body(session_id, device):
                                                  "marginRight": "8px"}), "value": value}
                 for value, name in sess.CLASS_NAMES.items()]),
             html.Label("brush width (image pixels)", style=LABEL),
-            dcc.Slider(id="brush", min=1, max=30, step=1, value=6, marks={1: "1", 10: "10", 20: "20", 30: "30"}),
+            dcc.Slider(id="brush", min=1, max=30, step=1, value=DEFAULT_BRUSH, marks={1: "1", 10: "10", 20: "20", 30: "30"}),
             html.Button("Undo", id="undo"), html.Button("Clear", id="clear", style={"marginLeft": "6px"}),
         ]),
         html.Div(style=PANEL, children=[
             html.B("3. Train"),
             html.Div(html.Button("Train and predict", id="train"), style={"margin": "4px 0"}),
             html.Label("probability overlay opacity", style=LABEL),
-            dcc.Slider(id="opacity", min=0, max=1, step=0.05, value=0.5, marks={0: "0", 0.5: "0.5", 1: "1"}),
+            dcc.Slider(id="opacity", min=0, max=1, step=0.05, value=DEFAULT_OPACITY, marks={0: "0", 0.5: "0.5", 1: "1"}),
         ]),
         html.Div(style=PANEL, children=[
             html.B("4. Separate"),
@@ -169,13 +171,16 @@ def build_figure(session, plane, show, opacity, paint_class, brush):
     if session.probabilities is not None and "probabilities" in show:
         rgba = sess.probability_rgba(session.probabilities, plane if image.ndim == 3 else None, factor)
         # Hover-enabled too: a top trace that skips hover hides the image's hover events beneath it.
+        opacity = opacity if isinstance(opacity, (int, float)) else DEFAULT_OPACITY
         fig.add_trace(go.Image(source=sess.png_data_uri(rgba), name="probabilities", opacity=float(opacity),
                                hovertemplate="x %{x}, y %{y}<extra></extra>", **place))
     ratio = _screen_ratio(image.shape)
     height, width = image.shape[-2:]
     shapes = [sess.stroke_to_shape(s, ratio) for s in session.strokes if s.plane == plane]
-    fig.update_layout(
-        width=round(width * ratio) + 2, height=round(height * ratio) + 2, margin={"l": 1, "r": 1, "t": 1, "b": 1},
+    brush = brush if isinstance(brush, (int, float)) else DEFAULT_BRUSH  # an emptied number box: None
+    fig.update_layout(  # Plotly refuses figures under 10 px: a thin image (512 x 6) gets a taller-than-drawn one
+        width=max(round(width * ratio) + 2, 10), height=max(round(height * ratio) + 2, 10),
+        margin={"l": 1, "r": 1, "t": 1, "b": 1},
         xaxis={"visible": False, "range": [-0.5, width - 0.5]},
         yaxis={"visible": False, "range": [height - 0.5, -0.5], "scaleanchor": "x"},
         dragmode="drawopenpath", shapes=shapes, uirevision=f"{session.name}-{image.shape}",
@@ -242,7 +247,7 @@ def build_app(image_path=None, *, max_voxels=None):
         Output("spacing", "value"), Output("unit", "value"),
         Output("plane-box", "style"), Output("plane", "max"), Output("plane", "value"), Output("plane-label", "children"),
         Output("count", "children"), Output("histogram", "src"), Output("histogram", "style"),
-        Output("table", "columns"), Output("table", "data"),
+        Output("table", "columns"), Output("table", "data"), Output("upload", "contents"),
         Input("upload", "contents"), Input("sample", "n_clicks"), Input("graph", "relayoutData"),
         Input("undo", "n_clicks"), Input("clear", "n_clicks"), Input("plane", "value"),
         Input("paint-class", "value"), Input("brush", "value"), Input("show", "value"), Input("opacity", "value"),
@@ -256,11 +261,19 @@ def build_app(image_path=None, *, max_voxels=None):
             unit, _train, _separate, _poll, filename, foreground, method, min_distance, min_size, hole_size, sigma,
             polarity, session_id):
         trigger = ctx.triggered_id
-        session = store.get(session_id)
+        try:
+            session = store.get(session_id)
+        except DeclumpError as exc:  # a tampered or expired page: say so, change nothing
+            return (no_update, "", str(exc), True) + (no_update,) * 13
         message, status, reload = "", no_update, False
         plane = int(plane or 0)
+        # The upload field is emptied after each upload, so choosing the same file again (fixed, or after the
+        # sample) is a new upload; its own emptying calls back with no contents and changes nothing.
+        clear_upload = None if trigger == "upload" and contents else no_update
         try:
-            if trigger == "upload" and contents:
+            if trigger == "upload" and not contents:
+                return (no_update,) * 17
+            if trigger == "upload":
                 image, spacing, file_unit = sess.read_upload(filename, contents, max_voxels=max_voxels)
                 session.set_image(image, name=Path(filename).name, spacing=spacing, unit=file_unit,
                                   max_voxels=max_voxels)
@@ -273,7 +286,7 @@ def build_app(image_path=None, *, max_voxels=None):
                 reload = True
             elif trigger == "graph" and relayout and session.image is not None:
                 _apply_relayout(session, relayout, plane)  # the browser already shows the strokes
-                return (no_update,) * 16
+                return (no_update,) * 17
             elif trigger == "undo":
                 session.undo(plane)
             elif trigger == "clear":
@@ -281,34 +294,40 @@ def build_app(image_path=None, *, max_voxels=None):
             elif trigger in ("spacing", "unit") and session.image is not None:
                 session.set_spacing(parse_spacing(spacing_text, session.image.ndim), (unit or "").strip() or None)
             elif trigger == "train":
+                _take_spacing(session, spacing_text, unit)
                 session.start_job("training", lambda progress: session.train(progress))
                 return _busy(session)
             elif trigger == "separate":
                 options = {"--method": method, "--min-distance": min_distance, "--min-size": min_size,
                            "--max-hole-size": hole_size, "--sigma": sigma, "--polarity": polarity}
                 sess.separation_options(options)  # a bad value is a message now, not a failed job
+                _take_spacing(session, spacing_text, unit)  # the spacing shown is the one used, or a message
                 session.start_job("separating", lambda progress: _separate_job(session, options, foreground, device,
                                                                                 progress))
                 return _busy(session)
             elif trigger == "poll":
                 running, text = session.job_status()
                 if running:
-                    return (no_update, text) + (no_update,) * 14
-                message = session.job_error or ""
-                session.job_error = None
-                status = _done_text(session)
+                    return (no_update, text) + (no_update,) * 15
         except DeclumpError as exc:
             message = str(exc)
         except MemoryError:
             message = "out of memory; use a smaller image or a machine with more memory"
         except Exception as exc:  # say it in the page; the server and the other tabs go on
             message = f"unexpected error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        finished, error = session.take_finished()  # shown by whichever callback runs first after a job ended
+        if finished:
+            message, status = message or error, _done_text(session)
         if session.image is not None and session.image.ndim == 3:
             plane = min(plane, session.image.shape[0] - 1)
         if reload and session.image is not None:
             plane = session.image.shape[0] // 2 if session.image.ndim == 3 else 0
-        out = _render(session, plane, show or [], opacity, paint_class, brush)
-        figure, count, hist_src, hist_style, columns, rows = out
+        try:
+            figure, count, hist_src, hist_style, columns, rows = _render(session, plane, show or [], opacity,
+                                                                         paint_class, brush)
+        except Exception as exc:  # a picture that cannot be drawn is a message, not an HTTP 500 and a stale page
+            message = f"could not draw the image ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            return (no_update, status, message, True) + (no_update,) * 12 + (clear_upload,)
         image = session.image
         name = "" if image is None else f"{session.name}: {' x '.join(map(str, image.shape))} {image.dtype}"
         is_3d = image is not None and image.ndim == 3
@@ -322,17 +341,21 @@ def build_app(image_path=None, *, max_voxels=None):
                 {"display": "block"} if is_3d else {"display": "none"},
                 image.shape[0] - 1 if is_3d else 1, plane if (reload or is_3d) else no_update,
                 f"{AXIS_NAMES[0]}: {plane} of 0-{image.shape[0] - 1}" if is_3d else "",
-                count, hist_src, hist_style, columns, rows)
+                count, hist_src, hist_style, columns, rows, clear_upload)
 
     def _busy(session):
         _, text = session.job_status()
-        return (no_update, text, "", False) + (no_update,) * 12
+        return (no_update, text, "", False) + (no_update,) * 13
 
     def _done_text(session):
         parts = []
-        if "train_s" in session.timings and session.classifier is not None:
+        painted = session.classifier_source == "painted"
+        if "train_s" in session.timings and painted:
             parts.append(f"trained in {session.timings['train_s']:.2f} s, predicted in "
                          f"{session.timings['predict_s']:.2f} s")
+        elif session.classifier is not None and "shipped_predict_s" in session.timings:
+            parts.append(f"{session.classifier_source} model predicted in "
+                         f"{session.timings['shipped_predict_s']:.2f} s")
         if session.result is not None:
             parts.append(f"separated in {session.result.seconds:.2f} s")
         return "; ".join(parts)
@@ -432,8 +455,16 @@ def _apply_relayout(session, relayout, plane):
     return False
 
 
+def _take_spacing(session, text, unit):
+    """The spacing and unit fields as they are now, checked (a bad value is a message and nothing runs)."""
+    if session.image is not None:
+        session.set_spacing(parse_spacing(text, session.image.ndim), (unit or "").strip() or None)
+
+
 def _separate_job(session, options, foreground, device, progress):
-    if foreground not in ("automatic", "classifier"):
+    if foreground == "classifier":
+        session.use_painted_classifier()  # the strokes' model, also after the shipped one was used
+    elif foreground != "automatic":
         if session.classifier_source != foreground:
             session.use_shipped_model(foreground, progress)
         foreground = "classifier"
