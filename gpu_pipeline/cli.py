@@ -344,7 +344,7 @@ def cmd_run(args):
     mask = None
     if args.mask is not None:
         mask, _ = read_image(args.mask, channel=args.channel, timepoint=args.timepoint,
-                             missing_chunks=args.missing_chunks)
+                             missing_chunks=args.missing_chunks, colour="any")
         check_mask(mask, image.shape, "--mask")
     image, mask = boolean_input_as_mask(image, mask, classifier=args.classifier, input_path=args.input)
     spacing = args.spacing if args.spacing is not None else file_spacing

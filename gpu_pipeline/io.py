@@ -36,7 +36,7 @@ def companion_stem(output) -> Path:
     return stem.with_suffix("") if stem.suffix.lower() == ".ome" else stem
 
 
-def read_image(path, *, channel=None, timepoint=None, missing_chunks="fill"):
+def read_image(path, *, channel=None, timepoint=None, missing_chunks="fill", colour="grey"):
     """Read a 2D/3D image; returns ``(array, spacing or None)``.
 
     TIFF (tifffile, by its axes: ``channel``/``timepoint`` pick from ``c``/``t``
@@ -45,7 +45,9 @@ def read_image(path, *, channel=None, timepoint=None, missing_chunks="fill"):
     (axes of length 1 dropped, as in TIFF), and Zarr arrays or OME-Zarr
     multiscale groups (level 0, spacing from ``coordinateTransformations``;
     ``channel``/``timepoint`` pick from ``c``/``t`` axes). Big-endian data
-    is read in native byte order. Zarr chunk files that are missing read as the fill
+    is read in native byte order. ``colour="any"`` (a mask): a colour pixel is
+    its largest colour channel (a red-on-black mask is > 0 where it is red),
+    not its luminance. Zarr chunk files that are missing read as the fill
     value (label images are sparse: Zarr skips all-zero chunks), or, with
     ``missing_chunks="error"`` (what ``declump run`` uses for its input),
     raise a `DeclumpError` naming the first one.
@@ -59,7 +61,7 @@ def read_image(path, *, channel=None, timepoint=None, missing_chunks="fill"):
         _no_axis_for(channel, timepoint, path, f"a {suffix} file")
     try:
         if suffix in (".tif", ".tiff"):
-            array = _read_tiff(path, channel, timepoint)
+            array = _read_tiff(path, channel, timepoint, colour)
         elif suffix == ".png":
             from PIL import Image
 
@@ -68,7 +70,7 @@ def read_image(path, *, channel=None, timepoint=None, missing_chunks="fill"):
                     img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
                 array = np.asarray(img)
             if array.ndim == 3:
-                array = _grey(array)
+                array = _grey(array, colour)
         elif suffix == ".npy":
             try:
                 array = np.load(path, allow_pickle=False)
@@ -105,11 +107,11 @@ def read_image(path, *, channel=None, timepoint=None, missing_chunks="fill"):
     return array, spacing
 
 
-def _grey(array):
+def _grey(array, colour="grey"):
     """A colour image with its samples last (grey + alpha, RGB, RGBA) as one grey image, as the eye sees it.
 
     Alpha is dropped; RGB with equal channels is that channel (dtype kept); other RGB is its luminance
-    (Rec. 709 weights, float32), as ``skimage.color.rgb2gray``.
+    (Rec. 709 weights, float32), as ``skimage.color.rgb2gray``, or with ``colour="any"`` its largest channel.
     """
     if array.shape[-1] not in (2, 3, 4):
         return array
@@ -118,6 +120,8 @@ def _grey(array):
     rgb = array[..., :3]
     if (rgb == rgb[..., :1]).all():
         return rgb[..., 0]
+    if colour == "any":
+        return rgb.max(axis=-1)
     return (rgb @ np.array([0.2125, 0.7154, 0.0721])).astype(np.float32)
 
 
@@ -125,7 +129,7 @@ def _grey(array):
 TIFF_PLANE_AXES = "ZIQ"
 
 
-def _read_tiff(path, channel, timepoint):
+def _read_tiff(path, channel, timepoint, colour="grey"):
     """A TIFF's image as a 2D/3D array by its axes: ``C``/``T`` picked (``channel``/``timepoint``), colour to grey.
 
     A file of single pages of one shape each (written page by page: every page its own series to tifffile)
@@ -149,7 +153,7 @@ def _read_tiff(path, channel, timepoint):
         else:
             array, axes = first.asarray(), first.axes
     if "S" in axes:  # colour samples (RGB, RGBA, planar or not): grey
-        array = _grey(np.moveaxis(array, axes.index("S"), -1))
+        array = _grey(np.moveaxis(array, axes.index("S"), -1), colour)
         axes = axes.replace("S", "")
     present = {name for name in "CT" if name in axes}
     _no_axis_for(channel if "C" not in present else None, timepoint if "T" not in present else None, path,

@@ -60,6 +60,18 @@ def test_colour_palette_and_grey_alpha_pngs_are_read_as_the_grey_they_show(tmp_p
     np.testing.assert_array_equal(read_image(tmp_path / "la.png")[0], shown)
 
 
+def test_a_colour_mask_png_is_the_foreground_where_it_is_coloured(tmp_path, capsys, image):
+    """A red-on-black mask (an annotation tool's export) was refused: its luminance spans [0, 54.2]."""
+    mask = image > np.percentile(image, 60)
+    red = np.zeros(image.shape + (3,), np.uint8)
+    red[mask, 0] = 255
+    Image.fromarray(red).save(tmp_path / "red.png")
+    np.save(tmp_path / "img.npy", image)
+    assert main(["run", str(tmp_path / "img.npy"), str(tmp_path / "o.tif"), "--mask", str(tmp_path / "red.png"),
+                 "--quiet", "--min-distance", "3"]) == 0, capsys.readouterr().err
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "o.tif"), separate(image, mask=mask, min_distance=3))
+
+
 def test_tiff_channel_and_time_axes_are_picked_like_ome_zarr_ones(tmp_path, capsys, rng, volume):
     other = rng.integers(0, 255, volume.shape, dtype=np.uint8)
     tifffile.imwrite(tmp_path / "zcyx.tif", np.stack([other, volume], axis=1), imagej=True, metadata={"axes": "ZCYX"})
