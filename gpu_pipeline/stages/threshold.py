@@ -372,6 +372,27 @@ def percentile_range(image, percents=NORMALISE_PERCENTILES):
     return (low, high) if high > low else (bins.low, bins.high)
 
 
+#: A tail of the histogram beyond the normalising percentiles that holds a connected piece of at least a ball
+#: of this radius (voxels) is particles, not hot or dead voxels: few particles in a large field (one particle
+#: in 512^2 covers 0.04 % of it) lie wholly beyond the 99.9th percentile, and clipping them away left Otsu
+#: to split the background noise (thousands of specks, F1 0).
+TAIL_OBJECT_RADIUS = 4
+
+
+def tails_without_objects(image, low, high):
+    """``(low, high)`` with each tail that holds a particle-sized piece opened to the image's extreme."""
+    from gpu_pipeline._backend import ops_for
+
+    ops = ops_for(image)
+    size = math.pi * TAIL_OBJECT_RADIUS ** 2 if image.ndim == 2 else 4 / 3 * math.pi * TAIL_OBJECT_RADIUS ** 3
+    kept = []
+    for beyond, extreme, bound in ((image < low, image.min(), low), (image > high, image.max(), high)):
+        labels, count = ops.label(beyond)
+        largest = int(ops.label_sizes(labels, count)[1:].max()) if count else 0
+        kept.append(float(extreme) if largest >= size else bound)
+    return tuple(kept)
+
+
 def local_background(image, background_guess, sigma_voxels):
     """The background level at every voxel, from the background voxels within a few ``sigma_voxels``.
 
@@ -417,6 +438,8 @@ def threshold_foreground(smoothed, threshold, polarity, *, components=False):
     if threshold == "auto":
         low, high = percentile_range(smoothed)
         full = float(smoothed.max()) - float(smoothed.min())
+        if high - low < SQUEEZE * full:
+            low, high = tails_without_objects(smoothed, low, high)
         if high - low < SQUEEZE * full:
             intensity_range = (low, high)
             image = xp.clip(smoothed, xp.asarray(low, dtype=smoothed.dtype), xp.asarray(high, dtype=smoothed.dtype))
@@ -486,6 +509,32 @@ def missed_fraction(low_mask, high_mask) -> float:
     return float(area[missed].sum()) / max(float(area[1:].sum()), 1.0)
 
 
+#: ``auto`` takes Li only where Li's threshold lies beyond the background's noise: the median of the voxels on
+#: the background side of Otsu's threshold plus this many robust standard deviations (1.4826 MAD) of them.
+#: Where particles cover a tiny share of the image (one particle in 512^2), Li's iteration settles at the
+#: background's mean, and its "missed particles" were the noise specks above it.
+NOISE_SIGMAS = 3.0
+
+
+def _weighted_median(values, weights):
+    order = np.argsort(values)
+    cumulative = np.cumsum(weights[order])
+    return float(values[order][int(np.searchsorted(cumulative, cumulative[-1] / 2))])
+
+
+def background_noise_bound(counts, bins, otsu, side):
+    """The level the background's noise reaches (median + ``NOISE_SIGMAS`` robust sigmas toward the particles,
+    from the histogram's voxels on the background side of ``otsu``), or None where that side is empty."""
+    centers, counts = bins.centers, np.asarray(counts, dtype=np.float64)
+    background = centers <= otsu if side == "bright" else centers > otsu
+    values, weights = centers[background], counts[background]
+    if weights.sum() == 0:
+        return None
+    median = _weighted_median(values, weights)
+    spread = NOISE_SIGMAS * 1.4826 * _weighted_median(np.abs(values - median), weights)
+    return median + spread if side == "bright" else median - spread
+
+
 def choose_method(image, counts, bins, candidates, side) -> str:
     """``auto``'s choice for one image: Otsu, unless it misses whole particles that Li's lower threshold finds.
 
@@ -493,9 +542,14 @@ def choose_method(image, counts, bins, candidates, side) -> str:
     histogram); where particles differ in brightness (dim and bright nuclei
     in one frame) it keeps only the bright ones, and the components of Li's
     foreground that hold no Otsu voxel are those missed particles. When they
-    make up :data:`MISSED_AREA` or more of Li's foreground, Li is chosen. The
-    rule and its evidence: ``bench/auto_foreground.py``.
+    make up :data:`MISSED_AREA` or more of Li's foreground, Li is chosen,
+    unless Li's threshold lies within the background's noise
+    (:func:`background_noise_bound`). The rule and its evidence:
+    ``bench/auto_foreground.py``.
     """
+    noise = background_noise_bound(counts, bins, candidates["otsu"], side)
+    if noise is not None and (candidates["li"] <= noise if side == "bright" else candidates["li"] >= noise):
+        return "otsu"  # Li's foreground would be the background's noise
     otsu_fg = foreground(image, candidates["otsu"], side)
     li_fg = foreground(image, candidates["li"], side)
     return "li" if missed_fraction(li_fg, otsu_fg) >= MISSED_AREA else "otsu"
