@@ -177,8 +177,10 @@ def resolve_ratio(name, value, ndim):
     """``neck_ratio``, ``nearby_ratio``, ``peak_reach``, ``reach_share`` or ``ball_share`` (``name``) as a number
     in (0, 1] or None; ``"auto"`` by its table (:data:`RATIO_AUTO`)."""
     if isinstance(value, str):
+        if value == "off":  # the command line's spelling of None
+            return None
         if value != "auto":
-            raise DeclumpError(f"{name} must be 'auto', a number in (0, 1] or None (off), got {value!r}")
+            raise DeclumpError(f"{name} must be 'auto', a number in (0, 1] or None ('off'), got {value!r}")
         return RATIO_AUTO[name][ndim]
     if value is not None and not (0 < float(value) <= 1):
         raise DeclumpError(f"{name} must be 'auto', a number in (0, 1] or None (off), got {value}")
@@ -459,6 +461,8 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         On unusable input (wrong dimensions or dtype, NaN, constant image,
         bad spacing or options); :class:`NoParticlesError` when nothing is left.
     """
+    if image is not None and mask is None and classifier is None and np.dtype(image.dtype) == bool:
+        image, mask = image.astype(np.uint8), image  # a bool image is the foreground itself, as on the CLI
     reference = image if image is not None else mask
     if reference is None:
         raise DeclumpError("separate needs an image, a mask, or both")
@@ -510,8 +514,10 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         boundary = class_probability(details.probabilities, classifier.classes, "boundary")
         interior = class_probability(details.probabilities, classifier.classes, "particle")
         clock.lap("classifier")
+    reject_annotations = {"on": True, "off": False}.get(reject_annotations, reject_annotations)  # CLI spellings
     if reject_annotations not in ("auto", True, False):
-        raise DeclumpError(f"reject_annotations must be 'auto', True or False, got {reject_annotations!r}")
+        raise DeclumpError(f"reject_annotations must be 'auto', True ('on') or False ('off'), got "
+                           f"{reject_annotations!r}")
     given = mask is not None
     if given and classifier is None and min_size == "auto":
         min_size = None  # a user's mask is taken as given: only objects below the peak window go
