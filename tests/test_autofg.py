@@ -579,6 +579,16 @@ def test_drawn_scale_bar_and_text_are_not_particles(rng):
     assert evaluate(labels, truth)["f1_50"] >= evaluate(kept, truth)["f1_50"] - 0.02
 
 
+def test_a_lone_particle_clipped_at_255_in_the_margin_is_not_taken_for_ink():
+    """Generated 8-bit images with one particle in 512^2 (the seeds of bench.defaults_sweep): its core clipped
+    at 255 and speckled by noise, near the panel's edge on seed 1, where the default removed the whole
+    particle as an annotation (F1 0); the piece its ink pixels make up is as wide as the core, not a stroke."""
+    for seed in range(3):
+        image, truth = make_touching_particles((512, 512), 1, radius_range=(6, 14), seed=seed)
+        labels, details = separate(image, return_details=True)
+        assert evaluate(labels, truth)["f1_50"] == 1.0, (seed, details.annotation_pixels)
+
+
 @pytest.mark.parametrize("name, boxes", [
     # (rows, columns) of annotations with no particle under them, read off the images.
     ("226dc58f03", [(slice(9, 68), slice(13, 72))]),  # white panel letter, top left

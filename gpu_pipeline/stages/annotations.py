@@ -39,6 +39,9 @@ STROKE_RADIUS = 8
 #: stroke's is twice its length over its half width), and at least ``INK_MIN_PIXELS`` pixels.
 STROKE_ELONGATION = 10
 INK_MIN_PIXELS = 20
+#: ... and the piece its ink pixels make up together (joined across ``INK_GAP``) has an inscribed radius of at
+#: most this many pixels: strokes up to about 9 pixels wide, not a saturated particle's speckled core.
+STROKE_PIECE_RADIUS = 6
 #: ... or a filled rectangle (``RECTANGULARITY``, ``BAR_ASPECT``, ``BAR_MIN_LENGTH``) of any thickness; never a
 #: frame around the whole panel (bounding box over ``BAND_WIDTH`` of both axes).
 #: ... and lies in the panel's margin: wholly within this fraction of the height or width from an edge, where
@@ -127,7 +130,8 @@ def annotation_ink(image):
         # Anti-aliasing breaks a glyph's ink into pieces a pixel apart: they are measured together (their ink
         # pixels and the deepest of them), as one piece.
         gap = ops.distance_transform(~extreme, (1.0, 1.0))
-        labels, count = ops.label(gap <= INK_GAP)
+        joined = gap <= INK_GAP
+        labels, count = ops.label(joined)
         flat = labels.ravel()
         area = xp.bincount(flat, weights=extreme.ravel().astype(xp.float64), minlength=count + 1)
         depth = xp.zeros(count + 1, dtype=xp.float32)
@@ -135,7 +139,12 @@ def annotation_ink(image):
         depth = depth.astype(xp.float64)
         (top, bottom), (left, right) = _bounds(xp.where(extreme, labels, 0), count, image.shape)  # of the ink
         height, width = bottom - top + 1, right - left + 1
-        stroke = (depth <= STROKE_RADIUS) & (area >= STROKE_ELONGATION * depth * depth) & (area >= INK_MIN_PIXELS)
+        # ... and thin as a whole: a particle's clipped core is speckled (noise at the dtype's end), so its ink
+        # pixels alone look thin, but the piece they make up together is as wide as the core.
+        width = xp.zeros(count + 1, dtype=xp.float32)
+        ops.scatter_max(width, flat, ops.distance_transform(joined, (1.0, 1.0)).ravel().astype(xp.float32))
+        stroke = ((depth <= STROKE_RADIUS) & (area >= STROKE_ELONGATION * depth * depth) & (area >= INK_MIN_PIXELS)
+                  & (width.astype(xp.float64) <= STROKE_PIECE_RADIUS))
         frame = (height >= BAND_WIDTH * image.shape[0]) & (width >= BAND_WIDTH * image.shape[1])
         rows, cols = image.shape
         margin = ((bottom < EDGE_BAND * rows) | (top >= (1 - EDGE_BAND) * rows)

@@ -1,0 +1,95 @@
+"""declump at its defaults (``separate(image)``, as ``declump run in out`` runs it) on all the shared real data
+and on generated images that stress the automatic choices, one row per image.
+
+    python -m bench.defaults_sweep [--seeds 3] [--out NAME]
+
+Real: the 366 EMPS images (``emps_subset``, ``emps_train_rest``), the DSB nuclei image and the two 3D embryo
+stacks. Generated (``make_touching_particles``, seeds 0..N-1 per condition): the base 2D (512^2, 150 disks,
+radius 6-14) and 3D (96^3, 120 spheres, radius 5-10) cases; a few particles in a large field (1 or 3 in 512^2,
+5 in 1024^2, 1 in 128^3); sparse (20 in 512^2); one connected cluster (touching fraction 1.0); mixed sizes
+(radius 3-30); large (radius 25-40). Scores are pooled over each group's images (F1@0.5 from the summed
+true positives) and averaged per image; the rows are kept in the JSON so any other pooling can be made.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import time
+
+import numpy as np
+
+from bench.common import RESULTS, SHARED, machine_info
+
+CONDITIONS = {
+    "base 2D": dict(shape=(512, 512), n=150, radius_range=(6, 14)),
+    "1 in 512^2": dict(shape=(512, 512), n=1, radius_range=(6, 14)),
+    "3 in 512^2": dict(shape=(512, 512), n=3, radius_range=(6, 14)),
+    "5 in 1024^2": dict(shape=(1024, 1024), n=5, radius_range=(6, 14)),
+    "sparse 20 in 512^2": dict(shape=(512, 512), n=20, radius_range=(6, 14)),
+    "one cluster (touching 1.0)": dict(shape=(512, 512), n=150, radius_range=(6, 14), touching_fraction=1.0),
+    "mixed radius 3-30": dict(shape=(512, 512), n=100, radius_range=(3, 30)),
+    "large radius 25-40": dict(shape=(512, 512), n=40, radius_range=(25, 40)),
+    "1 in 128^3": dict(shape=(128, 128, 128), n=1, radius_range=(5, 10)),
+    "base 3D": dict(shape=(96, 96, 96), n=120, radius_range=(5, 10)),
+}
+
+
+def images(seeds):
+    import tifffile
+
+    from gpu_pipeline.io import read_image
+    from gpu_pipeline.synthetic import make_touching_particles
+
+    for folder in ("emps_subset", "emps_train_rest"):
+        for path in sorted((SHARED / folder / "images").glob("*.png")):
+            yield path.stem, f"EMPS {folder}", read_image(path)[0], read_image(SHARED / folder / "segmaps" / path.name)[0]
+    dsb = SHARED / "dsb2018_stardist_sample"
+    if dsb.exists():
+        yield "img2d", "DSB nuclei", tifffile.imread(dsb / "img2d.tif"), tifffile.imread(dsb / "mask2d.tif")
+    embryo = SHARED / "qcanet_embryo3d"
+    for stage in ("8_cell_stage", "16_cell_stage") if embryo.exists() else ():
+        yield stage, "embryo 3D", tifffile.imread(embryo / "images_raw" / f"{stage}.tif"), tifffile.imread(
+            embryo / "labels" / f"{stage}_labels.tif")
+    for name, condition in CONDITIONS.items():
+        params = dict(condition)
+        shape, n = params.pop("shape"), params.pop("n")
+        for seed in range(seeds):
+            yield f"seed {seed}", name, *make_touching_particles(shape, n, seed=seed, **params)
+
+
+def main():
+    from gpu_pipeline import evaluate, separate
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", default=f"defaults_sweep_{time.strftime('%Y-%m-%d')}")
+    args = parser.parse_args()
+    rows = []
+    for name, group, image, truth in images(args.seeds):
+        started = time.perf_counter()
+        labels, details = separate(image, return_details=True)
+        scores = evaluate(labels, truth)
+        rows.append(dict(name=name, group=group, n_pred=scores["n_pred"], n_gt=scores["n_gt"], f1_50=scores["f1_50"],
+                         mean_f1=scores["mean_f1"], seconds=round(time.perf_counter() - started, 3),
+                         threshold_method=details.threshold_method))
+    groups = collections.defaultdict(list)
+    for row in rows:
+        groups[row["group"]].append(row)
+    lines = [f"# declump defaults on real and generated images ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+             "", f"`python -m bench.defaults_sweep --seeds {args.seeds}`; CPU: {machine_info()['cpu']}", "",
+             "| group | images | F1@0.5 pooled | F1@0.5 per image: mean (min) | mean F1 per image | predicted / true |",
+             "|---|---|---|---|---|---|"]
+    for group, members in groups.items():
+        tp = sum(r["f1_50"] * (r["n_pred"] + r["n_gt"]) / 2 for r in members)
+        pred, true = sum(r["n_pred"] for r in members), sum(r["n_gt"] for r in members)
+        f1 = [r["f1_50"] for r in members]
+        lines.append(f"| {group} | {len(members)} | {2 * tp / max(pred + true, 1):.4f} | {np.mean(f1):.3f} "
+                     f"({min(f1):.3f}) | {np.mean([r['mean_f1'] for r in members]):.3f} | {pred} / {true} |")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=1))
+    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
