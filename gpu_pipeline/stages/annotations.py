@@ -40,8 +40,11 @@ STROKE_RADIUS = 8
 STROKE_ELONGATION = 10
 INK_MIN_PIXELS = 20
 #: ... and the piece its ink pixels make up together (joined across ``INK_GAP``) has an inscribed radius of at
-#: most this many pixels: strokes up to about 9 pixels wide, not a saturated particle's speckled core.
+#: most this many pixels, or at most ``STROKE_PIECE_MARGIN`` more than its ink's own (solid strokes: their
+#: joined piece is as wide as they are, plus the gap and the corners where strokes meet), so a saturated
+#: particle's speckled core (thin ink pixels, a wide piece) is not a stroke while bold glyphs stay strokes.
 STROKE_PIECE_RADIUS = 6
+STROKE_PIECE_MARGIN = 4
 #: ... or a filled rectangle (``RECTANGULARITY``, ``BAR_ASPECT``, ``BAR_MIN_LENGTH``) of any thickness; never a
 #: frame around the whole panel (bounding box over ``BAND_WIDTH`` of both axes).
 #: ... and lies in the panel's margin: wholly within this fraction of the height or width from an edge, where
@@ -144,7 +147,7 @@ def annotation_ink(image):
         width = xp.zeros(count + 1, dtype=xp.float32)
         ops.scatter_max(width, flat, ops.distance_transform(joined, (1.0, 1.0)).ravel().astype(xp.float32))
         stroke = ((depth <= STROKE_RADIUS) & (area >= STROKE_ELONGATION * depth * depth) & (area >= INK_MIN_PIXELS)
-                  & (width.astype(xp.float64) <= STROKE_PIECE_RADIUS))
+                  & (width.astype(xp.float64) <= xp.maximum(STROKE_PIECE_RADIUS, depth + STROKE_PIECE_MARGIN)))
         frame = (height >= BAND_WIDTH * image.shape[0]) & (width >= BAND_WIDTH * image.shape[1])
         rows, cols = image.shape
         margin = ((bottom < EDGE_BAND * rows) | (top >= (1 - EDGE_BAND) * rows)
