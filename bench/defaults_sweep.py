@@ -59,7 +59,7 @@ def images(seeds):
 
 
 def main():
-    from gpu_pipeline import evaluate, separate
+    from gpu_pipeline import NoParticlesError, evaluate, separate
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -68,11 +68,16 @@ def main():
     rows = []
     for name, group, image, truth in images(args.seeds):
         started = time.perf_counter()
-        labels, details = separate(image, return_details=True)
+        try:
+            labels, details = separate(image, return_details=True)
+        except NoParticlesError as exc:  # scored as no particle found, as the command's exit 2 would leave it
+            labels, details, error = np.zeros(image.shape, np.int32), None, str(exc)
+        else:
+            error = None
         scores = evaluate(labels, truth)
         rows.append(dict(name=name, group=group, n_pred=scores["n_pred"], n_gt=scores["n_gt"], f1_50=scores["f1_50"],
                          mean_f1=scores["mean_f1"], seconds=round(time.perf_counter() - started, 3),
-                         threshold_method=details.threshold_method))
+                         threshold_method=details.threshold_method if details else None, error=error))
     groups = collections.defaultdict(list)
     for row in rows:
         groups[row["group"]].append(row)
