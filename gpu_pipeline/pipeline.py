@@ -187,6 +187,10 @@ def resolve_ratio(name, value, ndim):
     return None if value is None else float(value)
 
 
+#: What ``kmeans_engine`` accepts: declump's batched k-means, or a per-region reference (scikit-learn, cuML).
+KMEANS_ENGINES = ("batched", "sklearn", "cuml")
+
+
 def validate_image(image, name="image"):
     """Refuse what the pipeline cannot use, with one line saying what is accepted."""
     xp = get_array_module(image)
@@ -485,6 +489,9 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
                                    classifier)
     if method not in ("kmeans", "watershed"):
         raise DeclumpError(f"method must be 'kmeans' or 'watershed', got {method!r}")
+    if kmeans_engine not in KMEANS_ENGINES:
+        raise DeclumpError(f"kmeans_engine must be one of {', '.join(map(repr, KMEANS_ENGINES))}, got "
+                           f"{kmeans_engine!r}")
     sigma = 0.0 if sigma is None else sigma
     check_auto_or_number("sigma", sigma, positive=False)
     extent = max(n * s for n, s in zip(reference.shape, spacing))

@@ -224,7 +224,8 @@ def test_api_arguments_are_checked_in_one_line_and_cpu_fallback_takes_the_same_s
                             ({"max_hole_size": float("nan")}, "max_hole_size must be 'auto' or a finite"),
                             ({"threshold": None}, "threshold must be one of"),
                             ({"threshold": True}, "threshold must be one of"),
-                            ({"spacing": "1,1"}, "spacing must be 2 positive numbers")]:
+                            ({"spacing": "1,1"}, "spacing must be 2 positive numbers"),
+                            ({"kmeans_engine": "bogus"}, "kmeans_engine must be one of 'batched'")]:
         with pytest.raises(DeclumpError, match=message):
             separate(image, **kwargs)
     assert separate(image, spacing=np.array(2.0)).max() > 0  # a 0-d array is a scalar spacing
