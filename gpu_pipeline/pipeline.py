@@ -187,6 +187,23 @@ def resolve_ratio(name, value, ndim):
     return None if value is None else float(value)
 
 
+def binary_values(image) -> bool:
+    """Does ``image`` hold exactly two values, 0 and one positive value (a network's mask saved as 0/1 or 0/255)?
+
+    A strided sample decides most images at once; only a sample of two values is checked in full.
+    """
+    xp = get_array_module(image)
+    if np.dtype(image.dtype).kind not in "uif" or image.size < 2:
+        return False
+    flat = image.reshape(-1)
+    sample = flat[::max(1, flat.size // 65536)]
+    high = float(sample.max())
+    if float(sample.min()) != 0 or high <= 0 or bool(((sample != 0) & (sample != high)).any()):
+        return False
+    return float(image.min()) == 0 and float(image.max()) == high and not bool(
+        xp.logical_and(image != 0, image != image.dtype.type(high)).any())
+
+
 #: What ``kmeans_engine`` accepts: declump's batched k-means, or a per-region reference (scikit-learn, cuML).
 KMEANS_ENGINES = ("batched", "sklearn", "cuml")
 
@@ -467,6 +484,8 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
     """
     if image is not None and mask is None and classifier is None and np.dtype(image.dtype) == bool:
         image, mask = image.astype(np.uint8), image  # a bool image is the foreground itself, as on the CLI
+    elif image is not None and mask is None and classifier is None and binary_values(image):
+        mask = image > 0  # a 0/1 or 0/255 mask given as the image: the foreground itself, as a bool one is
     reference = image if image is not None else mask
     if reference is None:
         raise DeclumpError("separate needs an image, a mask, or both")

@@ -237,6 +237,8 @@ def test_api_arguments_are_checked_in_one_line_and_cpu_fallback_takes_the_same_s
         separate(image, min_distance=1e6)  # the size came from min_distance, not from a min_size given
     truth = make_touching_particles(image.shape, 10, seed=3)[1]  # a bool image is the mask, as on the CLI
     np.testing.assert_array_equal(separate(truth > 0), separate(np.zeros(image.shape, np.uint8), mask=truth > 0))
+    for binary in ((truth > 0).astype(np.uint8) * 255, (truth > 0).astype(np.float32)):  # a mask saved as values
+        np.testing.assert_array_equal(separate(binary), separate(truth > 0))  # (was thresholded and hole-filled)
     for name in ("neck_ratio", "ball_share"):  # the CLI's 'off' means None in Python too
         np.testing.assert_array_equal(separate(image, **{name: "off"}), separate(image, **{name: None}))
     np.testing.assert_array_equal(separate(image, reject_annotations="off"), separate(image, reject_annotations=False))
