@@ -164,11 +164,13 @@ def output_paths(output):
             "overlay": Path(f"{stem}_overlay.png"), "histogram": Path(f"{stem}_histogram.png")}
 
 
-def run_and_write(image, output, *, device, spacing, mask=None, source=None, probabilities_path=None, **params):
+def run_and_write(image, output, *, device, spacing, mask=None, source=None, probabilities_path=None, unit=None,
+                  **params):
     """Separate ``image`` and write labels, table, overlay, size histogram, then the summary (last: it marks
     completion).
 
-    ``probabilities_path``: where to write the pixel classifier's probability map (with ``classifier=``).
+    ``probabilities_path``: where to write the pixel classifier's probability map (with ``classifier=``);
+    ``unit``: the spacing's unit where the input named it (OME-Zarr axes), kept in the outputs.
     """
     from gpu_pipeline import separate
     from gpu_pipeline.io import check_replaceable, write_json, write_labels
@@ -186,14 +188,14 @@ def run_and_write(image, output, *, device, spacing, mask=None, source=None, pro
         check_probabilities_path(probabilities_path, chunked=False)
         check_replaceable(probabilities_path, "--save-probabilities")
     paths["summary"].unlink(missing_ok=True)
-    unit = "px" if spacing is None else None
+    unit = "px" if spacing is None else unit
     spacing = validate_spacing(spacing, image.ndim)
     labels, details = separate(image, spacing=spacing, mask=mask, device=device, return_details=True, **params)
     labels = to_host(labels)
     table = particle_table(labels, image, spacing)
     from gpu_pipeline.io import atomic_path
 
-    write_labels(paths["labels"], labels, spacing, source=source)
+    write_labels(paths["labels"], labels, spacing, source=source, unit=unit)
     with atomic_path(paths["table"]) as tmp:
         write_csv(table, tmp)
     write_overlay(paths["overlay"], image, labels)
@@ -205,8 +207,8 @@ def run_and_write(image, output, *, device, spacing, mask=None, source=None, pro
         paths["probabilities"] = Path(probabilities_path)
     info = summary(table, image.ndim, spacing, details)
     parameters = {k: (str(v) if k == "classifier" and v is not None else v) for k, v in params.items()}
-    info.update(device=device, input_shape=list(image.shape), outputs={k: str(v) for k, v in paths.items()},
-                parameters=parameters)
+    info.update(unit=unit, device=device, input_shape=list(image.shape),
+                outputs={k: str(v) for k, v in paths.items()}, parameters=parameters)
     write_json(paths["summary"], info)
     return labels, info
 
@@ -323,7 +325,7 @@ def cmd_run_chunked(args, device):
 
 
 def cmd_run(args):
-    from gpu_pipeline.io import boolean_input_as_mask, check_foreground_options, read_image
+    from gpu_pipeline.io import boolean_input_as_mask, check_foreground_options, read_image, spatial_unit
 
     device = "gpu" if args.cluster == "local-cuda" else resolve_device(args.device)
     if _is_zarr(args.input) and Path(args.output).suffix.lower() == ".zarr":
@@ -348,6 +350,7 @@ def cmd_run(args):
         check_mask(mask, image.shape, "--mask")
     image, mask = boolean_input_as_mask(image, mask, classifier=args.classifier, input_path=args.input)
     spacing = args.spacing if args.spacing is not None else file_spacing
+    unit = spatial_unit(args.input) if args.spacing is None and file_spacing is not None else None
     if spacing is None and not args.quiet and Path(args.input).suffix.lower() in (".tif", ".tiff"):
         from gpu_pipeline.io import tiff_spacing
 
@@ -362,7 +365,7 @@ def cmd_run(args):
     if args.classifier is not None:
         kwargs["classifier"] = args.classifier
     source = os.path.relpath(Path(args.input).resolve(), (Path(args.output) / "particles").resolve())
-    _, info = run_and_write(image, args.output, device=device, spacing=spacing, mask=mask, source=source,
+    _, info = run_and_write(image, args.output, device=device, spacing=spacing, mask=mask, source=source, unit=unit,
                             probabilities_path=args.save_probabilities, **kwargs)
     print(f"{info['n_particles']} particles; labels -> {info['outputs']['labels']}, table -> "
           f"{info['outputs']['table']}, overlay -> {info['outputs']['overlay']}, summary -> {info['outputs']['summary']}")

@@ -228,6 +228,27 @@ def open_zarr(path, *, channel=None, timepoint=None):
     return array, tuple(index), spacing
 
 
+def spatial_unit(path, *, channel=None, timepoint=None):
+    """The unit of an OME-Zarr image's spatial axes (``"micrometer"``...), where all of them name the same one;
+    else None (a plain Zarr array, no or mixed units, not Zarr at all)."""
+    path = Path(path)
+    if not (_suffix(path) == ".zarr" or (path / ".zattrs").exists() or (path / "zarr.json").exists()):
+        return None
+    import zarr
+
+    try:
+        node = zarr.open(str(path), mode="r")
+        attrs = {} if isinstance(node, zarr.Array) else dict(node.attrs)
+        if "labels" in attrs and "multiscales" not in attrs and attrs["labels"]:
+            return spatial_unit(path / attrs["labels"][0])
+        multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales") or [{}]
+        units = {a.get("unit") for a in multiscales[0].get("axes", []) if isinstance(a, dict)
+                 and a.get("name") in ("z", "y", "x")}
+    except Exception:
+        return None
+    return units.pop() if len(units) == 1 and None not in units else None
+
+
 #: Zarr array config for every array declump writes: every chunk written, background-only ones too (Zarr
 #: otherwise compares each chunk with the fill value and skips it), so a chunk missing from a finished store
 #: always means a damaged one and declump's outputs pass its own ``missing_chunks="error"`` check.
@@ -486,7 +507,7 @@ def _write_tiff_or_npy(path, suffix, array, axes, spacing=None):
     return True
 
 
-def write_labels(path, labels, spacing=None, source=None):
+def write_labels(path, labels, spacing=None, source=None, unit=None):
     """Write a label image as TIFF (zlib), NPY or OME-Zarr labels, chosen by ``path``'s suffix.
 
     ``.zarr``: the layout of chunked runs, an NGFF 0.4 labels container with
@@ -508,7 +529,7 @@ def write_labels(path, labels, spacing=None, source=None):
                                     config=EVERY_CHUNK)
             out[...] = labels
             write_ngff_label_metadata(tmp, spacing if spacing is not None else (1.0,) * labels.ndim, source,
-                                      extra={"declump": {"complete": True}})
+                                      extra={"declump": {"complete": True}}, unit=unit)
 
 
 def write_probabilities(path, probabilities, spacing=None):
@@ -538,19 +559,20 @@ def write_probabilities(path, probabilities, spacing=None):
 LABEL_NAME = "particles"
 
 
-def write_ngff_label_metadata(path, spacing, source=None, extra=None):
+def write_ngff_label_metadata(path, spacing, source=None, extra=None, unit=None):
     """Make ``path`` (a Zarr v2 group holding ``particles/0``) an OME-Zarr (NGFF 0.4) labels container.
 
     Root: ``labels: ["particles"]``; ``particles``: ``multiscales`` (one
     level, ``spacing`` as its scale, axes z/y/x) and ``image-label``
-    (``source``: the relative path of the image it labels, if known). Called
-    last, once the pixels are written.
+    (``source``: the relative path of the image it labels, if known); ``unit``:
+    the spatial axes' unit (the input's, where it named one). Called last,
+    once the pixels are written.
     """
     import zarr
 
     ndim = len(spacing)
     label_group = zarr.open_group(str(Path(path) / LABEL_NAME), mode="a", zarr_format=2)
-    axes = [{"name": n, "type": "space"} for n in ("z", "y", "x")[-ndim:]]
+    axes = [{"name": n, "type": "space", **({"unit": unit} if unit else {})} for n in ("z", "y", "x")[-ndim:]]
     label_group.attrs.update({
         "multiscales": [{"version": "0.4", "name": LABEL_NAME, "axes": axes, "datasets": [
             {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [float(s) for s in spacing]}]}]}],

@@ -205,6 +205,28 @@ def test_ngff_multiscale_scale_multiplies_the_levels(tmp_path, volume):
     assert read_image(tmp_path / "img.zarr")[1] == pytest.approx([0.5, 0.2, 0.2])
 
 
+def test_an_ome_zarr_inputs_unit_is_kept_in_the_outputs_in_memory_and_chunked(tmp_path, capsys, rng):
+    """The labels' axes, the summary and the size histogram said nothing of the input's micrometers."""
+    import zarr
+
+    volume = make_touching_particles((40, 48, 48), 30, seed=int(rng.integers(1e6)))[0]
+    group = zarr.open_group(str(tmp_path / "img.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", shape=volume.shape, dtype=volume.dtype, chunks=(20, 24, 24))[...] = volume
+    group.attrs["multiscales"] = [{
+        "version": "0.4", "axes": [{"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 0.5, 0.5]}]}]}]
+    chunked = ["--chunks", "24,24,24", "--sigma", "1", "--threshold", "otsu", "--min-distance", "1.5",
+               "--max-hole-size", "0"]
+    for out, options, unit in (("mem.zarr", [], "micrometer"), ("chunked.zarr", chunked, "micrometer"),
+                               ("given.zarr", ["--spacing", "1,1,1"], None)):
+        assert main(["run", str(tmp_path / "img.zarr"), str(tmp_path / out), "--quiet", *options]) == 0, \
+            capsys.readouterr().err
+        axes = zarr.open_group(str(tmp_path / out / "particles"), mode="r").attrs["multiscales"][0]["axes"]
+        assert [a.get("unit") for a in axes] == [unit] * 3, (out, axes)
+        summary = json.loads((tmp_path / out.replace(".zarr", "_summary.json")).read_text())
+        assert summary["unit"] == unit, out
+
+
 def test_a_quoted_home_path_is_the_home_folder(tmp_path, monkeypatch, image):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)

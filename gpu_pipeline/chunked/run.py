@@ -39,7 +39,7 @@ from gpu_pipeline.chunked.workspace import (LOCAL_CLUSTER_HTTP, Workspace, activ
                                             return_freed_memory, run_lock, save_records, worker_malloc_setup,
                                             write_blocks)
 from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, PROBABILITIES_MARK, boolean_input_as_mask, companion_stem,
-                             check_foreground_options, disk_error, write_ngff_label_metadata)
+                             check_foreground_options, disk_error, spatial_unit, write_ngff_label_metadata)
 from gpu_pipeline.measure import summary as size_summary, table_from_sums
 
 #: On --device gpu, CuPy's memory pool on every GPU worker is capped at this fraction of the device's
@@ -382,6 +382,7 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
 
         model = load_classifier(classifier)
         model.check_image(volume.shape, "the volume")
+    unit = spatial_unit(input_path) if spacing is None and file_spacing is not None else None
     spacing = validate_spacing(spacing if spacing is not None else file_spacing, volume.ndim)
     # Every parameter checked before a folder is touched: a bad one is reported as such (not as a work folder
     # "with other parameters") and leaves nothing behind.
@@ -425,7 +426,7 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
             return _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_path, device=device,
                         cluster=cluster, scheduler=scheduler, workers=workers, gpu_threads=gpu_threads,
                         overwrite=overwrite, verbose=verbose,
-                        model=model, probabilities_path=probabilities_path)
+                        model=model, probabilities_path=probabilities_path, unit=unit)
         except OSError as exc:
             if exc.errno not in DISK_FAULTS:
                 raise
@@ -448,7 +449,7 @@ RECORDS = {"parameters.json", "inputs.json"}
 
 
 def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_path, *, device, cluster,
-         scheduler, workers, gpu_threads, overwrite, verbose, model=None, probabilities_path=None):
+         scheduler, workers, gpu_threads, overwrite, verbose, model=None, probabilities_path=None, unit=None):
     import zarr
 
     from gpu_pipeline.chunked.pipeline import separate_chunked
@@ -513,10 +514,10 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
     return_freed_memory()  # the passes' freed temporaries, before the output stage loads pyarrow and matplotlib
     write_parquet(table, paths["table"])
     write_overlay(paths["overlay"], *planes)
-    write_size_histogram(paths["histogram"], table["equivalent_diameter"])  # the same picture as in-memory runs
+    write_size_histogram(paths["histogram"], table["equivalent_diameter"], unit=unit)  # as in-memory runs
     summary = {
         **size_summary(table, volume.ndim, spacing),  # the in-memory run's count and size statistics
-        "n_particles": n_particles, "spacing": list(spacing), "shape": list(volume.shape),
+        "n_particles": n_particles, "spacing": list(spacing), "unit": unit, "shape": list(volume.shape),
         "chunks": [int(c[0]) for c in volume.chunks], "threshold": details.threshold, "polarity": details.polarity,
         "n_regions": details.n_regions, "n_peaks": details.n_peaks, "max_radius": details.max_radius,
         "halo_voxels": list(details.halo), "voxels_at_max_radius": details.n_capped_voxels,
@@ -529,7 +530,7 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
     # Completion, after every file is in place: the metadata that makes it a readable label image, and
     # `complete: true` in the same last write of the root's attributes.
     source = os.path.relpath(input_path.resolve(), (paths["labels"] / LABEL_NAME).resolve())
-    write_ngff_label_metadata(paths["labels"], spacing, source,
+    write_ngff_label_metadata(paths["labels"], spacing, source, unit=unit,
                               extra={"declump": {"complete": True, "parameters": parameters, "inputs": inputs}})
     shutil.rmtree(work, ignore_errors=True)
     if verbose and details.n_capped_voxels:
