@@ -57,7 +57,7 @@ def read_image(path, *, channel=None, timepoint=None, missing_chunks="fill", col
         raise DeclumpError(f"input {path} does not exist; accepted inputs: {', '.join(IMAGE_SUFFIXES)} files")
     suffix = _suffix(path)
     spacing = None
-    if suffix in (".png", ".npy"):
+    if suffix == ".npy" or (suffix == ".png" and timepoint is not None):
         _no_axis_for(channel, timepoint, path, f"a {suffix} file")
     try:
         if suffix in (".tif", ".tiff"):
@@ -69,7 +69,11 @@ def read_image(path, *, channel=None, timepoint=None, missing_chunks="fill", col
                 if img.mode in ("P", "PA"):  # palette indices: the colours they stand for
                     img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
                 array = np.asarray(img)
-            if array.ndim == 3:
+            if channel is not None:  # a colour (red 0, green 1, blue 2) instead of the grey the eye sees
+                if array.ndim != 3:
+                    _no_axis_for(channel, None, path, "a grey .png")
+                array = array[..., _pick(channel, array.shape[-1], "colour channels", "--channel", path)]
+            elif array.ndim == 3:
                 array = _grey(array, colour)
         elif suffix == ".npy":
             try:
@@ -152,6 +156,8 @@ def _read_tiff(path, channel, timepoint, colour="grey"):
             array, axes = np.stack([s.asarray() for s in series]), "I" + first.axes
         else:
             array, axes = first.asarray(), first.axes
+    if "S" in axes and channel is not None and "C" not in axes:  # --channel picks a colour (green: 1)
+        axes = axes.replace("S", "C")
     if "S" in axes:  # colour samples (RGB, RGBA, planar or not): grey
         array = _grey(np.moveaxis(array, axes.index("S"), -1), colour)
         axes = axes.replace("S", "")
@@ -329,7 +335,8 @@ def _no_axis_for(channel, timepoint, path, what):
     for value, option, axis in ((channel, "--channel", "c"), (timepoint, "--timepoint", "t")):
         if value is not None:
             raise DeclumpError(f"{option} {value} was given but {path} has no '{axis}' axis ({what}); {option} "
-                               f"picks from an OME-Zarr or TIFF image's '{axis}' axis")
+                               f"picks from an OME-Zarr or TIFF image's '{axis}' axis"
+                               f"{' or a colour image' + chr(39) + 's channels' if axis == 'c' else ''}")
 
 
 #: OSError numbers that mean the disk refused a write: one line and exit 2 (others keep their traceback).

@@ -49,6 +49,17 @@ def test_a_colour_tiff_is_read_as_its_grey_image(tmp_path, rng, image, layout):
     np.testing.assert_allclose(grey, rgb2gray(rgb) * 255, rtol=1e-5, atol=1e-3)  # scikit-image's luminance
 
 
+def test_channel_picks_one_colour_of_an_rgb_tiff_or_png(tmp_path, capsys, rng, image):
+    rgb = np.stack([rng.integers(0, 60, image.shape, dtype=np.uint8), image.astype(np.uint8),
+                    rng.integers(0, 60, image.shape, dtype=np.uint8)], -1)  # the particles are green
+    tifffile.imwrite(tmp_path / "c.tif", rgb, photometric="rgb")
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    for name in ("c.tif", "c.png"):
+        np.testing.assert_array_equal(read_image(tmp_path / name, channel=1)[0], image)
+        with pytest.raises(DeclumpError, match="--channel 3 is out of range"):
+            read_image(tmp_path / name, channel=3)
+
+
 def test_colour_palette_and_grey_alpha_pngs_are_read_as_the_grey_they_show(tmp_path, rng, image):
     shown = image.astype(np.uint8)
     palette = Image.fromarray((255 - shown).astype(np.uint8), mode="L").convert("P")
