@@ -445,10 +445,7 @@ def cmd_evaluate(args):
 
     pred, _ = read_image(args.prediction)
     truth, _ = read_image(args.ground_truth)
-    for name, arr in (("prediction", pred), ("ground truth", truth)):
-        if np.dtype(arr.dtype).kind not in "ui":
-            raise DeclumpError(f"{name} has dtype {arr.dtype}; label images must be integer")
-    scores = evaluate(pred, truth)
+    scores = evaluate(pred, truth)  # checks both as label images (as_label_image), as the Python API does
     if args.json:
         print(json.dumps(scores, indent=2))
         return

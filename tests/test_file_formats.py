@@ -176,6 +176,18 @@ def test_particle_table_checks_its_inputs_and_takes_any_ids(rng):
             call()
 
 
+def test_declump_evaluate_takes_label_images_saved_as_float(tmp_path, capsys, rng):
+    """The CLI refused any float label image ('label images must be integer') while the API takes whole numbers."""
+    truth = make_touching_particles((64, 64), 8, seed=int(rng.integers(1e6)))[1]
+    tifffile.imwrite(tmp_path / "gt.tif", truth)
+    tifffile.imwrite(tmp_path / "pred.tif", truth.astype(np.float32))
+    tifffile.imwrite(tmp_path / "fraction.tif", truth.astype(np.float32) * 0.5)
+    assert main(["evaluate", str(tmp_path / "pred.tif"), str(tmp_path / "gt.tif"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mean_f1"] == 1.0
+    assert main(["evaluate", str(tmp_path / "fraction.tif"), str(tmp_path / "gt.tif")]) == 2
+    assert "not whole numbers" in capsys.readouterr().err
+
+
 def test_values_float32_cannot_tell_apart_are_refused_with_the_remedy(image):
     with pytest.raises(DeclumpError, match="cannot tell apart; subtract the offset or rescale"):
         separate(image.astype(np.int64) + 2 ** 40)
