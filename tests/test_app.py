@@ -197,6 +197,15 @@ def test_upload_messages_name_the_file_not_the_server_folder(name, array, words)
     assert "allow_pickle" not in str(info.value) and "mask=" not in str(info.value)
 
 
+def test_a_multichannel_tiff_upload_says_how_to_pick_a_channel_in_the_app():
+    """The reader's 'pick one with --channel' names an option the app has not got."""
+    data = _tiff_bytes(np.zeros((2, 16, 16), np.uint8), imagej=True, metadata={"axes": "CYX"})
+    with pytest.raises(DeclumpError) as info:
+        sess.read_upload("two.tif", _upload(data))
+    assert "two.tif has 2 channels; the app reads one channel" in str(info.value)
+    assert "declump run --channel N" in str(info.value) and "pick one with" not in str(info.value)
+
+
 def test_a_sigma_wider_than_the_image_is_refused_not_run_out_of_memory(rng):
     from gpu_pipeline import separate
 

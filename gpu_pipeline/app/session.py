@@ -421,7 +421,12 @@ def read_upload(filename, contents, *, max_voxels=DEFAULT_MAX_VOXELS):
         try:
             image, spacing = read_image(path)
         except DeclumpError as exc:  # the file's name, not the server's temporary path
-            raise DeclumpError(str(exc).replace(str(path), filename)) from None
+            message = str(exc).replace(str(path), filename)
+            for option, what in (("--channel", "channel"), ("--timepoint", "time point")):  # no such field here
+                message = message.replace(f"pick one with {option}", f"the app reads one {what}: save it as its own "
+                                          f"file (Fiji: Image > Stacks or Color > Split Channels), or use "
+                                          f"declump run {option} N")
+            raise DeclumpError(message) from None
         spacing_unit = tiff_spacing(path) if suffix in (".tif", ".tiff") and spacing is None else (spacing, None)
     spacing, unit = spacing_unit
     image = check_image(image, name=filename, max_voxels=max_voxels)
