@@ -354,12 +354,17 @@ def cmd_run(args):
     if spacing is None and not args.quiet and Path(args.input).suffix.lower() in (".tif", ".tiff"):
         from gpu_pipeline.io import tiff_spacing
 
-        calibrated, unit = tiff_spacing(args.input, imagej_only=True)
+        calibrated, calibration_unit = tiff_spacing(args.input, imagej_only=True)
         if calibrated is not None and len(calibrated) == image.ndim:
             # Not taken silently: sizes given in voxels (--min-distance 4) would change meaning.
             print(f"declump: note: {args.input}'s calibration is {', '.join(f'{v:g}' for v in calibrated)} "
-                  f"{unit} per voxel; this run measures in voxels (spacing 1); add --spacing "
-                  f"{','.join(f'{v:g}' for v in calibrated)} to measure in {unit}")
+                  f"{calibration_unit} per voxel; this run measures in voxels (spacing 1); add --spacing "
+                  f"{','.join(f'{v:g}' for v in calibrated)} to measure in {calibration_unit}")
+    if image.ndim == 3 and image.shape[0] <= FEW_PLANES and min(image.shape[1:]) >= 16 * FEW_PLANES \
+            and not args.quiet:
+        print(f"declump: note: {args.input} has only {image.shape[0]} planes of {image.shape[1]} x "
+              f"{image.shape[2]}; it runs as a volume. If the planes are channels or time points, pick one "
+              "(--channel/--timepoint where the file names its axes, else save one plane)")
     kwargs = separation_kwargs(args)
     kwargs.pop("spacing")
     if args.classifier is not None:
@@ -605,6 +610,11 @@ def build_parser():
     ev.add_argument("--json", action="store_true", help="print all scores as JSON")
     ev.set_defaults(func=cmd_evaluate)
     return parser
+
+
+#: A 3D input of at most this many planes, each much larger, is pointed out: channels or time points stored as
+#: planes (a TIFF without axis metadata) would otherwise run silently as a thin volume.
+FEW_PLANES = 4
 
 
 def _expand_home(args):

@@ -102,6 +102,16 @@ def test_tiff_channel_and_time_axes_are_picked_like_ome_zarr_ones(tmp_path, caps
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "o.tif"), separate(volume, min_distance=3))
 
 
+def test_a_volume_of_a_few_large_planes_is_pointed_out(tmp_path, capsys, image):
+    """A plain TIFF of 2 channels (no axis metadata) ran silently as a 2-plane volume."""
+    tifffile.imwrite(tmp_path / "two.tif", np.stack([image, image[::-1]]))
+    assert main(["run", str(tmp_path / "two.tif"), str(tmp_path / "o.tif")]) == 0
+    assert "has only 2 planes of 64 x 80; it runs as a volume" in capsys.readouterr().out
+    tifffile.imwrite(tmp_path / "vol.tif", np.stack([image] * 8))
+    assert main(["run", str(tmp_path / "vol.tif"), str(tmp_path / "v.tif")]) == 0
+    assert "planes of" not in capsys.readouterr().out
+
+
 def test_a_tiff_written_page_by_page_is_its_stack(tmp_path, volume):
     with tifffile.TiffWriter(tmp_path / "pages.tif") as tif:
         for plane in volume:
