@@ -137,7 +137,8 @@ def _read_tiff(path, channel, timepoint, colour="grey"):
     """A TIFF's image as a 2D/3D array by its axes: ``C``/``T`` picked (``channel``/``timepoint``), colour to grey.
 
     A file of single pages of one shape each (written page by page: every page its own series to tifffile)
-    is their stack, as ImageJ opens it; otherwise the first series (level 0 of a pyramid).
+    is their stack, as ImageJ opens it; otherwise (and in OME-TIFF, whose images are positions) the first
+    series (level 0 of a pyramid).
     """
     import logging
 
@@ -150,8 +151,9 @@ def _read_tiff(path, channel, timepoint, colour="grey"):
         if not series:
             raise DeclumpError(f"could not read {path}: it holds no image; accepted: non-empty 2D or 3D images")
         first = series[0]
-        pages = len(series) > 1 and all(s.axes == "YX" and s.shape == first.shape and s.dtype == first.dtype
-                                        for s in series)
+        # (not OME-TIFF: there several images are positions or wells, each its own image)
+        pages = not tif.is_ome and len(series) > 1 and all(
+            s.axes == "YX" and s.shape == first.shape and s.dtype == first.dtype for s in series)
         if pages:
             array, axes = np.stack([s.asarray() for s in series]), "I" + first.axes
         else:
@@ -234,7 +236,7 @@ def open_zarr(path, *, channel=None, timepoint=None):
     return array, tuple(index), spacing
 
 
-def spatial_unit(path, *, channel=None, timepoint=None):
+def spatial_unit(path):
     """The unit of an OME-Zarr image's spatial axes (``"micrometer"``...), where all of them name the same one;
     else None (a plain Zarr array, no or mixed units, not Zarr at all)."""
     path = Path(path)

@@ -117,6 +117,10 @@ def test_a_tiff_written_page_by_page_is_its_stack(tmp_path, volume):
         for plane in volume:
             tif.write(plane)  # each page its own series to tifffile; imread gives the first page only
     np.testing.assert_array_equal(read_image(tmp_path / "pages.tif")[0], volume)
+    with tifffile.TiffWriter(tmp_path / "positions.ome.tif", ome=True) as tif:
+        for plane in volume[:3]:
+            tif.write(plane, metadata={"axes": "YX"})  # OME: three images (positions), not a stack
+    np.testing.assert_array_equal(read_image(tmp_path / "positions.ome.tif")[0], volume[0])
 
 
 def test_big_endian_and_one_plane_npy_inputs(tmp_path, capsys, image):
