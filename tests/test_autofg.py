@@ -11,7 +11,7 @@ from cpu_fallback import separate
 from gpu_pipeline._backend import DeclumpError
 from gpu_pipeline.cli import main
 from gpu_pipeline.metrics import evaluate
-from gpu_pipeline.stages.annotations import annotation_mask
+from gpu_pipeline.stages.annotations import annotation_ink, annotation_mask
 from gpu_pipeline.stages.scale import typical_radius
 from gpu_pipeline.stages.threshold import (intensity_histogram, li_from_histogram,
                                            percentile_from_histogram, triangle_from_histogram)
@@ -577,6 +577,20 @@ def test_drawn_scale_bar_and_text_are_not_particles(rng):
     kept = separate(image, reject_annotations=False)
     assert kept[drawn].any()  # without the rule they come out as particles
     assert evaluate(labels, truth)["f1_50"] >= evaluate(kept, truth)["f1_50"] - 0.02
+
+
+def test_text_in_a_framed_panel_is_still_ink(rng):
+    """A thin frame of ink around the whole panel is not a stroke (the frame rule). 8dd2d83 named the joined
+    pieces' radius `width`, shadowing the bounding-box width the frame and bar rules read: the frame then
+    counted as a stroke in the middle of the panel, which declares that whole extreme the particles' own, and
+    no text or bar of the panel was removed."""
+    image, truth = make_touching_particles((200, 240), 20, seed=int(rng.integers(1e6)))
+    image[:40] = image[150:] = image[truth == 0].min()
+    ink = draw_text(image, "50 nn", int(rng.integers(158, 170)), int(rng.integers(110, 140)))
+    image[188:193, 100:180] = 255
+    image[:2, :] = image[-2:, :] = image[:, :2] = image[:, -2:] = 255
+    found = annotation_ink(image)
+    assert found[ink].all() and found[188:193, 100:180].all()
 
 
 def test_a_lone_particle_clipped_at_255_in_the_margin_is_not_taken_for_ink():

@@ -144,10 +144,11 @@ def annotation_ink(image):
         height, width = bottom - top + 1, right - left + 1
         # ... and thin as a whole: a particle's clipped core is speckled (noise at the dtype's end), so its ink
         # pixels alone look thin, but the piece they make up together is as wide as the core.
-        width = xp.zeros(count + 1, dtype=xp.float32)
-        ops.scatter_max(width, flat, ops.distance_transform(joined, (1.0, 1.0)).ravel().astype(xp.float32))
+        piece = xp.zeros(count + 1, dtype=xp.float32)  # the joined piece's inscribed radius
+        ops.scatter_max(piece, flat, ops.distance_transform(joined, (1.0, 1.0)).ravel().astype(xp.float32))
+        thin = piece.astype(xp.float64) <= xp.maximum(STROKE_PIECE_RADIUS, depth + STROKE_PIECE_MARGIN)
         stroke = ((depth <= STROKE_RADIUS) & (area >= STROKE_ELONGATION * depth * depth) & (area >= INK_MIN_PIXELS)
-                  & (width.astype(xp.float64) <= xp.maximum(STROKE_PIECE_RADIUS, depth + STROKE_PIECE_MARGIN)))
+                  & thin)
         frame = (height >= BAND_WIDTH * image.shape[0]) & (width >= BAND_WIDTH * image.shape[1])
         rows, cols = image.shape
         margin = ((bottom < EDGE_BAND * rows) | (top >= (1 - EDGE_BAND) * rows)
