@@ -55,6 +55,13 @@ def to_host(array) -> np.ndarray:
     return np.asarray(array)
 
 
+def native_byte_order(array):
+    """``array`` in this machine's byte order: itself, or a converted copy where it is big-endian (Java/N5
+    tools, some TIFFs and Zarr stores); the compiled passes (Numba) take native arrays only."""
+    dtype = np.dtype(array.dtype)
+    return array if dtype.isnative else array.astype(dtype.newbyteorder("="))
+
+
 #: What a label image may be, in the one line that refuses one.
 LABELS_ACCEPTED = "an integer label image (0 background, each object its own id > 0; bool: one object)"
 
@@ -90,6 +97,4 @@ def as_label_image(labels, name="labels", ndims=(2, 3)):
     if np.dtype(labels.dtype) == np.uint64 and int(labels.max()) > np.iinfo(np.int64).max:
         raise DeclumpError(f"{name} holds ids up to {int(labels.max())}; accepted: ids below 2**63 "
                            "(renumber them, e.g. skimage.segmentation.relabel_sequential)")
-    if not np.dtype(labels.dtype).isnative:
-        labels = labels.astype(np.dtype(labels.dtype).newbyteorder("="))
-    return labels
+    return native_byte_order(labels)

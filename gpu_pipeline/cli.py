@@ -154,16 +154,6 @@ def separation_kwargs(args):
                 reject_annotations={"auto": "auto", "on": True, "off": False}[args.reject_annotations])
 
 
-def output_paths(output):
-    """The label image path and its companions: table CSV, summary JSON, overlay and size-histogram PNGs."""
-    from gpu_pipeline.io import companion_stem
-
-    output = Path(output)
-    stem = companion_stem(output)
-    return {"labels": output, "table": Path(f"{stem}_particles.csv"), "summary": Path(f"{stem}_summary.json"),
-            "overlay": Path(f"{stem}_overlay.png"), "histogram": Path(f"{stem}_histogram.png")}
-
-
 def run_and_write(image, output, *, device, spacing, mask=None, source=None, probabilities_path=None, unit=None,
                   **params):
     """Separate ``image`` and write labels, table, overlay, size histogram, then the summary (last: it marks
@@ -173,7 +163,7 @@ def run_and_write(image, output, *, device, spacing, mask=None, source=None, pro
     ``unit``: the spacing's unit where the input named it (OME-Zarr axes), kept in the outputs.
     """
     from gpu_pipeline import separate
-    from gpu_pipeline.io import check_replaceable, write_json, write_labels
+    from gpu_pipeline.io import check_replaceable, output_paths, write_json, write_labels
     from gpu_pipeline.measure import particle_table, summary, write_csv
     from gpu_pipeline.overlay import write_overlay
     from gpu_pipeline.pipeline import validate_spacing

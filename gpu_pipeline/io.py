@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError
-from gpu_pipeline._common import whole_number_at_least
+from gpu_pipeline._common import native_byte_order, whole_number_at_least
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".npy", ".zarr")
 LABEL_SUFFIXES = (".tif", ".tiff", ".npy", ".zarr")
@@ -29,11 +29,15 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
-def companion_stem(output) -> Path:
-    """The path the companions of ``output`` are named after: without its suffix, nor an ``.ome`` before it
-    (``cells.ome.zarr`` -> ``cells``: ``cells_particles.csv``, ``cells_summary.json``)."""
-    stem = Path(output).with_suffix("")
-    return stem.with_suffix("") if stem.suffix.lower() == ".ome" else stem
+def output_paths(output, table=".csv"):
+    """The label image path and its companions: the particle table (``table``: ``.csv`` in memory,
+    ``.parquet`` chunked), summary JSON, overlay and size-histogram PNGs. They are named after ``output``
+    without its suffix, nor an ``.ome`` before it (``cells.ome.zarr`` -> ``cells_particles.csv``)."""
+    output = Path(output)
+    stem = output.with_suffix("")
+    stem = stem.with_suffix("") if stem.suffix.lower() == ".ome" else stem
+    return {"labels": output, "table": Path(f"{stem}_particles{table}"), "summary": Path(f"{stem}_summary.json"),
+            "overlay": Path(f"{stem}_overlay.png"), "histogram": Path(f"{stem}_histogram.png")}
 
 
 def read_image(path, *, channel=None, timepoint=None, missing_chunks="fill", colour="grey"):
@@ -96,8 +100,7 @@ def read_image(path, *, channel=None, timepoint=None, missing_chunks="fill", col
         raise DeclumpError(f"could not read {path} as {suffix or 'an image'}: {type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
     array = np.asarray(array)
-    if not array.dtype.isnative:  # big-endian files (Java/N5 tools, some TIFFs): the compiled passes take native
-        array = array.astype(array.dtype.newbyteorder("="))
+    array = native_byte_order(array)
     if array.size == 0 or array.ndim < 2:
         raise DeclumpError(f"could not read {path}: it is empty or corrupt (array shape {array.shape}); "
                            "accepted: non-empty 2D or 3D images")
@@ -334,11 +337,11 @@ def _pick(given, size, what, option, path):
 
 def _no_axis_for(channel, timepoint, path, what):
     """Refuse a --channel or --timepoint that an input without that axis would ignore."""
-    for value, option, axis in ((channel, "--channel", "c"), (timepoint, "--timepoint", "t")):
+    for value, option, axis, also in ((channel, "--channel", "c", " or a colour image's channels"),
+                                      (timepoint, "--timepoint", "t", "")):
         if value is not None:
             raise DeclumpError(f"{option} {value} was given but {path} has no '{axis}' axis ({what}); {option} "
-                               f"picks from an OME-Zarr or TIFF image's '{axis}' axis"
-                               f"{' or a colour image' + chr(39) + 's channels' if axis == 'c' else ''}")
+                               f"picks from an OME-Zarr or TIFF image's '{axis}' axis{also}")
 
 
 #: OSError numbers that mean the disk refused a write: one line and exit 2 (others keep their traceback).

@@ -183,7 +183,7 @@ def resolve_ratio(name, value, ndim):
             raise DeclumpError(f"{name} must be 'auto', a number in (0, 1] or None ('off'), got {value!r}")
         return RATIO_AUTO[name][ndim]
     if value is not None and not (0 < float(value) <= 1):
-        raise DeclumpError(f"{name} must be 'auto', a number in (0, 1] or None (off), got {value}")
+        raise DeclumpError(f"{name} must be 'auto', a number in (0, 1] or None ('off'), got {value}")
     return None if value is None else float(value)
 
 

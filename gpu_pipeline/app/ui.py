@@ -291,8 +291,8 @@ def build_app(image_path=None, *, max_voxels=None):
                 session.undo(plane)
             elif trigger == "clear":
                 session.clear_strokes()
-            elif trigger in ("spacing", "unit") and session.image is not None:
-                session.set_spacing(parse_spacing(spacing_text, session.image.ndim), (unit or "").strip() or None)
+            elif trigger in ("spacing", "unit"):
+                _take_spacing(session, spacing_text, unit)
             elif trigger == "train":
                 _take_spacing(session, spacing_text, unit)
                 session.start_job("training", lambda progress: session.train(progress))

@@ -38,8 +38,9 @@ from gpu_pipeline.chunked.workspace import (LOCAL_CLUSTER_HTTP, Workspace, activ
                                             local_cluster_config, no_hugepage_advice, own_worker_setup,
                                             return_freed_memory, run_lock, save_records, worker_malloc_setup,
                                             write_blocks)
-from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, PROBABILITIES_MARK, boolean_input_as_mask, companion_stem,
-                             check_foreground_options, disk_error, spatial_unit, write_ngff_label_metadata)
+from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, PROBABILITIES_MARK, boolean_input_as_mask,
+                             check_foreground_options, disk_error, output_paths, spatial_unit,
+                             write_ngff_label_metadata)
 from gpu_pipeline.measure import summary as size_summary, table_from_sums
 
 #: On --device gpu, CuPy's memory pool on every GPU worker is capped at this fraction of the device's
@@ -301,13 +302,6 @@ def _arrow_column(pa, values):
     return pa.array(values)
 
 
-def output_paths(output):
-    output = Path(output)
-    stem = companion_stem(output)
-    return {"labels": output, "table": Path(f"{stem}_particles.parquet"), "summary": Path(f"{stem}_summary.json"),
-            "overlay": Path(f"{stem}_overlay.png"), "histogram": Path(f"{stem}_histogram.png")}
-
-
 def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, timepoint=None, mask_path=None,
                 sigma=1.0, threshold="otsu", polarity="auto", min_distance=4.0, min_size=None, max_radius=None,
                 neck_ratio="auto", nearby_ratio="auto", peak_reach="auto", reach_share="auto", ball_share="auto",
@@ -355,7 +349,7 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     probabilities_path = Path(probabilities_path).absolute() if probabilities_path is not None else None
     if not input_path.exists():
         raise DeclumpError(f"input {input_path} does not exist; chunked runs read a Zarr array or OME-Zarr image")
-    paths = output_paths(output)
+    paths = output_paths(output, table=".parquet")
     if paths["labels"].suffix.lower() != ".zarr":
         raise DeclumpError(f"chunked output must be a .zarr path, got {paths['labels']}")
     kind, threads = engine_plan(device=device, cluster=cluster, scheduler=scheduler, workers=workers,

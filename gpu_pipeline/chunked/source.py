@@ -18,6 +18,7 @@ import weakref
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError
+from gpu_pipeline._common import native_byte_order
 from gpu_pipeline.io import EVERY_CHUNK, check_chunks, list_stored_files, open_zarr
 
 
@@ -142,8 +143,7 @@ class StoredVolume:
             where, exc = self._failing_chunk(stored, exc)
             raise DeclumpError(f"{where} of {self.path} could not be read ({type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); {self.damaged}")
-        if not block.dtype.isnative:  # a big-endian store (Java/N5 tools): the compiled passes take native
-            block = block.astype(block.dtype.newbyteorder("="))
+        block = native_byte_order(block)
         if self.device == "gpu":
             import cupy
 

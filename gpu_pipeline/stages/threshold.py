@@ -379,17 +379,18 @@ def percentile_range(image, percents=NORMALISE_PERCENTILES):
 TAIL_OBJECT_RADIUS = 4
 
 
-def tails_without_objects(image, low, high):
-    """``(low, high)`` with each tail that holds a particle-sized piece opened to the image's extreme."""
+def tails_without_objects(image, low, high, lowest, highest):
+    """``(low, high)`` with each tail that holds a particle-sized piece opened to the image's extreme
+    (``lowest``, ``highest``: the image's minimum and maximum)."""
     from gpu_pipeline._backend import ops_for
 
     ops = ops_for(image)
     size = math.pi * TAIL_OBJECT_RADIUS ** 2 if image.ndim == 2 else 4 / 3 * math.pi * TAIL_OBJECT_RADIUS ** 3
     kept = []
-    for beyond, extreme, bound in ((image < low, image.min(), low), (image > high, image.max(), high)):
+    for beyond, extreme, bound in ((image < low, lowest, low), (image > high, highest, high)):
         labels, count = ops.label(beyond)
         largest = int(ops.label_sizes(labels, count)[1:].max()) if count else 0
-        kept.append(float(extreme) if largest >= size else bound)
+        kept.append(extreme if largest >= size else bound)
     return tuple(kept)
 
 
@@ -437,10 +438,10 @@ def threshold_foreground(smoothed, threshold, polarity, *, components=False):
     image = smoothed
     if threshold == "auto":
         low, high = percentile_range(smoothed)
-        full = float(smoothed.max()) - float(smoothed.min())
-        if high - low < SQUEEZE * full:
-            low, high = tails_without_objects(smoothed, low, high)
-        if high - low < SQUEEZE * full:
+        lowest, highest = float(smoothed.min()), float(smoothed.max())
+        if high - low < SQUEEZE * (highest - lowest):
+            low, high = tails_without_objects(smoothed, low, high, lowest, highest)
+        if high - low < SQUEEZE * (highest - lowest):
             intensity_range = (low, high)
             image = xp.clip(smoothed, xp.asarray(low, dtype=smoothed.dtype), xp.asarray(high, dtype=smoothed.dtype))
     counts, bins = intensity_histogram(image)
