@@ -47,7 +47,7 @@ def _place_centres(rng, shape_phys, n, radius_range, overlap, touching_fraction,
 
 def make_touching_particles(shape=(128, 128), n_particles=40, *, radius_range=(5.0, 12.0), overlap=0.2,
                             touching_fraction=0.7, spacing=None, intensity_range=(0.75, 1.0),
-                            background=0.15, blur=1.0, noise=0.04, polarity="bright", seed=0):
+                            background=0.15, blur=1.0, noise=0.04, polarity="bright", rim=None, seed=0):
     """A sample image of touching particles and its ground-truth instance labels.
 
     Parameters
@@ -75,6 +75,11 @@ def make_touching_particles(shape=(128, 128), n_particles=40, *, radius_range=(5
         Standard deviation of additive Gaussian noise (0..1 scale).
     polarity : "bright" or "dark"
         Particles brighter than the background, or darker (inverted image).
+    rim : float, optional
+        Hollow particles: only each particle's outer shell of this thickness
+        (physical units, measured from its own boundary, the faces it shares
+        with its neighbours included) has its brightness, its cavity the
+        background's; the ground truth is the whole particle. Default: solid.
     seed : int
         Random seed; the same seed gives the same bytes.
 
@@ -106,6 +111,11 @@ def make_touching_particles(shape=(128, 128), n_particles=40, *, radius_range=(5
     labels = relabel_by_first_voxel(labels)
     brightness = np.concatenate([[background], rng.uniform(*intensity_range, int(labels.max()))])
     image = brightness[labels]
+    if rim is not None:
+        from skimage.segmentation import find_boundaries
+
+        depth = ndi.distance_transform_edt((labels > 0) & ~find_boundaries(labels, mode="inner"), sampling=spacing)
+        image[(labels > 0) & (depth >= rim)] = background
     if blur > 0:
         image = ndi.gaussian_filter(image, sigma=blur / spacing)
     image = image + rng.normal(0, noise, shape)
