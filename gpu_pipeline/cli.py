@@ -34,7 +34,8 @@ PARAMETER_HELP = {
                 "the split (default %(default)s; chunked runs: a ball of diameter --min-distance)",
     "max_hole_size": "fill holes smaller than this area/volume, physical units; 'auto': holes up to a ball of 0.4 x "
                      "the typical particle radius (nucleoli, not the larger pockets enclosed between touching "
-                     "particles); 0: off (default %(default)s; chunked runs need 0)",
+                     "particles) and the cavities of hollow particles (a rim thinner than 1.5 x the cavity's radius); "
+                     "0: off (default %(default)s; chunked runs need 0)",
     "neck_ratio": "peaks of one region joined by no neck narrower than this times the higher peak's depth make "
                   "one particle; 'auto', a number in (0, 1] or 'off'. 1.0: only peaks on a flat ridge or plateau "
                   "(rods, elongated nuclei). Default %(default)s: 1.0 in 2D, 0.95 in 3D (a large particle pressed "

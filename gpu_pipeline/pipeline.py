@@ -13,7 +13,7 @@ from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for
 from gpu_pipeline._common import whole_number_at_least
 from gpu_pipeline.stages.annotations import annotation_mask, annotation_zone
 from gpu_pipeline.stages.boundary_split import boundary_split
-from gpu_pipeline.stages.cleanup import clean_mask, merge_small_particles, voxels_for
+from gpu_pipeline.stages.cleanup import clean_mask, fill_shell_holes, merge_small_particles, voxels_for
 from gpu_pipeline.stages.distance import cleaned_distance
 from gpu_pipeline.stages.peaks import (PeakReach, find_peaks, neck_groups, quantize_distance, regroup, rescued_peaks,
                                        shadowed_peaks, window_half_widths)
@@ -81,7 +81,8 @@ class SeparationDetails:
     ``particle_radius`` the typical radius measured for the ``auto`` options,
     ``min_distance``, ``max_hole_size`` and ``min_size`` the values used
     (physical units); ``annotation_pixels`` the foreground pixels removed as
-    figure annotations.
+    figure annotations; ``shell_holes`` the cavities of hollow particles
+    that ``auto`` hole filling filled.
     """
 
     threshold: float | None = None
@@ -95,6 +96,7 @@ class SeparationDetails:
     max_hole_size: float | None = None
     min_size: float | None = None
     annotation_pixels: int = 0
+    shell_holes: int = 0
     n_regions: int = 0
     n_peaks: int = 0
     n_particles: int = 0
@@ -371,8 +373,11 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         typical particle radius, which fills nucleoli but not the pockets
         enclosed between touching particles (those are as large as a
         particle, and filling them fuses particles and makes false
-        distance-map peaks). 0: off. With a ``mask`` or a ``classifier``,
-        ``auto`` is 0: their foreground is taken as given.
+        distance-map peaks); and the cavities of hollow particles, holes
+        whose rim is thin beside their radius
+        (:func:`gpu_pipeline.stages.cleanup.fill_shell_holes`), after which
+        the ``auto`` sizes are measured again. 0: off. With a ``mask`` or a
+        ``classifier``, ``auto`` is 0: their foreground is taken as given.
     max_radius : float, optional
         Cap on the distance map, physical units (default: none). Chunked
         runs need one (their halo is this deep) and give exactly this
@@ -703,7 +708,7 @@ def auto_window(fg, spacing, details, distance=None):
 
 
 def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details, given=False, radius=None,
-                 distance=None, tables=None):
+                 distance=None, tables=None, remeasure=True):
     """Holes filled and specks removed, with the ``auto`` sizes measured first: (mask, min_distance).
 
     ``given``: the foreground came from a mask or a classifier; it is taken as given, so an ``auto``
@@ -717,9 +722,17 @@ def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details,
     minimum size that :func:`finish_step` applies again to the split particles, None otherwise;
     ``distance`` the distance transform of the returned mask where a measurement of the scale gave one
     (:func:`gpu_pipeline.stages.distance.cleaned_distance`), else None.
+
+    An ``auto`` hole size also fills the cavities of hollow particles (:func:`fill_shell_holes`, counted in
+    ``details.shell_holes``); where it fills any, the ``auto`` sizes are measured again on the filled mask
+    (``remeasure``): measured on the rims, they were the rims' thickness.
     """
     if given and max_hole_size == "auto":
         max_hole_size = 0.0
+    asked = dict(min_distance=min_distance, min_size=min_size, max_hole_size=max_hole_size)
+    shells = max_hole_size == "auto"
+    if remeasure:  # (a first call: not the measurement again after filled cavities)
+        details.shell_holes = 0
     if "auto" in (min_distance, max_hole_size, min_size):
         if not bool(fg.any()):
             raise NoParticlesError("no particles found: the mask is empty (no voxel > 0)" if given else
@@ -750,6 +763,12 @@ def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details,
     details.min_distance, details.max_hole_size, details.min_size = min_distance, max_hole_size, min_size
     cleaned = clean_mask(fg, spacing=spacing, min_size=min_size, max_hole_size=max_hole_size, tables=tables)
     tables = None
+    if shells:
+        cleaned, filled = fill_shell_holes(cleaned, spacing)
+        details.shell_holes += filled
+        if filled and remeasure:
+            del fg, distance
+            return cleanup_step(cleaned, spacing=spacing, details=details, given=given, remeasure=False, **asked)
     if distance is not None:
         distance = cleaned_distance(distance, fg, cleaned, spacing)
     fg = cleaned

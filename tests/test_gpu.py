@@ -329,3 +329,17 @@ def test_reach_share_rescue_on_the_gpu_equals_the_cpu(cp):
     on_cpu = separate(image, device="cpu", **kw)
     assert on_cpu.max() == separate(image, device="cpu", reach_share=None, **kw).max() + 1
     np.testing.assert_array_equal(separate(image, device="gpu", **kw), on_cpu)
+
+
+def test_shell_holes_on_the_gpu_equal_the_cpu(cp, rng):
+    from gpu_pipeline.stages.cleanup import fill_shell_holes
+
+    grids = np.indices((80, 90), dtype=float)
+    mask = rng.random((80, 90)) < 0.01
+    for _ in range(10):
+        centre, outer = rng.uniform(0, (80, 90)), rng.uniform(4, 12)
+        d = np.sqrt(sum((g - c) ** 2 for g, c in zip(grids, centre)))
+        mask |= (d <= outer) & (d > outer * rng.uniform(0.2, 0.8))
+    want, n_want = fill_shell_holes(mask, (1.0, 1.3))
+    got, n_got = fill_shell_holes(cp.asarray(mask), (1.0, 1.3))
+    assert n_got == n_want > 0 and np.array_equal(got.get(), want)

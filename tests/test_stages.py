@@ -219,6 +219,75 @@ def test_cleanup_matches_skimage(rng):
     np.testing.assert_array_equal(fill_small_holes(mask, 9), remove_small_holes(mask, max_size=8))
 
 
+def _shells_reference(mask, spacing, ratio):
+    """fill_shell_holes from SciPy alone: per enclosed hole (face-connected background touching no face), its
+    deepest background distance against the deepest distance of the mask with every such hole filled, at the
+    hole. Returns the labels, the holes filled, the ids too close to the ratio to call (float32 against
+    float64) and the number of enclosed holes."""
+    labels, count = ndi.label(~mask)
+    on_faces = set()
+    for axis in range(mask.ndim):
+        for index in (0, -1):
+            on_faces |= set(np.unique(np.take(labels, index, axis=axis)).tolist())
+    enclosed = [i for i in range(1, count + 1) if i not in on_faces]
+    inside = np.isin(labels, enclosed)
+    radius = ndi.maximum(ndi.distance_transform_edt(~mask, sampling=spacing), labels, enclosed)
+    depth = ndi.maximum(ndi.distance_transform_edt(mask | inside, sampling=spacing), labels, enclosed)
+    filled = {i for i, r, d in zip(enclosed, radius, depth) if r >= ratio * d}
+    close = {i for i, r, d in zip(enclosed, radius, depth) if abs(r - ratio * d) < 1e-3}
+    return labels, filled, close, len(enclosed)
+
+
+@pytest.mark.parametrize("shape, spacing", [((90, 110), (1.0, 1.0)), ((90, 110), (1.3, 0.8)),
+                                            ((30, 40, 36), (2.0, 1.0, 1.0))])
+def test_fill_shell_holes_equals_a_scipy_reference(rng, shape, spacing):
+    from gpu_pipeline.stages.cleanup import SHELL_HOLE_DEPTH, fill_shell_holes
+
+    grids = np.indices(shape, dtype=float)
+    seen = 0
+    for _ in range(4):
+        # Shells of random thickness (thin ones are cavities, thick ones not), solid balls and noise specks.
+        mask = rng.random(shape) < 0.01
+        for _ in range(12):
+            centre = rng.uniform(0, shape)
+            outer = rng.uniform(3, 12)
+            d = np.sqrt(sum(((g - c) * s) ** 2 for g, c, s in zip(grids, centre, spacing)))
+            mask |= (d <= outer) & (d > outer * rng.uniform(0, 0.8))
+        labels, want, close, enclosed = _shells_reference(mask, spacing, SHELL_HOLE_DEPTH)
+        got, filled = fill_shell_holes(mask, spacing)
+        assert filled == len(want) or close
+        expected = mask | np.isin(labels, sorted(want))
+        undecided = np.isin(labels, sorted(close))
+        np.testing.assert_array_equal(got[~undecided], expected[~undecided])
+        seen += enclosed > len(want) > 0  # some holes filled and some left, in the same mask
+    assert seen
+
+
+def test_thin_shells_are_filled_and_gaps_among_touching_disks_are_not():
+    from gpu_pipeline.stages.cleanup import fill_shell_holes
+
+    yy, xx = np.indices((220, 220), dtype=float)
+    disk = lambda y, x, r: (yy - y) ** 2 + (xx - x) ** 2 <= r * r
+    ring = disk(40, 40, 20) & ~disk(40, 40, 14)        # rim 6 around a cavity of radius 14: filled
+    thick = disk(40, 140, 20) & ~disk(40, 140, 4)      # rim 16 around radius 4: kept
+    cut = disk(110, 2, 20) & ~disk(110, 2, 14)          # the cavity reaches the image's edge: kept
+    # A hexagonal patch of touching disks of radius 10 with its centre missing: the vacancy is a gap among
+    # particles, and so are the small pockets between them.
+    patch = np.zeros_like(ring)
+    for row in range(-2, 3):
+        for col in range(-2, 3):
+            y, x = 160 + row * 20 * np.sqrt(3) / 2, 130 + col * 20 + row * 10
+            if (row, col) != (0, 0) and abs(row + col) <= 2:
+                patch |= disk(y, x, 10.4)
+    mask = ring | thick | cut | patch
+    holes, _ = ndi.label(~mask)
+    assert holes[160, 130] not in (holes[0, 0], holes[110, 4]) and holes[40, 140] != holes[0, 0]  # all enclosed
+    out, filled = fill_shell_holes(mask, (1.0, 1.0))
+    assert filled == 1
+    np.testing.assert_array_equal(out, mask | (disk(40, 40, 20) & ~mask))
+    assert not out[160, 130] and not out[40, 140] and not out[110, 4]
+
+
 def test_distance_transform_equals_scipy_with_anisotropic_spacing(rng):
     mask = ndi.binary_dilation(rng.random((20, 30, 25)) > 0.97, iterations=3)
     spacing = (2.5, 1.0, 0.7)
