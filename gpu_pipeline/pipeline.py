@@ -391,7 +391,9 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         Peaks of one region whose distance map never drops below
         ``neck_ratio`` times the higher peak on the segment between them (no
         neck) make one particle
-        (:func:`gpu_pipeline.stages.peaks.neck_groups`). 1.0: only peaks of
+        (:func:`gpu_pipeline.stages.peaks.neck_groups`; in 2D a dip of up to
+        one voxel below that is allowed, the grid's sampling of a rod's
+        axis). 1.0: only peaks of
         equal height on a flat ridge or plateau (a rod's axis, the capped
         plateau of a particle deeper than ``max_radius``) are joined;
         touching particles always have a neck and stay apart. ``auto``
