@@ -105,8 +105,10 @@ def test_probability_map_mask_replaces_the_threshold(rng):
 
 def test_watershed_method_is_available_with_the_same_markers(rng):
     image, truth = make_touching_particles((128, 128), 25, seed=int(rng.integers(1e6)))
-    # (No neck grouping for the k-means: the watershed takes every peak as a marker.)
-    km = separate(image, min_distance=4, max_hole_size=0, neck_ratio=None)
-    ws = separate(image, min_distance=4, max_hole_size=0, method="watershed")
+    # The same markers: no neck grouping or ball share for the k-means (the watershed takes every peak), and
+    # min_size None (no small piece of either split merged away afterwards; a basin can be smaller than the
+    # k-means' piece). With them the counts differed on DECLUMP_TEST_SEED 2, 3, 5, 8, 9.
+    km = separate(image, min_distance=4, max_hole_size=0, min_size=None, neck_ratio=None, ball_share=None)
+    ws = separate(image, min_distance=4, max_hole_size=0, min_size=None, method="watershed")
     assert ws.max() == km.max()  # one particle per peak (plus peakless regions) in both
     assert evaluate(ws, truth)["f1_50"] > 0.6
