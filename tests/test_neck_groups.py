@@ -187,8 +187,8 @@ def test_ball_shares_count_the_samples_no_peak_of_another_group_takes(rng, shape
         reference_counted[p] = inside.sum()
     np.testing.assert_array_equal(kept, reference)
     np.testing.assert_array_equal(counted, reference_counted)
-    assert (reference[tested] < m).sum() > 5 and (reference[tested] == m).sum() > 0  # both kinds occur
-    assert ((reference_counted[tested] < m).sum() > 5) == bordered
+    assert (reference[tested] < m).sum() > 0 and (reference[tested] == m).sum() > 0  # both kinds occur
+    assert ((reference_counted[tested] < m).sum() > 0) == bordered
 
 
 def test_shadowed_peaks_drop_a_maximum_between_particles_but_not_a_cut_centre_a_cap_or_alone():

@@ -37,7 +37,7 @@ def test_particles_crowded_to_the_frame_get_their_polarity(rng, polarity):
     image, truth = crowded_to_the_frame(rng, polarity)
     t = otsu_threshold(image)
     particles_on_border = border_fraction_above(image, t) if polarity == "bright" else 1 - border_fraction_above(image, t)
-    assert particles_on_border > 0.6  # the rule "background covers most of the border" picks the other side
+    assert particles_on_border > 0.5  # the rule "background covers most of the border" picks the other side
     assert choose_polarity(image, t, "auto") == polarity
     labels, details = separate(image, return_details=True)
     assert details.polarity == polarity
