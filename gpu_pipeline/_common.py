@@ -55,6 +55,13 @@ def to_host(array) -> np.ndarray:
     return np.asarray(array)
 
 
+def weighted_median(values, weights) -> float:
+    """The value at which the cumulative weight of the sorted ``values`` first reaches half the total (host arrays)."""
+    order = np.argsort(values, kind="stable")
+    cumulative = np.cumsum(weights[order])
+    return float(values[order][int(np.searchsorted(cumulative, cumulative[-1] / 2))])
+
+
 def native_byte_order(array):
     """``array`` in this machine's byte order: itself, or a converted copy where it is big-endian (Java/N5
     tools, some TIFFs and Zarr stores); the compiled passes (Numba) take native arrays only."""

@@ -97,11 +97,13 @@ class Session:
     version: int = 0
 
     # -- loading ---------------------------------------------------------------------------------------------
-    def refuse_while_busy(self, what):
-        """A one-line error if a job runs: its results would land on what ``what`` replaces."""
+    def refuse_while_busy(self, what=None):
+        """A one-line error if a job runs (one job per session; its results would land on what ``what``
+        replaces)."""
         with self.lock:
             if self.job is not None:
-                raise DeclumpError(f"still busy: {self.job}; wait until it finishes before {what}")
+                before = f" before {what}" if what else ""
+                raise DeclumpError(f"still busy: {self.job}; wait until it finishes{before}")
 
     def set_image(self, image, *, name, source=None, spacing=None, unit=None, max_voxels=DEFAULT_MAX_VOXELS):
         image = check_image(image, name=name, max_voxels=max_voxels)
@@ -247,8 +249,7 @@ class Session:
     def start_job(self, title, work):
         """Run ``work(progress)`` in a thread so the page stays responsive; one job per session at a time."""
         with self.lock:
-            if self.job is not None:
-                raise DeclumpError(f"still busy: {self.job}; wait until it finishes")
+            self.refuse_while_busy()
             self.job, self.job_started, self.job_error, self.job_finished = title, time.perf_counter(), None, False
 
         def progress(text):

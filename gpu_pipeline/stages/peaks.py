@@ -439,8 +439,9 @@ def join_peaks(peaks, heights, region, spacing, ratio, segment_minima, *, nearby
     A pair of peaks of one region whose inscribed balls overlap is joined
     when ``segment_minima(i, j)`` (the lowest quantised distance on each
     pair's segment, see :func:`segment_points`) is at least ``ratio`` times
-    the higher peak, less :data:`NECK_TOLERANCE_VOXELS` (one voxel in 2D), or (``nearby`` not None) when the peaks lie less than
-    ``nearby`` times the higher peak apart; ``ratio`` None: ``nearby`` only,
+    the higher peak, less :data:`NECK_TOLERANCE_VOXELS` (one voxel in 2D),
+    or (``nearby`` not None) when the peaks lie less than ``nearby`` times
+    the higher peak apart; ``ratio`` None: ``nearby`` only,
     and ``segment_minima`` is never called. Candidate pairs come from a grid of cells: pairs in
     neighbouring cells, with cells from about :data:`FINEST_CELL` voxels up
     to the reach of the highest peak (one level with ``nearest_first``

@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_host
+from gpu_pipeline._common import weighted_median
 from gpu_pipeline.stages.components import component_table
 
 #: ``min_distance="auto"`` is this fraction of a particle radius measured on the foreground, per number of
@@ -68,9 +69,7 @@ def typical_radius(mask, spacing, return_distance=False, table=None):
     if sizes.size == 0:
         raise DeclumpError("min_distance='auto' found no foreground to measure the particle size on; "
                            "check polarity or threshold, or set --min-distance")
-    order = np.argsort(depths, kind="stable")
-    cumulative = np.cumsum(sizes[order])
-    radius = float(depths[order][int(np.searchsorted(cumulative, cumulative[-1] / 2))])
+    radius = weighted_median(depths, sizes)
     return (radius, distance) if return_distance else radius
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, to_host
-from gpu_pipeline._common import UnusableValuesError
+from gpu_pipeline._common import UnusableValuesError, weighted_median
 from gpu_pipeline.stages.components import component_table
 
 #: Number of bins for floating-point images (scikit-image's default).
@@ -517,12 +517,6 @@ def missed_fraction(low_mask, high_mask) -> float:
 NOISE_SIGMAS = 3.0
 
 
-def _weighted_median(values, weights):
-    order = np.argsort(values)
-    cumulative = np.cumsum(weights[order])
-    return float(values[order][int(np.searchsorted(cumulative, cumulative[-1] / 2))])
-
-
 def background_noise_bound(counts, bins, otsu, side):
     """The level the background's noise reaches (median + ``NOISE_SIGMAS`` robust sigmas toward the particles,
     from the histogram's voxels on the background side of ``otsu``), or None where that side is empty."""
@@ -531,8 +525,8 @@ def background_noise_bound(counts, bins, otsu, side):
     values, weights = centers[background], counts[background]
     if weights.sum() == 0:
         return None
-    median = _weighted_median(values, weights)
-    spread = NOISE_SIGMAS * 1.4826 * _weighted_median(np.abs(values - median), weights)
+    median = weighted_median(values, weights)
+    spread = NOISE_SIGMAS * 1.4826 * weighted_median(np.abs(values - median), weights)
     return median + spread if side == "bright" else median - spread
 
 
