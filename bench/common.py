@@ -12,7 +12,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-PACKAGES = ("numpy", "scipy", "scikit-image", "scikit-learn", "edt", "dask", "dask-image", "pyclesperanto",
+PACKAGES = ("numpy", "scipy", "scikit-image", "scikit-learn", "numba", "dask", "dask-image", "pyclesperanto",
             "cupy-cuda12x", "cupy-cuda13x", "cucim-cu12", "cucim-cu13")
 
 

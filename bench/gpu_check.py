@@ -74,7 +74,7 @@ def cmd_versions(args):
 
     info = machine_info()
     versions = {}
-    for pkg in ("numpy", "scipy", "scikit-image", "scikit-learn", "edt", "dask", "distributed", "dask-cuda", "zarr",
+    for pkg in ("numpy", "scipy", "scikit-image", "scikit-learn", "numba", "dask", "distributed", "dask-cuda", "zarr",
                 "cupy-cuda13x", "cupy-cuda12x", "cucim-cu13", "cucim-cu12", "cuml-cu13", "pytest"):
         try:
             versions[pkg] = md.version(pkg)

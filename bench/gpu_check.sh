@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check (issue 15): one command for a lent GPU machine, 540 s of step limits in all.
 #
-#   on the CPU machine, once:  bash ../shared/gpu/fetch-wheels.sh edt     (wheels -> .whl/, edt included)
+#   on the CPU machine, once:  bash ../shared/gpu/fetch-wheels.sh         (wheels -> .whl/)
 #   on the GPU machine:        bash bench/gpu_check.sh                    (carry .whl along with the tree)
 #   rehearsal on a CPU:        bash bench/gpu_check.sh --dry-run          (every step, small sizes, NumPy)
 #
@@ -30,7 +30,7 @@ else
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
       || echo "gpu_check: wheel install failed; going on with what is installed"
   else
-    echo "gpu_check: no .whl/ here (run ../shared/gpu/fetch-wheels.sh edt and carry .whl); going on without"
+    echo "gpu_check: no .whl/ here (run ../shared/gpu/fetch-wheels.sh and carry .whl); going on without"
   fi
   export PYTHONPATH=/tmp/site:$PWD
   SIZES=${GPU_CHECK_SIZES:-256,512}  # GPU_CHECK_SIZES=256,512,1024 adds 1024^3 (90 s more)

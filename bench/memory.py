@@ -5,13 +5,13 @@
 Stages: the steps of `gpu_pipeline.pipeline.separate` one by one
 (:func:`stage_steps`), each measured as the memory it allocates on top of
 what it was handed: on the CPU the peak of Python's tracemalloc (NumPy
-arrays; the `edt` and scikit-image C++ buffers are not traced) and the rise
+arrays; scikit-image's C++ buffers are not traced) and the rise
 of the resident high-water mark (VmHWM, reset before each stage through
 /proc/self/clear_refs; it sees every allocation, and misses memory that
 glibc reuses), the larger of the two per voxel; on a GPU (`bench/gpu_check.py`)
 the growth of CuPy's pool over the stage, emptied before it. The distance
 transform and the equal-value labelling have two rows each: the CPU
-primitive (`edt`, scikit-image) and the array-module algorithm that the GPU
+primitive (compiled transform, scikit-image) and the array-module algorithm that the GPU
 runs (`gpu_pipeline/array_algorithms.py`), here on NumPy.
 
 Chunked: `declump run in.zarr out.zarr --workers 1` in fresh processes on

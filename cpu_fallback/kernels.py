@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
-from scipy import ndimage as ndi
 
 from gpu_pipeline.array_algorithms import DENSE_ID_SPAN
 
@@ -690,6 +689,38 @@ def _gaussian_rows(a, weights):  # pragma: no cover - compiled; tested through g
                 centre[k] = np.float32(acc[k])
 
 
+@njit(cache=True, nogil=True)
+def _gaussian_last(a, weights):  # pragma: no cover - compiled; tested through gaussian_filter
+    # The contiguous axis of 2D (rows, n) float32 `a`, in place, 16 rows at a time: copied side by side into a
+    # float64 block with each row's edge values repeated r more times, then _gaussian_rows' sums in its order
+    # with the rows as the inner loop. (SciPy's own line pass gives the same values as fast, but holds the
+    # GIL: chunks on threads of one process waited for each other.)
+    rows, n = a.shape
+    r = weights.shape[0] - 1
+    width = 16
+    block = np.empty((n + 2 * r, width), np.float64)
+    acc = np.empty(width, np.float64)
+    for first in range(0, rows, width):
+        b = min(width, rows - first)
+        for k in range(b):
+            row = a[first + k]
+            for i in range(r):
+                block[i, k] = row[0]
+                block[n + r + i, k] = row[n - 1]
+            for i in range(n):
+                block[i + r, k] = row[i]
+        for i in range(n):
+            w = weights[0]
+            for k in range(b):
+                acc[k] = block[i + r, k] * w
+            for j in range(r, 0, -1):
+                w = weights[j]
+                for k in range(b):
+                    acc[k] += (block[i + r - j, k] + block[i + r + j, k]) * w
+            for k in range(b):
+                a[first + k, i] = np.float32(acc[k])
+
+
 def gaussian_half_kernel(sigma, truncate):
     """SciPy's normalised 1D Gaussian weights (``_gaussian_kernel1d``, order 0) from the centre out."""
     radius = int(truncate * float(sigma) + 0.5)
@@ -704,8 +735,8 @@ def gaussian_filter(image, sigma, truncate):
     SciPy filters one axis after another; along every axis but the last its
     lines are strided, and that pass costs 3-5 times the contiguous one. Here
     those axes are one compiled pass each over whole rows (contiguous inner
-    loops), with SciPy's sums in SciPy's order, so every value is SciPy's; the
-    last axis is SciPy's own pass. Every pass works in place on one float32
+    loops), and the last axis one over each row, with SciPy's sums in SciPy's
+    order, so every value is SciPy's; the passes release the GIL. Every pass works in place on one float32
     copy of the input (the input is never written; a ring of ``radius`` rows
     is the only other buffer), so the smoothing holds the input and one
     float32 volume, as SciPy's does for float32 input and one volume less for
@@ -717,11 +748,12 @@ def gaussian_filter(image, sigma, truncate):
         if sigma[axis] <= 1e-15:
             continue
         inner = int(np.prod(out.shape[axis + 1:]))
-        if inner == 1:  # the contiguous axis: SciPy's line pass is already fast there
-            ndi.gaussian_filter1d(out, float(sigma[axis]), axis=axis, mode="nearest", truncate=truncate, output=out)
+        weights = gaussian_half_kernel(sigma[axis], truncate)
+        if inner == 1:  # the contiguous axis: one row at a time
+            _gaussian_last(out.reshape(-1, out.shape[axis]), weights)
             continue
         shape = (int(np.prod(out.shape[:axis])), out.shape[axis], inner)
-        _gaussian_rows(out.reshape(shape), gaussian_half_kernel(sigma[axis], truncate))
+        _gaussian_rows(out.reshape(shape), weights)
     return out
 
 
@@ -940,3 +972,118 @@ def label_sums(labels, image=None):
     return {"label": present + lo, "count": count[present], "sum": sums[axes, present],
             "low": low[axes, present], "high": high[axes, present],
             "intensity": intensity[present] if image is not None else None}
+
+
+@njit(cache=True, nogil=True)
+def _envelope_run(f, lo, hi, start, end, step2, v, z, out):  # pragma: no cover - compiled
+    # out[q] for q in [start, end) = min over j in [lo, hi] of f[j] + step2 * (q - j)**2 (finite f[j] only; inf
+    # where there is none): the lower envelope of the parabolas rooted at f[lo..hi] (Felzenszwalb &
+    # Huttenlocher, "Distance transforms of sampled functions", 2012), in float64.
+    top = -1
+    s = 0.0
+    for q in range(lo, hi + 1):
+        fq = f[q]
+        if fq == np.inf:
+            continue
+        if top < 0:
+            top = 0
+            v[0] = q
+            z[0] = -np.inf
+            z[1] = np.inf
+            continue
+        while True:
+            p = v[top]
+            s = ((fq + step2 * q * q) - (f[p] + step2 * p * p)) / (2.0 * step2 * (q - p))
+            if s <= z[top] and top > 0:
+                top -= 1
+            else:
+                break
+        if s <= z[top]:  # lower than the first parabola wherever it was lowest: it replaces it
+            v[0] = q
+            z[1] = np.inf
+            continue
+        top += 1
+        v[top] = q
+        z[top] = s
+        z[top + 1] = np.inf
+    if top < 0:
+        for q in range(start, end):
+            out[q] = np.inf
+        return
+    j = 0
+    for q in range(start, end):
+        while z[j + 1] < q:
+            j += 1
+        d = np.float64(q - v[j])
+        out[q] = f[v[j]] + step2 * d * d
+
+
+@njit(cache=True, nogil=True)
+def _envelope_lines(a, step2, first, outer_range, inner_range):  # pragma: no cover - compiled; tested through distance_transform
+    # Axis 1 of (outer, n, inner) float32 `a`, in place, lines (o, :, k) of the given ranges: each value becomes
+    # min over j of a[o, j, k] + step2 * (i - j)**2, and stays inf where the line has no finite value. Zeros
+    # (background) bound the runs of other values: no voxel of a run is nearer anything beyond the zero at
+    # either end, so each run is one envelope over itself and those two zeros, and background costs one read.
+    # `first`: `a` holds only 0 and inf (the mask), and a run's values are the distance to its nearer end.
+    # In float64, stored as float32: integer squared distances (isotropic spacing) are exact.
+    n = a.shape[1]
+    f = np.empty(n, np.float64)
+    out = np.empty(n, np.float64)
+    v = np.empty(n, np.int64)
+    z = np.empty(n + 1, np.float64)
+    for o in range(outer_range[0], outer_range[1]):
+        for k in range(inner_range[0], inner_range[1]):
+            any_run = False
+            for q in range(n):
+                f[q] = np.float64(a[o, q, k])
+                any_run = any_run or f[q] != 0.0
+            if not any_run:
+                continue
+            q = 0
+            while q < n:
+                if f[q] == 0.0:
+                    q += 1
+                    continue
+                start = q
+                while q < n and f[q] != 0.0:
+                    q += 1
+                end = q  # the run [start, end); zeros at start - 1 and end where those are inside the line
+                if first:
+                    for i in range(start, end):
+                        d = np.float64(min(i - start + 1 if start > 0 else n + 1, end - i if end < n else n + 1))
+                        out[i] = np.inf if d > n else step2 * d * d
+                else:
+                    _envelope_run(f, max(start - 1, 0), min(end, n - 1), start, end, step2, v, z, out)
+                for i in range(start, end):
+                    a[o, i, k] = np.float32(out[i])
+
+
+def distance_transform(mask, spacing, threads=1):
+    """Exact Euclidean distance of each foreground (True) voxel of a 1-3D ``mask`` to the nearest background
+    voxel, physical units, float32; inf everywhere where there is no background (the image's edge is not
+    background). Separable: the lower envelope of parabolas along each axis in turn (:func:`_envelope_lines`),
+    in a compiled kernel that releases the GIL, so chunks on threads of one process run at once; ``threads``
+    > 1 splits each axis's lines between that many threads (a whole image in memory)."""
+    mask = np.asarray(mask, dtype=bool)
+    shape = mask.shape
+    a = np.where(mask, np.float32(np.inf), np.float32(0.0))
+    for axis, step in enumerate(spacing):
+        lines = a.reshape(int(np.prod(shape[:axis], dtype=np.int64)), shape[axis],
+                          int(np.prod(shape[axis + 1:], dtype=np.int64)))
+        outer, _, inner = lines.shape
+        # Split the lines along whichever of outer / inner is longer, at most `threads` parts.
+        parts = max(1, min(int(threads), max(outer, inner)))
+        split_outer = outer >= inner
+        edges = np.linspace(0, outer if split_outer else inner, parts + 1).astype(np.int64)
+        ranges = [((int(lo), int(hi)), (0, inner)) if split_outer else ((0, outer), (int(lo), int(hi)))
+                  for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+        step2 = float(step) * float(step)
+        first = axis == 0
+        if len(ranges) == 1:
+            _envelope_lines(lines, step2, first, *ranges[0])
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(len(ranges)) as pool:
+                list(pool.map(lambda r: _envelope_lines(lines, step2, first, *r), ranges))
+    return np.sqrt(a, out=a)

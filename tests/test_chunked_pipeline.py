@@ -989,19 +989,18 @@ def test_chunk_tasks_run_the_distance_transform_on_one_thread_each(monkeypatch, 
     threads on them. The chunked tasks ask the transform for one thread, an in-memory run for every usable
     core. The chunk task's function is called here, in this process: a cluster left
     running by another test would run the passes' tasks out of this process's sight."""
-    import edt
-
+    from cpu_fallback import kernels
     from gpu_pipeline._common import usable_cores
     from gpu_pipeline.chunked.pipeline import _capped_distance_q
 
     asked = []
-    real = edt.edt
+    real = kernels.distance_transform
 
-    def recording(*args, parallel=1, **kwargs):
-        asked.append(parallel)
-        return real(*args, parallel=parallel, **kwargs)
+    def recording(*args, threads=1, **kwargs):
+        asked.append(threads)
+        return real(*args, threads=threads, **kwargs)
 
-    monkeypatch.setattr(edt, "edt", recording)
+    monkeypatch.setattr(kernels, "distance_transform", recording)
     image, _ = make_touching_particles((40, 48, 44), 25, radius_range=(5, 9), seed=int(rng.integers(1e6)))
     separate(image, max_radius=MAX_RADIUS)
     assert asked and set(asked) == {usable_cores()}

@@ -24,8 +24,8 @@ from the first only near what cleanup changed:
   check fails or the crops would cost more than it.
 
 So the result is the transform of the cleaned mask, value for value (tested
-against it on random masks, with anisotropic spacing, with the CPU's `edt` and
-with the GPU's array-module transform run on NumPy; on CuPy only inside the
+against it on random masks, with anisotropic spacing, with the CPU's compiled transform
+and with the GPU's array-module transform run on NumPy; on CuPy only inside the
 pipeline, in the H200 check of 2026-12-04).
 """
 from __future__ import annotations
