@@ -145,9 +145,11 @@ START_UP_SIDE = 64
 #: The chunked part's runs: (mode, CLI options, cores it is pinned to).
 CHUNKED_MODES = (("in_memory", SAME_AS_CHUNKED, 1),
                  ("chunked", ["--workers", "1"], 1),
+                 ("chunked_2", ["--workers", "2"], 2),
                  ("cluster_1", ["--cluster", "local", "--workers", "1"], 1),
                  ("cluster_2", ["--cluster", "local", "--workers", "2"], 2))
 MODE_TITLES = {"in_memory": "in memory (.npy output, the chunked run's options), 1 core", "chunked": "chunked, local threads, 1 worker, 1 core",
+               "chunked_2": "chunked, local threads (the default engine), 2 workers, 2 cores",
                "cluster_1": "chunked, local cluster of processes, 1 worker, 1 core",
                "cluster_2": "chunked, local cluster of processes, 2 workers, 2 cores",
                "chunked_tmpfs": "chunked, local threads, 1 worker, 1 core, work folder (--scratch) on a RAM file system",
@@ -238,6 +240,8 @@ def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
                                          for m, c in zip(runs["in_memory"], runs["chunked"])]
     out["scaling_efficiency"] = [one["seconds"] / (2 * two["seconds"])
                                  for one, two in zip(runs["cluster_1"], runs["cluster_2"])]
+    out["threads_scaling_efficiency"] = [one["seconds"] / (2 * two["seconds"])
+                                         for one, two in zip(runs["chunked"], runs.get("chunked_2", []))]
     out["warm_scaling_efficiency"] = [one["seconds"] / (2 * two["seconds"])
                                       for one, two in zip(runs.get("warm_1", []), runs.get("warm_2", []))]
     # The same from the runs' own seconds (their summaries: from the first pass to the last file written),
@@ -664,6 +668,10 @@ def chunked_markdown(c):
                      + ", ".join(f"{x:.2f}" for x in c["scaling_efficiency"]) + "** (per round; the scheduler "
                      "and the command share the two cores with the workers: not a node's figure with a core to "
                      "spare).")
+    if c.get("threads_scaling_efficiency"):
+        lines.append("Scaling 1 -> 2 threads of one process (the default engine, `--workers 2`; their tasks hold "
+                     "the GIL only between compiled kernels), t1 / (2 t2): **"
+                     + ", ".join(f"{x:.2f}" for x in c["threads_scaling_efficiency"]) + "** (per round).")
     if c.get("warm_scaling_efficiency"):
         lines.append("Scaling 1 -> 2 workers on a running cluster (started once, workers warmed by one untimed run, "
                      "the command given `--scheduler`; how a long job runs), t1 / (2 t2): **"
