@@ -597,6 +597,29 @@ def test_text_in_a_framed_panel_is_still_ink(rng):
     assert found[ink].all() and found[188:193, 100:180].all()
 
 
+def test_a_scale_bar_is_ink_beside_particles_clipped_in_strokes(rng):
+    """Particles whose clipped cores are thin streaks at 255 in the middle of the panel make 255 the particles'
+    own value for strokes: their cores, and one in the margin, stay. A filled axis-aligned bar at 255 in the
+    margin is judged among bars only, and is still ink (before, any middle stroke kept every bar too)."""
+    rows, cols = 240, 320
+    yy, xx = np.mgrid[:rows, :cols]
+    image = np.clip(rng.normal(40, 4, (rows, cols)), 0, 250)
+    cores = []
+    for cy, cx in [(90, 120), (150, 200), (40, 290)]:  # two in the middle, one in the right-hand margin
+        angle = rng.uniform(0.3, 1.2)
+        u = (yy - cy) * np.cos(angle) + (xx - cx) * np.sin(angle)
+        v = -(yy - cy) * np.sin(angle) + (xx - cx) * np.cos(angle)
+        image[(u / 22) ** 2 + (v / 9) ** 2 <= 1] = 170 + rng.normal(0, 3)  # the particle, well below 255
+        core = (np.abs(v) <= 1.2) & (np.abs(u) <= 16)  # its clipped core: a streak 3 pixels wide
+        image[core] = 255
+        cores.append(core)
+    left = int(rng.integers(20, 120))
+    image[216:222, left:left + 80] = 255  # the scale bar, bottom margin
+    found = annotation_ink(image.astype(np.uint8))
+    assert found[216:222, left:left + 80].all()
+    assert not any(found[core].any() for core in cores)
+
+
 def test_a_lone_particle_clipped_at_255_in_the_margin_is_not_taken_for_ink():
     """Generated 8-bit images with one particle in 512^2 (the seeds of bench.defaults_sweep): its core clipped
     at 255 and speckled by noise, near the panel's edge on seed 1, where the default removed the whole

@@ -49,8 +49,8 @@ STROKE_PIECE_MARGIN = 4
 #: frame around the whole panel (bounding box over ``BAND_WIDTH`` of both axes).
 #: ... and lies in the panel's margin: wholly within this fraction of the height or width from an edge, where
 #: figures put labels, scale bars and text. Where such strokes of one extreme also lie in the middle of the
-#: panel, they are the particles' own saturated values (generated disks, clipped dark rods), and that
-#: extreme is not taken for ink at all.
+#: panel, they are the particles' own saturated values (generated disks, clipped dark rods), and no stroke of
+#: that extreme is taken for ink; likewise bars with bars.
 EDGE_BAND = 0.25
 #: The ink is removed with a margin of this many pixels (anti-aliased and blurred stroke edges).
 #: Chosen by looking at emps_subset; its safety on all 366 EMPS images (true particles in the zone removed) is
@@ -115,8 +115,9 @@ def annotation_ink(image):
     (within ``INK_TOLERANCE``) that is a thin elongated stroke
     (``STROKE_RADIUS``, ``STROKE_ELONGATION``, ``INK_MIN_PIXELS``) or a
     filled bar, lies within ``EDGE_BAND`` of an edge of the panel, and is
-    not a frame around it; an extreme with such runs in the middle of the
-    panel too is the particles' own (none of it is ink). Float images (no ink
+    not a frame around it; where strokes (bars) of an extreme lie in the
+    middle of the panel too, that extreme's strokes (bars) are the
+    particles' own (none of them is ink). Float images (no ink
     value) and 3D volumes have none: all False.
     """
     xp = get_array_module(image)
@@ -164,11 +165,17 @@ def annotation_ink(image):
                            minlength=n_outer + 1)
                / xp.maximum(xp.bincount(ring_labels, minlength=n_outer + 1), 1))
         drawn = off[outer_of] >= INK_CONTRAST * (float(info.max) - float(info.min))
-        keep = (stroke | _bars(area, height, width)) & ~frame & drawn
-        keep[0] = False
-        if bool((keep & ~margin).any()):
-            continue  # stroke-like runs of this extreme in the middle of the panel: the particles' own values
-        keep &= margin
+        # Strokes and bars are judged apart: stroke-like runs of this extreme in the middle of the panel make
+        # every stroke of it the particles' own values (their clipped cores), bars in the middle every bar;
+        # a particle's clipped core is rarely a filled axis-aligned rectangle, so such cores in the middle
+        # do not keep a scale bar in the margin.
+        bar = _bars(area, height, width) & ~frame & drawn
+        stroke = stroke & ~bar & ~frame & drawn
+        keep = xp.zeros(count + 1, dtype=bool)
+        for kind in (stroke, bar):
+            kind[0] = False
+            if not bool((kind & ~margin).any()):
+                keep |= kind & margin
         ink = ink | keep[labels]
     return ink & ((image <= info.min + tolerance) | (image >= info.max - tolerance))
 
