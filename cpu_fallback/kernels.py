@@ -1066,7 +1066,9 @@ def distance_transform(mask, spacing, threads=1):
     > 1 splits each axis's lines between that many threads (a whole image in memory)."""
     mask = np.asarray(mask, dtype=bool)
     shape = mask.shape
-    a = np.where(mask, np.float32(np.inf), np.float32(0.0))
+    # C order whatever the mask's (np.where keeps a Fortran-ordered mask's order; the lines below are views of
+    # a C-ordered array, where a reshape of another order would be a copy the kernel writes into and drops).
+    a = np.ascontiguousarray(np.where(mask, np.float32(np.inf), np.float32(0.0)))
     for axis, step in enumerate(spacing):
         lines = a.reshape(int(np.prod(shape[:axis], dtype=np.int64)), shape[axis],
                           int(np.prod(shape[axis + 1:], dtype=np.int64)))

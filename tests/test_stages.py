@@ -543,6 +543,7 @@ def test_compiled_distance_transform_equals_scipy(rng, shape, spacing, density):
     else:
         np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(ops.distance_transform(mask, spacing, threads=3), ours)
+    np.testing.assert_array_equal(ops.distance_transform(np.asfortranarray(mask), spacing, threads=1), ours)
     assert np.isinf(ops.distance_transform(np.ones(shape, bool), spacing, threads=1)).all()
 
 
