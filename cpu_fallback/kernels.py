@@ -1058,6 +1058,10 @@ def _envelope_lines(a, step2, first, outer_range, inner_range):  # pragma: no co
                     a[o, i, k] = np.float32(out[i])
 
 
+#: Smaller masks are transformed on the calling thread whatever ``threads`` asks (2D figure panels, crops).
+SPLIT_MIN_VOXELS = 1 << 20
+
+
 def distance_transform(mask, spacing, threads=1):
     """Exact Euclidean distance of each foreground (True) voxel of a 1-3D ``mask`` to the nearest background
     voxel, physical units, float32; inf everywhere where there is no background (the image's edge is not
@@ -1066,6 +1070,8 @@ def distance_transform(mask, spacing, threads=1):
     > 1 splits each axis's lines between that many threads (a whole image in memory)."""
     mask = np.asarray(mask, dtype=bool)
     shape = mask.shape
+    if mask.size < SPLIT_MIN_VOXELS:
+        threads = 1  # (starting threads would cost more than they save)
     # C order whatever the mask's (np.where keeps a Fortran-ordered mask's order; the lines below are views of
     # a C-ordered array, where a reshape of another order would be a copy the kernel writes into and drops).
     a = np.ascontiguousarray(np.where(mask, np.float32(np.inf), np.float32(0.0)))

@@ -7,7 +7,7 @@ from skimage.filters import threshold_otsu
 from skimage.measure import label as sk_label
 from skimage.morphology import remove_small_holes, remove_small_objects
 
-from cpu_fallback import ops
+from cpu_fallback import kernels, ops
 from gpu_pipeline._backend import DeclumpError
 from gpu_pipeline.stages.cleanup import clean_mask, fill_small_holes, remove_small_objects as our_remove
 from gpu_pipeline.array_algorithms import label_by_value_propagation
@@ -526,7 +526,7 @@ def test_gaussian_equals_scipy_bit_for_bit(rng, shape, sigma, dtype, order):
                                            ((23, 31, 37), (4.0, 2.0, 3.0)), ((17, 9, 40), (2.5, 0.7, 1.3)),
                                            ((1, 30, 40), (1.0, 0.6, 0.6)), ((64, 70), (0.3, 1.7))])
 @pytest.mark.parametrize("density", [0.002, 0.05, 0.5])
-def test_compiled_distance_transform_equals_scipy(rng, shape, spacing, density):
+def test_compiled_distance_transform_equals_scipy(rng, monkeypatch, shape, spacing, density):
     """``ops.distance_transform`` (the compiled envelope of parabolas, per axis) against SciPy's exact EDT on
     sparse, medium and dense background: bit for bit where the squared spacings are whole numbers (every
     squared distance is then a whole number: exact in float32), to float32 rounding otherwise; the same values
@@ -543,6 +543,9 @@ def test_compiled_distance_transform_equals_scipy(rng, shape, spacing, density):
     else:
         np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(ops.distance_transform(mask, spacing, threads=3), ours)
+    if mask.size >= 4096:  # split between threads even below the size where it pays
+        monkeypatch.setattr(kernels, "SPLIT_MIN_VOXELS", 0)
+        np.testing.assert_array_equal(ops.distance_transform(mask, spacing, threads=3), ours)
     np.testing.assert_array_equal(ops.distance_transform(np.asfortranarray(mask), spacing, threads=1), ours)
     assert np.isinf(ops.distance_transform(np.ones(shape, bool), spacing, threads=1)).all()
 
