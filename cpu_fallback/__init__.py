@@ -1,4 +1,4 @@
-"""The CPU fallback: the same stages as the GPU pipeline on NumPy, SciPy, scikit-image, scikit-learn and compiled Numba kernels.
+"""The CPU fallback: the GPU pipeline's stages on NumPy, SciPy, scikit-image, scikit-learn and Numba kernels.
 
 ``cpu_fallback.separate`` has the GPU pipeline's signature and contract and
 returns NumPy labels; the primitives that differ per backend are in

@@ -736,11 +736,11 @@ def gaussian_filter(image, sigma, truncate):
     lines are strided, and that pass costs 3-5 times the contiguous one. Here
     those axes are one compiled pass each over whole rows (contiguous inner
     loops), and the last axis one over each row, with SciPy's sums in SciPy's
-    order, so every value is SciPy's; the passes release the GIL. Every pass works in place on one float32
-    copy of the input (the input is never written; a ring of ``radius`` rows
-    is the only other buffer), so the smoothing holds the input and one
-    float32 volume, as SciPy's does for float32 input and one volume less for
-    integer input. Axes with sigma 0 are skipped, as in SciPy.
+    order, so every value is SciPy's; the passes release the GIL. Every pass
+    works in place on one float32 copy of the input (the input is never
+    written; a ring of ``radius`` rows is the only other buffer), so the
+    smoothing holds the input and one float32 volume, as SciPy's does for
+    float32 input and one volume less for integer input. Axes with sigma 0 are skipped, as in SciPy.
     """
     out = np.array(image, dtype=np.float32, order="C")  # a copy: the passes write into it
     sigma = np.broadcast_to(np.asarray(sigma, dtype=np.float64), (out.ndim,))
@@ -998,11 +998,7 @@ def _envelope_run(f, lo, hi, start, end, step2, v, z, out):  # pragma: no cover 
                 top -= 1
             else:
                 break
-        if s <= z[top]:  # lower than the first parabola wherever it was lowest: it replaces it
-            v[0] = q
-            z[1] = np.inf
-            continue
-        top += 1
+        top += 1  # (z[0] is -inf: the first parabola is never popped)
         v[top] = q
         z[top] = s
         z[top + 1] = np.inf
@@ -1019,13 +1015,13 @@ def _envelope_run(f, lo, hi, start, end, step2, v, z, out):  # pragma: no cover 
 
 
 @njit(cache=True, nogil=True)
-def _envelope_lines(a, step2, first, outer_range, inner_range):  # pragma: no cover - compiled; tested through distance_transform
+def _envelope_lines(a, step2, first, outer_range, inner_range):  # pragma: no cover - compiled; see distance_transform
     # Axis 1 of (outer, n, inner) float32 `a`, in place, lines (o, :, k) of the given ranges: each value becomes
     # min over j of a[o, j, k] + step2 * (i - j)**2, and stays inf where the line has no finite value. Zeros
     # (background) bound the runs of other values: no voxel of a run is nearer anything beyond the zero at
     # either end, so each run is one envelope over itself and those two zeros, and background costs one read.
     # `first`: `a` holds only 0 and inf (the mask), and a run's values are the distance to its nearer end.
-    # In float64, stored as float32: integer squared distances (isotropic spacing) are exact.
+    # In float64, stored as float32: where the squared spacings are whole numbers every value is exact.
     n = a.shape[1]
     f = np.empty(n, np.float64)
     out = np.empty(n, np.float64)
