@@ -1066,6 +1066,8 @@ def distance_transform(mask, spacing, threads=1):
     > 1 splits each axis's lines between that many threads (a whole image in memory)."""
     mask = np.asarray(mask, dtype=bool)
     shape = mask.shape
+    if len(spacing) != mask.ndim:
+        raise ValueError(f"spacing has {len(spacing)} values for a {mask.ndim}D mask")
     if mask.size < SPLIT_MIN_VOXELS:
         threads = 1  # (starting threads would cost more than they save)
     # C order whatever the mask's (np.where keeps a Fortran-ordered mask's order; the lines below are views of

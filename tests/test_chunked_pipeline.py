@@ -482,9 +482,13 @@ def test_every_pass_is_logged_with_its_tasks_and_an_interval_holding_them(cluste
         def emit(self, record):
             records.append(record)
 
+    def clock_errors():  # each worker's estimate of its offset to the scheduler's clock: 0 on one machine
+        return list(cluster_client.run(lambda dask_worker: abs(dask_worker.scheduler_delay)).values())
+
     handler, level = Keep(logging.DEBUG), pass_log.level
     pass_log.addHandler(handler)
     pass_log.setLevel(logging.DEBUG)
+    errors = clock_errors()
     try:
         with get_task_stream(cluster_client) as stream:
             run_chunked(src, tmp_path / "out.zarr", chunks=(20, 32, 32), max_radius=10,
@@ -492,6 +496,7 @@ def test_every_pass_is_logged_with_its_tasks_and_an_interval_holding_them(cluste
     finally:
         pass_log.removeHandler(handler)
         pass_log.setLevel(level)
+    errors += clock_errors()
     names = [r.what for r in records]
     assert names[:5] == ["smoothed", "histogram", "sides", "regions", "distance transform + peak candidates"]
     assert names[-2:] == ["pieces", "write labels + particle table"], names
@@ -508,8 +513,9 @@ def test_every_pass_is_logged_with_its_tasks_and_an_interval_holding_them(cluste
     assert all(a.end <= b.start for a, b in zip(records, records[1:]))
     # Task times come from the workers, moved onto the scheduler's clock by their estimate of its offset,
     # from a heartbeat's round trip: on one machine that moves them by the estimate's error, tens of
-    # milliseconds at most on a loaded machine (30 ms seen).
-    slack = 0.05
+    # milliseconds on a loaded machine (30 ms seen; more than 50 once, in a CI run beside other jobs). The
+    # slack is 50 ms beyond the largest estimate the workers held before and after the run.
+    slack = 0.05 + max(errors)
     outside = [(t["key"], d) for t in stream.data for d in t["startstops"] if d["action"] == "compute"
                and not any(r.start - slack <= d["start"] and d["stop"] <= r.end + slack for r in records)]
     assert not outside, outside

@@ -548,6 +548,8 @@ def test_compiled_distance_transform_equals_scipy(rng, monkeypatch, shape, spaci
         np.testing.assert_array_equal(ops.distance_transform(mask, spacing, threads=3), ours)
     np.testing.assert_array_equal(ops.distance_transform(np.asfortranarray(mask), spacing, threads=1), ours)
     assert np.isinf(ops.distance_transform(np.ones(shape, bool), spacing, threads=1)).all()
+    with pytest.raises(ValueError, match="spacing has"):
+        ops.distance_transform(mask, (*spacing, 1.0))
 
 
 @pytest.mark.parametrize("shape,dtype", [((301,), np.int32), ((40, 57), np.uint16), ((23, 31, 37), np.float32),
