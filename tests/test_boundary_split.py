@@ -6,7 +6,8 @@ from skimage.segmentation import watershed
 
 from gpu_pipeline._backend import DeclumpError
 from gpu_pipeline.metrics import evaluate
-from gpu_pipeline.stages.boundary_split import boundary_seeds, boundary_split, drop_small_particles, typical_size
+from gpu_pipeline.stages.boundary_split import (SEED_THRESHOLD, boundary_seeds, boundary_split, drop_small_particles,
+                                               typical_size)
 
 
 def packed_cells(rng, shape=(160, 200), spacing=28):
@@ -120,8 +121,9 @@ def touching_discs(rng, radius, shape=(200, 260)):
 
 def test_relative_seed_size_follows_the_particle_scale_where_a_fixed_size_cannot(rng):
     """Small and large touching discs, each image with specks of false interior: seeds relative to the typical
-    seed split both exactly; one fixed seed size either keeps the specks (each a false particle) or drops
-    the small discs' seeds (they merge). The final size filter is off to test the seed rule alone."""
+    seed split both exactly. A fixed seed size fit for one scale fails the other: none keeps the large discs'
+    specks (each a false particle), a fifth of the large discs' typical seed drops the small discs' seeds (they
+    merge). The final size filter is off to test the seed rule alone."""
     for radius in (6, 30):
         truth, fg, boundary, interior = touching_discs(rng, radius)
         labels = boundary_split(fg, boundary, interior=interior, smoothing=0, min_seed_size=0,
@@ -129,14 +131,12 @@ def test_relative_seed_size_follows_the_particle_scale_where_a_fixed_size_cannot
         scores = evaluate(labels, truth)
         assert scores["n_pred"] == scores["n_gt"] >= 5 and scores["f1_50"] == 1.0, radius
     small, large = touching_discs(rng, 6), touching_discs(rng, 30)
-    speck = 9  # px: a fixed size over it drops the small discs' seeds (about 3 x 3 px of confident interior)
-    for fixed in (0, speck + 1):
-        failures = 0
-        for truth, fg, boundary, interior in (small, large):
-            labels = boundary_split(fg, boundary, interior=interior, smoothing=0, min_seed_size=fixed,
-                                    min_relative_seed_size=0, min_relative_size=0)
-            failures += evaluate(labels, truth)["n_pred"] != int(truth.max())
-        assert failures >= 1, fixed
+    large_seed = typical_size(ndi.label((large[3] > SEED_THRESHOLD) & large[1])[0])
+    for fixed, fails in ((0, large), (0.2 * large_seed, small)):
+        truth, fg, boundary, interior = fails
+        labels = boundary_split(fg, boundary, interior=interior, smoothing=0, min_seed_size=fixed,
+                                min_relative_seed_size=0, min_relative_size=0)
+        assert evaluate(labels, truth)["n_pred"] != truth.max(), fixed
 
 
 def test_relative_seed_rule_equals_scikit_image_watershed_from_the_kept_seeds(rng):
