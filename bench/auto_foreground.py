@@ -100,11 +100,12 @@ def without_sigma_radius_rule(fn):
 def border_majority_polarity(image, threshold, polarity="auto", **_):
     """The ``auto`` polarity before 2026-12-01: the background is what covers most of the border (a split
     border: the minority side of the image is the particles)."""
-    from gpu_pipeline.stages.threshold import border_fraction_above
+    from gpu_pipeline.stages.threshold import face_counts_above, face_voxels
 
     if polarity != "auto":
         return polarity
-    border = border_fraction_above(image, threshold)
+    # Every face pooled, an information band's too (the rule had no band exception).
+    border = sum(int(c) for c in face_counts_above(image, threshold)) / sum(face_voxels(image.shape))
     if border != 0.5:
         return "bright" if border < 0.5 else "dark"
     return "bright" if float((image > threshold).mean()) <= 0.5 else "dark"

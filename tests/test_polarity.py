@@ -6,8 +6,8 @@ from scipy import ndimage as ndi
 from cpu_fallback import separate
 from gpu_pipeline._backend import DeclumpError
 from gpu_pipeline.metrics import evaluate
-from gpu_pipeline.stages.threshold import (border_fraction_above, choose_polarity, largest_component_share,
-                                           otsu_threshold, polarity_score)
+from gpu_pipeline.stages.threshold import (border_fraction, border_fraction_above, choose_polarity,
+                                           largest_component_share, otsu_threshold, polarity_score)
 from gpu_pipeline.synthetic import make_touching_particles
 
 
@@ -127,10 +127,18 @@ def test_chunked_polarity_statistics_come_exactly_from_the_sides_pass(rng, shape
     image = rng.random(shape).astype(np.float32)
     image[tuple(rng.integers(0, n) for n in shape)] = np.nan  # NaN is below any threshold, in both
     t = float(rng.uniform(0.2, 0.8))
-    expected = (float((image > t).mean()), border_fraction_above(image, t))
-    for chunks in chunkings:
-        found = side_components_chunked(da.from_array(image, chunks=chunks) > t, border_value=ABOVE)
-        assert polarity_statistics(found) == expected, chunks
+    for band in (False, True):
+        if band:  # the last layer of axis 0 wholly above a threshold that 85 % of the border lies below
+            t = 0.85
+            image[-1] = 1.0
+        expected = (float((image > t).mean()), border_fraction_above(image, t))
+        for chunks in chunkings:
+            found = side_components_chunked(da.from_array(image, chunks=chunks) > t, border_value=ABOVE)
+            assert polarity_statistics(found) == expected, chunks
+        if band and shape[0] > 1:  # the band's face is left out, the others pooled (a one-layer axis: all band)
+            others = [np.take(image, i, axis=a) for a in range(image.ndim) for i in (0, -1)][:1] + \
+                [np.take(image, i, axis=a) for a in range(1, image.ndim) for i in (0, -1)]
+            assert expected[1] == pytest.approx(sum((f > t).sum() for f in others) / sum(f.size for f in others))
 
 
 @pytest.mark.parametrize("polarity", ["dark", "bright"])
@@ -155,6 +163,37 @@ def test_chunked_polarity_needs_no_pass_of_its_own(rng, tmp_path, polarity):
                                             workspace=workspace)
     assert (threshold, side) == (t, choose_polarity(smoothed, t, "auto")) == (t, polarity)
     assert sorted(workspace.computed) == ["regions", "sides", "smoothed"]
+
+
+def test_border_fraction_leaves_out_a_face_wholly_on_the_other_side_of_the_median():
+    # Four faces of 10, 10, 20, 20 voxels: the second wholly above while the median (0.15) is far below.
+    assert border_fraction([1, 10, 2, 4], [10, 10, 20, 20]) == pytest.approx(7 / 50)
+    # Wholly below beside a median below 1/2: the background's own face, kept (the band beside it is not).
+    assert border_fraction([0, 10, 2, 4], [10, 10, 20, 20]) == pytest.approx(6 / 50)
+    # Two faces of each: the median is 1/2, no band.
+    assert border_fraction([0, 0, 20, 20], [10, 10, 20, 20]) == pytest.approx(40 / 60)
+    # One edge wholly below and the opposite one wholly above, the median about 1/2: a ramp; all pooled.
+    assert border_fraction([9, 11, 0, 20], [20, 20, 20, 20]) == pytest.approx(40 / 80)
+    # Six faces of a volume, one wholly below while the rest are mostly above (a dark strip of padding).
+    assert border_fraction([9, 0, 8, 9, 10, 7], [10] * 6) == pytest.approx(43 / 50)
+
+
+@pytest.mark.parametrize("polarity", ["dark", "bright"])
+def test_an_information_band_along_one_edge_does_not_decide_the_polarity(rng, polarity):
+    """A microscope's data bar along the bottom edge, on the particles' side of the threshold (dark particles
+    and a black bar, bright ones and a white bar) and as wide as the image: pooled with the other faces it
+    made the border look like particles (the side picked on 3 of 12 seeds of the scale-bar test)."""
+    image, truth = make_touching_particles((200, 240), 25, polarity=polarity, seed=int(rng.integers(1e6)))
+    bar = 0 if polarity == "dark" else 255
+    image[176:], truth[176:] = bar, 0
+    image[184:192, 20:90] = 255 - bar  # the bar's text and scale, the other way
+    t = otsu_threshold(image)
+    faces = [(np.take(image, i, axis=a) > t).mean() for a in range(2) for i in (0, -1)]
+    assert faces[1] == (polarity == "bright") and abs(faces[1] - np.median(faces)) > 0.5
+    assert choose_polarity(image, t, "auto") == polarity
+    # Pooled, the bottom edge counts as a quarter of the border: the border term points the other way.
+    pooled = sum((np.take(image, i, axis=a) > t).sum() for a in range(2) for i in (0, -1)) / (2 * sum(image.shape))
+    assert (pooled > (image > t).mean()) == (polarity == "bright")
 
 
 def particles_lining_the_frame(rng, shape=(240, 260), pitch=40, radius=11):

@@ -133,24 +133,25 @@ def summarize_blocks(ids, values, *, per_block=None, per_face=None):
     return results, face_blocks
 
 
-def _border_count(values, start, shape, value):
-    """Voxels of one block (at ``start``) equal to ``value`` on the outer faces of the volume (``shape``)
-    that the block lies on, each face counted on its own as
-    :func:`~gpu_pipeline.stages.threshold.border_count_above` counts them."""
+def _face_counts(values, start, shape, value):
+    """Voxels of one block (at ``start``) equal to ``value`` on each outer face of the volume (``shape``), in
+    :func:`~gpu_pipeline.stages.threshold.face_counts_above`'s order (int64, 0 on the faces the block does
+    not lie on)."""
     xp = get_array_module(values)
-    count = 0
+    counts = np.zeros(2 * values.ndim, np.int64)
     for axis in range(values.ndim):
-        for index, on_face in ((0, start[axis] == 0), (-1, start[axis] + values.shape[axis] == shape[axis])):
+        for side, (index, on_face) in enumerate(((0, start[axis] == 0),
+                                                 (-1, start[axis] + values.shape[axis] == shape[axis]))):
             if on_face:
-                count += int((xp.take(values, index, axis=axis) == value).sum())
-    return count
+                counts[2 * axis + side] = int((xp.take(values, index, axis=axis) == value).sum())
+    return counts
 
 
 def _block_components(ids, values, start, shape, by_value, faces, border_value=None):
     """One block's own components ``ids`` (1..count): count, and per component its first global flat
     index, size and value; with ``faces``, (component, touching component, shared faces) inside the block
-    over faces between different values; with ``border_value``, its voxels of that value on the volume's
-    outer faces (:func:`_border_count`)."""
+    over faces between different values; with ``border_value``, its voxels of that value on each of the
+    volume's outer faces (:func:`_face_counts`)."""
     xp = get_array_module(ids)
     # Ids are 1..count, each present: one pass gives each one's value, size and first voxel in the block's
     # (= the volume's) C order.
@@ -168,7 +169,7 @@ def _block_components(ids, values, start, shape, by_value, faces, border_value=N
         out["faces"] = face_pairs_between_labels(ids, values, other=ids) if count else tuple(
             xp.zeros(0, xp.int64) for _ in range(3))
     if border_value is not None:
-        out["border"] = np.int64(_border_count(values, start, shape, border_value))
+        out["border"] = _face_counts(values, start, shape, border_value)
     return {key: (tuple(to_host(a) for a in value) if isinstance(value, tuple) else to_host(value))
             for key, value in out.items()}
 
@@ -200,8 +201,9 @@ class Components:
     component, shared faces) over faces between different non-zero values,
     both directions, as ``face_pairs_between_labels(components, array,
     other=components)`` of the whole array (with ``faces=True``);
-    ``border_count``: the array's voxels equal to ``border_value`` on its
-    outer faces, each face counted (with ``border_value``).
+    ``border_counts``: the array's voxels equal to ``border_value`` on each
+    of its outer faces (with ``border_value``; int64, in
+    :func:`~gpu_pipeline.stages.threshold.face_counts_above`'s order).
     """
 
     labels: object
@@ -214,7 +216,7 @@ class Components:
     lookup: np.ndarray = None
 
     counts: np.ndarray = None
-    border_count: int | None = None
+    border_counts: np.ndarray | None = None
 
     def of_value(self, value):
         """The components of one ``value`` alone, numbered 1..m in the same first-voxel order: the components
@@ -282,7 +284,7 @@ def components_chunked(values, *, by_value=False, faces=False, workspace=None, n
     numbered by first voxel, as ``scipy.ndimage.label`` (or
     ``skimage.measure.label(labels, connectivity=1)``) numbers them: byte-identical.
     ``border_value``: the same tasks also count the voxels of that value on
-    the array's outer faces (:attr:`Components.border_count`).
+    the array's outer faces (:attr:`Components.border_counts`).
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -347,7 +349,7 @@ def components_chunked(values, *, by_value=False, faces=False, workspace=None, n
         piece_pairs = count_pairs(*(np.concatenate([p[i] for p in parts]).astype(np.int64) for i in range(3)))
     found = Components(labels=local, n=n, value=value, size=size, piece_pairs=piece_pairs, local=local,
                        offsets=offsets.reshape(numblocks), lookup=lookup, counts=counts.reshape(numblocks),
-                       border_count=None if border_value is None else int(sum(s["border"] for s in stats)))
+                       border_counts=None if border_value is None else np.sum([s["border"] for s in stats], axis=0))
     if total:
         found.labels = found.through(np.arange(n + 1, dtype=dtype), dtype)
     return found

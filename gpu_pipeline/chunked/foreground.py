@@ -18,8 +18,8 @@ from gpu_pipeline.chunked.histogram import block_range, histogram_thresholds_chu
 from gpu_pipeline.chunked.source import (map_haloed, neighbours_hold_halo, shells_key, stored_volume,
                                         write_shells)
 from gpu_pipeline.stages.cleanup import voxels_for
-from gpu_pipeline.stages.threshold import (HISTOGRAM_METHODS, border_voxels, choose_polarity, foreground,
-                                           polarity_from, share_of_largest)
+from gpu_pipeline.stages.threshold import (HISTOGRAM_METHODS, border_fraction, choose_polarity, face_voxels,
+                                           foreground, polarity_from, share_of_largest)
 
 #: The workspace's halos (:meth:`~gpu_pipeline.chunked.workspace.Workspace.halos`) that the tasks staging the
 #: regions write and the peak pass reads (``regions_chunked``'s ``halo``, ``peaks_chunked``).
@@ -92,11 +92,12 @@ def side_components_chunked(above, *, workspace=None, name=None, device=None, bo
 def polarity_statistics(sides):
     """:func:`~gpu_pipeline.stages.threshold.choose_polarity`'s fractions from the pass that labelled both
     sides (:func:`side_components_chunked` with ``border_value=ABOVE``): the voxels above the threshold
-    (the sizes of the pieces above it), and the outermost voxels above it; the same numbers, not two more
-    passes over the volume."""
+    (the sizes of the pieces above it), and the outermost voxels above it (per face, for
+    :func:`~gpu_pipeline.stages.threshold.border_fraction`); the same numbers, not two more passes over the
+    volume."""
     shape = tuple(int(n) for n in sides.local.shape)
     above = int(sides.size[1:][sides.value[1:] == ABOVE].sum())
-    return above / math.prod(shape), sides.border_count / border_voxels(shape)
+    return above / math.prod(shape), border_fraction(sides.border_counts, face_voxels(shape))
 
 
 def largest_component_shares_chunked(above, sides=None):

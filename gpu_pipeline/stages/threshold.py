@@ -200,26 +200,48 @@ def otsu_threshold(image) -> float:
     return otsu_from_histogram(counts, bins)
 
 
-def border_voxels(shape):
-    """The outermost voxels of an image of ``shape``, each face counted on its own (a voxel on an edge or
-    corner once per face it lies on, a one-layer axis's layer twice)."""
-    return sum(2 * math.prod(shape[:axis] + shape[axis + 1:]) for axis in range(len(shape)))
+def face_voxels(shape):
+    """The voxels of each outer face of an image of ``shape``, in :func:`face_counts_above`'s order (axis 0's
+    first and last layer, then axis 1's, ...): a voxel on an edge or corner lies on each of its faces."""
+    return [math.prod(shape[:axis] + shape[axis + 1:]) for axis in range(len(shape)) for _ in (0, -1)]
 
 
-def border_count_above(image, threshold):
-    """(outermost voxels brighter than ``threshold``, :func:`border_voxels`): the first lazy for a Dask array."""
+def face_counts_above(image, threshold):
+    """Per outer face (:func:`face_voxels`' order), the voxels brighter than ``threshold``: lazy for a Dask
+    array (computed together)."""
     xp = get_array_module(image)
-    above = 0
-    for axis in range(image.ndim):
-        for index in (0, -1):
-            above = above + (xp.take(image, index, axis=axis) > threshold).sum()  # lazy for Dask: one computation
-    return above, border_voxels(tuple(image.shape))
+    return [(xp.take(image, index, axis=axis) > threshold).sum() for axis in range(image.ndim) for index in (0, -1)]
+
+
+#: A face counts as an annotation band (:func:`border_fraction`) where it lies wholly on one side of the
+#: threshold and the faces' median fraction lies over this far from it: a band's other faces are mostly
+#: background (particles cut by the frame, and the band's own ends, cover about a third of them at most), an
+#: illumination ramp's median is about 1/2 (two of its faces cross the ramp); between the two.
+BAND_MEDIAN_GAP = 0.6
+
+
+def border_fraction(counts, sizes) -> float:
+    """The fraction of the outermost voxels above the threshold, as the ``auto`` polarity weighs it, from each
+    face's count above it and size (:func:`face_counts_above`, :func:`face_voxels`).
+
+    The faces are pooled, leaving out a face that lies wholly on one side while the faces' median fraction
+    lies more than :data:`BAND_MEDIAN_GAP` from it: an information band or frame along one edge (a
+    microscope's data bar, a dark strip of padding), the one part of an image other than its background that
+    covers a whole edge. Particles cut by the frame seldom do. An illumination ramp (one edge dark, the
+    opposite one bright) puts the median near 1/2, nearer than the gap to either edge: all its faces stay.
+    At least half the faces stay: those on the median's side of 1/2.
+    """
+    counts, sizes = [int(c) for c in counts], [int(n) for n in sizes]
+    fractions = [c / n for c, n in zip(counts, sizes)]
+    middle = float(np.median(fractions))
+    kept = [(c, n) for c, n, f in zip(counts, sizes, fractions)
+            if not (f in (0.0, 1.0) and abs(f - middle) > BAND_MEDIAN_GAP)]
+    return sum(c for c, _ in kept) / sum(n for _, n in kept)
 
 
 def border_fraction_above(image, threshold) -> float:
-    """Fraction of the image's outermost voxels (all faces) brighter than ``threshold``."""
-    above, total = border_count_above(image, threshold)
-    return int(above) / total
+    """:func:`border_fraction` of ``image`` at ``threshold``."""
+    return border_fraction(face_counts_above(image, threshold), face_voxels(tuple(image.shape)))
 
 
 #: ``auto`` polarity: weight of the connectivity evidence against the border evidence (both in [-1, 1]).
@@ -260,6 +282,8 @@ def polarity_score(above_fraction, border_above, largest_above, largest_below) -
       covers. Particles lie inside the frame, so they are rarer on the border
       than in the image; the background (support film, a vignette, a frame)
       is rarer inside. Whichever side is the majority, crowded or not.
+      ``border_above`` leaves out an information band along one edge
+      (:func:`border_fraction`).
     - connectivity: ``largest_below - largest_above``, the share of each
       side's voxels in its largest connected piece. The background around
       particles is one connected piece; particles are many. This decides
@@ -283,7 +307,8 @@ def choose_polarity(image, threshold, polarity="auto", *, largest_shares=largest
     before this one (the background is what covers most of the border)
     picked the side with the worse foreground on 61; this one, with
     ``separate``'s fallback (a side that fills the image once its holes are
-    filled is the background), on 34, which lose less
+    filled is the background), on 34, which lose less; with the border's
+    information bands left out (:func:`border_fraction`), on 33
     (``python -m bench.auto_foreground --polarity``).
 
     ``largest_shares``: how :func:`largest_component_shares` is computed for
@@ -296,9 +321,9 @@ def choose_polarity(image, threshold, polarity="auto", *, largest_shares=largest
     if polarity != "auto":
         raise DeclumpError(f"polarity must be 'auto', 'bright' or 'dark', got {polarity!r}")
     above = image > threshold
-    border_count, border_total = border_count_above(image, threshold)
-    above_fraction, border_count = evaluate(above.mean(), border_count)
-    return polarity_from(float(above_fraction), int(border_count) / border_total, lambda: largest_shares(above))
+    above_fraction, counts = evaluate(above.mean(), face_counts_above(image, threshold))
+    return polarity_from(float(above_fraction), border_fraction(counts, face_voxels(tuple(image.shape))),
+                         lambda: largest_shares(above))
 
 
 def polarity_from(above_fraction, border_above, largest_shares) -> str:
