@@ -33,7 +33,9 @@ NOISE_GROWTH = 3.0
 #: facets) is smoothed away and does not over-split them, and small particles keep their sigma. Chosen on
 #: emps_subset and nuclei seeds 0-3 (0.15 and 0.2 cost the nuclei 0.03-0.14 F1@0.5 in a sweep); the 2-fold
 #: guard came after the DSB image (a check set) lost 0.06 (0.759 -> 0.699) to a raise from 1 to 1.4 px.
-#: bench/auto_foreground.py, row "sigma: no radius rule": emps_subset 0.256 -> 0.272, nuclei unchanged.
+#: bench/auto_foreground.py, row "sigma: no radius rule": emps_subset 0.256 -> 0.272, nuclei unchanged. A raise
+#: that changes the polarity is undone (foreground_step): it closed the gaps of packed particles (2026-12-05,
+#: defaults_sweep_2026-12-05_s36_raise_guard.md: EMPS pooled F1@0.5 0.5640 -> 0.5829).
 SIGMA_PER_RADIUS = 0.1
 SIGMA_RAISE = 2.0
 #: ``min_size="auto"``: objects, and after the split particles, smaller than this fraction of the typical
@@ -667,9 +669,17 @@ def foreground_step(image, mask, *, spacing, sigma, threshold, polarity, details
             del coarser
         if radius is not None and SIGMA_PER_RADIUS * radius >= SIGMA_RAISE * sigma:
             # Smoothing at a tenth of the particles' radius keeps them and removes their texture.
+            finer, side = sigma, decision.polarity
             sigma = SIGMA_PER_RADIUS * radius
             del fg, distance
             fg, decision, radius, distance = attempt(sigma)
+            if decision.polarity != side:
+                # The raise changed which side is the particles: it smoothed away what told them apart (the
+                # thin gaps between particles packed edge to edge), not their texture. The finer sigma stays
+                # (measured again rather than kept: two masks and distance maps at once raise the peak).
+                sigma = finer
+                del fg, distance
+                fg, decision, radius, distance = attempt(sigma)
     else:
         fg, decision, tables = threshold_foreground(smooth(float(sigma or 0.0)), threshold, polarity,
                                                     components=True)
