@@ -740,7 +740,8 @@ def gaussian_filter(image, sigma, truncate):
     works in place on one float32 copy of the input (the input is never
     written; a ring of ``radius`` rows is the only other buffer), so the
     smoothing holds the input and one float32 volume, as SciPy's does for
-    float32 input and one volume less for integer input. Axes with sigma 0 are skipped, as in SciPy.
+    float32 input and one volume less for integer input. Axes with sigma 0
+    are skipped, as in SciPy.
     """
     out = np.array(image, dtype=np.float32, order="C")  # a copy: the passes write into it
     sigma = np.broadcast_to(np.asarray(sigma, dtype=np.float64), (out.ndim,))

@@ -26,10 +26,10 @@ def distance_transform(mask, spacing, max_distance=None, threads=None):
     A compiled separable transform (:func:`cpu_fallback.kernels.distance_transform`, Felzenszwalb and
     Huttenlocher's lower envelope of parabolas along each axis), equal to
     `scipy.ndimage.distance_transform_edt(mask, sampling=spacing)` to float32 rounding (bit for bit where the
-    squared spacings are whole numbers; checked in tests). It releases the GIL: the chunks of a run's threads are transformed
-    at once. A mask without background gives inf everywhere, as on the GPU. ``max_distance`` is the GPU twin's
-    bound on exact values; here every value is exact. ``threads``: default every usable core (one whole
-    image); a chunk's task passes 1, since Dask already runs one task per core.
+    squared spacings are whole numbers; checked in tests). It releases the GIL: the chunks of a run's threads
+    are transformed at once. A mask without background gives inf everywhere, as on the GPU. ``max_distance``
+    is the GPU twin's bound on exact values; here every value is exact. ``threads``: default every usable
+    core (one whole image); a chunk's task passes 1, since Dask already runs one task per core.
     """
     from cpu_fallback.kernels import distance_transform as compiled
 
