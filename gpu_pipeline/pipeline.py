@@ -38,6 +38,16 @@ NOISE_GROWTH = 3.0
 #: defaults_sweep_2026-12-05_s36_raise_guard.md: EMPS pooled F1@0.5 0.5640 -> 0.5829).
 SIGMA_PER_RADIUS = 0.1
 SIGMA_RAISE = 2.0
+#: ``sigma="auto"`` raises the sigma (above) only where the last doubling of it grew the typical radius at least
+#: this many times (it was not ``NOISE_GROWTH`` times, or the doubling would have been kept): texture that
+#: smoothing heals, which the raise is for. Solid particles keep their radius when the sigma doubles (their edges
+#: move by a fraction of it), and for them the raise only blurred the edges and closed the gaps between touching
+#: particles (generated discs of radius 25-40: F1@0.5 0.692 with the raise, 0.825 without). 1.25 was chosen
+#: before measuring; on emps_subset (the design set) 1.1, 1.15, 1.25 and 1.4 give pooled F1@0.5 0.5144, 0.5108,
+#: 0.5075, 0.5055 and mean F1 0.4726, 0.4726, 0.4768, 0.4724, against 0.5067 and 0.4418 with the raise
+#: everywhere and 0.5012 and 0.4631 with no raise; on emps_train_rest 0.5992 -> 0.6088 and mean F1 0.4006 ->
+#: 0.4402 (2026-12-05, defaults_sweep_2026-12-05_s37_texture.md). DSB, generated nuclei and 3D unchanged.
+TEXTURE_GROWTH = 1.25
 #: ``min_size="auto"``: objects, and after the split particles, smaller than this fraction of the typical
 #: particle (a ball of the typical radius) are specks of film texture or fragments split off a rim; per number
 #: of dimensions. 2D: 0.2 (a disk of 0.45 x the radius), chosen on emps_subset, nuclei seeds 0-3 and the demo's
@@ -324,7 +334,12 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         while the foreground is noise grain rather than particles (textured
         EM images); particles keep about their size. Then raised to
         ``SIGMA_PER_RADIUS`` times the typical radius measured there, so
-        that the texture of large particles does not over-split them.
+        that the texture of large particles does not over-split them, but
+        only where the last doubling grew that radius ``TEXTURE_GROWTH``
+        times or more (texture that smoothing heals; solid particles keep
+        their radius, and the raise would only blur their edges and close
+        the gaps between them), and not where the raise changes the
+        polarity.
     threshold : "auto", "otsu", "li", "triangle", "local" or float
         How the smoothed image becomes a foreground. ``otsu``, ``li`` and
         ``triangle`` are global thresholds from the histogram (equal to
@@ -658,16 +673,21 @@ def foreground_step(image, mask, *, spacing, sigma, threshold, polarity, details
         # ones; particles keep about their size.
         sigma = min(spacing)
         fg, decision, radius, distance = attempt(sigma)
+        growth = None  # how much twice the sigma grew the typical radius, where measured
         for _ in range(SIGMA_DOUBLINGS):
             if radius is None:
                 break
             coarser = attempt(2 * sigma)
             if coarser[2] is None or coarser[2] < NOISE_GROWTH * radius:
+                growth = None if coarser[2] is None else coarser[2] / radius
                 del coarser
                 break
             sigma, (fg, decision, radius, distance) = 2 * sigma, coarser
             del coarser
-        if radius is not None and SIGMA_PER_RADIUS * radius >= SIGMA_RAISE * sigma:
+        # Texture heals under twice the smoothing and the radius grows; solid particles keep theirs. (No
+        # growth measured at this sigma: the doublings ran out, or the coarser foreground was empty or full.)
+        textured = growth is None or growth >= TEXTURE_GROWTH
+        if radius is not None and textured and SIGMA_PER_RADIUS * radius >= SIGMA_RAISE * sigma:
             # Smoothing at a tenth of the particles' radius keeps them and removes their texture.
             finer, side = sigma, decision.polarity
             sigma = SIGMA_PER_RADIUS * radius
