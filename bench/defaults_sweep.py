@@ -7,7 +7,8 @@ Real: the 366 EMPS images (``emps_subset``, ``emps_train_rest``), the DSB nuclei
 stacks. Generated (``make_touching_particles``, seeds 0..N-1 per condition): the base 2D (512^2, 150 disks,
 radius 6-14) and 3D (96^3, 120 spheres, radius 5-10) cases; a few particles in a large field (1 or 3 in 512^2,
 5 in 1024^2, 1 in 128^3); sparse (20 in 512^2); one connected cluster (touching fraction 1.0); mixed sizes
-(radius 3-30); large (radius 25-40). Scores are pooled over each group's images (F1@0.5 from the summed
+(radius 3-30); large (radius 25-40); and the uneven generated nuclei of ``bench.auto_foreground`` (256^2, 60
+nuclei, seeds 0..N-1 and 100-105). Scores are pooled over each group's images (F1@0.5 from the summed
 true positives) and averaged per image; the rows are kept in the JSON so any other pooling can be made.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ def images(seeds):
     import tifffile
 
     from gpu_pipeline.io import read_image
-    from gpu_pipeline.synthetic import make_touching_particles
+    from gpu_pipeline.synthetic import make_touching_particles, make_uneven_nuclei
 
     for folder in ("emps_subset", "emps_train_rest"):
         for path in sorted((SHARED / folder / "images").glob("*.png")):
@@ -51,6 +52,8 @@ def images(seeds):
     for stage in ("8_cell_stage", "16_cell_stage") if embryo.exists() else ():
         yield stage, "embryo 3D", tifffile.imread(embryo / "images_raw" / f"{stage}.tif"), tifffile.imread(
             embryo / "labels" / f"{stage}_labels.tif")
+    for seed in (*range(seeds), *range(100, 106)):  # the sets the 2D rules' notes cite (bench.auto_foreground)
+        yield f"seed {seed}", "uneven nuclei 256^2", *make_uneven_nuclei((256, 256), 60, seed=seed)
     for name, condition in CONDITIONS.items():
         params = dict(condition)
         shape, n = params.pop("shape"), params.pop("n")
