@@ -39,9 +39,10 @@ PARAMETER_HELP = {
     "neck_ratio": "peaks of one region joined by no neck narrower than this times the higher peak's depth make "
                   "one particle; 'auto', a number in (0, 1] or 'off'. 1.0: only peaks on a flat ridge or plateau "
                   "(rods, elongated nuclei; in 2D a dip of up to one voxel is allowed, the grid's sampling of a rod's "
-                  "axis). Default %(default)s: 1.0 in 2D, 0.95 in 3D (a large particle pressed "
-                  "by its neighbours, two maxima a few percent apart). Lower values also join shallow necks (0.7: "
-                  "rods, hollow particles; merges overlapping spheres). The watershed method ignores it",
+                  "axis). Default %(default)s: 0.97 in 2D (a dip of 3 %% or one voxel), 0.95 in 3D (a large "
+                  "particle pressed by its neighbours, two maxima a few percent apart). Lower values also join "
+                  "shallow necks (0.7: rods, hollow particles; merges overlapping spheres). The watershed method "
+                  "ignores it",
     "nearby_ratio": "a peak closer to a higher peak of its region than this times the higher peak's depth joins "
                     "it whatever the neck (it lies inside that peak's inscribed ball; PoreSpy SNOW's rule); 'auto', "
                     "a number in (0, 1] or 'off'. Default %(default)s: off in 2D (overlapping particles of a "

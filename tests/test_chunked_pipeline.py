@@ -177,7 +177,7 @@ def test_neck_grouping_matches_in_memory(rng, tmp_path, shape, chunkings):
     # A 48^3 corner of the bench's seed-4711 volume (1000 spheres, radii 6-15) around the one sphere of the
     # 256^3 volume that only the neck default kept whole there (before the peak reach, which now drops that
     # sphere's second maximum too: off here).
-    ("neck_ratio", 0.95, 1.0, 1.0, ((256, 256, 256), 1000, (6, 15), 4711, np.s_[48:96, 208:256, 160:208]),
+    ("neck_ratio", 0.95, 0.97, 1.0, ((256, 256, 256), 1000, (6, 15), 4711, np.s_[48:96, 208:256, 160:208]),
      dict(min_distance=4, max_radius=16.0, peak_reach=None, ball_share=None), -1),
     ("nearby_ratio", 0.8, None, None, ((128, 128, 128), 113, (7.5, 14.6), 2008, np.s_[:]),
      dict(min_distance=4, max_radius=16.0, min_size=65, peak_reach=None, ball_share=None), -1),  # both drop it too
@@ -207,7 +207,7 @@ def test_3d_defaults_keep_a_spheres_second_maximum_from_splitting_it(tmp_path, o
     inscribed ball from its neighbours, is no centre. Here each of these 3D defaults keeps one piece fewer
     than the run without it (``off``); reach_share 'auto' (0.6) keeps one more, a small sphere's centre that
     the reach overlooked; each scores higher against the ground truth (the 113 spheres of the second volume
-    exactly), in memory and chunked alike. In 2D the neck (1.0), nearby and reach (off) defaults, set for
+    exactly), in memory and chunked alike. In 2D the neck (0.97), nearby and reach (off) defaults, set for
     particles of a projection that overlap, keep the pieces that the 3D value would join or drop; the ball
     share is 0.5 there too, and changes the 2D image; the reach share acts only with the reach, off in 2D.
     A bad value gets the one-line error."""
@@ -227,7 +227,8 @@ def test_3d_defaults_keep_a_spheres_second_maximum_from_splitting_it(tmp_path, o
                                  workspace=Workspace(tmp_path / "w"), **kwargs)
     assert labels.compute().tobytes() == default.tobytes()
 
-    flat, _ = make_touching_particles((200, 200), 60, radius_range=(6, 15), overlap=0.15, seed=1)
+    # (Seed 7: an image where each 2D value changes the labels.)
+    flat, _ = make_touching_particles((200, 200), 60, radius_range=(6, 15), overlap=0.15, seed=7)
     other = separate(flat, **{option: off if value_2d == value_3d else value_3d}, **kwargs)
     plain = separate(flat, **{option: value_2d}, **kwargs)
     assert separate(flat, **kwargs).tobytes() == plain.tobytes()

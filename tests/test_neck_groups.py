@@ -26,12 +26,13 @@ def _disks(shape, centres, radii):
 
 
 def _reference_groups(peaks, distance_q, regions, spacing, ratio, quantum, nearby=None):
-    """Pairs tested one by one in Python with exact fractions; groups by scipy's connected components. A dip
-    of up to NECK_TOLERANCE_VOXELS voxels of the finest axis (one in 2D) below the ratio is no neck."""
+    """Pairs tested one by one in Python with exact fractions; groups by scipy's connected components. Pairs
+    closer than NECK_REACH times the sum of their heights are tested; a dip of up to NECK_TOLERANCE_VOXELS
+    voxels of the finest axis (one in 2D) below the ratio is no neck."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    from gpu_pipeline.stages.peaks import NECK_TOLERANCE_VOXELS
+    from gpu_pipeline.stages.peaks import NECK_REACH, NECK_TOLERANCE_VOXELS
 
     allowance = NECK_TOLERANCE_VOXELS[len(spacing)] * min(spacing) / quantum  # in quanta
 
@@ -44,7 +45,7 @@ def _reference_groups(peaks, distance_q, regions, spacing, ratio, quantum, nearb
             if regions[tuple(p)] != regions[tuple(q)]:
                 continue
             gap = np.sqrt(sum(((int(x) - int(y)) * s) ** 2 for x, y, s in zip(p, q, spacing)))
-            if not gap < (heights[i] + heights[j]) * quantum:
+            if not gap < NECK_REACH[len(spacing)] * (heights[i] + heights[j]) * quantum:
                 continue
             if nearby is not None and gap < nearby * max(heights[i], heights[j]) * quantum:
                 a.append(i), b.append(j)
@@ -102,6 +103,23 @@ def test_a_rod_is_one_particle_and_touching_disks_stay_two():
         assert labels.max() == 2
         left, right = labels[50, 70], labels[50, 116]
         assert left != right and left > 0 and right > 0
+
+
+def test_a_rod_is_one_particle_when_min_distance_spaces_its_peaks_beyond_their_balls(monkeypatch):
+    """A window wider than the rod's radius leaves peaks on its ridge farther apart than the sum of their
+    heights, where their inscribed balls no longer overlap; the 2D reach (twice that) still tests them, and
+    the flat ridge joins them. Set by the image's larger particles, the auto window can be that wide."""
+    from gpu_pipeline.stages import peaks
+
+    shape = (100, 240)
+    for tilt in (0.0, 0.3):
+        rod = _capsule(shape, (50 - 40 * np.sin(tilt), 40), (50 + 40 * np.sin(tilt), 200), 12)
+        image = np.where(rod, 200, 20).astype(np.uint8)
+        for window in (30, 40):  # peaks 26-40 px apart, heights 12
+            labels = separate(image, sigma=0, min_distance=window, polarity="bright")
+            assert labels.max() == 1 and np.array_equal(labels > 0, rod)
+    monkeypatch.setitem(peaks.NECK_REACH, 2, 1.0)  # the balls' reach only: the rod is cut
+    assert separate(image, sigma=0, min_distance=30, polarity="bright").max() > 1
 
 
 def test_default_joins_the_plateau_of_a_particle_deeper_than_max_radius(rng):

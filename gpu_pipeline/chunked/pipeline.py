@@ -32,7 +32,7 @@ needs halos, the tasks that read the neighbouring chunks hand them over:
    in-memory; ids by first voxel in C order come from the last round.
 
 Particles whose inscribed radius exceeds ``max_radius`` see a plateau of
-capped distances, whose peaks the default ``neck_ratio`` (1.0 in 2D, 0.95 in 3D) joins where
+capped distances, whose peaks the default ``neck_ratio`` (0.97 in 2D, 0.95 in 3D) joins where
 the segments between them stay on the plateau, and which are otherwise
 over-split (as in-memory with the same cap); the
 run counts voxels at the cap and reports them.

@@ -41,6 +41,18 @@ FINEST_CELL = 8
 #: quarter as much on EMPS. 3D: none (the bench's spheres, measured with the 3D defaults, have no rods).
 NECK_TOLERANCE_VOXELS = {2: 1.0, 3: 0.0}
 
+#: The neck test's reach by the number of dimensions: two peaks of one region are tested when they lie closer
+#: than this times the sum of their heights (1: their inscribed balls overlap). A rod's ridge can hold peaks
+#: farther apart than that: where its width varies slowly, or where ``min_distance`` exceeds its radius (the
+#: auto one follows the larger particles of the image), and a rod whose peaks were never tested was cut into
+#: pieces (EMPS 441414704c: one rod of half-width 43, peaks 109 px apart, cut in three). In 2D, 2: with the 2D
+#: ratio 0.97, at the defaults (2026-12-05, defaults_sweep_2026-12-05_s37_necks.md) pooled F1@0.5 on
+#: emps_subset 0.5075 -> 0.5129 with the reach alone, 0.5202 with both, on emps_train_rest 0.6088 -> 0.6174
+#: -> 0.6246; DSB 0.7468 -> 0.7500; the generated 2D sets unchanged by the reach (1.5 gained two thirds as
+#: much). 3D: 1. At 2 the F1 of six random 192^3 volumes (rng 777, both spreads) was unchanged and the neck
+#: stage took about twice as long (0.01-0.04 s more); no 3D data of ours has rods.
+NECK_REACH = {2: 2.0, 3: 1.0}
+
 #: Window offsets tested together by :func:`local_maxima` before dropping the candidates they exceed.
 WINDOW_OFFSET_GROUP = 8
 
@@ -359,8 +371,9 @@ def space_candidates(coords, half_widths):
 def neck_groups(peaks, distance_q, regions, spacing, ratio, nearby=None):
     """Group peaks that belong to one particle: peaks joined by no neck narrower than ``ratio``, or nearby.
 
-    Two peaks of one region whose inscribed balls overlap (physical distance
-    below the sum of their heights) are tested along the straight segment
+    Two peaks of one region closer than :data:`NECK_REACH` times the sum of
+    their heights (physical units; 2 in 2D, 1 in 3D: their inscribed balls
+    overlap) are tested along the straight segment
     between them (one sample per voxel step, nearest voxel): when the
     distance map never drops below ``ratio`` times the higher peak there, no
     neck separates them and they join one group. ``ratio`` 1.0 joins only
@@ -436,8 +449,8 @@ def sample_batches(peaks, i, j):
 def join_peaks(peaks, heights, region, spacing, ratio, segment_minima, *, nearby=None, nearest_first=True):
     """Groups of peaks joined by necks no narrower than ``ratio``, or nearby (the search of :func:`neck_groups`).
 
-    A pair of peaks of one region whose inscribed balls overlap is joined
-    when ``segment_minima(i, j)`` (the lowest quantised distance on each
+    A pair of peaks of one region closer than :data:`NECK_REACH` times the
+    sum of their heights is joined when ``segment_minima(i, j)`` (the lowest quantised distance on each
     pair's segment, see :func:`segment_points`) is at least ``ratio`` times
     the higher peak, less :data:`NECK_TOLERANCE_VOXELS` (one voxel in 2D),
     or (``nearby`` not None) when the peaks lie less than ``nearby`` times
@@ -463,9 +476,10 @@ def join_peaks(peaks, heights, region, spacing, ratio, segment_minima, *, nearby
     quantum = min(float(s) for s in spacing) / QUANTUM_DIVISOR
     allowance = NECK_TOLERANCE_VOXELS.get(peaks.shape[1], 0.0) * QUANTUM_DIVISOR  # quanta
     extent = to_list(peaks.max(axis=0) - peaks.min(axis=0))
-    # Overlapping balls lie within twice the highest peak on every axis;
-    # no pair lies farther apart than the peaks' bounding box.
-    reach = [min(int(e), int(math.ceil(2 * int(heights.max()) * quantum / float(s))))
+    widen = NECK_REACH.get(peaks.shape[1], 1.0)
+    # Balls widened by ``widen`` overlap within twice that times the highest
+    # peak on every axis; no pair lies farther apart than the peaks' bounding box.
+    reach = [min(int(e), int(math.ceil(2 * widen * int(heights.max()) * quantum / float(s))))
              for e, s in zip(extent, spacing)]
     levels = max(0, math.ceil(math.log2(max(1, max(reach)) / FINEST_CELL))) if nearest_first else 0
     scale = xp.asarray([float(s) / quantum for s in spacing], dtype=xp.float64)
@@ -481,7 +495,7 @@ def join_peaks(peaks, heights, region, spacing, ratio, segment_minima, *, nearby
                 prev = xp.asarray(previous, dtype=xp.int64)
                 test &= ~(xp.abs((peaks[j] - origin) // prev - (peaks[i] - origin) // prev) <= 1).all(axis=1)
             gap2 = ((step.astype(xp.float64) * scale) ** 2).sum(axis=1)
-            test &= gap2 < (heights[i] + heights[j]).astype(xp.float64) ** 2
+            test &= gap2 < (widen * (heights[i] + heights[j]).astype(xp.float64)) ** 2
             i, j, gap2 = i[test], j[test], gap2[test]
             if i.size == 0:
                 continue
