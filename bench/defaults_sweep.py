@@ -1,7 +1,7 @@
 """declump at its defaults (``separate(image)``, as ``declump run in out`` runs it) on all the shared real data
 and on generated images that stress the automatic choices, one row per image.
 
-    python -m bench.defaults_sweep [--seeds 3] [--out NAME]
+    python -m bench.defaults_sweep [--seeds 3] [--set MODULE.NAME[KEY]=VALUE ...] [--out NAME]
 
 Real: the 366 EMPS images (``emps_subset``, ``emps_train_rest``), the DSB nuclei image and the two 3D embryo
 stacks. Generated (``make_touching_particles``, seeds 0..N-1 per condition): the base 2D (512^2, 150 disks,
@@ -10,6 +10,10 @@ radius 6-14) and 3D (96^3, 120 spheres, radius 5-10) cases; a few particles in a
 (radius 3-30); large (radius 25-40); and the uneven generated nuclei of ``bench.auto_foreground`` (256^2, 60
 nuclei, seeds 0..N-1 and 100-105). Scores are pooled over each group's images (F1@0.5 from the summed
 true positives) and averaged per image; the rows are kept in the JSON so any other pooling can be made.
+
+``--set`` runs the sweep with a module constant of the library changed, to measure a candidate default
+before changing it, e.g. ``--set gpu_pipeline.pipeline.TEXTURE_GROWTH=1.1`` or
+``--set "gpu_pipeline.stages.peaks.NECK_REACH[2]=1.0"`` (VALUE a Python literal).
 """
 from __future__ import annotations
 
@@ -61,13 +65,37 @@ def images(seeds):
             yield f"seed {seed}", name, *make_touching_particles(shape, n, seed=seed, **params)
 
 
+def set_constant(text):
+    """Apply ``MODULE.NAME=VALUE`` or ``MODULE.NAME[KEY]=VALUE`` (VALUE and KEY Python literals) to the library."""
+    import ast
+    import importlib
+    import re
+
+    match = re.fullmatch(r"([\w.]+)\.(\w+)(?:\[(.+)\])?=(.+)", text.strip())
+    if match is None:
+        raise SystemExit(f"--set wants MODULE.NAME=VALUE or MODULE.NAME[KEY]=VALUE, got {text!r}")
+    module, name, key, value = match.groups()
+    target = importlib.import_module(module)
+    if not hasattr(target, name):
+        raise SystemExit(f"--set: {module} has no {name}")
+    value = ast.literal_eval(value)
+    if key is None:
+        setattr(target, name, value)
+    else:  # in place, so that tables holding the same dict see it
+        getattr(target, name)[ast.literal_eval(key)] = value
+
+
 def main():
     from gpu_pipeline import NoParticlesError, evaluate, separate
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], metavar="MODULE.NAME[KEY]=VALUE",
+                        help="change a library constant for this run (repeatable)")
     parser.add_argument("--out", default=f"defaults_sweep_{time.strftime('%Y-%m-%d')}")
     args = parser.parse_args()
+    for text in args.set:
+        set_constant(text)
     rows = []
     for name, group, image, truth in images(args.seeds):
         started = time.perf_counter()
@@ -85,7 +113,8 @@ def main():
     for row in rows:
         groups[row["group"]].append(row)
     lines = [f"# declump defaults on real and generated images ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
-             "", f"`python -m bench.defaults_sweep --seeds {args.seeds}`; CPU: {machine_info()['cpu']}", "",
+             "", f"`python -m bench.defaults_sweep --seeds {args.seeds}"
+             + "".join(f" --set '{text}'" for text in args.set) + f"`; CPU: {machine_info()['cpu']}", "",
              "| group | images | F1@0.5 pooled | F1@0.5 per image: mean (min) | mean F1 per image | predicted / true |",
              "|---|---|---|---|---|---|"]
     for group, members in groups.items():
