@@ -48,8 +48,8 @@ NECK_TOLERANCE_VOXELS = {2: 1.0, 3: 0.0}
 #: pieces (EMPS 441414704c: one rod of half-width 43, peaks 109 px apart, cut in three). In 2D, 2: with the 2D
 #: ratio 0.97, at the defaults (2026-12-05, defaults_sweep_2026-12-05_s37_necks.md) pooled F1@0.5 on
 #: emps_subset 0.5075 -> 0.5129 with the reach alone, 0.5202 with both, on emps_train_rest 0.6088 -> 0.6174
-#: -> 0.6246; DSB 0.7468 -> 0.7500; the generated 2D sets unchanged by the reach (1.5 gained two thirds as
-#: much). 3D: 1. At 2 the F1 of six random 192^3 volumes (rng 777, both spreads) was unchanged and the neck
+#: -> 0.6246; DSB and the generated 2D sets unchanged by the reach (1.5 gained two thirds as much; the ratio's
+#: own effect: pipeline.NECK_RATIO_AUTO). 3D: 1. At 2 the F1 of six random 192^3 volumes (rng 777, both spreads) was unchanged and the neck
 #: stage took about twice as long (0.01-0.04 s more); no 3D data of ours has rods.
 NECK_REACH = {2: 2.0, 3: 1.0}
 
@@ -450,8 +450,9 @@ def join_peaks(peaks, heights, region, spacing, ratio, segment_minima, *, nearby
     """Groups of peaks joined by necks no narrower than ``ratio``, or nearby (the search of :func:`neck_groups`).
 
     A pair of peaks of one region closer than :data:`NECK_REACH` times the
-    sum of their heights is joined when ``segment_minima(i, j)`` (the lowest quantised distance on each
-    pair's segment, see :func:`segment_points`) is at least ``ratio`` times
+    sum of their heights is joined when ``segment_minima(i, j)`` (the
+    lowest quantised distance on each pair's segment, see
+    :func:`segment_points`) is at least ``ratio`` times
     the higher peak, less :data:`NECK_TOLERANCE_VOXELS` (one voxel in 2D),
     or (``nearby`` not None) when the peaks lie less than ``nearby`` times
     the higher peak apart; ``ratio`` None: ``nearby`` only,
