@@ -101,9 +101,9 @@ def fill_shell_holes(mask, spacing, ratio=SHELL_HOLE_DEPTH, share="auto"):
     A hole is also filled where it takes at least ``share`` of the piece of
     the mask it lies in, that piece with its holes filled, and that piece
     touches no face of the image (a particle's grainy core; ``"auto"``:
-    :data:`SHELL_HOLE_SHARE` by the number of dimensions, None: off). Physical units (``spacing``); the two distance
-    transforms and the labelling of the filled mask run only where there is
-    a hole.
+    :data:`SHELL_HOLE_SHARE` by the number of dimensions, None: off).
+    Physical units (``spacing``); the two distance transforms and the
+    labelling of the filled mask run only where there is a hole.
     """
     if share == "auto":
         share = SHELL_HOLE_SHARE[mask.ndim]
