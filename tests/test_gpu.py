@@ -340,6 +340,7 @@ def test_shell_holes_on_the_gpu_equal_the_cpu(cp, rng):
         centre, outer = rng.uniform(0, (80, 90)), rng.uniform(4, 12)
         d = np.sqrt(sum((g - c) ** 2 for g, c in zip(grids, centre)))
         mask |= (d <= outer) & (d > outer * rng.uniform(0.2, 0.8))
-    want, n_want = fill_shell_holes(mask, (1.0, 1.3))
-    got, n_got = fill_shell_holes(cp.asarray(mask), (1.0, 1.3))
-    assert n_got == n_want > 0 and np.array_equal(got.get(), want)
+    for share in ("auto", 0.05, None):  # the 2D core share (labelling of the filled mask, bincounts) and without
+        want, n_want = fill_shell_holes(mask, (1.0, 1.3), share=share)
+        got, n_got = fill_shell_holes(cp.asarray(mask), (1.0, 1.3), share=share)
+        assert n_got == n_want > 0 and np.array_equal(got.get(), want)
