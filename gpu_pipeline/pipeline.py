@@ -143,8 +143,9 @@ def validate_spacing(spacing, ndim):
 #: 0.5202 / 0.5261, emps_train_rest 0.6174 / 0.6246 / 0.6304, DSB 0.7468 / 0.7500 / 0.7532, generated nuclei
 #: (seeds 0-2 and 100-105) 0.8925 / 0.8855 / -, the base 2D discs 0.8189 / 0.8110 / 0.8105 and discs of radius
 #: 25-40 0.8251 / 0.8251 / 0.8000 (defaults_sweep_2026-12-05_s37_necks.md, ..._s37_variants.md). 3D: 0.95.
-#: Solid particles do not overlap in a volume, so touching ones meet at a neck, while a large particle pressed by its neighbours can hold
-#: two distance-map maxima a dip of a few percent apart; joined, they stop over-splitting it. Measured
+#: Solid particles do not overlap in a volume, so touching ones meet at a neck, while a large particle pressed
+#: by its neighbours can hold two distance-map maxima a dip of a few percent apart; joined, they stop
+#: over-splitting it. Measured
 #: 2026-12-03 on ten generated 256^3 volumes (radii 3-16, bench parameters): F1@0.5 equal on eight, higher
 #: on two (seed 4711 0.99700 -> 0.99850, 1002 -> 999 particles for 1000; seed 202 0.92140 -> 0.92162),
 #: never lower; 0.9 was lower on two; the embryo 3D nuclei unchanged.

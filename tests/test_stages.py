@@ -223,9 +223,8 @@ def _shells_reference(mask, spacing, ratio, share=None):
     """fill_shell_holes from SciPy alone: per enclosed hole (face-connected background touching no face), its
     deepest background distance against the deepest distance of the mask with every such hole filled, at the
     hole; with ``share``, also its voxels against those of its piece of that filled mask where that piece
-    touches no face. Returns the labels,
-    the holes filled, the ids too close to the ratio to call (float32 against float64) and the number of
-    enclosed holes."""
+    touches no face. Returns the labels, the holes filled, the ids too close to the ratio to call (float32
+    against float64) and the number of enclosed holes."""
     labels, count = ndi.label(~mask)
     on_faces = set()
     for axis in range(mask.ndim):

@@ -49,8 +49,9 @@ NECK_TOLERANCE_VOXELS = {2: 1.0, 3: 0.0}
 #: ratio 0.97, at the defaults (2026-12-05, defaults_sweep_2026-12-05_s37_necks.md) pooled F1@0.5 on
 #: emps_subset 0.5075 -> 0.5129 with the reach alone, 0.5202 with both, on emps_train_rest 0.6088 -> 0.6174
 #: -> 0.6246; DSB and the generated 2D sets unchanged by the reach (1.5 gained two thirds as much; the ratio's
-#: own effect: pipeline.NECK_RATIO_AUTO). 3D: 1. At 2 the F1 of six random 192^3 volumes (rng 777, both spreads) was unchanged and the neck
-#: stage took about twice as long (0.01-0.04 s more); no 3D data of ours has rods.
+#: own effect: pipeline.NECK_RATIO_AUTO). 3D: 1. At 2 the F1 of six random 192^3 volumes (rng 777, both
+#: spreads) was unchanged and the neck stage took about twice as long (0.01-0.04 s more); no 3D data of ours
+#: has rods.
 NECK_REACH = {2: 2.0, 3: 1.0}
 
 #: Window offsets tested together by :func:`local_maxima` before dropping the candidates they exceed.
