@@ -11,7 +11,7 @@ import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for
 from gpu_pipeline._common import whole_number_at_least
-from gpu_pipeline.stages.annotations import annotation_mask, annotation_zone
+from gpu_pipeline.stages.annotations import annotation_ink, annotation_mask, annotation_zone, info_band
 from gpu_pipeline.stages.boundary_split import boundary_split
 from gpu_pipeline.stages.cleanup import clean_mask, fill_shell_holes, merge_small_particles, voxels_for
 from gpu_pipeline.stages.distance import cleaned_distance
@@ -93,8 +93,11 @@ class SeparationDetails:
     ``particle_radius`` the typical radius measured for the ``auto`` options,
     ``min_distance``, ``max_hole_size`` and ``min_size`` the values used
     (physical units); ``annotation_pixels`` the foreground pixels removed as
-    figure annotations; ``shell_holes`` the cavities of hollow particles
-    that ``auto`` hole filling filled.
+    figure annotations, ``info_band`` the lines an information band along
+    one edge left to the picture (``(axis, start, stop)``, see
+    :func:`~gpu_pipeline.stages.annotations.info_band`; None: no band);
+    ``shell_holes`` the cavities of hollow particles that ``auto`` hole
+    filling filled.
     """
 
     threshold: float | None = None
@@ -108,6 +111,7 @@ class SeparationDetails:
     max_hole_size: float | None = None
     min_size: float | None = None
     annotation_pixels: int = 0
+    info_band: tuple | None = None
     shell_holes: int = 0
     n_regions: int = 0
     n_peaks: int = 0
@@ -579,13 +583,27 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         min_size = None  # a user's mask is taken as given: only objects below the peak window go
     # The annotations are found from the image, so a classifier's foreground is cleaned too; a user's mask is not.
     annotations = reject_annotations is not False and image is not None and (not given or classifier is not None)
+    full_shape = band = ink = None
+    if annotations and classifier is None and ndim == 2:
+        # A microscope's data bar along one edge is no part of the specimen, yet it would weigh in every
+        # statistic of the image (the threshold, the polarity's border, the scale): the picture is
+        # separated without it, and the band's lines are background. Annotation ink is still found on the
+        # whole panel, where its rules measure the margins.
+        band = info_band(image)
+        if band is not None:
+            details.info_band = band
+            axis, start, stop = band
+            full_shape, band = image.shape, (slice(None),) * axis + (slice(start, stop),)
+            image, ink = image[band], annotation_ink(image)[band]
+            ink = annotation_zone(image, ink=ink)  # (its margin grown within the picture)
 
     def cleaned_foreground(polarity):
         fg, radius, distance, tables = foreground_step(image, mask, spacing=spacing, sigma=sigma,
                                                        threshold=threshold, polarity=polarity, details=details,
                                                        clock=clock)
         if annotations and image.ndim == 2:
-            fg = reject_annotations_step(fg, image, details=details, rectangles=reject_annotations is True)
+            fg = reject_annotations_step(fg, image, details=details, rectangles=reject_annotations is True,
+                                         zone=ink)
             radius = distance = tables = None  # measured before the annotations were removed
         return cleanup_step(fg, spacing=spacing, min_distance=min_distance, min_size=min_size,
                             max_hole_size=max_hole_size, details=details, given=given, radius=radius,
@@ -618,6 +636,10 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
                         assignment=assignment, kmeans_engine=kmeans_engine, max_iter=max_iter, details=details,
                         clock=clock)
     labels = finish_step(labels, details=details, min_size=particle_min_size, spacing=spacing)
+    if band is not None:
+        whole = get_array_module(labels).zeros(full_shape, dtype=labels.dtype)
+        whole[band] = labels
+        labels = whole
     clock.lap("finish")
     return (labels, details) if return_details else labels
 
@@ -718,10 +740,12 @@ def foreground_step(image, mask, *, spacing, sigma, threshold, polarity, details
     return fg, radius, distance, tables
 
 
-def reject_annotations_step(fg, image, *, details, rectangles=False):
+def reject_annotations_step(fg, image, *, details, rectangles=False, zone=None):
     """The 2D foreground without the image's annotation ink (and, with ``rectangles``, without foreground
-    components shaped like bars and info bands); the foreground pixels removed go to ``details``."""
-    drop = annotation_zone(image) & fg
+    components shaped like bars and info bands); the foreground pixels removed go to ``details``. ``zone``:
+    the ink's :func:`~gpu_pipeline.stages.annotations.annotation_zone` where it is known (found on the
+    whole panel, ``image`` being the picture beside an information band)."""
+    drop = (annotation_zone(image) if zone is None else zone) & fg
     if rectangles:
         drop = drop | annotation_mask(fg)
     details.annotation_pixels = int(drop.sum())

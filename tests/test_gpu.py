@@ -344,3 +344,20 @@ def test_shell_holes_on_the_gpu_equal_the_cpu(cp, rng):
         want, n_want = fill_shell_holes(mask, (1.0, 1.3), share=share)
         got, n_got = fill_shell_holes(cp.asarray(mask), (1.0, 1.3), share=share)
         assert n_got == n_want > 0 and np.array_equal(got.get(), want)
+
+
+def test_an_information_band_on_the_gpu_equals_the_cpu(cp, rng):
+    """The band found on the device (its per-line shares) and the labels of the barred image, ink included."""
+    from test_autofg import with_data_bar
+
+    from gpu_pipeline import separate
+    from gpu_pipeline.stages.annotations import info_band
+    from gpu_pipeline.synthetic import make_touching_particles
+
+    image, _ = make_touching_particles((200, 240), 25, seed=int(rng.integers(1e6)))
+    for edge, ground in (("bottom", 0), ("left", 255)):
+        barred, _ = with_data_bar(image, rng, edge, ground)
+        assert info_band(cp.asarray(barred)) == info_band(barred) is not None
+        on_gpu, details = separate(cp.asarray(barred), sigma=0.0, return_details=True)  # (sigma 0: exact stages)
+        assert details.info_band == info_band(barred)
+        np.testing.assert_array_equal(on_gpu.get(), separate(barred, sigma=0.0))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from gpu_pipeline._backend import get_array_module, ops_for
+from gpu_pipeline._common import to_host
 
 #: A component filling at least this fraction of its bounding box is rectangle-like.
 RECTANGULARITY = 0.9
@@ -180,9 +181,60 @@ def annotation_ink(image):
     return ink & ((image <= info.min + tolerance) | (image >= info.max - tolerance))
 
 
-def annotation_zone(image):
-    """:func:`annotation_ink` grown by ``INK_MARGIN`` pixels (the blur and anti-aliasing around the strokes)."""
-    ink = annotation_ink(image)
+#: Info band: a run of at least ``BAND_MIN_LINES`` whole rows (or columns) from one edge of the panel, each with
+#: at least ``BAND_INK_SHARE`` of its pixels in ink (the band's own white or black ground, or its text: within
+#: ``BAND_TOLERANCE`` of the dtype's range of its extremes, wider than ``INK_TOLERANCE``: a compressed band's
+#: black ground lies at 0-5 of 255), less than ``EDGE_BAND`` of the panel deep, ...
+BAND_MIN_LINES = 4
+BAND_INK_SHARE = 0.3
+BAND_TOLERANCE = 3 / 255
+#: ... and the picture right after it: its next ``BAND_PICTURE_LINES`` lines hold on average under
+#: ``BAND_PICTURE_SHARE`` of their pixels in ink (the step from the microscope's data bar to the micrograph).
+BAND_PICTURE_LINES = 10
+BAND_PICTURE_SHARE = 0.1
+
+
+def info_band(image):
+    """Where a 2D integer ``image`` carries an information band along one edge (a microscope's data bar:
+    text on a white or black ground): ``(axis, start, stop)``, the lines of ``axis`` (0: rows, 1: columns)
+    that the band does not cover, else None (also for float images and 3D volumes).
+
+    The band is no part of the specimen, yet it weighs in the image's statistics: its ground, as common as
+    the background or the particles, moves a global threshold and the polarity's count of the border. Its
+    lines are each largely in ink (``BAND_INK_SHARE``) from the edge on (``BAND_MIN_LINES``, less than
+    ``EDGE_BAND`` of the panel), and the micrograph after it is not (``BAND_PICTURE_SHARE`` over the next
+    ``BAND_PICTURE_LINES``). Of bands on several edges, the deepest is reported.
+    """
+    xp = get_array_module(image)
+    if image.ndim != 2 or np.dtype(image.dtype).kind not in "ui":
+        return None
+    info = np.iinfo(image.dtype)
+    tolerance = int((int(info.max) - int(info.min)) * BAND_TOLERANCE)
+    best = None
+    for axis in (0, 1):
+        other = 1 - axis
+        share = xp.maximum((image <= info.min + tolerance).mean(axis=other),
+                           (image >= info.max - tolerance).mean(axis=other))
+        share = to_host(share).tolist()
+        n = len(share)
+        for from_end in (False, True):
+            lines = share[::-1] if from_end else share
+            depth = 0
+            while depth < EDGE_BAND * n and lines[depth] >= BAND_INK_SHARE:
+                depth += 1
+            picture = lines[depth:depth + BAND_PICTURE_LINES]
+            if not (BAND_MIN_LINES <= depth < EDGE_BAND * n and picture
+                    and sum(picture) / len(picture) < BAND_PICTURE_SHARE):
+                continue
+            if best is None or depth > best[0]:
+                best = (depth, (axis, 0, n - depth) if from_end else (axis, depth, n))
+    return None if best is None else best[1]
+
+
+def annotation_zone(image, ink=None):
+    """:func:`annotation_ink` grown by ``INK_MARGIN`` pixels (the blur and anti-aliasing around the strokes).
+    ``ink``: the image's ink where it is known (found on the whole panel, ``image`` being a part of it)."""
+    ink = annotation_ink(image) if ink is None else ink
     if not bool(ink.any()):
         return ink
     return ops_for(ink).distance_transform(~ink, (1.0, 1.0)) <= INK_MARGIN
