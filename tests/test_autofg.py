@@ -793,8 +793,8 @@ def test_an_information_band_changes_nothing_of_the_picture(rng, edge, ground):
 
 def test_no_information_band_where_there_is_none(rng):
     """No band in generated images (particles against the frame, packed, clipped at the dtype's ends) nor in
-    float images; a band shallower than ``BAND_MIN_LINES`` lines, or running into a picture that is itself
-    largely at the dtype's end (a saturated film), is none either."""
+    float or 16-bit images (detector counts, not figures); a band shallower than ``BAND_MIN_LINES`` lines, or
+    running into a picture that is itself largely at the dtype's end (a saturated film), is none either."""
     seed = int(rng.integers(1e6))
     for image in (make_touching_particles((256, 256), 150, seed=seed)[0],
                   make_touching_particles((256, 256), 150, polarity="dark", touching_fraction=1.0, seed=seed)[0],
@@ -804,7 +804,7 @@ def test_no_information_band_where_there_is_none(rng):
         assert info_band(image) is None
     image = make_touching_particles((200, 240), 25, seed=seed)[0]
     barred, _ = with_data_bar(image, rng, "bottom", 0)
-    assert info_band(barred.astype(np.float32)) is None
+    assert info_band(barred.astype(np.float32)) is None and info_band(barred.astype(np.uint16) * 16) is None
     shallow = image.copy()
     shallow[-3:] = 0
     assert info_band(shallow) is None

@@ -195,9 +195,11 @@ BAND_PICTURE_SHARE = 0.1
 
 
 def info_band(image):
-    """Where a 2D integer ``image`` carries an information band along one edge (a microscope's data bar:
-    text on a white or black ground): ``(axis, start, stop)``, the lines of ``axis`` (0: rows, 1: columns)
-    that the band does not cover, else None (also for float images and 3D volumes).
+    """Where a 2D 8-bit ``image`` carries an information band along one edge (a microscope's data bar: text
+    on a white or black ground): ``(axis, start, stop)``, the lines of ``axis`` (0: rows, 1: columns) that the
+    band does not cover, else None. Only 8-bit images: microscopes burn their data bar into 8-bit exports and
+    figures, while wider integers hold detector counts (a 12-bit camera's in uint16, whose dark film would lie
+    within a tolerance of the dtype's minimum); float images and 3D volumes have none.
 
     The band is no part of the specimen, yet it weighs in the image's statistics: its ground, as common as
     the background or the particles, moves a global threshold and the polarity's count of the border. Its
@@ -206,7 +208,7 @@ def info_band(image):
     ``BAND_PICTURE_LINES``). Of bands on several edges, the deepest is reported.
     """
     xp = get_array_module(image)
-    if image.ndim != 2 or np.dtype(image.dtype).kind not in "ui":
+    if image.ndim != 2 or np.dtype(image.dtype).kind not in "ui" or np.dtype(image.dtype).itemsize != 1:
         return None
     info = np.iinfo(image.dtype)
     tolerance = int((int(info.max) - int(info.min)) * BAND_TOLERANCE)
