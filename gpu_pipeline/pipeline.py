@@ -583,19 +583,20 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         min_size = None  # a user's mask is taken as given: only objects below the peak window go
     # The annotations are found from the image, so a classifier's foreground is cleaned too; a user's mask is not.
     annotations = reject_annotations is not False and image is not None and (not given or classifier is not None)
-    full_shape = band = ink = None
+    full_shape = band = zone = None
     if annotations and classifier is None and ndim == 2:
         # A microscope's data bar along one edge is no part of the specimen, yet it would weigh in every
         # statistic of the image (the threshold, the polarity's border, the scale): the picture is
         # separated without it, and the band's lines are background. Annotation ink is still found on the
-        # whole panel, where its rules measure the margins.
+        # whole panel, where its rules measure the margins (its margin grown within the picture).
         band = info_band(image)
         if band is not None:
             details.info_band = band
             axis, start, stop = band
             full_shape, band = image.shape, (slice(None),) * axis + (slice(start, stop),)
-            image, ink = image[band], annotation_ink(image)[band]
-            ink = annotation_zone(image, ink=ink)  # (its margin grown within the picture)
+            picture = get_array_module(image).ascontiguousarray(image[band])
+            zone = annotation_zone(picture, ink=annotation_ink(image)[band])
+            image = picture
 
     def cleaned_foreground(polarity):
         fg, radius, distance, tables = foreground_step(image, mask, spacing=spacing, sigma=sigma,
@@ -603,7 +604,7 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
                                                        clock=clock)
         if annotations and image.ndim == 2:
             fg = reject_annotations_step(fg, image, details=details, rectangles=reject_annotations is True,
-                                         zone=ink)
+                                         zone=zone)
             radius = distance = tables = None  # measured before the annotations were removed
         return cleanup_step(fg, spacing=spacing, min_distance=min_distance, min_size=min_size,
                             max_hole_size=max_hole_size, details=details, given=given, radius=radius,
