@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for
-from gpu_pipeline._common import whole_number_at_least
+from gpu_pipeline._common import UnusableValuesError, whole_number_at_least
 from gpu_pipeline.stages.annotations import annotation_ink, annotation_mask, annotation_zone, info_band
 from gpu_pipeline.stages.boundary_split import boundary_split
 from gpu_pipeline.stages.cleanup import clean_mask, fill_shell_holes, merge_small_particles, voxels_for
@@ -595,6 +595,14 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
             axis, start, stop = band
             full_shape, band = image.shape, (slice(None),) * axis + (slice(start, stop),)
             picture = get_array_module(image).ascontiguousarray(image[band])
+            if float(picture.min()) == float(picture.max()):
+                edge = (("bottom", "top"), ("right", "left"))[axis][start > 0]
+                lines = f"{stop}-{full_shape[axis] - 1}" if start == 0 else f"0-{start - 1}"
+                raise UnusableValuesError(
+                    f"the image is constant (every value is {float(picture.min()):g}) apart from the information "
+                    f"band along its {edge} edge ({'rows' if axis == 0 else 'columns'} {lines}), so no threshold "
+                    "separates particles from background; pass an image with contrast, or reject_annotations=False "
+                    "(--reject-annotations off) to keep the band")
             zone = annotation_zone(picture, ink=annotation_ink(image)[band])
             image = picture
 

@@ -86,6 +86,9 @@ def _bad_inputs(tmp_path):
     background[0, 0] = 255  # one speck: removed by the size filter, nothing left
     np.save(tmp_path / "speck.npy", background)
     np.save(tmp_path / "huge.npy", np.where(background > 0, 1e300, 1.0))  # finite, but inf in float32
+    barred = np.full((72, 80), 100, np.uint8)  # a flat picture above a microscope's data bar
+    barred[60:], barred[64:67, 10:50] = 0, 255
+    np.save(tmp_path / "flat_beside_bar.npy", barred)
     return {
         "missing.tif": "does not exist",
         "complex.npy": "dtype complex",
@@ -97,6 +100,7 @@ def _bad_inputs(tmp_path):
         "image.jpg": "unsupported input format",
         "speck.npy": "no particles found",
         "huge.npy": "beyond float32's range",
+        "flat_beside_bar.npy": "constant (every value is 100) apart from the information band along its bottom edge",
     }
 
 
