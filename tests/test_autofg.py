@@ -814,8 +814,9 @@ def test_no_information_band_where_there_is_none(rng):
 
 
 def test_the_information_bands_of_real_images_hold_no_particle(shared_data):
-    """On the 366 EMPS images, the bands found (microscopes' data bars, the bottom 11-61 lines of 24 images) never
-    cover a ground-truth particle pixel; there the defaults match more particles than without the band rule."""
+    """On the 366 EMPS images, the bands found (microscopes' data bars along the bottom of 24 images, 11-61 lines
+    deep, and a black strip 4 columns wide) never cover a ground-truth particle pixel; there the defaults match
+    more particles than without the band rule."""
     from gpu_pipeline.io import read_image
 
     found, ours, theirs = 0, [], []
