@@ -671,6 +671,34 @@ def test_drawn_scale_bar_and_text_are_not_particles(rng):
     assert evaluate(labels, truth)["f1_50"] >= evaluate(kept, truth)["f1_50"] - 0.02
 
 
+@pytest.mark.parametrize("ground", [255, 0])
+def test_a_label_box_with_its_letter_is_ink(rng, ground):
+    """A panel letter in a filled box (white with a black letter, or the other way) in a corner of the panel:
+    the box's ground is ink with the letter, so no particle is made of it. Without the letter, or in the middle
+    of the panel, a filled square at the dtype's end is no label box (a clipped particle can be one)."""
+    polarity = "bright" if ground == 255 else "dark"
+    image, truth = make_touching_particles((240, 280), 25, polarity=polarity, seed=int(rng.integers(1e6)))
+    image = (20 + 0.85 * image).astype(np.uint8)  # particles and film off the dtype's ends
+    top, left = int(rng.integers(2, 8)), int(rng.integers(2, 8))
+    image[top:top + 38, left:left + 34] = ground
+    truth[top:top + 38, left:left + 34] = 0
+    letter = draw_text(image, "b", top + 7, left + 10, height=24, stroke=4, value=255 - ground)
+    box = np.zeros(image.shape, bool)
+    box[top:top + 38, left:left + 34] = True
+    ink = annotation_ink(image)
+    assert ink[box].all() and ink[letter].all() and not ink[~box].any()
+    labels = separate(image, polarity=polarity)
+    assert not labels[box].any()
+    assert separate(image, polarity=polarity, reject_annotations=False)[box].any()  # the box, a particle
+    blank = image.copy()
+    blank[letter] = ground
+    assert not annotation_ink(blank)[box].any()  # no text in it: no label box
+    middle = np.full_like(image, image[truth == 0].min())
+    middle[100:138, 120:154] = ground
+    draw_text(middle, "b", 107, 130, height=24, stroke=4, value=255 - ground)
+    assert not annotation_ink(middle).any()  # in the middle of the panel: no text, no box
+
+
 def test_text_in_a_framed_panel_is_still_ink(rng):
     """A thin frame of ink around the whole panel is not a stroke (the frame rule). 8dd2d83 named the joined
     pieces' radius `width`, shadowing the bounding-box width the frame and bar rules read: the frame then

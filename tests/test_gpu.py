@@ -361,3 +361,19 @@ def test_an_information_band_on_the_gpu_equals_the_cpu(cp, rng):
         on_gpu, details = separate(cp.asarray(barred), sigma=0.0, return_details=True)  # (sigma 0: exact stages)
         assert details.info_band == info_band(barred)
         np.testing.assert_array_equal(on_gpu.get(), separate(barred, sigma=0.0))
+
+
+def test_label_box_ink_on_the_gpu_equals_the_cpu(cp, rng):
+    """Annotation ink with a label box (its ground found by labelling, hole filling and bounding boxes)."""
+    from test_autofg import draw_text
+
+    from gpu_pipeline.stages.annotations import annotation_ink
+    from gpu_pipeline.synthetic import make_touching_particles
+
+    image, _ = make_touching_particles((240, 280), 25, seed=int(rng.integers(1e6)))
+    image = (20 + 0.85 * image).astype(np.uint8)
+    image[4:42, 5:39] = 255
+    draw_text(image, "b", 11, 15, height=24, stroke=4, value=0)
+    want = annotation_ink(image)
+    assert want[4:42, 5:39].all()
+    np.testing.assert_array_equal(annotation_ink(cp.asarray(image)).get(), want)

@@ -53,6 +53,8 @@ STROKE_PIECE_MARGIN = 4
 #: panel, they are the particles' own saturated values (generated disks, clipped dark rods), and no stroke of
 #: that extreme is taken for ink; likewise bars with bars.
 EDGE_BAND = 0.25
+#: A label box (a panel letter's white or black box) is ink too: at most this fraction of the panel.
+BOX_MAX_SHARE = 0.05
 #: The ink is removed with a margin of this many pixels (anti-aliased and blurred stroke edges).
 #: Chosen by looking at emps_subset; its safety on all 366 EMPS images (true particles in the zone removed) is
 #: measured by bench/auto_foreground.py ("annotation safety"; see README): saturated dark rods look like strokes.
@@ -118,8 +120,10 @@ def annotation_ink(image):
     filled bar, lies within ``EDGE_BAND`` of an edge of the panel, and is
     not a frame around it; where strokes (bars) of an extreme lie in the
     middle of the panel too, that extreme's strokes (bars) are the
-    particles' own (none of them is ink). Float images (no ink
-    value) and 3D volumes have none: all False.
+    particles' own (none of them is ink). A label box, the filled box of
+    one extreme around ink of the other (a panel letter), is ink too
+    (:func:`_label_boxes`). Float images (no ink value) and 3D volumes have
+    none: all False.
     """
     xp = get_array_module(image)
     none = xp.zeros(image.shape, dtype=bool)
@@ -178,7 +182,41 @@ def annotation_ink(image):
             if not bool((kind & ~margin).any()):
                 keep |= kind & margin
         ink = ink | keep[labels]
-    return ink & ((image <= info.min + tolerance) | (image >= info.max - tolerance))
+    return (ink | _label_boxes(image, ink, tolerance)) & ((image <= info.min + tolerance)
+                                                         | (image >= info.max - tolerance))
+
+
+def _label_boxes(image, text, tolerance):
+    """The grounds of label boxes in a 2D integer ``image`` (bool): filled axis-aligned rectangles of one of
+    the dtype's extremes (within ``tolerance``), their holes counted in, that hold at least ``INK_MIN_PIXELS``
+    of ``text`` (ink found of the other extreme), lie in the panel's margin (``EDGE_BAND``), are shorter than
+    ``BAR_ASPECT`` times their width (longer ones are bars) and cover at most ``BOX_MAX_SHARE`` of the panel."""
+    from gpu_pipeline.stages.cleanup import enclosed_components
+
+    xp = get_array_module(image)
+    ops = ops_for(image)
+    info = np.iinfo(image.dtype)
+    rows, cols = image.shape
+    boxes = xp.zeros(image.shape, dtype=bool)
+    for extreme in (image <= info.min + tolerance, image >= info.max - tolerance):
+        if not bool((text & ~extreme).any()):
+            continue
+        around, n_around = ops.label(~extreme)
+        filled = extreme | enclosed_components(around, n_around)[around]
+        labels, count = ops.label(filled)
+        flat = labels.ravel()
+        area = xp.bincount(flat, minlength=count + 1).astype(xp.float64)
+        inside = xp.bincount(flat, weights=(text & ~extreme).ravel().astype(xp.float64), minlength=count + 1)
+        (top, bottom), (left, right) = _bounds(labels, count, image.shape)
+        height, width = bottom - top + 1, right - left + 1
+        margin = ((bottom < EDGE_BAND * rows) | (top >= (1 - EDGE_BAND) * rows)
+                  | (right < EDGE_BAND * cols) | (left >= (1 - EDGE_BAND) * cols))
+        box = ((area >= RECTANGULARITY * height * width) & (xp.maximum(height, width) < BAR_ASPECT
+                                                             * xp.minimum(height, width))
+               & (area <= BOX_MAX_SHARE * rows * cols) & (inside >= INK_MIN_PIXELS) & margin)
+        box[0] = False
+        boxes |= box[labels] & extreme
+    return boxes
 
 
 #: Info band: a run of at least ``BAND_MIN_LINES`` whole rows (or columns) from one edge of the panel, each with
