@@ -67,12 +67,16 @@ def _extents(labels, count, shape):
     return bottom - top + 1, right - left + 1
 
 
-def _bounds(labels, count, shape):
-    """Bounding box per label: ((first row, last row), (first column, last column)), float64 each."""
+def _bounds(labels, count, shape, where=None):
+    """Bounding box per label: ((first row, last row), (first column, last column)), float64 each. ``where``:
+    the flat indices of the only pixels to look at (those of the labels that matter, where they are few)."""
     xp = get_array_module(labels)
     ops = ops_for(labels)
-    flat = labels.ravel()
-    rows, cols = (xp.broadcast_to(g, shape).ravel() for g in xp.ogrid[:shape[0], :shape[1]])
+    if where is None:
+        flat = labels.ravel()
+        rows, cols = (xp.broadcast_to(g, shape).ravel() for g in xp.ogrid[:shape[0], :shape[1]])
+    else:
+        flat, (rows, cols) = labels.ravel()[where], (where // shape[1], where % shape[1])
     extent = []
     for coord in (rows, cols):
         low = xp.full(count + 1, max(shape), dtype=xp.int32)
@@ -204,10 +208,11 @@ def _label_boxes(image, text, tolerance):
         around, n_around = ops.label(~extreme)
         filled = extreme | enclosed_components(around, n_around)[around]
         labels, count = ops.label(filled)
-        flat = labels.ravel()
+        where = xp.flatnonzero(filled)  # (the pieces' pixels only: a small share of the panel)
+        flat = labels.ravel()[where]
         area = xp.bincount(flat, minlength=count + 1).astype(xp.float64)
-        inside = xp.bincount(flat, weights=(text & ~extreme).ravel().astype(xp.float64), minlength=count + 1)
-        (top, bottom), (left, right) = _bounds(labels, count, image.shape)
+        inside = xp.bincount(flat, weights=(text & ~extreme).ravel()[where].astype(xp.float64), minlength=count + 1)
+        (top, bottom), (left, right) = _bounds(labels, count, image.shape, where)
         height, width = bottom - top + 1, right - left + 1
         margin = ((bottom < EDGE_BAND * rows) | (top >= (1 - EDGE_BAND) * rows)
                   | (right < EDGE_BAND * cols) | (left >= (1 - EDGE_BAND) * cols))
