@@ -87,6 +87,13 @@ def _bounds(labels, count, shape, where=None):
     return extent
 
 
+def _in_margin(top, bottom, left, right, shape):
+    """Which bounding boxes lie wholly within ``EDGE_BAND`` of an edge of a panel of ``shape``."""
+    rows, cols = shape
+    return ((bottom < EDGE_BAND * rows) | (top >= (1 - EDGE_BAND) * rows)
+            | (right < EDGE_BAND * cols) | (left >= (1 - EDGE_BAND) * cols))
+
+
 def _bars(area, height, width):
     """Which components are filled, long axis-aligned rectangles (scale bars)."""
     xp = get_array_module(area)
@@ -137,7 +144,8 @@ def annotation_ink(image):
     info = np.iinfo(image.dtype)
     tolerance = int((int(info.max) - int(info.min)) * INK_TOLERANCE)
     ink = none
-    for value, extreme in ((info.min, image <= info.min + tolerance), (info.max, image >= info.max - tolerance)):
+    extremes = ((info.min, image <= info.min + tolerance), (info.max, image >= info.max - tolerance))
+    for value, extreme in extremes:
         if not bool(extreme.any()):
             continue
         # Anti-aliasing breaks a glyph's ink into pieces a pixel apart: they are measured together (their ink
@@ -160,9 +168,7 @@ def annotation_ink(image):
         stroke = ((depth <= STROKE_RADIUS) & (area >= STROKE_ELONGATION * depth * depth) & (area >= INK_MIN_PIXELS)
                   & thin)
         frame = (height >= BAND_WIDTH * image.shape[0]) & (width >= BAND_WIDTH * image.shape[1])
-        rows, cols = image.shape
-        margin = ((bottom < EDGE_BAND * rows) | (top >= (1 - EDGE_BAND) * rows)
-                  | (right < EDGE_BAND * cols) | (left >= (1 - EDGE_BAND) * cols))
+        margin = _in_margin(top, bottom, left, right, image.shape)
         # Ink is drawn on the picture: just off it the image is far from the ink value, where the saturated
         # pixels of a bright particle (noise at the dtype's end) are surrounded by the particle's bright values.
         outer, n_outer = ops.label(gap <= INK_GAP + INK_RING)
@@ -186,23 +192,23 @@ def annotation_ink(image):
             if not bool((kind & ~margin).any()):
                 keep |= kind & margin
         ink = ink | keep[labels]
-    return (ink | _label_boxes(image, ink, tolerance)) & ((image <= info.min + tolerance)
-                                                         | (image >= info.max - tolerance))
+    (_, low), (_, high) = extremes
+    return (ink | _label_boxes(ink, (low, high))) & (low | high)
 
 
-def _label_boxes(image, text, tolerance):
-    """The grounds of label boxes in a 2D integer ``image`` (bool): filled axis-aligned rectangles of one of
-    the dtype's extremes (within ``tolerance``), their holes counted in, that hold at least ``INK_MIN_PIXELS``
-    of ``text`` (ink found of the other extreme), lie in the panel's margin (``EDGE_BAND``), are shorter than
-    ``BAR_ASPECT`` times their width (longer ones are bars) and cover at most ``BOX_MAX_SHARE`` of the panel."""
+def _label_boxes(text, extremes):
+    """The grounds of label boxes in a 2D panel (bool): filled axis-aligned rectangles of one of its
+    ``extremes`` (the masks of the pixels at the dtype's minimum and maximum), their holes counted in, that
+    hold at least ``INK_MIN_PIXELS`` of ``text`` (ink found of the other extreme), lie in the panel's margin
+    (``EDGE_BAND``), are shorter than ``BAR_ASPECT`` times their width (longer ones are bars) and cover at
+    most ``BOX_MAX_SHARE`` of the panel."""
     from gpu_pipeline.stages.cleanup import enclosed_components
 
-    xp = get_array_module(image)
-    ops = ops_for(image)
-    info = np.iinfo(image.dtype)
-    rows, cols = image.shape
-    boxes = xp.zeros(image.shape, dtype=bool)
-    for extreme in (image <= info.min + tolerance, image >= info.max - tolerance):
+    xp = get_array_module(text)
+    ops = ops_for(text)
+    rows, cols = text.shape
+    boxes = xp.zeros(text.shape, dtype=bool)
+    for extreme in extremes:
         if not bool((text & ~extreme).any()):
             continue
         around, n_around = ops.label(~extreme)
@@ -212,13 +218,12 @@ def _label_boxes(image, text, tolerance):
         flat = labels.ravel()[where]
         area = xp.bincount(flat, minlength=count + 1).astype(xp.float64)
         inside = xp.bincount(flat, weights=(text & ~extreme).ravel()[where].astype(xp.float64), minlength=count + 1)
-        (top, bottom), (left, right) = _bounds(labels, count, image.shape, where)
+        (top, bottom), (left, right) = _bounds(labels, count, text.shape, where)
         height, width = bottom - top + 1, right - left + 1
-        margin = ((bottom < EDGE_BAND * rows) | (top >= (1 - EDGE_BAND) * rows)
-                  | (right < EDGE_BAND * cols) | (left >= (1 - EDGE_BAND) * cols))
         box = ((area >= RECTANGULARITY * height * width) & (xp.maximum(height, width) < BAR_ASPECT
                                                              * xp.minimum(height, width))
-               & (area <= BOX_MAX_SHARE * rows * cols) & (inside >= INK_MIN_PIXELS) & margin)
+               & (area <= BOX_MAX_SHARE * rows * cols) & (inside >= INK_MIN_PIXELS)
+               & _in_margin(top, bottom, left, right, text.shape))
         box[0] = False
         boxes |= box[labels] & extreme
     return boxes
@@ -255,12 +260,11 @@ def info_band(image):
         return None
     info = np.iinfo(image.dtype)
     tolerance = int((int(info.max) - int(info.min)) * BAND_TOLERANCE)
+    low, high = image <= info.min + tolerance, image >= info.max - tolerance
     best = None
     for axis in (0, 1):
         other = 1 - axis
-        share = xp.maximum((image <= info.min + tolerance).mean(axis=other),
-                           (image >= info.max - tolerance).mean(axis=other))
-        share = to_host(share).tolist()
+        share = to_host(xp.maximum(low.mean(axis=other), high.mean(axis=other))).tolist()
         n = len(share)
         for from_end in (False, True):
             lines = share[::-1] if from_end else share
