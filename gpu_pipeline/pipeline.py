@@ -583,7 +583,7 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         min_size = None  # a user's mask is taken as given: only objects below the peak window go
     # The annotations are found from the image, so a classifier's foreground is cleaned too; a user's mask is not.
     annotations = reject_annotations is not False and image is not None and (not given or classifier is not None)
-    full_shape = band = zone = None
+    panel = band = zone = None
     if annotations and classifier is None and ndim == 2:
         # A microscope's data bar along one edge is no part of the specimen, yet it would weigh in every
         # statistic of the image (the threshold, the polarity's border, the scale): the picture is
@@ -593,26 +593,26 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         if band is not None:
             details.info_band = band
             axis, start, stop = band
-            full_shape, band = image.shape, (slice(None),) * axis + (slice(start, stop),)
-            picture = get_array_module(image).ascontiguousarray(image[band])
-            if float(picture.min()) == float(picture.max()):
+            panel, band = image, (slice(None),) * axis + (slice(start, stop),)
+            image = get_array_module(panel).ascontiguousarray(panel[band])
+            if float(image.min()) == float(image.max()):
                 edge = (("bottom", "top"), ("right", "left"))[axis][start > 0]
-                lines = f"{stop}-{full_shape[axis] - 1}" if start == 0 else f"0-{start - 1}"
+                lines = f"{stop}-{panel.shape[axis] - 1}" if start == 0 else f"0-{start - 1}"
                 raise UnusableValuesError(
-                    f"the image is constant (every value is {float(picture.min()):g}) apart from the information "
+                    f"the image is constant (every value is {float(image.min()):g}) apart from the information "
                     f"band along its {edge} edge ({'rows' if axis == 0 else 'columns'} {lines}), so no threshold "
                     "separates particles from background; pass an image with contrast, or reject_annotations=False "
                     "(--reject-annotations off) to keep the band")
-            zone = annotation_zone(picture, ink=annotation_ink(image)[band])
-            image = picture
 
     def cleaned_foreground(polarity):
+        nonlocal zone
         fg, radius, distance, tables = foreground_step(image, mask, spacing=spacing, sigma=sigma,
                                                        threshold=threshold, polarity=polarity, details=details,
                                                        clock=clock)
         if annotations and image.ndim == 2:
-            fg = reject_annotations_step(fg, image, details=details, rectangles=reject_annotations is True,
-                                         zone=zone)
+            if zone is None:  # once (the polarity's second try reuses it)
+                zone = annotation_zone(image, ink=None if panel is None else annotation_ink(panel)[band])
+            fg = reject_annotations_step(fg, zone, details=details, rectangles=reject_annotations is True)
             radius = distance = tables = None  # measured before the annotations were removed
         return cleanup_step(fg, spacing=spacing, min_distance=min_distance, min_size=min_size,
                             max_hole_size=max_hole_size, details=details, given=given, radius=radius,
@@ -646,7 +646,7 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
                         clock=clock)
     labels = finish_step(labels, details=details, min_size=particle_min_size, spacing=spacing)
     if band is not None:
-        whole = get_array_module(labels).zeros(full_shape, dtype=labels.dtype)
+        whole = get_array_module(labels).zeros(panel.shape, dtype=labels.dtype)
         whole[band] = labels
         labels = whole
     clock.lap("finish")
@@ -749,12 +749,11 @@ def foreground_step(image, mask, *, spacing, sigma, threshold, polarity, details
     return fg, radius, distance, tables
 
 
-def reject_annotations_step(fg, image, *, details, rectangles=False, zone=None):
-    """The 2D foreground without the image's annotation ink (and, with ``rectangles``, without foreground
-    components shaped like bars and info bands); the foreground pixels removed go to ``details``. ``zone``:
-    the ink's :func:`~gpu_pipeline.stages.annotations.annotation_zone` where it is known (found on the
-    whole panel, ``image`` being the picture beside an information band)."""
-    drop = (annotation_zone(image) if zone is None else zone) & fg
+def reject_annotations_step(fg, zone, *, details, rectangles=False):
+    """The 2D foreground without the image's annotation ink, ``zone``
+    (:func:`~gpu_pipeline.stages.annotations.annotation_zone`), and, with ``rectangles``, without foreground
+    components shaped like bars and info bands; the foreground pixels removed go to ``details``."""
+    drop = zone & fg
     if rectangles:
         drop = drop | annotation_mask(fg)
     details.annotation_pixels = int(drop.sum())
