@@ -145,7 +145,7 @@ def add_separation_options(parser):
     group.add_argument("--max-iter", type=int, default=0,
                        help="Lloyd iterations of the k-means after the assignment to the peaks (default %(default)s)")
     group.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
-                       help="auto: the GPU when CuPy sees one and cuCIM is installed, else the CPU (default)")
+                       help="auto: the GPU when CuPy (>= 14.1) sees one, else the CPU (default)")
 
 
 def separation_kwargs(args):
@@ -421,6 +421,9 @@ def cmd_demo(args):
     from gpu_pipeline.synthetic import demo_sample
     import tifffile
 
+    if args.spacing is not None:
+        raise DeclumpError("declump demo generates its sample with its own voxel size (1,1 in 2D, 2,1,1 with --3d); "
+                           "--spacing is for declump run (nothing was written)")
     device = resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -492,7 +495,7 @@ def cmd_app(args):
 
 def build_parser():
     parser = _Parser(prog="declump", description="Split touching particles in 2D images and 3D "
-                                     "volumes into separate objects (GPU with CuPy/cuCIM, or CPU).")
+                                     "volumes into separate objects (GPU with CuPy, or CPU).")
     parser.add_argument("--version", action="version", version=f"declump {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -507,8 +510,9 @@ def build_parser():
                                      "command resumes an interrupted run.")
     run.add_argument("input", help="image: .tif/.tiff, .png, .npy, .zarr (array or OME-Zarr), 2D or 3D")
     run.add_argument("output", help="label image to write: .tif/.tiff, .npy or .zarr")
-    run.add_argument("--mask", help="foreground mask or probability map (same shape; > 0.5 is foreground), "
-                                    "used instead of the threshold")
+    run.add_argument("--mask", help="foreground mask (same shape; bool, or integers with the foreground > 0: 0/1, 0/255, "
+                                    "a label image) or probability map in [0, 1] (foreground > 0.5), used instead of "
+                                    "the threshold")
     run.add_argument("--channel", type=int, help="channel index for inputs with a 'c' axis")
     run.add_argument("--timepoint", type=int, help="time index for inputs with a 't' axis")
     run.add_argument("--missing-chunks", choices=("error", "fill"), default="error",
@@ -548,7 +552,7 @@ def build_parser():
                               "shared by all workers)")
     chunked.add_argument("--overwrite", action="store_true",
                          help="start over, deleting an existing output and its work folder")
-    chunked.add_argument("--quiet", action="store_true", help="no progress lines")
+    chunked.add_argument("--quiet", action="store_true", help="no notes and no progress lines on stderr (errors still are)")
     run.set_defaults(func=cmd_run)
 
     from gpu_pipeline.classifier import DEFAULT_DEPTH, DEFAULT_SAMPLES_PER_CLASS, DEFAULT_TREES

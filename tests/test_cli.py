@@ -344,6 +344,15 @@ def test_demo_runs_and_scores(tmp_path):
     assert scores["f1_50"] > 0.6
 
 
+def test_demo_refuses_a_spacing_it_would_not_use(tmp_path):
+    """The demo's sample has its own voxel size; a --spacing (accepted by run's shared options) is refused in
+    one line before anything is written, not silently dropped."""
+    result = run_cli("demo", "--out", tmp_path / "demo", "--spacing", "3,3", "--device", "cpu")
+    assert result.returncode == 2 and "--spacing is for declump run" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "demo").exists()
+
+
 @pytest.mark.parametrize("option, value, extra", [("nearby_ratio", 0.8, {}), ("peak_reach", 0.7, {}),
                                                   ("ball_share", 0.9, {}), ("reach_share", 0.9, {"peak_reach": 0.7})])
 def test_3d_peak_options_reach_the_split_and_are_checked(tmp_path, option, value, extra):
