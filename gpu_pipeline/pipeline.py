@@ -13,7 +13,8 @@ from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for
 from gpu_pipeline._common import UnusableValuesError, whole_number_at_least
 from gpu_pipeline.stages.annotations import annotation_ink, annotation_mask, annotation_zone, info_band
 from gpu_pipeline.stages.boundary_split import boundary_split
-from gpu_pipeline.stages.cleanup import clean_mask, fill_shell_holes, merge_small_particles, voxels_for
+from gpu_pipeline.stages.cleanup import (clean_mask, fill_shell_holes, merge_small_particles, pocket_holes,
+                                         voxels_for)
 from gpu_pipeline.stages.distance import cleaned_distance
 from gpu_pipeline.stages.peaks import (PeakReach, find_peaks, neck_groups, quantize_distance, regroup, rescued_peaks,
                                        shadowed_peaks, window_half_widths)
@@ -97,7 +98,8 @@ class SeparationDetails:
     one edge left to the picture (``(axis, start, stop)``, see
     :func:`~gpu_pipeline.stages.annotations.info_band`; None: no band);
     ``shell_holes`` the cavities of hollow particles that ``auto`` hole
-    filling filled.
+    filling filled; ``pocket_holes`` the small holes it left open as pockets
+    between touching particles (2D, :func:`~gpu_pipeline.stages.cleanup.pocket_holes`).
     """
 
     threshold: float | None = None
@@ -113,6 +115,7 @@ class SeparationDetails:
     annotation_pixels: int = 0
     info_band: tuple | None = None
     shell_holes: int = 0
+    pocket_holes: int = 0
     n_regions: int = 0
     n_peaks: int = 0
     n_particles: int = 0
@@ -802,7 +805,7 @@ def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details,
     asked = dict(min_distance=min_distance, min_size=min_size, max_hole_size=max_hole_size)
     shells = max_hole_size == "auto"
     if remeasure:  # (a first call: not the measurement again after filled cavities)
-        details.shell_holes = 0
+        details.shell_holes = details.pocket_holes = 0
     if "auto" in (min_distance, max_hole_size, min_size):
         if not bool(fg.any()):
             raise NoParticlesError("no particles found: the mask is empty (no voxel > 0)" if given else
@@ -833,14 +836,29 @@ def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details,
     details.min_distance, details.max_hole_size, details.min_size = min_distance, max_hole_size, min_size
     cleaned = clean_mask(fg, spacing=spacing, min_size=min_size, max_hole_size=max_hole_size, tables=tables)
     tables = None
+    updated = None  # the distance transform of ``cleaned`` where it is known
+    if shells and fg.ndim == 2 and min_distance is not None:
+        # Pockets between touching particles are holes too; filled, they join the particles around them.
+        updated = None if distance is None else cleaned_distance(distance.copy(), fg, cleaned, spacing)
+        pockets, details.pocket_holes = pocket_holes(fg, cleaned, spacing, min_distance, before_distance=distance,
+                                                     after_distance=updated)
+        if details.pocket_holes:
+            cleaned &= ~pockets
+            updated = None
+        del pockets
     if shells:
         cleaned, filled = fill_shell_holes(cleaned, spacing)
         details.shell_holes += filled
         if filled and remeasure:
-            del fg, distance
+            del fg, distance, updated
             return cleanup_step(cleaned, spacing=spacing, details=details, given=given, remeasure=False, **asked)
-    if distance is not None:
+        if filled:
+            updated = None
+    if updated is not None:
+        distance = updated
+    elif distance is not None:
         distance = cleaned_distance(distance, fg, cleaned, spacing)
+    del updated
     fg = cleaned
     del cleaned
     if window_measured and bool(fg.all()):

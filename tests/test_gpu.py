@@ -346,6 +346,29 @@ def test_shell_holes_on_the_gpu_equal_the_cpu(cp, rng):
         assert n_got == n_want > 0 and np.array_equal(got.get(), want)
 
 
+def test_pocket_holes_on_the_gpu_equal_the_cpu(cp, rng):
+    """pocket_holes (hole labels, peaks, the probes of the inscribed circles, the segment minima) on CuPy equals
+    NumPy on touching discs around a pocket beside a disc with a round hole, and on random rings."""
+    from scipy import ndimage as ndi
+    from test_stages import _ring_and_cored_nucleus
+
+    from gpu_pipeline.stages.cleanup import pocket_holes
+
+    _, truth, _, core = _ring_and_cored_nucleus(rng)
+    before = (truth > 0) & ~core
+    grids = np.indices(truth.shape, dtype=float)
+    for _ in range(6):
+        centre, outer = rng.uniform(0, truth.shape), rng.uniform(4, 12)
+        d = np.sqrt(sum((g - c) ** 2 for g, c in zip(grids, centre)))
+        before |= (d <= outer) & (d > outer * rng.uniform(0.2, 0.8))
+    after = ndi.binary_fill_holes(before)
+    for spacing in ((1.0, 1.0), (1.0, 1.3)):
+        want, n_want = pocket_holes(before, after, spacing, 6.0)
+        got, n_got = pocket_holes(cp.asarray(before), cp.asarray(after), spacing, 6.0)
+        assert n_got == n_want and np.array_equal(got.get(), want)
+    assert want.any()
+
+
 def test_an_information_band_on_the_gpu_equals_the_cpu(cp, rng):
     """The band found on the device (its per-line shares) and the labels of the barred image, ink included."""
     from test_autofg import with_data_bar

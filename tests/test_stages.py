@@ -339,6 +339,69 @@ def test_a_slit_shaped_core_is_filled_and_the_particle_stays_whole(rng, monkeypa
         assert cleanup.fill_shell_holes(disc & ~core, (1.0, 1.0))[1] == filled
 
 
+def _ring_and_cored_nucleus(rng, shape=(240, 240)):
+    """Four discs touching in a ring around a pocket (centres 1.75 radii apart) and, apart, a larger disc with a
+    round dark core: ``(image uint8, truth, ring centre, core mask)``; ground truth split on radical lines."""
+    yy, xx = np.indices(shape, dtype=float)
+    truth, power = np.zeros(shape, np.int32), np.full(shape, np.inf)
+
+    def add(y, x, r):
+        p = (yy - y) ** 2 + (xx - x) ** 2 - r * r
+        win = (p <= 0) & (p < power)
+        power[win], truth[win] = p[win], truth.max() + 1
+
+    r = rng.uniform(11, 14)
+    rho = 1.75 * r / (2 * np.sin(np.pi / 4))
+    centre, phase = (120 + rng.uniform(-5, 5), 80 + rng.uniform(-5, 5)), rng.uniform(0, 2 * np.pi)
+    for k in range(4):
+        add(centre[0] + rho * np.sin(phase + k * np.pi / 2), centre[1] + rho * np.cos(phase + k * np.pi / 2), r)
+    ny, nx, big = 120 + rng.uniform(-5, 5), 190 + rng.uniform(-3, 3), rng.uniform(16, 20)
+    add(ny, nx, big)
+    core = (yy - ny - rng.uniform(-3, 3)) ** 2 + (xx - nx - rng.uniform(-3, 3)) ** 2 <= (0.3 * big) ** 2
+    image = np.where(truth > 0, 0.8, 0.15)
+    image[core] = 0.15
+    image = ndi.gaussian_filter(image, 1.0) + rng.normal(0, 0.03, shape)
+    return np.clip(np.rint(image * 255), 0, 255).astype(np.uint8), truth, centre, core
+
+
+def test_a_pocket_between_touching_discs_stays_open_and_a_particle_core_is_filled(rng, monkeypatch):
+    """The automatic hole size fills the pocket among four touching discs as well as the round core of a
+    larger disc (a nucleolus). pocket_holes opens the pocket again (the discs' peaks have necks between them
+    in the filled mask) and leaves the core filled (one convex particle: no neck): every particle is found.
+    With every pocket kept filled (the rule off), the ring's discs merge."""
+    from cpu_fallback import separate
+    from gpu_pipeline.metrics import evaluate
+    from gpu_pipeline.stages import cleanup
+
+    image, truth, centre, core = _ring_and_cored_nucleus(rng)
+    labels, details = separate(image, return_details=True)
+    assert details.pocket_holes == 1
+    assert labels[int(round(centre[0])), int(round(centre[1]))] == 0  # the pocket is background
+    assert np.all(labels[core] > 0) and len(np.unique(labels[core])) == 1  # the core belongs to its disc
+    assert evaluate(labels, truth)["f1_50"] == 1.0
+    monkeypatch.setattr(cleanup, "POCKET_NECK_RATIO", 0.0)
+    merged = separate(image)
+    assert merged.max() < truth.max() and evaluate(merged, truth)["f1_50"] < 0.5
+
+
+def test_pocket_holes_returns_the_pocket_alone(rng):
+    """On a mask of touching discs around a pocket and a disc with a round hole, every hole filled: the pocket
+    (the background component holding the ring's centre, found with SciPy) is returned, voxel for voxel, and
+    nothing of the disc's hole; a filled mask with no pocket returns nothing."""
+    from gpu_pipeline.stages.cleanup import pocket_holes
+
+    image, truth, centre, core = _ring_and_cored_nucleus(rng)
+    before = truth > 0
+    before[core] = False
+    after = ndi.binary_fill_holes(before)
+    background, _ = ndi.label(~before)
+    pocket = background == background[int(round(centre[0])), int(round(centre[1]))]
+    got, count = pocket_holes(before, after, (1.0, 1.0), 6.0)
+    assert pocket.sum() > 0 and np.array_equal(got, pocket) and count == 1
+    nothing, count = pocket_holes(before | pocket, after, (1.0, 1.0), 6.0)
+    assert not nothing.any() and count == 0
+
+
 def test_distance_transform_equals_scipy_with_anisotropic_spacing(rng):
     mask = ndi.binary_dilation(rng.random((20, 30, 25)) > 0.97, iterations=3)
     spacing = (2.5, 1.0, 0.7)
