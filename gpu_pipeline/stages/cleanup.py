@@ -168,6 +168,12 @@ POCKET_NECK_RATIO = 0.7
 POCKET_MIN_VOXELS = 4
 #: Directions in which a peak's inscribed circle is probed for the holes it touches, one and two voxels beyond it.
 POCKET_DIRECTIONS = 64
+#: Peaks that a hole's test looks at, the deepest first, and pairs of them tested, nearest first (four discs
+#: around a pocket make 6 pairs, six make 15): the work grows linearly with the holes.
+POCKET_MAX_PEAKS = 32
+POCKET_MAX_PAIRS = 16
+#: Peaks probed at once (their probes' coordinates: about 4 MiB per thousand).
+POCKET_PEAK_BATCH = 1 << 14
 
 
 def pocket_holes(before, after, spacing, min_distance, before_distance=None, after_distance=None):
@@ -202,32 +208,53 @@ def pocket_holes(before, after, spacing, min_distance, before_distance=None, aft
     del quantized
     if peaks.shape[0] < 2:
         return none
-    # The holes each peak's inscribed circle reaches: its circle probed one and two voxels beyond its radius.
+    # The holes each peak's inscribed circle reaches: its circle probed one and two voxels beyond its radius;
+    # only peaks that lie that near a judged hole, in batches (bounded memory, whatever the peaks).
     step = min(float(s) for s in spacing)
+    near = ops.distance_transform(~judged[holes], spacing)[tuple(peaks.T)]
+    radius = before_distance[tuple(peaks.T)].astype(xp.float64)
+    probed = xp.flatnonzero(near <= radius + 2 * step + math.hypot(*spacing) / 2)
     angle = xp.arange(POCKET_DIRECTIONS, dtype=xp.float64) * (2 * math.pi / POCKET_DIRECTIONS)
     unit = xp.stack([xp.sin(angle) / float(spacing[0]), xp.cos(angle) / float(spacing[1])], axis=1)
-    radius = before_distance[tuple(peaks.T)].astype(xp.float64)
-    touched = []
-    for beyond in (1, 2):
-        points = xp.rint(peaks[:, None, :] + (radius + beyond * step)[:, None, None] * unit[None, :, :])
-        points = xp.clip(points, 0, xp.asarray(after.shape, dtype=xp.float64) - 1).astype(xp.int64)
-        found = holes[points[..., 0], points[..., 1]]
-        touched.append(xp.stack([xp.broadcast_to(xp.arange(peaks.shape[0])[:, None], found.shape).ravel(),
-                                 found.ravel()], axis=1))
-    touched = xp.concatenate(touched)
-    touched = touched[judged[touched[:, 1]]]
-    touched = np.unique(to_host(touched), axis=0)  # (peak, hole) rows, each once; few
-    # Every pair of peaks touching one hole, once per hole: each (hole, peak) row with the rows after it in its
-    # hole's run (a few peaks reach a small hole).
-    touched = touched[np.lexsort((touched[:, 0], touched[:, 1]))]
-    peak_of, hole_of = touched[:, 0], touched[:, 1]
+    upper = xp.asarray(after.shape, dtype=xp.float64) - 1
+    n_peaks = peaks.shape[0]
+    touched = []  # hole * n_peaks + peak, for each probe that lands in a judged hole
+    for start in range(0, int(probed.size), POCKET_PEAK_BATCH):
+        some = probed[start:start + POCKET_PEAK_BATCH]
+        for beyond in (1, 2):
+            points = xp.rint(peaks[some][:, None, :] + (radius[some] + beyond * step)[:, None, None] * unit[None])
+            points = xp.clip(points, 0, upper).astype(xp.int64)
+            found = holes[points[..., 0], points[..., 1]].astype(xp.int64)
+            key = (found * n_peaks + some[:, None]).ravel()
+            touched.append(key[judged[found.ravel()]])
+    if not touched:
+        return none
+    touched = to_host(xp.unique(xp.concatenate(touched)))  # each (hole, peak) once, by hole then peak
+    # Every pair of those peaks, once per hole: each (hole, peak) row with the rows after it in its hole's run.
+    peak_of, hole_of = touched % n_peaks, touched // n_peaks
+    # At most POCKET_MAX_PEAKS per hole, the deepest (the particles' centres around it), so that the pairs below
+    # stay bounded where a ridge of equal peaks surrounds one hole.
+    order = np.lexsort((-to_host(radius)[peak_of], hole_of))
+    peak_of, hole_of = peak_of[order], hole_of[order]
+    first_row = np.r_[0, np.flatnonzero(hole_of[1:] != hole_of[:-1]) + 1]
+    rank = np.arange(hole_of.size) - np.repeat(first_row, np.diff(np.r_[first_row, hole_of.size]))
+    peak_of, hole_of = peak_of[rank < POCKET_MAX_PEAKS], hole_of[rank < POCKET_MAX_PEAKS]
     run_end = np.r_[np.flatnonzero(hole_of[1:] != hole_of[:-1]) + 1, hole_of.size]
     later = np.repeat(run_end, np.diff(np.r_[0, run_end])) - np.arange(hole_of.size) - 1
     row = np.repeat(np.arange(hole_of.size), later)
     partner = row + 1 + np.arange(row.size) - np.repeat(np.cumsum(later) - later, later)
     if row.size == 0:
         return none
-    first, second, pair_hole = (xp.asarray(v) for v in (peak_of[row], peak_of[partner], hole_of[row]))
+    # At most POCKET_MAX_PAIRS per hole, nearest first (particles around a pocket are each other's nearest).
+    first, second, pair_hole = peak_of[row], peak_of[partner], hole_of[row]
+    host_peaks = to_host(peaks)
+    gap = (((host_peaks[first] - host_peaks[second]) * np.asarray(spacing, dtype=np.float64)) ** 2).sum(axis=1)
+    order = np.lexsort((gap, pair_hole))
+    first, second, pair_hole = first[order], second[order], pair_hole[order]
+    start = np.r_[0, np.flatnonzero(pair_hole[1:] != pair_hole[:-1]) + 1]
+    rank = np.arange(pair_hole.size) - np.repeat(start, np.diff(np.r_[start, pair_hole.size]))
+    kept = rank < POCKET_MAX_PAIRS
+    first, second, pair_hole = (xp.asarray(v[kept]) for v in (first, second, pair_hole))
     if after_distance is None:
         after_distance = ops.distance_transform(after, spacing)
     lowest = xp.full(first.size, xp.inf, dtype=xp.float32)
