@@ -176,6 +176,14 @@ POCKET_MAX_PAIRS = 16
 POCKET_PEAK_BATCH = 1 << 14
 
 
+def _place_in_runs(group):
+    """For a host array ``group`` sorted so that equal values are adjacent: each element's place in its run of
+    equal values (0, 1, ...) and that run's length."""
+    start = np.r_[0, np.flatnonzero(group[1:] != group[:-1]) + 1] if group.size else np.zeros(0, np.int64)
+    length = np.diff(np.r_[start, group.size])
+    return np.arange(group.size) - np.repeat(start, length), np.repeat(length, length)
+
+
 def pocket_holes(before, after, spacing, min_distance, before_distance=None, after_distance=None):
     """The holes that filling made in 2D ``after`` (``before`` with its small holes filled, specks removed) which
     are pockets between particles: ``(mask, count)``, the bool mask of those to open again and their number.
@@ -230,17 +238,16 @@ def pocket_holes(before, after, spacing, min_distance, before_distance=None, aft
     if not touched:
         return none
     touched = to_host(xp.unique(xp.concatenate(touched)))  # each (hole, peak) once, by hole then peak
-    # Every pair of those peaks, once per hole: each (hole, peak) row with the rows after it in its hole's run.
     peak_of, hole_of = touched % n_peaks, touched // n_peaks
-    # At most POCKET_MAX_PEAKS per hole, the deepest (the particles' centres around it), so that the pairs below
-    # stay bounded where a ridge of equal peaks surrounds one hole.
+    # At most POCKET_MAX_PEAKS per hole, the deepest (the particles' centres around it), so that its pairs stay
+    # bounded where a ridge of equal peaks surrounds one hole.
     order = np.lexsort((-to_host(radius)[peak_of], hole_of))
     peak_of, hole_of = peak_of[order], hole_of[order]
-    first_row = np.r_[0, np.flatnonzero(hole_of[1:] != hole_of[:-1]) + 1]
-    rank = np.arange(hole_of.size) - np.repeat(first_row, np.diff(np.r_[first_row, hole_of.size]))
-    peak_of, hole_of = peak_of[rank < POCKET_MAX_PEAKS], hole_of[rank < POCKET_MAX_PEAKS]
-    run_end = np.r_[np.flatnonzero(hole_of[1:] != hole_of[:-1]) + 1, hole_of.size]
-    later = np.repeat(run_end, np.diff(np.r_[0, run_end])) - np.arange(hole_of.size) - 1
+    kept = _place_in_runs(hole_of)[0] < POCKET_MAX_PEAKS
+    peak_of, hole_of = peak_of[kept], hole_of[kept]
+    # Every pair of those peaks, once per hole: each (hole, peak) row with the rows after it in its hole's run.
+    place, run = _place_in_runs(hole_of)
+    later = run - place - 1
     row = np.repeat(np.arange(hole_of.size), later)
     partner = row + 1 + np.arange(row.size) - np.repeat(np.cumsum(later) - later, later)
     if row.size == 0:
@@ -251,9 +258,7 @@ def pocket_holes(before, after, spacing, min_distance, before_distance=None, aft
     gap = (((host_peaks[first] - host_peaks[second]) * np.asarray(spacing, dtype=np.float64)) ** 2).sum(axis=1)
     order = np.lexsort((gap, pair_hole))
     first, second, pair_hole = first[order], second[order], pair_hole[order]
-    start = np.r_[0, np.flatnonzero(pair_hole[1:] != pair_hole[:-1]) + 1]
-    rank = np.arange(pair_hole.size) - np.repeat(start, np.diff(np.r_[start, pair_hole.size]))
-    kept = rank < POCKET_MAX_PAIRS
+    kept = _place_in_runs(pair_hole)[0] < POCKET_MAX_PAIRS
     first, second, pair_hole = (xp.asarray(v[kept]) for v in (first, second, pair_hole))
     if after_distance is None:
         after_distance = ops.distance_transform(after, spacing)
