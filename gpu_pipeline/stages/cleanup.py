@@ -161,8 +161,9 @@ def clean_mask(mask, *, spacing, min_size, max_hole_size, tables=None):
 #: grain) stays filled; the pocket among touching discs leaves their necks, about 0.6 of a disc's radius at the
 #: generated 20 % overlap. Chosen on generated images before any EMPS image was run (demo and base discs, discs
 #: of radius 25-40, uneven nuclei seeds 0-2 and 100-105: 0.9 split nuclei whose dim, ragged mask dips around a
-#: nucleolus, F1@0.5 0.894 -> 0.870; 0.7 0.887, 0.6 0.886, with the same gains on the discs), then measured on
-#: the 366 EMPS images (see README, Automatic choices).
+#: nucleolus, F1@0.5 0.894 -> 0.870; 0.7 0.887, 0.6 0.886, with the same gains on the discs; a first form that
+#: took the peaks from a whole split of the unfilled mask), then measured on the 366 EMPS images (see README,
+#: Automatic choices).
 POCKET_NECK_RATIO = 0.7
 #: Holes smaller than this many voxels are pixel noise in the particles: always filled, not judged.
 POCKET_MIN_VOXELS = 4
