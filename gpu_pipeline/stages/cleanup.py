@@ -7,8 +7,7 @@ import numpy as np
 
 from gpu_pipeline._backend import get_array_module, ops_for, to_host
 from gpu_pipeline.stages.components import component_table
-from gpu_pipeline.stages.peaks import (find_peaks, quantize_distance, sample_batches, segment_points,
-                                       window_half_widths)
+from gpu_pipeline.stages.peaks import find_peaks, quantize_distance, segment_minima, window_half_widths
 
 
 def voxels_for(size, spacing) -> int:
@@ -263,12 +262,7 @@ def pocket_holes(before, after, spacing, min_distance, before_distance=None, aft
     first, second, pair_hole = (xp.asarray(v[kept]) for v in (first, second, pair_hole))
     if after_distance is None:
         after_distance = ops.distance_transform(after, spacing)
-    lowest = xp.full(first.size, xp.inf, dtype=xp.float32)
-    for part in sample_batches(peaks, first, second):  # bounded memory, whatever the pairs
-        pair, points = segment_points(peaks, first[part], second[part])
-        low = lowest[part]
-        ops.scatter_min(low, pair, after_distance[tuple(points.T)].astype(xp.float32))
-        lowest[part] = low
+    lowest = segment_minima(after_distance, peaks, first, second)
     ends = xp.minimum(after_distance[tuple(peaks[first].T)], after_distance[tuple(peaks[second].T)])
     neck = lowest < xp.float32(POCKET_NECK_RATIO) * ends.astype(xp.float32)
     pocket = xp.zeros(count + 1, dtype=bool)

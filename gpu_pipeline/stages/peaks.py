@@ -419,19 +419,27 @@ def neck_groups(peaks, distance_q, regions, spacing, ratio, nearby=None):
     through others, so memory stays bounded and a plateau costs about as
     much as its near pairs.
     """
-    xp = get_array_module(peaks)
     heights = distance_q[tuple(peaks.T)]
+    return join_peaks(peaks, heights, regions[tuple(peaks.T)], spacing, ratio,
+                      lambda i, j: segment_minima(distance_q, peaks, i, j), nearby=nearby)
 
-    def segment_minima(i, j):
-        low = xp.full(i.size, np.iinfo(np.int64).max, dtype=xp.int64)
-        for part in sample_batches(peaks, i, j):
-            pair, points = segment_points(peaks, i[part], j[part])
-            lowest = low[part]
-            ops_for(low).scatter_min(lowest, pair, distance_q[tuple(points.T)].astype(xp.int64))
-            low[part] = lowest
-        return low
 
-    return join_peaks(peaks, heights, regions[tuple(peaks.T)], spacing, ratio, segment_minima, nearby=nearby)
+def segment_minima(values, peaks, i, j):
+    """The lowest of ``values`` on each segment from ``peaks[i]`` to ``peaks[j]`` (:func:`segment_points`), in
+    batches of :func:`sample_batches` (bounded memory, whatever the pairs): int64 for integer ``values``, else
+    ``values``' dtype."""
+    xp = get_array_module(peaks)
+    if np.dtype(values.dtype).kind in "iub":
+        dtype, start = np.int64, np.iinfo(np.int64).max
+    else:
+        dtype, start = values.dtype, np.inf
+    low = xp.full(i.size, start, dtype=dtype)
+    for part in sample_batches(peaks, i, j):
+        pair, points = segment_points(peaks, i[part], j[part])
+        lowest = low[part]
+        ops_for(low).scatter_min(lowest, pair, values[tuple(points.T)].astype(dtype))
+        low[part] = lowest
+    return low
 
 
 def sample_batches(peaks, i, j):
