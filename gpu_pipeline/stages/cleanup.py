@@ -199,23 +199,26 @@ def pocket_holes(before, after, spacing, min_distance, before_distance=None, aft
     """
     xp = get_array_module(after)
     ops = ops_for(after)
-    none = xp.zeros(after.shape, dtype=bool), 0
+
+    def none():
+        return xp.zeros(after.shape, dtype=bool), 0
+
     filled = after & ~before
     if after.ndim != 2 or not bool(filled.any()):
-        return none
+        return none()
     holes, count = ops.label(filled)
     sizes = ops.label_sizes(holes, count)
     judged = sizes >= POCKET_MIN_VOXELS
     judged[0] = False
     if not bool(judged.any()):
-        return none
+        return none()
     if before_distance is None:
         before_distance = ops.distance_transform(before, spacing)
     quantized, _ = quantize_distance(before_distance, spacing)
     peaks = find_peaks(quantized, half_widths=window_half_widths(min_distance, spacing))
     del quantized
     if peaks.shape[0] < 2:
-        return none
+        return none()
     # The holes each peak's inscribed circle reaches: its circle probed one and two voxels beyond its radius;
     # only peaks that lie that near a judged hole, in batches (bounded memory, whatever the peaks).
     step = min(float(s) for s in spacing)
@@ -236,7 +239,7 @@ def pocket_holes(before, after, spacing, min_distance, before_distance=None, aft
             key = (found * n_peaks + some[:, None]).ravel()
             touched.append(key[judged[found.ravel()]])
     if not touched:
-        return none
+        return none()
     touched = to_host(xp.unique(xp.concatenate(touched)))  # each (hole, peak) once, by hole then peak
     peak_of, hole_of = touched % n_peaks, touched // n_peaks
     # At most POCKET_MAX_PEAKS per hole, the deepest (the particles' centres around it), so that its pairs stay
@@ -251,7 +254,7 @@ def pocket_holes(before, after, spacing, min_distance, before_distance=None, aft
     row = np.repeat(np.arange(hole_of.size), later)
     partner = row + 1 + np.arange(row.size) - np.repeat(np.cumsum(later) - later, later)
     if row.size == 0:
-        return none
+        return none()
     # At most POCKET_MAX_PAIRS per hole, nearest first (particles around a pocket are each other's nearest).
     first, second, pair_hole = peak_of[row], peak_of[partner], hole_of[row]
     host_peaks = to_host(peaks)
