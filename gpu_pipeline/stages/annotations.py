@@ -153,17 +153,21 @@ def annotation_ink(image):
         gap = ops.distance_transform(~extreme, (1.0, 1.0))
         joined = gap <= INK_GAP
         labels, count = ops.label(joined)
-        flat = labels.ravel()
-        area = xp.bincount(flat, weights=extreme.ravel().astype(xp.float64), minlength=count + 1)
+        # Per piece, over its own pixels only (the ink, the joined piece: a small share of the panel); label 0,
+        # the rest of the panel, is never ink.
+        at_ink, at_piece = xp.flatnonzero(extreme), xp.flatnonzero(joined)
+        ink_of, piece_of = labels.ravel()[at_ink], labels.ravel()[at_piece]
+        area = xp.bincount(ink_of, minlength=count + 1).astype(xp.float64)
         depth = xp.zeros(count + 1, dtype=xp.float32)
-        ops.scatter_max(depth, flat, ops.distance_transform(extreme, (1.0, 1.0)).ravel().astype(xp.float32))
+        ops.scatter_max(depth, ink_of, ops.distance_transform(extreme, (1.0, 1.0)).ravel()[at_ink].astype(xp.float32))
         depth = depth.astype(xp.float64)
-        (top, bottom), (left, right) = _bounds(xp.where(extreme, labels, 0), count, image.shape)  # of the ink
+        (top, bottom), (left, right) = _bounds(labels, count, image.shape, at_ink)  # of the ink
         height, width = bottom - top + 1, right - left + 1
         # ... and thin as a whole: a particle's clipped core is speckled (noise at the dtype's end), so its ink
         # pixels alone look thin, but the piece they make up together is as wide as the core.
         piece = xp.zeros(count + 1, dtype=xp.float32)  # the joined piece's inscribed radius
-        ops.scatter_max(piece, flat, ops.distance_transform(joined, (1.0, 1.0)).ravel().astype(xp.float32))
+        ops.scatter_max(piece, piece_of,
+                        ops.distance_transform(joined, (1.0, 1.0)).ravel()[at_piece].astype(xp.float32))
         thin = piece.astype(xp.float64) <= xp.maximum(STROKE_PIECE_RADIUS, depth + STROKE_PIECE_MARGIN)
         stroke = ((depth <= STROKE_RADIUS) & (area >= STROKE_ELONGATION * depth * depth) & (area >= INK_MIN_PIXELS)
                   & thin)
@@ -174,7 +178,7 @@ def annotation_ink(image):
         outer, n_outer = ops.label(gap <= INK_GAP + INK_RING)
         ring = ((gap > INK_GAP) & (gap <= INK_GAP + INK_RING)).ravel()
         outer_of = xp.zeros(count + 1, dtype=outer.dtype)
-        ops.scatter_max(outer_of, flat, outer.ravel())
+        ops.scatter_max(outer_of, piece_of, outer.ravel()[at_piece])
         ring_labels = outer.ravel()[ring]
         off = (xp.bincount(ring_labels, weights=xp.abs(image.ravel()[ring].astype(xp.float64) - float(value)),
                            minlength=n_outer + 1)
