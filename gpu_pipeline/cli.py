@@ -130,6 +130,12 @@ def add_separation_options(parser):
                             "--classifier foreground, not a --mask; on (or the bare flag): also foreground shaped "
                             "like filled axis-aligned rectangles (bars, info bands; an axis-aligned rod is one too); "
                             "off: keep everything")
+    group.add_argument("--outline", choices=("auto", "edge", "threshold"), default="auto",
+                       help="where particle outlines lie. edge: moved outward by up to two pixels to the steepest "
+                            "point of each particle's edge where that is clearly steeper than the threshold's "
+                            "contour; threshold: on the threshold's contour; auto (default): edge for a "
+                            "thresholded 2D image, threshold in 3D and for a --mask or --classifier foreground "
+                            "(chunked runs: threshold)")
     group.add_argument("--neck-ratio", type=_ratio("neck ratio"), default="auto", help=PARAMETER_HELP["neck_ratio"])
     group.add_argument("--nearby-ratio", type=_ratio("nearby ratio"), default="auto",
                        help=PARAMETER_HELP["nearby_ratio"])
@@ -154,7 +160,8 @@ def separation_kwargs(args):
                 neck_ratio=args.neck_ratio, nearby_ratio=args.nearby_ratio, peak_reach=args.peak_reach,
                 reach_share=args.reach_share, ball_share=args.ball_share, method=args.method,
                 assignment=args.assignment, max_iter=args.max_iter,
-                reject_annotations={"auto": "auto", "on": True, "off": False}[args.reject_annotations])
+                reject_annotations={"auto": "auto", "on": True, "off": False}[args.reject_annotations],
+                outline=args.outline)
 
 
 def run_and_write(image, output, *, device, spacing, mask=None, source=None, probabilities_path=None, unit=None,
@@ -280,6 +287,9 @@ def cmd_run_chunked(args, device):
                            "image at once, which a chunked run does not hold")
     if args.reject_annotations == "on":
         raise DeclumpError("--reject-annotations is for 2D images in memory; chunked runs do not take it")
+    if args.outline == "edge":
+        raise DeclumpError("--outline edge is for images in memory; chunked runs keep the threshold's outlines "
+                           "(leave --outline unset, or write a .tif/.npy output to run in memory)")
     if args.max_hole_size not in (0, "auto"):
         raise DeclumpError("--max-hole-size is not available in chunked runs (hole filling is not local); leave it "
                            "unset or 0")
@@ -297,7 +307,7 @@ def cmd_run_chunked(args, device):
               " ".join(f"{option} {value:g}" if not isinstance(value, str) else f"{option} {value}"
                        for _, option, value in fixed) + "; set them to choose others")
     kwargs = separation_kwargs(args)
-    for key in ("method", "max_hole_size", "reject_annotations"):
+    for key in ("method", "max_hole_size", "reject_annotations", "outline"):
         kwargs.pop(key)
     if args.save_probabilities is not None:
         check_probabilities_path(args.save_probabilities, chunked=True)

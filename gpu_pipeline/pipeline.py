@@ -16,6 +16,7 @@ from gpu_pipeline.stages.boundary_split import boundary_split
 from gpu_pipeline.stages.cleanup import (clean_mask, fill_shell_holes, merge_small_particles, pocket_holes,
                                          voxels_for)
 from gpu_pipeline.stages.distance import cleaned_distance
+from gpu_pipeline.stages.outline import edge_outlines
 from gpu_pipeline.stages.peaks import (PeakReach, find_peaks, neck_groups, quantize_distance, regroup, rescued_peaks,
                                        shadowed_peaks, window_half_widths)
 from gpu_pipeline.stages.split import finish_labels, split_regions_kmeans, split_regions_watershed
@@ -99,7 +100,8 @@ class SeparationDetails:
     :func:`~gpu_pipeline.stages.annotations.info_band`; None: no band);
     ``shell_holes`` the cavities of hollow particles that ``auto`` hole
     filling filled; ``pocket_holes`` the small holes it left open as pockets
-    between touching particles (2D, :func:`~gpu_pipeline.stages.cleanup.pocket_holes`).
+    between touching particles (2D, :func:`~gpu_pipeline.stages.cleanup.pocket_holes`); ``outlines_moved`` the
+    particles whose outline ``outline="edge"`` moved to their edge (:func:`~gpu_pipeline.stages.outline.edge_outlines`).
     """
 
     threshold: float | None = None
@@ -116,6 +118,7 @@ class SeparationDetails:
     info_band: tuple | None = None
     shell_holes: int = 0
     pocket_holes: int = 0
+    outlines_moved: int = 0
     n_regions: int = 0
     n_peaks: int = 0
     n_particles: int = 0
@@ -326,8 +329,8 @@ def _memory_error_names_stage(function):
 def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="auto", mask=None,
              min_distance="auto", min_size="auto", max_hole_size="auto", max_radius=None, neck_ratio="auto",
              nearby_ratio="auto", peak_reach="auto", reach_share="auto", ball_share="auto", method="kmeans",
-             assignment="power", kmeans_engine="batched", max_iter=0, reject_annotations="auto", return_details=False,
-             classifier=None, follow_boundaries=True):
+             assignment="power", kmeans_engine="batched", max_iter=0, reject_annotations="auto", outline="auto",
+             return_details=False, classifier=None, follow_boundaries=True):
     """Split touching particles: an instance label image with one id per particle.
 
     Runs on the device that holds ``image`` (NumPy: CPU fallback; CuPy: GPU).
@@ -490,6 +493,15 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         bands), which an axis-aligned rod is too. ``auto`` (default): the
         ink rule, for a thresholded or classifier foreground; a ``mask`` is
         used as given. False: off.
+    outline : "auto", "edge" or "threshold"
+        Where each particle's outline lies. ``threshold``: on the
+        threshold's contour. ``edge``: moved outward by up to
+        ``OUTLINE_MAX_STEP`` rings of pixels to the steepest point of the
+        particle's edge in the smoothed image, where that ring is clearly
+        steeper than the contour (:func:`gpu_pipeline.stages.outline.
+        edge_outlines`; particles are never joined). ``auto`` (default):
+        ``edge`` for a thresholded 2D image, ``threshold`` in 3D and for a
+        ``mask`` or ``classifier`` foreground (taken as given).
     return_details : bool
         Also return a :class:`SeparationDetails`.
     classifier : PixelClassifier, path or shipped model name, optional
@@ -581,6 +593,10 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
     if reject_annotations not in ("auto", True, False):
         raise DeclumpError(f"reject_annotations must be 'auto', True ('on') or False ('off'), got "
                            f"{reject_annotations!r}")
+    if outline not in ("auto", "edge", "threshold"):
+        raise DeclumpError(f"outline must be 'auto', 'edge' or 'threshold', got {outline!r}")
+    if outline == "edge" and image is None:
+        raise DeclumpError("outline='edge' follows the image's edges; give the image too, or outline='threshold'")
     given = mask is not None
     if given and classifier is None and min_size == "auto":
         min_size = None  # a user's mask is taken as given: only objects below the peak window go
@@ -633,6 +649,8 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
     clock.lap("cleanup")
     if boundary is not None and follow_boundaries:
         labels = boundary_split(fg, boundary, interior=interior, spacing=spacing)
+        if outline == "edge":
+            labels = outline_step(labels, image, spacing=spacing, zone=zone, details=details)
         details.n_particles = int(labels.max())
         clock.lap("boundary_split")
         return (labels, details) if return_details else labels
@@ -648,12 +666,24 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
                         assignment=assignment, kmeans_engine=kmeans_engine, max_iter=max_iter, details=details,
                         clock=clock)
     labels = finish_step(labels, details=details, min_size=particle_min_size, spacing=spacing)
+    if outline == "edge" or (outline == "auto" and ndim == 2 and not given):
+        labels = outline_step(labels, image, spacing=spacing, zone=zone, details=details)
     if band is not None:
         whole = get_array_module(labels).zeros(panel.shape, dtype=labels.dtype)
         whole[band] = labels
         labels = whole
     clock.lap("finish")
     return (labels, details) if return_details else labels
+
+
+def outline_step(labels, image, *, spacing, zone, details):
+    """``outline="edge"``: each particle's outline at the steepest ring of its edge in ``image`` smoothed as it
+    was for the threshold (``details.sigma``), not into the annotation ``zone``; the particles moved go to
+    ``details.outlines_moved``."""
+    sigma = details.sigma or 0.0
+    smoothed = ops_for(image).gaussian(image, tuple(sigma / s for s in spacing)) if sigma > 0 else image
+    labels, details.outlines_moved = edge_outlines(labels, smoothed, spacing, allowed=None if zone is None else ~zone)
+    return labels
 
 
 def check_max_iter(max_iter):

@@ -9,10 +9,11 @@ from gpu_pipeline.cli import CHUNKED_FIXED
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 #: The chunked engine's defaults: it takes no 'auto' (those options measure the whole image at once), but the
-#: values of ``cli.CHUNKED_FIXED``, no size beyond the peak window's, and no annotation rejection. The in-memory
-#: ``separate`` with these gives the chunked run's bytes (``from conftest import CHUNKED_DEFAULTS``).
+#: values of ``cli.CHUNKED_FIXED``, no size beyond the peak window's, no annotation rejection, and the
+#: threshold's outlines. The in-memory ``separate`` with these gives the chunked run's bytes (``from conftest
+#: import CHUNKED_DEFAULTS``).
 CHUNKED_DEFAULTS = {**{name: value for name, _, value in CHUNKED_FIXED}, "min_size": None,
-                    "reject_annotations": False}
+                    "reject_annotations": False, "outline": "threshold"}
 
 
 @pytest.fixture

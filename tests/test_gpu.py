@@ -400,3 +400,26 @@ def test_label_box_ink_on_the_gpu_equals_the_cpu(cp, rng):
     want = annotation_ink(image)
     assert want[4:42, 5:39].all()
     np.testing.assert_array_equal(annotation_ink(cp.asarray(image)).get(), want)
+
+
+def test_edge_outlines_on_the_gpu_equal_the_cpu(cp, rng):
+    """edge_outlines (box maxima of the rings, the gradient, the per-particle means, the corner pieces' check)
+    on CuPy equals NumPy on touching particles thresholded high on their edges, with and without a margin, on
+    anisotropic spacing, and with pixels not allowed."""
+    from scipy import ndimage as ndi
+
+    from gpu_pipeline import separate
+    from gpu_pipeline.stages.outline import edge_outlines
+    from gpu_pipeline.synthetic import make_touching_particles
+
+    image, _ = make_touching_particles((160, 160), 40, blur=2.0, intensity_range=(0.6, 1.0),
+                                       seed=int(rng.integers(1 << 30)))
+    labels = separate(image, threshold=140.0, outline="threshold")
+    smoothed = ndi.gaussian_filter(image.astype(np.float32), 1.0)
+    allowed = rng.random(image.shape) > 0.05
+    for spacing, margin, where in (((1.0, 1.0), 0.2, None), ((1.0, 1.3), 0.0, None), ((1.0, 1.0), 0.0, allowed)):
+        want, n_want = edge_outlines(labels, smoothed, spacing, margin=margin, allowed=where)
+        got, n_got = edge_outlines(cp.asarray(labels), cp.asarray(smoothed), spacing, margin=margin,
+                                   allowed=None if where is None else cp.asarray(where))
+        assert n_got == n_want and np.array_equal(got.get(), want)
+    assert n_want > 0

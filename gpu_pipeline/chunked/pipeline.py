@@ -553,7 +553,8 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
     """`separate` for a chunked Dask array: byte-identical labels for any chunking, memory bounded by chunks.
 
     Parameters are those of :func:`gpu_pipeline.pipeline.separate` (method
-    ``kmeans``, engine ``batched``; no hole filling), plus:
+    ``kmeans``, engine ``batched``; no hole filling; outlines on the
+    threshold's contour, ``outline="threshold"``), plus:
 
     max_radius : float, optional
         Largest inscribed particle radius, physical units (default
