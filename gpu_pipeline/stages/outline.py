@@ -11,6 +11,10 @@ midpoint the threshold already found).
 """
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
+
 from gpu_pipeline._backend import get_array_module, ops_for
 from gpu_pipeline.stages.components import relabel_by_first_voxel
 
@@ -49,14 +53,15 @@ def edge_outlines(labels, image, spacing, *, allowed=None, max_step=OUTLINE_MAX_
     ``image``: the intensities the foreground was thresholded from (smoothed
     as they were); ``spacing``: per axis, for the gradient. Rings: the
     background pixels whose 3x3 box holds exactly one particle (ring 1),
-    then exactly one particle or ring (ring 2, ...), up to ``max_step``; a background pixel between two particles is never taken,
-    so particles are not joined and gaps between them stay. ``allowed``
-    (bool, optional): the only pixels the rings may take (e.g. not the
-    annotation zone). Per particle, the mean gradient magnitude over its
-    outline (its pixels next to the background) and over each of its rings
-    is compared (its outline facing ``allowed`` pixels only); the particle takes its rings up to the steepest one when
-    that one's mean is more than ``1 + margin`` times the outline's. Taken
-    pixels joined to their particle only through a corner go back to the
+    then exactly one particle or ring (ring 2, ...), up to ``max_step``; a
+    background pixel between two particles is never taken, so particles are
+    not joined and gaps between them stay. ``allowed`` (bool, optional): the
+    only pixels the rings may take (e.g. not the annotation zone). Per
+    particle, the mean gradient magnitude over its outline (its pixels next
+    to background that the rings may take) and over each of its rings is
+    compared; the particle takes its rings up to the steepest one when that
+    one's mean is more than ``1 + margin`` times the outline's. Taken pixels
+    joined to their particle only through a corner go back to the
     background: each particle stays one face-connected piece.
 
     Returns the labels renumbered 1..n by first voxel (the same particles)
@@ -69,36 +74,55 @@ def edge_outlines(labels, image, spacing, *, allowed=None, max_step=OUTLINE_MAX_
         return labels, 0
     steep = xp.sqrt(sum(g * g for g in xp.gradient(image.astype(xp.float32), *(float(s) for s in spacing))))
     own = labels.astype(xp.int32, copy=False)
-    above = xp.int32(count + 1)
-    owner, rings = own, []
+    # The rings, as flat indices into the labels padded by one (the frame: nothing there) and their owners:
+    # one box maximum per ring over the whole image, then only its candidates (the pixels next to the
+    # particles) are checked against their neighbours.
+    inner = (slice(1, -1),) * own.ndim
+    owner = xp.zeros(tuple(n + 2 for n in own.shape), dtype=xp.int32)
+    owner[inner] = own
+    takeable = xp.zeros(owner.shape, dtype=bool)
+    takeable[inner] = True if allowed is None else allowed
+    flat, takeable = owner.reshape(-1), takeable.reshape(-1)
+    strides = [int(np.prod(owner.shape[axis + 1:])) for axis in range(own.ndim)]
+    offsets = [sum(d * s for d, s in zip(step, strides))
+               for step in itertools.product((-1, 0, 1), repeat=own.ndim) if any(step)]
+    rings, owners = [], []
     for _ in range(max_step):
-        highest = _box_maximum(owner)
-        lowest = above - _box_maximum(xp.where(owner > 0, above - owner, 0))
-        ring = (owner == 0) & (highest > 0) & (highest == lowest)
-        if allowed is not None:
-            ring &= allowed
-        rings.append(ring)
-        owner = xp.where(ring, highest, owner)
+        highest = _box_maximum(owner).reshape(-1)
+        at = xp.flatnonzero((flat == 0) & (highest > 0) & takeable)
+        who = highest[at]
+        alone = xp.ones(at.size, dtype=bool)  # no other particle (or ring of one) in the pixel's box
+        for offset in offsets:
+            beside = flat[at + offset]
+            alone &= (beside == 0) | (beside == who)
+        at, who = at[alone], who[alone]
+        flat[at] = who  # (the next ring grows from this one)
+        rings.append(xp.ravel_multi_index(tuple(i - 1 for i in xp.unravel_index(at, owner.shape)), own.shape))
+        owners.append(who)
     open_ = own == 0 if allowed is None else (own == 0) & allowed
-    outline = (own > 0) & (_box_maximum(open_.view(xp.int8)) > 0)  # (facing the background the rings may take)
+    outline = xp.flatnonzero((own > 0) & (_box_maximum(open_.view(xp.int8)) > 0))  # facing what rings may take
+    steep, own_flat = steep.reshape(-1), own.reshape(-1)
 
-    def mean_gradient(where, ids):
-        at = ids[where]
-        total = xp.bincount(at, weights=steep[where], minlength=count + 1)
-        pixels = xp.bincount(at, minlength=count + 1)
+    def mean_gradient(at, ids):
+        total = xp.bincount(ids, weights=steep[at], minlength=count + 1)
+        pixels = xp.bincount(ids, minlength=count + 1)
         return xp.where(pixels > 0, total / xp.maximum(pixels, 1), -1.0)  # -1: no such pixel
 
-    means = xp.stack([mean_gradient(outline, own)] + [mean_gradient(ring, owner) for ring in rings])
+    means = xp.stack([mean_gradient(outline, own_flat[outline])] + [mean_gradient(at, who)
+                                                                     for at, who in zip(rings, owners)])
     step = xp.argmax(means, axis=0)  # 0: the outline itself is the steepest (ties keep it)
     step = xp.where(means.max(axis=0) > (1.0 + margin) * means[0], step, 0)
     step[0] = 0
     moved = int((step > 0).sum())
     if moved == 0:
         return labels, 0
-    take = xp.zeros(labels.shape, dtype=bool)
-    for k, ring in enumerate(rings, start=1):
-        take |= ring & (step[owner] >= k)
-    grown = xp.where(take, owner, own)
+    grown = own.copy().reshape(-1)
+    take = xp.zeros(grown.size, dtype=bool)
+    for k, (at, who) in enumerate(zip(rings, owners), start=1):
+        chosen = step[who] >= k
+        grown[at[chosen]] = who[chosen]
+        take[at[chosen]] = True
+    grown, take = grown.reshape(own.shape), take.reshape(own.shape)
     # A ring pixel may touch its particle only at a corner: pieces of the grown particles that hold none of their
     # pixels from before (each particle was one face-connected piece) are given back to the background.
     pieces = ops_for(grown).label_by_value(grown)
