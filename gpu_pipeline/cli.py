@@ -131,9 +131,9 @@ def add_separation_options(parser):
                             "like filled axis-aligned rectangles (bars, info bands; an axis-aligned rod is one too); "
                             "off: keep everything")
     group.add_argument("--outline", choices=("auto", "edge", "threshold"), default="auto",
-                       help="where particle outlines lie. edge: moved outward by up to two pixels to the steepest "
-                            "point of each particle's edge where that is clearly steeper than the threshold's "
-                            "contour; threshold: on the threshold's contour; auto (default): edge for a "
+                       help="where particle outlines lie. edge: moved outward by up to two pixels, or inward by one, to "
+                            "the steepest point of each particle's edge where that is clearly steeper than the "
+                            "threshold's contour; threshold: on the threshold's contour; auto (default): edge for a "
                             "thresholded 2D image, threshold in 3D and for a --mask or --classifier foreground "
                             "(chunked runs: threshold)")
     group.add_argument("--neck-ratio", type=_ratio("neck ratio"), default="auto", help=PARAMETER_HELP["neck_ratio"])

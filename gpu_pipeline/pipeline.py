@@ -496,10 +496,11 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
     outline : "auto", "edge" or "threshold"
         Where each particle's outline lies. ``threshold``: on the
         threshold's contour. ``edge``: moved outward by up to
-        ``OUTLINE_MAX_STEP`` rings of pixels to the steepest point of the
-        particle's edge in the smoothed image, where that ring is clearly
-        steeper than the contour (:func:`gpu_pipeline.stages.outline.
-        edge_outlines`; particles are never joined). ``auto`` (default):
+        ``OUTLINE_MAX_STEP`` rings of pixels, or inward by one, to the
+        steepest point of the particle's edge in the smoothed image, where
+        that ring is clearly steeper than the contour
+        (:func:`gpu_pipeline.stages.outline.edge_outlines`; particles are
+        never joined, split or removed). ``auto`` (default):
         ``edge`` for a thresholded 2D image, ``threshold`` in 3D and for a
         ``mask`` or ``classifier`` foreground (taken as given).
     return_details : bool

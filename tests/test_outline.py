@@ -33,19 +33,21 @@ def _iou(a, b):
     return (a & b).sum() / (a | b).sum()
 
 
-def test_a_dim_particles_outline_moves_out_to_its_edge_and_a_bright_ones_stays(rng):
-    """A threshold of 65 between a background of 20, a dim disc of 80 and a bright one of 200 (soft edges, sigma
+def test_a_dim_particles_outline_moves_out_to_its_edge_and_a_bright_ones_in(rng):
+    """A threshold of 65 between a background of 20, a dim disc of 80 and a bright one of 400 (soft edges, sigma
     2.5): the dim disc's contour lies 1-2 px inside its edge (65 is three quarters up its ramp), the bright
-    one's outside. ``edge`` moves the dim disc's outline out, closer to the true disc; the bright one, whose
-    contour is beyond its steepest point, keeps its outline (outlines only move outward)."""
-    image, (dim, bright) = _discs(rng, (80.0, 200.0))
+    one's about 3 px outside (an eighth up). ``edge`` moves the dim disc's outline out and the bright one's in
+    (by one ring at most), each closer to its true disc."""
+    image, (dim, bright) = _discs(rng, (80.0, 400.0))
     kept, details = separate(image, threshold=65.0, outline="threshold", return_details=True)
     moved, moved_details = separate(image, threshold=65.0, outline="edge", return_details=True)
-    assert kept.max() == moved.max() == 2 and details.outlines_moved == 0 and moved_details.outlines_moved >= 1
-    dim_kept, dim_moved = kept == kept[dim].max(), moved == moved[dim].max()
-    assert dim_kept.sum() < dim.sum() and dim_moved.sum() > dim_kept.sum()
-    assert _iou(dim_moved, dim) > _iou(dim_kept, dim) + 0.03
-    assert np.array_equal(moved == moved[bright].max(), kept == kept[bright].max())
+    assert kept.max() == moved.max() == 2 and details.outlines_moved == 0 and moved_details.outlines_moved == 2
+    for disc, outward in ((dim, True), (bright, False)):
+        before, after = kept == kept[disc].max(), moved == moved[disc].max()
+        assert (after.sum() > before.sum()) == outward and (before.sum() < disc.sum()) == outward
+        assert _iou(after, disc) > _iou(before, disc) + 0.03
+    lost = (kept > 0) & (moved == 0)
+    assert lost.any() and ndi.distance_transform_cdt(kept > 0, metric="chessboard")[lost].max() == 1
 
 
 def test_a_step_edge_thresholded_at_its_midpoint_keeps_its_outline(rng):
@@ -68,7 +70,7 @@ def test_edge_outlines_join_no_particles_and_move_at_most_the_rings(rng):
                                        seed=int(rng.integers(1 << 30)))
     labels, details = separate(image, threshold=140.0, outline="threshold", return_details=True)
     smoothed = ndi.gaussian_filter(image.astype(np.float32), details.sigma, truncate=4.0)
-    grown, moved = edge_outlines(labels, smoothed, (1.0, 1.0), margin=0.0)
+    grown, moved = edge_outlines(labels, smoothed, (1.0, 1.0), margin=0.0, inward=False)
     assert moved > 0 and grown.max() == labels.max()
     assert sk_label(grown, connectivity=1, background=0).max() == grown.max()  # one piece each
     pairs = np.unique(np.stack([labels[labels > 0], grown[labels > 0]]), axis=1)
@@ -79,6 +81,37 @@ def test_edge_outlines_join_no_particles_and_move_at_most_the_rings(rng):
     assert reach[new].max() <= OUTLINE_MAX_STEP
     between = ndi.maximum_filter(labels, 3) != -ndi.maximum_filter(np.where(labels > 0, -labels, -(1 << 30)), 3)
     assert not (new & between & (reach == 1)).any()
+
+
+def test_an_outline_taken_inward_never_splits_or_removes_a_particle(rng):
+    """Touching particles thresholded low on their edges (60 of 255, the particles at 0.6-1.0 on 0.15), with no
+    margin: outlines move inward where the ring inside is steeper, yet every particle stays, one face-connected
+    piece, losing only its outermost pixels."""
+    image, _ = make_touching_particles((160, 160), 40, blur=2.0, intensity_range=(0.6, 1.0),
+                                       seed=int(rng.integers(1 << 30)))
+    labels, details = separate(image, threshold=60.0, outline="threshold", return_details=True)
+    smoothed = ndi.gaussian_filter(image.astype(np.float32), details.sigma, truncate=4.0)
+    shrunk, moved = edge_outlines(labels, smoothed, (1.0, 1.0), margin=0.0, max_step=0)
+    assert moved > 0 and shrunk.max() == labels.max()
+    assert sk_label(shrunk, connectivity=1, background=0).max() == shrunk.max()
+    lost = (labels > 0) & (shrunk == 0)
+    assert lost.any() and not ((shrunk > 0) & (labels == 0)).any()
+    assert ndi.distance_transform_cdt(labels > 0, metric="chessboard")[lost].max() == 1
+
+
+def test_a_particle_its_outline_would_cut_in_two_keeps_it():
+    """Two particles on intensities that are steepest one ring inside their outlines (0 outside, then 20, 40,
+    300, 320 from the outline in): a square sheds its outline; two squares joined by a bridge one pixel wide,
+    which would fall in two without it, keep theirs."""
+    labels = np.zeros((24, 40), np.int32)
+    labels[3:12, 3:12] = 1
+    labels[3:12, 20:29] = labels[3:12, 31:40 - 1] = labels[7, 29:31] = 2
+    depth = ndi.distance_transform_cdt(labels > 0, metric="chessboard")
+    image = np.array([0.0, 20.0, 40.0, 300.0, 320.0])[np.minimum(depth, 4)]
+    out, moved = edge_outlines(labels, image, (1.0, 1.0), max_step=0)
+    assert moved == 1
+    assert np.array_equal(out == out[7, 7], (labels == 1) & (depth > 1))
+    assert np.array_equal(out == out[7, 25], labels == 2)
 
 
 def test_auto_outlines_only_thresholded_2d_images(rng):

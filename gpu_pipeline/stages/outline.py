@@ -3,11 +3,13 @@
 A global threshold draws every outline at one intensity. Where a particle's
 edge is a ramp whose midpoint lies beyond that level (a soft TEM edge, a
 blurred SEM rim, a particle dimmer than the rest), the steepest point of the
-ramp, where the particle ends, lies outside the threshold's contour. :func:`edge_outlines`
-moves each particle's outline outward by whole rings of pixels to where the
-image's gradient is steepest on average over the ring, and leaves it where
-it is when no ring beyond is clearly steeper (a blurred step edge, whose
-midpoint the threshold already found).
+ramp, where the particle ends, lies outside the threshold's contour; where
+the midpoint lies short of it (a bright particle, a threshold set low for
+dim ones), inside. :func:`edge_outlines` moves each particle's outline by
+whole rings of pixels, outward (up to ``OUTLINE_MAX_STEP``) or one ring
+inward, to where the image's gradient is steepest on average over the ring,
+and leaves it where it is when no ring is clearly steeper (a blurred step
+edge, whose midpoint the threshold already found).
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ import numpy as np
 from gpu_pipeline._backend import get_array_module, ops_for
 from gpu_pipeline.stages.components import relabel_by_first_voxel
 
-#: Rings of pixels an outline may move outward: a refinement of the threshold's contour,
-#: never a second segmentation.
+#: Rings of pixels an outline may move outward (inward: one, ``edge_outlines(inward=True)``): a refinement of
+#: the threshold's contour, never a second segmentation.
 OUTLINE_MAX_STEP = 2
 #: A ring is taken when its mean gradient exceeds the outline's own (the particle's pixels next to the
 #: background) by more than this fraction. On a blurred step edge the threshold's contour lies within half a
@@ -29,7 +31,9 @@ OUTLINE_MAX_STEP = 2
 #: exact) as it was; 0.1 moved some of their outlines outward (mean F1, discs of radius 3-30 0.572 -> 0.568,
 #: 5 in 1024^2 0.810 -> 0.802) and scored the EMPS images higher than 0.2 (mean F1 0.570 / 0.510 against
 #: 0.564 / 0.499 on emps_subset / emps_train_rest): the conservative value, not the best one on the real images
-#: (defaults_sweep_2026-12-05_s40_outlines.md; README, Automatic choices).
+#: (defaults_sweep_2026-12-05_s40_outlines.md; README, Automatic choices). Chosen for outward rings; the
+#: inward ring, added at the same margin, changes no generated disc set either
+#: (defaults_sweep_2026-12-05_s40_outlines_inward.md).
 OUTLINE_MARGIN = 0.2
 
 
@@ -47,7 +51,8 @@ def _box_maximum(array):
     return out
 
 
-def edge_outlines(labels, image, spacing, *, allowed=None, max_step=OUTLINE_MAX_STEP, margin=OUTLINE_MARGIN):
+def edge_outlines(labels, image, spacing, *, allowed=None, max_step=OUTLINE_MAX_STEP, inward=True,
+                  margin=OUTLINE_MARGIN):
     """Move each particle's outline outward to the steepest ring of its edge: ``(labels, moved)``.
 
     ``image``: the intensities the foreground was thresholded from (smoothed
@@ -56,21 +61,25 @@ def edge_outlines(labels, image, spacing, *, allowed=None, max_step=OUTLINE_MAX_
     then exactly one particle or ring (ring 2, ...), up to ``max_step``; a
     background pixel between two particles is never taken, so particles are
     not joined and gaps between them stay. ``allowed`` (bool, optional): the
-    only pixels the rings may take (e.g. not the annotation zone). Per
-    particle, the mean gradient magnitude over its outline (its pixels next
-    to background that the rings may take) and over each of its rings is
-    compared; the particle takes its rings up to the steepest one when that
-    one's mean is more than ``1 + margin`` times the outline's. Taken pixels
+    only pixels the rings may take (e.g. not the annotation zone). With
+    ``inward``, the ring inside: the particle's pixels next to its outline.
+    Per particle, the mean gradient magnitude over its outline (its pixels
+    next to background that the rings may take) and over each ring is
+    compared; the particle takes its rings up to the steepest one, or gives
+    up its outline when the ring inside is the steepest, when that one's
+    mean is more than ``1 + margin`` times the outline's. Taken pixels
     joined to their particle only through a corner go back to the
-    background: each particle stays one face-connected piece.
+    background, and a particle its outline's removal would leave in pieces
+    or empty (thinner than three pixels somewhere) keeps it: each particle
+    stays one face-connected piece.
 
     Returns the labels renumbered 1..n by first voxel (the same particles)
     and the number of particles whose outline moved; ``labels`` itself when
-    none did.
+    none would.
     """
     xp = get_array_module(labels)
     count = int(labels.max()) if labels.size else 0
-    if count == 0 or max_step < 1:
+    if count == 0 or (max_step < 1 and not inward):
         return labels, 0
     steep = xp.sqrt(sum(g * g for g in xp.gradient(image.astype(xp.float32), *(float(s) for s in spacing))))
     own = labels.astype(xp.int32, copy=False)
@@ -100,7 +109,8 @@ def edge_outlines(labels, image, spacing, *, allowed=None, max_step=OUTLINE_MAX_
         rings.append(xp.ravel_multi_index(tuple(i - 1 for i in xp.unravel_index(at, owner.shape)), own.shape))
         owners.append(who)
     open_ = own == 0 if allowed is None else (own == 0) & allowed
-    outline = xp.flatnonzero((own > 0) & (_box_maximum(open_.view(xp.int8)) > 0))  # facing what rings may take
+    edge = (own > 0) & (_box_maximum(open_.view(xp.int8)) > 0)  # the outlines, facing what rings may take
+    outline = xp.flatnonzero(edge)
     steep, own_flat = steep.reshape(-1), own.reshape(-1)
 
     def mean_gradient(at, ids):
@@ -108,25 +118,43 @@ def edge_outlines(labels, image, spacing, *, allowed=None, max_step=OUTLINE_MAX_
         pixels = xp.bincount(ids, minlength=count + 1)
         return xp.where(pixels > 0, total / xp.maximum(pixels, 1), -1.0)  # -1: no such pixel
 
-    means = xp.stack([mean_gradient(outline, own_flat[outline])] + [mean_gradient(at, who)
-                                                                     for at, who in zip(rings, owners)])
-    step = xp.argmax(means, axis=0)  # 0: the outline itself is the steepest (ties keep it)
-    step = xp.where(means.max(axis=0) > (1.0 + margin) * means[0], step, 0)
-    step[0] = 0
-    moved = int((step > 0).sum())
-    if moved == 0:
+    bands = [mean_gradient(outline, own_flat[outline])] + [mean_gradient(at, who) for at, who in zip(rings, owners)]
+    shifts = list(range(max_step + 1))
+    if inward:  # the ring of the particle's own pixels just inside its outline
+        within = xp.flatnonzero((own > 0) & ~edge & (_box_maximum(edge.view(xp.int8)) > 0))
+        bands.append(mean_gradient(within, own_flat[within]))
+        shifts.append(-1)
+    means = xp.stack(bands)
+    shift = xp.asarray(shifts)[xp.argmax(means, axis=0)]  # 0 where the outline is the steepest (ties keep it)
+    shift = xp.where(means.max(axis=0) > (1.0 + margin) * means[0], shift, 0)
+    shift[0] = 0
+    if not bool((shift != 0).any()):
         return labels, 0
     grown = own.copy().reshape(-1)
     take = xp.zeros(grown.size, dtype=bool)
     for k, (at, who) in enumerate(zip(rings, owners), start=1):
-        chosen = step[who] >= k
+        chosen = shift[who] >= k
         grown[at[chosen]] = who[chosen]
         take[at[chosen]] = True
+    shrunk = shift < 0
+    grown[outline[shrunk[own_flat[outline]]]] = 0
     grown, take = grown.reshape(own.shape), take.reshape(own.shape)
+    pieces = ops_for(grown).label_by_value(grown)
     # A ring pixel may touch its particle only at a corner: pieces of the grown particles that hold none of their
     # pixels from before (each particle was one face-connected piece) are given back to the background.
-    pieces = ops_for(grown).label_by_value(grown)
     home = xp.zeros(count + 1, dtype=pieces.dtype)
     ops_for(home).scatter_max(home, own.ravel(), pieces.ravel())
     grown = xp.where(take & (pieces != home[grown]), 0, grown)
+    if bool(shrunk.any()):
+        # A particle whose outline, taken off, leaves it in several pieces or none (thinner than two pixels
+        # somewhere) keeps its outline.
+        kept = grown.reshape(-1)
+        at = xp.flatnonzero((kept > 0) & shrunk[kept])
+        key = kept[at].astype(xp.int64) * (int(pieces.max()) + 1) + pieces.reshape(-1)[at]
+        count_pieces = xp.bincount(xp.unique(key) // (int(pieces.max()) + 1), minlength=count + 1)
+        broken = shrunk & (count_pieces != 1)
+        back = outline[broken[own_flat[outline]]]
+        kept[back] = own_flat[back]
+        shift[broken] = 0
+    moved = int((shift != 0).sum())
     return relabel_by_first_voxel(grown.astype(labels.dtype, copy=False)), moved
