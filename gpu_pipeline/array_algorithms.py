@@ -161,6 +161,22 @@ def box_maxima(values, maxed, min_value, half_widths, core=None):
 DENSE_ID_SPAN = 4
 
 
+def narrow_maximum_filter(array, size):
+    """The maximum over a box of ``size`` voxels per axis, each 1 or 3 (edge values replicated): two shifted
+    maxima per axis of size 3, SciPy's ``maximum_filter(array, size, mode="nearest")`` value for value."""
+    xp = get_array_module(array)
+    out = array.copy()
+    for axis, width in enumerate(size):
+        if width == 1 or array.shape[axis] < 2:
+            continue
+        here = out.copy()
+        lower, upper = ([slice(None)] * array.ndim for _ in range(2))
+        lower[axis], upper[axis] = slice(None, -1), slice(1, None)
+        xp.maximum(out[tuple(upper)], here[tuple(lower)], out=out[tuple(upper)])
+        xp.maximum(out[tuple(lower)], here[tuple(upper)], out=out[tuple(lower)])
+    return out
+
+
 def local_maxima(values, min_value, maximum_filter):
     """Voxels equal to the maximum of their 3x3(x3) box (edges replicated) and at least ``min_value``: a bool
     array. ``maximum_filter(array, size)``: the backend's box maximum."""

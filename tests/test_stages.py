@@ -604,9 +604,12 @@ def test_finish_labels_is_relabelled_enforce_one_piece(rng, shape):
 
 @pytest.mark.parametrize("shape,size,dtype", [((300,), (9,), np.int32), ((40, 57), (5, 1), np.uint16),
                                               ((23, 31, 37), (9, 9, 9), np.int32), ((23, 31, 37), (3, 7, 61), np.int64),
-                                              ((20, 30), (4, 5), np.int32), ((20, 30), (3, 3), np.float32)])
+                                              ((20, 30), (4, 5), np.int32), ((20, 30), (3, 3), np.float32),
+                                              ((41, 1), (3, 3), np.int32), ((17, 23, 9), (3, 1, 3), np.int8),
+                                              ((30, 40), (3, 3), bool)])
 def test_maximum_filter_equals_scipy_nearest(rng, shape, size, dtype):
-    """The CPU's maximum filter (compiled for integer data and odd windows, SciPy otherwise) is SciPy's."""
+    """The CPU's maximum filter (shifted maxima for integer data and windows of 1 or 3, compiled for other odd
+    windows, SciPy otherwise) is SciPy's."""
     values = rng.integers(0, 50, shape).astype(dtype)  # few values: many equal maxima
     expected = ndi.maximum_filter(values, size=size, mode="nearest")
     ours = ops.maximum_filter(values, size)

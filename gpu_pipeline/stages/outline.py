@@ -38,17 +38,8 @@ OUTLINE_MARGIN = 0.2
 
 
 def _box_maximum(array):
-    """The maximum over each voxel's 3x3(x3) box (edge values replicated): two shifted maxima per axis, a few
-    times faster than the general window filter (``ops.maximum_filter``) at this width, with the same values."""
-    xp = get_array_module(array)
-    out = array.copy()
-    for axis in range(array.ndim):
-        here = out.copy()
-        lower, upper = ([slice(None)] * array.ndim for _ in range(2))
-        lower[axis], upper[axis] = slice(None, -1), slice(1, None)
-        xp.maximum(out[tuple(upper)], here[tuple(lower)], out=out[tuple(upper)])
-        xp.maximum(out[tuple(lower)], here[tuple(upper)], out=out[tuple(lower)])
-    return out
+    """The maximum over each voxel's 3x3(x3) box (edge values replicated)."""
+    return ops_for(array).maximum_filter(array, (3,) * array.ndim)
 
 
 def edge_outlines(labels, image, spacing, *, allowed=None, max_step=OUTLINE_MAX_STEP, inward=True,
