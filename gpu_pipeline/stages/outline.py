@@ -137,7 +137,7 @@ def edge_outlines(labels, image, spacing, *, allowed=None, max_step=OUTLINE_MAX_
     ops_for(home).scatter_max(home, own.ravel(), pieces.ravel())
     grown = xp.where(take & (pieces != home[grown]), 0, grown)
     if bool(shrunk.any()):
-        # A particle whose outline, taken off, leaves it in several pieces or none (thinner than two pixels
+        # A particle whose outline, taken off, leaves it in several pieces or none (thinner than three pixels
         # somewhere) keeps its outline.
         kept = grown.reshape(-1)
         at = xp.flatnonzero((kept > 0) & shrunk[kept])
