@@ -114,6 +114,8 @@ def _auto_or_number(what):
 
 
 def add_separation_options(parser):
+    from gpu_pipeline.stages.outline import OUTLINES
+
     group = parser.add_argument_group("separation")
     group.add_argument("--spacing", type=_spacing, default=None, help=PARAMETER_HELP["spacing"])
     group.add_argument("--sigma", type=_auto_or_number("sigma"), default="auto", help=PARAMETER_HELP["sigma"])
@@ -130,7 +132,7 @@ def add_separation_options(parser):
                             "--classifier foreground, not a --mask; on (or the bare flag): also foreground shaped "
                             "like filled axis-aligned rectangles (bars, info bands; an axis-aligned rod is one too); "
                             "off: keep everything")
-    group.add_argument("--outline", choices=("auto", "edge", "threshold"), default="auto",
+    group.add_argument("--outline", choices=OUTLINES, default="auto",
                        help="where particle outlines lie. edge: moved outward by up to two pixels, or inward by one, to "
                             "the steepest point of each particle's edge where that is clearly steeper than the "
                             "threshold's contour; threshold: on the threshold's contour; auto (default): edge for a "

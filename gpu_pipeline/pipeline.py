@@ -16,7 +16,7 @@ from gpu_pipeline.stages.boundary_split import boundary_split
 from gpu_pipeline.stages.cleanup import (clean_mask, fill_shell_holes, merge_small_particles, pocket_holes,
                                          voxels_for)
 from gpu_pipeline.stages.distance import cleaned_distance
-from gpu_pipeline.stages.outline import edge_outlines
+from gpu_pipeline.stages.outline import OUTLINES, edge_outlines
 from gpu_pipeline.stages.peaks import (PeakReach, find_peaks, neck_groups, quantize_distance, regroup, rescued_peaks,
                                        shadowed_peaks, window_half_widths)
 from gpu_pipeline.stages.split import finish_labels, split_regions_kmeans, split_regions_watershed
@@ -594,11 +594,13 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
     if reject_annotations not in ("auto", True, False):
         raise DeclumpError(f"reject_annotations must be 'auto', True ('on') or False ('off'), got "
                            f"{reject_annotations!r}")
-    if outline not in ("auto", "edge", "threshold"):
+    if outline not in OUTLINES:
         raise DeclumpError(f"outline must be 'auto', 'edge' or 'threshold', got {outline!r}")
     if outline == "edge" and image is None:
         raise DeclumpError("outline='edge' follows the image's edges; give the image too, or outline='threshold'")
     given = mask is not None
+    # ``auto``: a thresholded 2D image only (a mask or a classifier's foreground is taken as given).
+    move_outlines = outline == "edge" or (outline == "auto" and ndim == 2 and not given)
     if given and classifier is None and min_size == "auto":
         min_size = None  # a user's mask is taken as given: only objects below the peak window go
     # The annotations are found from the image, so a classifier's foreground is cleaned too; a user's mask is not.
@@ -650,7 +652,7 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
     clock.lap("cleanup")
     if boundary is not None and follow_boundaries:
         labels = boundary_split(fg, boundary, interior=interior, spacing=spacing)
-        if outline == "edge":
+        if move_outlines:
             labels = outline_step(labels, image, spacing=spacing, zone=zone, details=details)
         details.n_particles = int(labels.max())
         clock.lap("boundary_split")
@@ -667,7 +669,7 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
                         assignment=assignment, kmeans_engine=kmeans_engine, max_iter=max_iter, details=details,
                         clock=clock)
     labels = finish_step(labels, details=details, min_size=particle_min_size, spacing=spacing)
-    if outline == "edge" or (outline == "auto" and ndim == 2 and not given):
+    if move_outlines:
         labels = outline_step(labels, image, spacing=spacing, zone=zone, details=details)
     if band is not None:
         whole = get_array_module(labels).zeros(panel.shape, dtype=labels.dtype)

@@ -20,6 +20,8 @@ import numpy as np
 from gpu_pipeline._backend import get_array_module, ops_for
 from gpu_pipeline.stages.components import relabel_by_first_voxel
 
+#: What ``separate``'s ``outline`` (``declump run --outline``) takes.
+OUTLINES = ("auto", "edge", "threshold")
 #: Rings of pixels an outline may move outward (inward: one, ``edge_outlines(inward=True)``): a refinement of
 #: the threshold's contour, never a second segmentation.
 OUTLINE_MAX_STEP = 2
@@ -44,7 +46,7 @@ def _box_maximum(array):
 
 def edge_outlines(labels, image, spacing, *, allowed=None, max_step=OUTLINE_MAX_STEP, inward=True,
                   margin=OUTLINE_MARGIN):
-    """Move each particle's outline outward to the steepest ring of its edge: ``(labels, moved)``.
+    """Move each particle's outline to the steepest ring of its edge: ``(labels, moved)``.
 
     ``image``: the intensities the foreground was thresholded from (smoothed
     as they were); ``spacing``: per axis, for the gradient. Rings: the
@@ -141,8 +143,9 @@ def edge_outlines(labels, image, spacing, *, allowed=None, max_step=OUTLINE_MAX_
         # somewhere) keeps its outline.
         kept = grown.reshape(-1)
         at = xp.flatnonzero((kept > 0) & shrunk[kept])
-        key = kept[at].astype(xp.int64) * (int(pieces.max()) + 1) + pieces.reshape(-1)[at]
-        count_pieces = xp.bincount(xp.unique(key) // (int(pieces.max()) + 1), minlength=count + 1)
+        span = int(pieces.max()) + 1
+        key = kept[at].astype(xp.int64) * span + pieces.reshape(-1)[at]
+        count_pieces = xp.bincount(xp.unique(key) // span, minlength=count + 1)
         broken = shrunk & (count_pieces != 1)
         back = outline[broken[own_flat[outline]]]
         kept[back] = own_flat[back]
