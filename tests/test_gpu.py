@@ -402,6 +402,23 @@ def test_label_box_ink_on_the_gpu_equals_the_cpu(cp, rng):
     np.testing.assert_array_equal(annotation_ink(cp.asarray(image)).get(), want)
 
 
+def test_lone_stroke_ink_on_the_gpu_equals_the_cpu(cp, rng, monkeypatch):
+    """The companion rule on CuPy (pairs of pieces in batches, the corner and shape tests): a lone glyph in a
+    side margin is no ink, a pair on one line and a corner letter are, as on the CPU."""
+    from test_autofg import draw_text
+
+    from gpu_pipeline.stages import annotations
+
+    image = np.clip(rng.normal(40, 4, (300, 360)), 0, 250).astype(np.uint8)
+    lone = draw_text(image, "5", int(rng.integers(120, 160)), int(rng.integers(8, 40)))
+    pair = draw_text(image, "50", int(rng.integers(120, 160)), int(rng.integers(300, 320)))
+    letter = draw_text(image, "b", 6, 6)
+    want = annotations.annotation_ink(image)
+    assert not want[lone].any() and want[pair].all() and want[letter].all()
+    monkeypatch.setattr(annotations, "COMPANION_BATCH", 2)  # several batches
+    np.testing.assert_array_equal(annotations.annotation_ink(cp.asarray(image)).get(), want)
+
+
 def test_edge_outlines_on_the_gpu_equal_the_cpu(cp, rng):
     """edge_outlines (box maxima of the rings, the gradient, the per-particle means, the corner pieces' check)
     on CuPy equals NumPy on touching particles thresholded high on their edges, with and without a margin, on
