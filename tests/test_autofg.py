@@ -795,7 +795,7 @@ def test_saturated_particles_along_the_edges_are_kept(n, shape):
 
 
 def test_lone_strokes_in_batches_equal_one_batch(rng, monkeypatch):
-    """The pairs of kept pieces compared in batches (COMPANION_BATCH) give the one-batch answer."""
+    """The pairs of kept pieces compared in batches (COMPANION_PAIRS) give the one-batch answer."""
     from gpu_pipeline.stages import annotations
 
     def random_found(count):
@@ -809,7 +809,7 @@ def test_lone_strokes_in_batches_equal_one_batch(rng, monkeypatch):
 
     found = [random_found(300), random_found(200)]
     whole = annotations._lone_strokes(found, (4000, 4000))
-    monkeypatch.setattr(annotations, "COMPANION_BATCH", 7)
+    monkeypatch.setattr(annotations, "COMPANION_PAIRS", 7 * 500)  # batches of a few rows
     batched = annotations._lone_strokes(found, (4000, 4000))
     assert any(lone.any() for _, _, lone in whole) and any((k & ~lone).any() for _, k, lone in whole)
     for (_, _, a), (_, _, b) in zip(whole, batched):

@@ -415,7 +415,7 @@ def test_lone_stroke_ink_on_the_gpu_equals_the_cpu(cp, rng, monkeypatch):
     letter = draw_text(image, "b", 6, 6)
     want = annotations.annotation_ink(image)
     assert not want[lone].any() and want[pair].all() and want[letter].all()
-    monkeypatch.setattr(annotations, "COMPANION_BATCH", 2)  # several batches
+    monkeypatch.setattr(annotations, "COMPANION_PAIRS", 1)  # batches of one row
     np.testing.assert_array_equal(annotations.annotation_ink(cp.asarray(image)).get(), want)
 
 

@@ -71,8 +71,9 @@ BOX_MAX_SHARE = 0.05
 COMPANION_REACH = 2.0
 LONE_ASPECT = 2.5
 COMPANION_LINE = 0.5
-#: Kept ink pieces compared with all others at once by :func:`_lone_strokes` (bounded memory).
-COMPANION_BATCH = 1024
+#: Pairs of kept ink pieces compared at once by :func:`_lone_strokes` (whole rows of the pair table: at least
+#: one): bounded memory whatever the number of pieces.
+COMPANION_PAIRS = 1 << 21
 #: The ink is removed with a margin of this many pixels (anti-aliased and blurred stroke edges).
 #: Chosen by looking at emps_subset; its safety on all 366 EMPS images (true particles in the zone removed) is
 #: measured by bench/auto_foreground.py ("annotation safety"; see README): saturated dark rods look like strokes.
@@ -228,20 +229,21 @@ def _lone_strokes(found, shape):
     strokes, and the boxes (top, bottom, left, right) of their ink): ``(labels, keep, lone)``, ``lone`` the
     round strokes (``LONE_ASPECT``) with no other kept piece of either extreme beside them on their line
     (``COMPANION_LINE``, ``COMPANION_REACH``) that do not reach into a corner of the panel. The pieces are
-    compared with each other in batches of :data:`COMPANION_BATCH` rows (bounded memory whatever their
-    number)."""
+    compared with each other in batches of about :data:`COMPANION_PAIRS` pairs (bounded memory whatever
+    their number)."""
     if not found:
         return []
     xp = get_array_module(found[0][1])
     rows, cols = shape
     ids = [xp.flatnonzero(keep) for _, keep, _, _ in found]  # the kept pieces of each extreme, together
-    box = [xp.concatenate([b[k][i] for (_, _, _, b), i in zip(found, ids)]) for k in range(4)]
-    top, bottom, left, right = box
+    top, bottom, left, right = (xp.concatenate([b[k][i] for (_, _, _, b), i in zip(found, ids)]).astype(xp.int32)
+                                for k in range(4))  # (pixel coordinates)
     height, width = bottom - top + 1, right - left + 1
     reach = COMPANION_REACH * xp.maximum(height, width)
     accompanied = xp.zeros(top.size, dtype=bool)
-    for start in range(0, top.size, COMPANION_BATCH):
-        part = slice(start, start + COMPANION_BATCH)
+    batch = max(1, COMPANION_PAIRS // max(top.size, 1))  # rows of the pair table
+    for start in range(0, top.size, batch):
+        part = slice(start, start + batch)
         # On the same line of text: the boxes share at least half the lower one's rows ...
         shared = xp.minimum(bottom[part, None], bottom[None, :]) - xp.maximum(top[part, None], top[None, :]) + 1
         line = shared >= COMPANION_LINE * xp.minimum(height[part, None], height[None, :])
