@@ -179,7 +179,10 @@ NEARBY_RATIO_AUTO = {2: None, 3: 0.8}
 #: peak window of a small ``min_distance`` but well inside its own inscribed ball, while a small particle's
 #: centre keeps the small window its size calls for. Measured 2026-12-03 at the bench parameters on 24 held-out
 #: random 256^3 volumes (radii 3-17, 15-45 % of the volume): F1@0.5 higher on 10, lower on 4, mean F1 0.84949
-#: -> 0.84977, below the watershed pipeline's F1@0.5 on 1 instead of 2 (README, Method step 6).
+#: -> 0.84977, below the watershed pipeline's F1@0.5 on 1 instead of 2 (README, Method step 6). In 2D, 0.7 with
+#: the window at 0.3 of the typical radius (2026-12-05, defaults_sweep_2026-12-05_s41_window030_reach07.md):
+#: the generated sets rise (base 2D 0.841 -> 0.868), the EMPS images fall (pooled F1@0.5 0.6035 -> 0.5799 and
+#: 0.6687 -> 0.6558, 79 images lower, 32 higher), DSB 0.767 -> 0.759.
 PEAK_REACH_AUTO = {2: None, 3: 0.7}
 
 #: ``reach_share="auto"``: 0.6 (2D and 3D; it acts only with the reach, off in 2D by default). A maximum that

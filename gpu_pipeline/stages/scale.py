@@ -22,7 +22,13 @@ from gpu_pipeline.stages.components import component_table
 #: 2D: 0.5, chosen on EMPS half 1 (see bench). Revisited (2026-12-01 sweep on emps_subset and nuclei seeds 0-3,
 #: sigma rule on, size rule 0.15): 0.75 gives emps_subset 0.312 instead of 0.287 but the nuclei 0.812 instead
 #: of 0.905 (touching nuclei merge), so it stays 0.5; EMPS over-splitting is met by the sigma and size rules in
-#: gpu_pipeline.pipeline instead.
+#: gpu_pipeline.pipeline instead. Smaller, revisited 2026-12-05 at the full defaults
+#: (defaults_sweep_2026-12-05_s41_window030/035/040.md against ..._s40_outlines_inward.md): 0.3 / 0.35 / 0.4
+#: raise every generated 2D set (base 2D 0.841 -> 0.871 / 0.872 / 0.862; a small disc pressed against a large
+#: one keeps its own maximum in the smaller window) and DSB (0.767 -> 0.776), but on the EMPS images more
+#: F1@0.5 fall than rise at each (emps_subset 21 / 19 / 14 down, 14 / 10 / 14 up; emps_train_rest 50 / 38 / 28
+#: down, 34 / 29 / 21 up; pooled 0.6035 -> 0.5873 / 0.5908 / 0.5991 and 0.6687 -> 0.6739 / 0.6721 / 0.6682):
+#: 0.5 stays, on the real images' side.
 #: 3D: 0.5 of the maxima's median depth. The typical radius follows the largest particles there (a cluster of
 #: touching spheres is as deep as its largest), and a window in proportion to it merged the smaller spheres;
 #: each sphere has its own maximum. At the full defaults (2026-12-04), mean F1@0.5 on 24 random 160^3 volumes
