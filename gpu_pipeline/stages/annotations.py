@@ -268,7 +268,6 @@ def _lone_strokes(found, shape):
     return out
 
 
-
 def _label_boxes(text, extremes):
     """The grounds of label boxes in a 2D panel (bool): filled axis-aligned rectangles of one of its
     ``extremes`` (the masks of the pixels at the dtype's minimum and maximum), their holes counted in, that
