@@ -811,8 +811,8 @@ def test_lone_strokes_in_batches_equal_one_batch(rng, monkeypatch):
     whole = annotations._lone_strokes(found, (4000, 4000))
     monkeypatch.setattr(annotations, "COMPANION_PAIRS", 7 * 500)  # batches of a few rows
     batched = annotations._lone_strokes(found, (4000, 4000))
-    assert any(lone.any() for _, _, lone in whole) and any((k & ~lone).any() for _, k, lone in whole)
-    for (_, _, a), (_, _, b) in zip(whole, batched):
+    assert any(lone.any() for lone in whole) and any((k & ~lone).any() for (_, k, _, _), lone in zip(found, whole))
+    for a, b in zip(whole, batched):
         np.testing.assert_array_equal(a, b)
 
 

@@ -218,7 +218,7 @@ def annotation_ink(image):
                 keep |= kind & margin
         found.append((labels, keep, keep & stroke, (top, bottom, left, right)))
     ink = none
-    for labels, keep, lone in _lone_strokes(found, image.shape):
+    for (labels, keep, _, _), lone in zip(found, _lone_strokes(found, image.shape)):
         ink = ink | (keep & ~lone)[labels]
     (_, low), (_, high) = extremes
     return (ink | _label_boxes(ink, (low, high))) & (low | high)
@@ -226,7 +226,7 @@ def annotation_ink(image):
 
 def _lone_strokes(found, shape):
     """Per extreme of :func:`annotation_ink`'s ``found`` (its pieces' labels, the pieces kept, those kept as
-    strokes, and the boxes (top, bottom, left, right) of their ink): ``(labels, keep, lone)``, ``lone`` the
+    strokes, and the boxes (top, bottom, left, right) of their ink): which of its pieces are lone, the
     round strokes (``LONE_ASPECT``) with no other kept piece of either extreme beside them on their line
     (``COMPANION_LINE``, ``COMPANION_REACH``) that do not reach into a corner of the panel. The pieces are
     compared with each other in batches of about :data:`COMPANION_PAIRS` pairs (bounded memory whatever
@@ -260,10 +260,10 @@ def _lone_strokes(found, shape):
     round_ = xp.maximum(height, width) < LONE_ASPECT * xp.minimum(height, width)
     alone = ~accompanied & ~corner & round_
     out, start = [], 0
-    for (labels, keep, strokes, _), i in zip(found, ids):
+    for (_, keep, strokes, _), i in zip(found, ids):
         lone = xp.zeros(keep.size, dtype=bool)
         lone[i] = alone[start:start + i.size]
-        out.append((labels, keep, lone & strokes))
+        out.append(lone & strokes)
         start += i.size
     return out
 
