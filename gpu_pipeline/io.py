@@ -101,9 +101,11 @@ def read_image(path, *, channel=None, timepoint=None, missing_chunks="fill", col
                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
     array = np.asarray(array)
     array = native_byte_order(array)
-    if array.size == 0 or array.ndim < 2:
+    if array.size == 0:
         raise DeclumpError(f"could not read {path}: it is empty or corrupt (array shape {array.shape}); "
                            "accepted: non-empty 2D or 3D images")
+    if array.ndim < 2:
+        raise DeclumpError(f"{path} is {array.ndim}D (shape {array.shape}); declump accepts 2D or 3D images")
     if array.ndim > 3:
         squeezed = np.squeeze(array)
         if squeezed.ndim <= 3:
@@ -321,7 +323,28 @@ def _read_zarr(path, *, channel=None, timepoint=None, missing_chunks="fill"):
     array, index, spacing = open_zarr(path, channel=channel, timepoint=timepoint)
     if missing_chunks != "fill":
         check_chunks(array, index, path, list_stored_files(array), missing_chunks)
-    return array[index], spacing
+    try:
+        return array[index], spacing
+    except Exception as exc:
+        where, exc = failing_chunk(array, index, exc)
+        raise DeclumpError(f"{where} of {path} could not be read ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); the store is corrupt "
+                           "there; accepted: a Zarr store whose chunks decode") from None
+
+
+def failing_chunk(array, stored, exc):
+    """Which stored chunk of the box ``stored`` (an index over all axes of the zarr ``array``: integers and
+    slices, open ones too) fails to read: ``("chunk (i, j, ...)", its error)``, each chunk of the box read
+    on its own; the box's range of chunks with ``exc`` if none fails alone."""
+    bounds = [(s, s + 1) if not isinstance(s, slice) else s.indices(n)[:2] for s, n in zip(stored, array.shape)]
+    low = [int(a // c) for (a, _), c in zip(bounds, array.chunks)]
+    high = [int((b - 1) // c) for (_, b), c in zip(bounds, array.chunks)]
+    for index in itertools.product(*[range(a, b + 1) for a, b in zip(low, high)]):
+        try:
+            array[tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, array.chunks))]
+        except Exception as single:
+            return f"chunk {index}", single
+    return (f"chunk {tuple(low)}" if low == high else f"chunks {tuple(low)} to {tuple(high)}"), exc
 
 
 def _pick(given, size, what, option, path):

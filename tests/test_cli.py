@@ -81,6 +81,12 @@ def _bad_inputs(tmp_path):
     np.save(tmp_path / "constant.npy", np.full((20, 20), 9, np.uint8))
     np.save(tmp_path / "empty.npy", np.zeros((0, 20), np.uint8))
     (tmp_path / "corrupt.tif").write_bytes(b"II*\x00garbage")
+    np.save(tmp_path / "one_d.npy", np.arange(50, dtype=np.uint8))
+    import zarr
+
+    stack = zarr.create_array(str(tmp_path / "damaged.zarr"), shape=(8, 30, 30), dtype=np.uint8, chunks=(4, 15, 15))
+    stack[...] = np.arange(8 * 30 * 30).reshape(8, 30, 30) % 251
+    (tmp_path / "damaged.zarr" / "c" / "1" / "0" / "1").write_bytes(b"not zstd")
     (tmp_path / "image.jpg").write_bytes(b"\xff\xd8\xff")
     background = np.zeros((40, 40), np.uint8)
     background[0, 0] = 255  # one speck: removed by the size filter, nothing left
@@ -97,6 +103,8 @@ def _bad_inputs(tmp_path):
         "constant.npy": "constant",
         "empty.npy": "empty",
         "corrupt.tif": "could not read",
+        "one_d.npy": "is 1D (shape (50,)); declump accepts 2D or 3D",
+        "damaged.zarr": "chunk (1, 0, 1) of",
         "image.jpg": "unsupported input format",
         "speck.npy": "no particles found",
         "huge.npy": "beyond float32's range",

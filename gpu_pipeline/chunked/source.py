@@ -19,7 +19,7 @@ import numpy as np
 
 from gpu_pipeline._backend import DeclumpError
 from gpu_pipeline._common import native_byte_order
-from gpu_pipeline.io import EVERY_CHUNK, check_chunks, list_stored_files, open_zarr
+from gpu_pipeline.io import EVERY_CHUNK, check_chunks, failing_chunk, list_stored_files, open_zarr
 
 
 class _InPlace(concurrent.futures.ThreadPoolExecutor):
@@ -140,7 +140,7 @@ class StoredVolume:
         try:
             block = np.asarray(zarr_call(self.array.async_array.getitem, stored))
         except Exception as exc:
-            where, exc = self._failing_chunk(stored, exc)
+            where, exc = failing_chunk(self.array, stored, exc)
             raise DeclumpError(f"{where} of {self.path} could not be read ({type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); {self.damaged}")
         block = native_byte_order(block)
@@ -149,21 +149,6 @@ class StoredVolume:
 
             return cupy.asarray(block)
         return block
-
-    def _failing_chunk(self, stored, exc):
-        """Which stored chunk of the box ``stored`` (all axes of the stored array, t and c included) fails to
-        read: ``("chunk (i, j, ...)", its error)``, each chunk of the box read on its own; the box's range
-        of chunks with ``exc`` if none fails alone."""
-        import itertools
-
-        low = [int((s.start if isinstance(s, slice) else s) // c) for s, c in zip(stored, self.array.chunks)]
-        high = [int(((s.stop - 1) if isinstance(s, slice) else s) // c) for s, c in zip(stored, self.array.chunks)]
-        for index in itertools.product(*[range(a, b + 1) for a, b in zip(low, high)]):
-            try:
-                self.array[tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, self.array.chunks))]
-            except Exception as single:
-                return f"chunk {index}", single
-        return (f"chunk {tuple(low)}" if low == high else f"chunks {tuple(low)} to {tuple(high)}"), exc
 
 
 #: Dask array name -> its StoredVolume, for arrays that read a store block by block (weak: an entry goes with
