@@ -39,6 +39,16 @@ FINEST_CELL = 8
 #: seeds 0-3 0.9382 -> 0.9270 (seeds 100-105 0.8687 -> 0.8699). Half a voxel kept most rods cut (0.41),
 #: 1.5 voxels cost the nuclei more (0.9247, 0.8547); 0.95 in 2D instead, without the allowance, gained a
 #: quarter as much on EMPS. 3D: none (the bench's spheres, measured with the 3D defaults, have no rods).
+#: Its cost: small touching discs. Between two discs of radius 3-4 px the dip is about a voxel, so at the 2D
+#: defaults 400 discs of radius 3-7 in 512^2 pool F1@0.5 0.631 and 600 of radius 2.5-5 0.454 (seeds 0-2;
+#: --neck-ratio off: 0.754 and 0.713). Measured 2026-12-05 and not taken: the allowance capped at 0.1 / 0.15
+#: of the higher peak (those sets 0.66 -> 0.76 / 0.69, but EMPS pooled 0.6035 -> 0.5925 / 0.5990 and
+#: 0.6687 -> 0.6355 / 0.6530: thin rods cut); the profile taken as the highest value within a voxel across
+#: the segment (removes the grid's offset from a rod's axis), with an allowance of 0 or 0.5 voxel: rods of
+#: half-width 5-7 on the noisy test image fell from 0.92 to 0.17 / 0.70, so their dips come mostly from the
+#: rough edges of a thresholded rod, not from the sampling; and no allowance where the measured 2D radius is
+#: small: it is 6.7 px on the discs of radius 3-7 (a cluster is as deep as its largest disc) and 4.1-4.5 px on
+#: rods of half-width 2.5-4, the other way round.
 NECK_TOLERANCE_VOXELS = {2: 1.0, 3: 0.0}
 
 #: The neck test's reach by the number of dimensions: two peaks of one region are tested when they lie closer
