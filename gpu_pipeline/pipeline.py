@@ -56,6 +56,13 @@ TEXTURE_GROWTH = 1.25
 #: generated disks (radii 5-12, the smallest 0.21 of that ball): 0.2 / 0.35 give F1@0.5 0.272 / 0.308 on
 #: emps_subset and 0.909 / 0.893 on the nuclei; on the demo 0.2 keeps 0.764, 0.25 gives 0.750 and 0.35 for the
 #: pieces after the split 0.69. bench/auto_foreground.py, row "min_size=None": emps_subset 0.235 -> 0.272.
+#: Revisited at the full defaults (2026-12-05 evening, against defaults_sweep_2026-12-05_s41_lone_strokes.md):
+#: it drops the small particles of a wide size range (radius 3-30 in 512^2: the typical radius 26-28, so
+#: particles under 12 px go; F1@0.5 0.674, 0.737 with min_size 20), but smaller fractions lose more on the
+#: real images: 0.1 / 0.05 give radius 3-30 0.713 / 0.724, and EMPS 0.6035 -> 0.5880 / 0.5734 and
+#: 0.6687 -> 0.6468 / 0.6206, the uneven nuclei 0.907 -> 0.895 / 0.888; keeping 0.2 for the objects and
+#: taking a quarter of it (or none) for the particles after the split: radius 3-30 0.688, EMPS 0.5856 / 0.6345
+#: (0.5766 / 0.6094). 0.2 stays.
 #: 3D: 1/512 (a ball of an eighth of the radius). The typical radius (size-weighted: clusters of touching
 #: spheres, each as deep as its largest) is near the largest particles' radius, so the fraction must leave room
 #: for spheres much smaller than the largest. 0.2 (a ball of 0.58 x the radius) merged and dropped the smaller
