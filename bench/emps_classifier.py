@@ -10,7 +10,7 @@ settings below) and every image of the held-out fold is classified and split the
 (F1@0.5 and mean F1 over IoU 0.50-0.95, :func:`bench.compare_methods.pool_scores`), over all
 366 images, over the 132 of emps_subset alone, and per fold (the spread).
 
-Beside it, on the same images: declump's old defaults (no model), minority-side Otsu + connected
+Beside it, on the same images: declump's defaults (no model), minority-side Otsu + connected
 components, and the scikit-image watershed pipeline (``compare_methods``' EMPS parameters).
 
 Painted workflow: on the ``--painted`` images with the most touching ground-truth pairs, strokes
@@ -50,7 +50,7 @@ MODEL_PATH = Path(__file__).resolve().parents[1] / "gpu_pipeline" / "models" / "
 PAINT_LIMIT = 300
 
 MODEL = "classifier (CV) + boundary split"
-OLD = "declump old defaults (no model)"
+OLD = "declump defaults (no model)"
 OTSU_CC = "minority-side Otsu + connected components"
 WATERSHED = "skimage watershed pipeline"
 

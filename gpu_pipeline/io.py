@@ -325,7 +325,9 @@ def _read_zarr(path, *, channel=None, timepoint=None, missing_chunks="fill"):
         check_chunks(array, index, path, list_stored_files(array), missing_chunks)
     try:
         return array[index], spacing
-    except Exception as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # a chunk that does not decode: find it (each chunk of the box read on its own)
         where, exc = failing_chunk(array, index, exc)
         raise DeclumpError(f"{where} of {path} could not be read ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); the store is corrupt "
