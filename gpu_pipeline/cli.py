@@ -21,7 +21,8 @@ PARAMETER_HELP = {
              "runs need a number)",
     "threshold": "how the smoothed image becomes a foreground: 'otsu', 'li', 'triangle' (global, from the histogram), "
                  "'local' (Otsu above a background estimated over an eighth of the image: uneven illumination), 'auto' "
-                 "(percentile-normalised, picks one per image and reports it in the summary) or a number in the "
+                 "(percentile-normalised: Otsu, or Li where Otsu misses dim particles, with Otsu's outline kept for the "
+                 "particles it finds; reports the pick in the summary) or a number in the "
                  "image's intensity units (default %(default)s; chunked runs: otsu, li, triangle or a number)",
     "polarity": "particles brighter ('bright') or darker ('dark') than the background; 'auto': the side rarer "
                 "on the image border than inside it and split into more pieces (default %(default)s)",

@@ -373,7 +373,7 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         estimated over an eighth of the image (uneven illumination);
         ``auto`` (default; the image is first clipped to its 0.5-99.9
         percentiles where outliers would squeeze the histogram) picks Otsu
-        or Li per image
+        or Li per image, Li keeping Otsu's outline for the particles Otsu finds
         (:func:`gpu_pipeline.stages.threshold.choose_method`); the choice is
         in the details (``threshold_method``). A number is a fixed
         threshold in image units.

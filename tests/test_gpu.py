@@ -440,3 +440,19 @@ def test_edge_outlines_on_the_gpu_equal_the_cpu(cp, rng):
                                    allowed=None if where is None else cp.asarray(where))
         assert n_got == n_want and np.array_equal(got.get(), want)
     assert n_want > 0
+
+
+def test_auto_threshold_with_li_on_the_gpu_equals_the_cpu(cp, rng):
+    """auto on dim and bright nuclei: Li chosen, Otsu's outline kept for the objects Otsu finds (covered_objects'
+    bincounts and combined_foreground's table lookup on CuPy) - the same mask as on NumPy."""
+    from scipy import ndimage as ndi
+
+    from gpu_pipeline.stages.threshold import threshold_foreground
+    from gpu_pipeline.synthetic import make_uneven_nuclei
+
+    image, _ = make_uneven_nuclei((256, 256), 60, seed=int(rng.integers(1e6)))
+    smoothed = ndi.gaussian_filter(image.astype(np.float32), 1.0)
+    mask, decision = threshold_foreground(smoothed, "auto", "bright")
+    on_gpu, gpu_decision = threshold_foreground(cp.asarray(smoothed), "auto", "bright")
+    assert decision.method == gpu_decision.method == "li" and gpu_decision.threshold == decision.threshold
+    np.testing.assert_array_equal(on_gpu.get(), mask)

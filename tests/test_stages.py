@@ -587,6 +587,51 @@ def test_missed_fraction_counts_low_mask_objects_mostly_outside_the_high_mask(rn
     assert missed_fraction(low, high) == area[missed].sum() / area[1:].sum()
 
 
+def test_combined_foreground_keeps_the_high_mask_and_the_low_objects_it_covers_little_of(rng):
+    from gpu_pipeline.stages.threshold import OTSU_COVERED, combined_foreground, covered_objects
+
+    low = ndi.binary_opening(rng.random((60, 70, 30)) > 0.4)
+    labels, n = ndi.label(low)
+    share = rng.choice([0.2, 0.6, 0.95], n + 1)  # objects barely, partly and mostly covered
+    high = low & (rng.random(low.shape) < share[labels])
+    area = np.bincount(labels.ravel(), minlength=n + 1)
+    covered = np.bincount(labels.ravel(), weights=high.ravel(), minlength=n + 1)
+    own = covered < OTSU_COVERED * area
+    own[0] = False
+    assert 0 < own[1:].sum() < n
+    expected = high | own[labels]
+    combined = combined_foreground(high, covered_objects(low, high))
+    np.testing.assert_array_equal(combined, expected)
+    assert combined[low & ~high & ~own[labels]].sum() == 0  # mostly covered objects: the high mask's outline
+
+
+def test_auto_threshold_outlines_bright_nuclei_at_otsu_and_keeps_dim_ones_at_li(rng):
+    """Dim and bright nuclei in one frame: auto takes Li (Otsu misses the dim ones), but an object Otsu finds
+    keeps Otsu's outline, not Li's wider one (blur joins touching bright nuclei there)."""
+    from gpu_pipeline import separate
+    from gpu_pipeline.metrics import evaluate
+    from gpu_pipeline.stages.threshold import foreground, threshold_foreground
+    from gpu_pipeline.synthetic import make_uneven_nuclei
+
+    scores = {"auto": [], "li": []}
+    for _ in range(4):
+        image, truth = make_uneven_nuclei((256, 256), 60, seed=int(rng.integers(1e6)))
+        smoothed = ndi.gaussian_filter(image.astype(np.float32), 1.0)
+        mask, decision = threshold_foreground(smoothed, "auto", "bright")
+        assert decision.method == "li"
+        otsu = foreground(smoothed, decision.candidates["otsu"], "bright")
+        li = foreground(smoothed, decision.candidates["li"], "bright")
+        assert (mask >= otsu).all() and (mask <= li).all() and otsu.sum() < mask.sum() < li.sum()
+        found, n = ndi.label(li)
+        share = ndi.mean(otsu, found, np.arange(1, n + 1))  # how much of each Li object Otsu covers
+        dim, bright = np.flatnonzero(share < 0.5) + 1, np.flatnonzero(share >= 0.8) + 1
+        assert dim.size and mask[np.isin(found, dim)].all()  # missed by Otsu (Li was chosen for them): Li's
+        assert bright.size and np.array_equal(mask[np.isin(found, bright)], otsu[np.isin(found, bright)])
+        for name in scores:
+            scores[name].append(evaluate(separate(image, threshold=name), truth)["mean_f1"])
+    assert np.mean(scores["auto"]) > np.mean(scores["li"]), scores
+
+
 @pytest.mark.parametrize("shape", [(50, 60), (20, 30, 25)])
 def test_finish_labels_is_relabelled_enforce_one_piece(rng, shape):
     """finish_labels reuses the last round's pieces as the numbering: the same as relabelling afterwards."""

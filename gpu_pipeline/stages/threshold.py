@@ -474,14 +474,15 @@ def threshold_foreground(smoothed, threshold, polarity, *, components=False):
     tables = {} if components else None
     side = choose_polarity(image, candidates["otsu"], polarity,
                           largest_shares=lambda above: largest_component_shares(above, keep=tables))
-    method = choose_method(image, counts, bins, candidates, side) if threshold == "auto" else threshold
+    method, mask = choose_method(image, counts, bins, candidates, side) if threshold == "auto" else (threshold, None)
     parts = None
     if tables and method == "otsu":  # the mask is one side at Otsu's threshold, its background the other
         parts = (tables["above"], tables["below"]) if side == "bright" else (tables["below"], tables["above"])
     tables = None  # (both freed here where the method is not Otsu's)
     if method != "local":
         value = candidates[method]
-        found = foreground(image, value, side), ThresholdDecision(method, value, side, candidates, intensity_range)
+        found = (foreground(image, value, side) if mask is None else mask,
+                 ThresholdDecision(method, value, side, candidates, intensity_range))
         return (*found, parts) if components else found
     flat, value = _flattened(image, side)
     candidates["local"] = value
@@ -514,14 +515,30 @@ def _flattened(image, side):
 MISSED_AREA = 0.03
 
 
-def missed_fraction(low_mask, high_mask) -> float:
-    """Fraction of ``low_mask``'s area in components that ``high_mask`` covers less than half of (objects missed)."""
+#: Where ``auto`` takes Li, Li's objects that Otsu's foreground already covers this share of or more keep
+#: Otsu's outline: they are Otsu's particles seen through a lower threshold, wider by the blur of their edges and
+#: joined where neighbours touch; Li's mask stays for the objects Otsu misses or sees only in part (dim
+#: particles, dim parts of a cluster). Measured 2026-12-05 (bench.defaults_sweep against
+#: defaults_sweep_2026-12-05_s41_lone_strokes.md, and make_uneven_nuclei sets not used before: seeds
+#: 200-219 radius 7-13, 300-309 radius 4-8 (150 nuclei), 400-409 radius 10-20 (30), each 256^2), pooled
+#: F1@0.5 / mean F1, Li everywhere (1.0) -> 0.8 / 0.7 / 0.5:
+#: DSB 0.767 / 0.504 -> 0.792 / 0.530, 0.870 / 0.601, 0.848 / 0.562; radius 7-13 0.870 / 0.640 -> 0.869 / 0.672,
+#: 0.875 / 0.687, 0.847 / 0.676; radius 4-8 0.731 / 0.440 -> 0.743 / 0.462, 0.759 / 0.511, 0.778 / 0.545;
+#: radius 10-20 0.927 / 0.759 -> 0.929 / 0.784, 0.898 / 0.759, 0.840 / 0.728; the sweep's nuclei (seeds 0-2,
+#: 100-105) 0.9072 / 0.676 -> 0.9075 / 0.704 at 0.8; EMPS (Li on 11 of the 366) 0.6035 / 0.6687 -> 0.6028 /
+#: 0.6704 at 0.8 (e211d9d7ac: tighter particles lower the auto min_size under a scale bar's two pieces); the
+#: embryo 3D nuclei and every Otsu image unchanged. 0.8: no set lower by more than 0.0015 at F1@0.5, mean F1
+#: higher on every nuclei set.
+OTSU_COVERED = 0.8
+
+
+def covered_objects(low_mask, high_mask):
+    """``low_mask``'s face-connected components and how much of each ``high_mask`` covers:
+    ``(labels, area, covered)``, voxels per label 0..count (label 0, the background, included)."""
     from gpu_pipeline._backend import ops_for
 
     xp = get_array_module(low_mask)
     labels, count = ops_for(low_mask).label(low_mask)
-    if count == 0:
-        return 0.0
     if xp.__name__ == "numpy":  # one compiled pass instead of two bincounts and a float64 copy of the mask
         from cpu_fallback.kernels import area_and_covered
 
@@ -530,9 +547,31 @@ def missed_fraction(low_mask, high_mask) -> float:
         flat = labels.ravel()
         area = xp.bincount(flat, minlength=count + 1)
         covered = xp.bincount(flat, weights=(high_mask & low_mask).ravel().astype(xp.float64), minlength=count + 1)
+    return labels, area, covered
+
+
+def missed_share(area, covered) -> float:
+    """Fraction of the area of :func:`covered_objects`' components (``area``, ``covered``: per label, 0 the
+    background) in those that the high mask covers less than half of (objects missed)."""
     missed = (2 * covered < area)
     missed[0] = False
     return float(area[missed].sum()) / max(float(area[1:].sum()), 1.0)
+
+
+def missed_fraction(low_mask, high_mask) -> float:
+    """Fraction of ``low_mask``'s area in components that ``high_mask`` covers less than half of (objects missed)."""
+    _, area, covered = covered_objects(low_mask, high_mask)
+    return missed_share(area, covered)
+
+
+def combined_foreground(high_mask, objects):
+    """``high_mask`` (Otsu's foreground) and the objects of the low mask (Li's) that it covers less than
+    :data:`OTSU_COVERED` of, whole (``objects``: :func:`covered_objects` of the low and the high mask)."""
+    labels, area, covered = objects
+    xp = get_array_module(high_mask)
+    own = covered < OTSU_COVERED * area
+    own[0] = False
+    return high_mask | xp.asarray(own)[labels]
 
 
 #: ``auto`` takes Li only where Li's threshold lies beyond the background's noise: the median of the voxels on
@@ -555,8 +594,10 @@ def background_noise_bound(counts, bins, otsu, side):
     return median + spread if side == "bright" else median - spread
 
 
-def choose_method(image, counts, bins, candidates, side) -> str:
-    """``auto``'s choice for one image: Otsu, unless it misses whole particles that Li's lower threshold finds.
+def choose_method(image, counts, bins, candidates, side):
+    """``auto``'s choice for one image: ``(method, mask)``, Otsu (mask None: Otsu's foreground), unless it misses
+    whole particles that Li's lower threshold finds; then Li, and its foreground (:func:`combined_foreground`:
+    Otsu's outline for the particles Otsu finds, Li's for those it misses).
 
     One Otsu threshold suits particles of similar brightness (a bimodal
     histogram); where particles differ in brightness (dim and bright nuclei
@@ -569,7 +610,9 @@ def choose_method(image, counts, bins, candidates, side) -> str:
     """
     noise = background_noise_bound(counts, bins, candidates["otsu"], side)
     if noise is not None and (candidates["li"] <= noise if side == "bright" else candidates["li"] >= noise):
-        return "otsu"  # Li's foreground would be the background's noise
+        return "otsu", None  # Li's foreground would be the background's noise
     otsu_fg = foreground(image, candidates["otsu"], side)
-    li_fg = foreground(image, candidates["li"], side)
-    return "li" if missed_fraction(li_fg, otsu_fg) >= MISSED_AREA else "otsu"
+    objects = covered_objects(foreground(image, candidates["li"], side), otsu_fg)
+    if missed_share(*objects[1:]) < MISSED_AREA:
+        return "otsu", None
+    return "li", combined_foreground(otsu_fg, objects)
