@@ -96,7 +96,8 @@ class SeparationDetails:
     """What a run decided and measured: threshold, polarity, scale, counts, per-stage seconds.
 
     ``threshold_method`` is the method that made the foreground (``auto``
-    reports the one it chose; ``fixed`` for a number, None for a mask),
+    reports the one it chose; where that is ``li``, the particles Otsu's
+    threshold finds keep Otsu's outline; ``fixed`` for a number, None for a mask),
     ``threshold_candidates`` the thresholds of the methods weighed,
     ``intensity_range`` the percentile range ``auto`` clipped to;
     ``particle_radius`` the typical radius measured for the ``auto`` options,
