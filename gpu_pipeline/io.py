@@ -328,10 +328,16 @@ def _read_zarr(path, *, channel=None, timepoint=None, missing_chunks="fill"):
     except MemoryError:
         raise
     except Exception as exc:  # a chunk that does not decode: find it (each chunk of the box read on its own)
-        where, exc = failing_chunk(array, index, exc)
-        raise DeclumpError(f"{where} of {path} could not be read ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); the store is corrupt "
-                           "there; accepted: a Zarr store whose chunks decode") from None
+        raise unreadable_chunk(array, index, exc, path,
+                               "the store is corrupt there; accepted: a Zarr store whose chunks decode") from None
+
+
+def unreadable_chunk(array, stored, exc, path, remedy):
+    """The one-line `DeclumpError` for a box ``stored`` of the zarr ``array`` at ``path`` that failed to read with
+    ``exc``: the chunk that fails (:func:`failing_chunk`), its error, then ``remedy``."""
+    where, exc = failing_chunk(array, stored, exc)
+    return DeclumpError(f"{where} of {path} could not be read ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); {remedy}")
 
 
 def failing_chunk(array, stored, exc):

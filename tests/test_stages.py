@@ -573,8 +573,8 @@ def test_compiled_histogram_equals_bincount_of_bin_index(rng, dtype):
         np.testing.assert_array_equal(counts, np.bincount(bin_index(image.ravel(), bins), minlength=bins.nbins))
 
 
-def test_missed_fraction_counts_low_mask_objects_mostly_outside_the_high_mask(rng):
-    from gpu_pipeline.stages.threshold import missed_fraction
+def test_missed_share_counts_low_mask_objects_mostly_outside_the_high_mask(rng):
+    from gpu_pipeline.stages.threshold import covered_objects, missed_share
 
     low = ndi.binary_opening(rng.random((60, 70, 30)) > 0.4)
     labels, n = ndi.label(low)
@@ -584,7 +584,7 @@ def test_missed_fraction_counts_low_mask_objects_mostly_outside_the_high_mask(rn
     missed = 2 * covered < area
     missed[0] = False
     assert 0 < missed.sum() < n
-    assert missed_fraction(low, high) == area[missed].sum() / area[1:].sum()
+    assert missed_share(*covered_objects(low, high)[1:]) == area[missed].sum() / area[1:].sum()
 
 
 def test_combined_foreground_keeps_the_high_mask_and_the_low_objects_it_covers_little_of(rng):

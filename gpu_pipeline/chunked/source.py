@@ -19,7 +19,7 @@ import numpy as np
 
 from gpu_pipeline._backend import DeclumpError
 from gpu_pipeline._common import native_byte_order
-from gpu_pipeline.io import EVERY_CHUNK, check_chunks, failing_chunk, list_stored_files, open_zarr
+from gpu_pipeline.io import EVERY_CHUNK, check_chunks, list_stored_files, open_zarr, unreadable_chunk
 
 
 class _InPlace(concurrent.futures.ThreadPoolExecutor):
@@ -140,9 +140,7 @@ class StoredVolume:
         try:
             block = np.asarray(zarr_call(self.array.async_array.getitem, stored))
         except Exception as exc:
-            where, exc = failing_chunk(self.array, stored, exc)
-            raise DeclumpError(f"{where} of {self.path} could not be read ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); {self.damaged}")
+            raise unreadable_chunk(self.array, stored, exc, self.path, self.damaged)
         block = native_byte_order(block)
         if self.device == "gpu":
             import cupy

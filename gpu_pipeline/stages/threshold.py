@@ -561,20 +561,13 @@ def missed_share(area, covered) -> float:
     return float(area[missed].sum()) / max(float(area[1:].sum()), 1.0)
 
 
-def missed_fraction(low_mask, high_mask) -> float:
-    """Fraction of ``low_mask``'s area in components that ``high_mask`` covers less than half of (objects missed)."""
-    _, area, covered = covered_objects(low_mask, high_mask)
-    return missed_share(area, covered)
-
-
 def combined_foreground(high_mask, objects):
     """``high_mask`` (Otsu's foreground) and the objects of the low mask (Li's) that it covers less than
     :data:`OTSU_COVERED` of, whole (``objects``: :func:`covered_objects` of the low and the high mask)."""
     labels, area, covered = objects
-    xp = get_array_module(high_mask)
-    own = covered < OTSU_COVERED * area
+    own = covered < OTSU_COVERED * area  # (on the masks' device)
     own[0] = False
-    return high_mask | xp.asarray(own)[labels]
+    return high_mask | own[labels]
 
 
 #: ``auto`` takes Li only where Li's threshold lies beyond the background's noise: the median of the voxels on
@@ -598,9 +591,10 @@ def background_noise_bound(counts, bins, otsu, side):
 
 
 def choose_method(image, counts, bins, candidates, side):
-    """``auto``'s choice for one image: ``(method, mask)``, Otsu (mask None: Otsu's foreground), unless it misses
-    whole particles that Li's lower threshold finds; then Li, and its foreground (:func:`combined_foreground`:
-    Otsu's outline for the particles Otsu finds, Li's for those it misses).
+    """``auto``'s choice for one image: ``(method, mask)``. Otsu (the mask: Otsu's foreground, or None where it
+    was not needed), unless it misses whole particles that Li's lower threshold finds; then Li, and its
+    foreground (:func:`combined_foreground`: Otsu's outline for the particles Otsu finds, Li's for those it
+    misses).
 
     One Otsu threshold suits particles of similar brightness (a bimodal
     histogram); where particles differ in brightness (dim and bright nuclei
@@ -617,5 +611,5 @@ def choose_method(image, counts, bins, candidates, side):
     otsu_fg = foreground(image, candidates["otsu"], side)
     objects = covered_objects(foreground(image, candidates["li"], side), otsu_fg)
     if missed_share(*objects[1:]) < MISSED_AREA:
-        return "otsu", None
+        return "otsu", otsu_fg
     return "li", combined_foreground(otsu_fg, objects)
