@@ -210,6 +210,56 @@ def block_groups(coords, voxel_region, block, strides, n_blocks, unique_keys, fa
 
 
 @njit(cache=True, nogil=True)
+def _block_pairs(centres, chosen, centre_region, block, grid, strides, n_blocks, scale, margin2, shifts,
+                 keys, ids):  # pragma: no cover - compiled; tested through block_pairs
+    ndim = centres.shape[1]
+    home = np.empty(ndim, dtype=np.int64)
+    n = 0
+    for j in range(chosen.size):
+        i = chosen[j]
+        for a in range(ndim):
+            home[a] = np.int64(np.floor(centres[i, a] / block[a]))
+        base = centre_region[i] * n_blocks
+        for s in range(shifts.shape[0]):
+            inside = True
+            total = 0.0
+            key = base
+            for a in range(ndim):
+                nb = home[a] + shifts[s, a]
+                if nb < 0 or nb >= grid[a]:
+                    inside = False
+                    break
+                c = centres[i, a]
+                g = max(max(nb * block[a] - c, c - ((nb + 1) * block[a] - 1)), 0.0) * scale[a]
+                total += g * g
+                key += nb * strides[a]
+            if inside and total <= margin2:
+                if keys.size:
+                    keys[n] = key
+                    ids[n] = i
+                n += 1
+    return n
+
+
+def block_pairs(centres, chosen, centre_region, block, grid, strides, n_blocks, scale, margin, shifts):
+    """Every (region-and-block key, centroid) pair of :func:`~gpu_pipeline.stages.split.block_lists`, in one pass.
+
+    The array form builds (centroids x shifts x ndim) temporaries; this counts the pairs, then writes
+    them, in the same order (centroid by centroid, shift by shift). Returns ``(keys, ids)``.
+    """
+    args = (np.ascontiguousarray(centres, np.float64), np.ascontiguousarray(chosen, np.int64),
+            np.ascontiguousarray(centre_region, np.int64), np.ascontiguousarray(block, np.int64),
+            np.ascontiguousarray(grid, np.int64), np.ascontiguousarray(strides, np.int64), int(n_blocks),
+            np.ascontiguousarray(scale, np.float64), float(margin) * float(margin),
+            np.ascontiguousarray(shifts, np.int64))
+    none = np.empty(0, dtype=np.int64)
+    n = _block_pairs(*args, none, none)
+    keys, ids = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+    _block_pairs(*args, keys, ids)
+    return keys, ids
+
+
+@njit(cache=True, nogil=True)
 def _assign_in_cells(regions, multi, block, strides, n_blocks, keys, offsets, ids, fallback_base, centre_phys,
                      power, scale, first_axis, cell, prune_width, centre_value, labels, origin):  # pragma: no cover
     shape = regions.shape

@@ -97,10 +97,39 @@ def test_local_candidates_equal_the_per_offset_loop(rng, ndim, spacing, monkeypa
     ref = _local_candidates_reference(coords, voxel_region, centres, centre_region, spacing=spacing, margin=margin)
     assert ours == ref
     assert 0 < n_fallback < len(coords)
-    # The array form (the GPU's) finds the same lists as the compiled one.
+    # The array forms (the GPU's) find the same lists as the compiled ones.
     monkeypatch.setattr(kernels, "block_groups", split.block_groups)
-    assert local_candidates(coords, voxel_region, centres, centre_region, spacing=spacing,
-                            margin=margin)[0].tolist() == groups.tolist()
+    monkeypatch.setattr(kernels, "block_pairs", split.block_pairs)
+    groups2, offsets2, ids2, _ = local_candidates(coords, voxel_region, centres, centre_region, spacing=spacing,
+                                                  margin=margin)
+    assert [ids2[offsets2[g]:offsets2[g + 1]].tolist() for g in groups2] == ours
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_block_lists_compiled_and_array_forms_agree(rng, ndim, monkeypatch):
+    """The (region, block) lists from the compiled pair pass equal the array form's (the GPU's), key for key,
+    on fractional centroids, anisotropic spacing, margins from under a voxel to many blocks, and ``listed``."""
+    from cpu_fallback import kernels
+    from gpu_pipeline.stages import split
+
+    fields = ("block", "strides", "keys", "offsets", "ids")
+    for trial in range(40):
+        n = int(rng.integers(1, 300))
+        shape = rng.integers(5, 80, ndim)
+        centres = rng.integers(0, shape, (n, ndim)) + (rng.random((n, ndim)) if trial % 2 else 0.0)
+        centre_region = np.sort(rng.integers(1, 20, n))
+        kwargs = dict(spacing=tuple(rng.choice([0.3, 0.5, 1.0, 1.7, 2.0], ndim)), margin=float(rng.uniform(0.5, 25)),
+                      highest=shape - 1, listed=rng.random(n) < 0.6 if trial % 3 == 0 else None)
+        compiled = split.block_lists(centres, centre_region, **kwargs)
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "block_pairs", split.block_pairs)
+            array_form = split.block_lists(centres, centre_region, **kwargs)
+        for field in fields:
+            np.testing.assert_array_equal(getattr(compiled, field), getattr(array_form, field), err_msg=field)
+        assert (compiled.n_blocks, compiled.fallback_base) == (array_form.n_blocks, array_form.fallback_base)
+        # Each list holds its ids in ascending order (the assignment's tie rule takes the first).
+        for start, stop in zip(compiled.offsets[:-1], compiled.offsets[1:]):
+            assert np.all(np.diff(compiled.ids[start:stop]) > 0)
 
 
 @pytest.mark.parametrize("ndim,spacing", [(2, (1.0, 1.0)), (3, (2.0, 1.0, 1.5))])

@@ -97,12 +97,38 @@ def block_lists(centres, centre_region, *, spacing, margin, highest=None, listed
     n_blocks = int(xp.prod(grid))
     n_centres = centres.shape[0]
     chosen = xp.arange(n_centres, dtype=xp.int64) if listed is None else xp.flatnonzero(listed).astype(xp.int64)
-    home = xp.floor(centres[chosen] / block).astype(xp.int64)
-    # Every (centre, block offset) at once, in slices of centres that bound
-    # the temporaries to about BLOCK_ELEMENTS entries.
+    # Every (centre, block offset) at once. Offsets whose nearest point lies
+    # beyond the margin from anywhere in the home block are left out first
+    # (a block |s| away per axis is at least (|s| - 1) blocks from the centre).
     shifts = xp.asarray(list(itertools.product(*[range(-r, r + 1) for r in reach])), dtype=xp.int64)
-    per_slice = max(1, BLOCK_ELEMENTS // (shifts.shape[0] * ndim))
-    pair_keys, pair_ids = [], []
+    least = xp.maximum(xp.abs(shifts) - 1, 0) * block * scale
+    shifts = shifts[(least * least).sum(axis=1) <= margin * margin]
+    if xp.__name__ == "numpy":  # one compiled pass instead of (centres x offsets x ndim) temporaries
+        from cpu_fallback.kernels import block_pairs as find_pairs
+    else:
+        find_pairs = block_pairs
+    keys, ids = find_pairs(centres, chosen, centre_region, block, grid, strides, n_blocks, scale, margin, shifts)
+    # Fallback lists, one per region, keyed after every block key.
+    fallback_base = (int(centre_region.max()) + 1) * n_blocks
+    keys = xp.concatenate([keys, fallback_base + centre_region])
+    ids = xp.concatenate([ids, xp.arange(n_centres, dtype=xp.int64)])
+    # The pairs come centre by centre (ids ascending), so a stable sort by key keeps each list's ids ascending.
+    order = xp.argsort(keys, kind="stable")
+    keys, ids = keys[order], ids[order]
+    unique_keys, starts = xp.unique(keys, return_index=True)
+    offsets = xp.concatenate([starts, xp.asarray([keys.size])]).astype(xp.int64)
+    return BlockLists(block=block, strides=strides, n_blocks=n_blocks, keys=unique_keys, offsets=offsets, ids=ids,
+                      fallback_base=fallback_base)
+
+
+def block_pairs(centres, chosen, centre_region, block, grid, strides, n_blocks, scale, margin, shifts):
+    """Array form of :func:`cpu_fallback.kernels.block_pairs` (the GPU's): the pairs' ``(keys, ids)``."""
+    xp = get_array_module(centres)
+    ndim = centres.shape[1]
+    home = xp.floor(centres[chosen] / block).astype(xp.int64)
+    # In slices of centres that bound the temporaries to about BLOCK_ELEMENTS entries.
+    per_slice = max(1, BLOCK_ELEMENTS // (max(1, shifts.shape[0]) * ndim))
+    pair_keys, pair_ids = [xp.empty(0, dtype=xp.int64)], [xp.empty(0, dtype=xp.int64)]
     for start in range(0, int(chosen.size), per_slice):
         stop = min(int(chosen.size), start + per_slice)
         nb = home[start:stop, None, :] + shifts[None, :, :]
@@ -114,17 +140,7 @@ def block_lists(centres, centre_region, *, spacing, margin, highest=None, listed
         ids = chosen[start + centre]
         pair_keys.append(centre_region[ids] * n_blocks + (nb[centre, offset] * strides).sum(axis=1))
         pair_ids.append(ids)
-    # Fallback lists, one per region, keyed after every block key.
-    fallback_base = (int(centre_region.max()) + 1) * n_blocks
-    pair_keys.append(fallback_base + centre_region)
-    pair_ids.append(xp.arange(n_centres, dtype=xp.int64))
-    keys, ids = xp.concatenate(pair_keys), xp.concatenate(pair_ids)
-    order = xp.lexsort(xp.stack([ids, keys]))
-    keys, ids = keys[order], ids[order]
-    unique_keys, starts = xp.unique(keys, return_index=True)
-    offsets = xp.concatenate([starts, xp.asarray([keys.size])]).astype(xp.int64)
-    return BlockLists(block=block, strides=strides, n_blocks=n_blocks, keys=unique_keys, offsets=offsets, ids=ids,
-                      fallback_base=fallback_base)
+    return xp.concatenate(pair_keys).astype(xp.int64), xp.concatenate(pair_ids).astype(xp.int64)
 
 
 def block_groups(coords, voxel_region, block, strides, n_blocks, unique_keys, fallback_base):
