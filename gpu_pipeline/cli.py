@@ -1,4 +1,4 @@
-"""The `declump` command: run, demo, evaluate."""
+"""The `declump` command: run, batch, train, demo, app, evaluate."""
 from __future__ import annotations
 
 import argparse
@@ -331,8 +331,6 @@ def cmd_run_chunked(args, device):
 
 
 def cmd_run(args):
-    from gpu_pipeline.io import boolean_input_as_mask, check_foreground_options, read_image, spatial_unit
-
     device = "gpu" if args.cluster == "local-cuda" else resolve_device(args.device)
     if _is_zarr(args.input) and Path(args.output).suffix.lower() == ".zarr":
         return cmd_run_chunked(args, device)
@@ -342,44 +340,68 @@ def cmd_run(args):
                     if value is not None]
     if chunked_only:
         raise DeclumpError(f"{', '.join(chunked_only)} apply to chunked runs only (a Zarr input and a .zarr output)")
+    info = run_file(args, args.input, args.output, device, notes=not args.quiet)
+    print(f"{info['n_particles']} particles; labels -> {info['outputs']['labels']}, table -> "
+          f"{info['outputs']['table']}, overlay -> {info['outputs']['overlay']}, summary -> {info['outputs']['summary']}")
+
+
+def run_file(args, input_path, output, device, *, notes=True):
+    """The in-memory run of one file (``declump run``, and each image of ``declump batch``): read and check the
+    input (and ``args.mask``), separate with ``args``' options, write the outputs; returns the summary.
+    ``notes``: print the notes on the input (a TIFF's calibration, few planes)."""
+    from gpu_pipeline.io import boolean_input_as_mask, check_foreground_options, read_image, spatial_unit
+
     check_foreground_options(mask=args.mask, classifier=args.classifier, probabilities_path=args.save_probabilities)
-    for option, path in (("the input", args.input), ("--mask", args.mask)):
-        if path is not None and Path(path).resolve() == Path(args.output).resolve():
-            raise DeclumpError(f"the output {args.output} is {option}; choose another output path (nothing was "
+    for option, path in (("the input", input_path), ("--mask", args.mask)):
+        if path is not None and Path(path).resolve() == Path(output).resolve():
+            raise DeclumpError(f"the output {output} is {option}; choose another output path (nothing was "
                                "written)")
-    image, file_spacing = read_image(args.input, channel=args.channel, timepoint=args.timepoint,
+    image, file_spacing = read_image(input_path, channel=args.channel, timepoint=args.timepoint,
                                      missing_chunks=args.missing_chunks)
     mask = None
     if args.mask is not None:
         mask, _ = read_image(args.mask, channel=args.channel, timepoint=args.timepoint,
                              missing_chunks=args.missing_chunks, colour="any")
         check_mask(mask, image.shape, "--mask")
-    image, mask = boolean_input_as_mask(image, mask, classifier=args.classifier, input_path=args.input)
+    image, mask = boolean_input_as_mask(image, mask, classifier=args.classifier, input_path=input_path)
     spacing = args.spacing if args.spacing is not None else file_spacing
-    unit = spatial_unit(args.input) if args.spacing is None and file_spacing is not None else None
-    if spacing is None and not args.quiet and Path(args.input).suffix.lower() in (".tif", ".tiff"):
+    unit = spatial_unit(input_path) if args.spacing is None and file_spacing is not None else None
+    if spacing is None and notes and Path(input_path).suffix.lower() in (".tif", ".tiff"):
         from gpu_pipeline.io import tiff_spacing
 
-        calibrated, calibration_unit = tiff_spacing(args.input, imagej_only=True)
+        calibrated, calibration_unit = tiff_spacing(input_path, imagej_only=True)
         if calibrated is not None and len(calibrated) == image.ndim:
             # Not taken silently: sizes given in voxels (--min-distance 4) would change meaning.
-            print(f"declump: note: {args.input}'s calibration is {', '.join(f'{v:g}' for v in calibrated)} "
+            print(f"declump: note: {input_path}'s calibration is {', '.join(f'{v:g}' for v in calibrated)} "
                   f"{calibration_unit} per voxel; this run measures in voxels (spacing 1); add --spacing "
                   f"{','.join(f'{v:g}' for v in calibrated)} to measure in {calibration_unit}")
-    if image.ndim == 3 and image.shape[0] <= FEW_PLANES and min(image.shape[1:]) >= 16 * FEW_PLANES \
-            and not args.quiet:
-        print(f"declump: note: {args.input} has only {image.shape[0]} planes of {image.shape[1]} x "
+    if image.ndim == 3 and image.shape[0] <= FEW_PLANES and min(image.shape[1:]) >= 16 * FEW_PLANES and notes:
+        print(f"declump: note: {input_path} has only {image.shape[0]} planes of {image.shape[1]} x "
               f"{image.shape[2]}; it runs as a volume. If the planes are channels or time points, pick one "
               "(--channel/--timepoint where the file names its axes, else save one plane)")
     kwargs = separation_kwargs(args)
     kwargs.pop("spacing")
     if args.classifier is not None:
         kwargs["classifier"] = args.classifier
-    source = os.path.relpath(Path(args.input).resolve(), (Path(args.output) / "particles").resolve())
-    _, info = run_and_write(image, args.output, device=device, spacing=spacing, mask=mask, source=source, unit=unit,
+    source = os.path.relpath(Path(input_path).resolve(), (Path(output) / "particles").resolve())
+    _, info = run_and_write(image, output, device=device, spacing=spacing, mask=mask, source=source, unit=unit,
                             probabilities_path=args.save_probabilities, **kwargs)
-    print(f"{info['n_particles']} particles; labels -> {info['outputs']['labels']}, table -> "
-          f"{info['outputs']['table']}, overlay -> {info['outputs']['overlay']}, summary -> {info['outputs']['summary']}")
+    return info
+
+
+def cmd_batch(args):
+    from gpu_pipeline.batch import SUMMARY_NAME, run_batch
+
+    device = "gpu" if args.cluster == "local-cuda" else resolve_device(args.device)
+    summary = run_batch(args, device)
+    for record in summary["images"]:
+        if record["status"] != "ok":
+            print(f"declump: error: {record['input']}: {record['error']}", file=sys.stderr)
+    print(f"{summary['n_ok']} of {summary['n_images']} images, {summary['n_particles']} particles; table -> "
+          f"{summary['table']}, summary -> {Path(args.out) / SUMMARY_NAME}")
+    if summary["n_failed"]:
+        raise DeclumpError(f"{summary['n_failed']} of {summary['n_images']} images failed (each named above); the "
+                           f"others' outputs and the combined table are in {args.out}")
 
 
 def check_mask(mask, shape, option):
@@ -567,6 +589,37 @@ def build_parser():
                          help="start over, deleting an existing output and its work folder")
     chunked.add_argument("--quiet", action="store_true", help="no notes and no progress lines on stderr (errors still are)")
     run.set_defaults(func=cmd_run)
+
+    batch = sub.add_parser("batch", help="separate particles in many image files (a folder of TEM images), side by side",
+                           description="Run every image (files, or the .tif/.tiff/.png/.npy/.zarr images of a "
+                                       "folder) in memory as `declump run IMAGE OUT/NAME_labels.tif` would, each "
+                                       "image one Dask task on local threads (default), a local cluster of "
+                                       "processes or a running scheduler. OUT gets each image's outputs, "
+                                       "particles.csv (every particle, with its image) and, last, "
+                                       "batch_summary.json (every image with its status). An image that fails is "
+                                       "one line naming it; the others go on, and the command exits 2.")
+    batch.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of them")
+    batch.add_argument("--out", required=True, help="output folder (created if missing)")
+    batch.add_argument("--channel", type=int, help="channel index for inputs with a 'c' axis")
+    batch.add_argument("--timepoint", type=int, help="time index for inputs with a 't' axis")
+    batch.add_argument("--classifier", default=None,
+                       help="pixel classifier for the foreground instead of the threshold: a model file from "
+                            "`declump train` (.npz) or a shipped model name (em-particles)")
+    add_separation_options(batch)
+    engines = batch.add_argument_group("engine")
+    engines.add_argument("--cluster", choices=("local", "local-cuda"), default=None,
+                         help="local: a Dask LocalCluster of worker processes on this machine (images side by side "
+                              "without sharing one process's GIL); local-cuda: one worker per GPU (default: local "
+                              "threads)")
+    engines.add_argument("--scheduler", default=None,
+                         help="address of a running Dask scheduler; its workers must see the inputs and the output "
+                              "folder at the same paths")
+    engines.add_argument("--workers", type=_positive_int("workers"), default=None,
+                         help="threads (default engine) or worker processes (--cluster local), one per core this "
+                              "process may use by default")
+    engines.add_argument("--gpu-threads", type=_positive_int("gpu threads"), default=1,
+                         help="with --device gpu: host threads per GPU, each on its own image (default 1)")
+    batch.set_defaults(func=cmd_batch, mask=None, save_probabilities=None, missing_chunks="error", quiet=True)
 
     from gpu_pipeline.classifier import DEFAULT_DEPTH, DEFAULT_SAMPLES_PER_CLASS, DEFAULT_TREES
 

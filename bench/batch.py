@@ -1,0 +1,94 @@
+"""``declump batch`` on a folder of real images: wall time and peak memory per engine, and the labels' scores.
+
+    python -m bench.batch [--folder ../shared/data/emps_subset] [--rounds 1] [--out NAME]
+
+Each mode runs ``declump batch FOLDER/images --out TMP`` as a fresh command
+(``/usr/bin/time``-free: the wall clock around the process, and the peak
+resident memory of the command and its children from ``getrusage``): one
+worker thread, two threads, and a local cluster of two worker processes.
+The labels of the last mode are scored against ``FOLDER/segmaps`` (pooled
+F1@0.5, mean F1 per image), which must equal ``bench.defaults_sweep``'s
+figure for that folder: the batch runs each image as ``declump run`` does.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import SHARED, machine_info, write_results
+
+MODES = {"1 thread": ["--workers", "1"], "2 threads": ["--workers", "2"],
+         "local cluster, 2 processes": ["--cluster", "local", "--workers", "2"]}
+
+
+def score(folder, out):
+    from gpu_pipeline import evaluate
+    from gpu_pipeline.io import read_image
+
+    pooled = weight = mean = n = 0
+    for truth_path in sorted((folder / "segmaps").iterdir()):
+        labels = read_image(out / f"{truth_path.stem}_labels.tif")[0]
+        scores = evaluate(labels, read_image(truth_path)[0])
+        pooled += scores["f1_50"] * (scores["n_pred"] + scores["n_gt"])
+        weight += scores["n_pred"] + scores["n_gt"]
+        mean += scores["mean_f1"]
+        n += 1
+    return dict(images=n, f1_50_pooled=round(pooled / max(weight, 1), 4), mean_f1_per_image=round(mean / max(n, 1), 4))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folder", type=Path, default=SHARED / "emps_subset")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    images = args.folder / "images"
+    if not images.is_dir():
+        raise SystemExit(f"{images} is not a folder of images (the shared data is needed: ../shared/data)")
+    n_images = sum(1 for _ in images.iterdir())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        for round_ in range(args.rounds):
+            for mode, options in MODES.items():
+                shutil.rmtree(out, ignore_errors=True)
+                before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+                started = time.perf_counter()
+                done = subprocess.run([sys.executable, "-m", "gpu_pipeline", "batch", str(images), "--out", str(out),
+                                       *options], capture_output=True, text=True)
+                seconds = time.perf_counter() - started
+                if done.returncode != 0:
+                    raise SystemExit(f"{mode}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
+                peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+                rows.append(dict(round=round_ + 1, mode=mode, seconds=round(seconds, 2),
+                                 images_per_second=round(n_images / seconds, 2),
+                                 peak_rss_gib=round(peak / 2**20, 2) if peak > before else None))
+                print(rows[-1], flush=True)
+        scores = score(args.folder, out) if (args.folder / "segmaps").is_dir() else None
+    one = min(r["seconds"] for r in rows if r["mode"] == "1 thread")
+    scaling = {m: round(one / (2 * min(r["seconds"] for r in rows if r["mode"] == m)), 2) for m in MODES if "2" in m}
+    result = dict(machine=machine_info(), folder=str(args.folder), n_images=n_images, rows=rows, scores=scores,
+                  scaling_1_to_2=scaling)
+    lines = [f"# declump batch on {args.folder.name}, {result['machine']['date'][:10]}", "",
+             f"Machine: {result['machine'].get('cpu', '')}, {n_images} images, `python -m bench.batch`. Each mode a "
+             "fresh `declump batch` command (start-up included); peak RSS: the largest child process so far "
+             "(getrusage), so a later mode shows its own only where it is larger.", "",
+             "| round | mode | s | images/s | peak RSS GiB |", "|---|---|---|---|---|"]
+    lines += [f"| {r['round']} | {r['mode']} | {r['seconds']} | {r['images_per_second']} | {r['peak_rss_gib']} |"
+              for r in rows]
+    lines += ["", f"Scaling 1 -> 2 (t1 / (2 t2), best of the rounds): {scaling}."]
+    if scores:
+        lines += ["", f"Labels of the last mode against the ground truth: pooled F1@0.5 **{scores['f1_50_pooled']}**, "
+                      f"mean F1 per image {scores['mean_f1_per_image']} over {scores['images']} images."]
+    stem = write_results(result, "batch", "\n".join(lines) + "\n", stem=args.out)
+    print(f"wrote bench/results/{stem}.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""``declump batch``: many image files, each run in memory as ``declump run`` runs it, on a Dask engine.
+
+A folder of TEM images, or of DSB-style fluorescence frames, is the common
+case: each image is one Dask task (read, separate, write its outputs), so
+images run side by side on the engine ``declump run`` uses for chunked
+volumes (local threads, a local cluster of processes, dask-cuda, or a
+running scheduler). Each image's outputs are those of ``declump run IMAGE
+OUT/NAME_labels.tif``, written by the task that made them; then the
+combined table (``particles.csv``, one row per particle with its image) and,
+last, ``batch_summary.json``, which lists every image with its status. An
+image that fails (bad input, nothing found) is one line naming it; the
+others go on, and the command exits 2 naming how many failed.
+"""
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+from gpu_pipeline._backend import DeclumpError
+
+#: Files a folder given as input contributes (Zarr stores: folders ending in .zarr).
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".npy", ".zarr")
+#: The batch's own outputs in the output folder.
+TABLE_NAME, SUMMARY_NAME = "particles.csv", "batch_summary.json"
+
+
+def collect_inputs(inputs, out_dir):
+    """The image files named by ``inputs`` (files, or folders whose images are taken in name order), checked
+    before any work: each exists, the output folder is none of them, and no two share a name (their outputs
+    would collide)."""
+    out_dir = Path(out_dir).resolve()
+    found = []
+    for given in inputs:
+        path = Path(given)
+        if not path.exists():
+            raise DeclumpError(f"{given} does not exist; give image files or folders of them "
+                               f"({', '.join(IMAGE_SUFFIXES)})")
+        if path.resolve() == out_dir:
+            raise DeclumpError(f"the output folder {given} is also an input; choose another output folder "
+                               "(nothing was written)")
+        if path.is_dir() and path.suffix.lower() != ".zarr":
+            images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                            and not p.name.startswith(".") and p.resolve().parent != out_dir)
+            if not images:
+                raise DeclumpError(f"{given} holds no images; accepted: {', '.join(IMAGE_SUFFIXES)} files")
+            found.extend(images)
+        else:
+            found.append(path)
+    names = {}
+    for path in found:
+        names.setdefault(output_name(path), []).append(str(path))
+    clashes = {name: paths for name, paths in names.items() if len(paths) > 1}
+    if clashes:
+        name, paths = next(iter(clashes.items()))
+        raise DeclumpError(f"{len(paths)} inputs are named {name} ({', '.join(paths[:3])}): their outputs would "
+                           "overwrite each other; rename them or run them in separate batches")
+    return found
+
+
+def output_name(path):
+    """An image's name in the batch's outputs: its file name without the suffix (``a.ome.tif`` -> ``a``)."""
+    name = Path(path).name
+    for suffix in (".ome.tif", ".ome.tiff", ".ome.zarr"):
+        if name.lower().endswith(suffix):
+            return name[:-len(suffix)]
+    return Path(name).stem
+
+
+def image_task(path, out_dir, args, device):
+    """One image of the batch, run as ``declump run`` runs it: ``{"input", "name", "status", ...}``. Bad input,
+    no particles, a refused write or too little memory are the image's error line; anything else is a bug and
+    stops the batch."""
+    from gpu_pipeline.cli import memory_error_message, run_file
+    from gpu_pipeline.io import DISK_FAULTS, PATH_FAULTS, disk_error, path_error
+
+    name = output_name(path)
+    record = {"input": str(path), "name": name}
+    output = Path(out_dir) / f"{name}_labels.tif"
+    started = time.perf_counter()
+    try:
+        info = run_file(args, str(path), str(output), device, notes=False)
+    except DeclumpError as exc:
+        return {**record, "status": "error", "error": str(exc)}
+    except MemoryError as exc:
+        return {**record, "status": "error", "error": memory_error_message(exc)}
+    except OSError as exc:
+        if exc.errno not in DISK_FAULTS | PATH_FAULTS:
+            raise
+        message = disk_error if exc.errno in DISK_FAULTS else path_error
+        return {**record, "status": "error", "error": message(exc, str(out_dir))}
+    return {**record, "status": "ok", "n_particles": int(info["n_particles"]), "shape": info["input_shape"],
+            "seconds": round(time.perf_counter() - started, 3), "outputs": info["outputs"]}
+
+
+def write_combined_table(records, path):
+    """One CSV of every particle of the images that ran, an ``image`` column first (each image's rows as its
+    own table has them; 2D and 3D images together leave the other's columns empty)."""
+    from gpu_pipeline.io import atomic_path
+
+    columns, rows = ["image"], []
+    for record in records:
+        if record["status"] != "ok":
+            continue
+        with open(record["outputs"]["table"], newline="") as f:
+            reader = csv.DictReader(f)
+            columns += [c for c in reader.fieldnames if c not in columns]
+            rows += [{"image": record["name"], **row} for row in reader]
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+    return len(rows)
+
+
+def run_batch(args, device):
+    """Run every image of ``args.inputs`` into ``args.out`` on the engine the options name; returns the summary
+    (also written, last, as ``batch_summary.json``)."""
+    import dask
+
+    from gpu_pipeline.chunked.run import engine
+    from gpu_pipeline.io import write_json
+
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DeclumpError(f"--out {args.out} is a file; give a folder for the outputs")
+    images = collect_inputs(args.inputs, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SUMMARY_NAME).unlink(missing_ok=True)  # (an interrupted batch leaves no summary that looks complete)
+    started = time.perf_counter()
+    with engine(cluster=args.cluster, scheduler=args.scheduler, workers=args.workers, device=device,
+                gpu_threads=args.gpu_threads) as client:
+        # (A client the engine started is Dask's default scheduler inside this block; else its threads are.)
+        del client
+        tasks = [dask.delayed(image_task, pure=False)(str(p), str(out_dir.resolve()), args, device) for p in images]
+        records = list(dask.compute(*tasks))
+    failed = [r for r in records if r["status"] != "ok"]
+    n_rows = write_combined_table(records, out_dir / TABLE_NAME)
+    summary = {"n_images": len(records), "n_ok": len(records) - len(failed), "n_failed": len(failed),
+               "n_particles": n_rows, "seconds": round(time.perf_counter() - started, 3), "device": device,
+               "engine": {"cluster": args.cluster, "scheduler": args.scheduler, "workers": args.workers},
+               "table": str(out_dir / TABLE_NAME), "images": records}
+    write_json(out_dir / SUMMARY_NAME, summary)
+    return summary

@@ -1,0 +1,104 @@
+"""``declump batch``: many images, each exactly as ``declump run`` does it, on real files and a real Dask cluster."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from gpu_pipeline.cli import main
+from gpu_pipeline.synthetic import make_touching_particles
+
+OPTIONS = ["--sigma", "1", "--min-distance", "4", "--device", "cpu"]
+
+
+def _images(folder, rng):
+    """A uint8 PNG, a float32 .npy (2D), a 3D TIFF and a constant TIFF (which must fail), from fresh seeds."""
+    folder.mkdir()
+    a, _ = make_touching_particles((160, 192), 25, seed=int(rng.integers(1e6)))
+    Image.fromarray(a).save(folder / "a.png")
+    b, _ = make_touching_particles((128, 128), 18, seed=int(rng.integers(1e6)))
+    np.save(folder / "b.npy", b.astype(np.float32) / 255)
+    c, _ = make_touching_particles((24, 64, 64), 12, seed=int(rng.integers(1e6)))
+    tifffile.imwrite(folder / "c.ome.tif", c, metadata={"axes": "ZYX"})
+    tifffile.imwrite(folder / "flat.tif", np.full((64, 64), 9, np.uint8))
+    (folder / "notes.txt").write_text("not an image")
+    return {"a": folder / "a.png", "b": folder / "b.npy", "c": folder / "c.ome.tif"}
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_batch_equals_run_per_image_and_names_the_failed_one(tmp_path, rng, capsys):
+    good = _images(tmp_path / "in", rng)
+    out = tmp_path / "out"
+    assert main(["batch", str(tmp_path / "in"), "--out", str(out), *OPTIONS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith(f"declump: error: {tmp_path / 'in' / 'flat.tif'}: ") and \
+        "constant" in err[0], err
+    assert err[1].startswith("declump: error: 1 of 4 images failed"), err
+    summary = json.loads((out / "batch_summary.json").read_text())
+    assert (summary["n_images"], summary["n_ok"], summary["n_failed"]) == (4, 3, 1)
+    assert [r["status"] for r in summary["images"]] == ["ok", "ok", "ok", "error"]  # a, b, c, flat (name order)
+    assert not any(p.name.startswith("flat") for p in out.iterdir())
+    combined = _rows(out / "particles.csv")
+    total = 0
+    for name, path in good.items():
+        # The same image through `declump run` gives the same labels and table.
+        alone = tmp_path / "alone" / f"{name}.tif"
+        assert main(["run", str(path), str(alone), *OPTIONS, "--quiet"]) == 0
+        labels = tifffile.imread(out / f"{name}_labels.tif")
+        assert labels.max() > 0 and np.array_equal(labels, tifffile.imread(alone))
+        own = _rows(out / f"{name}_labels_particles.csv")
+        assert own == _rows(alone.with_name(f"{name}_particles.csv"))
+        # ... and its rows are in the combined table under its name, nothing added or lost.
+        mine = [{k: v for k, v in row.items() if k != "image" and v != ""} for row in combined if row["image"] == name]
+        assert mine == own
+        assert next(r for r in summary["images"] if r["name"] == name)["n_particles"] == int(labels.max())
+        total += len(own)
+    assert len(combined) == total == summary["n_particles"]
+    assert {"area", "volume", "centroid_z"} <= set(combined[0])  # 2D and 3D images in one table
+
+
+def test_batch_on_a_local_cluster_of_processes_equals_threads(tmp_path, rng):
+    good = _images(tmp_path / "in", rng)
+    inputs = [str(good["a"]), str(good["c"])]
+    assert main(["batch", *inputs, "--out", str(tmp_path / "threads"), *OPTIONS]) == 0
+    assert main(["batch", *inputs, "--out", str(tmp_path / "cluster"), "--cluster", "local", "--workers", "2",
+                 *OPTIONS]) == 0
+    for name in ("a", "c"):
+        threads = tifffile.imread(tmp_path / "threads" / f"{name}_labels.tif")
+        assert threads.max() > 0
+        assert np.array_equal(threads, tifffile.imread(tmp_path / "cluster" / f"{name}_labels.tif"))
+    assert (tmp_path / "threads" / "particles.csv").read_text() == (tmp_path / "cluster" / "particles.csv").read_text()
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "does not exist"),
+    ("empty", "holds no images"),
+    ("out_is_input", "is also an input"),
+    ("same_names", "inputs are named x"),
+    ("out_is_file", "is a file"),
+])
+def test_batch_refuses_bad_inputs_before_any_work(tmp_path, capsys, case, message):
+    image, _ = make_touching_particles((64, 64), 5, seed=1)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    tifffile.imwrite(tmp_path / "one" / "x.tif", image)
+    Image.fromarray(image).save(tmp_path / "two" / "x.png")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    (tmp_path / "file.txt").write_text("")
+    inputs, out = {"missing": ([tmp_path / "nowhere.tif"], tmp_path / "out"),
+                   "empty": ([tmp_path / "empty"], tmp_path / "out"),
+                   "out_is_input": ([tmp_path / "one"], tmp_path / "one"),
+                   "same_names": ([tmp_path / "one", tmp_path / "two"], tmp_path / "out"),
+                   "out_is_file": ([tmp_path / "one"], tmp_path / "file.txt")}[case]
+    assert main(["batch", *map(str, inputs), "--out", str(out), *OPTIONS]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("declump: error:") and message in lines[0], lines
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["x.tif"]
