@@ -456,3 +456,23 @@ def test_auto_threshold_with_li_on_the_gpu_equals_the_cpu(cp, rng):
     on_gpu, gpu_decision = threshold_foreground(cp.asarray(smoothed), "auto", "bright")
     assert decision.method == gpu_decision.method == "li" and gpu_decision.threshold == decision.threshold
     np.testing.assert_array_equal(on_gpu.get(), mask)
+
+
+def test_batch_on_the_gpu_with_two_host_threads_equals_the_cpu(cp, rng, tmp_path):
+    """`declump batch --device gpu --gpu-threads 2`: two images side by side on one GPU, each the CPU's labels."""
+    import tifffile
+
+    from gpu_pipeline.cli import main
+
+    (tmp_path / "in").mkdir()
+    for name, shape in (("a", (192, 160)), ("b", (32, 80, 72))):
+        tifffile.imwrite(tmp_path / "in" / f"{name}.tif", _sample(shape, 40, rng),
+                         metadata={"axes": "YX" if len(shape) == 2 else "ZYX"})
+    options = ["--sigma", "1", "--min-distance", "4"]
+    assert main(["batch", str(tmp_path / "in"), "--out", str(tmp_path / "cpu"), "--device", "cpu", *options]) == 0
+    assert main(["batch", str(tmp_path / "in"), "--out", str(tmp_path / "gpu"), "--device", "gpu", "--gpu-threads",
+                 "2", *options]) == 0
+    for name in ("a", "b"):
+        expected = tifffile.imread(tmp_path / "cpu" / f"{name}_labels.tif")
+        assert expected.max() > 0
+        assert np.array_equal(tifffile.imread(tmp_path / "gpu" / f"{name}_labels.tif"), expected)
