@@ -64,11 +64,17 @@ def test_batch_equals_run_per_image_and_names_the_failed_one(tmp_path, rng, caps
 
 
 def test_batch_on_a_local_cluster_of_processes_equals_threads(tmp_path, rng):
+    import os
+
     good = _images(tmp_path / "in", rng)
     inputs = [str(good["a"]), str(good["c"])]
     assert main(["batch", *inputs, "--out", str(tmp_path / "threads"), *OPTIONS]) == 0
+    environ = dict(os.environ)
     assert main(["batch", *inputs, "--out", str(tmp_path / "cluster"), "--cluster", "local", "--workers", "2",
                  *OPTIONS]) == 0
+    # The workers' malloc settings (Dask's nanny sets them in the process that starts the cluster) do not stay
+    # behind in this one, where later subprocesses would inherit them.
+    assert dict(os.environ) == environ
     for name in ("a", "c"):
         threads = tifffile.imread(tmp_path / "threads" / f"{name}_labels.tif")
         assert threads.max() > 0

@@ -159,6 +159,21 @@ def _quiet_interrupt():
 
 
 @contextlib.contextmanager
+def _environ_restored():
+    """``os.environ`` as it was, once the block ends. Dask's nanny sets its ``pre-spawn-environ`` (its own
+    ``OMP_NUM_THREADS=1`` and the like, and :func:`local_cluster_config`'s malloc settings) in the process
+    that runs it, which is this one for the clusters a run starts: a Python session's later subprocesses
+    would inherit them."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for name in set(os.environ) - set(before):
+            del os.environ[name]
+        os.environ.update(before)
+
+
+@contextlib.contextmanager
 def engine(*, cluster=None, scheduler=None, workers=None, device="cpu", gpu_threads=1):
     """The Dask engine for a run (:func:`engine_plan`): local threads, a local cluster, dask-cuda or a scheduler."""
     import dask
@@ -196,7 +211,7 @@ def engine(*, cluster=None, scheduler=None, workers=None, device="cpu", gpu_thre
         except ImportError as exc:
             raise DeclumpError("--cluster local-cuda needs dask-cuda; install the GPU extra "
                                "(pip install 'declump[gpu-cu12]') or use the conda environment.yml") from exc
-        with _quiet_interrupt(), dask.config.set(environ), \
+        with _quiet_interrupt(), _environ_restored(), dask.config.set(environ), \
                 LocalCUDACluster(threads_per_worker=gpu_threads, **LOCAL_CLUSTER_HTTP) as lc, \
                 Client(lc) as client:
             _setup_workers(client, device, "the dask-cuda workers cannot use a GPU")
@@ -205,7 +220,7 @@ def engine(*, cluster=None, scheduler=None, workers=None, device="cpu", gpu_thre
     if kind == "local":
         from distributed import LocalCluster
 
-        with _quiet_interrupt(), dask.config.set(environ), \
+        with _quiet_interrupt(), _environ_restored(), dask.config.set(environ), \
                 LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                              **LOCAL_CLUSTER_HTTP) as lc, Client(lc) as client:
             _setup_workers(client, device, "")
