@@ -14,6 +14,7 @@ others go on, and the command exits 2 naming how many failed.
 from __future__ import annotations
 
 import csv
+import json
 import time
 from pathlib import Path
 
@@ -77,6 +78,10 @@ def image_task(path, out_dir, args, device):
     name = output_name(path)
     record = {"input": str(path), "name": name}
     output = Path(out_dir) / f"{name}_labels.tif"
+    done = finished(output, path, args, device)
+    if done is not None and not args.overwrite:
+        return {**record, "status": "ok", "n_particles": int(done["n_particles"]), "shape": done["input_shape"],
+                "seconds": 0.0, "outputs": done["outputs"], "skipped": True}
     started = time.perf_counter()
     try:
         info = run_file(args, str(path), str(output), device, notes=False)
@@ -91,6 +96,25 @@ def image_task(path, out_dir, args, device):
         return {**record, "status": "error", "error": message(exc, str(out_dir))}
     return {**record, "status": "ok", "n_particles": int(info["n_particles"]), "shape": info["input_shape"],
             "seconds": round(time.perf_counter() - started, 3), "outputs": info["outputs"]}
+
+
+def finished(output, path, args, device):
+    """The summary of an earlier run of this image into ``output`` where its outputs are complete and were
+    made from the same input file (path, size, modification time) with the same options; else None."""
+    from gpu_pipeline.cli import input_fingerprint, run_options
+    from gpu_pipeline.io import output_paths
+
+    paths = output_paths(output)
+    try:
+        done = json.loads(paths["summary"].read_text())
+    except (OSError, ValueError):
+        return None
+    fingerprint = input_fingerprint(path)
+    if fingerprint is None or done.get("input") != fingerprint or done.get("options") != run_options(args, device):
+        return None
+    if not all(Path(p).exists() for p in done.get("outputs", {}).values()):
+        return None
+    return done
 
 
 def write_combined_table(records, path):

@@ -168,11 +168,12 @@ def separation_kwargs(args):
 
 
 def run_and_write(image, output, *, device, spacing, mask=None, source=None, probabilities_path=None, unit=None,
-                  **params):
+                  record=None, **params):
     """Separate ``image`` and write labels, table, overlay, size histogram, then the summary (last: it marks
     completion).
 
     ``probabilities_path``: where to write the pixel classifier's probability map (with ``classifier=``);
+    ``record``: entries added to the summary (the input's fingerprint and the options, :func:`run_file`);
     ``unit``: the spacing's unit where the input named it (OME-Zarr axes), kept in the outputs.
     """
     from gpu_pipeline import separate
@@ -211,7 +212,7 @@ def run_and_write(image, output, *, device, spacing, mask=None, source=None, pro
     info = summary(table, image.ndim, spacing, details)
     parameters = {k: (str(v) if k == "classifier" and v is not None else v) for k, v in params.items()}
     info.update(unit=unit, device=device, input_shape=list(image.shape),
-                outputs={k: str(v) for k, v in paths.items()}, parameters=parameters)
+                outputs={k: str(v) for k, v in paths.items()}, parameters=parameters, **(record or {}))
     write_json(paths["summary"], info)
     return labels, info
 
@@ -385,8 +386,28 @@ def run_file(args, input_path, output, device, *, notes=True):
         kwargs["classifier"] = args.classifier
     source = os.path.relpath(Path(input_path).resolve(), (Path(output) / "particles").resolve())
     _, info = run_and_write(image, output, device=device, spacing=spacing, mask=mask, source=source, unit=unit,
-                            probabilities_path=args.save_probabilities, **kwargs)
+                            probabilities_path=args.save_probabilities,
+                            record={"input": input_fingerprint(input_path), "options": run_options(args, device)},
+                            **kwargs)
     return info
+
+
+def input_fingerprint(path):
+    """What a summary records of its input file: its absolute path, size and modification time (None for a
+    Zarr store, a folder whose chunks can change without it)."""
+    path = Path(path)
+    if path.is_dir():
+        return None
+    stat = path.stat()
+    return {"path": str(path.resolve()), "bytes": stat.st_size, "modified_ns": stat.st_mtime_ns}
+
+
+def run_options(args, device):
+    """Every option of an in-memory run that its outputs depend on, as JSON values (the summary records them;
+    ``declump batch`` skips an image whose outputs were made from the same input with the same options)."""
+    options = dict(separation_kwargs(args), channel=args.channel, timepoint=args.timepoint, mask=args.mask,
+                   classifier=args.classifier, device=device)
+    return json.loads(json.dumps(options, default=str))
 
 
 def cmd_batch(args):
@@ -397,6 +418,10 @@ def cmd_batch(args):
     for record in summary["images"]:
         if record["status"] != "ok":
             print(f"declump: error: {record['input']}: {record['error']}", file=sys.stderr)
+    skipped = sum(1 for record in summary["images"] if record.get("skipped"))
+    if skipped:
+        print(f"declump: note: {skipped} of {summary['n_images']} images were done before (their outputs, from the "
+              "same files and options, are kept); --overwrite runs them again")
     print(f"{summary['n_ok']} of {summary['n_images']} images, {summary['n_particles']} particles; table -> "
           f"{summary['table']}, summary -> {Path(args.out) / SUMMARY_NAME}")
     if summary["n_failed"]:
@@ -597,7 +622,9 @@ def build_parser():
                                        "processes or a running scheduler. OUT gets each image's outputs, "
                                        "particles.csv (every particle, with its image) and, last, "
                                        "batch_summary.json (every image with its status). An image that fails is "
-                                       "one line naming it; the others go on, and the command exits 2.")
+                                       "one line naming it; the others go on, and the command exits 2. The same "
+                                       "command again resumes: images done before with the same file and options "
+                                       "are kept, not run again (--overwrite runs them).")
     batch.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of them")
     batch.add_argument("--out", required=True, help="output folder (created if missing)")
     batch.add_argument("--channel", type=int, help="channel index for inputs with a 'c' axis")
@@ -619,6 +646,10 @@ def build_parser():
                               "process may use by default")
     engines.add_argument("--gpu-threads", type=_positive_int("gpu threads"), default=1,
                          help="with --device gpu: host threads per GPU, each on its own image (default 1)")
+    batch.add_argument("--overwrite", action="store_true",
+                       help="run every image again; by default an image whose outputs in OUT were made from the same "
+                            "file (path, size, modification time) with the same options is not run again, so the "
+                            "same command resumes an interrupted batch")
     batch.set_defaults(func=cmd_batch, mask=None, save_probabilities=None, missing_chunks="error", quiet=True)
 
     from gpu_pipeline.classifier import DEFAULT_DEPTH, DEFAULT_SAMPLES_PER_CLASS, DEFAULT_TREES

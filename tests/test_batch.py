@@ -108,3 +108,36 @@ def test_batch_refuses_bad_inputs_before_any_work(tmp_path, capsys, case, messag
     assert len(lines) == 1 and lines[0].startswith("declump: error:") and message in lines[0], lines
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["x.tif"]
+
+
+def test_batch_again_keeps_what_is_done_and_runs_what_changed(tmp_path, rng, capsys):
+    """The same command resumes: an image whose outputs came from the same file and options is not run again;
+    a touched file, a deleted summary (an interrupted image), other options or --overwrite run it again."""
+    import os
+
+    good = _images(tmp_path / "in", rng)
+    (tmp_path / "in" / "flat.tif").unlink()
+    out = tmp_path / "out"
+
+    def batch(*extra):
+        assert main(["batch", str(tmp_path / "in"), "--out", str(out), *OPTIONS, *extra]) == 0
+        summary = json.loads((out / "batch_summary.json").read_text())
+        return {r["name"]: bool(r.get("skipped")) for r in summary["images"]}, summary
+
+    first, summary = batch()
+    assert first == {"a": False, "b": False, "c": False}
+    table = (out / "particles.csv").read_text()
+    labels = {name: tifffile.imread(out / f"{name}_labels.tif") for name in good}
+    again, summary_again = batch()
+    assert again == {"a": True, "b": True, "c": True}
+    assert (out / "particles.csv").read_text() == table and summary_again["n_particles"] == summary["n_particles"]
+    assert "3 of 3 images were done before" in capsys.readouterr().out
+    stat = good["b"].stat()
+    os.utime(good["b"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file changed (a newer copy)
+    (out / "c_labels_summary.json").unlink()  # c was interrupted before its summary
+    assert batch()[0] == {"a": True, "b": False, "c": False}
+    assert batch("--min-distance", "5")[0] == {"a": False, "b": False, "c": False}
+    assert batch("--min-distance", "5", "--overwrite")[0] == {"a": False, "b": False, "c": False}
+    batch()
+    for name, expected in labels.items():
+        assert np.array_equal(tifffile.imread(out / f"{name}_labels.tif"), expected)
