@@ -6,13 +6,14 @@ Each mode runs ``declump batch FOLDER/images --out TMP`` as a fresh command
 (``/usr/bin/time``-free: the wall clock around the process, and the peak
 resident memory of the command and its children from ``getrusage``): one
 worker thread, two threads, and a local cluster of two worker processes.
-The labels of the last mode are scored against ``FOLDER/segmaps`` (pooled
+The labels of the last mode are scored against ``FOLDER/segmaps`` by ``declump evaluate`` (pooled
 F1@0.5, mean F1 per image), which must equal ``bench.defaults_sweep``'s
 figure for that folder: the batch runs each image as ``declump run`` does.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import shutil
 import subprocess
@@ -28,18 +29,12 @@ MODES = {"1 thread": ["--workers", "1"], "2 threads": ["--workers", "2"],
 
 
 def score(folder, out):
-    from gpu_pipeline import evaluate
-    from gpu_pipeline.io import read_image
-
-    pooled = weight = mean = n = 0
-    for truth_path in sorted((folder / "segmaps").iterdir()):
-        labels = read_image(out / f"{truth_path.stem}_labels.tif")[0]
-        scores = evaluate(labels, read_image(truth_path)[0])
-        pooled += scores["f1_50"] * (scores["n_pred"] + scores["n_gt"])
-        weight += scores["n_pred"] + scores["n_gt"]
-        mean += scores["mean_f1"]
-        n += 1
-    return dict(images=n, f1_50_pooled=round(pooled / max(weight, 1), 4), mean_f1_per_image=round(mean / max(n, 1), 4))
+    """``declump evaluate OUT FOLDER/segmaps``: pooled F1@0.5 and mean F1 per image."""
+    done = subprocess.run([sys.executable, "-m", "gpu_pipeline", "evaluate", str(out), str(folder / "segmaps"),
+                           "--json"], capture_output=True, text=True, check=True)
+    pooled = json.loads(done.stdout)["pooled"]
+    return dict(images=pooled["images"], f1_50_pooled=round(pooled["f1_50_pooled"], 4),
+                mean_f1_per_image=round(pooled["mean_f1_per_image"], 4))
 
 
 def main():

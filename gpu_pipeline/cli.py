@@ -504,6 +504,8 @@ def cmd_evaluate(args):
     from gpu_pipeline.io import read_image
     from gpu_pipeline.metrics import evaluate
 
+    if Path(args.prediction).is_dir() and not _is_zarr(args.prediction):
+        return evaluate_folders(args)
     pred, _ = read_image(args.prediction)
     truth, _ = read_image(args.ground_truth)
     scores = evaluate(pred, truth)  # checks both as label images (as_label_image), as the Python API does
@@ -517,6 +519,59 @@ def cmd_evaluate(args):
         print(f"{t:.2f}  {p:.3f}     {r:.3f}   {f:.3f}  {a:.3f}")
     print(f"mean F1 {scores['mean_f1']:.3f}, mean AP {scores['mean_ap']:.3f}, foreground Dice {scores['dice']:.3f}, "
           f"splits {scores['splits']}, merges {scores['merges']}")
+
+
+def evaluate_folders(args):
+    """``declump evaluate PRED_DIR GT_DIR``: each ground-truth image against the prediction of its name (``NAME.*``
+    or ``declump batch``'s ``NAME_labels.*``), a line each, then the scores pooled over every object. An image
+    without a prediction counts as nothing found (an image ``declump batch`` reported as failed)."""
+    from gpu_pipeline.batch import IMAGE_SUFFIXES, output_name
+    from gpu_pipeline.io import read_image
+    from gpu_pipeline.metrics import evaluate
+
+    if not Path(args.ground_truth).is_dir():
+        raise DeclumpError(f"{args.prediction} is a folder, so the ground truth must be one too (images matched by "
+                           f"name); {args.ground_truth} is not")
+    truths = sorted(p for p in Path(args.ground_truth).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                    and not p.name.startswith("."))
+    if not truths:
+        raise DeclumpError(f"{args.ground_truth} holds no label images; accepted: {', '.join(IMAGE_SUFFIXES)} files")
+    predictions = {}
+    for p in sorted(Path(args.prediction).iterdir(), key=lambda p: (output_name(p).endswith("_labels"), p.name)):
+        if p.suffix.lower() in IMAGE_SUFFIXES:  # (a batch's NAME_labels.* comes last: it wins over a NAME.*)
+            name = output_name(p)
+            predictions[name[:-len("_labels")] if name.endswith("_labels") else name] = p
+    rows, missing = [], []
+    found = weight = 0.0
+    for truth_path in truths:
+        name = output_name(truth_path)
+        truth, _ = read_image(truth_path)
+        if name in predictions:
+            pred, _ = read_image(predictions[name])
+        else:
+            pred = np.zeros(truth.shape, np.int32)
+            missing.append(name)
+        scores = evaluate(pred, truth)
+        rows.append(dict(image=name, prediction=str(predictions.get(name)), n_pred=scores["n_pred"],
+                         n_gt=scores["n_gt"], f1_50=scores["f1_50"], mean_f1=scores["mean_f1"], dice=scores["dice"],
+                         splits=scores["splits"], merges=scores["merges"]))
+        found += scores["f1_50"] * (scores["n_pred"] + scores["n_gt"])
+        weight += scores["n_pred"] + scores["n_gt"]
+    pooled = dict(images=len(rows), without_prediction=missing, f1_50_pooled=found / weight if weight else 1.0,
+                  mean_f1_per_image=float(np.mean([r["mean_f1"] for r in rows])),
+                  n_pred=int(sum(r["n_pred"] for r in rows)), n_gt=int(sum(r["n_gt"] for r in rows)))
+    if args.json:
+        print(json.dumps({"pooled": pooled, "images": rows}, indent=2))
+        return
+    print("image                      predicted  truth  F1@0.5  mean F1  splits  merges")
+    for r in rows:
+        print(f"{r['image'][:26]:<26} {r['n_pred']:>9} {r['n_gt']:>6}  {r['f1_50']:.3f}   {r['mean_f1']:.3f}"
+              f"  {r['splits']:>6}  {r['merges']:>6}")
+    print(f"{len(rows)} images: objects predicted {pooled['n_pred']}, ground truth {pooled['n_gt']}; F1@0.5 pooled "
+          f"over all objects {pooled['f1_50_pooled']:.4f}; mean F1 per image {pooled['mean_f1_per_image']:.4f}")
+    if missing:
+        print(f"declump: note: {len(missing)} images have no prediction in {args.prediction} and count as nothing "
+              f"found: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 
 
 #: What to change when an in-memory stage runs out of memory, by stage (see `_StageClock`).
@@ -699,8 +754,9 @@ def build_parser():
     app.set_defaults(func=cmd_app)
 
     ev = sub.add_parser("evaluate", help="score predicted labels against ground-truth labels")
-    ev.add_argument("prediction", help="predicted label image")
-    ev.add_argument("ground_truth", help="ground-truth label image")
+    ev.add_argument("prediction", help="predicted label image, or a folder of them (declump batch's output: each "
+                                       "ground-truth image is matched with NAME_labels.* or NAME.*)")
+    ev.add_argument("ground_truth", help="ground-truth label image, or a folder of them")
     ev.add_argument("--json", action="store_true", help="print all scores as JSON")
     ev.set_defaults(func=cmd_evaluate)
     return parser

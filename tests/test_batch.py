@@ -141,3 +141,36 @@ def test_batch_again_keeps_what_is_done_and_runs_what_changed(tmp_path, rng, cap
     batch()
     for name, expected in labels.items():
         assert np.array_equal(tifffile.imread(out / f"{name}_labels.tif"), expected)
+
+
+def test_evaluate_folders_scores_a_batch_against_its_ground_truth(tmp_path, rng, capsys):
+    """``declump evaluate OUT GT``: each image's scores as evaluate() gives them, pooled over every object; an
+    image the batch could not run counts as nothing found."""
+    from gpu_pipeline.metrics import evaluate
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "gt").mkdir()
+    for name, n in (("p", 20), ("q", 14)):
+        image, truth = make_touching_particles((128, 144), n, seed=int(rng.integers(1e6)))
+        tifffile.imwrite(tmp_path / "in" / f"{name}.tif", image)
+        tifffile.imwrite(tmp_path / "gt" / f"{name}.tif", truth)
+    tifffile.imwrite(tmp_path / "in" / "r.tif", np.full((64, 64), 3, np.uint8))  # fails in the batch
+    tifffile.imwrite(tmp_path / "gt" / "r.tif", make_touching_particles((64, 64), 4, seed=1)[1])
+    assert main(["batch", str(tmp_path / "in"), "--out", str(tmp_path / "out"), *OPTIONS]) == 2
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "out"), str(tmp_path / "gt"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    found = weight = 0.0
+    for row in result["images"]:
+        truth = tifffile.imread(tmp_path / "gt" / f"{row['image']}.tif")
+        pred = (tifffile.imread(tmp_path / "out" / f"{row['image']}_labels.tif") if row["image"] != "r"
+                else np.zeros_like(truth))
+        scores = evaluate(pred, truth)
+        assert (row["f1_50"], row["mean_f1"], row["n_pred"], row["n_gt"]) == \
+            (scores["f1_50"], scores["mean_f1"], scores["n_pred"], scores["n_gt"])
+        found += scores["f1_50"] * (scores["n_pred"] + scores["n_gt"])
+        weight += scores["n_pred"] + scores["n_gt"]
+    assert [row["image"] for row in result["images"]] == ["p", "q", "r"]
+    assert result["pooled"]["without_prediction"] == ["r"] and result["images"][2]["f1_50"] == 0.0
+    assert result["pooled"]["f1_50_pooled"] == pytest.approx(found / weight)
+    assert 0.5 < result["images"][0]["f1_50"] <= 1.0
