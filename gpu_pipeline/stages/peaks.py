@@ -49,6 +49,10 @@ FINEST_CELL = 8
 #: rough edges of a thresholded rod, not from the sampling; and no allowance where the measured 2D radius is
 #: small: it is 6.7 px on the discs of radius 3-7 (a cluster is as deep as its largest disc) and 4.1-4.5 px on
 #: rods of half-width 2.5-4, the other way round.
+#: Also not taken (2026-12-05 night): the allowance only for peaks closer than 1.5 times the lower one's height
+#: (ridge peaks lie close, two discs' centres about two radii apart): generated rods of half-width 5-7 / 2.5-4
+#: (four 256^2 images each) 0.919 / 1.000 -> 0.804 / 0.675, the small discs 0.645 / 0.476 -> 0.673 / 0.508, uneven
+#: nuclei of radius 4-8 0.724 -> 0.740: a rough ridge's maxima lie farther apart than that.
 NECK_TOLERANCE_VOXELS = {2: 1.0, 3: 0.0}
 
 #: The neck test's reach by the number of dimensions: two peaks of one region are tested when they lie closer
