@@ -9,7 +9,10 @@ OUT/NAME_labels.tif``, written by the task that made them; then the
 combined table (``particles.csv``, one row per particle with its image) and,
 last, ``batch_summary.json``, which lists every image with its status. An
 image that fails (bad input, nothing found) is one line naming it; the
-others go on, and the command exits 2 naming how many failed.
+others go on, and the command exits 2 naming how many failed. The same
+command again resumes: an image whose outputs were made from the same file
+(path, size, modification time) with the same options (both in its
+summary) is kept, not run again; ``--overwrite`` runs every image.
 """
 from __future__ import annotations
 
@@ -78,8 +81,8 @@ def image_task(path, out_dir, args, device):
     name = output_name(path)
     record = {"input": str(path), "name": name}
     output = Path(out_dir) / f"{name}_labels.tif"
-    done = finished(output, path, args, device)
-    if done is not None and not args.overwrite:
+    done = None if args.overwrite else finished(output, path, args, device)
+    if done is not None:
         return {**record, "status": "ok", "n_particles": int(done["n_particles"]), "shape": done["input_shape"],
                 "seconds": 0.0, "outputs": done["outputs"], "skipped": True}
     started = time.perf_counter()
