@@ -37,6 +37,37 @@ def test_li_and_triangle_on_float_images_within_one_bin_of_skimage(rng):
     assert abs(triangle_from_histogram(counts, bins) - threshold_triangle(image)) <= width
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_li_for_dark_particles_is_skimage_li_of_the_inverted_image(rng, dtype):
+    """Li's threshold for dark particles is scikit-image's Li of the inverted image, mapped back (Li's criterion
+    is not symmetric: its plain value lies on the particles' side of Otsu's on an inverted image)."""
+    image = np.concatenate([rng.normal(40, 8, 6000), rng.normal(150, 30, 50 * rng.integers(6, 60))])
+    image = np.clip(image, 0, 255).astype(dtype).reshape(-1, 50)
+    top = int(image.max()) + int(image.min())
+    inverted = (top - image.astype(np.int64)).astype(dtype)  # dark particles on a bright background
+    counts, bins = intensity_histogram(inverted)
+    assert li_from_histogram(counts, bins, "dark") == pytest.approx(top - threshold_li(image), abs=1e-9)
+    assert li_from_histogram(counts, bins, "dark") > threshold_li(inverted)  # toward the background, not the particles
+
+
+def test_auto_threshold_finds_dim_dark_particles_as_it_finds_dim_bright_ones(rng):
+    """Dim and dark nuclei on a bright background (brightfield, an inverted fluorescence frame): auto takes Li
+    for the dim ones as it does on the bright original, and scores as it does there (before, Li's plain value
+    lay on the particles' side for dark images, auto never took it, and the dim nuclei were lost)."""
+    for _ in range(3):
+        image, truth = make_uneven_nuclei((256, 256), 60, seed=int(rng.integers(1e6)))
+        top = int(image.max()) + int(image.min())
+        inverted = (top - image.astype(np.int64)).astype(image.dtype)
+        bright, bright_details = separate(image, return_details=True)
+        dark, dark_details = separate(inverted, return_details=True)
+        assert (bright_details.polarity, dark_details.polarity) == ("bright", "dark")
+        assert bright_details.threshold_method == dark_details.threshold_method == "li"
+        assert dark_details.threshold == pytest.approx(top - bright_details.threshold, abs=0.5)
+        f1_bright, f1_dark = evaluate(bright, truth)["f1_50"], evaluate(dark, truth)["f1_50"]
+        assert abs(f1_dark - f1_bright) <= 0.03, (f1_dark, f1_bright)
+        assert f1_dark > evaluate(separate(inverted, threshold="otsu"), truth)["f1_50"]
+
+
 def test_typical_radius_is_the_particles_not_the_specks(rng):
     radius = float(rng.uniform(6, 10))
     image, truth = make_touching_particles((200, 200), 30, radius_range=(radius, radius), overlap=0.1,

@@ -120,19 +120,33 @@ def otsu_from_histogram(counts, bins: HistogramBins) -> float:
     return float(centers[int(np.nanargmax(variance))])
 
 
-def li_from_histogram(counts, bins: HistogramBins) -> float:
+def li_from_histogram(counts, bins: HistogramBins, side="bright") -> float:
     """Li's minimum cross-entropy threshold from a histogram.
 
     The iteration of ``skimage.filters.threshold_li`` (values shifted to start
     at 0, started at the mean, stopped below half a bin) run on bin centres:
     scikit-image's integer-image result exactly, within a bin for floats.
+
+    ``side="dark"``: Li's threshold for dark particles: the same iteration on
+    the mirrored values (the highest shifted to where the lowest is), mapped
+    back. Li's criterion is not symmetric: on an inverted image its plain
+    threshold lies on the particles' side of Otsu's, where it finds fewer
+    particles than Otsu instead of the dim ones too.
     """
     counts = np.asarray(counts, dtype=np.float64)
     centers = bins.centers - bins.low
     if np.count_nonzero(counts) < 2:
         raise DeclumpError("the image has a single intensity level, so Li's threshold is undefined; "
                            "pass an image with contrast, a numeric --threshold or a --mask")
-    tolerance = (centers[1] - centers[0]) / 2
+    if side == "dark":
+        top = float(centers[-1] + centers[0])  # (the mirrored values start where the plain ones do)
+        return float(bins.low + top - _li_iteration(top - centers, counts))
+    return float(_li_iteration(centers, counts) + bins.low)
+
+
+def _li_iteration(centers, counts):
+    """Li's iteration on non-negative bin ``centers`` (any order) with ``counts``: the threshold, same units."""
+    tolerance = abs(centers[1] - centers[0]) / 2
     t_next = float(np.average(centers, weights=counts))
     t_curr = -2 * tolerance
     while abs(t_next - t_curr) > tolerance:
@@ -145,7 +159,7 @@ def li_from_histogram(counts, bins: HistogramBins) -> float:
         if mean_back == 0:
             break
         t_next = (mean_back - mean_fore) / (np.log(mean_back) - np.log(mean_fore))
-    return float(t_next + bins.low)
+    return t_next
 
 
 def triangle_from_histogram(counts, bins: HistogramBins) -> float:
@@ -474,6 +488,8 @@ def threshold_foreground(smoothed, threshold, polarity, *, components=False):
     tables = {} if components else None
     side = choose_polarity(image, candidates["otsu"], polarity,
                           largest_shares=lambda above: largest_component_shares(above, keep=tables))
+    if threshold == "auto" and side == "dark":
+        candidates["li"] = li_from_histogram(counts, bins, side)  # (see there: Li's plain value suits bright ones)
     method, mask = choose_method(image, counts, bins, candidates, side) if threshold == "auto" else (threshold, None)
     parts = None
     if tables and method == "otsu":  # the mask is one side at Otsu's threshold, its background the other
