@@ -98,7 +98,9 @@ class SeparationDetails:
     ``threshold_method`` is the method that made the foreground (``auto``
     reports the one it chose; where that is ``li``, the particles Otsu's
     threshold finds keep Otsu's outline; ``fixed`` for a number, None for a mask),
-    ``threshold_candidates`` the thresholds of the methods weighed,
+    ``threshold_candidates`` the thresholds of the methods weighed (under ``auto``
+    with dark particles, ``li`` is Li's threshold for the dark side, on the
+    mirrored histogram: ``threshold.li_from_histogram``),
     ``intensity_range`` the percentile range ``auto`` clipped to;
     ``particle_radius`` the typical radius measured for the ``auto`` options,
     ``min_distance``, ``max_hole_size`` and ``min_size`` the values used
