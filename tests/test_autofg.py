@@ -986,3 +986,20 @@ def test_the_rim_generator_leaves_cavities_at_the_background_level():
     inner = (truth > 0) & (image == image[truth == 0].max())
     assert inner.sum() > 0.3 * (truth > 0).sum()
     np.testing.assert_array_equal(image[~inner], solid[~inner])
+
+
+@pytest.mark.parametrize("case", ["discs 2D", "few in a large field", "spheres 3D"])
+def test_the_defaults_find_dark_particles_as_they_find_bright_ones(rng, case):
+    """The automatic choices are symmetric in polarity: the same image inverted (dark particles on a bright
+    background) scores as the original at the defaults (threshold, polarity, smoothing, scale)."""
+    shape, n, radius = {"discs 2D": ((256, 256), 40, (5, 12)), "few in a large field": ((512, 512), 3, (10, 16)),
+                        "spheres 3D": ((48, 96, 96), 60, (4, 9))}[case]
+    image, truth = make_touching_particles(shape, n, radius_range=radius, seed=int(rng.integers(1e6)))
+    top = int(image.max()) + int(image.min())
+    inverted = (top - image.astype(np.int64)).astype(image.dtype)
+    bright, bright_details = separate(image, return_details=True)
+    dark, dark_details = separate(inverted, return_details=True)
+    assert (bright_details.polarity, dark_details.polarity) == ("bright", "dark")
+    assert bright_details.threshold_method == dark_details.threshold_method
+    f1_bright, f1_dark = evaluate(bright, truth)["f1_50"], evaluate(dark, truth)["f1_50"]
+    assert f1_bright > 0.5 and abs(f1_dark - f1_bright) <= 0.05, (f1_bright, f1_dark)
