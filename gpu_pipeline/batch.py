@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -83,22 +84,34 @@ def image_task(path, out_dir, args, device):
     output = Path(out_dir) / f"{name}_labels.tif"
     done = None if args.overwrite else finished(output, path, args, device)
     if done is not None:
-        return {**record, "status": "ok", "n_particles": int(done["n_particles"]), "shape": done["input_shape"],
-                "seconds": 0.0, "outputs": done["outputs"], "skipped": True}
+        return _progress(args, {**record, "status": "ok", "n_particles": int(done["n_particles"]),
+                                "shape": done["input_shape"], "seconds": 0.0, "outputs": done["outputs"],
+                                "skipped": True})
     started = time.perf_counter()
     try:
         info = run_file(args, str(path), str(output), device, notes=False)
     except DeclumpError as exc:
-        return {**record, "status": "error", "error": str(exc)}
+        return _progress(args, {**record, "status": "error", "error": str(exc)})
     except MemoryError as exc:
-        return {**record, "status": "error", "error": memory_error_message(exc)}
+        return _progress(args, {**record, "status": "error", "error": memory_error_message(exc)})
     except OSError as exc:
         if exc.errno not in DISK_FAULTS | PATH_FAULTS:
             raise
         message = disk_error if exc.errno in DISK_FAULTS else path_error
-        return {**record, "status": "error", "error": message(exc, str(out_dir))}
-    return {**record, "status": "ok", "n_particles": int(info["n_particles"]), "shape": info["input_shape"],
-            "seconds": round(time.perf_counter() - started, 3), "outputs": info["outputs"]}
+        return _progress(args, {**record, "status": "error", "error": message(exc, str(out_dir))})
+    return _progress(args, {**record, "status": "ok", "n_particles": int(info["n_particles"]),
+                            "shape": info["input_shape"], "seconds": round(time.perf_counter() - started, 3),
+                            "outputs": info["outputs"]})
+
+
+def _progress(args, record):
+    """One line on stderr as an image finishes (unless ``--quiet``; the failures are reported again at the end,
+    as errors); returns ``record``."""
+    if not args.quiet:
+        what = ("kept (done before)" if record.get("skipped") else "failed, see the end" if record["status"] != "ok"
+                else f"{record['n_particles']} particles, {record['seconds']:.1f} s")
+        print(f"declump: {record['name']}: {what}", file=sys.stderr, flush=True)
+    return record
 
 
 def finished(output, path, args, device):

@@ -705,7 +705,9 @@ def build_parser():
                        help="run every image again; by default an image whose outputs in OUT were made from the same "
                             "file (path, size, modification time) with the same options is not run again, so the "
                             "same command resumes an interrupted batch")
-    batch.set_defaults(func=cmd_batch, mask=None, save_probabilities=None, missing_chunks="error", quiet=True)
+    batch.add_argument("--quiet", action="store_true",
+                       help="no line per image on stderr as it finishes (errors and the final lines still are)")
+    batch.set_defaults(func=cmd_batch, mask=None, save_probabilities=None, missing_chunks="error")
 
     from gpu_pipeline.classifier import DEFAULT_DEPTH, DEFAULT_SAMPLES_PER_CLASS, DEFAULT_TREES
 

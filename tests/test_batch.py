@@ -36,7 +36,11 @@ def test_batch_equals_run_per_image_and_names_the_failed_one(tmp_path, rng, caps
     good = _images(tmp_path / "in", rng)
     out = tmp_path / "out"
     assert main(["batch", str(tmp_path / "in"), "--out", str(out), *OPTIONS]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    lines = capsys.readouterr().err.strip().splitlines()
+    # A line per image as it finishes (in any order), then the failure again, as an error, and the count.
+    progress, err = lines[:4], lines[4:]
+    assert {p.split(":")[1].strip() for p in progress} == {"a", "b", "c", "flat"}, lines
+    assert next(p for p in progress if p.startswith("declump: flat:")).endswith("failed, see the end")
     assert len(err) == 2 and err[0].startswith(f"declump: error: {tmp_path / 'in' / 'flat.tif'}: ") and \
         "constant" in err[0], err
     assert err[1].startswith("declump: error: 1 of 4 images failed"), err
@@ -103,7 +107,7 @@ def test_batch_refuses_bad_inputs_before_any_work(tmp_path, capsys, case, messag
                    "out_is_input": ([tmp_path / "one"], tmp_path / "one"),
                    "same_names": ([tmp_path / "one", tmp_path / "two"], tmp_path / "out"),
                    "out_is_file": ([tmp_path / "one"], tmp_path / "file.txt")}[case]
-    assert main(["batch", *map(str, inputs), "--out", str(out), *OPTIONS]) == 2
+    assert main(["batch", *map(str, inputs), "--out", str(out), *OPTIONS, "--quiet"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("declump: error:") and message in lines[0], lines
     assert not (tmp_path / "out").exists()
@@ -156,7 +160,7 @@ def test_evaluate_folders_scores_a_batch_against_its_ground_truth(tmp_path, rng,
         tifffile.imwrite(tmp_path / "gt" / f"{name}.tif", truth)
     tifffile.imwrite(tmp_path / "in" / "r.tif", np.full((64, 64), 3, np.uint8))  # fails in the batch
     tifffile.imwrite(tmp_path / "gt" / "r.tif", make_touching_particles((64, 64), 4, seed=1)[1])
-    assert main(["batch", str(tmp_path / "in"), "--out", str(tmp_path / "out"), *OPTIONS]) == 2
+    assert main(["batch", str(tmp_path / "in"), "--out", str(tmp_path / "out"), *OPTIONS, "--quiet"]) == 2
     capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "out"), str(tmp_path / "gt"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
