@@ -166,13 +166,15 @@ def run_batch(args, device):
     if out_dir.exists() and not out_dir.is_dir():
         raise DeclumpError(f"--out {args.out} is a file; give a folder for the outputs")
     images = collect_inputs(args.inputs, out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / SUMMARY_NAME).unlink(missing_ok=True)  # (an interrupted batch leaves no summary that looks complete)
     started = time.perf_counter()
     with engine(cluster=args.cluster, scheduler=args.scheduler, workers=args.workers, device=device,
                 gpu_threads=args.gpu_threads) as client:
         # (A client the engine started is Dask's default scheduler inside this block; else its threads are.)
         del client
+        # The folder once the engine runs (an engine refused leaves none behind), without the summary of an
+        # earlier batch, so that an interrupted one leaves none that looks complete.
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / SUMMARY_NAME).unlink(missing_ok=True)
         tasks = [dask.delayed(image_task, pure=False)(str(p), str(out_dir.resolve()), args, device) for p in images]
         records = list(dask.compute(*tasks))
     failed = [r for r in records if r["status"] != "ok"]

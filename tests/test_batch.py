@@ -92,6 +92,7 @@ def test_batch_on_a_local_cluster_of_processes_equals_threads(tmp_path, rng):
     ("out_is_input", "is also an input"),
     ("same_names", "inputs are named x"),
     ("out_is_file", "is a file"),
+    ("engine_refused", "--gpu-threads 2 applies to --device gpu"),
 ])
 def test_batch_refuses_bad_inputs_before_any_work(tmp_path, capsys, case, message):
     image, _ = make_touching_particles((64, 64), 5, seed=1)
@@ -106,8 +107,10 @@ def test_batch_refuses_bad_inputs_before_any_work(tmp_path, capsys, case, messag
                    "empty": ([tmp_path / "empty"], tmp_path / "out"),
                    "out_is_input": ([tmp_path / "one"], tmp_path / "one"),
                    "same_names": ([tmp_path / "one", tmp_path / "two"], tmp_path / "out"),
-                   "out_is_file": ([tmp_path / "one"], tmp_path / "file.txt")}[case]
-    assert main(["batch", *map(str, inputs), "--out", str(out), *OPTIONS, "--quiet"]) == 2
+                   "out_is_file": ([tmp_path / "one"], tmp_path / "file.txt"),
+                   "engine_refused": ([tmp_path / "one"], tmp_path / "out")}[case]
+    extra = ["--gpu-threads", "2"] if case == "engine_refused" else []
+    assert main(["batch", *map(str, inputs), "--out", str(out), *OPTIONS, "--quiet", *extra]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("declump: error:") and message in lines[0], lines
     assert not (tmp_path / "out").exists()
