@@ -28,6 +28,10 @@ from gpu_pipeline._backend import DeclumpError
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".npy", ".zarr")
 #: The batch's own outputs in the output folder.
 TABLE_NAME, SUMMARY_NAME = "particles.csv", "batch_summary.json"
+#: What ``batch_summary.json`` repeats of each image's own summary: the automatic choices, so that an image
+#: whose choice stands out (another polarity, a radius far from the others') is found without opening each.
+CHOICES = ("polarity", "threshold_method", "threshold", "sigma", "particle_radius", "min_distance",
+           "equivalent_diameter_median")
 
 
 def collect_inputs(inputs, out_dir):
@@ -86,7 +90,7 @@ def image_task(path, out_dir, args, device):
     if done is not None:
         return _progress(args, {**record, "status": "ok", "n_particles": int(done["n_particles"]),
                                 "shape": done["input_shape"], "seconds": 0.0, "outputs": done["outputs"],
-                                "skipped": True})
+                                "skipped": True, **{k: done.get(k) for k in CHOICES}})
     started = time.perf_counter()
     try:
         info = run_file(args, str(path), str(output), device, notes=False)
@@ -101,7 +105,7 @@ def image_task(path, out_dir, args, device):
         return _progress(args, {**record, "status": "error", "error": message(exc, str(out_dir))})
     return _progress(args, {**record, "status": "ok", "n_particles": int(info["n_particles"]),
                             "shape": info["input_shape"], "seconds": round(time.perf_counter() - started, 3),
-                            "outputs": info["outputs"]})
+                            "outputs": info["outputs"], **{k: info.get(k) for k in CHOICES}})
 
 
 def _progress(args, record):

@@ -61,7 +61,11 @@ def test_batch_equals_run_per_image_and_names_the_failed_one(tmp_path, rng, caps
         # ... and its rows are in the combined table under its name, nothing added or lost.
         mine = [{k: v for k, v in row.items() if k != "image" and v != ""} for row in combined if row["image"] == name]
         assert mine == own
-        assert next(r for r in summary["images"] if r["name"] == name)["n_particles"] == int(labels.max())
+        record = next(r for r in summary["images"] if r["name"] == name)
+        assert record["n_particles"] == int(labels.max())
+        own_summary = json.loads((out / f"{name}_labels_summary.json").read_text())
+        assert record["polarity"] == own_summary["polarity"] == "bright"
+        assert record["particle_radius"] == own_summary["particle_radius"] and record["sigma"] == 1.0
         total += len(own)
     assert len(combined) == total == summary["n_particles"]
     assert {"area", "volume", "centroid_z"} <= set(combined[0])  # 2D and 3D images in one table
