@@ -49,8 +49,10 @@ def collect_inputs(inputs, out_dir):
             raise DeclumpError(f"the output folder {given} is also an input; choose another output folder "
                                "(nothing was written)")
         if path.is_dir() and path.suffix.lower() != ".zarr":
+            outputs = declump_outputs(path)
             images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-                            and not p.name.startswith(".") and p.resolve().parent != out_dir)
+                            and not p.name.startswith(".") and p.resolve().parent != out_dir
+                            and p.resolve() not in outputs)
             if not images:
                 raise DeclumpError(f"{given} holds no images; accepted: {', '.join(IMAGE_SUFFIXES)} files")
             found.extend(images)
@@ -64,6 +66,20 @@ def collect_inputs(inputs, out_dir):
         name, paths = next(iter(clashes.items()))
         raise DeclumpError(f"{len(paths)} inputs are named {name} ({', '.join(paths[:3])}): their outputs would "
                            "overwrite each other; rename them or run them in separate batches")
+    return found
+
+
+def declump_outputs(folder):
+    """The files in ``folder`` that declump wrote (labels, overlays, histograms of a ``declump run`` into that
+    folder), by the summaries it wrote beside them: a folder's images, not its results, make a batch."""
+    found = set()
+    for summary in Path(folder).glob("*_summary.json"):
+        try:
+            outputs = json.loads(summary.read_text()).get("outputs", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(outputs, dict):
+            found.update(Path(p).resolve() for p in outputs.values() if isinstance(p, str))
     return found
 
 

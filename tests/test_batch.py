@@ -71,6 +71,17 @@ def test_batch_equals_run_per_image_and_names_the_failed_one(tmp_path, rng, caps
     assert {"area", "volume", "centroid_z"} <= set(combined[0])  # 2D and 3D images in one table
 
 
+def test_a_folder_s_own_declump_results_are_not_taken_for_images(tmp_path, rng, capsys):
+    """`declump run a.png a_labels.tif` written into the image folder: a batch of that folder runs a.png only,
+    not the labels, overlay and histogram beside it."""
+    good = _images(tmp_path / "in", rng)
+    (tmp_path / "in" / "flat.tif").unlink()
+    assert main(["run", str(good["a"]), str(tmp_path / "in" / "a_labels.tif"), *OPTIONS, "--quiet"]) == 0
+    assert main(["batch", str(tmp_path / "in"), "--out", str(tmp_path / "out"), *OPTIONS, "--quiet"]) == 0
+    summary = json.loads((tmp_path / "out" / "batch_summary.json").read_text())
+    assert [r["name"] for r in summary["images"]] == ["a", "b", "c"]
+
+
 def test_batch_on_a_local_cluster_of_processes_equals_threads(tmp_path, rng):
     import os
 
