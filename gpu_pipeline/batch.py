@@ -97,31 +97,34 @@ def image_task(path, out_dir, args, device):
     no particles, a refused write or too little memory are the image's error line; anything else is a bug and
     stops the batch."""
     from gpu_pipeline.cli import memory_error_message, run_file
-    from gpu_pipeline.io import DISK_FAULTS, PATH_FAULTS, disk_error, path_error
+    from gpu_pipeline.io import write_fault
 
     name = output_name(path)
     record = {"input": str(path), "name": name}
     output = Path(out_dir) / f"{name}_labels.tif"
     done = None if args.overwrite else finished(output, path, args, device)
     if done is not None:
-        return _progress(args, {**record, "status": "ok", "n_particles": int(done["n_particles"]),
-                                "shape": done["input_shape"], "seconds": 0.0, "outputs": done["outputs"],
-                                "skipped": True, **{k: done.get(k) for k in CHOICES}})
+        return _progress(args, _succeeded(record, done, 0.0, skipped=True))
     started = time.perf_counter()
     try:
         info = run_file(args, str(path), str(output), device, notes=False)
     except DeclumpError as exc:
-        return _progress(args, {**record, "status": "error", "error": str(exc)})
+        error = str(exc)
     except MemoryError as exc:
-        return _progress(args, {**record, "status": "error", "error": memory_error_message(exc)})
+        error = memory_error_message(exc)
     except OSError as exc:
-        if exc.errno not in DISK_FAULTS | PATH_FAULTS:
+        error = write_fault(exc, str(out_dir))
+        if error is None:
             raise
-        message = disk_error if exc.errno in DISK_FAULTS else path_error
-        return _progress(args, {**record, "status": "error", "error": message(exc, str(out_dir))})
-    return _progress(args, {**record, "status": "ok", "n_particles": int(info["n_particles"]),
-                            "shape": info["input_shape"], "seconds": round(time.perf_counter() - started, 3),
-                            "outputs": info["outputs"], **{k: info.get(k) for k in CHOICES}})
+    else:
+        return _progress(args, _succeeded(record, info, round(time.perf_counter() - started, 3)))
+    return _progress(args, {**record, "status": "error", "error": error})
+
+
+def _succeeded(record, summary, seconds, **extra):
+    """An image's entry in ``batch_summary.json`` from its own summary (made now, or before: ``skipped``)."""
+    return {**record, "status": "ok", "n_particles": int(summary["n_particles"]), "shape": summary["input_shape"],
+            "seconds": seconds, "outputs": summary["outputs"], **extra, **{k: summary.get(k) for k in CHOICES}}
 
 
 def _progress(args, record):

@@ -157,6 +157,19 @@ def add_separation_options(parser):
                        help="auto: the GPU when CuPy (>= 14.1) sees one, else the CPU (default)")
 
 
+def add_axis_options(parser):
+    """``--channel`` and ``--timepoint`` (``declump run`` and ``declump batch``)."""
+    parser.add_argument("--channel", type=int, help="channel index for inputs with a 'c' axis")
+    parser.add_argument("--timepoint", type=int, help="time index for inputs with a 't' axis")
+
+
+def add_classifier_option(parser):
+    """``--classifier`` (``declump run`` and ``declump batch``)."""
+    parser.add_argument("--classifier", default=None,
+                        help="pixel classifier for the foreground instead of the threshold: a model file from "
+                             "`declump train` (.npz) or a shipped model name (em-particles)")
+
+
 def separation_kwargs(args):
     return dict(spacing=args.spacing, sigma=args.sigma, threshold=args.threshold, polarity=args.polarity,
                 min_distance=args.min_distance, min_size=args.min_size, max_hole_size=args.max_hole_size,
@@ -628,14 +641,11 @@ def build_parser():
     run.add_argument("--mask", help="foreground mask (same shape; bool, or integers with the foreground > 0: 0/1, 0/255, "
                                     "a label image) or probability map in [0, 1] (foreground > 0.5), used instead of "
                                     "the threshold")
-    run.add_argument("--channel", type=int, help="channel index for inputs with a 'c' axis")
-    run.add_argument("--timepoint", type=int, help="time index for inputs with a 't' axis")
+    add_axis_options(run)
     run.add_argument("--missing-chunks", choices=("error", "fill"), default="error",
                      help="a chunk file missing from a Zarr input or mask: 'error' (default) stops before any work, "
                           "naming it; 'fill' reads it as the array's fill value, for stores that are sparse on purpose")
-    run.add_argument("--classifier", default=None,
-                     help="pixel classifier for the foreground instead of the threshold: a model file from "
-                          "`declump train` (.npz) or a shipped model name (em-particles)")
+    add_classifier_option(run)
     run.add_argument("--save-probabilities", default=None, metavar="PATH",
                      help="write the classifier's class probabilities (float32, classes first) to PATH: .tif, "
                           ".npy or .zarr in memory, .zarr in chunked runs")
@@ -682,11 +692,8 @@ def build_parser():
                                        "are kept, not run again (--overwrite runs them).")
     batch.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of them")
     batch.add_argument("--out", required=True, help="output folder (created if missing)")
-    batch.add_argument("--channel", type=int, help="channel index for inputs with a 'c' axis")
-    batch.add_argument("--timepoint", type=int, help="time index for inputs with a 't' axis")
-    batch.add_argument("--classifier", default=None,
-                       help="pixel classifier for the foreground instead of the threshold: a model file from "
-                            "`declump train` (.npz) or a shipped model name (em-particles)")
+    add_axis_options(batch)
+    add_classifier_option(batch)
     add_separation_options(batch)
     engines = batch.add_argument_group("engine")
     engines.add_argument("--cluster", choices=("local", "local-cuda"), default=None,
@@ -797,13 +804,13 @@ def main(argv=None):
         print("declump: interrupted; no output was marked complete", file=sys.stderr)
         return 130
     except OSError as exc:
-        from gpu_pipeline.io import DISK_FAULTS, PATH_FAULTS, disk_error, path_error
+        from gpu_pipeline.io import write_fault
 
-        if args.debug or exc.errno not in DISK_FAULTS | PATH_FAULTS:
+        message = None if args.debug else write_fault(exc, getattr(args, "output", None) or getattr(args, "out", None)
+                                                      or ".")
+        if message is None:
             raise
-        where = getattr(args, "output", None) or getattr(args, "out", None) or "."
-        message = disk_error if exc.errno in DISK_FAULTS else path_error
-        print(f"declump: error: {message(exc, where)}", file=sys.stderr)
+        print(f"declump: error: {message}", file=sys.stderr)
         return 2
     except MemoryError as exc:
         if args.debug:

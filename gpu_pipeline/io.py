@@ -401,6 +401,16 @@ def disk_error(exc, fallback):
             "same command again (a chunked run resumes)")
 
 
+def write_fault(exc, fallback):
+    """The one-line message for an OSError a write raised where it is the disk's or the path's (:data:`DISK_FAULTS`,
+    :data:`PATH_FAULTS`: :func:`disk_error`, :func:`path_error`), else None (not a fault of the output)."""
+    if exc.errno in DISK_FAULTS:
+        return disk_error(exc, fallback)
+    if exc.errno in PATH_FAULTS:
+        return path_error(exc, fallback)
+    return None
+
+
 def _ome_spacing(tif):
     """``(spacing, unit)`` from an OME-TIFF's first image's PhysicalSize (z only for a 3D one), else None."""
     import re
