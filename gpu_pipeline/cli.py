@@ -190,7 +190,8 @@ def run_and_write(image, output, *, device, spacing, mask=None, source=None, pro
     ``unit``: the spacing's unit where the input named it (OME-Zarr axes), kept in the outputs.
     """
     from gpu_pipeline import separate
-    from gpu_pipeline.io import check_replaceable, output_paths, write_json, write_labels
+    from gpu_pipeline.io import (check_replaceable, output_paths, remove_stale_table, run_outputs, write_json,
+                                 write_labels)
     from gpu_pipeline.measure import particle_table, summary, write_csv
     from gpu_pipeline.overlay import write_overlay
     from gpu_pipeline.pipeline import validate_spacing
@@ -200,10 +201,13 @@ def run_and_write(image, output, *, device, spacing, mask=None, source=None, pro
     if paths["labels"].suffix.lower() not in (".tif", ".tiff", ".npy", ".zarr"):
         raise DeclumpError(f"unsupported output format {paths['labels'].suffix or '(no suffix)'}; "
                            "accepted: .tif, .tiff, .npy, .zarr")
-    check_replaceable(paths["labels"])
+    for what, path in run_outputs(paths).items():  # each before any work: a folder at a companion's path too
+        if path is not None:
+            check_replaceable(path, what)
     if probabilities_path is not None:
         check_probabilities_path(probabilities_path, chunked=False)
         check_replaceable(probabilities_path, "--save-probabilities")
+    remove_stale_table(paths)
     paths["summary"].unlink(missing_ok=True)
     unit = "px" if spacing is None else unit
     spacing = validate_spacing(spacing, image.ndim)
@@ -244,17 +248,21 @@ def _is_zarr(path):
         (path / name).exists() for name in ("zarr.json", ".zarray", ".zgroup")))
 
 
-def _positive_int(what):
+def _int_at_least(what, low):
     def parse(text):
         try:
             value = int(text)
         except ValueError:
-            value = 0
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{what} must be a whole number of at least 1, got {text!r}")
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{what} must be a whole number of at least {low}, got {text!r}")
         return value
 
     return parse
+
+
+def _positive_int(what):
+    return _int_at_least(what, 1)
 
 
 def _positive_number(what):
@@ -318,11 +326,12 @@ def cmd_run_chunked(args, device):
     if args.min_size == "auto":
         args.min_size = None
         fixed.append(("min_size", "--min-size", "a ball of diameter --min-distance"))
-    if fixed and not args.quiet:
-        print("declump: chunked runs do not choose " + ", ".join(option for _, option, _ in fixed) +
-              " automatically (that needs the whole image at once); using " +
-              " ".join(f"{option} {value:g}" if not isinstance(value, str) else f"{option} {value}"
-                       for _, option, value in fixed) + "; set them to choose others")
+    notes = []
+    if fixed:  # (printed by the run once the input and parameters are checked: an error stays one line)
+        notes.append("declump: chunked runs do not choose " + ", ".join(option for _, option, _ in fixed) +
+                     " automatically (that needs the whole image at once); using " +
+                     " ".join(f"{option} {value:g}" if not isinstance(value, str) else f"{option} {value}"
+                              for _, option, value in fixed) + "; set them to choose others")
     kwargs = separation_kwargs(args)
     for key in ("method", "max_hole_size", "reject_annotations", "outline"):
         kwargs.pop(key)
@@ -336,7 +345,7 @@ def cmd_run_chunked(args, device):
                               timepoint=args.timepoint, mask_path=args.mask, max_radius=args.max_radius,
                               device=device, cluster=args.cluster, scheduler=args.scheduler, workers=args.workers,
                               gpu_threads=args.gpu_threads, scratch=args.scratch, overwrite=args.overwrite,
-                              missing_chunks=args.missing_chunks, verbose=not args.quiet, **kwargs)
+                              missing_chunks=args.missing_chunks, verbose=not args.quiet, notes=notes, **kwargs)
     except MemoryError as exc:  # NumPy's, or CuPy's OutOfMemoryError (a MemoryError) on a GPU worker
         exc.chunked = True  # read by memory_error_message, as separate's exc.stage is
         raise
@@ -362,37 +371,39 @@ def cmd_run(args):
 def run_file(args, input_path, output, device, *, notes=True):
     """The in-memory run of one file (``declump run``, and each image of ``declump batch``): read and check the
     input (and ``args.mask``), separate with ``args``' options, write the outputs; returns the summary.
-    ``notes``: print the notes on the input (a TIFF's calibration, few planes)."""
-    from gpu_pipeline.io import boolean_input_as_mask, check_foreground_options, read_image, spatial_unit
+    ``notes``: print the notes on the input (a TIFF's calibration, few planes) on stderr, after the run."""
+    from gpu_pipeline.io import (boolean_input_as_mask, check_foreground_options, check_not_inputs, output_paths,
+                                 read_image, run_inputs, run_outputs, spatial_unit)
 
     check_foreground_options(mask=args.mask, classifier=args.classifier, probabilities_path=args.save_probabilities)
-    for option, path in (("the input", input_path), ("--mask", args.mask)):
-        if path is not None and Path(path).resolve() == Path(output).resolve():
-            raise DeclumpError(f"the output {output} is {option}; choose another output path (nothing was "
-                               "written)")
+    check_not_inputs(run_outputs(output_paths(output), args.save_probabilities), run_inputs(input_path, args.mask, args.classifier))
     image, file_spacing = read_image(input_path, channel=args.channel, timepoint=args.timepoint,
                                      missing_chunks=args.missing_chunks)
     mask = None
     if args.mask is not None:
+        if not Path(args.mask).exists():
+            raise DeclumpError(f"--mask {args.mask} does not exist; accepted: a mask or probability map file "
+                               "(.tif, .png, .npy, .zarr) of the image's shape")
         mask, _ = read_image(args.mask, channel=args.channel, timepoint=args.timepoint,
                              missing_chunks=args.missing_chunks, colour="any")
         check_mask(mask, image.shape, "--mask")
     image, mask = boolean_input_as_mask(image, mask, classifier=args.classifier, input_path=input_path)
     spacing = args.spacing if args.spacing is not None else file_spacing
     unit = spatial_unit(input_path) if args.spacing is None and file_spacing is not None else None
+    said = []  # the notes, printed once the run has succeeded: a refusal stays one line on stderr
     if spacing is None and notes and Path(input_path).suffix.lower() in (".tif", ".tiff"):
         from gpu_pipeline.io import tiff_spacing
 
         calibrated, calibration_unit = tiff_spacing(input_path, imagej_only=True)
         if calibrated is not None and len(calibrated) == image.ndim:
             # Not taken silently: sizes given in voxels (--min-distance 4) would change meaning.
-            print(f"declump: note: {input_path}'s calibration is {', '.join(f'{v:g}' for v in calibrated)} "
-                  f"{calibration_unit} per voxel; this run measures in voxels (spacing 1); add --spacing "
-                  f"{','.join(f'{v:g}' for v in calibrated)} to measure in {calibration_unit}")
+            said.append(f"declump: note: {input_path}'s calibration is {', '.join(f'{v:g}' for v in calibrated)} "
+                        f"{calibration_unit} per voxel; this run measures in voxels (spacing 1); add --spacing "
+                        f"{','.join(f'{v:g}' for v in calibrated)} to measure in {calibration_unit}")
     if image.ndim == 3 and image.shape[0] <= FEW_PLANES and min(image.shape[1:]) >= 16 * FEW_PLANES and notes:
-        print(f"declump: note: {input_path} has only {image.shape[0]} planes of {image.shape[1]} x "
-              f"{image.shape[2]}; it runs as a volume. If the planes are channels or time points, pick one "
-              "(--channel/--timepoint where the file names its axes, else save one plane)")
+        said.append(f"declump: note: {input_path} has only {image.shape[0]} planes of {image.shape[1]} x "
+                    f"{image.shape[2]}; it runs as a volume. If the planes are channels or time points, pick one "
+                    "(--channel/--timepoint where the file names its axes, else save one plane)")
     kwargs = separation_kwargs(args)
     kwargs.pop("spacing")
     if args.classifier is not None:
@@ -402,6 +413,8 @@ def run_file(args, input_path, output, device, *, notes=True):
                             probabilities_path=args.save_probabilities,
                             record={"input": input_fingerprint(input_path), "options": run_options(args, device)},
                             **kwargs)
+    for note in said:
+        print(note, file=sys.stderr)
     return info
 
 
@@ -418,8 +431,10 @@ def input_fingerprint(path):
 def run_options(args, device):
     """Every option of an in-memory run that its outputs depend on, as JSON values (the summary records them;
     ``declump batch`` skips an image whose outputs were made from the same input with the same options)."""
-    options = dict(separation_kwargs(args), channel=args.channel, timepoint=args.timepoint, mask=args.mask,
-                   classifier=args.classifier, device=device)
+    # A mask or model file by its fingerprint: retrained or replaced under the same name, it makes other outputs.
+    files = {key: input_fingerprint(value) if value is not None and Path(str(value)).is_file() else value
+             for key, value in (("mask", args.mask), ("classifier", args.classifier))}
+    options = dict(separation_kwargs(args), channel=args.channel, timepoint=args.timepoint, **files, device=device)
     return json.loads(json.dumps(options, default=str))
 
 
@@ -430,11 +445,13 @@ def cmd_batch(args):
     summary = run_batch(args, device)
     for record in summary["images"]:
         if record["status"] != "ok":
-            print(f"declump: error: {record['input']}: {record['error']}", file=sys.stderr)
+            # (the input's name once: many messages name it already)
+            error = record["error"] if record["input"] in record["error"] else f"{record['input']}: {record['error']}"
+            print(f"declump: error: {error}", file=sys.stderr)
     skipped = sum(1 for record in summary["images"] if record.get("skipped"))
     if skipped:
         print(f"declump: note: {skipped} of {summary['n_images']} images were done before (their outputs, from the "
-              "same files and options, are kept); --overwrite runs them again")
+              "same files and options, are kept); --overwrite runs them again", file=sys.stderr)
     print(f"{summary['n_ok']} of {summary['n_images']} images, {summary['n_particles']} particles; table -> "
           f"{summary['table']}, summary -> {Path(args.out) / SUMMARY_NAME}")
     if summary["n_failed"]:
@@ -499,6 +516,8 @@ def cmd_demo(args):
                            "--spacing is for declump run (nothing was written)")
     device = resolve_device(args.device)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DeclumpError(f"--out {out} is a file; give a folder for the demo's outputs (nothing was written)")
     out.mkdir(parents=True, exist_ok=True)
     image, truth, spacing = demo_sample(three_d=args.three_d, seed=args.seed)
     tifffile.imwrite(out / "sample.tif", image)
@@ -564,7 +583,10 @@ def evaluate_folders(args):
         else:
             pred = np.zeros(truth.shape, np.int32)
             missing.append(name)
-        scores = evaluate(pred, truth)
+        try:
+            scores = evaluate(pred, truth)
+        except DeclumpError as exc:  # (its messages say prediction and ground truth, not which files)
+            raise DeclumpError(f"{predictions.get(name)} against {truth_path}: {exc}") from exc
         rows.append(dict(image=name, prediction=str(predictions.get(name)), n_pred=scores["n_pred"],
                          n_gt=scores["n_gt"], f1_50=scores["f1_50"], mean_f1=scores["mean_f1"], dice=scores["dice"],
                          splits=scores["splits"], merges=scores["merges"]))
@@ -584,7 +606,7 @@ def evaluate_folders(args):
           f"over all objects {pooled['f1_50_pooled']:.4f}; mean F1 per image {pooled['mean_f1_per_image']:.4f}")
     if missing:
         print(f"declump: note: {len(missing)} images have no prediction in {args.prediction} and count as nothing "
-              f"found: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+              f"found: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", file=sys.stderr)
 
 
 #: What to change when an in-memory stage runs out of memory, by stage (see `_StageClock`).
@@ -673,7 +695,9 @@ def build_parser():
                               "reads and writes and host steps overlap another's GPU work; each holds one chunk's "
                               "working set in GPU memory (default 1; not yet measured on a GPU, README GPU)")
     chunked.add_argument("--scratch", default=None,
-                         help="folder for work in progress (default OUTPUT.work, beside the output; must be "
+                         help="folder for work in progress: the run keeps it in a folder of its own in SCRATCH "
+                              "(declump-OUTPUTNAME-HASH.work), removed when the run completes; SCRATCH itself and "
+                              "anything else in it are left alone (default OUTPUT.work, beside the output; must be "
                               "shared by all workers)")
     chunked.add_argument("--overwrite", action="store_true",
                          help="start over, deleting an existing output and its work folder")
@@ -746,7 +770,7 @@ def build_parser():
     demo = sub.add_parser("demo", help="generate touching particles with ground truth, separate and score them")
     demo.add_argument("--out", default="demo_output", help="output folder (default %(default)s)")
     demo.add_argument("--3d", dest="three_d", action="store_true", help="a 3D anisotropic volume instead of 2D")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    demo.add_argument("--seed", type=_int_at_least("seed", 0), default=0, help="random seed (default %(default)s)")
     add_separation_options(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -786,6 +810,16 @@ def _expand_home(args):
             setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) else v for v in value])
 
 
+def _report(message):
+    """The one line of a failed command, on stderr. Then asyncio's own complaints are silenced: a Zarr read
+    that failed in one task left the others' reads pending in Zarr's event loop, and at exit asyncio logged
+    "Task was destroyed but it is pending!" for each (8 lines after the error, 2026-12-05)."""
+    import logging
+
+    print(f"declump: error: {message}", file=sys.stderr)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
 def main(argv=None):
     from gpu_pipeline.chunked.workspace import no_hugepage_advice
 
@@ -798,7 +832,7 @@ def main(argv=None):
     except DeclumpError as exc:
         if args.debug:
             raise
-        print(f"declump: error: {exc}", file=sys.stderr)
+        _report(exc)
         return 2
     except KeyboardInterrupt:
         print("declump: interrupted; no output was marked complete", file=sys.stderr)
@@ -810,12 +844,12 @@ def main(argv=None):
                                                       or ".")
         if message is None:
             raise
-        print(f"declump: error: {message}", file=sys.stderr)
+        _report(message)
         return 2
     except MemoryError as exc:
         if args.debug:
             raise
-        print(f"declump: error: {memory_error_message(exc)}", file=sys.stderr)
+        _report(memory_error_message(exc))
         return 3
     return 0
 

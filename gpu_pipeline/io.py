@@ -163,6 +163,13 @@ def _read_tiff(path, channel, timepoint, colour="grey"):
             array, axes = np.stack([s.asarray() for s in series]), "I" + first.axes
         else:
             array, axes = first.asarray(), first.axes
+        # Samples beyond grey or RGB that the file does not mark as alpha (ExtraSamples 0, unspecified: what
+        # tifffile writes for a (rows, columns, 2) array): channels of their own, not a colour's parts.
+        unspecified = "S" in axes and 0 in tuple(int(e) for e in (first.keyframe.extrasamples or ()))
+    if unspecified and channel is None and "C" not in axes:
+        raise DeclumpError(f"{path} has {array.shape[axes.index('S')]} samples per pixel, not marked as colour and "
+                           "alpha (TIFF ExtraSamples: unspecified), so they are channels; pick one with --channel "
+                           "(0 first)")
     if "S" in axes and channel is not None and "C" not in axes:  # --channel picks a colour (green: 1)
         axes = axes.replace("S", "C")
     if "S" in axes:  # colour samples (RGB, RGBA, planar or not): grey
@@ -181,8 +188,11 @@ def _read_tiff(path, channel, timepoint, colour="grey"):
     array = array.reshape([array.shape[i] for i in keep])
     axes = "".join(axes[i] for i in keep)
     if array.ndim > 3 or any(name not in TIFF_PLANE_AXES + "YX" for name in axes):
+        # (Channel and time axes were picked above: --channel/--timepoint do not apply to what is left.)
         raise DeclumpError(f"{path} has axes {', '.join(axes.lower())} of sizes {array.shape}; declump accepts 2D "
-                           "(y, x) or 3D (z, y, x) images; pick a channel/time point with --channel/--timepoint")
+                           "(y, x) or 3D (z, y, x) images, and the extra axes are not named channels or time points "
+                           "(--channel/--timepoint pick from those); save the 2D or 3D part as its own file (e.g. "
+                           "tifffile.imwrite(out, tifffile.imread(path)[0]))")
     return array
 
 
@@ -496,8 +506,70 @@ def check_replaceable(path, what="output"):
     store given as an in-memory run's output was deleted and replaced by the labels). Files are replaced."""
     path = Path(path)
     if path.is_dir() and not declump_wrote(path):
-        raise DeclumpError(f"{what} {path} is a folder that declump did not write; choose another {what} path "
-                           "(nothing was replaced)")
+        raise DeclumpError(f"{what} {path} is a folder that declump did not write; choose another "
+                           f"{what if what.startswith('--') else 'output'} path (nothing was replaced)")
+
+
+def _same_or_nested(a, b):
+    """Do the paths ``a`` and ``b`` name the same file or folder (hard links included), or does one hold the
+    other?"""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    if a == b or a in b.parents or b in a.parents:
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_not_inputs(outputs, inputs):
+    """Refuse, before any work, a run whose outputs would replace its inputs.
+
+    ``outputs``: what each path a run writes or removes is (``"labels"``,
+    ``"overlay"``, ``"--save-probabilities"``, ``"work folder"``) -> the
+    path; ``inputs``: ``"the input"``, ``"--mask"``, ``"--classifier"`` ->
+    the path (None entries are skipped). A path is refused where it is an
+    input, lies inside one (a Zarr store is a folder) or holds one: each
+    would be replaced, deleted with ``--overwrite`` or, for a work folder,
+    deleted at the end of the run.
+    """
+    for what, path in outputs.items():
+        for source, given in inputs.items():
+            if path is not None and given is not None and _same_or_nested(path, given):
+                raise DeclumpError(f"the {what} {path} would replace {source} {given}; choose "
+                                   f"{'another --scratch' if what == 'work folder' else 'another output path'} "
+                                   "(nothing was written)")
+
+
+def run_outputs(paths, probabilities=None, work=None):
+    """What a run writes (for :func:`check_not_inputs`): the labels and their companions
+    (``paths``, :func:`output_paths`), ``--save-probabilities`` and a chunked run's work
+    folder."""
+    names = {"labels": "output", "table": "particle table", "summary": "summary", "overlay": "overlay",
+             "histogram": "size histogram"}
+    return {**{names.get(key, key): path for key, path in paths.items()}, "--save-probabilities": probabilities,
+            "work folder": work}
+
+
+def run_inputs(input_path, mask=None, classifier=None):
+    """What a run reads (for :func:`check_not_inputs`): the input, ``--mask`` and a
+    ``--classifier`` model file (a shipped model's name is no path)."""
+    model = classifier if classifier is not None and Path(str(classifier)).is_file() else None
+    return {"the input": input_path, "--mask": mask, "--classifier": model}
+
+
+def remove_stale_table(paths):
+    """Remove an earlier run's particle table of the other kind (``.csv`` in memory, ``.parquet`` chunked)
+    beside the same output, as that run's summary names it: left there, it sat beside the new labels (found
+    by ``--overwrite`` runs of the other kind). Call before the summary is removed; ``paths``:
+    :func:`output_paths` of the new run."""
+    try:
+        old = json.loads(Path(paths["summary"]).read_text())["outputs"]["table"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    new, old = Path(paths["table"]), Path(old)  # (the summary's path may be relative to another folder)
+    if old.stem == new.stem and old.suffix != new.suffix and old.suffix in (".csv", ".parquet"):
+        new.with_suffix(old.suffix).unlink(missing_ok=True)
 
 
 @contextmanager

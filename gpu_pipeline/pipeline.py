@@ -21,7 +21,7 @@ from gpu_pipeline.stages.peaks import (PeakReach, find_peaks, neck_groups, quant
                                        shadowed_peaks, window_half_widths)
 from gpu_pipeline.stages.split import finish_labels, split_regions_kmeans, split_regions_watershed
 from gpu_pipeline.stages.scale import MIN_DISTANCE_PER_RADIUS, maxima_radius, typical_radius
-from gpu_pipeline.stages.threshold import check_threshold, threshold_foreground
+from gpu_pipeline.stages.threshold import THRESHOLD_METHODS, check_threshold, threshold_foreground
 
 
 #: ``max_hole_size="auto"`` fills holes up to a ball of this fraction of the typical particle radius.
@@ -141,7 +141,9 @@ def validate_spacing(spacing, ndim):
     """Voxel size per axis as a tuple of positive floats (default: all 1)."""
     if spacing is None:
         return (1.0,) * ndim
-    if isinstance(spacing, str) or np.ndim(spacing) == 0:
+    if isinstance(spacing, str) and "," in spacing:  # the command line's spelling, "2,1,1"
+        spacing = spacing.split(",")
+    elif isinstance(spacing, str) or np.ndim(spacing) == 0:
         spacing = (spacing,) * ndim
     try:
         spacing = tuple(float(s) for s in spacing)
@@ -151,7 +153,16 @@ def validate_spacing(spacing, ndim):
     if len(spacing) != ndim or not all(math.isfinite(s) and s > 0 for s in spacing):
         raise DeclumpError(f"spacing must be {ndim} positive numbers (one per axis, plane/row/column order), "
                            f"got {spacing}")
+    if not all(SPACING_RANGE[0] <= s <= SPACING_RANGE[1] for s in spacing):
+        raise DeclumpError(f"spacing {spacing} is outside {SPACING_RANGE[0]:g} to {SPACING_RANGE[1]:g}, where squared "
+                           "distances stay within float32's range (in which the distance transform runs); give the "
+                           "voxel size in a unit that brings it there (e.g. nm instead of m)")
     return spacing
+
+
+#: Voxel sizes ``validate_spacing`` accepts: their squares (and those of a volume's diagonal) stay well inside
+#: float32's normal range (1.2e-38 to 3.4e38); 1e-30 overflowed the outline's gradient and changed the result.
+SPACING_RANGE = (1e-12, 1e12)
 
 
 #: ``neck_ratio="auto"`` by the number of dimensions. 2D: 0.97, peaks with a dip of at most 3 % (and the
@@ -259,6 +270,9 @@ def validate_image(image, name="image"):
                            "columns) or 3D (planes, rows, columns) arrays; pick a channel/time point first")
     if image.size == 0:
         raise DeclumpError(f"{name} is empty (shape {tuple(image.shape)}); pass a non-empty 2D or 3D array")
+    if min(image.shape) < 2:
+        raise DeclumpError(f"{name} has shape {tuple(image.shape)}, one pixel along an axis; declump accepts 2D and 3D "
+                           "arrays at least 2 pixels along every axis (a stack of one plane: pass that plane as 2D)")
     kind = np.dtype(image.dtype).kind
     if kind not in "uif":
         raise DeclumpError(f"{name} has dtype {image.dtype}; declump accepts integer or floating-point intensities "
@@ -555,11 +569,11 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
     ops = ops_for(reference)
     details = SeparationDetails()
     clock = _StageClock(ops, details.timings)
+    refuse_channels_last(reference.shape, "image" if image is not None else "mask")  # (its message first)
     if image is not None:
         validate_image(image)
-    refuse_channels_last(reference.shape, "image" if image is not None else "mask")
     ndim = reference.ndim
-    if ndim not in (2, 3):
+    if ndim not in (2, 3) or min(reference.shape) < 2:  # (what validate_image checks before a dtype)
         validate_image(reference, "mask")
     spacing = validate_spacing(spacing, ndim)
     neck_ratio, nearby_ratio = resolve_ratio("neck_ratio", neck_ratio, ndim), resolve_ratio("nearby_ratio",
@@ -580,6 +594,11 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
     if sigma != "auto" and float(sigma) > extent:  # (1e9 ran out of memory building its kernel)
         raise DeclumpError(f"sigma {float(sigma):g} is wider than the image ({extent:g} physical units along its "
                            "longest axis) and would flatten it; give a sigma below the particles' radius, or 'auto'")
+    if isinstance(threshold, str) and threshold not in THRESHOLD_METHODS:  # the command line's "100"
+        try:
+            threshold = float(threshold)
+        except ValueError:
+            pass  # refused below, naming what is accepted
     if mask is None and classifier is None:
         check_threshold(threshold)
     check_auto_or_number("min_distance", min_distance, positive=True)

@@ -414,7 +414,7 @@ def test_chunked_run_takes_fixed_values_for_the_automatic_options(tmp_path, caps
     image, truth = make_touching_particles((24, 48, 48), 10, seed=1)
     zarr.create_array(str(tmp_path / "in.zarr"), shape=image.shape, dtype=image.dtype, chunks=(24, 24, 24))[...] = image
     assert main(["run", str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr"), "--workers", "1"]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # the note, on stderr
     assert all(option in out for option in ("--sigma 1", "--threshold otsu", "--min-distance 4", "--max-hole-size 0",
                                             "--min-size a ball of diameter --min-distance"))
     stored = zarr.open_array(str(tmp_path / "out.zarr" / "particles" / "0"), mode="r")[...]

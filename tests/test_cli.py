@@ -186,15 +186,15 @@ def test_an_imagej_calibration_is_pointed_out_not_taken_silently(tmp_path, capsy
                      metadata={"spacing": 2.0, "unit": "um", "axes": "ZYX"})
     tifffile.imwrite(tmp_path / "dpi.tif", image[0], resolution=(72.0, 72.0), resolutionunit="INCH")
     assert main(["run", str(tmp_path / "stack.tif"), str(tmp_path / "a.tif")]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # a note: on stderr, the result line alone on stdout
     assert "calibration is 2, 0.5, 0.5 um per voxel" in out and "--spacing 2,0.5,0.5" in out, out
     assert main(["run", str(tmp_path / "stack.tif"), str(tmp_path / "b.tif"), "--spacing", "2,0.5,0.5",
                  "--min-distance", "1.5"]) == 0
-    assert "note" not in capsys.readouterr().out
+    assert "note" not in capsys.readouterr().err
     assert np.array_equal(tifffile.imread(tmp_path / "b.tif"), separate(image, spacing=(2.0, 0.5, 0.5),
                                                                        min_distance=1.5))
     assert main(["run", str(tmp_path / "dpi.tif"), str(tmp_path / "c.tif")]) == 0
-    assert "note" not in capsys.readouterr().out
+    assert "note" not in capsys.readouterr().err
 
 
 def test_gpu_request_without_gpu_is_a_clear_error(tmp_path):
@@ -318,7 +318,7 @@ def test_an_in_memory_run_never_replaces_a_folder_or_file_it_did_not_write(tmp_p
     before = snapshot()
     for output, message in (("data.zarr", "output " + str(tmp_path / "data.zarr") + " is a folder that declump "
                              "did not write"), ("folder.tif", "is a folder that declump did not write"),
-                            ("img.npy", "is the input")):
+                            ("img.npy", "would replace the input")):
         assert main(["run", str(tmp_path / "img.npy"), str(tmp_path / output), "--quiet"]) == 2, output
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and message in err, (output, err)
@@ -332,6 +332,71 @@ def test_an_in_memory_run_never_replaces_a_folder_or_file_it_did_not_write(tmp_p
     write_ngff_label_metadata(old, (1.0, 1.0))
     assert main(["run", str(tmp_path / "img.npy"), str(old), "--quiet"]) == 0
     assert zarr.open_array(str(old / "particles" / "0"))[...].shape == image.shape
+
+
+def test_no_output_of_a_run_replaces_or_deletes_an_input_or_a_user_s_folder(tmp_path, rng, capsys):
+    """Found by a new user's audit: `run in.zarr in.zarr --overwrite` deleted the input store; a companion
+    (`x_overlay.png`), --save-probabilities or a chunked run's --overwrite replaced an input or a user's store;
+    --scratch naming a folder of the user's deleted that folder and everything in it at the end of the run.
+    Each is refused in one line before any work (or, for --scratch, the folder is kept), every input byte for
+    byte as it was."""
+    import zarr
+
+    volume, _ = make_touching_particles((24, 40, 40), 10, seed=int(rng.integers(1e6)))
+    image = volume[12]
+    zarr.create_array(str(tmp_path / "in.zarr"), shape=volume.shape, dtype=volume.dtype,
+                      chunks=(24, 40, 40))[...] = volume
+    zarr.create_array(str(tmp_path / "user.zarr"), shape=(4, 4), dtype="uint8", chunks=(4, 4))[...] = 7
+    Image.fromarray(image).save(tmp_path / "x_overlay.png")
+    np.save(tmp_path / "img.npy", image)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+
+    def snapshot():
+        return {p.relative_to(tmp_path): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    chunked = ["--max-radius", "8", "--quiet"]
+    before = snapshot()
+    for args, message in [
+        (["in.zarr", "in.zarr", "--overwrite", *chunked], "would replace the input"),
+        (["in.zarr", "in.zarr/labels.zarr", *chunked], "would replace the input"),
+        (["in.zarr", "user.zarr", "--overwrite", *chunked], "was not written by declump"),
+        (["in.zarr", "out.zarr", "--scratch", "in.zarr", *chunked], "work folder"),
+        (["x_overlay.png", "x.tif", "--quiet"], "the overlay"),
+        (["img.npy", "out.tif", "--mask", "out_histogram.png", "--quiet"], "would replace --mask"),
+        (["img.npy", "out.tif", "--classifier", "em-particles", "--save-probabilities", "img.npy", "--quiet"],
+         "the --save-probabilities"),
+    ]:
+        argv = ["run", *[str(tmp_path / a) if a.endswith((".zarr", ".png", ".npy", ".tif")) or a == "in.zarr"
+                         else a for a in args]]
+        assert main(argv) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and message in err, (args, err)
+        assert snapshot() == before, args
+    # --scratch names a folder the run works in, never one it removes.
+    assert main(["run", str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr"), "--scratch", str(tmp_path / "mine"),
+                 *chunked]) == 0
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me" and list((tmp_path / "mine").iterdir()) == [
+        tmp_path / "mine" / "notes.txt"]
+    assert all(snapshot()[p] == b for p, b in before.items())
+
+
+def test_a_run_of_the_other_kind_with_overwrite_leaves_no_stale_table(tmp_path, rng, capsys):
+    """An in-memory run writes a .csv table, a chunked one .parquet; one after the other into the same output
+    left the first one's table beside the second one's labels, as if it were theirs."""
+    import zarr
+
+    volume, _ = make_touching_particles((24, 40, 40), 10, seed=int(rng.integers(1e6)))
+    zarr.create_array(str(tmp_path / "in.zarr"), shape=volume.shape, dtype=volume.dtype,
+                      chunks=(24, 40, 40))[...] = volume
+    np.save(tmp_path / "in.npy", volume)
+    out = str(tmp_path / "o.zarr")
+    assert main(["run", str(tmp_path / "in.npy"), out, "--quiet"]) == 0
+    assert (tmp_path / "o_particles.csv").exists()
+    assert main(["run", str(tmp_path / "in.zarr"), out, "--overwrite", "--max-radius", "8", "--quiet"]) == 0
+    assert (tmp_path / "o_particles.parquet").exists() and not (tmp_path / "o_particles.csv").exists()
+    assert main(["run", str(tmp_path / "in.npy"), out, "--quiet"]) == 0
+    assert (tmp_path / "o_particles.csv").exists() and not (tmp_path / "o_particles.parquet").exists()
 
 
 def test_debug_shows_the_traceback(tmp_path):

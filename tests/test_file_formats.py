@@ -60,6 +60,19 @@ def test_channel_picks_one_colour_of_an_rgb_tiff_or_png(tmp_path, capsys, rng, i
             read_image(tmp_path / name, channel=3)
 
 
+def test_tiff_samples_not_marked_as_colour_or_alpha_are_channels_to_pick(tmp_path, rng, image):
+    """A (rows, columns, 2) TIFF (tifffile marks the second sample 'unspecified') ran silently on its first
+    sample; grey + alpha (marked so) is still its grey."""
+    other = rng.integers(0, 255, image.shape, dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "two.tif", np.stack([other, image.astype(np.uint8)], -1), photometric="minisblack",
+                     planarconfig="contig")
+    with pytest.raises(DeclumpError, match="2 samples per pixel, not marked as colour and alpha"):
+        read_image(tmp_path / "two.tif")
+    np.testing.assert_array_equal(read_image(tmp_path / "two.tif", channel=1)[0], image.astype(np.uint8))
+    Image.fromarray(np.stack([image.astype(np.uint8), other], -1), mode="LA").save(tmp_path / "la.tif")
+    np.testing.assert_array_equal(read_image(tmp_path / "la.tif")[0], image.astype(np.uint8))
+
+
 def test_colour_palette_and_grey_alpha_pngs_are_read_as_the_grey_they_show(tmp_path, rng, image):
     shown = image.astype(np.uint8)
     palette = Image.fromarray((255 - shown).astype(np.uint8), mode="L").convert("P")
@@ -106,10 +119,10 @@ def test_a_volume_of_a_few_large_planes_is_pointed_out(tmp_path, capsys, image):
     """A plain TIFF of 2 channels (no axis metadata) ran silently as a 2-plane volume."""
     tifffile.imwrite(tmp_path / "two.tif", np.stack([image, image[::-1]]))
     assert main(["run", str(tmp_path / "two.tif"), str(tmp_path / "o.tif")]) == 0
-    assert "has only 2 planes of 64 x 80; it runs as a volume" in capsys.readouterr().out
+    assert "has only 2 planes of 64 x 80; it runs as a volume" in capsys.readouterr().err
     tifffile.imwrite(tmp_path / "vol.tif", np.stack([image] * 8))
     assert main(["run", str(tmp_path / "vol.tif"), str(tmp_path / "v.tif")]) == 0
-    assert "planes of" not in capsys.readouterr().out
+    assert "planes of" not in capsys.readouterr().err
 
 
 def test_a_tiff_written_page_by_page_is_its_stack(tmp_path, volume):
@@ -232,7 +245,7 @@ def test_an_ome_tiff_calibration_is_pointed_out_as_an_imagej_one_is(tmp_path, ca
     tifffile.imwrite(tmp_path / "in.ome.tif", volume, metadata={"axes": "ZYX", "PhysicalSizeZ": 0.8,
                                                                  "PhysicalSizeY": 0.2, "PhysicalSizeX": 0.2})
     assert main(["run", str(tmp_path / "in.ome.tif"), str(tmp_path / "o.tif")]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "calibration is 0.8, 0.2, 0.2 um per voxel" in out and "--spacing 0.8,0.2,0.2" in out, out
 
 
@@ -289,11 +302,20 @@ def test_api_arguments_are_checked_in_one_line_and_cpu_fallback_takes_the_same_s
                             ({"max_hole_size": float("nan")}, "max_hole_size must be 'auto' or a finite"),
                             ({"threshold": None}, "threshold must be one of"),
                             ({"threshold": True}, "threshold must be one of"),
-                            ({"spacing": "1,1"}, "spacing must be 2 positive numbers"),
+                            ({"spacing": "1,1,1"}, "spacing must be 2 positive numbers"),
+                            ({"spacing": 1e-30}, "outside 1e-12 to 1e"),  # its squares underflowed float32
+                            ({"spacing": (1.0, 2e12)}, "outside 1e-12 to 1e"),
                             ({"kmeans_engine": "bogus"}, "kmeans_engine must be one of 'batched'")]:
         with pytest.raises(DeclumpError, match=message):
             separate(image, **kwargs)
     assert separate(image, spacing=np.array(2.0)).max() > 0  # a 0-d array is a scalar spacing
+    # The command line's spellings, "2,1" and "100", are the same spacing and threshold as (2, 1) and 100.
+    assert np.array_equal(separate(image, spacing="2,1"), separate(image, spacing=(2.0, 1.0)))
+    level = float(np.median(image))
+    assert np.array_equal(separate(image, threshold=str(level)), separate(image, threshold=level))
+    for shape in ((1, image.shape[1]), (image.shape[0], 1), (1, *image.shape)):  # ValueError in np.gradient
+        with pytest.raises(DeclumpError, match="one pixel along an axis"):
+            separate(np.resize(image, shape))
     from gpu_pipeline import NoParticlesError
 
     with pytest.raises(NoParticlesError, match="the mask is empty"):  # was "after thresholding"

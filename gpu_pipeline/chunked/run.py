@@ -13,7 +13,7 @@ Outputs (``out.zarr`` and companions beside it):
   :func:`gpu_pipeline.measure.particle_table`), reduced from per-chunk partial sums.
 - ``out_overlay.png`` (middle plane) and ``out_summary.json``.
 
-Work in progress lives in ``out.zarr.work/`` (or ``--scratch``): staged
+Work in progress lives in ``out.zarr.work/`` (or a folder of its own in ``--scratch``, :func:`work_folder`): staged
 arrays, saved global results, block markers, the parameters and the input's
 fingerprint (:func:`~gpu_pipeline.chunked.source.fingerprint`). The same
 command after an interruption resumes from there; other parameters or a
@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -39,8 +41,8 @@ from gpu_pipeline.chunked.workspace import (LOCAL_CLUSTER_HTTP, Workspace, activ
                                             return_freed_memory, run_lock, save_records, worker_malloc_setup,
                                             write_blocks)
 from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, PROBABILITIES_MARK, boolean_input_as_mask,
-                             check_foreground_options, disk_error, output_paths, spatial_unit,
-                             write_ngff_label_metadata)
+                             check_foreground_options, check_not_inputs, check_replaceable, disk_error, output_paths,
+                             remove_stale_table, run_inputs, run_outputs, spatial_unit, write_ngff_label_metadata)
 from gpu_pipeline.measure import summary as size_summary, table_from_sums
 
 #: On --device gpu, CuPy's memory pool on every GPU worker is capped at this fraction of the device's
@@ -322,8 +324,11 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
                 neck_ratio="auto", nearby_ratio="auto", peak_reach="auto", reach_share="auto", ball_share="auto",
                 assignment="power", max_iter=0, device="cpu", cluster=None, scheduler=None, workers=None,
                 scratch=None, overwrite=False, missing_chunks="error", verbose=True, classifier=None,
-                probabilities_path=None, gpu_threads=1):
+                probabilities_path=None, gpu_threads=1, notes=()):
     """Separate a Zarr volume chunk by chunk into an OME-Zarr labels group (see the module docstring).
+
+    ``notes``: lines to print on stderr (with ``verbose``) once the input and every parameter have been
+    checked (the command's note on the values it fixed: a refusal stays one line).
 
     ``missing_chunks``: ``"error"`` (default) refuses an input or mask with a
     missing chunk file; ``"fill"`` reads it as the fill value (see
@@ -371,15 +376,25 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
                                 n_gpus=1, gpu_threads=gpu_threads)  # refuse early
     limit_malloc_arenas(threads if kind == "threads" else 1)  # before Zarr's I/O threads allocate
     no_hugepage_advice()
-    work = Path(scratch) if scratch else Path(f"{paths['labels']}.work")
+    work = work_folder(paths["labels"], scratch)
+    check_not_inputs(run_outputs(paths, probabilities_path, work), run_inputs(input_path, mask_path, classifier))
+    for what, path in run_outputs(paths, probabilities_path).items():  # a user's folder at a companion's path
+        if path is not None and path != paths["labels"]:  # (the labels: below, a file there too)
+            check_replaceable(path, what)
     volume, file_spacing, volume_print = open_volume(input_path, channel=channel, timepoint=timepoint,
                                                      chunks=chunks or "auto", missing_chunks=missing_chunks,
                                                      return_fingerprint=True, accept_bool=True)
     mask = mask_print = None
     if mask_path is not None:
-        mask, _, mask_print = open_volume(mask_path, channel=channel, timepoint=timepoint, chunks=volume.chunksize,
-                                          missing_chunks=missing_chunks, return_fingerprint=True,
-                                          accept_bool=True)
+        if not mask_path.exists():
+            raise DeclumpError(f"--mask {mask_path} does not exist; a chunked run takes its mask as a Zarr array of "
+                               "the volume's shape")
+        try:
+            mask, _, mask_print = open_volume(mask_path, channel=channel, timepoint=timepoint,
+                                              chunks=volume.chunksize, missing_chunks=missing_chunks,
+                                              return_fingerprint=True, accept_bool=True)
+        except DeclumpError as exc:  # named as the mask: the messages name a path, not which of the two it is
+            raise DeclumpError(f"--mask: {exc}") from exc
         if mask.shape != volume.shape:
             raise DeclumpError(f"--mask has shape {mask.shape} but the volume has shape {volume.shape}; --mask must "
                                "have the volume's shape")
@@ -405,6 +420,8 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
                       neck_ratio=neck_ratio, nearby_ratio=nearby_ratio, peak_reach=peak_reach,
                       reach_share=reach_share, ball_share=ball_share, assignment=assignment, max_iter=max_iter)
     inputs = {"input": volume_print, "mask": mask_print}
+    for note in notes if verbose else ():
+        print(note, file=sys.stderr)
     changed = (f"{input_path}{' or ' + str(mask_path) if mask_path else ''} changed (shape, dtype, chunking, "
                "codecs, or its chunk files' sizes or times)")
     if classifier is not None:  # added only when used, so earlier runs' work folders stay resumable
@@ -414,10 +431,14 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     # One run per output at a time: held until this run has finished or stopped (see run_lock).
     with run_lock(paths["labels"]):
         root_attrs = _existing_attrs(paths["labels"])
+        if paths["labels"].exists() and (root_attrs is None or "declump" not in root_attrs):
+            # Never replaced, --overwrite or not (as an in-memory run's output): a user's store or file.
+            raise DeclumpError(f"{paths['labels']} exists and was not written by declump; choose another output "
+                               "(nothing was replaced)")
+        if work.exists() and not is_work_folder(work):
+            raise DeclumpError(f"the work folder {work} exists and is not a declump run's; choose another "
+                               f"{'--scratch' if scratch else 'output'} (nothing was replaced)")
         if paths["labels"].exists() and not overwrite:
-            if root_attrs is None or "declump" not in root_attrs:
-                raise DeclumpError(f"{paths['labels']} exists and was not written by declump; choose another output "
-                                   "or add --overwrite")
             if root_attrs["declump"].get("parameters") != parameters:
                 raise DeclumpError(f"{paths['labels']} was written with other parameters; use the same ones to resume, "
                                    "or add --overwrite to start over")
@@ -457,6 +478,26 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
 RECORDS = {"parameters.json", "inputs.json"}
 
 
+def work_folder(labels, scratch=None):
+    """A chunked run's work folder: ``OUTPUT.work`` beside the output, or a folder of its own in ``scratch``
+    named after the output (the same output gets the same folder, so that a stopped run resumes from it).
+
+    ``scratch`` itself is never removed: it is a folder the user names (a node's local disk, ``$SCRATCH``)
+    and may hold anything else.
+    """
+    labels = Path(labels)
+    if scratch is None:
+        return Path(f"{labels}.work")
+    digest = hashlib.sha256(str(labels.resolve()).encode()).hexdigest()[:12]
+    return Path(scratch) / f"declump-{labels.name}-{digest}.work"
+
+
+def is_work_folder(path):
+    """Is the existing ``path`` a folder a chunked run may remove: empty, or holding a run's records?"""
+    path = Path(path)
+    return path.is_dir() and (not any(path.iterdir()) or any((path / name).exists() for name in RECORDS))
+
+
 def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_path, *, device, cluster,
          scheduler, workers, gpu_threads, overwrite, verbose, model=None, probabilities_path=None, unit=None):
     import zarr
@@ -468,6 +509,7 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
 
     started = time.perf_counter()
     p = parameters
+    remove_stale_table(paths)
     if overwrite:
         for key in ("labels", "table", "summary", "overlay", "histogram"):
             path = paths[key]
@@ -485,7 +527,7 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
             client = active_client()
             where = f"Dask cluster {client.scheduler.address}" if client else "local threads"
             print(f"declump: {tuple(volume.shape)} voxels in {volume.npartitions} chunks of "
-                  f"{volume.chunksize}, spacing {spacing}, on {device} via {where}")
+                  f"{volume.chunksize}, spacing {spacing}, on {device} via {where}", file=sys.stderr)
         labels, details = separate_chunked(
             volume, spacing=spacing, sigma=p["sigma"], threshold=p["threshold"], polarity=p["polarity"],
             mask=mask, min_distance=p["min_distance"], min_size=p["min_size"], max_radius=p["max_radius"],
@@ -545,7 +587,7 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
     if verbose and details.n_capped_voxels:
         print(f"declump: warning: {details.n_capped_voxels} voxels lie deeper than --max-radius {details.max_radius:g}; "
               "particles that large may be over-split (or merged across wide necks); rerun with a larger "
-              "--max-radius")
+              "--max-radius", file=sys.stderr)
     return summary
 
 
