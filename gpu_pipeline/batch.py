@@ -20,6 +20,7 @@ import csv
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from gpu_pipeline._backend import DeclumpError
@@ -58,6 +59,10 @@ def collect_inputs(inputs, out_dir):
             found.extend(images)
         else:
             found.append(path)
+    unique = {}
+    for path in found:  # a file named twice (given alone and in its folder) runs once
+        unique.setdefault(path.resolve(), path)
+    found = list(unique.values())
     names = {}
     for path in found:
         names.setdefault(output_name(path), []).append(str(path))
@@ -94,8 +99,9 @@ def output_name(path):
 
 def image_task(path, out_dir, args, device):
     """One image of the batch, run as ``declump run`` runs it: ``{"input", "name", "status", ...}``. Bad input,
-    no particles, a refused write or too little memory are the image's error line; anything else is a bug and
-    stops the batch."""
+    no particles, a refused write or too little memory are the image's error line. Anything else is a bug,
+    reported as the image's error (with its traceback in the batch summary): the other images still run, and
+    the batch's summary and table are still written."""
     from gpu_pipeline.cli import memory_error_message, run_file
     from gpu_pipeline.io import write_fault
 
@@ -112,10 +118,12 @@ def image_task(path, out_dir, args, device):
         error = str(exc)
     except MemoryError as exc:
         error = memory_error_message(exc)
-    except OSError as exc:
-        error = write_fault(exc, str(out_dir))
+    except Exception as exc:  # noqa: BLE001 (one image's bug is that image's error line, not the batch's end)
+        error = write_fault(exc, str(out_dir)) if isinstance(exc, OSError) else None
         if error is None:
-            raise
+            return _progress(args, {**record, "status": "error", "traceback": traceback.format_exc(),
+                                    "error": f"unexpected {type(exc).__name__}: {exc} (a declump bug: please report "
+                                             "it with this image; the traceback is in the batch summary)"})
     else:
         return _progress(args, _succeeded(record, info, round(time.perf_counter() - started, 3)))
     return _progress(args, {**record, "status": "error", "error": error})

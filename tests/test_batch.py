@@ -153,7 +153,7 @@ def test_batch_again_keeps_what_is_done_and_runs_what_changed(tmp_path, rng, cap
     again, summary_again = batch()
     assert again == {"a": True, "b": True, "c": True}
     assert (out / "particles.csv").read_text() == table and summary_again["n_particles"] == summary["n_particles"]
-    assert "3 of 3 images were done before" in capsys.readouterr().out
+    assert "3 of 3 images were done before" in capsys.readouterr().err
     stat = good["b"].stat()
     os.utime(good["b"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file changed (a newer copy)
     (out / "c_labels_summary.json").unlink()  # c was interrupted before its summary
@@ -196,3 +196,62 @@ def test_evaluate_folders_scores_a_batch_against_its_ground_truth(tmp_path, rng,
     assert result["pooled"]["without_prediction"] == ["r"] and result["images"][2]["f1_50"] == 0.0
     assert result["pooled"]["f1_50_pooled"] == pytest.approx(found / weight)
     assert 0.5 < result["images"][0]["f1_50"] <= 1.0
+
+
+def test_a_bug_in_one_image_is_that_image_s_error_and_the_batch_goes_on(tmp_path, rng, capsys, monkeypatch):
+    """A 1-pixel-high image (since refused as bad input) raised a plain ValueError in one image: the batch
+    stopped with a traceback and wrote neither its summary nor its table. An unexpected exception is now the
+    image's error line, its traceback in the summary, and the other images' outputs are all there."""
+    import gpu_pipeline.cli as cli
+
+    _images(tmp_path / "in", rng)
+    (tmp_path / "in" / "flat.tif").unlink()
+    run_file = cli.run_file
+
+    def buggy(args, input_path, output, device, **kwargs):
+        if input_path.endswith("b.npy"):
+            raise ZeroDivisionError("a bug")
+        return run_file(args, input_path, output, device, **kwargs)
+
+    monkeypatch.setattr(cli, "run_file", buggy)
+    out = tmp_path / "out"
+    assert main(["batch", str(tmp_path / "in"), "--out", str(out), *OPTIONS]) == 2
+    err = capsys.readouterr().err
+    assert "b.npy: unexpected ZeroDivisionError: a bug (a declump bug" in err and "Traceback" not in err
+    summary = json.loads((out / "batch_summary.json").read_text())
+    assert [(r["name"], r["status"]) for r in summary["images"]] == [("a", "ok"), ("b", "error"), ("c", "ok")]
+    assert "ZeroDivisionError" in summary["images"][1]["traceback"]
+    assert {row["image"] for row in _rows(out / "particles.csv")} == {"a", "c"}
+
+
+def test_batch_runs_an_image_again_when_its_classifier_model_changed(tmp_path, rng, capsys):
+    """The resume compared the --classifier's path only: a model retrained under the same name kept the
+    outputs of the old one ("done before")."""
+    image, truth = make_touching_particles((96, 96), 14, seed=int(rng.integers(1e6)))
+    tifffile.imwrite(tmp_path / "train.tif", image)
+    tifffile.imwrite(tmp_path / "truth.tif", truth)
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "a.tif", make_touching_particles((96, 96), 14, seed=int(rng.integers(1e6)))[0])
+    model, out = tmp_path / "model.npz", tmp_path / "out"
+
+    def train(trees):
+        assert main(["train", str(tmp_path / "train.tif"), "--labels", str(tmp_path / "truth.tif"),
+                     "--from-instances", "--out", str(model), "--trees", str(trees)]) == 0
+
+    def batch():
+        assert main(["batch", str(tmp_path / "in"), "--out", str(out), "--classifier", str(model), *OPTIONS]) == 0
+        return json.loads((out / "batch_summary.json").read_text())["images"][0].get("skipped", False)
+
+    train(4)
+    assert batch() is False and batch() is True
+    train(6)  # the same path, another model
+    assert batch() is False
+
+
+def test_an_image_named_twice_runs_once(tmp_path, rng, capsys):
+    """A file given alone and in its folder was refused as '2 inputs are named a (in/a.png, in/a.png)'."""
+    (tmp_path / "in").mkdir()
+    Image.fromarray(make_touching_particles((64, 64), 6, seed=int(rng.integers(1e6)))[0]).save(tmp_path / "in" / "a.png")
+    assert main(["batch", str(tmp_path / "in"), str(tmp_path / "in" / "a.png"), "--out", str(tmp_path / "out"),
+                 *OPTIONS, "--quiet"]) == 0
+    assert json.loads((tmp_path / "out" / "batch_summary.json").read_text())["n_images"] == 1
