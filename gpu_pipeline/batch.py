@@ -35,10 +35,11 @@ CHOICES = ("polarity", "threshold_method", "threshold", "sigma", "particle_radiu
            "equivalent_diameter_median")
 
 
-def collect_inputs(inputs, out_dir):
+def collect_inputs(inputs, out_dir, left_out=None):
     """The image files named by ``inputs`` (files, or folders whose images are taken in name order), checked
     before any work: each exists, the output folder is none of them, and no two share a name (their outputs
-    would collide)."""
+    would collide). ``left_out``: a list that receives the other files of those folders (not images declump
+    reads: a ``.jpg``, notes), so that the command can say which it left out."""
     out_dir = Path(out_dir).resolve()
     found = []
     for given in inputs:
@@ -57,6 +58,9 @@ def collect_inputs(inputs, out_dir):
             if not images:
                 raise DeclumpError(f"{given} holds no images; accepted: {', '.join(IMAGE_SUFFIXES)} files")
             found.extend(images)
+            if left_out is not None:
+                left_out.extend(sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+                                       and p.suffix.lower() not in IMAGE_SUFFIXES and p.resolve() not in outputs))
         else:
             found.append(path)
     unique = {}
@@ -196,7 +200,8 @@ def run_batch(args, device):
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise DeclumpError(f"--out {args.out} is a file; give a folder for the outputs")
-    images = collect_inputs(args.inputs, out_dir)
+    left_out = []
+    images = collect_inputs(args.inputs, out_dir, left_out)
     started = time.perf_counter()
     with engine(cluster=args.cluster, scheduler=args.scheduler, workers=args.workers, device=device,
                 gpu_threads=args.gpu_threads) as client:
@@ -213,6 +218,6 @@ def run_batch(args, device):
     summary = {"n_images": len(records), "n_ok": len(records) - len(failed), "n_failed": len(failed),
                "n_particles": n_rows, "seconds": round(time.perf_counter() - started, 3), "device": device,
                "engine": {"cluster": args.cluster, "scheduler": args.scheduler, "workers": args.workers},
-               "table": str(out_dir / TABLE_NAME), "images": records}
+               "table": str(out_dir / TABLE_NAME), "left_out": [str(p) for p in left_out], "images": records}
     write_json(out_dir / SUMMARY_NAME, summary)
     return summary

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -440,6 +441,7 @@ def run_options(args, device):
 
 def cmd_batch(args):
     from gpu_pipeline.batch import SUMMARY_NAME, run_batch
+    from gpu_pipeline.io import IMAGE_SUFFIXES
 
     device = "gpu" if args.cluster == "local-cuda" else resolve_device(args.device)
     summary = run_batch(args, device)
@@ -448,6 +450,12 @@ def cmd_batch(args):
             # (the input's name once: many messages name it already)
             error = record["error"] if record["input"] in record["error"] else f"{record['input']}: {record['error']}"
             print(f"declump: error: {error}", file=sys.stderr)
+    if summary["left_out"]:
+        kinds = collections.Counter(Path(p).suffix.lower() or "(no suffix)" for p in summary["left_out"])
+        n = len(summary["left_out"])
+        print(f"declump: note: {n} file{'s' if n > 1 else ''} of the folders {'are' if n > 1 else 'is'} not an image "
+              f"declump reads and {'were' if n > 1 else 'was'} left out ({', '.join(f'{k}: {n}' for k, n in sorted(kinds.items()))}; accepted: "
+              f"{', '.join(IMAGE_SUFFIXES)}); batch_summary.json lists them", file=sys.stderr)
     skipped = sum(1 for record in summary["images"] if record.get("skipped"))
     if skipped:
         print(f"declump: note: {skipped} of {summary['n_images']} images were done before (their outputs, from the "

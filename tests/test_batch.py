@@ -37,7 +37,11 @@ def test_batch_equals_run_per_image_and_names_the_failed_one(tmp_path, rng, caps
     out = tmp_path / "out"
     assert main(["batch", str(tmp_path / "in"), "--out", str(out), *OPTIONS]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    # A line per image as it finishes (in any order), then the failure again, as an error, and the count.
+    # A line per image as it finishes (in any order), then the failure again, as an error, and the count; the
+    # file that is no image is named in a note (it was left out silently).
+    notes = [line for line in lines if line.startswith("declump: note:")]
+    assert len(notes) == 1 and "1 file of the folders is not an image declump reads" in notes[0] and "(.txt: 1;" in notes[0]
+    lines = [line for line in lines if line not in notes]
     progress, err = lines[:4], lines[4:]
     assert {p.split(":")[1].strip() for p in progress} == {"a", "b", "c", "flat"}, lines
     assert next(p for p in progress if p.startswith("declump: flat:")).endswith("failed, see the end")
@@ -46,6 +50,7 @@ def test_batch_equals_run_per_image_and_names_the_failed_one(tmp_path, rng, caps
     assert err[1].startswith("declump: error: 1 of 4 images failed"), err
     summary = json.loads((out / "batch_summary.json").read_text())
     assert (summary["n_images"], summary["n_ok"], summary["n_failed"]) == (4, 3, 1)
+    assert summary["left_out"] == [str(tmp_path / "in" / "notes.txt")]
     assert [r["status"] for r in summary["images"]] == ["ok", "ok", "ok", "error"]  # a, b, c, flat (name order)
     assert not any(p.name.startswith("flat") for p in out.iterdir())
     combined = _rows(out / "particles.csv")
