@@ -316,6 +316,33 @@ def test_painted_classifier_result_is_reproduced_by_declump_train_and_run(tmp_pa
     assert (tmp_path / "particles_labels_particles.csv").read_text() == sess.table_csv_text(result.table)
 
 
+def test_the_command_line_describes_the_result_shown_not_a_later_model(rng):
+    """Found by an audit in the browser: after a separation with the painted classifier, choosing the shipped
+    model, or training again (new strokes), gave a command line for the new model beside the old result."""
+    image, truth = make_touching_particles((90, 110), 14, seed=int(rng.integers(1e6)))
+    session = sess.Session(sess.SessionStore.new_id())
+    session.set_image(image, name="particles.tif", source="particles.tif")
+    _paint_two_classes(session, truth, rng)
+    session.train()
+    session.separate(foreground="classifier")
+    painted = sess.command_line(session, device="cpu")
+    assert "declump train" in painted and "--classifier particles_model.npz" in painted
+    session.use_shipped_model()  # chosen, not yet separated with: the line still describes the painted result
+    assert sess.command_line(session, device="cpu") == painted
+    session.separate(foreground="classifier")
+    assert "--classifier em-particles" in sess.command_line(session, device="cpu")
+    session.use_painted_classifier()
+    session.separate(foreground="classifier")
+    assert sess.command_line(session, device="cpu") == painted
+    session.train()  # the same strokes, another model object: no longer the one that made the result
+    with pytest.raises(DeclumpError, match="trained again or the strokes changed"):
+        sess.command_line(session, device="cpu")
+    session.separate(foreground="classifier")
+    _paint_two_classes(session, truth, rng)  # new strokes after the result
+    with pytest.raises(DeclumpError, match="trained again or the strokes changed"):
+        sess.command_line(session, device="cpu")
+
+
 def test_app_without_dash_is_a_one_line_error_naming_the_extra():
     code = ("import sys; sys.modules['dash'] = None; from gpu_pipeline.cli import main; "
             "sys.exit(main(['app', '--port', '1']))")

@@ -308,3 +308,29 @@ def test_the_same_file_again_a_thin_image_and_an_error_after_another_click_all_s
     wait_for(lambda: "spacing must be 2 positive numbers" in text_of(browser, "message"), what="the spacing error")
     time.sleep(4)  # the sample separates in about a second: it must not have run with the old spacing
     assert text_of(browser, "count") == "" and "spacing must be" in text_of(browser, "message")
+
+
+def test_an_image_given_to_the_app_opens_with_its_spacing_unit_and_middle_plane(browser, tmp_path):
+    """`declump app volume.tif` opened with an empty spacing box (Separate refused until one was typed, and a
+    typed "1" ran an anisotropic volume as isotropic) at plane 0; an upload of the same file filled them in."""
+    import tifffile
+    from werkzeug.serving import make_server
+
+    from gpu_pipeline.synthetic import make_touching_particles
+
+    volume, _ = make_touching_particles((12, 48, 48), 8, spacing=(2.0, 0.5, 0.5), seed=5)
+    tifffile.imwrite(tmp_path / "vol.tif", volume, imagej=True, resolution=(2.0, 2.0),
+                     metadata={"spacing": 2.0, "unit": "um", "axes": "ZYX"})
+    app = create_app(tmp_path / "vol.tif")
+    server = make_server("127.0.0.1", 0, app.server, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        open_page(browser, f"http://127.0.0.1:{server.server_port}/")
+        value = "return document.getElementById('{}').value"
+        wait_for(lambda: browser.execute_script(value.format("spacing")) == "2,0.5,0.5", what="the file's spacing")
+        assert browser.execute_script(value.format("unit")) in ("um", "µm")
+        wait_for(lambda: text_of(browser, "plane-label") == "plane (z): 6 of 0-11", what="the middle plane")
+    finally:
+        server.shutdown()
+        thread.join(10)

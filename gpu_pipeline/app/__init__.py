@@ -69,7 +69,11 @@ def serve(image_path=None, *, host="127.0.0.1", port=8050, max_voxels=None, anno
     """Build the app and serve it until interrupted (Flask's threaded server: one thread per request)."""
     check_address(host, port)
     app = create_app(image_path, max_voxels=max_voxels)
-    announce(f"declump app: open http://{host}:{port}/ in a browser (Ctrl+C stops it)")
+    shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL is bracketed
+    announce(f"declump app: open http://{shown}:{port}/ in a browser (Ctrl+C stops it)")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        announce(f"declump app: note: --host {host} lets other machines reach this page, with no password: "
+                 "whoever reaches it can upload images and read the results")
     app.run(host=host, port=port, debug=False)
 
 

@@ -67,6 +67,8 @@ class Result:
     argv: list
     foreground: str
     seconds: float
+    classifier: object = None  # the classifier that made the foreground, and its source ("painted", a name)
+    classifier_source: str | None = None
 
 
 @dataclass
@@ -87,6 +89,7 @@ class Session:
     classifier_source: str | None = None
     probabilities: np.ndarray | None = None
     painted: tuple | None = None  # (classifier, probabilities) trained from the strokes, kept beside a shipped one
+    painted_scribbles: np.ndarray | None = None  # the strokes that classifier was trained on
     result: Result | None = None
     message: str = ""
     job: str | None = None
@@ -114,7 +117,7 @@ class Session:
             self.unit = unit or ("px" if spacing is None else "units")
             self.strokes, self.result = [], None
             self.features = self.features_spacing = self.classifier = self.classifier_source = None
-            self.probabilities = self.painted = None
+            self.probabilities = self.painted = self.painted_scribbles = None
             self.timings = {}
             self.message, self.version = "", self.version + 1
 
@@ -130,6 +133,7 @@ class Session:
                 self.spacing = spacing
                 self.result = None
                 self.probabilities = self.classifier = self.classifier_source = self.painted = None
+                self.painted_scribbles = None
             if unit:
                 self.unit = unit
 
@@ -197,7 +201,7 @@ class Session:
         classifier = MemoizedClassifier.wrap(classifier, self.image, self.spacing, probabilities)
         with self.lock:
             self.classifier, self.classifier_source, self.probabilities = classifier, "painted", probabilities
-            self.painted = (classifier, probabilities)
+            self.painted, self.painted_scribbles = (classifier, probabilities), scribbles
             self.timings.update(train_s=trained - started, predict_s=time.perf_counter() - trained)
         return classifier
 
@@ -232,6 +236,8 @@ class Session:
         if self.image is None:
             raise DeclumpError("load an image first (upload a TIFF, PNG or NPY file, or open the sample)")
         kwargs, argv = separation_options(options)
+        with self.lock:  # a failed separation leaves no result: the last one, shown beside the error with
+            self.result = None  # other settings, was what the downloads gave (2026-12-05 audit)
         if foreground == "classifier":
             if self.classifier is None:
                 raise DeclumpError("train the classifier (or choose the shipped EM model) first, or separate with "
@@ -242,7 +248,10 @@ class Session:
         labels = to_host(separate(self.image, spacing=self.spacing, device=device, **kwargs))
         table = particle_table(labels, self.image, self.spacing)
         with self.lock:
-            self.result = Result(labels, table, argv, foreground, time.perf_counter() - started)
+            used = foreground == "classifier"
+            self.result = Result(labels, table, argv, foreground, time.perf_counter() - started,
+                                 classifier=self.classifier if used else None,
+                                 classifier_source=self.classifier_source if used else None)
         return self.result
 
     # -- background jobs -------------------------------------------------------------------------------------
@@ -561,7 +570,8 @@ def labels_tiff_bytes(labels):
     import tifffile
 
     buffer = io.BytesIO()
-    tifffile.imwrite(buffer, labels, compression="zlib")
+    # Axes recorded as `declump run` records them: a 3D label image read back as planes (QYX before).
+    tifffile.imwrite(buffer, labels, compression="zlib", metadata={"axes": "ZYX"[-labels.ndim:]})
     return buffer.getvalue()
 
 
@@ -593,9 +603,16 @@ def command_line(session, *, device="auto"):
     options = ["--spacing", format_spacing(session.spacing), *result.argv, "--device", device]
     lines = list(prelude)
     if result.foreground == "classifier":
-        if session.classifier_source != "painted":
-            options += ["--classifier", session.classifier_source]
+        # The result's classifier, not the session's latest: trained again (or another model chosen) after the
+        # separation, the command described a result other than the one shown (2026-12-05 audit).
+        if result.classifier_source != "painted":
+            options += ["--classifier", result.classifier_source]
         else:
+            if (result.classifier is not (session.painted or (None,))[0] or session.painted_scribbles is None
+                    or not np.array_equal(session.scribbles(), session.painted_scribbles)):
+                raise DeclumpError("the classifier was trained again or the strokes changed since this result was "
+                                   "made; separate again (or undo the strokes) to download the command line that "
+                                   "reproduces what is shown")
             lines.append(f"declump train {shlex.quote(source)} --labels {stem}_scribbles.tif --spacing "
                          f"{format_spacing(session.spacing)} --trees {TRAINING['n_estimators']} --max-depth "
                          f"{TRAINING['max_depth']} --samples-per-class {TRAINING['samples_per_class']} --seed "

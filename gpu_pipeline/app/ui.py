@@ -83,7 +83,7 @@ def layout_body(session_id, device):
             html.B("4. Separate"),
             html.Label("foreground from", style=LABEL),
             dcc.RadioItems(id="foreground", value="automatic", options=[
-                {"label": " automatic threshold (Otsu)", "value": "automatic"},
+                {"label": " automatic threshold (Otsu or Li)", "value": "automatic"},
                 {"label": " the painted classifier", "value": "classifier"},
                 {"label": " the shipped EM model", "value": "em-particles"}]),
             html.Label("method", style=LABEL),
@@ -273,7 +273,11 @@ def build_app(image_path=None, *, max_voxels=None):
         try:
             if trigger == "upload" and not contents:
                 return (no_update,) * 17
-            if trigger == "upload":
+            if trigger is None and session.image is not None:
+                # The page's first call, on an image given to `declump app IMAGE`: its spacing, unit and middle
+                # plane shown as an upload's are (the spacing box stayed empty, and Separate was refused).
+                reload = True
+            elif trigger == "upload":
                 image, spacing, file_unit = sess.read_upload(filename, contents, max_voxels=max_voxels)
                 session.set_image(image, name=Path(filename).name, spacing=spacing, unit=file_unit,
                                   max_voxels=max_voxels)
