@@ -23,8 +23,14 @@ def separate(image, *, device="auto", mask=None, **kwargs):
     NumPy input gives NumPy output (moved to the GPU and back when the device
     is the GPU); CuPy input stays on the GPU.
     """
+    import os
+
     from gpu_pipeline._backend import is_cupy_array
 
+    for name, given in (("image", image), ("mask", mask)):
+        if isinstance(given, (str, bytes, os.PathLike)):  # (read as a 0-d array: "image has 0 dimensions ()")
+            raise DeclumpError(f"separate takes the {name} as an array, got the path {given!r}; read it first "
+                               "with gpu_pipeline.io.read_image(path)[0]")
     device = resolve_device(device)
     on_gpu_already = image is not None and is_cupy_array(image)
     if device == "gpu":

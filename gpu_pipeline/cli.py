@@ -191,6 +191,7 @@ def run_and_write(image, output, *, device, spacing, mask=None, source=None, pro
     ``unit``: the spacing's unit where the input named it (OME-Zarr axes), kept in the outputs.
     """
     from gpu_pipeline import separate
+    from gpu_pipeline.chunked.workspace import run_lock
     from gpu_pipeline.io import (check_replaceable, output_paths, remove_stale_table, run_outputs, write_json,
                                  write_labels)
     from gpu_pipeline.measure import particle_table, summary, write_csv
@@ -208,31 +209,34 @@ def run_and_write(image, output, *, device, spacing, mask=None, source=None, pro
     if probabilities_path is not None:
         check_probabilities_path(probabilities_path, chunked=False)
         check_replaceable(probabilities_path, "--save-probabilities")
-    remove_stale_table(paths)
-    paths["summary"].unlink(missing_ok=True)
-    unit = "px" if spacing is None else unit
-    spacing = validate_spacing(spacing, image.ndim)
-    labels, details = separate(image, spacing=spacing, mask=mask, device=device, return_details=True, **params)
-    labels = to_host(labels)
-    table = particle_table(labels, image, spacing)
-    from gpu_pipeline.io import atomic_path
+    # One run per output at a time, in memory or chunked (the chunked run holds the same lock): an in-memory
+    # run into a chunked run's output finished first and was then replaced, its table left beside the other's.
+    with run_lock(paths["labels"]):
+        remove_stale_table(paths)
+        paths["summary"].unlink(missing_ok=True)
+        unit = "px" if spacing is None else unit
+        spacing = validate_spacing(spacing, image.ndim)
+        labels, details = separate(image, spacing=spacing, mask=mask, device=device, return_details=True, **params)
+        labels = to_host(labels)
+        table = particle_table(labels, image, spacing)
+        from gpu_pipeline.io import atomic_path
 
-    write_labels(paths["labels"], labels, spacing, source=source, unit=unit)
-    with atomic_path(paths["table"]) as tmp:
-        write_csv(table, tmp)
-    write_overlay(paths["overlay"], image, labels)
-    write_size_histogram(paths["histogram"], table["equivalent_diameter"], unit=unit)
-    if probabilities_path is not None:
-        from gpu_pipeline.io import write_probabilities
+        write_labels(paths["labels"], labels, spacing, source=source, unit=unit)
+        with atomic_path(paths["table"]) as tmp:
+            write_csv(table, tmp)
+        write_overlay(paths["overlay"], image, labels)
+        write_size_histogram(paths["histogram"], table["equivalent_diameter"], unit=unit)
+        if probabilities_path is not None:
+            from gpu_pipeline.io import write_probabilities
 
-        write_probabilities(probabilities_path, to_host(details.probabilities), spacing)
-        paths["probabilities"] = Path(probabilities_path)
-    info = summary(table, image.ndim, spacing, details)
-    parameters = {k: (str(v) if k == "classifier" and v is not None else v) for k, v in params.items()}
-    info.update(unit=unit, device=device, input_shape=list(image.shape),
-                outputs={k: str(v) for k, v in paths.items()}, parameters=parameters, **(record or {}))
-    write_json(paths["summary"], info)
-    return labels, info
+            write_probabilities(probabilities_path, to_host(details.probabilities), spacing)
+            paths["probabilities"] = Path(probabilities_path)
+        info = summary(table, image.ndim, spacing, details)
+        parameters = {k: (str(v) if k == "classifier" and v is not None else v) for k, v in params.items()}
+        info.update(unit=unit, device=device, input_shape=list(image.shape),
+                    outputs={k: str(v) for k, v in paths.items()}, parameters=parameters, **(record or {}))
+        write_json(paths["summary"], info)
+        return labels, info
 
 
 def check_probabilities_path(path, *, chunked):
@@ -354,8 +358,25 @@ def cmd_run_chunked(args, device):
           f"{summary['outputs']['table']}, summary -> {summary['outputs']['summary']}")
 
 
+def engine_device(args):
+    """The device of ``declump run`` and ``batch``: ``--cluster local-cuda`` is the GPU's engine, and refused
+    beside ``--device cpu`` (it was taken as the GPU without a word), or where dask-cuda is not installed
+    (said after the run's notes, so two lines)."""
+    if args.cluster != "local-cuda":
+        return resolve_device(args.device)
+    if args.device == "cpu":
+        raise DeclumpError("--cluster local-cuda starts one worker per GPU; with --device cpu use --cluster local "
+                           "(or leave --device out)")
+    import importlib.util
+
+    if importlib.util.find_spec("dask_cuda") is None:
+        raise DeclumpError("--cluster local-cuda needs dask-cuda; install the GPU extra "
+                           "(pip install 'declump[gpu-cu12]') or use the conda environment.yml")
+    return "gpu"
+
+
 def cmd_run(args):
-    device = "gpu" if args.cluster == "local-cuda" else resolve_device(args.device)
+    device = engine_device(args)
     if _is_zarr(args.input) and Path(args.output).suffix.lower() == ".zarr":
         return cmd_run_chunked(args, device)
     chunked_only = [name for name, value in (("--chunks", args.chunks), ("--cluster", args.cluster),
@@ -409,6 +430,8 @@ def run_file(args, input_path, output, device, *, notes=True):
     kwargs.pop("spacing")
     if args.classifier is not None:
         kwargs["classifier"] = args.classifier
+    if getattr(args, "max_radius", None) is not None:  # (ignored in memory before: the chunked run's cap, the same)
+        kwargs["max_radius"] = args.max_radius
     source = os.path.relpath(Path(input_path).resolve(), (Path(output) / "particles").resolve())
     _, info = run_and_write(image, output, device=device, spacing=spacing, mask=mask, source=source, unit=unit,
                             probabilities_path=args.save_probabilities,
@@ -443,7 +466,7 @@ def cmd_batch(args):
     from gpu_pipeline.batch import SUMMARY_NAME, run_batch
     from gpu_pipeline.io import IMAGE_SUFFIXES
 
-    device = "gpu" if args.cluster == "local-cuda" else resolve_device(args.device)
+    device = engine_device(args)
     summary = run_batch(args, device)
     for record in summary["images"]:
         if record["status"] != "ok":
@@ -689,7 +712,7 @@ def build_parser():
     chunked.add_argument("--max-radius", type=_positive_number("max radius"), default=None,
                          help="largest particle radius, physical units; sets the distance-transform halo "
                               "(default: 4 x --min-distance); deeper voxels are capped (see --neck-ratio for what "
-                              "happens to such particles)")
+                              "happens to such particles); in memory the same cap (default: none)")
     chunked.add_argument("--cluster", choices=("local", "local-cuda"), default=None,
                          help="local: a Dask LocalCluster of worker processes on this machine; local-cuda: a "
                               "dask-cuda LocalCUDACluster, one worker per GPU (default: local threads)")

@@ -1066,3 +1066,23 @@ def test_relative_paths_on_a_running_cluster_started_elsewhere(tmp_path, rng, mo
     assert zarr.open_array(str(here / "out.zarr" / "particles" / "0"))[...].tobytes() == expected.tobytes()
     assert json.loads((here / "out_summary.json").read_text())["n_particles"] == int(expected.max())
     assert list(elsewhere.iterdir()) == []
+
+
+def test_separate_chunked_checks_its_arrays_and_takes_a_workspace_path(tmp_path, rng):
+    """A NumPy volume or mask, a list and a workspace given as a path were AttributeErrors; a mask of another
+    shape ran (labels of the mask's shape) and a complex one was "no particles found"."""
+    import dask.array as da
+
+    image, _ = make_touching_particles((32, 48, 48), 12, seed=int(rng.integers(1e6)))
+    volume = da.from_array(image, chunks=(16, 24, 24))
+    for kwargs, message in [(dict(volume=image), "takes Dask arrays, got a ndarray as the volume"),
+                            (dict(volume=image.tolist()), "takes Dask arrays, got a list"),
+                            (dict(volume=volume, mask=image > 100), "got a ndarray as the mask"),
+                            (dict(volume=volume, mask=da.ones((16, 48, 48), chunks=16)), "mask shape"),
+                            (dict(volume=volume, mask=da.zeros(image.shape, chunks=16, dtype=complex)), "dtype")]:
+        with pytest.raises(DeclumpError, match=message):
+            separate_chunked(max_radius=8, **kwargs)
+    labels, _ = separate_chunked(volume, max_radius=8, workspace=str(tmp_path / "work"))
+    expected = separate_in_memory(image, sigma=1.0, threshold="otsu", min_distance=4.0, max_hole_size=0,
+                                  min_size=None, max_radius=8)
+    assert np.array_equal(labels.compute(), expected)

@@ -429,9 +429,8 @@ def test_boolean_mask_works_as_input_and_as_mask(rng, tmp_path, suffix):
 
     image, truth = make_touching_particles((96, 100), 15, seed=int(rng.integers(1e6)))
     mask = truth > 0
-    # Chunked runs cap the distance map at --max-radius; in-memory runs do not.
-    expected = separate(None, mask=mask, max_radius=16.0 if suffix == ".zarr" else None, min_distance=4.0,
-                        max_hole_size=0)
+    # Both kinds of run cap the distance map at --max-radius (in memory it was ignored before 2026-12-05).
+    expected = separate(None, mask=mask, max_radius=16.0, min_distance=4.0, max_hole_size=0)
     if suffix == ".tif":
         tifffile.imwrite(tmp_path / "mask.tif", mask)
     elif suffix == ".npy":

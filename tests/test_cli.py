@@ -399,6 +399,62 @@ def test_a_run_of_the_other_kind_with_overwrite_leaves_no_stale_table(tmp_path, 
     assert (tmp_path / "o_particles.csv").exists() and not (tmp_path / "o_particles.parquet").exists()
 
 
+def test_an_in_memory_run_takes_the_output_s_lock_and_max_radius_as_a_chunked_run_does(tmp_path, rng, capsys):
+    """An in-memory run into the output a chunked run was writing finished first, was replaced, and left its
+    table beside the other's labels: it now waits for no one and is refused while the lock is held. And
+    --max-radius was ignored in memory (the same cap as a chunked run's, in separate(max_radius=...))."""
+    import tifffile
+
+    from gpu_pipeline import separate
+    from gpu_pipeline.chunked.workspace import run_lock
+
+    volume, _ = make_touching_particles((32, 64, 64), 30, seed=int(rng.integers(1e6)))
+    np.save(tmp_path / "v.npy", volume)
+    out = tmp_path / "o.tif"
+    with run_lock(out):
+        assert main(["run", str(tmp_path / "v.npy"), str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "another declump run is writing" in err and not out.exists()
+    options = dict(sigma=1.0, threshold="otsu", min_distance=4.0, max_hole_size=0)
+    assert main(["run", str(tmp_path / "v.npy"), str(out), "--sigma", "1", "--threshold", "otsu", "--min-distance",
+                 "4", "--max-hole-size", "0", "--max-radius", "3", "--quiet"]) == 0
+    capped = separate(volume, max_radius=3.0, **options)
+    assert np.array_equal(tifffile.imread(out), capped)
+    assert not np.array_equal(capped, separate(volume, **options))  # (the cap changes these labels)
+    assert not (tmp_path / "o.tif.lock").exists()
+
+
+def test_scheduler_addresses_that_are_no_scheduler_s_are_one_line(tmp_path, capsys):
+    """`--scheduler notanaddress` and an http:// address were tracebacks that left a work folder; a service
+    that accepts the connection and never answers as Dask does (the dashboard's port, a web server) held the
+    command without a word; --workers beside --scheduler was ignored; --cluster local-cuda --device cpu ran
+    on the GPU engine without a word."""
+    import socket
+    import threading
+
+    import zarr
+
+    from gpu_pipeline._backend import DeclumpError
+    from gpu_pipeline.chunked.run import connect_scheduler
+
+    zarr.create_array(str(tmp_path / "in.zarr"), shape=(16, 16, 16), dtype="uint8", chunks=(16, 16, 16))[...] = 1
+    for options, message in [(["--scheduler", "notanaddress"], "is not a Dask scheduler's address"),
+                             (["--scheduler", "http://127.0.0.1:8787"], "is not a Dask scheduler's address"),
+                             (["--scheduler", "tcp://127.0.0.1:8786", "--workers", "2"], "--workers 2 applies to"),
+                             (["--cluster", "local-cuda", "--device", "cpu"], "with --device cpu use --cluster local")]:
+        assert main(["run", str(tmp_path / "in.zarr"), str(tmp_path / "o.zarr"), *options, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and message in err, (options, err)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr"], options
+    with socket.socket() as silent:  # accepts, reads nothing, answers nothing
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        held = []
+        threading.Thread(target=lambda: held.append(silent.accept()), daemon=True).start()
+        with pytest.raises(DeclumpError, match="does not answer as a Dask scheduler"):
+            connect_scheduler(f"tcp://127.0.0.1:{silent.getsockname()[1]}", seconds=1)
+
+
 def test_debug_shows_the_traceback(tmp_path):
     result = run_cli("--debug", "run", tmp_path / "missing.tif", tmp_path / "o.tif")
     assert result.returncode != 0 and "Traceback" in result.stderr

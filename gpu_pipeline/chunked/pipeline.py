@@ -580,6 +580,19 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
     reference = volume if volume is not None else mask
     if reference is None:
         raise DeclumpError("separate_chunked needs a volume, a mask, or both")
+    import dask.array as da
+
+    for name, given in (("volume", volume), ("mask", mask)):
+        if given is not None and not isinstance(given, da.Array):
+            raise DeclumpError(f"separate_chunked takes Dask arrays, got a {type(given).__name__} as the {name}; wrap "
+                               "it (dask.array.from_array(a, chunks=...)) or, for an array in memory, use separate")
+    if volume is not None and mask is not None and tuple(mask.shape) != tuple(volume.shape):
+        raise DeclumpError(f"mask shape {tuple(mask.shape)} differs from the volume's shape {tuple(volume.shape)}")
+    if mask is not None and np.dtype(mask.dtype).kind not in "buif":
+        raise DeclumpError(f"mask has dtype {mask.dtype}; accepted: bool, non-negative integers (foreground where > 0) "
+                           "or a probability map in [0, 1] (foreground where > 0.5)")
+    if workspace is not None and not isinstance(workspace, Workspace):  # a folder's path: its workspace
+        workspace = Workspace(workspace, verbose=verbose)
     if reference.ndim not in (2, 3):
         raise DeclumpError(f"the volume has {reference.ndim} dimensions {tuple(reference.shape)}; declump accepts "
                            "2D or 3D")

@@ -26,6 +26,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -77,6 +78,12 @@ def engine_plan(*, device="cpu", cluster=None, scheduler=None, workers=None, n_g
     if cluster not in (None, "local", "local-cuda"):
         raise DeclumpError(f"--cluster must be 'local' or 'local-cuda', got {cluster!r}")
     if scheduler:
+        wrong = scheduler_address_error(scheduler)
+        if wrong:
+            raise DeclumpError(wrong)
+        if workers is not None:
+            raise DeclumpError(f"--workers {workers} applies to the engines this command starts; a running "
+                               "scheduler's workers are the ones started for it (dask worker --nworkers)")
         if gpu_threads != 1:
             raise DeclumpError(f"--gpu-threads {gpu_threads} applies to the workers this command starts; the workers "
                                f"of a running scheduler take theirs when started (dask cuda worker --nthreads "
@@ -175,6 +182,81 @@ def _environ_restored():
         os.environ.update(before)
 
 
+class _LostSchedulerLog(logging.Filter):
+    """Drops the client's tracebacks of its attempts to reach a scheduler that went away (a run reports the
+    loss in one line, :func:`~gpu_pipeline.chunked.workspace.worker_deaths`)."""
+
+    def filter(self, record):
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, OSError)  # (CommClosedError, ConnectionRefusedError: OSErrors)
+                    or str(record.msg).startswith("Failed to reconnect to scheduler"))
+
+
+@contextlib.contextmanager
+def _quiet_lost_scheduler():
+    log, drop = logging.getLogger("distributed.client"), _LostSchedulerLog()
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
+#: Seconds a run waits for a running scheduler to answer (``--scheduler``).
+CONNECT_SECONDS = 20
+
+
+def scheduler_address_error(address):
+    """Why ``address`` cannot be a Dask scheduler's address (a missing port, an http:// one), or None."""
+    from distributed.comm.addressing import get_address_host_port
+
+    try:
+        get_address_host_port(str(address))
+    except ValueError as exc:
+        return (f"--scheduler {address} is not a Dask scheduler's address ({exc}); give tcp://HOST:PORT, the "
+                "scheduler's port (8786 by default, not the dashboard's 8787), as `dask scheduler` prints it or "
+                "its --scheduler-file holds it")
+    return None
+
+
+def connect_scheduler(address, seconds=CONNECT_SECONDS):
+    """A ``distributed.Client`` of the running scheduler at ``address``, or one line saying why not.
+
+    Dask's own timeout covers reaching the address, not the handshake after it: a service that accepts the
+    connection without speaking Dask's protocol (the dashboard's port, a web server) held the command without
+    a word until it was killed, and one that answered in HTTP was read as a frame of 3 EiB (a MemoryError).
+    The client is made in a daemon thread, waited for at most ``seconds`` more.
+    """
+    import threading
+
+    from distributed import Client
+
+    found = {}
+
+    def connect():
+        try:
+            found["client"] = Client(address, timeout=f"{seconds}s")
+        except BaseException as exc:  # noqa: BLE001 (handed to the caller's thread)
+            found["error"] = exc
+
+    thread = threading.Thread(target=connect, name="declump-connect", daemon=True)
+    thread.start()
+    thread.join(seconds + 5)
+    error = found.get("error")
+    if thread.is_alive() or (error is not None and not isinstance(error, OSError)):
+        raise DeclumpError(f"the service at {address} does not answer as a Dask scheduler"
+                           f"{f' ({type(error).__name__})' if error is not None else f' (nothing in {seconds + 5} s)'}; "
+                           "give the scheduler's address (port 8786 by default, not the dashboard's 8787)")
+    if error is not None:
+        raise DeclumpError(f"cannot reach the Dask scheduler at {address} ({error}); start one with "
+                           "`dask scheduler` / `dask-cuda-worker`, or drop --scheduler") from error
+    client = found["client"]
+    if not client.scheduler_info().get("workers"):
+        print(f"declump: note: the scheduler at {address} has no workers yet; the run waits for them (start them "
+              "with `dask worker ADDRESS` or `dask-cuda-worker ADDRESS`)", file=sys.stderr)
+    return client
+
+
 @contextlib.contextmanager
 def engine(*, cluster=None, scheduler=None, workers=None, device="cpu", gpu_threads=1):
     """The Dask engine for a run (:func:`engine_plan`): local threads, a local cluster, dask-cuda or a scheduler."""
@@ -189,14 +271,8 @@ def engine(*, cluster=None, scheduler=None, workers=None, device="cpu", gpu_thre
     kind, n_workers = engine_plan(device=device, cluster=cluster, scheduler=scheduler, workers=workers,
                                   n_gpus=n_gpus, have_dask_cuda=have_dask_cuda, gpu_threads=gpu_threads)
     if kind == "scheduler":
-        from distributed import Client
-
-        try:
-            client = Client(scheduler, timeout="20s")
-        except OSError as exc:
-            raise DeclumpError(f"cannot reach the Dask scheduler at {scheduler} ({exc}); start one with "
-                               "`dask scheduler` / `dask-cuda-worker`, or drop --scheduler") from exc
-        with _quiet_interrupt(), client:
+        client = connect_scheduler(scheduler)
+        with _quiet_interrupt(), _quiet_lost_scheduler(), client:
             _setup_workers(client, device, f"the workers at {scheduler} cannot use a GPU", own=False)
             yield client
         return

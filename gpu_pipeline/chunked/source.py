@@ -18,7 +18,7 @@ import weakref
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError
-from gpu_pipeline._common import native_byte_order
+from gpu_pipeline._common import native_byte_order, whole_number_at_least
 from gpu_pipeline.io import EVERY_CHUNK, check_chunks, list_stored_files, open_zarr, unreadable_chunk
 
 
@@ -530,6 +530,9 @@ def open_volume(path, *, channel=None, timepoint=None, chunks=None, missing_chun
     store_chunks = tuple(array.chunks[i] for i in kept)
     if isinstance(chunks, str) and chunks == "auto":
         chunks = default_blocks(store_chunks, shape)
+    elif chunks is not None and not all(whole_number_at_least(c, 1) for axis in tuple(chunks)
+                                        for c in (axis if isinstance(axis, (tuple, list)) else (axis,))):
+        raise DeclumpError(f"chunks must be whole numbers of at least 1, got {tuple(chunks)}")
     elif chunks is not None and len(tuple(chunks)) != len(shape):
         raise DeclumpError(f"--chunks {','.join(str(c) for c in chunks)} has {len(tuple(chunks))} values but "
                            f"{path} is {len(shape)}D {shape}; give one chunk length per axis")

@@ -389,11 +389,20 @@ def log_pass(what, tasks, start):
 @contextlib.contextmanager
 def worker_deaths(what):
     """Dask's ``KilledWorker`` (every worker that ran a task died: a worker's memory limit, the kernel's OOM
-    killer) as one line naming the pass, what sets a chunked run's memory, and that the run resumes."""
+    killer) as one line naming the pass, what sets a chunked run's memory, and that the run resumes; a lost
+    scheduler (its connection closed, the futures cancelled with it) as one line that says it resumes too."""
+    from distributed.client import FutureCancelledError
+    from distributed.comm.core import CommClosedError
     from distributed.scheduler import KilledWorker
 
     try:
         yield
+    except (CommClosedError, FutureCancelledError) as exc:
+        # The scheduler went away (stopped, killed, its node lost): about 80 lines of tracebacks before.
+        raise DeclumpError(
+            f"lost the Dask scheduler during the pass '{what}' ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:100]}); once a "
+            "scheduler and its workers run again, the same command resumes from the finished blocks") from None
     except KilledWorker as exc:
         raise DeclumpError(
             f"Dask workers died running a task of the pass '{what}' ({exc.allowed_failures + 1} "
