@@ -418,7 +418,7 @@ def build_app(image_path=None, *, max_voxels=None):
             _need_result(s).table["equivalent_diameter"], unit=s.unit))), base64=True,
             filename=f"{_stem(s)}_labels_histogram.png"),
         "model": lambda s: dict(content=_b64(_model_bytes(s)), base64=True, filename=f"{_stem(s)}_model.npz"),
-        "scribbles": lambda s: dict(content=_b64(sess.labels_tiff_bytes(_need_image(s).scribbles())), base64=True,
+        "scribbles": lambda s: dict(content=_b64(sess.labels_tiff_bytes(_need_strokes(s).scribbles())), base64=True,
                                     filename=f"{_stem(s)}_scribbles.tif"),
         "command": lambda s: dict(content=sess.command_line(s) or _raise("separate first"),
                                   filename=f"{_stem(s)}_command.txt"),
@@ -478,6 +478,13 @@ def _separate_job(session, options, foreground, device, progress):
 def _need_image(session):
     if session.image is None:
         raise DeclumpError("load an image first")
+    return session
+
+
+def _need_strokes(session):
+    """The session, with strokes to download (an empty scribble image was one `declump train` then refused)."""
+    if not _need_image(session).strokes:
+        raise DeclumpError("paint strokes first (2. Paint): there are none to download yet")
     return session
 
 
