@@ -192,7 +192,7 @@ def run_and_write(image, output, *, device, spacing, mask=None, source=None, pro
     """
     from gpu_pipeline import separate
     from gpu_pipeline.chunked.workspace import run_lock
-    from gpu_pipeline.io import (check_replaceable, output_paths, remove_stale_table, run_outputs, write_json,
+    from gpu_pipeline.io import (check_replaceable_outputs, output_paths, remove_stale_table, run_outputs, write_json,
                                  write_labels)
     from gpu_pipeline.measure import particle_table, summary, write_csv
     from gpu_pipeline.overlay import write_overlay
@@ -203,12 +203,9 @@ def run_and_write(image, output, *, device, spacing, mask=None, source=None, pro
     if paths["labels"].suffix.lower() not in (".tif", ".tiff", ".npy", ".zarr"):
         raise DeclumpError(f"unsupported output format {paths['labels'].suffix or '(no suffix)'}; "
                            "accepted: .tif, .tiff, .npy, .zarr")
-    for what, path in run_outputs(paths).items():  # each before any work: a folder at a companion's path too
-        if path is not None:
-            check_replaceable(path, what)
     if probabilities_path is not None:
         check_probabilities_path(probabilities_path, chunked=False)
-        check_replaceable(probabilities_path, "--save-probabilities")
+    check_replaceable_outputs(run_outputs(paths, probabilities_path))  # a folder at a companion's path too
     # One run per output at a time, in memory or chunked (the chunked run holds the same lock): an in-memory
     # run into a chunked run's output finished first and was then replaced, its table left beside the other's.
     with run_lock(paths["labels"]):
@@ -369,9 +366,10 @@ def engine_device(args):
                            "(or leave --device out)")
     import importlib.util
 
+    from gpu_pipeline.chunked.run import DASK_CUDA_MISSING
+
     if importlib.util.find_spec("dask_cuda") is None:
-        raise DeclumpError("--cluster local-cuda needs dask-cuda; install the GPU extra "
-                           "(pip install 'declump[gpu-cu12]') or use the conda environment.yml")
+        raise DeclumpError(DASK_CUDA_MISSING)
     return "gpu"
 
 
@@ -398,7 +396,8 @@ def run_file(args, input_path, output, device, *, notes=True):
                                  read_image, run_inputs, run_outputs, spatial_unit)
 
     check_foreground_options(mask=args.mask, classifier=args.classifier, probabilities_path=args.save_probabilities)
-    check_not_inputs(run_outputs(output_paths(output), args.save_probabilities), run_inputs(input_path, args.mask, args.classifier))
+    check_not_inputs(run_outputs(output_paths(output), args.save_probabilities),
+                     run_inputs(input_path, args.mask, args.classifier))
     image, file_spacing = read_image(input_path, channel=args.channel, timepoint=args.timepoint,
                                      missing_chunks=args.missing_chunks)
     mask = None
@@ -475,9 +474,10 @@ def cmd_batch(args):
             print(f"declump: error: {error}", file=sys.stderr)
     if summary["left_out"]:
         kinds = collections.Counter(Path(p).suffix.lower() or "(no suffix)" for p in summary["left_out"])
+        by_kind = ", ".join(f"{suffix}: {count}" for suffix, count in sorted(kinds.items()))
         n = len(summary["left_out"])
         print(f"declump: note: {n} file{'s' if n > 1 else ''} of the folders {'are' if n > 1 else 'is'} not an image "
-              f"declump reads and {'were' if n > 1 else 'was'} left out ({', '.join(f'{k}: {n}' for k, n in sorted(kinds.items()))}; accepted: "
+              f"declump reads and {'were' if n > 1 else 'was'} left out ({by_kind}; accepted: "
               f"{', '.join(IMAGE_SUFFIXES)}); batch_summary.json lists them", file=sys.stderr)
     skipped = sum(1 for record in summary["images"] if record.get("skipped"))
     if skipped:

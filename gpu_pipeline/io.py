@@ -510,6 +510,14 @@ def check_replaceable(path, what="output"):
                            f"{what if what.startswith('--') else 'output'} path (nothing was replaced)")
 
 
+def check_replaceable_outputs(outputs):
+    """:func:`check_replaceable` for each path of ``outputs`` (:func:`run_outputs`; None entries skipped):
+    before any work, a user's folder at any path a run writes."""
+    for what, path in outputs.items():
+        if path is not None:
+            check_replaceable(path, what)
+
+
 def _same_or_nested(a, b):
     """Do the paths ``a`` and ``b`` name the same file or folder (hard links included), or does one hold the
     other?"""

@@ -315,6 +315,11 @@ def refuse_channels_last(shape, name="image"):
                            "skimage.color.rgb2gray(image) or image[..., 0]); volumes are (planes, rows, columns)")
 
 
+#: What a mask may be, in the line that refuses one (in memory and chunked).
+MASK_ACCEPTED = ("bool, non-negative integers (foreground where > 0: a 0/1 or 0/255 mask, a label image) or a "
+                 "probability map in [0, 1] (foreground where > 0.5)")
+
+
 def _mask_from(mask, shape):
     xp = get_array_module(mask)
     if tuple(mask.shape) != tuple(shape):
@@ -322,16 +327,14 @@ def _mask_from(mask, shape):
     kind = np.dtype(mask.dtype).kind
     if kind == "b":
         return mask
-    accepted = ("bool, non-negative integers (foreground where > 0: a 0/1 or 0/255 mask, a label image) or a "
-                "probability map in [0, 1] (foreground where > 0.5)")
     if kind not in "uif":
-        raise DeclumpError(f"mask has dtype {mask.dtype}; accepted: {accepted}")
+        raise DeclumpError(f"mask has dtype {mask.dtype}; accepted: {MASK_ACCEPTED}")
     if kind == "f" and not bool(xp.isfinite(mask).all()):
-        raise DeclumpError(f"mask holds NaN or inf values; accepted: {accepted}")
+        raise DeclumpError(f"mask holds NaN or inf values; accepted: {MASK_ACCEPTED}")
     low, high = float(mask.min()), float(mask.max())
     # Integers: > 0.5 is > 0, as chunked runs take them (a 0/255 mask saved as PNG was refused in memory only).
     if low < 0 or (kind == "f" and high > 1):
-        raise DeclumpError(f"mask values span [{low:g}, {high:g}]; accepted: {accepted}")
+        raise DeclumpError(f"mask values span [{low:g}, {high:g}]; accepted: {MASK_ACCEPTED}")
     return mask > 0.5
 
 

@@ -88,8 +88,9 @@ class Session:
     classifier: object = None
     classifier_source: str | None = None
     probabilities: np.ndarray | None = None
-    painted: tuple | None = None  # (classifier, probabilities) trained from the strokes, kept beside a shipped one
-    painted_scribbles: np.ndarray | None = None  # the strokes that classifier was trained on
+    # (classifier, probabilities, scribbles): trained from the strokes (the scribble image then), kept beside a
+    # shipped model
+    painted: tuple | None = None
     result: Result | None = None
     message: str = ""
     job: str | None = None
@@ -117,7 +118,7 @@ class Session:
             self.unit = unit or ("px" if spacing is None else "units")
             self.strokes, self.result = [], None
             self.features = self.features_spacing = self.classifier = self.classifier_source = None
-            self.probabilities = self.painted = self.painted_scribbles = None
+            self.probabilities = self.painted = None
             self.timings = {}
             self.message, self.version = "", self.version + 1
 
@@ -133,7 +134,6 @@ class Session:
                 self.spacing = spacing
                 self.result = None
                 self.probabilities = self.classifier = self.classifier_source = self.painted = None
-                self.painted_scribbles = None
             if unit:
                 self.unit = unit
 
@@ -201,7 +201,7 @@ class Session:
         classifier = MemoizedClassifier.wrap(classifier, self.image, self.spacing, probabilities)
         with self.lock:
             self.classifier, self.classifier_source, self.probabilities = classifier, "painted", probabilities
-            self.painted, self.painted_scribbles = (classifier, probabilities), scribbles
+            self.painted = (classifier, probabilities, scribbles)
             self.timings.update(train_s=trained - started, predict_s=time.perf_counter() - trained)
         return classifier
 
@@ -211,7 +211,7 @@ class Session:
             if self.painted is None:
                 raise DeclumpError("train the classifier on painted strokes first (3. Train), or choose the shipped "
                                    "EM model or the automatic foreground")
-            (self.classifier, self.probabilities), self.classifier_source = self.painted, "painted"
+            (self.classifier, self.probabilities, _), self.classifier_source = self.painted, "painted"
 
     def use_shipped_model(self, name="em-particles", progress=lambda text: None):
         from gpu_pipeline.classifier import load_classifier
@@ -608,8 +608,8 @@ def command_line(session, *, device="auto"):
         if result.classifier_source != "painted":
             options += ["--classifier", result.classifier_source]
         else:
-            if (result.classifier is not (session.painted or (None,))[0] or session.painted_scribbles is None
-                    or not np.array_equal(session.scribbles(), session.painted_scribbles)):
+            if (session.painted is None or result.classifier is not session.painted[0]
+                    or not np.array_equal(session.scribbles(), session.painted[2])):
                 raise DeclumpError("the classifier was trained again or the strokes changed since this result was "
                                    "made; separate again (or undo the strokes) to download the command line that "
                                    "reproduces what is shown")

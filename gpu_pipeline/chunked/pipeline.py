@@ -52,8 +52,8 @@ from gpu_pipeline.chunked.source import (halo_box, haloed_tasks, neighbours_hold
                                          stored_volume)
 from gpu_pipeline.chunked.workspace import (BLOCK_GROUP, Workspace, block_boxes, chunk_starts, read_staged,
                                              run_call, run_grouped, run_tasks, to_device, write_block)
-from gpu_pipeline.pipeline import (NoParticlesError, ball_size, cap_distance, check_auto_or_number, check_max_iter,
-                                   resolve_ratio, validate_spacing)
+from gpu_pipeline.pipeline import (MASK_ACCEPTED, NoParticlesError, ball_size, cap_distance, check_auto_or_number,
+                                   check_max_iter, resolve_ratio, validate_spacing)
 from gpu_pipeline.stages.components import settle_pieces
 from gpu_pipeline.stages.kmeans import batched_kmeans
 from gpu_pipeline.stages.peaks import (PeakReach, join_peaks, local_maxima, quantize_cap, quantize_distance, regroup,
@@ -589,8 +589,7 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
     if volume is not None and mask is not None and tuple(mask.shape) != tuple(volume.shape):
         raise DeclumpError(f"mask shape {tuple(mask.shape)} differs from the volume's shape {tuple(volume.shape)}")
     if mask is not None and np.dtype(mask.dtype).kind not in "buif":
-        raise DeclumpError(f"mask has dtype {mask.dtype}; accepted: bool, non-negative integers (foreground where > 0) "
-                           "or a probability map in [0, 1] (foreground where > 0.5)")
+        raise DeclumpError(f"mask has dtype {mask.dtype}; accepted: {MASK_ACCEPTED}")
     if workspace is not None and not isinstance(workspace, Workspace):  # a folder's path: its workspace
         workspace = Workspace(workspace, verbose=verbose)
     if reference.ndim not in (2, 3):

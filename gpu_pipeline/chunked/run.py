@@ -42,7 +42,7 @@ from gpu_pipeline.chunked.workspace import (LOCAL_CLUSTER_HTTP, Workspace, activ
                                             return_freed_memory, run_lock, save_records, worker_malloc_setup,
                                             write_blocks)
 from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, PROBABILITIES_MARK, boolean_input_as_mask,
-                             check_foreground_options, check_not_inputs, check_replaceable, disk_error, output_paths,
+                             check_foreground_options, check_not_inputs, check_replaceable_outputs, disk_error, output_paths,
                              remove_stale_table, run_inputs, run_outputs, spatial_unit, write_ngff_label_metadata)
 from gpu_pipeline.measure import summary as size_summary, table_from_sums
 
@@ -202,6 +202,9 @@ def _quiet_lost_scheduler():
         log.removeFilter(drop)
 
 
+#: The refusal of ``--cluster local-cuda`` where dask-cuda is not installed.
+DASK_CUDA_MISSING = ("--cluster local-cuda needs dask-cuda; install the GPU extra (pip install 'declump[gpu-cu12]') "
+                     "or use the conda environment.yml")
 #: Seconds a run waits for a running scheduler to answer (``--scheduler``).
 CONNECT_SECONDS = 20
 
@@ -287,8 +290,7 @@ def engine(*, cluster=None, scheduler=None, workers=None, device="cpu", gpu_thre
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError as exc:
-            raise DeclumpError("--cluster local-cuda needs dask-cuda; install the GPU extra "
-                               "(pip install 'declump[gpu-cu12]') or use the conda environment.yml") from exc
+            raise DeclumpError(DASK_CUDA_MISSING) from exc
         with _quiet_interrupt(), _environ_restored(), dask.config.set(environ), \
                 LocalCUDACluster(threads_per_worker=gpu_threads, **LOCAL_CLUSTER_HTTP) as lc, \
                 Client(lc) as client:
@@ -454,9 +456,8 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     no_hugepage_advice()
     work = work_folder(paths["labels"], scratch)
     check_not_inputs(run_outputs(paths, probabilities_path, work), run_inputs(input_path, mask_path, classifier))
-    for what, path in run_outputs(paths, probabilities_path).items():  # a user's folder at a companion's path
-        if path is not None and path != paths["labels"]:  # (the labels: below, a file there too)
-            check_replaceable(path, what)
+    # A user's folder at a companion's path (the labels' own path: below, a file there too).
+    check_replaceable_outputs(run_outputs({k: v for k, v in paths.items() if k != "labels"}, probabilities_path))
     volume, file_spacing, volume_print = open_volume(input_path, channel=channel, timepoint=timepoint,
                                                      chunks=chunks or "auto", missing_chunks=missing_chunks,
                                                      return_fingerprint=True, accept_bool=True)
