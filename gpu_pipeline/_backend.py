@@ -61,17 +61,19 @@ def check_cupy_version(version: str) -> None:
     if tuple(parts) < CUPY_MIN_VERSION:
         floor = ".".join(str(v) for v in CUPY_MIN_VERSION)
         raise DeclumpError(f"CuPy {version} is too old: declump needs CuPy >= {floor} (int64 scatter_min/max); "
-                           f"{GPU_EXTRA_HINT}, or use --device cpu")
+                           f"{GPU_EXTRA_HINT}, or use the CPU (device 'cpu', --device cpu)")
 
 
 def require_gpu():
     """Return cupy, or raise a one-line error naming what is missing."""
     cp = cupy_module()
     if cp is None:
-        raise DeclumpError(f"--device gpu needs CuPy, which is not installed; {GPU_EXTRA_HINT}, or use --device cpu")
+        raise DeclumpError(f"the GPU (device 'gpu', --device gpu) needs CuPy, which is not installed; {GPU_EXTRA_HINT}, "
+                           "or use the CPU (device 'cpu', --device cpu)")
     check_cupy_version(cp.__version__)
     if not gpu_available():
-        raise DeclumpError("--device gpu was asked for but CuPy sees no CUDA device; use --device cpu or auto")
+        raise DeclumpError("the GPU (device 'gpu', --device gpu) was asked for but CuPy sees no CUDA device; use device "
+                           "'cpu' or 'auto' (--device cpu or auto)")
     if _try_import("cupyx.scipy.ndimage") is None:
         raise DeclumpError(f"the GPU backend needs cupyx.scipy.ndimage, which is not importable; {GPU_EXTRA_HINT}")
     return cp

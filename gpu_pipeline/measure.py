@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from gpu_pipeline._backend import DeclumpError, ops_for, to_host
+from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_host
 from gpu_pipeline._common import as_label_image, native_byte_order
 
 AXES = ("z", "y", "x")
@@ -50,6 +50,9 @@ def particle_table(labels, image=None, spacing=None):
                                "mean_intensity needs the image the labels were made from")
         if np.dtype(image.dtype).kind not in "uifb":
             raise DeclumpError(f"image has dtype {image.dtype}; accepted: integer or floating-point intensities")
+        if np.dtype(image.dtype).kind == "f" and not bool(get_array_module(image).isfinite(image).all()):
+            raise DeclumpError("image holds NaN or inf values; mean_intensity needs finite intensities (the "
+                               "image the labels were made from)")
         image = native_byte_order(image)
     sums = {k: None if v is None else to_host(v) for k, v in ops_for(labels).label_sums(labels, image).items()}
     # Rows by position (0: background), not by id: ids from other tools can be sparse and huge (hashes, tracks).

@@ -64,6 +64,21 @@ def test_particle_table_matches_regionprops(rng, shape, spacing):
         np.testing.assert_allclose(size, p.area, rtol=1e-9)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_particle_table_refuses_non_finite_intensities_in_one_line(rng, bad):
+    """A NaN or inf pixel inside a particle made its mean_intensity NaN or inf without a word."""
+    from gpu_pipeline import DeclumpError
+
+    image, labels = make_touching_particles((40, 40), 5, seed=int(rng.integers(1e6)))
+    image = image.astype(np.float32)
+    inside = np.argwhere(labels > 0)
+    image[tuple(inside[rng.integers(len(inside))])] = bad
+    with pytest.raises(DeclumpError, match="NaN or inf") as caught:
+        particle_table(labels, image)
+    assert "\n" not in str(caught.value)
+    assert np.isfinite(particle_table(labels, np.nan_to_num(image, posinf=1, neginf=0))["mean_intensity"]).all()
+
+
 @pytest.mark.parametrize("shape,ids,dtype,image_dtype", [
     ((500,), 7, np.int32, np.uint8), ((37, 41), 30, np.uint16, np.float32), ((13, 17, 19), 60, np.int64, np.uint16),
     ((13, 17, 19), 10**9, np.int64, None),  # ids spread far beyond the voxels: the sorted (array) path
