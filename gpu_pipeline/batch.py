@@ -152,8 +152,8 @@ def _progress(args, record):
 def finished(output, path, args, device):
     """The summary of an earlier run of this image into ``output`` where its outputs are complete and were
     made from the same input file (path, size, modification time) with the same options; else None."""
-    from gpu_pipeline.cli import input_fingerprint, run_options
-    from gpu_pipeline.io import output_paths
+    from gpu_pipeline.cli import run_options
+    from gpu_pipeline.io import input_fingerprint, output_paths
 
     paths = output_paths(output)
     try:

@@ -392,8 +392,8 @@ def run_file(args, input_path, output, device, *, notes=True):
     """The in-memory run of one file (``declump run``, and each image of ``declump batch``): read and check the
     input (and ``args.mask``), separate with ``args``' options, write the outputs; returns the summary.
     ``notes``: print the notes on the input (a TIFF's calibration, few planes) on stderr, after the run."""
-    from gpu_pipeline.io import (boolean_input_as_mask, check_foreground_options, check_not_inputs, output_paths,
-                                 read_image, run_inputs, run_outputs, spatial_unit)
+    from gpu_pipeline.io import (boolean_input_as_mask, check_foreground_options, check_not_inputs, input_fingerprint,
+                                 output_paths, read_image, run_inputs, run_outputs, spatial_unit)
 
     check_foreground_options(mask=args.mask, classifier=args.classifier, probabilities_path=args.save_probabilities)
     check_not_inputs(run_outputs(output_paths(output), args.save_probabilities),
@@ -441,19 +441,11 @@ def run_file(args, input_path, output, device, *, notes=True):
     return info
 
 
-def input_fingerprint(path):
-    """What a summary records of its input file: its absolute path, size and modification time (None for a
-    Zarr store, a folder whose chunks can change without it)."""
-    path = Path(path)
-    if path.is_dir():
-        return None
-    stat = path.stat()
-    return {"path": str(path.resolve()), "bytes": stat.st_size, "modified_ns": stat.st_mtime_ns}
-
-
 def run_options(args, device):
     """Every option of an in-memory run that its outputs depend on, as JSON values (the summary records them;
     ``declump batch`` skips an image whose outputs were made from the same input with the same options)."""
+    from gpu_pipeline.io import input_fingerprint
+
     # A mask or model file by its fingerprint: retrained or replaced under the same name, it makes other outputs.
     files = {key: input_fingerprint(value) if value is not None and Path(str(value)).is_file() else value
              for key, value in (("mask", args.mask), ("classifier", args.classifier))}

@@ -540,7 +540,17 @@ def check_not_inputs(outputs, inputs):
     input, lies inside one (a Zarr store is a folder) or holds one: each
     would be replaced, deleted with ``--overwrite`` or, for a work folder,
     deleted at the end of the run.
+
+    Two outputs at one path (or one inside the other) are refused too: a
+    ``--save-probabilities`` path naming the labels would replace them.
     """
+    named = [(what, path) for what, path in outputs.items() if path is not None]
+    for i, (what, path) in enumerate(named):
+        for other, there in named[:i]:
+            if _same_or_nested(path, there):
+                raise DeclumpError(f"the {what} {path} and the {other} {there} would be written at one place; "
+                                   f"choose another {what if what.startswith('--') else 'output'} path (nothing "
+                                   "was written)")
     for what, path in outputs.items():
         for source, given in inputs.items():
             if path is not None and given is not None and _same_or_nested(path, given):
@@ -716,3 +726,13 @@ def write_ngff_label_metadata(path, spacing, source=None, extra=None, unit=None)
 def write_json(path, data):
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def input_fingerprint(path):
+    """What a summary records of its input file: its absolute path, size and modification time (None for a
+    Zarr store, a folder whose chunks can change without it)."""
+    path = Path(path)
+    if path.is_dir():
+        return None
+    stat = path.stat()
+    return {"path": str(path.resolve()), "bytes": stat.st_size, "modified_ns": stat.st_mtime_ns}

@@ -381,6 +381,18 @@ def test_cli_trains_runs_and_saves_probabilities_in_memory_and_chunked(rng, tmp_
     # A sanity bound: 10 trees trained on one 100x96 image score F1@0.5 0.55-0.85 over DECLUMP_TEST_SEED 0-7
     # (0.8 held on two of them).
     assert evaluate(tifffile.imread(tmp_path / "mem.tif"), truth)["f1_50"] > 0.5
+    # A model retrained under the same name: the chunked output made with the old one was "already complete"
+    # (its labels kept), and an unfinished run resumed with the new model beside the old one's blocks.
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "train.tif"), "--labels", str(tmp_path / "train_truth.tif"),
+                 "--from-instances", "--out", str(tmp_path / "model.npz"), "--trees", "4"]) == 0
+    before = (tmp_path / "chunked.zarr" / "particles" / "0").stat().st_mtime_ns
+    assert main(["run", str(tmp_path / "test.zarr"), str(tmp_path / "chunked.zarr"), "--classifier",
+                 str(tmp_path / "model.npz"), "--save-probabilities", str(tmp_path / "chunked_p.zarr"),
+                 "--max-radius", "12", "--device", "cpu", "--quiet", "--chunks", "50,48"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "model.npz changed" in err and "--overwrite" in err, err
+    assert (tmp_path / "chunked.zarr" / "particles" / "0").stat().st_mtime_ns == before
 
 
 def test_cli_classifier_errors_are_one_line_and_write_nothing(rng, tmp_path, capsys, monkeypatch):

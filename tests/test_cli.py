@@ -366,6 +366,12 @@ def test_no_output_of_a_run_replaces_or_deletes_an_input_or_a_user_s_folder(tmp_
         (["img.npy", "out.tif", "--mask", "out_histogram.png", "--quiet"], "would replace --mask"),
         (["img.npy", "out.tif", "--classifier", "em-particles", "--save-probabilities", "img.npy", "--quiet"],
          "the --save-probabilities"),
+        # The probabilities at the labels' own path replaced the labels (in memory) or the output store (chunked)
+        # with exit status 0.
+        (["img.npy", "o2.tif", "--classifier", "em-particles", "--save-probabilities", "o2.tif", "--quiet"],
+         "at one place"),
+        (["in.zarr", "o3.zarr", "--classifier", "em-particles", "--save-probabilities", "o3.zarr", *chunked],
+         "at one place"),
     ]:
         argv = ["run", *[str(tmp_path / a) if a.endswith((".zarr", ".png", ".npy", ".tif")) or a == "in.zarr"
                          else a for a in args]]

@@ -436,6 +436,7 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     """
     from gpu_pipeline.chunked.pipeline import chunked_parameters
     from gpu_pipeline.chunked.source import open_volume
+    from gpu_pipeline.io import input_fingerprint
     from gpu_pipeline.pipeline import validate_spacing
 
     # Absolute paths: the tasks run on workers, and those of a running cluster (``scheduler``) were started in
@@ -502,8 +503,14 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     changed = (f"{input_path}{' or ' + str(mask_path) if mask_path else ''} changed (shape, dtype, chunking, "
                "codecs, or its chunk files' sizes or times)")
     if classifier is not None:  # added only when used, so earlier runs' work folders stay resumable
-        parameters["classifier"] = str(Path(classifier).resolve()) if Path(str(classifier)).is_file() \
-            else str(classifier)
+        model_file = Path(str(classifier)).is_file()
+        parameters["classifier"] = str(Path(classifier).resolve()) if model_file else str(classifier)
+        if model_file:
+            # A model retrained or replaced under the same name makes other probabilities: neither an output
+            # made with the old one is "complete", nor may its unfinished blocks be resumed with the new one.
+            inputs["classifier"] = input_fingerprint(classifier)
+            changed = (f"{input_path}{', ' + str(mask_path) if mask_path else ''} or the model {classifier} changed "
+                       "(a volume's shape, dtype, chunking, codecs or chunk files; the model file's size or time)")
 
     # One run per output at a time: held until this run has finished or stopped (see run_lock).
     with run_lock(paths["labels"]):
