@@ -591,15 +591,27 @@ def evaluate_folders(args):
                     and not p.name.startswith("."))
     if not truths:
         raise DeclumpError(f"{args.ground_truth} holds no label images; accepted: {', '.join(IMAGE_SUFFIXES)} files")
-    predictions = {}
-    for p in sorted(Path(args.prediction).iterdir(), key=lambda p: (output_name(p).endswith("_labels"), p.name)):
-        if p.suffix.lower() in IMAGE_SUFFIXES:  # (a batch's NAME_labels.* comes last: it wins over a NAME.*)
-            name = output_name(p)
-            predictions[name[:-len("_labels")] if name.endswith("_labels") else name] = p
+    def unique(paths, what):
+        """``paths`` by name; two files of one name (``a.tif`` and ``a.png``) are refused: which one is meant?"""
+        named = {}
+        for p in paths:
+            if output_name(p) in named:
+                raise DeclumpError(f"{what} {named[output_name(p)]} and {p} have the same name; keep one of them in "
+                                   "the folder (images are matched by name)")
+            named[output_name(p)] = p
+        return named
+
+    truths = unique(truths, "the ground truth")
+    plain = unique((p for p in sorted(Path(args.prediction).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES
+                    and not p.name.startswith(".")), "the predictions")
+    # A batch's NAME_labels.* wins over a NAME.* of the same folder.
+    predictions = {**{n: p for n, p in plain.items() if not n.endswith("_labels")},
+                   **{n[:-len("_labels")]: p for n, p in plain.items() if n.endswith("_labels")}}
     rows, missing = [], []
     found = weight = 0.0
-    for truth_path in truths:
-        name = output_name(truth_path)
+    for name, truth_path in truths.items():
+        if name not in predictions and name.endswith("_labels"):  # ground truth named NAME_labels.* too
+            name = name[:-len("_labels")]
         truth, _ = read_image(truth_path)
         if name in predictions:
             pred, _ = read_image(predictions[name])

@@ -59,6 +59,8 @@ def evaluate(pred, gt):
         predicted objects (each predicted object lies > 50 % inside it);
         ``merges``: predicted objects that own 2+ ground-truth objects (each
         ground-truth object lies > 50 % inside it).
+
+    Both images empty: every score is 1; one of them empty: 0.
     """
     pp, gg, inter, pred_sizes, gt_sizes = overlap_table(pred, gt)
     n_pred, n_gt = len(pred_sizes) - 1, len(gt_sizes) - 1
@@ -67,8 +69,11 @@ def evaluate(pred, gt):
     tp = np.array([(iou > t).sum() for t in IOU_THRESHOLDS], dtype=float)
     fp, fn = n_pred - tp, n_gt - tp
     with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(n_pred > 0, tp / max(n_pred, 1), 0.0)
-        recall = np.where(n_gt > 0, tp / max(n_gt, 1), 0.0)
+        # Nothing to find and nothing found is a perfect score, every one of them (F1 and AP were 1 there, but
+        # precision and recall 0); one side empty and not the other scores 0.
+        nothing = 1.0 if n_pred + n_gt == 0 else 0.0
+        precision = np.where(n_pred > 0, tp / max(n_pred, 1), nothing)
+        recall = np.where(n_gt > 0, tp / max(n_gt, 1), nothing)
         f1 = np.where(n_pred + n_gt > 0, 2 * tp / max(n_pred + n_gt, 1), 1.0)
         ap = np.where(tp + fp + fn > 0, tp / np.maximum(tp + fp + fn, 1), 1.0)
     fg_pred, fg_gt = pred_sizes[1:].sum(), gt_sizes[1:].sum()

@@ -201,6 +201,16 @@ def test_evaluate_folders_scores_a_batch_against_its_ground_truth(tmp_path, rng,
     assert result["pooled"]["without_prediction"] == ["r"] and result["images"][2]["f1_50"] == 0.0
     assert result["pooled"]["f1_50_pooled"] == pytest.approx(found / weight)
     assert 0.5 < result["images"][0]["f1_50"] <= 1.0
+    # Ground truth named NAME_labels.* (as the shared embryo data) was matched to nothing: every image 0.
+    for name in ("p", "q", "r"):
+        (tmp_path / "gt" / f"{name}.tif").rename(tmp_path / "gt" / f"{name}_labels.tif")
+    assert main(["evaluate", str(tmp_path / "out"), str(tmp_path / "gt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == result
+    # Two ground-truth files of one name: which one is meant? (Both were scored, each object counted twice.)
+    tifffile.imwrite(tmp_path / "gt" / "p_labels.tiff", tifffile.imread(tmp_path / "gt" / "p_labels.tif"))
+    assert main(["evaluate", str(tmp_path / "out"), str(tmp_path / "gt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "p_labels.tif" in err and "same name" in err
 
 
 def test_a_bug_in_one_image_is_that_image_s_error_and_the_batch_goes_on(tmp_path, rng, capsys, monkeypatch):

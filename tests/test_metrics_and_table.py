@@ -48,6 +48,20 @@ def test_perfect_prediction_scores_one_and_split_merge_counts(rng):
     assert evaluate(gt, halves)["merges"] == 1
 
 
+def test_empty_images_score_consistently(rng):
+    """Both empty: every score 1 (precision and recall were 0 beside an F1 of 1); one side empty: every count-based
+    score 0."""
+    _, gt = make_touching_particles((48, 48), 4, seed=int(rng.integers(1e6)))
+    empty = np.zeros_like(gt)
+    both = evaluate(empty, empty)
+    assert all(v == [1.0] * len(IOU_THRESHOLDS) for k, v in both.items() if k in ("precision", "recall", "f1", "ap"))
+    assert both["dice"] == 1.0 and both["n_pred"] == both["n_gt"] == 0
+    for pred, truth in ((empty, gt), (gt, empty)):
+        s = evaluate(pred, truth)
+        assert all(v == [0.0] * len(IOU_THRESHOLDS) for k, v in s.items() if k in ("precision", "recall", "f1", "ap"))
+        assert s["dice"] == 0.0
+
+
 @pytest.mark.parametrize("shape,spacing", [((80, 90), (0.5, 2.0)), ((20, 40, 40), (3.0, 1.0, 1.0))])
 def test_particle_table_matches_regionprops(rng, shape, spacing):
     image, labels = make_touching_particles(shape, 15, spacing=spacing, seed=int(rng.integers(1e6)))
