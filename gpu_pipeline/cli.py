@@ -209,13 +209,15 @@ def run_and_write(image, output, *, device, spacing, mask=None, source=None, pro
     # One run per output at a time, in memory or chunked (the chunked run holds the same lock): an in-memory
     # run into a chunked run's output finished first and was then replaced, its table left beside the other's.
     with run_lock(paths["labels"]):
-        remove_stale_table(paths)
-        paths["summary"].unlink(missing_ok=True)
         unit = "px" if spacing is None else unit
         spacing = validate_spacing(spacing, image.ndim)
         labels, details = separate(image, spacing=spacing, mask=mask, device=device, return_details=True, **params)
         labels = to_host(labels)
         table = particle_table(labels, image, spacing)
+        # The earlier run's outputs stay whole until this one has something to replace them with: a run refused
+        # (a model file's typo, no particles) removed their summary and left them looking unfinished.
+        remove_stale_table(paths)
+        paths["summary"].unlink(missing_ok=True)
         from gpu_pipeline.io import atomic_path
 
         write_labels(paths["labels"], labels, spacing, source=source, unit=unit)

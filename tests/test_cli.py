@@ -387,6 +387,22 @@ def test_no_output_of_a_run_replaces_or_deletes_an_input_or_a_user_s_folder(tmp_
     assert all(snapshot()[p] == b for p, b in before.items())
 
 
+def test_a_refused_run_leaves_the_earlier_run_s_outputs_whole(tmp_path, rng, capsys):
+    """A run refused after its inputs were read (a model file's typo, no particles at the threshold given)
+    removed the earlier run's summary and kept its labels, table and overlay: a complete output made to look
+    unfinished."""
+    image, _ = make_touching_particles((64, 64), 6, seed=int(rng.integers(1e6)))
+    np.save(tmp_path / "img.npy", image)
+    out = str(tmp_path / "out.tif")
+    assert main(["run", str(tmp_path / "img.npy"), out, "--quiet"]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert "out_summary.json" in before
+    for extra in (["--classifier", str(tmp_path / "typo.npz")], ["--threshold", "1e6"]):
+        assert main(["run", str(tmp_path / "img.npy"), out, "--quiet", *extra]) == 2, extra
+        assert "\n" not in capsys.readouterr().err.strip()
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before, extra
+
+
 def test_a_run_of_the_other_kind_with_overwrite_leaves_no_stale_table(tmp_path, rng, capsys):
     """An in-memory run writes a .csv table, a chunked one .parquet; one after the other into the same output
     left the first one's table beside the second one's labels, as if it were theirs."""
