@@ -37,6 +37,10 @@ class UnusableValuesError(DeclumpError):
     """The image's values give no foreground whatever the options: NaN or inf, or one constant value."""
 
 
+class ChunkShapeError(DeclumpError):
+    """A chunked run's blocks are smaller than a pass's halo: the same command stops the same way again."""
+
+
 def is_cupy_array(array) -> bool:
     return type(array).__module__.split(".")[0] == "cupy"
 

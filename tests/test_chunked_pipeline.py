@@ -464,6 +464,22 @@ def test_bad_chunked_inputs_get_one_line_errors(tmp_path, rng):
     assert not (tmp_path / "bad_summary.json").exists()
 
 
+def test_chunks_below_the_feature_halo_leave_no_work_folder_behind(tmp_path, rng):
+    """Chunks that hold the distance transform's halo but not the pixel classifier's were refused only after
+    the work folder held the run's intensity limits: the corrected command was then refused as "an unfinished
+    run with other parameters" until --overwrite."""
+    from gpu_pipeline.classifier import classes_from_instances, train_classifier
+
+    image, truth = make_touching_particles((40, 64, 64), 30, seed=int(rng.integers(1e6)))
+    src = _ome_zarr(tmp_path / "in.zarr", image, (1.0, 1.0, 1.0), (20, 32, 32))
+    model = train_classifier(image, classes_from_instances(truth), n_estimators=2).save(tmp_path / "m.npz")
+    with pytest.raises(DeclumpError, match="smaller than the pixel-feature halo"):
+        run_chunked(src, tmp_path / "out.zarr", chunks=(20, 32, 32), max_radius=6, classifier=model, verbose=False)
+    assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "out.zarr.work").exists()
+    assert run_chunked(src, tmp_path / "out.zarr", chunks=(40, 64, 64), max_radius=6, classifier=model,
+                       verbose=False)["n_particles"] > 0
+
+
 def test_every_pass_is_logged_with_its_tasks_and_an_interval_holding_them(cluster_client, tmp_path, rng):
     """The DEBUG records that bench.pass_timeline reads: one per pass, in order, none overlapping, each with
     the number of results it computed (one per block; one per run of blocks along the last axis for the

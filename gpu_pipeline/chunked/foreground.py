@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from gpu_pipeline._backend import GAUSSIAN_TRUNCATE, DeclumpError, get_array_module, ops_for
+from gpu_pipeline._common import ChunkShapeError
 from gpu_pipeline.chunked.components import components_chunked
 from gpu_pipeline.chunked.histogram import block_range, histogram_thresholds_chunked
 from gpu_pipeline.chunked.source import (map_haloed, neighbours_hold_halo, shells_key, stored_volume,
@@ -40,7 +41,7 @@ def fit_halo(volume, halo, what):
     for axis, h in enumerate(halo):
         sizes = list(volume.chunks[axis])
         if h and len(sizes) > 1 and max(sizes) < h:
-            raise DeclumpError(f"chunks of {max(sizes)} voxels along axis {axis} are smaller than the {what} halo "
+            raise ChunkShapeError(f"chunks of {max(sizes)} voxels along axis {axis} are smaller than the {what} halo "
                                f"{tuple(halo)}; use chunks of at least the halo per axis")
         merged = []
         for size in sizes:

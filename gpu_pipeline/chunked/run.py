@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops_for, to_host
-from gpu_pipeline._common import UnusableValuesError, usable_cores, whole_number_at_least
+from gpu_pipeline._common import ChunkShapeError, UnusableValuesError, usable_cores, whole_number_at_least
 from gpu_pipeline.chunked.workspace import (LOCAL_CLUSTER_HTTP, Workspace, active_client, limit_malloc_arenas,
                                             local_cluster_config, no_hugepage_advice, own_worker_setup,
                                             return_freed_memory, run_lock, save_records, worker_malloc_setup,
@@ -552,7 +552,7 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
             # same command stops the same way again; keeping it refused the next command, other parameters or the
             # input fixed, as "an unfinished run" until --overwrite), or where bad input was found before anything
             # was computed. Leave no folder behind that a later run would trip on.
-            if isinstance(exc, (NoParticlesError, UnusableValuesError)) or (
+            if isinstance(exc, (NoParticlesError, UnusableValuesError, ChunkShapeError)) or (
                     not work_existed and work.is_dir() and {p.name for p in work.iterdir()} <= RECORDS):
                 shutil.rmtree(work, ignore_errors=True)
             raise
