@@ -303,6 +303,9 @@ def _chunks(text):
 #: What a chunked run uses where the in-memory run would choose automatically: (argument, option, value).
 CHUNKED_FIXED = (("sigma", "--sigma", 1.0), ("threshold", "--threshold", "otsu"), ("min_distance", "--min-distance", 4.0),
                  ("max_hole_size", "--max-hole-size", 0.0))
+#: Those of :data:`CHUNKED_FIXED` that are lengths: in voxels of the volume's finest axis (``run_chunked``'s
+#: ``voxel_defaults``), the physical length following the store's calibration.
+VOXEL_LENGTHS = ("sigma", "min_distance")
 
 
 def cmd_run_chunked(args, device):
@@ -330,12 +333,16 @@ def cmd_run_chunked(args, device):
     if args.min_size == "auto":
         args.min_size = None
         fixed.append(("min_size", "--min-size", "a ball of diameter --min-distance"))
+    # Lengths in voxels of the volume's finest axis, not in its physical unit: 1 and 4 of a store calibrated in
+    # nanometres were a third of a pixel and 1.3 pixels (215 particles for 35).
+    voxel_defaults = {name: value for name, _, value in fixed if name in VOXEL_LENGTHS}
     notes = []
     if fixed:  # (printed by the run once the input and parameters are checked: an error stays one line)
         notes.append("declump: chunked runs do not choose " + ", ".join(option for _, option, _ in fixed) +
                      " automatically (that needs the whole image at once); using " +
-                     " ".join(f"{option} {value:g}" if not isinstance(value, str) else f"{option} {value}"
-                              for _, option, value in fixed) + "; set them to choose others")
+                     " ".join(f"{option} {value:g}{' voxels' if name in VOXEL_LENGTHS else ''}"
+                              if not isinstance(value, str) else f"{option} {value}"
+                              for name, option, value in fixed) + "; set them to choose others")
     kwargs = separation_kwargs(args)
     for key in ("method", "max_hole_size", "reject_annotations", "outline"):
         kwargs.pop(key)
@@ -349,7 +356,8 @@ def cmd_run_chunked(args, device):
                               timepoint=args.timepoint, mask_path=args.mask, max_radius=args.max_radius,
                               device=device, cluster=args.cluster, scheduler=args.scheduler, workers=args.workers,
                               gpu_threads=args.gpu_threads, scratch=args.scratch, overwrite=args.overwrite,
-                              missing_chunks=args.missing_chunks, verbose=not args.quiet, notes=notes, **kwargs)
+                              missing_chunks=args.missing_chunks, verbose=not args.quiet, notes=notes,
+                              voxel_defaults=voxel_defaults, **kwargs)
     except MemoryError as exc:  # NumPy's, or CuPy's OutOfMemoryError (a MemoryError) on a GPU worker
         exc.chunked = True  # read by memory_error_message, as separate's exc.stage is
         raise

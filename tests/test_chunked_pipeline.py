@@ -1102,3 +1102,24 @@ def test_separate_chunked_checks_its_arrays_and_takes_a_workspace_path(tmp_path,
     expected = separate_in_memory(image, sigma=1.0, threshold="otsu", min_distance=4.0, max_hole_size=0,
                                   min_size=None, max_radius=8)
     assert np.array_equal(labels.compute(), expected)
+
+
+def test_the_command_s_chunked_defaults_are_voxels_of_the_finest_axis(tmp_path, rng, capsys):
+    """`declump run in.zarr out.zarr` with --sigma and --min-distance unset used 1 and 4 in the store's unit: on a
+    store calibrated at 3 nm a third of a pixel and 1.3 pixels (215 particles for 35). They are voxels of the
+    finest axis now: the same labels as the uncalibrated store's, and a note saying what they are."""
+    from gpu_pipeline.cli import main
+
+    image, _ = make_touching_particles((24, 64, 64), 20, radius_range=(5, 9), seed=int(rng.integers(1e6)))
+    _ome_zarr(tmp_path / "nm.zarr", image, (6.0, 3.0, 3.0), (24, 32, 32))
+    _ome_zarr(tmp_path / "px.zarr", image, (2.0, 1.0, 1.0), (24, 32, 32))
+    for name, radius in (("nm", "39"), ("px", "13")):
+        assert main(["run", str(tmp_path / f"{name}.zarr"), str(tmp_path / f"{name}_out.zarr"), "--max-radius",
+                     radius, "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "--sigma 1 voxels = 3, --min-distance 4 voxels = 12" in err and err.count("declump: at spacing") == 1
+    parameters = {n: json.loads((tmp_path / f"{n}_out_summary.json").read_text())["parameters"] for n in ("nm", "px")}
+    assert (parameters["nm"]["sigma"], parameters["nm"]["min_distance"]) == (3.0, 12.0)
+    assert (parameters["px"]["sigma"], parameters["px"]["min_distance"]) == (1.0, 4.0)
+    nm, px = (zarr.open_array(str(tmp_path / f"{n}_out.zarr" / "particles" / "0"))[...] for n in ("nm", "px"))
+    assert px.max() > 5 and nm.tobytes() == px.tobytes()

@@ -402,7 +402,7 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
                 neck_ratio="auto", nearby_ratio="auto", peak_reach="auto", reach_share="auto", ball_share="auto",
                 assignment="power", max_iter=0, device="cpu", cluster=None, scheduler=None, workers=None,
                 scratch=None, overwrite=False, missing_chunks="error", verbose=True, classifier=None,
-                probabilities_path=None, gpu_threads=1, notes=()):
+                probabilities_path=None, gpu_threads=1, notes=(), voxel_defaults=None):
     """Separate a Zarr volume chunk by chunk into an OME-Zarr labels group (see the module docstring).
 
     ``notes``: lines to print on stderr (with ``verbose``) once the input and every parameter have been
@@ -423,6 +423,11 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     foreground; ``probabilities_path``: a ``.zarr`` path for its probability
     map (float32, classes first), written before the summary. A boolean
     volume is taken as the foreground mask itself.
+
+    ``voxel_defaults``: ``{"sigma": ..., "min_distance": ...}`` given in voxels
+    of the volume's finest axis instead of physical units (the command's
+    values where the user gave none): they become ``value * min(spacing)``
+    once the spacing is known, and a note says so where that is not 1.
 
     Returns the summary dict (also written to ``*_summary.json``).
 
@@ -486,6 +491,15 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
         model.check_image(volume.shape, "the volume")
     unit = spatial_unit(input_path) if spacing is None and file_spacing is not None else None
     spacing = validate_spacing(spacing if spacing is not None else file_spacing, volume.ndim)
+    if voxel_defaults:
+        finest = min(spacing)
+        physical = {name: float(voxels) * finest for name, voxels in voxel_defaults.items()}
+        sigma, min_distance = physical.get("sigma", sigma), physical.get("min_distance", min_distance)
+        if finest != 1:
+            notes = [*notes, "declump: at spacing " + ", ".join(f"{s:g}" for s in spacing) +
+                     (f" {unit}" if unit else "") + ": " + ", ".join(
+                         f"--{name.replace('_', '-')} {voxel_defaults[name]:g} voxels = {value:g}"
+                         for name, value in physical.items())]
     # Every parameter checked before a folder is touched: a bad one is reported as such (not as a work folder
     # "with other parameters") and leaves nothing behind.
     chunked_parameters(volume.ndim, sigma=sigma, min_distance=min_distance, min_size=min_size, max_radius=max_radius,
