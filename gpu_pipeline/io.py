@@ -474,11 +474,11 @@ def tiff_spacing(path, *, imagej_only=False):
                 unit, scale = factor
                 spacing_yx = [s * scale for s in spacing_yx]
             unit = {"micron": "um", "\\u00B5m": "um", "µm": "um"}.get(unit, unit)
-            if spacing_yx == [1.0, 1.0] and unit in ("", "pixel", None):
-                return None, None
             depth = ij.get("spacing")
             series = tif.series[0]
             spacing = spacing_yx if len(series.shape) == 2 else [float(depth or 1.0)] + spacing_yx
+            if all(s == 1.0 for s in spacing) and unit in ("", "pixel", None):  # (a plane spacing kept)
+                return None, None
             return [float(s) for s in spacing], unit
     except Exception:
         return None, None
