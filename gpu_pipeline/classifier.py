@@ -267,6 +267,8 @@ class PixelClassifier:
         self.spacing = tuple(float(s) for s in header["spacing"])
         self.n_features = int(header["n_features"])
         self.percentiles = tuple(float(p) for p in header.get("percentiles", DEFAULT_PERCENTILES))
+        #: The file path or shipped name it was loaded from, as a user gave it (the command's summary records it).
+        self.given_as = None
 
     def __repr__(self):
         return (f"PixelClassifier(classes={self.classes}, ndim={self.ndim}, scales={self.scales}, "
@@ -303,6 +305,7 @@ class PixelClassifier:
         """
         from gpu_pipeline.pipeline import validate_image, validate_spacing
 
+        image = image if hasattr(image, "ndim") else np.asarray(image)  # a nested list, as separate takes
         validate_image(image)
         self.check_image(image.shape)
         spacing = validate_spacing(spacing, image.ndim)
@@ -414,6 +417,20 @@ def _forest_from_arrays(arrays, header, path):
         raise DeclumpError(f"{path} holds inconsistent tree arrays (corrupt model file); retrain it with "
                            "`declump train`")
     return _Forest(**arrays)
+
+
+def spacing_note(model, spacing, unit=None):
+    """A note where ``model`` was trained at another spacing than ``spacing`` (an image's): its features'
+    scales are physical lengths, so they fall on other voxels (a model trained on a TIFF at 1 px applied to the
+    same pixels of an OME-Zarr at 3 nm: F1@0.5 0.590 against 0.824). None where they agree (1 % apart at most)."""
+    trained = tuple(float(s) for s in model.spacing)
+    given = tuple(float(s) for s in spacing)
+    if len(trained) != len(given) or all(abs(a - b) <= 0.01 * max(a, b) for a, b in zip(trained, given)):
+        return None
+    listed = ",".join(f"{s:g}" for s in trained)
+    return (f"declump: note: the model was trained at spacing {listed} and this image's is "
+            f"{','.join(f'{s:g}' for s in given)}{' ' + unit if unit else ''}; its features' scales are lengths in "
+            f"those units, so they fall on other voxels here: if the pixels are alike, add --spacing {listed}")
 
 
 def load_classifier(path_or_name):
@@ -602,6 +619,7 @@ def train_classifier(images, labels, *, spacing=None, n_estimators=DEFAULT_TREES
         _check_count(name, value, least=1)
     images = [images] if not isinstance(images, (list, tuple)) else list(images)
     labels = [labels] if not isinstance(labels, (list, tuple)) else list(labels)
+    images = [image if hasattr(image, "ndim") else np.asarray(image) for image in images]  # nested lists too
     for image in images:
         validate_image(image)
     ndims = {image.ndim for image in images}

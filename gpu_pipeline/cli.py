@@ -160,7 +160,8 @@ def add_separation_options(parser):
 
 
 def add_axis_options(parser):
-    """``--channel`` and ``--timepoint`` (``declump run`` and ``declump batch``)."""
+    """``--channel`` and ``--timepoint`` (``declump run``, ``batch`` and ``train``: of the images, not of
+    their labels)."""
     parser.add_argument("--channel", type=int, help="channel index for inputs with a 'c' axis")
     parser.add_argument("--timepoint", type=int, help="time index for inputs with a 't' axis")
 
@@ -232,7 +233,8 @@ def run_and_write(image, output, *, device, spacing, mask=None, source=None, pro
             write_probabilities(probabilities_path, to_host(details.probabilities), spacing)
             paths["probabilities"] = Path(probabilities_path)
         info = summary(table, image.ndim, spacing, details)
-        parameters = {k: (str(v) if k == "classifier" and v is not None else v) for k, v in params.items()}
+        parameters = {k: (str(getattr(v, "given_as", None) or v) if k == "classifier" and v is not None else v)
+                      for k, v in params.items()}
         info.update(unit=unit, device=device, input_shape=list(image.shape),
                     outputs={k: str(v) for k, v in paths.items()}, parameters=parameters, **(record or {}))
         write_json(paths["summary"], info)
@@ -439,7 +441,14 @@ def run_file(args, input_path, output, device, *, notes=True):
     kwargs = separation_kwargs(args)
     kwargs.pop("spacing")
     if args.classifier is not None:
-        kwargs["classifier"] = args.classifier
+        from gpu_pipeline.classifier import load_classifier, spacing_note
+
+        model = load_classifier(args.classifier)  # once: the run takes it loaded (a batch's every image)
+        model.check_image(image.shape, "the image")
+        model.given_as = args.classifier  # what the summary records: the path or name given
+        kwargs["classifier"] = model
+        said.extend(note for note in [spacing_note(model, spacing if spacing is not None else (1.0,) * image.ndim,
+                                                   unit)] if note)
     if getattr(args, "max_radius", None) is not None:  # (ignored in memory before: the chunked run's cap, the same)
         kwargs["max_radius"] = args.max_radius
     source = os.path.relpath(Path(input_path).resolve(), (Path(output) / "particles").resolve())
@@ -516,7 +525,7 @@ def cmd_train(args):
                            "file per image, in the same order")
     images, labels, spacings = [], [], []
     for image_path, label_path in zip(args.images, args.labels):
-        image, spacing = read_image(image_path)
+        image, spacing = read_image(image_path, channel=args.channel, timepoint=args.timepoint)
         label, _ = read_image(label_path)
         if tuple(label.shape) != tuple(image.shape):
             raise DeclumpError(f"--labels {label_path} has shape {tuple(label.shape)} but its image {image_path} has "
@@ -818,6 +827,7 @@ def build_parser():
     train.add_argument("--samples-per-class", type=int, default=DEFAULT_SAMPLES_PER_CLASS,
                        help="labelled pixels drawn per class over all images (default %(default)s)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    add_axis_options(train)
     train.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="generate touching particles with ground truth, separate and score them")

@@ -502,6 +502,10 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
                          for name, value in physical.items())]
     # Every parameter checked before a folder is touched: a bad one is reported as such (not as a work folder
     # "with other parameters") and leaves nothing behind.
+    if model is not None:
+        from gpu_pipeline.classifier import spacing_note
+
+        notes = [*notes, *[note for note in [spacing_note(model, spacing, unit)] if note]]
     chunked_parameters(volume.ndim, sigma=sigma, min_distance=min_distance, min_size=min_size, max_radius=max_radius,
                        max_iter=max_iter, neck_ratio=neck_ratio, nearby_ratio=nearby_ratio, peak_reach=peak_reach,
                        reach_share=reach_share, ball_share=ball_share)
