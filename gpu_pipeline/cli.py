@@ -184,13 +184,14 @@ def separation_kwargs(args):
 
 
 def run_and_write(image, output, *, device, spacing, mask=None, source=None, probabilities_path=None, unit=None,
-                  record=None, **params):
+                  record=None, levels=None, **params):
     """Separate ``image`` and write labels, table, overlay, size histogram, then the summary (last: it marks
     completion).
 
     ``probabilities_path``: where to write the pixel classifier's probability map (with ``classifier=``);
     ``record``: entries added to the summary (the input's fingerprint and the options, :func:`run_file`);
-    ``unit``: the spacing's unit where the input named it (OME-Zarr axes), kept in the outputs.
+    ``unit``: the spacing's unit where the input named it (OME-Zarr axes), kept in the outputs; ``levels``: an
+    OME-Zarr input's offset and pyramid, which ``.zarr`` labels follow (:func:`gpu_pipeline.io.ngff_levels`).
     """
     from gpu_pipeline import separate
     from gpu_pipeline.chunked.workspace import run_lock
@@ -222,7 +223,7 @@ def run_and_write(image, output, *, device, spacing, mask=None, source=None, pro
         paths["summary"].unlink(missing_ok=True)
         from gpu_pipeline.io import atomic_path
 
-        write_labels(paths["labels"], labels, spacing, source=source, unit=unit)
+        write_labels(paths["labels"], labels, spacing, source=source, unit=unit, levels=levels)
         with atomic_path(paths["table"]) as tmp:
             write_csv(table, tmp)
         write_overlay(paths["overlay"], image, labels)
@@ -406,7 +407,7 @@ def run_file(args, input_path, output, device, *, notes=True):
     input (and ``args.mask``), separate with ``args``' options, write the outputs; returns the summary.
     ``notes``: print the notes on the input (a TIFF's calibration, few planes) on stderr, after the run."""
     from gpu_pipeline.io import (boolean_input_as_mask, check_foreground_options, check_not_inputs, input_fingerprint,
-                                 output_paths, read_image, run_inputs, run_outputs, spatial_unit)
+                                 ngff_levels, output_paths, read_image, run_inputs, run_outputs, spatial_unit)
 
     check_foreground_options(mask=args.mask, classifier=args.classifier, probabilities_path=args.save_probabilities)
     check_not_inputs(run_outputs(output_paths(output), args.save_probabilities),
@@ -424,6 +425,7 @@ def run_file(args, input_path, output, device, *, notes=True):
     image, mask = boolean_input_as_mask(image, mask, classifier=args.classifier, input_path=input_path)
     spacing = args.spacing if args.spacing is not None else file_spacing
     unit = spatial_unit(input_path) if args.spacing is None and file_spacing is not None else None
+    levels = ngff_levels(input_path) if args.spacing is None and file_spacing is not None else None
     said = []  # the notes, printed once the run has succeeded: a refusal stays one line on stderr
     if spacing is None and notes and Path(input_path).suffix.lower() in (".tif", ".tiff"):
         from gpu_pipeline.io import tiff_spacing
@@ -453,6 +455,7 @@ def run_file(args, input_path, output, device, *, notes=True):
         kwargs["max_radius"] = args.max_radius
     source = os.path.relpath(Path(input_path).resolve(), (Path(output) / "particles").resolve())
     _, info = run_and_write(image, output, device=device, spacing=spacing, mask=mask, source=source, unit=unit,
+                            levels=levels,
                             probabilities_path=args.save_probabilities,
                             record={"input": input_fingerprint(input_path), "options": run_options(args, device)},
                             **kwargs)

@@ -272,6 +272,54 @@ def spatial_unit(path):
     return units.pop() if len(units) == 1 and None not in units else None
 
 
+def _spatial_transform(transforms, axes, ndim):
+    """``(scale, translation)`` of the spatial axes from an NGFF ``coordinateTransformations`` list (scale,
+    then translation; missing ones are 1 and 0)."""
+    scale, shift = [1.0] * ndim, [0.0] * ndim
+    for transform in transforms or []:
+        if transform.get("type") == "scale":
+            scale = [float(v) for v in transform["scale"]]
+        elif transform.get("type") == "translation":
+            shift = [float(v) for v in transform["translation"]]
+    keep = [i for i, a in enumerate(axes) if a in ("z", "y", "x")]
+    return [scale[i] for i in keep], [shift[i] for i in keep]
+
+
+def ngff_levels(path):
+    """Where an OME-Zarr image lies and its pyramid, for labels that sit on it in a viewer: ``{"translation":
+    [...], "factors": [[1, 1, 1], [2, 2, 2], ...]}`` over the spatial axes (level 0's physical offset, the
+    multiscales' own transforms applied after it, as NGFF composes them; each level's whole-number size step
+    from level 0), or None for a plain array, no multiscales, or levels that are no whole-number steps of level 0
+    (then labels get one level and no offset, as before)."""
+    path = Path(path)
+    if not (_suffix(path) == ".zarr" or (path / ".zattrs").exists() or (path / "zarr.json").exists()):
+        return None
+    import zarr
+
+    try:
+        node = zarr.open(str(path), mode="r")
+        attrs = {} if isinstance(node, zarr.Array) else dict(node.attrs)
+        multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+        if not multiscales:
+            return None
+        ms = multiscales[0]
+        axes = [a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])]
+        ndim = len(axes)
+        levels = [_spatial_transform(d.get("coordinateTransformations"), axes, ndim) for d in ms["datasets"]]
+        outer_scale, outer_shift = _spatial_transform(ms.get("coordinateTransformations"), axes, ndim)
+        base_scale, base_shift = levels[0]
+        factors = []
+        for scale, _ in levels:
+            steps = [s / b for s, b in zip(scale, base_scale)]
+            if any(abs(f - round(f)) > 1e-6 or round(f) < 1 for f in steps):
+                return None
+            factors.append([int(round(f)) for f in steps])
+        translation = [o * t + u for o, t, u in zip(outer_scale, base_shift, outer_shift)]
+    except Exception:
+        return None
+    return {"translation": translation, "factors": factors}
+
+
 #: Zarr array config for every array declump writes: every chunk written, background-only ones too (Zarr
 #: otherwise compares each chunk with the fill value and skips it), so a chunk missing from a finished store
 #: always means a damaged one and declump's outputs pass its own ``missing_chunks="error"`` check.
@@ -650,11 +698,12 @@ def _write_tiff_or_npy(path, suffix, array, axes, spacing=None):
     return True
 
 
-def write_labels(path, labels, spacing=None, source=None, unit=None):
+def write_labels(path, labels, spacing=None, source=None, unit=None, levels=None):
     """Write a label image as TIFF (zlib), NPY or OME-Zarr labels, chosen by ``path``'s suffix.
 
     ``.zarr``: the layout of chunked runs, an NGFF 0.4 labels container with
-    the image at ``path/particles`` (see :func:`write_ngff_label_metadata`).
+    the image at ``path/particles`` (see :func:`write_ngff_label_metadata`);
+    ``levels``: the input image's offset and pyramid (:func:`ngff_levels`).
     """
     path = Path(path)
     suffix = _suffix(path)
@@ -671,8 +720,10 @@ def write_labels(path, labels, spacing=None, source=None, unit=None):
                                     chunks=tuple(min(s, 256) for s in labels.shape), zarr_format=2,
                                     config=EVERY_CHUNK)
             out[...] = labels
+            if levels and len(levels["factors"]) > 1:
+                write_label_levels(tmp, levels["factors"])
             write_ngff_label_metadata(tmp, spacing if spacing is not None else (1.0,) * labels.ndim, source,
-                                      extra={"declump": {"complete": True}}, unit=unit)
+                                      extra={"declump": {"complete": True}}, unit=unit, levels=levels)
 
 
 def write_probabilities(path, probabilities, spacing=None):
@@ -702,23 +753,49 @@ def write_probabilities(path, probabilities, spacing=None):
 LABEL_NAME = "particles"
 
 
-def write_ngff_label_metadata(path, spacing, source=None, extra=None, unit=None):
+def write_label_levels(path, factors):
+    """Write the pyramid of the labels at ``path/particles/0`` as ``particles/1``, ... (Zarr v2): level ``i``
+    takes every ``factors[i]``-th voxel of level 0 along each axis (ids are not averaged: every voxel of a level
+    is one of level 0's, at the place its scale and level 0's offset put it). Level 0's chunk shape, clipped.
+    Through Dask, so a chunked run's engine writes the levels of a volume larger than memory block by block."""
+    import dask.array as da
+    import zarr
+
+    base = zarr.open_array(str(Path(path) / LABEL_NAME / "0"), mode="r")
+    source = da.from_zarr(base)
+    for i, factor in enumerate(factors[1:], start=1):
+        level = source[tuple(slice(None, None, int(f)) for f in factor)]
+        chunks = tuple(min(c, n) for c, n in zip(base.chunks, level.shape))
+        target = zarr.create_array(str(Path(path) / LABEL_NAME / str(i)), shape=level.shape, dtype=base.dtype,
+                                   chunks=chunks, zarr_format=2, overwrite=True, config=EVERY_CHUNK)
+        da.store(level.rechunk(chunks), target, lock=False)
+
+
+def write_ngff_label_metadata(path, spacing, source=None, extra=None, unit=None, levels=None):
     """Make ``path`` (a Zarr v2 group holding ``particles/0``) an OME-Zarr (NGFF 0.4) labels container.
 
-    Root: ``labels: ["particles"]``; ``particles``: ``multiscales`` (one
-    level, ``spacing`` as its scale, axes z/y/x) and ``image-label``
-    (``source``: the relative path of the image it labels, if known); ``unit``:
-    the spatial axes' unit (the input's, where it named one). Called last,
-    once the pixels are written.
+    Root: ``labels: ["particles"]``; ``particles``: ``multiscales`` (axes
+    z/y/x; level 0 at ``spacing``, the levels ``particles/1``... at
+    ``spacing`` times their ``levels["factors"]``, each moved by
+    ``levels["translation"]``: :func:`ngff_levels` of the image, the
+    pyramid :func:`write_label_levels` wrote) and ``image-label``
+    (``source``: the relative path of the image it labels, if known);
+    ``unit``: the spatial axes' unit (the input's, where it named one).
+    Called last, once the pixels are written.
     """
     import zarr
 
     ndim = len(spacing)
+    factors = levels["factors"] if levels else [[1] * ndim]
+    shift = levels["translation"] if levels and any(levels["translation"]) else None
     label_group = zarr.open_group(str(Path(path) / LABEL_NAME), mode="a", zarr_format=2)
     axes = [{"name": n, "type": "space", **({"unit": unit} if unit else {})} for n in ("z", "y", "x")[-ndim:]]
+    datasets = [{"path": str(i), "coordinateTransformations": [
+        {"type": "scale", "scale": [float(s) * f for s, f in zip(spacing, factor)]},
+        *([{"type": "translation", "translation": [float(t) for t in shift]}] if shift else [])]}
+        for i, factor in enumerate(factors)]
     label_group.attrs.update({
-        "multiscales": [{"version": "0.4", "name": LABEL_NAME, "axes": axes, "datasets": [
-            {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [float(s) for s in spacing]}]}]}],
+        "multiscales": [{"version": "0.4", "name": LABEL_NAME, "axes": axes, "datasets": datasets}],
         "image-label": {"version": "0.4", **({"source": {"image": str(source)}} if source else {})}})
     zarr.open_group(str(path), mode="a", zarr_format=2).attrs.update({"labels": [LABEL_NAME], **(extra or {})})
 

@@ -1123,3 +1123,34 @@ def test_the_command_s_chunked_defaults_are_voxels_of_the_finest_axis(tmp_path, 
     assert (parameters["px"]["sigma"], parameters["px"]["min_distance"]) == (1.0, 4.0)
     nm, px = (zarr.open_array(str(tmp_path / f"{n}_out.zarr" / "particles" / "0"))[...] for n in ("nm", "px"))
     assert px.max() > 5 and nm.tobytes() == px.tobytes()
+
+
+def test_labels_keep_the_image_s_offset_and_pyramid(tmp_path, rng):
+    """NGFF labels sit on their image: the image's translation and as many levels as it has ("the two datasets
+    series MUST have the same number of entries"). The labels had level 0 alone, without the translation, so a
+    viewer drew them 100 um off the image. Level i is every factor-th voxel of level 0 (ids are not averaged)."""
+    image, _ = make_touching_particles((24, 64, 64), 20, radius_range=(5, 9), seed=int(rng.integers(1e6)))
+    group = zarr.open_group(str(tmp_path / "img.zarr"), mode="w", zarr_format=2)
+    datasets = []
+    for i, step in enumerate((1, 2, 4)):
+        group.create_array(str(i), shape=image[:, ::step, ::step].shape, dtype=image.dtype,
+                           chunks=(24, 32, 32))[...] = image[:, ::step, ::step]
+        datasets.append({"path": str(i), "coordinateTransformations": [
+            {"type": "scale", "scale": [2.0, 1.0 * step, 1.0 * step]}, {"type": "translation", "translation": [100.0, 0, 50]}]})
+    group.attrs["multiscales"] = [{"version": "0.4", "datasets": datasets, "axes": [
+        {"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"]}]
+    run_chunked(tmp_path / "img.zarr", tmp_path / "out.zarr", max_radius=13, verbose=False)
+    out = zarr.open_group(str(tmp_path / "out.zarr" / "particles"), mode="r")
+    written = out.attrs["multiscales"][0]["datasets"]
+    assert [d["coordinateTransformations"] for d in written] == [d["coordinateTransformations"] for d in datasets]
+    base = out["0"][...]
+    assert base.tobytes() == separate(image, spacing=(2.0, 1.0, 1.0), max_radius=13).tobytes()
+    for i, step in enumerate((1, 2, 4)):
+        assert np.array_equal(out[str(i)][...], base[:, ::step, ::step]), i
+    # Levels that are no whole-number steps of level 0: one level, as before (and no made-up pyramid).
+    datasets[1]["coordinateTransformations"][0]["scale"] = [2.0, 1.5, 1.5]
+    group.attrs["multiscales"] = [{"version": "0.4", "datasets": datasets, "axes": [
+        {"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"]}]
+    run_chunked(tmp_path / "img.zarr", tmp_path / "odd.zarr", max_radius=13, verbose=False)
+    odd = zarr.open_group(str(tmp_path / "odd.zarr" / "particles"), mode="r")
+    assert len(odd.attrs["multiscales"][0]["datasets"]) == 1 and "1" not in odd

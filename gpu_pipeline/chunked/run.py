@@ -42,8 +42,9 @@ from gpu_pipeline.chunked.workspace import (LOCAL_CLUSTER_HTTP, Workspace, activ
                                             return_freed_memory, run_lock, save_records, worker_malloc_setup,
                                             write_blocks)
 from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, PROBABILITIES_MARK, boolean_input_as_mask,
-                             check_foreground_options, check_not_inputs, check_replaceable_outputs, disk_error, output_paths,
-                             remove_stale_table, run_inputs, run_outputs, spatial_unit, write_ngff_label_metadata)
+                             check_foreground_options, check_not_inputs, check_replaceable_outputs, disk_error, ngff_levels,
+                             output_paths, remove_stale_table, run_inputs, run_outputs, spatial_unit, write_label_levels,
+                             write_ngff_label_metadata)
 from gpu_pipeline.measure import summary as size_summary, table_from_sums
 
 #: On --device gpu, CuPy's memory pool on every GPU worker is capped at this fraction of the device's
@@ -490,6 +491,7 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
         model = load_classifier(classifier)
         model.check_image(volume.shape, "the volume")
     unit = spatial_unit(input_path) if spacing is None and file_spacing is not None else None
+    levels = ngff_levels(input_path) if spacing is None and file_spacing is not None else None
     spacing = validate_spacing(spacing if spacing is not None else file_spacing, volume.ndim)
     if voxel_defaults:
         finest = min(spacing)
@@ -558,7 +560,7 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
             return _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_path, device=device,
                         cluster=cluster, scheduler=scheduler, workers=workers, gpu_threads=gpu_threads,
                         overwrite=overwrite, verbose=verbose,
-                        model=model, probabilities_path=probabilities_path, unit=unit)
+                        model=model, probabilities_path=probabilities_path, unit=unit, levels=levels)
         except OSError as exc:
             if exc.errno not in DISK_FAULTS:
                 raise
@@ -601,7 +603,8 @@ def is_work_folder(path):
 
 
 def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_path, *, device, cluster,
-         scheduler, workers, gpu_threads, overwrite, verbose, model=None, probabilities_path=None, unit=None):
+         scheduler, workers, gpu_threads, overwrite, verbose, model=None, probabilities_path=None, unit=None,
+         levels=None):
     import zarr
 
     from gpu_pipeline.chunked.pipeline import separate_chunked
@@ -652,6 +655,8 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
                                        measure=functools.partial(_block_outputs, plane=plane), beside=volume)
         details.blocks_computed["output"] = computed
         details.blocks_total["output"] = int(np.prod(labels.numblocks))
+        if levels and len(levels["factors"]) > 1:  # the input's pyramid, for viewers (rewritten on a resume)
+            write_label_levels(paths["labels"], levels["factors"])
         table = table_from_parts([p["table"] for p in parts], labels.ndim, spacing, n_particles, volume is not None)
         planes = preview_planes(parts, volume.shape[plane is not None:], (volume.dtype, labels.dtype))
         if probabilities_path is not None:
@@ -683,7 +688,7 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
     # Completion, after every file is in place: the metadata that makes it a readable label image, and
     # `complete: true` in the same last write of the root's attributes.
     source = os.path.relpath(input_path.resolve(), (paths["labels"] / LABEL_NAME).resolve())
-    write_ngff_label_metadata(paths["labels"], spacing, source, unit=unit,
+    write_ngff_label_metadata(paths["labels"], spacing, source, unit=unit, levels=levels,
                               extra={"declump": {"complete": True, "parameters": parameters, "inputs": inputs}})
     shutil.rmtree(work, ignore_errors=True)
     if verbose and details.n_capped_voxels:
