@@ -453,7 +453,10 @@ def run_file(args, input_path, output, device, *, notes=True):
                                                    unit)] if note)
     if getattr(args, "max_radius", None) is not None:  # (ignored in memory before: the chunked run's cap, the same)
         kwargs["max_radius"] = args.max_radius
-    source = os.path.relpath(Path(input_path).resolve(), (Path(output) / "particles").resolve())
+    # NGFF's image-label source names the Zarr image the labels belong to: a TIFF or NPY input is none (a viewer
+    # looked for a Zarr image there and warned).
+    source = (os.path.relpath(Path(input_path).resolve(), (Path(output) / "particles").resolve())
+              if _is_zarr(input_path) else None)
     _, info = run_and_write(image, output, device=device, spacing=spacing, mask=mask, source=source, unit=unit,
                             levels=levels,
                             probabilities_path=args.save_probabilities,

@@ -340,3 +340,15 @@ def test_api_arguments_are_checked_in_one_line_and_cpu_fallback_takes_the_same_s
 def _npy(tmp_path, array):
     np.save(tmp_path / "in.npy", array)
     return str(tmp_path / "in.npy")
+
+
+def test_zarr_labels_name_a_source_only_where_the_input_is_a_zarr_image(tmp_path, rng):
+    """NGFF's image-label source names the Zarr image the labels belong to; labels of a .npy or TIFF named the
+    file there, which ome-zarr's reader looked for as an image ("no parent found")."""
+    import zarr
+
+    image, _ = make_touching_particles((64, 64), 6, seed=int(rng.integers(1e6)))
+    np.save(tmp_path / "img.npy", image)
+    assert main(["run", str(tmp_path / "img.npy"), str(tmp_path / "out.zarr"), "--quiet"]) == 0
+    attrs = dict(zarr.open_group(str(tmp_path / "out.zarr" / "particles"), mode="r").attrs)
+    assert attrs["image-label"] == {"version": "0.4"} and len(attrs["multiscales"][0]["datasets"]) == 1
