@@ -8,9 +8,13 @@ distance ``|x - c|^2 - r^2``), which is the physical neck of two spheres.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from gpu_pipeline._backend import DeclumpError
+from gpu_pipeline._common import whole_number_at_least
 
 
 def _place_centres(rng, shape_phys, n, radius_range, overlap, touching_fraction, max_tries=60):
@@ -45,6 +49,70 @@ def _place_centres(rng, shape_phys, n, radius_range, overlap, touching_fraction,
     return centres, radii
 
 
+def _real(value):
+    """Is ``value`` one finite real number (Python's or NumPy's, not a bool)?"""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _pair(value):
+    """``value`` as ``(low, high)`` floats where it is two finite real numbers with low <= high, else None."""
+    try:
+        items = tuple(value)
+    except TypeError:
+        return None
+    if len(items) != 2 or not all(_real(v) for v in items) or items[0] > items[1]:
+        return None
+    return float(items[0]), float(items[1])
+
+
+def _check_arguments(shape, n_particles, radius_range, overlap, touching_fraction, spacing, intensity_range,
+                     background, blur, noise, polarity, rim, seed):
+    """``(shape, spacing)`` of :func:`make_touching_particles` as tuples, or a one-line DeclumpError naming the
+    argument that is wrong and what it accepts."""
+    from gpu_pipeline.pipeline import validate_spacing
+
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        dims = None
+    if dims is None or len(dims) not in (2, 3) or not all(whole_number_at_least(n, 2) for n in dims):
+        raise DeclumpError(f"shape must be 2 or 3 whole numbers of at least 2 ((rows, columns) or (planes, rows, "
+                           f"columns)), got {shape!r}")
+    dims = tuple(int(n) for n in dims)
+    if not whole_number_at_least(n_particles, 0):
+        raise DeclumpError(f"n_particles must be a whole number of at least 0, got {n_particles!r}")
+    radii = _pair(radius_range)
+    if radii is None or radii[0] <= 0:
+        raise DeclumpError(f"radius_range must be two numbers (low, high) with 0 < low <= high (physical units), "
+                           f"got {radius_range!r}")
+    if not (_real(overlap) and 0 <= overlap < 1):
+        raise DeclumpError(f"overlap must be a number from 0 (just touching) to below 1 (a fraction of the sum of "
+                           f"radii), got {overlap!r}")
+    if not (_real(touching_fraction) and 0 <= touching_fraction <= 1):
+        raise DeclumpError(f"touching_fraction must be a probability from 0 to 1, got {touching_fraction!r}")
+    spacing = validate_spacing(spacing, len(dims))
+    levels = _pair(intensity_range)
+    if levels is None or levels[0] < 0 or levels[1] > 1:
+        raise DeclumpError(f"intensity_range must be two numbers (low, high) with 0 <= low <= high <= 1, got "
+                           f"{intensity_range!r}")
+    if not (_real(background) and 0 <= background <= 1):
+        raise DeclumpError(f"background must be a number from 0 to 1, got {background!r}")
+    if not (_real(blur) and blur >= 0):
+        raise DeclumpError(f"blur must be a number of at least 0 (a Gaussian sigma, physical units; 0: none), "
+                           f"got {blur!r}")
+    if not (_real(noise) and noise >= 0):
+        raise DeclumpError(f"noise must be a number of at least 0 (a standard deviation, 0..1 scale; 0: none), "
+                           f"got {noise!r}")
+    if not isinstance(polarity, str) or polarity not in ("bright", "dark"):
+        raise DeclumpError(f"polarity must be 'bright' or 'dark', got {polarity!r}")
+    if rim is not None and not (_real(rim) and rim > 0):
+        raise DeclumpError(f"rim must be None (solid particles) or a thickness above 0 (physical units), "
+                           f"got {rim!r}")
+    if not whole_number_at_least(seed, 0):
+        raise DeclumpError(f"seed must be a whole number of at least 0, got {seed!r}")
+    return dims, spacing
+
+
 def make_touching_particles(shape=(128, 128), n_particles=40, *, radius_range=(5.0, 12.0), overlap=0.2,
                             touching_fraction=0.7, spacing=None, intensity_range=(0.75, 1.0),
                             background=0.15, blur=1.0, noise=0.04, polarity="bright", rim=None, seed=0):
@@ -64,7 +132,8 @@ def make_touching_particles(shape=(128, 128), n_particles=40, *, radius_range=(5
     touching_fraction : float
         Probability that a new particle is placed against an existing one.
     spacing : sequence of float, optional
-        Voxel size per axis, physical units (anisotropy); default 1.
+        Voxel size per axis, physical units (anisotropy); default 1. One
+        number is the size of every axis, as in :func:`separate`.
     intensity_range : (float, float)
         Per-particle brightness, drawn uniformly (0..1 scale).
     background : float
@@ -88,13 +157,18 @@ def make_touching_particles(shape=(128, 128), n_particles=40, *, radius_range=(5
     image : ndarray of uint8
     labels : ndarray of int32
         Ground truth, 0 background, 1..n in C order of first voxel.
+
+    Raises
+    ------
+    DeclumpError
+        On an argument outside what is listed above, in one line.
     """
     from gpu_pipeline.stages.components import relabel_by_first_voxel
 
+    shape, spacing = _check_arguments(shape, n_particles, radius_range, overlap, touching_fraction, spacing,
+                                      intensity_range, background, blur, noise, polarity, rim, seed)
     rng = np.random.default_rng(seed)
-    shape = tuple(int(s) for s in shape)
-    ndim = len(shape)
-    spacing = np.ones(ndim) if spacing is None else np.asarray(spacing, dtype=float)
+    spacing = np.asarray(spacing, dtype=float)
     shape_phys = np.asarray(shape) * spacing
     centres, radii = _place_centres(rng, shape_phys, n_particles, radius_range, overlap, touching_fraction)
     best_power = np.full(shape, np.inf)

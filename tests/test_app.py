@@ -3,6 +3,7 @@ import base64
 import csv
 import io
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from gpu_pipeline._backend import DeclumpError
 from gpu_pipeline.app import session as sess
 from gpu_pipeline.cli import main
 from gpu_pipeline.plots import size_histogram, size_histogram_rgb
-from gpu_pipeline.synthetic import make_touching_particles
+from gpu_pipeline.synthetic import demo_sample, make_touching_particles
 
 
 def _segment_distance(points, a, b):
@@ -206,6 +207,63 @@ def test_a_multichannel_tiff_upload_says_how_to_pick_a_channel_in_the_app():
     assert "declump run --channel N" in str(info.value) and "pick one with" not in str(info.value)
 
 
+@pytest.mark.parametrize("channels", [3, 4])
+def test_a_colour_array_is_refused_as_declump_run_refuses_it_not_shown_as_a_volume(tmp_path, rng, capsys, channels):
+    """Found by an audit: a (128, 160, 3) or (128, 160, 4) uint8 .npy, uploaded or given to `declump app`, was shown
+    as a volume "128 x 160 x 3" with no message (only Separate failed), while `declump run` refused it at once."""
+    colour = rng.integers(0, 256, size=(128, 160, channels)).astype(np.uint8)
+    path = tmp_path / "colour.npy"
+    np.save(path, colour)
+    assert main(["run", str(path), str(tmp_path / "out.tif"), "--device", "cpu"]) == 2
+    refused = capsys.readouterr().err.strip().split(" has shape ", 1)[1]  # the CLI's line, after the image's name
+    assert f"a 2D image with {channels} channels last" in refused
+    with pytest.raises(DeclumpError) as uploaded:
+        sess.read_upload("colour.npy", _upload(_npy_bytes(colour)))
+    with pytest.raises(DeclumpError) as given:  # declump app colour.npy
+        sess.read_image_file(path)
+    assert str(uploaded.value) == f"colour.npy has shape {refused}"
+    assert str(given.value) == f"{path} has shape {refused}"
+    session = sess.Session(sess.SessionStore.new_id())
+    with pytest.raises(DeclumpError, match="channels last"):
+        session.set_image(colour, name="colour")
+    assert session.image is None
+
+
+def _ome_zarr(path, image, spacing, unit):
+    import zarr
+
+    group = zarr.open_group(str(path), mode="w", zarr_format=2)
+    group.create_array("0", shape=image.shape, chunks=image.shape, dtype=image.dtype)[:] = image
+    axes = [{"name": name, "type": "space", "unit": unit} for name in "zyx"[-image.ndim:]]
+    group.attrs["multiscales"] = [{"version": "0.4", "name": "image", "axes": axes, "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": list(spacing)}]}]}]
+
+
+def test_an_ome_zarr_given_to_the_app_brings_its_unit_as_to_declump_run(tmp_path, rng):
+    """Found by an audit: `declump app vol.zarr` took an OME-Zarr's spacing but not its axes' unit (the unit box
+    said 'units', the table 'volume (units³)'), where `declump run` recorded 'micrometer'."""
+    import json
+
+    image, _ = make_touching_particles((16, 48, 48), 10, spacing=(2.0, 1.0, 1.0), seed=int(rng.integers(1e6)))
+    path = tmp_path / "vol.zarr"
+    _ome_zarr(path, image, (2.0, 1.0, 1.0), "micrometer")
+    assert main(["run", str(path), str(tmp_path / "out.tif"), "--device", "cpu", "--quiet"]) == 0
+    summary = json.loads((tmp_path / "out_summary.json").read_text())
+    assert summary["unit"] == "micrometer"
+    read, spacing, unit = sess.read_image_file(path)
+    assert np.array_equal(read, image) and spacing == [2.0, 1.0, 1.0] and unit == summary["unit"]
+    pytest.importorskip("dash", reason="the app extra is not installed")
+    from gpu_pipeline.app import create_app
+    from gpu_pipeline.app.ui import table_view
+
+    app = create_app(path)
+    app.layout()  # a page opens: its new session holds the image given
+    session = list(app.declump_sessions._sessions.values())[-1]
+    assert session.spacing == (2.0, 1.0, 1.0) and session.unit == "micrometer"
+    names = [column["name"] for column in table_view(session.separate(), session.unit)[0]]
+    assert "volume (micrometer³)" in names and "equivalent diameter (micrometer)" in names
+
+
 def test_a_sigma_wider_than_the_image_is_refused_not_run_out_of_memory(rng):
     from gpu_pipeline import separate
 
@@ -307,13 +365,75 @@ def test_painted_classifier_result_is_reproduced_by_declump_train_and_run(tmp_pa
     assert np.allclose(session.probabilities, plain.predict_proba(image.copy(), spacing=(1.0, 1.0)), atol=1e-6)
     result = session.separate(foreground="classifier")
     tifffile.imwrite(tmp_path / "particles_scribbles.tif", session.scribbles())
-    for line in sess.command_line(session, device="cpu").strip().splitlines():
-        argv = shlex.split(line)
+    for argv in _commands(sess.command_line(session, device="cpu")):
         done = subprocess.run([sys.executable, "-m", "gpu_pipeline", *argv[1:]], capture_output=True, text=True,
                               cwd=tmp_path)
         assert done.returncode == 0, done.stderr
     assert np.array_equal(tifffile.imread(tmp_path / "particles_labels.tif"), result.labels)
     assert (tmp_path / "particles_labels_particles.csv").read_text() == sess.table_csv_text(result.table)
+
+
+def _commands(text):
+    """The argv of each command of the app's command line, as bash reads it: comment lines skipped, a line ending
+    in a backslash joined to the next, commands separated by ``&&``."""
+    words = shlex.split("\n".join(line for line in text.splitlines() if not line.startswith("#")).replace("\\\n", ""))
+    commands = [[]]
+    for word in words:
+        if word == "&&":
+            commands.append([])
+        else:
+            commands[-1].append(word)
+    return commands
+
+
+def _bash(text, cwd):
+    """Run the app's command line in bash, with `declump` this checkout's (``python -m gpu_pipeline``)."""
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash is not installed")
+    script = f"declump() {{ {shlex.quote(sys.executable)} -m gpu_pipeline \"$@\"; }}\n{text}"
+    return subprocess.run([bash, "-c", script], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize("name", ["my image.tif", "it's my image (2).tif"])
+def test_the_command_line_quotes_every_file_name_and_stops_at_the_first_failure(tmp_path, rng, name):
+    """Found by an audit: for an image named 'my image.tif' the `declump train` line gave --labels my
+    image_scribbles.tif and --out my image_model.npz unquoted, and `declump run` then ran after train failed."""
+    image, truth = make_touching_particles((90, 110), 14, seed=int(rng.integers(1e6)))
+    tifffile.imwrite(tmp_path / name, image)
+    session = sess.Session(sess.SessionStore.new_id())
+    session.set_image(image, name=name)  # an upload: the command names the file by its name
+    _paint_two_classes(session, truth, rng)
+    session.train()
+    result = session.separate(foreground="classifier")
+    text = sess.command_line(session, device="cpu")
+    stem = name[:-len(".tif")]
+    train, run = _commands(text)
+    assert train[:3] == ["declump", "train", name] and run[:4] == ["declump", "run", name, f"{stem}_labels.tif"]
+    assert train[train.index("--labels") + 1] == f"{stem}_scribbles.tif"
+    assert train[train.index("--out") + 1] == run[run.index("--classifier") + 1] == f"{stem}_model.npz"
+    assert text.splitlines()[0].endswith(" && \\")  # the next command runs only if this one succeeded
+    # In bash: without the strokes file, train fails and run never starts.
+    done = _bash(text, tmp_path)
+    assert done.returncode != 0 and f"{stem}_scribbles.tif" in done.stderr
+    assert not (tmp_path / f"{stem}_labels.tif").exists()
+    # With it (the strokes download), the two reproduce the result shown.
+    tifffile.imwrite(tmp_path / f"{stem}_scribbles.tif", session.scribbles())
+    done = _bash(text, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(tifffile.imread(tmp_path / f"{stem}_labels.tif"), result.labels)
+
+
+def test_the_sample_command_line_makes_the_sample_first():
+    image, _, spacing = demo_sample()
+    session = sess.Session(sess.SessionStore.new_id())
+    session.set_image(image, name="sample", spacing=spacing, unit="px")
+    session.separate({"--min-distance": "4"})
+    text = sess.command_line(session, device="cpu")
+    assert text.startswith("# ")  # what the first command is for: a comment line, before the commands
+    demo, run = _commands(text)
+    assert demo == ["declump", "demo", "--out", "demo_output"]
+    assert run[:4] == ["declump", "run", "demo_output/sample.tif", "sample_labels.tif"] and "--min-distance" in run
 
 
 def test_the_command_line_describes_the_result_shown_not_a_later_model(rng):

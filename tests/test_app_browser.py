@@ -223,6 +223,12 @@ def test_a_bad_upload_shows_a_message_and_the_server_keeps_running(served, brows
     np.save(volume, np.random.default_rng(0).random((2, 2, 3, 8, 8)))
     browser.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(volume))
     wait_for(lambda: "2D or 3D" in text_of(browser, "message"), what="the 5D message")
+    colour = tmp_path / "colour.npy"  # a colour image saved as an array: refused as declump run refuses it
+    np.save(colour, np.random.default_rng(0).integers(0, 256, (128, 160, 3)).astype(np.uint8))
+    browser.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(colour))
+    refused = "colour.npy has shape (128, 160, 3): a 2D image with 3 channels last"
+    wait_for(lambda: refused in text_of(browser, "message"), what="the colour array's message")
+    assert text_of(browser, "image-name") == ""  # not shown as a volume of 3 planes
     browser.find_element(By.ID, "sample").click()  # still serving
     wait_for(lambda: text_of(browser, "image-name").startswith("sample"), what="the sample after the errors")
     spacing = browser.find_element(By.ID, "spacing")

@@ -391,7 +391,7 @@ class SessionStore:
 
 def check_image(image, *, name="image", max_voxels=DEFAULT_MAX_VOXELS):
     """The image as a NumPy array the pipeline accepts, or a one-line DeclumpError saying what is wrong."""
-    from gpu_pipeline.pipeline import validate_image
+    from gpu_pipeline.pipeline import refuse_channels_last, validate_image
 
     image = np.asarray(image)
     if image.dtype == bool:
@@ -400,6 +400,9 @@ def check_image(image, *, name="image", max_voxels=DEFAULT_MAX_VOXELS):
     if image.ndim not in (2, 3):
         raise DeclumpError(f"{name} has {image.ndim} dimensions {tuple(image.shape)}; the app accepts 2D images or "
                            "3D volumes (pick a channel or time point first)")
+    # A colour image saved as an array (rows, columns, 3 or 4), refused as `declump run` refuses it: the app showed
+    # it as a volume of 3 planes, and only Separate failed (2026-12 audit).
+    refuse_channels_last(image.shape, name)
     validate_image(image, name)
     if image.size > max_voxels:
         raise DeclumpError(f"{name} has {image.size:,} voxels {tuple(image.shape)}, more than this app's limit of "
@@ -409,13 +412,38 @@ def check_image(image, *, name="image", max_voxels=DEFAULT_MAX_VOXELS):
     return image
 
 
-def read_upload(filename, contents, *, max_voxels=DEFAULT_MAX_VOXELS):
-    """Decode a browser upload (``data:...;base64,...``) and read it with the CLI's reader.
+def read_image_file(path, *, name=None, max_voxels=DEFAULT_MAX_VOXELS):
+    """Read an image file as `declump run` reads its input, with the spacing and unit the file gives.
+
+    The spacing is the file's (OME-Zarr ``coordinateTransformations``; else a
+    TIFF's OME-XML, ImageJ or resolution tags) and the unit the one it names
+    for it: an OME-Zarr's axes' ``unit``, as `declump run` records it
+    (:func:`gpu_pipeline.io.spatial_unit`), or a TIFF's. ``name`` (default
+    ``path``) is what messages call the image. What the app loads from a
+    path (``declump app FILE``) and from an upload.
 
     Returns ``(image, spacing or None, unit or None)``.
     """
-    from gpu_pipeline.io import read_image
+    from gpu_pipeline.io import read_image, spatial_unit
 
+    path = Path(path)
+    image, spacing = read_image(path)
+    unit = None
+    if spacing is None and path.suffix.lower() in (".tif", ".tiff"):
+        spacing, unit = tiff_spacing(path)
+    elif spacing is not None:
+        unit = spatial_unit(path)
+    image = check_image(image, name=str(path) if name is None else name, max_voxels=max_voxels)
+    if spacing is not None and len(spacing) != image.ndim:
+        spacing, unit = None, None
+    return image, spacing, unit
+
+
+def read_upload(filename, contents, *, max_voxels=DEFAULT_MAX_VOXELS):
+    """Decode a browser upload (``data:...;base64,...``) and read it with the CLI's reader.
+
+    Returns ``(image, spacing or None, unit or None)`` (:func:`read_image_file`).
+    """
     filename = Path(filename or "upload").name
     suffix = Path(filename).suffix.lower()
     if suffix not in UPLOAD_SUFFIXES:
@@ -429,7 +457,7 @@ def read_upload(filename, contents, *, max_voxels=DEFAULT_MAX_VOXELS):
         path = Path(folder) / filename
         path.write_bytes(data)
         try:
-            image, spacing = read_image(path)
+            return read_image_file(path, name=filename, max_voxels=max_voxels)
         except DeclumpError as exc:  # the file's name, not the server's temporary path
             message = str(exc).replace(str(path), filename)
             for option, what in (("--channel", "channel"), ("--timepoint", "time point")):  # no such field here
@@ -437,12 +465,6 @@ def read_upload(filename, contents, *, max_voxels=DEFAULT_MAX_VOXELS):
                                           f"file (Fiji: Image > Stacks or Color > Split Channels), or use "
                                           f"declump run {option} N")
             raise DeclumpError(message) from None
-        spacing_unit = tiff_spacing(path) if suffix in (".tif", ".tiff") and spacing is None else (spacing, None)
-    spacing, unit = spacing_unit
-    image = check_image(image, name=filename, max_voxels=max_voxels)
-    if spacing is not None and len(spacing) != image.ndim:
-        spacing, unit = None, None
-    return image, spacing, unit
 
 
 # -- strokes ---------------------------------------------------------------------------------------------------
@@ -589,19 +611,27 @@ def format_spacing(spacing):
 
 
 def command_line(session, *, device="auto"):
-    """The `declump run` command line (plus `declump train` when a painted classifier is used) that reproduces it."""
+    """The shell commands that reproduce the result: `declump run`, after `declump train` where a painted classifier
+    made the foreground (and `declump demo` for the sample).
+
+    Every word is quoted for a POSIX shell (``shlex.quote``: a file name with spaces or quotes is one argument) and
+    the commands are joined by ``&& \\`` line continuations, so that pasted into bash they run as one command
+    that stops at the first failure (a ``set -e`` line would close an interactive shell on that failure).
+    """
     result = session.result
     if result is None:
         return ""
+    notes, commands = [], []
     if session.source is not None:
-        source, prelude = session.source, []
+        source = session.source
     elif session.name == "sample":
-        source, prelude = "demo_output/sample.tif", ["declump demo --out demo_output   # writes the app's sample"]
+        source = "demo_output/sample.tif"
+        notes.append("# declump demo writes the app's sample as demo_output/sample.tif")
+        commands.append(["declump", "demo", "--out", "demo_output"])
     else:
-        source, prelude = session.name, []
+        source = session.name
     stem = Path(source).with_suffix("").name
     options = ["--spacing", format_spacing(session.spacing), *result.argv, "--device", device]
-    lines = list(prelude)
     if result.foreground == "classifier":
         # The result's classifier, not the session's latest: trained again (or another model chosen) after the
         # separation, the command described a result other than the one shown (2026-12-05 audit).
@@ -613,10 +643,12 @@ def command_line(session, *, device="auto"):
                 raise DeclumpError("the classifier was trained again or the strokes changed since this result was "
                                    "made; separate again (or undo the strokes) to download the command line that "
                                    "reproduces what is shown")
-            lines.append(f"declump train {shlex.quote(source)} --labels {stem}_scribbles.tif --spacing "
-                         f"{format_spacing(session.spacing)} --trees {TRAINING['n_estimators']} --max-depth "
-                         f"{TRAINING['max_depth']} --samples-per-class {TRAINING['samples_per_class']} --seed "
-                         f"{TRAINING['seed']} --out {stem}_model.npz")
+            # (The scribbles are the strokes download, named so: f"{stem}_scribbles.tif".)
+            commands.append(["declump", "train", source, "--labels", f"{stem}_scribbles.tif",
+                             "--spacing", format_spacing(session.spacing), "--trees", str(TRAINING["n_estimators"]),
+                             "--max-depth", str(TRAINING["max_depth"]),
+                             "--samples-per-class", str(TRAINING["samples_per_class"]), "--seed", str(TRAINING["seed"]),
+                             "--out", f"{stem}_model.npz"])
             options += ["--classifier", f"{stem}_model.npz"]
-    lines.append(shlex.join(["declump", "run", source, f"{stem}_labels.tif", *options]))
-    return "\n".join(lines) + "\n"
+    commands.append(["declump", "run", source, f"{stem}_labels.tif", *options])
+    return "\n".join([*notes, " && \\\n".join(shlex.join(command) for command in commands)]) + "\n"

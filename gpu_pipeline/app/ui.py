@@ -220,14 +220,10 @@ def build_app(image_path=None, *, max_voxels=None):
     store = sess.SessionStore()
     initial = None
     if image_path is not None:
-        from gpu_pipeline.io import read_image
-
-        image, spacing = read_image(image_path)
-        unit = None
-        if spacing is None and Path(image_path).suffix.lower() in (".tif", ".tiff"):
-            spacing, unit = sess.tiff_spacing(image_path)
-        initial = dict(image=sess.check_image(image, name=str(image_path), max_voxels=max_voxels),
-                       name=Path(image_path).name, source=str(image_path), spacing=spacing, unit=unit)
+        # Read as an upload is (the CLI's reader and checks; the spacing and unit the file gives: a TIFF's, an
+        # OME-Zarr's, whose unit the app dropped before).
+        image, spacing, unit = sess.read_image_file(image_path, max_voxels=max_voxels)
+        initial = dict(image=image, name=Path(image_path).name, source=str(image_path), spacing=spacing, unit=unit)
 
     app = Dash(__name__, title="declump", update_title=None)
     app.server.config["MAX_CONTENT_LENGTH"] = None
