@@ -40,6 +40,10 @@ def particle_table(labels, image=None, spacing=None):
     from gpu_pipeline.pipeline import validate_spacing
 
     labels = as_label_image(labels)
+    if min(labels.shape) < 2:  # (rows, columns, 1) was measured as a volume: centroid_z the row, centroid_x 0
+        raise DeclumpError(f"labels have shape {tuple(labels.shape)}, one voxel along an axis; pass 2D labels as "
+                           "(rows, columns) and 3D as (planes, rows, columns): drop that axis (e.g. np.squeeze), "
+                           "as separate takes the image")
     ndim = labels.ndim
     spacing = validate_spacing(spacing, ndim)
     if image is not None:

@@ -223,3 +223,16 @@ def test_the_csv_table_holds_every_digit_of_the_table(tmp_path, rng):
     for column, values in table.items():
         read = np.array([float(row[column]) for row in rows])
         assert np.array_equal(read, np.asarray(values, dtype=np.float64)), column
+
+
+@pytest.mark.parametrize("shape", [(30, 40, 1), (1, 30, 40)])
+def test_particle_table_refuses_an_axis_of_one_voxel(rng, shape):
+    """(rows, columns, 1) labels were measured as a volume of one plane: volume and centroid_z (the row), and
+    centroid_x 0. Refused in one line, as separate refuses such an image."""
+    from gpu_pipeline import DeclumpError
+
+    _, labels = make_touching_particles((30, 40), 4, seed=int(rng.integers(1e6)))
+    with pytest.raises(DeclumpError, match="one voxel along an axis") as caught:
+        particle_table(labels.reshape(shape))
+    assert "\n" not in str(caught.value)
+    assert "area" in particle_table(labels)
