@@ -338,8 +338,8 @@ class PixelClassifier:
         """Read a model written by :meth:`save`; anything else is a one-line :class:`DeclumpError`."""
         path = Path(path)
         if not path.is_file():
-            raise DeclumpError(f"model file {path} does not exist; pass a .npz written by `declump train` or a "
-                               f"shipped model name ({', '.join(SHIPPED_MODELS)})")
+            raise DeclumpError(f"model file {path} {'is a folder' if path.is_dir() else 'does not exist'}; pass a .npz "
+                               f"written by `declump train` or a shipped model name ({', '.join(SHIPPED_MODELS)})")
         keys = ("header", "node_count", "children_left", "children_right", "feature", "threshold", "value")
         try:
             with open(path, "rb") as handle:

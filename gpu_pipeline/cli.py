@@ -331,16 +331,19 @@ def cmd_run_chunked(args, device):
                            "unset or 0")
     # The automatic choices measure the whole image at once; a chunked run takes the fixed values instead and
     # says so, so that the default command works on a volume of any size.
+    given_note = classifier_note(args)  # (before the fixed values below fill the options in)
     fixed = [(name, option, value) for name, option, value in CHUNKED_FIXED if getattr(args, name) == "auto"]
     for name, _, value in fixed:
         setattr(args, name, value)
+    if args.classifier is not None:  # the model's probabilities make the foreground: no threshold to fix
+        fixed = [f for f in fixed if f[0] not in dict(THRESHOLD_OPTIONS)]
     if args.min_size == "auto":
         args.min_size = None
         fixed.append(("min_size", "--min-size", "a ball of diameter --min-distance"))
     # Lengths in voxels of the volume's finest axis, not in its physical unit: 1 and 4 of a store calibrated in
     # nanometres were a third of a pixel and 1.3 pixels (215 particles for 35).
     voxel_defaults = {name: value for name, _, value in fixed if name in VOXEL_LENGTHS}
-    notes = []
+    notes = [given_note] if given_note else []
     if fixed:  # (printed by the run once the input and parameters are checked: an error stays one line)
         notes.append("declump: chunked runs do not choose " + ", ".join(option for _, option, _ in fixed) +
                      " automatically (that needs the whole image at once); using " +
@@ -387,6 +390,21 @@ def engine_device(args):
     return "gpu"
 
 
+#: Options that make the thresholded foreground: with --classifier the model's probabilities make it instead.
+THRESHOLD_OPTIONS = (("sigma", "--sigma"), ("threshold", "--threshold"), ("polarity", "--polarity"))
+
+
+def classifier_note(args):
+    """The note for threshold options given beside ``--classifier`` (they were ignored without a word: a user may
+    take ``--threshold 0.9`` for the probability's cut-off), or None."""
+    given = [option for name, option in THRESHOLD_OPTIONS if getattr(args, name, "auto") != "auto"]
+    if args.classifier is None or not given:
+        return None
+    return (f"declump: note: {', '.join(given)} {'makes' if len(given) == 1 else 'make'} the thresholded foreground; "
+            "with --classifier the model's probabilities make it (particle where above 0.5), so "
+            f"{'it is' if len(given) == 1 else 'they are'} not used")
+
+
 def cmd_run(args):
     device = engine_device(args)
     if _is_zarr(args.input) and Path(args.output).suffix.lower() == ".zarr":
@@ -426,7 +444,8 @@ def run_file(args, input_path, output, device, *, notes=True):
     spacing = args.spacing if args.spacing is not None else file_spacing
     unit = spatial_unit(input_path) if args.spacing is None and file_spacing is not None else None
     levels = ngff_levels(input_path) if args.spacing is None and file_spacing is not None else None
-    said = []  # the notes, printed once the run has succeeded: a refusal stays one line on stderr
+    said = [note for note in [classifier_note(args)] if note]  # printed once the run has succeeded: a refusal
+    # stays one line on stderr
     if spacing is None and notes and Path(input_path).suffix.lower() in (".tif", ".tiff"):
         from gpu_pipeline.io import tiff_spacing
 
@@ -594,6 +613,9 @@ def cmd_evaluate(args):
 
     if Path(args.prediction).is_dir() and not _is_zarr(args.prediction):
         return evaluate_folders(args)
+    if Path(args.ground_truth).is_dir() and not _is_zarr(args.ground_truth):
+        raise DeclumpError(f"{args.prediction} is a file, so the ground truth must be one too; {args.ground_truth} is "
+                           "a folder (two folders are scored image by image)")
     pred, _ = read_image(args.prediction)
     truth, _ = read_image(args.ground_truth)
     scores = evaluate(pred, truth)  # checks both as label images (as_label_image), as the Python API does

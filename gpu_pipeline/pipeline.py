@@ -316,8 +316,8 @@ def refuse_channels_last(shape, name="image"):
 
 
 #: What a mask may be, in the line that refuses one (in memory and chunked).
-MASK_ACCEPTED = ("bool, non-negative integers (foreground where > 0: a 0/1 or 0/255 mask, a label image) or a "
-                 "probability map in [0, 1] (foreground where > 0.5)")
+MASK_ACCEPTED = ("bool, non-negative integers (foreground where > 0: a 0/1 or 0/255 mask of an integer dtype, a "
+                 "label image) or a floating-point probability map in [0, 1] (foreground where > 0.5)")
 
 
 def _mask_from(mask, shape):
@@ -876,7 +876,8 @@ def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details,
         details.shell_holes = details.pocket_holes = 0
     if "auto" in (min_distance, max_hole_size, min_size):
         if not bool(fg.any()):
-            raise NoParticlesError("no particles found: the mask is empty (no voxel > 0)" if given else
+            raise NoParticlesError("no particles found: the mask has no foreground voxel (none > 0 in an integer "
+                                   "mask, none > 0.5 in a probability map)" if given else
                                    "no particles found: the foreground is empty after thresholding; check polarity "
                                    "or threshold")
         if bool(fg.all()):

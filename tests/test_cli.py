@@ -542,3 +542,27 @@ def test_3d_peak_options_reach_the_split_and_are_checked(tmp_path, option, value
     result = run_cli("run", tmp_path / "in.tif", tmp_path / "bad.tif", flag, "2")
     assert result.returncode == 2 and f"{words} must be 'auto', a number in (0, 1] or 'off'" in result.stderr
     assert not (tmp_path / "bad.tif").exists()
+
+
+def test_options_a_classifier_makes_unused_get_a_note_and_wording_names_what_is_wrong(tmp_path, rng, capsys):
+    """--threshold, --sigma and --polarity beside --classifier were ignored without a word (a user may take
+    --threshold 0.9 for the probability's cut-off); a folder given as the model was "does not exist"; `evaluate
+    FILE FOLDER` said "unsupported input format (no suffix)"."""
+    from gpu_pipeline.classifier import classes_from_instances, train_classifier
+
+    image, truth = make_touching_particles((64, 64), 6, seed=int(rng.integers(1e6)))
+    np.save(tmp_path / "img.npy", image)
+    train_classifier(image, classes_from_instances(truth), n_estimators=2).save(tmp_path / "m.npz")
+    base = ["run", str(tmp_path / "img.npy"), str(tmp_path / "a.tif"), "--classifier", str(tmp_path / "m.npz")]
+    assert main(base) == 0
+    assert "not used" not in capsys.readouterr().err
+    assert main([*base, "--overwrite", "--threshold", "0.9", "--polarity", "dark"]) == 0
+    err = capsys.readouterr().err
+    assert "--threshold, --polarity make the thresholded foreground" in err and "not used" in err
+    (tmp_path / "models").mkdir()
+    assert main([*base[:-1], str(tmp_path / "models")]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    np.save(tmp_path / "truth.npy", truth)
+    assert main(["evaluate", str(tmp_path / "truth.npy"), str(tmp_path / "models")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "is a file, so the ground truth must be one too" in err

@@ -318,7 +318,7 @@ def test_api_arguments_are_checked_in_one_line_and_cpu_fallback_takes_the_same_s
             separate(np.resize(image, shape))
     from gpu_pipeline import NoParticlesError
 
-    with pytest.raises(NoParticlesError, match="the mask is empty"):  # was "after thresholding"
+    with pytest.raises(NoParticlesError, match="the mask has no foreground voxel"):  # was "after thresholding"
         separate(image, mask=np.zeros(image.shape, bool))
     with pytest.raises(NoParticlesError, match="at least the ball of min_distance .*; check min_size or min_distance"):
         separate(image, min_distance=1e6)  # the size came from min_distance, not from a min_size given
