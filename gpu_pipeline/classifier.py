@@ -499,7 +499,10 @@ def classes_from_instances(instance_labels, *, boundary_width=1):
     size = 2 * int(boundary_width) + 1
     fg = labels > 0
     highest = ndi.maximum_filter(labels, size=size, mode="nearest")
-    top = np.iinfo(labels.dtype).max
+    # Background counts as the highest id present (never below a particle's own): the dtype's maximum, as it
+    # was, came back from SciPy's minimum filter of int64 as the minimum (-2**63), and background next to a
+    # particle made it a boundary (117 extra boundary pixels in a 64x64 image of int64 ids).
+    top = labels.max()
     lowest = ndi.minimum_filter(np.where(fg, labels, top), size=size, mode="nearest")
     touching = fg & ((highest > labels) | (lowest < labels))
     out = np.where(fg, 2, 1).astype(np.uint8)

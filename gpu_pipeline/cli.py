@@ -231,7 +231,10 @@ def run_and_write(image, output, *, device, spacing, mask=None, source=None, pro
         if probabilities_path is not None:
             from gpu_pipeline.io import write_probabilities
 
-            write_probabilities(probabilities_path, to_host(details.probabilities), spacing)
+            from gpu_pipeline.classifier import load_classifier
+
+            write_probabilities(probabilities_path, to_host(details.probabilities), spacing,
+                                classes=load_classifier(params["classifier"]).classes)
             paths["probabilities"] = Path(probabilities_path)
         info = summary(table, image.ndim, spacing, details)
         parameters = {k: (str(getattr(v, "given_as", None) or v) if k == "classifier" and v is not None else v)
@@ -539,12 +542,16 @@ def check_mask(mask, shape, option):
 
 def cmd_train(args):
     """declump train: a pixel classifier from scribbles or instance ground truth, written as .npz."""
+    from gpu_pipeline._common import as_label_image
     from gpu_pipeline.classifier import classes_from_instances, train_classifier
     from gpu_pipeline.io import read_image
 
     out = Path(args.out)
     if out.suffix.lower() != ".npz":
         raise DeclumpError(f"--out {out}: a model file is written as .npz")
+    if args.boundary_width is not None and not args.from_instances:
+        raise DeclumpError("--boundary-width applies to --from-instances (scribbles paint the boundary class as 3); "
+                           "add --from-instances or leave it out")
     if len(args.images) != len(args.labels):
         raise DeclumpError(f"{len(args.images)} images but {len(args.labels)} --labels files; give one --labels "
                            "file per image, in the same order")
@@ -556,10 +563,9 @@ def cmd_train(args):
             raise DeclumpError(f"--labels {label_path} has shape {tuple(label.shape)} but its image {image_path} has "
                                f"shape {tuple(image.shape)}; each --labels file must match its image")
         if args.from_instances:
-            if np.dtype(label.dtype).kind not in "ui":
-                raise DeclumpError(f"--labels {label_path} has dtype {label.dtype}; --from-instances needs integer "
-                                   "instance labels (0 background, one id per particle)")
-            label = classes_from_instances(label, boundary_width=args.boundary_width)
+            # Read as `declump evaluate` reads ground truth: whole-number floats and a bool mask are label images.
+            label = classes_from_instances(as_label_image(label, f"--labels {label_path}"),
+                                           boundary_width=2 if args.boundary_width is None else args.boundary_width)
         images.append(image)
         labels.append(label)
         spacings.append(spacing)
@@ -845,10 +851,10 @@ def build_parser():
     train.add_argument("--out", required=True, metavar="MODEL", help="model file to write (.npz)")
     train.add_argument("--from-instances", action="store_true",
                        help="--labels are instance ground truth, not scribbles")
-    train.add_argument("--boundary-width", type=int, default=2,
+    train.add_argument("--boundary-width", type=int, default=None,
                        help="with --from-instances: particle pixels within this many pixels of another particle "
-                            "are the boundary class (default %(default)s: the boundary-guided split needs the "
-                            "line on both sides)")
+                            "are the boundary class (default 2: the boundary-guided split needs the line on both "
+                            "sides)")
     train.add_argument("--spacing", type=_spacing, default=None, help=PARAMETER_HELP["spacing"])
     train.add_argument("--trees", type=int, default=DEFAULT_TREES, help="trees in the forest (default %(default)s)")
     train.add_argument("--max-depth", type=int, default=DEFAULT_DEPTH, help="depth of each tree (default %(default)s)")

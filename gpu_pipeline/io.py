@@ -676,11 +676,12 @@ def boolean_input_as_mask(image, mask, *, classifier, input_path, what="image"):
     return image.astype(np.uint8), image
 
 
-def _write_tiff_or_npy(path, suffix, array, axes, spacing=None):
+def _write_tiff_or_npy(path, suffix, array, axes, spacing=None, extra=None):
     """Write ``array`` to ``path`` as a zlib TIFF or an NPY by ``suffix``; False for any other suffix.
 
     TIFF: ``axes`` (tifffile's letters, e.g. ``ZYX``) recorded, so a 3D image reads as planes, not channels;
-    ``*.ome.tif``: OME-XML with them and ``spacing`` as the physical pixel sizes.
+    ``*.ome.tif``: OME-XML with them and ``spacing`` as the physical pixel sizes; ``extra``: more entries of a
+    plain TIFF's JSON description (a probability map's class names).
     """
     if suffix in (".tif", ".tiff"):
         import tifffile
@@ -689,6 +690,8 @@ def _write_tiff_or_npy(path, suffix, array, axes, spacing=None):
         ome = Path(path).name.lower().endswith((".ome.tif", ".ome.tiff"))
         if ome and spacing is not None:
             metadata.update({f"PhysicalSize{name}": float(s) for name, s in zip(axes[-len(spacing):], spacing)})
+        if not ome and extra:
+            metadata.update(extra)
         tifffile.imwrite(path, array, compression="zlib", metadata=metadata, ome=ome)
     elif suffix == ".npy":
         with open(path, "wb") as handle:
@@ -726,13 +729,15 @@ def write_labels(path, labels, spacing=None, source=None, unit=None, levels=None
                                       extra={"declump": {"complete": True}}, unit=unit, levels=levels)
 
 
-def write_probabilities(path, probabilities, spacing=None):
-    """Write a pixel classifier's probability map (float32, classes first) as TIFF, NPY or Zarr, atomically."""
+def write_probabilities(path, probabilities, spacing=None, classes=None):
+    """Write a pixel classifier's probability map (float32, classes first) as TIFF, NPY or Zarr, atomically;
+    ``classes``: the model's class names, in the map's order (a Zarr attribute and a TIFF's description)."""
     path = Path(path)
     suffix = _suffix(path)
     probabilities = np.asarray(probabilities, dtype=np.float32)
+    named = {"classes": list(classes)} if classes else {}
     with atomic_path(path) as tmp:
-        if _write_tiff_or_npy(tmp, suffix, probabilities, "C" + "ZYX"[1 - probabilities.ndim:], spacing):
+        if _write_tiff_or_npy(tmp, suffix, probabilities, "C" + "ZYX"[1 - probabilities.ndim:], spacing, named):
             pass
         elif suffix == ".zarr":
             import zarr
@@ -741,7 +746,7 @@ def write_probabilities(path, probabilities, spacing=None):
                                     chunks=(1,) + tuple(min(s, 256) for s in probabilities.shape[1:]),
                                     config=EVERY_CHUNK)
             out[...] = probabilities
-            out.attrs.update(PROBABILITIES_MARK)
+            out.attrs.update({**PROBABILITIES_MARK, **named})
             if spacing is not None:
                 out.attrs["spacing"] = [float(s) for s in spacing]
         else:

@@ -251,8 +251,13 @@ def test_training_refuses_unusable_labels(rng):
     assert train_classifier(image, scribbles, scales=SCALES, n_estimators=3).classes == ("background", "particle")
 
 
-def test_classes_from_instances_marks_contacts_between_particles(rng):
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint64, np.uint16])
+def test_classes_from_instances_marks_contacts_between_particles(rng, dtype):
+    """Against a neighbour loop, for every id dtype: with int64 ids the background's sentinel (the dtype's
+    maximum) came back from SciPy's minimum filter as -2**63, and particle pixels next to the background were
+    marked boundary."""
     _, truth = make_touching_particles((80, 90), 25, radius_range=(4, 9), seed=int(rng.integers(1e6)))
+    truth = truth.astype(dtype)
     classes = classes_from_instances(truth, boundary_width=1)
     padded = np.pad(truth, 1, mode="edge")
     other = np.zeros(truth.shape, bool)
@@ -407,6 +412,7 @@ def test_cli_classifier_errors_are_one_line_and_write_nothing(rng, tmp_path, cap
     (tmp_path / "cut.npz").write_bytes((tmp_path / "model2d.npz").read_bytes()[:300])
     no_particle = np.where(truth > 0, 0, 1).astype(np.uint8)
     tifffile.imwrite(tmp_path / "no_particle.tif", no_particle)
+    tifffile.imwrite(tmp_path / "fraction.tif", truth.astype(np.float32) + 0.5)
     cases = [
         (("train", "img.tif", "--labels", "small.tif", "--out", "m.npz"), "--labels small.tif has shape"),
         (("train", "img.tif", "--labels", "no_particle.tif", "--out", "m.npz"), "no pixel of class particle"),
@@ -423,6 +429,11 @@ def test_cli_classifier_errors_are_one_line_and_write_nothing(rng, tmp_path, cap
           "--samples-per-class", "0"), "samples_per_class must be a whole number of at least 1"),
         (("train", "img.tif", "--labels", "truth.tif", "--from-instances", "--out", "m.npz",
           "--boundary-width", "-2"), "boundary_width must be a whole number of at least 0"),
+        # Scribbles have no boundary width to apply: it was ignored without a word.
+        (("train", "img.tif", "--labels", "no_particle.tif", "--out", "m.npz", "--boundary-width", "1"),
+         "--boundary-width applies to --from-instances"),
+        (("train", "img.tif", "--labels", "fraction.tif", "--from-instances", "--out", "m.npz"),
+         "not whole numbers"),
     ]
     monkeypatch.chdir(tmp_path)
     for args, message in cases:
@@ -540,3 +551,44 @@ def test_a_model_trained_at_another_spacing_gets_a_note(rng, tmp_path, capsys):
                 == (name == "nm"), (name, out, err)
     summary = json.loads((tmp_path / "nm_mem_summary.json").read_text())
     assert summary["parameters"]["classifier"] == str(tmp_path / "m.npz")
+
+
+def test_probability_maps_name_their_classes_and_a_chunked_run_says_it_skips_the_boundary(rng, tmp_path, capsys):
+    """The probability outputs did not say which plane is which class; a chunked run with a 3-class model split
+    by the distance map without a word (87 particles chunked against 16 in memory in the audit)."""
+    zarr = pytest.importorskip("zarr")
+    from gpu_pipeline.cli import main
+
+    model, image, _ = _trained(rng, shape=(64, 64), n=8)  # background, particle, boundary
+    assert model.classes == ("background", "particle", "boundary")
+    model.save(tmp_path / "m.npz")
+    np.save(tmp_path / "img.npy", image)
+    zarr.create_array(str(tmp_path / "img.zarr"), shape=image.shape, dtype=image.dtype, chunks=image.shape)[...] = image
+    for source, out, probabilities in (("img.npy", "a.tif", "p.tif"), ("img.npy", "b.tif", "p.zarr"),
+                                       ("img.zarr", "c.zarr", "q.zarr")):
+        assert main(["run", str(tmp_path / source), str(tmp_path / out), "--classifier", str(tmp_path / "m.npz"),
+                     "--save-probabilities", str(tmp_path / probabilities), "--max-radius", "12"]) == 0
+        err = capsys.readouterr().err
+        assert ("do not follow the model's boundary class" in err) == out.endswith(".zarr"), (out, err)
+    with tifffile.TiffFile(tmp_path / "p.tif") as tif:
+        assert json.loads(tif.pages[0].description)["classes"] == list(model.classes)
+    for name in ("p.zarr", "q.zarr"):
+        assert zarr.open_array(str(tmp_path / name), mode="r").attrs["classes"] == list(model.classes)
+
+
+def test_train_from_instances_reads_ground_truth_as_evaluate_does(rng, tmp_path, capsys):
+    """--from-instances refused whole-number float32 labels (a label image saved as float) and a bool mask, which
+    `declump evaluate` accepts: the same model as from the integer labels."""
+    from gpu_pipeline.cli import main
+
+    _, image, truth = _trained(rng, shape=(64, 64), n=8)
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    tifffile.imwrite(tmp_path / "int.tif", truth)
+    tifffile.imwrite(tmp_path / "float.tif", truth.astype(np.float32))
+    for name in ("int", "float"):
+        assert main(["train", str(tmp_path / "img.tif"), "--labels", str(tmp_path / f"{name}.tif"),
+                     "--from-instances", "--trees", "2", "--out", str(tmp_path / f"{name}.npz")]) == 0
+    from gpu_pipeline.classifier import load_classifier
+
+    assert np.array_equal(load_classifier(tmp_path / "int.npz").predict_proba(image),
+                          load_classifier(tmp_path / "float.npz").predict_proba(image))

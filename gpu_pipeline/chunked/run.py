@@ -508,6 +508,10 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
         from gpu_pipeline.classifier import spacing_note
 
         notes = [*notes, *[note for note in [spacing_note(model, spacing, unit)] if note]]
+        if "boundary" in model.classes:  # (in memory the split follows it: other particles, said, not silent)
+            notes.append("declump: note: chunked runs split by the distance map and do not follow the model's "
+                         "boundary class, as in-memory runs do (the boundary split is not local); the particles "
+                         "can differ from an in-memory run's")
     chunked_parameters(volume.ndim, sigma=sigma, min_distance=min_distance, min_size=min_size, max_radius=max_radius,
                        max_iter=max_iter, neck_ratio=neck_ratio, nearby_ratio=nearby_ratio, peak_reach=peak_reach,
                        reach_share=reach_share, ball_share=ball_share)
@@ -667,7 +671,7 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
                 write_blocks(probabilities, tmp, tmp.parent / "written", what="write probabilities",
                              verbose=verbose)
                 zarr.open_array(str(tmp), mode="r+").attrs.update(
-                    {"spacing": [float(s) for s in spacing], **PROBABILITIES_MARK})
+                    {"spacing": [float(s) for s in spacing], **PROBABILITIES_MARK, "classes": list(model.classes)})
             paths["probabilities"] = Path(probabilities_path)
     return_freed_memory()  # the passes' freed temporaries, before the output stage loads pyarrow and matplotlib
     write_parquet(table, paths["table"])
