@@ -562,10 +562,17 @@ def cmd_train(args):
         if tuple(label.shape) != tuple(image.shape):
             raise DeclumpError(f"--labels {label_path} has shape {tuple(label.shape)} but its image {image_path} has "
                                f"shape {tuple(image.shape)}; each --labels file must match its image")
+        if image.size and float(image.min()) == float(image.max()):  # (said as training, not as a threshold)
+            raise DeclumpError(f"{image_path} is constant (every value is {float(image.min()):g}); a pixel classifier "
+                               "learns from the image's contrast: train on images with contrast")
         if args.from_instances:
             # Read as `declump evaluate` reads ground truth: whole-number floats and a bool mask are label images.
-            label = classes_from_instances(as_label_image(label, f"--labels {label_path}"),
-                                           boundary_width=2 if args.boundary_width is None else args.boundary_width)
+            label = as_label_image(label, f"--labels {label_path}")
+            if not bool(label.any()):
+                raise DeclumpError(f"--labels {label_path} holds no particle (every id is 0); --from-instances "
+                                   "takes instance ground truth with particles (0 background, one id per particle)")
+            label = classes_from_instances(label, boundary_width=2 if args.boundary_width is None
+                                           else args.boundary_width)
         images.append(image)
         labels.append(label)
         spacings.append(spacing)

@@ -413,6 +413,8 @@ def test_cli_classifier_errors_are_one_line_and_write_nothing(rng, tmp_path, cap
     no_particle = np.where(truth > 0, 0, 1).astype(np.uint8)
     tifffile.imwrite(tmp_path / "no_particle.tif", no_particle)
     tifffile.imwrite(tmp_path / "fraction.tif", truth.astype(np.float32) + 0.5)
+    tifffile.imwrite(tmp_path / "empty.tif", np.zeros_like(truth))
+    tifffile.imwrite(tmp_path / "flat.tif", np.full_like(image, 7))
     cases = [
         (("train", "img.tif", "--labels", "small.tif", "--out", "m.npz"), "--labels small.tif has shape"),
         (("train", "img.tif", "--labels", "no_particle.tif", "--out", "m.npz"), "no pixel of class particle"),
@@ -434,6 +436,8 @@ def test_cli_classifier_errors_are_one_line_and_write_nothing(rng, tmp_path, cap
          "--boundary-width applies to --from-instances"),
         (("train", "img.tif", "--labels", "fraction.tif", "--from-instances", "--out", "m.npz"),
          "not whole numbers"),
+        (("train", "img.tif", "--labels", "empty.tif", "--from-instances", "--out", "m.npz"), "holds no particle"),
+        (("train", "flat.tif", "--labels", "truth.tif", "--from-instances", "--out", "m.npz"), "flat.tif is constant"),
     ]
     monkeypatch.chdir(tmp_path)
     for args, message in cases:
