@@ -92,7 +92,7 @@ def layout_body(session_id, device):
                                   {"label": "watershed", "value": "watershed"}]),
             html.Label(["min distance between centres (", html.Span(id="unit-1", children="px"), ")"], style=LABEL),
             _text_input("min-distance", defaults["--min-distance"]),
-            html.Label(["min size (", html.Span(id="unit-2", children="px"), "² or ³; empty: a ball of min distance)"],
+            html.Label(["min size (", html.Span(id="unit-2", children="px"), "² or ³; auto or empty: a fraction of the typical particle)"],
                        style=LABEL),
             _text_input("min-size", defaults["--min-size"]),
             html.Label(["max hole size (", html.Span(id="unit-3", children="px"), "² or ³; 0: off)"], style=LABEL),
