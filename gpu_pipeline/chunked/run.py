@@ -502,8 +502,6 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
                      (f" {unit}" if unit else "") + ": " + ", ".join(
                          f"--{name.replace('_', '-')} {voxel_defaults[name]:g} voxels = {value:g}"
                          for name, value in physical.items())]
-    # Every parameter checked before a folder is touched: a bad one is reported as such (not as a work folder
-    # "with other parameters") and leaves nothing behind.
     if model is not None:
         from gpu_pipeline.classifier import spacing_note
 
@@ -512,6 +510,8 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
             notes.append("declump: note: chunked runs split by the distance map and do not follow the model's "
                          "boundary class, as in-memory runs do (the boundary split is not local); the particles "
                          "can differ from an in-memory run's")
+    # Every parameter checked before a folder is touched: a bad one is reported as such (not as a work folder
+    # "with other parameters") and leaves nothing behind.
     chunked_parameters(volume.ndim, sigma=sigma, min_distance=min_distance, min_size=min_size, max_radius=max_radius,
                        max_iter=max_iter, neck_ratio=neck_ratio, nearby_ratio=nearby_ratio, peak_reach=peak_reach,
                        reach_share=reach_share, ball_share=ball_share)
