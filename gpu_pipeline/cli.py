@@ -606,7 +606,7 @@ def cmd_demo(args):
     calibration = {"unit": "pixel", **({"spacing": float(spacing[0])} if image.ndim == 3 else {})}
     tifffile.imwrite(out / "sample.tif", image, imagej=True, resolution=(1 / spacing[-1], 1 / spacing[-2]),
                      metadata={"axes": "ZYX"[-image.ndim:], **calibration})
-    tifffile.imwrite(out / "sample_truth.tif", truth, compression="zlib")
+    tifffile.imwrite(out / "sample_truth.tif", truth, compression="zlib", photometric="minisblack")
     kwargs = separation_kwargs(args)
     kwargs.pop("spacing")
     labels, info = run_and_write(image, out / "sample_labels.tif", device=device, spacing=spacing, **kwargs)

@@ -692,7 +692,8 @@ def _write_tiff_or_npy(path, suffix, array, axes, spacing=None, extra=None):
             metadata.update({f"PhysicalSize{name}": float(s) for name, s in zip(axes[-len(spacing):], spacing)})
         if not ome and extra:
             metadata.update(extra)
-        tifffile.imwrite(path, array, compression="zlib", metadata=metadata, ome=ome)
+        # minisblack: 3 or 4 planes (a class per plane, a volume of 3 planes) are planes, not an RGB(A) picture
+        tifffile.imwrite(path, array, compression="zlib", metadata=metadata, ome=ome, photometric="minisblack")
     elif suffix == ".npy":
         with open(path, "wb") as handle:
             np.save(handle, array)

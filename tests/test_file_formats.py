@@ -352,3 +352,17 @@ def test_zarr_labels_name_a_source_only_where_the_input_is_a_zarr_image(tmp_path
     assert main(["run", str(tmp_path / "img.npy"), str(tmp_path / "out.zarr"), "--quiet"]) == 0
     attrs = dict(zarr.open_group(str(tmp_path / "out.zarr" / "particles"), mode="r").attrs)
     assert attrs["image-label"] == {"version": "0.4"} and len(attrs["multiscales"][0]["datasets"]) == 1
+
+
+def test_three_or_four_planes_are_written_as_planes_not_as_colour(tmp_path, rng):
+    """A label volume of 3 planes and a 3-class probability map were stored as an RGB picture (tifffile's
+    default for 3 samples: a deprecation warning, and a colour image in Fiji); they are grey planes now."""
+    from gpu_pipeline.io import read_image, write_labels, write_probabilities
+
+    labels = rng.integers(0, 9, (3, 20, 24)).astype(np.int32)
+    write_labels(tmp_path / "l.tif", labels)
+    write_probabilities(tmp_path / "p.tif", rng.random((4, 20, 24)).astype(np.float32), classes="abcd")
+    for name, axes in (("l.tif", "ZYX"), ("p.tif", "CYX")):
+        with tifffile.TiffFile(tmp_path / name) as tif:
+            assert tif.pages[0].photometric == tifffile.PHOTOMETRIC.MINISBLACK and tif.series[0].axes == axes
+    assert np.array_equal(read_image(tmp_path / "l.tif")[0], labels)

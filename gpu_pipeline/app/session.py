@@ -593,7 +593,8 @@ def labels_tiff_bytes(labels):
 
     buffer = io.BytesIO()
     # Axes recorded as `declump run` records them: a 3D label image read back as planes (QYX before).
-    tifffile.imwrite(buffer, labels, compression="zlib", metadata={"axes": "ZYX"[-labels.ndim:]})
+    tifffile.imwrite(buffer, labels, compression="zlib", metadata={"axes": "ZYX"[-labels.ndim:]},
+                     photometric="minisblack")  # a volume of 3 or 4 planes is planes, not an RGB(A) picture
     return buffer.getvalue()
 
 
