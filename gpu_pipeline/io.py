@@ -244,10 +244,12 @@ def open_zarr(path, *, channel=None, timepoint=None):
             index.append(_pick(timepoint, size, "time points", "--timepoint", path))
         elif name == "c":
             index.append(_pick(channel, size, "channels", "--channel", path))
+        elif name == "z" and size == 1:
+            index.append(0)  # a 2D image stored 5D (t, c, z, y, x, as bioformats2raw writes it) is 2D
         else:
             index.append(slice(None))
     if spacing is not None:
-        spacing = [s for s, a in zip(spacing, axes) if a in ("z", "y", "x")]
+        spacing = [s for s, a, i in zip(spacing, axes, index) if a in ("z", "y", "x") and isinstance(i, slice)]
     return array, tuple(index), spacing
 
 
@@ -305,6 +307,8 @@ def ngff_levels(path):
         ms = multiscales[0]
         axes = [a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])]
         ndim = len(axes)
+        shape = node[ms["datasets"][0]["path"]].shape
+        axes = [a if not (a == "z" and n == 1) else "-" for a, n in zip(axes, shape)]  # (a 2D image's z of one)
         levels = [_spatial_transform(d.get("coordinateTransformations"), axes, ndim) for d in ms["datasets"]]
         outer_scale, outer_shift = _spatial_transform(ms.get("coordinateTransformations"), axes, ndim)
         base_scale, base_shift = levels[0]

@@ -1,6 +1,7 @@
 """The chunked pipeline: same bytes as the in-memory `separate` for any chunking, resumable, fault tolerant."""
 import itertools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -1154,3 +1155,38 @@ def test_labels_keep_the_image_s_offset_and_pyramid(tmp_path, rng):
     run_chunked(tmp_path / "img.zarr", tmp_path / "odd.zarr", max_radius=13, verbose=False)
     odd = zarr.open_group(str(tmp_path / "odd.zarr" / "particles"), mode="r")
     assert len(odd.attrs["multiscales"][0]["datasets"]) == 1 and "1" not in odd
+
+
+def test_a_2d_image_stored_5d_runs_as_2d_and_one_plane_of_a_plain_array_is_refused(tmp_path, rng, capsys):
+    """A 2D OME-Zarr stored (t, c, z, y, x) with z of size 1 (as bioformats2raw writes one) was refused in memory
+    and ran chunked as a volume of one plane by the 3D rules (other particles than the same plane as 2D). It is
+    2D now, in both; a plain (1, rows, columns) array, whose axes nobody named, is refused in both."""
+    import tifffile
+
+    from gpu_pipeline.cli import main
+
+    image, _ = make_touching_particles((96, 112), 14, radius_range=(5, 9), seed=int(rng.integers(1e6)))
+    group = zarr.open_group(str(tmp_path / "five.zarr"), mode="w")
+    group.create_array("0", shape=(1, 1, 1, *image.shape), dtype=image.dtype, chunks=(1, 1, 1, 48, 56))[...] = \
+        image[None, None, None]
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": [
+        {"name": "t", "type": "time"}, {"name": "c", "type": "channel"},
+        *({"name": a, "type": "space", "unit": "micrometer"} for a in "zyx")], "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 0.5, 2.0, 2.0]}]}]}]}
+    zarr.create_array(str(tmp_path / "plane.zarr"), shape=(1, *image.shape), dtype=image.dtype,
+                      chunks=(1, 48, 56))[...] = image[None]
+    options = ["--max-radius", "26", "--quiet", "--device", "cpu"]
+    assert main(["run", str(tmp_path / "five.zarr"), str(tmp_path / "c.zarr"), *options]) == 0
+    # What the chunked run fixes, at spacing 2: sigma 1 and min_distance 4 voxels, min size a disc of diameter 8.
+    fixed = ["--sigma", "2", "--min-distance", "8", "--threshold", "otsu", "--max-hole-size", "0", "--min-size",
+             repr(math.pi * 4 ** 2), "--reject-annotations", "off", "--outline", "threshold"]
+    assert main(["run", str(tmp_path / "five.zarr"), str(tmp_path / "m.tif"), *options, *fixed]) == 0
+    chunked = zarr.open_array(str(tmp_path / "c.zarr" / "particles" / "0"))[...]
+    summary = json.loads((tmp_path / "c_summary.json").read_text())
+    assert chunked.shape == image.shape and summary["spacing"] == [2.0, 2.0] and chunked.max() > 5
+    assert chunked.tobytes() == tifffile.imread(tmp_path / "m.tif").astype(chunked.dtype).tobytes()
+    capsys.readouterr()
+    for out in ("p.zarr", "p.tif"):
+        assert main(["run", str(tmp_path / "plane.zarr"), str(tmp_path / out), *options]) == 2, out
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and ("one voxel along an axis" in err or "one pixel along an axis" in err), err

@@ -523,6 +523,10 @@ def open_volume(path, *, channel=None, timepoint=None, chunks=None, missing_chun
     from gpu_pipeline.pipeline import refuse_channels_last
 
     refuse_channels_last(shape, str(path))
+    if min(shape) < 2:  # as in memory (validate_image): it ran as a volume of one plane, by the 3D rules
+        raise DeclumpError(f"{path} holds a volume of shape {shape}, one voxel along an axis; declump accepts 2D and "
+                           "3D arrays at least 2 voxels along every axis (a stack of one plane: store that plane as "
+                           "a 2D array, or as an OME-Zarr image with a z axis of size 1)")
     if np.dtype(array.dtype).kind not in ("buif" if accept_bool else "uif"):
         raise DeclumpError(f"{path} has dtype {array.dtype}; declump accepts integer or floating-point intensities")
     files = list_stored_files(array)
