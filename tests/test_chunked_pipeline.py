@@ -1190,3 +1190,27 @@ def test_a_2d_image_stored_5d_runs_as_2d_and_one_plane_of_a_plain_array_is_refus
         assert main(["run", str(tmp_path / "plane.zarr"), str(tmp_path / out), *options]) == 2, out
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and ("one voxel along an axis" in err or "one pixel along an axis" in err), err
+
+
+def test_a_run_stopped_at_its_last_write_leaves_no_summary_and_the_same_call_finishes(tmp_path, rng, monkeypatch):
+    """Ctrl-C just after the summary was written (before the labels' metadata) left the summary, table and overlay
+    beside labels marked unfinished and without metadata: an output that looked complete. The summary is the
+    last write now: stopped there, no summary, and the same call finishes the run."""
+    import gpu_pipeline.chunked.run as run_module
+
+    image, _ = make_touching_particles((24, 48, 48), 10, radius_range=(5, 8), seed=int(rng.integers(1e6)))
+    src = _ome_zarr(tmp_path / "in.zarr", image, (1.0, 1.0, 1.0), (24, 48, 48))
+    real = run_module.write_ngff_label_metadata
+
+    def stopped(*args, **kwargs):  # Ctrl-C as the labels' metadata (and the completion mark) are written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "write_ngff_label_metadata", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_chunked(src, tmp_path / "out.zarr", max_radius=10, verbose=False)
+    assert not (tmp_path / "out_summary.json").exists()
+    monkeypatch.setattr(run_module, "write_ngff_label_metadata", real)
+    summary = run_chunked(src, tmp_path / "out.zarr", max_radius=10, verbose=False)
+    assert (tmp_path / "out_summary.json").exists() and summary["n_particles"] > 3
+    labels = zarr.open_array(str(tmp_path / "out.zarr" / "particles" / "0"))[...]
+    assert labels.tobytes() == separate(image, spacing=(1.0, 1.0, 1.0), max_radius=10).tobytes()

@@ -7,8 +7,9 @@ Outputs (``out.zarr`` and companions beside it):
   ``out.zarr/particles/0`` (int32, chunk-aligned with the processing chunks,
   each chunk written by one task), with ``multiscales`` (the input's spacing
   as its scale) and ``image-label`` metadata. That metadata and the root's
-  ``declump: {complete: true}`` are written last, after every other file:
-  until then the store does not look like a finished label image.
+  ``declump: {complete: true}`` are written after every other file but the
+  summary, which comes last: until then the store does not look like a
+  finished label image.
 - ``out_particles.parquet``: the per-particle table (the columns of
   :func:`gpu_pipeline.measure.particle_table`), reduced from per-chunk partial sums.
 - ``out_overlay.png`` (middle plane) and ``out_summary.json``.
@@ -688,12 +689,14 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
         "seconds": round(time.perf_counter() - started, 3), "device": device, "parameters": parameters,
         "outputs": {k: str(v) for k, v in paths.items()},
     }
-    write_json(paths["summary"], summary)
-    # Completion, after every file is in place: the metadata that makes it a readable label image, and
-    # `complete: true` in the same last write of the root's attributes.
+    # Completion, after every other file is in place: the metadata that makes it a readable label image, with
+    # `complete: true` in the same write of the root's attributes, then the summary, last, as in memory (a run
+    # stopped between the two left a summary beside labels marked unfinished, without their metadata; stopped
+    # there now, it leaves no summary, and the same command finishes it).
     source = os.path.relpath(input_path.resolve(), (paths["labels"] / LABEL_NAME).resolve())
     write_ngff_label_metadata(paths["labels"], spacing, source, unit=unit, levels=levels,
                               extra={"declump": {"complete": True, "parameters": parameters, "inputs": inputs}})
+    write_json(paths["summary"], summary)
     shutil.rmtree(work, ignore_errors=True)
     if verbose and details.n_capped_voxels:
         print(f"declump: warning: {details.n_capped_voxels} voxels lie deeper than --max-radius {details.max_radius:g}; "
