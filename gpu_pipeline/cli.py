@@ -648,7 +648,7 @@ def evaluate_folders(args):
     """``declump evaluate PRED_DIR GT_DIR``: each ground-truth image against the prediction of its name (``NAME.*``
     or ``declump batch``'s ``NAME_labels.*``), a line each, then the scores pooled over every object. An image
     without a prediction counts as nothing found (an image ``declump batch`` reported as failed)."""
-    from gpu_pipeline.batch import IMAGE_SUFFIXES, output_name
+    from gpu_pipeline.batch import IMAGE_SUFFIXES, SUMMARY_NAME, output_name
     from gpu_pipeline.io import read_image
     from gpu_pipeline.metrics import evaluate
 
@@ -675,6 +675,16 @@ def evaluate_folders(args):
     # A batch's NAME_labels.* wins over a NAME.* of the same folder.
     predictions = {**{n: p for n, p in plain.items() if not n.endswith("_labels")},
                    **{n[:-len("_labels")]: p for n, p in plain.items() if n.endswith("_labels")}}
+    # An image the folder's last batch reported as failed counts as nothing found: its outputs there are an
+    # earlier batch's (other options), and were scored beside the new ones without a word.
+    failed = []
+    try:
+        records = json.loads((Path(args.prediction) / SUMMARY_NAME).read_text())["images"]
+        failed = sorted({r["name"] for r in records if r.get("status") != "ok"} & set(predictions))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for name in failed:
+        del predictions[name]
     rows, missing = [], []
     found = weight = 0.0
     for name, truth_path in truths.items():
@@ -695,7 +705,7 @@ def evaluate_folders(args):
                          splits=scores["splits"], merges=scores["merges"]))
         found += scores["f1_50"] * (scores["n_pred"] + scores["n_gt"])
         weight += scores["n_pred"] + scores["n_gt"]
-    pooled = dict(images=len(rows), without_prediction=missing, f1_50_pooled=found / weight if weight else 1.0,
+    pooled = dict(images=len(rows), without_prediction=missing, failed_in_batch=failed, f1_50_pooled=found / weight if weight else 1.0,
                   mean_f1_per_image=float(np.mean([r["mean_f1"] for r in rows])),
                   n_pred=int(sum(r["n_pred"] for r in rows)), n_gt=int(sum(r["n_gt"] for r in rows)))
     if args.json:
@@ -707,6 +717,11 @@ def evaluate_folders(args):
               f"  {r['splits']:>6}  {r['merges']:>6}")
     print(f"{len(rows)} images: objects predicted {pooled['n_pred']}, ground truth {pooled['n_gt']}; F1@0.5 pooled "
           f"over all objects {pooled['f1_50_pooled']:.4f}; mean F1 per image {pooled['mean_f1_per_image']:.4f}")
+    if failed:
+        print(f"declump: note: {len(failed)} images failed in the last batch into {args.prediction} "
+              f"({SUMMARY_NAME}); the outputs of theirs there are an earlier run's and are not scored: "
+              f"{', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''}", file=sys.stderr)
+    missing = [name for name in missing if name not in failed]
     if missing:
         print(f"declump: note: {len(missing)} images have no prediction in {args.prediction} and count as nothing "
               f"found: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", file=sys.stderr)

@@ -201,6 +201,15 @@ def test_evaluate_folders_scores_a_batch_against_its_ground_truth(tmp_path, rng,
     assert result["pooled"]["without_prediction"] == ["r"] and result["images"][2]["f1_50"] == 0.0
     assert result["pooled"]["f1_50_pooled"] == pytest.approx(found / weight)
     assert 0.5 < result["images"][0]["f1_50"] <= 1.0
+    # An image that failed in the folder's last batch, with an earlier batch's outputs of it still there: they
+    # were scored beside the new run's without a word. It counts as nothing found, and the note says why.
+    tifffile.imwrite(tmp_path / "out" / "r_labels.tif", make_touching_particles((64, 64), 4, seed=1)[1])
+    assert main(["evaluate", str(tmp_path / "out"), str(tmp_path / "gt"), "--json"]) == 0
+    stale = json.loads(capsys.readouterr().out)
+    assert stale["images"] == result["images"] and stale["pooled"]["failed_in_batch"] == ["r"]
+    assert main(["evaluate", str(tmp_path / "out"), str(tmp_path / "gt")]) == 0
+    assert "failed in the last batch" in capsys.readouterr().err
+    result["pooled"]["failed_in_batch"] = ["r"]
     # Ground truth named NAME_labels.* (as the shared embryo data) was matched to nothing: every image 0.
     for name in ("p", "q", "r"):
         (tmp_path / "gt" / f"{name}.tif").rename(tmp_path / "gt" / f"{name}_labels.tif")
