@@ -929,6 +929,11 @@ def _expand_home(args):
             setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) else v for v in value])
 
 
+#: What a RuntimeError or ImportError says where memory ran out: a thread's stack or a shared library could not
+#: be mapped.
+OUT_OF_MEMORY_SIGNS = ("can't start new thread", "failed to map segment", "Cannot allocate memory")
+
+
 def _report(message):
     """The one line of a failed command, on stderr. Then asyncio's own complaints are silenced: a Zarr read
     that failed in one task left the others' reads pending in Zarr's event loop, and at exit asyncio logged
@@ -969,6 +974,17 @@ def main(argv=None):
         if args.debug:
             raise
         _report(memory_error_message(exc))
+        return 3
+    except (RuntimeError, ImportError) as exc:
+        # Out of memory as a limit on the address space (ulimit -v, a batch system's h_vmem) shows it: a thread
+        # that cannot start (Zarr's I/O, Dask's pool) or a library that cannot be mapped (a lazy import), each
+        # a traceback and exit 1 before.
+        text = str(exc)
+        if args.debug or not any(sign in text for sign in OUT_OF_MEMORY_SIGNS):
+            raise
+        _report(f"out of memory ({text.splitlines()[0]}): the process reached its memory limit (ulimit -v, a "
+                "batch system's memory request); give it more memory, or use smaller --chunks or fewer --workers "
+                "(nothing was marked complete)")
         return 3
     return 0
 

@@ -566,3 +566,28 @@ def test_options_a_classifier_makes_unused_get_a_note_and_wording_names_what_is_
     assert main(["evaluate", str(tmp_path / "truth.npy"), str(tmp_path / "models")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "is a file, so the ground truth must be one too" in err
+
+
+@pytest.mark.parametrize("error", [RuntimeError("can't start new thread"),
+                                   ImportError("libfoo.so: failed to map segment from shared object")])
+def test_memory_limits_seen_as_a_thread_or_a_library_that_cannot_start_are_one_line(tmp_path, monkeypatch, capsys,
+                                                                                     error):
+    """Under an address-space limit (ulimit -v, a batch system's h_vmem) a chunked run ran out of memory as
+    "RuntimeError: can't start new thread" (Zarr's I/O thread) or a lazy import that could not map its library:
+    a traceback and exit 1. One line and exit 3 now, as a MemoryError; other errors of those kinds still raise."""
+    import gpu_pipeline.cli as cli
+
+    def run_out(args):
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_evaluate", run_out)
+    assert main(["evaluate", str(tmp_path / "a.tif"), str(tmp_path / "b.tif")]) == 3
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("declump: error: out of memory") and "ulimit -v" in err
+
+    def other(args):
+        raise type(error)("something else")
+
+    monkeypatch.setattr(cli, "cmd_evaluate", other)
+    with pytest.raises(type(error)):
+        main(["evaluate", str(tmp_path / "a.tif"), str(tmp_path / "b.tif")])
