@@ -253,17 +253,29 @@ def open_zarr(path, *, channel=None, timepoint=None):
     return array, tuple(index), spacing
 
 
-def spatial_unit(path):
-    """The unit of an OME-Zarr image's spatial axes (``"micrometer"``...), where all of them name the same one;
-    else None (a plain Zarr array, no or mixed units, not Zarr at all)."""
-    path = Path(path)
+def _zarr_node_and_attrs(path):
+    """``(node, attributes)`` of a Zarr store at ``path`` (an array's attributes read as none), or None where
+    it is not one or cannot be opened."""
     if not (_suffix(path) == ".zarr" or (path / ".zattrs").exists() or (path / "zarr.json").exists()):
         return None
     import zarr
 
     try:
         node = zarr.open(str(path), mode="r")
-        attrs = {} if isinstance(node, zarr.Array) else dict(node.attrs)
+        return node, ({} if isinstance(node, zarr.Array) else dict(node.attrs))
+    except Exception:
+        return None
+
+
+def spatial_unit(path):
+    """The unit of an OME-Zarr image's spatial axes (``"micrometer"``...), where all of them name the same one;
+    else None (a plain Zarr array, no or mixed units, not Zarr at all)."""
+    path = Path(path)
+    opened = _zarr_node_and_attrs(path)
+    if opened is None:
+        return None
+    try:
+        attrs = opened[1]
         if "labels" in attrs and "multiscales" not in attrs and attrs["labels"]:
             return spatial_unit(path / attrs["labels"][0])
         multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales") or [{}]
@@ -293,14 +305,11 @@ def ngff_levels(path):
     multiscales' own transforms applied after it, as NGFF composes them; each level's whole-number size step
     from level 0), or None for a plain array, no multiscales, or levels that are no whole-number steps of level 0
     (then labels get one level and no offset, as before)."""
-    path = Path(path)
-    if not (_suffix(path) == ".zarr" or (path / ".zattrs").exists() or (path / "zarr.json").exists()):
+    opened = _zarr_node_and_attrs(Path(path))
+    if opened is None:
         return None
-    import zarr
-
     try:
-        node = zarr.open(str(path), mode="r")
-        attrs = {} if isinstance(node, zarr.Array) else dict(node.attrs)
+        node, attrs = opened
         multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
         if not multiscales:
             return None
