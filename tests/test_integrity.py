@@ -334,7 +334,9 @@ sys.exit(code)
 
 
 def test_markers_of_a_finished_output_are_written_last(tmp_path, rng):
-    """The order of the real run's file writes (Python's audit events): OME metadata and `complete` come last."""
+    """The order of the real run's file writes (Python's audit events): the labels' pixels, table and overlay,
+    then the OME metadata with `complete`, then the summary, last (a run stopped before it leaves no summary
+    beside labels marked unfinished)."""
     src = _store(tmp_path / "in.zarr", _image(rng, (130, 130), 30), (65, 65))
     log = tmp_path / "writes.txt"
     result = subprocess.run([sys.executable, "-c", _AUDIT, str(log), "run", str(src), str(tmp_path / "out.zarr"),
@@ -343,12 +345,15 @@ def test_markers_of_a_finished_output_are_written_last(tmp_path, rng):
     assert result.returncode == 0, result.stderr
     events = [line.split(" ", 1) for line in log.read_text().splitlines()]
     last = {path: i for i, (_, path) in enumerate(events)}
-    finished_files = [tmp_path / name for name in ("out_particles.parquet", "out_overlay.png", "out_summary.json")]
+    finished_files = [tmp_path / name for name in ("out_particles.parquet", "out_overlay.png")]
+    summary = str(tmp_path / "out_summary.json")
     markers = [tmp_path / "out.zarr" / ".zattrs", tmp_path / "out.zarr" / "particles" / ".zattrs"]
     label_array = str(tmp_path / "out.zarr" / "particles" / "0")
     pixels = [i for i, (_, path) in enumerate(events) if path.startswith(label_array)]
-    assert all(str(p) in last for p in finished_files + markers) and pixels
+    assert all(str(p) in last for p in finished_files + markers) and summary in last and pixels
     assert min(last[str(m)] for m in markers) > max([last[str(p)] for p in finished_files] + pixels)
+    first_summary = min(i for i, (_, path) in enumerate(events) if path == summary)
+    assert first_summary > max(last[str(m)] for m in markers)
     assert json.loads((tmp_path / "out_summary.json").read_text())["n_particles"] > 0
 
 
