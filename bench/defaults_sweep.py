@@ -6,7 +6,8 @@ and on generated images that stress the automatic choices, one row per image.
 Real: the 366 EMPS images (``emps_subset``, ``emps_train_rest``), the DSB nuclei image and the two 3D embryo
 stacks. Generated (``make_touching_particles``, seeds 0..N-1 per condition): the base 2D (512^2, 150 disks,
 radius 6-14) and 3D (96^3, 120 spheres, radius 5-10) cases; a few particles in a large field (1 or 3 in 512^2,
-5 in 1024^2, 1 in 128^3); sparse (20 in 512^2); one connected cluster (touching fraction 1.0); mixed sizes
+5 in 1024^2, 1 in 128^3; one small particle that Otsu's threshold misses for the background's noise, in 1024^2
+and, dark, in 192^3); sparse (20 in 512^2); one connected cluster (touching fraction 1.0); mixed sizes
 (radius 3-30); large (radius 25-40); and the uneven generated nuclei of ``bench.auto_foreground`` (256^2, 60
 nuclei, seeds 0..N-1 and 100-105). Scores are pooled over each group's images (F1@0.5 from the summed
 true positives) and averaged per image; the rows are kept in the JSON so any other pooling can be made.
@@ -36,6 +37,8 @@ CONDITIONS = {
     "mixed radius 3-30": dict(shape=(512, 512), n=100, radius_range=(3, 30)),
     "large radius 25-40": dict(shape=(512, 512), n=40, radius_range=(25, 40)),
     "1 in 128^3": dict(shape=(128, 128, 128), n=1, radius_range=(5, 10)),
+    "1 small in 1024^2": dict(shape=(1024, 1024), n=1, radius_range=(5, 8), noise=0.1),
+    "1 small dark in 192^3": dict(shape=(192, 192, 192), n=1, radius_range=(5, 6), noise=0.08, polarity="dark"),
     "base 3D": dict(shape=(96, 96, 96), n=120, radius_range=(5, 10)),
 }
 

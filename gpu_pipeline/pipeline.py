@@ -97,7 +97,8 @@ class SeparationDetails:
 
     ``threshold_method`` is the method that made the foreground (``auto``
     reports the one it chose; where that is ``li``, the particles Otsu's
-    threshold finds keep Otsu's outline; ``fixed`` for a number, None for a mask),
+    threshold finds keep Otsu's outline; ``sparse`` where Otsu's threshold split the background's noise and
+    Otsu's threshold beyond it was taken; ``fixed`` for a number, None for a mask),
     ``threshold_candidates`` the thresholds of the methods weighed (under ``auto``
     with dark particles, ``li`` is Li's threshold for the dark side, on the
     mirrored histogram: ``threshold.li_from_histogram``),
@@ -394,7 +395,10 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         ``auto`` (default; the image is first clipped to its 0.5-99.9
         percentiles where outliers would squeeze the histogram) picks Otsu
         or Li per image, Li keeping Otsu's outline for the particles Otsu finds
-        (:func:`gpu_pipeline.stages.threshold.choose_method`); the choice is
+        (:func:`gpu_pipeline.stages.threshold.choose_method`), or ``sparse``
+        where a few particles lie in a large field and Otsu's threshold
+        splits the background's noise (Otsu's threshold of the voxels beyond
+        that noise, :func:`gpu_pipeline.stages.threshold.sparse_foreground`); the choice is
         in the details (``threshold_method``). A number is a fixed
         threshold in image units.
     polarity : "auto", "bright" or "dark"
@@ -874,6 +878,10 @@ def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details,
     shells = max_hole_size == "auto"
     if remeasure:  # (a first call: not the measurement again after filled cavities)
         details.shell_holes = details.pocket_holes = 0
+    if details.annotation_pixels and not bool(fg.any()):
+        raise NoParticlesError(f"no particles found: all {details.annotation_pixels} foreground pixels were taken for "
+                               "annotations (text, scale bars, labels) and removed; pass --reject-annotations off "
+                               "(reject_annotations=False) if they are particles")
     if "auto" in (min_distance, max_hole_size, min_size):
         if not bool(fg.any()):
             raise NoParticlesError("no particles found: the mask has no foreground voxel (none > 0 in an integer "

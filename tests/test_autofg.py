@@ -186,6 +186,66 @@ def test_a_few_particles_in_a_large_field_are_found_not_the_background_noise(rng
     assert evaluate(labels, truth)["f1_50"] == 1.0, (labels.max(), details.threshold)
 
 
+def _otsu_specks(image, sigma, polarity):
+    """Pieces of scikit-image's Otsu foreground of the Gaussian-smoothed image (the reference the rule replaces)."""
+    from scipy import ndimage as ndi
+    from skimage.filters import threshold_otsu
+
+    smoothed = ndi.gaussian_filter(image.astype(np.float32), sigma)
+    otsu = threshold_otsu(smoothed)
+    return ndi.label(smoothed > otsu if polarity == "bright" else smoothed <= otsu)[1]
+
+
+@pytest.mark.parametrize("shape,radius,noise,polarity", [((1024, 1024), (5, 8), 0.1, "bright"),
+                                                         ((1024, 1024), (5, 8), 0.1, "dark"),
+                                                         ((192, 192, 192), (5, 6), 0.08, "dark")])
+def test_one_small_particle_in_a_large_field_is_found_beyond_the_noise(rng, shape, radius, noise, polarity):
+    """One small particle covering 0.01-0.02 % of the image: Otsu's between-class variance is larger for a split
+    of the background's noise than for the particle, so Otsu's foreground is thousands of specks (F1 0). The
+    ``sparse`` rule takes Otsu's threshold of the voxels beyond the background's noise and finds the particle
+    alone, bright or dark. Annotation rejection off: a lone 2D particle in a corner is taken for a label glyph."""
+    image, truth = make_touching_particles(shape, 1, radius_range=radius, noise=noise, polarity=polarity,
+                                           seed=int(rng.integers(1e6)))
+    labels, details = separate(image, return_details=True, reject_annotations=False)
+    assert details.threshold_method == "sparse" and details.polarity == polarity, details
+    assert evaluate(labels, truth)["f1_50"] == 1.0, (labels.max(), details.threshold)
+    assert _otsu_specks(image, details.sigma, polarity) > 100  # the case Otsu fails on
+
+
+def test_the_noise_band_is_the_backgrounds_spread(rng):
+    """mode_band of pure Gaussian noise is its mean -+ 3 standard deviations (to a tenth of one, from the
+    histogram's width at half height); noise alone has no threshold beyond it that finds a particle-sized piece."""
+    from gpu_pipeline.stages.threshold import mode_band, otsu_from_histogram, sparse_foreground
+
+    for scale in (1.0, 7.5):
+        noise = rng.normal(100.0, scale, (256, 256, 64)).astype(np.float32)
+        counts, bins = intensity_histogram(noise)
+        low, high = mode_band(counts, bins)
+        mean, sd = float(noise.mean()), float(noise.std())
+        assert abs((low + high) / 2 - mean) < 0.1 * sd and abs((high - low) / 6 - sd) < 0.1 * sd, (low, high, sd)
+        assert sparse_foreground(noise, counts, bins, otsu_from_histogram(counts, bins), "auto") is None
+
+
+def test_a_chunked_otsu_run_in_the_noise_warns_with_the_threshold_beyond_it(tmp_path, capsys, rng):
+    """The chunked run keeps Otsu's threshold (its default), but where that splits the background's noise it
+    says so at once, with the threshold beyond the noise; rerun with it, the run finds the one particle."""
+    zarr = pytest.importorskip("zarr")
+    image, truth = make_touching_particles((192, 192, 192), 1, radius_range=(5, 6), noise=0.08, polarity="dark",
+                                           seed=int(rng.integers(1e6)))
+    zarr.create_array(str(tmp_path / "in.zarr"), shape=image.shape, dtype=image.dtype, chunks=(96, 96, 96))[...] = image
+    _, details = separate(image, return_details=True, sigma=1.0)  # the in-memory run's choice at the same sigma
+    assert details.threshold_method == "sparse"
+    assert main(["run", str(tmp_path / "in.zarr"), str(tmp_path / "noise.zarr"), "--workers", "1", "--polarity",
+                 "dark"]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if "within the background's noise" in line]
+    assert len(warning) == 1 and f"--threshold {details.threshold:.6g}" in warning[0], warning
+    assert main(["run", str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr"), "--workers", "1", "--polarity",
+                 "dark", "--threshold", f"{details.threshold:.6g}"]) == 0
+    assert "within the background's noise" not in capsys.readouterr().err
+    stored = zarr.open_array(str(tmp_path / "out.zarr" / "particles" / "0"), mode="r")[...]
+    assert evaluate(stored, truth)["f1_50"] == 1.0
+
+
 def test_hot_pixels_are_still_clipped_away(rng):
     """The percentile clip's purpose stays: a few hot pixels (isolated, not particle-sized) beyond the 99.9th
     percentile still squeeze the histogram and are clipped, with the same threshold as without them up to the
@@ -703,6 +763,20 @@ def test_drawn_scale_bar_and_text_are_not_particles(rng):
     kept = separate(image, reject_annotations=False)
     assert kept[drawn].any()  # without the rule they come out as particles
     assert evaluate(labels, truth)["f1_50"] >= evaluate(kept, truth)["f1_50"] - 0.02
+
+
+def test_an_image_of_annotations_only_says_so(rng):
+    """A micrograph holding only its scale bar and caption: the one-line error says that the annotation rule took
+    every foreground pixel, and how to keep them (not "check polarity or threshold")."""
+    from gpu_pipeline.pipeline import NoParticlesError
+
+    image = np.clip(rng.normal(120, 6, (200, 240)), 0, 255).astype(np.uint8)
+    draw_text(image, "50 nn", int(rng.integers(158, 170)), int(rng.integers(110, 140)))
+    image[188:193, 100:180] = 255
+    for options in ({}, dict(min_distance=3, max_hole_size=0, min_size=0)):
+        with pytest.raises(NoParticlesError, match="taken for annotations.*--reject-annotations off"):
+            separate(image, **options)
+    assert separate(image, reject_annotations=False).max() >= 1
 
 
 @pytest.mark.parametrize("ground", [255, 0])

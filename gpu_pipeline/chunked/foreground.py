@@ -15,12 +15,13 @@ import numpy as np
 from gpu_pipeline._backend import GAUSSIAN_TRUNCATE, DeclumpError, get_array_module, ops_for
 from gpu_pipeline._common import ChunkShapeError
 from gpu_pipeline.chunked.components import components_chunked
-from gpu_pipeline.chunked.histogram import block_range, histogram_thresholds_chunked
+from gpu_pipeline.chunked.histogram import block_range, histogram_chunked
 from gpu_pipeline.chunked.source import (map_haloed, neighbours_hold_halo, shells_key, stored_volume,
                                         write_shells)
 from gpu_pipeline.stages.cleanup import voxels_for
-from gpu_pipeline.stages.threshold import (HISTOGRAM_METHODS, border_fraction, choose_polarity, face_voxels,
-                                           foreground, polarity_from, share_of_largest)
+from gpu_pipeline.stages.threshold import (HISTOGRAM_METHODS, beyond_noise_thresholds, border_fraction,
+                                           choose_polarity, face_voxels, foreground, histogram_thresholds,
+                                           polarity_from, share_of_largest)
 
 #: The workspace's halos (:meth:`~gpu_pipeline.chunked.workspace.Workspace.halos`) that the tasks staging the
 #: regions write and the peak pass reads (``regions_chunked``'s ``halo``, ``peaks_chunked``).
@@ -110,8 +111,24 @@ def largest_component_shares_chunked(above, sides=None):
             share_of_largest(found.size[1:][found.value[1:] == BELOW]))
 
 
+#: The order of the two thresholds beyond the noise in the workspace's saved decision.
+SIDES = ("bright", "dark")
+
+
+def beyond_noise_warning(otsu, beyond, polarity) -> str:
+    """The chunked run's one-line warning where Otsu's threshold (``otsu``) lies within the noise of a one-mode
+    histogram: the thresholds beyond the noise (``beyond``, :func:`~gpu_pipeline.stages.threshold.\
+beyond_noise_thresholds`) to rerun with."""
+    options = " or ".join(f"--threshold {value:.6g}" + ("" if polarity == side else f" --polarity {side}")
+                          for side, value in beyond.items())
+    return (f"declump: warning: Otsu's threshold {otsu:.6g} lies within the background's noise (the histogram is "
+            "one mode with few voxels beyond it): with a few particles in a large volume it splits the noise into "
+            f"specks; rerun with {options} (Otsu's threshold of the voxels beyond the noise, which the in-memory "
+            "--threshold auto takes where it finds a particle there)")
+
+
 def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="auto", min_size=0.0, mask=None,
-                    workspace=None, device=None, halo=None):
+                    workspace=None, device=None, halo=None, notes=None):
     """Connected regions of the cleaned foreground of a chunked volume.
 
     Returns ``(regions, n_regions, threshold, polarity)``: ``regions`` is a lazy
@@ -125,6 +142,8 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
     staging the regions also write each block's slabs of foreground that
     its neighbours' peak tasks read as their halo of this depth (the
     workspace's halos :data:`PEAK_HALOS`, see :func:`~gpu_pipeline.chunked.source.write_shells`).
+    ``notes``: a list to which a warning is appended where Otsu's threshold splits the background's noise
+    (:func:`beyond_noise_warning`).
     """
     from gpu_pipeline.chunked.workspace import Workspace
 
@@ -167,12 +186,18 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
             import dask
 
             # As in-memory threshold_foreground: a named method's polarity is decided at Otsu's threshold.
+            beyond = {}
             if isinstance(threshold, str):
                 image = smoothed()  # sets staged["range"] when this call staged it
-                candidates = histogram_thresholds_chunked(image, staged["range"])
+                counts, bins = histogram_chunked(image, staged["range"])
+                candidates = histogram_thresholds(counts, bins)
                 value, at = candidates[threshold], candidates["otsu"]
+                if threshold == "otsu":  # the in-memory `auto` would take one of these (see there)
+                    beyond = beyond_noise_thresholds(counts, bins, at, polarity)
             else:
                 value = at = float(threshold)
+            # (bright, dark): saved in the workspace as numbers, NaN where there is none
+            beyond = np.array([beyond.get(side, np.nan) for side in SIDES], dtype=np.float64)
 
             if polarity == "auto" and value == at:
                 # Both sides labelled first, in one pass that also counts the voxels above the threshold and
@@ -181,16 +206,19 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
                 found = side_components_chunked(smoothed() > at, workspace=workspace, name="sides", device=device,
                                                 border_value=ABOVE)
                 staged["sides"] = found
-                return {"threshold": value, "polarity": polarity_from(
+                return {"threshold": value, "beyond_noise": beyond, "polarity": polarity_from(
                     *polarity_statistics(found), lambda: largest_component_shares_chunked(None, found))}
             # A given polarity; or, at another threshold (Li's, the triangle's), the statistics at Otsu's in
             # passes of their own (both sides labelled in one, unstaged: the foreground is not one of them).
-            return {"threshold": value, "polarity": choose_polarity(smoothed(), at, polarity,
+            return {"threshold": value, "beyond_noise": beyond, "polarity": choose_polarity(smoothed(), at, polarity,
                                                                     largest_shares=largest_component_shares_chunked,
                                                                     evaluate=dask.compute)}
 
         decided = workspace.remember("threshold", decide)
         value, side = float(decided["threshold"]), str(decided["polarity"])
+        beyond = {side: float(v) for side, v in zip(SIDES, decided.get("beyond_noise", ())) if np.isfinite(v)}
+        if beyond and notes is not None:
+            notes.append(beyond_noise_warning(value, beyond, polarity))
 
         def foreground_mask():
             return foreground(smoothed(), value, side)

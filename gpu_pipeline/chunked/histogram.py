@@ -10,7 +10,7 @@ import numpy as np
 
 from gpu_pipeline._backend import to_host
 from gpu_pipeline.chunked.source import stored_volume
-from gpu_pipeline.stages.threshold import HISTOGRAM_METHODS, histogram_bins, intensity_histogram
+from gpu_pipeline.stages.threshold import histogram_bins, histogram_thresholds, intensity_histogram
 
 
 def _block_histogram(block, bins):
@@ -57,8 +57,7 @@ def histogram_thresholds_chunked(image, value_range=None):
 
     Equal to the in-memory ``HISTOGRAM_METHODS`` on the computed array's histogram.
     """
-    counts, bins = histogram_chunked(image, value_range)
-    return {name: method(counts, bins) for name, method in HISTOGRAM_METHODS.items()}
+    return histogram_thresholds(*histogram_chunked(image, value_range))
 
 
 def block_range(block, *_):

@@ -40,6 +40,7 @@ run counts voxels at the cap and reports them.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,6 +85,7 @@ class ChunkedDetails:
     blocks_computed: dict = field(default_factory=dict)
     blocks_total: dict = field(default_factory=dict)
     probabilities: object = None  # lazy (n_classes, *shape) map of the pixel classifier, when one was used
+    warnings: list = field(default_factory=list)  # one-line warnings on the choices made (printed with verbose)
 
 
 def peak_reach_voxels(half_widths, max_radius, spacing, reach=None):
@@ -621,7 +623,9 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
 
     regions, n_regions, details.threshold, details.polarity = regions_chunked(
         volume, spacing=spacing, sigma=sigma, threshold=threshold, polarity=polarity, min_size=min_size,
-        mask=mask, workspace=workspace, device=device, halo=details.halo)
+        mask=mask, workspace=workspace, device=device, halo=details.halo, notes=details.warnings)
+    for line in details.warnings if verbose else ():
+        print(line, file=sys.stderr)  # now, not after a long run that it may have wasted
     details.n_regions = n_regions
     if n_regions == 0:
         raise NoParticlesError("no particles found: the foreground is empty after thresholding and removing objects "
