@@ -20,7 +20,7 @@ from gpu_pipeline.stages.outline import OUTLINES, edge_outlines
 from gpu_pipeline.stages.peaks import (PeakReach, find_peaks, neck_groups, quantize_distance, regroup, rescued_peaks,
                                        shadowed_peaks, window_half_widths)
 from gpu_pipeline.stages.split import finish_labels, split_regions_kmeans, split_regions_watershed
-from gpu_pipeline.stages.scale import MIN_DISTANCE_PER_RADIUS, maxima_radius, typical_radius
+from gpu_pipeline.stages.scale import MIN_DISTANCE_PER_RADIUS, maxima_radius, noise_sigma, typical_radius
 from gpu_pipeline.stages.threshold import THRESHOLD_METHODS, check_threshold, threshold_foreground
 
 
@@ -375,7 +375,11 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         Every size and distance below is in these units.
     sigma : "auto" or float
         Gaussian smoothing before thresholding, physical units; 0 disables
-        it. ``auto`` (default): one voxel (the finest axis), doubled up to
+        it. ``auto`` (default): one voxel (the finest axis); in 3D raised
+        (1.5, 2, 3 or 4 voxels) until the particles' contrast is
+        ``NOISE_CNR`` times the noise the smoothing leaves
+        (:func:`gpu_pipeline.stages.scale.noise_sigma`: rough surfaces of a
+        noisy volume over-split its particles); then doubled up to
         ``SIGMA_DOUBLINGS`` times while doubling it makes the thresholded
         foreground's typical radius ``NOISE_GROWTH`` times larger, i.e.
         while the foreground is noise grain rather than particles (textured
@@ -785,6 +789,12 @@ def foreground_step(image, mask, *, spacing, sigma, threshold, polarity, details
         # ones; particles keep about their size.
         sigma = min(spacing)
         fg, decision, radius, distance = attempt(sigma)
+        if image.ndim == 3:  # a noisy volume's rough surfaces over-split its particles: smooth to the contrast
+            raised = noise_sigma(image, fg, spacing, sigma)
+            if raised > sigma:
+                sigma = raised
+                del fg, distance
+                fg, decision, radius, distance = attempt(sigma)
         growth = None  # how much twice the sigma grew the typical radius, where measured
         for _ in range(SIGMA_DOUBLINGS):
             if radius is None:
