@@ -107,16 +107,19 @@ def contrast_to_noise(image, fg):
     """The particles' contrast over the image's noise: ``|median(particles) - median(background)|`` of
     ``image`` on the two sides of the foreground ``fg``, over the noise's standard deviation estimated from
     neighbouring voxels along the last axis (1.4826 MAD of their differences over sqrt 2: edges are few, so
-    the differences are the noise's). Measured on evenly spaced rows, at most :data:`CNR_SAMPLE` voxels.
+    the differences are the noise's). Measured on evenly spaced rows, about :data:`CNR_SAMPLE` voxels.
     Where the noise is correlated (a blurred detector), the differences understate it and the ratio is
     higher. None where a side is empty or the differences show no noise."""
     xp = get_array_module(image)
     width = int(image.shape[-1])
-    rows = image.reshape(-1, width)
-    step = max(1, rows.shape[0] * width // CNR_SAMPLE)
-    values = rows[::step].astype(xp.float32)
-    inside = fg.reshape(-1, width)[::step]
-    if not bool(inside.any()) or bool(inside.all()) or width < 2:
+    if width < 2:
+        return None
+    # Every k-th row along each leading axis: a view of the image (a reshape would copy a non-contiguous one).
+    lead = image.shape[:-1]
+    k = max(1, math.ceil((math.prod(lead) * width / CNR_SAMPLE) ** (1.0 / len(lead))))
+    sample = (slice(None, None, k),) * len(lead) + (slice(None),)
+    values, inside = image[sample].astype(xp.float32), fg[sample]
+    if not bool(inside.any()) or bool(inside.all()):
         return None
     contrast = abs(float(xp.median(values[inside])) - float(xp.median(values[~inside])))
     steps = xp.diff(values, axis=-1).ravel()
