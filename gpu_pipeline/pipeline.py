@@ -779,22 +779,25 @@ def foreground_step(image, mask, *, spacing, sigma, threshold, polarity, details
         # (No component tables here: held from the polarity through Li's labelling and the scale measurement,
         # they raised the peak of a 384^3 run at the defaults from 1.416 to 1.481 GiB, also when only the
         # mask's own was passed on to typical_radius.)
+        def measured(fg):
+            return (typical_radius(fg, spacing, return_distance=True)
+                    if bool(fg.any()) and not bool(fg.all()) else (None, None))
+
         def attempt(sigma):
             fg, decision = threshold_foreground(smooth(sigma), threshold, polarity)
-            radius, distance = (typical_radius(fg, spacing, return_distance=True)
-                                if bool(fg.any()) and not bool(fg.all()) else (None, None))
-            return fg, decision, radius, distance
+            return (fg, decision, *measured(fg))
 
         # Noise grain thresholds into small components that twice the smoothing merges into much larger
         # ones; particles keep about their size.
         sigma = min(spacing)
-        fg, decision, radius, distance = attempt(sigma)
+        fg, decision = threshold_foreground(smooth(sigma), threshold, polarity)
         if image.ndim == 3:  # a noisy volume's rough surfaces over-split its particles: smooth to the contrast
             raised = noise_sigma(image, fg, spacing, sigma)
             if raised > sigma:
                 sigma = raised
-                del fg, distance
-                fg, decision, radius, distance = attempt(sigma)
+                del fg
+                fg, decision = threshold_foreground(smooth(sigma), threshold, polarity)
+        radius, distance = measured(fg)  # (after the noise step, which needs the mask only)
         growth = None  # how much twice the sigma grew the typical radius, where measured
         for _ in range(SIGMA_DOUBLINGS):
             if radius is None:
