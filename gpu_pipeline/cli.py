@@ -945,12 +945,13 @@ def _report(message):
 
 
 def main(argv=None):
-    from gpu_pipeline.chunked.workspace import no_hugepage_advice
+    from gpu_pipeline.chunked.workspace import no_hugepage_advice, skip_exit_collection
 
     parser = build_parser()
     args = parser.parse_args(argv)
     _expand_home(args)
     no_hugepage_advice()  # every command: large temporaries without the kernel's compaction on each fault
+    skip_exit_collection()
     try:
         args.func(args)
     except DeclumpError as exc:

@@ -931,6 +931,38 @@ def test_commands_and_workers_allocate_without_numpys_huge_page_advice(tmp_path,
             assert list(client.run(_new_array_advised_huge).values()) == [False]
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_objects_alive_at_exit_are_frozen_after_the_other_exit_hooks(skip):
+    """skip_exit_collection: at exit, after the hooks registered later (which run first: they flush logs and
+    remove temporary folders), gc.freeze takes the objects still alive out of the final collections; without
+    it nothing is frozen. The process still exits cleanly, with its output flushed."""
+    code = ("import atexit, gc\n"
+            "atexit.register(lambda: print('last', gc.get_freeze_count() > 0, flush=True))\n"
+            "from gpu_pipeline.chunked.workspace import skip_exit_collection\n"
+            + ("skip_exit_collection()\nskip_exit_collection()\n" if skip else "")
+            + "atexit.register(lambda: print('first', gc.get_freeze_count(), flush=True))\n"
+            "cycle = [open(__import__('os').devnull, 'w')]; cycle.append(cycle)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.split() == ["first", "0", "last", str(skip)]
+
+
+def test_workers_a_command_starts_skip_the_exit_collection():
+    """The worker processes of a cluster the command starts (engine(cluster="local")) have the exit hook of
+    skip_exit_collection, as the command's own process has: the command waits for them to end."""
+    pytest.importorskip("distributed")
+    from gpu_pipeline.chunked.run import engine
+
+    with engine(cluster="local", workers=1) as client:
+        assert list(client.run(_exit_collection_is_skipped).values()) == [True]
+
+
+def _exit_collection_is_skipped():
+    from gpu_pipeline.chunked import workspace
+
+    return workspace._exit_collection_skipped
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/environ: Linux only")
 @pytest.mark.parametrize("at_start", [False, True])
 def test_numpys_huge_page_switch_is_the_users_only_when_set_at_start(at_start):
