@@ -322,20 +322,27 @@ MASK_ACCEPTED = ("bool, non-negative integers (foreground where > 0: a 0/1 or 0/
 
 
 def _mask_from(mask, shape):
-    xp = get_array_module(mask)
     if tuple(mask.shape) != tuple(shape):
         raise DeclumpError(f"mask shape {tuple(mask.shape)} differs from image shape {tuple(shape)}")
+    return mask_foreground(mask)
+
+
+def mask_foreground(mask, where=""):
+    """The foreground of a mask (bool, or > 0.5), or a one-line error for values a mask cannot hold (NaN or inf,
+    negative values, a float above 1: :data:`MASK_ACCEPTED`). ``where``: the part of the mask it is (a chunked
+    run checks each block: ``" in its chunk at (0, 64, 0)"``)."""
+    xp = get_array_module(mask)
     kind = np.dtype(mask.dtype).kind
     if kind == "b":
         return mask
     if kind not in "uif":
         raise DeclumpError(f"mask has dtype {mask.dtype}; accepted: {MASK_ACCEPTED}")
     if kind == "f" and not bool(xp.isfinite(mask).all()):
-        raise DeclumpError(f"mask holds NaN or inf values; accepted: {MASK_ACCEPTED}")
+        raise DeclumpError(f"mask holds NaN or inf values{where}; accepted: {MASK_ACCEPTED}")
     low, high = float(mask.min()), float(mask.max())
     # Integers: > 0.5 is > 0, as chunked runs take them (a 0/255 mask saved as PNG was refused in memory only).
     if low < 0 or (kind == "f" and high > 1):
-        raise DeclumpError(f"mask values span [{low:g}, {high:g}]; accepted: {MASK_ACCEPTED}")
+        raise DeclumpError(f"mask values span [{low:g}, {high:g}]{where}; accepted: {MASK_ACCEPTED}")
     return mask > 0.5
 
 

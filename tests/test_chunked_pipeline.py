@@ -148,6 +148,22 @@ def test_lloyd_updates_and_mask_input_match_in_memory(rng):
     assert labels.compute().tobytes() == expected.tobytes()
 
 
+@pytest.mark.parametrize("bad, says", [(np.nan, "NaN or inf values in its chunk at (40, 0)"),
+                                       (3.0, "mask values span [0, 3] in its chunk at (40, 0)"),
+                                       (-0.5, "mask values span [-0.5, 1] in its chunk at (40, 0)")])
+def test_a_mask_of_values_no_mask_holds_is_refused_as_in_memory(rng, bad, says):
+    """A chunked run checks each block of a float mask as the in-memory run checks the whole: a NaN, a value
+    above 1 or below 0 in one chunk is a one-line error naming that chunk, not a run on what > 0.5 makes of it."""
+    shape = (80, 72)
+    probability = (rng.random(shape) > 0.6).astype(np.float32)
+    probability[40 + int(rng.integers(40)), int(rng.integers(72))] = bad
+    with pytest.raises(DeclumpError, match="mask holds NaN" if np.isnan(bad) else "mask values span"):
+        separate_in_memory(None, mask=probability)
+    with pytest.raises(DeclumpError) as caught:
+        separate_chunked(None, mask=da.from_array(probability, chunks=(40, 72)), max_radius=MAX_RADIUS)
+    assert says in str(caught.value) and "accepted:" in str(caught.value)
+
+
 def _rods(shape, n, rng):
     """Touching rods (capsules: points within a radius of a segment), bright on dark, any dimension."""
     grid = np.indices(shape, dtype=float).reshape(len(shape), -1).T

@@ -127,6 +127,13 @@ beyond_noise_thresholds`) to rerun with."""
             "--threshold auto takes where it finds a particle there)")
 
 
+def _mask_block(block, block_info=None):
+    from gpu_pipeline.pipeline import mask_foreground
+
+    origin = tuple(int(start) for start, _ in block_info[0]["array-location"]) if block_info else None
+    return mask_foreground(block, "" if origin is None else f" in its chunk at {origin}")
+
+
 def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="auto", min_size=0.0, mask=None,
                     workspace=None, device=None, halo=None, notes=None):
     """Connected regions of the cleaned foreground of a chunked volume.
@@ -156,7 +163,9 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
                            f"{threshold!r} ('auto' and 'local' look at the whole image at once)")
     staged = {}
     if mask is not None:
-        fg = mask > 0.5 if np.dtype(mask.dtype).kind != "b" else mask
+        # Each block's values checked as it is read (NaN, negative values, floats above 1 refused as in memory);
+        # a mask is read by several passes, and the check costs less than a pass of its own.
+        fg = mask.map_blocks(_mask_block, dtype=bool) if np.dtype(mask.dtype).kind != "b" else mask
         value, side = None, None
         chunks = fg.chunks
 
