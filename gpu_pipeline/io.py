@@ -495,8 +495,10 @@ def _ome_spacing(tif):
     axes = "YX" if len(tif.series[0].shape) == 2 or "PhysicalSizeZ" not in found else "ZYX"
     spacing = [float(found[f"PhysicalSize{a}"]) for a in axes]
     units = {found.get(f"PhysicalSize{a}Unit", "\u00b5m") for a in axes}
-    unit = {"\u00b5m": "um", "µm": "um"}.get(units.pop(), None) if len(units) == 1 else None
-    return spacing, unit or "(mixed units)"
+    if len(units) != 1:
+        return spacing, "(mixed units)"
+    unit = units.pop()  # OME's unit symbols: "nm", "mm", "Å"...; micrometres written "um" as elsewhere
+    return spacing, {"\u00b5m": "um", "µm": "um"}.get(unit, unit)
 
 
 def tiff_spacing(path, *, imagej_only=False):

@@ -241,12 +241,17 @@ def test_label_tiffs_record_their_axes_and_ome_companions_drop_ome(tmp_path, vol
     assert (tmp_path / "out_particles.csv").exists() and summary["n_particles"] > 0
 
 
-def test_an_ome_tiff_calibration_is_pointed_out_as_an_imagej_one_is(tmp_path, capsys, volume):
-    tifffile.imwrite(tmp_path / "in.ome.tif", volume, metadata={"axes": "ZYX", "PhysicalSizeZ": 0.8,
-                                                                 "PhysicalSizeY": 0.2, "PhysicalSizeX": 0.2})
+@pytest.mark.parametrize("units, says", [(None, "um"), (("nm", "nm", "nm"), "nm"), (("nm", "nm", "µm"), "(mixed units)")])
+def test_an_ome_tiff_calibration_is_pointed_out_as_an_imagej_one_is(tmp_path, capsys, volume, units, says):
+    """Its unit as OME-XML names it (micrometres, the default, as "um"); "(mixed units)" only where the axes
+    name different ones."""
+    metadata = {"axes": "ZYX", "PhysicalSizeZ": 0.8, "PhysicalSizeY": 0.2, "PhysicalSizeX": 0.2}
+    if units is not None:
+        metadata.update({f"PhysicalSize{a}Unit": u for a, u in zip("ZYX", units)})
+    tifffile.imwrite(tmp_path / "in.ome.tif", volume, metadata=metadata)
     assert main(["run", str(tmp_path / "in.ome.tif"), str(tmp_path / "o.tif")]) == 0
     out = capsys.readouterr().err
-    assert "calibration is 0.8, 0.2, 0.2 um per voxel" in out and "--spacing 0.8,0.2,0.2" in out, out
+    assert f"calibration is 0.8, 0.2, 0.2 {says} per voxel" in out and "--spacing 0.8,0.2,0.2" in out, out
 
 
 def test_ngff_multiscale_scale_multiplies_the_levels(tmp_path, volume):
