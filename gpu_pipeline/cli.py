@@ -962,6 +962,12 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("declump: interrupted; no output was marked complete", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Whoever read the standard output stopped (`| head`): no traceback, as for other commands of a
+        # pipeline. Later writes to it (Python's own flush at exit) go nowhere; the run stopped where it
+        # printed, before its summary where it had not written that yet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as exc:
         from gpu_pipeline.io import write_fault
 

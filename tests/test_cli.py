@@ -125,6 +125,20 @@ def test_bad_input_gives_one_line_error_and_no_output(tmp_path):
         assert not any(p.name.startswith(f"out_{name}") for p in tmp_path.iterdir()), name
 
 
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path, rng):
+    """`declump run ... | head -c 0`: the pipe closed before the command's last line; exit 1 without a
+    traceback, the outputs written before that line complete (its summary too)."""
+    image, _ = make_touching_particles((96, 96), 12, seed=int(rng.integers(1e6)))
+    np.save(tmp_path / "in.npy", image)
+    process = subprocess.Popen([sys.executable, "-m", "gpu_pipeline", "run", str(tmp_path / "in.npy"),
+                                str(tmp_path / "out.tif"), "--quiet"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # long before the command prints: it imports, then separates
+    stderr = process.stderr.read()
+    assert process.wait() == 1 and "Traceback" not in stderr and "Broken pipe" not in stderr, stderr
+    assert json.loads((tmp_path / "out_summary.json").read_text())["n_particles"] > 0
+
+
 def test_float16_images_separate_and_measure_as_their_float32_values(tmp_path):
     """A float16 image (a network's output): the labels and the table of the same values as float32, in memory
     and chunked (the table's compiled sums ended in Numba's NotImplementedError: float16)."""
