@@ -666,6 +666,12 @@ def atomic_path(path):
         if path.is_dir():
             shutil.rmtree(path)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        # A write that failed (a full disk, a file size limit) names no file: the error's message named the
+        # run's labels, which were written whole, when the table or the overlay beside them was not.
+        raise type(exc)(exc.errno, exc.strerror or str(exc), str(path)) from exc
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 

@@ -426,6 +426,21 @@ def test_read_only_folder_of_an_in_memory_run_is_one_line(small_disk, tmp_path, 
     assert "Read-only file system" in err and str(small_disk) in err and not os.listdir(small_disk)
 
 
+def test_a_full_disk_during_an_in_memory_run_names_the_file_it_could_not_write(small_disk, tmp_path, rng, capsys):
+    """The disk fills while the outputs are written (here at the overlay, after the labels and the table): the
+    one line names the file that was not written, not the labels written whole before it, and no summary
+    marks the run complete."""
+    tifffile.imwrite(tmp_path / "in.tif", _image(rng, (384, 384), 60))
+    _remount(small_disk, "size=100k")
+    assert main(["run", str(tmp_path / "in.tif"), str(small_disk / "labels.tif"), "--device", "cpu"]) == 2
+    err = _one_error_line(capsys)
+    assert "No space left on device" in err
+    named = Path(err.split("cannot write ", 1)[1].split(": ", 1)[0])
+    assert named.parent == small_disk and not named.exists(), (err, os.listdir(small_disk))
+    assert (small_disk / "labels.tif").exists() and named.name != "labels.tif"
+    assert not (small_disk / "labels_summary.json").exists()
+
+
 def test_out_of_memory_in_a_chunked_run_is_one_line_with_what_sets_its_memory(tmp_path, rng, capsys, monkeypatch):
     """A real failed allocation (NumPy asked for 4 EiB) in the distance-transform pass of a chunked run: exit 3,
     one line that names --chunks (not "run it chunked"), and no output marked complete."""
