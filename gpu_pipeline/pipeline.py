@@ -283,15 +283,21 @@ def validate_image(image, name="image"):
     if image.dtype.itemsize > 4 or (kind in "iu" and image.dtype.itemsize == 4):
         # Values float32 cannot hold apart (smoothing and thresholds run in float32). Two reductions, not
         # abs(image): that was a float64 copy of the whole image (1 GiB for 512^3).
-        low, high = float(image.min()), float(image.max())
-        largest = max(-low, high)
-        if largest > float(np.finfo(np.float32).max):  # inf there
-            raise DeclumpError(f"{name} holds values up to {largest:.3g}, beyond float32's range (3.4e38), in "
-                               "which declump smooths and thresholds; rescale the image")
-        if high > low and (high - low < largest * FLOAT32_LEVELS or largest < FLOAT32_SMALLEST):
-            raise DeclumpError(f"{name}'s values span only {low:.12g} to {high:.12g}, which float32 (in which declump "
-                               "smooths and thresholds) cannot tell apart; subtract the offset or rescale "
-                               "(e.g. image - image.min(), or image / image.max())")
+        check_float32_range(float(image.min()), float(image.max()), name)
+
+
+def check_float32_range(low, high, name="image"):
+    """Refuse values from ``low`` to ``high`` (of a dtype wider than float32) that float32, in which declump
+    smooths and thresholds, cannot hold (beyond its range) or tell apart (a span too narrow for their size)."""
+    largest = max(-low, high)
+    if largest > float(np.finfo(np.float32).max):  # inf there
+        raise DeclumpError(f"{name} holds values up to {largest:.3g}, beyond float32's range (3.4e38), in "
+                           "which declump smooths and thresholds; rescale the image")
+    if high > low and (high - low < largest * FLOAT32_LEVELS or largest < FLOAT32_SMALLEST):
+        raise DeclumpError(f"{name}'s values span only {low:.12g} to {high:.12g} (a range of {high - low:.3g}), "
+                           "which float32 (in which declump "
+                           "smooths and thresholds) cannot tell apart; subtract the offset or rescale "
+                           "(e.g. image - image.min(), or image / image.max())")
 
 
 #: Float32 resolves a range of values when it spans at least this fraction of their magnitude (about 128 of

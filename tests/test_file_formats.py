@@ -223,6 +223,13 @@ def test_values_float32_cannot_tell_apart_are_refused_with_the_remedy(image):
         separate(image.astype(np.int64) + 2 ** 40)
     with pytest.raises(DeclumpError, match="cannot tell apart"):
         separate(image * 1e-300)
+    # A chunked run smooths in float32 before it sees the values: their one value there is not called constant.
+    da = pytest.importorskip("dask.array")
+    from gpu_pipeline.chunked.pipeline import separate_chunked
+
+    span = f"{float(image.max()) - float(image.min()):.3g}"
+    with pytest.raises(DeclumpError, match=rf"span only .* \(a range of {span}\), which float32 .* cannot tell"):
+        separate_chunked(da.from_array(image.astype(np.int64) + 2 ** 40, chunks=32), max_radius=13)
     # An offset float32 still tells apart is taken; smoothing in float32 near 2**20 rounds to 0.125, so a few
     # boundary pixels may differ (4 of 5120 with DECLUMP_TEST_SEED 1), not the particles.
     offset, plain = separate(image.astype(np.int64) + 2 ** 20), separate(image.astype(np.int64))

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from gpu_pipeline._backend import GAUSSIAN_TRUNCATE, DeclumpError, get_array_module, ops_for
-from gpu_pipeline._common import ChunkShapeError
+from gpu_pipeline._common import ChunkShapeError, UnusableValuesError
 from gpu_pipeline.chunked.components import components_chunked
 from gpu_pipeline.chunked.histogram import block_range, histogram_chunked
 from gpu_pipeline.chunked.source import (map_haloed, neighbours_hold_halo, shells_key, stored_volume,
@@ -127,6 +127,22 @@ beyond_noise_thresholds`) to rerun with."""
             "--threshold auto takes where it finds a particle there)")
 
 
+def _check_wide_values(volume):
+    """For a volume of a dtype wider than float32 that smoothed to one value: the in-memory run's one line
+    where its own values differ but float32 holds them as one (a pass over the volume, on that failure only)."""
+    import dask
+
+    from gpu_pipeline.pipeline import check_float32_range
+
+    dtype = np.dtype(volume.dtype)
+    if dtype.itemsize > 4 or (dtype.kind in "iu" and dtype.itemsize == 4):
+        low, high = dask.compute(volume.min(), volume.max())
+        try:
+            check_float32_range(float(low), float(high), "the volume")
+        except DeclumpError as exc:  # no threshold will ever separate them: as the constant volume's error
+            raise UnusableValuesError(str(exc)) from None
+
+
 def _mask_block(block, block_info=None):
     from gpu_pipeline.pipeline import mask_foreground
 
@@ -198,7 +214,11 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
             beyond = {}
             if isinstance(threshold, str):
                 image = smoothed()  # sets staged["range"] when this call staged it
-                counts, bins = histogram_chunked(image, staged["range"])
+                try:
+                    counts, bins = histogram_chunked(image, staged["range"])
+                except UnusableValuesError:
+                    _check_wide_values(volume)  # constant in float32, or in the input's own values too?
+                    raise
                 candidates = histogram_thresholds(counts, bins)
                 value, at = candidates[threshold], candidates["otsu"]
                 if threshold == "otsu":  # the in-memory `auto` would take one of these (see there)
