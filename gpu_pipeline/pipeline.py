@@ -650,6 +650,9 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
     if reject_annotations not in ("auto", True, False):
         raise DeclumpError(f"reject_annotations must be 'auto', True ('on') or False ('off'), got "
                            f"{reject_annotations!r}")
+    if reject_annotations is True and ndim != 2:
+        raise DeclumpError("reject_annotations=True (--reject-annotations on) is for 2D figure panels; a volume "
+                           "has no text or scale bars to remove: leave it 'auto' or False")
     if outline not in OUTLINES:
         raise DeclumpError(f"outline must be 'auto', 'edge' or 'threshold', got {outline!r}")
     if outline == "edge" and image is None:
@@ -916,8 +919,10 @@ def cleanup_step(fg, *, spacing, min_distance, min_size, max_hole_size, details,
                                    "or threshold")
         if bool(fg.all()):
             raise NoParticlesError("the foreground covers the whole image (no background voxel), so 'auto' cannot "
-                                   "measure the particle size; check polarity or threshold, or set --min-distance "
-                                   "and --max-hole-size")
+                                   "measure the particle size; "
+                                   + ("give a mask with background (0, or <= 0.5 in a probability map) or set "
+                                      "--min-distance" if given else
+                                      "check polarity or threshold, or set --min-distance and --max-hole-size"))
         if radius is None:
             radius, distance = typical_radius(fg, spacing, return_distance=True,
                                               table=None if tables is None else tables[0])

@@ -139,6 +139,21 @@ def test_a_reader_that_stops_early_gets_no_traceback(tmp_path, rng):
     assert json.loads((tmp_path / "out_summary.json").read_text())["n_particles"] > 0
 
 
+def test_requests_that_do_not_apply_say_what_does(tmp_path, rng, capsys):
+    """A mask that is foreground everywhere names the mask, not the polarity or threshold it never used; the
+    figure-panel rule asked for on a volume is refused rather than silently skipped."""
+    image = (rng.random((48, 40)) * 255).astype(np.uint8)
+    np.save(tmp_path / "img.npy", image)
+    np.save(tmp_path / "ones.npy", np.ones(image.shape, np.uint8))
+    assert main(["run", str(tmp_path / "img.npy"), str(tmp_path / "a.tif"), "--mask", str(tmp_path / "ones.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "give a mask with background" in err and "polarity" not in err, err
+    np.save(tmp_path / "vol.npy", make_touching_particles((24, 40, 40), 6, seed=int(rng.integers(1e6)))[0])
+    assert main(["run", str(tmp_path / "vol.npy"), str(tmp_path / "b.tif"), "--reject-annotations", "on"]) == 2
+    assert "is for 2D figure panels" in capsys.readouterr().err
+    assert not list(tmp_path.glob("a*")) and not list(tmp_path.glob("b*"))
+
+
 def test_float16_images_separate_and_measure_as_their_float32_values(tmp_path):
     """A float16 image (a network's output): the labels and the table of the same values as float32, in memory
     and chunked (the table's compiled sums ended in Numba's NotImplementedError: float16)."""
