@@ -220,17 +220,24 @@ def open_zarr(path, *, channel=None, timepoint=None):
     multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
     if not multiscales:
         raise DeclumpError(f"{path} is a Zarr group without OME-Zarr 'multiscales' metadata; pass an array path")
-    ms = multiscales[0]
-    dataset = ms["datasets"][0]
-    axes = [a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])]
-    array = node[dataset["path"]]
-    spacing = None
-    for transform in dataset.get("coordinateTransformations", []):
-        if transform.get("type") == "scale":
-            spacing = list(transform["scale"])
-    for transform in ms.get("coordinateTransformations", []):  # NGFF: applied after the level's own
-        if transform.get("type") == "scale":
-            spacing = [a * b for a, b in zip(spacing or [1.0] * len(transform["scale"]), transform["scale"])]
+    try:
+        ms = multiscales[0]
+        dataset = ms["datasets"][0]
+        axes = [a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])]
+        array = node[dataset["path"]]
+        spacing = None
+        for transform in dataset.get("coordinateTransformations", []):
+            if transform.get("type") == "scale":
+                spacing = list(transform["scale"])
+        for transform in ms.get("coordinateTransformations", []):  # NGFF: applied after the level's own
+            if transform.get("type") == "scale":
+                spacing = [a * b for a, b in zip(spacing or [1.0] * len(transform["scale"]), transform["scale"])]
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+        # (A dataset path naming no array is a KeyError of zarr's; a list where a mapping belongs, a TypeError.)
+        raise DeclumpError(f"{path}'s OME-Zarr 'multiscales' metadata cannot be read ({type(exc).__name__}: "
+                           f"{' '.join(str(exc).split())[:80]}); accepted: NGFF multiscales, a list whose first "
+                           "entry names its levels' arrays in 'datasets' (each a 'path' and its "
+                           "'coordinateTransformations')") from None
     if not axes:
         axes = list("tczyx"[-array.ndim:])
     unknown = [a for a in axes if a not in ("t", "c", "z", "y", "x")]
@@ -315,8 +322,9 @@ def ngff_levels(path):
             return None
         ms = multiscales[0]
         axes = [a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])]
-        ndim = len(axes)
         shape = node[ms["datasets"][0]["path"]].shape
+        axes = axes or list("tczyx"[-len(shape):])  # NGFF before 0.4 named none: the last ones, as open_zarr reads them
+        ndim = len(axes)
         axes = [a if not (a == "z" and n == 1) else "-" for a, n in zip(axes, shape)]  # (a 2D image's z of one)
         levels = [_spatial_transform(d.get("coordinateTransformations"), axes, ndim) for d in ms["datasets"]]
         outer_scale, outer_shift = _spatial_transform(ms.get("coordinateTransformations"), axes, ndim)

@@ -1203,6 +1203,33 @@ def test_labels_keep_the_image_s_offset_and_pyramid(tmp_path, rng):
     run_chunked(tmp_path / "img.zarr", tmp_path / "odd.zarr", max_radius=13, verbose=False)
     odd = zarr.open_group(str(tmp_path / "odd.zarr" / "particles"), mode="r")
     assert len(odd.attrs["multiscales"][0]["datasets"]) == 1 and "1" not in odd
+    # Multiscales that name no axes (NGFF before 0.4) are read as the last of t, c, z, y, x, as the input
+    # itself is: the labels' levels had a scale of no numbers ("scale": []), which no reader takes back.
+    datasets[1]["coordinateTransformations"][0]["scale"] = [2.0, 2.0, 2.0]
+    group.attrs["multiscales"] = [{"version": "0.3", "datasets": datasets}]
+    run_chunked(tmp_path / "img.zarr", tmp_path / "plain.zarr", max_radius=13, verbose=False)
+    plain = zarr.open_group(str(tmp_path / "plain.zarr" / "particles"), mode="r")
+    assert [d["coordinateTransformations"] for d in plain.attrs["multiscales"][0]["datasets"]] == \
+        [d["coordinateTransformations"] for d in datasets]
+
+
+@pytest.mark.parametrize("broken", ["a string", {"datasets": []}, [3], [{"datasets": []}], [{"axes": []}],
+                                    [{"datasets": [{"path": "missing"}]}],
+                                    [{"datasets": [{"path": "0", "coordinateTransformations": [
+                                        {"type": "scale", "scale": None}]}]}]])
+def test_malformed_multiscales_metadata_is_one_line_in_memory_and_chunked(tmp_path, broken, capsys):
+    """Whatever the 'multiscales' entry holds instead of NGFF's list of levels, both runs say in one line that
+    it cannot be read (the chunked run gave a TypeError, KeyError or IndexError traceback) and write nothing."""
+    from gpu_pipeline.cli import main
+
+    group = zarr.open_group(str(tmp_path / "img.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", shape=(16, 24, 24), dtype=np.uint8, chunks=(16, 24, 24))[...] = 7
+    group.attrs["multiscales"] = broken
+    for out in ("out.zarr", "out.npy"):
+        assert main(["run", str(tmp_path / "img.zarr"), str(tmp_path / out), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("declump: error: ") and "\n" not in err and "cannot be read" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.zarr"]
 
 
 def test_a_2d_image_stored_5d_runs_as_2d_and_one_plane_of_a_plain_array_is_refused(tmp_path, rng, capsys):
