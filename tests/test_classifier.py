@@ -386,6 +386,16 @@ def test_cli_trains_runs_and_saves_probabilities_in_memory_and_chunked(rng, tmp_
     # A sanity bound: 10 trees trained on one 100x96 image score F1@0.5 0.55-0.85 over DECLUMP_TEST_SEED 0-7
     # (0.8 held on two of them).
     assert evaluate(tifffile.imread(tmp_path / "mem.tif"), truth)["f1_50"] > 0.5
+    # The complete chunked output again: nothing to do where its probabilities were saved there; refused, not
+    # passed over in silence, where --save-probabilities asks for them somewhere they are not.
+    rerun = ["run", str(tmp_path / "test.zarr"), str(tmp_path / "chunked.zarr"), "--classifier",
+             str(tmp_path / "model.npz"), "--max-radius", "12", "--device", "cpu", "--quiet", "--chunks", "50,48"]
+    capsys.readouterr()
+    assert main([*rerun, "--save-probabilities", str(tmp_path / "chunked_p.zarr")]) == 0
+    assert main([*rerun, "--save-probabilities", str(tmp_path / "other_p.zarr")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "already complete, without the probabilities" in err and "--overwrite" in err, err
+    assert not (tmp_path / "other_p.zarr").exists()
     # A model retrained under the same name: the chunked output made with the old one was "already complete"
     # (its labels kept), and an unfinished run resumed with the new model beside the old one's blocks.
     capsys.readouterr()

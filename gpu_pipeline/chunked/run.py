@@ -555,6 +555,13 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
                 raise DeclumpError(f"{changed} since {paths['labels']} was written; add --overwrite to start over")
             if root_attrs["declump"].get("complete") and paths["summary"].exists():
                 summary = json.loads(paths["summary"].read_text())
+                saved = summary.get("outputs", {}).get("probabilities")
+                if probabilities_path is not None and (saved is None or Path(saved) != probabilities_path
+                                                       or not probabilities_path.exists()):
+                    # Not one of the run's parameters (they set the labels): the finished run did not save them.
+                    raise DeclumpError(f"{paths['labels']} is already complete, without the probabilities that "
+                                       f"--save-probabilities asks for ({probabilities_path}); add --overwrite to "
+                                       "run it again and save them")
                 # A run killed after completing but before removing its work folder left it behind.
                 shutil.rmtree(work, ignore_errors=True)
                 if verbose:
