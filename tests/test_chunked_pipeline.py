@@ -973,6 +973,28 @@ def test_workers_a_command_starts_skip_the_exit_collection():
         assert list(client.run(_exit_collection_is_skipped).values()) == [True]
 
 
+def _dies_once(marker, values):
+    """Ends its worker's process the first time (as the kernel's OOM killer would), then sums ``values``."""
+    if not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(1)
+    return int(values.sum())
+
+
+def test_a_global_step_survives_the_death_of_the_worker_holding_its_data(tmp_path):
+    """run_call scatters its arrays to one worker; that worker killed with the call lost them, and the run ended
+    with a CommClosedError traceback or "lost the Dask scheduler" while the scheduler ran on. The call is sent
+    again to the workers left (the nanny restarts the killed one) and the run goes on."""
+    distributed = pytest.importorskip("distributed")
+    from gpu_pipeline.chunked.workspace import run_call
+
+    values = np.arange(1000, dtype=np.int64)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=50) as lc, distributed.Client(lc):
+        assert run_call(_dies_once, str(tmp_path / "died"), values) == int(values.sum())
+    assert (tmp_path / "died").exists()
+
+
 def _exit_collection_is_skipped():
     from gpu_pipeline.chunked import workspace
 

@@ -455,12 +455,54 @@ def run_call(function, *args):
     client = active_client()
     if client is None:
         return function(*args)
+    from distributed.client import FutureCancelledError
+    from distributed.comm.core import CommClosedError
+    from distributed.scheduler import KilledWorker
+
+    name = getattr(function, "__name__", "call")
     start = time.time()
-    args = [client.scatter(a, hash=False) if isinstance(a, np.ndarray) else a for a in args]
-    with worker_deaths(getattr(function, "__name__", "call")):
-        result = client.submit(function, *args, pure=False).result()
-    log_pass(getattr(function, "__name__", "call"), 1, start)
+    for attempt in itertools.count(1):
+        try:
+            scattered = [client.scatter(a, hash=False) if isinstance(a, np.ndarray) else a for a in args]
+            result = client.submit(function, *scattered, pure=False).result()
+            break
+        except (CommClosedError, FutureCancelledError, KilledWorker, OSError):
+            # Scattered data lives on one worker only: where that worker died (killed, out of memory) the
+            # scheduler cannot rerun the call as it reruns a pass's tasks, and the call was cancelled ("lost
+            # scattered data") or the scatter's connection closed. Sent again to the workers left; a lost
+            # scheduler is what worker_deaths reports.
+            alive = _scheduler_has_workers(client)
+            if attempt >= RUN_CALL_TRIES or not alive:
+                if alive:
+                    raise DeclumpError(f"Dask workers died {attempt} times running the step '{name}' (most often for "
+                                       "lack of memory; the workers' logs say why); the same command resumes from "
+                                       "the finished passes") from None
+                with worker_deaths(name):
+                    raise
+    log_pass(name, 1, start)
     return result
+
+
+#: Tries of a :func:`run_call` whose worker died with it (a pass's tasks are Dask's to rerun: 3 by default).
+RUN_CALL_TRIES = 3
+
+
+def _scheduler_has_workers(client):
+    """Whether ``client``'s scheduler answers and has a worker (a nanny restarts a killed one: waited for up to
+    Dask's connect timeout)."""
+    try:
+        client.wait_for_workers(1, timeout=dask_timeout("distributed.comm.timeouts.connect"))
+        return True
+    except Exception:
+        return False
+
+
+def dask_timeout(key):
+    """A Dask configuration duration (``"30s"``) in seconds."""
+    import dask
+    from dask.utils import parse_timedelta
+
+    return parse_timedelta(dask.config.get(key), default="s")
 
 
 def unaliased(task):
