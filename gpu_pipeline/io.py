@@ -415,6 +415,8 @@ def unreadable_chunk(array, stored, exc, path, remedy):
     """The one-line `DeclumpError` for a box ``stored`` of the zarr ``array`` at ``path`` that failed to read with
     ``exc``: the chunk that fails (:func:`failing_chunk`), its error, then ``remedy``."""
     where, exc = failing_chunk(array, stored, exc)
+    if isinstance(exc, PermissionError):  # readable once its permissions allow: not damaged
+        remedy = "this process may not read it; give it read permission (or run as a user who may)"
     return DeclumpError(f"{where} of {path} could not be read ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); {remedy}")
 

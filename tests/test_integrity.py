@@ -112,6 +112,34 @@ def _kill_when(command, done, count):
     process.wait()
 
 
+def test_an_unreadable_input_chunk_says_so_and_the_rerun_resumes_once_it_is_readable(tmp_path, rng):
+    """A chunk this process may not read (its permissions) is not a damaged store: the line says to give read
+    permission, and once given the same command resumes. As root, run without the capabilities that let root
+    read anything (capsh), as a user would be."""
+    import shutil
+
+    command = [sys.executable, "-m", "gpu_pipeline", "run", str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr"),
+               *ARGS]
+    if os.geteuid() == 0:
+        if shutil.which("capsh") is None:
+            pytest.skip("root reads any file; capsh (to drop that capability) is not installed")
+        command = ["capsh", "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", " ".join(command)]
+    image = _image(rng, (96, 96), 12)
+    _store(tmp_path / "in.zarr", image, (48, 48))
+    chunk = tmp_path / "in.zarr" / "c" / "1" / "0"
+    chunk.chmod(0)
+    try:
+        failed = subprocess.run(command, capture_output=True, text=True)
+    finally:
+        chunk.chmod(0o644)
+    lines = failed.stderr.strip().splitlines()
+    assert failed.returncode == 2 and len(lines) == 1, failed.stderr
+    assert "chunk (1, 0)" in lines[0] and "give it read permission" in lines[0] and "corrupt" not in lines[0]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(_labels(tmp_path / "out.zarr"), separate(image, max_radius=13, **CHUNKED_DEFAULTS))
+
+
 def test_input_replaced_after_a_kill_is_not_resumed(tmp_path, rng):
     spacing = (1.0, 1.0, 1.0)
     image, _ = make_touching_particles((48, 96, 96), 120, spacing=spacing, seed=int(rng.integers(1e6)))
