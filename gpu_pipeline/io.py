@@ -241,8 +241,9 @@ def open_zarr(path, *, channel=None, timepoint=None):
     if not axes:
         axes = list("tczyx"[-array.ndim:])
     unknown = [a for a in axes if a not in ("t", "c", "z", "y", "x")]
-    if unknown or len(axes) != array.ndim:
-        raise DeclumpError(f"{path} has axes {axes} for a {array.ndim}D array; declump understands t, c, z, y, x")
+    if unknown or len(axes) != array.ndim or len(set(axes)) != len(axes):
+        raise DeclumpError(f"{path} has axes {axes} for a {array.ndim}D array; declump understands t, c, z, y, x, "
+                           "each at most once")
     _no_axis_for(channel if "c" not in axes else None, timepoint if "t" not in axes else None, path,
                  f"axes {', '.join(axes)}")
     index = []
@@ -290,7 +291,8 @@ def spatial_unit(path):
                  and a.get("name") in ("z", "y", "x")}
     except Exception:
         return None
-    return units.pop() if len(units) == 1 and None not in units else None
+    unit = units.pop() if len(units) == 1 else None
+    return unit if isinstance(unit, str) and unit else None  # (NGFF's units are names: "micrometer", ...)
 
 
 def _spatial_transform(transforms, axes, ndim):

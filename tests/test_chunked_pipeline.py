@@ -1235,6 +1235,25 @@ def test_labels_keep_the_image_s_offset_and_pyramid(tmp_path, rng):
         [d["coordinateTransformations"] for d in datasets]
 
 
+def test_axes_named_twice_are_refused_and_a_unit_that_is_no_name_is_not_copied(tmp_path, capsys):
+    """NGFF axes z, z, z ran as z, y, x; a unit of 5 went into the labels' axes as it was."""
+    from gpu_pipeline.cli import main
+
+    group = zarr.open_group(str(tmp_path / "img.zarr"), mode="w", zarr_format=2)
+    image, _ = make_touching_particles((24, 48, 48), 8, radius_range=(5, 8), seed=3)
+    group.create_array("0", shape=image.shape, dtype=image.dtype, chunks=image.shape)[...] = image
+    datasets = [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 1.0]}]}]
+    group.attrs["multiscales"] = [{"version": "0.4", "datasets": datasets,
+                                   "axes": [{"name": "z", "type": "space"}] * 3}]
+    assert main(["run", str(tmp_path / "img.zarr"), str(tmp_path / "a.zarr"), "--quiet", "--max-radius", "9"]) == 2
+    assert "each at most once" in capsys.readouterr().err
+    group.attrs["multiscales"] = [{"version": "0.4", "datasets": datasets,
+                                   "axes": [{"name": n, "type": "space", "unit": 5} for n in "zyx"]}]
+    assert main(["run", str(tmp_path / "img.zarr"), str(tmp_path / "b.zarr"), "--quiet", "--max-radius", "9"]) == 0
+    written = zarr.open_group(str(tmp_path / "b.zarr" / "particles"), mode="r").attrs["multiscales"][0]["axes"]
+    assert [a.get("unit") for a in written] == [None] * 3
+
+
 @pytest.mark.parametrize("broken", ["a string", {"datasets": []}, [3], [{"datasets": []}], [{"axes": []}],
                                     [{"datasets": [{"path": "missing"}]}],
                                     [{"datasets": [{"path": "0", "coordinateTransformations": [
