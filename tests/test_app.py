@@ -169,7 +169,7 @@ def test_a_job_keeps_its_image_and_a_shipped_model_never_replaces_the_painted_on
             change()
     release.set()
     for _ in range(300):
-        if session.take_finished()[0]:
+        if session.finished_since(0):
             break
         threading.Event().wait(0.01)
     assert session.name == "a" and session.job is None
@@ -183,6 +183,31 @@ def test_a_job_keeps_its_image_and_a_shipped_model_never_replaces_the_painted_on
         assert session.classifier_source == "em-particles"
     session.use_painted_classifier()
     assert session.classifier is painted and session.classifier_source == "painted"
+
+
+def test_a_job_s_end_is_shown_by_every_reply_until_the_page_acknowledges_it(rng):
+    """A poll's reply that shows a job's end can be dropped by the page (Dash keeps a callback's latest reply;
+    on a 4096^2 image a poll overtook the slower one): the end was taken once and never shown, the status
+    stuck at the job's last progress line. finished_since gives the same end, with its error, until the page
+    acknowledges its number; then nothing until the next job ends."""
+    import threading
+
+    session = sess.Session(sess.SessionStore.new_id())
+    session.set_image(make_touching_particles((48, 48), 4, seed=int(rng.integers(1e6)))[0], name="a")
+    assert session.finished_since(0) is None  # no job yet
+    for number, work, error in ((1, lambda progress: None, ""),
+                                (2, lambda progress: (_ for _ in ()).throw(DeclumpError("bad value")), "bad value")):
+        release = threading.Event()
+        session.start_job("job", lambda progress, work=work, release=release: (release.wait(30), work(progress)))
+        assert session.finished_since(number - 1) is None  # running
+        release.set()
+        for _ in range(300):
+            if session.job is None:
+                break
+            threading.Event().wait(0.01)
+        assert session.finished_since(number - 1) == (number, error)
+        assert session.finished_since(number - 1) == (number, error)  # a dropped reply: shown again
+        assert session.finished_since(number) is None  # acknowledged
 
 
 @pytest.mark.parametrize("name,array,words", [

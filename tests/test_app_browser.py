@@ -340,3 +340,30 @@ def test_an_image_given_to_the_app_opens_with_its_spacing_unit_and_middle_plane(
     finally:
         server.shutdown()
         thread.join(10)
+
+
+def test_a_job_s_end_is_shown_when_the_reply_showing_it_is_overtaken(served, browser, monkeypatch):
+    """On a 4096^2 image the reply that showed a job's end took longer than the poll's 400 ms; the page kept
+    the next poll's reply instead, and the status stayed at "separating particles ... 111 s" with no result.
+    Here the first picture drawn after the separation ended takes 1.5 s: the status still ends as "separated
+    in", with the count."""
+    from gpu_pipeline.app import ui
+
+    drawn = ui.build_figure
+    slow = {"done": False}
+
+    def build_figure(session, *args):
+        if session.result is not None and session.job is None and not slow["done"]:
+            slow["done"] = True
+            time.sleep(1.5)
+        return drawn(session, *args)
+
+    monkeypatch.setattr(ui, "build_figure", build_figure)
+    app, url = served
+    open_page(browser, url)
+    browser.find_element(By.ID, "sample").click()
+    wait_for(lambda: text_of(browser, "image-name").startswith("sample"), what="the sample to load")
+    browser.find_element(By.ID, "separate").click()
+    wait_for(lambda: "separated in" in text_of(browser, "status"),
+             what=lambda: f"the end to be shown (status {text_of(browser, 'status')!r})", timeout=30)
+    assert slow["done"] and text_of(browser, "count").endswith("particles")

@@ -96,7 +96,8 @@ class Session:
     job: str | None = None
     job_started: float = 0.0
     job_error: str | None = None
-    job_finished: bool = False  # a job ended and the page has not shown its status or error yet
+    jobs_done: int = 0  # jobs ended so far: the page shows an end whose number it has not acknowledged yet
+    last_error: str = ""  # the last ended job's error ("" if none)
     timings: dict = field(default_factory=dict)
     version: int = 0
 
@@ -259,7 +260,7 @@ class Session:
         """Run ``work(progress)`` in a thread so the page stays responsive; one job per session at a time."""
         with self.lock:
             self.refuse_while_busy()
-            self.job, self.job_started, self.job_error, self.job_finished = title, time.perf_counter(), None, False
+            self.job, self.job_started, self.job_error = title, time.perf_counter(), None
 
         def progress(text):
             with self.lock:
@@ -276,19 +277,25 @@ class Session:
                 self.job_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             finally:
                 with self.lock:
-                    self.job, self.job_finished = None, True
+                    self.job, self.last_error = None, self.job_error or ""
+                    self.jobs_done += 1
                     self.version += 1
 
         threading.Thread(target=runner, daemon=True, name=f"declump-app-{self.id[:8]}").start()
 
-    def take_finished(self):
-        """``(True, error or "")`` once after a job ended (its error, if any, then cleared), else ``(False, "")``:
-        whichever callback runs first after the end shows it, so no other click can swallow it."""
+    def finished_since(self, shown):
+        """``(jobs_done, error or "")`` where a job ended after the ``shown``-th (the number the page last
+        acknowledged) and none runs, else None.
+
+        Not taken once: a page's reply that shows the end can be dropped (Dash keeps only the latest
+        reply of a callback, and a poll overtakes a reply slower than its interval: a 4096^2 image's), and
+        the end was then never shown (the status stayed at the job's last progress line). The page
+        acknowledges the number with the reply that shows it, so every reply until one lands shows it.
+        """
         with self.lock:
-            if self.job is not None or not self.job_finished:
-                return False, ""
-            error, self.job_error, self.job_finished = self.job_error or "", None, False
-            return True, error
+            if self.job is not None or self.jobs_done <= int(shown or 0):
+                return None
+            return self.jobs_done, self.last_error
 
     def job_status(self):
         """(running, text): the current job's progress line with its elapsed seconds."""

@@ -135,6 +135,7 @@ def layout_body(session_id, device):
     ])
     return html.Div(style={"fontFamily": "sans-serif", "margin": "8px"}, children=[
         dcc.Store(id="session", data=session_id),
+        dcc.Store(id="shown-job", data=0),  # the number of the last job whose end the page has shown
         dcc.Interval(id="poll", interval=POLL_MS, disabled=True),
         html.Div(style={"display": "flex", "alignItems": "baseline", "gap": "16px"}, children=[
             html.H2("declump", style={"margin": "0 0 6px 0"}),
@@ -244,6 +245,7 @@ def build_app(image_path=None, *, max_voxels=None):
         Output("plane-box", "style"), Output("plane", "max"), Output("plane", "value"), Output("plane-label", "children"),
         Output("count", "children"), Output("histogram", "src"), Output("histogram", "style"),
         Output("table", "columns"), Output("table", "data"), Output("upload", "contents"),
+        Output("shown-job", "data"),
         Input("upload", "contents"), Input("sample", "n_clicks"), Input("graph", "relayoutData"),
         Input("undo", "n_clicks"), Input("clear", "n_clicks"), Input("plane", "value"),
         Input("paint-class", "value"), Input("brush", "value"), Input("show", "value"), Input("opacity", "value"),
@@ -251,11 +253,15 @@ def build_app(image_path=None, *, max_voxels=None):
         Input("separate", "n_clicks"), Input("poll", "n_intervals"),
         State("upload", "filename"), State("foreground", "value"), State("method", "value"),
         State("min-distance", "value"), State("min-size", "value"), State("hole-size", "value"),
-        State("sigma", "value"), State("polarity", "value"), State("session", "data"),
+        State("sigma", "value"), State("polarity", "value"), State("session", "data"), State("shown-job", "data"),
     )
-    def act(contents, _sample, relayout, _undo, _clear, plane, paint_class, brush, show, opacity, spacing_text,
-            unit, _train, _separate, _poll, filename, foreground, method, min_distance, min_size, hole_size, sigma,
-            polarity, session_id):
+    def act(*values):
+        acknowledged = [no_update]  # the ended job this reply shows, where it shows one (Session.finished_since)
+        return (*_act(*values[:-1], shown_job=values[-1], acknowledged=acknowledged), acknowledged[0])
+
+    def _act(contents, _sample, relayout, _undo, _clear, plane, paint_class, brush, show, opacity, spacing_text,
+             unit, _train, _separate, _poll, filename, foreground, method, min_distance, min_size, hole_size, sigma,
+             polarity, session_id, *, shown_job, acknowledged):
         trigger = ctx.triggered_id
         try:
             session = store.get(session_id)
@@ -315,8 +321,9 @@ def build_app(image_path=None, *, max_voxels=None):
             message = "out of memory; use a smaller image or a machine with more memory"
         except Exception as exc:  # say it in the page; the server and the other tabs go on
             message = f"unexpected error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-        finished, error = session.take_finished()  # shown by whichever callback runs first after a job ended
+        finished = session.finished_since(shown_job)  # shown by every reply after a job ended, until one lands
         if finished:
+            acknowledged[0], error = finished
             message, status = message or error, _done_text(session)
         if session.image is not None and session.image.ndim == 3:
             plane = min(plane, session.image.shape[0] - 1)
