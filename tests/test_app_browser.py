@@ -367,3 +367,21 @@ def test_a_job_s_end_is_shown_when_the_reply_showing_it_is_overtaken(served, bro
     wait_for(lambda: "separated in" in text_of(browser, "status"),
              what=lambda: f"the end to be shown (status {text_of(browser, 'status')!r})", timeout=30)
     assert slow["done"] and text_of(browser, "count").endswith("particles")
+
+
+def test_a_separation_refused_for_its_settings_leaves_no_result_of_others_on_the_page(served, browser):
+    """A value the option parser refuses (min distance "abc", spacing 0) said so in the message while the
+    count, table and histogram of the earlier settings stayed, as if they were this one's."""
+    app, url = served
+    open_page(browser, url)
+    browser.find_element(By.ID, "sample").click()
+    wait_for(lambda: text_of(browser, "image-name").startswith("sample"), what="the sample to load")
+    browser.find_element(By.ID, "separate").click()
+    wait_for(lambda: text_of(browser, "count").endswith("particles"), what="the first separation")
+    box = browser.find_element(By.ID, "min-distance")
+    box.clear()
+    box.send_keys("abc")
+    browser.find_element(By.ID, "separate").click()
+    wait_for(lambda: "--min-distance" in text_of(browser, "message"), what="the refusal")
+    wait_for(lambda: text_of(browser, "count") == "", what=lambda: f"no count (page: {text_of(browser, 'count')!r})")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#table td.dash-cell")

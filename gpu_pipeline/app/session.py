@@ -255,6 +255,13 @@ class Session:
                                  classifier_source=self.classifier_source if used else None)
         return self.result
 
+    def drop_result(self):
+        """Forget the separation shown (a separation refused for its settings: that result had others), unless a
+        job runs (its own result is on the way)."""
+        with self.lock:
+            if self.job is None:
+                self.result = None
+
     # -- background jobs -------------------------------------------------------------------------------------
     def start_job(self, title, work):
         """Run ``work(progress)`` in a thread so the page stays responsive; one job per session at a time."""

@@ -306,8 +306,12 @@ def build_app(image_path=None, *, max_voxels=None):
             elif trigger == "separate":
                 options = {"--method": method, "--min-distance": min_distance, "--min-size": min_size,
                            "--max-hole-size": hole_size, "--sigma": sigma, "--polarity": polarity}
-                sess.separation_options(options)  # a bad value is a message now, not a failed job
-                _take_spacing(session, spacing_text, unit)  # the spacing shown is the one used, or a message
+                try:
+                    sess.separation_options(options)  # a bad value is a message now, not a failed job
+                    _take_spacing(session, spacing_text, unit)  # the spacing shown is the one used, or a message
+                except DeclumpError:
+                    session.drop_result()  # as a failed separation does: the one shown had other settings
+                    raise
                 session.start_job("separating", lambda progress: _separate_job(session, options, foreground, device,
                                                                                 progress))
                 return _busy(session)
