@@ -172,8 +172,10 @@ class Session:
         normalized = normalize_intensity(self.image)
         cores = list(tiles(self.image.shape, FEATURE_TILE_VOXELS))
         features = np.empty(self.image.shape + (len(feature_names(self.image.ndim, DEFAULT_SCALES)),), np.float32)
+        kept = ("cached for the next training" if features.nbytes <= FEATURE_CACHE_BYTES else
+                f"{features.nbytes / 2 ** 30:.1f} GiB: too large to cache, computed again at each training")
         for i, core in enumerate(cores):
-            progress(f"computing pixel features, tile {i + 1} of {len(cores)} (cached for the next training)")
+            progress(f"computing pixel features, tile {i + 1} of {len(cores)} ({kept})")
             features[core] = tile_features(normalized, core, spacing=self.spacing, scales=DEFAULT_SCALES)
         if features.nbytes <= FEATURE_CACHE_BYTES:
             self.features, self.features_spacing = features, self.spacing
