@@ -280,10 +280,17 @@ def validate_image(image, name="image"):
                            "(bool masks go to mask=)")
     if kind == "f" and not bool(xp.isfinite(image).all()):
         raise DeclumpError(f"{name} holds NaN or inf values; declump accepts finite intensities only")
-    if image.dtype.itemsize > 4 or (kind in "iu" and image.dtype.itemsize == 4):
+    if wider_than_float32(image.dtype):
         # Values float32 cannot hold apart (smoothing and thresholds run in float32). Two reductions, not
         # abs(image): that was a float64 copy of the whole image (1 GiB for 512^3).
         check_float32_range(float(image.min()), float(image.max()), name)
+
+
+def wider_than_float32(dtype) -> bool:
+    """Whether ``dtype`` holds values float32 (in which declump smooths and thresholds) may not: 64-bit types
+    and 32-bit integers."""
+    dtype = np.dtype(dtype)
+    return dtype.itemsize > 4 or (dtype.kind in "iu" and dtype.itemsize == 4)
 
 
 def check_float32_range(low, high, name="image"):
@@ -795,24 +802,27 @@ def foreground_step(image, mask, *, spacing, sigma, threshold, polarity, details
         # (No component tables here: held from the polarity through Li's labelling and the scale measurement,
         # they raised the peak of a 384^3 run at the defaults from 1.416 to 1.481 GiB, also when only the
         # mask's own was passed on to typical_radius.)
+        def thresholded(sigma):
+            return threshold_foreground(smooth(sigma), threshold, polarity)
+
         def measured(fg):
             return (typical_radius(fg, spacing, return_distance=True)
                     if bool(fg.any()) and not bool(fg.all()) else (None, None))
 
         def attempt(sigma):
-            fg, decision = threshold_foreground(smooth(sigma), threshold, polarity)
+            fg, decision = thresholded(sigma)
             return (fg, decision, *measured(fg))
 
         # Noise grain thresholds into small components that twice the smoothing merges into much larger
         # ones; particles keep about their size.
         sigma = min(spacing)
-        fg, decision = threshold_foreground(smooth(sigma), threshold, polarity)
+        fg, decision = thresholded(sigma)
         if image.ndim == 3:  # a noisy volume's rough surfaces over-split its particles: smooth to the contrast
             raised = noise_sigma(image, fg, spacing, sigma)
             if raised > sigma:
                 sigma = raised
                 del fg
-                fg, decision = threshold_foreground(smooth(sigma), threshold, polarity)
+                fg, decision = thresholded(sigma)
         radius, distance = measured(fg)  # (after the noise step, which needs the mask only)
         growth = None  # how much twice the sigma grew the typical radius, where measured
         for _ in range(SIGMA_DOUBLINGS):

@@ -132,10 +132,9 @@ def _check_wide_values(volume):
     where its own values differ but float32 holds them as one (a pass over the volume, on that failure only)."""
     import dask
 
-    from gpu_pipeline.pipeline import check_float32_range
+    from gpu_pipeline.pipeline import check_float32_range, wider_than_float32
 
-    dtype = np.dtype(volume.dtype)
-    if dtype.itemsize > 4 or (dtype.kind in "iu" and dtype.itemsize == 4):
+    if wider_than_float32(volume.dtype):
         low, high = dask.compute(volume.min(), volume.max())
         try:
             check_float32_range(float(low), float(high), "the volume")
