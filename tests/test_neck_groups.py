@@ -84,6 +84,53 @@ def test_neck_groups_equal_a_pair_by_pair_reference(rng, spacing):
     assert len(seen) >= 4  # the settings group these peaks in different ways
 
 
+def test_neck_groups_equal_the_reference_under_a_few_high_peaks_among_many_low_ones(rng):
+    """Large disks and rods among many specks (the classifier's foreground of a noisy image): the coarse cells
+    of the neck search enumerate only the pairs with a high peak; the groups are still every pair's."""
+    shape = (160, 180)
+    mask = _disks(shape, [rng.uniform(20, 160, 2) for _ in range(10)], np.exp(rng.uniform(np.log(3), np.log(22), 10)))
+    for _ in range(6):
+        mask |= _capsule(shape, rng.uniform(10, 150, 2), rng.uniform(10, 170, 2), rng.uniform(2, 10))
+    specks = rng.random(shape) < 0.04
+    mask |= specks | np.roll(specks, 1, axis=1)
+    distance = ndi.distance_transform_edt(mask)
+    distance_q, quantum = quantize_distance(distance.astype(np.float32), (1.0, 1.0))
+    regions, _ = ndi.label(mask)
+    peaks = find_peaks(distance_q, half_widths=window_half_widths(1, (1.0, 1.0)))
+    heights = distance_q[tuple(peaks.T)] * quantum
+    assert (heights >= 9).sum() >= 4 and (heights <= 2).sum() > 20 * (heights >= 9).sum()
+    for ratio, nearby in ((0.7, None), (0.7, 0.8), (1.0, None)):
+        ours = neck_groups(peaks, distance_q, regions, (1.0, 1.0), ratio, nearby)
+        np.testing.assert_array_equal(ours, _reference_groups(peaks, distance_q, regions, (1.0, 1.0), ratio, quantum,
+                                                              nearby))
+        assert (ours != np.arange(len(peaks))).sum() > 10
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0), (1.0, 2.0, 0.5)])
+def test_neighbour_cell_pairs_with_tall_peaks_and_a_finer_level_are_the_brute_force_pairs(rng, spacing, monkeypatch):
+    """Each pair of peaks in the same or neighbouring cells, with at least one tall peak, not in neighbouring
+    cells of the finer level, comes exactly once (in batches smaller than the pairs)."""
+    from gpu_pipeline.stages import peaks as peak_stage
+
+    ndim = len(spacing)
+    monkeypatch.setattr(peak_stage, "PAIR_BATCH", 97)
+    for _ in range(4):
+        shape = rng.integers(20, 60, ndim)
+        flat = np.sort(rng.choice(int(np.prod(shape)), int(rng.integers(30, 200)), replace=False))
+        points = np.stack(np.unravel_index(flat, shape), axis=1).astype(np.int64) + rng.integers(0, 50, ndim)
+        tall = rng.random(len(points)) < rng.choice([0.0, 0.1, 0.5, 1.0])
+        cell = rng.integers(3, 12, ndim)
+        previous = None if rng.random() < 0.3 else np.maximum(1, cell // 2)
+        got = [(int(a), int(b)) for i, j in peak_stage._neighbour_cell_pairs(
+            points, cell.tolist(), np.arange(len(points)), tall, None if previous is None else previous.tolist())
+            for a, b in zip(i, j)]
+        low = points.min(axis=0)
+        near = lambda a, b, width: (np.abs((points[a] - low) // width - (points[b] - low) // width) <= 1).all()
+        expected = [(a, b) for a in range(len(points)) for b in range(a + 1, len(points))
+                    if near(a, b, cell) and (tall[a] or tall[b]) and (previous is None or not near(a, b, previous))]
+        assert sorted(got) == expected and len(got) == len(set(got))
+
+
 def test_a_rod_is_one_particle_and_touching_disks_stay_two():
     shape = (100, 200)
     rod = _capsule(shape, (50, 30), (50, 170), 12)
@@ -207,6 +254,33 @@ def test_ball_shares_count_the_samples_no_peak_of_another_group_takes(rng, shape
     np.testing.assert_array_equal(counted, reference_counted)
     assert (reference[tested] < m).sum() > 0 and (reference[tested] == m).sum() > 0  # both kinds occur
     assert ((reference_counted[tested] < m).sum() > 0) == bordered
+
+
+@pytest.mark.parametrize("power", [True, False])
+def test_ball_shares_of_many_low_peaks_beside_a_few_high_ones_equal_a_direct_count(rng, power):
+    """ball_shares where the coarse cells take only the pairs with a high peak: the counts of every peak, high
+    or low, are those of all pairs."""
+    from gpu_pipeline.stages.peaks import QUANTUM_DIVISOR, ball_shares, unit_ball_samples
+
+    shape, n = (90, 100), 160
+    peaks, heights, region, group = _random_peak_groups(rng, shape, n, n_groups=80, n_regions=2)
+    high = rng.random(n) < 0.06  # and the others spread from low to middling
+    heights = np.where(high, rng.integers(40, 100, n), np.exp(rng.uniform(np.log(2), np.log(40), n)).astype(int))
+    heights = heights.astype(np.int32) * (QUANTUM_DIVISOR // 4)
+    kept, _ = ball_shares(peaks, heights, region, group, (1.0, 1.0), power=power)
+    samples = unit_ball_samples(2)
+    radius = heights / QUANTUM_DIVISOR
+    weight = radius ** 2 if power else np.zeros(n)
+    reference = np.empty(n, dtype=np.int64)
+    for p in range(n):
+        x = peaks[p] + radius[p] * samples
+        own = ((x - peaks[p]) ** 2).sum(axis=1) - weight[p]
+        taken = np.zeros(len(samples), dtype=bool)
+        for q in np.flatnonzero((region == region[p]) & (group != group[p])):
+            taken |= ((x - peaks[q]) ** 2).sum(axis=1) - weight[q] < own
+        reference[p] = (~taken).sum()
+    np.testing.assert_array_equal(kept, reference)
+    assert (reference[high] < len(samples)).any() and (reference[~high] < len(samples)).any()
 
 
 def test_shadowed_peaks_drop_a_maximum_between_particles_but_not_a_cut_centre_a_cap_or_alone():

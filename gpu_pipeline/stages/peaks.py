@@ -479,16 +479,21 @@ def join_peaks(peaks, heights, region, spacing, ratio, segment_minima, *, nearby
     the higher peak, less :data:`NECK_TOLERANCE_VOXELS` (one voxel in 2D),
     or (``nearby`` not None) when the peaks lie less than ``nearby`` times
     the higher peak apart; ``ratio`` None: ``nearby`` only,
-    and ``segment_minima`` is never called. Candidate pairs come from a grid of cells: pairs in
-    neighbouring cells, with cells from about :data:`FINEST_CELL` voxels up
-    to the reach of the highest peak (one level with ``nearest_first``
-    False, for callers whose ``segment_minima`` has a fixed cost per call),
-    so near pairs are tested first. A cell pair whose peaks already form one
-    group is skipped, as is every pair already joined through others, and a
-    pair is tested at one level only. At most :data:`PAIR_BATCH` pairs are
-    held at once, whatever the data. ``heights``: quantised distances at the
-    peaks; ``region``: each peak's region. Returns the smallest peak index in
-    each peak's group.
+    and ``segment_minima`` is never called. Candidate pairs come from levels
+    of cells (:func:`_cell_levels`): pairs in neighbouring cells, with cells
+    from about :data:`FINEST_CELL` voxels up to the reach of the highest
+    peak, so near pairs come first, and at each coarser level only the pairs
+    with a peak high enough to reach across it (the pairs of many low peaks
+    under a few high ones are not enumerated at the high ones' level). A
+    cell pair whose peaks already form one group is skipped, as is every
+    pair already joined through others, and a pair is met at one level only.
+    Each batch of pairs is tested as it comes; with ``nearest_first`` False
+    (for callers whose ``segment_minima`` has a fixed cost per call) the
+    pairs are gathered and tested about :data:`PAIR_BATCH` at a time. At
+    most about twice :data:`PAIR_BATCH` pairs are held at once, whatever the
+    data. The groups do not depend on the order. ``heights``: quantised
+    distances at the peaks; ``region``: each peak's region. Returns the
+    smallest peak index in each peak's group.
     """
     xp = get_array_module(peaks)
     n = peaks.shape[0]
@@ -499,40 +504,40 @@ def join_peaks(peaks, heights, region, spacing, ratio, segment_minima, *, nearby
     region = xp.asarray(region).astype(xp.int64)
     quantum = min(float(s) for s in spacing) / QUANTUM_DIVISOR
     allowance = NECK_TOLERANCE_VOXELS.get(peaks.shape[1], 0.0) * QUANTUM_DIVISOR  # quanta
-    extent = to_list(peaks.max(axis=0) - peaks.min(axis=0))
     widen = NECK_REACH.get(peaks.shape[1], 1.0)
-    # Balls widened by ``widen`` overlap within twice that times the highest
-    # peak on every axis; no pair lies farther apart than the peaks' bounding box.
-    reach = [min(int(e), int(math.ceil(2 * widen * int(heights.max()) * quantum / float(s))))
-             for e, s in zip(extent, spacing)]
-    levels = max(0, math.ceil(math.log2(max(1, max(reach)) / FINEST_CELL))) if nearest_first else 0
     scale = xp.asarray([float(s) / quantum for s in spacing], dtype=xp.float64)
-    reach_arr = xp.asarray(reach, dtype=xp.int64)
-    origin = peaks.min(axis=0)
-    previous = None
-    for level in range(levels + 1):
-        cell = [max(1, math.ceil(r / 2 ** (levels - level))) for r in reach]
-        for i, j in _neighbour_cell_pairs(peaks, cell, group):
+    held = []  # without ``nearest_first``: pairs gathered over batches, up to PAIR_BATCH per call
+
+    def merge_tested(i, j, gap2, group):
+        higher = xp.maximum(heights[i], heights[j]).astype(xp.float64)
+        joined = xp.zeros(i.size, dtype=bool)
+        if nearby is not None:
+            joined |= gap2 < (float(nearby) * higher) ** 2
+        necks = ~joined
+        if ratio is not None and bool(necks.any()):
+            low = xp.asarray(segment_minima(i[necks], j[necks])).astype(xp.float64)
+            joined[necks] = low >= float(ratio) * higher[necks] - allowance
+        return _merge_groups(group, i[joined], j[joined])
+
+    # Balls widened by ``widen`` overlap within twice that times the higher peak.
+    for cell, previous, tall in _cell_levels(peaks, widen * heights.astype(xp.float64) * quantum, spacing):
+        for i, j in _neighbour_cell_pairs(peaks, cell, group, tall, previous):
             step = peaks[j] - peaks[i]
-            test = (xp.abs(step) <= reach_arr).all(axis=1) & (region[i] == region[j]) & (group[i] != group[j])
-            if previous is not None:  # pairs in neighbouring cells one level down were tested there
-                prev = xp.asarray(previous, dtype=xp.int64)
-                test &= ~(xp.abs((peaks[j] - origin) // prev - (peaks[i] - origin) // prev) <= 1).all(axis=1)
             gap2 = ((step.astype(xp.float64) * scale) ** 2).sum(axis=1)
-            test &= gap2 < (widen * (heights[i] + heights[j]).astype(xp.float64)) ** 2
-            i, j, gap2 = i[test], j[test], gap2[test]
+            keep = (region[i] == region[j]) & (group[i] != group[j])
+            keep &= gap2 < (widen * (heights[i] + heights[j]).astype(xp.float64)) ** 2
+            i, j, gap2 = i[keep], j[keep], gap2[keep]
             if i.size == 0:
                 continue
-            higher = xp.maximum(heights[i], heights[j]).astype(xp.float64)
-            joined = xp.zeros(i.size, dtype=bool)
-            if nearby is not None:
-                joined |= gap2 < (float(nearby) * higher) ** 2
-            necks = ~joined
-            if ratio is not None and bool(necks.any()):
-                low = xp.asarray(segment_minima(i[necks], j[necks])).astype(xp.float64)
-                joined[necks] = low >= float(ratio) * higher[necks] - allowance
-            group = _merge_groups(group, i[joined], j[joined])
-        previous = cell
+            if nearest_first:
+                group = merge_tested(i, j, gap2, group)
+                continue
+            held.append((i, j, gap2))
+            if sum(part[0].size for part in held) >= PAIR_BATCH:
+                group = merge_tested(*(xp.concatenate(parts) for parts in zip(*held)), group)
+                held = []
+    if held:
+        group = merge_tested(*(xp.concatenate(parts) for parts in zip(*held)), group)
     return group
 
 
@@ -595,12 +600,12 @@ def ball_shares(peaks, heights, region, group, spacing, *, power=True, tested=No
         weight = radius ** 2 if power else xp.zeros(n, dtype=xp.float64)
         scale = xp.asarray([float(s) for s in spacing], dtype=xp.float64)
         unit = xp.asarray(samples)
-        extent = to_list(peaks.max(axis=0) - peaks.min(axis=0))
-        # Overlapping balls lie within twice the highest peak on every axis: cells of that size.
-        cell = [max(1, min(int(e), int(math.ceil(2 * float(radius.max()) / float(s)))))
-                for e, s in zip(extent, spacing)]
         per = max(1, PAIR_BATCH // m)
-        for i, j in _neighbour_cell_pairs(peaks, cell, group):
+        # Overlapping balls (power), or a ball and a peak within twice its radius (Euclidean), lie within twice
+        # the larger radius.
+        pairs = (pair for cell, previous, tall in _cell_levels(peaks, radius, spacing)
+                 for pair in _neighbour_cell_pairs(peaks, cell, group, tall, previous))
+        for i, j in pairs:
             d = (peaks[i] - peaks[j]).astype(xp.float64) * scale
             gap2 = (d ** 2).sum(axis=1)
             # Power: a point of p's ball that q takes lies in q's ball too. Euclidean: it lies nearer to q than
@@ -740,24 +745,62 @@ def regroup(group, keep):
     return index[xp.asarray(group)[keep]]
 
 
-def _neighbour_cell_pairs(peaks, cell, group):
+def _cell_levels(peaks, reach, spacing):
+    """Levels of cells for the pairs of peaks closer than twice the larger of their ``reach`` (physical
+    units, per peak): ``(cell, previous, tall)`` for :func:`_neighbour_cell_pairs`, from cells of about
+    :data:`FINEST_CELL` voxels up to twice the largest reach (the peaks' extent at most), doubling, so that
+    near pairs come first.
+
+    A pair first met at a level (its cells are not neighbours at the
+    ``previous`` level's) lies farther apart than that cell along some axis;
+    only the peaks whose reach is more than half that distance (``tall``;
+    None at the first level: all) can be in such a pair, and every pair
+    enumerated there holds one. The levels stop where no peak is tall.
+    """
+    xp = get_array_module(peaks)
+    extent = to_list(peaks.max(axis=0) - peaks.min(axis=0))
+    top = float(reach.max())
+    widest = [min(int(e), int(math.ceil(2 * top / float(s)))) for e, s in zip(extent, spacing)]
+    count = max(0, math.ceil(math.log2(max(1, max(widest)) / FINEST_CELL)))
+    previous = tall = None
+    for level in range(count + 1):
+        cell = [max(1, math.ceil(w / 2 ** (count - level))) for w in widest]
+        if previous is not None:
+            apart = min((c + 1) * float(s) for c, s in zip(previous, spacing))
+            tall = 2 * xp.asarray(reach, dtype=xp.float64) > apart
+            if not bool(tall.any()):
+                return
+        yield cell, previous, tall
+        previous = cell
+
+
+def _neighbour_cell_pairs(peaks, cell, group, tall=None, previous=None):
     """Batches (i, j), i < j, of peaks in the same or neighbouring cells, skipping cells already in one group.
 
     Cells are ``cell`` voxels wide per axis. A pair of cells whose peaks all
     share one group yields nothing; the other cell pairs yield all their
-    peak pairs, at most :data:`PAIR_BATCH` per batch.
+    peak pairs, at most :data:`PAIR_BATCH` per batch. ``tall`` (boolean per
+    peak; None: all): only pairs with at least one tall peak, enumerated as
+    such (a cell's tall peaks sort first; the pairs of two cells are its tall
+    peaks with all of the other's, then its other peaks with the other's tall
+    ones), so their number, not that of all pairs, sets the cost.
+    ``previous`` (cell widths): pairs whose cells of that width are the same
+    or neighbours are left out (met at a finer level of :func:`_cell_levels`).
     """
     xp = get_array_module(peaks)
     ops = ops_for(peaks)
     ndim = peaks.shape[1]
     cell = xp.asarray(cell, dtype=xp.int64)
-    cells = (peaks - peaks.min(axis=0)) // cell
+    low = peaks.min(axis=0)
+    cells = (peaks - low) // cell
     grid = cells.max(axis=0) + 1
     strides = xp.concatenate([xp.cumprod(grid[::-1])[::-1][1:], xp.ones(1, dtype=xp.int64)])
     keys = (cells * strides).sum(axis=1)
-    order = xp.argsort(keys, kind="stable")
+    # Within a cell, its tall peaks first (then peak order): keys below 2^62 (peaks lie in an image).
+    order = xp.argsort(keys if tall is None else 2 * keys + ~tall, kind="stable")
     unique_keys, starts, counts = xp.unique(keys[order], return_index=True, return_counts=True)
     of_peak = xp.searchsorted(unique_keys, keys)
+    talls = counts if tall is None else xp.bincount(of_peak[tall], minlength=unique_keys.size)
     lowest = xp.full(unique_keys.size, np.iinfo(np.int64).max, dtype=xp.int64)
     highest = xp.full(unique_keys.size, -1, dtype=xp.int64)
     ops.scatter_min(lowest, of_peak, group)
@@ -779,17 +822,26 @@ def _neighbour_cell_pairs(peaks, cell, group):
         first.append(xp.flatnonzero(found))
         second.append(at[found])
     a, b = xp.concatenate(first), xp.concatenate(second)
-    size = counts[a] * counts[b]
+    # Per cell pair: a's tall peaks with all of b's (``head`` pairs), then a's other peaks with b's tall ones.
+    head = talls[a] * counts[b]
+    size = head + (counts[a] - talls[a]) * talls[b]
     ends = xp.cumsum(size)
     total = int(ends[-1]) if ends.size else 0
     for start in range(0, total, PAIR_BATCH):
         t = xp.arange(start, min(total, start + PAIR_BATCH), dtype=xp.int64)
         pair = xp.searchsorted(ends, t, side="right")
         local = t - (ends - size)[pair]
-        width = counts[b[pair]]
-        i = order[starts[a[pair]] + local // width]
-        j = order[starts[b[pair]] + local % width]
+        in_head = local < head[pair]
+        rest = local - head[pair]
+        width = xp.where(in_head, counts[b[pair]], xp.maximum(talls[b[pair]], 1))
+        x = xp.where(in_head, local // width, talls[a[pair]] + rest // width)
+        y = xp.where(in_head, local % width, rest % width)
+        i = order[starts[a[pair]] + x]
+        j = order[starts[b[pair]] + y]
         once = (i < j) | (a[pair] != b[pair])  # within one cell, each pair once
+        if previous is not None:
+            wide = xp.asarray(previous, dtype=xp.int64)
+            once &= ~(xp.abs((peaks[j] - low) // wide - (peaks[i] - low) // wide) <= 1).all(axis=1)
         i, j = i[once], j[once]
         yield xp.minimum(i, j), xp.maximum(i, j)
 
