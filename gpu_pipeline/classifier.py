@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, is_cupy_array
-from gpu_pipeline._common import whole_number_at_least
+from gpu_pipeline._common import usable_cores, whole_number_at_least
 from gpu_pipeline.stages.features import (DEFAULT_PERCENTILES, DEFAULT_SCALES, FEATURE_SET_VERSION, feature_halo,
                                           feature_names, intensity_limits, normalize_intensity, tile_features)
 
@@ -220,7 +220,7 @@ def _leaves_by_sklearn(features, forest):
     return np.stack([tree.apply(features) + start for tree, start in zip(forest.sklearn_trees(), starts)])
 
 
-def forest_probabilities(features, forest, *, engine=None, out=None):
+def forest_probabilities(features, forest, *, engine=None, out=None, threads=None):
     """Mean class probabilities of the trees for ``features`` (n, n_features) float32, on NumPy or CuPy.
 
     The leaf each tree sends a pixel to comes from ``engine``: ``"arrays"``
@@ -231,6 +231,9 @@ def forest_probabilities(features, forest, *, engine=None, out=None):
     values are summed the same way, in tree order, so the result is the same
     bytes and depends on each pixel's own features only (not on its batch
     or tile). Equal to scikit-learn's ``predict_proba`` to float32 rounding.
+    ``threads`` (NumPy): batches classified at once (the traversal and the
+    sums release the GIL); default every usable core (a whole image); a
+    chunk's task passes 1, since Dask already runs one task per core.
     Returns float32 (n, n_classes).
     """
     xp = get_array_module(features)
@@ -244,13 +247,25 @@ def forest_probabilities(features, forest, *, engine=None, out=None):
     if out is None:
         out = xp.empty((n, values.shape[1]), dtype=xp.float32)
     batch = EVALUATOR_BATCH if engine == "arrays" else 16 * EVALUATOR_BATCH
-    for start in range(0, n, batch):
+
+    def classify(start):
         stop = min(n, start + batch)
         leaves = leaves_of(features[start:stop], forest)
         total = xp.take(values, leaves[0], axis=0)
         for t in range(1, forest.n_trees):
             total += xp.take(values, leaves[t], axis=0)
         out[start:stop] = total / xp.float32(forest.n_trees)
+
+    starts = range(0, n, batch)
+    threads = 1 if xp is not np else min(len(starts), threads or usable_cores())
+    if threads > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(classify, starts))
+    else:
+        for start in starts:
+            classify(start)
     return out
 
 
@@ -285,23 +300,27 @@ class PixelClassifier:
                                f"{what} is {len(shape)}D (shape {tuple(shape)}); use a model trained on "
                                f"{len(shape)}D images")
 
-    def predict_features(self, features):
-        """Class probabilities (n_classes, *spatial) float32 from precomputed features (*spatial, n_features)."""
+    def predict_features(self, features, *, threads=None):
+        """Class probabilities (n_classes, *spatial) float32 from precomputed features (*spatial, n_features);
+        ``threads``: as :func:`forest_probabilities`'."""
         xp = get_array_module(features)
         if features.shape[-1] != self.n_features:
             raise DeclumpError(f"features have {features.shape[-1]} channels; this model uses {self.n_features}")
         flat = xp.ascontiguousarray(features.reshape(-1, self.n_features), dtype=xp.float32)
-        proba = forest_probabilities(flat, self.forest)
+        proba = forest_probabilities(flat, self.forest, threads=threads)
         return xp.moveaxis(proba.reshape(features.shape[:-1] + (len(self.classes),)), -1, 0)
 
-    def predict_proba(self, image, *, spacing=None, limits=None, tile_voxels=TILE_VOXELS):
+    def predict_proba(self, image, *, spacing=None, limits=None, tile_voxels=TILE_VOXELS, threads=None):
         """Class probabilities of every pixel: float32 (n_classes, *image.shape) on the image's device.
 
         Tile by tile: each tile's features are computed with the feature halo
         around it and dropped once its pixels are classified, so memory holds
         one tile's features. ``limits``: normalisation limits (default: this
-        image's percentiles, as in training). The result does not depend on
-        ``tile_voxels``.
+        image's percentiles, as in training). ``threads`` (NumPy; default
+        every usable core): tiles classified at once, each ``tile_voxels /
+        threads`` voxels, so memory holds about one tile's features whatever
+        the threads (the Gaussians and the trees release the GIL). The result
+        depends on neither.
         """
         from gpu_pipeline.pipeline import validate_image, validate_spacing
 
@@ -314,10 +333,21 @@ class PixelClassifier:
             limits = intensity_limits(image, low=self.percentiles[0], high=self.percentiles[1])
         normalized = normalize_intensity(image, limits=limits)
         out = xp.empty((len(self.classes),) + tuple(image.shape), dtype=xp.float32)
-        for core in tiles(image.shape, tile_voxels):
+        threads = 1 if xp is not np else max(1, threads or usable_cores())
+
+        def classify(core):
             features = tile_features(normalized, core, spacing=spacing, scales=self.scales)
-            out[(slice(None),) + core] = self.predict_features(features)
-            del features
+            out[(slice(None),) + core] = self.predict_features(features, threads=1)
+
+        cores = list(tiles(image.shape, max(1, tile_voxels // threads)))
+        if threads > 1 and len(cores) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(threads, len(cores))) as pool:
+                list(pool.map(classify, cores))
+        else:
+            for core in cores:
+                classify(core)
         return out
 
     def save(self, path):

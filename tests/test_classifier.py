@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tifffile
 
+import gpu_pipeline.classifier as classifier_module
 from gpu_pipeline._backend import DeclumpError
 from gpu_pipeline.classifier import (classes_from_instances, forest_from_sklearn,
                                      forest_probabilities, foreground_probability, load_classifier,
@@ -151,13 +152,19 @@ def test_tile_features_equal_the_whole_images(rng, shape, spacing):
 
 
 # --- the model ---------------------------------------------------------------------------------------------
-def test_predict_proba_does_not_depend_on_tiles_and_finds_particles(rng):
+def test_predict_proba_does_not_depend_on_tiles_and_finds_particles(rng, monkeypatch):
     model, _, _ = _trained(rng)
     image, truth = make_touching_particles((150, 130), 40, radius_range=(5, 10), seed=int(rng.integers(1e6)))
     proba = model.predict_proba(image)
     assert proba.shape == (3, 150, 130) and model.classes == ("background", "particle", "boundary")
     np.testing.assert_allclose(proba.sum(axis=0), 1, atol=1e-5)
     assert proba.tobytes() == model.predict_proba(image, tile_voxels=900).tobytes()
+    # Tiles on threads (smaller tiles, as many at once), and forest batches on threads: the same bytes.
+    assert proba.tobytes() == model.predict_proba(image, tile_voxels=3000, threads=3).tobytes()
+    assert proba.tobytes() == model.predict_proba(image, threads=1).tobytes()
+    features = pixel_features(image, scales=model.scales)
+    monkeypatch.setattr(classifier_module, "EVALUATOR_BATCH", 256)  # batches of 4096 pixels: several
+    assert model.predict_features(features, threads=4).tobytes() == model.predict_features(features, threads=1).tobytes()
     fg = foreground_probability(proba) > 0.5
     dice = 2 * (fg & (truth > 0)).sum() / (fg.sum() + (truth > 0).sum())
     assert dice > 0.95

@@ -50,8 +50,8 @@ def _core_probabilities(block, core, classifier, limits, spacing):
 
     for tile in tiles(out.shape[1:]):
         window = tuple(slice(c.start + t.start, c.start + t.stop) for c, t in zip(core, tile))
-        out[(slice(None),) + tile] = classifier.predict_features(
-            tile_features(normalized, window, spacing=spacing, scales=classifier.scales))
+        out[(slice(None),) + tile] = classifier.predict_features(  # one thread: Dask runs a task per core
+            tile_features(normalized, window, spacing=spacing, scales=classifier.scales), threads=1)
     return out
 
 
