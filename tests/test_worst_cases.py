@@ -251,20 +251,22 @@ def test_a_plateau_of_thousands_of_peaks_in_one_region_runs_within_the_memory_bo
     assert out["peak_rss_mb"] < MEMORY_BOUND_MB, out
 
 
-def test_specks_around_a_few_large_particles_enumerate_pairs_in_proportion_to_the_peaks(rng, monkeypatch):
-    """A noisy classifier's foreground: tens of thousands of specks (peaks of height 1) and four discs of radius
-    40. The cells of the neck search and of the ball shares grow to the discs' reach; the specks' pairs are not
-    enumerated at that scale (528 million pairs and 94 s before, 0.9 million and under a second after, for a
-    4096^2 image's 446,000 peaks 57 s -> 6 s). The pairs are counted, not timed."""
+@pytest.mark.parametrize("shape, radius", [((1024, 1024), 40), ((80, 128, 128), 25)])
+def test_specks_around_a_few_large_particles_enumerate_pairs_in_proportion_to_the_peaks(rng, monkeypatch, shape,
+                                                                                        radius):
+    """A noisy classifier's foreground: tens of thousands of specks (peaks of height 1) and a few large balls.
+    The cells of the neck search and of the ball shares grow to the balls' reach; the specks' pairs are not
+    enumerated at that scale, nor in cells of 8 voxels (hundreds of specks' pairs each in 3D). Pairs per peak:
+    8,700 in 2D (94 s) and more than 300 in 3D before, 15 and 12 now (4096^2, 446,000 peaks: 57 -> 5 s; 3D,
+    400,000: 28 -> 3 s). The pairs are counted, not timed."""
     from gpu_pipeline.stages import peaks as peak_stage
     from cpu_fallback import separate
 
-    shape = (1024, 1024)
-    specks = rng.random(shape) < 0.03
-    mask = specks | np.roll(specks, 1, axis=1)
-    yy, xx = np.indices(shape)
-    for c in rng.uniform(100, 900, (4, 2)):
-        mask |= (yy - c[0]) ** 2 + (xx - c[1]) ** 2 <= 40 ** 2
+    specks = rng.random(shape) < (0.03 if len(shape) == 2 else 0.02)
+    mask = specks | np.roll(specks, 1, axis=-1)
+    grid = np.indices(shape)
+    for centre in rng.uniform(0.25, 0.75, (4 if len(shape) == 2 else 2, len(shape))) * shape:
+        mask |= sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius ** 2
     counted = []
     enumerate_pairs = peak_stage._neighbour_cell_pairs
 
@@ -275,8 +277,9 @@ def test_specks_around_a_few_large_particles_enumerate_pairs_in_proportion_to_th
 
     monkeypatch.setattr(peak_stage, "_neighbour_cell_pairs", counting)
     labels, details = separate(None, mask=mask, min_distance=1, max_hole_size=0, return_details=True)
-    assert details.n_peaks > 30000 and labels.max() > 20000
-    assert (np.bincount(labels[mask])[1:] > 1000).sum() == 4  # the discs stay whole
+    sizes = np.bincount(labels[mask])[1:]
+    assert details.n_peaks > 30000 and labels.max() > 15000
+    assert (sizes > 1000).sum() >= 1 and sizes.max() > 0.4 * np.pi * radius ** 2  # the large ones stay large
     assert 0 < sum(counted) < 40 * details.n_peaks
 
 

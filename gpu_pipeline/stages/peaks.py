@@ -759,9 +759,12 @@ def _cell_levels(peaks, reach, spacing):
     """
     xp = get_array_module(peaks)
     extent = to_list(peaks.max(axis=0) - peaks.min(axis=0))
-    top = float(reach.max())
+    top, low = float(reach.max()), float(reach.min())
     widest = [min(int(e), int(math.ceil(2 * top / float(s)))) for e, s in zip(extent, spacing)]
-    count = max(0, math.ceil(math.log2(max(1, max(widest)) / FINEST_CELL)))
+    # The finest cells: about FINEST_CELL voxels, or finer where the lowest peaks reach less (specks around
+    # large particles: cells of 8 voxels held hundreds of pairs of specks each in 3D), never below a voxel.
+    count = max(math.log2(max(1, max(widest)) / FINEST_CELL), math.log2(top / low) if low > 0 else math.inf)
+    count = max(0, math.ceil(min(count, math.log2(max(1, max(widest))))))
     previous = tall = None
     for level in range(count + 1):
         cell = [max(1, math.ceil(w / 2 ** (count - level))) for w in widest]
