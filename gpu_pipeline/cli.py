@@ -6,6 +6,7 @@ import collections
 import json
 import math
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -295,6 +296,38 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        return super().parse_args(_negative_values_attached(self, sys.argv[1:] if args is None else list(args)),
+                                  namespace)
+
+
+def _value_options(parser):
+    """The option strings of ``parser`` and its subcommands that take one value."""
+    found = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _value_options(sub)
+        elif action.option_strings and action.nargs is None:
+            found.update(action.option_strings)
+    return found
+
+
+def _negative_values_attached(parser, argv):
+    """``--spacing -1,1`` as ``--spacing=-1,1``: argparse takes a value that starts with '-' and is not one
+    plain number for an option, and said "expected one argument" instead of the option's own check ("must
+    be positive"). Only after options that take a value, and only for values that start like a number."""
+    options, out, i = _value_options(parser), [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token in options and i + 1 < len(argv) and re.match(r"-\.?\d", argv[i + 1]):
+            out.append(f"{token}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
 
 
 def _chunks(text):

@@ -259,6 +259,7 @@ def test_gpu_threads_are_refused_where_they_mean_nothing(tmp_path):
     (["--max-radius", "-3"], "max radius must be a positive number, got '-3'"),
     (["--gpu-threads", "0"], "gpu threads must be a whole number of at least 1"),
     (["--chunks", "0,8,8"], "chunks must be positive"),
+    (["--chunks", "-1,8"], "chunks must be positive, got '-1,8'"),  # (argparse: "expected one argument")
     (["--sigma", "x"], "sigma must be 'auto' or a number"),
     (["--no-such-option"], "unrecognized arguments: --no-such-option")])
 def test_bad_command_lines_are_one_line_errors(tmp_path, options, message):
@@ -269,6 +270,18 @@ def test_bad_command_lines_are_one_line_errors(tmp_path, options, message):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and message in lines[0], lines
     assert lines[0].startswith(("declump run: error: ", "declump: error: ")) and "--help" in lines[0]
+    assert not (tmp_path / "out.tif").exists()
+
+
+def test_a_negative_list_after_its_option_is_the_options_value(tmp_path):
+    """``--spacing -1,1`` reaches the spacing's own check: argparse took '-1,1' for an option and said
+    "expected one argument"; ``--spacing=-1,1`` was the only way."""
+    np.save(tmp_path / "img.npy", make_touching_particles((32, 32), 3)[0])
+    for spacing in (["--spacing", "-1,1"], ["--spacing=-1,1"], ["--spacing", "-.5,1"]):
+        result = run_cli("run", tmp_path / "img.npy", tmp_path / "out.tif", *spacing)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, lines
+        assert lines[0].startswith("declump: error: spacing must be 2 positive numbers"), lines
     assert not (tmp_path / "out.tif").exists()
 
 
