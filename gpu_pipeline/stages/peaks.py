@@ -825,6 +825,7 @@ def _neighbour_cell_pairs(peaks, cell, group, tall=None, previous=None):
         first.append(xp.flatnonzero(found))
         second.append(at[found])
     a, b = xp.concatenate(first), xp.concatenate(second)
+    finer = None if previous is None else (peaks - low) // xp.asarray(previous, dtype=xp.int64)
     # Per cell pair: a's tall peaks with all of b's (``head`` pairs), then a's other peaks with b's tall ones.
     head = talls[a] * counts[b]
     size = head + (counts[a] - talls[a]) * talls[b]
@@ -834,17 +835,19 @@ def _neighbour_cell_pairs(peaks, cell, group, tall=None, previous=None):
         t = xp.arange(start, min(total, start + PAIR_BATCH), dtype=xp.int64)
         pair = xp.searchsorted(ends, t, side="right")
         local = t - (ends - size)[pair]
-        in_head = local < head[pair]
-        rest = local - head[pair]
-        width = xp.where(in_head, counts[b[pair]], xp.maximum(talls[b[pair]], 1))
-        x = xp.where(in_head, local // width, talls[a[pair]] + rest // width)
-        y = xp.where(in_head, local % width, rest % width)
+        if tall is None:
+            x, y = divmod(local, counts[b[pair]])
+        else:
+            in_head = local < head[pair]
+            rest = local - head[pair]
+            width = xp.where(in_head, counts[b[pair]], xp.maximum(talls[b[pair]], 1))
+            x = xp.where(in_head, local // width, talls[a[pair]] + rest // width)
+            y = xp.where(in_head, local % width, rest % width)
         i = order[starts[a[pair]] + x]
         j = order[starts[b[pair]] + y]
         once = (i < j) | (a[pair] != b[pair])  # within one cell, each pair once
-        if previous is not None:
-            wide = xp.asarray(previous, dtype=xp.int64)
-            once &= ~(xp.abs((peaks[j] - low) // wide - (peaks[i] - low) // wide) <= 1).all(axis=1)
+        if finer is not None:
+            once &= ~(xp.abs(finer[j] - finer[i]) <= 1).all(axis=1)
         i, j = i[once], j[once]
         yield xp.minimum(i, j), xp.maximum(i, j)
 
