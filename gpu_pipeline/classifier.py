@@ -318,8 +318,9 @@ class PixelClassifier:
         one tile's features. ``limits``: normalisation limits (default: this
         image's percentiles, as in training). ``threads`` (NumPy; default
         every usable core): tiles classified at once, each ``tile_voxels /
-        threads`` voxels, so memory holds about one tile's features whatever
-        the threads (the Gaussians and the trees release the GIL). The result
+        threads`` voxels (in 3D a quarter of it at least), so memory holds
+        about one tile's features (in 3D beyond 4 threads, ``threads / 4``
+        tiles'; the Gaussians and the trees release the GIL). The result
         depends on neither.
         """
         from gpu_pipeline.pipeline import validate_image, validate_spacing
@@ -339,7 +340,11 @@ class PixelClassifier:
             features = tile_features(normalized, core, spacing=spacing, scales=self.scales)
             out[(slice(None),) + core] = self.predict_features(features, threads=1)
 
-        cores = list(tiles(image.shape, max(1, tile_voxels // threads)))
+        # Tiles of tile_voxels / threads; in 3D not below a quarter of it, where a smaller tile computes mostly
+        # its feature halo (31 voxels at the default scales: a 51^3 tile, 2^21 / 16, reads 11 times its voxels,
+        # a 128^3 one 3.3 times), so memory holds up to threads / 4 tiles' features beyond 4 threads.
+        floor = tile_voxels // 4 if image.ndim == 3 else 1
+        cores = list(tiles(image.shape, max(1, tile_voxels // threads, floor)))
         if threads > 1 and len(cores) > 1:
             from concurrent.futures import ThreadPoolExecutor
 
