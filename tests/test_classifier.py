@@ -170,6 +170,15 @@ def test_predict_proba_does_not_depend_on_tiles_and_finds_particles(rng, monkeyp
     assert dice > 0.95
 
 
+def test_predict_proba_of_a_volume_does_not_depend_on_threads(rng):
+    """In 3D the tiles on threads keep at least a quarter of the tile size; the bytes are those of one thread."""
+    image, truth = make_touching_particles((24, 40, 40), 12, radius_range=(4, 7), seed=int(rng.integers(1e6)))[:2]
+    model = train_classifier([image], [classes_from_instances(truth)], n_estimators=4, max_depth=6)
+    one = model.predict_proba(image, threads=1)
+    assert one.tobytes() == model.predict_proba(image, threads=8, tile_voxels=4000).tobytes()
+    assert one.tobytes() == model.predict_proba(image, threads=3, tile_voxels=9000).tobytes()
+
+
 def test_model_file_round_trip_loads_no_code(rng, tmp_path):
     model, image, _ = _trained(rng)
     path = model.save(tmp_path / "model.npz")
