@@ -108,8 +108,8 @@ def test_neck_groups_equal_the_reference_under_a_few_high_peaks_among_many_low_o
 
 @pytest.mark.parametrize("spacing", [(1.0, 1.0), (1.0, 2.0, 0.5)])
 def test_neighbour_cell_pairs_with_tall_peaks_and_a_finer_level_are_the_brute_force_pairs(rng, spacing, monkeypatch):
-    """Each pair of peaks in the same or neighbouring cells, with at least one tall peak, not in neighbouring
-    cells of the finer level, comes exactly once (in batches smaller than the pairs)."""
+    """Each pair of peaks of different groups in the same or neighbouring cells, with at least one tall peak,
+    not in neighbouring cells of the finer level, comes exactly once (in batches smaller than the pairs)."""
     from gpu_pipeline.stages import peaks as peak_stage
 
     ndim = len(spacing)
@@ -121,13 +121,17 @@ def test_neighbour_cell_pairs_with_tall_peaks_and_a_finer_level_are_the_brute_fo
         tall = rng.random(len(points)) < rng.choice([0.0, 0.1, 0.5, 1.0])
         cell = rng.integers(3, 12, ndim)
         previous = None if rng.random() < 0.3 else np.maximum(1, cell // 2)
+        # One peak per group, or a few large groups (a plateau's peaks joined) among single peaks.
+        joined = rng.random(len(points)) < (0.0 if rng.random() < 0.3 else 0.7)
+        group = np.where(joined, rng.integers(0, 6, len(points)), 6 + np.arange(len(points)))
         got = [(int(a), int(b)) for i, j in peak_stage._neighbour_cell_pairs(
-            points, cell.tolist(), np.arange(len(points)), tall, None if previous is None else previous.tolist())
+            points, cell.tolist(), group, tall, None if previous is None else previous.tolist())
             for a, b in zip(i, j)]
         low = points.min(axis=0)
         near = lambda a, b, width: (np.abs((points[a] - low) // width - (points[b] - low) // width) <= 1).all()
         expected = [(a, b) for a in range(len(points)) for b in range(a + 1, len(points))
-                    if near(a, b, cell) and (tall[a] or tall[b]) and (previous is None or not near(a, b, previous))]
+                    if near(a, b, cell) and (tall[a] or tall[b]) and group[a] != group[b]
+                    and (previous is None or not near(a, b, previous))]
         assert sorted(got) == expected and len(got) == len(set(got))
 
 

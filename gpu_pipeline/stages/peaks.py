@@ -24,9 +24,6 @@ QUANTUM_DIVISOR = 256
 #: bounds its memory (about 100 bytes each) whatever the number of peaks.
 PAIR_BATCH = 1 << 21
 
-#: The neck search tests pairs in cells of about this many voxels first.
-FINEST_CELL = 8
-
 #: The neck test's allowance for the grid, in voxels of the finest axis, by the number of dimensions: a
 #: segment between two peaks on a rod's axis is sampled at the nearest voxels, up to about 0.7 voxel off an
 #: axis at an angle to the grid, so the equal peaks of one ridge show dips of that size, which any ratio
@@ -481,8 +478,8 @@ def join_peaks(peaks, heights, region, spacing, ratio, segment_minima, *, nearby
     the higher peak apart; ``ratio`` None: ``nearby`` only,
     and ``segment_minima`` is never called. Candidate pairs come from levels
     of cells (:func:`_cell_levels`): pairs in neighbouring cells, with cells
-    from about :data:`FINEST_CELL` voxels up to the reach of the highest
-    peak, so near pairs come first, and at each coarser level only the pairs
+    from one voxel up to the reach of the highest peak, so near pairs come
+    first, and at each coarser level only the pairs
     with a peak high enough to reach across it (the pairs of many low peaks
     under a few high ones are not enumerated at the high ones' level). A
     cell pair whose peaks already form one group is skipped, as is every
@@ -747,9 +744,10 @@ def regroup(group, keep):
 
 def _cell_levels(peaks, reach, spacing):
     """Levels of cells for the pairs of peaks closer than twice the larger of their ``reach`` (physical
-    units, per peak): ``(cell, previous, tall)`` for :func:`_neighbour_cell_pairs`, from cells of about
-    :data:`FINEST_CELL` voxels up to twice the largest reach (the peaks' extent at most), doubling, so that
-    near pairs come first.
+    units, per peak): ``(cell, previous, tall)`` for :func:`_neighbour_cell_pairs`, from cells of one voxel
+    up to twice the largest reach (the peaks' extent at most), doubling, so that near pairs come first and
+    the peaks they join are one group, one run of each cell, at the next level (a plateau where every voxel
+    is a peak: 3,300 pairs per peak in cells of 8 voxels, 14 from one voxel up).
 
     A pair first met at a level (its cells are not neighbours at the
     ``previous`` level's) lies farther apart than that cell along some axis;
@@ -759,12 +757,9 @@ def _cell_levels(peaks, reach, spacing):
     """
     xp = get_array_module(peaks)
     extent = to_list(peaks.max(axis=0) - peaks.min(axis=0))
-    top, low = float(reach.max()), float(reach.min())
+    top = float(reach.max())
     widest = [min(int(e), int(math.ceil(2 * top / float(s)))) for e, s in zip(extent, spacing)]
-    # The finest cells: about FINEST_CELL voxels, or finer where the lowest peaks reach less (specks around
-    # large particles: cells of 8 voxels held hundreds of pairs of specks each in 3D), never below a voxel.
-    count = max(math.log2(max(1, max(widest)) / FINEST_CELL), math.log2(top / low) if low > 0 else math.inf)
-    count = max(0, math.ceil(min(count, math.log2(max(1, max(widest))))))
+    count = max(0, math.ceil(math.log2(max(1, max(widest)))))
     previous = tall = None
     for level in range(count + 1):
         cell = [max(1, math.ceil(w / 2 ** (count - level))) for w in widest]
@@ -778,20 +773,19 @@ def _cell_levels(peaks, reach, spacing):
 
 
 def _neighbour_cell_pairs(peaks, cell, group, tall=None, previous=None):
-    """Batches (i, j), i < j, of peaks in the same or neighbouring cells, skipping cells already in one group.
+    """Batches (i, j), i < j, of peaks of different groups in the same or neighbouring cells.
 
-    Cells are ``cell`` voxels wide per axis. A pair of cells whose peaks all
-    share one group yields nothing; the other cell pairs yield all their
-    peak pairs, at most :data:`PAIR_BATCH` per batch. ``tall`` (boolean per
-    peak; None: all): only pairs with at least one tall peak, enumerated as
-    such (a cell's tall peaks sort first; the pairs of two cells are its tall
-    peaks with all of the other's, then its other peaks with the other's tall
-    ones), so their number, not that of all pairs, sets the cost.
-    ``previous`` (cell widths): pairs whose cells of that width are the same
-    or neighbours are left out (met at a finer level of :func:`_cell_levels`).
+    Cells are ``cell`` voxels wide per axis. A cell's peaks are taken in
+    runs of one group (and one kind, tall or not); two runs of one group
+    yield nothing, so the many pairs of peaks already joined (a plateau's)
+    cost their runs, not their pairs. The other runs of two neighbouring
+    cells yield all their peak pairs, at most :data:`PAIR_BATCH` per batch
+    (and at most that many pairs of runs held). ``tall`` (boolean per peak;
+    None: all): only pairs with at least one tall peak. ``previous`` (cell
+    widths): pairs whose cells of that width are the same or neighbours are
+    left out (met at a finer level of :func:`_cell_levels`).
     """
     xp = get_array_module(peaks)
-    ops = ops_for(peaks)
     ndim = peaks.shape[1]
     cell = xp.asarray(cell, dtype=xp.int64)
     low = peaks.min(axis=0)
@@ -799,20 +793,26 @@ def _neighbour_cell_pairs(peaks, cell, group, tall=None, previous=None):
     grid = cells.max(axis=0) + 1
     strides = xp.concatenate([xp.cumprod(grid[::-1])[::-1][1:], xp.ones(1, dtype=xp.int64)])
     keys = (cells * strides).sum(axis=1)
-    # Within a cell, its tall peaks first (then peak order): keys below 2^62 (peaks lie in an image).
-    order = xp.argsort(keys if tall is None else 2 * keys + ~tall, kind="stable")
-    unique_keys, starts, counts = xp.unique(keys[order], return_index=True, return_counts=True)
-    of_peak = xp.searchsorted(unique_keys, keys)
-    talls = counts if tall is None else xp.bincount(of_peak[tall], minlength=unique_keys.size)
-    lowest = xp.full(unique_keys.size, np.iinfo(np.int64).max, dtype=xp.int64)
-    highest = xp.full(unique_keys.size, -1, dtype=xp.int64)
-    ops.scatter_min(lowest, of_peak, group)
-    ops.scatter_max(highest, of_peak, group)
-    settled = lowest == highest
-    unique_cells = cells[order[starts]]
+    tall = xp.ones(peaks.shape[0], dtype=bool) if tall is None else xp.asarray(tall, dtype=bool)
+    group = xp.asarray(group, dtype=xp.int64)
+    # Runs: the peaks sorted by cell, then tall first, then group (keys, groups below 2^62: peaks of an image).
+    order = xp.lexsort(xp.stack([group, (~tall).astype(xp.int64), keys]))
+    k, g, s = keys[order], group[order], tall[order]
+    new = xp.ones(order.size, dtype=bool)
+    new[1:] = (k[1:] != k[:-1]) | (g[1:] != g[:-1]) | (s[1:] != s[:-1])
+    run_start = xp.flatnonzero(new)
+    run_count = xp.diff(xp.concatenate([run_start, xp.asarray([order.size], dtype=run_start.dtype)]))
+    run_key, run_group, run_tall = k[run_start], g[run_start], s[run_start]
+    # Cells: their runs are consecutive.
+    cell_new = xp.ones(run_key.size, dtype=bool)
+    cell_new[1:] = run_key[1:] != run_key[:-1]
+    cell_first = xp.flatnonzero(cell_new)
+    cell_runs = xp.diff(xp.concatenate([cell_first, xp.asarray([run_key.size], dtype=cell_first.dtype)]))
+    unique_keys = run_key[cell_first]
+    unique_cells = cells[order[run_start[cell_first]]]
     first, second = [], []
-    # Half of the 3^ndim offsets (the zero offset and those positive in C
-    # order), so every unordered pair of cells comes once.
+    # Half of the 3^ndim offsets (the zero offset and those positive in C order): every unordered pair of cells
+    # once; a cell of one run (one group) with itself yields nothing.
     for offset in itertools.product((-1, 0, 1), repeat=ndim):
         if offset < (0,) * ndim:
             continue
@@ -821,35 +821,46 @@ def _neighbour_cell_pairs(peaks, cell, group, tall=None, previous=None):
         nk = (neighbour * strides).sum(axis=1)
         at = xp.minimum(xp.searchsorted(unique_keys, nk), unique_keys.size - 1)
         found = inside & (unique_keys[at] == nk)
-        found &= ~(settled & settled[at] & (lowest == lowest[at]))
+        if not any(offset):
+            found &= cell_runs > 1
         first.append(xp.flatnonzero(found))
         second.append(at[found])
     a, b = xp.concatenate(first), xp.concatenate(second)
     finer = None if previous is None else (peaks - low) // xp.asarray(previous, dtype=xp.int64)
-    # Per cell pair: a's tall peaks with all of b's (``head`` pairs), then a's other peaks with b's tall ones.
-    head = talls[a] * counts[b]
-    size = head + (counts[a] - talls[a]) * talls[b]
-    ends = xp.cumsum(size)
+    # A cell's tall runs come first: per cell pair, a's tall runs with all of b's (``head``), then a's other
+    # runs with b's tall ones, so that the pairs of low peaks are not enumerated even as runs.
+    tall_so_far = xp.concatenate([xp.zeros(1, dtype=xp.int64), xp.cumsum(run_tall.astype(xp.int64))])
+    cell_talls = tall_so_far[cell_first + cell_runs] - tall_so_far[cell_first]
+    head = cell_talls[a] * cell_runs[b]
+    run_pairs = head + (cell_runs[a] - cell_talls[a]) * cell_talls[b]
+    ends = xp.cumsum(run_pairs)
     total = int(ends[-1]) if ends.size else 0
     for start in range(0, total, PAIR_BATCH):
         t = xp.arange(start, min(total, start + PAIR_BATCH), dtype=xp.int64)
         pair = xp.searchsorted(ends, t, side="right")
-        local = t - (ends - size)[pair]
-        if tall is None:
-            x, y = divmod(local, counts[b[pair]])
-        else:
-            in_head = local < head[pair]
-            rest = local - head[pair]
-            width = xp.where(in_head, counts[b[pair]], xp.maximum(talls[b[pair]], 1))
-            x = xp.where(in_head, local // width, talls[a[pair]] + rest // width)
-            y = xp.where(in_head, local % width, rest % width)
-        i = order[starts[a[pair]] + x]
-        j = order[starts[b[pair]] + y]
-        once = (i < j) | (a[pair] != b[pair])  # within one cell, each pair once
-        if finer is not None:
-            once &= ~(xp.abs(finer[j] - finer[i]) <= 1).all(axis=1)
-        i, j = i[once], j[once]
-        yield xp.minimum(i, j), xp.maximum(i, j)
+        local = t - (ends - run_pairs)[pair]
+        in_head = local < head[pair]
+        rest = local - head[pair]
+        width = xp.where(in_head, cell_runs[b[pair]], xp.maximum(cell_talls[b[pair]], 1))
+        x = xp.where(in_head, local // width, cell_talls[a[pair]] + rest // width)
+        y = xp.where(in_head, local % width, rest % width)
+        u, v = cell_first[a[pair]] + x, cell_first[b[pair]] + y
+        keep = (run_group[u] != run_group[v]) & ((a[pair] != b[pair]) | (u < v))
+        u, v = u[keep], v[keep]
+        size = run_count[u] * run_count[v]
+        inner_ends = xp.cumsum(size)
+        inner_total = int(inner_ends[-1]) if inner_ends.size else 0
+        for inner in range(0, inner_total, PAIR_BATCH):
+            w = xp.arange(inner, min(inner_total, inner + PAIR_BATCH), dtype=xp.int64)
+            which = xp.searchsorted(inner_ends, w, side="right")
+            place = w - (inner_ends - size)[which]
+            p, q = divmod(place, run_count[v[which]])
+            i = order[run_start[u[which]] + p]
+            j = order[run_start[v[which]] + q]
+            if finer is not None:
+                near = (xp.abs(finer[j] - finer[i]) <= 1).all(axis=1)
+                i, j = i[~near], j[~near]
+            yield xp.minimum(i, j), xp.maximum(i, j)
 
 
 def _merge_groups(group, i, j):
