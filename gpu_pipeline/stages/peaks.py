@@ -833,12 +833,7 @@ def _neighbour_cell_pairs(peaks, cell, group, tall=None, previous=None):
     cell_talls = tall_so_far[cell_first + cell_runs] - tall_so_far[cell_first]
     head = cell_talls[a] * cell_runs[b]
     run_pairs = head + (cell_runs[a] - cell_talls[a]) * cell_talls[b]
-    ends = xp.cumsum(run_pairs)
-    total = int(ends[-1]) if ends.size else 0
-    for start in range(0, total, PAIR_BATCH):
-        t = xp.arange(start, min(total, start + PAIR_BATCH), dtype=xp.int64)
-        pair = xp.searchsorted(ends, t, side="right")
-        local = t - (ends - run_pairs)[pair]
+    for pair, local in _flat_batches(run_pairs):
         in_head = local < head[pair]
         rest = local - head[pair]
         width = xp.where(in_head, cell_runs[b[pair]], xp.maximum(cell_talls[b[pair]], 1))
@@ -847,13 +842,7 @@ def _neighbour_cell_pairs(peaks, cell, group, tall=None, previous=None):
         u, v = cell_first[a[pair]] + x, cell_first[b[pair]] + y
         keep = (run_group[u] != run_group[v]) & ((a[pair] != b[pair]) | (u < v))
         u, v = u[keep], v[keep]
-        size = run_count[u] * run_count[v]
-        inner_ends = xp.cumsum(size)
-        inner_total = int(inner_ends[-1]) if inner_ends.size else 0
-        for inner in range(0, inner_total, PAIR_BATCH):
-            w = xp.arange(inner, min(inner_total, inner + PAIR_BATCH), dtype=xp.int64)
-            which = xp.searchsorted(inner_ends, w, side="right")
-            place = w - (inner_ends - size)[which]
+        for which, place in _flat_batches(run_count[u] * run_count[v]):
             p, q = divmod(place, run_count[v[which]])
             i = order[run_start[u[which]] + p]
             j = order[run_start[v[which]] + q]
@@ -861,6 +850,18 @@ def _neighbour_cell_pairs(peaks, cell, group, tall=None, previous=None):
                 near = (xp.abs(finer[j] - finer[i]) <= 1).all(axis=1)
                 i, j = i[~near], j[~near]
             yield xp.minimum(i, j), xp.maximum(i, j)
+
+
+def _flat_batches(sizes):
+    """Over items of ``sizes`` things each, batches of at most :data:`PAIR_BATCH` things as (item, offset within
+    it) arrays, in order."""
+    xp = get_array_module(sizes)
+    ends = xp.cumsum(sizes)
+    total = int(ends[-1]) if ends.size else 0
+    for start in range(0, total, PAIR_BATCH):
+        flat = xp.arange(start, min(total, start + PAIR_BATCH), dtype=xp.int64)
+        item = xp.searchsorted(ends, flat, side="right")
+        yield item, flat - (ends - sizes)[item]
 
 
 def _merge_groups(group, i, j):
