@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from gpu_pipeline._common import each_on_threads
 from gpu_pipeline.array_algorithms import DENSE_ID_SPAN
 
 
@@ -1136,11 +1137,5 @@ def distance_transform(mask, spacing, threads=1):
                   for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
         step2 = float(step) * float(step)
         first = axis == 0
-        if len(ranges) == 1:
-            _envelope_lines(lines, step2, first, *ranges[0])
-        else:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(len(ranges)) as pool:
-                list(pool.map(lambda r: _envelope_lines(lines, step2, first, *r), ranges))
+        each_on_threads(lambda r: _envelope_lines(lines, step2, first, *r), ranges, len(ranges))
     return np.sqrt(a, out=a)

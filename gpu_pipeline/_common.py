@@ -23,6 +23,22 @@ def usable_cores() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
+def each_on_threads(function, items, threads):
+    """``function(item)`` for every item, on up to ``threads`` threads at once (in this thread where that is
+    one, or there is one item): for work that releases the GIL (compiled kernels, NumPy on large arrays).
+    Returns nothing; ``function`` writes its results where they belong."""
+    items = list(items)
+    threads = min(int(threads), len(items))
+    if threads <= 1:
+        for item in items:
+            function(item)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(function, items))
+
+
 class DeclumpError(ValueError):
     """Bad input or an impossible request; its message is one line for the user."""
 

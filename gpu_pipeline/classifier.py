@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, is_cupy_array
-from gpu_pipeline._common import usable_cores, whole_number_at_least
+from gpu_pipeline._common import each_on_threads, usable_cores, whole_number_at_least
 from gpu_pipeline.stages.features import (DEFAULT_PERCENTILES, DEFAULT_SCALES, FEATURE_SET_VERSION, feature_halo,
                                           feature_names, intensity_limits, normalize_intensity, tile_features)
 
@@ -256,16 +256,7 @@ def forest_probabilities(features, forest, *, engine=None, out=None, threads=Non
             total += xp.take(values, leaves[t], axis=0)
         out[start:stop] = total / xp.float32(forest.n_trees)
 
-    starts = range(0, n, batch)
-    threads = 1 if xp is not np else min(len(starts), threads or usable_cores())
-    if threads > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(classify, starts))
-    else:
-        for start in starts:
-            classify(start)
+    each_on_threads(classify, range(0, n, batch), 1 if xp is not np else threads or usable_cores())
     return out
 
 
@@ -344,15 +335,7 @@ class PixelClassifier:
         # its feature halo (31 voxels at the default scales: a 51^3 tile, 2^21 / 16, reads 11 times its voxels,
         # a 128^3 one 3.3 times), so memory holds up to threads / 4 tiles' features beyond 4 threads.
         floor = tile_voxels // 4 if image.ndim == 3 else 1
-        cores = list(tiles(image.shape, max(1, tile_voxels // threads, floor)))
-        if threads > 1 and len(cores) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(min(threads, len(cores))) as pool:
-                list(pool.map(classify, cores))
-        else:
-            for core in cores:
-                classify(core)
+        each_on_threads(classify, tiles(image.shape, max(1, tile_voxels // threads, floor)), threads)
         return out
 
     def save(self, path):

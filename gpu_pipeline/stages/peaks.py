@@ -756,6 +756,7 @@ def _cell_levels(peaks, reach, spacing):
     enumerated there holds one. The levels stop where no peak is tall.
     """
     xp = get_array_module(peaks)
+    reach = xp.asarray(reach, dtype=xp.float64)
     extent = to_list(peaks.max(axis=0) - peaks.min(axis=0))
     top = float(reach.max())
     widest = [min(int(e), int(math.ceil(2 * top / float(s)))) for e, s in zip(extent, spacing)]
@@ -765,7 +766,7 @@ def _cell_levels(peaks, reach, spacing):
         cell = [max(1, math.ceil(w / 2 ** (count - level))) for w in widest]
         if previous is not None:
             apart = min((c + 1) * float(s) for c, s in zip(previous, spacing))
-            tall = 2 * xp.asarray(reach, dtype=xp.float64) > apart
+            tall = 2 * reach > apart
             if not bool(tall.any()):
                 return
         yield cell, previous, tall
@@ -852,14 +853,15 @@ def _neighbour_cell_pairs(peaks, cell, group, tall=None, previous=None):
             yield xp.minimum(i, j), xp.maximum(i, j)
 
 
-def _flat_batches(sizes):
-    """Over items of ``sizes`` things each, batches of at most :data:`PAIR_BATCH` things as (item, offset within
-    it) arrays, in order."""
+def _flat_batches(sizes, batch=None):
+    """Over items of ``sizes`` things each, batches of at most ``batch`` (default :data:`PAIR_BATCH`) things as
+    (item, offset within it) arrays, in order."""
     xp = get_array_module(sizes)
     ends = xp.cumsum(sizes)
     total = int(ends[-1]) if ends.size else 0
-    for start in range(0, total, PAIR_BATCH):
-        flat = xp.arange(start, min(total, start + PAIR_BATCH), dtype=xp.int64)
+    batch = batch or PAIR_BATCH
+    for start in range(0, total, batch):
+        flat = xp.arange(start, min(total, start + batch), dtype=xp.int64)
         item = xp.searchsorted(ends, flat, side="right")
         yield item, flat - (ends - sizes)[item]
 
@@ -897,10 +899,7 @@ def segment_points(peaks, i, j):
     step = peaks[j] - peaks[i]
     length = xp.abs(step).max(axis=1)
     count = length + 1
-    ends = xp.cumsum(count)
-    total = int(ends[-1])
-    pair = xp.searchsorted(ends, xp.arange(total, dtype=xp.int64), side="right")
-    k = xp.arange(total, dtype=xp.int64) - (ends - count)[pair]
+    (pair, k), = _flat_batches(count, batch=int(count.sum()))  # every sample at once (one batch)
     points = peaks[i][pair] + xp.floor_divide(2 * step[pair] * k[:, None] + length[pair][:, None],
                                               2 * length[pair][:, None])
     return pair, points
