@@ -404,3 +404,48 @@ def test_small_touching_discs_separate_with_the_neck_test_off(rng):
     defaults = np.mean([evaluate(separate(image), truth)["f1_50"] for image, truth in samples])
     off = np.mean([evaluate(separate(image, neck_ratio=None), truth)["f1_50"] for image, truth in samples])
     assert off >= 0.62 and off >= defaults, (defaults, off)
+
+
+def test_peak_boxes_hold_each_peak_once_and_every_peak_within_the_halo(rng):
+    """peak_boxes against brute force: the cores partition the peaks, and each box's near peaks are its own
+    and exactly those within the halo of its core's box (any peak within the halo of a core peak among them)."""
+    from gpu_pipeline.chunked.pipeline import peak_boxes
+
+    for shape, halo, n, per_task in [((200, 240), (6, 6), 900, 40), ((40, 120, 90), (3, 7, 5), 1500, 60),
+                                     ((30, 300), (40, 2), 500, 20)]:  # a halo longer than an axis: one box there
+        flat = np.sort(rng.choice(int(np.prod(shape)), n, replace=False))
+        peaks = np.stack(np.unravel_index(flat, shape), axis=1).astype(np.int64)
+        boxes = list(peak_boxes(peaks, shape, halo, per_task))
+        assert len(boxes) > 4
+        cores = np.concatenate([core for core, _ in boxes])
+        assert np.array_equal(np.sort(cores), np.arange(n))
+        for core, near in boxes:
+            assert np.isin(core, near).all() and np.all(np.diff(near) > 0)
+            apart = np.abs(peaks[:, None, :] - peaks[None, core, :])
+            within = (apart <= np.asarray(halo)).all(axis=2).any(axis=1)
+            assert np.isin(np.flatnonzero(within), near).all()
+
+
+@pytest.mark.parametrize("shape, spacing, power", [((200, 240), (1.0, 1.0), True), ((60, 120, 100), (2.0, 1.0, 0.5), True),
+                                                   ((60, 120, 100), (2.0, 1.0, 0.5), False)])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_ball_shares_box_by_box_equal_those_of_the_whole_list(rng, shape, spacing, power, grouped):
+    """A chunked run's ball shares (ball_shares_chunked: boxes of a few peaks with a halo of twice the largest
+    radius, on Dask's local threads) are ball_shares of the whole peak list, the same arrays: tested or all
+    peaks, at the border of the image, radii from 1 to 12 quanta of the finest spacing."""
+    from gpu_pipeline.chunked.pipeline import ball_shares_chunked, peak_boxes
+    from gpu_pipeline.stages.peaks import QUANTUM_DIVISOR, ball_shares
+
+    n = 1200
+    peaks, heights, region, group = _random_peak_groups(rng, shape, n, n_groups=500, n_regions=2)
+    heights = np.exp(rng.uniform(0, np.log(13), n)).astype(np.int32) * QUANTUM_DIVISOR
+    group = group if grouped else None
+    halo = [int(np.ceil(2 * heights.max() / QUANTUM_DIVISOR * min(spacing) / s)) for s in spacing]
+    assert len(list(peak_boxes(peaks, shape, halo, 20))) >= 4
+    for tested in (None, rng.random(n) < 0.7):
+        expected = ball_shares(peaks, heights, region, group, spacing, power=power, tested=tested, shape=shape)
+        got = ball_shares_chunked(peaks, heights, region, group, spacing, power=power, tested=tested, shape=shape,
+                                  per_task=20)
+        np.testing.assert_array_equal(got[0], expected[0])
+        np.testing.assert_array_equal(got[1], expected[1])
+        assert (expected[0] < expected[1]).sum() > n // 10  # shares cut, across boxes too

@@ -39,6 +39,8 @@ run counts voxels at the cap and reports them.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import sys
 from dataclasses import dataclass, field
@@ -57,9 +59,9 @@ from gpu_pipeline.pipeline import (MASK_ACCEPTED, NoParticlesError, ball_size, c
                                    check_max_iter, resolve_ratio, validate_spacing)
 from gpu_pipeline.stages.components import settle_pieces
 from gpu_pipeline.stages.kmeans import batched_kmeans
-from gpu_pipeline.stages.peaks import (PeakReach, join_peaks, local_maxima, quantize_cap, quantize_distance, regroup,
-                                       rescued_peaks, segment_points, shadowed_peaks, space_candidates_by_reach,
-                                       window_half_widths, within_reach)
+from gpu_pipeline.stages.peaks import (PeakReach, ball_shares, join_peaks, local_maxima, quantize_cap,
+                                       quantize_distance, regroup, rescued_peaks, segment_points, shadowed_peaks,
+                                       space_candidates_by_reach, unit_ball_samples, window_half_widths, within_reach)
 from gpu_pipeline.stages.split import (KMeansSeeds, assign_compiled, block_candidates, candidate_selections,
                                       kmeans_seeds, selection_passes)
 
@@ -382,6 +384,90 @@ def neck_groups_chunked(regions, found, *, spacing, min_distance, max_radius, ra
                       nearest_first=False)
 
 
+#: Peaks per task, on average, of :func:`ball_shares_chunked` (ball_shares takes 12-20 µs a peak on one core,
+#: 2026-12-06: about 0.3 s a task); a peak list that fills one box is one call in the command's process.
+SHARE_PEAKS_PER_TASK = 20000
+
+
+def peak_boxes(peaks, shape, halo, per_task):
+    """A grid of boxes over an image of ``shape`` for work on ``peaks`` that looks ``halo`` voxels (per axis)
+    around each peak: for each box holding peaks, ``(core, near)``, ascending indices of its own peaks and of
+    the peaks within ``halo`` of it (its own included).
+
+    Boxes hold ``per_task`` peaks on average, and their edges are at least
+    four halos (or the image's extent, one box along that axis), so that the
+    halo lies in the neighbouring boxes and costs at most a few times the core.
+    """
+    n, ndim = peaks.shape
+    halo = np.asarray([int(h) for h in halo], np.int64)
+    extent = np.asarray([int(k) for k in shape], np.int64)
+    side = math.ceil((float(np.prod(extent)) * per_task / max(n, 1)) ** (1.0 / ndim))
+    edge = np.minimum(extent, np.maximum(np.maximum(4 * halo, 1), side))
+    cells = tuple(int(c) for c in -(-extent // edge))
+    key = np.ravel_multi_index(tuple((peaks // edge).T), cells)
+    order = np.argsort(key, kind="stable")
+    ordered = key[order]
+    present, first = np.unique(ordered, return_index=True)
+    bounds = np.append(first, n)
+    around = np.asarray(list(itertools.product((-1, 0, 1), repeat=ndim)), np.int64)
+    for box, at in enumerate(present):
+        index = np.asarray(np.unravel_index(int(at), cells), np.int64)
+        nearby = index + around
+        nearby = nearby[((nearby >= 0) & (nearby < np.asarray(cells))).all(axis=1)]
+        keys = np.ravel_multi_index(tuple(nearby.T), cells)
+        near = np.concatenate([order[a:b] for a, b in zip(np.searchsorted(ordered, keys, side="left"),
+                                                           np.searchsorted(ordered, keys, side="right"))])
+        low, high = index * edge - halo, (index + 1) * edge + halo
+        near = near[((peaks[near] >= low) & (peaks[near] < high)).all(axis=1)]
+        yield np.sort(order[bounds[box]:bounds[box + 1]]), np.sort(near)
+
+
+def _box_ball_shares(peaks, heights, region, group, tested, spacing, power, shape):
+    """:func:`~gpu_pipeline.stages.peaks.ball_shares` of the ``tested`` peaks among ``peaks`` (a box's peaks
+    and those near it), for those peaks only."""
+    kept, counted = ball_shares(peaks, heights, region, group, spacing, power=power, tested=tested, shape=shape)
+    return kept[tested], counted[tested]
+
+
+def ball_shares_chunked(peaks, heights, region, group, spacing, *, power=True, tested=None, shape=None,
+                        verbose=False, per_task=None):
+    """:func:`~gpu_pipeline.stages.peaks.ball_shares` of a chunked run's global peak list, box by box on the
+    active scheduler (:func:`peak_boxes`): the same arrays.
+
+    A peak's count depends only on the peaks whose balls overlap its own
+    (Euclidean: within twice its radius): both lie within twice the largest
+    radius, the box's halo. Each task counts the tested peaks of one box
+    among the peaks of the box and its halo. Serial in the command's process
+    this step grows with the volume's peaks (about 40 µs a peak, the two calls
+    of a run, 2026-12-06: two hours for the ~10^8 peaks of a terabyte) while
+    the passes spread over the workers. ``per_task``: peaks per box on
+    average (default :data:`SHARE_PEAKS_PER_TASK`).
+    """
+    n = peaks.shape[0]
+    per_task = per_task or SHARE_PEAKS_PER_TASK
+    if n <= per_task:
+        return ball_shares(peaks, heights, region, group, spacing, power=power, tested=tested, shape=shape)
+    tested = np.ones(n, dtype=bool) if tested is None else np.asarray(tested, dtype=bool)
+    _, quantum = quantize_distance(np.zeros(1, np.float32), spacing)
+    reach = 2.0 * float(np.max(heights)) * quantum
+    halo = [math.ceil(reach / float(s)) for s in spacing]
+    calls, rows = [], []
+    for core, near in peak_boxes(peaks, peaks.max(axis=0) + 1 if shape is None else shape, halo, per_task):
+        core = core[tested[core]]
+        if core.size == 0:
+            continue
+        mine = np.isin(near, core, assume_unique=True)
+        calls.append((peaks[near], heights[near], region[near], None if group is None else group[near], mine,
+                      tuple(spacing), power, shape))
+        rows.append(core)
+    m = unit_ball_samples(peaks.shape[1]).shape[0]
+    kept, counted = np.full(n, m, dtype=np.int64), np.full(n, m, dtype=np.int64)
+    for core, (box_kept, box_counted) in zip(rows, run_grouped(_box_ball_shares, calls, "ball shares", group=1,
+                                                               verbose=verbose)):
+        kept[core], counted[core] = box_kept, box_counted
+    return kept, counted
+
+
 def _seeds_on(seeds, xp):
     if xp is np:
         return seeds
@@ -634,10 +720,12 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
         regions, spacing=spacing, min_distance=min_distance, max_radius=max_radius,
         store=workspace.store("regions"), device=device, verbose=verbose, workspace=workspace, reach=peak_reach,
         return_overlooked=reach_share is not None))
-    if "overlooked" in found:  # on the global peak list, as in memory: no voxel is read
+    # The ball shares of the global peak list box by box on the workers, as in memory: no voxel is read.
+    shares = functools.partial(ball_shares_chunked, verbose=verbose)
+    if "overlooked" in found:
         found = _kept_peaks(found, rescued_peaks(found["peaks"], found["values"], found["region"],
                                                  found["overlooked"], spacing, reference.shape, reach_share,
-                                                 power=assignment == "power"))
+                                                 power=assignment == "power", shares=shares))
     details.n_peaks, details.n_capped_voxels = int(len(found["peaks"])), int(found["n_capped"])
     _, quantum = quantize_distance(np.zeros(1, np.float32), spacing)
     radii = found["values"].astype(np.float64) * quantum
@@ -647,9 +735,9 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
             regions, found, spacing=spacing, min_distance=min_distance, max_radius=max_radius, ratio=neck_ratio,
             nearby=nearby_ratio, store=workspace.store("regions"), device=device, verbose=verbose,
             distance_store=workspace.store("distance"))})["group"]
-    if ball_share is not None:  # on the global peak list, as in memory: no voxel is read
+    if ball_share is not None:
         keep = shadowed_peaks(found["peaks"], found["values"], found["region"], group, spacing, reference.shape,
-                              max_radius, ball_share, power=assignment == "power")
+                              max_radius, ball_share, power=assignment == "power", shares=shares)
         found = _kept_peaks(found, keep)
         radii, group = radii[keep], regroup(group, keep)
     seeds = kmeans_seeds(found["region"], n_regions, found["peaks"], radii, assignment=assignment,

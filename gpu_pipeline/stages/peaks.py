@@ -671,7 +671,7 @@ def _or_into(taken, rows, lost, bit, xp):
     taken[where] = taken[where] | packed
 
 
-def shadowed_peaks(peaks, heights, region, group, spacing, shape, cap, share, *, power=True):
+def shadowed_peaks(peaks, heights, region, group, spacing, shape, cap, share, *, power=True, shares=None):
     """Which peaks to keep: all but those of a group that keeps less than ``share`` of its ball.
 
     A group's share is the largest :func:`ball_shares` fraction of its
@@ -687,7 +687,9 @@ def shadowed_peaks(peaks, heights, region, group, spacing, shape, cap, share, *,
     :func:`~gpu_pipeline.pipeline.distance_cap`: a plateau of capped peaks is
     not counted at all), nor the group of a region that keeps the largest
     share there (a region always keeps one). ``share`` None keeps every
-    peak. Returns a boolean array over the peaks.
+    peak. ``shares``: a function that returns what :func:`ball_shares` does
+    (default: it; a chunked run spreads it over its workers). Returns a
+    boolean array over the peaks.
     """
     xp = get_array_module(peaks)
     ops = ops_for(peaks)
@@ -699,7 +701,8 @@ def shadowed_peaks(peaks, heights, region, group, spacing, shape, cap, share, *,
     region = xp.asarray(region).astype(xp.int64)
     heights = xp.asarray(heights).astype(xp.int64)
     exempt = heights >= quantize_cap(cap, spacing)
-    kept, counted = ball_shares(peaks, heights, region, group, spacing, power=power, tested=~exempt, shape=shape)
+    kept, counted = (shares or ball_shares)(peaks, heights, region, group, spacing, power=power, tested=~exempt,
+                                            shape=shape)
     fraction = kept / xp.maximum(counted, 1)
     best = xp.full(n, -1.0, dtype=xp.float64)
     ops.scatter_max(best, group, fraction)
@@ -711,7 +714,7 @@ def shadowed_peaks(peaks, heights, region, group, spacing, shape, cap, share, *,
     return ~dropped[group]
 
 
-def rescued_peaks(peaks, heights, region, overlooked, spacing, shape, share, *, power=True):
+def rescued_peaks(peaks, heights, region, overlooked, spacing, shape, share, *, power=True, shares=None):
     """Which peaks to keep: those the reach did not overlook, and those it did that keep at least ``share`` of
     their own inscribed ball from every other peak of their region (:func:`ball_shares`, one group per peak).
 
@@ -723,13 +726,15 @@ def rescued_peaks(peaks, heights, region, overlooked, spacing, shape, share, *, 
     peaks' balls. At the image border (``shape``) the share is of the part
     of the ball that the image holds, as for :func:`shadowed_peaks`.
     ``share`` None rescues none. ``heights``: quantised, as for
-    :func:`ball_shares`. Returns a boolean array over the peaks.
+    :func:`ball_shares`; ``shares``: as for :func:`shadowed_peaks`. Returns
+    a boolean array over the peaks.
     """
     xp = get_array_module(peaks)
     overlooked = xp.asarray(overlooked, dtype=bool)
     if share is None or not bool(overlooked.any()):
         return ~overlooked
-    kept, counted = ball_shares(peaks, heights, region, None, spacing, power=power, tested=overlooked, shape=shape)
+    kept, counted = (shares or ball_shares)(peaks, heights, region, None, spacing, power=power, tested=overlooked,
+                                            shape=shape)
     return ~overlooked | (overlooked & (kept >= float(share) * counted))
 
 
