@@ -55,18 +55,20 @@ def _ome_zarr(path, data, spacing, chunks):
 
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_chunked_labels_equal_in_memory_for_any_chunking(cluster_client, rng, tmp_path, ndim, monkeypatch):
-    """On a real cluster; the ball shares of the global peak list box by box on the workers (a box per 10
-    peaks here, per 20,000 by default)."""
+    """On a real cluster; the ball shares and the neck search of the global peak list box by box on the
+    workers (a box per 10 peaks here, one halo across; per 20,000 by default, four halos across)."""
     from gpu_pipeline.chunked import pipeline
 
     boxes, real = [], pipeline.peak_boxes
 
-    def counted(*args):
-        found = list(real(*args))
+    def counted(*args, **kwargs):
+        found = list(real(*args, **kwargs))
         boxes.append(len(found))
         return iter(found)
 
     monkeypatch.setattr(pipeline, "SHARE_PEAKS_PER_TASK", 10)
+    monkeypatch.setattr(pipeline, "NECK_PEAKS_PER_TASK", 10)
+    monkeypatch.setattr(pipeline, "BOX_HALOS", 1)
     monkeypatch.setattr(pipeline, "peak_boxes", counted)
     shape, spacing, n, chunkings = CASES[ndim]
     image, _ = make_touching_particles(shape, n, radius_range=(5, 12), spacing=spacing,
@@ -84,7 +86,7 @@ def test_chunked_labels_equal_in_memory_for_any_chunking(cluster_client, rng, tm
         assert zarr.open_array(str(tmp_path / str(chunks) / "pieces.zarr"), mode="r").dtype == np.int32
         if details.n_capped_voxels == 0:  # then the cap changed nothing: plain separate agrees too
             assert out.tobytes() == separate(image, spacing=spacing).tobytes()
-    assert boxes and max(boxes) >= (4 if ndim == 2 else 1)  # (3D: halos longer than this volume's boxes)
+    assert len(boxes) >= 2 * len(chunkings) and min(boxes) >= 4  # per chunking: the necks, the ball shares
 
 
 def test_the_peak_pass_reads_each_staged_block_once_its_halos_written_by_the_staging(rng, tmp_path, monkeypatch):
@@ -192,16 +194,27 @@ def _rods(shape, n, rng):
 
 @pytest.mark.parametrize("shape, chunkings", [((90, 110), [(40, 37), (23, 29)]),
                                               ((30, 48, 44), [(15, 20, 22), (13, 17, 19)])])
-def test_neck_grouping_matches_in_memory(rng, tmp_path, shape, chunkings):
+@pytest.mark.parametrize("by_box", [False, True])
+def test_neck_grouping_matches_in_memory(rng, tmp_path, shape, chunkings, by_box, monkeypatch):
+    """by_box: the search box by box on (4) local threads, boxes one halo across, of a few peaks each."""
+    from gpu_pipeline.chunked import pipeline
+
+    boxes, real = [], pipeline.peak_boxes
+    if by_box:
+        monkeypatch.setattr(pipeline, "NECK_PEAKS_PER_TASK", 3)
+        monkeypatch.setattr(pipeline, "BOX_HALOS", 1)
+        monkeypatch.setattr(pipeline, "peak_boxes", lambda *a, **k: boxes.append(list(real(*a, **k))) or boxes[-1])
     image = _rods(shape, 10 if len(shape) == 2 else 8, rng)
     kwargs = dict(sigma=0, min_distance=3, max_radius=7.0, neck_ratio=0.7)
     expected = separate(image, **kwargs)
     plain = separate(image, **dict(kwargs, neck_ratio=None))
     assert expected.max() < plain.max()  # the grouping joined peaks here
     for chunks in chunkings:
-        labels, _ = separate_chunked(da.from_array(image, chunks=chunks), workspace=Workspace(tmp_path / str(chunks)),
-                                     **kwargs)
+        with dask.config.set(num_workers=4):
+            labels, _ = separate_chunked(da.from_array(image, chunks=chunks),
+                                         workspace=Workspace(tmp_path / str(chunks)), **kwargs)
         assert labels.compute().tobytes() == expected.tobytes(), chunks
+    assert not by_box or min(len(b) for b in boxes) >= 4
 
 
 @pytest.mark.parametrize("option, value_3d, value_2d, off, volume, kwargs, pieces", [

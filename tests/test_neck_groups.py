@@ -406,9 +406,11 @@ def test_small_touching_discs_separate_with_the_neck_test_off(rng):
     assert off >= 0.62 and off >= defaults, (defaults, off)
 
 
-def test_peak_boxes_hold_each_peak_once_and_every_peak_within_the_halo(rng):
-    """peak_boxes against brute force: the cores partition the peaks, and each box's near peaks are its own
-    and exactly those within the halo of its core's box (any peak within the halo of a core peak among them)."""
+def test_peak_boxes_hold_each_peak_once_and_every_peak_within_the_halo(rng, monkeypatch):
+    """peak_boxes against brute force: the cores partition the peaks, each box's near peaks are its own and
+    every peak within the halo of one of them; with the boxes without peaks of their own (``empty``), every
+    pair of peaks at most two halos apart lies in one box's near peaks (the box of its midpoint)."""
+    from gpu_pipeline.chunked import pipeline
     from gpu_pipeline.chunked.pipeline import peak_boxes
 
     for shape, halo, n, per_task in [((200, 240), (6, 6), 900, 40), ((40, 120, 90), (3, 7, 5), 1500, 60),
@@ -417,13 +419,22 @@ def test_peak_boxes_hold_each_peak_once_and_every_peak_within_the_halo(rng):
         peaks = np.stack(np.unravel_index(flat, shape), axis=1).astype(np.int64)
         boxes = list(peak_boxes(peaks, shape, halo, per_task))
         assert len(boxes) > 4
-        cores = np.concatenate([core for core, _ in boxes])
+        cores = np.concatenate([box[0] for box in boxes])
         assert np.array_equal(np.sort(cores), np.arange(n))
-        for core, near in boxes:
+        for core, near, low, high in boxes:
             assert np.isin(core, near).all() and np.all(np.diff(near) > 0)
+            assert ((peaks[near] >= low) & (peaks[near] < high)).all() and (low >= 0).all()
+            assert (high <= np.asarray(shape)).all()
             apart = np.abs(peaks[:, None, :] - peaks[None, core, :])
             within = (apart <= np.asarray(halo)).all(axis=2).any(axis=1)
             assert np.isin(np.flatnonzero(within), near).all()
+        together = np.zeros((n, n), dtype=bool)
+        monkeypatch.setattr(pipeline, "BOX_HALOS", 1)  # (from two halos across, the ends' boxes hold every pair)
+        for core, near, low, high in peak_boxes(peaks, shape, halo, 1, empty=True):
+            together[np.ix_(near, near)] = True
+        monkeypatch.undo()
+        close = (np.abs(peaks[:, None, :] - peaks[None, :, :]) <= 2 * np.asarray(halo)).all(axis=2)
+        assert together[close].all() and not together[(~close).nonzero()].all()
 
 
 @pytest.mark.parametrize("shape, spacing, power", [((200, 240), (1.0, 1.0), True), ((60, 120, 100), (2.0, 1.0, 0.5), True),
@@ -433,6 +444,8 @@ def test_ball_shares_box_by_box_equal_those_of_the_whole_list(rng, shape, spacin
     """A chunked run's ball shares (ball_shares_chunked: boxes of a few peaks with a halo of twice the largest
     radius, on Dask's local threads) are ball_shares of the whole peak list, the same arrays: tested or all
     peaks, at the border of the image, radii from 1 to 12 quanta of the finest spacing."""
+    import dask
+
     from gpu_pipeline.chunked.pipeline import ball_shares_chunked, peak_boxes
     from gpu_pipeline.stages.peaks import QUANTUM_DIVISOR, ball_shares
 
@@ -444,8 +457,66 @@ def test_ball_shares_box_by_box_equal_those_of_the_whole_list(rng, shape, spacin
     assert len(list(peak_boxes(peaks, shape, halo, 20))) >= 4
     for tested in (None, rng.random(n) < 0.7):
         expected = ball_shares(peaks, heights, region, group, spacing, power=power, tested=tested, shape=shape)
-        got = ball_shares_chunked(peaks, heights, region, group, spacing, power=power, tested=tested, shape=shape,
-                                  per_task=20)
+        with dask.config.set(num_workers=4):  # (one thread runs it whole)
+            got = ball_shares_chunked(peaks, heights, region, group, spacing, power=power, tested=tested,
+                                      shape=shape, per_task=20)
         np.testing.assert_array_equal(got[0], expected[0])
         np.testing.assert_array_equal(got[1], expected[1])
         assert (expected[0] < expected[1]).sum() > n // 10  # shares cut, across boxes too
+
+
+@pytest.mark.parametrize("shape, spacing, nearby", [((160, 200), (1.0, 1.0), None), ((48, 80, 72), (2.0, 1.0, 1.0), 0.5)])
+def test_neck_groups_box_by_box_equal_join_peaks_on_the_whole_list(rng, tmp_path, shape, spacing, nearby, monkeypatch):
+    """A chunked run's neck search box by box (_neck_groups_by_box: boxes of a few peaks and a halo of half
+    the longest pair, each reading its box of the staged distance map) gives join_peaks' groups on the whole
+    list. A plateau cut by walls of zero; pairs of high peaks of a region of their own, 80-98 % of their
+    reach apart along an axis (joined unless a wall parts them, and only directly: a halo of 0.4 of the
+    longest pair misses some), and low peaks of ten other regions."""
+    import dask
+    import zarr
+
+    from gpu_pipeline.chunked import pipeline
+    from gpu_pipeline.stages.peaks import NECK_REACH, QUANTUM_DIVISOR, join_peaks, segment_minima
+
+    monkeypatch.setattr(pipeline, "BOX_HALOS", 1)
+    ndim, q = len(shape), QUANTUM_DIVISOR  # quanta per voxel of the finest axis
+    distance = np.full(shape, 16 * q, dtype=np.int32) + rng.integers(0, 2 * q, shape).astype(np.int32)
+    for _ in range(4):  # walls across one axis each
+        at = [slice(None)] * ndim
+        axis = int(rng.integers(ndim))
+        at[axis] = int(rng.integers(shape[axis]))
+        distance[tuple(at)] = 0
+    top, unit = 14 * q, min(spacing)  # quantum x QUANTUM_DIVISOR: physical length of a voxel of the finest axis
+    reach = NECK_REACH[ndim] * 2 * 14 * unit  # of two peaks of height `top`
+    peaks, heights, region = [], [], []
+    for k in range(40):
+        while True:
+            p = rng.uniform(0, 1, ndim) * np.asarray(shape)
+            u = np.zeros(ndim)
+            u[rng.integers(ndim)] = rng.choice([-1.0, 1.0])
+            q2 = p + rng.uniform(0.8, 0.98) * reach * u / np.asarray(spacing)
+            if (q2 >= 0).all() and (q2 < np.asarray(shape) - 0.5).all():
+                break
+        peaks += [np.floor(p), np.round(q2)]
+        heights += [top, top]
+        region += [k + 1, k + 1]
+    for _ in range(60):
+        peaks.append(np.floor(rng.uniform(0, 1, ndim) * np.asarray(shape)))
+        heights.append(int(rng.integers(2 * q, 6 * q)))
+        region.append(int(rng.integers(41, 51)))  # (in a pair's region they would bridge it)
+    peaks = np.asarray(peaks, np.int64)
+    flat, first = np.unique(np.ravel_multi_index(tuple(peaks.T), shape), return_index=True)
+    peaks = np.stack(np.unravel_index(flat, shape), axis=1).astype(np.int64)
+    heights, region = np.asarray(heights, np.int32)[first], np.asarray(region, np.int64)[first]
+    store = str(tmp_path / "distance.zarr")
+    zarr.create_array(store, shape=shape, dtype=np.int32, chunks=(16,) * ndim)[...] = distance
+    expected = join_peaks(peaks, heights, region, spacing, 0.7, lambda i, j: segment_minima(distance, peaks, i, j),
+                          nearby=nearby)
+    with dask.config.set(num_workers=4):
+        got = pipeline._neck_groups_by_box({"peaks": peaks, "values": heights, "region": region}, shape, spacing,
+                                           0.7, nearby, store, 2, False)
+    np.testing.assert_array_equal(got, expected)
+    sizes = np.bincount(expected)
+    assert (sizes > 1).sum() >= 10 and (sizes == 1).sum() >= 10  # joined and lone peaks both
+    halo = [np.ceil(2 * NECK_REACH[ndim] * heights.max() * unit / QUANTUM_DIVISOR / s) for s in spacing]
+    assert len(list(pipeline.peak_boxes(peaks, shape, halo, 2, voxels=pipeline.NECK_BOX_VOXELS))) >= 4

@@ -404,6 +404,20 @@ def active_client():
         return None
 
 
+def engine_threads():
+    """How many tasks the active scheduler runs at once: the threads of the client's workers, or the local
+    threads (``num_workers``, default the usable cores). A step that can run whole in this process or split
+    with halos over the workers splits only where more than one runs."""
+    client = active_client()
+    if client is not None:
+        return max(1, sum(client.nthreads().values()))
+    import dask
+
+    from gpu_pipeline._common import usable_cores
+
+    return int(dask.config.get("num_workers", None) or usable_cores())
+
+
 #: One DEBUG record per pass (:func:`run_tasks`) and per global step on a worker (:func:`run_call`), when it
 #: ends, with ``what``, ``tasks`` and its ``start`` and ``end`` (``time.time()``, as Dask's task stream):
 #: what ``bench.pass_timeline`` puts beside the workers' tasks. Silent unless a handler asks for DEBUG.
