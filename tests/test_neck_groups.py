@@ -520,3 +520,23 @@ def test_neck_groups_box_by_box_equal_join_peaks_on_the_whole_list(rng, tmp_path
     assert (sizes > 1).sum() >= 10 and (sizes == 1).sum() >= 10  # joined and lone peaks both
     halo = [np.ceil(2 * NECK_REACH[ndim] * heights.max() * unit / QUANTUM_DIVISOR / s) for s in spacing]
     assert len(list(pipeline.peak_boxes(peaks, shape, halo, 2, voxels=pipeline.NECK_BOX_VOXELS))) >= 4
+
+
+def test_with_one_thread_the_ball_shares_and_the_necks_stay_one_call_here(rng, monkeypatch):
+    """engine_threads() == 1 (a one-worker cluster, --workers 1): no boxes, whose halos would only add work;
+    the same arrays."""
+    import dask
+
+    from gpu_pipeline.chunked import pipeline
+    from gpu_pipeline.stages.peaks import ball_shares
+
+    peaks, heights, region, group = _random_peak_groups(rng, (200, 240), 300, n_groups=100, n_regions=2)
+    calls = []
+    monkeypatch.setattr(pipeline, "run_grouped", lambda *a, **k: calls.append(a) or [])
+    expected = ball_shares(peaks, heights, region, group, (1.0, 1.0), shape=(200, 240))
+    with dask.config.set(num_workers=1):
+        got = pipeline.ball_shares_chunked(peaks, heights, region, group, (1.0, 1.0), shape=(200, 240), per_task=20)
+    assert not calls and all(np.array_equal(a, b) for a, b in zip(got, expected))
+    with dask.config.set(num_workers=2):
+        pipeline.ball_shares_chunked(peaks, heights, region, group, (1.0, 1.0), shape=(200, 240), per_task=20)
+    assert calls
