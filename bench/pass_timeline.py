@@ -126,18 +126,46 @@ def beyond_two(one, two, workers=16):
     scheduler per CPU second of the workers (2-worker run); that process
     runs on one core at most (one event loop, one GIL), so it keeps up with
     about ``1 / client_share`` workers (``workers_until_client_bound``).
-    ``serial_share``: the 1-worker run's seconds outside every pass (the
-    client's steps between them, which no worker shortens) over its wall
-    time; ``amdahl_speedup``: at most ``1 / (s + (1 - s) / workers)`` times
-    one worker with ``workers`` of them.
+    ``serial_share``: the 2-worker run's seconds outside every pass (the
+    client's steps between them, which more workers do not shorten) over the
+    1-worker run's wall time (with one worker the steps on the global peak
+    list run in the client, with more they go to the workers, so the
+    1-worker run's own steps overstate it); ``amdahl_speedup``: at most
+    ``1 / (s + (1 - s) / workers)`` times one worker with ``workers`` of them.
     """
     share = two["command_cpu_seconds"] / two["worker_cpu_seconds"]
-    serial = one["between_passes"] / one["seconds"]
+    serial = two["between_passes"] / one["seconds"]
     tasks = sum(p["tasks"] for p in two["passes"])
     return {"client_share": share, "workers_until_client_bound": 1.0 / share,
             "client_cpu_ms_per_task": 1e3 * two["command_cpu_seconds"] / tasks, "tasks": tasks,
             "serial_share": serial, "workers": workers,
             "amdahl_speedup": 1.0 / (serial + (1.0 - serial) / workers)}
+
+
+def matched_passes(first, second):
+    """The passes of two runs side by side, matched by name and by their order among passes of that name:
+    ``(what, pass or None, pass or None)``, in the order of the run that has the pass (a step that runs in
+    the client with one worker and as a pass with two appears in one run only)."""
+    def keyed(passes):
+        seen = {}
+        out = []
+        for p in passes:
+            seen[p["what"]] = seen.get(p["what"], 0) + 1
+            out.append(((p["what"], seen[p["what"]]), p))
+        return out
+
+    a, b = keyed(first), keyed(second)
+    in_b = dict(b)
+    rows, done = [], set()
+    for key, p in a:
+        rows.append((key[0], p, in_b.get(key)))
+        done.add(key)
+    for at, (key, p) in enumerate(b):
+        if key not in done:
+            # After the row of the pass before it in the second run.
+            before = next((i for i, r in enumerate(rows) if b[at - 1][1] is r[2]), len(rows) - 1) if at else -1
+            rows.insert(before + 1, (key[0], None, p))
+    return rows
 
 
 def markdown(result):
@@ -152,10 +180,15 @@ def markdown(result):
              f"pinned with the workers), {result['rounds']} timed runs per cluster, alternating; medians.", "",
              "| pass | tasks | 1 worker s | its compute s | 2 workers s | their compute s | efficiency t1 / (2 t2) |",
              "|---|---|---|---|---|---|---|"]
-    for p1, p2 in zip(one["passes"], two["passes"]):
-        lines.append(f"| {p1['what']} | {p1['tasks']} | {p1['seconds']:.2f} | {p1['compute_seconds']:.2f} | "
-                     f"{p2['seconds']:.2f} | {p2['compute_seconds']:.2f} | "
-                     f"{p1['seconds'] / (2 * p2['seconds']):.2f} |")
+    def cells(p):
+        return f"{p['seconds']:.2f} | {p['compute_seconds']:.2f}" if p else "— | —"
+
+    for what, p1, p2 in matched_passes(one["passes"], two["passes"]):
+        tasks = " / ".join(str(p["tasks"]) if p else "—" for p in (p1, p2))
+        if p1 and p2 and p1["tasks"] == p2["tasks"]:
+            tasks = str(p1["tasks"])
+        efficiency = f"{p1['seconds'] / (2 * p2['seconds']):.2f}" if p1 and p2 else "—"
+        lines.append(f"| {what} | {tasks} | {cells(p1)} | {cells(p2)} | {efficiency} |")
     lines += ["", "| whole run | 1 worker | 2 workers |", "|---|---|---|"]
     for key, label in (("seconds", "wall s"), ("compute_seconds", "workers computing tasks, s"),
                        ("worker_cpu_seconds", "workers' CPU s"), ("command_cpu_seconds", "this process's CPU s "
@@ -170,7 +203,7 @@ def markdown(result):
               f"the scheduler spend {b['client_share']:.3f} CPU s per CPU s of the workers "
               f"({b['client_cpu_ms_per_task']:.1f} ms per task, {b['tasks']} tasks); their one process keeps up "
               f"with about **{b['workers_until_client_bound']:.0f} workers** before it holds them up. The steps "
-              f"between passes are {100 * b['serial_share']:.1f} % of the 1-worker run: at most "
+              f"between passes with 2 workers are {100 * b['serial_share']:.1f} % of the 1-worker run: at most "
               f"**{b['amdahl_speedup']:.1f}x** one worker with {b['workers']} workers (Amdahl)."]
     return "\n".join(lines) + "\n"
 

@@ -166,20 +166,35 @@ def test_random_volume_bench_wide_spread_draws_radius_ratios_of_two_to_six():
 
 
 def test_pass_timeline_extrapolation_is_amdahl_and_the_client_cpu_bound(rng):
-    """bench.pass_timeline's beyond_two: a run of serial S and parallel P seconds takes S + P / n on n workers, and
-    a client spending c CPU s per CPU s of the workers' saturates one core at 1 / c workers."""
+    """bench.pass_timeline's beyond_two: a run whose client steps take S seconds with several workers (S + M
+    with one: M of them go to the workers where there are several) and whose passes take P takes S + (M + P) / n
+    on n workers, and a client spending c CPU s per CPU s of the workers' saturates one core at 1 / c workers."""
     from bench.pass_timeline import beyond_two
 
-    serial, parallel = rng.uniform(0.1, 2.0), rng.uniform(5.0, 50.0)
+    serial, moved, parallel = rng.uniform(0.1, 2.0), rng.uniform(0.0, 1.0), rng.uniform(5.0, 50.0)
     worker_cpu, share = rng.uniform(5.0, 50.0), rng.uniform(0.01, 0.2)
     tasks = [int(t) for t in rng.integers(1, 200, size=5)]
-    one = {"seconds": serial + parallel, "between_passes": serial}
-    two = {"command_cpu_seconds": share * worker_cpu, "worker_cpu_seconds": worker_cpu,
+    one = {"seconds": serial + moved + parallel, "between_passes": serial + moved}
+    two = {"command_cpu_seconds": share * worker_cpu, "worker_cpu_seconds": worker_cpu, "between_passes": serial,
            "passes": [{"tasks": t} for t in tasks]}
     b = beyond_two(one, two, workers=16)
-    assert b["amdahl_speedup"] == pytest.approx((serial + parallel) / (serial + parallel / 16))
+    assert b["amdahl_speedup"] == pytest.approx((serial + moved + parallel) / (serial + (moved + parallel) / 16))
     assert b["workers_until_client_bound"] * share == pytest.approx(1.0)
     assert b["client_cpu_ms_per_task"] == pytest.approx(1e3 * share * worker_cpu / sum(tasks))
+
+
+def test_pass_timeline_matches_passes_by_name_and_order_and_keeps_those_of_one_run():
+    """Two runs' passes side by side: by name and by their order among passes of that name; a pass of one run
+    only (a step that runs in the client with one worker) gets a row of its own, after the pass before it."""
+    from bench.pass_timeline import matched_passes
+
+    one = [{"what": w} for w in ("smooth", "peaks", "necks", "pieces", "pieces")]
+    two = [{"what": w} for w in ("smooth", "peaks", "shares", "necks", "shares", "pieces", "pieces")]
+    rows = matched_passes(one, two)
+    assert [r[0] for r in rows] == ["smooth", "peaks", "shares", "necks", "shares", "pieces", "pieces"]
+    assert [r[1] is None for r in rows] == [False, False, True, False, True, False, False]
+    assert all(r[2] is two[i] for i, r in enumerate(rows))
+    assert rows[5][1] is one[3] and rows[6][1] is one[4]
 
 
 def test_throughput_hours_per_tb_stop_growing_at_the_client_bound(rng):
