@@ -819,8 +819,8 @@ def write_ngff_label_metadata(path, spacing, source=None, extra=None, unit=None,
     ``levels["translation"]``: :func:`ngff_levels` of the image, the
     pyramid :func:`write_label_levels` wrote) and ``image-label``
     (``source``: the relative path of the image it labels, if known);
-    ``unit``: the spatial axes' unit (the input's, where it named one).
-    Called last, once the pixels are written.
+    ``unit``: the spatial axes' unit (the input's, where it named one; not
+    ``"px"``). Called last, once the pixels are written.
     """
     import zarr
 
@@ -828,7 +828,9 @@ def write_ngff_label_metadata(path, spacing, source=None, extra=None, unit=None,
     factors = levels["factors"] if levels else [[1] * ndim]
     shift = levels["translation"] if levels and any(levels["translation"]) else None
     label_group = zarr.open_group(str(Path(path) / LABEL_NAME), mode="a", zarr_format=2)
-    axes = [{"name": n, "type": "space", **({"unit": unit} if unit else {})} for n in ("z", "y", "x")[-ndim:]]
+    # "px" (voxels: no spacing given or found) is no unit of NGFF's list; the scale of 1 says it.
+    axes = [{"name": n, "type": "space", **({"unit": unit} if unit and unit != "px" else {})}
+            for n in ("z", "y", "x")[-ndim:]]
     datasets = [{"path": str(i), "coordinateTransformations": [
         {"type": "scale", "scale": [float(s) * f for s, f in zip(spacing, factor)]},
         *([{"type": "translation", "translation": [float(t) for t in shift]}] if shift else [])]}

@@ -361,6 +361,46 @@ def test_cli_run_writes_ome_zarr_labels_and_parquet_table(tmp_path, rng):
         run_chunked(src, out, chunks=(16, 32, 32), max_radius=13, sigma=2.0, verbose=False)
 
 
+def test_without_a_spacing_in_memory_and_chunked_runs_measure_in_px_and_write_no_ngff_unit(tmp_path, rng):
+    """A volume without a spacing (an .npy, a plain Zarr array): both runs' summaries say "px" and their
+    histograms' axes too; neither writes "px" as an OME-Zarr axis unit (not one of NGFF's units), and a
+    store's own unit still is written."""
+    from gpu_pipeline.cli import main
+    from gpu_pipeline.plots import png_bytes, size_histogram_rgb
+
+    image, _ = make_touching_particles((32, 48, 48), 25, radius_range=(4, 7), seed=int(rng.integers(1e6)))
+    np.save(tmp_path / "in.npy", image)
+    zarr.open_group(str(tmp_path / "in.zarr"), mode="w").create_array(
+        "0", shape=image.shape, dtype=image.dtype, chunks=(16, 48, 48))[...] = image
+    for source, out in (("in.npy", "memory.zarr"), ("in.zarr/0", "chunked.zarr")):
+        assert main(["run", str(tmp_path / source), str(tmp_path / out), "--quiet"]) == 0
+        stem = tmp_path / out.replace(".zarr", "")
+        summary = json.loads(Path(f"{stem}_summary.json").read_text())
+        assert summary["unit"] == "px", out
+        axes = zarr.open_group(str(tmp_path / out / "particles"), mode="r").attrs["multiscales"][0]["axes"]
+        assert all("unit" not in axis for axis in axes), out
+        table = (pytest.importorskip("pyarrow.parquet").read_table(f"{stem}_particles.parquet").to_pydict()
+                 if Path(f"{stem}_particles.parquet").exists()
+                 else {"equivalent_diameter": np.loadtxt(f"{stem}_particles.csv", delimiter=",", skiprows=1,
+                                                         usecols=_csv_column(f"{stem}_particles.csv",
+                                                                             "equivalent_diameter"))})
+        assert Path(f"{stem}_histogram.png").read_bytes() == png_bytes(
+            size_histogram_rgb(table["equivalent_diameter"], unit="px")), out
+    nm = _ome_zarr(tmp_path / "nm.zarr", image, (1.0, 1.0, 1.0), (16, 48, 48))
+    group = zarr.open_group(str(nm), mode="a")
+    ome = group.attrs["ome"]
+    for axis in ome["multiscales"][0]["axes"]:
+        axis["unit"] = "nanometer"
+    group.attrs["ome"] = ome
+    assert main(["run", str(nm), str(tmp_path / "nm_out.zarr"), "--quiet"]) == 0
+    axes = zarr.open_group(str(tmp_path / "nm_out.zarr" / "particles"), mode="r").attrs["multiscales"][0]["axes"]
+    assert [axis.get("unit") for axis in axes] == ["nanometer"] * 3
+
+
+def _csv_column(path, name):
+    return Path(path).read_text().splitlines()[0].split(",").index(name)
+
+
 def test_every_chunk_of_the_labels_is_written_background_only_ones_too(tmp_path, rng):
     """Chunks of the output that hold no particle are written like the others (Zarr skips a chunk equal to
     the fill value unless told otherwise, after comparing it with it): the finished labels read back with

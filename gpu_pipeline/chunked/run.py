@@ -491,7 +491,8 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
 
         model = load_classifier(classifier)
         model.check_image(volume.shape, "the volume")
-    unit = spatial_unit(input_path) if spacing is None and file_spacing is not None else None
+    # Lengths in voxels where neither --spacing nor the store gives one: "px", as in memory.
+    unit = (spatial_unit(input_path) if file_spacing is not None else "px") if spacing is None else None
     levels = ngff_levels(input_path) if spacing is None and file_spacing is not None else None
     spacing = validate_spacing(spacing if spacing is not None else file_spacing, volume.ndim)
     if voxel_defaults:
