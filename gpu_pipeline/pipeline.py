@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for
-from gpu_pipeline._common import UnusableValuesError, whole_number_at_least
+from gpu_pipeline._common import UnusableValuesError, usable_cores, whole_number_at_least
 from gpu_pipeline.stages.annotations import annotation_ink, annotation_mask, annotation_zone, info_band
+from gpu_pipeline.stages import by_box
 from gpu_pipeline.stages.boundary_split import boundary_split
 from gpu_pipeline.stages.cleanup import (clean_mask, fill_shell_holes, merge_small_particles, pocket_holes,
                                          voxels_for)
@@ -1047,24 +1048,44 @@ def split_step(fg, distance_q, quantum, peaks, *, spacing, method, neck_ratio, a
     return labels
 
 
+def _on_threads(peaks):
+    """The threads for the steps on the peak list box by box (:mod:`gpu_pipeline.stages.by_box`: the same
+    results), or None: CuPy peaks, one usable core, or a list that fits one box."""
+    if get_array_module(peaks) is not np or peaks.shape[0] <= by_box.PEAKS_PER_BOX:
+        return None
+    threads = usable_cores()
+    return by_box.on_threads(threads) if threads > 1 else None
+
+
 def rescue_step(peaks, overlooked, distance_q, regions, *, spacing, reach_share, power=True):
     """The peaks less those the reach ``overlooked`` that ``reach_share`` does not rescue
     (:func:`~gpu_pipeline.stages.peaks.rescued_peaks`; ``overlooked`` None: all peaks)."""
     if overlooked is None:
         return peaks
+    run = _on_threads(peaks)
     return peaks[rescued_peaks(peaks, distance_q[tuple(peaks.T)], regions[tuple(peaks.T)], overlooked, spacing,
-                               regions.shape, reach_share, power=power)]
+                               regions.shape, reach_share, power=power,
+                               shares=run and functools.partial(by_box.ball_shares_by_box, run=run))]
 
 
 def group_step(peaks, distance_q, regions, *, spacing, neck_ratio, nearby_ratio, ball_share, max_radius, power=True):
     """The peaks' groups (one piece each; None when neither the neck nor the nearby rule is on), then the groups
-    that keep less than ``ball_share`` of their balls dropped: (peaks, group) for the assignment."""
+    that keep less than ``ball_share`` of their balls dropped: (peaks, group) for the assignment. A large list
+    on the CPU goes box by box on threads (the same groups and shares)."""
     group = None
+    run = _on_threads(peaks)
     if (neck_ratio, nearby_ratio) != (None, None):
-        group = neck_groups(peaks, distance_q, regions, spacing, neck_ratio, nearby_ratio)
+        if run is None:
+            group = neck_groups(peaks, distance_q, regions, spacing, neck_ratio, nearby_ratio)
+        else:
+            group = by_box.neck_groups_by_box(
+                peaks, distance_q[tuple(peaks.T)], regions[tuple(peaks.T)], regions.shape, spacing, neck_ratio,
+                nearby_ratio, run=run,
+                read=lambda low, high: distance_q[tuple(slice(int(a), int(b)) for a, b in zip(low, high))])
     if ball_share is not None:
         keep = shadowed_peaks(peaks, distance_q[tuple(peaks.T)], regions[tuple(peaks.T)], group, spacing,
-                              regions.shape, distance_cap(regions.shape, spacing, max_radius), ball_share, power=power)
+                              regions.shape, distance_cap(regions.shape, spacing, max_radius), ball_share, power=power,
+                              shares=run and functools.partial(by_box.ball_shares_by_box, run=run))
         peaks, group = peaks[keep], regroup(group, keep)
     return peaks, group
 

@@ -57,24 +57,23 @@ def _ome_zarr(path, data, spacing, chunks):
 def test_chunked_labels_equal_in_memory_for_any_chunking(cluster_client, rng, tmp_path, ndim, monkeypatch):
     """On a real cluster; the ball shares and the neck search of the global peak list box by box on the
     workers (a box per 10 peaks here, one halo across; per 20,000 by default, four halos across)."""
-    from gpu_pipeline.chunked import pipeline
+    from gpu_pipeline.stages import by_box
 
-    boxes, real = [], pipeline.peak_boxes
+    boxes, real = [], by_box.peak_boxes
 
     def counted(*args, **kwargs):
         found = list(real(*args, **kwargs))
         boxes.append(len(found))
         return iter(found)
 
-    monkeypatch.setattr(pipeline, "SHARE_PEAKS_PER_TASK", 10)
-    monkeypatch.setattr(pipeline, "NECK_PEAKS_PER_TASK", 10)
-    monkeypatch.setattr(pipeline, "BOX_HALOS", 1)
-    monkeypatch.setattr(pipeline, "peak_boxes", counted)
     shape, spacing, n, chunkings = CASES[ndim]
     image, _ = make_touching_particles(shape, n, radius_range=(5, 12), spacing=spacing,
                                        seed=int(rng.integers(1e6)))
-    expected = separate(image, spacing=spacing, max_radius=MAX_RADIUS)
+    expected = separate(image, spacing=spacing, max_radius=MAX_RADIUS)  # (the whole list's steps: few peaks)
     assert expected.max() > 20
+    monkeypatch.setattr(by_box, "PEAKS_PER_BOX", 10)
+    monkeypatch.setattr(by_box, "BOX_HALOS", 1)
+    monkeypatch.setattr(by_box, "peak_boxes", counted)
     for chunks in chunkings:
         assert any(c < 24 for c in chunks) or chunks == chunkings[0] or any(s % c for s, c in zip(shape, chunks))
         labels, details = separate_chunked(da.from_array(image, chunks=chunks), spacing=spacing,
@@ -196,19 +195,20 @@ def _rods(shape, n, rng):
                                               ((30, 48, 44), [(15, 20, 22), (13, 17, 19)])])
 @pytest.mark.parametrize("by_box", [False, True])
 def test_neck_grouping_matches_in_memory(rng, tmp_path, shape, chunkings, by_box, monkeypatch):
-    """by_box: the search box by box on (4) local threads, boxes one halo across, of a few peaks each."""
-    from gpu_pipeline.chunked import pipeline
+    """by_box: the search box by box on (4) local threads, boxes one halo across, of a few peaks each (the
+    in-memory reference computed on the whole list first)."""
+    from gpu_pipeline.stages import by_box as boxing
 
-    boxes, real = [], pipeline.peak_boxes
-    if by_box:
-        monkeypatch.setattr(pipeline, "NECK_PEAKS_PER_TASK", 3)
-        monkeypatch.setattr(pipeline, "BOX_HALOS", 1)
-        monkeypatch.setattr(pipeline, "peak_boxes", lambda *a, **k: boxes.append(list(real(*a, **k))) or boxes[-1])
+    boxes, real = [], boxing.peak_boxes
     image = _rods(shape, 10 if len(shape) == 2 else 8, rng)
     kwargs = dict(sigma=0, min_distance=3, max_radius=7.0, neck_ratio=0.7)
-    expected = separate(image, **kwargs)
+    expected = separate(image, **kwargs)  # (the whole list's steps: few peaks)
     plain = separate(image, **dict(kwargs, neck_ratio=None))
     assert expected.max() < plain.max()  # the grouping joined peaks here
+    if by_box:
+        monkeypatch.setattr(boxing, "PEAKS_PER_BOX", 3)
+        monkeypatch.setattr(boxing, "BOX_HALOS", 1)
+        monkeypatch.setattr(boxing, "peak_boxes", lambda *a, **k: boxes.append(list(real(*a, **k))) or boxes[-1])
     for chunks in chunkings:
         with dask.config.set(num_workers=4):
             labels, _ = separate_chunked(da.from_array(image, chunks=chunks),

@@ -1,4 +1,5 @@
 """Peak grouping: peaks with no neck between them (``neck_ratio``), or nearby (``nearby_ratio``), make one particle."""
+import functools
 from fractions import Fraction
 
 import numpy as np
@@ -410,8 +411,8 @@ def test_peak_boxes_hold_each_peak_once_and_every_peak_within_the_halo(rng, monk
     """peak_boxes against brute force: the cores partition the peaks, each box's near peaks are its own and
     every peak within the halo of one of them; with the boxes without peaks of their own (``empty``), every
     pair of peaks at most two halos apart lies in one box's near peaks (the box of its midpoint)."""
-    from gpu_pipeline.chunked import pipeline
-    from gpu_pipeline.chunked.pipeline import peak_boxes
+    from gpu_pipeline.stages import by_box
+    from gpu_pipeline.stages.by_box import peak_boxes
 
     for shape, halo, n, per_task in [((200, 240), (6, 6), 900, 40), ((40, 120, 90), (3, 7, 5), 1500, 60),
                                      ((30, 300), (40, 2), 500, 20)]:  # a halo longer than an axis: one box there
@@ -429,7 +430,7 @@ def test_peak_boxes_hold_each_peak_once_and_every_peak_within_the_halo(rng, monk
             within = (apart <= np.asarray(halo)).all(axis=2).any(axis=1)
             assert np.isin(np.flatnonzero(within), near).all()
         together = np.zeros((n, n), dtype=bool)
-        monkeypatch.setattr(pipeline, "BOX_HALOS", 1)  # (from two halos across, the ends' boxes hold every pair)
+        monkeypatch.setattr(by_box, "BOX_HALOS", 1)  # (from two halos across, the ends' boxes hold every pair)
         for core, near, low, high in peak_boxes(peaks, shape, halo, 1, empty=True):
             together[np.ix_(near, near)] = True
         monkeypatch.undo()
@@ -441,12 +442,10 @@ def test_peak_boxes_hold_each_peak_once_and_every_peak_within_the_halo(rng, monk
                                                    ((60, 120, 100), (2.0, 1.0, 0.5), False)])
 @pytest.mark.parametrize("grouped", [False, True])
 def test_ball_shares_box_by_box_equal_those_of_the_whole_list(rng, shape, spacing, power, grouped):
-    """A chunked run's ball shares (ball_shares_chunked: boxes of a few peaks with a halo of twice the largest
-    radius, on Dask's local threads) are ball_shares of the whole peak list, the same arrays: tested or all
-    peaks, at the border of the image, radii from 1 to 12 quanta of the finest spacing."""
-    import dask
-
-    from gpu_pipeline.chunked.pipeline import ball_shares_chunked, peak_boxes
+    """The ball shares box by box (ball_shares_by_box: boxes of a few peaks with a halo of twice the largest
+    radius, on 4 threads) are ball_shares of the whole peak list, the same arrays: tested or all peaks, at the
+    border of the image, radii from 1 to 12 quanta of the finest spacing."""
+    from gpu_pipeline.stages.by_box import ball_shares_by_box, on_threads, peak_boxes
     from gpu_pipeline.stages.peaks import QUANTUM_DIVISOR, ball_shares
 
     n = 1200
@@ -457,9 +456,8 @@ def test_ball_shares_box_by_box_equal_those_of_the_whole_list(rng, shape, spacin
     assert len(list(peak_boxes(peaks, shape, halo, 20))) >= 4
     for tested in (None, rng.random(n) < 0.7):
         expected = ball_shares(peaks, heights, region, group, spacing, power=power, tested=tested, shape=shape)
-        with dask.config.set(num_workers=4):  # (one thread runs it whole)
-            got = ball_shares_chunked(peaks, heights, region, group, spacing, power=power, tested=tested,
-                                      shape=shape, per_task=20)
+        got = ball_shares_by_box(peaks, heights, region, group, spacing, power=power, tested=tested, shape=shape,
+                                 per_box=20, run=on_threads(4))
         np.testing.assert_array_equal(got[0], expected[0])
         np.testing.assert_array_equal(got[1], expected[1])
         assert (expected[0] < expected[1]).sum() > n // 10  # shares cut, across boxes too
@@ -467,18 +465,19 @@ def test_ball_shares_box_by_box_equal_those_of_the_whole_list(rng, shape, spacin
 
 @pytest.mark.parametrize("shape, spacing, nearby", [((160, 200), (1.0, 1.0), None), ((48, 80, 72), (2.0, 1.0, 1.0), 0.5)])
 def test_neck_groups_box_by_box_equal_join_peaks_on_the_whole_list(rng, tmp_path, shape, spacing, nearby, monkeypatch):
-    """A chunked run's neck search box by box (_neck_groups_by_box: boxes of a few peaks and a halo of half
-    the longest pair, each reading its box of the staged distance map) gives join_peaks' groups on the whole
-    list. A plateau cut by walls of zero; pairs of high peaks of a region of their own, 80-98 % of their
+    """The neck search box by box (neck_groups_by_box: boxes of a few peaks and a halo of half the longest
+    pair; here as a chunked run does it, each task reading its box of a staged distance map on Dask's local
+    threads) gives join_peaks' groups on the whole list. A plateau cut by walls of zero; pairs of high peaks of a region of their own, 80-98 % of their
     reach apart along an axis (joined unless a wall parts them, and only directly: a halo of 0.4 of the
     longest pair misses some), and low peaks of ten other regions."""
     import dask
     import zarr
 
     from gpu_pipeline.chunked import pipeline
+    from gpu_pipeline.stages import by_box
     from gpu_pipeline.stages.peaks import NECK_REACH, QUANTUM_DIVISOR, join_peaks, segment_minima
 
-    monkeypatch.setattr(pipeline, "BOX_HALOS", 1)
+    monkeypatch.setattr(by_box, "BOX_HALOS", 1)
     ndim, q = len(shape), QUANTUM_DIVISOR  # quanta per voxel of the finest axis
     distance = np.full(shape, 16 * q, dtype=np.int32) + rng.integers(0, 2 * q, shape).astype(np.int32)
     for _ in range(4):  # walls across one axis each
@@ -513,30 +512,56 @@ def test_neck_groups_box_by_box_equal_join_peaks_on_the_whole_list(rng, tmp_path
     expected = join_peaks(peaks, heights, region, spacing, 0.7, lambda i, j: segment_minima(distance, peaks, i, j),
                           nearby=nearby)
     with dask.config.set(num_workers=4):
-        got = pipeline._neck_groups_by_box({"peaks": peaks, "values": heights, "region": region}, shape, spacing,
-                                           0.7, nearby, store, 2, False)
+        got = by_box.neck_groups_by_box(peaks, heights, region, shape, spacing, 0.7, nearby, per_box=2,
+                                        read=functools.partial(pipeline._read_staged_box, store),
+                                        run=functools.partial(pipeline._run_on_workers, what="necks", verbose=False))
     np.testing.assert_array_equal(got, expected)
     sizes = np.bincount(expected)
     assert (sizes > 1).sum() >= 10 and (sizes == 1).sum() >= 10  # joined and lone peaks both
     halo = [np.ceil(2 * NECK_REACH[ndim] * heights.max() * unit / QUANTUM_DIVISOR / s) for s in spacing]
-    assert len(list(pipeline.peak_boxes(peaks, shape, halo, 2, voxels=pipeline.NECK_BOX_VOXELS))) >= 4
+    assert len(list(by_box.peak_boxes(peaks, shape, halo, 2, voxels=by_box.NECK_BOX_VOXELS))) >= 4
 
 
 def test_with_one_thread_the_ball_shares_and_the_necks_stay_one_call_here(rng, monkeypatch):
-    """engine_threads() == 1 (a one-worker cluster, --workers 1): no boxes, whose halos would only add work;
-    the same arrays."""
+    """A chunked run where one task runs at a time (engine_threads() == 1: a one-worker cluster, --workers 1):
+    no boxes, whose halos would only add work; the same arrays. With two, boxes."""
     import dask
 
     from gpu_pipeline.chunked import pipeline
+    from gpu_pipeline.stages import by_box
     from gpu_pipeline.stages.peaks import ball_shares
 
     peaks, heights, region, group = _random_peak_groups(rng, (200, 240), 300, n_groups=100, n_regions=2)
     calls = []
+    monkeypatch.setattr(by_box, "PEAKS_PER_BOX", 20)
     monkeypatch.setattr(pipeline, "run_grouped", lambda *a, **k: calls.append(a) or [])
     expected = ball_shares(peaks, heights, region, group, (1.0, 1.0), shape=(200, 240))
     with dask.config.set(num_workers=1):
-        got = pipeline.ball_shares_chunked(peaks, heights, region, group, (1.0, 1.0), shape=(200, 240), per_task=20)
+        got = pipeline.ball_shares_chunked(peaks, heights, region, group, (1.0, 1.0), shape=(200, 240))
     assert not calls and all(np.array_equal(a, b) for a, b in zip(got, expected))
     with dask.config.set(num_workers=2):
-        pipeline.ball_shares_chunked(peaks, heights, region, group, (1.0, 1.0), shape=(200, 240), per_task=20)
+        pipeline.ball_shares_chunked(peaks, heights, region, group, (1.0, 1.0), shape=(200, 240))
     assert calls
+
+
+@pytest.mark.parametrize("shape, n", [((320, 360), 260), ((48, 96, 96), 120)])
+def test_in_memory_the_peak_steps_box_by_box_on_threads_give_the_same_labels(rng, shape, n, monkeypatch):
+    """In memory on the CPU, a peak list of more than PEAKS_PER_BOX peaks goes box by box on threads (the
+    reach's rescue, the neck search, the ball shares): the labels of the whole list's steps, byte for byte."""
+    from gpu_pipeline import pipeline
+    from gpu_pipeline.stages import by_box
+    from gpu_pipeline.synthetic import make_touching_particles
+
+    image, _ = make_touching_particles(shape, n, radius_range=(3, 9), seed=int(rng.integers(1e6)))
+    expected = separate(image, device="cpu")
+    boxes, real = [], by_box.peak_boxes
+    monkeypatch.setattr(by_box, "PEAKS_PER_BOX", 8)
+    monkeypatch.setattr(by_box, "BOX_HALOS", 1)
+    monkeypatch.setattr(by_box, "peak_boxes", lambda *a, **k: boxes.append(list(real(*a, **k))) or boxes[-1])
+    monkeypatch.setattr(pipeline, "usable_cores", lambda: 4)
+    got = separate(image, device="cpu")
+    assert got.tobytes() == expected.tobytes() and expected.max() > n // 2
+    assert len(boxes) >= 2 and min(len(b) for b in boxes) >= 4  # the necks and the ball shares, in boxes
+    monkeypatch.setattr(pipeline, "usable_cores", lambda: 1)  # one core: the whole list, no boxes
+    boxes.clear()
+    assert separate(image, device="cpu").tobytes() == expected.tobytes() and not boxes

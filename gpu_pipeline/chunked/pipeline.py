@@ -40,7 +40,6 @@ run counts voxels at the cap and reports them.
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import sys
 from dataclasses import dataclass, field
@@ -57,11 +56,12 @@ from gpu_pipeline.chunked.workspace import (BLOCK_GROUP, Workspace, block_boxes,
                                              read_staged, run_call, run_grouped, run_tasks, to_device, write_block)
 from gpu_pipeline.pipeline import (MASK_ACCEPTED, NoParticlesError, ball_size, cap_distance, check_auto_or_number,
                                    check_max_iter, resolve_ratio, validate_spacing)
+from gpu_pipeline.stages import by_box
 from gpu_pipeline.stages.components import settle_pieces
 from gpu_pipeline.stages.kmeans import batched_kmeans
 from gpu_pipeline.stages.peaks import (PeakReach, ball_shares, join_peaks, local_maxima, quantize_cap,
                                        quantize_distance, regroup, rescued_peaks, segment_points, shadowed_peaks,
-                                       space_candidates_by_reach, unit_ball_samples, window_half_widths, within_reach)
+                                       space_candidates_by_reach, window_half_widths, within_reach)
 from gpu_pipeline.stages.split import (KMeansSeeds, assign_compiled, block_candidates, candidate_selections,
                                       kmeans_seeds, selection_passes)
 
@@ -337,7 +337,7 @@ def _pairs_by_block(low_corner, high_corner, starts, numblocks):
 
 
 def neck_groups_chunked(regions, found, *, spacing, min_distance, max_radius, ratio, nearby=None, store=None,
-                        device=None, verbose=False, distance_store=None, per_task=None):
+                        device=None, verbose=False, distance_store=None):
     """The in-memory :func:`~gpu_pipeline.stages.peaks.neck_groups` of the peaks ``found`` by `peaks_chunked`.
 
     The pairs to test come from the global peak list; each chunk recomputes
@@ -345,14 +345,17 @@ def neck_groups_chunked(regions, found, *, spacing, min_distance, max_radius, ra
     reports the lowest value, per segment, of the samples in its core; the
     minima reduce over chunks. ``distance_store``: the map :func:`peaks_chunked`
     staged; each chunk then reads its core from it instead, and a list of
-    more than ``per_task`` peaks (default :data:`NECK_PEAKS_PER_TASK`) is
-    grouped box by box on the workers (:func:`_neck_groups_by_box`). Returns
-    the group of each peak.
+    more than :data:`~gpu_pipeline.stages.by_box.PEAKS_PER_BOX` peaks is
+    grouped box by box on the workers where more than one task runs at once
+    (:func:`~gpu_pipeline.stages.by_box.neck_groups_by_box`). Returns the
+    group of each peak.
     """
     peaks, heights = found["peaks"], found["values"]
-    if distance_store is not None and peaks.shape[0] > (per_task or NECK_PEAKS_PER_TASK) and engine_threads() > 1:
-        return _neck_groups_by_box(found, regions.shape, spacing, ratio, nearby, distance_store,
-                                   per_task or NECK_PEAKS_PER_TASK, verbose)
+    if distance_store is not None and peaks.shape[0] > by_box.PEAKS_PER_BOX and engine_threads() > 1:
+        return by_box.neck_groups_by_box(peaks, heights, found["region"], regions.shape, spacing, ratio, nearby,
+                                         read=functools.partial(_read_staged_box, distance_store),
+                                         run=functools.partial(_run_on_workers, what="necks between peaks",
+                                                               verbose=verbose))
     depth = peak_halo(min_distance, max_radius, spacing)
 
     def segment_minima(i, j):
@@ -390,163 +393,26 @@ def neck_groups_chunked(regions, found, *, spacing, min_distance, max_radius, ra
                       nearest_first=False)
 
 
-#: Peaks per task, on average, of :func:`ball_shares_chunked` (ball_shares takes 12-20 µs a peak on one core,
-#: 2026-12-06: about 0.3 s a task); a peak list that fills one box is one call in the command's process.
-SHARE_PEAKS_PER_TASK = 20000
+def _run_on_workers(function, calls, *, what, verbose):
+    """A ``run`` of :mod:`gpu_pipeline.stages.by_box` on the active scheduler, one box a task."""
+    return run_grouped(function, calls, what, group=1, verbose=verbose)
 
 
-#: A box of :func:`peak_boxes` is at least this many halos across (at least one: its halo then lies in its
-#: neighbours).
-BOX_HALOS = 4
-
-
-def peak_boxes(peaks, shape, halo, per_task, *, voxels=None, empty=False):
-    """A grid of boxes over an image of ``shape`` for work on ``peaks`` that looks ``halo`` voxels (per axis)
-    around each peak: for each box holding peaks, ``(core, near, low, high)``, ascending indices of its own
-    peaks and of the peaks within ``halo`` of it (its own included), and the corners of the box with its
-    halo, clipped to the image (``high`` exclusive). ``empty``: the boxes without peaks of their own whose
-    halo holds some, too (a pair's midpoint may lie in one).
-
-    Boxes hold ``per_task`` peaks on average (and at most about ``voxels``
-    voxels, where given), and their edges are at least :data:`BOX_HALOS`
-    halos (or the image's extent, one box along that axis), so that the halo
-    lies in the neighbouring boxes and costs at most a few times the core.
-    """
-    n, ndim = peaks.shape
-    halo = np.asarray([int(h) for h in halo], np.int64)
-    extent = np.asarray([int(k) for k in shape], np.int64)
-    side = math.ceil((float(np.prod(extent)) * per_task / max(n, 1)) ** (1.0 / ndim))
-    if voxels is not None:
-        side = min(side, max(1, int(round(float(voxels) ** (1.0 / ndim)))))
-    edge = np.minimum(extent, np.maximum(np.maximum(BOX_HALOS * halo, 1), side))
-    cells = tuple(int(c) for c in -(-extent // edge))
-    key = np.ravel_multi_index(tuple((peaks // edge).T), cells)
-    order = np.argsort(key, kind="stable")
-    ordered = key[order]
-    present = np.unique(ordered)
-    around = np.asarray(list(itertools.product((-1, 0, 1), repeat=ndim)), np.int64)
-
-    def neighbours(at):
-        index = np.stack(np.unravel_index(at, cells), axis=-1).astype(np.int64)[..., None, :] + around
-        inside = ((index >= 0) & (index < np.asarray(cells))).all(axis=-1)
-        return np.ravel_multi_index(tuple(np.moveaxis(index[inside], -1, 0)), cells)
-
-    for at in np.unique(neighbours(present)) if empty else present:
-        keys = neighbours(np.asarray([at]))
-        near = np.concatenate([order[a:b] for a, b in zip(np.searchsorted(ordered, keys, side="left"),
-                                                           np.searchsorted(ordered, keys, side="right"))])
-        index = np.asarray(np.unravel_index(int(at), cells), np.int64)
-        low, high = index * edge - halo, (index + 1) * edge + halo
-        near = near[((peaks[near] >= low) & (peaks[near] < high)).all(axis=1)]
-        core = order[np.searchsorted(ordered, at, side="left"):np.searchsorted(ordered, at, side="right")]
-        if near.size:
-            yield np.sort(core), np.sort(near), np.maximum(low, 0), np.minimum(high, extent)
-
-
-def _box_ball_shares(peaks, heights, region, group, tested, spacing, power, shape):
-    """:func:`~gpu_pipeline.stages.peaks.ball_shares` of the ``tested`` peaks among ``peaks`` (a box's peaks
-    and those near it), for those peaks only."""
-    kept, counted = ball_shares(peaks, heights, region, group, spacing, power=power, tested=tested, shape=shape)
-    return kept[tested], counted[tested]
+def _read_staged_box(store, low, high):
+    """The box ``low``-``high`` of the staged store at ``store``, on the host."""
+    return to_host(read_staged(store, tuple(slice(int(a), int(b)) for a, b in zip(low, high))))
 
 
 def ball_shares_chunked(peaks, heights, region, group, spacing, *, power=True, tested=None, shape=None,
-                        verbose=False, per_task=None):
-    """:func:`~gpu_pipeline.stages.peaks.ball_shares` of a chunked run's global peak list, box by box on the
-    active scheduler (:func:`peak_boxes`): the same arrays.
-
-    A peak's count depends only on the peaks whose balls overlap its own
-    (Euclidean: within twice its radius): both lie within twice the largest
-    radius, the box's halo. Each task counts the tested peaks of one box
-    among the peaks of the box and its halo. Serial in the command's process
-    this step grows with the volume's peaks (about 40 µs a peak, the two calls
-    of a run, 2026-12-06: two hours for the ~10^8 peaks of a terabyte) while
-    the passes spread over the workers. ``per_task``: peaks per box on
-    average (default :data:`SHARE_PEAKS_PER_TASK`).
-    """
-    n = peaks.shape[0]
-    per_task = per_task or SHARE_PEAKS_PER_TASK
-    if n <= per_task or engine_threads() == 1:  # (boxes would only add their halos)
+                        verbose=False):
+    """:func:`~gpu_pipeline.stages.peaks.ball_shares` of a chunked run's global peak list: box by box on the
+    active scheduler (:func:`~gpu_pipeline.stages.by_box.ball_shares_by_box`) where it runs more than one task
+    at once, else in this process (the boxes' halos would only add work); the same arrays."""
+    if engine_threads() == 1:
         return ball_shares(peaks, heights, region, group, spacing, power=power, tested=tested, shape=shape)
-    tested = np.ones(n, dtype=bool) if tested is None else np.asarray(tested, dtype=bool)
-    _, quantum = quantize_distance(np.zeros(1, np.float32), spacing)
-    reach = 2.0 * float(np.max(heights)) * quantum
-    halo = [math.ceil(reach / float(s)) for s in spacing]
-    calls, rows = [], []
-    for core, near, _, _ in peak_boxes(peaks, peaks.max(axis=0) + 1 if shape is None else shape, halo, per_task):
-        core = core[tested[core]]
-        if core.size == 0:
-            continue
-        mine = np.isin(near, core, assume_unique=True)
-        calls.append((peaks[near], heights[near], region[near], None if group is None else group[near], mine,
-                      tuple(spacing), power, shape))
-        rows.append(core)
-    m = unit_ball_samples(peaks.shape[1]).shape[0]
-    kept, counted = np.full(n, m, dtype=np.int64), np.full(n, m, dtype=np.int64)
-    for core, (box_kept, box_counted) in zip(rows, run_grouped(_box_ball_shares, calls, "ball shares", group=1,
-                                                               verbose=verbose)):
-        kept[core], counted[core] = box_kept, box_counted
-    return kept, counted
-
-
-#: Peaks per task, on average, of the neck search box by box (:func:`_neck_groups_by_box`), and the most voxels
-#: of a box's core: each task reads its box of the staged distance map with the halo.
-NECK_PEAKS_PER_TASK = 20000
-NECK_BOX_VOXELS = 1 << 24
-
-
-def _box_neck_groups(store, low, high, peaks, heights, region, spacing, ratio, nearby):
-    """:func:`~gpu_pipeline.stages.peaks.join_peaks` of ``peaks`` (a box's and those near it) on the box
-    ``low``-``high`` of the staged distance map at ``store``: the joined peaks and their group's first peak,
-    both as indices into ``peaks``."""
-    from gpu_pipeline.stages.peaks import segment_minima
-
-    local = peaks - np.asarray(low, np.int64)  # segment samples are integer steps: the same voxels shifted
-    distance_q = None
-    if ratio is not None:
-        distance_q = to_host(read_staged(store, tuple(slice(int(a), int(b)) for a, b in zip(low, high))))
-
-    group = join_peaks(local, heights, region, spacing, ratio, lambda i, j: segment_minima(distance_q, local, i, j),
-                       nearby=nearby)
-    joined = np.flatnonzero(group != np.arange(group.size))
-    return joined, group[joined]
-
-
-def _neck_groups_by_box(found, shape, spacing, ratio, nearby, distance_store, per_task, verbose):
-    """The groups of :func:`~gpu_pipeline.stages.peaks.join_peaks` on the global peak list, from its boxes
-    (:func:`peak_boxes`) on the workers.
-
-    join_peaks tests the pairs closer than ``NECK_REACH`` times the sum of
-    their heights, and its groups are the connected components of the
-    joined pairs, whatever the order (a pair is skipped only when its peaks
-    are joined already). Each task groups all the peaks of its box and
-    halo with join_peaks (pairs of two halo peaks too), on its read of the
-    distance map, and the components of all the boxes' joins are the groups.
-    A pair is in the box that holds its midpoint, with its segment, when the
-    halo is half the longest pair: ``NECK_REACH`` times the highest peak.
-    Serial in the command's process, the enumeration of the pairs took about
-    14 µs a peak (2026-12-06).
-    """
-    from gpu_pipeline.stages.peaks import NECK_REACH, _merge_groups
-
-    peaks, heights, region = found["peaks"], found["values"], found["region"]
-    n, ndim = peaks.shape
-    _, quantum = quantize_distance(np.zeros(1, np.float32), spacing)
-    reach = NECK_REACH.get(ndim, 1.0) * float(np.max(heights)) * quantum  # half the longest pair's
-    halo = [math.ceil(reach / float(s)) for s in spacing]
-    calls, near_of = [], []
-    for _, near, low, high in peak_boxes(peaks, shape, halo, per_task, voxels=NECK_BOX_VOXELS, empty=True):
-        if near.size < 2:
-            continue
-        calls.append((distance_store, low, high, peaks[near], heights[near], region[near], tuple(spacing), ratio,
-                      nearby))
-        near_of.append(near)
-    pairs = [(near[joined], near[first]) for near, (joined, first) in
-             zip(near_of, run_grouped(_box_neck_groups, calls, "necks between peaks", group=1, verbose=verbose))]
-    group = np.arange(n, dtype=np.int64)
-    if not pairs:
-        return group
-    return _merge_groups(group, np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs]))
+    return by_box.ball_shares_by_box(peaks, heights, region, group, spacing, power=power, tested=tested,
+                                     shape=shape, run=functools.partial(_run_on_workers, what="ball shares",
+                                                                        verbose=verbose))
 
 
 def _seeds_on(seeds, xp):
