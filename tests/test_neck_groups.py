@@ -536,10 +536,13 @@ def test_with_one_thread_the_ball_shares_and_the_necks_stay_one_call_here(rng, m
     monkeypatch.setattr(by_box, "PEAKS_PER_BOX", 20)
     monkeypatch.setattr(pipeline, "run_grouped", lambda *a, **k: calls.append(a) or [])
     expected = ball_shares(peaks, heights, region, group, (1.0, 1.0), shape=(200, 240))
-    with dask.config.set(num_workers=1):
+    import dask.threaded
+
+    # Local threads as `declump run --workers N` sets them (a client another test left open is not used).
+    with dask.config.set(scheduler=dask.threaded.get, num_workers=1):
         got = pipeline.ball_shares_chunked(peaks, heights, region, group, (1.0, 1.0), shape=(200, 240))
     assert not calls and all(np.array_equal(a, b) for a, b in zip(got, expected))
-    with dask.config.set(num_workers=2):
+    with dask.config.set(scheduler=dask.threaded.get, num_workers=2):
         pipeline.ball_shares_chunked(peaks, heights, region, group, (1.0, 1.0), shape=(200, 240))
     assert calls
 
