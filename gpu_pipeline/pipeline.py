@@ -1049,12 +1049,18 @@ def split_step(fg, distance_q, quantum, peaks, *, spacing, method, neck_ratio, a
 
 
 def _on_threads(peaks):
-    """The threads for the steps on the peak list box by box (:mod:`gpu_pipeline.stages.by_box`: the same
-    results), or None: CuPy peaks, one usable core, or a list that fits one box."""
+    """``(run, threads)`` for the steps on the peak list box by box (:mod:`gpu_pipeline.stages.by_box`: the
+    same results), or None: CuPy peaks, one usable core, or a list that fits one box."""
     if get_array_module(peaks) is not np or peaks.shape[0] <= by_box.PEAKS_PER_BOX:
         return None
     threads = usable_cores()
-    return by_box.on_threads(threads) if threads > 1 else None
+    return (by_box.on_threads(threads), threads) if threads > 1 else None
+
+
+def _shares_on(threads):
+    """The ``shares`` function of the peak steps for :func:`_on_threads`' result (None: the whole list)."""
+    return None if threads is None else functools.partial(by_box.ball_shares_by_box, run=threads[0],
+                                                          parallel=threads[1])
 
 
 def rescue_step(peaks, overlooked, distance_q, regions, *, spacing, reach_share, power=True):
@@ -1062,10 +1068,8 @@ def rescue_step(peaks, overlooked, distance_q, regions, *, spacing, reach_share,
     (:func:`~gpu_pipeline.stages.peaks.rescued_peaks`; ``overlooked`` None: all peaks)."""
     if overlooked is None:
         return peaks
-    run = _on_threads(peaks)
     return peaks[rescued_peaks(peaks, distance_q[tuple(peaks.T)], regions[tuple(peaks.T)], overlooked, spacing,
-                               regions.shape, reach_share, power=power,
-                               shares=run and functools.partial(by_box.ball_shares_by_box, run=run))]
+                               regions.shape, reach_share, power=power, shares=_shares_on(_on_threads(peaks)))]
 
 
 def group_step(peaks, distance_q, regions, *, spacing, neck_ratio, nearby_ratio, ball_share, max_radius, power=True):
@@ -1073,19 +1077,19 @@ def group_step(peaks, distance_q, regions, *, spacing, neck_ratio, nearby_ratio,
     that keep less than ``ball_share`` of their balls dropped: (peaks, group) for the assignment. A large list
     on the CPU goes box by box on threads (the same groups and shares)."""
     group = None
-    run = _on_threads(peaks)
+    threads = _on_threads(peaks)
     if (neck_ratio, nearby_ratio) != (None, None):
-        if run is None:
-            group = neck_groups(peaks, distance_q, regions, spacing, neck_ratio, nearby_ratio)
-        else:
+        if threads is not None:
             group = by_box.neck_groups_by_box(
                 peaks, distance_q[tuple(peaks.T)], regions[tuple(peaks.T)], regions.shape, spacing, neck_ratio,
-                nearby_ratio, run=run,
+                nearby_ratio, run=threads[0], parallel=threads[1],
                 read=lambda low, high: distance_q[tuple(slice(int(a), int(b)) for a, b in zip(low, high))])
+        if group is None:
+            group = neck_groups(peaks, distance_q, regions, spacing, neck_ratio, nearby_ratio)
     if ball_share is not None:
         keep = shadowed_peaks(peaks, distance_q[tuple(peaks.T)], regions[tuple(peaks.T)], group, spacing,
                               regions.shape, distance_cap(regions.shape, spacing, max_radius), ball_share, power=power,
-                              shares=run and functools.partial(by_box.ball_shares_by_box, run=run))
+                              shares=_shares_on(threads))
         peaks, group = peaks[keep], regroup(group, keep)
     return peaks, group
 

@@ -534,6 +534,7 @@ def test_with_one_thread_the_ball_shares_and_the_necks_stay_one_call_here(rng, m
     peaks, heights, region, group = _random_peak_groups(rng, (200, 240), 300, n_groups=100, n_regions=2)
     calls = []
     monkeypatch.setattr(by_box, "PEAKS_PER_BOX", 20)
+    monkeypatch.setattr(by_box, "BOX_WORTH", float("inf"))
     monkeypatch.setattr(pipeline, "run_grouped", lambda *a, **k: calls.append(a) or [])
     expected = ball_shares(peaks, heights, region, group, (1.0, 1.0), shape=(200, 240))
     import dask.threaded
@@ -560,6 +561,7 @@ def test_in_memory_the_peak_steps_box_by_box_on_threads_give_the_same_labels(rng
     boxes, real = [], by_box.peak_boxes
     monkeypatch.setattr(by_box, "PEAKS_PER_BOX", 8)
     monkeypatch.setattr(by_box, "BOX_HALOS", 1)
+    monkeypatch.setattr(by_box, "BOX_WORTH", float("inf"))
     monkeypatch.setattr(by_box, "peak_boxes", lambda *a, **k: boxes.append(list(real(*a, **k))) or boxes[-1])
     monkeypatch.setattr(pipeline, "usable_cores", lambda: 4)
     got = separate(image, device="cpu")
@@ -568,3 +570,30 @@ def test_in_memory_the_peak_steps_box_by_box_on_threads_give_the_same_labels(rng
     monkeypatch.setattr(pipeline, "usable_cores", lambda: 1)  # one core: the whole list, no boxes
     boxes.clear()
     assert separate(image, device="cpu").tobytes() == expected.tobytes() and not boxes
+
+
+def test_boxes_are_used_where_their_halos_leave_a_gain(rng):
+    """worth_boxes estimates, with the peaks spread evenly, the peaks the boxes hold (halos included) over
+    the boxes that run at once, against BOX_WORTH of the list: it agrees with the boxes built; specks under
+    one very high peak (whose halo makes a few boxes holding much of the list each) stay one call, the same
+    specks alone go by box; ball_shares_by_box gives the same arrays either way."""
+    from gpu_pipeline.stages.by_box import BOX_WORTH, ball_shares_by_box, on_threads, peak_boxes, worth_boxes
+    from gpu_pipeline.stages.peaks import QUANTUM_DIVISOR, ball_shares
+
+    shape, n = (400, 400), 4000
+    flat = np.sort(rng.choice(int(np.prod(shape)), n, replace=False))
+    peaks = np.stack(np.unravel_index(flat, shape), axis=1).astype(np.int64)
+    heights = np.full(n, QUANTUM_DIVISOR, dtype=np.int32)  # specks of one voxel
+    region = np.ones(n, dtype=np.int64)
+    for high, expected in ((1, True), (40, False)):
+        heights[n // 2] = high * QUANTUM_DIVISOR
+        halo = [int(np.ceil(2 * high))] * 2
+        boxes = list(peak_boxes(peaks, shape, halo, 200))
+        held = sum(b[1].size for b in boxes) / n
+        assert (held / min(2, len(boxes)) <= BOX_WORTH) is expected, held
+        assert worth_boxes(shape, halo, n, 200, 2) is expected and worth_boxes(shape, halo, n, 200, None)
+        got = ball_shares_by_box(peaks, heights, region, None, (1.0, 1.0), shape=shape, per_box=200,
+                                 run=on_threads(2), parallel=2)
+        assert all(np.array_equal(a, b) for a, b in zip(got, ball_shares(peaks, heights, region, None, (1.0, 1.0),
+                                                                          shape=shape)))
+    assert not worth_boxes(shape, [1, 1], n, n, 4)  # one box

@@ -351,11 +351,14 @@ def neck_groups_chunked(regions, found, *, spacing, min_distance, max_radius, ra
     group of each peak.
     """
     peaks, heights = found["peaks"], found["values"]
-    if distance_store is not None and peaks.shape[0] > by_box.PEAKS_PER_BOX and engine_threads() > 1:
-        return by_box.neck_groups_by_box(peaks, heights, found["region"], regions.shape, spacing, ratio, nearby,
-                                         read=functools.partial(_read_staged_box, distance_store),
-                                         run=functools.partial(_run_on_workers, what="necks between peaks",
-                                                               verbose=verbose))
+    parallel = engine_threads()
+    if distance_store is not None and peaks.shape[0] > by_box.PEAKS_PER_BOX and parallel > 1:
+        group = by_box.neck_groups_by_box(peaks, heights, found["region"], regions.shape, spacing, ratio, nearby,
+                                          read=functools.partial(_read_staged_box, distance_store),
+                                          run=functools.partial(_run_on_workers, what="necks between peaks",
+                                                                verbose=verbose), parallel=parallel)
+        if group is not None:
+            return group
     depth = peak_halo(min_distance, max_radius, spacing)
 
     def segment_minima(i, j):
@@ -408,11 +411,12 @@ def ball_shares_chunked(peaks, heights, region, group, spacing, *, power=True, t
     """:func:`~gpu_pipeline.stages.peaks.ball_shares` of a chunked run's global peak list: box by box on the
     active scheduler (:func:`~gpu_pipeline.stages.by_box.ball_shares_by_box`) where it runs more than one task
     at once, else in this process (the boxes' halos would only add work); the same arrays."""
-    if engine_threads() == 1:
+    parallel = engine_threads()
+    if parallel == 1:
         return ball_shares(peaks, heights, region, group, spacing, power=power, tested=tested, shape=shape)
     return by_box.ball_shares_by_box(peaks, heights, region, group, spacing, power=power, tested=tested,
                                      shape=shape, run=functools.partial(_run_on_workers, what="ball shares",
-                                                                        verbose=verbose))
+                                                                        verbose=verbose), parallel=parallel)
 
 
 def _seeds_on(seeds, xp):

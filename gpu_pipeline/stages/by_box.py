@@ -33,6 +33,13 @@ PEAKS_PER_BOX = 20000
 NECK_BOX_VOXELS = 1 << 24
 #: A box is at least this many halos across (at least one: its halo then lies in its neighbours).
 BOX_HALOS = 4
+#: Boxes are used where their halos leave a gain: the peaks the boxes hold, halos included, over the boxes
+#: that run at once, at most this share of the list's peaks; else the whole list is one call. The halo follows
+#: the highest peak. On two threads (2026-12-06): specks around a few large balls in 160x256x256 (400,000
+#: peaks) made 18 neck boxes holding 2.77 times the list (1.39 a thread) and 4 ball-share boxes holding
+#: 1.69 (0.85): 1.60 -> 2.19 s and 1.66 -> 1.87 s by box; the 4096^2 speckled mask (1.49 M peaks) 81 boxes
+#: holding 1.25 (0.62): 12.2 -> 7.9 s and 4.2 -> 3.3 s.
+BOX_WORTH = 0.8
 
 
 def peak_boxes(peaks, shape, halo, per_box, *, voxels=None, empty=False):
@@ -50,10 +57,7 @@ def peak_boxes(peaks, shape, halo, per_box, *, voxels=None, empty=False):
     n, ndim = peaks.shape
     halo = np.asarray([int(h) for h in halo], np.int64)
     extent = np.asarray([int(k) for k in shape], np.int64)
-    side = math.ceil((float(np.prod(extent)) * per_box / max(n, 1)) ** (1.0 / ndim))
-    if voxels is not None:
-        side = min(side, max(1, int(round(float(voxels) ** (1.0 / ndim)))))
-    edge = np.minimum(extent, np.maximum(np.maximum(BOX_HALOS * halo, 1), side))
+    edge = box_edges(shape, halo, n, per_box, voxels)
     cells = tuple(int(c) for c in -(-extent // edge))
     key = np.ravel_multi_index(tuple((peaks // edge).T), cells)
     order = np.argsort(key, kind="stable")
@@ -78,6 +82,32 @@ def peak_boxes(peaks, shape, halo, per_box, *, voxels=None, empty=False):
             yield np.sort(core), np.sort(near), np.maximum(low, 0), np.minimum(high, extent)
 
 
+def box_edges(shape, halo, n, per_box, voxels=None):
+    """The edges of :func:`peak_boxes`' boxes for ``n`` peaks in an image of ``shape``."""
+    halo = np.asarray([int(h) for h in halo], np.int64)
+    extent = np.asarray([int(k) for k in shape], np.int64)
+    side = math.ceil((float(np.prod(extent)) * per_box / max(n, 1)) ** (1.0 / len(extent)))
+    if voxels is not None:
+        side = min(side, max(1, int(round(float(voxels) ** (1.0 / len(extent))))))
+    return np.minimum(extent, np.maximum(np.maximum(BOX_HALOS * halo, 1), side))
+
+
+def worth_boxes(shape, halo, n, per_box, parallel, voxels=None):
+    """Whether :func:`peak_boxes`' boxes, ``parallel`` of them at once, beat one call on the whole list: the
+    peaks they hold, halos included, over the boxes that run at once, at most :data:`BOX_WORTH` of the list,
+    with the peaks spread evenly (the boxes are not built to decide). ``parallel`` None: always (tests of the
+    boxes themselves)."""
+    if parallel is None:
+        return True
+    edge = box_edges(shape, halo, n, per_box, voxels)
+    held, boxes = 1.0, 1
+    for length, step, reach in zip((int(k) for k in shape), edge.tolist(), (int(h) for h in halo)):
+        starts = range(0, length, step)
+        boxes *= len(starts)
+        held *= sum(min(length, a + step + reach) - max(0, a - reach) for a in starts) / length
+    return boxes > 1 and held / min(int(parallel), boxes) <= BOX_WORTH
+
+
 def on_threads(threads):
     """A ``run`` for this module's functions: the calls on up to ``threads`` threads of this process (NumPy
     releases the GIL in its loops over the boxes' arrays), results in order."""
@@ -98,26 +128,31 @@ def box_ball_shares(peaks, heights, region, group, tested, spacing, power, shape
     return kept[tested], counted[tested]
 
 
-def ball_shares_by_box(peaks, heights, region, group, spacing, *, run, power=True, tested=None, shape=None,
-                       per_box=None):
+def ball_shares_by_box(peaks, heights, region, group, spacing, *, run, parallel=None, power=True, tested=None,
+                       shape=None, per_box=None):
     """:func:`~gpu_pipeline.stages.peaks.ball_shares` box by box (:func:`peak_boxes`): the same arrays.
 
     A peak's count depends only on the peaks whose balls overlap its own
     (Euclidean: within twice its radius): both lie within twice the largest
     radius, the box's halo. Each call counts the tested peaks of one box
     among the peaks of the box and its halo. ``per_box``: peaks per box on
-    average (default :data:`PEAKS_PER_BOX`); a list of no more is one call here.
+    average (default :data:`PEAKS_PER_BOX`); a list of no more, or boxes not
+    worth it with ``parallel`` calls at once (:func:`worth_boxes`), is one call here.
     """
     n = peaks.shape[0]
     per_box = per_box or PEAKS_PER_BOX
+    whole = dict(power=power, tested=tested, shape=shape)
     if n <= per_box:
-        return ball_shares(peaks, heights, region, group, spacing, power=power, tested=tested, shape=shape)
-    tested = np.ones(n, dtype=bool) if tested is None else np.asarray(tested, dtype=bool)
+        return ball_shares(peaks, heights, region, group, spacing, **whole)
     _, quantum = quantize_distance(np.zeros(1, np.float32), spacing)
     reach = 2.0 * float(np.max(heights)) * quantum
     halo = [math.ceil(reach / float(s)) for s in spacing]
+    extent = peaks.max(axis=0) + 1 if shape is None else shape
+    if not worth_boxes(extent, halo, n, per_box, parallel):
+        return ball_shares(peaks, heights, region, group, spacing, **whole)
+    tested = np.ones(n, dtype=bool) if tested is None else np.asarray(tested, dtype=bool)
     calls, rows = [], []
-    for core, near, _, _ in peak_boxes(peaks, peaks.max(axis=0) + 1 if shape is None else shape, halo, per_box):
+    for core, near, _, _ in peak_boxes(peaks, extent, halo, per_box):
         core = core[tested[core]]
         if core.size == 0:
             continue
@@ -144,9 +179,11 @@ def box_neck_groups(read, low, high, peaks, heights, region, spacing, ratio, nea
     return joined, group[joined]
 
 
-def neck_groups_by_box(peaks, heights, region, shape, spacing, ratio, nearby, *, read, run, per_box=None):
+def neck_groups_by_box(peaks, heights, region, shape, spacing, ratio, nearby, *, read, run, parallel=None,
+                       per_box=None):
     """The groups of :func:`~gpu_pipeline.stages.peaks.join_peaks` on a peak list, box by box
-    (:func:`peak_boxes`): the same array. ``read(low, high)``: the quantised distance map's box (host array).
+    (:func:`peak_boxes`): the same array; or None where the boxes are not worth it with ``parallel`` calls
+    at once (:func:`worth_boxes`). ``read(low, high)``: the quantised distance map's box (host array).
 
     join_peaks tests the pairs closer than ``NECK_REACH`` times the sum of
     their heights, and its groups are the connected components of the
@@ -161,9 +198,11 @@ def neck_groups_by_box(peaks, heights, region, shape, spacing, ratio, nearby, *,
     _, quantum = quantize_distance(np.zeros(1, np.float32), spacing)
     reach = NECK_REACH.get(ndim, 1.0) * float(np.max(heights)) * quantum  # half the longest pair's
     halo = [math.ceil(reach / float(s)) for s in spacing]
+    per_box = per_box or PEAKS_PER_BOX
+    if not worth_boxes(shape, halo, n, per_box, parallel, voxels=NECK_BOX_VOXELS):
+        return None
     calls, near_of = [], []
-    for _, near, low, high in peak_boxes(peaks, shape, halo, per_box or PEAKS_PER_BOX, voxels=NECK_BOX_VOXELS,
-                                         empty=True):
+    for _, near, low, high in peak_boxes(peaks, shape, halo, per_box, voxels=NECK_BOX_VOXELS, empty=True):
         if near.size < 2:
             continue
         calls.append((read, low, high, peaks[near], heights[near], region[near], tuple(spacing), ratio, nearby))
