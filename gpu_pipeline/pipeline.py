@@ -1050,8 +1050,8 @@ def split_step(fg, distance_q, quantum, peaks, *, spacing, method, neck_ratio, a
 
 def _on_threads(peaks):
     """``(run, threads)`` for the steps on the peak list box by box (:mod:`gpu_pipeline.stages.by_box`: the
-    same results), or None: CuPy peaks, one usable core, or a list that fits one box."""
-    if get_array_module(peaks) is not np or peaks.shape[0] <= by_box.PEAKS_PER_BOX:
+    same results, where the list and the boxes are worth it), or None: CuPy peaks or one usable core."""
+    if get_array_module(peaks) is not np:
         return None
     threads = usable_cores()
     return (by_box.on_threads(threads), threads) if threads > 1 else None

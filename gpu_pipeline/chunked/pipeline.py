@@ -59,7 +59,7 @@ from gpu_pipeline.pipeline import (MASK_ACCEPTED, NoParticlesError, ball_size, c
 from gpu_pipeline.stages import by_box
 from gpu_pipeline.stages.components import settle_pieces
 from gpu_pipeline.stages.kmeans import batched_kmeans
-from gpu_pipeline.stages.peaks import (PeakReach, ball_shares, join_peaks, local_maxima, quantize_cap,
+from gpu_pipeline.stages.peaks import (PeakReach, join_peaks, local_maxima, quantize_cap,
                                        quantize_distance, regroup, rescued_peaks, segment_points, shadowed_peaks,
                                        space_candidates_by_reach, window_half_widths, within_reach)
 from gpu_pipeline.stages.split import (KMeansSeeds, assign_compiled, block_candidates, candidate_selections,
@@ -351,12 +351,11 @@ def neck_groups_chunked(regions, found, *, spacing, min_distance, max_radius, ra
     group of each peak.
     """
     peaks, heights = found["peaks"], found["values"]
-    parallel = engine_threads()
-    if distance_store is not None and peaks.shape[0] > by_box.PEAKS_PER_BOX and parallel > 1:
+    if distance_store is not None:
         group = by_box.neck_groups_by_box(peaks, heights, found["region"], regions.shape, spacing, ratio, nearby,
                                           read=functools.partial(_read_staged_box, distance_store),
                                           run=functools.partial(_run_on_workers, what="necks between peaks",
-                                                                verbose=verbose), parallel=parallel)
+                                                                verbose=verbose), parallel=engine_threads())
         if group is not None:
             return group
     depth = peak_halo(min_distance, max_radius, spacing)
@@ -410,13 +409,11 @@ def ball_shares_chunked(peaks, heights, region, group, spacing, *, power=True, t
                         verbose=False):
     """:func:`~gpu_pipeline.stages.peaks.ball_shares` of a chunked run's global peak list: box by box on the
     active scheduler (:func:`~gpu_pipeline.stages.by_box.ball_shares_by_box`) where it runs more than one task
-    at once, else in this process (the boxes' halos would only add work); the same arrays."""
-    parallel = engine_threads()
-    if parallel == 1:
-        return ball_shares(peaks, heights, region, group, spacing, power=power, tested=tested, shape=shape)
+    at once and the boxes pay, else in this process (with one, their halos would only add work); the same
+    arrays."""
     return by_box.ball_shares_by_box(peaks, heights, region, group, spacing, power=power, tested=tested,
                                      shape=shape, run=functools.partial(_run_on_workers, what="ball shares",
-                                                                        verbose=verbose), parallel=parallel)
+                                                                        verbose=verbose), parallel=engine_threads())
 
 
 def _seeds_on(seeds, xp):

@@ -23,6 +23,7 @@ import math
 
 import numpy as np
 
+from gpu_pipeline._common import each_on_threads
 from gpu_pipeline.stages.peaks import (NECK_REACH, _merge_groups, ball_shares, join_peaks, quantize_distance,
                                        segment_minima, unit_ball_samples)
 
@@ -95,10 +96,12 @@ def box_edges(shape, halo, n, per_box, voxels=None):
 def worth_boxes(shape, halo, n, per_box, parallel, voxels=None):
     """Whether :func:`peak_boxes`' boxes, ``parallel`` of them at once, beat one call on the whole list: the
     peaks they hold, halos included, over the boxes that run at once, at most :data:`BOX_WORTH` of the list,
-    with the peaks spread evenly (the boxes are not built to decide). ``parallel`` None: always (tests of the
-    boxes themselves)."""
+    with the peaks spread evenly (the boxes are not built to decide). Never with one call at a time (their
+    halos would only add work); ``parallel`` None: always (tests of the boxes themselves)."""
     if parallel is None:
         return True
+    if int(parallel) <= 1:
+        return False
     edge = box_edges(shape, halo, n, per_box, voxels)
     held, boxes = 1.0, 1
     for length, step, reach in zip((int(k) for k in shape), edge.tolist(), (int(h) for h in halo)):
@@ -108,16 +111,24 @@ def worth_boxes(shape, halo, n, per_box, parallel, voxels=None):
     return boxes > 1 and held / min(int(parallel), boxes) <= BOX_WORTH
 
 
+def _halo(reach_per_height, heights, spacing):
+    """Voxels per axis within ``reach_per_height`` times the highest of the quantised ``heights``."""
+    _, quantum = quantize_distance(np.zeros(1, np.float32), spacing)
+    reach = reach_per_height * float(np.max(heights)) * quantum
+    return [math.ceil(reach / float(s)) for s in spacing]
+
+
 def on_threads(threads):
     """A ``run`` for this module's functions: the calls on up to ``threads`` threads of this process (NumPy
-    releases the GIL in its loops over the boxes' arrays), results in order."""
+    releases the GIL in its loops over the boxes' arrays; :func:`~gpu_pipeline._common.each_on_threads`),
+    results in order."""
     def run(function, calls):
-        if threads <= 1 or len(calls) <= 1:
-            return [function(*call) for call in calls]
-        from concurrent.futures import ThreadPoolExecutor
+        results = [None] * len(calls)
 
-        with ThreadPoolExecutor(min(threads, len(calls))) as pool:
-            return list(pool.map(lambda call: function(*call), calls))
+        def one(at):
+            results[at] = function(*calls[at])
+        each_on_threads(one, range(len(calls)), threads)
+        return results
     return run
 
 
@@ -137,16 +148,15 @@ def ball_shares_by_box(peaks, heights, region, group, spacing, *, run, parallel=
     radius, the box's halo. Each call counts the tested peaks of one box
     among the peaks of the box and its halo. ``per_box``: peaks per box on
     average (default :data:`PEAKS_PER_BOX`); a list of no more, or boxes not
-    worth it with ``parallel`` calls at once (:func:`worth_boxes`), is one call here.
+    worth it with ``parallel`` calls at once (:func:`worth_boxes`), is one
+    call here.
     """
     n = peaks.shape[0]
     per_box = per_box or PEAKS_PER_BOX
     whole = dict(power=power, tested=tested, shape=shape)
     if n <= per_box:
         return ball_shares(peaks, heights, region, group, spacing, **whole)
-    _, quantum = quantize_distance(np.zeros(1, np.float32), spacing)
-    reach = 2.0 * float(np.max(heights)) * quantum
-    halo = [math.ceil(reach / float(s)) for s in spacing]
+    halo = _halo(2.0, heights, spacing)  # twice the largest radius
     extent = peaks.max(axis=0) + 1 if shape is None else shape
     if not worth_boxes(extent, halo, n, per_box, parallel):
         return ball_shares(peaks, heights, region, group, spacing, **whole)
@@ -182,8 +192,9 @@ def box_neck_groups(read, low, high, peaks, heights, region, spacing, ratio, nea
 def neck_groups_by_box(peaks, heights, region, shape, spacing, ratio, nearby, *, read, run, parallel=None,
                        per_box=None):
     """The groups of :func:`~gpu_pipeline.stages.peaks.join_peaks` on a peak list, box by box
-    (:func:`peak_boxes`): the same array; or None where the boxes are not worth it with ``parallel`` calls
-    at once (:func:`worth_boxes`). ``read(low, high)``: the quantised distance map's box (host array).
+    (:func:`peak_boxes`): the same array; or None for a list of no more than ``per_box`` peaks (default
+    :data:`PEAKS_PER_BOX`), or where the boxes are not worth it with ``parallel`` calls at once
+    (:func:`worth_boxes`). ``read(low, high)``: the quantised distance map's box (host array).
 
     join_peaks tests the pairs closer than ``NECK_REACH`` times the sum of
     their heights, and its groups are the connected components of the
@@ -195,10 +206,10 @@ def neck_groups_by_box(peaks, heights, region, shape, spacing, ratio, nearby, *,
     halo is half the longest pair: ``NECK_REACH`` times the highest peak.
     """
     n, ndim = peaks.shape
-    _, quantum = quantize_distance(np.zeros(1, np.float32), spacing)
-    reach = NECK_REACH.get(ndim, 1.0) * float(np.max(heights)) * quantum  # half the longest pair's
-    halo = [math.ceil(reach / float(s)) for s in spacing]
     per_box = per_box or PEAKS_PER_BOX
+    if n <= per_box:
+        return None
+    halo = _halo(NECK_REACH.get(ndim, 1.0), heights, spacing)  # half the longest pair
     if not worth_boxes(shape, halo, n, per_box, parallel, voxels=NECK_BOX_VOXELS):
         return None
     calls, near_of = [], []
