@@ -296,7 +296,7 @@ def main(argv=None):
     from gpu_pipeline.chunked.workspace import limit_malloc_arenas
     from gpu_pipeline.synthetic import make_touching_particles
 
-    limit_malloc_arenas(1)  # as `declump run` with one worker thread does
+    limit_malloc_arenas(1)  # one arena, as `declump run` sets it (run_malloc_setup)
     result = {"machine": machine_info(), "load_average_start": [round(v, 2) for v in os.getloadavg()],
               "size": args.size}
     result["stages"] = []

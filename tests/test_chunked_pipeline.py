@@ -1124,6 +1124,51 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc: Linux only")
+@pytest.mark.parametrize("setup", ["run", "arena per thread", "none"])
+def test_large_block_temporaries_are_reused_from_every_thread(setup):
+    """A 256^3 block's float64 temporaries (here 100 and 40 MiB, above glibc's 32 MiB ceiling for its mmap
+    threshold) freed by two worker threads and allocated again: with the run's setting (run_malloc_setup: no
+    mmap, one arena) the second round reuses the heap's pages; with an arena per thread (the setting before)
+    the second thread's arena, built of 64 MiB heaps, serves them from fresh mmaps, and with glibc's own
+    settings every array is one: a page fault on every 4 KiB."""
+    code = f"""
+import resource, threading
+import numpy as np
+from gpu_pipeline.chunked.workspace import _glibc, limit_malloc_arenas, run_malloc_setup
+if _glibc("mallopt") is None:
+    print("not glibc")
+    raise SystemExit
+if {setup!r} == "run":
+    assert run_malloc_setup()
+elif {setup!r} == "arena per thread":
+    assert limit_malloc_arenas(2)
+def block():
+    arrays = [np.ones(100 << 17), np.ones(40 << 17)]  # every page touched
+    del arrays
+def both():
+    for thread in [threading.Thread(target=block) for _ in range(2)]:
+        thread.start()
+        thread.join()
+both()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+both()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    # NumPy's huge-page advice off, as in the run (no_hugepage_advice): faults are then counted in 4 KiB pages.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, "NUMPY_MADVISE_HUGEPAGE": "0"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if "libc.so.6" in done.stderr or done.stdout.strip() == "not glibc":
+        pytest.skip("not glibc")
+    assert done.returncode == 0, done.stderr
+    pages = 2 * (140 << 20) // 4096
+    faults = int(done.stdout)
+    if setup == "run":
+        assert faults < pages // 10, (faults, pages)
+    else:
+        assert faults > pages // 3, (faults, pages)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc: Linux only")
 def test_freed_heap_memory_goes_back_to_the_os_before_the_output_stage():
     """128 MiB of small heap blocks freed under one block still in use stay resident (glibc trims only the top
     of the heap by itself); return_freed_memory, which a chunked run calls before writing its outputs, hands

@@ -38,10 +38,9 @@ import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops_for, to_host
 from gpu_pipeline._common import ChunkShapeError, UnusableValuesError, usable_cores, whole_number_at_least
-from gpu_pipeline.chunked.workspace import (LOCAL_CLUSTER_HTTP, Workspace, active_client, limit_malloc_arenas,
-                                            local_cluster_config, no_hugepage_advice, own_worker_setup,
-                                            return_freed_memory, run_lock, save_records, worker_malloc_setup,
-                                            write_blocks)
+from gpu_pipeline.chunked.workspace import (LOCAL_CLUSTER_HTTP, Workspace, active_client, local_cluster_config,
+                                            own_worker_setup, return_freed_memory, run_lock, run_malloc_setup,
+                                            save_records, write_blocks)
 from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, PROBABILITIES_MARK, boolean_input_as_mask,
                              check_foreground_options, check_not_inputs, check_replaceable_outputs, disk_error, ngff_levels,
                              output_paths, remove_stale_table, run_inputs, run_outputs, spatial_unit, write_label_levels,
@@ -117,11 +116,11 @@ def _gpu_worker_setup(fraction=GPU_POOL_FRACTION):
 
 
 def _setup_workers(client, device, gpu_error, own=True):
-    """Every worker of ``client``: glibc's malloc for chunk-sized arrays (worker_malloc_setup), on workers
+    """Every worker of ``client``: glibc's malloc for chunk-sized arrays (run_malloc_setup), on workers
     this command started (``own``) no log records that repeat what the command reports and Ctrl-C left to
     the command (own_worker_setup), and on ``device="gpu"`` the CuPy pool cap (_gpu_worker_setup);
     ``gpu_error`` starts the error if that fails."""
-    client.run(worker_malloc_setup)
+    client.run(run_malloc_setup)
     if own:
         client.run(own_worker_setup)
     if device != "gpu":
@@ -460,8 +459,7 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
         raise DeclumpError(f"chunked output must be a .zarr path, got {paths['labels']}")
     kind, threads = engine_plan(device=device, cluster=cluster, scheduler=scheduler, workers=workers,
                                 n_gpus=1, gpu_threads=gpu_threads)  # refuse early
-    limit_malloc_arenas(threads if kind == "threads" else 1)  # before Zarr's I/O threads allocate
-    no_hugepage_advice()
+    run_malloc_setup()  # before Zarr's I/O threads allocate
     work = work_folder(paths["labels"], scratch)
     check_not_inputs(run_outputs(paths, probabilities_path, work), run_inputs(input_path, mask_path, classifier))
     # A user's folder at a companion's path (the labels' own path: below, a file there too).
@@ -683,6 +681,9 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
                     {"spacing": [float(s) for s in spacing], **PROBABILITIES_MARK, "classes": list(model.classes)})
             paths["probabilities"] = Path(probabilities_path)
     return_freed_memory()  # the passes' freed temporaries, before the output stage loads pyarrow and matplotlib
+    client = active_client()
+    if client is not None:  # and the workers' (those of a running cluster live on; run_malloc_setup never trims)
+        client.run(return_freed_memory)
     write_parquet(table, paths["table"])
     write_overlay(paths["overlay"], *planes)
     write_size_histogram(paths["histogram"], table["equivalent_diameter"], unit=unit)  # as in-memory runs

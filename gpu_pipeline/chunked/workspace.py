@@ -111,15 +111,15 @@ def block_boxes(chunks):
         yield index, tuple(slice(int(starts[a][i]), int(starts[a][i] + chunks[a][i])) for a, i in enumerate(index))
 
 
-#: glibc's ceiling for its adaptive mmap threshold on 64-bit (``DEFAULT_MMAP_THRESHOLD_MAX``), the trim
-#: threshold it pairs with it (twice the mmap threshold), and the freed memory kept at the heap's top when it
-#: trims: what :func:`limit_malloc_arenas` sets.
-MMAP_THRESHOLD = 32 << 20
-TRIM_THRESHOLD = 64 << 20
+#: What :func:`limit_malloc_arenas` sets: no array is a fresh mmap (``M_MMAP_MAX`` 0: every allocation comes
+#: from the heap, and freed memory is reused), the heap is not trimmed during a run (a trim threshold of 2 GiB;
+#: :func:`return_freed_memory` trims it once the passes are done), and it grows in steps of at least 64 MiB.
+MMAP_MAX = 0
+TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes an int
 TOP_PAD = 64 << 20
 #: Those settings, each as (``mallopt`` parameter, the environment variable that sets it at a process's start,
 #: value): the one list that :func:`limit_malloc_arenas` and :func:`malloc_environ` both apply.
-MALLOC_SETTINGS = ((-3, "MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD), (-1, "MALLOC_TRIM_THRESHOLD_", TRIM_THRESHOLD),
+MALLOC_SETTINGS = ((-4, "MALLOC_MMAP_MAX_", MMAP_MAX), (-1, "MALLOC_TRIM_THRESHOLD_", TRIM_THRESHOLD),
                    (-2, "MALLOC_TOP_PAD_", TOP_PAD))
 #: ``mallopt``'s parameter for the number of arenas (``MALLOC_ARENA_MAX`` at start).
 M_ARENA_MAX = -8
@@ -245,36 +245,42 @@ def limit_malloc_arenas(threads):
     reuses freed memory. By default every thread that allocates gets an arena
     of its own (up to 8 per core): the Dask worker threads, Zarr's I/O
     threads, the main thread; each keeps freed chunk-sized arrays for its own
-    later use, so resident memory is a multiple of one task's. With one arena
-    per worker thread (``M_ARENA_MAX``), temporaries are reused across threads
-    and passes.
+    later use, so resident memory is a multiple of one task's. With few arenas
+    (``M_ARENA_MAX``), temporaries are reused across threads and passes.
+    Chunked runs ask for one (:func:`run_malloc_setup`).
 
-    Then the thresholds: arrays up to :data:`MMAP_THRESHOLD` come from the
-    heap (``M_MMAP_THRESHOLD``), and when freed memory at the heap's top
-    passes :data:`TRIM_THRESHOLD` glibc hands back only what exceeds
-    :data:`TOP_PAD` (``M_TRIM_THRESHOLD``, ``M_TOP_PAD``). With glibc's
-    adaptive thresholds (the setting before) it trimmed the heap to almost
-    nothing after each pass's chunk-sized temporaries (its trim threshold
-    follows the largest freed array, its pad is 128 KiB), and the next
-    block's arrays and Zarr's decoded chunks took fresh pages, one page
-    fault per 4 KiB: a task reading a 145^3 block of int32 with its halo from
-    the staged store faulted 17-19 thousand times and took 56-65 ms, against
-    17-27 ms and 4-10 thousand faults for the same read in the main thread.
+    Then the thresholds (:data:`MALLOC_SETTINGS`): no array is a fresh mmap
+    (``M_MMAP_MAX`` 0), and the heap keeps what is freed until the run trims
+    it (``M_TRIM_THRESHOLD``, ``M_TOP_PAD``). A freed array's pages are then
+    reused by the next block's arrays and Zarr's decoded chunks; a fresh
+    mmap, or a trimmed heap, gives fresh pages, one page fault per 4 KiB.
     Kept pages are pages the run had in use before, so the peak stays the
-    same. Measured 2026-12-02 (22:00-22:30 UTC), 256^3 in 128^3 chunks,
-    ``declump run`` with local threads on one core, three interleaved runs
-    each (wall seconds, system seconds, page faults, peak RSS):
+    same. Measured on the 2-core VM, ``declump run`` on 256x512x512 with
+    local threads (wall seconds, system seconds, page faults, peak RSS):
 
-    - adaptive thresholds: 5.71-5.78 s, 1.15-1.37 s, 0.32-0.42 M, 0.283-0.284 GiB (GiB: 2^30 bytes);
-    - mmap 32 MiB, trim 64 MiB, pad 64 MiB (this): 4.79-5.18 s, 0.45-0.49 s, 0.057-0.067 M, 0.283 GiB;
-    - the same without the pad (two runs): 5.17-5.38 s, 0.13-0.15 M faults.
+    - 2026-12-06, blocks of 256^3, one thread: with an mmap threshold of
+      32 MiB (glibc's ceiling) and a trim threshold and pad of 64 MiB (the
+      setting before), every float64 and int64 temporary of a block (64-195
+      MiB) was a fresh mmap: 14.7-16.2 s, 3.9-4.5 s, 1.6-1.7 M, 0.70 GiB; with
+      no mmap 12.3-12.7 s, 1.4 s, 0.33-0.35 M, 0.67 GiB. Two threads: 9.1-9.6
+      s, 4.4-4.9 s, 2.0-2.1 M, 1.21-1.23 GiB against 7.4-7.6 s, 1.4 s, 0.33-0.36
+      M, 1.24-1.31 GiB with one arena (with two, a second thread's arena is
+      built of 64 MiB heaps, and glibc serves a larger array from a fresh mmap
+      whatever ``M_MMAP_MAX`` says: 1.2-1.4 M faults). Blocks of 128^3 (the
+      default), whose temporaries stay under 32 MiB, ran as before (one
+      thread 11.9-13.7 s either way, two threads 6.6-8.2 s).
+    - 2026-12-02 (the 128^3 blocks then), 256^3: glibc's adaptive thresholds
+      trimmed the heap to almost nothing after each pass's chunk-sized
+      temporaries, 5.71-5.78 s, 1.15-1.37 s, 0.32-0.42 M, 0.283-0.284 GiB
+      (GiB: 2^30 bytes), against 4.79-5.18 s, 0.45-0.49 s, 0.057-0.067 M,
+      0.283 GiB with fixed ones; thresholds fixed at 64 KiB (every
+      chunk-sized temporary a fresh mmap, 2026-12-01) 6.4-7.1 s, 1.22-1.24 M
+      faults; glibc's defaults (one arena per thread) 0.45 GiB.
 
-    Earlier (2026-12-01, the same run): thresholds fixed at 64 KiB (every
-    chunk-sized temporary a fresh mmap) 6.4-7.1 s, 1.22-1.24 M faults;
-    glibc's defaults (one arena per thread) 0.45 GiB. Dask's nanny starts
-    its workers with ``MALLOC_TRIM_THRESHOLD_=65536``; the workers the run
-    starts get these settings from their start (:func:`malloc_environ`), and
-    those of a running cluster get them set here (:func:`worker_malloc_setup`).
+    Dask's nanny starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536``;
+    the workers the run starts get these settings from their start
+    (:func:`malloc_environ`), and those of a running cluster get them set
+    here (:func:`run_malloc_setup`).
 
     Call it before other threads allocate (arenas already made stay).
     Returns False where it does not apply (not glibc).
@@ -317,11 +323,12 @@ def return_freed_memory():
     return True
 
 
-def worker_malloc_setup(dask_worker):
-    """:func:`limit_malloc_arenas` in a ``dask.distributed`` worker, capped at its thread count, and
-    :func:`no_hugepage_advice`: for ``client.run``, which passes the worker as ``dask_worker``."""
+def run_malloc_setup():
+    """glibc's malloc as a chunked run sets it in its own process and in a running cluster's workers (through
+    ``client.run``): :func:`limit_malloc_arenas` with one arena, whatever the threads, and
+    :func:`no_hugepage_advice`."""
     no_hugepage_advice()
-    return limit_malloc_arenas(dask_worker.state.nthreads)
+    return limit_malloc_arenas(1)
 
 
 class OwnWorkerLog(logging.Filter):
