@@ -261,14 +261,16 @@ def limit_malloc_arenas(threads):
     - 2026-12-06, blocks of 256^3, one thread: with an mmap threshold of
       32 MiB (glibc's ceiling) and a trim threshold and pad of 64 MiB (the
       setting before), every float64 and int64 temporary of a block (64-195
-      MiB) was a fresh mmap: 14.7-16.2 s, 3.9-4.5 s, 1.6-1.7 M, 0.70 GiB; with
-      no mmap 12.3-12.7 s, 1.4 s, 0.33-0.35 M, 0.67 GiB. Two threads: 9.1-9.6
-      s, 4.4-4.9 s, 2.0-2.1 M, 1.21-1.23 GiB against 7.4-7.6 s, 1.4 s, 0.33-0.36
-      M, 1.24-1.31 GiB with one arena (with two, a second thread's arena is
-      built of 64 MiB heaps, and glibc serves a larger array from a fresh mmap
-      whatever ``M_MMAP_MAX`` says: 1.2-1.4 M faults). Blocks of 128^3 (the
-      default), whose temporaries stay under 32 MiB, ran as before (one
-      thread 11.9-13.7 s either way, two threads 6.6-8.2 s).
+      MiB) was a fresh mmap: 13.5-14.1 s, 3.4-3.6 s, 1.6-1.7 M, 0.70 GiB;
+      with these settings 10.4-11.7 s, 0.7-1.0 s, 0.15 M, 0.67 GiB. Two
+      threads: 8.6-9.5 s, 4.1-4.7 s, 2.0-2.1 M, 1.18-1.21 GiB against
+      6.8-7.0 s, 1.0-1.3 s, 0.28-0.31 M, 1.17-1.28 GiB, with one arena: a
+      second arena is built of 64 MiB heaps, and glibc serves a larger array
+      there from a fresh mmap whatever ``M_MMAP_MAX`` says (two threads each
+      allocating 100 and 40 MiB again: 51 thousand of 72 thousand pages
+      faulted with two arenas, 2 with one). Blocks of 128^3 (the default),
+      whose temporaries are mostly under 32 MiB, ran as before (one thread
+      11.4-12.9 s either way, two threads 6.8-8.3 s).
     - 2026-12-02 (the 128^3 blocks then), 256^3: glibc's adaptive thresholds
       trimmed the heap to almost nothing after each pass's chunk-sized
       temporaries, 5.71-5.78 s, 1.15-1.37 s, 0.32-0.42 M, 0.283-0.284 GiB
