@@ -930,12 +930,15 @@ def test_cluster_workers_reuse_freed_chunk_memory_instead_of_dasks_64k_trim():
         assert list(plain.run(_chunk_sized_allocation_is_mmapped).values()) == [True]  # Dask's default
         with engine(scheduler=lc.scheduler_address) as client:
             assert list(client.run(_chunk_sized_allocation_is_mmapped).values()) == [False]
+            # ... and a 256^3 block's float64 temporary, above glibc's 32 MiB ceiling for its mmap threshold.
+            assert list(client.run(_chunk_sized_allocation_is_mmapped, 100 << 20).values()) == [False]
     with engine(cluster="local", workers=2) as client:
         # One arena from the worker's start (an arena made before a mallopt stays); the thresholds may come from
         # this process's environment, where the nanny above left Dask's 64 KiB (it takes precedence), and are set
         # again in the running worker.
         assert list(client.run(lambda: os.environ.get("MALLOC_ARENA_MAX")).values()) == ["1", "1"]
         assert list(client.run(_chunk_sized_allocation_is_mmapped).values()) == [False, False]
+        assert list(client.run(_chunk_sized_allocation_is_mmapped, 100 << 20).values()) == [False, False]
 
 
 def _timed_diagnostics(dask_worker=None, dask_scheduler=None):
