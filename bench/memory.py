@@ -293,10 +293,10 @@ def main(argv=None):
                         help="checkout whose pipeline the whole runs use (repeatable; default this one)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    from gpu_pipeline.chunked.workspace import limit_malloc_arenas
+    from gpu_pipeline.chunked.workspace import RUN_ARENAS, limit_malloc_arenas
     from gpu_pipeline.synthetic import make_touching_particles
 
-    limit_malloc_arenas(1)  # one arena, as `declump run` sets it (run_malloc_setup)
+    limit_malloc_arenas(RUN_ARENAS)  # as `declump run` sets it (run_malloc_setup)
     result = {"machine": machine_info(), "load_average_start": [round(v, 2) for v in os.getloadavg()],
               "size": args.size}
     result["stages"] = []

@@ -247,7 +247,7 @@ def main(argv=None):
         try:
             for n in (1, 2):
                 os.sched_setaffinity(0, set(cores[:n]))  # the worker processes inherit it
-                with dask.config.set(local_cluster_config(1)):
+                with dask.config.set(local_cluster_config()):
                     cluster = stack.enter_context(LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                                                memory_limit=0, **LOCAL_CLUSTER_HTTP))
                 clusters[n] = (cluster, stack.enter_context(Client(cluster, set_as_default=False)))

@@ -349,7 +349,7 @@ def warm_cluster_runs(volume, chunks, rounds, cores, small=None):
     clusters, clients, runs = {}, {}, {"warm_1": [], "warm_2": [], "warm_1_small": [], "warm_2_small": []}
     # Clusters started as README's cluster section says (glibc's malloc environment of malloc_environ, the
     # dashboard's timed diagnostics quiet), as `declump run --cluster local` starts its own.
-    environ = local_cluster_config(1)
+    environ = local_cluster_config()
     try:
         for n in (1, 2):
             os.sched_setaffinity(0, set(cores[:n]))  # the worker processes inherit it

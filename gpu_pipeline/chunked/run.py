@@ -283,10 +283,10 @@ def engine(*, cluster=None, scheduler=None, workers=None, device="cpu", gpu_thre
     if kind in ("local", "local-cuda"):
         from distributed import Client  # (and distributed's defaults, its nanny's environment, into dask.config)
 
-        # Workers we start get glibc's malloc as the threaded engine has it (limit_malloc_arenas) from their
+        # Workers we start get glibc's malloc as the threaded engine has it (run_malloc_setup) from their
         # start, instead of the 64 KiB trim threshold that Dask's nanny gives them; the cluster runs without
         # the dashboard's timed diagnostics (QUIET_DIAGNOSTICS).
-        environ = local_cluster_config(1)
+        environ = local_cluster_config()
     if kind == "local-cuda":
         try:
             from dask_cuda import LocalCUDACluster
@@ -457,8 +457,8 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     paths = output_paths(output, table=".parquet")
     if paths["labels"].suffix.lower() != ".zarr":
         raise DeclumpError(f"chunked output must be a .zarr path, got {paths['labels']}")
-    kind, threads = engine_plan(device=device, cluster=cluster, scheduler=scheduler, workers=workers,
-                                n_gpus=1, gpu_threads=gpu_threads)  # refuse early
+    engine_plan(device=device, cluster=cluster, scheduler=scheduler, workers=workers, n_gpus=1,
+                gpu_threads=gpu_threads)  # refuse early
     run_malloc_setup()  # before Zarr's I/O threads allocate
     work = work_folder(paths["labels"], scratch)
     check_not_inputs(run_outputs(paths, probabilities_path, work), run_inputs(input_path, mask_path, classifier))

@@ -123,16 +123,20 @@ MALLOC_SETTINGS = ((-4, "MALLOC_MMAP_MAX_", MMAP_MAX), (-1, "MALLOC_TRIM_THRESHO
                    (-2, "MALLOC_TOP_PAD_", TOP_PAD))
 #: ``mallopt``'s parameter for the number of arenas (``MALLOC_ARENA_MAX`` at start).
 M_ARENA_MAX = -8
+#: The arenas of a chunked run's processes, whatever their threads (:func:`run_malloc_setup`,
+#: :func:`malloc_environ`): a second arena is built of 64 MiB heaps and serves a larger array from a fresh
+#: mmap (:func:`limit_malloc_arenas`).
+RUN_ARENAS = 1
 #: NumPy's switch for its huge-page advice, read when NumPy is imported.
 HUGEPAGE_VARIABLE = "NUMPY_MADVISE_HUGEPAGE"
 
 
-def malloc_environ(threads):
-    """Environment for a worker process started with ``threads`` threads: glibc's malloc as
-    :func:`limit_malloc_arenas` sets it, from the process's start (arenas made before a ``mallopt`` stay),
-    and NumPy without huge-page advice (:func:`no_hugepage_advice`). Dask's nanny sets
-    ``MALLOC_TRIM_THRESHOLD_=65536`` for its workers; these values replace it."""
-    return {"MALLOC_ARENA_MAX": str(max(1, int(threads))), **{name: str(value) for _, name, value in MALLOC_SETTINGS},
+def malloc_environ():
+    """Environment for a worker process a run starts: glibc's malloc as :func:`run_malloc_setup` sets it,
+    from the process's start (arenas made before a ``mallopt`` stay), and NumPy without huge-page advice
+    (:func:`no_hugepage_advice`). Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` for its workers; these
+    values replace it."""
+    return {"MALLOC_ARENA_MAX": str(RUN_ARENAS), **{name: str(value) for _, name, value in MALLOC_SETTINGS},
             HUGEPAGE_VARIABLE: "0"}
 
 
@@ -218,11 +222,11 @@ QUIET_DIAGNOSTICS = {"distributed.worker.profile.enabled": False,
 LOCAL_CLUSTER_HTTP = {"dashboard_address": None, "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"}}
 
 
-def local_cluster_config(threads):
-    """``dask.config`` settings for starting a ``LocalCluster`` (or dask-cuda's) whose workers run ``threads``
-    threads: :func:`malloc_environ` as the nanny's ``pre-spawn-environ``, and :data:`QUIET_DIAGNOSTICS`
-    (the nanny hands its configuration to the worker processes it starts)."""
-    return {**{f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in malloc_environ(threads).items()},
+def local_cluster_config():
+    """``dask.config`` settings for starting a ``LocalCluster`` (or dask-cuda's): :func:`malloc_environ` as
+    the nanny's ``pre-spawn-environ``, and :data:`QUIET_DIAGNOSTICS` (the nanny hands its configuration to
+    the worker processes it starts)."""
+    return {**{f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in malloc_environ().items()},
             **QUIET_DIAGNOSTICS}
 
 
@@ -327,10 +331,10 @@ def return_freed_memory():
 
 def run_malloc_setup():
     """glibc's malloc as a chunked run sets it in its own process and in a running cluster's workers (through
-    ``client.run``): :func:`limit_malloc_arenas` with one arena, whatever the threads, and
+    ``client.run``): :func:`limit_malloc_arenas` with :data:`RUN_ARENAS` arenas, whatever the threads, and
     :func:`no_hugepage_advice`."""
     no_hugepage_advice()
-    return limit_malloc_arenas(1)
+    return limit_malloc_arenas(RUN_ARENAS)
 
 
 class OwnWorkerLog(logging.Filter):
