@@ -1049,18 +1049,18 @@ def split_step(fg, distance_q, quantum, peaks, *, spacing, method, neck_ratio, a
 
 
 def _on_threads(peaks):
-    """``(run, threads)`` for the steps on the peak list box by box (:mod:`gpu_pipeline.stages.by_box`: the
-    same results, where the list and the boxes are worth it), or None: CuPy peaks or one usable core."""
+    """How the steps on the peak list go box by box (:mod:`gpu_pipeline.stages.by_box`: the same results,
+    where the list and the boxes are worth it): their ``run`` and ``parallel`` arguments, on this process's
+    usable cores; or None: CuPy peaks or one usable core."""
     if get_array_module(peaks) is not np:
         return None
     threads = usable_cores()
-    return (by_box.on_threads(threads), threads) if threads > 1 else None
+    return {"run": by_box.on_threads(threads), "parallel": threads} if threads > 1 else None
 
 
-def _shares_on(threads):
+def _shares_on(boxes):
     """The ``shares`` function of the peak steps for :func:`_on_threads`' result (None: the whole list)."""
-    return None if threads is None else functools.partial(by_box.ball_shares_by_box, run=threads[0],
-                                                          parallel=threads[1])
+    return None if boxes is None else functools.partial(by_box.ball_shares_by_box, **boxes)
 
 
 def rescue_step(peaks, overlooked, distance_q, regions, *, spacing, reach_share, power=True):
@@ -1077,19 +1077,19 @@ def group_step(peaks, distance_q, regions, *, spacing, neck_ratio, nearby_ratio,
     that keep less than ``ball_share`` of their balls dropped: (peaks, group) for the assignment. A large list
     on the CPU goes box by box on threads (the same groups and shares)."""
     group = None
-    threads = _on_threads(peaks)
+    boxes = _on_threads(peaks)
     if (neck_ratio, nearby_ratio) != (None, None):
-        if threads is not None:
+        if boxes is not None:
             group = by_box.neck_groups_by_box(
                 peaks, distance_q[tuple(peaks.T)], regions[tuple(peaks.T)], regions.shape, spacing, neck_ratio,
-                nearby_ratio, run=threads[0], parallel=threads[1],
+                nearby_ratio, **boxes,
                 read=lambda low, high: distance_q[tuple(slice(int(a), int(b)) for a, b in zip(low, high))])
         if group is None:
             group = neck_groups(peaks, distance_q, regions, spacing, neck_ratio, nearby_ratio)
     if ball_share is not None:
         keep = shadowed_peaks(peaks, distance_q[tuple(peaks.T)], regions[tuple(peaks.T)], group, spacing,
                               regions.shape, distance_cap(regions.shape, spacing, max_radius), ball_share, power=power,
-                              shares=_shares_on(threads))
+                              shares=_shares_on(boxes))
         peaks, group = peaks[keep], regroup(group, keep)
     return peaks, group
 
