@@ -860,6 +860,26 @@ def test_parquet_table_round_trips_every_column_kind(tmp_path, rng):
         assert read[name] == values.tolist(), name
 
 
+def _in_fresh_glibc_process(code, *args, **environ):
+    """``code`` run in a fresh interpreter without the caller's ``MALLOC_*`` variables (plus ``environ``): its
+    stdout, stripped. Skips where the C library is not glibc (``code`` prints "not glibc", or loading
+    ``libc.so.6`` fails); a failure of ``code`` fails the test."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, **environ}
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env)
+    if "libc.so.6" in done.stderr or done.stdout.strip() == "not glibc":
+        pytest.skip("glibc's malloc only (another C library here)")
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+#: The preamble of the :func:`_in_fresh_glibc_process` codes that call ``mallopt``.
+_GLIBC_ONLY = """from gpu_pipeline.chunked.workspace import _glibc
+if _glibc("mallopt") is None:
+    print("not glibc")
+    raise SystemExit
+"""
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc arenas: Linux only")
 @pytest.mark.parametrize("cap", [None, 1, 2])
 def test_malloc_arenas_are_capped_at_the_worker_threads(tmp_path, cap):
@@ -884,10 +904,7 @@ libc.malloc_info(0, ctypes.c_void_p(fp))
 libc.fclose(ctypes.c_void_p(fp))
 """
     report = tmp_path / "malloc.xml"
-    done = subprocess.run([sys.executable, "-c", code, str(report)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    if done.stdout.strip() == "not glibc":
-        pytest.skip("glibc's malloc only (another libc here)")
+    _in_fresh_glibc_process(_GLIBC_ONLY + code, report)
     arenas = report.read_text().count("<heap nr=")
     if cap is None:
         assert arenas > 2, arenas
@@ -1096,13 +1113,10 @@ def test_memory_freed_between_blocks_is_reused_without_page_faults(capped):
     block's allocated: with limit_malloc_arenas the heap keeps most of the freed pages (the pad) and the next
     block reuses them, with few page faults; with glibc's adaptive thresholds it trims them, and every 4 KiB
     page of the next block faults again."""
-    code = f"""
+    code = _GLIBC_ONLY + f"""
 import resource
 import numpy as np
-from gpu_pipeline.chunked.workspace import _glibc, limit_malloc_arenas
-if _glibc("mallopt") is None:
-    print("not glibc")
-    raise SystemExit
+from gpu_pipeline.chunked.workspace import limit_malloc_arenas
 if {capped!r}:
     assert limit_malloc_arenas(1)
 def block():
@@ -1113,13 +1127,8 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 block()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    if "libc.so.6" in done.stderr:
-        pytest.skip("not glibc")
-    assert done.returncode == 0, done.stderr
     pages = 24 * (3 << 20) // 4096
-    faults = int(done.stdout)
+    faults = int(_in_fresh_glibc_process(code))
     if capped:
         assert faults < pages // 4, (faults, pages)
     else:  # the reference: without the setting the same block faults on (nearly) every page
@@ -1134,13 +1143,10 @@ def test_large_block_temporaries_are_reused_from_every_thread(setup):
     mmap, one arena) the second round reuses the heap's pages; with an arena per thread (the setting before)
     the second thread's arena, built of 64 MiB heaps, serves them from fresh mmaps, and with glibc's own
     settings every array is one: a page fault on every 4 KiB."""
-    code = f"""
+    code = _GLIBC_ONLY + f"""
 import resource, threading
 import numpy as np
-from gpu_pipeline.chunked.workspace import _glibc, limit_malloc_arenas, run_malloc_setup
-if _glibc("mallopt") is None:
-    print("not glibc")
-    raise SystemExit
+from gpu_pipeline.chunked.workspace import limit_malloc_arenas, run_malloc_setup
 if {setup!r} == "run":
     assert run_malloc_setup()
 elif {setup!r} == "arena per thread":
@@ -1158,13 +1164,8 @@ both()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
     # NumPy's huge-page advice off, as in the run (no_hugepage_advice): faults are then counted in 4 KiB pages.
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, "NUMPY_MADVISE_HUGEPAGE": "0"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    if "libc.so.6" in done.stderr or done.stdout.strip() == "not glibc":
-        pytest.skip("not glibc")
-    assert done.returncode == 0, done.stderr
     pages = 2 * (140 << 20) // 4096
-    faults = int(done.stdout)
+    faults = int(_in_fresh_glibc_process(code, NUMPY_MADVISE_HUGEPAGE="0"))
     if setup == "run":
         assert faults < pages // 10, (faults, pages)
     else:
@@ -1176,7 +1177,7 @@ def test_freed_heap_memory_goes_back_to_the_os_before_the_output_stage():
     """128 MiB of small heap blocks freed under one block still in use stay resident (glibc trims only the top
     of the heap by itself); return_freed_memory, which a chunked run calls before writing its outputs, hands
     their pages back."""
-    code = """
+    code = _GLIBC_ONLY + """
 from gpu_pipeline.chunked.workspace import limit_malloc_arenas, return_freed_memory
 def rss():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
@@ -1188,11 +1189,8 @@ before = rss()
 assert return_freed_memory()
 print(before - rss())
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if "libc.so.6" in done.stderr:
-        pytest.skip("not glibc")
-    assert done.returncode == 0, done.stderr
-    assert float(done.stdout) > 64, done.stdout  # MiB handed back of the 128 freed
+    handed_back = _in_fresh_glibc_process(code)
+    assert float(handed_back) > 64, handed_back  # MiB handed back of the 128 freed
 
 
 def test_chunk_tasks_run_the_distance_transform_on_one_thread_each(monkeypatch, rng):
