@@ -307,6 +307,36 @@ def test_chunked_overlay_is_the_in_memory_overlay(tmp_path, rng, shape, chunks):
     assert np.array_equal(picture, overlay_rgb(image, labels))
 
 
+@pytest.mark.parametrize("shape, chunks, pixels, step", [((96, 160), "32,64", 96 * 160 // 4, 2),
+                                                          ((80, 64, 64), "32,32,32", 22 * 22, 3)])
+def test_a_chunked_preview_above_its_pixel_budget_samples_the_plane(tmp_path, rng, monkeypatch, shape, chunks,
+                                                                     pixels, step):
+    """A plane of more than PREVIEW_PIXELS (a 2D montage, a large volume's middle plane) is drawn every k-th
+    pixel per axis, the smallest k within the budget, on the volume's grid whatever the blocks (here 3 does not
+    divide the 32-voxel blocks): the overlay of the sampled image and labels, not the whole plane held in the
+    command's process."""
+    from PIL import Image
+
+    from gpu_pipeline.chunked import run
+    from gpu_pipeline.cli import main
+    from gpu_pipeline.overlay import overlay_rgb
+
+    monkeypatch.setattr(run, "PREVIEW_PIXELS", pixels)
+    image, _ = make_touching_particles(shape, 12 * len(shape), seed=int(rng.integers(1e6)))
+    src = tmp_path / "in.zarr"
+    zarr.create_array(str(src), shape=image.shape, dtype=image.dtype, chunks=(32,) * len(shape))[...] = image
+    out = tmp_path / "out.zarr"
+    assert main(["run", str(src), str(out), "--max-radius", "13", "--chunks", chunks, "--quiet",
+                 *CHUNKED_OPTIONS]) == 0
+    labels = zarr.open_array(str(out / "particles" / "0"), mode="r")[...]
+    if len(shape) == 3:
+        image, labels = image[shape[0] // 2], labels[shape[0] // 2]
+    assert run.preview_stride(image.shape) == step
+    picture = np.asarray(Image.open(tmp_path / "out_overlay.png"))
+    assert picture.shape == (*(-(-n // step) for n in image.shape), 3)
+    assert np.array_equal(picture, overlay_rgb(image[::step, ::step], labels[::step, ::step]))
+
+
 def test_a_blocks_part_of_the_preview_plane_holds_only_that_plane(rng):
     """The output pass's results stay in memory until the pass ends: a block's part of the preview must not
     be a view that keeps its whole block alive (8 MB of labels per 128^3 block for 64 KB of plane)."""
@@ -320,6 +350,9 @@ def test_a_blocks_part_of_the_preview_plane_holds_only_that_plane(rng):
     assert _block_outputs(labels, image, [16, 0, 24], plane=10)["plane"] is None
     whole = _block_outputs(labels[0], image[0], [0, 24], plane=None)["plane"]  # 2D: the whole block
     assert whole[0] == [0, 24] and np.array_equal(whole[1], labels[0]) and whole[1].base is None
+    # Sampled every 3rd pixel of the volume's grid: rows 6, 9, ... and columns 24, 27, ... of the volume.
+    origin, plane_labels, _ = _block_outputs(labels, image, [8, 5, 24], plane=10, stride=3)["plane"]
+    assert origin == [2, 8] and np.array_equal(plane_labels, labels[2, 1::3, 0::3]) and plane_labels.base is None
 
 
 def test_cli_run_writes_ome_zarr_labels_and_parquet_table(tmp_path, rng):

@@ -28,6 +28,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -333,21 +334,44 @@ def _block_table(labels, image, origin):
     return {k: to_host(v) for k, v in out.items()}
 
 
-def _block_outputs(labels, image, origin, *, plane):
+#: The most pixels of the chunked run's preview plane (its overlay picture, the middle plane of a volume or a 2D
+#: image whole): the command assembles that plane in its own process from the output pass's blocks, so a 2D
+#: montage or a terabyte volume's plane is drawn every k-th pixel per axis (:func:`preview_stride`), not held
+#: whole (a 40,000^2 montage's labels are 6.4 GB, its overlay 4.8 GB more).
+PREVIEW_PIXELS = 1 << 24
+
+
+def preview_stride(shape):
+    """The step per axis at which the preview samples a plane of ``shape``: the smallest with at most
+    :data:`PREVIEW_PIXELS` pixels (1 for any plane up to 4096^2)."""
+    step = max(1, math.isqrt(math.prod(int(n) for n in shape) // PREVIEW_PIXELS))
+    while math.prod(-(-int(n) // step) for n in shape) > PREVIEW_PIXELS:
+        step += 1
+    return step
+
+
+def _block_outputs(labels, image, origin, *, plane, stride=1):
     """What the output pass keeps of one block: its partial sums (:func:`_block_table`) and its part of the
-    preview ``plane`` (the index along the first axis; None: a 2D image, whole) as
-    ``(origin, labels, image)``, or None where the block does not cross that plane."""
+    preview ``plane`` (the index along the first axis; None: a 2D image, whole), every ``stride``-th pixel
+    of the volume's grid per axis (:func:`preview_stride`), as ``(origin in the preview, labels, image)``, or
+    None where the block does not cross that plane (or holds none of its sampled pixels)."""
     part = None
     if plane is None or int(origin[0]) <= plane < int(origin[0]) + labels.shape[0]:
-        at = (slice(None),) if plane is None else (plane - int(origin[0]),)
+        corner = [int(o) for o in origin][plane is not None:]
+        first = [-o % stride for o in corner]  # the block's first pixel on the preview's grid, per axis
+        at = (() if plane is None else (plane - int(origin[0]),)) + tuple(slice(f, None, stride) for f in first)
         # Copies: a view would keep the whole block alive with the result (all the plane's blocks at the end).
-        part = ([int(o) for o in origin][plane is not None:], to_host(labels[at]).copy(), to_host(image[at]).copy())
+        part = ([(o + f) // stride for o, f in zip(corner, first)], to_host(labels[at]).copy(),
+                to_host(image[at]).copy())
+        if not part[1].size:
+            part = None
     return {"table": _block_table(labels, image, origin), "plane": part}
 
 
-def preview_planes(parts, shape, dtypes):
-    """The preview plane (image, labels) of a volume of ``shape`` assembled from :func:`_block_outputs`' parts."""
-    image, labels = (np.zeros(shape, dtype=d) for d in dtypes)
+def preview_planes(parts, shape, dtypes, stride=1):
+    """The preview plane (image, labels) of a plane of ``shape`` sampled every ``stride``-th pixel, assembled from
+    :func:`_block_outputs`' parts."""
+    image, labels = (np.zeros(tuple(-(-int(n) // stride) for n in shape), dtype=d) for d in dtypes)
     for origin, label_part, image_part in (p["plane"] for p in parts if p["plane"] is not None):
         at = tuple(slice(o, o + n) for o, n in zip(origin, label_part.shape))
         labels[at], image[at] = label_part, image_part
@@ -661,15 +685,21 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
         # The same tasks keep their part of the preview's plane (the middle one of a volume): no pass reads
         # the input and the labels again for it.
         plane = volume.shape[0] // 2 if volume.ndim == 3 else None
+        plane_shape = tuple(int(n) for n in volume.shape[plane is not None:])
+        stride = preview_stride(plane_shape)
+        if verbose and stride > 1:
+            print(f"declump: the overlay shows every {stride}th pixel per axis of its {plane_shape} plane (at most "
+                  f"{PREVIEW_PIXELS} pixels are drawn)", file=sys.stderr)
         computed, parts = write_blocks(labels, target, work / "output.done", what="write labels + particle table",
                                        verbose=verbose, zarr_kwargs={"zarr_format": 2},
-                                       measure=functools.partial(_block_outputs, plane=plane), beside=volume)
+                                       measure=functools.partial(_block_outputs, plane=plane, stride=stride),
+                                       beside=volume)
         details.blocks_computed["output"] = computed
         details.blocks_total["output"] = int(np.prod(labels.numblocks))
         if levels and len(levels["factors"]) > 1:  # the input's pyramid, for viewers (rewritten on a resume)
             write_label_levels(paths["labels"], levels["factors"])
         table = table_from_parts([p["table"] for p in parts], labels.ndim, spacing, n_particles, volume is not None)
-        planes = preview_planes(parts, volume.shape[plane is not None:], (volume.dtype, labels.dtype))
+        planes = preview_planes(parts, plane_shape, (volume.dtype, labels.dtype), stride)
         if probabilities_path is not None:
             from gpu_pipeline.io import atomic_path
 
