@@ -670,7 +670,8 @@ def scatter(target, index, values, highest):
 @njit(cache=True, nogil=True)
 def _running_max(src, dst, h):  # pragma: no cover - compiled; tested through maximum_filter
     # Max over 2h+1 along axis 1 of (outer, n, inner), edges replicated: van Herk / Gil-Werman,
-    # about three comparisons per value whatever h, rows of `inner` values at a time.
+    # about three comparisons per value whatever h, rows of `inner` values at a time. dst may be src: a slab
+    # (outer index) is read whole into forward and backward before its results are written.
     outer, n, inner = src.shape
     w = 2 * h + 1
     m = n + 2 * h
@@ -820,18 +821,19 @@ def maximum_filter(array, size):
     size = [int(s) for s in size]
     if array.dtype.kind not in "iu" or any(s < 1 or s % 2 == 0 for s in size) or len(size) != array.ndim:
         return None
-    out = np.ascontiguousarray(array)
+    # One copy, filtered in place axis by axis: each slab (row) of an axis is read whole into the kernel's
+    # running buffers before its results are written, so the input and output may be one array. (A new array
+    # per axis held two volume-sized arrays at once: 1 GiB of int32 at 512^3, and fresh pages for each.)
+    out = np.array(array, order="C", copy=True)
     for axis, s in enumerate(size):
         if s == 1 or array.shape[axis] <= 1:
             continue
         shape = (int(np.prod(array.shape[:axis])), array.shape[axis], int(np.prod(array.shape[axis + 1:])))
-        result = np.empty(array.shape, dtype=array.dtype)
         if shape[2] == 1:
-            _running_max_last(out.reshape(shape[:2]), result.reshape(shape[:2]), (s - 1) // 2)
+            _running_max_last(out.reshape(shape[:2]), out.reshape(shape[:2]), (s - 1) // 2)
         else:
-            _running_max(out.reshape(shape), result.reshape(shape), (s - 1) // 2)
-        out = result
-    return out if out is not array else out.copy()
+            _running_max(out.reshape(shape), out.reshape(shape), (s - 1) // 2)
+    return out
 
 
 @njit(cache=True, nogil=True)

@@ -651,15 +651,19 @@ def test_finish_labels_is_relabelled_enforce_one_piece(rng, shape):
                                               ((23, 31, 37), (9, 9, 9), np.int32), ((23, 31, 37), (3, 7, 61), np.int64),
                                               ((20, 30), (4, 5), np.int32), ((20, 30), (3, 3), np.float32),
                                               ((41, 1), (3, 3), np.int32), ((17, 23, 9), (3, 1, 3), np.int8),
-                                              ((30, 40), (3, 3), bool)])
+                                              ((30, 40), (3, 3), bool), ((19, 23, 29), (5, 7, 9), "int32 F")])
 def test_maximum_filter_equals_scipy_nearest(rng, shape, size, dtype):
     """The CPU's maximum filter (shifted maxima for integer data and windows of 1 or 3, compiled for other odd
-    windows, SciPy otherwise) is SciPy's."""
-    values = rng.integers(0, 50, shape).astype(dtype)  # few values: many equal maxima
+    windows, filtered in place in one copy, SciPy otherwise) is SciPy's, and leaves its input as it was (also a
+    Fortran-ordered one)."""
+    dtype, order = dtype.split() if isinstance(dtype, str) else (dtype, "C")
+    values = np.asarray(rng.integers(0, 50, shape).astype(dtype), order=order)  # few values: many equal maxima
+    before = values.copy()
     expected = ndi.maximum_filter(values, size=size, mode="nearest")
     ours = ops.maximum_filter(values, size)
     assert ours.dtype == values.dtype
     np.testing.assert_array_equal(ours, expected)
+    np.testing.assert_array_equal(values, before)
 
 
 @pytest.mark.parametrize("shape,sigma,dtype,order", [
