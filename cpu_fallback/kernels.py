@@ -1069,6 +1069,31 @@ def _envelope_run(f, lo, hi, start, end, step2, v, z, out):  # pragma: no cover 
 
 
 @njit(cache=True, nogil=True)
+def _envelope_line(f, line, step2, first, v, z, out):  # pragma: no cover - compiled; see distance_transform
+    # One line of _envelope_lines: `f` its values in float64, `line` where the results go (the line itself, or
+    # `f` again: a run's results are written once its envelope is made, and later runs read only their own
+    # values and the zeros that bound them).
+    n = f.shape[0]
+    q = 0
+    while q < n:
+        if f[q] == 0.0:
+            q += 1
+            continue
+        start = q
+        while q < n and f[q] != 0.0:
+            q += 1
+        end = q  # the run [start, end); zeros at start - 1 and end where those are inside the line
+        if first:
+            for i in range(start, end):
+                d = np.float64(min(i - start + 1 if start > 0 else n + 1, end - i if end < n else n + 1))
+                out[i] = np.inf if d > n else step2 * d * d
+        else:
+            _envelope_run(f, max(start - 1, 0), min(end, n - 1), start, end, step2, v, z, out)
+        for i in range(start, end):
+            line[i] = out[i]
+
+
+@njit(cache=True, nogil=True)
 def _envelope_lines(a, step2, first, outer_range, inner_range):  # pragma: no cover - compiled; see distance_transform
     # Axis 1 of (outer, n, inner) float32 `a`, in place, lines (o, :, k) of the given ranges: each value becomes
     # min over j of a[o, j, k] + step2 * (i - j)**2, and stays inf where the line has no finite value. Zeros
@@ -1087,25 +1112,44 @@ def _envelope_lines(a, step2, first, outer_range, inner_range):  # pragma: no co
             for q in range(n):
                 f[q] = np.float64(a[o, q, k])
                 any_run = any_run or f[q] != 0.0
+            if any_run:
+                _envelope_line(f, a[o, :, k], step2, first, v, z, out)
+
+
+@njit(cache=True, nogil=True)
+def _envelope_lines_tiled(a, step2, first, outer_range, inner_range, tile):  # pragma: no cover - compiled
+    # _envelope_lines for an axis whose values lie far apart in memory (a 2D image's rows, a volume's planes):
+    # `tile` neighbouring lines are read together, a row of `tile` values at a time, into a buffer, transformed
+    # there and written back the same way, instead of one value per cache line and page along each line.
+    n = a.shape[1]
+    buf = np.empty((tile, n), np.float64)
+    out = np.empty(n, np.float64)
+    v = np.empty(n, np.int64)
+    z = np.empty(n + 1, np.float64)
+    for o in range(outer_range[0], outer_range[1]):
+        for k0 in range(inner_range[0], inner_range[1], tile):
+            w = min(tile, inner_range[1] - k0)
+            any_run = False
+            for q in range(n):
+                for t in range(w):
+                    value = np.float64(a[o, q, k0 + t])
+                    buf[t, q] = value
+                    any_run = any_run or value != 0.0
             if not any_run:
                 continue
-            q = 0
-            while q < n:
-                if f[q] == 0.0:
-                    q += 1
-                    continue
-                start = q
-                while q < n and f[q] != 0.0:
-                    q += 1
-                end = q  # the run [start, end); zeros at start - 1 and end where those are inside the line
-                if first:
-                    for i in range(start, end):
-                        d = np.float64(min(i - start + 1 if start > 0 else n + 1, end - i if end < n else n + 1))
-                        out[i] = np.inf if d > n else step2 * d * d
-                else:
-                    _envelope_run(f, max(start - 1, 0), min(end, n - 1), start, end, step2, v, z, out)
-                for i in range(start, end):
-                    a[o, i, k] = np.float32(out[i])
+            for t in range(w):
+                _envelope_line(buf[t], buf[t], step2, first, v, z, out)
+            for q in range(n):  # (float32 -> float64 -> float32 keeps the values no run changed)
+                for t in range(w):
+                    a[o, q, k0 + t] = np.float32(buf[t, q])
+
+
+#: Lines whose neighbouring values lie at least this many bytes apart are transformed :data:`ENVELOPE_TILE` at
+#: a time (:func:`_envelope_lines_tiled`). Measured 2026-12-06 on the 2-core VM, one thread: a 4096^2 mask's
+#: transform 0.269 -> 0.194 s (its first axis 0.141 -> 0.065 s), 256x512x512 1.57 -> 1.28 s (its first axis
+#: 0.50 -> 0.30 s); a volume's second axis (2 KiB apart) got slower tiled, 0.56 -> 0.7-0.9 s, and stays untiled.
+ENVELOPE_TILE_STRIDE = 8192
+ENVELOPE_TILE = 8
 
 
 #: Smaller masks are transformed on the calling thread whatever ``threads`` asks (2D figure panels, crops).
@@ -1139,5 +1183,9 @@ def distance_transform(mask, spacing, threads=1):
                   for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
         step2 = float(step) * float(step)
         first = axis == 0
-        each_on_threads(lambda r: _envelope_lines(lines, step2, first, *r), ranges, len(ranges))
+        if inner * a.itemsize >= ENVELOPE_TILE_STRIDE:
+            each_on_threads(lambda r: _envelope_lines_tiled(lines, step2, first, *r, ENVELOPE_TILE), ranges,
+                            len(ranges))
+        else:
+            each_on_threads(lambda r: _envelope_lines(lines, step2, first, *r), ranges, len(ranges))
     return np.sqrt(a, out=a)

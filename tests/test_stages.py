@@ -690,13 +690,16 @@ def test_gaussian_equals_scipy_bit_for_bit(rng, shape, sigma, dtype, order):
 
 @pytest.mark.parametrize("shape,spacing", [((301,), (1.0,)), ((40, 57), (1.0, 1.0)), ((23, 31, 37), (1.0, 1.0, 1.0)),
                                            ((23, 31, 37), (4.0, 2.0, 3.0)), ((17, 9, 40), (2.5, 0.7, 1.3)),
-                                           ((1, 30, 40), (1.0, 0.6, 0.6)), ((64, 70), (0.3, 1.7))])
+                                           ((1, 30, 40), (1.0, 0.6, 0.6)), ((64, 70), (0.3, 1.7)),
+                                           ((30, 2051), (1.0, 1.0)), ((5, 45, 47), (2.5, 0.7, 1.3))])
 @pytest.mark.parametrize("density", [0.002, 0.05, 0.5])
 def test_compiled_distance_transform_equals_scipy(rng, monkeypatch, shape, spacing, density):
     """``ops.distance_transform`` (the compiled envelope of parabolas, per axis) against SciPy's exact EDT on
     sparse, medium and dense background: bit for bit where the squared spacings are whole numbers (every
     squared distance is then a whole number: exact in float32), to float32 rounding otherwise; the same values
-    on one thread as split between threads; inf wherever there is no background at all."""
+    on one thread as split between threads, and with every axis's lines taken one by one or in tiles (the last
+    two shapes tile their first axis by default, with a partial last tile); inf wherever there is no
+    background at all."""
     background = ndi.binary_dilation(rng.random(shape) < density, iterations=1) if density < 0.1 else \
         rng.random(shape) < density
     background.flat[rng.integers(background.size)] = True  # at least one background voxel
@@ -713,6 +716,10 @@ def test_compiled_distance_transform_equals_scipy(rng, monkeypatch, shape, spaci
         monkeypatch.setattr(kernels, "SPLIT_MIN_VOXELS", 0)
         np.testing.assert_array_equal(ops.distance_transform(mask, spacing, threads=3), ours)
     np.testing.assert_array_equal(ops.distance_transform(np.asfortranarray(mask), spacing, threads=1), ours)
+    for stride in (1, 1 << 40):  # every strided axis tiled (a tile of 3: partial tiles too), none
+        monkeypatch.setattr(kernels, "ENVELOPE_TILE_STRIDE", stride)
+        monkeypatch.setattr(kernels, "ENVELOPE_TILE", 3)
+        np.testing.assert_array_equal(ops.distance_transform(mask, spacing, threads=3), ours)
     assert np.isinf(ops.distance_transform(np.ones(shape, bool), spacing, threads=1)).all()
     with pytest.raises(ValueError, match="spacing has"):
         ops.distance_transform(mask, (*spacing, 1.0))
