@@ -694,22 +694,33 @@ def _running_max(src, dst, h):  # pragma: no cover - compiled; tested through ma
 
 @njit(cache=True, nogil=True)
 def _running_max_last(src, dst, h):  # pragma: no cover - compiled; the contiguous axis of _running_max
+    # Each row padded with its edge values, then maxima over runs of 1, 2, 4, ... values (s doubling while
+    # 2s <= 2h + 1) in passes the compiler vectorises; a window of 2h + 1 is then two runs of s that overlap.
+    # (van Herk's forward and backward runs, one value at a time, took 0.28-0.35 s on 67 M values against
+    # 0.19-0.21 s: the window restarts at every (2h + 1)-th value there, a branch per value.) dst may be src.
     rows, n = src.shape
     w = 2 * h + 1
     m = n + 2 * h
-    forward = np.empty(m, src.dtype)
-    backward = np.empty(m, src.dtype)
+    cur = np.empty(m, src.dtype)
     for o in range(rows):
         row = src[o]
-        for i in range(m):
-            v = row[min(max(i - h, 0), n - 1)]
-            forward[i] = v if i % w == 0 else max(forward[i - 1], v)
-        for i in range(m - 1, -1, -1):
-            v = row[min(max(i - h, 0), n - 1)]
-            backward[i] = v if (i % w == w - 1 or i == m - 1) else max(backward[i + 1], v)
+        for i in range(h):
+            cur[i] = row[0]
+            cur[m - 1 - i] = row[n - 1]
+        for i in range(n):
+            cur[h + i] = row[i]
+        s = 1
+        while 2 * s <= w:
+            for i in range(m - s):
+                a = cur[i]
+                b = cur[i + s]
+                cur[i] = a if a > b else b
+            s *= 2
         out = dst[o]
         for i in range(n):
-            out[i] = max(backward[i], forward[i + w - 1])
+            a = cur[i]
+            b = cur[i + w - s]
+            out[i] = a if a > b else b
 
 
 @njit(cache=True, nogil=True)
