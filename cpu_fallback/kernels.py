@@ -5,6 +5,8 @@ coordinates (peak candidates), not voxels, so a GPU run copies them over.
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from numba import njit
 
@@ -1167,12 +1169,37 @@ ENVELOPE_TILE = 8
 SPLIT_MIN_VOXELS = 1 << 20
 
 
-def distance_transform(mask, spacing, threads=1):
+def _windowed_pass(a, axis, step2, window):
+    """One pass of :func:`distance_transform` with a ``window``: the lines along ``axis`` of C-ordered ``a``
+    whose coordinates on the axes before it lie in ``window`` (on one thread)."""
+    shape = a.shape
+    inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
+    if axis == 0:
+        jobs = [(a.reshape(1, shape[0], inner), (0, 1))]
+    else:
+        # Per index of the axes before the last one before `axis` (none, or the first in 3D), a contiguous slab
+        # whose lines along `axis` are numbered by the last of them: the window's range of those.
+        before = window[:axis - 1]
+        jobs = [(a[index].reshape(shape[axis - 1], shape[axis], inner), (window[axis - 1].start, window[axis - 1].stop))
+                for index in itertools.product(*(range(w.start, w.stop) for w in before))]
+    kernel = _envelope_lines_tiled if inner * a.itemsize >= ENVELOPE_TILE_STRIDE else _envelope_lines
+    extra = (ENVELOPE_TILE,) if kernel is _envelope_lines_tiled else ()
+    for lines, outer in jobs:
+        if outer[1] > outer[0]:
+            kernel(lines, step2, axis == 0, outer, (0, inner), *extra)
+
+
+def distance_transform(mask, spacing, threads=1, window=None):
     """Exact Euclidean distance of each foreground (True) voxel of a 1-3D ``mask`` to the nearest background
     voxel, physical units, float32; inf everywhere where there is no background (the image's edge is not
     background). Separable: the lower envelope of parabolas along each axis in turn (:func:`_envelope_lines`),
     in a compiled kernel that releases the GIL, so chunks on threads of one process run at once; ``threads``
-    > 1 splits each axis's lines between that many threads (a whole image in memory)."""
+    > 1 splits each axis's lines between that many threads (a whole image in memory).
+
+    ``window`` (slices, one per axis): only that part of the transform is returned, and each axis's pass
+    runs only on the lines whose coordinates on the axes before it lie in the window (the later passes read
+    no others): a chunk's core and the peak window around it, in a block whose halo only serves the
+    transform (3D 162^3 with 136^3 wanted: 2.54 passes' worth of lines instead of 3), one thread."""
     mask = np.asarray(mask, dtype=bool)
     shape = mask.shape
     if len(spacing) != mask.ndim:
@@ -1182,6 +1209,12 @@ def distance_transform(mask, spacing, threads=1):
     # C order whatever the mask's (np.where keeps a Fortran-ordered mask's order; the lines below are views of
     # a C-ordered array, where a reshape of another order would be a copy the kernel writes into and drops).
     a = np.ascontiguousarray(np.where(mask, np.float32(np.inf), np.float32(0.0)))
+    if window is not None:
+        window = tuple(slice(*w.indices(n)[:2]) for w, n in zip(window, shape))
+        for axis, step in enumerate(spacing):
+            _windowed_pass(a, axis, float(step) * float(step), window)
+        part = a[window]
+        return np.sqrt(part, out=part)
     for axis, step in enumerate(spacing):
         lines = a.reshape(int(np.prod(shape[:axis], dtype=np.int64)), shape[axis],
                           int(np.prod(shape[axis + 1:], dtype=np.int64)))

@@ -20,7 +20,7 @@ def gaussian(image, sigma_voxels):
     return gaussian_filter(image, sigma_voxels, GAUSSIAN_TRUNCATE)
 
 
-def distance_transform(mask, spacing, max_distance=None, threads=None):
+def distance_transform(mask, spacing, max_distance=None, threads=None, window=None):
     """Exact Euclidean distance of each foreground voxel to the background, physical units, float32.
 
     A compiled separable transform (:func:`cpu_fallback.kernels.distance_transform`, Felzenszwalb and
@@ -29,11 +29,12 @@ def distance_transform(mask, spacing, max_distance=None, threads=None):
     squared spacings are whole numbers; checked in tests). It releases the GIL: the chunks of a run's threads
     are transformed at once. A mask without background gives inf everywhere, as on the GPU. ``max_distance``
     is the GPU twin's bound on exact values; here every value is exact. ``threads``: default every usable
-    core (one whole image); a chunk's task passes 1, since Dask already runs one task per core.
+    core (one whole image); a chunk's task passes 1, since Dask already runs one task per core. ``window``
+    (slices): only that part is returned, and only the lines it needs are transformed.
     """
     from cpu_fallback.kernels import distance_transform as compiled
 
-    return compiled(mask, tuple(float(s) for s in spacing), threads=threads or usable_cores())
+    return compiled(mask, tuple(float(s) for s in spacing), threads=threads or usable_cores(), window=window)
 
 
 def label(mask):

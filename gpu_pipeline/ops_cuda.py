@@ -31,16 +31,18 @@ def gaussian(image, sigma_voxels):
                                 truncate=GAUSSIAN_TRUNCATE)
 
 
-def distance_transform(mask, spacing, max_distance=None, threads=None):
+def distance_transform(mask, spacing, max_distance=None, threads=None, window=None):
     """Exact Euclidean distance to the background, physical units, float32; inf without background.
 
-    ``threads`` (CPU threads of the host twin) has no meaning on the device.
+    ``threads`` (CPU threads of the host twin) has no meaning on the device; ``window`` (slices): only that
+    part is returned (the whole transform is computed).
 
     The separable array-module transform (any shape, 12 bytes per voxel),
     not PBA+ (cuCIM, cupyx), which pads a non-cubic volume to a cube of its
     longest side and returns finite distances when there is no background.
     """
-    return distance_transform_edt(mask, spacing, max_distance=max_distance)
+    distance = distance_transform_edt(mask, spacing, max_distance=max_distance)
+    return distance if window is None else distance[tuple(window)]
 
 
 def label(mask):

@@ -725,6 +725,28 @@ def test_compiled_distance_transform_equals_scipy(rng, monkeypatch, shape, spaci
         ops.distance_transform(mask, (*spacing, 1.0))
 
 
+@pytest.mark.parametrize("shape", [(301,), (40, 57), (23, 31, 37), (30, 2051), (5, 45, 47)])
+def test_a_windowed_distance_transform_is_the_window_of_the_whole(rng, monkeypatch, shape):
+    """``window``: each pass transforms only the lines that the window's values depend on (a chunk's core and
+    peak window in a block whose halo serves the transform); what it returns is the whole transform's window,
+    bit for bit, for random windows (empty, one voxel wide, touching the edges), anisotropic spacing, lines
+    one by one and in tiles."""
+    spacing = tuple(rng.uniform(0.4, 2.5, len(shape)))
+    mask = ~ndi.binary_dilation(rng.random(shape) < 0.01, iterations=2)
+    whole = ops.distance_transform(mask, spacing, threads=1)
+    windows = [tuple(slice(None) for _ in shape), tuple(slice(0, 1) for _ in shape),
+               tuple(slice(n - 1, None) for n in shape), tuple(slice(2, 2) for _ in shape)]
+    for _ in range(6):
+        lows = [int(rng.integers(0, n)) for n in shape]
+        windows.append(tuple(slice(lo, int(rng.integers(lo + 1, n + 1))) for lo, n in zip(lows, shape)))
+    for stride in (kernels.ENVELOPE_TILE_STRIDE, 1):
+        monkeypatch.setattr(kernels, "ENVELOPE_TILE_STRIDE", stride)
+        for window in windows:
+            part = ops.distance_transform(mask, spacing, threads=1, window=window)
+            assert part.shape == whole[window].shape
+            np.testing.assert_array_equal(part, whole[window])
+
+
 @pytest.mark.parametrize("shape,dtype", [((301,), np.int32), ((40, 57), np.uint16), ((23, 31, 37), np.float32),
                                          ((19, 26, 33), np.float64), ((2, 1, 3), np.float32)])
 def test_local_maxima_are_the_voxels_equal_to_their_box_maximum(rng, shape, dtype):

@@ -118,9 +118,10 @@ def _capped_distance_q(extended, spacing, max_radius, window=None):
     fg = extended > 0
     # max_distance: the GPU transform stops its passes at the cap (values above it are capped anyway).
     # One thread: Dask runs a task per core already (all cores per task would put cores^2 threads on them).
-    distance = ops_for(extended).distance_transform(fg, spacing, max_distance=max_radius, threads=1)
+    # window: the CPU transform skips the lines that no value in the window depends on.
+    distance = ops_for(extended).distance_transform(fg, spacing, max_distance=max_radius, threads=1, window=window)
     if window is not None:
-        fg, distance = fg[window], distance[window]
+        fg = fg[window]
     return fg, quantize_distance(cap_distance(distance, max_radius, spacing), spacing)[0]
 
 
