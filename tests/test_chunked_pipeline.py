@@ -284,16 +284,26 @@ def test_3d_defaults_keep_a_spheres_second_maximum_from_splitting_it(tmp_path, o
             separate(flat, **{option: bad}, **kwargs)
 
 
-@pytest.mark.parametrize("shape, chunks", [((64, 64, 64), "32,32,32"),   # the middle plane starts a block
-                                           ((80, 64, 64), "32,32,32"),   # ... lies inside one
-                                           ((96, 160), "32,64")])        # 2D: the whole image, short blocks
-def test_chunked_overlay_is_the_in_memory_overlay(tmp_path, rng, shape, chunks):
-    """The preview assembled from the output pass's blocks is the in-memory run's picture of the same labels."""
+@pytest.mark.parametrize("shape, chunks, pixels, step", [
+    ((64, 64, 64), "32,32,32", None, 1),     # the middle plane starts a block
+    ((80, 64, 64), "32,32,32", None, 1),     # ... lies inside one
+    ((96, 160), "32,64", None, 1),           # 2D: the whole image, short blocks
+    ((96, 160), "32,64", 96 * 160 // 4, 2),  # above a (lowered) pixel budget: every 2nd pixel
+    ((80, 64, 64), "32,32,32", 22 * 22, 3)])  # every 3rd, which does not divide the 32-voxel blocks
+def test_chunked_overlay_is_the_in_memory_overlay_of_the_sampled_plane(tmp_path, rng, monkeypatch, shape, chunks,
+                                                                        pixels, step):
+    """The preview assembled from the output pass's blocks is the in-memory run's picture of the same labels.
+    A plane of more than PREVIEW_PIXELS (a 2D montage, a large volume's middle plane) is drawn every k-th pixel
+    per axis, the smallest k within the budget, on the volume's grid whatever the blocks: the overlay of the
+    sampled image and labels, not the whole plane held in the command's process."""
     from PIL import Image
 
+    from gpu_pipeline.chunked import run
     from gpu_pipeline.cli import main
     from gpu_pipeline.overlay import overlay_rgb
 
+    if pixels is not None:
+        monkeypatch.setattr(run, "PREVIEW_PIXELS", pixels)
     image, _ = make_touching_particles(shape, 12 * len(shape), seed=int(rng.integers(1e6)))
     src = tmp_path / "in.zarr"
     zarr.create_array(str(src), shape=image.shape, dtype=image.dtype, chunks=(32,) * len(shape))[...] = image
@@ -302,33 +312,6 @@ def test_chunked_overlay_is_the_in_memory_overlay(tmp_path, rng, shape, chunks):
                  *CHUNKED_OPTIONS]) == 0
     labels = zarr.open_array(str(out / "particles" / "0"), mode="r")[...]
     assert labels.tobytes() == separate(image, max_radius=13).tobytes() and labels.max() > 1
-    picture = np.asarray(Image.open(tmp_path / "out_overlay.png"))
-    assert picture.shape == (*shape[-2:], 3)
-    assert np.array_equal(picture, overlay_rgb(image, labels))
-
-
-@pytest.mark.parametrize("shape, chunks, pixels, step", [((96, 160), "32,64", 96 * 160 // 4, 2),
-                                                          ((80, 64, 64), "32,32,32", 22 * 22, 3)])
-def test_a_chunked_preview_above_its_pixel_budget_samples_the_plane(tmp_path, rng, monkeypatch, shape, chunks,
-                                                                     pixels, step):
-    """A plane of more than PREVIEW_PIXELS (a 2D montage, a large volume's middle plane) is drawn every k-th
-    pixel per axis, the smallest k within the budget, on the volume's grid whatever the blocks (here 3 does not
-    divide the 32-voxel blocks): the overlay of the sampled image and labels, not the whole plane held in the
-    command's process."""
-    from PIL import Image
-
-    from gpu_pipeline.chunked import run
-    from gpu_pipeline.cli import main
-    from gpu_pipeline.overlay import overlay_rgb
-
-    monkeypatch.setattr(run, "PREVIEW_PIXELS", pixels)
-    image, _ = make_touching_particles(shape, 12 * len(shape), seed=int(rng.integers(1e6)))
-    src = tmp_path / "in.zarr"
-    zarr.create_array(str(src), shape=image.shape, dtype=image.dtype, chunks=(32,) * len(shape))[...] = image
-    out = tmp_path / "out.zarr"
-    assert main(["run", str(src), str(out), "--max-radius", "13", "--chunks", chunks, "--quiet",
-                 *CHUNKED_OPTIONS]) == 0
-    labels = zarr.open_array(str(out / "particles" / "0"), mode="r")[...]
     if len(shape) == 3:
         image, labels = image[shape[0] // 2], labels[shape[0] // 2]
     assert run.preview_stride(image.shape) == step
