@@ -1169,6 +1169,15 @@ ENVELOPE_TILE = 8
 SPLIT_MIN_VOXELS = 1 << 20
 
 
+def _lines_kernel(inner, itemsize):
+    """The kernel for an axis whose neighbouring lines lie ``inner`` values of ``itemsize`` bytes apart, called as
+    ``kernel(lines, step2, first, outer_range, inner_range)``: tiled (:data:`ENVELOPE_TILE` lines at a time) from
+    :data:`ENVELOPE_TILE_STRIDE` bytes, else one line at a time."""
+    if inner * itemsize >= ENVELOPE_TILE_STRIDE:
+        return lambda *arguments: _envelope_lines_tiled(*arguments, ENVELOPE_TILE)
+    return _envelope_lines
+
+
 def _windowed_pass(a, axis, step2, window):
     """One pass of :func:`distance_transform` with a ``window``: the lines along ``axis`` of C-ordered ``a``
     whose coordinates on the axes before it lie in ``window`` (on one thread)."""
@@ -1182,11 +1191,10 @@ def _windowed_pass(a, axis, step2, window):
         before = window[:axis - 1]
         jobs = [(a[index].reshape(shape[axis - 1], shape[axis], inner), (window[axis - 1].start, window[axis - 1].stop))
                 for index in itertools.product(*(range(w.start, w.stop) for w in before))]
-    kernel = _envelope_lines_tiled if inner * a.itemsize >= ENVELOPE_TILE_STRIDE else _envelope_lines
-    extra = (ENVELOPE_TILE,) if kernel is _envelope_lines_tiled else ()
+    kernel = _lines_kernel(inner, a.itemsize)
     for lines, outer in jobs:
         if outer[1] > outer[0]:
-            kernel(lines, step2, axis == 0, outer, (0, inner), *extra)
+            kernel(lines, step2, axis == 0, outer, (0, inner))
 
 
 def distance_transform(mask, spacing, threads=1, window=None):
@@ -1227,9 +1235,6 @@ def distance_transform(mask, spacing, threads=1, window=None):
                   for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
         step2 = float(step) * float(step)
         first = axis == 0
-        if inner * a.itemsize >= ENVELOPE_TILE_STRIDE:
-            each_on_threads(lambda r: _envelope_lines_tiled(lines, step2, first, *r, ENVELOPE_TILE), ranges,
-                            len(ranges))
-        else:
-            each_on_threads(lambda r: _envelope_lines(lines, step2, first, *r), ranges, len(ranges))
+        kernel = _lines_kernel(inner, a.itemsize)
+        each_on_threads(lambda r: kernel(lines, step2, first, *r), ranges, len(ranges))
     return np.sqrt(a, out=a)
