@@ -55,7 +55,8 @@ def overlay_rgb(image, labels, alpha=0.45):
         band = slice(top, top + rows)
         grey = np.clip((image[band].astype(np.float64) - low) / span, 0, 1)
         label = labels[band]
-        inside, outline = label > 0, edge[band] & (label > 0)
+        inside = label > 0
+        outline = edge[band] & inside
         for channel in range(3):
             colour = colours[:, channel][label]
             value = np.where(inside, (1 - alpha) * grey + alpha * colour, grey)
