@@ -638,6 +638,20 @@ def label_sizes(labels, count):
 
 
 @njit(cache=True, nogil=True)
+def _mark_labels(labels, present):  # pragma: no cover - compiled; tested through labels_present
+    for i in range(labels.size):
+        present[labels[i]] = True
+
+
+def labels_present(labels, count):
+    """Which labels 0..count occur in ``labels`` (bool): ``present[labels.ravel()] = True`` in one compiled
+    pass, without NumPy's conversion of the index to intp (about 7 ms for a 128^3 int32 block)."""
+    present = np.zeros(count + 1, dtype=bool)
+    _mark_labels(np.ascontiguousarray(labels).reshape(-1), present)
+    return present
+
+
+@njit(cache=True, nogil=True)
 def _scatter_min(target, index, values):  # pragma: no cover - compiled; tested through scatter
     for i in range(index.size):
         v = values[i]

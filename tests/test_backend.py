@@ -95,6 +95,17 @@ def test_compiled_label_sizes_equal_bincount(rng):
                                   np.bincount(labels[:2, :3].ravel(), minlength=311))
 
 
+def test_compiled_labels_present_equal_numpy_marking(rng):
+    from cpu_fallback.kernels import labels_present
+
+    for dtype in (np.int32, np.int64):
+        labels = rng.choice(rng.permutation(500)[:int(rng.integers(1, 60))], size=(30, 20, 17)).astype(dtype)
+        for view in (labels, labels[::2, 3:, ::-1]):  # contiguous and strided
+            expected = np.zeros(520, dtype=bool)
+            expected[view.ravel()] = True
+            np.testing.assert_array_equal(labels_present(view, 519), expected)
+
+
 def test_equal_value_labels_of_a_spiral_are_one_piece():
     size = 41
     spiral = np.zeros((size, size), dtype=np.int32)

@@ -835,7 +835,7 @@ def test_peak_look_out_is_the_farthest_offset_the_reach_reads(spacing, max_radiu
 def test_compiled_block_assignment_equals_the_array_path(margin):
     """The CPU's compiled per-chunk assignment gives each voxel the array path's centroid (the GPU's and the
     reference), for blocks at any origin, including voxels that fall back to their region's full list."""
-    from gpu_pipeline.chunked.pipeline import _assign_block_array, _assign_block_compiled
+    from gpu_pipeline.chunked.pipeline import _assign_block_array, _assign_block_compiled, _assign_compiled_into
     from gpu_pipeline.stages.split import kmeans_seeds, peaks_per_region
 
     rng = np.random.default_rng(11)
@@ -858,6 +858,13 @@ def test_compiled_block_assignment_equals_the_array_path(margin):
                 flat_a, chosen_a = _assign_block_array(block, seeds, centres, spacing, origin)
                 np.testing.assert_array_equal(flat_c, flat_a)
                 np.testing.assert_array_equal(chosen_c, chosen_a)
+                # The split's compiled pass writes each voxel's label in place: the array path's labels.
+                value = rng.permutation(1000)[:len(seeds.centres)] + n + 1
+                expected = block.astype(np.int32)
+                expected.ravel()[flat_a] = value[chosen_a]
+                written = block.astype(np.int32)
+                _assign_compiled_into(block, seeds, centres, spacing, origin, written, value)
+                np.testing.assert_array_equal(written, expected)
 
 
 def test_parquet_table_round_trips_every_column_kind(tmp_path, rng):

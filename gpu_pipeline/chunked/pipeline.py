@@ -460,16 +460,26 @@ def _assign_block_compiled(regions, seeds, centres, spacing, origin):
     flat = np.flatnonzero(seeds.multi[regions].ravel())
     if flat.size == 0:
         return flat, np.zeros(0, dtype=np.int64)
-    near, of_present = candidate_selections(seeds, regions.ravel()[flat], origin=origin, shape=regions.shape,
-                                            spacing=spacing)
-    highest = np.asarray([int(o) for o in origin]) + np.asarray(regions.shape) - 1
     choice = np.empty(regions.shape, dtype=np.int64)
+    _assign_compiled_into(regions, seeds, centres, spacing, origin, choice, np.arange(seeds.centres.shape[0]))
+    return flat, choice.ravel()[flat]
+
+
+def _assign_compiled_into(regions, seeds, centres, spacing, origin, out, value):
+    """``out[voxel] = value[its centroid]`` for the multi-peak voxels of ``regions`` (compiled, CPU), the
+    others left as they are: :func:`_assign_block_compiled`'s choice written where it goes."""
+    from cpu_fallback.kernels import labels_present
+
+    # Every region id of the block marks it present: the centroids' regions are multi-peak ones, so the
+    # selections are those of the multi-peak voxels' regions, without listing those voxels.
+    near, of_present = candidate_selections(seeds, None, origin=origin, shape=regions.shape, spacing=spacing,
+                                            present=labels_present(regions, seeds.multi.size - 1))
+    highest = np.asarray([int(o) for o in origin]) + np.asarray(regions.shape) - 1
     for selection, listed in selection_passes(near, of_present):
-        n_fallback = assign_compiled(regions, seeds, selection, centres, selection.astype(np.int64), choice,
+        n_fallback = assign_compiled(regions, seeds, selection, centres, value[selection], out,
                                      spacing=spacing, origin=origin, highest=highest, listed=listed)
         if n_fallback == 0:
             break
-    return flat, choice.ravel()[flat]
 
 
 def _origin(block_info):
@@ -478,6 +488,10 @@ def _origin(block_info):
 
 def _split_block(regions, seeds, centres, spacing, n_regions, dtype, block_info=None):
     labels = regions.astype(dtype)
+    if get_array_module(regions) is np:  # the compiled pass writes each voxel's label itself
+        _assign_compiled_into(regions, seeds, np.asarray(centres), spacing, _origin(block_info), labels,
+                              n_regions + 1 + seeds.centre_label)
+        return labels
     flat, chosen = _assign_block(regions, seeds, centres, spacing, _origin(block_info))
     labels.ravel()[flat] = n_regions + 1 + ops_for(regions).device_table(seeds.centre_label)[chosen]
     return labels

@@ -216,18 +216,22 @@ def kmeans_seeds(peak_region, n_regions, peaks, radii, *, assignment="power", ma
                        centre_label=centre_label)
 
 
-def candidate_selections(seeds, voxel_region, *, origin, shape, spacing):
+def candidate_selections(seeds, voxel_region, *, origin, shape, spacing, present=None):
     """The centroids a block's candidate lists are built from: ``(near, of_present)``, global indices.
 
     ``of_present``: every centroid of the regions in ``voxel_region`` (the
     block's multi-peak voxels' regions); ``near``: those of them within the
     margin plus one grid block of the block (``shape`` at ``origin``), all
     that a (region, block) list of the block can hold. Voxels that fall back
-    to their region's full list need ``of_present``.
+    to their region's full list need ``of_present``. ``present`` (bool per
+    region id, instead of ``voxel_region``): the regions found in the block
+    (any others than multi-peak ones among them change nothing: only those
+    have centroids).
     """
-    xp = get_array_module(voxel_region)
-    present = xp.zeros(seeds.multi.size, dtype=bool)
-    present[voxel_region] = True
+    if present is None:
+        present = get_array_module(voxel_region).zeros(seeds.multi.size, dtype=bool)
+        present[voxel_region] = True
+    xp = get_array_module(present)
     of_present = xp.flatnonzero(present[seeds.centre_region])
     # Centroids within margin + one block of the block's bounding box can be candidates.
     origin_arr = xp.asarray([int(o) for o in origin], dtype=xp.int64)
