@@ -57,6 +57,10 @@ class ChunkShapeError(DeclumpError):
     """A chunked run's blocks are smaller than a pass's halo: the same command stops the same way again."""
 
 
+class ScratchSpaceError(DeclumpError):
+    """A chunked run's work folder lacks the room for an uncompressed staged store: refused before writing it."""
+
+
 def is_cupy_array(array) -> bool:
     return type(array).__module__.split(".")[0] == "cupy"
 

@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops_for, to_host
-from gpu_pipeline._common import ChunkShapeError, UnusableValuesError, usable_cores, whole_number_at_least
+from gpu_pipeline._common import (ChunkShapeError, ScratchSpaceError, UnusableValuesError, usable_cores,
+                                  whole_number_at_least)
 from gpu_pipeline.chunked.workspace import (LOCAL_CLUSTER_HTTP, Workspace, active_client, local_cluster_config,
                                             own_worker_setup, return_freed_memory, run_lock, run_malloc_setup,
                                             save_records, write_blocks)
@@ -607,8 +608,12 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
             # same command stops the same way again; keeping it refused the next command, other parameters or the
             # input fixed, as "an unfinished run" until --overwrite), or where bad input was found before anything
             # was computed. Leave no folder behind that a later run would trip on.
+            # A work folder this run made and found no room in, before any staged pass was complete, holds
+            # nothing to resume.
             if isinstance(exc, (NoParticlesError, UnusableValuesError, ChunkShapeError)) or (
-                    not work_existed and work.is_dir() and {p.name for p in work.iterdir()} <= RECORDS):
+                    not work_existed and work.is_dir() and (
+                        {p.name for p in work.iterdir()} <= RECORDS
+                        or isinstance(exc, ScratchSpaceError) and not any(work.glob("*.done/complete")))):
                 shutil.rmtree(work, ignore_errors=True)
             raise
 

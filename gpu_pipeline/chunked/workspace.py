@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, to_host
+from gpu_pipeline._common import ScratchSpaceError
 
 
 def intermediate_codecs(dtype):
@@ -709,6 +711,7 @@ class Workspace:
         self.computed[name] = 0
         measured = None
         if not (done / "complete").exists():
+            self.check_room(name, path, shape, dtype)
             written = write_blocks(build(), path, done, what=name, verbose=self.verbose,
                                    zarr_kwargs=intermediate_layout(store_chunks(chunks), dtype, haloed),
                                    measure=measure)
@@ -720,6 +723,26 @@ class Workspace:
                                "or run with --overwrite")
         array = to_device(array, device)
         return array if measure is None else (array, measured)
+
+    def check_room(self, name, path, shape, dtype):
+        """Refuse (:class:`ScratchSpaceError`, one line) to stage ``name`` where the work folder's file system has
+        less room than its uncompressed store still needs: the smoothed volume, 4 bytes per voxel (float32,
+        stored raw, :func:`intermediate_codecs`), most of a run's scratch space. Checked before its pass, not
+        found full hours into it. A compressed store's size is not known beforehand: not checked (a full disk
+        then stops the run with one line, and it resumes)."""
+        if intermediate_codecs(dtype)["compressors"] is not None:
+            return
+        need = math.prod(int(n) for n in shape) * np.dtype(dtype).itemsize
+        path = Path(path)
+        if path.exists():  # a resumed pass: its written blocks stay
+            need -= sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        free = shutil.disk_usage(self.root).free
+        if need > free:
+            raise ScratchSpaceError(
+                f"the work folder {self.root} needs {_bytes_text(need)} for the staged {name} volume "
+                f"({np.dtype(dtype).itemsize} bytes per voxel, uncompressed) and its file system has "
+                f"{_bytes_text(free)} free; make room, or give --scratch DIR on a file system with room (a chunked "
+                "run's work folder peaks at about this plus a tenth), then run the same command again")
 
     def discard(self, *names):
         """Delete staged stores no later pass reads (their disk space back; a resumed run does not need them)."""
@@ -820,6 +843,14 @@ class Workspace:
             return stored()
 
         return array, after
+
+
+def _bytes_text(n):
+    """``n`` bytes in decimal units to three digits: ``262 kB``, ``4.3 TB``."""
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
 
 
 def block_marker(done, index):
