@@ -79,19 +79,34 @@ def start_child(argv, env=None):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def run_child(argv, env=None, interval=0.2):
+def disk_bytes(folder):
+    """Bytes that the files under ``folder`` take on disk (allocated blocks; 0 where it does not exist)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:  # removed meanwhile
+                pass
+    return total
+
+
+def run_child(argv, env=None, interval=0.2, folder=None):
     """``python -m bench.chunked --child ARGV`` (the CLI in a fresh process, which reports its own peak) while
     this process samples the resident memory of the processes it starts (Dask worker processes).
 
     The sampling runs here, not in a thread of the measured process: a thread there would take a malloc arena
     of its own before the run caps them (``limit_malloc_arenas``), and its peak memory would not be the
-    command's. Returns ``(returncode, stderr, worker peaks in GiB)``.
+    command's. Returns ``(returncode, stderr, worker peaks in GiB, folder peak)``: with ``folder`` (a run's
+    work folder), the most bytes on disk under it at a sample (:func:`disk_bytes`; walking it costs the
+    measured run some CPU: for an untimed run), else None.
     """
     import psutil
 
     process = start_child(argv, env)
     peaks = {}
     stderr = []
+    most = None if folder is None else 0
     reader = threading.Thread(target=lambda: stderr.append(process.stderr.read()), daemon=True)
     reader.start()
     try:
@@ -102,13 +117,15 @@ def run_child(argv, env=None, interval=0.2):
                     peaks[child.pid] = max(peaks.get(child.pid, 0), child.memory_info().rss)
                 except psutil.Error:
                     pass
+            if folder is not None:
+                most = max(most, disk_bytes(folder))
             time.sleep(interval)
     except psutil.Error:
         pass
     process.wait()
     reader.join()
     # Processes under 64 MiB are helpers (multiprocessing's resource tracker), not workers.
-    return process.returncode, "".join(stderr), sorted(v / 2**30 for v in peaks.values() if v > 64 * 2**20)
+    return process.returncode, "".join(stderr), sorted(v / 2**30 for v in peaks.values() if v > 64 * 2**20), most
 
 
 def _child(argv):
@@ -145,7 +162,7 @@ def run_declump(volume, out_dir, *, chunks=None, workers=None, extra=()):
         argv += ["--chunks", ",".join(str(c) for c in chunks)]
     if workers:
         argv += ["--workers", str(workers)]
-    returncode, stderr, _ = run_child(argv)
+    returncode, stderr, _, _ = run_child(argv)
     if returncode != 0:
         raise RuntimeError(f"declump run failed: {stderr[-2000:]}")
     measured = json.loads(report.read_text())

@@ -123,16 +123,17 @@ def side_by_side(shape, particles, radius, seed, rounds, methods=METHODS):
             "watershed_over_declump_defaults_time": watershed_over(DECLUMP_DEFAULTS)}
 
 
-def _cli_run(argv, out_dir):
+def _cli_run(argv, out_dir, folder=None):
     """``declump`` with ``argv`` in a fresh process (bench.chunked's child): seconds, CPU seconds and peak RSS
-    of the process, and the sampled peaks of its worker processes."""
+    of the process, and the sampled peaks of its worker processes (and of ``folder``'s bytes on disk)."""
     from bench.chunked import run_child
 
     report = Path(out_dir) / "report.json"
-    returncode, stderr, workers = run_child([str(report), *argv])
+    returncode, stderr, workers, most = run_child([str(report), *argv], folder=folder)
     if returncode != 0:
         raise RuntimeError(f"declump {' '.join(argv)} failed: {stderr[-1000:]}")
-    return {**json.loads(report.read_text()), "worker_peak_rss_gib": workers}
+    return {**json.loads(report.read_text()), "worker_peak_rss_gib": workers,
+            **({} if folder is None else {"folder_peak_bytes": most})}
 
 
 #: What a chunked run does not choose automatically (it prints them): the in-memory run is given the same,
@@ -216,6 +217,8 @@ def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
                     pair = _pair_runs(volume, Path(tmp) / "pair", chunked_options, keep[:2])
                     runs["pair"].extend(pair)
                     print("pair " + " ".join(f"{m['seconds']:.1f}s" for m in pair), flush=True)
+            # Untimed: the work folder's peak on disk (walking it every 0.1 s costs the run some CPU).
+            scratch = work_folder_peak(volume, Path(tmp) / "scratch", chunks)
         finally:
             os.sched_setaffinity(0, set(keep))
         if len(keep) >= 2:
@@ -267,9 +270,22 @@ def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
     out["machine_ceiling"] = [alone["seconds"] / statistics.mean(r["seconds"] for r in runs["pair"][2 * i:2 * i + 2])
                               for i, alone in enumerate(runs["chunked"][:len(runs["pair"]) // 2])]
     out["client_share"] = client_share(runs)
+    out["work_folder_peak"] = {"bytes": scratch, "bytes_per_voxel": scratch / voxels}
     out["per_tb"] = per_tb(out["modes"], out["scaling_efficiency"], out["client_share"])
     out["library"] = library_side_by_side(shape, particles, radius, seed, chunks, rounds)
     return out
+
+
+def work_folder_peak(volume, target, chunks):
+    """The most bytes on disk of a chunked run's work folder (``declump run`` on one worker, its folder walked
+    every 0.1 s, :func:`bench.chunked.disk_bytes`): the scratch space a run of this volume needs."""
+    from bench.chunked import run_argv
+
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir()
+    out = target / "labels.zarr"
+    argv = run_argv(volume, out, ["--chunks", ",".join(map(str, chunks)), "--workers", "1"])
+    return _cli_run(argv, target, folder=f"{out}.work")["folder_peak_bytes"]
 
 
 def ram_folder(needed_bytes):
@@ -705,6 +721,12 @@ def chunked_markdown(c):
                      f"byte-identical labels checked): {med['separate']:.2f} s vs {med['separate_chunked']:.2f} s "
                      "(medians); chunked / in memory wall **" + ", ".join(f"{x:.2f}" for x in lib["wall_ratio"])
                      + "**, CPU **" + ", ".join(f"{x:.2f}" for x in lib["cpu_ratio"]) + "** (per round).")
+    scratch = c.get("work_folder_peak")
+    if scratch:
+        lines.append(f"Scratch space: the chunked run's work folder peaked at {scratch['bytes'] / 2**20:.0f} MiB on "
+                     f"disk, **{scratch['bytes_per_voxel']:.2f} bytes per voxel** (one untimed run, its folder walked "
+                     "every 0.1 s; almost all of it the smoothed volume, float32 stored uncompressed): about "
+                     f"{scratch['bytes_per_voxel']:.1f} TB of `--scratch` per TB of uint8 volume.")
     t = c["per_tb"]
     lines += ["", "Projected hours per TB of uint8 EM volume (10^12 voxels) per node (a projection from the one-core "
               "rates above, not a measurement):", "",

@@ -742,7 +742,7 @@ class Workspace:
                 f"the work folder {self.root} needs {_bytes_text(need)} for the staged {name} volume "
                 f"({np.dtype(dtype).itemsize} bytes per voxel, uncompressed) and its file system has "
                 f"{_bytes_text(free)} free; make room, or give --scratch DIR on a file system with room (a chunked "
-                "run's work folder peaks at about this plus a tenth), then run the same command again")
+                "run's work folder peaks at about this plus 10-15 %), then run the same command again")
 
     def discard(self, *names):
         """Delete staged stores no later pass reads (their disk space back; a resumed run does not need them)."""
