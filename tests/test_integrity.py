@@ -7,7 +7,6 @@ permitted.
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -421,9 +420,10 @@ def test_full_disk_is_one_line_and_the_rerun_resumes(small_disk, tmp_path, rng, 
     image = _image(rng, (256, 256), 120)
     src = _store(tmp_path / "in.zarr", image, (64, 64))
     out = small_disk / "out.zarr"
-    # Room for the smoothed volume's 256 KiB by the check before its pass, not for its files and halos (a page
-    # each at the least): the disk fills during the pass.
-    _remount(small_disk, "size=300k")
+    # Room to stage the smoothed volume's 256 KiB (with the 15 % the rest of a work folder takes, by the check
+    # before its pass), not for its files, halos and the later stores (a page each at the least): the disk fills
+    # during the run.
+    _remount(small_disk, "size=350k")
     command = ["run", str(src), str(out), "--chunks", "64,64", *ARGS]  # 16 blocks, some written before the disk fills
     assert main(command) == 2
     err = _one_error_line(capsys)
@@ -432,44 +432,45 @@ def test_full_disk_is_one_line_and_the_rerun_resumes(small_disk, tmp_path, rng, 
     _remount(small_disk, "size=64m")  # space freed
     assert main(command) == 0
     summary = json.loads((small_disk / "out_summary.json").read_text())
-    # Resumed: the blocks finished before the disk filled (during the first stage, the smoothing) are not redone.
+    # Resumed: the blocks finished before the disk filled are not redone.
     assert summary["blocks_computed"]["smoothed"] < summary["blocks_total"]["smoothed"]
     assert np.array_equal(_labels(out), separate(image, max_radius=13, **CHUNKED_DEFAULTS)) and _complete(out)
 
 
-def test_too_little_scratch_space_is_refused_before_the_first_pass(small_disk, tmp_path, rng, capsys):
-    """The smoothed volume, staged uncompressed (4 bytes per voxel), is checked against the work folder's free
-    space before its pass: one line with both sizes, no folder left, and the same command runs once there is
-    room."""
-    image = _image(rng, (256, 256), 120)  # 256 KiB smoothed, on a 200 kB disk
-    src = _store(tmp_path / "in.zarr", image, (64, 64))
+def test_a_work_folder_without_room_for_the_smoothed_volume_smooths_again(small_disk, tmp_path, rng, capsys):
+    """Where the work folder's file system has less room than the smoothed volume (staged uncompressed, 4 bytes
+    per voxel), the passes that read it smooth their chunks again instead: a note says so, nothing is staged
+    for it, and the labels are the in-memory run's; with room, it is staged."""
+    image = _image(rng, (64, 128, 128), 120)  # 4.2 MB smoothed, on a 2 MB disk
+    src = _store(tmp_path / "in.zarr", image, (64, 64, 64))
+    expected = separate(image, max_radius=13, **CHUNKED_DEFAULTS)
+    _remount(small_disk, "size=2m")
     out = small_disk / "out.zarr"
-    command = ["run", str(src), str(out), "--chunks", "64,64", *ARGS]
-    assert main(command) == 2
-    err = _one_error_line(capsys)
-    assert f"{out}.work needs 262 kB for the staged smoothed volume" in err and "--scratch" in err, err
-    assert not os.listdir(small_disk)  # nothing half-written: no output, no work folder
+    assert main(["run", str(src), str(out), "--chunks", "64,64,64", "--max-radius", "13"]) == 0
+    assert "less than the 4.82 MB that staging the smoothed volume would take" in capsys.readouterr().err
+    summary = json.loads((small_disk / "out_summary.json").read_text())
+    assert "smoothed" not in summary["blocks_computed"]  # never staged
+    assert np.array_equal(_labels(out), expected) and _complete(out)
     _remount(small_disk, "size=64m")
-    assert main(command) == 0
-    assert np.array_equal(_labels(out), separate(image, max_radius=13, **CHUNKED_DEFAULTS)) and _complete(out)
+    again = small_disk / "again.zarr"
+    assert main(["run", str(src), str(again), "--chunks", "64,64,64", "--max-radius", "13"]) == 0
+    assert "smoothed volume would take" not in capsys.readouterr().err
+    summary = json.loads((small_disk / "again_summary.json").read_text())
+    assert summary["blocks_computed"]["smoothed"] == summary["blocks_total"]["smoothed"] == 4
+    assert np.array_equal(_labels(again), expected)
 
 
-def test_a_volume_whose_smoothing_outgrows_the_disk_is_refused_at_once(tmp_path):
-    """A volume whose staged smoothing needs twice this disk's free space (every chunk missing, read as the fill
-    value: nothing to store or read) is refused before any pass, whatever that free space, instead of computing
-    until the disk is full."""
-    free = shutil.disk_usage(tmp_path).free
-    side = int(np.ceil((free / 4 * 2) ** (1 / 3)))
-    huge = tmp_path / "huge.zarr"  # (a 10 TB disk: 17,100^3 voxels, 39,000 chunks, refused in 10 s)
-    zarr.create_array(str(huge), shape=(side,) * 3, dtype=np.uint8, chunks=(512,) * 3)
-    out = tmp_path / "out.zarr"
-    # In a process of its own, stopped after a minute: without the check it would compute for hours.
-    run = subprocess.run([sys.executable, "-m", "gpu_pipeline", "run", str(huge), str(out), "--missing-chunks",
-                          "fill", *ARGS], capture_output=True, text=True, timeout=60, cwd=REPO)
-    err = run.stderr.strip()
-    assert run.returncode == 2 and err.startswith("declump: error: ") and "\n" not in err, err
-    assert f"{out}.work needs" in err and "(4 bytes per voxel, uncompressed) and its file system has" in err, err
-    assert sorted(os.listdir(tmp_path)) == ["huge.zarr"]  # no output, no work folder
+def test_no_room_for_a_classifiers_probabilities_is_refused_before_their_pass(small_disk, tmp_path, rng, capsys):
+    """A pixel classifier's probabilities (float32 per class, staged uncompressed; costly to compute again) are
+    checked against the work folder's free space before their pass: one line with both sizes, no folder left."""
+    image = _image(rng, (1024, 1024), 300)  # 3 classes: 12.6 MB of probabilities, on a 2 MB disk
+    src = _store(tmp_path / "in.zarr", image, (256, 256))
+    _remount(small_disk, "size=2m")
+    out = small_disk / "out.zarr"
+    assert main(["run", str(src), str(out), "--classifier", "em-particles", *ARGS]) == 2
+    err = _one_error_line(capsys)
+    assert f"{out}.work needs 12.6 MB for the staged probabilities (float32, uncompressed)" in err, err
+    assert "--scratch" in err and not os.listdir(small_disk)  # nothing half-written: no output, no work folder
 
 
 def test_read_only_output_folder_is_one_line(small_disk, tmp_path, rng, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 
 import numpy as np
 
@@ -149,6 +150,30 @@ def _mask_block(block, block_info=None):
     return mask_foreground(block, "" if origin is None else f" in its chunk at {origin}")
 
 
+#: The smoothed volume is staged where the work folder's file system has this many times its size free: the
+#: rest of the work folder took 10-15 % more at its peak (2026-12-06, 256x512x512 in 128^3 chunks: 284 MiB for a
+#: 256 MiB smoothed volume, ``bench.throughput``'s scratch figure).
+SMOOTHED_ROOM = 1.15
+
+
+def _room_for_smoothed(workspace, smoothing):
+    """Is there room in the work folder to stage the smoothed volume (:data:`SMOOTHED_ROOM`)? Where there is not,
+    a verbose workspace says at once, on stderr, that each pass reading it smooths its chunks again (the same
+    values: the same labels)."""
+    room = workspace.room_needed("smoothed", smoothing.shape, smoothing.dtype)
+    if room is None or room[0] * SMOOTHED_ROOM <= room[1]:
+        return True
+    from gpu_pipeline.chunked.workspace import _bytes_text
+
+    line = (f"declump: note: the work folder's file system has {_bytes_text(room[1])} free, less than the "
+            f"{_bytes_text(room[0] * SMOOTHED_ROOM)} that staging the smoothed volume would take at the peak: each "
+            "pass that reads it (range, histogram, threshold) smooths its chunks again instead (slower; the same "
+            "labels). Give --scratch a file system with room to stage it")
+    if workspace.verbose:
+        print(line, file=sys.stderr)
+    return False
+
+
 def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="auto", min_size=0.0, mask=None,
                     workspace=None, device=None, halo=None, notes=None):
     """Connected regions of the cleaned foreground of a chunked volume.
@@ -196,8 +221,14 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
         def smoothed():
             # Staged on first use: the threshold's passes (histogram, polarity) and the foreground then read it
             # instead of smoothing every chunk four times; the staging pass also measures its range for the
-            # histogram's bins. Never staged once the regions are.
+            # histogram's bins. Never staged once the regions are; nor where the work folder lacks the room.
             if "smoothed" not in staged:
+                if smoothing is not volume and not _room_for_smoothed(workspace, smoothing):
+                    # A part staged by an earlier run: its space back. The halos' folder serves every pass that
+                    # smooths (removed with the sides, below).
+                    workspace.discard("smoothed", halos=False)
+                    staged["smoothed"], staged["range"] = smoothing, None
+                    return smoothing
                 staged["smoothed"], ranges = workspace.stage(
                     "smoothed", lambda: smoothing, chunks=chunks, shape=smoothing.shape, dtype=smoothing.dtype,
                     device=device, measure=block_range) if smoothing is not volume else (volume, None)

@@ -711,7 +711,7 @@ class Workspace:
         self.computed[name] = 0
         measured = None
         if not (done / "complete").exists():
-            self.check_room(name, path, shape, dtype)
+            self.check_room(name, shape, dtype)
             written = write_blocks(build(), path, done, what=name, verbose=self.verbose,
                                    zarr_kwargs=intermediate_layout(store_chunks(chunks), dtype, haloed),
                                    measure=measure)
@@ -724,34 +724,39 @@ class Workspace:
         array = to_device(array, device)
         return array if measure is None else (array, measured)
 
-    def check_room(self, name, path, shape, dtype):
-        """Refuse (:class:`ScratchSpaceError`, one line) to stage ``name`` where the work folder's file system has
-        less room than its uncompressed store still needs: the smoothed volume, 4 bytes per voxel (float32,
-        stored raw, :func:`intermediate_codecs`), most of a run's scratch space. Checked before its pass, not
-        found full hours into it. A compressed store's size is not known beforehand: not checked (a full disk
-        then stops the run with one line, and it resumes)."""
-        if intermediate_codecs(dtype)["compressors"] is not None:
-            return
+    def room_needed(self, name, shape, dtype):
+        """``(bytes the uncompressed store `name` still needs, bytes free on the work folder's file system)``, or
+        None where that size is not known beforehand (no folder, or a compressed store)."""
+        if self.root is None or intermediate_codecs(dtype)["compressors"] is not None:
+            return None
         need = math.prod(int(n) for n in shape) * np.dtype(dtype).itemsize
-        path = Path(path)
+        path = self.root / f"{name}.zarr"
         if path.exists():  # a resumed pass: its written blocks stay
             need -= sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        free = shutil.disk_usage(self.root).free
-        if need > free:
+        return need, shutil.disk_usage(self.root).free
+
+    def check_room(self, name, shape, dtype):
+        """Refuse (:class:`ScratchSpaceError`, one line) to stage ``name`` where the work folder's file system has
+        less room than its uncompressed store still needs (:meth:`room_needed`; float stores, stored raw:
+        :func:`intermediate_codecs`): checked before its pass, not found full hours into it. A compressed
+        store's size is not known beforehand: not checked (a full disk then stops the run with one line, and it
+        resumes). The smoothed volume, most of a run's scratch space, is not staged where it would not fit
+        (:func:`~gpu_pipeline.chunked.foreground.regions_chunked`); this refuses the others (a classifier's
+        probabilities)."""
+        room = self.room_needed(name, shape, dtype)
+        if room is not None and room[0] > room[1]:
             raise ScratchSpaceError(
-                f"the work folder {self.root} needs {_bytes_text(need)} for the staged {name} volume "
-                f"({np.dtype(dtype).itemsize} bytes per voxel, uncompressed) and its file system has "
-                f"{_bytes_text(free)} free; make room, or give --scratch DIR on a file system with room (a chunked "
-                "run's work folder peaks at about this plus 10-15 %), then run the same command again")
+                f"the work folder {self.root} needs {_bytes_text(room[0])} for the staged {name} "
+                f"({np.dtype(dtype).name}, uncompressed) and its file system has {_bytes_text(room[1])} free; make "
+                "room, or give --scratch DIR on a file system with room, then run the same command again")
 
-    def discard(self, *names):
-        """Delete staged stores no later pass reads (their disk space back; a resumed run does not need them)."""
-        import shutil
-
+    def discard(self, *names, halos=True):
+        """Delete staged stores no later pass reads (their disk space back; a resumed run does not need them),
+        and their :meth:`halos` folders unless ``halos`` is False."""
         if self.root is None:
             return
         for name in names:
-            for suffix in ("zarr", "done", "halos"):
+            for suffix in ("zarr", "done", "halos") if halos else ("zarr", "done"):
                 shutil.rmtree(self.root / f"{name}.{suffix}", ignore_errors=True)
 
     def discard_halos(self, name):
