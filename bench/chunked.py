@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import machine_info, spread
+from gpu_pipeline.chunked.workspace import folder_bytes
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
@@ -79,18 +80,6 @@ def start_child(argv, env=None):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def disk_bytes(folder):
-    """Bytes that the files under ``folder`` take on disk (allocated blocks; 0 where it does not exist)."""
-    total = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-            except OSError:  # removed meanwhile
-                pass
-    return total
-
-
 def run_child(argv, env=None, interval=0.2, folder=None):
     """``python -m bench.chunked --child ARGV`` (the CLI in a fresh process, which reports its own peak) while
     this process samples the resident memory of the processes it starts (Dask worker processes).
@@ -98,7 +87,7 @@ def run_child(argv, env=None, interval=0.2, folder=None):
     The sampling runs here, not in a thread of the measured process: a thread there would take a malloc arena
     of its own before the run caps them (``limit_malloc_arenas``), and its peak memory would not be the
     command's. Returns ``(returncode, stderr, worker peaks in GiB, folder peak)``: with ``folder`` (a run's
-    work folder), the most bytes on disk under it at a sample (:func:`disk_bytes`; walking it costs the
+    work folder), the most bytes on disk under it at a sample (``folder_bytes``; walking it costs the
     measured run some CPU: for an untimed run), else None.
     """
     import psutil
@@ -118,7 +107,7 @@ def run_child(argv, env=None, interval=0.2, folder=None):
                 except psutil.Error:
                     pass
             if folder is not None:
-                most = max(most, disk_bytes(folder))
+                most = max(most, folder_bytes(folder))
             time.sleep(interval)
     except psutil.Error:
         pass

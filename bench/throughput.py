@@ -278,7 +278,7 @@ def chunked_vs_in_memory(shape, particles, radius, seed, chunks, rounds):
 
 def work_folder_peak(volume, target, chunks):
     """The most bytes on disk of a chunked run's work folder (``declump run`` on one worker, its folder walked
-    every 0.1 s, :func:`bench.chunked.disk_bytes`): the scratch space a run of this volume needs."""
+    every 0.1 s, :func:`gpu_pipeline.chunked.workspace.folder_bytes`): the scratch space a run of this volume needs."""
     from bench.chunked import run_argv
 
     shutil.rmtree(target, ignore_errors=True)

@@ -330,6 +330,23 @@ def _negative_values_attached(parser, argv):
     return out
 
 
+#: ``--scratch-limit`` units: powers of 1000 and of 1024.
+BYTE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+              "p": 1e15, "pb": 1e15, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50}
+
+
+def _byte_size(text):
+    """A size in bytes from ``800G``, ``1.5TB``, ``2TiB`` or a plain number of bytes."""
+    import re
+
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = found.group(2).lower() if found else None
+    if unit not in BYTE_UNITS or not float(found.group(1)) > 0:
+        raise argparse.ArgumentTypeError(f"scratch limit must be a positive size such as 800G or 2T (k, M, G, T, P: "
+                                         f"powers of 1000; KiB, MiB, GiB, TiB: of 1024; none: bytes), got {text!r}")
+    return int(float(found.group(1)) * BYTE_UNITS[unit])
+
+
 def _chunks(text):
     try:
         values = tuple(int(v) for v in text.split(","))
@@ -398,7 +415,8 @@ def cmd_run_chunked(args, device):
         summary = run_chunked(args.input, args.output, chunks=args.chunks, channel=args.channel,
                               timepoint=args.timepoint, mask_path=args.mask, max_radius=args.max_radius,
                               device=device, cluster=args.cluster, scheduler=args.scheduler, workers=args.workers,
-                              gpu_threads=args.gpu_threads, scratch=args.scratch, overwrite=args.overwrite,
+                              gpu_threads=args.gpu_threads, scratch=args.scratch, scratch_limit=args.scratch_limit,
+                              overwrite=args.overwrite,
                               missing_chunks=args.missing_chunks, verbose=not args.quiet, notes=notes,
                               voxel_defaults=voxel_defaults, **kwargs)
     except MemoryError as exc:  # NumPy's, or CuPy's OutOfMemoryError (a MemoryError) on a GPU worker
@@ -447,6 +465,7 @@ def cmd_run(args):
         return cmd_run_chunked(args, device)
     chunked_only = [name for name, value in (("--chunks", args.chunks), ("--cluster", args.cluster),
                                              ("--scheduler", args.scheduler), ("--scratch", args.scratch),
+                                             ("--scratch-limit", args.scratch_limit),
                                              ("--gpu-threads", None if args.gpu_threads == 1 else args.gpu_threads))
                     if value is not None]
     if chunked_only:
@@ -850,6 +869,11 @@ def build_parser():
                               "(declump-OUTPUTNAME-HASH.work), removed when the run completes; SCRATCH itself and "
                               "anything else in it are left alone (default OUTPUT.work, beside the output; must be "
                               "shared by all workers)")
+    chunked.add_argument("--scratch-limit", type=_byte_size, default=None, metavar="SIZE",
+                         help="the most the work folder may take, e.g. 800G (a quota that the file system's free "
+                              "space does not show); within it the smoothed volume is staged where it fits, else "
+                              "smoothed again by each pass that reads it (same labels, slower), and a classifier's "
+                              "probabilities that do not fit are refused (default: the file system's free space)")
     chunked.add_argument("--overwrite", action="store_true",
                          help="start over, deleting an existing output and its work folder")
     chunked.add_argument("--quiet", action="store_true", help="no notes and no progress lines on stderr (errors still are)")

@@ -311,6 +311,8 @@ def test_gpu_threads_are_refused_where_they_mean_nothing(tmp_path):
     (["--chunks", "0,8,8"], "chunks must be positive"),
     (["--chunks", "-1,8"], "chunks must be positive, got '-1,8'"),  # (argparse: "expected one argument")
     (["--sigma", "x"], "sigma must be 'auto' or a number"),
+    (["--scratch-limit", "lots"], "scratch limit must be a positive size such as 800G or 2T"),
+    (["--scratch-limit", "0"], "scratch limit must be a positive size such as 800G or 2T"),
     (["--no-such-option"], "unrecognized arguments: --no-such-option")])
 def test_bad_command_lines_are_one_line_errors(tmp_path, options, message):
     """What the parser refuses: exit 2 and one line naming the option and what it accepts (not the 18-line

@@ -7,6 +7,7 @@ permitted.
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -447,14 +448,14 @@ def test_a_work_folder_without_room_for_the_smoothed_volume_smooths_again(small_
     _remount(small_disk, "size=2m")
     out = small_disk / "out.zarr"
     assert main(["run", str(src), str(out), "--chunks", "64,64,64", "--max-radius", "13"]) == 0
-    assert "less than the 4.82 MB that staging the smoothed volume would take" in capsys.readouterr().err
+    assert "needs 4.82 MB at its peak to stage the smoothed volume and its file system has" in capsys.readouterr().err
     summary = json.loads((small_disk / "out_summary.json").read_text())
     assert "smoothed" not in summary["blocks_computed"]  # never staged
     assert np.array_equal(_labels(out), expected) and _complete(out)
     _remount(small_disk, "size=64m")
     again = small_disk / "again.zarr"
     assert main(["run", str(src), str(again), "--chunks", "64,64,64", "--max-radius", "13"]) == 0
-    assert "smoothed volume would take" not in capsys.readouterr().err
+    assert "to stage the smoothed volume" not in capsys.readouterr().err
     summary = json.loads((small_disk / "again_summary.json").read_text())
     assert summary["blocks_computed"]["smoothed"] == summary["blocks_total"]["smoothed"] == 4
     assert np.array_equal(_labels(again), expected)
@@ -471,6 +472,29 @@ def test_no_room_for_a_classifiers_probabilities_is_refused_before_their_pass(sm
     err = _one_error_line(capsys)
     assert f"{out}.work needs 12.6 MB for the staged probabilities (float32, uncompressed)" in err, err
     assert "--scratch" in err and not os.listdir(small_disk)  # nothing half-written: no output, no work folder
+
+
+def test_a_scratch_limit_is_kept_on_any_disk(tmp_path, rng, capsys):
+    """``--scratch-limit`` (a quota the file system's free space does not show): below the smoothed volume, the
+    passes smooth again and nothing is staged for it, to the in-memory labels; below a classifier's
+    probabilities, the run is refused in one line."""
+    image = _image(rng, (64, 128, 128), 120)  # 4.2 MB smoothed, within 2 MB
+    src = _store(tmp_path / "in.zarr", image, (64, 64, 64))
+    out = tmp_path / "out.zarr"
+    assert main(["run", str(src), str(out), "--chunks", "64,64,64", "--max-radius", "13", "--scratch-limit", "2M"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"the work folder needs 4\.82 MB at its peak to stage the smoothed volume and it may take "
+                     r"(1\.\d\d|2) MB more \(--scratch-limit", err), err  # (2 MB less what the folder holds)
+    summary = json.loads((tmp_path / "out_summary.json").read_text())
+    assert "smoothed" not in summary["blocks_computed"]
+    assert np.array_equal(_labels(out), separate(image, max_radius=13, **CHUNKED_DEFAULTS)) and _complete(out)
+    flat = _store(tmp_path / "flat.zarr", _image(rng, (1024, 1024), 300), (256, 256))
+    assert main(["run", str(flat), str(tmp_path / "p.zarr"), "--classifier", "em-particles", "--scratch-limit",
+                 "2MB", *ARGS]) == 2
+    err = _one_error_line(capsys)
+    assert re.search(r"needs 12\.6 MB for the staged probabilities \(float32, uncompressed\) and it may take "
+                     r"(1\.\d\d|2) MB more \(--scratch-limit", err), err
+    assert not (tmp_path / "p.zarr").exists() and not (tmp_path / "p.zarr.work").exists()
 
 
 def test_read_only_output_folder_is_one_line(small_disk, tmp_path, rng, capsys):

@@ -165,8 +165,8 @@ def _room_for_smoothed(workspace, smoothing):
         return True
     from gpu_pipeline.chunked.workspace import _bytes_text
 
-    line = (f"declump: note: the work folder's file system has {_bytes_text(room[1])} free, less than the "
-            f"{_bytes_text(room[0] * SMOOTHED_ROOM)} that staging the smoothed volume would take at the peak: each "
+    line = (f"declump: note: the work folder needs {_bytes_text(room[0] * SMOOTHED_ROOM)} at its peak to stage the "
+            f"smoothed volume and {workspace.room_text(room[1])}: each "
             "pass that reads it (range, histogram, threshold) smooths its chunks again instead (slower; the same "
             "labels). Give --scratch a file system with room to stage it")
     if workspace.verbose:

@@ -427,12 +427,16 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
                 sigma=1.0, threshold="otsu", polarity="auto", min_distance=4.0, min_size=None, max_radius=None,
                 neck_ratio="auto", nearby_ratio="auto", peak_reach="auto", reach_share="auto", ball_share="auto",
                 assignment="power", max_iter=0, device="cpu", cluster=None, scheduler=None, workers=None,
-                scratch=None, overwrite=False, missing_chunks="error", verbose=True, classifier=None,
-                probabilities_path=None, gpu_threads=1, notes=(), voxel_defaults=None):
+                scratch=None, scratch_limit=None, overwrite=False, missing_chunks="error", verbose=True,
+                classifier=None, probabilities_path=None, gpu_threads=1, notes=(), voxel_defaults=None):
     """Separate a Zarr volume chunk by chunk into an OME-Zarr labels group (see the module docstring).
 
     ``notes``: lines to print on stderr (with ``verbose``) once the input and every parameter have been
     checked (the command's note on the values it fixed: a refusal stays one line).
+
+    ``scratch_limit``: bytes the work folder may take (a quota its file system's free space does not show):
+    the smoothed volume is then staged only within it, and a classifier's probabilities refused beyond it
+    (:meth:`~gpu_pipeline.chunked.workspace.Workspace.room_needed`). The labels do not depend on it.
 
     ``missing_chunks``: ``"error"`` (default) refuses an input or mask with a
     missing chunk file; ``"fill"`` reads it as the fill value (see
@@ -595,6 +599,7 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
         try:
             return _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_path, device=device,
                         cluster=cluster, scheduler=scheduler, workers=workers, gpu_threads=gpu_threads,
+                        scratch_limit=scratch_limit,
                         overwrite=overwrite, verbose=verbose,
                         model=model, probabilities_path=probabilities_path, unit=unit, levels=levels)
         except OSError as exc:
@@ -643,8 +648,8 @@ def is_work_folder(path):
 
 
 def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_path, *, device, cluster,
-         scheduler, workers, gpu_threads, overwrite, verbose, model=None, probabilities_path=None, unit=None,
-         levels=None):
+         scheduler, workers, gpu_threads, overwrite, verbose, scratch_limit=None, model=None, probabilities_path=None,
+         unit=None, levels=None):
     import zarr
 
     from gpu_pipeline.chunked.pipeline import separate_chunked
@@ -666,7 +671,7 @@ def _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_
                                         "or add --overwrite to start over"),
         "inputs.json": (inputs, f"{changed} since the unfinished run in {work} started; add --overwrite to start "
                                 "over")}, overwrite=overwrite)
-    workspace = Workspace(work, verbose=verbose)
+    workspace = Workspace(work, verbose=verbose, limit=scratch_limit)
     with engine(cluster=cluster, scheduler=scheduler, workers=workers, device=device, gpu_threads=gpu_threads):
         if verbose:
             client = active_client()

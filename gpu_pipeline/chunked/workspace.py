@@ -658,9 +658,10 @@ class Workspace:
     nothing; it is what the Python API uses when no folder is given.
     """
 
-    def __init__(self, root=None, *, verbose=False):
+    def __init__(self, root=None, *, verbose=False, limit=None):
         self.root = Path(root) if root is not None else None
         self.verbose = verbose
+        self.limit = limit  # bytes the folder may take (a quota the file system's free space does not show)
         self.computed = {}  # stage name -> blocks computed in this run
         self.totals = {}    # stage name -> blocks in the stage
         if self.root is not None:
@@ -725,15 +726,19 @@ class Workspace:
         return array if measure is None else (array, measured)
 
     def room_needed(self, name, shape, dtype):
-        """``(bytes the uncompressed store `name` still needs, bytes free on the work folder's file system)``, or
-        None where that size is not known beforehand (no folder, or a compressed store)."""
+        """``(bytes the uncompressed store `name` still needs, bytes the work folder may still take)``, or None
+        where that size is not known beforehand (no folder, or a compressed store). The room: the free space of
+        its file system, and no more than ``limit`` less what the folder holds already where one was given."""
         if self.root is None or intermediate_codecs(dtype)["compressors"] is not None:
             return None
         need = math.prod(int(n) for n in shape) * np.dtype(dtype).itemsize
         path = self.root / f"{name}.zarr"
         if path.exists():  # a resumed pass: its written blocks stay
             need -= sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        return need, shutil.disk_usage(self.root).free
+        room = shutil.disk_usage(self.root).free
+        if self.limit is not None:
+            room = min(room, max(0, int(self.limit) - folder_bytes(self.root)))
+        return need, room
 
     def check_room(self, name, shape, dtype):
         """Refuse (:class:`ScratchSpaceError`, one line) to stage ``name`` where the work folder's file system has
@@ -747,8 +752,14 @@ class Workspace:
         if room is not None and room[0] > room[1]:
             raise ScratchSpaceError(
                 f"the work folder {self.root} needs {_bytes_text(room[0])} for the staged {name} "
-                f"({np.dtype(dtype).name}, uncompressed) and its file system has {_bytes_text(room[1])} free; make "
-                "room, or give --scratch DIR on a file system with room, then run the same command again")
+                f"({np.dtype(dtype).name}, uncompressed) and {self.room_text(room[1])}; make room, or give "
+                "--scratch DIR on a file system with room, then run the same command again")
+
+    def room_text(self, room):
+        """How :meth:`room_needed`'s room reads in a message: the file system's free space, or the limit's."""
+        if self.limit is None:
+            return f"its file system has {_bytes_text(room)} free"
+        return f"it may take {_bytes_text(room)} more (--scratch-limit, or its file system's free space)"
 
     def discard(self, *names, halos=True):
         """Delete staged stores no later pass reads (their disk space back; a resumed run does not need them),
@@ -848,6 +859,18 @@ class Workspace:
             return stored()
 
         return array, after
+
+
+def folder_bytes(folder):
+    """Bytes that the files under ``folder`` take on disk (allocated blocks; 0 where it does not exist)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:  # removed meanwhile
+                pass
+    return total
 
 
 def _bytes_text(n):
