@@ -123,13 +123,14 @@ def side_by_side(shape, particles, radius, seed, rounds, methods=METHODS):
             "watershed_over_declump_defaults_time": watershed_over(DECLUMP_DEFAULTS)}
 
 
-def _cli_run(argv, out_dir, folder=None):
+def _cli_run(argv, out_dir, folder=None, interval=0.2):
     """``declump`` with ``argv`` in a fresh process (bench.chunked's child): seconds, CPU seconds and peak RSS
-    of the process, and the sampled peaks of its worker processes (and of ``folder``'s bytes on disk)."""
+    of the process, and the peaks of its worker processes (and of ``folder``'s bytes on disk), sampled every
+    ``interval`` seconds."""
     from bench.chunked import run_child
 
     report = Path(out_dir) / "report.json"
-    returncode, stderr, workers, most = run_child([str(report), *argv], folder=folder)
+    returncode, stderr, workers, most = run_child([str(report), *argv], interval=interval, folder=folder)
     if returncode != 0:
         raise RuntimeError(f"declump {' '.join(argv)} failed: {stderr[-1000:]}")
     return {**json.loads(report.read_text()), "worker_peak_rss_gib": workers,
@@ -285,7 +286,7 @@ def work_folder_peak(volume, target, chunks):
     target.mkdir()
     out = target / "labels.zarr"
     argv = run_argv(volume, out, ["--chunks", ",".join(map(str, chunks)), "--workers", "1"])
-    return _cli_run(argv, target, folder=f"{out}.work")["folder_peak_bytes"]
+    return _cli_run(argv, target, folder=f"{out}.work", interval=0.1)["folder_peak_bytes"]
 
 
 def ram_folder(needed_bytes):
