@@ -731,10 +731,8 @@ class Workspace:
         its file system, and no more than ``limit`` less what the folder holds already where one was given."""
         if self.root is None or intermediate_codecs(dtype)["compressors"] is not None:
             return None
-        need = math.prod(int(n) for n in shape) * np.dtype(dtype).itemsize
-        path = self.root / f"{name}.zarr"
-        if path.exists():  # a resumed pass: its written blocks stay
-            need -= sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        # Less what a resumed pass wrote already (its blocks stay).
+        need = math.prod(int(n) for n in shape) * np.dtype(dtype).itemsize - folder_bytes(self.root / f"{name}.zarr")
         room = shutil.disk_usage(self.root).free
         if self.limit is not None:
             room = min(room, max(0, int(self.limit) - folder_bytes(self.root)))
