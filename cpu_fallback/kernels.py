@@ -453,31 +453,41 @@ def _label_by_value(values, out):  # pragma: no cover - compiled; tested through
     nz, ny, nx = values.shape
     flat = values.reshape(-1)
     parent = out.reshape(-1)  # pass 1 keeps the union-find parents in the output itself
-    # Pass 1: union with the equal-valued face neighbours before each voxel. Every parent is a
-    # smaller index (unions keep the smaller root), so a component's root is its first voxel.
+    plane = ny * nx
+    # Pass 1, run by run: a run is a stretch of one non-zero value along a row (the last axis). Its first voxel
+    # is its node: every voxel of the run points at it, and the run is joined to each stretch of the same value
+    # that touches it in the row before and in the plane before, one union per stretch (a stretch lies in one
+    # run there). Unions keep the smaller root, so every parent is a smaller index and a component's root is
+    # its first voxel; a voxel of a run is a child of its run's first voxel, so a find may start at any voxel.
     for z in range(nz):
         for y in range(ny):
-            for x in range(nx):
-                v = (z * ny + y) * nx + x
+            row = (z * ny + y) * nx
+            x = 0
+            while x < nx:
+                v = row + x
                 value = flat[v]
                 if value == 0:
+                    x += 1
                     continue
-                plane, row = ny * nx, nx
-                left = x > 0 and flat[v - 1] == value
-                # Joined to the left neighbour's set; the neighbour before in another axis is then
-                # already in that set when its own left neighbour and ours match too (they were
-                # joined when those voxels were visited), so most voxels of a region take one step.
-                parent[v] = _find_root(parent, v - 1) if left else v
-                for u, step in ((v - row, y > 0), (v - plane, z > 0)):
-                    if not step or flat[u] != value:
+                end = x + 1
+                parent[v] = v
+                while end < nx and flat[row + end] == value:
+                    parent[row + end] = v
+                    end += 1
+                for before, step in ((v - nx, y > 0), (v - plane, z > 0)):
+                    if not step:
                         continue
-                    if left and flat[u - 1] == value:
-                        continue
-                    a, b = _find_root(parent, u), _find_root(parent, v)
-                    if a < b:
-                        parent[b] = a
-                    elif b < a:
-                        parent[a] = b
+                    touching = False
+                    for i in range(end - x):
+                        same = flat[before + i] == value
+                        if same and not touching:
+                            a, b = _find_root(parent, before + i), _find_root(parent, v)
+                            if a < b:
+                                parent[b] = a
+                            elif b < a:
+                                parent[a] = b
+                        touching = same
+                x = end
     # Pass 2, in C order: ids 1..n by each component's first voxel (its root). A voxel's parent
     # is an earlier voxel of its component, which already holds the component's id.
     n = 0
@@ -492,24 +502,28 @@ def _label_by_value(values, out):  # pragma: no cover - compiled; tested through
     return n
 
 
-def label_by_value(values):
-    """Face-connected components of equal non-zero value, int32 ids 1..n by first voxel in C order.
+def label_by_value(values, return_count=False):
+    """Face-connected components of equal non-zero value, int32 ids 1..n by first voxel in C order; with
+    ``return_count`` also n (the kernel counts them: no pass over the labels for their maximum).
 
     The partition and numbering of ``skimage.measure.label(values,
-    background=0, connectivity=1)`` in two compiled passes (union-find,
-    the parents kept in the output), without its conversions of the input.
+    background=0, connectivity=1)`` in two compiled passes (union-find over
+    the runs of each row, the parents kept in the output), without its
+    conversions of the input.
     """
     values = np.ascontiguousarray(values)
     shape3 = (1,) * (3 - values.ndim) + values.shape if values.ndim <= 3 else None
     if shape3 is None or values.size >= 2**31 - 1:
         from skimage.measure import label as sk_label
 
-        return sk_label(values, background=0, connectivity=1).astype(np.int32, copy=False)
+        out, n = sk_label(values, background=0, connectivity=1, return_num=True)
+        out = out.astype(np.int32, copy=False)
+        return (out, int(n)) if return_count else out
     out = np.empty(values.shape, dtype=np.int32)
     if values.dtype == np.bool_:
         values = values.view(np.uint8)
-    _label_by_value(values.reshape(shape3), out.reshape(shape3))
-    return out
+    n = _label_by_value(values.reshape(shape3), out.reshape(shape3))
+    return (out, int(n)) if return_count else out
 
 
 @njit(cache=True, nogil=True)

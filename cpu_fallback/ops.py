@@ -42,8 +42,7 @@ def label(mask):
     if 1 <= np.ndim(mask) <= 3:  # the compiled union-find of label_by_value: same components, same C-order ids
         from cpu_fallback.kernels import label_by_value as compiled
 
-        labels = compiled(np.asarray(mask, dtype=bool))
-        return labels, int(labels.max()) if labels.size else 0
+        return compiled(np.asarray(mask, dtype=bool), return_count=True)
     structure = ndi.generate_binary_structure(mask.ndim, 1)
     labels, count = ndi.label(mask, structure=structure, output=np.int32)
     return labels, int(count)

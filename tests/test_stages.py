@@ -516,6 +516,48 @@ def test_equal_value_label_is_skimage_label_partition_and_numbering(rng, shape, 
         np.testing.assert_array_equal(ours, sk_label(values, background=0, connectivity=1))
 
 
+def _combs_and_spirals(shape):
+    """A 2D or 3D mask whose components join only far from where their runs start: combs whose teeth (runs of
+    one row) meet at a spine below them, a spiral, U shapes opening upward."""
+    mask = np.zeros(shape, dtype=bool)
+    plane = mask.reshape((-1,) + shape[-2:])[0]
+    rows, cols = plane.shape
+    plane[rows - 2, 1:cols - 1] = True  # a comb's spine on the last rows ...
+    plane[1:rows - 2, 1:cols - 1:3] = True  # ... its teeth, each its own run until the spine
+    plane[2:rows // 2, 2:cols // 2:6] = True  # teeth of a second comb between them
+    y, x = rows // 2, cols // 2
+    for step in range(2, min(rows, cols) // 2, 2):  # a square spiral around the middle
+        plane[max(y - step, 0):y + step, min(x + step, cols - 1)] = step % 4 == 0
+        plane[min(y + step, rows - 1), max(x - step, 0):x + step] = True
+    if mask.ndim == 3:
+        mask[1:] = mask[0]
+        mask[1::2, :rows // 2] = False  # planes that join the combs' halves only through the planes before
+    return mask
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 300), (300, 1, 1), (1, 300, 1), (47, 61), (9, 35, 40), (40, 3, 70)])
+def test_compiled_labelling_joins_runs_as_scipy_does(rng, shape):
+    """The run-based union-find of the compiled labelling (one node per run of a row, joined to the runs it
+    touches in the row and the plane before) gives SciPy's components and ids (first voxel in C order) and
+    counts them, on masks whose runs join only far from their starts (combs, spirals, U shapes), thresholded
+    smooth noise (one large component with holes, and its background), and a value image of such pieces."""
+    masks = [rng.random(shape) < p for p in (0.3, 0.6)]
+    smooth = ndi.gaussian_filter(rng.random(shape), 2)
+    masks += [smooth > np.median(smooth), smooth <= np.median(smooth)]
+    if len(shape) > 1 and min(shape[-2:]) >= 8:
+        masks += [_combs_and_spirals(shape), ~_combs_and_spirals(shape)]
+    for mask in masks:
+        want, count = ndi.label(mask)
+        ours, n = kernels.label_by_value(mask, return_count=True)
+        np.testing.assert_array_equal(ours, want)
+        assert n == count == (int(want.max()) if want.size else 0)
+        assert ops.label(mask)[1] == count
+    values = (masks[-1] * rng.integers(1, 4, shape)).astype(np.int64)  # pieces of equal value
+    np.testing.assert_array_equal(kernels.label_by_value(values), sk_label(values, background=0, connectivity=1))
+    empty = kernels.label_by_value(np.zeros(shape, dtype=bool), return_count=True)
+    assert empty[1] == 0 and not empty[0].any()
+
+
 @pytest.mark.parametrize("high", [50, 2**40])
 def test_count_pairs_sums_each_distinct_pair_in_order(rng, high):
     """Distinct (a, b) pairs sorted by a then b, with their summed counts, as a Counter finds them; ids as far
