@@ -549,20 +549,29 @@ def piece_stats(pieces, labels):
 
 
 @njit(cache=True, nogil=True)
-def _face_sides(pieces, labels, other, outer, n, inner, out_piece, out_other, fill):  # pragma: no cover - compiled
+def _face_sides(pieces, labels, other, shape, out_piece, out_other, fill):  # pragma: no cover - compiled
+    # Every voxel with its next neighbour along each axis, in one sweep over the (planes, rows, columns) arrays.
+    nz, ny, nx = shape
+    plane = ny * nx
     count = 0
-    for o in range(outer):
-        for k in range(n - 1):
-            base = (o * n + k) * inner
-            for t in range(inner):
-                i = base + t
-                j = i + inner
-                pa, pb = pieces[i], pieces[j]
-                if pa != 0 and pb != 0 and labels[i] != labels[j]:
-                    if fill:
-                        out_piece[count], out_other[count] = pa, other[j]
-                        out_piece[count + 1], out_other[count + 1] = pb, other[i]
-                    count += 2
+    for z in range(nz):
+        for y in range(ny):
+            row = (z * ny + y) * nx
+            for x in range(nx):
+                i = row + x
+                pa = pieces[i]
+                if pa == 0:
+                    continue
+                la = labels[i]
+                for j, step in ((i + 1, x + 1 < nx), (i + nx, y + 1 < ny), (i + plane, z + 1 < nz)):
+                    if not step:
+                        continue
+                    pb = pieces[j]
+                    if pb != 0 and labels[j] != la:
+                        if fill:
+                            out_piece[count], out_other[count] = pa, other[j]
+                            out_piece[count + 1], out_other[count + 1] = pb, other[i]
+                        count += 2
     return count
 
 
@@ -570,28 +579,24 @@ def face_sides(pieces, labels, other=None):
     """Both sides of every face between voxels of different non-zero labels: ``(piece, the other side's label)``.
 
     ``other``: what is reported of the other side instead of its label (the
-    pieces themselves: which piece touches which). One compiled pass per
-    axis to count and one to fill (int64 arrays): the unsorted input of
+    pieces themselves: which piece touches which). One compiled sweep over
+    the voxels, each with its next neighbour along every axis, to count and
+    one to fill (int64 arrays), in no particular order: the input of
     :func:`~gpu_pipeline.stages.components.face_pairs_between_labels`
-    without a boolean copy of the volume per comparison.
+    (which sorts and counts them) without a boolean copy of the volume per
+    comparison.
     """
     pieces, labels = np.ascontiguousarray(pieces), np.ascontiguousarray(labels)
     other = labels if other is None else np.ascontiguousarray(other)
-    shape = pieces.shape
+    if pieces.ndim > 3:
+        raise ValueError(f"face_sides takes 1-3D arrays, got {pieces.ndim}D")
+    shape = (1,) * (3 - pieces.ndim) + pieces.shape
     flat_pieces, flat_labels, flat_other = pieces.reshape(-1), labels.reshape(-1), other.reshape(-1)
     empty = np.zeros(0, dtype=np.int64)
-    parts = []
-    for axis in range(pieces.ndim):
-        outer, n, inner = int(np.prod(shape[:axis])), shape[axis], int(np.prod(shape[axis + 1:]))
-        if n < 2:
-            continue
-        count = _face_sides(flat_pieces, flat_labels, flat_other, outer, n, inner, empty, empty, False)
-        a, b = np.empty(count, dtype=np.int64), np.empty(count, dtype=np.int64)
-        _face_sides(flat_pieces, flat_labels, flat_other, outer, n, inner, a, b, True)
-        parts.append((a, b))
-    if not parts:
-        return empty, empty
-    return np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])
+    count = _face_sides(flat_pieces, flat_labels, flat_other, shape, empty, empty, False)
+    a, b = np.empty(count, dtype=np.int64), np.empty(count, dtype=np.int64)
+    _face_sides(flat_pieces, flat_labels, flat_other, shape, a, b, True)
+    return a, b
 
 
 @njit(cache=True, nogil=True)

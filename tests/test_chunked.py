@@ -470,7 +470,7 @@ def test_one_pass_piece_tables_equal_in_memory_piece_stats_and_faces(rng, tmp_pa
         assert np.array_equal(found.through(table, np.int32).compute(), table[pieces])
 
 
-@pytest.mark.parametrize("shape", [(1, 40), (33, 47), (9, 1, 12), (21, 30, 26)])
+@pytest.mark.parametrize("shape", [(50,), (1, 40), (33, 47), (9, 1, 12), (21, 30, 26), (3, 40, 1)])
 def test_compiled_face_count_equals_the_array_path(rng, shape):
     """Every face between different labels, counted by the compiled pass, as by the array code (near = all)."""
     from skimage.measure import label as sk_label
