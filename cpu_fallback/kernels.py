@@ -449,16 +449,19 @@ def _find_root(parent, v):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _label_by_value(values, out):  # pragma: no cover - compiled; tested through label_by_value
+def _label_runs(values, out):  # pragma: no cover - compiled; tested through label_by_value
+    # Pass 1 of label_by_value, run by run: a run is a stretch of one non-zero value along a row (the last
+    # axis). Its first voxel is its node: every voxel of the run points at it, and the run is joined to each
+    # stretch of the same value that touches it in the row before and in the plane before, one union per
+    # stretch (a stretch lies in one run there). Unions keep the smaller root, so every parent is a smaller
+    # index and a component's root is its first voxel; a voxel of a run is a child of its run's first voxel,
+    # so a find may start at any voxel. The parents are kept in the output itself. Returns the number of
+    # components (runs less the unions that joined two sets).
     nz, ny, nx = values.shape
     flat = values.reshape(-1)
-    parent = out.reshape(-1)  # pass 1 keeps the union-find parents in the output itself
+    parent = out.reshape(-1)
     plane = ny * nx
-    # Pass 1, run by run: a run is a stretch of one non-zero value along a row (the last axis). Its first voxel
-    # is its node: every voxel of the run points at it, and the run is joined to each stretch of the same value
-    # that touches it in the row before and in the plane before, one union per stretch (a stretch lies in one
-    # run there). Unions keep the smaller root, so every parent is a smaller index and a component's root is
-    # its first voxel; a voxel of a run is a child of its run's first voxel, so a find may start at any voxel.
+    roots = 0
     for z in range(nz):
         for y in range(ny):
             row = (z * ny + y) * nx
@@ -471,6 +474,7 @@ def _label_by_value(values, out):  # pragma: no cover - compiled; tested through
                     continue
                 end = x + 1
                 parent[v] = v
+                roots += 1
                 while end < nx and flat[row + end] == value:
                     parent[row + end] = v
                     end += 1
@@ -484,12 +488,23 @@ def _label_by_value(values, out):  # pragma: no cover - compiled; tested through
                             a, b = _find_root(parent, before + i), _find_root(parent, v)
                             if a < b:
                                 parent[b] = a
+                                roots -= 1
                             elif b < a:
                                 parent[a] = b
+                                roots -= 1
                         touching = same
                 x = end
-    # Pass 2, in C order: ids 1..n by each component's first voxel (its root). A voxel's parent
-    # is an earlier voxel of its component, which already holds the component's id.
+    return roots
+
+
+@njit(cache=True, nogil=True)
+def _label_ids(values, out, sizes):  # pragma: no cover - compiled; tested through label_by_value
+    # Pass 2 of label_by_value, in C order: ids 1..n by each component's first voxel (its root). A voxel's
+    # parent is an earlier voxel of its component, which already holds the component's id. With a non-empty
+    # `sizes` (n + 1 long), the voxels of each id, 0 the background, counted on the way.
+    flat = values.reshape(-1)
+    parent = out.reshape(-1)
+    count = sizes.size > 0
     n = 0
     for v in range(flat.size):
         if flat[v] == 0:
@@ -499,12 +514,16 @@ def _label_by_value(values, out):  # pragma: no cover - compiled; tested through
             parent[v] = n
         else:
             parent[v] = parent[parent[v]]
+        if count:
+            sizes[parent[v]] += 1
     return n
 
 
-def label_by_value(values, return_count=False):
+def label_by_value(values, return_count=False, return_sizes=False):
     """Face-connected components of equal non-zero value, int32 ids 1..n by first voxel in C order; with
-    ``return_count`` also n (the kernel counts them: no pass over the labels for their maximum).
+    ``return_count`` also n (the kernel counts them: no pass over the labels for their maximum), with
+    ``return_sizes`` also the voxels per id 0..n (int64, ``np.bincount`` of the labels), counted as the ids
+    are written.
 
     The partition and numbering of ``skimage.measure.label(values,
     background=0, connectivity=1)`` in two compiled passes (union-find over
@@ -518,12 +537,17 @@ def label_by_value(values, return_count=False):
 
         out, n = sk_label(values, background=0, connectivity=1, return_num=True)
         out = out.astype(np.int32, copy=False)
-        return (out, int(n)) if return_count else out
-    out = np.empty(values.shape, dtype=np.int32)
-    if values.dtype == np.bool_:
-        values = values.view(np.uint8)
-    n = _label_by_value(values.reshape(shape3), out.reshape(shape3))
-    return (out, int(n)) if return_count else out
+        sizes = np.bincount(out.ravel(), minlength=n + 1).astype(np.int64) if return_sizes else None
+    else:
+        out = np.empty(values.shape, dtype=np.int32)
+        if values.dtype == np.bool_:
+            values = values.view(np.uint8)
+        values, flat_out = values.reshape(shape3), out.reshape(shape3)
+        roots = _label_runs(values, flat_out)
+        sizes = np.zeros(roots + 1 if return_sizes else 0, dtype=np.int64)
+        n = _label_ids(values, flat_out, sizes)
+    extra = ((int(n),) if return_count else ()) + ((sizes,) if return_sizes else ())
+    return (out, *extra) if extra else out
 
 
 @njit(cache=True, nogil=True)

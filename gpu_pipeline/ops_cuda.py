@@ -52,6 +52,12 @@ def label(mask):
     return labels.astype(cp.int32, copy=False), int(count)
 
 
+def label_table(mask):
+    """``label(mask)`` with the voxels per label 0..count: ``(labels, count, sizes)``."""
+    labels, count = label(mask)
+    return labels, count, label_sizes(labels, count)
+
+
 def label_by_value(labels):
     """Face-connected components of equal non-zero value, on the device (see `label_by_value_propagation`)."""
     return label_by_value_propagation(labels, scatter_min)

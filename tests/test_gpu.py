@@ -38,6 +38,8 @@ def test_primitives_match_the_cpu(cp, rng):
     labels, n = gpu.label(cp.asarray(mask))
     ref, n_ref = cpu.label(mask)
     assert n == n_ref and np.array_equal(labels.get(), ref)
+    table, want = gpu.label_table(cp.asarray(mask)), cpu.label_table(mask)
+    assert table[1] == want[1] and np.array_equal(table[0].get(), want[0]) and np.array_equal(table[2].get(), want[2])
     values = rng.integers(0, 4, (20, 30, 25)).astype(np.int32)
     np.testing.assert_array_equal(gpu.label_by_value(cp.asarray(values)).get(), cpu.label_by_value(values))
     arr = rng.random((40, 50)).astype(np.float32)

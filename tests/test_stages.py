@@ -548,14 +548,18 @@ def test_compiled_labelling_joins_runs_as_scipy_does(rng, shape):
         masks += [_combs_and_spirals(shape), ~_combs_and_spirals(shape)]
     for mask in masks:
         want, count = ndi.label(mask)
-        ours, n = kernels.label_by_value(mask, return_count=True)
+        ours, n, sizes = kernels.label_by_value(mask, return_count=True, return_sizes=True)
         np.testing.assert_array_equal(ours, want)
         assert n == count == (int(want.max()) if want.size else 0)
+        np.testing.assert_array_equal(sizes, np.bincount(want.ravel(), minlength=count + 1))
         assert ops.label(mask)[1] == count
+        table = ops.label_table(mask)
+        np.testing.assert_array_equal(table[0], want)
+        assert table[1] == count and np.array_equal(table[2], sizes)
     values = (masks[-1] * rng.integers(1, 4, shape)).astype(np.int64)  # pieces of equal value
     np.testing.assert_array_equal(kernels.label_by_value(values), sk_label(values, background=0, connectivity=1))
-    empty = kernels.label_by_value(np.zeros(shape, dtype=bool), return_count=True)
-    assert empty[1] == 0 and not empty[0].any()
+    empty = kernels.label_by_value(np.zeros(shape, dtype=bool), return_count=True, return_sizes=True)
+    assert empty[1] == 0 and not empty[0].any() and empty[2].tolist() == [int(np.prod(shape))]
 
 
 @pytest.mark.parametrize("high", [50, 2**40])

@@ -14,9 +14,7 @@ from gpu_pipeline.array_algorithms import neighbour_slices
 
 def component_table(mask):
     """``(labels, count, sizes)`` of ``mask``'s face-connected components (sizes per label 0..count)."""
-    ops = ops_for(mask)
-    labels, count = ops.label(mask)
-    return labels, count, ops.label_sizes(labels, count)
+    return ops_for(mask).label_table(mask)
 
 
 def relabel_by_first_voxel(labels):
