@@ -135,6 +135,44 @@ def greedy_spacing(coords, half_widths):
     return _greedy_spacing(coords, half, cell, span)
 
 
+@njit(cache=True, nogil=True)
+def _any_higher(values, coords, alive, steps, near, limit2, hit):  # pragma: no cover - compiled; see any_higher
+    nz, ny, nx = values.shape
+    bounded = near.size > 0
+    for a in range(alive.size):
+        c = alive[a]
+        z, y, x = coords[c, 0], coords[c, 1], coords[c, 2]
+        value = values[z, y, x]
+        for s in range(steps.shape[0]):
+            if bounded and not near[s] <= limit2[c]:
+                continue
+            zz = min(max(z + steps[s, 0], 0), nz - 1)
+            yy = min(max(y + steps[s, 1], 0), ny - 1)
+            xx = min(max(x + steps[s, 2], 0), nx - 1)
+            if values[zz, yy, xx] > value:
+                hit[a] = True
+                break
+
+
+def any_higher(values, coords, alive, steps, near=None, limit2=None):
+    """For each coordinate ``coords[alive]``: whether a voxel at one of the offsets ``steps`` from it (edges
+    replicated) is higher than it, with ``near`` (squared length per offset) and ``limit2`` (per coordinate)
+    counting only the offsets where ``near <= limit2``. The test of
+    :func:`gpu_pipeline.stages.peaks._none_higher` for one slab of offsets, a coordinate at a time, leaving at
+    the first higher voxel (bool over ``alive``)."""
+    values = np.asarray(values)
+    pad = 3 - values.ndim
+    values3 = values.reshape((1,) * pad + values.shape)
+    wide = lambda a: np.ascontiguousarray(np.pad(np.asarray(a, dtype=np.int64).reshape(-1, values.ndim),
+                                                 ((0, 0), (pad, 0))))
+    hit = np.zeros(np.size(alive), dtype=bool)
+    empty = np.zeros(0, dtype=np.float64)
+    _any_higher(values3, wide(coords), np.ascontiguousarray(alive, dtype=np.int64), wide(steps),
+                empty if near is None else np.ascontiguousarray(near, dtype=np.float64),
+                empty if limit2 is None else np.ascontiguousarray(limit2, dtype=np.float64), hit)
+    return hit
+
+
 def spacing_cells(half):
     """Cells of :func:`greedy_spacing`: the width per axis in which any two points interact, and how many
     cells away an interacting point can lie.

@@ -82,8 +82,13 @@ def _window(h, ndim):
     return disk(h) if ndim == 2 else ball(h)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("shape,h", [((80, 90), 3), ((24, 30, 28), 2), ((20, 22, 24), 4)])
-def test_peaks_equal_skimage_peak_local_max_with_a_ball_window_without_ties(rng, shape, h):
+def test_peaks_equal_skimage_peak_local_max_with_a_ball_window_without_ties(rng, monkeypatch, shape, h, compiled):
+    """Both the CPU's compiled window test and the array code the GPU runs (on NumPy)."""
+    from gpu_pipeline.stages import peaks as peaks_module
+
+    monkeypatch.setattr(peaks_module, "COMPILED_WINDOW_TEST", compiled)
     values = rng.random(shape)
     ours = find_peaks(values, half_widths=(h,) * len(shape), min_value=0.5)
     ref = peak_local_max(values, min_distance=h, footprint=_window(h, len(shape)), p_norm=2, threshold_abs=0.5,
@@ -112,9 +117,14 @@ def test_ties_follow_skimage_greedy_spacing_with_a_disk_window(rng, h):
     np.testing.assert_array_equal(ours, ref)
 
 
-@pytest.mark.parametrize("half", [(2, 4), (1, 3, 3), (0, 3, 2)])
-def test_anisotropic_window_is_the_ellipsoid_of_the_half_widths(rng, half):
-    # No ties: every voxel at least as high as its ellipsoid (SciPy's maximum filter, edges replicated) is a peak.
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("half", [(2, 4), (1, 3, 3), (0, 3, 2), (5,)])
+def test_anisotropic_window_is_the_ellipsoid_of_the_half_widths(rng, monkeypatch, half, compiled):
+    # No ties: every voxel at least as high as its ellipsoid (SciPy's maximum filter, edges replicated) is a peak;
+    # the CPU's compiled window test and the array code the GPU runs (on NumPy) alike.
+    from gpu_pipeline.stages import peaks as peaks_module
+
+    monkeypatch.setattr(peaks_module, "COMPILED_WINDOW_TEST", compiled)
     values = rng.random(tuple(int(rng.integers(15, 30)) for _ in half))
     grid = np.ogrid[tuple(slice(-h, h + 1) for h in half)]
     footprint = sum(((g / h) ** 2 if h else np.where(g == 0, 0.0, 2.0)) for g, h in zip(grid, half)) <= 1
@@ -864,13 +874,19 @@ def test_box_maxima_are_the_box_maxima_and_face_neighbour_maxima(rng, shape, hal
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("shape, spacing, ratio", [((40, 50), (1.0, 1.0), 0.7), ((24, 30, 28), (2.0, 1.0, 1.0), 0.8),
                                                    ((22, 26, 30), (1.0, 1.0, 1.0), 1.0)])
-def test_peak_reach_keeps_the_candidates_no_voxel_within_their_reach_exceeds(rng, shape, spacing, ratio):
+def test_peak_reach_keeps_the_candidates_no_voxel_within_their_reach_exceeds(rng, monkeypatch, shape, spacing,
+                                                                              ratio, compiled):
     """within_reach against a ball search voxel by voxel: a candidate of the window's peaks stays when no voxel
     within ratio x min(its height, its distance to the border) (physical) is higher; find_peaks applies it
-    before the spacing, so its peaks are the reference's kept candidates, spaced."""
+    before the spacing, so its peaks are the reference's kept candidates, spaced. Both the CPU's compiled test
+    of the offsets and the array code the GPU runs (on NumPy)."""
+    from gpu_pipeline.stages import peaks as peaks_module
     from gpu_pipeline.stages.peaks import PeakReach, QUANTUM_DIVISOR, local_maxima, space_candidates, within_reach
+
+    monkeypatch.setattr(peaks_module, "COMPILED_WINDOW_TEST", compiled)
 
     # A smooth random landscape of peaks, ridges and flanks on 48 levels (equal voxels beyond the window of a
     # candidate do not exceed it), heights up to 12 voxels as quantised distances.

@@ -67,6 +67,10 @@ NECK_REACH = {2: 2.0, 3: 1.0}
 
 #: Window offsets tested together by :func:`local_maxima` before dropping the candidates they exceed.
 WINDOW_OFFSET_GROUP = 8
+#: The CPU tests each candidate against its window's and reach's offsets in a compiled kernel
+#: (:func:`cpu_fallback.kernels.any_higher`); False runs the array code that the GPU runs, on NumPy (the tests
+#: compare the two).
+COMPILED_WINDOW_TEST = True
 
 
 def window_half_widths(min_distance, spacing):
@@ -327,11 +331,22 @@ def _none_higher(values, coords, alive, slabs, limit2=None):
     length is at most the coordinate's. Offsets go :data:`WINDOW_OFFSET_GROUP`
     at a time (more once few coordinates are left), a coordinate leaves as
     soon as one exceeds it, and at most :data:`PAIR_BATCH` values are
-    gathered at once.
+    gathered at once. On the CPU (:data:`COMPILED_WINDOW_TEST`) a compiled kernel tests a coordinate at a time
+    against each slab (:func:`cpu_fallback.kernels.any_higher`): the same result, without the gathers.
     """
     xp = get_array_module(values)
-    top = xp.asarray([n - 1 for n in values.shape], dtype=xp.int64)
     keep = xp.ones(coords.shape[0], dtype=bool)
+    if xp is np and COMPILED_WINDOW_TEST:
+        from cpu_fallback.kernels import any_higher
+
+        for slab, length2 in slabs:
+            hit = any_higher(values, coords, alive, slab, length2, limit2)
+            keep[alive[hit]] = False
+            alive = alive[~hit]
+            if alive.size == 0:
+                break
+        return keep
+    top = xp.asarray([n - 1 for n in values.shape], dtype=xp.int64)
     for slab, length2 in slabs:
         start = 0
         while start < slab.shape[0] and alive.size:
