@@ -219,6 +219,8 @@ def test_one_piece_rounds_on_the_piece_graph_equal_the_voxel_rounds(rng, ndim):
             got_labels, got_pieces = one_piece_rounds(labels, max_rounds)
             assert got_labels.dtype == labels.dtype and np.array_equal(got_labels, want_labels), max_rounds
             assert np.array_equal(got_pieces, want_pieces), max_rounds
+            none, only = one_piece_rounds(labels, max_rounds, pieces_only=True)
+            assert none is None and np.array_equal(only, want_pieces), max_rounds
             cut_short, settled = cut_short + (not done), settled + done
     assert cut_short and settled  # both cases happened
 

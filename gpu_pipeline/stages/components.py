@@ -228,7 +228,7 @@ def enforce_one_piece(labels, max_rounds=10):
     return one_piece_rounds(labels, max_rounds)[0]
 
 
-def one_piece_rounds(labels, max_rounds=10):
+def one_piece_rounds(labels, max_rounds=10, pieces_only=False):
     """:func:`enforce_one_piece`'s result and its pieces: ``(labels, pieces)``.
 
     ``pieces`` labels the same partition (one piece per label) with ids
@@ -236,7 +236,9 @@ def one_piece_rounds(labels, max_rounds=10):
     ``relabel_by_first_voxel(labels)`` without another pass over the volume.
     The voxels are labelled once; where some label has several pieces, the
     rounds run on the graph of touching pieces (:func:`settle_pieces`, on
-    the host: tables of pieces, not voxels) and the result is two gathers.
+    the host: tables of pieces, not voxels) and the result is two gathers,
+    one with ``pieces_only`` (``(None, pieces)``: the pieces are all that
+    :func:`~gpu_pipeline.stages.split.finish_labels` keeps).
     """
     from gpu_pipeline._backend import to_host
 
@@ -249,4 +251,6 @@ def one_piece_rounds(labels, max_rounds=10):
     table, label, _ = settle_pieces(to_host(piece_label), to_host(piece_size), tuple(to_host(a) for a in pairs),
                                     max_rounds)
     final = xp.asarray(table.astype(pieces.dtype, copy=False))[pieces]
+    if pieces_only:
+        return None, final
     return xp.asarray(label.astype(labels.dtype, copy=False))[final], final

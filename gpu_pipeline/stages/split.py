@@ -410,5 +410,5 @@ def finish_labels(labels):
     equal-value labelling already numbers the pieces so.
     """
     xp = get_array_module(labels)
-    pieces = one_piece_rounds(labels)[1]
+    pieces = one_piece_rounds(labels, pieces_only=True)[1]
     return pieces.astype(xp.int32 if pieces.size == 0 or int(pieces.max()) < 2**31 - 1 else xp.int64, copy=False)
