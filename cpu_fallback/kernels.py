@@ -163,8 +163,10 @@ def any_higher(values, coords, alive, steps, near=None, limit2=None):
     values = np.asarray(values)
     pad = 3 - values.ndim
     values3 = values.reshape((1,) * pad + values.shape)
-    wide = lambda a: np.ascontiguousarray(np.pad(np.asarray(a, dtype=np.int64).reshape(-1, values.ndim),
-                                                 ((0, 0), (pad, 0))))
+    def wide(a):  # (m, 3) int64: a volume's coordinates as they are (no copy), others with leading zeros
+        a = np.asarray(a, dtype=np.int64).reshape(-1, values.ndim)
+        return np.ascontiguousarray(np.pad(a, ((0, 0), (pad, 0))) if pad else a)
+
     hit = np.zeros(np.size(alive), dtype=bool)
     empty = np.zeros(0, dtype=np.float64)
     _any_higher(values3, wide(coords), np.ascontiguousarray(alive, dtype=np.int64), wide(steps),
@@ -539,7 +541,8 @@ def _label_runs(values, out):  # pragma: no cover - compiled; tested through lab
 def _label_ids(values, out, sizes):  # pragma: no cover - compiled; tested through label_by_value
     # Pass 2 of label_by_value, in C order: ids 1..n by each component's first voxel (its root). A voxel's
     # parent is an earlier voxel of its component, which already holds the component's id. With a non-empty
-    # `sizes` (n + 1 long), the voxels of each id, 0 the background, counted on the way.
+    # `sizes` (n + 1 long), the voxels of each id, 0 the background, counted on the way; -1 where more ids than
+    # that turn up (pass 1 miscounted: no write beyond `sizes`).
     flat = values.reshape(-1)
     parent = out.reshape(-1)
     count = sizes.size > 0
@@ -549,6 +552,8 @@ def _label_ids(values, out, sizes):  # pragma: no cover - compiled; tested throu
             parent[v] = 0
         elif parent[v] == v:
             n += 1
+            if count and n >= sizes.size:
+                return -1
             parent[v] = n
         else:
             parent[v] = parent[parent[v]]
@@ -584,6 +589,8 @@ def label_by_value(values, return_count=False, return_sizes=False):
         roots = _label_runs(values, flat_out)
         sizes = np.zeros(roots + 1 if return_sizes else 0, dtype=np.int64)
         n = _label_ids(values, flat_out, sizes)
+        if return_sizes and n != roots:
+            raise RuntimeError(f"labelling counted {roots} components and numbered {n}")
     extra = ((int(n),) if return_count else ()) + ((sizes,) if return_sizes else ())
     return (out, *extra) if extra else out
 
