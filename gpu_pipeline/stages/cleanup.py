@@ -121,7 +121,12 @@ def fill_shell_holes(mask, spacing, ratio=SHELL_HOLE_DEPTH, share="auto"):
     inside = enclosed[labels]
     owner = labels[inside]
     radius = xp.zeros(count + 1, dtype=xp.float32)
-    ops.scatter_max(radius, owner, ops.distance_transform(~mask, spacing)[inside])
+    # A hole voxel's distance to the mask is its distance to the nearest voxel outside the holes: walking from
+    # it towards any such voxel, axis by axis, the first voxel that leaves its hole is a face neighbour of the
+    # hole, so a mask voxel, and no farther along any axis. The transform of the holes alone gives the same
+    # values where they are read and costs a read of each line without holes (the mask's background would
+    # cost a whole transform: 0.2 s of a 4096^2 image, twice a run).
+    ops.scatter_max(radius, owner, ops.distance_transform(inside, spacing)[inside])
     depth = xp.zeros(count + 1, dtype=xp.float32)
     ops.scatter_max(depth, owner, ops.distance_transform(mask | inside, spacing)[inside])
     shells = enclosed & (radius >= xp.float32(ratio) * depth)
