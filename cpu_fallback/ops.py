@@ -48,13 +48,14 @@ def label(mask):
     return labels, int(count)
 
 
-def label_table(mask):
+def label_table(mask, out=None):
     """``label(mask)`` with the voxels per label 0..count: ``(labels, count, sizes)``, the sizes counted as the
-    ids are written (no pass of their own over the labels)."""
+    ids are written (no pass of their own over the labels). ``out``: an int32 array of the mask's shape to
+    hold the labels (see the kernel's ``label_by_value``), or None."""
     if 1 <= np.ndim(mask) <= 3:
         from cpu_fallback.kernels import label_by_value as compiled
 
-        return compiled(np.asarray(mask, dtype=bool), return_count=True, return_sizes=True)
+        return compiled(np.asarray(mask, dtype=bool), return_count=True, return_sizes=True, out=out)
     labels, count = label(mask)
     return labels, count, label_sizes(labels, count)
 

@@ -52,8 +52,9 @@ def label(mask):
     return labels.astype(cp.int32, copy=False), int(count)
 
 
-def label_table(mask):
-    """``label(mask)`` with the voxels per label 0..count: ``(labels, count, sizes)``."""
+def label_table(mask, out=None):
+    """``label(mask)`` with the voxels per label 0..count: ``(labels, count, sizes)``. ``out`` is ignored
+    (CuPy's memory pool reuses freed blocks already)."""
     labels, count = label(mask)
     return labels, count, label_sizes(labels, count)
 

@@ -568,10 +568,18 @@ def test_compiled_labelling_joins_runs_as_scipy_does(rng, shape):
         table = ops.label_table(mask)
         np.testing.assert_array_equal(table[0], want)
         assert table[1] == count and np.array_equal(table[2], sizes)
+        # Into a caller's buffer holding another labelling's leftovers: every voxel rewritten, the same table.
+        buffer = rng.integers(-5, 2**31 - 1, shape).astype(np.int32)
+        given = ops.label_table(mask, out=buffer)
+        assert given[0] is buffer and given[1] == count and np.array_equal(given[2], sizes)
+        np.testing.assert_array_equal(buffer, want)
     values = (masks[-1] * rng.integers(1, 4, shape)).astype(np.int64)  # pieces of equal value
     np.testing.assert_array_equal(kernels.label_by_value(values), sk_label(values, background=0, connectivity=1))
     empty = kernels.label_by_value(np.zeros(shape, dtype=bool), return_count=True, return_sizes=True)
     assert empty[1] == 0 and not empty[0].any() and empty[2].tolist() == [int(np.prod(shape))]
+    for wrong in (np.zeros(shape, np.int64), np.zeros(tuple(n + 1 for n in shape), np.int32)):
+        with pytest.raises(ValueError, match="C-contiguous int32 array of shape"):
+            kernels.label_by_value(masks[0], out=wrong)
 
 
 @pytest.mark.parametrize("high", [50, 2**40])

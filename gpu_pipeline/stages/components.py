@@ -12,9 +12,10 @@ from gpu_pipeline._backend import get_array_module, ops_for
 from gpu_pipeline.array_algorithms import neighbour_slices
 
 
-def component_table(mask):
-    """``(labels, count, sizes)`` of ``mask``'s face-connected components (sizes per label 0..count)."""
-    return ops_for(mask).label_table(mask)
+def component_table(mask, out=None):
+    """``(labels, count, sizes)`` of ``mask``'s face-connected components (sizes per label 0..count).
+    ``out``: a buffer for the labels (an int32 array of the mask's shape; used on the CPU), or None."""
+    return ops_for(mask).label_table(mask, out=out)
 
 
 def relabel_by_first_voxel(labels):

@@ -283,8 +283,12 @@ def largest_component_shares(above, keep=None):
     """:func:`largest_component_share` of ``above`` and of ``~above``: the two sides of a threshold. ``keep``
     (a dict): their :func:`component_table` are put there as ``"above"`` and ``"below"``."""
     shares = []
+    xp = get_array_module(above)
+    # Where only the sizes are kept, the two labellings share one buffer on the CPU: a fresh one would have its
+    # pages faulted in again (0.15-0.2 s of a 256x512x512 volume on the 2-core VM).
+    scratch = xp.empty(above.shape, dtype=xp.int32) if keep is None and xp is np else None
     for name, mask in (("above", above), ("below", ~above)):
-        table = component_table(mask)
+        table = component_table(mask, out=scratch)
         shares.append(share_of_largest(table[2][1:]))
         if keep is not None:
             keep[name] = table
