@@ -593,7 +593,13 @@ def library_side_by_side(shape, particles, radius, seed, chunks, rounds):
                 queue = ctx.Queue()
                 proc = ctx.Process(target=_engine_run, args=(name, str(path), str(work), options, core, queue))
                 proc.start()
-                info = queue.get()
+                info = None
+                while info is None:  # (a child killed by the system puts nothing: say so, not hang)
+                    try:
+                        info = queue.get(timeout=5)
+                    except Exception:
+                        if not proc.is_alive():
+                            info = {"error": f"the process ended with exit code {proc.exitcode} and no result"}
                 proc.join()
                 if "error" in info:
                     raise RuntimeError(f"{name} failed: {info['error']}")
