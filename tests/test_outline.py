@@ -172,3 +172,24 @@ def test_edge_outlines_in_3d_move_a_dim_balls_surface_out_to_its_edge(rng):
                               return_details=True)
     assert kept.max() == moved.max() == 1 and details.outlines_moved == 1
     assert _iou(moved > 0, ball) > _iou(kept > 0, ball) + 0.05
+
+
+@pytest.mark.parametrize("shape, spacing, dtype", [((37, 53), (1.0, 1.0), np.float32), ((2, 41), (0.7, 1.3), np.uint8),
+                                                   ((9, 14, 11), (2.0, 1.0, 0.5), np.uint16),
+                                                   ((30, 31), (1.0, 1.0), np.float64)])
+def test_gradient_magnitude_at_some_pixels_equals_numpys_whole_gradient(rng, shape, spacing, dtype):
+    """The outlines' gradient magnitude read at some pixels only (edges and corners included, an axis of two
+    values: one-sided differences both ways) is NumPy's np.gradient of the whole image, bit for bit."""
+    from gpu_pipeline.stages.outline import gradient_magnitude_at
+
+    if np.dtype(dtype).kind == "f":
+        image = (rng.normal(0, 50, shape) * 10.0 ** rng.uniform(-3, 3)).astype(dtype)
+    else:
+        image = rng.integers(0, np.iinfo(dtype).max, shape).astype(dtype)
+    whole = np.sqrt(sum(g * g for g in np.gradient(image.astype(np.float32), *spacing))).reshape(-1)
+    at = np.unique(np.r_[rng.integers(0, image.size, image.size // 3), 0, image.size - 1, shape[-1] - 1])
+    got = gradient_magnitude_at(image, at, spacing)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, whole[at])
+    np.testing.assert_array_equal(gradient_magnitude_at(image, np.arange(image.size), spacing), whole)
+    assert gradient_magnitude_at(image, np.zeros(0, np.int64), spacing).size == 0

@@ -44,6 +44,30 @@ def _box_maximum(array):
     return ops_for(array).maximum_filter(array, (3,) * array.ndim)
 
 
+def gradient_magnitude_at(image, at, spacing):
+    """``sqrt(sum(g * g for g in gradient(image as float32, *spacing)))`` at the flat indices ``at`` (C order)
+    only: NumPy's central differences inside, one-sided ones at the image's edges (``edge_order=1``), each from
+    the two values it reads, so the same float32 values as the whole image's gradient where it is read.
+
+    The outlines read it on the pixels next to the particles' edges, a small share of a large image (a 4096^2
+    EM image's whole gradient took 0.3 s of its 1.9 s outline step on the 2-core VM)."""
+    xp = get_array_module(image)
+    if min(image.shape) < 2:  # NumPy's own refusal (too few values along an axis for a gradient)
+        whole = xp.sqrt(sum(g * g for g in xp.gradient(image.astype(xp.float32), *(float(s) for s in spacing))))
+        return whole.reshape(-1)[at]
+    values = image.reshape(-1)  # (each value read is converted as the whole image was)
+    total = 0
+    for axis, (n, step) in enumerate(zip(image.shape, spacing)):
+        stride = int(np.prod(image.shape[axis + 1:], dtype=np.int64))
+        coord = (at // stride) % n
+        inner = (coord > 0) & (coord < n - 1)
+        diff = (values[xp.where(coord < n - 1, at + stride, at)].astype(xp.float32)
+                - values[xp.where(coord > 0, at - stride, at)].astype(xp.float32))
+        g = xp.where(inner, diff / (2.0 * float(step)), diff / float(step))
+        total = total + g * g
+    return xp.sqrt(total)
+
+
 def edge_outlines(labels, image, spacing, *, allowed=None, max_step=OUTLINE_MAX_STEP, inward=True,
                   margin=OUTLINE_MARGIN):
     """Move each particle's outline to the steepest ring of its edge: ``(labels, moved)``.
@@ -74,7 +98,6 @@ def edge_outlines(labels, image, spacing, *, allowed=None, max_step=OUTLINE_MAX_
     count = int(labels.max()) if labels.size else 0
     if count == 0 or (max_step < 1 and not inward):
         return labels, 0
-    steep = xp.sqrt(sum(g * g for g in xp.gradient(image.astype(xp.float32), *(float(s) for s in spacing))))
     own = labels.astype(xp.int32, copy=False)
     # The rings, as flat indices into the labels padded by one (the frame: nothing there) and their owners:
     # one box maximum per ring over the whole image, then only its candidates (the pixels next to the
@@ -104,10 +127,10 @@ def edge_outlines(labels, image, spacing, *, allowed=None, max_step=OUTLINE_MAX_
     open_ = own == 0 if allowed is None else (own == 0) & allowed
     edge = (own > 0) & (_box_maximum(open_.view(xp.int8)) > 0)  # the outlines, facing what rings may take
     outline = xp.flatnonzero(edge)
-    steep, own_flat = steep.reshape(-1), own.reshape(-1)
+    own_flat = own.reshape(-1)
 
     def mean_gradient(at, ids):
-        total = xp.bincount(ids, weights=steep[at], minlength=count + 1)
+        total = xp.bincount(ids, weights=gradient_magnitude_at(image, at, spacing), minlength=count + 1)
         pixels = xp.bincount(ids, minlength=count + 1)
         return xp.where(pixels > 0, total / xp.maximum(pixels, 1), -1.0)  # -1: no such pixel
 
