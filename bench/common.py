@@ -6,6 +6,7 @@ import importlib.metadata as md
 import json
 import os
 import platform
+import queue
 import statistics
 import time
 from pathlib import Path
@@ -15,6 +16,27 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PACKAGES = ("numpy", "scipy", "scikit-image", "scikit-learn", "numba", "dask", "dask-image", "pyclesperanto",
             "cupy-cuda12x", "cupy-cuda13x", "cucim-cu12", "cucim-cu13")
 
+
+
+def in_fresh_process(target, *args):
+    """``target(*args, results)`` in a fresh (spawned) process, where ``results`` is a queue on which it puts one
+    dict; returns that dict, or ``{"error": ...}`` where the process ended without one (killed by the system,
+    a crash in compiled code) instead of waiting for it forever."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, results))
+    proc.start()
+    info = None
+    while info is None:
+        try:
+            info = results.get(timeout=5)
+        except queue.Empty:
+            if not proc.is_alive():
+                info = {"error": f"the process ended with exit code {proc.exitcode} and no result"}
+    proc.join()
+    return info
 
 def cpu_model() -> str:
     try:

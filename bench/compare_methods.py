@@ -17,7 +17,6 @@ Writes bench/results/compare_<date>.json, .md and compare_<date>_grid.png.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import resource
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, SHARED, machine_info, spread, timed, write_results
+from bench.common import RESULTS, SHARED, in_fresh_process, machine_info, spread, timed, write_results
 from gpu_pipeline.metrics import evaluate
 from gpu_pipeline.synthetic import make_touching_particles
 
@@ -118,13 +117,8 @@ def _isolated(name, image_path, p, repeats, warm_up, out_path, queue):
 
 def run_isolated(name, image_path, p, repeats, warm_up=True):
     """Run and time one method in a fresh process (so that its peak memory is its own)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
     out = Path(image_path).with_name(f"labels_{abs(hash(name))}.npy")
-    proc = ctx.Process(target=_isolated, args=(name, str(image_path), p, repeats, warm_up, str(out), queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
+    result = in_fresh_process(_isolated, name, str(image_path), p, repeats, warm_up, str(out))
     if "error" in result:
         return result, None
     return result, np.load(out)

@@ -33,7 +33,6 @@ import contextlib
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
 import shutil
 import statistics
@@ -43,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, machine_info, write_results
+from bench.common import RESULTS, in_fresh_process, machine_info, write_results
 from bench.compare_methods import DECLUMP_DEFAULTS, SNOW, WATERSHED, peak_rss_gib, pooled_scores, run_method
 from gpu_pipeline.synthetic import make_touching_particles
 
@@ -72,13 +71,8 @@ def _one_run(name, image_path, p, out_path, queue):
 
 def run_once(name, image_path, p):
     """One timed run of method ``name`` in a fresh process: (info, labels or None)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
     out = Path(image_path).with_name(f"labels_{abs(hash(name))}.npy")
-    proc = ctx.Process(target=_one_run, args=(name, str(image_path), p, str(out), queue))
-    proc.start()
-    info = queue.get()
-    proc.join()
+    info = in_fresh_process(_one_run, name, str(image_path), p, str(out))
     return info, (None if "error" in info else np.load(out))
 
 
@@ -579,7 +573,6 @@ def library_side_by_side(shape, particles, radius, seed, chunks, rounds):
     options = dict(spacing=(1.0,) * len(shape), sigma=1.0, min_distance=4.0, max_radius=13.0, threshold="otsu")
     core = min(os.sched_getaffinity(0))
     rows = {"separate": [], "separate_chunked": []}
-    ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "in.zarr"
         zarr.create_array(str(path), shape=image.shape, dtype=image.dtype, chunks=chunks,
@@ -590,17 +583,7 @@ def library_side_by_side(shape, particles, radius, seed, chunks, rounds):
             for name in rows:
                 work = Path(tmp) / name
                 work.mkdir(exist_ok=True)
-                queue = ctx.Queue()
-                proc = ctx.Process(target=_engine_run, args=(name, str(path), str(work), options, core, queue))
-                proc.start()
-                info = None
-                while info is None:  # (a child killed by the system puts nothing: say so, not hang)
-                    try:
-                        info = queue.get(timeout=5)
-                    except Exception:
-                        if not proc.is_alive():
-                            info = {"error": f"the process ended with exit code {proc.exitcode} and no result"}
-                proc.join()
+                info = in_fresh_process(_engine_run, name, str(path), str(work), options, core)
                 if "error" in info:
                     raise RuntimeError(f"{name} failed: {info['error']}")
                 digests.add(info.pop("labels_sha256"))
