@@ -765,7 +765,8 @@ def test_compiled_distance_transform_equals_scipy(rng, monkeypatch, shape, spaci
     squared distance is then a whole number: exact in float32), to float32 rounding otherwise; the same values
     on one thread as split between threads, and with every axis's lines taken one by one or in tiles (the last
     two shapes tile their first axis by default, with a partial last tile); inf wherever there is no
-    background at all."""
+    background at all. The sparse backgrounds' long runs of foreground take the lower envelope, the dense ones'
+    short runs the direct minimum over their parabolas (``kernels.NEAREST_RUN_PARABOLAS``)."""
     background = ndi.binary_dilation(rng.random(shape) < density, iterations=1) if density < 0.1 else \
         rng.random(shape) < density
     background.flat[rng.integers(background.size)] = True  # at least one background voxel
