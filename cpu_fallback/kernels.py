@@ -917,6 +917,8 @@ def gaussian_filter(image, sigma, truncate):
     are skipped, as in SciPy.
     """
     out = np.array(image, dtype=np.float32, order="C")  # a copy: the passes write into it
+    if out.size == 0:  # (Dask asks a chunk function for its output type on an empty array)
+        return out
     sigma = np.broadcast_to(np.asarray(sigma, dtype=np.float64), (out.ndim,))
     for axis in range(out.ndim):
         if sigma[axis] <= 1e-15:

@@ -741,6 +741,7 @@ def test_maximum_filter_equals_scipy_nearest(rng, shape, size, dtype):
     ((1, 30, 40), (1.0, 1.0, 1.0), np.int16, "C"),         # a one-voxel axis
     ((64, 70), (1.7, 1.0), np.uint8, "C"),
     ((200,), (2.0,), np.float32, "C"),
+    ((3, 5, 0), (1.0, 1.0, 1.0), np.uint8, "C"),           # empty (Dask asks for the type on one)
 ])
 def test_gaussian_equals_scipy_bit_for_bit(rng, shape, sigma, dtype, order):
     """The CPU's smoothing (compiled passes on the strided axes) is SciPy's float32 result value for value."""
