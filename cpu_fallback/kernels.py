@@ -1370,8 +1370,9 @@ def distance_transform(mask, spacing, threads=1, window=None):
     voxel, physical units, float32; inf everywhere where there is no background (the image's edge is not
     background). Separable: along the first axis each voxel's steps to its line's nearest background, counted
     in two sweeps straight from the mask (:func:`_first_axis`), then along each further axis the lower envelope
-    of parabolas (:func:`_envelope_lines`), in compiled kernels that release the GIL, so chunks on threads of one process run at once; ``threads``
-    > 1 splits each axis's lines between that many threads (a whole image in memory).
+    of parabolas (:func:`_envelope_lines`), in compiled kernels that release the GIL, so chunks on threads of
+    one process run at once; ``threads`` > 1 splits each axis's lines between that many threads (a whole image
+    in memory).
 
     ``window`` (slices, one per axis): only that part of the transform is returned, and each axis's pass
     runs only on the lines whose coordinates on the axes before it lie in the window (the later passes read
