@@ -717,11 +717,13 @@ def test_finish_labels_is_relabelled_enforce_one_piece(rng, shape):
                                               ((23, 31, 37), (9, 9, 9), np.int32), ((23, 31, 37), (3, 7, 61), np.int64),
                                               ((20, 30), (4, 5), np.int32), ((20, 30), (3, 3), np.float32),
                                               ((41, 1), (3, 3), np.int32), ((17, 23, 9), (3, 1, 3), np.int8),
-                                              ((30, 40), (3, 3), bool), ((19, 23, 29), (5, 7, 9), "int32 F")])
+                                              ((30, 40), (3, 3), bool), ((19, 23, 29), (5, 7, 9), "int32 F"),
+                                              ((9, 40, 61), (5, 9, 3), np.int32), ((7, 3000), (9, 5), np.uint16)])
 def test_maximum_filter_equals_scipy_nearest(rng, shape, size, dtype):
     """The CPU's maximum filter (shifted maxima for integer data and windows of 1 or 3, compiled for other odd
     windows, filtered in place in one copy, SciPy otherwise) is SciPy's, and leaves its input as it was (also a
-    Fortran-ordered one)."""
+    Fortran-ordered one). The last two shapes' first axes have rows longer than ``kernels.RUNNING_MAX_TILE``
+    (filtered a tile of columns at a time, the last tile partial)."""
     dtype, order = dtype.split() if isinstance(dtype, str) else (dtype, "C")
     values = np.asarray(rng.integers(0, 50, shape).astype(dtype), order=order)  # few values: many equal maxima
     before = values.copy()
