@@ -17,7 +17,6 @@ PACKAGES = ("numpy", "scipy", "scikit-image", "scikit-learn", "numba", "dask", "
             "cupy-cuda12x", "cupy-cuda13x", "cucim-cu12", "cucim-cu13")
 
 
-
 def in_fresh_process(target, *args):
     """``target(*args, results)`` in a fresh (spawned) process, where ``results`` is a queue on which it puts one
     dict; returns that dict, or ``{"error": ...}`` where the process ended without one (killed by the system,
@@ -37,6 +36,7 @@ def in_fresh_process(target, *args):
                 info = {"error": f"the process ended with exit code {proc.exitcode} and no result"}
     proc.join()
     return info
+
 
 def cpu_model() -> str:
     try:
