@@ -393,7 +393,7 @@ def test_a_smoothing_pass_reads_each_block_twice_from_the_store_and_no_halo(tmp_
     from cpu_fallback import ops
     from gpu_pipeline.chunked.foreground import smooth_chunked
     from gpu_pipeline.chunked.source import StoredVolume, open_volume, register_stored, stored_volume
-    from gpu_pipeline.chunked.workspace import BLOCK_GROUP
+    from gpu_pipeline.chunked.workspace import BLOCK_GROUP, block_run
 
     class Counting(StoredVolume):
         def on(self, device):
@@ -422,6 +422,16 @@ def test_a_smoothing_pass_reads_each_block_twice_from_the_store_and_no_halo(tmp_
                               if isinstance(key, tuple) and "-shells-" in key[0])
             runs = int(np.prod(smoothed.numblocks[:-1])) * -(-smoothed.numblocks[-1] // BLOCK_GROUP)
             assert shell_tasks == (smoothed.npartitions if spill is None else runs) and runs < smoothed.npartitions
+            if spill is not None:
+                # Each block's task waits for the slab files of every neighbour's run, and a distributed scheduler
+                # queues it as a task with no inputs (its inputs are paths): marked as a data producer.
+                graph = dict(smoothed.__dask_graph__())
+                shells = {key[0] for key in graph if isinstance(key, tuple) and "-shells-" in key[0]}.pop()
+                for index in itertools.product(*[range(n) for n in smoothed.numblocks]):
+                    task = graph[(smoothed.name, *index)]
+                    near = {(shells, *block_run(j)) for j in itertools.product(*[
+                        range(max(0, i - 1), min(n, i + 2)) for i, n in zip(index, smoothed.numblocks)]) if j != index}
+                    assert set(task.dependencies) == near and task.data_producer, index
         assert len(list(spill.iterdir())) == smoothed.npartitions
         starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in smoothed.chunks]
         blocks = [tuple((int(s[i]), int(s[i] + c[i])) for s, c, i in zip(starts, smoothed.chunks, index))
