@@ -175,6 +175,55 @@ def any_higher(values, coords, alive, steps, near=None, limit2=None):
     return hit
 
 
+@njit(cache=True, nogil=True)
+def _ball_takes(i, j, peaks, scale, radius, weight, region, group, tested, power, unit, taken):  # pragma: no cover
+    ndim = peaks.shape[1]
+    m = unit.shape[0]
+    d = np.empty(ndim, dtype=np.float64)
+    for k in range(i.size):
+        p, q = i[k], j[k]
+        if region[p] != region[q] or group[p] == group[q]:
+            continue
+        gap2 = 0.0
+        for a in range(ndim):
+            d[a] = float(peaks[p, a] - peaks[q, a]) * scale[a]
+            gap2 += d[a] * d[a]
+        near = radius[p] + radius[q] if power else 2.0 * max(radius[p], radius[q])
+        if not gap2 < near * near:
+            continue
+        for side in range(2):
+            mine, theirs, sign = (p, q, 1.0) if side == 0 else (q, p, -1.0)
+            if not tested[mine]:
+                continue
+            bound = weight[theirs] - weight[mine] - gap2
+            twice = 2.0 * radius[mine]
+            for s in range(m):
+                along = (sign * d[0]) * unit[s, 0]
+                for a in range(1, ndim):
+                    along = along + (sign * d[a]) * unit[s, a]
+                if twice * along < bound:
+                    taken[mine, s >> 3] |= np.uint8(1 << (7 - (s & 7)))
+
+
+def ball_takes(i, j, peaks, scale, radius, weight, region, group, tested, power, unit, taken):
+    """The samples of inscribed balls that other peaks take, for the candidate pairs ``(i, j)``: the test of
+    :func:`gpu_pipeline.stages.peaks.ball_shares` a pair at a time, its bits set in ``taken`` in place.
+
+    A pair counts where both peaks share a region and not a group and lie
+    closer than the sum of their radii (``power``) or twice the larger one;
+    then each of the two that is ``tested`` loses the samples ``u`` of its
+    ball (``unit``, (m, ndim)) where ``2 r_p (d . u) < w_q - w_p - |d|^2``
+    (``d = p - q``, physical, from ``p``'s side). Same operations, in the same
+    order, as the array code, so the same bits.
+    """
+    _ball_takes(np.ascontiguousarray(i, dtype=np.int64), np.ascontiguousarray(j, dtype=np.int64),
+                np.ascontiguousarray(peaks, dtype=np.int64), np.ascontiguousarray(scale, dtype=np.float64),
+                np.ascontiguousarray(radius, dtype=np.float64), np.ascontiguousarray(weight, dtype=np.float64),
+                np.ascontiguousarray(region, dtype=np.int64), np.ascontiguousarray(group, dtype=np.int64),
+                np.ascontiguousarray(tested, dtype=np.bool_), bool(power),
+                np.ascontiguousarray(unit, dtype=np.float64), taken)
+
+
 def spacing_cells(half):
     """Cells of :func:`greedy_spacing`: the width per axis in which any two points interact, and how many
     cells away an interacting point can lie.

@@ -226,13 +226,18 @@ def _random_peak_groups(rng, shape, n, n_groups=12, n_regions=3):
 @pytest.mark.parametrize("shape, spacing, power", [((60, 70), (1.0, 1.0), True), ((30, 40, 36), (2.0, 1.0, 0.5), True),
                                                    ((30, 40, 36), (2.0, 1.0, 0.5), False)])
 @pytest.mark.parametrize("bordered", [False, True])
-def test_ball_shares_count_the_samples_no_peak_of_another_group_takes(rng, shape, spacing, power, bordered):
+@pytest.mark.parametrize("compiled", [True, False])
+def test_ball_shares_count_the_samples_no_peak_of_another_group_takes(rng, monkeypatch, shape, spacing, power,
+                                                                      bordered, compiled):
     """ball_shares against a direct count: a sample x of p's ball is taken when a peak of p's region outside
     p's group is nearer to x (power distance |x - q|^2 - r_q^2, or Euclidean), every peak tried; with the
     image's shape given, a sample more than half a voxel beyond its border is neither kept nor counted. Dyadic
-    coordinates, spacings and heights make both sides exact."""
+    coordinates, spacings and heights make both sides exact. The CPU's compiled test and the array code (the
+    GPU's) both."""
+    from gpu_pipeline.stages import peaks as peaks_module
     from gpu_pipeline.stages.peaks import QUANTUM_DIVISOR, ball_shares, unit_ball_samples
 
+    monkeypatch.setattr(peaks_module, "COMPILED_BALL_TEST", compiled)
     peaks, heights, region, group = _random_peak_groups(rng, shape, 45)
     tested = rng.random(45) < 0.8
     kept, counted = ball_shares(peaks, heights, region, group, spacing, power=power, tested=tested,
@@ -259,6 +264,30 @@ def test_ball_shares_count_the_samples_no_peak_of_another_group_takes(rng, shape
     np.testing.assert_array_equal(counted, reference_counted)
     assert (reference[tested] < m).sum() > 0 and (reference[tested] == m).sum() > 0  # both kinds occur
     assert ((reference_counted[tested] < m).sum() > 0) == bordered
+
+
+@pytest.mark.parametrize("shape, spacing", [((70, 80), (1.0, 0.7)), ((30, 40, 36), (1.3, 0.9, 0.55))])
+@pytest.mark.parametrize("power", [True, False])
+def test_the_compiled_ball_test_sets_the_bits_of_the_array_code(rng, monkeypatch, shape, spacing, power):
+    """The CPU's compiled sample test (cpu_fallback.kernels.ball_takes) gives the array code's kept and counted
+    samples, the same integers, where the spacings and heights are not dyadic (every product and sum rounded:
+    the same operations in the same order), some peaks untested, at the border and inside."""
+    from gpu_pipeline.stages import peaks as peaks_module
+    from gpu_pipeline.stages.peaks import QUANTUM_DIVISOR, ball_shares
+
+    peaks, heights, region, group = _random_peak_groups(rng, shape, 300, n_groups=200, n_regions=2)
+    heights = rng.integers(2 * QUANTUM_DIVISOR, 12 * QUANTUM_DIVISOR, 300).astype(np.int32)  # radii 2-12 units
+    tested = rng.random(300) < 0.7
+    results = []
+    for compiled in (False, True):
+        monkeypatch.setattr(peaks_module, "COMPILED_BALL_TEST", compiled)
+        results.append(ball_shares(peaks, heights, region, group, spacing, power=power, tested=tested, shape=shape))
+    (kept_array, counted_array), (kept, counted) = results
+    np.testing.assert_array_equal(kept, kept_array)
+    np.testing.assert_array_equal(counted, counted_array)
+    m = len(peaks_module.unit_ball_samples(len(shape)))
+    assert (kept[tested] < counted[tested]).sum() > 100 and (kept[~tested] == m).all()
+    assert (counted < m).any()  # balls cut by the border
 
 
 @pytest.mark.parametrize("power", [True, False])

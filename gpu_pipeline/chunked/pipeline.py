@@ -410,11 +410,13 @@ def ball_shares_chunked(peaks, heights, region, group, spacing, *, power=True, t
                         verbose=False):
     """:func:`~gpu_pipeline.stages.peaks.ball_shares` of a chunked run's global peak list: box by box on the
     active scheduler (:func:`~gpu_pipeline.stages.by_box.ball_shares_by_box`) where it runs more than one task
-    at once and the boxes pay, else in this process (with one, their halos would only add work); the same
-    arrays."""
+    at once and the boxes pay, else in one call (with one, their halos would only add work), on a worker of a
+    cluster (:func:`~gpu_pipeline.chunked.workspace.run_call`: its compiled test is loaded there, and the
+    client never loads the compiler); the same arrays."""
     return by_box.ball_shares_by_box(peaks, heights, region, group, spacing, power=power, tested=tested,
                                      shape=shape, run=functools.partial(_run_on_workers, what="ball shares",
-                                                                        verbose=verbose), parallel=engine_threads())
+                                                                        verbose=verbose), parallel=engine_threads(),
+                                     whole=functools.partial(run_call, by_box.box_ball_shares))
 
 
 def _seeds_on(seeds, xp):

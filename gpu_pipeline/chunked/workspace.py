@@ -492,7 +492,11 @@ def run_call(function, *args):
     start = time.time()
     for attempt in itertools.count(1):
         try:
-            scattered = [client.scatter(a, hash=False) if isinstance(a, np.ndarray) else a for a in args]
+            scattered = list(args)
+            arrays = [k for k, a in enumerate(args) if isinstance(a, np.ndarray)]
+            if arrays:  # one round trip for all of them
+                for k, future in zip(arrays, client.scatter([args[k] for k in arrays], hash=False)):
+                    scattered[k] = future
             result = client.submit(function, *scattered, pure=False).result()
             break
         except (CommClosedError, FutureCancelledError, KilledWorker, OSError):

@@ -132,15 +132,15 @@ def on_threads(threads):
     return run
 
 
-def box_ball_shares(peaks, heights, region, group, tested, spacing, power, shape):
+def box_ball_shares(peaks, heights, region, group, tested, spacing, power, shape, only_tested=True):
     """:func:`~gpu_pipeline.stages.peaks.ball_shares` of the ``tested`` peaks among ``peaks`` (a box's peaks
-    and those near it), for those peaks only."""
+    and those near it), for those peaks only (``only_tested``; else for all peaks, ``tested`` None: all tested)."""
     kept, counted = ball_shares(peaks, heights, region, group, spacing, power=power, tested=tested, shape=shape)
-    return kept[tested], counted[tested]
+    return (kept[tested], counted[tested]) if only_tested else (kept, counted)
 
 
 def ball_shares_by_box(peaks, heights, region, group, spacing, *, run, parallel=None, power=True, tested=None,
-                       shape=None, per_box=None):
+                       shape=None, per_box=None, whole=None):
     """:func:`~gpu_pipeline.stages.peaks.ball_shares` box by box (:func:`peak_boxes`): the same arrays.
 
     A peak's count depends only on the peaks whose balls overlap its own
@@ -149,17 +149,17 @@ def ball_shares_by_box(peaks, heights, region, group, spacing, *, run, parallel=
     among the peaks of the box and its halo. ``per_box``: peaks per box on
     average (default :data:`PEAKS_PER_BOX`); a list of no more, or boxes not
     worth it with ``parallel`` calls at once (:func:`worth_boxes`), is one
-    call here.
+    call of ``whole`` (the same arguments as :func:`box_ball_shares`; default: that, here).
     """
     n = peaks.shape[0]
     per_box = per_box or PEAKS_PER_BOX
-    whole = dict(power=power, tested=tested, shape=shape)
+    whole = whole or box_ball_shares
     if n <= per_box:
-        return ball_shares(peaks, heights, region, group, spacing, **whole)
+        return whole(peaks, heights, region, group, tested, tuple(spacing), power, shape, False)
     halo = _halo(2.0, heights, spacing)  # twice the largest radius
     extent = peaks.max(axis=0) + 1 if shape is None else shape
     if not worth_boxes(extent, halo, n, per_box, parallel):
-        return ball_shares(peaks, heights, region, group, spacing, **whole)
+        return whole(peaks, heights, region, group, tested, tuple(spacing), power, shape, False)
     tested = np.ones(n, dtype=bool) if tested is None else np.asarray(tested, dtype=bool)
     calls, rows = [], []
     for core, near, _, _ in peak_boxes(peaks, extent, halo, per_box):
