@@ -6,7 +6,6 @@ CuPy/cuCIM; the stage code picks one set by the array type (`ops_for`).
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from gpu_pipeline._common import GAUSSIAN_TRUNCATE, usable_cores
 
@@ -43,6 +42,8 @@ def label(mask):
         from cpu_fallback.kernels import label_by_value as compiled
 
         return compiled(np.asarray(mask, dtype=bool), return_count=True)
+    from scipy import ndimage as ndi  # (here: importing it costs each process 0.25 s; the kernels serve 1-3D)
+
     structure = ndi.generate_binary_structure(mask.ndim, 1)
     labels, count = ndi.label(mask, structure=structure, output=np.int32)
     return labels, int(count)
@@ -76,6 +77,8 @@ def maximum_filter(array, size):
         return narrow_maximum_filter(array, [int(s) for s in size])  # a few times faster than the general pass
     result = compiled(array, size)  # integer data, odd sizes (the peak windows): compiled, SciPy's values
     if result is None:
+        from scipy import ndimage as ndi
+
         result = ndi.maximum_filter(array, size=tuple(int(s) for s in size), mode="nearest")
     return result
 

@@ -14,7 +14,16 @@ from gpu_pipeline import pipeline as _pipeline  # noqa: E402
 from gpu_pipeline.metrics import evaluate  # noqa: E402
 from gpu_pipeline.measure import particle_table  # noqa: E402
 from gpu_pipeline.pipeline import NoParticlesError, SeparationDetails  # noqa: E402
-from gpu_pipeline.synthetic import make_touching_particles  # noqa: E402
+
+
+def __getattr__(name):
+    # The generator on first use: it imports scipy.ndimage (0.25 s), which a run of the pipeline never needs, and
+    # every command and every worker of a cluster imports this package.
+    if name == "make_touching_particles":
+        from gpu_pipeline.synthetic import make_touching_particles
+
+        return make_touching_particles
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def separate(image, *, device="auto", mask=None, **kwargs):

@@ -250,3 +250,19 @@ def test_local_engines_take_the_cores_a_job_was_given_not_the_machines():
     finally:
         os.sched_setaffinity(0, cores)
     assert engine_plan(device="cpu") == ("threads", len(cores))
+
+
+def test_the_command_and_the_chunked_tasks_import_no_scipy_ndimage_until_used():
+    """Importing the package, the command line and the modules a chunked run's tasks come from leaves SciPy's
+    ndimage (0.25 s of each process's start: every command and every worker of a cluster) unimported; the
+    generator, which needs it, imports it when used."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import gpu_pipeline, gpu_pipeline.cli, gpu_pipeline.chunked.run, cpu_fallback.ops; "
+            "print('scipy.ndimage' in sys.modules); "
+            "from gpu_pipeline import make_touching_particles; print('scipy.ndimage' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "True"]
