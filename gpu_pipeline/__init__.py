@@ -26,6 +26,10 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__():
+    return sorted({*globals(), "make_touching_particles"})
+
+
 def separate(image, *, device="auto", mask=None, **kwargs):
     """Split touching particles on ``device`` ('auto', 'gpu' or 'cpu'); see :func:`gpu_pipeline.pipeline.separate`.
 
