@@ -356,9 +356,9 @@ def _haloed_graph(stored, chunks, depth, function, name, *, pad, foreground, arg
 
 
 def _queued(layer, known):
-    """The tasks of ``layer`` (legacy tuples whose inputs are among the keys ``known``: every other task's) marked as Dask marks the
-    tasks that read data in (``data_producer``): a distributed scheduler then holds them in its queue and gives
-    each to the first worker with a free thread, as it gives tasks with no inputs.
+    """The tasks of ``layer`` (legacy tuples whose inputs are among the keys ``known``: every other task's)
+    marked as Dask marks the tasks that read data in (``data_producer``): a distributed scheduler then holds
+    them in its queue and gives each to the first worker with a free thread, as it gives tasks with no inputs.
 
     For the blocks of a pass whose inputs from other tasks are only the slab files' writing (a path, no data).
     Placed by their inputs instead, every block of the pass went to a worker as soon as the slab tasks had
