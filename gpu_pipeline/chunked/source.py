@@ -367,17 +367,18 @@ def _queued(layer, known):
     2026-12-07: 1 -> 2 worker efficiency of the pass 0.79 and 0.87 before, 0.99 and 0.99 queued). Where this
     Dask has no such flag (before its task specs), the tasks as they were.
     """
-    try:
-        from dask._task_spec import Task, convert_legacy_task
-    except ImportError:  # pragma: no cover - Dask before 2024.12
-        return layer
     queued = {}
-    for key, task in layer.items():
-        spec = convert_legacy_task(key, task, known)
-        if not isinstance(spec, Task) or not hasattr(spec, "_data_producer"):  # pragma: no cover - older Dask
-            return layer
-        spec._data_producer = True
-        queued[key] = spec
+    try:  # Dask's own task specs (a private module): where they are not as here, the tasks as they were
+        from dask._task_spec import Task, convert_legacy_task
+
+        for key, task in layer.items():
+            spec = convert_legacy_task(key, task, known)
+            if not isinstance(spec, Task) or not hasattr(spec, "_data_producer"):  # pragma: no cover - older Dask
+                return layer
+            spec._data_producer = True
+            queued[key] = spec
+    except (ImportError, TypeError, AttributeError):  # pragma: no cover - Dask before 2024.12, or changed
+        return layer
     return queued
 
 
