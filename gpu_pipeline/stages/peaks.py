@@ -628,29 +628,29 @@ def ball_shares(peaks, heights, region, group, spacing, *, power=True, tested=No
             every = xp.ones(n, dtype=bool) if tested is None else tested
             for i, j in pairs:
                 ball_takes(i, j, peaks, scale, radius, weight, region, group, every, power, unit, taken)
-            pairs = ()
-        for i, j in pairs:
-            d = (peaks[i] - peaks[j]).astype(xp.float64) * scale
-            gap2 = (d ** 2).sum(axis=1)
-            # Power: a point of p's ball that q takes lies in q's ball too. Euclidean: it lies nearer to q than
-            # p's radius, so q lies within twice that.
-            near = radius[i] + radius[j] if power else 2 * xp.maximum(radius[i], radius[j])
-            test = (region[i] == region[j]) & (group[i] != group[j]) & (gap2 < near ** 2)
-            i, j, d, gap2 = i[test], j[test], d[test], gap2[test]
-            for p, q, step in ((i, j, d), (j, i, -d)):
-                if tested is not None:
-                    counted = tested[p]
-                    p, q, step, near2 = p[counted], q[counted], step[counted], gap2[counted]
-                else:
-                    near2 = gap2
-                for start in range(0, p.size, per):
-                    mine, theirs, dd = p[start:start + per], q[start:start + per], step[start:start + per]
-                    along = dd[:, 0:1] * unit[None, :, 0]
-                    for a in range(1, ndim):
-                        along = along + dd[:, a:a + 1] * unit[None, :, a]
-                    bound = weight[theirs] - weight[mine] - near2[start:start + per]
-                    lost = 2 * radius[mine][:, None] * along < bound[:, None]
-                    _or_into(taken, mine, lost, bit, xp)
+        else:
+            for i, j in pairs:
+                d = (peaks[i] - peaks[j]).astype(xp.float64) * scale
+                gap2 = (d ** 2).sum(axis=1)
+                # Power: a point of p's ball that q takes lies in q's ball too. Euclidean: it lies nearer to q than
+                # p's radius, so q lies within twice that.
+                near = radius[i] + radius[j] if power else 2 * xp.maximum(radius[i], radius[j])
+                test = (region[i] == region[j]) & (group[i] != group[j]) & (gap2 < near ** 2)
+                i, j, d, gap2 = i[test], j[test], d[test], gap2[test]
+                for p, q, step in ((i, j, d), (j, i, -d)):
+                    if tested is not None:
+                        counted = tested[p]
+                        p, q, step, near2 = p[counted], q[counted], step[counted], gap2[counted]
+                    else:
+                        near2 = gap2
+                    for start in range(0, p.size, per):
+                        mine, theirs, dd = p[start:start + per], q[start:start + per], step[start:start + per]
+                        along = dd[:, 0:1] * unit[None, :, 0]
+                        for a in range(1, ndim):
+                            along = along + dd[:, a:a + 1] * unit[None, :, a]
+                        bound = weight[theirs] - weight[mine] - near2[start:start + per]
+                        lost = 2 * radius[mine][:, None] * along < bound[:, None]
+                        _or_into(taken, mine, lost, bit, xp)
     counted = xp.full(n, m, dtype=xp.int64)
     if shape is not None:
         outside = samples_outside(peaks, heights, spacing, shape, tested)
