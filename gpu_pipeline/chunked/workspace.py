@@ -479,7 +479,7 @@ def run_call(function, *args):
     (the peaks' greedy spacing): the workers have the kernels loaded, and the
     client of a cluster then never starts the compiler (importing Numba and
     loading a first kernel: about 0.35 s of every command, while the workers
-    wait). Arrays go to the worker scattered, not inside the task.
+    wait). Arrays go to the worker scattered (:func:`scattered_arrays`), not inside the task.
     """
     client = active_client()
     if client is None:
@@ -492,12 +492,7 @@ def run_call(function, *args):
     start = time.time()
     for attempt in itertools.count(1):
         try:
-            scattered = list(args)
-            arrays = [k for k, a in enumerate(args) if isinstance(a, np.ndarray)]
-            if arrays:  # one round trip for all of them
-                for k, future in zip(arrays, client.scatter([args[k] for k in arrays], hash=False)):
-                    scattered[k] = future
-            result = client.submit(function, *scattered, pure=False).result()
+            result = client.submit(function, *scattered_arrays(client, [args])[0], pure=False).result()
             break
         except (CommClosedError, FutureCancelledError, KilledWorker, OSError):
             # Scattered data lives on one worker only: where that worker died (killed, out of memory) the
@@ -572,6 +567,22 @@ def block_run(index):
     return (*index[:-1], index[-1] // BLOCK_GROUP)
 
 
+def scattered_arrays(client, calls):
+    """``calls`` (argument lists) with every NumPy array in them scattered to ``client``'s workers, all in one
+    round trip, and replaced by its future.
+
+    Arrays go to the workers so, straight from here, not inside the tasks: through the scheduler in the
+    graph, the neck pass's segment ends made graphs of 20-30 MiB on an EM image of large particles
+    (2026-12-04; Dask warned on stderr at each of its rounds).
+    """
+    where = [(c, a) for c, args in enumerate(calls) for a, value in enumerate(args) if isinstance(value, np.ndarray)]
+    calls = [list(args) for args in calls]
+    if where:
+        for (c, a), future in zip(where, client.scatter([calls[c][a] for c, a in where], hash=False)):
+            calls[c][a] = future
+    return calls
+
+
 def _each(function, calls):
     return [function(*args) for args in calls]
 
@@ -584,15 +595,7 @@ def run_grouped(function, calls, what, *, group=BLOCK_GROUP, verbose=False):
 
     client = active_client()
     if client is not None:
-        # Arrays go to the workers scattered (one batch, straight from here), not inside the tasks: through the
-        # scheduler in the graph, the neck pass's segment ends made graphs of 20-30 MiB on an EM image of large
-        # particles (2026-12-04; Dask warned on stderr at each of its rounds).
-        where = [(c, a) for c, args in enumerate(calls) for a, value in enumerate(args)
-                 if isinstance(value, np.ndarray)]
-        if where:
-            calls = [list(args) for args in calls]
-            for (c, a), future in zip(where, client.scatter([calls[c][a] for c, a in where], hash=False)):
-                calls[c][a] = future
+        calls = scattered_arrays(client, calls)
     tasks = [delayed(_each)(function, calls[i:i + group]) for i in range(0, len(calls), group)]
     return [result for part in run_tasks(tasks, what, verbose=verbose) for result in part]
 
