@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+dask = pytest.importorskip("dask")
 da = pytest.importorskip("dask.array")
 zarr = pytest.importorskip("zarr")
 
@@ -147,6 +148,108 @@ def test_a_write_pass_computes_each_block_in_the_task_writing_it(cluster_client,
     computed, measured = write_blocks(values, tmp_path / "out.zarr", tmp_path / "done", what="test",
                                       measure=_origin_and_sum)
     assert computed == 0 and sorted(measured) == sums and len(log.read_text().split("\n")[:-1]) == 8
+
+
+def _block_sum_and_place(block, block_info=None):
+    out = np.empty((1,) * block.ndim, dtype=object)
+    out[(0,) * block.ndim] = (tuple(block_info[0]["chunk-location"]), float(block.sum()))
+    return out
+
+
+def _pair_sums(*parts):
+    return [part.flat[0][1] for part in parts]
+
+
+@pytest.mark.parametrize("threads, expected_group", [(1, 8), (2, 6), (3, 4), (6, 2), (7, 1), (40, 1)])
+def test_grouped_graph_runs_blocks_k_to_a_task_with_the_same_values(rng, threads, expected_group):
+    """A layer of 48 block tasks runs k to a task, k the most that leaves each thread 4 tasks here (at most 8;
+    none grouped below 2), in C order of the blocks; the tasks that need them (here, one per pair of blocks along
+    the first axis, each needing two blocks of different groups) get each block's own value; every block's
+    value comes back in the caller's order, equal to Dask's own computation of the same tasks."""
+    from dask import delayed
+    from dask.local import get_sync
+
+    from gpu_pipeline.chunked.workspace import grouped_graph
+
+    image = rng.random((24, 32, 36))
+    blocks = da.from_array(image, chunks=(6, 16, 6)).map_blocks(  # 4 x 2 x 6 = 48 blocks
+        _block_sum_and_place, dtype=object, chunks=((1,) * 4, (1,) * 2, (1,) * 6))
+    per_block = list(blocks.to_delayed().ravel())
+    pairs = [delayed(_pair_sums)(a, b) for a, b in zip(per_block[:24], per_block[24:])]
+    tasks = per_block + pairs
+    graph, keys, unpack = grouped_graph(tasks, threads, per_thread=4)
+    values = get_sync(graph, keys)
+    by_key = dict(zip(keys, values))
+    got = [by_key[key] if position is None else by_key[key][position] for key, position in unpack]
+    expected = list(dask.compute(*tasks, scheduler="sync"))
+    assert len(got) == len(expected) == 72
+    for g, e in zip(got[:48], expected[:48]):
+        assert g.flat[0] == e.flat[0]
+    assert got[48:] == expected[48:]
+    for (index, total), (z, y, x) in zip((g.flat[0] for g in got[:48]), np.ndindex(4, 2, 6)):
+        assert index == (z, y, x) and total == pytest.approx(image[6 * z:6 * z + 6, 16 * y:16 * y + 16,
+                                                                   6 * x:6 * x + 6].sum())
+    groups = {key for key, position in unpack[:48] if position is not None}
+    assert len(groups) == (48 + expected_group - 1) // expected_group if expected_group > 1 else not groups
+    assert len(keys) == len(groups or unpack[:48]) + 24
+    if groups:  # consecutive blocks together, in order
+        members = [(key, position) for key, position in unpack[:48]]
+        assert members == sorted(members, key=lambda m: (m[0][1], m[1]))
+        assert [m[1] for m in members[:expected_group]] == list(range(expected_group))
+
+
+def test_a_pass_of_many_blocks_on_a_cluster_runs_several_to_a_task(cluster_client, rng, tmp_path):
+    """64 blocks on 2 worker threads: k to a task (TASKS_PER_THREAD tasks per thread: 4 blocks to a task at 8),
+    each block written and marked, its measure handed back in order; a run resumed with half the markers
+    gone computes only those blocks and measures the others from the store, each kind several to a task; and
+    the pass's log record counts the tasks run."""
+    import logging
+
+    import zarr
+    from distributed import get_task_stream
+
+    from gpu_pipeline.chunked.workspace import BLOCK_GROUP, TASKS_PER_THREAD, pass_log, write_blocks
+
+    def tasks_for(blocks):
+        return -(-blocks // min(BLOCK_GROUP, blocks // (2 * TASKS_PER_THREAD)))
+
+    assert tasks_for(32) < 32  # (the resumed pass's 32 blocks are grouped too)
+    image = rng.random((32, 48, 64))
+    log = tmp_path / "calls.txt"
+    values = da.from_array(image, chunks=(8, 12, 16)).map_blocks(_brighter_logged, str(log), dtype=bool)
+    values = values.astype(np.uint8)
+    expected = (image > 0.5).astype(np.uint8)
+    corners = list(itertools.product(range(0, 32, 8), range(0, 48, 12), range(0, 64, 16)))
+    sums = [((z, y, x), int(expected[z:z + 8, y:y + 12, x:x + 16].sum())) for z, y, x in corners]
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler, level = Keep(logging.DEBUG), pass_log.level
+    pass_log.addHandler(handler)
+    pass_log.setLevel(logging.DEBUG)
+    try:
+        with get_task_stream(cluster_client) as stream:
+            computed, measured = write_blocks(values, tmp_path / "out.zarr", tmp_path / "done", what="test",
+                                              measure=_origin_and_sum)
+        assert computed == 64 and len(stream.data) == tasks_for(64), [t["key"] for t in stream.data]
+        assert [r.tasks for r in records] == [tasks_for(64)]
+        assert len(log.read_text().split("\n")[:-1]) == 64
+        assert zarr.open_array(str(tmp_path / "out.zarr"), mode="r")[...].tobytes() == expected.tobytes()
+        assert measured == sums  # in the blocks' order
+        for marker in sorted((tmp_path / "done").iterdir())[::2]:
+            marker.unlink()
+        with get_task_stream(cluster_client) as stream:
+            computed, measured = write_blocks(values, tmp_path / "out.zarr", tmp_path / "done", what="test",
+                                              measure=_origin_and_sum)
+        # 32 computed and 32 measured from the store, several to a task
+        assert computed == 32 and len(stream.data) == 2 * tasks_for(32), [t["key"] for t in stream.data]
+        assert measured == sums and len(log.read_text().split("\n")[:-1]) == 96
+    finally:
+        pass_log.removeHandler(handler)
+        pass_log.setLevel(level)
 
 
 def test_staged_labelling_equals_scipy_and_labels_each_block_once(rng, tmp_path):
