@@ -1,6 +1,6 @@
 """Where 1 -> 2 worker scaling goes, pass by pass: a chunked run on a warm local cluster of 1 and of 2 workers.
 
-    python -m bench.pass_timeline [--shape 256,512,512] [--chunks 128,128,128] [--rounds 2]
+    python -m bench.pass_timeline [--shape 256,512,512] [--chunks 128,128,128] [--blocks 64,64,64] [--rounds 2]
 
 ``bench.throughput --chunked`` measures the whole run's scaling
 efficiency t1 / (2 t2); this bench says which passes lose it. The volume
@@ -8,7 +8,9 @@ is ``bench.throughput``'s (same generator, seed, density and radii); the
 run is ``run_chunked`` with ``bench.chunked``'s parameters, called in this
 process on a running ``LocalCluster`` (``--scheduler``), as a long job
 runs: the scheduler and the client share this process, as they do in
-``declump run --cluster local``. One cluster of 1 worker pinned to one core
+``declump run --cluster local``. ``--chunks``: the store's chunks;
+``--blocks``: the run's processing blocks (``declump run --chunks``; by
+default the store's chunks grouped into blocks of 128 voxels an edge). One cluster of 1 worker pinned to one core
 (this process too) and one of 2 workers on two cores, each warmed by one
 untimed run, then timed runs alternating between them.
 
@@ -85,8 +87,9 @@ def timeline(passes, stream, start, end):
             "between_passes": between, "compute_seconds": sum(b - a for a, b in computes)}
 
 
-def timed_run(volume, out, client, cluster, records):
-    """One ``run_chunked`` on ``cluster``: its timeline, this process's CPU seconds and the workers'."""
+def timed_run(volume, out, client, cluster, records, blocks=None):
+    """One ``run_chunked`` on ``cluster`` (processing ``blocks``, None: its default): its timeline, this
+    process's CPU seconds and the workers', and the blocks it used."""
     from dask.distributed import get_task_stream
 
     from gpu_pipeline.chunked.run import run_chunked
@@ -96,11 +99,12 @@ def timed_run(volume, out, client, cluster, records):
     workers_before = client.run(time.process_time)
     cpu, start = time.process_time(), time.time()
     with get_task_stream(client) as stream:
-        run_chunked(volume, out, scheduler=cluster.scheduler_address, verbose=False, **RUN_KWARGS)
+        summary = run_chunked(volume, out, chunks=blocks, scheduler=cluster.scheduler_address, verbose=False,
+                              **RUN_KWARGS)
     end, cpu = time.time(), time.process_time() - cpu
     workers_after = client.run(time.process_time)
     result = timeline(list(records.passes), stream.data, start, end)
-    result.update(command_cpu_seconds=cpu,
+    result.update(command_cpu_seconds=cpu, blocks=list(summary["chunks"]),
                   worker_cpu_seconds=sum(workers_after[w] - workers_before[w] for w in workers_after))
     return result
 
@@ -175,7 +179,8 @@ def markdown(result):
              f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['memory_gib']} GiB, GPU: "
              f"{(m['gpu'] or {}).get('name', 'none')}. Volume {'x'.join(map(str, result['shape']))} "
              f"({result['particles']} spheres, radius {result['radius'][0]:g}-{result['radius'][1]:g}, seed "
-             f"{result['seed']}), chunks {'x'.join(map(str, result['chunks']))}; `run_chunked` with "
+             f"{result['seed']}), stored in {'x'.join(map(str, result['chunks']))} chunks, processed in "
+             f"{'x'.join(map(str, result['blocks']))} blocks; `run_chunked` with "
              f"{RUN_KWARGS} on a warm LocalCluster (1 thread per worker; this process, client and scheduler, "
              f"pinned with the workers), {result['rounds']} timed runs per cluster, alternating; medians.", "",
              "| pass | tasks | 1 worker s | its compute s | 2 workers s | their compute s | efficiency t1 / (2 t2) |",
@@ -221,7 +226,9 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", type=parse_ints, default=(256, 512, 512))
-    parser.add_argument("--chunks", type=parse_ints, default=(128, 128, 128))
+    parser.add_argument("--chunks", type=parse_ints, default=(128, 128, 128), help="the store's chunks")
+    parser.add_argument("--blocks", type=parse_ints, default=None,
+                        help="processing blocks (declump run --chunks; default: the run's own choice)")
     parser.add_argument("--particles", type=int, default=None, help="default 1500 per 256^3, as bench.throughput")
     parser.add_argument("--radius", type=lambda t: tuple(float(v) for v in t.split(",")), default=(5.0, 12.0))
     parser.add_argument("--seed", type=int, default=7)
@@ -255,7 +262,7 @@ def main(argv=None):
                 for n in (1, 2):
                     os.sched_setaffinity(0, set(cores[:n]))
                     cluster, client = clusters[n]
-                    measured = timed_run(volume, Path(tmp) / f"out_{n}.zarr", client, cluster, records)
+                    measured = timed_run(volume, Path(tmp) / f"out_{n}.zarr", client, cluster, records, args.blocks)
                     print(f"round {r} {n} worker(s): {measured['seconds']:.2f} s, no worker computing "
                           f"{measured['no_worker_computing']:.2f} s" + (" (warm-up)" if r == 0 else ""), flush=True)
                     if r:
@@ -265,6 +272,7 @@ def main(argv=None):
             pass_log.removeHandler(records)
     summary = summarise(runs)
     result = {"machine": machine_info(), "shape": list(args.shape), "chunks": list(args.chunks),
+              "blocks": runs["warm_1"][0]["blocks"],
               "particles": particles, "radius": list(args.radius), "seed": args.seed, "rounds": args.rounds,
               "runs": runs, "summary": summary, "beyond_two": beyond_two(summary["warm_1"], summary["warm_2"]),
               "efficiency": [a["seconds"] / (2 * b["seconds"]) for a, b in zip(runs["warm_1"], runs["warm_2"])]}
