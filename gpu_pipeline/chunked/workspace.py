@@ -677,7 +677,6 @@ def run_tasks(tasks, what, *, voxels=0, verbose=False):
 
     if not tasks:
         return []
-    tasks = [unaliased(t) for t in tasks]
     start, started = time.perf_counter(), time.time()
     total = len(tasks)
 
@@ -718,6 +717,7 @@ def run_tasks(tasks, what, *, voxels=0, verbose=False):
 
     from dask.callbacks import Callback
 
+    tasks = [unaliased(t) for t in tasks]  # (on a cluster, grouped_graph's first step)
     names = {t.key for t in tasks}
     finished = [0]
 
