@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpu_pipeline._backend import get_array_module, ops_for, to_host
-from gpu_pipeline.chunked.workspace import block_run, run_tasks
+from gpu_pipeline.chunked.workspace import block_run, grid_edges, run_tasks
 from gpu_pipeline.stages.components import count_pairs, face_pairs_between_labels, piece_stats
 
 
@@ -57,13 +57,13 @@ def _summary(ids, values, start, shape, per_block):
     return result, faces
 
 
-def _summary_block(ids, values, per_block, block_info=None):
+def _summary_block(ids, values, per_block, edges, block_id=None):
     """:func:`_summary` of one block, in a 1-element object array: a block of the blockwise array that
-    :func:`summarize_blocks` builds, so that Dask fuses it with the tasks computing ``ids`` and ``values``."""
-    info = block_info[0]
+    :func:`summarize_blocks` builds, so that Dask fuses it with the tasks computing ``ids`` and ``values``.
+    ``edges``: :func:`~gpu_pipeline.chunked.workspace.grid_edges` of their blocks."""
     out = np.empty((1,) * ids.ndim, dtype=object)
-    out[(0,) * ids.ndim] = _summary(ids, values, [lo for lo, _ in info["array-location"]], info["shape"],
-                                    per_block)
+    out[(0,) * ids.ndim] = _summary(ids, values, [e[i] for e, i in zip(edges, block_id)],
+                                    tuple(e[-1] for e in edges), per_block)
     return out
 
 
@@ -114,7 +114,8 @@ def summarize_blocks(ids, values, *, per_block=None, per_face=None):
     import dask.array as da
     from dask import delayed
 
-    summarised = da.map_blocks(_summary_block, ids, values, per_block, dtype=object,
+    summarised = da.map_blocks(functools.partial(_summary_block, edges=grid_edges(ids.chunks)), ids, values,
+                               per_block, dtype=object,
                                chunks=tuple((1,) * n for n in ids.numblocks),
                                meta=np.empty((0,) * ids.ndim, dtype=object))
     blocks = summarised.to_delayed()  # optimised: the blockwise steps before it fused into each block's task

@@ -143,10 +143,10 @@ def _check_wide_values(volume):
             raise UnusableValuesError(str(exc)) from None
 
 
-def _mask_block(block, block_info=None):
+def _mask_block(block, edges, block_id=None):
     from gpu_pipeline.pipeline import mask_foreground
 
-    origin = tuple(int(start) for start, _ in block_info[0]["array-location"]) if block_info else None
+    origin = tuple(e[i] for e, i in zip(edges, block_id)) if block_id is not None else None
     return mask_foreground(block, "" if origin is None else f" in its chunk at {origin}")
 
 
@@ -192,7 +192,7 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
     ``notes``: a list to which a warning is appended where Otsu's threshold splits the background's noise
     (:func:`beyond_noise_warning`).
     """
-    from gpu_pipeline.chunked.workspace import Workspace
+    from gpu_pipeline.chunked.workspace import Workspace, grid_edges
 
     workspace = workspace or Workspace(None)
     source = volume if mask is None else mask
@@ -205,7 +205,8 @@ def regions_chunked(volume, *, spacing, sigma=1.0, threshold="otsu", polarity="a
     if mask is not None:
         # Each block's values checked as it is read (NaN, negative values, floats above 1 refused as in memory);
         # a mask is read by several passes, and the check costs less than a pass of its own.
-        fg = mask.map_blocks(_mask_block, dtype=bool) if np.dtype(mask.dtype).kind != "b" else mask
+        fg = mask if np.dtype(mask.dtype).kind == "b" else mask.map_blocks(
+            functools.partial(_mask_block, edges=grid_edges(mask.chunks)), dtype=bool)
         value, side = None, None
         chunks = fg.chunks
 

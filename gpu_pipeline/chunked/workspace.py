@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -106,6 +107,23 @@ def store_chunks(chunks):
 def chunk_starts(chunks):
     """Start index of every chunk, per axis."""
     return [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64) for c in chunks]
+
+
+def grid_edges(chunks):
+    """Per axis, the edges of the blocks of ``chunks`` (0, then each block's end), as tuples of ints.
+
+    With :func:`block_box`, a blockwise function's box from Dask's
+    ``block_id``, given the edges inside a ``functools.partial``, in place of
+    Dask's ``block_info``: a dict of nested lists per block and per array,
+    which the client walked for keys in every task of a pass (about a fifth
+    of its time building a pass's graph) and pickled with each task.
+    """
+    return tuple(tuple(int(e) for e in np.concatenate([[0], np.cumsum(c)])) for c in chunks)
+
+
+def block_box(edges, index):
+    """The slices of block ``index`` of the grid with :func:`grid_edges` ``edges``."""
+    return tuple(slice(e[i], e[i + 1]) for e, i in zip(edges, index))
 
 
 def block_boxes(chunks):
@@ -932,7 +950,8 @@ class Workspace:
                               **intermediate_layout(store_chunks(values.chunks), dtype))
         done.mkdir(parents=True, exist_ok=True)
         self.computed[name] = total - sum(1 for m in done.iterdir() if m.name != "complete")
-        array = values.map_blocks(_stage_block, compute, str(path), str(done), dtype=dtype)
+        array = values.map_blocks(functools.partial(_stage_block, edges=grid_edges(values.chunks)), compute,
+                                  str(path), str(done), dtype=dtype)
 
         def after():
             (done / "complete").touch()
@@ -966,15 +985,14 @@ def block_marker(done, index):
     return Path(done) / ".".join(str(i) for i in index)
 
 
-def _block_place(block_info, done):
-    """``(region, marker)`` of the block a blockwise task computes (from ``block_info`` of its first array)."""
-    info = block_info[0]
-    return tuple(slice(lo, hi) for lo, hi in info["array-location"]), block_marker(done, info["chunk-location"])
+def _block_place(edges, index, done):
+    """``(region, marker)`` of block ``index`` of the grid with :func:`grid_edges` ``edges``."""
+    return block_box(edges, index), block_marker(done, index)
 
 
-def _stage_block(block, compute, path, done, block_info=None):
+def _stage_block(block, compute, path, done, edges, block_id=None):
     """One block of :meth:`Workspace.stage_in_pass`: read back if marked done, else computed, written, marked."""
-    region, marker = _block_place(block_info, done)
+    region, marker = _block_place(edges, block_id, done)
     if marker.exists():
         return get_array_module(block).asarray(read_staged(path, region))
     result = compute(block)
@@ -1015,8 +1033,9 @@ def write_blocks(array, path, done, *, what, verbose=False, zarr_kwargs=None, me
     # One result per block (a 1-element object block), each key new: a running cluster never hands back an
     # earlier call's result for a write.
     token = uuid.uuid4().hex
-    written = da.map_blocks(_write_and_measure, array, *([beside] if beside is not None else []), path=str(path),
-                            done=str(done), measure=measure, dtype=object,
+    write = functools.partial(_write_and_measure, path=str(path), done=str(done), measure=measure,
+                              edges=grid_edges(chunks))
+    written = da.map_blocks(write, array, *([beside] if beside is not None else []), dtype=object,
                             chunks=tuple((1,) * n for n in array.numblocks),
                             meta=np.empty((0,) * array.ndim, dtype=object), name=f"write-{token}")
     blocks = written.to_delayed()  # optimised: the steps computing each block fused into its writing task
@@ -1044,10 +1063,10 @@ def write_blocks(array, path, done, *, what, verbose=False, zarr_kwargs=None, me
     return computed, [r.flat[0] if f else r for r, f in zip(results, fused)]
 
 
-def _write_and_measure(block, beside=None, *, path, done, measure, block_info=None):
+def _write_and_measure(block, beside=None, *, path, done, measure, edges, block_id=None):
     """One block of :func:`write_blocks`: written with its marker, then ``measure``'d (None without one),
     the result in a 1-element object array (a block of the blockwise result array)."""
-    region, marker = _block_place(block_info, done)
+    region, marker = _block_place(edges, block_id, done)
     write_block(block, path, region, str(marker))
     out = np.empty((1,) * block.ndim, dtype=object)
     out[(0,) * block.ndim] = None if measure is None else measure(block, beside, [r.start for r in region])
