@@ -341,15 +341,15 @@ def _haloed_graph(stored, chunks, depth, function, name, *, pad, foreground, arg
     together = f"{name}-shared-{token}"
     if shared:
         layers[together] = {f"{together}-{i}": value for i, value in enumerate(shared)}
+    runs, after = {}, None
     for k, (index, box) in enumerate(block_boxes(chunks)):
         neighbours = [tuple(i + x for i, x in zip(index, o)) for o in near[index]]
         if given is None and spill is not None:
             # Slab files: one task writes those of a run of BLOCK_GROUP blocks along the last axis (a few ms
             # each), and a block's task waits for its neighbours' runs and reads their files.
-            run = (shells, *block_run(index))
-            layers[shells].setdefault(run, (_blocks_shells, stored, [], depth, foreground))[2].append(
-                (box, near[index], f"{spill}/{_shell_name(index)}"))
-            sources = [(_written, (shells, *block_run(j)), f"{spill}/{_shell_name(j)}") for j in neighbours]
+            runs.setdefault(block_run(index), []).append((box, near[index], f"{spill}/{_shell_name(index)}"))
+            sources = [f"{spill}/{_shell_name(j)}" for j in neighbours]
+            after = list(dict.fromkeys((shells, *block_run(j)) for j in neighbours))  # the runs writing them
         elif given is None:
             layers[shells][(shells, *index)] = (_block_shell, stored, box, depth, near[index], foreground, None)
             sources = [(shells, *j) for j in neighbours]
@@ -357,13 +357,19 @@ def _haloed_graph(stored, chunks, depth, function, name, *, pad, foreground, arg
             sources = [f"{given}/{_shell_name(j)}" for j in neighbours]
         where = [layout[j][tuple(-x for x in o)] for j, o in zip(neighbours, near[index])]
         keys.append((out, *lead, *index))
-        # The shared objects by their keys, in a list of the task's own arguments: Dask hands it their values.
         # What is the same in every run of the task in a partial, which Dask does not look into: walking its
-        # nested lists for keys took the client 0.4-0.5 ms per block (70 000 calls for 256 blocks); the graph's
-        # own inputs (the slabs' tasks or files, the shared objects' keys) after it.
-        call = functools.partial(_haloed_call, stored, box, depth, shape, function, near[index], where, foreground,
-                                 pad, () if args is None else tuple(args[k]))
-        layers[out][keys[-1]] = (call, sources, *([[f"{together}-{i}" for i in range(len(shared))]] if shared else []))
+        # nested lists for keys took the client 0.4-0.5 ms per block (70 000 calls for 256 blocks). The graph's
+        # own inputs after it: the slabs' tasks (or, for files, the tasks writing them, whose values are None)
+        # and the shared objects' keys, in lists of the task's own arguments (Dask hands it their values).
+        fixed = [stored, box, depth, shape, function, near[index], where, foreground, pad,
+                 () if args is None else tuple(args[k])]
+        shared_keys = [f"{together}-{i}" for i in range(len(shared))] if shared else None
+        if isinstance(sources[0] if sources else "", str):
+            layers[out][keys[-1]] = (functools.partial(_haloed_call, *fixed, sources), shared_keys, after)
+        else:
+            layers[out][keys[-1]] = (functools.partial(_haloed_call, *fixed), sources, shared_keys)
+    for run, blocks in runs.items():  # one task per run writing its blocks' slab files (a spill)
+        layers[shells][(shells, *run)] = (functools.partial(_blocks_shells, stored, blocks, depth, foreground),)
     if given is None and spill is not None:
         layers[out] = _queued(layers[out], {key for name in layers if name != out for key in layers[name]})
     dependencies = {layer: set() for layer in layers}
@@ -411,11 +417,6 @@ def _blocks_shells(stored, blocks, depth, foreground):
         _block_shell(stored, box, depth, offsets, foreground, target)
 
 
-def _written(run, path):
-    """``path``, once the task ``run`` that writes it has run."""
-    return path
-
-
 def _block_shell(stored, box, depth, offsets, foreground, target):
     """One block read from ``stored`` (on the host): per offset in turn, the slab its neighbour at that offset
     needs (with ``foreground``: ``slab > 0`` packed to bits). ``target``: written there, one file (its path
@@ -444,11 +445,13 @@ def _block_slabs(block, depth, offsets, foreground, target):
     return target
 
 
-def _haloed_call(stored, box, depth, shape, function, offsets, where, foreground, pad, args, shells, shared=None):
+def _haloed_call(stored, box, depth, shape, function, offsets, where, foreground, pad, args, shells, shared=None,
+                 after=None):
     """``function`` of the block ``box`` with its halo from its neighbours' ``shells`` (their slabs, or the
     files holding them at ``where``: (byte offset, bytes, shape); packed bits with ``foreground``).
     ``pad``: the edges repeated outside the volume and the result cut back to the block; else
-    ``function(extended, left, *args)``, and ``shared`` (a list) after them when given."""
+    ``function(extended, left, *args)``, and ``shared`` (a list) after them when given. ``after``: the
+    values (None) of the tasks that wrote the slab files, for Dask to run those first."""
     from gpu_pipeline._backend import get_array_module
 
     block = stored.read(box)
