@@ -293,6 +293,21 @@ def test_unique_ids_equals_numpy_unique(rng):
             assert got[0].dtype == values.dtype
 
 
+def test_a_run_collects_garbage_less_often_and_restores_the_thresholds():
+    import gc
+
+    from gpu_pipeline.chunked.workspace import RUN_GC_THRESHOLDS, fewer_full_collections
+
+    before = gc.get_threshold()
+    assert RUN_GC_THRESHOLDS[0] > before[0]  # fewer collections than Python's default, not more
+    with fewer_full_collections():
+        inside = gc.get_threshold()
+    assert inside == RUN_GC_THRESHOLDS and gc.get_threshold() == before
+    with pytest.raises(KeyboardInterrupt), fewer_full_collections():
+        raise KeyboardInterrupt  # Ctrl-C during a run
+    assert gc.get_threshold() == before
+
+
 def test_otsu_of_chunks_equals_in_memory(cluster_client, rng):
     for image in (rng.integers(0, 4000, (60, 70, 50)).astype(np.uint16),
                   rng.gamma(2.0, 3.0, (60, 70, 50)).astype(np.float32)):

@@ -40,9 +40,9 @@ import numpy as np
 from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops_for, to_host
 from gpu_pipeline._common import (ChunkShapeError, ScratchSpaceError, UnusableValuesError, usable_cores,
                                   whole_number_at_least)
-from gpu_pipeline.chunked.workspace import (LOCAL_CLUSTER_HTTP, Workspace, active_client, local_cluster_config,
-                                            own_worker_setup, return_freed_memory, run_lock, run_malloc_setup,
-                                            save_records, write_blocks)
+from gpu_pipeline.chunked.workspace import (LOCAL_CLUSTER_HTTP, Workspace, active_client, fewer_full_collections,
+                                            local_cluster_config, own_worker_setup, return_freed_memory, run_lock,
+                                            run_malloc_setup, save_records, write_blocks)
 from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, PROBABILITIES_MARK, boolean_input_as_mask,
                              check_foreground_options, check_not_inputs, check_replaceable_outputs, disk_error, ngff_levels,
                              output_paths, remove_stale_table, run_inputs, run_outputs, spatial_unit, write_label_levels,
@@ -597,11 +597,11 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
                 return summary
         work_existed = work.exists()
         try:
-            return _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_path, device=device,
-                        cluster=cluster, scheduler=scheduler, workers=workers, gpu_threads=gpu_threads,
-                        scratch_limit=scratch_limit,
-                        overwrite=overwrite, verbose=verbose,
-                        model=model, probabilities_path=probabilities_path, unit=unit, levels=levels)
+            with fewer_full_collections():
+                return _run(volume, mask, spacing, parameters, inputs, changed, paths, work, input_path,
+                            device=device, cluster=cluster, scheduler=scheduler, workers=workers, gpu_threads=gpu_threads,
+                            scratch_limit=scratch_limit, overwrite=overwrite, verbose=verbose,
+                            model=model, probabilities_path=probabilities_path, unit=unit, levels=levels)
         except OSError as exc:
             if exc.errno not in DISK_FAULTS:
                 raise
