@@ -306,6 +306,14 @@ def test_a_run_collects_garbage_less_often_and_restores_the_thresholds():
     with pytest.raises(KeyboardInterrupt), fewer_full_collections():
         raise KeyboardInterrupt  # Ctrl-C during a run
     assert gc.get_threshold() == before
+    # Two runs overlapping (threads of one process): the first to end leaves the second's thresholds.
+    first, second = fewer_full_collections(), fewer_full_collections()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert gc.get_threshold() == RUN_GC_THRESHOLDS
+    second.__exit__(None, None, None)
+    assert gc.get_threshold() == before
 
 
 def test_otsu_of_chunks_equals_in_memory(cluster_client, rng):

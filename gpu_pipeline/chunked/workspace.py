@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -369,16 +370,26 @@ def fewer_full_collections():
     and the scheduler take from the workers. With :data:`RUN_GC_THRESHOLDS`
     none ran there. Objects freed by their reference counts (nearly all) are
     freed as before; cycles wait for a younger collection at most ~100 000
-    allocations, or a full one. The thresholds are restored afterwards.
+    allocations, or a full one. The thresholds are restored when the last of the runs in this process
+    ends (runs in several threads of one process, as the app's, overlap).
     """
     import gc
 
-    before = gc.get_threshold()
-    gc.set_threshold(*RUN_GC_THRESHOLDS)
+    with _GC_RUNS["lock"]:
+        if _GC_RUNS["depth"] == 0:
+            _GC_RUNS["before"] = gc.get_threshold()
+            gc.set_threshold(*RUN_GC_THRESHOLDS)
+        _GC_RUNS["depth"] += 1
     try:
         yield
     finally:
-        gc.set_threshold(*before)
+        with _GC_RUNS["lock"]:
+            _GC_RUNS["depth"] -= 1
+            if _GC_RUNS["depth"] == 0:
+                gc.set_threshold(*_GC_RUNS["before"])
+
+
+_GC_RUNS = {"lock": threading.Lock(), "depth": 0, "before": None}
 
 
 def run_malloc_setup():
