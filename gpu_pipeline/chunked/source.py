@@ -342,6 +342,7 @@ def _haloed_graph(stored, chunks, depth, function, name, *, pad, foreground, arg
     if shared:
         layers[together] = {f"{together}-{i}": value for i, value in enumerate(shared)}
     runs, after = {}, None
+    files = given is not None or spill is not None  # the slabs in files (their paths), else handed by tasks
     for k, (index, box) in enumerate(block_boxes(chunks)):
         neighbours = [tuple(i + x for i, x in zip(index, o)) for o in near[index]]
         if given is None and spill is not None:
@@ -364,7 +365,7 @@ def _haloed_graph(stored, chunks, depth, function, name, *, pad, foreground, arg
         fixed = [stored, box, depth, shape, function, near[index], where, foreground, pad,
                  () if args is None else tuple(args[k])]
         shared_keys = [f"{together}-{i}" for i in range(len(shared))] if shared else None
-        if isinstance(sources[0] if sources else "", str):
+        if files:
             layers[out][keys[-1]] = (functools.partial(_haloed_call, *fixed, sources), shared_keys, after)
         else:
             layers[out][keys[-1]] = (functools.partial(_haloed_call, *fixed), sources, shared_keys)

@@ -130,9 +130,9 @@ def block_box(edges, index):
 
 def block_boxes(chunks):
     """``(index, box)`` of every block of ``chunks`` in C order, ``box`` its slices in the volume."""
-    starts = chunk_starts(chunks)
+    edges = grid_edges(chunks)
     for index in itertools.product(*[range(len(c)) for c in chunks]):
-        yield index, tuple(slice(int(starts[a][i]), int(starts[a][i] + chunks[a][i])) for a, i in enumerate(index))
+        yield index, block_box(edges, index)
 
 
 #: What :func:`limit_malloc_arenas` sets: no array is a fresh mmap (``M_MMAP_MAX`` 0: every allocation comes
