@@ -6,7 +6,9 @@ never leaves a file that looks finished.
 """
 from __future__ import annotations
 
+import asyncio
 import errno
+import functools
 import itertools
 import json
 import math
@@ -23,6 +25,88 @@ from gpu_pipeline._common import native_byte_order, whole_number_at_least
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".npy", ".zarr")
 LABEL_SUFFIXES = (".tif", ".tiff", ".npy", ".zarr")
+
+
+#: The most bytes one ``write`` call hands the kernel (:func:`write_in_pieces`).
+WRITE_PIECE = 1 << 18
+
+
+def write_in_pieces(handle, data):
+    """``handle.write(data)`` (an open binary file; ``data`` any contiguous buffer) in calls of at most
+    :data:`WRITE_PIECE` bytes.
+
+    One call with a large buffer lets Linux (6.x) put a file's page cache in
+    2 MiB folios: each an order-9 allocation, which on a virtual machine
+    whose host takes back the guest's free memory (free page reporting, as
+    ballooned VMs do) comes back untouched, and the copy into it faults page
+    by page on the host. Measured 2026-12-07 on the 2-core VM (ext4, kernel
+    6.18), 32 files of 8 MiB: 0.35-0.65 s (all of it system time) in one
+    call each or in 2 MiB calls, 0.064-0.085 s in calls of 256 KiB or 1 MiB;
+    on tmpfs 0.10-0.13 s either way. A chunked run writes every staged
+    float32 block (8 MiB at 128^3) this way. On a machine without the effect
+    it costs a few system calls per MiB.
+    """
+    data = data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else memoryview(data).cast("B")
+    for start in range(0, data.nbytes, WRITE_PIECE):
+        handle.write(data[start:start + WRITE_PIECE])
+    return data.nbytes
+
+
+def save_npy(handle, array):
+    """``np.save(handle, array)`` (the same bytes) with the data written by :func:`write_in_pieces`."""
+    array = np.asanyarray(array)
+    if array.dtype.hasobject:  # pickled by np.save
+        np.save(handle, array)
+        return
+    if not (array.flags.c_contiguous or array.flags.f_contiguous):
+        array = np.ascontiguousarray(array)  # (np.save writes such an array in C order too)
+    header = np.lib.format.header_data_from_array_1_0(array)
+    try:
+        np.lib.format.write_array_header_1_0(handle, header)
+    except ValueError:  # a header past 64 KiB (a structured dtype of many fields): np.save's version 2.0
+        np.lib.format.write_array_header_2_0(handle, header)
+    write_in_pieces(handle, array.T if header["fortran_order"] else array)
+
+
+def _put_in_pieces(path, data):
+    """Zarr's ``LocalStore`` write of one key (a temporary sibling, renamed into place), the bytes written by
+    :func:`write_in_pieces`."""
+    import uuid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        with open(partial, "wb") as handle:
+            write_in_pieces(handle, data)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+@functools.lru_cache(maxsize=None)
+def _piecewise_store_class():
+    from zarr.storage import LocalStore
+
+    class PiecewiseLocalStore(LocalStore):
+        """A ``LocalStore`` whose values larger than :data:`WRITE_PIECE` are written by
+        :func:`write_in_pieces` (an uncompressed 128^3 float32 chunk is 8 MiB); reads,
+        listing and the metadata are Zarr's own."""
+
+        async def set(self, key, value):
+            data = value.as_buffer_like()
+            if memoryview(data).nbytes <= WRITE_PIECE:
+                return await super().set(key, value)
+            if not getattr(self, "_is_open", True):  # (Zarr opens a store as it opens the array)
+                await self._open()
+            await asyncio.to_thread(_put_in_pieces, self.root / key, data)
+
+    return PiecewiseLocalStore
+
+
+def piecewise_store(path):
+    """A Zarr store at ``path`` (a folder) whose large values are written by :func:`write_in_pieces`."""
+    return _piecewise_store_class()(str(path))
 
 
 def _suffix(path: Path) -> str:
@@ -729,7 +813,7 @@ def _write_tiff_or_npy(path, suffix, array, axes, spacing=None, extra=None):
         tifffile.imwrite(path, array, compression="zlib", metadata=metadata, ome=ome, photometric="minisblack")
     elif suffix == ".npy":
         with open(path, "wb") as handle:
-            np.save(handle, array)
+            save_npy(handle, array)
     else:
         return False
     return True
@@ -753,7 +837,8 @@ def write_labels(path, labels, spacing=None, source=None, unit=None, levels=None
             import zarr
 
             zarr.open_group(str(tmp), mode="w", zarr_format=2)
-            out = zarr.create_array(str(tmp / LABEL_NAME / "0"), shape=labels.shape, dtype=labels.dtype,
+            out = zarr.create_array(piecewise_store(tmp / LABEL_NAME / "0"), shape=labels.shape,
+                                    dtype=labels.dtype,
                                     chunks=tuple(min(s, 256) for s in labels.shape), zarr_format=2,
                                     config=EVERY_CHUNK)
             out[...] = labels
@@ -776,7 +861,7 @@ def write_probabilities(path, probabilities, spacing=None, classes=None):
         elif suffix == ".zarr":
             import zarr
 
-            out = zarr.create_array(str(tmp), shape=probabilities.shape, dtype=np.float32,
+            out = zarr.create_array(piecewise_store(tmp), shape=probabilities.shape, dtype=np.float32,
                                     chunks=(1,) + tuple(min(s, 256) for s in probabilities.shape[1:]),
                                     config=EVERY_CHUNK)
             out[...] = probabilities

@@ -665,6 +665,35 @@ def test_zarr_reads_and_writes_run_in_the_calling_thread(tmp_path, rng):
     assert zarr.open_array(str(path), mode="r")[3:40, 5:61, 0:17].tobytes() == block.tobytes()
 
 
+def test_block_writes_hand_large_chunks_to_the_kernel_in_pieces(tmp_path, rng, monkeypatch):
+    """write_region writes a chunk larger than WRITE_PIECE (an uncompressed float32 one) in pieces of at most
+    that: Zarr reads back every value, no temporary file is left, and small chunks (and the metadata) take
+    Zarr's own path."""
+    import gpu_pipeline.chunked.source as source
+    import gpu_pipeline.io as io
+
+    sizes = []
+    original = io.write_in_pieces
+
+    def counted(handle, data):
+        sizes.append(memoryview(data).nbytes)
+        return original(handle, data)
+
+    monkeypatch.setattr(io, "write_in_pieces", counted)
+    image = rng.random((40, 64, 64), dtype=np.float32)
+    path = tmp_path / "v.zarr"
+    zarr.create_array(str(path), shape=image.shape, dtype=image.dtype, chunks=(20, 64, 64), compressors=None,
+                      fill_value=0)
+    source.write_region(path, (slice(0, 40), slice(0, 64), slice(0, 64)), image)
+    assert sizes == [20 * 64 * 64 * 4] * 2  # both chunks (320 KiB each > 256 KiB), through the pieces
+    assert zarr.open_array(str(path), mode="r")[...].tobytes() == image.tobytes()
+    assert not list(path.rglob("*.partial"))
+    small = tmp_path / "small.zarr"
+    zarr.create_array(str(small), shape=image.shape, dtype=image.dtype, chunks=(8, 16, 16), compressors=None)
+    source.write_region(small, (slice(0, 40), slice(0, 64), slice(0, 64)), image)
+    assert len(sizes) == 2 and zarr.open_array(str(small), mode="r")[...].tobytes() == image.tobytes()
+
+
 def test_zarr_calls_agree_with_zarr_from_threads_and_inside_a_running_event_loop(tmp_path, rng):
     """Boxes read through StoredVolume (zarr_call) equal Zarr's own reads from four threads at once (each its
     own event loop), and from a thread that runs an event loop (a notebook's), which hands the call to a thread

@@ -378,3 +378,38 @@ def test_three_or_four_planes_are_written_as_planes_not_as_colour(tmp_path, rng)
         with tifffile.TiffFile(tmp_path / name) as tif:
             assert tif.pages[0].photometric == tifffile.PHOTOMETRIC.MINISBLACK and tif.series[0].axes == axes
     assert np.array_equal(read_image(tmp_path / "l.tif")[0], labels)
+
+
+class _Recording:
+    """A binary file that records the size of every write call (the bytes go to a real file)."""
+
+    def __init__(self, handle):
+        self.handle, self.sizes = handle, []
+
+    def write(self, data):
+        self.sizes.append(memoryview(data).nbytes)
+        return self.handle.write(data)
+
+
+@pytest.mark.parametrize("case", ["c", "fortran", "strided", "big_endian", "bool", "scalar", "structured",
+                                  "empty"])
+def test_npy_outputs_are_np_save_byte_for_byte_written_in_pieces(tmp_path, rng, case, monkeypatch):
+    """save_npy writes np.save's file (np.load reads it back) in write calls of at most WRITE_PIECE bytes
+    (made small here, so every case spans several)."""
+    import gpu_pipeline.io as io
+
+    monkeypatch.setattr(io, "WRITE_PIECE", 1000)
+    base = rng.integers(0, 2 ** 31 - 1, (13, 17, 19)).astype(np.int32)
+    array = {"c": base, "fortran": np.asfortranarray(base), "strided": base[::2, 1::3],
+             "big_endian": base.astype(">u4"), "bool": base % 3 == 0, "scalar": np.float64(rng.random()),
+             "structured": np.zeros(900, dtype=[("a", "<i4"), ("b", "<f8")]), "empty": base[:0]}[case]
+    if case == "structured":
+        array["a"], array["b"] = rng.integers(0, 100, 900), rng.random(900)
+    np.save(tmp_path / "want.npy", array)
+    with open(tmp_path / "got.npy", "wb") as handle:
+        recording = _Recording(handle)
+        io.save_npy(recording, array)
+    assert (tmp_path / "got.npy").read_bytes() == (tmp_path / "want.npy").read_bytes()
+    assert max(recording.sizes) <= 1000
+    back = np.load(tmp_path / "got.npy")
+    assert back.dtype == np.asarray(array).dtype and np.array_equal(back, array)

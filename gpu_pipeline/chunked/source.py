@@ -20,7 +20,8 @@ import numpy as np
 
 from gpu_pipeline._backend import DeclumpError
 from gpu_pipeline._common import native_byte_order, whole_number_at_least
-from gpu_pipeline.io import EVERY_CHUNK, check_chunks, list_stored_files, open_zarr, unreadable_chunk
+from gpu_pipeline.io import (EVERY_CHUNK, check_chunks, list_stored_files, open_zarr, piecewise_store,
+                             unreadable_chunk, write_in_pieces)
 
 
 class _InPlace(concurrent.futures.ThreadPoolExecutor):
@@ -94,7 +95,9 @@ def open_array(path, mode="r"):
 
 
 async def _write_region(path, region, data):
-    array = await _open_async(path, "r+")
+    import zarr.api.asynchronous
+
+    array = await zarr.api.asynchronous.open_array(store=piecewise_store(path), mode="r+")
     await array.with_config(EVERY_CHUNK).setitem(region, data)
 
 
@@ -441,7 +444,7 @@ def _block_slabs(block, depth, offsets, foreground, target):
         for o in offsets:
             # Contiguous already: written from its own buffer, no copy. Not ndarray.tofile: its own C stream
             # can lose a failed write (a full disk) at its close and leave a short file that reads back wrong.
-            f.write(memoryview(slabs[o]).cast("B"))
+            write_in_pieces(f, slabs[o])
     os.replace(partial, target)  # a rerun of the task rewrites it whole
     return target
 
