@@ -36,10 +36,11 @@ def write_in_pieces(handle, data):
     :data:`WRITE_PIECE` bytes.
 
     One call with a large buffer lets Linux (6.x) put a file's page cache in
-    2 MiB folios: each an order-9 allocation, which on a virtual machine
-    whose host takes back the guest's free memory (free page reporting, as
-    ballooned VMs do) comes back untouched, and the copy into it faults page
-    by page on the host. Measured 2026-12-07 on the 2-core VM (ext4, kernel
+    2 MiB folios, order-9 allocations; on a virtual machine whose host takes
+    back the guest's free memory (a ballooned guest, as the bench VM is) such
+    blocks are likely to come back untouched, and the copy into them ran
+    several times slower (the time all in the kernel's copy into the page
+    cache, by ``perf``). Measured 2026-12-07 on the 2-core VM (ext4, kernel
     6.18), 32 files of 8 MiB: 0.35-0.65 s (all of it system time) in one
     call each or in 2 MiB calls, 0.064-0.085 s in calls of 256 KiB or 1 MiB;
     on tmpfs 0.10-0.13 s either way. A chunked run writes every staged
