@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpu_pipeline._backend import get_array_module, ops_for, to_host
-from gpu_pipeline.chunked.workspace import block_run, grid_edges, run_tasks
+from gpu_pipeline.chunked.workspace import block_origin, block_run, grid_edges, run_tasks
 from gpu_pipeline.stages.components import count_pairs, face_pairs_between_labels, piece_stats
 
 
@@ -62,7 +62,7 @@ def _summary_block(ids, values, per_block, edges, block_id=None):
     :func:`summarize_blocks` builds, so that Dask fuses it with the tasks computing ``ids`` and ``values``.
     ``edges``: :func:`~gpu_pipeline.chunked.workspace.grid_edges` of their blocks."""
     out = np.empty((1,) * ids.ndim, dtype=object)
-    out[(0,) * ids.ndim] = _summary(ids, values, [e[i] for e, i in zip(edges, block_id)],
+    out[(0,) * ids.ndim] = _summary(ids, values, block_origin(edges, block_id),
                                     tuple(e[-1] for e in edges), per_block)
     return out
 

@@ -144,9 +144,10 @@ def _check_wide_values(volume):
 
 
 def _mask_block(block, edges, block_id=None):
+    from gpu_pipeline.chunked.workspace import block_origin
     from gpu_pipeline.pipeline import mask_foreground
 
-    origin = tuple(e[i] for e, i in zip(edges, block_id)) if block_id is not None else None
+    origin = block_origin(edges, block_id) if block_id is not None else None
     return mask_foreground(block, "" if origin is None else f" in its chunk at {origin}")
 
 

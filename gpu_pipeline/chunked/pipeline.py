@@ -52,9 +52,9 @@ from gpu_pipeline.chunked.components import components_chunked, id_dtype
 from gpu_pipeline.chunked.foreground import PEAK_HALOS, fit_halo, regions_chunked
 from gpu_pipeline.chunked.source import (halo_box, haloed_tasks, neighbours_hold_halo, shells_key,
                                          stored_volume)
-from gpu_pipeline.chunked.workspace import (BLOCK_GROUP, Workspace, block_boxes, chunk_starts, engine_threads,
-                                             grid_edges, read_staged, run_call, run_grouped, run_tasks, to_device,
-                                             write_block)
+from gpu_pipeline.chunked.workspace import (BLOCK_GROUP, Workspace, block_boxes, block_origin, chunk_starts,
+                                             engine_threads, grid_edges, read_staged, run_call, run_grouped,
+                                             run_tasks, to_device, write_block)
 from gpu_pipeline.pipeline import (MASK_ACCEPTED, NoParticlesError, ball_size, cap_distance, check_auto_or_number,
                                    check_max_iter, resolve_ratio, validate_spacing)
 from gpu_pipeline.stages import by_box
@@ -487,7 +487,7 @@ def _assign_compiled_into(regions, seeds, centres, spacing, origin, out, value):
 
 def _split_block(regions, seeded, spacing, n_regions, dtype, edges, block_id=None):
     seeds, centres = seeded
-    origin = [e[i] for e, i in zip(edges, block_id)]
+    origin = block_origin(edges, block_id)
     labels = regions.astype(dtype)
     if get_array_module(regions) is np:  # the compiled pass writes each voxel's label itself
         _assign_compiled_into(regions, seeds, np.asarray(centres), spacing, origin, labels,

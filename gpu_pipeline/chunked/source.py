@@ -83,7 +83,9 @@ def zarr_call(coroutine_function, *args):
 async def _open_async(path, mode):
     import zarr.api.asynchronous
 
-    return await zarr.api.asynchronous.open_array(store=str(path), mode=mode)
+    # Writes through a store that hands large chunks to the kernel in pieces (gpu_pipeline.io.write_in_pieces).
+    store = str(path) if mode == "r" else piecewise_store(path)
+    return await zarr.api.asynchronous.open_array(store=store, mode=mode)
 
 
 def open_array(path, mode="r"):
@@ -95,9 +97,7 @@ def open_array(path, mode="r"):
 
 
 async def _write_region(path, region, data):
-    import zarr.api.asynchronous
-
-    array = await zarr.api.asynchronous.open_array(store=piecewise_store(path), mode="r+")
+    array = await _open_async(path, "r+")
     await array.with_config(EVERY_CHUNK).setitem(region, data)
 
 

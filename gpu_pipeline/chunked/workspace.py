@@ -128,6 +128,11 @@ def block_box(edges, index):
     return tuple(slice(e[i], e[i + 1]) for e, i in zip(edges, index))
 
 
+def block_origin(edges, index):
+    """The first voxel (a tuple of ints) of block ``index`` of the grid with :func:`grid_edges` ``edges``."""
+    return tuple(e[i] for e, i in zip(edges, index))
+
+
 def block_boxes(chunks):
     """``(index, box)`` of every block of ``chunks`` in C order, ``box`` its slices in the volume."""
     edges = grid_edges(chunks)
