@@ -1,4 +1,5 @@
 """Chunked building blocks equal the in-memory result for any chunking, on a real Dask cluster."""
+import collections
 import itertools
 
 import numpy as np
@@ -122,10 +123,10 @@ def test_staged_stores_never_share_a_chunk_between_two_blocks(rng, tmp_path, chu
 
 
 def test_a_write_pass_computes_each_block_in_the_task_writing_it(cluster_client, rng, tmp_path):
-    """On a cluster, write_blocks computes each block in the task that writes and measures it: one task per
-    block (before, a fused task and its alias per block: 16 tasks here; earlier, a block's task handed it to a
-    write task: 24); a second call finds every block marked, computes nothing and measures the stored
-    blocks."""
+    """On a cluster, write_blocks computes each block in the task that writes and measures it: no task beside
+    the blocks' own (8 blocks on 2 threads run in groups of 2, 2, 1, 1, 1, 1: 6 tasks; before, a fused task
+    and its alias per block: 16 tasks here; earlier, a block's task handed it to a write task: 24); a second
+    call finds every block marked, computes nothing and measures the stored blocks."""
     import zarr
     from distributed import get_task_stream
 
@@ -141,7 +142,7 @@ def test_a_write_pass_computes_each_block_in_the_task_writing_it(cluster_client,
     with get_task_stream(cluster_client) as stream:
         computed, measured = write_blocks(values, tmp_path / "out.zarr", tmp_path / "done", what="test",
                                           measure=_origin_and_sum)
-    assert computed == 8 and len(stream.data) == 8, [t["key"] for t in stream.data]
+    assert computed == 8 and len(stream.data) == 6, [t["key"] for t in stream.data]
     assert len(log.read_text().split("\n")[:-1]) == 8
     assert zarr.open_array(str(tmp_path / "out.zarr"), mode="r")[...].tobytes() == expected.tobytes()
     assert sorted(measured) == sums
@@ -160,16 +161,22 @@ def _pair_sums(*parts):
     return [part.flat[0][1] for part in parts]
 
 
-@pytest.mark.parametrize("threads, expected_group", [(1, 8), (2, 6), (3, 4), (6, 2), (7, 1), (40, 1)])
-def test_grouped_graph_runs_blocks_k_to_a_task_with_the_same_values(rng, threads, expected_group):
-    """A layer of 48 block tasks runs k to a task, k the most that leaves each thread 4 tasks here (at most 8;
-    none grouped below 2), in C order of the blocks; the tasks that need them (here, one per pair of blocks along
-    the first axis, each needing two blocks of different groups) get each block's own value; every block's
-    value comes back in the caller's order, equal to Dask's own computation of the same tasks."""
+@pytest.mark.parametrize("threads, expected_sizes", [
+    (1, [8] * 6),
+    (2, [8, 8, 8, 6, 5, 4, 3, 2, 1, 1, 1, 1]),
+    (6, [4, 4, 4, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2] + [1] * 12),
+    (40, None)])
+def test_grouped_graph_runs_blocks_in_shrinking_groups_with_the_same_values(rng, threads, expected_sizes):
+    """A layer of 48 block tasks runs in groups that each take at most a quarter of the tasks left per thread
+    (rounded up; at most 8; on one thread 8 all through; none grouped where every group would be one task),
+    in C order of the blocks, the groups' priorities falling in that order; the tasks that need them (here,
+    one per pair of blocks along the first axis, each needing two blocks of different groups) get each
+    block's own value; every block's value comes back in the caller's order, equal to Dask's own
+    computation of the same tasks."""
     from dask import delayed
     from dask.local import get_sync
 
-    from gpu_pipeline.chunked.workspace import grouped_graph
+    from gpu_pipeline.chunked.workspace import _group_priority, group_order, grouped_graph
 
     image = rng.random((24, 32, 36))
     blocks = da.from_array(image, chunks=(6, 16, 6)).map_blocks(  # 4 x 2 x 6 = 48 blocks
@@ -177,7 +184,7 @@ def test_grouped_graph_runs_blocks_k_to_a_task_with_the_same_values(rng, threads
     per_block = list(blocks.to_delayed().ravel())
     pairs = [delayed(_pair_sums)(a, b) for a, b in zip(per_block[:24], per_block[24:])]
     tasks = per_block + pairs
-    graph, keys, unpack = grouped_graph(tasks, threads, per_thread=4)
+    graph, keys, unpack = grouped_graph(tasks, threads)
     values = get_sync(graph, keys)
     by_key = dict(zip(keys, values))
     got = [by_key[key] if position is None else by_key[key][position] for key, position in unpack]
@@ -189,31 +196,54 @@ def test_grouped_graph_runs_blocks_k_to_a_task_with_the_same_values(rng, threads
     for (index, total), (z, y, x) in zip((g.flat[0] for g in got[:48]), np.ndindex(4, 2, 6)):
         assert index == (z, y, x) and total == pytest.approx(image[6 * z:6 * z + 6, 16 * y:16 * y + 16,
                                                                    6 * x:6 * x + 6].sum())
-    groups = {key for key, position in unpack[:48] if position is not None}
-    assert len(groups) == (48 + expected_group - 1) // expected_group if expected_group > 1 else not groups
-    assert len(keys) == len(groups or unpack[:48]) + 24
-    if groups:  # consecutive blocks together, in order
-        members = [(key, position) for key, position in unpack[:48]]
-        assert members == sorted(members, key=lambda m: (m[0][1], m[1]))
-        assert [m[1] for m in members[:expected_group]] == list(range(expected_group))
+    members = [(key, position) for key, position in unpack[:48]]
+    groups = list(dict.fromkeys(key for key, position in members if position is not None))
+    if expected_sizes is None:
+        assert not groups and group_order(graph) == {}
+        return
+    assert [sum(1 for key, _ in members if key == group) for group in groups] == expected_sizes
+    assert members == sorted(members, key=lambda m: (m[0][1], m[1]))  # consecutive blocks together, in order
+    assert len(keys) == len(groups) + 24
+    order = group_order(graph)
+    priorities = [_group_priority(order, group) for group in groups]
+    assert priorities == sorted(priorities, reverse=True) and len(set(priorities)) == len(groups)
+    assert all(_group_priority(order, key) == 0 for key in keys[len(groups):])  # the pairs: Dask's own
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_group_sizes_shrink_to_single_tasks_and_cover_the_layer(seed):
+    """For any layer and thread count: the groups cover the layer, never grow, hold at most 8 and at most a
+    quarter of what is left per thread (rounded up), and the last ``threads`` of them are single tasks, so a
+    pass ends with every thread on work of one block."""
+    from gpu_pipeline.chunked.workspace import group_sizes
+
+    rng = np.random.default_rng(seed)
+    for n, threads in zip(rng.integers(1, 3000, 40), rng.integers(2, 40, 40)):
+        sizes = group_sizes(int(n), int(threads))
+        if sizes is None:
+            assert -(-int(n) // (2 * int(threads))) <= 1
+            continue
+        assert sum(sizes) == n and sizes == sorted(sizes, reverse=True) and max(sizes) <= 8
+        left = int(n)
+        for k in sizes:
+            assert k <= max(1, -(-left // (2 * int(threads))))
+            left -= k
+        assert sizes[-min(len(sizes), int(threads)):] == [1] * min(len(sizes), int(threads))
 
 
 def test_a_pass_of_many_blocks_on_a_cluster_runs_several_to_a_task(cluster_client, rng, tmp_path):
-    """64 blocks on 2 worker threads: k to a task (TASKS_PER_THREAD tasks per thread: 4 blocks to a task at 8),
-    each block written and marked, its measure handed back in order; a run resumed with half the markers
-    gone computes only those blocks and measures the others from the store, each kind several to a task; and
-    the pass's log record counts the tasks run."""
+    """64 blocks on 2 worker threads: in shrinking groups (8, 8, 8, 8, 8, 6, 5, 4, 3, 2, 1, 1, 1, 1), each
+    block written and marked, its measure handed back in order, each worker starting its groups in their
+    order (largest first); a run resumed with half the markers gone computes only those blocks and measures
+    the others from the store, each kind several to a task; and the pass's log record counts the tasks run."""
     import logging
 
     import zarr
     from distributed import get_task_stream
 
-    from gpu_pipeline.chunked.workspace import BLOCK_GROUP, TASKS_PER_THREAD, pass_log, write_blocks
+    from gpu_pipeline.chunked.workspace import pass_log, write_blocks
 
-    def tasks_for(blocks):
-        return -(-blocks // min(BLOCK_GROUP, blocks // (2 * TASKS_PER_THREAD)))
-
-    assert tasks_for(32) < 32  # (the resumed pass's 32 blocks are grouped too)
+    tasks_for = {64: 14, 32: 10}.get  # 32: 8, 6, 5, 4, 3, 2, 1, 1, 1, 1
     image = rng.random((32, 48, 64))
     log = tmp_path / "calls.txt"
     values = da.from_array(image, chunks=(8, 12, 16)).map_blocks(_brighter_logged, str(log), dtype=bool)
@@ -236,6 +266,12 @@ def test_a_pass_of_many_blocks_on_a_cluster_runs_several_to_a_task(cluster_clien
                                               measure=_origin_and_sum)
         assert computed == 64 and len(stream.data) == tasks_for(64), [t["key"] for t in stream.data]
         assert [r.tasks for r in records] == [tasks_for(64)]
+        started = collections.defaultdict(list)  # per worker, its groups by start
+        for task in sorted(stream.data, key=lambda t: min(s["start"] for s in t["startstops"])):
+            started[task["worker"]].append(task["key"][1])
+        assert sorted(i for places in started.values() for i in places) == list(range(14))
+        assert all(places == sorted(places) for places in started.values()), dict(started)
+        assert 0 in [places[0] for places in started.values()]  # the largest group first
         assert len(log.read_text().split("\n")[:-1]) == 64
         assert zarr.open_array(str(tmp_path / "out.zarr"), mode="r")[...].tobytes() == expected.tobytes()
         assert measured == sums  # in the blocks' order
