@@ -694,7 +694,9 @@ def group_sizes(n, threads, *, most=BLOCK_GROUP):
 
 def group_order(graph):
     """{group key: its priority} for :func:`grouped_graph`'s groups in ``graph``: a layer's groups start in
-    order (Dask's own order for independent tasks ran them last to first, the largest last)."""
+    order (Dask's own order for independent tasks ran them last to first, the largest last). The first group
+    keeps Dask's default priority, 0, and the others fall below it: on a cluster that other clients share,
+    a pass's later groups wait for their tasks of default priority."""
     return {key: -key[1] for key in graph if isinstance(key, tuple) and len(key) == 2
             and isinstance(key[0], str) and key[0].endswith("-grouped")}
 
