@@ -658,14 +658,24 @@ def test_a_task_error_on_a_cluster_stops_the_run_with_its_one_line_message(clust
     assert not (tmp_path / "bad_summary.json").exists()
 
 
-def test_grouped_calls_on_a_cluster_send_their_arrays_scattered_not_in_the_graph(cluster_client, rng):
+def test_grouped_calls_on_a_cluster_send_their_arrays_scattered_not_in_the_graph(cluster_client, rng,
+                                                                                  monkeypatch):
     """run_grouped on a cluster (the neck pass's segment ends): results in order, equal to the calls made
-    here, and the arrays (17 MB together) reach the workers scattered, not in a graph Dask warns about."""
+    here; large arrays (17 MB together) reach the workers scattered, in one round trip, not in a graph Dask
+    warns about; small ones (at most SCATTER_BYTES together) ride in the tasks, with no scatter."""
     import warnings
 
-    from gpu_pipeline.chunked.workspace import active_client, run_grouped
+    from gpu_pipeline.chunked.workspace import SCATTER_BYTES, active_client, run_grouped
 
     assert active_client() is cluster_client
+    scatters = []
+    real = cluster_client.scatter
+
+    def counted(*args, **kwargs):  # the real scatter, counted
+        scatters.append(len(args[0]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cluster_client, "scatter", counted)
     # Integers: their sums are exact (a float sum's last bit follows the array's alignment, which differs on the
     # worker: 342463.8278772783 against ...844 with DECLUMP_TEST_SEED 1).
     arrays = [rng.integers(0, 2 ** 20, int(rng.integers(600_000, 800_000))) for _ in range(3)]
@@ -674,6 +684,11 @@ def test_grouped_calls_on_a_cluster_send_their_arrays_scattered_not_in_the_graph
         sums = run_grouped(np.sum, [(a,) for a in arrays], "sums", group=2)
     assert sums == [np.sum(a) for a in arrays]
     assert not [w for w in caught if "large graph" in str(w.message)], [str(w.message) for w in caught]
+    assert scatters == [3]
+    small = [rng.integers(0, 2 ** 20, int(rng.integers(1000, 5000))) for _ in range(5)]
+    assert sum(a.nbytes for a in small) <= SCATTER_BYTES
+    assert run_grouped(np.sum, [(a,) for a in small], "sums", group=2) == [np.sum(a) for a in small]
+    assert scatters == [3]
 
 
 def test_local_threads_are_used_while_the_caller_holds_a_client(cluster_client, tmp_path, rng, monkeypatch):
@@ -1101,7 +1116,7 @@ def test_a_global_step_survives_the_death_of_the_worker_holding_its_data(tmp_pat
     distributed = pytest.importorskip("distributed")
     from gpu_pipeline.chunked.workspace import run_call
 
-    values = np.arange(1000, dtype=np.int64)
+    values = np.arange(1 << 18, dtype=np.int64)  # 2 MiB: scattered (smaller arrays ride in the task)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                                   silence_logs=50) as lc, distributed.Client(lc):
         assert run_call(_dies_once, str(tmp_path / "died"), values) == int(values.sum())

@@ -545,7 +545,7 @@ def run_call(function, *args):
     (the peaks' greedy spacing): the workers have the kernels loaded, and the
     client of a cluster then never starts the compiler (importing Numba and
     loading a first kernel: about 0.35 s of every command, while the workers
-    wait). Arrays go to the worker scattered (:func:`scattered_arrays`), not inside the task.
+    wait). Large arrays go to the worker scattered (:func:`scattered_arrays`), not inside the task.
     """
     client = active_client()
     if client is None:
@@ -633,17 +633,24 @@ def block_run(index):
     return (*index[:-1], index[-1] // BLOCK_GROUP)
 
 
+#: Arrays of more bytes than this in one batch of calls go to the workers scattered (:func:`scattered_arrays`).
+SCATTER_BYTES = 1 << 20
+
+
 def scattered_arrays(client, calls):
     """``calls`` (argument lists) with every NumPy array in them scattered to ``client``'s workers, all in one
-    round trip, and replaced by its future.
+    round trip, and replaced by its future, where they hold more than :data:`SCATTER_BYTES` together; else
+    the calls as they are (the arrays travel inside the tasks).
 
-    Arrays go to the workers so, straight from here, not inside the tasks: through the scheduler in the
-    graph, the neck pass's segment ends made graphs of 20-30 MiB on an EM image of large particles
-    (2026-12-04; Dask warned on stderr at each of its rounds).
+    Large arrays go to the workers so, straight from here, not inside the tasks: through the scheduler in
+    the graph, the neck pass's segment ends made graphs of 20-30 MiB on an EM image of large particles
+    (2026-12-04; Dask warned on stderr at each of its rounds). Small ones ride in the graph: a scatter is a
+    round trip of its own (6-7 ms each on a 2-core VM, four a run of the bench volume, 2026-12-07, while
+    every worker waits), and a task that holds its data is one the scheduler can rerun where its worker died.
     """
     where = [(c, a) for c, args in enumerate(calls) for a, value in enumerate(args) if isinstance(value, np.ndarray)]
     calls = [list(args) for args in calls]
-    if where:
+    if sum(calls[c][a].nbytes for c, a in where) > SCATTER_BYTES:
         for (c, a), future in zip(where, client.scatter([calls[c][a] for c, a in where], hash=False)):
             calls[c][a] = future
     return calls
