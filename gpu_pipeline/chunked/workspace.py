@@ -687,8 +687,8 @@ def group_sizes(n, threads, *, most=BLOCK_GROUP):
     Guided self-scheduling: each group takes ``1 / (GUIDED_SHARE * threads)`` of the tasks still left (rounded
     up), at most ``most``: 32 blocks on 2 threads go 8, 6, 5, 4, 3, 2, 1, 1, 1, 1; on one thread, 8, 8, 8, 8.
     Equal groups (before 2026-12-07: 2 blocks a task, 8 tasks a thread on two threads) left a tail of up to
-    a group: the last group of the distance-transform pass ran 0.2 s while the other thread had nothing.
-    With single blocks last, the thread that finishes early takes them, and the pass runs fewer tasks (10
+    a group (two blocks of the distance-transform pass: about 0.2 s with the other thread idle). With
+    single blocks last, the thread that finishes early takes them, and the pass runs fewer tasks (10
     instead of 16), each costing the scheduler, the client and a worker's event loop a few milliseconds.
     """
     sizes, left = [], int(n)
