@@ -167,7 +167,7 @@ def _pair_sums(*parts):
     (6, [4, 4, 4, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2] + [1] * 12),
     (40, None)])
 def test_grouped_graph_runs_blocks_in_shrinking_groups_with_the_same_values(rng, threads, expected_sizes):
-    """A layer of 48 block tasks runs in groups that each take at most a quarter of the tasks left per thread
+    """A layer of 48 block tasks runs in groups that each take the tasks left over twice the threads
     (rounded up; at most 8; on one thread 8 all through; none grouped where every group would be one task),
     in C order of the blocks, the groups' priorities falling in that order; the tasks that need them (here,
     one per pair of blocks along the first axis, each needing two blocks of different groups) get each
@@ -212,8 +212,8 @@ def test_grouped_graph_runs_blocks_in_shrinking_groups_with_the_same_values(rng,
 
 @pytest.mark.parametrize("seed", range(6))
 def test_group_sizes_shrink_to_single_tasks_and_cover_the_layer(seed):
-    """For any layer and thread count: the groups cover the layer, never grow, hold at most 8 and at most a
-    quarter of what is left per thread (rounded up), and the last ``threads`` of them are single tasks, so a
+    """For any layer and thread count: the groups cover the layer, never grow, hold at most 8 and at most
+    what is left over twice the threads (rounded up), and the last ``threads`` of them are single tasks, so a
     pass ends with every thread on work of one block."""
     from gpu_pipeline.chunked.workspace import group_sizes
 
