@@ -844,16 +844,24 @@ def _neighbour_cell_pairs(peaks, cell, group, tall=None, previous=None):
     unique_keys = run_key[cell_first]
     unique_cells = cells[order[run_start[cell_first]]]
     first, second = [], []
+    # A neighbour's key is the cell's plus the offset's (keys are linear in the cells); it names that
+    # neighbour where the neighbour lies inside the grid on every axis the offset moves along. Per axis, with
+    # no per-offset array of cells: 14 offsets in 3D took 5.6 ms for 5900 peaks with the cells moved and
+    # reduced over their axis, one level of five or six of every search (2026-12-07).
+    step = to_list(strides)
+    low_side = [unique_cells[:, a] > 0 for a in range(ndim)]
+    high_side = [unique_cells[:, a] < grid[a] - 1 for a in range(ndim)]
     # Half of the 3^ndim offsets (the zero offset and those positive in C order): every unordered pair of cells
     # once; a cell of one run (one group) with itself yields nothing.
     for offset in itertools.product((-1, 0, 1), repeat=ndim):
         if offset < (0,) * ndim:
             continue
-        neighbour = unique_cells + xp.asarray(offset, dtype=xp.int64)
-        inside = ((neighbour >= 0) & (neighbour < grid)).all(axis=1)
-        nk = (neighbour * strides).sum(axis=1)
+        nk = unique_keys + sum(o * k for o, k in zip(offset, step))
         at = xp.minimum(xp.searchsorted(unique_keys, nk), unique_keys.size - 1)
-        found = inside & (unique_keys[at] == nk)
+        found = unique_keys[at] == nk
+        for a, o in enumerate(offset):
+            if o:
+                found &= low_side[a] if o < 0 else high_side[a]
         if not any(offset):
             found &= cell_runs > 1
         first.append(xp.flatnonzero(found))
