@@ -699,13 +699,18 @@ def group_sizes(n, threads, *, most=BLOCK_GROUP):
     return sizes if len(sizes) < n else None
 
 
+#: The end of the name of :func:`grouped_graph`'s group keys, ``(layer name + GROUP_SUFFIX, place)``, by
+#: which :func:`group_order` finds them.
+GROUP_SUFFIX = "-grouped"
+
+
 def group_order(graph):
     """{group key: its priority} for :func:`grouped_graph`'s groups in ``graph``: a layer's groups start in
     order (Dask's own order for independent tasks ran them last to first, the largest last). The first group
     keeps Dask's default priority, 0, and the others fall below it: on a cluster that other clients share,
     a pass's later groups wait for their tasks of default priority."""
     return {key: -key[1] for key in graph if isinstance(key, tuple) and len(key) == 2
-            and isinstance(key[0], str) and key[0].endswith("-grouped")}
+            and isinstance(key[0], str) and key[0].endswith(GROUP_SUFFIX)}
 
 
 def _group_priority(order, key):
@@ -755,7 +760,7 @@ def grouped_graph(tasks, threads, *, most=BLOCK_GROUP):
         keys.sort()
         start = 0
         for at, k in enumerate(sizes):
-            group = (f"{name}-grouped", at)
+            group = (f"{name}{GROUP_SUFFIX}", at)
             members[group] = keys[start:start + k]
             start += k
             for position, key in enumerate(members[group]):
