@@ -19,8 +19,10 @@ what, tasks, start and end on the client) it records the wall time, the
 seconds the workers spent computing its tasks (Dask's task stream) and
 their efficiency t1 / (2 t2); for the run, the time no worker computed
 anything (the client's work between passes and the round trips to start
-a pass), the CPU seconds of this process (client and scheduler) and of the
-workers. A task belongs to the pass in whose interval it starts; its times
+a pass), the time one worker computed while the other waited, the CPU
+seconds of this process (client and scheduler) and of the workers, and
+Dask's split of the tasks' time into their threads' CPU and the rest
+(``thread-cpu``, ``thread-noncpu``); from these, where 2 t2 - t1 goes. A task belongs to the pass in whose interval it starts; its times
 are the worker's, moved onto the scheduler's clock by the worker's estimate
 of the offset (on one machine a few milliseconds off, tens under load).
 """
@@ -69,6 +71,47 @@ def idle_seconds(intervals, start, end, min_gap=0.0):
     return idle
 
 
+def some_idle_seconds(per_worker, start, end):
+    """Seconds of [start, end] in which at least one worker but not all of ``per_worker`` (one list of
+    (begin, finish) compute intervals per worker) computed: the others idle while work was left."""
+    merged = []
+    for intervals in per_worker:  # each worker's own intervals made disjoint (threads of one worker overlap)
+        union = []
+        for begin, finish in sorted(intervals):
+            if union and begin <= union[-1][1]:
+                union[-1][1] = max(union[-1][1], finish)
+            else:
+                union.append([begin, finish])
+        merged.append(union)
+    edges = sorted([(begin, 1) for union in merged for begin, _ in union]
+                   + [(finish, -1) for union in merged for _, finish in union])
+    busy, at, seconds = 0, start, 0.0
+    for time_, step in edges:
+        now = min(max(time_, start), end)
+        if 0 < busy < len(per_worker):
+            seconds += now - at
+        busy, at = busy + step, now
+    return seconds
+
+
+def task_seconds(digests):
+    """Dask's own split of the time tasks ran (summed over every task of ``digests``, a worker's
+    ``digests_total``): ``(cpu, off_cpu)``, the thread's CPU seconds and the rest (waiting for a core, the GIL,
+    the disk)."""
+    cpu = off = 0.0
+    for key, value in digests.items():
+        if isinstance(key, tuple) and len(key) == 5 and key[0] == "execute" and key[4] == "seconds":
+            if key[3] == "thread-cpu":
+                cpu += value
+            elif key[3] == "thread-noncpu":
+                off += value
+    return cpu, off
+
+
+def _worker_task_seconds(dask_worker):
+    return task_seconds(dask_worker.digests_total)
+
+
 def timeline(passes, stream, start, end):
     """Per pass: its tasks, wall seconds and the workers' compute seconds of the tasks that started in it; for the run:
     wall, the seconds no worker computed, and the same outside every pass (the client's steps between)."""
@@ -83,7 +126,12 @@ def timeline(passes, stream, start, end):
                      "idle_seconds": idle_seconds([c for c in computes if p["start"] <= c[0] < p["end"]],
                                                   p["start"], p["end"])})
     between = idle_seconds([(p["start"], p["end"]) for p in passes], start, end)
+    per_worker = {}
+    for t in stream:
+        per_worker.setdefault(t["worker"], []).extend(
+            (d["start"], d["stop"]) for d in t["startstops"] if d["action"] == "compute")
     return {"seconds": end - start, "passes": rows, "no_worker_computing": idle_seconds(computes, start, end),
+            "some_workers_idle": some_idle_seconds(list(per_worker.values()), start, end),
             "between_passes": between, "compute_seconds": sum(b - a for a, b in computes)}
 
 
@@ -96,16 +144,18 @@ def timed_run(volume, out, client, cluster, records, blocks=None):
 
     shutil.rmtree(out, ignore_errors=True)
     records.passes.clear()
-    workers_before = client.run(time.process_time)
+    workers_before, tasks_before = client.run(time.process_time), client.run(_worker_task_seconds)
     cpu, start = time.process_time(), time.time()
     with get_task_stream(client) as stream:
         summary = run_chunked(volume, out, chunks=blocks, scheduler=cluster.scheduler_address, verbose=False,
                               **RUN_KWARGS)
     end, cpu = time.time(), time.process_time() - cpu
-    workers_after = client.run(time.process_time)
+    workers_after, tasks_after = client.run(time.process_time), client.run(_worker_task_seconds)
     result = timeline(list(records.passes), stream.data, start, end)
     result.update(command_cpu_seconds=cpu, blocks=list(summary["chunks"]),
-                  worker_cpu_seconds=sum(workers_after[w] - workers_before[w] for w in workers_after))
+                  worker_cpu_seconds=sum(workers_after[w] - workers_before[w] for w in workers_after),
+                  task_cpu_seconds=sum(tasks_after[w][0] - tasks_before[w][0] for w in tasks_after),
+                  task_off_cpu_seconds=sum(tasks_after[w][1] - tasks_before[w][1] for w in tasks_after))
     return result
 
 
@@ -114,13 +164,25 @@ def summarise(runs):
     out = {}
     for mode, rows in runs.items():
         out[mode] = {k: statistics.median(r[k] for r in rows) for k in
-                     ("seconds", "no_worker_computing", "between_passes", "compute_seconds",
-                      "command_cpu_seconds", "worker_cpu_seconds")}
+                     ("seconds", "no_worker_computing", "some_workers_idle", "between_passes", "compute_seconds",
+                      "task_cpu_seconds", "task_off_cpu_seconds", "command_cpu_seconds", "worker_cpu_seconds")}
         out[mode]["passes"] = [{"what": p["what"], "tasks": p["tasks"],
                                 **{k: statistics.median(r["passes"][i][k] for r in rows)
                                    for k in ("seconds", "compute_seconds", "idle_seconds")}}
                                for i, p in enumerate(rows[0]["passes"])]
     return out
+
+
+def losses(one, two):
+    """Where ``2 t2 - t1`` (worker-seconds a 2-worker run spends beyond the 1-worker run, from the summaries
+    ``one`` and ``two``) goes: the tasks' CPU and off-core time grown, both workers idle (twice the 2-worker
+    run's no-computing time against once the 1-worker run's), one idle while the other computes; the rest."""
+    total = 2 * two["seconds"] - one["seconds"]
+    parts = {"task_cpu": two["task_cpu_seconds"] - one["task_cpu_seconds"],
+             "task_off_cpu": two["task_off_cpu_seconds"] - one["task_off_cpu_seconds"],
+             "both_idle": 2 * two["no_worker_computing"] - one["no_worker_computing"],
+             "one_idle": two["some_workers_idle"]}
+    return {"total": total, **parts, "rest": total - sum(parts.values())}
 
 
 def beyond_two(one, two, workers=16):
@@ -196,13 +258,24 @@ def markdown(result):
         lines.append(f"| {what} | {tasks} | {cells(p1)} | {cells(p2)} | {efficiency} |")
     lines += ["", "| whole run | 1 worker | 2 workers |", "|---|---|---|"]
     for key, label in (("seconds", "wall s"), ("compute_seconds", "workers computing tasks, s"),
+                       ("task_cpu_seconds", "of which the tasks' threads on a core (Dask's thread-cpu), s"),
+                       ("task_off_cpu_seconds", "and off it (thread-noncpu: waiting for a core, the GIL or the "
+                                                "disk), s"),
                        ("worker_cpu_seconds", "workers' CPU s"), ("command_cpu_seconds", "this process's CPU s "
                                                                   "(client + scheduler)"),
                        ("no_worker_computing", "no worker computing, s"),
+                       ("some_workers_idle", "a worker idle while another computes, s"),
                        ("between_passes", "outside every pass (client steps between passes), s")):
         lines.append(f"| {label} | {one[key]:.2f} | {two[key]:.2f} |")
     lines += ["", f"Scaling efficiency of the whole run t1 / (2 t2): **{one['seconds'] / (2 * two['seconds']):.2f}**"
               f" (per round: {', '.join(f'{e:.2f}' for e in result['efficiency'])})."]
+    lost = losses(one, two)
+    lines += ["", "What 2 workers lose against 1, in worker-seconds (medians; 2 t2 - t1 = "
+              f"{lost['total']:.2f}): the tasks' CPU {lost['task_cpu']:+.2f}, their time off a core "
+              f"{lost['task_off_cpu']:+.2f}, both workers idle {lost['both_idle']:+.2f} (2 x "
+              f"{two['no_worker_computing']:.2f} s against {one['no_worker_computing']:.2f} s), one idle while the "
+              f"other computes {lost['one_idle']:+.2f}; the rest {lost['rest']:+.2f} (the tasks' Dask overhead "
+              "and the medians' mismatch)."]
     b = beyond_two(one, two)
     lines += ["", f"Beyond two workers (an extrapolation from these figures, not a measurement): the client and "
               f"the scheduler spend {b['client_share']:.3f} CPU s per CPU s of the workers "

@@ -183,6 +183,56 @@ def test_pass_timeline_extrapolation_is_amdahl_and_the_client_cpu_bound(rng):
     assert b["client_cpu_ms_per_task"] == pytest.approx(1e3 * share * worker_cpu / sum(tasks))
 
 
+def test_pass_timeline_counts_the_time_some_workers_wait_while_others_compute(rng):
+    """bench.pass_timeline's some_idle_seconds against a sweep of a fine time grid: the seconds in which at
+    least one worker but not every one computes, for random overlapping intervals of 2 and 3 workers (touching
+    and nested intervals of one worker included), clipped to the run."""
+    from bench.pass_timeline import some_idle_seconds
+
+    for workers in (2, 3):
+        per_worker = []
+        for _ in range(workers):
+            starts = np.sort(rng.integers(0, 9000, size=int(rng.integers(1, 12))))
+            per_worker.append([(int(a), int(a + rng.integers(0, 1500))) for a in starts])
+        per_worker[0].append(per_worker[0][0])  # a repeated interval: no double count
+        start, end = int(rng.integers(0, 2000)), int(rng.integers(8000, 11000))
+        grid = np.arange(start, end) + 0.5
+        busy = sum(np.any([(grid > a) & (grid < b) for a, b in intervals], axis=0) for intervals in per_worker)
+        expected = float(((busy > 0) & (busy < workers)).sum())
+        assert some_idle_seconds(per_worker, start, end) == pytest.approx(expected, abs=1e-6), workers
+
+
+def test_pass_timeline_reads_dasks_own_split_of_task_time(cluster_client):
+    """The task CPU and off-CPU seconds bench.pass_timeline reports come from the workers' digests under the
+    keys Dask writes them: a task that spins 0.3 s adds about 0.3 s of thread CPU, one that sleeps 0.3 s about
+    0.3 s off a core."""
+    import time
+
+    from bench.pass_timeline import _worker_task_seconds
+
+    def spin(seconds):
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+        return 1
+
+    def sleep(seconds):
+        time.sleep(seconds)
+        return 1
+
+    def total():
+        values = cluster_client.run(_worker_task_seconds).values()
+        return sum(v[0] for v in values), sum(v[1] for v in values)
+
+    cpu0, off0 = total()
+    cluster_client.submit(spin, 0.3, pure=False).result()
+    cpu1, off1 = total()
+    cluster_client.submit(sleep, 0.3, pure=False).result()
+    cpu2, off2 = total()
+    assert 0.25 <= cpu1 - cpu0 <= 0.6 and off1 - off0 < 0.2
+    assert 0.25 <= off2 - off1 <= 0.6 and cpu2 - cpu1 < 0.1
+
+
 def test_pass_timeline_matches_passes_by_name_and_order_and_keeps_those_of_one_run():
     """Two runs' passes side by side: by name and by their order among passes of that name; a pass of one run
     only (a step that runs in the client with one worker) gets a row of its own, after the pass before it."""
