@@ -22,9 +22,10 @@ anything (the client's work between passes and the round trips to start
 a pass), the time one worker computed while the other waited, the CPU
 seconds of this process (client and scheduler) and of the workers, and
 Dask's split of the tasks' time into their threads' CPU and the rest
-(``thread-cpu``, ``thread-noncpu``); from these, where 2 t2 - t1 goes. A task belongs to the pass in whose interval it starts; its times
-are the worker's, moved onto the scheduler's clock by the worker's estimate
-of the offset (on one machine a few milliseconds off, tens under load).
+(``thread-cpu``, ``thread-noncpu``); from these, where 2 t2 - t1 goes. A
+task belongs to the pass in whose interval it starts; its times are the
+worker's, moved onto the scheduler's clock by the worker's estimate of the
+offset (on one machine a few milliseconds off, tens under load).
 """
 from __future__ import annotations
 
