@@ -176,7 +176,7 @@ def test_grouped_graph_runs_blocks_in_shrinking_groups_with_the_same_values(rng,
     from dask import delayed
     from dask.local import get_sync
 
-    from gpu_pipeline.chunked.workspace import _group_priority, group_order, grouped_graph
+    from gpu_pipeline.chunked.workspace import _group_priority, grouped_graph
 
     image = rng.random((24, 32, 36))
     blocks = da.from_array(image, chunks=(6, 16, 6)).map_blocks(  # 4 x 2 x 6 = 48 blocks
@@ -184,7 +184,7 @@ def test_grouped_graph_runs_blocks_in_shrinking_groups_with_the_same_values(rng,
     per_block = list(blocks.to_delayed().ravel())
     pairs = [delayed(_pair_sums)(a, b) for a, b in zip(per_block[:24], per_block[24:])]
     tasks = per_block + pairs
-    graph, keys, unpack = grouped_graph(tasks, threads)
+    graph, keys, unpack, priority = grouped_graph(tasks, threads)
     values = get_sync(graph, keys)
     by_key = dict(zip(keys, values))
     got = [by_key[key] if position is None else by_key[key][position] for key, position in unpack]
@@ -199,15 +199,14 @@ def test_grouped_graph_runs_blocks_in_shrinking_groups_with_the_same_values(rng,
     members = [(key, position) for key, position in unpack[:48]]
     groups = list(dict.fromkeys(key for key, position in members if position is not None))
     if expected_sizes is None:
-        assert not groups and group_order(graph) == {}
+        assert not groups and priority == {}
         return
     assert [sum(1 for key, _ in members if key == group) for group in groups] == expected_sizes
     assert members == sorted(members, key=lambda m: (m[0][1], m[1]))  # consecutive blocks together, in order
     assert len(keys) == len(groups) + 24
-    order = group_order(graph)
-    priorities = [_group_priority(order, group) for group in groups]
+    priorities = [_group_priority(priority, group) for group in groups]
     assert priorities == sorted(priorities, reverse=True) and len(set(priorities)) == len(groups)
-    assert all(_group_priority(order, key) == 0 for key in keys[len(groups):])  # the pairs: Dask's own
+    assert all(_group_priority(priority, key) == 0 for key in keys[len(groups):])  # the pairs: Dask's own
 
 
 @pytest.mark.parametrize("seed", range(6))

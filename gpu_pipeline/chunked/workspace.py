@@ -699,22 +699,10 @@ def group_sizes(n, threads, *, most=BLOCK_GROUP):
     return sizes if len(sizes) < n else None
 
 
-#: The end of the name of :func:`grouped_graph`'s group keys, ``(layer name + GROUP_SUFFIX, place)``, by
-#: which :func:`group_order` finds them.
-GROUP_SUFFIX = "-grouped"
-
-
-def group_order(graph):
-    """{group key: its priority} for :func:`grouped_graph`'s groups in ``graph``: a layer's groups start in
-    order (Dask's own order for independent tasks ran them last to first, the largest last). The first group
-    keeps Dask's default priority, 0, and the others fall below it: on a cluster that other clients share,
-    a pass's later groups wait for their tasks of default priority."""
-    return {key: -key[1] for key in graph if isinstance(key, tuple) and len(key) == 2
-            and isinstance(key[0], str) and key[0].endswith(GROUP_SUFFIX)}
-
-
-def _group_priority(order, key):
-    return order.get(key, 0)
+def _group_priority(priority, key):
+    """The priority of ``key`` for ``dask.annotate``: its group's from :func:`grouped_graph`, else Dask's
+    default, 0."""
+    return priority.get(key, 0)
 
 
 def _values(*values):
@@ -731,14 +719,17 @@ def grouped_graph(tasks, threads, *, most=BLOCK_GROUP):
     them up. A layer's tasks (keys ``(name, *block index)``, as Dask arrays name them, none depending on
     another of its layer) are taken in groups of :func:`group_sizes` (for ``threads`` threads, at most
     ``most``) in the order of their keys (C order of the blocks: runs along the last axis); a layer whose
-    groups would all be single tasks is left as it is. :func:`group_order` gives the priorities that start
-    the groups in that order, largest first. One task runs its members in turn and returns
+    groups would all be single tasks is left as it is. One task runs its members in turn and returns
     their values as a tuple; a task that needs a member takes it from its group's tuple (a getitem nested in
     it, run where it runs). Each member still writes its own blocks and markers: a group that fails or is
     lost is rerun whole, and a run resumed later finds each block written or not, as before.
 
-    Returns ``(graph, keys, unpack)``: the new graph (a dict of Dask tasks), the keys to compute, and per
-    task of ``tasks`` ``(key, position)`` of its value (position None: the key's value itself).
+    Returns ``(graph, keys, unpack, priority)``: the new graph (a dict of Dask tasks), the keys to compute,
+    per task of ``tasks`` ``(key, position)`` of its value (position None: the key's value itself), and
+    {group key: its priority}, which starts a layer's groups in order, largest first (Dask's own order for
+    independent tasks ran them last to first). A layer's first group keeps Dask's default priority, 0, and
+    the others fall below it: on a cluster that other clients share, a pass's later groups wait for their
+    tasks of default priority.
     """
     import operator
 
@@ -760,7 +751,7 @@ def grouped_graph(tasks, threads, *, most=BLOCK_GROUP):
         keys.sort()
         start = 0
         for at, k in enumerate(sizes):
-            group = (f"{name}{GROUP_SUFFIX}", at)
+            group = (f"{name}-grouped", at)
             members[group] = keys[start:start + k]
             start += k
             for position, key in enumerate(members[group]):
@@ -775,7 +766,8 @@ def grouped_graph(tasks, threads, *, most=BLOCK_GROUP):
         out[group] = Task(group, _values, *nodes, _data_producer=any(n.data_producer for n in nodes))
     where = {key: (group, position) for group, keys in members.items() for position, key in enumerate(keys)}
     unpack = [where.get(t.key, (t.key, None)) for t in tasks]
-    return out, list(dict.fromkeys(key for key, _ in unpack)), unpack
+    priority = {group: -group[1] for group in members}
+    return out, list(dict.fromkeys(key for key, _ in unpack)), unpack, priority
 
 
 def run_tasks(tasks, what, *, voxels=0, verbose=False):
@@ -809,13 +801,12 @@ def run_tasks(tasks, what, *, voxels=0, verbose=False):
         from dask.highlevelgraph import HighLevelGraph
         from distributed import as_completed
 
-        graph, keys, unpack = grouped_graph(tasks, engine_threads())
-        order = group_order(graph)
+        graph, keys, unpack, priority = grouped_graph(tasks, engine_threads())
         # One layer that every Delayed shares: merged once, not once per key.
         layer = f"{what}-{uuid.uuid4().hex}"
         graph = HighLevelGraph.from_collections(layer, graph, dependencies=())
         # The scheduler applies the function to every key of the graph.
-        with dask.annotate(priority=functools.partial(_group_priority, order)):
+        with dask.annotate(priority=functools.partial(_group_priority, priority)):
             futures = client.compute([Delayed(key, graph, layer=layer) for key in keys], optimize_graph=False)
         holds = collections.Counter(key for key, _ in unpack)  # the caller's tasks per key
         # Each result fetched once, as its task finishes, in batches of those finished together: the last
