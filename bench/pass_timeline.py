@@ -30,6 +30,7 @@ offset (on one machine a few milliseconds off, tens under load).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import logging
 import os
@@ -116,7 +117,10 @@ def _worker_task_seconds(dask_worker):
 def timeline(passes, stream, start, end):
     """Per pass: its tasks, wall seconds and the workers' compute seconds of the tasks that started in it; for the run:
     wall, the seconds no worker computed, and the same outside every pass (the client's steps between)."""
-    computes = [(d["start"], d["stop"]) for t in stream for d in t["startstops"] if d["action"] == "compute"]
+    per_worker = collections.defaultdict(list)
+    for t in stream:
+        per_worker[t["worker"]].extend((d["start"], d["stop"]) for d in t["startstops"] if d["action"] == "compute")
+    computes = [c for intervals in per_worker.values() for c in intervals]
     rows = []
     for p in passes:
         busy = sum(min(b, p["end"]) - a for a, b in computes if p["start"] <= a < p["end"])
@@ -127,10 +131,6 @@ def timeline(passes, stream, start, end):
                      "idle_seconds": idle_seconds([c for c in computes if p["start"] <= c[0] < p["end"]],
                                                   p["start"], p["end"])})
     between = idle_seconds([(p["start"], p["end"]) for p in passes], start, end)
-    per_worker = {}
-    for t in stream:
-        per_worker.setdefault(t["worker"], []).extend(
-            (d["start"], d["stop"]) for d in t["startstops"] if d["action"] == "compute")
     return {"seconds": end - start, "passes": rows, "no_worker_computing": idle_seconds(computes, start, end),
             "some_workers_idle": some_idle_seconds(list(per_worker.values()), start, end),
             "between_passes": between, "compute_seconds": sum(b - a for a, b in computes)}
