@@ -694,7 +694,7 @@ def group_sizes(n, threads, *, most=BLOCK_GROUP):
     sizes, left = [], int(n)
     while left:  # (one thread has no other to share the last tasks with: groups of ``most`` all through)
         share = most if threads <= 1 else -(-left // (GUIDED_SHARE * int(threads)))
-        sizes.append(min(left, most, max(1, share)))
+        sizes.append(min(left, most, share))  # (share >= 1: the tasks left, rounded up)
         left -= sizes[-1]
     return sizes if len(sizes) < n else None
 
