@@ -845,7 +845,8 @@ def build_parser():
     chunked = run.add_argument_group("chunked runs (Zarr in, .zarr out)")
     chunked.add_argument("--chunks", type=_chunks, default=None,
                          help="processing chunk shape 'Z,Y,X' in voxels (default: the store's chunks, whole ones grouped "
-                              "until each edge has 128 voxels, 1024 in 2D); each must be at least the halo (peak "
+                              "until each edge has 128 voxels, 256 in volumes of 2^33 voxels or more, 1024 in 2D); "
+                              "each must be at least the halo (peak "
                               "window + --max-radius). With more than about 8 workers give 256,256,256: fewer, "
                               "larger tasks, so the scheduler keeps up (README, Performance)")
     chunked.add_argument("--max-radius", type=_positive_number("max radius"), default=None,

@@ -399,6 +399,11 @@ def test_ome_zarr_volume_opens_lazily_with_spacing_and_channel(tmp_path, rng):
     ((1, 512, 512), (300, 512, 512), (128, 512, 512)),   # single planes: 128 of them, 2^25 voxels
     ((1, 2048, 2048), (100, 2048, 2048), (8, 2048, 2048)),  # ... as many as 2^25 voxels hold
     ((64, 64), (5000, 3000), (1024, 1024)),              # 2D
+    ((64, 64, 64), (1024, 2048, 4096), (256, 256, 256)),  # 2^33 voxels: the large volumes' edge
+    ((64, 64, 64), (1024, 2048, 4095), (128, 128, 128)),  # one plane of voxels short of it
+    ((128, 128, 128), (4096, 4096, 4096), (256, 256, 256)),
+    ((1, 4096, 4096), (1024, 4096, 4096), (2, 4096, 4096)),  # single planes: 2^25 voxels still bound a block
+    ((64, 64), (100000, 100000), (1024, 1024)),          # a large 2D image keeps the 2D edge
 ])
 def test_default_blocks_group_whole_stored_chunks(store_chunks, shape, expected):
     from gpu_pipeline.chunked.source import default_blocks
@@ -407,11 +412,16 @@ def test_default_blocks_group_whole_stored_chunks(store_chunks, shape, expected)
 
 
 def test_default_blocks_properties_on_random_layouts(rng):
-    from gpu_pipeline.chunked.source import BLOCK_EDGE, BLOCK_VOXELS, default_blocks
+    from gpu_pipeline.chunked.source import (BLOCK_EDGE, BLOCK_VOXELS, LARGE_BLOCK_EDGE, LARGE_VOLUME_VOXELS,
+                                             block_edge, default_blocks)
 
-    for _ in range(300):
+    for trial in range(400):
         ndim = int(rng.integers(2, 4))
-        shape = tuple(int(n) for n in rng.integers(1, 3000 if ndim == 2 else 600, ndim))
+        # A quarter of them volumes that may reach the large volumes' edge (up to 4000^3 in 3D).
+        high = (3000 if ndim == 2 else 600) if trial % 4 else (200000 if ndim == 2 else 4000)
+        shape = tuple(int(n) for n in rng.integers(1, high, ndim))
+        large = ndim == 3 and np.prod(shape, dtype=np.float64) >= LARGE_VOLUME_VOXELS
+        assert block_edge(shape) == (LARGE_BLOCK_EDGE[3] if large else BLOCK_EDGE[ndim])
         chunks = tuple(int(c) for c in rng.integers(1, 300, ndim))
         block = default_blocks(chunks, shape)
         stored = [min(c, n) for c, n in zip(chunks, shape)]
@@ -421,10 +431,22 @@ def test_default_blocks_properties_on_random_layouts(rng):
         if np.prod(block) > BLOCK_VOXELS:  # only where the stored chunk alone is that large
             assert tuple(block) == tuple(stored)
         for axis, (b, c, n) in enumerate(zip(block, chunks, shape)):
-            if b < min(BLOCK_EDGE[ndim], n):  # short of the target: one more stored chunk passes the budget
+            if b < min(block_edge(shape), n):  # short of the target: one more stored chunk passes the budget
                 grown = list(block)
                 grown[axis] = min(n, b + c)
                 assert np.prod(grown) > BLOCK_VOXELS, (chunks, shape, block)
+
+
+def test_open_volume_gives_a_large_store_the_large_blocks(tmp_path):
+    """`declump run`'s blocks (``open_volume(chunks="auto")``) of stores whose chunks are not written (the
+    metadata alone: 2^33 voxels of fill value): 256^3 blocks from 2^33 voxels on, 128^3 below."""
+    from gpu_pipeline.chunked.source import open_volume
+
+    for shape, expected in (((1024, 2048, 4096), (256, 256, 256)), ((1024, 2048, 4095), (128, 128, 128))):
+        path = tmp_path / f"{shape[-1]}.zarr"
+        zarr.create_array(str(path), shape=shape, dtype=np.uint8, chunks=(64, 64, 64))
+        volume, _ = open_volume(path, chunks="auto", missing_chunks="fill")
+        assert volume.chunksize == expected
 
 
 def test_declump_run_groups_small_stored_chunks_by_default(tmp_path, rng):
