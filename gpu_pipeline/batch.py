@@ -123,7 +123,7 @@ def image_task(path, out_dir, args, device):
     except MemoryError as exc:
         error = memory_error_message(exc)
     except Exception as exc:  # noqa: BLE001 (one image's bug is that image's error line, not the batch's end)
-        error = write_fault(exc, str(out_dir)) if isinstance(exc, OSError) else None
+        error = write_fault(exc, str(out_dir), "batch") if isinstance(exc, OSError) else None
         if error is None:
             return _progress(args, {**record, "status": "error", "traceback": traceback.format_exc(),
                                     "error": f"unexpected {type(exc).__name__}: {exc} (a declump bug: please report "
@@ -195,11 +195,12 @@ def run_batch(args, device):
     import dask
 
     from gpu_pipeline.chunked.run import engine
-    from gpu_pipeline.io import write_json
+    from gpu_pipeline.io import check_folders, write_json
 
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise DeclumpError(f"--out {args.out} is a file; give a folder for the outputs")
+    check_folders(out_dir, "--out", folder_itself=True)
     left_out = []
     images = collect_inputs(args.inputs, out_dir, left_out)
     started = time.perf_counter()

@@ -466,10 +466,12 @@ def cmd_run(args):
     chunked_only = [name for name, value in (("--chunks", args.chunks), ("--cluster", args.cluster),
                                              ("--scheduler", args.scheduler), ("--scratch", args.scratch),
                                              ("--scratch-limit", args.scratch_limit),
+                                             ("--workers", args.workers),
                                              ("--gpu-threads", None if args.gpu_threads == 1 else args.gpu_threads))
                     if value is not None]
     if chunked_only:
-        raise DeclumpError(f"{', '.join(chunked_only)} apply to chunked runs only (a Zarr input and a .zarr output)")
+        raise DeclumpError(f"{', '.join(chunked_only)} {'applies' if len(chunked_only) == 1 else 'apply'} to chunked "
+                           "runs only (a Zarr input and a .zarr output)")
     info = run_file(args, args.input, args.output, device, notes=not args.quiet)
     print(f"{info['n_particles']} particles; labels -> {info['outputs']['labels']}, table -> "
           f"{info['outputs']['table']}, overlay -> {info['outputs']['overlay']}, summary -> {info['outputs']['summary']}")
@@ -536,7 +538,7 @@ def run_file(args, input_path, output, device, *, notes=True):
                             probabilities_path=args.save_probabilities,
                             record={"input": input_fingerprint(input_path), "options": run_options(args, device)},
                             **kwargs)
-    for note in said:
+    for note in () if getattr(args, "quiet", False) else said:
         print(note, file=sys.stderr)
     return info
 
@@ -596,11 +598,12 @@ def cmd_train(args):
     """declump train: a pixel classifier from scribbles or instance ground truth, written as .npz."""
     from gpu_pipeline._common import as_label_image
     from gpu_pipeline.classifier import classes_from_instances, train_classifier
-    from gpu_pipeline.io import read_image
+    from gpu_pipeline.io import check_folders, read_image
 
     out = Path(args.out)
     if out.suffix.lower() != ".npz":
         raise DeclumpError(f"--out {out}: a model file is written as .npz")
+    check_folders(out, "--out")  # before the training, not after it
     if args.boundary_width is not None and not args.from_instances:
         raise DeclumpError("--boundary-width applies to --from-instances (scribbles paint the boundary class as 3); "
                            "add --from-instances or leave it out")
@@ -639,7 +642,7 @@ def cmd_train(args):
 
 
 def cmd_demo(args):
-    from gpu_pipeline.io import write_json
+    from gpu_pipeline.io import check_folders, write_json
     from gpu_pipeline.metrics import evaluate
     from gpu_pipeline.synthetic import demo_sample
     import tifffile
@@ -651,6 +654,7 @@ def cmd_demo(args):
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise DeclumpError(f"--out {out} is a file; give a folder for the demo's outputs (nothing was written)")
+    check_folders(out, "--out", folder_itself=True)
     out.mkdir(parents=True, exist_ok=True)
     image, truth, spacing = demo_sample(three_d=args.three_d, seed=args.seed)
     # The voxel size in ImageJ's metadata (as the app and `declump run`'s note read it): a 3D sample saved without
@@ -1030,7 +1034,7 @@ def main(argv=None):
         from gpu_pipeline.io import write_fault
 
         message = None if args.debug else write_fault(exc, getattr(args, "output", None) or getattr(args, "out", None)
-                                                      or ".")
+                                                      or ".", args.command)
         if message is None:
             raise
         _report(message)

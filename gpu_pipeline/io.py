@@ -183,7 +183,8 @@ def read_image(path, *, channel=None, timepoint=None, missing_chunks="fill", col
         raise
     except Exception as exc:
         raise DeclumpError(f"could not read {path} as {suffix or 'an image'}: {type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}; accepted: whole, readable images "
+                           f"({', '.join(IMAGE_SUFFIXES)})") from exc
     array = np.asarray(array)
     array = native_byte_order(array)
     if array.size == 0:
@@ -494,8 +495,12 @@ def _read_zarr(path, *, channel=None, timepoint=None, missing_chunks="fill"):
     except MemoryError:
         raise
     except Exception as exc:  # a chunk that does not decode: find it (each chunk of the box read on its own)
-        raise unreadable_chunk(array, index, exc, path,
-                               "the store is corrupt there; accepted: a Zarr store whose chunks decode") from None
+        raise unreadable_chunk(array, index, exc, path, CORRUPT_CHUNK) from None
+
+
+#: What :func:`unreadable_chunk` says of an input's chunk that does not decode, in memory and chunked.
+CORRUPT_CHUNK = ("the store is corrupt there; accepted: a Zarr store whose chunks decode (write that chunk again, "
+                 "or delete its file and add --missing-chunks fill to read it as the fill value)")
 
 
 def unreadable_chunk(array, stored, exc, path, remedy):
@@ -560,20 +565,26 @@ def path_error(exc, fallback):
             "whose folders are folders, not files; nothing was marked complete")
 
 
-def disk_error(exc, fallback):
-    """The one-line message for a write the disk refused (``exc``: the OSError; ``fallback``: a path to name)."""
+#: What running a command again after a write the disk refused does, by command (:func:`disk_error`).
+RESUMES = {"run": " (a chunked run resumes)", "batch": " (the images already done are skipped)"}
+
+
+def disk_error(exc, fallback, command="run"):
+    """The one-line message for a write the disk refused (``exc``: the OSError; ``fallback``: a path to name;
+    ``command``: the declump command that wrote, for what running it again does, :data:`RESUMES`)."""
     cause = exc.strerror or str(exc) or type(exc).__name__
     code = errno.errorcode.get(exc.errno, "")
+    scratch = " or --scratch" if command == "run" else ""
     return (f"cannot write {exc.filename or fallback}: {cause}{f' ({code})' if code else ''}; nothing was marked "
-            "complete. Make room or make it writable (or choose another output or --scratch folder), then run the "
-            "same command again (a chunked run resumes)")
+            f"complete. Make room or make it writable (or choose another output{scratch} folder), then run the "
+            f"same command again{RESUMES.get(command, '')}")
 
 
-def write_fault(exc, fallback):
+def write_fault(exc, fallback, command="run"):
     """The one-line message for an OSError a write raised where it is the disk's or the path's (:data:`DISK_FAULTS`,
     :data:`PATH_FAULTS`: :func:`disk_error`, :func:`path_error`), else None (not a fault of the output)."""
     if exc.errno in DISK_FAULTS:
-        return disk_error(exc, fallback)
+        return disk_error(exc, fallback, command)
     if exc.errno in PATH_FAULTS:
         return path_error(exc, fallback)
     return None
@@ -670,11 +681,37 @@ def check_replaceable(path, what="output"):
                            f"{what if what.startswith('--') else 'output'} path (nothing was replaced)")
 
 
+def check_folders(path, what="output", *, folder_itself=False, advice="choose another path"):
+    """Refuse, before any work, a path whose nearest existing folder on it is not one: a file, or a symbolic
+    link to nothing (a drive that is not mounted). Creating the folders below it raised FileExistsError (or
+    NotADirectoryError) as a traceback, for some outputs only once the others were written.
+
+    ``folder_itself``: ``path`` is a folder to create (``--out`` of ``batch`` and ``demo``, a work folder),
+    checked as well; ``advice``: what to do instead, ending the message.
+    """
+    path = Path(path)
+    name = what if what.startswith("--") else f"the {what}"
+    start = f"cannot {'create' if folder_itself else 'write'} {name} {path}"
+    # Nearest first; the first that exists (a link to nothing counts) decides.
+    for folder in ([path] if folder_itself else []) + list(path.parents):
+        if not os.path.lexists(folder):
+            continue
+        if folder.is_dir():
+            return
+        if folder.is_symlink() and not folder.exists():
+            raise DeclumpError(f"{start}: {'it' if folder == path else f'its folder {folder}'} is a symbolic link "
+                               f"to {os.readlink(folder)}, which does not exist (a drive not mounted?); create that "
+                               f"folder or {advice} (nothing was written)")
+        raise DeclumpError(f"{start}: {folder} is a file, not a folder; {advice} (nothing was written)")
+
+
 def check_replaceable_outputs(outputs):
-    """:func:`check_replaceable` for each path of ``outputs`` (:func:`run_outputs`; None entries skipped):
-    before any work, a user's folder at any path a run writes."""
+    """:func:`check_replaceable` and :func:`check_folders` for each path of ``outputs`` (:func:`run_outputs`;
+    None entries skipped): before any work, a user's folder at any path a run writes, and a path no folder can
+    be made on."""
     for what, path in outputs.items():
         if path is not None:
+            check_folders(path, what)
             check_replaceable(path, what)
 
 
@@ -755,6 +792,7 @@ def atomic_path(path):
     """Yield a temporary sibling path; on success rename it to ``path`` (replacing it; a folder only if declump
     wrote it, :func:`check_replaceable`)."""
     path = Path(path)
+    check_folders(path)
     check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)) / path.name

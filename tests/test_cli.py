@@ -292,7 +292,7 @@ def test_gpu_threads_are_refused_where_they_mean_nothing(tmp_path):
     image = make_touching_particles((64, 64), 5)[0]
     np.save(tmp_path / "img.npy", image)
     result = run_cli("run", tmp_path / "img.npy", tmp_path / "out.tif", "--gpu-threads", "2")
-    assert result.returncode == 2 and "--gpu-threads apply to chunked runs only" in result.stderr
+    assert result.returncode == 2 and "--gpu-threads applies to chunked runs only" in result.stderr
     import zarr
 
     zarr.create_array(str(tmp_path / "in.zarr"), shape=image.shape, dtype=image.dtype, chunks=(32, 32))[...] = image
@@ -685,3 +685,78 @@ def test_memory_limits_seen_as_a_thread_or_a_library_that_cannot_start_are_one_l
     monkeypatch.setattr(cli, "cmd_evaluate", other)
     with pytest.raises(type(error)):
         main(["evaluate", str(tmp_path / "a.tif"), str(tmp_path / "b.tif")])
+
+
+def test_an_output_path_no_folder_can_be_made_on_is_one_line_before_any_work(tmp_path, capsys):
+    """A folder on an output path that is a file, or a symbolic link to nothing (a drive not mounted): each
+    command's outputs (run in memory and chunked, --save-probabilities, a chunked run's --scratch, batch,
+    demo, train) were a FileExistsError traceback, some only after the labels or the training. Now one line,
+    exit 2, before any work: nothing is written, and train does not train."""
+    import os
+
+    import zarr
+
+    image = make_touching_particles((64, 64), 8, seed=3)[0]
+    np.save(tmp_path / "img.npy", image)
+    zarr.create_array(str(tmp_path / "in.zarr"), shape=image.shape, dtype=image.dtype, chunks=(32, 32))[...] = image
+    (tmp_path / "notes.txt").write_text("mine")
+    os.symlink(tmp_path / "not_mounted" / "deep", tmp_path / "gone")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for bad, message in (("notes.txt", "notes.txt is a file, not a folder"),
+                         ("gone", "is a symbolic link to " + str(tmp_path / "not_mounted" / "deep"))):
+        cases = [
+            ["run", "img.npy", f"{bad}/l.tif"],
+            ["run", "in.zarr", f"{bad}/l.zarr"],
+            ["run", "in.zarr", "o.zarr", "--scratch", f"{bad}/work"],
+            ["run", "img.npy", "o.tif", "--classifier", "em-particles", "--save-probabilities", f"{bad}/p.tif"],
+            ["batch", "img.npy", "--out", f"{bad}/b"],
+            ["demo", "--out", f"{bad}/d"],
+            ["train", "img.npy", "--labels", "img.npy", "--from-instances", "--out", f"{bad}/m.npz"],
+        ]
+        if bad == "gone":  # the folder to create is itself the link
+            cases += [["batch", "img.npy", "--out", bad], ["demo", "--out", bad]]
+        for args in cases:
+            given = [str(tmp_path / a) if a.startswith(("img", "in.", "o.", bad)) else a for a in args]
+            assert main([*given, "--quiet"] if args[0] in ("run", "batch") else given) == 2, args
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("declump: error: cannot ") and message in lines[0], (
+                args, lines)
+            assert "nothing was written" in lines[0], lines
+            assert sorted(p.name for p in tmp_path.iterdir()) == before, args
+    assert (tmp_path / "notes.txt").read_text() == "mine" and os.path.islink(tmp_path / "gone")
+
+
+def test_in_memory_runs_refuse_chunked_options_and_quiet_silences_every_note(tmp_path, capsys):
+    """--workers on an in-memory run was taken silently (it sets a chunked run's threads or workers); and
+    --quiet left the classifier's spacing note on stderr."""
+    image = make_touching_particles((64, 64), 8, seed=3)[0]
+    np.save(tmp_path / "img.npy", image)
+    assert main(["run", str(tmp_path / "img.npy"), str(tmp_path / "o.tif"), "--workers", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["declump: error: --workers applies to chunked runs only (a Zarr input and a .zarr output)"]
+    assert not (tmp_path / "o.tif").exists()
+    args = ["run", str(tmp_path / "img.npy"), str(tmp_path / "o.tif"), "--classifier", "em-particles",
+            "--spacing", "3,3"]
+    assert main(args) == 0
+    assert "declump: note: the model was trained at spacing" in capsys.readouterr().err
+    args[2] = str(tmp_path / "o2.tif")
+    assert main([*args, "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_a_refused_write_says_what_running_the_command_again_does():
+    """The disk's refusal ended with '(a chunked run resumes)' for every command, `declump train` too."""
+    import errno
+
+    from gpu_pipeline.io import write_fault
+
+    fault = OSError(errno.ENOSPC, "No space left on device", "/data/out/m.npz")
+    said = {command: write_fault(fault, "/data/out", command) for command in ("run", "batch", "train", "demo")}
+    assert all(line.startswith("cannot write /data/out/m.npz: No space left on device (ENOSPC); nothing was marked "
+                               "complete") for line in said.values())
+    assert said["run"].endswith("(or choose another output or --scratch folder), then run the same command again "
+                                "(a chunked run resumes)")
+    assert said["batch"].endswith("then run the same command again (the images already done are skipped)")
+    for command in ("train", "demo"):
+        assert said[command].endswith("(or choose another output folder), then run the same command again"), said
+    assert write_fault(OSError(errno.ECONNRESET, "reset"), "x", "run") is None

@@ -43,10 +43,10 @@ from gpu_pipeline._common import (ChunkShapeError, ScratchSpaceError, UnusableVa
 from gpu_pipeline.chunked.workspace import (LOCAL_CLUSTER_HTTP, Workspace, active_client, fewer_full_collections,
                                             local_cluster_config, own_worker_setup, return_freed_memory, run_lock,
                                             run_malloc_setup, save_records, write_blocks)
-from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, PROBABILITIES_MARK, boolean_input_as_mask,
-                             check_foreground_options, check_not_inputs, check_replaceable_outputs, disk_error, ngff_levels,
-                             output_paths, remove_stale_table, run_inputs, run_outputs, spatial_unit, write_label_levels,
-                             write_ngff_label_metadata)
+from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, PROBABILITIES_MARK, boolean_input_as_mask, check_folders,
+                             check_foreground_options, check_not_inputs, check_replaceable_outputs, disk_error,
+                             ngff_levels, output_paths, remove_stale_table, run_inputs, run_outputs, spatial_unit,
+                             write_label_levels, write_ngff_label_metadata)
 from gpu_pipeline.measure import summary as size_summary, table_from_sums
 
 #: On --device gpu, CuPy's memory pool on every GPU worker is capped at this fraction of the device's
@@ -491,8 +491,11 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     run_malloc_setup()  # before Zarr's I/O threads allocate
     work = work_folder(paths["labels"], scratch)
     check_not_inputs(run_outputs(paths, probabilities_path, work), run_inputs(input_path, mask_path, classifier))
+    check_folders(paths["labels"])
     # A user's folder at a companion's path (the labels' own path: below, a file there too).
     check_replaceable_outputs(run_outputs({k: v for k, v in paths.items() if k != "labels"}, probabilities_path))
+    check_folders(work, "work folder", folder_itself=True, advice="give --scratch a folder that can be created and "
+                  "written (or leave it out: beside the output)")
     volume, file_spacing, volume_print = open_volume(input_path, channel=channel, timepoint=timepoint,
                                                      chunks=chunks or "auto", missing_chunks=missing_chunks,
                                                      return_fingerprint=True, accept_bool=True)

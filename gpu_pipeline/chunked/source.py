@@ -20,7 +20,7 @@ import numpy as np
 
 from gpu_pipeline._backend import DeclumpError
 from gpu_pipeline._common import native_byte_order, whole_number_at_least
-from gpu_pipeline.io import (EVERY_CHUNK, check_chunks, list_stored_files, open_zarr, piecewise_store,
+from gpu_pipeline.io import (CORRUPT_CHUNK, EVERY_CHUNK, check_chunks, list_stored_files, open_zarr, piecewise_store,
                              unreadable_chunk, write_in_pieces)
 
 
@@ -123,9 +123,9 @@ class StoredVolume:
     what the one-line error of an undecodable chunk says after naming it.
     """
 
-    def __init__(self, array, path, selection, device=None, damaged="the store is corrupt there"):
+    def __init__(self, array, path, selection, device=None, damaged=None):
         self.array, self.path, self.selection, self.device = array, path, selection, device
-        self.damaged = damaged
+        self.damaged = damaged if damaged is not None else CORRUPT_CHUNK
 
     def __dask_tokenize__(self):
         return ("StoredVolume", self.path, repr(self.selection), self.device, tuple(self.array.shape),
