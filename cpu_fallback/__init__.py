@@ -17,6 +17,7 @@ def separate(image, *, device="cpu", mask=None, **kwargs):
     if device != "cpu":
         raise DeclumpError(f"cpu_fallback.separate runs on the CPU (device='cpu'), got device={device!r}; "
                            "gpu_pipeline.separate takes 'auto', 'gpu' or 'cpu'")
+    pipeline.check_not_masked(image, mask)
     image = None if image is None else to_host(image)
     mask = None if mask is None else to_host(mask)
     return pipeline.separate(image, mask=mask, **kwargs)

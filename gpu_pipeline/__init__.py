@@ -44,6 +44,7 @@ def separate(image, *, device="auto", mask=None, **kwargs):
         if isinstance(given, (str, bytes, os.PathLike)):  # (read as a 0-d array: "image has 0 dimensions ()")
             raise DeclumpError(f"separate takes the {name} as an array, got the path {given!r}; read it first "
                                "with gpu_pipeline.io.read_image(path)[0]")
+    _pipeline.check_not_masked(image, mask)
     device = resolve_device(device)
     on_gpu_already = image is not None and is_cupy_array(image)
     if device == "gpu":

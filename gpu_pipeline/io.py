@@ -170,6 +170,10 @@ def read_image(path, *, channel=None, timepoint=None, missing_chunks="fill", col
             except ValueError as exc:
                 if "allow_pickle" not in str(exc):
                     raise
+                with open(path, "rb") as handle:
+                    if handle.read(6) != b"\x93NUMPY":  # NumPy takes any file without its header for a pickle
+                        raise DeclumpError(f"could not read {path} as .npy: it is not a NumPy file (no .npy header); "
+                                           f"accepted: whole, readable images ({', '.join(IMAGE_SUFFIXES)})") from None
                 raise DeclumpError(f"{path} holds Python objects (a pickle), not a numeric array; accepted: .npy "
                                    "files of integer or floating-point values (declump never loads pickles)") from None
             if array.ndim > 2 and sum(n > 1 for n in array.shape) >= 2:

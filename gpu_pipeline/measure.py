@@ -106,7 +106,9 @@ def write_csv(table, path):
     """Write a :func:`particle_table` as CSV (header row, one row per particle; floats as they read back)."""
     columns = list(table)
     with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
+        # Lines end in LF, as Parquet's readers, pandas and the app's download write them (csv's default CRLF
+        # made the app's CSV and the command's differ byte for byte).
+        writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(columns)
         for row in zip(*(table[c] for c in columns)):
             # Floats in full (the shortest text that reads back as the same number): 6 significant digits

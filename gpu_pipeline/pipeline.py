@@ -143,6 +143,7 @@ def validate_spacing(spacing, ndim):
     """Voxel size per axis as a tuple of positive floats (default: all 1)."""
     if spacing is None:
         return (1.0,) * ndim
+    given = spacing
     if isinstance(spacing, str) and "," in spacing:  # the command line's spelling, "2,1,1"
         spacing = spacing.split(",")
     elif isinstance(spacing, str) or np.ndim(spacing) == 0:
@@ -151,7 +152,7 @@ def validate_spacing(spacing, ndim):
         spacing = tuple(float(s) for s in spacing)
     except (TypeError, ValueError):
         raise DeclumpError(f"spacing must be {ndim} positive numbers (one per axis, plane/row/column order), got "
-                           f"{spacing!r}") from None
+                           f"{given!r}") from None
     if len(spacing) != ndim or not all(math.isfinite(s) and s > 0 for s in spacing):
         raise DeclumpError(f"spacing must be {ndim} positive numbers (one per axis, plane/row/column order), "
                            f"got {spacing}")
@@ -264,12 +265,22 @@ def binary_values(image) -> bool:
 KMEANS_ENGINES = ("batched", "sklearn", "cuml")
 
 
+def check_not_masked(image, mask):
+    """Refuse a NumPy masked array as the image or the mask: its mask was dropped without a word (called by
+    every ``separate`` before it converts its arrays)."""
+    for what, given in (("image", image), ("mask", mask)):
+        if isinstance(given, np.ma.MaskedArray):
+            raise DeclumpError(f"the {what} is a NumPy masked array, whose mask declump does not read; pass a plain "
+                               f"array ({what}.filled(value) or {what}.data), and where particles may lie as mask=")
+
+
 def validate_image(image, name="image"):
     """Refuse what the pipeline cannot use, with one line saying what is accepted."""
     xp = get_array_module(image)
     if image.ndim not in (2, 3):
-        raise DeclumpError(f"{name} has {image.ndim} dimensions {tuple(image.shape)}; declump accepts 2D (rows, "
-                           "columns) or 3D (planes, rows, columns) arrays; pick a channel/time point first")
+        raise DeclumpError(f"{name} has {image.ndim} dimension{'' if image.ndim == 1 else 's'} {tuple(image.shape)}; "
+                           "declump accepts 2D (rows, columns) or 3D (planes, rows, columns) arrays; pick a "
+                           "channel/time point first")
     if image.size == 0:
         raise DeclumpError(f"{name} is empty (shape {tuple(image.shape)}); pass a non-empty 2D or 3D array")
     if min(image.shape) < 2:
@@ -591,6 +602,7 @@ def separate(image, *, spacing=None, sigma="auto", threshold="auto", polarity="a
         On unusable input (wrong dimensions or dtype, NaN, constant image,
         bad spacing or options); :class:`NoParticlesError` when nothing is left.
     """
+    check_not_masked(image, mask)
     if image is not None and mask is None and classifier is None and np.dtype(image.dtype) == bool:
         image, mask = image.astype(np.uint8), image  # a bool image is the foreground itself, as on the CLI
     elif image is not None and mask is None and classifier is None and binary_values(image):

@@ -363,8 +363,8 @@ def test_command_line_reproduces_the_app_result_from_the_cli(tmp_path, rng):
     done = subprocess.run([sys.executable, "-m", "gpu_pipeline", *argv[1:]], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert np.array_equal(tifffile.imread(argv[3]), result.labels)
-    with open(tmp_path / "particles_labels_particles.csv") as handle:
-        assert handle.read() == sess.table_csv_text(result.table)
+    # Byte for byte: the command's CSV ended its lines in CRLF, the app's download in LF.
+    assert (tmp_path / "particles_labels_particles.csv").read_bytes() == sess.table_csv_text(result.table).encode()
 
 
 def _paint_two_classes(session, truth, rng):
@@ -395,7 +395,7 @@ def test_painted_classifier_result_is_reproduced_by_declump_train_and_run(tmp_pa
                               cwd=tmp_path)
         assert done.returncode == 0, done.stderr
     assert np.array_equal(tifffile.imread(tmp_path / "particles_labels.tif"), result.labels)
-    assert (tmp_path / "particles_labels_particles.csv").read_text() == sess.table_csv_text(result.table)
+    assert (tmp_path / "particles_labels_particles.csv").read_bytes() == sess.table_csv_text(result.table).encode()
 
 
 def _commands(text):

@@ -208,7 +208,7 @@ def test_paint_train_separate_and_download_match_the_python_api(served, browser)
     labels = separate(image, spacing=spacing, classifier=model)  # the defaults of separate = declump run's
     table = particle_table(labels, image, spacing)
     assert count == f"{int(labels.max())} particles"
-    assert csv_path.read_text() == sess.table_csv_text(table)
+    assert csv_path.read_bytes() == sess.table_csv_text(table).encode()
 
 
 def test_a_bad_upload_shows_a_message_and_the_server_keeps_running(served, browser, tmp_path):

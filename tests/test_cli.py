@@ -760,3 +760,25 @@ def test_a_refused_write_says_what_running_the_command_again_does():
     for command in ("train", "demo"):
         assert said[command].endswith("(or choose another output folder), then run the same command again"), said
     assert write_fault(OSError(errno.ECONNRESET, "reset"), "x", "run") is None
+
+
+def test_a_file_that_is_not_of_its_suffix_says_so_and_what_is_accepted(tmp_path, capsys, rng):
+    """Text or random bytes named .npy were called 'a pickle' (NumPy takes any file without its header for
+    one); a text file named .tif named no accepted input. A real pickle is still called one."""
+    import pickle
+
+    (tmp_path / "text.npy").write_text("a,b,c\n1,2,3\n")
+    (tmp_path / "bytes.npy").write_bytes(rng.integers(0, 256, 100).astype(np.uint8).tobytes().replace(b"\x93", b"x"))
+    (tmp_path / "text.tif").write_text("hello")
+    (tmp_path / "objects.npy").write_bytes(pickle.dumps({"a": 1}))
+    with open(tmp_path / "boxed.npy", "wb") as handle:
+        np.save(handle, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    for name, words in (("text.npy", "as .npy: it is not a NumPy file (no .npy header)"),
+                        ("bytes.npy", "as .npy: it is not a NumPy file (no .npy header)"),
+                        ("objects.npy", "as .npy: it is not a NumPy file (no .npy header)"),
+                        ("text.tif", "as .tif: TiffFileError"),
+                        ("boxed.npy", "holds Python objects (a pickle), not a numeric array")):
+        assert main(["run", str(tmp_path / name), str(tmp_path / "o.tif")]) == 2, name
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0] and "accepted: " in lines[0], (name, lines)
+        assert not (tmp_path / "o.tif").exists()

@@ -328,6 +328,17 @@ def test_api_arguments_are_checked_in_one_line_and_cpu_fallback_takes_the_same_s
     for shape in ((1, image.shape[1]), (image.shape[0], 1), (1, *image.shape)):  # ValueError in np.gradient
         with pytest.raises(DeclumpError, match="one pixel along an axis"):
             separate(np.resize(image, shape))
+    # The string as given, not repeated per axis; "1 dimension"; a masked array's mask was dropped silently.
+    with pytest.raises(DeclumpError, match=r"got 'abc'$"):
+        separate(image, spacing="abc")
+    with pytest.raises(DeclumpError, match=r"^image has 1 dimension \(50,\); declump accepts 2D"):
+        separate(np.arange(50, dtype=np.uint8))
+    for kwargs in ({"image": np.ma.masked_array(image, mask=image < 10)},
+                   {"image": image, "mask": np.ma.masked_array(image > 100, mask=image < 10)}):
+        what = "mask" if "mask" in kwargs else "image"
+        for function in (separate, cpu_fallback.separate):
+            with pytest.raises(DeclumpError, match=f"the {what} is a NumPy masked array, whose mask declump does "):
+                function(**kwargs)
     from gpu_pipeline import NoParticlesError
 
     with pytest.raises(NoParticlesError, match="the mask has no foreground voxel"):  # was "after thresholding"

@@ -620,7 +620,7 @@ def table_csv_text(table):
     with tempfile.TemporaryDirectory(prefix="declump-csv-") as folder:
         path = Path(folder) / "particles.csv"
         write_csv(table, path)
-        return path.read_text()
+        return path.read_bytes().decode()  # as written, byte for byte (no newline translation)
 
 
 def format_spacing(spacing):

@@ -576,11 +576,15 @@ def chunked_parameters(ndim, *, sigma, min_distance, min_size, max_radius, max_i
     in-memory ``separate`` words it) and resolved: the ratios' ``auto`` for ``ndim``, ``max_radius``'s default
     (``MAX_RADIUS_FACTOR * min_distance``) and ``min_size``'s (a ball of diameter ``min_distance``). ``run_chunked``
     calls it before it touches a folder, so a bad value is reported as such and leaves nothing behind."""
+    # 'auto' measures the whole image at once; `declump run` gives a chunked run fixed values instead (1 and 4
+    # voxels of the finest axis) and says so, the API asks for them.
     if isinstance(sigma, str):
-        raise DeclumpError(f"chunked runs need sigma as a number (physical units), got {sigma!r}")
-    if isinstance(min_distance, str):  # 'auto' measures particles on the whole foreground at once
+        raise DeclumpError(f"chunked runs need sigma as a number (physical units), got {sigma!r}: the automatic "
+                           "choice needs the whole image at once (declump run uses 1 voxel in a chunked run)")
+    if isinstance(min_distance, str):
         raise DeclumpError(f"chunked runs need min_distance as a number (about the smallest particle radius), got "
-                           f"{min_distance!r}")
+                           f"{min_distance!r}: the automatic choice needs the whole image at once (declump run uses 4 "
+                           "voxels in a chunked run)")
     sigma = 0.0 if sigma is None else sigma
     check_auto_or_number("sigma", sigma, positive=False)
     if not (min_distance > 0):
