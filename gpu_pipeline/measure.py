@@ -106,8 +106,8 @@ def write_csv(table, path):
     """Write a :func:`particle_table` as CSV (header row, one row per particle; floats as they read back)."""
     columns = list(table)
     with open(path, "w", newline="") as handle:
-        # Lines end in LF, as Parquet's readers, pandas and the app's download write them (csv's default CRLF
-        # made the app's CSV and the command's differ byte for byte).
+        # Lines end in LF, as pandas writes them (csv's default, CRLF, made the command's CSV and the app's
+        # download, read back as text, differ byte for byte).
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(columns)
         for row in zip(*(table[c] for c in columns)):
