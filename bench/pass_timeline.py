@@ -129,7 +129,9 @@ def timeline(passes, stream, start, end):
                      "seconds": p["end"] - p["start"],
                      "compute_seconds": busy,
                      "idle_seconds": idle_seconds([c for c in computes if p["start"] <= c[0] < p["end"]],
-                                                  p["start"], p["end"])})
+                                                  p["start"], p["end"]),
+                     # A worker idle while another computes, within the pass: its tail, its single tasks.
+                     "some_idle_seconds": some_idle_seconds(list(per_worker.values()), p["start"], p["end"])})
     between = idle_seconds([(p["start"], p["end"]) for p in passes], start, end)
     return {"seconds": end - start, "passes": rows, "no_worker_computing": idle_seconds(computes, start, end),
             "some_workers_idle": some_idle_seconds(list(per_worker.values()), start, end),
@@ -169,7 +171,8 @@ def summarise(runs):
                       "task_cpu_seconds", "task_off_cpu_seconds", "command_cpu_seconds", "worker_cpu_seconds")}
         out[mode]["passes"] = [{"what": p["what"], "tasks": p["tasks"],
                                 **{k: statistics.median(r["passes"][i][k] for r in rows)
-                                   for k in ("seconds", "compute_seconds", "idle_seconds")}}
+                                   for k in ("seconds", "compute_seconds", "idle_seconds", "some_idle_seconds")
+                                   if k in p}}
                                for i, p in enumerate(rows[0]["passes"])]
     return out
 
@@ -246,8 +249,9 @@ def markdown(result):
              f"{'x'.join(map(str, result['blocks']))} blocks; `run_chunked` with "
              f"{RUN_KWARGS} on a warm LocalCluster (1 thread per worker; this process, client and scheduler, "
              f"pinned with the workers), {result['rounds']} timed runs per cluster, alternating; medians.", "",
-             "| pass | tasks | 1 worker s | its compute s | 2 workers s | their compute s | efficiency t1 / (2 t2) |",
-             "|---|---|---|---|---|---|---|"]
+             "| pass | tasks | 1 worker s | its compute s | 2 workers s | their compute s | one of the 2 idle while the "
+             "other computes, s | efficiency t1 / (2 t2) |",
+             "|---|---|---|---|---|---|---|---|"]
     def cells(p):
         return f"{p['seconds']:.2f} | {p['compute_seconds']:.2f}" if p else "— | —"
 
@@ -256,7 +260,8 @@ def markdown(result):
         if p1 and p2 and p1["tasks"] == p2["tasks"]:
             tasks = str(p1["tasks"])
         efficiency = f"{p1['seconds'] / (2 * p2['seconds']):.2f}" if p1 and p2 else "—"
-        lines.append(f"| {what} | {tasks} | {cells(p1)} | {cells(p2)} | {efficiency} |")
+        one_idle = f"{p2['some_idle_seconds']:.2f}" if p2 and "some_idle_seconds" in p2 else "—"
+        lines.append(f"| {what} | {tasks} | {cells(p1)} | {cells(p2)} | {one_idle} | {efficiency} |")
     lines += ["", "| whole run | 1 worker | 2 workers |", "|---|---|---|"]
     for key, label in (("seconds", "wall s"), ("compute_seconds", "workers computing tasks, s"),
                        ("task_cpu_seconds", "of which the tasks' threads on a core (Dask's thread-cpu), s"),
