@@ -120,7 +120,8 @@ def timeline(passes, stream, start, end):
     per_worker = collections.defaultdict(list)
     for t in stream:
         per_worker[t["worker"]].extend((d["start"], d["stop"]) for d in t["startstops"] if d["action"] == "compute")
-    computes = [c for intervals in per_worker.values() for c in intervals]
+    workers = list(per_worker.values())
+    computes = [c for intervals in workers for c in intervals]
     rows = []
     for p in passes:
         busy = sum(min(b, p["end"]) - a for a, b in computes if p["start"] <= a < p["end"])
@@ -131,10 +132,10 @@ def timeline(passes, stream, start, end):
                      "idle_seconds": idle_seconds([c for c in computes if p["start"] <= c[0] < p["end"]],
                                                   p["start"], p["end"]),
                      # A worker idle while another computes, within the pass: its tail, its single tasks.
-                     "some_idle_seconds": some_idle_seconds(list(per_worker.values()), p["start"], p["end"])})
+                     "some_idle_seconds": some_idle_seconds(workers, p["start"], p["end"])})
     between = idle_seconds([(p["start"], p["end"]) for p in passes], start, end)
     return {"seconds": end - start, "passes": rows, "no_worker_computing": idle_seconds(computes, start, end),
-            "some_workers_idle": some_idle_seconds(list(per_worker.values()), start, end),
+            "some_workers_idle": some_idle_seconds(workers, start, end),
             "between_passes": between, "compute_seconds": sum(b - a for a, b in computes)}
 
 
@@ -171,8 +172,7 @@ def summarise(runs):
                       "task_cpu_seconds", "task_off_cpu_seconds", "command_cpu_seconds", "worker_cpu_seconds")}
         out[mode]["passes"] = [{"what": p["what"], "tasks": p["tasks"],
                                 **{k: statistics.median(r["passes"][i][k] for r in rows)
-                                   for k in ("seconds", "compute_seconds", "idle_seconds", "some_idle_seconds")
-                                   if k in p}}
+                                   for k in ("seconds", "compute_seconds", "idle_seconds", "some_idle_seconds")}}
                                for i, p in enumerate(rows[0]["passes"])]
     return out
 
@@ -260,7 +260,7 @@ def markdown(result):
         if p1 and p2 and p1["tasks"] == p2["tasks"]:
             tasks = str(p1["tasks"])
         efficiency = f"{p1['seconds'] / (2 * p2['seconds']):.2f}" if p1 and p2 else "—"
-        one_idle = f"{p2['some_idle_seconds']:.2f}" if p2 and "some_idle_seconds" in p2 else "—"
+        one_idle = f"{p2['some_idle_seconds']:.2f}" if p2 else "—"
         lines.append(f"| {what} | {tasks} | {cells(p1)} | {cells(p2)} | {one_idle} | {efficiency} |")
     lines += ["", "| whole run | 1 worker | 2 workers |", "|---|---|---|"]
     for key, label in (("seconds", "wall s"), ("compute_seconds", "workers computing tasks, s"),

@@ -198,9 +198,7 @@ def run_batch(args, device):
     from gpu_pipeline.io import check_folders, write_json
 
     out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DeclumpError(f"--out {args.out} is a file; give a folder for the outputs")
-    check_folders(out_dir, "--out", folder_itself=True)
+    check_folders(out_dir, "--out", folder_itself=True, advice="give a folder for the outputs")
     left_out = []
     images = collect_inputs(args.inputs, out_dir, left_out)
     started = time.perf_counter()

@@ -652,9 +652,7 @@ def cmd_demo(args):
                            "--spacing is for declump run (nothing was written)")
     device = resolve_device(args.device)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise DeclumpError(f"--out {out} is a file; give a folder for the demo's outputs (nothing was written)")
-    check_folders(out, "--out", folder_itself=True)
+    check_folders(out, "--out", folder_itself=True, advice="give a folder for the demo's outputs")
     out.mkdir(parents=True, exist_ok=True)
     image, truth, spacing = demo_sample(three_d=args.three_d, seed=args.seed)
     # The voxel size in ImageJ's metadata (as the app and `declump run`'s note read it): a 3D sample saved without

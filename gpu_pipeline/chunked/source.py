@@ -123,9 +123,9 @@ class StoredVolume:
     what the one-line error of an undecodable chunk says after naming it.
     """
 
-    def __init__(self, array, path, selection, device=None, damaged=None):
+    def __init__(self, array, path, selection, device=None, damaged=CORRUPT_CHUNK):
         self.array, self.path, self.selection, self.device = array, path, selection, device
-        self.damaged = damaged if damaged is not None else CORRUPT_CHUNK
+        self.damaged = damaged
 
     def __dask_tokenize__(self):
         return ("StoredVolume", self.path, repr(self.selection), self.device, tuple(self.array.shape),
