@@ -129,3 +129,8 @@ def as_label_image(labels, name="labels", ndims=(2, 3)):
         raise DeclumpError(f"{name} holds ids up to {int(labels.max())}; accepted: ids below 2**63 "
                            "(renumber them, e.g. skimage.segmentation.relabel_sequential)")
     return native_byte_order(labels)
+
+
+def counted(n, noun):
+    """``"1 particle"``, ``"3 particles"``: a count with its noun (a result line read "1 particles")."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

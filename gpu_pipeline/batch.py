@@ -24,6 +24,7 @@ import traceback
 from pathlib import Path
 
 from gpu_pipeline._backend import DeclumpError
+from gpu_pipeline._common import counted
 
 #: Files a folder given as input contributes (Zarr stores: folders ending in .zarr).
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".npy", ".zarr")
@@ -140,11 +141,11 @@ def _succeeded(record, summary, seconds, **extra):
 
 
 def _progress(args, record):
-    """One line on stderr as an image finishes (unless ``--quiet``; the failures are reported again at the end,
-    as errors); returns ``record``."""
+    """One line on stderr as an image finishes (unless ``--quiet``), a failure's with its cause (the failures are
+    reported again at the end, as errors); returns ``record``."""
     if not args.quiet:
-        what = ("kept (done before)" if record.get("skipped") else "failed, see the end" if record["status"] != "ok"
-                else f"{record['n_particles']} particles, {record['seconds']:.1f} s")
+        what = ("kept (done before)" if record.get("skipped") else f"failed: {record['error']}"
+                if record["status"] != "ok" else f"{counted(record['n_particles'], 'particle')}, {record['seconds']:.1f} s")
         print(f"declump: {record['name']}: {what}", file=sys.stderr, flush=True)
     return record
 

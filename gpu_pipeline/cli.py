@@ -15,6 +15,7 @@ import numpy as np
 
 from gpu_pipeline import __version__
 from gpu_pipeline._backend import DeclumpError, resolve_device, to_host
+from gpu_pipeline._common import counted
 
 PARAMETER_HELP = {
     "spacing": "voxel size per axis, plane/row/column order, physical units (e.g. nm): 'Z,Y,X' or 'Y,X' or one "
@@ -403,6 +404,14 @@ def cmd_run_chunked(args, device):
                      " ".join(f"{option} {value:g}{' voxels' if name in VOXEL_LENGTHS else ''}"
                               if not isinstance(value, str) else f"{option} {value}"
                               for name, option, value in fixed) + "; set them to choose others")
+    # What a 2D image in memory gets by default and a chunked run does not (they look at the whole image).
+    not_done = [what for what, applies in (
+        ("remove no annotations (text, scale bars; --reject-annotations auto)",
+         args.reject_annotations == "auto" and args.mask is None),
+        ("keep outlines on the threshold's contour (--outline auto moves them to the steepest edge)",
+         args.outline == "auto" and args.mask is None and args.classifier is None)) if applies]
+    notes_2d = [f"declump: unlike a 2D image in memory, chunked runs {' and '.join(not_done)}; write a .tif/.npy "
+                "output to run it in memory"] if not_done else []
     kwargs = separation_kwargs(args)
     for key in ("method", "max_hole_size", "reject_annotations", "outline"):
         kwargs.pop(key)
@@ -418,11 +427,11 @@ def cmd_run_chunked(args, device):
                               gpu_threads=args.gpu_threads, scratch=args.scratch, scratch_limit=args.scratch_limit,
                               overwrite=args.overwrite,
                               missing_chunks=args.missing_chunks, verbose=not args.quiet, notes=notes,
-                              voxel_defaults=voxel_defaults, **kwargs)
+                              notes_2d=notes_2d, voxel_defaults=voxel_defaults, **kwargs)
     except MemoryError as exc:  # NumPy's, or CuPy's OutOfMemoryError (a MemoryError) on a GPU worker
         exc.chunked = True  # read by memory_error_message, as separate's exc.stage is
         raise
-    print(f"{summary['n_particles']} particles; labels -> {summary['outputs']['labels']}/particles, table -> "
+    print(f"{counted(summary['n_particles'], 'particle')}; labels -> {summary['outputs']['labels']}/particles, table -> "
           f"{summary['outputs']['table']}, summary -> {summary['outputs']['summary']}")
 
 
@@ -473,7 +482,7 @@ def cmd_run(args):
         raise DeclumpError(f"{', '.join(chunked_only)} {'applies' if len(chunked_only) == 1 else 'apply'} to chunked "
                            "runs only (a Zarr input and a .zarr output)")
     info = run_file(args, args.input, args.output, device, notes=not args.quiet)
-    print(f"{info['n_particles']} particles; labels -> {info['outputs']['labels']}, table -> "
+    print(f"{counted(info['n_particles'], 'particle')}; labels -> {info['outputs']['labels']}, table -> "
           f"{info['outputs']['table']}, overlay -> {info['outputs']['overlay']}, summary -> {info['outputs']['summary']}")
 
 
@@ -577,7 +586,7 @@ def cmd_batch(args):
     if skipped:
         print(f"declump: note: {skipped} of {summary['n_images']} images were done before (their outputs, from the "
               "same files and options, are kept); --overwrite runs them again", file=sys.stderr)
-    print(f"{summary['n_ok']} of {summary['n_images']} images, {summary['n_particles']} particles; table -> "
+    print(f"{summary['n_ok']} of {summary['n_images']} images, {counted(summary['n_particles'], 'particle')}; table -> "
           f"{summary['table']}, summary -> {Path(args.out) / SUMMARY_NAME}")
     if summary["n_failed"]:
         raise DeclumpError(f"{summary['n_failed']} of {summary['n_images']} images failed (each named above); the "
@@ -666,7 +675,7 @@ def cmd_demo(args):
     labels, info = run_and_write(image, out / "sample_labels.tif", device=device, spacing=spacing, **kwargs)
     scores = evaluate(labels, truth)
     write_json(out / "sample_scores.json", scores)
-    print(f"demo: {info['n_particles']} particles found, {scores['n_gt']} in the ground truth; "
+    print(f"demo: {counted(info['n_particles'], 'particle')} found, {scores['n_gt']} in the ground truth; "
           f"F1@0.5 {scores['f1_50']:.3f}, mean F1 {scores['mean_f1']:.3f}, DSB AP@0.5 {scores['ap_50']:.3f}; "
           f"outputs in {out}/ (overlay: {info['outputs']['overlay']})")
     if any(v != 1 for v in spacing):
@@ -739,11 +748,17 @@ def evaluate_folders(args):
         pass
     for name in failed:
         del predictions[name]
+    matched = {}  # the ground truth's names as matched: NAME_labels.* is NAME where no prediction has its name
+    for name, truth_path in truths.items():
+        if name not in predictions and name.endswith("_labels"):
+            name = name[:-len("_labels")]
+        if name in matched:  # NAME.* and NAME_labels.* would score one prediction twice
+            raise DeclumpError(f"the ground truth {matched[name]} and {truth_path} are both matched with the "
+                               f"prediction of {name}; keep one of them in the folder (images are matched by name)")
+        matched[name] = truth_path
     rows, missing = [], []
     found = weight = 0.0
-    for name, truth_path in truths.items():
-        if name not in predictions and name.endswith("_labels"):  # ground truth named NAME_labels.* too
-            name = name[:-len("_labels")]
+    for name, truth_path in matched.items():
         truth, _ = read_image(truth_path)
         if name in predictions:
             pred, _ = read_image(predictions[name])
@@ -873,10 +888,12 @@ def build_parser():
                               "anything else in it are left alone (default OUTPUT.work, beside the output; must be "
                               "shared by all workers)")
     chunked.add_argument("--scratch-limit", type=_byte_size, default=None, metavar="SIZE",
-                         help="the most the work folder may take, e.g. 800G (a quota that the file system's free "
-                              "space does not show); within it the smoothed volume is staged where it fits, else "
-                              "smoothed again by each pass that reads it (same labels, slower), and a classifier's "
-                              "probabilities that do not fit are refused (default: the file system's free space)")
+                         help="the room the work folder's staged stores may take, e.g. 800G (a quota that the file "
+                              "system's free space does not show); within it the smoothed volume is staged where it "
+                              "fits, else smoothed again by each pass that reads it (same labels, slower), and a "
+                              "classifier's probabilities that do not fit are refused (default: the file system's "
+                              "free space). The rest of the folder, compressed, is not held to it (about 0.7 bytes "
+                              "per voxel)")
     chunked.add_argument("--overwrite", action="store_true",
                          help="start over, deleting an existing output and its work folder")
     chunked.add_argument("--quiet", action="store_true", help="no notes and no progress lines on stderr (errors still are)")

@@ -44,7 +44,8 @@ def test_batch_equals_run_per_image_and_names_the_failed_one(tmp_path, rng, caps
     lines = [line for line in lines if line not in notes]
     progress, err = lines[:4], lines[4:]
     assert {p.split(":")[1].strip() for p in progress} == {"a", "b", "c", "flat"}, lines
-    assert next(p for p in progress if p.startswith("declump: flat:")).endswith("failed, see the end")
+    flat = next(p for p in progress if p.startswith("declump: flat:"))  # with its cause (was "see the end")
+    assert flat.startswith("declump: flat: failed: ") and "constant" in flat, flat
     assert len(err) == 2 and err[0].startswith(f"declump: error: {tmp_path / 'in' / 'flat.tif'}: ") and \
         "constant" in err[0], err
     assert err[1].startswith("declump: error: 1 of 4 images failed"), err
@@ -220,6 +221,12 @@ def test_evaluate_folders_scores_a_batch_against_its_ground_truth(tmp_path, rng,
     assert main(["evaluate", str(tmp_path / "out"), str(tmp_path / "gt")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "p_labels.tif" in err and "same name" in err
+    # NAME.* beside NAME_labels.* in the ground truth: both were matched with the prediction NAME and scored,
+    # the image counted twice in the pooled figure.
+    (tmp_path / "gt" / "p_labels.tiff").rename(tmp_path / "gt" / "p.tif")
+    assert main(["evaluate", str(tmp_path / "out"), str(tmp_path / "gt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "p.tif" in err and "p_labels.tif" in err and "both matched" in err
 
 
 def test_a_bug_in_one_image_is_that_image_s_error_and_the_batch_goes_on(tmp_path, rng, capsys, monkeypatch):

@@ -578,6 +578,12 @@ def test_chunks_below_the_feature_halo_leave_no_work_folder_behind(tmp_path, rng
     with pytest.raises(DeclumpError, match="smaller than the pixel-feature halo"):
         run_chunked(src, tmp_path / "out.zarr", chunks=(20, 32, 32), max_radius=6, classifier=model, verbose=False)
     assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "out.zarr.work").exists()
+    # Chunks below both halos were refused by the distance transform's, the smaller: the corrected command was
+    # then refused by the features'. The message names the largest halo the run needs.
+    with pytest.raises(DeclumpError, match=r"chunks of 8 voxels .* smaller than the pixel-feature halo") as refused:
+        run_chunked(src, tmp_path / "out.zarr", chunks=(8, 8, 8), max_radius=6, classifier=model, verbose=False)
+    assert "distance-transform" not in str(refused.value)
+    assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "out.zarr.work").exists()
     assert run_chunked(src, tmp_path / "out.zarr", chunks=(40, 64, 64), max_radius=6, classifier=model,
                        verbose=False)["n_particles"] > 0
 
@@ -1348,6 +1354,33 @@ def test_the_command_s_chunked_defaults_are_voxels_of_the_finest_axis(tmp_path, 
     assert (parameters["px"]["sigma"], parameters["px"]["min_distance"]) == (1.0, 4.0)
     nm, px = (zarr.open_array(str(tmp_path / f"{n}_out.zarr" / "particles" / "0"))[...] for n in ("nm", "px"))
     assert px.max() > 5 and nm.tobytes() == px.tobytes()
+
+
+def test_a_chunked_2d_run_says_what_it_does_not_do_that_memory_does(tmp_path, rng, capsys):
+    """The README said a chunked run rejects no annotations "and prints a line saying so"; its note named the
+    fixed sigma, threshold and sizes only. A 2D run now says that it removes no annotations and keeps the
+    threshold's outlines, for the options left at auto; 3D runs and runs that set both say nothing of it."""
+    from gpu_pipeline.cli import main
+
+    plane, _ = make_touching_particles((96, 96), 12, seed=int(rng.integers(1e6)))
+    volume, _ = make_touching_particles((24, 48, 48), 8, seed=int(rng.integers(1e6)))
+    _ome_zarr(tmp_path / "plane.zarr", plane, (1.0, 1.0), (48, 48))
+    _ome_zarr(tmp_path / "volume.zarr", volume, (1.0, 1.0, 1.0), (24, 48, 48))
+    options = ["--max-radius", "12", "--device", "cpu"]
+    for given, expected in (([], ["--reject-annotations auto", "--outline auto"]),
+                            (["--outline", "threshold"], ["--reject-annotations auto"]),
+                            (["--reject-annotations", "off", "--outline", "threshold"], [])):
+        capsys.readouterr()
+        out = tmp_path / f"p{len(given)}.zarr"
+        assert main(["run", str(tmp_path / "plane.zarr"), str(out), *options, *given]) == 0
+        said = [line for line in capsys.readouterr().err.splitlines() if "unlike a 2D image in memory" in line]
+        assert len(said) == (1 if expected else 0), (given, said)
+        for option in expected:
+            assert option in said[0], (given, said)
+        if said:
+            assert ("--outline auto" in said[0]) == ("--outline auto" in expected)
+    assert main(["run", str(tmp_path / "volume.zarr"), str(tmp_path / "v.zarr"), *options]) == 0
+    assert "unlike a 2D image" not in capsys.readouterr().err
 
 
 def test_labels_keep_the_image_s_offset_and_pyramid(tmp_path, rng):

@@ -781,3 +781,19 @@ def test_a_file_that_is_not_of_its_suffix_says_so_and_what_is_accepted(tmp_path,
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and words in lines[0] and "accepted: " in lines[0], (name, lines)
         assert not (tmp_path / "o.tif").exists()
+
+
+def test_the_result_line_counts_one_particle_in_the_singular(tmp_path, rng, capsys):
+    """A run that found one particle said "1 particles"."""
+    yy, xx = np.mgrid[:64, :64]
+    centre = rng.integers(24, 40, 2)
+    image = np.where((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= 100, 200, 20).astype(np.uint8)
+    np.save(tmp_path / "one.npy", image)
+    options = ["--sigma", "1", "--min-distance", "4", "--quiet"]
+    for out in ("one_labels.tif", "one_chunked.zarr"):
+        source = tmp_path / ("one.npy" if out.endswith(".tif") else "one.zarr")
+        if out.endswith(".zarr"):
+            import zarr
+            zarr.create_array(str(source), shape=image.shape, dtype=image.dtype, chunks=(64, 64))[...] = image
+        assert main(["run", str(source), str(tmp_path / out), *options]) == 0
+        assert capsys.readouterr().out.startswith("1 particle; labels -> "), out

@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, ctx, dash_table, dcc, html, no_update
 
 from gpu_pipeline._backend import DeclumpError, resolve_device
+from gpu_pipeline._common import counted
 from gpu_pipeline.app import session as sess
 from gpu_pipeline.overlay import overlay_rgb
 from gpu_pipeline.plots import size_histogram_rgb
@@ -376,7 +377,7 @@ def build_app(image_path=None, *, max_voxels=None):
         result = session.result
         if result is None:
             return figure, "", None, {"display": "none"}, [], []
-        count = f"{len(result.table['label'])} particles"
+        count = counted(len(result.table['label']), "particle")
         hist = sess.png_data_uri(size_histogram_rgb(result.table["equivalent_diameter"], unit=session.unit,
                                                     size=HISTOGRAM_SIZE))
         columns, rows = table_view(result, session.unit)

@@ -49,7 +49,7 @@ import numpy as np
 from gpu_pipeline._backend import DeclumpError, get_array_module, ops_for, to_host
 from gpu_pipeline.array_algorithms import unique_ids
 from gpu_pipeline.chunked.components import components_chunked, id_dtype
-from gpu_pipeline.chunked.foreground import PEAK_HALOS, fit_halo, regions_chunked
+from gpu_pipeline.chunked.foreground import PEAK_HALOS, fit_halo, gaussian_radius, regions_chunked
 from gpu_pipeline.chunked.source import (halo_box, haloed_tasks, neighbours_hold_halo, shells_key,
                                          stored_volume)
 from gpu_pipeline.chunked.workspace import (BLOCK_GROUP, Workspace, block_boxes, block_origin, chunk_starts,
@@ -661,16 +661,25 @@ def separate_chunked(volume, *, spacing=None, sigma=1.0, threshold="otsu", polar
     volume, mask = (None if a is None else to_device(a, device) for a in (volume, mask))
     workspace = workspace or Workspace(None, verbose=verbose)
     details = ChunkedDetails(max_radius=max_radius, halo=peak_halo(min_distance, max_radius, spacing, peak_reach))
-    # Refuse a too-small chunk shape before any pass runs.
-    fit_halo(reference, details.halo, "distance-transform and peak")
+    halos = {"distance-transform and peak": details.halo}
     if classifier is not None:
         from gpu_pipeline.chunked.classifier import probabilities_chunked
         from gpu_pipeline.classifier import foreground_probability, load_classifier
+        from gpu_pipeline.stages.features import feature_halo
 
         if mask is not None or volume is None:
             raise DeclumpError("a pixel classifier needs the volume and replaces the mask; give one of --classifier "
                                "and --mask")
         classifier = load_classifier(classifier)
+        halos["pixel-feature"] = feature_halo(spacing, classifier.scales)
+    elif mask is None and sigma and sigma > 0:
+        halos["smoothing"] = gaussian_radius(tuple(float(sigma) / s for s in spacing))
+    # Refuse a too-small chunk shape before any pass runs, by the largest halo the run needs on each axis
+    # (one at a time, a user was sent from one minimum to the next).
+    largest = tuple(max(halo[axis] for halo in halos.values()) for axis in range(reference.ndim))
+    named = [what for what, halo in halos.items() if tuple(halo) == largest]
+    fit_halo(reference, largest, named[0] if named else f"combined ({', '.join(halos)})")
+    if classifier is not None:
         details.probabilities = probabilities_chunked(volume, classifier, spacing=spacing, workspace=workspace,
                                                       device=device)
         mask = foreground_probability(details.probabilities, classifier.classes)

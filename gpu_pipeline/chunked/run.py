@@ -428,11 +428,12 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
                 neck_ratio="auto", nearby_ratio="auto", peak_reach="auto", reach_share="auto", ball_share="auto",
                 assignment="power", max_iter=0, device="cpu", cluster=None, scheduler=None, workers=None,
                 scratch=None, scratch_limit=None, overwrite=False, missing_chunks="error", verbose=True,
-                classifier=None, probabilities_path=None, gpu_threads=1, notes=(), voxel_defaults=None):
+                classifier=None, probabilities_path=None, gpu_threads=1, notes=(), notes_2d=(), voxel_defaults=None):
     """Separate a Zarr volume chunk by chunk into an OME-Zarr labels group (see the module docstring).
 
     ``notes``: lines to print on stderr (with ``verbose``) once the input and every parameter have been
-    checked (the command's note on the values it fixed: a refusal stays one line).
+    checked (the command's note on the values it fixed: a refusal stays one line); ``notes_2d`` too, where
+    the input is 2D.
 
     ``scratch_limit``: bytes the work folder may take (a quota its file system's free space does not show):
     the smoothed volume is then staged only within it, and a classifier's probabilities refused beyond it
@@ -554,7 +555,7 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
                       neck_ratio=neck_ratio, nearby_ratio=nearby_ratio, peak_reach=peak_reach,
                       reach_share=reach_share, ball_share=ball_share, assignment=assignment, max_iter=max_iter)
     inputs = {"input": volume_print, "mask": mask_print}
-    for note in notes if verbose else ():
+    for note in [*notes, *(notes_2d if volume.ndim == 2 else ())] if verbose else ():
         print(note, file=sys.stderr)
     changed = (f"{input_path}{' or ' + str(mask_path) if mask_path else ''} changed (shape, dtype, chunking, "
                "codecs, or its chunk files' sizes or times)")
