@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import weakref
 
-import cupy as cp
-import cupyx
-from cupyx.scipy import ndimage as cndi
 from scipy import ndimage as ndi
 
-from gpu_pipeline._common import GAUSSIAN_TRUNCATE
+from gpu_pipeline._common import GAUSSIAN_TRUNCATE, GPU_EXTRA_HINT
+
+try:
+    import cupy as cp
+    import cupyx
+    from cupyx.scipy import ndimage as cndi
+except ImportError as exc:  # imported directly, not through _backend: say what is missing, in one line
+    raise ImportError(f"gpu_pipeline.ops_cuda is the GPU backend and needs CuPy ({exc}); {GPU_EXTRA_HINT}") from None
 from gpu_pipeline.array_algorithms import box_maxima as array_box_maxima
 from gpu_pipeline.array_algorithms import distance_transform_edt, label_by_value_propagation
 from gpu_pipeline.array_algorithms import label_sums as array_label_sums

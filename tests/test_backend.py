@@ -266,3 +266,18 @@ def test_the_command_and_the_chunked_tasks_import_no_scipy_ndimage_until_used():
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["False", "True"]
+
+
+def test_importing_the_gpu_backend_without_cupy_says_which_extra_to_install():
+    """``import gpu_pipeline.ops_cuda`` without CuPy raised a bare "No module named 'cupy'"; the README promises
+    a missing GPU library is an error naming the extra to install."""
+    import importlib
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed: the import succeeds")
+    sys.modules.pop("gpu_pipeline.ops_cuda", None)
+    with pytest.raises(ImportError, match=r"needs CuPy \(No module named 'cupy'\); install the GPU extra: pip "
+                                          r"install 'declump\[gpu-cu12\]'"):
+        importlib.import_module("gpu_pipeline.ops_cuda")
