@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+#: The real images with ground truth: ``shared/data`` beside the checkout, or where DECLUMP_SHARED_DATA says.
+SHARED = Path(os.environ.get("DECLUMP_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 PACKAGES = ("numpy", "scipy", "scikit-image", "scikit-learn", "numba", "dask", "dask-image", "pyclesperanto",
             "cupy-cuda12x", "cupy-cuda13x", "cucim-cu12", "cucim-cu13")
 

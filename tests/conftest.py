@@ -7,7 +7,8 @@ import pytest
 
 from gpu_pipeline.cli import CHUNKED_FIXED
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: The real images with ground truth: ``shared/data`` beside the checkout, or where DECLUMP_SHARED_DATA says.
+SHARED_DATA = Path(os.environ.get("DECLUMP_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 #: The chunked engine's defaults: it takes no 'auto' (those options measure the whole image at once), but the
 #: values of ``cli.CHUNKED_FIXED``, no size beyond the peak window's, no annotation rejection, and the
 #: threshold's outlines. The in-memory ``separate`` with these gives the chunked run's bytes (``from conftest
@@ -26,7 +27,8 @@ def rng(request):
 @pytest.fixture
 def shared_data():
     if not SHARED_DATA.exists():
-        pytest.skip(f"real test data not found at {SHARED_DATA} (the shared/data folder beside the checkout)")
+        pytest.skip(f"real test data not found at {SHARED_DATA} (the shared/data folder beside the checkout; "
+                    "DECLUMP_SHARED_DATA=FOLDER points elsewhere)")
     return SHARED_DATA
 
 
