@@ -1,5 +1,5 @@
 # Two entry points that work on a fresh machine with Python 3.11+ and no GPU:
-#   make demo   - create .venv, install declump, generate a sample and separate it
+#   make demo   - create .venv, install declump (with the test and app extras), generate a sample and separate it
 #   make test   - create .venv, install declump with the test and app extras, run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
