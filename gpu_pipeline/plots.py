@@ -9,6 +9,8 @@ import io
 
 import numpy as np
 
+from gpu_pipeline._common import counted
+
 #: At most this many bars; Freedman-Diaconis/Sturges ('auto') otherwise.
 MAX_BINS = 40
 
@@ -79,7 +81,7 @@ def size_histogram_rgb(diameters, *, unit=None, size=(640, 400), highlight=None)
     left, right, top, bottom = 56, width - 16, 30, height - 46
     unit_text = unit or "spacing units"
     median = f", median {_label(float(np.median(values)))} {unit_text}" if values.size else ""
-    draw.text((left, 8), f"{values.size} particles{median}", fill="black", font=font)
+    draw.text((left, 8), f"{counted(values.size, 'particle')}{median}", fill="black", font=font)
     draw.text(((left + right) // 2, height - 6), f"equivalent diameter ({unit_text})", fill="black", font=font,
               anchor="ms")
     draw.line([(left, top), (left, bottom), (right, bottom)], fill="black", width=1)
