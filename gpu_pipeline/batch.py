@@ -145,7 +145,8 @@ def _progress(args, record):
     reported again at the end, as errors); returns ``record``."""
     if not args.quiet:
         what = ("kept (done before)" if record.get("skipped") else f"failed: {record['error']}"
-                if record["status"] != "ok" else f"{counted(record['n_particles'], 'particle')}, {record['seconds']:.1f} s")
+                if record["status"] != "ok"
+                else f"{counted(record['n_particles'], 'particle')}, {record['seconds']:.1f} s")
         print(f"declump: {record['name']}: {what}", file=sys.stderr, flush=True)
     return record
 

@@ -431,8 +431,8 @@ def cmd_run_chunked(args, device):
     except MemoryError as exc:  # NumPy's, or CuPy's OutOfMemoryError (a MemoryError) on a GPU worker
         exc.chunked = True  # read by memory_error_message, as separate's exc.stage is
         raise
-    print(f"{counted(summary['n_particles'], 'particle')}; labels -> {summary['outputs']['labels']}/particles, table -> "
-          f"{summary['outputs']['table']}, summary -> {summary['outputs']['summary']}")
+    print(f"{counted(summary['n_particles'], 'particle')}; labels -> {summary['outputs']['labels']}/particles, "
+          f"table -> {summary['outputs']['table']}, summary -> {summary['outputs']['summary']}")
 
 
 def engine_device(args):
