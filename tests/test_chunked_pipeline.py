@@ -530,9 +530,10 @@ def test_a_worker_killed_midway_changes_nothing(tmp_path, rng):
         while _markers(split) < 4 and thread.is_alive() and time.time() < deadline:
             time.sleep(0.02)
         assert thread.is_alive(), "the run finished before a worker could be killed"
-        victim = sorted(client.scheduler_info()["workers"])[0]
-        pid = client.run(os.getpid, workers=[victim])[victim]
-        os.kill(pid, signal.SIGKILL)
+        # (client.run asks every worker; scheduler_info() falls back, when the scheduler does not answer in
+        # time on a loaded machine, to a cached identity without workers.)
+        pids = client.run(os.getpid)
+        os.kill(pids[sorted(pids)[0]], signal.SIGKILL)
         thread.join(600)
         assert not failure, failure
     expected = separate(image, spacing=spacing, max_radius=13)
