@@ -480,12 +480,41 @@ def test_the_command_line_describes_the_result_shown_not_a_later_model(rng):
     session.separate(foreground="classifier")
     assert sess.command_line(session, device="cpu") == painted
     session.train()  # the same strokes, another model object: no longer the one that made the result
-    with pytest.raises(DeclumpError, match="trained again or the strokes changed"):
+    with pytest.raises(DeclumpError, match="trained again since this result was made; separate again"):
         sess.command_line(session, device="cpu")
     session.separate(foreground="classifier")
     _paint_two_classes(session, truth, rng)  # new strokes after the result
-    with pytest.raises(DeclumpError, match="trained again or the strokes changed"):
+    # The advice was "separate again", which gave the same refusal: the classifier is the old strokes' one.
+    with pytest.raises(DeclumpError, match="the strokes changed since the classifier of this result was trained; "
+                                           "train and separate again"):
         sess.command_line(session, device="cpu")
+    session.separate(foreground="classifier")
+    with pytest.raises(DeclumpError, match="train and separate again"):
+        sess.command_line(session, device="cpu")
+    session.train()
+    session.separate(foreground="classifier")
+    assert "declump train" in sess.command_line(session, device="cpu")
+
+
+def test_the_model_download_is_named_after_the_model_it_holds(rng):
+    """After the shipped model was used, "model" gave it as IMAGE_model.npz, the name the painted command line
+    gives the painted model: a user running that command line got the shipped model's labels."""
+    from gpu_pipeline.app.ui import _model_bytes, _model_name
+    from gpu_pipeline.classifier import load_classifier
+
+    image, truth = make_touching_particles((90, 110), 14, seed=int(rng.integers(1e6)))
+    session = sess.Session(sess.SessionStore.new_id())
+    session.set_image(image, name="particles.tif", source="particles.tif")
+    _paint_two_classes(session, truth, rng)
+    session.train()
+    assert _model_name(session) == "particles_model.npz"
+    painted = _model_bytes(session)
+    session.use_shipped_model()
+    assert _model_name(session) == "em-particles.npz"
+    shipped = _model_bytes(session)
+    assert shipped != painted and load_classifier("em-particles").forest.n_trees == 32
+    session.use_painted_classifier()
+    assert _model_name(session) == "particles_model.npz" and _model_bytes(session) == painted
 
 
 def test_app_without_dash_is_a_one_line_error_naming_the_extra():

@@ -385,3 +385,63 @@ def test_a_separation_refused_for_its_settings_leaves_no_result_of_others_on_the
     wait_for(lambda: "--min-distance" in text_of(browser, "message"), what="the refusal")
     wait_for(lambda: text_of(browser, "count") == "", what=lambda: f"no count (page: {text_of(browser, 'count')!r})")
     assert not browser.find_elements(By.CSS_SELECTOR, "#table td.dash-cell")
+
+
+def test_the_particle_named_under_the_graph_is_forgotten_with_its_result(served, browser, tmp_path, rng):
+    """Hovering a particle names it and highlights its row; after another separation the page still named
+    "particle 43" with the old result's diameter, and kept the row highlighted, though label 43 was another
+    particle now."""
+    from scipy import ndimage as ndi
+
+    from gpu_pipeline.synthetic import make_touching_particles
+
+    app, url = served
+    open_page(browser, url)
+    image, _ = make_touching_particles((256, 256), 40, radius_range=(8, 16), seed=int(rng.integers(1e6)))
+    np.save(tmp_path / "hovered.npy", image)
+    browser.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(tmp_path / "hovered.npy"))
+    wait_for(lambda: text_of(browser, "image-name").startswith("hovered.npy"), what="the image to load")
+    browser.find_element(By.ID, "separate").click()
+    wait_for(lambda: text_of(browser, "count").endswith("particles"), what="the first separation")
+    session = app_session(app, "hovered.npy")
+    labels = session.result.labels
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    label = int(np.argmax(sizes))
+    row, col = np.unravel_index(np.argmax(ndi.distance_transform_edt(labels == label)), labels.shape)
+    area = wait_for(lambda: browser.find_element(By.CSS_SELECTOR, "#graph .nsewdrag"), what="the plot area")
+    box = area.rect
+    x = int(round((col + 0.5) / labels.shape[1] * box["width"] - box["width"] / 2))
+    y = int(round((row + 0.5) / labels.shape[0] * box["height"] - box["height"] / 2))
+    for dx in (0, 1, 0):  # (a move onto the point the pointer is on already fires no hover)
+        ActionChains(browser).move_to_element_with_offset(area, x + dx, y).perform()
+    wait_for(lambda: text_of(browser, "hovered").startswith(f"particle {label}:"),
+             what=lambda: f"the hover line (page: {text_of(browser, 'hovered')!r})")
+    box = browser.find_element(By.ID, "min-distance")
+    box.clear()
+    box.send_keys("3")
+    ActionChains(browser).move_to_element(browser.find_element(By.ID, "separate")).click().perform()
+    wait_for(lambda: session.result is not None and "--min-distance" in session.result.argv
+             and text_of(browser, "count").endswith("particles") and text_of(browser, "hovered") == "",
+             what=lambda: f"the hover line cleared (page: {text_of(browser, 'hovered')!r})")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#table td.dash-cell[style*='font-weight: bold']")
+
+
+def test_a_separation_refused_for_its_classifier_leaves_no_result_on_the_page(served, browser):
+    """Separate with the painted classifier before any training: the message said "train ... first" while the
+    automatic result before it stayed, with its count and table, and the downloads gave it."""
+    app, url = served
+    open_page(browser, url)
+    browser.find_element(By.ID, "sample").click()
+    wait_for(lambda: text_of(browser, "image-name").startswith("sample"), what="the sample to load")
+    browser.find_element(By.ID, "separate").click()
+    wait_for(lambda: text_of(browser, "count").endswith("particles"), what="the first separation")
+    choose(browser, "foreground", "classifier")
+    browser.find_element(By.ID, "separate").click()
+    wait_for(lambda: "train the classifier" in text_of(browser, "message"),
+             what=lambda: f"the refusal (page: {text_of(browser, 'message')!r})")
+    wait_for(lambda: text_of(browser, "count") == "", what=lambda: f"no count (page: {text_of(browser, 'count')!r})")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#table td.dash-cell")
+    browser.find_element(By.ID, "get-labels").click()  # and no labels of the result before to download
+    wait_for(lambda: "separate first" in text_of(browser, "message"),
+             what=lambda: f"the download refused (page: {text_of(browser, 'message')!r})")

@@ -363,7 +363,9 @@ def build_app(image_path=None, *, max_voxels=None):
         parts = []
         painted = session.classifier_source == "painted"
         if "train_s" in session.timings and painted:
-            parts.append(f"trained in {session.timings['train_s']:.2f} s, predicted in "
+            features = session.timings.get("features_s", 0.0)
+            parts.append((f"features in {features:.2f} s, " if features >= 0.01 else "") +
+                         f"trained in {session.timings['train_s']:.2f} s, predicted in "
                          f"{session.timings['predict_s']:.2f} s")
         elif session.classifier is not None and "shipped_predict_s" in session.timings:
             parts.append(f"{session.classifier_source} model predicted in "
@@ -411,6 +413,14 @@ def build_app(image_path=None, *, max_voxels=None):
         page = order.index(label) // TABLE_ROWS if label in order else index // TABLE_ROWS
         return style, f"particle {label}: equivalent diameter {diameter:.4g} {session.unit}", hist, page
 
+    @app.callback(Output("table", "style_data_conditional", allow_duplicate=True),
+                  Output("hovered", "children", allow_duplicate=True), Input("table", "data"),
+                  prevent_initial_call=True)
+    def forget_highlight(_rows):
+        # The table drawn anew (another result, image or plane): the particle named under the graph and its
+        # highlighted row were the result before's (its label 43 is another particle now, or none).
+        return [], ""
+
     @app.callback(*[Output(f"unit-{i}", "children") for i in range(1, 5)], Input("unit", "value"))
     def show_unit(unit):
         return ((unit or "px").strip() or "px",) * 4
@@ -425,7 +435,7 @@ def build_app(image_path=None, *, max_voxels=None):
         "histogram": lambda s: dict(content=_b64(_png(size_histogram_rgb(
             _need_result(s).table["equivalent_diameter"], unit=s.unit))), base64=True,
             filename=f"{_stem(s)}_labels_histogram.png"),
-        "model": lambda s: dict(content=_b64(_model_bytes(s)), base64=True, filename=f"{_stem(s)}_model.npz"),
+        "model": lambda s: dict(content=_b64(_model_bytes(s)), base64=True, filename=_model_name(s)),
         "scribbles": lambda s: dict(content=_b64(sess.labels_tiff_bytes(_need_strokes(s).scribbles())), base64=True,
                                     filename=f"{_stem(s)}_scribbles.tif"),
         "command": lambda s: dict(content=sess.command_line(s) or _raise("separate first"),
@@ -474,6 +484,9 @@ def _take_spacing(session, text, unit):
 
 
 def _separate_job(session, options, foreground, device, progress):
+    # A separation refused for its classifier (none trained yet, a 2D model on a 3D image) left the result
+    # before it on the page and in the downloads, as a failed separation no longer does.
+    session.drop_result(own_job=True)
     if foreground == "classifier":
         session.use_painted_classifier()  # the strokes' model, also after the shipped one was used
     elif foreground != "automatic":
@@ -511,6 +524,14 @@ def _model_bytes(session):
         path = Path(folder) / "model.npz"
         session.classifier.save(path)
         return path.read_bytes()
+
+
+def _model_name(session):
+    """The model download's name: the painted one as the command line names it, a shipped one by its own name
+    (the shipped model was downloaded as IMAGE_model.npz, the painted model's name)."""
+    if session.classifier_source in (None, "painted"):
+        return f"{_stem(session)}_model.npz"
+    return f"{session.classifier_source}.npz"
 
 
 def _stem(session):
