@@ -83,7 +83,9 @@ def latency(size, repeats, kind="generated", seed=0):
     rng = np.random.default_rng(seed)
     session = Session(SessionStore.new_id())
     session.set_image(image, name=f"{kind}_{size}")
-    # Enough painted pixels that the forest reaches the app's sample cap (5000 per class) and full depth.
+    # Enough painted pixels that the forest reaches the app's sample cap (5000 per class). The trees stop where
+    # their leaves are pure, before the app's depth limit: depth 4 on the generated disks, 7 on EMPS (the
+    # result file says which).
     session.strokes = strokes_from_truth(truth, rng, per_class=30, width=6.0, length=40.0)
     _, first_wall, first_cpu = clocked(session.train)
     out = {"image": description, "first_training_with_features_s":
@@ -139,11 +141,16 @@ def emps_quality(limit, seed=0):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", type=int, default=1024,
+                        help="edge of the square test images, at least 256 (default %(default)s): smaller ones hold "
+                             "too few particles for the simulated strokes of both classes")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats, at least 1 (default %(default)s)")
     parser.add_argument("--emps", type=int, default=6, help="EMPS images to score (0: none)")
     parser.add_argument("--out", default=None, help="result name under bench/results (default app_latency_DATE)")
     args = parser.parse_args(argv)
+    if args.size < 256 or args.repeats < 1 or args.emps < 0:
+        parser.error(f"--size must be at least 256, --repeats at least 1 and --emps at least 0; got --size "
+                     f"{args.size}, --repeats {args.repeats}, --emps {args.emps}")
     load_before = os.getloadavg()
     started = time.perf_counter()
     result = {"machine": machine_info(), "load_average_before": load_before,

@@ -1,6 +1,6 @@
 """Bytes per voxel of each pipeline stage, and the chunked run's peak memory against its chunk size.
 
-    python -m bench.memory [--size 128] [--chunked-sizes 64,128] [--whole 512,512,512] [--library PATH] [--out NAME]
+    python -m bench.memory [--size 128] [--chunked-sizes 192,384] [--whole 512,512,512] [--library PATH] [--out NAME]
 
 Stages: the steps of `gpu_pipeline.pipeline.separate` one by one
 (:func:`stage_steps`), each measured as the memory it allocates on top of
@@ -291,7 +291,7 @@ def main(argv=None):
                         help="also one whole in-memory run of this shape, e.g. 512,512,512 (repeatable)")
     parser.add_argument("--library", action="append", default=None,
                         help="checkout whose pipeline the whole runs use (repeatable; default this one)")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="result file stem under bench/results (default memory_<date>)")
     args = parser.parse_args(argv)
     from gpu_pipeline.chunked.workspace import RUN_ARENAS, limit_malloc_arenas
     from gpu_pipeline.synthetic import make_touching_particles

@@ -304,14 +304,20 @@ def main(argv=None):
     from gpu_pipeline.chunked.workspace import LOCAL_CLUSTER_HTTP, local_cluster_config, pass_log
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", type=parse_ints, default=(256, 512, 512))
-    parser.add_argument("--chunks", type=parse_ints, default=(128, 128, 128), help="the store's chunks")
+    parser.add_argument("--shape", type=parse_ints, default=(256, 512, 512),
+                        help="the generated volume, Z,Y,X (default %(default)s)")
+    parser.add_argument("--chunks", type=parse_ints, default=(128, 128, 128),
+                        help="the store's chunks (default %(default)s)")
     parser.add_argument("--blocks", type=parse_ints, default=None,
-                        help="processing blocks (declump run --chunks; default: the run's own choice)")
-    parser.add_argument("--particles", type=int, default=None, help="default 1500 per 256^3, as bench.throughput")
-    parser.add_argument("--radius", type=lambda t: tuple(float(v) for v in t.split(",")), default=(5.0, 12.0))
-    parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--rounds", type=int, default=2)
+                        help="processing blocks (declump run --chunks; default: the run's own choice, the store's "
+                             "chunks grouped into blocks of 128 voxels an edge)")
+    parser.add_argument("--particles", type=int, default=None,
+                        help="spheres in the volume (default 1500 per 256^3, as bench.throughput)")
+    parser.add_argument("--radius", type=lambda t: tuple(float(v) for v in t.split(",")), default=(5.0, 12.0),
+                        help="the spheres' smallest and largest radius, voxels (default 5,12)")
+    parser.add_argument("--seed", type=int, default=7, help="the volume's seed (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="timed runs per cluster, alternating (default %(default)s)")
     parser.add_argument("--out", default=None, help="result file stem (default pass_timeline_<date>)")
     args = parser.parse_args(argv)
     cores = sorted(os.sched_getaffinity(0))
