@@ -84,8 +84,8 @@ def latency(size, repeats, kind="generated", seed=0):
     session = Session(SessionStore.new_id())
     session.set_image(image, name=f"{kind}_{size}")
     # Enough painted pixels that the forest reaches the app's sample cap (5000 per class). The trees stop where
-    # their leaves are pure, before the app's depth limit: depth 4 on the generated disks, 7 on EMPS (the
-    # result file says which).
+    # their leaves are pure, before the app's depth limit: depth 4-7 in the runs so far (the result file says
+    # which).
     session.strokes = strokes_from_truth(truth, rng, per_class=30, width=6.0, length=40.0)
     _, first_wall, first_cpu = clocked(session.train)
     out = {"image": description, "first_training_with_features_s":
