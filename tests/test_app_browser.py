@@ -96,6 +96,15 @@ def open_page(driver, url):
     wait_for(lambda: driver.find_element(By.CSS_SELECTOR, "#graph .main-svg"), what="the graph")
 
 
+def separated_sample(driver, url):
+    """A fresh page with the sample loaded and separated at the defaults."""
+    open_page(driver, url)
+    driver.find_element(By.ID, "sample").click()
+    wait_for(lambda: text_of(driver, "image-name").startswith("sample"), what="the sample to load")
+    driver.find_element(By.ID, "separate").click()
+    wait_for(lambda: text_of(driver, "count").endswith("particles"), what="the first separation")
+
+
 def choose(driver, radio_id, value):
     driver.find_element(By.CSS_SELECTOR, f"#{radio_id} input[value='{value}']").click()
 
@@ -372,12 +381,7 @@ def test_a_job_s_end_is_shown_when_the_reply_showing_it_is_overtaken(served, bro
 def test_a_separation_refused_for_its_settings_leaves_no_result_of_others_on_the_page(served, browser):
     """A value the option parser refuses (min distance "abc", spacing 0) said so in the message while the
     count, table and histogram of the earlier settings stayed, as if they were this one's."""
-    app, url = served
-    open_page(browser, url)
-    browser.find_element(By.ID, "sample").click()
-    wait_for(lambda: text_of(browser, "image-name").startswith("sample"), what="the sample to load")
-    browser.find_element(By.ID, "separate").click()
-    wait_for(lambda: text_of(browser, "count").endswith("particles"), what="the first separation")
+    separated_sample(browser, served[1])
     box = browser.find_element(By.ID, "min-distance")
     box.clear()
     box.send_keys("abc")
@@ -430,12 +434,7 @@ def test_the_particle_named_under_the_graph_is_forgotten_with_its_result(served,
 def test_a_separation_refused_for_its_classifier_leaves_no_result_on_the_page(served, browser):
     """Separate with the painted classifier before any training: the message said "train ... first" while the
     automatic result before it stayed, with its count and table, and the downloads gave it."""
-    app, url = served
-    open_page(browser, url)
-    browser.find_element(By.ID, "sample").click()
-    wait_for(lambda: text_of(browser, "image-name").startswith("sample"), what="the sample to load")
-    browser.find_element(By.ID, "separate").click()
-    wait_for(lambda: text_of(browser, "count").endswith("particles"), what="the first separation")
+    separated_sample(browser, served[1])
     choose(browser, "foreground", "classifier")
     browser.find_element(By.ID, "separate").click()
     wait_for(lambda: "train the classifier" in text_of(browser, "message"),
