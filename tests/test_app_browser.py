@@ -18,6 +18,7 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not in
 
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 
 from gpu_pipeline.app import create_app  # noqa: E402
 from gpu_pipeline.app import session as sess  # noqa: E402
@@ -444,3 +445,26 @@ def test_a_separation_refused_for_its_classifier_leaves_no_result_on_the_page(se
     browser.find_element(By.ID, "get-labels").click()  # and no labels of the result before to download
     wait_for(lambda: "separate first" in text_of(browser, "message"),
              what=lambda: f"the download refused (page: {text_of(browser, 'message')!r})")
+
+
+def test_an_emptied_brush_box_shows_the_width_the_strokes_get(served, browser):
+    """Typing 30 in the brush slider's box, then emptying it: the thumb stayed at 30 while new strokes were drawn
+    6 px wide (the emptied box gives None, drawn as the default). The slider now shows the default it draws."""
+    from gpu_pipeline.app.ui import DEFAULT_BRUSH
+
+    open_page(browser, served[1])
+    browser.find_element(By.ID, "sample").click()
+    wait_for(lambda: text_of(browser, "image-name").startswith("sample"), what="the sample to load")
+    width = "return document.querySelector('#graph .js-plotly-plot')._fullLayout.newshape.line.width"
+    box = wait_for(lambda: browser.find_element(By.CSS_SELECTOR, "#brush input"), what="the brush's box")
+    drawn = {}
+    for typed in ("30", ""):
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.DELETE)
+        box.send_keys(typed, Keys.TAB)
+        expected = typed or str(DEFAULT_BRUSH)
+        wait_for(lambda: box.get_attribute("value") == expected,
+                 what=lambda: f"the box at {expected} (page: {box.get_attribute('value')!r})")
+        time.sleep(0.5)
+        drawn[expected] = browser.execute_script(width)
+    assert drawn["30"] == pytest.approx(5 * drawn[str(DEFAULT_BRUSH)]), drawn

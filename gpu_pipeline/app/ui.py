@@ -413,6 +413,13 @@ def build_app(image_path=None, *, max_voxels=None):
         page = order.index(label) // TABLE_ROWS if label in order else index // TABLE_ROWS
         return style, f"particle {label}: equivalent diameter {diameter:.4g} {session.unit}", hist, page
 
+    for slider, default in (("brush", DEFAULT_BRUSH), ("opacity", DEFAULT_OPACITY)):
+        @app.callback(Output(slider, "value", allow_duplicate=True), Input(slider, "value"), prevent_initial_call=True)
+        def emptied(value, default=default):
+            # An emptied (or unreadable) number box gives None: the page drew with the default while the thumb
+            # stayed where it was (30 px shown, 6 px painted). The slider shows the default it draws with.
+            return default if value is None else no_update
+
     @app.callback(Output("table", "style_data_conditional", allow_duplicate=True),
                   Output("hovered", "children", allow_duplicate=True), Input("table", "data"),
                   prevent_initial_call=True)
