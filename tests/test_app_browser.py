@@ -389,6 +389,7 @@ def test_a_separation_refused_for_its_settings_leaves_no_result_of_others_on_the
     browser.find_element(By.ID, "separate").click()
     wait_for(lambda: "--min-distance" in text_of(browser, "message"), what="the refusal")
     wait_for(lambda: text_of(browser, "count") == "", what=lambda: f"no count (page: {text_of(browser, 'count')!r})")
+    assert "separated in" not in text_of(browser, "status")  # (it stayed, beside the refusal)
     assert not browser.find_elements(By.CSS_SELECTOR, "#table td.dash-cell")
 
 

@@ -312,6 +312,7 @@ def build_app(image_path=None, *, max_voxels=None):
                     _take_spacing(session, spacing_text, unit)  # the spacing shown is the one used, or a message
                 except DeclumpError:
                     session.drop_result()  # as a failed separation does: the one shown had other settings
+                    status = ""  # ("separated in 0.10 s" was that result's)
                     raise
                 session.start_job("separating", lambda progress: _separate_job(session, options, foreground, device,
                                                                                 progress))
