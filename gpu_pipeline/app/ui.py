@@ -425,8 +425,9 @@ def build_app(image_path=None, *, max_voxels=None):
                   Output("hovered", "children", allow_duplicate=True), Input("table", "data"),
                   prevent_initial_call=True)
     def forget_highlight(_rows):
-        # The table drawn anew (another result, image or plane): the particle named under the graph and its
-        # highlighted row were the result before's (its label 43 is another particle now, or none).
+        # The table is drawn anew on every render of the page (another result, image or plane, and any display
+        # control too): the particle named under the graph and its highlighted row may be the result before's
+        # (its label 43 another particle now, or none), so they go; hovering again names the particle.
         return [], ""
 
     @app.callback(*[Output(f"unit-{i}", "children") for i in range(1, 5)], Input("unit", "value"))
