@@ -838,6 +838,41 @@ def test_a_label_box_with_its_letter_is_ink(rng, ground):
     assert not annotation_ink(middle).any()  # in the middle of the panel: no text, no box
 
 
+@pytest.mark.parametrize("ground", [255, 0])
+def test_a_label_box_with_a_grey_letter_and_compression_noise_is_ink(rng, ground):
+    """EMPS panels (88808139d3, 5d72761807, 4ec7671d11, b996f341bd) carry their panel letter in a box whose
+    letter is grey, not ink, and whose ground, saved as JPEG, holds values 2-3 off the dtype's end that run
+    from the letter to the box's edge: the letter was no hole of the ground, the box no label box, and it came
+    out as particles. The box is ink with such a letter; a box with no letter, or a clipped disc, is not."""
+    polarity = "bright" if ground == 255 else "dark"
+    image, truth = make_touching_particles((240, 280), 25, polarity=polarity, seed=int(rng.integers(1e6)))
+    image = (20 + 0.85 * image).astype(np.uint8)  # particles and film off the dtype's ends
+    top, left = int(rng.integers(2, 8)), int(rng.integers(2, 8))
+    box = np.zeros(image.shape, bool)
+    box[top:top + 38, left:left + 34] = True
+    image[box] = ground
+    truth[box] = 0
+    grey = 110 if ground == 255 else 150
+    letter = draw_text(image, "b", top + 7, left + 10, height=24, stroke=4, value=grey)
+    noise = 252 if ground == 255 else 3  # (within 3 of the end: no ink at 1/255)
+    row = top + 7 + int(rng.integers(2, 10))
+    image[row, left:left + 10] = noise  # a one-pixel path from the letter's left stroke out of the box
+    image[top + 20, left + 20:left + 34] = noise  # ... and from its right stroke
+    ink = annotation_ink(image)
+    ground_pixels = box & ~letter & (image == ground)
+    assert ink[ground_pixels].all() and not ink[~box].any()
+    assert not separate(image, polarity=polarity)[box].any()
+    assert separate(image, polarity=polarity, reject_annotations=False)[box].any()  # the box, a particle
+    blank = image.copy()
+    blank[letter] = ground
+    assert not annotation_ink(blank)[box].any()  # no letter in it: no label box
+    disc = np.full_like(image, image[truth == 0].min())  # a clipped disc in a corner, a darker spot inside
+    yy, xx = np.ogrid[:240, :280]
+    disc[(yy - 26) ** 2 + (xx - 28) ** 2 <= 24 ** 2] = ground  # (too deep for a stroke)
+    disc[(yy - 26) ** 2 + (xx - 28) ** 2 <= 5 ** 2] = grey
+    assert not annotation_ink(disc).any()
+
+
 def test_text_in_a_framed_panel_is_still_ink(rng):
     """A thin frame of ink around the whole panel is not a stroke (the frame rule). 8dd2d83 named the joined
     pieces' radius `width`, shadowing the bounding-box width the frame and bar rules read: the frame then

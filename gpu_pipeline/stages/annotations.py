@@ -154,7 +154,8 @@ def annotation_ink(image):
     and shape) with no other ink beside it on its line, outside the
     panel's corners, is a particle's clipped core too (:func:`_lone_strokes`,
     ``COMPANION_REACH``). A label box, the filled box of one extreme around
-    ink of the other (a panel letter), is ink too (:func:`_label_boxes`).
+    a panel letter (ink of the other extreme, or grey), is ink too
+    (:func:`_label_boxes`).
     Float images (no ink value) and 3D volumes have none: all False.
     """
     xp = get_array_module(image)
@@ -221,7 +222,7 @@ def annotation_ink(image):
     for (labels, keep, _, _), lone in zip(found, _lone_strokes(found, image.shape)):
         ink = ink | (keep & ~lone)[labels]
     (_, low), (_, high) = extremes
-    return (ink | _label_boxes(ink, (low, high))) & (low | high)
+    return (ink | _label_boxes(image, ink, ((info.min, low), (info.max, high)))) & (low | high)
 
 
 def _lone_strokes(found, shape):
@@ -268,28 +269,42 @@ def _lone_strokes(found, shape):
     return out
 
 
-def _label_boxes(text, extremes):
+def _label_boxes(image, text, extremes):
     """The grounds of label boxes in a 2D panel (bool): filled axis-aligned rectangles of one of its
-    ``extremes`` (the masks of the pixels at the dtype's minimum and maximum), their holes counted in, that
-    hold at least ``INK_MIN_PIXELS`` of ``text`` (ink found of the other extreme), lie in the panel's margin
-    (``EDGE_BAND``), are shorter than ``BAR_ASPECT`` times their width (longer ones are bars) and cover at
-    most ``BOX_MAX_SHARE`` of the panel."""
+    ``extremes`` (``(value, mask)``: the dtype's minimum and maximum and the pixels at them), their holes counted
+    in, whose holes hold a glyph: at least ``INK_MIN_PIXELS`` pixels of ``text`` (ink found of the other
+    extreme) or drawn in a grey far from the box's ground (``INK_CONTRAST`` of the dtype's range: an
+    anti-aliased or grey letter, which is no ink), that lie in the panel's margin (``EDGE_BAND``), are shorter
+    than ``BAR_ASPECT`` times their width (longer ones are bars) and cover at most ``BOX_MAX_SHARE`` of the
+    panel."""
     from gpu_pipeline.stages.cleanup import enclosed_components
 
     xp = get_array_module(text)
     ops = ops_for(text)
     rows, cols = text.shape
+    info = np.iinfo(image.dtype)
+    contrast = INK_CONTRAST * (float(info.max) - float(info.min))
     boxes = xp.zeros(text.shape, dtype=bool)
-    for extreme in extremes:
-        if not bool((text & ~extreme).any()):
+    for value, extreme in extremes:
+        if not bool(extreme.any()):
             continue
-        around, n_around = ops.label(~extreme)
-        filled = extreme | enclosed_components(around, n_around)[around]
+        # The ground grown by a pixel closes the one-pixel paths of compression noise (a JPEG's 252 beside
+        # 255) that would join its glyph to the panel around it and leave the glyph no hole.
+        ground = extreme.copy()
+        ground[1:] |= extreme[:-1]
+        ground[:-1] |= extreme[1:]
+        ground[:, 1:] |= extreme[:, :-1]
+        ground[:, :-1] |= extreme[:, 1:]
+        around, n_around = ops.label(~ground)
+        filled = ground | enclosed_components(around, n_around)[around]
         labels, count = ops.label(filled)
         where = xp.flatnonzero(filled)  # (the pieces' pixels only: a small share of the panel)
         flat = labels.ravel()[where]
         area = xp.bincount(flat, minlength=count + 1).astype(xp.float64)
-        inside = xp.bincount(flat, weights=(text & ~extreme).ravel()[where].astype(xp.float64), minlength=count + 1)
+        # (in its holes only: the pixel the ground grew by around it is the panel's, not a glyph's)
+        drawn = xp.abs(image.ravel()[where].astype(xp.float64) - float(value)) >= contrast
+        glyph = (text.ravel()[where] | drawn) & ~ground.ravel()[where]
+        inside = xp.bincount(flat, weights=glyph.astype(xp.float64), minlength=count + 1)
         (top, bottom), (left, right) = _bounds(labels, count, text.shape, where)
         height, width = bottom - top + 1, right - left + 1
         box = ((area >= RECTANGULARITY * height * width) & (xp.maximum(height, width) < BAR_ASPECT
