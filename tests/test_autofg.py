@@ -1016,10 +1016,11 @@ def test_real_figure_annotations_are_not_particles(shared_data, name, boxes):
     assert evaluate(labels, truth)["f1_50"] >= evaluate(kept, truth)["f1_50"]
 
 
-def with_data_bar(image, rng, edge, ground):
+def with_data_bar(image, rng, edge, ground, frame=0):
     """``image`` with a microscope's data bar added along ``edge`` (new lines, so the picture is unchanged): a
-    ``ground`` (0 or 255) band 24-40 lines deep with text, a scale bar and a frame line in the other extreme.
-    Returns the barred image and the slices of it that hold the picture."""
+    ``ground`` (0 or 255) band 24-40 lines deep with text, a scale bar and a frame line in the other extreme;
+    with ``frame`` lines of grey along the panel's edge outside it, and two lines of the ground 5 off the
+    dtype's end (compression) inside it. Returns the barred image and the slices of it that hold the picture."""
     depth = int(rng.integers(24, 41))
     flip = edge in ("left", "right")
     picture = image.T if flip else image
@@ -1028,7 +1029,10 @@ def with_data_bar(image, rng, edge, ground):
     draw_text(bar, "50 nn", int(rng.integers(2, depth - 20)), int(rng.integers(5, 40)), value=ink)
     start = int(rng.integers(100, max(101, picture.shape[1] - 70)))
     bar[depth - 10:depth - 6, start:start + 60] = ink
-    bar[0, :] = ink  # a line where the bar meets the picture
+    bar[0, :] = ink  # a line along the panel's edge
+    if frame:
+        bar[:frame] = 90
+        bar[frame + 1:frame + 3] = abs(ground - 5)
     joined = np.concatenate([picture, bar[::-1]] if edge in ("bottom", "right") else [bar, picture])
     keep = slice(0, picture.shape[0]) if edge in ("bottom", "right") else slice(depth, depth + picture.shape[0])
     return (joined.T, (slice(None), keep)) if flip else (joined, (keep, slice(None)))
@@ -1055,6 +1059,24 @@ def test_an_information_band_changes_nothing_of_the_picture(rng, edge, ground):
     assert np.array_equal(labels[picture], alone) and labels.sum() == alone.sum()
     assert alone.max() >= 5  # the picture is separated, not left empty
     assert separate(barred, reject_annotations=False, return_details=True)[1].info_band is None
+
+
+@pytest.mark.parametrize("edge", ["bottom", "top", "left", "right"])
+def test_an_information_band_inside_a_frame_line_is_found(rng, edge):
+    """EMPS 2bc87a8698 and b23c478d84 end their black data bar one or two lines short of the panel's edge (a grey
+    frame line) and hold two lines at 4-5 of 255 inside it: the band, read from the edge on, had no first line
+    in ink and was not found, and its text came out as particles. A frame of up to two lines is passed over,
+    and so are lines of the band's ground a few values off the dtype's end; the band's lines reach the panel's
+    edge."""
+    ground = int(rng.choice([0, 255]))
+    image, _ = make_touching_particles((200, 240), 25, polarity=str(rng.choice(["bright", "dark"])),
+                                       seed=int(rng.integers(1e6)))
+    image = (20 + 0.8 * image).astype(np.uint8)
+    barred, picture = with_data_bar(image, rng, edge, ground, frame=int(rng.integers(1, 3)))
+    axis = 0 if edge in ("bottom", "top") else 1
+    keep = picture[axis]
+    assert info_band(barred) == (axis, keep.start, keep.stop)
+    assert np.array_equal(separate(barred)[picture], separate(image))
 
 
 def test_no_information_band_where_there_is_none(rng):

@@ -327,6 +327,11 @@ BAND_TOLERANCE = 3 / 255
 #: ``BAND_PICTURE_SHARE`` of their pixels in ink (the step from the microscope's data bar to the micrograph).
 BAND_PICTURE_LINES = 10
 BAND_PICTURE_SHARE = 0.1
+#: Up to this many lines along the panel's edge are passed over before the band (a figure's frame line outside
+#: it: EMPS 2bc87a8698, b23c478d84), and inside the band a line counts as its own where ``BAND_INK_SHARE`` of it
+#: lies within ``BAND_GROUND_TOLERANCE`` of the dtype's ends (its ground at 4-5 of 255 in a compressed JPEG).
+BAND_FRAME_LINES = 2
+BAND_GROUND_TOLERANCE = 8 / 255
 
 
 def info_band(image):
@@ -339,7 +344,9 @@ def info_band(image):
     The band is no part of the specimen, yet it weighs in the image's statistics: its ground, as common as
     the background or the particles, moves a global threshold and the polarity's count of the border. Its
     lines are each largely in ink (``BAND_INK_SHARE``) from the edge on (``BAND_MIN_LINES``, less than
-    ``EDGE_BAND`` of the panel), and the micrograph after it is not (``BAND_PICTURE_SHARE`` over the next
+    ``EDGE_BAND`` of the panel; a frame of up to ``BAND_FRAME_LINES`` lines along the edge is passed over,
+    and lines of the band's ground a little further off the dtype's ends, ``BAND_GROUND_TOLERANCE``, are the
+    band's), and the micrograph after it is not (``BAND_PICTURE_SHARE`` over the next
     ``BAND_PICTURE_LINES``). Of bands on several edges, the deepest is reported.
     """
     xp = get_array_module(image)
@@ -348,18 +355,24 @@ def info_band(image):
     info = np.iinfo(image.dtype)
     tolerance = int((int(info.max) - int(info.min)) * BAND_TOLERANCE)
     low, high = image <= info.min + tolerance, image >= info.max - tolerance
+    loose = int((int(info.max) - int(info.min)) * BAND_GROUND_TOLERANCE)
+    loose_low, loose_high = image <= info.min + loose, image >= info.max - loose
     best = None
     for axis in (0, 1):
         other = 1 - axis
         share = to_host(xp.maximum(low.mean(axis=other), high.mean(axis=other))).tolist()
+        ground = to_host(xp.maximum(loose_low.mean(axis=other), loose_high.mean(axis=other))).tolist()
         n = len(share)
         for from_end in (False, True):
-            lines = share[::-1] if from_end else share
-            depth = 0
-            while depth < EDGE_BAND * n and lines[depth] >= BAND_INK_SHARE:
-                depth += 1
+            lines, grounds = (share[::-1], ground[::-1]) if from_end else (share, ground)
+            depth = inked = 0  # depth: the lines from the edge through the band's last line in ink
+            for line in range(int(np.ceil(EDGE_BAND * n))):
+                if lines[line] >= BAND_INK_SHARE:
+                    depth, inked = line + 1, inked + 1
+                elif not ((inked == 0 and line < BAND_FRAME_LINES) or (inked and grounds[line] >= BAND_INK_SHARE)):
+                    break
             picture = lines[depth:depth + BAND_PICTURE_LINES]
-            if not (BAND_MIN_LINES <= depth < EDGE_BAND * n and picture
+            if not (inked >= BAND_MIN_LINES and depth < EDGE_BAND * n and picture
                     and sum(picture) / len(picture) < BAND_PICTURE_SHARE):
                 continue
             if best is None or depth > best[0]:
