@@ -53,6 +53,11 @@ class UnusableValuesError(DeclumpError):
     """The image's values give no foreground whatever the options: NaN or inf, or one constant value."""
 
 
+class UnreadableChunkError(DeclumpError):
+    """A Zarr chunk that does not decode or may not be read: once it is written again the input's chunk files
+    differ, so a chunked run's work folder could not be resumed (it is removed)."""
+
+
 class ChunkShapeError(DeclumpError):
     """A chunked run's blocks are smaller than a pass's halo: the same command stops the same way again."""
 

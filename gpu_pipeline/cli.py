@@ -521,6 +521,10 @@ def run_file(args, input_path, output, device, *, notes=True):
             said.append(f"declump: note: {input_path}'s calibration is {', '.join(f'{v:g}' for v in calibrated)} "
                         f"{calibration_unit} per voxel; this run measures in voxels (spacing 1); add --spacing "
                         f"{','.join(f'{v:g}' for v in calibrated)} to measure in {calibration_unit}")
+    if notes:
+        from gpu_pipeline.io import images_left_out
+
+        said.extend(note for note in [images_left_out(input_path)] if note)
     if image.ndim == 3 and image.shape[0] <= FEW_PLANES and min(image.shape[1:]) >= 16 * FEW_PLANES and notes:
         said.append(f"declump: note: {input_path} has only {image.shape[0]} planes of {image.shape[1]} x "
                     f"{image.shape[2]}; it runs as a volume. If the planes are channels or time points, pick one "
@@ -996,6 +1000,23 @@ def build_parser():
 FEW_PLANES = 4
 
 
+#: The arguments that name files or folders, by their ``dest``: an empty one is refused (``""`` is the working
+#: folder to Python's paths: ``run in.tif ""`` failed with a traceback, ``--out ""`` wrote into the working folder).
+PATH_ARGUMENTS = {"input": "the input", "output": "the output", "mask": "--mask", "save_probabilities":
+                  "--save-probabilities", "scratch": "--scratch", "inputs": "an input", "out": "--out",
+                  "images": "an image", "labels": "--labels", "classifier": "--classifier", "image": "the image",
+                  "prediction": "the prediction", "ground_truth": "the ground truth"}
+
+
+def _refuse_empty_paths(args):
+    """One line for a path argument given as an empty string (see :data:`PATH_ARGUMENTS`)."""
+    for name, what in PATH_ARGUMENTS.items():
+        value = getattr(args, name, None)
+        for one in value if isinstance(value, list) else [value]:
+            if isinstance(one, str) and not one.strip():
+                raise DeclumpError(f"{what} path is empty ({one!r}); give a file or folder name")
+
+
 def _expand_home(args):
     """``~`` at the start of a path argument is the home folder, also where the shell did not expand it (quoted,
     or after ``--option=``), rather than a folder named ``~`` in the working directory."""
@@ -1030,6 +1051,7 @@ def main(argv=None):
     no_hugepage_advice()  # every command: large temporaries without the kernel's compaction on each fault
     skip_exit_collection()
     try:
+        _refuse_empty_paths(args)
         args.func(args)
     except DeclumpError as exc:
         if args.debug:
@@ -1064,6 +1086,10 @@ def main(argv=None):
         # that cannot start (Zarr's I/O, Dask's pool) or a library that cannot be mapped (a lazy import), each
         # a traceback and exit 1 before.
         text = str(exc)
+        if not args.debug and text.startswith("Symlink loop from "):  # (pathlib's resolve(), Python 3.11-3.12)
+            _report(f"{text[len('Symlink loop from '):]} runs through symbolic links that point at each other (a "
+                    "symlink loop); give a path without the loop (nothing was marked complete)")
+            return 2
         if args.debug or not any(sign in text for sign in OUT_OF_MEMORY_SIGNS):
             raise
         _report(f"out of memory ({text.splitlines()[0]}): the process reached its memory limit (ulimit -v, a "

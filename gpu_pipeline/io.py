@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError
-from gpu_pipeline._common import native_byte_order, whole_number_at_least
+from gpu_pipeline._common import UnreadableChunkError, native_byte_order, whole_number_at_least
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".npy", ".zarr")
 LABEL_SUFFIXES = (".tif", ".tiff", ".npy", ".zarr")
@@ -176,10 +176,13 @@ def read_image(path, *, channel=None, timepoint=None, missing_chunks="fill", col
                                            f"accepted: whole, readable images ({', '.join(IMAGE_SUFFIXES)})") from None
                 raise DeclumpError(f"{path} holds Python objects (a pickle), not a numeric array; accepted: .npy "
                                    "files of integer or floating-point values (declump never loads pickles)") from None
-            if array.ndim > 2 and sum(n > 1 for n in array.shape) >= 2:
+            if array.size and array.ndim > 2 and sum(n > 1 for n in array.shape) >= 2:
                 array = array.reshape([n for n in array.shape if n > 1])  # one plane is a 2D image, as in a TIFF
         elif suffix == ".zarr" or (path / ".zattrs").exists() or (path / "zarr.json").exists():
             array, spacing = _read_zarr(path, channel=channel, timepoint=timepoint, missing_chunks=missing_chunks)
+        elif path.is_dir():
+            raise DeclumpError(f"{path} is a folder, not an image file or a Zarr store (it holds no .zattrs, .zarray "
+                               f"or zarr.json); accepted: {', '.join(IMAGE_SUFFIXES)} (declump batch takes folders)")
         else:
             raise DeclumpError(f"unsupported input format {suffix or '(no suffix)'} for {path}; accepted: "
                                f"{', '.join(IMAGE_SUFFIXES)}")
@@ -226,6 +229,39 @@ def _grey(array, colour="grey"):
 
 #: TIFF axes (tifffile's letters) that are planes of a volume: Z, an image sequence (I), unknown (Q).
 TIFF_PLANE_AXES = "ZIQ"
+
+
+def images_left_out(path):
+    """A note where the file at ``path`` holds more images than :func:`read_image` reads: a TIFF of several
+    series (images of other shapes or types, OME-TIFF positions; not the single pages of one shape that it
+    stacks) or an animated PNG, whose first image alone is read. None otherwise."""
+    suffix = Path(path).suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series
+                first = series[0] if series else None
+                if first is None or len(series) < 2 or (not tif.is_ome and all(
+                        s.axes == "YX" and s.shape == first.shape and s.dtype == first.dtype for s in series)):
+                    return None
+                shapes = ", ".join(str(tuple(s.shape)) for s in series[:4]) + (", ..." if len(series) > 4 else "")
+                count, what = len(series), f"images (TIFF series of shapes {shapes})"
+        elif suffix == ".png":
+            from PIL import Image
+
+            with Image.open(path) as img:
+                count = int(getattr(img, "n_frames", 1))
+                if count < 2:
+                    return None
+                what = f"frames (an animated PNG of {img.height} x {img.width})"
+        else:
+            return None
+    except Exception:  # (read_image has read it: a file it cannot list is no note's business)
+        return None
+    return (f"declump: note: {path} holds {count} {what}; this run read the first only. Save each image as its own "
+            "file to separate it")
 
 
 def _read_tiff(path, channel, timepoint, colour="grey"):
@@ -511,9 +547,12 @@ def unreadable_chunk(array, stored, exc, path, remedy):
     """The one-line `DeclumpError` for a box ``stored`` of the zarr ``array`` at ``path`` that failed to read with
     ``exc``: the chunk that fails (:func:`failing_chunk`), its error, then ``remedy``."""
     where, exc = failing_chunk(array, stored, exc)
+    # An input's chunk (the remedy CORRUPT_CHUNK's: a staged store's says how to start over) is written again
+    # or given permission: UnreadableChunkError, which removes a chunked run's work folder.
+    error = UnreadableChunkError if remedy == CORRUPT_CHUNK else DeclumpError
     if isinstance(exc, PermissionError):  # readable once its permissions allow: not damaged
         remedy = "this process may not read it; give it read permission (or run as a user who may)"
-    return DeclumpError(f"{where} of {path} could not be read ({type(exc).__name__}: "
+    return error(f"{where} of {path} could not be read ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); {remedy}")
 
 
@@ -558,15 +597,22 @@ DISK_FAULTS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPER
 
 #: OSError numbers that mean a path cannot name a file to write (a folder on it is a file, it is a folder, it is
 #: too long): one line and exit 2, as DISK_FAULTS.
-PATH_FAULTS = {errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
+PATH_FAULTS = {errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+#: What to do about each of :data:`PATH_FAULTS`.
+PATH_REMEDIES = {errno.ENAMETOOLONG: "shorten the path (at most 255 bytes a name)",
+                 errno.ELOOP: "give a path without symbolic links that point at each other"}
 
 
 def path_error(exc, fallback):
-    """The one-line message for an output path that cannot name a file (``exc``: the OSError)."""
+    """The one-line message for a path that cannot name a file (``exc``: the OSError). It may be an input's
+    (a name too long), so it says "use", not "write"."""
     cause = exc.strerror or str(exc) or type(exc).__name__
     code = errno.errorcode.get(exc.errno, "")
-    return (f"cannot write {exc.filename or fallback}: {cause}{f' ({code})' if code else ''}; choose an output path "
-            "whose folders are folders, not files; nothing was marked complete")
+    remedy = PATH_REMEDIES.get(exc.errno, "choose a path whose folders are folders, not files")
+    return (f"cannot use {exc.filename or fallback}: {cause}{f' ({code})' if code else ''}; {remedy}; nothing was "
+            "marked complete")
 
 
 #: What running a command again after a write the disk refused does, by command (:func:`disk_error`).
@@ -585,12 +631,18 @@ def disk_error(exc, fallback, command="run"):
 
 
 def write_fault(exc, fallback, command="run"):
-    """The one-line message for an OSError a write raised where it is the disk's or the path's (:data:`DISK_FAULTS`,
-    :data:`PATH_FAULTS`: :func:`disk_error`, :func:`path_error`), else None (not a fault of the output)."""
+    """The one-line message for an OSError a command raised where it is the disk's or the path's
+    (:data:`DISK_FAULTS`, :data:`PATH_FAULTS`: :func:`disk_error`, :func:`path_error`; a file or folder that is
+    not there, ``ENOENT``, read or written: removed during the run, or a folder that cannot hold files such as
+    ``/proc``), else None (not a fault of a path)."""
     if exc.errno in DISK_FAULTS:
         return disk_error(exc, fallback, command)
     if exc.errno in PATH_FAULTS:
         return path_error(exc, fallback)
+    if exc.errno == errno.ENOENT:
+        return (f"cannot use {exc.filename or fallback}: {exc.strerror or 'No such file or directory'} (ENOENT): "
+                "a file or folder on that path is missing, was removed during the run, or lies in a folder that "
+                "cannot hold files (such as /proc); nothing was marked complete")
     return None
 
 
@@ -703,6 +755,13 @@ def check_folders(path, what="output", *, folder_itself=False, advice="choose an
         if folder.is_dir():
             return
         if folder.is_symlink() and not folder.exists():
+            try:
+                os.stat(folder)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise DeclumpError(f"{start}: {'it' if folder == path else f'its folder {folder}'} is a "
+                                       "symbolic link loop (links that point at each other); "
+                                       f"{advice} (nothing was written)") from None
             raise DeclumpError(f"{start}: {'it' if folder == path else f'its folder {folder}'} is a symbolic link "
                                f"to {os.readlink(folder)}, which does not exist (a drive not mounted?); create that "
                                f"folder or {advice} (nothing was written)")
@@ -722,7 +781,10 @@ def check_replaceable_outputs(outputs):
 def _same_or_nested(a, b):
     """Do the paths ``a`` and ``b`` name the same file or folder (hard links included), or does one hold the
     other?"""
-    a, b = Path(a).resolve(), Path(b).resolve()
+    try:
+        a, b = Path(a).resolve(), Path(b).resolve()
+    except (RuntimeError, OSError):  # a symlink loop (RuntimeError until Python 3.13): told by the checks after
+        a, b = Path(os.path.abspath(a)), Path(os.path.abspath(b))
     if a == b or a in b.parents or b in a.parents:
         return True
     try:

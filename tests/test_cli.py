@@ -797,3 +797,82 @@ def test_the_result_line_counts_one_particle_in_the_singular(tmp_path, rng, caps
             zarr.create_array(str(source), shape=image.shape, dtype=image.dtype, chunks=(64, 64))[...] = image
         assert main(["run", str(source), str(tmp_path / out), *options]) == 0
         assert capsys.readouterr().out.startswith("1 particle; labels -> "), out
+
+
+def test_paths_no_file_can_be_at_are_one_line(tmp_path, capsys):
+    """An empty path (Python's "."), a folder on the output path that is a symbolic link loop, and a folder that
+    cannot hold files (ENOENT) were tracebacks (ValueError, RuntimeError from pathlib, FileNotFoundError); a
+    name too long was said to be an output's fault, with the advice for a file on the path. Each is one line,
+    exit 2, naming the path and what to do, and nothing is written."""
+    import os
+
+    import zarr
+
+    image = make_touching_particles((64, 64), 8, seed=3)[0]
+    np.save(tmp_path / "img.npy", image)
+    zarr.create_array(str(tmp_path / "in.zarr"), shape=image.shape, dtype=image.dtype, chunks=(32, 32))[...] = image
+    os.symlink("b", tmp_path / "a")
+    os.symlink("a", tmp_path / "b")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    long_name = "c" * 300 + ".npy"
+    cases = [
+        (["run", "img.npy", ""], "the output path is empty"),
+        (["run", "", "o.tif"], "the input path is empty"),
+        (["batch", "img.npy", "--out", ""], "--out path is empty"),
+        (["run", "img.npy", "a/l.tif"], "is a symbolic link loop"),
+        (["run", "in.zarr", "a/l.zarr"], "is a symbolic link loop"),
+        (["run", long_name, "o.tif"], "File name too long (ENAMETOOLONG); shorten the path"),
+    ]
+    for args, message in cases:
+        given = [str(tmp_path / a) if a.startswith(("img", "in.", "o.", "a/", "ccc")) else a for a in args]
+        assert main([*given, "--quiet"]) == 2, args
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("declump: error: ") and message in lines[0], (args, lines)
+        assert "cannot write" not in lines[0] or "long" not in lines[0], lines  # an input's name is not written
+        assert sorted(p.name for p in tmp_path.iterdir()) == before, args
+    if os.path.isdir("/proc/self"):  # Linux: a folder that cannot hold files
+        assert main(["run", str(tmp_path / "img.npy"), "/proc/l.tif", "--quiet"]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "(ENOENT)" in lines[0] and "nothing was marked complete" in lines[0], lines
+
+
+def test_inputs_that_are_not_one_image_say_what_they_are(tmp_path, capsys):
+    """A folder given as the image, an empty array (.npy or Zarr, chunked), a chunked --mask of other dimensions
+    (its error named --chunks, which was not given), and files holding several images (a TIFF of two series of
+    other shapes, an animated PNG), whose first image alone was read without a word."""
+    import zarr
+
+    from gpu_pipeline import separate
+
+    image = make_touching_particles((64, 64), 8, seed=3)[0]
+    (tmp_path / "folder").mkdir()
+    np.save(tmp_path / "empty.npy", np.zeros((0, 64, 64), np.uint8))
+    zarr.create_array(str(tmp_path / "empty.zarr"), shape=(0, 64, 64), dtype="uint8", chunks=(1, 32, 32))
+    zarr.create_array(str(tmp_path / "vol.zarr"), shape=(8, 64, 64), dtype="uint8", chunks=(8, 32, 32))[...] = (
+        np.broadcast_to(image, (8, 64, 64)))
+    zarr.create_array(str(tmp_path / "flat.zarr"), shape=(64, 64), dtype="uint8", chunks=(32, 32))[...] = image
+    chunked = ["--min-distance", "3", "--sigma", "1", "--max-radius", "4"]
+    for args, message in (
+            (["run", "folder", "o.tif"], "is a folder, not an image file or a Zarr store"),
+            (["run", "empty.npy", "o.tif"], "empty"),
+            (["run", "empty.zarr", "o.zarr", *chunked], "holds an empty volume (shape (0, 64, 64))"),
+            (["run", "vol.zarr", "o.zarr", *chunked, "--mask", "flat.zarr"],
+             "--mask has shape (64, 64) but the volume has shape (8, 64, 64)")):
+        given = [str(tmp_path / a) if a.endswith((".zarr", ".npy", ".tif")) or a == "folder" else a for a in args]
+        assert main([*given, "--quiet"]) == 2, args
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and "--chunks" not in lines[0], (args, lines)
+    with tifffile.TiffWriter(tmp_path / "two.tif") as tif:
+        tif.write(image)
+        tif.write(image[:32, :32])
+    frames = [Image.fromarray(image), Image.fromarray(255 - image)]
+    frames[0].save(tmp_path / "anim.png", save_all=True, append_images=frames[1:])
+    for name, said in (("two.tif", "holds 2 images (TIFF series of shapes (64, 64), (32, 32))"),
+                       ("anim.png", "holds 2 frames (an animated PNG of 64 x 64)")):
+        assert main(["run", str(tmp_path / name), str(tmp_path / f"{name}.out.tif")]) == 0
+        err = capsys.readouterr().err
+        assert said in err and "read the first only" in err, err
+        assert np.array_equal(tifffile.imread(tmp_path / f"{name}.out.tif"), separate(image))
+    tifffile.imwrite(tmp_path / "one.tif", image)
+    assert main(["run", str(tmp_path / "one.tif"), str(tmp_path / "one.out.tif")]) == 0
+    assert "read the first only" not in capsys.readouterr().err

@@ -560,3 +560,22 @@ def test_out_of_memory_in_a_stage_is_one_line_naming_it(tmp_path, rng, capsys, m
     err = _one_error_line(capsys)
     assert f"out of memory in the '{stage}' stage" in err and "Unable to allocate" in err and advice in err
     assert not list(tmp_path.glob("out*"))
+
+
+def test_a_corrupt_input_chunk_leaves_no_work_folder_so_the_fixed_store_runs(tmp_path, rng, capsys):
+    """A chunked run that met a corrupt input chunk kept its work folder; the message says to write that chunk
+    again, and once it was, the next run was refused ("changed ... since the unfinished run started; add
+    --overwrite"). Such a stop now removes the work folder: the same command then runs the fixed store."""
+    image = _image(rng, (96, 96), 12)
+    src = _store(tmp_path / "in.zarr", image, (48, 48))
+    chunk = src / "c" / "1" / "0"
+    good = chunk.read_bytes()
+    chunk.write_bytes(b"not a chunk")
+    command = ["run", str(src), str(tmp_path / "out.zarr"), "--chunks", "48,48", *ARGS]
+    assert main(command) == 2
+    err = _one_error_line(capsys)
+    assert "chunk (1, 0)" in err and "write that chunk again" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr"]
+    chunk.write_bytes(good)
+    assert main(command) == 0, capsys.readouterr().err
+    assert np.array_equal(_labels(tmp_path / "out.zarr"), separate(image, max_radius=13, **CHUNKED_DEFAULTS))

@@ -38,15 +38,15 @@ from pathlib import Path
 import numpy as np
 
 from gpu_pipeline._backend import DeclumpError, get_array_module, gpu_count, ops_for, to_host
-from gpu_pipeline._common import (ChunkShapeError, ScratchSpaceError, UnusableValuesError, usable_cores,
-                                  whole_number_at_least)
+from gpu_pipeline._common import (ChunkShapeError, ScratchSpaceError, UnreadableChunkError, UnusableValuesError,
+                                  usable_cores, whole_number_at_least)
 from gpu_pipeline.chunked.workspace import (LOCAL_CLUSTER_HTTP, Workspace, active_client, fewer_full_collections,
                                             local_cluster_config, own_worker_setup, return_freed_memory, run_lock,
                                             run_malloc_setup, save_records, write_blocks)
 from gpu_pipeline.io import (DISK_FAULTS, LABEL_NAME, PROBABILITIES_MARK, boolean_input_as_mask, check_folders,
                              check_foreground_options, check_not_inputs, check_replaceable_outputs, disk_error,
-                             ngff_levels, output_paths, remove_stale_table, run_inputs, run_outputs, spatial_unit,
-                             write_label_levels, write_ngff_label_metadata)
+                             ngff_levels, open_zarr, output_paths, remove_stale_table, run_inputs, run_outputs,
+                             spatial_unit, write_label_levels, write_ngff_label_metadata)
 from gpu_pipeline.measure import summary as size_summary, table_from_sums
 
 #: On --device gpu, CuPy's memory pool on every GPU worker is capped at this fraction of the device's
@@ -506,11 +506,17 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
             raise DeclumpError(f"--mask {mask_path} does not exist; a chunked run takes its mask as a Zarr array of "
                                "the volume's shape")
         try:
+            # Its shape first: opened in the volume's blocks, a mask of other dimensions was refused for --chunks.
+            array, selection, _ = open_zarr(mask_path, channel=channel, timepoint=timepoint)
+            shape = tuple(n for n, item in zip(array.shape, selection) if isinstance(item, slice))
+            if shape != tuple(volume.shape):
+                raise DeclumpError(f"--mask has shape {shape} but the volume has shape {tuple(volume.shape)}; --mask "
+                                   "must have the volume's shape")
             mask, _, mask_print = open_volume(mask_path, channel=channel, timepoint=timepoint,
                                               chunks=volume.chunksize, missing_chunks=missing_chunks,
                                               return_fingerprint=True, accept_bool=True)
         except DeclumpError as exc:  # named as the mask: the messages name a path, not which of the two it is
-            raise DeclumpError(f"--mask: {exc}") from exc
+            raise DeclumpError(exc if str(exc).startswith("--mask") else f"--mask: {exc}") from exc
         if mask.shape != volume.shape:
             raise DeclumpError(f"--mask has shape {mask.shape} but the volume has shape {volume.shape}; --mask must "
                                "have the volume's shape")
@@ -619,7 +625,7 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
             # was computed. Leave no folder behind that a later run would trip on.
             # A work folder this run made and found no room in, before any staged pass was complete, holds
             # nothing to resume.
-            if isinstance(exc, (NoParticlesError, UnusableValuesError, ChunkShapeError)) or (
+            if isinstance(exc, (NoParticlesError, UnusableValuesError, ChunkShapeError, UnreadableChunkError)) or (
                     not work_existed and work.is_dir() and (
                         {p.name for p in work.iterdir()} <= RECORDS
                         or isinstance(exc, ScratchSpaceError) and not any(work.glob("*.done/complete")))):

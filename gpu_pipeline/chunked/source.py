@@ -599,6 +599,8 @@ def open_volume(path, *, channel=None, timepoint=None, chunks=None, missing_chun
     from gpu_pipeline.pipeline import refuse_channels_last
 
     refuse_channels_last(shape, str(path))
+    if min(shape) == 0:
+        raise DeclumpError(f"{path} holds an empty volume (shape {shape}); pass a non-empty 2D or 3D array")
     if min(shape) < 2:  # as in memory (validate_image): it ran as a volume of one plane, by the 3D rules
         raise DeclumpError(f"{path} holds a volume of shape {shape}, one voxel along an axis; declump accepts 2D and "
                            "3D arrays at least 2 voxels along every axis (a stack of one plane: store that plane as "
