@@ -507,6 +507,10 @@ def run_file(args, input_path, output, device, *, notes=True):
                              missing_chunks=args.missing_chunks, colour="any")
         check_mask(mask, image.shape, "--mask")
     image, mask = boolean_input_as_mask(image, mask, classifier=args.classifier, input_path=input_path)
+    if args.spacing is None and file_spacing is not None:
+        from gpu_pipeline.pipeline import validate_file_spacing
+
+        file_spacing = validate_file_spacing(file_spacing, image.ndim, input_path)
     spacing = args.spacing if args.spacing is not None else file_spacing
     unit = spatial_unit(input_path) if args.spacing is None and file_spacing is not None else None
     levels = ngff_levels(input_path) if args.spacing is None and file_spacing is not None else None

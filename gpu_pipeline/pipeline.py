@@ -139,6 +139,18 @@ class SeparationDetails:
     probabilities: object = None  # the pixel classifier's (n_classes, *shape) map, when one was used
 
 
+def validate_file_spacing(spacing, ndim, path):
+    """:func:`validate_spacing` of a voxel size read from ``path``'s metadata (OME-Zarr's scale, a TIFF's
+    calibration): a refusal names the file and ``--spacing``, which the user did not give and which overrides it."""
+    try:
+        return validate_spacing(spacing, ndim)
+    except DeclumpError as exc:
+        why = (f"not {ndim} positive numbers (one per axis)" if str(exc).startswith("spacing must be")
+               else str(exc).replace(f"spacing {tuple(float(s) for s in spacing)} is", "it is", 1))
+        raise DeclumpError(f"{path}'s metadata gives the voxel size {tuple(spacing)}, {why}; give --spacing (one "
+                           "positive number per axis) to set it instead") from None
+
+
 def validate_spacing(spacing, ndim):
     """Voxel size per axis as a tuple of positive floats (default: all 1)."""
     if spacing is None:

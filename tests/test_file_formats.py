@@ -295,6 +295,29 @@ def test_an_ome_zarr_inputs_unit_is_kept_in_the_outputs_in_memory_and_chunked(tm
         assert summary["unit"] == unit, out
 
 
+@pytest.mark.parametrize("scale", [[0.0, 0.5, 0.5], [1.0, -0.5, 0.5], [1.0, 0.5]])
+def test_an_unusable_scale_in_the_metadata_names_the_file_and_spacing(tmp_path, capsys, rng, scale):
+    """An OME-Zarr scale of 0, a negative one or one of the wrong length was refused as "spacing must be 3
+    positive numbers", though no --spacing was given. The line names the file's metadata and --spacing, which
+    overrides it, in memory and chunked."""
+    import zarr
+
+    volume = make_touching_particles((24, 48, 48), 20, seed=int(rng.integers(1e6)))[0]
+    group = zarr.open_group(str(tmp_path / "img.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", shape=volume.shape, dtype=volume.dtype, chunks=(24, 24, 24))[...] = volume
+    group.attrs["multiscales"] = [{
+        "version": "0.4", "axes": [{"name": n, "type": "space"} for n in "zyx"],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}]}]
+    chunked = ["--chunks", "24,24,24", "--sigma", "1", "--min-distance", "3", "--max-radius", "6"]
+    for out, options in (("mem.tif", []), ("chunked.zarr", chunked)):
+        assert main(["run", str(tmp_path / "img.zarr"), str(tmp_path / out), "--quiet", *options]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "img.zarr's metadata gives the voxel size" in lines[0], lines
+        assert "--spacing" in lines[0] and not (tmp_path / out).exists(), lines
+        assert main(["run", str(tmp_path / "img.zarr"), str(tmp_path / out), "--quiet", "--spacing", "1,1,1",
+                     *options]) == 0, capsys.readouterr().err
+
+
 def test_a_quoted_home_path_is_the_home_folder(tmp_path, monkeypatch, image):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)

@@ -473,7 +473,7 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     from gpu_pipeline.chunked.pipeline import chunked_parameters
     from gpu_pipeline.chunked.source import open_volume
     from gpu_pipeline.io import input_fingerprint
-    from gpu_pipeline.pipeline import validate_spacing
+    from gpu_pipeline.pipeline import validate_file_spacing, validate_spacing
 
     # Absolute paths: the tasks run on workers, and those of a running cluster (``scheduler``) were started in
     # folders of their own, where a relative path would name another place.
@@ -531,7 +531,8 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
     # Lengths in voxels where neither --spacing nor the store gives one: "px", as in memory.
     unit = (spatial_unit(input_path) if file_spacing is not None else "px") if spacing is None else None
     levels = ngff_levels(input_path) if spacing is None and file_spacing is not None else None
-    spacing = validate_spacing(spacing if spacing is not None else file_spacing, volume.ndim)
+    spacing = (validate_spacing(spacing, volume.ndim) if spacing is not None or file_spacing is None
+               else validate_file_spacing(file_spacing, volume.ndim, input_path))
     if voxel_defaults:
         finest = min(spacing)
         physical = {name: float(voxels) * finest for name, voxels in voxel_defaults.items()}
