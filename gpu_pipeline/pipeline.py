@@ -301,7 +301,7 @@ def validate_image(image, name="image"):
     kind = np.dtype(image.dtype).kind
     if kind not in "uif":
         raise DeclumpError(f"{name} has dtype {image.dtype}; declump accepts integer or floating-point intensities "
-                           "(bool masks go to mask=)")
+                           "(a boolean mask goes to --mask, mask= in Python)")
     if kind == "f" and not bool(xp.isfinite(image).all()):
         raise DeclumpError(f"{name} holds NaN or inf values; declump accepts finite intensities only")
     if wider_than_float32(image.dtype):

@@ -53,7 +53,7 @@ def histogram_bins(low, high, dtype) -> HistogramBins:
         raise UnusableValuesError("the image holds NaN or inf values; declump accepts finite intensities only")
     if high <= low:
         raise UnusableValuesError(f"the image is constant (every value is {low:g}), so no threshold separates "
-                                  "particles from background; pass an image with contrast or a --mask")
+                                  "particles from background; pass an image with contrast or a mask (--mask, mask= in Python)")
     if np.issubdtype(np.dtype(dtype), np.integer) and high - low + 1 <= MAX_INTEGER_BINS:
         return HistogramBins(low, high, int(high - low) + 1, True)
     return HistogramBins(low, high, FLOAT_BINS, False)
@@ -110,7 +110,8 @@ def otsu_from_histogram(counts, bins: HistogramBins) -> float:
     centers = bins.centers
     if np.count_nonzero(counts) < 2:
         raise DeclumpError("the image has a single intensity level, so Otsu's threshold is undefined; "
-                           "pass an image with contrast, a numeric --threshold or a --mask")
+                           "pass an image with contrast, a numeric threshold or a mask (--threshold N / --mask; "
+                           "threshold= / mask= in Python)")
     weight1 = np.cumsum(counts)
     weight2 = np.cumsum(counts[::-1])[::-1]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -137,7 +138,8 @@ def li_from_histogram(counts, bins: HistogramBins, side="bright") -> float:
     centers = bins.centers - bins.low
     if np.count_nonzero(counts) < 2:
         raise DeclumpError("the image has a single intensity level, so Li's threshold is undefined; "
-                           "pass an image with contrast, a numeric --threshold or a --mask")
+                           "pass an image with contrast, a numeric threshold or a mask (--threshold N / --mask; "
+                           "threshold= / mask= in Python)")
     if side == "dark":
         top = float(centers[-1] + centers[0])  # (the mirrored values start where the plain ones do)
         return float(bins.low + top - _li_iteration(top - centers, counts))
@@ -175,7 +177,8 @@ def triangle_from_histogram(counts, bins: HistogramBins) -> float:
     occupied = np.flatnonzero(hist)
     if occupied.size < 2:
         raise DeclumpError("the image has a single intensity level, so the triangle threshold is undefined; "
-                           "pass an image with contrast, a numeric --threshold or a --mask")
+                           "pass an image with contrast, a numeric threshold or a mask (--threshold N / --mask; "
+                           "threshold= / mask= in Python)")
     peak = int(np.argmax(hist))
     low, high = int(occupied[0]), int(occupied[-1])
     flip = peak - low < high - peak
