@@ -53,7 +53,8 @@ def histogram_bins(low, high, dtype) -> HistogramBins:
         raise UnusableValuesError("the image holds NaN or inf values; declump accepts finite intensities only")
     if high <= low:
         raise UnusableValuesError(f"the image is constant (every value is {low:g}), so no threshold separates "
-                                  "particles from background; pass an image with contrast or a mask (--mask, mask= in Python)")
+                                  "particles from background; pass an image with contrast or a mask (--mask, mask= "
+                                  "in Python)")
     if np.issubdtype(np.dtype(dtype), np.integer) and high - low + 1 <= MAX_INTEGER_BINS:
         return HistogramBins(low, high, int(high - low) + 1, True)
     return HistogramBins(low, high, FLOAT_BINS, False)
