@@ -553,7 +553,7 @@ def unreadable_chunk(array, stored, exc, path, remedy):
     if isinstance(exc, PermissionError):  # readable once its permissions allow: not damaged
         remedy = "this process may not read it; give it read permission (or run as a user who may)"
     return error(f"{where} of {path} could not be read ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); {remedy}")
+                 f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); {remedy}")
 
 
 def failing_chunk(array, stored, exc):
