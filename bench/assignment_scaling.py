@@ -121,7 +121,7 @@ def main(argv=None):
     rows = run([int(s) for s in args.sizes.split(",")], [int(n) for n in args.pitches.split(",")], args.rounds)
     result = {"machine": machine_info(), "rows": rows}
     stem = write_results(result, "assignment_scaling", markdown(result), args.out)
-    print(f"wrote bench/results/{stem}.json and .md")
+    print(f"wrote {stem}.json and .md")
     return result
 
 

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import SHARED, machine_info, write_results
+from bench.common import SHARED, machine_info, positive_int, write_results
 
 MODES = {"1 thread": ["--workers", "1"], "2 threads": ["--workers", "2"],
          "local cluster, 2 processes": ["--cluster", "local", "--workers", "2"]}
@@ -40,7 +40,7 @@ def score(folder, out):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, default=SHARED / "emps_subset")
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--rounds", type=positive_int, default=1, help="rounds of the three runs (default 1)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     images = args.folder / "images"
@@ -82,7 +82,7 @@ def main():
         lines += ["", f"Labels of the last mode against the ground truth: pooled F1@0.5 **{scores['f1_50_pooled']}**, "
                       f"mean F1 per image {scores['mean_f1_per_image']} over {scores['images']} images."]
     stem = write_results(result, "batch", "\n".join(lines) + "\n", stem=args.out)
-    print(f"wrote bench/results/{stem}.md")
+    print(f"wrote {stem}.md")
 
 
 if __name__ == "__main__":

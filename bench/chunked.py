@@ -277,6 +277,10 @@ def markdown(result):
     return "\n".join(lines) + "\n"
 
 
+#: The suites of this bench, in the order they run.
+SUITES = ("memory", "chunks", "workers", "neck", "decode")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
@@ -290,9 +294,12 @@ def main(argv=None):
                         help="runs per volume of the memory suite (the 0.5 GVox run takes about 10 minutes here)")
     parser.add_argument("--scaling-size", default="128,512,512",
                         help="volume of the chunks and workers suites (repeated runs)")
-    parser.add_argument("--suites", default="memory,chunks,workers,neck,decode",
-                        help="comma-separated subset of memory,chunks,workers,neck,decode (default: all)")
+    parser.add_argument("--suites", default=",".join(SUITES),
+                        help=f"comma-separated subset of {','.join(SUITES)} (default: all)")
     args = parser.parse_args(argv)
+    unknown = set(args.suites.split(",")) - set(SUITES)
+    if unknown:  # (before any volume is generated)
+        parser.error(f"--suites: unknown {', '.join(sorted(unknown))}; choose from {','.join(SUITES)}")
     full = tuple(int(v) for v in args.full_size.split(","))
     if args.quick:
         full = (128, 256, 256)

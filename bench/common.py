@@ -95,10 +95,75 @@ def spread(times):
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "runs": len(times)}
 
 
+def command_line():
+    """The command that runs this bench, as typed (``python -m bench.NAME ARGS``): recorded in its results."""
+    import shlex
+    import sys
+
+    module = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "?"
+    return " ".join(["python", "-m", f"bench.{module}", *map(shlex.quote, sys.argv[1:])])
+
+
 def write_results(result, name, markdown_text, stem=None):
-    """Write ``RESULTS/STEM.json`` and ``.md``; ``STEM`` defaults to ``NAME_DATE`` (the run's date). Returns STEM."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """Write ``RESULTS/STEM.json`` and ``.md``; ``STEM`` defaults to ``NAME_DATE`` (the run's date); an absolute
+    ``STEM`` writes there instead. Both record the command that made them (:func:`command_line`). Returns the
+    path written, without its suffix."""
     stem = stem or f"{name}_{result['machine']['date'][:10]}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown_text)
-    return stem
+    path = RESULTS / stem  # (an absolute stem replaces RESULTS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    command = command_line()
+    result = {"command": command, **result}
+    path.with_name(path.name + ".json").write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown_text.split("\n", 1)
+    text = text[0] + f"\n\n`{command}`\n" + (("\n" + text[1].lstrip("\n")) if len(text) > 1 else "")
+    path.with_name(path.name + ".md").write_text(text)
+    return path
+
+
+def out_help(name):
+    """The help of a bench's ``--out`` that :func:`write_results` writes."""
+    return f"result file stem under bench/results, or an absolute path without suffix (default {name}_<date>)"
+
+
+def argument_type(convert, what):
+    """An argparse ``type=`` from ``convert`` (text -> value, raising ValueError or TypeError where the text is
+    no such value): argparse's one-line error naming ``what`` is accepted, not a traceback later."""
+    import argparse
+
+    def parse(text):
+        try:
+            return convert(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    return parse
+
+
+def _positive_ints(text, counts):
+    values = tuple(int(v) for v in text.split(","))
+    if len(values) not in counts or min(values) < 1:
+        raise ValueError(text)
+    return values
+
+
+#: ``--rounds``, ``--size``, ``--repeats``: a whole number of at least 1.
+positive_int = argument_type(lambda t: _positive_ints(t, (1,))[0], "a whole number of at least 1")
+#: ``--size`` where 0 skips a part: a whole number of at least 0.
+nonnegative_int = argument_type(lambda t: _positive_ints(str(int(t) + 1), (1,))[0] - 1, "a whole number of at least 0")
+#: A comma-separated list of whole numbers of at least 1, or '' for none (kept as the text).
+size_list_arg = argument_type(lambda t: t if not t else ",".join(map(str, _positive_ints(t, range(1, 1000)))),
+                              "whole numbers of at least 1, comma-separated, or '' for none")
+#: ``--shape``: 2 or 3 whole numbers of at least 1, comma-separated.
+shape_arg = argument_type(lambda t: _positive_ints(t, (2, 3)), "2 or 3 whole numbers of at least 1 (e.g. 256,256,256)")
+#: ``--chunks``, ``--blocks``: 2 or 3 whole numbers of at least 1, comma-separated.
+chunks_arg = argument_type(lambda t: _positive_ints(t, (2, 3)), "2 or 3 whole numbers of at least 1 (e.g. 128,128,128)")
+
+
+def _radius_range(text):
+    low, high = (float(v) for v in text.split(","))
+    if not 0 < low <= high < float("inf"):
+        raise ValueError(text)
+    return low, high
+
+
+#: ``--radius``: two numbers, 0 < low <= high.
+radius_range_arg = argument_type(_radius_range, "two numbers LOW,HIGH with 0 < LOW <= HIGH (e.g. 5,12)")

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, SHARED, in_fresh_process, machine_info, spread, timed, write_results
+from bench.common import (RESULTS, SHARED, in_fresh_process, machine_info, out_help, spread, timed,
+                          write_results)
 from gpu_pipeline.metrics import evaluate
 from gpu_pipeline.synthetic import make_touching_particles
 
@@ -374,7 +375,7 @@ def main(argv=None):
     parser.add_argument("--dask-image-64", action="store_true",
                         help="also time dask-image's label with 64^3 chunks (about 1.5 minutes per run on 2 cores, "
                              "a warm-up and --repeats runs; by default only 128^3 chunks)")
-    parser.add_argument("--out", default=None, help="result file stem (default compare_<date>)")
+    parser.add_argument("--out", default=None, help=out_help("compare"))
     args = parser.parse_args(argv)
 
     methods = list(DECLUMP_VARIANTS) + [NAIVE, WATERSHED, SNOW, CLESPERANTO]

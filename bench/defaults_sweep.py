@@ -78,14 +78,21 @@ def set_constant(text):
     if match is None:
         raise SystemExit(f"--set wants MODULE.NAME=VALUE or MODULE.NAME[KEY]=VALUE, got {text!r}")
     module, name, key, value = match.groups()
-    target = importlib.import_module(module)
+    try:
+        target = importlib.import_module(module)
+    except ImportError:
+        raise SystemExit(f"--set: no module {module} (e.g. gpu_pipeline.pipeline); got {text!r}") from None
     if not hasattr(target, name):
         raise SystemExit(f"--set: {module} has no {name}")
-    value = ast.literal_eval(value)
+    try:
+        value = ast.literal_eval(value)
+        key = None if key is None else ast.literal_eval(key)
+    except (ValueError, SyntaxError):
+        raise SystemExit(f"--set: VALUE and KEY are Python literals (1.1, 'otsu', (2, 3)); got {text!r}") from None
     if key is None:
         setattr(target, name, value)
     else:  # in place, so that tables holding the same dict see it
-        getattr(target, name)[ast.literal_eval(key)] = value
+        getattr(target, name)[key] = value
 
 
 def main():

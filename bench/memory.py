@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, machine_info, write_results
+from bench.common import (RESULTS, machine_info, nonnegative_int, out_help, positive_int, shape_arg,
+                          size_list_arg, write_results)
 from bench.stages import particles_for
 
 HERE = Path(__file__).resolve().parent
@@ -282,16 +283,16 @@ def markdown(result):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=128,
+    parser.add_argument("--size", type=nonnegative_int, default=128,
                         help="in-memory volume edge for the per-stage rows (default %(default)s; 0 skips them)")
-    parser.add_argument("--chunked-sizes", default="192,384",
+    parser.add_argument("--chunked-sizes", type=size_list_arg, default="192,384",
                         help="chunked volume edges (volume size/2 x size x size; default %(default)s); '' skips")
-    parser.add_argument("--chunk", type=int, default=96, help="cubic chunk edge (default %(default)s)")
-    parser.add_argument("--whole", action="append", type=lambda t: tuple(int(v) for v in t.split(",")), default=[],
+    parser.add_argument("--chunk", type=positive_int, default=96, help="cubic chunk edge (default %(default)s)")
+    parser.add_argument("--whole", action="append", type=shape_arg, default=[],
                         help="also one whole in-memory run of this shape, e.g. 512,512,512 (repeatable)")
     parser.add_argument("--library", action="append", default=None,
                         help="checkout whose pipeline the whole runs use (repeatable; default this one)")
-    parser.add_argument("--out", default=None, help="result file stem under bench/results (default memory_<date>)")
+    parser.add_argument("--out", default=None, help=out_help("memory"))
     args = parser.parse_args(argv)
     from gpu_pipeline.chunked.workspace import RUN_ARENAS, limit_malloc_arenas
     from gpu_pipeline.synthetic import make_touching_particles

@@ -42,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, machine_info, write_results
+from bench.common import (RESULTS, chunks_arg, machine_info, out_help, positive_int, radius_range_arg, shape_arg,
+                          write_results)
 from gpu_pipeline.synthetic import make_touching_particles
 
 #: ``bench.chunked.PARAMS`` as keyword arguments of ``run_chunked``.
@@ -304,22 +305,25 @@ def main(argv=None):
     from gpu_pipeline.chunked.workspace import LOCAL_CLUSTER_HTTP, local_cluster_config, pass_log
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", type=parse_ints, default=(256, 512, 512),
+    parser.add_argument("--shape", type=shape_arg, default=(256, 512, 512),
                         help="the generated volume, Z,Y,X (default %(default)s)")
-    parser.add_argument("--chunks", type=parse_ints, default=(128, 128, 128),
+    parser.add_argument("--chunks", type=chunks_arg, default=(128, 128, 128),
                         help="the store's chunks (default %(default)s)")
-    parser.add_argument("--blocks", type=parse_ints, default=None,
+    parser.add_argument("--blocks", type=chunks_arg, default=None,
                         help="processing blocks (declump run --chunks; default: the run's own choice, the store's "
                              "chunks grouped into blocks of 128 voxels an edge)")
-    parser.add_argument("--particles", type=int, default=None,
+    parser.add_argument("--particles", type=positive_int, default=None,
                         help="spheres in the volume (default 1500 per 256^3, as bench.throughput)")
-    parser.add_argument("--radius", type=lambda t: tuple(float(v) for v in t.split(",")), default=(5.0, 12.0),
+    parser.add_argument("--radius", type=radius_range_arg, default=(5.0, 12.0),
                         help="the spheres' smallest and largest radius, voxels (default 5,12)")
     parser.add_argument("--seed", type=int, default=7, help="the volume's seed (default %(default)s)")
-    parser.add_argument("--rounds", type=int, default=2,
+    parser.add_argument("--rounds", type=positive_int, default=2,
                         help="timed runs per cluster, alternating (default %(default)s)")
-    parser.add_argument("--out", default=None, help="result file stem (default pass_timeline_<date>)")
+    parser.add_argument("--out", default=None, help=out_help("pass_timeline"))
     args = parser.parse_args(argv)
+    for option, value in (("--chunks", args.chunks), ("--blocks", args.blocks)):
+        if value is not None and len(value) != len(args.shape):
+            parser.error(f"{option} {','.join(map(str, value))} needs one length per axis of --shape")
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         raise SystemExit("bench.pass_timeline needs two cores (1 and 2 workers)")

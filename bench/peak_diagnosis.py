@@ -32,7 +32,7 @@ from collections import Counter
 
 import numpy as np
 
-from bench.common import RESULTS, machine_info, write_results
+from bench.common import RESULTS, machine_info, out_help, write_results
 from bench.compare_methods import SNOW, WATERSHED, pooled_scores, run_method, separation_kwargs
 from gpu_pipeline.metrics import overlap_table
 from gpu_pipeline.synthetic import make_touching_particles
@@ -189,7 +189,7 @@ def main(argv=None):
     parser.add_argument("--density", type=float, default=1500 / 256**3 * 1.2,
                         help="spheres per voxel (default %(default).2e, bench.throughput's seed-31 density)")
     parser.add_argument("--peers", default="snow,watershed", help="comma-separated subset of snow,watershed")
-    parser.add_argument("--out", default=None, help="result file stem (default peak_diagnosis_<date>)")
+    parser.add_argument("--out", default=None, help=out_help("peak_diagnosis"))
     args = parser.parse_args(argv)
     radii = args.radius or [(4.0, 11.0), (5.0, 12.0)]
     peers = [s.strip() for s in args.peers.split(",")]

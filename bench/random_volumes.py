@@ -158,7 +158,7 @@ def main(argv=None):
     result = run(args.rng, args.draws, args.size, methods, args.option, args.spread)
     result["machine"] = machine_info()
     stem = write_results(result, "random_volumes", markdown(result), args.out)
-    print(f"wrote bench/results/{stem}.json and .md")
+    print(f"wrote {stem}.json and .md")
 
 
 if __name__ == "__main__":

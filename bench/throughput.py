@@ -42,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, in_fresh_process, machine_info, write_results
+from bench.common import (RESULTS, chunks_arg, in_fresh_process, machine_info, out_help, positive_int,
+                          radius_range_arg, shape_arg, write_results)
 from bench.compare_methods import DECLUMP_DEFAULTS, SNOW, WATERSHED, peak_rss_gib, pooled_scores, run_method
 from gpu_pipeline.synthetic import make_touching_particles
 
@@ -785,27 +786,38 @@ def parse_ints(text):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", action="append", type=parse_ints,
+    parser.add_argument("--shape", action="append", type=shape_arg,
                         help="volume shape, e.g. 256,256,256 (repeat for several; default 256^3)")
-    parser.add_argument("--particles", action="append", type=int,
+    parser.add_argument("--particles", action="append", type=positive_int,
                         help="spheres per volume (one per --shape; default 1500 per 256^3)")
-    parser.add_argument("--radius", type=lambda t: tuple(float(v) for v in t.split(",")), default=(5.0, 12.0),
-                        help="sphere radius range (default %(default)s)")
+    parser.add_argument("--radius", type=radius_range_arg, default=(5.0, 12.0),
+                        help="sphere radius range LOW,HIGH (default 5,12)")
     parser.add_argument("--seed", type=int, default=7, help="generator seed (default %(default)s)")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default %(default)s)")
+    parser.add_argument("--rounds", type=positive_int, default=2, help="interleaved rounds (default %(default)s)")
     parser.add_argument("--methods", default="declump,watershed,snow",
                         help="comma-separated subset of: " + ", ".join(SHORT) + " (default %(default)s; "
                         "declump-defaults: declump given only sigma and min_distance, as a new user runs it); "
                         "'none' with --chunked runs only that part")
-    parser.add_argument("--chunked", type=parse_ints, default=None, metavar="CHUNKS",
+    parser.add_argument("--chunked", type=chunks_arg, default=None, metavar="CHUNKS",
                         help="also time `declump run` chunked (these chunks) against in memory on the first shape")
-    parser.add_argument("--scaling", type=parse_ints, default=None, metavar="CHUNKS",
+    parser.add_argument("--scaling", type=chunks_arg, default=None, metavar="CHUNKS",
                         help="also time the chunked run's 1 -> 2 worker scaling on a running cluster for every "
                              "--shape (these chunks)")
-    parser.add_argument("--out", default=None, help="result file stem (default throughput_<date>)")
+    parser.add_argument("--out", default=None, help=out_help("throughput"))
     args = parser.parse_args(argv)
     shapes = args.shape or [(256, 256, 256)]
     particles = args.particles or [int(round(1500 * np.prod(s) / 256**3)) for s in shapes]
+    unknown = [m.strip() for m in args.methods.split(",") if m.strip() not in SHORT] if args.methods != "none" else []
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(SHORT)} (or none)")
+    if args.methods == "none" and not (args.chunked or args.scaling):
+        parser.error("--methods none runs nothing without --chunked or --scaling")
+    if len(particles) != len(shapes):
+        parser.error(f"{len(shapes)} --shape but {len(particles)} --particles; give one --particles per --shape")
+    for option, chunks, on in (("--chunked", args.chunked, shapes[:1]), ("--scaling", args.scaling, shapes)):
+        if chunks is not None and any(len(chunks) != len(shape) for shape in on):
+            parser.error(f"{option} {','.join(map(str, chunks))} needs one length per axis of "
+                         f"{'the first --shape' if option == '--chunked' else 'every --shape'}")
     methods = () if args.methods == "none" else tuple(SHORT[m.strip()] for m in args.methods.split(","))
     result = {"machine": machine_info(), "cases": []}
     for shape, n in zip(shapes, particles) if methods else ():
