@@ -182,13 +182,15 @@ def measure_cpu_stages(image, spacing):
 PRINT_PEAK = ("print('PEAK', next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') "
               "if l.startswith('VmHWM:')))")
 def chunked_peak(size, chunk, workdir):
-    """Peak RSS of `declump run` on a generated (size/2, size, size) Zarr volume with cubic chunks, own process."""
+    """Peak RSS of `declump run` on a generated (size/2, size, size) Zarr volume stored in cubic chunks and run in
+    blocks of the same shape (``--chunks``: the run's own choice groups small chunks into larger blocks), own
+    process. The store is kept per size and chunk (keyed by size alone, a second chunk shape reused the first's)."""
     import zarr
 
     from gpu_pipeline.synthetic import make_touching_particles
 
     shape = (size // 2, size, size)
-    store = workdir / f"in_{size}.zarr"
+    store = workdir / f"in_{size}_c{chunk}.zarr"
     if not store.exists():
         image, _ = make_touching_particles(shape, particles_for(size) // 2, radius_range=(5, 12), overlap=0.15,
                                            seed=size)
@@ -197,7 +199,7 @@ def chunked_peak(size, chunk, workdir):
     out = workdir / f"out_{size}.zarr"
     code = "import sys; from gpu_pipeline.cli import main; rc = main(sys.argv[1:]); " + PRINT_PEAK + "; sys.exit(rc)"
     cmd = [sys.executable, "-c", code, "run", str(store), str(out), "--workers", "1", "--device", "cpu",
-           "--max-radius", "13", "--overwrite", "--quiet"]
+           "--chunks", ",".join([str(chunk)] * 3), "--max-radius", "13", "--overwrite", "--quiet"]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, check=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
