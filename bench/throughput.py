@@ -756,28 +756,36 @@ def chunked_markdown(c):
     t = c["per_tb"]
     lines += ["", "Projected hours per TB of uint8 EM volume (10^12 voxels) per node (a projection from the one-core "
               "rates above, not a measurement):", "",
-              "| mode | node cores | measured MVox/s per core | h per TB, linear scaling | "
+              "| mode | node cores | measured MVox/s per core (whole runs, start-up included) | "
+              "h per TB, linear scaling | "
               "h per TB at the measured 1 -> 2 efficiency | h per TB, linear up to the client's bound |",
               "|---|---|---|---|---|---|"]
     for row in t["rows"]:
         at, held = row["hours_at_measured_efficiency"], row.get("hours_client_bound")
         lines.append(f"| {row['mode'].replace('_', ' ')} | {row['node_cores']} | {row['mvox_per_s_per_core']:.2f} | "
-                     f"{row['hours_linear']:.0f} | {'—' if at is None else f'{at:.0f}'} | "
-                     f"{'—' if held is None else f'{held:.1f}'} |")
+                     f"{_hours(row['hours_linear'])} | {'—' if at is None else _hours(at)} | "
+                     f"{'—' if held is None else _hours(held)} |")
     eff = "not measured" if t["efficiency_used"] is None else f"{t['efficiency_used']:.2f}"
     share = t.get("client_share")
     held = ("not measured" if share is None else
             f"the client and the scheduler spent {share:.3f} CPU s per CPU s of the workers on the running "
             f"2-worker cluster, net of the one-chunk corner's run, so their one process keeps about "
             f"{1 / share:.0f} workers busy")
-    lines += ["| GPU | — | not run (no GPU lent) | | | |", "",
+    lines += ["| GPU | — | not run by this bench (`bench/gpu_check.py` on a GPU machine) | | | |", "",
               "Inputs: hours = 10^12 / (one-core MVox/s x cores [x efficiency]) / 3600; the efficiency "
               f"({eff}) is "
               "measured from 1 to 2 workers and assumed to hold up to the node's cores; the last column counts at "
               f"most the workers the client's process keeps busy ({held}; an extrapolation, "
               "`bench.pass_timeline`); the in-memory rows are the per-voxel ceiling (a terabyte does not fit in "
-              "memory).", ""]
+              "memory). The rates are whole runs' (start-up included), so on a small volume, where the start-up "
+              "is a large share of the run, the hours are an upper bound: the per-voxel figures net of start-up "
+              "are above.", ""]
     return lines
+
+
+def _hours(value):
+    """Hours to 3 figures at most (1.38 h printed as 1 h before)."""
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
 def parse_ints(text):
