@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import SHARED, machine_info, positive_int, write_results
+from bench.common import SHARED, machine_info, out_help, positive_int, write_results
 
 MODES = {"1 thread": ["--workers", "1"], "2 threads": ["--workers", "2"],
          "local cluster, 2 processes": ["--cluster", "local", "--workers", "2"]}
@@ -38,10 +38,11 @@ def score(folder, out):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folder", type=Path, default=SHARED / "emps_subset")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--folder", type=Path, default=SHARED / "emps_subset",
+                        help="a folder holding images/ and segmaps/ (default the shared emps_subset)")
     parser.add_argument("--rounds", type=positive_int, default=1, help="rounds of the three runs (default 1)")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help=out_help("batch"))
     args = parser.parse_args()
     images = args.folder / "images"
     if not images.is_dir():

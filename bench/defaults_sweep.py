@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from bench.common import RESULTS, SHARED, machine_info
+from bench.common import RESULTS, SHARED, machine_info, positive_int
 
 CONDITIONS = {
     "base 2D": dict(shape=(512, 512), n=150, radius_range=(6, 14)),
@@ -98,11 +98,12 @@ def set_constant(text):
 def main():
     from gpu_pipeline import NoParticlesError, evaluate, separate
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=positive_int, default=3, help="generated images per condition (default 3)")
     parser.add_argument("--set", action="append", default=[], metavar="MODULE.NAME[KEY]=VALUE",
                         help="change a library constant for this run (repeatable)")
-    parser.add_argument("--out", default=f"defaults_sweep_{time.strftime('%Y-%m-%d')}")
+    parser.add_argument("--out", default=f"defaults_sweep_{time.strftime('%Y-%m-%d')}",
+                        help="result file stem under bench/results (default defaults_sweep_<date>)")
     args = parser.parse_args()
     for text in args.set:
         set_constant(text)
