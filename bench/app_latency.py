@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from bench.common import RESULTS, SHARED, machine_info
+from bench.common import RESULTS, SHARED, command_line, machine_info, out_help
 
 
 def strokes_from_truth(truth, rng, per_class=8, width=3.0, length=6.0):
@@ -73,7 +73,8 @@ def test_image(kind, size, seed=0):
     reps = [int(np.ceil(size / n)) for n in image.shape]
     image, truth = (np.pad(a, [(0, (r - 1) * n) for r, n in zip(reps, a.shape)], mode="symmetric")[:size, :size]
                     for a in (image, truth))
-    return image, truth, f"EMPS {EMPS_IMAGE} mirrored to {size}x{size}"
+    how = "mirrored to" if any(r > 1 for r in reps) else "cropped to"
+    return image, truth, f"EMPS {EMPS_IMAGE} {how} {size}x{size}"
 
 
 def latency(size, repeats, kind="generated", seed=0):
@@ -146,7 +147,7 @@ def main(argv=None):
                              "too few particles for the simulated strokes of both classes")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats, at least 1 (default %(default)s)")
     parser.add_argument("--emps", type=int, default=6, help="EMPS images to score (0: none)")
-    parser.add_argument("--out", default=None, help="result name under bench/results (default app_latency_DATE)")
+    parser.add_argument("--out", default=None, help=out_help("app_latency"))
     args = parser.parse_args(argv)
     if args.size < 256 or args.repeats < 1 or args.emps < 0:
         parser.error(f"--size must be at least 256, --repeats at least 1 and --emps at least 0; got --size "
@@ -154,7 +155,7 @@ def main(argv=None):
     load_before = os.getloadavg()
     started = time.perf_counter()
     result = {"machine": machine_info(), "load_average_before": load_before,
-              "note": "shared 2-core machine (other jobs running): wall seconds are inflated; CPU seconds are "
+              "note": "wall seconds include whatever else the machine runs (see the load); CPU seconds are "
                       "this process's own work",
               "latency": [latency(args.size, args.repeats, kind) for kind in ("generated", "emps")
                           if kind == "generated" or (SHARED / "emps_subset").exists()]}
@@ -163,11 +164,13 @@ def main(argv=None):
     result["load_average_after"] = os.getloadavg()
     result["wall_s"] = time.perf_counter() - started
     name = args.out or f"app_latency_{time.strftime('%Y-%m-%d')}"
-    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / name).parent.mkdir(parents=True, exist_ok=True)  # (an absolute name writes there)
+    result = {"command": command_line(), **result}
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     load_after = result["load_average_after"]
-    lines = [f"# App interaction latency at {args.size}x{args.size}", "",
-             f"{result['machine']['cpu']}, {result['machine']['cpu_count']} CPUs, no GPU; {result['note']}; load "
+    lines = [f"# App interaction latency at {args.size}x{args.size}", "", f"`{result['command']}`", "",
+             f"{result['machine']['cpu']}, {result['machine']['cpu_count']} CPUs, "
+             f"{'no GPU' if not result['machine'].get('gpu') else 'the app ran on the CPU'}; {result['note']}; load "
              f"average {load_before[0]:.1f} before, {load_after[0]:.1f} after; medians of {args.repeats} runs.", "",
              "| image | step | wall (s) | CPU (s) |", "|---|---|---|---|"]
     for lat in result["latency"]:

@@ -76,9 +76,10 @@ def main():
              "fresh `declump batch` command (start-up included); peak RSS: the largest child process so far "
              "(getrusage), so a later mode shows its own only where it is larger.", "",
              "| round | mode | s | images/s | peak RSS GiB |", "|---|---|---|---|---|"]
-    lines += [f"| {r['round']} | {r['mode']} | {r['seconds']} | {r['images_per_second']} | {r['peak_rss_gib']} |"
-              for r in rows]
-    lines += ["", f"Scaling 1 -> 2 (t1 / (2 t2), best of the rounds): {scaling}."]
+    lines += [f"| {r['round']} | {r['mode']} | {r['seconds']} | {r['images_per_second']} | "
+              f"{'not above the earlier' if r['peak_rss_gib'] is None else r['peak_rss_gib']} |" for r in rows]
+    lines += ["", "Scaling 1 -> 2 (t1 / (2 t2), best of the rounds): "
+              + ", ".join(f"{mode} {value:.2f}" for mode, value in scaling.items()) + "."]
     if scores:
         lines += ["", f"Labels of the last mode against the ground truth: pooled F1@0.5 **{scores['f1_50_pooled']}**, "
                       f"mean F1 per image {scores['mean_f1_per_image']} over {scores['images']} images."]
