@@ -170,7 +170,7 @@ def main(argv=None):
     load_after = result["load_average_after"]
     lines = [f"# App interaction latency at {args.size}x{args.size}", "", f"`{result['command']}`", "",
              f"{result['machine']['cpu']}, {result['machine']['cpu_count']} CPUs, "
-             f"{'no GPU' if not result['machine'].get('gpu') else 'the app ran on the CPU'}; {result['note']}; load "
+             f"GPU: {(result['machine'].get('gpu') or {}).get('name', 'none')}; {result['note']}; load "
              f"average {load_before[0]:.1f} before, {load_after[0]:.1f} after; medians of {args.repeats} runs.", "",
              "| image | step | wall (s) | CPU (s) |", "|---|---|---|---|"]
     for lat in result["latency"]:
