@@ -135,7 +135,7 @@ def summary(table, ndim, spacing, details=None):
         # What the automatic options chose (in-memory runs; a chunked run's options are all explicit).
         for key in ("threshold_method", "threshold_candidates", "intensity_range", "particle_radius", "sigma",
                     "min_distance", "min_size", "max_hole_size", "annotation_pixels", "info_band", "shell_holes",
-                    "pocket_holes", "outlines_moved"):
+                    "pocket_holes", "outlines_moved", "polarity_solidity"):
             if hasattr(details, key):
                 value = getattr(details, key)
                 out[key] = list(value) if isinstance(value, tuple) else value

@@ -232,3 +232,57 @@ def test_polarity_on_the_gpu_equals_the_cpu(rng):
         mask = image > t
         assert largest_component_share(cp.asarray(mask)) == largest_component_share(mask)
         assert choose_polarity(cp.asarray(image), t, "auto") == choose_polarity(image, t, "auto") == polarity
+
+
+@pytest.mark.parametrize("name, least", [("5fc8c5b53c", 0.7), ("2ee0518d7a", 0.8)])
+def test_close_packed_spheres_take_the_side_whose_particles_are_convex(shared_data, name, least):
+    """Two EMPS frames of bright spheres packed edge to edge: the border and connectivity rule takes their
+    thin dark gaps for the particles (many small pieces, the spheres one connected piece), F1@0.5 0.005 and 0.
+    The other side is separated too, and its particles are far more convex (solidity 0.94-0.97 against the
+    gaps' 0.82-0.83), so it is taken."""
+    from gpu_pipeline.io import read_image
+    from gpu_pipeline.pipeline import _BY_SHAPE
+
+    image = read_image(shared_data / "emps_train_rest" / "images" / f"{name}.png")[0]
+    truth = read_image(shared_data / "emps_train_rest" / "segmaps" / f"{name}.png")[0]
+    token = _BY_SHAPE.set(True)  # the rule alone
+    try:
+        alone, said = separate(image, return_details=True)
+    finally:
+        _BY_SHAPE.reset(token)
+    assert said.polarity == "dark" and evaluate(alone, truth)["f1_50"] < 0.05
+    labels, details = separate(image, return_details=True)
+    assert details.polarity == "bright" and evaluate(labels, truth)["f1_50"] >= least
+    assert details.polarity_solidity["bright"] > details.polarity_solidity["dark"] + 0.1
+    assert np.array_equal(labels, separate(image, polarity="bright"))
+
+
+@pytest.mark.parametrize("polarity", ["bright", "dark"])
+def test_the_other_sides_shape_changes_nothing_where_the_rule_is_right(rng, polarity):
+    """Touching round particles of either polarity: the rule picks their side and the other side's pieces
+    (the film between them) are less convex, so the result is the rule's, labels and all."""
+    from gpu_pipeline.pipeline import _BY_SHAPE
+
+    image, truth = make_touching_particles((256, 256), 90, polarity=polarity, seed=int(rng.integers(1e6)))
+    labels, details = separate(image, return_details=True)
+    token = _BY_SHAPE.set(True)
+    try:
+        alone = separate(image)
+    finally:
+        _BY_SHAPE.reset(token)
+    assert details.polarity == polarity and np.array_equal(labels, alone)
+    assert details.polarity_solidity is None or details.polarity_solidity[polarity] > 0.85
+    assert evaluate(labels, truth)["f1_50"] > 0.6  # (the defaults on this generated set: 0.77-0.84)
+
+
+def test_shape_solidity_is_the_area_weighted_solidity_of_scikit_image(rng):
+    from skimage.measure import label, regionprops
+
+    from gpu_pipeline.stages.threshold import POLARITY_MIN_PIECE, shape_solidity
+
+    labels = label(ndi.binary_opening(rng.random((120, 140)) < 0.45))
+    props = [p for p in regionprops(labels) if p.area >= POLARITY_MIN_PIECE]
+    area = np.array([p.area for p in props], float)
+    want = (area * np.array([p.solidity for p in props])).sum() / area.sum()
+    got, pieces = shape_solidity(labels)
+    assert pieces == len(props) and got == pytest.approx(want, rel=1e-12)

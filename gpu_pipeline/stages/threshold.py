@@ -369,6 +369,33 @@ def polarity_from(above_fraction, border_above, largest_shares) -> str:
     return "bright" if above_fraction <= 0.5 else "dark"
 
 
+#: ``polarity="auto"`` in 2D: the other side's separation is taken instead where its particles' solidity
+#: (:func:`shape_solidity`) exceeds the first side's by more than this. Particles are round or convex; what lies
+#: between them is not: where the first side was the gaps of close-packed particles (many small pieces, while
+#: the packed particles are one connected piece), its pieces are concave slivers. Measured 2026-12-07 on the 366
+#: EMPS images (both sides run on each): pooled F1@0.5 0.661 -> 0.717, 11 images change side, 9 better, 1 worse;
+#: the margin 0.1 gave the best figure on emps_subset and on emps_train_rest alike (0.05: 0.7166, 0.2: 0.664).
+POLARITY_SOLIDITY_MARGIN = 0.1
+#: ... over particles of at least this many pixels, and only where both sides give at least
+#: ``POLARITY_MIN_PIECES`` of them.
+POLARITY_MIN_PIECE = 10
+POLARITY_MIN_PIECES = 3
+
+
+def shape_solidity(labels):
+    """``(solidity, pieces)`` of a 2D label image: the particles' mean solidity (area over convex hull area),
+    weighted by area, over those of at least ``POLARITY_MIN_PIECE`` pixels, and their count. On the host
+    (scikit-image's convex hulls; a CuPy label image is copied there: it is 2D)."""
+    from skimage.measure import regionprops
+
+    host = np.asarray(to_host(labels))
+    props = [p for p in regionprops(host) if p.area >= POLARITY_MIN_PIECE]
+    if not props:
+        return 0.0, 0
+    area = np.array([p.area for p in props], dtype=np.float64)
+    return float((area * np.array([p.solidity for p in props])).sum() / area.sum()), len(props)
+
+
 def foreground(image, threshold, polarity):
     """The particle mask: ``image > threshold`` for bright particles, ``<=`` for dark ones."""
     return image > threshold if polarity == "bright" else image <= threshold
