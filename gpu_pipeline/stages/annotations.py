@@ -290,11 +290,7 @@ def _label_boxes(image, text, extremes):
             continue
         # The ground grown by a pixel closes the one-pixel paths of compression noise (a JPEG's 252 beside
         # 255) that would join its glyph to the panel around it and leave the glyph no hole.
-        ground = extreme.copy()
-        ground[1:] |= extreme[:-1]
-        ground[:-1] |= extreme[1:]
-        ground[:, 1:] |= extreme[:, :-1]
-        ground[:, :-1] |= extreme[:, 1:]
+        ground = ops.distance_transform(~extreme, (1.0, 1.0)) <= 1.0
         around, n_around = ops.label(~ground)
         filled = ground | enclosed_components(around, n_around)[around]
         labels, count = ops.label(filled)
