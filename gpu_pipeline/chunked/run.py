@@ -509,16 +509,14 @@ def run_chunked(input_path, output, *, spacing=None, chunks=None, channel=None, 
             # Its shape first: opened in the volume's blocks, a mask of other dimensions was refused for --chunks.
             array, selection, _ = open_zarr(mask_path, channel=channel, timepoint=timepoint)
             shape = tuple(n for n, item in zip(array.shape, selection) if isinstance(item, slice))
-            if shape != tuple(volume.shape):
-                raise DeclumpError(f"--mask has shape {shape} but the volume has shape {tuple(volume.shape)}; --mask "
-                                   "must have the volume's shape")
-            mask, _, mask_print = open_volume(mask_path, channel=channel, timepoint=timepoint,
-                                              chunks=volume.chunksize, missing_chunks=missing_chunks,
-                                              return_fingerprint=True, accept_bool=True)
+            if shape == tuple(volume.shape):
+                mask, _, mask_print = open_volume(mask_path, channel=channel, timepoint=timepoint,
+                                                  chunks=volume.chunksize, missing_chunks=missing_chunks,
+                                                  return_fingerprint=True, accept_bool=True)
         except DeclumpError as exc:  # named as the mask: the messages name a path, not which of the two it is
-            raise DeclumpError(exc if str(exc).startswith("--mask") else f"--mask: {exc}") from exc
-        if mask.shape != volume.shape:
-            raise DeclumpError(f"--mask has shape {mask.shape} but the volume has shape {volume.shape}; --mask must "
+            raise DeclumpError(f"--mask: {exc}") from exc
+        if shape != tuple(volume.shape):
+            raise DeclumpError(f"--mask has shape {shape} but the volume has shape {tuple(volume.shape)}; --mask must "
                                "have the volume's shape")
     check_foreground_options(mask=mask, classifier=classifier, probabilities_path=probabilities_path)
     volume, mask = boolean_input_as_mask(volume, mask, classifier=classifier, input_path=input_path, what="volume")
