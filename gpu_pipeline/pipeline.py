@@ -147,9 +147,8 @@ def validate_file_spacing(spacing, ndim, path):
     try:
         return validate_spacing(spacing, ndim)
     except DeclumpError as exc:
-        why = (f"not {ndim} positive numbers (one per axis)" if str(exc).startswith("spacing must be")
-               else str(exc).replace(f"spacing {tuple(float(s) for s in spacing)} is", "it is", 1))
-        raise DeclumpError(f"{path}'s metadata gives the voxel size {tuple(spacing)}, {why}; give --spacing (one "
+        why = f"not {ndim} positive numbers (one per axis)" if str(exc).startswith("spacing must be") else exc
+        raise DeclumpError(f"{path}'s metadata gives the voxel size {tuple(spacing)}: {why}; give --spacing (one "
                            "positive number per axis) to set it instead") from None
 
 
@@ -410,8 +409,7 @@ def _polarity_by_shape_applies(image, mask, classifier) -> bool:
     """Does ``separate``'s ``polarity="auto"`` weigh the other side's result too: a 2D intensity image, its
     foreground thresholded (no mask, no classifier, not itself a mask)."""
     return (image is not None and mask is None and classifier is None and getattr(image, "ndim", 0) == 2
-            and np.dtype(image.dtype).kind in "uif" and min(image.shape) >= 2 and image.size > 0
-            and not binary_values(image))
+            and np.dtype(image.dtype).kind in "uif" and min(image.shape) >= 2 and not binary_values(image))
 
 
 def _polarity_by_shape(arguments):

@@ -101,6 +101,11 @@ def intensity_histogram(image, bins: HistogramBins | None = None):
     return to_host(counts).astype(np.int64), bins
 
 
+#: What to pass instead of an image of one intensity level (the threshold methods' refusal).
+ONE_LEVEL = ("pass an image with contrast, a numeric threshold or a mask (--threshold N / --mask; threshold= / mask= "
+             "in Python)")
+
+
 def otsu_from_histogram(counts, bins: HistogramBins) -> float:
     """Otsu's threshold from a histogram: the bin centre maximising between-class variance.
 
@@ -110,9 +115,7 @@ def otsu_from_histogram(counts, bins: HistogramBins) -> float:
     counts = np.asarray(counts, dtype=np.float64)
     centers = bins.centers
     if np.count_nonzero(counts) < 2:
-        raise DeclumpError("the image has a single intensity level, so Otsu's threshold is undefined; "
-                           "pass an image with contrast, a numeric threshold or a mask (--threshold N / --mask; "
-                           "threshold= / mask= in Python)")
+        raise DeclumpError(f"the image has a single intensity level, so Otsu's threshold is undefined; {ONE_LEVEL}")
     weight1 = np.cumsum(counts)
     weight2 = np.cumsum(counts[::-1])[::-1]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -138,9 +141,7 @@ def li_from_histogram(counts, bins: HistogramBins, side="bright") -> float:
     counts = np.asarray(counts, dtype=np.float64)
     centers = bins.centers - bins.low
     if np.count_nonzero(counts) < 2:
-        raise DeclumpError("the image has a single intensity level, so Li's threshold is undefined; "
-                           "pass an image with contrast, a numeric threshold or a mask (--threshold N / --mask; "
-                           "threshold= / mask= in Python)")
+        raise DeclumpError(f"the image has a single intensity level, so Li's threshold is undefined; {ONE_LEVEL}")
     if side == "dark":
         top = float(centers[-1] + centers[0])  # (the mirrored values start where the plain ones do)
         return float(bins.low + top - _li_iteration(top - centers, counts))
@@ -178,8 +179,7 @@ def triangle_from_histogram(counts, bins: HistogramBins) -> float:
     occupied = np.flatnonzero(hist)
     if occupied.size < 2:
         raise DeclumpError("the image has a single intensity level, so the triangle threshold is undefined; "
-                           "pass an image with contrast, a numeric threshold or a mask (--threshold N / --mask; "
-                           "threshold= / mask= in Python)")
+                           + ONE_LEVEL)
     peak = int(np.argmax(hist))
     low, high = int(occupied[0]), int(occupied[-1])
     flip = peak - low < high - peak
