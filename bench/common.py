@@ -138,24 +138,25 @@ def argument_type(convert, what):
     return parse
 
 
-def _positive_ints(text, counts):
+def _whole_numbers(text, counts=None, least=1):
+    """Comma-separated whole numbers of at least ``least``, as many as one of ``counts`` says (None: any)."""
     values = tuple(int(v) for v in text.split(","))
-    if len(values) not in counts or min(values) < 1:
+    if (counts is not None and len(values) not in counts) or min(values) < least:
         raise ValueError(text)
     return values
 
 
 #: ``--rounds``, ``--size``, ``--repeats``: a whole number of at least 1.
-positive_int = argument_type(lambda t: _positive_ints(t, (1,))[0], "a whole number of at least 1")
+positive_int = argument_type(lambda t: _whole_numbers(t, (1,))[0], "a whole number of at least 1")
 #: ``--size`` where 0 skips a part: a whole number of at least 0.
-nonnegative_int = argument_type(lambda t: _positive_ints(str(int(t) + 1), (1,))[0] - 1, "a whole number of at least 0")
+nonnegative_int = argument_type(lambda t: _whole_numbers(t, (1,), least=0)[0], "a whole number of at least 0")
 #: A comma-separated list of whole numbers of at least 1, or '' for none (kept as the text).
-size_list_arg = argument_type(lambda t: t if not t else ",".join(map(str, _positive_ints(t, range(1, 1000)))),
+size_list_arg = argument_type(lambda t: t and ",".join(map(str, _whole_numbers(t))),
                               "whole numbers of at least 1, comma-separated, or '' for none")
 #: ``--shape``: 2 or 3 whole numbers of at least 1, comma-separated.
-shape_arg = argument_type(lambda t: _positive_ints(t, (2, 3)), "2 or 3 whole numbers of at least 1 (e.g. 256,256,256)")
+shape_arg = argument_type(lambda t: _whole_numbers(t, (2, 3)), "2 or 3 whole numbers of at least 1 (e.g. 256,256,256)")
 #: ``--chunks``, ``--blocks``: 2 or 3 whole numbers of at least 1, comma-separated.
-chunks_arg = argument_type(lambda t: _positive_ints(t, (2, 3)), "2 or 3 whole numbers of at least 1 (e.g. 128,128,128)")
+chunks_arg = argument_type(lambda t: _whole_numbers(t, (2, 3)), "2 or 3 whole numbers of at least 1 (e.g. 128,128,128)")
 
 
 def _radius_range(text):

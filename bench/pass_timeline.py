@@ -293,10 +293,6 @@ def markdown(result):
     return "\n".join(lines) + "\n"
 
 
-def parse_ints(text):
-    return tuple(int(v) for v in text.split(","))
-
-
 def main(argv=None):
     import dask
     import zarr
