@@ -13,14 +13,13 @@ against their ground truth next to the automatic foreground, to show the painted
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 
 import numpy as np
 
-from bench.common import RESULTS, SHARED, command_line, machine_info, out_help
+from bench.common import SHARED, machine_info, out_help, write_results
 
 
 def strokes_from_truth(truth, rng, per_class=8, width=3.0, length=6.0):
@@ -163,12 +162,8 @@ def main(argv=None):
         result["emps"] = emps_quality(args.emps)
     result["load_average_after"] = os.getloadavg()
     result["wall_s"] = time.perf_counter() - started
-    name = args.out or f"app_latency_{time.strftime('%Y-%m-%d')}"
-    (RESULTS / name).parent.mkdir(parents=True, exist_ok=True)  # (an absolute name writes there)
-    result = {"command": command_line(), **result}
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     load_after = result["load_average_after"]
-    lines = [f"# App interaction latency at {args.size}x{args.size}", "", f"`{result['command']}`", "",
+    lines = [f"# App interaction latency at {args.size}x{args.size}", "",
              f"{result['machine']['cpu']}, {result['machine']['cpu_count']} CPUs, "
              f"GPU: {(result['machine'].get('gpu') or {}).get('name', 'none')}; {result['note']}; load "
              f"average {load_before[0]:.1f} before, {load_after[0]:.1f} after; medians of {args.repeats} runs.", "",
@@ -187,8 +182,8 @@ def main(argv=None):
         lines += ["", f"EMPS, first {args.emps} images, mean F1@0.5: automatic foreground "
                       f"{result['emps']['mean']['f1_50_automatic']}, painted classifier "
                       f"{result['emps']['mean']['f1_50_classifier']} ({result['emps']['strokes']})."]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    stem = write_results(result, "app_latency", "\n".join(lines) + "\n", args.out)
+    print(stem.with_name(stem.name + ".md").read_text())
 
 
 if __name__ == "__main__":
